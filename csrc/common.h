@@ -1,0 +1,79 @@
+/*
+Shared helpers for fastllm's native code.
+
+Size letters (as in llm.c): B batch, T time (sequence length), C channels, NH heads, hs = C/NH head size,
+V vocabulary, OC output channels, N = B*T rows for row-wise ops. Sizes are int64_t wherever they multiply.
+
+Conventions of every kernel in csrc/cpu:
+  - argument order: outputs, inputs, weights, sizes, scalars; all arrays dense, row-major, float32;
+  - forward kernels overwrite (=) their outputs;
+  - backward kernels ACCUMULATE (+=) into every gradient output (zero them first), like llm.c;
+    the one exception, stated where it occurs, is softmax_ce's dlogits which is written (=);
+  - kernels do not validate input: bindings.cpp does, through FASTLLM_CHECK (-> Python ValueError).
+*/
+#pragma once
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fastllm {
+
+// ---- error reporting
+template <typename... Args>
+std::string str_cat(Args&&... args) {
+    std::ostringstream ss;
+    (ss << ... << args);
+    return ss.str();
+}
+
+// FASTLLM_CHECK(cond, "what", value, ...) throws std::invalid_argument (Python ValueError) with the message.
+#define FASTLLM_CHECK(cond, ...)                                                   \
+    do {                                                                           \
+        if (!(cond)) throw std::invalid_argument(::fastllm::str_cat(__VA_ARGS__)); \
+    } while (0)
+
+// ---- threads
+inline int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+inline int thread_id() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// ---- CPU features (run-time dispatch; the module itself is compiled for baseline x86-64)
+enum class Simd { scalar = 0, avx2 = 1, avx512 = 2 };
+
+inline Simd detect_simd() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return Simd::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Simd::avx2;
+#endif
+    return Simd::scalar;
+}
+
+// The SIMD level in use: detected once, can be lowered (never raised) for tests via set_simd_level.
+Simd simd_level();
+void set_simd_level(Simd level);  // clamps to what the CPU supports
+const char* simd_name(Simd s);
+
+}  // namespace fastllm
+
+// Per-function ISA targets for the dispatch above (GCC/Clang).
+#define FASTLLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FASTLLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))

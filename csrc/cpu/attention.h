@@ -1,0 +1,15 @@
+// Causal multi-head self-attention, flash-style (online softmax, logsumexp saved), see attention.cpp.
+#pragma once
+#include <cstdint>
+
+namespace fastllm::cpu {
+
+// qkv (B, T, 3C) packed as [q | k | v] along the last axis, each C = NH * hs with head h at [h*hs, (h+1)*hs).
+// out (B, T, C) = softmax(q k^T / sqrt(hs) + causal mask) v per head; lse (B, NH, T) the row logsumexp.
+void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH);
+
+// dqkv (B, T, 3C) += gradient of out w.r.t. qkv, given dout (B, T, C) and the forward's out and lse.
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                        int64_t B, int64_t T, int64_t C, int64_t NH);
+
+}  // namespace fastllm::cpu

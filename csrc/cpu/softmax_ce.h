@@ -1,0 +1,20 @@
+// Fused softmax + cross-entropy, and the fused lm-head + cross-entropy, see softmax_ce.cpp.
+#pragma once
+#include <cstdint>
+
+namespace fastllm::cpu {
+
+// Per row n: losses[n] = logsumexp(logits[n]) - logits[n, targets[n]]  (0 where targets[n] == ignore_index).
+// If dlogits != nullptr it is WRITTEN (=, not +=): dlogits[n] = (softmax(logits[n]) - onehot(targets[n])) * grad_scale,
+// zero rows where ignored. dlogits may alias logits (in place). Targets must be in [0, V) or == ignore_index.
+void softmax_ce_forward_backward(float* losses, float* dlogits, const float* logits, const int32_t* targets,
+                                 int64_t N, int64_t V, float grad_scale, int32_t ignore_index);
+
+// Fused lm-head + cross-entropy: logits = hidden (N, C) @ weight (V, C)^T are computed chunk_rows rows at a time
+// and never stored whole. losses (N) as above. If dhidden/dweight are given they ACCUMULATE (+=) the gradients
+// of sum_n losses[n] * grad_scale. Peak extra memory: chunk_rows * V floats.
+void lmhead_ce_forward_backward(float* losses, float* dhidden, float* dweight, const float* hidden,
+                                const float* weight, const int32_t* targets, int64_t N, int64_t C, int64_t V,
+                                float grad_scale, int32_t ignore_index, int64_t chunk_rows);
+
+}  // namespace fastllm::cpu

@@ -1,0 +1,32 @@
+"""fastllm: build small GPTs end to end -- data, BPE tokenizer, pre-training, sampling, post-training --
+on native C++ (and CUDA) kernels, with numpy arrays at the surface and no PyTorch at run time.
+
+>>> import fastllm
+>>> fastllm.info()["simd"] in ("avx512", "avx2", "scalar")
+True
+"""
+
+from __future__ import annotations
+
+from . import _C, ops
+
+__version__ = "0.1.0"
+
+
+def info() -> dict:
+    """Version, build flags, SIMD level in use, OpenMP threads, and whether CUDA is built and a GPU found."""
+    d = dict(_C.info())
+    d["version"] = __version__
+    return d
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of OpenMP threads the native kernels use (like torch.set_num_threads)."""
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return int(_C.get_num_threads())
+
+
+__all__ = ["info", "ops", "set_num_threads", "get_num_threads", "__version__"]

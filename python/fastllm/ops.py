@@ -1,0 +1,235 @@
+"""Thin numpy wrappers over the native kernels (fastllm._C): each one allocates its outputs (or takes
+`out=` buffers so a training step allocates nothing), reshapes to the kernel's 2-D view, and calls.
+
+Validation happens once, in the native binding: a wrong dtype raises TypeError, a wrong shape,
+non-contiguous array or out-of-range token id raises ValueError, each naming the argument.
+Float arrays must already be float32 (no silent copies); token ids may be any integer dtype and are
+converted to int32 (floats raise TypeError).
+
+Backward functions ACCUMULATE (+=) into the gradient buffers they are given (zero them first), like
+llm.c; when a gradient buffer is not given, a zeroed one is allocated and returned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _C
+
+IGNORE_INDEX = -1
+
+
+def _ids(x, name: str) -> np.ndarray:
+    """Token ids as a C-contiguous int32 array; TypeError for non-integers, ValueError if beyond int32."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+    if x.dtype != np.int32:
+        if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{name} has values outside the int32 range")
+        x = x.astype(np.int32)
+    return np.ascontiguousarray(x)
+
+
+def _f32(x, name: str) -> np.ndarray:
+    """A float32 ndarray as given (no copy); the binding rejects other dtypes and layouts."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy float32 array, got {type(x).__name__}")
+    return x
+
+
+def _zeros_like_or(buf, like: np.ndarray) -> np.ndarray:
+    return np.zeros(like.shape, np.float32) if buf is None else buf
+
+
+# ---- matmul --------------------------------------------------------------------------------------------
+
+
+def matmul_forward(inp, weight, bias=None, out=None) -> np.ndarray:
+    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC).
+
+    >>> matmul_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)).shape
+    (2, 4)
+    """
+    inp, weight = _f32(inp, "inp"), _f32(weight, "weight")
+    lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
+    OC = weight.shape[0] if weight.ndim == 2 else 0
+    if out is None:
+        out = np.empty((*lead, OC), np.float32)
+    _C.matmul_forward(out.reshape(-1, OC), inp.reshape(-1, C), weight, bias)
+    return out
+
+
+def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True):
+    """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias)."""
+    dout, inp, weight = _f32(dout, "dout"), _f32(inp, "inp"), _f32(weight, "weight")
+    C, OC = inp.shape[-1], weight.shape[0]
+    if need_dinp:
+        dinp = _zeros_like_or(dinp, inp)
+    dweight = _zeros_like_or(dweight, weight)
+    if need_bias and dbias is None:
+        dbias = np.zeros(OC, np.float32)
+    _C.matmul_backward(
+        None if dinp is None else dinp.reshape(-1, C), dweight, dbias, dout.reshape(-1, OC), inp.reshape(-1, C),
+        weight,
+    )
+    return dinp, dweight, dbias
+
+
+# ---- attention -----------------------------------------------------------------------------------------
+
+
+def attention_forward(qkv, n_head: int, out=None, lse=None):
+    """Causal self-attention on packed qkv (B, T, 3C) -> (out (B, T, C), lse (B, NH, T))."""
+    qkv = _f32(qkv, "qkv")
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be (B, T, 3C), got shape {qkv.shape}")
+    B, T, C3 = qkv.shape
+    if out is None:
+        out = np.empty((B, T, C3 // 3), np.float32)
+    if lse is None:
+        lse = np.empty((B, n_head, T), np.float32)
+    _C.attention_forward(out, lse, qkv, int(n_head))
+    return out, lse
+
+
+def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None) -> np.ndarray:
+    """Gradient w.r.t. qkv (B, T, 3C), accumulated into dqkv."""
+    dqkv = _zeros_like_or(dqkv, _f32(qkv, "qkv"))
+    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head))
+    return dqkv
+
+
+# ---- softmax + cross-entropy ---------------------------------------------------------------------------
+
+
+def softmax_cross_entropy(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                          backward: bool = True, inplace: bool = False, losses=None):
+    """Per-row loss and dlogits = (softmax - onehot) * grad_scale for logits (..., V), targets (...).
+
+    Rows whose target equals `ignore_index` get loss 0 and zero gradient. With inplace=True dlogits
+    overwrites logits (no extra N x V buffer). Returns (losses, dlogits or None).
+    """
+    logits = _f32(logits, "logits")
+    targets = _ids(targets, "targets")
+    V = logits.shape[-1]
+    if losses is None:
+        losses = np.empty(targets.shape, np.float32)
+    dlogits = None
+    if backward:
+        dlogits = logits if inplace else np.empty_like(logits)
+    _C.softmax_ce(
+        losses.reshape(-1), None if dlogits is None else dlogits.reshape(-1, V), logits.reshape(-1, V),
+        targets.reshape(-1), float(grad_scale), int(ignore_index),
+    )
+    return losses, dlogits
+
+
+def lmhead_cross_entropy(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                         backward: bool = True, dhidden=None, dweight=None, chunk_rows: int = 256):
+    """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, never materialised whole.
+
+    Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients accumulate.
+    """
+    hidden, weight = _f32(hidden, "hidden"), _f32(weight, "weight")
+    targets = _ids(targets, "targets")
+    C = hidden.shape[-1]
+    losses = np.empty(targets.shape, np.float32)
+    if backward:
+        dhidden = _zeros_like_or(dhidden, hidden)
+        dweight = _zeros_like_or(dweight, weight)
+    else:
+        dhidden = dweight = None
+    _C.lmhead_ce(
+        losses.reshape(-1), None if dhidden is None else dhidden.reshape(-1, C), dweight, hidden.reshape(-1, C),
+        weight, targets.reshape(-1), float(grad_scale), int(ignore_index), int(chunk_rows),
+    )
+    return losses, dhidden, dweight
+
+
+# ---- layernorm, gelu, residual -------------------------------------------------------------------------
+
+
+def layernorm_forward(x, weight, bias, eps: float = 1e-5, out=None, mean=None, rstd=None):
+    """LayerNorm over the last axis: x (..., C) -> (out, mean (...), rstd (...))."""
+    x = _f32(x, "x")
+    C = x.shape[-1]
+    out = np.empty_like(x) if out is None else out
+    mean = np.empty(x.shape[:-1], np.float32) if mean is None else mean
+    rstd = np.empty(x.shape[:-1], np.float32) if rstd is None else rstd
+    _C.layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C), weight, bias,
+                         float(eps))
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias=None):
+    """Gradients of layernorm_forward, accumulated: returns (dx, dweight, dbias)."""
+    x = _f32(x, "x")
+    C = x.shape[-1]
+    dx = _zeros_like_or(dx, x)
+    dweight = _zeros_like_or(dweight, weight)
+    dbias = _zeros_like_or(dbias, weight)
+    _C.layernorm_backward(dx.reshape(-1, C), dweight, dbias, _f32(dout, "dout").reshape(-1, C), x.reshape(-1, C),
+                          weight, mean.reshape(-1), rstd.reshape(-1))
+    return dx, dweight, dbias
+
+
+def gelu_forward(x, out=None) -> np.ndarray:
+    """GELU with the tanh approximation (GPT-2), element-wise."""
+    out = np.empty_like(_f32(x, "x")) if out is None else out
+    _C.gelu_forward(out, x)
+    return out
+
+
+def gelu_backward(dout, x, dx=None) -> np.ndarray:
+    dx = _zeros_like_or(dx, _f32(x, "x"))
+    _C.gelu_backward(dx, x, dout)
+    return dx
+
+
+def residual_forward(a, b, out=None) -> np.ndarray:
+    out = np.empty_like(_f32(a, "inp1")) if out is None else out
+    _C.residual_forward(out, a, b)
+    return out
+
+
+def residual_backward(dout, da=None, db=None):
+    dout = _f32(dout, "dout")
+    da, db = _zeros_like_or(da, dout), _zeros_like_or(db, dout)
+    _C.residual_backward(da, db, dout)
+    return da, db
+
+
+# ---- embedding -----------------------------------------------------------------------------------------
+
+
+def embedding_forward(tokens, wte, wpe, out=None) -> np.ndarray:
+    """out (B, T, C) = wte[tokens] + wpe[:T] for tokens (B, T)."""
+    tokens = _ids(tokens, "tokens")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
+    if out is None:
+        out = np.empty((*tokens.shape, _f32(wte, "wte").shape[-1]), np.float32)
+    _C.embedding_forward(out, tokens, wte, wpe)
+    return out
+
+
+def embedding_backward(dout, tokens, dwte, dwpe):
+    """Scatter-add dout (B, T, C) into dwte (V, C) and dwpe (max_T, C), deterministically."""
+    _C.embedding_backward(dwte, dwpe, dout, _ids(tokens, "tokens"))
+    return dwte, dwpe
+
+
+# ---- optimizer -----------------------------------------------------------------------------------------
+
+
+def adamw_step(params, grads, m, v, lr: float, t: int, beta1: float = 0.9, beta2: float = 0.95,
+               eps: float = 1e-8, weight_decay: float = 0.0, grad_scale: float = 1.0) -> None:
+    """One AdamW step in place on params, m, v (step t >= 1); grads are multiplied by grad_scale first."""
+    _C.adamw_step(params, m, v, grads, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                  int(t), float(grad_scale))
+
+
+def global_norm(*arrays) -> float:
+    """sqrt of the sum of squares over all arrays (float32 in, double accumulation)."""
+    return float(np.sqrt(sum(_C.sum_squares(a) for a in arrays)))

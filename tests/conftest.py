@@ -1,0 +1,43 @@
+"""Shared fixtures: every test is seeded; `threads` runs a test body with 1 and 2 OpenMP threads;
+tests marked `cuda` skip with a visible reason unless fastllm was built with CUDA and a GPU is present."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # for `import reference`
+
+import fastllm  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    np.random.seed(1234)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    old = fastllm.get_num_threads()
+    fastllm.set_num_threads(request.param)
+    yield request.param
+    fastllm.set_num_threads(old)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def pytest_collection_modifyitems(config, items):
+    info = fastllm.info()
+    if info["cuda_built"] and info["gpu_count"] > 0:
+        return
+    why = "no CUDA build of fastllm" if not info["cuda_built"] else "CUDA built but no GPU found"
+    skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU: {why}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

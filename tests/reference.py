@@ -1,0 +1,132 @@
+"""Float64 numpy references for every kernel, written for clarity (the spec the native code must meet).
+PyTorch autograd is the second oracle for gradients (tests import it with pytest.importorskip)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+GELU_K = np.sqrt(2.0 / np.pi)
+
+
+def f64(*arrays):
+    return [None if a is None else np.asarray(a, np.float64) for a in arrays]
+
+
+def matmul_forward(inp, weight, bias=None):
+    inp, weight, bias = f64(inp, weight, bias)
+    out = inp @ weight.T
+    return out if bias is None else out + bias
+
+
+def matmul_backward(dout, inp, weight):
+    dout, inp, weight = f64(dout, inp, weight)
+    return dout @ weight, dout.T @ inp, dout.sum(0)
+
+
+def attention_forward(qkv, n_head):
+    """qkv (B, T, 3C) -> out (B, T, C), lse (B, NH, T); causal, scale 1/sqrt(hs)."""
+    (qkv,) = f64(qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3) for i in range(3))
+    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)  # (B, NH, T, T)
+    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
+    mx = att.max(-1, keepdims=True)
+    lse = (mx + np.log(np.exp(att - mx).sum(-1, keepdims=True)))[..., 0]
+    p = np.exp(att - lse[..., None])
+    out = (p @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+    return out, lse
+
+
+def attention_backward(dout, qkv, n_head):
+    dout, qkv = f64(dout, qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3) for i in range(3))
+    dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
+    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
+    p = np.exp(att - att.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dv = p.transpose(0, 1, 3, 2) @ dy
+    dp = dy @ v.transpose(0, 1, 3, 2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(hs)
+    dq = ds @ k
+    dk = ds.transpose(0, 1, 3, 2) @ q
+    back = [g.transpose(0, 2, 1, 3).reshape(B, T, C) for g in (dq, dk, dv)]
+    return np.concatenate(back, axis=-1)
+
+
+def softmax_cross_entropy(logits, targets, grad_scale=1.0, ignore_index=-1):
+    """-> (losses (N,), dlogits (N, V)) for logits (N, V)."""
+    (logits,) = f64(logits)
+    targets = np.asarray(targets).reshape(-1)
+    logits = logits.reshape(len(targets), -1)
+    mx = logits.max(-1, keepdims=True)
+    lse = mx[:, 0] + np.log(np.exp(logits - mx).sum(-1))
+    keep = targets != ignore_index
+    safe = np.where(keep, targets, 0)
+    losses = np.where(keep, lse - logits[np.arange(len(targets)), safe], 0.0)
+    d = np.exp(logits - lse[:, None])
+    d[np.arange(len(targets)), safe] -= 1.0
+    d = np.where(keep[:, None], d, 0.0) * grad_scale
+    return losses, d
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    x, w, b = f64(x, w, b)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    return (x - mean) * rstd * w + b, mean[..., 0], rstd[..., 0]
+
+
+def layernorm_backward(dout, x, w, eps=1e-5):
+    dout, x, w = f64(dout, x, w)
+    C = x.shape[-1]
+    mean = x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (x - mean) * rstd
+    g = dout * w
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    red = tuple(range(x.ndim - 1))
+    return dx, (dout * xhat).sum(red).reshape(C), dout.sum(red).reshape(C)
+
+
+def gelu_forward(x):
+    (x,) = f64(x)
+    return 0.5 * x * (1 + np.tanh(GELU_K * (x + 0.044715 * x**3)))
+
+
+def gelu_backward(dout, x):
+    dout, x = f64(dout, x)
+    th = np.tanh(GELU_K * (x + 0.044715 * x**3))
+    return dout * (0.5 * (1 + th) + 0.5 * x * (1 - th**2) * GELU_K * (1 + 3 * 0.044715 * x**2))
+
+
+def embedding_forward(tokens, wte, wpe):
+    wte, wpe = f64(wte, wpe)
+    T = tokens.shape[1]
+    return wte[tokens] + wpe[:T]
+
+
+def embedding_backward(dout, tokens, V, maxT):
+    (dout,) = f64(dout)
+    B, T, C = dout.shape
+    dwte = np.zeros((V, C))
+    np.add.at(dwte, tokens.reshape(-1), dout.reshape(-1, C))
+    dwpe = np.zeros((maxT, C))
+    dwpe[:T] = dout.sum(0)
+    return dwte, dwpe
+
+
+def adamw_step(p, g, m, v, lr, t, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_scale=1.0):
+    p, g, m, v = f64(p, g, m, v)
+    g = g * grad_scale
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    mhat, vhat = m / (1 - beta1**t), v / (1 - beta2**t)
+    p = p - lr * (mhat / (np.sqrt(vhat) + eps) + weight_decay * p)
+    return p, m, v
