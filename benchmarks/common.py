@@ -1,0 +1,91 @@
+"""Shared benchmark helpers: timing (warm-up, interleaved repeats, median and p20/p80), a machine header,
+and a table printer. Ratios above 1 mean fastllm is faster. Benchmarks are not tests: nothing here asserts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_note() -> str:
+    """1-minute load average vs cores: a busy machine makes OpenMP code look slow."""
+    try:
+        la = os.getloadavg()[0]
+        return f"load {la:.2f} on {os.cpu_count()} cores"
+    except OSError:
+        return "load unknown"
+
+
+def header(title: str, threads: int) -> str:
+    import numpy as np
+
+    import fastllm
+
+    parts = [title, f"threads={threads}", cpu_name(), f"fastllm {fastllm.__version__} ({fastllm.info()['simd']})",
+             f"numpy {np.__version__}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__}")
+    except ImportError:
+        pass
+    parts.append(load_note())
+    return " | ".join(parts)
+
+
+def bench(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
+          min_time: float = 0.0) -> dict[str, dict[str, float]]:
+    """Time each callable `repeats` times, interleaving providers so that machine noise hits all alike.
+    Returns {name: {"median": s, "p20": s, "p80": s}}."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    r = 0
+    while r < repeats or time.perf_counter() - start < min_time:
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+        r += 1
+    out = {}
+    for k, ts in times.items():
+        ts.sort()
+        out[k] = {"median": statistics.median(ts), "p20": ts[int(0.2 * (len(ts) - 1))],
+                  "p80": ts[int(0.8 * (len(ts) - 1))]}
+    return out
+
+
+def set_threads(n: int) -> None:
+    """Same thread count for fastllm (OpenMP) and torch."""
+    import fastllm
+
+    fastllm.set_num_threads(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def print_table(rows: list[list[str]], head: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(head, widths)))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
