@@ -1,0 +1,21 @@
+// Pre-tokenization: split UTF-8 text into chunks exactly as the `regex` module splits it with the GPT-2 or
+// GPT-4 (cl100k) pattern, by hand-written scanners (no regex engine), see pretokenize.cpp.
+#pragma once
+#include <cstddef>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace fastllm::tok {
+
+enum class Pattern { gpt2, gpt4 };
+
+// The regex source strings of the built-in patterns (what tiktoken's pat_str would be).
+const char* pattern_string(Pattern p);
+
+// Appends to `chunks` the [begin, end) byte offsets of each match of the pattern in `text` (valid UTF-8), in
+// order. As with regex.findall, text not covered by any match is skipped (for these patterns every character
+// is covered, so the chunks tile the text).
+void pretokenize(std::string_view text, Pattern p, std::vector<std::pair<size_t, size_t>>& chunks);
+
+}  // namespace fastllm::tok
