@@ -1,0 +1,311 @@
+"""GPT-2 in fastllm's own kernels: a sequence of `ops.*` calls on preallocated numpy buffers.
+
+Architecture (GPT-2): token + position embedding, n_layer pre-LN blocks of causal multi-head attention and a 4x
+GELU MLP, final layernorm, lm-head tied to the token embedding. All parameters live in one flat float32 buffer
+(and all gradients in another) with named views; activations are allocated once per (B, T).
+
+>>> model = GPT(GPTConfig.preset("tiny", vocab_size=100))
+>>> loss = model.forward(np.zeros((2, 8), np.int64), np.zeros((2, 8), np.int64))
+>>> model.zero_grad(); model.backward()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+
+PRESETS: dict[str, dict[str, int]] = {
+    # name: n_layer, n_head, n_embd, block_size (vocab_size comes from the tokenizer, 50257 for GPT-2)
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),  # 1558M
+    # small models for CPU
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length (rows of the position embedding)
+    vocab_size: int = 50257  # number of token ids (tokenizer.n_vocab)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # channels C; head size is n_embd // n_head
+    layernorm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter tensor, stacked over layers (llm.c layout), in flat-buffer order."""
+    V, Tm, L, C = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
+    return {
+        "wte": (V, C),  # token embedding, also the lm-head (tied)
+        "wpe": (Tm, C),  # position embedding
+        "ln_1.weight": (L, C),
+        "ln_1.bias": (L, C),
+        "attn.c_attn.weight": (L, 3 * C, C),  # qkv projection, (out, in) like nn.Linear
+        "attn.c_attn.bias": (L, 3 * C),
+        "attn.c_proj.weight": (L, C, C),
+        "attn.c_proj.bias": (L, C),
+        "ln_2.weight": (L, C),
+        "ln_2.bias": (L, C),
+        "mlp.c_fc.weight": (L, 4 * C, C),
+        "mlp.c_fc.bias": (L, 4 * C),
+        "mlp.c_proj.weight": (L, C, 4 * C),
+        "mlp.c_proj.bias": (L, C),
+        "ln_f.weight": (C,),
+        "ln_f.bias": (C,),
+    }
+
+
+def _views(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    out, off = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        out[name] = flat[off:off + n].reshape(shape)
+        off += n
+    return out
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to matrices (embeddings and linear weights), not to biases and layernorm gains."""
+    return name in ("wte", "wpe") or name.endswith("c_attn.weight") or name.endswith("c_proj.weight") or \
+        name.endswith("c_fc.weight")
+
+
+class GPT:
+    """GPT-2 with a flat parameter buffer `params`, gradients `grads`, and named views `p`, `g`."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, init: bool = True):
+        self.config = config
+        self.shapes = param_shapes(config)
+        self.num_parameters = sum(math.prod(s) for s in self.shapes.values())
+        self.params = np.zeros(self.num_parameters, np.float32)
+        self.grads = np.zeros(self.num_parameters, np.float32)
+        self.p = _views(self.params, self.shapes)
+        self.g = _views(self.grads, self.shapes)
+        self.training = True
+        self._acts: dict[str, np.ndarray] | None = None
+        self._BT: tuple[int, int] | None = None
+        self._ready_for_backward = False
+        if init:
+            self.init_weights(seed)
+
+    # ---- parameters -----------------------------------------------------------------------------------
+
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 init: normal(0, 0.02) for weights and embeddings, residual projections scaled by
+        1/sqrt(2 n_layer), zeros for biases, ones for layernorm gains."""
+        rng = np.random.default_rng(seed)
+        std, L = 0.02, self.config.n_layer
+        for name, arr in self.p.items():
+            if name.endswith(".bias"):
+                arr[...] = 0.0
+            elif name.startswith("ln_"):
+                arr[...] = 1.0
+            else:
+                s = std / math.sqrt(2 * L) if name.endswith("c_proj.weight") else std
+                arr[...] = rng.standard_normal(arr.shape, np.float32) * s
+
+    def named_parameters(self):
+        """(name, array view) per tensor with per-layer names like 'h.3.attn.c_attn.weight'."""
+        for name, arr in self.p.items():
+            if name in ("wte", "wpe") or name.startswith("ln_f"):
+                yield name, arr
+            else:
+                for layer in range(self.config.n_layer):
+                    yield f"h.{layer}.{name}", arr[layer]
+
+    def zero_grad(self) -> None:
+        self.grads.fill(0.0)
+
+    def train(self, mode: bool = True) -> GPT:
+        self.training = mode
+        return self
+
+    def eval(self) -> GPT:
+        return self.train(False)
+
+    # ---- activations ------------------------------------------------------------------------------------
+
+    def _activations(self, B: int, T: int) -> dict[str, np.ndarray]:
+        if self._BT == (B, T) and self._acts is not None:
+            return self._acts
+        cfg = self.config
+        L, C, NH = cfg.n_layer, cfg.n_embd, cfg.n_head
+        f = np.float32
+        a = {
+            "encoded": np.empty((B, T, C), f),
+            "ln1": np.empty((L, B, T, C), f), "ln1_mean": np.empty((L, B, T), f), "ln1_rstd": np.empty((L, B, T), f),
+            "qkv": np.empty((L, B, T, 3 * C), f),
+            "atty": np.empty((L, B, T, C), f), "att_lse": np.empty((L, B, NH, T), f),
+            "attproj": np.empty((B, T, C), f),  # scratch: only needed until the residual add
+            "residual2": np.empty((L, B, T, C), f),
+            "ln2": np.empty((L, B, T, C), f), "ln2_mean": np.empty((L, B, T), f), "ln2_rstd": np.empty((L, B, T), f),
+            "fch": np.empty((L, B, T, 4 * C), f), "fch_gelu": np.empty((L, B, T, 4 * C), f),
+            "fcproj": np.empty((B, T, C), f),  # scratch
+            "residual3": np.empty((L, B, T, C), f),
+            "lnf": np.empty((B, T, C), f), "lnf_mean": np.empty((B, T), f), "lnf_rstd": np.empty((B, T), f),
+            # gradient scratch, reused by every layer
+            "dres": np.empty((B, T, C), f), "dlnf": np.empty((B, T, C), f),
+            "dfch_gelu": np.empty((B, T, 4 * C), f), "dfch": np.empty((B, T, 4 * C), f),
+            "dln": np.empty((B, T, C), f), "datty": np.empty((B, T, C), f), "dqkv": np.empty((B, T, 3 * C), f),
+            "dwte_head": np.empty((cfg.vocab_size, C), f),
+        }
+        self._acts, self._BT = a, (B, T)
+        return a
+
+    def _check_ids(self, x, name: str) -> np.ndarray:
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.integer):
+            raise TypeError(f"{name} must be integer token ids, got dtype {x.dtype}")
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be (B, T), got shape {x.shape}")
+        if x.shape[1] > self.config.block_size:
+            raise ValueError(f"{name} has T={x.shape[1]} > block_size={self.config.block_size}")
+        if x.shape[1] == 0 or x.shape[0] == 0:
+            raise ValueError(f"{name} must be non-empty, got shape {x.shape}")
+        return x.astype(np.int32, copy=False)
+
+    # ---- forward ----------------------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, V) if targets is None, else the mean loss (float) over
+        targets != -1 (ignore index). In training mode a forward with targets also computes the gradient of
+        the fused lm-head + cross-entropy, which backward() then uses."""
+        a = self._trunk(idx)
+        p = self.p
+        B, T = self._idx.shape
+        self._ready_for_backward = False
+        if targets is None:
+            return ops.matmul_forward(a["lnf"], p["wte"])  # (B, T, V)
+        targets = np.asarray(targets)
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must have the shape of idx {(B, T)}, got {targets.shape}")
+        n_valid = int(np.count_nonzero(targets != ops.IGNORE_INDEX))
+        scale = 1.0 / max(n_valid, 1)
+        if self.training:
+            a["dlnf"].fill(0.0)
+            a["dwte_head"].fill(0.0)
+            losses, _, _ = ops.lmhead_cross_entropy(a["lnf"], p["wte"], targets, grad_scale=scale,
+                                                    dhidden=a["dlnf"], dweight=a["dwte_head"])
+            self._ready_for_backward = True
+        else:
+            losses, _, _ = ops.lmhead_cross_entropy(a["lnf"], p["wte"], targets, backward=False)
+        return float(losses.sum(dtype=np.float64) * scale)
+
+    __call__ = forward
+
+    def _trunk(self, idx) -> dict[str, np.ndarray]:
+        """Embedding, blocks and final layernorm: fills the activations up to lnf (B, T, C)."""
+        cfg, p = self.config, self.p
+        idx = self._check_ids(idx, "idx")
+        B, T = idx.shape
+        C, NH, L = cfg.n_embd, cfg.n_head, cfg.n_layer
+        if idx.max() >= cfg.vocab_size or idx.min() < 0:
+            raise ValueError(f"idx holds token ids outside [0, {cfg.vocab_size})")
+        a = self._activations(B, T)
+        self._idx = idx
+
+        ops.embedding_forward(idx, p["wte"], p["wpe"], out=a["encoded"])  # (B, T, C)
+        residual = a["encoded"]
+        for l in range(L):
+            ops.layernorm_forward(residual, p["ln_1.weight"][l], p["ln_1.bias"][l], cfg.layernorm_eps,
+                                  out=a["ln1"][l], mean=a["ln1_mean"][l], rstd=a["ln1_rstd"][l])
+            ops.matmul_forward(a["ln1"][l], p["attn.c_attn.weight"][l], p["attn.c_attn.bias"][l],
+                               out=a["qkv"][l])  # (B, T, 3C)
+            ops.attention_forward(a["qkv"][l], NH, out=a["atty"][l], lse=a["att_lse"][l])  # (B, T, C)
+            ops.matmul_forward(a["atty"][l], p["attn.c_proj.weight"][l], p["attn.c_proj.bias"][l],
+                               out=a["attproj"])
+            ops.residual_forward(residual, a["attproj"], out=a["residual2"][l])
+            ops.layernorm_forward(a["residual2"][l], p["ln_2.weight"][l], p["ln_2.bias"][l], cfg.layernorm_eps,
+                                  out=a["ln2"][l], mean=a["ln2_mean"][l], rstd=a["ln2_rstd"][l])
+            ops.matmul_forward(a["ln2"][l], p["mlp.c_fc.weight"][l], p["mlp.c_fc.bias"][l],
+                               out=a["fch"][l])  # (B, T, 4C)
+            ops.gelu_forward(a["fch"][l], out=a["fch_gelu"][l])
+            ops.matmul_forward(a["fch_gelu"][l], p["mlp.c_proj.weight"][l], p["mlp.c_proj.bias"][l],
+                               out=a["fcproj"])
+            ops.residual_forward(a["residual2"][l], a["fcproj"], out=a["residual3"][l])
+            residual = a["residual3"][l]
+        ops.layernorm_forward(residual, p["ln_f.weight"], p["ln_f.bias"], cfg.layernorm_eps,
+                              out=a["lnf"], mean=a["lnf_mean"], rstd=a["lnf_rstd"])
+        return a
+
+    # ---- backward ---------------------------------------------------------------------------------------
+
+    def backward(self) -> None:
+        """Accumulate (+=) the gradient of the last forward's mean loss into self.grads."""
+        if not self._ready_for_backward:
+            raise RuntimeError("backward() needs a forward(idx, targets) in training mode first")
+        self._ready_for_backward = False
+        cfg, p, g, a = self.config, self.p, self.g, self._acts
+        assert a is not None
+        L, NH = cfg.n_layer, cfg.n_head
+        g["wte"] += a["dwte_head"]
+        dres = a["dres"]  # gradient of the residual stream, flowing down through the layers
+        dres.fill(0.0)
+        ops.layernorm_backward(a["dlnf"], a["residual3"][L - 1], p["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"],
+                               dx=dres, dweight=g["ln_f.weight"], dbias=g["ln_f.bias"])
+        for l in reversed(range(L)):
+            residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+            # MLP half: residual3 = residual2 + c_proj(gelu(c_fc(ln2(residual2))))
+            for k in ("dfch_gelu", "dfch", "dln"):
+                a[k].fill(0.0)
+            ops.matmul_backward(dres, a["fch_gelu"][l], p["mlp.c_proj.weight"][l], dinp=a["dfch_gelu"],
+                                dweight=g["mlp.c_proj.weight"][l], dbias=g["mlp.c_proj.bias"][l])
+            ops.gelu_backward(a["dfch_gelu"], a["fch"][l], dx=a["dfch"])
+            ops.matmul_backward(a["dfch"], a["ln2"][l], p["mlp.c_fc.weight"][l], dinp=a["dln"],
+                                dweight=g["mlp.c_fc.weight"][l], dbias=g["mlp.c_fc.bias"][l])
+            ops.layernorm_backward(a["dln"], a["residual2"][l], p["ln_2.weight"][l], a["ln2_mean"][l],
+                                   a["ln2_rstd"][l], dx=dres, dweight=g["ln_2.weight"][l], dbias=g["ln_2.bias"][l])
+            # attention half: residual2 = residual + c_proj(attn(c_attn(ln1(residual))))
+            for k in ("datty", "dqkv", "dln"):
+                a[k].fill(0.0)
+            ops.matmul_backward(dres, a["atty"][l], p["attn.c_proj.weight"][l], dinp=a["datty"],
+                                dweight=g["attn.c_proj.weight"][l], dbias=g["attn.c_proj.bias"][l])
+            ops.attention_backward(a["datty"], a["qkv"][l], a["atty"][l], a["att_lse"][l], NH, dqkv=a["dqkv"])
+            ops.matmul_backward(a["dqkv"], a["ln1"][l], p["attn.c_attn.weight"][l], dinp=a["dln"],
+                                dweight=g["attn.c_attn.weight"][l], dbias=g["attn.c_attn.bias"][l])
+            ops.layernorm_backward(a["dln"], residual, p["ln_1.weight"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
+                                   dx=dres, dweight=g["ln_1.weight"][l], dbias=g["ln_1.bias"][l])
+        ops.embedding_backward(dres, self._idx, g["wte"], g["wpe"])
+
+    # ---- inference --------------------------------------------------------------------------------------
+
+    def logits_last(self, idx) -> np.ndarray:
+        """Logits (B, V) for the last position of idx (B, T), without the full (B, T, V) head."""
+        a = self._trunk(idx)
+        self._ready_for_backward = False
+        return ops.matmul_forward(np.ascontiguousarray(a["lnf"][:, -1, :]), self.p["wte"])
