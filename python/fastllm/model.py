@@ -233,7 +233,7 @@ class GPT:
         cfg, p = self.config, self.p
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
-        C, NH, L = cfg.n_embd, cfg.n_head, cfg.n_layer
+        NH, L = cfg.n_head, cfg.n_layer
         if idx.max() >= cfg.vocab_size or idx.min() < 0:
             raise ValueError(f"idx holds token ids outside [0, {cfg.vocab_size})")
         a = self._activations(B, T)
