@@ -1,0 +1,291 @@
+"""Pre-training loop: AdamW, warmup + cosine LR, global-norm clipping, gradient accumulation, validation,
+samples, a JSONL log, a loss-curve PNG, and atomic checkpoints that resume bit-identically.
+
+Checkpoint folder `OUT/ckpt_NNNNNN/` (NNNNNN = the number of optimizer steps taken):
+    model.safetensors      parameters (named like GPT.p), metadata: the GPTConfig as JSON
+    optimizer.safetensors  AdamW m and v (flat), metadata: t
+    state.json             step, data-loader position, sampling RNG state, the TrainConfig
+    tokenizer.*            a copy of the tokenizer, so `fastllm sample --ckpt` needs nothing else
+It is written to a temporary folder and renamed into place; `OUT/latest` (written atomically) names the
+newest complete checkpoint.
+
+>>> summary = train(TrainConfig(data="data", out="out", model="mini", max_steps=100))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import set_num_threads
+from .data import DataLoader
+from .fileio import load_safetensors, save_safetensors, write_json
+from .model import GPT, GPTConfig
+from .optim import AdamW, grad_norm, lr_schedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (NaN/Inf loss or gradients); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    data: str  # folder with train_*.bin / val_*.bin shards (from `fastllm prepare`)
+    out: str = "out"  # checkpoints, log.jsonl, loss.png
+    model: str = "small"  # preset name (fastllm.model.PRESETS)
+    n_layer: int | None = None  # overrides of the preset
+    n_head: int | None = None
+    n_embd: int | None = None
+    batch_size: int = 8  # B, sequences per micro-batch
+    seq_len: int = 256  # T, tokens per sequence (<= block_size)
+    total_batch_tokens: int | None = None  # tokens per optimizer step; a multiple of B*T (grad accumulation)
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float | None = None  # default lr / 10
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 100  # steps between validation runs (0: never)
+    eval_batches: int = 20
+    sample_every: int = 0  # steps between text samples (0: never)
+    sample_tokens: int = 64
+    ckpt_every: int = 200  # steps between checkpoints (always one at the end)
+    keep_ckpts: int = 2
+    seed: int = 1337
+    threads: int | None = None
+    resume: bool = False
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        over = {k: v for k, v in (("n_layer", self.n_layer), ("n_head", self.n_head), ("n_embd", self.n_embd)) if v}
+        cfg = GPTConfig.preset(self.model, vocab_size=vocab_size, **over)
+        if self.seq_len > cfg.block_size:
+            cfg.block_size = self.seq_len
+        return cfg
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(out: Path, step: int, model: GPT, opt: AdamW, state: dict, tokenizer: Path | None) -> Path:
+    final = out / f"ckpt_{step:06d}"
+    tmp = out / f".ckpt_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors(tmp / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())})
+    save_safetensors(tmp / "optimizer.safetensors", {"m": opt.m, "v": opt.v}, {"t": opt.t})
+    write_json(tmp / "state.json", state)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / tokenizer.name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(out / ".latest.tmp", "w") as f:
+        f.write(final.name + "\n")
+    os.replace(out / ".latest.tmp", out / "latest")
+    return final
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    out = Path(out)
+    if (out / "latest").exists():
+        p = out / (out / "latest").read_text().strip()
+        if p.is_dir():
+            return p
+    ckpts = sorted(out.glob("ckpt_*"))
+    return ckpts[-1] if ckpts else None
+
+
+def load_model(ckpt: str | os.PathLike) -> GPT:
+    """A GPT from a checkpoint folder (or a run folder: its latest checkpoint)."""
+    path = Path(ckpt)
+    if not (path / "model.safetensors").exists():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {path} (expected model.safetensors or ckpt_* folders)")
+        path = found
+    tensors, meta = load_safetensors(path / "model.safetensors")
+    if "config" not in meta:
+        raise ValueError(f"{path / 'model.safetensors'}: no model config in the metadata")
+    model = GPT(GPTConfig.from_dict(json.loads(meta["config"])), init=False)
+    for name, arr in model.p.items():
+        if name not in tensors:
+            raise ValueError(f"{path / 'model.safetensors'}: missing tensor {name!r}")
+        if tensors[name].shape != arr.shape:
+            raise ValueError(f"{path / 'model.safetensors'}: tensor {name!r} has shape {tensors[name].shape}, "
+                             f"the config needs {arr.shape}")
+        arr[...] = tensors[name]
+    model.checkpoint_dir = path
+    return model
+
+
+def find_tokenizer(folder: str | os.PathLike) -> Path | None:
+    folder = Path(folder)
+    for p in sorted(folder.glob("tokenizer*")):
+        if p.is_file():
+            return p
+    return None
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+
+def _evaluate(model: GPT, loader: DataLoader, batches: int) -> float:
+    model.eval()
+    loader.reset()
+    losses = [model.forward(*loader.next_batch()) for _ in range(min(batches, max(1, len(loader) // loader.B)))]
+    model.train()
+    return float(np.mean(losses))
+
+
+def _read_log(path: Path, before_step: int) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if row.get("step", 0) < before_step:
+                rows.append(row)
+    return rows
+
+
+def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
+    """Train (or resume) a GPT on cfg.data; returns a summary dict."""
+    from tqdm.auto import tqdm
+
+    from .plot import write_loss_curve
+
+    if cfg.threads:
+        set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    val_loader = None
+    if cfg.eval_every and list(Path(cfg.data).glob("val_*.bin")):
+        val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False)
+    tok_path = find_tokenizer(cfg.data)
+    tokenizer = None
+    if tok_path is not None and cfg.sample_every:
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tok_path)
+
+    BT = cfg.batch_size * cfg.seq_len
+    total = cfg.total_batch_tokens or BT
+    if total % BT:
+        raise ValueError(f"total_batch_tokens={total} must be a multiple of batch_size*seq_len={BT}")
+    accum = total // BT
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        model = load_model(ckpt)
+        opt = AdamW(model, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        ot, ometa = load_safetensors(ckpt / "optimizer.safetensors")
+        opt.m[...], opt.v[...], opt.t = ot["m"], ot["v"], int(ometa["t"])
+        state = json.loads((ckpt / "state.json").read_text())
+        start = int(state["step"])
+        train_loader.load_state_dict(state["loader"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        log(f"resuming from {ckpt} at step {start}")
+    else:
+        if cfg.resume:
+            log(f"no checkpoint in {out}: starting from scratch")
+        model = GPT(cfg.model_config(train_loader.vocab_size), seed=cfg.seed)
+        opt = AdamW(model, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        start = 0
+        rng = np.random.default_rng(cfg.seed)
+    if model.config.vocab_size < train_loader.vocab_size:
+        raise ValueError(f"model vocab_size {model.config.vocab_size} < data vocab_size {train_loader.vocab_size}")
+
+    log_path = out / "log.jsonl"
+    rows = _read_log(log_path, start)
+    with open(log_path, "w") as f:  # drop what a killed run logged after its last checkpoint
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    logf = open(log_path, "a")
+
+    def write(row: dict) -> None:
+        rows.append(row)
+        logf.write(json.dumps(row) + "\n")
+        logf.flush()
+
+    def state(step: int) -> dict:
+        return {"step": step, "loader": train_loader.state_dict(), "rng": rng.bit_generator.state,
+                "train_config": dataclasses.asdict(cfg)}
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(out, step, model, opt, state(step), tok_path)
+        for old in sorted(out.glob("ckpt_*"))[:-max(1, cfg.keep_ckpts)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def plot() -> None:
+        write_loss_curve(out / "loss.png", [(r["step"], r["loss"]) for r in rows if "loss" in r],
+                         [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
+
+    log(f"model: {model.num_parameters / 1e6:.2f}M parameters {model.config.to_dict()}")
+    log(f"data: {len(train_loader)} train windows of T={cfg.seq_len}; {accum} micro-batches of {BT} tokens per step")
+    t_start = time.time()
+    tokens_done = 0
+    val_loss = first_loss = loss = float("nan")
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for step in bar:
+            last = step == cfg.max_steps - 1
+            if val_loader is not None and (step % cfg.eval_every == 0 or last):
+                val_loss = _evaluate(model, val_loader, cfg.eval_batches)
+                write({"step": step, "val_loss": val_loss})
+            if tokenizer is not None and step > 0 and step % cfg.sample_every == 0:
+                _print_sample(model, tokenizer, cfg.sample_tokens, rng, bar)
+            t0 = time.time()
+            model.zero_grad()
+            loss = 0.0
+            for _ in range(accum):
+                loss += model.forward(*train_loader.next_batch()) / accum
+                model.backward()
+            norm = grad_norm(model) / accum
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise TrainingError(f"step {step}: loss={loss} grad_norm={norm} is not finite; stopping. The last "
+                                    f"good checkpoint is {latest_checkpoint(out)}; try a lower --lr")
+            clip = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
+            lr = lr_schedule(step, cfg.lr, min_lr, cfg.warmup_steps, cfg.max_steps)
+            opt.step(lr, grad_scale=clip / accum)
+            dt = time.time() - t0
+            tokens_done += total
+            if math.isnan(first_loss):
+                first_loss = loss
+            write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "dt": dt, "tok_per_s": total / dt})
+            bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_loss:.4f}", tok_s=f"{total / dt:,.0f}")
+            done = step + 1
+            if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+                checkpoint(done)
+                plot()
+    finally:
+        bar.close()
+        logf.close()
+    elapsed = time.time() - t_start
+    plot()
+    summary = {"steps": cfg.max_steps, "final_loss": loss, "first_loss": first_loss, "val_loss": val_loss,
+               "tokens": tokens_done, "seconds": elapsed, "tok_per_s": tokens_done / max(elapsed, 1e-9),
+               "checkpoint": str(latest_checkpoint(out)), "loss_curve": str(out / "loss.png"),
+               "log": str(log_path)}
+    return summary
+
+
+def _print_sample(model: GPT, tokenizer, n: int, rng: np.random.Generator, bar) -> None:
+    from .sample import generate
+
+    eot = tokenizer.special_tokens.get("<|endoftext|>", 0)
+    ids = generate(model, [eot], n, temperature=0.8, top_k=40, seed=int(rng.integers(1 << 31)))
+    bar.write("sample: " + tokenizer.decode(ids[1:]).replace("\n", " ")[:200])

@@ -1,0 +1,115 @@
+"""Training loop: loss falls, checkpoints load, a killed run resumes bit-identically, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fastllm.data import write_shard
+from fastllm.train import TrainConfig, TrainingError, load_model, train
+
+V = 48
+
+
+def learnable_shards(folder, n=6000):
+    """A predictable stream (next = 5*cur + 3 mod V, restarting at random points) so the loss can fall."""
+    rng = np.random.default_rng(0)
+    toks = np.empty(n, np.int64)
+    cur = 0
+    for i in range(n):
+        cur = rng.integers(V) if i % 97 == 0 else (5 * cur + 3) % V
+        toks[i] = cur
+    write_shard(folder / "train_000000.bin", toks[:5000], V)
+    write_shard(folder / "val_000000.bin", toks[5000:], V)
+
+
+def config(tmp_path, **kw):
+    base = dict(data=str(tmp_path / "data"), out=str(tmp_path / "out"), model="tiny", batch_size=4, seq_len=32,
+                max_steps=30, lr=3e-3, warmup_steps=5, eval_every=10, eval_batches=4, ckpt_every=10, threads=2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "data").mkdir()
+    learnable_shards(tmp_path / "data")
+    return tmp_path
+
+
+def test_loss_falls_and_outputs_exist(data):
+    s = train(config(data, total_batch_tokens=256), progress=False, log=lambda *a: None)
+    assert s["final_loss"] < s["first_loss"] - 1.0, s
+    assert s["val_loss"] < np.log(V) - 1.0
+    out = data / "out"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(30))
+    model = load_model(out)  # latest checkpoint
+    assert model.config.vocab_size == V and model.checkpoint_dir.name == "ckpt_000030"
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [(r["step"], r["val_loss"]) for r in rows
+                                                                  if "val_loss" in r]
+
+
+def _cli(cfg, *extra):
+    args = [sys.executable, "-m", "fastllm", "train", "--no-progress"]
+    for k, v in vars(cfg).items():
+        if v is None or v is False:
+            continue
+        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return args + list(extra)
+
+
+def test_killed_run_resumes_bit_identically(data):
+    full = config(data, out=str(data / "full"), max_steps=12, ckpt_every=3, eval_every=4)
+    train(full, progress=False, log=lambda *a: None)
+
+    killed = config(data, out=str(data / "killed"), max_steps=12, ckpt_every=3, eval_every=4)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (data / "killed" / "ckpt_000006").exists():  # kill it between checkpoints
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (data / "killed" / "ckpt_000012").exists()
+    resumed = config(data, out=str(data / "killed"), max_steps=12, ckpt_every=3, eval_every=4, resume=True)
+    train(resumed, progress=False, log=lambda *a: None)
+    assert _losses(data / "killed") == _losses(data / "full")  # bit-identical floats
+    a, b = load_model(data / "full"), load_model(data / "killed")
+    assert np.array_equal(a.params, b.params)
+
+
+def test_nan_stops_and_keeps_last_checkpoint(data):
+    with pytest.raises(TrainingError, match="not finite"):
+        train(config(data, lr=1e6, grad_clip=0.0, max_steps=40, ckpt_every=2, warmup_steps=1), progress=False,
+              log=lambda *a: None)
+    model = load_model(data / "out")
+    assert np.isfinite(model.params).all()
+
+
+def test_corrupt_checkpoint_names_the_file(data):
+    train(config(data, max_steps=2, ckpt_every=2, eval_every=0), progress=False, log=lambda *a: None)
+    f = data / "out" / "ckpt_000002" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated"):
+        load_model(data / "out")
+
+
+def test_bad_train_config(data):
+    with pytest.raises(ValueError, match="multiple"):
+        train(config(data, total_batch_tokens=100), progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="preset"):
+        train(config(data, model="nope"), progress=False, log=lambda *a: None)
