@@ -18,6 +18,8 @@ _FONT = {
     "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
     "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
     ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0), "k": (4, 5, 6, 5, 5), "e": (7, 5, 7, 4, 7),
+    "t": (2, 7, 2, 2, 3), "r": (0, 6, 5, 4, 4), "a": (0, 3, 5, 5, 3), "i": (2, 0, 2, 2, 2), "n": (0, 6, 5, 5, 5),
+    "v": (0, 5, 5, 5, 2), "l": (2, 2, 2, 2, 3), "s": (0, 3, 6, 1, 6), "o": (0, 2, 5, 5, 2), "p": (0, 6, 5, 6, 4),
 }
 TRAIN_RGB, VAL_RGB, AXIS_RGB = (31, 119, 180), (255, 127, 14), (60, 60, 60)
 
@@ -46,8 +48,6 @@ def _line(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, rgb, widt
 
 
 def _fmt(v: float) -> str:
-    if abs(v) >= 1000:
-        return f"{v / 1000:.1f}k"
     return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
 
 
@@ -90,7 +90,12 @@ def write_loss_curve(path, train: list[tuple[int, float]], val: list[tuple[int, 
             _text(img, 4, y - 5, _fmt(v), AXIS_RGB)
         for i in range(5):  # x labels
             s = x_lo + (x_hi - x_lo) * i / 4
-            _text(img, int(X(s)) - 10, height - bottom + 10, _fmt(s) if s >= 10 else str(int(s)), AXIS_RGB)
+            _text(img, int(X(s)) - 10, height - bottom + 10, str(int(round(s))), AXIS_RGB)
+        _text(img, width - right - 200, height - bottom + 26, "step", AXIS_RGB)
+        for i, (name, rgb) in enumerate((("train loss", TRAIN_RGB), ("val loss", VAL_RGB))):
+            y = top + 8 + 16 * i
+            img[y:y + 8, width - right - 110:width - right - 98] = rgb
+            _text(img, width - right - 92, y - 1, name, AXIS_RGB)
         for series, rgb in ((train, TRAIN_RGB), (val, VAL_RGB)):
             good = [(s, v) for s, v in series if np.isfinite(v)]
             for (s0, v0), (s1, v1) in zip(good, good[1:]):
