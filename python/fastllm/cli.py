@@ -57,6 +57,60 @@ def _print_summary(s: dict) -> None:
     print(f"checkpoint: {s['checkpoint']}\nloss curve: {s['loss_curve']}\nlog: {s['log']}")
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}),
+             progress=not args.no_progress)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                 shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
+    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens from {st.documents} documents in "
+          f"{len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
+
+    from .data import builtin_corpus
+    from .tokenizer import Tokenizer
+
+    t0 = time.time()
+    texts = args.corpus or builtin_corpus()
+    tok = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=args.special,
+                          progress=not args.no_progress)
+    tok.save(args.out)
+    print(f"trained a {tok.n_vocab}-token vocabulary in {time.time() - t0:.1f}s -> {args.out}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .sample import generate
+    from .tokenizer import Tokenizer
+    from .train import find_tokenizer, load_model
+
+    model = load_model(args.ckpt)
+    tok_path = args.tokenizer or find_tokenizer(model.checkpoint_dir)
+    if tok_path is None:
+        raise FileNotFoundError(f"no tokenizer in {model.checkpoint_dir}; pass --tokenizer")
+    tok = Tokenizer.load(tok_path)
+    for i in range(args.num_samples):
+        ids = generate(model, tok.encode(args.prompt, allowed_special="all"), args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=None if args.seed is None else args.seed + i)
+        print(tok.decode(ids))
+        print("-" * 80)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -74,6 +128,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(s, TrainConfig)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_train)
+
+    from .demo import DemoConfig
+
+    s = sub.add_parser("demo", help="tokenizer + shards + a small GPT + samples on the built-in corpus, in minutes")
+    _add_dataclass_args(s, DemoConfig)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("prepare", help="tokenize text files/folders/JSONL into train/val token shards")
+    s.add_argument("corpus", nargs="*", help="files or folders (.txt, .md, .jsonl); none: the built-in corpus")
+    s.add_argument("--tokenizer", required=True, help="tokenizer file (fastllm tokenizer train)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--shard-tokens", type=int, default=50_000_000)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = s.add_subparsers(dest="tok_command", metavar="COMMAND", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE vocabulary")
+    t.add_argument("corpus", nargs="*", help="text files; none: the built-in corpus")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--pattern", default="gpt4", help="gpt4 | gpt2 | a custom regex")
+    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens")
+    t.add_argument("--out", required=True, help="output tokenizer file")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("--ckpt", required=True, help="checkpoint folder or training output folder")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
+    s.add_argument("-n", "--max-new-tokens", type=int, default=200)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(func=_cmd_sample)
     return p
 
 
