@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 
-def build(model):
-    """-> (torch module, {fastllm param name: torch tensor}) with the fastllm model's weights (float32)."""
+def build(model, sdpa: bool = False):
+    """-> (forward function, {fastllm param name: torch leaf tensor}) with the fastllm model's weights (float32).
+    sdpa=True uses F.scaled_dot_product_attention (the fast path, as nanoGPT) instead of explicit softmax."""
     import torch
     import torch.nn.functional as F
 
@@ -25,9 +26,13 @@ def build(model):
             qkv = F.linear(h, params["attn.c_attn.weight"][l], params["attn.c_attn.bias"][l])
             q, k, v = qkv.split(C, dim=2)
             q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(C // NH)
-            att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
-            y = (att @ v).transpose(1, 2).reshape(B, T, C)
+            if sdpa:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                att = (q @ k.transpose(-2, -1)) / math.sqrt(C // NH)
+                att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+                y = att @ v
+            y = y.transpose(1, 2).reshape(B, T, C)
             x = x + F.linear(y, params["attn.c_proj.weight"][l], params["attn.c_proj.bias"][l])
             h = F.layer_norm(x, (C,), params["ln_2.weight"][l], params["ln_2.bias"][l], cfg.layernorm_eps)
             h = F.gelu(F.linear(h, params["mlp.c_fc.weight"][l], params["mlp.c_fc.bias"][l]), approximate="tanh")

@@ -1,0 +1,77 @@
+"""Tokens/s of a full training step (forward + backward + AdamW), fastllm vs a PyTorch eager GPT-2 (SDPA attention,
+torch.optim.AdamW) with the same weights, in one process, same threads:
+    python benchmarks/bench_train.py [--threads 2] [--quick] [--gpt2]
+Shapes: a 6-layer 384-wide model at T=256 (vocab 4096 and 50257), and with --gpt2, GPT-2 124M at T=1024."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from common import bench, header, print_table, set_threads  # noqa: E402
+
+from fastllm.model import GPT, GPTConfig  # noqa: E402
+from fastllm.optim import AdamW  # noqa: E402
+
+
+def case(name: str, cfg: GPTConfig, B: int, T: int, repeats: int) -> list[str]:
+    import torch
+    import torch_gpt
+
+    model = GPT(cfg, seed=0)
+    opt = AdamW(model, lr=1e-4, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, cfg.vocab_size, (B, T))
+    y = rng.integers(0, cfg.vocab_size, (B, T))
+
+    def ours():
+        model.forward(x, y)
+        model.zero_grad()
+        model.backward()
+        opt.step()
+
+    fwd, params = torch_gpt.build(model, sdpa=True)
+    topt = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.1)
+    tx, ty = torch.as_tensor(x), torch.as_tensor(y)
+
+    def theirs():
+        loss = fwd(tx, ty)
+        topt.zero_grad(set_to_none=True)
+        loss.backward()
+        topt.step()
+
+    r = bench({"fastllm": ours, "torch": theirs}, repeats=repeats, warmup=1)
+    ms = {k: v["median"] * 1e3 for k, v in r.items()}
+    tok = B * T
+    return [name, f"{B}x{T}", f"{model.num_parameters / 1e6:.1f}M", f"{ms['fastllm']:.0f}", f"{ms['torch']:.0f}",
+            f"{tok / ms['fastllm'] * 1e3:,.0f}", f"{tok / ms['torch'] * 1e3:,.0f}",
+            f"{ms['torch'] / ms['fastllm']:.2f}x"]
+
+
+def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
+    set_threads(threads)
+    print(header("train step (fwd+bwd+AdamW)", threads))
+    rows = []
+    small = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
+    rows.append(case("6L-384 V=4096", GPTConfig(vocab_size=4096, **small), 4 if quick else 8, 256, 3 if quick else 5))
+    if not quick:
+        rows.append(case("6L-384 V=50257", GPTConfig(vocab_size=50257, **small), 8, 256, 3))
+    if gpt2:
+        rows.append(case("gpt2 124M", GPTConfig.preset("gpt2", vocab_size=50257), 4, 1024, 2))
+    print_table(rows, ["model", "BxT", "params", "fastllm ms", "torch ms", "fastllm tok/s", "torch tok/s",
+                       "torch/fastllm"])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gpt2", action="store_true", help="also GPT-2 124M at T=1024 (slow, ~10 GB RAM)")
+    a = ap.parse_args()
+    run(a.threads, a.quick, a.gpt2)
