@@ -309,3 +309,61 @@ class GPT:
         a = self._trunk(idx)
         self._ready_for_backward = False
         return ops.matmul_forward(np.ascontiguousarray(a["lnf"][:, -1, :]), self.p["wte"])
+
+    def kv_cache(self, batch_size: int) -> KVCache:
+        """A key/value cache for `batch_size` sequences of up to block_size tokens (see KVCache)."""
+        return KVCache(self, batch_size)
+
+
+class KVCache:
+    """Keys and values of every layer for B sequences, so generation runs the model on new tokens only.
+
+    prefill(rows) runs each prompt (rows may differ in length) in one pass; decode(tokens) appends one
+    token per sequence. Both return the logits (B, V) of each sequence's last token.
+    Memory: 2 * n_layer * B * block_size * n_embd floats.
+    """
+
+    def __init__(self, model: GPT, batch_size: int):
+        cfg = model.config
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.B = model, batch_size
+        hs = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, hs)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence
+
+    def prefill(self, rows: list[list[int]]) -> np.ndarray:
+        if len(rows) != self.B:
+            raise ValueError(f"prefill needs {self.B} prompts, got {len(rows)}")
+        logits = [self._forward(np.asarray(r, np.int32)[None], slice(b, b + 1)) for b, r in enumerate(rows)]
+        return np.concatenate(logits)
+
+    def decode(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, np.int32).reshape(self.B, 1)
+        return self._forward(tokens, slice(0, self.B))
+
+    def _forward(self, idx: np.ndarray, rows: slice) -> np.ndarray:
+        """Run idx (b, Tn) for the cache rows `rows`, appending their keys/values; logits of the last token."""
+        m, cfg = self.model, self.model.config
+        p, eps = m.p, cfg.layernorm_eps
+        b, Tn = idx.shape
+        pos = self.pos[rows]
+        if idx.min() < 0 or idx.max() >= cfg.vocab_size:
+            raise ValueError(f"token ids outside [0, {cfg.vocab_size})")
+        if int(pos.max()) + Tn > cfg.block_size:
+            raise ValueError(f"the sequence would exceed the context block_size={cfg.block_size}")
+        x = p["wte"][idx] + p["wpe"][pos[:, None] + np.arange(Tn)]  # (b, Tn, C)
+        for l in range(cfg.n_layer):
+            h, _, _ = ops.layernorm_forward(x, p["ln_1.weight"][l], p["ln_1.bias"][l], eps)
+            qkv = ops.matmul_forward(h, p["attn.c_attn.weight"][l], p["attn.c_attn.bias"][l])  # (b, Tn, 3C)
+            y = ops.attention_kv_forward(qkv, self.k[l, rows], self.v[l, rows], pos)  # (b, Tn, C)
+            x = x + ops.matmul_forward(y, p["attn.c_proj.weight"][l], p["attn.c_proj.bias"][l])
+            h, _, _ = ops.layernorm_forward(x, p["ln_2.weight"][l], p["ln_2.bias"][l], eps)
+            h = ops.gelu_forward(ops.matmul_forward(h, p["mlp.c_fc.weight"][l], p["mlp.c_fc.bias"][l]))
+            x = x + ops.matmul_forward(h, p["mlp.c_proj.weight"][l], p["mlp.c_proj.bias"][l])
+        last = np.ascontiguousarray(x[:, -1])
+        h, _, _ = ops.layernorm_forward(last, p["ln_f.weight"], p["ln_f.bias"], eps)
+        self.pos[rows] += Tn
+        return ops.matmul_forward(h, p["wte"])  # (b, V)

@@ -233,3 +233,14 @@ def adamw_step(params, grads, m, v, lr: float, t: int, beta1: float = 0.9, beta2
 def global_norm(*arrays) -> float:
     """sqrt of the sum of squares over all arrays (float32 in, double accumulation)."""
     return float(np.sqrt(sum(_C.sum_squares(a) for a in arrays)))
+
+
+def attention_kv_forward(qkv, kcache, vcache, pos, out=None) -> np.ndarray:
+    """Inference attention with a KV cache: qkv (B, Tn, 3C) of Tn new tokens per sequence; their keys and values
+    are written into kcache/vcache (B, NH, max_T, hs) at positions pos[b] .. pos[b]+Tn-1, then each new query
+    attends causally to its sequence's cache. Returns out (B, Tn, C). pos is not advanced."""
+    qkv = _f32(qkv, "qkv")
+    if out is None:
+        out = np.empty((*qkv.shape[:2], qkv.shape[2] // 3), np.float32)
+    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"))
+    return out

@@ -1,52 +1,196 @@
-"""Text generation: greedy, temperature, top-k and top-p sampling, one token at a time.
+"""Samplers and text generation.
+
+`SamplingParams` says how the next token is drawn from the logits: greedy (temperature 0), temperature,
+top-k, top-p (nucleus), min-p, repetition penalty; `sample_next` applies it to a batch of logits (vectorized
+numpy, float64). `generate` / `stream` run the model with its KV cache: the prompt is prefilled in one pass,
+then tokens are decoded one at a time. `stream_text` decodes tokens to text incrementally, holding back bytes
+of a UTF-8 character split across tokens.
 
 >>> ids = generate(model, [1, 2, 3], max_new_tokens=20, temperature=0.8, top_k=40, seed=0)
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
-from .model import GPT
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches top_p
+    min_p: float | None = None  # keep tokens with p >= min_p * p_max
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL / HF convention)
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
 
 
-def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None) -> np.ndarray:
-    """Draw one token id per row of logits (B, V). temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    z = logits.astype(np.float64) / temperature
-    if top_k is not None and top_k < z.shape[-1]:
-        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+def probabilities(logits: np.ndarray, sp: SamplingParams, history: Sequence[Sequence[int]] | None = None
+                  ) -> np.ndarray:
+    """The distribution (B, V) that sample_next draws from: penalties, temperature, then top-k / top-p / min-p
+    filtering, renormalised. (Greedy is handled by sample_next, not here.)"""
+    z = np.array(logits, np.float64, copy=True, ndmin=2)
+    if sp.repetition_penalty != 1.0 and history is not None:
+        for b, seen in enumerate(history):
+            ids = np.unique(np.asarray(seen, np.int64))
+            if ids.size:
+                v = z[b, ids]
+                z[b, ids] = np.where(v > 0, v / sp.repetition_penalty, v * sp.repetition_penalty)
+    z /= max(sp.temperature, 1e-12)
+    if sp.top_k is not None and sp.top_k < z.shape[-1]:
+        kth = np.partition(z, -sp.top_k, axis=-1)[:, -sp.top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    if top_p is not None and top_p < 1.0:
+    if sp.top_p is not None and sp.top_p < 1.0:
         order = np.argsort(-p, axis=-1, kind="stable")
         sorted_p = np.take_along_axis(p, order, -1)
-        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < top_p  # smallest set with mass >= top_p
+        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < sp.top_p  # the smallest prefix with mass >= top_p
         keep = np.zeros_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, -1)
         p = np.where(keep, p, 0.0)
-        p /= p.sum(-1, keepdims=True)
+    if sp.min_p is not None and sp.min_p > 0:
+        p = np.where(p >= sp.min_p * p.max(-1, keepdims=True), p, 0.0)
+    return p / p.sum(-1, keepdims=True)
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator, sp: SamplingParams,
+                history: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """One token id per row of logits (B, V)."""
+    logits = np.asarray(logits, ndmin=2)
+    if sp.greedy:
+        if sp.repetition_penalty != 1.0 and history is not None:
+            return probabilities(logits, dataclasses.replace(sp, temperature=1.0, top_k=None), history).argmax(-1)
+        return logits.argmax(-1)
+    p = probabilities(logits, sp, history)
     u = rng.random((p.shape[0], 1))
     return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
 
 
-def generate(model: GPT, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None) -> list[int]:
-    """Continue `prompt_ids` by `max_new_tokens` tokens (the context is cropped to block_size)."""
-    ids = [int(i) for i in prompt_ids]
-    if not ids:
-        raise ValueError("prompt_ids must hold at least one token")
+def _check_prompts(model, prompts, max_new_tokens: int) -> list[list[int]]:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    rows = [[int(t) for t in np.asarray(p).reshape(-1)] for p in prompts]
+    V, Tmax = model.config.vocab_size, model.config.block_size
+    for i, r in enumerate(rows):
+        if not r:
+            raise ValueError(f"prompt_ids[{i}] is empty: give at least one token (e.g. <|endoftext|>)")
+        bad = [t for t in r if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt_ids[{i}] holds token id {bad[0]} outside [0, {V})")
+        if len(r) + max_new_tokens > Tmax:
+            raise ValueError(f"prompt_ids[{i}] has {len(r)} tokens + max_new_tokens={max_new_tokens} > the model's "
+                             f"context block_size={Tmax}")
+    return rows
+
+
+def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+           stop_tokens: Sequence[int] = (), seed: int | None = None) -> Iterator[np.ndarray]:
+    """Yield, per decoding step, the new token of each sequence (array (B,), -1 for sequences that stopped).
+
+    prompt_ids: one sequence of ids, or a list of sequences of different lengths (batched generation)."""
+    sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    single = np.ndim(prompt_ids) == 1 and not (len(prompt_ids) and isinstance(prompt_ids[0], (list, np.ndarray)))
+    rows = _check_prompts(model, [prompt_ids] if single else prompt_ids, max_new_tokens)
     rng = np.random.default_rng(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            ctx = np.asarray(ids[-model.config.block_size:], np.int32)[None]
-            logits = model.logits_last(ctx)
-            ids.append(int(sample_next(logits, rng, temperature, top_k, top_p)[0]))
-    finally:
-        model.train(was_training)
-    return ids
+    stop = set(int(s) for s in stop_tokens)
+    cache = model.kv_cache(len(rows))
+    logits = cache.prefill(rows)  # (B, V) logits of each prompt's last token
+    alive = np.ones(len(rows), bool)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, rng, sp, rows if repetition_penalty != 1.0 else None).astype(np.int64)
+        nxt[~alive] = -1
+        for b in np.flatnonzero(alive):
+            rows[b].append(int(nxt[b]))
+            if nxt[b] in stop:
+                alive[b] = False
+        yield nxt
+        if not alive.any():
+            break
+        logits = cache.decode(np.where(nxt < 0, 0, nxt))
+
+
+def generate(model, prompt_ids, max_new_tokens: int, **kw) -> list[int] | list[list[int]]:
+    """Prompt plus generated ids (a list, or a list of lists for a batch of prompts). Keyword arguments as in
+    `stream`: temperature, top_k, top_p, min_p, repetition_penalty, stop_tokens, seed."""
+    single = np.ndim(prompt_ids) == 1 and not (len(prompt_ids) and isinstance(prompt_ids[0], (list, np.ndarray)))
+    rows = [[int(t) for t in np.asarray(p).reshape(-1)] for p in ([prompt_ids] if single else prompt_ids)]
+    for step in stream(model, prompt_ids, max_new_tokens, **kw):
+        for b, t in enumerate(step):
+            if t >= 0:
+                rows[b].append(int(t))
+    return rows[0] if single else rows
+
+
+class TextStreamer:
+    """Turns a stream of token ids into text pieces, never splitting a UTF-8 character: bytes of an
+    incomplete character are held back until the token that completes them arrives."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = b""
+
+    def push(self, token_id: int) -> str:
+        self.pending += self.tokenizer.decode_bytes([int(token_id)])
+        # keep back an incomplete trailing UTF-8 sequence (at most 3 bytes)
+        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
+            try:
+                text = self.pending[:cut].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            self.pending = self.pending[cut:]
+            return text
+        text = self.pending.decode("utf-8", errors="replace")  # not UTF-8 at all: give up holding it
+        self.pending = b""
+        return text
+
+    def flush(self) -> str:
+        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
+        return text
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), **kw
+                ) -> Iterator[str]:
+    """Yield decoded text pieces as tokens are generated (single prompt); stops at `stop` strings (not
+    included in the output) and at <|endoftext|>."""
+    eot = tokenizer.special_tokens.get("<|endoftext|>")
+    stop_tokens = tuple(kw.pop("stop_tokens", ())) + ((eot,) if eot is not None else ())
+    ids = tokenizer.encode(prompt, allowed_special="all")
+    streamer = TextStreamer(tokenizer)
+    text, emitted = "", 0
+    hold = max((len(s) for s in stop), default=0)
+    for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
+        t = int(step[0])
+        if t < 0 or t == eot:
+            break
+        text += streamer.push(t)
+        hits = [text.find(s, max(0, emitted - len(s))) for s in stop]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            yield text[emitted:min(hits)]
+            return
+        safe = len(text) - hold  # keep back what could still become a stop string
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text += streamer.flush()
+    yield text[emitted:]

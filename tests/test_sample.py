@@ -1,0 +1,108 @@
+"""Generation: KV-cache logits equal the full forward, greedy = argmax, sampling frequencies match the filtered
+softmax (chi-square), seeds, batched prompts of different lengths, streaming text, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastllm.model import GPT, GPTConfig
+from fastllm.sample import SamplingParams, generate, probabilities, sample_next, stream
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = GPT(GPTConfig(block_size=40, vocab_size=53, n_layer=2, n_head=4, n_embd=32), seed=3)
+    m.p["wte"] *= 20  # sharper distributions, so that greedy paths are unambiguous
+    return m.eval()
+
+
+def test_kv_cache_logits_equal_full_forward(model, threads):
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, 53, 30)
+    cache = model.kv_cache(1)
+    logits = cache.prefill([list(seq[:7])])
+    for t in range(7, 30):
+        full = model.forward(seq[None, :t])[0, -1]
+        # fp32, different summation order: |diff| <= 1e-4 relative to the logit scale
+        np.testing.assert_allclose(logits[0], full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+        logits = cache.decode([seq[t]])
+
+
+def test_batched_prompts_of_different_lengths(model):
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10]]
+    batch = generate(model, prompts, 8, temperature=0)
+    for p, out in zip(prompts, batch):
+        assert out == generate(model, p, 8, temperature=0)
+
+
+def test_greedy_is_argmax_of_full_forward(model):
+    out = generate(model, [7, 8], 12, temperature=0)
+    for t in range(2, len(out)):
+        assert out[t] == int(np.argmax(model.forward(np.array(out[:t])[None])[0, -1]))
+    assert generate(model, [7, 8], 12, temperature=1.0, top_k=1, seed=5) == out
+    assert generate(model, [7, 8], 12, temperature=1e-6, seed=5) == out
+
+
+def test_same_seed_same_text_different_seed_different_text(model):
+    a = generate(model, [1], 30, temperature=1.5, seed=1)
+    assert a == generate(model, [1], 30, temperature=1.5, seed=1)
+    assert a != generate(model, [1], 30, temperature=1.5, seed=2)
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(1.0), SamplingParams(0.7, top_k=4), SamplingParams(1.3, top_p=0.8),
+                                SamplingParams(1.0, min_p=0.1)])
+def test_sampling_frequencies_chi_square(sp):
+    from scipy import stats
+
+    logits = np.array([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    z = logits[0] / sp.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if sp.top_k:
+        p[np.argsort(-p)[sp.top_k:]] = 0
+    if sp.top_p:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < sp.top_p
+        p[order[~keep]] = 0
+    if sp.min_p:
+        p[p < sp.min_p * p.max()] = 0
+    p /= p.sum()
+    np.testing.assert_allclose(probabilities(logits, sp)[0], p, atol=1e-12)
+    rng = np.random.default_rng(42)
+    n = 20000
+    draws = np.concatenate([sample_next(np.repeat(logits, 1000, 0), rng, sp) for _ in range(n // 1000)])
+    counts = np.bincount(draws, minlength=8)
+    assert counts[p == 0].sum() == 0  # filtered tokens are never drawn
+    keep = p > 0
+    chi2, pval = stats.chisquare(counts[keep], n * p[keep])
+    assert pval > 1e-3, (counts, n * p)
+
+
+def test_stop_tokens_and_streaming(model):
+    out = generate(model, [1, 2], 20, temperature=0)
+    stop = out[5]
+    steps = list(stream(model, [1, 2], 20, temperature=0, stop_tokens=[stop]))
+    assert [int(s[0]) for s in steps] == out[2:6]
+
+
+def test_repetition_penalty_changes_greedy_path(model):
+    plain = generate(model, [1, 2], 20, temperature=0)
+    pen = generate(model, [1, 2], 20, temperature=0, repetition_penalty=5.0)
+    assert len(set(pen[2:])) >= len(set(plain[2:]))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(prompt_ids=[]), "empty"),
+    (dict(prompt_ids=list(range(39)), max_new_tokens=5), "block_size"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(prompt_ids=[1, 53]), "token id 53"),
+])
+def test_bad_input(model, kw, match):
+    args = dict(prompt_ids=[1, 2], max_new_tokens=3)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        generate(model, **args)
