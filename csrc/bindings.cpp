@@ -424,6 +424,10 @@ static py::list pretokenize_py(const py::str& text, const std::string& pattern) 
     return out;
 }
 
+static std::string pattern_string_py(const std::string& pattern) {
+    return fastllm::tok::pattern_string(parse_pattern(pattern));
+}
+
 // Number of chunks only (no str objects): the scan's own speed, for benchmarks.
 static size_t pretokenize_count_py(const py::str& text, const std::string& pattern) {
     const auto pat = parse_pattern(pattern);
@@ -481,8 +485,7 @@ PYBIND11_MODULE(_C, m) {
     // ---- tokenizer (csrc/tokenizer): registered below
     // ---- pre-tokenizer
     m.def("pretokenize", &pretokenize_py, arg("text"), arg("pattern"));
-    m.def("pattern_string", [](const std::string& p) { return std::string(fastllm::tok::pattern_string(parse_pattern(p))); },
-          arg("pattern"));
+    m.def("pattern_string", &pattern_string_py, arg("pattern"));
     m.def("_pretokenize_count", &pretokenize_count_py, arg("text"), arg("pattern"));
     m.def("_pretokenize_char_classes", &pretokenize_char_classes_py);
 }

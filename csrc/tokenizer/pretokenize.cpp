@@ -40,8 +40,9 @@ enum : uint8_t { kL = 1, kN = 2, kS = 4 };
 
 static const char* const kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
-static const char* const kGpt4Pattern =
-    R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s)";
+static const char* const kGpt4Pattern =  // tiktoken's cl100k_base pat_str
+    R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+)"
+    R"(|\s++$|\s*[\r\n]|\s+(?!\S)|\s)";
 
 // Class flags by byte: the ASCII classes, and kHigh for every byte >= 0x80 (a multi-byte code point, looked
 // up after decoding), so that run loops stop on it with a single table lookup per byte.
