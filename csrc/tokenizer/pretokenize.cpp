@@ -18,8 +18,14 @@ agrees with regex by construction; (?i:s) etc. accept exactly the code points re
 Lookup: a 128-entry table for ASCII (most text), else a two-level table (cp >> 8 -> block, 132 blocks of 256).
 Invalid UTF-8 (not produced from a Python str, but the C++ API may see it) is taken byte by byte as a
 non-letter, non-number, non-space code point, so the scan never reads out of bounds.
-Perf notes: ASCII letters/digits/punct runs are a table lookup per byte; the rest decodes UTF-8 per code point.
-Cost in the Python binding is dominated by creating the result str objects, not by the scan.
+Perf notes (pydoc topics, 0.47 MB, one busy core): the scan alone runs at ~450 MB/s (GPT-2) / ~500 MB/s
+(GPT-4); the Python binding at ~70-90 MB/s, its cost dominated by creating ~100k str objects and the page
+faults of fresh memory, like regex.findall's (~8-13 MB/s). Kept: a 256-entry byte table whose entries for
+bytes >= 0x80 stop every run loop with one lookup (then the code point is decoded), and SSE2 (baseline x86-64,
+no dispatch needed) for ASCII letter runs, 16 bytes per step: +25-55% on the scan, mostly from turning the
+mispredicted end-of-word branch into a count-trailing-zeros. Tried and dropped in the binding: cutting chunks
+with PyUnicode_Substring instead of decoding, and a cache sharing repeated short chunks' str objects (no gain).
+Checked with ASan/UBSan on random byte strings (invalid UTF-8 included): chunks always tile the input.
 */
 #include "pretokenize.h"
 
