@@ -156,7 +156,7 @@ def test_tricky(pattern, text):
     check(text, pattern)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def all_code_points() -> str:
     return "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
 
