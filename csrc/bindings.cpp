@@ -9,6 +9,7 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -21,6 +22,8 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include "cpu/layernorm.h"
 #include "cpu/matmul.h"
 #include "cpu/softmax_ce.h"
+#include "tokenizer/pretokenize.h"
+#include "tokenizer/pretokenize_detail.h"
 
 namespace py = pybind11;
 using fastllm::str_cat;
@@ -366,6 +369,84 @@ static void set_num_threads_py(int n) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// pre-tokenizer
+
+static fastllm::tok::Pattern parse_pattern(const std::string& name) {
+    if (name == "gpt2") return fastllm::tok::Pattern::gpt2;
+    if (name == "gpt4") return fastllm::tok::Pattern::gpt4;
+    throw std::invalid_argument(str_cat("pattern must be 'gpt2' or 'gpt4', got '", name, "'"));
+}
+
+// Text arrives as a str; its UTF-8 form is cached by CPython inside the object, so no copy is made. Lone
+// surrogates cannot be encoded as UTF-8: ValueError (policy: callers repair them first, as tiktoken does).
+static std::string_view utf8_view(const py::str& text) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(text.ptr(), &n);
+    if (!s) {
+        PyErr_Clear();
+        throw std::invalid_argument("text must be valid Unicode without lone surrogates (not UTF-8 encodable)");
+    }
+    return {s, static_cast<size_t>(n)};
+}
+
+static py::list pretokenize_py(const py::str& text, const std::string& pattern) {
+    const auto pat = parse_pattern(pattern);
+    const std::string_view s = utf8_view(text);
+    std::vector<std::pair<size_t, size_t>> chunks;
+    {
+        py::gil_scoped_release nogil;
+        chunks.reserve(s.size() / 4 + 1);
+        fastllm::tok::pretokenize(s, pat, chunks);
+    }
+    // Building the str objects costs more than the scan: ASCII chunks (most of them) are copied straight into
+    // a new compact ASCII str (1-character ones come from CPython's cache), the rest are decoded from UTF-8.
+    const char* base = s.data();
+    py::list out(chunks.size());
+    for (size_t i = 0; i < chunks.size(); i++) {
+        const auto [a, b] = chunks[i];
+        const Py_ssize_t len = static_cast<Py_ssize_t>(b - a);
+        unsigned char any = 0;
+        for (size_t k = a; k < b; k++) any |= static_cast<unsigned char>(base[k]);
+        PyObject* o;
+        if (any < 0x80) {
+            if (len == 1) {
+                o = PyUnicode_FromOrdinal(static_cast<unsigned char>(base[a]));
+            } else {
+                o = PyUnicode_New(len, 127);
+                if (o) std::memcpy(PyUnicode_DATA(o), base + a, static_cast<size_t>(len));
+            }
+        } else {
+            o = PyUnicode_DecodeUTF8(base + a, len, nullptr);
+        }
+        if (!o) throw py::error_already_set();
+        PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), o);
+    }
+    return out;
+}
+
+static std::string pattern_string_py(const std::string& pattern) {
+    return fastllm::tok::pattern_string(parse_pattern(pattern));
+}
+
+// Number of chunks only (no str objects): the scan's own speed, for benchmarks.
+static size_t pretokenize_count_py(const py::str& text, const std::string& pattern) {
+    const auto pat = parse_pattern(pattern);
+    const std::string_view s = utf8_view(text);
+    py::gil_scoped_release nogil;
+    std::vector<std::pair<size_t, size_t>> chunks;
+    chunks.reserve(s.size() / 4 + 1);
+    fastllm::tok::pretokenize(s, pat, chunks);
+    return chunks.size();
+}
+
+// Class flags (1 = letter, 2 = number, 4 = whitespace) of every code point 0..0x10FFFF, for the tests.
+static py::bytes pretokenize_char_classes_py() {
+    std::string flags(0x110000, '\0');
+    for (uint32_t cp = 0; cp < 0x110000; cp++) flags[cp] = static_cast<char>(fastllm::tok::char_class(cp));
+    return py::bytes(flags);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "fastllm native kernels (private; use fastllm.ops)";
@@ -402,4 +483,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("sum_squares", &sum_squares_py, arg("x"));
 
     // ---- tokenizer (csrc/tokenizer): registered below
+    // ---- pre-tokenizer
+    m.def("pretokenize", &pretokenize_py, arg("text"), arg("pattern"));
+    m.def("pattern_string", &pattern_string_py, arg("pattern"));
+    m.def("_pretokenize_count", &pretokenize_count_py, arg("text"), arg("pattern"));
+    m.def("_pretokenize_char_classes", &pretokenize_char_classes_py);
 }
