@@ -1,24 +1,50 @@
 /*
-Causal self-attention on packed qkv (B, T, 3C), per (batch, head): out = softmax(q k^T / sqrt(hs), causal) v.
-Forward keeps only the row logsumexp lse (B, NH, T); backward recomputes probabilities from it.
-O(B*NH*T^2*hs) flops, O(B*NH*T) saved memory.
-This version: per-row loops with a length-T scratch row (the readable reference).
+Causal multi-head self-attention on packed qkv (B, T, 3C), per (batch, head): out = softmax(q k^T / sqrt(hs) + causal
+mask) v. Forward saves only the row logsumexp lse (B, NH, T); backward recomputes the probabilities from it.
+O(B*NH*T^2*hs) flops (causal: fwd ~2*B*NH*T^2*hs, bwd ~2.5x that), O(B*NH*T) saved memory, never a T x T matrix.
+
+Algorithm (FlashAttention-2 on the CPU), one (b, h) pair per OpenMP task (schedule(dynamic); a pair is owned by one
+thread, so the backward needs no atomics and is deterministic):
+  forward : K^T and V of the pair are packed into contiguous per-thread buffers (qkv rows are strided by 3C);
+            for each query block of kBr rows, for each key block of kBc keys at or left of the diagonal:
+            S = Q K^T (tile gemm), online softmax in base 2 (running max m, sum l, accumulator rescaled by
+            2^(m_old - m_new)), O += P V (tile gemm). Finally out = O / l, lse = (m + log2 l) * ln 2.
+  backward: D = rowsum(dout * out); for each key block j (dK_j, dV_j in tiles), for each query block i >= j:
+            P = exp(S - lse), dV_j += P^T dO_i, dP = dO_i V_j^T, dS = P * (dP - D) * scale,
+            dQ_i += dS K_j (dQ of the whole pair in a per-thread buffer), dK_j += dS^T Q_i.
+All tile products go through one gemm primitive C (+)= A B with a strided A (so P^T and dS^T need no copies) and a
+row-major B, whose AVX-512 (6 x 64) / AVX2 (6 x 16) register-blocked micro-kernels are picked at run time with
+simd_level(); a portable loop version is the scalar fallback. exp is a vectorized exp2 (round-to-nearest range
+reduction + degree-6 polynomial, ~2 ulp), the softmax scale and log2(e) are folded into one FMA.
+Head sizes: any hs works (rows padded with zeros to a multiple of 16 in the packed buffers); 64 and 128 are the
+tuned cases. attention_forward_naive / attention_backward_naive below are the readable per-row reference.
+Perf notes: see benchmarks/bench_attention.py (fastllm vs torch SDPA).
 */
 #include "attention.h"
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
 
 namespace fastllm::cpu {
 
-void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
+// ---------------------------------------------------------------------------------------------------------
+// naive reference (per-row loops with a length-T scratch row)
+
+void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C,
+                             int64_t NH) {
     const int64_t hs = C / NH, C3 = 3 * C;
     const float scale = 1.0f / std::sqrt((float)hs);
+    std::vector<float> scratch((size_t)max_threads() * T);
 #pragma omp parallel
     {
-        std::vector<float> p(T);
+        float* p = scratch.data() + (size_t)thread_id() * T;
 #pragma omp for collapse(3) schedule(dynamic, 8)
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < NH; h++)
@@ -46,8 +72,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int6
     }
 }
 
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH) {
+void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                              int64_t B, int64_t T, int64_t C, int64_t NH) {
     const int64_t hs = C / NH, C3 = 3 * C;
     const float scale = 1.0f / std::sqrt((float)hs);
     // (b, h) pairs are independent: dk, dv of a head only receive from rows of the same (b, h).
@@ -78,6 +104,484 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     }
                 }
             }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// tile primitives, one struct per ISA
+//   gemm(M, N, K, A, sam, sak, B, ldb, C, ldc, acc): C[m][n] (+)= sum_k A[m*sam + k*sak] * B[k*ldb + n],
+//       N a multiple of 16 (all callers pad), acc=false overwrites C.
+//   softmax_fwd: online-softmax update of a (mr x kBc) score tile S in place -> P; rescales O rows.
+//   probs_bwd:   S -> P = exp(S*scale - lse), dP -> dS = P * (dP - D) * scale, in place.
+// Masking: row r of a tile at query i0 + r and keys j0.. j0 + nk - 1 sees valid = min(nk, i0 + r - j0 + 1) keys.
+
+namespace {
+
+constexpr int64_t kBr = 64;  // query rows per tile
+constexpr int64_t kBc = 64;  // keys per tile (multiple of 16)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Taylor coefficients of 2^f = e^(f ln2) on f in [-1/2, 1/2] (degree 6: relative error < 2e-7)
+constexpr float kE1 = 0.6931471805599453f, kE2 = 0.2402265069591007f, kE3 = 0.055504108664821576f,
+                kE4 = 0.009618129107628477f, kE5 = 0.0013333558146428441f, kE6 = 0.00015403530393381606f;
+
+inline int64_t valid_keys(int64_t i0, int64_t r, int64_t j0, int64_t nk) {
+    return std::max<int64_t>(0, std::min<int64_t>(nk, i0 + r - j0 + 1));
+}
+
+// ---- scalar (portable) primitives
+struct Scalar {
+    static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                     int64_t ldb, float* C, int64_t ldc, bool acc) {
+        for (int64_t m = 0; m < M; m++) {
+            float* c = C + m * ldc;
+            if (!acc) std::fill(c, c + N, 0.0f);
+            for (int64_t k = 0; k < K; k++) {
+                const float a = A[m * sam + k * sak];
+                const float* b = B + k * ldb;
+                for (int64_t n = 0; n < N; n++) c[n] += a * b[n];
+            }
+        }
+    }
+    static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c, float* m, float* l,
+                            float* O, int64_t hsp) {
+        for (int64_t r = 0; r < mr; r++) {
+            float* s = S + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            if (nv == 0) {
+                std::fill(s, s + kBc, 0.0f);
+                continue;
+            }
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < nv; j++) mx = std::max(mx, s[j]);
+            const float mnew = std::max(m[r], mx * c);
+            const float alpha = std::exp2(m[r] - mnew);
+            float sum = 0;
+            for (int64_t j = 0; j < nv; j++) sum += (s[j] = std::exp2(s[j] * c - mnew));
+            std::fill(s + nv, s + kBc, 0.0f);
+            l[r] = l[r] * alpha + sum;
+            m[r] = mnew;
+            if (alpha != 1.0f)
+                for (int64_t d = 0; d < hsp; d++) O[r * hsp + d] *= alpha;
+        }
+    }
+    static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c, float scale,
+                          const float* lse2, const float* D) {
+        for (int64_t r = 0; r < mr; r++) {
+            float *s = S + r * kBc, *dp = dP + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            for (int64_t j = 0; j < nv; j++) {
+                const float p = std::exp2(s[j] * c - lse2[r]);
+                s[j] = p;
+                dp[j] = p * (dp[j] - D[r]) * scale;
+            }
+            std::fill(s + nv, s + kBc, 0.0f);
+            std::fill(dp + nv, dp + kBc, 0.0f);
+        }
+    }
+};
+
+// ---- AVX-512 primitives
+FASTLLM_TARGET_AVX512 inline __m512 exp2_512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kE6), f, _mm512_set1_ps(kE5));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// MR rows x NV vectors of 16 columns, K-loop with one broadcast of A per row and NV loads of B per step
+template <int MR, int NV>
+FASTLLM_TARGET_AVX512 void ukernel_512(int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                                       int64_t ldb, float* C, int64_t ldc, bool acc) {
+    __m512 c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+        const float* a = A + k * sak;
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const __m512 ar = _mm512_set1_ps(a[r * sam]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) c[r][v] = _mm512_fmadd_ps(ar, b[v], c[r][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+}
+
+using UKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
+
+template <int MR>
+constexpr UKernel kRow512[4] = {ukernel_512<MR, 1>, ukernel_512<MR, 2>, ukernel_512<MR, 3>, ukernel_512<MR, 4>};
+constexpr const UKernel* kTable512[6] = {kRow512<1>, kRow512<2>, kRow512<3>, kRow512<4>, kRow512<5>, kRow512<6>};
+
+struct Avx512 {
+    static constexpr int kMR = 6, kNV = 4, kW = 16;
+    FASTLLM_TARGET_AVX512 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam,
+                                           int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
+                                           bool acc) {
+        for (int64_t n0 = 0; n0 < N; n0 += kNV * kW) {
+            const int nv = (int)std::min<int64_t>(kNV, (N - n0) / kW);
+            for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+                const int mr = (int)std::min<int64_t>(kMR, M - m0);
+                kTable512[mr - 1][nv - 1](K, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc, acc);
+            }
+        }
+    }
+    FASTLLM_TARGET_AVX512 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
+                                                  float* m, float* l, float* O, int64_t hsp) {
+        const __m512 vc = _mm512_set1_ps(c);
+        for (int64_t r = 0; r < mr; r++) {
+            float* s = S + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            if (nv == 0) {
+                std::fill(s, s + kBc, 0.0f);
+                continue;
+            }
+            for (int64_t j = nv; j < kBc; j++) s[j] = -INFINITY;
+            __m512 vmax = _mm512_loadu_ps(s);
+            for (int64_t j = 16; j < kBc; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
+            const float mnew = std::max(m[r], _mm512_reduce_max_ps(vmax) * c);
+            const float alpha = std::exp2(m[r] - mnew);
+            const __m512 vm = _mm512_set1_ps(mnew);
+            __m512 vsum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < kBc; j += 16) {
+                const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
+                                     : j >= nv     ? (__mmask16)0
+                                                   : (__mmask16)((1u << (nv - j)) - 1);
+                const __m512 p = _mm512_maskz_mov_ps(keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm)));
+                vsum = _mm512_add_ps(vsum, p);
+                _mm512_storeu_ps(s + j, p);
+            }
+            l[r] = l[r] * alpha + _mm512_reduce_add_ps(vsum);
+            m[r] = mnew;
+            if (alpha != 1.0f) {
+                const __m512 va = _mm512_set1_ps(alpha);
+                float* o = O + r * hsp;
+                for (int64_t d = 0; d < hsp; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(va, _mm512_loadu_ps(o + d)));
+            }
+        }
+    }
+    FASTLLM_TARGET_AVX512 static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
+                                                float c, float scale, const float* lse2, const float* D) {
+        const __m512 vc = _mm512_set1_ps(c), vscale = _mm512_set1_ps(scale);
+        for (int64_t r = 0; r < mr; r++) {
+            float *s = S + r * kBc, *dp = dP + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            const __m512 vl = _mm512_set1_ps(lse2[r]), vd = _mm512_set1_ps(D[r]);
+            for (int64_t j = 0; j < kBc; j += 16) {
+                const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
+                                     : j >= nv     ? (__mmask16)0
+                                                   : (__mmask16)((1u << (nv - j)) - 1);
+                const __m512 p = _mm512_maskz_mov_ps(keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vl)));
+                const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, vscale), _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd));
+                _mm512_storeu_ps(s + j, p);
+                _mm512_storeu_ps(dp + j, ds);
+            }
+        }
+    }
+};
+
+// ---- AVX2 primitives
+FASTLLM_TARGET_AVX2 inline __m256 exp2_256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kE6), f, _mm256_set1_ps(kE5));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+FASTLLM_TARGET_AVX2 inline float hmax_256(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+FASTLLM_TARGET_AVX2 inline float hsum_256(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+// lanes j + 0..7 kept where j + lane < nv
+FASTLLM_TARGET_AVX2 inline __m256 keep_mask_256(int64_t j, int64_t nv) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(nv - j)), lane));
+}
+
+template <int MR, int NV>
+FASTLLM_TARGET_AVX2 void ukernel_256(int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                                     int64_t ldb, float* C, int64_t ldc, bool acc) {
+    __m256 c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) b[v] = _mm256_loadu_ps(B + k * ldb + 8 * v);
+        const float* a = A + k * sak;
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const __m256 ar = _mm256_broadcast_ss(a + r * sam);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) c[r][v] = _mm256_fmadd_ps(ar, b[v], c[r][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(C + r * ldc + 8 * v, c[r][v]);
+}
+
+constexpr UKernel kTable256[6] = {ukernel_256<1, 2>, ukernel_256<2, 2>, ukernel_256<3, 2>,
+                                  ukernel_256<4, 2>, ukernel_256<5, 2>, ukernel_256<6, 2>};
+
+struct Avx2 {
+    static constexpr int kMR = 6, kW = 16;  // 6 rows x 2 vectors of 8
+    FASTLLM_TARGET_AVX2 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
+                                         const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+        for (int64_t n0 = 0; n0 < N; n0 += kW)
+            for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+                const int mr = (int)std::min<int64_t>(kMR, M - m0);
+                kTable256[mr - 1](K, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc, acc);
+            }
+    }
+    FASTLLM_TARGET_AVX2 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
+                                                float* m, float* l, float* O, int64_t hsp) {
+        const __m256 vc = _mm256_set1_ps(c);
+        for (int64_t r = 0; r < mr; r++) {
+            float* s = S + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            if (nv == 0) {
+                std::fill(s, s + kBc, 0.0f);
+                continue;
+            }
+            for (int64_t j = nv; j < kBc; j++) s[j] = -INFINITY;
+            __m256 vmax = _mm256_loadu_ps(s);
+            for (int64_t j = 8; j < kBc; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+            const float mnew = std::max(m[r], hmax_256(vmax) * c);
+            const float alpha = std::exp2(m[r] - mnew);
+            const __m256 vm = _mm256_set1_ps(mnew);
+            __m256 vsum = _mm256_setzero_ps();
+            for (int64_t j = 0; j < kBc; j += 8) {
+                __m256 p = exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vm));
+                if (j + 8 > nv) p = _mm256_and_ps(p, keep_mask_256(j, nv));
+                vsum = _mm256_add_ps(vsum, p);
+                _mm256_storeu_ps(s + j, p);
+            }
+            l[r] = l[r] * alpha + hsum_256(vsum);
+            m[r] = mnew;
+            if (alpha != 1.0f) {
+                const __m256 va = _mm256_set1_ps(alpha);
+                float* o = O + r * hsp;
+                for (int64_t d = 0; d < hsp; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(va, _mm256_loadu_ps(o + d)));
+            }
+        }
+    }
+    FASTLLM_TARGET_AVX2 static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
+                                              float c, float scale, const float* lse2, const float* D) {
+        const __m256 vc = _mm256_set1_ps(c), vscale = _mm256_set1_ps(scale);
+        for (int64_t r = 0; r < mr; r++) {
+            float *s = S + r * kBc, *dp = dP + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            const __m256 vl = _mm256_set1_ps(lse2[r]), vd = _mm256_set1_ps(D[r]);
+            for (int64_t j = 0; j < kBc; j += 8) {
+                __m256 p = exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vl));
+                if (j + 8 > nv) p = _mm256_and_ps(p, keep_mask_256(j, nv));
+                const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, vscale), _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd));
+                _mm256_storeu_ps(s + j, p);
+                _mm256_storeu_ps(dp + j, ds);
+            }
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// tiled drivers, generic over the ISA primitives
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-thread scratch: one zero-initialized, 64-byte aligned slab of `per` floats for each thread. Padding regions
+// of the packed buffers are never written, so they stay zero across the (b, h) pairs a thread processes.
+struct ThreadScratch {
+    std::vector<float> mem;
+    int64_t per;
+    explicit ThreadScratch(int64_t per_thread) : per(round_up(per_thread, 16)) {
+        mem.assign((size_t)(per * max_threads() + 16), 0.0f);
+    }
+    float* get(int tid) {
+        float* base = mem.data();
+        base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
+        return base + (int64_t)tid * per;
+    }
+};
+
+// Packs the (T x hs) slice at src (row stride ld) into kBc-key panels of the transpose: panel p holds
+// dst[p*hs*kBc + d*kBc + jj] = src[(p*kBc + jj)*ld + d].
+void pack_transposed(float* dst, const float* src, int64_t ld, int64_t T, int64_t hs) {
+    for (int64_t j0 = 0; j0 < T; j0 += kBc) {
+        float* panel = dst + (j0 / kBc) * hs * kBc;
+        const int64_t nk = std::min(kBc, T - j0);
+        for (int64_t jj = 0; jj < nk; jj++) {
+            const float* row = src + (j0 + jj) * ld;
+            for (int64_t d = 0; d < hs; d++) panel[d * kBc + jj] = row[d];
+        }
+    }
+}
+void pack_rows(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows, int64_t hs) {
+    for (int64_t t = 0; t < rows; t++) std::memcpy(dst + t * ldd, src + t * lds, hs * sizeof(float));
+}
+
+template <class Isa>
+void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
+    const int64_t hs = C / NH, C3 = 3 * C, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
+    const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
+    // per thread: K^T panels (Tp*hs), V (Tp x hsp), Q tile (kBr x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
+    const int64_t oKT = 0, oV = oKT + round_up(Tp * hs, 16), oQ = oV + Tp * hsp, oO = oQ + kBr * hsp,
+                  oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
+    ThreadScratch scratch(total);
+#pragma omp parallel
+    {
+        float* w = scratch.get(thread_id());
+        float *KT = w + oKT, *V = w + oV, *Q = w + oQ, *O = w + oO, *S = w + oS, *m = w + oM, *l = w + oL;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * NH; bh++) {
+            const int64_t b = bh / NH, h = bh % NH;
+            const float* base = qkv + b * T * C3 + h * hs;  // q of (b, 0, h); k at +C, v at +2C
+            pack_transposed(KT, base + C, C3, T, hs);
+            pack_rows(V, hsp, base + 2 * C, C3, T, hs);
+            for (int64_t i0 = 0; i0 < T; i0 += kBr) {
+                const int64_t mr = std::min(kBr, T - i0);
+                pack_rows(Q, hsp, base + i0 * C3, C3, mr, hs);
+                std::fill(O, O + mr * hsp, 0.0f);
+                std::fill(m, m + mr, -INFINITY);
+                std::fill(l, l + mr, 0.0f);
+                for (int64_t j0 = 0; j0 < i0 + mr; j0 += kBc) {
+                    const int64_t nk = std::min(kBc, T - j0);
+                    Isa::gemm(mr, kBc, hs, Q, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false);
+                    Isa::softmax_fwd(S, mr, i0, j0, nk, c, m, l, O, hsp);
+                    Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true);
+                }
+                for (int64_t r = 0; r < mr; r++) {
+                    const float inv = 1.0f / l[r];
+                    float* o = out + (b * T + i0 + r) * C + h * hs;
+                    for (int64_t d = 0; d < hs; d++) o[d] = O[r * hsp + d] * inv;
+                    lse[bh * T + i0 + r] = (m[r] + std::log2(l[r])) * kLn2;
+                }
+            }
+        }
+    }
+}
+
+template <class Isa>
+void backward_tiled(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse, int64_t B,
+                    int64_t T, int64_t C, int64_t NH) {
+    const int64_t hs = C / NH, C3 = 3 * C, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
+    const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
+    // per thread: Q, K, dO, dQ (Tp x hsp each), K^T and V^T panels (Tp*hs each), lse2, D (Tp),
+    // S and dP tiles (kBr x kBc), dK and dV tiles (kBc x hsp)
+    const int64_t panel = round_up(Tp * hs, 16);
+    const int64_t oQ = 0, oK = oQ + Tp * hsp, odO = oK + Tp * hsp, odQ = odO + Tp * hsp, oKT = odQ + Tp * hsp,
+                  oVT = oKT + panel, oL = oVT + panel, oD = oL + Tp, oS = oD + Tp, odP = oS + kBr * kBc,
+                  odK = odP + kBr * kBc, odV = odK + kBc * hsp, total = odV + kBc * hsp;
+    ThreadScratch scratch(total);
+#pragma omp parallel
+    {
+        float* w = scratch.get(thread_id());
+        float *Q = w + oQ, *K = w + oK, *dO = w + odO, *dQ = w + odQ, *KT = w + oKT, *VT = w + oVT;
+        float *lse2 = w + oL, *D = w + oD, *S = w + oS, *dP = w + odP, *dK = w + odK, *dV = w + odV;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * NH; bh++) {
+            const int64_t b = bh / NH, h = bh % NH;
+            const float* base = qkv + b * T * C3 + h * hs;
+            const float* dy = dout + b * T * C + h * hs;
+            const float* y = out + b * T * C + h * hs;
+            float* dbase = dqkv + b * T * C3 + h * hs;
+            pack_rows(Q, hsp, base, C3, T, hs);
+            pack_rows(K, hsp, base + C, C3, T, hs);
+            pack_rows(dO, hsp, dy, C, T, hs);
+            pack_transposed(KT, base + C, C3, T, hs);
+            pack_transposed(VT, base + 2 * C, C3, T, hs);
+            std::fill(dQ, dQ + T * hsp, 0.0f);
+            for (int64_t t = 0; t < T; t++) {
+                float dsum = 0;
+                for (int64_t d = 0; d < hs; d++) dsum += dy[t * C + d] * y[t * C + d];
+                D[t] = dsum;
+                lse2[t] = lse[bh * T + t] * kLog2e;
+            }
+            for (int64_t j0 = 0; j0 < T; j0 += kBc) {
+                const int64_t nk = std::min(kBc, T - j0);
+                const float *KTj = KT + (j0 / kBc) * hs * kBc, *VTj = VT + (j0 / kBc) * hs * kBc;
+                std::fill(dK, dK + nk * hsp, 0.0f);
+                std::fill(dV, dV + nk * hsp, 0.0f);
+                for (int64_t i0 = j0 / kBr * kBr; i0 < T; i0 += kBr) {
+                    const int64_t mr = std::min(kBr, T - i0);
+                    const float *Qi = Q + i0 * hsp, *dOi = dO + i0 * hsp;
+                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KTj, kBc, S, kBc, false);     // S = Q_i K_j^T
+                    Isa::gemm(mr, kBc, hs, dOi, hsp, 1, VTj, kBc, dP, kBc, false);   // dP = dO_i V_j^T
+                    Isa::probs_bwd(S, dP, mr, i0, j0, nk, c, scale, lse2 + i0, D + i0);
+                    Isa::gemm(nk, hsp, mr, S, 1, kBc, dOi, hsp, dV, hsp, true);       // dV_j += P^T dO_i
+                    Isa::gemm(mr, hsp, nk, dP, kBc, 1, K + j0 * hsp, hsp, dQ + i0 * hsp, hsp, true);  // dQ_i += dS K_j
+                    Isa::gemm(nk, hsp, mr, dP, 1, kBc, Qi, hsp, dK, hsp, true);       // dK_j += dS^T Q_i
+                }
+                for (int64_t jj = 0; jj < nk; jj++) {
+                    float* dk = dbase + (j0 + jj) * C3 + C;
+                    float* dv = dbase + (j0 + jj) * C3 + 2 * C;
+                    for (int64_t d = 0; d < hs; d++) dk[d] += dK[jj * hsp + d], dv[d] += dV[jj * hsp + d];
+                }
+            }
+            for (int64_t t = 0; t < T; t++) {
+                float* dq = dbase + t * C3;
+                for (int64_t d = 0; d < hs; d++) dq[d] += dQ[t * hsp + d];
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// entry points: run-time ISA dispatch
+
+void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
+    if (B * T * C == 0) return;
+    switch (simd_level()) {
+        case Simd::avx512: return forward_tiled<Avx512>(out, lse, qkv, B, T, C, NH);
+        case Simd::avx2: return forward_tiled<Avx2>(out, lse, qkv, B, T, C, NH);
+        default: return forward_tiled<Scalar>(out, lse, qkv, B, T, C, NH);
+    }
+}
+
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                        int64_t B, int64_t T, int64_t C, int64_t NH) {
+    if (B * T * C == 0) return;
+    switch (simd_level()) {
+        case Simd::avx512: return backward_tiled<Avx512>(dqkv, dout, qkv, out, lse, B, T, C, NH);
+        case Simd::avx2: return backward_tiled<Avx2>(dqkv, dout, qkv, out, lse, B, T, C, NH);
+        default: return backward_tiled<Scalar>(dqkv, dout, qkv, out, lse, B, T, C, NH);
+    }
 }
 
 }  // namespace fastllm::cpu
