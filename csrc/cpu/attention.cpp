@@ -438,20 +438,17 @@ struct ThreadScratch {
     }
 };
 
-// Packs the (T x hs) slice at src (row stride ld) into kBc-key panels of the transpose: panel p holds
-// dst[p*hs*kBc + d*kBc + jj] = src[(p*kBc + jj)*ld + d].
-void pack_transposed(float* dst, const float* src, int64_t ld, int64_t T, int64_t hs) {
-    for (int64_t j0 = 0; j0 < T; j0 += kBc) {
-        float* panel = dst + (j0 / kBc) * hs * kBc;
-        const int64_t nk = std::min(kBc, T - j0);
-        for (int64_t jj = 0; jj < nk; jj++) {
-            const float* row = src + (j0 + jj) * ld;
-            for (int64_t d = 0; d < hs; d++) panel[d * kBc + jj] = row[d];
-        }
-    }
+// The per-(b, h) slices of qkv, out and dout are rows of hs floats strided by 3C (or C): every row sits on another
+// page, so the packing passes below visit each row once, touching all the slices of that row together, and
+// prefetch kPrefetch rows ahead.
+constexpr int64_t kPrefetch = 16;
+inline void prefetch_row(const float* p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
-void pack_rows(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows, int64_t hs) {
-    for (int64_t t = 0; t < rows; t++) std::memcpy(dst + t * ldd, src + t * lds, hs * sizeof(float));
+// K^T panels: panel p of (hs x kBc) holds dst[p*hs*kBc + d*kBc + jj] = key row p*kBc + jj, element d.
+inline void put_transposed(float* dst, const float* row, int64_t t, int64_t hs) {
+    float* col = dst + (t / kBc) * hs * kBc + t % kBc;
+    for (int64_t d = 0; d < hs; d++) col[d * kBc] = row[d];
 }
 
 template <class Isa>
@@ -470,11 +467,21 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
         for (int64_t bh = 0; bh < B * NH; bh++) {
             const int64_t b = bh / NH, h = bh % NH;
             const float* base = qkv + b * T * C3 + h * hs;  // q of (b, 0, h); k at +C, v at +2C
-            pack_transposed(KT, base + C, C3, T, hs);
-            pack_rows(V, hsp, base + 2 * C, C3, T, hs);
+            for (int64_t t = 0; t < T; t++) {
+                const float* row = base + t * C3;
+                if (t + kPrefetch < T) {  // k and v slices ahead
+                    prefetch_row(row + kPrefetch * C3 + C, hs);
+                    prefetch_row(row + kPrefetch * C3 + 2 * C, hs);
+                }
+                put_transposed(KT, row + C, t, hs);
+                std::memcpy(V + t * hsp, row + 2 * C, hs * sizeof(float));
+            }
             for (int64_t i0 = 0; i0 < T; i0 += kBr) {
                 const int64_t mr = std::min(kBr, T - i0);
-                pack_rows(Q, hsp, base + i0 * C3, C3, mr, hs);
+                for (int64_t r = 0; r < mr; r++) {
+                    if (r + kPrefetch < mr) prefetch_row(base + (i0 + r + kPrefetch) * C3, hs);
+                    std::memcpy(Q + r * hsp, base + (i0 + r) * C3, hs * sizeof(float));
+                }
                 std::fill(O, O + mr * hsp, 0.0f);
                 std::fill(m, m + mr, -INFINITY);
                 std::fill(l, l + mr, 0.0f);
@@ -500,18 +507,18 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
                     int64_t T, int64_t C, int64_t NH) {
     const int64_t hs = C / NH, C3 = 3 * C, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
     const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
-    // per thread: Q, K, dO, dQ (Tp x hsp each), K^T and V^T panels (Tp*hs each), lse2, D (Tp),
-    // S and dP tiles (kBr x kBc), dK and dV tiles (kBc x hsp)
-    const int64_t panel = round_up(Tp * hs, 16);
-    const int64_t oQ = 0, oK = oQ + Tp * hsp, odO = oK + Tp * hsp, odQ = odO + Tp * hsp, oKT = odQ + Tp * hsp,
-                  oVT = oKT + panel, oL = oVT + panel, oD = oL + Tp, oS = oD + Tp, odP = oS + kBr * kBc,
-                  odK = odP + kBr * kBc, odV = odK + kBc * hsp, total = odV + kBc * hsp;
+    // per thread: Q, K, dO, dQ, dK, dV (Tp x hsp each), K^T and V^T panels (Tp*hs each), lse2, D (Tp),
+    // S and dP tiles (kBr x kBc)
+    const int64_t panel = round_up(Tp * hs, 16), mat = Tp * hsp;
+    const int64_t oQ = 0, oK = oQ + mat, odO = oK + mat, odQ = odO + mat, odK = odQ + mat, odV = odK + mat,
+                  oKT = odV + mat, oVT = oKT + panel, oL = oVT + panel, oD = oL + Tp, oS = oD + Tp,
+                  odP = oS + kBr * kBc, total = odP + kBr * kBc;
     ThreadScratch scratch(total);
 #pragma omp parallel
     {
         float* w = scratch.get(thread_id());
-        float *Q = w + oQ, *K = w + oK, *dO = w + odO, *dQ = w + odQ, *KT = w + oKT, *VT = w + oVT;
-        float *lse2 = w + oL, *D = w + oD, *S = w + oS, *dP = w + odP, *dK = w + odK, *dV = w + odV;
+        float *Q = w + oQ, *K = w + oK, *dO = w + odO, *dQ = w + odQ, *dK = w + odK, *dV = w + odV;
+        float *KT = w + oKT, *VT = w + oVT, *lse2 = w + oL, *D = w + oD, *S = w + oS, *dP = w + odP;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * NH; bh++) {
             const int64_t b = bh / NH, h = bh % NH;
@@ -519,42 +526,50 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
             const float* dy = dout + b * T * C + h * hs;
             const float* y = out + b * T * C + h * hs;
             float* dbase = dqkv + b * T * C3 + h * hs;
-            pack_rows(Q, hsp, base, C3, T, hs);
-            pack_rows(K, hsp, base + C, C3, T, hs);
-            pack_rows(dO, hsp, dy, C, T, hs);
-            pack_transposed(KT, base + C, C3, T, hs);
-            pack_transposed(VT, base + 2 * C, C3, T, hs);
-            std::fill(dQ, dQ + T * hsp, 0.0f);
+            // 1. pack q, k, k^T, v^T, dout of the pair; D = rowsum(dout * out); lse in base 2
             for (int64_t t = 0; t < T; t++) {
+                const float *row = base + t * C3, *dyt = dy + t * C, *yt = y + t * C;
+                if (t + kPrefetch < T) {
+                    for (int64_t part = 0; part < 3; part++) prefetch_row(row + kPrefetch * C3 + part * C, hs);
+                    prefetch_row(dyt + kPrefetch * C, hs);
+                    prefetch_row(yt + kPrefetch * C, hs);
+                }
+                std::memcpy(Q + t * hsp, row, hs * sizeof(float));
+                std::memcpy(K + t * hsp, row + C, hs * sizeof(float));
+                std::memcpy(dO + t * hsp, dyt, hs * sizeof(float));
+                put_transposed(KT, row + C, t, hs);
+                put_transposed(VT, row + 2 * C, t, hs);
                 float dsum = 0;
-                for (int64_t d = 0; d < hs; d++) dsum += dy[t * C + d] * y[t * C + d];
+                for (int64_t d = 0; d < hs; d++) dsum += dyt[d] * yt[d];
                 D[t] = dsum;
                 lse2[t] = lse[bh * T + t] * kLog2e;
             }
+            std::fill(dQ, dQ + 3 * mat, 0.0f);  // dQ, dK, dV
+            // 2. key blocks outer (dK_j, dV_j stay hot), query blocks at or below the diagonal inner
             for (int64_t j0 = 0; j0 < T; j0 += kBc) {
                 const int64_t nk = std::min(kBc, T - j0);
                 const float *KTj = KT + (j0 / kBc) * hs * kBc, *VTj = VT + (j0 / kBc) * hs * kBc;
-                std::fill(dK, dK + nk * hsp, 0.0f);
-                std::fill(dV, dV + nk * hsp, 0.0f);
+                float *dKj = dK + j0 * hsp, *dVj = dV + j0 * hsp;
                 for (int64_t i0 = j0 / kBr * kBr; i0 < T; i0 += kBr) {
                     const int64_t mr = std::min(kBr, T - i0);
                     const float *Qi = Q + i0 * hsp, *dOi = dO + i0 * hsp;
                     Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KTj, kBc, S, kBc, false);     // S = Q_i K_j^T
                     Isa::gemm(mr, kBc, hs, dOi, hsp, 1, VTj, kBc, dP, kBc, false);   // dP = dO_i V_j^T
                     Isa::probs_bwd(S, dP, mr, i0, j0, nk, c, scale, lse2 + i0, D + i0);
-                    Isa::gemm(nk, hsp, mr, S, 1, kBc, dOi, hsp, dV, hsp, true);       // dV_j += P^T dO_i
+                    Isa::gemm(nk, hsp, mr, S, 1, kBc, dOi, hsp, dVj, hsp, true);      // dV_j += P^T dO_i
                     Isa::gemm(mr, hsp, nk, dP, kBc, 1, K + j0 * hsp, hsp, dQ + i0 * hsp, hsp, true);  // dQ_i += dS K_j
-                    Isa::gemm(nk, hsp, mr, dP, 1, kBc, Qi, hsp, dK, hsp, true);       // dK_j += dS^T Q_i
-                }
-                for (int64_t jj = 0; jj < nk; jj++) {
-                    float* dk = dbase + (j0 + jj) * C3 + C;
-                    float* dv = dbase + (j0 + jj) * C3 + 2 * C;
-                    for (int64_t d = 0; d < hs; d++) dk[d] += dK[jj * hsp + d], dv[d] += dV[jj * hsp + d];
+                    Isa::gemm(nk, hsp, mr, dP, 1, kBc, Qi, hsp, dKj, hsp, true);      // dK_j += dS^T Q_i
                 }
             }
+            // 3. accumulate into dqkv, one pass over the rows
             for (int64_t t = 0; t < T; t++) {
-                float* dq = dbase + t * C3;
-                for (int64_t d = 0; d < hs; d++) dq[d] += dQ[t * hsp + d];
+                float* row = dbase + t * C3;
+                if (t + kPrefetch < T)
+                    for (int64_t part = 0; part < 3; part++) prefetch_row(row + kPrefetch * C3 + part * C, hs);
+                const float *gq = dQ + t * hsp, *gk = dK + t * hsp, *gv = dV + t * hsp;
+                for (int64_t d = 0; d < hs; d++) row[d] += gq[d];
+                for (int64_t d = 0; d < hs; d++) row[C + d] += gk[d];
+                for (int64_t d = 0; d < hs; d++) row[2 * C + d] += gv[d];
             }
         }
     }
