@@ -129,17 +129,34 @@ inline int64_t valid_keys(int64_t i0, int64_t r, int64_t j0, int64_t nk) {
     return std::max<int64_t>(0, std::min<int64_t>(nk, i0 + r - j0 + 1));
 }
 
+// Causal structure of a diagonal tile, passed to gemm so that it skips the work on masked (zero) entries:
+//   kColsLeRow: only columns n <= m + off are needed (S, dP: the rest is masked afterwards, left unwritten);
+//   kKLeRow: A[m][k] == 0 for k > m + off (P V, dS K);  kKGeRow: A[m][k] == 0 for k < m + off (P^T dO, dS^T Q).
+enum Tri { kFull = 0, kColsLeRow, kKLeRow, kKGeRow };
+
+// For the row block [m0, m0 + mr): the k range [k0, k1) and the column end (exclusive) that gemm must cover.
+struct TriRange {
+    int64_t k0, k1, nend;
+    TriRange(Tri tri, int64_t off, int64_t m0, int64_t mr, int64_t K, int64_t N) : k0(0), k1(K), nend(N) {
+        if (tri == kColsLeRow) nend = std::clamp<int64_t>(off + m0 + mr, 0, N);
+        if (tri == kKLeRow) k1 = std::clamp<int64_t>(off + m0 + mr, 0, K);
+        if (tri == kKGeRow) k0 = std::clamp<int64_t>(off + m0, 0, K);
+        if (k1 < k0) k1 = k0;
+    }
+};
+
 // ---- scalar (portable) primitives
 struct Scalar {
     static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
-                     int64_t ldb, float* C, int64_t ldc, bool acc) {
+                     int64_t ldb, float* C, int64_t ldc, bool acc, Tri tri = kFull, int64_t off = 0) {
         for (int64_t m = 0; m < M; m++) {
+            const TriRange r(tri, off, m, 1, K, N);
             float* c = C + m * ldc;
-            if (!acc) std::fill(c, c + N, 0.0f);
-            for (int64_t k = 0; k < K; k++) {
+            if (!acc) std::fill(c, c + r.nend, 0.0f);
+            for (int64_t k = r.k0; k < r.k1; k++) {
                 const float a = A[m * sam + k * sak];
                 const float* b = B + k * ldb;
-                for (int64_t n = 0; n < N; n++) c[n] += a * b[n];
+                for (int64_t n = 0; n < r.nend; n++) c[n] += a * b[n];
             }
         }
     }
@@ -232,13 +249,16 @@ constexpr const UKernel* kTable512[6] = {kRow512<1>, kRow512<2>, kRow512<3>, kRo
 struct Avx512 {
     static constexpr int kMR = 6, kNV = 4, kW = 16;
     FASTLLM_TARGET_AVX512 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam,
-                                           int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
-                                           bool acc) {
+                                           int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc, bool acc,
+                                           Tri tri = kFull, int64_t off = 0) {
         for (int64_t n0 = 0; n0 < N; n0 += kNV * kW) {
-            const int nv = (int)std::min<int64_t>(kNV, (N - n0) / kW);
             for (int64_t m0 = 0; m0 < M; m0 += kMR) {
                 const int mr = (int)std::min<int64_t>(kMR, M - m0);
-                kTable512[mr - 1][nv - 1](K, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc, acc);
+                const TriRange r(tri, off, m0, mr, K, N);
+                const int nv = (int)std::min<int64_t>(kNV, (r.nend - n0 + kW - 1) / kW);
+                if (nv <= 0) continue;
+                kTable512[mr - 1][nv - 1](r.k1 - r.k0, A + m0 * sam + r.k0 * sak, sam, sak, B + r.k0 * ldb + n0, ldb,
+                                          C + m0 * ldc + n0, ldc, acc);
             }
         }
     }
@@ -288,7 +308,8 @@ struct Avx512 {
                                      : j >= nv     ? (__mmask16)0
                                                    : (__mmask16)((1u << (nv - j)) - 1);
                 const __m512 p = _mm512_maskz_mov_ps(keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vl)));
-                const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, vscale), _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd));
+                const __m512 ds = _mm512_maskz_mul_ps(keep, _mm512_mul_ps(p, vscale),
+                                                      _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd));
                 _mm512_storeu_ps(s + j, p);
                 _mm512_storeu_ps(dp + j, ds);
             }
@@ -361,11 +382,15 @@ constexpr UKernel kTable256[6] = {ukernel_256<1, 2>, ukernel_256<2, 2>, ukernel_
 struct Avx2 {
     static constexpr int kMR = 6, kW = 16;  // 6 rows x 2 vectors of 8
     FASTLLM_TARGET_AVX2 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
-                                         const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+                                         const float* B, int64_t ldb, float* C, int64_t ldc, bool acc,
+                                         Tri tri = kFull, int64_t off = 0) {
         for (int64_t n0 = 0; n0 < N; n0 += kW)
             for (int64_t m0 = 0; m0 < M; m0 += kMR) {
                 const int mr = (int)std::min<int64_t>(kMR, M - m0);
-                kTable256[mr - 1](K, A + m0 * sam, sam, sak, B + n0, ldb, C + m0 * ldc + n0, ldc, acc);
+                const TriRange r(tri, off, m0, mr, K, N);
+                if (n0 >= r.nend) continue;
+                kTable256[mr - 1](r.k1 - r.k0, A + m0 * sam + r.k0 * sak, sam, sak, B + r.k0 * ldb + n0, ldb,
+                                  C + m0 * ldc + n0, ldc, acc);
             }
     }
     FASTLLM_TARGET_AVX2 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
@@ -409,8 +434,12 @@ struct Avx2 {
             const __m256 vl = _mm256_set1_ps(lse2[r]), vd = _mm256_set1_ps(D[r]);
             for (int64_t j = 0; j < kBc; j += 8) {
                 __m256 p = exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vl));
-                if (j + 8 > nv) p = _mm256_and_ps(p, keep_mask_256(j, nv));
-                const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, vscale), _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd));
+                __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, vscale), _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd));
+                if (j + 8 > nv) {  // masked entries: S, dP may hold stale values there (see kColsLeRow)
+                    const __m256 keep = keep_mask_256(j, nv);
+                    p = _mm256_and_ps(p, keep);
+                    ds = _mm256_and_ps(ds, keep);
+                }
                 _mm256_storeu_ps(s + j, p);
                 _mm256_storeu_ps(dp + j, ds);
             }
@@ -487,9 +516,11 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
                 std::fill(l, l + mr, 0.0f);
                 for (int64_t j0 = 0; j0 < i0 + mr; j0 += kBc) {
                     const int64_t nk = std::min(kBc, T - j0);
-                    Isa::gemm(mr, kBc, hs, Q, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false);
+                    const bool diag = j0 + nk - 1 > i0;  // some keys of the tile are masked
+                    const Tri cols = diag ? kColsLeRow : kFull, kle = diag ? kKLeRow : kFull;
+                    Isa::gemm(mr, kBc, hs, Q, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false, cols, i0 - j0);
                     Isa::softmax_fwd(S, mr, i0, j0, nk, c, m, l, O, hsp);
-                    Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true);
+                    Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true, kle, i0 - j0);
                 }
                 for (int64_t r = 0; r < mr; r++) {
                     const float inv = 1.0f / l[r];
@@ -553,12 +584,17 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
                 for (int64_t i0 = j0 / kBr * kBr; i0 < T; i0 += kBr) {
                     const int64_t mr = std::min(kBr, T - i0);
                     const float *Qi = Q + i0 * hsp, *dOi = dO + i0 * hsp;
-                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KTj, kBc, S, kBc, false);     // S = Q_i K_j^T
-                    Isa::gemm(mr, kBc, hs, dOi, hsp, 1, VTj, kBc, dP, kBc, false);   // dP = dO_i V_j^T
+                    const bool diag = j0 + nk - 1 > i0;
+                    const Tri cols = diag ? kColsLeRow : kFull, kle = diag ? kKLeRow : kFull,
+                              kge = diag ? kKGeRow : kFull;
+                    const int64_t off = i0 - j0;
+                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KTj, kBc, S, kBc, false, cols, off);    // S = Q_i K_j^T
+                    Isa::gemm(mr, kBc, hs, dOi, hsp, 1, VTj, kBc, dP, kBc, false, cols, off);  // dP = dO_i V_j^T
                     Isa::probs_bwd(S, dP, mr, i0, j0, nk, c, scale, lse2 + i0, D + i0);
-                    Isa::gemm(nk, hsp, mr, S, 1, kBc, dOi, hsp, dVj, hsp, true);      // dV_j += P^T dO_i
-                    Isa::gemm(mr, hsp, nk, dP, kBc, 1, K + j0 * hsp, hsp, dQ + i0 * hsp, hsp, true);  // dQ_i += dS K_j
-                    Isa::gemm(nk, hsp, mr, dP, 1, kBc, Qi, hsp, dKj, hsp, true);      // dK_j += dS^T Q_i
+                    Isa::gemm(nk, hsp, mr, S, 1, kBc, dOi, hsp, dVj, hsp, true, kge, -off);  // dV_j += P^T dO_i
+                    Isa::gemm(mr, hsp, nk, dP, kBc, 1, K + j0 * hsp, hsp, dQ + i0 * hsp, hsp, true, kle,
+                              off);                                                          // dQ_i += dS K_j
+                    Isa::gemm(nk, hsp, mr, dP, 1, kBc, Qi, hsp, dKj, hsp, true, kge, -off);  // dK_j += dS^T Q_i
                 }
             }
             // 3. accumulate into dqkv, one pass over the rows
