@@ -147,6 +147,14 @@ struct TriRange {
 
 // ---- scalar (portable) primitives
 struct Scalar {
+    static float dot(const float* a, const float* b, int64_t n) {
+        float acc = 0;
+        for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+        return acc;
+    }
+    static void add_to(float* dst, const float* src, int64_t n) {
+        for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+    }
     static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
                      int64_t ldb, float* C, int64_t ldc, bool acc, Tri tri = kFull, int64_t off = 0) {
         for (int64_t m = 0; m < M; m++) {
@@ -248,6 +256,21 @@ constexpr const UKernel* kTable512[6] = {kRow512<1>, kRow512<2>, kRow512<3>, kRo
 
 struct Avx512 {
     static constexpr int kMR = 6, kNV = 4, kW = 16;
+    FASTLLM_TARGET_AVX512 static float dot(const float* a, const float* b, int64_t n) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+    FASTLLM_TARGET_AVX512 static void add_to(float* dst, const float* src, int64_t n) {
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+            _mm512_mask_storeu_ps(dst + i, k,
+                                  _mm512_add_ps(_mm512_maskz_loadu_ps(k, dst + i), _mm512_maskz_loadu_ps(k, src + i)));
+        }
+    }
     FASTLLM_TARGET_AVX512 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam,
                                            int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc, bool acc,
                                            Tri tri = kFull, int64_t off = 0) {
@@ -381,6 +404,20 @@ constexpr UKernel kTable256[6] = {ukernel_256<1, 2>, ukernel_256<2, 2>, ukernel_
 
 struct Avx2 {
     static constexpr int kMR = 6, kW = 16;  // 6 rows x 2 vectors of 8
+    FASTLLM_TARGET_AVX2 static float dot(const float* a, const float* b, int64_t n) {
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        float r = hsum_256(acc);
+        for (; i < n; i++) r += a[i] * b[i];
+        return r;
+    }
+    FASTLLM_TARGET_AVX2 static void add_to(float* dst, const float* src, int64_t n) {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i), _mm256_loadu_ps(src + i)));
+        for (; i < n; i++) dst[i] += src[i];
+    }
     FASTLLM_TARGET_AVX2 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
                                          const float* B, int64_t ldb, float* C, int64_t ldc, bool acc,
                                          Tri tri = kFull, int64_t off = 0) {
@@ -570,9 +607,7 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
                 std::memcpy(dO + t * hsp, dyt, hs * sizeof(float));
                 put_transposed(KT, row + C, t, hs);
                 put_transposed(VT, row + 2 * C, t, hs);
-                float dsum = 0;
-                for (int64_t d = 0; d < hs; d++) dsum += dyt[d] * yt[d];
-                D[t] = dsum;
+                D[t] = Isa::dot(dyt, yt, hs);
                 lse2[t] = lse[bh * T + t] * kLog2e;
             }
             std::fill(dQ, dQ + 3 * mat, 0.0f);  // dQ, dK, dV
@@ -603,9 +638,9 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
                 if (t + kPrefetch < T)
                     for (int64_t part = 0; part < 3; part++) prefetch_row(row + kPrefetch * C3 + part * C, hs);
                 const float *gq = dQ + t * hsp, *gk = dK + t * hsp, *gv = dV + t * hsp;
-                for (int64_t d = 0; d < hs; d++) row[d] += gq[d];
-                for (int64_t d = 0; d < hs; d++) row[C + d] += gk[d];
-                for (int64_t d = 0; d < hs; d++) row[2 * C + d] += gv[d];
+                Isa::add_to(row, gq, hs);
+                Isa::add_to(row + C, gk, hs);
+                Isa::add_to(row + 2 * C, gv, hs);
             }
         }
     }
