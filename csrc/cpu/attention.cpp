@@ -155,6 +155,15 @@ struct Scalar {
     static void add_to(float* dst, const float* src, int64_t n) {
         for (int64_t i = 0; i < n; i++) dst[i] += src[i];
     }
+    // K^T panels from packed rows: panel p (hs x kBc) holds KT[p*hs*kBc + d*kBc + jj] = K[(p*kBc + jj)*ldk + d].
+    static void transpose_panels(float* KT, const float* K, int64_t ldk, int64_t T, int64_t hs) {
+        for (int64_t j0 = 0; j0 < T; j0 += kBc) {
+            float* panel = KT + (j0 / kBc) * hs * kBc;
+            const int64_t nk = std::min(kBc, T - j0);
+            for (int64_t d = 0; d < hs; d++)
+                for (int64_t jj = 0; jj < nk; jj++) panel[d * kBc + jj] = K[(j0 + jj) * ldk + d];
+        }
+    }
     static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
                      int64_t ldb, float* C, int64_t ldc, bool acc, Tri tri = kFull, int64_t off = 0) {
         for (int64_t m = 0; m < M; m++) {
@@ -263,6 +272,19 @@ struct Avx512 {
             acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
         }
         return _mm512_reduce_add_ps(acc);
+    }
+    FASTLLM_TARGET_AVX512 static void transpose_panels(float* KT, const float* K, int64_t ldk, int64_t T,
+                                                       int64_t hs) {
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32((int)ldk));  // 16 rows, one gather per column
+        for (int64_t j0 = 0; j0 < T; j0 += 16) {
+            float* col = KT + (j0 / kBc) * hs * kBc + j0 % kBc;
+            const __mmask16 k = T - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - j0)) - 1);
+            const float* src = K + j0 * ldk;
+            for (int64_t d = 0; d < hs; d++)
+                _mm512_mask_storeu_ps(col + d * kBc, k,
+                                      _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, src + d, 4));
+        }
     }
     FASTLLM_TARGET_AVX512 static void add_to(float* dst, const float* src, int64_t n) {
         for (int64_t i = 0; i < n; i += 16) {
@@ -412,6 +434,9 @@ struct Avx2 {
         for (; i < n; i++) r += a[i] * b[i];
         return r;
     }
+    static void transpose_panels(float* KT, const float* K, int64_t ldk, int64_t T, int64_t hs) {
+        Scalar::transpose_panels(KT, K, ldk, T, hs);
+    }
     FASTLLM_TARGET_AVX2 static void add_to(float* dst, const float* src, int64_t n) {
         int64_t i = 0;
         for (; i + 8 <= n; i += 8)
@@ -511,24 +536,19 @@ constexpr int64_t kPrefetch = 16;
 inline void prefetch_row(const float* p, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
-// K^T panels: panel p of (hs x kBc) holds dst[p*hs*kBc + d*kBc + jj] = key row p*kBc + jj, element d.
-inline void put_transposed(float* dst, const float* row, int64_t t, int64_t hs) {
-    float* col = dst + (t / kBc) * hs * kBc + t % kBc;
-    for (int64_t d = 0; d < hs; d++) col[d * kBc] = row[d];
-}
-
 template <class Isa>
 void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
     const int64_t hs = C / NH, C3 = 3 * C, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
     const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
-    // per thread: K^T panels (Tp*hs), V (Tp x hsp), Q tile (kBr x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
-    const int64_t oKT = 0, oV = oKT + round_up(Tp * hs, 16), oQ = oV + Tp * hsp, oO = oQ + kBr * hsp,
-                  oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
+    // per thread: K^T panels (Tp*hs), K, V (Tp x hsp), Q tile (kBr x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
+    const int64_t oKT = 0, oK = oKT + round_up(Tp * hs, 16), oV = oK + Tp * hsp, oQ = oV + Tp * hsp,
+                  oO = oQ + kBr * hsp, oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
     ThreadScratch scratch(total);
 #pragma omp parallel
     {
         float* w = scratch.get(thread_id());
-        float *KT = w + oKT, *V = w + oV, *Q = w + oQ, *O = w + oO, *S = w + oS, *m = w + oM, *l = w + oL;
+        float *KT = w + oKT, *K = w + oK, *V = w + oV, *Q = w + oQ, *O = w + oO, *S = w + oS, *m = w + oM,
+              *l = w + oL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * NH; bh++) {
             const int64_t b = bh / NH, h = bh % NH;
@@ -539,9 +559,10 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
                     prefetch_row(row + kPrefetch * C3 + C, hs);
                     prefetch_row(row + kPrefetch * C3 + 2 * C, hs);
                 }
-                put_transposed(KT, row + C, t, hs);
+                std::memcpy(K + t * hsp, row + C, hs * sizeof(float));
                 std::memcpy(V + t * hsp, row + 2 * C, hs * sizeof(float));
             }
+            Isa::transpose_panels(KT, K, hsp, T, hs);
             for (int64_t i0 = 0; i0 < T; i0 += kBr) {
                 const int64_t mr = std::min(kBr, T - i0);
                 for (int64_t r = 0; r < mr; r++) {
@@ -605,11 +626,12 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
                 std::memcpy(Q + t * hsp, row, hs * sizeof(float));
                 std::memcpy(K + t * hsp, row + C, hs * sizeof(float));
                 std::memcpy(dO + t * hsp, dyt, hs * sizeof(float));
-                put_transposed(KT, row + C, t, hs);
-                put_transposed(VT, row + 2 * C, t, hs);
+                std::memcpy(dV + t * hsp, row + 2 * C, hs * sizeof(float));  // v, until dV is zeroed below
                 D[t] = Isa::dot(dyt, yt, hs);
                 lse2[t] = lse[bh * T + t] * kLog2e;
             }
+            Isa::transpose_panels(KT, K, hsp, T, hs);
+            Isa::transpose_panels(VT, dV, hsp, T, hs);
             std::fill(dQ, dQ + 3 * mat, 0.0f);  // dQ, dK, dV
             // 2. key blocks outer (dK_j, dV_j stay hot), query blocks at or below the diagonal inner
             for (int64_t j0 = 0; j0 < T; j0 += kBc) {
