@@ -310,19 +310,33 @@ struct Avx512 {
     FASTLLM_TARGET_AVX512 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
                                                   float* m, float* l, float* O, int64_t hsp) {
         const __m512 vc = _mm512_set1_ps(c);
+        alignas(64) float mx[kBr], alpha[kBr];
+        // 1. row maxima of the raw scores (masked entries set to -inf)
         for (int64_t r = 0; r < mr; r++) {
             float* s = S + r * kBc;
             const int64_t nv = valid_keys(i0, r, j0, nk);
-            if (nv == 0) {
-                std::fill(s, s + kBc, 0.0f);
-                continue;
-            }
             for (int64_t j = nv; j < kBc; j++) s[j] = -INFINITY;
             __m512 vmax = _mm512_loadu_ps(s);
             for (int64_t j = 16; j < kBc; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
-            const float mnew = std::max(m[r], _mm512_reduce_max_ps(vmax) * c);
-            const float alpha = std::exp2(m[r] - mnew);
-            const __m512 vm = _mm512_set1_ps(mnew);
+            mx[r] = _mm512_reduce_max_ps(vmax);
+        }
+        // 2. new running max and the rescale factor 2^(m_old - m_new), 16 rows at a time
+        for (int64_t r = 0; r < mr; r += 16) {
+            const __mmask16 k = mr - r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (mr - r)) - 1);
+            const __m512 mold = _mm512_maskz_loadu_ps(k, m + r);
+            const __m512 mnew = _mm512_max_ps(mold, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, mx + r), vc));
+            _mm512_mask_storeu_ps(alpha + r, k, exp2_512(_mm512_sub_ps(mold, mnew)));  // m_old=-inf: ~0
+            _mm512_mask_storeu_ps(m + r, k, mnew);
+        }
+        // 3. P = 2^(S*c - m), row sums, accumulator rescale
+        for (int64_t r = 0; r < mr; r++) {
+            float* s = S + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            if (nv == 0) {  // nothing new for this row (m unchanged, alpha = 1)
+                std::fill(s, s + kBc, 0.0f);
+                continue;
+            }
+            const __m512 vm = _mm512_set1_ps(m[r]);
             __m512 vsum = _mm512_setzero_ps();
             for (int64_t j = 0; j < kBc; j += 16) {
                 const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
@@ -332,10 +346,9 @@ struct Avx512 {
                 vsum = _mm512_add_ps(vsum, p);
                 _mm512_storeu_ps(s + j, p);
             }
-            l[r] = l[r] * alpha + _mm512_reduce_add_ps(vsum);
-            m[r] = mnew;
-            if (alpha != 1.0f) {
-                const __m512 va = _mm512_set1_ps(alpha);
+            l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(vsum);
+            if (alpha[r] != 1.0f) {
+                const __m512 va = _mm512_set1_ps(alpha[r]);
                 float* o = O + r * hsp;
                 for (int64_t d = 0; d < hsp; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(va, _mm512_loadu_ps(o + d)));
             }
