@@ -60,7 +60,7 @@ def test_matches_reference(shape, threads):
     _check(qkv, dout, NH)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 8, 1), (3, 37, 48, 2), (1, 129, 128, 2), (1, 70, 256, 2)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 8, 1), (3, 37, 48, 2), (1, 129, 128, 2), (1, 70, 160, 2)], ids=str)
 def test_simd_levels(shape, simd):
     B, T, C, NH = shape
     qkv, dout = _inputs(B, T, C, seed=1)
@@ -94,6 +94,13 @@ def test_deterministic_across_threads():
         fastllm.set_num_threads(old)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_empty_sequence():
+    qkv = np.zeros((2, 0, 48), np.float32)
+    out, lse = ops.attention_forward(qkv, 2)
+    assert out.shape == (2, 0, 16) and lse.shape == (2, 2, 0)
+    assert ops.attention_backward(out.copy(), qkv, out, lse, 2).shape == qkv.shape
 
 
 def test_first_row_attends_to_itself():
