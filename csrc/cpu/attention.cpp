@@ -6,8 +6,8 @@ per-thread scratch O(T*hs) (the packed slices of one (b, h) pair). Backward accu
 
 Algorithm (FlashAttention-2 on the CPU), one (b, h) pair per OpenMP task (schedule(dynamic); a pair is owned by one
 thread, so the backward needs no atomics and is deterministic, the same bits for any thread count):
-  forward : K, V of the pair are packed into contiguous per-thread buffers (qkv rows are strided by 3C), K also as
-            K^T panels; for each query block of kBr rows, for each key block of kBc keys at or left of the diagonal:
+  forward : Q, K, V of the pair are packed into contiguous per-thread buffers (qkv rows are strided by 3C), K also
+            as K^T panels; for each query block of kBr rows, for each key block of kBc keys at or left of the diagonal:
             S = Q K^T (tile gemm), online softmax in base 2 (running max m, sum l, accumulator rescaled by
             2^(m_old - m_new)), O += P V (tile gemm). Finally out = O / l, lse = (m + log2 l) * ln 2.
   backward: pack Q, K, dO, K^T, V^T; D = rowsum(dout * out); for each key block j, for each query block i >= j:
@@ -564,14 +564,14 @@ template <class Isa>
 void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
     const int64_t hs = C / NH, C3 = 3 * C, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
     const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
-    // per thread: K^T panels (Tp*hs), K, V (Tp x hsp), Q tile (kBr x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
-    const int64_t oKT = 0, oK = oKT + round_up(Tp * hs, 16), oV = oK + Tp * hsp, oQ = oV + Tp * hsp,
-                  oO = oQ + kBr * hsp, oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
+    // per thread: K^T panels (Tp*hs), Q, K, V (Tp x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
+    const int64_t oKT = 0, oQ = oKT + round_up(Tp * hs, 16), oK = oQ + Tp * hsp, oV = oK + Tp * hsp,
+                  oO = oV + Tp * hsp, oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
     ThreadScratch scratch(total);
 #pragma omp parallel
     {
         float* w = scratch.get(thread_id());
-        float *KT = w + oKT, *K = w + oK, *V = w + oV, *Q = w + oQ, *O = w + oO, *S = w + oS, *m = w + oM,
+        float *KT = w + oKT, *Q = w + oQ, *K = w + oK, *V = w + oV, *O = w + oO, *S = w + oS, *m = w + oM,
               *l = w + oL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * NH; bh++) {
@@ -579,20 +579,16 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
             const float* base = qkv + b * T * C3 + h * hs;  // q of (b, 0, h); k at +C, v at +2C
             for (int64_t t = 0; t < T; t++) {
                 const float* row = base + t * C3;
-                if (t + kPrefetch < T) {  // k and v slices ahead
-                    prefetch_row(row + kPrefetch * C3 + C, hs);
-                    prefetch_row(row + kPrefetch * C3 + 2 * C, hs);
-                }
+                if (t + kPrefetch < T)
+                    for (int64_t part = 0; part < 3; part++) prefetch_row(row + kPrefetch * C3 + part * C, hs);
+                std::memcpy(Q + t * hsp, row, hs * sizeof(float));
                 std::memcpy(K + t * hsp, row + C, hs * sizeof(float));
                 std::memcpy(V + t * hsp, row + 2 * C, hs * sizeof(float));
             }
             Isa::transpose_panels(KT, K, hsp, T, hs);
             for (int64_t i0 = 0; i0 < T; i0 += kBr) {
                 const int64_t mr = std::min(kBr, T - i0);
-                for (int64_t r = 0; r < mr; r++) {
-                    if (r + kPrefetch < mr) prefetch_row(base + (i0 + r + kPrefetch) * C3, hs);
-                    std::memcpy(Q + r * hsp, base + (i0 + r) * C3, hs * sizeof(float));
-                }
+                const float* Qi = Q + i0 * hsp;
                 std::fill(O, O + mr * hsp, 0.0f);
                 std::fill(m, m + mr, -INFINITY);
                 std::fill(l, l + mr, 0.0f);
@@ -600,7 +596,7 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
                     const int64_t nk = std::min(kBc, T - j0);
                     const bool diag = j0 + nk - 1 > i0;  // some keys of the tile are masked
                     const Tri cols = diag ? kColsLeRow : kFull, kle = diag ? kKLeRow : kFull;
-                    Isa::gemm(mr, kBc, hs, Q, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false, cols, i0 - j0);
+                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false, cols, i0 - j0);
                     Isa::softmax_fwd(S, mr, i0, j0, nk, c, m, l, O, hsp);
                     Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true, kle, i0 - j0);
                 }
