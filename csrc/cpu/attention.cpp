@@ -1,24 +1,61 @@
 /*
-Causal self-attention on packed qkv (B, T, 3C), per (batch, head): out = softmax(q k^T / sqrt(hs), causal) v.
-Forward keeps only the row logsumexp lse (B, NH, T); backward recomputes probabilities from it.
-O(B*NH*T^2*hs) flops, O(B*NH*T) saved memory.
-This version: per-row loops with a length-T scratch row (the readable reference).
+Causal multi-head self-attention on packed qkv (B, T, 3C), per (batch, head): out = softmax(q k^T / sqrt(hs) + causal
+mask) v. Forward saves only the row logsumexp lse (B, NH, T); backward recomputes the probabilities from it.
+O(B*NH*T^2*hs) flops (causal: fwd ~2*B*NH*T^2*hs, bwd ~2.5x that), O(B*NH*T) saved memory, never a T x T matrix;
+per-thread scratch O(T*hs) (the packed slices of one (b, h) pair). Backward accumulates (+=) into dqkv.
+
+Algorithm (FlashAttention-2 on the CPU), one (b, h) pair per OpenMP task (schedule(dynamic); a pair is owned by one
+thread, so the backward needs no atomics and is deterministic, the same bits for any thread count):
+  forward : Q, K, V of the pair are packed into contiguous per-thread buffers (qkv rows are strided by 3C), K also
+            as K^T panels; for each query block of kBr rows, for each key block of kBc keys at or left of the diagonal:
+            S = Q K^T (tile gemm), online softmax in base 2 (running max m, sum l, accumulator rescaled by
+            2^(m_old - m_new)), O += P V (tile gemm). Finally out = O / l, lse = (m + log2 l) * ln 2.
+  backward: pack Q, K, dO, K^T, V^T; D = rowsum(dout * out); for each key block j, for each query block i >= j:
+            P = exp(S - lse), dV_j += P^T dO_i, dP = dO_i V_j^T, dS = P * (dP - D) * scale,
+            dQ_i += dS K_j, dK_j += dS^T Q_i (dQ, dK, dV of the pair in per-thread buffers, added to dqkv in one
+            pass over the rows at the end).
+All tile products go through one gemm primitive C (+)= A B with a strided A (so P^T and dS^T need no copies) and a
+row-major B, whose AVX-512 (6 x 64) / AVX2 (6 x 16) register-blocked micro-kernels are picked at run time with
+simd_level(); a portable loop version is the scalar fallback. On diagonal tiles gemm skips, per 6-row block, the
+columns / k range that the causal mask zeroes. exp is a vectorized exp2 (round-to-nearest range reduction + degree-6
+polynomial, rel. error ~2e-7), the softmax scale and log2(e) are folded into one FMA.
+Head sizes: any hs works (rows padded with zeros to a multiple of 16 in the packed buffers); 64 and 128 are the
+tuned cases. attention_forward_naive / attention_backward_naive below are the readable per-row reference.
+
+Perf notes (AMD EPYC Zen 4, 1 thread, B=4 NH=12 hs=64, CPU time; a 24-FMA register loop peaks at ~115 GFLOP/s):
+  v1 tiled + micro-kernels: T=512 fwd 66, bwd 71 GFLOP/s (packing from the 3C-strided rows cost ~20% of bwd)
+  v2 one packing pass per row + prefetch, SIMD D and dqkv adds, gathers for K^T: bwd 82
+  v3 causal skipping inside diagonal tiles: +8% (T=512); v4 vectorized running max / rescale factors: fwd +5%
+  now: T=512 fwd 75, bwd 84; T=1024 fwd 80, bwd 89 GFLOP/s; the micro-kernel is ~75% of the time, the rest is
+  mostly memory stalls on the strided rows, the softmax and exp. Tiles 64x128, 128x128 and 96x64 measured the same
+  as 64x64 (kept: smallest working set). The AVX2 path is as fast as AVX-512 on Zen 4 (512-bit ops double-pumped).
+  vs torch SDPA (2.13, CPU flash attention): see benchmarks/bench_attention.py.
 */
 #include "attention.h"
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
 
 namespace fastllm::cpu {
 
-void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
+// ---------------------------------------------------------------------------------------------------------
+// naive reference (per-row loops with a length-T scratch row)
+
+void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C,
+                             int64_t NH) {
     const int64_t hs = C / NH, C3 = 3 * C;
     const float scale = 1.0f / std::sqrt((float)hs);
+    std::vector<float> scratch((size_t)max_threads() * T);
 #pragma omp parallel
     {
-        std::vector<float> p(T);
+        float* p = scratch.data() + (size_t)thread_id() * T;
 #pragma omp for collapse(3) schedule(dynamic, 8)
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < NH; h++)
@@ -46,8 +83,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int6
     }
 }
 
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH) {
+void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                              int64_t B, int64_t T, int64_t C, int64_t NH) {
     const int64_t hs = C / NH, C3 = 3 * C;
     const float scale = 1.0f / std::sqrt((float)hs);
     // (b, h) pairs are independent: dk, dv of a head only receive from rows of the same (b, h).
@@ -78,6 +115,601 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                     }
                 }
             }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// tile primitives, one struct per ISA
+//   gemm(M, N, K, A, sam, sak, B, ldb, C, ldc, acc): C[m][n] (+)= sum_k A[m*sam + k*sak] * B[k*ldb + n],
+//       N a multiple of 16 (all callers pad), acc=false overwrites C.
+//   softmax_fwd: online-softmax update of a (mr x kBc) score tile S in place -> P; rescales O rows.
+//   probs_bwd:   S -> P = exp(S*scale - lse), dP -> dS = P * (dP - D) * scale, in place.
+// Masking: row r of a tile at query i0 + r and keys j0.. j0 + nk - 1 sees valid = min(nk, i0 + r - j0 + 1) keys.
+
+namespace {
+
+constexpr int64_t kBr = 64;  // query rows per tile
+constexpr int64_t kBc = 64;  // keys per tile (multiple of 16)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Taylor coefficients of 2^f = e^(f ln2) on f in [-1/2, 1/2] (degree 6: relative error < 2e-7)
+constexpr float kE1 = 0.6931471805599453f, kE2 = 0.2402265069591007f, kE3 = 0.055504108664821576f,
+                kE4 = 0.009618129107628477f, kE5 = 0.0013333558146428441f, kE6 = 0.00015403530393381606f;
+
+inline int64_t valid_keys(int64_t i0, int64_t r, int64_t j0, int64_t nk) {
+    return std::max<int64_t>(0, std::min<int64_t>(nk, i0 + r - j0 + 1));
+}
+
+// Causal structure of a diagonal tile, passed to gemm so that it skips the work on masked (zero) entries:
+//   kColsLeRow: only columns n <= m + off are needed (S, dP: the rest is masked afterwards, left unwritten);
+//   kKLeRow: A[m][k] == 0 for k > m + off (P V, dS K);  kKGeRow: A[m][k] == 0 for k < m + off (P^T dO, dS^T Q).
+enum Tri { kFull = 0, kColsLeRow, kKLeRow, kKGeRow };
+
+// For the row block [m0, m0 + mr): the k range [k0, k1) and the column end (exclusive) that gemm must cover.
+struct TriRange {
+    int64_t k0, k1, nend;
+    TriRange(Tri tri, int64_t off, int64_t m0, int64_t mr, int64_t K, int64_t N) : k0(0), k1(K), nend(N) {
+        if (tri == kColsLeRow) nend = std::clamp<int64_t>(off + m0 + mr, 0, N);
+        if (tri == kKLeRow) k1 = std::clamp<int64_t>(off + m0 + mr, 0, K);
+        if (tri == kKGeRow) k0 = std::clamp<int64_t>(off + m0, 0, K);
+        if (k1 < k0) k1 = k0;
+    }
+};
+
+// ---- scalar (portable) primitives
+struct Scalar {
+    static float dot(const float* a, const float* b, int64_t n) {
+        float acc = 0;
+        for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+        return acc;
+    }
+    static void add_to(float* dst, const float* src, int64_t n) {
+        for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+    }
+    // K^T panels from packed rows: panel p (hs x kBc) holds KT[p*hs*kBc + d*kBc + jj] = K[(p*kBc + jj)*ldk + d].
+    static void transpose_panels(float* KT, const float* K, int64_t ldk, int64_t T, int64_t hs) {
+        for (int64_t j0 = 0; j0 < T; j0 += kBc) {
+            float* panel = KT + (j0 / kBc) * hs * kBc;
+            const int64_t nk = std::min(kBc, T - j0);
+            for (int64_t d = 0; d < hs; d++)
+                for (int64_t jj = 0; jj < nk; jj++) panel[d * kBc + jj] = K[(j0 + jj) * ldk + d];
+        }
+    }
+    static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                     int64_t ldb, float* C, int64_t ldc, bool acc, Tri tri = kFull, int64_t off = 0) {
+        for (int64_t m = 0; m < M; m++) {
+            const TriRange r(tri, off, m, 1, K, N);
+            float* c = C + m * ldc;
+            if (!acc) std::fill(c, c + r.nend, 0.0f);
+            for (int64_t k = r.k0; k < r.k1; k++) {
+                const float a = A[m * sam + k * sak];
+                const float* b = B + k * ldb;
+                for (int64_t n = 0; n < r.nend; n++) c[n] += a * b[n];
+            }
+        }
+    }
+    static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c, float* m, float* l,
+                            float* O, int64_t hsp) {
+        for (int64_t r = 0; r < mr; r++) {
+            float* s = S + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            if (nv == 0) {
+                std::fill(s, s + kBc, 0.0f);
+                continue;
+            }
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < nv; j++) mx = std::max(mx, s[j]);
+            const float mnew = std::max(m[r], mx * c);
+            const float alpha = std::exp2(m[r] - mnew);
+            float sum = 0;
+            for (int64_t j = 0; j < nv; j++) sum += (s[j] = std::exp2(s[j] * c - mnew));
+            std::fill(s + nv, s + kBc, 0.0f);
+            l[r] = l[r] * alpha + sum;
+            m[r] = mnew;
+            if (alpha != 1.0f)
+                for (int64_t d = 0; d < hsp; d++) O[r * hsp + d] *= alpha;
+        }
+    }
+    static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c, float scale,
+                          const float* lse2, const float* D) {
+        for (int64_t r = 0; r < mr; r++) {
+            float *s = S + r * kBc, *dp = dP + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            for (int64_t j = 0; j < nv; j++) {
+                const float p = std::exp2(s[j] * c - lse2[r]);
+                s[j] = p;
+                dp[j] = p * (dp[j] - D[r]) * scale;
+            }
+            std::fill(s + nv, s + kBc, 0.0f);
+            std::fill(dp + nv, dp + kBc, 0.0f);
+        }
+    }
+};
+
+// ---- AVX-512 primitives
+FASTLLM_TARGET_AVX512 inline __m512 exp2_512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kE6), f, _mm512_set1_ps(kE5));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// MR rows x NV vectors of 16 columns, K-loop with one broadcast of A per row and NV loads of B per step
+template <int MR, int NV>
+FASTLLM_TARGET_AVX512 void ukernel_512(int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                                       int64_t ldb, float* C, int64_t ldc, bool acc) {
+    __m512 c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+        const float* a = A + k * sak;
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const __m512 ar = _mm512_set1_ps(a[r * sam]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) c[r][v] = _mm512_fmadd_ps(ar, b[v], c[r][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+}
+
+using UKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
+
+template <int MR>
+constexpr UKernel kRow512[4] = {ukernel_512<MR, 1>, ukernel_512<MR, 2>, ukernel_512<MR, 3>, ukernel_512<MR, 4>};
+constexpr const UKernel* kTable512[6] = {kRow512<1>, kRow512<2>, kRow512<3>, kRow512<4>, kRow512<5>, kRow512<6>};
+
+struct Avx512 {
+    static constexpr int kMR = 6, kNV = 4, kW = 16;
+    FASTLLM_TARGET_AVX512 static float dot(const float* a, const float* b, int64_t n) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+    FASTLLM_TARGET_AVX512 static void transpose_panels(float* KT, const float* K, int64_t ldk, int64_t T,
+                                                       int64_t hs) {
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32((int)ldk));  // 16 rows, one gather per column
+        for (int64_t j0 = 0; j0 < T; j0 += 16) {
+            float* col = KT + (j0 / kBc) * hs * kBc + j0 % kBc;
+            const __mmask16 k = T - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (T - j0)) - 1);
+            const float* src = K + j0 * ldk;
+            for (int64_t d = 0; d < hs; d++)
+                _mm512_mask_storeu_ps(col + d * kBc, k,
+                                      _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, src + d, 4));
+        }
+    }
+    FASTLLM_TARGET_AVX512 static void add_to(float* dst, const float* src, int64_t n) {
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+            _mm512_mask_storeu_ps(dst + i, k,
+                                  _mm512_add_ps(_mm512_maskz_loadu_ps(k, dst + i), _mm512_maskz_loadu_ps(k, src + i)));
+        }
+    }
+    FASTLLM_TARGET_AVX512 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam,
+                                           int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc, bool acc,
+                                           Tri tri = kFull, int64_t off = 0) {
+        for (int64_t n0 = 0; n0 < N; n0 += kNV * kW) {
+            for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+                const int mr = (int)std::min<int64_t>(kMR, M - m0);
+                const TriRange r(tri, off, m0, mr, K, N);
+                const int nv = (int)std::min<int64_t>(kNV, (r.nend - n0 + kW - 1) / kW);
+                if (nv <= 0) continue;
+                kTable512[mr - 1][nv - 1](r.k1 - r.k0, A + m0 * sam + r.k0 * sak, sam, sak, B + r.k0 * ldb + n0, ldb,
+                                          C + m0 * ldc + n0, ldc, acc);
+            }
+        }
+    }
+    FASTLLM_TARGET_AVX512 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
+                                                  float* m, float* l, float* O, int64_t hsp) {
+        const __m512 vc = _mm512_set1_ps(c);
+        alignas(64) float mx[kBr], alpha[kBr];
+        // 1. row maxima of the raw scores (masked entries set to -inf)
+        for (int64_t r = 0; r < mr; r++) {
+            float* s = S + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            for (int64_t j = nv; j < kBc; j++) s[j] = -INFINITY;
+            __m512 vmax = _mm512_loadu_ps(s);
+            for (int64_t j = 16; j < kBc; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
+            mx[r] = _mm512_reduce_max_ps(vmax);
+        }
+        // 2. new running max and the rescale factor 2^(m_old - m_new), 16 rows at a time
+        for (int64_t r = 0; r < mr; r += 16) {
+            const __mmask16 k = mr - r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (mr - r)) - 1);
+            const __m512 mold = _mm512_maskz_loadu_ps(k, m + r);
+            const __m512 mnew = _mm512_max_ps(mold, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, mx + r), vc));
+            _mm512_mask_storeu_ps(alpha + r, k, exp2_512(_mm512_sub_ps(mold, mnew)));  // m_old=-inf: ~0
+            _mm512_mask_storeu_ps(m + r, k, mnew);
+        }
+        // 3. P = 2^(S*c - m), row sums, accumulator rescale
+        for (int64_t r = 0; r < mr; r++) {
+            float* s = S + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            if (nv == 0) {  // nothing new for this row (m unchanged, alpha = 1)
+                std::fill(s, s + kBc, 0.0f);
+                continue;
+            }
+            const __m512 vm = _mm512_set1_ps(m[r]);
+            __m512 vsum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < kBc; j += 16) {
+                const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
+                                     : j >= nv     ? (__mmask16)0
+                                                   : (__mmask16)((1u << (nv - j)) - 1);
+                const __m512 p = _mm512_maskz_mov_ps(keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm)));
+                vsum = _mm512_add_ps(vsum, p);
+                _mm512_storeu_ps(s + j, p);
+            }
+            l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(vsum);
+            if (alpha[r] != 1.0f) {
+                const __m512 va = _mm512_set1_ps(alpha[r]);
+                float* o = O + r * hsp;
+                for (int64_t d = 0; d < hsp; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(va, _mm512_loadu_ps(o + d)));
+            }
+        }
+    }
+    FASTLLM_TARGET_AVX512 static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
+                                                float c, float scale, const float* lse2, const float* D) {
+        const __m512 vc = _mm512_set1_ps(c), vscale = _mm512_set1_ps(scale);
+        for (int64_t r = 0; r < mr; r++) {
+            float *s = S + r * kBc, *dp = dP + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            const __m512 vl = _mm512_set1_ps(lse2[r]), vd = _mm512_set1_ps(D[r]);
+            for (int64_t j = 0; j < kBc; j += 16) {
+                const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
+                                     : j >= nv     ? (__mmask16)0
+                                                   : (__mmask16)((1u << (nv - j)) - 1);
+                const __m512 p = _mm512_maskz_mov_ps(keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vl)));
+                const __m512 ds = _mm512_maskz_mul_ps(keep, _mm512_mul_ps(p, vscale),
+                                                      _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd));
+                _mm512_storeu_ps(s + j, p);
+                _mm512_storeu_ps(dp + j, ds);
+            }
+        }
+    }
+};
+
+// ---- AVX2 primitives
+FASTLLM_TARGET_AVX2 inline __m256 exp2_256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kE6), f, _mm256_set1_ps(kE5));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+FASTLLM_TARGET_AVX2 inline float hmax_256(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+FASTLLM_TARGET_AVX2 inline float hsum_256(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+// lanes j + 0..7 kept where j + lane < nv
+FASTLLM_TARGET_AVX2 inline __m256 keep_mask_256(int64_t j, int64_t nv) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(nv - j)), lane));
+}
+
+template <int MR, int NV>
+FASTLLM_TARGET_AVX2 void ukernel_256(int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                                     int64_t ldb, float* C, int64_t ldc, bool acc) {
+    __m256 c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) c[r][v] = acc ? _mm256_loadu_ps(C + r * ldc + 8 * v) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m256 b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) b[v] = _mm256_loadu_ps(B + k * ldb + 8 * v);
+        const float* a = A + k * sak;
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const __m256 ar = _mm256_broadcast_ss(a + r * sam);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) c[r][v] = _mm256_fmadd_ps(ar, b[v], c[r][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(C + r * ldc + 8 * v, c[r][v]);
+}
+
+constexpr UKernel kTable256[6] = {ukernel_256<1, 2>, ukernel_256<2, 2>, ukernel_256<3, 2>,
+                                  ukernel_256<4, 2>, ukernel_256<5, 2>, ukernel_256<6, 2>};
+
+struct Avx2 {
+    static constexpr int kMR = 6, kW = 16;  // 6 rows x 2 vectors of 8
+    FASTLLM_TARGET_AVX2 static float dot(const float* a, const float* b, int64_t n) {
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        float r = hsum_256(acc);
+        for (; i < n; i++) r += a[i] * b[i];
+        return r;
+    }
+    static void transpose_panels(float* KT, const float* K, int64_t ldk, int64_t T, int64_t hs) {
+        Scalar::transpose_panels(KT, K, ldk, T, hs);
+    }
+    FASTLLM_TARGET_AVX2 static void add_to(float* dst, const float* src, int64_t n) {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_add_ps(_mm256_loadu_ps(dst + i), _mm256_loadu_ps(src + i)));
+        for (; i < n; i++) dst[i] += src[i];
+    }
+    FASTLLM_TARGET_AVX2 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
+                                         const float* B, int64_t ldb, float* C, int64_t ldc, bool acc,
+                                         Tri tri = kFull, int64_t off = 0) {
+        for (int64_t n0 = 0; n0 < N; n0 += kW)
+            for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+                const int mr = (int)std::min<int64_t>(kMR, M - m0);
+                const TriRange r(tri, off, m0, mr, K, N);
+                if (n0 >= r.nend) continue;
+                kTable256[mr - 1](r.k1 - r.k0, A + m0 * sam + r.k0 * sak, sam, sak, B + r.k0 * ldb + n0, ldb,
+                                  C + m0 * ldc + n0, ldc, acc);
+            }
+    }
+    FASTLLM_TARGET_AVX2 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
+                                                float* m, float* l, float* O, int64_t hsp) {
+        const __m256 vc = _mm256_set1_ps(c);
+        for (int64_t r = 0; r < mr; r++) {
+            float* s = S + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            if (nv == 0) {
+                std::fill(s, s + kBc, 0.0f);
+                continue;
+            }
+            for (int64_t j = nv; j < kBc; j++) s[j] = -INFINITY;
+            __m256 vmax = _mm256_loadu_ps(s);
+            for (int64_t j = 8; j < kBc; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+            const float mnew = std::max(m[r], hmax_256(vmax) * c);
+            const float alpha = std::exp2(m[r] - mnew);
+            const __m256 vm = _mm256_set1_ps(mnew);
+            __m256 vsum = _mm256_setzero_ps();
+            for (int64_t j = 0; j < kBc; j += 8) {
+                __m256 p = exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vm));
+                if (j + 8 > nv) p = _mm256_and_ps(p, keep_mask_256(j, nv));
+                vsum = _mm256_add_ps(vsum, p);
+                _mm256_storeu_ps(s + j, p);
+            }
+            l[r] = l[r] * alpha + hsum_256(vsum);
+            m[r] = mnew;
+            if (alpha != 1.0f) {
+                const __m256 va = _mm256_set1_ps(alpha);
+                float* o = O + r * hsp;
+                for (int64_t d = 0; d < hsp; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(va, _mm256_loadu_ps(o + d)));
+            }
+        }
+    }
+    FASTLLM_TARGET_AVX2 static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
+                                              float c, float scale, const float* lse2, const float* D) {
+        const __m256 vc = _mm256_set1_ps(c), vscale = _mm256_set1_ps(scale);
+        for (int64_t r = 0; r < mr; r++) {
+            float *s = S + r * kBc, *dp = dP + r * kBc;
+            const int64_t nv = valid_keys(i0, r, j0, nk);
+            const __m256 vl = _mm256_set1_ps(lse2[r]), vd = _mm256_set1_ps(D[r]);
+            for (int64_t j = 0; j < kBc; j += 8) {
+                __m256 p = exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vl));
+                __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, vscale), _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd));
+                if (j + 8 > nv) {  // masked entries: S, dP may hold stale values there (see kColsLeRow)
+                    const __m256 keep = keep_mask_256(j, nv);
+                    p = _mm256_and_ps(p, keep);
+                    ds = _mm256_and_ps(ds, keep);
+                }
+                _mm256_storeu_ps(s + j, p);
+                _mm256_storeu_ps(dp + j, ds);
+            }
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// tiled drivers, generic over the ISA primitives
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-thread scratch: one zero-initialized, 64-byte aligned slab of `per` floats for each thread. Padding regions
+// of the packed buffers are never written, so they stay zero across the (b, h) pairs a thread processes.
+struct ThreadScratch {
+    std::vector<float> mem;
+    int64_t per;
+    explicit ThreadScratch(int64_t per_thread) : per(round_up(per_thread, 16)) {
+        mem.assign((size_t)(per * max_threads() + 16), 0.0f);
+    }
+    float* get(int tid) {
+        float* base = mem.data();
+        base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
+        return base + (int64_t)tid * per;
+    }
+};
+
+// The per-(b, h) slices of qkv, out and dout are rows of hs floats strided by 3C (or C): every row sits on another
+// page, so the packing passes below visit each row once, touching all the slices of that row together, and
+// prefetch kPrefetch rows ahead.
+constexpr int64_t kPrefetch = 16;
+inline void prefetch_row(const float* p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+template <class Isa>
+void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
+    const int64_t hs = C / NH, C3 = 3 * C, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
+    const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
+    // per thread: K^T panels (Tp*hs), Q, K, V (Tp x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
+    const int64_t oKT = 0, oQ = oKT + round_up(Tp * hs, 16), oK = oQ + Tp * hsp, oV = oK + Tp * hsp,
+                  oO = oV + Tp * hsp, oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
+    ThreadScratch scratch(total);
+#pragma omp parallel
+    {
+        float* w = scratch.get(thread_id());
+        float *KT = w + oKT, *Q = w + oQ, *K = w + oK, *V = w + oV, *O = w + oO, *S = w + oS, *m = w + oM,
+              *l = w + oL;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * NH; bh++) {
+            const int64_t b = bh / NH, h = bh % NH;
+            const float* base = qkv + b * T * C3 + h * hs;  // q of (b, 0, h); k at +C, v at +2C
+            for (int64_t t = 0; t < T; t++) {
+                const float* row = base + t * C3;
+                if (t + kPrefetch < T)
+                    for (int64_t part = 0; part < 3; part++) prefetch_row(row + kPrefetch * C3 + part * C, hs);
+                std::memcpy(Q + t * hsp, row, hs * sizeof(float));
+                std::memcpy(K + t * hsp, row + C, hs * sizeof(float));
+                std::memcpy(V + t * hsp, row + 2 * C, hs * sizeof(float));
+            }
+            Isa::transpose_panels(KT, K, hsp, T, hs);
+            for (int64_t i0 = 0; i0 < T; i0 += kBr) {
+                const int64_t mr = std::min(kBr, T - i0);
+                const float* Qi = Q + i0 * hsp;
+                std::fill(O, O + mr * hsp, 0.0f);
+                std::fill(m, m + mr, -INFINITY);
+                std::fill(l, l + mr, 0.0f);
+                for (int64_t j0 = 0; j0 < i0 + mr; j0 += kBc) {
+                    const int64_t nk = std::min(kBc, T - j0);
+                    const bool diag = j0 + nk - 1 > i0;  // some keys of the tile are masked
+                    const Tri cols = diag ? kColsLeRow : kFull, kle = diag ? kKLeRow : kFull;
+                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false, cols, i0 - j0);
+                    Isa::softmax_fwd(S, mr, i0, j0, nk, c, m, l, O, hsp);
+                    Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true, kle, i0 - j0);
+                }
+                for (int64_t r = 0; r < mr; r++) {
+                    const float inv = 1.0f / l[r];
+                    float* o = out + (b * T + i0 + r) * C + h * hs;
+                    for (int64_t d = 0; d < hs; d++) o[d] = O[r * hsp + d] * inv;
+                    lse[bh * T + i0 + r] = (m[r] + std::log2(l[r])) * kLn2;
+                }
+            }
+        }
+    }
+}
+
+template <class Isa>
+void backward_tiled(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse, int64_t B,
+                    int64_t T, int64_t C, int64_t NH) {
+    const int64_t hs = C / NH, C3 = 3 * C, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
+    const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
+    // per thread: Q, K, dO, dQ, dK, dV (Tp x hsp each), K^T and V^T panels (Tp*hs each), lse2, D (Tp),
+    // S and dP tiles (kBr x kBc)
+    const int64_t panel = round_up(Tp * hs, 16), mat = Tp * hsp;
+    const int64_t oQ = 0, oK = oQ + mat, odO = oK + mat, odQ = odO + mat, odK = odQ + mat, odV = odK + mat,
+                  oKT = odV + mat, oVT = oKT + panel, oL = oVT + panel, oD = oL + Tp, oS = oD + Tp,
+                  odP = oS + kBr * kBc, total = odP + kBr * kBc;
+    ThreadScratch scratch(total);
+#pragma omp parallel
+    {
+        float* w = scratch.get(thread_id());
+        float *Q = w + oQ, *K = w + oK, *dO = w + odO, *dQ = w + odQ, *dK = w + odK, *dV = w + odV;
+        float *KT = w + oKT, *VT = w + oVT, *lse2 = w + oL, *D = w + oD, *S = w + oS, *dP = w + odP;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * NH; bh++) {
+            const int64_t b = bh / NH, h = bh % NH;
+            const float* base = qkv + b * T * C3 + h * hs;
+            const float* dy = dout + b * T * C + h * hs;
+            const float* y = out + b * T * C + h * hs;
+            float* dbase = dqkv + b * T * C3 + h * hs;
+            // 1. pack q, k, k^T, v^T, dout of the pair; D = rowsum(dout * out); lse in base 2
+            for (int64_t t = 0; t < T; t++) {
+                const float *row = base + t * C3, *dyt = dy + t * C, *yt = y + t * C;
+                if (t + kPrefetch < T) {
+                    for (int64_t part = 0; part < 3; part++) prefetch_row(row + kPrefetch * C3 + part * C, hs);
+                    prefetch_row(dyt + kPrefetch * C, hs);
+                    prefetch_row(yt + kPrefetch * C, hs);
+                }
+                std::memcpy(Q + t * hsp, row, hs * sizeof(float));
+                std::memcpy(K + t * hsp, row + C, hs * sizeof(float));
+                std::memcpy(dO + t * hsp, dyt, hs * sizeof(float));
+                std::memcpy(dV + t * hsp, row + 2 * C, hs * sizeof(float));  // v, until dV is zeroed below
+                D[t] = Isa::dot(dyt, yt, hs);
+                lse2[t] = lse[bh * T + t] * kLog2e;
+            }
+            Isa::transpose_panels(KT, K, hsp, T, hs);
+            Isa::transpose_panels(VT, dV, hsp, T, hs);
+            std::fill(dQ, dQ + 3 * mat, 0.0f);  // dQ, dK, dV
+            // 2. key blocks outer (dK_j, dV_j stay hot), query blocks at or below the diagonal inner
+            for (int64_t j0 = 0; j0 < T; j0 += kBc) {
+                const int64_t nk = std::min(kBc, T - j0);
+                const float *KTj = KT + (j0 / kBc) * hs * kBc, *VTj = VT + (j0 / kBc) * hs * kBc;
+                float *dKj = dK + j0 * hsp, *dVj = dV + j0 * hsp;
+                for (int64_t i0 = j0 / kBr * kBr; i0 < T; i0 += kBr) {
+                    const int64_t mr = std::min(kBr, T - i0);
+                    const float *Qi = Q + i0 * hsp, *dOi = dO + i0 * hsp;
+                    const bool diag = j0 + nk - 1 > i0;
+                    const Tri cols = diag ? kColsLeRow : kFull, kle = diag ? kKLeRow : kFull,
+                              kge = diag ? kKGeRow : kFull;
+                    const int64_t off = i0 - j0;
+                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KTj, kBc, S, kBc, false, cols, off);    // S = Q_i K_j^T
+                    Isa::gemm(mr, kBc, hs, dOi, hsp, 1, VTj, kBc, dP, kBc, false, cols, off);  // dP = dO_i V_j^T
+                    Isa::probs_bwd(S, dP, mr, i0, j0, nk, c, scale, lse2 + i0, D + i0);
+                    Isa::gemm(nk, hsp, mr, S, 1, kBc, dOi, hsp, dVj, hsp, true, kge, -off);  // dV_j += P^T dO_i
+                    Isa::gemm(mr, hsp, nk, dP, kBc, 1, K + j0 * hsp, hsp, dQ + i0 * hsp, hsp, true, kle,
+                              off);                                                          // dQ_i += dS K_j
+                    Isa::gemm(nk, hsp, mr, dP, 1, kBc, Qi, hsp, dKj, hsp, true, kge, -off);  // dK_j += dS^T Q_i
+                }
+            }
+            // 3. accumulate into dqkv, one pass over the rows
+            for (int64_t t = 0; t < T; t++) {
+                float* row = dbase + t * C3;
+                if (t + kPrefetch < T)
+                    for (int64_t part = 0; part < 3; part++) prefetch_row(row + kPrefetch * C3 + part * C, hs);
+                const float *gq = dQ + t * hsp, *gk = dK + t * hsp, *gv = dV + t * hsp;
+                Isa::add_to(row, gq, hs);
+                Isa::add_to(row + C, gk, hs);
+                Isa::add_to(row + 2 * C, gv, hs);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// entry points: run-time ISA dispatch
+
+void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
+    if (B * T * C == 0) return;
+    switch (simd_level()) {
+        case Simd::avx512: return forward_tiled<Avx512>(out, lse, qkv, B, T, C, NH);
+        case Simd::avx2: return forward_tiled<Avx2>(out, lse, qkv, B, T, C, NH);
+        default: return forward_tiled<Scalar>(out, lse, qkv, B, T, C, NH);
+    }
+}
+
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                        int64_t B, int64_t T, int64_t C, int64_t NH) {
+    if (B * T * C == 0) return;
+    switch (simd_level()) {
+        case Simd::avx512: return backward_tiled<Avx512>(dqkv, dout, qkv, out, lse, B, T, C, NH);
+        case Simd::avx2: return backward_tiled<Avx2>(dqkv, dout, qkv, out, lse, B, T, C, NH);
+        default: return backward_tiled<Scalar>(dqkv, dout, qkv, out, lse, B, T, C, NH);
+    }
 }
 
 }  // namespace fastllm::cpu

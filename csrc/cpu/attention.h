@@ -12,4 +12,10 @@ void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int6
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                         int64_t B, int64_t T, int64_t C, int64_t NH);
 
+// The readable per-row versions (same semantics, O(T) scratch per thread): documentation and test oracle.
+void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C,
+                             int64_t NH);
+void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
+                              int64_t B, int64_t T, int64_t C, int64_t NH);
+
 }  // namespace fastllm::cpu
