@@ -158,6 +158,26 @@ static void attention_backward_py(py::array dqkv, py::array dout, py::array qkv,
     fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH);
 }
 
+static void attention_kv_forward_py(py::array out, py::array kcache, py::array vcache, py::array qkv, py::array pos) {
+    check_ndim(qkv, "qkv", 3, "(B, Tn, 3C)");
+    check_ndim(kcache, "kcache", 4, "(B, NH, max_T, hs)");
+    const int64_t B = qkv.shape(0), Tn = qkv.shape(1), C3 = qkv.shape(2);
+    FASTLLM_CHECK(C3 % 3 == 0, "qkv last dim must be 3*C, got ", C3);
+    const int64_t C = C3 / 3, NH = kcache.shape(1), maxT = kcache.shape(2), hs = kcache.shape(3);
+    FASTLLM_CHECK(NH * hs == C && kcache.shape(0) == B, "kcache must be (B=", B, ", NH, max_T, hs) with NH*hs = C=", C,
+                  ", got shape ", shape_str(kcache));
+    float* kc = out_ptr<float>(kcache, "kcache");
+    float* vc = out_ptr<float>(vcache, "vcache", {B, NH, maxT, hs});
+    const float* x = in_ptr<float>(qkv, "qkv");
+    const int32_t* p = in_ptr<int32_t>(pos, "pos", {B});
+    float* o = out_ptr<float>(out, "out", {B, Tn, C});
+    for (int64_t b = 0; b < B; b++)
+        FASTLLM_CHECK(p[b] >= 0 && p[b] + Tn <= maxT, "pos[", b, "] = ", p[b], " + ", Tn,
+                      " new tokens does not fit the cache of max_T=", maxT);
+    py::gil_scoped_release nogil;
+    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, maxT);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // softmax + cross-entropy
 
@@ -464,6 +484,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"));
     m.def("attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
           arg("lse"), arg("n_head"));
+    m.def("attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"), arg("qkv"),
+          arg("pos"));
     m.def("softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
           arg("grad_scale"), arg("ignore_index"));
     m.def("lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"),

@@ -712,4 +712,61 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// KV-cache attention (inference): new tokens attend to the cached keys/values of their sequence.
+
+// One (b, h, query) row: scores over cache rows 0..n-1, softmax, weighted sum of values. O(n * hs).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void attend_row(float* out, float* scores, const float* q, const float* K, const float* Vc, int64_t n,
+                       int64_t hs, float scale) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < n; s++) {
+        const float* k = K + s * hs;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < hs; i++) dot += q[i] * k[i];
+        scores[s] = dot * scale;
+        mx = scores[s] > mx ? scores[s] : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t s = 0; s < n; s++) sum += (scores[s] = std::exp(scores[s] - mx));
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < hs; i++) out[i] = 0.0f;
+    for (int64_t s = 0; s < n; s++) {
+        const float w = scores[s] * inv;
+        const float* v = Vc + s * hs;
+#pragma omp simd
+        for (int64_t i = 0; i < hs; i++) out[i] += w * v[i];
+    }
+}
+
+void attention_kv_forward(float* out, float* kcache, float* vcache, const float* qkv, const int32_t* pos,
+                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t maxT) {
+    const int64_t hs = C / NH, C3 = 3 * C;
+    const float scale = 1.0f / std::sqrt((float)hs);
+    // 1) append the new keys and values at positions pos[b] .. pos[b] + Tn - 1
+#pragma omp parallel for collapse(2)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < Tn; t++)
+            for (int64_t h = 0; h < NH; h++) {
+                const float* src = qkv + (b * Tn + t) * C3 + h * hs;
+                const int64_t row = ((b * NH + h) * maxT + pos[b] + t) * hs;
+                std::copy(src + C, src + C + hs, kcache + row);
+                std::copy(src + 2 * C, src + 2 * C + hs, vcache + row);
+            }
+    // 2) causal attention of each new query over its sequence's cache
+#pragma omp parallel
+    {
+        std::vector<float> scores((size_t)(maxT));
+#pragma omp for collapse(3) schedule(dynamic, 4)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t h = 0; h < NH; h++)
+                for (int64_t t = 0; t < Tn; t++) {
+                    const int64_t base = (b * NH + h) * maxT * hs;
+                    attend_row(out + (b * Tn + t) * C + h * hs, scores.data(), qkv + (b * Tn + t) * C3 + h * hs,
+                               kcache + base, vcache + base, pos[b] + t + 1, hs, scale);
+                }
+    }
+}
+
 }  // namespace fastllm::cpu

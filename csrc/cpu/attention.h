@@ -18,4 +18,10 @@ void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B
 void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                               int64_t B, int64_t T, int64_t C, int64_t NH);
 
+// Inference with a KV cache. qkv (B, Tn, 3C) holds Tn new tokens per sequence; their keys/values are written to
+// kcache, vcache (B, NH, maxT, hs) at rows pos[b] .. pos[b]+Tn-1, then out (B, Tn, C) is each new query's causal
+// attention over rows 0 .. pos[b]+t of its sequence. O(B * NH * Tn * (pos + Tn) * hs).
+void attention_kv_forward(float* out, float* kcache, float* vcache, const float* qkv, const int32_t* pos,
+                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t maxT);
+
 }  // namespace fastllm::cpu

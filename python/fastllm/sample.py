@@ -75,7 +75,7 @@ def probabilities(logits: np.ndarray, sp: SamplingParams, history: Sequence[Sequ
 def sample_next(logits: np.ndarray, rng: np.random.Generator, sp: SamplingParams,
                 history: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """One token id per row of logits (B, V)."""
-    logits = np.asarray(logits, ndmin=2)
+    logits = np.atleast_2d(np.asarray(logits))
     if sp.greedy:
         if sp.repetition_penalty != 1.0 and history is not None:
             return probabilities(logits, dataclasses.replace(sp, temperature=1.0, top_k=None), history).argmax(-1)
@@ -85,10 +85,27 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, sp: SamplingParams
     return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
 
 
-def _check_prompts(model, prompts, max_new_tokens: int) -> list[list[int]]:
+def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
+    """One prompt (a sequence of ids) or a batch (a sequence of sequences) -> (list of id lists, single?)."""
+    if isinstance(prompt_ids, np.ndarray):
+        single = prompt_ids.ndim == 1
+        prompts = [prompt_ids] if single else list(prompt_ids)
+    else:
+        prompts = list(prompt_ids)
+        single = not prompts or isinstance(prompts[0], (int, np.integer))
+        prompts = [prompts] if single else prompts
+    rows = []
+    for p in prompts:
+        a = np.asarray(p)
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"prompt_ids must hold integer token ids, got dtype {a.dtype}")
+        rows.append([int(t) for t in a.reshape(-1)])
+    return rows, single
+
+
+def _check_prompts(model, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    rows = [[int(t) for t in np.asarray(p).reshape(-1)] for p in prompts]
     V, Tmax = model.config.vocab_size, model.config.block_size
     for i, r in enumerate(rows):
         if not r:
@@ -109,8 +126,7 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
 
     prompt_ids: one sequence of ids, or a list of sequences of different lengths (batched generation)."""
     sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
-    single = np.ndim(prompt_ids) == 1 and not (len(prompt_ids) and isinstance(prompt_ids[0], (list, np.ndarray)))
-    rows = _check_prompts(model, [prompt_ids] if single else prompt_ids, max_new_tokens)
+    rows = _check_prompts(model, _as_rows(prompt_ids)[0], max_new_tokens)
     rng = np.random.default_rng(seed)
     stop = set(int(s) for s in stop_tokens)
     cache = model.kv_cache(len(rows))
@@ -132,8 +148,7 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
 def generate(model, prompt_ids, max_new_tokens: int, **kw) -> list[int] | list[list[int]]:
     """Prompt plus generated ids (a list, or a list of lists for a batch of prompts). Keyword arguments as in
     `stream`: temperature, top_k, top_p, min_p, repetition_penalty, stop_tokens, seed."""
-    single = np.ndim(prompt_ids) == 1 and not (len(prompt_ids) and isinstance(prompt_ids[0], (list, np.ndarray)))
-    rows = [[int(t) for t in np.asarray(p).reshape(-1)] for p in ([prompt_ids] if single else prompt_ids)]
+    rows, single = _as_rows(prompt_ids)
     for step in stream(model, prompt_ids, max_new_tokens, **kw):
         for b, t in enumerate(step):
             if t >= 0:
