@@ -93,21 +93,29 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .sample import generate
+    import time
+
+    from .sample import stream_text
     from .tokenizer import Tokenizer
     from .train import find_tokenizer, load_model
 
-    model = load_model(args.ckpt)
+    model = load_model(args.ckpt).eval()
     tok_path = args.tokenizer or find_tokenizer(model.checkpoint_dir)
     if tok_path is None:
         raise FileNotFoundError(f"no tokenizer in {model.checkpoint_dir}; pass --tokenizer")
     tok = Tokenizer.load(tok_path)
+    n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
     for i in range(args.num_samples):
-        ids = generate(model, tok.encode(args.prompt, allowed_special="all"), args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=None if args.seed is None else args.seed + i)
-        print(tok.decode(ids))
-        print("-" * 80)
+        t0, stats = time.time(), {}
+        print(args.prompt, end="", flush=True)
+        for piece in stream_text(model, tok, args.prompt, n, stop=args.stop, stats=stats, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                 repetition_penalty=args.repetition_penalty,
+                                 seed=None if args.seed is None else args.seed + i):
+            print(piece, end="", flush=True)
+        dt = time.time() - t0
+        print(f"\n--- {stats['tokens']} tokens in {dt:.2f}s ({stats['tokens'] / max(dt, 1e-9):.1f} tokens/s)",
+              file=sys.stderr)
     return 0
 
 
@@ -166,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--min-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--stop", nargs="*", default=[], help="stop strings")
     s.add_argument("--seed", type=int, default=None)
     s.set_defaults(func=_cmd_sample)
     return p

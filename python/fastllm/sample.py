@@ -183,10 +183,12 @@ class TextStreamer:
         return text
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), **kw
-                ) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (),
+                stats: dict | None = None, **kw) -> Iterator[str]:
     """Yield decoded text pieces as tokens are generated (single prompt); stops at `stop` strings (not
-    included in the output) and at <|endoftext|>."""
+    included in the output) and at <|endoftext|>. `stats["tokens"]` counts the tokens generated."""
+    stats = {} if stats is None else stats
+    stats["tokens"] = 0
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     stop_tokens = tuple(kw.pop("stop_tokens", ())) + ((eot,) if eot is not None else ())
     ids = tokenizer.encode(prompt, allowed_special="all")
@@ -195,6 +197,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop: Sequen
     hold = max((len(s) for s in stop), default=0)
     for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
         t = int(step[0])
+        stats["tokens"] += 1
         if t < 0 or t == eot:
             break
         text += streamer.push(t)
