@@ -7,7 +7,7 @@ Algorithm (per row, OpenMP over rows):
          4 vectors (64 floats on AVX-512) is maxed first and s is rescaled by exp(m_old - m_new) only when
          some lane's max grew (rare after the first blocks), so ~1 exp per element. Lanes are merged at the
          end: M = max m, S = sum s * exp(m - M); lse = M + log S.
-  pass 2 (write): d = exp(x - lse) * grad_scale, then d[target] -= grad_scale. The row (V = 50304: 196 KiB)
+  pass 2 (write): d = exp((x - M) - log S) * grad_scale, then d[target] -= grad_scale. The row (V = 50304: 196 KiB)
          is still in L2 from pass 1, so DRAM sees one read and one write per element.
   The target logit is read before pass 2 (it may be overwritten in place). Ignored rows: loss 0, zero row.
   exp: polynomial with range reduction, <= 2 ulp (vecmath.h). Dispatch: simd_level() -> AVX-512 / AVX2;
@@ -41,11 +41,10 @@ static void softmax_ce_row_naive(float* loss, float* d, const float* x, int64_t 
     for (int64_t i = 0; i < V; i++) mx = std::max(mx, x[i]);
     double sum = 0;
     for (int64_t i = 0; i < V; i++) sum += std::exp(x[i] - mx);
-    const float lse = mx + (float)std::log(sum);
-    const float xt = x[tgt];
-    *loss = lse - xt;
+    const float logsum = (float)std::log(sum);
+    *loss = (mx - x[tgt]) + logsum;  // not lse - x[tgt]: exact when the target is the max, even at 1e4
     if (d) {
-        for (int64_t i = 0; i < V; i++) d[i] = std::exp(x[i] - lse) * grad_scale;
+        for (int64_t i = 0; i < V; i++) d[i] = std::exp((x[i] - mx) - logsum) * grad_scale;
         d[tgt] -= grad_scale;
     }
 }
@@ -89,21 +88,21 @@ FASTLLM_TARGET_AVX512 static void softmax_ce_row_avx512(float* loss, float* d, c
     const float M = _mm512_reduce_max_ps(m);
     const __mmask16 live = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
     const float S = _mm512_reduce_add_ps(_mm512_maskz_mul_ps(live, s, exp512(_mm512_sub_ps(m, _mm512_set1_ps(M)))));
-    const float lse = M + std::log(S);
-    *loss = lse - x[tgt];
+    const float logS = std::log(S);
+    *loss = (M - x[tgt]) + logS;  // lse = M + logS, kept apart for accuracy at large |logits|
     if (!d) return;
-    // pass 2: d = exp(x - lse) * grad_scale
-    const __m512 vl = _mm512_set1_ps(lse), vg = _mm512_set1_ps(grad_scale);
+    // pass 2: d = exp((x - M) - logS) * grad_scale
+    const __m512 vm = _mm512_set1_ps(M), vl = _mm512_set1_ps(logS), vg = _mm512_set1_ps(grad_scale);
     i = 0;
     for (; i + 32 <= V; i += 32) {
-        const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vl));
-        const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vl));
+        const __m512 e0 = exp512(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vl));
+        const __m512 e1 = exp512(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vm), vl));
         _mm512_storeu_ps(d + i, _mm512_mul_ps(e0, vg));
         _mm512_storeu_ps(d + i + 16, _mm512_mul_ps(e1, vg));
     }
     for (; i < V; i += 16) {
         const __mmask16 k = tail_mask16(V - i);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vl));
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vm), vl));
         _mm512_mask_storeu_ps(d + i, k, _mm512_mul_ps(e, vg));
     }
     d[tgt] -= grad_scale;
@@ -148,20 +147,20 @@ FASTLLM_TARGET_AVX2 static void softmax_ce_row_avx2(float* loss, float* d, const
     const float M = hmax256(m);
     const __m256 live = _mm256_cmp_ps(m, ninf, _CMP_GT_OQ);
     const float S = hsum256(_mm256_and_ps(live, _mm256_mul_ps(s, exp256(_mm256_sub_ps(m, _mm256_set1_ps(M))))));
-    const float lse = M + std::log(S);
-    *loss = lse - x[tgt];
+    const float logS = std::log(S);
+    *loss = (M - x[tgt]) + logS;
     if (!d) return;
-    const __m256 vl = _mm256_set1_ps(lse), vg = _mm256_set1_ps(grad_scale);
+    const __m256 vm = _mm256_set1_ps(M), vl = _mm256_set1_ps(logS), vg = _mm256_set1_ps(grad_scale);
     i = 0;
     for (; i + 16 <= V; i += 16) {
-        const __m256 e0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vl));
-        const __m256 e1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vl));
+        const __m256 e0 = exp256(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vl));
+        const __m256 e1 = exp256(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm), vl));
         _mm256_storeu_ps(d + i, _mm256_mul_ps(e0, vg));
         _mm256_storeu_ps(d + i + 8, _mm256_mul_ps(e1, vg));
     }
     for (; i < V; i += 8) {
         const __m256i k = tail_mask8(std::min<int64_t>(8, V - i));
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), vl));
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), vm), vl));
         _mm256_maskstore_ps(d + i, k, _mm256_mul_ps(e, vg));
     }
     d[tgt] -= grad_scale;
