@@ -23,6 +23,9 @@ namespace fastllm::cpu {
 
 static constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 static constexpr float kGeluCubic = 0.044715f;
+// x^2 is capped at 1e4 inside u and u': for |x| >= 100 tanh is saturated either way, and the cap keeps x^3 and
+// u' finite up to |x| = FLT_MAX (else 0 * inf = NaN in the backward)
+static constexpr float kX2Cap = 1e4f;
 static constexpr int64_t kBlock = 16384;     // elements per OpenMP work item
 static constexpr int64_t kParallelMin = 65536;  // below this: one thread
 
@@ -31,18 +34,18 @@ static constexpr int64_t kParallelMin = 65536;  // below this: one thread
 
 static void gelu_forward_naive(float* out, const float* inp, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
-        const float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + kGeluCubic * x * x * x)));
+        const float x = inp[i], x2 = std::min(x * x, kX2Cap);
+        out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * x * (1.0f + kGeluCubic * x2)));
     }
 }
 
 static void gelu_backward_naive(float* dinp, const float* inp, const float* dout, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
-        const float x = inp[i];
-        const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+        const float x = inp[i], x2 = std::min(x * x, kX2Cap);
+        const float u = kGeluScale * x * (1.0f + kGeluCubic * x2);
         const float th = std::tanh(u);
         const float sech2 = 1.0f - th * th;
-        const float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
+        const float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * kGeluScale * (1.0f + 3.0f * kGeluCubic * x2);
         dinp[i] += grad * dout[i];
     }
 }
@@ -60,7 +63,8 @@ FASTLLM_TARGET_AVX512 static void gelu_forward_avx512(float* out, const float* i
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 k = vec::tail_mask16(n - i);
         const __m512 x = _mm512_maskz_loadu_ps(k, inp + i);
-        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(x, gelu_s512(x, _mm512_mul_ps(x, x))));
+        const __m512 x2 = _mm512_min_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(kX2Cap));
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(x, gelu_s512(x, x2)));
     }
 }
 
@@ -68,7 +72,8 @@ FASTLLM_TARGET_AVX512 static void gelu_backward_avx512(float* dinp, const float*
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 k = vec::tail_mask16(n - i);
-        const __m512 x = _mm512_maskz_loadu_ps(k, inp + i), x2 = _mm512_mul_ps(x, x);
+        const __m512 x = _mm512_maskz_loadu_ps(k, inp + i);
+        const __m512 x2 = _mm512_min_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(kX2Cap));
         const __m512 s = gelu_s512(x, x2);
         // du/dx * 2 = 2k (1 + 3c x^2)
         const __m512 du2 = _mm512_fmadd_ps(x2, _mm512_set1_ps(6 * kGeluScale * kGeluCubic),
@@ -92,7 +97,8 @@ FASTLLM_TARGET_AVX2 static void gelu_forward_avx2(float* out, const float* inp, 
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 x = _mm256_loadu_ps(inp + i);
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(x, gelu_s256(x, _mm256_mul_ps(x, x))));
+        const __m256 x2 = _mm256_min_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(kX2Cap));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(x, gelu_s256(x, x2)));
     }
     if (i < n) gelu_forward_naive(out + i, inp + i, n - i);
 }
@@ -101,7 +107,8 @@ FASTLLM_TARGET_AVX2 static void gelu_backward_avx2(float* dinp, const float* inp
     const __m256 one = _mm256_set1_ps(1.0f);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        const __m256 x = _mm256_loadu_ps(inp + i), x2 = _mm256_mul_ps(x, x);
+        const __m256 x = _mm256_loadu_ps(inp + i);
+        const __m256 x2 = _mm256_min_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(kX2Cap));
         const __m256 s = gelu_s256(x, x2);
         const __m256 du2 = _mm256_fmadd_ps(x2, _mm256_set1_ps(6 * kGeluScale * kGeluCubic),
                                            _mm256_set1_ps(2 * kGeluScale));
