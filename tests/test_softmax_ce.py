@@ -204,6 +204,9 @@ def test_lmhead_ce_accumulates_across_calls(rng):
     _, ref_dh, ref_dw = lmhead_reference(hidden, weight, targets, 1.0)
     np.testing.assert_allclose(dh, dh0 + ref_dh, **LM_TOL)
     np.testing.assert_allclose(dw, dw0 + ref_dw, **LM_TOL)
+    dw2, losses = dw0.copy(), np.empty(N, np.float32)  # dweight alone (no dhidden)
+    _C.lmhead_ce(losses, None, dw2, hidden, weight, targets, 1.0, -1, 4)
+    np.testing.assert_allclose(dw2, dw0 + ref_dw, **LM_TOL)
 
 
 def test_lmhead_ce_vs_torch(rng, threads):

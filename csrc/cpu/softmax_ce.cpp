@@ -29,7 +29,7 @@ F.cross_entropy fwd+bwd (2 threads): >10x (torch makes several passes and alloca
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 #include "common.h"
 #include "matmul.h"
@@ -217,16 +217,18 @@ void lmhead_ce_forward_backward(float* losses, float* dhidden, float* dweight, c
                                 float grad_scale, int32_t ignore_index, int64_t chunk_rows) {
     if (N == 0) return;
     const int64_t rows = std::min(chunk_rows, N);
-    std::vector<float> logits((size_t)(rows * V));  // the only N-independent scratch: rows x V
+    // the only scratch: rows x V floats, not zero-filled (every chunk overwrites what it uses)
+    std::unique_ptr<float[]> buf(new float[(size_t)(rows * V)]);
+    float* logits = buf.get();
     const bool backward = dhidden || dweight;
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
         const int64_t n = std::min(rows, N - n0);
-        matmul_forward(logits.data(), hidden + n0 * C, weight, nullptr, n, C, V);
+        matmul_forward(logits, hidden + n0 * C, weight, nullptr, n, C, V);
         // in place: logits -> dlogits for this chunk
-        softmax_ce_forward_backward(losses + n0, backward ? logits.data() : nullptr, logits.data(), targets + n0, n,
+        softmax_ce_forward_backward(losses + n0, backward ? logits : nullptr, logits, targets + n0, n,
                                     V, grad_scale, ignore_index);
         if (backward)  // accumulates: dhidden rows of this chunk, and dW summed over all chunks
-            matmul_backward(dhidden ? dhidden + n0 * C : nullptr, dweight, nullptr, logits.data(), hidden + n0 * C,
+            matmul_backward(dhidden ? dhidden + n0 * C : nullptr, dweight, nullptr, logits, hidden + n0 * C,
                             weight, n, C, V);
     }
 }
