@@ -9,6 +9,8 @@ Both loops are written once (always_inline, `omp simd`) and compiled for AVX-512
 OpenMP over blocks of elements (serial below 64 Ki elements). Division and sqrt are exact (IEEE), no rsqrt
 approximation, so the result is bitwise independent of the SIMD level and thread count except sum_squares'
 summation order.
+Perf notes (1 thread, load ~4.3 on 2 cores, 32 Mi parameters): step 58 ms (16 GB/s) vs torch.optim.AdamW
+(foreach) 193 ms; sum_squares 4.4 ms (31 GB/s) vs torch foreach_norm 8.8 ms.
 */
 #include "adamw.h"
 

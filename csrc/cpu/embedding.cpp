@@ -6,6 +6,9 @@ axis C into slices aligned to 16 floats (one cache line): each thread owns a col
 all B*T rows in order, so no two threads touch the same float (or cache line) and the summation order of every
 element is fixed (token order), independent of the thread count.
 The row loops are written once (always_inline) and compiled for AVX-512, AVX2 and the baseline.
+Perf notes (1 thread, load ~4.3 on 2 cores, B=8, T=1024, C=768, V=50304): forward 3.7 ms (20 GB/s) vs torch
+10 ms; backward 7.4 ms vs torch's embedding_dense_backward 149 ms (it allocates, zeroes and sorts). With more
+threads than 2 a token-sorted row split would scale better than the column split; not needed here.
 */
 #include "embedding.h"
 

@@ -10,6 +10,8 @@ division; saturates cleanly (exp clamps, so s is exactly 0 or 1 for |u| > ~44, n
 <= ~2e-7, so |y - y_ref| <= ~2e-7 |x| (tanh near 0 is not computed with relative accuracy, which GELU does
 not need). AVX-512 / AVX2 chosen at run time; the naive std::tanh loop is the scalar fallback and the spec.
 Residual: plain loops (`omp simd`), already memory bound at SSE2 width.
+Perf notes (1 thread, load ~4.4 on 2 cores): 25 Mi elements gelu fwd 9.9 ms (20 GB/s) vs torch (Sleef tanh)
+42 ms, bwd 17 ms vs 122 ms; residual fwd/bwd equal to torch (both at DRAM bandwidth, ~22 GB/s).
 */
 #include "gelu.h"
 

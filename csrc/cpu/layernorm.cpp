@@ -12,8 +12,9 @@ Vectorization: the row loops are written once (`omp simd` reductions, which allo
 -ffast-math) in always_inline bodies and compiled three times: inside FASTLLM_TARGET_AVX512 and
 FASTLLM_TARGET_AVX2 wrappers (the compiler vectorizes them for that ISA) and for the baseline (SSE2, the
 "scalar" level: every x86-64 CPU has it).
-Perf notes: the compiler's AVX-512 code for these loops matched hand-written intrinsics closely enough that
-intrinsics were not worth their code here (the kernels are memory bound at GPT-2 sizes).
+Perf notes (1 thread, shared machine at load ~4.4 on 2 cores): (8192, 768) forward 2.0 ms (25 GB/s) vs torch
+3.3 ms, backward 3.7 ms (27 GB/s, includes the read of dinp for +=) vs torch 4.9 ms. At ~25 GB/s the loops run
+at DRAM bandwidth, so hand-written intrinsics were not tried.
 The naive loops below are the spec.
 */
 #include "layernorm.h"
