@@ -6,8 +6,8 @@ target attribute so it inlines only into code compiled for that ISA (the module 
 exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2 (n = round(x log2e), ln2 split in a float
 head and tail, both subtracted with FMA), then e^r by a degree-6 polynomial (weighted least-squares fit of
 the minimax error on [-ln2/2, ln2/2], fitted in float64 with numpy; max relative error 3e-9 in exact
-arithmetic, ~1.4 half-ulp in float32 Horner), then scaled by 2^n. Measured against float64 exp over
-[-87, 88]: <= 2 ulp. Inputs are clamped: below -103 (AVX-512, scalef gives denormals/0) or -87.3 (AVX2, the
+arithmetic, ~1.4 half-ulp in float32 Horner), then scaled by 2^n. Measured against float64 std::exp at 20 M
+evenly spaced points of [-87, 88]: max 0.88 ulp (AVX-512 and AVX2 alike); [-103, -87] (AVX-512): 0.85 ulp. Inputs are clamped: below -103 (AVX-512, scalef gives denormals/0) or -87.3 (AVX2, the
 exponent field must stay normal) the result is tiny (<= 1e-38) rather than exactly 0; above 88.3 it
 saturates at ~2.4e38 (no inf). NaN propagates on AVX-512.
 */
