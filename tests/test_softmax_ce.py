@@ -119,6 +119,16 @@ def test_softmax_ce_extreme_logits(simd, big):
     np.testing.assert_allclose(dlogits, ref_d, **GRAD_TOL)
 
 
+def test_softmax_ce_nan_propagates(simd):
+    """A NaN logit must poison its row's loss (never silently dropped by a max or a clamp)."""
+    for V in (7, 100):
+        logits = np.zeros((3, V), np.float32)
+        logits[1, V - 2] = np.nan
+        losses, dlogits = ops.softmax_cross_entropy(logits, np.zeros(3, np.int32))
+        assert np.isnan(losses[1]) and np.isfinite(losses[[0, 2]]).all()
+        assert np.isnan(dlogits[1]).all() and np.isfinite(dlogits[[0, 2]]).all()
+
+
 def test_softmax_ce_vs_torch(rng, threads):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional

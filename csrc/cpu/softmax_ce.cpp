@@ -86,14 +86,15 @@ FASTLLM_TARGET_AVX512 static void softmax_ce_row_avx512(float* loss, float* d, c
         const __mmask16 k = tail_mask16(V - i);
         const __m512 xv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, x + i);
         const __m512 nm = _mm512_max_ps(m, xv);
-        // lanes still at -inf (never saw data) keep s = 0: mask the rescale there to avoid inf - inf
-        const __mmask16 live = _mm512_cmp_ps_mask(nm, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
+        // lanes still at -inf (never saw data) keep s = 0: mask the rescale there to avoid inf - inf;
+        // "not equal, unordered" keeps NaN lanes live so that a NaN logit poisons the loss
+        const __mmask16 live = _mm512_cmp_ps_mask(nm, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
         s = _mm512_maskz_mul_ps(live, s, exp512(_mm512_sub_ps(m, nm)));
         m = nm;
         s = _mm512_add_ps(s, _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(xv, m))));
     }
     const float M = _mm512_reduce_max_ps(m);
-    const __mmask16 live = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
+    const __mmask16 live = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
     const float S = _mm512_reduce_add_ps(_mm512_maskz_mul_ps(live, s, exp512(_mm512_sub_ps(m, _mm512_set1_ps(M)))));
     const float logS = std::log(S);
     *loss = (M - x[tgt]) + logS;  // lse = M + logS, kept apart for accuracy at large |logits|
@@ -160,13 +161,13 @@ FASTLLM_TARGET_AVX2 static void softmax_ce_row_avx2(float* loss, float* d, const
         const __m256 kmask = _mm256_castsi256_ps(tail_mask8(k));
         const __m256 xv = _mm256_blendv_ps(ninf, _mm256_maskload_ps(x + i, tail_mask8(k)), kmask);
         const __m256 nm = _mm256_max_ps(m, xv);
-        const __m256 live = _mm256_cmp_ps(nm, ninf, _CMP_GT_OQ);
+        const __m256 live = _mm256_cmp_ps(nm, ninf, _CMP_NEQ_UQ);
         s = _mm256_and_ps(live, _mm256_mul_ps(s, exp256(_mm256_sub_ps(m, nm))));
         m = nm;
         s = _mm256_add_ps(s, _mm256_and_ps(kmask, exp256(_mm256_sub_ps(xv, m))));
     }
     const float M = hmax256(m);
-    const __m256 live = _mm256_cmp_ps(m, ninf, _CMP_GT_OQ);
+    const __m256 live = _mm256_cmp_ps(m, ninf, _CMP_NEQ_UQ);
     const float S = hsum256(_mm256_and_ps(live, _mm256_mul_ps(s, exp256(_mm256_sub_ps(m, _mm256_set1_ps(M))))));
     const float logS = std::log(S);
     *loss = (M - x[tgt]) + logS;

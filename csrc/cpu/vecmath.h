@@ -9,7 +9,7 @@ the minimax error on [-ln2/2, ln2/2], fitted in float64 with numpy; max relative
 arithmetic, ~1.4 half-ulp in float32 Horner), then scaled by 2^n. Measured against float64 std::exp at 20 M
 evenly spaced points of [-87, 88]: max 0.88 ulp (AVX-512 and AVX2 alike); [-103, -87] (AVX-512): 0.85 ulp. Inputs are clamped: below -103 (AVX-512, scalef gives denormals/0) or -87.3 (AVX2, the
 exponent field must stay normal) the result is tiny (<= 1e-38) rather than exactly 0; above 88.3 it
-saturates at ~2.4e38 (no inf). NaN propagates on AVX-512.
+saturates at ~2.4e38 (no inf). NaN propagates.
 */
 #pragma once
 #include <immintrin.h>
@@ -56,8 +56,8 @@ FASTLLM_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t k) {  // lowest k lan
 // ---- AVX2 + FMA
 
 FASTLLM_TARGET_AVX2 inline __m256 exp256(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // the second operand is returned for NaN: NaN propagates
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), x);
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
