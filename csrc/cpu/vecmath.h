@@ -1,0 +1,101 @@
+/*
+Vectorized float math for the row-wise kernels (softmax_ce, gelu, layernorm): exp, sigmoid, horizontal
+reductions and tail masks, for AVX-512 (16 lanes) and AVX2+FMA (8 lanes). Every function carries its ISA's
+target attribute so it inlines only into code compiled for that ISA (the module itself is baseline x86-64).
+
+exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2 (n = round(x log2e), ln2 split in a float
+head and tail, both subtracted with FMA), then e^r by a degree-6 polynomial (weighted least-squares fit of
+the minimax error on [-ln2/2, ln2/2], fitted in float64 with numpy; max relative error 3e-9 in exact
+arithmetic, ~1.4 half-ulp in float32 Horner), then scaled by 2^n. Measured against float64 std::exp at 20 M
+evenly spaced points of [-87, 88]: max 0.88 ulp (AVX-512 and AVX2 alike); [-103, -87] (AVX-512): 0.85 ulp. Inputs are clamped: below -103 (AVX-512, scalef gives denormals/0) or -87.3 (AVX2, the
+exponent field must stay normal) the result is tiny (<= 1e-38) rather than exactly 0; above 88.3 it
+saturates at ~2.4e38 (no inf). NaN propagates.
+*/
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace fastllm::vec {
+
+// e^r on [-ln2/2, ln2/2]: 1 + r + c2 r^2 + ... + c6 r^6
+inline constexpr float kExpC2 = 4.999999404e-01f, kExpC3 = 1.666652113e-01f, kExpC4 = 4.166838899e-02f,
+                       kExpC5 = 8.368710987e-03f, kExpC6 = 1.381460577e-03f;
+inline constexpr float kLog2e = 1.442695041f, kLn2Hi = 6.931471825e-01f, kLn2Lo = -1.904654323e-09f;
+
+// ---- AVX-512
+
+FASTLLM_TARGET_AVX512 inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-103.0f), x);  // max(c, NaN) = NaN: NaN propagates
+    x = _mm512_min_ps(_mm512_set1_ps(88.3f), x);
+    const __m512 n =
+        _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpC6), r, _mm512_set1_ps(kExpC5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);  // p * 2^n, exact, handles the denormal range
+}
+
+// 1 / (1 + e^-x), full-precision division.
+FASTLLM_TARGET_AVX512 inline __m512 sigmoid512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+FASTLLM_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t k) {  // lowest k lanes, 0 <= k <= 16
+    return (__mmask16)(k >= 16 ? 0xFFFF : ((1u << k) - 1u));
+}
+
+// ---- AVX2 + FMA
+
+FASTLLM_TARGET_AVX2 inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // the second operand is returned for NaN: NaN propagates
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExpC6), r, _mm256_set1_ps(kExpC5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    // 2^n through the exponent field; n in [-126, 127] after the clamp
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+FASTLLM_TARGET_AVX2 inline __m256 sigmoid256(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+FASTLLM_TARGET_AVX2 inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+FASTLLM_TARGET_AVX2 inline float hmax256(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Integer lane mask for _mm256_maskload_ps / _mm256_maskstore_ps: lowest k lanes, 0 <= k <= 8.
+FASTLLM_TARGET_AVX2 inline __m256i tail_mask8(int64_t k) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), idx);
+}
+
+}  // namespace fastllm::vec
