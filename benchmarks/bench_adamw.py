@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import bench, header, print_table, set_threads  # noqa: E402
+
 from fastllm import _C  # noqa: E402
 
 

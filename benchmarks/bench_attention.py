@@ -16,6 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import bench, header, print_table, set_threads  # noqa: E402
+
 from fastllm import ops  # noqa: E402
 
 SHAPES = [(4, 12, 512, 64), (4, 12, 1024, 64)]

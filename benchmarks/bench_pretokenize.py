@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import regex  # noqa: E402
 from common import bench, header, print_table  # noqa: E402
+
 from fastllm import _C  # noqa: E402
 
 MULTILINGUAL = (

@@ -6,10 +6,11 @@ double, so it matches numpy's float64 sum to rtol 1e-12."""
 
 from __future__ import annotations
 
-import fastllm
 import numpy as np
 import pytest
 import reference
+
+import fastllm
 from fastllm import _C, ops
 
 TOL = dict(rtol=1e-5, atol=1e-7)

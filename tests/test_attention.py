@@ -7,10 +7,11 @@ dqkv atol 1e-4 (x the largest gradient when above 1), rtol 1e-3. Measured errors
 
 from __future__ import annotations
 
-import fastllm
 import numpy as np
 import pytest
 import reference
+
+import fastllm
 from fastllm import _C, ops
 
 # (B, T, C, NH): hs = C / NH

@@ -6,10 +6,11 @@ is bitwise identical for 1 and 2 threads (each element is summed in token order 
 
 from __future__ import annotations
 
-import fastllm
 import numpy as np
 import pytest
 import reference
+
+import fastllm
 from fastllm import _C, ops
 
 BWD_TOL = dict(rtol=1e-5, atol=1e-5)

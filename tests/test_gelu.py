@@ -6,10 +6,11 @@ residual is exact float32 addition (atol 0 vs float32 numpy)."""
 
 from __future__ import annotations
 
-import fastllm
 import numpy as np
 import pytest
 import reference
+
+import fastllm
 from fastllm import _C, ops
 
 FWD_TOL = dict(rtol=1e-5, atol=1e-6)

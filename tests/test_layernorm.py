@@ -5,10 +5,11 @@ dinp rtol 1e-4 + atol 1e-5 and dweight/dbias rtol 1e-4 + atol 5e-5 (sums over N 
 
 from __future__ import annotations
 
-import fastllm
 import numpy as np
 import pytest
 import reference
+
+import fastllm
 from fastllm import _C, ops
 
 FWD_TOL = dict(rtol=1e-5, atol=2e-6)

@@ -6,10 +6,11 @@ lm-head grads rtol/atol 1e-4 (they go through float32 matmuls with K = V or N re
 
 from __future__ import annotations
 
-import fastllm
 import numpy as np
 import pytest
 import reference
+
+import fastllm
 from fastllm import _C, ops
 
 LOSS_TOL = dict(rtol=1e-5, atol=2e-5)

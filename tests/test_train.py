@@ -93,11 +93,13 @@ def test_killed_run_resumes_bit_identically(data):
 
 
 def test_nan_stops_and_keeps_last_checkpoint(data):
-    with pytest.raises(TrainingError, match="not finite"):
-        train(config(data, lr=1e6, grad_clip=0.0, max_steps=40, ckpt_every=2, warmup_steps=1), progress=False,
-              log=lambda *a: None)
+    train(config(data, max_steps=4, ckpt_every=2), progress=False, log=lambda *a: None)
+    with pytest.raises(TrainingError, match="not finite.*ckpt_") as e:
+        train(config(data, lr=1e12, grad_clip=0.0, max_steps=40, ckpt_every=1, warmup_steps=1, resume=True),
+              progress=False, log=lambda *a: None)
     model = load_model(data / "out")
     assert np.isfinite(model.params).all()
+    assert str(model.checkpoint_dir) in str(e.value)
 
 
 def test_corrupt_checkpoint_names_the_file(data):

@@ -225,6 +225,9 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
                 "train_config": dataclasses.asdict(cfg)}
 
     def checkpoint(step: int) -> None:
+        if not np.isfinite(model.params).all():
+            raise TrainingError(f"step {step}: parameters are not finite; not saving. The last good checkpoint is "
+                                f"{latest_checkpoint(out)}; try a lower --lr")
         save_checkpoint(out, step, model, opt, state(step), tok_path)
         for old in sorted(out.glob("ckpt_*"))[:-max(1, cfg.keep_ckpts)]:
             shutil.rmtree(old, ignore_errors=True)
