@@ -95,9 +95,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
+    from .data import find_tokenizer
     from .sample import stream_text
     from .tokenizer import Tokenizer
-    from .train import find_tokenizer, load_model
+    from .train import load_model
 
     model = load_model(args.ckpt).eval()
     tok_path = args.tokenizer or find_tokenizer(model.checkpoint_dir)

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +73,29 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
 def shard_vocab_size(path: str | os.PathLike) -> int:
     with open(path, "rb") as f:
         return HEADER.unpack_from(f.read(HEADER.size))[4]
+
+
+# ---- tokenizer files ---------------------------------------------------------------------------------
+
+TOKENIZER_FILE = "tokenizer.tiktoken"  # the copy kept beside shards and in checkpoints (+ its .json sidecar)
+
+
+def copy_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Copy a tokenizer saved by Tokenizer.save (rank file + `.json` sidecar) into `folder`."""
+    src, dst = Path(src), Path(folder) / TOKENIZER_FILE
+    for suffix in ("", ".json"):
+        a, b = Path(str(src) + suffix), Path(str(dst) + suffix)
+        if not a.exists():
+            raise FileNotFoundError(f"tokenizer file {a} not found (saved with Tokenizer.save?)")
+        if a.resolve() != b.resolve():
+            with atomic_write(b) as f:
+                f.write(a.read_bytes())
+    return dst
+
+
+def find_tokenizer(folder: str | os.PathLike) -> Path | None:
+    p = Path(folder) / TOKENIZER_FILE
+    return p if p.exists() else None
 
 
 # ---- documents -----------------------------------------------------------------------------------------
@@ -184,7 +206,7 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
     for stale in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")):
         if stale.name not in {s["name"] for s in manifest["shards"]}:
             stale.unlink()
-    shutil.copyfile(tok_path, out / ("tokenizer" + "".join(tok_path.suffixes)))
+    copy_tokenizer(tok_path, out)
     every = round(1 / val_fraction) if val_fraction > 0 else 0
     # per split: documents below `done_docs` are in finished shards, plus the first `done_skip` tokens of the
     # document `done_docs` (a shard boundary can fall inside a document)
@@ -220,7 +242,8 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
 
     def run_batch() -> None:
-        ids = tok.encode_ordinary_batch([t for _, t in batch], threads=threads)
+        # ordinary encoding: special-token text inside documents is just text
+        ids = tok.encode_batch([t for _, t in batch], threads=threads, disallowed_special=())
         for (i, _), doc_ids in zip(batch, ids):
             split = split_of(i)
             toks = np.concatenate([[eot], np.asarray(doc_ids, np.int64)]).astype(np.uint32)

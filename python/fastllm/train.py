@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import set_num_threads
-from .data import DataLoader
+from .data import DataLoader, copy_tokenizer, find_tokenizer
 from .fileio import load_safetensors, save_safetensors, write_json
 from .model import GPT, GPTConfig
 from .optim import AdamW, grad_norm, lr_schedule
@@ -85,7 +85,7 @@ def save_checkpoint(out: Path, step: int, model: GPT, opt: AdamW, state: dict, t
     save_safetensors(tmp / "optimizer.safetensors", {"m": opt.m, "v": opt.v}, {"t": opt.t})
     write_json(tmp / "state.json", state)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, tmp / tokenizer.name)
+        copy_tokenizer(tokenizer, tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with open(out / ".latest.tmp", "w") as f:
@@ -125,14 +125,6 @@ def load_model(ckpt: str | os.PathLike) -> GPT:
         arr[...] = tensors[name]
     model.checkpoint_dir = path
     return model
-
-
-def find_tokenizer(folder: str | os.PathLike) -> Path | None:
-    folder = Path(folder)
-    for p in sorted(folder.glob("tokenizer*")):
-        if p.is_file():
-            return p
-    return None
 
 
 # ---- training ------------------------------------------------------------------------------------------
