@@ -50,6 +50,20 @@ _PATTERN_ALIASES = {
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""": "gpt2",
 }
 
+# HF tokenizers runs Oniguruma (Ruby syntax), where `$` also matches before every newline and `{1,3}+` is not
+# possessive but a repetition; these rewrites mean the same under Oniguruma as the originals under `regex`
+# (`\s++` always runs to the end of the text when `$` matches, and nothing follows `\p{N}{1,3}` in its branch).
+_HF_REWRITES = [(r"\p{N}{1,3}+", r"\p{N}{1,3}"), (r"\s++$", r"\s++\z")]
+
+
+def _to_hf_regex(pat: str) -> str:
+    for a, b in _HF_REWRITES:
+        pat = pat.replace(a, b)
+    return pat
+
+
+_PATTERN_ALIASES[_to_hf_regex(GPT4_PATTERN)] = "gpt4"
+
 _SIDECAR_FORMAT = "fastllm-bpe"
 _SIDECAR_VERSION = 1
 
@@ -604,7 +618,7 @@ class Tokenizer:
             pre = {
                 "type": "Sequence",
                 "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": self.pat_str}, "behavior": "Isolated", "invert": False},
+                    {"type": "Split", "pattern": {"Regex": _to_hf_regex(self.pat_str)}, "behavior": "Isolated", "invert": False},
                     {**byte_level, "use_regex": False},
                 ],
             }
