@@ -639,6 +639,23 @@ static void register_bpe(py::module_& m) {
         });
     m.def("train_bpe", &train_bpe_py, arg("texts"), arg("pattern"), arg("special_tokens"), arg("n_merges"),
           arg("threads"), arg("progress"), arg("every"));
+    m.def(
+        "bpe_count_chunks",
+        [](const py::list& texts, const std::string& pattern, const std::vector<std::string>& specials, int threads) {
+            // the chunk counts training starts from (for tests)
+            const auto pat = parse_pattern(pattern);
+            const auto views = utf8_views(texts, "texts");
+            FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+            tok::ChunkCounts counts;
+            {
+                py::gil_scoped_release nogil;
+                counts = tok::count_chunks(views, pat, specials, threads);
+            }
+            py::dict out;
+            for (size_t i = 0; i < counts.size(); i++) out[py::bytes(std::string(counts.key(i)))] = counts.count(i);
+            return out;
+        },
+        arg("texts"), arg("pattern"), arg("special_tokens"), arg("threads"));
     m.def("train_bpe_chunks", &train_bpe_chunks_py, arg("chunks"), arg("n_merges"), arg("progress"), arg("every"));
 }
 
