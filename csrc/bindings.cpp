@@ -608,6 +608,38 @@ static void register_bpe(py::module_& m) {
             },
             arg("ids"), arg("errors"))
         .def(
+            "decode_batch",
+            [](const Encoder& e, const py::list& seqs, const std::string& errors, int threads) {
+                FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+                std::vector<std::vector<int64_t>> ids(seqs.size());
+                for (size_t k = 0; k < ids.size(); k++) {
+                    ids[k] = ids_from_array(py::array::ensure(seqs[k]));
+                    for (size_t i = 0; i < ids[k].size(); i++) {  // validate here: no throwing in threads
+                        const int64_t v = ids[k][i];
+                        if (e.valid_id(v)) continue;
+                        FASTLLM_CHECK(v >= 0 && v < e.n_vocab(), "token id ", v, " at index ", i, " of ids[", k,
+                                      "] is out of range [0, ", e.n_vocab(), ")");
+                        FASTLLM_CHECK(false, "token id ", v, " at index ", i, " of ids[", k,
+                                      "] is not assigned to any token");
+                    }
+                }
+                std::vector<std::string> out(ids.size());
+                {
+                    py::gil_scoped_release nogil;
+                    const int64_t n = (int64_t)ids.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+                    for (int64_t k = 0; k < n; k++) e.decode(ids[k].data(), ids[k].size(), out[k]);
+                }
+                py::list res(out.size());
+                for (size_t k = 0; k < out.size(); k++) {
+                    PyObject* o = PyUnicode_DecodeUTF8(out[k].data(), (Py_ssize_t)out[k].size(), errors.c_str());
+                    if (!o) throw py::error_already_set();
+                    PyList_SET_ITEM(res.ptr(), (Py_ssize_t)k, o);
+                }
+                return res;
+            },
+            arg("ids"), arg("errors"), arg("threads"))
+        .def(
             "decode_bytes", [](const Encoder& e, const py::array& ids) { return py::bytes(decode_raw(e, ids)); },
             arg("ids"))
         .def(
@@ -637,6 +669,7 @@ static void register_bpe(py::module_& m) {
             for (auto& x : v) out.append(py::make_tuple(x[1], x[2], x[0], x[3]));
             return out;
         });
+    m.def("bpe_clear_caches", &tok::clear_thread_caches);  // cold-cache benchmarks
     m.def("train_bpe", &train_bpe_py, arg("texts"), arg("pattern"), arg("special_tokens"), arg("n_merges"),
           arg("threads"), arg("progress"), arg("every"));
     m.def(

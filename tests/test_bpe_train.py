@@ -8,8 +8,7 @@ import random
 from collections import Counter
 
 import pytest
-
-from fastllm import Tokenizer, _C
+from fastllm import _C, Tokenizer
 
 regex = pytest.importorskip("regex")
 

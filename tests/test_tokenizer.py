@@ -1,5 +1,6 @@
-"""fastllm.Tokenizer: ids identical to tiktoken (same ranks, both patterns) and to HF tokenizers (tokenizer.json),
-round trips (hypothesis), special tokens, files (tiktoken, sidecar, tokenizer.json) and bad input.
+"""fastllm.Tokenizer: ids identical to tiktoken (same ranks, both patterns) and to HF tokenizers
+(tokenizer.json), round trips (hypothesis), special tokens, files (tiktoken, sidecar, tokenizer.json) and bad
+input.
 
 Ranks are trained once per module on part of the corpus (vocab ~3k keeps it fast); the corpus is several MB of
 real text: pydoc_data.topics, stdlib sources, and Unicode-heavy strings."""
@@ -13,10 +14,9 @@ import sysconfig
 
 import numpy as np
 import pytest
+from fastllm import Tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from fastllm import Tokenizer
 
 tiktoken = pytest.importorskip("tiktoken")
 
@@ -72,11 +72,17 @@ def corpus() -> str:
 @pytest.fixture(scope="module", params=["gpt2", "gpt4"])
 def pair(request, corpus):
     """(fastllm Tokenizer, equivalent tiktoken Encoding), ranks trained on the first 600 kB."""
-    tok = Tokenizer.train(corpus[:600_000] + "\n".join(UNICODE_SAMPLES), vocab_size=3000,
-                          pattern=request.param, special_tokens=(EOT, FIM), progress=False)
+    tok = Tokenizer.train(
+        corpus[:600_000] + "\n".join(UNICODE_SAMPLES),
+        vocab_size=3000,
+        pattern=request.param,
+        special_tokens=(EOT, FIM),
+        progress=False,
+    )
     ranks = {tok.token_to_bytes(i): i for i in range(tok.vocab_size - 2)}
-    enc = tiktoken.Encoding(f"test_{request.param}", pat_str=tok.pat_str, mergeable_ranks=ranks,
-                            special_tokens=tok.special_tokens)
+    enc = tiktoken.Encoding(
+        f"test_{request.param}", pat_str=tok.pat_str, mergeable_ranks=ranks, special_tokens=tok.special_tokens
+    )
     return tok, enc
 
 
@@ -111,8 +117,10 @@ def test_long_chunks_heap_path(pair):
             s = "".join(rng.choice(list(alphabet), n))
             assert tok.encode_ordinary(s).tolist() == enc.encode_ordinary(s), (n, alphabet)
             b = s.encode()
-            assert tok._core.encode_chunks([s]).tolist() == tok._core.encode_chunk_naive(b) or len(
-                enc.encode_ordinary(s)) != 1
+            assert (
+                tok._core.encode_chunks([s]).tolist() == tok._core.encode_chunk_naive(b)
+                or len(enc.encode_ordinary(s)) != 1
+            )
 
 
 def test_encode_chunk_matches_naive(pair, corpus):
@@ -144,7 +152,8 @@ def test_special_tokens(pair):
     s = f"hello {EOT} world{FIM}x{EOT}"
     assert tok.encode(s, allowed_special="all").tolist() == enc.encode(s, allowed_special="all")
     assert tok.encode(s, allowed_special={EOT}, disallowed_special=()).tolist() == enc.encode(
-        s, allowed_special={EOT}, disallowed_special=())
+        s, allowed_special={EOT}, disallowed_special=()
+    )
     assert tok.encode(s, disallowed_special=()).tolist() == enc.encode_ordinary(s)
     assert tok.encode_ordinary(s).tolist() == enc.encode_ordinary(s)
     with pytest.raises(ValueError, match="disallowed special token '<\\|endoftext\\|>'"):
@@ -165,7 +174,10 @@ def test_special_tokens(pair):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",))) | st.text(alphabet=" \t\r\n\x0b\x0caZ1'.é中"))
+@given(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
+    | st.text(alphabet=" \t\r\n\x0b\x0caZ1'.é中")
+)
 def test_roundtrip_hypothesis(pair, s):
     tok, enc = pair
     ids = tok.encode_ordinary(s)
@@ -212,6 +224,20 @@ def test_decode_errors(pair):
         tok.encode(b"bytes")
     with pytest.raises(TypeError, match="texts\\[1\\]"):
         tok.encode_batch(["a", 3])
+
+
+def test_decode_batch(pair, corpus):
+    tok, enc = pair
+    texts = [corpus[i : i + 3000] for i in range(0, 60_000, 3000)] + UNICODE_SAMPLES
+    ids = [tok.encode_ordinary(t) for t in texts]
+    for threads in (1, 2):
+        assert tok.decode_batch(ids, threads=threads) == texts
+        assert tok.decode_batch([a.tolist() for a in ids], threads=threads) == enc.decode_batch(ids)
+    assert tok.decode_batch([[97, 0xFF]]) == ["a\ufffd"]
+    with pytest.raises(ValueError, match="byte 1"):
+        tok.decode_batch([[97], [97, 0xFF]], errors="strict")
+    with pytest.raises(ValueError, match="5000 at index 1 of ids\\[1\\]"):
+        tok.decode_batch([[97], [97, 5000]])
 
 
 def test_constructor_errors():
@@ -317,8 +343,10 @@ def test_corrupt_files(pair, tmp_path):
     h.write_text('{"model": {"type": "WordPiece", "vocab": {}}}')
     with pytest.raises(ValueError, match="tokenizer.json:1: not a BPE"):
         Tokenizer.load_hf(h)
-    h.write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}, '
-                 '"pre_tokenizer": {"type": "ByteLevel"}}')
+    h.write_text(
+        '{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}, '
+        '"pre_tokenizer": {"type": "ByteLevel"}}'
+    )
     with pytest.raises(ValueError, match="tokenizer.json:1: merge 0"):
         Tokenizer.load_hf(h)
     h.write_text('{"model": {"type": "BPE",')
@@ -353,8 +381,12 @@ def test_hf_trained_file(tmp_path, corpus):
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1500,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     hf.train_from_iterator([corpus[:300_000]], trainer=trainer)
     p = tmp_path / "hf.json"
     hf.save(str(p))

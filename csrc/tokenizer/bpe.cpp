@@ -161,17 +161,26 @@ void ChunkCache::clear() {
     n_ = 0;
 }
 
+static std::atomic<uint64_t> g_cache_epoch{0};
+
+void clear_thread_caches() { g_cache_epoch++; }
+
 ChunkCache& Encoder::thread_cache() const {
     // A few caches per thread, keyed by the encoder's uid (uids are never reused); round-robin eviction.
     constexpr int kWays = 4;
     static thread_local ChunkCache caches[kWays];
     static thread_local int next = 0;
+    const uint64_t epoch = g_cache_epoch.load(std::memory_order_relaxed);
     for (auto& c : caches)
-        if (c.owner == uid_) return c;
+        if (c.owner == uid_) {
+            if (c.epoch != epoch) c.clear(), c.epoch = epoch;
+            return c;
+        }
     ChunkCache& c = caches[next];
     next = (next + 1) % kWays;
     c.clear();
     c.owner = uid_;
+    c.epoch = epoch;
     return c;
 }
 

@@ -90,6 +90,7 @@ class ChunkCache {
     void insert(std::string_view chunk, uint64_t h, const int32_t* ids, uint32_t n);
     void clear();
     uint64_t owner = 0;  // Encoder::uid() this cache belongs to
+    uint64_t epoch = 0;  // clear_thread_caches() count when filled
 
    private:
     struct Slot {
@@ -102,6 +103,9 @@ class ChunkCache {
     std::vector<int32_t> ids_;
     size_t n_ = 0;
 };
+
+// Empties every thread's chunk caches (lazily, on their next use); for cold-cache benchmarks.
+void clear_thread_caches();
 
 class Encoder {
    public:

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer, exactly compatible with tiktoken (and with HF ``tokenizers`` through tokenizer.json).
+"""Byte-level BPE tokenizer, exactly compatible with tiktoken (and HF ``tokenizers`` through tokenizer.json).
 
 The work is native (csrc/tokenizer): pre-tokenization by hand-written scanners for the GPT-2 and GPT-4
 (cl100k) patterns, BPE by merge priority with a per-thread chunk cache, multi-threaded training.
@@ -52,7 +52,7 @@ _PATTERN_ALIASES = {
 
 # HF tokenizers runs Oniguruma (Ruby syntax), where `$` also matches before every newline and `{1,3}+` is not
 # possessive but a repetition; these rewrites mean the same under Oniguruma as the originals under `regex`
-# (`\s++` always runs to the end of the text when `$` matches, and nothing follows `\p{N}{1,3}` in its branch).
+# (`\s++` runs to the end of the text whenever `$` matches; nothing follows `\p{N}{1,3}` in its branch).
 _HF_REWRITES = [(r"\p{N}{1,3}+", r"\p{N}{1,3}"), (r"\s++$", r"\s++\z")]
 
 
@@ -86,7 +86,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     >>> m = _bytes_to_unicode(); m[ord("a")], m[ord(" ")], len(m)
     ('a', 'Ġ', 256)
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     out, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -145,7 +149,9 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
         if not token or rank < 0:
             raise ValueError(f"{path}:{lineno}: empty token or negative rank")
         if token in ranks:
-            raise ValueError(f"{path}:{lineno}: token {token!r} already has rank {ranks[token]} (line {lines[token]})")
+            raise ValueError(
+                f"{path}:{lineno}: token {token!r} already has rank {ranks[token]} (line {lines[token]})"
+            )
         if rank in seen_rank:
             raise ValueError(f"{path}:{lineno}: rank {rank} is used twice (line {seen_rank[rank]})")
         ranks[token] = rank
@@ -179,7 +185,9 @@ class Tokenizer:
         """`mergeable_ranks`: token bytes -> rank (= id), all 256 single bytes included, as tiktoken's
         ``Encoding(name, pat_str, mergeable_ranks, special_tokens)``. `pattern`: "gpt2", "gpt4" or a regex."""
         if not isinstance(mergeable_ranks, dict):
-            raise TypeError(f"mergeable_ranks must be a dict bytes -> int, got {type(mergeable_ranks).__name__}")
+            raise TypeError(
+                f"mergeable_ranks must be a dict bytes -> int, got {type(mergeable_ranks).__name__}"
+            )
         tokens = list(mergeable_ranks.keys())
         ranks = list(mergeable_ranks.values())
         for t in tokens:
@@ -226,7 +234,7 @@ class Tokenizer:
 
     @property
     def pattern(self) -> str:
-        """"gpt2", "gpt4" or the custom regex string."""
+        """ "gpt2", "gpt4" or the custom regex string."""
         return self._pattern
 
     @property
@@ -251,12 +259,16 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         pat = self._pattern if self._regex is None else "custom"
-        return f"Tokenizer(vocab_size={self.vocab_size}, pattern={pat!r}, special_tokens={len(self._special)})"
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, pattern={pat!r}, special_tokens={len(self._special)})"
+        )
 
     # -- encoding
 
     def _allowed_ids(
-        self, text_or_texts: str | list[str], allowed_special: Literal["all"] | Collection[str],
+        self,
+        text_or_texts: str | list[str],
+        allowed_special: Literal["all"] | Collection[str],
         disallowed_special: Literal["all"] | Collection[str],
     ) -> list[int]:
         """tiktoken's special-token policy: check disallowed ones are absent, return the allowed ids."""
@@ -286,18 +298,20 @@ class Tokenizer:
                     tok = min(hits)[2]
                     raise ValueError(
                         f"Encountered text corresponding to disallowed special token {tok!r}. Pass it in "
-                        f"allowed_special to encode it as a special token, or disallowed_special=() to encode "
-                        "it as ordinary text."
+                        "allowed_special to encode it as a special token, or disallowed_special=() to "
+                        "encode it as ordinary text."
                     )
         return sorted(self._special[s] for s in allowed)
 
     def _encode_custom(self, text: str, allowed_ids: list[int]) -> np.ndarray:
-        """Custom patterns: Python regex finds the chunks (between allowed special tokens), C++ encodes them."""
+        """Custom patterns: Python regex finds the chunks (between allowed specials), C++ encodes them."""
         import regex
 
         parts: list[np.ndarray] = []
         if allowed_ids:
-            names = sorted((s for s, i in self._special.items() if i in set(allowed_ids)), key=len, reverse=True)
+            names = sorted(
+                (s for s, i in self._special.items() if i in set(allowed_ids)), key=len, reverse=True
+            )
             key = frozenset(names)
             rx = self._special_regex_cache.get(key)
             if rx is None:
@@ -405,8 +419,9 @@ class Tokenizer:
         return self._core.decode_bytes(self._ids_array(ids))
 
     def decode(self, ids: IdsLike, errors: str = "replace") -> str:
-        """Decode ids to text. Bytes that are not valid UTF-8 become U+FFFD (errors="replace", the default) or
-        raise ValueError naming the byte position and token (errors="strict"); any `bytes.decode` handler works.
+        """Decode ids to text. Bytes that are not valid UTF-8 become U+FFFD (errors="replace", the default)
+        or raise ValueError naming the byte position and token (errors="strict"); any `bytes.decode` handler
+        works.
 
         >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
         >>> tok.decode([104, 105, 255])
@@ -418,14 +433,33 @@ class Tokenizer:
         except UnicodeDecodeError as e:
             # find the token holding the bad byte
             pos, k = 0, 0
-            for k, i in enumerate(arr.tolist()):
+            for i in arr.tolist():
                 pos += len(self._core.token_bytes(i))
                 if pos > e.start:
                     break
+                k += 1
             raise ValueError(
                 f"ids do not decode to valid UTF-8: {e.reason} at byte {e.start} "
                 f"(token index {k}, id {int(arr[k])})"
             ) from e
+
+    def decode_batch(
+        self, batch: Sequence[IdsLike], errors: str = "replace", threads: int | None = None
+    ) -> list[str]:
+        """decode() of each id sequence, the byte concatenation done in parallel on `threads` native threads.
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
+        >>> tok.decode_batch([[104, 105], [], np.array([33])])
+        ['hi', '', '!']
+        """
+        arrays = [self._ids_array(ids) for ids in batch]
+        threads = _C.get_num_threads() if threads is None else int(threads)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        try:
+            return self._core.decode_batch(arrays, errors, threads)
+        except UnicodeDecodeError:
+            return [self.decode(a, errors) for a in arrays]  # raises with the position
 
     def token_to_bytes(self, id: int) -> bytes:
         """The bytes of one token (special tokens: their UTF-8).
@@ -472,7 +506,9 @@ class Tokenizer:
             elif isinstance(item, str):
                 texts.append(item)
             else:
-                raise TypeError(f"texts_or_paths[{i}] must be a str (text) or os.PathLike, got {type(item).__name__}")
+                raise TypeError(
+                    f"texts_or_paths[{i}] must be a str (text) or os.PathLike, got {type(item).__name__}"
+                )
         texts = [_repair_if_needed(t) for t in texts]
         specials = list(special_tokens)
         if len(set(specials)) != len(specials):
@@ -501,8 +537,9 @@ class Tokenizer:
             if pat in ("gpt2", "gpt4"):
                 merges = _C.train_bpe(texts, pat, specials, n_merges, threads, callback, every)
             else:
-                probe = cls._from_core(_C.BpeEncoder.from_ranks([bytes([b]) for b in range(256)], list(range(256))),
-                                       pat, None)
+                probe = cls._from_core(
+                    _C.BpeEncoder.from_ranks([bytes([b]) for b in range(256)], list(range(256))), pat, None
+                )
                 chunks: list[str] = []
                 for t in texts:
                     for piece in _split_on(t, specials):
@@ -521,18 +558,23 @@ class Tokenizer:
 
     def _regular_tokens(self) -> list[tuple[int, bytes]]:
         core = self._core
-        return [(i, core.token_bytes(i)) for i in range(core.n_vocab) if core.valid_id(i) and not core.is_special(i)]
+        return [
+            (i, core.token_bytes(i))
+            for i in range(core.n_vocab)
+            if core.valid_id(i) and not core.is_special(i)
+        ]
 
     def _require_ranks(self, what: str) -> None:
         if not self._is_ranks:
             raise ValueError(
-                f"{what}: this tokenizer merges by HF merge priority (loaded from a tokenizer.json), which the "
-                "tiktoken rank format cannot express; use save_hf"
+                f"{what}: this tokenizer merges by HF merge priority (loaded from a tokenizer.json), which "
+                "the tiktoken rank format cannot express; use save_hf"
             )
 
     def save_tiktoken(self, path: PathLike) -> None:
-        """Write the mergeable ranks in tiktoken's format: ``base64(token) rank`` per line, by rank (readable by
-        ``tiktoken.load.load_tiktoken_bpe``). Pattern and special tokens are not stored (see `save`)."""
+        """Write the mergeable ranks in tiktoken's format: ``base64(token) rank`` per line, by rank
+        (readable by ``tiktoken.load.load_tiktoken_bpe``). Pattern and special tokens are not stored (see
+        `save`)."""
         self._require_ranks("save_tiktoken")
         lines = [base64.b64encode(t) + b" " + str(i).encode() for i, t in self._regular_tokens()]
         _atomic_write(path, b"\n".join(lines) + b"\n")
@@ -551,8 +593,8 @@ class Tokenizer:
             raise ValueError(f"{os.fspath(path)}: {e}") from e
 
     def save(self, path: PathLike) -> None:
-        """Save to `path` (tiktoken rank file, see `save_tiktoken`) plus the sidecar ``<path>.json`` holding the
-        pattern, the special tokens and the number of ranks: ``{"format": "fastllm-bpe", "version": 1,
+        """Save to `path` (tiktoken rank file, see `save_tiktoken`) plus the sidecar ``<path>.json`` holding
+        the pattern, the special tokens and the number of ranks: ``{"format": "fastllm-bpe", "version": 1,
         "pattern": "gpt4" | <regex>, "special_tokens": {name: id}, "n_ranks": N}``. Both written atomically.
 
         >>> import tempfile, os
@@ -571,7 +613,9 @@ class Tokenizer:
             "n_ranks": n,
         }
         self.save_tiktoken(path)
-        _atomic_write(os.fspath(path) + ".json", (json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode())
+        _atomic_write(
+            os.fspath(path) + ".json", (json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode()
+        )
 
     @classmethod
     def load(cls, path: PathLike) -> Tokenizer:
@@ -583,7 +627,9 @@ class Tokenizer:
         except json.JSONDecodeError as e:
             raise ValueError(f"{side_path}:{e.lineno}: corrupt JSON ({e.msg})") from e
         if not isinstance(side, dict) or side.get("format") != _SIDECAR_FORMAT:
-            raise ValueError(f"{side_path}:1: not a fastllm tokenizer sidecar (format != {_SIDECAR_FORMAT!r})")
+            raise ValueError(
+                f"{side_path}:1: not a fastllm tokenizer sidecar (format != {_SIDECAR_FORMAT!r})"
+            )
         if side.get("version") != _SIDECAR_VERSION:
             raise ValueError(f"{side_path}:1: unsupported version {side.get('version')!r}")
         for key, typ in (("pattern", str), ("special_tokens", dict), ("n_ranks", int)):
@@ -618,7 +664,12 @@ class Tokenizer:
             pre = {
                 "type": "Sequence",
                 "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": _to_hf_regex(self.pat_str)}, "behavior": "Isolated", "invert": False},
+                    {
+                        "type": "Split",
+                        "pattern": {"Regex": _to_hf_regex(self.pat_str)},
+                        "behavior": "Isolated",
+                        "invert": False,
+                    },
                     {**byte_level, "use_regex": False},
                 ],
             }
@@ -627,14 +678,26 @@ class Tokenizer:
             "truncation": None,
             "padding": None,
             "added_tokens": [
-                {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True}
+                {
+                    "id": i,
+                    "content": s,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": True,
+                }
                 for s, i in sorted(self._special.items(), key=lambda x: x[1])
             ],
             "normalizer": None,
             "pre_tokenizer": pre,
             "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "decoder": {
+                "type": "ByteLevel",
+                "add_prefix_space": True,
+                "trim_offsets": True,
+                "use_regex": True,
+            },
             "model": {
                 "type": "BPE",
                 "dropout": None,
@@ -668,7 +731,11 @@ class Tokenizer:
             return ValueError(f"{path}:1: {msg}")
 
         model = doc.get("model") if isinstance(doc, dict) else None
-        if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
+        if (
+            not isinstance(model, dict)
+            or model.get("type", "BPE") != "BPE"
+            or not isinstance(model.get("vocab"), dict)
+        ):
             raise bad("not a BPE tokenizer.json (model.type must be 'BPE' with a vocab)")
         for key in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key) not in (None, ""):
@@ -682,7 +749,11 @@ class Tokenizer:
         added = doc.get("added_tokens") or []
         specials: dict[str, int] = {}
         for t in added:
-            if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not isinstance(t.get("id"), int):
+            if (
+                not isinstance(t, dict)
+                or not isinstance(t.get("content"), str)
+                or not isinstance(t.get("id"), int)
+            ):
                 raise bad(f"bad added_tokens entry {t!r}")
             specials[t["content"]] = t["id"]
         special_ids = set(specials.values())
