@@ -69,7 +69,7 @@ uint64_t hash_bytes(const char* p, size_t n) {
 void BytesMap::rehash(size_t cap) {
     std::vector<Slot> old;
     old.swap(slots_);
-    slots_.assign(cap, Slot{0, kEmpty, 0, -1});
+    slots_.assign(cap, Slot{0, kEmpty, 0, -1, 0});
     mask_ = cap - 1;
     for (const Slot& s : old) {
         if (s.len == kEmpty) continue;
@@ -82,10 +82,12 @@ void BytesMap::rehash(size_t cap) {
 
 int32_t BytesMap::find(std::string_view key, uint64_t h) const {
     const uint32_t tag = (uint32_t)(h >> 32), len = (uint32_t)key.size();
+    const uint64_t head = head_of(key);
     for (size_t i = h & mask_;; i = (i + 1) & mask_) {
         const Slot& s = slots_[i];
         if (s.len == kEmpty) return -1;
-        if (s.tag == tag && s.len == len && std::memcmp(arena_.data() + s.off, key.data(), len) == 0)
+        if (s.tag == tag && s.len == len && s.head == head &&
+            (len <= 8 || std::memcmp(arena_.data() + s.off + 8, key.data() + 8, len - 8) == 0))
             return s.value;
     }
 }
@@ -97,7 +99,7 @@ bool BytesMap::insert(std::string_view key, int32_t value) {
     FASTLLM_CHECK(arena_.size() + key.size() < kEmpty, "token bytes exceed 4 GiB");
     size_t i = h & mask_;
     while (slots_[i].len != kEmpty) i = (i + 1) & mask_;
-    slots_[i] = Slot{(uint32_t)(h >> 32), (uint32_t)key.size(), (uint32_t)arena_.size(), value};
+    slots_[i] = Slot{head_of(key), (uint32_t)key.size(), (uint32_t)arena_.size(), value, (uint32_t)(h >> 32)};
     arena_.append(key.data(), key.size());
     n_++;
     return true;
@@ -120,7 +122,9 @@ bool PairMap::insert(int32_t a, int32_t b, Merge m) {
     if (find(a, b)) return false;
     if ((n_ + 1) * 2 > slots_.size()) rehash(slots_.size() * 2);
     const uint64_t k = key(a, b);
-    size_t i = mix(k) & mask_;
+    const size_t h = mix(k);
+    filter_[(h >> 40) & kFilterMask >> 6] |= 1ull << (h >> 34 & 63);
+    size_t i = h & mask_;
     while (slots_[i].key != kEmpty) i = (i + 1) & mask_;
     slots_[i] = Slot{k, m};
     n_++;
@@ -132,7 +136,7 @@ bool PairMap::insert(int32_t a, int32_t b, Merge m) {
 
 const int32_t* ChunkCache::find(std::string_view chunk, uint64_t h, uint32_t& n) const {
     if (slots_.empty() || chunk.size() > kMaxChunk) return nullptr;
-    for (size_t i = h & (kSlots - 1);; i = (i + 1) & (kSlots - 1)) {
+    for (size_t i = h & mask_;; i = (i + 1) & mask_) {
         const Slot& s = slots_[i];
         if (s.key_len == UINT32_MAX) return nullptr;
         if (s.hash == h && s.key_len == chunk.size() &&
@@ -143,11 +147,28 @@ const int32_t* ChunkCache::find(std::string_view chunk, uint64_t h, uint32_t& n)
     }
 }
 
+void ChunkCache::grow() {
+    std::vector<Slot> old;
+    old.swap(slots_);
+    slots_.assign(old.size() * 2, Slot{0, 0, UINT32_MAX, 0, 0});
+    mask_ = slots_.size() - 1;
+    for (const Slot& s : old) {
+        if (s.key_len == UINT32_MAX) continue;
+        size_t i = s.hash & mask_;
+        while (slots_[i].key_len != UINT32_MAX) i = (i + 1) & mask_;
+        slots_[i] = s;
+    }
+}
+
 void ChunkCache::insert(std::string_view chunk, uint64_t h, const int32_t* ids, uint32_t n) {
     if (chunk.size() > kMaxChunk) return;
-    if (slots_.empty() || n_ >= kMaxEntries || keys_.size() > (64u << 20)) clear();
-    size_t i = h & (kSlots - 1);
-    while (slots_[i].key_len != UINT32_MAX) i = (i + 1) & (kSlots - 1);
+    if (slots_.empty() || keys_.size() > (64u << 20)) clear();
+    if ((n_ + 1) * 2 > slots_.size()) {
+        if (slots_.size() >= kMaxSlots) clear();
+        else grow();
+    }
+    size_t i = h & mask_;
+    while (slots_[i].key_len != UINT32_MAX) i = (i + 1) & mask_;
     slots_[i] = Slot{h, (uint32_t)keys_.size(), (uint32_t)chunk.size(), (uint32_t)ids_.size(), n};
     keys_.append(chunk.data(), chunk.size());
     ids_.insert(ids_.end(), ids, ids + n);
@@ -155,7 +176,8 @@ void ChunkCache::insert(std::string_view chunk, uint64_t h, const int32_t* ids, 
 }
 
 void ChunkCache::clear() {
-    slots_.assign(kSlots, Slot{0, 0, UINT32_MAX, 0, 0});
+    slots_.assign(kMinSlots, Slot{0, 0, UINT32_MAX, 0, 0});
+    mask_ = kMinSlots - 1;
     keys_.clear();
     ids_.clear();
     n_ = 0;
@@ -247,7 +269,16 @@ Encoder Encoder::from_ranks(const std::vector<std::string>& tokens, const std::v
         }
     }
     e.whole_lookup_ = true;
+    e.build_byte_pairs();
     return e;
+}
+
+void Encoder::build_byte_pairs() {
+    byte_pairs_.assign(256 * 256, PairMap::Merge{INT32_MAX, -1});
+    for (int c0 = 0; c0 < 256; c0++)
+        for (int c1 = 0; c1 < 256; c1++)
+            if (byte_id_[c0] >= 0 && byte_id_[c1] >= 0)
+                if (const PairMap::Merge* g = pairs_.find(byte_id_[c0], byte_id_[c1])) byte_pairs_[c0 * 256 + c1] = *g;
 }
 
 Encoder Encoder::from_merges(const std::vector<std::string>& tokens, const std::vector<int32_t>& ids,
@@ -273,6 +304,7 @@ Encoder Encoder::from_merges(const std::vector<std::string>& tokens, const std::
         e.pairs_.insert(a, b, {(int32_t)k, r});  // a repeated merge keeps its first (highest) priority
     }
     e.whole_lookup_ = whole_chunk_lookup;
+    e.build_byte_pairs();
     return e;
 }
 
@@ -349,16 +381,29 @@ void Encoder::bpe(std::string_view chunk, std::vector<int32_t>& out) const {
         int32_t prio;  // INT32_MAX: no merge with the next part
         int32_t result;
     };
+    unsigned last_byte = 0;
     Part parts[128];
     int m = 0;
-    for (unsigned char c : chunk)
-        if (byte_id_[c] >= 0) parts[m++] = Part{byte_id_[c], INT32_MAX, -1};
+    const auto* u = reinterpret_cast<const unsigned char*>(chunk.data());
+    const size_t n = chunk.size();
+    for (size_t i = 0; i < n; i++) {
+        if (byte_id_[u[i]] < 0) continue;  // (only with HF vocabularies lacking some bytes)
+        parts[m].id = byte_id_[u[i]];
+        parts[m].prio = INT32_MAX;
+        parts[m].result = -1;
+        if (m > 0) {  // pair with the previous kept byte, from the dense byte-pair table
+            const PairMap::Merge& g = byte_pairs_[(size_t)last_byte * 256 + u[i]];
+            parts[m - 1].prio = g.prio;
+            parts[m - 1].result = g.result;
+        }
+        last_byte = u[i];
+        m++;
+    }
     auto update = [&](int i) {
         const PairMap::Merge* g = pairs_.find(parts[i].id, parts[i + 1].id);
         parts[i].prio = g ? g->prio : INT32_MAX;
         parts[i].result = g ? g->result : -1;
     };
-    for (int i = 0; i + 1 < m; i++) update(i);
     while (m > 1) {
         int best = 0;
         for (int i = 1; i + 1 < m; i++)

@@ -5,6 +5,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -29,11 +30,17 @@ class BytesMap {
 
    private:
     struct Slot {
-        uint32_t tag;  // high 32 bits of the hash
-        uint32_t len;  // kEmpty for an empty slot
-        uint32_t off;  // key offset in arena_
+        uint64_t head;  // the key's first 8 bytes (zero padded): most keys compare without touching arena_
+        uint32_t len;   // kEmpty for an empty slot
+        uint32_t off;   // key offset in arena_
         int32_t value;
+        uint32_t tag;   // high 32 bits of the hash
     };
+    static uint64_t head_of(std::string_view key) {
+        uint64_t h = 0;
+        std::memcpy(&h, key.data(), key.size() < 8 ? key.size() : 8);
+        return h;
+    }
     static constexpr uint32_t kEmpty = 0xffffffffu;
     void rehash(size_t cap);
     std::vector<Slot> slots_;
@@ -54,7 +61,10 @@ class PairMap {
     bool insert(int32_t a, int32_t b, Merge m);
     const Merge* find(int32_t a, int32_t b) const {
         const uint64_t k = key(a, b);
-        for (size_t i = mix(k) & mask_;; i = (i + 1) & mask_) {
+        const size_t h = mix(k);
+        // one-bit filter (128 KiB, stays in L2): most pairs probed while encoding are not merges
+        if (!(filter_[(h >> 40) & kFilterMask >> 6] >> (h >> 34 & 63) & 1)) return nullptr;
+        for (size_t i = h & mask_;; i = (i + 1) & mask_) {
             const Slot& s = slots_[i];
             if (s.key == k) return &s.m;
             if (s.key == kEmpty) return nullptr;
@@ -73,11 +83,13 @@ class PairMap {
         Merge m;
     };
     static constexpr uint64_t kEmpty = ~0ull;
+    static constexpr size_t kFilterMask = (1u << 20) - 1;  // bits
     static size_t mix(uint64_t k) {
         k *= 0x9E3779B97F4A7C15ull;
         return (size_t)(k ^ (k >> 29));
     }
     void rehash(size_t cap);
+    std::vector<uint64_t> filter_ = std::vector<uint64_t>((kFilterMask + 1) / 64, 0);
     std::vector<Slot> slots_;
     size_t mask_ = 0, n_ = 0;
 };
@@ -97,8 +109,11 @@ class ChunkCache {
         uint64_t hash;
         uint32_t key_off, key_len, ids_off, ids_len;
     };
-    static constexpr size_t kSlots = 1 << 16, kMaxEntries = kSlots / 2, kMaxChunk = 256;
+    // grows from kMinSlots (doubling at half full) to kMaxSlots, then starts over empty
+    static constexpr size_t kMinSlots = 1 << 12, kMaxSlots = 1 << 18, kMaxChunk = 256;
+    void grow();
     std::vector<Slot> slots_;  // allocated on first insert; key_len == UINT32_MAX marks empty
+    size_t mask_ = 0;
     std::string keys_;
     std::vector<int32_t> ids_;
     size_t n_ = 0;
@@ -169,6 +184,9 @@ class Encoder {
     BytesMap regular_;              // bytes -> id of regular tokens
     std::array<int32_t, 256> byte_id_{};
     PairMap pairs_;
+    std::vector<PairMap::Merge> byte_pairs_;  // [256 * c0 + c1]: merge of the byte tokens of c0, c1 (prio
+                                              // INT32_MAX: none); the first round of every chunk, no hashing
+    void build_byte_pairs();
     std::vector<std::pair<std::string, int32_t>> specials_;
     bool whole_lookup_ = true;
     uint64_t uid_ = 0;
