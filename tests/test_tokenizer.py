@@ -168,6 +168,7 @@ def test_special_tokens(pair):
     assert tok.token_to_bytes(2998) == EOT.encode()
     assert tok.decode([2998]) == EOT
     assert tok.vocab_size == tok.n_vocab == 3000
+    assert tok.eot_token == 2998
 
 
 # ---- round trips
@@ -209,7 +210,7 @@ def test_decode_errors(pair):
         tok.decode(bad, errors="strict")
     assert tok.decode_bytes(bad) == b"a\xffb"
     assert tok.decode([]) == "" and tok.decode_bytes(np.zeros(0, np.int32)) == b""
-    for ids in ([1, 3000], [-1], [10**12], np.array([5, 70000], np.uint32)):
+    for ids in ([1, 3000], [-1], [10**12], np.array([5, 70000], np.uint32), [1, 2**70]):
         with pytest.raises(ValueError, match=str(int(np.asarray(ids)[-1]))):
             tok.decode(ids)
     with pytest.raises(ValueError, match="3000"):

@@ -248,6 +248,11 @@ class Tokenizer:
         return dict(self._special)
 
     @property
+    def eot_token(self) -> int | None:
+        """Id of ``<|endoftext|>`` if it is a special token, else None."""
+        return self._special.get("<|endoftext|>")
+
+    @property
     def n_vocab(self) -> int:
         """Largest id + 1 (the embedding table size); equals `vocab_size` unless ids have gaps."""
         return int(self._core.n_vocab)
@@ -404,6 +409,9 @@ class Tokenizer:
             raise ValueError(f"ids must be a 1-D sequence of ints, got ndim={a.ndim}")
         if a.size == 0:
             return np.zeros(0, np.int64)
+        if a.dtype.kind == "O" and all(isinstance(x, int) and not isinstance(x, bool) for x in a.tolist()):
+            bad = next(x for x in a.tolist() if not -(2**63) <= x < 2**63)  # ints too big for int64
+            raise ValueError(f"token id {bad} is out of range")
         if a.dtype.kind not in "iu":
             raise TypeError(f"ids must be integers, got dtype {a.dtype}")
         if a.dtype.kind == "u" and a.dtype.itemsize == 8 and a.max() > np.iinfo(np.int64).max:
