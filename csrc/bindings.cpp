@@ -11,6 +11,7 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -401,14 +402,45 @@ static py::list pretokenize_py(const py::str& text, const std::string& pattern) 
         chunks.reserve(s.size() / 4 + 1);
         fastllm::tok::pretokenize(s, pat, chunks);
     }
+    // Building the str objects costs more than the scan: ASCII chunks (most of them) are copied straight into
+    // a new compact ASCII str (1-character ones come from CPython's cache), the rest are decoded from UTF-8.
+    const char* base = s.data();
     py::list out(chunks.size());
     for (size_t i = 0; i < chunks.size(); i++) {
         const auto [a, b] = chunks[i];
-        PyObject* o = PyUnicode_DecodeUTF8(s.data() + a, static_cast<Py_ssize_t>(b - a), "strict");
+        const Py_ssize_t len = static_cast<Py_ssize_t>(b - a);
+        unsigned char any = 0;
+        for (size_t k = a; k < b; k++) any |= static_cast<unsigned char>(base[k]);
+        PyObject* o;
+        if (any < 0x80) {
+            if (len == 1) {
+                o = PyUnicode_FromOrdinal(static_cast<unsigned char>(base[a]));
+            } else {
+                o = PyUnicode_New(len, 127);
+                if (o) std::memcpy(PyUnicode_DATA(o), base + a, static_cast<size_t>(len));
+            }
+        } else {
+            o = PyUnicode_DecodeUTF8(base + a, len, nullptr);
+        }
         if (!o) throw py::error_already_set();
         PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), o);
     }
     return out;
+}
+
+static std::string pattern_string_py(const std::string& pattern) {
+    return fastllm::tok::pattern_string(parse_pattern(pattern));
+}
+
+// Number of chunks only (no str objects): the scan's own speed, for benchmarks.
+static size_t pretokenize_count_py(const py::str& text, const std::string& pattern) {
+    const auto pat = parse_pattern(pattern);
+    const std::string_view s = utf8_view(text);
+    py::gil_scoped_release nogil;
+    std::vector<std::pair<size_t, size_t>> chunks;
+    chunks.reserve(s.size() / 4 + 1);
+    fastllm::tok::pretokenize(s, pat, chunks);
+    return chunks.size();
 }
 
 // Class flags (1 = letter, 2 = number, 4 = whitespace) of every code point 0..0x10FFFF, for the tests.
@@ -731,8 +763,8 @@ PYBIND11_MODULE(_C, m) {
     // ---- tokenizer (csrc/tokenizer): registered below
     // ---- pre-tokenizer
     m.def("pretokenize", &pretokenize_py, arg("text"), arg("pattern"));
-    m.def("pattern_string", [](const std::string& p) { return std::string(fastllm::tok::pattern_string(parse_pattern(p))); },
-          arg("pattern"));
+    m.def("pattern_string", &pattern_string_py, arg("pattern"));
+    m.def("_pretokenize_count", &pretokenize_count_py, arg("text"), arg("pattern"));
     m.def("_pretokenize_char_classes", &pretokenize_char_classes_py);
     // ---- BPE tokenizer
     register_bpe(m);

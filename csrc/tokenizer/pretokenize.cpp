@@ -18,12 +18,21 @@ agrees with regex by construction; (?i:s) etc. accept exactly the code points re
 Lookup: a 128-entry table for ASCII (most text), else a two-level table (cp >> 8 -> block, 132 blocks of 256).
 Invalid UTF-8 (not produced from a Python str, but the C++ API may see it) is taken byte by byte as a
 non-letter, non-number, non-space code point, so the scan never reads out of bounds.
-Perf notes: ASCII letters/digits/punct runs are a table lookup per byte; the rest decodes UTF-8 per code point.
-Cost in the Python binding is dominated by creating the result str objects, not by the scan.
+Perf notes (pydoc topics, 0.47 MB, one busy core): the scan alone runs at ~450 MB/s (GPT-2) / ~500 MB/s
+(GPT-4); the Python binding at ~70-90 MB/s, its cost dominated by creating ~100k str objects and the page
+faults of fresh memory, like regex.findall's (~8-13 MB/s). Kept: a 256-entry byte table whose entries for
+bytes >= 0x80 stop every run loop with one lookup (then the code point is decoded), and SSE2 (baseline x86-64,
+no dispatch needed) for ASCII letter runs, 16 bytes per step: +25-55% on the scan, mostly from turning the
+mispredicted end-of-word branch into a count-trailing-zeros. Tried and dropped in the binding: cutting chunks
+with PyUnicode_Substring instead of decoding, and a cache sharing repeated short chunks' str objects (no gain).
+Checked with ASan/UBSan on random byte strings (invalid UTF-8 included): chunks always tile the input.
 */
 #include "pretokenize.h"
 
 #include <cstdint>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "pretokenize_detail.h"
 #include "unicode_tables.h"
@@ -37,16 +46,21 @@ enum : uint8_t { kL = 1, kN = 2, kS = 4 };
 
 static const char* const kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
-static const char* const kGpt4Pattern =
-    R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s)";
+static const char* const kGpt4Pattern =  // tiktoken's cl100k_base pat_str
+    R"('(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+)"
+    R"(|\s++$|\s*[\r\n]|\s+(?!\S)|\s)";
 
-struct AsciiTable {
-    uint8_t f[128];
-    constexpr AsciiTable() : f() {
+// Class flags by byte: the ASCII classes, and kHigh for every byte >= 0x80 (a multi-byte code point, looked
+// up after decoding), so that run loops stop on it with a single table lookup per byte.
+enum : uint8_t { kHigh = 0x80 };
+struct ByteTable {
+    uint8_t f[256];
+    constexpr ByteTable() : f() {
         for (int c = 0; c < 128; c++) f[c] = unicode::kStage2[unicode::kStage1[0] * 256 + c];
+        for (int c = 128; c < 256; c++) f[c] = kHigh;
     }
 };
-static constexpr AsciiTable kAscii{};
+static constexpr ByteTable kAscii{};
 
 static inline uint8_t class_of(uint32_t cp) {
     if (cp >= 0x110000) return 0;
@@ -94,30 +108,51 @@ static inline bool in_set(uint32_t cp, const uint32_t (&set)[K]) {
     return false;
 }
 
-// Extends a run from i while the class flags satisfy pred; returns the end.
+// Extends a run from i while the class flags satisfy pred (which must reject kHigh); returns the end.
 template <typename Pred>
 static inline size_t run_while(const uint8_t* s, size_t i, size_t n, Pred pred) {
-    while (i < n) {
-        const uint8_t b = s[i];
-        if (b < 0x80) {
-            if (!pred(kAscii.f[b])) break;
-            i++;
-        } else {
-            size_t len;
-            if (!pred(class_of(decode_multi(s, i, n, len)))) break;
-            i += len;
-        }
+    for (;;) {
+        while (i < n && pred(kAscii.f[s[i]])) i++;  // ASCII part of the run
+        if (i >= n || s[i] < 0x80) return i;
+        size_t len;
+        if (!pred(class_of(decode_multi(s, i, n, len)))) return i;
+        i += len;
     }
-    return i;
 }
+
+// Letter runs are the most common chunk: ASCII letters are found 16 bytes at a time (SSE2 is part of
+// baseline x86-64), so that the end of a word costs a count-trailing-zeros instead of a mispredicted branch.
 static inline size_t letters(const uint8_t* s, size_t i, size_t n) {
+#if defined(__SSE2__)
+    const __m128i lower = _mm_set1_epi8(0x20), bias = _mm_set1_epi8(static_cast<char>('a' + 128)),
+                  limit = _mm_set1_epi8(static_cast<char>(26 - 128));
+    for (;;) {
+        while (i + 16 <= n) {
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+            // (b | 0x20) - 'a' in [0, 26) unsigned <=> b is an ASCII letter; shifted by 128 for a signed compare
+            const __m128i t = _mm_sub_epi8(_mm_or_si128(v, lower), bias);
+            const unsigned m = static_cast<unsigned>(_mm_movemask_epi8(_mm_cmplt_epi8(t, limit)));
+            if (m != 0xFFFF) {
+                i += static_cast<size_t>(__builtin_ctz(~m));
+                break;
+            }
+            i += 16;
+        }
+        while (i < n && (kAscii.f[s[i]] & kL)) i++;  // tail (< 16 bytes left) or already stopped
+        if (i >= n || s[i] < 0x80) return i;
+        size_t len;
+        if (!(class_of(decode_multi(s, i, n, len)) & kL)) return i;
+        i += len;
+    }
+#else
     return run_while(s, i, n, [](uint8_t f) { return (f & kL) != 0; });
+#endif
 }
 static inline size_t numbers(const uint8_t* s, size_t i, size_t n) {
     return run_while(s, i, n, [](uint8_t f) { return (f & kN) != 0; });
 }
 static inline size_t others(const uint8_t* s, size_t i, size_t n) {  // [^\s\p{L}\p{N}]+
-    return run_while(s, i, n, [](uint8_t f) { return f == 0; });
+    return run_while(s, i, n, [](uint8_t f) { return f == 0; });  // kHigh != 0: stops, then decoded
 }
 
 // Whitespace run starting at p (s[p] is whitespace): its end, the start of its last code point and the end of
