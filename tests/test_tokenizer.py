@@ -144,6 +144,17 @@ def test_encode_batch(pair, corpus):
     assert tok.encode_batch([]) == []
 
 
+def test_python_threads(pair, corpus):
+    """encode releases the GIL; concurrent calls from Python threads (own caches) give the same ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok, enc = pair
+    texts = [corpus[i * 40_000 : (i + 1) * 40_000] for i in range(8)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(tok.encode_ordinary, texts))
+    assert [a.tolist() for a in got] == [enc.encode_ordinary(t) for t in texts]
+
+
 # ---- special tokens
 
 
