@@ -331,6 +331,11 @@ def test_corrupt_files(pair, tmp_path):
     write(lines[:7] + [lines[3]] + lines[8:])
     with pytest.raises(ValueError, match="t.tiktoken:8: token"):
         Tokenizer.load(p)
+    write(lines[:9] + [lines[9].split()[0] + b" 99999999999"] + lines[10:])
+    with pytest.raises(ValueError, match="t.tiktoken:10: .*out of range"):
+        Tokenizer.load(p)
+    with pytest.raises(ValueError, match="too large"):
+        Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={EOT: 2**29})
     write(lines[:-100])  # truncated at a line boundary: the sidecar's count catches it
     with pytest.raises(ValueError, match="truncated"):
         Tokenizer.load(p)

@@ -37,7 +37,8 @@ Ref: openai/tiktoken src/lib.rs (_byte_pair_merge), tiktoken/_educational.py; HF
 
 namespace fastllm::tok {
 
-static constexpr size_t kHeapMin = 128;  // longest chunk for the linear scan (its parts array size)
+static constexpr size_t kHeapMin = 128;
+static constexpr int32_t kMaxId = 1 << 28;  // ids index dense tables: refuse absurd ones (corrupt files)  // longest chunk for the linear scan (its parts array size)
 
 // ---------------------------------------------------------------------------------------------------------
 // hashing and maps
@@ -235,7 +236,7 @@ static std::string show_bytes(std::string_view b) {
 
 void Encoder::set_token(int32_t id, std::string_view bytes, bool special) {
     FASTLLM_CHECK(id >= 0, "token id must be >= 0, got ", id, " for ", show_bytes(bytes));
-    FASTLLM_CHECK(id < INT32_MAX, "token id too large: ", id);
+    FASTLLM_CHECK(id < kMaxId, "token id ", id, " is too large (max ", kMaxId - 1, ") for ", show_bytes(bytes));
     if ((size_t)id >= len_.size()) {
         len_.resize((size_t)id + 1, kNone);
         off_.resize((size_t)id + 1, 0);

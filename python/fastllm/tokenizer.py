@@ -146,8 +146,8 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
             rank = int(parts[1])
         except ValueError as e:
             raise ValueError(f"{path}:{lineno}: invalid rank {parts[1][:20]!r}") from e
-        if not token or rank < 0:
-            raise ValueError(f"{path}:{lineno}: empty token or negative rank")
+        if not token or not 0 <= rank < 2**28:
+            raise ValueError(f"{path}:{lineno}: empty token or rank {rank} out of range [0, 2**28)")
         if token in ranks:
             raise ValueError(
                 f"{path}:{lineno}: token {token!r} already has rank {ranks[token]} (line {lines[token]})"
@@ -764,6 +764,7 @@ class Tokenizer:
                 not isinstance(t, dict)
                 or not isinstance(t.get("content"), str)
                 or not isinstance(t.get("id"), int)
+                or not 0 <= t["id"] < 2**28
             ):
                 raise bad(f"bad added_tokens entry {t!r}")
             specials[t["content"]] = t["id"]
@@ -771,8 +772,8 @@ class Tokenizer:
 
         tokens, ids = [], []
         for s, i in model["vocab"].items():
-            if not isinstance(i, int):
-                raise bad(f"vocab id of {s!r} is not an int")
+            if not isinstance(i, int) or not 0 <= i < 2**28:
+                raise bad(f"vocab id of {s!r} is not an int in [0, 2**28): {i!r}")
             if i in special_ids:
                 continue
             try:
@@ -803,9 +804,11 @@ class Tokenizer:
         is_ranks = False
         if ignore_merges and len(index) >= 256 and all(bytes([x]) in index for x in range(256)):
             # Written with tiktoken semantics (save_hf)? Then use them exactly (rank = id).
-            cand = _C.BpeEncoder.from_ranks(tokens, ids)
-            cand_pairs = [(a, b) for a, b, _p, _r in cand.pairs()]
-            if cand_pairs == merges:
+            try:
+                cand = _C.BpeEncoder.from_ranks(tokens, ids)
+            except ValueError:
+                cand = None  # from_merges below reports the problem
+            if cand is not None and [(a, b) for a, b, _p, _r in cand.pairs()] == merges:
                 core, is_ranks = cand, True
         if core is None:
             try:
