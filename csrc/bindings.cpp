@@ -8,6 +8,8 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -24,6 +26,8 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include "cpu/softmax_ce.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/pretokenize_detail.h"
+#include "tokenizer/bpe.h"
+#include "tokenizer/train.h"
 
 namespace py = pybind11;
 using fastllm::str_cat;
@@ -467,6 +471,280 @@ static py::bytes pretokenize_char_classes_py() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// BPE tokenizer (csrc/tokenizer/bpe.h, train.h); the Python policy lives in fastllm/tokenizer.py
+
+namespace tok = fastllm::tok;
+using Specials = std::vector<std::pair<std::string, int32_t>>;
+
+// A 1-D int32 array that owns the vector's buffer (freed when numpy drops the array).
+static py::array_t<int32_t> ids_to_array(std::vector<int32_t>&& v) {
+    auto* owned = new std::vector<int32_t>(std::move(v));
+    py::capsule base(owned, [](void* q) { delete static_cast<std::vector<int32_t>*>(q); });
+    return py::array_t<int32_t>({static_cast<py::ssize_t>(owned->size())}, {sizeof(int32_t)}, owned->data(), base);
+}
+
+// UTF-8 views of a list of str (valid while the list lives); lone surrogates -> the UnicodeEncodeError
+// propagates (tokenizer.py repairs the text and retries).
+static std::vector<std::string_view> utf8_views(const py::list& items, const char* name) {
+    std::vector<std::string_view> v(items.size());
+    for (size_t i = 0; i < v.size(); i++) {
+        PyObject* o = PyList_GET_ITEM(items.ptr(), static_cast<Py_ssize_t>(i));
+        if (!PyUnicode_Check(o)) throw py::type_error(str_cat(name, "[", i, "] must be a str"));
+        Py_ssize_t n = 0;
+        const char* s = PyUnicode_AsUTF8AndSize(o, &n);
+        if (!s) throw py::error_already_set();
+        v[i] = {s, static_cast<size_t>(n)};
+    }
+    return v;
+}
+
+static std::string_view utf8_strict(const py::str& text) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(text.ptr(), &n);
+    if (!s) throw py::error_already_set();  // UnicodeEncodeError (lone surrogate)
+    return {s, static_cast<size_t>(n)};
+}
+
+static Specials specials_by_id(const tok::Encoder& e, const std::vector<int32_t>& ids) {
+    Specials out;
+    for (int32_t id : ids) {
+        FASTLLM_CHECK(e.valid_id(id) && e.is_special(id), "allowed_special: id ", id, " is not a special token");
+        out.emplace_back(std::string(e.token_bytes(id)), id);
+    }
+    return out;
+}
+
+static std::vector<int64_t> ids_from_array(const py::array& ids) {
+    FASTLLM_CHECK(ids.ndim() == 1, "ids must be 1-D, got ndim=", ids.ndim());
+    auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(ids);
+    if (!a) throw py::type_error("ids must be an integer array");
+    return std::vector<int64_t>(a.data(), a.data() + a.size());
+}
+
+static std::string decode_raw(const tok::Encoder& e, const py::array& ids) {
+    const std::vector<int64_t> v = ids_from_array(ids);
+    std::string out;
+    {
+        py::gil_scoped_release nogil;
+        e.decode(v.data(), v.size(), out);
+    }
+    return out;
+}
+
+static py::list train_bpe_py(const py::list& texts, const std::string& pattern, const std::vector<std::string>& specials,
+                             int64_t n_merges, int threads, const py::object& progress, int64_t every) {
+    const auto pat = parse_pattern(pattern);
+    const auto views = utf8_views(texts, "texts");
+    FASTLLM_CHECK(n_merges >= 0, "n_merges must be >= 0, got ", n_merges);
+    FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+    tok::ProgressFn fn;
+    if (!progress.is_none())
+        fn = [&progress](int64_t done, int64_t total) {
+            py::gil_scoped_acquire gil;
+            progress(done, total);
+            if (PyErr_CheckSignals() != 0) throw py::error_already_set();  // Ctrl-C stops training
+        };
+    std::vector<std::pair<int32_t, int32_t>> merges;
+    {
+        py::gil_scoped_release nogil;
+        tok::ChunkCounts counts = tok::count_chunks(views, pat, specials, threads);
+        merges = tok::train_bpe(counts, n_merges, fn, every);
+    }
+    py::list out;
+    for (auto [a, b] : merges) out.append(py::make_tuple(a, b));
+    return out;
+}
+
+// Training on chunks found by Python (custom patterns): one list of str chunks.
+static py::list train_bpe_chunks_py(const py::list& chunks, int64_t n_merges, const py::object& progress,
+                                    int64_t every) {
+    const auto views = utf8_views(chunks, "chunks");
+    FASTLLM_CHECK(n_merges >= 0, "n_merges must be >= 0, got ", n_merges);
+    tok::ProgressFn fn;
+    if (!progress.is_none())
+        fn = [&progress](int64_t done, int64_t total) {
+            py::gil_scoped_acquire gil;
+            progress(done, total);
+            if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+        };
+    std::vector<std::pair<int32_t, int32_t>> merges;
+    {
+        py::gil_scoped_release nogil;
+        tok::ChunkCounts counts;
+        for (auto v : views) counts.add(v);
+        merges = tok::train_bpe(counts, n_merges, fn, every);
+    }
+    py::list out;
+    for (auto [a, b] : merges) out.append(py::make_tuple(a, b));
+    return out;
+}
+
+static void register_bpe(py::module_& m) {
+    using py::arg;
+    using tok::Encoder;
+    py::class_<Encoder, std::shared_ptr<Encoder>>(m, "BpeEncoder")
+        .def_static(
+            "from_ranks",
+            [](const std::vector<std::string>& tokens, const std::vector<int32_t>& ranks) {
+                return std::make_shared<Encoder>(Encoder::from_ranks(tokens, ranks));
+            },
+            arg("tokens"), arg("ranks"))
+        .def_static(
+            "from_merges",
+            [](const std::vector<std::string>& tokens, const std::vector<int32_t>& ids,
+               const std::vector<std::pair<int32_t, int32_t>>& merges, bool whole_chunk_lookup) {
+                return std::make_shared<Encoder>(Encoder::from_merges(tokens, ids, merges, whole_chunk_lookup));
+            },
+            arg("tokens"), arg("ids"), arg("merges"), arg("whole_chunk_lookup"))
+        .def("add_special", &Encoder::add_special, arg("token"), arg("id"))
+        .def(
+            "encode",
+            [](const Encoder& e, const py::str& text, const std::string& pattern, const std::vector<int32_t>& allowed) {
+                const auto pat = parse_pattern(pattern);
+                const Specials sp = specials_by_id(e, allowed);
+                const std::string_view s = utf8_strict(text);
+                std::vector<int32_t> out;
+                {
+                    py::gil_scoped_release nogil;
+                    e.encode(s, pat, sp, out);
+                }
+                return ids_to_array(std::move(out));
+            },
+            arg("text"), arg("pattern"), arg("allowed_special"))
+        .def(
+            "encode_batch",
+            [](const Encoder& e, const py::list& texts, const std::string& pattern, const std::vector<int32_t>& allowed,
+               int threads) {
+                FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+                const auto pat = parse_pattern(pattern);
+                const Specials sp = specials_by_id(e, allowed);
+                const auto views = utf8_views(texts, "texts");
+                std::vector<std::vector<int32_t>> outs;
+                {
+                    py::gil_scoped_release nogil;
+                    e.encode_batch(views, pat, sp, outs, threads);
+                }
+                py::list res(outs.size());
+                for (size_t i = 0; i < outs.size(); i++)
+                    res[i] = ids_to_array(std::move(outs[i]));
+                return res;
+            },
+            arg("texts"), arg("pattern"), arg("allowed_special"), arg("threads"))
+        .def(
+            "encode_chunks",
+            [](const Encoder& e, const py::list& chunks) {
+                const auto views = utf8_views(chunks, "chunks");
+                std::vector<int32_t> out;
+                {
+                    py::gil_scoped_release nogil;
+                    e.encode_chunks(views, out);
+                }
+                return ids_to_array(std::move(out));
+            },
+            arg("chunks"))
+        .def(
+            "encode_chunk_naive",
+            [](const Encoder& e, const py::bytes& chunk) {
+                std::vector<int32_t> out;
+                e.encode_chunk_naive(std::string(chunk), out);
+                return out;
+            },
+            arg("chunk"))
+        .def(
+            "decode",
+            [](const Encoder& e, const py::array& ids, const std::string& errors) {
+                const std::string b = decode_raw(e, ids);
+                PyObject* o = PyUnicode_DecodeUTF8(b.data(), static_cast<Py_ssize_t>(b.size()), errors.c_str());
+                if (!o) throw py::error_already_set();
+                return py::reinterpret_steal<py::str>(o);
+            },
+            arg("ids"), arg("errors"))
+        .def(
+            "decode_batch",
+            [](const Encoder& e, const py::list& seqs, const std::string& errors, int threads) {
+                FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+                std::vector<std::vector<int64_t>> ids(seqs.size());
+                for (size_t k = 0; k < ids.size(); k++) {
+                    ids[k] = ids_from_array(py::array::ensure(seqs[k]));
+                    for (size_t i = 0; i < ids[k].size(); i++) {  // validate here: no throwing in threads
+                        const int64_t v = ids[k][i];
+                        if (e.valid_id(v)) continue;
+                        FASTLLM_CHECK(v >= 0 && v < e.n_vocab(), "token id ", v, " at index ", i, " of ids[", k,
+                                      "] is out of range [0, ", e.n_vocab(), ")");
+                        FASTLLM_CHECK(false, "token id ", v, " at index ", i, " of ids[", k,
+                                      "] is not assigned to any token");
+                    }
+                }
+                std::vector<std::string> out(ids.size());
+                {
+                    py::gil_scoped_release nogil;
+                    const int64_t n = (int64_t)ids.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+                    for (int64_t k = 0; k < n; k++) e.decode(ids[k].data(), ids[k].size(), out[k]);
+                }
+                py::list res(out.size());
+                for (size_t k = 0; k < out.size(); k++) {
+                    PyObject* o = PyUnicode_DecodeUTF8(out[k].data(), (Py_ssize_t)out[k].size(), errors.c_str());
+                    if (!o) throw py::error_already_set();
+                    PyList_SET_ITEM(res.ptr(), (Py_ssize_t)k, o);
+                }
+                return res;
+            },
+            arg("ids"), arg("errors"), arg("threads"))
+        .def(
+            "decode_bytes", [](const Encoder& e, const py::array& ids) { return py::bytes(decode_raw(e, ids)); },
+            arg("ids"))
+        .def(
+            "token_bytes",
+            [](const Encoder& e, int64_t id) {
+                FASTLLM_CHECK(e.valid_id(id), "token id ", id, " is not in the vocabulary [0, ", e.n_vocab(), ")");
+                return py::bytes(std::string(e.token_bytes(static_cast<int32_t>(id))));
+            },
+            arg("id"))
+        .def("is_special", [](const Encoder& e, int64_t id) { return e.valid_id(id) && e.is_special((int32_t)id); })
+        .def("valid_id", &Encoder::valid_id)
+        .def_property_readonly("n_vocab", &Encoder::n_vocab)
+        .def_property_readonly("n_tokens", &Encoder::n_tokens)
+        .def_property_readonly("whole_chunk_lookup", &Encoder::whole_chunk_lookup)
+        .def("specials",
+             [](const Encoder& e) {
+                 py::list out;
+                 for (auto& [b, id] : e.specials()) out.append(py::make_tuple(py::bytes(b), id));
+                 return out;
+             })
+        .def("pairs", [](const Encoder& e) {
+            // every (left, right, priority, result) the merge loop knows, sorted by (priority, left, right)
+            std::vector<std::array<int32_t, 4>> v;
+            e.pairs().for_each([&](int32_t a, int32_t b, tok::PairMap::Merge g) { v.push_back({g.prio, a, b, g.result}); });
+            std::sort(v.begin(), v.end());
+            py::list out;
+            for (auto& x : v) out.append(py::make_tuple(x[1], x[2], x[0], x[3]));
+            return out;
+        });
+    m.def("bpe_clear_caches", &tok::clear_thread_caches);  // cold-cache benchmarks
+    m.def("train_bpe", &train_bpe_py, arg("texts"), arg("pattern"), arg("special_tokens"), arg("n_merges"),
+          arg("threads"), arg("progress"), arg("every"));
+    m.def(
+        "bpe_count_chunks",
+        [](const py::list& texts, const std::string& pattern, const std::vector<std::string>& specials, int threads) {
+            // the chunk counts training starts from (for tests)
+            const auto pat = parse_pattern(pattern);
+            const auto views = utf8_views(texts, "texts");
+            FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+            tok::ChunkCounts counts;
+            {
+                py::gil_scoped_release nogil;
+                counts = tok::count_chunks(views, pat, specials, threads);
+            }
+            py::dict out;
+            for (size_t i = 0; i < counts.size(); i++) out[py::bytes(std::string(counts.key(i)))] = counts.count(i);
+            return out;
+        },
+        arg("texts"), arg("pattern"), arg("special_tokens"), arg("threads"));
+    m.def("train_bpe_chunks", &train_bpe_chunks_py, arg("chunks"), arg("n_merges"), arg("progress"), arg("every"));
+}
+
+// ---------------------------------------------------------------------------------------------------------
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "fastllm native kernels (private; use fastllm.ops)";
@@ -510,4 +788,6 @@ PYBIND11_MODULE(_C, m) {
     m.def("pattern_string", &pattern_string_py, arg("pattern"));
     m.def("_pretokenize_count", &pretokenize_count_py, arg("text"), arg("pattern"));
     m.def("_pretokenize_char_classes", &pretokenize_char_classes_py);
+    // ---- BPE tokenizer
+    register_bpe(m);
 }

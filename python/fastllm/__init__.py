@@ -9,6 +9,7 @@ True
 from __future__ import annotations
 
 from . import _C, ops
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,4 @@ def get_num_threads() -> int:
     return int(_C.get_num_threads())
 
 
-__all__ = ["info", "ops", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["info", "ops", "Tokenizer", "set_num_threads", "get_num_threads", "__version__"]

@@ -1,0 +1,870 @@
+"""Byte-level BPE tokenizer, exactly compatible with tiktoken (and HF ``tokenizers`` through tokenizer.json).
+
+The work is native (csrc/tokenizer): pre-tokenization by hand-written scanners for the GPT-2 and GPT-4
+(cl100k) patterns, BPE by merge priority with a per-thread chunk cache, multi-threaded training.
+This module holds the policy: special tokens, surrogate repair, file formats, errors.
+
+Conventions
+  - Ids are returned as 1-D ``numpy.int32`` arrays that own the native buffer (tiktoken returns lists;
+    ``ids.tolist()`` converts). ``decode`` accepts any integer sequence or array.
+  - Token id = rank: ids 0..255 are the single bytes in byte order (for trained tokenizers), merges follow in
+    training order, special tokens come last.
+  - Lone surrogates in input text (not encodable as UTF-8) are replaced by U+FFFD before encoding, as tiktoken
+    does (valid surrogate pairs are joined first), so ``decode(encode(s)) == s`` holds for every ``s``
+    without lone surrogates.
+  - Patterns: ``"gpt2"``, ``"gpt4"`` (native, fast) or any other regex string (found with the ``regex``
+    module in Python, then encoded natively; slower).
+
+>>> tok = Tokenizer.train(["hello world, hello there"] * 10, vocab_size=270, progress=False)
+>>> ids = tok.encode("hello world")
+>>> tok.decode(ids)
+'hello world'
+>>> tok.encode("<|endoftext|>", allowed_special="all").tolist() == [tok.special_tokens["<|endoftext|>"]]
+True
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import tempfile
+from collections.abc import Collection, Iterable, Sequence
+from typing import Literal, Union
+
+import numpy as np
+
+from . import _C
+
+__all__ = ["Tokenizer", "GPT2_PATTERN", "GPT4_PATTERN"]
+
+GPT2_PATTERN: str = _C.pattern_string("gpt2")
+GPT4_PATTERN: str = _C.pattern_string("gpt4")
+# Other spellings of the same patterns (tiktoken's r50k/cl100k strings, HF ByteLevel's regex); they select the
+# native pre-tokenizer too.
+_PATTERN_ALIASES = {
+    GPT2_PATTERN: "gpt2",
+    GPT4_PATTERN: "gpt4",
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""": "gpt2",
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""": "gpt2",
+}
+
+# HF tokenizers runs Oniguruma (Ruby syntax), where `$` also matches before every newline and `{1,3}+` is not
+# possessive but a repetition; these rewrites mean the same under Oniguruma as the originals under `regex`
+# (`\s++` runs to the end of the text whenever `$` matches; nothing follows `\p{N}{1,3}` in its branch).
+_HF_REWRITES = [(r"\p{N}{1,3}+", r"\p{N}{1,3}"), (r"\s++$", r"\s++\z")]
+
+
+def _to_hf_regex(pat: str) -> str:
+    for a, b in _HF_REWRITES:
+        pat = pat.replace(a, b)
+    return pat
+
+
+_PATTERN_ALIASES[_to_hf_regex(GPT4_PATTERN)] = "gpt4"
+
+_SIDECAR_FORMAT = "fastllm-bpe"
+_SIDECAR_VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+IdsLike = Union[Sequence[int], np.ndarray]
+
+
+def _repair_surrogates(text: str) -> str:
+    """tiktoken's policy: join valid surrogate pairs, replace lone surrogates by U+FFFD.
+
+    >>> _repair_surrogates("a\\ud800b")
+    'a\\ufffdb'
+    """
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level tokenizer.json files.
+
+    >>> m = _bytes_to_unicode(); m[ord("a")], m[ord(" ")], len(m)
+    ('a', 'Ġ', 256)
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    out, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+_B2U = _bytes_to_unicode()
+_U2B = {u: b for b, u in _B2U.items()}
+
+
+def _atomic_write(path: PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_ranks(path: PathLike) -> dict[bytes, int]:
+    """Parse a tiktoken rank file (``base64(token) rank`` per line); errors name the file and line."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    ranks: dict[bytes, int] = {}
+    seen_rank: dict[int, int] = {}
+    lines: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}")
+        try:
+            token = base64.b64decode(parts[0], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"{path}:{lineno}: invalid base64 token {parts[0][:60]!r}") from e
+        try:
+            rank = int(parts[1])
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: invalid rank {parts[1][:20]!r}") from e
+        if not token or not 0 <= rank < 2**28:
+            raise ValueError(f"{path}:{lineno}: empty token or rank {rank} out of range [0, 2**28)")
+        if token in ranks:
+            raise ValueError(
+                f"{path}:{lineno}: token {token!r} already has rank {ranks[token]} (line {lines[token]})"
+            )
+        if rank in seen_rank:
+            raise ValueError(f"{path}:{lineno}: rank {rank} is used twice (line {seen_rank[rank]})")
+        ranks[token] = rank
+        seen_rank[rank] = lineno
+        lines[token] = lineno
+    if not ranks:
+        raise ValueError(f"{path}:1: no tokens (empty or truncated file)")
+    return ranks
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer with tiktoken semantics.
+
+    Build it from tiktoken-style mergeable ranks, train it, or load it from a file.
+
+    >>> ranks = {bytes([b]): b for b in range(256)}
+    >>> ranks[b"ab"] = 256
+    >>> tok = Tokenizer(ranks, pattern="gpt2", special_tokens={"<|endoftext|>": 257})
+    >>> tok.encode("abc").tolist()
+    [256, 99]
+    >>> tok.n_vocab, tok.vocab_size
+    (258, 258)
+    """
+
+    def __init__(
+        self,
+        mergeable_ranks: dict[bytes, int],
+        pattern: str = "gpt4",
+        special_tokens: dict[str, int] | None = None,
+    ) -> None:
+        """`mergeable_ranks`: token bytes -> rank (= id), all 256 single bytes included, as tiktoken's
+        ``Encoding(name, pat_str, mergeable_ranks, special_tokens)``. `pattern`: "gpt2", "gpt4" or a regex."""
+        if not isinstance(mergeable_ranks, dict):
+            raise TypeError(
+                f"mergeable_ranks must be a dict bytes -> int, got {type(mergeable_ranks).__name__}"
+            )
+        tokens = list(mergeable_ranks.keys())
+        ranks = list(mergeable_ranks.values())
+        for t in tokens:
+            if not isinstance(t, bytes):
+                raise TypeError(f"mergeable_ranks keys must be bytes, got {type(t).__name__}")
+        core = _C.BpeEncoder.from_ranks(tokens, ranks)
+        self._init(core, pattern, special_tokens)
+
+    # -- construction helpers
+
+    @classmethod
+    def _from_core(cls, core, pattern: str, special_tokens: dict[str, int] | None) -> Tokenizer:
+        self = cls.__new__(cls)
+        self._init(core, pattern, special_tokens)
+        return self
+
+    def _init(self, core, pattern: str, special_tokens: dict[str, int] | None) -> None:
+        if not isinstance(pattern, str):
+            raise TypeError(f"pattern must be 'gpt2', 'gpt4' or a regex string, got {type(pattern).__name__}")
+        self._pattern = _PATTERN_ALIASES.get(pattern, pattern)
+        self._regex = None
+        if self._pattern not in ("gpt2", "gpt4"):
+            try:
+                import regex
+            except ImportError as e:  # pragma: no cover
+                raise ImportError("custom patterns need the `regex` module (pip install regex)") from e
+            try:
+                self._regex = regex.compile(self._pattern)
+            except regex.error as e:
+                raise ValueError(f"pattern is not a valid regex: {e}") from e
+        special_tokens = dict(special_tokens or {})
+        for s, i in special_tokens.items():
+            if not isinstance(s, str) or not s:
+                raise TypeError(f"special token names must be non-empty str, got {s!r}")
+            if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+                raise TypeError(f"special token {s!r}: id must be an int, got {i!r}")
+            core.add_special(s.encode("utf-8"), int(i))
+        self._core = core
+        self._special = {s: int(i) for s, i in special_tokens.items()}
+        self._special_regex_cache: dict[frozenset, object] = {}
+        self._is_ranks = True  # tiktoken semantics (rank = id); False for HF merge-priority files
+
+    # -- properties
+
+    @property
+    def pattern(self) -> str:
+        """ "gpt2", "gpt4" or the custom regex string."""
+        return self._pattern
+
+    @property
+    def pat_str(self) -> str:
+        """The regex string of the pattern (what tiktoken calls pat_str)."""
+        return {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}.get(self._pattern, self._pattern)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token -> id (a copy)."""
+        return dict(self._special)
+
+    @property
+    def eot_token(self) -> int | None:
+        """Id of ``<|endoftext|>`` if it is a special token, else None."""
+        return self._special.get("<|endoftext|>")
+
+    @property
+    def n_vocab(self) -> int:
+        """Largest id + 1 (the embedding table size); equals `vocab_size` unless ids have gaps."""
+        return int(self._core.n_vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens: byte tokens + merges + special tokens."""
+        return int(self._core.n_tokens)
+
+    def __repr__(self) -> str:
+        pat = self._pattern if self._regex is None else "custom"
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, pattern={pat!r}, special_tokens={len(self._special)})"
+        )
+
+    # -- encoding
+
+    def _allowed_ids(
+        self,
+        text_or_texts: str | list[str],
+        allowed_special: Literal["all"] | Collection[str],
+        disallowed_special: Literal["all"] | Collection[str],
+    ) -> list[int]:
+        """tiktoken's special-token policy: check disallowed ones are absent, return the allowed ids."""
+        if allowed_special == "all":
+            allowed = set(self._special)
+        else:
+            if isinstance(allowed_special, str):
+                raise TypeError("allowed_special must be 'all' or a set of str")
+            allowed = set(allowed_special)
+            for s in allowed:
+                if s not in self._special:
+                    raise ValueError(f"allowed_special: {s!r} is not a special token of this tokenizer")
+        if disallowed_special == "all":
+            disallowed = set(self._special) - allowed
+        else:
+            if isinstance(disallowed_special, str):
+                raise TypeError("disallowed_special must be 'all' or a collection of str")
+            disallowed = set(disallowed_special)
+            for s in disallowed:
+                if s not in self._special:
+                    raise ValueError(f"disallowed_special: {s!r} is not a special token of this tokenizer")
+        if disallowed:
+            texts = [text_or_texts] if isinstance(text_or_texts, str) else text_or_texts
+            for text in texts:
+                hits = [(text.find(s), -len(s), s) for s in disallowed if s in text]
+                if hits:
+                    tok = min(hits)[2]
+                    raise ValueError(
+                        f"Encountered text corresponding to disallowed special token {tok!r}. Pass it in "
+                        "allowed_special to encode it as a special token, or disallowed_special=() to "
+                        "encode it as ordinary text."
+                    )
+        return sorted(self._special[s] for s in allowed)
+
+    def _encode_custom(self, text: str, allowed_ids: list[int]) -> np.ndarray:
+        """Custom patterns: Python regex finds the chunks (between allowed specials), C++ encodes them."""
+        import regex
+
+        parts: list[np.ndarray] = []
+        if allowed_ids:
+            names = sorted(
+                (s for s, i in self._special.items() if i in set(allowed_ids)), key=len, reverse=True
+            )
+            key = frozenset(names)
+            rx = self._special_regex_cache.get(key)
+            if rx is None:
+                rx = self._special_regex_cache[key] = regex.compile("|".join(regex.escape(s) for s in names))
+            pos = 0
+            for m in rx.finditer(text):
+                if m.start() > pos:
+                    parts.append(self._core.encode_chunks(self._regex.findall(text[pos : m.start()])))
+                parts.append(np.array([self._special[m.group()]], np.int32))
+                pos = m.end()
+            text = text[pos:]
+        if text or not parts:
+            parts.append(self._core.encode_chunks(self._regex.findall(text)))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _encode_native(self, text: str, allowed_ids: list[int]) -> np.ndarray:
+        if self._regex is not None:
+            return self._encode_custom(text, allowed_ids)
+        return self._core.encode(text, self._pattern, allowed_ids)
+
+    def encode(
+        self,
+        text: str,
+        allowed_special: Literal["all"] | Collection[str] = frozenset(),
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> np.ndarray:
+        """Encode text to ids (int32 array), with tiktoken's special-token rules: text matching an allowed
+        special token becomes its id; text matching a disallowed one raises ValueError naming it; other
+        special tokens (disallowed_special=()) are encoded as ordinary text.
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|eot|>": 256})
+        >>> tok.encode("hi<|eot|>", allowed_special={"<|eot|>"}).tolist()
+        [104, 105, 256]
+        >>> tok.encode("hi<|eot|>", disallowed_special=()).tolist()[:3]
+        [104, 105, 60]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        allowed = self._allowed_ids(text, allowed_special, disallowed_special)
+        try:
+            return self._encode_native(text, allowed)
+        except UnicodeEncodeError:
+            return self._encode_native(_repair_surrogates(text), allowed)
+
+    def encode_ordinary(self, text: str) -> np.ndarray:
+        """Encode text, treating special tokens as ordinary text.
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
+        >>> tok.encode_ordinary("ab").tolist()
+        [97, 98]
+        """
+        return self.encode(text, allowed_special=frozenset(), disallowed_special=())
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        threads: int | None = None,
+        allowed_special: Literal["all"] | Collection[str] = frozenset(),
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> list[np.ndarray]:
+        """encode() of each text, in parallel over texts on `threads` native threads (default: fastllm's
+        thread count) with the GIL released.
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
+        >>> [a.tolist() for a in tok.encode_batch(["a", "bc"], threads=2)]
+        [[97], [98, 99]]
+        """
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        threads = _C.get_num_threads() if threads is None else int(threads)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        allowed = self._allowed_ids(texts, allowed_special, disallowed_special)
+        if self._regex is not None:
+            return [self._encode_native(_repair_if_needed(t), allowed) for t in texts]
+        try:
+            return self._core.encode_batch(texts, self._pattern, allowed, threads)
+        except UnicodeEncodeError:
+            texts = [_repair_if_needed(t) for t in texts]
+            return self._core.encode_batch(texts, self._pattern, allowed, threads)
+
+    # -- decoding
+
+    @staticmethod
+    def _ids_array(ids: IdsLike) -> np.ndarray:
+        a = np.asarray(ids)
+        if a.ndim != 1:
+            raise ValueError(f"ids must be a 1-D sequence of ints, got ndim={a.ndim}")
+        if a.size == 0:
+            return np.zeros(0, np.int64)
+        if a.dtype.kind == "O" and all(isinstance(x, int) and not isinstance(x, bool) for x in a.tolist()):
+            bad = next(x for x in a.tolist() if not -(2**63) <= x < 2**63)  # ints too big for int64
+            raise ValueError(f"token id {bad} is out of range")
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {a.dtype}")
+        if a.dtype.kind == "u" and a.dtype.itemsize == 8 and a.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"token id {int(a.max())} is out of range")
+        return a.astype(np.int64, copy=False)
+
+    def decode_bytes(self, ids: IdsLike) -> bytes:
+        """Concatenated bytes of the tokens; ValueError naming the first id out of range.
+
+        >>> Tokenizer({bytes([b]): b for b in range(256)}).decode_bytes([104, 105])
+        b'hi'
+        """
+        return self._core.decode_bytes(self._ids_array(ids))
+
+    def decode(self, ids: IdsLike, errors: str = "replace") -> str:
+        """Decode ids to text. Bytes that are not valid UTF-8 become U+FFFD (errors="replace", the default)
+        or raise ValueError naming the byte position and token (errors="strict"); any `bytes.decode` handler
+        works.
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
+        >>> tok.decode([104, 105, 255])
+        'hi\\ufffd'
+        """
+        arr = self._ids_array(ids)
+        try:
+            return self._core.decode(arr, errors)
+        except UnicodeDecodeError as e:
+            # find the token holding the bad byte
+            pos, k = 0, 0
+            for i in arr.tolist():
+                pos += len(self._core.token_bytes(i))
+                if pos > e.start:
+                    break
+                k += 1
+            raise ValueError(
+                f"ids do not decode to valid UTF-8: {e.reason} at byte {e.start} "
+                f"(token index {k}, id {int(arr[k])})"
+            ) from e
+
+    def decode_batch(
+        self, batch: Sequence[IdsLike], errors: str = "replace", threads: int | None = None
+    ) -> list[str]:
+        """decode() of each id sequence, the byte concatenation done in parallel on `threads` native threads.
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
+        >>> tok.decode_batch([[104, 105], [], np.array([33])])
+        ['hi', '', '!']
+        """
+        arrays = [self._ids_array(ids) for ids in batch]
+        threads = _C.get_num_threads() if threads is None else int(threads)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        try:
+            return self._core.decode_batch(arrays, errors, threads)
+        except UnicodeDecodeError:
+            return [self.decode(a, errors) for a in arrays]  # raises with the position
+
+    def token_to_bytes(self, id: int) -> bytes:
+        """The bytes of one token (special tokens: their UTF-8).
+
+        >>> Tokenizer({bytes([b]): b for b in range(256)}).token_to_bytes(65)
+        b'A'
+        """
+        if not isinstance(id, (int, np.integer)) or isinstance(id, bool):
+            raise TypeError(f"id must be an int, got {type(id).__name__}")
+        return self._core.token_bytes(int(id))
+
+    # -- training
+
+    @classmethod
+    def train(
+        cls,
+        texts_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
+        vocab_size: int,
+        pattern: str = "gpt4",
+        special_tokens: Sequence[str] = ("<|endoftext|>",),
+        progress: bool = True,
+        threads: int | None = None,
+    ) -> Tokenizer:
+        """Train a byte-level BPE tokenizer of `vocab_size` tokens (256 bytes + merges + special tokens).
+
+        `texts_or_paths`: a text, a path, or an iterable of them. Paths (``os.PathLike``, or a one-line
+        ``str`` naming an existing file) are read as UTF-8 (undecodable bytes -> U+FFFD); any other ``str`` is
+        text. Special tokens are cut out of the texts before counting. Chunk counting runs on `threads` native
+        threads (default: fastllm's thread count); merges are learned incrementally, highest pair count
+        first, ties to the smallest (left id, right id); a pair whose bytes are already a token is skipped.
+        Training stops early (smaller vocabulary) when no
+        pair is left. `progress` shows a tqdm bar of merges.
+
+        >>> tok = Tokenizer.train(["aaabdaaabac"], vocab_size=259, special_tokens=(), progress=False)
+        >>> [tok.token_to_bytes(i) for i in range(256, 259)]
+        [b'aa', b'ab', b'aaab']
+        """
+        if isinstance(texts_or_paths, (str, os.PathLike)):
+            texts_or_paths = [texts_or_paths]
+        texts: list[str] = []
+        for i, item in enumerate(texts_or_paths):
+            if isinstance(item, os.PathLike) or (
+                isinstance(item, str) and len(item) < 4096 and "\n" not in item and os.path.isfile(item)
+            ):
+                with open(item, encoding="utf-8", errors="replace") as f:
+                    texts.append(f.read())
+            elif isinstance(item, str):
+                texts.append(item)
+            else:
+                raise TypeError(
+                    f"texts_or_paths[{i}] must be a str (text) or os.PathLike, got {type(item).__name__}"
+                )
+        texts = [_repair_if_needed(t) for t in texts]
+        specials = list(special_tokens)
+        if len(set(specials)) != len(specials):
+            raise ValueError(f"special_tokens has duplicates: {specials}")
+        vocab_size = int(vocab_size)
+        n_merges = vocab_size - 256 - len(specials)
+        if n_merges < 0:
+            raise ValueError(f"vocab_size must be >= 256 + {len(specials)} special tokens, got {vocab_size}")
+        threads = _C.get_num_threads() if threads is None else int(threads)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        pat = _PATTERN_ALIASES.get(pattern, pattern)
+
+        bar = None
+        callback = None
+        if progress and n_merges > 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_merges, desc="bpe merges", unit="merge")
+
+            def callback(done: int, total: int) -> None:
+                bar.update(done - bar.n)
+
+        every = max(1, n_merges // 200)
+        try:
+            if pat in ("gpt2", "gpt4"):
+                merges = _C.train_bpe(texts, pat, specials, n_merges, threads, callback, every)
+            else:
+                probe = cls._from_core(
+                    _C.BpeEncoder.from_ranks([bytes([b]) for b in range(256)], list(range(256))), pat, None
+                )
+                chunks: list[str] = []
+                for t in texts:
+                    for piece in _split_on(t, specials):
+                        chunks.extend(probe._regex.findall(piece))
+                merges = _C.train_bpe_chunks(chunks, n_merges, callback, every)
+        finally:
+            if bar is not None:
+                bar.close()
+        tokens = [bytes([b]) for b in range(256)]
+        for a, b in merges:
+            tokens.append(tokens[a] + tokens[b])
+        core = _C.BpeEncoder.from_ranks(tokens, list(range(len(tokens))))
+        return cls._from_core(core, pat, {s: len(tokens) + k for k, s in enumerate(specials)})
+
+    # -- files
+
+    def _regular_tokens(self) -> list[tuple[int, bytes]]:
+        core = self._core
+        return [
+            (i, core.token_bytes(i))
+            for i in range(core.n_vocab)
+            if core.valid_id(i) and not core.is_special(i)
+        ]
+
+    def _require_ranks(self, what: str) -> None:
+        if not self._is_ranks:
+            raise ValueError(
+                f"{what}: this tokenizer merges by HF merge priority (loaded from a tokenizer.json), which "
+                "the tiktoken rank format cannot express; use save_hf"
+            )
+
+    def save_tiktoken(self, path: PathLike) -> None:
+        """Write the mergeable ranks in tiktoken's format: ``base64(token) rank`` per line, by rank
+        (readable by ``tiktoken.load.load_tiktoken_bpe``). Pattern and special tokens are not stored (see
+        `save`)."""
+        self._require_ranks("save_tiktoken")
+        lines = [base64.b64encode(t) + b" " + str(i).encode() for i, t in self._regular_tokens()]
+        _atomic_write(path, b"\n".join(lines) + b"\n")
+
+    @classmethod
+    def load_tiktoken(
+        cls, path: PathLike, pattern: str = "gpt4", special_tokens: dict[str, int] | None = None
+    ) -> Tokenizer:
+        """Read a tiktoken rank file (e.g. written by `save_tiktoken` or shipped with tiktoken).
+
+        Corrupt or truncated files raise ValueError naming the file and line."""
+        ranks = _read_ranks(path)
+        try:
+            return cls(ranks, pattern, special_tokens)
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(path)}: {e}") from e
+
+    def save(self, path: PathLike) -> None:
+        """Save to `path` (tiktoken rank file, see `save_tiktoken`) plus the sidecar ``<path>.json`` holding
+        the pattern, the special tokens and the number of ranks: ``{"format": "fastllm-bpe", "version": 1,
+        "pattern": "gpt4" | <regex>, "special_tokens": {name: id}, "n_ranks": N}``. Both written atomically.
+
+        >>> import tempfile, os
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|eot|>": 256})
+        >>> d = tempfile.mkdtemp(); tok.save(os.path.join(d, "t.tiktoken"))
+        >>> Tokenizer.load(os.path.join(d, "t.tiktoken")).special_tokens
+        {'<|eot|>': 256}
+        """
+        self._require_ranks("save")
+        n = len(self._regular_tokens())
+        side = {
+            "format": _SIDECAR_FORMAT,
+            "version": _SIDECAR_VERSION,
+            "pattern": self._pattern,
+            "special_tokens": self._special,
+            "n_ranks": n,
+        }
+        self.save_tiktoken(path)
+        _atomic_write(
+            os.fspath(path) + ".json", (json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode()
+        )
+
+    @classmethod
+    def load(cls, path: PathLike) -> Tokenizer:
+        """Load what `save` wrote (the rank file and its ``.json`` sidecar)."""
+        side_path = os.fspath(path) + ".json"
+        try:
+            with open(side_path, encoding="utf-8") as f:
+                side = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{side_path}:{e.lineno}: corrupt JSON ({e.msg})") from e
+        if not isinstance(side, dict) or side.get("format") != _SIDECAR_FORMAT:
+            raise ValueError(
+                f"{side_path}:1: not a fastllm tokenizer sidecar (format != {_SIDECAR_FORMAT!r})"
+            )
+        if side.get("version") != _SIDECAR_VERSION:
+            raise ValueError(f"{side_path}:1: unsupported version {side.get('version')!r}")
+        for key, typ in (("pattern", str), ("special_tokens", dict), ("n_ranks", int)):
+            if not isinstance(side.get(key), typ):
+                raise ValueError(f"{side_path}:1: missing or bad {key!r}")
+        ranks = _read_ranks(path)
+        if len(ranks) != side["n_ranks"]:
+            raise ValueError(
+                f"{os.fspath(path)}:{len(ranks)}: {len(ranks)} ranks but the sidecar says {side['n_ranks']} "
+                "(truncated file?)"
+            )
+        try:
+            return cls(ranks, side["pattern"], side["special_tokens"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{os.fspath(path)}: {e}") from e
+
+    def save_hf(self, path: PathLike) -> None:
+        """Write a GPT-2-style HF ``tokenizer.json`` (BPE model over the byte-level alphabet, vocab + merges,
+        special tokens as added_tokens, ByteLevel pre-tokenizer and decoder) that ``tokenizers.Tokenizer
+        .from_file`` loads and encodes to the same ids. tiktoken semantics are expressed as
+        ``ignore_merges=true`` (a chunk that is a token is taken whole) and one merge per split of every token
+        into two tokens, ordered by the token's rank."""
+        vocab = {"".join(_B2U[b] for b in t): i for i, t in self._regular_tokens()}
+        merges = []
+        for a, b, _prio, _res in self._core.pairs():
+            ta, tb = self._core.token_bytes(a), self._core.token_bytes(b)
+            merges.append(["".join(_B2U[x] for x in ta), "".join(_B2U[x] for x in tb)])
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        if self._pattern == "gpt2":
+            pre = byte_level
+        else:
+            pre = {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {
+                        "type": "Split",
+                        "pattern": {"Regex": _to_hf_regex(self.pat_str)},
+                        "behavior": "Isolated",
+                        "invert": False,
+                    },
+                    {**byte_level, "use_regex": False},
+                ],
+            }
+        doc = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [
+                {
+                    "id": i,
+                    "content": s,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": True,
+                }
+                for s, i in sorted(self._special.items(), key=lambda x: x[1])
+            ],
+            "normalizer": None,
+            "pre_tokenizer": pre,
+            "post_processor": None,
+            "decoder": {
+                "type": "ByteLevel",
+                "add_prefix_space": True,
+                "trim_offsets": True,
+                "use_regex": True,
+            },
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": bool(self._core.whole_chunk_lookup),
+                "vocab": vocab,
+                "merges": merges,
+            },
+        }
+        _atomic_write(path, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+
+    @classmethod
+    def load_hf(cls, path: PathLike) -> Tokenizer:
+        """Read a byte-level BPE ``tokenizer.json`` (written by `save_hf`, or by HF tokenizers' own trainer:
+        then tokens merge by the merges' order, as HF does). Added tokens become special tokens. Unsupported
+        features (normalizers, add_prefix_space, byte fallback, dropout, other models) raise ValueError."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: corrupt JSON ({e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:1: not UTF-8 ({e.reason})") from e
+
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"{path}:1: {msg}")
+
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if (
+            not isinstance(model, dict)
+            or model.get("type", "BPE") != "BPE"
+            or not isinstance(model.get("vocab"), dict)
+        ):
+            raise bad("not a BPE tokenizer.json (model.type must be 'BPE' with a vocab)")
+        for key in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key) not in (None, ""):
+                raise bad(f"model.{key}={model.get(key)!r} is not supported")
+        if model.get("byte_fallback"):
+            raise bad("model.byte_fallback is not supported")
+        if doc.get("normalizer") is not None:
+            raise bad("normalizers are not supported")
+        pattern = _hf_pattern(doc.get("pre_tokenizer"), bad)
+
+        added = doc.get("added_tokens") or []
+        specials: dict[str, int] = {}
+        for t in added:
+            if (
+                not isinstance(t, dict)
+                or not isinstance(t.get("content"), str)
+                or not isinstance(t.get("id"), int)
+                or not 0 <= t["id"] < 2**28
+            ):
+                raise bad(f"bad added_tokens entry {t!r}")
+            specials[t["content"]] = t["id"]
+        special_ids = set(specials.values())
+
+        tokens, ids = [], []
+        for s, i in model["vocab"].items():
+            if not isinstance(i, int) or not 0 <= i < 2**28:
+                raise bad(f"vocab id of {s!r} is not an int in [0, 2**28): {i!r}")
+            if i in special_ids:
+                continue
+            try:
+                tokens.append(bytes(_U2B[c] for c in s))
+            except KeyError:
+                raise bad(f"vocab token {s!r} is not in the byte-level alphabet") from None
+            ids.append(i)
+        index = dict(zip(tokens, ids))
+        merges = []
+        for k, m in enumerate(model.get("merges") or []):
+            if isinstance(m, str):
+                parts = m.split(" ")
+            elif isinstance(m, list):
+                parts = m
+            else:
+                parts = []
+            if len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+                raise bad(f"merge {k} is malformed: {m!r}")
+            try:
+                a, b = (bytes(_U2B[c] for c in p) for p in parts)
+            except KeyError:
+                raise bad(f"merge {k} {m!r} is not in the byte-level alphabet") from None
+            if a not in index or b not in index:
+                raise bad(f"merge {k} {m!r} uses a token missing from the vocab")
+            merges.append((index[a], index[b]))
+        ignore_merges = bool(model.get("ignore_merges", False))
+        core = None
+        is_ranks = False
+        if ignore_merges and len(index) >= 256 and all(bytes([x]) in index for x in range(256)):
+            # Written with tiktoken semantics (save_hf)? Then use them exactly (rank = id).
+            try:
+                cand = _C.BpeEncoder.from_ranks(tokens, ids)
+            except ValueError:
+                cand = None  # from_merges below reports the problem
+            if cand is not None and [(a, b) for a, b, _p, _r in cand.pairs()] == merges:
+                core, is_ranks = cand, True
+        if core is None:
+            try:
+                core = _C.BpeEncoder.from_merges(tokens, ids, merges, ignore_merges)
+            except ValueError as e:
+                raise bad(str(e)) from e
+        try:
+            tok = cls._from_core(core, pattern, specials)
+        except ValueError as e:
+            raise bad(str(e)) from e
+        tok._is_ranks = is_ranks
+        return tok
+
+
+def _repair_if_needed(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _repair_surrogates(text)
+
+
+def _split_on(text: str, specials: Sequence[str]) -> list[str]:
+    """Pieces of text between occurrences of the special tokens (used for training with custom patterns)."""
+    if not specials:
+        return [text]
+    import regex
+
+    rx = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    return rx.split(text)
+
+
+def _hf_pattern(pre, bad) -> str:
+    """The pre-tokenizer regex of an HF byte-level tokenizer.json."""
+
+    def check_byte_level(p) -> None:
+        if p.get("add_prefix_space"):
+            raise bad("ByteLevel add_prefix_space=true is not supported")
+
+    if isinstance(pre, dict) and pre.get("type") == "ByteLevel":
+        check_byte_level(pre)
+        if pre.get("use_regex", True):
+            return "gpt2"
+        raise bad("ByteLevel without use_regex needs a Split pre-tokenizer before it")
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        items = pre.get("pretokenizers") or []
+        if (
+            len(items) == 2
+            and items[0].get("type") == "Split"
+            and items[0].get("behavior") == "Isolated"
+            and not items[0].get("invert")
+            and isinstance(items[0].get("pattern"), dict)
+            and "Regex" in items[0]["pattern"]
+            and items[1].get("type") == "ByteLevel"
+            and not items[1].get("use_regex", True)
+        ):
+            check_byte_level(items[1])
+            return items[0]["pattern"]["Regex"]
+    raise bad(f"unsupported pre_tokenizer {json.dumps(pre)[:200]}")
