@@ -88,8 +88,9 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))  # HF tokenizers' thread pool
 
-    import fastllm
     from common import header, set_threads
+
+    import fastllm
 
     if args.corpus:
         sets = {"files": []}
@@ -110,10 +111,11 @@ def main() -> None:
 
 
 def run_corpus(args, docs: list[str]) -> None:
-    import fastllm
     import tiktoken
     import tokenizers
     from common import bench, print_table
+
+    import fastllm
     from fastllm import Tokenizer
 
     text = "".join(docs)

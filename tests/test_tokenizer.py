@@ -14,9 +14,10 @@ import sysconfig
 
 import numpy as np
 import pytest
-from fastllm import Tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from fastllm import Tokenizer
 
 tiktoken = pytest.importorskip("tiktoken")
 

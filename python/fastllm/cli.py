@@ -84,7 +84,9 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from .tokenizer import Tokenizer
 
     t0 = time.time()
-    texts = args.corpus or builtin_corpus()
+    from pathlib import Path
+
+    texts = [Path(p) for p in args.corpus] or builtin_corpus()
     tok = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=args.special,
                           progress=not args.no_progress)
     tok.save(args.out)

@@ -493,9 +493,8 @@ class Tokenizer:
     ) -> Tokenizer:
         """Train a byte-level BPE tokenizer of `vocab_size` tokens (256 bytes + merges + special tokens).
 
-        `texts_or_paths`: a text, a path, or an iterable of them. Paths (``os.PathLike``, or a one-line
-        ``str`` naming an existing file) are read as UTF-8 (undecodable bytes -> U+FFFD); any other ``str`` is
-        text. Special tokens are cut out of the texts before counting. Chunk counting runs on `threads` native
+        `texts_or_paths`: a text, a path, or an iterable of them. Paths (``os.PathLike``, e.g. pathlib.Path) are
+        read as UTF-8 (undecodable bytes -> U+FFFD); a ``str`` is always text. Special tokens are cut out of the texts before counting. Chunk counting runs on `threads` native
         threads (default: fastllm's thread count); merges are learned incrementally, highest pair count
         first, ties to the smallest (left id, right id); a pair whose bytes are already a token is skipped.
         Training stops early (smaller vocabulary) when no
@@ -509,9 +508,7 @@ class Tokenizer:
             texts_or_paths = [texts_or_paths]
         texts: list[str] = []
         for i, item in enumerate(texts_or_paths):
-            if isinstance(item, os.PathLike) or (
-                isinstance(item, str) and len(item) < 4096 and "\n" not in item and os.path.isfile(item)
-            ):
+            if isinstance(item, os.PathLike):
                 with open(item, encoding="utf-8", errors="replace") as f:
                     texts.append(f.read())
             elif isinstance(item, str):
