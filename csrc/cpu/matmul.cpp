@@ -30,6 +30,7 @@ The naive triple loops (matmul_*_naive, gemm_naive) stay as documentation and as
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -166,41 +167,45 @@ FASTLLM_TARGET_AVX512 static void pack_panels_kc_avx512(const float* src, int64_
 using MicroKernel = void (*)(int64_t kc, const float* pa, const float* pb, float* c, int64_t ldc, float alpha,
                              float beta, const float* bias);
 
-template <int MR>
+template <int MR, int NV>  // NR = 16 * NV columns
 FASTLLM_TARGET_AVX512 static void ukr_avx512(int64_t kc, const float* __restrict__ pa,
                                              const float* __restrict__ pb, float* c, int64_t ldc, float alpha,
                                              float beta, const float* bias) {
-    __m512 acc0[MR], acc1[MR];
+    __m512 acc[MR][NV];
 #pragma GCC unroll 32
-    for (int i = 0; i < MR; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kc; k++) {
-        const __m512 b0 = _mm512_load_ps(pb), b1 = _mm512_load_ps(pb + 16);
+        __m512 b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) b[v] = _mm512_load_ps(pb + 16 * v);
 #pragma GCC unroll 32
         for (int i = 0; i < MR; i++) {
             const __m512 a = _mm512_set1_ps(pa[i]);
-            acc0[i] = _mm512_fmadd_ps(a, b0, acc0[i]);
-            acc1[i] = _mm512_fmadd_ps(a, b1, acc1[i]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
         }
         pa += MR;
-        pb += 32;
+        pb += 16 * NV;
     }
     const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    const __m512 bias0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    const __m512 bias1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
+    __m512 vbias[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; v++) vbias[v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
     if (beta == 0.0f) {
 #pragma GCC unroll 32
-        for (int i = 0; i < MR; i++) {
-            _mm512_storeu_ps(c + i * ldc, _mm512_fmadd_ps(acc0[i], va, bias0));
-            _mm512_storeu_ps(c + i * ldc + 16, _mm512_fmadd_ps(acc1[i], va, bias1));
-        }
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) _mm512_storeu_ps(c + i * ldc + 16 * v, _mm512_fmadd_ps(acc[i][v], va, vbias[v]));
     } else {
 #pragma GCC unroll 32
-        for (int i = 0; i < MR; i++) {
-            float* ci = c + i * ldc;
-            _mm512_storeu_ps(ci, _mm512_fmadd_ps(acc0[i], va, _mm512_fmadd_ps(_mm512_loadu_ps(ci), vb, bias0)));
-            _mm512_storeu_ps(ci + 16,
-                             _mm512_fmadd_ps(acc1[i], va, _mm512_fmadd_ps(_mm512_loadu_ps(ci + 16), vb, bias1)));
-        }
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) {
+                float* ci = c + i * ldc + 16 * v;
+                _mm512_storeu_ps(ci, _mm512_fmadd_ps(acc[i][v], va, _mm512_fmadd_ps(_mm512_loadu_ps(ci), vb, vbias[v])));
+            }
     }
 }
 
@@ -255,6 +260,8 @@ static void ukr_scalar(int64_t kc, const float* __restrict__ pa, const float* __
 // ---------------------------------------------------------------------------------------------------------
 // blocked driver
 
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 using PackFn = void (*)(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst);
 
 struct GemmKernel {
@@ -274,17 +281,36 @@ static void pack_avx512(const float* src, int64_t ld, bool k_contig, int64_t row
     else pack_panels<W>(src, ld, false, rows, kc, dst);
 }
 
-constexpr int kMR512 = 14;
-static GemmKernel select_kernel() {
+#ifndef FASTLLM_MR512
+#define FASTLLM_MR512 14
+#define FASTLLM_NV512 2
+#endif
+constexpr int kMR512 = FASTLLM_MR512, kNV512 = FASTLLM_NV512;
+static GemmKernel select_kernel_default() {
     switch (simd_level()) {
         case Simd::avx512:
-            return {kMR512, 32, kMR512 * 24, 256, 32 * 96, ukr_avx512<kMR512>, pack_generic<kMR512>,
-                    pack_avx512<32>};
+            return {kMR512, 16 * kNV512, kMR512 * 24, 256, 32 * 96, ukr_avx512<kMR512, kNV512>,
+                    pack_generic<kMR512>, pack_avx512<16 * kNV512>};
         case Simd::avx2:
             return {6, 16, 6 * 32, 256, 16 * 192, ukr_avx2<6>, pack_generic<6>, pack_generic<16>};
         default:
             return {4, 16, 4 * 32, 256, 16 * 128, ukr_scalar<4, 16>, pack_generic<4>, pack_generic<16>};
     }
+}
+
+// FASTLLM_GEMM_BLOCKS="MC,KC,NC" overrides the cache blocks (tuning aid; rounded to the tile sizes).
+static GemmKernel select_kernel() {
+    GemmKernel k = select_kernel_default();
+    static const char* env = std::getenv("FASTLLM_GEMM_BLOCKS");
+    if (env) {
+        long long mc = 0, kc = 0, nc = 0;
+        if (std::sscanf(env, "%lld,%lld,%lld", &mc, &kc, &nc) == 3 && mc > 0 && kc > 0 && nc > 0) {
+            k.MC = ceil_div(mc, k.MR) * k.MR;
+            k.KC = kc;
+            k.NC = ceil_div(nc, k.NR) * k.NR;
+        }
+    }
+    return k;
 }
 
 // Thread-local 64-byte aligned scratch, grown on demand and kept for the thread's lifetime.
@@ -349,8 +375,6 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
         }
     }
 }
-
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc, const float* bias, int threads) {
