@@ -151,7 +151,7 @@ def test_zero_rows(rng):
 # ---- the GEMM core (fastllm._C.gemm): every transpose, alpha/beta, shapes crossing the cache blocks
 
 
-GEMM_SHAPES = [(1, 1, 1), (15, 33, 17), (29, 47, 300), (350, 70, 41), (37, 3100, 19)]  # (M, N, K)
+GEMM_SHAPES = [(1, 1, 1), (15, 33, 17), (29, 47, 1000), (350, 70, 41), (37, 3100, 19)]  # (M, N, K)
 
 
 @pytest.mark.parametrize("mnk", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -176,11 +176,11 @@ def test_gemm(mnk, trans, alpha, beta, threads, rng):
 
 def test_gemm_simd_levels(simd, rng):
     """Edge tiles in both M and N and a K crossing the K block, on each micro-kernel."""
-    a = rng.standard_normal((53, 531), dtype=np.float32)
-    b = rng.standard_normal((531, 77), dtype=np.float32)
+    a = rng.standard_normal((53, 1100), dtype=np.float32)
+    b = rng.standard_normal((1100, 77), dtype=np.float32)
     c = np.ones((53, 77), np.float32)
     _C.gemm(c, a, b, False, False, 1.0, 1.0)
-    np.testing.assert_allclose(c, 1 + a.astype(np.float64) @ b, **tol(531))
+    np.testing.assert_allclose(c, 1 + a.astype(np.float64) @ b, **tol(1100))
 
 
 def test_gemm_bad_input(rng):

@@ -173,9 +173,14 @@ FASTLLM_TARGET_AVX512 static void ukr_avx512(int64_t kc, const float* __restrict
                                              float beta, const float* bias) {
     __m512 acc[MR][NV];
 #pragma GCC unroll 32
-    for (int i = 0; i < MR; i++)
+    for (int i = 0; i < MR; i++) {
 #pragma GCC unroll 8
         for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+        // C tile rows are touched only after the k loop: start fetching them now (hides an L3/DRAM miss
+        // per row per K block)
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16 * NV - 1), _MM_HINT_T0);
+    }
     for (int64_t k = 0; k < kc; k++) {
         __m512 b[NV];
 #pragma GCC unroll 8
@@ -289,10 +294,10 @@ constexpr int kMR512 = FASTLLM_MR512, kNV512 = FASTLLM_NV512;
 static GemmKernel select_kernel_default() {
     switch (simd_level()) {
         case Simd::avx512:
-            return {kMR512, 16 * kNV512, kMR512 * 24, 256, 32 * 96, ukr_avx512<kMR512, kNV512>,
+            return {kMR512, 16 * kNV512, kMR512 * 8, 768, 32 * 48, ukr_avx512<kMR512, kNV512>,
                     pack_generic<kMR512>, pack_avx512<16 * kNV512>};
         case Simd::avx2:
-            return {6, 16, 6 * 32, 256, 16 * 192, ukr_avx2<6>, pack_generic<6>, pack_generic<16>};
+            return {6, 16, 6 * 24, 512, 16 * 96, ukr_avx2<6>, pack_generic<6>, pack_generic<16>};
         default:
             return {4, 16, 4 * 32, 256, 16 * 128, ukr_scalar<4, 16>, pack_generic<4>, pack_generic<16>};
     }
