@@ -118,7 +118,8 @@ static void pack_panels(const float* src, int64_t ld, bool k_contig, int64_t row
     }
 }
 
-// AVX-512 transposing pack for the k-contiguous case with W a multiple of 16: 16x16 blocks through registers.
+// AVX-512 transposing pack for the k-contiguous case (any W): 16 rows x 16 k at a time through a register
+// transpose; rows past the panel / matrix edge are zeros, a W not a multiple of 16 ends with masked stores.
 template <int W>
 FASTLLM_TARGET_AVX512 static void pack_panels_kc_avx512(const float* src, int64_t ld, int64_t rows, int64_t kc,
                                                         float* dst) {
@@ -127,34 +128,66 @@ FASTLLM_TARGET_AVX512 static void pack_panels_kc_avx512(const float* src, int64_
         for (int64_t k0 = 0; k0 < kc; k0 += 16) {
             const int64_t kk = std::min<int64_t>(16, kc - k0);
             const __mmask16 km = (__mmask16)((1u << kk) - 1u);
+#pragma GCC unroll 4
             for (int rb = 0; rb < W; rb += 16) {
                 __m512 v[16];
+#pragma GCC unroll 16
                 for (int r = 0; r < 16; r++)
                     v[r] = (rb + r < w) ? _mm512_maskz_loadu_ps(km, src + (r0 + rb + r) * ld + k0)
                                         : _mm512_setzero_ps();
-                // 16x16 transpose: after it, v[k] holds X(rb + 0..15, k0 + k)
+                // 16x16 transpose (unpack pairs, 4x4 within 128-bit lanes, then lanes): v[k] = rows at k0 + k
                 __m512 t[16];
+#pragma GCC unroll 8
                 for (int i = 0; i < 16; i += 2) {
                     t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
                     t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
                 }
+#pragma GCC unroll 4
                 for (int i = 0; i < 16; i += 4) {
                     v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
                     v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
                     v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
                     v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
                 }
+#pragma GCC unroll 4
                 for (int i = 0; i < 4; i++) {
                     t[i] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0x88);
                     t[i + 4] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0xDD);
                     t[i + 8] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0x88);
                     t[i + 12] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0xDD);
                 }
+#pragma GCC unroll 8
                 for (int i = 0; i < 8; i++) {
                     v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
                     v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
                 }
-                for (int k = 0; k < kk; k++) _mm512_store_ps(dst + (k0 + k) * W + rb, v[k]);
+                float* d = dst + k0 * W + rb;
+                if (W - rb >= 16) {
+                    for (int k = 0; k < kk; k++) _mm512_storeu_ps(d + k * W, v[k]);
+                } else {
+                    const __mmask16 rm = (__mmask16)((1u << (W - rb)) - 1u);
+                    for (int k = 0; k < kk; k++) _mm512_mask_storeu_ps(d + k * W, rm, v[k]);
+                }
+            }
+        }
+    }
+}
+
+// AVX-512 pack for the row-contiguous case (W <= 16 or a multiple of 16): masked row copies.
+template <int W>
+FASTLLM_TARGET_AVX512 static void pack_panels_rc_avx512(const float* src, int64_t ld, int64_t rows, int64_t kc,
+                                                        float* dst) {
+    for (int64_t r0 = 0; r0 < rows; r0 += W, dst += kc * W) {
+        const int64_t w = std::min<int64_t>(W, rows - r0);
+        for (int64_t k = 0; k < kc; k++) {
+            const float* s = src + k * ld + r0;
+            float* d = dst + k * W;
+#pragma GCC unroll 4
+            for (int rb = 0; rb < W; rb += 16) {
+                const int64_t n = std::min<int64_t>(16, std::max<int64_t>(0, w - rb));
+                const __m512 x = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), s + rb);
+                if (W - rb >= 16) _mm512_storeu_ps(d + rb, x);
+                else _mm512_mask_storeu_ps(d + rb, (__mmask16)((1u << (W - rb)) - 1u), x);
             }
         }
     }
@@ -283,7 +316,7 @@ static void pack_generic(const float* src, int64_t ld, bool k_contig, int64_t ro
 template <int W>
 static void pack_avx512(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
     if (k_contig) pack_panels_kc_avx512<W>(src, ld, rows, kc, dst);
-    else pack_panels<W>(src, ld, false, rows, kc, dst);
+    else pack_panels_rc_avx512<W>(src, ld, rows, kc, dst);
 }
 
 #ifndef FASTLLM_MR512
@@ -295,7 +328,7 @@ static GemmKernel select_kernel_default() {
     switch (simd_level()) {
         case Simd::avx512:
             return {kMR512, 16 * kNV512, kMR512 * 8, 768, 32 * 48, ukr_avx512<kMR512, kNV512>,
-                    pack_generic<kMR512>, pack_avx512<16 * kNV512>};
+                    pack_avx512<kMR512>, pack_avx512<16 * kNV512>};
         case Simd::avx2:
             return {6, 16, 6 * 24, 512, 16 * 96, ukr_avx2<6>, pack_generic<6>, pack_generic<16>};
         default:
