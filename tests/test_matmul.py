@@ -151,7 +151,16 @@ def test_zero_rows(rng):
 # ---- the GEMM core (fastllm._C.gemm): every transpose, alpha/beta, shapes crossing the cache blocks
 
 
-GEMM_SHAPES = [(1, 1, 1), (15, 33, 17), (29, 47, 1000), (350, 70, 41), (37, 3100, 19)]  # (M, N, K)
+# (M, N, K); the last two are split into several dynamically scheduled chunks per thread (2 threads)
+GEMM_SHAPES = [
+    (1, 1, 1),
+    (15, 33, 17),
+    (29, 47, 1000),
+    (350, 70, 41),
+    (37, 3100, 19),
+    (20, 4200, 9),
+    (2700, 20, 9),
+]
 
 
 @pytest.mark.parametrize("mnk", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -437,7 +437,7 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
     if (double(M) * double(N) * double(K) < 64.0 * 64.0 * 64.0) T = 1;  // not worth waking threads
     const int64_t mt = ceil_div(M, kn.MR), nt = ceil_div(N, kn.NR);
     T = int(std::min<int64_t>(T, mt * nt));
-    // thread grid tm x tn: most even split of tiles, then least packing (A re-packed tn times, B tm times)
+    // Thread grid tm x tn: most even split of tiles, then least packing (A re-packed tn times, B tm times).
     int tm = 1, tn = T;
     double best_work = 1e300, best_pack = 1e300;
     for (int a = 1; a <= T; a++) {
@@ -449,10 +449,20 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
             best_work = work, best_pack = pack, tm = a, tn = b;
         }
     }
+    // Big outputs: q equal chunks per thread along the split dimension, handed out dynamically, so a thread
+    // slowed by another process does not hold the others up. A chunk stays >= ~1000 rows/columns, so the
+    // extra packing (A re-packed per column chunk, B per row chunk) costs ~1% or less.
+    if (T > 1) {
+        if (tn >= tm) tn *= int(std::clamp<int64_t>(N / (int64_t(tn) * 1024), 1, 4));
+        else tm *= int(std::clamp<int64_t>(M / (int64_t(tm) * 672), 1, 4));
+    }
+    const int tasks = tm * tn;
     auto run = [&](int t) {
         const int ti = t / tn, tj = t % tn;
-        const int64_t m0 = std::min(M, ceil_div(mt * ti, tm) * kn.MR), m1 = std::min(M, ceil_div(mt * (ti + 1), tm) * kn.MR);
-        const int64_t n0 = std::min(N, ceil_div(nt * tj, tn) * kn.NR), n1 = std::min(N, ceil_div(nt * (tj + 1), tn) * kn.NR);
+        const int64_t m0 = std::min(M, ceil_div(mt * ti, tm) * kn.MR);
+        const int64_t m1 = std::min(M, ceil_div(mt * (ti + 1), tm) * kn.MR);
+        const int64_t n0 = std::min(N, ceil_div(nt * tj, tn) * kn.NR);
+        const int64_t n1 = std::min(N, ceil_div(nt * (tj + 1), tn) * kn.NR);
         if (m1 <= m0 || n1 <= n0) return;
         gemm_blocked(kn, transA, transB, m1 - m0, n1 - n0, K, alpha, transA ? A + m0 : A + m0 * lda, lda,
                      transB ? B + n0 * ldb : B + n0, ldb, beta, Cm + m0 * ldc + n0, ldc, bias ? bias + n0 : nullptr);
@@ -461,8 +471,8 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
         run(0);
         return;
     }
-#pragma omp parallel num_threads(T)
-    run(thread_id());
+#pragma omp parallel for num_threads(T) schedule(dynamic, 1)
+    for (int t = 0; t < tasks; t++) run(t);
 }
 
 void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
