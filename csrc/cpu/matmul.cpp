@@ -414,6 +414,32 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
     }
 }
 
+// Few rows times a transposed B (the forward of a layer on 1..4 tokens, e.g. sampling): no packing, each
+// output is a dot product of two contiguous rows, threads over columns. Memory-bound on B, which is read once.
+template <int MROWS>
+FASTLLM_TARGET_AVX512 static void gemm_small_m_nt_avx512(int64_t M, int64_t N, int64_t K, float alpha,
+                                                         const float* A, int64_t lda, const float* B, int64_t ldb,
+                                                         float beta, float* Cm, int64_t ldc, const float* bias,
+                                                         int T) {
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t j = 0; j < N; j++) {
+        const float* b = B + j * ldb;
+        __m512 acc[MROWS];
+        for (int i = 0; i < MROWS; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 km = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            const __m512 vb = _mm512_maskz_loadu_ps(km, b + k);
+            for (int i = 0; i < MROWS; i++)
+                if (i < M) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, A + i * lda + k), vb, acc[i]);
+        }
+        for (int64_t i = 0; i < M; i++) {
+            float v = alpha * _mm512_reduce_add_ps(acc[i]) + (bias ? bias[j] : 0.0f);
+            float* c = Cm + i * ldc + j;
+            *c = beta == 0.0f ? v : v + beta * *c;
+        }
+    }
+}
+
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc, const float* bias, int threads) {
     if (M <= 0 || N <= 0) return;
@@ -435,6 +461,10 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
 #endif
     }
     if (double(M) * double(N) * double(K) < 64.0 * 64.0 * 64.0) T = 1;  // not worth waking threads
+    if (M <= 4 && !transA && transB && simd_level() == Simd::avx512) {
+        gemm_small_m_nt_avx512<4>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
+        return;
+    }
     const int64_t mt = ceil_div(M, kn.MR), nt = ceil_div(N, kn.NR);
     T = int(std::min<int64_t>(T, mt * nt));
     // Thread grid tm x tn: most even split of tiles, then least packing (A re-packed tn times, B tm times).
