@@ -19,6 +19,7 @@ SHAPES = [  # (N, C, OC)
     (127, 769, 3),
     (33, 64, 100),
     (97, 131, 61),  # every dim prime / odd
+    (3, 40, 130),  # few rows: the small-M (no packing) forward path
     (256, 768, 2304),
 ]
 SIMD_LEVELS = ["avx512", "avx2", "scalar"]
@@ -151,7 +152,8 @@ def test_zero_rows(rng):
 # ---- the GEMM core (fastllm._C.gemm): every transpose, alpha/beta, shapes crossing the cache blocks
 
 
-# (M, N, K); the last two are split into several dynamically scheduled chunks per thread (2 threads)
+# (M, N, K); (20, 4200, 9) and (2700, 20, 9) are split into several dynamically scheduled chunks per thread
+# (2 threads); M <= 4 with trans_b takes the unpacked small-M path
 GEMM_SHAPES = [
     (1, 1, 1),
     (15, 33, 17),
@@ -160,6 +162,7 @@ GEMM_SHAPES = [
     (37, 3100, 19),
     (20, 4200, 9),
     (2700, 20, 9),
+    (3, 2000, 50),
 ]
 
 
