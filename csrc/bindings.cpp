@@ -130,6 +130,21 @@ static void matmul_backward_py(std::optional<py::array> dinp, std::optional<py::
     fastllm::cpu::matmul_backward(dx, dw, db, dy, x, w, N, C, OC);
 }
 
+// c (M, N) = alpha * op(a) @ op(b) + beta * c: the GEMM core under matmul, exposed for tests.
+static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool trans_b, float alpha, float beta) {
+    check_ndim(a, "a", 2, "2-D");
+    check_ndim(b, "b", 2, "2-D");
+    const int64_t M = a.shape(trans_a ? 1 : 0), K = a.shape(trans_a ? 0 : 1);
+    const int64_t Kb = b.shape(trans_b ? 1 : 0), N = b.shape(trans_b ? 0 : 1);
+    FASTLLM_CHECK(Kb == K, "b: inner dimension ", Kb, " does not match a's ", K);
+    const float* pa = in_ptr<float>(a, "a");
+    const float* pb = in_ptr<float>(b, "b");
+    float* pc = out_ptr<float>(c, "c", {M, N});
+    const int64_t lda = a.shape(1), ldb = b.shape(1);
+    py::gil_scoped_release nogil;
+    fastllm::cpu::gemm(trans_a, trans_b, M, N, K, alpha, pa, lda, pb, ldb, beta, pc, N);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // attention
 
@@ -759,6 +774,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none);
     m.def("matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
           arg("inp"), arg("weight"));
+    m.def("gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
+          arg("alpha") = 1.0f, arg("beta") = 0.0f);
     m.def("attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"));
     m.def("attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
           arg("lse"), arg("n_head"));

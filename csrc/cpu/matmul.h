@@ -1,4 +1,4 @@
-// Matmul (fully connected layer), see matmul.cpp.
+// Matmul (fully connected layer) and the general fp32 GEMM it is built on, see matmul.cpp.
 #pragma once
 #include <cstdint>
 
@@ -12,5 +12,31 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
 // Any of dinp, dweight, dbias may be nullptr (not computed).
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int64_t N, int64_t C, int64_t OC);
+
+// The readable loop versions of the two above (documentation, and the oracle of the C++ side).
+void matmul_forward_naive(float* out, const float* inp, const float* weight, const float* bias,
+                          int64_t N, int64_t C, int64_t OC);
+void matmul_backward_naive(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                           const float* weight, int64_t N, int64_t C, int64_t OC);
+
+// General single-precision GEMM, row-major:  Cmat (M, N) = alpha * op(A) (M, K) @ op(B) (K, N) + beta * Cmat.
+//   op(A) = A      (A stored (M, K), row stride lda)   if !transA,
+//           A^T    (A stored (K, M), row stride lda)   if  transA;
+//   op(B) = B      (B stored (K, N), row stride ldb)   if !transB,
+//           B^T    (B stored (N, K), row stride ldb)   if  transB.
+// beta == 0 never reads Cmat (it may hold garbage/NaN); any other beta scales it. K == 0 gives beta * Cmat.
+// Multithreaded with OpenMP (all of omp_get_max_threads()) unless called from inside a parallel region,
+// where it runs on the calling thread only, so per-head / per-chunk callers can parallelise outside.
+void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc);
+
+// gemm plus a row vector bias (N) added to every row of the result: Cmat = alpha op(A) op(B) + beta Cmat + bias.
+// bias may be nullptr. threads <= 0 means "decide" (as gemm); 1 forces the calling thread only.
+void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc, const float* bias, int threads = 0);
+
+// Triple-loop version of gemm (reference; slow).
+void gemm_naive(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                int64_t lda, const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc);
 
 }  // namespace fastllm::cpu

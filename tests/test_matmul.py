@@ -1,0 +1,250 @@
+"""matmul forward/backward (csrc/cpu/matmul.cpp, the blocked GEMM under it) against the float64 reference and
+torch autograd, on awkward shapes, 1 and 2 threads, every SIMD level; accumulation semantics; bad input.
+
+Tolerance (fp32 inputs of unit scale, sums of K products): |err| <= atol + rtol*|ref| with
+rtol = 1e-5 * sqrt(K) + 1e-6 and atol = 1e-5 * sqrt(K) * (typical |product| = 1), K the summed dimension
+(C for the forward, OC for dinp, N for dweight and dbias): fp32 summation error grows ~ sqrt(K) eps."""
+
+from __future__ import annotations
+
+import fastllm
+import numpy as np
+import pytest
+import reference as ref
+from fastllm import _C
+
+SHAPES = [  # (N, C, OC)
+    (1, 1, 1),
+    (7, 13, 5),
+    (127, 769, 3),
+    (33, 64, 100),
+    (97, 131, 61),  # every dim prime / odd
+    (3, 40, 130),  # few rows: the small-M (no packing) forward path
+    (256, 768, 2304),
+]
+SIMD_LEVELS = ["avx512", "avx2", "scalar"]
+
+
+def tol(K: int) -> dict:
+    s = 1e-5 * np.sqrt(max(K, 1))
+    return dict(rtol=s + 1e-6, atol=s)
+
+
+@pytest.fixture(params=SIMD_LEVELS)
+def simd(request):
+    """Runs the test at a SIMD level (clamped to what the CPU has), restores the detected level afterwards."""
+    old = fastllm.info()["simd"]
+    _C.set_simd_level(request.param)
+    yield fastllm.info()["simd"]
+    _C.set_simd_level(old)
+
+
+def make(shape, rng):
+    N, C, OC = shape
+    inp = rng.standard_normal((N, C), dtype=np.float32)
+    weight = rng.standard_normal((OC, C), dtype=np.float32)
+    bias = rng.standard_normal(OC, dtype=np.float32)
+    dout = rng.standard_normal((N, OC), dtype=np.float32)
+    return inp, weight, bias, dout
+
+
+_REF_CACHE: dict = {}
+
+
+def make_with_ref(shape):
+    """Inputs and float64 reference results, computed once per shape (the big shape's reference dominates)."""
+    if shape not in _REF_CACHE:
+        inp, weight, bias, dout = make(shape, np.random.default_rng(1234))
+        _REF_CACHE[shape] = (
+            (inp, weight, bias, dout),
+            ref.matmul_forward(inp, weight),
+            ref.matmul_backward(dout, inp, weight),
+        )
+    return _REF_CACHE[shape]
+
+
+def run_fwd_bwd(inp, weight, bias, dout, init=0.0):
+    """fastllm forward + backward; gradient buffers start at `init` (backward accumulates into them)."""
+    N, C = inp.shape
+    OC = weight.shape[0]
+    out = np.full((N, OC), np.nan, np.float32)  # forward overwrites: garbage in `out` must not leak
+    _C.matmul_forward(out, inp, weight, bias)
+    dinp = np.full((N, C), init, np.float32)
+    dweight = np.full((OC, C), init, np.float32)
+    dbias = np.full(OC, init, np.float32)
+    _C.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+    return out, dinp, dweight, dbias
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_matmul_vs_reference(shape, with_bias, threads, simd):
+    N, C, OC = shape
+    if simd != "avx512" and N * C * OC > 10**7:
+        pytest.skip("large shape only on the fastest path (keeps the suite quick)")
+    (inp, weight, bias, dout), r_out, (r_dinp, r_dweight, r_dbias) = make_with_ref(shape)
+    b = bias if with_bias else None
+    out, dinp, dweight, dbias = run_fwd_bwd(inp, weight, b, dout, init=0.5)  # accumulation onto 0.5
+    if with_bias:
+        r_out = r_out + bias
+    np.testing.assert_allclose(out, r_out, **tol(C))
+    np.testing.assert_allclose(dinp, r_dinp + 0.5, **tol(OC))
+    np.testing.assert_allclose(dweight, r_dweight + 0.5, **tol(N))
+    np.testing.assert_allclose(dbias, r_dbias + 0.5, **tol(N))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5] + [(64, 96, 288)], ids=lambda s: "x".join(map(str, s)))
+def test_matmul_vs_torch(shape, rng):
+    torch = pytest.importorskip("torch")
+    N, C, OC = shape
+    inp, weight, bias, dout = make(shape, rng)
+    ti = torch.tensor(inp, requires_grad=True)
+    tw = torch.tensor(weight, requires_grad=True)
+    tb = torch.tensor(bias, requires_grad=True)
+    tout = torch.nn.functional.linear(ti, tw, tb)
+    tout.backward(torch.tensor(dout))
+    out, dinp, dweight, dbias = run_fwd_bwd(inp, weight, bias, dout)
+    np.testing.assert_allclose(out, tout.detach().numpy(), **tol(C))
+    np.testing.assert_allclose(dinp, ti.grad.numpy(), **tol(OC))
+    np.testing.assert_allclose(dweight, tw.grad.numpy(), **tol(N))
+    np.testing.assert_allclose(dbias, tb.grad.numpy(), **tol(N))
+
+
+def test_backward_accumulates_and_optional_outputs(rng):
+    """Two backward calls add twice; any gradient may be None and the others are still right."""
+    inp, weight, _, dout = make((45, 70, 33), rng)
+    r_dinp, r_dweight, r_dbias = ref.matmul_backward(dout, inp, weight)
+    dinp = rng.standard_normal(inp.shape, dtype=np.float32)
+    start = dinp.copy()
+    _C.matmul_backward(dinp, None, None, dout, inp, weight)
+    _C.matmul_backward(dinp, None, None, dout, inp, weight)
+    np.testing.assert_allclose(dinp, start + 2 * r_dinp, **tol(33))
+    dweight = np.ones(weight.shape, np.float32)
+    _C.matmul_backward(None, dweight, None, dout, inp, weight)
+    np.testing.assert_allclose(dweight, 1 + r_dweight, **tol(45))
+    dbias = np.ones(33, np.float32)
+    _C.matmul_backward(None, None, dbias, dout, inp, weight)
+    np.testing.assert_allclose(dbias, 1 + r_dbias, **tol(45))
+    _C.matmul_backward(None, None, None, dout, inp, weight)  # nothing asked: a no-op
+
+
+def test_ops_wrapper_leading_dims(rng):
+    inp = rng.standard_normal((2, 3, 16), dtype=np.float32)
+    weight = rng.standard_normal((8, 16), dtype=np.float32)
+    out = fastllm.ops.matmul_forward(inp, weight)
+    np.testing.assert_allclose(
+        out, ref.matmul_forward(inp.reshape(-1, 16), weight).reshape(2, 3, 8), **tol(16)
+    )
+
+
+def test_zero_rows(rng):
+    """N = 0: nothing to do, gradients of the weight stay as they were."""
+    inp = np.zeros((0, 8), np.float32)
+    weight = rng.standard_normal((4, 8), dtype=np.float32)
+    out = np.empty((0, 4), np.float32)
+    _C.matmul_forward(out, inp, weight, None)
+    dweight = np.ones((4, 8), np.float32)
+    dbias = np.ones(4, np.float32)
+    _C.matmul_backward(None, dweight, dbias, np.zeros((0, 4), np.float32), inp, weight)
+    assert (dweight == 1).all() and (dbias == 1).all()
+
+
+# ---- the GEMM core (fastllm._C.gemm): every transpose, alpha/beta, shapes crossing the cache blocks
+
+
+# (M, N, K); (20, 4200, 9) and (2700, 20, 9) are split into several dynamically scheduled chunks per thread
+# (2 threads); M <= 4 with trans_b takes the unpacked small-M path
+GEMM_SHAPES = [
+    (1, 1, 1),
+    (15, 33, 17),
+    (29, 47, 1000),
+    (350, 70, 41),
+    (37, 3100, 19),
+    (20, 4200, 9),
+    (2700, 20, 9),
+    (3, 2000, 50),
+]
+
+
+@pytest.mark.parametrize("mnk", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "trans", [(False, False), (False, True), (True, False), (True, True)], ids=["NN", "NT", "TN", "TT"]
+)
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (-0.5, 1.0), (2.0, 0.25)])
+def test_gemm(mnk, trans, alpha, beta, threads, rng):
+    M, N, K = mnk
+    ta, tb = trans
+    a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
+    b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
+    c0 = rng.standard_normal((M, N), dtype=np.float32)
+    c = np.full((M, N), np.nan, np.float32) if beta == 0 else c0.copy()  # beta 0: c must not be read
+    _C.gemm(c, a, b, ta, tb, alpha, beta)
+    opa = a.T.astype(np.float64) if ta else a.astype(np.float64)
+    opb = b.T.astype(np.float64) if tb else b.astype(np.float64)
+    expect = alpha * (opa @ opb) + (beta * c0 if beta else 0)
+    t = tol(K)
+    np.testing.assert_allclose(c, expect, rtol=t["rtol"], atol=t["atol"] * max(1.0, abs(alpha)) + 1e-6)
+
+
+def test_gemm_simd_levels(simd, rng):
+    """Edge tiles in both M and N and a K crossing the K block, on each micro-kernel."""
+    a = rng.standard_normal((53, 1100), dtype=np.float32)
+    b = rng.standard_normal((1100, 77), dtype=np.float32)
+    c = np.ones((53, 77), np.float32)
+    _C.gemm(c, a, b, False, False, 1.0, 1.0)
+    np.testing.assert_allclose(c, 1 + a.astype(np.float64) @ b, **tol(1100))
+
+
+def test_gemm_bad_input(rng):
+    a = np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match="inner dimension"):
+        _C.gemm(np.zeros((4, 3), np.float32), a, np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="c"):
+        _C.gemm(np.zeros((4, 4), np.float32), a, np.zeros((5, 3), np.float32))
+    with pytest.raises(TypeError, match="b"):
+        _C.gemm(np.zeros((4, 3), np.float32), a, np.zeros((5, 3)))
+
+
+# ---- bad input
+
+
+def test_bad_dtype(rng):
+    inp = rng.standard_normal((4, 8), dtype=np.float32)
+    out = np.empty((4, 3), np.float32)
+    with pytest.raises(TypeError, match="weight"):
+        _C.matmul_forward(out, inp, np.zeros((3, 8)), None)  # float64
+    with pytest.raises(TypeError, match="inp"):
+        _C.matmul_forward(out, inp.astype(np.float64), np.zeros((3, 8), np.float32), None)
+
+
+def test_bad_shapes(rng):
+    inp = rng.standard_normal((4, 8), dtype=np.float32)
+    weight = rng.standard_normal((3, 8), dtype=np.float32)
+    out = np.empty((4, 3), np.float32)
+    with pytest.raises(ValueError, match="weight"):
+        _C.matmul_forward(out, inp, weight[:, :7].copy(), None)  # C mismatch
+    with pytest.raises(ValueError, match="bias"):
+        _C.matmul_forward(out, inp, weight, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="out"):
+        _C.matmul_forward(np.empty((4, 4), np.float32), inp, weight, None)
+    with pytest.raises(ValueError, match="inp"):
+        _C.matmul_forward(out, inp.reshape(-1), weight, None)
+    dout = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match="dweight"):
+        _C.matmul_backward(None, np.zeros((8, 3), np.float32), None, dout, inp, weight)
+    with pytest.raises(ValueError, match="dout"):
+        _C.matmul_backward(
+            np.zeros((4, 8), np.float32), None, None, np.zeros((3, 4), np.float32), inp, weight
+        )
+    with pytest.raises(ValueError, match="dinp"):
+        _C.matmul_backward(np.zeros((4, 7), np.float32), None, None, dout, inp, weight)
+
+
+def test_non_contiguous(rng):
+    inp = rng.standard_normal((4, 16), dtype=np.float32)
+    weight = rng.standard_normal((3, 8), dtype=np.float32)
+    out = np.empty((4, 3), np.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.matmul_forward(out, inp[:, ::2], weight, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.matmul_forward(np.empty((3, 4), np.float32).T, inp[:, :8].copy(), weight, None)
