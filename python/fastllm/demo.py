@@ -19,11 +19,11 @@ class DemoConfig:
     model: str = "mini"  # preset: 4 layers, 4 heads, 128 channels
     seq_len: int = 128
     batch_size: int = 16
-    max_steps: int = 600
+    max_steps: int = 1000
     lr: float = 2e-3
     threads: int | None = None
     seed: int = 1337
-    prompt: str = "The "
+    prompt: str = "The"
     sample_tokens: int = 120
 
 

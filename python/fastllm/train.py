@@ -241,6 +241,9 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
             if val_loader is not None and (step % cfg.eval_every == 0 or last):
                 val_loss = _evaluate(model, val_loader, cfg.eval_batches)
                 write({"step": step, "val_loss": val_loss})
+                msg = f"step {step:6d} | val loss {val_loss:.4f}"
+                msg += f" | train loss {loss:.4f}" if math.isfinite(loss) else ""
+                bar.write(msg) if progress else log(msg)
             if tokenizer is not None and step > 0 and step % cfg.sample_every == 0:
                 _print_sample(model, tokenizer, cfg.sample_tokens, rng, bar)
             t0 = time.time()
