@@ -16,6 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 import common  # noqa: E402
+
 from fastllm import _C  # noqa: E402
 
 SHAPES = [(2048, 768, 3072), (2048, 3072, 768), (2048, 768, 50304)]

@@ -7,10 +7,11 @@ rtol = 1e-5 * sqrt(K) + 1e-6 and atol = 1e-5 * sqrt(K) * (typical |product| = 1)
 
 from __future__ import annotations
 
-import fastllm
 import numpy as np
 import pytest
 import reference as ref
+
+import fastllm
 from fastllm import _C
 
 SHAPES = [  # (N, C, OC)
