@@ -27,6 +27,15 @@ def threads(request):
     fastllm.set_num_threads(old)
 
 
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def simd(request):
+    """Runs the test at each SIMD code path (clamped to what the CPU has: the value yielded is the level in
+    use), then restores the detected level."""
+    fastllm._C.set_simd_level(request.param)
+    yield fastllm.info()["simd"]
+    fastllm._C.set_simd_level(fastllm.info()["simd_detected"])
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -10,18 +10,12 @@ import numpy as np
 import pytest
 import reference
 
-import fastllm
 from fastllm import _C, ops
 
 TOL = dict(rtol=1e-5, atol=1e-7)
 REF_TOL = dict(rtol=2e-5, atol=1e-7)
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
-def simd(request):
-    _C.set_simd_level(request.param)
-    yield request.param
-    _C.set_simd_level(fastllm.info()["simd_detected"])
 
 
 # 1, odd sizes, and one above the parallel threshold (65536) with a ragged last block

@@ -12,7 +12,7 @@ import pytest
 import reference
 
 import fastllm
-from fastllm import _C, ops
+from fastllm import ops
 
 # (B, T, C, NH): hs = C / NH
 SHAPES = [
@@ -46,12 +46,6 @@ def _check(qkv, dout, NH, dqkv0=None):
     np.testing.assert_allclose(dqkv, ref, atol=atol, rtol=1e-3, err_msg="dqkv")
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
-def simd(request):
-    old = fastllm.info()["simd"]
-    _C.set_simd_level(request.param)
-    yield fastllm.info()["simd"]  # may be lower than asked on CPUs without AVX-512
-    _C.set_simd_level(old)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -16,11 +16,6 @@ from fastllm import _C, ops
 BWD_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
-def simd(request):
-    _C.set_simd_level(request.param)
-    yield request.param
-    _C.set_simd_level(fastllm.info()["simd_detected"])
 
 
 def make(rng, B, T, C, V, maxT):

@@ -10,18 +10,12 @@ import numpy as np
 import pytest
 import reference
 
-import fastllm
-from fastllm import _C, ops
+from fastllm import ops
 
 FWD_TOL = dict(rtol=1e-5, atol=1e-6)
 BWD_TOL = dict(rtol=1e-5, atol=2e-5)
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
-def simd(request):
-    _C.set_simd_level(request.param)
-    yield request.param
-    _C.set_simd_level(fastllm.info()["simd_detected"])
 
 
 # sizes: tails of every vector width, and one above the parallel threshold (65536) with a ragged last block

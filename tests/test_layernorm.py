@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import reference
 
-import fastllm
 from fastllm import _C, ops
 
 FWD_TOL = dict(rtol=1e-5, atol=2e-6)
@@ -17,11 +16,6 @@ DX_TOL = dict(rtol=1e-4, atol=1e-5)
 DW_TOL = dict(rtol=1e-4, atol=5e-5)
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
-def simd(request):
-    _C.set_simd_level(request.param)
-    yield request.param
-    _C.set_simd_level(fastllm.info()["simd_detected"])
 
 
 def make(rng, shape):

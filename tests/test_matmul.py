@@ -23,7 +23,6 @@ SHAPES = [  # (N, C, OC)
     (3, 40, 130),  # few rows: the small-M (no packing) forward path
     (256, 768, 2304),
 ]
-SIMD_LEVELS = ["avx512", "avx2", "scalar"]
 
 
 def tol(K: int) -> dict:
@@ -31,13 +30,6 @@ def tol(K: int) -> dict:
     return dict(rtol=s + 1e-6, atol=s)
 
 
-@pytest.fixture(params=SIMD_LEVELS)
-def simd(request):
-    """Runs the test at a SIMD level (clamped to what the CPU has), restores the detected level afterwards."""
-    old = fastllm.info()["simd"]
-    _C.set_simd_level(request.param)
-    yield fastllm.info()["simd"]
-    _C.set_simd_level(old)
 
 
 def make(shape, rng):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import reference
 
-import fastllm
 from fastllm import _C, ops
 
 LOSS_TOL = dict(rtol=1e-5, atol=2e-5)
@@ -18,12 +17,6 @@ GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 LM_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
-def simd(request):
-    """Run with each SIMD code path (clamped to what the CPU has), then restore the detected level."""
-    _C.set_simd_level(request.param)
-    yield request.param
-    _C.set_simd_level(fastllm.info()["simd_detected"])
 
 
 def make(rng, N, V, scale=3.0, ignore_rows=()):
