@@ -9,7 +9,6 @@ read-modify-writes the touched dwte/dwpe rows (20 B*T*C bytes)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -17,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, header, print_table, set_threads  # noqa: E402
+from common import bench, cli, header, print_table, set_threads  # noqa: E402
 
 from fastllm import _C  # noqa: E402
 
@@ -71,8 +70,4 @@ def run(threads: int, quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args()
-    run(a.threads, a.quick)
+    cli(run, __doc__)

@@ -8,7 +8,6 @@ backward. GB/s: gelu fwd 8 bytes/element, gelu bwd 16 (reads x, dout, read-modif
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -16,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, header, print_table, set_threads  # noqa: E402
+from common import bench, cli, header, print_table, set_threads  # noqa: E402
 
 from fastllm import _C  # noqa: E402
 
@@ -67,8 +66,4 @@ def run(threads: int, quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args()
-    run(a.threads, a.quick)
+    cli(run, __doc__)

@@ -4,7 +4,6 @@ process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -12,7 +11,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, header, print_table, set_threads  # noqa: E402
+from common import bench, cli, header, print_table, set_threads  # noqa: E402
 
 from fastllm.model import GPT, GPTConfig  # noqa: E402
 
@@ -95,9 +94,4 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--gpt2", action="store_true")
-    a = ap.parse_args()
-    run(a.threads, a.quick, a.gpt2)
+    cli(run, __doc__, gpt2="also GPT-2 124M")

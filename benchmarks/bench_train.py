@@ -5,7 +5,6 @@ Shapes: a 6-layer 384-wide model at T=256 (vocab 4096 and 50257), and with --gpt
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from common import bench, header, print_table, set_threads  # noqa: E402
+from common import bench, cli, header, print_table, set_threads  # noqa: E402
 
 from fastllm.model import GPT, GPTConfig  # noqa: E402
 from fastllm.optim import AdamW  # noqa: E402
@@ -69,9 +68,4 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--gpt2", action="store_true", help="also GPT-2 124M at T=1024 (slow, ~10 GB RAM)")
-    a = ap.parse_args()
-    run(a.threads, a.quick, a.gpt2)
+    cli(run, __doc__, gpt2="also GPT-2 124M at T=1024 (slow, ~10 GB RAM)")

@@ -89,3 +89,16 @@ def print_table(rows: list[list[str]], head: list[str]) -> None:
     print("  ".join(str(h).ljust(w) for h, w in zip(head, widths)))
     for row in rows:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def cli(run: Callable[..., None], doc: str | None, **flags: str) -> None:
+    """The command line of a bench_<op>.py: --threads N, --quick, plus boolean --flags (name -> help);
+    calls run(threads=..., quick=..., **flags)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes")
+    for name, help_text in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
+    run(**vars(p.parse_args()))
