@@ -90,3 +90,91 @@ def test_loader_errors(tmp_path):
         DataLoader(tmp_path, "train", 2, 8)
     with pytest.raises(ValueError, match="positive"):
         DataLoader(tmp_path, "train", 0, 8)
+
+
+# ---- prepare: text files / JSONL -> shards --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    from fastllm.data import builtin_corpus
+    from fastllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(builtin_corpus()[:20], 600, special_tokens=["<|endoftext|>"], progress=False)
+    path = tmp_path_factory.mktemp("tok") / "tok.tiktoken"
+    tok.save(path)
+    return path
+
+
+def write_corpus(folder, n_docs=30):
+    import json
+
+    docs = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(20 + i)) for i in range(n_docs)]
+    (folder / "a.txt").write_text("<|endoftext|>".join(docs[:10]), encoding="utf-8")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.txt").write_text(docs[10], encoding="utf-8")
+    with open(folder / "sub" / "c.jsonl", "w", encoding="utf-8") as f:
+        for d in docs[11:]:
+            f.write(json.dumps({"text": d}) + "\n")
+    return docs
+
+
+def split_docs(tokens, tok):
+    eot = tok.special_tokens["<|endoftext|>"]
+    cuts = np.flatnonzero(np.asarray(tokens) == eot)
+    return [tok.decode(np.asarray(tokens[a + 1:b])) for a, b in zip(cuts, list(cuts[1:]) + [len(tokens)])]
+
+
+def test_prepare_round_trips_documents(tmp_path, tok_path):
+    from fastllm.data import prepare
+    from fastllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tok_path)
+    (tmp_path / "corpus").mkdir()
+    docs = write_corpus(tmp_path / "corpus")
+    st = prepare([str(tmp_path / "corpus")], tok_path, tmp_path / "data", val_fraction=0.1, shard_tokens=300,
+                 progress=False)
+    train = np.concatenate([read_shard(p) for p in sorted((tmp_path / "data").glob("train_*.bin"))])
+    val = np.concatenate([read_shard(p) for p in sorted((tmp_path / "data").glob("val_*.bin"))])
+    assert st.train_tokens == train.size and st.val_tokens == val.size and len(st.shards) > 2
+    # every 10th document goes to val; shards concatenate to the documents in order, each after <|endoftext|>
+    assert split_docs(val, tok) == [d for i, d in enumerate(docs) if i % 10 == 9]
+    assert split_docs(train, tok) == [d for i, d in enumerate(docs) if i % 10 != 9]
+    assert (tmp_path / "data" / "tokenizer.tiktoken").exists()
+
+
+def test_prepare_rerun_skips_and_resumes(tmp_path, tok_path):
+    import json
+
+    from fastllm.data import prepare
+
+    (tmp_path / "corpus").mkdir()
+    write_corpus(tmp_path / "corpus")
+    out = tmp_path / "data"
+    prepare([str(tmp_path / "corpus")], tok_path, out, shard_tokens=200, progress=False)
+    before = {p.name: p.read_bytes() for p in out.glob("*.bin")}
+    again = prepare([str(tmp_path / "corpus")], tok_path, out, shard_tokens=200, progress=False)
+    assert again.skipped == len(before)
+    # an interrupted run: the manifest lists only the first shards and is not done
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"], manifest["done"] = manifest["shards"][:2], False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for p in out.glob("*.bin"):
+        if p.name not in {s["name"] for s in manifest["shards"]}:
+            p.unlink()
+    resumed = prepare([str(tmp_path / "corpus")], tok_path, out, shard_tokens=200, progress=False)
+    assert resumed.skipped == 2
+    assert {p.name: p.read_bytes() for p in out.glob("*.bin")} == before  # byte-identical shards
+
+
+def test_prepare_bad_input(tmp_path, tok_path):
+    from fastllm.data import prepare
+
+    with pytest.raises(FileNotFoundError, match="nope"):
+        prepare([str(tmp_path / "nope")], tok_path, tmp_path / "d", progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        prepare([str(tmp_path / "bad.jsonl")], tok_path, tmp_path / "d", progress=False)
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="bin.txt.*UTF-8"):
+        prepare([str(tmp_path / "bin.txt")], tok_path, tmp_path / "d", progress=False)
