@@ -98,10 +98,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
     from .data import find_tokenizer
-    from .sample import stream_text
+    from .sample import SamplingParams, stream_text
     from .tokenizer import Tokenizer
     from .train import load_model
 
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # validate first
     model = load_model(args.ckpt).eval()
     tok_path = args.tokenizer or find_tokenizer(model.checkpoint_dir)
     if tok_path is None:
