@@ -42,6 +42,7 @@ Perf notes (AMD EPYC Zen 4, 1 thread, B=4 NH=12 hs=64, CPU time; a 24-FMA regist
 #include <vector>
 
 #include "common.h"
+#include "vecmath.h"
 
 namespace fastllm::cpu {
 
@@ -131,10 +132,6 @@ constexpr int64_t kBr = 64;  // query rows per tile
 constexpr int64_t kBc = 64;  // keys per tile (multiple of 16)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// Taylor coefficients of 2^f = e^(f ln2) on f in [-1/2, 1/2] (degree 6: relative error < 2e-7)
-constexpr float kE1 = 0.6931471805599453f, kE2 = 0.2402265069591007f, kE3 = 0.055504108664821576f,
-                kE4 = 0.009618129107628477f, kE5 = 0.0013333558146428441f, kE6 = 0.00015403530393381606f;
 
 inline int64_t valid_keys(int64_t i0, int64_t r, int64_t j0, int64_t nk) {
     return std::max<int64_t>(0, std::min<int64_t>(nk, i0 + r - j0 + 1));
@@ -227,19 +224,6 @@ struct Scalar {
 };
 
 // ---- AVX-512 primitives
-FASTLLM_TARGET_AVX512 inline __m512 exp2_512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kE6), f, _mm512_set1_ps(kE5));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE4));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE2));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
 
 // MR rows x NV vectors of 16 columns, K-loop with one broadcast of A per row and NV loads of B per step
 template <int MR, int NV>
@@ -336,7 +320,7 @@ struct Avx512 {
             const __mmask16 k = mr - r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (mr - r)) - 1);
             const __m512 mold = _mm512_maskz_loadu_ps(k, m + r);
             const __m512 mnew = _mm512_max_ps(mold, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, mx + r), vc));
-            _mm512_mask_storeu_ps(alpha + r, k, exp2_512(_mm512_sub_ps(mold, mnew)));  // m_old=-inf: ~0
+            _mm512_mask_storeu_ps(alpha + r, k, vec::exp2_512(_mm512_sub_ps(mold, mnew)));  // m_old=-inf: ~0
             _mm512_mask_storeu_ps(m + r, k, mnew);
         }
         // 3. P = 2^(S*c - m), row sums, accumulator rescale
@@ -353,7 +337,7 @@ struct Avx512 {
                 const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
                                      : j >= nv     ? (__mmask16)0
                                                    : (__mmask16)((1u << (nv - j)) - 1);
-                const __m512 p = _mm512_maskz_mov_ps(keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm)));
+                const __m512 p = _mm512_maskz_mov_ps(keep, vec::exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm)));
                 vsum = _mm512_add_ps(vsum, p);
                 _mm512_storeu_ps(s + j, p);
             }
@@ -376,7 +360,7 @@ struct Avx512 {
                 const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
                                      : j >= nv     ? (__mmask16)0
                                                    : (__mmask16)((1u << (nv - j)) - 1);
-                const __m512 p = _mm512_maskz_mov_ps(keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vl)));
+                const __m512 p = _mm512_maskz_mov_ps(keep, vec::exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vl)));
                 const __m512 ds = _mm512_maskz_mul_ps(keep, _mm512_mul_ps(p, vscale),
                                                       _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd));
                 _mm512_storeu_ps(s + j, p);
@@ -387,32 +371,7 @@ struct Avx512 {
 };
 
 // ---- AVX2 primitives
-FASTLLM_TARGET_AVX2 inline __m256 exp2_256(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
-    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(x, n);
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kE6), f, _mm256_set1_ps(kE5));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE4));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE3));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE2));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE1));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
-FASTLLM_TARGET_AVX2 inline float hmax_256(__m256 v) {
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_max_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
-FASTLLM_TARGET_AVX2 inline float hsum_256(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
 // lanes j + 0..7 kept where j + lane < nv
 FASTLLM_TARGET_AVX2 inline __m256 keep_mask_256(int64_t j, int64_t nv) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -454,7 +413,7 @@ struct Avx2 {
         __m256 acc = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-        float r = hsum_256(acc);
+        float r = vec::hsum256(acc);
         for (; i < n; i++) r += a[i] * b[i];
         return r;
     }
@@ -492,17 +451,17 @@ struct Avx2 {
             for (int64_t j = nv; j < kBc; j++) s[j] = -INFINITY;
             __m256 vmax = _mm256_loadu_ps(s);
             for (int64_t j = 8; j < kBc; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-            const float mnew = std::max(m[r], hmax_256(vmax) * c);
+            const float mnew = std::max(m[r], vec::hmax256(vmax) * c);
             const float alpha = std::exp2(m[r] - mnew);
             const __m256 vm = _mm256_set1_ps(mnew);
             __m256 vsum = _mm256_setzero_ps();
             for (int64_t j = 0; j < kBc; j += 8) {
-                __m256 p = exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vm));
+                __m256 p = vec::exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vm));
                 if (j + 8 > nv) p = _mm256_and_ps(p, keep_mask_256(j, nv));
                 vsum = _mm256_add_ps(vsum, p);
                 _mm256_storeu_ps(s + j, p);
             }
-            l[r] = l[r] * alpha + hsum_256(vsum);
+            l[r] = l[r] * alpha + vec::hsum256(vsum);
             m[r] = mnew;
             if (alpha != 1.0f) {
                 const __m256 va = _mm256_set1_ps(alpha);
@@ -519,7 +478,7 @@ struct Avx2 {
             const int64_t nv = valid_keys(i0, r, j0, nk);
             const __m256 vl = _mm256_set1_ps(lse2[r]), vd = _mm256_set1_ps(D[r]);
             for (int64_t j = 0; j < kBc; j += 8) {
-                __m256 p = exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vl));
+                __m256 p = vec::exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vl));
                 __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, vscale), _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd));
                 if (j + 8 > nv) {  // masked entries: S, dP may hold stale values there (see kColsLeRow)
                     const __m256 keep = keep_mask_256(j, nv);

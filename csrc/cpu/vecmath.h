@@ -1,5 +1,5 @@
 /*
-Vectorized float math for the row-wise kernels (softmax_ce, gelu, layernorm): exp, sigmoid, horizontal
+Vectorized float math for the kernels (softmax_ce, gelu, layernorm, attention): exp, 2^x, sigmoid, horizontal
 reductions and tail masks, for AVX-512 (16 lanes) and AVX2+FMA (8 lanes). Every function carries its ISA's
 target attribute so it inlines only into code compiled for that ISA (the module itself is baseline x86-64).
 
@@ -96,6 +96,39 @@ FASTLLM_TARGET_AVX2 inline float hmax256(__m256 v) {
 FASTLLM_TARGET_AVX2 inline __m256i tail_mask8(int64_t k) {
     const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), idx);
+}
+
+// ---- 2^x (attention's online softmax works in base 2, with the softmax scale and log2(e) folded into one FMA):
+// x clamped to [-126, 126], n = round(x), 2^f on [-1/2, 1/2] by a degree-6 polynomial (rel. error ~2e-7).
+inline constexpr float kE1 = 0.6931471805599453f, kE2 = 0.2402265069591007f, kE3 = 0.055504108664821576f,
+                kE4 = 0.009618129107628477f, kE5 = 0.0013333558146428441f, kE6 = 0.00015403530393381606f;
+
+FASTLLM_TARGET_AVX512 inline __m512 exp2_512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kE6), f, _mm512_set1_ps(kE5));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+FASTLLM_TARGET_AVX2 inline __m256 exp2_256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kE6), f, _mm256_set1_ps(kE5));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 }  // namespace fastllm::vec
