@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, cli, header, print_table, set_threads  # noqa: E402
+from common import bench, cli, header, print_table, ratio_row, set_threads  # noqa: E402
 
 from fastllm import _C  # noqa: E402
 
@@ -44,17 +44,7 @@ def _rows(n: int, quick: bool) -> list[list[str]]:
     rows = []
     for name, fns, bpe in (("adamw step", step, 28), ("grad norm", norm, 4)):
         t = bench(fns, repeats=5 if quick else 11, warmup=2)
-        f, tt = t["fastllm"]["median"], t.get("torch", {}).get("median")
-        rows.append(
-            [
-                f"{n}",
-                name,
-                f"{f * 1e3:.3f}",
-                f"{tt * 1e3:.3f}" if tt else "-",
-                f"{tt / f:.2f}x" if tt else "-",
-                f"{bpe * n / f / 1e9:.1f}",
-            ]
-        )
+        rows.append(ratio_row([f"{n}", name], t, bpe * n))
     return rows
 
 

@@ -7,7 +7,6 @@ tensor, like fastllm; its backward allocates the gradient, fastllm's zeroes a pr
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -15,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, header, print_table, set_threads  # noqa: E402
+from common import bench, cli, header, print_table, set_threads  # noqa: E402
 
 from fastllm import ops  # noqa: E402
 
@@ -93,13 +92,5 @@ def run(threads: int = 2, quick: bool = False) -> None:
     print_table(rows, head)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    run(threads=args.threads, quick=args.quick)
-
-
 if __name__ == "__main__":
-    main()
+    cli(run, __doc__)

@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, cli, header, print_table, set_threads  # noqa: E402
+from common import bench, cli, header, print_table, ratio_row, set_threads  # noqa: E402
 
 from fastllm import _C  # noqa: E402
 
@@ -44,17 +44,7 @@ def _row(N: int, C: int, quick: bool) -> list[list[str]]:
     rows = []
     for name, fns, nbytes in (("fwd", fwd, 8 * N * C), ("bwd", bwd, 16 * N * C)):
         t = bench(fns, repeats=5 if quick else 15, warmup=2)
-        f, tt = t["fastllm"]["median"], t.get("torch", {}).get("median")
-        rows.append(
-            [
-                f"({N}, {C})",
-                name,
-                f"{f * 1e3:.3f}",
-                f"{tt * 1e3:.3f}" if tt else "-",
-                f"{tt / f:.2f}x" if tt else "-",
-                f"{nbytes / f / 1e9:.1f}",
-            ]
-        )
+        rows.append(ratio_row([f"({N}, {C})", name], t, nbytes))
     return rows
 
 

@@ -7,7 +7,6 @@ time; ratio = fastllm GFLOP/s / torch GFLOP/s (above 1: fastllm faster)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -95,13 +94,5 @@ def run(threads: int = 2, quick: bool = False) -> None:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    run(threads=args.threads, quick=args.quick)
-
-
 if __name__ == "__main__":
-    main()
+    common.cli(run, __doc__)

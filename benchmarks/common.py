@@ -102,3 +102,10 @@ def cli(run: Callable[..., None], doc: str | None, **flags: str) -> None:
     for name, help_text in flags.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
     run(**vars(p.parse_args()))
+
+
+def ratio_row(labels: list[str], t: dict[str, dict[str, float]], nbytes: float) -> list[str]:
+    """labels + [fastllm ms, torch ms, torch/fastllm, fastllm GB/s] from bench() results (torch optional)."""
+    f, tt = t["fastllm"]["median"], t.get("torch", {}).get("median")
+    return [*labels, f"{f * 1e3:.3f}", f"{tt * 1e3:.3f}" if tt else "-", f"{tt / f:.2f}x" if tt else "-",
+            f"{nbytes / f / 1e9:.1f}"]
