@@ -222,7 +222,8 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
             raise ValueError(f"{folder / f}: tensor {name!r} (listed in {INDEX_FILE}) is not in the file")
     missing = [_hf_name(n, layer) for n, layer in _expected(cfg.n_layer) if (n, layer) not in filled]
     if missing:
-        raise ValueError(f"{folder}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        where = files[0] if not wmap else folder / INDEX_FILE
+        raise ValueError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if lm_head is not None:
         file, arr = lm_head
         if arr.shape != model.p["wte"].shape or not np.array_equal(arr, model.p["wte"]):
