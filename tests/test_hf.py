@@ -21,7 +21,7 @@ from fastllm.sample import generate  # noqa: E402
 from fastllm.tokenizer import Tokenizer  # noqa: E402
 from fastllm.train import load_model  # noqa: E402
 
-V, T_MAX = 101, 48
+V, T_MAX = 600, 48
 
 
 def hf_model(seed: int = 0, **kw):
@@ -78,7 +78,7 @@ def hf_tokenizer(text):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=V,
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -213,6 +213,7 @@ def edit_config(d, out, **changes):
         (dict(scale_attn_weights=False), "scale_attn_weights"),
         (dict(tie_word_embeddings=False), "tie_word_embeddings"),
         (dict(n_inner=100), "n_inner=100"),
+        (dict(n_ctx=64), "n_ctx=64 differs from n_positions=48"),
         (dict(n_head=5), "divisible"),
         (dict(n_embd=16), r"tensor 'transformer\.\S+' has shape .*, config.json needs"),
         (dict(n_layer=1), "unexpected tensor 'transformer.h.1"),
@@ -331,6 +332,10 @@ def test_save_pretrained_with_tokenizer(hf_tokenizer, text, tmp_path):
     model.save_pretrained(tmp_path / "out", tokenizer=tok)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["eos_token_id"] == tok.eot_token == 0
+    with pytest.raises(ValueError, match="tokenizer has 600 ids but the model's vocab_size is 100"):
+        GPT(GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=1, n_embd=8)).save_pretrained(
+            tmp_path / "small", tokenizer=tok
+        )
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     s = text[:3000]
     assert (
@@ -353,6 +358,11 @@ def test_convert_round_trip(hf_pair, hf_tokenizer, tmp_path, capsys):
     assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
     tok = Tokenizer.from_pretrained(tmp_path / "ckpt")
     assert tok.encode("hello world").tolist() == hf_tokenizer.encode("hello world").ids
+    assert (
+        cli.main(["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--seed", "0"])
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[-1].startswith("The")
 
     assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back"), "--to", "hf"]) == 0
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()

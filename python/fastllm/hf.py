@@ -70,6 +70,8 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
             raise bad(f"{key}={d[key]!r} is not supported (fastllm needs {want})")
     v = {k: d.get(k, default) for k, default in _HF_DEFAULTS.items()}
     n_ctx = d.get("n_ctx")
+    if "n_positions" not in d and n_ctx is not None:  # very old configs name the context n_ctx only
+        v["n_positions"] = n_ctx
     if n_ctx is not None and n_ctx != v["n_positions"]:
         raise bad(f"n_ctx={n_ctx} differs from n_positions={v['n_positions']}")
     n_inner = d.get("n_inner")
@@ -253,6 +255,9 @@ def save_pretrained(
     """Write `model` as a transformers GPT-2 folder (config.json, model.safetensors or shards + index; with a
     `tokenizer`, also tokenizer.json and tokenizer_config.json). Every file is written atomically; stale shards
     of an earlier save are removed."""
+    if tokenizer is not None and tokenizer.n_vocab > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model's vocab_size is "
+                         f"{model.config.vocab_size}")  # fmt: skip
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict(model)
@@ -411,6 +416,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm")
         )
         if find_hf_tokenizer(src) is not None:
             tok = Tokenizer.from_pretrained(src)
+            if tok.n_vocab > model.config.vocab_size:
+                raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
+                                 f"{model.config.vocab_size}")  # fmt: skip
             if tok._is_ranks:  # tiktoken semantics: the rank file `fastllm sample` looks for
                 tok.save(dst / TOKENIZER_FILE)
             else:  # HF merge priority: only tokenizer.json can express it
