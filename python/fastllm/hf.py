@@ -139,7 +139,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
         raise ValueError(f"{index}: no weight_map")
     files = []
     for name, f in wmap.items():
-        if not isinstance(f, str) or Path(f).name != f or f in (".", ".."):
+        if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
             raise ValueError(f"{index}: tensor {name!r} maps to a bad file name {f!r}")
         if not (folder / f).exists():
             raise FileNotFoundError(f"{index}: shard {f} of tensor {name!r} is missing")
