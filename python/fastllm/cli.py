@@ -105,9 +105,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # validate first
     model = load_model(args.ckpt).eval()
     tok_path = args.tokenizer or find_tokenizer(model.checkpoint_dir)
+    if tok_path is None and (model.checkpoint_dir / "tokenizer.json").exists():  # from `fastllm convert`
+        tok_path = model.checkpoint_dir / "tokenizer.json"
     if tok_path is None:
         raise FileNotFoundError(f"no tokenizer in {model.checkpoint_dir}; pass --tokenizer")
-    tok = Tokenizer.load(tok_path)
+    tok = Tokenizer.from_pretrained(tok_path)
     n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
@@ -120,6 +122,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         dt = time.time() - t0
         print(f"\n--- {stats['tokens']} tokens in {dt:.2f}s ({stats['tokens'] / max(dt, 1e-9):.1f} tokens/s)",
               file=sys.stderr)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .hf import convert
+
+    out = convert(args.src, args.dst, to=args.to)
+    print(f"{args.src} -> {out} ({'transformers GPT-2 folder' if args.to == 'hf' else 'fastllm checkpoint'})")
     return 0
 
 
@@ -183,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", nargs="*", default=[], help="stop strings")
     s.add_argument("--seed", type=int, default=None)
     s.set_defaults(func=_cmd_sample)
+
+    s = sub.add_parser("convert", help="convert between a Hugging Face GPT-2 folder and a fastllm checkpoint")
+    s.add_argument("src", help="a transformers GPT-2 folder (--to fastllm) or a fastllm checkpoint (--to hf)")
+    s.add_argument("dst", help="output folder")
+    s.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format (default fastllm)")
+    s.set_defaults(func=_cmd_convert)
     return p
 
 

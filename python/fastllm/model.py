@@ -123,6 +123,21 @@ class GPT:
         if init:
             self.init_weights(seed)
 
+    # ---- Hugging Face format (fastllm.hf) ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path) -> GPT:
+        """Load a transformers GPT-2 folder (config.json + model.safetensors, or shards); see fastllm.hf."""
+        from .hf import from_pretrained
+
+        return from_pretrained(path, cls)
+
+    def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int | None = None):
+        """Write a folder transformers' GPT2LMHeadModel.from_pretrained loads (plus tokenizer.json if given)."""
+        from .hf import save_pretrained
+
+        return save_pretrained(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+
     # ---- parameters -----------------------------------------------------------------------------------
 
     def init_weights(self, seed: int = 0) -> None:

@@ -722,6 +722,32 @@ class Tokenizer:
         _atomic_write(path, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
 
     @classmethod
+    def from_pretrained(cls, path: PathLike) -> Tokenizer:
+        """Load the tokenizer of a Hugging Face model folder: ``tokenizer.json``, else GPT-2's classic
+        ``vocab.json`` + ``merges.txt`` (special tokens from ``tokenizer_config.json``, default
+        ``<|endoftext|>``), else a fastllm ``tokenizer.tiktoken``. `path` may also name one of those files.
+        Ids are those HF tokenizers gives for the same files."""
+        from . import hf
+
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            name, folder = os.path.basename(path), os.path.dirname(path)
+            if name == "vocab.json" or name == "merges.txt":
+                return hf.load_vocab_merges(folder)
+            return cls.load_hf(path) if name.endswith(".json") else cls.load(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer file or folder")
+        found = hf.find_hf_tokenizer(path)
+        if found is not None:
+            return cls.load_hf(found) if found.name == "tokenizer.json" else hf.load_vocab_merges(path)
+        rank_file = os.path.join(path, "tokenizer.tiktoken")
+        if os.path.exists(rank_file + ".json"):
+            return cls.load(rank_file)
+        raise FileNotFoundError(
+            f"{path}: no tokenizer.json, vocab.json + merges.txt, or tokenizer.tiktoken in this folder"
+        )
+
+    @classmethod
     def load_hf(cls, path: PathLike) -> Tokenizer:
         """Read a byte-level BPE ``tokenizer.json`` (written by `save_hf`, or by HF tokenizers' own trainer:
         then tokens merge by the merges' order, as HF does). Added tokens become special tokens. Unsupported
@@ -734,6 +760,11 @@ class Tokenizer:
             raise ValueError(f"{path}:{e.lineno}: corrupt JSON ({e.msg})") from e
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}:1: not UTF-8 ({e.reason})") from e
+        return cls._from_hf_doc(doc, path)
+
+    @classmethod
+    def _from_hf_doc(cls, doc, path: str) -> Tokenizer:
+        """load_hf on a parsed tokenizer.json document; errors name `path`."""
 
         def bad(msg: str) -> ValueError:
             return ValueError(f"{path}:1: {msg}")
