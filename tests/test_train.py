@@ -115,3 +115,22 @@ def test_bad_train_config(data):
         train(config(data, total_batch_tokens=100), progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match="preset"):
         train(config(data, model="nope"), progress=False, log=lambda *a: None)
+
+
+def test_safetensors_bf16_and_bad_dtype(tmp_path):
+    import json
+    import struct
+
+    from fastllm.fileio import load_safetensors
+
+    x = np.array([1.5, -2.25, 3.0e-3], np.float32)
+    bf16 = (x.view(np.uint32) >> 16).astype("<u2")  # exact for these values' top halves
+    hdr = json.dumps({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
+    (tmp_path / "a.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr + bf16.tobytes())
+    got, _ = load_safetensors(tmp_path / "a.safetensors")
+    np.testing.assert_array_equal(got["w"], (bf16.astype(np.uint32) << 16).view(np.float32))
+    assert got["w"].dtype == np.float32 and abs(got["w"][0] - 1.5) < 1e-6
+    hdr = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [3], "data_offsets": [0, 3]}}).encode()
+    (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"abc")
+    with pytest.raises(ValueError, match="b.safetensors.*'w'.*unsupported dtype 'F8_E4M3'"):
+        load_safetensors(tmp_path / "b.safetensors")

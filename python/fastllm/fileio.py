@@ -3,6 +3,7 @@
 safetensors layout: 8-byte little-endian header length N, N bytes of JSON
 {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}},
 then the raw little-endian tensor bytes (offsets relative to the end of the header). No pickle anywhere.
+BF16 tensors are read (widened to float32); writing covers numpy's dtypes.
 """
 
 from __future__ import annotations
@@ -96,8 +97,12 @@ def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[
     buf = np.memmap(path, np.uint8, "r") if mmap else np.fromfile(path, np.uint8)
     out = {}
     for name, spec in header.items():
+        if isinstance(spec, dict) and spec.get("dtype") not in _DTYPES and spec.get("dtype") != "BF16":
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {spec.get('dtype')!r} "
+                             f"(supported: {', '.join(_DTYPES)}, BF16)")
+        bf16 = isinstance(spec, dict) and spec.get("dtype") == "BF16"
         try:
-            dtype = np.dtype(_DTYPES[spec["dtype"]]).newbyteorder("<")
+            dtype = np.dtype("<u2" if bf16 else _DTYPES[spec["dtype"]]).newbyteorder("<")
             shape = tuple(int(s) for s in spec["shape"])
             b, e = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -107,5 +112,8 @@ def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[
             raise ValueError(f"{path}: tensor {name!r} (shape {shape}, bytes {b}..{e}) does not fit the file "
                              f"({data_len} data bytes): truncated or corrupt")
         arr = buf[data_start + b:data_start + e].view(dtype).reshape(shape)
-        out[name] = arr if mmap else arr.astype(dtype.newbyteorder("="), copy=False)
+        if bf16:  # bfloat16 is the top half of a float32: widen to float32 (numpy has no bfloat16)
+            out[name] = (arr.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out[name] = arr if mmap else arr.astype(dtype.newbyteorder("="), copy=False)
     return out, meta
