@@ -436,22 +436,22 @@ class ChatSession:
     def reset(self) -> None:
         self.history, self.dropped = [], 0
 
-    def _messages(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-
     def prompt(self) -> np.ndarray:
         """The prompt ids for the current history, dropping oldest turns to leave room for an answer."""
         room = self.model.config.block_size - self.min_new_tokens
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        hist, dropped = self.history, 0
         while True:
-            ids = render_prompt(self._messages(), self.tok)
+            ids = render_prompt(system + hist, self.tok)
             if ids.size <= room:
-                return ids
-            users = [i for i, m in enumerate(self.history) if m["role"] == "user"]
+                break
+            users = [i for i, m in enumerate(hist) if m["role"] == "user"]
             if len(users) <= 1:
                 raise ValueError(f"the message is too long: {ids.size} prompt tokens leave no room for an answer "
-                                 f"in the context of {self.model.config.block_size}")
-            self.history = self.history[users[1]:]  # drop the oldest user turn and its answer
-            self.dropped += 1
+                                 f"in the context of {self.model.config.block_size} tokens")
+            hist, dropped = hist[users[1]:], dropped + 1  # drop the oldest user turn and its answer
+        self.history, self.dropped = hist, self.dropped + dropped
+        return ids
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the assistant's answer to the user message `text`."""
