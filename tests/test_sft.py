@@ -15,14 +15,25 @@ import numpy as np
 import pytest
 
 import fastllm
-
 from fastllm.cli import main
 from fastllm.data import copy_tokenizer, write_shard
 from fastllm.model import GPT, GPTConfig
 from fastllm.sample import generate
-from fastllm.sft import (IM_END, IM_START, ChatSession, PackedLoader, SFTConfig, add_chat_tokens, chat_loop,
-                         grow_vocab, load_conversations, render, render_prompt, sft, tokenize_conversations,
-                         validate_conversation)
+from fastllm.sft import (
+    IM_END,
+    IM_START,
+    ChatSession,
+    PackedLoader,
+    SFTConfig,
+    add_chat_tokens,
+    chat_loop,
+    grow_vocab,
+    load_conversations,
+    render,
+    render_prompt,
+    sft,
+    tokenize_conversations,
+)
 from fastllm.tokenizer import Tokenizer
 from fastllm.train import TrainConfig, load_model, train
 
@@ -69,12 +80,17 @@ def test_render_system_multi_turn_and_special_text_in_content():
 
 
 def test_render_bpe_tokenizer_mask_boundaries():
-    tok = Tokenizer.train(["hello world, hello there\nassistant user\n" * 20], vocab_size=300,
-                          special_tokens=("<|endoftext|>", IM_START, IM_END), progress=False)
+    tok = Tokenizer.train(
+        ["hello world, hello there\nassistant user\n" * 20],
+        vocab_size=300,
+        special_tokens=("<|endoftext|>", IM_START, IM_END),
+        progress=False,
+    )
     ids, mask = render(conv(("user", "hello"), ("assistant", "hello world")), tok)
     assert tok.decode(ids[mask == 1]) == "hello world" + IM_END
-    assert tok.decode(ids) == (f"<|endoftext|>{IM_START}user\nhello{IM_END}\n{IM_START}assistant\nhello world"
-                               f"{IM_END}\n")
+    assert tok.decode(ids) == (
+        f"<|endoftext|>{IM_START}user\nhello{IM_END}\n{IM_START}assistant\nhello world{IM_END}\n"
+    )
 
 
 def test_render_prompt_ends_with_assistant_header():
@@ -96,17 +112,22 @@ def test_render_without_endoftext():
 GOOD = json.dumps({"messages": conv(("user", "q"), ("assistant", "a"))})
 
 
-@pytest.mark.parametrize("line,msg", [
-    ("{not json", "bad JSON"),
-    (json.dumps({"messages": []}), "empty conversation"),
-    (json.dumps({"messages": conv(("robot", "x"), ("assistant", "y"))}), "unknown role 'robot'"),
-    (json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}),
-     "content must be a string"),
-    (json.dumps({"messages": conv(("system", "s"), ("user", "q"))}), "no assistant turn"),
-    (json.dumps({"text": "hi"}), "'messages'"),
-    (json.dumps([1, 2]), "message 0 must be an object"),
-    (json.dumps({"messages": "hi"}), "must be a list"),
-])
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ("{not json", "bad JSON"),
+        (json.dumps({"messages": []}), "empty conversation"),
+        (json.dumps({"messages": conv(("robot", "x"), ("assistant", "y"))}), "unknown role 'robot'"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}),
+            "content must be a string",
+        ),
+        (json.dumps({"messages": conv(("system", "s"), ("user", "q"))}), "no assistant turn"),
+        (json.dumps({"text": "hi"}), "'messages'"),
+        (json.dumps([1, 2]), "message 0 must be an object"),
+        (json.dumps({"messages": "hi"}), "must be a list"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, line, msg):
     f = tmp_path / "chats.jsonl"
     f.write_text(GOOD + "\n\n" + line + "\n" + GOOD + "\n")
@@ -133,8 +154,10 @@ def test_load_conversations_ok_and_missing(tmp_path):
 
 def test_too_long_conversations_counted_and_warned():
     tok = byte_tok()
-    convs = [conv(("user", "q"), ("assistant", "a"))] * 3 + [conv(("user", "x" * 40), ("assistant", "a" * 10)),
-                                                              conv(("user", "x" * 80), ("assistant", "a"))]
+    convs = [conv(("user", "q"), ("assistant", "a"))] * 3 + [
+        conv(("user", "x" * 40), ("assistant", "a" * 10)),
+        conv(("user", "x" * 80), ("assistant", "a")),
+    ]
     warnings = []
     ex, st = tokenize_conversations(convs, tok, 63, warn=warnings.append)
     assert (st.conversations, st.used, st.truncated, st.skipped) == (5, 4, 1, 1)  # 2nd long: nothing left to learn
@@ -222,7 +245,7 @@ def accuracy(model, tok, words) -> float:
     prompts = [render_prompt(conv(("user", w)), tok).tolist() for w in words]
     outs = generate(model, prompts, 4, temperature=0)
     end = tok.special_tokens[IM_END]
-    return float(np.mean([o[len(p):] == b(w[::-1]) + [end] for o, p, w in zip(outs, prompts, words)]))
+    return float(np.mean([o[len(p) :] == b(w[::-1]) + [end] for o, p, w in zip(outs, prompts, words)]))
 
 
 @pytest.fixture(scope="module")
@@ -237,18 +260,47 @@ def tuned(tmp_path_factory):
     (d / "data").mkdir()
     write_shard(d / "data" / "train_000000.bin", tok.encode("".join(rng.choice(list(LETTERS + " \n"), 20000))), 257)
     copy_tokenizer(d / "tok.tiktoken", d / "data")
-    train(TrainConfig(data=str(d / "data"), out=str(d / "base"), model="tiny", n_embd=64, n_head=4, seq_len=64,
-                      batch_size=8, max_steps=20, lr=3e-3, warmup_steps=2, eval_every=0, threads=1),
-          progress=False, log=lambda *a: None)
+    train(
+        TrainConfig(
+            data=str(d / "data"),
+            out=str(d / "base"),
+            model="tiny",
+            n_embd=64,
+            n_head=4,
+            seq_len=64,
+            batch_size=8,
+            max_steps=20,
+            lr=3e-3,
+            warmup_steps=2,
+            eval_every=0,
+            threads=1,
+        ),
+        progress=False,
+        log=lambda *a: None,
+    )
     words = ["".join(w) for w in itertools.product(LETTERS, repeat=3)]
     rng.shuffle(words)
     held, seen = words[:64], words[64:]
     (d / "train.jsonl").write_text("".join(chat(w, w[::-1]) + "\n" for w in seen))
     (d / "val.jsonl").write_text("".join(chat(w, w[::-1]) + "\n" for w in held[:16]))
     logs = []
-    summary = sft(SFTConfig(base=str(d / "base"), data=str(d / "train.jsonl"), val_data=str(d / "val.jsonl"),
-                            out=str(d / "sft"), batch_size=8, max_steps=600, lr=5e-3, warmup_steps=10,
-                            eval_every=300, ckpt_every=300, threads=1), progress=False, log=logs.append)
+    summary = sft(
+        SFTConfig(
+            base=str(d / "base"),
+            data=str(d / "train.jsonl"),
+            val_data=str(d / "val.jsonl"),
+            out=str(d / "sft"),
+            batch_size=8,
+            max_steps=600,
+            lr=5e-3,
+            warmup_steps=10,
+            eval_every=300,
+            ckpt_every=300,
+            threads=1,
+        ),
+        progress=False,
+        log=logs.append,
+    )
     yield d, held, summary, logs
     fastllm.set_num_threads(threads)
 
@@ -262,8 +314,10 @@ def test_sft_learns_held_out_task(tuned):
     model = load_model(d / "sft").eval()
     tok = Tokenizer.load(model.checkpoint_dir / "tokenizer.tiktoken")
     acc_after = accuracy(model, tok, held)
-    print(f"\nheld-out accuracy (reverse 3-letter words): before SFT {acc_before:.2f}, after {acc_after:.2f}; "
-          f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.4f}")
+    print(
+        f"\nheld-out accuracy (reverse 3-letter words): before SFT {acc_before:.2f}, after {acc_after:.2f}; "
+        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.4f}"
+    )
     assert acc_after >= acc_before + 0.6 and acc_after >= 0.8
     assert summary["conversations"] == 448 and summary["truncated"] == summary["skipped"] == 0
     assert summary["val_loss"] < 0.5
@@ -304,8 +358,9 @@ def test_chat_loop_commands(tuned):
 
 def _cli(*args, stdin: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fastllm", *args], input=stdin, capture_output=True, text=True,
-                          env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fastllm", *args], input=stdin, capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_cli_chat_piped_stdin(tuned):
@@ -321,11 +376,32 @@ def test_cli_chat_piped_stdin(tuned):
 
 def test_cli_sft_runs_resumes_and_rejects_bad_input(tuned, tmp_path, capsys):
     d = tuned[0]
-    args = ["sft", "--base", str(d / "base"), "--data", str(d / "train.jsonl"), "--out", str(tmp_path / "o"),
-            "--max-steps", "6", "--ckpt-every", "3", "--eval-every", "3", "--batch-size", "4", "--seq-len", "32",
-            "--val-fraction", "0.1", "--no-progress", "--threads", "1"]
+    args = [
+        "sft",
+        "--base",
+        str(d / "base"),
+        "--data",
+        str(d / "train.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "6",
+        "--ckpt-every",
+        "3",
+        "--eval-every",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--val-fraction",
+        "0.1",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
-    assert main(args[:args.index("6")] + ["9"] + args[args.index("6") + 1:] + ["--resume"]) == 0
+    assert main(args[: args.index("6")] + ["9"] + args[args.index("6") + 1 :] + ["--resume"]) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out and "ckpt_000009" in out
     rows = [json.loads(x) for x in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
@@ -333,10 +409,12 @@ def test_cli_sft_runs_resumes_and_rejects_bad_input(tuned, tmp_path, capsys):
     assert any("val_loss" in r for r in rows)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(chat("a", "b") + "\n" + json.dumps({"messages": conv(("user", "x"))}) + "\n")
-    for extra, msg in [(["--data", str(bad)], f"{bad}:2: no assistant turn"),
-                       (["--data", str(tmp_path / "missing.jsonl")], "not found"),
-                       (["--seq-len", "999"], "seq_len=999"),
-                       (["--too-long", "drop"], "too_long"),
-                       (["--base", str(tmp_path / "nobase")], "no checkpoint")]:
+    for extra, msg in [
+        (["--data", str(bad)], f"{bad}:2: no assistant turn"),
+        (["--data", str(tmp_path / "missing.jsonl")], "not found"),
+        (["--seq-len", "999"], "seq_len=999"),
+        (["--too-long", "drop"], "too_long"),
+        (["--base", str(tmp_path / "nobase")], "no checkpoint"),
+    ]:
         assert main(args + extra) == 1
         assert msg in capsys.readouterr().err

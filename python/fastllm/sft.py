@@ -73,8 +73,7 @@ def validate_conversation(obj, where: str = "conversation", need_assistant: bool
         if role not in ROLES:
             raise ValueError(f"{where}: message {k} has unknown role {role!r} (expected one of {list(ROLES)})")
         if not isinstance(content, str):
-            raise ValueError(f"{where}: message {k} ({role}) content must be a string, got "
-                             f"{type(content).__name__}")
+            raise ValueError(f"{where}: message {k} ({role}) content must be a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
@@ -120,8 +119,10 @@ def with_chat_tokens(tokenizer):
     if not missing:
         return tokenizer
     if not getattr(tokenizer, "_is_ranks", True):
-        raise ValueError("cannot add chat tokens to a tokenizer loaded from a HF tokenizer.json; train or load one "
-                         f"with the special tokens {IM_START} and {IM_END}")
+        raise ValueError(
+            "cannot add chat tokens to a tokenizer loaded from a HF tokenizer.json; train or load one "
+            f"with the special tokens {IM_START} and {IM_END}"
+        )
     ranks = {}
     taken = set(specials.values())
     for i in range(tokenizer.n_vocab):
@@ -138,8 +139,9 @@ def with_chat_tokens(tokenizer):
     return Tokenizer(ranks, tokenizer.pattern, specials)
 
 
-def grow_vocab(model: GPT, vocab_size: int, init_rows: Sequence[int] = (), seed: int = 0,
-               mean_rows: int | None = None) -> GPT:
+def grow_vocab(
+    model: GPT, vocab_size: int, init_rows: Sequence[int] = (), seed: int = 0, mean_rows: int | None = None
+) -> GPT:
     """A new GPT with `vocab_size` >= the model's rows of wte (the tied lm-head), every parameter copied.
 
     New rows and the rows in `init_rows` are set to the mean of the first `mean_rows` (default: all old) rows
@@ -157,7 +159,7 @@ def grow_vocab(model: GPT, vocab_size: int, init_rows: Sequence[int] = (), seed:
             new.p[name][...] = arr
     rows = sorted(set(range(old, vocab_size)) | {int(r) for r in init_rows})
     if rows:
-        src = model.p["wte"][:mean_rows or old]
+        src = model.p["wte"][: mean_rows or old]
         noise = np.random.default_rng(seed).standard_normal((len(rows), model.config.n_embd)) * 0.002
         new.p["wte"][rows] = src.mean(0, dtype=np.float64) + noise
     if hasattr(model, "checkpoint_dir"):
@@ -175,8 +177,9 @@ def add_chat_tokens(tokenizer, model: GPT | None = None, seed: int = 0):
     need = max(new_tok.n_vocab, model.config.vocab_size)
     if need == model.config.vocab_size and not added:
         return new_tok, model
-    return new_tok, grow_vocab(model, need, init_rows=added, seed=seed, mean_rows=min(tokenizer.n_vocab,
-                                                                                       model.config.vocab_size))
+    return new_tok, grow_vocab(
+        model, need, init_rows=added, seed=seed, mean_rows=min(tokenizer.n_vocab, model.config.vocab_size)
+    )
 
 
 def render(conversation, tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -225,8 +228,9 @@ class PackStats:
     _window: int = 0
 
 
-def tokenize_conversations(convs, tokenizer, T: int, too_long: str = "truncate", warn=print, name: str = "data"
-                           ) -> tuple[list[tuple[np.ndarray, np.ndarray]], PackStats]:
+def tokenize_conversations(
+    convs, tokenizer, T: int, too_long: str = "truncate", warn=print, name: str = "data"
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], PackStats]:
     """Render each conversation; ones longer than a window of T+1 tokens are truncated or skipped (with a
     warning). Returns the (ids, mask) pairs and the counts."""
     if too_long not in ("truncate", "skip"):
@@ -238,16 +242,18 @@ def tokenize_conversations(convs, tokenizer, T: int, too_long: str = "truncate",
         ids, mask = render(conv, tokenizer)
         if ids.size > T + 1:
             longest = max(longest, ids.size)
-            if too_long == "skip" or not mask[:T + 1].any():
+            if too_long == "skip" or not mask[: T + 1].any():
                 st.skipped += 1
                 continue
-            ids, mask = ids[:T + 1], mask[:T + 1]
+            ids, mask = ids[: T + 1], mask[: T + 1]
             st.truncated += 1
         out.append((ids, mask))
     st.used = len(out)
     if st.truncated or st.skipped:
-        warn(f"warning: {name}: {st.truncated + st.skipped} of {len(convs)} conversations are longer than the "
-             f"context window of {T + 1} tokens (longest {longest}): {st.truncated} truncated, {st.skipped} skipped")
+        warn(
+            f"warning: {name}: {st.truncated + st.skipped} of {len(convs)} conversations are longer than the "
+            f"context window of {T + 1} tokens (longest {longest}): {st.truncated} truncated, {st.skipped} skipped"
+        )
     return out, st
 
 
@@ -258,16 +264,24 @@ class PackedLoader:
     Windows are built once (conversations shuffled with `seed`, packed whole and in order; see the module
     doc); every epoch visits them in an order drawn from (seed, epoch)."""
 
-    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], B: int, T: int, pad_id: int,
-                 vocab_size: int, seed: int = 0, shuffle: bool = True, stats: PackStats | None = None):
+    def __init__(
+        self,
+        examples: list[tuple[np.ndarray, np.ndarray]],
+        B: int,
+        T: int,
+        pad_id: int,
+        vocab_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        stats: PackStats | None = None,
+    ):
         if B < 1 or T < 1:
             raise ValueError(f"B and T must be positive, got B={B} T={T}")
         if not examples:
             raise ValueError("no conversations to train on (all skipped or none given)")
         self.B, self.T, self.seed, self.shuffle, self.vocab_size = B, T, seed, shuffle, vocab_size
         W = T + 1
-        order = np.random.default_rng([seed, 1 << 20]).permutation(len(examples)) if shuffle else \
-            range(len(examples))
+        order = np.random.default_rng([seed, 1 << 20]).permutation(len(examples)) if shuffle else range(len(examples))
         windows: list[list[int]] = []
         cur: list[int] = []
         cur_len = 0
@@ -287,8 +301,8 @@ class PackedLoader:
             off = 0
             for i in members:
                 ids, m = examples[i]
-                self.tokens[w, off:off + ids.size] = ids
-                self.mask[w, off:off + ids.size] = m.astype(bool)
+                self.tokens[w, off : off + ids.size] = ids
+                self.mask[w, off : off + ids.size] = m.astype(bool)
                 off += ids.size
         self.stats = stats if stats is not None else PackStats(len(examples), len(examples), _window=W)
         self.stats.windows = len(windows)
@@ -320,18 +334,27 @@ class PackedLoader:
         self._order = self._make_order()
 
     def state_dict(self) -> dict:
-        return {"epoch": int(self.epoch), "pos": int(self.pos), "seed": self.seed, "T": self.T, "B": self.B,
-                "windows": len(self.tokens)}
+        return {
+            "epoch": int(self.epoch),
+            "pos": int(self.pos),
+            "seed": self.seed,
+            "T": self.T,
+            "B": self.B,
+            "windows": len(self.tokens),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("T", self.T) != self.T or state.get("windows", len(self)) != len(self):
-            raise ValueError(f"loader state is for T={state.get('T')} and {state.get('windows')} windows, this "
-                             f"loader has T={self.T} and {len(self)} (different data?)")
+            raise ValueError(
+                f"loader state is for T={state.get('T')} and {state.get('windows')} windows, this "
+                f"loader has T={self.T} and {len(self)} (different data?)"
+            )
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._make_order()
 
 
 # ---- training ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SFTConfig(TrainConfig):
@@ -368,8 +391,9 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
         raise FileNotFoundError(f"no tokenizer in {base.checkpoint_dir}; pass --tokenizer")
     base_tok = Tokenizer.load(tok_path)
     if base_tok.n_vocab > base.config.vocab_size:
-        raise ValueError(f"tokenizer {tok_path} has {base_tok.n_vocab} ids but the base model only "
-                         f"{base.config.vocab_size}")
+        raise ValueError(
+            f"tokenizer {tok_path} has {base_tok.n_vocab} ids but the base model only {base.config.vocab_size}"
+        )
     tok, model = add_chat_tokens(base_tok, base, seed=cfg.seed)
     T = cfg.seq_len or model.config.block_size
     if not 1 <= T <= model.config.block_size:
@@ -380,14 +404,13 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
         val_convs = load_conversations(cfg.val_data)
     elif cfg.val_fraction > 0 and len(convs) >= 2:
         every = max(2, round(1 / cfg.val_fraction))
-        val_convs = convs[every - 1::every]
+        val_convs = convs[every - 1 :: every]
         convs = [c for i, c in enumerate(convs) if i % every != every - 1]
     else:
         val_convs = []
     pad = tok.special_tokens.get(EOT, _special(tok, IM_END))
     examples, stats = tokenize_conversations(convs, tok, T, cfg.too_long, log, name=str(cfg.data))
-    train_loader = PackedLoader(examples, cfg.batch_size, T, pad, model.config.vocab_size, seed=cfg.seed,
-                                stats=stats)
+    train_loader = PackedLoader(examples, cfg.batch_size, T, pad, model.config.vocab_size, seed=cfg.seed, stats=stats)
     val_loader = None
     if val_convs:
         vex, _ = tokenize_conversations(val_convs, tok, T, cfg.too_long, log, name="validation")
@@ -398,14 +421,22 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / TOKENIZER_FILE)
     s = train_loader.stats
-    log(f"sft: {s.used} conversations ({s.truncated} truncated, {s.skipped} skipped) in {s.windows} windows of "
+    log(
+        f"sft: {s.used} conversations ({s.truncated} truncated, {s.skipped} skipped) in {s.windows} windows of "
         f"T+1={T + 1} tokens ({s.fill:.0%} filled, {s.loss_tokens} loss tokens); "
-        f"{len(val_convs)} validation conversations; base {base.checkpoint_dir}")
-    summary = train(dataclasses.replace(cfg, seq_len=T), progress=progress, log=log,
-                    loaders=(train_loader, val_loader), init_model=lambda: model,
-                    tokenizer_path=out / TOKENIZER_FILE)
-    summary.update(conversations=s.used, truncated=s.truncated, skipped=s.skipped, windows=s.windows,
-                   loss_tokens=s.loss_tokens)
+        f"{len(val_convs)} validation conversations; base {base.checkpoint_dir}"
+    )
+    summary = train(
+        dataclasses.replace(cfg, seq_len=T),
+        progress=progress,
+        log=log,
+        loaders=(train_loader, val_loader),
+        init_model=lambda: model,
+        tokenizer_path=out / TOKENIZER_FILE,
+    )
+    summary.update(
+        conversations=s.used, truncated=s.truncated, skipped=s.skipped, windows=s.windows, loss_tokens=s.loss_tokens
+    )
     return summary
 
 
@@ -417,13 +448,22 @@ class ChatSession:
     both turns. The prompt keeps the system message and drops the oldest turns when the history plus room
     for the answer would not fit in the context window."""
 
-    def __init__(self, model: GPT, tokenizer, system: str | None = None, max_new_tokens: int = 256,
-                 min_new_tokens: int = 16, **sampling):
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        min_new_tokens: int = 16,
+        **sampling,
+    ):
         self.model, self.tok = model, tokenizer
         _special(tokenizer, IM_START), _special(tokenizer, IM_END)
         if tokenizer.n_vocab > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids but the model only "
-                             f"{model.config.vocab_size} (was it fine-tuned with these chat tokens?)")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.n_vocab} ids but the model only "
+                f"{model.config.vocab_size} (was it fine-tuned with these chat tokens?)"
+            )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.system = system
@@ -447,9 +487,11 @@ class ChatSession:
                 break
             users = [i for i, m in enumerate(hist) if m["role"] == "user"]
             if len(users) <= 1:
-                raise ValueError(f"the message is too long: {ids.size} prompt tokens leave no room for an answer "
-                                 f"in the context of {self.model.config.block_size} tokens")
-            hist, dropped = hist[users[1]:], dropped + 1  # drop the oldest user turn and its answer
+                raise ValueError(
+                    f"the message is too long: {ids.size} prompt tokens leave no room for an answer "
+                    f"in the context of {self.model.config.block_size} tokens"
+                )
+            hist, dropped = hist[users[1] :], dropped + 1  # drop the oldest user turn and its answer
         self.history, self.dropped = hist, self.dropped + dropped
         return ids
 
@@ -467,8 +509,9 @@ class ChatSession:
             raise
         n = min(self.max_new_tokens, self.model.config.block_size - ids.size)
         answer = []
-        for piece in stream_text(self.model, self.tok, ids.tolist(), n, stop_tokens=(_special(self.tok, IM_END),),
-                                 **self.sampling):
+        for piece in stream_text(
+            self.model, self.tok, ids.tolist(), n, stop_tokens=(_special(self.tok, IM_END),), **self.sampling
+        ):
             answer.append(piece)
             yield piece
         self.history.append({"role": "assistant", "content": "".join(answer)})
@@ -513,6 +556,21 @@ def chat_loop(session: ChatSession, inp, out, err) -> int:
     return 0
 
 
-__all__ = ["IM_START", "IM_END", "SFTConfig", "ChatSession", "PackedLoader", "PackStats", "add_chat_tokens",
-           "chat_loop", "grow_vocab", "load_conversations", "render", "render_prompt", "sft", "tokenize_conversations",
-           "validate_conversation", "with_chat_tokens"]
+__all__ = [
+    "IM_START",
+    "IM_END",
+    "SFTConfig",
+    "ChatSession",
+    "PackedLoader",
+    "PackStats",
+    "add_chat_tokens",
+    "chat_loop",
+    "grow_vocab",
+    "load_conversations",
+    "render",
+    "render_prompt",
+    "sft",
+    "tokenize_conversations",
+    "validate_conversation",
+    "with_chat_tokens",
+]
