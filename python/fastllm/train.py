@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
         log(f"resuming from {ckpt} at step {start}")
     else:
         if cfg.resume:
-            log(f"no checkpoint in {out}: starting from scratch")
+            log(f"no checkpoint in {out}: starting from " + ("scratch" if init_model is None else "the given model"))
         model = init_model() if init_model is not None else GPT(cfg.model_config(train_loader.vocab_size),
                                                                 seed=cfg.seed)
         opt = AdamW(model, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
