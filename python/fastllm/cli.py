@@ -94,22 +94,26 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_tokenizer(model, override: str | None):
+    """The tokenizer given on the command line, else the copy inside the model's checkpoint folder."""
+    from .data import find_tokenizer
+    from .tokenizer import Tokenizer
+
+    path = override or find_tokenizer(model.checkpoint_dir)
+    if path is None:
+        raise FileNotFoundError(f"no tokenizer in {model.checkpoint_dir}; pass --tokenizer")
+    return Tokenizer.from_pretrained(path)
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
-    from .data import find_tokenizer
     from .sample import SamplingParams, stream_text
-    from .tokenizer import Tokenizer
     from .train import load_model
 
     SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # validate first
     model = load_model(args.ckpt).eval()
-    tok_path = args.tokenizer or find_tokenizer(model.checkpoint_dir)
-    if tok_path is None and (model.checkpoint_dir / "tokenizer.json").exists():  # from `fastllm convert`
-        tok_path = model.checkpoint_dir / "tokenizer.json"
-    if tok_path is None:
-        raise FileNotFoundError(f"no tokenizer in {model.checkpoint_dir}; pass --tokenizer")
-    tok = Tokenizer.from_pretrained(tok_path)
+    tok = _checkpoint_tokenizer(model, args.tokenizer)
     n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
@@ -133,6 +137,32 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .sft import SFTConfig, sft
+
+    cfg = SFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if hasattr(args, f.name)})
+    s = sft(cfg, progress=not args.no_progress)
+    _print_summary(s)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .sft import ChatSession, chat_loop
+    from .train import load_model
+
+    model = load_model(args.ckpt).eval()
+    session = ChatSession(model, _checkpoint_tokenizer(model, args.tokenizer), system=args.system,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
+    if sys.stdin.isatty():
+        print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
+              f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
+    return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -150,6 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(s, TrainConfig)
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_train)
+
+    from .sft import SFTConfig
+
+    s = sub.add_parser("sft", help="fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})")
+    s.add_argument("--base", required=True, help="checkpoint (or training run folder) to fine-tune")
+    _add_dataclass_args(s, SFTConfig, skip=("base", "model", "n_layer", "n_head", "n_embd"))
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_sft)
+
+    s = sub.add_parser("chat", help="chat in the terminal with a fine-tuned checkpoint (reads stdin)")
+    s.add_argument("--ckpt", required=True, help="checkpoint folder or fine-tuning output folder")
+    s.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
+    s.add_argument("--system", default=None, help="system message")
+    s.add_argument("-n", "--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--min-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(func=_cmd_chat)
 
     from .demo import DemoConfig
 

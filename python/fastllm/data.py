@@ -81,21 +81,28 @@ TOKENIZER_FILE = "tokenizer.tiktoken"  # the copy kept beside shards and in chec
 
 
 def copy_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Copy a tokenizer saved by Tokenizer.save (rank file + `.json` sidecar) into `folder`."""
-    src, dst = Path(src), Path(folder) / TOKENIZER_FILE
-    for suffix in ("", ".json"):
-        a, b = Path(str(src) + suffix), Path(str(dst) + suffix)
+    """Copy a tokenizer into `folder`: one saved by Tokenizer.save (rank file + `.json` sidecar) becomes
+    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json is copied as tokenizer.json."""
+    src = Path(src)
+    if src.suffix == ".json" and not Path(str(src) + ".json").exists():
+        pairs = [(src, Path(folder) / "tokenizer.json")]
+    else:
+        pairs = [(Path(str(src) + sfx), Path(folder) / (TOKENIZER_FILE + sfx)) for sfx in ("", ".json")]
+    for a, b in pairs:
         if not a.exists():
             raise FileNotFoundError(f"tokenizer file {a} not found (saved with Tokenizer.save?)")
         if a.resolve() != b.resolve():
             with atomic_write(b) as f:
                 f.write(a.read_bytes())
-    return dst
+    return pairs[0][1]
 
 
 def find_tokenizer(folder: str | os.PathLike) -> Path | None:
-    p = Path(folder) / TOKENIZER_FILE
-    return p if p.exists() else None
+    """fastllm's tokenizer copy in `folder`, else a HF tokenizer.json (from `fastllm convert`), else None."""
+    for name in (TOKENIZER_FILE, "tokenizer.json"):
+        if (Path(folder) / name).exists():
+            return Path(folder) / name
+    return None
 
 
 # ---- documents -----------------------------------------------------------------------------------------
@@ -186,7 +193,7 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok_path = Path(tokenizer)
-    tok = Tokenizer.load(tok_path)
+    tok = Tokenizer.from_pretrained(tok_path)
     if EOT not in tok.special_tokens:
         raise ValueError(f"tokenizer {tok_path} has no {EOT} special token to separate documents")
     eot = tok.special_tokens[EOT]

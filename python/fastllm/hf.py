@@ -427,12 +427,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm")
     if to == "hf":
         model = load_model(src)
         tok_path = find_tokenizer(model.checkpoint_dir)
-        if tok_path is not None:
-            tok = Tokenizer.load(tok_path)
-        elif (model.checkpoint_dir / "tokenizer.json").exists():
-            tok = Tokenizer.load_hf(model.checkpoint_dir / "tokenizer.json")
-        else:
-            tok = None
+        tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
         return save_pretrained(model, dst, tokenizer=tok)
     raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
 

@@ -183,22 +183,24 @@ class TextStreamer:
         return text
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (),
+def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int, stop: Sequence[str] = (),
                 stats: dict | None = None, **kw) -> Iterator[str]:
-    """Yield decoded text pieces as tokens are generated (single prompt); stops at `stop` strings (not
-    included in the output) and at <|endoftext|>. `stats["tokens"]` counts the tokens generated."""
+    """Yield decoded text pieces as tokens are generated (single prompt: text, encoded with special tokens
+    allowed, or token ids); stops at `stop` strings (not included in the output), at <|endoftext|> and at
+    `stop_tokens` (their text not included either). `stats["tokens"]` counts the tokens generated."""
     stats = {} if stats is None else stats
     stats["tokens"] = 0
     eot = tokenizer.special_tokens.get("<|endoftext|>")
-    stop_tokens = tuple(kw.pop("stop_tokens", ())) + ((eot,) if eot is not None else ())
-    ids = tokenizer.encode(prompt, allowed_special="all")
+    stop_tokens = tuple(int(t) for t in kw.pop("stop_tokens", ())) + ((eot,) if eot is not None else ())
+    ends = set(stop_tokens)
+    ids = tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str) else prompt
     streamer = TextStreamer(tokenizer)
     text, emitted = "", 0
     hold = max((len(s) for s in stop), default=0)
     for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
         t = int(step[0])
         stats["tokens"] += 1
-        if t < 0 or t == eot:
+        if t < 0 or t in ends:
             break
         text += streamer.push(t)
         hits = [text.find(s, max(0, emitted - len(s))) for s in stop]

@@ -151,8 +151,15 @@ def _read_log(path: Path, before_step: int) -> list[dict]:
     return rows
 
 
-def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
-    """Train (or resume) a GPT on cfg.data; returns a summary dict."""
+def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, init_model=None,
+          tokenizer_path: str | os.PathLike | None = None) -> dict:
+    """Train (or resume) a GPT on cfg.data; returns a summary dict.
+
+    Hooks for other training stages (fine-tuning, see fastllm.sft), all None for pre-training:
+    `loaders` = (train, val or None) objects with DataLoader's interface (next_batch() -> (x, y) with y = -1
+    where no loss is taken, __len__, reset, state_dict, load_state_dict, B, vocab_size) instead of shards from
+    cfg.data; `init_model()` builds the starting model when not resuming; `tokenizer_path` is copied into
+    checkpoints instead of the one beside the shards."""
     from tqdm.auto import tqdm
 
     from .plot import write_loss_curve
@@ -161,16 +168,20 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    val_loader = None
-    if cfg.eval_every and list(Path(cfg.data).glob("val_*.bin")):
-        val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False)
-    tok_path = find_tokenizer(cfg.data)
+    if loaders is not None:
+        train_loader, val_loader = loaders
+        val_loader = val_loader if cfg.eval_every else None
+    else:
+        train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        val_loader = None
+        if cfg.eval_every and list(Path(cfg.data).glob("val_*.bin")):
+            val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False)
+    tok_path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(cfg.data)
     tokenizer = None
     if tok_path is not None and cfg.sample_every:
         from .tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(tok_path)
+        tokenizer = Tokenizer.from_pretrained(tok_path)
 
     BT = cfg.batch_size * cfg.seq_len
     total = cfg.total_batch_tokens or BT
@@ -193,8 +204,9 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
         log(f"resuming from {ckpt} at step {start}")
     else:
         if cfg.resume:
-            log(f"no checkpoint in {out}: starting from scratch")
-        model = GPT(cfg.model_config(train_loader.vocab_size), seed=cfg.seed)
+            log(f"no checkpoint in {out}: starting from " + ("scratch" if init_model is None else "the given model"))
+        model = init_model() if init_model is not None else GPT(cfg.model_config(train_loader.vocab_size),
+                                                                seed=cfg.seed)
         opt = AdamW(model, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         start = 0
         rng = np.random.default_rng(cfg.seed)

@@ -1,0 +1,576 @@
+"""Post-training: supervised fine-tuning (SFT) on conversations, and a chat session.
+
+Data: JSONL, one conversation per line: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}.
+`load_conversations` checks every line (ValueError naming file:line: bad JSON, no "messages" list, empty
+conversation, unknown role, non-string content, no assistant turn).
+
+Chat template (ChatML). A conversation is rendered as
+
+    <|endoftext|><|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
+    <|im_start|>assistant\\n{content}<|im_end|>\\n ...
+
+`<|im_start|>` and `<|im_end|>` are special tokens (`add_chat_tokens` adds them to a tokenizer that lacks them
+and grows the model's embedding). The leading `<|endoftext|>` (only if the tokenizer has it) starts every
+conversation the way pre-training starts every document. Role names and contents are encoded as ordinary text
+(text that looks like a special token in a message stays text), each piece separately so no token straddles
+a boundary. The loss mask is 1 on the tokens of assistant contents and on their `<|im_end|>` (so the model
+learns to stop), 0 elsewhere. A generation prompt is the rendered history followed by `<|im_start|>assistant\\n`.
+
+Packing: conversations (shuffled once with the seed) are packed whole, first-fit in order, into windows of
+T+1 tokens; the rest of a window is padded with `<|endoftext|>` (never a target). There is no attention
+masking between the conversations of a window (our attention kernel is plain causal): like many SFT setups
+we let a conversation see earlier ones, which is harmless because every conversation starts fresh with
+`<|endoftext|><|im_start|>` (as documents do in pre-training, where the model learned to ignore what precedes
+an `<|endoftext|>`) and only assistant tokens carry loss. A conversation longer than T+1 tokens is truncated
+(`too_long="truncate"`, the default; skipped when no assistant token is left) or skipped (`"skip"`), with a
+warning and counts in the summary, never silently.
+
+Training reuses `fastllm.train.train` (same checkpoints, resume, progress bar, log.jsonl, loss.png) through
+its `loaders` / `init_model` / `tokenizer_path` hooks; checkpoints hold the extended tokenizer.
+
+>>> summary = sft(SFTConfig(base="run/", data="chats.jsonl", out="sft/"))
+>>> session = ChatSession(load_model("sft/"), Tokenizer.load("sft/tokenizer.tiktoken"))
+>>> print("".join(session.reply("Hello!")))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .model import GPT
+from .train import TrainConfig
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+EOT = "<|endoftext|>"
+ROLES = ("system", "user", "assistant")
+
+
+# ---- conversations -------------------------------------------------------------------------------------
+
+
+def validate_conversation(obj, where: str = "conversation", need_assistant: bool = True) -> list[dict]:
+    """The message list of `obj` ({"messages": [...]} or the list itself), checked; ValueError naming `where`."""
+    msgs = obj.get("messages") if isinstance(obj, dict) else obj
+    if isinstance(obj, dict) and "messages" not in obj:
+        raise ValueError(f"{where}: expected an object with a 'messages' list")
+    if not isinstance(msgs, list):
+        raise ValueError(f"{where}: 'messages' must be a list, got {type(msgs).__name__}")
+    if not msgs:
+        raise ValueError(f"{where}: empty conversation")
+    out = []
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: message {k} must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"{where}: message {k} has unknown role {role!r} (expected one of {list(ROLES)})")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: message {k} ({role}) content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
+    return out
+
+
+def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
+    """Conversations from a JSONL file (blank lines skipped); ValueError naming file:line on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"conversation file not found: {path}")
+    convs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+            convs.append(validate_conversation(obj, f"{path}:{lineno}"))
+    if not convs:
+        raise ValueError(f"{path}: no conversations")
+    return convs
+
+
+# ---- tokens --------------------------------------------------------------------------------------------
+
+
+def _special(tokenizer, name: str) -> int:
+    ids = tokenizer.special_tokens
+    if name not in ids:
+        raise ValueError(f"the tokenizer has no {name} special token (use add_chat_tokens)")
+    return ids[name]
+
+
+def with_chat_tokens(tokenizer):
+    """`tokenizer` if it has <|im_start|> and <|im_end|>, else a copy with them added (ids from n_vocab up)."""
+    from .tokenizer import Tokenizer
+
+    specials = tokenizer.special_tokens
+    missing = [s for s in (IM_START, IM_END) if s not in specials]
+    if not missing:
+        return tokenizer
+    if not getattr(tokenizer, "_is_ranks", True):
+        raise ValueError(
+            "cannot add chat tokens to a tokenizer loaded from a HF tokenizer.json; train or load one "
+            f"with the special tokens {IM_START} and {IM_END}"
+        )
+    ranks = {}
+    taken = set(specials.values())
+    for i in range(tokenizer.n_vocab):
+        if i in taken:
+            continue
+        try:
+            ranks[tokenizer.token_to_bytes(i)] = i
+        except ValueError:
+            continue  # a gap in the ids
+    nxt = tokenizer.n_vocab
+    for s in missing:
+        specials[s] = nxt
+        nxt += 1
+    return Tokenizer(ranks, tokenizer.pattern, specials)
+
+
+def grow_vocab(
+    model: GPT, vocab_size: int, init_rows: Sequence[int] = (), seed: int = 0, mean_rows: int | None = None
+) -> GPT:
+    """A new GPT with `vocab_size` >= the model's rows of wte (the tied lm-head), every parameter copied.
+
+    New rows and the rows in `init_rows` are set to the mean of the first `mean_rows` (default: all old) rows
+    plus normal(0, 0.002) noise: a new token's logit starts near the average logit and its embedding near
+    the average input, so the old model's behaviour is barely disturbed (and old tokens' logits are
+    unchanged: their rows and every other weight are copied as they are)."""
+    old = model.config.vocab_size
+    if vocab_size < old:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the model's {old}")
+    new = GPT(dataclasses.replace(model.config, vocab_size=vocab_size), init=False)
+    for name, arr in model.p.items():
+        if name == "wte":
+            new.p["wte"][:old] = arr
+        else:
+            new.p[name][...] = arr
+    rows = sorted(set(range(old, vocab_size)) | {int(r) for r in init_rows})
+    if rows:
+        src = model.p["wte"][: mean_rows or old]
+        noise = np.random.default_rng(seed).standard_normal((len(rows), model.config.n_embd)) * 0.002
+        new.p["wte"][rows] = src.mean(0, dtype=np.float64) + noise
+    if hasattr(model, "checkpoint_dir"):
+        new.checkpoint_dir = model.checkpoint_dir
+    return new
+
+
+def add_chat_tokens(tokenizer, model: GPT | None = None, seed: int = 0):
+    """(tokenizer with <|im_start|>/<|im_end|>, model whose embedding covers them). Returns the inputs as they
+    are when nothing is missing; new token ids get freshly initialised embedding rows (see grow_vocab)."""
+    new_tok = with_chat_tokens(tokenizer)
+    if model is None:
+        return new_tok, None
+    added = [i for s, i in new_tok.special_tokens.items() if s not in tokenizer.special_tokens]
+    need = max(new_tok.n_vocab, model.config.vocab_size)
+    if need == model.config.vocab_size and not added:
+        return new_tok, model
+    return new_tok, grow_vocab(
+        model, need, init_rows=added, seed=seed, mean_rows=min(tokenizer.n_vocab, model.config.vocab_size)
+    )
+
+
+def render(conversation, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32, mask uint8) of a conversation in the chat template (see the module doc). mask is 1 on
+    assistant content tokens and their <|im_end|>, 0 elsewhere."""
+    msgs = validate_conversation(conversation, need_assistant=False)
+    start, end = _special(tokenizer, IM_START), _special(tokenizer, IM_END)
+    eot = tokenizer.special_tokens.get(EOT)
+    ids: list[int] = [] if eot is None else [eot]
+    mask: list[int] = [0] * len(ids)
+    nl = tokenizer.encode_ordinary("\n").tolist()
+    for m in msgs:
+        head = [start] + tokenizer.encode_ordinary(m["role"] + "\n").tolist()
+        body = tokenizer.encode_ordinary(m["content"]).tolist() + [end]
+        learn = int(m["role"] == "assistant")
+        ids += head + body + nl
+        mask += [0] * len(head) + [learn] * len(body) + [0] * len(nl)
+    return np.asarray(ids, np.int32), np.asarray(mask, np.uint8)
+
+
+def render_prompt(messages, tokenizer) -> np.ndarray:
+    """Ids of the history `messages` followed by `<|im_start|>assistant\\n`: what the model continues."""
+    ids, _ = render(messages, tokenizer)
+    head = [_special(tokenizer, IM_START)] + tokenizer.encode_ordinary("assistant\n").tolist()
+    return np.concatenate([ids, np.asarray(head, np.int32)])
+
+
+# ---- packing -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackStats:
+    conversations: int = 0  # given
+    used: int = 0  # packed (whole or truncated)
+    truncated: int = 0  # longer than the window, cut to it
+    skipped: int = 0  # longer than the window and dropped
+    windows: int = 0
+    tokens: int = 0  # conversation tokens packed
+    loss_tokens: int = 0  # of which carry loss
+
+    @property
+    def fill(self) -> float:
+        """Fraction of window tokens that are conversation tokens (the rest is padding)."""
+        return self.tokens / max(1, self.windows * self._window)
+
+    _window: int = 0
+
+
+def tokenize_conversations(
+    convs, tokenizer, T: int, too_long: str = "truncate", warn=print, name: str = "data"
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], PackStats]:
+    """Render each conversation; ones longer than a window of T+1 tokens are truncated or skipped (with a
+    warning). Returns the (ids, mask) pairs and the counts."""
+    if too_long not in ("truncate", "skip"):
+        raise ValueError(f"too_long must be 'truncate' or 'skip', got {too_long!r}")
+    st = PackStats(conversations=len(convs), _window=T + 1)
+    out = []
+    longest = 0
+    for conv in convs:
+        ids, mask = render(conv, tokenizer)
+        if ids.size > T + 1:
+            longest = max(longest, ids.size)
+            if too_long == "skip" or not mask[: T + 1].any():
+                st.skipped += 1
+                continue
+            ids, mask = ids[: T + 1], mask[: T + 1]
+            st.truncated += 1
+        out.append((ids, mask))
+    st.used = len(out)
+    if st.truncated or st.skipped:
+        warn(
+            f"warning: {name}: {st.truncated + st.skipped} of {len(convs)} conversations are longer than the "
+            f"context window of {T + 1} tokens (longest {longest}): {st.truncated} truncated, {st.skipped} skipped"
+        )
+    return out, st
+
+
+class PackedLoader:
+    """(B, T) batches of packed conversations with targets -1 where the mask is 0; DataLoader's interface
+    (next_batch, __len__, reset, state_dict / load_state_dict for bit-identical resume, B, T, vocab_size).
+
+    Windows are built once (conversations shuffled with `seed`, packed whole and in order; see the module
+    doc); every epoch visits them in an order drawn from (seed, epoch)."""
+
+    def __init__(
+        self,
+        examples: list[tuple[np.ndarray, np.ndarray]],
+        B: int,
+        T: int,
+        pad_id: int,
+        vocab_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        stats: PackStats | None = None,
+    ):
+        if B < 1 or T < 1:
+            raise ValueError(f"B and T must be positive, got B={B} T={T}")
+        if not examples:
+            raise ValueError("no conversations to train on (all skipped or none given)")
+        self.B, self.T, self.seed, self.shuffle, self.vocab_size = B, T, seed, shuffle, vocab_size
+        W = T + 1
+        order = np.random.default_rng([seed, 1 << 20]).permutation(len(examples)) if shuffle else range(len(examples))
+        windows: list[list[int]] = []
+        cur: list[int] = []
+        cur_len = 0
+        for i in order:
+            n = examples[i][0].size
+            if n > W:
+                raise ValueError(f"conversation {i} has {n} tokens > the window of T+1={W} (truncate it first)")
+            if cur_len + n > W:
+                windows.append(cur)
+                cur, cur_len = [], 0
+            cur.append(int(i))
+            cur_len += n
+        windows.append(cur)
+        self.tokens = np.full((len(windows), W), pad_id, np.int32)
+        self.mask = np.zeros((len(windows), W), bool)
+        for w, members in enumerate(windows):
+            off = 0
+            for i in members:
+                ids, m = examples[i]
+                self.tokens[w, off : off + ids.size] = ids
+                self.mask[w, off : off + ids.size] = m.astype(bool)
+                off += ids.size
+        self.stats = stats if stats is not None else PackStats(len(examples), len(examples), _window=W)
+        self.stats.windows = len(windows)
+        self.stats.tokens = sum(e[0].size for e in examples)
+        self.stats.loss_tokens = int(self.mask[:, 1:].sum())
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> np.ndarray:
+        n = len(self.tokens)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.empty(self.B, np.int64)
+        for b in range(self.B):
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            rows[b] = self._order[self.pos]
+            self.pos += 1
+        w, m = self.tokens[rows], self.mask[rows]
+        return w[:, :-1].copy(), np.where(m[:, 1:], w[:, 1:], -1).astype(np.int32)
+
+    def reset(self) -> None:
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": int(self.epoch),
+            "pos": int(self.pos),
+            "seed": self.seed,
+            "T": self.T,
+            "B": self.B,
+            "windows": len(self.tokens),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("T", self.T) != self.T or state.get("windows", len(self)) != len(self):
+            raise ValueError(
+                f"loader state is for T={state.get('T')} and {state.get('windows')} windows, this "
+                f"loader has T={self.T} and {len(self)} (different data?)"
+            )
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._make_order()
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """TrainConfig for fine-tuning: `data` is a conversations JSONL file, the model comes from `base`
+    (model, n_layer, n_head, n_embd are ignored). Defaults suit fine-tuning: lower LR, no weight decay."""
+
+    seq_len: int = 0  # T; 0: the base model's block_size
+    max_steps: int = 300
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    ckpt_every: int = 100
+    base: str = ""  # base checkpoint folder (or a training run folder: its latest checkpoint)
+    tokenizer: str | None = None  # default: the tokenizer inside the base checkpoint
+    val_data: str | None = None  # validation conversations (JSONL); default: every 20th conversation of data
+    val_fraction: float = 0.05  # used when val_data is not given; 0: no validation
+    too_long: str = "truncate"  # conversations longer than the window: truncate | skip
+
+
+def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
+    """Fine-tune cfg.base on the conversations in cfg.data; returns train()'s summary plus packing counts."""
+    from .data import TOKENIZER_FILE, find_tokenizer
+    from .tokenizer import Tokenizer
+    from .train import load_model, train
+
+    if not cfg.base:
+        raise ValueError("base: give the checkpoint to fine-tune (--base)")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    base = load_model(cfg.base)
+    tok_path = cfg.tokenizer or find_tokenizer(base.checkpoint_dir)
+    if tok_path is None:
+        raise FileNotFoundError(f"no tokenizer in {base.checkpoint_dir}; pass --tokenizer")
+    base_tok = Tokenizer.from_pretrained(tok_path)
+    if base_tok.n_vocab > base.config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok_path} has {base_tok.n_vocab} ids but the base model only {base.config.vocab_size}"
+        )
+    tok, model = add_chat_tokens(base_tok, base, seed=cfg.seed)
+    T = cfg.seq_len or model.config.block_size
+    if not 1 <= T <= model.config.block_size:
+        raise ValueError(f"seq_len={T} must be in [1, the base model's block_size={model.config.block_size}]")
+
+    convs = load_conversations(cfg.data)
+    if cfg.val_data:
+        val_convs = load_conversations(cfg.val_data)
+    elif cfg.val_fraction > 0 and len(convs) >= 2:
+        every = max(2, round(1 / cfg.val_fraction))
+        val_convs = convs[every - 1 :: every]
+        convs = [c for i, c in enumerate(convs) if i % every != every - 1]
+    else:
+        val_convs = []
+    pad = tok.special_tokens.get(EOT, _special(tok, IM_END))
+    examples, stats = tokenize_conversations(convs, tok, T, cfg.too_long, log, name=str(cfg.data))
+    train_loader = PackedLoader(examples, cfg.batch_size, T, pad, model.config.vocab_size, seed=cfg.seed, stats=stats)
+    val_loader = None
+    if val_convs:
+        vex, _ = tokenize_conversations(val_convs, tok, T, cfg.too_long, log, name="validation")
+        if vex:
+            val_loader = PackedLoader(vex, cfg.batch_size, T, pad, model.config.vocab_size, shuffle=False)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / TOKENIZER_FILE)
+    s = train_loader.stats
+    log(
+        f"sft: {s.used} conversations ({s.truncated} truncated, {s.skipped} skipped) in {s.windows} windows of "
+        f"T+1={T + 1} tokens ({s.fill:.0%} filled, {s.loss_tokens} loss tokens); "
+        f"{len(val_convs)} validation conversations; base {base.checkpoint_dir}"
+    )
+    summary = train(
+        dataclasses.replace(cfg, seq_len=T),
+        progress=progress,
+        log=log,
+        loaders=(train_loader, val_loader),
+        init_model=lambda: model,
+        tokenizer_path=out / TOKENIZER_FILE,
+    )
+    summary.update(
+        conversations=s.used, truncated=s.truncated, skipped=s.skipped, windows=s.windows, loss_tokens=s.loss_tokens
+    )
+    return summary
+
+
+# ---- chat ----------------------------------------------------------------------------------------------
+
+
+class ChatSession:
+    """A conversation with a fine-tuned model: `reply(text)` streams the answer (text pieces) and records
+    both turns. The prompt keeps the system message and drops the oldest turns when the history plus room
+    for the answer would not fit in the context window."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        system: str | None = None,
+        max_new_tokens: int = 256,
+        min_new_tokens: int = 16,
+        **sampling,
+    ):
+        self.model, self.tok = model, tokenizer
+        _special(tokenizer, IM_START), _special(tokenizer, IM_END)
+        if tokenizer.n_vocab > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.n_vocab} ids but the model only "
+                f"{model.config.vocab_size} (was it fine-tuned with these chat tokens?)"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min(min_new_tokens, max_new_tokens)
+        self.sampling = sampling
+        self.history: list[dict] = []
+        self.dropped = 0  # turns dropped to fit the context so far
+
+    def reset(self) -> None:
+        self.history, self.dropped = [], 0
+
+    def prompt(self) -> np.ndarray:
+        """The prompt ids for the current history, dropping oldest turns to leave room for an answer."""
+        room = self.model.config.block_size - self.min_new_tokens
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        hist, dropped = self.history, 0
+        while True:
+            ids = render_prompt(system + hist, self.tok)
+            if ids.size <= room:
+                break
+            users = [i for i, m in enumerate(hist) if m["role"] == "user"]
+            if len(users) <= 1:
+                raise ValueError(
+                    f"the message is too long: {ids.size} prompt tokens leave no room for an answer "
+                    f"in the context of {self.model.config.block_size} tokens"
+                )
+            hist, dropped = hist[users[1] :], dropped + 1  # drop the oldest user turn and its answer
+        self.history, self.dropped = hist, self.dropped + dropped
+        return ids
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the assistant's answer to the user message `text`."""
+        from .sample import stream_text
+
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        self.history.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt()
+        except ValueError:
+            self.history.pop()
+            raise
+        n = min(self.max_new_tokens, self.model.config.block_size - ids.size)
+        answer = []
+        for piece in stream_text(
+            self.model, self.tok, ids.tolist(), n, stop_tokens=(_special(self.tok, IM_END),), **self.sampling
+        ):
+            answer.append(piece)
+            yield piece
+        self.history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def chat_loop(session: ChatSession, inp, out, err) -> int:
+    """Read user messages line by line from `inp` (a terminal or a pipe) and stream answers to `out`.
+    Commands: /reset (forget the history), /quit (or end of input)."""
+    interactive = hasattr(inp, "isatty") and inp.isatty()
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd == "/quit":
+            break
+        if cmd == "/reset":
+            session.reset()
+            err.write("(history cleared)\n")
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            err.write(f"unknown command {cmd} (commands: /reset, /quit)\n")
+            continue
+        dropped = session.dropped
+        try:
+            for piece in session.reply(text):
+                out.write(piece)
+                out.flush()
+        except ValueError as e:
+            err.write(f"error: {e}\n")
+            continue
+        out.write("\n")
+        out.flush()
+        if session.dropped > dropped:
+            err.write(f"(dropped {session.dropped - dropped} oldest turn(s) to fit the context)\n")
+    return 0
+
+
+__all__ = [
+    "IM_START",
+    "IM_END",
+    "SFTConfig",
+    "ChatSession",
+    "PackedLoader",
+    "PackStats",
+    "add_chat_tokens",
+    "chat_loop",
+    "grow_vocab",
+    "load_conversations",
+    "render",
+    "render_prompt",
+    "sft",
+    "tokenize_conversations",
+    "validate_conversation",
+    "with_chat_tokens",
+]

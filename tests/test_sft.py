@@ -1,0 +1,420 @@
+"""Supervised fine-tuning: chat template and masks, JSONL validation, packing, vocab growth, a tiny model that
+learns a task from conversations (held-out accuracy before/after), and `fastllm chat` driven by piped stdin."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastllm
+from fastllm.cli import main
+from fastllm.data import copy_tokenizer, write_shard
+from fastllm.model import GPT, GPTConfig
+from fastllm.sample import generate
+from fastllm.sft import (
+    IM_END,
+    IM_START,
+    ChatSession,
+    PackedLoader,
+    SFTConfig,
+    add_chat_tokens,
+    chat_loop,
+    grow_vocab,
+    load_conversations,
+    render,
+    render_prompt,
+    sft,
+    tokenize_conversations,
+)
+from fastllm.tokenizer import Tokenizer
+from fastllm.train import TrainConfig, load_model, train
+
+EOT, START, END, NL = 256, 257, 258, 10
+
+
+def byte_tok(chat: bool = True) -> Tokenizer:
+    special = {"<|endoftext|>": EOT}
+    if chat:
+        special |= {IM_START: START, IM_END: END}
+    return Tokenizer({bytes([b]): b for b in range(256)}, special_tokens=special)
+
+
+def b(s: str) -> list[int]:
+    return list(s.encode())
+
+
+def conv(*turns: tuple[str, str]) -> list[dict]:
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+# ---- template ------------------------------------------------------------------------------------------
+
+
+def test_render_exact_ids_and_mask():
+    ids, mask = render(conv(("user", "hi"), ("assistant", "yo")), byte_tok())
+    user = [START] + b("user\n") + b("hi") + [END, NL]
+    asst_head, asst_body = [START] + b("assistant\n"), b("yo") + [END]
+    assert ids.tolist() == [EOT] + user + asst_head + asst_body + [NL]
+    assert mask.tolist() == [0] * (1 + len(user) + len(asst_head)) + [1] * len(asst_body) + [0]
+
+
+def test_render_system_multi_turn_and_special_text_in_content():
+    c = conv(("system", "be nice"), ("user", "a"), ("assistant", "B"), ("user", "<|im_end|>"), ("assistant", ""))
+    ids, mask = render(c, byte_tok())
+    want, wmask = [EOT], [0]
+    for role, content in [(m["role"], m["content"]) for m in c]:
+        head, body = [START] + b(role + "\n"), b(content) + [END]
+        want += head + body + [NL]
+        wmask += [0] * len(head) + [int(role == "assistant")] * len(body) + [0]
+    assert ids.tolist() == want and mask.tolist() == wmask
+    assert ids.tolist().count(END) == 5  # the user's "<|im_end|>" text stayed ordinary bytes
+    assert mask.sum() == len("B") + 1 + 1  # "B<|im_end|>" and the empty answer's <|im_end|>
+
+
+def test_render_bpe_tokenizer_mask_boundaries():
+    tok = Tokenizer.train(
+        ["hello world, hello there\nassistant user\n" * 20],
+        vocab_size=300,
+        special_tokens=("<|endoftext|>", IM_START, IM_END),
+        progress=False,
+    )
+    ids, mask = render(conv(("user", "hello"), ("assistant", "hello world")), tok)
+    assert tok.decode(ids[mask == 1]) == "hello world" + IM_END
+    assert tok.decode(ids) == (
+        f"<|endoftext|>{IM_START}user\nhello{IM_END}\n{IM_START}assistant\nhello world{IM_END}\n"
+    )
+
+
+def test_render_prompt_ends_with_assistant_header():
+    tok = byte_tok()
+    p = render_prompt(conv(("user", "hi")), tok)
+    assert p.tolist() == [EOT, START] + b("user\nhi") + [END, NL, START] + b("assistant\n")
+    with pytest.raises(ValueError, match="no <|im_start|>|im_start"):
+        render_prompt(conv(("user", "hi")), byte_tok(chat=False))
+
+
+def test_render_without_endoftext():
+    tok = Tokenizer({bytes([x]): x for x in range(256)}, special_tokens={IM_START: 256, IM_END: 257})
+    ids, _ = render(conv(("assistant", "x")), tok)
+    assert ids.tolist() == [256] + b("assistant\nx") + [257, NL]
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+GOOD = json.dumps({"messages": conv(("user", "q"), ("assistant", "a"))})
+
+
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ("{not json", "bad JSON"),
+        (json.dumps({"messages": []}), "empty conversation"),
+        (json.dumps({"messages": conv(("robot", "x"), ("assistant", "y"))}), "unknown role 'robot'"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}),
+            "content must be a string",
+        ),
+        (json.dumps({"messages": conv(("system", "s"), ("user", "q"))}), "no assistant turn"),
+        (json.dumps({"text": "hi"}), "'messages'"),
+        (json.dumps([1, 2]), "message 0 must be an object"),
+        (json.dumps({"messages": "hi"}), "must be a list"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path, line, msg):
+    f = tmp_path / "chats.jsonl"
+    f.write_text(GOOD + "\n\n" + line + "\n" + GOOD + "\n")
+    with pytest.raises(ValueError, match=msg) as e:
+        load_conversations(f)
+    assert f"{f}:3:" in str(e.value)
+
+
+def test_load_conversations_ok_and_missing(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text(GOOD + "\n" + GOOD + "\n")
+    assert load_conversations(f) == [conv(("user", "q"), ("assistant", "a"))] * 2
+    with pytest.raises(FileNotFoundError):
+        load_conversations(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no conversations"):
+        load_conversations(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match="conversation: message 0 has unknown role"):
+        render([{"role": "bot", "content": "x"}], byte_tok())
+
+
+# ---- packing -------------------------------------------------------------------------------------------
+
+
+def test_too_long_conversations_counted_and_warned():
+    tok = byte_tok()
+    convs = [conv(("user", "q"), ("assistant", "a"))] * 3 + [
+        conv(("user", "x" * 40), ("assistant", "a" * 10)),
+        conv(("user", "x" * 80), ("assistant", "a")),
+    ]
+    warnings = []
+    ex, st = tokenize_conversations(convs, tok, 63, warn=warnings.append)
+    assert (st.conversations, st.used, st.truncated, st.skipped) == (5, 4, 1, 1)  # 2nd long: nothing left to learn
+    assert all(ids.size <= 64 for ids, _ in ex) and ex[3][1].any()
+    assert len(warnings) == 1 and "2 of 5" in warnings[0] and "1 truncated, 1 skipped" in warnings[0]
+    ex, st = tokenize_conversations(convs, tok, 63, too_long="skip", warn=warnings.append)
+    assert (st.used, st.truncated, st.skipped) == (3, 0, 2)
+    with pytest.raises(ValueError, match="too_long"):
+        tokenize_conversations(convs, tok, 63, too_long="drop")
+
+
+def test_packed_loader_targets_windows_and_resume():
+    tok = byte_tok()
+    convs = [conv(("user", "q" * (i % 7)), ("assistant", "a" * (1 + i % 5))) for i in range(40)]
+    ex, st = tokenize_conversations(convs, tok, 63)
+    loader = PackedLoader(ex, 4, 63, EOT, 259, seed=3, stats=st)
+    assert st.windows == len(loader) < 40 and st.tokens == sum(e[0].size for e in ex)
+    assert st.loss_tokens == sum(int(m.sum()) for _, m in ex)  # whole conversations, none split
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 63)
+    valid = y != -1
+    assert valid.any() and np.isin(y[valid], [END] + b("a")).all()  # loss only on assistant content + <|im_end|>
+    np.testing.assert_array_equal(x[:, 1:][valid[:, :-1]], y[:, :-1][valid[:, :-1]])  # y is x shifted
+    state = loader.state_dict()
+    want = [loader.next_batch() for _ in range(5)]
+    again = PackedLoader(ex, 4, 63, EOT, 259, seed=3)
+    again.load_state_dict(state)
+    for (a, b_), (c, d) in zip(want, [again.next_batch() for _ in range(5)]):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b_, d)
+    with pytest.raises(ValueError, match="windows"):
+        PackedLoader(ex[:5], 4, 63, EOT, 259).load_state_dict(state)
+    with pytest.raises(ValueError, match="no conversations"):
+        PackedLoader([], 4, 63, EOT, 259)
+
+
+# ---- vocab growth --------------------------------------------------------------------------------------
+
+
+def test_add_chat_tokens_grows_vocab_and_keeps_old_logits():
+    base_tok = byte_tok(chat=False)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=257), seed=1).eval()
+    idx = np.random.default_rng(0).integers(0, 257, (2, 16))
+    before = model.forward(idx)
+    tok, grown = add_chat_tokens(base_tok, model)
+    assert tok.special_tokens == {"<|endoftext|>": EOT, IM_START: START, IM_END: END}
+    assert tok.encode("ab<|im_end|>", allowed_special="all").tolist() == [97, 98, END]
+    assert grown.config.vocab_size == 259 and model.config.vocab_size == 257
+    after = grown.eval().forward(idx)
+    np.testing.assert_allclose(after[..., :257], before, rtol=1e-5, atol=1e-6)
+    new_rows = grown.p["wte"][257:]
+    np.testing.assert_allclose(new_rows, np.broadcast_to(model.p["wte"].mean(0), new_rows.shape), atol=0.01)
+    assert not np.array_equal(new_rows[0], new_rows[1])
+    for name in model.p:
+        if name != "wte":
+            np.testing.assert_array_equal(grown.p[name], model.p[name])
+    # nothing to add: the same objects back
+    t2, m2 = add_chat_tokens(tok, grown)
+    assert t2 is tok and m2 is grown
+    with pytest.raises(ValueError, match="smaller"):
+        grow_vocab(grown, 100)
+
+
+def test_add_chat_tokens_into_padded_model_rows():
+    """A model with more rows than the tokenizer ids: new tokens reuse (and re-initialise) the spare rows."""
+    model = GPT(GPTConfig.preset("tiny", vocab_size=264), seed=1)
+    tok, grown = add_chat_tokens(byte_tok(chat=False), model)
+    assert grown.config.vocab_size == 264
+    mean = model.p["wte"][:257].mean(0)
+    np.testing.assert_allclose(grown.p["wte"][[START, END]], np.stack([mean, mean]), atol=0.01)
+    np.testing.assert_array_equal(grown.p["wte"][259:], model.p["wte"][259:])
+
+
+# ---- end to end: a task learned from conversations -----------------------------------------------------
+
+LETTERS = "abcdefgh"
+
+
+def chat(user: str, answer: str) -> str:
+    return json.dumps({"messages": conv(("user", user), ("assistant", answer))})
+
+
+def accuracy(model, tok, words) -> float:
+    """Greedy answers to 'xyz' must be 'zyx' then <|im_end|>."""
+    prompts = [render_prompt(conv(("user", w)), tok).tolist() for w in words]
+    outs = generate(model, prompts, 4, temperature=0)
+    end = tok.special_tokens[IM_END]
+    return float(np.mean([o[len(p) :] == b(w[::-1]) + [end] for o, p, w in zip(outs, prompts, words)]))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny byte-level model pre-trained briefly on letter soup, then fine-tuned to reverse 3-letter words
+    (448 seen, 64 held out). One thread: 2 OpenMP threads on a busy 2-core machine are many times slower."""
+    d = tmp_path_factory.mktemp("sft")
+    threads = fastllm.get_num_threads()
+    tok = byte_tok(chat=False)
+    tok.save(d / "tok.tiktoken")
+    rng = np.random.default_rng(0)
+    (d / "data").mkdir()
+    write_shard(d / "data" / "train_000000.bin", tok.encode("".join(rng.choice(list(LETTERS + " \n"), 20000))), 257)
+    copy_tokenizer(d / "tok.tiktoken", d / "data")
+    train(
+        TrainConfig(
+            data=str(d / "data"),
+            out=str(d / "base"),
+            model="tiny",
+            n_embd=64,
+            n_head=4,
+            seq_len=64,
+            batch_size=8,
+            max_steps=20,
+            lr=3e-3,
+            warmup_steps=2,
+            eval_every=0,
+            threads=1,
+        ),
+        progress=False,
+        log=lambda *a: None,
+    )
+    words = ["".join(w) for w in itertools.product(LETTERS, repeat=3)]
+    rng.shuffle(words)
+    held, seen = words[:64], words[64:]
+    (d / "train.jsonl").write_text("".join(chat(w, w[::-1]) + "\n" for w in seen))
+    (d / "val.jsonl").write_text("".join(chat(w, w[::-1]) + "\n" for w in held[:16]))
+    logs = []
+    summary = sft(
+        SFTConfig(
+            base=str(d / "base"),
+            data=str(d / "train.jsonl"),
+            val_data=str(d / "val.jsonl"),
+            out=str(d / "sft"),
+            batch_size=8,
+            max_steps=600,
+            lr=5e-3,
+            warmup_steps=10,
+            eval_every=300,
+            ckpt_every=300,
+            threads=1,
+        ),
+        progress=False,
+        log=logs.append,
+    )
+    yield d, held, summary, logs
+    fastllm.set_num_threads(threads)
+
+
+def test_sft_learns_held_out_task(tuned):
+    d, held, summary, logs = tuned
+    base = load_model(d / "base")
+    base_tok = Tokenizer.load(base.checkpoint_dir / "tokenizer.tiktoken")
+    tok, grown = add_chat_tokens(base_tok, base)
+    acc_before = accuracy(grown.eval(), tok, held)
+    model = load_model(d / "sft").eval()
+    tok = Tokenizer.load(model.checkpoint_dir / "tokenizer.tiktoken")
+    acc_after = accuracy(model, tok, held)
+    print(
+        f"\nheld-out accuracy (reverse 3-letter words): before SFT {acc_before:.2f}, after {acc_after:.2f}; "
+        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.4f}"
+    )
+    assert acc_after >= acc_before + 0.6 and acc_after >= 0.8
+    assert summary["conversations"] == 448 and summary["truncated"] == summary["skipped"] == 0
+    assert summary["val_loss"] < 0.5
+    assert model.config.vocab_size == 259 and model.checkpoint_dir.name == "ckpt_000600"
+    assert tok.special_tokens[IM_END] == END
+    rows = [json.loads(x) for x in (d / "sft" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(600))
+    assert (d / "sft" / "loss.png").exists() and any(line.startswith("sft: 448 conversations") for line in logs)
+
+
+def test_chat_session_history_and_context(tuned):
+    d = tuned[0]
+    model = load_model(d / "sft").eval()
+    s = ChatSession(model, Tokenizer.load(d / "sft" / "tokenizer.tiktoken"), temperature=0)
+    assert "".join(s.reply("abc")) == "cba"
+    assert s.history == conv(("user", "abc"), ("assistant", "cba"))
+    for w in ("bcd", "fgh", "hha"):
+        "".join(s.reply(w))
+    assert s.dropped > 0 and s.history[0]["role"] == "user" and s.history[-2]["content"] == "hha"
+    assert render_prompt(s.history, s.tok).size <= model.config.block_size
+    s.reset()
+    assert s.history == [] and "".join(s.reply("ddd")) == "ddd"
+    with pytest.raises(ValueError, match="too long"):
+        list(s.reply("x" * 100))
+    assert s.history[-1]["content"] == "ddd"  # the refused message is not kept
+    with pytest.raises(ValueError, match="im_start"):
+        ChatSession(model, byte_tok(chat=False))
+
+
+def test_chat_loop_commands(tuned):
+    d = tuned[0]
+    s = ChatSession(load_model(d / "sft").eval(), Tokenizer.load(d / "sft" / "tokenizer.tiktoken"), temperature=0)
+    out, err = io.StringIO(), io.StringIO()
+    chat_loop(s, io.StringIO("abc\n\n/help\n/reset\ngfe\n/quit\nhhh\n"), out, err)
+    assert out.getvalue() == "cba\nefg\n"
+    assert "unknown command /help" in err.getvalue() and "history cleared" in err.getvalue()
+
+
+def _cli(*args, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fastllm", *args], input=stdin, capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_cli_chat_piped_stdin(tuned):
+    d = tuned[0]
+    r = _cli("chat", "--ckpt", str(d / "sft"), "--temperature", "0", stdin="abc\nbbc\nccd\ndef\n/reset\nhag\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "cba" and lines[-1] == "gah" and len(lines) == 5
+    assert "dropped" in r.stderr
+    r = _cli("chat", "--ckpt", str(d / "base"), stdin="hi\n")
+    assert r.returncode == 1 and "im_start" in r.stderr
+
+
+def test_cli_sft_runs_resumes_and_rejects_bad_input(tuned, tmp_path, capsys):
+    d = tuned[0]
+    args = [
+        "sft",
+        "--base",
+        str(d / "base"),
+        "--data",
+        str(d / "train.jsonl"),
+        "--out",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "6",
+        "--ckpt-every",
+        "3",
+        "--eval-every",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--val-fraction",
+        "0.1",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    assert main(args[: args.index("6")] + ["9"] + args[args.index("6") + 1 :] + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "ckpt_000009" in out
+    rows = [json.loads(x) for x in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(9))
+    assert any("val_loss" in r for r in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(chat("a", "b") + "\n" + json.dumps({"messages": conv(("user", "x"))}) + "\n")
+    for extra, msg in [
+        (["--data", str(bad)], f"{bad}:2: no assistant turn"),
+        (["--data", str(tmp_path / "missing.jsonl")], "not found"),
+        (["--seq-len", "999"], "seq_len=999"),
+        (["--too-long", "drop"], "too_long"),
+        (["--base", str(tmp_path / "nobase")], "no checkpoint"),
+    ]:
+        assert main(args + extra) == 1
+        assert msg in capsys.readouterr().err
