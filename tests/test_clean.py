@@ -167,11 +167,11 @@ def test_quality_rules_are_configurable_and_cjk_aware():
 def test_pii_scrubbed():
     s = scrub_pii(
         "Write to jane.doe+news@mail.example.co.uk or call 10.0.0.12 / [2001:db8::8a2e:370:7334]. "
-        "Version 1.2.3 and 999.1.2.3 and at 10:30:15 stay."
+        "Version 1.2.3 and 999.1.2.3 and at 10:30:15 and a[::2], b[1::3] stay."
     )
     assert "jane.doe" not in s and "10.0.0.12" not in s and "2001:db8" not in s
     assert s.count(C.EMAIL_PLACEHOLDER) == 1 and s.count(C.IP_PLACEHOLDER) == 2
-    assert "1.2.3 and 999.1.2.3" in s and "10:30:15" in s
+    assert "1.2.3 and 999.1.2.3" in s and "10:30:15" in s and "a[::2], b[1::3]" in s
 
 
 # ---- MinHash -------------------------------------------------------------------------------------------
@@ -309,6 +309,7 @@ def test_bad_input_is_counted_and_run_continues(tmp_path):
     (d / "noise.html").write_bytes(bytes(random.Random(5).randrange(1, 256) for _ in range(5000)))
     (d / "corrupt.warc").write_bytes(b"WARC/1.0\r\nthis is not a warc header\r\n\r\n" + os.urandom(200))
     (d / "empty.html").write_bytes(b"")
+    (d / "broken.html.gz").write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(100))  # unreadable: corrupt gzip
     (d / "dangling.html").symlink_to(tmp_path / "nowhere.html")
     (tmp_path / "emptydir").mkdir()
 
@@ -320,7 +321,7 @@ def test_bad_input_is_counted_and_run_continues(tmp_path):
     )
     assert s.documents == 3 and len(read_out(tmp_path / "out")) == 3, s.table()
     bad = {os.path.basename(b["path"]): b["error"] for b in s.bad_inputs}
-    assert set(bad) == {"corrupt.warc", "emptydir", "missing.jsonl"}, bad
+    assert set(bad) == {"corrupt.warc", "broken.html.gz", "emptydir", "missing.jsonl"}, bad
     assert s.stages["read"]["dropped"] == {"binary": 1}
     assert s.stages["extract"]["dropped"].get("empty", 0) >= 1  # the empty page
     assert sum(s.stages["quality"]["dropped"].values()) + sum(s.stages["extract"]["dropped"].values()) >= 2

@@ -12,13 +12,14 @@ Stages, each a plain function of one document so that they also map over a Dask/
              sharing any band are joined into connected components (vectorised label propagation) and only the
              first document of each component is kept, as in FineWeb.
 
-Driver `clean(inputs, out_dir, cfg)`: input files are processed in parallel (one spawn-started process per
-file, tqdm bar); each file's surviving documents, exact hashes and LSH band keys go to `out/.work/<key>.*`
-(atomic writes, `.done.json` last), so a re-run skips inputs already done (key = path, size, mtime and the
-config). The global dedup then streams the work files in input order and writes `clean_NNNNNN.jsonl` shards
-({"text", "url", "lang"} per line, atomic) plus `summary.json` (per-stage kept/dropped counts with reasons,
-bad inputs). Bad inputs (unreadable, corrupt, binary, empty folders) are counted and reported; documents read
-before a corruption are kept.
+Driver `clean(inputs, out_dir, cfg)`: input files are processed in parallel batches (spawn-started worker
+processes, tqdm bar over files); a batch's surviving documents, exact hashes and LSH band keys go to
+`out/.work/<batch>.{docs,npz}` and then `<batch>.done.json` lists each file's key (path, size, mtime, config)
+and its rows, all written atomically, so a re-run skips every input already done, file by file. The global
+dedup then reads the keys in input order and writes `clean_NNNNNN.jsonl` shards ({"text", "url", "lang"} per
+line, atomic) plus `summary.json` (per-stage kept/dropped counts with reasons, bad inputs). Bad inputs
+(unreadable, corrupt, binary, empty folders) are counted and reported; documents read before a corruption are
+kept. Memory: one batch of documents per worker, and 8 bytes x (1 + bands) per document for the global dedup.
 
 Performance notes (2 cores, see benchmarks/bench_clean.py): extraction dominates. On the test pages resiliparse
 was ~12-20x faster than trafilatura with the same recall and similar precision; selectolax + tag stripping was
@@ -252,13 +253,13 @@ _LANGID = None
 
 
 def detect_language(text: str) -> tuple[str, float]:
-    """(ISO 639-1 code, probability) from py3langid over the first 10k characters."""
+    """(ISO 639-1 code, probability) from py3langid over the first 3000 characters (its cost is linear)."""
     global _LANGID
     if _LANGID is None:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
         _LANGID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    lang, p = _LANGID.classify(text[:10_000])
+    lang, p = _LANGID.classify(text[:3000])
     return str(lang), float(p)
 
 
@@ -335,13 +336,19 @@ _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:
 
 
 def scrub_pii(text: str, stats: Counter | None = None) -> str:
-    """E-mail addresses -> EMAIL_PLACEHOLDER, valid IPv4/IPv6 addresses -> IP_PLACEHOLDER."""
+    """E-mail addresses -> EMAIL_PLACEHOLDER, valid IPv4/IPv6 addresses -> IP_PLACEHOLDER. Dotted quads that
+    are valid addresses are replaced even when they are really version numbers (1.2.3.4)."""
 
     def ip(m: re.Match) -> str:
+        s = m.group(0)
+        if ":" in s:  # IPv6: also need 2+ groups, one of 3+ hex digits, so that code like a[::2], 1::2 stays
+            groups = [g for g in s.split(":") if g]
+            if len(groups) < 2 or max(map(len, groups)) < 3:
+                return s
         try:
-            ipaddress.ip_address(m.group(0))
+            ipaddress.ip_address(s)
         except ValueError:
-            return m.group(0)
+            return s
         if stats is not None:
             stats["pii.ip"] += 1
         return IP_PLACEHOLDER
@@ -490,63 +497,61 @@ def process_page(page: dict, cfg: CleanConfig, stats: Counter | None = None) -> 
 # ---- driver --------------------------------------------------------------------------------------------
 
 
-def _file_key(path: Path, cfg: CleanConfig) -> str:
+def _file_key(path: Path, cfg_key: str) -> str:
     st = path.stat()
-    h = hashlib.sha256(json.dumps(cfg.per_file_key(), sort_keys=True).encode())
-    h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:24]
+    return hashlib.sha256(f"{cfg_key}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
 
 
-def _process_file(args: tuple[Path, Path, CleanConfig]) -> dict:
-    """Run stages 1-6 on one input file; write its work files; return its stats (also the done marker)."""
-    path, work, cfg = args
-    stats: Counter = Counter()
-    errors: list[str] = []
-    try:
-        key = _file_key(path, cfg)
-    except OSError as e:
-        return {"path": str(path), "stats": {}, "errors": [f"unreadable: {e}"], "docs": 0, "bytes": 0}
-    done = work / f"{key}.done.json"
-    if done.exists():
-        try:
-            d = json.loads(done.read_text())
-            d["skipped"] = True
-            return d
-        except (OSError, ValueError):
-            pass
-    hashes, lsh = [], []
-    n_docs = 0
-    with atomic_write(work / f"{key}.docs", "w") as out:
-        try:
-            for page in read_pages(path, stats):
-                stats["read.kept"] += 1
-                doc = process_page(page, cfg, stats)
-                if doc is None:
-                    continue
-                if cfg.dedup:
-                    hashes.append(doc.pop("hash"))
-                    lsh.append(doc.pop("lsh"))
-                out.write(json.dumps(doc, ensure_ascii=False) + "\n")
-                n_docs += 1
-        except Exception as e:  # I/O error, corrupt archive: keep what was read, report the rest
-            errors.append(f"{type(e).__name__}: {e}")
+def _process_batch(args: tuple[list[tuple[Path, str]], Path, CleanConfig]) -> list[dict]:
+    """Run stages 1-6 on a batch of input files. Writes `<batch>.docs` (JSON lines), `<batch>.npz` (exact
+    hashes, LSH keys) and last `<batch>.done.json`: one entry per file {"path", "key", "start" (first doc row),
+    "docs", "offset"/"length" (its bytes in .docs), "stats", "errors"}, so resume works file by file."""
+    files, work, cfg = args
+    name = hashlib.sha256("|".join(k for _, k in files).encode()).hexdigest()[:24]
+    entries: list[dict] = []
+    hashes: list[int] = []
+    lsh: list[np.ndarray] = []
+    with atomic_write(work / f"{name}.docs", "wb") as out:
+        for path, key in files:
+            stats: Counter = Counter()
+            errors: list[str] = []
+            start, offset = len(hashes) if cfg.dedup else 0, out.tell()
+            n_docs = 0
+            try:
+                for page in read_pages(path, stats):
+                    stats["read.kept"] += 1
+                    doc = process_page(page, cfg, stats)
+                    if doc is None:
+                        continue
+                    if cfg.dedup:
+                        hashes.append(doc.pop("hash"))
+                        lsh.append(doc.pop("lsh"))
+                    out.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
+                    n_docs += 1
+            except Exception as e:  # I/O error, corrupt archive: keep what was read, report the rest
+                errors.append(f"{type(e).__name__}: {e}")
+            entries.append(
+                {
+                    "path": str(path),
+                    "key": key,
+                    "batch": name,
+                    "start": start,
+                    "docs": n_docs,
+                    "offset": offset,
+                    "length": out.tell() - offset,
+                    "stats": dict(stats),
+                    "errors": errors,
+                }
+            )
     nb = cfg.minhash_bands
-    with atomic_write(work / f"{key}.npz") as f:
+    with atomic_write(work / f"{name}.npz") as f:
         np.savez(
             f,
             hash=np.array(hashes, np.uint64),
             lsh=np.array(lsh, np.uint64).reshape(len(lsh), nb) if lsh else np.zeros((0, nb), np.uint64),
         )
-    result = {
-        "path": str(path),
-        "key": key,
-        "stats": dict(stats),
-        "errors": errors,
-        "docs": n_docs,
-        "bytes": path.stat().st_size,
-    }
-    write_json(done, result)
-    return result
+    write_json(work / f"{name}.done.json", entries)
+    return entries
 
 
 @dataclasses.dataclass
@@ -572,6 +577,25 @@ class CleanSummary:
         return "\n".join(lines)
 
 
+def _batches(files: list[tuple[Path, str]], procs: int, max_files: int = 64, max_bytes: int = 64 << 20):
+    """Consecutive files in groups: at most `max_files` / `max_bytes`, and about 4 groups per process."""
+    per = max(1, min(max_files, -(-len(files) // (4 * procs))))
+    batch: list[tuple[Path, str]] = []
+    size = 0
+    for f in files:
+        try:
+            nbytes = f[0].stat().st_size
+        except OSError:
+            nbytes = 0
+        if batch and (len(batch) >= per or size + nbytes > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(f)
+        size += nbytes
+    if batch:
+        yield batch
+
+
 def clean(
     inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: CleanConfig | None = None, progress: bool = True
 ) -> CleanSummary:
@@ -587,73 +611,93 @@ def clean(
     out = Path(out_dir)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
-    files, bad = list_inputs(inputs)
+    paths, bad = list_inputs(inputs)
+    cfg_key = json.dumps(cfg.per_file_key(), sort_keys=True)
+    files: list[tuple[Path, str]] = []
+    for p in paths:
+        try:
+            files.append((p, _file_key(p, cfg_key)))
+        except OSError as e:
+            bad.append({"path": str(p), "error": f"unreadable: {e}"})
+
+    # 1. inputs done by earlier runs: their entries in the batch markers
+    index: dict[str, dict] = {}
+    for marker in work.glob("*.done.json"):
+        try:
+            for e in json.loads(marker.read_text()):
+                index[e["key"]] = e
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    pending = [f for f in files if f[1] not in index]
+    skipped = len(files) - len(pending)
+
+    # 2. the rest, in parallel batches
     procs = cfg.processes or os.cpu_count() or 1
-    jobs = [(f, work, cfg) for f in files]
-    results: dict[str, dict] = {}
-    bar = tqdm(total=len(jobs), desc="clean", unit="file", disable=not progress)
+    jobs = [(b, work, cfg) for b in _batches(pending, procs)]
+    bar = tqdm(total=len(pending), desc="clean", unit="file", disable=not progress)
+    pool = None
     if procs == 1 or len(jobs) <= 1:
-        it = map(_process_file, jobs)
-        pool = None
+        it = map(_process_batch, jobs)
     else:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(min(procs, len(jobs)))  # no fork: OpenMP in the parent
-        it = pool.imap_unordered(_process_file, jobs)
+        pool = mp.get_context("spawn").Pool(min(procs, len(jobs)))  # spawn, not fork: OpenMP in the parent
+        it = pool.imap_unordered(_process_batch, jobs)
     try:
         docs = 0
-        for r in it:
-            results[r["path"]] = r
-            docs += r["docs"]
-            bar.update(1)
+        for entries in it:
+            for e in entries:
+                index[e["key"]] = e
+                docs += e["docs"]
+            bar.update(len(entries))
             bar.set_postfix(docs=docs)
     finally:
         bar.close()
         if pool is not None:
             pool.close()
             pool.join()
+
+    # 3. per-stage counts and the dedup keys, in input order
     stats: Counter = Counter()
-    done = []
-    for f in files:
-        r = results[str(f)]
-        stats.update(r["stats"])
-        bad += [{"path": r["path"], "error": e} for e in r["errors"]]
-        if "key" in r:
-            done.append(r["key"])
-    # Global dedup over all work files, in input order
-    hashes, lsh, counts = [], [], []
-    for key in done:
-        with np.load(work / f"{key}.npz") as z:
-            hashes.append(z["hash"])
-            lsh.append(z["lsh"])
-        counts.append(results_count(work / f"{key}.docs"))
-    n = sum(counts)
+    entries = [index[k] for _, k in files]
+    npz: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    hashes, lsh = [], []
+    for e in entries:
+        stats.update(e["stats"])
+        bad += [{"path": e["path"], "error": err} for err in e["errors"]]
+        if cfg.dedup and e["docs"]:
+            if e["batch"] not in npz:
+                with np.load(work / f"{e['batch']}.npz") as z:
+                    npz[e["batch"]] = (z["hash"], z["lsh"])
+            h, k = npz[e["batch"]]
+            hashes.append(h[e["start"] : e["start"] + e["docs"]])
+            lsh.append(k[e["start"] : e["start"] + e["docs"]])
+    npz.clear()
+    n = sum(e["docs"] for e in entries)
     keep = np.ones(n, bool)
     if cfg.dedup and n:
-        h = np.concatenate(hashes)
-        _, first = np.unique(h, return_index=True)
+        _, first = np.unique(np.concatenate(hashes), return_index=True)
         keep = np.zeros(n, bool)
         keep[first] = True
         stats["exact_dedup.dropped.duplicate"] += int(n - keep.sum())
         idx = np.flatnonzero(keep)
-        labels = near_dup_components(np.concatenate(lsh)[idx])
-        near = labels != np.arange(len(idx))
+        near = near_dup_components(np.concatenate(lsh)[idx]) != np.arange(len(idx))
         keep[idx[near]] = False
         stats["near_dedup.dropped.near_duplicate"] += int(near.sum())
     stats["exact_dedup.kept"] = int(n - stats["exact_dedup.dropped.duplicate"])
     stats["near_dedup.kept"] = int(keep.sum())
-    shards = _write_shards(out, work, done, keep, cfg.shard_docs)
 
+    # 4. shards and summary
+    shards = _write_shards(out, work, entries, keep, cfg.shard_docs)
     stages = {}
     prev = stats["read.kept"] + sum(v for k, v in stats.items() if k.startswith("read.dropped."))
     for st in STAGES:
-        dropped = Counter()
+        dropped: Counter = Counter()
         for k, v in stats.items():
             if k.startswith(f"{st}.dropped.") and v:
                 dropped[k[len(st) + 9 :]] += v
-        kept = stats[f"{st}.kept"]
-        stages[st] = {"in": prev, "kept": kept, "dropped": dict(dropped)}
-        prev = kept
+        stages[st] = {"in": prev, "kept": stats[f"{st}.kept"], "dropped": dict(dropped)}
+        prev = stats[f"{st}.kept"]
     summary = CleanSummary(
         out_dir=str(out),
         documents=int(keep.sum()),
@@ -662,38 +706,44 @@ def clean(
         pii={"email": stats["pii.email"], "ip": stats["pii.ip"]},
         bad_inputs=bad,
         files=len(files),
-        skipped=sum(1 for r in results.values() if r.get("skipped")),
+        skipped=skipped,
         seconds=time.time() - t0,
     )
     write_json(out / "summary.json", dataclasses.asdict(summary))
     return summary
 
 
-def results_count(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
-
-
-def _write_shards(out: Path, work: Path, keys: list[str], keep: np.ndarray, shard_docs: int) -> list[Path]:
+def _write_shards(out: Path, work: Path, entries: list[dict], keep: np.ndarray, shard_docs: int) -> list[Path]:
+    """The kept documents, in input order, into clean_NNNNNN.jsonl of `shard_docs` lines each (atomically)."""
     shards: list[Path] = []
-    buf: list[str] = []
+    buf: list[bytes] = []
 
     def flush():
         p = out / f"clean_{len(shards):06d}.jsonl"
-        with atomic_write(p, "w") as f:
+        with atomic_write(p, "wb") as f:
             f.writelines(buf)
         shards.append(p)
         buf.clear()
 
     i = 0
-    for key in keys:
-        with open(work / f"{key}.docs", encoding="utf-8") as f:
-            for line in f:
+    handles: dict[str, object] = {}
+    try:
+        for e in entries:
+            if not e["docs"]:
+                continue
+            if e["batch"] not in handles:
+                handles[e["batch"]] = open(work / f"{e['batch']}.docs", "rb")
+            f = handles[e["batch"]]
+            f.seek(e["offset"])
+            for line in f.read(e["length"]).splitlines(keepends=True):
                 if keep[i]:
                     buf.append(line)
                     if len(buf) >= shard_docs:
                         flush()
                 i += 1
+    finally:
+        for f in handles.values():
+            f.close()
     if buf or not shards:
         flush()
     for stale in out.glob("clean_*.jsonl"):  # shards of an earlier, larger run
