@@ -251,32 +251,34 @@ def test_clean_run_dedups_and_feeds_prepare(tmp_path):
     assert st.documents == 7
 
 
-def test_warc_and_jsonl_inputs_in_parallel(tmp_path):
-    warcio = pytest.importorskip("warcio")
+def write_warc(f, records: list[tuple[bytes, str]]) -> None:
+    """Response records written with warcio (gzip); the reader under test is fastwarc, another implementation."""
+    pytest.importorskip("warcio")
     from io import BytesIO
 
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
+    w = WARCWriter(f, gzip=True)
+    for i, (body, ctype) in enumerate(records):
+        http = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        w.write_record(
+            w.create_warc_record(f"http://example.com/{i}", "response", payload=BytesIO(body), http_headers=http)
+        )
+
+
+def test_warc_and_jsonl_inputs_in_parallel(tmp_path):
     rng = random.Random(2)
     pages = [[prose(rng, 6), prose(rng, 6)] for _ in range(4)]
     ru = PROSE["windows-1251", "ru"]
+    records = [
+        (page(pages[0], None).encode(), "text/html; charset=utf-8"),
+        (page(ru, None).encode("windows-1251"), "text/html; charset=windows-1251"),
+        (page(pages[1], None).encode(), "text/html"),
+        (page(pages[2], None).encode(), "image/png"),
+    ]
     with open(tmp_path / "crawl.warc.gz", "wb") as f:
-        w = WARCWriter(f, gzip=True)
-        for i, (paras, enc, ctype) in enumerate(
-            [
-                (pages[0], "utf-8", "text/html; charset=utf-8"),
-                (ru, "windows-1251", "text/html; charset=windows-1251"),
-                (pages[1], "utf-8", "text/html"),
-                (pages[2], "utf-8", "image/png"),
-            ]
-        ):
-            body = page(paras, None).encode(enc)
-            http = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
-            w.write_record(
-                w.create_warc_record(f"http://example.com/{i}", "response", payload=BytesIO(body), http_headers=http)
-            )
-    assert warcio  # the reader is fastwarc: an independent implementation reads warcio's output
+        write_warc(f, records)
     with open(tmp_path / "pages.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"url": "u1", "html": page(pages[3])}) + "\n")
         f.write(json.dumps({"id": "u2", "text": "\n".join(prose(rng, 3) for _ in range(4))}) + "\n")
@@ -311,6 +313,9 @@ def test_bad_input_is_counted_and_run_continues(tmp_path):
     (d / "empty.html").write_bytes(b"")
     (d / "broken.html.gz").write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(100))  # unreadable: corrupt gzip
     (d / "dangling.html").symlink_to(tmp_path / "nowhere.html")
+    with open(d / "tail_garbage.warc.gz", "wb") as f:  # two good pages, then the archive breaks
+        write_warc(f, [(page([prose(rng, 6), prose(rng, 6)]).encode(), "text/html") for _ in range(2)])
+        f.write(os.urandom(300))
     (tmp_path / "emptydir").mkdir()
 
     s = clean(
@@ -319,9 +324,9 @@ def test_bad_input_is_counted_and_run_continues(tmp_path):
         CleanConfig(processes=1),
         progress=False,
     )
-    assert s.documents == 3 and len(read_out(tmp_path / "out")) == 3, s.table()
+    assert s.documents == 5 and len(read_out(tmp_path / "out")) == 5, s.table()
     bad = {os.path.basename(b["path"]): b["error"] for b in s.bad_inputs}
-    assert set(bad) == {"corrupt.warc", "broken.html.gz", "emptydir", "missing.jsonl"}, bad
+    assert set(bad) == {"corrupt.warc", "broken.html.gz", "tail_garbage.warc.gz", "emptydir", "missing.jsonl"}, bad
     assert s.stages["read"]["dropped"] == {"binary": 1}
     assert s.stages["extract"]["dropped"].get("empty", 0) >= 1  # the empty page
     assert sum(s.stages["quality"]["dropped"].values()) + sum(s.stages["extract"]["dropped"].values()) >= 2

@@ -602,6 +602,12 @@ def clean(
     """Clean web pages (files/folders of .html, .warc[.gz], .jsonl) into `out_dir`/clean_NNNNNN.jsonl."""
     from tqdm.auto import tqdm
 
+    try:
+        import fastwarc  # noqa: F401
+        import py3langid  # noqa: F401
+        import resiliparse  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"fastllm clean needs the 'clean' extra: pip install 'fastllm[clean]' ({e})") from None
     cfg = cfg or CleanConfig()
     if isinstance(cfg.lang, str):
         cfg = dataclasses.replace(cfg, lang=(cfg.lang,))

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyboardInterrupt) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, KeyboardInterrupt) as e:
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
