@@ -77,6 +77,22 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_clean(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .clean import CleanConfig, clean
+
+    skip = ("lang", "dedup", "scrub_pii")
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(CleanConfig) if f.name not in skip}
+    cfg = CleanConfig(**kw, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
+                      scrub_pii=not args.keep_pii)
+    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress)
+    print(s.table())
+    print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
+          f"in {s.seconds:.1f}s -> {s.out_dir}")
+    return 0
+
+
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import time
 
@@ -219,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_prepare)
 
+    from .clean import CleanConfig
+
+    s = sub.add_parser("clean", help="web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards")
+    s.add_argument("inputs", nargs="+", help="files or folders (.html, .warc[.gz], .jsonl with html/text)")
+    s.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl, summary.json)")
+    s.add_argument("--lang", nargs="+", default=None, help="keep only these languages (ISO 639-1, e.g. en de)")
+    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii"))
+    s.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
+    s.add_argument("--keep-pii", action="store_true", help="do not replace e-mail and IP addresses")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_clean)
+
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tok_command", metavar="COMMAND", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE vocabulary")
@@ -261,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyboardInterrupt) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, KeyboardInterrupt) as e:
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130

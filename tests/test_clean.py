@@ -1,0 +1,374 @@
+"""Web-page cleaning (fastllm.clean): charset decoding + boilerplate removal in five encodings, WARC and JSONL
+input, each quality rule, PII, exact and near-duplicate removal, bad input, resume, and `prepare` on the output."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+pytest.importorskip("resiliparse")
+pytest.importorskip("py3langid")
+
+from fastllm import clean as C  # noqa: E402
+from fastllm.clean import CleanConfig, clean, extract_text, quality_reason, scrub_pii  # noqa: E402
+
+BOILER = ["Home", "About us", "Contact", "Privacy policy", "Subscribe to our newsletter", "Log in"]
+FOOTER = "Copyright 2024 Examplecorp. All rights reserved."
+
+PROSE = {  # (encoding, language): paragraphs with characters outside ASCII
+    ("utf-8", "en"): [
+        "The committee met on Tuesday to discuss the new budget, and most members agreed that the "
+        "plan needed more work before the vote could take place.",
+        "Naïve café owners in Zürich said the proposal — though well meant — ignored the costs "
+        "that small businesses face every winter.",
+    ],
+    ("latin-1", "fr"): [
+        "Le comité s'est réuni mardi pour discuter du nouveau budget, et la plupart des membres "
+        "ont convenu que le plan devait être retravaillé avant le vote.",
+        "Les propriétaires de cafés à Zürich ont déclaré que la proposition ignorait les coûts "
+        "élevés que les petites entreprises doivent supporter chaque hiver.",
+    ],
+    ("shift_jis", "ja"): [
+        "委員会は火曜日に新しい予算について話し合うために会合を開き、ほとんどのメンバーが計画には"
+        "さらなる作業が必要だと同意した。",
+        "チューリッヒのカフェの経営者たちは、その提案は善意によるものだが、小さな企業が毎年冬に"
+        "直面する費用を無視していると述べた。",
+    ],
+    ("gbk", "zh"): [
+        "委员会周二开会讨论新预算，大多数成员同意该计划在投票前需要更多工作。",
+        "苏黎世的咖啡馆老板们表示，这项提议虽然出于好意，却忽视了小企业每年冬天都要面对的成本。",
+    ],
+    ("windows-1251", "ru"): [
+        "Комитет собрался во вторник, чтобы обсудить новый бюджет, и большинство членов "
+        "согласились, что план нуждается в доработке перед голосованием.",
+        "Владельцы кафе в Цюрихе заявили, что предложение, хотя и сделано из лучших "
+        "побуждений, игнорирует расходы малого бизнеса каждой зимой.",
+    ],
+}
+
+WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case point "
+    "government company number group problem fact river garden winter market letter village morning "
+    "history music window kitchen teacher doctor station mountain island forest bridge"
+).split()
+VERBS = "saw found liked remembered built painted visited described carried watched opened followed".split()
+
+
+def prose(rng: random.Random, sentences: int = 12) -> str:
+    """English-looking sentences with a fresh mix of words (distinct documents are far apart in Jaccard)."""
+    out = []
+    for _ in range(sentences):
+        a, b, c, d, e = rng.sample(WORDS, 5)
+        adj = rng.choice(["good", "late", "new", "quiet", "cold"])
+        det = rng.choice(["every", "that", "one", "the"])
+        out.append(
+            f"The {a} {rng.choice(VERBS)} the old {b} near the {c} and it was {adj} for {det} {d} with "
+            f"{rng.randint(2, 99)} {e}s."
+        )
+    return " ".join(out)
+
+
+def page(paras: list[str], charset: str | None = "utf-8", title: str = "A page") -> str:
+    nav = "".join(f'<li><a href="/{i}">{b}</a></li>' for i, b in enumerate(BOILER))
+    meta = f'<meta charset="{charset}">' if charset else ""
+    body = "".join(f"<p>{p}</p>" for p in paras)
+    return (
+        f"<!DOCTYPE html><html><head>{meta}<title>{title}</title><style>p {{color: red}}</style>"
+        f"<script>var trackingBeacon = function() {{ return 'analyticsPixel'; }};</script></head><body>"
+        f"<header><nav><ul>{nav}</ul></nav></header><main><article><h1>{title}</h1>{body}</article></main>"
+        f"<footer><p>{FOOTER}</p><ul>{nav}</ul><script>trackPageview();</script></footer></body></html>"
+    )
+
+
+def assert_clean(text: str, paras: list[str]) -> None:
+    for p in paras:
+        assert p in text, (p, text)
+    for b in [*BOILER, FOOTER, "trackingBeacon", "analyticsPixel", "trackPageview", "color: red"]:
+        assert b not in text, (b, text)
+
+
+# ---- extraction and decoding ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["meta-charset", "detected"])
+@pytest.mark.parametrize("enc,lang", list(PROSE), ids=[e for e, _ in PROSE])
+def test_extract_decodes_and_drops_boilerplate(enc, lang, declared):
+    paras = PROSE[enc, lang]
+    data = page(paras * 2, enc if declared else None).encode(enc)
+    text = extract_text(data)
+    assert_clean(text, paras)
+    assert C.detect_language(text)[0] == lang
+
+
+@pytest.mark.parametrize("enc", ["shift_jis", "windows-1251"])
+def test_http_charset_beats_a_wrong_meta(enc):
+    paras = next(v for (e, _), v in PROSE.items() if e == enc)
+    data = page(paras * 2, "utf-8").encode(enc)  # the page lies; the HTTP header is right
+    assert_clean(extract_text(data, http_charset=enc), paras)
+    assert_clean(extract_text(data), paras)  # invalid as UTF-8 -> detection
+
+
+def test_bom_and_str_input():
+    paras = PROSE["utf-8", "en"]
+    assert_clean(extract_text(b"\xef\xbb\xbf" + page(paras, None).encode()), paras)
+    assert_clean(extract_text(page(paras, None).encode("utf-16")), paras)
+    assert_clean(extract_text(page(paras, "latin-1")), paras)
+
+
+# ---- quality rules -------------------------------------------------------------------------------------
+
+
+def lines_text(rng, n=12):
+    return "\n".join(prose(rng, 2) for _ in range(n))
+
+
+@pytest.mark.parametrize(
+    "reason,make",
+    [
+        ("too_few_words", lambda r: "A short note that says very little."),
+        ("mean_word_length", lambda r: " ".join(["a b c d ok go to be it up."] * 20)),
+        ("mean_word_length", lambda r: " ".join(["incomprehensibilities extraordinarily."] * 40)),
+        ("symbol_ratio", lambda r: "\n".join(f"#tag{i} #news #sale {prose(r, 1)}" for i in range(12))),
+        ("alpha_words", lambda r: prose(r, 4) + " " + " ".join(str(10007 * i) for i in range(300))),
+        ("stop_words", lambda r: " ".join(r.choice(WORDS) + "s" for _ in range(100)) + "."),
+        ("bullet_lines", lambda r: "\n".join(f"• {prose(r, 1)}" for _ in range(12))),
+        ("ellipsis_lines", lambda r: "\n".join(prose(r, 1)[:-1] + " and then..." for _ in range(12))),
+        ("dup_lines", lambda r: "\n".join([prose(r, 2)] * 5 + [prose(r, 2) for _ in range(5)])),
+        ("dup_line_chars", lambda r: "\n".join([prose(r, 6)] * 2 + [prose(r, 1) for _ in range(8)])),
+        ("line_punctuation", lambda r: "\n".join(prose(r, 1)[:-1] + " and so on" for _ in range(12))),
+        ("short_lines", lambda r: prose(r, 8) + "\n" + "\n".join(f"Item {i} is here." for i in range(40))),
+        ("lorem_ipsum", lambda r: prose(r, 6) + " Lorem ipsum dolor sit amet. " + prose(r, 6)),
+    ],
+)
+def test_each_quality_rule_drops_its_case(reason, make):
+    cfg = CleanConfig()
+    rng = random.Random(reason)
+    assert quality_reason(make(rng), cfg, "en") == reason
+    # ... and normal prose passes every rule, in one paragraph or in many lines
+    assert quality_reason(prose(rng, 12), cfg, "en") is None
+    assert quality_reason(lines_text(rng), cfg, "en") is None
+
+
+def test_quality_rules_are_configurable_and_cjk_aware():
+    text = "A short note that says very little."
+    assert quality_reason(text, CleanConfig()) == "too_few_words"
+    assert quality_reason(text, CleanConfig(min_words=3, min_punct_lines=0, max_short_lines=1)) is None
+    ja = "\n".join(PROSE["shift_jis", "ja"] * 2)
+    assert quality_reason(ja, CleanConfig(max_dup_lines=1, max_dup_line_chars=1), "ja") is None
+
+
+# ---- PII -----------------------------------------------------------------------------------------------
+
+
+def test_pii_scrubbed():
+    s = scrub_pii(
+        "Write to jane.doe+news@mail.example.co.uk or call 10.0.0.12 / [2001:db8::8a2e:370:7334]. "
+        "Version 1.2.3 and 999.1.2.3 and at 10:30:15 and a[::2], b[1::3] stay."
+    )
+    assert "jane.doe" not in s and "10.0.0.12" not in s and "2001:db8" not in s
+    assert s.count(C.EMAIL_PLACEHOLDER) == 1 and s.count(C.IP_PLACEHOLDER) == 2
+    assert "1.2.3 and 999.1.2.3" in s and "10:30:15" in s and "a[::2], b[1::3]" in s
+
+
+# ---- MinHash -------------------------------------------------------------------------------------------
+
+
+def test_minhash_estimates_jaccard():
+    rng = random.Random(0)
+    a = prose(rng, 40).split()
+    b = list(a)
+    for i in range(0, len(b), 60):  # a few word edits
+        b[i] = "changed"
+
+    def shingles(w):
+        return {tuple(w[i : i + 5]) for i in range(len(w) - 4)}
+
+    sa, sb = shingles([x.lower().strip(".") for x in a]), shingles([x.lower().strip(".") for x in b])
+    j = len(sa & sb) / len(sa | sb)
+    est = np.mean(C.minhash(" ".join(a), 256) == C.minhash(" ".join(b), 256))
+    assert abs(est - j) < 0.1
+    other = C.minhash(prose(rng, 40), 256)
+    assert np.mean(C.minhash(" ".join(a), 256) == other) < 0.1
+
+
+def test_near_dup_components_chain():
+    keys = np.array([[1, 2], [3, 2], [3, 9], [7, 8], [7, 10]], np.uint64)
+    assert C.near_dup_components(keys).tolist() == [0, 0, 0, 3, 3]
+
+
+# ---- the whole run -------------------------------------------------------------------------------------
+
+
+def read_out(out):
+    from fastllm.data import iter_documents
+
+    return list(iter_documents(sorted(out.glob("clean_*.jsonl"))))
+
+
+def test_clean_run_dedups_and_feeds_prepare(tmp_path):
+    rng = random.Random(1)
+    src = tmp_path / "pages"
+    src.mkdir()
+    base = [[prose(rng, 6), prose(rng, 6)] for _ in range(6)]
+    for i, paras in enumerate(base):
+        (src / f"page{i}.html").write_text(page(paras, title=f"Distinct {i}"), encoding="utf-8")
+    (src / "z_exact_dup.html").write_text(page(base[0], title="Distinct 0"), encoding="utf-8")
+    near = [p.replace(" the old ", " an old ", 1) for p in base[1]]  # small edits
+    near[1] = near[1] + " One more short sentence here."
+    (src / "z_near_dup.html").write_text(page(near, title="Distinct 1 (copy)"), encoding="utf-8")
+    pii = [base[2][0] + " Mail bob@example.com from 192.168.0.7.", prose(rng, 6)]
+    (src / "pii.html").write_text(page(pii, title="Contact page"), encoding="utf-8")
+    fr = PROSE["latin-1", "fr"] * 4
+    (src / "fr.html").write_bytes(page([p.replace(".", ". ") for p in fr], "latin-1").encode("latin-1"))
+
+    s = clean([src], tmp_path / "out", CleanConfig(processes=1, lang=("en",)), progress=False)
+    docs = read_out(tmp_path / "out")
+    assert s.documents == len(docs) == 7, s.table()
+    assert s.stages["exact_dedup"]["dropped"] == {"duplicate": 1}
+    assert s.stages["near_dedup"]["dropped"] == {"near_duplicate": 1}
+    assert s.stages["lang"]["dropped"] == {"other_language.fr": 1}
+    assert s.pii == {"email": 1, "ip": 1}
+    joined = "\n".join(docs)
+    assert "bob@example.com" not in joined and C.EMAIL_PLACEHOLDER in joined
+    for paras in base:
+        assert paras[0] in joined  # every distinct page survives, boilerplate gone
+    assert FOOTER not in joined and "Privacy policy" not in joined
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["documents"] == 7
+
+    # `fastllm prepare` reads the folder directly (the .work folder holds no .jsonl)
+    from fastllm.data import prepare
+    from fastllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(docs, 300, special_tokens=["<|endoftext|>"])
+    tok.save(tmp_path / "tok.tiktoken")
+    st = prepare(
+        [str(tmp_path / "out")], tmp_path / "tok.tiktoken", tmp_path / "data", val_fraction=0.2, progress=False
+    )
+    assert st.documents == 7
+
+
+def write_warc(f, records: list[tuple[bytes, str]]) -> None:
+    """Response records written with warcio (gzip); the reader under test is fastwarc, another implementation."""
+    pytest.importorskip("warcio")
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    w = WARCWriter(f, gzip=True)
+    for i, (body, ctype) in enumerate(records):
+        http = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        w.write_record(
+            w.create_warc_record(f"http://example.com/{i}", "response", payload=BytesIO(body), http_headers=http)
+        )
+
+
+def test_warc_and_jsonl_inputs_in_parallel(tmp_path):
+    rng = random.Random(2)
+    pages = [[prose(rng, 6), prose(rng, 6)] for _ in range(4)]
+    ru = PROSE["windows-1251", "ru"]
+    records = [
+        (page(pages[0], None).encode(), "text/html; charset=utf-8"),
+        (page(ru, None).encode("windows-1251"), "text/html; charset=windows-1251"),
+        (page(pages[1], None).encode(), "text/html"),
+        (page(pages[2], None).encode(), "image/png"),
+    ]
+    with open(tmp_path / "crawl.warc.gz", "wb") as f:
+        write_warc(f, records)
+    with open(tmp_path / "pages.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"url": "u1", "html": page(pages[3])}) + "\n")
+        f.write(json.dumps({"id": "u2", "text": "\n".join(prose(rng, 3) for _ in range(4))}) + "\n")
+        f.write("{not json\n")
+        f.write(json.dumps({"other": 1}) + "\n")
+
+    s = clean(
+        [tmp_path / "crawl.warc.gz", tmp_path / "pages.jsonl"],
+        tmp_path / "out",
+        CleanConfig(processes=2, min_words=30),
+        progress=False,
+    )
+    docs = read_out(tmp_path / "out")
+    assert s.documents == len(docs) == 5, s.table()
+    assert s.stages["read"]["dropped"] == {"not_html": 1, "bad_json_line": 1, "no_text_or_html_field": 1}
+    joined = "\n".join(docs)
+    assert all(p in joined for p in ru) and pages[3][0] in joined and pages[2][0] not in joined
+    urls = [json.loads(x)["url"] for x in open(next((tmp_path / "out").glob("clean_*.jsonl")))]
+    assert "http://example.com/1" in urls and "u2" in urls
+
+
+def test_bad_input_is_counted_and_run_continues(tmp_path):
+    rng = random.Random(3)
+    good = [[prose(rng, 6), prose(rng, 6)] for _ in range(3)]
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, paras in enumerate(good):
+        (d / f"good{i}.html").write_text(page(paras), encoding="utf-8")
+    (d / "garbage.html").write_bytes(os.urandom(3000) + b"\0")
+    (d / "noise.html").write_bytes(bytes(random.Random(5).randrange(1, 256) for _ in range(5000)))
+    (d / "corrupt.warc").write_bytes(b"WARC/1.0\r\nthis is not a warc header\r\n\r\n" + os.urandom(200))
+    (d / "empty.html").write_bytes(b"")
+    (d / "broken.html.gz").write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(100))  # unreadable: corrupt gzip
+    (d / "dangling.html").symlink_to(tmp_path / "nowhere.html")
+    with open(d / "tail_garbage.warc.gz", "wb") as f:  # two good pages, then the archive breaks
+        write_warc(f, [(page([prose(rng, 6), prose(rng, 6)]).encode(), "text/html") for _ in range(2)])
+        f.write(os.urandom(300))
+    (tmp_path / "emptydir").mkdir()
+
+    s = clean(
+        [d, tmp_path / "emptydir", tmp_path / "missing.jsonl"],
+        tmp_path / "out",
+        CleanConfig(processes=1),
+        progress=False,
+    )
+    assert s.documents == 5 and len(read_out(tmp_path / "out")) == 5, s.table()
+    bad = {os.path.basename(b["path"]): b["error"] for b in s.bad_inputs}
+    assert set(bad) == {"corrupt.warc", "broken.html.gz", "tail_garbage.warc.gz", "emptydir", "missing.jsonl"}, bad
+    assert s.stages["read"]["dropped"] == {"binary": 1}
+    assert s.stages["extract"]["dropped"].get("empty", 0) >= 1  # the empty page
+    assert sum(s.stages["quality"]["dropped"].values()) + sum(s.stages["extract"]["dropped"].values()) >= 2
+    assert "bad input" in s.table()
+
+
+def test_resume_skips_done_inputs(tmp_path, monkeypatch):
+    rng = random.Random(4)
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        (d / f"p{i}.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
+    cfg = CleanConfig(processes=1)
+    s1 = clean([d], tmp_path / "out", cfg, progress=False)
+    assert s1.skipped == 0 and s1.documents == 3
+    first = read_out(tmp_path / "out")
+
+    (d / "p3.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
+    seen = []
+    real = C.read_pages
+    monkeypatch.setattr(C, "read_pages", lambda p, st=None: (seen.append(p), real(p, st))[1])
+    s2 = clean([d], tmp_path / "out", cfg, progress=False)
+    assert [p.name for p in seen] == ["p3.html"] and s2.skipped == 3 and s2.documents == 4
+    assert read_out(tmp_path / "out")[:3] == first
+    assert s2.stages["quality"]["kept"] == 4  # counts of skipped inputs come from their done records
+
+    s3 = clean([d], tmp_path / "out", CleanConfig(processes=1, min_words=10), progress=False)
+    assert s3.skipped == 0  # other settings: redo
+
+
+def test_cli_clean(tmp_path, capsys):
+    from fastllm.cli import main
+
+    rng = random.Random(6)
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(2):
+        (d / f"p{i}.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
+    assert (
+        main(["clean", str(d), "--out", str(tmp_path / "out"), "--lang", "en", "--processes", "1", "--no-progress"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "near_dedup" in out and "2 documents" in out
+    assert len(read_out(tmp_path / "out")) == 2
