@@ -566,7 +566,7 @@ class RewardModelConfig:
 
 
 def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch_size: int = 64) -> float:
-    """Fraction of pairs with r(chosen) > r(rejected)."""
+    """Fraction of pairs with r(chosen) > r(rejected) (ties count half)."""
     was = rm.backbone.training
     rm.backbone.eval()
     wins = []
@@ -574,7 +574,8 @@ def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch
         chunk = pairs[i:i + batch_size]
         seqs = [rm.encode(tokenizer, p["prompt"], p[k]) for k in ("chosen", "rejected") for p in chunk]
         r = rm.forward(seqs, tokenizer.eot_token)
-        wins += list(r[: len(chunk)] > r[len(chunk):])
+        d = r[: len(chunk)] - r[len(chunk):]
+        wins += list((d > 0) + 0.5 * (d == 0))  # a tie counts half
     rm.backbone.train(was)
     return float(np.mean(wins))
 
