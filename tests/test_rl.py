@@ -136,8 +136,18 @@ def test_weighted_ce_bad_row_weights():
     with pytest.raises(TypeError, match="row_weights"):
         ops.softmax_cross_entropy(logits, t, row_weights=np.ones(4, np.float64))
     with pytest.raises(ValueError, match="row_weights"):
-        fastllm._C.lmhead_ce(np.empty(4, np.float32), None, None, np.zeros((4, 2), np.float32),
-                             np.zeros((5, 2), np.float32), np.zeros(4, np.int32), 1.0, -1, 2, np.ones(5, np.float32))
+        fastllm._C.lmhead_ce(
+            np.empty(4, np.float32),
+            None,
+            None,
+            np.zeros((4, 2), np.float32),
+            np.zeros((5, 2), np.float32),
+            np.zeros(4, np.int32),
+            1.0,
+            -1,
+            2,
+            np.ones(5, np.float32),
+        )
 
 
 def test_forward_weights_uniform_equals_mean_loss():
@@ -201,8 +211,9 @@ def test_policy_gradient_matches_torch_reference():
     loss.backward()
     assert st["loss"] == pytest.approx(loss.item(), rel=1e-5)
     for k, v in params.items():
-        np.testing.assert_allclose(m.g[k], v.grad.numpy(), atol=2e-6 * max(1.0, np.abs(v.grad.numpy()).max()),
-                                   err_msg=k)
+        np.testing.assert_allclose(
+            m.g[k], v.grad.numpy(), atol=2e-6 * max(1.0, np.abs(v.grad.numpy()).max()), err_msg=k
+        )
 
 
 def test_reward_model_gradient_matches_torch_reference():
@@ -225,8 +236,9 @@ def test_reward_model_gradient_matches_torch_reference():
     np.testing.assert_allclose(r, rt.detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rm.head_grad, head.grad.numpy(), rtol=1e-5, atol=1e-5)
     for k, v in params.items():
-        np.testing.assert_allclose(m.g[k], v.grad.numpy(), atol=1e-6 * max(1.0, np.abs(v.grad.numpy()).max()),
-                                   err_msg=k)
+        np.testing.assert_allclose(
+            m.g[k], v.grad.numpy(), atol=1e-6 * max(1.0, np.abs(v.grad.numpy()).max()), err_msg=k
+        )
     with pytest.raises(ValueError, match="dhidden"):
         m.hidden_states(idx)
         m.backward(dhidden=np.zeros((1, 2, 16), np.float32))
@@ -288,9 +300,11 @@ def test_grpo_raises_accuracy_after_warmup(warm):
     after = evaluate(model, tok, task, unseen, 4)
     after_sft = evaluate(model, tok, task, sft, 4)
     r0, r1 = np.mean([s["reward"] for s in stats[:20]]), np.mean([s["reward"] for s in stats[-20:]])
-    print(f"\ngreedy accuracy on the 60 additions not in the warm-up: {before:.3f} -> {after:.3f}; "
-          f"on the 40 warm-up ones: {before_sft:.3f} -> {after_sft:.3f}; mean reward {r0:.3f} -> {r1:.3f}; "
-          f"final kl {stats[-1]['kl']:.4f}")
+    print(
+        f"\ngreedy accuracy on the 60 additions not in the warm-up: {before:.3f} -> {after:.3f}; "
+        f"on the 40 warm-up ones: {before_sft:.3f} -> {after_sft:.3f}; mean reward {r0:.3f} -> {r1:.3f}; "
+        f"final kl {stats[-1]['kl']:.4f}"
+    )
     assert after >= before + 0.1
     assert r1 > r0
     assert all(math.isfinite(s["kl"]) and s["kl"] >= 0 for s in stats)
@@ -299,10 +313,13 @@ def test_grpo_raises_accuracy_after_warmup(warm):
 def test_reward_model_prefers_correct_sums(warm, tmp_path):
     ck, _, _ = warm
     cfg = RewardModelConfig(base=str(ck), data="", out=str(tmp_path / "rm"), epochs=10, lr=1e-3, batch_size=32)
-    s = train_reward_model(cfg, pairs=addition_preferences(1500, 1, seed=0),
-                           val_pairs=addition_preferences(200, 1, seed=1), progress=False)
-    print(f"\nreward model held-out accuracy {s['val_accuracy_start']:.3f} -> {s['val_accuracy']:.3f} "
-          f"({s['val_pairs']} pairs), train {s['train_accuracy']:.3f}")
+    s = train_reward_model(
+        cfg, pairs=addition_preferences(1500, 1, seed=0), val_pairs=addition_preferences(200, 1, seed=1), progress=False
+    )
+    print(
+        f"\nreward model held-out accuracy {s['val_accuracy_start']:.3f} -> {s['val_accuracy']:.3f} "
+        f"({s['val_pairs']} pairs), train {s['train_accuracy']:.3f}"
+    )
     assert s["val_accuracy"] >= 0.75
     rm = RewardModel.load(tmp_path / "rm")
     np.testing.assert_array_equal(rm.head, s["model"].head)
@@ -314,8 +331,18 @@ def test_reward_model_prefers_correct_sums(warm, tmp_path):
 
 def test_train_grpo_log_checkpoints_and_resume_bit_identical(warm, tmp_path):
     ck, _, _ = warm
-    kw = dict(ckpt=str(ck), task="addition", digits=1, prompts_per_step=2, group_size=4, max_new_tokens=4,
-              lr=1e-3, eval_every=3, eval_prompts=8, ckpt_every=2)
+    kw = dict(
+        ckpt=str(ck),
+        task="addition",
+        digits=1,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=4,
+        lr=1e-3,
+        eval_every=3,
+        eval_prompts=8,
+        ckpt_every=2,
+    )
     s = train_grpo(RLConfig(out=str(tmp_path / "a"), steps=5, **kw), progress=False, log=lambda *_: None)
     rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
@@ -326,8 +353,7 @@ def test_train_grpo_log_checkpoints_and_resume_bit_identical(warm, tmp_path):
     assert Path(s["checkpoint"]).name == "ckpt_000005"
     # interrupted after 2 steps (checkpoint at 2), then resumed to 5: same parameters as the straight run
     train_grpo(RLConfig(out=str(tmp_path / "b"), steps=2, **kw), progress=False, log=lambda *_: None)
-    s2 = train_grpo(RLConfig(out=str(tmp_path / "b"), steps=5, resume=True, **kw), progress=False,
-                    log=lambda *_: None)
+    s2 = train_grpo(RLConfig(out=str(tmp_path / "b"), steps=5, resume=True, **kw), progress=False, log=lambda *_: None)
     from fastllm.train import load_model
 
     np.testing.assert_array_equal(load_model(s["checkpoint"]).params, load_model(s2["checkpoint"]).params)
@@ -339,13 +365,50 @@ def test_cli_reward_model_then_rl_against_it(warm, tmp_path, capsys):
     ck, _, _ = warm
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in addition_preferences(64, 1, seed=0)))
-    rc = main(["reward-model", "--base", str(ck), "--data", str(data), "--out", str(tmp_path / "rm"),
-               "--epochs", "1", "--batch-size", "16", "--no-progress"])
+    rc = main(
+        [
+            "reward-model",
+            "--base",
+            str(ck),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "rm"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "held-out accuracy" in capsys.readouterr().out
-    rc = main(["rl", "--ckpt", str(ck), "--task", "sort", "--digits", "3", "--reward-model", str(tmp_path / "rm"),
-               "--out", str(tmp_path / "rl"), "--steps", "2", "--prompts-per-step", "2", "--group-size", "3",
-               "--max-new-tokens", "4", "--eval-every", "0", "--no-progress"])
+    rc = main(
+        [
+            "rl",
+            "--ckpt",
+            str(ck),
+            "--task",
+            "sort",
+            "--digits",
+            "3",
+            "--reward-model",
+            str(tmp_path / "rm"),
+            "--out",
+            str(tmp_path / "rl"),
+            "--steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--group-size",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--eval-every",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "rl" / "ckpt_000002" / "model.safetensors").exists()
     rc = main(["rl", "--ckpt", str(ck), "--task", "nope", "--out", str(tmp_path / "x"), "--no-progress"])
@@ -373,12 +436,15 @@ def test_tasks_rewards():
         add.answer("hello")
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda p, c: 1 / 0, "ZeroDivisionError"),
-    (lambda p, c: float("nan"), "nan"),
-    (lambda p, c: float("inf"), "inf"),
-    (lambda p, c: "good", "ValueError"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda p, c: 1 / 0, "ZeroDivisionError"),
+        (lambda p, c: float("nan"), "nan"),
+        (lambda p, c: float("inf"), "inf"),
+        (lambda p, c: "good", "ValueError"),
+    ],
+)
 def test_bad_reward_function_names_the_prompt(bad, match):
     with pytest.raises(RewardError, match=match) as e:
         score(bad, ["7+8=", "1+1="], [["15", "x"], ["2", "3"]])

@@ -57,7 +57,7 @@ class RewardError(ValueError):
 
 
 class AdditionTask:
-    """"a+b=" -> "a+b" for `digits`-digit operands. reward = 1 (exact) + 0.1 (digits only).
+    """ "a+b=" -> "a+b" for `digits`-digit operands. reward = 1 (exact) + 0.1 (digits only).
 
     >>> AdditionTask(2).reward("12+34=", "46")
     1.1
@@ -91,7 +91,7 @@ class AdditionTask:
 
 
 class SortTask(AdditionTask):
-    """"sort 3142=" -> "1234": sort `digits` random digits. Same rewards as AdditionTask."""
+    """ "sort 3142=" -> "1234": sort `digits` random digits. Same rewards as AdditionTask."""
 
     name = "sort"
     _re = re.compile(r"^sort (\d+)=$")
@@ -201,8 +201,7 @@ def token_logprobs(model: GPT, idx, targets) -> np.ndarray:
     return -model.token_losses.astype(np.float64)
 
 
-def policy_backward(model: GPT, batch: Batch, old_logp, ref_logp, clip_eps: float, beta: float,
-                    logp=None) -> dict:
+def policy_backward(model: GPT, batch: Batch, old_logp, ref_logp, clip_eps: float, beta: float, logp=None) -> dict:
     """Accumulate (+=) into model.grads the gradient of the GRPO loss L = -J (module docstring) on `batch`;
     returns the loss and statistics. logp: the current log-probs if already known (else one forward)."""
     if logp is None:
@@ -228,17 +227,26 @@ def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[Seq
             try:
                 r = float(reward_fn(p, c))
             except Exception as e:
-                raise RewardError(f"reward function failed on prompt {p!r} (completion {c!r}): "
-                                  f"{type(e).__name__}: {e}") from e
+                raise RewardError(
+                    f"reward function failed on prompt {p!r} (completion {c!r}): {type(e).__name__}: {e}"
+                ) from e
             if not math.isfinite(r):
-                raise RewardError(f"reward function returned {r} for prompt {p!r} (completion {c!r}); "
-                                  f"rewards must be finite numbers")
+                raise RewardError(
+                    f"reward function returned {r} for prompt {p!r} (completion {c!r}); rewards must be finite numbers"
+                )
             out[i, j] = r
     return out
 
 
-def sample_completions(model: GPT, tokenizer, prompts: Sequence[str], group_size: int, max_new_tokens: int,
-                       temperature: float = 1.0, seed: int | None = None):
+def sample_completions(
+    model: GPT,
+    tokenizer,
+    prompts: Sequence[str],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int | None = None,
+):
     """G completions per prompt in one batched, KV-cached generation. Returns (prompt_ids (P*G rows),
     completion_ids (P*G, with the final <|endoftext|> if generated), texts (P lists of G strings, without it))."""
     from .sample import generate
@@ -251,13 +259,14 @@ def sample_completions(model: GPT, tokenizer, prompts: Sequence[str], group_size
     was = model.training
     out = generate(model.eval(), rows, max_new_tokens, temperature=temperature, stop_tokens=(eot,), seed=seed)
     model.train(was)
-    comps = [o[len(r):] for o, r in zip(out, rows)]
+    comps = [o[len(r) :] for o, r in zip(out, rows)]
     texts = [tokenizer.decode(c[:-1] if c and c[-1] == eot else c) for c in comps]
-    return rows, comps, [texts[i * group_size:(i + 1) * group_size] for i in range(len(prompts))]
+    return rows, comps, [texts[i * group_size : (i + 1) * group_size] for i in range(len(prompts))]
 
 
-def evaluate(model: GPT, tokenizer, task, prompts: Sequence[str], max_new_tokens: int,
-             temperature: float = 0.0, seed: int = 0) -> float:
+def evaluate(
+    model: GPT, tokenizer, task, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> float:
     """Fraction of prompts whose completion the task marks correct (greedy by default)."""
     _, _, texts = sample_completions(model, tokenizer, prompts, 1, max_new_tokens, temperature, seed)
     return float(np.mean([task.correct(p, t[0]) for p, t in zip(prompts, texts)]))
@@ -300,8 +309,9 @@ class GRPO:
     >>> stats = g.step(["12+34=", "5+7="], seed=0)
     """
 
-    def __init__(self, model: GPT, ref: GPT, tokenizer, reward_fn: RewardFn, cfg: RLConfig, task=None,
-                 opt: AdamW | None = None):
+    def __init__(
+        self, model: GPT, ref: GPT, tokenizer, reward_fn: RewardFn, cfg: RLConfig, task=None, opt: AdamW | None = None
+    ):
         if cfg.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare completions), got {cfg.group_size}")
         if cfg.max_new_tokens < 1:
@@ -313,8 +323,9 @@ class GRPO:
     def step(self, prompts: Sequence[str], seed: int | None = None) -> dict:
         cfg, model = self.cfg, self.model
         t0 = time.time()
-        prompt_ids, comp_ids, texts = sample_completions(model, self.tokenizer, prompts, cfg.group_size,
-                                                         cfg.max_new_tokens, cfg.temperature, seed)
+        prompt_ids, comp_ids, texts = sample_completions(
+            model, self.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, seed
+        )
         rewards = score(self.reward_fn, prompts, texts)
         adv = group_advantages(rewards)
         batch = pack(prompt_ids, comp_ids, adv, pad=self.tokenizer.eot_token)
@@ -330,8 +341,13 @@ class GRPO:
             self.opt.step(cfg.lr, grad_scale=clip)
             if it == 0:
                 first = dict(st, grad_norm=norm)
-        stats = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()), **first,
-                 "completion_len": float(batch.lengths.mean()), "dt": time.time() - t0}
+        stats = {
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            **first,
+            "completion_len": float(batch.lengths.mean()),
+            "dt": time.time() - t0,
+        }
         if self.task is not None and hasattr(self.task, "correct"):
             stats["accuracy"] = float(np.mean([self.task.correct(p, c) for p, g in zip(prompts, texts) for c in g]))
         return stats
@@ -342,8 +358,9 @@ def _restore_optimizer(opt: AdamW, ckpt: Path) -> None:
     opt.m[...], opt.v[...], opt.t = ot["m"], ot["v"], int(meta["t"])
 
 
-def train_grpo(cfg: RLConfig, reward_fn: RewardFn | None = None, task=None, tokenizer=None, progress: bool = True,
-               log=print) -> dict:
+def train_grpo(
+    cfg: RLConfig, reward_fn: RewardFn | None = None, task=None, tokenizer=None, progress: bool = True, log=print
+) -> dict:
     """GRPO from cfg.ckpt (or resume from cfg.out): checkpoints OUT/ckpt_NNNNNN as in pre-training, a
     log.jsonl row per step (reward, kl, completion_len, accuracy, ...). reward_fn defaults to the task's
     verifiable reward, or to the reward model of cfg.reward_model. Returns a summary dict."""
@@ -410,23 +427,33 @@ def train_grpo(cfg: RLConfig, reward_fn: RewardFn | None = None, task=None, toke
         write({"step": step, "eval_accuracy": acc})
         return acc
 
-    log(f"GRPO: {model.num_parameters / 1e6:.2f}M parameters, task {task.name}, "
+    log(
+        f"GRPO: {model.num_parameters / 1e6:.2f}M parameters, task {task.name}, "
         f"reward {'model ' + cfg.reward_model if cfg.reward_model else 'verifiable'}, "
-        f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step")
+        f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
+    )
     t_start = time.time()
     first_acc = last_acc = float("nan")
     if cfg.eval_every and start == 0:
         first_acc = run_eval(0)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="grpo", unit="step",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc="grpo",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     st: dict = {}
     try:
         for step in bar:
             prompts = [task.sample(rng) for _ in range(cfg.prompts_per_step)]
             st = grpo.step(prompts, seed=int(rng.integers(1 << 31)))
             write({"step": step, **st})
-            bar.set_postfix(reward=f"{st['reward']:.3f}", kl=f"{st['kl']:.4f}",
-                            acc=f"{st.get('accuracy', float('nan')):.2f}")
+            bar.set_postfix(
+                reward=f"{st['reward']:.3f}", kl=f"{st['kl']:.4f}", acc=f"{st.get('accuracy', float('nan')):.2f}"
+            )
             done = step + 1
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 last_acc = run_eval(done)
@@ -435,9 +462,16 @@ def train_grpo(cfg: RLConfig, reward_fn: RewardFn | None = None, task=None, toke
     finally:
         bar.close()
         logf.close()
-    return {"steps": cfg.steps, "seconds": time.time() - t_start, "reward": st.get("reward", float("nan")),
-            "kl": st.get("kl", float("nan")), "eval_accuracy_start": first_acc, "eval_accuracy": last_acc,
-            "checkpoint": str(latest_checkpoint(out)), "log": str(log_path)}
+    return {
+        "steps": cfg.steps,
+        "seconds": time.time() - t_start,
+        "reward": st.get("reward", float("nan")),
+        "kl": st.get("kl", float("nan")),
+        "eval_accuracy_start": first_acc,
+        "eval_accuracy": last_acc,
+        "checkpoint": str(latest_checkpoint(out)),
+        "log": str(log_path),
+    }
 
 
 # ---- reward model (RLHF) ---------------------------------------------------------------------------------
@@ -481,7 +515,7 @@ class RewardModel:
 
     def encode(self, tokenizer, prompt: str, completion: str) -> list[int]:
         ids = [int(t) for t in tokenizer.encode(prompt + completion)] + [tokenizer.eot_token]
-        return ids[-self.backbone.config.block_size:]  # too long: keep the end (the scored token)
+        return ids[-self.backbone.config.block_size :]  # too long: keep the end (the scored token)
 
     def _batch(self, seqs: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
         T = max(len(s) for s in seqs)
@@ -571,17 +605,23 @@ def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch
     rm.backbone.eval()
     wins = []
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
+        chunk = pairs[i : i + batch_size]
         seqs = [rm.encode(tokenizer, p["prompt"], p[k]) for k in ("chosen", "rejected") for p in chunk]
         r = rm.forward(seqs, tokenizer.eot_token)
-        d = r[: len(chunk)] - r[len(chunk):]
+        d = r[: len(chunk)] - r[len(chunk) :]
         wins += list((d > 0) + 0.5 * (d == 0))  # a tie counts half
     rm.backbone.train(was)
     return float(np.mean(wins))
 
 
-def train_reward_model(cfg: RewardModelConfig, tokenizer=None, pairs: Sequence[dict] | None = None,
-                       val_pairs: Sequence[dict] | None = None, progress: bool = True, log=print) -> dict:
+def train_reward_model(
+    cfg: RewardModelConfig,
+    tokenizer=None,
+    pairs: Sequence[dict] | None = None,
+    val_pairs: Sequence[dict] | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Bradley-Terry training of a reward head (and the backbone) on preference pairs; reports held-out
     accuracy and saves the reward model to cfg.out (see RewardModel.save)."""
     from tqdm.auto import tqdm
@@ -613,21 +653,24 @@ def train_reward_model(cfg: RewardModelConfig, tokenizer=None, pairs: Sequence[d
     opt = AdamW(backbone, cfg.lr, weight_decay=cfg.weight_decay)
     hm, hv = np.zeros_like(rm.head), np.zeros_like(rm.head)
     eot = tokenizer.eot_token
-    enc = [(rm.encode(tokenizer, p["prompt"], p["chosen"]), rm.encode(tokenizer, p["prompt"], p["rejected"]))
-           for p in pairs]
+    enc = [
+        (rm.encode(tokenizer, p["prompt"], p["chosen"]), rm.encode(tokenizer, p["prompt"], p["rejected"]))
+        for p in pairs
+    ]
     B = max(1, min(cfg.batch_size, len(enc)))
     steps_per_epoch = math.ceil(len(enc) / B)
     val0 = preference_accuracy(rm, tokenizer, val_pairs)
     log(f"reward model: {len(pairs)} train / {len(val_pairs)} held-out pairs, held-out accuracy at start {val0:.3f}")
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="reward-model", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch, desc="reward-model", unit="step", disable=not progress, dynamic_ncols=True
+    )
     t0, step, losses, wins = time.time(), 0, [], []
     backbone.train()
     try:
         for _ in range(cfg.epochs):
             perm = rng.permutation(len(enc))
             for s in range(steps_per_epoch):
-                chunk = [enc[i] for i in perm[s * B:(s + 1) * B]]
+                chunk = [enc[i] for i in perm[s * B : (s + 1) * B]]
                 b = len(chunk)
                 r = rm.forward([c for c, _ in chunk] + [r_ for _, r_ in chunk], eot)
                 diff = r[:b] - r[b:]
@@ -651,10 +694,17 @@ def train_reward_model(cfg: RewardModelConfig, tokenizer=None, pairs: Sequence[d
         bar.close()
     val_acc = preference_accuracy(rm, tokenizer, val_pairs)
     k = max(1, steps_per_epoch)
-    metrics = {"steps": step, "train_pairs": len(pairs), "val_pairs": len(val_pairs),
-               "val_accuracy_start": val0, "val_accuracy": val_acc,
-               "train_loss": float(np.mean(losses[-k:])), "train_accuracy": float(np.mean(wins[-k:])),
-               "seconds": time.time() - t0, "base": str(backbone.checkpoint_dir)}
+    metrics = {
+        "steps": step,
+        "train_pairs": len(pairs),
+        "val_pairs": len(val_pairs),
+        "val_accuracy_start": val0,
+        "val_accuracy": val_acc,
+        "train_loss": float(np.mean(losses[-k:])),
+        "train_accuracy": float(np.mean(wins[-k:])),
+        "seconds": time.time() - t0,
+        "base": str(backbone.checkpoint_dir),
+    }
     rm.save(cfg.out, step, opt, tok_path, metrics)
     log(f"held-out accuracy {val0:.3f} -> {val_acc:.3f} ({len(val_pairs)} pairs); saved to {cfg.out}")
     return {**metrics, "out": str(cfg.out), "model": rm}
