@@ -475,3 +475,17 @@ def test_malformed_preferences_name_the_line(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no preference pairs"):
         load_preferences(tmp_path / "empty.jsonl")
+
+
+def test_several_policy_updates_per_rollout_batch():
+    """iterations > 1 (GRPO's mu): later updates see ratios != 1, so the clip can act; everything stays finite."""
+    m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=16), seed=0)
+    ref = GPT(m.config, init=False)
+    ref.params[:] = m.params
+    task = AdditionTask(1)
+    cfg = RLConfig(ckpt="", group_size=4, max_new_tokens=3, lr=1e-2, iterations=3, clip_eps=0.05)
+    g = GRPO(m, ref, byte_tokenizer(), task, cfg, task)
+    before = m.params.copy()
+    st = g.step(["1+2=", "3+3="], seed=0)
+    assert g.opt.t == 3 and not np.array_equal(before, m.params)
+    assert all(math.isfinite(v) for v in st.values())
