@@ -484,7 +484,7 @@ def test_several_policy_updates_per_rollout_batch():
     ref.params[:] = m.params
     task = AdditionTask(1)
     cfg = RLConfig(ckpt="", group_size=4, max_new_tokens=3, lr=1e-2, iterations=3, clip_eps=0.05)
-    g = GRPO(m, ref, byte_tokenizer(), lambda p, c: float(len(c)), cfg, task)  # rewards differ within groups
+    g = GRPO(m, ref, byte_tokenizer(), lambda p, c: float(ord(c[0]) % 7) if c else 0.0, cfg, task)
     before = m.params.copy()
     st = g.step(["1+2=", "3+3="], seed=0)
     assert g.opt.t == 3 and not np.array_equal(before, m.params)
