@@ -201,21 +201,22 @@ static void attention_kv_forward_py(py::array out, py::array kcache, py::array v
 // softmax + cross-entropy
 
 static void softmax_ce_py(py::array losses, std::optional<py::array> dlogits, py::array logits, py::array targets,
-                          float grad_scale, int32_t ignore_index) {
+                          float grad_scale, int32_t ignore_index, std::optional<py::array> row_weights) {
     check_ndim(logits, "logits", 2, "(N, V)");
     const int64_t N = logits.shape(0), V = logits.shape(1);
     const float* lg = in_ptr<float>(logits, "logits");
     const int32_t* tg = in_ptr<int32_t>(targets, "targets", {N});
     float* ls = out_ptr<float>(losses, "losses", {N});
     float* dl = opt_out_ptr<float>(dlogits, "dlogits", {N, V});
+    const float* rw = row_weights ? in_ptr<float>(*row_weights, "row_weights", {N}) : nullptr;
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::softmax_ce_forward_backward(ls, dl, lg, tg, N, V, grad_scale, ignore_index);
+    fastllm::cpu::softmax_ce_forward_backward(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw);
 }
 
 static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std::optional<py::array> dweight,
                          py::array hidden, py::array weight, py::array targets, float grad_scale,
-                         int32_t ignore_index, int64_t chunk_rows) {
+                         int32_t ignore_index, int64_t chunk_rows, std::optional<py::array> row_weights) {
     check_ndim(hidden, "hidden", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(V, C)");
     const int64_t N = hidden.shape(0), C = hidden.shape(1), V = weight.shape(0);
@@ -226,9 +227,11 @@ static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std
     float* ls = out_ptr<float>(losses, "losses", {N});
     float* dh = opt_out_ptr<float>(dhidden, "dhidden", {N, C});
     float* dw = opt_out_ptr<float>(dweight, "dweight", {V, C});
+    const float* rw = row_weights ? in_ptr<float>(*row_weights, "row_weights", {N}) : nullptr;
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::lmhead_ce_forward_backward(ls, dh, dw, h, w, tg, N, C, V, grad_scale, ignore_index, chunk_rows);
+    fastllm::cpu::lmhead_ce_forward_backward(ls, dh, dw, h, w, tg, N, C, V, grad_scale, ignore_index, chunk_rows,
+                                             rw);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -782,9 +785,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"), arg("qkv"),
           arg("pos"));
     m.def("softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
-          arg("grad_scale"), arg("ignore_index"));
+          arg("grad_scale"), arg("ignore_index"), arg("row_weights") = py::none());
     m.def("lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"),
-          arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("chunk_rows"));
+          arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("chunk_rows"), arg("row_weights") = py::none());
     m.def("layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),
           arg("weight"), arg("bias"), arg("eps"));
     m.def("layernorm_backward", &layernorm_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),

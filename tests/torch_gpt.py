@@ -17,7 +17,8 @@ def build(model, sdpa: bool = False):
     params = {k: torch.tensor(np.array(v), requires_grad=True) for k, v in model.p.items()}
     C, NH = cfg.n_embd, cfg.n_head
 
-    def forward(idx, targets=None):
+    def forward(idx, targets=None, hidden=False):
+        """logits (B, T, V), or the mean CE loss given targets, or the final hidden states (B, T, C) if hidden."""
         idx = torch.as_tensor(np.asarray(idx, np.int64))
         B, T = idx.shape
         x = params["wte"][idx] + params["wpe"][:T]
@@ -38,6 +39,8 @@ def build(model, sdpa: bool = False):
             h = F.gelu(F.linear(h, params["mlp.c_fc.weight"][l], params["mlp.c_fc.bias"][l]), approximate="tanh")
             x = x + F.linear(h, params["mlp.c_proj.weight"][l], params["mlp.c_proj.bias"][l])
         x = F.layer_norm(x, (C,), params["ln_f.weight"], params["ln_f.bias"], cfg.layernorm_eps)
+        if hidden:
+            return x
         logits = x @ params["wte"].T
         if targets is None:
             return logits

@@ -10,6 +10,8 @@ Algorithm (per row, OpenMP over rows):
   pass 2 (write): d = exp((x - M) - log S) * grad_scale, then d[target] -= grad_scale. The row (V = 50304: 196 KiB)
          is still in L2 from pass 1, so DRAM sees one read and one write per element.
   The target logit is read before pass 2 (it may be overwritten in place). Ignored rows: loss 0, zero row.
+  Optional row_weights (N): row n's gradient uses grad_scale * row_weights[n] (losses unchanged), i.e. the
+  gradient of sum_n w[n] * loss[n]; free (one multiply per row). Used by RL (rl.py): policy-gradient weights.
   exp: polynomial with range reduction, <= 2 ulp (vecmath.h). Dispatch: simd_level() -> AVX-512 / AVX2;
   the naive three-pass loop (double sum, std::exp) is the scalar fallback and the readable spec.
 
@@ -192,7 +194,8 @@ FASTLLM_TARGET_AVX2 static void softmax_ce_row_avx2(float* loss, float* d, const
 // entry points
 
 void softmax_ce_forward_backward(float* losses, float* dlogits, const float* logits, const int32_t* targets,
-                                 int64_t N, int64_t V, float grad_scale, int32_t ignore_index) {
+                                 int64_t N, int64_t V, float grad_scale, int32_t ignore_index,
+                                 const float* row_weights) {
     const Simd simd = simd_level();
     // Out of place and larger than the caches: stream dlogits past the cache (saves the read-for-ownership of
     // every written line, ~15% at N x V = 2048 x 50304); in place, the lines are already owned.
@@ -207,18 +210,20 @@ void softmax_ce_forward_backward(float* losses, float* dlogits, const float* log
             if (d) std::fill(d, d + V, 0.0f);
             continue;
         }
+        const float gs = row_weights ? grad_scale * row_weights[n] : grad_scale;
         if (simd == Simd::avx512)
-            softmax_ce_row_avx512(losses + n, d, x, V, tgt, grad_scale, stream);
+            softmax_ce_row_avx512(losses + n, d, x, V, tgt, gs, stream);
         else if (simd == Simd::avx2)
-            softmax_ce_row_avx2(losses + n, d, x, V, tgt, grad_scale);
+            softmax_ce_row_avx2(losses + n, d, x, V, tgt, gs);
         else
-            softmax_ce_row_naive(losses + n, d, x, V, tgt, grad_scale);
+            softmax_ce_row_naive(losses + n, d, x, V, tgt, gs);
     }
 }
 
 void lmhead_ce_forward_backward(float* losses, float* dhidden, float* dweight, const float* hidden,
                                 const float* weight, const int32_t* targets, int64_t N, int64_t C, int64_t V,
-                                float grad_scale, int32_t ignore_index, int64_t chunk_rows) {
+                                float grad_scale, int32_t ignore_index, int64_t chunk_rows,
+                                const float* row_weights) {
     if (N == 0) return;
     const int64_t rows = std::min(chunk_rows, N);
     // the only scratch: rows x V floats, not zero-filled (every chunk overwrites what it uses)
@@ -230,7 +235,7 @@ void lmhead_ce_forward_backward(float* losses, float* dhidden, float* dweight, c
         matmul_forward(logits, hidden + n0 * C, weight, nullptr, n, C, V);
         // in place: logits -> dlogits for this chunk
         softmax_ce_forward_backward(losses + n0, backward ? logits : nullptr, logits, targets + n0, n,
-                                    V, grad_scale, ignore_index);
+                                    V, grad_scale, ignore_index, row_weights ? row_weights + n0 : nullptr);
         if (backward)  // accumulates: dhidden rows of this chunk, and dW summed over all chunks
             matmul_backward(dhidden ? dhidden + n0 * C : nullptr, dweight, nullptr, logits, hidden + n0 * C,
                             weight, n, C, V);

@@ -179,6 +179,31 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
 
 
+def _cmd_rl(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .rl import RLConfig, train_grpo
+
+    cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
+    s = train_grpo(cfg, progress=not args.no_progress)
+    print(f"done: {s['steps']} GRPO steps in {s['seconds']:.1f}s; last reward {s['reward']:.3f}, kl {s['kl']:.4f}; "
+          f"held-out accuracy {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy']:.3f}")
+    print(f"checkpoint: {s['checkpoint']}\nlog: {s['log']}")
+    return 0
+
+
+def _cmd_reward_model(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .rl import RewardModelConfig, train_reward_model
+
+    cfg = RewardModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RewardModelConfig)})
+    s = train_reward_model(cfg, progress=not args.no_progress)
+    print(f"done: {s['steps']} steps on {s['train_pairs']} pairs in {s['seconds']:.1f}s; held-out accuracy "
+          f"{s['val_accuracy']:.3f} on {s['val_pairs']} pairs (train {s['train_accuracy']:.3f}) -> {s['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -278,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst", help="output folder")
     s.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format (default fastllm)")
     s.set_defaults(func=_cmd_convert)
+
+
+    from .rl import RewardModelConfig, RLConfig
+
+    s = sub.add_parser("rl", help="GRPO post-training on a verifiable task (or against a reward model)")
+    _add_dataclass_args(s, RLConfig)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_rl)
+
+    s = sub.add_parser("reward-model", help="train a reward model on JSONL preference pairs (Bradley-Terry)")
+    _add_dataclass_args(s, RewardModelConfig)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_reward_model)
     return p
 
 

@@ -119,7 +119,8 @@ class GPT:
         self.training = True
         self._acts: dict[str, np.ndarray] | None = None
         self._BT: tuple[int, int] | None = None
-        self._ready_for_backward = False
+        self._ready_for_backward = False  # a forward with targets saved the lm-head gradient
+        self._trunk_ready = False  # the trunk's activations are saved (training mode)
         if init:
             self.init_weights(seed)
 
@@ -216,10 +217,16 @@ class GPT:
 
     # ---- forward ----------------------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, weights=None):
         """idx (B, T) token ids -> logits (B, T, V) if targets is None, else the mean loss (float) over
         targets != -1 (ignore index). In training mode a forward with targets also computes the gradient of
-        the fused lm-head + cross-entropy, which backward() then uses."""
+        the fused lm-head + cross-entropy, which backward() then uses.
+
+        weights (B, T) float (optional, with targets): the objective becomes the weighted SUM
+        sum_{b,t} weights[b, t] * CE[b, t] over targets != -1 (no 1/n), and that is what is returned and
+        backpropagated. Policy gradients use it: with weights = -A_t the gradient is that of
+        -sum_t A_t log p(a_t). After any forward with targets, self.token_losses (B, T) holds the per-token
+        CE = -log p(target) (0 where ignored)."""
         a = self._trunk(idx)
         p = self.p
         B, T = self._idx.shape
@@ -229,17 +236,37 @@ class GPT:
         targets = np.asarray(targets)
         if targets.shape != (B, T):
             raise ValueError(f"targets must have the shape of idx {(B, T)}, got {targets.shape}")
-        n_valid = int(np.count_nonzero(targets != ops.IGNORE_INDEX))
-        scale = 1.0 / max(n_valid, 1)
+        if weights is None:
+            n_valid = int(np.count_nonzero(targets != ops.IGNORE_INDEX))
+            scale = 1.0 / max(n_valid, 1)
+        else:
+            weights = np.asarray(weights)
+            if weights.shape != (B, T):
+                raise ValueError(f"weights must have the shape of idx {(B, T)}, got {weights.shape}")
+            if not np.isfinite(weights).all():
+                raise ValueError("weights must be finite")
+            weights = np.ascontiguousarray(weights, np.float32)
+            scale = 1.0
         if self.training:
             a["dlnf"].fill(0.0)
             a["dwte_head"].fill(0.0)
             losses, _, _ = ops.lmhead_cross_entropy(a["lnf"], p["wte"], targets, grad_scale=scale,
-                                                    dhidden=a["dlnf"], dweight=a["dwte_head"])
+                                                    dhidden=a["dlnf"], dweight=a["dwte_head"], row_weights=weights)
             self._ready_for_backward = True
         else:
             losses, _, _ = ops.lmhead_cross_entropy(a["lnf"], p["wte"], targets, backward=False)
-        return float(losses.sum(dtype=np.float64) * scale)
+        self.token_losses = losses
+        if weights is None:
+            return float(losses.sum(dtype=np.float64) * scale)
+        return float(np.dot(losses.astype(np.float64).ravel(), weights.astype(np.float64).ravel()))
+
+    def hidden_states(self, idx) -> np.ndarray:
+        """Final hidden states (B, T, C) (after ln_f, before the lm-head) -- a view of the activation buffer,
+        valid until the next forward. In training mode, backward(dhidden=...) can follow (heads of your own,
+        e.g. the reward model's scalar head in rl.py)."""
+        a = self._trunk(idx)
+        self._ready_for_backward = False
+        return a["lnf"]
 
     __call__ = forward
 
@@ -253,6 +280,7 @@ class GPT:
             raise ValueError(f"idx holds token ids outside [0, {cfg.vocab_size})")
         a = self._activations(B, T)
         self._idx = idx
+        self._trunk_ready = self.training  # activations saved for a backward(dhidden=...)
 
         ops.embedding_forward(idx, p["wte"], p["wpe"], out=a["encoded"])  # (B, T, C)
         residual = a["encoded"]
@@ -280,15 +308,27 @@ class GPT:
 
     # ---- backward ---------------------------------------------------------------------------------------
 
-    def backward(self) -> None:
-        """Accumulate (+=) the gradient of the last forward's mean loss into self.grads."""
-        if not self._ready_for_backward:
-            raise RuntimeError("backward() needs a forward(idx, targets) in training mode first")
-        self._ready_for_backward = False
+    def backward(self, dhidden=None) -> None:
+        """Accumulate (+=) the gradient of the last forward's loss into self.grads.
+
+        dhidden (B, T, C): instead start from this gradient on the final hidden states of the last
+        forward / hidden_states() (i.e. backpropagate sum(dhidden * hidden)); the lm-head is not involved."""
         cfg, p, g, a = self.config, self.p, self.g, self._acts
+        if dhidden is None:
+            if not self._ready_for_backward:
+                raise RuntimeError("backward() needs a forward(idx, targets) in training mode first")
+        else:
+            if not self._trunk_ready:
+                raise RuntimeError("backward(dhidden=...) needs hidden_states(idx) in training mode first")
+            dhidden = np.asarray(dhidden)
+            if dhidden.shape != a["dlnf"].shape:
+                raise ValueError(f"dhidden must have shape {a['dlnf'].shape}, got {dhidden.shape}")
+            a["dlnf"][...] = dhidden
+        self._ready_for_backward = self._trunk_ready = False
         assert a is not None
         L, NH = cfg.n_layer, cfg.n_head
-        g["wte"] += a["dwte_head"]
+        if dhidden is None:
+            g["wte"] += a["dwte_head"]
         dres = a["dres"]  # gradient of the residual stream, flowing down through the layers
         dres.fill(0.0)
         ops.layernorm_backward(a["dlnf"], a["residual3"][L - 1], p["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"],

@@ -38,6 +38,16 @@ def _f32(x, name: str) -> np.ndarray:
     return x
 
 
+def _row_weights(w, targets: np.ndarray):
+    """Optional per-row gradient weights shaped like targets, flattened for the kernel (which checks dtype)."""
+    if w is None:
+        return None
+    w = _f32(w, "row_weights")
+    if w.shape != targets.shape:
+        raise ValueError(f"row_weights must have the shape of targets {targets.shape}, got {w.shape}")
+    return w.reshape(-1)
+
+
 def _zeros_like_or(buf, like: np.ndarray) -> np.ndarray:
     return np.zeros(like.shape, np.float32) if buf is None else buf
 
@@ -104,14 +114,17 @@ def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None) -> np.ndarra
 
 
 def softmax_cross_entropy(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                          backward: bool = True, inplace: bool = False, losses=None):
+                          backward: bool = True, inplace: bool = False, losses=None, row_weights=None):
     """Per-row loss and dlogits = (softmax - onehot) * grad_scale for logits (..., V), targets (...).
 
     Rows whose target equals `ignore_index` get loss 0 and zero gradient. With inplace=True dlogits
-    overwrites logits (no extra N x V buffer). Returns (losses, dlogits or None).
+    overwrites logits (no extra N x V buffer). row_weights (float32, shaped like targets) scales each row's
+    gradient (grad_scale * row_weights[n]: the gradient of sum_n w[n] * loss[n]); losses are unchanged.
+    Returns (losses, dlogits or None).
     """
     logits = _f32(logits, "logits")
     targets = _ids(targets, "targets")
+    rw = _row_weights(row_weights, targets)
     V = logits.shape[-1]
     if losses is None:
         losses = np.empty(targets.shape, np.float32)
@@ -120,19 +133,22 @@ def softmax_cross_entropy(logits, targets, grad_scale: float = 1.0, ignore_index
         dlogits = logits if inplace else np.empty_like(logits)
     _C.softmax_ce(
         losses.reshape(-1), None if dlogits is None else dlogits.reshape(-1, V), logits.reshape(-1, V),
-        targets.reshape(-1), float(grad_scale), int(ignore_index),
+        targets.reshape(-1), float(grad_scale), int(ignore_index), rw,
     )
     return losses, dlogits
 
 
 def lmhead_cross_entropy(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                         backward: bool = True, dhidden=None, dweight=None, chunk_rows: int = 256):
+                         backward: bool = True, dhidden=None, dweight=None, chunk_rows: int = 256,
+                         row_weights=None):
     """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, never materialised whole.
 
-    Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients accumulate.
+    Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients accumulate. With
+    row_weights (float32, shaped like targets) the gradients are those of grad_scale * sum_n w[n] * loss[n].
     """
     hidden, weight = _f32(hidden, "hidden"), _f32(weight, "weight")
     targets = _ids(targets, "targets")
+    rw = _row_weights(row_weights, targets)
     C = hidden.shape[-1]
     losses = np.empty(targets.shape, np.float32)
     if backward:
@@ -142,7 +158,7 @@ def lmhead_cross_entropy(hidden, weight, targets, grad_scale: float = 1.0, ignor
         dhidden = dweight = None
     _C.lmhead_ce(
         losses.reshape(-1), None if dhidden is None else dhidden.reshape(-1, C), dweight, hidden.reshape(-1, C),
-        weight, targets.reshape(-1), float(grad_scale), int(ignore_index), int(chunk_rows),
+        weight, targets.reshape(-1), float(grad_scale), int(ignore_index), int(chunk_rows), rw,
     )
     return losses, dhidden, dweight
 

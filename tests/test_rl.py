@@ -1,0 +1,491 @@
+"""RL post-training (fastllm.rl): GRPO math against numpy on hand-made numbers, the weighted-CE kernel and the
+policy-gradient / reward-model gradients against torch autograd, end to end on a tiny model (a short GRPO run
+raises accuracy after a supervised warm-up; a reward model learns to prefer correct sums), checkpoints + resume,
+the CLI, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastllm
+from fastllm import ops
+from fastllm.cli import main
+from fastllm.model import GPT, GPTConfig
+from fastllm.optim import AdamW
+from fastllm.rl import (
+    GRPO,
+    AdditionTask,
+    RewardError,
+    RewardModel,
+    RewardModelConfig,
+    RLConfig,
+    SortTask,
+    addition_preferences,
+    evaluate,
+    group_advantages,
+    grpo_token_terms,
+    load_preferences,
+    pack,
+    policy_backward,
+    score,
+    token_logprobs,
+    train_grpo,
+    train_reward_model,
+)
+from fastllm.tokenizer import Tokenizer
+from fastllm.train import save_checkpoint
+
+EOT = 256
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Deterministic runs (and fair on a busy 2-core machine)."""
+    n = fastllm.get_num_threads()
+    fastllm.set_num_threads(1)
+    yield
+    fastllm.set_num_threads(n)
+
+
+def byte_tokenizer() -> Tokenizer:
+    return Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": EOT})
+
+
+# ---- GRPO math vs numpy on hand-made numbers ---------------------------------------------------------------
+
+
+def test_group_advantages_hand_made():
+    r = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 1.0]])
+    a = group_advantages(r, eps=0.0 + 1e-12)
+    np.testing.assert_allclose(a[0], [1, -1, -1, 1], atol=1e-9)  # mean 0.5, std 0.5
+    np.testing.assert_array_equal(a[1], 0.0)  # no signal in a group of equal rewards
+    np.testing.assert_allclose(a[2], np.array([1, -1, 0, 0]) / math.sqrt(0.5), atol=1e-9)
+    eps = 0.1
+    ref = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + eps)
+    np.testing.assert_allclose(group_advantages(r, eps), ref)
+    with pytest.raises(ValueError, match="rewards"):
+        group_advantages([1.0, 2.0])
+
+
+def test_grpo_token_terms_clip_and_kl_hand_made():
+    eps, beta = 0.2, 0.5
+    old = np.log(np.full(6, 0.5))
+    rho = np.array([1.0, 1.5, 1.5, 0.5, 0.5, 1.1])  # ratios p / p_old
+    adv = np.array([1.0, 1.0, -1.0, 1.0, -1.0, -2.0])
+    logp = old + np.log(rho)
+    ref = logp + np.array([0.0, 0.1, -0.2, 0.3, 0.0, -0.5])  # ref - logp = d
+    J, dJ, kl, clipped = grpo_token_terms(logp, old, ref, adv, eps, beta)
+    d = ref - logp
+    # surrogate min(rho A, clip(rho) A), written out per case
+    surr = np.array([1.0, 1.2, -1.5, 0.5, -0.8, -2.2])
+    np.testing.assert_allclose(J, surr - beta * (np.exp(d) - d - 1), atol=1e-12)
+    np.testing.assert_array_equal(clipped, [False, True, False, False, True, False])
+    # gradient: rho A where the unclipped term is selected, 0 where the clip holds it constant
+    dsurr = np.array([1.0, 0.0, -1.5, 0.5, 0.0, -2.2])
+    np.testing.assert_allclose(dJ, dsurr - beta * (1 - np.exp(d)), atol=1e-12)
+    np.testing.assert_allclose(kl[0], 0.0, atol=1e-15)
+    assert (kl >= 0).all()
+    # dJ is the derivative of J (finite differences away from the clip boundaries)
+    h = 1e-6
+    Jp = grpo_token_terms(logp + h, old, ref, adv, eps, beta)[0]
+    Jm = grpo_token_terms(logp - h, old, ref, adv, eps, beta)[0]
+    np.testing.assert_allclose((Jp - Jm) / (2 * h), dJ, atol=1e-6)
+
+
+# ---- weighted cross-entropy kernel vs torch ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N,C,V,chunk", [(1, 1, 1, 1), (7, 5, 3, 4), (37, 24, 53, 8), (64, 16, 257, 256)])
+def test_weighted_ce_gradient_vs_torch(N, C, V, chunk, threads):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(N)
+    h = rng.standard_normal((N, C)).astype(np.float32)
+    W = (rng.standard_normal((V, C)) * 0.5).astype(np.float32)
+    t = rng.integers(0, V, N)
+    t[::5] = -1  # ignored rows: no gradient whatever their weight
+    w = rng.standard_normal(N).astype(np.float32)
+    w[1::4] = 0.0
+    losses, dh, dW = ops.lmhead_cross_entropy(h, W, t, grad_scale=0.5, row_weights=w, chunk_rows=chunk)
+    ht = torch.tensor(h, dtype=torch.float64, requires_grad=True)
+    Wt = torch.tensor(W, dtype=torch.float64, requires_grad=True)
+    ce = torch.nn.functional.cross_entropy(ht @ Wt.T, torch.tensor(t), ignore_index=-1, reduction="none")
+    (0.5 * (ce * torch.tensor(w, dtype=torch.float64)).sum()).backward()
+    np.testing.assert_allclose(losses, ce.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(dh, ht.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(dW, Wt.grad.numpy(), atol=1e-5)
+    # the unfused kernel: dlogits row n scaled by grad_scale * w[n]
+    logits = (h @ W.T).astype(np.float32)
+    l2, dl = ops.softmax_cross_entropy(logits, t, grad_scale=0.5, row_weights=w)
+    lt = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    ce2 = torch.nn.functional.cross_entropy(lt, torch.tensor(t), ignore_index=-1, reduction="none")
+    (0.5 * (ce2 * torch.tensor(w, dtype=torch.float64)).sum()).backward()
+    np.testing.assert_allclose(l2, ce2.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(dl, lt.grad.numpy(), atol=1e-6)
+
+
+def test_weighted_ce_bad_row_weights():
+    logits = np.zeros((4, 5), np.float32)
+    t = np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="row_weights"):
+        ops.softmax_cross_entropy(logits, t, row_weights=np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="row_weights"):
+        ops.softmax_cross_entropy(logits, t, row_weights=np.ones(4, np.float64))
+    with pytest.raises(ValueError, match="row_weights"):
+        fastllm._C.lmhead_ce(
+            np.empty(4, np.float32),
+            None,
+            None,
+            np.zeros((4, 2), np.float32),
+            np.zeros((5, 2), np.float32),
+            np.zeros(4, np.int32),
+            1.0,
+            -1,
+            2,
+            np.ones(5, np.float32),
+        )
+
+
+def test_forward_weights_uniform_equals_mean_loss():
+    m = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8), seed=0)
+    rng = np.random.default_rng(0)
+    idx, tg = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
+    tg[0, :3] = -1
+    m.zero_grad()
+    loss = m.forward(idx, tg)
+    m.backward()
+    g = m.grads.copy()
+    lp = -m.token_losses
+    m.zero_grad()
+    n = np.count_nonzero(tg != -1)
+    wsum = m.forward(idx, tg, weights=np.full((3, 8), 1.0 / n))
+    m.backward()
+    assert wsum == pytest.approx(loss, rel=1e-6)
+    np.testing.assert_allclose(m.grads, g, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(-m.token_losses, lp)
+    assert (m.token_losses[tg == -1] == 0).all()
+    with pytest.raises(ValueError, match="weights"):
+        m.forward(idx, tg, weights=np.ones((3, 7)))
+    with pytest.raises(ValueError, match="weights"):
+        m.forward(idx, tg, weights=np.full((3, 8), np.nan))
+
+
+# ---- gradients of the GRPO loss and of the reward model vs torch -------------------------------------------
+
+
+def test_policy_gradient_matches_torch_reference():
+    torch = pytest.importorskip("torch")
+    from torch_gpt import build
+
+    rng = np.random.default_rng(0)
+    V = 29
+    m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16), seed=1)
+    prompts = [list(rng.integers(0, V, rng.integers(1, 5))) for _ in range(6)]
+    comps = [list(rng.integers(0, V, rng.integers(1, 6))) for _ in range(6)]
+    adv = rng.standard_normal(6)
+    b = pack(prompts, comps, adv)
+    assert b.mask.sum() == sum(map(len, comps))
+    logp = token_logprobs(m, b.idx, b.targets)
+    # an old policy and a reference that differ from the current one, so clipping and KL both act
+    old = logp + rng.normal(0, 0.3, logp.shape) * b.mask
+    ref = logp + rng.normal(0, 0.5, logp.shape) * b.mask
+    eps, beta = 0.2, 0.1
+    m.zero_grad()
+    st = policy_backward(m, b, old, ref, eps, beta)
+    assert 0 < st["clip_frac"] < 1 and st["kl"] > 0
+
+    fwd, params = build(m)
+    lp = torch.log_softmax(fwd(b.idx).double(), -1)
+    tg = torch.tensor(b.targets.astype(np.int64))
+    lp = lp.gather(-1, tg.clamp(min=0)[..., None])[..., 0]
+    rho = torch.exp(lp - torch.tensor(old))
+    A = torch.tensor(adv)[:, None]
+    d = torch.tensor(ref) - lp
+    J = torch.minimum(rho * A, rho.clamp(1 - eps, 1 + eps) * A) - beta * (torch.exp(d) - d - 1)
+    lens = torch.tensor(b.lengths)[:, None]
+    loss = -(J * torch.tensor(b.mask) / (lens * len(comps))).sum()
+    loss.backward()
+    assert st["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for k, v in params.items():
+        np.testing.assert_allclose(
+            m.g[k], v.grad.numpy(), atol=2e-6 * max(1.0, np.abs(v.grad.numpy()).max()), err_msg=k
+        )
+
+
+def test_reward_model_gradient_matches_torch_reference():
+    torch = pytest.importorskip("torch")
+    from torch_gpt import build
+
+    tok = byte_tokenizer()
+    m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=2, n_head=2, n_embd=16), seed=0)
+    rm = RewardModel(m, np.random.default_rng(0).standard_normal(17).astype(np.float32))
+    seqs = [rm.encode(tok, "3+4=", "7"), rm.encode(tok, "12+9=", "21"), [5, 6, 7, EOT], [9, EOT]]
+    r = rm.forward(seqs, EOT)
+    dr = np.array([0.3, -1.0, 0.5, 2.0])
+    m.zero_grad()
+    rm.backward(dr)
+    fwd, params = build(m)
+    idx, last = rm._batch(seqs, EOT)
+    head = torch.tensor(rm.head, requires_grad=True)
+    rt = fwd(idx, hidden=True)[torch.arange(4), torch.tensor(last)] @ head[:-1] + head[-1]
+    (rt * torch.tensor(dr, dtype=torch.float32)).sum().backward()
+    np.testing.assert_allclose(r, rt.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rm.head_grad, head.grad.numpy(), rtol=1e-5, atol=1e-5)
+    for k, v in params.items():
+        np.testing.assert_allclose(
+            m.g[k], v.grad.numpy(), atol=1e-6 * max(1.0, np.abs(v.grad.numpy()).max()), err_msg=k
+        )
+    with pytest.raises(ValueError, match="dhidden"):
+        m.hidden_states(idx)
+        m.backward(dhidden=np.zeros((1, 2, 16), np.float32))
+
+
+# ---- end to end on a tiny model --------------------------------------------------------------------------------
+
+
+ALL_PROMPTS = [f"{a}+{b}=" for a in range(10) for b in range(10)]
+
+
+def sft_batch(tok, task, prompts):
+    """Supervised warm-up batch: loss on the answer + <|endoftext|> only (targets -1 on the prompt)."""
+    seqs = [list(tok.encode(p)) + list(tok.encode(task.answer(p))) + [EOT] for p in prompts]
+    T = max(map(len, seqs)) - 1
+    idx = np.full((len(seqs), T), EOT, np.int32)
+    tg = np.full((len(seqs), T), -1, np.int32)
+    for i, (s, p) in enumerate(zip(seqs, prompts)):
+        idx[i, : len(s) - 1] = s[:-1]
+        tg[i, len(p) - 1 : len(s) - 1] = s[len(p) :]
+    return idx, tg
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A tiny GPT warmed up (supervised) on 40 of the 100 one-digit additions, saved as a checkpoint with
+    its tokenizer. Returns (checkpoint dir, the 40 warm-up prompts, the 60 others)."""
+    fastllm.set_num_threads(1)
+    d = tmp_path_factory.mktemp("warm")
+    tok, task = byte_tokenizer(), AdditionTask(1)
+    tok.save(d / "tok.tiktoken")
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(100)
+    sft = [ALL_PROMPTS[i] for i in perm[:40]]
+    unseen = [ALL_PROMPTS[i] for i in perm[40:]]
+    m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=2, n_head=2, n_embd=64), seed=3)
+    opt = AdamW(m, 3e-3, weight_decay=0.0)
+    for _ in range(300):
+        m.zero_grad()
+        m.forward(*sft_batch(tok, task, [sft[i] for i in rng.integers(0, 40, 16)]))
+        m.backward()
+        opt.step()
+    ck = save_checkpoint(d / "sft", 300, m, opt, {"step": 300}, d / "tok.tiktoken")
+    return ck, sft, unseen
+
+
+def test_grpo_raises_accuracy_after_warmup(warm):
+    from fastllm.train import load_model
+
+    ck, sft, unseen = warm
+    tok, task = byte_tokenizer(), AdditionTask(1)
+    model, ref = load_model(ck), load_model(ck)
+    before = evaluate(model, tok, task, unseen, 4)
+    before_sft = evaluate(model, tok, task, sft, 4)
+    cfg = RLConfig(ckpt=str(ck), prompts_per_step=8, group_size=16, max_new_tokens=4, lr=5e-4, beta=0.01)
+    g = GRPO(model, ref, tok, task, cfg, task)
+    rng = np.random.default_rng(3)
+    stats = [g.step([ALL_PROMPTS[i] for i in rng.integers(0, 100, 8)], seed=s) for s in range(200)]
+    after = evaluate(model, tok, task, unseen, 4)
+    after_sft = evaluate(model, tok, task, sft, 4)
+    r0, r1 = np.mean([s["reward"] for s in stats[:20]]), np.mean([s["reward"] for s in stats[-20:]])
+    print(
+        f"\ngreedy accuracy on the 60 additions not in the warm-up: {before:.3f} -> {after:.3f}; "
+        f"on the 40 warm-up ones: {before_sft:.3f} -> {after_sft:.3f}; mean reward {r0:.3f} -> {r1:.3f}; "
+        f"final kl {stats[-1]['kl']:.4f}"
+    )
+    assert after >= before + 0.1
+    assert r1 > r0
+    assert all(math.isfinite(s["kl"]) and s["kl"] >= 0 for s in stats)
+
+
+def test_reward_model_prefers_correct_sums(warm, tmp_path):
+    ck, _, _ = warm
+    cfg = RewardModelConfig(base=str(ck), data="", out=str(tmp_path / "rm"), epochs=10, lr=1e-3, batch_size=32)
+    s = train_reward_model(
+        cfg, pairs=addition_preferences(1500, 1, seed=0), val_pairs=addition_preferences(200, 1, seed=1), progress=False
+    )
+    print(
+        f"\nreward model held-out accuracy {s['val_accuracy_start']:.3f} -> {s['val_accuracy']:.3f} "
+        f"({s['val_pairs']} pairs), train {s['train_accuracy']:.3f}"
+    )
+    assert s["val_accuracy"] >= 0.75
+    rm = RewardModel.load(tmp_path / "rm")
+    np.testing.assert_array_equal(rm.head, s["model"].head)
+    assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["val_accuracy"] == s["val_accuracy"]
+
+
+# ---- training loop: log, checkpoints, resume; CLI ---------------------------------------------------------------
+
+
+def test_train_grpo_log_checkpoints_and_resume_bit_identical(warm, tmp_path):
+    ck, _, _ = warm
+    kw = dict(
+        ckpt=str(ck),
+        task="addition",
+        digits=1,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=4,
+        lr=1e-3,
+        eval_every=3,
+        eval_prompts=8,
+        ckpt_every=2,
+    )
+    s = train_grpo(RLConfig(out=str(tmp_path / "a"), steps=5, **kw), progress=False, log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == list(range(5))
+    for key in ("reward", "kl", "completion_len", "accuracy", "loss", "clip_frac", "grad_norm"):
+        assert all(key in r for r in steps), key
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 3, 5]
+    assert Path(s["checkpoint"]).name == "ckpt_000005"
+    # interrupted after 2 steps (checkpoint at 2), then resumed to 5: same parameters as the straight run
+    train_grpo(RLConfig(out=str(tmp_path / "b"), steps=2, **kw), progress=False, log=lambda *_: None)
+    s2 = train_grpo(RLConfig(out=str(tmp_path / "b"), steps=5, resume=True, **kw), progress=False, log=lambda *_: None)
+    from fastllm.train import load_model
+
+    np.testing.assert_array_equal(load_model(s["checkpoint"]).params, load_model(s2["checkpoint"]).params)
+    rows_b = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b if "reward" in r] == list(range(5))
+
+
+def test_cli_reward_model_then_rl_against_it(warm, tmp_path, capsys):
+    ck, _, _ = warm
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in addition_preferences(64, 1, seed=0)))
+    rc = main(
+        [
+            "reward-model",
+            "--base",
+            str(ck),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "rm"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    rc = main(
+        [
+            "rl",
+            "--ckpt",
+            str(ck),
+            "--task",
+            "sort",
+            "--digits",
+            "3",
+            "--reward-model",
+            str(tmp_path / "rm"),
+            "--out",
+            str(tmp_path / "rl"),
+            "--steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--group-size",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--eval-every",
+            "0",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert (tmp_path / "rl" / "ckpt_000002" / "model.safetensors").exists()
+    rc = main(["rl", "--ckpt", str(ck), "--task", "nope", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert rc == 1 and "unknown task" in capsys.readouterr().err
+
+
+# ---- tasks and bad input ---------------------------------------------------------------------------------------
+
+
+def test_tasks_rewards():
+    add, srt = AdditionTask(2), SortTask(4)
+    assert add.reward("12+34=", "46") == pytest.approx(1.1)
+    assert add.reward("12+34=", "45") == pytest.approx(0.1)
+    assert add.reward("12+34=", "46 apples") == 0.0
+    assert srt.reward("sort 3142=", "1234") == pytest.approx(1.1)
+    assert srt.correct("sort 3142=", "1234") and not srt.correct("sort 3142=", "1243")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p = srt.sample(rng)
+        assert srt.correct(p, "".join(sorted(p[5:-1])))
+        q = add.sample(rng)
+        a, b = q[:-1].split("+")
+        assert add.correct(q, str(int(a) + int(b)))
+    with pytest.raises(ValueError, match="prompt"):
+        add.answer("hello")
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda p, c: 1 / 0, "ZeroDivisionError"),
+        (lambda p, c: float("nan"), "nan"),
+        (lambda p, c: float("inf"), "inf"),
+        (lambda p, c: "good", "ValueError"),
+    ],
+)
+def test_bad_reward_function_names_the_prompt(bad, match):
+    with pytest.raises(RewardError, match=match) as e:
+        score(bad, ["7+8=", "1+1="], [["15", "x"], ["2", "3"]])
+    assert "'7+8='" in str(e.value)
+    # also through a GRPO step
+    m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=8), seed=0)
+    g = GRPO(m, m, byte_tokenizer(), bad, RLConfig(ckpt="", group_size=2, max_new_tokens=2))
+    with pytest.raises(RewardError, match=r"prompt '3\+4='"):
+        g.step(["3+4="], seed=0)
+
+
+def test_malformed_preferences_name_the_line(tmp_path):
+    good = json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"})
+    cases = {
+        "bad json": (good + "\n{not json\n", 2),
+        "not an object": ("\n" + good + "\n[1, 2]\n", 3),
+        "missing field": (good + "\n" + json.dumps({"prompt": "a", "chosen": "b"}) + "\n", 2),
+        "wrong type": (json.dumps({"prompt": "a", "chosen": 1, "rejected": "c"}) + "\n", 1),
+    }
+    for name, (text, line) in cases.items():
+        f = tmp_path / f"{name.replace(' ', '_')}.jsonl"
+        f.write_text(text)
+        with pytest.raises(ValueError, match=rf"{f.name}:{line}:"):
+            load_preferences(f)
+    f = tmp_path / "ok.jsonl"
+    f.write_text(good + "\n\n" + good + "\n")
+    assert len(load_preferences(f)) == 2
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no preference pairs"):
+        load_preferences(tmp_path / "empty.jsonl")
+
+
+def test_several_policy_updates_per_rollout_batch():
+    """iterations > 1 (GRPO's mu): later updates see ratios != 1, so the clip can act; everything stays finite."""
+    m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=16), seed=0)
+    ref = GPT(m.config, init=False)
+    ref.params[:] = m.params
+    task = AdditionTask(1)
+    cfg = RLConfig(ckpt="", group_size=4, max_new_tokens=3, lr=1e-2, iterations=3, clip_eps=0.05)
+    g = GRPO(m, ref, byte_tokenizer(), lambda p, c: float(ord(c[0]) % 7) if c else 0.0, cfg, task)
+    before = m.params.copy()
+    st = g.step(["1+2=", "3+3="], seed=0)
+    assert g.opt.t == 3 and not np.array_equal(before, m.params)
+    assert all(math.isfinite(v) for v in st.values())
