@@ -19,7 +19,7 @@ class DemoConfig:
     model: str = "mini"  # preset: 4 layers, 4 heads, 128 channels
     seq_len: int = 128
     batch_size: int = 16
-    max_steps: int = 1000
+    max_steps: int = 800
     lr: float = 2e-3
     threads: int | None = None
     seed: int = 1337
@@ -81,5 +81,5 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     summary = {**s, "unigram_entropy": h1, "tokenizer": str(tok_path), "data": str(out / "data"),
                "total_seconds": time.time() - t0}
     print(f"outputs in {out}/: tokenizer {tok_path.name}, data/ (shards), run/ (checkpoints, log.jsonl, loss.png)")
-    print(f"try: fastllm sample --ckpt {out / 'run'} --prompt \"The \"      (total {summary['total_seconds']:.0f}s)")
+    print(f"try: fastllm sample --ckpt {out / 'run'} --prompt \"The\"      (total {summary['total_seconds']:.0f}s)")
     return summary
