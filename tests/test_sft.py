@@ -357,7 +357,8 @@ def test_chat_loop_commands(tuned):
 
 
 def _cli(*args, stdin: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python"), "OMP_NUM_THREADS": "1"}
+    # the subprocess imports the same fastllm as this test (installed, or a development build via PYTHONPATH)
+    env = {**os.environ, "PYTHONPATH": str(Path(fastllm.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "fastllm", *args], input=stdin, capture_output=True, text=True, env=env, timeout=60
     )
