@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, iter_jsonl, write_json
 
 MAGIC = b"FLLMTOK1"
 VERSION = 1
@@ -127,17 +127,10 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
     """Documents from text files (split at <|endoftext|>) and JSONL files (one {"text": ...} per line)."""
     for path in files:
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{path}:{lineno}: 'text' must be a string")
-                    yield text
+            for where, obj in iter_jsonl(path):
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ValueError(f"{where}: expected a JSON object with a string 'text' field")
+                yield obj["text"]
         else:
             try:
                 text = path.read_text(encoding="utf-8")

@@ -43,6 +43,24 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         raise
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed value) for each non-blank line of a JSONL file; invalid JSON or UTF-8 raises
+    ValueError naming the file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)

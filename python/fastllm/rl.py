@@ -41,10 +41,10 @@ import numpy as np
 
 from . import ops, set_num_threads
 from .data import find_tokenizer
-from .fileio import load_safetensors, save_safetensors, write_json
+from .fileio import iter_jsonl, load_safetensors, save_safetensors, write_json
 from .model import GPT
 from .optim import AdamW, grad_norm
-from .train import TrainingError, _read_log, latest_checkpoint, load_model, save_checkpoint
+from .train import RunLog, TrainingError, latest_checkpoint, load_model, save_checkpoint
 
 RewardFn = Callable[[str, str], float]
 
@@ -404,15 +404,8 @@ def train_grpo(
     eval_set = [task.sample(erng) for _ in range(cfg.eval_prompts)]
 
     log_path = out / "log.jsonl"
-    rows = _read_log(log_path, start)
-    with open(log_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    logf = open(log_path, "a")
-
-    def write(row: dict) -> None:
-        rows.append(row)
-        logf.write(json.dumps(row) + "\n")
-        logf.flush()
+    runlog = RunLog(log_path, start)
+    write = runlog.write
 
     def checkpoint(step: int) -> None:
         if not np.isfinite(model.params).all():
@@ -461,7 +454,7 @@ def train_grpo(
                 checkpoint(done)
     finally:
         bar.close()
-        logf.close()
+        runlog.close()
     return {
         "steps": cfg.steps,
         "seconds": time.time() - t_start,
@@ -481,20 +474,13 @@ def load_preferences(path: str | Path) -> list[dict]:
     """JSONL preference pairs, one {"prompt", "chosen", "rejected"} object (strings) per line; blank lines are
     skipped. A malformed line raises ValueError naming file:line."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for k in ("prompt", "chosen", "rejected"):
-                if not isinstance(obj.get(k), str):
-                    raise ValueError(f"{path}:{lineno}: field {k!r} must be a string, got {obj.get(k)!r}")
-            pairs.append({k: obj[k] for k in ("prompt", "chosen", "rejected")})
+    for where, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for k in ("prompt", "chosen", "rejected"):
+            if not isinstance(obj.get(k), str):
+                raise ValueError(f"{where}: field {k!r} must be a string, got {obj.get(k)!r}")
+        pairs.append({k: obj[k] for k in ("prompt", "chosen", "rejected")})
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
     return pairs

@@ -36,7 +36,6 @@ its `loaders` / `init_model` / `tokenizer_path` hooks; checkpoints hold the exte
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import iter_jsonl
 from .model import GPT
 from .train import TrainConfig
 
@@ -85,16 +85,7 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"conversation file not found: {path}")
-    convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
-            convs.append(validate_conversation(obj, f"{path}:{lineno}"))
+    convs = [validate_conversation(obj, where) for where, obj in iter_jsonl(path)]
     if not convs:
         raise ValueError(f"{path}: no conversations")
     return convs

@@ -138,17 +138,32 @@ def _evaluate(model: GPT, loader: DataLoader, batches: int) -> float:
     return float(np.mean(losses))
 
 
-def _read_log(path: Path, before_step: int) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if row.get("step", 0) < before_step:
-                rows.append(row)
-    return rows
+class RunLog:
+    """`log.jsonl` of a run: one JSON object per line. Opening it for a run that starts (or resumes) at
+    `start` drops what a killed run logged at or after that step, so a resumed log equals an uninterrupted one."""
+
+    def __init__(self, path: Path, start: int):
+        self.path = path
+        self.rows: list[dict] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if row.get("step", 0) < start:
+                    self.rows.append(row)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self._f = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, init_model=None,
@@ -214,15 +229,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
         raise ValueError(f"model vocab_size {model.config.vocab_size} < data vocab_size {train_loader.vocab_size}")
 
     log_path = out / "log.jsonl"
-    rows = _read_log(log_path, start)
-    with open(log_path, "w") as f:  # drop what a killed run logged after its last checkpoint
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    logf = open(log_path, "a")
-
-    def write(row: dict) -> None:
-        rows.append(row)
-        logf.write(json.dumps(row) + "\n")
-        logf.flush()
+    runlog = RunLog(log_path, start)
+    rows, write = runlog.rows, runlog.write
 
     def state(step: int) -> dict:
         return {"step": step, "loader": train_loader.state_dict(), "rng": rng.bit_generator.state,
@@ -283,7 +291,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
                 plot()
     finally:
         bar.close()
-        logf.close()
+        runlog.close()
     elapsed = time.time() - t_start
     plot()
     summary = {"steps": cfg.max_steps, "final_loss": loss, "first_loss": first_loss, "val_loss": val_loss,
