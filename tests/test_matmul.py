@@ -146,7 +146,7 @@ def test_zero_rows(rng):
 
 
 # (M, N, K); (20, 4200, 9) and (2700, 20, 9) are split into several dynamically scheduled chunks per thread
-# (2 threads); M <= 4 with trans_b takes the unpacked small-M path
+# (2 threads); M <= 16 with trans_b takes the unpacked small-M path (4x4 steps for <= 4 rows, 8x3 for 5..8)
 GEMM_SHAPES = [
     (1, 1, 1),
     (15, 33, 17),
@@ -156,6 +156,7 @@ GEMM_SHAPES = [
     (20, 4200, 9),
     (2700, 20, 9),
     (3, 2000, 50),
+    (6, 1001, 77),  # 8x3 small-M steps with a last partial column step and a K tail
 ]
 
 

@@ -681,6 +681,12 @@ static void attend_row(float* out, float* scores, const float* q, const float* K
     float mx = -INFINITY;
     for (int64_t s = 0; s < n; s++) {
         const float* k = K + s * hs;
+        // the cache is cold during decoding (weights stream through L3 between layers): fetch the key row
+        // 8 ahead, and this row of V (used by the weighted sum below) into L2
+        for (int64_t i = 0; i < hs; i += 16) {
+            __builtin_prefetch(k + 8 * hs + i, 0, 3);
+            __builtin_prefetch(Vc + s * hs + i, 0, 2);
+        }
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t i = 0; i < hs; i++) dot += q[i] * k[i];
