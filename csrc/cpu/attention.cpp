@@ -683,8 +683,9 @@ static void attend_row(float* out, float* scores, const float* q, const float* K
         const float* k = K + s * hs;
         // the cache is cold during decoding (weights stream through L3 between layers): fetch the key row
         // 8 ahead, and this row of V (used by the weighted sum below) into L2
+        const float* k_ahead = s + 8 < n ? k + 8 * hs : k;  // stay inside this sequence's rows
         for (int64_t i = 0; i < hs; i += 16) {
-            __builtin_prefetch(k + 8 * hs + i, 0, 3);
+            __builtin_prefetch(k_ahead + i, 0, 3);
             __builtin_prefetch(Vc + s * hs + i, 0, 2);
         }
         float dot = 0.0f;

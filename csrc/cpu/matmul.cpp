@@ -445,7 +445,11 @@ FASTLLM_TARGET_AVX512 static void gemm_small_m_nt_avx512(int64_t M, int64_t N, i
     for (int64_t j = 0; j < N; j += NCOLS) {
         const int nc = int(std::min<int64_t>(NCOLS, N - j));
         const float* b[NCOLS];
-        for (int c = 0; c < NCOLS; c++) b[c] = B + (j + std::min(c, nc - 1)) * ldb;
+        const float* pf[NCOLS];  // the rows PF_ROWS ahead, or the row itself near the end of B (no address past it)
+        for (int c = 0; c < NCOLS; c++) {
+            b[c] = B + (j + std::min(c, nc - 1)) * ldb;
+            pf[c] = j + c + PF_ROWS < N ? b[c] + PF : b[c];
+        }
         __m512 acc[MROWS][NCOLS];
         for (int i = 0; i < MROWS; i++)
             for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_setzero_ps();
@@ -453,7 +457,7 @@ FASTLLM_TARGET_AVX512 static void gemm_small_m_nt_avx512(int64_t M, int64_t N, i
             __m512 vb[NCOLS];
             for (int c = 0; c < NCOLS; c++) {
                 vb[c] = _mm512_loadu_ps(b[c] + k);
-                _mm_prefetch((const char*)(b[c] + k + PF), _MM_HINT_T0);
+                _mm_prefetch((const char*)(pf[c] + k), _MM_HINT_T0);
             }
             for (int i = 0; i < MROWS; i++)
                 if (i < M) {
