@@ -38,15 +38,37 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] =
         else:
             p.add_argument(flag, type=typ, required=required, default=None if required else f.default,
                            metavar=f.name.upper())
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config(args: argparse.Namespace, cls, **overrides):
+    """The dataclass `cls` filled from the parsed flags of the same names (plus overrides)."""
+    import dataclasses
+
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**kw, **overrides})
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    p.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    s = train(cfg, progress=not args.no_progress)
+    s = train(_config(args, TrainConfig), progress=not args.no_progress)
     _print_summary(s)
     return 0
 
@@ -58,12 +80,9 @@ def _print_summary(s: dict) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}),
-             progress=not args.no_progress)
+    run_demo(_config(args, DemoConfig), progress=not args.no_progress)
     return 0
 
 
@@ -78,14 +97,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .clean import CleanConfig, clean
 
-    skip = ("lang", "dedup", "scrub_pii")
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(CleanConfig) if f.name not in skip}
-    cfg = CleanConfig(**kw, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
-                      scrub_pii=not args.keep_pii)
+    cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
+                  scrub_pii=not args.keep_pii)
     s = clean(args.inputs, args.out, cfg, progress=not args.no_progress)
     print(s.table())
     print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
@@ -127,17 +142,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .sample import SamplingParams, stream_text
     from .train import load_model
 
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # validate first
+    SamplingParams(**_sampling_kwargs(args))  # validate before loading anything
     model = load_model(args.ckpt).eval()
     tok = _checkpoint_tokenizer(model, args.tokenizer)
     n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tok, args.prompt, n, stop=args.stop, stats=stats, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                 repetition_penalty=args.repetition_penalty,
-                                 seed=None if args.seed is None else args.seed + i):
+        for piece in stream_text(model, tok, args.prompt, n, stop=args.stop, stats=stats,
+                                 seed=None if args.seed is None else args.seed + i, **_sampling_kwargs(args)):
             print(piece, end="", flush=True)
         dt = time.time() - t0
         print(f"\n--- {stats['tokens']} tokens in {dt:.2f}s ({stats['tokens'] / max(dt, 1e-9):.1f} tokens/s)",
@@ -154,12 +167,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .sft import SFTConfig, sft
 
-    cfg = SFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if hasattr(args, f.name)})
-    s = sft(cfg, progress=not args.no_progress)
+    s = sft(_config(args, SFTConfig), progress=not args.no_progress)
     _print_summary(s)
     return 0
 
@@ -170,9 +180,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     model = load_model(args.ckpt).eval()
     session = ChatSession(model, _checkpoint_tokenizer(model, args.tokenizer), system=args.system,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed)
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, **_sampling_kwargs(args))
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
               f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
@@ -180,12 +188,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .rl import RLConfig, train_grpo
 
-    cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
-    s = train_grpo(cfg, progress=not args.no_progress)
+    s = train_grpo(_config(args, RLConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} GRPO steps in {s['seconds']:.1f}s; last reward {s['reward']:.3f}, kl {s['kl']:.4f}; "
           f"held-out accuracy {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy']:.3f}")
     print(f"checkpoint: {s['checkpoint']}\nlog: {s['log']}")
@@ -193,12 +198,9 @@ def _cmd_rl(args: argparse.Namespace) -> int:
 
 
 def _cmd_reward_model(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .rl import RewardModelConfig, train_reward_model
 
-    cfg = RewardModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RewardModelConfig)})
-    s = train_reward_model(cfg, progress=not args.no_progress)
+    s = train_reward_model(_config(args, RewardModelConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} steps on {s['train_pairs']} pairs in {s['seconds']:.1f}s; held-out accuracy "
           f"{s['val_accuracy']:.3f} on {s['val_pairs']} pairs (train {s['train_accuracy']:.3f}) -> {s['out']}")
     return 0
@@ -219,7 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="pre-train a GPT on token shards (see `fastllm prepare`)")
     _add_dataclass_args(s, TrainConfig)
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_train)
 
     from .sft import SFTConfig
@@ -227,27 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sft", help="fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})")
     s.add_argument("--base", required=True, help="checkpoint (or training run folder) to fine-tune")
     _add_dataclass_args(s, SFTConfig, skip=("base", "model", "n_layer", "n_head", "n_embd"))
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_sft)
 
     s = sub.add_parser("chat", help="chat in the terminal with a fine-tuned checkpoint (reads stdin)")
     s.add_argument("--ckpt", required=True, help="checkpoint folder or fine-tuning output folder")
-    s.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
     s.add_argument("--system", default=None, help="system message")
-    s.add_argument("-n", "--max-new-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--min-p", type=float, default=None)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(s, max_new_tokens=256, temperature=0.7)
     s.set_defaults(func=_cmd_chat)
 
     from .demo import DemoConfig
 
     s = sub.add_parser("demo", help="tokenizer + shards + a small GPT + samples on the built-in corpus, in minutes")
     _add_dataclass_args(s, DemoConfig)
-    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("prepare", help="tokenize text files/folders/JSONL into train/val token shards")
@@ -257,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.05)
     s.add_argument("--shard-tokens", type=int, default=50_000_000)
     s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_prepare)
 
     from .clean import CleanConfig
@@ -269,7 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii"))
     s.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
     s.add_argument("--keep-pii", action="store_true", help="do not replace e-mail and IP addresses")
-    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_clean)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -286,16 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--ckpt", required=True, help="checkpoint folder or training output folder")
     s.add_argument("--prompt", default="")
-    s.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
-    s.add_argument("-n", "--max-new-tokens", type=int, default=200)
     s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--min-p", type=float, default=None)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--stop", nargs="*", default=[], help="stop strings")
-    s.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(s, max_new_tokens=200, temperature=0.8)
     s.set_defaults(func=_cmd_sample)
 
     s = sub.add_parser("convert", help="convert between a Hugging Face GPT-2 folder and a fastllm checkpoint")
@@ -309,12 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("rl", help="GRPO post-training on a verifiable task (or against a reward model)")
     _add_dataclass_args(s, RLConfig)
-    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_rl)
 
     s = sub.add_parser("reward-model", help="train a reward model on JSONL preference pairs (Bradley-Terry)")
     _add_dataclass_args(s, RewardModelConfig)
-    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_cmd_reward_model)
     return p
 

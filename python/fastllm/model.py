@@ -359,12 +359,6 @@ class GPT:
 
     # ---- inference --------------------------------------------------------------------------------------
 
-    def logits_last(self, idx) -> np.ndarray:
-        """Logits (B, V) for the last position of idx (B, T), without the full (B, T, V) head."""
-        a = self._trunk(idx)
-        self._ready_for_backward = False
-        return ops.matmul_forward(np.ascontiguousarray(a["lnf"][:, -1, :]), self.p["wte"])
-
     def kv_cache(self, batch_size: int) -> KVCache:
         """A key/value cache for `batch_size` sequences of up to block_size tokens (see KVCache)."""
         return KVCache(self, batch_size)
