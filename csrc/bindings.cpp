@@ -33,10 +33,7 @@ namespace py = pybind11;
 using fastllm::str_cat;
 
 #ifdef FASTLLM_WITH_CUDA
-namespace fastllm::cuda {
-int device_count();             // csrc/cuda/device.cu
-std::string device_name(int i);
-}  // namespace fastllm::cuda
+#include "bindings_cuda.h"  // fastllm._C.cuda (bindings_cuda.cpp) and the device queries
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
@@ -810,4 +807,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("_pretokenize_char_classes", &pretokenize_char_classes_py);
     // ---- BPE tokenizer
     register_bpe(m);
+#ifdef FASTLLM_WITH_CUDA
+    // ---- CUDA: fastllm._C.cuda (DeviceArray and the GPU kernels)
+    fastllm::cuda::register_cuda(m);
+#endif
 }

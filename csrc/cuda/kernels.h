@@ -1,0 +1,107 @@
+/*
+Host API of fastllm's CUDA kernels: plain C++ (no CUDA headers), so csrc/bindings_cuda.cpp compiles with the
+host compiler. Every function launches on the default stream and returns without synchronising; errors of the
+CUDA runtime throw std::runtime_error (Python RuntimeError), see CUDA_CHECK in csrc/cuda/common.cuh.
+
+Conventions (the GPU twin of csrc/common.h):
+  - pointers are device pointers to dense row-major arrays; sizes are int64_t;
+  - argument order: outputs, inputs, weights, sizes, dtype, scalars;
+  - activations and parameters have one dtype T per call: float32 or bfloat16 (DType), computed with fp32
+    accumulation; parameter gradients, layernorm statistics, logsumexp and losses are always float32;
+  - forward kernels overwrite (=) their outputs; backward kernels ACCUMULATE (+=) into every gradient output,
+    parameter gradients (fp32) and activation gradients (T) alike, like the CPU kernels;
+  - kernels do not validate input: bindings_cuda.cpp does (FASTLLM_CHECK -> Python ValueError/TypeError).
+*/
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace fastllm::cuda {
+
+enum class DType : int { f32 = 0, bf16 = 1, i32 = 2 };
+inline size_t dtype_size(DType t) { return t == DType::bf16 ? 2 : 4; }
+inline const char* dtype_str(DType t) {
+    return t == DType::f32 ? "float32" : t == DType::bf16 ? "bfloat16" : "int32";
+}
+
+// ---- device.cu: devices and memory
+int device_count();  // 0 (not an error) without a driver or GPU
+std::string device_name(int device);
+int current_device();
+void set_device(int device);
+void* malloc_device(size_t bytes);  // throws std::runtime_error naming the size on failure
+void free_device(void* ptr);
+void copy_to_device(void* dst, const void* host_src, size_t bytes);
+void copy_to_host(void* host_dst, const void* src, size_t bytes);
+void copy_device(void* dst, const void* src, size_t bytes);
+void zero_device(void* ptr, size_t bytes);
+void synchronize();
+// dst (n, dst_t) = src (n, src_t) converted (f32 <-> bf16, round to nearest even; same dtype: copy)
+void convert(void* dst, DType dst_t, const void* src, DType src_t, int64_t n);
+// dst (n, T) += src (n, T)   (residual backward, gradient accumulation)
+void add_inplace(void* dst, const void* src, int64_t n, DType t);
+// sum of squares of x (n, f32 or T) in fp32 per block then double; synchronises and returns to the host
+double sum_squares(const void* x, int64_t n, DType t);
+
+// ---- matmul.cu: tensor-core GEMM (bf16 mma, fp32 accumulation; fp32 inputs use a TF32/FFMA path)
+// C (M, N) = [C +] op(A) @ op(B) [+ bias (N)]: op(A) is A (M, K), or A stored (K, M) transposed if trans_a;
+// op(B) is B (K, N), or B stored (N, K) transposed if trans_b. A, B, bias have dtype ab; C has dtype c_t
+// (f32 or ab). With pre_gelu (dtype c_t, M x N; accumulate must be false): pre_gelu = A@B+bias, C = gelu(pre_gelu).
+void gemm(void* C, DType c_t, const void* A, const void* B, const void* bias, void* pre_gelu, int64_t M,
+          int64_t N, int64_t K, bool trans_a, bool trans_b, bool accumulate, DType ab);
+// dbias (N, f32) += column sums of dout (M, N, dtype t)
+void bias_backward(float* dbias, const void* dout, int64_t M, int64_t N, DType t);
+
+// ---- attention.cu: causal flash attention on packed qkv (B, T, 3C), heads of size hs = C / NH
+// out (B, T, C) of dtype t and lse (B, NH, T, f32) = logsumexp of the scaled scores per query.
+void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
+                       DType t);
+// dqkv (B, T, 3C) += gradient; needs the forward's out and lse (recomputes the scores tile by tile)
+void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* out, const float* lse,
+                        int64_t B, int64_t T, int64_t C, int64_t NH, DType t);
+// Inference with a KV cache: the Tn new tokens of qkv (B, Tn, 3C) write their k, v into kcache/vcache
+// (B, NH, maxT, hs) at positions pos[b] .. pos[b]+Tn-1 (pos: int32 device array (B,)); each new query attends
+// causally to its sequence's cache; out (B, Tn, C). pos is not advanced.
+void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv, const int32_t* pos, int64_t B,
+                          int64_t Tn, int64_t C, int64_t NH, int64_t maxT, DType t);
+
+// ---- softmax_ce.cu: fused softmax + cross-entropy (+ gradient) and the fused classifier
+// losses (N, f32) = -log softmax(logits)[target]; if dlogits: dlogits (N, V, T) = (softmax - onehot) *
+// grad_scale, written (=) and may alias logits. Rows whose target == ignore_index get loss 0 and zero grad.
+void softmax_cross_entropy(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N,
+                           int64_t V, float grad_scale, int32_t ignore_index, DType t);
+// logits = hidden (N, C) @ weight (V, C)^T in row chunks of a scratch buffer (never N x V at once), then the
+// loss and, if dhidden/dweight are given, dhidden (N, C, T) += dlogits @ weight, dweight (V, C, f32) +=
+// dlogits^T @ hidden. scratch: chunk_rows x V elements of T (the caller allocates it; see lmhead_chunk_rows).
+void lmhead_cross_entropy(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
+                          const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C,
+                          int64_t V, float grad_scale, int32_t ignore_index, DType t);
+
+// ---- layernorm.cu
+// out (N, C, T), mean/rstd (N, f32) over the last axis; weight/bias (C, T)
+void layernorm_forward(void* out, float* mean, float* rstd, const void* x, const void* weight, const void* bias,
+                       int64_t N, int64_t C, float eps, DType t);
+// dx (N, C, T) +=, dweight/dbias (C, f32) +=
+void layernorm_backward(void* dx, float* dweight, float* dbias, const void* dout, const void* x,
+                        const void* weight, const float* mean, const float* rstd, int64_t N, int64_t C, DType t);
+
+// ---- gelu.cu: GELU (tanh approximation) and the residual add
+void gelu_forward(void* out, const void* x, int64_t n, DType t);
+void gelu_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);  // dx +=
+void residual_forward(void* out, const void* a, const void* b, int64_t n, DType t);  // out = a + b
+
+// ---- embedding.cu: out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T), already range-checked
+void embedding_forward(void* out, const int32_t* tokens, const void* wte, const void* wpe, int64_t B, int64_t T,
+                       int64_t C, DType t);
+// dwte (V, C, f32) += scattered dout rows; dwpe (maxT, C, f32) += sums over the batch; deterministic
+void embedding_backward(float* dwte, float* dwpe, const void* dout, const int32_t* tokens, int64_t B, int64_t T,
+                        int64_t C, int64_t V, DType t);
+
+// ---- adamw.cu: AdamW on fp32 master weights (m, v fp32); grads (f32) * grad_scale first. If params_copy is
+// given, it receives the updated parameters in copy_t (the bf16 weights the next forward reads).
+void adamw_step(float* params, float* m, float* v, const float* grads, void* params_copy, DType copy_t,
+                int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int t,
+                float grad_scale);
+
+}  // namespace fastllm::cuda
