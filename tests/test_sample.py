@@ -36,6 +36,24 @@ def test_batched_prompts_of_different_lengths(model):
         assert out == generate(model, p, 8, temperature=0)
 
 
+def test_batched_prefill_logits_equal_full_forward(model):
+    """Prefill runs the common prefix of all prompts in one pass, then the longer prompts' tails one by one;
+    every row's logits (and the decode step after it) must equal that prompt's own full forward."""
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(0, 53, n)) for n in (5, 3, 9, 3)]
+    cache = model.kv_cache(len(prompts))
+    logits = cache.prefill(prompts)
+    nxt = rng.integers(0, 53, len(prompts))
+    after = cache.decode(nxt)
+    for b, p in enumerate(prompts):
+        for got, seq in ((logits[b], p), (after[b], p + [nxt[b]])):
+            full = model.forward(np.array([seq]))[0, -1]
+            np.testing.assert_allclose(got, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    assert list(cache.pos) == [6, 4, 10, 4]
+    with pytest.raises(ValueError, match="prompt 1"):
+        model.kv_cache(2).prefill([[1, 2], [1, 99]])
+
+
 def test_greedy_is_argmax_of_full_forward(model):
     out = generate(model, [7, 8], 12, temperature=0)
     for t in range(2, len(out)):

@@ -367,8 +367,8 @@ class GPT:
 class KVCache:
     """Keys and values of every layer for B sequences, so generation runs the model on new tokens only.
 
-    prefill(rows) runs each prompt (rows may differ in length) in one pass; decode(tokens) appends one
-    token per sequence. Both return the logits (B, V) of each sequence's last token.
+    prefill(rows) runs the prompts (rows may differ in length) batched; decode(tokens) appends one token per
+    sequence. Both return the logits (B, V) of each sequence's last token.
     Memory: 2 * n_layer * B * block_size * n_embd floats.
     """
 
@@ -384,10 +384,25 @@ class KVCache:
         self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence
 
     def prefill(self, rows: list[list[int]]) -> np.ndarray:
+        """Batched: the first min(len) tokens of every prompt run in one pass (all prompts, when they have the same
+        length), then each longer prompt's remaining tokens on its own."""
         if len(rows) != self.B:
             raise ValueError(f"prefill needs {self.B} prompts, got {len(rows)}")
-        logits = [self._forward(np.asarray(r, np.int32)[None], slice(b, b + 1)) for b, r in enumerate(rows)]
-        return np.concatenate(logits)
+        rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
+        if min(len(r) for r in rows) == 0:
+            raise ValueError("prefill needs non-empty prompts")
+        cfg = self.model.config
+        for b, r in enumerate(rows):  # check everything before the cache changes
+            if r.min() < 0 or r.max() >= cfg.vocab_size:
+                raise ValueError(f"prompt {b}: token ids outside [0, {cfg.vocab_size})")
+            if int(self.pos[b]) + len(r) > cfg.block_size:
+                raise ValueError(f"prompt {b} would exceed the context block_size={cfg.block_size}")
+        common = min(len(r) for r in rows)
+        logits = self._forward(np.stack([r[:common] for r in rows]), slice(0, self.B))
+        for b, r in enumerate(rows):
+            if len(r) > common:
+                logits[b] = self._forward(r[None, common:], slice(b, b + 1))[0]
+        return logits
 
     def decode(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens, np.int32).reshape(self.B, 1)
