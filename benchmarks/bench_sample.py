@@ -1,5 +1,7 @@
 """Decode tokens/s with a KV cache, fastllm vs a PyTorch eager GPT-2 with its own KV cache (same weights, same
-process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 8.
+process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 8. Both in float32, and both with
+bf16 weights (fastllm: bf16 weight copies for decode steps, fp32 activations rounded to bf16 at each matmul;
+torch: the whole model in bfloat16), all four interleaved.
     python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2]"""
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ from common import bench, cli, header, print_table, set_threads  # noqa: E402
 from fastllm.model import GPT, GPTConfig  # noqa: E402
 
 
-def torch_decoder(model: GPT, B: int):
+def torch_decoder(model: GPT, B: int, dtype=None):
     """A nanoGPT-style eager decoder with a preallocated KV cache (torch.inference_mode, SDPA)."""
     import torch
     import torch.nn.functional as F
 
     cfg = model.config
-    P = {k: torch.from_numpy(np.array(v)) for k, v in model.p.items()}
+    dtype = dtype or torch.float32
+    P = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in model.p.items()}
     C, NH, L, Tm = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.block_size
     hs = C // NH
-    kc = torch.zeros(L, B, NH, Tm, hs)
-    vc = torch.zeros(L, B, NH, Tm, hs)
+    kc = torch.zeros(L, B, NH, Tm, hs, dtype=dtype)
+    vc = torch.zeros(L, B, NH, Tm, hs, dtype=dtype)
 
     @torch.inference_mode()
     def step(idx: torch.Tensor, pos: int) -> torch.Tensor:
@@ -44,7 +47,7 @@ def torch_decoder(model: GPT, B: int):
             h = F.gelu(F.linear(h, P["mlp.c_fc.weight"][l], P["mlp.c_fc.bias"][l]), approximate="tanh")
             x = x + F.linear(h, P["mlp.c_proj.weight"][l], P["mlp.c_proj.bias"][l])
         x = F.layer_norm(x[:, -1], (C,), P["ln_f.weight"], P["ln_f.bias"])
-        return x @ P["wte"].T
+        return (x @ P["wte"].T).float()
 
     return step
 
@@ -54,28 +57,41 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int) -
 
     model = GPT(cfg, seed=0).eval()
     rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, prompt))
-    tstep = torch_decoder(model, B)
+    w16 = model.bf16_weights()  # snapshots made once, outside the timing, like torch's .to(bfloat16)
+    tsteps = {"f32": torch_decoder(model, B), "bf16": torch_decoder(model, B, torch.bfloat16)}
 
-    def ours():
-        cache = model.kv_cache(B)
-        logits = cache.prefill([list(r) for r in rows])
-        for _ in range(n):
-            logits = cache.decode(logits.argmax(-1))
+    def ours(weights):
+        def run():
+            cache = model.kv_cache(B, weights=weights)
+            logits = cache.prefill([list(r) for r in rows])
+            toks = []
+            for _ in range(n):
+                toks.append(logits.argmax(-1))
+                logits = cache.decode(toks[-1])
+            return np.stack(toks)
+        return run
 
-    def theirs():
-        logits = tstep(torch.from_numpy(rows), 0)
-        for i in range(n):
-            logits = tstep(logits.argmax(-1)[:, None], prompt + i)
+    def theirs(tstep):
+        def run():
+            logits = tstep(torch.from_numpy(rows), 0)
+            toks = []
+            for i in range(n):
+                toks.append(logits.argmax(-1))
+                logits = tstep(toks[-1][:, None], prompt + i)
+            return torch.stack(toks).numpy()
+        return run
 
-    # same greedy tokens?
-    cache = model.kv_cache(B)
-    a = cache.prefill([list(r) for r in rows])
-    b = tstep(torch.from_numpy(rows), 0).numpy()
-    agree = np.array_equal(a.argmax(-1), b.argmax(-1))
-    r = bench({"fastllm": ours, "torch": theirs}, repeats=repeats, warmup=1)
+    fns = {"fastllm": ours("float32"), "torch": theirs(tsteps["f32"]), "fastllm bf16": ours(w16),
+           "torch bf16": theirs(tsteps["bf16"])}
+    toks = {k: f() for k, f in fns.items()}
+    same = f"{np.mean(toks['fastllm'] == toks['torch']):.0%}"  # greedy tokens equal to torch fp32's
+    same16 = f"{np.mean(toks['fastllm bf16'] == toks['fastllm']):.0%}"
+    r = bench(fns, repeats=repeats, warmup=0)
     s = {k: v["median"] for k, v in r.items()}
-    return [name, str(B), str(prompt), str(n), f"{B * n / s['fastllm']:,.0f}", f"{B * n / s['torch']:,.0f}",
-            f"{s['torch'] / s['fastllm']:.2f}x", "yes" if agree else "NO"]
+    tps = {k: f"{B * n / v:,.0f}" for k, v in s.items()}
+    return [name, str(B), str(n), tps["fastllm"], tps["torch"], f"{s['torch'] / s['fastllm']:.2f}x", same,
+            tps["fastllm bf16"], tps["torch bf16"], f"{s['torch bf16'] / s['fastllm bf16']:.2f}x",
+            f"{s['torch'] / s['fastllm bf16']:.2f}x", same16]
 
 
 def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
@@ -89,8 +105,10 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
         g = GPTConfig.preset("gpt2", vocab_size=50257)
         for B in (1, 8):
             rows.append(case("gpt2 124M", g, B, 16, 50, 3))
-    print_table(rows, ["model", "B", "prompt", "new", "fastllm tok/s", "torch tok/s", "torch/fastllm",
-                       "same argmax"])
+    print("prompt 16 tokens; tok/s = B * new / time (prefill included); 'same' = greedy tokens equal to torch fp32's"
+          " (fastllm fp32) and to fastllm fp32's (bf16)")
+    print_table(rows, ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w",
+                       "torch bf16", "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16"])
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ using fastllm::str_cat;
 template <typename T> const char* dtype_name();
 template <> const char* dtype_name<float>() { return "float32"; }
 template <> const char* dtype_name<int32_t>() { return "int32"; }
+template <> const char* dtype_name<uint16_t>() { return "uint16 (bf16 bits)"; }
 
 static std::string shape_str(const py::array& a) {
     std::string s = "(";
@@ -110,6 +111,26 @@ static void matmul_forward_py(py::array out, py::array inp, py::array weight, st
     float* o = out_ptr<float>(out, "out", {N, OC});
     py::gil_scoped_release nogil;
     fastllm::cpu::matmul_forward(o, x, w, b, N, C, OC);
+}
+
+// weight: bf16 bit patterns as uint16 (OC, C), see fastllm.ops.to_bf16
+static void matmul_forward_bf16w_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias) {
+    check_ndim(inp, "inp", 2, "(N, C)");
+    check_ndim(weight, "weight", 2, "(OC, C)");
+    const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
+    const float* x = in_ptr<float>(inp, "inp");
+    const uint16_t* w = in_ptr<uint16_t>(weight, "weight", {OC, C});
+    const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
+    float* o = out_ptr<float>(out, "out", {N, OC});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::matmul_forward_bf16w(o, x, w, b, N, C, OC);
+}
+
+static void float_to_bf16_py(py::array out, py::array x) {
+    const float* src = in_ptr<float>(x, "x");
+    uint16_t* d = out_ptr<uint16_t>(out, "out", std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
+    py::gil_scoped_release nogil;
+    fastllm::cpu::float_to_bf16(d, src, x.size());
 }
 
 static void matmul_backward_py(std::optional<py::array> dinp, std::optional<py::array> dweight,
@@ -772,6 +793,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("get_num_threads", &fastllm::max_threads);
 
     m.def("matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none);
+    m.def("matmul_forward_bf16w", &matmul_forward_bf16w_py, arg("out"), arg("inp"), arg("weight"),
+          arg("bias") = none);
+    m.def("float_to_bf16", &float_to_bf16_py, arg("out"), arg("x"));
     m.def("matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
           arg("inp"), arg("weight"));
     m.def("gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,

@@ -77,3 +77,16 @@ const char* simd_name(Simd s);
 // Per-function ISA targets for the dispatch above (GCC/Clang).
 #define FASTLLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FASTLLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+// AVX-512 plus the bf16 dot product (vdpbf16ps; AMD Zen 4, Intel Cooper Lake / Sapphire Rapids and later)
+#define FASTLLM_TARGET_AVX512BF16 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+namespace fastllm {
+inline bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+}  // namespace fastllm

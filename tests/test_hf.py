@@ -363,6 +363,9 @@ def test_convert_round_trip(hf_pair, hf_tokenizer, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.splitlines()[-1].startswith("The")
+    args = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--weights", "bfloat16"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("The")
 
     assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back"), "--to", "hf"]) == 0
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()

@@ -54,6 +54,27 @@ def test_batched_prefill_logits_equal_full_forward(model):
         model.kv_cache(2).prefill([[1, 2], [1, 99]])
 
 
+def test_bf16_weights_decode(model):
+    """weights="bfloat16": decode steps use bf16 copies of the matrices (prefill over 16 rows stays float32). The
+    logits stay within bf16 rounding of the float32 cache, and the weights are a snapshot."""
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(0, 53, 4)) for _ in range(3)]
+    c32, c16 = model.kv_cache(3), model.kv_cache(3, weights="bfloat16")
+    l32, l16 = c32.prefill(prompts), c16.prefill(prompts)  # 12 rows: bf16 already
+    for _ in range(6):
+        scale = np.abs(l32).max()
+        assert np.abs(l16 - l32).max() <= 2e-2 * scale
+        assert not np.array_equal(l16, l32)  # really a different (bf16) path
+        nxt = l32.argmax(1)
+        l32, l16 = c32.decode(nxt), c16.decode(nxt)
+    w16 = model.bf16_weights()
+    assert w16["wte"].dtype == np.uint16 and w16["wte"].shape == model.p["wte"].shape
+    assert generate(model, prompts[0], 5, temperature=0, weights=w16) == \
+        generate(model, prompts[0], 5, temperature=0, weights="bfloat16")
+    with pytest.raises(ValueError, match="weights must be"):
+        model.kv_cache(1, weights="float16")
+
+
 def test_greedy_is_argmax_of_full_forward(model):
     out = generate(model, [7, 8], 12, temperature=0)
     for t in range(2, len(out)):

@@ -42,6 +42,7 @@ The naive triple loops (matmul_*_naive, gemm_naive) stay as documentation and as
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 
@@ -558,6 +559,112 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
 void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc) {
     gemm_ex(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16 weights for decoding. A decode step streams every weight from DRAM once, so halving the bytes per
+// weight halves the floor of a step. The activation rows are rounded to bf16 once per call; then
+//   avx512bf16: vdpbf16ps, 32 bf16 products per instruction (pairs summed into 16 fp32 lanes), the same 8x3
+//               rows x columns register tile and B-row prefetch as the fp32 few-rows kernel above;
+//   otherwise:  a plain loop widening bf16 to fp32 (bf16 -> fp32 is exact: the bits shifted up 16).
+// Both compute exact products of the same bf16 numbers with fp32 sums (the order differs).
+
+void float_to_bf16(uint16_t* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        std::memcpy(&u, &src[i], 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) dst[i] = uint16_t((u >> 16) | 0x40u);  // NaN: keep it quiet NaN
+        else dst[i] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+template <int MROWS, int NCOLS, int PF_ROWS = 8>
+FASTLLM_TARGET_AVX512BF16 static void gemm_bf16w_avx512bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                                                             const uint16_t* B, const float* bias, float* Cm,
+                                                             int T) {
+    const int64_t K32 = K & ~int64_t(31);
+    const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1ull);
+    const int64_t PF = PF_ROWS * K;  // prefetch distance in bf16 elements
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t j = 0; j < N; j += NCOLS) {
+        const int nc = int(std::min<int64_t>(NCOLS, N - j));
+        const uint16_t* b[NCOLS];
+        const uint16_t* pf[NCOLS];
+        for (int c = 0; c < NCOLS; c++) {
+            b[c] = B + (j + std::min(c, nc - 1)) * K;
+            pf[c] = j + c + PF_ROWS < N ? b[c] + PF : b[c];
+        }
+        __m512 acc[MROWS][NCOLS];
+        for (int i = 0; i < MROWS; i++)
+            for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K32; k += 32) {
+            __m512bh vb[NCOLS];
+            for (int c = 0; c < NCOLS; c++) {
+                vb[c] = (__m512bh)_mm512_loadu_si512(b[c] + k);
+                _mm_prefetch((const char*)(pf[c] + k), _MM_HINT_T0);
+            }
+            for (int i = 0; i < MROWS; i++)
+                if (i < M) {
+                    const __m512bh va = (__m512bh)_mm512_loadu_si512(A + i * K + k);
+                    for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], va, vb[c]);
+                }
+        }
+        if (tail) {
+            __m512bh vb[NCOLS];
+            for (int c = 0; c < NCOLS; c++) vb[c] = (__m512bh)_mm512_maskz_loadu_epi16(tail, b[c] + K32);
+            for (int i = 0; i < MROWS; i++)
+                if (i < M) {
+                    const __m512bh va = (__m512bh)_mm512_maskz_loadu_epi16(tail, A + i * K + K32);
+                    for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], va, vb[c]);
+                }
+        }
+        for (int64_t i = 0; i < M; i++)
+            for (int c = 0; c < nc; c++)
+                Cm[i * N + j + c] = _mm512_reduce_add_ps(acc[i][c]) + (bias ? bias[j + c] : 0.0f);
+    }
+}
+
+static void gemm_bf16w_portable(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B,
+                                const float* bias, float* Cm, int T) {
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t j = 0; j < N; j++) {
+        const uint16_t* w = B + j * K;
+        for (int64_t i = 0; i < M; i++) {
+            const uint16_t* a = A + i * K;
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) s += bf16_to_float(a[k]) * bf16_to_float(w[k]);
+            Cm[i * N + j] = s + (bias ? bias[j] : 0.0f);
+        }
+    }
+}
+
+void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, int64_t N,
+                          int64_t C, int64_t OC) {
+    if (N <= 0 || OC <= 0) return;
+    std::vector<uint16_t> a16((size_t)(N * C));
+    float_to_bf16(a16.data(), inp, N * C);
+    int T = 1;
+#ifdef _OPENMP
+    if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) T = max_threads();
+#endif
+    static const bool has_bf16 = cpu_has_avx512bf16();
+    for (int64_t i0 = 0; i0 < N; i0 += 8) {
+        const int64_t m = std::min<int64_t>(8, N - i0);
+        const uint16_t* a = a16.data() + i0 * C;
+        if (has_bf16 && simd_level() == Simd::avx512) {
+            if (m <= 4) gemm_bf16w_avx512bf16<4, 4>(m, OC, C, a, weight, bias, out + i0 * OC, T);
+            else gemm_bf16w_avx512bf16<8, 3>(m, OC, C, a, weight, bias, out + i0 * OC, T);
+        } else {
+            gemm_bf16w_portable(m, OC, C, a, weight, bias, out + i0 * OC, T);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

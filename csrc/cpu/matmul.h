@@ -35,6 +35,13 @@ void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc, const float* bias, int threads = 0);
 
+// Inference with bf16 weights (decoding): out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias, weight stored as
+// bf16 bit patterns. inp rows are rounded to bf16 (nearest even) first; products are exact, sums fp32.
+void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, int64_t N,
+                          int64_t C, int64_t OC);
+// float32 -> bf16 bit patterns, round to nearest even (NaN stays NaN, overflow rounds to inf)
+void float_to_bf16(uint16_t* dst, const float* src, int64_t n);
+
 // Triple-loop version of gemm (reference; slow).
 void gemm_naive(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                 int64_t lda, const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc);

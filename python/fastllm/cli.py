@@ -58,6 +58,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--weights", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: decode with bf16 weight copies (faster, logits within ~1%%)")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -150,7 +152,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
         for piece in stream_text(model, tok, args.prompt, n, stop=args.stop, stats=stats,
-                                 seed=None if args.seed is None else args.seed + i, **_sampling_kwargs(args)):
+                                 seed=None if args.seed is None else args.seed + i, weights=args.weights,
+                                 **_sampling_kwargs(args)):
             print(piece, end="", flush=True)
         dt = time.time() - t0
         print(f"\n--- {stats['tokens']} tokens in {dt:.2f}s ({stats['tokens'] / max(dt, 1e-9):.1f} tokens/s)",
@@ -180,7 +183,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     model = load_model(args.ckpt).eval()
     session = ChatSession(model, _checkpoint_tokenizer(model, args.tokenizer), system=args.system,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, **_sampling_kwargs(args))
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.weights,
+                          **_sampling_kwargs(args))
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
               f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)

@@ -359,9 +359,17 @@ class GPT:
 
     # ---- inference --------------------------------------------------------------------------------------
 
-    def kv_cache(self, batch_size: int) -> KVCache:
-        """A key/value cache for `batch_size` sequences of up to block_size tokens (see KVCache)."""
-        return KVCache(self, batch_size)
+    def kv_cache(self, batch_size: int, weights: str | dict = "float32") -> KVCache:
+        """A key/value cache for `batch_size` sequences of up to block_size tokens (see KVCache). weights:
+        "float32", or "bfloat16" to decode with a bf16 snapshot of the matrices (see bf16_weights)."""
+        return KVCache(self, batch_size, weights)
+
+    def bf16_weights(self) -> dict[str, np.ndarray]:
+        """A bf16 snapshot (uint16 bit patterns, nearest-even) of the weight matrices a decode step streams: the
+        four linear layers of every block and wte (the lm-head). Half the bytes of float32; taken now, so it does
+        not follow later changes of the parameters. Reuse it across caches: model.kv_cache(B, weights=w16)."""
+        names = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "wte")
+        return {n: ops.to_bf16(self.p[n]) for n in names}
 
 
 class KVCache:
@@ -372,11 +380,23 @@ class KVCache:
     Memory: 2 * n_layer * B * block_size * n_embd floats.
     """
 
-    def __init__(self, model: GPT, batch_size: int):
+    BF16_MAX_ROWS = 16  # token rows per pass up to which bf16 weights (if any) are used
+
+    def __init__(self, model: GPT, batch_size: int, weights: str | dict = "float32"):
         cfg = model.config
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.B = model, batch_size
+        # bf16 matrices for decode steps (<= BF16_MAX_ROWS tokens at once, where streaming the weights is the cost);
+        # longer prefills keep the float32 GEMM
+        if isinstance(weights, dict):
+            self.w16 = weights
+        elif weights == "bfloat16":
+            self.w16 = model.bf16_weights()
+        elif weights == "float32":
+            self.w16 = None
+        else:
+            raise ValueError(f"weights must be 'float32', 'bfloat16' or model.bf16_weights(), got {weights!r}")
         hs = cfg.n_embd // cfg.n_head
         shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, hs)
         self.k = np.zeros(shape, np.float32)
@@ -418,16 +438,24 @@ class KVCache:
             raise ValueError(f"token ids outside [0, {cfg.vocab_size})")
         if int(pos.max()) + Tn > cfg.block_size:
             raise ValueError(f"the sequence would exceed the context block_size={cfg.block_size}")
+        w16 = self.w16 if b * Tn <= self.BF16_MAX_ROWS else None
+
+        def linear(x, name, l=None, bias=True):
+            w = (w16 if w16 is not None else p)[name]
+            w = w if l is None else w[l]
+            bb = p[name[:-len("weight")] + "bias"][l] if bias else None
+            return ops.matmul_forward(x, w, bb) if w16 is None else ops.matmul_forward_bf16w(x, w, bb)
+
         x = p["wte"][idx] + p["wpe"][pos[:, None] + np.arange(Tn)]  # (b, Tn, C)
         for l in range(cfg.n_layer):
             h, _, _ = ops.layernorm_forward(x, p["ln_1.weight"][l], p["ln_1.bias"][l], eps)
-            qkv = ops.matmul_forward(h, p["attn.c_attn.weight"][l], p["attn.c_attn.bias"][l])  # (b, Tn, 3C)
+            qkv = linear(h, "attn.c_attn.weight", l)  # (b, Tn, 3C)
             y = ops.attention_kv_forward(qkv, self.k[l, rows], self.v[l, rows], pos)  # (b, Tn, C)
-            x = x + ops.matmul_forward(y, p["attn.c_proj.weight"][l], p["attn.c_proj.bias"][l])
+            x = x + linear(y, "attn.c_proj.weight", l)
             h, _, _ = ops.layernorm_forward(x, p["ln_2.weight"][l], p["ln_2.bias"][l], eps)
-            h = ops.gelu_forward(ops.matmul_forward(h, p["mlp.c_fc.weight"][l], p["mlp.c_fc.bias"][l]))
-            x = x + ops.matmul_forward(h, p["mlp.c_proj.weight"][l], p["mlp.c_proj.bias"][l])
+            h = ops.gelu_forward(linear(h, "mlp.c_fc.weight", l))
+            x = x + linear(h, "mlp.c_proj.weight", l)
         last = np.ascontiguousarray(x[:, -1])
         h, _, _ = ops.layernorm_forward(last, p["ln_f.weight"], p["ln_f.bias"], eps)
         self.pos[rows] += Tn
-        return ops.matmul_forward(h, p["wte"])  # (b, V)
+        return linear(h, "wte", bias=False)  # (b, V)

@@ -70,6 +70,31 @@ def matmul_forward(inp, weight, bias=None, out=None) -> np.ndarray:
     return out
 
 
+def to_bf16(x) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16, same shape), rounded to nearest even."""
+    x = np.ascontiguousarray(_f32(x, "x"))
+    out = np.empty(x.shape, np.uint16)
+    _C.float_to_bf16(out, x)
+    return out
+
+
+def from_bf16(x) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 (exact)."""
+    return (np.asarray(x, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def matmul_forward_bf16w(inp, weight16, bias=None, out=None) -> np.ndarray:
+    """matmul_forward with bf16 weights (uint16 bit patterns from to_bf16, shape (OC, C)) for inference: inp is
+    rounded to bf16 too, products are exact and sums fp32 (AVX-512 BF16 dot products where the CPU has them)."""
+    inp = _f32(inp, "inp")
+    lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
+    OC = weight16.shape[0] if getattr(weight16, "ndim", 0) == 2 else 0
+    if out is None:
+        out = np.empty((*lead, OC), np.float32)
+    _C.matmul_forward_bf16w(out.reshape(-1, OC), np.ascontiguousarray(inp).reshape(-1, C), weight16, bias)
+    return out
+
+
 def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True):
     """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias)."""
     dout, inp, weight = _f32(dout, "dout"), _f32(inp, "inp"), _f32(weight, "weight")
