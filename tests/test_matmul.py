@@ -21,6 +21,8 @@ SHAPES = [  # (N, C, OC)
     (33, 64, 100),
     (97, 131, 61),  # every dim prime / odd
     (3, 40, 130),  # few rows: the small-M (no packing) forward path
+    (13, 50, 37),  # few rows in two row groups (8 + 5), odd K tail
+    (32, 300, 70),  # the most rows of the small-M path: four groups of 8
     (256, 768, 2304),
 ]
 

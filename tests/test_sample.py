@@ -55,7 +55,7 @@ def test_batched_prefill_logits_equal_full_forward(model):
 
 
 def test_bf16_weights_decode(model):
-    """weights="bfloat16": decode steps use bf16 copies of the matrices (prefill over 16 rows stays float32). The
+    """weights="bfloat16": decode steps use bf16 copies of the matrices (prefill over 32 rows stays float32). The
     logits stay within bf16 rounding of the float32 cache, and the weights are a snapshot."""
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(0, 53, 4)) for _ in range(3)]

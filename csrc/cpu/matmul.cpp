@@ -22,8 +22,8 @@ most even split, then least re-packing); big outputs get up to 4 equal chunks pe
 dimension (chunks >= ~1000 rows/columns, so re-packing stays ~1%), handed out with schedule(dynamic), so a
 core shared with another process does not stall the rest. Each chunk runs the blocked algorithm with
 thread-local, 64-byte aligned packing buffers (allocated once, grown on demand). Called inside a parallel
-region, gemm runs on the calling thread only. M <= 16 rows (in groups of <= 8) times a transposed B (forward on a few tokens)
-skips packing: dot products of contiguous rows, threads over columns.
+region, gemm runs on the calling thread only. M <= 32 rows times a transposed B (forward on a few tokens) skips
+packing: dot products of contiguous rows in groups of <= 8, threads over columns, each B row read from DRAM once.
 Target machine: AMD EPYC Zen 4 (L1d 32 KiB, L2 1 MiB per core, L3 32 MiB shared; AVX-512 executes as
 2x256-bit: 1 zmm FMA/cycle/core, latency 4; measured FMA peak 116 GFLOP/s/core at ~3.6 GHz).
 Perf notes (GPT-2 shapes, fp32, single thread, CPU time; see benchmarks/bench_matmul.py for torch ratios):
@@ -434,6 +434,8 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
 // (one cache line per 16 floats, issued next to the load of the same offset) cut a decode step's matmuls at
 // M=8 from ~3.9 ms to ~2.0 ms (2 threads); 3 columns instead of 2 per step: ~-10% more at M=8.
 // PF_ROWS 8 and 16 measured the same, 4 slightly worse; the prefetch is neutral at M=1.
+constexpr int64_t SMALL_M = 32;  // up to this many rows, a transposed-B product skips packing (see below)
+
 template <int MROWS, int NCOLS, int PF_ROWS = 8>
 FASTLLM_TARGET_AVX512 static void gemm_small_m_nt_avx512(int64_t M, int64_t N, int64_t K, float alpha,
                                                          const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -451,35 +453,40 @@ FASTLLM_TARGET_AVX512 static void gemm_small_m_nt_avx512(int64_t M, int64_t N, i
             b[c] = B + (j + std::min(c, nc - 1)) * ldb;
             pf[c] = j + c + PF_ROWS < N ? b[c] + PF : b[c];
         }
-        __m512 acc[MROWS][NCOLS];
-        for (int i = 0; i < MROWS; i++)
-            for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K16; k += 16) {
-            __m512 vb[NCOLS];
-            for (int c = 0; c < NCOLS; c++) {
-                vb[c] = _mm512_loadu_ps(b[c] + k);
-                _mm_prefetch((const char*)(pf[c] + k), _MM_HINT_T0);
+        // every row group of A meets these B rows while they are in L1/L2: B leaves DRAM once per call
+        for (int64_t i0 = 0; i0 < M; i0 += MROWS) {
+            const int64_t m = std::min<int64_t>(MROWS, M - i0);
+            const float* Ai = A + i0 * lda;
+            __m512 acc[MROWS][NCOLS];
+            for (int i = 0; i < MROWS; i++)
+                for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K16; k += 16) {
+                __m512 vb[NCOLS];
+                for (int c = 0; c < NCOLS; c++) {
+                    vb[c] = _mm512_loadu_ps(b[c] + k);
+                    if (i0 == 0) _mm_prefetch((const char*)(pf[c] + k), _MM_HINT_T0);
+                }
+                for (int i = 0; i < MROWS; i++)
+                    if (i < m) {
+                        const __m512 va = _mm512_loadu_ps(Ai + i * lda + k);
+                        for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_fmadd_ps(va, vb[c], acc[i][c]);
+                    }
             }
-            for (int i = 0; i < MROWS; i++)
-                if (i < M) {
-                    const __m512 va = _mm512_loadu_ps(A + i * lda + k);
-                    for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_fmadd_ps(va, vb[c], acc[i][c]);
+            if (tail) {
+                __m512 vb[NCOLS];
+                for (int c = 0; c < NCOLS; c++) vb[c] = _mm512_maskz_loadu_ps(tail, b[c] + K16);
+                for (int i = 0; i < MROWS; i++)
+                    if (i < m) {
+                        const __m512 va = _mm512_maskz_loadu_ps(tail, Ai + i * lda + K16);
+                        for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_fmadd_ps(va, vb[c], acc[i][c]);
+                    }
+            }
+            for (int64_t i = 0; i < m; i++) {
+                for (int c = 0; c < nc; c++) {
+                    float v = alpha * _mm512_reduce_add_ps(acc[i][c]) + (bias ? bias[j + c] : 0.0f);
+                    float* out = Cm + (i0 + i) * ldc + j + c;
+                    *out = beta == 0.0f ? v : v + beta * *out;
                 }
-        }
-        if (tail) {
-            __m512 vb[NCOLS];
-            for (int c = 0; c < NCOLS; c++) vb[c] = _mm512_maskz_loadu_ps(tail, b[c] + K16);
-            for (int i = 0; i < MROWS; i++)
-                if (i < M) {
-                    const __m512 va = _mm512_maskz_loadu_ps(tail, A + i * lda + K16);
-                    for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_fmadd_ps(va, vb[c], acc[i][c]);
-                }
-        }
-        for (int64_t i = 0; i < M; i++) {
-            for (int c = 0; c < nc; c++) {
-                float v = alpha * _mm512_reduce_add_ps(acc[i][c]) + (bias ? bias[j + c] : 0.0f);
-                float* out = Cm + i * ldc + j + c;
-                *out = beta == 0.0f ? v : v + beta * *out;
             }
         }
     }
@@ -506,14 +513,9 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
 #endif
     }
     if (double(M) * double(N) * double(K) < 64.0 * 64.0 * 64.0) T = 1;  // not worth waking threads
-    if (M <= 16 && !transA && transB && simd_level() == Simd::avx512) {  // decode-sized batches
-        for (int64_t i0 = 0; i0 < M; i0 += 8) {
-            const int64_t m = std::min<int64_t>(8, M - i0);
-            if (m <= 4)
-                gemm_small_m_nt_avx512<4, 4>(m, N, K, alpha, A + i0 * lda, lda, B, ldb, beta, Cm + i0 * ldc, ldc, bias, T);
-            else
-                gemm_small_m_nt_avx512<8, 3>(m, N, K, alpha, A + i0 * lda, lda, B, ldb, beta, Cm + i0 * ldc, ldc, bias, T);
-        }
+    if (M <= SMALL_M && !transA && transB && simd_level() == Simd::avx512) {  // decode-sized batches
+        if (M <= 4) gemm_small_m_nt_avx512<4, 4>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
+        else gemm_small_m_nt_avx512<8, 3>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
         return;
     }
     const int64_t mt = ceil_div(M, kn.MR), nt = ceil_div(N, kn.NR);
@@ -601,33 +603,37 @@ FASTLLM_TARGET_AVX512BF16 static void gemm_bf16w_avx512bf16(int64_t M, int64_t N
             b[c] = B + (j + std::min(c, nc - 1)) * K;
             pf[c] = j + c + PF_ROWS < N ? b[c] + PF : b[c];
         }
-        __m512 acc[MROWS][NCOLS];
-        for (int i = 0; i < MROWS; i++)
-            for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K32; k += 32) {
-            __m512bh vb[NCOLS];
-            for (int c = 0; c < NCOLS; c++) {
-                vb[c] = (__m512bh)_mm512_loadu_si512(b[c] + k);
-                _mm_prefetch((const char*)(pf[c] + k), _MM_HINT_T0);
+        for (int64_t i0 = 0; i0 < M; i0 += MROWS) {  // all row groups while these B rows are in cache
+            const int64_t m = std::min<int64_t>(MROWS, M - i0);
+            const uint16_t* Ai = A + i0 * K;
+            __m512 acc[MROWS][NCOLS];
+            for (int i = 0; i < MROWS; i++)
+                for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K32; k += 32) {
+                __m512bh vb[NCOLS];
+                for (int c = 0; c < NCOLS; c++) {
+                    vb[c] = (__m512bh)_mm512_loadu_si512(b[c] + k);
+                    if (i0 == 0) _mm_prefetch((const char*)(pf[c] + k), _MM_HINT_T0);
+                }
+                for (int i = 0; i < MROWS; i++)
+                    if (i < m) {
+                        const __m512bh va = (__m512bh)_mm512_loadu_si512(Ai + i * K + k);
+                        for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], va, vb[c]);
+                    }
             }
-            for (int i = 0; i < MROWS; i++)
-                if (i < M) {
-                    const __m512bh va = (__m512bh)_mm512_loadu_si512(A + i * K + k);
-                    for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], va, vb[c]);
-                }
+            if (tail) {
+                __m512bh vb[NCOLS];
+                for (int c = 0; c < NCOLS; c++) vb[c] = (__m512bh)_mm512_maskz_loadu_epi16(tail, b[c] + K32);
+                for (int i = 0; i < MROWS; i++)
+                    if (i < m) {
+                        const __m512bh va = (__m512bh)_mm512_maskz_loadu_epi16(tail, Ai + i * K + K32);
+                        for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], va, vb[c]);
+                    }
+            }
+            for (int64_t i = 0; i < m; i++)
+                for (int c = 0; c < nc; c++)
+                    Cm[(i0 + i) * N + j + c] = _mm512_reduce_add_ps(acc[i][c]) + (bias ? bias[j + c] : 0.0f);
         }
-        if (tail) {
-            __m512bh vb[NCOLS];
-            for (int c = 0; c < NCOLS; c++) vb[c] = (__m512bh)_mm512_maskz_loadu_epi16(tail, b[c] + K32);
-            for (int i = 0; i < MROWS; i++)
-                if (i < M) {
-                    const __m512bh va = (__m512bh)_mm512_maskz_loadu_epi16(tail, A + i * K + K32);
-                    for (int c = 0; c < NCOLS; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], va, vb[c]);
-                }
-        }
-        for (int64_t i = 0; i < M; i++)
-            for (int c = 0; c < nc; c++)
-                Cm[i * N + j + c] = _mm512_reduce_add_ps(acc[i][c]) + (bias ? bias[j + c] : 0.0f);
     }
 }
 
@@ -655,15 +661,11 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
     if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) T = max_threads();
 #endif
     static const bool has_bf16 = cpu_has_avx512bf16();
-    for (int64_t i0 = 0; i0 < N; i0 += 8) {
-        const int64_t m = std::min<int64_t>(8, N - i0);
-        const uint16_t* a = a16.data() + i0 * C;
-        if (has_bf16 && simd_level() == Simd::avx512) {
-            if (m <= 4) gemm_bf16w_avx512bf16<4, 4>(m, OC, C, a, weight, bias, out + i0 * OC, T);
-            else gemm_bf16w_avx512bf16<8, 3>(m, OC, C, a, weight, bias, out + i0 * OC, T);
-        } else {
-            gemm_bf16w_portable(m, OC, C, a, weight, bias, out + i0 * OC, T);
-        }
+    if (has_bf16 && simd_level() == Simd::avx512) {
+        if (N <= 4) gemm_bf16w_avx512bf16<4, 4>(N, OC, C, a16.data(), weight, bias, out, T);
+        else gemm_bf16w_avx512bf16<8, 3>(N, OC, C, a16.data(), weight, bias, out, T);
+    } else {
+        gemm_bf16w_portable(N, OC, C, a16.data(), weight, bias, out, T);
     }
 }
 

@@ -380,7 +380,7 @@ class KVCache:
     Memory: 2 * n_layer * B * block_size * n_embd floats.
     """
 
-    BF16_MAX_ROWS = 16  # token rows per pass up to which bf16 weights (if any) are used
+    BF16_MAX_ROWS = 32  # token rows per pass up to which bf16 weights (if any) are used
 
     def __init__(self, model: GPT, batch_size: int, weights: str | dict = "float32"):
         cfg = model.config
