@@ -113,6 +113,26 @@ def test_softmax_ce_extreme_logits(simd, big):
     np.testing.assert_allclose(dlogits, ref_d, **GRAD_TOL)
 
 
+@pytest.mark.parametrize("V", [7, 34, 64, 100, 1000])
+def test_softmax_ce_masked_logits(rng, simd, V):
+    """-inf logits (masked tokens) get probability 0: finite loss and gradient elsewhere, even when a SIMD lane
+    sees only -inf values at first; a masked target gives loss +inf."""
+    logits = rng.standard_normal((4, V)).astype(np.float32)
+    logits[:, ::3] = -np.inf
+    t1 = V - 1 if (V - 1) % 3 else V - 2  # an unmasked target after a long masked run
+    logits[1, : min(t1, 70)] = -np.inf
+    logits[2] = -np.inf
+    logits[2, V - 1] = 1.0  # one finite logit: probability 1
+    targets = np.array([1, t1, V - 1, 0], np.int32)  # row 3 targets a masked logit
+    losses, dlogits = ops.softmax_cross_entropy(logits, targets)
+    ref_l, ref_d = reference.softmax_cross_entropy(logits[:3], targets[:3])
+    np.testing.assert_allclose(losses[:3], ref_l, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dlogits[:3], ref_d, **GRAD_TOL)
+    assert losses[3] == np.inf and np.isfinite(dlogits[3]).all()
+    # masked: zero up to the documented tiny exp (row 3's target keeps its -1)
+    assert max(np.abs(dlogits[:2, ::3]).max(), np.abs(dlogits[3, 3::3]).max(initial=0)) < 1e-30
+
+
 def test_softmax_ce_nan_propagates(simd):
     """A NaN logit must poison its row's loss (never silently dropped by a max or a clamp)."""
     for V in (7, 100):

@@ -32,6 +32,7 @@ F.cross_entropy fwd+bwd (2 threads): >10x (torch makes several passes and alloca
 #include "softmax_ce.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -65,11 +66,14 @@ FASTLLM_TARGET_AVX512 static void softmax_ce_row_avx512(float* loss, float* d, c
                                                         int32_t tgt, float grad_scale, bool stream) {
     using namespace vec;
     // pass 1: online max + sum, 4 vectors per block
-    __m512 m = _mm512_set1_ps(-INFINITY), s = _mm512_setzero_ps();
+    // the running max starts at -FLT_MAX, not -inf: a lane whose logits so far are all -inf (masked tokens) then
+    // computes exp(-inf - (-FLT_MAX)) = 0 rather than exp(-inf + inf) = NaN
+    const __m512 lowest = _mm512_set1_ps(-FLT_MAX);
+    __m512 m = lowest, s = _mm512_setzero_ps();
     int64_t i = 0;
     if (V >= 64) {
-        m = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)),
-                          _mm512_max_ps(_mm512_loadu_ps(x + 32), _mm512_loadu_ps(x + 48)));
+        m = _mm512_max_ps(lowest, _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)),
+                                                _mm512_max_ps(_mm512_loadu_ps(x + 32), _mm512_loadu_ps(x + 48))));
         for (; i + 64 <= V; i += 64) {
             const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
             const __m512 x2 = _mm512_loadu_ps(x + i + 32), x3 = _mm512_loadu_ps(x + i + 48);
@@ -138,12 +142,12 @@ FASTLLM_TARGET_AVX512 static void softmax_ce_row_avx512(float* loss, float* d, c
 FASTLLM_TARGET_AVX2 static void softmax_ce_row_avx2(float* loss, float* d, const float* x, int64_t V,
                                                     int32_t tgt, float grad_scale) {
     using namespace vec;
-    const __m256 ninf = _mm256_set1_ps(-INFINITY);
-    __m256 m = ninf, s = _mm256_setzero_ps();
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), lowest = _mm256_set1_ps(-FLT_MAX);  // -FLT_MAX: see avx512
+    __m256 m = lowest, s = _mm256_setzero_ps();
     int64_t i = 0;
     if (V >= 32) {
-        m = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
-                          _mm256_max_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)));
+        m = _mm256_max_ps(lowest, _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
+                                                _mm256_max_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24))));
         for (; i + 32 <= V; i += 32) {
             const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
             const __m256 x2 = _mm256_loadu_ps(x + i + 16), x3 = _mm256_loadu_ps(x + i + 24);
