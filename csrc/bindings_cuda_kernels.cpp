@@ -84,12 +84,15 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             const int64_t OC = weight.shape[0], C = weight.shape[1];
             FASTLLM_CHECK(dout.shape.size() >= 1 && dout.shape.back() == OC, "dout must be (..., OC = ", OC,
                           "), got shape ", dout.shape_str());
-            std::vector<int64_t> lead(dout.shape.begin(), dout.shape.end() - 1), inp_shape = lead;
-            inp_shape.push_back(C);
+            // leading dims are flattened: dout (..., OC) and inp (..., C) with the same number N of rows
+            int64_t N = 1;
+            for (size_t i = 0; i + 1 < dout.shape.size(); i++) N *= dout.shape[i];
+            FASTLLM_CHECK(inp.shape.size() >= 1 && inp.shape.back() == C && inp.size() == N * C,
+                          "inp must be (..., C = ", C, ") with N = ", N, " rows like dout, got shape ",
+                          inp.shape_str());
+            const std::vector<int64_t> inp_shape = inp.shape;
             check_array(inp, "inp", t, inp_shape);
             check_array(dout, "dout", t, dout.shape);
-            int64_t N = 1;
-            for (int64_t d : lead) N *= d;
             check_int32_size(N, "N (rows)");
             check_int32_size(C, "C");
             check_int32_size(OC, "OC");
