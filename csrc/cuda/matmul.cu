@@ -47,9 +47,13 @@ static constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 static constexpr float kGeluCubic = 0.044715f;
 static constexpr float kX2Cap = 1e4f;  // x^2 capped inside u, as the CPU kernel (tanh saturated anyway)
 
+// gelu(x) = 0.5 x (1 + tanh u) = x sigmoid(2u), u = k (x + 0.044715 x^3). Not tanhf: under --use_fast_math it
+// becomes tanh.approx (2^-11 relative error, visible in fp32 outputs); __expf is ~1e-6 relative here and the
+// IEEE reciprocal saturates cleanly (exp -> inf gives s = 0, so y = -0 for very negative x, never NaN).
 __device__ __forceinline__ float gelu_tanh(float x) {
     const float x2 = fminf(x * x, kX2Cap);
-    return 0.5f * x * (1.0f + tanhf(kGeluScale * x * (1.0f + kGeluCubic * x2)));
+    const float two_u = 2.0f * kGeluScale * x * (1.0f + kGeluCubic * x2);
+    return x * __frcp_rn(1.0f + __expf(-two_u));
 }
 
 // stores v0 at p[0] and, if two, v1 at p[1]; as one 8/4-byte store if vec (the pair is aligned)
