@@ -44,13 +44,22 @@ void add_inplace(void* dst, const void* src, int64_t n, DType t);
 // sum of squares of x (n, f32 or T) in fp32 per block then double; synchronises and returns to the host
 double sum_squares(const void* x, int64_t n, DType t);
 
-// ---- matmul.cu: tensor-core GEMM (bf16 mma, fp32 accumulation; fp32 inputs use a TF32/FFMA path)
+// ---- matmul.cu: tensor-core GEMM (bf16 mma, fp32 accumulation; fp32 inputs use an FFMA path)
 // C (M, N) = [C +] op(A) @ op(B) [+ bias (N)]: op(A) is A (M, K), or A stored (K, M) transposed if trans_a;
 // op(B) is B (K, N), or B stored (N, K) transposed if trans_b. A, B, bias have dtype ab; C has dtype c_t
 // (f32 or ab). With pre_gelu (dtype c_t, M x N; accumulate must be false): pre_gelu = A@B+bias, C = gelu(pre_gelu).
 void gemm(void* C, DType c_t, const void* A, const void* B, const void* bias, void* pre_gelu, int64_t M,
           int64_t N, int64_t K, bool trans_a, bool trans_b, bool accumulate, DType ab);
-// dbias (N, f32) += column sums of dout (M, N, dtype t)
+// gemm with explicit row strides (elements) of C (and pre_gelu), A and B as stored; used by the fused classifier
+// (padded rows). The tensor-core path needs A, B 16-byte aligned and lda, ldb multiples of 8; else FFMA.
+void gemm_ex(void* C, DType c_t, int64_t ldc, const void* A, int64_t lda, const void* B, int64_t ldb,
+             const void* bias, void* pre_gelu, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
+             bool accumulate, DType ab);
+// "auto" (tensor cores for bf16 when aligned), "simple" (always the FFMA reference kernel; for tests) or "tc1"
+// (the tensor-core variant tuned for 1 block/SM; for benchmarks). Initial value: $FASTLLM_CUDA_GEMM or "auto".
+std::string gemm_impl();
+void set_gemm_impl(const std::string& name);  // throws std::invalid_argument for other names
+// dbias (N, f32) += column sums of dout (M, N, dtype t); deterministic
 void bias_backward(float* dbias, const void* dout, int64_t M, int64_t N, DType t);
 
 // ---- attention.cu: causal flash attention on packed qkv (B, T, 3C), heads of size hs = C / NH
@@ -69,14 +78,21 @@ void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv
 // ---- softmax_ce.cu: fused softmax + cross-entropy (+ gradient) and the fused classifier
 // losses (N, f32) = -log softmax(logits)[target]; if dlogits: dlogits (N, V, T) = (softmax - onehot) *
 // grad_scale, written (=) and may alias logits. Rows whose target == ignore_index get loss 0 and zero grad.
+// A target outside [0, V) (other than ignore_index) gives loss NaN (never a wild read); callers check on the host.
 void softmax_cross_entropy(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N,
                            int64_t V, float grad_scale, int32_t ignore_index, DType t);
+// the same with row stride ld >= V (elements) of logits and dlogits
+void softmax_cross_entropy_ex(float* losses, void* dlogits, const void* logits, int64_t ld,
+                              const int32_t* targets, int64_t N, int64_t V, float grad_scale, int32_t ignore_index,
+                              DType t);
 // logits = hidden (N, C) @ weight (V, C)^T in row chunks of a scratch buffer (never N x V at once), then the
 // loss and, if dhidden/dweight are given, dhidden (N, C, T) += dlogits @ weight, dweight (V, C, f32) +=
 // dlogits^T @ hidden. scratch: chunk_rows x V elements of T (the caller allocates it; see lmhead_chunk_rows).
 void lmhead_cross_entropy(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
                           const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C,
                           int64_t V, float grad_scale, int32_t ignore_index, DType t);
+// default chunk rows for a scratch of at most ~256 MiB (multiple of 128 when >= 128, at least 1, at most N)
+int64_t lmhead_chunk_rows(int64_t N, int64_t V, DType t);
 
 // ---- layernorm.cu
 // out (N, C, T), mean/rstd (N, f32) over the last axis; weight/bias (C, T)

@@ -131,6 +131,17 @@ def gemm(c, a, b, trans_a: bool = False, trans_b: bool = False, accumulate: bool
                  bool(trans_a), bool(trans_b), bool(accumulate))
 
 
+def gemm_impl(name: str | None = None) -> str:
+    """The GEMM kernel in use: 'auto' (bf16 tensor cores when operands are 16-byte aligned with row strides
+    that are multiples of 8, else the FFMA kernel), 'simple' (always the FFMA reference kernel) or 'tc1' (the
+    tensor-core build for 1 block/SM, for benchmarks). With `name`, selects it and returns the previous one.
+    The initial value comes from $FASTLLM_CUDA_GEMM (default 'auto')."""
+    old = _require().gemm_impl()
+    if name is not None:
+        _C.cuda.set_gemm_impl(str(name))
+    return old
+
+
 def matmul_forward(out, inp, weight, bias=None, pre_gelu=None) -> None:
     """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC); with pre_gelu (N, OC): the GELU epilogue
     (pre_gelu = the product, out = gelu(pre_gelu)). Leading dims of inp/out are flattened."""
@@ -168,7 +179,8 @@ def attention_kv_forward(out, kcache, vcache, qkv, pos) -> None:
 def softmax_cross_entropy(losses, dlogits, logits, targets, grad_scale: float = 1.0,
                           ignore_index: int = IGNORE_INDEX) -> None:
     """losses (N, float32) and, if dlogits is given, dlogits (N, V) = (softmax - onehot) * grad_scale (written;
-    may be `logits` itself). targets: int32 (N,)."""
+    may be `logits` itself). targets: int32 (N,). An id outside [0, V) other than ignore_index gives a NaN loss
+    (no wild read; check ids on the host)."""
     _C.cuda.softmax_cross_entropy(_dev(losses, "losses"), _opt(dlogits, "dlogits"), _dev(logits, "logits"),
                                   _dev(targets, "targets"), float(grad_scale), int(ignore_index))
 
@@ -177,10 +189,18 @@ def lmhead_cross_entropy(losses, dhidden, dweight, hidden, weight, targets, grad
                          ignore_index: int = IGNORE_INDEX, scratch=None) -> None:
     """Fused classifier: logits = hidden (N, C) @ weight (V, C)^T in row chunks (never N x V), losses (N, float32);
     if given, dhidden (N, C) += and dweight (V, C, float32) += the gradients. scratch: an optional DeviceArray
-    (rows, V) of hidden's dtype reused between calls (chunk size = its rows); allocated per call if None."""
+    (rows, V) of hidden's dtype reused between calls (see lmhead_scratch); allocated per call if None. Chunks are
+    its rows x V elements at a row stride of V rounded up to 8 (fast GEMMs), so slightly fewer than `rows` rows.
+    Target ids are not range-checked on the GPU: an id outside [0, V) other than ignore_index gives a NaN loss."""
     _C.cuda.lmhead_cross_entropy(_dev(losses, "losses"), _opt(dhidden, "dhidden"), _opt(dweight, "dweight"),
                                  _dev(hidden, "hidden"), _dev(weight, "weight"), _dev(targets, "targets"),
                                  float(grad_scale), int(ignore_index), _opt(scratch, "scratch"))
+
+
+def lmhead_scratch(n_rows: int, vocab_size: int, dtype: str = "bfloat16") -> DeviceArray:
+    """A scratch buffer for lmhead_cross_entropy with the default chunk size for n_rows rows (<= ~256 MiB)."""
+    rows = _require().lmhead_chunk_rows(int(n_rows), int(vocab_size), dtype)
+    return empty((rows, int(vocab_size)), dtype)
 
 
 def layernorm_forward(out, mean, rstd, x, weight, bias, eps: float = 1e-5) -> None:
