@@ -216,8 +216,8 @@ def test_generation_with_kv_cache(monkeypatch, dtype):
     assert generate(gpu, prompts, 10, temperature=0) == want
     assert generate(gpu, prompts[0], 10, temperature=0) == want[0]
     # sampling with a seed draws the same tokens from the same logits
-    assert generate(gpu, prompts, 8, temperature=1.0, top_k=5, seed=7) == generate(cpu, prompts, 8, temperature=1.0,
-                                                                                   top_k=5, seed=7)
+    kw = dict(temperature=1.0, top_k=5, seed=7)
+    assert generate(gpu, prompts, 8, **kw) == generate(cpu, prompts, 8, **kw)
     with pytest.raises(ValueError, match="block_size"):
         generate(gpu, prompts[0], 30, temperature=0)
 
@@ -329,7 +329,7 @@ def test_sample_cli_on_cuda_matches_cpu(monkeypatch, tmp_path, capsys):
     assert outs[0] == outs[1] and len(outs[0]) > len("the ")
 
 
-def make_checkpoint(tmp_path):
+def make_checkpoint(tmp_path, n_embd: int = 32, n_head: int = 2):
     """A checkpoint folder with a small random model (sharp logits) and a byte-level tokenizer."""
     from fastllm.data import TOKENIZER_FILE
     from fastllm.optim import AdamW
@@ -340,6 +340,7 @@ def make_checkpoint(tmp_path):
                           special_tokens=["<|endoftext|>"], progress=False)
     (tmp_path / "tok").mkdir()
     tok.save(tmp_path / "tok" / TOKENIZER_FILE)
-    model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32), seed=0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=2, n_head=n_head, n_embd=n_embd), seed=0)
     model.params *= 4.0
-    return save_checkpoint(tmp_path / "run", 0, model, AdamW(model), {"step": 0}, tmp_path / "tok" / TOKENIZER_FILE)
+    tok_file = tmp_path / "tok" / TOKENIZER_FILE
+    return save_checkpoint(tmp_path / "run", 0, model, AdamW(model), {"step": 0}, tok_file)
