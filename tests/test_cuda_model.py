@@ -155,6 +155,7 @@ def test_sample_cli_cuda_equals_cpu(tmp_path, capsys):
 
 
 def test_train_cli_on_cuda(tmp_path):
+    pytest.importorskip("tqdm")  # train() draws a progress bar (scripts/gpu_check.sh shims it if missing)
     from test_train import learnable_shards
 
     from fastllm.cli import main

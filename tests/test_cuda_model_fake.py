@@ -336,8 +336,9 @@ def make_checkpoint(tmp_path, n_embd: int = 32, n_head: int = 2):
     from fastllm.tokenizer import Tokenizer
     from fastllm.train import save_checkpoint
 
+    # no special tokens: splitting on them needs the `regex` package, which GPU machines may lack
     tok = Tokenizer.train(["the cat sat on the mat, the dog ate the hat. " * 20], 300, pattern="gpt4",
-                          special_tokens=["<|endoftext|>"], progress=False)
+                          special_tokens=[], progress=False)
     (tmp_path / "tok").mkdir()
     tok.save(tmp_path / "tok" / TOKENIZER_FILE)
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=2, n_head=n_head, n_embd=n_embd), seed=0)
