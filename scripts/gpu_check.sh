@@ -66,7 +66,7 @@ note "pytest (timeout $(cap 240)s)"
 timeout "$(cap 240)" "$PY" -m pytest -m cuda ${PYTEST_ARGS:--x} -q -rs --durations=15 tests/test_cuda_*.py \
   2>&1 | tee "$OUT/pytest.log"
 rc=$?
-note "pytest rc=$rc: $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
+note "pytest rc=$rc: $(grep -E ' in [0-9.]+s' "$OUT/pytest.log" | tail -1)"
 [ $status -eq 0 ] && status=$rc
 
 # ---- 3. benchmarks (kernel scripts, then GPT-2 124M training vs PyTorch)

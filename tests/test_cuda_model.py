@@ -134,10 +134,25 @@ def test_generate_fp32_equals_cpu_greedy():
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [11, 12, 13]]
     err = rel(gpu.kv_cache(3).prefill(prompts), cpu.kv_cache(3).prefill(prompts))
     assert err < 2e-3, f"prefill logits rel err {err:.2e}"
-    assert generate(gpu, prompts, 12, temperature=0) == generate(cpu, prompts, 12, temperature=0)
+    assert_same_greedy(cpu, prompts, generate(gpu, prompts, 12, temperature=0), 12)
     bf16 = CudaGPT(cpu).eval()
     out = generate(bf16, prompts, 12, temperature=0)
     assert [len(r) for r in out] == [19, 13, 15]
+
+
+def assert_same_greedy(cpu, prompts, got, n):
+    """got (GPU greedy) equals the CPU's greedy continuation, except after a near-tie: at the first token where
+    they part, the CPU logit of the GPU's pick must be within 1e-2 (relative) of the CPU's best."""
+    want = generate(cpu, prompts, n, temperature=0)
+    for row, (g, w) in enumerate(zip(got, want)):
+        assert len(g) == len(w), (row, g, w)
+        if g == w:
+            continue
+        i = next(k for k in range(len(g)) if g[k] != w[k])
+        logits = cpu.forward(np.array([g[:i]]))[0, -1]
+        gap = float(logits[w[i]] - logits[g[i]])
+        assert gap <= 1e-2 * float(np.abs(logits).max()), f"row {row} token {i}: GPU chose {g[i]}, CPU {w[i]}, " \
+            f"logit gap {gap:.3g} is no near-tie"
 
 
 def test_sample_cli_cuda_equals_cpu(tmp_path, capsys):
