@@ -345,3 +345,57 @@ def make_checkpoint(tmp_path, n_embd: int = 32, n_head: int = 2):
     model.params *= 4.0
     tok_file = tmp_path / "tok" / TOKENIZER_FILE
     return save_checkpoint(tmp_path / "run", 0, model, AdamW(model), {"step": 0}, tok_file)
+
+
+# ---- the fake keeps to the contract --------------------------------------------------------------------
+
+
+def _called_bindings() -> set[str]:
+    import re
+    from pathlib import Path
+
+    src = Path(cuda.__file__).read_text()
+    return set(re.findall(r"_C\.cuda\.(\w+)\(", src)) - {"DeviceArray"}
+
+
+def test_fake_has_every_binding_cuda_py_calls():
+    import inspect
+
+    missing = [n for n in sorted(_called_bindings()) if not callable(getattr(cuda_fake, n, None))]
+    assert not missing, f"tests/cuda_fake.py lacks {missing}"
+    for n in ("from_numpy", "device_count", "synchronize"):
+        assert callable(getattr(cuda_fake, n))
+    assert list(inspect.signature(cuda_fake.adamw_step).parameters)[:5] == ["params", "m", "v", "grads",
+                                                                            "params_copy"]
+
+
+def test_fake_signatures_match_the_real_bindings():
+    """With a CUDA build (no GPU needed): every binding the fake imitates takes the same argument names in the
+    same order (read from pybind11's signature line), so the fake cannot drift from csrc/bindings_cuda*.cpp."""
+    import inspect
+    import re
+    import warnings
+
+    if not cuda.is_built():
+        pytest.skip("fastllm built without CUDA: no real bindings to compare with")
+    real = cuda._C.cuda
+    absent = sorted(n for n in _called_bindings() if not hasattr(real, n))
+    mismatched = {}
+    for n in sorted(_called_bindings() - set(absent)):
+        doc = (getattr(real, n).__doc__ or "").strip()
+        m = re.match(rf"{n}\((.*?)\) ->", doc)
+        if not m:
+            continue  # overloaded or undocumented: nothing to compare
+        names = re.findall(r"(?:^|, )(\w+):", m.group(1))
+        if not names or names[0] == "arg0":
+            continue  # bound without py::arg names
+        fake = list(inspect.signature(getattr(cuda_fake, n)).parameters)
+        # cuda.py passes arguments by position: a different count, or the same names in another order, is a
+        # real disagreement; other spellings of the names are only reported
+        if len(names) != len(fake) or (set(names) == set(fake) and names != fake):
+            mismatched[n] = (names, fake)
+        elif names != fake:
+            warnings.warn(f"{n}: the binding names its arguments {names}, the fake {fake}", stacklevel=1)
+    assert not mismatched, f"binding arguments (real, fake) disagree: {mismatched}"
+    if absent:
+        pytest.skip(f"not bound yet in this build: {absent}")
