@@ -182,6 +182,12 @@ def synchronize() -> None:
     pass
 
 
+def lmhead_chunk_rows(N: int, V: int, dtype: str) -> int:
+    """Default scratch rows of lmhead_cross_entropy: at most ~256 MiB of logits, at most N."""
+    _parse_dtype(dtype)
+    return int(max(1, min(N, (256 << 20) // (max(V, 1) * (2 if _DTYPES[dtype] == "bfloat16" else 4)))))
+
+
 # ---- argument checks (what the real bindings promise: TypeError for dtype, ValueError for shape) --------
 
 
@@ -211,6 +217,25 @@ def _ndim(a, name: str, n: int) -> tuple[int, ...]:
     if a.ndim != n:
         raise ValueError(f"{name} must have {n} dimensions, got shape {a.shape}")
     return a.shape
+
+
+def _overlap(a, b) -> bool:
+    """Element ranges of two arrays in one buffer intersect (like the bindings' byte-range check)."""
+    return (a is not None and b is not None and a._buf is b._buf and a.size and b.size
+            and a._off < b._off + b.size and b._off < a._off + a.size)
+
+
+def _disjoint(dst, dst_name: str, /, **inputs) -> None:
+    """The real bindings reject outputs that overlap other arguments (ValueError)."""
+    for name, x in inputs.items():
+        if _overlap(dst, x):
+            raise ValueError(f"{dst_name} must not overlap {name}")
+
+
+def _same_or_disjoint(out, out_name: str, x, x_name: str) -> None:
+    same = out._buf is x._buf and out._off == x._off and out.size == x.size
+    if not same and _overlap(out, x):
+        raise ValueError(f"{out_name} must be {x_name} itself (in place) or not overlap it")
 
 
 def _bf16_store(*arrays) -> None:
@@ -252,6 +277,8 @@ def gemm(c, a, b, bias, pre_gelu, trans_a: bool, trans_b: bool, accumulate: bool
         _check(pre_gelu, "pre_gelu", ct, (M, N))
         if accumulate:
             raise ValueError("pre_gelu needs accumulate=False")
+    _disjoint(c, "c", a=a, b=b, bias=bias)
+    _disjoint(pre_gelu, "pre_gelu", a=a, b=b, bias=bias, c=c)
     A, B_ = a._np(), b._np()
     if not trans_a and trans_b:
         prod = ops.matmul_forward(A, B_, bias_np)  # the CPU kernel: bit-equal to the CPU model in fp32
@@ -284,6 +311,10 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight) -> None:
         _check(dweight, "dweight", "float32", (OC, C))
     if dbias is not None:
         _check(dbias, "dbias", "float32", (OC,))
+    for o, on in ((dinp, "dinp"), (dweight, "dweight"), (dbias, "dbias")):
+        _disjoint(o, on, dout=dout, inp=inp, weight=weight)
+    _disjoint(dinp, "dinp", dweight=dweight, dbias=dbias)
+    _disjoint(dweight, "dweight", dbias=dbias)
     di = None if dinp is None else dinp._np()
     dw = dweight._np() if dweight is not None else np.zeros((OC, C), np.float32)
     db = None if dbias is None else dbias._np()
@@ -299,6 +330,8 @@ def attention_forward(out, lse, qkv, n_head: int) -> None:
         raise ValueError(f"qkv's last dimension {C3} must be 3 * C with C divisible by n_head={n_head}")
     o = _check(out, "out", t, (B, T, C))
     s = _check(lse, "lse", "float32", (B, n_head, T))
+    _disjoint(out, "out", qkv=qkv, lse=lse)
+    _disjoint(lse, "lse", qkv=qkv)
     ops.attention_forward(qkv._np(), n_head, out=o, lse=s)
     _bf16_store(out)
 
@@ -311,6 +344,7 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head: int) -> None:
     dy = _check(dout, "dout", t, (B, T, C))
     o = _check(out, "out", t, (B, T, C))
     s = _check(lse, "lse", "float32", (B, n_head, T))
+    _disjoint(dqkv, "dqkv", qkv=qkv, dout=dout, out=out, lse=lse)
     ops.attention_backward(dy, qkv._np(), o, s, n_head, dqkv=d)
     _bf16_store(dqkv)
 
@@ -326,6 +360,9 @@ def attention_kv_forward(out, kcache, vcache, qkv, pos) -> None:
     v = _check(vcache, "vcache", t, (B, NH, maxT, hs))
     o = _check(out, "out", t, (B, Tn, C))
     p = _check(pos, "pos", "int32", (B,))
+    _disjoint(kcache, "kcache", vcache=vcache, qkv=qkv, pos=pos)
+    _disjoint(vcache, "vcache", qkv=qkv, pos=pos)
+    _disjoint(out, "out", qkv=qkv, kcache=kcache, vcache=vcache)
     if (p < 0).any() or (p + Tn > maxT).any():
         raise ValueError(f"pos + Tn must be in [0, {maxT}], got pos {p} and Tn={Tn}")
     ops.attention_kv_forward(qkv._np(), k, v, p, out=o)
@@ -365,6 +402,10 @@ def lmhead_cross_entropy(losses, dhidden, dweight, hidden, weight, targets, grad
         _check(scratch, "scratch", t, (scratch.shape[0], V))
         if scratch.shape[0] < 1:
             raise ValueError("scratch needs at least one row")
+    for o, on in ((losses, "losses"), (dhidden, "dhidden"), (dweight, "dweight")):
+        _disjoint(o, on, hidden=hidden, weight=weight, targets=targets, scratch=scratch)
+    _disjoint(dhidden, "dhidden", dweight=dweight, losses=losses)
+    _disjoint(dweight, "dweight", losses=losses)
     bad = (tg != ignore_index) & ((tg < 0) | (tg >= V))
     if bad.any():
         raise ValueError(f"targets hold ids outside [0, {V})")
@@ -385,6 +426,10 @@ def layernorm_forward(out, mean, rstd, x, weight, bias, eps: float) -> None:
     rs = _check(rstd, "rstd", "float32", (N,))
     w = _check(weight, "weight", t, (C,))
     b = _check(bias, "bias", t, (C,))
+    _same_or_disjoint(out, "out", x, "x")
+    _disjoint(out, "out", weight=weight, bias=bias, mean=mean, rstd=rstd)
+    _disjoint(mean, "mean", x=x, weight=weight, bias=bias, rstd=rstd)
+    _disjoint(rstd, "rstd", x=x, weight=weight, bias=bias)
     ops.layernorm_forward(x._np(), w, b, eps, out=o, mean=mu, rstd=rs)
     _bf16_store(out)
 
@@ -399,6 +444,9 @@ def layernorm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd) -> None:
     w = _check(weight, "weight", t, (C,))
     mu = _check(mean, "mean", "float32", (N,))
     rs = _check(rstd, "rstd", "float32", (N,))
+    _disjoint(dx, "dx", dout=dout, x=x, weight=weight, mean=mean, rstd=rstd, dweight=dweight, dbias=dbias)
+    _disjoint(dweight, "dweight", dout=dout, x=x, weight=weight, mean=mean, rstd=rstd, dbias=dbias)
+    _disjoint(dbias, "dbias", dout=dout, x=x, weight=weight, mean=mean, rstd=rstd)
     ops.layernorm_backward(dy, x._np(), w, mu, rs, dx=d, dweight=dw, dbias=db)
     _bf16_store(dx)
 
@@ -406,6 +454,7 @@ def layernorm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd) -> None:
 def gelu_forward(out, x) -> None:
     t = _float(x, "x")
     o = _check(out, "out", t, x.shape)
+    _same_or_disjoint(out, "out", x, "x")
     ops.gelu_forward(x._np(), out=o)
     _bf16_store(out)
 
@@ -414,6 +463,7 @@ def gelu_backward(dx, dout, x) -> None:
     t = _float(x, "x")
     d = _check(dx, "dx", t, x.shape)
     dy = _check(dout, "dout", t, x.shape)
+    _disjoint(dx, "dx", dout=dout, x=x)
     ops.gelu_backward(dy, x._np(), dx=d)
     _bf16_store(dx)
 
@@ -422,7 +472,9 @@ def residual_forward(out, a, b) -> None:
     t = _float(a, "a")
     o = _check(out, "out", t, a.shape)
     bb = _check(b, "b", t, a.shape)
-    ops.residual_forward(a._np(), bb, out=o)
+    _same_or_disjoint(out, "out", a, "a")
+    _same_or_disjoint(out, "out", b, "b")
+    ops.residual_forward(a._np(), bb.copy(), out=o)
     _bf16_store(out)
 
 
@@ -437,6 +489,7 @@ def embedding_forward(out, tokens, wte, wpe) -> None:
     p = _check(wpe, "wpe", t, (wpe.shape[0], C))
     tk = _check(tokens, "tokens", "int32", (B, T))
     o = _check(out, "out", t, (B, T, C))
+    _disjoint(out, "out", tokens=tokens, wte=wte, wpe=wpe)
     ok = (tk >= 0) & (tk < V)
     safe = np.where(ok, tk, 0).astype(np.int32)
     ops.embedding_forward(safe, wte._np(), p, out=o)
@@ -455,6 +508,8 @@ def embedding_backward(dwte, dwpe, dout, tokens) -> None:
         raise ValueError(f"dwpe has {dwpe.shape[0]} rows < T={T}")
     tk = _check(tokens, "tokens", "int32", (B, T))
     del t
+    _disjoint(dwte, "dwte", dwpe=dwpe, dout=dout, tokens=tokens)
+    _disjoint(dwpe, "dwpe", dout=dout, tokens=tokens)
     ops.embedding_backward(np.ascontiguousarray(dout._np()), tk, dw, dp)
 
 
@@ -467,6 +522,10 @@ def adamw_step(params, m, v, grads, params_copy, lr: float, beta1: float, beta2:
     g = _check(grads, "grads", "float32", (n,))
     if t < 1:
         raise ValueError(f"t must be >= 1, got {t}")
+    _disjoint(params, "params", m=m, v=v, grads=grads, params_copy=params_copy)
+    _disjoint(m, "m", v=v, grads=grads, params_copy=params_copy)
+    _disjoint(v, "v", grads=grads, params_copy=params_copy)
+    _disjoint(grads, "grads", params_copy=params_copy)
     ops.adamw_step(p, g, mm, vv, lr=lr, t=t, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                    grad_scale=grad_scale)
     if params_copy is not None:

@@ -66,6 +66,9 @@ def test_fake_device_array_views_share_memory(fake):
         a.copy_(np.zeros(10, np.float64))
     with pytest.raises(TypeError, match="DeviceArray"):
         cuda.gelu_forward(a, np.zeros(10, np.float32))
+    with pytest.raises(ValueError, match="overlap"):  # like the real bindings
+        cuda.gelu_backward(a.view(0, (4,)), a.view(2, (4,)), a.view(6, (4,)))
+    cuda.gelu_forward(a, a)  # in place is allowed
 
 
 @pytest.mark.parametrize("accum", [1, 2])

@@ -55,6 +55,13 @@ def _layers(views: dict, n_layer: int) -> dict:
     return out
 
 
+def _lmhead_scratch(N: int, V: int, dtype: str):
+    """The fused classifier's logits chunk buffer: cuda.lmhead_scratch's default size where the build has it."""
+    if hasattr(cuda, "lmhead_scratch"):
+        return cuda.lmhead_scratch(N, V, dtype)
+    return cuda.empty((min(N, LMHEAD_CHUNK_ROWS), V), dtype)
+
+
 class CudaGPT:
     """GPT-2 on one GPU. `model` is a host GPT (its weights are uploaded) or a GPTConfig (initialised on the
     host with `seed`, exactly like GPT(config, seed), then uploaded). dtype: "bfloat16" (default; fp32 master
@@ -184,7 +191,7 @@ class CudaGPT:
             "lnf": cuda.empty((N, C), dt), "lnf_mean": cuda.empty((N,), "float32"),
             "lnf_rstd": cuda.empty((N,), "float32"),
             "losses": cuda.empty((N,), "float32"),
-            "lm_scratch": cuda.empty((min(N, LMHEAD_CHUNK_ROWS), V), dt),
+            "lm_scratch": _lmhead_scratch(N, V, dt),
             # gradient scratch, reused by every layer
             "dres": cuda.empty((N, C), dt), "dlnf": cuda.empty((N, C), dt),
             "dfch_gelu": cuda.empty((N, 4 * C), dt), "dfch": cuda.empty((N, 4 * C), dt),
@@ -327,8 +334,11 @@ class CudaGPT:
 
     # ---- inference ---------------------------------------------------------------------------------------
 
-    def kv_cache(self, batch_size: int) -> CudaKVCache:
-        """A GPU key/value cache for `batch_size` sequences of up to block_size tokens (GPT.kv_cache's twin)."""
+    def kv_cache(self, batch_size: int, weights="float32") -> CudaKVCache:
+        """A GPU key/value cache for `batch_size` sequences of up to block_size tokens (GPT.kv_cache's twin).
+        `weights` (GPT.kv_cache's CPU bf16-decode option) is accepted and ignored: on the GPU the model's
+        `dtype` decides."""
+        del weights
         return CudaKVCache(self, batch_size)
 
 
