@@ -221,8 +221,17 @@ def test_generation_with_kv_cache(monkeypatch, dtype):
     # sampling with a seed draws the same tokens from the same logits
     kw = dict(temperature=1.0, top_k=5, seed=7)
     assert generate(gpu, prompts, 8, **kw) == generate(cpu, prompts, 8, **kw)
+    # a common prefix of several tokens runs batched (b > 1, Tn > 1), then the tails
+    prompts2 = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
+    np.testing.assert_allclose(gpu.kv_cache(3).prefill(prompts2), cpu.kv_cache(3).prefill(prompts2), rtol=1e-5,
+                               atol=1e-5)
+    assert generate(gpu, prompts2, 6, temperature=0) == generate(cpu, prompts2, 6, temperature=0)
     with pytest.raises(ValueError, match="block_size"):
         generate(gpu, prompts[0], 30, temperature=0)
+    cache = gpu.kv_cache(2)
+    with pytest.raises(ValueError, match="outside"):
+        cache.prefill([[1, 2], [3, V]])
+    assert cache.pos.tolist() == [0, 0]  # checked before the cache changed
 
 
 def test_generation_bf16_emulated_runs(fake):

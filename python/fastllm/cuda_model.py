@@ -406,9 +406,25 @@ class CudaKVCache:
         self._bufs: dict[tuple[int, int], dict] = {}
 
     def prefill(self, rows: list[list[int]]) -> np.ndarray:
+        """Batched: the first min(len) tokens of every prompt in one pass, then each longer prompt's remaining
+        tokens on its own. Everything is checked before the cache changes."""
         if len(rows) != self.B:
             raise ValueError(f"prefill needs {self.B} prompts, got {len(rows)}")
-        return np.concatenate([self._forward(np.asarray(r, np.int32)[None], b) for b, r in enumerate(rows)])
+        rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
+        if min(len(r) for r in rows) == 0:
+            raise ValueError("prefill needs non-empty prompts")
+        cfg = self.model.config
+        for b, r in enumerate(rows):
+            if r.min() < 0 or r.max() >= cfg.vocab_size:
+                raise ValueError(f"prompt {b}: token ids outside [0, {cfg.vocab_size})")
+            if int(self.pos[b]) + len(r) > cfg.block_size:
+                raise ValueError(f"prompt {b} would exceed the context block_size={cfg.block_size}")
+        common = min(len(r) for r in rows)
+        logits = self._forward(np.stack([r[:common] for r in rows]), 0)
+        for b, r in enumerate(rows):
+            if len(r) > common:
+                logits[b] = self._forward(r[None, common:], b)[0]
+        return logits
 
     def decode(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens, np.int32).reshape(self.B, 1)
