@@ -182,6 +182,21 @@ def synchronize() -> None:
     pass
 
 
+_GEMM_IMPL = "auto"
+
+
+def gemm_impl() -> str:
+    return _GEMM_IMPL
+
+
+def set_gemm_impl(name: str) -> None:
+    """Accepted and recorded (the fake has one GEMM: numpy / the CPU kernel)."""
+    global _GEMM_IMPL
+    if name not in ("auto", "simple", "tc1"):
+        raise ValueError(f"unknown GEMM implementation {name!r}")
+    _GEMM_IMPL = name
+
+
 def lmhead_chunk_rows(N: int, V: int, dtype: str) -> int:
     """Default scratch rows of lmhead_cross_entropy: at most ~256 MiB of logits, at most N."""
     _parse_dtype(dtype)
