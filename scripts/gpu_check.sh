@@ -6,7 +6,8 @@
 # 2. runs the GPU tests: pytest -m cuda -x -q tests/test_cuda_*.py  -> $OUT/pytest.log
 # 3. runs the benchmarks:  python benchmarks/bench_cuda.py --quick    -> $OUT/bench.log
 # all inside ~9 minutes (each stage under `timeout`, sized from what is left). Logs land in $OUT (default
-# ./gpu_out). Environment knobs: PYTEST_ARGS (default "-x"), BENCH_ARGS (default "--quick"), BUDGET_S (540).
+# ./gpu_out). Environment knobs: PYTEST_ARGS (default "-x"), PYTEST_FILES (default tests/test_cuda_*.py; e.g.
+# tests/test_cuda_model.py alone), BENCH_ARGS (default "--quick"), BUDGET_S (540).
 # Exit status: 0 if every stage passed, else the first failing stage's status.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -63,8 +64,8 @@ fi
 # ---- 2. GPU tests
 note "pytest (timeout $(cap 240)s)"
 # shellcheck disable=SC2086
-timeout "$(cap 240)" "$PY" -m pytest -m cuda ${PYTEST_ARGS:--x} -q -rs --durations=15 tests/test_cuda_*.py \
-  2>&1 | tee "$OUT/pytest.log"
+timeout "$(cap 240)" "$PY" -m pytest -m cuda ${PYTEST_ARGS:--x} -q -rs --durations=15 \
+  ${PYTEST_FILES:-tests/test_cuda_*.py} 2>&1 | tee "$OUT/pytest.log"
 rc=$?
 note "pytest rc=$rc: $(grep -E ' in [0-9.]+s' "$OUT/pytest.log" | tail -1)"
 [ $status -eq 0 ] && status=$rc
