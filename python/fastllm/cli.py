@@ -147,6 +147,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     SamplingParams(**_sampling_kwargs(args))  # validate before loading anything
     model = load_model(args.ckpt).eval()
     tok = _checkpoint_tokenizer(model, args.tokenizer)
+    if args.device == "cuda":
+        from .cuda_model import CudaGPT
+
+        model = CudaGPT(model, dtype=args.dtype).eval()
     n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
@@ -283,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="")
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--stop", nargs="*", default=[], help="stop strings")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="with --device cuda: compute dtype of the GPU copy of the weights")
     _add_sampling_args(s, max_new_tokens=200, temperature=0.8)
     s.set_defaults(func=_cmd_sample)
 

@@ -64,6 +64,8 @@ class TrainConfig:
     seed: int = 1337
     threads: int | None = None
     resume: bool = False
+    device: str = "cpu"  # cpu | cuda (needs fastllm built with CUDA and a GPU; see fastllm.cuda_model)
+    cuda_dtype: str = "bfloat16"  # with device=cuda: compute dtype of weights/activations (bfloat16 | float32)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         over = {k: v for k, v in (("n_layer", self.n_layer), ("n_head", self.n_head), ("n_embd", self.n_embd)) if v}
@@ -179,6 +181,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
 
     from .plot import write_loss_curve
 
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {cfg.device!r}")
+    if cfg.device == "cuda":
+        from . import cuda
+
+        cuda._require()  # RuntimeError now, not after loading the data, if CUDA is not built or no GPU is found
     if cfg.threads:
         set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -227,6 +235,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
         rng = np.random.default_rng(cfg.seed)
     if model.config.vocab_size < train_loader.vocab_size:
         raise ValueError(f"model vocab_size {model.config.vocab_size} < data vocab_size {train_loader.vocab_size}")
+    host_model, host_opt = model, opt  # what checkpoints save (the GPU state is copied into them first)
+    if cfg.device == "cuda":
+        from .cuda_model import CudaGPT
+
+        model = CudaGPT(host_model, dtype=cfg.cuda_dtype).load_from(host_model, host_opt)
+        opt = model.adamw
+        log(f"device: cuda ({cfg.cuda_dtype} compute, float32 master weights and AdamW state)")
+
+    def grad_norm_now() -> float:
+        return model.grad_norm() if model is not host_model else grad_norm(model)
 
     log_path = out / "log.jsonl"
     runlog = RunLog(log_path, start)
@@ -237,10 +255,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
                 "train_config": dataclasses.asdict(cfg)}
 
     def checkpoint(step: int) -> None:
-        if not np.isfinite(model.params).all():
+        if model is not host_model:
+            model.to_cpu(host_model, host_opt)
+        if not np.isfinite(host_model.params).all():
             raise TrainingError(f"step {step}: parameters are not finite; not saving. The last good checkpoint is "
                                 f"{latest_checkpoint(out)}; try a lower --lr")
-        save_checkpoint(out, step, model, opt, state(step), tok_path)
+        save_checkpoint(out, step, host_model, host_opt, state(step), tok_path)
         for old in sorted(out.glob("ckpt_*"))[:-max(1, cfg.keep_ckpts)]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -272,7 +292,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
             for _ in range(accum):
                 loss += model.forward(*train_loader.next_batch()) / accum
                 model.backward()
-            norm = grad_norm(model) / accum
+            norm = grad_norm_now() / accum
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise TrainingError(f"step {step}: loss={loss} grad_norm={norm} is not finite; stopping. The last "
                                     f"good checkpoint is {latest_checkpoint(out)}; try a lower --lr")
