@@ -363,7 +363,7 @@ def test_convert_round_trip(hf_pair, hf_tokenizer, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.splitlines()[-1].startswith("The")
-    args = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--weights", "bfloat16"]
+    args = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--dtype", "bfloat16"]
     assert cli.main(args) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("The")
 

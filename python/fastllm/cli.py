@@ -58,8 +58,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--weights", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16: decode with bf16 weight copies (faster, logits within ~1%%)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="CPU (default float32): bfloat16 decodes with bf16 weight copies (faster, logits within ~1%%); "
+                        "GPU (default bfloat16): the compute dtype of the GPU model")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -150,13 +151,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.device == "cuda":
         from .cuda_model import CudaGPT
 
-        model = CudaGPT(model, dtype=args.dtype).eval()
+        model = CudaGPT(model, dtype=args.dtype or "bfloat16").eval()
     n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
         for piece in stream_text(model, tok, args.prompt, n, stop=args.stop, stats=stats,
-                                 seed=None if args.seed is None else args.seed + i, weights=args.weights,
+                                 seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
                                  **_sampling_kwargs(args)):
             print(piece, end="", flush=True)
         dt = time.time() - t0
@@ -187,7 +188,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     model = load_model(args.ckpt).eval()
     session = ChatSession(model, _checkpoint_tokenizer(model, args.tokenizer), system=args.system,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.weights,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.dtype or "float32",
                           **_sampling_kwargs(args))
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
@@ -288,8 +289,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--stop", nargs="*", default=[], help="stop strings")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="with --device cuda: compute dtype of the GPU copy of the weights")
     _add_sampling_args(s, max_new_tokens=200, temperature=0.8)
     s.set_defaults(func=_cmd_sample)
 

@@ -388,8 +388,8 @@ class CudaAdamW:
 class CudaKVCache:
     """GPU keys and values of every layer for B sequences (dtype of the model's compute copy), with
     model.KVCache's interface: prefill(rows) runs the prompts (lengths may differ) batched over their common
-    length, then each longer tail; decode(tokens) appends one token per sequence; both return float32 numpy logits (B, V) of each sequence's
-    last token (a small gemm of the last hidden state with wte, copied back per step).
+    length, then each longer tail; decode(tokens) appends one token per sequence; both return float32 numpy
+    logits (B, V) of each sequence's last token (a small gemm of the last hidden state with wte, copied back).
     Memory: 2 * n_layer * B * block_size * n_embd elements."""
 
     def __init__(self, model: CudaGPT, batch_size: int):
