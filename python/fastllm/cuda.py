@@ -184,18 +184,20 @@ def lmhead_cross_entropy(losses, dhidden, dweight, hidden, weight, targets, grad
 
 
 def layernorm_forward(out, mean, rstd, x, weight, bias, eps: float = 1e-5) -> None:
-    """LayerNorm over the last axis: x (N, C) -> out (N, C), mean/rstd (N, float32)."""
+    """LayerNorm over the last axis: x (..., C) -> out (..., C), mean/rstd (float32, shape x.shape[:-1] or (N,)
+    with N the number of rows); weight, bias (C,) of x's dtype. out may be x itself."""
     _C.cuda.layernorm_forward(_dev(out, "out"), _dev(mean, "mean"), _dev(rstd, "rstd"), _dev(x, "x"),
                               _dev(weight, "weight"), _dev(bias, "bias"), float(eps))
 
 
 def layernorm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd) -> None:
-    """dx (N, C) +=, dweight/dbias (C, float32) +=."""
+    """dx (..., C) +=, dweight/dbias (C, float32) += (deterministic: no float atomics)."""
     _C.cuda.layernorm_backward(_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dbias, "dbias"), _dev(dout, "dout"),
                                _dev(x, "x"), _dev(weight, "weight"), _dev(mean, "mean"), _dev(rstd, "rstd"))
 
 
 def gelu_forward(out, x) -> None:
+    """out = gelu(x), tanh approximation (GPT-2); out may be x itself."""
     _C.cuda.gelu_forward(_dev(out, "out"), _dev(x, "x"))
 
 
@@ -205,17 +207,20 @@ def gelu_backward(dx, dout, x) -> None:
 
 
 def residual_forward(out, a, b) -> None:
+    """out = a + b (same shape and dtype); out may be a or b itself."""
     _C.cuda.residual_forward(_dev(out, "out"), _dev(a, "a"), _dev(b, "b"))
 
 
 def embedding_forward(out, tokens, wte, wpe) -> None:
-    """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T). Ids are not range-checked on the GPU (the model
-    checks them on the host before upload); an id outside [0, V) gives a zero row, never a wild read."""
+    """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T), wte (V, C), wpe (maxT >= T, C). Ids are not
+    range-checked on the GPU (the model checks them on the host before upload); an id outside [0, V) reads as a
+    zero wte row (out = wpe[t]), never a wild read."""
     _C.cuda.embedding_forward(_dev(out, "out"), _dev(tokens, "tokens"), _dev(wte, "wte"), _dev(wpe, "wpe"))
 
 
 def embedding_backward(dwte, dwpe, dout, tokens) -> None:
-    """dwte (V, C, float32) and dwpe (maxT, C, float32) += the scattered dout rows, deterministically."""
+    """dwte (V, C, float32) and dwpe (maxT, C, float32) += the scattered dout rows, deterministically (a stable
+    sort of the positions by token, then fixed-order sums); ids outside [0, V) are skipped."""
     _C.cuda.embedding_backward(_dev(dwte, "dwte"), _dev(dwpe, "dwpe"), _dev(dout, "dout"), _dev(tokens, "tokens"))
 
 
