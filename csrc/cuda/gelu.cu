@@ -10,9 +10,11 @@ Absolute error of s ~1e-7 (relative error of __expf grows with |2u| but s satura
 Element-wise, O(n), memory bound (bf16: 4 bytes per element forward, 8 backward incl. the += of dx).
 Parallelisation: grid-stride loop, one 16-byte pack (4 float / 8 bf16) per thread and step when all pointers
 are 16-byte aligned, then a scalar loop for the < 8 tail elements; scalar loop for unaligned arrays.
-The simple kernels (std tanh form, one element per thread; set_simple_elementwise) are the readable spec.
+The simple kernels (tanh form in double precision, one element per thread; set_simple_elementwise) are the
+readable spec and an accurate reference on the GPU.
 Perf notes: at 8 bf16 per 128-bit access the sigmoid form costs ~15 instructions per element, below the
-memory time on A100/H100; the tanhf form is ~3x more instructions (kept for the simple kernel only).
+memory time on A100/H100. Note --use_fast_math turns float tanhf into tanh.approx.f32 (~5e-4 relative error),
+too coarse for float32 outputs; the fast path therefore never calls tanhf.
 */
 #include <type_traits>
 
@@ -47,24 +49,25 @@ __device__ __forceinline__ float gelu_grad(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// simple kernels (the spec): one element per thread, tanhf
+// simple kernels (the spec): one element per thread, the tanh form evaluated in double precision (with
+// --use_fast_math, float tanhf becomes the ~1e-3-accurate tanh.approx.f32; double tanh is exact to an ulp)
 
 template <typename T>
 __global__ void gelu_forward_simple_kernel(T* out, const T* x, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float v = to_f32(x[i]), v2 = fminf(v * v, kX2Cap);
-        out[i] = from_f32<T>(0.5f * v * (1.0f + tanhf(kGeluScale * v * (1.0f + kGeluCubic * v2))));
+        const double v = to_f32(x[i]), v2 = fmin(v * v, (double)kX2Cap);
+        const double th = tanh((double)kGeluScale * v * (1.0 + (double)kGeluCubic * v2));
+        out[i] = from_f32<T>((float)(0.5 * v * (1.0 + th)));
     }
 }
 
 template <typename T>
 __global__ void gelu_backward_simple_kernel(T* dx, const T* dout, const T* x, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const float v = to_f32(x[i]), v2 = fminf(v * v, kX2Cap);
-        const float th = tanhf(kGeluScale * v * (1.0f + kGeluCubic * v2));
-        const float grad =
-            0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * kGeluScale * (1.0f + 3.0f * kGeluCubic * v2);
-        dx[i] = from_f32<T>(to_f32(dx[i]) + grad * to_f32(dout[i]));
+        const double v = to_f32(x[i]), v2 = fmin(v * v, (double)kX2Cap), k = kGeluScale, c = kGeluCubic;
+        const double th = tanh(k * v * (1.0 + c * v2));
+        const double grad = 0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * k * (1.0 + 3.0 * c * v2);
+        dx[i] = from_f32<T>((float)(to_f32(dx[i]) + grad * to_f32(dout[i])));
     }
 }
 
