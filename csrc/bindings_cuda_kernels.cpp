@@ -84,7 +84,8 @@ void ew_check_tokens(const DeviceArray& tokens, int64_t& B, int64_t& T) {
 
 // a (rows, C) table of dtype t: wte, wpe, dwte, dwpe
 void ew_check_table(const DeviceArray& a, const char* name, DType t, int64_t C) {
-    if (a.dtype != t) throw py::type_error(str_cat(name, " must have dtype ", dtype_str(t), ", got ", dtype_str(a.dtype)));
+    if (a.dtype != t)
+        throw py::type_error(str_cat(name, " must have dtype ", dtype_str(t), ", got ", dtype_str(a.dtype)));
     FASTLLM_CHECK(a.shape.size() == 2 && a.shape[1] == C, name, " must have shape (rows, ", C, "), got ",
                   a.shape_str());
     FASTLLM_CHECK(a.shape[0] < (1ll << 31), name, " has too many rows (< 2^31)");
@@ -92,7 +93,8 @@ void ew_check_table(const DeviceArray& a, const char* name, DType t, int64_t C) 
 }
 
 void ew_check_f32_size(const DeviceArray& a, const char* name, int64_t n) {
-    if (a.dtype != DType::f32) throw py::type_error(str_cat(name, " must have dtype float32, got ", dtype_str(a.dtype)));
+    if (a.dtype != DType::f32)
+        throw py::type_error(str_cat(name, " must have dtype float32, got ", dtype_str(a.dtype)));
     FASTLLM_CHECK(a.size() == n, name, " must have ", n, " elements (like params), got shape ", a.shape_str());
     ew_check_device(a, name);
 }

@@ -21,10 +21,10 @@ Backward, deterministic (no float atomics; every sum has a fixed order for given
            + ... in chunk order and writes dwte[key].
   So a token that occurs 5000 times costs 5000/kChunk chunk partials plus a short sequential walk, not a
   5000-long chain; each dwte row is written by exactly one thread per column.
-Perf notes (written without a GPU: compiled and register-checked for sm_80/sm_90, not yet timed): the sort moves 8 bytes per position (~N = 16K positions: a few microseconds); the chunk pass
-reads dout once and read-modify-writes the dwte rows of the distinct tokens, like any scatter-add.
-The simple kernels (set_simple_elementwise) are the spec: forward one element per thread; backward one
-thread per column walking all positions in order.
+Perf notes (written without a GPU: compiled and register-checked for sm_80/sm_90, not yet timed): the sort moves
+8 bytes per position (~N = 16K positions: a few microseconds); the chunk pass reads dout once and read-modify-
+writes the dwte rows of the distinct tokens, like any scatter-add. The simple kernels (set_simple_elementwise)
+are the spec: forward one element per thread; backward one thread per column walking all positions in order.
 */
 #include <cub/device/device_radix_sort.cuh>
 #include <type_traits>

@@ -12,9 +12,10 @@ Parallelisation: grid-stride loop, one 16-byte pack (4 float / 8 bf16) per threa
 are 16-byte aligned, then a scalar loop for the < 8 tail elements; scalar loop for unaligned arrays.
 The simple kernels (tanh form in double precision, one element per thread; set_simple_elementwise) are the
 readable spec and an accurate reference on the GPU.
-Perf notes (written without a GPU: compiled and register-checked for sm_80/sm_90, not yet timed): at 8 bf16 per 128-bit access the sigmoid form costs ~15 instructions per element, below the
-memory time on A100/H100. Note --use_fast_math turns float tanhf into tanh.approx.f32 (~5e-4 relative error),
-too coarse for float32 outputs; the fast path therefore never calls tanhf.
+Perf notes (written without a GPU: compiled and register-checked for sm_80/sm_90, not yet timed): at 8 bf16 per
+128-bit access the sigmoid form costs ~15 instructions per element, below the memory time on A100/H100. Note
+--use_fast_math turns float tanhf into tanh.approx.f32 (~5e-4 relative error), too coarse for float32 outputs;
+the fast path therefore never calls tanhf.
 */
 #include <type_traits>
 

@@ -22,9 +22,10 @@ Backward, deterministic (no float atomics: same bits every run for a given N, C)
   Packs of 16 bytes when aligned, scalars (one element per lane and step, coalesced) otherwise. Shared memory
   is nwarps * 2C floats <= 48 KiB, so C <= 6144; beyond that the simple backward: dx by warp-per-row, then one
   thread per column walking all N rows (slow, but simple and deterministic; never used by GPT-2 shapes).
-Perf notes (written without a GPU: compiled and register-checked for sm_80/sm_90, not yet timed): the forward reads x once and writes out once (3 KB per row at C = 768 f32); the backward reads
-dout, x, dx and writes dx (the second reads come from cache) plus 2 * C * 4 bytes per block of partials
-(<= 1024 blocks: ~3% of the traffic at N = 16384, C = 768).
+Perf notes (written without a GPU: compiled and register-checked for sm_80/sm_90, not yet timed): the forward
+reads x once and writes out once (3 KB per row at C = 768 f32); the backward reads dout, x, dx and writes dx (the
+second reads come from cache) plus 2 * C * 4 bytes per block of partials (<= 1024 blocks: ~3% of the traffic at N
+= 16384, C = 768).
 */
 #include <algorithm>
 
