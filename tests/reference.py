@@ -130,3 +130,12 @@ def adamw_step(p, g, m, v, lr, t, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=
     mhat, vhat = m / (1 - beta1**t), v / (1 - beta2**t)
     p = p - lr * (mhat / (np.sqrt(vhat) + eps) + weight_decay * p)
     return p, m, v
+
+
+def bf16_round(x):
+    """float32 values rounded to the nearest bfloat16 (round to nearest even, like torch and __float2bfloat16_rn),
+    returned as float32; NaN stays NaN, overflow rounds to +-inf."""
+    x = np.ascontiguousarray(x, np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(x), np.float32(np.nan), r).reshape(x.shape)

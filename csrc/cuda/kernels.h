@@ -107,9 +107,10 @@ void gelu_forward(void* out, const void* x, int64_t n, DType t);
 void gelu_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);  // dx +=
 void residual_forward(void* out, const void* a, const void* b, int64_t n, DType t);  // out = a + b
 
-// ---- embedding.cu: out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T), already range-checked
+// ---- embedding.cu: out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T); wte (V, C). Ids outside [0, V)
+// are never dereferenced: they read as a zero wte row (forward) and are skipped (backward).
 void embedding_forward(void* out, const int32_t* tokens, const void* wte, const void* wpe, int64_t B, int64_t T,
-                       int64_t C, DType t);
+                       int64_t C, int64_t V, DType t);
 // dwte (V, C, f32) += scattered dout rows; dwpe (maxT, C, f32) += sums over the batch; deterministic
 void embedding_backward(float* dwte, float* dwpe, const void* dout, const int32_t* tokens, int64_t B, int64_t T,
                         int64_t C, int64_t V, DType t);
@@ -119,5 +120,8 @@ void embedding_backward(float* dwte, float* dwpe, const void* dout, const int32_
 void adamw_step(float* params, float* m, float* v, const float* grads, void* params_copy, DType copy_t,
                 int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int t,
                 float grad_scale);
+
+// Tests: true makes layernorm/gelu/residual/embedding/adamw run their simple reference kernels (gelu.cu).
+void set_simple_elementwise(bool on);
 
 }  // namespace fastllm::cuda

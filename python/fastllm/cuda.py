@@ -102,7 +102,8 @@ def synchronize() -> None:
 
 def add_(dst, src) -> None:
     """dst += src (same shape and dtype)."""
-    _C.cuda.add_(_dev(dst, "dst"), _dev(src, "src"))
+    dst, src = _dev(dst, "dst"), _dev(src, "src")  # checked before _C.cuda is looked up (CPU-only builds)
+    _C.cuda.add_(dst, src)
 
 
 def copy_(dst, src) -> None:
@@ -111,7 +112,8 @@ def copy_(dst, src) -> None:
 
 
 def sum_squares(x) -> float:
-    return float(_C.cuda.sum_squares(_dev(x, "x")))
+    x = _dev(x, "x")
+    return float(_C.cuda.sum_squares(x))
 
 
 def global_norm(*arrays) -> float:
@@ -204,45 +206,56 @@ def lmhead_scratch(n_rows: int, vocab_size: int, dtype: str = "bfloat16") -> Dev
 
 
 def layernorm_forward(out, mean, rstd, x, weight, bias, eps: float = 1e-5) -> None:
-    """LayerNorm over the last axis: x (N, C) -> out (N, C), mean/rstd (N, float32)."""
-    _C.cuda.layernorm_forward(_dev(out, "out"), _dev(mean, "mean"), _dev(rstd, "rstd"), _dev(x, "x"),
-                              _dev(weight, "weight"), _dev(bias, "bias"), float(eps))
+    """LayerNorm over the last axis: x (..., C) -> out (..., C), mean/rstd (float32, shape x.shape[:-1] or (N,)
+    with N the number of rows); weight, bias (C,) of x's dtype. out may be x itself."""
+    args = _dev(out, "out"), _dev(mean, "mean"), _dev(rstd, "rstd"), _dev(x, "x"), _dev(weight, "weight")
+    _C.cuda.layernorm_forward(*args, _dev(bias, "bias"), float(eps))
 
 
 def layernorm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd) -> None:
-    """dx (N, C) +=, dweight/dbias (C, float32) +=."""
-    _C.cuda.layernorm_backward(_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dbias, "dbias"), _dev(dout, "dout"),
-                               _dev(x, "x"), _dev(weight, "weight"), _dev(mean, "mean"), _dev(rstd, "rstd"))
+    """dx (..., C) +=, dweight/dbias (C, float32) += (deterministic: no float atomics)."""
+    args = (_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dbias, "dbias"), _dev(dout, "dout"), _dev(x, "x"),
+            _dev(weight, "weight"), _dev(mean, "mean"), _dev(rstd, "rstd"))
+    _C.cuda.layernorm_backward(*args)
 
 
 def gelu_forward(out, x) -> None:
-    _C.cuda.gelu_forward(_dev(out, "out"), _dev(x, "x"))
+    """out = gelu(x), tanh approximation (GPT-2); out may be x itself."""
+    args = _dev(out, "out"), _dev(x, "x")
+    _C.cuda.gelu_forward(*args)
 
 
 def gelu_backward(dx, dout, x) -> None:
     """dx += gelu'(x) * dout."""
-    _C.cuda.gelu_backward(_dev(dx, "dx"), _dev(dout, "dout"), _dev(x, "x"))
+    args = _dev(dx, "dx"), _dev(dout, "dout"), _dev(x, "x")
+    _C.cuda.gelu_backward(*args)
 
 
 def residual_forward(out, a, b) -> None:
-    _C.cuda.residual_forward(_dev(out, "out"), _dev(a, "a"), _dev(b, "b"))
+    """out = a + b (same shape and dtype); out may be a or b itself."""
+    args = _dev(out, "out"), _dev(a, "a"), _dev(b, "b")
+    _C.cuda.residual_forward(*args)
 
 
 def embedding_forward(out, tokens, wte, wpe) -> None:
-    """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T). Ids are not range-checked on the GPU (the model
-    checks them on the host before upload); an id outside [0, V) gives a zero row, never a wild read."""
-    _C.cuda.embedding_forward(_dev(out, "out"), _dev(tokens, "tokens"), _dev(wte, "wte"), _dev(wpe, "wpe"))
+    """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T), wte (V, C), wpe (maxT >= T, C). Ids are not
+    range-checked on the GPU (the model checks them on the host before upload); an id outside [0, V) reads as a
+    zero wte row (out = wpe[t]), never a wild read."""
+    args = _dev(out, "out"), _dev(tokens, "tokens"), _dev(wte, "wte"), _dev(wpe, "wpe")
+    _C.cuda.embedding_forward(*args)
 
 
 def embedding_backward(dwte, dwpe, dout, tokens) -> None:
-    """dwte (V, C, float32) and dwpe (maxT, C, float32) += the scattered dout rows, deterministically."""
-    _C.cuda.embedding_backward(_dev(dwte, "dwte"), _dev(dwpe, "dwpe"), _dev(dout, "dout"), _dev(tokens, "tokens"))
+    """dwte (V, C, float32) and dwpe (maxT, C, float32) += the scattered dout rows, deterministically (a stable
+    sort of the positions by token, then fixed-order sums); ids outside [0, V) are skipped."""
+    args = _dev(dwte, "dwte"), _dev(dwpe, "dwpe"), _dev(dout, "dout"), _dev(tokens, "tokens")
+    _C.cuda.embedding_backward(*args)
 
 
 def adamw_step(params, grads, m, v, lr: float, t: int, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
                weight_decay: float = 0.0, grad_scale: float = 1.0, params_copy=None) -> None:
     """AdamW in place on float32 params, m, v (step t >= 1) with grads * grad_scale; params_copy (optional,
     e.g. bfloat16) receives the updated weights."""
-    _C.cuda.adamw_step(_dev(params, "params"), _dev(m, "m"), _dev(v, "v"), _dev(grads, "grads"),
-                       _opt(params_copy, "params_copy"), float(lr), float(beta1), float(beta2), float(eps),
-                       float(weight_decay), int(t), float(grad_scale))
+    arrays = _dev(params, "params"), _dev(m, "m"), _dev(v, "v"), _dev(grads, "grads"), _opt(params_copy, "params_copy")
+    _C.cuda.adamw_step(*arrays, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(t),
+                       float(grad_scale))
