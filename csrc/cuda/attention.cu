@@ -439,15 +439,38 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives matrix i with
 // this lane holding row lane/4, columns 2*(lane%4), +1 (with .trans: column lane/4, rows 2*(lane%4), +1)
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+// (addresses are 32-bit shared-window addresses: base + lane offset + compile-time offsets fold into one register)
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
+}
+
+// This lane's byte offset, in a bf16 smem tile of row stride LD elements, for the three ldmatrix.x4 uses (add the
+// tile corner (row0 * LD + col0) * 2):
+//  lds_a : A fragment (16 x 16, rows = m, row-major): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15),
+//          (8-15, 8-15) -> registers a0..a3.
+//  lds_bn: B fragments of two n8 tiles from a tile stored [n][k] (K for Q K^T): matrices (n 0-7, k 0-7),
+//          (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) -> {b0, b1} of n-tile 0, {b0, b1} of n-tile 1.
+//          With .trans on a tile stored [k][m] it gives the A fragment of its transpose (dS from dS^T).
+//  lds_bt: B fragments of two n8 tiles from a tile stored [k][n] (V for P V), with .trans: matrices (k 0-7, n 0-7),
+//          (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+template <int LD>
+__device__ __forceinline__ uint32_t lds_a(int lane) {
+    return (uint32_t)(((lane & 15) * LD + (lane >> 4) * 8) * 2);
+}
+template <int LD>
+__device__ __forceinline__ uint32_t lds_bn(int lane) {
+    return (uint32_t)((((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2);
+}
+template <int LD>
+__device__ __forceinline__ uint32_t lds_bt(int lane) {
+    return (uint32_t)((((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8) * 2);
 }
 
 // d (16x8 fp32) += a (16x16 bf16, row) * b (16x8 bf16, col). Fragments (g = lane/4, c = lane%4):
@@ -495,13 +518,13 @@ template <int HS>
 struct FlashCfg;
 template <>
 struct FlashCfg<64> {
-    static constexpr int kFwdMI = 2, kFwdNW = 4;  // forward: 128 query rows per block
-    static constexpr int kBwdBQ = 64, kBwdNW = 4;  // backward: 64 keys per block, query tiles of 64
+    static constexpr int kFwdMI = 2, kFwdNW = 4, kFwdMinBlocks = 2;  // forward: 128 query rows per block
+    static constexpr int kBwdBQ = 64, kBwdNW = 4, kBwdMinBlocks = 2;  // backward: 64 keys/block, query tiles of 64
 };
 template <>
 struct FlashCfg<128> {
-    static constexpr int kFwdMI = 1, kFwdNW = 4;  // 64 query rows per block
-    static constexpr int kBwdBQ = 32, kBwdNW = 4;
+    static constexpr int kFwdMI = 1, kFwdNW = 4, kFwdMinBlocks = 2;  // 64 query rows per block
+    static constexpr int kBwdBQ = 32, kBwdNW = 4, kBwdMinBlocks = 2;
 };
 
 template <int HS, int MI, int NW>
@@ -511,7 +534,7 @@ constexpr int flash_fwd_smem() {
 
 // grid n_qt * BH (block id -> query tile from the last one, (b, h)), block 32*NW
 template <int HS, int MI, int NW>
-__global__ void __launch_bounds__(32 * NW)
+__global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     flash_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int T_,
                          int NH, int64_t C, int64_t BH, int n_qt, float scale_log2) {
     constexpr int BR = 16 * MI * NW, BC = 64, LD = HS + 8, NT = 32 * NW;
@@ -563,17 +586,16 @@ __global__ void __launch_bounds__(32 * NW)
         cp_async_wait<1>();  // all but the group just committed: tile j (and Q) have landed
         __syncthreads();
         if (j == 0) {
+            const uint32_t qa = smem_addr(Qs) + lds_a<LD>(lane) + warp * 16 * MI * LD * 2;
 #pragma unroll
             for (int mi = 0; mi < MI; mi++)
 #pragma unroll
-                for (int kc = 0; kc < KC; kc++)
-                    ldmatrix_x4(qf[mi][kc],
-                                Qs + (warp * 16 * MI + mi * 16 + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
+                for (int kc = 0; kc < KC; kc++) ldmatrix_x4(qf[mi][kc], qa + (mi * 16 * LD + kc * 16) * 2);
         }
         const int k0 = j * BC;
         if (k0 <= wrow0 + 16 * MI - 1) {  // some row of this warp sees a key of this tile
-            const bf16* Kt = Ks + buf * BC * LD;
-            const bf16* Vt = Vs + buf * BC * LD;
+            const uint32_t ka = smem_addr(Ks + buf * BC * LD) + lds_bn<LD>(lane);
+            const uint32_t va = smem_addr(Vs + buf * BC * LD) + lds_bt<LD>(lane);
             // S = Q K^T (16*MI x BC per warp)
             float s[MI][SN][4];
 #pragma unroll
@@ -585,8 +607,7 @@ __global__ void __launch_bounds__(32 * NW)
 #pragma unroll
                 for (int np = 0; np < SN / 2; np++) {
                     uint32_t kf[4];  // B fragments of key n8 tiles 2np (kf[0..1]) and 2np+1 (kf[2..3])
-                    ldmatrix_x4(kf, Kt + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kc * 16 +
-                                        ((lane >> 3) & 1) * 8);
+                    ldmatrix_x4(kf, ka + (np * 16 * LD + kc * 16) * 2);
 #pragma unroll
                     for (int mi = 0; mi < MI; mi++) {
                         mma_bf16(s[mi][2 * np], qf[mi][kc], kf[0], kf[1]);
@@ -647,8 +668,7 @@ __global__ void __launch_bounds__(32 * NW)
 #pragma unroll
                 for (int dp = 0; dp < DN / 2; dp++) {
                     uint32_t vf[4];  // B fragments of head-dim n8 tiles 2dp (vf[0..1]) and 2dp+1 (vf[2..3])
-                    ldmatrix_x4_trans(vf, Vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 +
-                                              (lane >> 4) * 8);
+                    ldmatrix_x4_trans(vf, va + (kk * 16 * LD + dp * 16) * 2);
 #pragma unroll
                     for (int mi = 0; mi < MI; mi++) {
                         mma_bf16(o[mi][2 * dp], pa[mi], vf[0], vf[1]);
@@ -688,14 +708,14 @@ constexpr int flash_bwd_smem() {
 
 // grid n_kt * BH (block id -> key tile from the first one, (b, h)), block 32*NW
 template <int HS, int BQ, int NW>
-__global__ void __launch_bounds__(32 * NW)
+__global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     flash_backward_kernel(bf16* __restrict__ dqkv, float* __restrict__ dq_acc, const bf16* __restrict__ dout,
                           const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ Dbuf,
                           int T_, int NH, int64_t C, int64_t BH, float scale_log2, float scale) {
     constexpr int BK = 16 * NW, LD = HS + 8, LDS = BQ + 8, NT = 32 * NW;
     constexpr int KC = HS / 16, DN = HS / 8, QN = BQ / 8;
     constexpr int MT = BQ / 16, PARTS = NW / MT, DQ = HS / PARTS;  // dQ work split: MT query blocks x PARTS
-    static_assert(NW % MT == 0 && DQ % 16 == 0, "dQ split");
+    static_assert(NW % MT == 0 && DQ % 32 == 0, "dQ split");
     extern __shared__ __align__(16) unsigned char bsm[];
     bf16* Ks = (bf16*)bsm;            // BK x LD
     bf16* Vs = Ks + BK * LD;          // BK x LD
@@ -750,8 +770,12 @@ __global__ void __launch_bounds__(32 * NW)
         cp_async_wait<1>();
         __syncthreads();
         const int q0 = it * BQ;
-        const bf16* Qt = Qs + buf * BQ * LD;
-        const bf16* dOt = dOs + buf * BQ * LD;
+        const uint32_t q_bn = smem_addr(Qs + buf * BQ * LD) + lds_bn<LD>(lane);
+        const uint32_t q_bt = smem_addr(Qs + buf * BQ * LD) + lds_bt<LD>(lane);
+        const uint32_t g_bn = smem_addr(dOs + buf * BQ * LD) + lds_bn<LD>(lane);
+        const uint32_t g_bt = smem_addr(dOs + buf * BQ * LD) + lds_bt<LD>(lane);
+        const uint32_t k_a = smem_addr(Ks + kw * LD) + lds_a<LD>(lane);
+        const uint32_t v_a = smem_addr(Vs + kw * LD) + lds_a<LD>(lane);
         const float* lse_t = lse_s + buf * BQ;
         const float* D_t = D_s + buf * BQ;
 
@@ -762,11 +786,11 @@ __global__ void __launch_bounds__(32 * NW)
 #pragma unroll
         for (int kc = 0; kc < KC; kc++) {
             uint32_t ka[4];
-            ldmatrix_x4(ka, Ks + (kw + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
+            ldmatrix_x4(ka, k_a + kc * 16 * 2);
 #pragma unroll
             for (int np = 0; np < QN / 2; np++) {
                 uint32_t qf[4];
-                ldmatrix_x4(qf, Qt + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kc * 16 + ((lane >> 3) & 1) * 8);
+                ldmatrix_x4(qf, q_bn + (np * 16 * LD + kc * 16) * 2);
                 mma_bf16(s[2 * np], ka, qf[0], qf[1]);
                 mma_bf16(s[2 * np + 1], ka, qf[2], qf[3]);
             }
@@ -789,11 +813,11 @@ __global__ void __launch_bounds__(32 * NW)
 #pragma unroll
         for (int kc = 0; kc < KC; kc++) {
             uint32_t va[4];
-            ldmatrix_x4(va, Vs + (kw + (lane & 15)) * LD + kc * 16 + (lane >> 4) * 8);
+            ldmatrix_x4(va, v_a + kc * 16 * 2);
 #pragma unroll
             for (int np = 0; np < QN / 2; np++) {
                 uint32_t gf[4];
-                ldmatrix_x4(gf, dOt + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kc * 16 + ((lane >> 3) & 1) * 8);
+                ldmatrix_x4(gf, g_bn + (np * 16 * LD + kc * 16) * 2);
                 mma_bf16(dp[2 * np], va, gf[0], gf[1]);
                 mma_bf16(dp[2 * np + 1], va, gf[2], gf[3]);
             }
@@ -806,7 +830,7 @@ __global__ void __launch_bounds__(32 * NW)
 #pragma unroll
             for (int dpp = 0; dpp < DN / 2; dpp++) {
                 uint32_t gf[4];
-                ldmatrix_x4_trans(gf, dOt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dpp * 16 + (lane >> 4) * 8);
+                ldmatrix_x4_trans(gf, g_bt + (kk * 16 * LD + dpp * 16) * 2);
                 mma_bf16(dv[2 * dpp], pa, gf[0], gf[1]);
                 mma_bf16(dv[2 * dpp + 1], pa, gf[2], gf[3]);
             }
@@ -829,39 +853,47 @@ __global__ void __launch_bounds__(32 * NW)
 #pragma unroll
             for (int dpp = 0; dpp < DN / 2; dpp++) {
                 uint32_t qf[4];
-                ldmatrix_x4_trans(qf, Qt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dpp * 16 + (lane >> 4) * 8);
+                ldmatrix_x4_trans(qf, q_bt + (kk * 16 * LD + dpp * 16) * 2);
                 mma_bf16(dk[2 * dpp], da, qf[0], qf[1]);
                 mma_bf16(dk[2 * dpp + 1], da, qf[2], qf[3]);
             }
         }
         __syncthreads();
-        // 7. dQ (BQ x HS) = dS (BQ x BK) K (BK x HS): warp -> query block mt (16 rows), head-dim part `part`
+        // 7. dQ (BQ x HS) = dS (BQ x BK) K (BK x HS): warp -> query block mt (16 rows) x head-dim part `part`
+        //    (DQ columns), in chunks of 32 columns (16 accumulator registers) to keep register pressure down
         {
             const int mt = warp % MT, part = warp / MT;
-            float dq[DQ / 8][4];
+            const uint32_t ds_a = smem_addr(dSs + mt * 16) + lds_bn<LDS>(lane);
+            const uint32_t k_bt = smem_addr(Ks + part * DQ) + lds_bt<LD>(lane);
+            uint32_t a[BK / 16][4];  // A = dS (queries x keys) from the stored dS^T, transposed by ldmatrix
 #pragma unroll
-            for (int dn = 0; dn < DQ / 8; dn++) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+            for (int kc = 0; kc < BK / 16; kc++) ldmatrix_x4_trans(a[kc], ds_a + kc * 16 * LDS * 2);
+            const int q_lo = q0 + mt * 16 + g;
+            float* dst = dq_acc + (b * T_ + q_lo) * C + (int64_t)h * HS + part * DQ + 2 * c;
 #pragma unroll
-            for (int kc = 0; kc < BK / 16; kc++) {
-                uint32_t a[4];  // A = dS (queries x keys) from the stored dS^T, transposed by ldmatrix
-                ldmatrix_x4_trans(a, dSs + (kc * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + mt * 16 + ((lane >> 3) & 1) * 8);
+            for (int ch = 0; ch < DQ / 32; ch++) {
+                float dq[4][4];
 #pragma unroll
-                for (int dpp = 0; dpp < DQ / 16; dpp++) {
-                    uint32_t kf[4];
-                    ldmatrix_x4_trans(kf, Ks + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + part * DQ + dpp * 16 + (lane >> 4) * 8);
-                    mma_bf16(dq[2 * dpp], a, kf[0], kf[1]);
-                    mma_bf16(dq[2 * dpp + 1], a, kf[2], kf[3]);
+                for (int dn = 0; dn < 4; dn++) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+#pragma unroll
+                for (int kc = 0; kc < BK / 16; kc++) {
+#pragma unroll
+                    for (int dpp = 0; dpp < 2; dpp++) {
+                        uint32_t kf[4];
+                        ldmatrix_x4_trans(kf, k_bt + (kc * 16 * LD + ch * 32 + dpp * 16) * 2);
+                        mma_bf16(dq[2 * dpp], a[kc], kf[0], kf[1]);
+                        mma_bf16(dq[2 * dpp + 1], a[kc], kf[2], kf[3]);
+                    }
                 }
-            }
 #pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-                const int q = q0 + mt * 16 + g + 8 * hf;
-                if (q >= T_) continue;
-                float* dst = dq_acc + (b * T_ + q) * C + (int64_t)h * HS + part * DQ + 2 * c;
+                for (int hf = 0; hf < 2; hf++) {
+                    if (q_lo + 8 * hf >= T_) continue;
+                    float* d = dst + 8 * hf * C + ch * 32;
 #pragma unroll
-                for (int dn = 0; dn < DQ / 8; dn++) {
-                    atomicAdd(dst + dn * 8, dq[dn][2 * hf]);
-                    atomicAdd(dst + dn * 8 + 1, dq[dn][2 * hf + 1]);
+                    for (int dn = 0; dn < 4; dn++) {
+                        atomicAdd(d + dn * 8, dq[dn][2 * hf]);
+                        atomicAdd(d + dn * 8 + 1, dq[dn][2 * hf + 1]);
+                    }
                 }
             }
         }
