@@ -97,8 +97,8 @@ def load_rows(sm, dst, src, ld, r0, rows, T, HS, LD):
         sm.h[dst + r * LD : dst + r * LD + HS] = src[t * ld : t * ld + HS] if t < T else 0.0
 
 
-def flash_forward(qkv, T, NH, C, HS, MI, NW, h, out, lse, b=0):
-    BR, BC, LD = 16 * MI * NW, 64, HS + 8
+def flash_forward(qkv, T, NH, C, HS, MI, NW, BC, h, out, lse, b=0):
+    BR, LD = 16 * MI * NW, HS + 8
     KC, DN, SN = HS // 16, HS // 8, BC // 8
     scale_log2 = 1.4426950408889634 / np.sqrt(HS)
     C3 = 3 * C
@@ -350,7 +350,14 @@ def reference(qkv, dout, NH):
 
 def main():
     rng = np.random.default_rng(0)
-    for HS, MI, NWf, BQ, NWb, T in [(64, 2, 4, 64, 4, 150), (128, 1, 4, 32, 4, 97), (64, 2, 4, 64, 4, 1)]:
+    # (HS, forward MI, NW, BC, backward BQ, NW, T): the configurations of FlashCfg first, then others
+    cfgs = [
+        (64, 2, 4, 64, 64, 4, 150),
+        (128, 2, 4, 32, 32, 4, 161),
+        (128, 1, 4, 64, 32, 4, 97),
+        (64, 2, 4, 64, 64, 4, 1),
+    ]
+    for HS, MI, NWf, BC, BQ, NWb, T in cfgs:
         NH, h = 2, 1
         C = NH * HS
         qkv = bf16(rng.standard_normal((1, T, 3 * C)))
@@ -358,7 +365,7 @@ def main():
         ref_out, ref_lse, ref_grad = reference(qkv, dout, NH)
         out = np.zeros((1, T, C), np.float32)
         lse = np.zeros((1, NH, T), np.float32)
-        flash_forward(qkv, T, NH, C, HS, MI, NWf, h, out, lse)
+        flash_forward(qkv, T, NH, C, HS, MI, NWf, BC, h, out, lse)
         sl = slice(h * HS, (h + 1) * HS)
         e_out = np.abs(out[..., sl] - ref_out[..., sl]).max() / np.abs(ref_out[..., sl]).max()
         e_lse = np.abs(lse[:, h] - ref_lse[:, h]).max()

@@ -38,9 +38,11 @@ simple one, so tests can compare both on the GPU):
              with atomicAdd (red.global); a last kernel adds scale * scratch into dqkv's q part. dK (times the
              scale) and dV are added into dqkv at the end. The dq atomics make this path's dq bits depend on the
              order of the atomics (not deterministic); dk, dv are. The simple path is fully deterministic.
-   Tiles: forward MI=2, NW=4 for hs=64 (BR=128), MI=1, NW=4 for hs=128 (BR=64); backward BQ=64, NW=4 for hs=64,
-   BQ=32, NW=4 for hs=128 (BK=64). All indices are bounds-checked for T not a multiple of a tile (zero-filled
-   rows, masked scores, guarded stores).
+   Tiles (FlashCfg below): forward 128 query rows x 4 warps (32 rows per warp, which halves the shared-memory
+   traffic of K and V per flop against 16 rows); key tiles of 64 for hs=64 (Q fragments kept in registers) and of
+   32 for hs=128 (Q fragments re-read from smem each tile: registers). Backward 64 keys x 4 warps, query tiles of
+   64 (hs=64) or 32 (hs=128). All indices are bounds-checked for T not a multiple of a tile (zero-filled rows,
+   masked scores, guarded stores). dev/attention_fragments_sim.py models the fragment math in numpy.
 Scratch buffers (D, dq accumulator, split partials) come from cudaMallocAsync on the default stream (stream-ordered,
 no host sync, pooled by the driver).
 
@@ -514,22 +516,30 @@ __device__ __forceinline__ void load_rows_async(bf16* dst, const bf16* src, int6
 }
 
 // Launch configuration of the fast kernels (ptxas -v, sm_80 / sm_90, CUDA 13.0: see the report in the commit log)
+// ptxas (CUDA 13.0, -O3, registers / spills; sm_90 and sm_80 alike):
+//   forward hs=64 244 / 0, hs=128 254 / 0 (hs=128 with 64-key tiles spills ~70 bytes; MI=1 x 64 keys with Q in
+//   registers: 175 / 0); backward hs=64 245 / 0, hs=128 255 / 0. 2 blocks (8 warps) per SM by registers.
+//   Asking for 3 blocks per SM (<= 168 registers) spills in every configuration.
 template <int HS>
 struct FlashCfg;
 template <>
 struct FlashCfg<64> {
     static constexpr int kFwdMI = 2, kFwdNW = 4, kFwdMinBlocks = 2;  // forward: 128 query rows per block
+    static constexpr int kFwdBC = 64;  // keys per tile
+    static constexpr bool kFwdQRegs = true;
     static constexpr int kBwdBQ = 64, kBwdNW = 4, kBwdMinBlocks = 2;  // backward: 64 keys/block, query tiles of 64
 };
 template <>
 struct FlashCfg<128> {
-    static constexpr int kFwdMI = 1, kFwdNW = 4, kFwdMinBlocks = 2;  // 64 query rows per block
+    static constexpr int kFwdMI = 2, kFwdNW = 4, kFwdMinBlocks = 2;  // 128 query rows per block
+    static constexpr int kFwdBC = 32;                                 // alternative: MI=1, BC=64, QRegs (fewer regs)
+    static constexpr bool kFwdQRegs = false;
     static constexpr int kBwdBQ = 32, kBwdNW = 4, kBwdMinBlocks = 2;
 };
 
 template <int HS, int MI, int NW>
 constexpr int flash_fwd_smem() {
-    return (16 * MI * NW + 4 * 64) * (HS + 8) * 2;
+    return (16 * MI * NW + 4 * FlashCfg<HS>::kFwdBC) * (HS + 8) * 2;
 }
 
 // grid n_qt * BH (block id -> query tile from the last one, (b, h)), block 32*NW
@@ -537,7 +547,7 @@ template <int HS, int MI, int NW>
 __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     flash_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int T_,
                          int NH, int64_t C, int64_t BH, int n_qt, float scale_log2) {
-    constexpr int BR = 16 * MI * NW, BC = 64, LD = HS + 8, NT = 32 * NW;
+    constexpr int BR = 16 * MI * NW, BC = FlashCfg<HS>::kFwdBC, LD = HS + 8, NT = 32 * NW;
     constexpr int KC = HS / 16;  // k16 chunks of the head dimension
     constexpr int DN = HS / 8;   // n8 tiles of the head dimension
     constexpr int SN = BC / 8;   // n8 tiles of a key tile
@@ -565,7 +575,9 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     load_rows_async<HS, LD, NT>(Vs, vb, C3, 0, BC, T_, tid);
     cp_async_commit();
 
-    uint32_t qf[MI][KC][4];
+    constexpr bool QR = FlashCfg<HS>::kFwdQRegs;  // Q fragments in registers (else re-read from smem per tile)
+    uint32_t qf[QR ? MI : 1][QR ? KC : 1][4];
+    const uint32_t qa = smem_addr(Qs) + lds_a<LD>(lane) + warp * 16 * MI * LD * 2;
     float o[MI][DN][4];
     float m[MI][2], l[MI][2];  // running max (raw score units) and this lane's partial running sum, rows g, g+8
 #pragma unroll
@@ -585,12 +597,11 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
         cp_async_commit();
         cp_async_wait<1>();  // all but the group just committed: tile j (and Q) have landed
         __syncthreads();
-        if (j == 0) {
-            const uint32_t qa = smem_addr(Qs) + lds_a<LD>(lane) + warp * 16 * MI * LD * 2;
+        if (QR && j == 0) {
 #pragma unroll
-            for (int mi = 0; mi < MI; mi++)
+            for (int mi = 0; mi < (QR ? MI : 0); mi++)
 #pragma unroll
-                for (int kc = 0; kc < KC; kc++) ldmatrix_x4(qf[mi][kc], qa + (mi * 16 * LD + kc * 16) * 2);
+                for (int kc = 0; kc < (QR ? KC : 0); kc++) ldmatrix_x4(qf[mi][kc], qa + (mi * 16 * LD + kc * 16) * 2);
         }
         const int k0 = j * BC;
         if (k0 <= wrow0 + 16 * MI - 1) {  // some row of this warp sees a key of this tile
@@ -604,14 +615,24 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
                 for (int sn = 0; sn < SN; sn++) s[mi][sn][0] = s[mi][sn][1] = s[mi][sn][2] = s[mi][sn][3] = 0.f;
 #pragma unroll
             for (int kc = 0; kc < KC; kc++) {
+                uint32_t qk[MI][4];  // A fragments of head-dim chunk kc
+#pragma unroll
+                for (int mi = 0; mi < MI; mi++) {
+                    if constexpr (QR) {
+#pragma unroll
+                        for (int r = 0; r < 4; r++) qk[mi][r] = qf[QR ? mi : 0][QR ? kc : 0][r];
+                    } else {
+                        ldmatrix_x4(qk[mi], qa + (mi * 16 * LD + kc * 16) * 2);
+                    }
+                }
 #pragma unroll
                 for (int np = 0; np < SN / 2; np++) {
                     uint32_t kf[4];  // B fragments of key n8 tiles 2np (kf[0..1]) and 2np+1 (kf[2..3])
                     ldmatrix_x4(kf, ka + (np * 16 * LD + kc * 16) * 2);
 #pragma unroll
                     for (int mi = 0; mi < MI; mi++) {
-                        mma_bf16(s[mi][2 * np], qf[mi][kc], kf[0], kf[1]);
-                        mma_bf16(s[mi][2 * np + 1], qf[mi][kc], kf[2], kf[3]);
+                        mma_bf16(s[mi][2 * np], qk[mi], kf[0], kf[1]);
+                        mma_bf16(s[mi][2 * np + 1], qk[mi], kf[2], kf[3]);
                     }
                 }
             }
@@ -628,7 +649,10 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
                             if (key > qrow || key >= T_) s[mi][sn][e] = -INFINITY;
                         }
             }
-            // online softmax (base 2, scale folded in), P in place of S
+            // online softmax (base 2, scale folded in); P goes straight to bf16 A fragments (pa[mi][kk] covers
+            // keys 16kk..16kk+15: registers {row g, n-tile 2kk}, {g+8, 2kk}, {g, 2kk+1}, {g+8, 2kk+1}), which
+            // frees the fp32 scores early (register pressure)
+            uint32_t pa[MI][BC / 16][4];
 #pragma unroll
             for (int mi = 0; mi < MI; mi++) {
 #pragma unroll
@@ -647,8 +671,7 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
                     for (int sn = 0; sn < SN; sn++) {
                         const float p0 = exp2f(fmaf(s[mi][sn][2 * hf], scale_log2, -ms));
                         const float p1 = exp2f(fmaf(s[mi][sn][2 * hf + 1], scale_log2, -ms));
-                        s[mi][sn][2 * hf] = p0;
-                        s[mi][sn][2 * hf + 1] = p1;
+                        pa[mi][sn / 2][(sn & 1) * 2 + hf] = pack_bf16(p0, p1);
                         sum += p0 + p1;
                     }
                     l[mi][hf] = l[mi][hf] * alpha + sum;
@@ -662,17 +685,14 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
             // O += P V
 #pragma unroll
             for (int kk = 0; kk < BC / 16; kk++) {
-                uint32_t pa[MI][4];
-#pragma unroll
-                for (int mi = 0; mi < MI; mi++) acc_to_a(pa[mi], s[mi][2 * kk], s[mi][2 * kk + 1]);
 #pragma unroll
                 for (int dp = 0; dp < DN / 2; dp++) {
                     uint32_t vf[4];  // B fragments of head-dim n8 tiles 2dp (vf[0..1]) and 2dp+1 (vf[2..3])
                     ldmatrix_x4_trans(vf, va + (kk * 16 * LD + dp * 16) * 2);
 #pragma unroll
                     for (int mi = 0; mi < MI; mi++) {
-                        mma_bf16(o[mi][2 * dp], pa[mi], vf[0], vf[1]);
-                        mma_bf16(o[mi][2 * dp + 1], pa[mi], vf[2], vf[3]);
+                        mma_bf16(o[mi][2 * dp], pa[mi][kk], vf[0], vf[1]);
+                        mma_bf16(o[mi][2 * dp + 1], pa[mi][kk], vf[2], vf[3]);
                     }
                 }
             }
