@@ -170,7 +170,9 @@ int sm_count() {
 // ---------------------------------------------------------------------------------------------------------
 // 1. simple "rows" kernels (any hs <= 256, float32 and bfloat16)
 
-constexpr int kRowWarps = 4;  // warps per block of the rows kernels
+constexpr int kRowWarps = 4;      // warps per block of the rows kernels
+constexpr int kRowMinBlocks = 4;  // forward: <= 128 registers, 16 warps per SM (no spills; the backward kernels,
+                                  // with two 32-key dot products in flight, would spill at 128 and keep <= 255)
 
 struct RowsParams {
     const void* q;  // query row (b, t, h) at q + b*q_sb + t*q_st + h*hs
@@ -190,7 +192,7 @@ struct RowsParams {
 
 // grid (B*NH*Tn, nsplit), block 32*kRowWarps, dynamic smem kRowWarps*(hs+2) floats
 template <typename T, int NPL>
-__global__ void __launch_bounds__(32 * kRowWarps) rows_forward_kernel(RowsParams p) {
+__global__ void __launch_bounds__(32 * kRowWarps, kRowMinBlocks) rows_forward_kernel(RowsParams p) {
     extern __shared__ float rsm[];  // per warp: m, l, acc[hs]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t row = blockIdx.x;
@@ -515,8 +517,7 @@ __device__ __forceinline__ void load_rows_async(bf16* dst, const bf16* src, int6
     }
 }
 
-// Launch configuration of the fast kernels (ptxas -v, sm_80 / sm_90, CUDA 13.0: see the report in the commit log)
-// ptxas (CUDA 13.0, -O3, registers / spills; sm_90 and sm_80 alike):
+// Launch configuration of the fast kernels. ptxas (CUDA 13.0, -O3, registers / spills; sm_90 and sm_80 alike):
 //   forward hs=64 244 / 0, hs=128 254 / 0 (hs=128 with 64-key tiles spills ~70 bytes; MI=1 x 64 keys with Q in
 //   registers: 175 / 0); backward hs=64 245 / 0, hs=128 255 / 0. 2 blocks (8 warps) per SM by registers.
 //   Asking for 3 blocks per SM (<= 168 registers) spills in every configuration.
