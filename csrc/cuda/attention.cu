@@ -141,10 +141,24 @@ __device__ __forceinline__ void axpy_rows32(float (&acc)[NPL], float w, const T*
 // exp2(a - b) with 2^(-inf - x) = 0, also for a = b = -inf (an empty state merged with another empty state)
 __device__ __forceinline__ float exp2_diff(float a, float b) { return a == -INFINITY ? 0.f : exp2f(a - b); }
 
-struct Scratch {  // stream-ordered device scratch on the default stream
+// Stream-ordered device scratch on the default stream. The first use on a device raises the release threshold
+// of its default memory pool, so that freed scratch stays reserved for the next call instead of going back to the
+// driver at every synchronisation (the pool then holds at most the largest scratch used, e.g. B*T*C*4 bytes).
+struct Scratch {
     void* p = nullptr;
     explicit Scratch(size_t bytes) {
-        if (bytes) CUDA_CHECK(cudaMallocAsync(&p, bytes, 0));
+        if (!bytes) return;
+        static bool configured[64] = {};
+        int dev = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        if (dev < 64 && !configured[dev]) {
+            cudaMemPool_t pool;
+            CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
+            uint64_t keep = UINT64_MAX;
+            CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+            configured[dev] = true;
+        }
+        CUDA_CHECK(cudaMallocAsync(&p, bytes, 0));
     }
     ~Scratch() {
         if (p) cudaFreeAsync(p, 0);
