@@ -23,9 +23,9 @@ simple one, so tests can compare both on the GPU):
              queries t >= s); every gradient element is owned by one block: no atomics, deterministic.
 2. FlashAttention-2 style tensor-core kernels for bfloat16 and hs = 64 or 128 (mma.sync.m16n8k16 bf16 -> fp32,
    ldmatrix, cp.async double buffering; sm_80 and sm_90, no wgmma/TMA):
-   forward : a block owns BR = 16*MI*NW query rows of one (b, h) (NW warps, each MI m16 row blocks); Q fragments
-             live in registers; key tiles of 64 (K, V with cp.async into a second buffer while the current tile is
-             used) up to the diagonal only; S = Q K^T (ldmatrix), online softmax on the accumulator fragments in
+   forward : a block owns BR = 16*MI*NW query rows of one (b, h) (NW warps, each MI m16 row blocks); key tiles
+             of BC keys (K, V with cp.async into a second buffer while the current tile is used) up to the
+             diagonal only; S = Q K^T (ldmatrix), online softmax on the accumulator fragments in
              fp32 (exp2f, scale folded in; row max/sum over the 4 lanes of a quad), P packed to bf16 in registers
              as the A operand of O += P V (V by ldmatrix.trans). Only the diagonal tiles (and the tile crossing T)
              are masked; warps whose rows all precede a tile skip it. Blocks are ordered heaviest (last query tile)
@@ -46,8 +46,9 @@ simple one, so tests can compare both on the GPU):
 Scratch buffers (D, dq accumulator, split partials) come from cudaMallocAsync on the default stream (stream-ordered,
 no host sync, pooled by the driver).
 
-Perf notes: not yet measured (written without a GPU); see benchmarks/bench_cuda_attention.py. Resource usage from
-ptxas (-Xptxas -v) is recorded next to the launch configuration below.
+Perf notes: not yet measured (written on a machine without a GPU; correctness of the fragment index math checked
+with the numpy model only); see benchmarks/bench_cuda_attention.py. Resource usage from ptxas (-Xptxas -v) is
+recorded next to the launch configuration (FlashCfg) below; tiles are the first thing to tune on the GPU.
 */
 #include <cmath>
 #include <cstdlib>
