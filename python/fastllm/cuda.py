@@ -161,19 +161,25 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight) -> None:
 
 
 def attention_forward(out, lse, qkv, n_head: int) -> None:
-    """Causal flash attention: qkv (B, T, 3C) -> out (B, T, C), lse (B, NH, T, float32)."""
+    """Causal flash attention: qkv (B, T, 3C) -> out (B, T, C), lse (B, NH, T, float32, natural log), like
+    `fastllm.ops.attention_forward`. Head size hs = C / n_head <= 256. bfloat16 with hs 64 or 128 runs the
+    tensor-core kernels; other cases (and FASTLLM_CUDA_ATTN=simple in the environment) the simple reference ones."""
     _C.cuda.attention_forward(_dev(out, "out"), _dev(lse, "lse"), _dev(qkv, "qkv"), int(n_head))
 
 
 def attention_backward(dqkv, dout, qkv, out, lse, n_head: int) -> None:
-    """dqkv (B, T, 3C) += gradient of attention_forward."""
+    """dqkv (B, T, 3C) += gradient of attention_forward (out, lse: its outputs). The tensor-core path adds dq
+    through fp32 atomics (its bits may vary from run to run); the simple path is deterministic."""
     _C.cuda.attention_backward(_dev(dqkv, "dqkv"), _dev(dout, "dout"), _dev(qkv, "qkv"), _dev(out, "out"),
                                _dev(lse, "lse"), int(n_head))
 
 
 def attention_kv_forward(out, kcache, vcache, qkv, pos) -> None:
     """KV-cache attention: writes the new keys/values of qkv (B, Tn, 3C) into kcache/vcache (B, NH, maxT, hs) at
-    pos[b].. (pos: int32 DeviceArray (B,)), then out (B, Tn, C) = causal attention over each cache."""
+    pos[b].. (pos: int32 DeviceArray (B,)), then out (B, Tn, C) = causal attention over each cache (new query t of
+    row b sees positions 0 .. pos[b] + t). pos lives on the GPU and is not checked here: the caller must ensure
+    0 <= pos[b] and pos[b] + Tn <= maxT on the host; the kernels never write outside the caches (out-of-range
+    positions are skipped) and never read past maxT."""
     _C.cuda.attention_kv_forward(_dev(out, "out"), _dev(kcache, "kcache"), _dev(vcache, "vcache"),
                                  _dev(qkv, "qkv"), _dev(pos, "pos"))
 
