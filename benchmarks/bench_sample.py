@@ -62,7 +62,7 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int) -
 
     def ours(weights):
         def run():
-            cache = model.kv_cache(B, weights=weights)
+            cache = model.kv_cache(B, weights=weights, max_len=prompt + n)  # sized like generate() does
             logits = cache.prefill([list(r) for r in rows])
             toks = []
             for _ in range(n):
@@ -86,7 +86,7 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int) -
     toks = {k: f() for k, f in fns.items()}
     same = f"{np.mean(toks['fastllm'] == toks['torch']):.0%}"  # greedy tokens equal to torch fp32's
     same16 = f"{np.mean(toks['fastllm bf16'] == toks['fastllm']):.0%}"
-    r = bench(fns, repeats=repeats, warmup=0)
+    r = bench(fns, repeats=repeats, warmup=0, pause=0.2)
     s = {k: v["median"] for k, v in r.items()}
     tps = {k: f"{B * n / v:,.0f}" for k, v in s.items()}
     return [name, str(B), str(n), tps["fastllm"], tps["torch"], f"{s['torch'] / s['fastllm']:.2f}x", same,
@@ -104,7 +104,7 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
     if gpt2:
         g = GPTConfig.preset("gpt2", vocab_size=50257)
         for B in (1, 8):
-            rows.append(case("gpt2 124M", g, B, 16, 50, 3))
+            rows.append(case("gpt2 124M", g, B, 16, 50, 5))
     print("prompt 16 tokens; tok/s = B * new / time (prefill included); 'same' = greedy tokens equal to torch fp32's"
           " (fastllm fp32) and to fastllm fp32's (bf16)")
     print_table(rows, ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w",

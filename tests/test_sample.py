@@ -54,6 +54,23 @@ def test_batched_prefill_logits_equal_full_forward(model):
         model.kv_cache(2).prefill([[1, 2], [1, 99]])
 
 
+def test_short_cache_equals_full_cache(model):
+    """max_len sizes the cache (generate uses longest prompt + max_new_tokens): same logits as a full-context
+    cache, and a clear error past its end."""
+    prompts = [[1, 2, 3], [4, 5]]
+    full, short = model.kv_cache(2), model.kv_cache(2, max_len=6)
+    assert short.k.shape[3] == 6 and full.k.shape[3] == model.config.block_size
+    a, b = full.prefill(prompts), short.prefill(prompts)
+    np.testing.assert_array_equal(a, b)
+    for t in range(3):
+        a, b = full.decode([t, t + 1]), short.decode([t, t + 1])
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="max_len=6"):
+        short.decode([0, 0])  # row 0 is at 6 already
+    with pytest.raises(ValueError, match="max_len must be"):
+        model.kv_cache(1, max_len=model.config.block_size + 1)
+
+
 def test_bf16_weights_decode(model):
     """weights="bfloat16": decode steps use bf16 copies of the matrices (prefill over 32 rows stays float32). The
     logits stay within bf16 rounding of the float32 cache, and the weights are a snapshot."""

@@ -334,12 +334,12 @@ class CudaGPT:
 
     # ---- inference ---------------------------------------------------------------------------------------
 
-    def kv_cache(self, batch_size: int, weights="float32") -> CudaKVCache:
+    def kv_cache(self, batch_size: int, weights="float32", max_len: int | None = None) -> CudaKVCache:
         """A GPU key/value cache for `batch_size` sequences of up to block_size tokens (GPT.kv_cache's twin).
         `weights` (GPT.kv_cache's CPU bf16-decode option) is accepted and ignored: on the GPU the model's
         `dtype` decides."""
         del weights
-        return CudaKVCache(self, batch_size)
+        return CudaKVCache(self, batch_size, max_len)
 
 
 class CudaAdamW:
@@ -390,14 +390,17 @@ class CudaKVCache:
     model.KVCache's interface: prefill(rows) runs the prompts (lengths may differ) batched over their common
     length, then each longer tail; decode(tokens) appends one token per sequence; both return float32 numpy
     logits (B, V) of each sequence's last token (a small gemm of the last hidden state with wte, copied back).
-    Memory: 2 * n_layer * B * block_size * n_embd elements."""
+    Memory: 2 * n_layer * B * max_len * n_embd elements (max_len defaults to block_size)."""
 
-    def __init__(self, model: CudaGPT, batch_size: int):
+    def __init__(self, model: CudaGPT, batch_size: int, max_len: int | None = None):
         cfg = model.config
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.B = model, batch_size
-        L, NH, Tm = cfg.n_layer, cfg.n_head, cfg.block_size
+        self.max_len = cfg.block_size if max_len is None else int(max_len)
+        if not 1 <= self.max_len <= cfg.block_size:
+            raise ValueError(f"max_len must be in [1, block_size={cfg.block_size}], got {max_len}")
+        L, NH, Tm = cfg.n_layer, cfg.n_head, self.max_len
         self.hs = cfg.n_embd // NH
         self.k = cuda.zeros((L, batch_size, NH, Tm, self.hs), model.dtype)
         self.v = cuda.zeros((L, batch_size, NH, Tm, self.hs), model.dtype)
@@ -417,8 +420,8 @@ class CudaKVCache:
         for b, r in enumerate(rows):
             if r.min() < 0 or r.max() >= cfg.vocab_size:
                 raise ValueError(f"prompt {b}: token ids outside [0, {cfg.vocab_size})")
-            if int(self.pos[b]) + len(r) > cfg.block_size:
-                raise ValueError(f"prompt {b} would exceed the context block_size={cfg.block_size}")
+            if int(self.pos[b]) + len(r) > self.max_len:
+                raise ValueError(f"prompt {b} would exceed the cache length max_len={self.max_len}")
         common = min(len(r) for r in rows)
         logits = self._forward(np.stack([r[:common] for r in rows]), 0)
         for b, r in enumerate(rows):
@@ -454,12 +457,12 @@ class CudaKVCache:
         m, cfg = self.model, self.model.config
         pc, pl, eps = m.pc, m._pcl, cfg.layernorm_eps
         b, Tn = idx.shape
-        C, NH, Tm, hs = cfg.n_embd, cfg.n_head, cfg.block_size, self.hs
+        C, NH, Tm, hs = cfg.n_embd, cfg.n_head, self.max_len, self.hs
         pos = self.pos[r0:r0 + b]
         if idx.min() < 0 or idx.max() >= cfg.vocab_size:
             raise ValueError(f"token ids outside [0, {cfg.vocab_size})")
         if int(pos.max()) + Tn > Tm:
-            raise ValueError(f"the sequence would exceed the context block_size={Tm}")
+            raise ValueError(f"the sequence would exceed the cache length max_len={Tm}")
         u = self._buffers(b, Tn)
         u["idx"].copy_(np.ascontiguousarray(idx, np.int32))
         pos_dev = self._pos_dev.view(r0, (b,))

@@ -359,10 +359,11 @@ class GPT:
 
     # ---- inference --------------------------------------------------------------------------------------
 
-    def kv_cache(self, batch_size: int, weights: str | dict = "float32") -> KVCache:
-        """A key/value cache for `batch_size` sequences of up to block_size tokens (see KVCache). weights:
-        "float32", or "bfloat16" to decode with a bf16 snapshot of the matrices (see bf16_weights)."""
-        return KVCache(self, batch_size, weights)
+    def kv_cache(self, batch_size: int, weights: str | dict = "float32", max_len: int | None = None) -> KVCache:
+        """A key/value cache for `batch_size` sequences of up to max_len (default block_size) tokens (see
+        KVCache). weights: "float32", or "bfloat16" to decode with a bf16 snapshot of the matrices (see
+        bf16_weights)."""
+        return KVCache(self, batch_size, weights, max_len)
 
     def bf16_weights(self) -> dict[str, np.ndarray]:
         """A bf16 snapshot (uint16 bit patterns, nearest-even) of the weight matrices a decode step streams: the
@@ -377,16 +378,20 @@ class KVCache:
 
     prefill(rows) runs the prompts (rows may differ in length) batched; decode(tokens) appends one token per
     sequence. Both return the logits (B, V) of each sequence's last token.
-    Memory: 2 * n_layer * B * block_size * n_embd floats.
+    Memory: 2 * n_layer * B * max_len * n_embd floats (max_len defaults to block_size; generate sizes it to the
+    longest prompt + max_new_tokens, so a short generation does not zero a full-context cache).
     """
 
     BF16_MAX_ROWS = 32  # token rows per pass up to which bf16 weights (if any) are used
 
-    def __init__(self, model: GPT, batch_size: int, weights: str | dict = "float32"):
+    def __init__(self, model: GPT, batch_size: int, weights: str | dict = "float32", max_len: int | None = None):
         cfg = model.config
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.B = model, batch_size
+        self.max_len = cfg.block_size if max_len is None else int(max_len)
+        if not 1 <= self.max_len <= cfg.block_size:
+            raise ValueError(f"max_len must be in [1, block_size={cfg.block_size}], got {max_len}")
         # bf16 matrices for decode steps (<= BF16_MAX_ROWS tokens at once, where streaming the weights is the cost);
         # longer prefills keep the float32 GEMM
         if isinstance(weights, dict):
@@ -398,7 +403,7 @@ class KVCache:
         else:
             raise ValueError(f"weights must be 'float32', 'bfloat16' or model.bf16_weights(), got {weights!r}")
         hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, hs)
+        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, hs)
         self.k = np.zeros(shape, np.float32)
         self.v = np.zeros(shape, np.float32)
         self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence
@@ -415,8 +420,8 @@ class KVCache:
         for b, r in enumerate(rows):  # check everything before the cache changes
             if r.min() < 0 or r.max() >= cfg.vocab_size:
                 raise ValueError(f"prompt {b}: token ids outside [0, {cfg.vocab_size})")
-            if int(self.pos[b]) + len(r) > cfg.block_size:
-                raise ValueError(f"prompt {b} would exceed the context block_size={cfg.block_size}")
+            if int(self.pos[b]) + len(r) > self.max_len:
+                raise ValueError(f"prompt {b} would exceed the cache length max_len={self.max_len}")
         common = min(len(r) for r in rows)
         logits = self._forward(np.stack([r[:common] for r in rows]), slice(0, self.B))
         for b, r in enumerate(rows):
@@ -436,8 +441,8 @@ class KVCache:
         pos = self.pos[rows]
         if idx.min() < 0 or idx.max() >= cfg.vocab_size:
             raise ValueError(f"token ids outside [0, {cfg.vocab_size})")
-        if int(pos.max()) + Tn > cfg.block_size:
-            raise ValueError(f"the sequence would exceed the context block_size={cfg.block_size}")
+        if int(pos.max()) + Tn > self.max_len:
+            raise ValueError(f"the sequence would exceed the cache length max_len={self.max_len}")
         w16 = self.w16 if b * Tn <= self.BF16_MAX_ROWS else None
 
         def linear(x, name, l=None, bias=True):

@@ -132,7 +132,8 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
     rows = _check_prompts(model, _as_rows(prompt_ids)[0], max_new_tokens)
     rng = np.random.default_rng(seed)
     stop = set(int(s) for s in stop_tokens)
-    cache = model.kv_cache(len(rows), weights=weights)
+    # the cache holds what this call needs (longest prompt + new tokens), not a full context
+    cache = model.kv_cache(len(rows), weights=weights, max_len=max(len(r) for r in rows) + max(max_new_tokens, 1))
     logits = cache.prefill(rows)  # (B, V) logits of each prompt's last token
     alive = np.ones(len(rows), bool)
     for _ in range(max_new_tokens):
