@@ -15,28 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_time_ms  # noqa: E402
 
 # (hs, NH) x T, B = TOKENS // T
 HEADS = [(64, 12), (64, 16), (128, 8), (128, 16)]
 TS = [1024, 2048, 4096, 8192]
 TOKENS = 16384
-
-
-def _time_ms(torch, fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        events.append((s, e))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def _fastllm_view(cuda, t):
@@ -118,10 +105,10 @@ def run(quick: bool, simple: bool) -> None:
                     err = (got - ref.float()).abs().max().item()
                     print(f"check (hs={hs}, T={T}): max |fastllm - torch| = {err:.3g} (bf16 outputs)")
                 ms = {
-                    "f": _time_ms(torch, f_fwd, reps, warmup),
-                    "t": _time_ms(torch, t_fwd, reps, warmup),
-                    "fb": _time_ms(torch, f_fwdbwd, reps, warmup),
-                    "tb": _time_ms(torch, t_fwdbwd, reps, warmup),
+                    "f": cuda_time_ms(f_fwd, reps, warmup),
+                    "t": cuda_time_ms(t_fwd, reps, warmup),
+                    "fb": cuda_time_ms(f_fwdbwd, reps, warmup),
+                    "tb": cuda_time_ms(t_fwdbwd, reps, warmup),
                 }
             row = [hs, NH, C, B, T]
             row += [f"{flops / ms['f'] / 1e9:.0f}", f"{flops / ms['t'] / 1e9:.0f}", f"{ms['t'] / ms['f']:.2f}x"]
@@ -134,8 +121,8 @@ def run(quick: bool, simple: bool) -> None:
                 if T == ts[0]:
                     os.environ["FASTLLM_CUDA_ATTN"] = "simple"
                     try:
-                        s1 = _time_ms(torch, f_fwd, 3, 1)
-                        s2 = _time_ms(torch, f_fwdbwd, 3, 1)
+                        s1 = cuda_time_ms(f_fwd, 3, 1)
+                        s2 = cuda_time_ms(f_fwdbwd, 3, 1)
                     finally:
                         del os.environ["FASTLLM_CUDA_ATTN"]
                     row += [f"{flops / s1 / 1e9:.1f}", f"{3.5 * flops / s2 / 1e9:.1f}"]

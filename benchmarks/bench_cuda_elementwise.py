@@ -14,8 +14,11 @@ Ratio torch/fastllm > 1 means fastllm is faster. Prints a skip line and exits 0 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_time_ms  # noqa: E402
 
 
 def _skip(why: str) -> None:
@@ -53,18 +56,7 @@ def main() -> None:
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
 
     def time_ms(fn) -> float:
-        for _ in range(warm):
-            fn()
-        times = []
-        for _ in range(reps):
-            flush.zero_()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            times.append((a, b))
-        torch.cuda.synchronize()
-        return statistics.median(a.elapsed_time(b) for a, b in times)
+        return cuda_time_ms(fn, reps, warm, before=flush.zero_)
 
     W = cuda.from_dlpack  # zero-copy views of torch tensors
     g = torch.Generator(device=dev).manual_seed(0)

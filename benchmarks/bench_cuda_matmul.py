@@ -16,10 +16,13 @@ they are not rotated. Without a GPU (or without torch with CUDA) it prints a ski
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_time_ms  # noqa: E402
 
 
 def gpt2_shapes(rows: int = 16384, C: int = 768):
@@ -60,17 +63,7 @@ def main() -> int:
 
     def timed(fn) -> float:
         """median milliseconds of fn() over reps, after 2 warm-up calls"""
-        fn()
-        fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return cuda_time_ms(fn, reps, 2)
 
     rng = np.random.default_rng(0)
 

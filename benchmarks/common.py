@@ -75,6 +75,28 @@ def bench(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int =
     return out
 
 
+def cuda_time_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 2,
+                 before: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of fn() on the GPU: torch CUDA events around each call, after `warmup` untimed calls;
+    before() (e.g. an L2 flush) runs untimed ahead of each timed call."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
 def set_threads(n: int) -> None:
     """Same thread count for fastllm (OpenMP) and torch."""
     import fastllm

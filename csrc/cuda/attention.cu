@@ -56,6 +56,7 @@ recorded next to the launch configuration (FlashCfg) below; tiles are the first 
 #include <initializer_list>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace fastllm::cuda {
 
@@ -437,38 +438,6 @@ __global__ void __launch_bounds__(32 * kRowWarps)
 // ---------------------------------------------------------------------------------------------------------
 // 2. tensor-core (mma.sync bf16) FlashAttention-2 kernels, hs = 64 or 128
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// 16 bytes global -> shared, asynchronously; zero-fills the 16 bytes when !pred (nothing is read then)
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(pred ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool pred) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(pred ? 4 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives matrix i with
-// this lane holding row lane/4, columns 2*(lane%4), +1 (with .trans: column lane/4, rows 2*(lane%4), +1)
-// (addresses are 32-bit shared-window addresses: base + lane offset + compile-time offsets fold into one register)
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
 
 // This lane's byte offset, in a bf16 smem tile of row stride LD elements, for the three ldmatrix.x4 uses (add the
 // tile corner (row0 * LD + col0) * 2):
@@ -492,16 +461,6 @@ __device__ __forceinline__ uint32_t lds_bt(int lane) {
     return (uint32_t)((((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8) * 2);
 }
 
-// d (16x8 fp32) += a (16x16 bf16, row) * b (16x8 bf16, col). Fragments (g = lane/4, c = lane%4):
-//   a: {(g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..)}; b: {(k=2c..2c+1, n=g), (k=2c+8.., n=g)};
-//   d: {(g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)}
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
@@ -528,7 +487,7 @@ __device__ __forceinline__ void load_rows_async(bf16* dst, const bf16* src, int6
     for (int idx = tid; idx < rows * CH; idx += NT) {
         const int r = idx / CH, c = idx % CH, t = r0 + r;
         const bool ok = t < T_;
-        cp_async16(dst + r * LD + c * 8, src + (int64_t)(ok ? t : 0) * ld + c * 8, ok);
+        cp_async16(smem_addr(dst + r * LD + c * 8), src + (int64_t)(ok ? t : 0) * ld + c * 8, ok ? 16 : 0);
     }
 }
 
@@ -647,8 +606,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
                     ldmatrix_x4(kf, ka + (np * 16 * LD + kc * 16) * 2);
 #pragma unroll
                     for (int mi = 0; mi < MI; mi++) {
-                        mma_bf16(s[mi][2 * np], qk[mi], kf[0], kf[1]);
-                        mma_bf16(s[mi][2 * np + 1], qk[mi], kf[2], kf[3]);
+                        mma_bf16_16816(s[mi][2 * np], qk[mi], kf[0], kf[1]);
+                        mma_bf16_16816(s[mi][2 * np + 1], qk[mi], kf[2], kf[3]);
                     }
                 }
             }
@@ -707,8 +666,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
                     ldmatrix_x4_trans(vf, va + (kk * 16 * LD + dp * 16) * 2);
 #pragma unroll
                     for (int mi = 0; mi < MI; mi++) {
-                        mma_bf16(o[mi][2 * dp], pa[mi][kk], vf[0], vf[1]);
-                        mma_bf16(o[mi][2 * dp + 1], pa[mi][kk], vf[2], vf[3]);
+                        mma_bf16_16816(o[mi][2 * dp], pa[mi][kk], vf[0], vf[1]);
+                        mma_bf16_16816(o[mi][2 * dp + 1], pa[mi][kk], vf[2], vf[3]);
                     }
                 }
             }
@@ -784,8 +743,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
         for (int r = tid; r < 2 * BQ; r += NT) {
             const int q = q0 + (r % BQ);
             const bool ok = q < T_;
-            if (r < BQ) cp_async4(lse_s + buf * BQ + r, lse_b + (ok ? q : 0), ok);
-            else cp_async4(D_s + buf * BQ + (r - BQ), D_b + (ok ? q : 0), ok);
+            if (r < BQ) cp_async4(smem_addr(lse_s + buf * BQ + r), lse_b + (ok ? q : 0), ok ? 4 : 0);
+            else cp_async4(smem_addr(D_s + buf * BQ + (r - BQ)), D_b + (ok ? q : 0), ok ? 4 : 0);
         }
     };
     load_rows_async<HS, LD, NT>(Ks, kb, C3, k0, BK, T_, tid);
@@ -827,8 +786,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
             for (int np = 0; np < QN / 2; np++) {
                 uint32_t qf[4];
                 ldmatrix_x4(qf, q_bn + (np * 16 * LD + kc * 16) * 2);
-                mma_bf16(s[2 * np], ka, qf[0], qf[1]);
-                mma_bf16(s[2 * np + 1], ka, qf[2], qf[3]);
+                mma_bf16_16816(s[2 * np], ka, qf[0], qf[1]);
+                mma_bf16_16816(s[2 * np + 1], ka, qf[2], qf[3]);
             }
         }
         // 2. P^T = exp2(S^T * scale*log2e - lse*log2e); zero where key > query or query >= T
@@ -854,8 +813,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
             for (int np = 0; np < QN / 2; np++) {
                 uint32_t gf[4];
                 ldmatrix_x4(gf, g_bn + (np * 16 * LD + kc * 16) * 2);
-                mma_bf16(dp[2 * np], va, gf[0], gf[1]);
-                mma_bf16(dp[2 * np + 1], va, gf[2], gf[3]);
+                mma_bf16_16816(dp[2 * np], va, gf[0], gf[1]);
+                mma_bf16_16816(dp[2 * np + 1], va, gf[2], gf[3]);
             }
         }
         // 4. dV += P^T dO
@@ -867,8 +826,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
             for (int dpp = 0; dpp < DN / 2; dpp++) {
                 uint32_t gf[4];
                 ldmatrix_x4_trans(gf, g_bt + (kk * 16 * LD + dpp * 16) * 2);
-                mma_bf16(dv[2 * dpp], pa, gf[0], gf[1]);
-                mma_bf16(dv[2 * dpp + 1], pa, gf[2], gf[3]);
+                mma_bf16_16816(dv[2 * dpp], pa, gf[0], gf[1]);
+                mma_bf16_16816(dv[2 * dpp + 1], pa, gf[2], gf[3]);
             }
         }
         // 5. dS^T = P^T * (dP^T - D) (unscaled; the scale is applied to dK and dQ at the end)
@@ -890,8 +849,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
             for (int dpp = 0; dpp < DN / 2; dpp++) {
                 uint32_t qf[4];
                 ldmatrix_x4_trans(qf, q_bt + (kk * 16 * LD + dpp * 16) * 2);
-                mma_bf16(dk[2 * dpp], da, qf[0], qf[1]);
-                mma_bf16(dk[2 * dpp + 1], da, qf[2], qf[3]);
+                mma_bf16_16816(dk[2 * dpp], da, qf[0], qf[1]);
+                mma_bf16_16816(dk[2 * dpp + 1], da, qf[2], qf[3]);
             }
         }
         __syncthreads();
@@ -917,8 +876,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
                     for (int dpp = 0; dpp < 2; dpp++) {
                         uint32_t kf[4];
                         ldmatrix_x4_trans(kf, k_bt + (kc * 16 * LD + ch * 32 + dpp * 16) * 2);
-                        mma_bf16(dq[2 * dpp], a[kc], kf[0], kf[1]);
-                        mma_bf16(dq[2 * dpp + 1], a[kc], kf[2], kf[3]);
+                        mma_bf16_16816(dq[2 * dpp], a[kc], kf[0], kf[1]);
+                        mma_bf16_16816(dq[2 * dpp + 1], a[kc], kf[2], kf[3]);
                     }
                 }
 #pragma unroll

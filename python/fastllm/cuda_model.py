@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from . import cuda
-from .model import GPT, GPTConfig, decays, param_shapes
+from .model import GPT, GPTConfig, check_token_ids, decays, param_shapes
 from .ops import IGNORE_INDEX
 
 DTYPES = ("bfloat16", "float32")
@@ -205,18 +205,7 @@ class CudaGPT:
         return a
 
     def _check_ids(self, x, name: str) -> np.ndarray:
-        x = np.asarray(x)
-        if not np.issubdtype(x.dtype, np.integer):
-            raise TypeError(f"{name} must be integer token ids, got dtype {x.dtype}")
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be (B, T), got shape {x.shape}")
-        if x.shape[1] > self.config.block_size:
-            raise ValueError(f"{name} has T={x.shape[1]} > block_size={self.config.block_size}")
-        if x.shape[1] == 0 or x.shape[0] == 0:
-            raise ValueError(f"{name} must be non-empty, got shape {x.shape}")
-        if x.min() < 0 or x.max() >= self.config.vocab_size:
-            raise ValueError(f"{name} holds token ids outside [0, {self.config.vocab_size})")
-        return np.ascontiguousarray(x, np.int32)
+        return check_token_ids(x, name, self.config, check_range=True)  # the GPU kernels cannot report bad ids
 
     # ---- forward -----------------------------------------------------------------------------------------
 

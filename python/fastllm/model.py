@@ -99,6 +99,23 @@ def _views(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np
     return out
 
 
+def check_token_ids(x, name: str, config: GPTConfig, check_range: bool = False) -> np.ndarray:
+    """x as a C-contiguous int32 (B, T) array with 0 < T <= block_size (TypeError/ValueError naming `name`);
+    with check_range, every id also in [0, vocab_size) (the CPU kernels check ids themselves, the GPU cannot)."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"{name} must be integer token ids, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be (B, T), got shape {x.shape}")
+    if x.shape[1] > config.block_size:
+        raise ValueError(f"{name} has T={x.shape[1]} > block_size={config.block_size}")
+    if x.shape[1] == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {x.shape}")
+    if check_range and (x.min() < 0 or x.max() >= config.vocab_size):
+        raise ValueError(f"{name} holds token ids outside [0, {config.vocab_size})")
+    return np.ascontiguousarray(x, np.int32)
+
+
 def decays(name: str) -> bool:
     """Weight decay applies to matrices (embeddings and linear weights), not to biases and layernorm gains."""
     return name in ("wte", "wpe") or name.endswith("c_attn.weight") or name.endswith("c_proj.weight") or \
@@ -204,16 +221,7 @@ class GPT:
         return a
 
     def _check_ids(self, x, name: str) -> np.ndarray:
-        x = np.asarray(x)
-        if not np.issubdtype(x.dtype, np.integer):
-            raise TypeError(f"{name} must be integer token ids, got dtype {x.dtype}")
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be (B, T), got shape {x.shape}")
-        if x.shape[1] > self.config.block_size:
-            raise ValueError(f"{name} has T={x.shape[1]} > block_size={self.config.block_size}")
-        if x.shape[1] == 0 or x.shape[0] == 0:
-            raise ValueError(f"{name} must be non-empty, got shape {x.shape}")
-        return x.astype(np.int32, copy=False)
+        return check_token_ids(x, name, self.config)
 
     # ---- forward ----------------------------------------------------------------------------------------
 
