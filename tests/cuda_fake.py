@@ -157,7 +157,7 @@ def from_numpy(array, dtype=None) -> DeviceArray:
     if a.dtype not in (np.float32, np.int32):
         raise TypeError(f"array must be a float32 or int32 numpy array, got {a.dtype}")
     d = DeviceArray(a.shape, dtype if dtype is not None else ("float32" if a.dtype == np.float32 else "int32"))
-    d.copy_(np.ascontiguousarray(a))
+    d.copy_(np.asarray(a, order="C"))  # (np.ascontiguousarray would make a 0-d array 1-d)
     return d
 
 

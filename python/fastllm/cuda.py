@@ -87,7 +87,8 @@ def to_device(array, dtype: str | None = None) -> DeviceArray:
         a = a.astype(np.int32)
     elif a.dtype == np.float64:
         a = a.astype(np.float32)
-    return _require().from_numpy(np.ascontiguousarray(a), dtype)
+    # np.asarray(order="C"), not np.ascontiguousarray: the latter turns a 0-d array into shape (1,)
+    return _require().from_numpy(np.asarray(a, order="C"), dtype)
 
 
 def from_dlpack(obj) -> DeviceArray:
