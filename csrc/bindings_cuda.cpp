@@ -192,16 +192,15 @@ py::object to_dlpack(const DeviceArray& a, py::object stream, py::object max_ver
             throw py::buffer_error(str_cat("__dlpack__: cannot export a DeviceArray on cuda:", a.device,
                                            " to device (", d.first, ", ", d.second, ")"));
     }
+    bool foreign_stream = false;
     if (!stream.is_none()) {
         if (!py::isinstance<py::int_>(stream))
             throw py::type_error("__dlpack__: stream must be None or an integer (a CUDA stream handle)");
         const int64_t s = stream.cast<int64_t>();
         // -1: no synchronisation wanted; 0/1: the legacy default stream (ours); 2: per-thread default stream
-        // (synchronises with the legacy one); anything else: a foreign stream, so wait for our work here
-        if (s < -1 || s > 2) {
-            py::gil_scoped_release nogil;
-            synchronize();
-        }
+        // (synchronises with the legacy one); anything else: a foreign stream, so wait for our work (below, after
+        // the copy=True copy, which is itself queued on our stream)
+        foreign_stream = s < -1 || s > 2;
     }
     bool versioned = false;
     if (!max_version.is_none()) {
@@ -216,6 +215,10 @@ py::object to_dlpack(const DeviceArray& a, py::object stream, py::object max_ver
         copy_device(ctx->array.data(), a.data(), a.nbytes());
     } else {
         ctx->array = a;
+    }
+    if (foreign_stream) {
+        py::gil_scoped_release nogil;
+        synchronize();
     }
     PyObject* cap;
     if (versioned) {
@@ -366,8 +369,11 @@ DeviceArray from_dlpack(py::object obj) {
 }  // namespace
 
 static std::vector<int64_t> shape_arg(py::object shape) {
-    if (py::isinstance<py::int_>(shape)) return {shape.cast<int64_t>()};
-    return shape.cast<std::vector<int64_t>>();
+    std::vector<int64_t> s =
+        py::isinstance<py::int_>(shape) ? std::vector<int64_t>{shape.cast<int64_t>()} : shape.cast<std::vector<int64_t>>();
+    // view/reshape: an even number of negative sizes would otherwise pass the element-count checks
+    for (int64_t d : s) FASTLLM_CHECK(d >= 0, "shape must not have negative sizes, got ", d);
+    return s;
 }
 
 void fastllm::cuda::register_cuda(py::module_& parent) {

@@ -305,7 +305,8 @@ def gemm(c, a, b, bias, pre_gelu, trans_a: bool, trans_b: bool, accumulate: bool
             prod += bias_np
     if pre_gelu is not None:
         pre_gelu._store(prod)
-        c._store(ops.gelu_forward(np.ascontiguousarray(pre_gelu._np())))
+        # like matmul.cu's epilogue: GELU of the fp32 accumulator, not of the (bf16-)stored pre_gelu
+        c._store(ops.gelu_forward(np.ascontiguousarray(prod, np.float32)))
     elif accumulate:
         c._store(c._np() + prod)
     else:
