@@ -188,6 +188,10 @@ def test_view_errors():
         a.reshape((3, 4))
     with pytest.raises(ValueError, match="negative"):
         cuda.empty((2, -1))
+    with pytest.raises(ValueError, match="negative"):  # (-1) * (-2) = 2 elements would pass the size check
+        a.view(0, (-1, -2))
+    with pytest.raises(ValueError, match="negative"):
+        cuda.zeros(1).reshape((-1, -1))
     with pytest.raises(TypeError, match="dtype"):
         cuda.empty((2,), "float16")
 
