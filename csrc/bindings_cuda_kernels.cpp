@@ -263,7 +263,7 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             softmax_cross_entropy(pl, pd, px, pt, N, V, grad_scale, ignore_index, t);
         },
         arg("losses"), arg("dlogits"), arg("logits"), arg("targets"), arg("grad_scale") = 1.0f,
-        arg("ignore_index") = -100,
+        arg("ignore_index") = -1,
         "losses (N, f32) and optionally dlogits = (softmax - onehot) * grad_scale (may be logits itself).");
     m.def(
         "lmhead_cross_entropy",
@@ -328,7 +328,7 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             }
         },
         arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"), arg("targets"),
-        arg("grad_scale") = 1.0f, arg("ignore_index") = -100, arg("scratch") = py::none(),
+        arg("grad_scale") = 1.0f, arg("ignore_index") = -1, arg("scratch") = py::none(),
         "Fused lm head + cross-entropy in row chunks of scratch (rows, V) (allocated if None).");
     m.def("lmhead_chunk_rows", [](int64_t N, int64_t V, const std::string& dtype) {
         return lmhead_chunk_rows(N, V, parse_dtype(dtype));

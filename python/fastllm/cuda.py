@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _C
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -1  # the same default as fastllm.ops and the model
 
 
 def is_built() -> bool:
