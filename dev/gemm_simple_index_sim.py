@@ -1,6 +1,6 @@
 """Lab check (no GPU) of gemm_simple_kernel in csrc/cuda/matmul.cu: a numpy mirror of its 1-D grid, tile loads
 (all 4 transposes) and thread -> output mapping on odd shapes, against numpy. Mirrors the formulas.
-    python dev/gemm_simple_index_sim.py     (~1 min)
+    python dev/gemm_simple_index_sim.py     (~1 s)
 """
 
 import numpy as np
