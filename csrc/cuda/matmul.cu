@@ -144,7 +144,9 @@ __global__ void __launch_bounds__(simple::THREADS)
     __shared__ float As[BK][BM + 1];  // op(A) tile, As[k][m]
     __shared__ float Bs[BK][BN + 2];  // op(B) tile, Bs[k][n]
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    // 1-D grid (a 2-D one would cap N at 65535 x 64 through gridDim.y): block -> (tile_m, tile_n), M fastest
+    const int tiles_m = (e.M + BM - 1) / BM;
+    const int m0 = (blockIdx.x % tiles_m) * BM, n0 = (blockIdx.x / tiles_m) * BN;
     float acc[4][4] = {};
     for (int k0 = 0; k0 < K; k0 += BK) {
         // op(A)(m, k) = TA ? A[k, m] : A[m, k]; consecutive threads walk the contiguous axis of the storage
@@ -418,7 +420,7 @@ static void with_trans(bool ta, bool tb, F&& f) {
 template <typename TAB, typename TC>
 static void launch_simple(const Epi<TAB, TC>& e, const TAB* A, const TAB* B, int K, int64_t lda, int64_t ldb,
                           bool ta, bool tb) {
-    const dim3 grid(ceil_div(e.M, simple::BM), ceil_div(e.N, simple::BN));
+    const unsigned grid = (unsigned)ceil_div(e.M, simple::BM) * (unsigned)ceil_div(e.N, simple::BN);
     with_trans(ta, tb, [&](auto TA, auto TB) {
         gemm_simple_kernel<TAB, TC, decltype(TA)::value, decltype(TB)::value>
             <<<grid, simple::THREADS>>>(e, A, B, K, lda, ldb);
