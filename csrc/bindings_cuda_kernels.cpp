@@ -218,6 +218,7 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
                 disjoint(out, "out", vcache, "vcache");
                 disjoint(pos, "pos", kcache, "kcache");
                 disjoint(pos, "pos", vcache, "vcache");
+                disjoint(out, "out", pos, "pos");  // pos is read by every block while out is written
                 py::gil_scoped_release nogil;
                 attention_kv_forward(out.data(), kcache.data(), vcache.data(), qkv.data(),
                                      (const int32_t*)pos.data(), B, Tn, C, NH, maxT, qkv.dtype);

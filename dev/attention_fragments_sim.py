@@ -167,8 +167,14 @@ def flash_forward(qkv, T, NH, C, HS, MI, NW, BC, h, out, lse, b=0):
                         w["l"][mi, hf] = w["l"][mi, hf] * alpha + (p0 + p1).sum(0)
                         w["o"][mi, :, :, 2 * hf] *= alpha
                         w["o"][mi, :, :, 2 * hf + 1] *= alpha
+                # P -> bf16 A fragments exactly as the kernel packs them: pa[mi][sn // 2][(sn & 1) * 2 + hf]
+                pa_all = np.zeros((MI, BC // 16, 32, 4, 2), np.float32)
+                for mi in range(MI):
+                    for hf in range(2):
+                        for sn in range(SN):
+                            pa_all[mi, sn // 2, :, (sn & 1) * 2 + hf] = bf16(s[mi, sn, :, 2 * hf : 2 * hf + 2])
                 for kk in range(BC // 16):
-                    pa = [acc_to_a(s[mi, 2 * kk], s[mi, 2 * kk + 1]) for mi in range(MI)]
+                    pa = [pa_all[mi, kk] for mi in range(MI)]
                     for dp in range(DN // 2):
                         vf = sm.ldmatrix_x4(va + (kk * 16 * LD + dp * 16) * 2, trans=True)
                         for mi in range(MI):
@@ -348,8 +354,112 @@ def reference(qkv, dout, NH):
     return out, lse, np.concatenate(grads, -1)
 
 
+# ---- the simple "rows" kernels: warp transpose-reduce, base-2 online softmax per warp, the 4-warp merge, the
+# flash-decoding split over blocks and the merge kernel (rows_forward_kernel / rows_merge_kernel), with the split
+# plan of attention_kv_forward's launcher
+
+
+def transpose_sum32(v):
+    """v (32 lanes, 32 items) -> (32,): lane j ends with the sum over lanes of item j (transpose_step<16..1>)."""
+    v = v.copy()
+    for O in (16, 8, 4, 2, 1):
+        upper = (L & O) != 0
+        nv = v.copy()
+        for i in range(O):
+            send = np.where(upper, v[:, i], v[:, i + O])
+            keep = np.where(upper, v[:, i + O], v[:, i])
+            nv[:, i] = keep + send[L ^ O]
+        v = nv
+    return v[:, 0]
+
+
+def exp2_diff(a, b):
+    with np.errstate(invalid="ignore"):
+        return np.where(a == -np.inf, 0.0, np.exp2(a - b))
+
+
+def rows_forward(x, keys, vals, L_, chunk, nsplit, NW=4):
+    """One query row: x (hs,) already times scale*log2e, keys/vals (maxT, hs); keys 0..L_-1 visible.
+    Returns out (hs,), lse (natural log) through the split partials + merge like the kernels."""
+    hs = x.shape[0]
+    parts = []
+    for split in range(nsplit):
+        s_begin = split * chunk
+        s_end = min(L_, s_begin + chunk)
+        states = []
+        for warp in range(NW):
+            m, l_lane, acc = -np.inf, np.zeros(32), np.zeros(hs)
+            s0 = s_begin + 32 * warp
+            while s0 < s_end:
+                n = min(s_end - s0, 32)
+                partial = np.zeros((32, 32))  # [lane, item j]: lane's slice of dot(x, key j)
+                for lane in range(32):
+                    d = np.arange(lane, hs, 32)
+                    partial[lane, :n] = keys[s0 : s0 + n][:, d] @ x[d]
+                sc = transpose_sum32(partial)
+                sc = np.where(L < n, sc, -np.inf)  # lanes >= n
+                m_new = max(m, sc.max())
+                alpha = exp2_diff(np.float64(m), m_new)
+                pr = np.exp2(sc - m_new)
+                l_lane = l_lane * alpha + pr
+                acc = acc * alpha + pr[:n] @ vals[s0 : s0 + n]
+                m = m_new
+                s0 += 32 * NW
+            states.append((m, l_lane.sum(), acc))
+        M = max(s[0] for s in states)
+        f = [exp2_diff(np.float64(s[0]), M) for s in states]
+        Lsum = sum(s[1] * fw for s, fw in zip(states, f))
+        acc = sum(s[2] * fw for s, fw in zip(states, f))
+        parts.append((M, Lsum, acc))
+    M = max(p[0] for p in parts)
+    w = [exp2_diff(np.float64(p[0]), M) for p in parts]
+    Lsum = sum(p[1] * wi for p, wi in zip(parts, w))
+    o = sum(p[2] * wi for p, wi in zip(parts, w))
+    inv = 1.0 / Lsum if Lsum > 0 else 0.0
+    with np.errstate(divide="ignore"):
+        return o * inv, (M + np.log2(Lsum)) * np.log(2)
+
+
+def kv_split_plan(rows, maxT, sms=132):
+    """chunk, nsplit as attention_kv_forward computes them."""
+    want = 2 * sms
+    chunk = maxT
+    if rows < want:
+        splits = (want + rows - 1) // rows
+        chunk = (maxT + splits - 1) // splits
+        chunk = ((chunk + 127) // 128) * 128
+        chunk = max(chunk, 256)
+    chunk = min(chunk, maxT)
+    return chunk, (maxT + chunk - 1) // chunk
+
+
+def rows_checks(rng):
+    v = rng.standard_normal((32, 32))
+    assert np.allclose(transpose_sum32(v), v.sum(0)), "transpose_sum32"
+    for hs, maxT, L_, rows in [
+        (64, 4096, 3005, 4),
+        (80, 96, 23, 3),
+        (8, 700, 700, 20),
+        (48, 1000, 1, 2),
+        (256, 600, 333, 264),
+    ]:
+        chunk, nsplit = kv_split_plan(rows, maxT)
+        q, keys, vals = rng.standard_normal(hs), rng.standard_normal((maxT, hs)), rng.standard_normal((maxT, hs))
+        keys[L_:] = np.nan  # never read
+        vals[L_:] = np.nan
+        scale = 1 / np.sqrt(hs)
+        out, lse = rows_forward(q * scale * 1.4426950408889634, keys, vals, L_, chunk, nsplit)
+        s = keys[:L_] @ q * scale
+        ref_lse = np.log(np.exp(s - s.max()).sum()) + s.max()
+        ref = np.exp(s - ref_lse) @ vals[:L_]
+        e = np.abs(out - ref).max() / np.abs(ref).max()
+        print(f"rows hs={hs} L={L_} chunk={chunk} nsplit={nsplit}: out {e:.2e} lse {abs(lse - ref_lse):.2e}")
+        assert e < 1e-10 and abs(lse - ref_lse) < 1e-10
+
+
 def main():
     rng = np.random.default_rng(0)
+    rows_checks(rng)
     # (HS, forward MI, NW, BC, backward BQ, NW, T): the configurations of FlashCfg first, then others
     cfgs = [
         (64, 2, 4, 64, 64, 4, 150),

@@ -254,6 +254,35 @@ def test_deterministic(dtype, monkeypatch):
         np.testing.assert_array_equal(runs[0][2][..., first:], runs[1][2][..., first:], err_msg=f"{which} dqkv")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("offset", [1, 8])
+def test_views_at_odd_offsets(offset):
+    # bf16 hs=64 arrays that are views one element (2 bytes) into their allocation are not 16-byte aligned: the
+    # launchers must fall back to the simple kernels (offset 1) or may use the tensor cores (offset 8 = 16 bytes)
+    B, T, NH, hs, dtype = 2, 77, 2, 64, "bfloat16"
+    C = NH * hs
+    qkv, dout = _inputs(B, T, NH, hs, dtype, seed=12)
+    ref_out, ref_lse = ops.attention_forward(qkv, NH)
+    ref_grad = ops.attention_backward(dout, qkv, ref_out, ref_lse, NH)
+
+    def view_of(shape, data=None):
+        n = int(np.prod(shape))
+        big = _poisoned((n + offset,), dtype)
+        v = big.view(offset, shape)
+        v.copy_(np.zeros(shape, np.float32) if data is None else data)
+        return v
+
+    qkv_d = view_of(qkv.shape, qkv)
+    out = view_of((B, T, C))
+    lse = _poisoned((B, NH, T), "float32")
+    cuda.attention_forward(out, lse, qkv_d, NH)
+    _check("out", out.numpy(), ref_out, TOL[dtype]["out"])
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=TOL[dtype]["lse"], rtol=TOL[dtype]["lse"])
+    dqkv = view_of((B, T, 3 * C))
+    cuda.attention_backward(dqkv, view_of(dout.shape, dout), qkv_d, out, lse, NH)
+    _check_grad(dqkv.numpy(), ref_grad, C, TOL[dtype]["grad"])
+
+
 # ---- vs torch SDPA on the GPU
 
 
