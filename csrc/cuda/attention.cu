@@ -696,6 +696,27 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     }
 }
 
+// acc (16 x 8*QN, fp32) = A (16 x 16*KC, bf16: ldmatrix lane address a_addr, k-chunks 32 bytes apart) times
+// B^T where B is QN*8 rows of LD elements (ldmatrix lane address b_addr, lds_bn layout): the backward's
+// S^T = K_w Q^T and dP^T = V_w dO^T, 16 keys of this warp against BQ queries.
+template <int QN, int KC, int LD>
+__device__ __forceinline__ void warp_mma_rows16(float (&acc)[QN][4], uint32_t a_addr, uint32_t b_addr) {
+#pragma unroll
+    for (int qn = 0; qn < QN; qn++) acc[qn][0] = acc[qn][1] = acc[qn][2] = acc[qn][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++) {
+        uint32_t a[4];
+        ldmatrix_x4(a, a_addr + kc * 16 * 2);
+#pragma unroll
+        for (int np = 0; np < QN / 2; np++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, b_addr + (np * 16 * LD + kc * 16) * 2);
+            mma_bf16_16816(acc[2 * np], a, b[0], b[1]);
+            mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
 template <int HS, int BQ, int NW>
 constexpr int flash_bwd_smem() {
     return (2 * 16 * NW + 4 * BQ) * (HS + 8) * 2 + 16 * NW * (BQ + 8) * 2 + 4 * BQ * 4;
@@ -776,20 +797,7 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
 
         // 1. S^T = K_w Q^T (16 keys x BQ queries)
         float s[QN][4];
-#pragma unroll
-        for (int qn = 0; qn < QN; qn++) s[qn][0] = s[qn][1] = s[qn][2] = s[qn][3] = 0.f;
-#pragma unroll
-        for (int kc = 0; kc < KC; kc++) {
-            uint32_t ka[4];
-            ldmatrix_x4(ka, k_a + kc * 16 * 2);
-#pragma unroll
-            for (int np = 0; np < QN / 2; np++) {
-                uint32_t qf[4];
-                ldmatrix_x4(qf, q_bn + (np * 16 * LD + kc * 16) * 2);
-                mma_bf16_16816(s[2 * np], ka, qf[0], qf[1]);
-                mma_bf16_16816(s[2 * np + 1], ka, qf[2], qf[3]);
-            }
-        }
+        warp_mma_rows16<QN, KC, LD>(s, k_a, q_bn);
         // 2. P^T = exp2(S^T * scale*log2e - lse*log2e); zero where key > query or query >= T
         const bool need_mask = q0 < k0 + BK || q0 + BQ > T_;
 #pragma unroll
@@ -803,20 +811,7 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
             }
         // 3. dP^T = V_w dO^T
         float dp[QN][4];
-#pragma unroll
-        for (int qn = 0; qn < QN; qn++) dp[qn][0] = dp[qn][1] = dp[qn][2] = dp[qn][3] = 0.f;
-#pragma unroll
-        for (int kc = 0; kc < KC; kc++) {
-            uint32_t va[4];
-            ldmatrix_x4(va, v_a + kc * 16 * 2);
-#pragma unroll
-            for (int np = 0; np < QN / 2; np++) {
-                uint32_t gf[4];
-                ldmatrix_x4(gf, g_bn + (np * 16 * LD + kc * 16) * 2);
-                mma_bf16_16816(dp[2 * np], va, gf[0], gf[1]);
-                mma_bf16_16816(dp[2 * np + 1], va, gf[2], gf[3]);
-            }
-        }
+        warp_mma_rows16<QN, KC, LD>(dp, v_a, g_bn);
         // 4. dV += P^T dO
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; kk++) {

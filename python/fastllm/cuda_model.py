@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from . import cuda
-from .model import GPT, GPTConfig, check_token_ids, decays, param_shapes
+from .model import GPT, GPTConfig, cache_length, check_token_ids, decays, param_shapes
 from .ops import IGNORE_INDEX
 
 DTYPES = ("bfloat16", "float32")
@@ -383,12 +383,8 @@ class CudaKVCache:
 
     def __init__(self, model: CudaGPT, batch_size: int, max_len: int | None = None):
         cfg = model.config
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.B = model, batch_size
-        self.max_len = cfg.block_size if max_len is None else int(max_len)
-        if not 1 <= self.max_len <= cfg.block_size:
-            raise ValueError(f"max_len must be in [1, block_size={cfg.block_size}], got {max_len}")
+        self.max_len = cache_length(cfg, batch_size, max_len)
         L, NH, Tm = cfg.n_layer, cfg.n_head, self.max_len
         self.hs = cfg.n_embd // NH
         self.k = cuda.zeros((L, batch_size, NH, Tm, self.hs), model.dtype)

@@ -116,6 +116,16 @@ def check_token_ids(x, name: str, config: GPTConfig, check_range: bool = False) 
     return np.ascontiguousarray(x, np.int32)
 
 
+def cache_length(config: GPTConfig, batch_size: int, max_len: int | None) -> int:
+    """The checked length of a KV cache (KVCache, CudaKVCache): max_len, or block_size when None."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = config.block_size if max_len is None else int(max_len)
+    if not 1 <= n <= config.block_size:
+        raise ValueError(f"max_len must be in [1, block_size={config.block_size}], got {max_len}")
+    return n
+
+
 def decays(name: str) -> bool:
     """Weight decay applies to matrices (embeddings and linear weights), not to biases and layernorm gains."""
     return name in ("wte", "wpe") or name.endswith("c_attn.weight") or name.endswith("c_proj.weight") or \
@@ -394,12 +404,8 @@ class KVCache:
 
     def __init__(self, model: GPT, batch_size: int, weights: str | dict = "float32", max_len: int | None = None):
         cfg = model.config
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.B = model, batch_size
-        self.max_len = cfg.block_size if max_len is None else int(max_len)
-        if not 1 <= self.max_len <= cfg.block_size:
-            raise ValueError(f"max_len must be in [1, block_size={cfg.block_size}], got {max_len}")
+        self.max_len = cache_length(cfg, batch_size, max_len)
         # bf16 matrices for decode steps (<= BF16_MAX_ROWS tokens at once, where streaming the weights is the cost);
         # longer prefills keep the float32 GEMM
         if isinstance(weights, dict):
