@@ -148,9 +148,12 @@ def test_zero_rows(rng):
 
 
 # (M, N, K); (20, 4200, 9) and (2700, 20, 9) are split into several dynamically scheduled chunks per thread
-# (2 threads); M <= 16 with trans_b takes the unpacked small-M path (4x4 steps for <= 4 rows, 8x3 for 5..8)
+# (2 threads); M <= 32 with trans_b takes the unpacked small-M path (a single-stream dot product per column for
+# 1 row, 4x4 steps for <= 4 rows, 8x3 for more, in groups of 8 rows)
 GEMM_SHAPES = [
     (1, 1, 1),
+    (1, 333, 235),  # one row: 64-wide steps, then two 16-wide, then a masked K tail
+    (21, 70, 45),  # three row groups (8 + 8 + 5)
     (15, 33, 17),
     (29, 47, 1000),
     (350, 70, 41),

@@ -492,6 +492,36 @@ FASTLLM_TARGET_AVX512 static void gemm_small_m_nt_avx512(int64_t M, int64_t N, i
     }
 }
 
+// One row times a transposed B (decoding a single sequence): a dot product per B row, rows split into one
+// contiguous block per thread, so each thread reads a single sequential stream (the hardware prefetcher's best
+// case), 4 accumulators over k to hide the FMA latency. GPT-2 124M decode matmuls, M=1: 38.1 -> 17.8 ms per step
+// on 1 thread (12-15 -> 26-29 GB/s per matrix, the ~30 GB/s a plain streaming read gets), 20.3 -> 15.9 ms on 2,
+// against the 4x4 tile, whose 4 interleaved row streams the prefetcher follows badly. At M=8 the 8x3 tile stays
+// best (single-stream 8x1: 33 ms vs 25 ms): there the FMAs, not the stream, bound it.
+FASTLLM_TARGET_AVX512 static void gemv_nt_avx512(int64_t N, int64_t K, float alpha, const float* x, const float* B,
+                                                 int64_t ldb, float beta, float* y, const float* bias, int T) {
+    const int64_t K64 = K & ~int64_t(63), K16 = K & ~int64_t(15);
+    const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1u);
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t j = 0; j < N; j++) {
+        const float* b = B + j * ldb;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+               a3 = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k < K64; k += 64) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(b + k), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(b + k + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), _mm512_loadu_ps(b + k + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), _mm512_loadu_ps(b + k + 48), a3);
+        }
+        for (; k < K16; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(b + k), a0);
+        if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + K16), _mm512_maskz_loadu_ps(tail, b + K16), a1);
+        const float v = alpha * _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) +
+                        (bias ? bias[j] : 0.0f);
+        y[j] = beta == 0.0f ? v : v + beta * y[j];
+    }
+}
+
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc, const float* bias, int threads) {
     if (M <= 0 || N <= 0) return;
@@ -514,7 +544,8 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
     }
     if (double(M) * double(N) * double(K) < 64.0 * 64.0 * 64.0) T = 1;  // not worth waking threads
     if (M <= SMALL_M && !transA && transB && simd_level() == Simd::avx512) {  // decode-sized batches
-        if (M <= 4) gemm_small_m_nt_avx512<4, 4>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
+        if (M == 1) gemv_nt_avx512(N, K, alpha, A, B, ldb, beta, Cm, bias, T);
+        else if (M <= 4) gemm_small_m_nt_avx512<4, 4>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
         else gemm_small_m_nt_avx512<8, 3>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
         return;
     }
@@ -637,6 +668,34 @@ FASTLLM_TARGET_AVX512BF16 static void gemm_bf16w_avx512bf16(int64_t M, int64_t N
     }
 }
 
+FASTLLM_TARGET_AVX512BF16 static inline __m512bh ld(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+// M = 1: one sequential stream per thread, as gemv_nt_avx512 (4 accumulators, 128 bf16 per step)
+FASTLLM_TARGET_AVX512BF16 static void gemv_bf16w_avx512bf16(int64_t N, int64_t K, const uint16_t* x,
+                                                            const uint16_t* B, const float* bias, float* y, int T) {
+    const int64_t K128 = K & ~int64_t(127), K32 = K & ~int64_t(31);
+    const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1ull);
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t j = 0; j < N; j++) {
+        const uint16_t* b = B + j * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+               a3 = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k < K128; k += 128) {
+            a0 = _mm512_dpbf16_ps(a0, ld(x + k), ld(b + k));
+            a1 = _mm512_dpbf16_ps(a1, ld(x + k + 32), ld(b + k + 32));
+            a2 = _mm512_dpbf16_ps(a2, ld(x + k + 64), ld(b + k + 64));
+            a3 = _mm512_dpbf16_ps(a3, ld(x + k + 96), ld(b + k + 96));
+        }
+        for (; k < K32; k += 32) a0 = _mm512_dpbf16_ps(a0, ld(x + k), ld(b + k));
+        if (tail)
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(tail, x + K32),
+                                  (__m512bh)_mm512_maskz_loadu_epi16(tail, b + K32));
+        y[j] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) +
+               (bias ? bias[j] : 0.0f);
+    }
+}
+
 static void gemm_bf16w_portable(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B,
                                 const float* bias, float* Cm, int T) {
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
@@ -662,7 +721,8 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
 #endif
     static const bool has_bf16 = cpu_has_avx512bf16();
     if (has_bf16 && simd_level() == Simd::avx512) {
-        if (N <= 4) gemm_bf16w_avx512bf16<4, 4>(N, OC, C, a16.data(), weight, bias, out, T);
+        if (N == 1) gemv_bf16w_avx512bf16(OC, C, a16.data(), weight, bias, out, T);
+        else if (N <= 4) gemm_bf16w_avx512bf16<4, 4>(N, OC, C, a16.data(), weight, bias, out, T);
         else gemm_bf16w_avx512bf16<8, 3>(N, OC, C, a16.data(), weight, bias, out, T);
     } else {
         gemm_bf16w_portable(N, OC, C, a16.data(), weight, bias, out, T);
