@@ -315,6 +315,17 @@ def test_train_on_cuda_without_gpu_is_a_clear_error(data):
         train(_train_cfg(data, "x", device="tpu"), progress=False, log=lambda *a: None)
 
 
+def test_cli_on_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
+    from fastllm.cli import main
+
+    if cuda.is_available():
+        pytest.skip("a GPU is present")
+    ckpt = make_checkpoint(tmp_path)
+    assert main(["sample", "--ckpt", str(ckpt), "--prompt", "the", "-n", "3", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error:") and ("GPU" in err or "CUDA" in err) and "Traceback" not in err
+
+
 def test_cli_flags():
     from fastllm.cli import build_parser
 

@@ -317,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .cuda import CudaUnavailableError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, KeyboardInterrupt) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, CudaUnavailableError, KeyboardInterrupt) as e:
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130

@@ -34,11 +34,17 @@ def is_available() -> bool:
     return is_built() and _C.cuda.device_count() > 0
 
 
+class CudaUnavailableError(RuntimeError):
+    """fastllm has no CUDA build, or no GPU is visible."""
+
+
 def _require() -> Any:
     if not is_built():
-        raise RuntimeError("fastllm was built without CUDA (no CUDA toolkit at install time; see FASTLLM_CUDA)")
+        raise CudaUnavailableError("fastllm was built without CUDA (no CUDA toolkit at install time; see "
+                                   "FASTLLM_CUDA)")
     if _C.cuda.device_count() == 0:
-        raise RuntimeError("no CUDA GPU is available (fastllm was built with CUDA, but the driver reports none)")
+        raise CudaUnavailableError("no CUDA GPU is available (fastllm was built with CUDA, but the driver reports "
+                                   "none)")
     return _C.cuda
 
 
