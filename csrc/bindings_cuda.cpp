@@ -419,6 +419,22 @@ void fastllm::cuda::register_cuda(py::module_& parent) {
             },
             arg("offset"), arg("shape"), "A view of `prod(shape)` elements starting at element `offset`.")
         .def(
+            "view_as",
+            [](const DeviceArray& a, int64_t byte_offset, py::object shape, const std::string& dtype) {
+                DeviceArray v = a;
+                v.dtype = parse_dtype(dtype);
+                v.shape = shape_arg(shape);
+                const int64_t es = (int64_t)dtype_size(v.dtype);
+                FASTLLM_CHECK(byte_offset >= 0 && byte_offset % es == 0, "byte_offset ", byte_offset,
+                              " must be >= 0 and a multiple of ", es, " (the size of ", dtype, ")");
+                FASTLLM_CHECK(byte_offset + (int64_t)v.nbytes() <= (int64_t)a.nbytes(), "view of ", v.nbytes(),
+                              " bytes at byte ", byte_offset, " does not fit in ", a.nbytes(), " bytes");
+                v.offset = a.offset + byte_offset;
+                return v;
+            },
+            arg("byte_offset"), arg("shape"), arg("dtype"),
+            "A view of another dtype at a byte offset (carving typed buffers out of one allocation).")
+        .def(
             "reshape",
             [](const DeviceArray& a, py::object shape) {
                 DeviceArray v = a;

@@ -139,6 +139,17 @@ class DeviceArray:
         v._off = self._off + int(offset)
         return v
 
+    def view_as(self, byte_offset: int, shape, dtype: str) -> DeviceArray:
+        """Like the binding's bounds and alignment checks; the fake hands out fresh memory for the region (the
+        carved regions of cuda.carve are disjoint, so no aliasing is lost)."""
+        v = DeviceArray(shape, dtype)
+        es = 2 if v.dtype == "bfloat16" else 4
+        if byte_offset < 0 or byte_offset % es:
+            raise ValueError(f"byte_offset {byte_offset} must be >= 0 and a multiple of {es}")
+        if byte_offset + v.nbytes > self.nbytes:
+            raise ValueError(f"view of {v.nbytes} bytes at byte {byte_offset} does not fit in {self.nbytes} bytes")
+        return v
+
     def reshape(self, shape) -> DeviceArray:
         v = self.view(0, shape)
         if v.size != self.size:

@@ -197,6 +197,30 @@ def test_view_errors():
 
 
 @pytest.mark.cuda
+def test_view_as_and_carve():
+    """Typed views at byte offsets of one allocation (CudaGPT's activations): aligned, disjoint, independent."""
+    a = cuda.zeros((64,), "float32")
+    b = a.view_as(16, (3, 2), "bfloat16")
+    assert b.dtype == "bfloat16" and b.shape == (3, 2) and b.ptr == a.ptr + 16
+    b.copy_(np.float32([[1, 2], [3, 4], [5, 6]]))
+    np.testing.assert_array_equal(b.numpy(), [[1, 2], [3, 4], [5, 6]])
+    assert a.numpy()[:4].tolist() == [0, 0, 0, 0] and a.numpy()[7:].max() == 0  # bytes 16..27 only
+    with pytest.raises(ValueError, match="multiple of 4"):
+        a.view_as(2, (1,), "int32")
+    with pytest.raises(ValueError, match="does not fit"):
+        a.view_as(250, (4,), "float32")
+    specs = {"x": ((3, 5), "bfloat16"), "i": ((7,), "int32"), "f": ((2, 3, 4), "float32")}
+    views = cuda.carve(specs)
+    ptrs = sorted((v.ptr, v.nbytes) for v in views.values())
+    assert all(p % 256 == ptrs[0][0] % 256 for p, _ in ptrs)
+    assert all(p0 + n0 <= p1 for (p0, n0), (p1, _) in zip(ptrs, ptrs[1:]))  # disjoint
+    for name, (shape, dtype) in specs.items():
+        assert views[name].shape == shape and views[name].dtype == dtype
+        views[name].copy_(np.full(shape, 3, np.int32 if dtype == "int32" else np.float32))
+    assert all((v.numpy() == 3).all() for v in views.values())
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize(
     "src_t,dst_t",
     [

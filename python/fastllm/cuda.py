@@ -83,6 +83,23 @@ def zeros(shape, dtype: str = "float32") -> DeviceArray:
     return a
 
 
+def carve(specs: dict[str, tuple[tuple[int, ...], str]], align: int = 256) -> dict[str, DeviceArray]:
+    """One allocation for many buffers: {name: (shape, dtype)} -> {name: DeviceArray view}, each view starting
+    at a multiple of `align` bytes (so every 16-byte vector path applies). The views keep the allocation alive."""
+    sizes = {"float32": 4, "int32": 4, "bfloat16": 2}
+    offsets, total = {}, 0
+    for name, (shape, dtype) in specs.items():
+        if dtype not in sizes:
+            raise TypeError(f"dtype of {name} must be one of {sorted(sizes)}, got {dtype!r}")
+        offsets[name] = total
+        n = sizes[dtype]
+        for d in shape:
+            n *= int(d)
+        total += -(-n // align) * align
+    arena = empty((max(total, 4) // 4,), "float32")
+    return {name: arena.view_as(offsets[name], shape, dtype) for name, (shape, dtype) in specs.items()}
+
+
 def to_device(array, dtype: str | None = None) -> DeviceArray:
     """Copy a numpy array (float32 or int32; int64 token ids are checked and narrowed) to the GPU; float32 may be
     stored as bfloat16 (round to nearest even)."""

@@ -30,7 +30,6 @@ from .model import GPT, GPTConfig, cache_length, check_token_ids, decays, param_
 from .ops import IGNORE_INDEX
 
 DTYPES = ("bfloat16", "float32")
-LMHEAD_CHUNK_ROWS = 2048  # rows of logits the fused classifier materialises at once (2048 x 50257 bf16 = 206 MB)
 
 
 def _views(flat, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -55,11 +54,9 @@ def _layers(views: dict, n_layer: int) -> dict:
     return out
 
 
-def _lmhead_scratch(N: int, V: int, dtype: str):
-    """The fused classifier's logits chunk buffer: cuda.lmhead_scratch's default size where the build has it."""
-    if hasattr(cuda, "lmhead_scratch"):
-        return cuda.lmhead_scratch(N, V, dtype)
-    return cuda.empty((min(N, LMHEAD_CHUNK_ROWS), V), dtype)
+def _lmhead_chunk_rows(N: int, V: int, dtype: str) -> int:
+    """Rows of the fused classifier's logits chunk buffer: the binding's default chunk (<= ~256 MiB)."""
+    return int(cuda._require().lmhead_chunk_rows(int(N), int(V), dtype))
 
 
 class CudaGPT:
@@ -164,8 +161,8 @@ class CudaGPT:
     # ---- activations -------------------------------------------------------------------------------------
 
     def _activations(self, B: int, T: int) -> dict:
-        """Buffers for a (B, T) batch; per-layer tensors come as lists of (B*T, X) views of one (L, B, T, X)
-        allocation (2-D, the layout the kernels take)."""
+        """Buffers for a (B, T) batch, all views of one allocation (cuda.carve); per-layer tensors come as lists
+        of (B*T, X) views of an (L, B*T, X) region (2-D, the layout the kernels take)."""
         if self._BT == (B, T) and self._acts is not None:
             return self._acts
         self._acts = None  # free the old set before allocating the new one
@@ -173,30 +170,24 @@ class CudaGPT:
         L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
         N, dt = B * T, self.dtype
 
-        def layered(width: int, dtype: str = dt) -> list:
-            full = cuda.empty((L, N, width), dtype)
-            return [full.view(l * N * width, (N, width)) for l in range(L)]
-
-        a = {
-            "idx": cuda.empty((B, T), "int32"), "targets": cuda.empty((N,), "int32"),
-            "encoded": cuda.empty((N, C), dt),
-            "ln1": layered(C), "ln1_mean": layered(1, "float32"), "ln1_rstd": layered(1, "float32"),
-            "qkv": layered(3 * C), "atty": layered(C), "att_lse": layered(NH, "float32"),
-            "attproj": cuda.empty((N, C), dt),  # scratch until the residual add
-            "residual2": layered(C),
-            "ln2": layered(C), "ln2_mean": layered(1, "float32"), "ln2_rstd": layered(1, "float32"),
-            "fch": layered(4 * C), "fch_gelu": layered(4 * C),
-            "fcproj": cuda.empty((N, C), dt),  # scratch
-            "residual3": layered(C),
-            "lnf": cuda.empty((N, C), dt), "lnf_mean": cuda.empty((N,), "float32"),
-            "lnf_rstd": cuda.empty((N,), "float32"),
-            "losses": cuda.empty((N,), "float32"),
-            "lm_scratch": _lmhead_scratch(N, V, dt),
-            # gradient scratch, reused by every layer
-            "dres": cuda.empty((N, C), dt), "dlnf": cuda.empty((N, C), dt),
-            "dfch_gelu": cuda.empty((N, 4 * C), dt), "dfch": cuda.empty((N, 4 * C), dt),
-            "dln": cuda.empty((N, C), dt), "datty": cuda.empty((N, C), dt), "dqkv": cuda.empty((N, 3 * C), dt),
+        f32, per_layer = "float32", {
+            "ln1": C, "ln1_mean": 1, "ln1_rstd": 1, "qkv": 3 * C, "atty": C, "att_lse": NH, "residual2": C,
+            "ln2": C, "ln2_mean": 1, "ln2_rstd": 1, "fch": 4 * C, "fch_gelu": 4 * C, "residual3": C,
         }
+        stats = ("ln1_mean", "ln1_rstd", "att_lse", "ln2_mean", "ln2_rstd")
+        specs = {k: ((L, N, w), f32 if k in stats else dt) for k, w in per_layer.items()}
+        specs.update({
+            "idx": ((B, T), "int32"), "targets": ((N,), "int32"), "encoded": ((N, C), dt),
+            "attproj": ((N, C), dt), "fcproj": ((N, C), dt),  # scratch until the residual add
+            "lnf": ((N, C), dt), "lnf_mean": ((N,), f32), "lnf_rstd": ((N,), f32), "losses": ((N,), f32),
+            "lm_scratch": ((_lmhead_chunk_rows(N, V, dt), V), dt),
+            # gradient scratch, reused by every layer
+            "dres": ((N, C), dt), "dlnf": ((N, C), dt), "dfch_gelu": ((N, 4 * C), dt), "dfch": ((N, 4 * C), dt),
+            "dln": ((N, C), dt), "datty": ((N, C), dt), "dqkv": ((N, 3 * C), dt),
+        })
+        a = cuda.carve(specs)  # one allocation per (B, T)
+        for k, w in per_layer.items():  # per-layer (N, width) views of the (L, N, width) buffers
+            a[k] = [a[k].view(l * N * w, (N, w)) for l in range(L)]
         for k in ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd"):  # (N,) per layer
             a[k] = [x.reshape((N,)) for x in a[k]]
         # attention statistics are (B, NH, T) per layer: the same memory seen as the kernel wants it
