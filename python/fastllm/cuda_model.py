@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from . import cuda
-from .model import GPT, GPTConfig, cache_length, check_token_ids, decays, param_shapes
+from .model import GPT, GPTConfig, KVCacheBase, cache_length, check_token_ids, decays, param_shapes
 from .ops import IGNORE_INDEX
 
 DTYPES = ("bfloat16", "float32")
@@ -365,7 +365,7 @@ class CudaAdamW:
                             params_copy=None if copy is None else copy.view(off, (n,)))
 
 
-class CudaKVCache:
+class CudaKVCache(KVCacheBase):
     """GPU keys and values of every layer for B sequences (dtype of the model's compute copy), with
     model.KVCache's interface: prefill(rows) runs the prompts (lengths may differ) batched over their common
     length, then each longer tail; decode(tokens) appends one token per sequence; both return float32 numpy
@@ -383,31 +383,6 @@ class CudaKVCache:
         self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence (host copy; uploaded per call)
         self._pos_dev = cuda.empty((batch_size,), "int32")
         self._bufs: dict[tuple[int, int], dict] = {}
-
-    def prefill(self, rows: list[list[int]]) -> np.ndarray:
-        """Batched: the first min(len) tokens of every prompt in one pass, then each longer prompt's remaining
-        tokens on its own. Everything is checked before the cache changes."""
-        if len(rows) != self.B:
-            raise ValueError(f"prefill needs {self.B} prompts, got {len(rows)}")
-        rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
-        if min(len(r) for r in rows) == 0:
-            raise ValueError("prefill needs non-empty prompts")
-        cfg = self.model.config
-        for b, r in enumerate(rows):
-            if r.min() < 0 or r.max() >= cfg.vocab_size:
-                raise ValueError(f"prompt {b}: token ids outside [0, {cfg.vocab_size})")
-            if int(self.pos[b]) + len(r) > self.max_len:
-                raise ValueError(f"prompt {b} would exceed the cache length max_len={self.max_len}")
-        common = min(len(r) for r in rows)
-        logits = self._forward(np.stack([r[:common] for r in rows]), 0)
-        for b, r in enumerate(rows):
-            if len(r) > common:
-                logits[b] = self._forward(r[None, common:], b)[0]
-        return logits
-
-    def decode(self, tokens) -> np.ndarray:
-        tokens = np.asarray(tokens, np.int32).reshape(self.B, 1)
-        return self._forward(tokens, 0)
 
     def _buffers(self, b: int, Tn: int) -> dict:
         key = (b, Tn)

@@ -391,7 +391,46 @@ class GPT:
         return {n: ops.to_bf16(self.p[n]) for n in names}
 
 
-class KVCache:
+class KVCacheBase:
+    """prefill/decode shared by the CPU cache (KVCache) and the GPU one (cuda_model.CudaKVCache). A subclass sets
+    model, B, pos (host int32 (B,)), max_len, and runs the model in _forward(idx (b, Tn) int32, r0) for the cache
+    rows r0 .. r0+b-1, returning the float32 logits (b, V) of each row's last token."""
+
+    model: GPT  # or a cuda_model.CudaGPT
+    B: int
+    pos: np.ndarray
+    max_len: int
+
+    def prefill(self, rows: list[list[int]]) -> np.ndarray:
+        """Batched: the first min(len) tokens of every prompt run in one pass (all prompts, when they have the same
+        length), then each longer prompt's remaining tokens on its own."""
+        if len(rows) != self.B:
+            raise ValueError(f"prefill needs {self.B} prompts, got {len(rows)}")
+        rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
+        if min(len(r) for r in rows) == 0:
+            raise ValueError("prefill needs non-empty prompts")
+        cfg = self.model.config
+        for b, r in enumerate(rows):  # check everything before the cache changes
+            if r.min() < 0 or r.max() >= cfg.vocab_size:
+                raise ValueError(f"prompt {b}: token ids outside [0, {cfg.vocab_size})")
+            if int(self.pos[b]) + len(r) > self.max_len:
+                raise ValueError(f"prompt {b} would exceed the cache length max_len={self.max_len}")
+        common = min(len(r) for r in rows)
+        logits = self._forward(np.stack([r[:common] for r in rows]), 0)
+        for b, r in enumerate(rows):
+            if len(r) > common:
+                logits[b] = self._forward(r[None, common:], b)[0]
+        return logits
+
+    def decode(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, np.int32).reshape(self.B, 1)
+        return self._forward(tokens, 0)
+
+    def _forward(self, idx: np.ndarray, r0: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class KVCache(KVCacheBase):
     """Keys and values of every layer for B sequences, so generation runs the model on new tokens only.
 
     prefill(rows) runs the prompts (rows may differ in length) batched; decode(tokens) appends one token per
@@ -422,36 +461,12 @@ class KVCache:
         self.v = np.zeros(shape, np.float32)
         self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence
 
-    def prefill(self, rows: list[list[int]]) -> np.ndarray:
-        """Batched: the first min(len) tokens of every prompt run in one pass (all prompts, when they have the same
-        length), then each longer prompt's remaining tokens on its own."""
-        if len(rows) != self.B:
-            raise ValueError(f"prefill needs {self.B} prompts, got {len(rows)}")
-        rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
-        if min(len(r) for r in rows) == 0:
-            raise ValueError("prefill needs non-empty prompts")
-        cfg = self.model.config
-        for b, r in enumerate(rows):  # check everything before the cache changes
-            if r.min() < 0 or r.max() >= cfg.vocab_size:
-                raise ValueError(f"prompt {b}: token ids outside [0, {cfg.vocab_size})")
-            if int(self.pos[b]) + len(r) > self.max_len:
-                raise ValueError(f"prompt {b} would exceed the cache length max_len={self.max_len}")
-        common = min(len(r) for r in rows)
-        logits = self._forward(np.stack([r[:common] for r in rows]), slice(0, self.B))
-        for b, r in enumerate(rows):
-            if len(r) > common:
-                logits[b] = self._forward(r[None, common:], slice(b, b + 1))[0]
-        return logits
-
-    def decode(self, tokens) -> np.ndarray:
-        tokens = np.asarray(tokens, np.int32).reshape(self.B, 1)
-        return self._forward(tokens, slice(0, self.B))
-
-    def _forward(self, idx: np.ndarray, rows: slice) -> np.ndarray:
-        """Run idx (b, Tn) for the cache rows `rows`, appending their keys/values; logits of the last token."""
+    def _forward(self, idx: np.ndarray, r0: int) -> np.ndarray:
+        """Run idx (b, Tn) for the cache rows r0 .. r0+b-1, appending their keys/values; logits of the last token."""
         m, cfg = self.model, self.model.config
         p, eps = m.p, cfg.layernorm_eps
         b, Tn = idx.shape
+        rows = slice(r0, r0 + b)
         pos = self.pos[rows]
         if idx.min() < 0 or idx.max() >= cfg.vocab_size:
             raise ValueError(f"token ids outside [0, {cfg.vocab_size})")
