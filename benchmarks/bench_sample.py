@@ -86,7 +86,7 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int) -
     toks = {k: f() for k, f in fns.items()}
     same = f"{np.mean(toks['fastllm'] == toks['torch']):.0%}"  # greedy tokens equal to torch fp32's
     same16 = f"{np.mean(toks['fastllm bf16'] == toks['fastllm']):.0%}"
-    r = bench(fns, repeats=repeats, warmup=0, pause=0.2)
+    r = bench(fns, repeats=repeats, warmup=0)
     s = {k: v["median"] for k, v in r.items()}
     tps = {k: f"{B * n / v:,.0f}" for k, v in s.items()}
     return [name, str(B), str(n), tps["fastllm"], tps["torch"], f"{s['torch'] / s['fastllm']:.2f}x", same,

@@ -48,10 +48,8 @@ def header(title: str, threads: int) -> str:
 
 
 def bench(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
-          min_time: float = 0.0, pause: float = 0.0) -> dict[str, dict[str, float]]:
+          min_time: float = 0.0) -> dict[str, dict[str, float]]:
     """Time each callable `repeats` times, interleaving providers so that machine noise hits all alike.
-    pause: seconds to sleep (untimed) before each run, so that the previous provider's OpenMP threads, which
-    spin for a while after their work ends, are asleep and do not steal cores from the next one.
     Returns {name: {"median": s, "p20": s, "p80": s}}."""
     for f in fns.values():
         for _ in range(warmup):
@@ -61,8 +59,6 @@ def bench(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int =
     r = 0
     while r < repeats or time.perf_counter() - start < min_time:
         for k, f in fns.items():
-            if pause:
-                time.sleep(pause)
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)

@@ -130,13 +130,9 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def _checkpoint_tokenizer(model, override: str | None):
     """The tokenizer given on the command line, else the copy inside the model's checkpoint folder."""
-    from .data import find_tokenizer
-    from .tokenizer import Tokenizer
+    from .data import checkpoint_tokenizer
 
-    path = override or find_tokenizer(model.checkpoint_dir)
-    if path is None:
-        raise FileNotFoundError(f"no tokenizer in {model.checkpoint_dir}; pass --tokenizer")
-    return Tokenizer.from_pretrained(path)
+    return checkpoint_tokenizer(model.checkpoint_dir, override)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

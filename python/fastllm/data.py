@@ -105,6 +105,17 @@ def find_tokenizer(folder: str | os.PathLike) -> Path | None:
     return None
 
 
+def checkpoint_tokenizer(folder: str | os.PathLike, override: str | os.PathLike | None = None):
+    """The tokenizer at `override` if given, else the one find_tokenizer finds in `folder` (either format);
+    FileNotFoundError naming the folder if there is none."""
+    from .tokenizer import Tokenizer
+
+    path = override or find_tokenizer(folder)
+    if path is None:
+        raise FileNotFoundError(f"no tokenizer in {folder} ({TOKENIZER_FILE} or tokenizer.json); pass one explicitly")
+    return Tokenizer.from_pretrained(path)
+
+
 # ---- documents -----------------------------------------------------------------------------------------
 
 

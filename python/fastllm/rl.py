@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ops, set_num_threads
-from .data import find_tokenizer
+from .data import checkpoint_tokenizer, find_tokenizer
 from .fileio import iter_jsonl, load_safetensors, save_safetensors, write_json
 from .model import GPT
 from .optim import AdamW, grad_norm
@@ -366,8 +366,6 @@ def train_grpo(
     verifiable reward, or to the reward model of cfg.reward_model. Returns a summary dict."""
     from tqdm.auto import tqdm
 
-    from .tokenizer import Tokenizer
-
     if cfg.threads:
         set_num_threads(cfg.threads)
     task = task if task is not None else make_task(cfg.task, cfg.digits)
@@ -389,11 +387,9 @@ def train_grpo(
         ref = load_model(model.checkpoint_dir)
         start, rng = 0, np.random.default_rng(cfg.seed)
     ref_path = str(ref.checkpoint_dir)
-    tok_path = find_tokenizer(ref.checkpoint_dir)
+    tok_path = find_tokenizer(ref.checkpoint_dir)  # also copied into every checkpoint
     if tokenizer is None:
-        if tok_path is None:
-            raise FileNotFoundError(f"no tokenizer in {ref.checkpoint_dir}")
-        tokenizer = Tokenizer.load(tok_path)
+        tokenizer = checkpoint_tokenizer(ref.checkpoint_dir)
     if reward_fn is None:
         reward_fn = RewardScorer.load(cfg.reward_model) if cfg.reward_model else task.reward
     opt = AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
@@ -556,13 +552,8 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path: str | Path) -> RewardScorer:
-        from .tokenizer import Tokenizer
-
         rm = RewardModel.load(path)
-        tok = find_tokenizer(rm.backbone.checkpoint_dir)
-        if tok is None:
-            raise FileNotFoundError(f"no tokenizer in {rm.backbone.checkpoint_dir}")
-        return cls(rm, Tokenizer.load(tok))
+        return cls(rm, checkpoint_tokenizer(rm.backbone.checkpoint_dir))
 
     def __call__(self, prompt: str, completion: str) -> float:
         seq = self.rm.encode(self.tokenizer, prompt, completion)
@@ -612,8 +603,6 @@ def train_reward_model(
     accuracy and saves the reward model to cfg.out (see RewardModel.save)."""
     from tqdm.auto import tqdm
 
-    from .tokenizer import Tokenizer
-
     if cfg.threads:
         set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
@@ -630,11 +619,9 @@ def train_reward_model(
         val_pairs = [pairs[i] for i in perm[:n_val]]
         pairs = [pairs[i] for i in perm[n_val:]]
     backbone = load_model(cfg.base)
-    tok_path = find_tokenizer(backbone.checkpoint_dir)
+    tok_path = find_tokenizer(backbone.checkpoint_dir)  # also copied into the reward model's checkpoints
     if tokenizer is None:
-        if tok_path is None:
-            raise FileNotFoundError(f"no tokenizer in {backbone.checkpoint_dir}")
-        tokenizer = Tokenizer.load(tok_path)
+        tokenizer = checkpoint_tokenizer(backbone.checkpoint_dir)
     rm = RewardModel(backbone)
     opt = AdamW(backbone, cfg.lr, weight_decay=cfg.weight_decay)
     hm, hv = np.zeros_like(rm.head), np.zeros_like(rm.head)

@@ -368,8 +368,7 @@ class SFTConfig(TrainConfig):
 
 def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     """Fine-tune cfg.base on the conversations in cfg.data; returns train()'s summary plus packing counts."""
-    from .data import TOKENIZER_FILE, find_tokenizer
-    from .tokenizer import Tokenizer
+    from .data import TOKENIZER_FILE, checkpoint_tokenizer, find_tokenizer
     from .train import load_model, train
 
     if not cfg.base:
@@ -378,9 +377,7 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
         raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     base = load_model(cfg.base)
     tok_path = cfg.tokenizer or find_tokenizer(base.checkpoint_dir)
-    if tok_path is None:
-        raise FileNotFoundError(f"no tokenizer in {base.checkpoint_dir}; pass --tokenizer")
-    base_tok = Tokenizer.from_pretrained(tok_path)
+    base_tok = checkpoint_tokenizer(base.checkpoint_dir, tok_path)
     if base_tok.n_vocab > base.config.vocab_size:
         raise ValueError(
             f"tokenizer {tok_path} has {base_tok.n_vocab} ids but the base model only {base.config.vocab_size}"
