@@ -405,8 +405,14 @@ static py::dict info_py() {
     py::list names;
     for (int i = 0; i < n; i++) names.append(fastllm::cuda::device_name(i));
     d["gpus"] = names;
+#ifdef FASTLLM_CUDA_EMULATOR
+    d["cuda_emulator"] = true;  // the "GPU" is csrc/cuda/emu running the kernels on the CPU
+#else
+    d["cuda_emulator"] = false;
+#endif
 #else
     d["cuda_built"] = false;
+    d["cuda_emulator"] = false;
     d["gpu_count"] = 0;
     d["gpus"] = py::list();
 #endif

@@ -1,5 +1,6 @@
 """Shared fixtures: every test is seeded; `threads` runs a test body with 1 and 2 OpenMP threads;
-tests marked `cuda` skip with a visible reason unless fastllm was built with CUDA and a GPU is present."""
+tests marked `cuda` skip with a visible reason unless fastllm was built with CUDA and a GPU is present (or the
+CUDA emulator stands in for one: then the tests marked `gpu_scale` skip)."""
 
 from __future__ import annotations
 
@@ -37,12 +38,28 @@ def simd(request):
 
 
 @pytest.fixture
+def torch_cuda():
+    """torch, for tests that compare with PyTorch on the GPU; skips where torch has no CUDA (the CPU wheel, or
+    fastllm's CUDA emulator: FASTLLM_CUDA=emulate)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs PyTorch with CUDA (this torch has none)")
+    return torch
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)
 
 
 def pytest_collection_modifyitems(config, items):
     info = fastllm.info()
+    if info.get("cuda_emulator"):
+        skip = pytest.mark.skip(reason="too large for the CUDA emulator: runs on a real GPU only")
+        for item in items:
+            if "gpu_scale" in item.keywords:
+                item.add_marker(skip)
+        return
     if info["cuda_built"] and info["gpu_count"] > 0:
         return
     why = "no CUDA build of fastllm" if not info["cuda_built"] else "CUDA built but no GPU found"

@@ -286,13 +286,6 @@ def test_views_at_odd_offsets(offset):
 # ---- vs torch SDPA on the GPU
 
 
-def _torch_cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA here")
-    return torch
-
-
 def _torch_attention(torch, qkv, dout, NH, dtype):
     """out (B, T, C) and dqkv of causal SDPA on the GPU in torch dtype `dtype` (float32 math or bf16 flash)."""
     import torch.nn.functional as F
@@ -310,8 +303,8 @@ def _torch_attention(torch, qkv, dout, NH, dtype):
 @pytest.mark.parametrize(
     "shape", [(2, 200, 3, 64), (1, 1024, 2, 64), (2, 129, 2, 128), (1, 1024, 2, 128), (2, 100, 2, 32)], ids=str
 )
-def test_vs_torch(shape, impl):
-    torch = _torch_cuda()
+def test_vs_torch(torch_cuda, shape, impl):
+    torch = torch_cuda
     B, T, NH, hs = shape
     C = NH * hs
     torch.backends.cuda.matmul.allow_tf32 = False

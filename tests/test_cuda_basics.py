@@ -121,8 +121,8 @@ def test_bf16_ties_and_specials():
 
 
 @pytest.mark.cuda
-def test_bf16_matches_torch_cuda_conversion(rng):
-    torch = pytest.importorskip("torch")
+def test_bf16_matches_torch_cuda_conversion(torch_cuda, rng):
+    torch = torch_cuda
     x = _values(rng, (4099,))
     t = torch.from_numpy(x).cuda().to(torch.bfloat16)
     mine = cuda.to_device(x, "bfloat16")
@@ -208,7 +208,7 @@ def test_view_as_and_carve():
     with pytest.raises(ValueError, match="multiple of 4"):
         a.view_as(2, (1,), "int32")
     with pytest.raises(ValueError, match="does not fit"):
-        a.view_as(250, (4,), "float32")
+        a.view_as(248, (4,), "float32")  # 248 + 16 > 256 bytes
     specs = {"x": ((3, 5), "bfloat16"), "i": ((7,), "int32"), "f": ((2, 3, 4), "float32")}
     views = cuda.carve(specs)
     ptrs = sorted((v.ptr, v.nbytes) for v in views.values())
@@ -337,8 +337,8 @@ def _host(torch, t):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (5, 7), (2, 3, 64)])
-def test_from_dlpack_torch_zero_copy(dtype, shape):
-    torch = pytest.importorskip("torch")
+def test_from_dlpack_torch_zero_copy(torch_cuda, dtype, shape):
+    torch = torch_cuda
     t = _torch_rand(torch, shape, dtype)
     a = cuda.from_dlpack(t)
     assert a.shape == shape and a.dtype == dtype and a.ptr == t.data_ptr()
@@ -352,8 +352,8 @@ def test_from_dlpack_torch_zero_copy(dtype, shape):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
-def test_to_torch_zero_copy(rng, dtype):
-    torch = pytest.importorskip("torch")
+def test_to_torch_zero_copy(torch_cuda, rng, dtype):
+    torch = torch_cuda
     x = _values(rng, (6, 9), np.int32 if dtype == "int32" else np.float32)
     a = cuda.to_device(x, dtype)
     t = torch.from_dlpack(a)
@@ -366,8 +366,8 @@ def test_to_torch_zero_copy(rng, dtype):
 
 
 @pytest.mark.cuda
-def test_dlpack_views_with_offsets():
-    torch = pytest.importorskip("torch")
+def test_dlpack_views_with_offsets(torch_cuda):
+    torch = torch_cuda
     base = torch.arange(100, dtype=torch.float32, device="cuda")
     t = base[10:40].view(5, 6)  # storage offset 10
     a = cuda.from_dlpack(t)
@@ -383,8 +383,8 @@ def test_dlpack_views_with_offsets():
 
 
 @pytest.mark.cuda
-def test_from_dlpack_layout_and_dtype_errors():
-    torch = pytest.importorskip("torch")
+def test_from_dlpack_layout_and_dtype_errors(torch_cuda):
+    torch = torch_cuda
     t = torch.zeros(4, 6, device="cuda")
     with pytest.raises(ValueError, match="row-major"):
         cuda.from_dlpack(t.T)
@@ -405,8 +405,8 @@ def test_from_dlpack_layout_and_dtype_errors():
 
 
 @pytest.mark.cuda
-def test_dlpack_capsule_protocol():
-    torch = pytest.importorskip("torch")
+def test_dlpack_capsule_protocol(torch_cuda):
+    torch = torch_cuda
     a = cuda.to_device(np.arange(6, dtype=np.float32))
     assert a.__dlpack_device__() == (2, a.device)
     legacy = a.__dlpack__()
@@ -436,8 +436,8 @@ def test_dlpack_capsule_protocol():
 
 
 @pytest.mark.cuda
-def test_dlpack_lifetime_producer_deleted_first(rng):
-    torch = pytest.importorskip("torch")
+def test_dlpack_lifetime_producer_deleted_first(torch_cuda, rng):
+    torch = torch_cuda
     # torch -> fastllm: the DeviceArray (and its views) keep torch's memory alive
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()

@@ -16,7 +16,7 @@ import reference
 from fastllm import cuda, ops
 
 gpu = pytest.mark.cuda
-IGNORE = -100
+IGNORE = cuda.IGNORE_INDEX  # the default of every kernel and of the model
 
 
 def bf16_round(x) -> np.ndarray:
@@ -194,7 +194,7 @@ def test_lmhead_bad_targets_give_nan(rng):
     h = cuda.to_device(rng.standard_normal((N, C)).astype(np.float32))
     w = cuda.to_device(rng.standard_normal((V, C)).astype(np.float32))
     losses = cuda.empty((N,))
-    cuda.lmhead_cross_entropy(losses, None, None, h, w, cuda.to_device(np.array([1, V, IGNORE, -1], np.int32)))
+    cuda.lmhead_cross_entropy(losses, None, None, h, w, cuda.to_device(np.array([1, V, IGNORE, -5], np.int32)))
     got = losses.numpy()
     assert np.isfinite(got[[0, 2]]).all() and np.isnan(got[[1, 3]]).all(), got
 

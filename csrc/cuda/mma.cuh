@@ -6,6 +6,9 @@ memory, ldmatrix fragment loads and the bf16 mma.sync m16n8k16. PTX ISA: "cp.asy
 #pragma once
 #include <cstdint>
 
+#ifdef FASTLLM_CUDA_EMULATOR
+#include "emu/mma_emu.h"  // the same functions for the CPU emulator (FASTLLM_CUDA=emulate)
+#else
 namespace fastllm::cuda {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -51,3 +54,4 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 }
 
 }  // namespace fastllm::cuda
+#endif
