@@ -33,20 +33,20 @@ SHAPES = [
     (2, 64, 2, 64),
     (1, 65, 4, 64),
     (2, 200, 3, 64),
-    (1, 1024, 2, 64),
+    pytest.param((1, 1024, 2, 64), marks=pytest.mark.gpu_scale),
     (1, 1, 2, 128),
     (2, 7, 1, 128),
     (1, 63, 2, 128),
     (1, 64, 1, 128),
     (2, 65, 2, 128),
     (1, 200, 2, 128),
-    (1, 1024, 1, 128),
+    pytest.param((1, 1024, 1, 128), marks=pytest.mark.gpu_scale),
     (1, 37, 8, 8),
     (2, 65, 2, 16),
     (1, 200, 3, 32),
     (3, 63, 2, 48),
     (1, 130, 2, 80),
-    (1, 1024, 1, 48),
+    pytest.param((1, 1024, 1, 48), marks=pytest.mark.gpu_scale),
     (1, 70, 1, 256),
 ]
 
@@ -189,6 +189,7 @@ def test_large_logits_online_softmax(dtype, hs, impl):
 
 
 @pytest.mark.cuda
+@pytest.mark.gpu_scale
 @pytest.mark.parametrize("hs", [64, 128])
 def test_many_heads_grid(hs):
     # B*NH = 65536 (fast path blocks beyond the 65535 limit of a y-grid) and 512 x T=130 simple rows

@@ -129,7 +129,8 @@ def test_gemm_gpt_shape(rng, trans, dtypes):
 
 # shapes where every operand row is a multiple of 8 elements (the tensor-core kernel runs), with M, N, K
 # below, at and above the 128 x 128 x 32 block tile and its 4-stage pipeline
-FAST_SHAPES = [(8, 8, 8), (128, 128, 32), (136, 264, 40), (264, 200, 136), (520, 392, 1000), (1024, 768, 3072)]
+FAST_SHAPES = [(8, 8, 8), (128, 128, 32), (136, 264, 40), (264, 200, 136), (520, 392, 1000),
+               pytest.param((1024, 768, 3072), marks=pytest.mark.gpu_scale)]
 
 
 @gpu

@@ -104,6 +104,7 @@ def test_eval_logits_match_cpu(fuse_gelu):
     assert err < 2e-3, f"logits rel err {err:.2e}"
 
 
+@pytest.mark.gpu_scale
 def test_gpt2_124m_training_step():
     """GPT-2 124M, B=16, T=1024, bf16: a full step runs, the loss starts near ln(V) and stays finite."""
     from fastllm.cuda_model import CudaGPT

@@ -155,7 +155,9 @@ def run_lmhead(rng, N, C, V, dtype, grads, scratch_rows, lead=None):
 
 
 @gpu
-@pytest.mark.parametrize("N,C,V", [(1, 8, 5), (10, 64, 257), (37, 96, 1000), (300, 64, 50257)], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "N,C,V", [(1, 8, 5), (10, 64, 257), (37, 96, 1000), pytest.param(300, 64, 50257, marks=pytest.mark.gpu_scale)],
+    ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("scratch_rows", [None, 1, 3, 64], ids=lambda r: f"scratch{r}")
 def test_lmhead_vs_cpu(rng, N, C, V, dtype, scratch_rows):
@@ -180,6 +182,7 @@ def test_lmhead_partial_outputs(rng, grads, dtype):
 
 
 @gpu
+@pytest.mark.gpu_scale
 def test_lmhead_gpt2_vocab_bf16(rng):
     """GPT-2's V = 50257 (odd: the scratch rows are padded to 50264 for the tensor-core gemms), C = 768."""
     losses, ref_l, dh, dw = run_lmhead(rng, 256, 768, 50257, "bfloat16", "both", 100)
