@@ -79,8 +79,15 @@ namespace {
 // ---- settings (environment, read once)
 struct Settings {
     int arch = 90;             // FASTLLM_CUDA_EMU_ARCH: 90 (H100 limits) or 80 (A100)
-    bool eager_copies = false;  // FASTLLM_CUDA_EMU_CP_ASYNC=eager: cp.async completes at once (default: at wait)
-    int order = 0;              // FASTLLM_CUDA_EMU_ORDER: 0 forward, 1 reverse, 2 shuffled (per pass)
+    // FASTLLM_CUDA_EMU_CP_ASYNC, when a cp.async lands: deferred (at the wait_group that must see it: catches
+    // reads before the wait), eager (at once: catches a prefetch that overwrites data still in use), mixed
+    // (default: each copy one or the other, by a hash of block, thread and copy number: both, reproducibly)
+    int copies = 2;
+    // FASTLLM_CUDA_EMU_ORDER, how the threads of a block take turns between waits:
+    //   forward/reverse/shuffle: each live thread once per pass (warps stay within one collective of each other);
+    //   warps (default)/warps-reverse: a warp runs until all its lanes wait at __syncthreads or exit, then the next
+    //   (warps drift apart as far as the barriers allow: races between warps show as wrong results)
+    int order = 3;
     bool trace = false;         // FASTLLM_CUDA_EMU_TRACE=1: print each launch to stderr
     int threads = 1;            // FASTLLM_CUDA_EMU_THREADS: workers running blocks side by side
     Settings() {
@@ -88,9 +95,12 @@ struct Settings {
         if (const char* t = getenv("FASTLLM_CUDA_EMU_THREADS")) threads = std::max(1, atoi(t));
         trace = getenv("FASTLLM_CUDA_EMU_TRACE") != nullptr;
         if (const char* a = getenv("FASTLLM_CUDA_EMU_ARCH")) arch = atoi(a) == 80 ? 80 : 90;
-        if (const char* c = getenv("FASTLLM_CUDA_EMU_CP_ASYNC")) eager_copies = std::string(c) == "eager";
-        if (const char* o = getenv("FASTLLM_CUDA_EMU_ORDER"))
-            order = std::string(o) == "reverse" ? 1 : std::string(o) == "shuffle" ? 2 : 0;
+        if (const char* c = getenv("FASTLLM_CUDA_EMU_CP_ASYNC"))
+            copies = std::string(c) == "deferred" ? 0 : std::string(c) == "eager" ? 1 : 2;
+        if (const char* o = getenv("FASTLLM_CUDA_EMU_ORDER")) {
+            const std::string v = o;
+            order = v == "forward" ? 0 : v == "reverse" ? 1 : v == "shuffle" ? 2 : v == "warps-reverse" ? 4 : 3;
+        }
     }
     size_t smem_optin() const { return arch == 90 ? 232448 : 166912; }
     int sms() const { return arch == 90 ? 132 : 108; }
@@ -154,6 +164,7 @@ struct Fiber {
     const char* waiting = nullptr;
     std::vector<Copy> copies;
     long committed = 0;
+    uint64_t issued = 0;  // cp.async instructions so far
 #ifdef EMU_ASAN
     void* fake = nullptr;
 #endif
@@ -297,6 +308,7 @@ void init_fiber(Fiber& f) {
     f.waiting = nullptr;
     f.copies.clear();
     f.committed = 0;
+    f.issued = 0;
 }
 
 void resume(Fiber& f) {
@@ -341,16 +353,31 @@ bool run_block(const char* name) {  // false after a fault (g_error says what)
         b.warps[f.warp].exist |= 1u << f.lane;
     }
     for (auto& w : b.warps) w.live = w.exist;
+    const int mode = settings().order, nw = (int)b.warps.size();
     std::vector<int> order(n);
-    for (int i = 0; i < n; i++) order[i] = settings().order == 1 ? n - 1 - i : i;
-    static std::mt19937 rng(1234);
+    for (int i = 0; i < n; i++) order[i] = mode == 1 ? n - 1 - i : i;
+    static thread_local std::mt19937 rng(1234);
+    auto resume_range = [&](int from, int to) {  // resumes the live fibers order[from..to) once each
+        for (int k = from; k < to; k++)
+            if (!g_fibers[order[k]].done) {
+                resume(g_fibers[order[k]]);
+                if (g_faulted) return false;
+            }
+        return true;
+    };
     while (b.live > 0) {
-        if (settings().order == 2) std::shuffle(order.begin(), order.end(), rng);
+        if (mode == 2) std::shuffle(order.begin(), order.end(), rng);
         const unsigned long before = g_progress;
-        for (int i : order) {
-            if (g_fibers[i].done) continue;
-            resume(g_fibers[i]);
-            if (g_faulted) return false;
+        if (mode <= 2) {
+            if (!resume_range(0, n)) return false;
+        } else {
+            for (int w = 0; w < nw; w++) {
+                const int ww = mode == 4 ? nw - 1 - w : w;
+                for (unsigned long last = ~0ul; last != g_progress;) {  // until the warp makes no progress
+                    last = g_progress;
+                    if (!resume_range(ww * 32, std::min(n, ww * 32 + 32))) return false;
+                }
+            }
         }
         if (g_abort) return false;  // another worker faulted
         if (b.live > 0 && g_progress == before) {
@@ -447,7 +474,16 @@ void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
     if (src_bytes > 0 && (uintptr_t)src % bytes != 0) fault("cp.async: global source not aligned to the copy size");
     Copy c{(unsigned char*)smem_pointer(dst), (const unsigned char*)src, bytes, src_bytes, -1};
     f.copies.push_back(c);
-    if (settings().eager_copies) {
+    bool eager = settings().copies == 1;
+    if (settings().copies == 2) {  // splitmix64 of (block, thread, copy number)
+        uint64_t z = (((uint64_t)g_block_idx.z * g_grid_dim.y + g_block_idx.y) * g_grid_dim.x + g_block_idx.x) *
+                         0x9E3779B97F4A7C15ull +
+                     (uint64_t)f.linear * 0xBF58476D1CE4E5B9ull + f.issued++;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        eager = (z ^ (z >> 31)) & 1;
+    }
+    if (eager) {
         f.copies.back().group = 0;
         run_copies(f, 0);
     }
