@@ -1,8 +1,10 @@
 """Turns a .cu file into C++ for fastllm's CUDA emulator (FASTLLM_CUDA=emulate): the two CUDA constructs a
 header cannot express are rewritten, every line keeps its number (#line points errors at the .cu file):
 
-    kernel<T><<<grid, block, smem, stream>>>(a, b)  ->  ::emu::launch("kernel<T>", kernel<T>, ::emu::LaunchCfg(grid, block, smem, stream), a, b)
-    extern __shared__ __align__(16) T name[];       ->  T* name = (T*)::emu::dynamic_smem();
+    kernel<T><<<grid, block, smem, stream>>>(a, b)
+        -> ::emu::launch("kernel<T>", kernel<T>, ::emu::LaunchCfg(grid, block, smem, stream), a, b)
+    extern __shared__ __align__(16) T name[];
+        -> T* name = (T*)::emu::dynamic_smem();
 
 Usage: python translate.py in.cu out.cpp
 """
