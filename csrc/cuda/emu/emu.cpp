@@ -174,7 +174,7 @@ struct Warp {
     unsigned exist = 0, live = 0;  // lane masks
     unsigned mask = 0;              // the collective being gathered
     const char* op = nullptr;
-    int words = 0, arrived = 0, expected = 0;
+    int arrived = 0, expected = 0;
     unsigned gen = 0;
     uint32_t buf[2][32 * 8];
 };
@@ -422,13 +422,13 @@ const uint32_t* warp_exchange(unsigned mask, const uint32_t* mine, int words, co
     Fiber& f = cur(op);
     Warp& w = g_block.warps[f.warp];
     auto bad = [&](const std::string& why) { throw Fault(std::string(op) + ": " + why); };
+    if (words > 8) bad("more than 8 words per lane");
     if (!(mask >> f.lane & 1u)) bad("the calling lane is not in the mask");
     if (mask & ~w.exist) bad("the mask names lanes the block does not have (a partial warp)");
     if (mask & ~w.live) bad("the mask names lanes that have exited");
     if (w.arrived == 0) {
         w.mask = mask;
         w.op = op;
-        w.words = words;
         w.expected = mask == 0xffffffffu ? 32 : __builtin_popcount(mask);
     } else if (w.mask != mask || w.op != op) {
         bad(std::string("lanes of one warp meet at different collectives (") + w.op + " and " + op +
