@@ -194,6 +194,37 @@ class GPT:
     def zero_grad(self) -> None:
         self.grads.fill(0.0)
 
+    def grad_norm(self) -> float:
+        """Global L2 norm of the gradients."""
+        return ops.global_norm(self.grads)
+
+    device = "cpu"  # where params, grads and activations live (see to())
+    dtype = "float32"  # the compute dtype of the weights and activations
+
+    def to(self, device: str, dtype: str | None = None) -> GPT:
+        """Move the model to `device` ("cpu" or "cuda") in place and return it, like torch's Module.to."""
+        if device != "cpu" or dtype not in (None, "float32"):
+            raise NotImplementedError("GPT.to: only device='cpu', dtype='float32' so far")
+        return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """{name: float32 numpy array} of every parameter tensor (named like GPT.p), on the host."""
+        return dict(self.p)
+
+    def load_state_dict(self, tensors: dict, where: str = "state_dict") -> GPT:
+        """Copy parameter tensors in: every name of GPT.p must be present with its exact shape and a float dtype
+        (ValueError naming `where` and the tensor otherwise). Returns self."""
+        for name, arr in self.p.items():
+            if name not in tensors:
+                raise ValueError(f"{where}: missing tensor {name!r}")
+            t = np.asarray(tensors[name])
+            if t.dtype.kind != "f":
+                raise ValueError(f"{where}: tensor {name!r} has dtype {t.dtype}; parameters must be floating point")
+            if t.shape != arr.shape:
+                raise ValueError(f"{where}: tensor {name!r} has shape {t.shape}, the config needs {arr.shape}")
+            arr[...] = t
+        return self
+
     def train(self, mode: bool = True) -> GPT:
         self.training = mode
         return self

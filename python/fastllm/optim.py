@@ -39,6 +39,22 @@ class AdamW:
                            beta2=self.betas[1], eps=self.eps, weight_decay=wd, grad_scale=grad_scale)
 
 
+    def state_dict(self) -> dict:
+        """{"m", "v": float32 numpy arrays (flat, like model.params), "t": steps taken} for checkpoints."""
+        return {"m": self.m, "v": self.v, "t": self.t}
+
+    def load_state_dict(self, state: dict, where: str = "optimizer state") -> None:
+        for k in ("m", "v"):
+            a = np.asarray(state[k]) if k in state else None
+            if a is None or a.shape != self.m.shape:
+                got = "missing" if a is None else f"shape {a.shape}"
+                raise ValueError(f"{where}: {k!r} must have shape {self.m.shape} (the model's parameters), got {got}")
+        t = state.get("t")
+        if not isinstance(t, (int, np.integer)) or t < 0:
+            raise ValueError(f"{where}: 't' (steps taken) must be an integer >= 0, got {t!r}")
+        self.m[...], self.v[...], self.t = state["m"], state["v"], int(t)
+
+
 def grad_norm(model: GPT) -> float:
     """Global L2 norm of all gradients."""
     return ops.global_norm(model.grads)
