@@ -19,8 +19,9 @@ Reward model (RLHF): a GPT backbone + scalar head on the final hidden state of t
 appended to prompt + completion), trained on JSONL preference pairs {"prompt", "chosen", "rejected"} with the
 Bradley-Terry loss -log sigmoid(r_chosen - r_rejected); `RewardScorer` turns it into a reward function for GRPO.
 
-Built-in verifiable tasks with generated data: "addition" ("12+34=" -> "46") and "sort" ("sort 3142=" ->
-"1234"); reward 1 for the exact answer + 0.1 for a well-formed one (digits only).
+Tasks and rewards live in fastllm.tasks: the built-in "addition" ("12+34=" -> "46") and "sort" ("sort 3142=" ->
+"1234"), JSONL problems (`--data`, {"prompt", "answer"} or GSM8K's form) with exact-match + format rewards, and
+your own reward function (`--reward module:function`).
 
 >>> summary = train_grpo(RLConfig(ckpt="out_sft", task="addition", out="out_rl", steps=100))
 """
@@ -30,10 +31,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,75 +44,12 @@ from .data import checkpoint_tokenizer, find_tokenizer
 from .fileio import iter_jsonl, load_safetensors, save_safetensors, write_json
 from .model import GPT
 from .optim import AdamW, grad_norm
+from .tasks import TASKS, AdditionTask, ProblemSet, RewardFn, SortTask, load_reward, make_task  # noqa: F401 (re-export)
 from .train import RunLog, TrainingError, latest_checkpoint, load_model, save_checkpoint
-
-RewardFn = Callable[[str, str], float]
 
 
 class RewardError(ValueError):
     """A reward function raised, or returned something that is not a finite number; names the prompt."""
-
-
-# ---- tasks -----------------------------------------------------------------------------------------------
-
-
-class AdditionTask:
-    """ "a+b=" -> "a+b" for `digits`-digit operands. reward = 1 (exact) + 0.1 (digits only).
-
-    >>> AdditionTask(2).reward("12+34=", "46")
-    1.1
-    """
-
-    name = "addition"
-    _re = re.compile(r"^(\d+)\+(\d+)=$")
-
-    def __init__(self, digits: int = 2):
-        if digits < 1:
-            raise ValueError(f"digits must be >= 1, got {digits}")
-        self.digits = digits
-
-    def sample(self, rng: np.random.Generator) -> str:
-        a, b = rng.integers(0, 10**self.digits, 2)
-        return f"{a}+{b}="
-
-    def answer(self, prompt: str) -> str:
-        m = self._re.match(prompt)
-        if not m:
-            raise ValueError(f"not an addition prompt: {prompt!r}")
-        return str(int(m.group(1)) + int(m.group(2)))
-
-    def correct(self, prompt: str, completion: str) -> bool:
-        return completion.strip() == self.answer(prompt)
-
-    def reward(self, prompt: str, completion: str) -> float:
-        return float(self.correct(prompt, completion)) + (0.1 if re.fullmatch(r"\d+", completion) else 0.0)
-
-    __call__ = reward
-
-
-class SortTask(AdditionTask):
-    """ "sort 3142=" -> "1234": sort `digits` random digits. Same rewards as AdditionTask."""
-
-    name = "sort"
-    _re = re.compile(r"^sort (\d+)=$")
-
-    def sample(self, rng: np.random.Generator) -> str:
-        return "sort " + "".join(str(d) for d in rng.integers(0, 10, self.digits)) + "="
-
-    def answer(self, prompt: str) -> str:
-        m = self._re.match(prompt)
-        if not m:
-            raise ValueError(f"not a sort prompt: {prompt!r}")
-        return "".join(sorted(m.group(1)))
-
-
-TASKS = {"addition": AdditionTask, "sort": SortTask}
-
-
-def make_task(name: str, digits: int = 2):
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return TASKS[name](digits)
 
 
 # ---- GRPO math (numpy, float64) ----------------------------------------------------------------------------
@@ -281,6 +218,9 @@ class RLConfig:
     out: str = "out_rl"  # checkpoints, log.jsonl
     task: str = "addition"  # addition | sort: prompts, accuracy, and the reward unless --reward-model
     digits: int = 2  # addition: operand digits; sort: list length
+    data: str | None = None  # JSONL problems {"prompt", "answer"} or GSM8K's form, instead of the built-in task
+    eval_data: str | None = None  # held-out JSONL problems for the evaluations (default: problems of --data)
+    reward: str | None = None  # module:function or file.py:function, a reward (prompt, completion[, answer]) -> float
     reward_model: str | None = None  # reward-model folder (fastllm reward-model): optimise its score instead
     steps: int = 100
     prompts_per_step: int = 8  # P
@@ -368,7 +308,9 @@ def train_grpo(
 
     if cfg.threads:
         set_num_threads(cfg.threads)
-    task = task if task is not None else make_task(cfg.task, cfg.digits)
+    if task is None:
+        task = ProblemSet.load(cfg.data) if cfg.data else make_task(cfg.task, cfg.digits)
+    eval_task = ProblemSet.load(cfg.eval_data) if cfg.eval_data else task
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -390,14 +332,20 @@ def train_grpo(
     tok_path = find_tokenizer(ref.checkpoint_dir)  # also copied into every checkpoint
     if tokenizer is None:
         tokenizer = checkpoint_tokenizer(ref.checkpoint_dir)
+    if reward_fn is None and cfg.reward and cfg.reward_model:
+        raise ValueError("give --reward or --reward-model, not both")
     if reward_fn is None:
-        reward_fn = RewardScorer.load(cfg.reward_model) if cfg.reward_model else task.reward
+        reward_fn = (RewardScorer.load(cfg.reward_model) if cfg.reward_model
+                     else load_reward(cfg.reward, task) if cfg.reward else task.reward)
     opt = AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
     if ckpt is not None:
         _restore_optimizer(opt, ckpt)
     grpo = GRPO(model, ref, tokenizer, reward_fn, cfg, task, opt)
     erng = np.random.default_rng(cfg.seed + 1)  # a fixed evaluation set, from its own RNG stream
-    eval_set = [task.sample(erng) for _ in range(cfg.eval_prompts)]
+    if cfg.eval_data:
+        eval_set = eval_task.prompts[: cfg.eval_prompts]
+    else:
+        eval_set = [task.sample(erng) for _ in range(cfg.eval_prompts)]
 
     log_path = out / "log.jsonl"
     runlog = RunLog(log_path, start)
@@ -412,13 +360,13 @@ def train_grpo(
             shutil.rmtree(old, ignore_errors=True)
 
     def run_eval(step: int) -> float:
-        acc = evaluate(model, tokenizer, task, eval_set, cfg.max_new_tokens)
+        acc = evaluate(model, tokenizer, eval_task, eval_set, cfg.max_new_tokens)
         write({"step": step, "eval_accuracy": acc})
         return acc
 
     log(
         f"GRPO: {model.num_parameters / 1e6:.2f}M parameters, task {task.name}, "
-        f"reward {'model ' + cfg.reward_model if cfg.reward_model else 'verifiable'}, "
+        f"reward {'model ' + cfg.reward_model if cfg.reward_model else cfg.reward or 'verifiable'}, "
         f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
     )
     t_start = time.time()
