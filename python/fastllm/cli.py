@@ -211,6 +211,77 @@ def _cmd_reward_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import EvalConfig, evaluate, format_report, load
+
+    if args.threads:
+        from . import set_num_threads
+
+        set_num_threads(args.threads)
+    harness = args.task.startswith("lm-eval:")
+    if not harness:  # check the options before loading anything
+        cfg = EvalConfig(task=args.task, data=args.data, limit=args.limit, batch_tokens=args.batch_tokens,
+                         stride=args.stride, split=args.split, max_new_tokens=args.max_new_tokens,
+                         samples=args.samples, temperature=args.temperature, chat=args.chat, template=args.template,
+                         stop=args.stop, batch_size=args.batch_size, digits=args.digits, seed=args.seed)
+    model, tok = load(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
+    if harness:
+        from .eval.harness import simple_evaluate
+        from .fileio import write_json
+
+        tasks = [t for t in args.task[len("lm-eval:"):].split(",") if t]
+        res = simple_evaluate(model, tok, tasks, limit=args.limit, include_path=args.include_path,
+                              num_fewshot=args.num_fewshot, batch_tokens=args.batch_tokens,
+                              apply_chat_template=bool(args.chat))
+        from lm_eval.utils import make_table
+
+        print(make_table(res))
+        if args.out:
+            write_json(args.out, {k: res[k] for k in ("results", "configs", "versions", "n-shot") if k in res})
+        return 0
+    report = evaluate(model, tok, cfg, out=args.out, progress=not args.no_progress)
+    print(format_report(report))
+    print(f"{report['n']:,} examples in {report['seconds']:.1f}s ({args.ckpt})" +
+          (f"; report: {args.out}" if args.out else ""))
+    return 0
+
+
+def _add_eval_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--ckpt", required=True, help="fastllm checkpoint or run folder, or a Hugging Face GPT-2 folder")
+    s.add_argument("--task", required=True,
+                   help="bpb (bits per byte of text), mc (multiple choice: HellaSwag, ARC, MMLU, generic JSONL), "
+                        "gen (exact match on JSONL problems, e.g. GSM8K), addition | sort (generated RL tasks), or "
+                        "lm-eval:NAME[,NAME...] (lm-evaluation-harness tasks; pip install 'fastllm[eval]')")
+    s.add_argument("--data", nargs="*", default=[], help="input files or folders (bpb: .txt/.md/.jsonl or token "
+                   "shards; mc: .jsonl/.csv; gen: .jsonl)")
+    s.add_argument("--limit", type=int, default=None, help="evaluate the first N examples (bpb: documents, or "
+                   "tokens per shard; addition/sort: N generated prompts, default 200)")
+    s.add_argument("--out", default=None, help="write the report (metrics + per-example records) as JSON here; an "
+                   "interrupted run with the same --out resumes")
+    s.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy in the checkpoint)")
+    s.add_argument("--batch-tokens", type=int, default=2048, help="bpb, mc, lm-eval: tokens per forward pass")
+    s.add_argument("--stride", type=int, default=None, help="bpb: new tokens per sliding window "
+                   "(default: half the context)")
+    s.add_argument("--split", default="val", help="bpb on a shard folder: which split (default val)")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="gen: completion length limit (tokens)")
+    s.add_argument("--samples", type=int, default=1, help="gen: completions per problem; > 1 reports pass@k")
+    s.add_argument("--temperature", type=float, default=0.0, help="gen: sampling temperature (0: greedy)")
+    s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="gen: ChatML prompts (default: when the tokenizer has <|im_start|>/<|im_end|>)")
+    s.add_argument("--template", default="{prompt}", help="gen: prompt text, e.g. 'Question: {prompt}\\nAnswer:'")
+    s.add_argument("--stop", nargs="*", default=[], help="gen: stop strings (<|endoftext|>, <|im_end|> always stop)")
+    s.add_argument("--batch-size", type=int, default=32, help="gen: prompts per batched generation")
+    s.add_argument("--digits", type=int, default=2, help="addition: operand digits; sort: list length")
+    s.add_argument("--seed", type=int, default=0, help="generated prompts and sampling")
+    s.add_argument("--include-path", default=None, help="lm-eval: a folder of your own task YAML files")
+    s.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples per prompt")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="GPU compute dtype "
+                   "(default bfloat16)")
+    s.add_argument("--threads", type=int, default=None, help="OpenMP threads (default: all cores)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -300,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rl", help="GRPO post-training on a verifiable task (or against a reward model)")
     _add_dataclass_args(s, RLConfig)
     s.set_defaults(func=_cmd_rl)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint: bits per byte, multiple choice, exact match, lm-eval")
+    _add_eval_args(s)
+    s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("reward-model", help="train a reward model on JSONL preference pairs (Bradley-Terry)")
     _add_dataclass_args(s, RewardModelConfig)
