@@ -220,10 +220,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         set_num_threads(args.threads)
     harness = args.task.startswith("lm-eval:")
     if not harness:  # check the options before loading anything
-        cfg = EvalConfig(task=args.task, data=args.data, limit=args.limit, batch_tokens=args.batch_tokens,
-                         stride=args.stride, split=args.split, max_new_tokens=args.max_new_tokens,
-                         samples=args.samples, temperature=args.temperature, chat=args.chat, template=args.template,
-                         stop=args.stop, batch_size=args.batch_size, digits=args.digits, seed=args.seed)
+        cfg = _config(args, EvalConfig)
     model, tok = load(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
     if harness:
         from .eval.harness import simple_evaluate
@@ -237,7 +234,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         print(make_table(res))
         if args.out:
-            write_json(args.out, {k: res[k] for k in ("results", "configs", "versions", "n-shot") if k in res})
+            keep = {k: res[k] for k in ("results", "versions", "n-shot", "n-samples") if k in res}
+            write_json(args.out, json.loads(json.dumps(keep, default=str)))
         return 0
     report = evaluate(model, tok, cfg, out=args.out, progress=not args.no_progress)
     print(format_report(report))
@@ -262,6 +260,8 @@ def _add_eval_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-tokens", type=int, default=2048, help="bpb, mc, lm-eval: tokens per forward pass")
     s.add_argument("--stride", type=int, default=None, help="bpb: new tokens per sliding window "
                    "(default: half the context)")
+    s.add_argument("--delimiter", default=" ", help="mc: text between a context and each choice (default: a "
+                   "space; HellaSwag endings always get one)")
     s.add_argument("--split", default="val", help="bpb on a shard folder: which split (default val)")
     s.add_argument("--max-new-tokens", type=int, default=256, help="gen: completion length limit (tokens)")
     s.add_argument("--samples", type=int, default=1, help="gen: completions per problem; > 1 reports pass@k")

@@ -57,6 +57,7 @@ class EvalConfig:
     limit: int | None = None  # first N examples (bpb: documents, or tokens per shard; addition/sort: 200)
     batch_tokens: int = 2048  # bpb, mc: tokens per forward (rows x longest row)
     stride: int | None = None  # bpb: new tokens per sliding window (default block_size // 2)
+    delimiter: str = " "  # mc: between a context and a choice (HellaSwag endings always get a space)
     split: str = "val"  # bpb on a shard folder: which split's shards
     max_new_tokens: int = 256  # gen: completion length limit
     samples: int = 1  # gen: completions per problem (pass@k with k = samples)
@@ -295,7 +296,7 @@ def load_items(cfg: EvalConfig, tokenizer=None):
     if cfg.task == "bpb":
         return load_documents(cfg.data, tokenizer, cfg.limit, cfg.split)
     if cfg.task == "mc":
-        return load_multiple_choice(cfg.data, cfg.limit)
+        return load_multiple_choice(cfg.data, cfg.limit, cfg.delimiter)
     if cfg.task == "gen":
         problems = [p for d in cfg.data for p in load_problems(d)]
         task = ProblemSet(problems[: cfg.limit], ", ".join(Path(d).name for d in cfg.data))

@@ -7,8 +7,8 @@ Multiple choice (`load_multiple_choice`), one example per line, the format recog
     generic (ARC/MMLU-style)            {"context": str, "choices": [str, ...], "answer": 0 | "B" | "<choice text>"}
     MMLU CSV (data/test/*_test.csv)     question,A,B,C,D,answer-letter (no header)
 A choice is scored as a continuation of the context: HellaSwag endings with a leading space (llm.c's completion
-style); ARC, MMLU and generic questions as "Question: <q>\\nAnswer:" / the context as is, followed by
-" <choice>" (no space added where the context ends, or the choice starts, with whitespace).
+style); ARC, MMLU and generic questions as "Question: <q>\\nAnswer:" / the context as is, followed by the
+delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
 
 Text for bits per byte (`load_documents`): .txt/.md files (documents split at <|endoftext|>), JSONL with a "text"
 field, folders of them; or token shards from `fastllm prepare` (a folder with val_*.bin, or .bin files).
@@ -38,8 +38,8 @@ class Choice:
     where: str = ""
 
 
-def _join(context: str, choice: str) -> str:
-    return choice if not context or context[-1:].isspace() or choice[:1].isspace() else " " + choice
+def _join(context: str, choice: str, delimiter: str = " ") -> str:
+    return choice if not context or context[-1:].isspace() or choice[:1].isspace() else delimiter + choice
 
 
 def _label(value, choices: list[str], where: str, field: str) -> int:
@@ -66,7 +66,7 @@ def _strings(obj: dict, field: str, where: str, min_len: int = 2) -> list[str]:
     return v
 
 
-def parse_choice(obj, where: str) -> Choice:
+def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
     """One JSONL object in any of the multiple-choice forms of the module doc -> Choice."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -96,7 +96,8 @@ def parse_choice(obj, where: str) -> Choice:
             raise ValueError(f"{where}: field 'answerKey' must be one of the choice labels {labels}, "
                              f"got {obj.get('answerKey')!r}")
         ctx = f"Question: {q['stem']}\nAnswer:"
-        return Choice(ctx, tuple(_join(ctx, c["text"]) for c in cs), labels.index(str(obj["answerKey"])), where)
+        return Choice(ctx, tuple(_join(ctx, c["text"], delimiter) for c in cs), labels.index(str(obj["answerKey"])),
+                      where)
     if "context" in obj or "choices" in obj:  # generic
         if not isinstance(obj.get("context"), str):
             raise ValueError(f"{where}: missing field 'context' (a string)")
@@ -104,13 +105,13 @@ def parse_choice(obj, where: str) -> Choice:
         if "answer" not in obj:
             raise ValueError(f"{where}: missing field 'answer'")
         ctx = obj["context"]
-        return Choice(ctx, tuple(_join(ctx, c) for c in choices), _label(obj["answer"], choices, where, "answer"),
-                      where)
+        return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices),
+                      _label(obj["answer"], choices, where, "answer"), where)
     raise ValueError(f"{where}: not a multiple-choice example: expected 'ctx' + 'endings' + 'label' (HellaSwag), "
                      f"'context' + 'choices' + 'answer', or ARC's 'question' + 'answerKey'; fields: {sorted(obj)}")
 
 
-def _mmlu_csv(path: Path) -> list[Choice]:
+def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
     out = []
     with open(path, newline="", encoding="utf-8") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
@@ -122,23 +123,24 @@ def _mmlu_csv(path: Path) -> list[Choice]:
                                  f"got {len(row)} columns")
             ctx = f"Question: {row[0]}\nAnswer:"
             choices = row[1:-1]
-            out.append(Choice(ctx, tuple(_join(ctx, c) for c in choices), _label(row[-1], choices, where, "answer"),
-                              where))
+            out.append(Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices),
+                              _label(row[-1], choices, where, "answer"), where))
     return out
 
 
-def load_multiple_choice(paths, limit: int | None = None) -> list[Choice]:
-    """Examples of JSONL (any form of the module doc) and MMLU CSV files, in order; the first `limit`."""
+def load_multiple_choice(paths, limit: int | None = None, delimiter: str = " ") -> list[Choice]:
+    """Examples of JSONL (any form of the module doc) and MMLU CSV files, in order; the first `limit`.
+    delimiter: what joins a context and a choice (not HellaSwag's endings, which always get a space)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     out: list[Choice] = []
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"multiple-choice file not found: {path}")
         if path.suffix == ".csv":
-            out += _mmlu_csv(path)
+            out += _mmlu_csv(path, delimiter)
         else:
             for where, obj in iter_jsonl(path):
-                out.append(parse_choice(obj, where))
+                out.append(parse_choice(obj, where, delimiter))
                 if limit is not None and len(out) >= limit:
                     break
         if limit is not None and len(out) >= limit:
