@@ -158,10 +158,11 @@ def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int =
             if eot is None:
                 raise ValueError(f"{ex.where}: empty context and no <|endoftext|> token to start from")
             ctx = np.array([eot])
-        for c in ex.choices:
+        for j, c in enumerate(ex.choices):
             cont = tokenizer.encode_ordinary(c)
-            if len(cont) == 0:
-                raise ValueError(f"{ex.where}: a choice is empty")
+            if not 0 < len(cont) <= model.config.block_size:
+                raise ValueError(f"{ex.where}: choice {j} has {len(cont)} tokens; it needs 1 to the model's context "
+                                 f"of {model.config.block_size}")
             reqs.append((ctx, cont))
             groups.append(e)
     logps = score_continuations(model, reqs, groups=groups, batch_tokens=batch_tokens, progress=bar)
