@@ -1,6 +1,7 @@
 """`fastllm demo`: the whole pre-training pipeline in a few minutes on the embedded corpus (Python's own
 documentation topics, `pydoc_data.topics`, shipped with every Python -- no download):
-train a BPE tokenizer -> tokenize into shards -> train a small GPT -> compare with the unigram entropy -> sample.
+train a BPE tokenizer -> tokenize into shards -> train a small GPT -> compare with the unigram entropy, bits per
+byte of the validation text -> sample.
 """
 
 from __future__ import annotations
@@ -69,16 +70,21 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     print(f"      loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}; val loss {s['val_loss']:.3f} vs unigram "
           f"entropy {h1:.3f} nats ({s['tok_per_s']:,.0f} tok/s)")
 
-    print("[4/4] sample (temperature 0.8, top-k 40):")
+    from .eval import evaluate
     from .train import load_model
 
     model = load_model(out / "run")
+    bpb = evaluate(model, tok, "bpb", data=str(out / "data"))["metrics"]  # the val shards, sliding windows
+    print(f"      validation: {bpb['bpb']:.3f} bits per byte ({bpb['nats_per_token']:.3f} nats per token, "
+          f"{bpb['bytes_per_token']:.2f} bytes per token; fastllm eval --task bpb)")
+
+    print("[4/4] sample (temperature 0.8, top-k 40):")
     ids = generate(model, tok.encode_ordinary(cfg.prompt), cfg.sample_tokens, temperature=0.8, top_k=40,
                    seed=cfg.seed)
     print("-" * 80)
     print(tok.decode(ids))
     print("-" * 80)
-    summary = {**s, "unigram_entropy": h1, "tokenizer": str(tok_path), "data": str(out / "data"),
+    summary = {**s, "unigram_entropy": h1, "val_bpb": bpb["bpb"], "tokenizer": str(tok_path), "data": str(out / "data"),
                "total_seconds": time.time() - t0}
     print(f"outputs in {out}/: tokenizer {tok_path.name}, data/ (shards), run/ (checkpoints, log.jsonl, loss.png)")
     print(f"try: fastllm sample --ckpt {out / 'run'} --prompt \"The\"      (total {summary['total_seconds']:.0f}s)")
