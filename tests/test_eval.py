@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from tiny import EOT, byte_tokenizer, one_thread, supervised_batch, write_jsonl  # noqa: F401 (fixture)
 
 import fastllm
 from fastllm.cli import main
@@ -23,26 +24,6 @@ from fastllm.optim import AdamW
 from fastllm.tasks import SortTask
 from fastllm.tokenizer import Tokenizer
 from fastllm.train import save_checkpoint
-
-EOT = 256
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = fastllm.get_num_threads()
-    fastllm.set_num_threads(1)
-    yield
-    fastllm.set_num_threads(n)
-
-
-def byte_tokenizer() -> Tokenizer:
-    return Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": EOT})
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
 
 # ---- against transformers on the same random GPT-2 weights -----------------------------------------------------
 
@@ -321,12 +302,8 @@ def sorter(tmp_path_factory):
     opt = AdamW(m, 3e-3, weight_decay=0.0)
     for _ in range(STEPS):
         batch = [train[i] for i in rng.integers(0, len(train), 32)]
-        seqs = [list(tok.encode(p + task.answer(p))) + [EOT] for p in batch]
-        idx = np.array([s[:-1] for s in seqs], np.int32)
-        tg = np.array([s[1:] for s in seqs], np.int32)
-        tg[:, :9] = -1  # loss on the answer and <|endoftext|> only
         m.zero_grad()
-        m.forward(idx, tg)
+        m.forward(*supervised_batch(tok, [(p, task.answer(p)) for p in batch]))
         m.backward()
         opt.step()
     ck = save_checkpoint(d / "run", STEPS, m, opt, {"step": STEPS}, d / "tok.tiktoken")

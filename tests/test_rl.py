@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import EOT, byte_tokenizer, one_thread  # noqa: F401 (one_thread: a fixture, one OpenMP thread per test)
 
 import fastllm
 from fastllm import ops
@@ -38,24 +39,7 @@ from fastllm.rl import (
     train_grpo,
     train_reward_model,
 )
-from fastllm.tokenizer import Tokenizer
 from fastllm.train import save_checkpoint
-
-EOT = 256
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Deterministic runs (and fair on a busy 2-core machine)."""
-    n = fastllm.get_num_threads()
-    fastllm.set_num_threads(1)
-    yield
-    fastllm.set_num_threads(n)
-
-
-def byte_tokenizer() -> Tokenizer:
-    return Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": EOT})
-
 
 # ---- GRPO math vs numpy on hand-made numbers ---------------------------------------------------------------
 

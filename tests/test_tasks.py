@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from tiny import byte_tokenizer, one_thread, supervised_batch, write_jsonl  # noqa: F401 (fixture)
 
 import fastllm
 from fastllm import rl, tasks
@@ -27,28 +28,7 @@ from fastllm.tasks import (
     same_answer,
     well_formed,
 )
-from fastllm.tokenizer import Tokenizer
 from fastllm.train import load_model, save_checkpoint
-
-EOT = 256
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = fastllm.get_num_threads()
-    fastllm.set_num_threads(1)
-    yield
-    fastllm.set_num_threads(n)
-
-
-def byte_tokenizer() -> Tokenizer:
-    return Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": EOT})
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
 
 # ---- answers ----------------------------------------------------------------------------------------------------
 
@@ -205,14 +185,8 @@ def warm_adder(tmp_path_factory):
     opt = AdamW(m, 3e-3, weight_decay=0.0)
     for _ in range(100):
         batch = [warm[i] for i in rng.integers(0, len(warm), 16)]
-        seqs = [list(tok.encode(p.prompt + p.answer)) + [EOT] for p in batch]
-        T = max(map(len, seqs)) - 1
-        idx, tg = np.full((16, T), EOT, np.int32), np.full((16, T), -1, np.int32)
-        for i, (s, p) in enumerate(zip(seqs, batch)):
-            idx[i, :len(s) - 1] = s[:-1]
-            tg[i, len(p.prompt) - 1:len(s) - 1] = s[len(p.prompt):]
         m.zero_grad()
-        m.forward(idx, tg)
+        m.forward(*supervised_batch(tok, [(p.prompt, p.answer) for p in batch]))
         m.backward()
         opt.step()
     ck = save_checkpoint(d / "warm", 100, m, opt, {"step": 100}, d / "tok.tiktoken")

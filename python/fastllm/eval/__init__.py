@@ -98,14 +98,16 @@ def load(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None, de
     from ..train import load_model
 
     path = Path(ckpt)
-    if (path / "config.json").exists():
+    if (path / "config.json").exists():  # Hugging Face: tokenizer.json or GPT-2's vocab.json + merges.txt
         from ..model import GPT
+        from ..tokenizer import Tokenizer
 
         model = GPT.from_pretrained(path)
         model.checkpoint_dir = path
+        tok = Tokenizer.from_pretrained(tokenizer or path)
     else:
         model = load_model(path)
-    tok = checkpoint_tokenizer(model.checkpoint_dir, tokenizer)
+        tok = checkpoint_tokenizer(model.checkpoint_dir, tokenizer)
     if device == "cuda":
         from ..cuda_model import CudaGPT
 
