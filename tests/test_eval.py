@@ -349,6 +349,31 @@ def test_generative_exact_match_and_pass_at_k(sorter, tmp_path):
     assert all("0" not in c and "1" not in c for r in rep["records"] for c in r["completions"])
 
 
+def test_chat_models_get_chatml_prompts(tmp_path, monkeypatch):
+    """With <|im_start|>/<|im_end|> in the tokenizer, a problem becomes a ChatML user turn + the assistant header
+    (sft.render_prompt, what `fastllm chat` feeds the model) and <|im_end|> ends completions; base models get the
+    templated text."""
+    import fastllm.eval as ev
+    from fastllm.sft import render_prompt, with_chat_tokens
+
+    chat_tok = with_chat_tokens(byte_tokenizer())
+    seen = {}
+
+    def fake_generate(model, tokenizer, rows, max_new_tokens, stop=(), stop_tokens=(), **kw):
+        seen.update(rows=[list(r) for r in rows], stop_tokens=stop_tokens, stop=stop)
+        return ["#### 4"] * len(rows)
+
+    monkeypatch.setattr(ev, "generate_until", fake_generate)
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "answer": "4"}])
+    model = GPT(GPTConfig(block_size=64, vocab_size=chat_tok.n_vocab, n_layer=1, n_head=1, n_embd=8))
+    rep = evaluate(model, chat_tok, "gen", data=path, template="Q: {prompt}\nA:")
+    want = render_prompt([{"role": "user", "content": "Q: 2+2?\nA:"}], chat_tok).tolist()
+    assert seen["rows"] == [want] and seen["stop_tokens"] == (chat_tok.special_tokens["<|im_end|>"],)
+    assert rep["metrics"]["exact_match"] == 1.0
+    evaluate(model, chat_tok, "gen", data=path, chat=False, template="Q: {prompt}\nA:", stop=["\n\n"])
+    assert seen["rows"] == [chat_tok.encode_ordinary("Q: 2+2?\nA:").tolist()] and seen["stop"] == ["\n\n"]
+
+
 def test_pass_at_k_estimator_against_enumeration():
     for n, c, k in [(4, 1, 1), (5, 2, 3), (6, 0, 2), (6, 6, 1), (10, 3, 10), (7, 4, 5)]:
         subsets = list(itertools.combinations(range(n), k))  # the first c samples are the correct ones
@@ -475,8 +500,10 @@ def test_cli_eval(sorter, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 20 and len(report["records"]) == 20 and report["metrics"]["acc"] > 0.6
     rc = main(["eval", "--ckpt", str(ck), "--task", "sort", "--digits", "4", "--limit", "10", "--max-new-tokens",
-               "6", "--no-progress"])
+               "6", "--stop", r"\n", "--template", r"{prompt}\t", "--out", str(tmp_path / "g.json"), "--no-progress"])
     assert rc == 0 and "exact_match" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "g.json").read_text())["config"]
+    assert cfg["stop"] == ["\n"] and cfg["template"] == "{prompt}\t"  # a shell's \n is a newline
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"ctx": "a", "endings": ["x", "y"], "label": 0}, {"ctx": "b"}])
     rc = main(["eval", "--ckpt", str(ck), "--task", "mc", "--data", bad, "--no-progress"])
     err = capsys.readouterr().err

@@ -219,6 +219,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         set_num_threads(args.threads)
     harness = args.task.startswith("lm-eval:")
+    unescape = lambda t: t.replace("\\n", "\n").replace("\\t", "\t")  # noqa: E731 (a shell passes "\n" as 2 chars)
+    args.template, args.stop = unescape(args.template), [unescape(t) for t in args.stop]
     if not harness:  # check the options before loading anything
         cfg = _config(args, EvalConfig)
     model, tok = load(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
@@ -268,8 +270,10 @@ def _add_eval_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--temperature", type=float, default=0.0, help="gen: sampling temperature (0: greedy)")
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="gen: ChatML prompts (default: when the tokenizer has <|im_start|>/<|im_end|>)")
-    s.add_argument("--template", default="{prompt}", help="gen: prompt text, e.g. 'Question: {prompt}\\nAnswer:'")
-    s.add_argument("--stop", nargs="*", default=[], help="gen: stop strings (<|endoftext|>, <|im_end|> always stop)")
+    s.add_argument("--template", default="{prompt}", help="gen: prompt text around each problem, e.g. "
+                   "'Question: {prompt}\\nAnswer:' (\\n and \\t stand for a newline and a tab)")
+    s.add_argument("--stop", nargs="*", default=[], help="gen: stop strings, e.g. '\\n\\n' (<|endoftext|> and "
+                   "<|im_end|> always stop)")
     s.add_argument("--batch-size", type=int, default=32, help="gen: prompts per batched generation")
     s.add_argument("--digits", type=int, default=2, help="addition: operand digits; sort: list length")
     s.add_argument("--seed", type=int, default=0, help="generated prompts and sampling")

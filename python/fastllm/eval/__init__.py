@@ -185,16 +185,22 @@ def _is_chat(tokenizer, chat: bool | None) -> bool:
     return has if chat is None else bool(chat)
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool, template: str = "{prompt}") -> np.ndarray:
+    """The tokens a generative task feeds the model: the template around the prompt, as a ChatML user turn
+    followed by the assistant header (fastllm.sft.render_prompt) for chat models, else as plain text."""
+    from ..sft import render_prompt
+
+    text = template.replace("{prompt}", prompt)
+    return render_prompt([{"role": "user", "content": text}], tokenizer) if chat else tokenizer.encode_ordinary(text)
+
+
 def gen_records(model, tokenizer, task, prompts: Sequence[str], cfg: EvalConfig, seed: int = 0, bar=None
                 ) -> list[dict]:
     """Per prompt: the reference answer, `cfg.samples` completions and whether each is correct (task.correct)."""
-    from ..sft import IM_END, render_prompt
+    from ..sft import IM_END
 
     chat = _is_chat(tokenizer, cfg.chat)
-    texts = [cfg.template.replace("{prompt}", p) for p in prompts]
-    ids = [render_prompt([{"role": "user", "content": t}], tokenizer) if chat else tokenizer.encode_ordinary(t)
-           for t in texts]
-    rows = [r for r in ids for _ in range(cfg.samples)]
+    rows = [prompt_ids(tokenizer, p, chat, cfg.template) for p in prompts for _ in range(cfg.samples)]
     stop_tokens = (tokenizer.special_tokens[IM_END],) if chat else ()
     comps = generate_until(model, tokenizer, rows, cfg.max_new_tokens, stop=cfg.stop, stop_tokens=stop_tokens,
                            temperature=cfg.temperature, seed=seed, batch_size=cfg.batch_size, progress=bar)
@@ -392,4 +398,5 @@ class TrainEval:
 
 
 __all__ = ["EvalConfig", "TrainEval", "evaluate", "format_report", "load", "load_items", "metrics", "pass_at_k",
+           "prompt_ids",
            "bpb_records", "mc_records", "gen_records", "score_continuations", "window_requests", "generate_until"]
