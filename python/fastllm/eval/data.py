@@ -161,6 +161,8 @@ def _shards(paths: list[Path], split: str) -> list[Path] | None:
         found = sorted(paths[0].glob(f"{split}_*.bin"))
         if found:
             return found
+        if any(paths[0].glob("*.bin")):
+            raise ValueError(f"{paths[0]}: no {split}_*.bin token shards (choose the split with --split)")
     return None
 
 

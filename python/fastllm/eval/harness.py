@@ -53,7 +53,8 @@ class FastLLM(TemplateLM):
         if tokenizer.eot_token is None:
             raise ValueError("the tokenizer has no <|endoftext|> token (the harness' prefix and end of text)")
         self.model, self.tok = model.eval(), tokenizer
-        self.batch_tokens, self.batch_size, self.max_gen_toks = int(batch_tokens), int(batch_size), int(max_gen_toks)
+        self.batch_tokens, self.max_gen_toks = int(batch_tokens), int(max_gen_toks)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # the harness may pass "auto"
 
     # ---- what TemplateLM asks for ---------------------------------------------------------------------------
 
