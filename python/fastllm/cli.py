@@ -265,7 +265,8 @@ def _add_eval_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--delimiter", default=" ", help="mc: text between a context and each choice (default: a "
                    "space; HellaSwag endings always get one)")
     s.add_argument("--split", default="val", help="bpb on a shard folder: which split (default val)")
-    s.add_argument("--max-new-tokens", type=int, default=256, help="gen: completion length limit (tokens)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="gen: completion length limit in tokens "
+                   "(default: 256 or half the context, whichever is less)")
     s.add_argument("--samples", type=int, default=1, help="gen: completions per problem; > 1 reports pass@k")
     s.add_argument("--temperature", type=float, default=0.0, help="gen: sampling temperature (0: greedy)")
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,

@@ -59,7 +59,7 @@ class EvalConfig:
     stride: int | None = None  # bpb: new tokens per sliding window (default block_size // 2)
     delimiter: str = " "  # mc: between a context and a choice (HellaSwag endings always get a space)
     split: str = "val"  # bpb on a shard folder: which split's shards
-    max_new_tokens: int = 256  # gen: completion length limit
+    max_new_tokens: int | None = None  # gen: completion length limit (default min(256, block_size // 2))
     samples: int = 1  # gen: completions per problem (pass@k with k = samples)
     temperature: float = 0.0  # gen: 0 = greedy; > 0 needed for samples > 1
     chat: bool | None = None  # gen: ChatML prompts (None: if the tokenizer has the chat tokens)
@@ -202,7 +202,8 @@ def gen_records(model, tokenizer, task, prompts: Sequence[str], cfg: EvalConfig,
     chat = _is_chat(tokenizer, cfg.chat)
     rows = [prompt_ids(tokenizer, p, chat, cfg.template) for p in prompts for _ in range(cfg.samples)]
     stop_tokens = (tokenizer.special_tokens[IM_END],) if chat else ()
-    comps = generate_until(model, tokenizer, rows, cfg.max_new_tokens, stop=cfg.stop, stop_tokens=stop_tokens,
+    n_new = cfg.max_new_tokens or min(256, model.config.block_size // 2)
+    comps = generate_until(model, tokenizer, rows, n_new, stop=cfg.stop, stop_tokens=stop_tokens,
                            temperature=cfg.temperature, seed=seed, batch_size=cfg.batch_size, progress=bar)
     recs = []
     for i, p in enumerate(prompts):
@@ -327,7 +328,7 @@ def evaluate(model, tokenizer, task: str | EvalConfig, data=(), limit: int | Non
     partial = _Partial(out, _fingerprint(model, cfg) if out is not None else "")
     done = len(partial.records)
     if kind == "bpb":
-        stride = cfg.stride or max(1, model.config.block_size // 2)
+        stride = cfg.stride or max(1, model.config.block_size // 2)  # bpb_records' default
         work, unit = sum(math.ceil((len(u) - 1) / stride) for u in units[done:]), "window"
     elif kind == "mc":
         work, unit = sum(len(u.choices) for u in units[done:]), "choice"
