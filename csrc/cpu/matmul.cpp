@@ -45,6 +45,7 @@ The naive triple loops (matmul_*_naive, gemm_naive) stay as documentation and as
 #include <vector>
 
 #include "common.h"
+#include "gelu.h"
 
 namespace fastllm::cpu {
 
@@ -710,9 +711,10 @@ static void gemm_bf16w_portable(int64_t M, int64_t N, int64_t K, const uint16_t*
     }
 }
 
-void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, int64_t N,
-                          int64_t C, int64_t OC) {
+void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, float* pre_gelu,
+                          int64_t N, int64_t C, int64_t OC) {
     if (N <= 0 || OC <= 0) return;
+    float* prod = pre_gelu ? pre_gelu : out;
     std::vector<uint16_t> a16((size_t)(N * C));
     float_to_bf16(a16.data(), inp, N * C);
     int T = 1;
@@ -721,21 +723,23 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
 #endif
     static const bool has_bf16 = cpu_has_avx512bf16();
     if (has_bf16 && simd_level() == Simd::avx512) {
-        if (N == 1) gemv_bf16w_avx512bf16(OC, C, a16.data(), weight, bias, out, T);
-        else if (N <= 4) gemm_bf16w_avx512bf16<4, 4>(N, OC, C, a16.data(), weight, bias, out, T);
-        else gemm_bf16w_avx512bf16<8, 3>(N, OC, C, a16.data(), weight, bias, out, T);
+        if (N == 1) gemv_bf16w_avx512bf16(OC, C, a16.data(), weight, bias, prod, T);
+        else if (N <= 4) gemm_bf16w_avx512bf16<4, 4>(N, OC, C, a16.data(), weight, bias, prod, T);
+        else gemm_bf16w_avx512bf16<8, 3>(N, OC, C, a16.data(), weight, bias, prod, T);
     } else {
-        gemm_bf16w_portable(N, OC, C, a16.data(), weight, bias, out, T);
+        gemm_bf16w_portable(N, OC, C, a16.data(), weight, bias, prod, T);
     }
+    if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // matmul entry points
 
-void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, float* pre_gelu,
                     int64_t N, int64_t C, int64_t OC) {
     // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); bias fused into the epilogue
-    gemm_ex(false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, out, OC, bias);
+    gemm_ex(false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, pre_gelu ? pre_gelu : out, OC, bias);
+    if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
 }
 
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
