@@ -74,7 +74,7 @@ def run(threads: int, quick: bool) -> None:
                                              strict=False)
     assert not unexpected and all(k == "lm_head.weight" or k.endswith("attn.bias") for k in missing), missing
     hf.tie_weights()
-    n_ex = 4 if quick else 16
+    n_ex = 4 if quick else 8
     reqs, groups = examples(n_ex, cfg.vocab_size)
     batch_tokens = 2048
     lengths = [len(c) + len(t) - 1 for c, t in reqs]
@@ -88,7 +88,7 @@ def run(threads: int, quick: bool) -> None:
         "torch/example": torch_scorer(hf, reqs, per_example),
         "torch/batched": torch_scorer(hf, reqs, fused),
     }
-    t = bench(fns, repeats=2 if quick else 5, warmup=1)
+    t = bench(fns, repeats=2 if quick else 4, warmup=1)
     tokens = sum(lengths)
     print(header("multiple-choice scoring (GPT-2 124M, random weights, 4 endings per example)", threads))
     rows = []

@@ -1,5 +1,5 @@
 """Evaluation: measure a model the way the field does, on fastllm's own kernels (batched forwards, any model
-fastllm loads: its checkpoints, converted or Hugging Face GPT-2 folders, on the CPU or a GPU).
+fastllm loads: its checkpoints, converted or Hugging Face GPT-2 folders, on the CPU or a GPU: GPT.to("cuda")).
 
 Tasks (`evaluate(model, tokenizer, task, data=..., ...)`, `fastllm eval --task T`):
     bpb       bits per byte of text files / JSONL / token shards: the summed cross-entropy of every non-special
@@ -93,7 +93,7 @@ def load(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None, de
          dtype: str | None = None):
     """(model, tokenizer) from a fastllm checkpoint or run folder, or a Hugging Face GPT-2 folder (config.json);
     the tokenizer from `tokenizer` if given, else the one in the folder. device="cuda" runs the model on the GPU
-    (dtype: bfloat16 by default, or float32)."""
+    (dtype: bfloat16 by default, or float32; see GPT.to)."""
     from ..data import checkpoint_tokenizer
     from ..train import load_model
 
@@ -108,15 +108,7 @@ def load(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None, de
     else:
         model = load_model(path)
         tok = checkpoint_tokenizer(model.checkpoint_dir, tokenizer)
-    if device == "cuda":
-        from ..cuda_model import CudaGPT
-
-        checkpoint_dir = model.checkpoint_dir
-        model = CudaGPT(model, dtype=dtype or "bfloat16")
-        model.checkpoint_dir = checkpoint_dir
-    elif device != "cpu":
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    return model.eval(), tok
+    return model.to(device, dtype).eval(), tok
 
 
 # ---- per-task records ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Batched token scoring and generation for evaluation, on any fastllm model (GPT, CudaGPT): every number comes
+"""Batched token scoring and generation for evaluation, on any fastllm GPT (CPU or GPU): every number comes
 from `model.forward(idx, targets)` (the fused lm-head + cross-entropy, per-token losses in model.token_losses)
 or, where the greedy token is asked for, from the logits of `model.forward(idx)`; no Python loop over tokens.
 
