@@ -311,6 +311,10 @@ def train_grpo(
     if task is None:
         task = ProblemSet.load(cfg.data) if cfg.data else make_task(cfg.task, cfg.digits)
     eval_task = ProblemSet.load(cfg.eval_data) if cfg.eval_data else task
+    if reward_fn is None and cfg.reward:
+        if cfg.reward_model:
+            raise ValueError("give --reward or --reward-model, not both")
+        reward_fn = load_reward(cfg.reward, task)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -332,11 +336,8 @@ def train_grpo(
     tok_path = find_tokenizer(ref.checkpoint_dir)  # also copied into every checkpoint
     if tokenizer is None:
         tokenizer = checkpoint_tokenizer(ref.checkpoint_dir)
-    if reward_fn is None and cfg.reward and cfg.reward_model:
-        raise ValueError("give --reward or --reward-model, not both")
     if reward_fn is None:
-        reward_fn = (RewardScorer.load(cfg.reward_model) if cfg.reward_model
-                     else load_reward(cfg.reward, task) if cfg.reward else task.reward)
+        reward_fn = RewardScorer.load(cfg.reward_model) if cfg.reward_model else task.reward
     opt = AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
     if ckpt is not None:
         _restore_optimizer(opt, ckpt)
