@@ -375,7 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_args(s, RLConfig)
     s.set_defaults(func=_cmd_rl)
 
-    s = sub.add_parser("eval", help="evaluate a checkpoint: bits per byte, multiple choice, exact match, lm-eval")
+    s = sub.add_parser("eval", help="evaluate a checkpoint: bits per byte, multiple choice, exact match, lm-eval",
+                       description="Evaluate a checkpoint: bits per byte of text, multiple-choice accuracy "
+                                   "(HellaSwag, ARC, MMLU), exact match on problems (GSM8K, the RL tasks), or "
+                                   "lm-evaluation-harness tasks.",
+                       epilog="examples:\n"
+                              "  fastllm eval --ckpt run/ --task bpb --data data/\n"
+                              "  fastllm eval --ckpt run/ --task mc --data hellaswag_val.jsonl --out hs.json\n"
+                              "  fastllm eval --ckpt chat/ --task gen --data gsm8k_test.jsonl --limit 200",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_eval_args(s)
     s.set_defaults(func=_cmd_eval)
 
