@@ -17,7 +17,7 @@ with at least block_size - stride tokens of context (stride = block_size: lm-eva
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -184,8 +184,3 @@ def generate_until(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
         model.train(was)
     return out
 
-
-def chunks(n: int, size: int) -> Iterator[range]:
-    """range(0, n) in consecutive pieces of `size` (the units an evaluation checkpoints after)."""
-    for s in range(0, n, size):
-        yield range(s, min(n, s + size))
