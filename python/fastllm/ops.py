@@ -38,6 +38,15 @@ def _f32(x, name: str) -> np.ndarray:
     return x
 
 
+def _view(a, n: int | None = None):
+    """a as the kernel's (rows, n) matrix, or flat vector when n is None: always a view. What cannot be viewed so
+    (not an ndarray, not C-contiguous, last axis not n) goes to the kernel unchanged, which rejects it naming the
+    argument; reshape would copy a strided output (the kernel would fill the copy) or fail (reshape(-1, 0))."""
+    if not isinstance(a, np.ndarray) or not a.flags.c_contiguous or a.ndim == 0 or n not in (None, a.shape[-1]):
+        return a
+    return a.reshape(-1) if n is None else a.reshape(a.size // n if n else int(np.prod(a.shape[:-1])), n)
+
+
 def _row_weights(w, targets: np.ndarray):
     """Optional per-row gradient weights shaped like targets, flattened for the kernel (which checks dtype)."""
     if w is None:
@@ -66,7 +75,7 @@ def matmul_forward(inp, weight, bias=None, out=None) -> np.ndarray:
     OC = weight.shape[0] if weight.ndim == 2 else 0
     if out is None:
         out = np.empty((*lead, OC), np.float32)
-    _C.matmul_forward(out.reshape(-1, OC), inp.reshape(-1, C), weight, bias)
+    _C.matmul_forward(_view(out, OC), _view(inp, C), weight, bias)
     return out
 
 
@@ -91,7 +100,7 @@ def matmul_forward_bf16w(inp, weight16, bias=None, out=None) -> np.ndarray:
     OC = weight16.shape[0] if getattr(weight16, "ndim", 0) == 2 else 0
     if out is None:
         out = np.empty((*lead, OC), np.float32)
-    _C.matmul_forward_bf16w(out.reshape(-1, OC), np.ascontiguousarray(inp).reshape(-1, C), weight16, bias)
+    _C.matmul_forward_bf16w(_view(out, OC), _view(np.ascontiguousarray(inp), C), weight16, bias)
     return out
 
 
@@ -105,7 +114,7 @@ def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need
     if need_bias and dbias is None:
         dbias = np.zeros(OC, np.float32)
     _C.matmul_backward(
-        None if dinp is None else dinp.reshape(-1, C), dweight, dbias, dout.reshape(-1, OC), inp.reshape(-1, C),
+        None if dinp is None else _view(dinp, C), dweight, dbias, _view(dout, OC), _view(inp, C),
         weight,
     )
     return dinp, dweight, dbias
@@ -120,11 +129,12 @@ def attention_forward(qkv, n_head: int, out=None, lse=None):
     if qkv.ndim != 3:
         raise ValueError(f"qkv must be (B, T, 3C), got shape {qkv.shape}")
     B, T, C3 = qkv.shape
+    n_head = int(n_head)
     if out is None:
         out = np.empty((B, T, C3 // 3), np.float32)
-    if lse is None:
-        lse = np.empty((B, n_head, T), np.float32)
-    _C.attention_forward(out, lse, qkv, int(n_head))
+    if lse is None:  # (for an impossible n_head, a placeholder: the kernel names the problem)
+        lse = np.empty((B, n_head, T) if 0 < n_head <= C3 // 3 else 0, np.float32)
+    _C.attention_forward(out, lse, qkv, n_head)
     return out, lse
 
 
@@ -157,8 +167,8 @@ def softmax_cross_entropy(logits, targets, grad_scale: float = 1.0, ignore_index
     if backward:
         dlogits = logits if inplace else np.empty_like(logits)
     _C.softmax_ce(
-        losses.reshape(-1), None if dlogits is None else dlogits.reshape(-1, V), logits.reshape(-1, V),
-        targets.reshape(-1), float(grad_scale), int(ignore_index), rw,
+        _view(losses), None if dlogits is None else _view(dlogits, V), _view(logits, V),
+        _view(targets), float(grad_scale), int(ignore_index), rw,
     )
     return losses, dlogits
 
@@ -182,8 +192,8 @@ def lmhead_cross_entropy(hidden, weight, targets, grad_scale: float = 1.0, ignor
     else:
         dhidden = dweight = None
     _C.lmhead_ce(
-        losses.reshape(-1), None if dhidden is None else dhidden.reshape(-1, C), dweight, hidden.reshape(-1, C),
-        weight, targets.reshape(-1), float(grad_scale), int(ignore_index), int(chunk_rows), rw,
+        _view(losses), None if dhidden is None else _view(dhidden, C), dweight, _view(hidden, C),
+        weight, _view(targets), float(grad_scale), int(ignore_index), int(chunk_rows), rw,
     )
     return losses, dhidden, dweight
 
@@ -198,7 +208,7 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5, out=None, mean=None, r
     out = np.empty_like(x) if out is None else out
     mean = np.empty(x.shape[:-1], np.float32) if mean is None else mean
     rstd = np.empty(x.shape[:-1], np.float32) if rstd is None else rstd
-    _C.layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C), weight, bias,
+    _C.layernorm_forward(_view(out, C), _view(mean), _view(rstd), _view(x, C), weight, bias,
                          float(eps))
     return out, mean, rstd
 
@@ -210,8 +220,8 @@ def layernorm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias
     dx = _zeros_like_or(dx, x)
     dweight = _zeros_like_or(dweight, weight)
     dbias = _zeros_like_or(dbias, weight)
-    _C.layernorm_backward(dx.reshape(-1, C), dweight, dbias, _f32(dout, "dout").reshape(-1, C), x.reshape(-1, C),
-                          weight, mean.reshape(-1), rstd.reshape(-1))
+    _C.layernorm_backward(_view(dx, C), dweight, dbias, _view(_f32(dout, "dout"), C), _view(x, C),
+                          weight, _view(mean), _view(rstd))
     return dx, dweight, dbias
 
 
@@ -281,6 +291,8 @@ def attention_kv_forward(qkv, kcache, vcache, pos, out=None) -> np.ndarray:
     are written into kcache/vcache (B, NH, max_T, hs) at positions pos[b] .. pos[b]+Tn-1, then each new query
     attends causally to its sequence's cache. Returns out (B, Tn, C). pos is not advanced."""
     qkv = _f32(qkv, "qkv")
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be (B, Tn, 3C), got shape {qkv.shape}")
     if out is None:
         out = np.empty((*qkv.shape[:2], qkv.shape[2] // 3), np.float32)
     _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"))
