@@ -118,13 +118,6 @@ static void check_outputs(std::initializer_list<Named> outs, std::initializer_li
 static void check_positive(int64_t n, const char* what, const py::array& a, const char* name) {
     FASTLLM_CHECK(n >= 1, what, " must be >= 1, got ", n, " (", name, " has shape ", shape_str(a), ")");
 }
-// A thread count in [1, kMaxThreads].
-static int check_threads(int64_t threads) {
-    FASTLLM_CHECK(threads >= 1 && threads <= fastllm::kMaxThreads, "threads must be in [1, ", fastllm::kMaxThreads,
-                  "], got ", threads);
-    return (int)threads;
-}
-
 // Every id in [0, V) (or == ignore, if allowed); the message names the array, the position and the value.
 static void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* name, bool allow_ignore = false,
                       int32_t ignore = -1) {
@@ -170,6 +163,8 @@ static int64_t int_arg(const py::object& o, const char* name, int64_t lo, int64_
                                             hi, "]"));
     return x;
 }
+// A thread count: an integer in [1, kMaxThreads].
+static int threads_arg(const py::object& o) { return (int)int_arg(o, "threads", 1, fastllm::kMaxThreads); }
 static float float_arg(const py::object& o, const char* name) {
     if (PyBool_Check(o.ptr()) || !PyNumber_Check(o.ptr()))
         throw py::type_error(str_cat(name, " must be a number, got ", type_name(o)));
@@ -602,10 +597,10 @@ static void set_simd_py(const std::string& level) {
     else throw py::value_error(str_cat("simd level must be 'avx512', 'avx2' or 'scalar', got '", level, "'"));
 }
 
-static void set_num_threads_py(int64_t n) {
-    check_threads(n);
+static void set_num_threads_py(const py::object& threads) {
+    const int n = threads_arg(threads);
 #ifdef _OPENMP
-    omp_set_num_threads((int)n);
+    omp_set_num_threads(n);
 #endif
 }
 
@@ -755,11 +750,12 @@ static void check_specials(const std::vector<std::string>& specials) {
 }
 
 static py::list train_bpe_py(const py::list& texts, const std::string& pattern, const std::vector<std::string>& specials,
-                             int64_t n_merges, int64_t threads, const py::object& progress, int64_t every) {
+                             int64_t n_merges, const py::object& threads_obj, const py::object& progress,
+                             int64_t every) {
     const auto pat = parse_pattern(pattern);
     const auto views = utf8_views(texts, "texts");
     FASTLLM_CHECK(n_merges >= 0, "n_merges must be >= 0, got ", n_merges);
-    check_threads(threads);
+    const int threads = threads_arg(threads_obj);
     check_specials(specials);
     tok::ProgressFn fn;
     if (!progress.is_none())
@@ -771,7 +767,7 @@ static py::list train_bpe_py(const py::list& texts, const std::string& pattern, 
     std::vector<std::pair<int32_t, int32_t>> merges;
     {
         py::gil_scoped_release nogil;
-        tok::ChunkCounts counts = tok::count_chunks(views, pat, specials, (int)threads);
+        tok::ChunkCounts counts = tok::count_chunks(views, pat, specials, threads);
         merges = tok::train_bpe(counts, n_merges, fn, every);
     }
     py::list out;
@@ -838,15 +834,15 @@ static void register_bpe(py::module_& m) {
         .def(
             "encode_batch",
             [](const Encoder& e, const py::list& texts, const std::string& pattern, const std::vector<int32_t>& allowed,
-               int64_t threads) {
-                check_threads(threads);
+               const py::object& threads_obj) {
+                const int threads = threads_arg(threads_obj);
                 const auto pat = parse_pattern(pattern);
                 const Specials sp = specials_by_id(e, allowed);
                 const auto views = utf8_views(texts, "texts");
                 std::vector<std::vector<int32_t>> outs;
                 {
                     py::gil_scoped_release nogil;
-                    e.encode_batch(views, pat, sp, outs, (int)threads);
+                    e.encode_batch(views, pat, sp, outs, threads);
                 }
                 py::list res(outs.size());
                 for (size_t i = 0; i < outs.size(); i++)
@@ -885,8 +881,8 @@ static void register_bpe(py::module_& m) {
             arg("ids"), arg("errors"))
         .def(
             "decode_batch",
-            [](const Encoder& e, const py::list& seqs, const std::string& errors, int64_t threads) {
-                check_threads(threads);
+            [](const Encoder& e, const py::list& seqs, const std::string& errors, const py::object& threads_obj) {
+                const int threads = threads_arg(threads_obj);
                 std::vector<std::vector<int64_t>> ids(seqs.size());
                 for (size_t k = 0; k < ids.size(); k++) {
                     ids[k] = ids_from_array(py::array::ensure(seqs[k]));
@@ -903,7 +899,7 @@ static void register_bpe(py::module_& m) {
                 {
                     py::gil_scoped_release nogil;
                     const int64_t n = (int64_t)ids.size();
-#pragma omp parallel for schedule(dynamic, 1) num_threads((int)threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
                     for (int64_t k = 0; k < n; k++) e.decode(ids[k].data(), ids[k].size(), out[k]);
                 }
                 py::list res(out.size());
@@ -951,16 +947,16 @@ static void register_bpe(py::module_& m) {
     m.def(
         "bpe_count_chunks",
         [](const py::list& texts, const std::string& pattern, const std::vector<std::string>& specials,
-           int64_t threads) {
+           const py::object& threads_obj) {
             // the chunk counts training starts from (for tests)
             const auto pat = parse_pattern(pattern);
             const auto views = utf8_views(texts, "texts");
-            check_threads(threads);
+            const int threads = threads_arg(threads_obj);
             check_specials(specials);
             tok::ChunkCounts counts;
             {
                 py::gil_scoped_release nogil;
-                counts = tok::count_chunks(views, pat, specials, (int)threads);
+                counts = tok::count_chunks(views, pat, specials, threads);
             }
             py::dict out;
             for (size_t i = 0; i < counts.size(); i++) out[py::bytes(std::string(counts.key(i)))] = counts.count(i);

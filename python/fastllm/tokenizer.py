@@ -64,11 +64,23 @@ def _to_hf_regex(pat: str) -> str:
 
 _PATTERN_ALIASES[_to_hf_regex(GPT4_PATTERN)] = "gpt4"
 
+_MAX_ID = 2**28  # ids index dense tables (as in csrc/tokenizer/bpe.cpp): larger ones come from corrupt files
 _SIDECAR_FORMAT = "fastllm-bpe"
 _SIDECAR_VERSION = 1
 
 PathLike = Union[str, "os.PathLike[str]"]
 IdsLike = Union[Sequence[int], np.ndarray]
+
+
+def _threads(threads) -> int:
+    """A thread count: None -> fastllm's (set_num_threads); else an int in [1, 1024] (ValueError otherwise)."""
+    if threads is None:
+        return _C.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise TypeError(f"threads must be an int, got {type(threads).__name__}")
+    if not 1 <= threads <= _C.MAX_THREADS:
+        raise ValueError(f"threads = {threads} is out of range [1, {_C.MAX_THREADS}]")
+    return int(threads)
 
 
 def _repair_surrogates(text: str) -> str:
@@ -146,7 +158,7 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
             rank = int(parts[1])
         except ValueError as e:
             raise ValueError(f"{path}:{lineno}: invalid rank {parts[1][:20]!r}") from e
-        if not token or not 0 <= rank < 2**28:
+        if not token or not 0 <= rank < _MAX_ID:
             raise ValueError(f"{path}:{lineno}: empty token or rank {rank} out of range [0, 2**28)")
         if token in ranks:
             raise ValueError(
@@ -190,9 +202,11 @@ class Tokenizer:
             )
         tokens = list(mergeable_ranks.keys())
         ranks = list(mergeable_ranks.values())
-        for t in tokens:
+        for t, r in zip(tokens, ranks):
             if not isinstance(t, bytes):
                 raise TypeError(f"mergeable_ranks keys must be bytes, got {type(t).__name__}")
+            if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or not 0 <= r < _MAX_ID:
+                raise ValueError(f"mergeable_ranks[{t[:40]!r}] = {r!r} is not an int in [0, 2**28)")
         core = _C.BpeEncoder.from_ranks(tokens, ranks)
         self._init(core, pattern, special_tokens)
 
@@ -220,10 +234,14 @@ class Tokenizer:
                 raise ValueError(f"pattern is not a valid regex: {e}") from e
         special_tokens = dict(special_tokens or {})
         for s, i in special_tokens.items():
-            if not isinstance(s, str) or not s:
-                raise TypeError(f"special token names must be non-empty str, got {s!r}")
+            if not isinstance(s, str):
+                raise TypeError(f"special token names must be str, got {s!r}")
+            if not s:
+                raise ValueError("special token names must not be empty")
             if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
                 raise TypeError(f"special token {s!r}: id must be an int, got {i!r}")
+            if not 0 <= i < _MAX_ID:
+                raise ValueError(f"special token {s!r}: id {i} is negative or too large (ids are in [0, 2**28))")
             core.add_special(s.encode("utf-8"), int(i))
         self._core = core
         self._special = {s: int(i) for s, i in special_tokens.items()}
@@ -388,9 +406,7 @@ class Tokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
-        threads = _C.get_num_threads() if threads is None else int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        threads = _threads(threads)
         allowed = self._allowed_ids(texts, allowed_special, disallowed_special)
         if self._regex is not None:
             return [self._encode_native(_repair_if_needed(t), allowed) for t in texts]
@@ -461,9 +477,7 @@ class Tokenizer:
         ['hi', '', '!']
         """
         arrays = [self._ids_array(ids) for ids in batch]
-        threads = _C.get_num_threads() if threads is None else int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        threads = _threads(threads)
         try:
             return self._core.decode_batch(arrays, errors, threads)
         except UnicodeDecodeError:
@@ -518,16 +532,17 @@ class Tokenizer:
                     f"texts_or_paths[{i}] must be a str (text) or os.PathLike, got {type(item).__name__}"
                 )
         texts = [_repair_if_needed(t) for t in texts]
-        specials = list(special_tokens)
+        specials = [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
+        for i, s in enumerate(specials):
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"special_tokens[{i}] must be a non-empty str, got {s!r}")
         if len(set(specials)) != len(specials):
             raise ValueError(f"special_tokens has duplicates: {specials}")
         vocab_size = int(vocab_size)
         n_merges = vocab_size - 256 - len(specials)
         if n_merges < 0:
             raise ValueError(f"vocab_size must be >= 256 + {len(specials)} special tokens, got {vocab_size}")
-        threads = _C.get_num_threads() if threads is None else int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        threads = _threads(threads)
         pat = _PATTERN_ALIASES.get(pattern, pattern)
 
         bar = None
@@ -792,17 +807,21 @@ class Tokenizer:
                 not isinstance(t, dict)
                 or not isinstance(t.get("content"), str)
                 or not isinstance(t.get("id"), int)
-                or not 0 <= t["id"] < 2**28
+                or not 0 <= t["id"] < _MAX_ID
             ):
                 raise bad(f"bad added_tokens entry {t!r}")
+            if specials.get(t["content"], t["id"]) != t["id"]:
+                raise bad(f"added token {t['content']!r} has two ids, {specials[t['content']]} and {t['id']}")
             specials[t["content"]] = t["id"]
-        special_ids = set(specials.values())
+        special_of_id = {i: s for s, i in specials.items()}
 
         tokens, ids = [], []
         for s, i in model["vocab"].items():
-            if not isinstance(i, int) or not 0 <= i < 2**28:
+            if not isinstance(i, int) or not 0 <= i < _MAX_ID:
                 raise bad(f"vocab id of {s!r} is not an int in [0, 2**28): {i!r}")
-            if i in special_ids:
+            if i in special_of_id:  # GPT-2's files list <|endoftext|> in both; a different token is an error
+                if s != special_of_id[i]:
+                    raise bad(f"id {i} is both the vocab token {s!r} and the added token {special_of_id[i]!r}")
                 continue
             try:
                 tokens.append(bytes(_U2B[c] for c in s))
