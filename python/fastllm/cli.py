@@ -64,8 +64,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty)
+    """The sampling flags, checked (ValueError naming the bad one) before any model is loaded."""
+    from .sample import SamplingParams, check_seed
+
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              repetition_penalty=args.repetition_penalty)
+    SamplingParams(**kw)
+    check_seed(args.seed)
+    return kw
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -138,23 +144,34 @@ def _checkpoint_tokenizer(model, override: str | None):
 def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
-    from .sample import SamplingParams, stream_text
+    import numpy as np
+
+    from .sample import stream_text
     from .train import load_model
 
-    SamplingParams(**_sampling_kwargs(args))  # validate before loading anything
+    sampling = _sampling_kwargs(args)  # checked before loading anything
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     model = load_model(args.ckpt).eval()
     tok = _checkpoint_tokenizer(model, args.tokenizer)
     if args.device == "cuda":
         from .cuda_model import CudaGPT
 
         model = CudaGPT(model, dtype=args.dtype or "bfloat16").eval()
-    n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
+    ids = tok.encode(args.prompt, allowed_special="all")
+    if ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
+        ids = np.array([tok.eot_token])
+    context = model.config.block_size
+    if ids.size >= context:
+        raise ValueError(f"--prompt is {ids.size} tokens but the model's context is {context} tokens: give a prompt "
+                         f"of at most {context - 1} tokens to leave room for new ones")
+    n = min(args.max_new_tokens, context - ids.size)
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tok, args.prompt, n, stop=args.stop, stats=stats,
+        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats,
                                  seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
-                                 **_sampling_kwargs(args)):
+                                 **sampling):
             print(piece, end="", flush=True)
         dt = time.time() - t0
         print(f"\n--- {stats['tokens']} tokens in {dt:.2f}s ({stats['tokens'] / max(dt, 1e-9):.1f} tokens/s)",
@@ -182,6 +199,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from .sft import ChatSession, chat_loop
     from .train import load_model
 
+    _sampling_kwargs(args)  # checked before loading anything
     model = load_model(args.ckpt).eval()
     session = ChatSession(model, _checkpoint_tokenizer(model, args.tokenizer), system=args.system,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.dtype or "float32",
@@ -307,21 +325,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_line(e: BaseException) -> str:
+    """The one line `main` prints for an exception: its message (which names the argument or file) for the
+    errors bad input raises; the exception type too for anything else, which is a bug worth reporting.
+
+    >>> error_line(KeyError("rng"))
+    "fastllm: error: KeyError: 'rng' (unexpected: FASTLLM_DEBUG=1 shows the traceback)"
+    """
+    from .cuda import CudaUnavailableError
+
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, (ValueError, TypeError, OSError, ImportError, FloatingPointError, CudaUnavailableError)):
+        return f"fastllm: error: {msg or type(e).__name__}"
+    return f"fastllm: error: {type(e).__name__}{': ' + msg if msg else ''} (unexpected: FASTLLM_DEBUG=1 shows the " \
+           "traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Whatever goes wrong ends as one `fastllm: error: ...` line on stderr and exit code 1
+    (Ctrl-C: 130; bad flags: argparse's usage message and 2); FASTLLM_DEBUG=1 also prints the traceback."""
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .cuda import CudaUnavailableError
-
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, CudaUnavailableError, KeyboardInterrupt) as e:
-        if isinstance(e, KeyboardInterrupt):
-            print("interrupted", file=sys.stderr)
-            return 130
-        print(f"fastllm: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastllm sample ... | head`: the reader is gone; stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        return 141
+    except Exception as e:
+        if os.environ.get("FASTLLM_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(error_line(e), file=sys.stderr)
         return 1
 
 

@@ -17,9 +17,11 @@ buffer (peak memory ~ one model), through fastllm.fileio: no pickle, every offse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -400,36 +402,68 @@ def find_hf_tokenizer(folder: str | os.PathLike) -> Path | None:
 # ---- conversion ------------------------------------------------------------------------------------------
 
 
+def _check_convert_paths(src: Path, dst: Path) -> None:
+    """convert() never writes into its source: dst may be neither src nor inside it."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise ValueError(f"convert: the output folder {dst} is {'the source' if d == s else 'inside the source'} "
+                         f"{src}; choose another output folder")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"convert: the output {dst} exists and is not a folder")
+
+
+@contextlib.contextmanager
+def _output_folder(dst: Path):
+    """The folder to write dst's files into: a new dst is written as a hidden sibling folder and renamed at the
+    end, so an interrupted or failed conversion leaves no dst at all; an existing one gets each file atomically."""
+    if dst.exists():
+        yield dst
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this process id
+    tmp.mkdir()  # (mode from the umask, unlike mkdtemp's 0700)
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm") -> Path:
     """HF GPT-2 folder -> fastllm checkpoint folder (to="fastllm": model.safetensors with the GPTConfig in its
-    metadata, as train.load_model reads, plus the tokenizer), or a fastllm checkpoint -> HF folder (to="hf")."""
+    metadata, as train.load_model reads, plus the tokenizer), or a fastllm checkpoint -> HF folder (to="hf").
+    Everything is read and checked before anything is written; dst may not be src or inside it."""
     from .data import TOKENIZER_FILE, find_tokenizer
     from .tokenizer import Tokenizer
     from .train import load_model
 
     src, dst = Path(src), Path(dst)
+    if to not in ("fastllm", "hf"):
+        raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
+    _check_convert_paths(src, dst)
     if to == "fastllm":
         model = from_pretrained(src)
-        dst.mkdir(parents=True, exist_ok=True)
-        save_safetensors(
-            dst / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())}
-        )
-        if find_hf_tokenizer(src) is not None:
-            tok = Tokenizer.from_pretrained(src)
-            if tok.n_vocab > model.config.vocab_size:
-                raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
-                                 f"{model.config.vocab_size}")  # fmt: skip
-            if tok._is_ranks:  # tiktoken semantics: the rank file `fastllm sample` looks for
-                tok.save(dst / TOKENIZER_FILE)
-            else:  # HF merge priority: only tokenizer.json can express it
-                tok.save_hf(dst / "tokenizer.json")
+        tok = Tokenizer.from_pretrained(src) if find_hf_tokenizer(src) is not None else None
+        if tok is not None and tok.n_vocab > model.config.vocab_size:
+            raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
+                             f"{model.config.vocab_size}")  # fmt: skip
+        with _output_folder(dst) as out:
+            save_safetensors(
+                out / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())}
+            )
+            if tok is not None and tok._is_ranks:  # tiktoken semantics: the rank file `fastllm sample` looks for
+                tok.save(out / TOKENIZER_FILE)
+            elif tok is not None:  # HF merge priority: only tokenizer.json can express it
+                tok.save_hf(out / "tokenizer.json")
         return dst
-    if to == "hf":
-        model = load_model(src)
-        tok_path = find_tokenizer(model.checkpoint_dir)
-        tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
-        return save_pretrained(model, dst, tokenizer=tok)
-    raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
+    model = load_model(src)
+    tok_path = find_tokenizer(model.checkpoint_dir)
+    tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
+    with _output_folder(dst) as out:
+        save_pretrained(model, out, tokenizer=tok)
+    return dst
 
 
 __all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "hf_state_dict", "convert",
