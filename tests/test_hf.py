@@ -272,7 +272,7 @@ def test_truncated_and_missing_files(hf_pair, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         GPT.from_pretrained(out)
     (out / "config.json").write_text("{nope")
-    with pytest.raises(ValueError, match="config.json: corrupt JSON"):
+    with pytest.raises(ValueError, match="config.json:1: corrupt JSON"):
         GPT.from_pretrained(out)
 
 

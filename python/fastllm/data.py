@@ -17,12 +17,13 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write, iter_jsonl, write_json
+from .fileio import atomic_write, iter_jsonl, read_json, write_json
 
 MAGIC = b"FLLMTOK1"
 VERSION = 1
@@ -207,11 +208,7 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
     params = dict(val_fraction=val_fraction, shard_tokens=shard_tokens, inputs=[str(f) for f in files])
     fp = _fingerprint(files, tok_path, params)
     manifest_path = out / "manifest.json"
-    manifest = {"fingerprint": fp, "shards": [], "done": False}
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get("fingerprint") == fp and all((out / s["name"]).exists() for s in old["shards"]):
-            manifest = old
+    manifest = _read_manifest(manifest_path, fp) or {"fingerprint": fp, "shards": [], "done": False}
     if manifest["done"]:
         return _stats(out, manifest, skipped=len(manifest["shards"]))
     for stale in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")):
@@ -285,6 +282,35 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
     manifest["vocab_size"] = V
     write_json(manifest_path, manifest)
     return _stats(out, manifest, skipped)
+
+
+def _read_manifest(path: Path, fingerprint: str) -> dict | None:
+    """The progress an earlier run over the same inputs and settings recorded in manifest.json, or None to start
+    over: no manifest, another fingerprint, a shard missing, or a damaged manifest (a warning names it)."""
+    if not path.exists():
+        return None
+    try:
+        m = read_json(path)
+        if not isinstance(m, dict) or not isinstance(m.get("shards"), list) or not isinstance(m.get("done"), bool):
+            raise ValueError(f"{path}: not a prepare manifest")
+        if m.get("fingerprint") != fingerprint:
+            return None
+        count, ends = {"train": 0, "val": 0}, {"train": 0, "val": 0}  # per split: shards so far, last docs_end
+        for i, e in enumerate(m["shards"]):
+            split = e.get("split") if isinstance(e, dict) else None
+            if (split not in count or e.get("name") != f"{split}_{count[split]:06d}.bin"
+                    or any(type(e.get(k)) is not int or e[k] < 0 for k in ("tokens", "docs_end", "skip_tokens"))
+                    or e["docs_end"] < ends[split]):
+                raise ValueError(f"{path}: shard entry {i} is damaged")
+            count[split], ends[split] = count[split] + 1, e["docs_end"]
+            if not (path.parent / e["name"]).exists():
+                return None
+            if read_shard(path.parent / e["name"]).size != e["tokens"]:
+                raise ValueError(f"{path}: shard entry {i} does not match {e['name']}")
+        return m
+    except ValueError as e:
+        warnings.warn(f"{e}; preparing the shards again", stacklevel=3)
+        return None
 
 
 def _stats(out: Path, manifest: dict, skipped: int) -> PrepareStats:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import load_safetensors, save_safetensors, write_json
+from .fileio import load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig
 
 CONFIG_FILE = "config.json"
@@ -133,10 +133,8 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
     if not index.exists():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors is read, never "
                                 f"pytorch_model.bin)")  # fmt: skip
-    try:
-        wmap = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{index}: corrupt index ({e})") from None
+    doc = read_json(index)
+    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wmap, dict) or not wmap:
         raise ValueError(f"{index}: no weight_map")
     files = []
@@ -185,10 +183,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found")
-    try:
-        cfg = config_from_hf(json.loads(cfg_path.read_text(encoding="utf-8")), str(cfg_path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: corrupt JSON ({e})") from None
+    cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
     model = cls(cfg, init=False)
     seen: dict[str, Path] = {}
     filled: set[tuple[str, int | None]] = set()
@@ -319,17 +314,16 @@ def vocab_merges_doc(vocab_path: str | os.PathLike, merges_path: str | os.PathLi
     priority = line order, GPT-2 pre-tokenizer, no prefix space), as HF's GPT2TokenizerFast builds it.
     `special_tokens` (default: <|endoftext|> if it is in the vocab) become added tokens."""
     vocab_path, merges_path = os.fspath(vocab_path), os.fspath(merges_path)
-    try:
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{vocab_path}:{e.lineno}: corrupt JSON ({e.msg})") from None
+    vocab = read_json(vocab_path)
     if not isinstance(vocab, dict):
         raise ValueError(f"{vocab_path}:1: expected a JSON object token -> id")
     merges = []
-    with open(merges_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+    with open(merges_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{merges_path}:{lineno}: not valid UTF-8 ({e.reason})") from None
             if (lineno == 1 and line.startswith("#version")) or not line.strip():
                 continue
             parts = line.split(" ")
@@ -360,12 +354,12 @@ def _special_tokens_from_config(folder: Path) -> list[str] | None:
     p = folder / "tokenizer_config.json"
     if not p.exists():
         return None
-    try:
-        conf = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: corrupt JSON ({e})") from None
+    conf = read_json(p)
+    if not isinstance(conf, dict):
+        raise ValueError(f"{p}:1: expected a JSON object")
     out: list[str] = []
-    for t in (conf.get("added_tokens_decoder") or {}).values():
+    decoder = conf.get("added_tokens_decoder")
+    for t in decoder.values() if isinstance(decoder, dict) else ():
         if isinstance(t, dict) and isinstance(t.get("content"), str):
             out.append(t["content"])
     for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -384,10 +378,10 @@ def load_vocab_merges(folder: str | os.PathLike):
     specials = _special_tokens_from_config(folder)
     vocab_path = folder / "vocab.json"
     if specials is not None:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        specials = [s for s in specials if s in vocab]
+        vocab = read_json(vocab_path)
+        specials = [s for s in specials if isinstance(vocab, dict) and s in vocab]
     doc = vocab_merges_doc(vocab_path, folder / "merges.txt", specials)
-    return Tokenizer._from_hf_doc(doc, os.fspath(vocab_path))
+    return Tokenizer._from_hf_doc(doc, f"{vocab_path} (with merges.txt)")
 
 
 def find_hf_tokenizer(folder: str | os.PathLike) -> Path | None:

@@ -36,6 +36,7 @@ from typing import Literal, Union
 import numpy as np
 
 from . import _C
+from .fileio import read_json
 
 __all__ = ["Tokenizer", "GPT2_PATTERN", "GPT4_PATTERN"]
 
@@ -609,11 +610,23 @@ class Tokenizer:
         """Read a tiktoken rank file (e.g. written by `save_tiktoken` or shipped with tiktoken).
 
         Corrupt or truncated files raise ValueError naming the file and line."""
+        return cls._from_rank_file(path, pattern, special_tokens)
+
+    @classmethod
+    def _from_rank_file(cls, path: PathLike, pattern: str, special_tokens, where: str | None = None) -> Tokenizer:
+        """A tokenizer from a rank file (errors name it) with the pattern and special tokens read from `where`
+        (errors name it; None: given by the caller, errors raised as they are)."""
         ranks = _read_ranks(path)
         try:
-            return cls(ranks, pattern, special_tokens)
+            core = _C.BpeEncoder.from_ranks(list(ranks), list(ranks.values()))
         except ValueError as e:
             raise ValueError(f"{os.fspath(path)}: {e}") from e
+        if where is None:
+            return cls._from_core(core, pattern, special_tokens)
+        try:
+            return cls._from_core(core, pattern, special_tokens)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}:1: {e}") from e
 
     def save(self, path: PathLike) -> None:
         """Save to `path` (tiktoken rank file, see `save_tiktoken`) plus the sidecar ``<path>.json`` holding
@@ -644,11 +657,7 @@ class Tokenizer:
     def load(cls, path: PathLike) -> Tokenizer:
         """Load what `save` wrote (the rank file and its ``.json`` sidecar)."""
         side_path = os.fspath(path) + ".json"
-        try:
-            with open(side_path, encoding="utf-8") as f:
-                side = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{side_path}:{e.lineno}: corrupt JSON ({e.msg})") from e
+        side = read_json(side_path)
         if not isinstance(side, dict) or side.get("format") != _SIDECAR_FORMAT:
             raise ValueError(
                 f"{side_path}:1: not a fastllm tokenizer sidecar (format != {_SIDECAR_FORMAT!r})"
@@ -658,16 +667,11 @@ class Tokenizer:
         for key, typ in (("pattern", str), ("special_tokens", dict), ("n_ranks", int)):
             if not isinstance(side.get(key), typ):
                 raise ValueError(f"{side_path}:1: missing or bad {key!r}")
-        ranks = _read_ranks(path)
-        if len(ranks) != side["n_ranks"]:
-            raise ValueError(
-                f"{os.fspath(path)}:{len(ranks)}: {len(ranks)} ranks but the sidecar says {side['n_ranks']} "
-                "(truncated file?)"
-            )
-        try:
-            return cls(ranks, side["pattern"], side["special_tokens"])
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{os.fspath(path)}: {e}") from e
+        tok = cls._from_rank_file(path, side["pattern"], side["special_tokens"], side_path)
+        if tok.vocab_size - len(tok.special_tokens) != side["n_ranks"]:
+            n = tok.vocab_size - len(tok.special_tokens)
+            raise ValueError(f"{os.fspath(path)}:{n}: {n} ranks but the sidecar says {side['n_ranks']} (truncated file?)")
+        return tok
 
     def save_hf(self, path: PathLike) -> None:
         """Write a GPT-2-style HF ``tokenizer.json`` (BPE model over the byte-level alphabet, vocab + merges,
@@ -768,14 +772,7 @@ class Tokenizer:
         then tokens merge by the merges' order, as HF does). Added tokens become special tokens. Unsupported
         features (normalizers, add_prefix_space, byte fallback, dropout, other models) raise ValueError."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: corrupt JSON ({e.msg})") from e
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:1: not UTF-8 ({e.reason})") from e
-        return cls._from_hf_doc(doc, path)
+        return cls._from_hf_doc(read_json(path), path)
 
     @classmethod
     def _from_hf_doc(cls, doc, path: str) -> Tokenizer:
