@@ -271,3 +271,24 @@ def test_lmhead_ce_bad_input(rng):
         ops.lmhead_cross_entropy(hidden, weight, targets, chunk_rows=0)
     with pytest.raises(ValueError, match="dweight"):
         ops.lmhead_cross_entropy(hidden, weight, targets, dweight=np.zeros((11, 7), np.float32))
+
+
+def test_zero_vocab_and_huge_integers(rng):
+    """V = 0 and integers past their C type give a ValueError naming the argument (they used to fail in numpy's
+    reshape, or with pybind11's 'incompatible function arguments' dump)."""
+    logits, targets = make(rng, 3, 8)
+    with pytest.raises(ValueError, match=r"V \(logits columns\) must be >= 1"):
+        ops.softmax_cross_entropy(np.zeros((3, 0), np.float32), targets)
+    with pytest.raises(ValueError, match="ignore_index"):
+        ops.softmax_cross_entropy(logits, targets, ignore_index=2**40)
+    hidden = rng.standard_normal((3, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"V \(weight rows\) must be >= 1"):
+        ops.lmhead_cross_entropy(hidden, np.zeros((0, 4), np.float32), targets)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        ops.lmhead_cross_entropy(hidden, rng.standard_normal((8, 4), dtype=np.float32), targets, chunk_rows=2**70)
+    with pytest.raises(ValueError, match="dhidden overlaps hidden"):
+        ops.lmhead_cross_entropy(hidden, rng.standard_normal((8, 4), dtype=np.float32), targets, dhidden=hidden)
+    losses, _ = ops.softmax_cross_entropy(logits.copy(), targets, inplace=True)  # dlogits = logits: allowed
+    with pytest.raises(ValueError, match="dlogits overlaps logits"):
+        buf = np.zeros(32, np.float32)
+        _C.softmax_ce(np.zeros(3, np.float32), buf[4:28].reshape(3, 8), buf[:24].reshape(3, 8), targets, 1.0, -1)

@@ -28,7 +28,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -88,7 +88,7 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, sp: SamplingParams
 def check_seed(seed) -> None:
     """A sampling seed is None (fresh randomness) or an integer >= 0 (ValueError otherwise)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed must be an integer >= 0 (or None for a random one), got {seed!r}")
+        raise ValueError(f"seed must be an integer >= 0 (leave it unset for a random seed), got {seed!r}")
 
 
 def _check_finite(logits: np.ndarray, alive: np.ndarray, step: int) -> None:
