@@ -29,14 +29,13 @@ import base64
 import binascii
 import json
 import os
-import tempfile
 from collections.abc import Collection, Iterable, Sequence
 from typing import Literal, Union
 
 import numpy as np
 
 from . import _C
-from .fileio import read_json
+from .fileio import atomic_write, read_json
 
 __all__ = ["Tokenizer", "GPT2_PATTERN", "GPT4_PATTERN"]
 
@@ -119,22 +118,8 @@ _U2B = {u: b for b, u in _B2U.items()}
 
 
 def _atomic_write(path: PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _read_ranks(path: PathLike) -> dict[bytes, int]:
@@ -668,9 +653,10 @@ class Tokenizer:
             if not isinstance(side.get(key), typ):
                 raise ValueError(f"{side_path}:1: missing or bad {key!r}")
         tok = cls._from_rank_file(path, side["pattern"], side["special_tokens"], side_path)
-        if tok.vocab_size - len(tok.special_tokens) != side["n_ranks"]:
-            n = tok.vocab_size - len(tok.special_tokens)
-            raise ValueError(f"{os.fspath(path)}:{n}: {n} ranks but the sidecar says {side['n_ranks']} (truncated file?)")
+        n = tok.vocab_size - len(tok.special_tokens)
+        if n != side["n_ranks"]:
+            raise ValueError(f"{os.fspath(path)}:{n}: {n} ranks but the sidecar says {side['n_ranks']} "
+                             "(truncated file?)")
         return tok
 
     def save_hf(self, path: PathLike) -> None:
