@@ -325,11 +325,14 @@ def test_bad_input_is_counted_and_run_continues(tmp_path):
         progress=False,
     )
     assert s.documents == 5 and len(read_out(tmp_path / "out")) == 5, s.table()
-    bad = {os.path.basename(b["path"]): b["error"] for b in s.bad_inputs}
-    assert set(bad) == {"corrupt.warc", "broken.html.gz", "tail_garbage.warc.gz", "emptydir", "missing.jsonl"}, bad
-    assert s.stages["read"]["dropped"] == {"binary": 1}
-    assert s.stages["extract"]["dropped"].get("empty", 0) >= 1  # the empty page
-    assert sum(s.stages["quality"]["dropped"].values()) + sum(s.stages["extract"]["dropped"].values()) >= 2
+    bad = {os.path.basename(b["path"]): b["reason"] for b in s.bad_inputs}
+    assert bad == {"corrupt.warc": "corrupt", "broken.html.gz": "corrupt", "tail_garbage.warc.gz": "corrupt",
+                   "emptydir": "empty", "missing.jsonl": "not_found", "dangling.html": "not_found",
+                   "garbage.html": "binary", "empty.html": "empty"}, bad
+    # every input not used is counted by reason; tail_garbage was used up to its damage
+    assert s.unused == {"corrupt": 2, "empty": 2, "not_found": 2, "binary": 1}, s.unused
+    assert s.files == 9 and s.used == 5  # regular files; used: good0-2, noise (all NBSP: an empty page), tail_garbage
+    assert s.stages["extract"]["dropped"].get("empty", 0) >= 1  # the page of non-breaking spaces
     assert "bad input" in s.table()
 
 
@@ -347,7 +350,7 @@ def test_resume_skips_done_inputs(tmp_path, monkeypatch):
     (d / "p3.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
     seen = []
     real = C.read_pages
-    monkeypatch.setattr(C, "read_pages", lambda p, st=None: (seen.append(p), real(p, st))[1])
+    monkeypatch.setattr(C.pipeline, "read_pages", lambda p, st=None: (seen.append(p), real(p, st))[1])
     s2 = clean([d], tmp_path / "out", cfg, progress=False)
     assert [p.name for p in seen] == ["p3.html"] and s2.skipped == 3 and s2.documents == 4
     assert read_out(tmp_path / "out")[:3] == first
