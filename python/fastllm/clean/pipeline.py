@@ -82,7 +82,7 @@ def _file_key(path: Path, cfg_key: str) -> str:
     return hashlib.sha256(f"{cfg_key}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
 
 
-def process_batch(args: tuple[list[tuple[str, str]], str, CleanConfig]) -> list[dict]:
+def process_batch(args: tuple[list[tuple[Path, str]], str, CleanConfig]) -> list[dict]:
     """Stages 1-6 on a batch of input files. Writes `<batch>.docs` (JSON lines), `<batch>.npz` (exact hashes,
     LSH keys) and last `<batch>.done.json`: one entry per file {"path", "key", "batch", "start" (first doc
     row), "docs", "offset"/"length" (its bytes in .docs), "stats", "used", "bad" ({"reason", "error"} or
@@ -128,10 +128,10 @@ def process_batch(args: tuple[list[tuple[str, str]], str, CleanConfig]) -> list[
     return entries
 
 
-def _batches(files: list[tuple[str, str]], procs: int, max_files: int = 64, max_bytes: int = 64 << 20):
+def _batches(files: list[tuple[Path, str]], procs: int, max_files: int = 64, max_bytes: int = 64 << 20):
     """Consecutive files in groups: at most `max_files` / `max_bytes`, and about 4 groups per process."""
     per = max(1, min(max_files, -(-len(files) // (4 * procs))))
-    batch: list[tuple[str, str]] = []
+    batch: list[tuple[Path, str]] = []
     size = 0
     for f in files:
         try:
@@ -302,10 +302,10 @@ def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Clea
     work.mkdir(parents=True, exist_ok=True)
     paths, bad = list_inputs(inputs, exclude=[out])
     cfg_key = json.dumps(cfg.per_file_key(), sort_keys=True)
-    files: list[tuple[str, str]] = []
+    files: list[tuple[Path, str]] = []
     for p in paths:
         try:
-            files.append((str(p), _file_key(p, cfg_key)))
+            files.append((p, _file_key(p, cfg_key)))
         except OSError as e:
             bad.append({"path": str(p), "reason": "unreadable", "error": e.strerror or str(e)})
 
