@@ -123,16 +123,16 @@ def unicode_encoding(data: bytes) -> tuple[str, int] | None:
     if n < 16:
         return None
     z = [data[i:n:4].count(0) / (n // 4) for i in range(4)]
-    if z[0] < 0.5 and min(z[1], z[2], z[3]) > 0.9:
-        return "utf-32-le", 0
-    if z[3] < 0.5 and min(z[0], z[1], z[2]) > 0.9:
-        return "utf-32-be", 0
     even, odd = (z[0] + z[2]) / 2, (z[1] + z[3]) / 2
-    if odd > 0.2 and even < odd / 10:
-        return "utf-16-le", 0
-    if even > 0.2 and odd < even / 10:
-        return "utf-16-be", 0
-    return None
+    enc = ("utf-32-le" if z[0] < 0.5 and min(z[1], z[2], z[3]) > 0.9 else
+           "utf-32-be" if z[3] < 0.5 and min(z[0], z[1], z[2]) > 0.9 else
+           "utf-16-le" if odd > 0.2 and even < odd / 10 else
+           "utf-16-be" if even > 0.2 and odd < even / 10 else None)
+    if enc is None:
+        return None
+    text = data[:n].decode(enc, errors="replace")  # text, not binary that happens to have NULs in a pattern
+    bad = sum(1 for c in text if (c < " " and c not in "\t\n\r\f\v\x1b") or c == "\ufffd" or "\x7f" <= c < "\xa0")
+    return (enc, 0) if bad <= 0.02 * len(text) else None
 
 
 def sniff(head: bytes) -> tuple[str, str]:
