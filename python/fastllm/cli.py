@@ -103,8 +103,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     from .clean import CleanConfig, clean
 
     cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
-                  scrub_pii=not args.keep_pii)
-    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress)
+                  scrub_pii=not args.keep_pii, lang_rules=not args.no_lang_rules)
+    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress, dask=args.dask)
     print(s.table())
     print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
           f"in {s.seconds:.1f}s -> {s.out_dir}")
@@ -260,12 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .clean import CleanConfig
 
     s = sub.add_parser("clean", help="web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards")
-    s.add_argument("inputs", nargs="+", help="files or folders (.html, .warc[.gz], .jsonl with html/text)")
+    s.add_argument("inputs", nargs="+", help="files or folders of any kind (HTML, RSS/Atom, WARC, JSONL with "
+                   "html/text, plain text; gzip/bz2/xz/zstd), told by content")
     s.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl, summary.json)")
     s.add_argument("--lang", nargs="+", default=None, help="keep only these languages (ISO 639-1, e.g. en de)")
-    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii"))
+    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii", "lang_rules"))
     s.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
     s.add_argument("--keep-pii", action="store_true", help="do not replace e-mail and IP addresses")
+    s.add_argument("--no-lang-rules", action="store_true",
+                   help="the English thresholds for every language (default: FineWeb-2's per language)")
+    s.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
+                   help="run on a Dask cluster: 'local' (a LocalCluster of --processes workers) or a scheduler")
     s.set_defaults(func=_cmd_clean)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, CudaUnavailableError, KeyboardInterrupt) as e:
+    except (ValueError, TypeError, OSError, ImportError, CudaUnavailableError, KeyboardInterrupt) as e:
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130

@@ -377,6 +377,7 @@ def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Clea
     write_json(out / "summary.json", dataclasses.asdict(summary))
     if used == 0:
         why = ", ".join(f"{v} {k}" for k, v in summary.unused.items()) or "no input files"
-        raise ValueError(f"no usable input among {len(files) + len(bad)} inputs ({why}); details in "
-                         f"{out / 'summary.json'}")
+        eg = "; ".join(f"{b['path']}: {b['error']}" for b in bad[:3])
+        raise ValueError(f"no usable input ({why}{f': {eg}' if eg else ''}"
+                         f"{', ...' if len(bad) > 3 else ''}); details in {out / 'summary.json'}")
     return summary
