@@ -430,13 +430,14 @@ def test_dask_components_match_numpy():
     rng = np.random.default_rng(0)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        ex = D.DaskExecutor(client, 2)
+        P = 4
         for n, bands in ((50, 3), (400, 6)):
             keys = rng.integers(0, n // 2, (n, bands)).astype(np.uint64) + np.arange(bands, dtype=np.uint64) * 10**6
-            keys = np.where(rng.random((n, bands)) < 0.6, rng.integers(10**9, 2**62, (n, bands)).astype(np.uint64), keys)
+            unique = rng.integers(10**9, 2**62, (n, bands)).astype(np.uint64)
+            keys = np.where(rng.random((n, bands)) < 0.6, unique, keys)  # most band keys shared by nobody
             expect = np.flatnonzero(C.near_dup_components(keys) != np.arange(n))
             kr = np.stack([keys.view(np.int64).reshape(-1), np.repeat(np.arange(n), bands)])
-            pieces = D._split(kr, ex.parts)
-            edges = [client.submit(D._link, [pieces[j]], ex.parts) for j in range(ex.parts)]
-            got = ex._components(edges)
+            pieces = D._split(kr, P)
+            edges = [client.submit(D._link, [pieces[j]], P) for j in range(P)]
+            got = D.components(client, edges, P)
             assert got.tolist() == expect.tolist()

@@ -9,6 +9,7 @@
             large-star / small-star rounds of Kiveris et al. (2014), each round a shuffle of the edges by node:
             at the fixed point every component is a star around its smallest row, and the leaves are dropped
   shards    pipeline.write_shard mapped over the shard specs: the workers write the shards
+(stage 1 and the shards go through fastllm.executor.Executor, which also runs them on this machine).
 The driver holds only per-file counts, the rows dropped and the shard specs. Rows are global document numbers
 in input order, so "first" means the same as on one machine and the outputs are identical.
 """
@@ -20,89 +21,47 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline import dedup_keys, write_shard
+from .pipeline import dedup_keys
 
 
-def connect(spec, workers: int):
-    """A distributed.Client for "local" (a LocalCluster of `workers` single-threaded processes), a scheduler
-    address ("tcp://host:8786") or an existing Client -> (client, owned: whether we close it)."""
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise ImportError("--dask needs the 'dask' extra: pip install 'fastllm[dask]'") from None
-    if isinstance(spec, Client):
-        return spec, False
-    if spec == "local":
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        return Client(cluster), True
-    if not isinstance(spec, str) or "://" not in spec:
-        raise ValueError(f"dask must be 'local' or a scheduler address like tcp://host:8786, got {spec!r}")
-    try:
-        return Client(spec, timeout="30s"), True
-    except OSError as e:
-        raise ValueError(f"dask: cannot reach the scheduler at {spec}: {e}") from None
+def dedup(client, work: Path, entries: list[dict], P: int) -> tuple[np.ndarray, int, int]:
+    """(keep mask over all documents in input order, exact duplicates, near duplicates) with shuffles of
+    `P` buckets on the cluster of `client`."""
+    c = client
+    segments = _segments(entries)  # per batch: [(start row in its npz, docs, global row)]
+    n = sum(e["docs"] for e in entries)
+    # exact: shuffle (hash, row) by hash; each bucket returns the rows that repeat an earlier hash
+    maps = [c.submit(_hash_buckets, str(work), b, segs, P, pure=False) for b, segs in segments.items()]
+    dropped = c.gather([c.submit(_repeats, _column(c, maps, j), pure=False) for j in range(P)])
+    exact = np.concatenate(dropped) if dropped else np.zeros(0, np.int64)
+    keep = np.ones(n, bool)
+    keep[exact] = False
+    # near: shuffle (band key, row) of the remaining rows by key; buckets emit star edges per shared key
+    gone = c.scatter(exact, broadcast=True)
+    maps = [c.submit(_key_buckets, str(work), b, segs, gone, P, pure=False) for b, segs in segments.items()]
+    edges = [c.submit(_link, _column(c, maps, j), P, pure=False) for j in range(P)]
+    leaves = components(c, edges, P)
+    keep[leaves] = False
+    return keep, int(exact.size), int(leaves.size)
 
 
-class DaskExecutor:
-    """The executor interface of pipeline._Local (map_unordered, dedup, write_shards, close) on Dask."""
-
-    def __init__(self, spec, workers: int):
-        self.client, self.owned = connect(spec, workers)
-        self.workers = max(1, len(self.client.scheduler_info().get("workers", {})) or workers)
-        self.parts = 2 * self.workers  # buckets of each shuffle
-
-    def map_unordered(self, fn, jobs: list):
-        from distributed import as_completed
-
-        for fut in as_completed(self.client.map(fn, jobs, pure=False)):
-            yield fut.result()
-
-    def dedup(self, work: Path, entries: list[dict]) -> tuple[np.ndarray, int, int]:
-        c, P = self.client, self.parts
-        segments = _segments(entries)  # per batch: [(start row in its npz, docs, global row)]
-        n = sum(e["docs"] for e in entries)
-        # exact: shuffle (hash, row) by hash; each bucket returns the rows that repeat an earlier hash
-        maps = [c.submit(_hash_buckets, str(work), b, segs, P, pure=False) for b, segs in segments.items()]
-        dropped = c.gather([c.submit(_repeats, _column(c, maps, j), pure=False) for j in range(P)])
-        exact = np.concatenate(dropped) if dropped else np.zeros(0, np.int64)
-        keep = np.ones(n, bool)
-        keep[exact] = False
-        # near: shuffle (band key, row) of the remaining rows by key; buckets emit star edges per shared key
-        gone = c.scatter(exact, broadcast=True)
-        maps = [c.submit(_key_buckets, str(work), b, segs, gone, P, pure=False) for b, segs in segments.items()]
-        edges = [c.submit(_link, _column(c, maps, j), P, pure=False) for j in range(P)]
-        leaves = self._components(edges)
-        keep[leaves] = False
-        return keep, int(exact.size), int(leaves.size)
-
-    def _components(self, edges: list) -> np.ndarray:
-        """Rows that are not the smallest of their connected component. `edges`: futures, one per bucket, each
-        a list of P (2, m) arrays already split by the bucket of their first node."""
-        c, P = self.client, self.parts
-        parts = [c.submit(_union, _column(c, edges, j), pure=False) for j in range(P)]
-        previous = None
-        while True:
-            large = [c.submit(_large_star, p, P, pure=False) for p in parts]
-            parts = [c.submit(_union, _column(c, large, j), pure=False) for j in range(P)]
-            small = [c.submit(_small_star, p, P, pure=False) for p in parts]
-            parts = [c.submit(_union, _column(c, small, j), pure=False) for j in range(P)]
-            sig = tuple(sum(x) for x in zip(*c.gather([c.submit(_signature, p, pure=False) for p in parts])))
-            if sig == previous:
-                break
-            previous = sig
-        leaves = c.gather([c.submit(_leaves, p, pure=False) for p in parts])
-        return np.unique(np.concatenate(leaves)) if leaves else np.zeros(0, np.int64)
-
-    def write_shards(self, specs: list[dict]) -> None:
-        self.client.gather(self.client.map(write_shard, specs, pure=False))
-
-    def close(self) -> None:
-        if self.owned:
-            cluster = getattr(self.client, "cluster", None)
-            self.client.close()
-            if cluster is not None:
-                cluster.close()
-            self.owned = False
+def components(client, edges: list, P: int) -> np.ndarray:
+    """Rows that are not the smallest of their connected component. `edges`: futures, one per bucket, each a
+    list of P (2, m) arrays (both directions of every edge) already split by the bucket of their first node."""
+    c = client
+    parts = [c.submit(_union, _column(c, edges, j), pure=False) for j in range(P)]
+    previous = None
+    while True:
+        large = [c.submit(_large_star, p, P, pure=False) for p in parts]
+        parts = [c.submit(_union, _column(c, large, j), pure=False) for j in range(P)]
+        small = [c.submit(_small_star, p, P, pure=False) for p in parts]
+        parts = [c.submit(_union, _column(c, small, j), pure=False) for j in range(P)]
+        sig = tuple(sum(x) for x in zip(*c.gather([c.submit(_signature, p, pure=False) for p in parts])))
+        if sig == previous:
+            break
+        previous = sig
+    leaves = c.gather([c.submit(_leaves, p, pure=False) for p in parts])
+    return np.unique(np.concatenate(leaves)) if leaves else np.zeros(0, np.int64)
 
 
 def _column(client, futures: list, j: int) -> list:

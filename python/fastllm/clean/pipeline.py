@@ -7,9 +7,9 @@
   2. dedup in input order: exact (first copy of each hash kept), then near duplicates (first document of each
      connected component of documents sharing an LSH band key kept).
   3. shards `clean_NNNNNN.jsonl` ({"text", "url", "lang"} per line, `shard_docs` each, atomic) + summary.json.
-Executors: `_Local` (spawn-started processes; numpy dedup in this process) and, with `dask=`, the Dask one in
-distributed.py (the same stage 1 on the workers, the dedup as shuffles, the shards written by the workers):
-both give the same files. Memory here: one batch per worker, 8 bytes x (1 + bands) per document for the dedup.
+Stage 1 and the shards run through fastllm.executor.Executor (processes here, or Dask workers with `dask=`);
+the dedup runs here with numpy, or on the cluster as shuffles (distributed.py): the same files either way.
+Memory here: one batch per worker, 8 bytes x (1 + bands) per document for the dedup (1 byte with Dask).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..executor import Executor
 from ..fileio import atomic_write, write_json
 from .config import CleanConfig
 from .dedup import exact_hash, lsh_keys, minhash, near_dup_components
@@ -203,40 +204,17 @@ def dedup_keys(work: Path, entries: list[dict]) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(hashes), np.concatenate(lsh)
 
 
-class _Local:
-    """Stage 1 in spawn-started processes (or in this one), dedup and shards in this process."""
-
-    def __init__(self, procs: int):
-        self.procs, self.pool = procs, None
-
-    def map_unordered(self, fn, jobs: list):
-        if self.procs == 1 or len(jobs) <= 1:
-            return map(fn, jobs)
-        import multiprocessing as mp
-
-        self.pool = mp.get_context("spawn").Pool(min(self.procs, len(jobs)))  # spawn, not fork: OpenMP here
-        return self.pool.imap_unordered(fn, jobs)
-
-    def dedup(self, work: Path, entries: list[dict]) -> tuple[np.ndarray, int, int]:
-        hashes, lsh = dedup_keys(work, entries)
-        n = hashes.size
-        _, first = np.unique(hashes, return_index=True)
-        keep = np.zeros(n, bool)
-        keep[first] = True
-        idx = np.flatnonzero(keep)
-        near = near_dup_components(lsh[idx]) != np.arange(len(idx))
-        keep[idx[near]] = False
-        return keep, int(n - idx.size), int(near.sum())
-
-    def write_shards(self, specs: list[dict]) -> None:
-        for spec in specs:
-            write_shard(spec)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
-            self.pool = None
+def dedup_local(work: Path, entries: list[dict]) -> tuple[np.ndarray, int, int]:
+    """(keep mask over all documents in input order, exact duplicates, near duplicates), in this process."""
+    hashes, lsh = dedup_keys(work, entries)
+    n = hashes.size
+    _, first = np.unique(hashes, return_index=True)
+    keep = np.zeros(n, bool)
+    keep[first] = True
+    idx = np.flatnonzero(keep)
+    near = near_dup_components(lsh[idx]) != np.arange(len(idx))
+    keep[idx[near]] = False
+    return keep, int(n - idx.size), int(near.sum())
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
@@ -270,14 +248,6 @@ class CleanSummary:
         if len(self.bad_inputs) > max_bad:
             lines.append(f"... and {len(self.bad_inputs) - max_bad} more bad inputs in summary.json")
         return "\n".join(lines)
-
-
-def _executor(procs: int, dask):
-    if dask is None:
-        return _Local(procs)
-    from .distributed import DaskExecutor
-
-    return DaskExecutor(dask, procs)
 
 
 def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: CleanConfig | None = None,
@@ -322,14 +292,12 @@ def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Clea
     skipped = len(files) - len(pending)
 
     # 2. the rest, in parallel batches; then the dedup and the shards
-    procs = cfg.processes or os.cpu_count() or 1
-    executor = _executor(procs, dask)
-    try:
-        jobs = [(b, str(work), cfg) for b in _batches(pending, getattr(executor, "workers", procs))]
+    with Executor(cfg.processes, dask) as ex:
+        jobs = [(b, str(work), cfg) for b in _batches(pending, ex.workers)]
         bar = tqdm(total=len(pending), desc="clean", unit="file", disable=not progress)
         docs = 0
         try:
-            for entries in executor.map_unordered(process_batch, jobs):
+            for entries in ex.map_unordered(process_batch, jobs):
                 for e in entries:
                     index[e["key"]] = e
                     docs += e["docs"]
@@ -344,15 +312,20 @@ def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Clea
             if e["bad"]:
                 bad.append({"path": e["path"], **e["bad"]})
         n = sum(e["docs"] for e in entries)
-        keep, n_exact, n_near = executor.dedup(work, entries) if cfg.dedup and n else (np.ones(n, bool), 0, 0)
+        keep, n_exact, n_near = np.ones(n, bool), 0, 0
+        if cfg.dedup and n:
+            if ex.client is not None:
+                from .distributed import dedup
+
+                keep, n_exact, n_near = dedup(ex.client, work, entries, 2 * ex.workers)
+            else:
+                keep, n_exact, n_near = dedup_local(work, entries)
         stats["exact_dedup.dropped.duplicate"] += n_exact
         stats["near_dedup.dropped.near_duplicate"] += n_near
         stats["exact_dedup.kept"] = n - n_exact
         stats["near_dedup.kept"] = int(keep.sum())
         specs = shard_specs(out, work, entries, keep, cfg.shard_docs)
-        executor.write_shards(specs)
-    finally:
-        executor.close()
+        ex.map(write_shard, specs)
     shards = [Path(s["path"]) for s in specs]
     for stale in out.glob("clean_*.jsonl"):  # shards of an earlier, larger run
         if stale not in shards:

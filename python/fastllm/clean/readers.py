@@ -50,7 +50,8 @@ class InputError(ValueError):
 # ---- finding the files ---------------------------------------------------------------------------------
 
 
-def list_inputs(inputs: list[str | os.PathLike], exclude: list[str | os.PathLike] = ()) -> tuple[list[Path], list[dict]]:
+def list_inputs(inputs: list[str | os.PathLike],
+                exclude: list[str | os.PathLike] = ()) -> tuple[list[Path], list[dict]]:
     """Expand files and folders (recursively, every file) -> (regular files, bad inputs {"path", "reason",
     "error"}). Folders in `exclude` (the output folder) and `.work` folders are never read; special files
     (FIFOs, devices, sockets) are reported, never opened."""
@@ -74,9 +75,12 @@ def list_inputs(inputs: list[str | os.PathLike], exclude: list[str | os.PathLike
             if os.path.realpath(p) in skip:
                 return
             before = len(files) + len(bad)
-            for root, dirs, names in os.walk(p, onerror=lambda e: bad.append(
-                    {"path": e.filename, "reason": "unreadable", "error": e.strerror or str(e)})):
-                dirs[:] = sorted(d for d in dirs if d != ".work" and os.path.realpath(os.path.join(root, d)) not in skip)
+            def unreadable(e: OSError) -> None:
+                bad.append({"path": e.filename, "reason": "unreadable", "error": e.strerror or str(e)})
+
+            for root, dirs, names in os.walk(p, onerror=unreadable):
+                dirs[:] = sorted(d for d in dirs
+                                 if d != ".work" and os.path.realpath(os.path.join(root, d)) not in skip)
                 for name in sorted(names):
                     add(Path(root) / name, False)
             if explicit and len(files) + len(bad) == before:
