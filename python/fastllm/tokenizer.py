@@ -159,6 +159,10 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
         lines[token] = lineno
     if not ranks:
         raise ValueError(f"{path}:1: no tokens (empty or truncated file)")
+    top = max(seen_rank)
+    if top >= len(ranks) + (1 << 16):  # tables are sized by the largest id: a sparse file would take GBs
+        raise ValueError(f"{path}:{seen_rank[top]}: rank {top} with only {len(ranks)} tokens: ranks must be "
+                         f"dense (below {len(ranks) + (1 << 16)})")
     return ranks
 
 
