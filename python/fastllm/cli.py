@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -89,13 +90,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """Library warnings as one `fastllm: warning: ...` line each, as they happen."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"fastllm: warning: {message}", file=sys.stderr)
+        yield
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                 shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
-    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens from {st.documents} documents in "
-          f"{len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
+    with _warnings_to_stderr():
+        st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                     shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
+                     dask=args.dask)
+    split = {"documents": "whole documents", "within": "the end of each document", "none": "none"}[st.split]
+    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens (val split: {split}) from {st.documents} "
+          f"documents in {len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
     return 0
 
 
@@ -104,7 +119,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
     cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
                   scrub_pii=not args.keep_pii, lang_rules=not args.no_lang_rules)
-    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress, dask=args.dask)
+    with _warnings_to_stderr():
+        s = clean(args.inputs, args.out, cfg, progress=not args.no_progress, dask=args.dask)
     print(s.table())
     print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
           f"in {s.seconds:.1f}s -> {s.out_dir}")
@@ -251,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("corpus", nargs="*", help="files or folders (.txt, .md, .jsonl); none: the built-in corpus")
     s.add_argument("--tokenizer", required=True, help="tokenizer file (fastllm tokenizer train)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the text for validation: whole documents, or the end of each when there are few")
     s.add_argument("--shard-tokens", type=int, default=50_000_000)
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
+                   help="tokenize and write shards on a Dask cluster: 'local' (a LocalCluster) or a scheduler")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_prepare)
 
