@@ -441,3 +441,240 @@ def test_dask_components_match_numpy():
             edges = [client.submit(D._link, [pieces[j]], P) for j in range(P)]
             got = D.components(client, edges, P)
             assert got.tolist() == expect.tolist()
+
+
+# ---- any input, by content (issue 22) ------------------------------------------------------------------
+
+THAI = [
+    "ประเทศไทยมีประวัติศาสตร์ที่ยาวนานและวัฒนธรรมที่หลากหลาย ผู้คนในหมู่บ้านเล็กๆ ทางภาคเหนือมักจะตื่นเช้าเพื่อไปทำงานในไร่นาของพวกเขา "
+    "การเกษตรเป็นอาชีพหลักของคนในชนบท และข้าวเป็นพืชที่สำคัญที่สุดของประเทศ",
+    "ในช่วงฤดูฝน ชาวนาจะเริ่มปลูกข้าวและดูแลแปลงนาอย่างใกล้ชิด เด็กๆ ได้เรียนรู้วิธีการทำนาจากพ่อแม่ และช่วยงานในวันหยุด "
+    "ตลาดในเมืองมีผักและผลไม้สดจำหน่ายทุกเช้า",
+    "นักท่องเที่ยวจำนวนมากเดินทางมาเยี่ยมชมวัดเก่าแก่และชิมอาหารพื้นเมืองที่มีรสชาติจัดจ้าน การท่องเที่ยวจึงเป็นแหล่งรายได้ที่สำคัญของหลายจังหวัด "
+    "รัฐบาลได้สนับสนุนการพัฒนาโครงสร้างพื้นฐานเพื่อให้การเดินทางสะดวกยิ่งขึ้น",
+]
+CHINESE = [
+    "这个城市位于河流的南岸，历史悠久，文化丰富。每年春天，许多游客来到这里参观古老的寺庙和美丽的花园。",
+    "当地居民大多从事农业和手工业，他们的生活简单而安静。在市场上，人们可以买到新鲜的蔬菜、水果和各种传统小吃。",
+    "近年来，政府投资修建了新的道路和学校，教育水平有了明显的提高。年轻人也开始在城市里寻找工作的机会，但是很多人仍然喜欢回到家乡过节。",
+]
+JA_DIALOGUE = [  # short lines ending in a closing bracket: old rules saw neither punctuation nor long lines
+    "「今日はどこへ行くの？」", "「駅の近くの古い本屋さんに行ってみようと思っているんだ」", "「あの店は先月に閉まったと聞いたけど」",
+    "「そうなの？それは残念だね」", "「でも、新しい店が川の向こうにできたらしいよ」", "「じゃあ、一緒にそこへ行ってみようか」",
+    "「うん、午後は時間があるから大丈夫だよ」", "「それなら、昼ご飯を食べてから出かけよう」",
+]
+
+
+def test_thai_chinese_japanese_pages_are_kept(tmp_path):
+    """Pages that the English-centric rules dropped (Thai: 'words' are whole phrases between spaces;
+    Japanese dialogue: lines end in 」 and are short) are kept by the per-language rules; English-rule
+    behaviour is still there with lang_rules=False."""
+    cases = {"th": "\n".join(THAI), "zh": "\n".join(CHINESE), "ja": "\n".join(JA_DIALOGUE)}
+    for lang, text in cases.items():
+        assert C.detect_language(text)[0] == lang
+        assert quality_reason(text, CleanConfig(), lang) is None, lang
+    assert quality_reason(cases["th"], CleanConfig(lang_rules=False), "th") in ("too_few_words", "mean_word_length")
+    assert quality_reason(cases["ja"], CleanConfig(lang_rules=False), "ja") in ("line_punctuation", "short_lines")
+    # word counts of scripts without spaces: characters / measured characters per word
+    assert 80 < C.word_count(cases["th"], "th") < 130 and 70 < C.word_count(cases["zh"], "zh") < 110
+
+
+@pytest.mark.parametrize("lang,junk,reason", [
+    ("zh", "首页\n新闻\n体育\n关于我们\n联系我们\n隐私政策", "too_few_words"),
+    ("th", "หน้าแรก ข่าว กีฬา ติดต่อเรา " * 3, "too_few_words"),
+    ("ja", "\n".join(["★★★ 今すぐ購入 ### 送料無料 ### セール中 ★★★ #####"] * 12), "symbol_ratio"),
+    ("zh", "\n".join(CHINESE) + "\nLorem ipsum dolor sit amet, consectetur adipiscing elit.", "lorem_ipsum"),
+    ("fr", "\n".join(["Accueil | Actualités | Contact | Mentions légales | Plan du site | Connexion"] * 8), "alpha_words"),
+    ("fr", "\n".join(["Retour à l'accueil et à la page des actualités de la ville."] * 8), "dup_lines"),
+    ("de", " ".join(f"{i * 7919} {i * 104729}" for i in range(60)) + " und der die das.", "alpha_words"),
+], ids=["zh-menu", "th-menu", "ja-symbols", "zh-lorem", "fr-menu", "fr-repeated", "de-numbers"])
+def test_junk_is_still_dropped_in_every_language(lang, junk, reason):
+    assert quality_reason(junk, CleanConfig(), lang) == reason
+
+
+def utf(text: str, enc: str, bom: bool) -> bytes:
+    data = text.encode(enc)
+    return ({"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff", "utf-32-le": b"\xff\xfe\x00\x00",
+             "utf-32-be": b"\x00\x00\xfe\xff"}[enc] if bom else b"") + data
+
+
+@pytest.mark.parametrize("enc", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("bom", [True, False], ids=["bom", "no-bom"])
+def test_utf16_utf32_pages_are_read(tmp_path, enc, bom):
+    """UTF-16/32 pages with or without a BOM (issue 23 #4: a BOM'd UTF-16 page was dropped as binary)."""
+    paras = PROSE["windows-1251", "ru"] + [prose(random.Random(enc), 6)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "page").write_bytes(utf(page(paras, enc.split("-l")[0].split("-b")[0]), enc, bom))
+    s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1, min_words=10), progress=False)
+    assert s.unused == {} and s.documents == 1, s.table()
+    assert_clean(read_out(tmp_path / "out")[0], paras)
+
+
+def test_utf16_declared_by_http_without_bom_or_ascii():
+    """CJK-only UTF-16 has no NUL bytes to sniff: the HTTP charset says so, and the byte order is found."""
+    text = "\n".join(CHINESE)
+    for enc in ("utf-16-le", "utf-16-be"):
+        assert C.decode_html(text.encode(enc), http_charset="utf-16") == text
+    assert C.decode_html(b"\x00\x01" * 300) != ""  # real binary is not text: sniff() refuses it
+    assert C.sniff(b"\x00\x01" * 300)[0] == "binary" and C.sniff(os.urandom(4000) + b"\0")[0] == "binary"
+
+
+def test_every_input_kind_by_content(tmp_path):
+    """Files named anything: HTML, XHTML and RSS/Atom saved as .xml, plain text in Latin-1, subtitles, JSONL
+    named .json, a WARC named .bin, bz2/xz/gzip-compressed pages; and those that are not used, each counted
+    with its reason."""
+    import bz2
+    import gzip
+    import lzma
+
+    rng = random.Random(21)
+    d = tmp_path / "in"
+    d.mkdir()
+    P = {k: [prose(rng, 6), prose(rng, 6)] for k in
+         ("dat", "xhtml", "rss1", "rss2", "atom1", "txt", "srt", "jsonl", "warc", "bz2", "xz", "gz")}
+    (d / "page.dat").write_text(page(P["dat"]), encoding="utf-8")
+    (d / "doc.xml").write_text('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE html>\n'
+                               '<html xmlns="http://www.w3.org/1999/xhtml">' + page(P["xhtml"])[15:], encoding="utf-8")
+    items = "".join(f"<item><title>Item {k}</title><link>http://e.com/{k}</link><description>"
+                    f"{html_escape('<p>' + P[k][0] + '</p><p>' + P[k][1] + '</p>')}</description></item>"
+                    for k in ("rss1", "rss2"))
+    (d / "feed.xml").write_bytes(f'<?xml version="1.0" encoding="windows-1252"?><rss version="2.0"><channel>'
+                                 f"<title>News</title>{items}</channel></rss>".encode("cp1252"))
+    (d / "atom.xml").write_text('<?xml version="1.0"?><feed xmlns="http://www.w3.org/2005/Atom"><title>A</title>'
+                                '<entry><title>Entry</title><link href="http://e.com/a"/><content type="html">'
+                                f"<![CDATA[<p>{P['atom1'][0]}</p><p>{P['atom1'][1]}</p>]]></content></entry></feed>",
+                                encoding="utf-8")
+    (d / "notes.txt").write_bytes(("\n\n".join(P["txt"]) + "\nCafé crème à la française.").encode("latin-1"))
+    cues = [f"{i + 1}\n00:00:{i:02d},000 --> 00:00:{i + 1:02d},000\n{s.strip()}\n" for i, s in
+            enumerate((P["srt"][0] + " " + P["srt"][1]).split(". "))]
+    (d / "movie.srt").write_text("\n".join(cues), encoding="utf-8")
+    (d / "records.json").write_text(json.dumps({"url": "u", "text": "\n".join(P["jsonl"])}) + "\n")
+    with open(d / "crawl.bin", "wb") as f:
+        write_warc(f, [(page(P["warc"]).encode(), "text/html")])
+    (d / "p.bz2").write_bytes(bz2.compress(page(P["bz2"]).encode()))
+    (d / "p.xz").write_bytes(lzma.compress(page(P["xz"]).encode()))
+    (d / "p.gz").write_bytes(gzip.compress(page(P["gz"]).encode()))
+    (d / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    (d / "a.zip").write_bytes(b"PK\x03\x04" + os.urandom(100))
+    (d / "sitemap.xml").write_text('<?xml version="1.0"?><urlset><url><loc>http://e.com/</loc></url></urlset>')
+    (d / "list.json").write_text('[{"a": 1},\n {"b": 2}]')
+    (d / "blank.txt").write_text("  \n\n ")
+    s = clean([d], tmp_path / "out", CleanConfig(processes=2, min_words=20), progress=False)
+    joined = "\n".join(read_out(tmp_path / "out"))
+    for k, paras in P.items():
+        assert paras[0][:60] in joined, (k, s.table())
+    assert "Café crème" in joined and "-->" not in joined and "00:00" not in joined
+    assert s.unused == {"binary": 1, "unsupported": 3, "empty": 1}, s.table()
+    urls = [json.loads(x)["url"] for x in (tmp_path / "out" / "clean_000000.jsonl").read_text().splitlines()]
+    assert "http://e.com/rss1" in urls and "http://e.com/a" in urls
+    assert "not used: unsupported 3, binary 1, empty 1" in s.table()
+
+
+def html_escape(s: str) -> str:
+    import html
+
+    return html.escape(s)
+
+
+# ---- WARC damage (issue 23 #5) -------------------------------------------------------------------------
+
+
+def warc_bytes(pages: list[list[str]], gz: bool) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    pytest.importorskip("warcio")
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    w = WARCWriter(buf, gzip=gz)
+    for i, paras in enumerate(pages):
+        http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(f"http://example.com/{i}", "response",
+                                            payload=io.BytesIO(page(paras).encode()), http_headers=http))
+    return buf.getvalue()
+
+
+def test_warc_reader_matches_warcio():
+    """Our reader yields the same records as warcio's ArchiveIterator (the reference), gzip or not."""
+    import gzip
+    import io
+
+    from warcio.archiveiterator import ArchiveIterator
+
+    rng = random.Random(31)
+    pages = [[prose(rng, 3)] for _ in range(5)]
+    for gz in (True, False):
+        data = warc_bytes(pages, gz)
+        ref = [(r.rec_headers.get_header("WARC-Target-URI"), r.content_stream().read())
+               for r in ArchiveIterator(io.BytesIO(data)) if r.rec_type == "response"]
+        f = gzip.GzipFile(fileobj=io.BytesIO(data)) if gz else io.BytesIO(data)
+        ours = [(p["url"], p["html"]) for p in C.readers._read_warc(f, C.readers.Counter())]
+        assert ours == ref and len(ours) == 5
+
+
+def test_truncated_warc_gz_is_reported(tmp_path):
+    rng = random.Random(32)
+    pages = [[prose(rng, 6), prose(rng, 6)] for _ in range(3)]
+    data = warc_bytes(pages, True)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.warc.gz").write_bytes(data[: len(data) - 200])  # inside the last record
+    s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1), progress=False)
+    assert s.documents == 2, s.table()
+    assert [b["reason"] for b in s.bad_inputs] == ["corrupt"] and "cut.warc.gz" in s.bad_inputs[0]["path"]
+
+
+@pytest.mark.parametrize("extra", [100, "whole"], ids=["too-long", "swallows-a-record"])
+def test_wrong_content_length_does_not_swallow_the_next_record(tmp_path, extra):
+    rng = random.Random(33)
+    pages = [[prose(rng, 6), prose(rng, 6)] for _ in range(3)]
+    data = warc_bytes(pages, False)
+    first = data.index(b"Content-Length: ")
+    end = data.index(b"\r\n", first)
+    n = int(data[first + 16:end])
+    second = data.index(b"WARC/1", first)
+    third = data.index(b"WARC/1", second + 10)
+    grow = (third - second) if extra == "whole" else extra  # "whole": the block ends exactly at record 3
+    data = data[:first] + b"Content-Length: " + str(n + grow).encode() + data[end:]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.warc").write_bytes(data)
+    s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1), progress=False)
+    joined = "\n".join(read_out(tmp_path / "out"))
+    assert pages[1][0] in joined and pages[2][0] in joined, s.table()  # the records after it are read
+    assert pages[0][0] not in joined  # the damaged record is dropped, not kept with the next one inside
+    assert s.stages["read"]["dropped"] == {"bad_record_length": 1}
+    assert [b["reason"] for b in s.bad_inputs] == ["corrupt"] and "Content-Length" in s.bad_inputs[0]["error"]
+
+
+# ---- unclear errors of clean (issue 23) ----------------------------------------------------------------
+
+
+def test_cli_clean_errors(tmp_path, capsys):
+    from fastllm.cli import main
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "p.html").write_text(page([prose(random.Random(41), 6), prose(random.Random(42), 6)]), encoding="utf-8")
+    assert main(["clean", str(d), "--out", str(tmp_path / "o"), "--lang", "xx", "--no-progress"]) == 1
+    assert "lang: unknown language code 'xx'" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.bin").write_bytes(b"\x00\x01\x02" * 10)
+    assert main(["clean", str(tmp_path / "bad"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error: no usable input (1 binary") and "x.bin" in err
+    os.mkfifo(tmp_path / "fifo")
+    assert main(["clean", "/dev/null", str(tmp_path / "fifo"), "--out", str(tmp_path / "o3"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "/dev/null: not a regular file (character device)" in err and "fifo: not a regular file (FIFO)" in err
+    assert "not found" not in err
+
+
+def test_out_inside_the_input_folder_is_not_read(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = random.Random(43)
+    for i in range(2):
+        (d / f"p{i}.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
+    s1 = clean([d], d / "out", CleanConfig(processes=1), progress=False)
+    s2 = clean([d], d / "out", CleanConfig(processes=1), progress=False)
+    assert s1.files == s2.files == 2 and s2.skipped == 2 and s2.documents == 2

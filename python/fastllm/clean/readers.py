@@ -128,8 +128,8 @@ def unicode_encoding(data: bytes) -> tuple[str, int] | None:
         return None
     z = [data[i:n:4].count(0) / (n // 4) for i in range(4)]
     even, odd = (z[0] + z[2]) / 2, (z[1] + z[3]) / 2
-    enc = ("utf-32-le" if z[0] < 0.5 and min(z[1], z[2], z[3]) > 0.9 else
-           "utf-32-be" if z[3] < 0.5 and min(z[0], z[1], z[2]) > 0.9 else
+    enc = ("utf-32-le" if z[0] < 0.5 and min(z[2], z[3]) > 0.9 else  # the top bytes of a code point are 0
+           "utf-32-be" if z[3] < 0.5 and min(z[0], z[1]) > 0.9 else
            "utf-16-le" if odd > 0.2 and even < odd / 10 else
            "utf-16-be" if even > 0.2 and odd < even / 10 else None)
     if enc is None:
