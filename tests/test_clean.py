@@ -252,7 +252,7 @@ def test_clean_run_dedups_and_feeds_prepare(tmp_path):
 
 
 def write_warc(f, records: list[tuple[bytes, str]]) -> None:
-    """Response records written with warcio (gzip); the reader under test is fastwarc, another implementation."""
+    """Response records written with warcio (gzip); the reader under test is our own."""
     pytest.importorskip("warcio")
     from io import BytesIO
 
@@ -459,8 +459,9 @@ CHINESE = [
     "近年来，政府投资修建了新的道路和学校，教育水平有了明显的提高。年轻人也开始在城市里寻找工作的机会，但是很多人仍然喜欢回到家乡过节。",
 ]
 JA_DIALOGUE = [  # short lines ending in a closing bracket: old rules saw neither punctuation nor long lines
-    "「今日はどこへ行くの？」", "「駅の近くの古い本屋さんに行ってみようと思っているんだ」", "「あの店は先月に閉まったと聞いたけど」",
-    "「そうなの？それは残念だね」", "「でも、新しい店が川の向こうにできたらしいよ」", "「じゃあ、一緒にそこへ行ってみようか」",
+    "「今日はどこへ行くの？」", "「駅の近くの古い本屋さんに行ってみようと思っているんだ」",
+    "「あの店は先月に閉まったと聞いたけど」", "「そうなの？それは残念だね」",
+    "「でも、新しい店が川の向こうにできたらしいよ」", "「じゃあ、一緒にそこへ行ってみようか」",
     "「うん、午後は時間があるから大丈夫だよ」", "「それなら、昼ご飯を食べてから出かけよう」",
 ]
 
@@ -484,7 +485,8 @@ def test_thai_chinese_japanese_pages_are_kept(tmp_path):
     ("th", "หน้าแรก ข่าว กีฬา ติดต่อเรา " * 3, "too_few_words"),
     ("ja", "\n".join(["★★★ 今すぐ購入 ### 送料無料 ### セール中 ★★★ #####"] * 12), "symbol_ratio"),
     ("zh", "\n".join(CHINESE) + "\nLorem ipsum dolor sit amet, consectetur adipiscing elit.", "lorem_ipsum"),
-    ("fr", "\n".join(["Accueil | Actualités | Contact | Mentions légales | Plan du site | Connexion"] * 8), "alpha_words"),
+    ("fr", "\n".join(["Accueil | Actualités | Contact | Mentions légales | Plan du site | Connexion"] * 8),
+     "alpha_words"),
     ("fr", "\n".join(["Retour à l'accueil et à la page des actualités de la ville."] * 8), "dup_lines"),
     ("de", " ".join(f"{i * 7919} {i * 104729}" for i in range(60)) + " und der die das.", "alpha_words"),
 ], ids=["zh-menu", "th-menu", "ja-symbols", "zh-lorem", "fr-menu", "fr-repeated", "de-numbers"])
@@ -531,7 +533,7 @@ def test_every_input_kind_by_content(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     P = {k: [prose(rng, 6), prose(rng, 6)] for k in
-         ("dat", "xhtml", "rss1", "rss2", "atom1", "txt", "srt", "jsonl", "warc", "bz2", "xz", "gz")}
+         ("dat", "xhtml", "rss1", "rss2", "atom1", "txt", "srt", "jsonl", "warc", "bz2", "xz", "gz", "zst")}
     (d / "page.dat").write_text(page(P["dat"]), encoding="utf-8")
     (d / "doc.xml").write_text('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE html>\n'
                                '<html xmlns="http://www.w3.org/1999/xhtml">' + page(P["xhtml"])[15:], encoding="utf-8")
@@ -554,6 +556,8 @@ def test_every_input_kind_by_content(tmp_path):
     (d / "p.bz2").write_bytes(bz2.compress(page(P["bz2"]).encode()))
     (d / "p.xz").write_bytes(lzma.compress(page(P["xz"]).encode()))
     (d / "p.gz").write_bytes(gzip.compress(page(P["gz"]).encode()))
+    zstandard = pytest.importorskip("zstandard")
+    (d / "p.zst").write_bytes(zstandard.ZstdCompressor().compress(page(P["zst"]).encode()))
     (d / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
     (d / "a.zip").write_bytes(b"PK\x03\x04" + os.urandom(100))
     (d / "sitemap.xml").write_text('<?xml version="1.0"?><urlset><url><loc>http://e.com/</loc></url></urlset>')
@@ -678,3 +682,15 @@ def test_out_inside_the_input_folder_is_not_read(tmp_path):
     s1 = clean([d], d / "out", CleanConfig(processes=1), progress=False)
     s2 = clean([d], d / "out", CleanConfig(processes=1), progress=False)
     assert s1.files == s2.files == 2 and s2.skipped == 2 and s2.documents == 2
+
+
+def test_no_dask_import_without_dask(tmp_path):
+    """Without --dask nothing imports dask (the extra is optional)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "p.html").write_text(page([prose(random.Random(44), 6), prose(random.Random(45), 6)]))
+    code = (f"import sys; from fastllm.clean import clean, CleanConfig; "
+            f"clean([{str(tmp_path / 'p.html')!r}], {str(tmp_path / 'o')!r}, CleanConfig(processes=1), "
+            f"progress=False); assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

@@ -371,7 +371,7 @@ def test_prepare_on_dask_gives_the_same_shards(tmp_path, tok_path):
             assert one.shards == two.shards and len(one.shards) > 2
             for s in one.shards:
                 assert (tmp_path / f"{name}1" / s).read_bytes() == (tmp_path / f"{name}2" / s).read_bytes()
-            m1, m2 = json_load(tmp_path / f"{name}1" / "manifest.json"), json_load(tmp_path / f"{name}2" / "manifest.json")
+            m1, m2 = (json_load(tmp_path / f"{name}{k}" / "manifest.json") for k in (1, 2))
             assert m1 == m2
     finally:
         client.close()
