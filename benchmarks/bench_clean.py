@@ -6,7 +6,8 @@ Chinese/Japanese/Thai with jieba / TinySegmenter / PyThaiNLP (behind the word-co
 Corpus (generated, nothing downloaded): Python's pydoc topics cut into article-sized pieces, each wrapped in a
 page with navigation, sidebar, cookie banner, scripts and footer; 10% exact and 10% near duplicates; a tenth of
 the pages in windows-1251 / Latin-1 / Shift-JIS / GBK / TIS-620 with their own prose. Stage MB/s count the
-stage's input (HTML bytes for read/extract, extracted text for the rest). Single stages run in this process, one page at a time."""
+stage's input (HTML bytes for read/extract, extracted text for the rest). Single stages run in this process,
+one page at a time."""
 
 from __future__ import annotations
 
