@@ -694,3 +694,25 @@ def test_no_dask_import_without_dask(tmp_path):
             f"clean([{str(tmp_path / 'p.html')!r}], {str(tmp_path / 'o')!r}, CleanConfig(processes=1), "
             f"progress=False); assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+KOREAN = ("이 도시는 강의 남쪽에 위치하고 있으며 오랜 역사와 풍부한 문화를 가지고 있습니다. "
+          "매년 봄이 되면 많은 관광객들이 오래된 사찰과 아름다운 정원을 방문합니다. "
+          "지역 주민들은 대부분 농업과 수공업에 종사하며 조용하고 소박한 생활을 하고 있습니다. "
+          "시장에서는 신선한 채소와 과일, 그리고 다양한 전통 간식을 살 수 있습니다.")
+
+
+TRADITIONAL = ("這個城市位於河流的南岸，歷史悠久，文化豐富。每年春天，許多遊客來到這裡參觀古老的寺廟和美麗的花園。"
+               "當地居民大多從事農業和手工業，他們的生活簡單而安靜。")
+
+
+@pytest.mark.parametrize("enc,text", [("euc-kr", KOREAN), ("big5", TRADITIONAL),
+                                      ("koi8-r", "\n".join(PROSE["windows-1251", "ru"])),
+                                      ("cp1251", "\n".join(PROSE["windows-1251", "ru"])),
+                                      ("shift_jis", "\n".join(PROSE["shift_jis", "ja"]))])
+def test_plain_text_in_legacy_encodings(tmp_path, enc, text):
+    """Plain text without any declaration is decoded by detection (EUC-KR used to come out as U+FFFD: the
+    detector's HTML5 label mapping turned it into utf-8)."""
+    (tmp_path / "notes").write_bytes(text.encode(enc))
+    (page,) = C.read_pages(tmp_path / "notes")
+    assert page["text"] == text

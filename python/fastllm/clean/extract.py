@@ -84,8 +84,9 @@ def decode_html(data: bytes | str, http_charset: str | None = None) -> str:
         pass
     from resiliparse.parse.encoding import detect_encoding
 
-    enc = _codec(detect_encoding(data[:65536])) or "cp1252"
-    if enc.startswith(_WIDE):
+    # uchardet's own label: its HTML5 mapping (the default) turns e.g. EUC-KR ("UHC") into utf-8
+    enc = _codec(detect_encoding(data[:65536], html5_compatible=False)) or "cp1252"
+    if enc.startswith(_WIDE) or enc == "utf-8":  # strict UTF-8 already failed
         enc = "cp1252"
     return data.decode(enc, errors="replace")
 
