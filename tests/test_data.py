@@ -376,3 +376,16 @@ def test_prepare_on_dask_gives_the_same_shards(tmp_path, tok_path):
     finally:
         client.close()
         cluster.close()
+
+
+def test_finished_run_with_a_shard_deleted_rebuilds_it(tmp_path, tok_path):
+    from fastllm.data import prepare
+
+    write_docs(tmp_path / "c.jsonl", 30)
+    out = tmp_path / "d"
+    first = prepare([str(tmp_path / "c.jsonl")], tok_path, out, shard_tokens=300, progress=False)
+    before = {p.name: p.read_bytes() for p in out.glob("*.bin")}
+    (out / first.shards[1]).unlink()
+    again = prepare([str(tmp_path / "c.jsonl")], tok_path, out, shard_tokens=300, progress=False)
+    assert again.skipped == len(before) - 1 and {p.name: p.read_bytes() for p in out.glob("*.bin")} == before
+    assert not (out / ".work").exists()

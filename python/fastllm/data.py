@@ -420,9 +420,11 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
     manifest_path = out / "manifest.json"
     manifest = _load_manifest(manifest_path, fp) or {"version": MANIFEST_VERSION, "fingerprint": fp,
                                                      "vocab_size": V, "shards": [], "done": False}
+    listed = len(manifest["shards"])
     manifest["shards"] = [s for s in manifest["shards"] if (out / s["name"]).exists()]
-    if manifest["done"]:
-        return _stats(out, manifest, skipped=len(manifest["shards"]))
+    if manifest["done"] and len(manifest["shards"]) == listed:
+        return _stats(out, manifest, skipped=listed)
+    manifest["done"] = False
     finished = {s["name"] for s in manifest["shards"]}
     for stale in list(out.glob("train_*.bin")) + list(out.glob("val_*.bin")):
         if stale.name not in finished:
@@ -443,6 +445,9 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
     if not files:
         batches = [None]
     keys = [hashlib.sha256(f"{fp}|{i}".encode()).hexdigest()[:24] for i in range(len(batches))]
+    for stale in work.iterdir():  # work files of runs with other inputs or settings
+        if stale.name.split(".")[0] not in keys:
+            stale.unlink()
     done: dict[str, dict] = {}
     for key in keys:
         try:

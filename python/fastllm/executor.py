@@ -73,9 +73,13 @@ class Executor:
         done = dict(self.map_unordered(_indexed, [(i, fn, job) for i, job in enumerate(jobs)]))
         return [done[i] for i in range(len(jobs))]
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Release the workers; `abort` (an exception is on its way): stop them without waiting."""
         if self.pool is not None:
-            self.pool.close()
+            if abort:
+                self.pool.terminate()
+            else:
+                self.pool.close()
             self.pool.join()
             self.pool = None
         if self.owned:
@@ -88,8 +92,8 @@ class Executor:
     def __enter__(self) -> Executor:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abort=exc_type is not None)
 
 
 def _indexed(args):
