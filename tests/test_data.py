@@ -389,3 +389,21 @@ def test_finished_run_with_a_shard_deleted_rebuilds_it(tmp_path, tok_path):
     again = prepare([str(tmp_path / "c.jsonl")], tok_path, out, shard_tokens=300, progress=False)
     assert again.skipped == len(before) - 1 and {p.name: p.read_bytes() for p in out.glob("*.bin")} == before
     assert not (out / ".work").exists()
+
+
+def test_cli_prepare_warns_in_one_line(tmp_path, tok_path, capsys):
+    from fastllm.cli import main
+
+    (tmp_path / "one.txt").write_text("A single short document.", encoding="utf-8")
+    assert main(["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tok_path), "--out", str(tmp_path / "d"),
+                 "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "fastllm: warning: the validation split has only" in cap.err and "val split: the end of each" in cap.out
+    (tmp_path / "d" / "manifest.json").write_text("{oops")
+    assert main(["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tok_path), "--out", str(tmp_path / "d"),
+                 "--no-progress"]) == 0
+    manifest = str(tmp_path / "d" / "manifest.json")
+    assert f"fastllm: warning: {manifest}: corrupt manifest" in capsys.readouterr().err
+    assert main(["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tok_path), "--out",
+                 str(tmp_path / "one.txt"), "--no-progress"]) == 1
+    assert "fastllm: error: --out" in capsys.readouterr().err
