@@ -19,6 +19,7 @@ spaces (and Korean, whose stop words are particles inside words) are counted as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from collections import Counter
@@ -69,7 +70,13 @@ _SCRIPTS = {lang: re.compile(f"[{chars}]") for lang, (chars, _) in _NO_SPACE.ite
 def lang_rules(lang: str | None, cfg: CleanConfig) -> LangRules:
     """The rules for text in `lang`: the thresholds set in `cfg`, else English's (for English, for an unknown
     language `None` and with `lang_rules` off) or FineWeb-2's for that language."""
-    english = lang == "en" or lang is None or not cfg.lang_rules
+    return _lang_rules(lang, cfg.lang_rules, *(getattr(cfg, k) for k in ENGLISH))
+
+
+@functools.lru_cache(maxsize=1024)
+def _lang_rules(lang: str | None, per_language: bool, *values) -> LangRules:
+    cfg = dict(zip(ENGLISH, values))
+    english = lang == "en" or lang is None or not per_language
     own = dict(ENGLISH)
     stops = _STOP_WORDS if lang == "en" else frozenset()
     script, cpw = None, 1.0
@@ -82,7 +89,7 @@ def lang_rules(lang: str | None, cfg: CleanConfig) -> LangRules:
             stops = frozenset(w.lower() for w in words)
         if lang in _NO_SPACE:
             script, cpw = _SCRIPTS[lang], _NO_SPACE[lang][1]
-    values = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in own.items()}
+    values = {k: v if cfg[k] is None else cfg[k] for k, v in own.items()}
     return LangRules(**values, stop_words=stops, script=script, chars_per_word=cpw, english=english)
 
 
