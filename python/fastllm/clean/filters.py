@@ -3,10 +3,10 @@
 Words. Languages written with spaces between words are split at whitespace (as before; English is unchanged).
 Chinese, Japanese, Thai, Lao, Khmer, Burmese and Tibetan have no spaces between words: their word count is
 estimated from the characters of their script divided by the mean characters per word, measured with the
-segmenters the field uses (jieba for Chinese: 1.74, TinySegmenter for Japanese: 2.02, PyThaiNLP newmm for
+segmenters the field uses (jieba for Chinese: 1.76, TinySegmenter for Japanese: 2.04, PyThaiNLP newmm for
 Thai: 4.73, on the gettext catalogues of a Debian system; see benchmarks/bench_clean.py --segmenters). The
-per-message ratio varies little (p10-p90 1.5-2.0 for Chinese, 3.8-6.3 for Thai), so the estimate serves the
-count rules as well as segmenting would, at memory speed instead of 0.1-0.4 MB/s, and with no dependency.
+per-message ratio varies little (p10-p90 1.6-2.0 for Chinese, 3.3-7.5 for Thai), so the estimate serves the
+count rules as well as segmenting would, at memory speed instead of 0.05-0.15 MB/s, and with no dependency.
 The mean-word-length rule is skipped for these languages (a character is not a word).
 
 Thresholds. With `CleanConfig.lang_rules`, a language other than English takes FineWeb-2's values for that
@@ -41,7 +41,7 @@ _WORD = regex.compile(r"\w+['’]?")
 # scripts written without spaces between words -> mean characters per word (see the module docstring)
 _HAN_KANA = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _NO_SPACE = {  # language: (characters of its script, characters per word)
-    "zh": (_HAN_KANA, 1.74), "yue": (_HAN_KANA, 1.74), "wuu": (_HAN_KANA, 1.74), "ja": (_HAN_KANA, 2.02),
+    "zh": (_HAN_KANA, 1.76), "yue": (_HAN_KANA, 1.76), "wuu": (_HAN_KANA, 1.76), "ja": (_HAN_KANA, 2.04),
     "th": ("\u0e00-\u0e7f", 4.73), "lo": ("\u0e80-\u0eff", 4.73), "km": ("\u1780-\u17ff", 4.73),
     "my": ("\u1000-\u109f", 4.73), "dz": ("\u0f00-\u0fff", 4.73),
 }
