@@ -406,7 +406,8 @@ def test_dask_local_cluster_gives_the_same_shards(tmp_path):
     client = Client(cluster)
     try:
         two = clean([src], tmp_path / "two", CleanConfig(shard_docs=3), progress=False, dask=client)
-        again = clean([src], tmp_path / "two", CleanConfig(shard_docs=3), progress=False, dask=client)
+        again = clean([src], tmp_path / "two", CleanConfig(shard_docs=3), progress=False,
+                      dask=cluster.scheduler_address)  # "tcp://127.0.0.1:port", as --dask takes it
     finally:
         client.close()
         cluster.close()
@@ -716,3 +717,19 @@ def test_plain_text_in_legacy_encodings(tmp_path, enc, text):
     (tmp_path / "notes").write_bytes(text.encode(enc))
     (page,) = C.read_pages(tmp_path / "notes")
     assert page["text"] == text
+
+
+def test_cli_clean_dask_local(tmp_path, capsys):
+    pytest.importorskip("distributed")
+    from fastllm.cli import main
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = random.Random(46)
+    for i in range(3):
+        (d / f"p{i}.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
+    assert main(["clean", str(d), "--out", str(tmp_path / "out"), "--dask", "local", "--processes", "1",
+                 "--no-progress"]) == 0
+    assert "3 documents" in capsys.readouterr().out and len(read_out(tmp_path / "out")) == 3
+    assert main(["clean", str(d), "--out", str(tmp_path / "o2"), "--dask", "nowhere", "--no-progress"]) == 1
+    assert "dask must be 'local' or a scheduler address" in capsys.readouterr().err

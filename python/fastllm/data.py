@@ -187,14 +187,22 @@ TINY_VAL_TOKENS = 4096  # a warning below this many validation tokens
 
 def is_val(i: int, frac: Fraction) -> bool:
     """Whether document i goes to the val split when whole documents are split: after n documents, exactly
-    floor(n * frac) of them are in val, spread evenly (frac = 1/k: every k-th document)."""
+    floor(n * frac) of them are in val, spread evenly (frac = 1/k: every k-th document).
+
+    >>> [i for i in range(10) if is_val(i, Fraction(1, 4))]
+    [3, 7]
+    """
     return (i + 1) * frac.numerator // frac.denominator > i * frac.numerator // frac.denominator
 
 
 def split_text(text: str, frac: float) -> tuple[str, str]:
-    """A document cut into (train, val) with about `frac` of its characters in val: at the paragraph break
+    r"""A document cut into (train, val) with about `frac` of its characters in val: at the paragraph break
     nearest to that point whose val share is within [frac/2, 2 frac], else such a line break, else the
-    nearest whitespace, else exactly there."""
+    nearest whitespace, else exactly there.
+
+    >>> split_text("First part.\n\nSecond part, a bit longer.", 0.5)
+    ('First part.\n\n', 'Second part, a bit longer.')
+    """
     n = len(text)
     target = round(n * (1 - frac))
     lo, hi = round(n * (1 - 2 * frac)), round(n * (1 - frac / 2))

@@ -101,7 +101,11 @@ def words_of(text: str) -> list[str]:
 
 
 def word_count(text: str, lang: str | None, cfg: CleanConfig | None = None) -> float:
-    """Words in `text` as the quality rules count them (estimated from characters where words have no spaces)."""
+    """Words in `text` as the quality rules count them (estimated from characters where words have no spaces).
+
+    >>> word_count("这个城市位于河流的南岸", "zh")  # 11 Han characters / 1.76
+    6.25
+    """
     r = lang_rules(lang, cfg or CleanConfig())
     if r.script is None:
         return float(len(words_of(text) if r.english else text.split()))

@@ -255,7 +255,11 @@ def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Clea
     """Clean web pages and text (files or folders of any kind: HTML, feeds, WARC, JSONL, plain text, compressed
     or not) into `out_dir`/clean_NNNNNN.jsonl. `dask`: None (processes on this machine), "local" (a Dask
     LocalCluster), a scheduler address "tcp://host:8786" or a distributed.Client; the output is the same.
-    ValueError when no input could be used at all (summary.json still says why)."""
+    ValueError when no input could be used at all (summary.json still says why).
+
+    >>> s = clean(["crawl/"], "corpus/", CleanConfig(lang=("en", "de")))   # doctest: +SKIP
+    >>> print(s.table())                                                    # doctest: +SKIP
+    """
     from tqdm.auto import tqdm
 
     try:

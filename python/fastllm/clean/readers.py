@@ -140,8 +140,12 @@ def unicode_encoding(data: bytes) -> tuple[str, int] | None:
 
 
 def sniff(head: bytes) -> tuple[str, str]:
-    """Kind of a (decompressed) file from its first bytes -> (kind, detail); kind is one of "warc", "feed",
-    "html", "jsonl", "text", or a reason from REASONS for a file that cannot be used."""
+    r"""Kind of a (decompressed) file from its first bytes -> (kind, detail); kind is one of "warc", "feed",
+    "html", "jsonl", "text", or a reason from REASONS for a file that cannot be used.
+
+    >>> sniff(b"<!DOCTYPE html><html><body><p>Hi</p></body></html>"), sniff(b"\x89PNG\r\n\x1a\n....")
+    (('html', ''), ('binary', 'PNG image'))
+    """
     if not head.strip():
         return "empty", "no content" if not head else "only whitespace"
     if head.startswith(b"WARC/"):
