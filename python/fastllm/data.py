@@ -407,11 +407,11 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be positive, got {threads}")
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    tok_path = Path(tokenizer)
+    tok_path = Path(os.path.abspath(tokenizer))
     tok = _tokenizer(str(tok_path))
     if EOT not in tok.special_tokens:
         raise ValueError(f"tokenizer {tok_path} has no {EOT} special token to separate documents")
@@ -448,7 +448,7 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
         if not batches or size > 64 << 20:
             batches.append([])
             size = 0
-        batches[-1].append(str(f))
+        batches[-1].append(os.path.abspath(f))  # absolute: Dask workers may run in another folder
         size += f.stat().st_size
     if not files:
         batches = [None]

@@ -269,7 +269,7 @@ def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Clea
         raise ImportError(f"fastllm clean needs the 'clean' extra: pip install 'fastllm[clean]' ({e})") from None
     cfg = (cfg or CleanConfig()).checked()
     t0 = time.time()
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # absolute: Dask workers may run in another folder
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     work = out / ".work"
@@ -279,7 +279,7 @@ def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Clea
     files: list[tuple[Path, str]] = []
     for p in paths:
         try:
-            files.append((p, _file_key(p, cfg_key)))
+            files.append((Path(os.path.abspath(p)), _file_key(p, cfg_key)))
         except OSError as e:
             bad.append({"path": str(p), "reason": "unreadable", "error": e.strerror or str(e)})
 
