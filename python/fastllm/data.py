@@ -182,7 +182,7 @@ def builtin_corpus() -> list[str]:
 # ---- the validation split ------------------------------------------------------------------------------
 
 MIN_VAL_DOCS = 2  # fewer whole documents for validation than this: split inside the documents instead
-TINY_VAL_TOKENS = 4096  # a warning below this many validation tokens
+TINY_VAL_TOKENS = 1024  # a warning below this many validation tokens (one window of T = 1024)
 
 
 def is_val(i: int, frac: Fraction) -> bool:
