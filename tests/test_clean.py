@@ -733,3 +733,55 @@ def test_cli_clean_dask_local(tmp_path, capsys):
     assert "3 documents" in capsys.readouterr().out and len(read_out(tmp_path / "out")) == 3
     assert main(["clean", str(d), "--out", str(tmp_path / "o2"), "--dask", "nowhere", "--no-progress"]) == 1
     assert "dask must be 'local' or a scheduler address" in capsys.readouterr().err
+
+
+# ---- fuzzing the readers (issue 23: no input may crash or hang) -----------------------------------------
+
+
+def _seed_files() -> dict[str, bytes]:
+    import bz2
+    import gzip
+
+    rng = random.Random(50)
+    paras = [prose(rng, 2), prose(rng, 2)]
+    feed = ('<?xml version="1.0"?><rss><channel><item><title>T</title><link>http://e.com/</link><description>'
+            f"&lt;p&gt;{paras[0]}&lt;/p&gt;</description></item></channel></rss>").encode()
+    return {"warc": warc_bytes([paras, paras[::-1]], False), "warc.gz": warc_bytes([paras], True), "feed": feed,
+            "html16": b"\xff\xfe" + page(paras, None).encode("utf-16-le"),
+            "jsonl": (json.dumps({"text": paras[0]}) + "\n" + json.dumps({"html": page(paras)}) + "\n").encode(),
+            "txt.bz2": bz2.compress(paras[0].encode()), "html.gz": gzip.compress(page(paras).encode())}
+
+
+@pytest.mark.parametrize("kind", ["warc", "warc.gz", "feed", "html16", "jsonl", "txt.bz2", "html.gz"])
+def test_readers_survive_damaged_files(tmp_path, kind):
+    """Bytes flipped, cut, duplicated or inserted anywhere in every kind of input: read_pages yields pages or
+    raises InputError (a reason for the summary), nothing else, and ends."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    seed = _seed_files()[kind]
+
+    @hypothesis.settings(max_examples=60, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(st.tuples(st.sampled_from(["flip", "cut", "dup", "insert"]), st.integers(0, 10**6),
+                                         st.binary(min_size=1, max_size=8)), min_size=1, max_size=4))
+    def run(edits):
+        data = bytearray(seed)
+        for op, pos, blob in edits:
+            pos %= max(len(data), 1)
+            if op == "flip" and data:
+                data[pos] ^= blob[0] or 1
+            elif op == "cut":
+                del data[pos:]
+            elif op == "dup":
+                data[pos:pos] = data[pos:pos + 64]
+            else:
+                data[pos:pos] = blob
+        path = tmp_path / "f"
+        path.write_bytes(bytes(data))
+        try:
+            for p in C.read_pages(path):
+                assert isinstance(p.get("html", p.get("text")), (str, bytes))
+        except C.InputError as e:
+            assert e.reason in C.readers.REASONS
+
+    run()
