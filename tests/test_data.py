@@ -329,6 +329,7 @@ def test_huge_vocabulary_ids_are_refused(tmp_path):
     """An id near 2**28 (a sparse rank file, or a shard header claiming such a vocabulary) would size the
     tokenizer's tables and the model's embedding by it (GBs): refused naming the file."""
     import base64
+    import json
     import struct
 
     from fastllm.tokenizer import _read_ranks
@@ -338,6 +339,15 @@ def test_huge_vocabulary_ids_are_refused(tmp_path):
     (tmp_path / "sparse.tiktoken").write_bytes(b"\n".join(ranks) + b"\n")
     with pytest.raises(ValueError, match=r"sparse.tiktoken:257: rank 268435451 .*dense"):
         _read_ranks(tmp_path / "sparse.tiktoken")
+    from fastllm.tokenizer import Tokenizer
+
+    tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": 256})
+    tok.save(tmp_path / "sp.tiktoken")
+    side = json_load(tmp_path / "sp.tiktoken.json")
+    side["special_tokens"] = {"<|endoftext|>": 2**28 - 3}
+    (tmp_path / "sp.tiktoken.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match=r"sp.tiktoken.json:1: special token '<\|endoftext\|>' has id 268435453"):
+        Tokenizer.load(tmp_path / "sp.tiktoken")
     p = tmp_path / "train_000000.bin"
     write_shard(p, np.arange(10), 70000)
     raw = bytearray(p.read_bytes())
