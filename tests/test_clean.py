@@ -785,3 +785,27 @@ def test_readers_survive_damaged_files(tmp_path, kind):
             assert e.reason in C.readers.REASONS
 
     run()
+
+
+def test_hard_wrapped_text_and_subtitles_become_paragraphs(tmp_path):
+    """A .txt file wrapped at 70 columns is read as paragraphs (line rules then see sentences: Russian needs
+    23% of lines to end in punctuation); subtitle cues are joined into sentences."""
+    import textwrap
+
+    rng = random.Random(51)
+    words = " ".join(PROSE["windows-1251", "ru"]).replace(",", "").replace(".", "").split()
+    paras = [" ".join(" ".join(rng.sample(words, 12)).capitalize() + "." for _ in range(8)) for _ in range(2)]
+    wrapped = "\n\n".join(textwrap.fill(p, 70) for p in paras)
+    (tmp_path / "book.txt").write_text(wrapped, encoding="utf-8")
+    (text,) = [p["text"] for p in C.read_pages(tmp_path / "book.txt")]
+    assert text == "\n\n".join(paras)
+    assert quality_reason(wrapped, CleanConfig(), "ru") == "line_punctuation"  # what the wrapped lines would give
+    assert quality_reason(text, CleanConfig(), "ru") is None
+    cues = "".join(f"{i + 1}\n00:00:{i:02d},000 --> 00:00:{i + 1:02d},500\n<i>Line {i} of the talk</i>"
+                   f"{'.' if i % 4 == 3 else ''}\n\n" for i in range(40))
+    (tmp_path / "talk.srt").write_text(cues, encoding="utf-8")
+    (text,) = [p["text"] for p in C.read_pages(tmp_path / "talk.srt")]
+    paras = text.split("\n\n")
+    assert all(p.endswith(".") for p in paras) and all(len(p) >= 200 for p in paras[:-1]) and len(paras) == 4
+    assert "<i>" not in text and "-->" not in text and "00:00" not in text
+    assert text.count("Line") == 40

@@ -272,7 +272,7 @@ def read_pages(path: str | os.PathLike, stats: Counter | None = None) -> Iterato
                 elif kind == "html":
                     yield {"html": data, "charset": None, "url": str(path)}
                 else:
-                    yield {"text": strip_subtitles(decode_bytes(data)), "url": str(path)}
+                    yield {"text": unwrap(strip_subtitles(decode_bytes(data))), "url": str(path)}
         except _DECOMPRESS_ERRORS as e:
             if isinstance(e, InputError):
                 raise
@@ -303,10 +303,12 @@ def decode_bytes(data: bytes | str, http_charset: str | None = None) -> str:
 
 
 _CUE_TIME = re.compile(r"^\s*(?:\d{1,2}:)?\d{1,2}:\d{2}[,.]\d{1,3}\s*-->")
+_SENTENCE_END = re.compile(r"[.!?…。！？」』\"'”’»)]$")
 
 
 def strip_subtitles(text: str) -> str:
-    """SRT / WebVTT subtitles -> their spoken text, one paragraph per gap in the cues; other text unchanged."""
+    """SRT / WebVTT subtitles -> their spoken text: cue numbers, timings and styling removed, cues joined into
+    paragraphs of whole sentences (at least ~200 characters); other text unchanged."""
     lines = text.splitlines()
     if sum(1 for ln in lines[:200] if _CUE_TIME.match(ln)) < 3:
         return text
@@ -314,13 +316,42 @@ def strip_subtitles(text: str) -> str:
     for i, ln in enumerate(lines):
         s = ln.strip()
         nxt = lines[i + 1] if i + 1 < len(lines) else ""
-        if _CUE_TIME.match(s) or (s.isdigit() and _CUE_TIME.match(nxt)) or s.startswith(("WEBVTT", "NOTE ")):
+        if not s or _CUE_TIME.match(s) or (s.isdigit() and _CUE_TIME.match(nxt)) or s.startswith(("WEBVTT", "NOTE ")):
             continue
-        if s:
-            cur.append(re.sub(r"</?[ibu]>|\{\\[^}]*\}", "", s))
+        cur.append(re.sub(r"</?[ibuv][^>]*>|\{\\[^}]*\}", "", s))
+        if _SENTENCE_END.search(cur[-1]) and sum(map(len, cur)) >= 200:
+            paras.append(" ".join(cur))
+            cur = []
     if cur:
         paras.append(" ".join(cur))
-    return "\n".join(paras)
+    return "\n\n".join(paras)
+
+
+def unwrap(text: str) -> str:
+    """Plain text hard-wrapped at a fixed width (most lines close to the longest, 40-100 characters) -> one
+    line per paragraph (paragraphs are separated by blank lines), so that line rules see paragraphs."""
+    lines = [ln.rstrip() for ln in text.splitlines()]
+    lens = sorted(len(ln) for ln in lines if ln.strip())
+    if len(lens) < 5:
+        return text
+    width = lens[int(0.9 * (len(lens) - 1))]
+    if not 40 <= width <= 100 or sum(1 for n in lens if n >= 0.7 * width) < 0.5 * len(lens):
+        return text
+    paras, cur = [], []
+    for ln in lines + [""]:
+        if ln.strip():
+            cur.append(ln.strip())
+        elif cur:
+            joined = cur[0]
+            for nxt in cur[1:]:  # no space between characters of scripts written without spaces
+                joined += ("" if _NO_SPACE_END.search(joined) and _NO_SPACE_START.match(nxt) else " ") + nxt
+            paras.append(joined)
+            cur = []
+    return "\n\n".join(paras)
+
+
+_NO_SPACE_END = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef\u0e00-\u0e7f]$")
+_NO_SPACE_START = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef\u0e00-\u0e7f]")
 
 
 # ---- feeds ---------------------------------------------------------------------------------------------
