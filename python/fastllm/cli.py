@@ -161,9 +161,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt).eval()
     tok = _checkpoint_tokenizer(model, args.tokenizer)
     if args.device == "cuda":
-        from .cuda_model import CudaGPT
-
-        model = CudaGPT(model, dtype=args.dtype or "bfloat16").eval()
+        model.to("cuda", args.dtype or "bfloat16")
     n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
