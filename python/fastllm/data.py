@@ -290,9 +290,10 @@ def _count_documents(sources: list[str] | None) -> int:
     return sum(1 for _ in (iter_documents([Path(p) for p in sources]) if sources else builtin_corpus()))
 
 
-def _tokenize_batch(job: dict) -> dict:
+def _tokenize_batch(job: dict, on_pieces=None) -> dict:
     """Tokenize one batch of input files into `<work>/<key>.{train,val}.tok` (raw ids, every piece after
-    <|endoftext|>), then write `<key>.json` {"docs", "train", "val"} (token counts): the batch is done."""
+    <|endoftext|>), then write `<key>.json` {"docs", "train", "val"} (token counts): the batch is done.
+    `on_pieces(n)` is called after every n pieces encoded (a progress bar)."""
     tok = _tokenizer(job["tokenizer"])
     eot = tok.special_tokens[EOT]
     dtype = _dtype(tok.n_vocab)
@@ -313,6 +314,8 @@ def _tokenize_batch(job: dict) -> dict:
                 toks = np.concatenate([[eot], np.asarray(doc_ids, np.int64)]).astype(dtype)
                 outs[split].write(toks.tobytes())
                 counts[split] += toks.size
+            if on_pieces is not None:
+                on_pieces(len(batch))
             batch.clear()
 
         size = 0
@@ -485,19 +488,19 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
             return dict(work=str(work), key=key, sources=sources, offset=offset, mode=mode,
                         frac=(frac.numerator, frac.denominator), tokenizer=str(tok_path), threads=threads)
 
-        bar = tqdm(total=len(batches), initial=len(done), desc="tokenizing", unit="batch", disable=not progress)
         if ex.client is not None:
+            bar = tqdm(total=len(batches), initial=len(done), desc="tokenizing", unit="batch", disable=not progress)
             offsets = np.cumsum([0, *counts[:-1]])
             todo = [job(k, s, int(o)) for k, s, o in zip(keys, batches, offsets) if k not in done]
             for _ in ex.map_unordered(_tokenize_batch, todo):
                 bar.update(1)
             done = {k: json.loads((work / f"{k}.json").read_text()) for k in keys}
         else:
+            bar = tqdm(desc="tokenizing", unit="piece", disable=not progress)  # pieces: documents or halves
             offset = 0
             for k, s in zip(keys, batches):
                 if k not in done:
-                    done[k] = _tokenize_batch(job(k, s, offset))
-                    bar.update(1)
+                    done[k] = _tokenize_batch(job(k, s, offset), bar.update)
                 offset += done[k]["docs"]
         bar.close()
         n_docs = sum(done[k]["docs"] for k in keys)
