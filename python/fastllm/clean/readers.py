@@ -191,24 +191,26 @@ def sniff(head: bytes) -> tuple[str, str]:
     return "text", ""
 
 
-def _open_decompressed(raw, kind: str):
+def _open_decompressed(path: Path, kind: str):
+    """A decompressing reader of the file (it closes the file when closed)."""
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=raw)
+        return gzip.open(path, "rb")
     if kind == "bz2":
-        return bz2.BZ2File(raw)
+        return bz2.open(path, "rb")
     if kind == "xz":
-        return lzma.LZMAFile(raw)
+        return lzma.open(path, "rb")
     try:
         from compression import zstd  # Python 3.14
 
-        return zstd.ZstdFile(raw)
+        return zstd.open(path, "rb")
     except ImportError:
         pass
     try:
         import zstandard
     except ImportError:
         raise InputError("unsupported", "zstd-compressed: needs Python 3.14 or `pip install zstandard`") from None
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
+                                                                        closefd=True))
 
 
 _DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, ValueError)
@@ -227,15 +229,16 @@ def open_input(path: str | os.PathLike) -> tuple[io.BufferedIOBase, str, str, st
         raw.seek(0)
         compression = next((name for m, name in _COMPRESSED if magic.startswith(m)), "")
         if compression:  # the head from a decompressor of its own, so that damage past the head is found later
+            raw.close()
             head = b""
             try:
-                with _open_decompressed(open(path, "rb"), compression) as d:
+                with _open_decompressed(path, compression) as d:
                     while len(head) < HEAD and (chunk := d.read(4096)):
                         head += chunk
             except _DECOMPRESS_ERRORS as e:
                 if not head:
                     raise InputError("corrupt", f"{compression} stream: {e}") from None
-            f = _open_decompressed(raw, compression)  # (a read-ahead buffer here would hit damage early)
+            f = _open_decompressed(path, compression)  # (a read-ahead buffer here would hit damage early)
         else:
             f, head = raw, raw.peek(HEAD)[:HEAD]
         kind, detail = sniff(head)
