@@ -363,7 +363,8 @@ def test_convert_round_trip(hf_pair, hf_tokenizer, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.splitlines()[-1].startswith("The")
-    args = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--dtype", "bfloat16"]
+    args = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--dtype", "bfloat16",
+            "--seed", "0"]  # (unseeded, a sampled newline made this flaky)
     assert cli.main(args) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("The")
 

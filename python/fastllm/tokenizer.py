@@ -157,6 +157,10 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
         lines[token] = lineno
     if not ranks:
         raise ValueError(f"{path}:1: no tokens (empty or truncated file)")
+    top = max(seen_rank)
+    if top >= len(ranks) + (1 << 16):  # tables are sized by the largest id: a sparse file would take GBs
+        raise ValueError(f"{path}:{seen_rank[top]}: rank {top} with only {len(ranks)} tokens: ranks must be "
+                         f"dense (below {len(ranks) + (1 << 16)})")
     return ranks
 
 
@@ -595,13 +599,13 @@ class Tokenizer:
         """Read a tiktoken rank file (e.g. written by `save_tiktoken` or shipped with tiktoken).
 
         Corrupt or truncated files raise ValueError naming the file and line."""
-        return cls._from_rank_file(path, pattern, special_tokens)
+        return cls._from_rank_file(_read_ranks(path), path, pattern, special_tokens)
 
     @classmethod
-    def _from_rank_file(cls, path: PathLike, pattern: str, special_tokens, where: str | None = None) -> Tokenizer:
-        """A tokenizer from a rank file (errors name it) with the pattern and special tokens read from `where`
-        (errors name it; None: given by the caller, errors raised as they are)."""
-        ranks = _read_ranks(path)
+    def _from_rank_file(cls, ranks: dict[bytes, int], path: PathLike, pattern: str, special_tokens,
+                        where: str | None = None) -> Tokenizer:
+        """A tokenizer from the ranks read from `path` (errors name it) with the pattern and special tokens read
+        from `where` (errors name it; None: given by the caller, errors raised as they are)."""
         try:
             core = _C.BpeEncoder.from_ranks(list(ranks), list(ranks.values()))
         except ValueError as e:
@@ -652,12 +656,17 @@ class Tokenizer:
         for key, typ in (("pattern", str), ("special_tokens", dict), ("n_ranks", int)):
             if not isinstance(side.get(key), typ):
                 raise ValueError(f"{side_path}:1: missing or bad {key!r}")
-        tok = cls._from_rank_file(path, side["pattern"], side["special_tokens"], side_path)
-        n = tok.vocab_size - len(tok.special_tokens)
-        if n != side["n_ranks"]:
-            raise ValueError(f"{os.fspath(path)}:{n}: {n} ranks but the sidecar says {side['n_ranks']} "
-                             "(truncated file?)")
-        return tok
+        for name, i in side["special_tokens"].items():  # tables are sized by the largest id (see _read_ranks)
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < side["n_ranks"] + (1 << 16):
+                raise ValueError(f"{side_path}:1: special token {name!r} has id {i!r}: ids must be dense "
+                                 f"(below n_ranks + 65536 = {side['n_ranks'] + (1 << 16)})")
+        ranks = _read_ranks(path)
+        if len(ranks) != side["n_ranks"]:
+            raise ValueError(
+                f"{os.fspath(path)}:{len(ranks)}: {len(ranks)} ranks but the sidecar says {side['n_ranks']} "
+                "(truncated file?)"
+            )
+        return cls._from_rank_file(ranks, path, side["pattern"], side["special_tokens"], side_path)
 
     def save_hf(self, path: PathLike) -> None:
         """Write a GPT-2-style HF ``tokenizer.json`` (BPE model over the byte-level alphabet, vocab + merges,
