@@ -12,7 +12,6 @@ decodes tokens to text incrementally (`TextStreamer` holds back bytes of a UTF-8
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 

@@ -93,7 +93,7 @@ def serve(cfg: ServeConfig, log=None) -> None:
         fastllm.set_num_threads(cfg.threads)
     model, tok = load(cfg.ckpt, cfg.tokenizer)
     slots = slots_within(model, cfg.max_batch, cfg.max_len, cfg.kv_budget_mb)
-    engine = Engine(model, tok, slots, cfg.max_len, cfg.max_queue, cfg.dtype)
+    engine = Engine(model, tok, slots, cfg.max_len, cfg.max_queue, cfg.dtype, cfg.threads)
     name = cfg.model_name or model_name(cfg.ckpt)
     api_key = cfg.api_key or os.environ.get("FASTLLM_API_KEY") or None
     app = create_app(engine, name, api_key, tuple(cfg.allow_origins))
@@ -104,7 +104,7 @@ def serve(cfg: ServeConfig, log=None) -> None:
     log(f"fastllm serve: {name} ({model.num_parameters / 1e6:.2f}M parameters, {cfg.dtype}, "
         f"{'chat template' if chat else 'no chat template: /v1/completions only'}), context {engine.max_len} "
         f"tokens, {slots} slots, KV cache {engine.kv_bytes / 2**20:.1f} MiB, "
-        f"{fastllm.get_num_threads()} threads{', API key required' if api_key else ''}")
+        f"{engine.threads} threads{', API key required' if api_key else ''}")
     log(f"fastllm serve: listening on {url} (chat page {url}/, API {url}/v1)")
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
     try:

@@ -95,8 +95,9 @@ def _json_type(v) -> str:
 
 
 def _bad_type(name: str, expected: str, v) -> APIError:
-    return APIError(400, f"Invalid type for '{name}': expected {expected}, but got {_ARTICLE.get(_json_type(v), 'null')} "
-                         f"instead.", name, "invalid_type")
+    got = _ARTICLE.get(_json_type(v), "null")
+    return APIError(400, f"Invalid type for '{name}': expected {expected}, but got {got} instead.", name,
+                    "invalid_type")
 
 
 def _get(body: dict, name: str, kind: str, default=None, lo: float | None = None, hi: float | None = None,
@@ -474,9 +475,9 @@ def parse_chat(body, served: ServedModel) -> Call:
     if modalities is not None and modalities != ["text"]:
         raise _unsupported("modalities", f"{modalities!r}")
     if not served.chat:
-        raise APIError(400, f"The model `{served.name}` has no chat template: its tokenizer lacks the <|im_start|> and "
-                            "<|im_end|> tokens (a base model). Use /v1/completions, or fine-tune it with `fastllm sft`.",
-                       "messages", "chat_template_missing")
+        raise APIError(400, f"The model `{served.name}` has no chat template: its tokenizer lacks the <|im_start|> "
+                            "and <|im_end|> tokens (a base model). Use /v1/completions, or fine-tune it with "
+                            "`fastllm sft`.", "messages", "chat_template_missing")
     try:
         ids = render_prompt(msgs, served.tokenizer).tolist()
     except ValueError as e:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import get_num_threads, set_num_threads
 from ..sample import SamplingParams, StopStrings, TextStreamer, sample_next
 
 
@@ -180,7 +181,7 @@ class Engine:
     thread; the model is only touched by the engine's own thread."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
-                 weights: str = "float32"):
+                 weights: str = "float32", threads: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -188,6 +189,8 @@ class Engine:
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids but the model only {model.config.vocab_size}")
         self.model, self.tokenizer = model, tokenizer
+        # OpenMP's thread count is per thread: the engine's thread sets its own (default: the creator's)
+        self.threads = threads or get_num_threads()
         self.cache = model.kv_cache(max_batch, weights=weights, max_len=max_len)
         self.max_batch, self.max_len, self.max_queue = max_batch, self.cache.max_len, max_queue
         # bf16 decode passes stop at the row count up to which the cache uses bf16 weights (see module doc)
@@ -302,6 +305,7 @@ class Engine:
     # ---- the scheduler thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        set_num_threads(self.threads)
         try:
             while True:
                 with self._cond:
