@@ -65,6 +65,22 @@ async def _read_json(request: HTTPRequest):
                             "object (Content-Type: application/json).", None, "invalid_json") from None
 
 
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that calls on_close() however it ends: finished, failed, or cancelled because the
+    client went away (even before the first event was produced)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 async def _disconnected(request: HTTPRequest) -> None:
     """Returns when the client has gone away (after the body was read, receive() only reports that)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -122,26 +138,21 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
         except ValueError as e:  # api.py checks everything the engine does; a backstop
             raise APIError(400, str(e), None, "invalid_value") from None
         if call.stream:
-            return StreamingResponse(events(call, q), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _EventStream(events(call, q), lambda: call.done or engine.cancel(call.request))
         return await collect(request, call, q)
 
     async def events(call: Call, q: asyncio.Queue):
         """Server-sent events as OpenAI sends them; ends with `data: [DONE]` (or an error event)."""
-        try:
-            while not call.done:
-                chunks = call.feed(await q.get())
-                if chunks:
-                    yield "".join(f"data: {_dumps(c)}\n\n" for c in chunks)
-            if call.error is not None:
-                yield f"data: {_dumps(APIError(500, call.error, None, 'engine_error').payload())}\n\n"
-                return
-            if call.include_usage:
-                yield f"data: {_dumps(call.usage_chunk())}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # the client went away (the task was cancelled) or the stream ended
-            if not call.done:
-                engine.cancel(call.request)
+        while not call.done:
+            chunks = call.feed(await q.get())
+            if chunks:
+                yield "".join(f"data: {_dumps(c)}\n\n" for c in chunks)
+        if call.error is not None:
+            yield f"data: {_dumps(APIError(500, call.error, None, 'engine_error').payload())}\n\n"
+            return
+        if call.include_usage:
+            yield f"data: {_dumps(call.usage_chunk())}\n\n"
+        yield "data: [DONE]\n\n"
 
     async def collect(request: HTTPRequest, call: Call, q: asyncio.Queue) -> Response:
         gone = asyncio.ensure_future(_disconnected(request))
