@@ -114,11 +114,13 @@ def run(threads: int, quick: bool) -> None:
             runs: dict[str, list[dict]] = {str(c): [] for c in levels}
             runs["generate"] = []
             loads = []
-            for _ in range(rounds):
+            for r in range(rounds):
                 for c in levels:
                     runs[str(c)].append(asyncio.run(run_clients(server.url, bodies, c)))
                     loads.append(load_note())
                 runs["generate"].append(in_process(ckpt, tok, [{**b, "stream": False} for b in bodies]))
+                print(f"round {r + 1}: " + ", ".join(f"{k}: {v[-1]['tokens'] / v[-1]['wall']:,.0f} tok/s"
+                                                     for k, v in runs.items()) + f" ({loads[-1]})", flush=True)
         finally:
             server.stop()
 

@@ -610,9 +610,9 @@ def chromium() -> str | None:
     return None
 
 
-def test_chat_page_in_headless_chromium(server):
-    """Type a message, see the answer stream in (the text grows over several updates), regenerate it, and keep
-    the conversation: the second question is sent with the first exchange."""
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium from the OS, driven by Playwright; skips (with the reason) where either is missing."""
     exe = chromium()
     if exe is None:
         pytest.skip("no Chromium executable (apt-get install chromium, or set FASTLLM_CHROMIUM)")
@@ -622,36 +622,79 @@ def test_chat_page_in_headless_chromium(server):
         pytest.skip("playwright is not installed (pip install playwright)")
     with sync_playwright() as p:
         try:
-            browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+            b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
         except Exception as e:  # an unusable browser install is an environment problem, not a failure of ours
             pytest.skip(f"Chromium at {exe} does not start: {e}")
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('chat/')")
-            page.fill("#temperature", "0")
-            page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++).observe(
-                document.getElementById('messages'), {subtree: true, characterData: true, childList: true}); }""")
-            page.fill("#input", "abc")
-            page.press("#input", "Enter")
-            answer = page.locator(".msg.assistant").last
-            page.wait_for_selector(".msg.assistant[data-state='done']", timeout=30000)
-            assert answer.evaluate("e => e.firstChild.textContent") == ANSWER
-            assert page.evaluate("window.updates") >= 5  # the answer arrived in pieces
-            page.click("#regenerate")
-            page.wait_for_selector(".msg.assistant[data-state='done']", timeout=30000)
-            assert page.locator(".msg.assistant").count() == 1
-            page.fill("#system", "be nice")
-            page.fill("#input", "hij")
-            page.press("#input", "Enter")
-            page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-state='done']\").length == 2")
-            texts = page.locator(".msg.assistant").evaluate_all("es => es.map(e => e.firstChild.textContent)")
-            assert page.locator(".msg.user").all_text_contents() == ["abc", "hij"]
-            # the page sent the whole conversation: its answer is the API's to the same messages
-            messages = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "abc"},
-                        {"role": "assistant", "content": ANSWER}, {"role": "user", "content": "hij"}]
-            r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages,
-                                                                      "temperature": 0}, timeout=60)
-            assert texts == [ANSWER, r.json()["choices"][0]["message"]["content"]]
-        finally:
-            browser.close()
+        yield b
+        b.close()
+
+
+def watch_answer(page) -> None:
+    """Record, in window.lengths, the length of the streaming answer's text at every DOM change."""
+    page.evaluate("""() => { window.lengths = []; new MutationObserver(() => {
+        const a = document.querySelector(".msg.assistant[data-state='streaming']");
+        if (a && a.firstChild) window.lengths.push(a.firstChild.textContent.length);
+      }).observe(document.getElementById('messages'), {subtree: true, characterData: true, childList: true}); }""")
+
+
+def test_chat_page_conversation(server, browser):
+    """Type a message and get the model's answer, regenerate it, and keep the conversation: the second question
+    is sent with the system prompt and the first exchange (the page's answer is the API's to those messages)."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('chat/')")
+    page.fill("#temperature", "0")
+    page.fill("#input", "abc")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state='done']", timeout=60000)
+    assert page.locator(".msg.assistant").last.evaluate("e => e.firstChild.textContent") == ANSWER
+    page.click("#regenerate")
+    page.wait_for_selector(".msg.assistant[data-state='done']", timeout=60000)
+    assert page.locator(".msg.assistant").count() == 1
+    page.fill("#system", "be nice")
+    page.fill("#input", "hij")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-state='done']\").length == 2")
+    texts = page.locator(".msg.assistant").evaluate_all("es => es.map(e => e.firstChild.textContent)")
+    assert page.locator(".msg.user").all_text_contents() == ["abc", "hij"]
+    messages = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "abc"},
+                {"role": "assistant", "content": ANSWER}, {"role": "user", "content": "hij"}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                              "temperature": 0}, timeout=60)
+    assert texts == [ANSWER, r.json()["choices"][0]["message"]["content"]]
+    page.close()
+
+
+def test_chat_page_streams_and_stops(slow_server, browser):
+    """With the slow model (a step takes milliseconds): the API key typed into the page, a seeded answer appears
+    piece by piece and equals the API's for the same seed; Stop ends a long answer and frees the server's slot."""
+    s = slow_server
+    page = browser.new_page()
+    page.goto(s.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('API')")  # 401 shown
+    page.fill("#api-key", "s3cret")
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("document.getElementById('model').textContent.includes('slow/')")
+    for field, value in (("#temperature", "1"), ("#max-tokens", "60"), ("#seed", "11")):
+        page.fill(field, value)
+    watch_answer(page)
+    page.fill("#input", "hello")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state='done']", timeout=120000)
+    text = page.locator(".msg.assistant").last.evaluate("e => e.firstChild.textContent")
+    r = httpx.post(s.url + "/v1/chat/completions", headers=KEY, timeout=120, json={
+        "model": SLOW["model"], "messages": [{"role": "user", "content": "hello"}], "temperature": 1,
+        "max_tokens": 60, "seed": 11})
+    assert text == r.json()["choices"][0]["message"]["content"] and text
+    assert len(set(page.evaluate("window.lengths")) - {0}) >= 5  # the text grew in many steps
+    # Stop: a long answer (the rest of the 1024-token context) is cut, the slot freed
+    page.fill("#max-tokens", "")
+    page.fill("#input", "more")
+    page.press("#input", "Enter")
+    page.wait_for_function("(document.querySelector(\".msg.assistant[data-state='streaming']\") || "
+                           "{textContent: ''}).textContent.length > 5", timeout=60000)
+    assert s.health()["active"] == 1
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-state='stopped']")
+    assert s.wait_idle(5)["active"] == 0
+    page.close()

@@ -5,12 +5,12 @@ tokens. Requests are queued by `submit` (any thread); at every step boundary the
   1. drops the sequences of cancelled requests (a client that went away frees its slot at once),
   2. admits waiting prompts into free slots (FIFO): each prompt is prefilled alone in its row, and its n
      choices are copies of that row (one prefill for n samples),
-  3. samples one token for every active sequence with that sequence's own SamplingParams and random
+  3. samples one token for every sequence (just prefilled: from the prefill's logits, so its first token goes
+     out at once; else from the batched decode of step 4) with that sequence's own SamplingParams and random
      generator, turns it into text (whole UTF-8 characters, stop strings held back) and hands the pieces to
-     the request's `emit` callback,
-  4. retires finished sequences, moving the last active row into the hole (KVCacheBase.copy_row) so that the
-     active rows stay 0 .. n-1, and decodes the next token of all of them in one batched pass
-     (KVCacheBase.decode_rows).
+     the request's `emit` callback, then retires finished sequences, moving the last active row into the hole
+     (KVCacheBase.copy_row) so that the active rows stay 0 .. n-1,
+  4. decodes the last token of all active sequences in one batched pass (KVCacheBase.decode_rows).
 Batching does not change the math of a row: every kernel computes a row the same way whatever the batch
 (matmuls reduce each row in the same order; attention, layernorm and GELU are per row), prompts are prefilled
 alone, and with bf16 weights decode passes are cut at KVCache.BF16_MAX_ROWS rows (the size above which the
@@ -372,36 +372,42 @@ class Engine:
             first = len(self._active)
             self.cache.reset_row(first)
             logits = self.cache.prefill_row(first, prompt)
+            seqs = []
             for i in range(req.n):
                 s = _Seq(req, p * req.n + i, prompt, req.max_tokens[p], self.tokenizer, V)
                 s.row, s.logits = first + i, logits
                 if i:
                     self.cache.copy_row(first, s.row)
-                self._active.append(s)
+                seqs.append(s)
+            self._active += seqs
             if events:
                 self._emit(req, events)
+            self._sample(seqs)  # its first tokens go out now, not after the other admissions' prefills
 
     def _step(self) -> None:
-        """Sample a token for every active sequence, emit, retire the finished, decode the rest."""
+        """Decode the last token of every active sequence in batched passes, then sample their next tokens."""
+        tokens = [s.out[-1] for s in self._active]
+        for r0 in range(0, len(tokens), self.decode_rows):
+            logits = self.cache.decode_rows(tokens[r0:r0 + self.decode_rows], r0)
+            for i, row in enumerate(logits):
+                self._active[r0 + i].logits = row
+        self.counters["steps"] += 1
+        self._sample(list(self._active))
+
+    def _sample(self, seqs: list[_Seq]) -> None:
+        """Sample a token for each of `seqs`, emit the pieces (one call per request), retire the finished."""
         by_req: dict[int, tuple[Request, list]] = {}
         done = []
-        for s in self._active:
+        for s in seqs:
             chunk = s.step(s.sample())
             by_req.setdefault(id(s.req), (s.req, []))[1].append(chunk)
             if chunk.finish_reason is not None:
                 done.append(s)
-        self.counters["tokens"] += len(self._active)
-        self.counters["steps"] += 1
+        self.counters["tokens"] += len(seqs)
         for req, events in by_req.values():
             self._emit(req, events)
         for s in sorted(done, key=lambda s: -s.row):
             self._retire(s)
-        n = len(self._active)
-        tokens = [s.out[-1] for s in self._active]
-        for r0 in range(0, n, self.decode_rows):
-            logits = self.cache.decode_rows(tokens[r0:r0 + self.decode_rows], r0)
-            for i, row in enumerate(logits):
-                self._active[r0 + i].logits = row
 
     def _retire(self, s: _Seq) -> None:
         """Free s's row: the last active sequence moves into it, so rows 0 .. n-1 stay the active ones."""
