@@ -293,6 +293,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+def test_chat_stream_n_choices_with_logprobs(client):
+    """Streamed n=2: chunks of both choices interleave, each choice's first chunk carries the role, and the
+    streamed texts and logprobs equal the non-streamed ones for the same seed."""
+    kw = dict(model=MODEL, messages=HI, n=2, seed=4, temperature=2.0, max_tokens=15, logprobs=True, top_logprobs=1)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == whole.choices[i].finish_reason
+        assert "".join(c.delta.content or "" for c in mine) == whole.choices[i].message.content
+        streamed = [x for c in mine if c.logprobs for x in c.logprobs.content]
+        assert [(x.token, x.logprob) for x in streamed] == [(x.token, x.logprob)
+                                                            for x in whole.choices[i].logprobs.content]
+
+
 def test_completions_prompts_echo_logprobs_and_stop(client, reference):
     model, tok = reference
     text = render_prompt(HI, tok)
