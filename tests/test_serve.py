@@ -182,6 +182,20 @@ def test_engine_limits():
         Engine(GPT(GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=1, n_embd=8)), byte_tok())
 
 
+def test_engine_never_samples_ids_the_tokenizer_lacks():
+    """A model with more rows than the tokenizer has ids (a padded vocabulary) never emits an undecodable id."""
+    model = GPT(GPTConfig(block_size=64, vocab_size=400, n_layer=1, n_head=2, n_embd=32), seed=1).eval()
+    model.p["wte"][259:] += 5.0  # make the padding rows likely
+    engine = Engine(model, byte_tok(), max_batch=4).start()
+    try:
+        got = [t for events in engine.stream(Request(prompts=[[1, 2]], max_tokens=40, seed=0,
+                                                     params=SamplingParams(temperature=2.0)), timeout=60)
+               for e in events for t in e.tokens]
+    finally:
+        engine.stop()
+    assert len(got) >= 1 and max(got) < 259 and engine.counters["failures"] == 0
+
+
 # ---- the server, in a subprocess ------------------------------------------------------------------------------
 
 

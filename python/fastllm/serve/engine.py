@@ -123,7 +123,8 @@ class EngineClosed(RuntimeError):
 class _Seq:
     """One choice being generated: its row in the cache, tokens, random generator and text state."""
 
-    def __init__(self, req: Request, index: int, prompt: list[int], max_tokens: int, tokenizer, vocab: int):
+    def __init__(self, req: Request, index: int, prompt: list[int], max_tokens: int, tokenizer,
+                 mask: np.ndarray | None, vocab: int):
         self.req, self.index, self.prompt, self.max_tokens = req, index, prompt, max_tokens
         i = index % req.n
         seed = req.seed if req.seed is None or i == 0 else [req.seed, i]
@@ -132,9 +133,9 @@ class _Seq:
         self.streamer, self.cutter = TextStreamer(tokenizer), StopStrings(req.stop)
         self.row = -1
         self.logits: np.ndarray | None = None
-        self.bias = None
+        self.bias = mask  # -inf on ids the tokenizer cannot decode, if the model has such ids
         if req.logit_bias:
-            self.bias = np.zeros(vocab, np.float32)
+            self.bias = np.zeros(vocab, np.float32) if mask is None else mask.copy()
             for t, b in req.logit_bias.items():
                 self.bias[t] += b
 
@@ -189,6 +190,9 @@ class Engine:
         if tokenizer.n_vocab > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids but the model only {model.config.vocab_size}")
         self.model, self.tokenizer = model, tokenizer
+        V = model.config.vocab_size  # rows of the lm-head beyond the tokenizer's ids (padding) are never sampled
+        self.mask = None if tokenizer.n_vocab >= V else \
+            np.where(np.arange(V) < tokenizer.n_vocab, 0.0, -np.inf).astype(np.float32)
         # OpenMP's thread count is per thread: the engine's thread sets its own (default: the creator's)
         self.threads = threads or get_num_threads()
         self.cache = model.kv_cache(max_batch, weights=weights, max_len=max_len)
@@ -374,7 +378,7 @@ class Engine:
             logits = self.cache.prefill_row(first, prompt)
             seqs = []
             for i in range(req.n):
-                s = _Seq(req, p * req.n + i, prompt, req.max_tokens[p], self.tokenizer, V)
+                s = _Seq(req, p * req.n + i, prompt, req.max_tokens[p], self.tokenizer, self.mask, V)
                 s.row, s.logits = first + i, logits
                 if i:
                     self.cache.copy_row(first, s.row)
