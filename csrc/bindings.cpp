@@ -23,6 +23,7 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include "cpu/gelu.h"
 #include "cpu/layernorm.h"
 #include "cpu/matmul.h"
+#include "cpu/residual.h"
 #include "cpu/softmax_ce.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/pretokenize_detail.h"
@@ -101,7 +102,8 @@ static void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* name
 // ---------------------------------------------------------------------------------------------------------
 // matmul
 
-static void matmul_forward_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias) {
+static void matmul_forward_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias,
+                              std::optional<py::array> pre_gelu) {
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
@@ -109,12 +111,14 @@ static void matmul_forward_py(py::array out, py::array inp, py::array weight, st
     const float* w = in_ptr<float>(weight, "weight", {OC, C});
     const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
     float* o = out_ptr<float>(out, "out", {N, OC});
+    float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
     py::gil_scoped_release nogil;
-    fastllm::cpu::matmul_forward(o, x, w, b, N, C, OC);
+    fastllm::cpu::matmul_forward(o, x, w, b, pg, N, C, OC);
 }
 
 // weight: bf16 bit patterns as uint16 (OC, C), see fastllm.ops.to_bf16
-static void matmul_forward_bf16w_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias) {
+static void matmul_forward_bf16w_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias,
+                                    std::optional<py::array> pre_gelu) {
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
@@ -122,8 +126,9 @@ static void matmul_forward_bf16w_py(py::array out, py::array inp, py::array weig
     const uint16_t* w = in_ptr<uint16_t>(weight, "weight", {OC, C});
     const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
     float* o = out_ptr<float>(out, "out", {N, OC});
+    float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
     py::gil_scoped_release nogil;
-    fastllm::cpu::matmul_forward_bf16w(o, x, w, b, N, C, OC);
+    fastllm::cpu::matmul_forward_bf16w(o, x, w, b, pg, N, C, OC);
 }
 
 static void float_to_bf16_py(py::array out, py::array x) {
@@ -229,16 +234,28 @@ static void softmax_ce_py(py::array losses, std::optional<py::array> dlogits, py
     const float* rw = row_weights ? in_ptr<float>(*row_weights, "row_weights", {N}) : nullptr;
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::softmax_ce_forward_backward(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw);
+    fastllm::cpu::softmax_ce(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw);
 }
 
 static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std::optional<py::array> dweight,
                          py::array hidden, py::array weight, py::array targets, float grad_scale,
-                         int32_t ignore_index, int64_t chunk_rows, std::optional<py::array> row_weights) {
+                         int32_t ignore_index, std::optional<py::array> scratch, std::optional<py::array> row_weights) {
     check_ndim(hidden, "hidden", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(V, C)");
     const int64_t N = hidden.shape(0), C = hidden.shape(1), V = weight.shape(0);
-    FASTLLM_CHECK(chunk_rows > 0, "chunk_rows must be positive, got ", chunk_rows);
+    std::vector<float> own;  // the scratch allocated here when none is given
+    float* sc = nullptr;
+    int64_t chunk_rows = 0;
+    if (scratch) {
+        check_ndim(*scratch, "scratch", 2, "(rows, V)");
+        chunk_rows = scratch->shape(0);
+        FASTLLM_CHECK(chunk_rows >= 1, "scratch must have at least one row, got shape ", shape_str(*scratch));
+        sc = out_ptr<float>(*scratch, "scratch", {chunk_rows, V});
+    } else {
+        chunk_rows = fastllm::cpu::lmhead_chunk_rows(N, V);
+        own.resize((size_t)(chunk_rows * V));
+        sc = own.data();
+    }
     const float* h = in_ptr<float>(hidden, "hidden");
     const float* w = in_ptr<float>(weight, "weight", {V, C});
     const int32_t* tg = in_ptr<int32_t>(targets, "targets", {N});
@@ -248,8 +265,7 @@ static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std
     const float* rw = row_weights ? in_ptr<float>(*row_weights, "row_weights", {N}) : nullptr;
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::lmhead_ce_forward_backward(ls, dh, dw, h, w, tg, N, C, V, grad_scale, ignore_index, chunk_rows,
-                                             rw);
+    fastllm::cpu::lmhead_ce(ls, dh, dw, h, w, tg, sc, chunk_rows, N, C, V, grad_scale, ignore_index, rw);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -297,13 +313,13 @@ static void gelu_forward_py(py::array out, py::array inp) {
     fastllm::cpu::gelu_forward(o, x, n);
 }
 
-static void gelu_backward_py(py::array dinp, py::array inp, py::array dout) {
+static void gelu_backward_py(py::array dinp, py::array dout, py::array inp) {
     const float* x = in_ptr<float>(inp, "inp");
     const float* dy = in_ptr<float>(dout, "dout", shape_of(inp));
     float* dx = out_ptr<float>(dinp, "dinp", shape_of(inp));
     const int64_t n = inp.size();
     py::gil_scoped_release nogil;
-    fastllm::cpu::gelu_backward(dx, x, dy, n);
+    fastllm::cpu::gelu_backward(dx, dy, x, n);
 }
 
 static void residual_forward_py(py::array out, py::array inp1, py::array inp2) {
@@ -798,9 +814,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_num_threads", &set_num_threads_py, arg("threads"));
     m.def("get_num_threads", &fastllm::max_threads);
 
-    m.def("matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none);
+    m.def("matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none,
+          arg("pre_gelu") = none);
     m.def("matmul_forward_bf16w", &matmul_forward_bf16w_py, arg("out"), arg("inp"), arg("weight"),
-          arg("bias") = none);
+          arg("bias") = none, arg("pre_gelu") = none);
     m.def("float_to_bf16", &float_to_bf16_py, arg("out"), arg("x"));
     m.def("matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
           arg("inp"), arg("weight"));
@@ -814,13 +831,15 @@ PYBIND11_MODULE(_C, m) {
     m.def("softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
           arg("grad_scale"), arg("ignore_index"), arg("row_weights") = py::none());
     m.def("lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"),
-          arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("chunk_rows"), arg("row_weights") = py::none());
+          arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("scratch") = py::none(),
+          arg("row_weights") = py::none());
+    m.def("lmhead_chunk_rows", &fastllm::cpu::lmhead_chunk_rows, arg("N"), arg("V"));
     m.def("layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),
           arg("weight"), arg("bias"), arg("eps"));
     m.def("layernorm_backward", &layernorm_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
           arg("inp"), arg("weight"), arg("mean"), arg("rstd"));
     m.def("gelu_forward", &gelu_forward_py, arg("out"), arg("inp"));
-    m.def("gelu_backward", &gelu_backward_py, arg("dinp"), arg("inp"), arg("dout"));
+    m.def("gelu_backward", &gelu_backward_py, arg("dinp"), arg("dout"), arg("inp"));
     m.def("residual_forward", &residual_forward_py, arg("out"), arg("inp1"), arg("inp2"));
     m.def("residual_backward", &residual_backward_py, arg("dinp1"), arg("dinp2"), arg("dout"));
     m.def("embedding_forward", &embedding_forward_py, arg("out"), arg("tokens"), arg("wte"), arg("wpe"));

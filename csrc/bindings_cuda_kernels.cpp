@@ -15,7 +15,7 @@ namespace py = pybind11;
 using fastllm::str_cat;
 using namespace fastllm::cuda;
 
-static void register_elementwise(py::module_& m);  // layernorm.cu, gelu.cu, embedding.cu, adamw.cu (below)
+static void register_elementwise(py::module_& m);  // layernorm, gelu, residual, embedding, adamw (below)
 
 void fastllm::cuda::register_cuda_kernels(py::module_& m) {
     using py::arg;
@@ -79,32 +79,60 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
         arg("c"), arg("a"), arg("b"), arg("bias") = py::none(), arg("pre_gelu") = py::none(),
         arg("trans_a") = false, arg("trans_b") = false, arg("accumulate") = false,
         "c (M, N) = [c +] op(a) @ op(b) [+ bias]; with pre_gelu: pre_gelu = the product + bias, c = gelu(it).");
+    // matmul: inp (..., C) and out (..., OC) with the same N leading rows, weight (OC, C) -> {N, C, OC}
+    static const auto matmul_dims = [](const DeviceArray& inp, const DeviceArray& weight, const char* out_name,
+                                       const DeviceArray& out) {
+        check_float(inp, "inp");
+        check_2d(weight, "weight");
+        check_array(weight, "weight", inp.dtype, weight.shape);
+        const int64_t OC = weight.shape[0], C = weight.shape[1];
+        FASTLLM_CHECK(inp.shape.size() >= 1 && inp.shape.back() == C, "inp must be (..., C = ", C,
+                      ") like weight (OC, C), got shape ", inp.shape_str());
+        const int64_t N = C ? inp.size() / C : 0;
+        check_array(inp, "inp", inp.dtype, inp.shape);
+        FASTLLM_CHECK(out.shape.size() >= 1 && out.shape.back() == OC && out.size() == N * OC, out_name,
+                      " must be (..., OC = ", OC, ") with N = ", N, " rows like inp, got shape ", out.shape_str());
+        check_int32_size(N, "N (rows)");
+        check_int32_size(C, "C");
+        check_int32_size(OC, "OC");
+        return std::vector<int64_t>{N, C, OC};
+    };
+    m.def(
+        "matmul_forward",
+        [](DeviceArray& out, const DeviceArray& inp, const DeviceArray& weight, DeviceArray* bias,
+           DeviceArray* pre_gelu) {
+            const auto d = matmul_dims(inp, weight, "out", out);
+            const DType t = inp.dtype;
+            if (out.dtype != DType::f32 && out.dtype != t)
+                throw py::type_error(str_cat("out must be float32 or inp's dtype ", dtype_str(t), ", got ",
+                                             dtype_str(out.dtype)));
+            check_array(out, "out", out.dtype, out.shape);
+            if (bias) check_array(*bias, "bias", t, {d[2]});
+            if (pre_gelu) check_array(*pre_gelu, "pre_gelu", out.dtype, out.shape);
+            for (auto [o, on] : {std::pair<DeviceArray*, const char*>{&out, "out"}, {pre_gelu, "pre_gelu"}}) {
+                no_overlap(o, on, &inp, "inp");
+                no_overlap(o, on, &weight, "weight");
+                no_overlap(o, on, bias, "bias");
+            }
+            no_overlap(pre_gelu, "pre_gelu", &out, "out");
+            void *po = out.data(), *ppre = pre_gelu ? pre_gelu->data() : nullptr;
+            const void *pin = inp.data(), *pw = weight.data(), *pb = bias ? bias->data() : nullptr;
+            const DType ot = out.dtype;
+            py::gil_scoped_release nogil;
+            matmul_forward(po, ot, pin, pw, pb, ppre, d[0], d[1], d[2], t);
+        },
+        arg("out"), arg("inp"), arg("weight"), arg("bias") = py::none(), arg("pre_gelu") = py::none(),
+        "out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias; with pre_gelu: pre_gelu = that, out = gelu(it).");
     m.def(
         "matmul_backward",
         [](DeviceArray* dinp, DeviceArray* dweight, DeviceArray* dbias, const DeviceArray& dout,
            const DeviceArray& inp, const DeviceArray& weight) {
-            check_float(dout, "dout");
-            const DType t = dout.dtype;
-            check_2d(weight, "weight");
-            check_array(weight, "weight", t, weight.shape);
-            const int64_t OC = weight.shape[0], C = weight.shape[1];
-            FASTLLM_CHECK(dout.shape.size() >= 1 && dout.shape.back() == OC, "dout must be (..., OC = ", OC,
-                          "), got shape ", dout.shape_str());
-            // leading dims are flattened: dout (..., OC) and inp (..., C) with the same number N of rows
-            int64_t N = 1;
-            for (size_t i = 0; i + 1 < dout.shape.size(); i++) N *= dout.shape[i];
-            FASTLLM_CHECK(inp.shape.size() >= 1 && inp.shape.back() == C && inp.size() == N * C,
-                          "inp must be (..., C = ", C, ") with N = ", N, " rows like dout, got shape ",
-                          inp.shape_str());
-            const std::vector<int64_t> inp_shape = inp.shape;
-            check_array(inp, "inp", t, inp_shape);
+            const auto d = matmul_dims(inp, weight, "dout", dout);
+            const DType t = inp.dtype;
             check_array(dout, "dout", t, dout.shape);
-            check_int32_size(N, "N (rows)");
-            check_int32_size(C, "C");
-            check_int32_size(OC, "OC");
-            if (dinp) check_array(*dinp, "dinp", t, inp_shape);
-            if (dweight) check_array(*dweight, "dweight", DType::f32, {OC, C});
-            if (dbias) check_array(*dbias, "dbias", DType::f32, {OC});
+            if (dinp) check_array(*dinp, "dinp", t, inp.shape);
+            if (dweight) check_array(*dweight, "dweight", DType::f32, {d[2], d[1]});
+            if (dbias) check_array(*dbias, "dbias", DType::f32, {d[2]});
             for (auto [o, on] : {std::pair<DeviceArray*, const char*>{dinp, "dinp"}, {dweight, "dweight"},
                                  {dbias, "dbias"}}) {
                 no_overlap(o, on, &dout, "dout");
@@ -119,11 +147,7 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             float* pdb = dbias ? (float*)dbias->data() : nullptr;
             const void *pdo = dout.data(), *pin = inp.data(), *pw = weight.data();
             py::gil_scoped_release nogil;
-            // dinp (N, C) += dout (N, OC) @ weight (OC, C)
-            if (pdi) gemm(pdi, t, pdo, pw, nullptr, nullptr, N, C, OC, false, false, true, t);
-            // dweight (OC, C) += dout^T (OC, N) @ inp (N, C)
-            if (pdw) gemm(pdw, DType::f32, pdo, pin, nullptr, nullptr, OC, C, N, true, false, true, t);
-            if (pdb) bias_backward(pdb, pdo, N, OC, t);
+            matmul_backward(pdi, pdw, pdb, pdo, pin, pw, d[0], d[1], d[2], t);
         },
         arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"), arg("inp"), arg("weight"),
         "dinp += dout @ weight, dweight (f32) += dout^T @ inp, dbias (f32) += column sums of dout.");
@@ -233,9 +257,9 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
         check_array(x, name, dt, x.shape == std::vector<int64_t>{N} ? x.shape : lead);
     };
     m.def(
-        "softmax_cross_entropy",
+        "softmax_ce",
         [](DeviceArray& losses, DeviceArray* dlogits, const DeviceArray& logits, const DeviceArray& targets,
-           float grad_scale, int32_t ignore_index) {
+           float grad_scale, int32_t ignore_index, DeviceArray* row_weights) {
             check_float(logits, "logits");
             const DType t = logits.dtype;
             FASTLLM_CHECK(logits.shape.size() >= 1, "logits must be (..., V), got a 0-d array");
@@ -256,21 +280,26 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             }
             no_overlap(&losses, "losses", &logits, "logits");
             no_overlap(&losses, "losses", &targets, "targets");
+            if (row_weights) {
+                check_rows(*row_weights, "row_weights", DType::f32, lead, N);
+                no_overlap(dlogits, "dlogits", row_weights, "row_weights");
+            }
             float* pl = (float*)losses.data();
             void* pd = dlogits ? dlogits->data() : nullptr;
             const void* px = logits.data();
             const int32_t* pt = (const int32_t*)targets.data();
+            const float* pw = row_weights ? (const float*)row_weights->data() : nullptr;
             py::gil_scoped_release nogil;
-            softmax_cross_entropy(pl, pd, px, pt, N, V, grad_scale, ignore_index, t);
+            softmax_ce(pl, pd, px, pt, N, V, grad_scale, ignore_index, pw, t);
         },
         arg("losses"), arg("dlogits"), arg("logits"), arg("targets"), arg("grad_scale") = 1.0f,
-        arg("ignore_index") = -1,
+        arg("ignore_index") = -1, arg("row_weights") = py::none(),
         "losses (N, f32) and optionally dlogits = (softmax - onehot) * grad_scale (may be logits itself).");
     m.def(
-        "lmhead_cross_entropy",
+        "lmhead_ce",
         [](DeviceArray& losses, DeviceArray* dhidden, DeviceArray* dweight, const DeviceArray& hidden,
            const DeviceArray& weight, const DeviceArray& targets, float grad_scale, int32_t ignore_index,
-           DeviceArray* scratch) {
+           DeviceArray* scratch, DeviceArray* row_weights) {
             check_float(hidden, "hidden");
             const DType t = hidden.dtype;
             check_2d(weight, "weight");
@@ -316,6 +345,13 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             no_overlap(dhidden, "dhidden", dweight, "dweight");
             no_overlap(dhidden, "dhidden", &losses, "losses");
             no_overlap(dweight, "dweight", &losses, "losses");
+            if (row_weights) {
+                check_rows(*row_weights, "row_weights", DType::f32, lead, N);
+                no_overlap(scratch, "scratch", row_weights, "row_weights");
+                no_overlap(dhidden, "dhidden", row_weights, "row_weights");
+                no_overlap(dweight, "dweight", row_weights, "row_weights");
+            }
+            const float* prw = row_weights ? (const float*)row_weights->data() : nullptr;
             float* pl = (float*)losses.data();
             void* pdh = dhidden ? dhidden->data() : nullptr;
             float* pdw = dweight ? (float*)dweight->data() : nullptr;
@@ -325,15 +361,16 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             const int64_t rows = scratch->shape[0];
             {
                 py::gil_scoped_release nogil;
-                lmhead_cross_entropy(pl, pdh, pdw, ph, pw, pt, ps, rows, N, C, V, grad_scale, ignore_index, t);
+                lmhead_ce(pl, pdh, pdw, ph, pw, pt, ps, rows, N, C, V, grad_scale, ignore_index, prw, t);
             }
         },
         arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"), arg("targets"),
         arg("grad_scale") = 1.0f, arg("ignore_index") = -1, arg("scratch") = py::none(),
+        arg("row_weights") = py::none(),
         "Fused lm head + cross-entropy in row chunks of scratch (rows, V) (allocated if None).");
     m.def("lmhead_chunk_rows", [](int64_t N, int64_t V, const std::string& dtype) {
         return lmhead_chunk_rows(N, V, parse_dtype(dtype));
-    }, arg("N"), arg("V"), arg("dtype"), "Default scratch rows of lmhead_cross_entropy (<= ~256 MiB).");
+    }, arg("N"), arg("V"), arg("dtype"), "Default scratch rows of lmhead_ce (<= ~256 MiB).");
 
     // ---- layernorm.cu, gelu.cu, embedding.cu, adamw.cu
     register_elementwise(m);
@@ -513,6 +550,21 @@ static void register_elementwise(py::module_& m) {
             residual_forward(out.data(), a.data(), b.data(), a.size(), a.dtype);
         },
         arg("out"), arg("a"), arg("b"));
+
+    m.def(
+        "residual_backward",
+        [](DeviceArray& da, DeviceArray& db, const DeviceArray& dout) {
+            check_float(dout, "dout");
+            check_array(dout, "dout", dout.dtype, dout.shape);
+            check_array(da, "dinp1", dout.dtype, dout.shape);
+            check_array(db, "dinp2", dout.dtype, dout.shape);
+            ew_disjoint(da, "dinp1", db, "dinp2");
+            ew_disjoint(da, "dinp1", dout, "dout");
+            ew_disjoint(db, "dinp2", dout, "dout");
+            py::gil_scoped_release nogil;
+            residual_backward(da.data(), db.data(), dout.data(), dout.size(), dout.dtype);
+        },
+        arg("dinp1"), arg("dinp2"), arg("dout"));
 
     m.def(
         "embedding_forward",

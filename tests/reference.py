@@ -59,7 +59,7 @@ def attention_backward(dout, qkv, n_head):
     return np.concatenate(back, axis=-1)
 
 
-def softmax_cross_entropy(logits, targets, grad_scale=1.0, ignore_index=-1):
+def softmax_ce(logits, targets, grad_scale=1.0, ignore_index=-1):
     """-> (losses (N,), dlogits (N, V)) for logits (N, V)."""
     (logits,) = f64(logits)
     targets = np.asarray(targets).reshape(-1)

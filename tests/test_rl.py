@@ -111,7 +111,8 @@ def test_weighted_ce_gradient_vs_torch(N, C, V, chunk, threads):
     t[::5] = -1  # ignored rows: no gradient whatever their weight
     w = rng.standard_normal(N).astype(np.float32)
     w[1::4] = 0.0
-    losses, dh, dW = ops.lmhead_cross_entropy(h, W, t, grad_scale=0.5, row_weights=w, chunk_rows=chunk)
+    scratch = np.empty((chunk, W.shape[0]), np.float32)
+    losses, dh, dW = ops.lmhead_ce(h, W, t, grad_scale=0.5, row_weights=w, scratch=scratch)
     ht = torch.tensor(h, dtype=torch.float64, requires_grad=True)
     Wt = torch.tensor(W, dtype=torch.float64, requires_grad=True)
     ce = torch.nn.functional.cross_entropy(ht @ Wt.T, torch.tensor(t), ignore_index=-1, reduction="none")
@@ -121,7 +122,7 @@ def test_weighted_ce_gradient_vs_torch(N, C, V, chunk, threads):
     np.testing.assert_allclose(dW, Wt.grad.numpy(), atol=1e-5)
     # the unfused kernel: dlogits row n scaled by grad_scale * w[n]
     logits = (h @ W.T).astype(np.float32)
-    l2, dl = ops.softmax_cross_entropy(logits, t, grad_scale=0.5, row_weights=w)
+    l2, dl = ops.softmax_ce(logits, t, grad_scale=0.5, row_weights=w)
     lt = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
     ce2 = torch.nn.functional.cross_entropy(lt, torch.tensor(t), ignore_index=-1, reduction="none")
     (0.5 * (ce2 * torch.tensor(w, dtype=torch.float64)).sum()).backward()
@@ -133,9 +134,9 @@ def test_weighted_ce_bad_row_weights():
     logits = np.zeros((4, 5), np.float32)
     t = np.zeros(4, np.int64)
     with pytest.raises(ValueError, match="row_weights"):
-        ops.softmax_cross_entropy(logits, t, row_weights=np.ones(3, np.float32))
+        ops.softmax_ce(logits, t, row_weights=np.ones(3, np.float32))
     with pytest.raises(TypeError, match="row_weights"):
-        ops.softmax_cross_entropy(logits, t, row_weights=np.ones(4, np.float64))
+        ops.softmax_ce(logits, t, row_weights=np.ones(4, np.float64))
     with pytest.raises(ValueError, match="row_weights"):
         fastllm._C.lmhead_ce(
             np.empty(4, np.float32),
@@ -146,7 +147,7 @@ def test_weighted_ce_bad_row_weights():
             np.zeros(4, np.int32),
             1.0,
             -1,
-            2,
+            np.empty((2, 5), np.float32),
             np.ones(5, np.float32),
         )
 

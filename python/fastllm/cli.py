@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -89,13 +90,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """Library warnings as one `fastllm: warning: ...` line each, as they happen."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"fastllm: warning: {message}", file=sys.stderr)
+        yield
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                 shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
-    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens from {st.documents} documents in "
-          f"{len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
+    with _warnings_to_stderr():
+        st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                     shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
+                     dask=args.dask)
+    split = {"documents": "whole documents", "within": "the end of each document", "none": "none"}[st.split]
+    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens (val split: {split}) from {st.documents} "
+          f"documents in {len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
     return 0
 
 
@@ -103,8 +118,9 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     from .clean import CleanConfig, clean
 
     cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
-                  scrub_pii=not args.keep_pii)
-    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress)
+                  scrub_pii=not args.keep_pii, lang_rules=not args.no_lang_rules)
+    with _warnings_to_stderr():
+        s = clean(args.inputs, args.out, cfg, progress=not args.no_progress, dask=args.dask)
     print(s.table())
     print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
           f"in {s.seconds:.1f}s -> {s.out_dir}")
@@ -145,9 +161,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt).eval()
     tok = _checkpoint_tokenizer(model, args.tokenizer)
     if args.device == "cuda":
-        from .cuda_model import CudaGPT
-
-        model = CudaGPT(model, dtype=args.dtype or "bfloat16").eval()
+        model.to("cuda", args.dtype or "bfloat16")
     n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
@@ -280,21 +294,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("corpus", nargs="*", help="files or folders (.txt, .md, .jsonl); none: the built-in corpus")
     s.add_argument("--tokenizer", required=True, help="tokenizer file (fastllm tokenizer train)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the text for validation: whole documents, or the end of each when there are few")
     s.add_argument("--shard-tokens", type=int, default=50_000_000)
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
+                   help="tokenize and write shards on a Dask cluster: 'local' (a LocalCluster) or a scheduler")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_prepare)
 
     from .clean import CleanConfig
 
     s = sub.add_parser("clean", help="web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards")
-    s.add_argument("inputs", nargs="+", help="files or folders (.html, .warc[.gz], .jsonl with html/text)")
+    s.add_argument("inputs", nargs="+", help="files or folders of any kind (HTML, RSS/Atom, WARC, JSONL with "
+                   "html/text, plain text; gzip/bz2/xz/zstd), told by content")
     s.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl, summary.json)")
     s.add_argument("--lang", nargs="+", default=None, help="keep only these languages (ISO 639-1, e.g. en de)")
-    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii"))
+    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii", "lang_rules"))
     s.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
     s.add_argument("--keep-pii", action="store_true", help="do not replace e-mail and IP addresses")
+    s.add_argument("--no-lang-rules", action="store_true",
+                   help="the English thresholds for every language (default: FineWeb-2's per language)")
+    s.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
+                   help="run on a Dask cluster: 'local' (a LocalCluster of --processes workers) or a scheduler")
     s.set_defaults(func=_cmd_clean)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -349,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, CudaUnavailableError, KeyboardInterrupt) as e:
+    except (ValueError, TypeError, OSError, ImportError, CudaUnavailableError, KeyboardInterrupt) as e:
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130

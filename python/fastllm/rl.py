@@ -355,7 +355,7 @@ class GRPO:
 
 def _restore_optimizer(opt: AdamW, ckpt: Path) -> None:
     ot, meta = load_safetensors(ckpt / "optimizer.safetensors")
-    opt.m[...], opt.v[...], opt.t = ot["m"], ot["v"], int(meta["t"])
+    opt.load_state_dict({**ot, "t": int(meta["t"])}, where=str(ckpt / "optimizer.safetensors"))
 
 
 def train_grpo(

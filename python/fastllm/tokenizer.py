@@ -159,6 +159,10 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
         lines[token] = lineno
     if not ranks:
         raise ValueError(f"{path}:1: no tokens (empty or truncated file)")
+    top = max(seen_rank)
+    if top >= len(ranks) + (1 << 16):  # tables are sized by the largest id: a sparse file would take GBs
+        raise ValueError(f"{path}:{seen_rank[top]}: rank {top} with only {len(ranks)} tokens: ranks must be "
+                         f"dense (below {len(ranks) + (1 << 16)})")
     return ranks
 
 
@@ -643,6 +647,10 @@ class Tokenizer:
         for key, typ in (("pattern", str), ("special_tokens", dict), ("n_ranks", int)):
             if not isinstance(side.get(key), typ):
                 raise ValueError(f"{side_path}:1: missing or bad {key!r}")
+        for name, i in side["special_tokens"].items():  # tables are sized by the largest id (see _read_ranks)
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < side["n_ranks"] + (1 << 16):
+                raise ValueError(f"{side_path}:1: special token {name!r} has id {i!r}: ids must be dense "
+                                 f"(below n_ranks + 65536 = {side['n_ranks'] + (1 << 16)})")
         ranks = _read_ranks(path)
         if len(ranks) != side["n_ranks"]:
             raise ValueError(

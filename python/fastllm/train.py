@@ -29,7 +29,7 @@ from . import set_num_threads
 from .data import DataLoader, copy_tokenizer, find_tokenizer
 from .fileio import load_safetensors, save_safetensors, write_json
 from .model import GPT, GPTConfig
-from .optim import AdamW, grad_norm, lr_schedule
+from .optim import AdamW, lr_schedule
 
 
 class TrainingError(RuntimeError):
@@ -83,8 +83,9 @@ def save_checkpoint(out: Path, step: int, model: GPT, opt: AdamW, state: dict, t
     tmp = out / f".ckpt_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_safetensors(tmp / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())})
-    save_safetensors(tmp / "optimizer.safetensors", {"m": opt.m, "v": opt.v}, {"t": opt.t})
+    save_safetensors(tmp / "model.safetensors", model.state_dict(), {"config": json.dumps(model.config.to_dict())})
+    ost = opt.state_dict()
+    save_safetensors(tmp / "optimizer.safetensors", {"m": ost["m"], "v": ost["v"]}, {"t": ost["t"]})
     write_json(tmp / "state.json", state)
     if tokenizer is not None:
         copy_tokenizer(tokenizer, tmp)
@@ -218,7 +219,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
         model = load_model(ckpt)
         opt = AdamW(model, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         ot, ometa = load_safetensors(ckpt / "optimizer.safetensors")
-        opt.m[...], opt.v[...], opt.t = ot["m"], ot["v"], int(ometa["t"])
+        opt.load_state_dict({**ot, "t": int(ometa["t"])}, where=str(ckpt / "optimizer.safetensors"))
         state = json.loads((ckpt / "state.json").read_text())
         start = int(state["step"])
         train_loader.load_state_dict(state["loader"])
@@ -235,16 +236,15 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
         rng = np.random.default_rng(cfg.seed)
     if model.config.vocab_size < train_loader.vocab_size:
         raise ValueError(f"model vocab_size {model.config.vocab_size} < data vocab_size {train_loader.vocab_size}")
-    host_model, host_opt = model, opt  # what checkpoints save (the GPU state is copied into them first)
-    if cfg.device == "cuda":
-        from .cuda_model import CudaGPT
-
-        model = CudaGPT(host_model, dtype=cfg.cuda_dtype).load_from(host_model, host_opt)
-        opt = model.adamw
-        log(f"device: cuda ({cfg.cuda_dtype} compute, float32 master weights and AdamW state)")
+    if cfg.device != "cpu":
+        host_state = opt.state_dict()
+        model.to(cfg.device, cfg.cuda_dtype)
+        opt = AdamW(model, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        opt.load_state_dict(host_state)
+        log(f"device: {cfg.device} ({model.dtype} compute, float32 master weights and AdamW state)")
 
     def grad_norm_now() -> float:
-        return model.grad_norm() if model is not host_model else grad_norm(model)
+        return model.grad_norm()
 
     log_path = out / "log.jsonl"
     runlog = RunLog(log_path, start)
@@ -255,12 +255,11 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
                 "train_config": dataclasses.asdict(cfg)}
 
     def checkpoint(step: int) -> None:
-        if model is not host_model:
-            model.to_cpu(host_model, host_opt)
-        if not np.isfinite(host_model.params).all():
+        params = model.state_dict()
+        if not all(np.isfinite(t).all() for t in params.values()):
             raise TrainingError(f"step {step}: parameters are not finite; not saving. The last good checkpoint is "
                                 f"{latest_checkpoint(out)}; try a lower --lr")
-        save_checkpoint(out, step, host_model, host_opt, state(step), tok_path)
+        save_checkpoint(out, step, model, opt, state(step), tok_path)
         for old in sorted(out.glob("ckpt_*"))[:-max(1, cfg.keep_ckpts)]:
             shutil.rmtree(old, ignore_errors=True)
 
