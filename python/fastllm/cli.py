@@ -227,8 +227,10 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-budget-mb", type=float, default=None,
                    help="cap on the KV cache memory in MiB (fewer slots than --max-batch if needed)")
     s.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot; more get 429")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16: decode with bf16 weight copies (faster, logits within ~1%%)")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run the model on the CPU or a GPU")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="CPU (default float32): bfloat16 decodes with bf16 weight copies (faster, logits within ~1%%); "
+                        "GPU (default bfloat16): the model's compute dtype")
     s.add_argument("--threads", type=int, default=None, help="OpenMP threads for the model")
     s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="CORS: let web pages from ORIGIN call the API (repeatable; '*' for any)")

@@ -38,7 +38,9 @@ class ServeConfig:
     max_len: int | None = None  # tokens per slot, prompt + completion (default: the model's context)
     kv_budget_mb: float | None = None  # cap on the KV cache's memory: fewer slots if max_batch would exceed it
     max_queue: int = 256  # requests that may wait for a slot; more get 429
-    dtype: str = "float32"  # float32 | bfloat16 (bf16 weight copies for decoding: faster, logits within ~1%)
+    device: str = "cpu"  # cpu | cuda
+    dtype: str | None = None  # CPU: float32 | bfloat16 (bf16 weight copies for decoding: faster, logits within ~1%);
+    # GPU: the compute dtype (default bfloat16)
     threads: int | None = None  # OpenMP threads for the model (default: fastllm's)
     allow_origins: tuple[str, ...] = ()  # CORS origins allowed to call the API from a browser ("*": any)
     log_level: str = "info"  # uvicorn's: critical | error | warning | info | debug
@@ -51,11 +53,11 @@ def model_name(ckpt: str | os.PathLike) -> str:
 
 
 def slots_within(model, max_batch: int, max_len: int | None, kv_budget_mb: float | None) -> int:
-    """max_batch, lowered so that the float32 KV cache fits kv_budget_mb (ValueError if not even one slot fits)."""
+    """max_batch, lowered so that the KV cache fits kv_budget_mb (ValueError if not even one slot fits)."""
     if kv_budget_mb is None:
         return max_batch
-    cfg = model.config
-    slot = 2 * cfg.n_layer * (max_len or cfg.block_size) * cfg.n_embd * 4  # keys + values of one sequence, bytes
+    cfg, size = model.config, 2 if getattr(model, "dtype", "float32") == "bfloat16" else 4
+    slot = 2 * cfg.n_layer * (max_len or cfg.block_size) * cfg.n_embd * size  # keys + values of one sequence
     n = min(max_batch, int(kv_budget_mb * 2**20 // slot))
     if n < 1:
         raise ValueError(f"--kv-budget-mb {kv_budget_mb} holds no sequence of {max_len or cfg.block_size} tokens "
@@ -93,13 +95,20 @@ def serve(cfg: ServeConfig, log=None) -> None:
     import fastllm
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    if cfg.dtype not in ("float32", "bfloat16"):
+    if cfg.dtype not in (None, "float32", "bfloat16"):
         raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.threads:
         fastllm.set_num_threads(cfg.threads)
     model, tok = load(cfg.ckpt, cfg.tokenizer)
+    weights = "float32"  # the CPU decodes with bf16 weight copies if asked; a GPU model computes in its dtype
+    if cfg.device == "cuda":
+        model.to("cuda", cfg.dtype or "bfloat16")
+    elif cfg.device == "cpu":
+        weights = cfg.dtype or "float32"
+    else:
+        raise ValueError(f"--device must be cpu or cuda, got {cfg.device!r}")
     slots = slots_within(model, cfg.max_batch, cfg.max_len, cfg.kv_budget_mb)
-    engine = Engine(model, tok, slots, cfg.max_len, cfg.max_queue, cfg.dtype, cfg.threads)
+    engine = Engine(model, tok, slots, cfg.max_len, cfg.max_queue, weights, cfg.threads)
     name = cfg.model_name or model_name(cfg.ckpt)
     api_key = cfg.api_key or os.environ.get("FASTLLM_API_KEY") or None
     app = create_app(engine, name, api_key, tuple(cfg.allow_origins))
@@ -107,7 +116,8 @@ def serve(cfg: ServeConfig, log=None) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     chat = app.state.served.chat
-    log(f"fastllm serve: {name} ({model.num_parameters / 1e6:.2f}M parameters, {cfg.dtype}, "
+    log(f"fastllm serve: {name} ({model.num_parameters / 1e6:.2f}M parameters, {cfg.device} {model.dtype}"
+        f"{' with bf16 decode weights' if weights == 'bfloat16' else ''}, "
         f"{'chat template' if chat else 'no chat template: /v1/completions only'}), context {engine.max_len} "
         f"tokens, {slots} slots, KV cache {engine.kv_bytes / 2**20:.1f} MiB, "
         f"{engine.threads} threads{', API key required' if api_key else ''}")

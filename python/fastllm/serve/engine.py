@@ -197,9 +197,9 @@ class Engine:
         self.threads = threads or get_num_threads()
         self.cache = model.kv_cache(max_batch, weights=weights, max_len=max_len)
         self.max_batch, self.max_len, self.max_queue = max_batch, self.cache.max_len, max_queue
-        # bf16 decode passes stop at the row count up to which the cache uses bf16 weights (see module doc)
-        self.decode_rows = min(max_batch, getattr(self.cache, "BF16_MAX_ROWS", max_batch)) \
-            if weights == "bfloat16" else max_batch
+        # CPU bf16 decode passes stop at the row count up to which the cache uses bf16 weights (see module doc)
+        cpu_bf16 = weights == "bfloat16" and getattr(model, "device", "cpu") == "cpu"
+        self.decode_rows = min(max_batch, self.cache.BF16_MAX_ROWS) if cpu_bf16 else max_batch
         self._waiting: collections.deque[tuple[Request, int]] = collections.deque()  # (request, prompt index)
         self._queued: dict[int, int] = {}  # id(request) -> prompts still waiting
         self._active: list[_Seq] = []  # row i holds _active[i]
@@ -211,7 +211,9 @@ class Engine:
 
     @property
     def kv_bytes(self) -> int:
-        return int(getattr(self.cache.k, "nbytes", 0)) * 2
+        """Bytes of the KV cache (keys and values)."""
+        cfg, size = self.model.config, 2 if getattr(self.model, "dtype", "float32") == "bfloat16" else 4
+        return 2 * cfg.n_layer * self.max_batch * self.max_len * cfg.n_embd * size
 
     # ---- control (any thread) ---------------------------------------------------------------------------
 
