@@ -3,7 +3,9 @@ streaming clients, against the same requests sent one at a time (1 client), and 
 one request at a time in this process (no HTTP) for scale. The server runs in a subprocess with a random-weight
 `small` model (6 layers, 384 wide, context 256, a 4096-token BPE vocabulary trained on Python's docs); each
 request is a ~32-token prompt and exactly N new tokens (<|endoftext|> is masked with logit_bias), temperature
-0.8, its own seed. Rounds are interleaved (1, 4, 16 clients, then again) and medians reported.
+0.8, its own seed. Without HTTP, for scale: the same requests through fastllm.sample.generate one at a time, and
+all at once through a fastllm.serve Engine (16 slots) in this process. Rounds are interleaved (1, 4, 16
+clients, generate, Engine, then again) and medians reported.
     python benchmarks/bench_serve.py [--threads 2] [--quick]"""
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # serve_process: the server subprocess
 
 from common import cli, header, load_note, print_table  # noqa: E402
 
@@ -77,24 +79,46 @@ async def run_clients(url: str, bodies: list[dict], clients: int) -> dict:
             "ttft": [r["ttft"] for r in results], "latency": [r["latency"] for r in results]}
 
 
-def in_process(ckpt: Path, tok, bodies: list[dict]) -> dict:
-    """The same requests through fastllm.sample.generate, one at a time, no HTTP (this process)."""
-    from fastllm.sample import generate
-    from fastllm.train import load_model
+def in_process(model, tok, bodies: list[dict], engine=None) -> dict:
+    """The same requests without HTTP, in this process: through fastllm.sample.generate one at a time, or (engine
+    given) all submitted at once to a fastllm.serve Engine (16 slots, the rest queued)."""
+    import threading
 
-    model = load_model(ckpt).eval()
+    from fastllm.sample import SamplingParams, generate
+    from fastllm.serve import Request
+
+    prompts = [tok.encode(b["prompt"]).tolist() for b in bodies]
+    eot = tok.special_tokens["<|endoftext|>"]
     t0 = time.perf_counter()
-    tokens = 0
-    for b in bodies:
-        ids = tok.encode(b["prompt"])
-        out = generate(model, ids, b["max_tokens"], temperature=b["temperature"], seed=b["seed"])
-        tokens += len(out) - len(ids)
+    tokens = [0] * len(bodies)
+
+    def one(i: int, b: dict) -> None:
+        if engine is None:
+            out = generate(model, prompts[i], b["max_tokens"], temperature=b["temperature"], seed=b["seed"])
+            tokens[i] = len(out) - len(prompts[i])
+            return
+        req = Request(prompts=[prompts[i]], max_tokens=b["max_tokens"], seed=b["seed"],
+                      params=SamplingParams(temperature=b["temperature"]), logit_bias={eot: -100.0})
+        tokens[i] = sum(len(e.tokens) for events in engine.stream(req) for e in events)
+
+    if engine is None:
+        for i, b in enumerate(bodies):
+            one(i, b)
+    else:
+        threads = [threading.Thread(target=one, args=(i, b)) for i, b in enumerate(bodies)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     wall = time.perf_counter() - t0
-    return {"wall": wall, "requests": len(bodies), "tokens": tokens, "ttft": [], "latency": []}
+    return {"wall": wall, "requests": len(bodies), "tokens": sum(tokens), "ttft": [], "latency": []}
 
 
 def run(threads: int, quick: bool) -> None:
     from serve_process import Server
+
+    from fastllm.serve import Engine
+    from fastllm.train import load_model
 
     fastllm.set_num_threads(threads)
     n_requests, new_tokens, rounds = (16, 48, 2) if quick else (32, 128, 3)
@@ -106,37 +130,41 @@ def run(threads: int, quick: bool) -> None:
         bodies = [{"model": model_id, "prompt": prompts[i % len(prompts)], "max_tokens": new_tokens,
                    "temperature": 0.8, "seed": i, "stream": True, "stream_options": {"include_usage": True},
                    "logit_bias": {str(eot): -100}} for i in range(n_requests)]
+        model = load_model(ckpt).eval()
+        engine = Engine(model, tok, max_batch=16, threads=threads).start()
         server = Server(ckpt, "--max-batch", "16", threads=threads)
         try:
             print(header(f"fastllm serve: {n_requests} requests x {new_tokens} new tokens, small model (6L-384, "
                          f"V={tok.n_vocab}), --max-batch 16", threads))
             asyncio.run(run_clients(server.url, bodies[:4], 4))  # warm-up
             runs: dict[str, list[dict]] = {str(c): [] for c in levels}
-            runs["generate"] = []
+            runs["generate"], runs["engine"] = [], []
             loads = []
             for r in range(rounds):
                 for c in levels:
                     runs[str(c)].append(asyncio.run(run_clients(server.url, bodies, c)))
                     loads.append(load_note())
-                runs["generate"].append(in_process(ckpt, tok, [{**b, "stream": False} for b in bodies]))
+                runs["generate"].append(in_process(model, tok, bodies))
+                runs["engine"].append(in_process(model, tok, bodies, engine))
                 print(f"round {r + 1}: " + ", ".join(f"{k}: {v[-1]['tokens'] / v[-1]['wall']:,.0f} tok/s"
                                                      for k, v in runs.items()) + f" ({loads[-1]})", flush=True)
         finally:
             server.stop()
+            engine.stop()
 
     def median(key: str, f) -> float:
         return statistics.median(f(r) for r in runs[key])
 
     base = median("1", lambda r: r["tokens"] / r["wall"])
     rows = []
-    for key in ["generate", *map(str, levels)]:
+    for key in ["generate", "engine", *map(str, levels)]:
         tps = median(key, lambda r: r["tokens"] / r["wall"])
         rps = median(key, lambda r: r["requests"] / r["wall"])
         ttft = [t for r in runs[key] for t in r["ttft"]]
         lat = [t for r in runs[key] for t in r["latency"]]
         q = (lambda xs, p: sorted(xs)[int(p * (len(xs) - 1))]) if ttft else None
-        label = "generate() in process, 1 at a time" if key == "generate" else \
-            f"{key} client{'s' if key != '1' else ''}" + (" (one at a time)" if key == "1" else "")
+        label = {"generate": "generate() in process, 1 at a time", "engine": "Engine in process, all at once",
+                 "1": "1 client (one at a time)"}.get(key, f"{key} clients")
         rows.append([label, f"{rps:.2f}", f"{tps:,.0f}", f"{tps / base:.2f}x",
                      f"{q(ttft, 0.5) * 1e3:.0f}" if q else "-", f"{q(ttft, 0.9) * 1e3:.0f}" if q else "-",
                      f"{q(lat, 0.5):.2f}" if q else "-"])
