@@ -224,6 +224,37 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    serve(_config(args, ServeConfig, allow_origins=tuple(args.allow_origin)))
+    return 0
+
+
+def _add_serve_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--ckpt", required=True, help="checkpoint folder or training run folder (its latest checkpoint)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
+    s.add_argument("--model-name", default=None, help="model id for clients (default: the checkpoint folder's name)")
+    s.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the API (default: $FASTLLM_API_KEY if set)")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together, i.e. KV cache slots (16)")
+    s.add_argument("--max-len", type=int, default=None,
+                   help="tokens per sequence, prompt + completion (default: the model's context)")
+    s.add_argument("--kv-budget-mb", type=float, default=None,
+                   help="cap on the KV cache memory in MiB (fewer slots than --max-batch if needed)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot; more get 429")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run the model on the CPU or a GPU")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="CPU (default float32): bfloat16 decodes with bf16 weight copies (faster, logits within ~1%%); "
+                        "GPU (default bfloat16): the model's compute dtype")
+    s.add_argument("--threads", type=int, default=None, help="OpenMP threads for the model")
+    s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="CORS: let web pages from ORIGIN call the API (repeatable; '*' for any)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
 def _cmd_rl(args: argparse.Namespace) -> int:
     from .rl import RLConfig, train_grpo
 
@@ -334,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format (default fastllm)")
     s.set_defaults(func=_cmd_convert)
 
+    s = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page")
+    _add_serve_args(s)
+    s.set_defaults(func=_cmd_serve)
 
     from .rl import RewardModelConfig, RLConfig
 
