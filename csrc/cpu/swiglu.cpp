@@ -8,8 +8,8 @@ and down(relu(x W^T)^2) for ReLU^2, So et al. 2021 (Primer), used by nanochat an
   ReLU^2: out = max(x, 0)^2;  dx += 2 max(x, 0) dout  (element-wise, any shape).
 Element-wise, O(N*H), memory bound (SwiGLU forward reads 8 bytes and writes 4 per output element). OpenMP over
 rows / blocks (serial below 64 Ki elements). sigmoid = 1 / (1 + exp(-g)) with the polynomial exp of vecmath.h
-(<= 1 ulp) and a true division: |error| of silu <= ~2 ulp; exp clamps, so g -> -inf gives silu -> -0 and g -> +inf
-gives g, never inf/NaN. AVX-512 / AVX2 chosen at run time; the naive std::exp loops are the scalar fallback and the
+(<= 1 ulp) and a true division: |error| of silu <= ~2 ulp; sigmoid is 0 below g = -87 and the exp clamps, so
+g -> -inf gives silu -> -0 and g -> +inf gives g, never inf/NaN (NaN propagates). AVX-512 / AVX2 chosen at run time; the naive std::exp loops are the scalar fallback and the
 spec. ReLU^2 is a plain `omp simd` loop (the compiler vectorizes it for the baseline ISA).
 Perf notes: see benchmarks/bench_swiglu.py (vs torch's F.silu(g) * u, which makes two passes and a temporary).
 */
@@ -24,18 +24,23 @@ Perf notes: see benchmarks/bench_swiglu.py (vs torch's F.silu(g) * u, which make
 namespace fastllm::cpu {
 
 static constexpr int64_t kParallelMin = 65536;  // elements; below: one thread
+// below this gate, sigmoid(g) < 1e-38 is taken as 0 (the clamped polynomial exp would leave ~4e-39, which times a
+// huge |g| is not negligible: silu(-1e30) would be -4e-9 instead of -0)
+static constexpr float kSigmoidZero = -87.0f;
 
 // ---------------------------------------------------------------------------------------------------------
 // naive rows (scalar fallback and spec): g = gate row, u = up row, H elements
 
+static inline float sigmoid(float g) { return g < kSigmoidZero ? 0.0f : 1.0f / (1.0f + std::exp(-g)); }
+
 static void swiglu_forward_row_naive(float* o, const float* g, const float* u, int64_t H) {
-    for (int64_t i = 0; i < H; i++) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    for (int64_t i = 0; i < H; i++) o[i] = g[i] * sigmoid(g[i]) * u[i];
 }
 
 static void swiglu_backward_row_naive(float* dg, float* du, const float* dy, const float* g, const float* u,
                                       int64_t H) {
     for (int64_t i = 0; i < H; i++) {
-        const float s = 1.0f / (1.0f + std::exp(-g[i]));
+        const float s = sigmoid(g[i]);
         dg[i] += dy[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
         du[i] += dy[i] * g[i] * s;
     }
@@ -44,11 +49,18 @@ static void swiglu_backward_row_naive(float* dg, float* du, const float* dy, con
 // ---------------------------------------------------------------------------------------------------------
 // AVX-512 and AVX2 rows (masked / naive tails)
 
+FASTLLM_TARGET_AVX512 static inline __m512 sigmoid512(__m512 g) {  // 0 below kSigmoidZero
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(g, _mm512_set1_ps(kSigmoidZero), _CMP_NLT_UQ), vec::sigmoid512(g));
+}
+FASTLLM_TARGET_AVX2 static inline __m256 sigmoid256(__m256 g) {
+    return _mm256_and_ps(_mm256_cmp_ps(g, _mm256_set1_ps(kSigmoidZero), _CMP_NLT_UQ), vec::sigmoid256(g));
+}
+
 FASTLLM_TARGET_AVX512 static void swiglu_forward_row_avx512(float* o, const float* g, const float* u, int64_t H) {
     for (int64_t i = 0; i < H; i += 16) {
         const __mmask16 k = vec::tail_mask16(H - i);
         const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
-        const __m512 y = _mm512_mul_ps(_mm512_mul_ps(gv, vec::sigmoid512(gv)), _mm512_maskz_loadu_ps(k, u + i));
+        const __m512 y = _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid512(gv)), _mm512_maskz_loadu_ps(k, u + i));
         _mm512_mask_storeu_ps(o + i, k, y);
     }
 }
@@ -59,7 +71,7 @@ FASTLLM_TARGET_AVX512 static void swiglu_backward_row_avx512(float* dg, float* d
     for (int64_t i = 0; i < H; i += 16) {
         const __mmask16 k = vec::tail_mask16(H - i);
         const __m512 gv = _mm512_maskz_loadu_ps(k, g + i), uv = _mm512_maskz_loadu_ps(k, u + i);
-        const __m512 d = _mm512_maskz_loadu_ps(k, dy + i), s = vec::sigmoid512(gv);
+        const __m512 d = _mm512_maskz_loadu_ps(k, dy + i), s = sigmoid512(gv);
         const __m512 ds = _mm512_mul_ps(s, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));  // silu'(g)
         _mm512_mask_storeu_ps(dg + i, k, _mm512_fmadd_ps(_mm512_mul_ps(d, uv), ds, _mm512_maskz_loadu_ps(k, dg + i)));
         _mm512_mask_storeu_ps(du + i, k, _mm512_fmadd_ps(d, _mm512_mul_ps(gv, s), _mm512_maskz_loadu_ps(k, du + i)));
@@ -70,7 +82,7 @@ FASTLLM_TARGET_AVX2 static void swiglu_forward_row_avx2(float* o, const float* g
     int64_t i = 0;
     for (; i + 8 <= H; i += 8) {
         const __m256 gv = _mm256_loadu_ps(g + i);
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, vec::sigmoid256(gv)), _mm256_loadu_ps(u + i)));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid256(gv)), _mm256_loadu_ps(u + i)));
     }
     if (i < H) swiglu_forward_row_naive(o + i, g + i, u + i, H - i);
 }
@@ -81,7 +93,7 @@ FASTLLM_TARGET_AVX2 static void swiglu_backward_row_avx2(float* dg, float* du, c
     int64_t i = 0;
     for (; i + 8 <= H; i += 8) {
         const __m256 gv = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i), d = _mm256_loadu_ps(dy + i);
-        const __m256 s = vec::sigmoid256(gv);
+        const __m256 s = sigmoid256(gv);
         const __m256 ds = _mm256_mul_ps(s, _mm256_fmadd_ps(gv, _mm256_sub_ps(one, s), one));
         _mm256_storeu_ps(dg + i, _mm256_fmadd_ps(_mm256_mul_ps(d, uv), ds, _mm256_loadu_ps(dg + i)));
         _mm256_storeu_ps(du + i, _mm256_fmadd_ps(d, _mm256_mul_ps(gv, s), _mm256_loadu_ps(du + i)));
