@@ -209,10 +209,23 @@ def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need
 # ---- attention -----------------------------------------------------------------------------------------
 
 
-def _q_width(qkv: np.ndarray, n_head: int, n_kv_head: int | None) -> int:
-    """C = n_head * hs of packed qkv (..., (n_head + 2 * n_kv_head) * hs); the binding checks the rest."""
+def _nkv(n_kv_head) -> int | None:
+    return None if n_kv_head is None else int(n_kv_head)
+
+
+def _q_width(qkv, n_head: int, n_kv_head: int | None) -> int:
+    """C = n_head * hs of packed qkv (..., (n_head + 2 * n_kv_head) * hs) (both backends; the bindings check)."""
     heads = int(n_head) + 2 * int(n_head if n_kv_head is None else n_kv_head)
     return qkv.shape[-1] // heads * int(n_head) if heads > 0 else 0
+
+
+def _kv_out_width(qkv, kcache, n_kv_head: int | None) -> int:
+    """NH * hs of attention_kv_forward's out, from qkv (B, Tn, (NH + 2 NKV) hs) and kcache (B, NKV, maxT, hs); n_kv_head
+    None means NH = NKV. Shapes only (both backends; the bindings check them)."""
+    if len(kcache.shape) != 4 or kcache.shape[-1] <= 0:
+        return 0
+    nkv, hs = kcache.shape[1], kcache.shape[-1]
+    return max(nkv if n_kv_head is None else qkv.shape[-1] // hs - 2 * nkv, 0) * hs
 
 
 def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None):
@@ -226,7 +239,7 @@ def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | Non
     B, T = qkv.shape[:2]
     out = np.empty((B, T, _q_width(qkv, n_head, n_kv_head)), np.float32) if out is None else out
     lse = np.empty((B, int(n_head), T), np.float32) if lse is None else lse
-    _C.attention_forward(out, lse, qkv, int(n_head), None if n_kv_head is None else int(n_kv_head))
+    _C.attention_forward(out, lse, qkv, int(n_head), _nkv(n_kv_head))
     return out, lse
 
 
@@ -234,7 +247,7 @@ def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: i
     """Gradient w.r.t. qkv (B, T, (NH + 2*NKV) * hs), accumulated into dqkv; dk, dv of a kv head sum over the
     query heads that share it."""
     dqkv = _out(dqkv, "dqkv", _f32(qkv, "qkv").shape)
-    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head), None if n_kv_head is None else int(n_kv_head))
+    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head), _nkv(n_kv_head))
     return dqkv
 
 
@@ -243,13 +256,9 @@ def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | No
     and values are written into kcache/vcache (B, NKV, max_T, hs) at positions pos[b] .. pos[b]+Tn-1 (only the kv
     heads are stored), then each new query attends causally to its sequence's cache. Returns out (B, Tn, NH*hs).
     pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal kcache.shape[1]."""
-    qkv = _f32(qkv, "qkv")
-    if out is None:
-        hs = kcache.shape[-1] if isinstance(kcache, np.ndarray) and kcache.ndim == 4 and kcache.shape[-1] else 1
-        nkv = kcache.shape[1] if isinstance(kcache, np.ndarray) and kcache.ndim == 4 else 0
-        n_head = nkv if n_kv_head is None else qkv.shape[-1] // hs - 2 * nkv
-        out = np.empty((*qkv.shape[:2], max(n_head, 0) * hs), np.float32)
-    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), None if n_kv_head is None else int(n_kv_head))
+    qkv, kcache = _f32(qkv, "qkv"), _f32(kcache, "kcache")
+    out = np.empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), np.float32) if out is None else out
+    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), _nkv(n_kv_head))
     return out
 
 
@@ -365,11 +374,12 @@ def residual_backward(dout, dinp1=None, dinp2=None):
 # ---- the Llama family: rmsnorm, rope, swiglu, relu2 ------------------------------------------------------
 
 
-def _norm_stats_shape(x: np.ndarray, heads) -> tuple:
+def _norm_stats_shape(x, heads) -> tuple:
+    """The shape of rmsnorm's rstd for x (..., C), or with heads=(h0, h1) for the rows [h0, h1) of x (..., R, C)."""
     if heads is None:
-        return x.shape[:-1]
-    if x.ndim < 2:
-        raise ValueError(f"heads needs x (..., R, C) with a head axis, got shape {x.shape}")
+        return tuple(x.shape[:-1])
+    if len(x.shape) < 2:
+        raise ValueError(f"heads needs x (..., R, C) with a head axis, got shape {tuple(x.shape)}")
     return (*x.shape[:-2], int(heads[1]) - int(heads[0]))
 
 
@@ -411,8 +421,7 @@ def rope_forward(qkv, cos, sin, n_head: int, pos=None, out=None, n_kv_head: int 
     dims of each q/k head rotate, the rest and v pass through. out may be qkv itself (in place)."""
     qkv = _f32(qkv, "qkv")
     out = np.empty_like(qkv) if out is None else out
-    _C.rope_forward(out, qkv, cos, sin, None if pos is None else _ids(pos, "pos"), int(n_head),
-                    None if n_kv_head is None else int(n_kv_head))
+    _C.rope_forward(out, qkv, cos, sin, None if pos is None else _ids(pos, "pos"), int(n_head), _nkv(n_kv_head))
     return out
 
 
@@ -421,8 +430,7 @@ def rope_backward(dout, cos, sin, n_head: int, pos=None, dqkv=None, n_kv_head: i
     itself: then dout is rotated back in place (dqkv = R^T dout), the usual use after attention_backward."""
     dout = _f32(dout, "dout")
     dqkv = _out(dqkv, "dqkv", dout.shape)
-    _C.rope_backward(dqkv, dout, cos, sin, None if pos is None else _ids(pos, "pos"), int(n_head),
-                     None if n_kv_head is None else int(n_kv_head))
+    _C.rope_backward(dqkv, dout, cos, sin, None if pos is None else _ids(pos, "pos"), int(n_head), _nkv(n_kv_head))
     return dqkv
 
 
