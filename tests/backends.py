@@ -43,3 +43,9 @@ def rel_err(got, ref, floor: float = 1e-6) -> float:
     """max |got - ref| / max |ref|, the denominator floored at `floor` (for gradients that vanish, e.g. C = 1)."""
     ref = np.asarray(ref, np.float64)
     return float(np.abs(np.asarray(got, np.float64) - ref).max() / max(float(np.abs(ref).max()), floor))
+
+
+def acc_floor(start, dtype: str) -> float:
+    """rel_err's floor for a gradient accumulated (+=) into `start`: a bf16 buffer rounds the sum, so the added part
+    is only known to bf16 precision of |start|."""
+    return float(np.abs(start).max()) if dtype == "bfloat16" else 1e-6
