@@ -18,7 +18,7 @@ TOL = {"float32": {"out": 2e-5, "lse": 2e-5, "grad": 1e-4}, "bfloat16": {"out": 
 
 # (B, T, NH, NKV, hs): hs 64/128 take the CUDA tensor-core kernels in bf16, the others the simple ones
 SHAPES = [(1, 1, 4, 1, 16), (2, 7, 4, 2, 16), (1, 13, 6, 3, 24), (2, 5, 8, 1, 8), (1, 37, 2, 2, 32),
-          (1, 65, 4, 2, 64), (2, 33, 4, 1, 64), (1, 40, 2, 1, 128),
+          (1, 65, 4, 2, 64), (2, 33, 4, 1, 64), (2, 19, 3, 3, 64), (1, 40, 2, 1, 128), (1, 33, 2, 2, 128),
           pytest.param(2, 300, 8, 2, 64, marks=pytest.mark.gpu_scale)]
 
 
@@ -94,19 +94,21 @@ def test_gqa_vs_torch_sdpa(rng, name, NH, NKV):
 
 
 @pytest.mark.parametrize("name,dtype", CASES)
-@pytest.mark.parametrize("NH,NKV,hs", [(4, 1, 16), (6, 2, 64), (2, 2, 40)])
+@pytest.mark.parametrize("NH,NKV,hs", [(4, 1, 16), (6, 2, 64), (2, 2, 40), (3, 3, 16)])
 def test_gqa_kv_cache_matches_full_attention(rng, name, dtype, NH, NKV, hs):
     """Prefill then one-token steps through attention_kv_forward equal the full causal attention; rows start at
-    different positions; the cache (B, NKV, maxT, hs) holds exactly the kv heads' keys and values."""
+    different positions; the cache (B, NKV, maxT, hs) holds exactly the kv heads' keys and values. NKV = NH = 3
+    goes through n_kv_head=None (multi-head attention)."""
     bk, tol = get(name), TOL[dtype]
+    nkv_arg = None if (NH, NKV) == (3, 3) else NKV
     B, T, maxT, P = 2, 9, 16, 5
     qkv, _ = _qkv(rng, B, T, NH, NKV, hs, dtype)
     kc, vc = up(name, np.zeros((B, NKV, maxT, hs), np.float32), dtype), up(name, np.zeros((B, NKV, maxT, hs)), dtype)
     outs = [down(name, bk.attention_kv_forward(up(name, qkv[:, :P], dtype), kc, vc, np.zeros(B, np.int32),
-                                               n_kv_head=NKV))]
+                                               n_kv_head=nkv_arg))]
     for t in range(P, T):
         outs.append(down(name, bk.attention_kv_forward(up(name, qkv[:, t:t + 1], dtype), kc, vc,
-                                                       np.full(B, t, np.int32), n_kv_head=NKV)))
+                                                       np.full(B, t, np.int32), n_kv_head=nkv_arg)))
     got = np.concatenate(outs, axis=1)
     ref_out, _ = reference.gqa_attention_forward(qkv, NH, NKV)
     assert rel_err(got, ref_out) <= tol["out"]
@@ -116,7 +118,7 @@ def test_gqa_kv_cache_matches_full_attention(rng, name, dtype, NH, NKV, hs):
     # different start positions per row: row 1 continues from position 3 of its own cache
     qkv2, _ = _qkv(rng, B, 2, NH, NKV, hs, dtype)
     out2 = down(name, bk.attention_kv_forward(up(name, qkv2, dtype), kc, vc, np.array([T, 3], np.int32),
-                                              n_kv_head=NKV))
+                                              n_kv_head=nkv_arg))
     seq1 = np.concatenate([qkv[1:, :3], qkv2[1:]], axis=1)
     assert rel_err(out2[1:], reference.gqa_attention_forward(seq1, NH, NKV)[0][:, 3:]) <= tol["out"]
 
