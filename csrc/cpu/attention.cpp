@@ -710,10 +710,13 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 
 // The queries q_g = q + g*hs, g < ng, of one kv group and one position attend to the same cache rows 0..n-1 of
 // their kv head: each key and value row is read once for all of them (decoding is bound by the cache reads).
-// scores (ng, n) scratch; out_g = out + g*hs. O(ng * n * hs).
+// scores (ng, n) scratch; out_g = out + g*hs. O(ng * n * hs). NG = 1 fixes ng = 1 at compile time (multi-head
+// attention: the loops over g vanish; with a run-time ng of 1 the code measured ~12% slower), NG = 0 takes ng.
+template <int NG>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void attend_group(float* out, float* scores, const float* q, int64_t ng, const float* K, const float* Vc,
+static void attend_group(float* out, float* scores, const float* q, int64_t ng_, const float* K, const float* Vc,
                          int64_t n, int64_t hs, float scale) {
+    const int64_t ng = NG ? NG : ng_;
     for (int64_t s = 0; s < n; s++) {
         const float* k = K + s * hs;
         // the cache is cold during decoding (weights stream through L3 between layers): fetch the key row
@@ -782,8 +785,11 @@ void attention_kv_forward(float* out, float* kcache, float* vcache, const float*
                         const int64_t h0 = hk * G + part * per, ng = std::min(per, (hk + 1) * G - h0);
                         if (ng <= 0) continue;
                         const int64_t base = (b * NKV + hk) * maxT * hs;
-                        attend_group(out + (b * Tn + t) * C + h0 * hs, scores.data(), qkv + (b * Tn + t) * W + h0 * hs,
-                                     ng, kcache + base, vcache + base, pos[b] + t + 1, hs, scale);
+                        float* o = out + (b * Tn + t) * C + h0 * hs;
+                        const float* q = qkv + (b * Tn + t) * W + h0 * hs;
+                        const int64_t n = pos[b] + t + 1;
+                        if (ng == 1) attend_group<1>(o, scores.data(), q, 1, kcache + base, vcache + base, n, hs, scale);
+                        else attend_group<0>(o, scores.data(), q, ng, kcache + base, vcache + base, n, hs, scale);
                     }
     }
 }
