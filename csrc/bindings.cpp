@@ -363,6 +363,14 @@ static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dou
 // ---------------------------------------------------------------------------------------------------------
 // the Llama family's ops: rmsnorm, rope, swiglu, relu2
 
+// An output that may be the input itself (in place) but must not overlap it otherwise (a shifted view would be read
+// after being written).
+static void check_same_or_disjoint(const py::array& out, const char* oname, const py::array& in, const char* iname) {
+    const char *o = static_cast<const char*>(out.data()), *i = static_cast<const char*>(in.data());
+    const bool overlap = out.nbytes() && in.nbytes() && o < i + in.nbytes() && i < o + out.nbytes();
+    FASTLLM_CHECK(o == i || !overlap, oname, " must be ", iname, " itself (in place) or not overlap it");
+}
+
 // The rows an rmsnorm call works on: x (..., C) whole, or with heads = (h0, h1) only rows [h0, h1) of its
 // second-to-last axis R (x (..., R, C), e.g. the q heads of qkv viewed as (B, T, NH + 2*NKV, hs)).
 struct NormRows {
@@ -396,6 +404,7 @@ static void rmsnorm_forward_py(py::array out, py::array rstd, py::array inp, py:
     const float* w = in_ptr<float>(weight, "weight", {r.C});
     float* o = out_ptr<float>(out, "out", shape_of(inp));
     float* s = out_ptr<float>(rstd, "rstd", r.stats_shape);
+    check_same_or_disjoint(out, "out", inp, "x");
     py::gil_scoped_release nogil;
     fastllm::cpu::rmsnorm_forward(o + r.offset, s, x + r.offset, w, r.N, r.C, r.group, r.group_stride, eps);
 }
@@ -450,6 +459,7 @@ static void rope_forward_py(py::array out, py::array qkv, py::array cos, py::arr
     const RopeDims d = rope_dims(qkv, "qkv", cos, sin, p, pos, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     float* o = out_ptr<float>(out, "out", shape_of(qkv));
+    check_same_or_disjoint(out, "out", qkv, "qkv");
     const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
     py::gil_scoped_release nogil;
     fastllm::cpu::rope_forward(o, x, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
@@ -461,6 +471,7 @@ static void rope_backward_py(py::array dqkv, py::array dout, py::array cos, py::
     const RopeDims d = rope_dims(dout, "dout", cos, sin, p, pos, NH, n_kv_head);
     const float* dy = in_ptr<float>(dout, "dout");
     float* dx = out_ptr<float>(dqkv, "dqkv", shape_of(dout));
+    check_same_or_disjoint(dqkv, "dqkv", dout, "dout");
     const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
     py::gil_scoped_release nogil;
     fastllm::cpu::rope_backward(dx, dy, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
@@ -500,6 +511,7 @@ static void swiglu_backward_py(py::array dgate_up, py::array dout, py::array gat
 static void relu2_forward_py(py::array out, py::array inp) {
     const float* x = in_ptr<float>(inp, "x");
     float* o = out_ptr<float>(out, "out", shape_of(inp));
+    check_same_or_disjoint(out, "out", inp, "x");
     const int64_t n = inp.size();
     py::gil_scoped_release nogil;
     fastllm::cpu::relu2_forward(o, x, n);

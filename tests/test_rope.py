@@ -169,6 +169,8 @@ def test_rope_bad_input(rng, name):
         bk.rope_forward(qkv, cos, sin, 4, pos=np.array([0, 7]), n_kv_head=2)  # 7 + 4 > 10 rows
     with pytest.raises(ValueError, match="pos"):
         bk.rope_forward(qkv, cos, sin, 4, pos=np.array([-1, 0]), n_kv_head=2)
+    with pytest.raises(ValueError, match="pos|tables"):
+        bk.rope_forward(up(name, rng.standard_normal((2, 11, 128)).astype(np.float32)), cos, sin, 4, n_kv_head=2)
     with pytest.raises(ValueError, match="n_kv_head"):
         bk.rope_forward(qkv, cos, sin, 4, n_kv_head=3)
     with pytest.raises(ValueError, match="qkv"):
@@ -182,3 +184,7 @@ def test_rope_bad_input(rng, name):
         bk.rope_forward(qkv, cos, sin, 4, out=up(name, np.zeros((2, 4, 64), np.float32)), n_kv_head=2)
     with pytest.raises(TypeError, match="pos"):
         bk.rope_forward(qkv, cos, sin, 4, pos=np.array([0.0, 1.0]), n_kv_head=2)
+    if name == "cpu":  # a shifted view of the input as output would read what it already wrote
+        buf = rng.standard_normal(2 * 4 * 128 + 16).astype(np.float32)
+        with pytest.raises(ValueError, match="out"):
+            bk.rope_forward(buf[:-16].reshape(2, 4, 128), cos, sin, 4, out=buf[16:].reshape(2, 4, 128), n_kv_head=2)

@@ -414,11 +414,14 @@ def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
 
 
 def _rope_pos(pos, x, cos):
-    """None, or pos (B,) on the GPU; numpy positions are checked against the tables (pos[b] + T <= max_pos)."""
-    if pos is None:
-        return None
+    """None, or pos (B,) on the GPU; numpy positions (and the implicit 0..T-1 of pos=None) are checked against the
+    tables (pos[b] + T <= max_pos): the kernels skip rows beyond them, they cannot raise."""
     T = x.shape[1] if len(x.shape) == 3 else 0
     P = _dev(cos, "cos").shape[0] if len(cos.shape) == 2 else 0
+    if pos is None:
+        if T > P:
+            raise ValueError(f"positions 0 .. {T - 1} (pos=None) are outside the cos/sin tables of {P} rows")
+        return None
     return _positions(pos, "pos", T, P, "rows of the cos/sin tables")
 
 
