@@ -760,10 +760,9 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     const bf16* vb = kb + (int64_t)NKV * HS;
     const int it0 = k0 / BQ, n_qt = (T_ + BQ - 1) / BQ;
     const int kw = 16 * warp;  // this warp's first key row in the tile
-    // the query head whose tiles are loaded (the G heads of the kv head in turn; dK, dV sum over them)
+    // the query head whose tiles load_q_tile loads (the G heads of the kv head in turn; dK, dV sum over them)
     const bf16 *qb = nullptr, *gb = nullptr;
     const float *lse_b = nullptr, *D_b = nullptr;
-    int h = 0;
 
     auto load_q_tile = [&](int it, int buf) {
         const int q0 = it * BQ;
@@ -785,7 +784,7 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.f;
 
-    for (h = hk * G; h < (hk + 1) * G; h++) {
+    for (int h = hk * G; h < (hk + 1) * G; h++) {
         qb = qkv + b * T_ * C3 + (int64_t)h * HS;
         gb = dout + b * T_ * C + (int64_t)h * HS;
         lse_b = lse + (b * NH + h) * T_;
