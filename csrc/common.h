@@ -38,11 +38,24 @@ std::string str_cat(Args&&... args) {
     } while (0)
 
 // ---- threads
+// The most threads fastllm runs (as ggml's GGML_MAX_N_THREADS): libgomp segfaults or exits the process when it
+// cannot create the threads asked for (OMP_NUM_THREADS=100000), and thousands of threads are never faster.
+// The bindings refuse more (ValueError) and lower a larger OMP_NUM_THREADS to it (limit_threads).
+constexpr int kMaxThreads = 1024;
+
 inline int max_threads() {
 #ifdef _OPENMP
-    return omp_get_max_threads();
+    const int n = omp_get_max_threads();
+    return n < kMaxThreads ? n : kMaxThreads;
 #else
     return 1;
+#endif
+}
+// Lowers the calling thread's OpenMP thread count to kMaxThreads when OMP_NUM_THREADS asked for more (the count
+// is per thread: every binding calls this before running a kernel).
+inline void limit_threads() {
+#ifdef _OPENMP
+    if (omp_get_max_threads() > kMaxThreads) omp_set_num_threads(kMaxThreads);
 #endif
 }
 inline int thread_id() {

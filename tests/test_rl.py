@@ -111,7 +111,8 @@ def test_weighted_ce_gradient_vs_torch(N, C, V, chunk, threads):
     t[::5] = -1  # ignored rows: no gradient whatever their weight
     w = rng.standard_normal(N).astype(np.float32)
     w[1::4] = 0.0
-    losses, dh, dW = ops.lmhead_ce(h, W, t, grad_scale=0.5, row_weights=w, scratch=np.empty((chunk, W.shape[0]), np.float32))
+    scratch = np.empty((chunk, W.shape[0]), np.float32)
+    losses, dh, dW = ops.lmhead_ce(h, W, t, grad_scale=0.5, row_weights=w, scratch=scratch)
     ht = torch.tensor(h, dtype=torch.float64, requires_grad=True)
     Wt = torch.tensor(W, dtype=torch.float64, requires_grad=True)
     ce = torch.nn.functional.cross_entropy(ht @ Wt.T, torch.tensor(t), ignore_index=-1, reduction="none")

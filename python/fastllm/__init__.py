@@ -22,8 +22,9 @@ def info() -> dict:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of OpenMP threads the native kernels use (like torch.set_num_threads)."""
-    _C.set_num_threads(int(n))
+    """Set the number of OpenMP threads the native kernels use (like torch.set_num_threads), 1 to
+    `fastllm._C.MAX_THREADS` (1024); a larger OMP_NUM_THREADS is lowered to it (with a warning)."""
+    _C.set_num_threads(n)
 
 
 def get_num_threads() -> int:

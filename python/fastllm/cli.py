@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -64,8 +65,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty)
+    """The sampling flags, checked (ValueError naming the bad one) before any model is loaded."""
+    from .sample import SamplingParams, check_seed
+
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              repetition_penalty=args.repetition_penalty)
+    SamplingParams(**kw)
+    check_seed(args.seed)
+    return kw
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -89,13 +96,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """Library warnings as one `fastllm: warning: ...` line each, as they happen."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"fastllm: warning: {message}", file=sys.stderr)
+        yield
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
-    st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                 shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
-    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens from {st.documents} documents in "
-          f"{len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
+    with _warnings_to_stderr():
+        st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                     shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
+                     dask=args.dask)
+    split = {"documents": "whole documents", "within": "the end of each document", "none": "none"}[st.split]
+    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens (val split: {split}) from {st.documents} "
+          f"documents in {len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
     return 0
 
 
@@ -103,8 +124,9 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     from .clean import CleanConfig, clean
 
     cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
-                  scrub_pii=not args.keep_pii)
-    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress)
+                  scrub_pii=not args.keep_pii, lang_rules=not args.no_lang_rules)
+    with _warnings_to_stderr():
+        s = clean(args.inputs, args.out, cfg, progress=not args.no_progress, dask=args.dask)
     print(s.table())
     print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
           f"in {s.seconds:.1f}s -> {s.out_dir}")
@@ -138,21 +160,32 @@ def _checkpoint_tokenizer(model, override: str | None):
 def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
-    from .sample import SamplingParams, stream_text
+    import numpy as np
+
+    from .sample import stream_text
     from .train import load_model
 
-    SamplingParams(**_sampling_kwargs(args))  # validate before loading anything
+    sampling = _sampling_kwargs(args)  # checked before loading anything
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     model = load_model(args.ckpt).eval()
     tok = _checkpoint_tokenizer(model, args.tokenizer)
     if args.device == "cuda":
         model.to("cuda", args.dtype or "bfloat16")
-    n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
+    ids = tok.encode(args.prompt, allowed_special="all")
+    if ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
+        ids = np.array([tok.eot_token])
+    context = model.config.block_size
+    if ids.size >= context:
+        raise ValueError(f"--prompt is {ids.size} tokens but the model's context is {context} tokens: give a prompt "
+                         f"of at most {context - 1} tokens to leave room for new ones")
+    n = min(args.max_new_tokens, context - ids.size)
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tok, args.prompt, n, stop=args.stop, stats=stats,
+        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats,
                                  seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
-                                 **_sampling_kwargs(args)):
+                                 **sampling):
             print(piece, end="", flush=True)
         dt = time.time() - t0
         print(f"\n--- {stats['tokens']} tokens in {dt:.2f}s ({stats['tokens'] / max(dt, 1e-9):.1f} tokens/s)",
@@ -180,6 +213,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from .sft import ChatSession, chat_loop
     from .train import load_model
 
+    _sampling_kwargs(args)  # checked before loading anything
     model = load_model(args.ckpt).eval()
     session = ChatSession(model, _checkpoint_tokenizer(model, args.tokenizer), system=args.system,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.dtype or "float32",
@@ -249,21 +283,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("corpus", nargs="*", help="files or folders (.txt, .md, .jsonl); none: the built-in corpus")
     s.add_argument("--tokenizer", required=True, help="tokenizer file (fastllm tokenizer train)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the text for validation: whole documents, or the end of each when there are few")
     s.add_argument("--shard-tokens", type=int, default=50_000_000)
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
+                   help="tokenize and write shards on a Dask cluster: 'local' (a LocalCluster) or a scheduler")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_prepare)
 
     from .clean import CleanConfig
 
     s = sub.add_parser("clean", help="web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards")
-    s.add_argument("inputs", nargs="+", help="files or folders (.html, .warc[.gz], .jsonl with html/text)")
+    s.add_argument("inputs", nargs="+", help="files or folders of any kind (HTML, RSS/Atom, WARC, JSONL with "
+                   "html/text, plain text; gzip/bz2/xz/zstd), told by content")
     s.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl, summary.json)")
     s.add_argument("--lang", nargs="+", default=None, help="keep only these languages (ISO 639-1, e.g. en de)")
-    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii"))
+    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii", "lang_rules"))
     s.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
     s.add_argument("--keep-pii", action="store_true", help="do not replace e-mail and IP addresses")
+    s.add_argument("--no-lang-rules", action="store_true",
+                   help="the English thresholds for every language (default: FineWeb-2's per language)")
+    s.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
+                   help="run on a Dask cluster: 'local' (a LocalCluster of --processes workers) or a scheduler")
     s.set_defaults(func=_cmd_clean)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -305,21 +347,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_line(e: BaseException) -> str:
+    """The one line `main` prints for an exception: its message (which names the argument or file) for the
+    errors bad input raises; the exception type too for anything else, which is a bug worth reporting.
+
+    >>> error_line(KeyError("rng"))
+    "fastllm: error: KeyError: 'rng' (unexpected: FASTLLM_DEBUG=1 shows the traceback)"
+    """
+    from .cuda import CudaUnavailableError
+
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, (ValueError, TypeError, OSError, ImportError, FloatingPointError, CudaUnavailableError)):
+        return f"fastllm: error: {msg or type(e).__name__}"
+    return f"fastllm: error: {type(e).__name__}{': ' + msg if msg else ''} (unexpected: FASTLLM_DEBUG=1 shows the " \
+           "traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Whatever goes wrong ends as one `fastllm: error: ...` line on stderr and exit code 1
+    (Ctrl-C: 130; bad flags: argparse's usage message and 2); FASTLLM_DEBUG=1 also prints the traceback."""
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .cuda import CudaUnavailableError
-
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, CudaUnavailableError, KeyboardInterrupt) as e:
-        if isinstance(e, KeyboardInterrupt):
-            print("interrupted", file=sys.stderr)
-            return 130
-        print(f"fastllm: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastllm sample ... | head`: the reader is gone; stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        return 141
+    except Exception as e:
+        if os.environ.get("FASTLLM_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(error_line(e), file=sys.stderr)
         return 1
 
 

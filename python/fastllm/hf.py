@@ -17,14 +17,16 @@ buffer (peak memory ~ one model), through fastllm.fileio: no pickle, every offse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import load_safetensors, save_safetensors, write_json
+from .fileio import load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig
 
 CONFIG_FILE = "config.json"
@@ -131,10 +133,8 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
     if not index.exists():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors is read, never "
                                 f"pytorch_model.bin)")  # fmt: skip
-    try:
-        wmap = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{index}: corrupt index ({e})") from None
+    doc = read_json(index)
+    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wmap, dict) or not wmap:
         raise ValueError(f"{index}: no weight_map")
     files = []
@@ -183,10 +183,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found")
-    try:
-        cfg = config_from_hf(json.loads(cfg_path.read_text(encoding="utf-8")), str(cfg_path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: corrupt JSON ({e})") from None
+    cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
     model = cls(cfg, init=False)
     seen: dict[str, Path] = {}
     filled: set[tuple[str, int | None]] = set()
@@ -317,17 +314,16 @@ def vocab_merges_doc(vocab_path: str | os.PathLike, merges_path: str | os.PathLi
     priority = line order, GPT-2 pre-tokenizer, no prefix space), as HF's GPT2TokenizerFast builds it.
     `special_tokens` (default: <|endoftext|> if it is in the vocab) become added tokens."""
     vocab_path, merges_path = os.fspath(vocab_path), os.fspath(merges_path)
-    try:
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{vocab_path}:{e.lineno}: corrupt JSON ({e.msg})") from None
+    vocab = read_json(vocab_path)
     if not isinstance(vocab, dict):
         raise ValueError(f"{vocab_path}:1: expected a JSON object token -> id")
     merges = []
-    with open(merges_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+    with open(merges_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{merges_path}:{lineno}: not valid UTF-8 ({e.reason})") from None
             if (lineno == 1 and line.startswith("#version")) or not line.strip():
                 continue
             parts = line.split(" ")
@@ -358,12 +354,12 @@ def _special_tokens_from_config(folder: Path) -> list[str] | None:
     p = folder / "tokenizer_config.json"
     if not p.exists():
         return None
-    try:
-        conf = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: corrupt JSON ({e})") from None
+    conf = read_json(p)
+    if not isinstance(conf, dict):
+        raise ValueError(f"{p}:1: expected a JSON object")
     out: list[str] = []
-    for t in (conf.get("added_tokens_decoder") or {}).values():
+    decoder = conf.get("added_tokens_decoder")
+    for t in decoder.values() if isinstance(decoder, dict) else ():
         if isinstance(t, dict) and isinstance(t.get("content"), str):
             out.append(t["content"])
     for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -382,10 +378,10 @@ def load_vocab_merges(folder: str | os.PathLike):
     specials = _special_tokens_from_config(folder)
     vocab_path = folder / "vocab.json"
     if specials is not None:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        specials = [s for s in specials if s in vocab]
+        vocab = read_json(vocab_path)
+        specials = [s for s in specials if isinstance(vocab, dict) and s in vocab]
     doc = vocab_merges_doc(vocab_path, folder / "merges.txt", specials)
-    return Tokenizer._from_hf_doc(doc, os.fspath(vocab_path))
+    return Tokenizer._from_hf_doc(doc, f"{vocab_path} (with merges.txt)")
 
 
 def find_hf_tokenizer(folder: str | os.PathLike) -> Path | None:
@@ -400,36 +396,68 @@ def find_hf_tokenizer(folder: str | os.PathLike) -> Path | None:
 # ---- conversion ------------------------------------------------------------------------------------------
 
 
+def _check_convert_paths(src: Path, dst: Path) -> None:
+    """convert() never writes into its source: dst may be neither src nor inside it."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise ValueError(f"convert: the output folder {dst} is {'the source' if d == s else 'inside the source'} "
+                         f"{src}; choose another output folder")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"convert: the output {dst} exists and is not a folder")
+
+
+@contextlib.contextmanager
+def _output_folder(dst: Path):
+    """The folder to write dst's files into: a new dst is written as a hidden sibling folder and renamed at the
+    end, so an interrupted or failed conversion leaves no dst at all; an existing one gets each file atomically."""
+    if dst.exists():
+        yield dst
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this process id
+    tmp.mkdir()  # (mode from the umask, unlike mkdtemp's 0700)
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm") -> Path:
     """HF GPT-2 folder -> fastllm checkpoint folder (to="fastllm": model.safetensors with the GPTConfig in its
-    metadata, as train.load_model reads, plus the tokenizer), or a fastllm checkpoint -> HF folder (to="hf")."""
+    metadata, as train.load_model reads, plus the tokenizer), or a fastllm checkpoint -> HF folder (to="hf").
+    Everything is read and checked before anything is written; dst may not be src or inside it."""
     from .data import TOKENIZER_FILE, find_tokenizer
     from .tokenizer import Tokenizer
     from .train import load_model
 
     src, dst = Path(src), Path(dst)
+    if to not in ("fastllm", "hf"):
+        raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
+    _check_convert_paths(src, dst)
     if to == "fastllm":
         model = from_pretrained(src)
-        dst.mkdir(parents=True, exist_ok=True)
-        save_safetensors(
-            dst / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())}
-        )
-        if find_hf_tokenizer(src) is not None:
-            tok = Tokenizer.from_pretrained(src)
-            if tok.n_vocab > model.config.vocab_size:
-                raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
-                                 f"{model.config.vocab_size}")  # fmt: skip
-            if tok._is_ranks:  # tiktoken semantics: the rank file `fastllm sample` looks for
-                tok.save(dst / TOKENIZER_FILE)
-            else:  # HF merge priority: only tokenizer.json can express it
-                tok.save_hf(dst / "tokenizer.json")
+        tok = Tokenizer.from_pretrained(src) if find_hf_tokenizer(src) is not None else None
+        if tok is not None and tok.n_vocab > model.config.vocab_size:
+            raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
+                             f"{model.config.vocab_size}")  # fmt: skip
+        with _output_folder(dst) as out:
+            save_safetensors(
+                out / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())}
+            )
+            if tok is not None and tok._is_ranks:  # tiktoken semantics: the rank file `fastllm sample` looks for
+                tok.save(out / TOKENIZER_FILE)
+            elif tok is not None:  # HF merge priority: only tokenizer.json can express it
+                tok.save_hf(out / "tokenizer.json")
         return dst
-    if to == "hf":
-        model = load_model(src)
-        tok_path = find_tokenizer(model.checkpoint_dir)
-        tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
-        return save_pretrained(model, dst, tokenizer=tok)
-    raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
+    model = load_model(src)
+    tok_path = find_tokenizer(model.checkpoint_dir)
+    tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
+    with _output_folder(dst) as out:
+        save_pretrained(model, out, tokenizer=tok)
+    return dst
 
 
 __all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "hf_state_dict", "convert",

@@ -624,8 +624,9 @@ class KVCache:
                                  out=x.reshape((b, Tn, C)))
         else:
             for i in range(b):
-                bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"],
-                                     bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C)), out=bk.view(x, i * Tn * C, (1, Tn, C)))
+                wpe_i = bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C))
+                bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"], wpe_i,
+                                     out=bk.view(x, i * Tn * C, (1, Tn, C)))
         per_layer = self.B * NH * Tm * hs
         for l in range(cfg.n_layer):
             kc = bk.view(self.k, l * per_layer + r0 * NH * Tm * hs, (b, NH, Tm, hs))

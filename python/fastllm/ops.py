@@ -62,6 +62,15 @@ def _out(x, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
     return x
 
 
+def _view(a, n: int | None = None):
+    """a as the kernel's (rows, n) matrix, or flat vector when n is None: always a view. What cannot be viewed so
+    (not an ndarray, not C-contiguous, last axis not n) goes to the kernel unchanged, which rejects it naming the
+    argument; reshape would copy a strided output (the kernel would fill the copy) or fail (reshape(-1, 0))."""
+    if not isinstance(a, np.ndarray) or not a.flags.c_contiguous or a.ndim == 0 or n not in (None, a.shape[-1]):
+        return a
+    return a.reshape(-1) if n is None else a.reshape(a.size // n if n else int(np.prod(a.shape[:-1])), n)
+
+
 def _row_weights(w, targets: np.ndarray):
     """Optional per-row gradient weights shaped like targets, flattened for the kernel (which checks dtype)."""
     if w is None:
@@ -187,9 +196,9 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None) -> np.ndarra
     lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
     OC = weight.shape[0] if weight.ndim == 2 else 0
     out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
-    pg = None if pre_gelu is None else _out(pre_gelu, "pre_gelu", (*lead, OC)).reshape(-1, OC)
+    pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
     kernel = _C.matmul_forward_bf16w if weight.dtype == np.uint16 else _C.matmul_forward
-    kernel(out.reshape(-1, OC), inp.reshape(-1, C), weight, bias, pg)
+    kernel(_view(out, OC), _view(inp, C), weight, bias, pg)
     return out
 
 
@@ -201,8 +210,8 @@ def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need
     dinp = _out(dinp, "dinp", inp.shape) if need_dinp else None
     dweight = _out(dweight, "dweight", weight.shape)
     dbias = _out(dbias, "dbias", (OC,)) if need_bias else None
-    _C.matmul_backward(None if dinp is None else dinp.reshape(-1, C), dweight, dbias, dout.reshape(-1, OC),
-                       inp.reshape(-1, C), weight)
+    _C.matmul_backward(None if dinp is None else _view(dinp, C), dweight, dbias, _view(dout, OC),
+                       _view(inp, C), weight)
     return dinp, dweight, dbias
 
 
@@ -215,8 +224,8 @@ def _nkv(n_kv_head) -> int | None:
 
 def _q_width(qkv, n_head: int, n_kv_head: int | None) -> int:
     """C = n_head * hs of packed qkv (..., (n_head + 2 * n_kv_head) * hs) (both backends; the bindings check)."""
-    heads = int(n_head) + 2 * int(n_head if n_kv_head is None else n_kv_head)
-    return qkv.shape[-1] // heads * int(n_head) if heads > 0 else 0
+    nh, nkv = int(n_head), int(n_head if n_kv_head is None else n_kv_head)
+    return qkv.shape[-1] // (nh + 2 * nkv) * nh if nh > 0 and nkv > 0 else 0
 
 
 def _kv_out_width(qkv, kcache, n_kv_head: int | None) -> int:
@@ -236,10 +245,12 @@ def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | Non
     qkv = _f32(qkv, "qkv")
     if qkv.ndim != 3:
         raise ValueError(f"qkv must be (B, T, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
-    B, T = qkv.shape[:2]
+    B, T, W = qkv.shape
+    n_head = int(n_head)
     out = np.empty((B, T, _q_width(qkv, n_head, n_kv_head)), np.float32) if out is None else out
-    lse = np.empty((B, int(n_head), T), np.float32) if lse is None else lse
-    _C.attention_forward(out, lse, qkv, int(n_head), _nkv(n_kv_head))
+    if lse is None:  # (for an impossible n_head, a placeholder: the kernel names the problem)
+        lse = np.empty((B, n_head, T) if 0 < n_head <= W else 0, np.float32)
+    _C.attention_forward(out, lse, qkv, n_head, _nkv(n_kv_head))
     return out, lse
 
 
@@ -257,6 +268,8 @@ def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | No
     heads are stored), then each new query attends causally to its sequence's cache. Returns out (B, Tn, NH*hs).
     pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal kcache.shape[1]."""
     qkv, kcache = _f32(qkv, "qkv"), _f32(kcache, "kcache")
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be (B, Tn, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
     out = np.empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), np.float32) if out is None else out
     _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), _nkv(n_kv_head))
     return out
@@ -282,8 +295,8 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
     dlogits = None
     if backward:
         dlogits = logits if inplace else np.empty_like(logits)
-    _C.softmax_ce(losses.reshape(-1), None if dlogits is None else dlogits.reshape(-1, V), logits.reshape(-1, V),
-                  targets.reshape(-1), float(grad_scale), int(ignore_index), rw)
+    _C.softmax_ce(_view(losses), None if dlogits is None else _view(dlogits, V), _view(logits, V),
+                  _view(targets), float(grad_scale), int(ignore_index), rw)
     return losses, dlogits
 
 
@@ -310,8 +323,8 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
         dweight = _out(dweight, "dweight", weight.shape)
     else:
         dhidden = dweight = None
-    _C.lmhead_ce(losses.reshape(-1), None if dhidden is None else dhidden.reshape(-1, C), dweight,
-                 hidden.reshape(-1, C), weight, targets.reshape(-1), float(grad_scale), int(ignore_index), scratch, rw)
+    _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
+                 _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw)
     return losses, dhidden, dweight
 
 
@@ -325,7 +338,7 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5, out=None, mean=None, r
     out = np.empty_like(x) if out is None else out
     mean = np.empty(x.shape[:-1], np.float32) if mean is None else mean
     rstd = np.empty(x.shape[:-1], np.float32) if rstd is None else rstd
-    _C.layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C), weight, bias,
+    _C.layernorm_forward(_view(out, C), _view(mean), _view(rstd), _view(x, C), weight, bias,
                          float(eps))
     return out, mean, rstd
 
@@ -337,8 +350,8 @@ def layernorm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias
     dx = _out(dx, "dx", x.shape)
     dweight = _out(dweight, "dweight", (C,))
     dbias = _out(dbias, "dbias", (C,))
-    _C.layernorm_backward(dx.reshape(-1, C), dweight, dbias, _f32(dout, "dout").reshape(-1, C), x.reshape(-1, C),
-                          weight, mean.reshape(-1), rstd.reshape(-1))
+    _C.layernorm_backward(_view(dx, C), dweight, dbias, _view(_f32(dout, "dout"), C), _view(x, C),
+                          weight, _view(mean), _view(rstd))
     return dx, dweight, dbias
 
 

@@ -28,7 +28,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -85,6 +85,23 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, sp: SamplingParams
     return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
 
 
+def check_seed(seed) -> None:
+    """A sampling seed is None (fresh randomness) or an integer >= 0 (ValueError otherwise)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0 (leave it unset for a random seed), got {seed!r}")
+
+
+def _check_finite(logits: np.ndarray, alive: np.ndarray, step: int) -> None:
+    """Non-finite logits mean NaN/Inf weights or activations: raise rather than sample garbage (argmax of NaN
+    is token 0, forever)."""
+    bad = np.flatnonzero(alive & ~np.isfinite(logits).all(-1))
+    if bad.size:
+        raise FloatingPointError(
+            f"the model's logits are not finite (NaN or Inf) at generation step {step} (sequence {int(bad[0])}): "
+            "its weights or activations hold NaN/Inf"
+        )
+
+
 def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
     """One prompt (a sequence of ids) or a batch (a sequence of sequences) -> (list of id lists, single?)."""
     if isinstance(prompt_ids, np.ndarray):
@@ -127,16 +144,19 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
 
     prompt_ids: one sequence of ids, or a list of sequences of different lengths (batched generation).
     weights="bfloat16" decodes with bf16 copies of the weight matrices (about half the memory traffic per step;
-    logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied)."""
+    logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied).
+    Logits that are not finite (NaN/Inf weights) raise FloatingPointError naming the step."""
     sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    check_seed(seed)
     rows = _check_prompts(model, _as_rows(prompt_ids)[0], max_new_tokens)
     rng = np.random.default_rng(seed)
     stop = set(int(s) for s in stop_tokens)
     # the cache holds what this call needs (longest prompt + new tokens), not a full context
-    cache = model.kv_cache(len(rows), weights=weights, max_len=max(len(r) for r in rows) + max(max_new_tokens, 1))
+    cache = model.kv_cache(len(rows), weights=weights, max_len=max(len(r) for r in rows) + max_new_tokens)
     logits = cache.prefill(rows)  # (B, V) logits of each prompt's last token
     alive = np.ones(len(rows), bool)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        _check_finite(logits, alive, step)
         nxt = sample_next(logits, rng, sp, rows if repetition_penalty != 1.0 else None).astype(np.int64)
         nxt[~alive] = -1
         for b in np.flatnonzero(alive):
@@ -144,7 +164,7 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
             if nxt[b] in stop:
                 alive[b] = False
         yield nxt
-        if not alive.any():
+        if not alive.any() or step == max_new_tokens - 1:
             break
         logits = cache.decode(np.where(nxt < 0, 0, nxt))
 

@@ -454,6 +454,10 @@ class ChatSession:
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        from .sample import SamplingParams, check_seed
+
+        SamplingParams(**{f.name: sampling[f.name] for f in dataclasses.fields(SamplingParams) if f.name in sampling})
+        check_seed(sampling.get("seed"))  # (bad options fail here, not at every message)
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min(min_new_tokens, max_new_tokens)
