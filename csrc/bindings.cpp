@@ -26,7 +26,10 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include "cpu/layernorm.h"
 #include "cpu/matmul.h"
 #include "cpu/residual.h"
+#include "cpu/rmsnorm.h"
+#include "cpu/rope.h"
 #include "cpu/softmax_ce.h"
+#include "cpu/swiglu.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/pretokenize_detail.h"
 #include "tokenizer/bpe.h"
@@ -144,6 +147,9 @@ template <> struct Loose<std::optional<py::array>> { using type = py::object; };
 template <> struct Loose<int64_t> { using type = py::object; };
 template <> struct Loose<int32_t> { using type = py::object; };
 template <> struct Loose<float> { using type = py::object; };
+using HeadRange = std::optional<std::pair<int64_t, int64_t>>;  // rmsnorm's heads=(h0, h1) or None
+template <> struct Loose<std::optional<int64_t>> { using type = py::object; };
+template <> struct Loose<HeadRange> { using type = py::object; };
 
 static std::string type_name(const py::handle& o) { return Py_TYPE(o.ptr())->tp_name; }
 
@@ -199,6 +205,22 @@ template <> struct Convert<int32_t> {
 };
 template <> struct Convert<float> {
     static float get(const py::object& o, const char* name) { return float_arg(o, name); }
+};
+template <> struct Convert<std::optional<int64_t>> {  // None or an integer (n_kv_head)
+    static std::optional<int64_t> get(const py::object& o, const char* name) {
+        if (o.is_none()) return std::nullopt;
+        return int_arg(o, name, INT64_MIN, INT64_MAX);
+    }
+};
+template <> struct Convert<HeadRange> {  // None or a pair of integers
+    static HeadRange get(const py::object& o, const char* name) {
+        if (o.is_none()) return std::nullopt;
+        if (!py::isinstance<py::sequence>(o) || py::isinstance<py::str>(o) || py::len(o) != 2)
+            throw py::type_error(str_cat(name, " must be None or a pair (h0, h1) of integers, got ", type_name(o)));
+        const py::sequence seq = py::reinterpret_borrow<py::sequence>(o);
+        return std::pair<int64_t, int64_t>{int_arg(seq[0], name, INT64_MIN, INT64_MAX),
+                                           int_arg(seq[1], name, INT64_MIN, INT64_MAX)};
+    }
 };
 
 template <typename R, typename... Args, size_t... I, typename... Extra>
@@ -306,55 +328,64 @@ static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool tr
 // ---------------------------------------------------------------------------------------------------------
 // attention
 
-static void check_heads(int64_t NH, int64_t C) {
-    FASTLLM_CHECK(NH >= 1 && NH <= C && C % NH == 0, "n_head = ", NH, " must be a divisor of C = ", C,
-                  " (qkv has 3*C columns)");
+// qkv (B, T, (NH + 2*NKV) * hs) -> {B, T, C = NH*hs, NKV}; n_kv_head None means n_head (multi-head attention)
+static std::array<int64_t, 4> qkv_dims(const py::array& qkv, int64_t NH, std::optional<int64_t> n_kv_head) {
+    check_ndim(qkv, "qkv", 3, "(B, T, (n_head + 2*n_kv_head) * hs)");
+    const int64_t NKV = n_kv_head.value_or(NH);
+    FASTLLM_CHECK(NH > 0, "n_head must be > 0, got ", NH);
+    FASTLLM_CHECK(NKV > 0 && NH % NKV == 0, "n_kv_head=", NKV, " must be > 0 and divide n_head=", NH);
+    const int64_t W = qkv.shape(2), heads = NH + 2 * NKV;
+    if (n_kv_head) check_positive(W, "hs (qkv has (n_head + 2*n_kv_head) * hs columns)", qkv, "qkv");
+    else check_positive(W / 3, "C (qkv has 3*C columns)", qkv, "qkv");
+    FASTLLM_CHECK(W % heads == 0, "qkv last dim must be (n_head + 2*n_kv_head) * hs = ", heads, " * hs, got ", W,
+                  " (n_head=", NH, ", n_kv_head=", NKV, ")");
+    return {qkv.shape(0), qkv.shape(1), NH * (W / heads), NKV};
 }
 
-static void attention_forward_py(py::array out, py::array lse, py::array qkv, int64_t NH) {
-    check_ndim(qkv, "qkv", 3, "(B, T, 3C)");
-    const int64_t B = qkv.shape(0), T = qkv.shape(1), C3 = qkv.shape(2);
-    FASTLLM_CHECK(C3 % 3 == 0, "qkv last dim must be 3*C, got ", C3);
-    const int64_t C = C3 / 3;
-    check_positive(C, "C (qkv has 3*C columns)", qkv, "qkv");
-    check_heads(NH, C);
+static void attention_forward_py(py::array out, py::array lse, py::array qkv, int64_t NH,
+                                 std::optional<int64_t> n_kv_head) {
+    const auto [B, T, C, NKV] = qkv_dims(qkv, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     float* o = out_ptr<float>(out, "out", {B, T, C});
     float* l = out_ptr<float>(lse, "lse", {B, NH, T});
     check_outputs({{&out, "out"}, {&lse, "lse"}}, {{&qkv, "qkv"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_forward(o, l, x, B, T, C, NH);
+    fastllm::cpu::attention_forward(o, l, x, B, T, C, NH, NKV);
 }
 
 static void attention_backward_py(py::array dqkv, py::array dout, py::array qkv, py::array out, py::array lse,
-                                  int64_t NH) {
-    check_ndim(qkv, "qkv", 3, "(B, T, 3C)");
-    const int64_t B = qkv.shape(0), T = qkv.shape(1), C3 = qkv.shape(2);
-    FASTLLM_CHECK(C3 % 3 == 0, "qkv last dim must be 3*C, got ", C3);
-    const int64_t C = C3 / 3;
-    check_positive(C, "C (qkv has 3*C columns)", qkv, "qkv");
-    check_heads(NH, C);
+                                  int64_t NH, std::optional<int64_t> n_kv_head) {
+    const auto [B, T, C, NKV] = qkv_dims(qkv, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     const float* dy = in_ptr<float>(dout, "dout", {B, T, C});
     const float* y = in_ptr<float>(out, "out", {B, T, C});
     const float* l = in_ptr<float>(lse, "lse", {B, NH, T});
-    float* dx = out_ptr<float>(dqkv, "dqkv", {B, T, C3});
+    float* dx = out_ptr<float>(dqkv, "dqkv", {B, T, qkv.shape(2)});
     check_outputs({{&dqkv, "dqkv"}}, {{&dout, "dout"}, {&qkv, "qkv"}, {&out, "out"}, {&lse, "lse"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH);
+    fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH, NKV);
 }
 
-static void attention_kv_forward_py(py::array out, py::array kcache, py::array vcache, py::array qkv, py::array pos) {
-    check_ndim(qkv, "qkv", 3, "(B, Tn, 3C)");
-    check_ndim(kcache, "kcache", 4, "(B, NH, max_T, hs)");
-    const int64_t B = qkv.shape(0), Tn = qkv.shape(1), C3 = qkv.shape(2);
-    FASTLLM_CHECK(C3 % 3 == 0, "qkv last dim must be 3*C, got ", C3);
-    const int64_t C = C3 / 3, NH = kcache.shape(1), maxT = kcache.shape(2), hs = kcache.shape(3);
-    check_positive(C, "C (qkv has 3*C columns)", qkv, "qkv");
-    FASTLLM_CHECK(NH * hs == C && kcache.shape(0) == B, "kcache must be (B=", B, ", NH, max_T, hs) with NH*hs = C=", C,
-                  ", got shape ", shape_str(kcache));
+// kcache (B, NKV, max_T, hs) gives NKV and hs; NH = W / hs - 2 NKV. n_kv_head, if given, must equal NKV; None means
+// multi-head attention (W = 3 * NKV * hs, today's layout)
+static void attention_kv_forward_py(py::array out, py::array kcache, py::array vcache, py::array qkv, py::array pos,
+                                    std::optional<int64_t> n_kv_head) {
+    check_ndim(qkv, "qkv", 3, "(B, Tn, (n_head + 2*n_kv_head) * hs)");
+    check_ndim(kcache, "kcache", 4, "(B, n_kv_head, max_T, hs)");
+    const int64_t B = qkv.shape(0), Tn = qkv.shape(1), W = qkv.shape(2);
+    const int64_t NKV = kcache.shape(1), maxT = kcache.shape(2), hs = kcache.shape(3);
+    check_positive(W, "qkv's last dim", qkv, "qkv");
+    FASTLLM_CHECK(kcache.shape(0) == B && NKV > 0 && hs > 0, "kcache must be (B=", B,
+                  ", n_kv_head, max_T, hs), got shape ", shape_str(kcache));
+    FASTLLM_CHECK(!n_kv_head || *n_kv_head == NKV, "n_kv_head=", n_kv_head.value_or(0),
+                  " does not match kcache (B, n_kv_head, max_T, hs) of shape ", shape_str(kcache));
+    const int64_t NH = n_kv_head ? W / hs - 2 * NKV : NKV;
+    FASTLLM_CHECK(NH > 0 && W == (NH + 2 * NKV) * hs && NH % NKV == 0, "qkv last dim ", W,
+                  " does not fit kcache ", shape_str(kcache), ": it must be (n_head + 2*n_kv_head) * hs with n_kv_head",
+                  n_kv_head ? "" : " = n_head (pass n_kv_head for grouped-query attention)", " dividing n_head");
+    const int64_t C = NH * hs;
     float* kc = out_ptr<float>(kcache, "kcache");
-    float* vc = out_ptr<float>(vcache, "vcache", {B, NH, maxT, hs});
+    float* vc = out_ptr<float>(vcache, "vcache", {B, NKV, maxT, hs});
     const float* x = in_ptr<float>(qkv, "qkv");
     const int32_t* p = in_ptr<int32_t>(pos, "pos", {B});
     float* o = out_ptr<float>(out, "out", {B, Tn, C});
@@ -363,7 +394,7 @@ static void attention_kv_forward_py(py::array out, py::array kcache, py::array v
         FASTLLM_CHECK(p[b] >= 0 && p[b] + Tn <= maxT, "pos[", b, "] = ", p[b], " + ", Tn,
                       " new tokens does not fit the cache of max_T=", maxT);
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, maxT);
+    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, NKV, maxT);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -512,6 +543,171 @@ static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dou
 
 // ---------------------------------------------------------------------------------------------------------
 // embedding
+
+// ---------------------------------------------------------------------------------------------------------
+// the Llama family's ops: rmsnorm, rope, swiglu, relu2
+
+// The rows an rmsnorm call works on: x (..., C) whole, or with heads = (h0, h1) only rows [h0, h1) of its
+// second-to-last axis R (x (..., R, C), e.g. the q heads of qkv viewed as (B, T, NH + 2*NKV, hs)).
+struct NormRows {
+    int64_t N, C, group, group_stride, offset;  // see cpu/rmsnorm.h; offset = h0 * C elements
+    std::vector<int64_t> stats_shape;           // rstd: x.shape[:-1], or (..., h1 - h0)
+};
+static NormRows norm_rows(const py::array& x, std::optional<std::pair<int64_t, int64_t>> heads) {
+    FASTLLM_CHECK(x.ndim() >= 1, "x must be (..., C), got a 0-d array");
+    const int64_t C = x.shape(x.ndim() - 1);
+    std::vector<int64_t> lead(x.shape(), x.shape() + x.ndim() - 1);
+    if (!heads) {
+        int64_t N = 1;
+        for (int64_t d : lead) N *= d;
+        return {N, C, std::max<int64_t>(N, 1), N * C, 0, lead};
+    }
+    FASTLLM_CHECK(x.ndim() >= 2, "heads needs x (..., R, C) with a head axis, got shape ", shape_str(x));
+    const int64_t R = lead.back(), h0 = heads->first, h1 = heads->second;
+    FASTLLM_CHECK(0 <= h0 && h0 < h1 && h1 <= R, "heads=(", h0, ", ", h1, ") must satisfy 0 <= h0 < h1 <= R=", R,
+                  " (x.shape[-2] of x ", shape_str(x), ")");
+    lead.back() = h1 - h0;
+    int64_t N = 1;
+    for (int64_t d : lead) N *= d;
+    return {N, C, h1 - h0, R * C, h0 * C, lead};
+}
+
+static void rmsnorm_forward_py(py::array out, py::array rstd, py::array inp, py::array weight, float eps,
+                               std::optional<std::pair<int64_t, int64_t>> heads) {
+    const NormRows r = norm_rows(inp, heads);
+    FASTLLM_CHECK(eps >= 0.0f && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+    const float* x = in_ptr<float>(inp, "x");
+    const float* w = in_ptr<float>(weight, "weight", {r.C});
+    float* o = out_ptr<float>(out, "out", shape_of(inp));
+    float* s = out_ptr<float>(rstd, "rstd", r.stats_shape);
+    check_disjoint(out, "out", inp, "x", true);
+    check_outputs({{&out, "out"}, {&rstd, "rstd"}}, {{&weight, "weight"}});
+    check_disjoint(rstd, "rstd", inp, "x");
+    py::gil_scoped_release nogil;
+    fastllm::cpu::rmsnorm_forward(o + r.offset, s, x + r.offset, w, r.N, r.C, r.group, r.group_stride, eps);
+}
+
+static void rmsnorm_backward_py(py::array dinp, py::array dweight, py::array dout, py::array inp, py::array weight,
+                                py::array rstd, std::optional<std::pair<int64_t, int64_t>> heads) {
+    const NormRows r = norm_rows(inp, heads);
+    const float* x = in_ptr<float>(inp, "x");
+    const float* w = in_ptr<float>(weight, "weight", {r.C});
+    const float* dy = in_ptr<float>(dout, "dout", shape_of(inp));
+    const float* s = in_ptr<float>(rstd, "rstd", r.stats_shape);
+    float* dx = out_ptr<float>(dinp, "dx", shape_of(inp));
+    float* dw = out_ptr<float>(dweight, "dweight", {r.C});
+    check_outputs({{&dinp, "dx"}, {&dweight, "dweight"}}, {{&dout, "dout"}, {&inp, "x"}, {&weight, "weight"},
+                                                          {&rstd, "rstd"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::rmsnorm_backward(dx + r.offset, dw, dy + r.offset, x + r.offset, w, s, r.N, r.C, r.group,
+                                   r.group_stride);
+}
+
+// qkv (B, T, (NH + 2*NKV) * hs), tables (P, R2) with 2*R2 <= hs, pos (B) or None; positions checked against P
+struct RopeDims {
+    int64_t B, T, NKV, hs, R2;
+};
+static RopeDims rope_dims(const py::array& x, const char* xname, const py::array& cos, const py::array& sin,
+                          const int32_t*& p, const std::optional<py::array>& pos, int64_t NH,
+                          std::optional<int64_t> n_kv_head) {
+    check_ndim(x, xname, 3, "(B, T, (n_head + 2*n_kv_head) * hs)");
+    const int64_t NKV = n_kv_head.value_or(NH);
+    FASTLLM_CHECK(NH > 0, "n_head must be > 0, got ", NH);
+    FASTLLM_CHECK(NKV > 0 && NH % NKV == 0, "n_kv_head=", NKV, " must be > 0 and divide n_head=", NH);
+    const int64_t B = x.shape(0), T = x.shape(1), W = x.shape(2), heads = NH + 2 * NKV;
+    FASTLLM_CHECK(W % heads == 0 && W > 0, xname, " last dim must be (n_head + 2*n_kv_head) * hs = ", heads,
+                  " * hs, got ", W);
+    const int64_t hs = W / heads;
+    check_ndim(cos, "cos", 2, "(max_pos, rotary_dim / 2)");
+    const int64_t P = cos.shape(0), R2 = cos.shape(1);
+    FASTLLM_CHECK(2 * R2 <= hs, "cos has ", R2, " columns: rotary_dim = ", 2 * R2, " exceeds the head size hs=", hs);
+    in_ptr<float>(cos, "cos");
+    in_ptr<float>(sin, "sin", {P, R2});
+    p = pos ? in_ptr<int32_t>(*pos, "pos", {B}) : nullptr;
+    for (int64_t b = 0; b < B && T > 0; b++) {
+        const int64_t p0 = p ? p[b] : 0;
+        FASTLLM_CHECK(p0 >= 0 && p0 + T <= P, "positions pos[", b, "] = ", p0, " .. ", p0 + T - 1,
+                      " are outside the cos/sin tables of ", P, " rows");
+    }
+    return {B, T, NKV, hs, R2};
+}
+
+static void rope_forward_py(py::array out, py::array qkv, py::array cos, py::array sin, std::optional<py::array> pos,
+                            int64_t NH, std::optional<int64_t> n_kv_head) {
+    const int32_t* p = nullptr;
+    const RopeDims d = rope_dims(qkv, "qkv", cos, sin, p, pos, NH, n_kv_head);
+    const float* x = in_ptr<float>(qkv, "qkv");
+    float* o = out_ptr<float>(out, "out", shape_of(qkv));
+    check_disjoint(out, "out", qkv, "qkv", true);
+    check_outputs({{&out, "out"}}, {{&cos, "cos"}, {&sin, "sin"}, {opt(pos), "pos"}});
+    const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
+    py::gil_scoped_release nogil;
+    fastllm::cpu::rope_forward(o, x, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
+}
+
+static void rope_backward_py(py::array dqkv, py::array dout, py::array cos, py::array sin,
+                             std::optional<py::array> pos, int64_t NH, std::optional<int64_t> n_kv_head) {
+    const int32_t* p = nullptr;
+    const RopeDims d = rope_dims(dout, "dout", cos, sin, p, pos, NH, n_kv_head);
+    const float* dy = in_ptr<float>(dout, "dout");
+    float* dx = out_ptr<float>(dqkv, "dqkv", shape_of(dout));
+    check_disjoint(dqkv, "dqkv", dout, "dout", true);
+    check_outputs({{&dqkv, "dqkv"}}, {{&cos, "cos"}, {&sin, "sin"}, {opt(pos), "pos"}});
+    const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
+    py::gil_scoped_release nogil;
+    fastllm::cpu::rope_backward(dx, dy, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
+}
+
+// gate_up (..., 2H) -> {N, H}
+static std::pair<int64_t, int64_t> swiglu_dims(const py::array& gate_up) {
+    FASTLLM_CHECK(gate_up.ndim() >= 1 && gate_up.shape(gate_up.ndim() - 1) % 2 == 0, "gate_up must be (..., 2H) = "
+                  "[gate | up], got shape ", shape_str(gate_up));
+    const int64_t H = gate_up.shape(gate_up.ndim() - 1) / 2;
+    return {H ? gate_up.size() / (2 * H) : 0, H};
+}
+static std::vector<int64_t> half_last(const py::array& a) {
+    std::vector<int64_t> s = shape_of(a);
+    s.back() /= 2;
+    return s;
+}
+
+static void swiglu_forward_py(py::array out, py::array gate_up) {
+    const auto [N, H] = swiglu_dims(gate_up);
+    const float* gu = in_ptr<float>(gate_up, "gate_up");
+    float* o = out_ptr<float>(out, "out", half_last(gate_up));
+    check_outputs({{&out, "out"}}, {{&gate_up, "gate_up"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::swiglu_forward(o, gu, N, H);
+}
+
+static void swiglu_backward_py(py::array dgate_up, py::array dout, py::array gate_up) {
+    const auto [N, H] = swiglu_dims(gate_up);
+    const float* gu = in_ptr<float>(gate_up, "gate_up");
+    const float* dy = in_ptr<float>(dout, "dout", half_last(gate_up));
+    float* dgu = out_ptr<float>(dgate_up, "dgate_up", shape_of(gate_up));
+    check_outputs({{&dgate_up, "dgate_up"}}, {{&dout, "dout"}, {&gate_up, "gate_up"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::swiglu_backward(dgu, dy, gu, N, H);
+}
+
+static void relu2_forward_py(py::array out, py::array inp) {
+    const float* x = in_ptr<float>(inp, "x");
+    float* o = out_ptr<float>(out, "out", shape_of(inp));
+    check_disjoint(out, "out", inp, "x", true);
+    const int64_t n = inp.size();
+    py::gil_scoped_release nogil;
+    fastllm::cpu::relu2_forward(o, x, n);
+}
+
+static void relu2_backward_py(py::array dinp, py::array dout, py::array inp) {
+    const float* x = in_ptr<float>(inp, "x");
+    const float* dy = in_ptr<float>(dout, "dout", shape_of(inp));
+    float* dx = out_ptr<float>(dinp, "dx", shape_of(inp));
+    check_outputs({{&dinp, "dx"}}, {{&dout, "dout"}, {&inp, "x"}});
+    const int64_t n = inp.size();
+    py::gil_scoped_release nogil;
+    fastllm::cpu::relu2_backward(dx, dy, x, n);
+}
 
 static void embedding_forward_py(py::array out, py::array tokens, py::array wte, py::array wpe) {
     check_ndim(tokens, "tokens", 2, "(B, T)");
@@ -1016,11 +1212,12 @@ PYBIND11_MODULE(_C, m) {
                arg("inp"), arg("weight"));
     def_kernel(m, "gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
                arg("alpha") = 1.0f, arg("beta") = 0.0f);
-    def_kernel(m, "attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"));
+    def_kernel(m, "attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"),
+               arg("n_kv_head") = none);
     def_kernel(m, "attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
-               arg("lse"), arg("n_head"));
+               arg("lse"), arg("n_head"), arg("n_kv_head") = none);
     def_kernel(m, "attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"),
-               arg("qkv"), arg("pos"));
+               arg("qkv"), arg("pos"), arg("n_kv_head") = none);
     def_kernel(m, "softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
                arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none);
     def_kernel(m, "lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"),
@@ -1035,6 +1232,18 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "gelu_backward", &gelu_backward_py, arg("dinp"), arg("dout"), arg("inp"));
     def_kernel(m, "residual_forward", &residual_forward_py, arg("out"), arg("inp1"), arg("inp2"));
     def_kernel(m, "residual_backward", &residual_backward_py, arg("dinp1"), arg("dinp2"), arg("dout"));
+    def_kernel(m, "rmsnorm_forward", &rmsnorm_forward_py, arg("out"), arg("rstd"), arg("x"), arg("weight"),
+               arg("eps"), arg("heads") = none);
+    def_kernel(m, "rmsnorm_backward", &rmsnorm_backward_py, arg("dx"), arg("dweight"), arg("dout"), arg("x"),
+               arg("weight"), arg("rstd"), arg("heads") = none);
+    def_kernel(m, "rope_forward", &rope_forward_py, arg("out"), arg("qkv"), arg("cos"), arg("sin"), arg("pos"),
+               arg("n_head"), arg("n_kv_head") = none);
+    def_kernel(m, "rope_backward", &rope_backward_py, arg("dqkv"), arg("dout"), arg("cos"), arg("sin"), arg("pos"),
+               arg("n_head"), arg("n_kv_head") = none);
+    def_kernel(m, "swiglu_forward", &swiglu_forward_py, arg("out"), arg("gate_up"));
+    def_kernel(m, "swiglu_backward", &swiglu_backward_py, arg("dgate_up"), arg("dout"), arg("gate_up"));
+    def_kernel(m, "relu2_forward", &relu2_forward_py, arg("out"), arg("x"));
+    def_kernel(m, "relu2_backward", &relu2_backward_py, arg("dx"), arg("dout"), arg("x"));
     def_kernel(m, "embedding_forward", &embedding_forward_py, arg("out"), arg("tokens"), arg("wte"), arg("wpe"));
     def_kernel(m, "embedding_backward", &embedding_backward_py, arg("dwte"), arg("dwpe"), arg("dout"),
                arg("tokens"));
