@@ -813,10 +813,8 @@ static void set_simd_py(const std::string& level) {
 }
 
 static void set_num_threads_py(const py::object& threads) {
-    const int n = threads_arg(threads);
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#endif
+    fastllm::requested_threads().store(threads_arg(threads));  // for every thread (common.h)
+    fastllm::limit_threads();
 }
 
 // ---------------------------------------------------------------------------------------------------------
