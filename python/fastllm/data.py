@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import copy_tokenizer
 from .fileio import atomic_write, iter_jsonl, write_json
+from .tokenizer import Tokenizer
 
 MAGIC = b"FLLMTOK1"
 VERSION = 1
@@ -87,47 +89,6 @@ def shard_vocab_size(path: str | os.PathLike) -> int:
         return HEADER.unpack_from(f.read(HEADER.size))[4]
 
 
-# ---- tokenizer files ---------------------------------------------------------------------------------
-
-TOKENIZER_FILE = "tokenizer.tiktoken"  # the copy kept beside shards and in checkpoints (+ its .json sidecar)
-
-
-def copy_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Copy a tokenizer into `folder`: one saved by Tokenizer.save (rank file + `.json` sidecar) becomes
-    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json is copied as tokenizer.json."""
-    src = Path(src)
-    if src.suffix == ".json" and not Path(str(src) + ".json").exists():
-        pairs = [(src, Path(folder) / "tokenizer.json")]
-    else:
-        pairs = [(Path(str(src) + sfx), Path(folder) / (TOKENIZER_FILE + sfx)) for sfx in ("", ".json")]
-    for a, b in pairs:
-        if not a.exists():
-            raise FileNotFoundError(f"tokenizer file {a} not found (saved with Tokenizer.save?)")
-        if a.resolve() != b.resolve():
-            with atomic_write(b) as f:
-                f.write(a.read_bytes())
-    return pairs[0][1]
-
-
-def find_tokenizer(folder: str | os.PathLike) -> Path | None:
-    """fastllm's tokenizer copy in `folder`, else a HF tokenizer.json (from `fastllm convert`), else None."""
-    for name in (TOKENIZER_FILE, "tokenizer.json"):
-        if (Path(folder) / name).exists():
-            return Path(folder) / name
-    return None
-
-
-def checkpoint_tokenizer(folder: str | os.PathLike, override: str | os.PathLike | None = None):
-    """The tokenizer at `override` if given, else the one find_tokenizer finds in `folder` (either format);
-    FileNotFoundError naming the folder if there is none."""
-    from .tokenizer import Tokenizer
-
-    path = override or find_tokenizer(folder)
-    if path is None:
-        raise FileNotFoundError(f"no tokenizer in {folder} ({TOKENIZER_FILE} or tokenizer.json); pass one explicitly")
-    return Tokenizer.from_pretrained(path)
-
-
 # ---- documents -----------------------------------------------------------------------------------------
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -174,7 +135,7 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
 
 def builtin_corpus() -> list[str]:
     """Python's own documentation topics (pydoc_data.topics ships with every Python): one doc per topic."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # here: 0.5 MB of text that only the demo needs
 
     return [topics[k] for k in sorted(topics)]
 
@@ -278,8 +239,6 @@ _TOKENIZERS: dict = {}
 
 def _tokenizer(path: str):
     """The tokenizer at `path`, loaded once per process (the workers of an Executor too)."""
-    from .tokenizer import Tokenizer
-
     key = (path, os.stat(path).st_mtime_ns)
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = Tokenizer.from_pretrained(path)
