@@ -275,20 +275,9 @@ def _log(out):
         [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
 
 
-def _skip_without_gpu_model():
-    """train/sample on device="cuda" move the one GPT with model.to("cuda") (the lead's model rewrite, issue 16);
-    until the model has a GPU backend these end-to-end runs have nothing to run."""
-    try:
-        GPT(tiny_config()).to("cuda")
-    except NotImplementedError:
-        pytest.skip("GPT.to('cuda') is not implemented yet (one model over both backends: issue 16)")
-
-
 def test_train_on_cuda_matches_cpu_checkpoints_and_resumes(monkeypatch, data):
     cuda_fake.install(monkeypatch, emulate_bf16=False)
-    _skip_without_gpu_model()
-    from fastllm.checkpoint import load_model
-    from fastllm.train import train
+    from fastllm.train import load_model, train
 
     quiet = dict(progress=False, log=lambda *a: None)
     train(_train_cfg(data, "cpu"), **quiet)
@@ -323,7 +312,7 @@ def test_train_on_cuda_without_gpu_is_a_clear_error(data):
     with pytest.raises(RuntimeError, match="CUDA|GPU"):
         train(_train_cfg(data, "x", device="cuda"), progress=False, log=lambda *a: None)
     with pytest.raises(ValueError, match="device"):
-        _train_cfg(data, "x", device="tpu")
+        train(_train_cfg(data, "x", device="tpu"), progress=False, log=lambda *a: None)
 
 
 def test_cli_on_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
@@ -352,7 +341,6 @@ def test_cli_flags():
 
 def test_sample_cli_on_cuda_matches_cpu(monkeypatch, tmp_path, capsys):
     cuda_fake.install(monkeypatch, emulate_bf16=False)
-    _skip_without_gpu_model()
     ckpt = make_checkpoint(tmp_path)
     from fastllm.cli import main
 
@@ -366,9 +354,10 @@ def test_sample_cli_on_cuda_matches_cpu(monkeypatch, tmp_path, capsys):
 
 def make_checkpoint(tmp_path, n_embd: int = 32, n_head: int = 2):
     """A checkpoint folder with a small random model (sharp logits) and a byte-level tokenizer."""
-    from fastllm.checkpoint import TOKENIZER_FILE, save
+    from fastllm.data import TOKENIZER_FILE
     from fastllm.optim import AdamW
     from fastllm.tokenizer import Tokenizer
+    from fastllm.train import save_checkpoint
 
     # no special tokens: splitting on them needs the `regex` package, which GPU machines may lack
     tok = Tokenizer.train(["the cat sat on the mat, the dog ate the hat. " * 20], 300, pattern="gpt4",
@@ -378,7 +367,7 @@ def make_checkpoint(tmp_path, n_embd: int = 32, n_head: int = 2):
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=2, n_head=n_head, n_embd=n_embd), seed=0)
     model.params *= 4.0
     tok_file = tmp_path / "tok" / TOKENIZER_FILE
-    return save(tmp_path / "run", 0, model, AdamW(model), {}, kind="train", tokenizer=tok_file)
+    return save_checkpoint(tmp_path / "run", 0, model, AdamW(model), {"step": 0}, tok_file)
 
 
 # ---- the fake keeps to the contract --------------------------------------------------------------------
