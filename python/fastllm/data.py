@@ -507,6 +507,40 @@ def _stats(out: Path, manifest: dict, skipped: int) -> PrepareStats:
 # ---- loader --------------------------------------------------------------------------------------------
 
 
+class Epochs:
+    """The order in which a loader visits n items: epoch after epoch, each a permutation drawn from (seed, epoch)
+    (0..n-1 when not shuffled). The position (epoch, pos) is what a checkpoint saves: a resumed run sees exactly
+    the items an uninterrupted one would. Shared by DataLoader, sft.PackedLoader and the reward model's pairs.
+
+    >>> Epochs(4, seed=0).take(6)           # one epoch, then the first 2 of the next
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.seek(0, 0)
+
+    def seek(self, epoch: int, pos: int) -> None:
+        self.epoch, self.pos = int(epoch), int(pos)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+
+    def take(self, k: int, cross: bool = True) -> np.ndarray:
+        """The next k indices, continuing into the next epoch (or, not `cross`, stopping at the epoch's end)."""
+        parts = []
+        while k > 0:
+            if self.pos >= self.n:
+                self.seek(self.epoch + 1, 0)
+            part = self.order[self.pos:self.pos + k]
+            self.pos, k = self.pos + len(part), k - len(part)
+            parts.append(part)
+            if not cross:
+                break
+        return np.concatenate(parts)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
 class DataLoader:
     """(B, T) input windows and their shifted targets from the shards of one split.
 
@@ -539,12 +573,7 @@ class DataLoader:
             raise ValueError(f"{split} shards in {data_dir} hold {sum(s.size for s in self.shards)} tokens, "
                              f"fewer than one window of T+1={T + 1}")
         self.vocab_size = vocabs[0]
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        n = len(self.windows)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        self.epochs = Epochs(len(self.windows), seed, shuffle)
 
     def __len__(self) -> int:
         """Windows per epoch."""
@@ -553,25 +582,19 @@ class DataLoader:
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         x = np.empty((self.B, self.T), np.int32)
         y = np.empty((self.B, self.T), np.int32)
-        for b in range(self.B):
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            shard, off = self.windows[self._order[self.pos]]
-            self.pos += 1
+        for b, i in enumerate(self.epochs.take(self.B)):
+            shard, off = self.windows[i]
             w = self.shards[shard][off:off + self.T + 1]
             x[b], y[b] = w[:-1], w[1:]
         return x, y
 
     def reset(self) -> None:
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
+        self.epochs.seek(0, 0)
 
     def state_dict(self) -> dict:
-        return {"epoch": int(self.epoch), "pos": int(self.pos), "seed": self.seed, "T": self.T, "B": self.B}
+        return {**self.epochs.state_dict(), "seed": self.seed, "T": self.T, "B": self.B}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("T", self.T) != self.T:
             raise ValueError(f"loader state is for T={state['T']}, this loader has T={self.T}")
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._make_order()
+        self.epochs.seek(state["epoch"], state["pos"])

@@ -42,6 +42,7 @@ import numpy as np
 
 from . import checks
 from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_heads, load_model, resolve
+from .data import Epochs
 from .fileio import iter_jsonl, write_json
 from .model import GPT
 from .optim import AdamW
@@ -576,38 +577,6 @@ def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch
     return float(np.mean(wins))
 
 
-class PairBatches:
-    """Batches of indices into n pairs: every epoch a permutation drawn from (seed, epoch), cut into batches of B
-    (the last one smaller). state_dict() / load_state_dict() resume the position exactly."""
-
-    def __init__(self, n: int, B: int, seed: int):
-        self.n, self.B, self.seed = n, B, seed
-        self.epoch, self.pos = 0, 0
-        self._order = np.random.default_rng([seed, 0]).permutation(n)
-
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        return math.ceil(self.n / self.B)
-
-    def next_batch(self) -> np.ndarray:
-        if self.pos >= self.n:
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        idx = self._order[self.pos : self.pos + self.B]
-        self.pos += len(idx)
-        return idx
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "B": self.B}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["n"], state["B"]) != (self.n, self.B):
-            raise ValueError(f"the state is for {state['n']} pairs in batches of {state['B']}, this run has "
-                             f"{self.n} in batches of {self.B} (different data?)")
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-
-
 class RewardModelStage(Stage):
     """Bradley-Terry training of a reward model for fastllm.train.fit: the loss -log sigmoid(r_chosen - r_rejected)
     over batches of pairs; the head trains beside the backbone (ExtraParams, checkpointed in heads.safetensors);
@@ -618,7 +587,7 @@ class RewardModelStage(Stage):
 
     def __init__(self, cfg: RewardModelConfig, tokenizer, pairs: Sequence[dict], val_pairs: Sequence[dict], B: int):
         self.cfg, self.tokenizer, self.pairs, self.val_pairs = cfg, tokenizer, pairs, val_pairs
-        self.batches = PairBatches(len(pairs), B, cfg.seed)
+        self.B, self.pairs_order = B, Epochs(len(pairs), cfg.seed)
         self._saved_head: tuple[dict, str] | None = None
 
     def init_model(self) -> GPT:
@@ -626,7 +595,9 @@ class RewardModelStage(Stage):
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         try:
-            self.batches.load_state_dict(state["loader"])
+            if state["loader"]["n"] != len(self.pairs):
+                raise ValueError(f"it is for {state['loader']['n']} pairs, this run has {len(self.pairs)}")
+            self.pairs_order.seek(state["loader"]["epoch"], state["loader"]["pos"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{folder / STATE_FILE}: bad pair-loader state ({type(e).__name__}: {e})") from None
         self._saved_head = (load_heads(folder), str(folder / "heads.safetensors"))
@@ -642,7 +613,7 @@ class RewardModelStage(Stage):
                         for p in self.pairs]
 
     def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
-        chunk = [self.encoded[i] for i in self.batches.next_batch()]
+        chunk = [self.encoded[i] for i in self.pairs_order.take(self.B, cross=False)]  # an epoch's last: fewer
         b = len(chunk)
 
         def micro_batch() -> dict:
@@ -659,7 +630,7 @@ class RewardModelStage(Stage):
         return {"val_accuracy": preference_accuracy(self.rm, self.tokenizer, self.val_pairs)}
 
     def state_dict(self) -> dict:
-        return {"loader": self.batches.state_dict()}
+        return {"loader": {**self.pairs_order.state_dict(), "n": len(self.pairs)}}
 
     def heads(self) -> dict[str, np.ndarray]:
         return self.head.state_dict()
@@ -694,7 +665,7 @@ def train_reward_model(
         tokenizer = checkpoint_tokenizer(base)
     B = max(1, min(cfg.batch_size, len(pairs)))
     stage = RewardModelStage(cfg, tokenizer, pairs, val_pairs, B)
-    steps_per_epoch = len(stage.batches)
+    steps_per_epoch = math.ceil(len(pairs) / B)
     log(f"reward model: {len(pairs)} train / {len(val_pairs)} held-out pairs, {steps_per_epoch} steps per epoch")
     r = fit(stage, Loop.of(cfg, steps=cfg.epochs * steps_per_epoch, tokenizer=tok_path), progress, log)
     val = series(r["rows"], "val_accuracy")

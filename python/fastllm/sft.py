@@ -45,6 +45,7 @@ import numpy as np
 
 from . import checks
 from .checkpoint import TOKENIZER_FILE, checkpoint_tokenizer, find_tokenizer, load_model
+from .data import Epochs
 from .fileio import iter_jsonl
 from .model import GPT
 from .sample import stream_text
@@ -300,35 +301,22 @@ class PackedLoader:
         self.stats.windows = len(windows)
         self.stats.tokens = sum(e[0].size for e in examples)
         self.stats.loss_tokens = int(self.mask[:, 1:].sum())
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        n = len(self.tokens)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        self.epochs = Epochs(len(windows), seed, shuffle)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.empty(self.B, np.int64)
-        for b in range(self.B):
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            rows[b] = self._order[self.pos]
-            self.pos += 1
+        rows = self.epochs.take(self.B)
         w, m = self.tokens[rows], self.mask[rows]
         return w[:, :-1].copy(), np.where(m[:, 1:], w[:, 1:], -1).astype(np.int32)
 
     def reset(self) -> None:
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
+        self.epochs.seek(0, 0)
 
     def state_dict(self) -> dict:
         return {
-            "epoch": int(self.epoch),
-            "pos": int(self.pos),
+            **self.epochs.state_dict(),
             "seed": self.seed,
             "T": self.T,
             "B": self.B,
@@ -341,8 +329,7 @@ class PackedLoader:
                 f"loader state is for T={state.get('T')} and {state.get('windows')} windows, this "
                 f"loader has T={self.T} and {len(self)} (different data?)"
             )
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._make_order()
+        self.epochs.seek(state["epoch"], state["pos"])
 
 
 # ---- training ------------------------------------------------------------------------------------------
