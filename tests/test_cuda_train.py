@@ -31,9 +31,9 @@ def test_pretraining_on_cuda_matches_cpu_and_resumes_on_cpu(tmp_path):
     learnable_shards(tmp_path / "data")
 
     def cfg(out, **kw):
-        return TrainConfig(**{**dict(data=str(tmp_path / "data"), out=str(tmp_path / out), model="tiny", n_embd=64,
-                                     batch_size=4, seq_len=32, max_steps=6, lr=3e-3, warmup_steps=2, eval_every=3,
-                                     eval_batches=2, ckpt_every=3, total_batch_tokens=256), **kw})
+        return TrainConfig(**{**dict(data=str(tmp_path / "data"), out=str(tmp_path / out), model="tiny", batch_size=4,
+                                     seq_len=16, max_steps=4, lr=3e-3, warmup_steps=2, eval_every=2, eval_batches=2,
+                                     ckpt_every=2, total_batch_tokens=128), **kw})
 
     train(cfg("cpu"), **QUIET)
     train(cfg("gpu", device="cuda", cuda_dtype="float32"), **QUIET)
@@ -43,9 +43,9 @@ def test_pretraining_on_cuda_matches_cpu_and_resumes_on_cpu(tmp_path):
         np.testing.assert_allclose(gv, cv, rtol=2e-3, err_msg=key)
     on_cpu = load_model(tmp_path / "gpu")  # a GPU checkpoint holds float32 host tensors like a CPU one
     np.testing.assert_allclose(on_cpu.params, load_model(tmp_path / "cpu").params, rtol=1e-2, atol=1e-4)
-    train(cfg("gpu", max_steps=8, resume=True), **QUIET)  # and resumes on the CPU
-    assert load_model(tmp_path / "gpu").checkpoint_dir.name == "ckpt_000008"
-    assert [s for s, _ in rows(tmp_path / "gpu", "loss")] == list(range(8))
+    train(cfg("gpu", max_steps=5, resume=True), **QUIET)  # and resumes on the CPU
+    assert load_model(tmp_path / "gpu").checkpoint_dir.name == "ckpt_000005"
+    assert [s for s, _ in rows(tmp_path / "gpu", "loss")] == list(range(5))
 
 
 @pytest.fixture
