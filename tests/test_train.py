@@ -209,6 +209,9 @@ def test_device_cuda_without_a_gpu_is_one_error_line(data, capsys):
                               "--no-progress"])
     assert "CUDA" in err or "GPU" in err
     assert not (data / "o").exists()  # refused before anything is written
+    err = _cli_error(capsys, ["sft", "--base", str(data / "none"), "--data", str(data / "none.jsonl"), "--out",
+                              str(data / "o"), "--device", "cuda", "--no-progress"])
+    assert ("CUDA" in err or "GPU" in err) and not (data / "o").exists()
 
 
 def test_resume_from_a_damaged_checkpoint_names_the_file(data):

@@ -189,7 +189,12 @@ def update(model: GPT, opt: AdamW, micro_batch: Callable[[], dict], lr: float, g
     """One optimizer update: zero the gradients, run `micro_batch` (forward + backward of one micro-batch, returning
     its stats, "loss" among them) `micro_batches` times, clip the global gradient norm of the mean to grad_clip
     (0: no clipping), AdamW step at `lr`. Returns the stats averaged over the micro-batches, lr and grad_norm;
-    TrainingError if the loss or the norm is not finite."""
+    TrainingError if the loss or the norm is not finite.
+
+    >>> def micro_batch():
+    ...     loss = model.forward(*loader.next_batch()); model.backward(); return {"loss": loss}
+    >>> update(model, opt, micro_batch, lr=1e-3, grad_clip=1.0, micro_batches=4)["grad_norm"]
+    """
     model.zero_grad()
     for e in extra:
         e.g.fill(0.0)
@@ -265,7 +270,11 @@ def _fmt(v) -> str:
 
 def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
     """Run `stage` for loop.steps steps (see the module doc). Returns {"steps", "seconds", "rows" (the log rows,
-    with those of earlier runs when resuming), "checkpoint", "log", "loss_curve"}."""
+    with those of earlier runs when resuming), "checkpoint", "log", "loss_curve"}.
+
+    >>> stage = LMStage("train", cfg, lambda: GPT(config), DataLoader("data", "train", 8, 256))
+    >>> fit(stage, Loop.of(cfg, steps=cfg.max_steps))["checkpoint"]
+    """
     from tqdm.auto import tqdm  # here: a slow import
 
     out = Path(loop.out)
@@ -310,7 +319,8 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
         checkpoint.save(out, step, model, opt, stage.state_dict(), kind=stage.kind, rng=rng, config=loop.config,
                         heads=stage.heads(), tokenizer=loop.tokenizer)
         checkpoint.prune(out, loop.keep_ckpts)
-        plot(out, runlog.rows)
+        if step < loop.steps:  # the last one is drawn at the end, after the final evaluation
+            plot(out, runlog.rows)
 
     t_start = time.time()
     try:
