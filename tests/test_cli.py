@@ -14,22 +14,22 @@ import pytest
 
 from fastllm import cli
 
-# command -> (argv, the library function it hands over to: "module:attribute")
+# command -> (argv, the library function it hands over to, as the CLI module names it: "module:attribute")
 COMMANDS = {
-    "info": (["info"], "fastllm:info"),
-    "train": (["train", "--data", "d", "--out", "o"], "fastllm.train:train"),
-    "sft": (["sft", "--base", "b", "--data", "c.jsonl", "--out", "o"], "fastllm.sft:sft"),
-    "chat": (["chat", "--ckpt", "c"], "fastllm.train:load_model"),
-    "demo": (["demo"], "fastllm.demo:run_demo"),
-    "prepare": (["prepare", "x", "--tokenizer", "t", "--out", "o"], "fastllm.data:prepare"),
-    "clean": (["clean", "x", "--out", "o"], "fastllm.clean:clean"),
+    "info": (["info"], "fastllm.cli:info"),
+    "train": (["train", "--data", "d", "--out", "o"], "fastllm.cli:train"),
+    "sft": (["sft", "--base", "b", "--data", "c.jsonl", "--out", "o"], "fastllm.cli:sft"),
+    "chat": (["chat", "--ckpt", "c"], "fastllm.cli:load_model"),
+    "demo": (["demo"], "fastllm.cli:run_demo"),
+    "prepare": (["prepare", "x", "--tokenizer", "t", "--out", "o"], "fastllm.cli:prepare"),
+    "clean": (["clean", "x", "--out", "o"], "fastllm.cli:clean"),
     "tokenizer": (["tokenizer", "train", "x", "--vocab-size", "300", "--out", "t"],
                   "fastllm.tokenizer:Tokenizer.train"),
-    "sample": (["sample", "--ckpt", "c"], "fastllm.train:load_model"),
-    "convert": (["convert", "s", "d"], "fastllm.hf:convert"),
-    "rl": (["rl", "--ckpt", "c", "--out", "o"], "fastllm.rl:train_grpo"),
+    "sample": (["sample", "--ckpt", "c"], "fastllm.cli:load_model"),
+    "convert": (["convert", "s", "d"], "fastllm.cli:convert"),
+    "rl": (["rl", "--ckpt", "c", "--out", "o"], "fastllm.cli:train_grpo"),
     "reward-model": (["reward-model", "--base", "b", "--data", "p.jsonl", "--out", "o"],
-                     "fastllm.rl:train_reward_model"),
+                     "fastllm.cli:train_reward_model"),
 }
 
 
@@ -97,7 +97,7 @@ def test_any_exception_is_one_line(command, exc, monkeypatch, capsys):
 
 
 def test_debug_shows_the_traceback(monkeypatch, capsys):
-    patch(monkeypatch, "fastllm.hf:convert", lambda *a, **k: {}["rng"])
+    patch(monkeypatch, "fastllm.cli:convert", lambda *a, **k: {}["rng"])
     monkeypatch.setenv("FASTLLM_DEBUG", "1")
     rc, _, err = run(["convert", "a", "b"], capsys)
     assert rc == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("fastllm: error: KeyError")
@@ -107,7 +107,7 @@ def test_keyboard_interrupt(monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    patch(monkeypatch, "fastllm.hf:convert", interrupted)
+    patch(monkeypatch, "fastllm.cli:convert", interrupted)
     rc, _, err = run(["convert", "a", "b"], capsys)
     assert rc == 130 and err.strip() == "interrupted"
 
