@@ -30,16 +30,16 @@ from fastllm.model import GPT, GPTConfig  # noqa: E402
 
 def make_checkpoint(d: Path):
     """A random-weight `small` GPT and a 4096-token BPE tokenizer, saved like a training run's checkpoint."""
+    from fastllm.checkpoint import save
     from fastllm.data import builtin_corpus
     from fastllm.optim import AdamW
     from fastllm.tokenizer import Tokenizer
-    from fastllm.train import save_checkpoint
 
     docs = builtin_corpus()
     tok = Tokenizer.train(docs, 4096, special_tokens=("<|endoftext|>",), progress=False)
     tok.save(d / "tok.tiktoken")
     model = GPT(GPTConfig.preset("small", vocab_size=tok.n_vocab), seed=0)
-    ckpt = save_checkpoint(d / "small", 0, model, AdamW(model, 1e-4), {"step": 0}, d / "tok.tiktoken")
+    ckpt = save(d / "small", 0, model, AdamW(model, 1e-4), {}, kind="train", tokenizer=d / "tok.tiktoken")
     prompts = [tok.decode(tok.encode(doc)[:32]) for doc in docs[:64]]
     return ckpt, tok, prompts
 
@@ -117,8 +117,8 @@ def in_process(model, tok, bodies: list[dict], engine=None) -> dict:
 def run(threads: int, quick: bool) -> None:
     from serve_process import Server
 
+    from fastllm.checkpoint import load_model
     from fastllm.serve import Engine
-    from fastllm.train import load_model
 
     fastllm.set_num_threads(threads)
     n_requests, new_tokens, rounds = (16, 48, 2) if quick else (32, 128, 3)

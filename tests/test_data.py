@@ -180,28 +180,6 @@ def test_prepare_bad_input(tmp_path, tok_path):
         prepare([str(tmp_path / "bin.txt")], tok_path, tmp_path / "d", progress=False)
 
 
-def test_checkpoint_tokenizer_either_format(tmp_path):
-    """The tokenizer of a checkpoint folder in either format (fastllm's rank file or a HF tokenizer.json, as
-    `fastllm convert` leaves it), an explicit path first, and a clear error naming the folder without one."""
-    from fastllm import Tokenizer
-    from fastllm.data import TOKENIZER_FILE, checkpoint_tokenizer
-
-    tok = Tokenizer.train(["the cat sat on the mat. " * 20], 280, special_tokens=[], progress=False)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    (tmp_path / "none").mkdir()
-    tok.save(tmp_path / "a" / TOKENIZER_FILE)
-    tok.save_hf(tmp_path / "b" / "tokenizer.json")
-    for folder in ("a", "b"):
-        assert checkpoint_tokenizer(tmp_path / folder).encode("the mat").tolist() == tok.encode("the mat").tolist()
-    assert checkpoint_tokenizer(tmp_path / "none", tmp_path / "a" / TOKENIZER_FILE).n_vocab == tok.n_vocab
-    with pytest.raises(FileNotFoundError, match="no tokenizer in .*none"):
-        checkpoint_tokenizer(tmp_path / "none")
-
-
-# ---- the validation split (issues 22 and 23) ----------------------------------------------------------
-
-
 def write_docs(path, n, words=40):
     import json
 

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 import fastllm
+from fastllm.checkpoint import load_model, save
 from fastllm.model import GPT, GPTConfig
 from fastllm.optim import AdamW
 from fastllm.sample import SamplingParams, generate, stream_text
 from fastllm.sft import IM_END, IM_START, render, render_prompt
 from fastllm.tokenizer import Tokenizer
-from fastllm.train import load_model, save_checkpoint
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -77,12 +77,12 @@ def ckpts(tmp_path_factory):
         m.forward(idx, tg)
         m.backward()
         opt.step()
-    out = {"chat": save_checkpoint(d / "chat", 160, m, opt, {"step": 160}, d / "tok.tiktoken")}
+    out = {"chat": save(d / "chat", 160, m, opt, {}, kind="sft", tokenizer=d / "tok.tiktoken")}
     slow = GPT(GPTConfig(block_size=1024, vocab_size=259, n_layer=6, n_head=6, n_embd=384), seed=2)
-    out["slow"] = save_checkpoint(d / "slow", 0, slow, AdamW(slow, 1e-3), {"step": 0}, d / "tok.tiktoken")
+    out["slow"] = save(d / "slow", 0, slow, AdamW(slow, 1e-3), {}, kind="train", tokenizer=d / "tok.tiktoken")
     byte_tok(chat=False).save(d / "base.tiktoken")
     base = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32), seed=3)
-    out["base"] = save_checkpoint(d / "base", 0, base, AdamW(base, 1e-3), {"step": 0}, d / "base.tiktoken")
+    out["base"] = save(d / "base", 0, base, AdamW(base, 1e-3), {}, kind="train", tokenizer=d / "base.tiktoken")
     fastllm.set_num_threads(threads)
     return out
 

@@ -4,14 +4,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import os
 import sys
+import time
+import traceback
+import typing
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import info
+from .checkpoint import checkpoint_tokenizer, convert, load_model
+from .clean import CleanConfig, clean
+from .cuda import CudaUnavailableError
+from .data import builtin_corpus, prepare
+from .demo import DemoConfig, run_demo
+from .rl import RewardModelConfig, RLConfig, train_grpo, train_reward_model
+from .sample import SamplingParams, check_seed, stream_text
+from .sft import ChatSession, SFTConfig, chat_loop, sft
+from .tokenizer import Tokenizer
+from .train import TrainConfig, TrainingError, train
+from .version import __version__
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import fastllm
-
-    d = fastllm.info()
+    d = info()
     if args.json:
         print(json.dumps(d, indent=2))
     else:
@@ -22,9 +42,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One --flag per dataclass field (types from the defaults), so the CLI never drifts from the API."""
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -44,8 +61,6 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] =
 
 def _config(args: argparse.Namespace, cls, **overrides):
     """The dataclass `cls` filled from the parsed flags of the same names (plus overrides)."""
-    import dataclasses
-
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**kw, **overrides})
 
@@ -66,8 +81,6 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     """The sampling flags, checked (ValueError naming the bad one) before any model is loaded."""
-    from .sample import SamplingParams, check_seed
-
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
               repetition_penalty=args.repetition_penalty)
     SamplingParams(**kw)
@@ -76,8 +89,6 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
-
     s = train(_config(args, TrainConfig), progress=not args.no_progress)
     _print_summary(s)
     return 0
@@ -90,8 +101,6 @@ def _print_summary(s: dict) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
-
     run_demo(_config(args, DemoConfig), progress=not args.no_progress)
     return 0
 
@@ -99,8 +108,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _warnings_to_stderr():
     """Library warnings as one `fastllm: warning: ...` line each, as they happen."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *a, **k: print(f"fastllm: warning: {message}", file=sys.stderr)
@@ -108,8 +115,6 @@ def _warnings_to_stderr():
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare
-
     with _warnings_to_stderr():
         st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
                      shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
@@ -121,8 +126,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from .clean import CleanConfig, clean
-
     cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
                   scrub_pii=not args.keep_pii, lang_rules=not args.no_lang_rules)
     with _warnings_to_stderr():
@@ -134,14 +137,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    import time
-
-    from .data import builtin_corpus
-    from .tokenizer import Tokenizer
-
     t0 = time.time()
-    from pathlib import Path
-
     texts = [Path(p) for p in args.corpus] or builtin_corpus()
     tok = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=args.special,
                           progress=not args.no_progress)
@@ -150,28 +146,13 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_tokenizer(model, override: str | None):
-    """The tokenizer given on the command line, else the copy inside the model's checkpoint folder."""
-    from .data import checkpoint_tokenizer
-
-    return checkpoint_tokenizer(model.checkpoint_dir, override)
-
-
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import time
-
-    import numpy as np
-
-    from .sample import stream_text
-    from .train import load_model
-
     sampling = _sampling_kwargs(args)  # checked before loading anything
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model = load_model(args.ckpt).eval()
-    tok = _checkpoint_tokenizer(model, args.tokenizer)
-    if args.device == "cuda":
-        model.to("cuda", args.dtype or "bfloat16")
+    gpu = args.device == "cuda"
+    model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if gpu else None).eval()
+    tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
     ids = tok.encode(args.prompt, allowed_special="all")
     if ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
         ids = np.array([tok.eot_token])
@@ -194,28 +175,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hf import convert
-
     out = convert(args.src, args.dst, to=args.to)
     print(f"{args.src} -> {out} ({'transformers GPT-2 folder' if args.to == 'hf' else 'fastllm checkpoint'})")
     return 0
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    from .sft import SFTConfig, sft
-
     s = sft(_config(args, SFTConfig), progress=not args.no_progress)
     _print_summary(s)
     return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from .sft import ChatSession, chat_loop
-    from .train import load_model
-
     _sampling_kwargs(args)  # checked before loading anything
     model = load_model(args.ckpt).eval()
-    session = ChatSession(model, _checkpoint_tokenizer(model, args.tokenizer), system=args.system,
+    session = ChatSession(model, checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer), system=args.system,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.dtype or "float32",
                           **_sampling_kwargs(args))
     if sys.stdin.isatty():
@@ -256,8 +230,6 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from .rl import RLConfig, train_grpo
-
     s = train_grpo(_config(args, RLConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} GRPO steps in {s['seconds']:.1f}s; last reward {s['reward']:.3f}, kl {s['kl']:.4f}; "
           f"held-out accuracy {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy']:.3f}")
@@ -266,8 +238,6 @@ def _cmd_rl(args: argparse.Namespace) -> int:
 
 
 def _cmd_reward_model(args: argparse.Namespace) -> int:
-    from .rl import RewardModelConfig, train_reward_model
-
     s = train_reward_model(_config(args, RewardModelConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} steps on {s['train_pairs']} pairs in {s['seconds']:.1f}s; held-out accuracy "
           f"{s['val_accuracy']:.3f} on {s['val_pairs']} pairs (train {s['train_accuracy']:.3f}) -> {s['out']}")
@@ -275,8 +245,6 @@ def _cmd_reward_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = argparse.ArgumentParser(prog="fastllm", description="Train, tokenize and sample small GPTs, fast.")
     p.add_argument("--version", action="version", version=f"fastllm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -285,13 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print as JSON")
     s.set_defaults(func=_cmd_info)
 
-    from .train import TrainConfig
-
     s = sub.add_parser("train", help="pre-train a GPT on token shards (see `fastllm prepare`)")
     _add_dataclass_args(s, TrainConfig)
     s.set_defaults(func=_cmd_train)
-
-    from .sft import SFTConfig
 
     s = sub.add_parser("sft", help="fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})")
     s.add_argument("--base", required=True, help="checkpoint (or training run folder) to fine-tune")
@@ -303,8 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system message")
     _add_sampling_args(s, max_new_tokens=256, temperature=0.7)
     s.set_defaults(func=_cmd_chat)
-
-    from .demo import DemoConfig
 
     s = sub.add_parser("demo", help="tokenizer + shards + a small GPT + samples on the built-in corpus, in minutes")
     _add_dataclass_args(s, DemoConfig)
@@ -322,8 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenize and write shards on a Dask cluster: 'local' (a LocalCluster) or a scheduler")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_prepare)
-
-    from .clean import CleanConfig
 
     s = sub.add_parser("clean", help="web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards")
     s.add_argument("inputs", nargs="+", help="files or folders of any kind (HTML, RSS/Atom, WARC, JSONL with "
@@ -369,8 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_args(s)
     s.set_defaults(func=_cmd_serve)
 
-    from .rl import RewardModelConfig, RLConfig
-
     s = sub.add_parser("rl", help="GRPO post-training on a verifiable task (or against a reward model)")
     _add_dataclass_args(s, RLConfig)
     s.set_defaults(func=_cmd_rl)
@@ -388,10 +346,9 @@ def error_line(e: BaseException) -> str:
     >>> error_line(KeyError("rng"))
     "fastllm: error: KeyError: 'rng' (unexpected: FASTLLM_DEBUG=1 shows the traceback)"
     """
-    from .cuda import CudaUnavailableError
-
     msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    if isinstance(e, (ValueError, TypeError, OSError, ImportError, FloatingPointError, CudaUnavailableError)):
+    if isinstance(e, (ValueError, TypeError, OSError, ImportError, FloatingPointError, CudaUnavailableError,
+                      TrainingError)):
         return f"fastllm: error: {msg or type(e).__name__}"
     return f"fastllm: error: {type(e).__name__}{': ' + msg if msg else ''} (unexpected: FASTLLM_DEBUG=1 shows the " \
            "traceback)"
@@ -400,8 +357,6 @@ def error_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Whatever goes wrong ends as one `fastllm: error: ...` line on stderr and exit code 1
     (Ctrl-C: 130; bad flags: argparse's usage message and 2); FASTLLM_DEBUG=1 also prints the traceback."""
-    import os
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -420,8 +375,6 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except Exception as e:
         if os.environ.get("FASTLLM_DEBUG"):
-            import traceback
-
             traceback.print_exc()
         print(error_line(e), file=sys.stderr)
         return 1

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import copy_tokenizer
 from .fileio import atomic_write, iter_jsonl, write_json
+from .tokenizer import Tokenizer
 
 MAGIC = b"FLLMTOK1"
 VERSION = 1
@@ -87,47 +89,6 @@ def shard_vocab_size(path: str | os.PathLike) -> int:
         return HEADER.unpack_from(f.read(HEADER.size))[4]
 
 
-# ---- tokenizer files ---------------------------------------------------------------------------------
-
-TOKENIZER_FILE = "tokenizer.tiktoken"  # the copy kept beside shards and in checkpoints (+ its .json sidecar)
-
-
-def copy_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Copy a tokenizer into `folder`: one saved by Tokenizer.save (rank file + `.json` sidecar) becomes
-    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json is copied as tokenizer.json."""
-    src = Path(src)
-    if src.suffix == ".json" and not Path(str(src) + ".json").exists():
-        pairs = [(src, Path(folder) / "tokenizer.json")]
-    else:
-        pairs = [(Path(str(src) + sfx), Path(folder) / (TOKENIZER_FILE + sfx)) for sfx in ("", ".json")]
-    for a, b in pairs:
-        if not a.exists():
-            raise FileNotFoundError(f"tokenizer file {a} not found (saved with Tokenizer.save?)")
-        if a.resolve() != b.resolve():
-            with atomic_write(b) as f:
-                f.write(a.read_bytes())
-    return pairs[0][1]
-
-
-def find_tokenizer(folder: str | os.PathLike) -> Path | None:
-    """fastllm's tokenizer copy in `folder`, else a HF tokenizer.json (from `fastllm convert`), else None."""
-    for name in (TOKENIZER_FILE, "tokenizer.json"):
-        if (Path(folder) / name).exists():
-            return Path(folder) / name
-    return None
-
-
-def checkpoint_tokenizer(folder: str | os.PathLike, override: str | os.PathLike | None = None):
-    """The tokenizer at `override` if given, else the one find_tokenizer finds in `folder` (either format);
-    FileNotFoundError naming the folder if there is none."""
-    from .tokenizer import Tokenizer
-
-    path = override or find_tokenizer(folder)
-    if path is None:
-        raise FileNotFoundError(f"no tokenizer in {folder} ({TOKENIZER_FILE} or tokenizer.json); pass one explicitly")
-    return Tokenizer.from_pretrained(path)
-
-
 # ---- documents -----------------------------------------------------------------------------------------
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -174,7 +135,7 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
 
 def builtin_corpus() -> list[str]:
     """Python's own documentation topics (pydoc_data.topics ships with every Python): one doc per topic."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # here: 0.5 MB of text that only the demo needs
 
     return [topics[k] for k in sorted(topics)]
 
@@ -278,8 +239,6 @@ _TOKENIZERS: dict = {}
 
 def _tokenizer(path: str):
     """The tokenizer at `path`, loaded once per process (the workers of an Executor too)."""
-    from .tokenizer import Tokenizer
-
     key = (path, os.stat(path).st_mtime_ns)
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = Tokenizer.from_pretrained(path)
@@ -548,6 +507,40 @@ def _stats(out: Path, manifest: dict, skipped: int) -> PrepareStats:
 # ---- loader --------------------------------------------------------------------------------------------
 
 
+class Epochs:
+    """The order in which a loader visits n items: epoch after epoch, each a permutation drawn from (seed, epoch)
+    (0..n-1 when not shuffled). The position (epoch, pos) is what a checkpoint saves: a resumed run sees exactly
+    the items an uninterrupted one would. Shared by DataLoader, sft.PackedLoader and the reward model's pairs.
+
+    >>> Epochs(4, seed=0).take(6)           # one epoch, then the first 2 of the next
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.seek(0, 0)
+
+    def seek(self, epoch: int, pos: int) -> None:
+        self.epoch, self.pos = int(epoch), int(pos)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+
+    def take(self, k: int, cross: bool = True) -> np.ndarray:
+        """The next k indices, continuing into the next epoch (or, not `cross`, stopping at the epoch's end)."""
+        parts = []
+        while k > 0:
+            if self.pos >= self.n:
+                self.seek(self.epoch + 1, 0)
+            part = self.order[self.pos:self.pos + k]
+            self.pos, k = self.pos + len(part), k - len(part)
+            parts.append(part)
+            if not cross:
+                break
+        return np.concatenate(parts)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
 class DataLoader:
     """(B, T) input windows and their shifted targets from the shards of one split.
 
@@ -580,12 +573,7 @@ class DataLoader:
             raise ValueError(f"{split} shards in {data_dir} hold {sum(s.size for s in self.shards)} tokens, "
                              f"fewer than one window of T+1={T + 1}")
         self.vocab_size = vocabs[0]
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        n = len(self.windows)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        self.epochs = Epochs(len(self.windows), seed, shuffle)
 
     def __len__(self) -> int:
         """Windows per epoch."""
@@ -594,25 +582,19 @@ class DataLoader:
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         x = np.empty((self.B, self.T), np.int32)
         y = np.empty((self.B, self.T), np.int32)
-        for b in range(self.B):
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            shard, off = self.windows[self._order[self.pos]]
-            self.pos += 1
+        for b, i in enumerate(self.epochs.take(self.B)):
+            shard, off = self.windows[i]
             w = self.shards[shard][off:off + self.T + 1]
             x[b], y[b] = w[:-1], w[1:]
         return x, y
 
     def reset(self) -> None:
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
+        self.epochs.seek(0, 0)
 
     def state_dict(self) -> dict:
-        return {"epoch": int(self.epoch), "pos": int(self.pos), "seed": self.seed, "T": self.T, "B": self.B}
+        return {**self.epochs.state_dict(), "seed": self.seed, "T": self.T, "B": self.B}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("T", self.T) != self.T:
             raise ValueError(f"loader state is for T={state['T']}, this loader has T={self.T}")
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._make_order()
+        self.epochs.seek(state["epoch"], state["pos"])

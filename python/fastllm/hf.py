@@ -1,4 +1,5 @@
-"""Hugging Face interop: GPT-2 checkpoints in the `transformers` layout and GPT-2 tokenizer files.
+"""Hugging Face interop: GPT-2 models in the `transformers` layout (the tokenizer files are read by
+fastllm.tokenizer; fastllm.checkpoint.convert turns such a folder into a fastllm checkpoint and back).
 
 A folder that ``transformers.GPT2LMHeadModel.from_pretrained`` reads holds
     config.json                    model_type "gpt2", n_layer, n_head, n_embd, n_positions, vocab_size, ...
@@ -17,17 +18,15 @@ buffer (peak memory ~ one model), through fastllm.fileio: no pickle, every offse
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig
+from .version import __version__
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -91,8 +90,6 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
 
 def config_to_hf(cfg: GPTConfig, eot_id: int | None = None) -> dict:
     """The config.json dict transformers needs for GPT2LMHeadModel (no dropout: fastllm has none)."""
-    from . import __version__
-
     if eot_id is None and cfg.vocab_size == 50257:
         eot_id = 50256  # GPT-2's <|endoftext|>
     return {
@@ -308,157 +305,4 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int |
     write_json(folder / "tokenizer_config.json", conf)
 
 
-def vocab_merges_doc(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
-                     special_tokens: list[str] | None = None) -> dict:  # fmt: skip
-    """A tokenizer.json document for GPT-2's classic vocab.json + merges.txt pair (byte-level BPE, merges by
-    priority = line order, GPT-2 pre-tokenizer, no prefix space), as HF's GPT2TokenizerFast builds it.
-    `special_tokens` (default: <|endoftext|> if it is in the vocab) become added tokens."""
-    vocab_path, merges_path = os.fspath(vocab_path), os.fspath(merges_path)
-    vocab = read_json(vocab_path)
-    if not isinstance(vocab, dict):
-        raise ValueError(f"{vocab_path}:1: expected a JSON object token -> id")
-    merges = []
-    with open(merges_path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{merges_path}:{lineno}: not valid UTF-8 ({e.reason})") from None
-            if (lineno == 1 and line.startswith("#version")) or not line.strip():
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{merges_path}:{lineno}: expected '<left> <right>', got {line[:60]!r}")
-            merges.append(parts)
-    if special_tokens is None:
-        special_tokens = [t for t in ("<|endoftext|>",) if t in vocab]
-    added = []
-    for s in special_tokens:
-        if s not in vocab:
-            raise ValueError(f"{vocab_path}: special token {s!r} is not in the vocab")
-        added.append({"id": vocab[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                      "normalized": False, "special": True})  # fmt: skip
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    return {
-        "version": "1.0",
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": byte_level,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "vocab": vocab, "merges": merges, "ignore_merges": False},
-    }
-
-
-def _special_tokens_from_config(folder: Path) -> list[str] | None:
-    """Special tokens named by tokenizer_config.json (added_tokens_decoder, bos/eos/unk), if any."""
-    p = folder / "tokenizer_config.json"
-    if not p.exists():
-        return None
-    conf = read_json(p)
-    if not isinstance(conf, dict):
-        raise ValueError(f"{p}:1: expected a JSON object")
-    out: list[str] = []
-    decoder = conf.get("added_tokens_decoder")
-    for t in decoder.values() if isinstance(decoder, dict) else ():
-        if isinstance(t, dict) and isinstance(t.get("content"), str):
-            out.append(t["content"])
-    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        t = conf.get(k)
-        t = t.get("content") if isinstance(t, dict) else t
-        if isinstance(t, str) and t not in out:
-            out.append(t)
-    return out or None
-
-
-def load_vocab_merges(folder: str | os.PathLike):
-    """Tokenizer from vocab.json + merges.txt in `folder` (special tokens from tokenizer_config.json)."""
-    from .tokenizer import Tokenizer
-
-    folder = Path(folder)
-    specials = _special_tokens_from_config(folder)
-    vocab_path = folder / "vocab.json"
-    if specials is not None:
-        vocab = read_json(vocab_path)
-        specials = [s for s in specials if isinstance(vocab, dict) and s in vocab]
-    doc = vocab_merges_doc(vocab_path, folder / "merges.txt", specials)
-    return Tokenizer._from_hf_doc(doc, f"{vocab_path} (with merges.txt)")
-
-
-def find_hf_tokenizer(folder: str | os.PathLike) -> Path | None:
-    """tokenizer.json, else vocab.json (with merges.txt beside it), else None."""
-    folder = Path(folder)
-    for p in (folder / "tokenizer.json", folder / "vocab.json"):
-        if p.exists() and (p.name != "vocab.json" or (folder / "merges.txt").exists()):
-            return p
-    return None
-
-
-# ---- conversion ------------------------------------------------------------------------------------------
-
-
-def _check_convert_paths(src: Path, dst: Path) -> None:
-    """convert() never writes into its source: dst may be neither src nor inside it."""
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
-        raise ValueError(f"convert: the output folder {dst} is {'the source' if d == s else 'inside the source'} "
-                         f"{src}; choose another output folder")
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"convert: the output {dst} exists and is not a folder")
-
-
-@contextlib.contextmanager
-def _output_folder(dst: Path):
-    """The folder to write dst's files into: a new dst is written as a hidden sibling folder and renamed at the
-    end, so an interrupted or failed conversion leaves no dst at all; an existing one gets each file atomically."""
-    if dst.exists():
-        yield dst
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this process id
-    tmp.mkdir()  # (mode from the umask, unlike mkdtemp's 0700)
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm") -> Path:
-    """HF GPT-2 folder -> fastllm checkpoint folder (to="fastllm": model.safetensors with the GPTConfig in its
-    metadata, as train.load_model reads, plus the tokenizer), or a fastllm checkpoint -> HF folder (to="hf").
-    Everything is read and checked before anything is written; dst may not be src or inside it."""
-    from .data import TOKENIZER_FILE, find_tokenizer
-    from .tokenizer import Tokenizer
-    from .train import load_model
-
-    src, dst = Path(src), Path(dst)
-    if to not in ("fastllm", "hf"):
-        raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
-    _check_convert_paths(src, dst)
-    if to == "fastllm":
-        model = from_pretrained(src)
-        tok = Tokenizer.from_pretrained(src) if find_hf_tokenizer(src) is not None else None
-        if tok is not None and tok.n_vocab > model.config.vocab_size:
-            raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
-                             f"{model.config.vocab_size}")  # fmt: skip
-        with _output_folder(dst) as out:
-            save_safetensors(
-                out / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())}
-            )
-            if tok is not None and tok._is_ranks:  # tiktoken semantics: the rank file `fastllm sample` looks for
-                tok.save(out / TOKENIZER_FILE)
-            elif tok is not None:  # HF merge priority: only tokenizer.json can express it
-                tok.save_hf(out / "tokenizer.json")
-        return dst
-    model = load_model(src)
-    tok_path = find_tokenizer(model.checkpoint_dir)
-    tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
-    with _output_folder(dst) as out:
-        save_pretrained(model, out, tokenizer=tok)
-    return dst
-
-
-__all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "hf_state_dict", "convert",
-           "load_vocab_merges", "vocab_merges_doc", "find_hf_tokenizer"]  # fmt: skip
+__all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "hf_state_dict", "save_tokenizer"]

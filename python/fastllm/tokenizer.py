@@ -30,6 +30,7 @@ import binascii
 import json
 import os
 from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
@@ -115,11 +116,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 _B2U = _bytes_to_unicode()
 _U2B = {u: b for b, u in _B2U.items()}
-
-
-def _atomic_write(path: PathLike, data: bytes) -> None:
-    with atomic_write(path) as f:
-        f.write(data)
 
 
 def _read_ranks(path: PathLike) -> dict[bytes, int]:
@@ -590,7 +586,8 @@ class Tokenizer:
         `save`)."""
         self._require_ranks("save_tiktoken")
         lines = [base64.b64encode(t) + b" " + str(i).encode() for i, t in self._regular_tokens()]
-        _atomic_write(path, b"\n".join(lines) + b"\n")
+        with atomic_write(path) as f:
+            f.write(b"\n".join(lines) + b"\n")
 
     @classmethod
     def load_tiktoken(
@@ -638,9 +635,8 @@ class Tokenizer:
             "n_ranks": n,
         }
         self.save_tiktoken(path)
-        _atomic_write(
-            os.fspath(path) + ".json", (json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode()
-        )
+        with atomic_write(os.fspath(path) + ".json") as f:
+            f.write((json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode())
 
     @classmethod
     def load(cls, path: PathLike) -> Tokenizer:
@@ -733,7 +729,8 @@ class Tokenizer:
                 "merges": merges,
             },
         }
-        _atomic_write(path, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+        with atomic_write(path) as f:
+            f.write(json.dumps(doc, ensure_ascii=False).encode("utf-8"))
 
     @classmethod
     def from_pretrained(cls, path: PathLike) -> Tokenizer:
@@ -741,19 +738,17 @@ class Tokenizer:
         ``vocab.json`` + ``merges.txt`` (special tokens from ``tokenizer_config.json``, default
         ``<|endoftext|>``), else a fastllm ``tokenizer.tiktoken``. `path` may also name one of those files.
         Ids are those HF tokenizers gives for the same files."""
-        from . import hf
-
         path = os.fspath(path)
         if os.path.isfile(path):
             name, folder = os.path.basename(path), os.path.dirname(path)
             if name == "vocab.json" or name == "merges.txt":
-                return hf.load_vocab_merges(folder)
+                return load_vocab_merges(folder)
             return cls.load_hf(path) if name.endswith(".json") else cls.load(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such tokenizer file or folder")
-        found = hf.find_hf_tokenizer(path)
+        found = find_hf_tokenizer(path)
         if found is not None:
-            return cls.load_hf(found) if found.name == "tokenizer.json" else hf.load_vocab_merges(path)
+            return cls.load_hf(found) if found.name == "tokenizer.json" else load_vocab_merges(path)
         rank_file = os.path.join(path, "tokenizer.tiktoken")
         if os.path.exists(rank_file + ".json"):
             return cls.load(rank_file)
@@ -907,3 +902,89 @@ def _hf_pattern(pre, bad) -> str:
             check_byte_level(items[1])
             return items[0]["pattern"]["Regex"]
     raise bad(f"unsupported pre_tokenizer {json.dumps(pre)[:200]}")
+
+
+# ---- Hugging Face tokenizer files (GPT-2's vocab.json + merges.txt) ------------------------------------
+
+
+def vocab_merges_doc(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
+                     special_tokens: list[str] | None = None) -> dict:  # fmt: skip
+    """A tokenizer.json document for GPT-2's classic vocab.json + merges.txt pair (byte-level BPE, merges by
+    priority = line order, GPT-2 pre-tokenizer, no prefix space), as HF's GPT2TokenizerFast builds it.
+    `special_tokens` (default: <|endoftext|> if it is in the vocab) become added tokens."""
+    vocab_path, merges_path = os.fspath(vocab_path), os.fspath(merges_path)
+    vocab = read_json(vocab_path)
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{vocab_path}:1: expected a JSON object token -> id")
+    merges = []
+    with open(merges_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{merges_path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if (lineno == 1 and line.startswith("#version")) or not line.strip():
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{merges_path}:{lineno}: expected '<left> <right>', got {line[:60]!r}")
+            merges.append(parts)
+    if special_tokens is None:
+        special_tokens = [t for t in ("<|endoftext|>",) if t in vocab]
+    added = []
+    for s in special_tokens:
+        if s not in vocab:
+            raise ValueError(f"{vocab_path}: special token {s!r} is not in the vocab")
+        added.append({"id": vocab[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": True})  # fmt: skip
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges, "ignore_merges": False},
+    }
+
+
+def _special_tokens_from_config(folder: Path) -> list[str] | None:
+    """Special tokens named by tokenizer_config.json (added_tokens_decoder, bos/eos/unk), if any."""
+    p = folder / "tokenizer_config.json"
+    if not p.exists():
+        return None
+    conf = read_json(p)
+    if not isinstance(conf, dict):
+        raise ValueError(f"{p}:1: expected a JSON object")
+    out: list[str] = []
+    decoder = conf.get("added_tokens_decoder")
+    for t in decoder.values() if isinstance(decoder, dict) else ():
+        if isinstance(t, dict) and isinstance(t.get("content"), str):
+            out.append(t["content"])
+    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        t = conf.get(k)
+        t = t.get("content") if isinstance(t, dict) else t
+        if isinstance(t, str) and t not in out:
+            out.append(t)
+    return out or None
+
+
+def load_vocab_merges(folder: str | os.PathLike) -> Tokenizer:
+    """Tokenizer from vocab.json + merges.txt in `folder` (special tokens from tokenizer_config.json)."""
+    folder = Path(folder)
+    specials = _special_tokens_from_config(folder)
+    vocab_path = folder / "vocab.json"
+    if specials is not None:
+        vocab = read_json(vocab_path)
+        specials = [s for s in specials if isinstance(vocab, dict) and s in vocab]
+    doc = vocab_merges_doc(vocab_path, folder / "merges.txt", specials)
+    return Tokenizer._from_hf_doc(doc, f"{vocab_path} (with merges.txt)")
+
+
+def find_hf_tokenizer(folder: str | os.PathLike) -> Path | None:
+    """tokenizer.json, else vocab.json (with merges.txt beside it), else None."""
+    folder = Path(folder)
+    for p in (folder / "tokenizer.json", folder / "vocab.json"):
+        if p.exists() and (p.name != "vocab.json" or (folder / "merges.txt").exists()):
+            return p
+    return None

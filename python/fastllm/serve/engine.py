@@ -38,15 +38,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import get_num_threads, set_num_threads
+from ..checkpoint import checkpoint_tokenizer, load_model
 from ..sample import SamplingParams, StopStrings, TextStreamer, sample_next
 
 
 def load(ckpt, tokenizer=None):
     """(model in eval mode, tokenizer) of a fastllm checkpoint folder (or run folder): the one place the
     server loads weights. tokenizer: a path overriding the copy inside the checkpoint."""
-    from ..data import checkpoint_tokenizer
-    from ..train import load_model
-
     model = load_model(ckpt).eval()
     return model, checkpoint_tokenizer(model.checkpoint_dir, tokenizer)
 
