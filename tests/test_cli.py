@@ -27,6 +27,7 @@ COMMANDS = {
                   "fastllm.tokenizer:Tokenizer.train"),
     "sample": (["sample", "--ckpt", "c"], "fastllm.cli:load_model"),
     "convert": (["convert", "s", "d"], "fastllm.cli:convert"),
+    "serve": (["serve", "--ckpt", "c"], "fastllm.cli:serve"),
     "rl": (["rl", "--ckpt", "c", "--out", "o"], "fastllm.cli:train_grpo"),
     "reward-model": (["reward-model", "--base", "b", "--data", "p.jsonl", "--out", "o"],
                      "fastllm.cli:train_reward_model"),

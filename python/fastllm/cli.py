@@ -24,6 +24,7 @@ from .data import builtin_corpus, prepare
 from .demo import DemoConfig, run_demo
 from .rl import RewardModelConfig, RLConfig, train_grpo, train_reward_model
 from .sample import SamplingParams, check_seed, stream_text
+from .serve import ServeConfig, serve
 from .sft import ChatSession, SFTConfig, chat_loop, sft
 from .tokenizer import Tokenizer
 from .train import TrainConfig, TrainingError, train
@@ -199,8 +200,6 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeConfig, serve
-
     serve(_config(args, ServeConfig, allow_origins=tuple(args.allow_origin)))
     return 0
 
