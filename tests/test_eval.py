@@ -15,6 +15,7 @@ import pytest
 from tiny import EOT, byte_tokenizer, one_thread, supervised_batch, write_jsonl  # noqa: F401 (fixture)
 
 import fastllm
+from fastllm.checkpoint import save
 from fastllm.cli import main
 from fastllm.eval import EvalConfig, TrainEval, evaluate, format_report, load, pass_at_k
 from fastllm.eval.data import load_documents, load_multiple_choice
@@ -23,7 +24,6 @@ from fastllm.model import GPT, GPTConfig
 from fastllm.optim import AdamW
 from fastllm.tasks import SortTask
 from fastllm.tokenizer import Tokenizer
-from fastllm.train import save_checkpoint
 
 # ---- against transformers on the same random GPT-2 weights -----------------------------------------------------
 
@@ -308,7 +308,7 @@ def sorter(tmp_path_factory):
         m.forward(*supervised_batch(tok, [(p, task.answer(p)) for p in batch]))
         m.backward()
         opt.step()
-    ck = save_checkpoint(d / "run", STEPS, m, opt, {"step": STEPS}, d / "tok.tiktoken")
+    ck = save(d / "run", STEPS, m, opt, {}, kind="sft", tokenizer=d / "tok.tiktoken")
     return m, untrained, tok, held, ck
 
 

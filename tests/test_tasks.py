@@ -14,6 +14,7 @@ from tiny import byte_tokenizer, one_thread, supervised_batch, write_jsonl  # no
 
 import fastllm
 from fastllm import rl, tasks
+from fastllm.checkpoint import load_model, save
 from fastllm.cli import main
 from fastllm.model import GPT, GPTConfig
 from fastllm.optim import AdamW
@@ -28,7 +29,6 @@ from fastllm.tasks import (
     same_answer,
     well_formed,
 )
-from fastllm.train import load_model, save_checkpoint
 
 # ---- answers ----------------------------------------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ def warm_adder(tmp_path_factory):
         m.forward(*supervised_batch(tok, [(p.prompt, p.answer) for p in batch]))
         m.backward()
         opt.step()
-    ck = save_checkpoint(d / "warm", 100, m, opt, {"step": 100}, d / "tok.tiktoken")
+    ck = save(d / "warm", 100, m, opt, {}, kind="sft", tokenizer=d / "tok.tiktoken")
     return ck, write_problems(d / "pool.jsonl", pool), write_problems(d / "held.jsonl", held)
 
 

@@ -12,6 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import load_model
+from .data import builtin_corpus, prepare, read_shard
+from .eval import evaluate
+from .sample import generate
+from .tokenizer import Tokenizer
+from .train import TrainConfig, train
+
 
 @dataclass
 class DemoConfig:
@@ -36,11 +43,6 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    from .data import builtin_corpus, prepare, read_shard
-    from .sample import generate
-    from .tokenizer import Tokenizer
-    from .train import TrainConfig, train
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -69,9 +71,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     s = train(tcfg, progress=progress)
     print(f"      loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}; val loss {s['val_loss']:.3f} vs unigram "
           f"entropy {h1:.3f} nats ({s['tok_per_s']:,.0f} tok/s)")
-
-    from .eval import evaluate
-    from .train import load_model
 
     model = load_model(out / "run")
     bpb = evaluate(model, tok, "bpb", data=str(out / "data"))["metrics"]  # the val shards, sliding windows

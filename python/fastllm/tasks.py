@@ -127,11 +127,14 @@ class AdditionTask:
     """
 
     name = "addition"
+    max_digits: int | None = 18  # operands below 10**18: numpy's int64 draws them
     _re = re.compile(r"^(\d+)\+(\d+)=$")
 
     def __init__(self, digits: int = 2):
-        if digits < 1:
-            raise ValueError(f"digits must be >= 1, got {digits}")
+        top = self.max_digits
+        if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1 or (top and digits > top):
+            raise ValueError(f"digits must be an integer in [1, {top or 'inf'}] for the {self.name} task, "
+                             f"got {digits!r}")
         self.digits = digits
 
     def sample(self, rng: np.random.Generator) -> str:
@@ -157,6 +160,7 @@ class SortTask(AdditionTask):
     """ "sort 3142=" -> "1234": sort `digits` random digits. Same rewards as AdditionTask."""
 
     name = "sort"
+    max_digits = None
     _re = re.compile(r"^sort (\d+)=$")
 
     def sample(self, rng: np.random.Generator) -> str:

@@ -94,8 +94,7 @@ def load(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None, de
     """(model, tokenizer) from a fastllm checkpoint or run folder, or a Hugging Face GPT-2 folder (config.json);
     the tokenizer from `tokenizer` if given, else the one in the folder. device="cuda" runs the model on the GPU
     (dtype: bfloat16 by default, or float32; see GPT.to)."""
-    from ..data import checkpoint_tokenizer
-    from ..train import load_model
+    from ..checkpoint import checkpoint_tokenizer, load_model
 
     path = Path(ckpt)
     if (path / "config.json").exists():  # Hugging Face: tokenizer.json or GPT-2's vocab.json + merges.txt
