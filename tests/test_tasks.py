@@ -227,7 +227,7 @@ def test_cli_rl_with_data_and_a_reward_function(warm_adder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "held-out accuracy" in out
     state = json.loads((tmp_path / "a" / "ckpt_000002" / "state.json").read_text())
-    assert state["rl_config"]["data"] == pool and state["rl_config"]["reward"].endswith(":digits_then_answer")
+    assert state["config"]["data"] == pool and state["config"]["reward"].endswith(":digits_then_answer")
     # bad inputs: one line each
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])
     for extra, msg in [(["--data", bad], "bad.jsonl:2: missing field 'answer'"),
