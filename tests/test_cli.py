@@ -29,6 +29,7 @@ COMMANDS = {
     "convert": (["convert", "s", "d"], "fastllm.cli:convert"),
     "serve": (["serve", "--ckpt", "c"], "fastllm.cli:serve"),
     "rl": (["rl", "--ckpt", "c", "--out", "o"], "fastllm.cli:train_grpo"),
+    "eval": (["eval", "--ckpt", "c", "--task", "addition"], "fastllm.cli:load_eval"),
     "reward-model": (["reward-model", "--base", "b", "--data", "p.jsonl", "--out", "o"],
                      "fastllm.cli:train_reward_model"),
 }
@@ -152,6 +153,10 @@ def bad_inputs(tmp_path, ckpt) -> list[tuple[list[str], str]]:
         (["convert", nowhere, str(tmp_path / "o")], "nowhere"),
         (["convert", str(ckpt), str(ckpt), "--to", "hf"], "source"),
         (["rl", "--ckpt", nowhere, "--out", str(tmp_path / "o")], "nowhere"),
+        (["eval", "--ckpt", nowhere, "--task", "addition"], "nowhere"),
+        (["eval", "--ckpt", str(ckpt), "--task", "mc", "--data", nowhere], "nowhere"),
+        (["eval", "--ckpt", str(ckpt), "--task", "gen", "--data", str(a_file)], "file.txt:1"),
+        (["eval", "--ckpt", str(ckpt), "--task", "bpb"], "needs data"),
         (["reward-model", "--base", str(ckpt), "--data", nowhere, "--out", str(tmp_path / "o")], "nowhere"),
     ]
 

@@ -22,6 +22,8 @@ from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
 from .data import builtin_corpus, prepare
 from .demo import DemoConfig, run_demo
+from .eval import EvalConfig, evaluate, format_report
+from .eval import load as load_eval
 from .rl import RewardModelConfig, RLConfig, train_grpo, train_reward_model
 from .sample import SamplingParams, check_seed, stream_text
 from .serve import ServeConfig, serve
@@ -244,8 +246,6 @@ def _cmd_reward_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import EvalConfig, evaluate, format_report, load
-
     if args.threads:
         from . import set_num_threads
 
@@ -255,7 +255,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     args.template, args.stop = unescape(args.template), [unescape(t) for t in args.stop]
     if not harness:  # check the options before loading anything
         cfg = _config(args, EvalConfig)
-    model, tok = load(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
+    model, tok = load_eval(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
     if harness:
         from .eval.harness import simple_evaluate
         from .fileio import write_json

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import checks
 from ..fileio import write_json
 from .data import Choice, load_documents, load_multiple_choice, token_bytes
 from .scoring import generate_until, score_continuations, window_requests
@@ -78,14 +79,12 @@ class EvalConfig:
         self.data = [self.data] if isinstance(self.data, (str, os.PathLike)) else [str(d) for d in self.data]
         if self.task in KINDS and not self.data:
             raise ValueError(f"task {self.task!r} needs data (--data FILE ...)")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        checks.at_least(self, 1, "limit", "batch_tokens", "stride", "max_new_tokens", "samples", "batch_size",
+                        "digits")
+        checks.at_least(self, 0, "seed")
+        checks.number(self, "temperature")
         if self.samples > 1 and self.temperature <= 0:
             raise ValueError(f"samples={self.samples} needs a temperature > 0 (greedy completions are all the same)")
-        if self.batch_tokens < 1 or self.batch_size < 1:
-            raise ValueError("batch_tokens and batch_size must be >= 1")
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
