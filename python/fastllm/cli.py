@@ -273,7 +273,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     report = evaluate(model, tok, cfg, out=args.out, progress=not args.no_progress)
     print(format_report(report))
-    print(f"{report['n']:,} examples in {report['seconds']:.1f}s ({args.ckpt})" +
+    noun = {"bpb": "document"}.get(cfg.task, "example" if cfg.task == "mc" else "problem")
+    print(f"{report['n']:,} {noun}{'s' if report['n'] != 1 else ''} in {report['seconds']:.1f}s ({args.ckpt})" +
           (f"; report: {args.out}" if args.out else ""))
     return 0
 
