@@ -97,7 +97,7 @@ class Backend:
             return self.ops.to_device(x, dtype)
         buf = self.ops.to_device(np.full(x.size + offset + 3, np.nan, np.float32), dtype)
         v = self.ops.view(buf, offset, x.shape)
-        self.ops.copy_(v, x)
+        self.ops.copy_(v, x)  # float32 -> the view's dtype (bfloat16 rounds)
         return v
 
     def poisoned(self, shape, dtype: str | None = None, offset: int = 0):

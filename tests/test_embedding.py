@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference
-from backends import Backend, assert_close
+from backends import Backend, assert_close, assert_rel
 
 import fastllm
 from fastllm import _C, cuda, ops
@@ -62,8 +62,8 @@ def test_embedding_backward_is_deterministic(bk, rng):
         bk.ops.embedding_backward(dd, td, dwte, dwpe)
         runs.append((bk.get(dwte), bk.get(dwpe)))
     ref_dwte, ref_dwpe = reference.embedding_backward(dout, tokens, V, T)
-    assert_close(runs[0][0], ref_dwte, **BWD_TOL, what="dwte")
-    assert_close(runs[0][1], ref_dwpe, **BWD_TOL, what="dwpe")
+    assert_rel(runs[0][0], ref_dwte, 1e-5, "dwte")  # sums of ~2300 rows: relative to the largest
+    assert_rel(runs[0][1], ref_dwpe, 1e-5, "dwpe")
     for r in runs[1:]:
         np.testing.assert_array_equal(r[0], runs[0][0])
         np.testing.assert_array_equal(r[1], runs[0][1])

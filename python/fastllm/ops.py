@@ -127,10 +127,14 @@ def to_numpy(x: np.ndarray) -> np.ndarray:
 
 
 def copy_(dst: np.ndarray, src) -> None:
-    """dst = src (same shape)."""
+    """dst = src (same shape); float32 <-> bfloat16 (uint16 bit patterns) converts, like cuda.copy_."""
     src = np.asarray(src)
     if src.shape != dst.shape:
         raise ValueError(f"copy_: shapes differ, dst {dst.shape} and src {src.shape}")
+    if dst.dtype == np.uint16 and src.dtype != np.uint16:
+        src = to_bf16(np.asarray(src, np.float32))
+    elif src.dtype == np.uint16 and dst.dtype != np.uint16:
+        src = from_bf16(src)
     dst[...] = src
 
 
