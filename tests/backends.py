@@ -9,8 +9,8 @@ A test asks for the `bk` fixture (tests/conftest.py) and runs once per backend:
   cuda  float32 and bfloat16, variants "fast" (the defaults: tensor cores, vector paths) and "simple" (the
                   reference kernels everywhere: FASTLLM_CUDA_ATTN=simple, gemm_impl("simple"), the simple
                   elementwise kernels); marked `cuda`, so they skip without a GPU (or run on the CUDA emulator)
-`@pytest.mark.backends(devices=..., dtypes=..., variants=False)` narrows the set (variants=False: the default
-variant of each device only). Tolerances sit beside each dtype in the test files.
+`@pytest.mark.backends(devices=..., dtypes=..., variants=...)` narrows the set (variants=False: the default variant
+of each device only; variants=("cpu",): the CPU's variants, one kernel on the GPU). Tolerances sit beside each dtype in the test files.
 """
 
 from __future__ import annotations
@@ -118,15 +118,18 @@ class Backend:
         return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a
 
 
-def params(devices=("cpu", "cuda"), dtypes=("float32", "bfloat16"), variants: bool = True) -> list:
-    """pytest params for the `bk` fixture (see the module docstring)."""
+def params(devices=("cpu", "cuda"), dtypes=("float32", "bfloat16"), variants=True) -> list:
+    """pytest params for the `bk` fixture (see the module docstring). variants: True (every kernel variant), False
+    (the default one), or the devices whose variants run (("cpu",) for an op the GPU has one kernel for)."""
     out = []
+    if variants in (True, False):
+        variants = ("cpu", "cuda") if variants else ()
     if "cpu" in devices and "float32" in dtypes:
-        for v in CPU_VARIANTS if variants else ("1thread",):
+        for v in CPU_VARIANTS if "cpu" in variants else ("1thread",):
             out.append(pytest.param(Backend("cpu", "float32", v), id=f"cpu-{v}"))
     if "cuda" in devices:
         for dtype in dtypes:
-            for v in CUDA_VARIANTS if variants else ("fast",):
+            for v in CUDA_VARIANTS if "cuda" in variants else ("fast",):
                 b = Backend("cuda", dtype, v)
                 out.append(pytest.param(b, id=repr(b), marks=pytest.mark.cuda))
     return out
