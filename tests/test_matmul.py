@@ -23,10 +23,10 @@ from fastllm import _C, cuda
 TOL = {"float32": dict(out=2e-5, dw=2e-5), "bfloat16": dict(out=1e-2, dw=1e-4)}
 
 # (lead, C, OC): N = prod(lead) rows; one row, primes/odd sizes, the CPU's small-M paths (<= 32 rows, in groups of
-# 8), C or OC not a multiple of 8 (the GPU's FFMA fallback for bf16), GPT-2 sizes
+# 8), C or OC not a multiple of 8 (the GPU's FFMA fallback for bf16), GPT-2 sizes (the largest too slow to emulate)
 SHAPES = [((1,), 1, 1), ((7,), 13, 5), ((7,), 5, 3), ((127,), 769, 3), ((33,), 64, 100), ((97,), 131, 61),
           ((3,), 40, 130), ((13,), 50, 37), ((32,), 300, 70), ((2, 37), 64, 48), ((300,), 96, 770), ((2, 3), 16, 8),
-          ((300,), 768, 256), ((256,), 768, 2304)]
+          ((300,), 768, 256), pytest.param((256,), 768, 2304, marks=pytest.mark.gpu_scale)]
 
 
 def gelu64(x):
@@ -402,11 +402,11 @@ def test_cuda_matmul_bad_input():
         cuda.matmul_forward(x, w, out=cuda.zeros((5, 4), "bfloat16"))
     with pytest.raises(TypeError, match="weight must have dtype bfloat16"):
         cuda.matmul_backward(dy, x, cuda.zeros((3, 4)))
-    with pytest.raises(TypeError, match="inp must have dtype bfloat16"):
+    with pytest.raises(TypeError, match="weight must have dtype float32"):  # inp's dtype rules
         cuda.matmul_backward(dy, cuda.zeros((5, 4)), w)
     with pytest.raises(ValueError, match="dout must be"):
         cuda.matmul_backward(cuda.zeros((5, 2), "bfloat16"), x, w)
-    with pytest.raises(ValueError, match="inp must be"):
+    with pytest.raises(ValueError, match="dout must be .* rows like inp"):
         cuda.matmul_backward(dy, cuda.zeros((6, 4), "bfloat16"), w)
     with pytest.raises(TypeError, match="dweight must have dtype float32"):
         cuda.matmul_backward(dy, x, w, dweight=cuda.zeros((3, 4), "bfloat16"))
