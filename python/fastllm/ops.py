@@ -39,7 +39,7 @@ def _ids(x, name: str) -> np.ndarray:
         if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
             raise ValueError(f"{name} has values outside the int32 range")
         x = x.astype(np.int32)
-    return np.ascontiguousarray(x)
+    return np.asarray(x, order="C")  # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
 
 
 def _f32(x, name: str) -> np.ndarray:
