@@ -10,7 +10,8 @@ A test asks for the `bk` fixture (tests/conftest.py) and runs once per backend:
                   reference kernels everywhere: FASTLLM_CUDA_ATTN=simple, gemm_impl("simple"), the simple
                   elementwise kernels); marked `cuda`, so they skip without a GPU (or run on the CUDA emulator)
 `@pytest.mark.backends(devices=..., dtypes=..., variants=...)` narrows the set (variants=False: the default variant
-of each device only; variants=("cpu",): the CPU's variants, one kernel on the GPU). Tolerances sit beside each dtype in the test files.
+of each device only; variants=("cpu",): the CPU's variants, one kernel on the GPU). Tolerances sit beside each
+dtype in the test files.
 """
 
 from __future__ import annotations
