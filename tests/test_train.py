@@ -1,9 +1,12 @@
-"""Training loop: loss falls, checkpoints load, a killed run resumes bit-identically, NaN stops cleanly."""
+"""Training loop: loss falls, checkpoints load, a killed run resumes bit-identically, NaN stops cleanly; on the GPU
+(device="cuda", marked `cuda`) the loss curve follows the CPU's, a resumed run equals an uninterrupted one and a
+GPU checkpoint resumes on the CPU; without a GPU, --device cuda is a clear error."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,3 +137,75 @@ def test_safetensors_bf16_and_bad_dtype(tmp_path):
     (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"abc")
     with pytest.raises(ValueError, match="b.safetensors.*'w'.*unsupported dtype 'F8_E4M3'"):
         load_safetensors(tmp_path / "b.safetensors")
+
+
+# ---- device="cuda" ------------------------------------------------------------------------------------------------
+
+
+def _log(out):
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r], \
+        [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+
+@pytest.mark.cuda
+def test_train_on_cuda_matches_cpu_and_resumes(data):
+    """float32 on the GPU follows the CPU's loss curve (fast exp, other summation orders: 2e-3); a bf16 GPU run
+    resumed from its step-6 checkpoint equals an uninterrupted one bit for bit; a GPU checkpoint resumes on the
+    CPU."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    kw = dict(max_steps=8, eval_every=4, eval_batches=2, ckpt_every=3, total_batch_tokens=256, warmup_steps=2)
+    train(config(data, out=str(data / "cpu"), **kw), **quiet)
+    s = train(config(data, out=str(data / "gpu"), device="cuda", cuda_dtype="float32", **kw), **quiet)
+    (cpu_loss, cpu_val), (gpu_loss, gpu_val) = _log(data / "cpu"), _log(data / "gpu")
+    assert [r[0] for r in gpu_loss] == list(range(8))
+    np.testing.assert_allclose([r[1:] for r in gpu_loss], [r[1:] for r in cpu_loss], rtol=2e-3)
+    np.testing.assert_allclose([r[1] for r in gpu_val], [r[1] for r in cpu_val], rtol=2e-3)
+    assert s["checkpoint"].endswith("ckpt_000008")
+    np.testing.assert_allclose(load_model(data / "gpu").params, load_model(data / "cpu").params, rtol=1e-2,
+                               atol=1e-4)
+
+    train(config(data, out=str(data / "full"), device="cuda", **kw), **quiet)
+    shutil.copytree(data / "full", data / "part")
+    shutil.rmtree(data / "part" / "ckpt_000008")
+    (data / "part" / "latest").write_text("ckpt_000006\n")
+    train(config(data, out=str(data / "part"), device="cuda", resume=True, **kw), **quiet)
+    assert _log(data / "part") == _log(data / "full")
+    np.testing.assert_array_equal(load_model(data / "part").params, load_model(data / "full").params)
+    train(config(data, out=str(data / "part"), resume=True, **{**kw, "max_steps": 9}), **quiet)  # on the CPU
+    assert load_model(data / "part").checkpoint_dir.name == "ckpt_000009"
+
+
+def test_cuda_without_gpu_is_a_clear_error(data, capsys):
+    from fastllm import cuda
+    from fastllm.cli import main
+
+    if cuda.is_available():
+        pytest.skip("a GPU (or the CUDA emulator) is present")
+    with pytest.raises(RuntimeError, match="CUDA|GPU"):
+        train(config(data, device="cuda"), progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="device"):
+        train(config(data, device="tpu"), progress=False, log=lambda *a: None)
+    assert main(["train", "--no-progress", "--data", str(data / "data"), "--out", str(data / "x"), "--model", "tiny",
+                 "--max-steps", "1", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error:") and ("GPU" in err or "CUDA" in err) and "Traceback" not in err
+    from test_cuda_model import make_checkpoint
+
+    ckpt = make_checkpoint(data)
+    assert main(["sample", "--ckpt", str(ckpt), "--prompt", "the", "-n", "3", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error:") and ("GPU" in err or "CUDA" in err) and "Traceback" not in err
+
+
+def test_cli_device_flags():
+    from fastllm.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["train", "--data", "d", "--device", "cuda", "--cuda-dtype", "float32"])
+    assert a.device == "cuda" and a.cuda_dtype == "float32"
+    assert p.parse_args(["train", "--data", "d"]).device == "cpu"
+    a = p.parse_args(["sample", "--ckpt", "c", "--device", "cuda", "--dtype", "float32"])
+    assert a.device == "cuda" and a.dtype == "float32"
+    with pytest.raises(SystemExit):
+        p.parse_args(["sample", "--ckpt", "c", "--device", "tpu"])
