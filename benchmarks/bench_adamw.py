@@ -82,4 +82,4 @@ def torch_no_grad():
 
 
 if __name__ == "__main__":
-    cli(run, __doc__, devices=True)
+    cli(run, __doc__, device=True)

@@ -136,4 +136,4 @@ def simple_kernels(fn):
 
 
 if __name__ == "__main__":
-    cli(run, __doc__, devices=True, simple="GPU: also time the reference rows kernels at the smallest T")
+    cli(run, __doc__, device=True, simple="GPU: also time the reference rows kernels at the smallest T")

@@ -31,7 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 KERNEL_BENCHES = [f"bench_{op}.py" for op in ("matmul", "attention", "softmax_ce", "layernorm", "gelu", "embedding",
-                                               "adamw")]
+                                               "adamw", "rmsnorm", "rope", "swiglu", "attention_gqa")]
 
 
 def peak_tflops(name: str) -> float | None:

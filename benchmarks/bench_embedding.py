@@ -63,4 +63,4 @@ def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str =
 
 
 if __name__ == "__main__":
-    cli(run, __doc__, devices=True)
+    cli(run, __doc__, device=True)

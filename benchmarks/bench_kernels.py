@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from common import add_device_args, check_device_args  # noqa: E402
 
-FAMILIES = ["matmul", "attention", "softmax_ce", "layernorm", "gelu", "embedding", "adamw"]
+FAMILIES = ["matmul", "attention", "softmax_ce", "layernorm", "gelu", "embedding", "adamw", "rmsnorm", "rope", "swiglu",
+            "attention_gqa"]
 
 
 def main() -> None:

@@ -169,4 +169,4 @@ def run_cuda_gemm(quick: bool, smoke: bool, repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    cli(run, __doc__, devices=True)
+    cli(run, __doc__, device=True)

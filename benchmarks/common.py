@@ -158,6 +158,28 @@ def bench(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int =
     return out
 
 
+def cuda_time_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 2,
+                 before: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of fn() on the GPU: torch CUDA events around each call, after `warmup` untimed calls;
+    before() (e.g. an L2 flush) runs untimed ahead of each timed call (one provider; time_fns interleaves several)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
 def set_threads(n: int) -> None:
     """Same thread count for fastllm (OpenMP) and torch."""
     import fastllm
@@ -178,8 +200,8 @@ def print_table(rows: list[list[str]], head: list[str]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
-def cli(run: Callable[..., None], doc: str | None, devices: bool = False, **flags: str) -> None:
-    """The command line of a benchmark: --threads N, --quick, plus boolean --flags (name -> help); with devices=True
+def cli(run: Callable[..., None], doc: str | None, device: bool = False, **flags: str) -> None:
+    """The command line of a benchmark: --threads N, --quick, plus boolean --flags (name -> help); with device=True
     also --device, --dtype and --smoke (see add_device_args). Calls run(threads=..., quick=..., **the rest)."""
     import argparse
 
@@ -188,10 +210,10 @@ def cli(run: Callable[..., None], doc: str | None, devices: bool = False, **flag
     p.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes")
     for name, help_text in flags.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
-    if devices:
+    if device:
         add_device_args(p)
     args = p.parse_args()
-    if devices:
+    if device:
         check_device_args(p, args)
     run(**vars(args))
 
@@ -216,6 +238,29 @@ def check_device_args(p, args) -> None:
         args.dtype = backend.check_dtype(args.device, args.dtype)
     except ValueError as e:
         p.error(str(e))
+
+
+def gpu_or_exit(name: str):
+    """(torch, fastllm.cuda) when both see a GPU; otherwise prints why `name` is skipped and exits 0."""
+    import sys
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    from fastllm import cuda
+
+    why = ("no torch" if torch is None else "torch has no CUDA" if not torch.cuda.is_available() else
+           "fastllm was built without CUDA or sees no GPU" if not cuda.is_available() else None)
+    if why:
+        print(f"{name}: skipped ({why})")
+        sys.exit(0)
+    return torch, cuda
+
+
+def gpu_row(labels: list[str], fast_ms: float, torch_ms: float, nbytes: float) -> list[str]:
+    """labels + [fastllm ms, torch ms, torch/fastllm, fastllm GB/s] from GPU milliseconds."""
+    return [*labels, f"{fast_ms:.3f}", f"{torch_ms:.3f}", f"{torch_ms / fast_ms:.2f}x", f"{nbytes / fast_ms / 1e6:.0f}"]
 
 
 def ratio_row(labels: list[str], t: dict[str, dict[str, float]], nbytes: float) -> list[str]:

@@ -12,6 +12,9 @@ A test asks for the `bk` fixture (tests/conftest.py) and runs once per backend:
 `@pytest.mark.backends(devices=..., dtypes=..., variants=...)` narrows the set (variants=False: the default variant
 of each device only; variants=("cpu",): the CPU's variants, one kernel on the GPU). Tolerances sit beside each
 dtype in the test files.
+
+For ops without kernel variants a plain parametrization reads as well: BACKENDS ("cpu", "cuda") or CASES ((device,
+dtype): float32 everywhere, bfloat16 on the GPU), with `up` / `down` to move arrays and `rel_err`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from reference import bf16_round
 
 import fastllm
 from fastllm import backend
+
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+CASES = [("cpu", "float32"), pytest.param("cuda", "float32", marks=pytest.mark.cuda),
+         pytest.param("cuda", "bfloat16", marks=pytest.mark.cuda)]
 
 CPU_VARIANTS = ("avx512", "avx2", "scalar", "1thread")
 CUDA_VARIANTS = ("fast", "simple")
@@ -86,8 +93,7 @@ class Backend:
 
     def rounded(self, x, dtype: str | None = None) -> np.ndarray:
         """x as float32 the way the device stores it in `dtype` (default: the backend's): bf16-rounded for bfloat16."""
-        x = np.array(x, np.float32)
-        return bf16_round(x) if (dtype or self.dtype) == "bfloat16" else x
+        return rounded(x, dtype or self.dtype)
 
     def put(self, x, dtype: str | None = None, offset: int = 0):
         """x (any float array) on the device in `dtype` (default: the backend's). With offset > 0 a view that starts
@@ -95,7 +101,7 @@ class Backend:
         x = np.ascontiguousarray(x, np.float32)
         dtype = dtype or self.dtype
         if offset == 0:
-            return self.ops.to_device(x, dtype)
+            return up(self.device, x, dtype)
         buf = self.ops.to_device(np.full(x.size + offset + 3, np.nan, np.float32), dtype)
         v = self.ops.view(buf, offset, x.shape)
         self.ops.copy_(v, x)  # float32 -> the view's dtype (bfloat16 rounds)
@@ -110,13 +116,39 @@ class Backend:
 
     def ids(self, x):
         """Integer ids (int32) as the device holds them: unchecked by the op, unlike numpy ids given to cuda ops."""
-        return self.ops.to_device(np.asarray(x, np.int32))
+        return up(self.device, np.asarray(x, np.int32))
 
     def get(self, x) -> np.ndarray:
         """A float32 (or int32) numpy copy of a device array (bf16 widened exactly)."""
-        self.ops.synchronize()
-        a = np.array(self.ops.to_numpy(x))
-        return (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == np.uint16 else a
+        return down(self.device, x)
+
+
+def get(name: str):
+    """fastllm.ops or fastllm.cuda."""
+    return backend.get(name)
+
+
+def rounded(a, dtype: str) -> np.ndarray:
+    """a as float32, rounded to bfloat16 when dtype is: the values the kernel sees."""
+    a = np.array(a, np.float32)
+    return bf16_round(a) if dtype == "bfloat16" else a
+
+
+def up(name: str, a, dtype: str = "float32"):
+    """A numpy array on the backend: floats as `dtype`, integers as int32."""
+    a = np.asarray(a)
+    if a.dtype.kind in "iu":
+        return get(name).to_device(a)
+    return get(name).to_device(np.ascontiguousarray(a, np.float32), dtype=dtype)
+
+
+def down(name: str, x) -> np.ndarray:
+    """A float32 (or int32) numpy copy of a backend array (bf16, on the CPU uint16 bit patterns, widened exactly)."""
+    get(name).synchronize()
+    a = np.array(get(name).to_numpy(x))
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32) if a.dtype.kind == "f" else a
 
 
 def params(devices=("cpu", "cuda"), dtypes=("float32", "bfloat16"), variants=True) -> list:
@@ -154,3 +186,15 @@ def assert_rel(got, ref, tol: float, what: str = "", floor: float = 1e-30) -> No
     scale = max(float(np.abs(ref).max(initial=0.0)), floor)
     err = float(np.abs(got - ref).max(initial=0.0)) / scale
     assert err <= tol, f"{what}: max |got - ref| / max |ref| = {err:.3g} > {tol:g}"
+
+
+def rel_err(got, ref, floor: float = 1e-6) -> float:
+    """max |got - ref| / max |ref|, the denominator floored at `floor` (for gradients that vanish, e.g. C = 1)."""
+    ref = np.asarray(ref, np.float64)
+    return float(np.abs(np.asarray(got, np.float64) - ref).max() / max(float(np.abs(ref).max()), floor))
+
+
+def acc_floor(start, dtype: str) -> float:
+    """rel_err's floor for a gradient accumulated (+=) into `start`: a bf16 buffer rounds the sum, so the added part
+    is only known to bf16 precision of |start|."""
+    return float(np.abs(start).max()) if dtype == "bfloat16" else 1e-6

@@ -14,7 +14,7 @@ import pytest
 import reference
 from backends import assert_close, assert_rel
 
-from fastllm import cuda, ops
+from fastllm import _C, cuda, ops
 
 TOL = dict(rtol=1e-5, atol=1e-7)
 REF_TOL = dict(rtol=2e-5, atol=1e-7)
@@ -119,6 +119,16 @@ def test_adamw_bad_input_cpu(rng):
         ops.global_norm(p.astype(np.float64))
     with pytest.raises(ValueError, match="x"):
         ops.global_norm(np.zeros(20, np.float32)[::2])
+    # t past 64 bits names t (not pybind11's 'incompatible function arguments' dump of every array); params, m, v
+    # may not share memory with each other or grads
+    with pytest.raises(ValueError, match="t = 1180591620717411303424 is out of range"):
+        ops.adamw_step(p, g, m, v, lr=1e-3, t=2**70)
+    with pytest.raises(ValueError, match="m overlaps v"):
+        ops.adamw_step(p, g, m, m, lr=1e-3, t=1)
+    with pytest.raises(ValueError, match="params overlaps grads"):
+        ops.adamw_step(p, p, m, v, lr=1e-3, t=1)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        _C.adamw_step(p, m, v, g, None, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
 
 
 @pytest.mark.cuda

@@ -219,9 +219,8 @@ def assert_same_greedy(cpu, prompts, got, n):
 
 def make_checkpoint(tmp_path, n_embd: int = 32, n_head: int = 2):
     """A checkpoint folder with a small random model (sharp logits) and a byte-level tokenizer."""
-    from fastllm.data import TOKENIZER_FILE
+    from fastllm.checkpoint import TOKENIZER_FILE, save
     from fastllm.tokenizer import Tokenizer
-    from fastllm.train import save_checkpoint
 
     tok = Tokenizer.train(["the cat sat on the mat, the dog ate the hat. " * 20], 300, pattern="gpt4",
                           special_tokens=[], progress=False)
@@ -230,7 +229,7 @@ def make_checkpoint(tmp_path, n_embd: int = 32, n_head: int = 2):
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=2, n_head=n_head, n_embd=n_embd), seed=0)
     model.params *= 4.0
     tok_file = tmp_path / "tok" / TOKENIZER_FILE
-    return save_checkpoint(tmp_path / "run", 0, model, AdamW(model), {"step": 0}, tok_file)
+    return save(tmp_path / "run", 0, model, AdamW(model), {}, kind="train", tokenizer=tok_file)
 
 
 def test_sample_cli_cuda_equals_cpu(tmp_path, capsys):
@@ -249,8 +248,8 @@ def test_train_cli_on_cuda(tmp_path):
     pytest.importorskip("tqdm")  # train() draws a progress bar (scripts/gpu_check.sh shims it if missing)
     from test_train import learnable_shards
 
+    from fastllm.checkpoint import load_model
     from fastllm.cli import main
-    from fastllm.train import load_model
 
     (tmp_path / "data").mkdir()
     learnable_shards(tmp_path / "data")

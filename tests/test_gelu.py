@@ -98,6 +98,9 @@ def test_gelu_bad_input_cpu(rng):
         ops.gelu_backward(x[:2].copy(), x)
     with pytest.raises(TypeError, match="dinp"):
         ops.gelu_backward(x, x, dx=np.zeros((3, 5)))
+    buf = np.zeros(20, np.float32)  # in place (out is x) is fine; a shifted overlap would read overwritten values
+    with pytest.raises(ValueError, match="out overlaps inp"):
+        ops.gelu_forward(buf[:15].reshape(3, 5), out=buf[5:].reshape(3, 5))
 
 
 @pytest.mark.cuda

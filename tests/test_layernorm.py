@@ -79,7 +79,9 @@ def test_layernorm_misaligned_views(bk, rng, offset):
     assert_rel(bk.get(db), ref_db, tol["dw"], "dbias")
 
 
+@pytest.mark.backends(devices=("cuda",))
 def test_layernorm_in_place(bk, rng):
+    """The GPU's out may be x itself; the CPU refuses it (out overlaps inp, test_layernorm_bad_input_cpu)."""
     x, w, b, _ = make(bk, rng, (9, 256))
     xd = bk.put(x)
     bk.ops.layernorm_forward(xd, bk.put(w), bk.put(b), out=xd)
@@ -168,6 +170,17 @@ def test_layernorm_bad_input_cpu(rng):
         ops.layernorm_backward(dout, x, w, mean, rstd.astype(np.float64))
     with pytest.raises(ValueError, match="dweight"):
         ops.layernorm_backward(dout, x, w, mean, rstd, dweight=np.zeros(7, np.float32))
+    # C = 0 names C; outputs may not share memory with inputs or each other (mean and rstd in one buffer used to
+    # overwrite each other silently)
+    with pytest.raises(ValueError, match=r"C \(inp columns\) must be >= 1"):
+        ops.layernorm_forward(np.zeros((4, 0), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    stats = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="mean overlaps rstd"):
+        ops.layernorm_forward(x, w, b, mean=stats, rstd=stats)
+    with pytest.raises(ValueError, match="out overlaps inp"):
+        ops.layernorm_forward(x, w, b, out=x)
+    with pytest.raises(ValueError, match="dinp overlaps dout"):
+        ops.layernorm_backward(dout, x, w, mean, rstd, dx=dout)
 
 
 @pytest.mark.cuda

@@ -420,6 +420,31 @@ def test_lmhead_ce_bad_input_cpu(rng):
         ops.lmhead_ce(hidden, weight, targets, dweight=np.zeros((11, 7), np.float32))
 
 
+def test_zero_vocab_huge_integers_and_overlaps_cpu(rng):
+    """V = 0 and integers past their C type give a ValueError naming the argument (they used to fail in numpy's
+    reshape, or with pybind11's 'incompatible function arguments' dump); outputs may not overlap inputs."""
+    logits = rng.standard_normal((3, 8)).astype(np.float32)
+    targets = np.array([0, 1, 7], np.int32)
+    with pytest.raises(ValueError, match=r"V \(logits columns\) must be >= 1"):
+        ops.softmax_ce(np.zeros((3, 0), np.float32), targets)
+    with pytest.raises(ValueError, match="ignore_index"):
+        ops.softmax_ce(logits, targets, ignore_index=2**40)
+    hidden = rng.standard_normal((3, 4), dtype=np.float32)
+    weight = rng.standard_normal((8, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"V \(weight rows\) must be >= 1"):
+        ops.lmhead_ce(hidden, np.zeros((0, 4), np.float32), targets)
+    with pytest.raises(ValueError, match="ignore_index"):
+        ops.lmhead_ce(hidden, weight, targets, ignore_index=-(2**70))
+    with pytest.raises(ValueError, match="dhidden overlaps hidden"):
+        ops.lmhead_ce(hidden, weight, targets, dhidden=hidden)
+    with pytest.raises(ValueError, match="scratch overlaps hidden"):
+        ops.lmhead_ce(hidden, weight, targets, scratch=hidden.reshape(-1)[:8].reshape(1, 8))
+    ops.softmax_ce(logits.copy(), targets, inplace=True)  # dlogits = logits: allowed
+    with pytest.raises(ValueError, match="dlogits overlaps logits"):
+        buf = np.zeros(32, np.float32)
+        _C.softmax_ce(np.zeros(3, np.float32), buf[4:28].reshape(3, 8), buf[:24].reshape(3, 8), targets, 1.0, -1)
+
+
 @pytest.mark.cuda
 def test_lmhead_ce_bad_input_cuda():
     N, C, V = 4, 8, 10

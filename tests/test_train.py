@@ -1,12 +1,9 @@
-"""Training loop: loss falls, checkpoints load, a killed run resumes bit-identically, NaN stops cleanly; on the GPU
-(device="cuda", marked `cuda`) the loss curve follows the CPU's, a resumed run equals an uninterrupted one and a
-GPU checkpoint resumes on the CPU; without a GPU, --device cuda is a clear error."""
+"""Training loop: loss falls, checkpoints load, a killed run resumes bit-identically, NaN stops cleanly."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +12,9 @@ import time
 import numpy as np
 import pytest
 
+from fastllm.checkpoint import load_model
 from fastllm.data import write_shard
-from fastllm.train import TrainConfig, TrainingError, load_model, train
+from fastllm.train import TrainConfig, TrainingError, train
 
 V = 48
 
@@ -139,44 +137,97 @@ def test_safetensors_bf16_and_bad_dtype(tmp_path):
         load_safetensors(tmp_path / "b.safetensors")
 
 
-# ---- device="cuda" ------------------------------------------------------------------------------------------------
+# ---- bad config values: one clear error, from the API and the CLI alike (issue 23) --------------------------------
 
 
-def _log(out):
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r], \
-        [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+def _cli_error(capsys, argv) -> str:
+    """Run the CLI in-process; it must fail with exactly one `fastllm: error:` line. Returns that line."""
+    from fastllm.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error: ") and err.count("\n") == 1, err
+    return err
 
 
-@pytest.mark.cuda
-def test_train_on_cuda_matches_cpu_and_resumes(data):
-    """float32 on the GPU follows the CPU's loss curve (fast exp, other summation orders: 2e-3); a bf16 GPU run
-    resumed from its step-6 checkpoint equals an uninterrupted one bit for bit; a GPU checkpoint resumes on the
-    CPU."""
-    quiet = dict(progress=False, log=lambda *a: None)
-    kw = dict(max_steps=8, eval_every=4, eval_batches=2, ckpt_every=3, total_batch_tokens=256, warmup_steps=2)
-    train(config(data, out=str(data / "cpu"), **kw), **quiet)
-    s = train(config(data, out=str(data / "gpu"), device="cuda", cuda_dtype="float32", **kw), **quiet)
-    (cpu_loss, cpu_val), (gpu_loss, gpu_val) = _log(data / "cpu"), _log(data / "gpu")
-    assert [r[0] for r in gpu_loss] == list(range(8))
-    np.testing.assert_allclose([r[1:] for r in gpu_loss], [r[1:] for r in cpu_loss], rtol=2e-3)
-    np.testing.assert_allclose([r[1] for r in gpu_val], [r[1] for r in cpu_val], rtol=2e-3)
-    assert s["checkpoint"].endswith("ckpt_000008")
-    np.testing.assert_allclose(load_model(data / "gpu").params, load_model(data / "cpu").params, rtol=1e-2,
-                               atol=1e-4)
-
-    train(config(data, out=str(data / "full"), device="cuda", **kw), **quiet)
-    shutil.copytree(data / "full", data / "part")
-    shutil.rmtree(data / "part" / "ckpt_000008")
-    (data / "part" / "latest").write_text("ckpt_000006\n")
-    train(config(data, out=str(data / "part"), device="cuda", resume=True, **kw), **quiet)
-    assert _log(data / "part") == _log(data / "full")
-    np.testing.assert_array_equal(load_model(data / "part").params, load_model(data / "full").params)
-    train(config(data, out=str(data / "part"), resume=True, **{**kw, "max_steps": 9}), **quiet)  # on the CPU
-    assert load_model(data / "part").checkpoint_dir.name == "ckpt_000009"
+def test_negative_total_batch_tokens_is_refused(data, capsys):
+    """Issue 23 item 9: --total-batch-tokens -64 ran no forward/backward, logged loss 0.0 and saved a checkpoint."""
+    out = data / "neg"
+    err = _cli_error(capsys, ["train", "--data", str(data / "data"), "--out", str(out), "--model", "tiny",
+                              "--batch-size", "2", "--seq-len", "32", "--max-steps", "2", "--total-batch-tokens",
+                              "-64", "--no-progress"])
+    assert "total_batch_tokens must be an integer >= 1, got -64" in err
+    assert not out.exists()
 
 
-def test_cuda_without_gpu_is_a_clear_error(data, capsys):
+def test_ckpt_every_zero_saves_only_the_last_checkpoint(data):
+    """--ckpt-every 0 raised ZeroDivisionError; it now means: only the checkpoint at the end."""
+    train(config(data, max_steps=3, ckpt_every=0, eval_every=0), progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in (data / "out").iterdir() if p.name.startswith("ckpt_")) == ["ckpt_000003"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("lr", 0.0, r"lr must be a number in \(0"),
+    ("lr", float("nan"), "lr must be"),
+    ("warmup_steps", -1, "warmup_steps must be an integer >= 0"),
+    ("eval_every", -5, "eval_every must be an integer >= 0"),
+    ("ckpt_every", -1, "ckpt_every must be an integer >= 0"),
+    ("keep_ckpts", 0, "keep_ckpts must be an integer >= 1"),
+    ("batch_size", 0, "batch_size must be an integer >= 1"),
+    ("max_steps", 2.5, "max_steps must be an integer"),
+    ("n_head", 0, "n_head must be an integer >= 1"),
+    ("threads", 0, "threads must be an integer >= 1"),
+    ("seed", -1, "seed must be an integer >= 0"),
+    ("beta2", 1.0, r"beta2 must be a number in \[0, 1\)"),
+    ("grad_clip", -1.0, "grad_clip must be"),
+    ("device", "tpu", "device must be one of"),
+    ("cuda_dtype", "float16", "cuda_dtype must be one of"),
+    ("model", "nope", "unknown preset"),
+    ("total_batch_tokens", 100, "multiple of batch_size"),
+])
+def test_bad_config_values_name_the_field(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **{field: value})
+
+
+def test_out_that_is_a_file(data, capsys):
+    (data / "afile").write_text("x")
+    err = _cli_error(capsys, ["train", "--data", str(data / "data"), "--out", str(data / "afile"), "--no-progress"])
+    assert "out:" in err and "afile exists and is not a folder" in err
+    from fastllm.data import prepare
+
+    with pytest.raises(ValueError, match="afile exists and is not a folder"):
+        prepare(None, data / "tok.tiktoken", data / "afile", progress=False)
+
+
+def test_device_cuda_without_a_gpu_is_one_error_line(data, capsys):
+    from fastllm import cuda
+
+    if cuda.is_available():
+        pytest.skip("a GPU is present")
+    err = _cli_error(capsys, ["train", "--data", str(data / "data"), "--out", str(data / "o"), "--device", "cuda",
+                              "--no-progress"])
+    assert "CUDA" in err or "GPU" in err
+    assert not (data / "o").exists()  # refused before anything is written
+    err = _cli_error(capsys, ["sft", "--base", str(data / "none"), "--data", str(data / "none.jsonl"), "--out",
+                              str(data / "o"), "--device", "cuda", "--no-progress"])
+    assert ("CUDA" in err or "GPU" in err) and not (data / "o").exists()
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(data):
+    train(config(data, max_steps=2, ckpt_every=2, eval_every=0), progress=False, log=lambda *a: None)
+    state = data / "out" / "ckpt_000002" / "state.json"
+    good = json.loads(state.read_text())
+    for broken, match in (("{", "corrupt JSON"), (json.dumps({**good, "rng": None}), "'rng' is missing"),
+                          (json.dumps({**good, "stage": {"loader": {"pos": 1}}}), "bad data-loader state")):
+        state.write_text(broken)
+        with pytest.raises(ValueError, match=rf"ckpt_000002.state.json:.*{match}"):
+            train(config(data, max_steps=4, ckpt_every=2, eval_every=0, resume=True), progress=False,
+                  log=lambda *a: None)
+
+
+def test_device_cuda_without_a_gpu_from_the_api_and_sample(data, capsys):
+    """train() raises before reading the data; `fastllm sample --device cuda` is one error line too."""
     from fastllm import cuda
     from fastllm.cli import main
 
@@ -184,12 +235,6 @@ def test_cuda_without_gpu_is_a_clear_error(data, capsys):
         pytest.skip("a GPU (or the CUDA emulator) is present")
     with pytest.raises(RuntimeError, match="CUDA|GPU"):
         train(config(data, device="cuda"), progress=False, log=lambda *a: None)
-    with pytest.raises(ValueError, match="device"):
-        train(config(data, device="tpu"), progress=False, log=lambda *a: None)
-    assert main(["train", "--no-progress", "--data", str(data / "data"), "--out", str(data / "x"), "--model", "tiny",
-                 "--max-steps", "1", "--device", "cuda"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("fastllm: error:") and ("GPU" in err or "CUDA" in err) and "Traceback" not in err
     from test_cuda_model import make_checkpoint
 
     ckpt = make_checkpoint(data)

@@ -70,18 +70,19 @@ void matmul_forward(void* out, DType out_t, const void* inp, const void* weight,
 void matmul_backward(void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
                      int64_t N, int64_t C, int64_t OC, DType t);
 
-// ---- attention.cu: causal flash attention on packed qkv (B, T, 3C), heads of size hs = C / NH
+// ---- attention.cu: causal flash attention with grouped KV heads on packed qkv (B, T, C + 2*NKV*hs) = [q | k | v],
+// q C = NH * hs wide, k and v NKV * hs each (NKV divides NH; query head h uses kv head h / (NH/NKV); NKV = NH: (B, T, 3C))
 // out (B, T, C) of dtype t and lse (B, NH, T, f32) = logsumexp of the scaled scores per query.
 void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                       DType t);
-// dqkv (B, T, 3C) += gradient; needs the forward's out and lse (recomputes the scores tile by tile)
+                       int64_t NKV, DType t);
+// dqkv (B, T, C + 2*NKV*hs) += gradient; needs the forward's out and lse (recomputes the scores tile by tile)
 void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH, DType t);
-// Inference with a KV cache: the Tn new tokens of qkv (B, Tn, 3C) write their k, v into kcache/vcache
-// (B, NH, maxT, hs) at positions pos[b] .. pos[b]+Tn-1 (pos: int32 device array (B,)); each new query attends
-// causally to its sequence's cache; out (B, Tn, C). pos is not advanced.
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, DType t);
+// Inference with a KV cache: the Tn new tokens of qkv (B, Tn, C + 2*NKV*hs) write their k, v into kcache/vcache
+// (B, NKV, maxT, hs) at positions pos[b] .. pos[b]+Tn-1 (pos: int32 device array (B,)); each new query attends
+// causally to its sequence's cache of its kv head; out (B, Tn, C). pos is not advanced.
 void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv, const int32_t* pos, int64_t B,
-                          int64_t Tn, int64_t C, int64_t NH, int64_t maxT, DType t);
+                          int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, DType t);
 
 // ---- softmax_ce.cu: fused softmax + cross-entropy (+ gradient) and the fused classifier
 // losses (N, f32) = -log softmax(logits)[target]; if dlogits: dlogits (N, V, T) = (softmax - onehot) *
@@ -132,7 +133,30 @@ void adamw_step(float* params, float* m, float* v, const float* grads, void* par
                 int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int t,
                 float grad_scale);
 
-// Tests: true makes layernorm/gelu/residual/embedding/adamw run their simple reference kernels (gelu.cu).
+// ---- rmsnorm.cu: rows of C elements, row n at (n / group) * group_stride + (n % group) * C (csrc/cpu/rmsnorm.h)
+// out = x * rstd * weight (C, T), rstd (N, f32) = 1 / sqrt(mean(x^2) + eps); out may be x
+void rmsnorm_forward(void* out, float* rstd, const void* x, const void* weight, int64_t N, int64_t C, int64_t group,
+                     int64_t group_stride, float eps, DType t);
+// dx (rows, T) +=, dweight (C, f32) += (deterministic: no float atomics)
+void rmsnorm_backward(void* dx, float* dweight, const void* dout, const void* x, const void* weight,
+                      const float* rstd, int64_t N, int64_t C, int64_t group, int64_t group_stride, DType t);
+
+// ---- rope.cu: rotate-half RoPE of the q and k heads of qkv (B, T, (NH + 2*NKV) * hs) (csrc/cpu/rope.h); cos, sin
+// (P, R2) f32 tables, pos int32 (B) or nullptr; positions outside [0, P) are skipped. out may be inp.
+void rope_forward(void* out, const void* inp, const float* cos, const float* sin, const int32_t* pos, int64_t B,
+                  int64_t T, int64_t P, int64_t NH, int64_t NKV, int64_t hs, int64_t R2, DType t);
+// dinp += R^T dout, or in place (dinp = R^T dout) when dinp == dout
+void rope_backward(void* dinp, const void* dout, const float* cos, const float* sin, const int32_t* pos, int64_t B,
+                   int64_t T, int64_t P, int64_t NH, int64_t NKV, int64_t hs, int64_t R2, DType t);
+
+// ---- swiglu.cu: out (N, H) = silu(gate) * up of gate_up (N, 2H) = [gate | up]; dgate_up +=; ReLU^2 element-wise
+void swiglu_forward(void* out, const void* gate_up, int64_t N, int64_t H, DType t);
+void swiglu_backward(void* dgate_up, const void* dout, const void* gate_up, int64_t N, int64_t H, DType t);
+void relu2_forward(void* out, const void* x, int64_t n, DType t);                      // out = max(x, 0)^2
+void relu2_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);    // dx += 2 max(x, 0) dout
+
+// Tests: true makes layernorm/gelu/residual/embedding/adamw (and rmsnorm/swiglu/relu2) run their simple reference
+// kernels (gelu.cu).
 void set_simple_elementwise(bool on);
 
 }  // namespace fastllm::cuda

@@ -16,7 +16,7 @@ The contract, stated once for both modules:
   - Forward ops OVERWRITE (=) their outputs. Backward ops ACCUMULATE (+=) into every gradient they are given
     (parameter and activation gradients alike): zero them first. Gradients they allocate start at zero.
   - Activations and weights have one dtype per call (float32; on the GPU also bfloat16, with fp32 accumulation);
-    parameter gradients, layernorm statistics, attention logsumexp and losses are float32.
+    parameter gradients, layernorm/rmsnorm statistics, attention logsumexp, rope tables and losses are float32.
   - Bad arguments raise TypeError (wrong dtype or array type) or ValueError (shape, range, overlap), naming the
     argument.
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from .ops import IGNORE_INDEX, _ids
+from .ops import IGNORE_INDEX, _heads, _ids, _kv_out_width, _nkv, _norm_stats_shape, _q_width
 
 
 def is_built() -> bool:
@@ -223,46 +223,59 @@ def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need
     return (dinp if need_dinp else None), dweight, (dbias if need_bias else None)
 
 
-def attention_forward(qkv, n_head: int, out=None, lse=None):
-    """Causal flash attention: qkv (B, T, 3C) -> (out (B, T, C), lse (B, NH, T, float32, natural log)). Head size
-    hs = C / n_head <= 256. bfloat16 with hs 64 or 128 runs the tensor-core kernels; other cases (and
-    FASTLLM_CUDA_ATTN=simple in the environment) the simple reference ones."""
+def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None):
+    """Causal flash attention: qkv (B, T, (NH + 2*NKV) * hs) = [q | k | v] -> (out (B, T, NH*hs), lse (B, NH, T,
+    float32, natural log)). n_kv_head (NKV, dividing n_head; None = n_head, qkv (B, T, 3C)): grouped-query
+    attention, query head h uses kv head h // (NH // NKV), K/V never repeated. Head size hs <= 256. bfloat16 with
+    hs 64 or 128 runs the tensor-core kernels; other cases (and FASTLLM_CUDA_ATTN=simple in the environment) the
+    simple reference ones."""
     qkv = _dev(qkv, "qkv")
     if len(qkv.shape) != 3:
-        raise ValueError(f"qkv must be (B, T, 3C), got shape {tuple(qkv.shape)}")
-    B, T, C3 = qkv.shape
-    out = empty((B, T, C3 // 3), qkv.dtype) if out is None else out
+        raise ValueError(f"qkv must be (B, T, (n_head + 2*n_kv_head) * hs), got shape {tuple(qkv.shape)}")
+    B, T = qkv.shape[:2]
+    out = empty((B, T, _q_width(qkv, n_head, n_kv_head)), qkv.dtype) if out is None else out
     lse = empty((B, int(n_head), T), "float32") if lse is None else lse
-    _C.cuda.attention_forward(_dev(out, "out"), _dev(lse, "lse"), qkv, int(n_head))
+    _C.cuda.attention_forward(_dev(out, "out"), _dev(lse, "lse"), qkv, int(n_head), _nkv(n_kv_head))
     return out, lse
 
 
-def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None):
-    """dqkv (B, T, 3C) += gradient of attention_forward (out, lse: its outputs). The tensor-core path adds dq
-    through fp32 atomics (its bits may vary from run to run); the simple path is deterministic."""
+def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None):
+    """dqkv (B, T, (NH + 2*NKV) * hs) += gradient of attention_forward (out, lse: its outputs); dk, dv of a kv head
+    sum over the query heads that share it. The tensor-core path adds dq through fp32 atomics (its bits may vary
+    from run to run); the simple path is deterministic."""
     qkv = _dev(qkv, "qkv")
     dqkv = zeros(qkv.shape, qkv.dtype) if dqkv is None else dqkv
     _C.cuda.attention_backward(_dev(dqkv, "dqkv"), _dev(dout, "dout"), qkv, _dev(out, "out"), _dev(lse, "lse"),
-                               int(n_head))
+                               int(n_head), _nkv(n_kv_head))
     return dqkv
 
 
-def attention_kv_forward(qkv, kcache, vcache, pos, out=None):
-    """KV-cache attention: writes the new keys/values of qkv (B, Tn, 3C) into kcache/vcache (B, NH, maxT, hs) at
-    pos[b].. (int32 (B,); a numpy array is checked and uploaded), then out (B, Tn, C) = causal attention over each
-    cache (new query t of row b sees positions 0 .. pos[b] + t). pos is not advanced. A DeviceArray pos is not
-    checked: the caller ensures 0 <= pos[b] and pos[b] + Tn <= maxT on the host; the kernels never write outside
-    the caches (out-of-range positions are skipped) and never read past maxT."""
-    qkv = _dev(qkv, "qkv")
-    if not isinstance(pos, DeviceArray):
-        p, maxT = _ids(pos, "pos"), _dev(kcache, "kcache").shape[2]
-        Tn = qkv.shape[1] if len(qkv.shape) == 3 else 0
-        if p.size and (p.min() < 0 or p.max() + Tn > maxT):
-            raise ValueError(f"pos + {Tn} new tokens must lie in [0, max_T={maxT}], got pos {p.tolist()}")
-        pos = to_device(p)
+def _positions(pos, name: str, n_new: int, limit: int, what: str):
+    """pos (B,) as a DeviceArray: a numpy array is checked (0 <= pos[b] and pos[b] + n_new <= limit) and uploaded;
+    a DeviceArray is used as is (the kernels skip positions out of range, never read or write outside)."""
+    if isinstance(pos, DeviceArray):
+        return pos
+    p = _ids(pos, name)
+    if p.size and (p.min() < 0 or p.max() + n_new > limit):
+        raise ValueError(f"{name} + {n_new} new tokens must lie in [0, {what}={limit}], got {name} {p.tolist()}")
+    return to_device(p)
+
+
+def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None):
+    """KV-cache attention: writes the new keys/values of qkv (B, Tn, (NH + 2*NKV) * hs) into kcache/vcache
+    (B, NKV, maxT, hs) at pos[b].. (int32 (B,); a numpy array is checked and uploaded; only the kv heads are
+    stored), then out (B, Tn, NH*hs) = causal attention over each cache (new query t of row b sees positions 0 ..
+    pos[b] + t). pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal
+    kcache.shape[1]. A DeviceArray pos is not checked: the caller ensures 0 <= pos[b] and pos[b] + Tn <= maxT on the
+    host; the kernels never write outside the caches (out-of-range positions are skipped) and never read past
+    maxT."""
+    qkv, kcache = _dev(qkv, "qkv"), _dev(kcache, "kcache")
+    if len(kcache.shape) == 4:
+        pos = _positions(pos, "pos", qkv.shape[1] if len(qkv.shape) == 3 else 0, kcache.shape[2], "max_T")
     if out is None:
-        out = empty((*qkv.shape[:2], qkv.shape[2] // 3), qkv.dtype)
-    _C.cuda.attention_kv_forward(_dev(out, "out"), _dev(kcache, "kcache"), _dev(vcache, "vcache"), qkv, pos)
+        out = empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), qkv.dtype)
+    _C.cuda.attention_kv_forward(_dev(out, "out"), kcache, _dev(vcache, "vcache"), qkv, _dev(pos, "pos"),
+                                 _nkv(n_kv_head))
     return out
 
 
@@ -372,6 +385,98 @@ def residual_backward(dout, dinp1=None, dinp2=None):
     dinp2 = zeros(dout.shape, dout.dtype) if dinp2 is None else dinp2
     _C.cuda.residual_backward(_dev(dinp1, "dinp1"), _dev(dinp2, "dinp2"), dout)
     return dinp1, dinp2
+
+
+def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=None):
+    """RMSNorm over the last axis: x (..., C) -> (out = x * rstd * weight (x's dtype), rstd (x.shape[:-1], float32)),
+    as HF LlamaRMSNorm (fp32 math); weight (C,) of x's dtype. out may be x itself. heads=(h0, h1): only the rows
+    x[..., h0:h1, :] of x (..., R, C) (Qwen3's QK-norm on qkv viewed as (B, T, NH + 2*NKV, hs)), rstd (..., h1 - h0);
+    the other rows of out are left as they are (a new out starts as a copy of x)."""
+    x = _dev(x, "x")
+    if out is None:
+        out = empty(x.shape, x.dtype)
+        if heads is not None:
+            out.copy_(x)
+    rstd = empty(_norm_stats_shape(x, heads), "float32") if rstd is None else rstd
+    _C.cuda.rmsnorm_forward(_dev(out, "out"), _dev(rstd, "rstd"), x, _dev(weight, "weight"), float(eps),
+                            _heads(heads))
+    return out, rstd
+
+
+def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
+    """dx (..., C) +=, dweight (C, float32) += (deterministic: no float atomics); with heads only those rows of dx.
+    Returns (dx, dweight)."""
+    x = _dev(x, "x")
+    dx = zeros(x.shape, x.dtype) if dx is None else dx
+    dweight = zeros(tuple(x.shape[-1:]), "float32") if dweight is None else dweight
+    _C.cuda.rmsnorm_backward(_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dout, "dout"), x, _dev(weight, "weight"),
+                             _dev(rstd, "rstd"), _heads(heads))
+    return dx, dweight
+
+
+def _rope_pos(pos, x, cos):
+    """None, or pos (B,) on the GPU; numpy positions (and the implicit 0..T-1 of pos=None) are checked against the
+    tables (pos[b] + T <= max_pos): the kernels skip rows beyond them, they cannot raise."""
+    T = x.shape[1] if len(x.shape) == 3 else 0
+    P = _dev(cos, "cos").shape[0] if len(cos.shape) == 2 else 0
+    if pos is None:
+        if T > P:
+            raise ValueError(f"positions 0 .. {T - 1} (pos=None) are outside the cos/sin tables of {P} rows")
+        return None
+    return _positions(pos, "pos", T, P, "rows of the cos/sin tables")
+
+
+def rope_forward(qkv, cos, sin, n_head: int, pos=None, out=None, n_kv_head: int | None = None):
+    """Rotary position embedding of the q and k heads of packed qkv (B, T, (NH + 2*NKV) * hs), rotate-half layout (HF
+    apply_rotary_pos_emb), fp32 math: token t of sequence b sits at position pos[b] + t (pos (B,), None = 0) and
+    uses row p of the float32 tables cos, sin (max_pos, rotary_dim // 2) from fastllm.rope.rope_tables (uploaded
+    once); the first rotary_dim dims of each q/k head rotate, the rest and v pass through. out may be qkv itself."""
+    qkv = _dev(qkv, "qkv")
+    out = empty(qkv.shape, qkv.dtype) if out is None else out
+    _C.cuda.rope_forward(_dev(out, "out"), qkv, _dev(cos, "cos"), _dev(sin, "sin"), _rope_pos(pos, qkv, cos),
+                         int(n_head), _nkv(n_kv_head))
+    return out
+
+
+def rope_backward(dout, cos, sin, n_head: int, pos=None, dqkv=None, n_kv_head: int | None = None):
+    """Gradient of rope_forward: dqkv += R^T dout; dqkv may be dout itself (then dout is rotated back in place)."""
+    dout = _dev(dout, "dout")
+    dqkv = zeros(dout.shape, dout.dtype) if dqkv is None else dqkv
+    _C.cuda.rope_backward(_dev(dqkv, "dqkv"), dout, _dev(cos, "cos"), _dev(sin, "sin"), _rope_pos(pos, dout, cos),
+                          int(n_head), _nkv(n_kv_head))
+    return dqkv
+
+
+def swiglu_forward(gate_up, out=None):
+    """SwiGLU: gate_up (..., 2H) = [gate | up] -> out (..., H) = silu(gate) * up (fp32 math)."""
+    gate_up = _dev(gate_up, "gate_up")
+    out = empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), gate_up.dtype) if out is None else out
+    _C.cuda.swiglu_forward(_dev(out, "out"), gate_up)
+    return out
+
+
+def swiglu_backward(dout, gate_up, dgate_up=None):
+    """dgate_up (..., 2H) += [dout * up * silu'(gate) | dout * silu(gate)]."""
+    gate_up = _dev(gate_up, "gate_up")
+    dgate_up = zeros(gate_up.shape, gate_up.dtype) if dgate_up is None else dgate_up
+    _C.cuda.swiglu_backward(_dev(dgate_up, "dgate_up"), _dev(dout, "dout"), gate_up)
+    return dgate_up
+
+
+def relu2_forward(x, out=None):
+    """ReLU^2: out = max(x, 0)^2, element-wise; out may be x itself."""
+    x = _dev(x, "x")
+    out = empty(x.shape, x.dtype) if out is None else out
+    _C.cuda.relu2_forward(_dev(out, "out"), x)
+    return out
+
+
+def relu2_backward(dout, x, dx=None):
+    """dx += 2 max(x, 0) * dout."""
+    x = _dev(x, "x")
+    dx = zeros(x.shape, x.dtype) if dx is None else dx
+    _C.cuda.relu2_backward(_dev(dx, "dx"), _dev(dout, "dout"), x)
+    return dx
 
 
 def embedding_forward(tokens, wte, wpe, out=None):

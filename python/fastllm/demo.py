@@ -11,6 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import load_model
+from .data import builtin_corpus, prepare, read_shard
+from .sample import generate
+from .tokenizer import Tokenizer
+from .train import TrainConfig, train
+
 
 @dataclass
 class DemoConfig:
@@ -35,11 +41,6 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    from .data import builtin_corpus, prepare, read_shard
-    from .sample import generate
-    from .tokenizer import Tokenizer
-    from .train import TrainConfig, train
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -70,8 +71,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
           f"entropy {h1:.3f} nats ({s['tok_per_s']:,.0f} tok/s)")
 
     print("[4/4] sample (temperature 0.8, top-k 40):")
-    from .train import load_model
-
     model = load_model(out / "run")
     ids = generate(model, tok.encode_ordinary(cfg.prompt), cfg.sample_tokens, temperature=0.8, top_k=40,
                    seed=cfg.seed)

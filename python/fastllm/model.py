@@ -584,6 +584,42 @@ class KVCache:
         tokens = np.asarray(tokens, np.int32).reshape(self.B, 1)
         return self._forward(tokens, 0)
 
+    # ---- single rows, for a server's continuous batching (fastllm.serve): sequences come and go, the active
+    # ones are kept in rows 0 .. n-1 (copy_row fills the hole a finished one leaves) and decode_rows runs only those
+
+    def reset_row(self, row: int) -> None:
+        """Forget what row `row` holds (its keys/values are overwritten by the next prefill_row)."""
+        self.pos[row] = 0
+
+    def prefill_row(self, row: int, ids) -> np.ndarray:
+        """Run the prompt `ids` in row `row` alone, after what it holds (reset_row first for a new sequence);
+        the logits (V,) of its last token."""
+        ids = np.asarray(ids, np.int32).reshape(1, -1)
+        if not 0 <= row < self.B or ids.size == 0:
+            raise ValueError(f"prefill_row needs a row in [0, {self.B}) and a non-empty prompt, got row {row}, "
+                             f"{ids.size} tokens")
+        return self._forward(ids, row)[0]
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src: its cached keys/values (the pos[src] filled positions of every layer
+        and head) and length."""
+        bk, cfg, n, hs = self.model.bk, self.model.config, int(self.pos[src]), self.hs
+        row = cfg.n_head * self.max_len * hs  # elements of one sequence in one layer
+        for cache in (self.k, self.v) if n else ():
+            for l in range(cfg.n_layer):
+                for h in range(cfg.n_head):
+                    head = h * self.max_len * hs
+                    at_src, at_dst = (l * self.B + src) * row + head, (l * self.B + dst) * row + head
+                    bk.copy_(bk.view(cache, at_dst, (n, hs)), bk.view(cache, at_src, (n, hs)))
+        self.pos[dst] = n
+
+    def decode_rows(self, tokens, r0: int = 0) -> np.ndarray:
+        """decode for the rows r0 .. r0+n-1 only (one token each, n = len(tokens)); their logits (n, V)."""
+        tokens = np.asarray(tokens, np.int32).reshape(-1, 1)
+        if not (0 <= r0 and 0 < len(tokens) <= self.B - r0):
+            raise ValueError(f"decode_rows: {len(tokens)} tokens from row {r0} do not fit the {self.B} rows")
+        return self._forward(tokens, r0)
+
     def _buffers(self, b: int, Tn: int) -> dict:
         key = (b, Tn)
         if key not in self._bufs:
@@ -624,8 +660,9 @@ class KVCache:
                                  out=x.reshape((b, Tn, C)))
         else:
             for i in range(b):
-                bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"],
-                                     bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C)), out=bk.view(x, i * Tn * C, (1, Tn, C)))
+                wpe_i = bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C))
+                bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"], wpe_i,
+                                     out=bk.view(x, i * Tn * C, (1, Tn, C)))
         per_layer = self.B * NH * Tm * hs
         for l in range(cfg.n_layer):
             kc = bk.view(self.k, l * per_layer + r0 * NH * Tm * hs, (b, NH, Tm, hs))

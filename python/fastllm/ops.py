@@ -62,6 +62,15 @@ def _out(x, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
     return x
 
 
+def _view(a, n: int | None = None):
+    """a as the kernel's (rows, n) matrix, or flat vector when n is None: always a view. What cannot be viewed so
+    (not an ndarray, not C-contiguous, last axis not n) goes to the kernel unchanged, which rejects it naming the
+    argument; reshape would copy a strided output (the kernel would fill the copy) or fail (reshape(-1, 0))."""
+    if not isinstance(a, np.ndarray) or not a.flags.c_contiguous or a.ndim == 0 or n not in (None, a.shape[-1]):
+        return a
+    return a.reshape(-1) if n is None else a.reshape(a.size // n if n else int(np.prod(a.shape[:-1])), n)
+
+
 def _row_weights(w, targets: np.ndarray):
     """Optional per-row gradient weights shaped like targets, flattened for the kernel (which checks dtype)."""
     if w is None:
@@ -191,9 +200,9 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None) -> np.ndarra
     lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
     OC = weight.shape[0] if weight.ndim == 2 else 0
     out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
-    pg = None if pre_gelu is None else _out(pre_gelu, "pre_gelu", (*lead, OC)).reshape(-1, OC)
+    pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
     kernel = _C.matmul_forward_bf16w if weight.dtype == np.uint16 else _C.matmul_forward
-    kernel(out.reshape(-1, OC), inp.reshape(-1, C), weight, bias, pg)
+    kernel(_view(out, OC), _view(inp, C), weight, bias, pg)
     return out
 
 
@@ -205,41 +214,68 @@ def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need
     dinp = _out(dinp, "dinp", inp.shape) if need_dinp else None
     dweight = _out(dweight, "dweight", weight.shape)
     dbias = _out(dbias, "dbias", (OC,)) if need_bias else None
-    _C.matmul_backward(None if dinp is None else dinp.reshape(-1, C), dweight, dbias, dout.reshape(-1, OC),
-                       inp.reshape(-1, C), weight)
+    _C.matmul_backward(None if dinp is None else _view(dinp, C), dweight, dbias, _view(dout, OC),
+                       _view(inp, C), weight)
     return dinp, dweight, dbias
 
 
 # ---- attention -----------------------------------------------------------------------------------------
 
 
-def attention_forward(qkv, n_head: int, out=None, lse=None):
-    """Causal self-attention on packed qkv (B, T, 3C) -> (out (B, T, C), lse (B, NH, T): the logsumexp of each
-    query's scaled scores, saved for backward)."""
+def _nkv(n_kv_head) -> int | None:
+    return None if n_kv_head is None else int(n_kv_head)
+
+
+def _q_width(qkv, n_head: int, n_kv_head: int | None) -> int:
+    """C = n_head * hs of packed qkv (..., (n_head + 2 * n_kv_head) * hs) (both backends; the bindings check)."""
+    nh, nkv = int(n_head), int(n_head if n_kv_head is None else n_kv_head)
+    return qkv.shape[-1] // (nh + 2 * nkv) * nh if nh > 0 and nkv > 0 else 0
+
+
+def _kv_out_width(qkv, kcache, n_kv_head: int | None) -> int:
+    """NH * hs of attention_kv_forward's out, from qkv (B, Tn, (NH + 2 NKV) hs) and kcache (B, NKV, maxT, hs); n_kv_head
+    None means NH = NKV. Shapes only (both backends; the bindings check them)."""
+    if len(kcache.shape) != 4 or kcache.shape[-1] <= 0:
+        return 0
+    nkv, hs = kcache.shape[1], kcache.shape[-1]
+    return max(nkv if n_kv_head is None else qkv.shape[-1] // hs - 2 * nkv, 0) * hs
+
+
+def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None):
+    """Causal self-attention on packed qkv (B, T, (NH + 2*NKV) * hs) = [q | k | v] -> (out (B, T, NH*hs), lse
+    (B, NH, T): the logsumexp of each query's scaled scores, saved for backward). n_kv_head (NKV, dividing n_head;
+    None = n_head, qkv (B, T, 3C)) gives grouped-query attention: query head h uses kv head h // (NH // NKV), and
+    K/V are never repeated in memory."""
     qkv = _f32(qkv, "qkv")
     if qkv.ndim != 3:
-        raise ValueError(f"qkv must be (B, T, 3C), got shape {qkv.shape}")
-    B, T, C3 = qkv.shape
-    out = np.empty((B, T, C3 // 3), np.float32) if out is None else out
-    lse = np.empty((B, int(n_head), T), np.float32) if lse is None else lse
-    _C.attention_forward(out, lse, qkv, int(n_head))
+        raise ValueError(f"qkv must be (B, T, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
+    B, T, W = qkv.shape
+    n_head = int(n_head)
+    out = np.empty((B, T, _q_width(qkv, n_head, n_kv_head)), np.float32) if out is None else out
+    if lse is None:  # (for an impossible n_head, a placeholder: the kernel names the problem)
+        lse = np.empty((B, n_head, T) if 0 < n_head <= W else 0, np.float32)
+    _C.attention_forward(out, lse, qkv, n_head, _nkv(n_kv_head))
     return out, lse
 
 
-def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None) -> np.ndarray:
-    """Gradient w.r.t. qkv (B, T, 3C), accumulated into dqkv."""
+def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None) -> np.ndarray:
+    """Gradient w.r.t. qkv (B, T, (NH + 2*NKV) * hs), accumulated into dqkv; dk, dv of a kv head sum over the
+    query heads that share it."""
     dqkv = _out(dqkv, "dqkv", _f32(qkv, "qkv").shape)
-    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head))
+    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head), _nkv(n_kv_head))
     return dqkv
 
 
-def attention_kv_forward(qkv, kcache, vcache, pos, out=None) -> np.ndarray:
-    """Inference attention with a KV cache: qkv (B, Tn, 3C) of Tn new tokens per sequence; their keys and values
-    are written into kcache/vcache (B, NH, max_T, hs) at positions pos[b] .. pos[b]+Tn-1, then each new query
-    attends causally to its sequence's cache. Returns out (B, Tn, C). pos is not advanced."""
-    qkv = _f32(qkv, "qkv")
-    out = np.empty((*qkv.shape[:2], qkv.shape[2] // 3), np.float32) if out is None else out
-    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"))
+def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None) -> np.ndarray:
+    """Inference attention with a KV cache: qkv (B, Tn, (NH + 2*NKV) * hs) of Tn new tokens per sequence; their keys
+    and values are written into kcache/vcache (B, NKV, max_T, hs) at positions pos[b] .. pos[b]+Tn-1 (only the kv
+    heads are stored), then each new query attends causally to its sequence's cache. Returns out (B, Tn, NH*hs).
+    pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal kcache.shape[1]."""
+    qkv, kcache = _f32(qkv, "qkv"), _f32(kcache, "kcache")
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be (B, Tn, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
+    out = np.empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), np.float32) if out is None else out
+    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), _nkv(n_kv_head))
     return out
 
 
@@ -263,8 +299,8 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
     dlogits = None
     if backward:
         dlogits = logits if inplace else np.empty_like(logits)
-    _C.softmax_ce(losses.reshape(-1), None if dlogits is None else dlogits.reshape(-1, V), logits.reshape(-1, V),
-                  targets.reshape(-1), float(grad_scale), int(ignore_index), rw)
+    _C.softmax_ce(_view(losses), None if dlogits is None else _view(dlogits, V), _view(logits, V),
+                  _view(targets), float(grad_scale), int(ignore_index), rw)
     return losses, dlogits
 
 
@@ -291,8 +327,8 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
         dweight = _out(dweight, "dweight", weight.shape)
     else:
         dhidden = dweight = None
-    _C.lmhead_ce(losses.reshape(-1), None if dhidden is None else dhidden.reshape(-1, C), dweight,
-                 hidden.reshape(-1, C), weight, targets.reshape(-1), float(grad_scale), int(ignore_index), scratch, rw)
+    _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
+                 _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw)
     return losses, dhidden, dweight
 
 
@@ -306,7 +342,7 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5, out=None, mean=None, r
     out = np.empty_like(x) if out is None else out
     mean = np.empty(x.shape[:-1], np.float32) if mean is None else mean
     rstd = np.empty(x.shape[:-1], np.float32) if rstd is None else rstd
-    _C.layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C), weight, bias,
+    _C.layernorm_forward(_view(out, C), _view(mean), _view(rstd), _view(x, C), weight, bias,
                          float(eps))
     return out, mean, rstd
 
@@ -318,8 +354,8 @@ def layernorm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias
     dx = _out(dx, "dx", x.shape)
     dweight = _out(dweight, "dweight", (C,))
     dbias = _out(dbias, "dbias", (C,))
-    _C.layernorm_backward(dx.reshape(-1, C), dweight, dbias, _f32(dout, "dout").reshape(-1, C), x.reshape(-1, C),
-                          weight, mean.reshape(-1), rstd.reshape(-1))
+    _C.layernorm_backward(_view(dx, C), dweight, dbias, _view(_f32(dout, "dout"), C), _view(x, C),
+                          weight, _view(mean), _view(rstd))
     return dx, dweight, dbias
 
 
@@ -350,6 +386,103 @@ def residual_backward(dout, dinp1=None, dinp2=None):
     dinp1, dinp2 = _out(dinp1, "dinp1", dout.shape), _out(dinp2, "dinp2", dout.shape)
     _C.residual_backward(dinp1, dinp2, dout)
     return dinp1, dinp2
+
+
+# ---- the Llama family: rmsnorm, rope, swiglu, relu2 ------------------------------------------------------
+
+
+def _norm_stats_shape(x, heads) -> tuple:
+    """The shape of rmsnorm's rstd for x (..., C), or with heads=(h0, h1) for the rows [h0, h1) of x (..., R, C)."""
+    if heads is None:
+        return tuple(x.shape[:-1])
+    if len(x.shape) < 2:
+        raise ValueError(f"heads needs x (..., R, C) with a head axis, got shape {tuple(x.shape)}")
+    return (*x.shape[:-2], int(heads[1]) - int(heads[0]))
+
+
+def _heads(heads):
+    return None if heads is None else (int(heads[0]), int(heads[1]))
+
+
+def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=None):
+    """RMSNorm over the last axis: x (..., C) -> (out = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps) of shape
+    x.shape[:-1]), as HF LlamaRMSNorm. out may be x itself (in place).
+    heads=(h0, h1) normalises only the rows x[..., h0:h1, :] of x (..., R, C), rstd (..., h1 - h0): Qwen3's QK-norm
+    on the packed qkv viewed as (B, T, NH + 2*NKV, hs) (q heads (0, NH), k heads (NH, NH + NKV)); the other rows of
+    out are left as they are (a new out starts as a copy of x).
+
+    >>> out, rstd = rmsnorm_forward(np.ones((2, 4), np.float32), np.ones(4, np.float32))
+    """
+    x = _f32(x, "x")
+    if out is None:
+        out = np.empty_like(x) if heads is None else x.copy()
+    rstd = np.empty(_norm_stats_shape(x, heads), np.float32) if rstd is None else rstd
+    _C.rmsnorm_forward(out, rstd, x, weight, float(eps), _heads(heads))
+    return out, rstd
+
+
+def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
+    """Gradients of rmsnorm_forward, accumulated: returns (dx (..., C), dweight (C,)); with heads, only those rows
+    of dx receive."""
+    x = _f32(x, "x")
+    dx = _out(dx, "dx", x.shape)
+    dweight = _out(dweight, "dweight", x.shape[-1:])
+    _C.rmsnorm_backward(dx, dweight, dout, x, weight, rstd, _heads(heads))
+    return dx, dweight
+
+
+def rope_forward(qkv, cos, sin, n_head: int, pos=None, out=None, n_kv_head: int | None = None) -> np.ndarray:
+    """Rotary position embedding of the q and k heads of packed qkv (B, T, (NH + 2*NKV) * hs), rotate-half layout
+    (HF apply_rotary_pos_emb): token t of sequence b sits at position pos[b] + t (pos int (B,), None = 0) and uses
+    row p of the tables cos, sin (max_pos, rotary_dim // 2) from fastllm.rope.rope_tables; the first rotary_dim
+    dims of each q/k head rotate, the rest and v pass through. out may be qkv itself (in place)."""
+    qkv = _f32(qkv, "qkv")
+    out = np.empty_like(qkv) if out is None else out
+    _C.rope_forward(out, qkv, cos, sin, None if pos is None else _ids(pos, "pos"), int(n_head), _nkv(n_kv_head))
+    return out
+
+
+def rope_backward(dout, cos, sin, n_head: int, pos=None, dqkv=None, n_kv_head: int | None = None) -> np.ndarray:
+    """Gradient of rope_forward (the inverse rotation; no saved activations): dqkv += R^T dout. dqkv may be dout
+    itself: then dout is rotated back in place (dqkv = R^T dout), the usual use after attention_backward."""
+    dout = _f32(dout, "dout")
+    dqkv = _out(dqkv, "dqkv", dout.shape)
+    _C.rope_backward(dqkv, dout, cos, sin, None if pos is None else _ids(pos, "pos"), int(n_head), _nkv(n_kv_head))
+    return dqkv
+
+
+def swiglu_forward(gate_up, out=None) -> np.ndarray:
+    """SwiGLU: gate_up (..., 2H) = [gate | up] -> out (..., H) = silu(gate) * up, HF LlamaMLP's act_fn(gate_proj(x))
+    * up_proj(x) when gate_up = x @ concat([gate_proj.weight, up_proj.weight]).T.
+
+    >>> swiglu_forward(np.zeros((3, 8), np.float32)).shape
+    (3, 4)
+    """
+    gate_up = _f32(gate_up, "gate_up")
+    out = np.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), np.float32) if out is None else out
+    _C.swiglu_forward(out, gate_up)
+    return out
+
+
+def swiglu_backward(dout, gate_up, dgate_up=None) -> np.ndarray:
+    """dgate_up (..., 2H) += [dout * up * silu'(gate) | dout * silu(gate)]."""
+    dgate_up = _out(dgate_up, "dgate_up", _f32(gate_up, "gate_up").shape)
+    _C.swiglu_backward(dgate_up, dout, gate_up)
+    return dgate_up
+
+
+def relu2_forward(x, out=None) -> np.ndarray:
+    """ReLU^2 (nanochat, modded-nanogpt, Primer): out = max(x, 0)^2, element-wise; out may be x itself."""
+    out = np.empty_like(_f32(x, "x")) if out is None else out
+    _C.relu2_forward(out, x)
+    return out
+
+
+def relu2_backward(dout, x, dx=None) -> np.ndarray:
+    """dx += 2 max(x, 0) * dout."""
+    dx = _out(dx, "dx", _f32(x, "x").shape)
+    _C.relu2_backward(dx, dout, x)
+    return dx
 
 
 # ---- embedding -----------------------------------------------------------------------------------------

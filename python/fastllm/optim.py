@@ -47,13 +47,10 @@ class AdamW:
         grads = mdl._ensure_grads()
         copy = mdl.cparams if mdl.cparams is not mdl.params else None
         for off, n, d in self._groups:
-            def part(x):
-                return bk.view(x, off, (n,))
-
-            bk.adamw_step(part(mdl.params), part(grads), part(self.m), part(self.v), lr=lr, t=self.t,
-                          beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+            p, g, m, v = (bk.view(x, off, (n,)) for x in (mdl.params, grads, self.m, self.v))
+            bk.adamw_step(p, g, m, v, lr=lr, t=self.t, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
                           weight_decay=self.weight_decay if d else 0.0, grad_scale=grad_scale,
-                          params_copy=None if copy is None else part(copy))
+                          params_copy=None if copy is None else bk.view(copy, off, (n,)))
 
     def state_dict(self) -> dict:
         """{"m", "v": float32 numpy arrays (flat, like model.params), "t": steps taken} for checkpoints (views on the
