@@ -1,10 +1,12 @@
-"""AdamW step over a flat parameter buffer, and the global gradient norm, vs PyTorch (same threads).
-    python benchmarks/bench_adamw.py [--threads 2] [--quick]
+"""AdamW step over a flat parameter buffer, and the global gradient norm, fastllm vs PyTorch on the same device:
+    python benchmarks/bench_adamw.py [--threads 2] [--quick] [--device cpu|cuda] [--smoke]
 
-torch: torch.optim.AdamW(foreach=True) stepping the same parameters split into GPT-2-like tensors (the way a
-model holds them; foreach batches them), and torch.linalg.vector_norm over the grads via torch._foreach_norm.
-fastllm: one adamw_step over the flat buffer, sum_squares for the norm. GB/s: AdamW reads p, m, v, g and
-writes p, m, v (28 bytes/parameter); the norm reads 4 bytes/parameter."""
+torch: torch.optim.AdamW stepping the same parameters split into 16 tensors the way a model holds them
+(foreach=True on the CPU, fused=True on the GPU), and the norm as torch.linalg.vector_norm over
+torch._foreach_norm of the grads. fastllm: one adamw_step over the flat buffer (also with the bf16 compute copy
+the next forward reads, params_copy), sum_squares for the norm. Sizes: 32 Mi parameters on the CPU, GPT-2 124M's
+124,439,808 on the GPU. GB/s: AdamW reads p, m, v, g and writes p, m, v (28 bytes/parameter, +2 for the bf16
+copy); the norm reads 4 bytes/parameter. Parameters and optimizer state are float32 on both devices."""
 
 from __future__ import annotations
 
@@ -15,45 +17,56 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, cli, header, print_table, ratio_row, set_threads  # noqa: E402
+from common import cli, header, print_table, ratio_row, set_threads, time_fns, torch_on  # noqa: E402
 
-from fastllm import _C  # noqa: E402
+from fastllm import backend  # noqa: E402
+
+SIZES = {"cpu": [32 * 1024 * 1024], "cuda": [124_439_808]}
+QUICK = {"cpu": [1 << 22], "cuda": [124_439_808]}
+SMOKE = [10007]
 
 
-def _rows(n: int, quick: bool) -> list[list[str]]:
+def _rows(n: int, device: str, repeats: int) -> list[list[str]]:
+    bk = backend.get(device)
     rng = np.random.default_rng(0)
-    p, g = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32) * 1e-2
-    m, v = np.zeros_like(p), np.zeros_like(p)
-    step = {"fastllm": lambda: _C.adamw_step(p, m, v, g, 1e-4, 0.9, 0.95, 1e-8, 0.1, 10, 1.0)}
-    norm = {"fastllm": lambda: _C.sum_squares(g)}
-    try:
-        import torch
-
-        # GPT-2-small-like split: blocks of (768*768*4, 768*768*3, ...) -> use 16 equal chunks + a ragged tail
-        sizes = [n // 16] * 16
+    p_np, g_np = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32) * 1e-2
+    p, g, m, v = bk.to_device(p_np), bk.to_device(g_np), bk.zeros((n,)), bk.zeros((n,))
+    copy = bk.empty((n,), "bfloat16")
+    hp = dict(lr=1e-4, t=10, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    cases = {
+        "adamw step": ({"fastllm": lambda: bk.adamw_step(p, g, m, v, **hp)}, 28),
+        "adamw step + bf16 copy": ({"fastllm": lambda: bk.adamw_step(p, g, m, v, params_copy=copy, **hp)}, 30),
+        "grad norm": ({"fastllm": lambda: bk.sum_squares(g)}, 4),
+    }
+    torch = torch_on(device)
+    if torch is not None:
+        sizes = [n // 16] * 16  # a model's tensors: 16 chunks, the last one ragged
         sizes[-1] += n - sum(sizes)
-        params = [torch.nn.Parameter(t.clone()) for t in torch.from_numpy(p).split(sizes)]
-        for t, gr in zip(params, torch.from_numpy(g).split(sizes)):
-            t.grad = gr.clone()
-        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
+        params = [torch.nn.Parameter(t.clone().to(device)) for t in torch.from_numpy(p_np).split(sizes)]
+        for t, gr in zip(params, torch.from_numpy(g_np).split(sizes)):
+            t.grad = gr.clone().to(device)
+        fast = dict(fused=True) if device == "cuda" else dict(foreach=True)
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **fast)
         grads = [t.grad for t in params]
-        step["torch"] = opt.step
-        norm["torch"] = lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    except ImportError:
-        pass
+        cases["adamw step"][0]["torch"] = cases["adamw step + bf16 copy"][0]["torch"] = opt.step
+        cases["grad norm"][0]["torch"] = lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     rows = []
-    for name, fns, bpe in (("adamw step", step, 28), ("grad norm", norm, 4)):
-        t = bench(fns, repeats=5 if quick else 11, warmup=2)
+    for name, (fns, bpe) in cases.items():
+        if name.endswith("copy") and device == "cpu":
+            continue  # the CPU model computes in float32: it has no bf16 copy to keep
+        t = time_fns(fns, device, repeats=repeats, warmup=0 if repeats == 1 else 2)
         rows.append(ratio_row([f"{n}", name], t, bpe * n))
     return rows
 
 
-def run(threads: int, quick: bool) -> None:
+def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str = "float32",
+        smoke: bool = False) -> None:
     set_threads(threads)
-    sizes = [1 << 22] if quick else [32 * 1024 * 1024]  # 32 Mi parameters (GPT-2 small has 124 M)
-    print(header("adamw step / grad norm", threads))
+    sizes = SMOKE if smoke else (QUICK if quick else SIZES)[device]
+    repeats = 1 if smoke else 5 if quick else 11
+    print(header("adamw step / grad norm (float32 parameters)", threads, device, "float32"))
     with torch_no_grad():
-        rows = [r for n in sizes for r in _rows(n, quick)]
+        rows = [r for n in sizes for r in _rows(n, device, repeats)]
     print_table(rows, ["params", "op", "fastllm ms", "torch ms", "torch/fastllm", "GB/s"])
 
 
@@ -69,4 +82,4 @@ def torch_no_grad():
 
 
 if __name__ == "__main__":
-    cli(run, __doc__)
+    cli(run, __doc__, device=True)

@@ -1,12 +1,17 @@
-"""Causal self-attention, fastllm (flash-style CPU kernels) vs torch SDPA (is_causal=True):
-    python benchmarks/bench_attention.py [--threads 2] [--quick]
-Shapes (B, NH, T, hs) = (4, 12, T, 64) for T in 512, 1024; fwd and fwd+bwd. GFLOP/s counts the causal half of
-the matmul flops: fwd 2*B*NH*T^2*hs (QK^T and PV), bwd 2.5x that (five products), exp not counted.
-Ratio = torch ms / fastllm ms (above 1: fastllm faster). torch gets q, k, v as strided views of one packed qkv
-tensor, like fastllm; its backward allocates the gradient, fastllm's zeroes a preallocated dqkv each call."""
+"""Causal self-attention, fastllm vs torch SDPA (is_causal=True) on the same device:
+    python benchmarks/bench_attention.py [--threads 2] [--quick] [--device cpu|cuda] [--dtype ...] [--smoke]
+                                         [--simple]
+Shapes (B, NH, T, hs): on the CPU (4, 12, T, 64) for T in 512, 1024; on the GPU hs 64 and 128 with NH*hs in
+768 .. 2048 and T = 1024 .. 8192 at B*T = 16384 tokens (torch with the flash backend forced for bfloat16,
+FlashAttention-2). fwd and fwd+bwd. GFLOP/s (TFLOP/s on the GPU) counts the causal half of the matmul flops: fwd
+2*B*NH*T^2*hs (QK^T and PV), bwd 2.5x that (five products), exp not counted. Ratio = torch ms / fastllm ms (above
+1: fastllm faster). torch gets q, k, v as strided views of one packed qkv tensor, like fastllm; its backward
+allocates the gradient, fastllm's zeroes a preallocated dqkv each call and accumulates into it.
+--simple (GPU) adds the reference rows kernels (FASTLLM_CUDA_ATTN=simple) at the smallest T (they are slow)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -14,83 +19,121 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, cli, header, print_table, set_threads  # noqa: E402
+from common import cli, header, print_table, set_threads, time_fns, to_torch, torch_on  # noqa: E402
 
-from fastllm import ops  # noqa: E402
+from fastllm import backend  # noqa: E402
 
-SHAPES = [(4, 12, 512, 64), (4, 12, 1024, 64)]
-QUICK_SHAPES = [(4, 12, 512, 64)]
+TOKENS = 16384
+SHAPES = {"cpu": [(4, 12, 512, 64), (4, 12, 1024, 64)],
+          "cuda": [(TOKENS // T, NH, T, hs) for hs, NH in [(64, 12), (64, 16), (128, 8), (128, 16)]
+                   for T in (1024, 2048, 4096, 8192)]}
+QUICK = {"cpu": [(4, 12, 512, 64)],
+         "cuda": [(TOKENS // T, NH, T, hs) for hs, NH in [(64, 12), (128, 8)] for T in (1024, 2048)]}
+SMOKE = [(1, 2, 64, 64), (1, 2, 65, 32)]
 
 
-def setup(shape):
+def setup(shape, device: str, dtype: str):
+    """{mode: {provider: callable}} for mode fwd and fwd+bwd, and a check() printing max |fastllm - torch|."""
+    bk = backend.get(device)
     B, NH, T, hs = shape
     C = NH * hs
     rng = np.random.default_rng(0)
-    qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)
-    dout = rng.standard_normal((B, T, C), dtype=np.float32)
-    out = np.empty((B, T, C), np.float32)
-    lse = np.empty((B, NH, T), np.float32)
-    dqkv = np.zeros_like(qkv)
+    qkv_np = rng.standard_normal((B, T, 3 * C), dtype=np.float32)
+    dout_np = rng.standard_normal((B, T, C), dtype=np.float32)
+    qkv, dout = bk.to_device(qkv_np, dtype), bk.to_device(dout_np, dtype)
+    out, lse, dqkv = bk.empty((B, T, C), dtype), bk.empty((B, NH, T)), bk.zeros((B, T, 3 * C), dtype)
 
     def f_fwd():
-        ops.attention_forward(qkv, NH, out=out, lse=lse)
+        bk.attention_forward(qkv, NH, out=out, lse=lse)
 
     def f_fwdbwd():
-        ops.attention_forward(qkv, NH, out=out, lse=lse)
-        dqkv.fill(0.0)
-        ops.attention_backward(dout, qkv, out, lse, NH, dqkv=dqkv)
+        bk.attention_forward(qkv, NH, out=out, lse=lse)
+        bk.zero_(dqkv)
+        bk.attention_backward(dout, qkv, out, lse, NH, dqkv=dqkv)
 
     fns = {"fwd": {"fastllm": f_fwd}, "fwd+bwd": {"fastllm": f_fwdbwd}}
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return fns
-    tqkv = torch.from_numpy(qkv)
-    tdout = torch.from_numpy(dout)
+    torch = torch_on(device)
+    if torch is None:
+        return fns, lambda: None
+    F = torch.nn.functional
+    tqkv, tdout = to_torch(qkv_np, device, dtype), to_torch(dout_np, device, dtype)
 
     def split(x):  # (B, T, 3C) -> q, k, v as (B, NH, T, hs) views
         return [t.view(B, T, NH, hs).transpose(1, 2) for t in x.split(C, dim=2)]
 
     def t_fwd():
-        with torch.no_grad():
-            F.scaled_dot_product_attention(*split(tqkv), is_causal=True)
+        with torch.no_grad(), sdpa_backend(torch, device, dtype):
+            return F.scaled_dot_product_attention(*split(tqkv), is_causal=True)
 
     def t_fwdbwd():
         x = tqkv.detach().requires_grad_(True)
-        y = F.scaled_dot_product_attention(*split(x), is_causal=True)
-        y.transpose(1, 2).reshape(B, T, C).backward(tdout)
+        with sdpa_backend(torch, device, dtype):
+            y = F.scaled_dot_product_attention(*split(x), is_causal=True)
+            y.transpose(1, 2).reshape(B, T, C).backward(tdout)
 
-    fns["fwd"]["torch"] = t_fwd
-    fns["fwd+bwd"]["torch"] = t_fwdbwd
-    return fns
+    def check():
+        f_fwd()
+        ref = t_fwd().transpose(1, 2).reshape(B, T, C).float().cpu().numpy()
+        err = float(np.abs(np.asarray(bk.to_numpy(out), np.float32) - ref).max())
+        print(f"check {shape}: max |fastllm - torch| = {err:.3g} ({dtype} outputs)")
+
+    fns["fwd"]["torch"], fns["fwd+bwd"]["torch"] = t_fwd, t_fwdbwd
+    return fns, check
 
 
-def run(threads: int = 2, quick: bool = False) -> None:
+def sdpa_backend(torch, device: str, dtype: str):
+    """torch's flash attention (FlashAttention-2) for bfloat16 on the GPU; its default choice otherwise."""
+    if device == "cuda" and dtype == "bfloat16":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    return contextlib.nullcontext()
+
+
+def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str = "float32", smoke: bool = False,
+        simple: bool = False) -> None:
     set_threads(threads)
-    print(header("attention (causal)", threads))
+    unit, scale = ("GFLOP/s", 1e9) if device == "cpu" else ("TFLOP/s", 1e12)
+    print(header(f"attention (causal, {unit})", threads, device, dtype))
+    shapes = SMOKE if smoke else (QUICK if quick else SHAPES)[device]
+    repeats = 1 if smoke else 3 if quick else 7
     rows = []
-    for shape in QUICK_SHAPES if quick else SHAPES:
+    for i, shape in enumerate(shapes):
         B, NH, T, hs = shape
         fwd_flops = 2.0 * B * NH * T * T * hs
-        for mode, fns in setup(shape).items():
+        fns, check = setup(shape, device, dtype)
+        if i == 0:
+            check()  # the two sides compute the same thing
+        for mode, provs in fns.items():
+            if simple and device == "cuda" and T == shapes[0][2]:
+                provs = {**provs, "simple": simple_kernels(provs["fastllm"])}
             flops = fwd_flops * (1.0 if mode == "fwd" else 3.5)
-            res = bench(fns, repeats=3 if quick else 7, warmup=1, min_time=0.0 if quick else 1.0)
+            res = time_fns(provs, device, repeats=repeats, warmup=0 if smoke else 1,
+                           min_time=0.0 if quick or smoke else 1.0)
             f = res["fastllm"]["median"]
-            t = res["torch"]["median"] if "torch" in res else float("nan")
-            ms = [f"{f * 1e3:.2f}", f"{t * 1e3:.2f}", f"{t / f:.2f}x"]
-            rows.append([str(shape), mode, *ms, f"{flops / f / 1e9:.1f}", f"{flops / t / 1e9:.1f}"])
-    head = [
-        "shape (B,NH,T,hs)",
-        "mode",
-        "fastllm ms",
-        "torch ms",
-        "torch/fastllm",
-        "fastllm GFLOP/s",
-        "torch GFLOP/s",
-    ]
-    print_table(rows, head)
+            row = [str(shape), mode, f"{f * 1e3:.2f}", "-", "-", f"{flops / f / scale:.1f}", "-"]
+            if "torch" in res:
+                t = res["torch"]["median"]
+                row[3:5], row[6] = [f"{t * 1e3:.2f}", f"{t / f:.2f}x"], f"{flops / t / scale:.1f}"
+            if simple:
+                s = res.get("simple", {}).get("median")
+                row.append(f"{flops / s / scale:.1f}" if s else "-")
+            rows.append(row)
+    head = ["shape (B,NH,T,hs)", "mode", "fastllm ms", "torch ms", "torch/fastllm", f"fastllm {unit}", f"torch {unit}"]
+    print_table(rows, head + ([f"simple {unit}"] if simple else []))
+
+
+def simple_kernels(fn):
+    """fn run with the GPU's reference rows kernels (FASTLLM_CUDA_ATTN=simple, read at every launch)."""
+    def run_simple():
+        os.environ["FASTLLM_CUDA_ATTN"] = "simple"
+        try:
+            fn()
+        finally:
+            del os.environ["FASTLLM_CUDA_ATTN"]
+
+    return run_simple
 
 
 if __name__ == "__main__":
-    cli(run, __doc__)
+    cli(run, __doc__, device=True, simple="GPU: also time the reference rows kernels at the smallest T")

@@ -149,7 +149,11 @@ def cuda_rows(shape, quick: bool) -> list[list[str]]:
     return rows
 
 
-def run(threads: int = 2, quick: bool = False, device: str = "cpu") -> None:
+def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str = "float32",
+        smoke: bool = False) -> None:
+    if device == "cuda" and dtype != "bfloat16":
+        raise SystemExit("bench_attention_gqa.py: error: the GPU rows are bfloat16 only")
+    quick = quick or smoke  # the smallest shapes this benchmark has
     set_threads(threads)
     head = ["shape (B,T,NH,NKV,hs)", "mode", "fastllm ms", "torch ms", "torch repeat_kv ms", "torch/fastllm",
             "fastllm GFLOP/s"]

@@ -1,8 +1,8 @@
-"""The GPU benchmark driver (one call in a device session): the GPU and versions, the CUDA kernel benchmarks
-(benchmarks/bench_cuda_{matmul,attention,elementwise}.py, each run with --quick in its own process so one crash
-does not end the rest), then GPT-2 124M training at B=16, T=1024: fastllm's CudaGPT against a PyTorch GPT-2
-(eager, bf16 autocast, SDPA flash attention, fused AdamW; torch.compile as an optional second baseline with
---compile), side by side in one process on the same random tokens, and a summary table.
+"""The GPU benchmark driver (one call in a device session): the GPU and versions, the kernel benchmarks
+(benchmarks/bench_<op>.py --device cuda for every op family, each with --quick in its own process so one crash
+does not end the rest), then GPT-2 124M training at B=16, T=1024: fastllm's GPT(device="cuda") with AdamW against
+a PyTorch GPT-2 (eager, bf16 autocast, SDPA flash attention, fused AdamW; torch.compile as an optional second
+baseline with --compile), side by side in one process on the same random tokens, and a summary table.
 
 Throughput: tokens/s over timed steps (each a full step: zero grads, forward, loss readback, backward, grad-norm
 clipping, AdamW) after warm-up. MFU = model FLOPs per second / the GPU's dense bf16 peak, with model FLOPs per
@@ -12,6 +12,7 @@ H100 SXM / H200 (756 on H100 PCIe, 312 on A100); override with --peak-tflops.
 
     python benchmarks/bench_cuda.py --quick            # what scripts/gpu_check.sh runs
     python benchmarks/bench_cuda.py --compile --steps 30
+    python benchmarks/bench_cuda.py --smoke            # every path once at tiny sizes (e.g. on the CUDA emulator)
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-KERNEL_BENCHES = ["bench_cuda_matmul.py", "bench_cuda_attention.py", "bench_cuda_elementwise.py"]
+KERNEL_BENCHES = [f"bench_{op}.py" for op in ("matmul", "attention", "softmax_ce", "layernorm", "gelu", "embedding",
+                                               "adamw", "rmsnorm", "rope", "swiglu", "attention_gqa")]
 
 
 def peak_tflops(name: str) -> float | None:
@@ -77,20 +79,21 @@ def header() -> str | None:
         pass
     if not cuda.is_available():
         return None
-    return name or "unknown GPU"
+    return name or (info.get("gpus") or ["unknown GPU"])[0]
 
 
-def run_kernel_benches(quick: bool, timeout: float) -> dict[str, str]:
+def run_kernel_benches(quick: bool, smoke: bool, timeout: float) -> dict[str, str]:
     status = {}
+    flags = ["--device", "cuda"] + (["--smoke"] if smoke else ["--quick"] if quick else [])
     for fname in KERNEL_BENCHES:
         path = HERE / fname
         if not path.exists():
             status[fname] = "absent"
             continue
-        print(f"\n===== {fname} {'--quick' if quick else ''}", flush=True)
+        print(f"\n===== {fname} {' '.join(flags)}", flush=True)
         t0 = time.time()
         try:
-            r = subprocess.run([sys.executable, str(path)] + (["--quick"] if quick else []), timeout=timeout)
+            r = subprocess.run([sys.executable, str(path)] + flags, timeout=timeout)
             status[fname] = f"rc={r.returncode} in {time.time() - t0:.0f}s"
         except subprocess.TimeoutExpired:
             status[fname] = f"timed out after {timeout:.0f}s"
@@ -103,14 +106,15 @@ def run_kernel_benches(quick: bool, timeout: float) -> dict[str, str]:
 
 def bench_fastllm(cfg, x, y, steps: int, warmup: int, dtype: str) -> dict:
     from fastllm import cuda
-    from fastllm.cuda_model import CudaGPT
+    from fastllm.model import GPT
+    from fastllm.optim import AdamW
 
     B, T = x.shape
     free0 = _free_mem()
     t0 = time.time()
-    gpu = CudaGPT(cfg, seed=0, dtype=dtype)
-    opt = gpu.optimizer(lr=6e-4, weight_decay=0.1)
-    print(f"fastllm: model built and uploaded in {time.time() - t0:.1f}s ({gpu.num_parameters / 1e6:.1f}M params)")
+    gpu = GPT(cfg, seed=0, device="cuda", dtype=dtype)
+    opt = AdamW(gpu, lr=6e-4, weight_decay=0.1)
+    print(f"fastllm: model built and placed in {time.time() - t0:.1f}s ({gpu.num_parameters / 1e6:.1f}M params)")
     times, phases, losses = [], [], []
     for i in range(warmup + steps):
         cuda.synchronize()
@@ -257,30 +261,34 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-kernels", action="store_true", help="skip the kernel benchmark scripts")
     ap.add_argument("--skip-torch", action="store_true", help="no PyTorch baseline")
     ap.add_argument("--kernel-timeout", type=float, default=120.0, help="seconds per kernel benchmark script")
+    ap.add_argument("--smoke", action="store_true", help="a 2-layer model at B=2, T=64, one step, kernel "
+                    "benchmarks with --smoke: checks that every path runs (the CUDA emulator is too slow to time)")
     args = ap.parse_args(argv)
 
     if not _importable("fastllm"):  # run from a source checkout without PYTHONPATH=python
         sys.path.insert(0, str(HERE.parent / "python"))
     name = header()
     if name is None:
-        print("bench_cuda: skipped (no CUDA build of fastllm or no GPU)")
-        return 0
-    steps = args.steps or (6 if args.quick else 20)
-    warmup = 2 if args.quick else 3
+        ap.error("needs a CUDA build of fastllm and a GPU (fastllm.cuda.is_available() is False)")
+    steps = args.steps or (1 if args.smoke else 6 if args.quick else 20)
+    warmup = 1 if args.smoke else 2 if args.quick else 3
 
-    kern = {} if args.skip_kernels else run_kernel_benches(args.quick, args.kernel_timeout)
+    kern = {} if args.skip_kernels else run_kernel_benches(args.quick, args.smoke, args.kernel_timeout)
 
     from fastllm.model import GPTConfig
 
-    cfg = GPTConfig.preset("gpt2", vocab_size=50257)
-    B, T = args.batch_size, args.seq_len
+    if args.smoke:
+        cfg, B, T = GPTConfig(block_size=64, vocab_size=1000, n_layer=2, n_head=2, n_embd=128), 2, 64
+    else:
+        cfg, B, T = GPTConfig.preset("gpt2", vocab_size=50257), args.batch_size, args.seq_len
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     y = np.roll(x, -1, 1).astype(np.int32)
-    print(f"\n===== GPT-2 124M training, B={B}, T={T}, {steps} timed steps after {warmup} warm-up")
+    model = "a 2-layer GPT" if args.smoke else "GPT-2 124M"
+    print(f"\n===== {model} training, B={B}, T={T}, {steps} timed steps after {warmup} warm-up")
     results: dict[str, dict] = {}
-    runs = [("fastllm CudaGPT (" + args.dtype + ")", lambda: bench_fastllm(cfg, x, y, steps, warmup, args.dtype))]
-    if not args.skip_torch:
+    runs = [(f"fastllm GPT cuda ({args.dtype})", lambda: bench_fastllm(cfg, x, y, steps, warmup, args.dtype))]
+    if not args.skip_torch and _torch_cuda():
         runs.append(("torch eager (bf16 autocast, SDPA, fused AdamW)",
                      lambda: bench_torch(cfg, x, y, steps, warmup, False)))
         if args.compile:
@@ -305,14 +313,25 @@ def main(argv=None) -> int:
         rows.append([label, f"{r['step_s'] * 1e3:.1f}", f"{tok_s:,.0f}", f"{tflops:.1f}",
                      f"{100 * tflops / peak:.1f}%" if peak else "-",
                      f"{base / r['step_s']:.2f}x" if base else "-"])
-    print(f"\n===== summary: {name}, GPT-2 124M, B={B} T={T}, peak {peak or '?'} TFLOP/s bf16 dense")
+    print(f"\n===== summary: {name}, {model}, B={B} T={T}, peak {peak or '?'} TFLOP/s bf16 dense")
     head = ["run", "ms/step", "tokens/s", "TFLOP/s", "MFU", "vs torch eager"]
     widths = [max(len(str(v)) for v in col) for col in zip(head, *rows)]
     for row in [head] + rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
     for k, v in kern.items():
         print(f"kernel benchmark {k}: {v}")
-    return 0
+    failed = [k for k, r in results.items() if "error" in r] + [k for k, v in kern.items() if not v.startswith("rc=0")]
+    if failed:
+        print(f"bench_cuda: failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _importable(mod: str) -> bool:

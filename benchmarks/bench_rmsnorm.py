@@ -90,7 +90,11 @@ def cuda_rows(N: int, C: int, quick: bool) -> list[list[str]]:
     return [gpu_row([f"({N}, {C})", "fwd"], f, t, 4 * N * C), gpu_row([f"({N}, {C})", "bwd"], fb, tb, 8 * N * C)]
 
 
-def run(threads: int = 2, quick: bool = False, device: str = "cpu") -> None:
+def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str = "float32",
+        smoke: bool = False) -> None:
+    if device == "cuda" and dtype != "bfloat16":
+        raise SystemExit("bench_rmsnorm.py: error: the GPU rows are bfloat16 only")
+    quick = quick or smoke  # the smallest shapes this benchmark has
     set_threads(threads)
     shapes = QUICK if quick else SHAPES
     if device == "cuda":

@@ -115,7 +115,11 @@ def cuda_rows(shape, quick: bool) -> list[list[str]]:
             [*gpu_row([str(shape), "bwd"], fb, tb, nbytes), "-"]]
 
 
-def run(threads: int = 2, quick: bool = False, device: str = "cpu") -> None:
+def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str = "float32",
+        smoke: bool = False) -> None:
+    if device == "cuda" and dtype != "bfloat16":
+        raise SystemExit("bench_rope.py: error: the GPU rows are bfloat16 only")
+    quick = quick or smoke  # the smallest shapes this benchmark has
     set_threads(threads)
     rows_of = cuda_rows if device == "cuda" else cpu_rows
     rows = [r for shape in (QUICK if quick else SHAPES) for r in rows_of(shape, quick)]

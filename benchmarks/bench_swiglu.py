@@ -81,7 +81,11 @@ def cuda_rows(N: int, H: int, quick: bool) -> list[list[str]]:
                     cuda_time_ms(theirs[k], reps, 3, before=flush.zero_), nbytes[k]) for k, f in ours.items()]
 
 
-def run(threads: int = 2, quick: bool = False, device: str = "cpu") -> None:
+def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str = "float32",
+        smoke: bool = False) -> None:
+    if device == "cuda" and dtype != "bfloat16":
+        raise SystemExit("bench_swiglu.py: error: the GPU rows are bfloat16 only")
+    quick = quick or smoke  # the smallest shapes this benchmark has
     set_threads(threads)
     rows_of = cuda_rows if device == "cuda" else cpu_rows
     rows = [r for N, H in (QUICK if quick else SHAPES) for r in rows_of(N, H, quick)]

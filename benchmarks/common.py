@@ -1,5 +1,12 @@
-"""Shared benchmark helpers: timing (warm-up, interleaved repeats, median and p20/p80), a machine header,
-and a table printer. Ratios above 1 mean fastllm is faster. Benchmarks are not tests: nothing here asserts."""
+"""Shared benchmark helpers: timing (warm-up, interleaved repeats, median and p20/p80; on the GPU CUDA events with
+the L2 flushed before each call), a machine header, the command line (--threads, --quick, and for the op
+benchmarks --device cpu|cuda, --dtype, --smoke) and a table printer. Ratios above 1 mean fastllm is faster.
+Benchmarks are not tests: nothing here asserts.
+
+An op benchmark runs the same code on either device: fastllm through `backend.get(device)` (fastllm.ops or
+fastllm.cuda: the same functions), torch on the same device (`torch_on`: None where torch or its CUDA is
+missing, then only fastllm is timed). --smoke runs the smallest shapes once, to check that every path still runs
+(the CUDA emulator, FASTLLM_CUDA=emulate, is far too slow to time: there the host clock is used)."""
 
 from __future__ import annotations
 
@@ -30,21 +37,101 @@ def load_note() -> str:
         return "load unknown"
 
 
-def header(title: str, threads: int) -> str:
+def gpu_name() -> str:
+    torch = torch_on("cuda")
+    if torch is not None:
+        return torch.cuda.get_device_name()
+    import fastllm
+
+    return (fastllm.info().get("gpus") or ["no GPU"])[0]
+
+
+def header(title: str, threads: int, device: str = "cpu", dtype: str = "float32") -> str:
     import numpy as np
 
     import fastllm
 
-    parts = [title, f"threads={threads}", cpu_name(), f"fastllm {fastllm.__version__} ({fastllm.info()['simd']})",
-             f"numpy {np.__version__}"]
+    if device == "cpu":
+        parts = [title, f"threads={threads}", cpu_name(), f"fastllm {fastllm.__version__} ({fastllm.info()['simd']})"]
+    else:
+        timing = "CUDA events, L2 flushed" if torch_on("cuda") is not None else "host clock (no CUDA torch)"
+        parts = [title, gpu_name(), dtype, timing, f"fastllm {fastllm.__version__}"]
+    parts.append(f"numpy {np.__version__}")
     try:
         import torch
 
-        parts.append(f"torch {torch.__version__}")
+        parts.append(f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if device == "cuda" else ""))
     except ImportError:
         pass
     parts.append(load_note())
     return " | ".join(parts)
+
+
+def torch_on(device: str):
+    """The torch module if torch can run on `device` (the baseline), else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    return torch
+
+
+def to_torch(x, device: str, dtype: str = "float32"):
+    """A numpy array as a torch tensor on `device` (float arrays in `dtype`, integer arrays as int64)."""
+    import numpy as np
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if t.is_floating_point():
+        t = t.to(getattr(torch, dtype))
+    else:
+        t = t.to(torch.int64)
+    return t.to(device)
+
+
+def itemsize(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else 4
+
+
+def time_fns(fns: dict[str, Callable[[], object]], device: str, repeats: int = 10, warmup: int = 2,
+             min_time: float = 0.0) -> dict[str, dict[str, float]]:
+    """bench() on the CPU; on the GPU each call timed with CUDA events (L2 flushed before it), providers
+    interleaved, or with the host clock around call + synchronize where torch has no CUDA (the emulator)."""
+    if device == "cpu":
+        return bench(fns, repeats, warmup, min_time)
+    from fastllm import cuda
+
+    torch = torch_on("cuda")
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    cuda.synchronize()
+    flush = None if torch is None else torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    marks: dict[str, list] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            if torch is None:
+                t0 = time.perf_counter()
+                f()
+                cuda.synchronize()
+                marks[k].append(time.perf_counter() - t0)
+                continue
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            f()
+            end.record()
+            marks[k].append((start, end))
+    if torch is not None:
+        torch.cuda.synchronize()
+    out = {}
+    for k, ms in marks.items():
+        ts = sorted(m if isinstance(m, float) else m[0].elapsed_time(m[1]) * 1e-3 for m in ms)
+        out[k] = {"median": statistics.median(ts), "p20": ts[int(0.2 * (len(ts) - 1))],
+                  "p80": ts[int(0.8 * (len(ts) - 1))]}
+    return out
 
 
 def bench(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
@@ -74,7 +161,7 @@ def bench(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int =
 def cuda_time_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 2,
                  before: Callable[[], object] | None = None) -> float:
     """Median milliseconds of fn() on the GPU: torch CUDA events around each call, after `warmup` untimed calls;
-    before() (e.g. an L2 flush) runs untimed ahead of each timed call."""
+    before() (e.g. an L2 flush) runs untimed ahead of each timed call (one provider; time_fns interleaves several)."""
     import torch
 
     for _ in range(warmup):
@@ -114,19 +201,43 @@ def print_table(rows: list[list[str]], head: list[str]) -> None:
 
 
 def cli(run: Callable[..., None], doc: str | None, device: bool = False, **flags: str) -> None:
-    """The command line of a bench_<op>.py: --threads N, --quick, plus boolean --flags (name -> help), and with
-    device=True --device cpu|cuda; calls run(threads=..., quick=..., [device=...], **flags)."""
+    """The command line of a benchmark: --threads N, --quick, plus boolean --flags (name -> help); with device=True
+    also --device, --dtype and --smoke (see add_device_args). Calls run(threads=..., quick=..., **the rest)."""
     import argparse
 
-    p = argparse.ArgumentParser(description=doc)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes")
-    if device:
-        p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                       help="cuda: fastllm.cuda vs torch on the GPU (CUDA events, bf16)")
     for name, help_text in flags.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
-    run(**vars(p.parse_args()))
+    if device:
+        add_device_args(p)
+    args = p.parse_args()
+    if device:
+        check_device_args(p, args)
+    run(**vars(args))
+
+
+def add_device_args(p) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: fastllm.cuda against torch on the GPU (CUDA events)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="activations' dtype (default: the device's, float32 on the CPU, bfloat16 on the GPU)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the smallest shapes, timed once: checks that every path runs (e.g. on the CUDA emulator)")
+
+
+def check_device_args(p, args) -> None:
+    """Fills in args.dtype; a clear one-line error (exit 2) for a device or dtype this build cannot run."""
+    from fastllm import backend, cuda
+
+    if args.device == "cuda" and not cuda.is_available():
+        why = "fastllm was built without CUDA" if not cuda.is_built() else "no CUDA GPU is visible"
+        p.error(f"--device cuda: {why} (build with FASTLLM_CUDA=on on a machine with an NVIDIA GPU)")
+    try:
+        args.dtype = backend.check_dtype(args.device, args.dtype)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def gpu_or_exit(name: str):

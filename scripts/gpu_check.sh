@@ -3,11 +3,14 @@
 #   bash scripts/gpu_check.sh
 # 1. builds fastllm with CUDA for this GPU's architecture only (cmake + ninja into build/cuda, incremental on a
 #    warm machine; drops python/fastllm/_C*.so, used through PYTHONPATH=python),
-# 2. runs the GPU tests: pytest -m cuda --maxfail=40 tests/test_cuda_*.py (the model first) -> $OUT/pytest.log
-# 3. runs the benchmarks:  python benchmarks/bench_cuda.py --quick    -> $OUT/bench.log
+# 2. runs the GPU tests: pytest -m cuda --maxfail=40 (tests/test_cuda_model.py first: the one model on the GPU
+#    against the CPU, then every test marked cuda: the ops on both backends, tests/test_<op>.py) -> $OUT/pytest.log
+# 3. runs the benchmarks:  python benchmarks/bench_cuda.py --quick (bench_<op>.py --device cuda, then GPT-2 124M
+#    training against PyTorch)    -> $OUT/bench.log
 # all inside ~9 minutes (each stage under `timeout`, sized from what is left). Logs land in $OUT (default
-# ./gpu_out). Environment knobs: PYTEST_ARGS (default "--maxfail=40 --tb=short"), PYTEST_FILES (default tests/test_cuda_*.py; e.g.
-# tests/test_cuda_model.py alone), BENCH_ARGS (default "--quick"), BUDGET_S (540).
+# ./gpu_out). Environment knobs: PYTEST_ARGS (default "--maxfail=40 --tb=short"), PYTEST_FILES (default
+# "tests/test_cuda_model.py tests"; e.g. tests/test_cuda_model.py alone), BENCH_ARGS (default "--quick"),
+# BUDGET_S (540).
 # Exit status: 0 if every stage passed, else the first failing stage's status.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -68,7 +71,7 @@ PER_TEST=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout=60"
 # shellcheck disable=SC2086
 timeout "$(cap 240)" "$PY" -m pytest -m cuda ${PYTEST_ARGS:---maxfail=40 --tb=short} $PER_TEST -q -rf \
-  --durations=15 ${PYTEST_FILES:-tests/test_cuda_basics.py tests/test_cuda_model.py tests/test_cuda_*.py} 2>&1 \
+  --durations=15 ${PYTEST_FILES:-tests/test_cuda_model.py tests} 2>&1 \
   | tee "$OUT/pytest.log"
 rc=$?
 note "pytest rc=$rc: $(grep -E ' in [0-9.]+s' "$OUT/pytest.log" | tail -1)"

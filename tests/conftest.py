@@ -1,6 +1,7 @@
-"""Shared fixtures: every test is seeded; `threads` runs a test body with 1 and 2 OpenMP threads;
-tests marked `cuda` skip with a visible reason unless fastllm was built with CUDA and a GPU is present (or the
-CUDA emulator stands in for one: then the tests marked `gpu_scale` skip)."""
+"""Shared fixtures: every test is seeded; `threads` runs a test body with 1 and 2 OpenMP threads; `bk` runs it on
+every backend (tests/backends.py: the CPU's SIMD paths, CUDA float32/bfloat16 with fast and simple kernels;
+narrowed by `@pytest.mark.backends(...)`); tests marked `cuda` skip with a visible reason unless fastllm was built
+with CUDA and a GPU is present (or the CUDA emulator stands in for one: then the tests marked `gpu_scale` skip)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # for `import reference`
+sys.path.insert(0, os.path.dirname(__file__))  # for `import reference`, `import backends`
+
+import backends  # noqa: E402
 
 import fastllm  # noqa: E402
 
@@ -35,6 +38,19 @@ def simd(request):
     fastllm._C.set_simd_level(request.param)
     yield fastllm.info()["simd"]
     fastllm._C.set_simd_level(fastllm.info()["simd_detected"])
+
+
+def pytest_generate_tests(metafunc):
+    if "bk" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        metafunc.parametrize("bk", backends.params(**(marker.kwargs if marker else {})), indirect=True)
+
+
+@pytest.fixture
+def bk(request):
+    """The backend (tests/backends.py) the test body runs on, its kernel variant selected for the test."""
+    with request.param.selected():
+        yield request.param
 
 
 @pytest.fixture

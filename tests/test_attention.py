@@ -1,152 +1,403 @@
-"""Causal self-attention (csrc/cpu/attention.cpp): out, lse and the accumulated dqkv against the float64
-reference (tests/reference.py) and torch SDPA with autograd, over awkward shapes (T = 1, 2, odd, across the
-64-row tiles; hs in 8, 16, 24, 64, 80, 128), every SIMD level, 1 and 2 threads; plus bad input.
+"""Causal self-attention on every backend (tests/backends.py): attention_forward (out, lse), attention_backward
+(accumulated dqkv) and attention_kv_forward (the KV cache) against the float64 reference (tests/reference.py) and
+torch SDPA, over awkward shapes (T = 1, 2, odd, across the 64-row tiles; hs 8 .. 256, the GPU's tensor-core
+kernels for bfloat16 with hs 64 and 128), large logits, determinism, misaligned views, zero length and bad input.
 
-Tolerances (float32 kernel vs float64 reference, inputs ~ N(0, 1)): out and lse atol 2e-5, rtol 1e-4;
-dqkv atol 1e-4 (x the largest gradient when above 1), rtol 1e-3. Measured errors are ~1e-6."""
+Inputs are N(0, 1) rounded to the backend's dtype first. Errors are max |got - ref| / max |ref| per tensor (per q,
+k, v part of dqkv, floored at 1% of the largest gradient: dq and dk are ~0 for T = 1). Tolerances:
+  float32 : out 2e-5, lse 2e-5 (+ rtol 1e-4), dqkv 1e-4
+  bfloat16: out 1e-2, lse 1e-3 (scores are exact fp32 products of bf16 values), dqkv 3e-2 (P and dS are rounded
+            to bf16 before their products, results are stored in bf16)
+vs torch bfloat16 on the GPU (flash SDPA): our error must stay within 2x torch's own error + 2e-3.
+Outputs are poisoned with NaN first. The KV cache is NaN past the valid positions: a read past pos[b] + t shows
+up as NaN in out."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import reference
+from backends import Backend, assert_rel
 
 import fastllm
-from fastllm import ops
+from fastllm import cuda, ops
 
-# (B, T, C, NH): hs = C / NH
+TOL = {
+    "float32": dict(out=2e-5, lse=2e-5, grad=1e-4),
+    "bfloat16": dict(out=1e-2, lse=1e-3, grad=3e-2),
+}
+
+# (B, T, NH, hs): T across the 64-row tiles; hs 64 and 128 (the GPU's tensor cores in bf16), others (simple kernels)
 SHAPES = [
-    (1, 1, 8, 1),  # T=1, hs=8
-    (1, 2, 32, 2),  # T=2, hs=16
-    (3, 37, 48, 2),  # odd T, hs=24
-    (1, 37, 64, 8),  # hs=8, many heads
-    (3, 129, 128, 2),  # T across three 64-row tiles, hs=64
-    (1, 129, 128, 1),  # hs=128
-    (1, 70, 80, 1),  # hs=80 (not a multiple of 16)
-    (3, 65, 96, 4),  # hs=24, one row into the second tile
+    (1, 1, 1, 64), (2, 7, 3, 64), (1, 63, 2, 64), (2, 64, 2, 64), (1, 65, 4, 64), (2, 200, 3, 64), (3, 129, 2, 64),
+    pytest.param((1, 1024, 2, 64), marks=pytest.mark.gpu_scale),
+    (1, 1, 2, 128), (2, 7, 1, 128), (1, 63, 2, 128), (1, 64, 1, 128), (2, 65, 2, 128), (1, 200, 2, 128),
+    (1, 129, 1, 128), pytest.param((1, 1024, 1, 128), marks=pytest.mark.gpu_scale),
+    (1, 1, 1, 8), (1, 2, 2, 16), (1, 37, 8, 8), (3, 37, 2, 24), (3, 65, 4, 24), (2, 65, 2, 16), (1, 200, 3, 32),
+    (3, 63, 2, 48), (1, 70, 1, 80), (1, 130, 2, 80), pytest.param((1, 1024, 1, 48), marks=pytest.mark.gpu_scale),
+    (1, 70, 1, 256),
 ]
 
 
-def _inputs(B, T, C, scale=1.0, seed=0):
+def inputs(bk, B, T, NH, hs, seed=0, scale=1.0):
     rng = np.random.default_rng(seed)
-    qkv = (rng.standard_normal((B, T, 3 * C)) * scale).astype(np.float32)
-    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    C = NH * hs
+    qkv = bk.rounded(rng.standard_normal((B, T, 3 * C)) * scale)
+    dout = bk.rounded(rng.standard_normal((B, T, C)))
     return qkv, dout
 
 
-def _check(qkv, dout, NH, dqkv0=None):
-    out, lse = ops.attention_forward(qkv, NH)
+def check_grad(got, ref, C, tol, what="dqkv"):
+    """Each of dq, dk, dv relative to its own largest value, floored at 1% of the largest gradient."""
+    floor = 1e-2 * float(np.abs(ref).max())
+    for i, part in enumerate("qkv"):
+        sl = slice(i * C, (i + 1) * C)
+        assert_rel(got[..., sl], ref[..., sl], tol, f"{what} d{part}", floor=max(floor, 1e-6))
+
+
+def forward(bk, qkv_d, B, T, NH, hs):
+    out, lse = bk.poisoned((B, T, NH * hs)), bk.poisoned((B, NH, T), "float32")
+    res = bk.ops.attention_forward(qkv_d, NH, out=out, lse=lse)
+    assert res[0] is out and res[1] is lse
+    return out, lse
+
+
+def check_forward_backward(bk, qkv, dout, NH, tol, dqkv0=None):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    qkv_d = bk.put(qkv)
+    out, lse = forward(bk, qkv_d, B, T, NH, C // NH)
     ref_out, ref_lse = reference.attention_forward(qkv, NH)
-    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-4, err_msg="out")
-    np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=1e-4, err_msg="lse")
+    assert_rel(bk.get(out), ref_out, tol["out"], "out")
+    lse_got = bk.get(lse)
+    assert np.isfinite(lse_got).all(), "lse has unwritten values"
+    np.testing.assert_allclose(lse_got, ref_lse, atol=tol["lse"], rtol=max(tol["lse"], 1e-4), err_msg="lse")
     init = np.zeros_like(qkv) if dqkv0 is None else dqkv0
-    dqkv = ops.attention_backward(dout, qkv, out, lse, NH, dqkv=init.copy())
-    ref = reference.attention_backward(dout, qkv, NH) + init
-    atol = 1e-4 * max(1.0, float(np.abs(ref).max()))
-    np.testing.assert_allclose(dqkv, ref, atol=atol, rtol=1e-3, err_msg="dqkv")
-
-
+    dqkv = bk.put(init)
+    assert bk.ops.attention_backward(bk.put(dout), qkv_d, out, lse, NH, dqkv=dqkv) is dqkv
+    got = bk.get(dqkv).astype(np.float64) - init  # accumulated (+=); bf16: init + grad was rounded once
+    check_grad(got, reference.attention_backward(dout, qkv, NH), C, tol["grad"])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(shape, threads):
-    B, T, C, NH = shape
-    qkv, dout = _inputs(B, T, C)
-    _check(qkv, dout, NH)
+def test_attention_matches_reference(bk, shape):
+    B, T, NH, hs = shape
+    qkv, dout = inputs(bk, B, T, NH, hs)
+    check_forward_backward(bk, qkv, dout, NH, TOL[bk.dtype])
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 8, 1), (3, 37, 48, 2), (1, 129, 128, 2), (1, 70, 160, 2)], ids=str)
-def test_simd_levels(shape, simd):
-    B, T, C, NH = shape
-    qkv, dout = _inputs(B, T, C, seed=1)
-    _check(qkv, dout, NH)
+@pytest.mark.parametrize("hs", [64, 128, 32])
+def test_attention_backward_accumulates(bk, hs):
+    B, T, NH = 2, 97, 2
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=1)
+    init = bk.rounded(np.random.default_rng(2).standard_normal(qkv.shape))
+    tol = dict(TOL[bk.dtype], grad=TOL[bk.dtype]["grad"] if bk.dtype == "float32" else 0.1)  # |init| ~ 1 rounded
+    check_forward_backward(bk, qkv, dout, NH, tol, dqkv0=init)
+    # twice into zeros = 2x once
+    qkv_d, g = bk.put(qkv), bk.put(dout)
+    out, lse = bk.ops.attention_forward(qkv_d, NH)
+    d2 = bk.zeros(qkv.shape)
+    for _ in range(2):
+        bk.ops.attention_backward(g, qkv_d, out, lse, NH, dqkv=d2)
+    check_grad(bk.get(d2), 2 * reference.attention_backward(dout, qkv, NH), NH * hs, TOL[bk.dtype]["grad"], "2 x dqkv")
 
 
-def test_large_logits_online_softmax():
-    # scores of size ~100: the running max changes across key tiles and exp must not overflow
-    qkv, dout = _inputs(2, 150, 64, scale=4.0, seed=2)
-    out, lse = ops.attention_forward(qkv, 2)
-    assert np.isfinite(out).all() and np.isfinite(lse).all()
-    _check(qkv, dout, 2)
+@pytest.mark.parametrize("hs", [64, 128, 48])
+def test_attention_large_logits_online_softmax(bk, hs):
+    """Scores ~ 100: the running max changes across key tiles; exp must neither overflow nor lose the rows."""
+    qkv, dout = inputs(bk, 1, 300, 2, hs, seed=3, scale=4.0)
+    tol = dict(TOL[bk.dtype])
+    tol["lse"] *= 10
+    if bk.dtype == "bfloat16":
+        tol["grad"] *= 2
+    check_forward_backward(bk, qkv, dout, 2, tol)
 
 
-def test_accumulates(threads):
-    qkv, dout = _inputs(2, 67, 64, seed=3)
-    init = np.random.default_rng(4).standard_normal(qkv.shape).astype(np.float32)
-    _check(qkv, dout, 4, dqkv0=init)
-
-
-def test_deterministic_across_threads():
-    qkv, dout = _inputs(2, 100, 128, seed=5)
-    old = fastllm.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            fastllm.set_num_threads(n)
-            out, lse = ops.attention_forward(qkv, 2)
-            results.append((out, lse, ops.attention_backward(dout, qkv, out, lse, 2)))
-    finally:
-        fastllm.set_num_threads(old)
-    for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_empty_sequence():
-    qkv = np.zeros((2, 0, 48), np.float32)
-    out, lse = ops.attention_forward(qkv, 2)
-    assert out.shape == (2, 0, 16) and lse.shape == (2, 2, 0)
-    assert ops.attention_backward(out.copy(), qkv, out, lse, 2).shape == qkv.shape
-
-
-def test_first_row_attends_to_itself():
-    qkv, _ = _inputs(2, 5, 32, seed=6)
-    out, lse = ops.attention_forward(qkv, 4)
-    np.testing.assert_allclose(out[:, 0], qkv[:, 0, 64:], rtol=1e-6, atol=1e-6)  # softmax over one key = 1
+def test_attention_first_row_attends_to_itself(bk):
+    qkv, _ = inputs(bk, 2, 5, 4, 8, seed=6)
+    out, lse = bk.ops.attention_forward(bk.put(qkv), 4)
+    out, lse = bk.get(out), bk.get(lse)
+    tol = TOL[bk.dtype]
+    assert_rel(out[:, 0], qkv[:, 0, 64:], tol["out"], "out row 0 = v row 0")  # softmax over one key = 1
     q, k = qkv[:, 0, :32].reshape(2, 4, 8), qkv[:, 0, 32:64].reshape(2, 4, 8)
-    np.testing.assert_allclose(lse[:, :, 0], (q * k).sum(-1) / np.sqrt(8), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse[:, :, 0], (q * k).sum(-1) / np.sqrt(8), rtol=1e-5, atol=max(tol["lse"], 1e-5))
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 16, 2), (3, 37, 48, 2), (1, 129, 128, 2), (1, 64, 128, 1)], ids=str)
-def test_matches_torch(shape):
+def test_attention_zero_length(bk):
+    qkv = bk.ops.zeros((2, 0, 48), bk.dtype)
+    out, lse = bk.ops.attention_forward(qkv, 2)
+    assert out.shape == (2, 0, 16) and lse.shape == (2, 2, 0)
+    assert bk.ops.attention_backward(bk.ops.zeros((2, 0, 16), bk.dtype), qkv, out, lse, 2).shape == qkv.shape
+
+
+@pytest.mark.backends(variants=False)
+def test_attention_deterministic(bk):
+    """Bitwise reproducible (the CPU across 1 and 2 threads too), except the GPU tensor-core path's dq (fp32 atomics);
+    the simple GPU kernels are bitwise reproducible everywhere."""
+    B, T, NH, hs = 2, 257, 2, 64
+    C = NH * hs
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=6)
+    qkv_d, dout_d = bk.put(qkv), bk.put(dout)
+    variants = ["fast", "simple"] if bk.is_cuda else ["1thread", "avx2"]
+    for v in variants:
+        runs = []
+        for _ in range(2):
+            with Backend(bk.device, bk.dtype, v).selected():
+                out, lse = bk.ops.attention_forward(qkv_d, NH)
+                dqkv = bk.ops.attention_backward(dout_d, qkv_d, out, lse, NH)
+                runs.append((bk.get(out), bk.get(lse), bk.get(dqkv)))
+        np.testing.assert_array_equal(runs[0][0], runs[1][0], err_msg=f"{v} out")
+        np.testing.assert_array_equal(runs[0][1], runs[1][1], err_msg=f"{v} lse")
+        first = C if (bk.is_cuda and v == "fast" and bk.dtype == "bfloat16") else 0
+        np.testing.assert_array_equal(runs[0][2][..., first:], runs[1][2][..., first:], err_msg=f"{v} dqkv")
+    if not bk.is_cuda:
+        fastllm.set_num_threads(1)
+        one = bk.get(bk.ops.attention_backward(dout_d, qkv_d, *bk.ops.attention_forward(qkv_d, NH), NH))
+        fastllm.set_num_threads(2)
+        np.testing.assert_array_equal(one, runs[0][2], err_msg="1 vs 2 threads")
+
+
+@pytest.mark.parametrize("offset", [1, 8])
+def test_attention_views_at_odd_offsets(bk, offset):
+    """Arrays that are views `offset` elements into their allocation: bf16 at offset 1 (2 bytes) is not 16-byte
+    aligned, so the GPU launchers must fall back to the simple kernels; offset 8 (16 bytes) may use the tensor
+    cores."""
+    B, T, NH, hs = 2, 77, 2, 64
+    C = NH * hs
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=12)
+    qkv_d = bk.put(qkv, offset=offset)
+    out, lse = bk.poisoned((B, T, C), offset=offset), bk.poisoned((B, NH, T), "float32")
+    bk.ops.attention_forward(qkv_d, NH, out=out, lse=lse)
+    ref_out, ref_lse = reference.attention_forward(qkv, NH)
+    tol = TOL[bk.dtype]
+    assert_rel(bk.get(out), ref_out, tol["out"], "out")
+    np.testing.assert_allclose(bk.get(lse), ref_lse, atol=tol["lse"], rtol=max(tol["lse"], 1e-4))
+    dqkv = bk.put(np.zeros(qkv.shape), offset=offset)
+    bk.ops.attention_backward(bk.put(dout, offset=offset), qkv_d, out, lse, NH, dqkv=dqkv)
+    check_grad(bk.get(dqkv), reference.attention_backward(dout, qkv, NH), C, tol["grad"])
+
+
+@pytest.mark.backends(variants=False)
+@pytest.mark.parametrize("shape", [(1, 1, 2, 8), (3, 37, 2, 24), (1, 129, 2, 64), (1, 64, 1, 128)], ids=str)
+def test_attention_vs_torch(bk, shape):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
-    B, T, C, NH = shape
-    hs = C // NH
-    qkv, dout = _inputs(B, T, C, seed=7)
-    out, lse = ops.attention_forward(qkv, NH)
-    dqkv = ops.attention_backward(dout, qkv, out, lse, NH)
-
+    B, T, NH, hs = shape
+    C = NH * hs
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=7)
+    qkv_d = bk.put(qkv)
+    out, lse = bk.ops.attention_forward(qkv_d, NH)
+    dqkv = bk.ops.attention_backward(bk.put(dout), qkv_d, out, lse, NH)
     x = torch.from_numpy(qkv.astype(np.float64)).requires_grad_(True)
     q, k, v = (t.view(B, T, NH, hs).transpose(1, 2) for t in x.split(C, dim=2))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     y.transpose(1, 2).reshape(B, T, C).backward(torch.from_numpy(dout.astype(np.float64)))
     scores = (q @ k.transpose(-1, -2)) / np.sqrt(hs)
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    t_lse = torch.logsumexp(scores, dim=-1).detach().numpy()
-    t_out = y.detach().transpose(1, 2).reshape(B, T, C).numpy()
-    np.testing.assert_allclose(out, t_out, atol=2e-5, rtol=1e-4)
-    np.testing.assert_allclose(lse, t_lse, atol=2e-5, rtol=1e-4)
-    g = x.grad.numpy()
-    np.testing.assert_allclose(dqkv, g, atol=1e-4 * max(1.0, float(np.abs(g).max())), rtol=1e-3)
+    tol = TOL[bk.dtype]
+    assert_rel(bk.get(out), y.detach().transpose(1, 2).reshape(B, T, C).numpy(), tol["out"], "out")
+    np.testing.assert_allclose(bk.get(lse), torch.logsumexp(scores, dim=-1).detach().numpy(), atol=tol["lse"],
+                               rtol=max(tol["lse"], 1e-4))
+    check_grad(bk.get(dqkv), x.grad.numpy(), C, tol["grad"])
 
 
-# ---- bad input
+# ---- the GPU only: tensor cores vs simple kernels, grids beyond 65535 blocks, torch SDPA on the GPU
 
 
-def test_bad_dtype():
-    qkv = np.zeros((1, 4, 24), np.float64)
-    with pytest.raises(TypeError, match="qkv"):
-        ops.attention_forward(qkv, 2)
-    q32 = qkv.astype(np.float32)
-    out, lse = ops.attention_forward(q32, 2)
-    with pytest.raises(TypeError, match="qkv"):
-        ops.attention_backward(np.zeros_like(out), qkv, out, lse, 2, dqkv=np.zeros_like(q32))
-    with pytest.raises(TypeError, match="dout"):
-        ops.attention_backward(np.zeros(out.shape, np.float64), q32, out, lse, 2)
+@pytest.mark.backends(devices=("cuda",), dtypes=("bfloat16",), variants=False)
+@pytest.mark.parametrize("hs", [64, 128])
+def test_cuda_attention_fast_and_simple_agree(bk, hs):
+    B, T, NH = 2, 333, 3
+    C = NH * hs
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=5)
+    qkv_d, dout_d = bk.put(qkv), bk.put(dout)
+    res = {}
+    for v in ("fast", "simple"):
+        with Backend("cuda", "bfloat16", v).selected():
+            out, lse = bk.ops.attention_forward(qkv_d, NH)
+            res[v] = (bk.get(out), bk.get(lse), bk.get(bk.ops.attention_backward(dout_d, qkv_d, out, lse, NH)))
+    f, s = res["fast"], res["simple"]
+    assert_rel(f[0], s[0], 1e-2, "out fast vs simple")
+    np.testing.assert_allclose(f[1], s[1], atol=1e-3, rtol=1e-3, err_msg="lse fast vs simple")
+    check_grad(f[2], s[2], C, 3e-2, what="fast vs simple")
 
 
-def test_bad_shapes():
+@pytest.mark.cuda
+@pytest.mark.gpu_scale
+@pytest.mark.parametrize("hs", [64, 128])
+def test_cuda_attention_many_heads_grid(hs):
+    """B*NH = 65536 (tensor-core blocks beyond the 65535 limit of a y-grid) and 512 x T=130 simple rows."""
+    for B, T, NH, dtype in [(1024, 1, 64, "bfloat16"), (64, 130, 8, "bfloat16"), (16, 33, 8, "float32")]:
+        bk = Backend("cuda", dtype)
+        qkv, dout = inputs(bk, B, T, NH, hs, seed=4)
+        check_forward_backward(bk, qkv, dout, NH, TOL[dtype])
+
+
+def _torch_attention(torch, qkv, dout, NH, dtype):
+    """out (B, T, C) and dqkv of causal SDPA on the GPU in torch dtype `dtype` (float32 math or bf16 flash)."""
+    import torch.nn.functional as F
+
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    x = torch.tensor(qkv, device="cuda", dtype=dtype, requires_grad=True)
+    q, k, v = (x[..., i * C : (i + 1) * C].view(B, T, NH, C // NH).transpose(1, 2) for i in range(3))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    y.backward(torch.tensor(dout, device="cuda", dtype=dtype))
+    return y.detach().float().cpu().numpy(), x.grad.float().cpu().numpy()
+
+
+def _err(got, ref) -> float:
+    return float(np.abs(got.astype(np.float64) - ref).max() / max(float(np.abs(ref).max()), 1e-6))
+
+
+@pytest.mark.backends(devices=("cuda",), dtypes=("bfloat16",))
+@pytest.mark.parametrize(
+    "shape", [(2, 200, 3, 64), (1, 1024, 2, 64), (2, 129, 2, 128), (1, 1024, 2, 128), (2, 100, 2, 32)], ids=str)
+def test_cuda_attention_vs_torch_sdpa(bk, torch_cuda, shape):
+    torch = torch_cuda
+    B, T, NH, hs = shape
+    C = NH * hs
+    torch.backends.cuda.matmul.allow_tf32 = False
+    # float32: direct comparison with torch's float32 SDPA
+    f32 = Backend("cuda", "float32")
+    qkv, dout = inputs(f32, B, T, NH, hs, seed=7)
+    t_out, t_grad = _torch_attention(torch, qkv, dout, NH, torch.float32)
+    qkv_d = f32.put(qkv)
+    out, lse = cuda.attention_forward(qkv_d, NH)
+    assert_rel(out.numpy(), t_out, 1e-4, "out vs torch f32")
+    check_grad(cuda.attention_backward(f32.put(dout), qkv_d, out, lse, NH).numpy(), t_grad, C, 1e-3,
+               what="dqkv vs torch f32")
+    # bfloat16: our error vs the float32 result at most 2x torch bf16's own error (+2e-3)
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=8)
+    ref_out, ref_grad = _torch_attention(torch, qkv, dout, NH, torch.float32)
+    tb_out, tb_grad = _torch_attention(torch, qkv, dout, NH, torch.bfloat16)
+    qkv_d = bk.put(qkv)
+    out, lse = cuda.attention_forward(qkv_d, NH)
+    got = out.numpy()
+    assert _err(got, ref_out) <= 2 * _err(tb_out, ref_out) + 2e-3, (_err(got, ref_out), _err(tb_out, ref_out))
+    g = cuda.attention_backward(bk.put(dout), qkv_d, out, lse, NH).numpy()
+    for i, part in enumerate("qkv"):
+        sl = slice(i * C, (i + 1) * C)
+        ours, theirs = _err(g[..., sl], ref_grad[..., sl]), _err(tb_grad[..., sl], ref_grad[..., sl])
+        assert ours <= 2 * theirs + 2e-3, f"d{part}: ours {ours:.3g} vs torch bf16 {theirs:.3g}"
+
+
+# ---- KV cache
+
+
+def cache_from(bk, seq, pos, NH, maxT):
+    """kcache, vcache (B, NH, maxT, hs) on the device holding the keys/values of seq (B, T, 3C) at positions
+    < pos[b], NaN after."""
+    B, C = seq.shape[0], seq.shape[2] // 3
+    hs = C // NH
+    kc = np.full((B, NH, maxT, hs), np.nan, np.float32)
+    vc = np.full_like(kc, np.nan)
+    for b in range(B):
+        p = int(pos[b])
+        kc[b, :, :p] = seq[b, :p, C : 2 * C].reshape(p, NH, hs).transpose(1, 0, 2)
+        vc[b, :, :p] = seq[b, :p, 2 * C :].reshape(p, NH, hs).transpose(1, 0, 2)
+    return kc, vc
+
+
+def kv_step(bk, seq, pos, Tn, kcache, vcache):
+    """One attention_kv_forward of the next Tn tokens of every row; returns out (B, Tn, C) as numpy."""
+    B, C = seq.shape[0], seq.shape[2] // 3
+    chunk = np.stack([seq[b, pos[b] : pos[b] + Tn] for b in range(B)])
+    out = bk.poisoned((B, Tn, C))
+    assert bk.ops.attention_kv_forward(bk.put(chunk), kcache, vcache, bk.ids(pos), out=out) is out
+    return bk.get(out)
+
+
+@pytest.mark.backends(variants=("cpu",))
+@pytest.mark.parametrize("NH,hs", [(2, 64), (3, 32), (1, 128), (2, 80)])
+def test_kv_cache_prompt_then_decode(bk, NH, hs):
+    B, maxT, total = 3, 96, 60
+    C = NH * hs
+    tol = TOL[bk.dtype]
+    seq = bk.rounded(np.random.default_rng(9).standard_normal((B, total, 3 * C)))
+    pos = np.array([0, 5, 17], np.int32)  # each row already holds pos[b] tokens in its cache
+    kcache, vcache = (bk.put(a) for a in cache_from(bk, seq, pos, NH, maxT))
+    for Tn in [7, 1, 1, 1, 3, 1, 1, 1, 1]:
+        got = kv_step(bk, seq, pos, Tn, kcache, vcache)
+        for b in range(B):
+            n = int(pos[b]) + Tn
+            ref, _ = reference.attention_forward(seq[b : b + 1, :n], NH)
+            assert_rel(got[b], ref[0, pos[b] : n], tol["out"], f"step Tn={Tn} row {b} (pos {pos[b]})")
+        pos += Tn
+    # the cache holds every key/value written (exact copies) and nothing past them
+    kc, vc = cache_from(bk, seq, pos, NH, maxT)
+    np.testing.assert_array_equal(bk.get(kcache), kc)
+    np.testing.assert_array_equal(bk.get(vcache), vc)
+    # the last step equals the full forward of each row
+    for b in range(B):
+        n = int(pos[b])
+        out, _ = bk.ops.attention_forward(bk.put(seq[b : b + 1, :n]), NH)
+        assert_rel(got[b, -1], bk.get(out)[0, -1], 2 * tol["out"], f"kv vs full forward row {b}")
+
+
+@pytest.mark.backends(variants=("cpu",))
+@pytest.mark.parametrize("Tn", [1, 5])
+def test_kv_cache_long(bk, Tn):
+    """Few rows and a long cache: the GPU splits the keys of a row over several blocks (flash-decoding), then
+    merges them."""
+    B, NH, hs, maxT = 2, 2, 64, 4096
+    C = NH * hs
+    pos = np.array([3000, 1234], np.int32)
+    seq = bk.rounded(np.random.default_rng(10).standard_normal((B, int(pos.max()) + Tn, 3 * C)))
+    kcache, vcache = (bk.put(a) for a in cache_from(bk, seq, pos, NH, maxT))
+    got = kv_step(bk, seq, pos, Tn, kcache, vcache)
+    for b in range(B):
+        n = int(pos[b]) + Tn
+        ref = ops.attention_forward(seq[b : b + 1, :n], NH)[0]  # the CPU kernel: the float64 one is slow at T=3000
+        assert_rel(got[b], ref[0, pos[b] : n], TOL[bk.dtype]["out"], f"row {b}")
+
+
+def test_kv_cache_numpy_pos_out_of_range(bk):
+    B, NH, hs, maxT, Tn = 2, 2, 16, 8, 3
+    kc, vc = bk.zeros((B, NH, maxT, hs)), bk.zeros((B, NH, maxT, hs))
+    qkv = bk.zeros((B, Tn, 3 * NH * hs))
+    bk.ops.attention_kv_forward(qkv, kc, vc, np.array([0, maxT - Tn]))  # valid
+    for pos in ([0, maxT - Tn + 1], [-1, 0]):
+        with pytest.raises(ValueError, match="pos"):
+            bk.ops.attention_kv_forward(qkv, kc, vc, np.array(pos))
+    with pytest.raises(TypeError, match="pos"):
+        bk.ops.attention_kv_forward(qkv, kc, vc, np.zeros(B, np.float32))
+
+
+@pytest.mark.cuda
+def test_cuda_kv_cache_never_writes_outside():
+    """pos + Tn > maxT with pos already on the GPU is the caller's error (the model checks it on the host); the GPU
+    skips those writes."""
+    bk = Backend("cuda", "float32")
+    B, NH, hs, maxT, Tn, pad = 2, 2, 32, 8, 3, 1000
+    C = NH * hs
+    shape = (B, NH, maxT, hs)
+    n = int(np.prod(shape))
+    seq = np.random.default_rng(11).standard_normal((B, maxT + Tn, 3 * C)).astype(np.float32)
+    for name in ("kcache", "vcache"):
+        big = cuda.to_device(np.full(n + 2 * pad, 7.0, np.float32))
+        kc, vc = cache_from(bk, seq, np.array([maxT, maxT]), NH, maxT)
+        caches = {"kcache": cuda.to_device(kc), "vcache": cuda.to_device(vc)}
+        caches[name] = big.view(pad, shape)
+        caches[name].copy_(kc if name == "kcache" else vc)
+        kv_step(bk, seq, np.array([maxT - 1, maxT], np.int32), Tn, caches["kcache"], caches["vcache"])
+        flat = big.numpy()
+        assert (flat[:pad] == 7.0).all() and (flat[-pad:] == 7.0).all(), f"{name}: wrote outside the cache"
+
+
+# ---- bad input: numpy arrays on the CPU, DeviceArrays on the GPU
+
+
+def test_attention_bad_input_cpu():
     qkv = np.zeros((1, 4, 24), np.float32)
+    with pytest.raises(TypeError, match="qkv"):
+        ops.attention_forward(qkv.astype(np.float64), 2)
+    out, lse = ops.attention_forward(qkv, 2)
+    dout = np.zeros_like(out)
+    with pytest.raises(TypeError, match="qkv"):
+        ops.attention_backward(dout, qkv.astype(np.float64), out, lse, 2, dqkv=np.zeros_like(qkv))
+    with pytest.raises(TypeError, match="dout"):
+        ops.attention_backward(np.zeros(out.shape, np.float64), qkv, out, lse, 2)
     with pytest.raises(ValueError, match="qkv"):
         ops.attention_forward(np.zeros((1, 4, 25), np.float32), 1)  # last dim not 3C
     with pytest.raises(ValueError, match="qkv"):
@@ -159,8 +410,6 @@ def test_bad_shapes():
         ops.attention_forward(qkv, 2, out=np.empty((1, 4, 7), np.float32))
     with pytest.raises(ValueError, match="lse"):
         ops.attention_forward(qkv, 2, lse=np.empty((1, 4, 2), np.float32))  # (B, T, NH) instead of (B, NH, T)
-    out, lse = ops.attention_forward(qkv, 2)
-    dout = np.zeros_like(out)
     with pytest.raises(ValueError, match="lse"):
         ops.attention_backward(dout, qkv, out, lse[:, :1].copy(), 2)
     with pytest.raises(ValueError, match="out"):
@@ -172,7 +421,7 @@ def test_bad_shapes():
 
 
 @pytest.mark.parametrize("part", ["q", "k", "v"])
-def test_nan_propagates_like_the_kv_kernel(part, simd):
+def test_attention_nan_propagates_like_the_kv_kernel_cpu(part, simd):
     """A NaN in q, k or v reaches every output row that attends to it, in out and (q, k) lse, as in the
     KV-cache kernel: the vectorized exp2 used to turn NaN scores into ~0 weights (finite output, lse -inf)."""
     B, T, C, NH = 2, 70, 64, 2
@@ -192,7 +441,7 @@ def test_nan_propagates_like_the_kv_kernel(part, simd):
     assert not np.isinf(lse).any()
 
 
-def test_bad_sizes_and_arguments():
+def test_attention_bad_sizes_and_arguments_cpu():
     """n_head -2, 2**40 or 2**70, C = 0 and a 2-D qkv for the KV kernel: a ValueError naming the argument (they
     used to fail in numpy with 'negative dimensions', a 16 TiB allocation, an IndexError, or left lse
     uninitialised)."""
@@ -212,3 +461,78 @@ def test_bad_sizes_and_arguments():
         ops.attention_kv_forward(qkv, cache, cache, [0])
     with pytest.raises(ValueError, match="out overlaps qkv"):
         ops.attention_forward(qkv, 2, out=qkv.reshape(-1)[:32].reshape(1, 4, 8))
+
+
+@pytest.mark.cuda
+def test_attention_bad_input_cuda():
+    B, T, NH, hs = 2, 5, 2, 16
+    C = NH * hs
+    bf = "bfloat16"
+    qkv = cuda.zeros((B, T, 3 * C), bf)
+    out, lse = cuda.zeros((B, T, C), bf), cuda.zeros((B, NH, T))
+    # forward
+    with pytest.raises(TypeError, match="qkv"):
+        cuda.attention_forward(cuda.zeros((B, T, 3 * C), "int32"), NH, out=out, lse=lse)
+    with pytest.raises(TypeError, match="out"):
+        cuda.attention_forward(qkv, NH, out=cuda.zeros((B, T, C)), lse=lse)
+    with pytest.raises(TypeError, match="lse"):
+        cuda.attention_forward(qkv, NH, out=out, lse=cuda.zeros((B, NH, T), bf))
+    with pytest.raises(ValueError, match="qkv"):
+        cuda.attention_forward(cuda.zeros((B * T, 3 * C), bf), NH)
+    with pytest.raises(ValueError, match="3"):
+        cuda.attention_forward(cuda.zeros((B, T, 3 * C + 1), bf), NH, out=out, lse=lse)
+    with pytest.raises(ValueError, match="n_head"):
+        cuda.attention_forward(qkv, 3, out=out, lse=lse)
+    with pytest.raises(ValueError, match="n_head"):
+        cuda.attention_forward(qkv, 0, out=out, lse=lse)
+    with pytest.raises(ValueError, match="head size"):
+        cuda.attention_forward(cuda.zeros((1, 2, 3 * 512), bf), 1)
+    with pytest.raises(ValueError, match="out"):
+        cuda.attention_forward(qkv, NH, out=cuda.zeros((B, T + 1, C), bf), lse=lse)
+    with pytest.raises(ValueError, match="lse"):
+        cuda.attention_forward(qkv, NH, out=out, lse=cuda.zeros((B, T, NH)))
+    packed = cuda.zeros((B, T, 4 * C), bf)  # out as a view inside qkv's memory
+    with pytest.raises(ValueError, match="overlap"):
+        cuda.attention_forward(packed.view(0, (B, T, 3 * C)), NH, out=packed.view(0, (B, T, C)), lse=lse)
+    # backward
+    dqkv, dout = cuda.zeros((B, T, 3 * C), bf), cuda.zeros((B, T, C), bf)
+    with pytest.raises(TypeError, match="dqkv"):
+        cuda.attention_backward(dout, qkv, out, lse, NH, dqkv=cuda.zeros((B, T, 3 * C)))
+    with pytest.raises(TypeError, match="dout"):
+        cuda.attention_backward(cuda.zeros((B, T, C)), qkv, out, lse, NH, dqkv=dqkv)
+    with pytest.raises(TypeError, match="lse"):
+        cuda.attention_backward(dout, qkv, out, cuda.zeros((B, NH, T), bf), NH, dqkv=dqkv)
+    with pytest.raises(ValueError, match="dout"):
+        cuda.attention_backward(cuda.zeros((B, T, C + 1), bf), qkv, out, lse, NH, dqkv=dqkv)
+    with pytest.raises(ValueError, match="out"):
+        cuda.attention_backward(dout, qkv, cuda.zeros((B, T - 1, C), bf), lse, NH, dqkv=dqkv)
+    with pytest.raises(ValueError, match="dqkv"):
+        cuda.attention_backward(dout, qkv, out, lse, NH, dqkv=cuda.zeros((B, T, C), bf))
+    with pytest.raises(ValueError, match="overlap"):
+        cuda.attention_backward(dout, qkv, out, lse, NH, dqkv=qkv)
+    # KV cache
+    maxT, Tn = 16, 3
+    q1 = cuda.zeros((B, Tn, 3 * C), bf)
+    kc, vc = cuda.zeros((B, NH, maxT, hs), bf), cuda.zeros((B, NH, maxT, hs), bf)
+    o1, pos = cuda.zeros((B, Tn, C), bf), cuda.zeros((B,), "int32")
+    cuda.attention_kv_forward(q1, kc, vc, pos, out=o1)  # valid
+    with pytest.raises(TypeError, match="pos"):
+        cuda.attention_kv_forward(q1, kc, vc, cuda.zeros((B,)), out=o1)
+    with pytest.raises(TypeError, match="vcache"):
+        cuda.attention_kv_forward(q1, kc, cuda.zeros((B, NH, maxT, hs)), pos, out=o1)
+    with pytest.raises(TypeError, match="out"):
+        cuda.attention_kv_forward(q1, kc, vc, pos, out=cuda.zeros((B, Tn, C)))
+    with pytest.raises(ValueError, match="pos"):
+        cuda.attention_kv_forward(q1, kc, vc, cuda.zeros((B + 1,), "int32"), out=o1)
+    with pytest.raises(ValueError, match="kcache"):
+        cuda.attention_kv_forward(q1, cuda.zeros((B, NH, maxT), bf), vc, pos, out=o1)
+    with pytest.raises(ValueError, match="kcache"):
+        cuda.attention_kv_forward(q1, cuda.zeros((B, NH, maxT, hs + 1), bf), vc, pos, out=o1)
+    with pytest.raises(ValueError, match="vcache"):
+        cuda.attention_kv_forward(q1, kc, cuda.zeros((B, NH, maxT + 1, hs), bf), pos, out=o1)
+    with pytest.raises(ValueError, match="out"):
+        cuda.attention_kv_forward(q1, kc, vc, pos, out=cuda.zeros((B, Tn, C + 2), bf))
+    with pytest.raises(ValueError, match="max_T"):
+        cuda.attention_kv_forward(cuda.zeros((B, maxT + 1, 3 * C), bf), kc, vc, pos)
+    with pytest.raises(ValueError, match="overlap"):
+        cuda.attention_kv_forward(q1, kc, kc, pos, out=o1)

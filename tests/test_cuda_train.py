@@ -79,3 +79,26 @@ def test_grpo_cli_on_cuda_then_resume_on_cpu(small_ckpt, tmp_path):
     assert main([*args, "--steps", "3", "--resume"]) == 0
     assert load_model(tmp_path / "rl").checkpoint_dir.name == "ckpt_000003"
     assert [s for s, _ in rows(tmp_path / "rl", "reward")] == [0, 1, 2]
+
+
+def test_bf16_pretraining_resumed_on_cuda_equals_an_uninterrupted_run(tmp_path):
+    """A bf16 GPU run resumed from its step-2 checkpoint: the same losses and the same final weights, bit for bit
+    (head size 16: the GPU's simple attention kernels, deterministic)."""
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    learnable_shards(tmp_path / "data")
+
+    def cfg(out, **kw):
+        return TrainConfig(**{**dict(data=str(tmp_path / "data"), out=str(tmp_path / out), model="tiny", batch_size=4,
+                                     seq_len=16, max_steps=4, lr=3e-3, warmup_steps=2, eval_every=2, eval_batches=2,
+                                     ckpt_every=2, total_batch_tokens=128, device="cuda"), **kw})
+
+    train(cfg("full"), **QUIET)
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "ckpt_000004")
+    (tmp_path / "part" / "latest").write_text("ckpt_000002\n")
+    train(cfg("part", resume=True), **QUIET)
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert rows(tmp_path / "part", key) == rows(tmp_path / "full", key), key
+    np.testing.assert_array_equal(load_model(tmp_path / "part").params, load_model(tmp_path / "full").params)

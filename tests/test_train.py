@@ -224,3 +224,33 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(data):
         with pytest.raises(ValueError, match=rf"ckpt_000002.state.json:.*{match}"):
             train(config(data, max_steps=4, ckpt_every=2, eval_every=0, resume=True), progress=False,
                   log=lambda *a: None)
+
+
+def test_device_cuda_without_a_gpu_from_the_api_and_sample(data, capsys):
+    """train() raises before reading the data; `fastllm sample --device cuda` is one error line too."""
+    from fastllm import cuda
+    from fastllm.cli import main
+
+    if cuda.is_available():
+        pytest.skip("a GPU (or the CUDA emulator) is present")
+    with pytest.raises(RuntimeError, match="CUDA|GPU"):
+        train(config(data, device="cuda"), progress=False, log=lambda *a: None)
+    from test_cuda_model import make_checkpoint
+
+    ckpt = make_checkpoint(data)
+    assert main(["sample", "--ckpt", str(ckpt), "--prompt", "the", "-n", "3", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error:") and ("GPU" in err or "CUDA" in err) and "Traceback" not in err
+
+
+def test_cli_device_flags():
+    from fastllm.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["train", "--data", "d", "--device", "cuda", "--cuda-dtype", "float32"])
+    assert a.device == "cuda" and a.cuda_dtype == "float32"
+    assert p.parse_args(["train", "--data", "d"]).device == "cpu"
+    a = p.parse_args(["sample", "--ckpt", "c", "--device", "cuda", "--dtype", "float32"])
+    assert a.device == "cuda" and a.dtype == "float32"
+    with pytest.raises(SystemExit):
+        p.parse_args(["sample", "--ckpt", "c", "--device", "tpu"])

@@ -11,7 +11,7 @@ aligned (8 for a bf16 copy), scalar otherwise and for the < 4 tail. sqrt and the
 or two (FMA contraction aside). The simple kernel (set_simple_elementwise) is the same update one element per
 thread.
 Perf notes: written without a GPU (compiled and register-checked for sm_80/sm_90, 40 registers, no spills;
-not yet timed); benchmarks/bench_cuda_elementwise.py compares with torch.optim.AdamW(fused=True).
+not yet timed); benchmarks/bench_adamw.py --device cuda compares with torch.optim.AdamW(fused=True).
 */
 #include <cmath>
 

@@ -45,12 +45,12 @@ simple one, so tests can compare both on the GPU):
    traffic of K and V per flop against 16 rows); key tiles of 64 for hs=64 (Q fragments kept in registers) and of
    32 for hs=128 (Q fragments re-read from smem each tile: registers). Backward 64 keys x 4 warps, query tiles of
    64 (hs=64) or 32 (hs=128). All indices are bounds-checked for T not a multiple of a tile (zero-filled rows,
-   masked scores, guarded stores). dev/attention_fragments_sim.py models the fragment math in numpy.
+   masked scores, guarded stores). tests/test_attention.py runs them on the CUDA emulator (csrc/cuda/emu).
 Scratch buffers (D, dq accumulator, split partials) come from cudaMallocAsync on the default stream (stream-ordered,
 no host sync, pooled by the driver).
 
 Perf notes: not yet measured (written on a machine without a GPU; correctness of the fragment index math checked
-with the numpy model only); see benchmarks/bench_cuda_attention.py. Resource usage from ptxas (-Xptxas -v) is
+on the CUDA emulator only); see benchmarks/bench_attention.py --device cuda. Resource usage from ptxas (-Xptxas -v) is
 recorded next to the launch configuration (FlashCfg) below; tiles are the first thing to tune on the GPU.
 */
 #include <cmath>

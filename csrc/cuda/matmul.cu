@@ -28,8 +28,8 @@ Two kernels:
 bias_backward: column sums of dout (M, N) in two deterministic passes (no float atomics): blocks of 32 columns x
   a slice of rows write partial sums (P, N) to a stream-ordered temporary, then one thread per column adds its P
   partials in order into dbias. P = 1 (one pass, no temporary) when the columns alone fill the GPU.
-Perf notes: not measured yet (written without a GPU); see benchmarks/bench_cuda_matmul.py. mma.sync reaches
-  roughly 60-70% of the H100's wgmma peak at best; the gap to cuBLAS is expected there.
+Perf notes: not measured yet (written without a GPU); see benchmarks/bench_matmul.py --device cuda. mma.sync
+  reaches roughly 60-70% of the H100's wgmma peak at best; the gap to cuBLAS is expected there.
 */
 #include <atomic>
 #include <cstdlib>

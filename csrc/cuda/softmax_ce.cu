@@ -18,7 +18,7 @@ lmhead_ce: for chunks of rows of hidden (N, C): logits chunk = hidden[chunk] @ w
   scratch's capacity at that stride. Peak extra memory: the scratch (default <= 256 MiB, see
   lmhead_chunk_rows) instead of N x V logits + N x V gradient (+ fp32 copies) of an unfused implementation.
   dweight (fp32) is read and written once per chunk: larger chunks amortise that (V C 8 bytes per chunk).
-Perf notes: not measured yet (written without a GPU); see benchmarks/bench_cuda_matmul.py.
+Perf notes: not measured yet (written without a GPU); see benchmarks/bench_softmax_ce.py --device cuda.
 */
 #include <algorithm>
 #include <cfloat>

@@ -74,8 +74,9 @@ def _opt(x, name: str):
 
 
 def empty(shape, dtype: str = "float32") -> DeviceArray:
-    """Uninitialised GPU memory."""
-    return _require().DeviceArray(tuple(shape), dtype)
+    """Uninitialised GPU memory; shape is a tuple or an int, as in numpy."""
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    return _require().DeviceArray(shape, dtype)
 
 
 def zeros(shape, dtype: str = "float32") -> DeviceArray:
@@ -181,8 +182,8 @@ def gemm(c, a, b, trans_a: bool = False, trans_b: bool = False, accumulate: bool
     """c (M, N) = [c +] op(a) @ op(b) [+ bias]; op(a) = a (M, K) or a.T for a stored (K, M) if trans_a; likewise b.
     a, b, bias: float32 or bfloat16 (same); c: float32 or a's dtype. With pre_gelu: pre_gelu = a@b+bias and
     c = gelu(pre_gelu). The GEMM under matmul, for tests and benchmarks."""
-    _C.cuda.gemm(_dev(c, "c"), _dev(a, "a"), _dev(b, "b"), _opt(bias, "bias"), _opt(pre_gelu, "pre_gelu"),
-                 bool(trans_a), bool(trans_b), bool(accumulate))
+    arrays = _dev(c, "c"), _dev(a, "a"), _dev(b, "b"), _opt(bias, "bias"), _opt(pre_gelu, "pre_gelu")
+    _C.cuda.gemm(*arrays, bool(trans_a), bool(trans_b), bool(accumulate))  # checked first: CPU-only builds
 
 
 def gemm_impl(name: str | None = None) -> str:
@@ -494,8 +495,8 @@ def embedding_forward(tokens, wte, wpe, out=None):
 def embedding_backward(dout, tokens, dwte, dwpe):
     """dwte (V, C, float32) and dwpe (maxT, C, float32) += the scattered dout rows, deterministically (a stable
     sort of the positions by token, then fixed-order sums); ids outside [0, V) are skipped. Returns them."""
-    _C.cuda.embedding_backward(_dev(dwte, "dwte"), _dev(dwpe, "dwpe"), _dev(dout, "dout"),
-                               _on_device(tokens, "tokens"))
+    arrays = _dev(dwte, "dwte"), _dev(dwpe, "dwpe"), _dev(dout, "dout")  # checked first: CPU-only builds
+    _C.cuda.embedding_backward(*arrays, _on_device(tokens, "tokens"))
     return dwte, dwpe
 
 

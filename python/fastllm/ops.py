@@ -39,7 +39,7 @@ def _ids(x, name: str) -> np.ndarray:
         if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
             raise ValueError(f"{name} has values outside the int32 range")
         x = x.astype(np.int32)
-    return np.ascontiguousarray(x)
+    return np.asarray(x, order="C")  # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
 
 
 def _f32(x, name: str) -> np.ndarray:
@@ -136,10 +136,14 @@ def to_numpy(x: np.ndarray) -> np.ndarray:
 
 
 def copy_(dst: np.ndarray, src) -> None:
-    """dst = src (same shape)."""
+    """dst = src (same shape); float32 <-> bfloat16 (uint16 bit patterns) converts, like cuda.copy_."""
     src = np.asarray(src)
     if src.shape != dst.shape:
         raise ValueError(f"copy_: shapes differ, dst {dst.shape} and src {src.shape}")
+    if dst.dtype == np.uint16 and src.dtype != np.uint16:
+        src = to_bf16(np.asarray(src, np.float32))
+    elif src.dtype == np.uint16 and dst.dtype != np.uint16:
+        src = from_bf16(src)
     dst[...] = src
 
 

@@ -1,24 +1,40 @@
-"""fastllm.cuda device arrays: host round trips (float32 exact, bfloat16 = round to nearest even like torch,
-int32 exact), views and reshapes sharing memory, copy_ between dtypes, add_, sum_squares, zero sizes, errors, and
-DLPack both ways with torch CUDA tensors (zero-copy, offsets, lifetimes, capsule protocol).
+"""The two backends behind the one model (fastllm/backend.py): fastllm.ops and fastllm.cuda expose the same op
+functions with the same parameters in the same order (so the two can never drift apart), and the same array
+helpers, checked on both devices (tests/backends.py): round trips (float32 and int32 exact, bfloat16 = round to
+nearest even like torch), views sharing memory, carve, copies between dtypes, add_, zero sizes, narrowing of
+int64/float64 input. Then what only the GPU has: DeviceArray views, reshapes and errors, and DLPack both ways with
+torch CUDA tensors (zero-copy, offsets, lifetimes, capsule protocol).
 
-GPU tests are marked `cuda` (skipped without a CUDA build and a GPU). A few need only the CUDA build (the
-DLPack import errors for CPU tensors) or nothing at all (the bf16 reference, the wrappers' TypeErrors).
-Tolerances: copies and conversions are exact; sum_squares accumulates fp32 per block then double: rtol 1e-6."""
+Tests marked `cuda` need a CUDA build and a GPU (or the emulator); a few need only the CUDA build (the DLPack
+import errors for CPU tensors) or nothing at all (the signatures, the bf16 reference, the wrappers' TypeErrors)."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import inspect
 
 import numpy as np
 import pytest
 from reference import bf16_round
 
 import fastllm
-from fastllm import _C, cuda
+from fastllm import _C, backend, cuda, ops
 
 cuda_built = pytest.mark.skipif(not fastllm.info()["cuda_built"], reason="fastllm was built without CUDA")
+
+# the contract of fastllm/backend.py: array helpers, then the ops
+ARRAY_FUNCTIONS = ["empty", "zeros", "carve", "view", "to_device", "to_numpy", "copy_", "zero_", "add_",
+                   "synchronize", "sum_squares", "global_norm"]
+OP_FUNCTIONS = ["matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
+                "attention_kv_forward", "softmax_ce", "lmhead_chunk_rows", "lmhead_ce", "layernorm_forward",
+                "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
+                "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "relu2_forward",
+                "relu2_backward", "residual_forward", "residual_backward", "embedding_forward", "embedding_backward",
+                "adamw_step"]
+# defaults that are the device's own choice: the allocation alignment, the compute dtype of the lm-head scratch
+DEVICE_DEFAULTS = {("carve", "align"), ("lmhead_chunk_rows", "dtype")}
+OP_SUFFIXES = ("_forward", "_backward", "_step", "_ce")
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (2, 3, 37)]
 
@@ -35,7 +51,67 @@ def _capsule_name_is(cap, name: bytes) -> bool:
     return bool(f(cap, name))
 
 
-# ---- no GPU needed -------------------------------------------------------------------------------------------
+# ---- one interface (no GPU needed) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ARRAY_FUNCTIONS + OP_FUNCTIONS)
+def test_ops_and_cuda_have_the_same_signatures(name):
+    """Same parameter names, kinds and order, and the same defaults (but the device's own choices)."""
+    a, b = inspect.signature(getattr(ops, name)), inspect.signature(getattr(cuda, name))
+    assert [(p.name, p.kind) for p in a.parameters.values()] == [(p.name, p.kind) for p in b.parameters.values()], \
+        f"ops.{name}{a} != cuda.{name}{b}"
+    for p in a.parameters.values():
+        if (name, p.name) not in DEVICE_DEFAULTS:
+            assert p.default == b.parameters[p.name].default, f"{name}({p.name}=...): ops {p.default!r}, cuda " \
+                f"{b.parameters[p.name].default!r}"
+
+
+def test_every_op_is_in_both_backends():
+    """A new op (a *_forward / *_backward / *_step / *_ce function) in one module must come with its twin and be
+    listed here, so the signature test covers it."""
+    for mod in (ops, cuda):
+        public = {n for n, f in vars(mod).items() if inspect.isfunction(f) and not n.startswith("_")
+                  and f.__module__ == mod.__name__}
+        new = {n for n in public if n.endswith(OP_SUFFIXES)} - set(OP_FUNCTIONS)
+        assert not new, f"{mod.__name__} has ops outside the contract (add them to both and to OP_FUNCTIONS): {new}"
+        missing = [n for n in ARRAY_FUNCTIONS + OP_FUNCTIONS if n not in public]
+        assert not missing, f"{mod.__name__} lacks {missing}"
+    assert ops.IGNORE_INDEX == cuda.IGNORE_INDEX
+    assert backend.get("cpu") is ops
+    with pytest.raises(ValueError, match="device"):
+        backend.get("tpu")
+
+
+def test_cuda_wrappers_reject_numpy_arrays():
+    """fastllm.cuda never copies a host array silently: a numpy array where a DeviceArray is due is a TypeError that
+    names the argument, before anything touches a GPU (so this runs on CPU-only builds too)."""
+    x = np.zeros((2, 4, 24), np.float32)
+    f = np.zeros(8, np.float32)
+    calls = [
+        (lambda: cuda.matmul_forward(x, x), "inp"),
+        (lambda: cuda.matmul_backward(x, x, x), "dout"),
+        (lambda: cuda.attention_forward(x, 2), "qkv"),
+        (lambda: cuda.attention_backward(x, x, x, x, 2), "qkv"),
+        (lambda: cuda.attention_kv_forward(x, x, x, np.zeros(2, np.int32)), "qkv"),
+        (lambda: cuda.softmax_ce(x, np.zeros((2, 4), np.int32)), "logits"),
+        (lambda: cuda.lmhead_ce(x, x, np.zeros((2, 4), np.int32)), "hidden"),
+        (lambda: cuda.layernorm_forward(x, f, f), "x"),
+        (lambda: cuda.layernorm_backward(x, x, f, f, f), "x"),
+        (lambda: cuda.gelu_forward(x), "x"),
+        (lambda: cuda.gelu_backward(x, x), "x"),
+        (lambda: cuda.residual_forward(x, x), "a"),
+        (lambda: cuda.residual_backward(x), "dout"),
+        (lambda: cuda.embedding_forward(np.zeros((2, 4), np.int32), x, x), "wte"),
+        (lambda: cuda.embedding_backward(x, np.zeros((2, 4), np.int32), x, x), "dwte"),
+        (lambda: cuda.adamw_step(f, f, f, f, lr=1e-3, t=1), "params"),
+        (lambda: cuda.gemm(f, f, f), "c"),
+        (lambda: cuda.add_(f, f), "dst"),
+        (lambda: cuda.sum_squares(f), "x"),
+        (lambda: cuda.view(f, 0, (2,)), "x"),
+    ]
+    for call, name in calls:
+        with pytest.raises(TypeError, match=f"{name} must be a fastllm.cuda.DeviceArray"):
+            call()
 
 
 def test_bf16_round_matches_torch(rng):
@@ -44,14 +120,6 @@ def test_bf16_round_matches_torch(rng):
     x = np.concatenate([x, np.float32([0.0, -0.0, np.inf, -np.inf, 3.4e38, 1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8)])])
     want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(bf16_round(x).view(np.uint32), want.view(np.uint32))
-
-
-def test_wrappers_reject_numpy_arrays():
-    x = np.zeros((2, 3), np.float32)
-    with pytest.raises(TypeError, match="dst must be a fastllm.cuda.DeviceArray"):
-        cuda.add_(x, x)
-    with pytest.raises(TypeError, match="x must be a fastllm.cuda.DeviceArray"):
-        cuda.sum_squares(x)
 
 
 @cuda_built
@@ -67,57 +135,129 @@ def test_from_dlpack_rejects_cpu_tensors_without_gpu():
         _C.cuda.from_dlpack(torch.utils.dlpack.to_dlpack(torch.zeros(3)))
 
 
-# ---- host round trips ------------------------------------------------------------------------------------------
+# ---- the array helpers, on both devices ---------------------------------------------------------------------------
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.backends(dtypes=("float32",), variants=False)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.int32])
-def test_roundtrip_exact(rng, shape, dtype):
+def test_roundtrip_exact(bk, rng, shape, dtype):
     x = _values(rng, shape, dtype)
-    a = cuda.to_device(x)
-    assert a.shape == shape and a.dtype == np.dtype(dtype).name and a.size == x.size and a.ndim == len(shape)
-    assert a.nbytes == x.nbytes and a.device == _C.cuda.current_device()
-    y = a.numpy()
+    a = bk.ops.to_device(x)
+    y = bk.get(a)
     assert y.dtype == dtype and y.shape == shape
     np.testing.assert_array_equal(y, x)
+    if bk.is_cuda:
+        assert a.shape == shape and a.dtype == np.dtype(dtype).name and a.size == x.size and a.ndim == len(shape)
+        assert a.nbytes == x.nbytes and a.device == _C.cuda.current_device()
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("shape", SHAPES)
-def test_roundtrip_bf16_rounds_to_nearest_even(rng, shape):
+@pytest.mark.backends(dtypes=("float32",), variants=False)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_roundtrip_bf16_rounds_to_nearest_even(bk, rng, shape):
     x = _values(rng, shape)
-    a = cuda.to_device(x, "bfloat16")
-    assert a.dtype == "bfloat16" and a.nbytes == 2 * x.size
-    y = a.numpy()
-    assert y.dtype == np.float32
-    np.testing.assert_array_equal(y.view(np.uint32), bf16_round(x).view(np.uint32))
+    a = bk.ops.to_device(x, "bfloat16")
+    assert bk.ops.to_numpy(a).dtype == (np.float32 if bk.is_cuda else np.uint16)  # the CPU keeps the bit patterns
+    np.testing.assert_array_equal(bk.get(a).view(np.uint32), bf16_round(x).view(np.uint32))
 
 
-@pytest.mark.cuda
-def test_bf16_ties_and_specials():
-    x = np.float32(
-        [
-            1 + 2**-8,
-            1 + 3 * 2**-8,
-            -(1 + 2**-8),
-            1 + 2**-8 + 2**-20,
-            0.0,
-            -0.0,
-            np.inf,
-            -np.inf,
-            3.3895314e38,
-            3.4e38,
-            1e-30,
-            -2.5,
-        ]
-    )
-    y = cuda.to_device(x, "bfloat16").numpy()
+@pytest.mark.backends(dtypes=("float32",), variants=False)
+def test_bf16_ties_and_specials(bk):
+    x = np.float32([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 0.0, -0.0, np.inf, -np.inf,
+                    3.3895314e38, 3.4e38, 1e-30, -2.5])
+    y = bk.get(bk.ops.to_device(x, "bfloat16"))
     want = bf16_round(x)
     assert want[0] == 1.0 and want[1] == 1 + 2**-6 and want[3] == 1 + 2**-7  # ties to even, above-tie rounds up
     np.testing.assert_array_equal(y.view(np.uint32), want.view(np.uint32))
-    nan = cuda.to_device(np.float32([np.nan]), "bfloat16").numpy()
-    assert np.isnan(nan).all()
+    assert np.isnan(bk.get(bk.ops.to_device(np.float32([np.nan]), "bfloat16"))).all()
+
+
+@pytest.mark.backends(dtypes=("float32",), variants=False)
+def test_to_device_narrows_int64_and_float64(bk):
+    a = bk.ops.to_device(np.arange(5, dtype=np.int64))
+    assert bk.get(a).dtype == np.int32
+    np.testing.assert_array_equal(bk.get(a), np.arange(5))
+    b = bk.get(bk.ops.to_device(np.array([0.1, 1e10])))
+    assert b.dtype == np.float32
+    np.testing.assert_array_equal(b, np.float32([0.1, 1e10]))
+    with pytest.raises(ValueError, match="int32"):
+        bk.ops.to_device(np.array([2**40]))
+
+
+@pytest.mark.backends(dtypes=("float32",), variants=False)
+def test_empty_zeros_and_view(bk):
+    z = bk.ops.zeros((3, 4), "bfloat16")
+    np.testing.assert_array_equal(bk.get(z), np.zeros((3, 4), np.float32))
+    assert bk.ops.empty(5, "int32").shape == (5,)
+    with pytest.raises(TypeError, match="dtype"):
+        bk.ops.empty((2,), "float16")
+    x = np.arange(24, dtype=np.float32)
+    a = bk.ops.to_device(x)
+    v = bk.ops.view(a, 4, (2, 3))
+    np.testing.assert_array_equal(bk.get(v), x[4:10].reshape(2, 3))
+    bk.ops.zero_(v)  # the view shares a's memory
+    want = x.copy()
+    want[4:10] = 0
+    np.testing.assert_array_equal(bk.get(a), want)
+    bk.ops.copy_(bk.ops.view(v, 1, (2,)), np.float32([7, 8]))  # a view of a view: offsets add up
+    np.testing.assert_array_equal(bk.get(a)[5:7], [7, 8])
+    with pytest.raises(ValueError):
+        bk.ops.view(a, 20, (2, 3))
+
+
+@pytest.mark.backends(dtypes=("float32",), variants=False)
+def test_carve(bk):
+    """Typed views of one allocation (the model's activations): aligned, disjoint, independent."""
+    specs = {"x": ((3, 5), "bfloat16"), "i": ((7,), "int32"), "f": ((2, 3, 4), "float32"), "e": ((0,), "float32")}
+    views = bk.ops.carve(specs, align=256)
+    for name, (shape, dtype) in specs.items():
+        assert views[name].shape == shape
+        bk.ops.copy_(views[name], np.full(shape, 3, np.int32 if dtype == "int32" else np.float32))
+    for name in ("x", "i", "f"):
+        assert (bk.get(views[name]) == 3).all(), name
+    ptrs = sorted((v.ptr, v.nbytes) if bk.is_cuda else (v.ctypes.data, v.nbytes) for v in views.values() if v.size)
+    assert all(p % 256 == 0 for p, _ in ptrs) or bk.is_cuda  # the CPU aligns absolutely, the GPU within the arena
+    assert all(p % 256 == ptrs[0][0] % 256 for p, _ in ptrs)
+    assert all(p0 + n0 <= p1 for (p0, n0), (p1, _) in zip(ptrs, ptrs[1:]))  # disjoint
+
+
+@pytest.mark.backends(dtypes=("float32",), variants=False)
+@pytest.mark.parametrize("src_t,dst_t", [("float32", "bfloat16"), ("bfloat16", "float32"), ("float32", "float32"),
+                                         ("bfloat16", "bfloat16"), ("int32", "int32")])
+def test_copy_between_dtypes(bk, rng, src_t, dst_t):
+    x = _values(rng, (5, 77), np.int32 if src_t == "int32" else np.float32)
+    src = bk.ops.to_device(x, src_t)
+    dst = bk.ops.empty((5, 77), dst_t)
+    bk.ops.copy_(dst, src)
+    want = x if src_t == "int32" else bf16_round(x) if "bfloat16" in (src_t, dst_t) else x
+    np.testing.assert_array_equal(bk.get(dst), want)
+    bk.ops.copy_(dst, x)  # from the host
+    np.testing.assert_array_equal(bk.get(dst), bf16_round(x) if dst_t == "bfloat16" else x)
+
+
+@pytest.mark.parametrize("n", [1, 7, 4096, 100003])
+def test_add_(bk, rng, n):
+    x, y = _values(rng, (n,)), _values(rng, (n,))
+    a, b = bk.put(x), bk.put(y)
+    assert bk.ops.add_(a, b) is None
+    np.testing.assert_array_equal(bk.get(a), bk.rounded(bk.rounded(x) + bk.rounded(y)))
+    np.testing.assert_array_equal(bk.get(b), bk.rounded(y))
+
+
+@pytest.mark.backends(dtypes=("float32",), variants=False)
+def test_zero_sizes(bk):
+    for dtype in ["float32", "bfloat16", "int32"]:
+        a = bk.ops.empty((0, 5), dtype)
+        assert bk.get(a).shape == (0, 5)
+        bk.ops.zero_(a)
+        bk.ops.copy_(a, np.zeros((0, 5), np.int32 if dtype == "int32" else np.float32))
+        bk.ops.copy_(a, bk.ops.empty((0, 5), dtype))
+    z = bk.ops.empty((0,))
+    bk.ops.add_(z, bk.ops.empty((0,)))
+    assert bk.ops.sum_squares(z) == 0.0 and bk.ops.global_norm(z, z) == 0.0
+
+
+# ---- DeviceArray (the GPU only) ---------------------------------------------------------------------------------
 
 
 @pytest.mark.cuda
@@ -125,45 +265,16 @@ def test_bf16_matches_torch_cuda_conversion(torch_cuda, rng):
     torch = torch_cuda
     x = _values(rng, (4099,))
     t = torch.from_numpy(x).cuda().to(torch.bfloat16)
-    mine = cuda.to_device(x, "bfloat16")
-    np.testing.assert_array_equal(mine.numpy(), t.float().cpu().numpy())
+    np.testing.assert_array_equal(cuda.to_device(x, "bfloat16").numpy(), t.float().cpu().numpy())
 
 
 @pytest.mark.cuda
-def test_to_device_narrows_int64_and_float64(rng):
-    a = cuda.to_device(np.arange(5, dtype=np.int64))
-    assert a.dtype == "int32"
-    np.testing.assert_array_equal(a.numpy(), np.arange(5))
-    b = cuda.to_device(np.array([0.1, 1e10]))
-    assert b.dtype == "float32"
-    np.testing.assert_array_equal(b.numpy(), np.float32([0.1, 1e10]))
-    with pytest.raises(ValueError, match="int32"):
-        cuda.to_device(np.array([2**40]))
-
-
-@pytest.mark.cuda
-def test_empty_and_zeros():
-    z = cuda.zeros((3, 4), "bfloat16")
-    np.testing.assert_array_equal(z.numpy(), np.zeros((3, 4), np.float32))
-    e = cuda.empty(5, "int32")
-    assert e.shape == (5,) and e.dtype == "int32"
-    assert "DeviceArray(shape=(5,), dtype=int32" in repr(e)
-
-
-# ---- views, reshape, copies ------------------------------------------------------------------------------------
-
-
-@pytest.mark.cuda
-def test_view_and_reshape_share_memory(rng):
+def test_device_array_views_and_reshape_share_memory():
     x = np.arange(24, dtype=np.float32)
     a = cuda.to_device(x)
+    assert "DeviceArray(shape=(24,), dtype=float32" in repr(a)
     v = a.view(4, (2, 3))
     assert v.shape == (2, 3) and v.ptr == a.ptr + 16
-    np.testing.assert_array_equal(v.numpy(), x[4:10].reshape(2, 3))
-    v.zero_()
-    want = x.copy()
-    want[4:10] = 0
-    np.testing.assert_array_equal(a.numpy(), want)
     r = a.reshape((4, 6))
     assert r.ptr == a.ptr
     r.copy_(np.ones((4, 6), np.float32))
@@ -171,14 +282,13 @@ def test_view_and_reshape_share_memory(rng):
     vv = v.view(1, 2)  # a view of a view: offsets add up
     assert vv.ptr == a.ptr + 20
     vv.copy_(np.float32([7, 8]))
-    np.testing.assert_array_equal(a.numpy()[5:7], [7, 8])
     del a, r  # the views keep the allocation alive
     gc.collect()
     np.testing.assert_array_equal(vv.numpy(), [7, 8])
 
 
 @pytest.mark.cuda
-def test_view_errors():
+def test_device_array_view_errors():
     a = cuda.zeros(10)
     with pytest.raises(ValueError, match="does not fit"):
         a.view(8, 3)
@@ -192,13 +302,10 @@ def test_view_errors():
         a.view(0, (-1, -2))
     with pytest.raises(ValueError, match="negative"):
         cuda.zeros(1).reshape((-1, -1))
-    with pytest.raises(TypeError, match="dtype"):
-        cuda.empty((2,), "float16")
 
 
 @pytest.mark.cuda
-def test_view_as_and_carve():
-    """Typed views at byte offsets of one allocation (CudaGPT's activations): aligned, disjoint, independent."""
+def test_device_array_view_as():
     a = cuda.zeros((64,), "float32")
     b = a.view_as(16, (3, 2), "bfloat16")
     assert b.dtype == "bfloat16" and b.shape == (3, 2) and b.ptr == a.ptr + 16
@@ -209,39 +316,10 @@ def test_view_as_and_carve():
         a.view_as(2, (1,), "int32")
     with pytest.raises(ValueError, match="does not fit"):
         a.view_as(248, (4,), "float32")  # 248 + 16 > 256 bytes
-    specs = {"x": ((3, 5), "bfloat16"), "i": ((7,), "int32"), "f": ((2, 3, 4), "float32")}
-    views = cuda.carve(specs)
-    ptrs = sorted((v.ptr, v.nbytes) for v in views.values())
-    assert all(p % 256 == ptrs[0][0] % 256 for p, _ in ptrs)
-    assert all(p0 + n0 <= p1 for (p0, n0), (p1, _) in zip(ptrs, ptrs[1:]))  # disjoint
-    for name, (shape, dtype) in specs.items():
-        assert views[name].shape == shape and views[name].dtype == dtype
-        views[name].copy_(np.full(shape, 3, np.int32 if dtype == "int32" else np.float32))
-    assert all((v.numpy() == 3).all() for v in views.values())
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(
-    "src_t,dst_t",
-    [
-        ("float32", "bfloat16"),
-        ("bfloat16", "float32"),
-        ("float32", "float32"),
-        ("bfloat16", "bfloat16"),
-        ("int32", "int32"),
-    ],
-)
-def test_copy_between_dtypes(rng, src_t, dst_t):
-    x = _values(rng, (5, 77), np.int32 if src_t == "int32" else np.float32)
-    src = cuda.to_device(x, src_t)
-    dst = cuda.empty((5, 77), dst_t)
-    dst.copy_(src)
-    want = x if src_t == "int32" else bf16_round(x) if "bfloat16" in (src_t, dst_t) else x
-    np.testing.assert_array_equal(dst.numpy(), want)
-
-
-@pytest.mark.cuda
-def test_copy_errors(rng):
+def test_device_array_copy_and_add_errors():
     f = cuda.zeros((2, 3))
     with pytest.raises(ValueError, match="cannot copy"):
         f.copy_(cuda.zeros((3, 2)))
@@ -255,28 +333,6 @@ def test_copy_errors(rng):
         f.copy_(np.zeros((2, 3), np.int32))
     with pytest.raises(TypeError, match="float32 or int32"):
         cuda.to_device(np.zeros(3, np.float16))
-
-
-# ---- add_, sum_squares, zero sizes -----------------------------------------------------------------------------
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("n", [1, 7, 4096, 100003])
-def test_add_(rng, dtype, n):
-    x, y = _values(rng, (n,)), _values(rng, (n,))
-    a, b = cuda.to_device(x, dtype), cuda.to_device(y, dtype)
-    cuda.add_(a, b)
-    if dtype == "float32":
-        want = x + y
-    else:
-        want = bf16_round(bf16_round(x) + bf16_round(y))
-    np.testing.assert_array_equal(a.numpy(), want)
-    np.testing.assert_array_equal(b.numpy(), bf16_round(y) if dtype == "bfloat16" else y)
-
-
-@pytest.mark.cuda
-def test_add_errors():
     a = cuda.zeros((4,))
     with pytest.raises(TypeError, match="src"):
         cuda.add_(a, cuda.zeros((4,), "bfloat16"))
@@ -284,34 +340,6 @@ def test_add_errors():
         cuda.add_(a, cuda.zeros((5,)))
     with pytest.raises(TypeError, match="dst"):
         cuda.add_(cuda.zeros((4,), "int32"), cuda.zeros((4,), "int32"))
-    with pytest.raises(TypeError, match="DeviceArray"):
-        cuda.add_(a, np.zeros(4, np.float32))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("n", [1, 33, 1 << 20, 3_000_001])
-def test_sum_squares(rng, dtype, n):
-    x = rng.standard_normal(n).astype(np.float32)
-    xr = bf16_round(x) if dtype == "bfloat16" else x
-    got = cuda.sum_squares(cuda.to_device(x, dtype))
-    want = float(np.sum(xr.astype(np.float64) ** 2))
-    assert abs(got - want) <= 1e-6 * want, f"sum_squares rel err {abs(got - want) / want:.3g}"
-    gn = cuda.global_norm(cuda.to_device(x, dtype), cuda.to_device(x[:5], dtype))
-    assert abs(gn - np.sqrt(want + np.sum(xr[:5].astype(np.float64) ** 2))) <= 1e-6 * gn
-
-
-@pytest.mark.cuda
-def test_zero_sizes():
-    for dtype in ["float32", "bfloat16", "int32"]:
-        a = cuda.empty((0, 5), dtype)
-        assert a.size == 0 and a.nbytes == 0 and a.numpy().shape == (0, 5)
-        a.zero_()
-        a.copy_(np.zeros((0, 5), np.int32 if dtype == "int32" else np.float32))
-        a.copy_(cuda.empty((0, 5), dtype))
-    z = cuda.empty((0,), "bfloat16")
-    cuda.add_(z, cuda.empty((0,), "bfloat16"))
-    assert cuda.sum_squares(z) == 0.0
     assert cuda.to_device(np.zeros((3, 0), np.float32)).reshape((0, 7)).shape == (0, 7)
 
 
