@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import atomic_write, write_json
+from .options import option
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz")
 WARC_SUFFIXES = (".warc", ".warc.gz", ".warc.zst", ".warc.lz4", ".arc", ".arc.gz")
@@ -59,29 +60,33 @@ STAGES = ("read", "extract", "lang", "quality", "exact_dedup", "near_dedup")
 class CleanConfig:
     """Thresholds of every stage. A filter is off at its neutral value (0 for minimums, inf for maximums)."""
 
-    lang: tuple[str, ...] | None = None  # keep only these ISO 639-1 codes (py3langid labels); None: all
-    min_lang_score: float = 0.65  # py3langid probability of the top language (when `lang` is set)
-    min_words: int = 50  # Gopher
-    max_words: int = 100_000  # Gopher
-    min_mean_word_len: float = 3.0  # Gopher (skipped for CJK text, which has no spaces between words)
-    max_mean_word_len: float = 10.0  # Gopher
-    max_symbol_ratio: float = 0.1  # ('#' + '...' / '…') per word, Gopher
-    max_bullet_lines: float = 0.9  # fraction of lines starting with a bullet, Gopher
-    max_ellipsis_lines: float = 0.3  # fraction of lines ending with an ellipsis, Gopher
-    min_alpha_words: float = 0.8  # fraction of words with a letter, Gopher
-    min_stop_words: int = 2  # English stop words (the, be, to, of, and, that, have, with), Gopher; English only
-    max_dup_lines: float = 0.3  # fraction of lines that repeat an earlier line, Gopher
-    max_dup_line_chars: float = 0.2  # fraction of characters in repeated lines, Gopher
-    min_punct_lines: float = 0.12  # fraction of lines ending in terminal punctuation, FineWeb (C4 in spirit)
-    max_short_lines: float = 0.67  # fraction of lines under 30 characters, FineWeb
-    max_lorem_ipsum: int = 0  # occurrences of "lorem ipsum" allowed, C4
-    scrub_pii: bool = True  # e-mail and IP addresses -> placeholders
-    dedup: bool = True  # exact + MinHash-LSH near-duplicate removal
-    minhash_bands: int = 14  # LSH bands x rows = permutations; 14 x 8: pairs with Jaccard >= ~0.8 are found
-    minhash_rows: int = 8  # ... with probability > 0.9 (FineWeb's setting)
-    shingle_words: int = 5  # MinHash shingle length in words
-    shard_docs: int = 100_000  # documents per output shard
-    processes: int = 0  # worker processes (0: one per CPU core, 1: in this process)
+    lang: tuple[str, ...] | None = option(None, "keep only documents in these languages, ISO 639-1 codes as "
+                                                "py3langid labels them, e.g. en de (default: all languages)")
+    min_lang_score: float = option(0.65, "with --lang: minimum py3langid probability of the top language (0-1)")
+    min_words: int = option(50, "minimum words per document (Gopher)")
+    max_words: int = option(100_000, "maximum words per document (Gopher)")
+    min_mean_word_len: float = option(3.0, "minimum mean word length in characters (Gopher; not for CJK text)")
+    max_mean_word_len: float = option(10.0, "maximum mean word length in characters (Gopher)")
+    max_symbol_ratio: float = option(0.1, "maximum ('#' + '...' + '…') per word (Gopher)")
+    max_bullet_lines: float = option(0.9, "maximum fraction of lines that start with a bullet (Gopher)")
+    max_ellipsis_lines: float = option(0.3, "maximum fraction of lines that end with an ellipsis (Gopher)")
+    min_alpha_words: float = option(0.8, "minimum fraction of words with a letter (Gopher)")
+    min_stop_words: int = option(2, "minimum English stop words (the, be, to, of, and, that, have, with) per "
+                                    "English document (Gopher)")
+    max_dup_lines: float = option(0.3, "maximum fraction of lines that repeat an earlier line (Gopher)")
+    max_dup_line_chars: float = option(0.2, "maximum fraction of characters in repeated lines (Gopher)")
+    min_punct_lines: float = option(0.12, "minimum fraction of lines that end in terminal punctuation (FineWeb, "
+                                          "after C4)")
+    max_short_lines: float = option(0.67, "maximum fraction of lines under 30 characters (FineWeb)")
+    max_lorem_ipsum: int = option(0, "occurrences of 'lorem ipsum' allowed per document (C4)")
+    scrub_pii: bool = option(True, "replace e-mail and IP addresses with placeholders")
+    dedup: bool = option(True, "remove exact duplicates and MinHash-LSH near-duplicates (first one kept)")
+    minhash_bands: int = option(14, "LSH bands; bands x rows MinHash permutations (14 x 8 finds pairs with "
+                                    "Jaccard >= ~0.8 with probability > 0.9, FineWeb's setting)")
+    minhash_rows: int = option(8, "MinHash rows per LSH band")
+    shingle_words: int = option(5, "MinHash shingle length in words")
+    shard_docs: int = option(100_000, "documents per output shard clean_NNNNNN.jsonl")
+    processes: int = option(0, "worker processes (0: one per CPU core; 1: all in this process)")
 
     def per_file_key(self) -> dict:
         """The settings that change a file's work output (a re-run with other values redoes the files)."""

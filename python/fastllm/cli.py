@@ -1,73 +1,218 @@
-"""The `fastllm` command line: parses arguments and dispatches to the library."""
+"""The `fastllm` command line: parses arguments and dispatches to the library.
+
+Each command is a `run(args)` function registered with `@command(name, purpose, examples, args=...)`;
+`fastllm --help` lists the commands in PIPELINE order (a new command adds its name there). Options that mirror
+a config dataclass (TrainConfig, RLConfig, CleanConfig, ...) are generated from its fields, help text
+included (fastllm.options), so the CLI never drifts from the API. Every option's help ends with its default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable, Sequence
+
+# the order in which a model is built; `fastllm --help` lists commands in this order, unknown ones last
+PIPELINE = ("clean", "tokenizer", "prepare", "train", "sample", "sft", "chat", "rl", "reward-model", "eval",
+            "serve", "convert", "info", "demo")
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    import fastllm
-
-    d = fastllm.info()
-    if args.json:
-        print(json.dumps(d, indent=2))
-    else:
-        for k, v in d.items():
-            print(f"{k:14s} {v}")
-    return 0
+@dataclasses.dataclass
+class Command:
+    name: str
+    purpose: str  # one line: what the command does
+    examples: tuple[str, ...]  # command lines that work (tests parse them)
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int] | None  # None: the command only groups subcommands
 
 
-def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field (types from the defaults), so the CLI never drifts from the API."""
-    import dataclasses
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, purpose: str, examples: Sequence[str], args: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated `run(args) -> exit code` as `fastllm NAME`; `args(parser)` adds its options."""
+
+    def register(run):
+        COMMANDS[name] = Command(name, purpose, tuple(examples), args, run)
+        return run
+
+    return register
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's example lines as written, ends each option's help with its default (like
+    argparse.ArgumentDefaultsHelpFormatter) unless the help already says what the default is, and names an
+    option's value by its type (INT, FLOAT, TEXT)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or not action.option_strings or action.required or d is None or d is False
+                or d is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return {int: "INT", float: "FLOAT"}.get(action.type, "TEXT")  # --lr FLOAT, not --lr LR
+
+
+def add_command_parser(sub, name: str, purpose: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    """A subcommand parser with a one-line purpose and its examples in the epilog."""
+    epilog = "example" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join("  " + e for e in examples)
+    return sub.add_parser(name, help=purpose, description=purpose[0].upper() + purpose[1:] + ".", epilog=epilog,
+                          formatter_class=HelpFormatter)
+
+
+def pipeline_position(name: str) -> int:
+    return PIPELINE.index(name) if name in PIPELINE else len(PIPELINE)
+
+
+# ---- options from config dataclasses ---------------------------------------------------------------------
+
+
+def _flag_type(hint) -> tuple[type, bool]:
+    """(element type, is a list) of a field's type hint: `int | None` -> (int, False), `tuple[str, ...]` ->
+    (str, True)."""
     import typing
+
+    base = [t for t in typing.get_args(hint) if t is not type(None)] if typing.get_origin(hint) else [hint]
+    typ = base[0] if base else hint
+    if typing.get_origin(typ) in (tuple, list):
+        return typing.get_args(typ)[0], True
+    return typ, False
+
+
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: Sequence[str] = (), required: Sequence[str] = (),
+                        progress: bool = True) -> None:
+    """One --flag per field of the dataclass `cls` (type, default, help and choices from the field, see
+    fastllm.options); bool fields become switches (--x, or --x/--no-x when on by default)."""
+    import typing
+
+    from .options import field_metadata
 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-        typ = base[0]
-        required = f.default is dataclasses.MISSING
+        meta = field_metadata(cls, f.name)
+        kw: dict = {"help": meta["help"].replace("%", "%%") if meta.get("help") else None}
+        typ, many = _flag_type(hints[f.name])
         if typ is bool:
-            p.add_argument(flag, action="store_true", default=f.default)
+            kw.update(default=f.default, action=argparse.BooleanOptionalAction if f.default else "store_true")
         else:
-            p.add_argument(flag, type=typ, required=required, default=None if required else f.default,
-                           metavar=f.name.upper())
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+            must = f.default is dataclasses.MISSING or f.name in required
+            kw.update(type=typ, required=must, default=None if f.default is dataclasses.MISSING else f.default)
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+            if many:
+                kw["nargs"] = "+"
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and pipes)")
 
 
 def _config(args: argparse.Namespace, cls, **overrides):
     """The dataclass `cls` filled from the parsed flags of the same names (plus overrides)."""
-    import dataclasses
-
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**kw, **overrides})
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
-    p.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=temperature)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="CPU (default float32): bfloat16 decodes with bf16 weight copies (faster, logits within ~1%%); "
-                        "GPU (default bfloat16): the compute dtype of the GPU model")
+# ---- commands, in pipeline order ---------------------------------------------------------------------------
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty)
+def _clean_args(p: argparse.ArgumentParser) -> None:
+    from .clean import CleanConfig
+
+    p.add_argument("inputs", nargs="+", help="files or folders: .html, .warc[.gz|.zst], .jsonl with html or text")
+    p.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl shards, summary.json)")
+    _add_dataclass_args(p, CleanConfig)
 
 
+@command("clean", "web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards",
+         ["fastllm clean crawl/ --out corpus/ --lang en",
+          "fastllm clean pages.warc.gz --out corpus/ --min-words 100 --no-dedup"], args=_clean_args)
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from .clean import CleanConfig, clean
+
+    cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None)
+    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress)
+    print(s.table())
+    print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
+          f"in {s.seconds:.1f}s -> {s.out_dir}")
+    return 0
+
+
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    tsub = p.add_subparsers(dest="tok_command", metavar="COMMAND", required=True, title="commands")
+    t = add_command_parser(tsub, "train", "train a byte-level BPE vocabulary (tiktoken format)",
+                           ["fastllm tokenizer train corpus/*.txt --vocab-size 32768 --out tok.tiktoken",
+                            "fastllm tokenizer train --vocab-size 4096 --out tok.tiktoken"])
+    t.add_argument("corpus", nargs="*", help="text files (default: the built-in corpus, Python's documentation)")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
+    t.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt4, gpt2 or a custom regex")
+    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
+                   help="special tokens, given the last ids")
+    t.add_argument("--out", required=True, help="output tokenizer file (+ a .json sidecar)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and pipes)")
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+
+command("tokenizer", "tokenizer tools: train a BPE vocabulary",
+        ["fastllm tokenizer train corpus/*.txt --vocab-size 32768 --out tok.tiktoken"], args=_tokenizer_args)(None)
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .data import builtin_corpus
+    from .tokenizer import Tokenizer
+
+    t0 = time.time()
+    texts = [Path(p) for p in args.corpus] or builtin_corpus()
+    tok = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=args.special,
+                          progress=not args.no_progress)
+    tok.save(args.out)
+    print(f"trained a {tok.n_vocab}-token vocabulary in {time.time() - t0:.1f}s -> {args.out}")
+    return 0
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    from .options import THREADS
+
+    p.add_argument("corpus", nargs="*", help="files or folders: .txt, .md, .jsonl (default: the built-in corpus)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file (from `fastllm tokenizer train`)")
+    p.add_argument("--out", required=True, help="output folder (train_NNNNNN.bin, val_NNNNNN.bin, manifest.json)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of documents in the validation split (every round(1/f)-th document)")
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
+    p.add_argument("--threads", type=int, default=None, help=THREADS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and pipes)")
+
+
+@command("prepare", "tokenize text files, folders or JSONL into train/val token shards",
+         ["fastllm prepare corpus/ --tokenizer tok.tiktoken --out data/"], args=_prepare_args)
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                 shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
+    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens from {st.documents} documents in "
+          f"{len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
+    return 0
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    _add_dataclass_args(p, TrainConfig)
+
+
+@command("train", "pre-train a GPT on token shards (from `fastllm prepare`)",
+         ["fastllm train --data data/ --out run/ --model small --batch-size 8 --seq-len 256 --max-steps 2000",
+          "fastllm train --data data/ --out run/ --resume"], args=_train_args)
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
@@ -82,59 +227,37 @@ def _print_summary(s: dict) -> None:
     print(f"checkpoint: {s['checkpoint']}\nloss curve: {s['loss_curve']}\nlog: {s['log']}")
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    from .sample import SamplingParams
 
-    run_demo(_config(args, DemoConfig), progress=not args.no_progress)
-    return 0
-
-
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare
-
-    st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                 shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
-    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens from {st.documents} documents in "
-          f"{len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
-    return 0
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy inside the checkpoint)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    _add_dataclass_args(p, SamplingParams, progress=False)
+    p.set_defaults(temperature=temperature)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh random one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights for decoding; CPU (default: float32): bfloat16 decodes with bf16 weight copies "
+                        "(faster, logits within ~1%%); GPU (default: bfloat16): the compute dtype of the GPU model")
 
 
-def _cmd_clean(args: argparse.Namespace) -> int:
-    from .clean import CleanConfig, clean
-
-    cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
-                  scrub_pii=not args.keep_pii)
-    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress)
-    print(s.table())
-    print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
-          f"in {s.seconds:.1f}s -> {s.out_dir}")
-    return 0
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty)
 
 
-def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    import time
-
-    from .data import builtin_corpus
-    from .tokenizer import Tokenizer
-
-    t0 = time.time()
-    from pathlib import Path
-
-    texts = [Path(p) for p in args.corpus] or builtin_corpus()
-    tok = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=args.special,
-                          progress=not args.no_progress)
-    tok.save(args.out)
-    print(f"trained a {tok.n_vocab}-token vocabulary in {time.time() - t0:.1f}s -> {args.out}")
-    return 0
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start from nothing)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to generate, one after the other")
+    p.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help="stop at any of these strings "
+                                                                         "(default: none)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
+    _add_sampling_args(p, max_new_tokens=200, temperature=0.8)
 
 
-def _checkpoint_tokenizer(model, override: str | None):
-    """The tokenizer given on the command line, else the copy inside the model's checkpoint folder."""
-    from .data import checkpoint_tokenizer
-
-    return checkpoint_tokenizer(model.checkpoint_dir, override)
-
-
+@command("sample", "generate text from a checkpoint, streamed to the terminal",
+         ['fastllm sample --ckpt run/ --prompt "The meaning of" -n 200 --temperature 0.8 --top-k 40',
+          'fastllm sample --ckpt run/ --prompt "The" --dtype bfloat16'], args=_sample_args)
 def _cmd_sample(args: argparse.Namespace) -> int:
     import time
 
@@ -162,14 +285,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hf import convert
+def _checkpoint_tokenizer(model, override: str | None):
+    """The tokenizer given on the command line, else the copy inside the model's checkpoint folder."""
+    from .data import checkpoint_tokenizer
 
-    out = convert(args.src, args.dst, to=args.to)
-    print(f"{args.src} -> {out} ({'transformers GPT-2 folder' if args.to == 'hf' else 'fastllm checkpoint'})")
-    return 0
+    return checkpoint_tokenizer(model.checkpoint_dir, override)
 
 
+def _sft_args(p: argparse.ArgumentParser) -> None:
+    from .sft import SFTConfig
+
+    _add_dataclass_args(p, SFTConfig, skip=("model", "n_layer", "n_head", "n_embd"), required=("base",))
+
+
+@command("sft", "fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})",
+         ["fastllm sft --base run/ --data chats.jsonl --out chat/ --max-steps 300 --lr 1e-4"], args=_sft_args)
 def _cmd_sft(args: argparse.Namespace) -> int:
     from .sft import SFTConfig, sft
 
@@ -178,6 +308,14 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint folder, or an `fastllm sft` output folder")
+    p.add_argument("--system", default=None, help="system message (default: none)")
+    _add_sampling_args(p, max_new_tokens=256, temperature=0.7)
+
+
+@command("chat", "chat in the terminal with a fine-tuned checkpoint (reads stdin)",
+         ['fastllm chat --ckpt chat/ --system "You are helpful." --temperature 0.7'], args=_chat_args)
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .sft import ChatSession, chat_loop
     from .train import load_model
@@ -192,16 +330,33 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
 
 
+def _rl_args(p: argparse.ArgumentParser) -> None:
+    from .rl import RLConfig
+
+    _add_dataclass_args(p, RLConfig)
+
+
+@command("rl", "GRPO post-training on a verifiable task (or against a reward model)",
+         ["fastllm rl --ckpt chat/ --task addition --out rl/ --steps 200 --group-size 8 --lr 1e-4 --beta 0.04",
+          "fastllm rl --ckpt chat/ --task addition --reward-model rm/ --out rl_rm/"], args=_rl_args)
 def _cmd_rl(args: argparse.Namespace) -> int:
     from .rl import RLConfig, train_grpo
 
     s = train_grpo(_config(args, RLConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} GRPO steps in {s['seconds']:.1f}s; last reward {s['reward']:.3f}, kl {s['kl']:.4f}; "
           f"held-out accuracy {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy']:.3f}")
-    print(f"checkpoint: {s['checkpoint']}\nlog: {s['log']}")
+    print(f"checkpoint: {s['checkpoint']}\nplots: {s['plot']}\nlog: {s['log']}")
     return 0
 
 
+def _reward_model_args(p: argparse.ArgumentParser) -> None:
+    from .rl import RewardModelConfig
+
+    _add_dataclass_args(p, RewardModelConfig)
+
+
+@command("reward-model", "train a reward model on JSONL preference pairs (Bradley-Terry)",
+         ["fastllm reward-model --base chat/ --data prefs.jsonl --out rm/"], args=_reward_model_args)
 def _cmd_reward_model(args: argparse.Namespace) -> int:
     from .rl import RewardModelConfig, train_reward_model
 
@@ -211,99 +366,77 @@ def _cmd_reward_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a transformers GPT-2 folder (--to fastllm) or a fastllm checkpoint (--to hf)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format")
+
+
+@command("convert", "convert between a Hugging Face GPT-2 folder and a fastllm checkpoint",
+         ["fastllm convert gpt2_dir/ ckpt/", "fastllm convert run/ hf_out/ --to hf"], args=_convert_args)
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .hf import convert
+
+    out = convert(args.src, args.dst, to=args.to)
+    print(f"{args.src} -> {out} ({'transformers GPT-2 folder' if args.to == 'hf' else 'fastllm checkpoint'})")
+    return 0
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+@command("info", "version, build flags, SIMD level, threads, CUDA", ["fastllm info", "fastllm info --json"],
+         args=_info_args)
+def _cmd_info(args: argparse.Namespace) -> int:
+    import fastllm
+
+    d = fastllm.info()
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        for k, v in d.items():
+            print(f"{k:14s} {v}")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from .demo import DemoConfig
+
+    _add_dataclass_args(p, DemoConfig)
+
+
+@command("demo", "the whole pre-training pipeline on Python's own documentation in ~3 minutes: tokenizer, "
+                 "shards, a small GPT, a sample", ["fastllm demo", "fastllm demo --out my-demo --max-steps 200"],
+         args=_demo_args)
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(_config(args, DemoConfig), progress=not args.no_progress)
+    return 0
+
+
+# ---- parser and entry point --------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="fastllm", description="Train, tokenize and sample small GPTs, fast.")
-    p.add_argument("--version", action="version", version=f"fastllm {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("info", help="version, build flags, SIMD level, threads, CUDA")
-    s.add_argument("--json", action="store_true", help="print as JSON")
-    s.set_defaults(func=_cmd_info)
-
-    from .train import TrainConfig
-
-    s = sub.add_parser("train", help="pre-train a GPT on token shards (see `fastllm prepare`)")
-    _add_dataclass_args(s, TrainConfig)
-    s.set_defaults(func=_cmd_train)
-
-    from .sft import SFTConfig
-
-    s = sub.add_parser("sft", help="fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})")
-    s.add_argument("--base", required=True, help="checkpoint (or training run folder) to fine-tune")
-    _add_dataclass_args(s, SFTConfig, skip=("base", "model", "n_layer", "n_head", "n_embd"))
-    s.set_defaults(func=_cmd_sft)
-
-    s = sub.add_parser("chat", help="chat in the terminal with a fine-tuned checkpoint (reads stdin)")
-    s.add_argument("--ckpt", required=True, help="checkpoint folder or fine-tuning output folder")
-    s.add_argument("--system", default=None, help="system message")
-    _add_sampling_args(s, max_new_tokens=256, temperature=0.7)
-    s.set_defaults(func=_cmd_chat)
-
-    from .demo import DemoConfig
-
-    s = sub.add_parser("demo", help="tokenizer + shards + a small GPT + samples on the built-in corpus, in minutes")
-    _add_dataclass_args(s, DemoConfig)
-    s.set_defaults(func=_cmd_demo)
-
-    s = sub.add_parser("prepare", help="tokenize text files/folders/JSONL into train/val token shards")
-    s.add_argument("corpus", nargs="*", help="files or folders (.txt, .md, .jsonl); none: the built-in corpus")
-    s.add_argument("--tokenizer", required=True, help="tokenizer file (fastllm tokenizer train)")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--val-fraction", type=float, default=0.05)
-    s.add_argument("--shard-tokens", type=int, default=50_000_000)
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=_cmd_prepare)
-
-    from .clean import CleanConfig
-
-    s = sub.add_parser("clean", help="web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards")
-    s.add_argument("inputs", nargs="+", help="files or folders (.html, .warc[.gz], .jsonl with html/text)")
-    s.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl, summary.json)")
-    s.add_argument("--lang", nargs="+", default=None, help="keep only these languages (ISO 639-1, e.g. en de)")
-    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii"))
-    s.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
-    s.add_argument("--keep-pii", action="store_true", help="do not replace e-mail and IP addresses")
-    s.set_defaults(func=_cmd_clean)
-
-    s = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = s.add_subparsers(dest="tok_command", metavar="COMMAND", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE vocabulary")
-    t.add_argument("corpus", nargs="*", help="text files; none: the built-in corpus")
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--pattern", default="gpt4", help="gpt4 | gpt2 | a custom regex")
-    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens")
-    t.add_argument("--out", required=True, help="output tokenizer file")
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=_cmd_tokenizer_train)
-
-    s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("--ckpt", required=True, help="checkpoint folder or training output folder")
-    s.add_argument("--prompt", default="")
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--stop", nargs="*", default=[], help="stop strings")
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
-    _add_sampling_args(s, max_new_tokens=200, temperature=0.8)
-    s.set_defaults(func=_cmd_sample)
-
-    s = sub.add_parser("convert", help="convert between a Hugging Face GPT-2 folder and a fastllm checkpoint")
-    s.add_argument("src", help="a transformers GPT-2 folder (--to fastllm) or a fastllm checkpoint (--to hf)")
-    s.add_argument("dst", help="output folder")
-    s.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format (default fastllm)")
-    s.set_defaults(func=_cmd_convert)
-
-
-    from .rl import RewardModelConfig, RLConfig
-
-    s = sub.add_parser("rl", help="GRPO post-training on a verifiable task (or against a reward model)")
-    _add_dataclass_args(s, RLConfig)
-    s.set_defaults(func=_cmd_rl)
-
-    s = sub.add_parser("reward-model", help="train a reward model on JSONL preference pairs (Bradley-Terry)")
-    _add_dataclass_args(s, RewardModelConfig)
-    s.set_defaults(func=_cmd_reward_model)
+    p = argparse.ArgumentParser(
+        prog="fastllm", formatter_class=HelpFormatter,
+        description="Build a GPT end to end on native kernels: clean web text, train a BPE tokenizer, tokenize, "
+                    "pre-train, sample, fine-tune, chat, and post-train with RL.",
+        epilog="Run `fastllm COMMAND --help` for a command's options and an example.\n"
+               "New here? `fastllm demo` runs the pre-training pipeline on Python's own docs in ~3 minutes.")
+    p.add_argument("--version", action="version", version=f"fastllm {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands, in pipeline order")
+    for name in sorted(COMMANDS, key=pipeline_position):
+        c = COMMANDS[name]
+        s = add_command_parser(sub, name, c.purpose, c.examples)
+        c.add_args(s)
+        if c.run is not None:  # None: a group, whose subcommands set their own
+            s.set_defaults(func=c.run)
     return p
 
 

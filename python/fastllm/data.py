@@ -153,10 +153,11 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
 
 
 def builtin_corpus() -> list[str]:
-    """Python's own documentation topics (pydoc_data.topics ships with every Python): one doc per topic."""
-    from pydoc_data.topics import topics
+    """Python's own documentation, shipped with every Python: the pydoc topics and the standard library's
+    docstrings (~2 MB of English; see fastllm.corpus)."""
+    from .corpus import builtin_corpus
 
-    return [topics[k] for k in sorted(topics)]
+    return builtin_corpus()
 
 
 # ---- prepare -------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def _fingerprint(files: list[Path], tok_path: Path, params: dict) -> str:
 def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
             val_fraction: float = 0.05, shard_tokens: int = 50_000_000, threads: int | None = None,
             progress: bool = True) -> PrepareStats:
-    """Tokenize `inputs` (files or folders; None = the built-in pydoc corpus) with the tokenizer file into
+    """Tokenize `inputs` (files or folders; None = the built-in corpus) with the tokenizer file into
     `out_dir`/{train,val}_NNNNNN.bin. Every `round(1/val_fraction)`-th document goes to the val split."""
     from tqdm.auto import tqdm
 

@@ -44,6 +44,8 @@ from .data import checkpoint_tokenizer, find_tokenizer
 from .fileio import iter_jsonl, load_safetensors, save_safetensors, write_json
 from .model import GPT
 from .optim import AdamW, grad_norm
+from .options import CKPT_EVERY, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
+from .plot import plot_reward_model, plot_rl
 from .train import RunLog, TrainingError, latest_checkpoint, load_model, save_checkpoint
 
 RewardFn = Callable[[str, str], float]
@@ -277,29 +279,33 @@ def evaluate(
 
 @dataclass
 class RLConfig:
-    ckpt: str  # starting policy: a checkpoint folder (or run folder); also the frozen KL reference
-    out: str = "out_rl"  # checkpoints, log.jsonl
-    task: str = "addition"  # addition | sort: prompts, accuracy, and the reward unless --reward-model
-    digits: int = 2  # addition: operand digits; sort: list length
-    reward_model: str | None = None  # reward-model folder (fastllm reward-model): optimise its score instead
-    steps: int = 100
-    prompts_per_step: int = 8  # P
-    group_size: int = 8  # G completions per prompt
-    max_new_tokens: int = 8
-    temperature: float = 1.0  # sampling temperature of the rollouts
-    lr: float = 1e-4
-    beta: float = 0.04  # KL penalty coefficient
-    clip_eps: float = 0.2  # PPO ratio clip
-    iterations: int = 1  # policy updates per batch of rollouts (GRPO's mu)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 20  # steps between greedy held-out evaluations (0: never)
-    eval_prompts: int = 64
-    ckpt_every: int = 50
-    keep_ckpts: int = 2
-    seed: int = 1337
-    threads: int | None = None
-    resume: bool = False
+    ckpt: str = option(help="starting policy: a checkpoint (or run folder); also the frozen reference of the KL "
+                            "penalty")
+    out: str = option("out_rl", "output folder: checkpoints, log.jsonl, rl.png")
+    task: str = option("addition", "built-in verifiable task, addition or sort: it makes the prompts, checks the "
+                                   "answers (held-out accuracy) and, without --reward-model, gives the reward")
+    digits: int = option(2, "task size: digits per operand (addition), digits to sort (sort)")
+    reward_model: str | None = option(None, "reward-model folder (from `fastllm reward-model`) whose score is the "
+                                            "reward (default: the task's exact-answer reward)")
+    steps: int = option(100, "GRPO steps, each one batch of rollouts")
+    prompts_per_step: int = option(8, "P: prompts per step")
+    group_size: int = option(8, "G: completions sampled per prompt (>= 2: advantages compare them)")
+    max_new_tokens: int = option(8, "tokens per completion at most")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    lr: float = option(1e-4, "AdamW learning rate (constant)")
+    beta: float = option(0.04, "weight of the per-token KL penalty to the reference policy (k3 estimator)")
+    clip_eps: float = option(0.2, "PPO clip: probability ratios to the sampling policy are clipped to "
+                                  "[1 - eps, 1 + eps]")
+    iterations: int = option(1, "policy updates per batch of rollouts (GRPO's mu)")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = option(1.0, GRAD_CLIP)
+    eval_every: int = option(20, "steps between greedy accuracy evaluations on held-out prompts (0: never)")
+    eval_prompts: int = option(64, "held-out prompts per evaluation (the same set every time)")
+    ckpt_every: int = option(50, CKPT_EVERY)
+    keep_ckpts: int = option(2, KEEP_CKPTS)
+    seed: int = option(1337, SEED)
+    threads: int | None = option(None, THREADS)
+    resume: bool = option(False, RESUME)
 
 
 class GRPO:
@@ -448,6 +454,7 @@ def train_grpo(
                 last_acc = run_eval(done)
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 checkpoint(done)
+                plot_rl(runlog.rows, out / "rl.png", title=str(out))
     finally:
         bar.close()
         runlog.close()
@@ -460,6 +467,7 @@ def train_grpo(
         "eval_accuracy": last_acc,
         "checkpoint": str(latest_checkpoint(out)),
         "log": str(log_path),
+        "plot": str(out / "rl.png"),
     }
 
 
@@ -562,18 +570,18 @@ class RewardScorer:
 
 @dataclass
 class RewardModelConfig:
-    base: str  # backbone checkpoint folder (or run folder), e.g. the SFT model
-    data: str  # JSONL preference pairs {"prompt", "chosen", "rejected"}
-    out: str = "out_rm"
-    val_data: str | None = None  # held-out pairs; default: val_fraction of data
-    val_fraction: float = 0.1
-    epochs: int = 2
-    batch_size: int = 16  # pairs per step
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 1337
-    threads: int | None = None
+    base: str = option(help="backbone checkpoint (or run folder), e.g. the SFT model")
+    data: str = option(help="preference pairs JSONL, one {\"prompt\", \"chosen\", \"rejected\"} per line")
+    out: str = option("out_rm", "output folder: backbone checkpoint, head.safetensors, log.jsonl, loss.png")
+    val_data: str | None = option(None, "held-out pairs JSONL (default: --val-fraction of --data)")
+    val_fraction: float = option(0.1, "fraction of --data held out when --val-data is not given")
+    epochs: int = option(2, "passes over the training pairs")
+    batch_size: int = option(16, "preference pairs per step")
+    lr: float = option(1e-4, "AdamW learning rate (constant)")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = option(1.0, GRAD_CLIP)
+    seed: int = option(1337, SEED)
+    threads: int | None = option(None, THREADS)
 
 
 def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch_size: int = 64) -> float:
@@ -632,8 +640,11 @@ def train_reward_model(
     ]
     B = max(1, min(cfg.batch_size, len(enc)))
     steps_per_epoch = math.ceil(len(enc) / B)
-    val0 = preference_accuracy(rm, tokenizer, val_pairs)
+    val0 = val_acc = preference_accuracy(rm, tokenizer, val_pairs)
     log(f"reward model: {len(pairs)} train / {len(val_pairs)} held-out pairs, held-out accuracy at start {val0:.3f}")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    runlog = RunLog(Path(cfg.out) / "log.jsonl", 0)
+    runlog.write({"step": 0, "val_accuracy": val0})
     bar = tqdm(
         total=cfg.epochs * steps_per_epoch, desc="reward-model", unit="step", disable=not progress, dynamic_ncols=True
     )
@@ -660,12 +671,16 @@ def train_reward_model(
                 ops.adamw_step(rm.head, rm.head_grad, hm, hv, lr=cfg.lr, t=opt.t, grad_scale=clip)
                 losses.append(loss)
                 wins.append(float(np.mean(diff > 0)))
+                runlog.write({"step": step, "loss": loss, "accuracy": wins[-1]})
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{wins[-1]:.2f}")
+            val_acc = preference_accuracy(rm, tokenizer, val_pairs)
+            runlog.write({"step": step, "val_accuracy": val_acc})
     finally:
         bar.close()
-    val_acc = preference_accuracy(rm, tokenizer, val_pairs)
+        runlog.close()
+    plot_reward_model(runlog.rows, Path(cfg.out) / "loss.png", title=str(cfg.out))
     k = max(1, steps_per_epoch)
     metrics = {
         "steps": step,

@@ -45,6 +45,7 @@ import numpy as np
 
 from .fileio import iter_jsonl
 from .model import GPT
+from .options import option
 from .train import TrainConfig
 
 IM_START = "<|im_start|>"
@@ -352,18 +353,22 @@ class SFTConfig(TrainConfig):
     """TrainConfig for fine-tuning: `data` is a conversations JSONL file, the model comes from `base`
     (model, n_layer, n_head, n_embd are ignored). Defaults suit fine-tuning: lower LR, no weight decay."""
 
-    seq_len: int = 0  # T; 0: the base model's block_size
+    data: str = option(help="conversations JSONL, one {\"messages\": [{\"role\", \"content\"}, ...]} per line")
+    seq_len: int = option(0, "T: tokens per packed window (0: the base model's context length)")
     max_steps: int = 300
     lr: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     eval_every: int = 50
     ckpt_every: int = 100
-    base: str = ""  # base checkpoint folder (or a training run folder: its latest checkpoint)
-    tokenizer: str | None = None  # default: the tokenizer inside the base checkpoint
-    val_data: str | None = None  # validation conversations (JSONL); default: every 20th conversation of data
-    val_fraction: float = 0.05  # used when val_data is not given; 0: no validation
-    too_long: str = "truncate"  # conversations longer than the window: truncate | skip
+    base: str = option("", "checkpoint to fine-tune (or a training run folder: its newest checkpoint)")
+    tokenizer: str | None = option(None, "tokenizer file (default: the copy inside the base checkpoint)")
+    val_data: str | None = option(None, "validation conversations JSONL (default: every 20th conversation of "
+                                        "--data, see --val-fraction)")
+    val_fraction: float = option(0.05, "fraction of --data held out for validation when --val-data is not given "
+                                       "(0: no validation)")
+    too_long: str = option("truncate", "conversations longer than a window: truncate them or skip them",
+                           choices=("truncate", "skip"))
 
 
 def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:

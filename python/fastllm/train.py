@@ -30,6 +30,7 @@ from .data import DataLoader, copy_tokenizer, find_tokenizer
 from .fileio import load_safetensors, save_safetensors, write_json
 from .model import GPT, GPTConfig
 from .optim import AdamW, grad_norm, lr_schedule
+from .options import CKPT_EVERY, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
 
 
 class TrainingError(RuntimeError):
@@ -38,34 +39,38 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    data: str  # folder with train_*.bin / val_*.bin shards (from `fastllm prepare`)
-    out: str = "out"  # checkpoints, log.jsonl, loss.png
-    model: str = "small"  # preset name (fastllm.model.PRESETS)
-    n_layer: int | None = None  # overrides of the preset
-    n_head: int | None = None
-    n_embd: int | None = None
-    batch_size: int = 8  # B, sequences per micro-batch
-    seq_len: int = 256  # T, tokens per sequence (<= block_size)
-    total_batch_tokens: int | None = None  # tokens per optimizer step; a multiple of B*T (grad accumulation)
-    max_steps: int = 1000
-    lr: float = 1e-3
-    min_lr: float | None = None  # default lr / 10
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 100  # steps between validation runs (0: never)
-    eval_batches: int = 20
-    sample_every: int = 0  # steps between text samples (0: never)
-    sample_tokens: int = 64
-    ckpt_every: int = 200  # steps between checkpoints (always one at the end)
-    keep_ckpts: int = 2
-    seed: int = 1337
-    threads: int | None = None
-    resume: bool = False
-    device: str = "cpu"  # cpu | cuda (needs fastllm built with CUDA and a GPU; see fastllm.cuda_model)
-    cuda_dtype: str = "bfloat16"  # with device=cuda: compute dtype of weights/activations (bfloat16 | float32)
+    data: str = option(help="folder of train_*.bin / val_*.bin token shards (from `fastllm prepare`)")
+    out: str = option("out", "output folder: checkpoints ckpt_NNNNNN/, log.jsonl, loss.png")
+    model: str = option("small", "size preset: tiny, mini, small (CPU sizes), gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    n_layer: int | None = option(None, "transformer blocks (default: the preset's)")
+    n_head: int | None = option(None, "attention heads per block (default: the preset's)")
+    n_embd: int | None = option(None, "embedding width in channels, a multiple of n_head (default: the preset's)")
+    batch_size: int = option(8, "B: sequences per micro-batch")
+    seq_len: int = option(256, "T: tokens per sequence (raises the preset's context length when larger)")
+    total_batch_tokens: int | None = option(None, "tokens per optimizer step, a multiple of B*T: gradient "
+                                                  "accumulation (default: B*T, no accumulation)")
+    max_steps: int = option(1000, "optimizer steps in all (the cosine LR decay ends here)")
+    lr: float = option(1e-3, "peak learning rate, reached at the end of the warmup")
+    min_lr: float | None = option(None, "learning rate at the end of the cosine decay (default: lr / 10)")
+    warmup_steps: int = option(50, "steps of linear learning-rate warmup from 0")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, on weight matrices only")
+    beta1: float = option(0.9, "AdamW beta1 (decay of the gradient mean)")
+    beta2: float = option(0.95, "AdamW beta2 (decay of the squared-gradient mean)")
+    grad_clip: float = option(1.0, GRAD_CLIP)
+    eval_every: int = option(100, "steps between validation-loss evaluations (0: never)")
+    eval_batches: int = option(20, "batches of B x T tokens per validation (fewer if the val split is smaller)")
+    sample_every: int = option(0, "steps between printed text samples (0: never)")
+    sample_tokens: int = option(64, "tokens per printed sample")
+    ckpt_every: int = option(200, CKPT_EVERY)
+    keep_ckpts: int = option(2, KEEP_CKPTS)
+    seed: int = option(1337, SEED)
+    threads: int | None = option(None, THREADS)
+    resume: bool = option(False, RESUME)
+    device: str = option("cpu", "where to train: cpu, or cuda (a CUDA build of fastllm and an NVIDIA GPU)",
+                         choices=("cpu", "cuda"))
+    cuda_dtype: str = option("bfloat16", "with --device cuda: compute dtype of weights and activations (master "
+                                         "weights and AdamW state stay float32)", choices=("bfloat16", "float32"))
+    loss_log_scale: bool = option(False, "draw the loss panel of loss.png on a log scale")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         over = {k: v for k, v in (("n_layer", self.n_layer), ("n_head", self.n_head), ("n_embd", self.n_embd)) if v}
@@ -179,7 +184,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
     checkpoints instead of the one beside the shards."""
     from tqdm.auto import tqdm
 
-    from .plot import write_loss_curve
+    from .plot import plot_training
 
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {cfg.device!r}")
@@ -265,8 +270,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, i
             shutil.rmtree(old, ignore_errors=True)
 
     def plot() -> None:
-        write_loss_curve(out / "loss.png", [(r["step"], r["loss"]) for r in rows if "loss" in r],
-                         [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
+        plot_training(rows, out / "loss.png", log_scale=cfg.loss_log_scale, title=str(out))
 
     log(f"model: {model.num_parameters / 1e6:.2f}M parameters {model.config.to_dict()}")
     log(f"data: {len(train_loader)} train windows of T={cfg.seq_len}; {accum} micro-batches of {BT} tokens per step")
