@@ -8,6 +8,9 @@ a training loop only calls one function:
     plot_reward_model(rows, "rm/loss.png")   reward model: Bradley-Terry loss, preference accuracy
     plot_run("run/")                         the right one of the three for a run folder's log.jsonl
 
+`training_figure`, `rl_figure` and `reward_model_figure` return the matplotlib Figure instead (to show or
+restyle it).
+
 Figures are drawn on matplotlib's Agg canvas (no display, and no global pyplot state, so this is safe in
 notebooks and threads) and written atomically. Noisy per-step series are drawn faintly with an exponential
 moving average on top; evaluations (val loss, held-out accuracy) are drawn as dots.
@@ -33,6 +36,11 @@ TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
 def plot_training(rows: list[dict], path: str | os.PathLike, log_scale: bool = False, title: str | None = None) -> None:
     """loss.png of pre-training or SFT: train loss (raw and smoothed) and val loss; learning rate; gradient norm
     (before clipping); tokens/s. log_scale: the loss axis is logarithmic."""
+    _save(training_figure(rows, log_scale, title), path)
+
+
+def training_figure(rows: list[dict], log_scale: bool = False, title: str | None = None):
+    """The matplotlib Figure that plot_training writes."""
     fig, (loss, lr, norm, speed) = _figure(title or "training", 4)
     _noisy(loss, rows, "loss", "train", TRAIN_COLOR)
     _dots(loss, rows, "val_loss", "validation", VAL_COLOR)
@@ -43,12 +51,17 @@ def plot_training(rows: list[dict], path: str | os.PathLike, log_scale: bool = F
     _style(norm, "gradient norm (before clipping)", "global L2 norm", log=True)
     _noisy(speed, rows, "tok_per_s", "tokens/s", TRAIN_COLOR)
     _style(speed, "throughput", "tokens/s")
-    _save(fig, path)
+    return _xlabel(fig, "step")
 
 
 def plot_rl(rows: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
     """The GRPO run's curves: mean reward (+- one std over the step's completions), accuracy of the sampled
     completions and greedy held-out accuracy, KL to the reference, mean completion length."""
+    _save(rl_figure(rows, title), path)
+
+
+def rl_figure(rows: list[dict], title: str | None = None):
+    """The matplotlib Figure that plot_rl writes."""
     fig, (reward, acc, kl, length) = _figure(title or "GRPO", 4)
     s, r = _series(rows, "reward")
     s_std, std = _series(rows, "reward_std")
@@ -64,12 +77,17 @@ def plot_rl(rows: list[dict], path: str | os.PathLike, title: str | None = None)
     _style(kl, "KL to the reference policy", "nats/token (k3 estimate)")
     _noisy(length, rows, "completion_len", "tokens", TRAIN_COLOR)
     _style(length, "completion length", "tokens (mean)")
-    _save(fig, path, xlabel="GRPO step")
+    return _xlabel(fig, "GRPO step")
 
 
 def plot_reward_model(rows: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
     """The reward model's curves: Bradley-Terry loss per step; preference accuracy of the training batches and
     of the held-out pairs."""
+    _save(reward_model_figure(rows, title), path)
+
+
+def reward_model_figure(rows: list[dict], title: str | None = None):
+    """The matplotlib Figure that plot_reward_model writes."""
     fig, (loss, acc) = _figure(title or "reward model", 2)
     _noisy(loss, rows, "loss", "train", TRAIN_COLOR)
     _style(loss, "loss", "-log sigmoid(r_chosen - r_rejected)", legend=True)
@@ -77,7 +95,7 @@ def plot_reward_model(rows: list[dict], path: str | os.PathLike, title: str | No
     _dots(acc, rows, "val_accuracy", "held-out pairs", VAL_COLOR)
     _style(acc, "preference accuracy", "fraction with r_chosen > r_rejected", legend=True)
     acc.set_ylim(-0.03, 1.03)
-    _save(fig, path)
+    return _xlabel(fig, "step")
 
 
 def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, log_scale: bool = False) -> Path:
@@ -156,6 +174,8 @@ def _line(ax, rows: list[dict], key: str, color: str, label: str | None = None) 
 def _noisy(ax, rows: list[dict], key: str, label: str, color: str) -> None:
     """A per-step series: faint raw values and, from 20 points on, a moving average over ~1/20 of the run."""
     s, v = _series(rows, key)
+    if len(s) == 0:
+        return
     if len(s) < 20:
         ax.plot(s, v, color=color, linewidth=1.6, label=label, marker="." if len(s) < 5 else None)
         return
@@ -190,8 +210,12 @@ def _style(ax, title: str, ylabel: str, log: bool = False, legend: bool = False)
         ax.legend(loc="best", fontsize=9)
 
 
-def _save(fig, path: str | os.PathLike, xlabel: str = "step") -> None:
+def _xlabel(fig, xlabel: str):
     for ax in fig.axes:
         ax.set_xlabel(xlabel)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> None:
     with atomic_write(path) as f:
         fig.savefig(f, format="png")
