@@ -113,6 +113,18 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: Sequence[str] = (
         p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and pipes)")
 
 
+def _fields_of(module: str, cls: str, **kw) -> Callable[[argparse.ArgumentParser], None]:
+    """`args=` of a command whose options are the fields of fastllm.<module>.<cls> (imported when the parser
+    is built); kw as in _add_dataclass_args."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        _add_dataclass_args(p, getattr(importlib.import_module(f"fastllm.{module}"), cls), **kw)
+
+    return add
+
+
 def _config(args: argparse.Namespace, cls, **overrides):
     """The dataclass `cls` filled from the parsed flags of the same names (plus overrides)."""
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
@@ -204,15 +216,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
-
-    _add_dataclass_args(p, TrainConfig)
-
-
 @command("train", "pre-train a GPT on token shards (from `fastllm prepare`)",
          ["fastllm train --data data/ --out run/ --model small --batch-size 8 --seq-len 256 --max-steps 2000",
-          "fastllm train --data data/ --out run/ --resume"], args=_train_args)
+          "fastllm train --data data/ --out run/ --resume"], args=_fields_of("train", "TrainConfig"))
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
@@ -292,14 +298,9 @@ def _checkpoint_tokenizer(model, override: str | None):
     return checkpoint_tokenizer(model.checkpoint_dir, override)
 
 
-def _sft_args(p: argparse.ArgumentParser) -> None:
-    from .sft import SFTConfig
-
-    _add_dataclass_args(p, SFTConfig, skip=("model", "n_layer", "n_head", "n_embd"), required=("base",))
-
-
 @command("sft", "fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})",
-         ["fastllm sft --base run/ --data chats.jsonl --out chat/ --max-steps 300 --lr 1e-4"], args=_sft_args)
+         ["fastllm sft --base run/ --data chats.jsonl --out chat/ --max-steps 300 --lr 1e-4"],
+         args=_fields_of("sft", "SFTConfig", skip=("model", "n_layer", "n_head", "n_embd"), required=("base",)))
 def _cmd_sft(args: argparse.Namespace) -> int:
     from .sft import SFTConfig, sft
 
@@ -330,15 +331,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
 
 
-def _rl_args(p: argparse.ArgumentParser) -> None:
-    from .rl import RLConfig
-
-    _add_dataclass_args(p, RLConfig)
-
-
 @command("rl", "GRPO post-training on a verifiable task (or against a reward model)",
          ["fastllm rl --ckpt chat/ --task addition --out rl/ --steps 200 --group-size 8 --lr 1e-4 --beta 0.04",
-          "fastllm rl --ckpt chat/ --task addition --reward-model rm/ --out rl_rm/"], args=_rl_args)
+          "fastllm rl --ckpt chat/ --task addition --reward-model rm/ --out rl_rm/"], args=_fields_of("rl", "RLConfig"))
 def _cmd_rl(args: argparse.Namespace) -> int:
     from .rl import RLConfig, train_grpo
 
@@ -349,14 +344,9 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reward_model_args(p: argparse.ArgumentParser) -> None:
-    from .rl import RewardModelConfig
-
-    _add_dataclass_args(p, RewardModelConfig)
-
-
 @command("reward-model", "train a reward model on JSONL preference pairs (Bradley-Terry)",
-         ["fastllm reward-model --base chat/ --data prefs.jsonl --out rm/"], args=_reward_model_args)
+         ["fastllm reward-model --base chat/ --data prefs.jsonl --out rm/"],
+         args=_fields_of("rl", "RewardModelConfig"))
 def _cmd_reward_model(args: argparse.Namespace) -> int:
     from .rl import RewardModelConfig, train_reward_model
 
@@ -400,15 +390,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    from .demo import DemoConfig
-
-    _add_dataclass_args(p, DemoConfig)
-
-
 @command("demo", "the whole pre-training pipeline on Python's own documentation in ~3 minutes: tokenizer, "
                  "shards, a small GPT, a sample", ["fastllm demo", "fastllm demo --out my-demo --max-steps 200"],
-         args=_demo_args)
+         args=_fields_of("demo", "DemoConfig"))
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
