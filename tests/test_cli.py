@@ -103,6 +103,7 @@ def test_dataclass_flags_come_from_the_fields():
         steps: int = option(10, "optimizer steps")
         rate: float | None = option(None, "learning rate (default: 1 / steps)")
         langs: tuple[str, ...] | None = option(None, "languages (default: all)")
+        sizes: list[int] = option((1, 2), "sizes")
         mode: str = option("fast", "how", choices=("fast", "slow"))
         resume: bool = option(False, "continue")
         dedup: bool = option(True, "remove duplicates")
@@ -113,9 +114,11 @@ def test_dataclass_flags_come_from_the_fields():
 
     p = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
     cli._add_dataclass_args(p, Child)
-    a = p.parse_args(["--data", "d", "--langs", "en", "de", "--mode", "slow", "--resume", "--no-dedup"])
+    a = p.parse_args(["--data", "d", "--langs", "en", "de", "--mode", "slow", "--resume", "--no-dedup", "--sizes", "3",
+                      "4"])
     cfg = cli._config(a, Child)
-    assert cfg == Child(data="d", steps=20, rate=None, langs=["en", "de"], mode="slow", resume=True, dedup=False)
+    assert cfg == Child(data="d", steps=20, rate=None, langs=["en", "de"], sizes=[3, 4], mode="slow", resume=True,
+                        dedup=False)
     text = p.format_help()
     assert "optimizer steps (default: 20)" in text and "--steps INT" in text and "--rate FLOAT" in text
     assert "learning rate (default: 1 / steps)" in text and "(default: None)" not in text

@@ -75,10 +75,12 @@ def pipeline_position(name: str) -> int:
 def _flag_type(hint) -> tuple[type, bool]:
     """(element type, is a list) of a field's type hint: `int | None` -> (int, False), `tuple[str, ...]` ->
     (str, True)."""
+    import types
     import typing
 
-    base = [t for t in typing.get_args(hint) if t is not type(None)] if typing.get_origin(hint) else [hint]
-    typ = base[0] if base else hint
+    typ = hint
+    if typing.get_origin(hint) in (typing.Union, getattr(types, "UnionType", typing.Union)):
+        typ = next(t for t in typing.get_args(hint) if t is not type(None))
     if typing.get_origin(typ) in (tuple, list):
         return typing.get_args(typ)[0], True
     return typ, False
