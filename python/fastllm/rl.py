@@ -670,7 +670,7 @@ def train_reward_model(
                 opt.step(cfg.lr, grad_scale=clip)
                 ops.adamw_step(rm.head, rm.head_grad, hm, hv, lr=cfg.lr, t=opt.t, grad_scale=clip)
                 losses.append(loss)
-                wins.append(float(np.mean(diff > 0)))
+                wins.append(float(np.mean((diff > 0) + 0.5 * (diff == 0))))  # a tie counts half, as held out
                 runlog.write({"step": step, "loss": loss, "accuracy": wins[-1]})
                 step += 1
                 bar.update(1)
