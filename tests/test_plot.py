@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from fastllm.plot import (  # noqa: E402
-    ema,
     plot_run,
     plot_training,
     read_log,
     reward_model_figure,
     rl_figure,
+    smooth,
     training_figure,
 )
 
@@ -130,11 +130,15 @@ def test_png_written_atomically_and_plot_run(tmp_path):
     assert plot_run(run) == run / "rl.png" and (run / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ema_is_debiased():
-    v = np.array([10.0, 10.0, 10.0, 0.0])
-    out = ema(v, 3)
-    assert out[:3].tolist() == pytest.approx([10.0, 10.0, 10.0])
-    assert 0 < out[3] < 10
+def test_smooth_keeps_trends_and_removes_noise():
+    x = np.arange(500, dtype=np.float64)
+    np.testing.assert_allclose(smooth(3.0 - 0.01 * x, 10), 3.0 - 0.01 * x, atol=1e-9)  # a trend: no lag, ends too
+    np.testing.assert_allclose(smooth(np.full(7, 2.5), 3), 2.5)
+    noise = np.random.default_rng(0).standard_normal(500)
+    assert np.std(smooth(noise, 10)) < np.std(noise) / 3
+    curve = 8 * np.exp(-x / 60)  # a fast-falling loss: the smoothed line stays close (an EMA lags far above it)
+    assert np.abs(smooth(curve, 10) - curve).max() < 0.1
+    assert smooth([4.0], 3).tolist() == [4.0] and smooth([], 3).size == 0
 
 
 def test_training_run_writes_the_figure(tmp_path):

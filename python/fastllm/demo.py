@@ -29,7 +29,7 @@ class DemoConfig:
     model: str = option("mini", "GPT size preset (mini: 4 layers, 4 heads, 128 channels, 1.3M parameters)")
     seq_len: int = option(128, "T: tokens per training sequence")
     batch_size: int = option(16, "B: sequences per step")
-    max_steps: int = option(1200, "optimizer steps (B x T tokens each)")
+    max_steps: int = option(800, "optimizer steps (B x T tokens each)")
     lr: float = option(2e-3, "peak learning rate (warmup, then cosine decay to lr / 10)")
     warmup_steps: int = option(60, "steps of linear learning-rate warmup")
     val_fraction: float = option(0.1, "fraction of documents held out for validation")

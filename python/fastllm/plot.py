@@ -12,8 +12,9 @@ a training loop only calls one function:
 restyle it).
 
 Figures are drawn on matplotlib's Agg canvas (no display, and no global pyplot state, so this is safe in
-notebooks and threads) and written atomically. Noisy per-step series are drawn faintly with an exponential
-moving average on top; evaluations (val loss, held-out accuracy) are drawn as dots.
+notebooks and threads) and written atomically. Noisy per-step series are drawn faintly with a smoothed line on
+top (a local straight-line fit, which does not lag behind a falling loss as a moving average does); evaluations
+(val loss, held-out accuracy) are drawn as dots.
 
 >>> plot_training([{"step": 0, "loss": 8.3, "lr": 1e-4, "grad_norm": 2.0, "tok_per_s": 9000.0},
 ...                {"step": 0, "val_loss": 8.2}], "loss.png")
@@ -138,18 +139,27 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return a[:, 0], a[:, 1]
 
 
-def ema(values: np.ndarray, span: float) -> np.ndarray:
-    """Exponential moving average with bias correction (the first values are not pulled towards 0).
+def smooth(values, half: int) -> np.ndarray:
+    """Each point replaced by a straight line fitted (least squares) to the points within `half` places of it
+    (fewer at the ends), evaluated there. Unlike a moving average it does not lag behind a falling loss and it
+    keeps a straight trend exactly, also at the ends.
 
-    >>> ema(np.array([1.0, 1.0, 1.0]), 10).tolist()
-    [1.0, 1.0, 1.0]
+    >>> smooth([1.0, 2.0, 3.0, 4.0], 1).tolist()
+    [1.0, 2.0, 3.0, 4.0]
     """
-    beta = 1.0 - 2.0 / (span + 1.0)
-    out, acc = np.empty_like(values, dtype=np.float64), 0.0
-    for i, v in enumerate(values):
-        acc = beta * acc + (1.0 - beta) * v
-        out[i] = acc / (1.0 - beta ** (i + 1))
-    return out
+    y = np.asarray(values, np.float64)
+    n = y.size
+    x = (np.arange(n) - n / 2) / max(n, 1)  # O(1) coordinates: the sums below stay well conditioned
+
+    def window_sums(a: np.ndarray) -> np.ndarray:
+        c = np.concatenate([[0.0], np.cumsum(a)])
+        return c[hi] - c[lo]
+
+    lo, hi = np.maximum(np.arange(n) - half, 0), np.minimum(np.arange(n) + half + 1, n)
+    k, sx, sy, sxx, sxy = (window_sums(a) for a in (np.ones(n), x, y, x * x, x * y))
+    den = k * sxx - sx * sx
+    slope = np.divide(k * sxy - sx * sy, den, out=np.zeros(n), where=den > 1e-12 * k * k)
+    return (sy - slope * sx) / k + slope * x
 
 
 def _figure(title: str, panels: int):
@@ -172,7 +182,7 @@ def _line(ax, rows: list[dict], key: str, color: str, label: str | None = None) 
 
 
 def _noisy(ax, rows: list[dict], key: str, label: str, color: str) -> None:
-    """A per-step series: faint raw values and, from 20 points on, a moving average over ~1/20 of the run."""
+    """A per-step series: faint raw values and, from 20 points on, a smoothed line (windows of ~1/25 of the run)."""
     s, v = _series(rows, key)
     if len(s) == 0:
         return
@@ -180,7 +190,7 @@ def _noisy(ax, rows: list[dict], key: str, label: str, color: str) -> None:
         ax.plot(s, v, color=color, linewidth=1.6, label=label, marker="." if len(s) < 5 else None)
         return
     ax.plot(s, v, color=color, linewidth=0.8, alpha=0.3)
-    ax.plot(s, ema(v, max(5.0, len(v) / 20)), color=color, linewidth=1.8, label=f"{label} (smoothed)")
+    ax.plot(s, smooth(v, max(3, len(v) // 50)), color=color, linewidth=1.8, label=f"{label} (smoothed)")
 
 
 def _dots(ax, rows: list[dict], key: str, label: str, color: str) -> None:
