@@ -392,7 +392,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("demo", "the whole pre-training pipeline on Python's own documentation in ~3 minutes: tokenizer, "
+@command("demo", "the whole pre-training pipeline on Python's own documentation in ~2 minutes: tokenizer, "
                  "shards, a small GPT, a sample", ["fastllm demo", "fastllm demo --out my-demo --max-steps 200"],
          args=_fields_of("demo", "DemoConfig"))
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a GPT end to end on native kernels: clean web text, train a BPE tokenizer, tokenize, "
                     "pre-train, sample, fine-tune, chat, and post-train with RL.",
         epilog="Run `fastllm COMMAND --help` for a command's options and an example.\n"
-               "New here? `fastllm demo` runs the pre-training pipeline on Python's own docs in ~3 minutes.")
+               "New here? `fastllm demo` runs the pre-training pipeline on Python's own docs in ~2 minutes.")
     p.add_argument("--version", action="version", version=f"fastllm {__version__}",
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands, in pipeline order")

@@ -1,4 +1,4 @@
-"""`fastllm demo`: the whole pre-training pipeline in about three minutes on 2 CPU cores, on the built-in
+"""`fastllm demo`: the whole pre-training pipeline in about two minutes on 2 CPU cores, on the built-in
 corpus (Python's own documentation: the pydoc topics and the standard library's docstrings, ~2 MB of English
 that ships with every Python -- no download; see fastllm.corpus):
 train a BPE tokenizer -> tokenize into train/val shards -> train a small GPT -> compare train and validation
