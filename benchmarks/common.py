@@ -113,17 +113,43 @@ def print_table(rows: list[list[str]], head: list[str]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
-def cli(run: Callable[..., None], doc: str | None, **flags: str) -> None:
-    """The command line of a bench_<op>.py: --threads N, --quick, plus boolean --flags (name -> help);
-    calls run(threads=..., quick=..., **flags)."""
+def cli(run: Callable[..., None], doc: str | None, device: bool = False, **flags: str) -> None:
+    """The command line of a bench_<op>.py: --threads N, --quick, plus boolean --flags (name -> help), and with
+    device=True --device cpu|cuda; calls run(threads=..., quick=..., [device=...], **flags)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes")
+    if device:
+        p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="cuda: fastllm.cuda vs torch on the GPU (CUDA events, bf16)")
     for name, help_text in flags.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
     run(**vars(p.parse_args()))
+
+
+def gpu_or_exit(name: str):
+    """(torch, fastllm.cuda) when both see a GPU; otherwise prints why `name` is skipped and exits 0."""
+    import sys
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    from fastllm import cuda
+
+    why = ("no torch" if torch is None else "torch has no CUDA" if not torch.cuda.is_available() else
+           "fastllm was built without CUDA or sees no GPU" if not cuda.is_available() else None)
+    if why:
+        print(f"{name}: skipped ({why})")
+        sys.exit(0)
+    return torch, cuda
+
+
+def gpu_row(labels: list[str], fast_ms: float, torch_ms: float, nbytes: float) -> list[str]:
+    """labels + [fastllm ms, torch ms, torch/fastllm, fastllm GB/s] from GPU milliseconds."""
+    return [*labels, f"{fast_ms:.3f}", f"{torch_ms:.3f}", f"{torch_ms / fast_ms:.2f}x", f"{nbytes / fast_ms / 1e6:.0f}"]
 
 
 def ratio_row(labels: list[str], t: dict[str, dict[str, float]], nbytes: float) -> list[str]:

@@ -14,6 +14,8 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -23,7 +25,11 @@ Errors: wrong dtype -> TypeError; shape/contiguity/range -> ValueError (std::inv
 #include "cpu/gelu.h"
 #include "cpu/layernorm.h"
 #include "cpu/matmul.h"
+#include "cpu/residual.h"
+#include "cpu/rmsnorm.h"
+#include "cpu/rope.h"
 #include "cpu/softmax_ce.h"
+#include "cpu/swiglu.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/pretokenize_detail.h"
 #include "tokenizer/bpe.h"
@@ -87,6 +93,35 @@ static T* opt_out_ptr(std::optional<py::array>& a, const char* name, const std::
 static void check_ndim(const py::array& a, const char* name, int ndim, const char* expect) {
     FASTLLM_CHECK(a.ndim() == ndim, name, " must be ", expect, ", got shape ", shape_str(a));
 }
+// Outputs must not share memory with the inputs or with each other (a kernel reads its inputs while it writes):
+// `a` and `b` may not overlap, unless exact aliasing is allowed (element-wise kernels: out = f(in) in place).
+static void check_disjoint(const py::array& a, const char* an, const py::array& b, const char* bn,
+                           bool alias_ok = false) {
+    const auto* pa = static_cast<const char*>(a.data());
+    const auto* pb = static_cast<const char*>(b.data());
+    const py::ssize_t na = a.nbytes(), nb = b.nbytes();
+    if (na == 0 || nb == 0 || pa + na <= pb || pb + nb <= pa) return;
+    if (alias_ok && pa == pb && na == nb) return;
+    throw std::invalid_argument(str_cat(an, " overlaps ", bn, " in memory; give ", an,
+                                        alias_ok ? " as exactly the same array or a separate one"
+                                                 : " a separate buffer (this kernel cannot run in place)"));
+}
+using Named = std::pair<const py::array*, const char*>;  // (array or nullptr when absent, name)
+static const py::array* opt(const std::optional<py::array>& a) { return a ? &*a : nullptr; }
+// Every output disjoint from the other outputs and from every input.
+static void check_outputs(std::initializer_list<Named> outs, std::initializer_list<Named> ins) {
+    for (auto o = outs.begin(); o != outs.end(); ++o) {
+        if (!o->first) continue;
+        for (auto p = o + 1; p != outs.end(); ++p)
+            if (p->first) check_disjoint(*o->first, o->second, *p->first, p->second);
+        for (const Named& i : ins)
+            if (i.first) check_disjoint(*o->first, o->second, *i.first, i.second);
+    }
+}
+// A size that must be at least 1 (zero-size rows are fine, zero-size features are not).
+static void check_positive(int64_t n, const char* what, const py::array& a, const char* name) {
+    FASTLLM_CHECK(n >= 1, what, " must be >= 1, got ", n, " (", name, " has shape ", shape_str(a), ")");
+}
 // Every id in [0, V) (or == ignore, if allowed); the message names the array, the position and the value.
 static void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* name, bool allow_ignore = false,
                       int32_t ignore = -1) {
@@ -99,36 +134,158 @@ static void check_ids(const int32_t* ids, int64_t n, int64_t V, const char* name
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// argument conversion
+
+// Every kernel is registered with def_kernel, which binds its array and number parameters as plain Python
+// objects and converts each one here, first to last, so that a wrong argument raises an error naming it: a list
+// or None for an array, 2**70 for an int64, a str for a float. (pybind11's own conversion failure is
+// "incompatible function arguments", followed by a dump of every argument, whole arrays included.) It also
+// applies the thread limit (limit_threads) for the calling thread.
+template <typename T> struct Loose { using type = T; };  // how a parameter of type T is bound
+template <> struct Loose<py::array> { using type = py::object; };
+template <> struct Loose<std::optional<py::array>> { using type = py::object; };
+template <> struct Loose<int64_t> { using type = py::object; };
+template <> struct Loose<int32_t> { using type = py::object; };
+template <> struct Loose<float> { using type = py::object; };
+using HeadRange = std::optional<std::pair<int64_t, int64_t>>;  // rmsnorm's heads=(h0, h1) or None
+template <> struct Loose<std::optional<int64_t>> { using type = py::object; };
+template <> struct Loose<HeadRange> { using type = py::object; };
+
+static std::string type_name(const py::handle& o) { return Py_TYPE(o.ptr())->tp_name; }
+
+static py::array array_arg(const py::object& o, const char* name) {
+    if (!py::isinstance<py::array>(o))
+        throw py::type_error(str_cat(name, " must be a numpy array, got ", type_name(o)));
+    return py::reinterpret_borrow<py::array>(o);
+}
+// Any Python or numpy integer (not bool) in [lo, hi].
+static int64_t int_arg(const py::object& o, const char* name, int64_t lo, int64_t hi) {
+    if (PyBool_Check(o.ptr()) || !PyIndex_Check(o.ptr()))
+        throw py::type_error(str_cat(name, " must be an integer, got ", type_name(o)));
+    const py::int_ v = py::reinterpret_steal<py::int_>(PyNumber_Index(o.ptr()));
+    int overflow = 0;
+    const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+    if (overflow || x < lo || x > hi)
+        throw std::invalid_argument(str_cat(name, " = ", std::string(py::str(v)), " is out of range [", lo, ", ",
+                                            hi, "]"));
+    return x;
+}
+// A thread count: an integer in [1, kMaxThreads].
+static int threads_arg(const py::object& o) { return (int)int_arg(o, "threads", 1, fastllm::kMaxThreads); }
+static float float_arg(const py::object& o, const char* name) {
+    if (PyBool_Check(o.ptr()) || !PyNumber_Check(o.ptr()))
+        throw py::type_error(str_cat(name, " must be a number, got ", type_name(o)));
+    const double x = PyFloat_AsDouble(o.ptr());
+    if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw std::invalid_argument(str_cat(name, " = ", std::string(py::repr(o)), " is not a float32 number"));
+    }
+    return (float)x;
+}
+
+template <typename T> struct Convert {
+    static T get(T v, const char*) { return v; }
+};
+template <> struct Convert<py::array> {
+    static py::array get(const py::object& o, const char* name) { return array_arg(o, name); }
+};
+template <> struct Convert<std::optional<py::array>> {
+    static std::optional<py::array> get(const py::object& o, const char* name) {
+        if (o.is_none()) return std::nullopt;
+        return array_arg(o, name);
+    }
+};
+template <> struct Convert<int64_t> {
+    static int64_t get(const py::object& o, const char* name) { return int_arg(o, name, INT64_MIN, INT64_MAX); }
+};
+template <> struct Convert<int32_t> {
+    static int32_t get(const py::object& o, const char* name) {
+        return (int32_t)int_arg(o, name, INT32_MIN, INT32_MAX);
+    }
+};
+template <> struct Convert<float> {
+    static float get(const py::object& o, const char* name) { return float_arg(o, name); }
+};
+template <> struct Convert<std::optional<int64_t>> {  // None or an integer (n_kv_head)
+    static std::optional<int64_t> get(const py::object& o, const char* name) {
+        if (o.is_none()) return std::nullopt;
+        return int_arg(o, name, INT64_MIN, INT64_MAX);
+    }
+};
+template <> struct Convert<HeadRange> {  // None or a pair of integers
+    static HeadRange get(const py::object& o, const char* name) {
+        if (o.is_none()) return std::nullopt;
+        if (!py::isinstance<py::sequence>(o) || py::isinstance<py::str>(o) || py::len(o) != 2)
+            throw py::type_error(str_cat(name, " must be None or a pair (h0, h1) of integers, got ", type_name(o)));
+        const py::sequence seq = py::reinterpret_borrow<py::sequence>(o);
+        return std::pair<int64_t, int64_t>{int_arg(seq[0], name, INT64_MIN, INT64_MAX),
+                                           int_arg(seq[1], name, INT64_MIN, INT64_MAX)};
+    }
+};
+
+template <typename R, typename... Args, size_t... I, typename... Extra>
+static void def_kernel_impl(py::module_& m, const char* fname, R (*f)(Args...), std::index_sequence<I...>,
+                            const Extra&... extra) {
+    static_assert(sizeof...(Extra) == sizeof...(Args), "def_kernel: one py::arg per parameter");
+    const std::array<const char*, sizeof...(Args)> names{extra.name...};
+    m.def(
+        fname,
+        [f, names](typename Loose<Args>::type... a) -> R {
+            std::tuple<Args...> args{Convert<Args>::get(std::move(a), names[I])...};  // braces: left to right
+            fastllm::limit_threads();
+            return std::apply(f, std::move(args));
+        },
+        extra...);
+}
+template <typename R, typename... Args, typename... Extra>
+static void def_kernel(py::module_& m, const char* fname, R (*f)(Args...), const Extra&... extra) {
+    def_kernel_impl(m, fname, f, std::index_sequence_for<Args...>{}, extra...);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // matmul
 
-static void matmul_forward_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias) {
+static void matmul_forward_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias,
+                              std::optional<py::array> pre_gelu) {
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
+    check_positive(C, "C (inp columns)", inp, "inp");
+    check_positive(OC, "OC (weight rows)", weight, "weight");
     const float* x = in_ptr<float>(inp, "inp");
     const float* w = in_ptr<float>(weight, "weight", {OC, C});
     const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
     float* o = out_ptr<float>(out, "out", {N, OC});
+    float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
+    check_outputs({{&out, "out"}, {opt(pre_gelu), "pre_gelu"}},
+                  {{&inp, "inp"}, {&weight, "weight"}, {opt(bias), "bias"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::matmul_forward(o, x, w, b, N, C, OC);
+    fastllm::cpu::matmul_forward(o, x, w, b, pg, N, C, OC);
 }
 
 // weight: bf16 bit patterns as uint16 (OC, C), see fastllm.ops.to_bf16
-static void matmul_forward_bf16w_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias) {
+static void matmul_forward_bf16w_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias,
+                                    std::optional<py::array> pre_gelu) {
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
+    check_positive(C, "C (inp columns)", inp, "inp");
+    check_positive(OC, "OC (weight rows)", weight, "weight");
     const float* x = in_ptr<float>(inp, "inp");
     const uint16_t* w = in_ptr<uint16_t>(weight, "weight", {OC, C});
     const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
     float* o = out_ptr<float>(out, "out", {N, OC});
+    float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
+    check_outputs({{&out, "out"}, {opt(pre_gelu), "pre_gelu"}},
+                  {{&inp, "inp"}, {&weight, "weight"}, {opt(bias), "bias"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::matmul_forward_bf16w(o, x, w, b, N, C, OC);
+    fastllm::cpu::matmul_forward_bf16w(o, x, w, b, pg, N, C, OC);
 }
 
 static void float_to_bf16_py(py::array out, py::array x) {
     const float* src = in_ptr<float>(x, "x");
     uint16_t* d = out_ptr<uint16_t>(out, "out", std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
+    check_outputs({{&out, "out"}}, {{&x, "x"}});
     py::gil_scoped_release nogil;
     fastllm::cpu::float_to_bf16(d, src, x.size());
 }
@@ -138,12 +295,16 @@ static void matmul_backward_py(std::optional<py::array> dinp, std::optional<py::
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
+    check_positive(C, "C (inp columns)", inp, "inp");
+    check_positive(OC, "OC (weight rows)", weight, "weight");
     const float* x = in_ptr<float>(inp, "inp");
     const float* w = in_ptr<float>(weight, "weight", {OC, C});
     const float* dy = in_ptr<float>(dout, "dout", {N, OC});
     float* dx = opt_out_ptr<float>(dinp, "dinp", {N, C});
     float* dw = opt_out_ptr<float>(dweight, "dweight", {OC, C});
     float* db = opt_out_ptr<float>(dbias, "dbias", {OC});
+    check_outputs({{opt(dinp), "dinp"}, {opt(dweight), "dweight"}, {opt(dbias), "dbias"}},
+                  {{&dout, "dout"}, {&inp, "inp"}, {&weight, "weight"}});
     py::gil_scoped_release nogil;
     fastllm::cpu::matmul_backward(dx, dw, db, dy, x, w, N, C, OC);
 }
@@ -158,6 +319,7 @@ static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool tr
     const float* pa = in_ptr<float>(a, "a");
     const float* pb = in_ptr<float>(b, "b");
     float* pc = out_ptr<float>(c, "c", {M, N});
+    check_outputs({{&c, "c"}}, {{&a, "a"}, {&b, "b"}});
     const int64_t lda = a.shape(1), ldb = b.shape(1);
     py::gil_scoped_release nogil;
     fastllm::cpu::gemm(trans_a, trans_b, M, N, K, alpha, pa, lda, pb, ldb, beta, pc, N);
@@ -166,53 +328,73 @@ static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool tr
 // ---------------------------------------------------------------------------------------------------------
 // attention
 
-static void attention_forward_py(py::array out, py::array lse, py::array qkv, int64_t NH) {
-    check_ndim(qkv, "qkv", 3, "(B, T, 3C)");
-    const int64_t B = qkv.shape(0), T = qkv.shape(1), C3 = qkv.shape(2);
-    FASTLLM_CHECK(C3 % 3 == 0, "qkv last dim must be 3*C, got ", C3);
-    const int64_t C = C3 / 3;
-    FASTLLM_CHECK(NH > 0 && C % NH == 0, "n_head=", NH, " must divide C=", C);
+// qkv (B, T, (NH + 2*NKV) * hs) -> {B, T, C = NH*hs, NKV}; n_kv_head None means n_head (multi-head attention)
+static std::array<int64_t, 4> qkv_dims(const py::array& qkv, int64_t NH, std::optional<int64_t> n_kv_head) {
+    check_ndim(qkv, "qkv", 3, "(B, T, (n_head + 2*n_kv_head) * hs)");
+    const int64_t NKV = n_kv_head.value_or(NH);
+    FASTLLM_CHECK(NH > 0, "n_head must be > 0, got ", NH);
+    FASTLLM_CHECK(NKV > 0 && NH % NKV == 0, "n_kv_head=", NKV, " must be > 0 and divide n_head=", NH);
+    const int64_t W = qkv.shape(2), heads = NH + 2 * NKV;
+    if (n_kv_head) check_positive(W, "hs (qkv has (n_head + 2*n_kv_head) * hs columns)", qkv, "qkv");
+    else check_positive(W / 3, "C (qkv has 3*C columns)", qkv, "qkv");
+    FASTLLM_CHECK(W % heads == 0, "qkv last dim must be (n_head + 2*n_kv_head) * hs = ", heads, " * hs, got ", W,
+                  " (n_head=", NH, ", n_kv_head=", NKV, ")");
+    return {qkv.shape(0), qkv.shape(1), NH * (W / heads), NKV};
+}
+
+static void attention_forward_py(py::array out, py::array lse, py::array qkv, int64_t NH,
+                                 std::optional<int64_t> n_kv_head) {
+    const auto [B, T, C, NKV] = qkv_dims(qkv, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     float* o = out_ptr<float>(out, "out", {B, T, C});
     float* l = out_ptr<float>(lse, "lse", {B, NH, T});
+    check_outputs({{&out, "out"}, {&lse, "lse"}}, {{&qkv, "qkv"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_forward(o, l, x, B, T, C, NH);
+    fastllm::cpu::attention_forward(o, l, x, B, T, C, NH, NKV);
 }
 
 static void attention_backward_py(py::array dqkv, py::array dout, py::array qkv, py::array out, py::array lse,
-                                  int64_t NH) {
-    check_ndim(qkv, "qkv", 3, "(B, T, 3C)");
-    const int64_t B = qkv.shape(0), T = qkv.shape(1), C3 = qkv.shape(2);
-    FASTLLM_CHECK(C3 % 3 == 0, "qkv last dim must be 3*C, got ", C3);
-    const int64_t C = C3 / 3;
-    FASTLLM_CHECK(NH > 0 && C % NH == 0, "n_head=", NH, " must divide C=", C);
+                                  int64_t NH, std::optional<int64_t> n_kv_head) {
+    const auto [B, T, C, NKV] = qkv_dims(qkv, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     const float* dy = in_ptr<float>(dout, "dout", {B, T, C});
     const float* y = in_ptr<float>(out, "out", {B, T, C});
     const float* l = in_ptr<float>(lse, "lse", {B, NH, T});
-    float* dx = out_ptr<float>(dqkv, "dqkv", {B, T, C3});
+    float* dx = out_ptr<float>(dqkv, "dqkv", {B, T, qkv.shape(2)});
+    check_outputs({{&dqkv, "dqkv"}}, {{&dout, "dout"}, {&qkv, "qkv"}, {&out, "out"}, {&lse, "lse"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH);
+    fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH, NKV);
 }
 
-static void attention_kv_forward_py(py::array out, py::array kcache, py::array vcache, py::array qkv, py::array pos) {
-    check_ndim(qkv, "qkv", 3, "(B, Tn, 3C)");
-    check_ndim(kcache, "kcache", 4, "(B, NH, max_T, hs)");
-    const int64_t B = qkv.shape(0), Tn = qkv.shape(1), C3 = qkv.shape(2);
-    FASTLLM_CHECK(C3 % 3 == 0, "qkv last dim must be 3*C, got ", C3);
-    const int64_t C = C3 / 3, NH = kcache.shape(1), maxT = kcache.shape(2), hs = kcache.shape(3);
-    FASTLLM_CHECK(NH * hs == C && kcache.shape(0) == B, "kcache must be (B=", B, ", NH, max_T, hs) with NH*hs = C=", C,
-                  ", got shape ", shape_str(kcache));
+// kcache (B, NKV, max_T, hs) gives NKV and hs; NH = W / hs - 2 NKV. n_kv_head, if given, must equal NKV; None means
+// multi-head attention (W = 3 * NKV * hs, today's layout)
+static void attention_kv_forward_py(py::array out, py::array kcache, py::array vcache, py::array qkv, py::array pos,
+                                    std::optional<int64_t> n_kv_head) {
+    check_ndim(qkv, "qkv", 3, "(B, Tn, (n_head + 2*n_kv_head) * hs)");
+    check_ndim(kcache, "kcache", 4, "(B, n_kv_head, max_T, hs)");
+    const int64_t B = qkv.shape(0), Tn = qkv.shape(1), W = qkv.shape(2);
+    const int64_t NKV = kcache.shape(1), maxT = kcache.shape(2), hs = kcache.shape(3);
+    check_positive(W, "qkv's last dim", qkv, "qkv");
+    FASTLLM_CHECK(kcache.shape(0) == B && NKV > 0 && hs > 0, "kcache must be (B=", B,
+                  ", n_kv_head, max_T, hs), got shape ", shape_str(kcache));
+    FASTLLM_CHECK(!n_kv_head || *n_kv_head == NKV, "n_kv_head=", n_kv_head.value_or(0),
+                  " does not match kcache (B, n_kv_head, max_T, hs) of shape ", shape_str(kcache));
+    const int64_t NH = n_kv_head ? W / hs - 2 * NKV : NKV;
+    FASTLLM_CHECK(NH > 0 && W == (NH + 2 * NKV) * hs && NH % NKV == 0, "qkv last dim ", W,
+                  " does not fit kcache ", shape_str(kcache), ": it must be (n_head + 2*n_kv_head) * hs with n_kv_head",
+                  n_kv_head ? "" : " = n_head (pass n_kv_head for grouped-query attention)", " dividing n_head");
+    const int64_t C = NH * hs;
     float* kc = out_ptr<float>(kcache, "kcache");
-    float* vc = out_ptr<float>(vcache, "vcache", {B, NH, maxT, hs});
+    float* vc = out_ptr<float>(vcache, "vcache", {B, NKV, maxT, hs});
     const float* x = in_ptr<float>(qkv, "qkv");
     const int32_t* p = in_ptr<int32_t>(pos, "pos", {B});
     float* o = out_ptr<float>(out, "out", {B, Tn, C});
+    check_outputs({{&out, "out"}, {&kcache, "kcache"}, {&vcache, "vcache"}}, {{&qkv, "qkv"}, {&pos, "pos"}});
     for (int64_t b = 0; b < B; b++)
         FASTLLM_CHECK(p[b] >= 0 && p[b] + Tn <= maxT, "pos[", b, "] = ", p[b], " + ", Tn,
                       " new tokens does not fit the cache of max_T=", maxT);
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, maxT);
+    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, NKV, maxT);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -222,23 +404,42 @@ static void softmax_ce_py(py::array losses, std::optional<py::array> dlogits, py
                           float grad_scale, int32_t ignore_index, std::optional<py::array> row_weights) {
     check_ndim(logits, "logits", 2, "(N, V)");
     const int64_t N = logits.shape(0), V = logits.shape(1);
+    check_positive(V, "V (logits columns)", logits, "logits");
     const float* lg = in_ptr<float>(logits, "logits");
     const int32_t* tg = in_ptr<int32_t>(targets, "targets", {N});
     float* ls = out_ptr<float>(losses, "losses", {N});
     float* dl = opt_out_ptr<float>(dlogits, "dlogits", {N, V});
     const float* rw = row_weights ? in_ptr<float>(*row_weights, "row_weights", {N}) : nullptr;
+    check_outputs({{&losses, "losses"}, {opt(dlogits), "dlogits"}},
+                  {{&targets, "targets"}, {opt(row_weights), "row_weights"}});
+    check_outputs({{&losses, "losses"}}, {{&logits, "logits"}});
+    if (dlogits) check_disjoint(*dlogits, "dlogits", logits, "logits", true);  // in place: dlogits is logits
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::softmax_ce_forward_backward(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw);
+    fastllm::cpu::softmax_ce(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw);
 }
 
 static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std::optional<py::array> dweight,
                          py::array hidden, py::array weight, py::array targets, float grad_scale,
-                         int32_t ignore_index, int64_t chunk_rows, std::optional<py::array> row_weights) {
+                         int32_t ignore_index, std::optional<py::array> scratch, std::optional<py::array> row_weights) {
     check_ndim(hidden, "hidden", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(V, C)");
     const int64_t N = hidden.shape(0), C = hidden.shape(1), V = weight.shape(0);
-    FASTLLM_CHECK(chunk_rows > 0, "chunk_rows must be positive, got ", chunk_rows);
+    check_positive(C, "C (hidden columns)", hidden, "hidden");
+    check_positive(V, "V (weight rows)", weight, "weight");
+    std::vector<float> own;  // the scratch allocated here when none is given
+    float* sc = nullptr;
+    int64_t chunk_rows = 0;
+    if (scratch) {
+        check_ndim(*scratch, "scratch", 2, "(rows, V)");
+        chunk_rows = scratch->shape(0);
+        FASTLLM_CHECK(chunk_rows >= 1, "scratch must have at least one row, got shape ", shape_str(*scratch));
+        sc = out_ptr<float>(*scratch, "scratch", {chunk_rows, V});
+    } else {
+        chunk_rows = fastllm::cpu::lmhead_chunk_rows(N, V);
+        own.resize((size_t)(chunk_rows * V));
+        sc = own.data();
+    }
     const float* h = in_ptr<float>(hidden, "hidden");
     const float* w = in_ptr<float>(weight, "weight", {V, C});
     const int32_t* tg = in_ptr<int32_t>(targets, "targets", {N});
@@ -246,10 +447,12 @@ static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std
     float* dh = opt_out_ptr<float>(dhidden, "dhidden", {N, C});
     float* dw = opt_out_ptr<float>(dweight, "dweight", {V, C});
     const float* rw = row_weights ? in_ptr<float>(*row_weights, "row_weights", {N}) : nullptr;
+    check_outputs(
+        {{&losses, "losses"}, {opt(dhidden), "dhidden"}, {opt(dweight), "dweight"}, {opt(scratch), "scratch"}},
+        {{&hidden, "hidden"}, {&weight, "weight"}, {&targets, "targets"}, {opt(row_weights), "row_weights"}});
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::lmhead_ce_forward_backward(ls, dh, dw, h, w, tg, N, C, V, grad_scale, ignore_index, chunk_rows,
-                                             rw);
+    fastllm::cpu::lmhead_ce(ls, dh, dw, h, w, tg, sc, chunk_rows, N, C, V, grad_scale, ignore_index, rw);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -259,12 +462,15 @@ static void layernorm_forward_py(py::array out, py::array mean, py::array rstd, 
                                  py::array bias, float eps) {
     check_ndim(inp, "inp", 2, "(N, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1);
+    check_positive(C, "C (inp columns)", inp, "inp");
     const float* x = in_ptr<float>(inp, "inp");
     const float* w = in_ptr<float>(weight, "weight", {C});
     const float* b = in_ptr<float>(bias, "bias", {C});
     float* o = out_ptr<float>(out, "out", {N, C});
     float* m = out_ptr<float>(mean, "mean", {N});
     float* r = out_ptr<float>(rstd, "rstd", {N});
+    check_outputs({{&out, "out"}, {&mean, "mean"}, {&rstd, "rstd"}},
+                  {{&inp, "inp"}, {&weight, "weight"}, {&bias, "bias"}});
     py::gil_scoped_release nogil;
     fastllm::cpu::layernorm_forward(o, m, r, x, w, b, N, C, eps);
 }
@@ -273,6 +479,7 @@ static void layernorm_backward_py(py::array dinp, py::array dweight, py::array d
                                   py::array weight, py::array mean, py::array rstd) {
     check_ndim(inp, "inp", 2, "(N, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1);
+    check_positive(C, "C (inp columns)", inp, "inp");
     const float* x = in_ptr<float>(inp, "inp");
     const float* w = in_ptr<float>(weight, "weight", {C});
     const float* dy = in_ptr<float>(dout, "dout", {N, C});
@@ -281,6 +488,8 @@ static void layernorm_backward_py(py::array dinp, py::array dweight, py::array d
     float* dx = out_ptr<float>(dinp, "dinp", {N, C});
     float* dw = out_ptr<float>(dweight, "dweight", {C});
     float* db = out_ptr<float>(dbias, "dbias", {C});
+    check_outputs({{&dinp, "dinp"}, {&dweight, "dweight"}, {&dbias, "dbias"}},
+                  {{&dout, "dout"}, {&inp, "inp"}, {&weight, "weight"}, {&mean, "mean"}, {&rstd, "rstd"}});
     py::gil_scoped_release nogil;
     fastllm::cpu::layernorm_backward(dx, dw, db, dy, x, w, m, r, N, C);
 }
@@ -292,24 +501,29 @@ static std::vector<int64_t> shape_of(const py::array& a) {
 static void gelu_forward_py(py::array out, py::array inp) {
     const float* x = in_ptr<float>(inp, "inp");
     float* o = out_ptr<float>(out, "out", shape_of(inp));
+    check_disjoint(out, "out", inp, "inp", true);
     const int64_t n = inp.size();
     py::gil_scoped_release nogil;
     fastllm::cpu::gelu_forward(o, x, n);
 }
 
-static void gelu_backward_py(py::array dinp, py::array inp, py::array dout) {
+static void gelu_backward_py(py::array dinp, py::array dout, py::array inp) {
     const float* x = in_ptr<float>(inp, "inp");
     const float* dy = in_ptr<float>(dout, "dout", shape_of(inp));
     float* dx = out_ptr<float>(dinp, "dinp", shape_of(inp));
+    check_disjoint(dinp, "dinp", inp, "inp", true);
+    check_disjoint(dinp, "dinp", dout, "dout", true);
     const int64_t n = inp.size();
     py::gil_scoped_release nogil;
-    fastllm::cpu::gelu_backward(dx, x, dy, n);
+    fastllm::cpu::gelu_backward(dx, dy, x, n);
 }
 
 static void residual_forward_py(py::array out, py::array inp1, py::array inp2) {
     const float* a = in_ptr<float>(inp1, "inp1");
     const float* b = in_ptr<float>(inp2, "inp2", shape_of(inp1));
     float* o = out_ptr<float>(out, "out", shape_of(inp1));
+    check_disjoint(out, "out", inp1, "inp1", true);
+    check_disjoint(out, "out", inp2, "inp2", true);
     const int64_t n = inp1.size();
     py::gil_scoped_release nogil;
     fastllm::cpu::residual_forward(o, a, b, n);
@@ -319,6 +533,9 @@ static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dou
     const float* dy = in_ptr<float>(dout, "dout");
     float* d1 = out_ptr<float>(dinp1, "dinp1", shape_of(dout));
     float* d2 = out_ptr<float>(dinp2, "dinp2", shape_of(dout));
+    check_disjoint(dinp1, "dinp1", dout, "dout", true);
+    check_disjoint(dinp2, "dinp2", dout, "dout", true);
+    check_disjoint(dinp1, "dinp1", dinp2, "dinp2", true);
     const int64_t n = dout.size();
     py::gil_scoped_release nogil;
     fastllm::cpu::residual_backward(d1, d2, dy, n);
@@ -326,6 +543,171 @@ static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dou
 
 // ---------------------------------------------------------------------------------------------------------
 // embedding
+
+// ---------------------------------------------------------------------------------------------------------
+// the Llama family's ops: rmsnorm, rope, swiglu, relu2
+
+// The rows an rmsnorm call works on: x (..., C) whole, or with heads = (h0, h1) only rows [h0, h1) of its
+// second-to-last axis R (x (..., R, C), e.g. the q heads of qkv viewed as (B, T, NH + 2*NKV, hs)).
+struct NormRows {
+    int64_t N, C, group, group_stride, offset;  // see cpu/rmsnorm.h; offset = h0 * C elements
+    std::vector<int64_t> stats_shape;           // rstd: x.shape[:-1], or (..., h1 - h0)
+};
+static NormRows norm_rows(const py::array& x, std::optional<std::pair<int64_t, int64_t>> heads) {
+    FASTLLM_CHECK(x.ndim() >= 1, "x must be (..., C), got a 0-d array");
+    const int64_t C = x.shape(x.ndim() - 1);
+    std::vector<int64_t> lead(x.shape(), x.shape() + x.ndim() - 1);
+    if (!heads) {
+        int64_t N = 1;
+        for (int64_t d : lead) N *= d;
+        return {N, C, std::max<int64_t>(N, 1), N * C, 0, lead};
+    }
+    FASTLLM_CHECK(x.ndim() >= 2, "heads needs x (..., R, C) with a head axis, got shape ", shape_str(x));
+    const int64_t R = lead.back(), h0 = heads->first, h1 = heads->second;
+    FASTLLM_CHECK(0 <= h0 && h0 < h1 && h1 <= R, "heads=(", h0, ", ", h1, ") must satisfy 0 <= h0 < h1 <= R=", R,
+                  " (x.shape[-2] of x ", shape_str(x), ")");
+    lead.back() = h1 - h0;
+    int64_t N = 1;
+    for (int64_t d : lead) N *= d;
+    return {N, C, h1 - h0, R * C, h0 * C, lead};
+}
+
+static void rmsnorm_forward_py(py::array out, py::array rstd, py::array inp, py::array weight, float eps,
+                               std::optional<std::pair<int64_t, int64_t>> heads) {
+    const NormRows r = norm_rows(inp, heads);
+    FASTLLM_CHECK(eps >= 0.0f && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+    const float* x = in_ptr<float>(inp, "x");
+    const float* w = in_ptr<float>(weight, "weight", {r.C});
+    float* o = out_ptr<float>(out, "out", shape_of(inp));
+    float* s = out_ptr<float>(rstd, "rstd", r.stats_shape);
+    check_disjoint(out, "out", inp, "x", true);
+    check_outputs({{&out, "out"}, {&rstd, "rstd"}}, {{&weight, "weight"}});
+    check_disjoint(rstd, "rstd", inp, "x");
+    py::gil_scoped_release nogil;
+    fastllm::cpu::rmsnorm_forward(o + r.offset, s, x + r.offset, w, r.N, r.C, r.group, r.group_stride, eps);
+}
+
+static void rmsnorm_backward_py(py::array dinp, py::array dweight, py::array dout, py::array inp, py::array weight,
+                                py::array rstd, std::optional<std::pair<int64_t, int64_t>> heads) {
+    const NormRows r = norm_rows(inp, heads);
+    const float* x = in_ptr<float>(inp, "x");
+    const float* w = in_ptr<float>(weight, "weight", {r.C});
+    const float* dy = in_ptr<float>(dout, "dout", shape_of(inp));
+    const float* s = in_ptr<float>(rstd, "rstd", r.stats_shape);
+    float* dx = out_ptr<float>(dinp, "dx", shape_of(inp));
+    float* dw = out_ptr<float>(dweight, "dweight", {r.C});
+    check_outputs({{&dinp, "dx"}, {&dweight, "dweight"}}, {{&dout, "dout"}, {&inp, "x"}, {&weight, "weight"},
+                                                          {&rstd, "rstd"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::rmsnorm_backward(dx + r.offset, dw, dy + r.offset, x + r.offset, w, s, r.N, r.C, r.group,
+                                   r.group_stride);
+}
+
+// qkv (B, T, (NH + 2*NKV) * hs), tables (P, R2) with 2*R2 <= hs, pos (B) or None; positions checked against P
+struct RopeDims {
+    int64_t B, T, NKV, hs, R2;
+};
+static RopeDims rope_dims(const py::array& x, const char* xname, const py::array& cos, const py::array& sin,
+                          const int32_t*& p, const std::optional<py::array>& pos, int64_t NH,
+                          std::optional<int64_t> n_kv_head) {
+    check_ndim(x, xname, 3, "(B, T, (n_head + 2*n_kv_head) * hs)");
+    const int64_t NKV = n_kv_head.value_or(NH);
+    FASTLLM_CHECK(NH > 0, "n_head must be > 0, got ", NH);
+    FASTLLM_CHECK(NKV > 0 && NH % NKV == 0, "n_kv_head=", NKV, " must be > 0 and divide n_head=", NH);
+    const int64_t B = x.shape(0), T = x.shape(1), W = x.shape(2), heads = NH + 2 * NKV;
+    FASTLLM_CHECK(W % heads == 0 && W > 0, xname, " last dim must be (n_head + 2*n_kv_head) * hs = ", heads,
+                  " * hs, got ", W);
+    const int64_t hs = W / heads;
+    check_ndim(cos, "cos", 2, "(max_pos, rotary_dim / 2)");
+    const int64_t P = cos.shape(0), R2 = cos.shape(1);
+    FASTLLM_CHECK(2 * R2 <= hs, "cos has ", R2, " columns: rotary_dim = ", 2 * R2, " exceeds the head size hs=", hs);
+    in_ptr<float>(cos, "cos");
+    in_ptr<float>(sin, "sin", {P, R2});
+    p = pos ? in_ptr<int32_t>(*pos, "pos", {B}) : nullptr;
+    for (int64_t b = 0; b < B && T > 0; b++) {
+        const int64_t p0 = p ? p[b] : 0;
+        FASTLLM_CHECK(p0 >= 0 && p0 + T <= P, "positions pos[", b, "] = ", p0, " .. ", p0 + T - 1,
+                      " are outside the cos/sin tables of ", P, " rows");
+    }
+    return {B, T, NKV, hs, R2};
+}
+
+static void rope_forward_py(py::array out, py::array qkv, py::array cos, py::array sin, std::optional<py::array> pos,
+                            int64_t NH, std::optional<int64_t> n_kv_head) {
+    const int32_t* p = nullptr;
+    const RopeDims d = rope_dims(qkv, "qkv", cos, sin, p, pos, NH, n_kv_head);
+    const float* x = in_ptr<float>(qkv, "qkv");
+    float* o = out_ptr<float>(out, "out", shape_of(qkv));
+    check_disjoint(out, "out", qkv, "qkv", true);
+    check_outputs({{&out, "out"}}, {{&cos, "cos"}, {&sin, "sin"}, {opt(pos), "pos"}});
+    const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
+    py::gil_scoped_release nogil;
+    fastllm::cpu::rope_forward(o, x, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
+}
+
+static void rope_backward_py(py::array dqkv, py::array dout, py::array cos, py::array sin,
+                             std::optional<py::array> pos, int64_t NH, std::optional<int64_t> n_kv_head) {
+    const int32_t* p = nullptr;
+    const RopeDims d = rope_dims(dout, "dout", cos, sin, p, pos, NH, n_kv_head);
+    const float* dy = in_ptr<float>(dout, "dout");
+    float* dx = out_ptr<float>(dqkv, "dqkv", shape_of(dout));
+    check_disjoint(dqkv, "dqkv", dout, "dout", true);
+    check_outputs({{&dqkv, "dqkv"}}, {{&cos, "cos"}, {&sin, "sin"}, {opt(pos), "pos"}});
+    const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
+    py::gil_scoped_release nogil;
+    fastllm::cpu::rope_backward(dx, dy, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
+}
+
+// gate_up (..., 2H) -> {N, H}
+static std::pair<int64_t, int64_t> swiglu_dims(const py::array& gate_up) {
+    FASTLLM_CHECK(gate_up.ndim() >= 1 && gate_up.shape(gate_up.ndim() - 1) % 2 == 0, "gate_up must be (..., 2H) = "
+                  "[gate | up], got shape ", shape_str(gate_up));
+    const int64_t H = gate_up.shape(gate_up.ndim() - 1) / 2;
+    return {H ? gate_up.size() / (2 * H) : 0, H};
+}
+static std::vector<int64_t> half_last(const py::array& a) {
+    std::vector<int64_t> s = shape_of(a);
+    s.back() /= 2;
+    return s;
+}
+
+static void swiglu_forward_py(py::array out, py::array gate_up) {
+    const auto [N, H] = swiglu_dims(gate_up);
+    const float* gu = in_ptr<float>(gate_up, "gate_up");
+    float* o = out_ptr<float>(out, "out", half_last(gate_up));
+    check_outputs({{&out, "out"}}, {{&gate_up, "gate_up"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::swiglu_forward(o, gu, N, H);
+}
+
+static void swiglu_backward_py(py::array dgate_up, py::array dout, py::array gate_up) {
+    const auto [N, H] = swiglu_dims(gate_up);
+    const float* gu = in_ptr<float>(gate_up, "gate_up");
+    const float* dy = in_ptr<float>(dout, "dout", half_last(gate_up));
+    float* dgu = out_ptr<float>(dgate_up, "dgate_up", shape_of(gate_up));
+    check_outputs({{&dgate_up, "dgate_up"}}, {{&dout, "dout"}, {&gate_up, "gate_up"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::swiglu_backward(dgu, dy, gu, N, H);
+}
+
+static void relu2_forward_py(py::array out, py::array inp) {
+    const float* x = in_ptr<float>(inp, "x");
+    float* o = out_ptr<float>(out, "out", shape_of(inp));
+    check_disjoint(out, "out", inp, "x", true);
+    const int64_t n = inp.size();
+    py::gil_scoped_release nogil;
+    fastllm::cpu::relu2_forward(o, x, n);
+}
+
+static void relu2_backward_py(py::array dinp, py::array dout, py::array inp) {
+    const float* x = in_ptr<float>(inp, "x");
+    const float* dy = in_ptr<float>(dout, "dout", shape_of(inp));
+    float* dx = out_ptr<float>(dinp, "dx", shape_of(inp));
+    check_outputs({{&dinp, "dx"}}, {{&dout, "dout"}, {&inp, "x"}});
+    const int64_t n = inp.size();
+    py::gil_scoped_release nogil;
+    fastllm::cpu::relu2_backward(dx, dy, x, n);
+}
 
 static void embedding_forward_py(py::array out, py::array tokens, py::array wte, py::array wpe) {
     check_ndim(tokens, "tokens", 2, "(B, T)");
@@ -338,6 +720,7 @@ static void embedding_forward_py(py::array out, py::array tokens, py::array wte,
     const float* te = in_ptr<float>(wte, "wte");
     const float* pe = in_ptr<float>(wpe, "wpe");
     float* o = out_ptr<float>(out, "out", {B, T, C});
+    check_outputs({{&out, "out"}}, {{&tokens, "tokens"}, {&wte, "wte"}, {&wpe, "wpe"}});
     check_ids(tk, B * T, V, "tokens");
     py::gil_scoped_release nogil;
     fastllm::cpu::embedding_forward(o, tk, te, pe, B, T, C);
@@ -353,6 +736,7 @@ static void embedding_backward_py(py::array dwte, py::array dwpe, py::array dout
     const float* dy = in_ptr<float>(dout, "dout", {B, T, C});
     float* dte = out_ptr<float>(dwte, "dwte");
     float* dpe = out_ptr<float>(dwpe, "dwpe", {dwpe.shape(0), C});
+    check_outputs({{&dwte, "dwte"}, {&dwpe, "dwpe"}}, {{&dout, "dout"}, {&tokens, "tokens"}});
     check_ids(tk, B * T, V, "tokens");
     py::gil_scoped_release nogil;
     fastllm::cpu::embedding_backward(dte, dpe, dy, tk, B, T, C, V);
@@ -369,6 +753,7 @@ static void adamw_py(py::array params, py::array m, py::array v, py::array grads
     float* pm = out_ptr<float>(m, "m", shape);
     float* pv = out_ptr<float>(v, "v", shape);
     const float* g = in_ptr<float>(grads, "grads", shape);
+    check_outputs({{&params, "params"}, {&m, "m"}, {&v, "v"}}, {{&grads, "grads"}});
     const int64_t n = params.size();
     py::gil_scoped_release nogil;
     fastllm::cpu::adamw_step(p, pm, pv, g, n, lr, beta1, beta2, eps, weight_decay, t, grad_scale);
@@ -427,11 +812,9 @@ static void set_simd_py(const std::string& level) {
     else throw py::value_error(str_cat("simd level must be 'avx512', 'avx2' or 'scalar', got '", level, "'"));
 }
 
-static void set_num_threads_py(int n) {
-    FASTLLM_CHECK(n >= 1, "threads must be >= 1, got ", n);
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#endif
+static void set_num_threads_py(const py::object& threads) {
+    fastllm::requested_threads().store(threads_arg(threads));  // for every thread (common.h)
+    fastllm::limit_threads();
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -573,12 +956,20 @@ static std::string decode_raw(const tok::Encoder& e, const py::array& ids) {
     return out;
 }
 
+// Special tokens cut out of training text: an empty one would match everywhere.
+static void check_specials(const std::vector<std::string>& specials) {
+    for (size_t i = 0; i < specials.size(); i++)
+        FASTLLM_CHECK(!specials[i].empty(), "special_tokens[", i, "] is empty");
+}
+
 static py::list train_bpe_py(const py::list& texts, const std::string& pattern, const std::vector<std::string>& specials,
-                             int64_t n_merges, int threads, const py::object& progress, int64_t every) {
+                             int64_t n_merges, const py::object& threads_obj, const py::object& progress,
+                             int64_t every) {
     const auto pat = parse_pattern(pattern);
     const auto views = utf8_views(texts, "texts");
     FASTLLM_CHECK(n_merges >= 0, "n_merges must be >= 0, got ", n_merges);
-    FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+    const int threads = threads_arg(threads_obj);
+    check_specials(specials);
     tok::ProgressFn fn;
     if (!progress.is_none())
         fn = [&progress](int64_t done, int64_t total) {
@@ -656,8 +1047,8 @@ static void register_bpe(py::module_& m) {
         .def(
             "encode_batch",
             [](const Encoder& e, const py::list& texts, const std::string& pattern, const std::vector<int32_t>& allowed,
-               int threads) {
-                FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+               const py::object& threads_obj) {
+                const int threads = threads_arg(threads_obj);
                 const auto pat = parse_pattern(pattern);
                 const Specials sp = specials_by_id(e, allowed);
                 const auto views = utf8_views(texts, "texts");
@@ -703,8 +1094,8 @@ static void register_bpe(py::module_& m) {
             arg("ids"), arg("errors"))
         .def(
             "decode_batch",
-            [](const Encoder& e, const py::list& seqs, const std::string& errors, int threads) {
-                FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+            [](const Encoder& e, const py::list& seqs, const std::string& errors, const py::object& threads_obj) {
+                const int threads = threads_arg(threads_obj);
                 std::vector<std::vector<int64_t>> ids(seqs.size());
                 for (size_t k = 0; k < ids.size(); k++) {
                     ids[k] = ids_from_array(py::array::ensure(seqs[k]));
@@ -768,11 +1159,13 @@ static void register_bpe(py::module_& m) {
           arg("threads"), arg("progress"), arg("every"));
     m.def(
         "bpe_count_chunks",
-        [](const py::list& texts, const std::string& pattern, const std::vector<std::string>& specials, int threads) {
+        [](const py::list& texts, const std::string& pattern, const std::vector<std::string>& specials,
+           const py::object& threads_obj) {
             // the chunk counts training starts from (for tests)
             const auto pat = parse_pattern(pattern);
             const auto views = utf8_views(texts, "texts");
-            FASTLLM_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
+            const int threads = threads_arg(threads_obj);
+            check_specials(specials);
             tok::ChunkCounts counts;
             {
                 py::gil_scoped_release nogil;
@@ -797,37 +1190,64 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_simd_level", &set_simd_py, arg("level"));
     m.def("set_num_threads", &set_num_threads_py, arg("threads"));
     m.def("get_num_threads", &fastllm::max_threads);
+    m.attr("MAX_THREADS") = fastllm::kMaxThreads;
+#ifdef _OPENMP
+    if (omp_get_max_threads() > fastllm::kMaxThreads) {  // OMP_NUM_THREADS too large: use the limit
+        const std::string msg = str_cat("fastllm: OMP_NUM_THREADS asks for ", omp_get_max_threads(),
+                                        " threads; using ", fastllm::kMaxThreads, " (the most fastllm runs)");
+        fastllm::limit_threads();
+        if (PyErr_WarnEx(PyExc_RuntimeWarning, msg.c_str(), 1) < 0) throw py::error_already_set();
+    }
+#endif
 
-    m.def("matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none);
-    m.def("matmul_forward_bf16w", &matmul_forward_bf16w_py, arg("out"), arg("inp"), arg("weight"),
-          arg("bias") = none);
-    m.def("float_to_bf16", &float_to_bf16_py, arg("out"), arg("x"));
-    m.def("matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
-          arg("inp"), arg("weight"));
-    m.def("gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
-          arg("alpha") = 1.0f, arg("beta") = 0.0f);
-    m.def("attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"));
-    m.def("attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
-          arg("lse"), arg("n_head"));
-    m.def("attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"), arg("qkv"),
-          arg("pos"));
-    m.def("softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
-          arg("grad_scale"), arg("ignore_index"), arg("row_weights") = py::none());
-    m.def("lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"),
-          arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("chunk_rows"), arg("row_weights") = py::none());
-    m.def("layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),
-          arg("weight"), arg("bias"), arg("eps"));
-    m.def("layernorm_backward", &layernorm_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
-          arg("inp"), arg("weight"), arg("mean"), arg("rstd"));
-    m.def("gelu_forward", &gelu_forward_py, arg("out"), arg("inp"));
-    m.def("gelu_backward", &gelu_backward_py, arg("dinp"), arg("inp"), arg("dout"));
-    m.def("residual_forward", &residual_forward_py, arg("out"), arg("inp1"), arg("inp2"));
-    m.def("residual_backward", &residual_backward_py, arg("dinp1"), arg("dinp2"), arg("dout"));
-    m.def("embedding_forward", &embedding_forward_py, arg("out"), arg("tokens"), arg("wte"), arg("wpe"));
-    m.def("embedding_backward", &embedding_backward_py, arg("dwte"), arg("dwpe"), arg("dout"), arg("tokens"));
-    m.def("adamw_step", &adamw_py, arg("params"), arg("m"), arg("v"), arg("grads"), arg("lr"), arg("beta1"),
-          arg("beta2"), arg("eps"), arg("weight_decay"), arg("t"), arg("grad_scale"));
-    m.def("sum_squares", &sum_squares_py, arg("x"));
+    // kernels: every argument converted by def_kernel (errors name it)
+    def_kernel(m, "matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none,
+               arg("pre_gelu") = none);
+    def_kernel(m, "matmul_forward_bf16w", &matmul_forward_bf16w_py, arg("out"), arg("inp"), arg("weight"),
+               arg("bias") = none, arg("pre_gelu") = none);
+    def_kernel(m, "float_to_bf16", &float_to_bf16_py, arg("out"), arg("x"));
+    def_kernel(m, "matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
+               arg("inp"), arg("weight"));
+    def_kernel(m, "gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
+               arg("alpha") = 1.0f, arg("beta") = 0.0f);
+    def_kernel(m, "attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"),
+               arg("n_kv_head") = none);
+    def_kernel(m, "attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
+               arg("lse"), arg("n_head"), arg("n_kv_head") = none);
+    def_kernel(m, "attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"),
+               arg("qkv"), arg("pos"), arg("n_kv_head") = none);
+    def_kernel(m, "softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
+               arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none);
+    def_kernel(m, "lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"),
+               arg("weight"), arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("scratch") = none,
+               arg("row_weights") = none);
+    m.def("lmhead_chunk_rows", &fastllm::cpu::lmhead_chunk_rows, arg("N"), arg("V"));
+    def_kernel(m, "layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),
+               arg("weight"), arg("bias"), arg("eps"));
+    def_kernel(m, "layernorm_backward", &layernorm_backward_py, arg("dinp"), arg("dweight"), arg("dbias"),
+               arg("dout"), arg("inp"), arg("weight"), arg("mean"), arg("rstd"));
+    def_kernel(m, "gelu_forward", &gelu_forward_py, arg("out"), arg("inp"));
+    def_kernel(m, "gelu_backward", &gelu_backward_py, arg("dinp"), arg("dout"), arg("inp"));
+    def_kernel(m, "residual_forward", &residual_forward_py, arg("out"), arg("inp1"), arg("inp2"));
+    def_kernel(m, "residual_backward", &residual_backward_py, arg("dinp1"), arg("dinp2"), arg("dout"));
+    def_kernel(m, "rmsnorm_forward", &rmsnorm_forward_py, arg("out"), arg("rstd"), arg("x"), arg("weight"),
+               arg("eps"), arg("heads") = none);
+    def_kernel(m, "rmsnorm_backward", &rmsnorm_backward_py, arg("dx"), arg("dweight"), arg("dout"), arg("x"),
+               arg("weight"), arg("rstd"), arg("heads") = none);
+    def_kernel(m, "rope_forward", &rope_forward_py, arg("out"), arg("qkv"), arg("cos"), arg("sin"), arg("pos"),
+               arg("n_head"), arg("n_kv_head") = none);
+    def_kernel(m, "rope_backward", &rope_backward_py, arg("dqkv"), arg("dout"), arg("cos"), arg("sin"), arg("pos"),
+               arg("n_head"), arg("n_kv_head") = none);
+    def_kernel(m, "swiglu_forward", &swiglu_forward_py, arg("out"), arg("gate_up"));
+    def_kernel(m, "swiglu_backward", &swiglu_backward_py, arg("dgate_up"), arg("dout"), arg("gate_up"));
+    def_kernel(m, "relu2_forward", &relu2_forward_py, arg("out"), arg("x"));
+    def_kernel(m, "relu2_backward", &relu2_backward_py, arg("dx"), arg("dout"), arg("x"));
+    def_kernel(m, "embedding_forward", &embedding_forward_py, arg("out"), arg("tokens"), arg("wte"), arg("wpe"));
+    def_kernel(m, "embedding_backward", &embedding_backward_py, arg("dwte"), arg("dwpe"), arg("dout"),
+               arg("tokens"));
+    def_kernel(m, "adamw_step", &adamw_py, arg("params"), arg("m"), arg("v"), arg("grads"), arg("lr"),
+               arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("t"), arg("grad_scale"));
+    def_kernel(m, "sum_squares", &sum_squares_py, arg("x"));
 
     // ---- tokenizer (csrc/tokenizer): registered below
     // ---- pre-tokenizer

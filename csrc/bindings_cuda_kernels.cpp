@@ -15,7 +15,8 @@ namespace py = pybind11;
 using fastllm::str_cat;
 using namespace fastllm::cuda;
 
-static void register_elementwise(py::module_& m);  // layernorm.cu, gelu.cu, embedding.cu, adamw.cu (below)
+static void register_elementwise(py::module_& m);  // layernorm, gelu, residual, embedding, adamw (below)
+static void register_llama(py::module_& m);        // rmsnorm, rope, swiglu, relu2 (at the end)
 
 void fastllm::cuda::register_cuda_kernels(py::module_& m) {
     using py::arg;
@@ -79,32 +80,60 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
         arg("c"), arg("a"), arg("b"), arg("bias") = py::none(), arg("pre_gelu") = py::none(),
         arg("trans_a") = false, arg("trans_b") = false, arg("accumulate") = false,
         "c (M, N) = [c +] op(a) @ op(b) [+ bias]; with pre_gelu: pre_gelu = the product + bias, c = gelu(it).");
+    // matmul: inp (..., C) and out (..., OC) with the same N leading rows, weight (OC, C) -> {N, C, OC}
+    static const auto matmul_dims = [](const DeviceArray& inp, const DeviceArray& weight, const char* out_name,
+                                       const DeviceArray& out) {
+        check_float(inp, "inp");
+        check_2d(weight, "weight");
+        check_array(weight, "weight", inp.dtype, weight.shape);
+        const int64_t OC = weight.shape[0], C = weight.shape[1];
+        FASTLLM_CHECK(inp.shape.size() >= 1 && inp.shape.back() == C, "inp must be (..., C = ", C,
+                      ") like weight (OC, C), got shape ", inp.shape_str());
+        const int64_t N = C ? inp.size() / C : 0;
+        check_array(inp, "inp", inp.dtype, inp.shape);
+        FASTLLM_CHECK(out.shape.size() >= 1 && out.shape.back() == OC && out.size() == N * OC, out_name,
+                      " must be (..., OC = ", OC, ") with N = ", N, " rows like inp, got shape ", out.shape_str());
+        check_int32_size(N, "N (rows)");
+        check_int32_size(C, "C");
+        check_int32_size(OC, "OC");
+        return std::vector<int64_t>{N, C, OC};
+    };
+    m.def(
+        "matmul_forward",
+        [](DeviceArray& out, const DeviceArray& inp, const DeviceArray& weight, DeviceArray* bias,
+           DeviceArray* pre_gelu) {
+            const auto d = matmul_dims(inp, weight, "out", out);
+            const DType t = inp.dtype;
+            if (out.dtype != DType::f32 && out.dtype != t)
+                throw py::type_error(str_cat("out must be float32 or inp's dtype ", dtype_str(t), ", got ",
+                                             dtype_str(out.dtype)));
+            check_array(out, "out", out.dtype, out.shape);
+            if (bias) check_array(*bias, "bias", t, {d[2]});
+            if (pre_gelu) check_array(*pre_gelu, "pre_gelu", out.dtype, out.shape);
+            for (auto [o, on] : {std::pair<DeviceArray*, const char*>{&out, "out"}, {pre_gelu, "pre_gelu"}}) {
+                no_overlap(o, on, &inp, "inp");
+                no_overlap(o, on, &weight, "weight");
+                no_overlap(o, on, bias, "bias");
+            }
+            no_overlap(pre_gelu, "pre_gelu", &out, "out");
+            void *po = out.data(), *ppre = pre_gelu ? pre_gelu->data() : nullptr;
+            const void *pin = inp.data(), *pw = weight.data(), *pb = bias ? bias->data() : nullptr;
+            const DType ot = out.dtype;
+            py::gil_scoped_release nogil;
+            matmul_forward(po, ot, pin, pw, pb, ppre, d[0], d[1], d[2], t);
+        },
+        arg("out"), arg("inp"), arg("weight"), arg("bias") = py::none(), arg("pre_gelu") = py::none(),
+        "out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias; with pre_gelu: pre_gelu = that, out = gelu(it).");
     m.def(
         "matmul_backward",
         [](DeviceArray* dinp, DeviceArray* dweight, DeviceArray* dbias, const DeviceArray& dout,
            const DeviceArray& inp, const DeviceArray& weight) {
-            check_float(dout, "dout");
-            const DType t = dout.dtype;
-            check_2d(weight, "weight");
-            check_array(weight, "weight", t, weight.shape);
-            const int64_t OC = weight.shape[0], C = weight.shape[1];
-            FASTLLM_CHECK(dout.shape.size() >= 1 && dout.shape.back() == OC, "dout must be (..., OC = ", OC,
-                          "), got shape ", dout.shape_str());
-            // leading dims are flattened: dout (..., OC) and inp (..., C) with the same number N of rows
-            int64_t N = 1;
-            for (size_t i = 0; i + 1 < dout.shape.size(); i++) N *= dout.shape[i];
-            FASTLLM_CHECK(inp.shape.size() >= 1 && inp.shape.back() == C && inp.size() == N * C,
-                          "inp must be (..., C = ", C, ") with N = ", N, " rows like dout, got shape ",
-                          inp.shape_str());
-            const std::vector<int64_t> inp_shape = inp.shape;
-            check_array(inp, "inp", t, inp_shape);
+            const auto d = matmul_dims(inp, weight, "dout", dout);
+            const DType t = inp.dtype;
             check_array(dout, "dout", t, dout.shape);
-            check_int32_size(N, "N (rows)");
-            check_int32_size(C, "C");
-            check_int32_size(OC, "OC");
-            if (dinp) check_array(*dinp, "dinp", t, inp_shape);
-            if (dweight) check_array(*dweight, "dweight", DType::f32, {OC, C});
-            if (dbias) check_array(*dbias, "dbias", DType::f32, {OC});
+            if (dinp) check_array(*dinp, "dinp", t, inp.shape);
+            if (dweight) check_array(*dweight, "dweight", DType::f32, {d[2], d[1]});
+            if (dbias) check_array(*dbias, "dbias", DType::f32, {d[2]});
             for (auto [o, on] : {std::pair<DeviceArray*, const char*>{dinp, "dinp"}, {dweight, "dweight"},
                                  {dbias, "dbias"}}) {
                 no_overlap(o, on, &dout, "dout");
@@ -119,11 +148,7 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             float* pdb = dbias ? (float*)dbias->data() : nullptr;
             const void *pdo = dout.data(), *pin = inp.data(), *pw = weight.data();
             py::gil_scoped_release nogil;
-            // dinp (N, C) += dout (N, OC) @ weight (OC, C)
-            if (pdi) gemm(pdi, t, pdo, pw, nullptr, nullptr, N, C, OC, false, false, true, t);
-            // dweight (OC, C) += dout^T (OC, N) @ inp (N, C)
-            if (pdw) gemm(pdw, DType::f32, pdo, pin, nullptr, nullptr, OC, C, N, true, false, true, t);
-            if (pdb) bias_backward(pdb, pdo, N, OC, t);
+            matmul_backward(pdi, pdw, pdb, pdo, pin, pw, d[0], d[1], d[2], t);
         },
         arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"), arg("inp"), arg("weight"),
         "dinp += dout @ weight, dweight (f32) += dout^T @ inp, dbias (f32) += column sums of dout.");
@@ -142,41 +167,46 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             FASTLLM_CHECK(!overlap(a, b), an, " must not overlap ", bn, " (got views of the same memory)");
         };
         static constexpr int64_t kMaxHs = 256;  // the simple kernels keep hs/32 (rounded up to 1, 2, 4, 8) values per lane
-        // qkv (B, T, 3C) and n_head -> {B, T, C}, after checking dtype, ndim, 3C, n_head | C, hs <= kMaxHs
-        static const auto qkv_dims = [](const DeviceArray& qkv, int64_t n_head) {
+        // qkv (B, T, (NH + 2*NKV) * hs), n_head and n_kv_head (None: n_head) -> {B, T, C = NH*hs, NKV}, after
+        // checking dtype, ndim, the heads, hs <= kMaxHs
+        static const auto qkv_dims = [](const DeviceArray& qkv, int64_t n_head, std::optional<int64_t> n_kv_head) {
             check_float(qkv, "qkv");
-            FASTLLM_CHECK(qkv.shape.size() == 3, "qkv must be (B, T, 3C), got shape ", qkv.shape_str());
-            const int64_t B = qkv.shape[0], T = qkv.shape[1], C3 = qkv.shape[2];
-            FASTLLM_CHECK(C3 % 3 == 0 && C3 > 0, "qkv last dim must be 3*C > 0, got ", C3);
-            const int64_t C = C3 / 3;
-            FASTLLM_CHECK(n_head > 0 && C % n_head == 0, "n_head=", n_head, " must divide C=", C);
-            FASTLLM_CHECK(C / n_head <= kMaxHs, "head size C/n_head=", C / n_head,
-                          " is above the CUDA attention limit of ", kMaxHs);
+            FASTLLM_CHECK(qkv.shape.size() == 3, "qkv must be (B, T, (n_head + 2*n_kv_head) * hs), got shape ",
+                          qkv.shape_str());
+            const int64_t B = qkv.shape[0], T = qkv.shape[1], W = qkv.shape[2], NKV = n_kv_head.value_or(n_head);
+            FASTLLM_CHECK(n_head > 0, "n_head must be > 0, got ", n_head);
+            FASTLLM_CHECK(NKV > 0 && n_head % NKV == 0, "n_kv_head=", NKV, " must be > 0 and divide n_head=", n_head);
+            const int64_t heads = n_head + 2 * NKV;
+            FASTLLM_CHECK(W % heads == 0 && W > 0, "qkv last dim must be (n_head + 2*n_kv_head) * hs = ", heads,
+                          " * hs, got ", W, " (n_head=", n_head, ", n_kv_head=", NKV, ")");
+            const int64_t hs = W / heads;
+            FASTLLM_CHECK(hs <= kMaxHs, "head size hs=", hs, " is above the CUDA attention limit of ", kMaxHs);
             FASTLLM_CHECK(B * n_head * T < ((int64_t)1 << 31), "B*n_head*T=", B * n_head * T,
                           " is too large for the CUDA attention grid (< 2^31)");
-            return std::vector<int64_t>{B, T, C};
+            return std::vector<int64_t>{B, T, n_head * hs, NKV};
         };
         m.def(
             "attention_forward",
-            [](DeviceArray& out, DeviceArray& lse, const DeviceArray& qkv, int64_t n_head) {
-                const auto d = qkv_dims(qkv, n_head);
-                const int64_t B = d[0], T = d[1], C = d[2];
+            [](DeviceArray& out, DeviceArray& lse, const DeviceArray& qkv, int64_t n_head,
+               std::optional<int64_t> n_kv_head) {
+                const auto d = qkv_dims(qkv, n_head, n_kv_head);
+                const int64_t B = d[0], T = d[1], C = d[2], NKV = d[3];
                 check_array(out, "out", qkv.dtype, {B, T, C});
                 check_array(lse, "lse", DType::f32, {B, n_head, T});
                 disjoint(out, "out", qkv, "qkv");
                 disjoint(lse, "lse", qkv, "qkv");
                 disjoint(lse, "lse", out, "out");
                 py::gil_scoped_release nogil;
-                attention_forward(out.data(), (float*)lse.data(), qkv.data(), B, T, C, n_head, qkv.dtype);
+                attention_forward(out.data(), (float*)lse.data(), qkv.data(), B, T, C, n_head, NKV, qkv.dtype);
             },
-            arg("out"), arg("lse"), arg("qkv"), arg("n_head"));
+            arg("out"), arg("lse"), arg("qkv"), arg("n_head"), arg("n_kv_head") = py::none());
         m.def(
             "attention_backward",
             [](DeviceArray& dqkv, const DeviceArray& dout, const DeviceArray& qkv, const DeviceArray& out,
-               const DeviceArray& lse, int64_t n_head) {
-                const auto d = qkv_dims(qkv, n_head);
-                const int64_t B = d[0], T = d[1], C = d[2];
-                check_array(dqkv, "dqkv", qkv.dtype, {B, T, 3 * C});
+               const DeviceArray& lse, int64_t n_head, std::optional<int64_t> n_kv_head) {
+                const auto d = qkv_dims(qkv, n_head, n_kv_head);
+                const int64_t B = d[0], T = d[1], C = d[2], NKV = d[3];
+                check_array(dqkv, "dqkv", qkv.dtype, qkv.shape);
                 check_array(dout, "dout", qkv.dtype, {B, T, C});
                 check_array(out, "out", qkv.dtype, {B, T, C});
                 check_array(lse, "lse", DType::f32, {B, n_head, T});
@@ -186,28 +216,36 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
                 disjoint(dqkv, "dqkv", lse, "lse");
                 py::gil_scoped_release nogil;
                 attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), (const float*)lse.data(), B, T,
-                                   C, n_head, qkv.dtype);
+                                   C, n_head, NKV, qkv.dtype);
             },
-            arg("dqkv"), arg("dout"), arg("qkv"), arg("out"), arg("lse"), arg("n_head"));
+            arg("dqkv"), arg("dout"), arg("qkv"), arg("out"), arg("lse"), arg("n_head"), arg("n_kv_head") = py::none());
         m.def(
             "attention_kv_forward",
             [](DeviceArray& out, DeviceArray& kcache, DeviceArray& vcache, const DeviceArray& qkv,
-               const DeviceArray& pos) {
+               const DeviceArray& pos, std::optional<int64_t> n_kv_head) {
                 check_float(qkv, "qkv");
-                FASTLLM_CHECK(qkv.shape.size() == 3, "qkv must be (B, Tn, 3C), got shape ", qkv.shape_str());
-                const int64_t B = qkv.shape[0], Tn = qkv.shape[1], C3 = qkv.shape[2];
-                FASTLLM_CHECK(C3 % 3 == 0 && C3 > 0, "qkv last dim must be 3*C > 0, got ", C3);
-                const int64_t C = C3 / 3;
-                FASTLLM_CHECK(kcache.shape.size() == 4, "kcache must be (B, NH, max_T, hs), got shape ",
+                FASTLLM_CHECK(qkv.shape.size() == 3, "qkv must be (B, Tn, (n_head + 2*n_kv_head) * hs), got shape ",
+                              qkv.shape_str());
+                const int64_t B = qkv.shape[0], Tn = qkv.shape[1], W = qkv.shape[2];
+                FASTLLM_CHECK(kcache.shape.size() == 4, "kcache must be (B, n_kv_head, max_T, hs), got shape ",
                               kcache.shape_str());
-                const int64_t NH = kcache.shape[1], maxT = kcache.shape[2], hs = kcache.shape[3];
-                FASTLLM_CHECK(kcache.shape[0] == B && NH > 0 && NH * hs == C, "kcache must be (B=", B,
-                              ", NH, max_T, hs) with NH*hs = C=", C, ", got shape ", kcache.shape_str());
+                const int64_t NKV = kcache.shape[1], maxT = kcache.shape[2], hs = kcache.shape[3];
+                FASTLLM_CHECK(kcache.shape[0] == B && NKV > 0 && hs > 0, "kcache must be (B=", B,
+                              ", n_kv_head, max_T, hs), got shape ", kcache.shape_str());
+                FASTLLM_CHECK(!n_kv_head || *n_kv_head == NKV, "n_kv_head=", n_kv_head.value_or(0),
+                              " does not match kcache (B, n_kv_head, max_T, hs) of shape ", kcache.shape_str());
+                // n_kv_head None: multi-head attention, W = 3 * NKV * hs (the layout before grouped KV heads)
+                const int64_t NH = n_kv_head ? W / hs - 2 * NKV : NKV, C = NH * hs;
+                FASTLLM_CHECK(NH > 0 && W == (NH + 2 * NKV) * hs && NH % NKV == 0, "qkv last dim ", W,
+                              " does not fit kcache ", kcache.shape_str(),
+                              ": it must be (n_head + 2*n_kv_head) * hs with n_kv_head",
+                              n_kv_head ? "" : " = n_head (pass n_kv_head for grouped-query attention)",
+                              " dividing n_head");
                 FASTLLM_CHECK(hs <= kMaxHs, "head size hs=", hs, " is above the CUDA attention limit of ", kMaxHs);
                 FASTLLM_CHECK(Tn <= maxT, "qkv has Tn=", Tn, " new tokens, more than the cache's max_T=", maxT);
                 FASTLLM_CHECK(B * NH * Tn < ((int64_t)1 << 31), "B*NH*Tn=", B * NH * Tn, " is too large (< 2^31)");
-                check_array(kcache, "kcache", qkv.dtype, {B, NH, maxT, hs});
-                check_array(vcache, "vcache", qkv.dtype, {B, NH, maxT, hs});
+                check_array(kcache, "kcache", qkv.dtype, {B, NKV, maxT, hs});
+                check_array(vcache, "vcache", qkv.dtype, {B, NKV, maxT, hs});
                 check_array(out, "out", qkv.dtype, {B, Tn, C});
                 check_array(pos, "pos", DType::i32, {B});
                 disjoint(kcache, "kcache", vcache, "vcache");
@@ -221,9 +259,9 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
                 disjoint(out, "out", pos, "pos");  // pos is read by every block while out is written
                 py::gil_scoped_release nogil;
                 attention_kv_forward(out.data(), kcache.data(), vcache.data(), qkv.data(),
-                                     (const int32_t*)pos.data(), B, Tn, C, NH, maxT, qkv.dtype);
+                                     (const int32_t*)pos.data(), B, Tn, C, NH, NKV, maxT, qkv.dtype);
             },
-            arg("out"), arg("kcache"), arg("vcache"), arg("qkv"), arg("pos"));
+            arg("out"), arg("kcache"), arg("vcache"), arg("qkv"), arg("pos"), arg("n_kv_head") = py::none());
     }
 
     // ---- softmax_ce.cu
@@ -233,9 +271,9 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
         check_array(x, name, dt, x.shape == std::vector<int64_t>{N} ? x.shape : lead);
     };
     m.def(
-        "softmax_cross_entropy",
+        "softmax_ce",
         [](DeviceArray& losses, DeviceArray* dlogits, const DeviceArray& logits, const DeviceArray& targets,
-           float grad_scale, int32_t ignore_index) {
+           float grad_scale, int32_t ignore_index, DeviceArray* row_weights) {
             check_float(logits, "logits");
             const DType t = logits.dtype;
             FASTLLM_CHECK(logits.shape.size() >= 1, "logits must be (..., V), got a 0-d array");
@@ -256,21 +294,26 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             }
             no_overlap(&losses, "losses", &logits, "logits");
             no_overlap(&losses, "losses", &targets, "targets");
+            if (row_weights) {
+                check_rows(*row_weights, "row_weights", DType::f32, lead, N);
+                no_overlap(dlogits, "dlogits", row_weights, "row_weights");
+            }
             float* pl = (float*)losses.data();
             void* pd = dlogits ? dlogits->data() : nullptr;
             const void* px = logits.data();
             const int32_t* pt = (const int32_t*)targets.data();
+            const float* pw = row_weights ? (const float*)row_weights->data() : nullptr;
             py::gil_scoped_release nogil;
-            softmax_cross_entropy(pl, pd, px, pt, N, V, grad_scale, ignore_index, t);
+            softmax_ce(pl, pd, px, pt, N, V, grad_scale, ignore_index, pw, t);
         },
         arg("losses"), arg("dlogits"), arg("logits"), arg("targets"), arg("grad_scale") = 1.0f,
-        arg("ignore_index") = -1,
+        arg("ignore_index") = -1, arg("row_weights") = py::none(),
         "losses (N, f32) and optionally dlogits = (softmax - onehot) * grad_scale (may be logits itself).");
     m.def(
-        "lmhead_cross_entropy",
+        "lmhead_ce",
         [](DeviceArray& losses, DeviceArray* dhidden, DeviceArray* dweight, const DeviceArray& hidden,
            const DeviceArray& weight, const DeviceArray& targets, float grad_scale, int32_t ignore_index,
-           DeviceArray* scratch) {
+           DeviceArray* scratch, DeviceArray* row_weights) {
             check_float(hidden, "hidden");
             const DType t = hidden.dtype;
             check_2d(weight, "weight");
@@ -316,6 +359,13 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             no_overlap(dhidden, "dhidden", dweight, "dweight");
             no_overlap(dhidden, "dhidden", &losses, "losses");
             no_overlap(dweight, "dweight", &losses, "losses");
+            if (row_weights) {
+                check_rows(*row_weights, "row_weights", DType::f32, lead, N);
+                no_overlap(scratch, "scratch", row_weights, "row_weights");
+                no_overlap(dhidden, "dhidden", row_weights, "row_weights");
+                no_overlap(dweight, "dweight", row_weights, "row_weights");
+            }
+            const float* prw = row_weights ? (const float*)row_weights->data() : nullptr;
             float* pl = (float*)losses.data();
             void* pdh = dhidden ? dhidden->data() : nullptr;
             float* pdw = dweight ? (float*)dweight->data() : nullptr;
@@ -325,18 +375,21 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             const int64_t rows = scratch->shape[0];
             {
                 py::gil_scoped_release nogil;
-                lmhead_cross_entropy(pl, pdh, pdw, ph, pw, pt, ps, rows, N, C, V, grad_scale, ignore_index, t);
+                lmhead_ce(pl, pdh, pdw, ph, pw, pt, ps, rows, N, C, V, grad_scale, ignore_index, prw, t);
             }
         },
         arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"), arg("targets"),
         arg("grad_scale") = 1.0f, arg("ignore_index") = -1, arg("scratch") = py::none(),
+        arg("row_weights") = py::none(),
         "Fused lm head + cross-entropy in row chunks of scratch (rows, V) (allocated if None).");
     m.def("lmhead_chunk_rows", [](int64_t N, int64_t V, const std::string& dtype) {
         return lmhead_chunk_rows(N, V, parse_dtype(dtype));
-    }, arg("N"), arg("V"), arg("dtype"), "Default scratch rows of lmhead_cross_entropy (<= ~256 MiB).");
+    }, arg("N"), arg("V"), arg("dtype"), "Default scratch rows of lmhead_ce (<= ~256 MiB).");
 
     // ---- layernorm.cu, gelu.cu, embedding.cu, adamw.cu
     register_elementwise(m);
+    // ---- rmsnorm.cu, rope.cu, swiglu.cu
+    register_llama(m);
 }
 
 // ---- layernorm.cu, gelu.cu, embedding.cu, adamw.cu (registered at the end of register_cuda_kernels)
@@ -515,6 +568,21 @@ static void register_elementwise(py::module_& m) {
         arg("out"), arg("a"), arg("b"));
 
     m.def(
+        "residual_backward",
+        [](DeviceArray& da, DeviceArray& db, const DeviceArray& dout) {
+            check_float(dout, "dout");
+            check_array(dout, "dout", dout.dtype, dout.shape);
+            check_array(da, "dinp1", dout.dtype, dout.shape);
+            check_array(db, "dinp2", dout.dtype, dout.shape);
+            ew_disjoint(da, "dinp1", db, "dinp2");
+            ew_disjoint(da, "dinp1", dout, "dout");
+            ew_disjoint(db, "dinp2", dout, "dout");
+            py::gil_scoped_release nogil;
+            residual_backward(da.data(), db.data(), dout.data(), dout.size(), dout.dtype);
+        },
+        arg("dinp1"), arg("dinp2"), arg("dout"));
+
+    m.def(
         "embedding_forward",
         [](DeviceArray& out, const DeviceArray& tokens, const DeviceArray& wte, const DeviceArray& wpe) {
             int64_t B, T;
@@ -595,4 +663,201 @@ static void register_elementwise(py::module_& m) {
     m.def("_set_simple_elementwise", &set_simple_elementwise, arg("on"),
           "Tests: run the simple reference kernels of layernorm/gelu/residual/embedding/adamw (True) or the fast "
           "ones (False, the default).");
+}
+
+// ---- rmsnorm.cu, rope.cu, swiglu.cu: the Llama family's ops (registered at the end of register_cuda_kernels)
+
+static void register_llama(py::module_& m) {
+    using py::arg;
+    using Heads = std::optional<std::pair<int64_t, int64_t>>;
+    // x (..., C) whole, or with heads = (h0, h1) rows [h0, h1) of its second-to-last axis: {N, C, group,
+    // group_stride, offset (elements)} (csrc/cpu/rmsnorm.h) and the shape of rstd
+    struct NormRows {
+        int64_t N, C, group, group_stride, offset;
+        std::vector<int64_t> stats;
+    };
+    static const auto norm_rows = [](const DeviceArray& x, const Heads& heads) {
+        check_float(x, "x");
+        int64_t N, C;
+        ew_rows(x, "x", N, C);
+        check_array(x, "x", x.dtype, x.shape);
+        std::vector<int64_t> lead(x.shape.begin(), x.shape.end() - 1);
+        if (!heads) return NormRows{N, C, std::max<int64_t>(N, 1), N * C, 0, lead};
+        FASTLLM_CHECK(x.shape.size() >= 2, "heads needs x (..., R, C) with a head axis, got shape ", x.shape_str());
+        const int64_t R = lead.back(), h0 = heads->first, h1 = heads->second;
+        FASTLLM_CHECK(0 <= h0 && h0 < h1 && h1 <= R, "heads=(", h0, ", ", h1, ") must satisfy 0 <= h0 < h1 <= R=",
+                      R, " (x.shape[-2] of x ", x.shape_str(), ")");
+        lead.back() = h1 - h0;
+        return NormRows{N / R * (h1 - h0), C, h1 - h0, R * C, h0 * C, lead};
+    };
+    static const auto stats = [](const DeviceArray& a, const char* name, const NormRows& r) {
+        if (a.dtype != DType::f32)
+            throw py::type_error(str_cat(name, " must have dtype float32, got ", dtype_str(a.dtype)));
+        FASTLLM_CHECK(a.shape == r.stats, name, " must have shape ", DeviceArray{nullptr, 0, r.stats}.shape_str(),
+                      ", got ", a.shape_str());
+        ew_check_device(a, name);
+    };
+    const auto at = [](const DeviceArray& a, int64_t elems) { return (char*)a.data() + elems * dtype_size(a.dtype); };
+    m.def(
+        "rmsnorm_forward",
+        [at](DeviceArray& out, DeviceArray& rstd, const DeviceArray& x, const DeviceArray& weight, float eps,
+             Heads heads) {
+            const NormRows r = norm_rows(x, heads);
+            check_array(out, "out", x.dtype, x.shape);
+            check_array(weight, "weight", x.dtype, {r.C});
+            stats(rstd, "rstd", r);
+            FASTLLM_CHECK(eps >= 0.0f && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+            ew_same_or_disjoint(out, "out", x, "x");
+            ew_disjoint(out, "out", weight, "weight");
+            ew_disjoint(out, "out", rstd, "rstd");
+            ew_disjoint(rstd, "rstd", x, "x");
+            ew_disjoint(rstd, "rstd", weight, "weight");
+            void* po = at(out, r.offset);
+            const void* px = at(x, r.offset);
+            py::gil_scoped_release nogil;
+            rmsnorm_forward(po, (float*)rstd.data(), px, weight.data(), r.N, r.C, r.group, r.group_stride, eps,
+                            x.dtype);
+        },
+        arg("out"), arg("rstd"), arg("x"), arg("weight"), arg("eps"), arg("heads") = py::none());
+    m.def(
+        "rmsnorm_backward",
+        [at](DeviceArray& dx, DeviceArray& dweight, const DeviceArray& dout, const DeviceArray& x,
+             const DeviceArray& weight, const DeviceArray& rstd, Heads heads) {
+            const NormRows r = norm_rows(x, heads);
+            check_array(dx, "dx", x.dtype, x.shape);
+            check_array(dout, "dout", x.dtype, x.shape);
+            check_array(weight, "weight", x.dtype, {r.C});
+            check_array(dweight, "dweight", DType::f32, {r.C});
+            stats(rstd, "rstd", r);
+            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dout, "dout"}, {&x, "x"},
+                                 {&weight, "weight"}, {&rstd, "rstd"}, {&dweight, "dweight"}})
+                ew_disjoint(dx, "dx", *a, an);
+            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dout, "dout"}, {&x, "x"},
+                                 {&weight, "weight"}, {&rstd, "rstd"}})
+                ew_disjoint(dweight, "dweight", *a, an);
+            void* pdx = at(dx, r.offset);
+            const void *pdy = at(dout, r.offset), *px = at(x, r.offset);
+            py::gil_scoped_release nogil;
+            rmsnorm_backward(pdx, (float*)dweight.data(), pdy, px, weight.data(), (const float*)rstd.data(), r.N,
+                             r.C, r.group, r.group_stride, x.dtype);
+        },
+        arg("dx"), arg("dweight"), arg("dout"), arg("x"), arg("weight"), arg("rstd"), arg("heads") = py::none());
+
+    // qkv (B, T, (NH + 2*NKV) * hs), tables cos/sin (P, R2) f32 with 2*R2 <= hs, pos int32 (B) or None ->
+    // {B, T, P, NKV, hs, R2}. Positions are not checked here (device memory): fastllm.cuda checks numpy ones.
+    static const auto rope_dims = [](const DeviceArray& x, const char* xname, const DeviceArray& cos,
+                                     const DeviceArray& sin, const DeviceArray* pos, int64_t NH,
+                                     std::optional<int64_t> n_kv_head) {
+        check_float(x, xname);
+        FASTLLM_CHECK(x.shape.size() == 3, xname, " must be (B, T, (n_head + 2*n_kv_head) * hs), got shape ",
+                      x.shape_str());
+        const int64_t NKV = n_kv_head.value_or(NH);
+        FASTLLM_CHECK(NH > 0, "n_head must be > 0, got ", NH);
+        FASTLLM_CHECK(NKV > 0 && NH % NKV == 0, "n_kv_head=", NKV, " must be > 0 and divide n_head=", NH);
+        const int64_t B = x.shape[0], T = x.shape[1], W = x.shape[2], heads = NH + 2 * NKV;
+        FASTLLM_CHECK(W % heads == 0 && W > 0, xname, " last dim must be (n_head + 2*n_kv_head) * hs = ", heads,
+                      " * hs, got ", W);
+        FASTLLM_CHECK(B * T * W < (1ll << 62) && W < (1ll << 31), xname, " is too large");
+        const int64_t hs = W / heads;
+        FASTLLM_CHECK(cos.shape.size() == 2, "cos must be (max_pos, rotary_dim / 2), got shape ", cos.shape_str());
+        const int64_t P = cos.shape[0], R2 = cos.shape[1];
+        check_array(cos, "cos", DType::f32, {P, R2});
+        check_array(sin, "sin", DType::f32, {P, R2});
+        FASTLLM_CHECK(2 * R2 <= hs, "cos has ", R2, " columns: rotary_dim = ", 2 * R2, " exceeds the head size hs=",
+                      hs);
+        if (pos) check_array(*pos, "pos", DType::i32, {B});
+        return std::vector<int64_t>{B, T, P, NKV, hs, R2};
+    };
+    m.def(
+        "rope_forward",
+        [](DeviceArray& out, const DeviceArray& qkv, const DeviceArray& cos, const DeviceArray& sin, DeviceArray* pos,
+           int64_t n_head, std::optional<int64_t> n_kv_head) {
+            const auto d = rope_dims(qkv, "qkv", cos, sin, pos, n_head, n_kv_head);
+            check_array(out, "out", qkv.dtype, qkv.shape);
+            ew_same_or_disjoint(out, "out", qkv, "qkv");
+            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&cos, "cos"}, {&sin, "sin"}, {pos, "pos"}})
+                if (a) ew_disjoint(out, "out", *a, an);
+            const int32_t* pp = pos ? (const int32_t*)pos->data() : nullptr;
+            py::gil_scoped_release nogil;
+            rope_forward(out.data(), qkv.data(), (const float*)cos.data(), (const float*)sin.data(), pp, d[0], d[1],
+                         d[2], n_head, d[3], d[4], d[5], qkv.dtype);
+        },
+        arg("out"), arg("qkv"), arg("cos"), arg("sin"), arg("pos").none(true), arg("n_head"),
+        arg("n_kv_head") = py::none());
+    m.def(
+        "rope_backward",
+        [](DeviceArray& dqkv, const DeviceArray& dout, const DeviceArray& cos, const DeviceArray& sin,
+           DeviceArray* pos, int64_t n_head, std::optional<int64_t> n_kv_head) {
+            const auto d = rope_dims(dout, "dout", cos, sin, pos, n_head, n_kv_head);
+            check_array(dqkv, "dqkv", dout.dtype, dout.shape);
+            ew_same_or_disjoint(dqkv, "dqkv", dout, "dout");
+            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&cos, "cos"}, {&sin, "sin"}, {pos, "pos"}})
+                if (a) ew_disjoint(dqkv, "dqkv", *a, an);
+            const int32_t* pp = pos ? (const int32_t*)pos->data() : nullptr;
+            py::gil_scoped_release nogil;
+            rope_backward(dqkv.data(), dout.data(), (const float*)cos.data(), (const float*)sin.data(), pp, d[0],
+                          d[1], d[2], n_head, d[3], d[4], d[5], dout.dtype);
+        },
+        arg("dqkv"), arg("dout"), arg("cos"), arg("sin"), arg("pos").none(true), arg("n_head"),
+        arg("n_kv_head") = py::none());
+
+    // gate_up (..., 2H) -> {N, H} and the shape of out (..., H)
+    static const auto swiglu_dims = [](const DeviceArray& gate_up, std::vector<int64_t>& half) {
+        check_float(gate_up, "gate_up");
+        FASTLLM_CHECK(!gate_up.shape.empty() && gate_up.shape.back() % 2 == 0,
+                      "gate_up must be (..., 2H) = [gate | up], got shape ", gate_up.shape_str());
+        check_array(gate_up, "gate_up", gate_up.dtype, gate_up.shape);
+        half = gate_up.shape;
+        half.back() /= 2;
+        const int64_t H = half.back();
+        return std::pair<int64_t, int64_t>{H ? gate_up.size() / (2 * H) : 0, H};
+    };
+    m.def(
+        "swiglu_forward",
+        [](DeviceArray& out, const DeviceArray& gate_up) {
+            std::vector<int64_t> half;
+            const auto [N, H] = swiglu_dims(gate_up, half);
+            check_array(out, "out", gate_up.dtype, half);
+            ew_disjoint(out, "out", gate_up, "gate_up");
+            py::gil_scoped_release nogil;
+            swiglu_forward(out.data(), gate_up.data(), N, H, gate_up.dtype);
+        },
+        arg("out"), arg("gate_up"));
+    m.def(
+        "swiglu_backward",
+        [](DeviceArray& dgate_up, const DeviceArray& dout, const DeviceArray& gate_up) {
+            std::vector<int64_t> half;
+            const auto [N, H] = swiglu_dims(gate_up, half);
+            check_array(dout, "dout", gate_up.dtype, half);
+            check_array(dgate_up, "dgate_up", gate_up.dtype, gate_up.shape);
+            ew_disjoint(dgate_up, "dgate_up", gate_up, "gate_up");
+            ew_disjoint(dgate_up, "dgate_up", dout, "dout");
+            py::gil_scoped_release nogil;
+            swiglu_backward(dgate_up.data(), dout.data(), gate_up.data(), N, H, gate_up.dtype);
+        },
+        arg("dgate_up"), arg("dout"), arg("gate_up"));
+    m.def(
+        "relu2_forward",
+        [](DeviceArray& out, const DeviceArray& x) {
+            check_float(x, "x");
+            check_array(x, "x", x.dtype, x.shape);
+            check_array(out, "out", x.dtype, x.shape);
+            ew_same_or_disjoint(out, "out", x, "x");
+            py::gil_scoped_release nogil;
+            relu2_forward(out.data(), x.data(), x.size(), x.dtype);
+        },
+        arg("out"), arg("x"));
+    m.def(
+        "relu2_backward",
+        [](DeviceArray& dx, const DeviceArray& dout, const DeviceArray& x) {
+            check_float(x, "x");
+            check_array(x, "x", x.dtype, x.shape);
+            check_array(dx, "dx", x.dtype, x.shape);
+            check_array(dout, "dout", x.dtype, x.shape);
+            ew_disjoint(dx, "dx", dout, "dout");
+            ew_disjoint(dx, "dx", x, "x");
+            py::gil_scoped_release nogil;
+            relu2_backward(dx.data(), dout.data(), x.data(), x.size(), x.dtype);
+        },
+        arg("dx"), arg("dout"), arg("x"));
 }

@@ -12,6 +12,7 @@ Conventions of every kernel in csrc/cpu:
   - kernels do not validate input: bindings.cpp does, through FASTLLM_CHECK (-> Python ValueError).
 */
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -38,11 +39,33 @@ std::string str_cat(Args&&... args) {
     } while (0)
 
 // ---- threads
+// The most threads fastllm runs (as ggml's GGML_MAX_N_THREADS): libgomp segfaults or exits the process when it
+// cannot create the threads asked for (OMP_NUM_THREADS=100000), and thousands of threads are never faster.
+// The bindings refuse more (ValueError) and lower a larger OMP_NUM_THREADS to it (limit_threads).
+constexpr int kMaxThreads = 1024;
+
+// The thread count fastllm.set_num_threads chose (0: never set, OpenMP's default). OpenMP keeps the count per
+// thread, so a count set from one Python thread would not reach kernels called from another (a server's engine
+// thread): every binding applies this one through limit_threads.
+inline std::atomic<int>& requested_threads() {
+    static std::atomic<int> n{0};
+    return n;
+}
 inline int max_threads() {
 #ifdef _OPENMP
-    return omp_get_max_threads();
+    const int want = requested_threads().load(std::memory_order_relaxed);
+    const int n = want > 0 ? want : omp_get_max_threads();
+    return n < kMaxThreads ? n : kMaxThreads;
 #else
     return 1;
+#endif
+}
+// Gives the calling thread the requested count (set_num_threads), or lowers it to kMaxThreads when
+// OMP_NUM_THREADS asked for more. Every binding calls this before running a kernel.
+inline void limit_threads() {
+#ifdef _OPENMP
+    const int want = max_threads();
+    if (omp_get_max_threads() != want) omp_set_num_threads(want);
 #endif
 }
 inline int thread_id() {

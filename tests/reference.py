@@ -59,7 +59,7 @@ def attention_backward(dout, qkv, n_head):
     return np.concatenate(back, axis=-1)
 
 
-def softmax_cross_entropy(logits, targets, grad_scale=1.0, ignore_index=-1):
+def softmax_ce(logits, targets, grad_scale=1.0, ignore_index=-1):
     """-> (losses (N,), dlogits (N, V)) for logits (N, V)."""
     (logits,) = f64(logits)
     targets = np.asarray(targets).reshape(-1)
@@ -139,3 +139,115 @@ def bf16_round(x):
     u = x.view(np.uint32).astype(np.uint64)
     r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
     return np.where(np.isnan(x), np.float32(np.nan), r).reshape(x.shape)
+
+
+# ---- the Llama family: rmsnorm, rope, swiglu, relu2, grouped-query attention
+
+
+def rmsnorm_forward(x, w, eps=1e-6):
+    """x (..., C) -> (x * rstd * w, rstd (...)), rstd = 1 / sqrt(mean(x^2) + eps)."""
+    x, w = f64(x, w)
+    rstd = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return x * rstd * w, rstd[..., 0]
+
+
+def rmsnorm_backward(dout, x, w, eps=1e-6):
+    """-> (dx, dweight (C,))."""
+    dout, x, w = f64(dout, x, w)
+    rstd = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    xhat, g = x * rstd, dout * w
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx, (dout * xhat).reshape(-1, x.shape[-1]).sum(0)
+
+
+def rope_angles(positions, freq):
+    """angle (n, R2) = float32(position) * float32(freq), in float64: the rotation of each position."""
+    return (np.asarray(positions, np.float32)[:, None] * np.asarray(freq, np.float32)[None, :]).astype(np.float64)
+
+
+def rope_forward(qkv, angle, n_head, n_kv_head, inverse=False):
+    """qkv (B, T, (NH + 2 NKV) hs); angle (B, T, R2) per token: rotate-half RoPE of the first 2*R2 dims of every q and
+    k head (v and the other dims unchanged); inverse=True rotates by -angle (the backward)."""
+    (qkv,) = f64(qkv)
+    B, T, W = qkv.shape
+    hs = W // (n_head + 2 * n_kv_head)
+    R2 = angle.shape[-1]
+    x = qkv.reshape(B, T, -1, hs).copy()
+    qk = x[:, :, :n_head + n_kv_head]
+    c, s = np.cos(angle)[:, :, None, :], np.sin(angle)[:, :, None, :] * (-1.0 if inverse else 1.0)
+    x1, x2 = qk[..., :R2].copy(), qk[..., R2:2 * R2].copy()
+    qk[..., :R2] = x1 * c - x2 * s
+    qk[..., R2:2 * R2] = x2 * c + x1 * s
+    return x.reshape(B, T, W)
+
+
+def swiglu_forward(gate_up):
+    (gate_up,) = f64(gate_up)
+    H = gate_up.shape[-1] // 2
+    g, u = gate_up[..., :H], gate_up[..., H:]
+    return g / (1 + np.exp(-g)) * u
+
+
+def swiglu_backward(dout, gate_up):
+    """-> dgate_up (..., 2H)."""
+    dout, gate_up = f64(dout, gate_up)
+    H = gate_up.shape[-1] // 2
+    g, u = gate_up[..., :H], gate_up[..., H:]
+    s = 1 / (1 + np.exp(-g))
+    return np.concatenate([dout * u * s * (1 + g * (1 - s)), dout * g * s], axis=-1)
+
+
+def relu2_forward(x):
+    (x,) = f64(x)
+    return np.maximum(x, 0) ** 2
+
+
+def relu2_backward(dout, x):
+    dout, x = f64(dout, x)
+    return 2 * np.maximum(x, 0) * dout
+
+
+def gqa_split(qkv, n_head, n_kv_head):
+    """packed qkv (B, T, (NH + 2 NKV) hs) -> q (B, NH, T, hs), k, v (B, NKV, T, hs)."""
+    B, T, W = qkv.shape
+    hs = W // (n_head + 2 * n_kv_head)
+    x = qkv.reshape(B, T, -1, hs).transpose(0, 2, 1, 3)
+    return x[:, :n_head], x[:, n_head:n_head + n_kv_head], x[:, n_head + n_kv_head:]
+
+
+def gqa_attention_forward(qkv, n_head, n_kv_head):
+    """Causal grouped-query attention: query head h uses kv head h // (NH / NKV) (K/V repeated, as HF repeat_kv).
+    -> out (B, T, NH hs), lse (B, NH, T)."""
+    (qkv,) = f64(qkv)
+    B, T, _ = qkv.shape
+    q, k, v = gqa_split(qkv, n_head, n_kv_head)
+    G = n_head // n_kv_head
+    k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    hs = q.shape[-1]
+    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
+    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
+    mx = att.max(-1, keepdims=True)
+    lse = (mx + np.log(np.exp(att - mx).sum(-1, keepdims=True)))[..., 0]
+    out = np.exp(att - lse[..., None]) @ v
+    return out.transpose(0, 2, 1, 3).reshape(B, T, n_head * hs), lse
+
+
+def gqa_attention_backward(dout, qkv, n_head, n_kv_head):
+    """-> dqkv (B, T, (NH + 2 NKV) hs); dk, dv of a kv head summed over its G query heads."""
+    dout, qkv = f64(dout, qkv)
+    B, T, W = qkv.shape
+    q, k, v = gqa_split(qkv, n_head, n_kv_head)
+    G, hs = n_head // n_kv_head, q.shape[-1]
+    k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
+    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
+    p = np.exp(att - att.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dv = p.transpose(0, 1, 3, 2) @ dy
+    dp = dy @ v.transpose(0, 1, 3, 2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(hs)
+    dq, dk = ds @ k, ds.transpose(0, 1, 3, 2) @ q
+    dk = dk.reshape(B, n_kv_head, G, T, hs).sum(2)
+    dv = dv.reshape(B, n_kv_head, G, T, hs).sum(2)
+    return np.concatenate([dq, dk, dv], axis=1).transpose(0, 2, 1, 3).reshape(B, T, W)

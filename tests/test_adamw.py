@@ -86,3 +86,18 @@ def test_adamw_bad_input(rng):
         ops.global_norm(p.astype(np.float64))
     with pytest.raises(ValueError, match="x"):
         ops.global_norm(np.zeros(20, np.float32)[::2])
+
+
+def test_adamw_huge_step_and_overlaps(rng):
+    """t past 64 bits is a ValueError naming t (it was pybind11's 'incompatible function arguments' dump of
+    every array); params, m, v may not share memory with each other or grads."""
+    p = rng.standard_normal(10).astype(np.float32)
+    g, m, v = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+    with pytest.raises(ValueError, match="t = 1180591620717411303424 is out of range"):
+        ops.adamw_step(p, g, m, v, lr=1e-3, t=2**70)
+    with pytest.raises(ValueError, match="m overlaps v"):
+        ops.adamw_step(p, g, m, m, lr=1e-3, t=1)
+    with pytest.raises(ValueError, match="params overlaps grads"):
+        ops.adamw_step(p, p, m, v, lr=1e-3, t=1)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        _C.adamw_step(p, m, v, g, None, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)

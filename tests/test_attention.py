@@ -169,3 +169,46 @@ def test_bad_shapes():
         ops.attention_backward(dout[:, :, :4].copy(), qkv, out, lse, 2)
     with pytest.raises(ValueError, match="dqkv"):
         ops.attention_backward(dout, qkv, out, lse, 2, dqkv=np.zeros((1, 4, 23), np.float32))
+
+
+@pytest.mark.parametrize("part", ["q", "k", "v"])
+def test_nan_propagates_like_the_kv_kernel(part, simd):
+    """A NaN in q, k or v reaches every output row that attends to it, in out and (q, k) lse, as in the
+    KV-cache kernel: the vectorized exp2 used to turn NaN scores into ~0 weights (finite output, lse -inf)."""
+    B, T, C, NH = 2, 70, 64, 2
+    hs = C // NH
+    qkv = np.random.default_rng(0).standard_normal((B, T, 3 * C), dtype=np.float32)
+    t, col = 5, {"q": 0, "k": C, "v": 2 * C}[part] + 3  # head 0, position t
+    qkv[0, t, col] = np.nan
+    out, lse = ops.attention_forward(qkv, NH)
+    kc, vc = np.zeros((B, NH, T, hs), np.float32), np.zeros((B, NH, T, hs), np.float32)
+    kv_out = ops.attention_kv_forward(qkv, kc, vc, np.zeros(B, np.int32))
+    reach = np.isnan(kv_out[0, :, :hs]).any(-1)  # rows of head 0 the KV kernel makes NaN
+    assert reach.sum() == (1 if part == "q" else T - t)
+    assert np.isnan(out[0, :, :hs]).any(-1)[reach].all()
+    if part != "v":
+        assert np.isnan(lse[0, 0])[reach].all()
+    assert np.isfinite(out[1]).all() and np.isfinite(lse[1]).all() and np.isfinite(out[0, :, hs:]).all()
+    assert not np.isinf(lse).any()
+
+
+def test_bad_sizes_and_arguments():
+    """n_head -2, 2**40 or 2**70, C = 0 and a 2-D qkv for the KV kernel: a ValueError naming the argument (they
+    used to fail in numpy with 'negative dimensions', a 16 TiB allocation, an IndexError, or left lse
+    uninitialised)."""
+    qkv = np.zeros((1, 4, 24), np.float32)
+    for n_head in (-2, 2**40, 2**70):
+        with pytest.raises(ValueError, match="n_head"):
+            ops.attention_forward(qkv, n_head)
+        with pytest.raises(ValueError, match="n_head"):
+            fastllm._C.attention_forward(np.zeros((1, 4, 8), np.float32), np.zeros((1, 1, 4), np.float32), qkv,
+                                         n_head)
+    with pytest.raises(ValueError, match=r"C \(qkv has 3\*C columns\) must be >= 1"):
+        ops.attention_forward(np.zeros((1, 4, 0), np.float32), 1)
+    cache = np.zeros((1, 2, 8, 4), np.float32)
+    with pytest.raises(ValueError, match="qkv must be"):
+        ops.attention_kv_forward(qkv[0], cache, cache.copy(), [0])
+    with pytest.raises(ValueError, match="kcache overlaps vcache"):
+        ops.attention_kv_forward(qkv, cache, cache, [0])
+    with pytest.raises(ValueError, match="out overlaps qkv"):
+        ops.attention_forward(qkv, 2, out=qkv.reshape(-1)[:32].reshape(1, 4, 8))

@@ -161,3 +161,47 @@ def test_tqdm_and_paths(tmp_path, topics, capsys):
     c = Tokenizer.train([str(p)], 400, progress=False)  # a str is always text, even if it names a file
     assert merges_of(c) != merges_of(a)
     assert "bpe merges" in capsys.readouterr().err
+
+
+def test_long_chunks_match_reference():
+    """Chunks of thousands of bytes (runs of one character, a line without spaces, repeats that overlap):
+    the occurrence-list trainer gives the reference's merges."""
+    rnd = random.Random(3)
+    text = ("a" * 3001 + " " + "ab" * 700 + "a " + "".join(rnd.choice("abc") for _ in range(4000)) + " "
+            + "xyz" * 333 + "xy " + "aaab" * 250)
+    ref = as_bytes(ref_train(ref_chunk_counts([text], _C.pattern_string("gpt4"), []), 300))
+    tok = Tokenizer.train(text, 256 + 300, special_tokens=(), progress=False)
+    assert merges_of(tok) == ref
+
+
+def test_splits_of_long_tokens():
+    """from_ranks finds every split of a token into two tokens (the merges tiktoken would do) also on the trie
+    path taken for long tokens: same (left, right, priority) as the obvious enumeration."""
+    tok = Tokenizer.train(["a" * 20_000 + " " + "ab" * 3000], 320, special_tokens=(), progress=False)
+    toks = {tok.token_to_bytes(i): i for i in range(tok.n_vocab)}
+    assert max(map(len, toks)) >= 8192  # long tokens: the trie path
+    ref = sorted((toks[t[:k]], toks[t[k:]], i) for t, i in toks.items() for k in range(1, len(t))
+                 if t[:k] in toks and t[k:] in toks)
+    assert sorted((a, b, p) for a, b, p, _ in tok._core.pairs()) == ref
+
+
+def test_long_runs_train_and_load_in_linear_time(tmp_path):
+    """Training on a run of 300k copies of one character, then saving and loading the tokenizer, takes about
+    a second (finding the splits of its long tokens took ~20 s per load, quadratic in the token length);
+    a 4 MB line without spaces (one chunk) trains 500 merges in seconds (each merge rewrote the whole chunk:
+    ~40 s). Generous bounds: the machine may be busy."""
+    import time
+
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(["a" * 300_000], 300, special_tokens=(EOT,), progress=False)
+    tok.save(tmp_path / "t.tiktoken")
+    again = Tokenizer.load(tmp_path / "t.tiktoken")
+    assert time.perf_counter() - t0 < 15
+    text = "a" * 123_457 + "b"
+    assert again.decode(again.encode(text)) == text and again.encode(text).tolist() == tok.encode(text).tolist()
+    rnd = random.Random(0)
+    line = "".join(rnd.choices("abcdefghijklmnopqrstuvwxyz", k=4_000_000))
+    t0 = time.perf_counter()
+    tok = Tokenizer.train([line], 256 + 500, special_tokens=(), progress=False)
+    assert time.perf_counter() - t0 < 15
+    assert tok.vocab_size == 756 and tok.decode(tok.encode(line[:10_000])) == line[:10_000]

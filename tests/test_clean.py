@@ -252,7 +252,7 @@ def test_clean_run_dedups_and_feeds_prepare(tmp_path):
 
 
 def write_warc(f, records: list[tuple[bytes, str]]) -> None:
-    """Response records written with warcio (gzip); the reader under test is fastwarc, another implementation."""
+    """Response records written with warcio (gzip); the reader under test is our own."""
     pytest.importorskip("warcio")
     from io import BytesIO
 
@@ -325,11 +325,14 @@ def test_bad_input_is_counted_and_run_continues(tmp_path):
         progress=False,
     )
     assert s.documents == 5 and len(read_out(tmp_path / "out")) == 5, s.table()
-    bad = {os.path.basename(b["path"]): b["error"] for b in s.bad_inputs}
-    assert set(bad) == {"corrupt.warc", "broken.html.gz", "tail_garbage.warc.gz", "emptydir", "missing.jsonl"}, bad
-    assert s.stages["read"]["dropped"] == {"binary": 1}
-    assert s.stages["extract"]["dropped"].get("empty", 0) >= 1  # the empty page
-    assert sum(s.stages["quality"]["dropped"].values()) + sum(s.stages["extract"]["dropped"].values()) >= 2
+    bad = {os.path.basename(b["path"]): b["reason"] for b in s.bad_inputs}
+    assert bad == {"corrupt.warc": "corrupt", "broken.html.gz": "corrupt", "tail_garbage.warc.gz": "corrupt",
+                   "emptydir": "empty", "missing.jsonl": "not_found", "dangling.html": "not_found",
+                   "garbage.html": "binary", "empty.html": "empty"}, bad
+    # every input not used is counted by reason; tail_garbage was used up to its damage
+    assert s.unused == {"corrupt": 2, "empty": 2, "not_found": 2, "binary": 1}, s.unused
+    assert s.files == 9 and s.used == 5  # regular files; used: good0-2, noise (all NBSP: an empty page), tail_garbage
+    assert s.stages["extract"]["dropped"].get("empty", 0) >= 1  # the page of non-breaking spaces
     assert "bad input" in s.table()
 
 
@@ -347,7 +350,7 @@ def test_resume_skips_done_inputs(tmp_path, monkeypatch):
     (d / "p3.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
     seen = []
     real = C.read_pages
-    monkeypatch.setattr(C, "read_pages", lambda p, st=None: (seen.append(p), real(p, st))[1])
+    monkeypatch.setattr(C.pipeline, "read_pages", lambda p, st=None: (seen.append(p), real(p, st))[1])
     s2 = clean([d], tmp_path / "out", cfg, progress=False)
     assert [p.name for p in seen] == ["p3.html"] and s2.skipped == 3 and s2.documents == 4
     assert read_out(tmp_path / "out")[:3] == first
@@ -372,3 +375,437 @@ def test_cli_clean(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "near_dedup" in out and "2 documents" in out
     assert len(read_out(tmp_path / "out")) == 2
+
+
+# ---- Dask ----------------------------------------------------------------------------------------------
+
+
+def test_dask_local_cluster_gives_the_same_shards(tmp_path):
+    """A 2-worker LocalCluster run writes the same shards and summary counts as the single-process run:
+    exact duplicates (shuffle on the hash), near-duplicate chains (band-key join + distributed connected
+    components) and several shards written by the workers; a re-run skips every input."""
+    pytest.importorskip("distributed")
+    rng = random.Random(11)
+    src = tmp_path / "pages"
+    src.mkdir()
+    base = [[prose(rng, 6), prose(rng, 6)] for _ in range(10)]
+    for i, paras in enumerate(base):
+        (src / f"p{i:02d}.html").write_text(page(paras, title=f"Page {i}"), encoding="utf-8")
+    (src / "q_exact.html").write_text(page(base[3], title="Page 3"), encoding="utf-8")
+    (src / "q_exact2.html").write_text(page(base[3], title="Page 3"), encoding="utf-8")
+    chain = base[5]
+    for k in range(3):  # a chain of near duplicates: each a small edit of the previous one
+        chain = [p.replace(" the old ", " an old ", 1).replace(" was ", " is ", 1) for p in chain]
+        chain[1] += f" Edit {k}."
+        (src / f"r_near{k}.html").write_text(page(chain, title=f"Page 5 v{k}"), encoding="utf-8")
+    (src / "zz_binary.bin").write_bytes(b"\x00\x01" * 500)
+    from distributed import Client, LocalCluster
+
+    one = clean([src], tmp_path / "one", CleanConfig(processes=1, shard_docs=3), progress=False)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)  # worker processes
+    client = Client(cluster)
+    try:
+        two = clean([src], tmp_path / "two", CleanConfig(shard_docs=3), progress=False, dask=client)
+        again = clean([src], tmp_path / "two", CleanConfig(shard_docs=3), progress=False,
+                      dask=cluster.scheduler_address)  # "tcp://127.0.0.1:port", as --dask takes it
+    finally:
+        client.close()
+        cluster.close()
+    assert one.stages == two.stages and one.unused == two.unused == {"binary": 1}
+    assert one.stages["exact_dedup"]["dropped"] == {"duplicate": 2}
+    assert one.stages["near_dedup"]["dropped"]["near_duplicate"] >= 2, one.table()
+    assert one.shards == two.shards and len(one.shards) == 4
+    for name in one.shards:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert again.skipped == again.files and again.shards == one.shards
+
+
+def test_dask_components_match_numpy():
+    """The distributed connected components (large-star / small-star rounds) drop exactly the rows that the
+    one-machine label propagation does not keep, on random graphs with long chains."""
+    pytest.importorskip("distributed")
+    from distributed import Client, LocalCluster
+
+    from fastllm.clean import distributed as D
+
+    rng = np.random.default_rng(0)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        P = 4
+        for n, bands in ((50, 3), (400, 6)):
+            keys = rng.integers(0, n // 2, (n, bands)).astype(np.uint64) + np.arange(bands, dtype=np.uint64) * 10**6
+            unique = rng.integers(10**9, 2**62, (n, bands)).astype(np.uint64)
+            keys = np.where(rng.random((n, bands)) < 0.6, unique, keys)  # most band keys shared by nobody
+            expect = np.flatnonzero(C.near_dup_components(keys) != np.arange(n))
+            kr = np.stack([keys.view(np.int64).reshape(-1), np.repeat(np.arange(n), bands)])
+            pieces = D._split(kr, P)
+            edges = [client.submit(D._link, [pieces[j]], P) for j in range(P)]
+            got = D.components(client, edges, P)
+            assert got.tolist() == expect.tolist()
+
+
+# ---- any input, by content (issue 22) ------------------------------------------------------------------
+
+THAI = [
+    "ประเทศไทยมีประวัติศาสตร์ที่ยาวนานและวัฒนธรรมที่หลากหลาย ผู้คนในหมู่บ้านเล็กๆ ทางภาคเหนือมักจะตื่นเช้าเพื่อไปทำงานในไร่นาของพวกเขา "
+    "การเกษตรเป็นอาชีพหลักของคนในชนบท และข้าวเป็นพืชที่สำคัญที่สุดของประเทศ",
+    "ในช่วงฤดูฝน ชาวนาจะเริ่มปลูกข้าวและดูแลแปลงนาอย่างใกล้ชิด เด็กๆ ได้เรียนรู้วิธีการทำนาจากพ่อแม่ และช่วยงานในวันหยุด "
+    "ตลาดในเมืองมีผักและผลไม้สดจำหน่ายทุกเช้า",
+    "นักท่องเที่ยวจำนวนมากเดินทางมาเยี่ยมชมวัดเก่าแก่และชิมอาหารพื้นเมืองที่มีรสชาติจัดจ้าน การท่องเที่ยวจึงเป็นแหล่งรายได้ที่สำคัญของหลายจังหวัด "
+    "รัฐบาลได้สนับสนุนการพัฒนาโครงสร้างพื้นฐานเพื่อให้การเดินทางสะดวกยิ่งขึ้น",
+]
+CHINESE = [
+    "这个城市位于河流的南岸，历史悠久，文化丰富。每年春天，许多游客来到这里参观古老的寺庙和美丽的花园。",
+    "当地居民大多从事农业和手工业，他们的生活简单而安静。在市场上，人们可以买到新鲜的蔬菜、水果和各种传统小吃。",
+    "近年来，政府投资修建了新的道路和学校，教育水平有了明显的提高。年轻人也开始在城市里寻找工作的机会，但是很多人仍然喜欢回到家乡过节。",
+]
+JA_DIALOGUE = [  # short lines ending in a closing bracket: old rules saw neither punctuation nor long lines
+    "「今日はどこへ行くの？」", "「駅の近くの古い本屋さんに行ってみようと思っているんだ」",
+    "「あの店は先月に閉まったと聞いたけど」", "「そうなの？それは残念だね」",
+    "「でも、新しい店が川の向こうにできたらしいよ」", "「じゃあ、一緒にそこへ行ってみようか」",
+    "「うん、午後は時間があるから大丈夫だよ」", "「それなら、昼ご飯を食べてから出かけよう」",
+]
+
+
+def test_thai_chinese_japanese_pages_are_kept(tmp_path):
+    """Pages that the English-centric rules dropped (Thai: 'words' are whole phrases between spaces;
+    Japanese dialogue: lines end in 」 and are short) are kept by the per-language rules; English-rule
+    behaviour is still there with lang_rules=False."""
+    cases = {"th": "\n".join(THAI), "zh": "\n".join(CHINESE), "ja": "\n".join(JA_DIALOGUE)}
+    for lang, text in cases.items():
+        assert C.detect_language(text)[0] == lang
+        assert quality_reason(text, CleanConfig(), lang) is None, lang
+    assert quality_reason(cases["th"], CleanConfig(lang_rules=False), "th") in ("too_few_words", "mean_word_length")
+    assert quality_reason(cases["ja"], CleanConfig(lang_rules=False), "ja") in ("line_punctuation", "short_lines")
+    # word counts of scripts without spaces: characters / measured characters per word
+    assert 80 < C.word_count(cases["th"], "th") < 130 and 70 < C.word_count(cases["zh"], "zh") < 110
+
+
+@pytest.mark.parametrize("lang,junk,reason", [
+    ("zh", "首页\n新闻\n体育\n关于我们\n联系我们\n隐私政策", "too_few_words"),
+    ("th", "หน้าแรก ข่าว กีฬา ติดต่อเรา " * 3, "too_few_words"),
+    ("ja", "\n".join(["★★★ 今すぐ購入 ### 送料無料 ### セール中 ★★★ #####"] * 12), "symbol_ratio"),
+    ("zh", "\n".join(CHINESE) + "\nLorem ipsum dolor sit amet, consectetur adipiscing elit.", "lorem_ipsum"),
+    ("fr", "\n".join(["Accueil | Actualités | Contact | Mentions légales | Plan du site | Connexion"] * 8),
+     "alpha_words"),
+    ("fr", "\n".join(["Retour à l'accueil et à la page des actualités de la ville."] * 8), "dup_lines"),
+    ("de", " ".join(f"{i * 7919} {i * 104729}" for i in range(60)) + " und der die das.", "alpha_words"),
+], ids=["zh-menu", "th-menu", "ja-symbols", "zh-lorem", "fr-menu", "fr-repeated", "de-numbers"])
+def test_junk_is_still_dropped_in_every_language(lang, junk, reason):
+    assert quality_reason(junk, CleanConfig(), lang) == reason
+
+
+def utf(text: str, enc: str, bom: bool) -> bytes:
+    data = text.encode(enc)
+    return ({"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff", "utf-32-le": b"\xff\xfe\x00\x00",
+             "utf-32-be": b"\x00\x00\xfe\xff"}[enc] if bom else b"") + data
+
+
+@pytest.mark.parametrize("enc", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("bom", [True, False], ids=["bom", "no-bom"])
+def test_utf16_utf32_pages_are_read(tmp_path, enc, bom):
+    """UTF-16/32 pages with or without a BOM (issue 23 #4: a BOM'd UTF-16 page was dropped as binary)."""
+    paras = PROSE["windows-1251", "ru"] + [prose(random.Random(enc), 6)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "page").write_bytes(utf(page(paras, enc.split("-l")[0].split("-b")[0]), enc, bom))
+    s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1, min_words=10), progress=False)
+    assert s.unused == {} and s.documents == 1, s.table()
+    assert_clean(read_out(tmp_path / "out")[0], paras)
+
+
+def test_utf16_declared_by_http_without_bom_or_ascii():
+    """CJK-only UTF-16 has no NUL bytes to sniff: the HTTP charset says so, and the byte order is found."""
+    text = "\n".join(CHINESE)
+    for enc in ("utf-16-le", "utf-16-be"):
+        assert C.decode_html(text.encode(enc), http_charset="utf-16") == text
+    assert C.decode_html(b"\x00\x01" * 300) != ""  # real binary is not text: sniff() refuses it
+    assert C.sniff(b"\x00\x01" * 300)[0] == "binary" and C.sniff(os.urandom(4000) + b"\0")[0] == "binary"
+
+
+def test_every_input_kind_by_content(tmp_path):
+    """Files named anything: HTML, XHTML and RSS/Atom saved as .xml, plain text in Latin-1, subtitles, JSONL
+    named .json, a WARC named .bin, bz2/xz/gzip-compressed pages; and those that are not used, each counted
+    with its reason."""
+    import bz2
+    import gzip
+    import lzma
+
+    rng = random.Random(21)
+    d = tmp_path / "in"
+    d.mkdir()
+    P = {k: [prose(rng, 6), prose(rng, 6)] for k in
+         ("dat", "xhtml", "rss1", "rss2", "atom1", "txt", "srt", "jsonl", "warc", "bz2", "xz", "gz", "zst")}
+    (d / "page.dat").write_text(page(P["dat"]), encoding="utf-8")
+    (d / "doc.xml").write_text('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE html>\n'
+                               '<html xmlns="http://www.w3.org/1999/xhtml">' + page(P["xhtml"])[15:], encoding="utf-8")
+    items = "".join(f"<item><title>Item {k}</title><link>http://e.com/{k}</link><description>"
+                    f"{html_escape('<p>' + P[k][0] + '</p><p>' + P[k][1] + '</p>')}</description></item>"
+                    for k in ("rss1", "rss2"))
+    (d / "feed.xml").write_bytes(f'<?xml version="1.0" encoding="windows-1252"?><rss version="2.0"><channel>'
+                                 f"<title>News</title>{items}</channel></rss>".encode("cp1252"))
+    (d / "atom.xml").write_text('<?xml version="1.0"?><feed xmlns="http://www.w3.org/2005/Atom"><title>A</title>'
+                                '<entry><title>Entry</title><link href="http://e.com/a"/><content type="html">'
+                                f"<![CDATA[<p>{P['atom1'][0]}</p><p>{P['atom1'][1]}</p>]]></content></entry></feed>",
+                                encoding="utf-8")
+    (d / "notes.txt").write_bytes(("\n\n".join(P["txt"]) + "\nCafé crème à la française.").encode("latin-1"))
+    cues = [f"{i + 1}\n00:00:{i:02d},000 --> 00:00:{i + 1:02d},000\n{s.strip()}\n" for i, s in
+            enumerate((P["srt"][0] + " " + P["srt"][1]).split(". "))]
+    (d / "movie.srt").write_text("\n".join(cues), encoding="utf-8")
+    (d / "records.json").write_text(json.dumps({"url": "u", "text": "\n".join(P["jsonl"])}) + "\n")
+    with open(d / "crawl.bin", "wb") as f:
+        write_warc(f, [(page(P["warc"]).encode(), "text/html")])
+    (d / "p.bz2").write_bytes(bz2.compress(page(P["bz2"]).encode()))
+    (d / "p.xz").write_bytes(lzma.compress(page(P["xz"]).encode()))
+    (d / "p.gz").write_bytes(gzip.compress(page(P["gz"]).encode()))
+    zstandard = pytest.importorskip("zstandard")
+    (d / "p.zst").write_bytes(zstandard.ZstdCompressor().compress(page(P["zst"]).encode()))
+    (d / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    (d / "a.zip").write_bytes(b"PK\x03\x04" + os.urandom(100))
+    (d / "sitemap.xml").write_text('<?xml version="1.0"?><urlset><url><loc>http://e.com/</loc></url></urlset>')
+    (d / "list.json").write_text('[{"a": 1},\n {"b": 2}]')
+    (d / "blank.txt").write_text("  \n\n ")
+    s = clean([d], tmp_path / "out", CleanConfig(processes=2, min_words=20), progress=False)
+    joined = "\n".join(read_out(tmp_path / "out"))
+    for k, paras in P.items():
+        assert paras[0][:60] in joined, (k, s.table())
+    assert "Café crème" in joined and "-->" not in joined and "00:00" not in joined
+    assert s.unused == {"binary": 1, "unsupported": 3, "empty": 1}, s.table()
+    urls = [json.loads(x)["url"] for x in (tmp_path / "out" / "clean_000000.jsonl").read_text().splitlines()]
+    assert "http://e.com/rss1" in urls and "http://e.com/a" in urls
+    assert "not used: unsupported 3, binary 1, empty 1" in s.table()
+
+
+def html_escape(s: str) -> str:
+    import html
+
+    return html.escape(s)
+
+
+# ---- WARC damage (issue 23 #5) -------------------------------------------------------------------------
+
+
+def warc_bytes(pages: list[list[str]], gz: bool) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    pytest.importorskip("warcio")
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    w = WARCWriter(buf, gzip=gz)
+    for i, paras in enumerate(pages):
+        http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(f"http://example.com/{i}", "response",
+                                            payload=io.BytesIO(page(paras).encode()), http_headers=http))
+    return buf.getvalue()
+
+
+def test_warc_reader_matches_warcio():
+    """Our reader yields the same records as warcio's ArchiveIterator (the reference), gzip or not."""
+    import gzip
+    import io
+
+    from warcio.archiveiterator import ArchiveIterator
+
+    rng = random.Random(31)
+    pages = [[prose(rng, 3)] for _ in range(5)]
+    for gz in (True, False):
+        data = warc_bytes(pages, gz)
+        ref = [(r.rec_headers.get_header("WARC-Target-URI"), r.content_stream().read())
+               for r in ArchiveIterator(io.BytesIO(data)) if r.rec_type == "response"]
+        f = gzip.GzipFile(fileobj=io.BytesIO(data)) if gz else io.BytesIO(data)
+        ours = [(p["url"], p["html"]) for p in C.readers._read_warc(f, C.readers.Counter())]
+        assert ours == ref and len(ours) == 5
+
+
+def test_truncated_warc_gz_is_reported(tmp_path):
+    rng = random.Random(32)
+    pages = [[prose(rng, 6), prose(rng, 6)] for _ in range(3)]
+    data = warc_bytes(pages, True)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.warc.gz").write_bytes(data[: len(data) - 200])  # inside the last record
+    s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1), progress=False)
+    assert s.documents == 2, s.table()
+    assert [b["reason"] for b in s.bad_inputs] == ["corrupt"] and "cut.warc.gz" in s.bad_inputs[0]["path"]
+
+
+@pytest.mark.parametrize("extra", [100, "whole"], ids=["too-long", "swallows-a-record"])
+def test_wrong_content_length_does_not_swallow_the_next_record(tmp_path, extra):
+    rng = random.Random(33)
+    pages = [[prose(rng, 6), prose(rng, 6)] for _ in range(3)]
+    data = warc_bytes(pages, False)
+    first = data.index(b"Content-Length: ")
+    end = data.index(b"\r\n", first)
+    n = int(data[first + 16:end])
+    second = data.index(b"WARC/1", first)
+    third = data.index(b"WARC/1", second + 10)
+    grow = (third - second) if extra == "whole" else extra  # "whole": the block ends exactly at record 3
+    data = data[:first] + b"Content-Length: " + str(n + grow).encode() + data[end:]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.warc").write_bytes(data)
+    s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1), progress=False)
+    joined = "\n".join(read_out(tmp_path / "out"))
+    assert pages[1][0] in joined and pages[2][0] in joined, s.table()  # the records after it are read
+    assert pages[0][0] not in joined  # the damaged record is dropped, not kept with the next one inside
+    assert s.stages["read"]["dropped"] == {"bad_record_length": 1}
+    assert [b["reason"] for b in s.bad_inputs] == ["corrupt"] and "Content-Length" in s.bad_inputs[0]["error"]
+
+
+# ---- unclear errors of clean (issue 23) ----------------------------------------------------------------
+
+
+def test_cli_clean_errors(tmp_path, capsys):
+    from fastllm.cli import main
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "p.html").write_text(page([prose(random.Random(41), 6), prose(random.Random(42), 6)]), encoding="utf-8")
+    assert main(["clean", str(d), "--out", str(tmp_path / "o"), "--lang", "xx", "--no-progress"]) == 1
+    assert "lang: unknown language code 'xx'" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.bin").write_bytes(b"\x00\x01\x02" * 10)
+    assert main(["clean", str(tmp_path / "bad"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error: no usable input (1 binary") and "x.bin" in err
+    os.mkfifo(tmp_path / "fifo")
+    assert main(["clean", "/dev/null", str(tmp_path / "fifo"), "--out", str(tmp_path / "o3"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "/dev/null: not a regular file (character device)" in err and "fifo: not a regular file (FIFO)" in err
+    assert "not found" not in err
+
+
+def test_out_inside_the_input_folder_is_not_read(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = random.Random(43)
+    for i in range(2):
+        (d / f"p{i}.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
+    s1 = clean([d], d / "out", CleanConfig(processes=1), progress=False)
+    s2 = clean([d], d / "out", CleanConfig(processes=1), progress=False)
+    assert s1.files == s2.files == 2 and s2.skipped == 2 and s2.documents == 2
+
+
+def test_no_dask_import_without_dask(tmp_path):
+    """Without --dask nothing imports dask (the extra is optional)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "p.html").write_text(page([prose(random.Random(44), 6), prose(random.Random(45), 6)]))
+    code = (f"import sys; from fastllm.clean import clean, CleanConfig; "
+            f"clean([{str(tmp_path / 'p.html')!r}], {str(tmp_path / 'o')!r}, CleanConfig(processes=1), "
+            f"progress=False); assert not [m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')]")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+KOREAN = ("이 도시는 강의 남쪽에 위치하고 있으며 오랜 역사와 풍부한 문화를 가지고 있습니다. "
+          "매년 봄이 되면 많은 관광객들이 오래된 사찰과 아름다운 정원을 방문합니다. "
+          "지역 주민들은 대부분 농업과 수공업에 종사하며 조용하고 소박한 생활을 하고 있습니다. "
+          "시장에서는 신선한 채소와 과일, 그리고 다양한 전통 간식을 살 수 있습니다.")
+
+
+TRADITIONAL = ("這個城市位於河流的南岸，歷史悠久，文化豐富。每年春天，許多遊客來到這裡參觀古老的寺廟和美麗的花園。"
+               "當地居民大多從事農業和手工業，他們的生活簡單而安靜。")
+
+
+@pytest.mark.parametrize("enc,text", [("euc-kr", KOREAN), ("big5", TRADITIONAL),
+                                      ("koi8-r", "\n".join(PROSE["windows-1251", "ru"])),
+                                      ("cp1251", "\n".join(PROSE["windows-1251", "ru"])),
+                                      ("shift_jis", "\n".join(PROSE["shift_jis", "ja"]))])
+def test_plain_text_in_legacy_encodings(tmp_path, enc, text):
+    """Plain text without any declaration is decoded by detection (EUC-KR used to come out as U+FFFD: the
+    detector's HTML5 label mapping turned it into utf-8)."""
+    (tmp_path / "notes").write_bytes(text.encode(enc))
+    (page,) = C.read_pages(tmp_path / "notes")
+    assert page["text"] == text
+
+
+def test_cli_clean_dask_local(tmp_path, capsys):
+    pytest.importorskip("distributed")
+    from fastllm.cli import main
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = random.Random(46)
+    for i in range(3):
+        (d / f"p{i}.html").write_text(page([prose(rng, 6), prose(rng, 6)]), encoding="utf-8")
+    assert main(["clean", str(d), "--out", str(tmp_path / "out"), "--dask", "local", "--processes", "1",
+                 "--no-progress"]) == 0
+    assert "3 documents" in capsys.readouterr().out and len(read_out(tmp_path / "out")) == 3
+    assert main(["clean", str(d), "--out", str(tmp_path / "o2"), "--dask", "nowhere", "--no-progress"]) == 1
+    assert "dask must be 'local' or a scheduler address" in capsys.readouterr().err
+
+
+# ---- fuzzing the readers (issue 23: no input may crash or hang) -----------------------------------------
+
+
+def _seed_files() -> dict[str, bytes]:
+    import bz2
+    import gzip
+
+    rng = random.Random(50)
+    paras = [prose(rng, 2), prose(rng, 2)]
+    feed = ('<?xml version="1.0"?><rss><channel><item><title>T</title><link>http://e.com/</link><description>'
+            f"&lt;p&gt;{paras[0]}&lt;/p&gt;</description></item></channel></rss>").encode()
+    return {"warc": warc_bytes([paras, paras[::-1]], False), "warc.gz": warc_bytes([paras], True), "feed": feed,
+            "html16": b"\xff\xfe" + page(paras, None).encode("utf-16-le"),
+            "jsonl": (json.dumps({"text": paras[0]}) + "\n" + json.dumps({"html": page(paras)}) + "\n").encode(),
+            "txt.bz2": bz2.compress(paras[0].encode()), "html.gz": gzip.compress(page(paras).encode())}
+
+
+@pytest.mark.parametrize("kind", ["warc", "warc.gz", "feed", "html16", "jsonl", "txt.bz2", "html.gz"])
+def test_readers_survive_damaged_files(tmp_path, kind):
+    """Bytes flipped, cut, duplicated or inserted anywhere in every kind of input: read_pages yields pages or
+    raises InputError (a reason for the summary), nothing else, and ends."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    seed = _seed_files()[kind]
+
+    @hypothesis.settings(max_examples=60, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(st.tuples(st.sampled_from(["flip", "cut", "dup", "insert"]), st.integers(0, 10**6),
+                                         st.binary(min_size=1, max_size=8)), min_size=1, max_size=4))
+    def run(edits):
+        data = bytearray(seed)
+        for op, pos, blob in edits:
+            pos %= max(len(data), 1)
+            if op == "flip" and data:
+                data[pos] ^= blob[0] or 1
+            elif op == "cut":
+                del data[pos:]
+            elif op == "dup":
+                data[pos:pos] = data[pos:pos + 64]
+            else:
+                data[pos:pos] = blob
+        path = tmp_path / "f"
+        path.write_bytes(bytes(data))
+        try:
+            for p in C.read_pages(path):
+                assert isinstance(p.get("html", p.get("text")), (str, bytes))
+        except C.InputError as e:
+            assert e.reason in C.readers.REASONS
+
+    run()
+
+
+def test_hard_wrapped_text_and_subtitles_become_paragraphs(tmp_path):
+    """A .txt file wrapped at 70 columns is read as paragraphs (line rules then see sentences: Russian needs
+    23% of lines to end in punctuation); subtitle cues are joined into sentences."""
+    import textwrap
+
+    rng = random.Random(51)
+    words = " ".join(PROSE["windows-1251", "ru"]).replace(",", "").replace(".", "").split()
+    paras = [" ".join(" ".join(rng.sample(words, 12)).capitalize() + "." for _ in range(8)) for _ in range(2)]
+    wrapped = "\n\n".join(textwrap.fill(p, 70) for p in paras)
+    (tmp_path / "book.txt").write_text(wrapped, encoding="utf-8")
+    (text,) = [p["text"] for p in C.read_pages(tmp_path / "book.txt")]
+    assert text == "\n\n".join(paras)
+    assert quality_reason(wrapped, CleanConfig(), "ru") == "line_punctuation"  # what the wrapped lines would give
+    assert quality_reason(text, CleanConfig(), "ru") is None
+    cues = "".join(f"{i + 1}\n00:00:{i:02d},000 --> 00:00:{i + 1:02d},500\n<i>Line {i} of the talk</i>"
+                   f"{'.' if i % 4 == 3 else ''}\n\n" for i in range(40))
+    (tmp_path / "talk.srt").write_text(cues, encoding="utf-8")
+    (text,) = [p["text"] for p in C.read_pages(tmp_path / "talk.srt")]
+    paras = text.split("\n\n")
+    assert all(p.endswith(".") for p in paras) and all(len(p) >= 200 for p in paras[:-1]) and len(paras) == 4
+    assert "<i>" not in text and "-->" not in text and "00:00" not in text
+    assert text.count("Line") == 40

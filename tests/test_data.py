@@ -180,20 +180,218 @@ def test_prepare_bad_input(tmp_path, tok_path):
         prepare([str(tmp_path / "bin.txt")], tok_path, tmp_path / "d", progress=False)
 
 
-def test_checkpoint_tokenizer_either_format(tmp_path):
-    """The tokenizer of a checkpoint folder in either format (fastllm's rank file or a HF tokenizer.json, as
-    `fastllm convert` leaves it), an explicit path first, and a clear error naming the folder without one."""
-    from fastllm import Tokenizer
-    from fastllm.data import TOKENIZER_FILE, checkpoint_tokenizer
+def write_docs(path, n, words=40):
+    import json
 
-    tok = Tokenizer.train(["the cat sat on the mat. " * 20], 280, special_tokens=[], progress=False)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    (tmp_path / "none").mkdir()
-    tok.save(tmp_path / "a" / TOKENIZER_FILE)
-    tok.save_hf(tmp_path / "b" / "tokenizer.json")
-    for folder in ("a", "b"):
-        assert checkpoint_tokenizer(tmp_path / folder).encode("the mat").tolist() == tok.encode("the mat").tolist()
-    assert checkpoint_tokenizer(tmp_path / "none", tmp_path / "a" / TOKENIZER_FILE).n_vocab == tok.n_vocab
-    with pytest.raises(FileNotFoundError, match="no tokenizer in .*none"):
-        checkpoint_tokenizer(tmp_path / "none")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": f"Doc {i}: " + " ".join(f"w{(i * 3 + j) % 97}" for j in range(words))}) + "\n")
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.25, 0.4, 0.5, 0.6, 0.7])
+def test_val_fraction_is_exact(tmp_path, tok_path, frac):
+    """floor(n * frac) of n whole documents go to val, spread evenly (0.4 and 0.6 used to give the same 50%
+    split, 0.7 put every document in val)."""
+    from fastllm.data import prepare
+    from fastllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tok_path)
+    write_docs(tmp_path / "c.jsonl", 40)
+    st = prepare([str(tmp_path / "c.jsonl")], tok_path, tmp_path / "d", val_fraction=frac, progress=False)
+    assert st.split == "documents"
+    val = split_docs(np.concatenate([read_shard(p) for p in sorted((tmp_path / "d").glob("val_*.bin"))]), tok)
+    train = split_docs(np.concatenate([read_shard(p) for p in sorted((tmp_path / "d").glob("train_*.bin"))]), tok)
+    assert len(val) == int(40 * frac + 1e-9) and len(train) == 40 - len(val)
+    firsts = [int(d.split(":")[0].split()[1]) for d in val]
+    assert max(np.diff(firsts), default=1) <= int(1 / frac) + 1  # spread, not bunched at one end
+
+
+def test_one_file_gets_a_val_split_at_a_paragraph(tmp_path, tok_path):
+    """One text file (one document) used to give no val split at all (and `val loss nan` in training): now
+    its last ~val_fraction, cut at a paragraph break, is the val split; train + val give back the text."""
+    from fastllm.data import builtin_corpus, prepare
+    from fastllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tok_path)
+    text = "\n\n".join(builtin_corpus()[:30])
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    st = prepare([str(tmp_path / "book.txt")], tok_path, tmp_path / "d", val_fraction=0.1, progress=False)
+    assert st.split == "within" and st.documents == 1 and st.val_tokens > 0
+    assert 0.05 < st.val_tokens / (st.train_tokens + st.val_tokens) < 0.2
+    (train,) = split_docs(read_shard(tmp_path / "d" / "train_000000.bin"), tok)
+    (val,) = split_docs(read_shard(tmp_path / "d" / "val_000000.bin"), tok)
+    assert train + val == text and train.endswith("\n\n") and not val.startswith("\n")
+
+
+def test_tiny_or_empty_val_split_warns(tmp_path, tok_path):
+    from fastllm.data import prepare
+
+    (tmp_path / "one.txt").write_text("hi", encoding="utf-8")
+    with pytest.warns(UserWarning, match="only 0 tokens.*missing"):
+        st = prepare([str(tmp_path / "one.txt")], tok_path, tmp_path / "d", progress=False)
+    assert st.val_tokens == 0
+    write_docs(tmp_path / "c.jsonl", 5)
+    with pytest.warns(UserWarning, match="validation split has only .* tokens.*noisy"):
+        prepare([str(tmp_path / "c.jsonl")], tok_path, tmp_path / "d2", val_fraction=0.1, progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no val wanted: no warning
+        prepare([str(tmp_path / "c.jsonl")], tok_path, tmp_path / "d3", val_fraction=0, progress=False)
+
+
+def test_split_text_cuts_at_paragraphs():
+    from fastllm.data import split_text
+
+    text = "".join(f"Paragraph {i} " + "x" * 50 + "\n\n" for i in range(20))
+    head, tail = split_text(text, 0.1)
+    assert head + tail == text and tail.startswith("Paragraph 18") and head.endswith("\n\n")
+    head, tail = split_text("one long line without breaks " * 10, 0.2)
+    assert head + tail == "one long line without breaks " * 10 and 0.1 < len(tail) / len(head + tail) < 0.3
+
+
+# ---- manifests and shards (issue 23) -------------------------------------------------------------------
+
+
+def test_corrupt_manifest_is_named_and_recovered(tmp_path, tok_path):
+    from fastllm.data import prepare
+
+    write_docs(tmp_path / "c.jsonl", 30)
+    out = tmp_path / "d"
+    prepare([str(tmp_path / "c.jsonl")], tok_path, out, shard_tokens=300, progress=False)
+    before = {p.name: p.read_bytes() for p in out.glob("*.bin")}
+    for bad in ('{"version": 2, "shards": [', '[1, 2]', '{"version": 2, "fingerprint": "x", "shards": [{"a": 1}]}'):
+        (out / "manifest.json").write_text(bad)
+        with pytest.warns(UserWarning, match="manifest.json") if bad != "[1, 2]" else _no_warning():
+            st = prepare([str(tmp_path / "c.jsonl")], tok_path, out, shard_tokens=300, progress=False)
+        assert st.skipped == 0 and {p.name: p.read_bytes() for p in out.glob("*.bin")} == before
+        assert json_load(out / "manifest.json")["done"]
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_small_shards_do_not_rewrite_the_manifest_each_time(tmp_path, tok_path, monkeypatch):
+    """--shard-tokens 1 used to rewrite and fsync the manifest after every shard (quadratic)."""
+    from fastllm import data
+
+    write_docs(tmp_path / "c.jsonl", 20, words=10)
+    writes = []
+    real = data.write_json
+    monkeypatch.setattr(data, "write_json", lambda p, obj: (writes.append(str(p)), real(p, obj))[1])
+    st = data.prepare([str(tmp_path / "c.jsonl")], tok_path, tmp_path / "d", shard_tokens=7, progress=False)
+    assert len(st.shards) > 30
+    assert sum(w.endswith("manifest.json") for w in writes) <= 3
+
+
+def test_loader_refuses_a_shard_of_another_vocabulary(tmp_path):
+    """A stray shard from another tokenizer used to fail at a random step without a name; now the loader
+    checks every shard's vocabulary when it opens."""
+    write_shard(tmp_path / "train_000000.bin", np.arange(100) % 50, 50)
+    write_shard(tmp_path / "train_000001.bin", np.arange(100) % 50, 50)
+    write_shard(tmp_path / "train_000002.bin", np.arange(100) % 300, 300)
+    with pytest.raises(ValueError, match=r"train_000002.bin: shard of a 300-token vocabulary among shards of 50"):
+        DataLoader(tmp_path, "train", 2, 8)
+
+
+def test_huge_vocabulary_ids_are_refused(tmp_path):
+    """An id near 2**28 (a sparse rank file, or a shard header claiming such a vocabulary) would size the
+    tokenizer's tables and the model's embedding by it (GBs): refused naming the file."""
+    import base64
+    import json
+    import struct
+
+    from fastllm.tokenizer import _read_ranks
+
+    ranks = [base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)]
+    ranks.append(base64.b64encode(b"ab") + b" %d" % (2**28 - 5))
+    (tmp_path / "sparse.tiktoken").write_bytes(b"\n".join(ranks) + b"\n")
+    with pytest.raises(ValueError, match=r"sparse.tiktoken:257: rank 268435451 .*dense"):
+        _read_ranks(tmp_path / "sparse.tiktoken")
+    from fastllm.tokenizer import Tokenizer
+
+    tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": 256})
+    tok.save(tmp_path / "sp.tiktoken")
+    side = json_load(tmp_path / "sp.tiktoken.json")
+    side["special_tokens"] = {"<|endoftext|>": 2**28 - 3}
+    (tmp_path / "sp.tiktoken.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match=r"sp.tiktoken.json:1: special token '<\|endoftext\|>' has id 268435453"):
+        Tokenizer.load(tmp_path / "sp.tiktoken")
+    p = tmp_path / "train_000000.bin"
+    write_shard(p, np.arange(10), 70000)
+    raw = bytearray(p.read_bytes())
+    struct.pack_into("<I", raw, 24, 2**28)  # the header's vocab_size
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="train_000000.bin: corrupt shard header"):
+        read_shard(p)
+    with pytest.raises(ValueError, match="vocab_size"):
+        write_shard(tmp_path / "x.bin", np.arange(3), 2**28)
+
+
+def test_prepare_on_dask_gives_the_same_shards(tmp_path, tok_path):
+    """`prepare(..., dask=...)` tokenizes the batches and writes the shards on the workers: the same shards
+    and manifest as on one machine, in both split modes."""
+    pytest.importorskip("distributed")
+    from distributed import Client, LocalCluster
+
+    from fastllm.data import prepare
+
+    write_docs(tmp_path / "a.jsonl", 45)
+    (tmp_path / "b.txt").write_text("\n\n".join(f"Paragraph {i}: " + "word " * 30 for i in range(40)))
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
+    client = Client(cluster)
+    try:
+        for name, inputs, frac in (("docs", ["a.jsonl", "b.txt"], 0.1), ("within", ["b.txt"], 0.1)):
+            ins = [str(tmp_path / i) for i in inputs]
+            one = prepare(ins, tok_path, tmp_path / f"{name}1", val_fraction=frac, shard_tokens=500, progress=False)
+            two = prepare(ins, tok_path, tmp_path / f"{name}2", val_fraction=frac, shard_tokens=500, progress=False,
+                          dask=client)
+            assert one.split == two.split == ("documents" if name == "docs" else "within")
+            assert one.shards == two.shards and len(one.shards) > 2
+            for s in one.shards:
+                assert (tmp_path / f"{name}1" / s).read_bytes() == (tmp_path / f"{name}2" / s).read_bytes()
+            m1, m2 = (json_load(tmp_path / f"{name}{k}" / "manifest.json") for k in (1, 2))
+            assert m1 == m2
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_finished_run_with_a_shard_deleted_rebuilds_it(tmp_path, tok_path):
+    from fastllm.data import prepare
+
+    write_docs(tmp_path / "c.jsonl", 30)
+    out = tmp_path / "d"
+    first = prepare([str(tmp_path / "c.jsonl")], tok_path, out, shard_tokens=300, progress=False)
+    before = {p.name: p.read_bytes() for p in out.glob("*.bin")}
+    (out / first.shards[1]).unlink()
+    again = prepare([str(tmp_path / "c.jsonl")], tok_path, out, shard_tokens=300, progress=False)
+    assert again.skipped == len(before) - 1 and {p.name: p.read_bytes() for p in out.glob("*.bin")} == before
+    assert not (out / ".work").exists()
+
+
+def test_cli_prepare_warns_in_one_line(tmp_path, tok_path, capsys):
+    from fastllm.cli import main
+
+    (tmp_path / "one.txt").write_text("A single short document.", encoding="utf-8")
+    assert main(["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tok_path), "--out", str(tmp_path / "d"),
+                 "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "fastllm: warning: the validation split has only" in cap.err and "val split: the end of each" in cap.out
+    (tmp_path / "d" / "manifest.json").write_text("{oops")
+    assert main(["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tok_path), "--out", str(tmp_path / "d"),
+                 "--no-progress"]) == 0
+    manifest = str(tmp_path / "d" / "manifest.json")
+    assert f"fastllm: warning: {manifest}: corrupt manifest" in capsys.readouterr().err
+    assert main(["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tok_path), "--out",
+                 str(tmp_path / "one.txt"), "--no-progress"]) == 1
+    assert "fastllm: error: --out" in capsys.readouterr().err

@@ -101,3 +101,18 @@ def test_gelu_residual_bad_input(rng):
         ops.residual_forward(x, x.astype(np.float64))
     with pytest.raises(ValueError, match="dinp2"):
         ops.residual_backward(x, None, np.zeros((5, 3), np.float32))
+
+
+def test_in_place_allowed_partial_overlap_refused(rng):
+    """Element-wise kernels may write over their input exactly (out is inp); a shifted overlap would read
+    values already overwritten, so it is refused."""
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    expect = ops.gelu_forward(x)
+    y = x.copy()
+    assert ops.gelu_forward(y, out=y) is y
+    np.testing.assert_array_equal(y, expect)
+    buf = np.zeros(20, np.float32)
+    with pytest.raises(ValueError, match="out overlaps inp"):
+        ops.gelu_forward(buf[:15].reshape(3, 5), out=buf[5:].reshape(3, 5))
+    a, b = x.copy(), rng.standard_normal((3, 5)).astype(np.float32)
+    np.testing.assert_array_equal(ops.residual_forward(a, b, out=a), x + b)

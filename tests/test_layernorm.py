@@ -100,3 +100,19 @@ def test_layernorm_bad_input(rng):
         ops.layernorm_backward(dout, x, w, mean, rstd.astype(np.float64))
     with pytest.raises(ValueError, match="dweight"):
         ops.layernorm_backward(dout, x, w, mean, rstd, dweight=np.zeros(7, np.float32))
+
+
+def test_layernorm_zero_channels_and_overlaps(rng):
+    """C = 0 is refused naming it (it failed in numpy's reshape); outputs may not share memory with inputs or
+    each other (mean and rstd in one buffer used to overwrite each other silently)."""
+    x, w, b, dout = make(rng, (4, 8))
+    with pytest.raises(ValueError, match=r"C \(inp columns\) must be >= 1"):
+        ops.layernorm_forward(np.zeros((4, 0), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    stats = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="mean overlaps rstd"):
+        ops.layernorm_forward(x, w, b, mean=stats, rstd=stats)
+    with pytest.raises(ValueError, match="out overlaps inp"):
+        ops.layernorm_forward(x, w, b, out=x)
+    out, mean, rstd = ops.layernorm_forward(x, w, b)
+    with pytest.raises(ValueError, match="dinp overlaps dout"):
+        ops.layernorm_backward(dout, x, w, mean, rstd, dx=dout)

@@ -12,7 +12,7 @@ import pytest
 import reference as ref
 
 import fastllm
-from fastllm import _C
+from fastllm import _C, ops
 
 SHAPES = [  # (N, C, OC)
     (1, 1, 1),
@@ -247,3 +247,69 @@ def test_non_contiguous(rng):
         _C.matmul_forward(out, inp[:, ::2], weight, None)
     with pytest.raises(ValueError, match="contiguous"):
         _C.matmul_forward(np.empty((3, 4), np.float32).T, inp[:, :8].copy(), weight, None)
+
+
+def test_output_overlapping_an_input_is_refused(rng):
+    """out=inp used to return wrong numbers (the kernel reads inp while writing out); any overlap is refused."""
+    x = rng.standard_normal((4, 8), dtype=np.float32)
+    w = rng.standard_normal((8, 8), dtype=np.float32)
+    with pytest.raises(ValueError, match="out overlaps inp"):
+        ops.matmul_forward(x, w, out=x)
+    with pytest.raises(ValueError, match="out overlaps weight"):
+        ops.matmul_forward(x, w, out=w[2:6])
+    buf = np.zeros(40, np.float32)
+    with pytest.raises(ValueError, match="out overlaps inp"):  # partial overlap
+        _C.matmul_forward(buf[8:40].reshape(4, 8), buf[:32].reshape(4, 8), w, None)
+    with pytest.raises(ValueError, match="dinp overlaps dout"):
+        ops.matmul_backward(x, x, w, dinp=x)
+    with pytest.raises(ValueError, match="dweight overlaps dbias"):
+        _C.matmul_backward(None, buf[:32].reshape(4, 8), buf[28:32], np.zeros((4, 4), np.float32), x,
+                           w[:4].copy())
+    with pytest.raises(ValueError, match="c overlaps a"):
+        _C.gemm(buf[:16].reshape(4, 4), buf[:16].reshape(4, 4), np.zeros((4, 4), np.float32))
+    np.testing.assert_allclose(ops.matmul_forward(x, w), x @ w.T, rtol=1e-5, atol=1e-5)  # separate out: fine
+
+
+def test_zero_sizes(rng):
+    """Zero rows are an empty batch; zero columns (C) or output channels (OC) are refused, naming them (they
+    used to fail in numpy's reshape with 'cannot reshape array of size 0')."""
+    x = rng.standard_normal((4, 8), dtype=np.float32)
+    assert ops.matmul_forward(np.zeros((0, 8), np.float32), np.zeros((3, 8), np.float32)).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"OC \(weight rows\) must be >= 1"):
+        ops.matmul_forward(x, np.zeros((0, 8), np.float32))
+    with pytest.raises(ValueError, match=r"C \(inp columns\) must be >= 1"):
+        ops.matmul_forward(np.zeros((4, 0), np.float32), np.zeros((3, 0), np.float32))
+    with pytest.raises(ValueError, match=r"C \(inp columns\)"):
+        ops.matmul_backward(np.zeros((4, 3), np.float32), np.zeros((4, 0), np.float32),
+                            np.zeros((3, 0), np.float32))
+
+
+def test_arguments_of_the_wrong_kind_are_named(rng):
+    """A list, None or an integer past 64 bits gives an error naming the argument, not pybind11's
+    'incompatible function arguments' listing every argument (whole arrays included)."""
+    x = rng.standard_normal((4, 8), dtype=np.float32)
+    w = rng.standard_normal((3, 8), dtype=np.float32)
+    out = np.empty((4, 3), np.float32)
+    for args, kind, name in [((out, x, w.tolist(), None), TypeError, "weight"),
+                             ((out, None, w, None), TypeError, "inp"),
+                             ((out, x, w, [0.0, 0.0, 0.0]), TypeError, "bias")]:
+        with pytest.raises(kind, match=name) as e:
+            _C.matmul_forward(*args)
+        assert "Invoked with" not in str(e.value)
+    with pytest.raises(ValueError, match="alpha"):
+        _C.gemm(np.zeros((4, 4), np.float32), x, x, False, True, 10**400, 0.0)
+    with pytest.raises(TypeError, match="beta"):
+        _C.gemm(np.zeros((4, 4), np.float32), x, x, False, True, 1.0, "0")
+
+
+def test_strided_output_is_refused_not_copied(rng):
+    """A strided 3-D out cannot be viewed as (N, OC): it used to be copied silently by reshape, the kernel
+    filled the copy and out kept its old values."""
+    x = rng.standard_normal((2, 3, 8), dtype=np.float32)
+    w = rng.standard_normal((4, 8), dtype=np.float32)
+    out = np.zeros((3, 2, 4), np.float32).transpose(1, 0, 2)  # (2, 3, 4), not viewable as (6, 4)
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        ops.matmul_forward(x, w, out=out)
+    mean = np.zeros((6, 2), np.float32)[:, 0]  # a strided (6,) buffer for layernorm's mean
+    with pytest.raises(ValueError, match="mean must be C-contiguous"):
+        ops.layernorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32), mean=mean.reshape(2, 3))

@@ -36,19 +36,20 @@ def test_matmul_bf16w_equals_rounded_product(shape, rng, simd, threads):
     w16 = ops.to_bf16(rng.standard_normal((OC, C), dtype=np.float32))
     b = rng.standard_normal(OC, dtype=np.float32)
     ref = ops.from_bf16(ops.to_bf16(x)).astype(np.float64) @ ops.from_bf16(w16).astype(np.float64).T + b
-    got = ops.matmul_forward_bf16w(x, w16, b)
+    got = ops.matmul_forward(x, w16, b)
     assert got.shape == (N, OC)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.sqrt(C) * np.abs(ref).max())
-    np.testing.assert_allclose(ops.matmul_forward_bf16w(x[None], w16)[0], ref - b, rtol=0,
+    np.testing.assert_allclose(ops.matmul_forward(x[None], w16)[0], ref - b, rtol=0,
                                atol=1e-5 * np.sqrt(C) * np.abs(ref).max())
 
 
 def test_bf16w_bad_input(rng):
     x = rng.standard_normal((2, 8), dtype=np.float32)
     w = rng.standard_normal((3, 8), dtype=np.float32)
-    with pytest.raises(TypeError, match="weight must be a uint16"):
-        ops.matmul_forward_bf16w(x, w)  # float32 weights where bf16 bits are expected
+    with pytest.raises(TypeError, match="weight must be a float32"):
+        ops.matmul_forward(x, w.astype(np.float16))  # neither float32 nor bf16 bit patterns
+    np.testing.assert_allclose(ops.matmul_forward(x, w), x @ w.T, rtol=1e-5, atol=1e-5)  # float32: the fp32 path
     with pytest.raises(ValueError, match="weight must have shape"):
-        ops.matmul_forward_bf16w(x, ops.to_bf16(w[:, :4]))
+        ops.matmul_forward(x, ops.to_bf16(w[:, :4]))
     with pytest.raises(TypeError, match="x must be a float32"):
         ops.to_bf16(np.zeros(3, np.float64))

@@ -8,13 +8,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import EOT, byte_tokenizer, one_thread  # noqa: F401 (one_thread: a fixture, one OpenMP thread per test)
 
 import fastllm
 from fastllm import ops
+from fastllm.checkpoint import load_model, save
 from fastllm.cli import main
 from fastllm.model import GPT, GPTConfig
 from fastllm.optim import AdamW
@@ -38,24 +41,6 @@ from fastllm.rl import (
     train_grpo,
     train_reward_model,
 )
-from fastllm.tokenizer import Tokenizer
-from fastllm.train import save_checkpoint
-
-EOT = 256
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Deterministic runs (and fair on a busy 2-core machine)."""
-    n = fastllm.get_num_threads()
-    fastllm.set_num_threads(1)
-    yield
-    fastllm.set_num_threads(n)
-
-
-def byte_tokenizer() -> Tokenizer:
-    return Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": EOT})
-
 
 # ---- GRPO math vs numpy on hand-made numbers ---------------------------------------------------------------
 
@@ -111,7 +96,8 @@ def test_weighted_ce_gradient_vs_torch(N, C, V, chunk, threads):
     t[::5] = -1  # ignored rows: no gradient whatever their weight
     w = rng.standard_normal(N).astype(np.float32)
     w[1::4] = 0.0
-    losses, dh, dW = ops.lmhead_cross_entropy(h, W, t, grad_scale=0.5, row_weights=w, chunk_rows=chunk)
+    scratch = np.empty((chunk, W.shape[0]), np.float32)
+    losses, dh, dW = ops.lmhead_ce(h, W, t, grad_scale=0.5, row_weights=w, scratch=scratch)
     ht = torch.tensor(h, dtype=torch.float64, requires_grad=True)
     Wt = torch.tensor(W, dtype=torch.float64, requires_grad=True)
     ce = torch.nn.functional.cross_entropy(ht @ Wt.T, torch.tensor(t), ignore_index=-1, reduction="none")
@@ -121,7 +107,7 @@ def test_weighted_ce_gradient_vs_torch(N, C, V, chunk, threads):
     np.testing.assert_allclose(dW, Wt.grad.numpy(), atol=1e-5)
     # the unfused kernel: dlogits row n scaled by grad_scale * w[n]
     logits = (h @ W.T).astype(np.float32)
-    l2, dl = ops.softmax_cross_entropy(logits, t, grad_scale=0.5, row_weights=w)
+    l2, dl = ops.softmax_ce(logits, t, grad_scale=0.5, row_weights=w)
     lt = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
     ce2 = torch.nn.functional.cross_entropy(lt, torch.tensor(t), ignore_index=-1, reduction="none")
     (0.5 * (ce2 * torch.tensor(w, dtype=torch.float64)).sum()).backward()
@@ -133,9 +119,9 @@ def test_weighted_ce_bad_row_weights():
     logits = np.zeros((4, 5), np.float32)
     t = np.zeros(4, np.int64)
     with pytest.raises(ValueError, match="row_weights"):
-        ops.softmax_cross_entropy(logits, t, row_weights=np.ones(3, np.float32))
+        ops.softmax_ce(logits, t, row_weights=np.ones(3, np.float32))
     with pytest.raises(TypeError, match="row_weights"):
-        ops.softmax_cross_entropy(logits, t, row_weights=np.ones(4, np.float64))
+        ops.softmax_ce(logits, t, row_weights=np.ones(4, np.float64))
     with pytest.raises(ValueError, match="row_weights"):
         fastllm._C.lmhead_ce(
             np.empty(4, np.float32),
@@ -146,7 +132,7 @@ def test_weighted_ce_bad_row_weights():
             np.zeros(4, np.int32),
             1.0,
             -1,
-            2,
+            np.empty((2, 5), np.float32),
             np.ones(5, np.float32),
         )
 
@@ -282,7 +268,7 @@ def warm(tmp_path_factory):
         m.forward(*sft_batch(tok, task, [sft[i] for i in rng.integers(0, 40, 16)]))
         m.backward()
         opt.step()
-    ck = save_checkpoint(d / "sft", 300, m, opt, {"step": 300}, d / "tok.tiktoken")
+    ck = save(d / "sft", 300, m, opt, {}, kind="sft", tokenizer=d / "tok.tiktoken")
     return ck, sft, unseen
 
 
@@ -291,8 +277,6 @@ def test_grpo_raises_addition_accuracy_beyond_the_warmup(warm):
     supervised warm-up only, not by GRPO: this measures GRPO filling in a memorised table (a tiny model does
     not generalise one-digit addition to facts it never saw; see the sort test below for truly held-out prompts).
     """
-    from fastllm.train import load_model
-
     ck, sft, unseen = warm
     tok, task = byte_tokenizer(), AdditionTask(1)
     model, ref = load_model(ck), load_model(ck)
@@ -417,8 +401,6 @@ def test_train_grpo_log_checkpoints_and_resume_bit_identical(warm, tmp_path):
     # interrupted after 2 steps (checkpoint at 2), then resumed to 5: same parameters as the straight run
     train_grpo(RLConfig(out=str(tmp_path / "b"), steps=2, **kw), progress=False, log=lambda *_: None)
     s2 = train_grpo(RLConfig(out=str(tmp_path / "b"), steps=5, resume=True, **kw), progress=False, log=lambda *_: None)
-    from fastllm.train import load_model
-
     np.testing.assert_array_equal(load_model(s["checkpoint"]).params, load_model(s2["checkpoint"]).params)
     rows_b = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b if "reward" in r] == list(range(5))
@@ -557,3 +539,67 @@ def test_several_policy_updates_per_rollout_batch():
     st = g.step(["1+2=", "3+3="], seed=0)
     assert g.opt.t == 3 and not np.array_equal(before, m.params)
     assert all(math.isfinite(v) for v in st.values())
+
+
+# ---- config values and devices: one clear error (issue 23) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--iterations", "0"], "iterations must be an integer >= 1, got 0"),  # was UnboundLocalError
+    (["--prompts-per-step", "0"], "prompts_per_step must be an integer >= 1, got 0"),
+    (["--digits", "100"], r"digits must be an integer in \[1, 18\] for the addition task, got 100"),
+    (["--group-size", "1"], "group_size must be an integer >= 2"),
+    (["--ckpt-every", "-1"], "ckpt_every must be an integer >= 0"),
+    (["--clip-eps", "0"], "clip_eps must be a number in"),
+    (["--task", "nope"], "unknown task"),
+])
+def test_cli_rl_bad_values(tmp_path, capsys, args, match):
+    rc = main(["rl", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("fastllm: error:") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_rl_prompts_longer_than_the_context(warm, tmp_path):
+    ck, _, _ = warm  # block_size 16: "sort " + 12 digits + "=" + 8 new tokens do not fit
+    cfg = RLConfig(ckpt=str(ck), task="sort", digits=12, out=str(tmp_path / "o"), steps=1, max_new_tokens=8)
+    with pytest.raises(ValueError, match="do not fit the model's context of 16 tokens"):
+        train_grpo(cfg, progress=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("command", ["rl", "reward-model"])
+def test_cli_out_file_and_cuda_without_gpu(warm, tmp_path, capsys, command):
+    from fastllm import cuda
+
+    ck, _, _ = warm
+    (tmp_path / "afile").write_text("x")
+    base = ["--ckpt", str(ck)] if command == "rl" else ["--base", str(ck), "--data", str(tmp_path / "p.jsonl")]
+    assert main([command, *base, "--out", str(tmp_path / "afile"), "--no-progress"]) == 1
+    assert "afile exists and is not a folder" in capsys.readouterr().err
+    if not cuda.is_available():
+        assert main([command, *base, "--out", str(tmp_path / "o"), "--device", "cuda", "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("fastllm: error:") and err.count("\n") == 1 and ("CUDA" in err or "GPU" in err)
+
+
+def test_reward_model_resumes_bit_identically(warm, tmp_path):
+    """The reward model trains through the shared loop: 2 epochs straight equal 1 epoch, then a resume to 2."""
+    ck, _, _ = warm
+    pairs, val = addition_preferences(96, 1, seed=0), addition_preferences(16, 1, seed=1)
+    kw = dict(base=str(ck), data="", lr=1e-3, batch_size=32, eval_every=2, ckpt_every=1)
+    quiet = dict(pairs=pairs, val_pairs=val, progress=False, log=lambda *_: None)
+    full = train_reward_model(RewardModelConfig(out=str(tmp_path / "a"), epochs=2, **kw), **quiet)
+    train_reward_model(RewardModelConfig(out=str(tmp_path / "b"), epochs=1, **kw), **quiet)
+    part = train_reward_model(RewardModelConfig(out=str(tmp_path / "b"), epochs=2, resume=True, **kw), **quiet)
+    assert Path(part["checkpoint"]).name == "ckpt_000006" == Path(full["checkpoint"]).name
+    a, b = RewardModel.load(tmp_path / "a"), RewardModel.load(tmp_path / "b")
+    np.testing.assert_array_equal(a.head, b.head)
+    np.testing.assert_array_equal(a.backbone.params, b.backbone.params)
+
+    def rows(out):
+        return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+
+    strip = [{k: v for k, v in r.items() if k != "dt"} for r in rows(tmp_path / "a")]
+    assert strip == [{k: v for k, v in r.items() if k != "dt"} for r in rows(tmp_path / "b")]
+    assert [r["step"] for r in rows(tmp_path / "a") if "val_accuracy" in r] == [0, 2, 4, 6]

@@ -162,3 +162,49 @@ def test_bad_input(model, kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         generate(model, **args)
+
+
+def test_non_finite_logits_raise_naming_the_step(model):
+    """NaN weights used to make generate return token 0 forever (and `sample` print NUL characters)."""
+    bad = GPT(model.config, seed=3).eval()
+    bad.p["ln_f.weight"][0] = np.nan
+    with pytest.raises(FloatingPointError, match="not finite .* step 0"):
+        generate(bad, [1, 2, 3], 5, temperature=0)
+    late = GPT(model.config, seed=3).eval()
+    late.p["wpe"][5] = np.inf  # position 5: sequence 1 (prompt at 0..2, new tokens at 3, 4, 5) breaks at step 3
+    out = []
+    with pytest.raises(FloatingPointError, match="step 3 \\(sequence 1\\)"):
+        for step in stream(late, [[1, 2], [1, 2, 3]], 5, temperature=0):  # sequence 0 reaches position 5 later
+            out.append(step)
+    assert len(out) == 3
+
+
+def test_prompt_filling_the_context(model):
+    """A prompt of exactly block_size tokens and no new ones is fine (it used to ask the cache for
+    block_size + 1 rows); one more token says what does not fit."""
+    prompt = list(range(40))
+    assert generate(model, prompt, 0) == prompt
+    with pytest.raises(ValueError, match="40 tokens \\+ max_new_tokens=1 > the model's context block_size=40"):
+        generate(model, prompt, 1)
+
+
+def test_seed_must_be_non_negative(model):
+    for seed in (-1, 1.5, "0"):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            generate(model, [1], 2, seed=seed)
+    assert generate(model, [1], 2, seed=np.int64(3)) == generate(model, [1], 2, seed=3)
+
+
+def test_chat_session_checks_sampling_options():
+    """chat --temperature nan used to fail at every message (and exit 0): ChatSession refuses it at once."""
+    from fastllm import Tokenizer
+    from fastllm.sft import IM_END, IM_START, ChatSession
+
+    tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": 256, IM_START: 257,
+                                                                        IM_END: 258})
+    m = GPT(GPTConfig(block_size=32, vocab_size=259, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="temperature"):
+        ChatSession(m, tok, temperature=float("nan"))
+    with pytest.raises(ValueError, match="seed"):
+        ChatSession(m, tok, seed=-1)
+    assert ChatSession(m, tok, temperature=0.5, seed=1).sampling["temperature"] == 0.5

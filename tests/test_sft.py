@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import fastllm
+from fastllm.checkpoint import copy_tokenizer, load_model
 from fastllm.cli import main
-from fastllm.data import copy_tokenizer, write_shard
+from fastllm.data import write_shard
 from fastllm.model import GPT, GPTConfig
 from fastllm.sample import generate
 from fastllm.sft import (
@@ -35,7 +36,7 @@ from fastllm.sft import (
     tokenize_conversations,
 )
 from fastllm.tokenizer import Tokenizer
-from fastllm.train import TrainConfig, load_model, train
+from fastllm.train import TrainConfig, train
 
 EOT, START, END, NL = 256, 257, 258, 10
 

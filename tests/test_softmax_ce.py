@@ -1,4 +1,4 @@
-"""softmax_cross_entropy and the fused lm-head + cross-entropy vs tests/reference.py (float64) and torch.
+"""softmax_ce and the fused lm-head + cross-entropy vs tests/reference.py (float64) and torch.
 
 Tolerances (float32 kernels vs float64 references): losses atol 2e-5 + rtol 1e-5 (logsumexp of up to
 50k terms summed in float32 lanes); dlogits atol 1e-6 (softmax probabilities are <= 1, exp is <= 2 ulp);
@@ -32,16 +32,16 @@ def make(rng, N, V, scale=3.0, ignore_rows=()):
 @pytest.mark.parametrize("N,V", [(1, 1), (1, 5), (3, 17), (4, 64), (5, 771), (3, 50257)])
 def test_softmax_ce_matches_reference(rng, threads, simd, N, V):
     logits, targets = make(rng, N, V, ignore_rows=[N - 1] if N > 2 else [])
-    losses, dlogits = ops.softmax_cross_entropy(logits, targets, grad_scale=0.5)
-    ref_l, ref_d = reference.softmax_cross_entropy(logits, targets, grad_scale=0.5)
+    losses, dlogits = ops.softmax_ce(logits, targets, grad_scale=0.5)
+    ref_l, ref_d = reference.softmax_ce(logits, targets, grad_scale=0.5)
     np.testing.assert_allclose(losses, ref_l, **LOSS_TOL)
     np.testing.assert_allclose(dlogits, ref_d, **GRAD_TOL)
 
 
 def test_softmax_ce_gpt2_vocab_padded(rng, threads):
     logits, targets = make(rng, 2, 50304)
-    losses, dlogits = ops.softmax_cross_entropy(logits, targets)
-    ref_l, ref_d = reference.softmax_cross_entropy(logits, targets)
+    losses, dlogits = ops.softmax_ce(logits, targets)
+    ref_l, ref_d = reference.softmax_ce(logits, targets)
     np.testing.assert_allclose(losses, ref_l, **LOSS_TOL)
     np.testing.assert_allclose(dlogits, ref_d, **GRAD_TOL)
 
@@ -56,7 +56,7 @@ def test_softmax_ce_large_out_of_place_streaming(rng, offset):
     losses = np.empty(N, np.float32)
     _C.softmax_ce(losses, dlogits, logits, targets, 0.5, -1)
     rows = [0, 3, 100, N - 1]  # rows are independent: check a few against the float64 reference ...
-    ref_l, ref_d = reference.softmax_cross_entropy(logits[rows], targets[rows], grad_scale=0.5)
+    ref_l, ref_d = reference.softmax_ce(logits[rows], targets[rows], grad_scale=0.5)
     np.testing.assert_allclose(losses[rows], ref_l, **LOSS_TOL)
     np.testing.assert_allclose(dlogits[rows], ref_d, **GRAD_TOL)
     assert (
@@ -68,13 +68,13 @@ def test_softmax_ce_ignore_rows_and_batch_shape(rng, simd):
     logits, targets = make(rng, 6, 33, ignore_rows=[0, 3])
     logits, targets = logits.reshape(2, 3, 33), targets.reshape(2, 3)
     garbage = np.full((2, 3, 33), 7.0, np.float32)
-    losses, _ = ops.softmax_cross_entropy(logits, targets, backward=False)
+    losses, _ = ops.softmax_ce(logits, targets, backward=False)
     assert losses.shape == (2, 3) and losses[0, 0] == 0 and losses[1, 0] == 0
     _C.softmax_ce(
         losses.reshape(-1), garbage.reshape(-1, 33), logits.reshape(-1, 33), targets.reshape(-1), 1.0, -1
     )
     assert (garbage[0, 0] == 0).all() and (garbage[1, 0] == 0).all()  # written (=), zero rows where ignored
-    ref_l, ref_d = reference.softmax_cross_entropy(logits, targets)
+    ref_l, ref_d = reference.softmax_ce(logits, targets)
     np.testing.assert_allclose(garbage.reshape(-1, 33), ref_d, **GRAD_TOL)
     np.testing.assert_allclose(losses.reshape(-1), ref_l, **LOSS_TOL)
 
@@ -82,16 +82,16 @@ def test_softmax_ce_ignore_rows_and_batch_shape(rng, simd):
 def test_softmax_ce_other_ignore_index(rng):
     logits, targets = make(rng, 4, 10)
     targets[1] = -100
-    losses, dlogits = ops.softmax_cross_entropy(logits, targets, ignore_index=-100)
+    losses, dlogits = ops.softmax_ce(logits, targets, ignore_index=-100)
     assert losses[1] == 0 and not dlogits[1].any()
     with pytest.raises(ValueError, match="targets"):  # -100 is out of range when ignore_index is -1
-        ops.softmax_cross_entropy(logits, targets)
+        ops.softmax_ce(logits, targets)
 
 
 def test_softmax_ce_in_place(rng, threads, simd):
     logits, targets = make(rng, 5, 1000, ignore_rows=[2])
-    ref_l, ref_d = reference.softmax_cross_entropy(logits, targets, grad_scale=0.25)
-    losses, dlogits = ops.softmax_cross_entropy(logits, targets, grad_scale=0.25, inplace=True)
+    ref_l, ref_d = reference.softmax_ce(logits, targets, grad_scale=0.25)
+    losses, dlogits = ops.softmax_ce(logits, targets, grad_scale=0.25, inplace=True)
     assert dlogits is logits
     np.testing.assert_allclose(losses, ref_l, **LOSS_TOL)
     np.testing.assert_allclose(logits, ref_d, **GRAD_TOL)
@@ -106,9 +106,9 @@ def test_softmax_ce_extreme_logits(simd, big):
     logits[2, :] = big  # all equal and huge
     logits[3, ::2] = -big
     targets = np.array([6, 30, 0, 0], np.int32)
-    losses, dlogits = ops.softmax_cross_entropy(logits, targets)
+    losses, dlogits = ops.softmax_ce(logits, targets)
     assert np.isfinite(losses).all() and np.isfinite(dlogits).all()
-    ref_l, ref_d = reference.softmax_cross_entropy(logits, targets)
+    ref_l, ref_d = reference.softmax_ce(logits, targets)
     np.testing.assert_allclose(losses, ref_l, rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(dlogits, ref_d, **GRAD_TOL)
 
@@ -124,8 +124,8 @@ def test_softmax_ce_masked_logits(rng, simd, V):
     logits[2] = -np.inf
     logits[2, V - 1] = 1.0  # one finite logit: probability 1
     targets = np.array([1, t1, V - 1, 0], np.int32)  # row 3 targets a masked logit
-    losses, dlogits = ops.softmax_cross_entropy(logits, targets)
-    ref_l, ref_d = reference.softmax_cross_entropy(logits[:3], targets[:3])
+    losses, dlogits = ops.softmax_ce(logits, targets)
+    ref_l, ref_d = reference.softmax_ce(logits[:3], targets[:3])
     np.testing.assert_allclose(losses[:3], ref_l, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dlogits[:3], ref_d, **GRAD_TOL)
     assert losses[3] == np.inf and np.isfinite(dlogits[3]).all()
@@ -138,7 +138,7 @@ def test_softmax_ce_nan_propagates(simd):
     for V in (7, 100):
         logits = np.zeros((3, V), np.float32)
         logits[1, V - 2] = np.nan
-        losses, dlogits = ops.softmax_cross_entropy(logits, np.zeros(3, np.int32))
+        losses, dlogits = ops.softmax_ce(logits, np.zeros(3, np.int32))
         assert np.isnan(losses[1]) and np.isfinite(losses[[0, 2]]).all()
         assert np.isnan(dlogits[1]).all() and np.isfinite(dlogits[[0, 2]]).all()
 
@@ -151,7 +151,7 @@ def test_softmax_ce_vs_torch(rng, threads):
     loss = F.cross_entropy(x, torch.from_numpy(targets.astype(np.int64)), ignore_index=-1)  # mean over valid
     loss.backward()
     n_valid = int((targets != -1).sum())
-    losses, dlogits = ops.softmax_cross_entropy(logits, targets, grad_scale=1.0 / n_valid)
+    losses, dlogits = ops.softmax_ce(logits, targets, grad_scale=1.0 / n_valid)
     np.testing.assert_allclose(losses.sum() / n_valid, loss.item(), rtol=1e-5)
     np.testing.assert_allclose(dlogits, x.grad.numpy(), rtol=1e-5, atol=1e-7)
 
@@ -163,18 +163,18 @@ def test_softmax_ce_bad_input(rng):
     logits, targets = make(rng, 3, 8)
     losses, d = np.empty(3, np.float32), np.empty((3, 8), np.float32)
     with pytest.raises(TypeError, match="logits"):
-        ops.softmax_cross_entropy(logits.astype(np.float64), targets)
+        ops.softmax_ce(logits.astype(np.float64), targets)
     with pytest.raises(TypeError, match="targets"):
-        ops.softmax_cross_entropy(logits, targets.astype(np.float32))
+        ops.softmax_ce(logits, targets.astype(np.float32))
     with pytest.raises(TypeError, match="dlogits"):
         _C.softmax_ce(losses, d.astype(np.float64), logits, targets, 1.0, -1)
     with pytest.raises(ValueError, match="targets"):
-        ops.softmax_cross_entropy(logits, targets[:2])
+        ops.softmax_ce(logits, targets[:2])
     for bad in (8, -2):
         t = targets.copy()
         t[1] = bad
         with pytest.raises(ValueError, match="targets"):
-            ops.softmax_cross_entropy(logits, t)
+            ops.softmax_ce(logits, t)
     with pytest.raises(ValueError, match="logits"):
         _C.softmax_ce(losses, None, np.asfortranarray(logits), targets, 1.0, -1)
     with pytest.raises(ValueError, match="logits"):
@@ -192,7 +192,7 @@ def test_softmax_ce_bad_input(rng):
 
 def lmhead_reference(hidden, weight, targets, grad_scale, ignore_index=-1):
     logits = reference.matmul_forward(hidden, weight)
-    losses, dlogits = reference.softmax_cross_entropy(logits, targets, grad_scale, ignore_index)
+    losses, dlogits = reference.softmax_ce(logits, targets, grad_scale, ignore_index)
     dh, dw, _ = reference.matmul_backward(dlogits, hidden, weight)
     return losses, dh, dw
 
@@ -204,14 +204,13 @@ def test_lmhead_ce_matches_reference(rng, threads, N, C, V, chunk):
     targets = rng.integers(0, V, N).astype(np.int32)
     if N > 2:
         targets[1] = -1
-    losses, dh, dw = ops.lmhead_cross_entropy(hidden, weight, targets, grad_scale=0.5, chunk_rows=chunk)
+    scratch = np.empty((chunk, V), np.float32)
+    losses, dh, dw = ops.lmhead_ce(hidden, weight, targets, grad_scale=0.5, scratch=scratch)
     ref_l, ref_dh, ref_dw = lmhead_reference(hidden, weight, targets, 0.5)
     np.testing.assert_allclose(losses, ref_l, **LM_TOL)
     np.testing.assert_allclose(dh, ref_dh, **LM_TOL)
     np.testing.assert_allclose(dw, ref_dw, **LM_TOL)
-    fwd_only, none_h, none_w = ops.lmhead_cross_entropy(
-        hidden, weight, targets, backward=False, chunk_rows=chunk
-    )
+    fwd_only, none_h, none_w = ops.lmhead_ce(hidden, weight, targets, backward=False, scratch=scratch)
     assert none_h is None and none_w is None
     np.testing.assert_allclose(fwd_only, ref_l, **LM_TOL)
 
@@ -224,12 +223,12 @@ def test_lmhead_ce_accumulates_across_calls(rng):
     dh0 = rng.standard_normal((N, C)).astype(np.float32)
     dw0 = rng.standard_normal((V, C)).astype(np.float32)
     dh, dw = dh0.copy(), dw0.copy()
-    ops.lmhead_cross_entropy(hidden, weight, targets, dhidden=dh, dweight=dw, chunk_rows=3)
+    ops.lmhead_ce(hidden, weight, targets, dhidden=dh, dweight=dw, scratch=np.empty((3, V), np.float32))
     _, ref_dh, ref_dw = lmhead_reference(hidden, weight, targets, 1.0)
     np.testing.assert_allclose(dh, dh0 + ref_dh, **LM_TOL)
     np.testing.assert_allclose(dw, dw0 + ref_dw, **LM_TOL)
     dw2, losses = dw0.copy(), np.empty(N, np.float32)  # dweight alone (no dhidden)
-    _C.lmhead_ce(losses, None, dw2, hidden, weight, targets, 1.0, -1, 4)
+    _C.lmhead_ce(losses, None, dw2, hidden, weight, targets, 1.0, -1, np.empty((4, V), np.float32))
     np.testing.assert_allclose(dw2, dw0 + ref_dw, **LM_TOL)
 
 
@@ -247,7 +246,7 @@ def test_lmhead_ce_vs_torch(rng, threads):
         F.linear(h, w), torch.from_numpy(targets.astype(np.int64)), ignore_index=-1, reduction="sum"
     )
     loss.backward()
-    losses, dh, dw = ops.lmhead_cross_entropy(hidden, weight, targets, chunk_rows=5)
+    losses, dh, dw = ops.lmhead_ce(hidden, weight, targets, scratch=np.empty((5, V), np.float32))
     np.testing.assert_allclose(losses.sum(), loss.item(), rtol=1e-5)
     np.testing.assert_allclose(dh, h.grad.numpy(), **LM_TOL)
     np.testing.assert_allclose(dw, w.grad.numpy(), **LM_TOL)
@@ -258,16 +257,42 @@ def test_lmhead_ce_bad_input(rng):
     weight = rng.standard_normal((11, 8)).astype(np.float32)
     targets = np.array([0, 1, 10, -1], np.int32)
     with pytest.raises(TypeError, match="hidden"):
-        ops.lmhead_cross_entropy(hidden.astype(np.float64), weight, targets)
+        ops.lmhead_ce(hidden.astype(np.float64), weight, targets)
     with pytest.raises(TypeError, match="weight"):
-        ops.lmhead_cross_entropy(hidden, weight.astype(np.float64), targets)
+        ops.lmhead_ce(hidden, weight.astype(np.float64), targets)
     with pytest.raises(ValueError, match="weight"):
-        ops.lmhead_cross_entropy(hidden, weight[:, :7].copy(), targets)
+        ops.lmhead_ce(hidden, weight[:, :7].copy(), targets)
     with pytest.raises(ValueError, match="targets"):
-        ops.lmhead_cross_entropy(hidden, weight, np.array([0, 1, 11, -1], np.int32))
+        ops.lmhead_ce(hidden, weight, np.array([0, 1, 11, -1], np.int32))
     with pytest.raises(TypeError, match="targets"):
-        ops.lmhead_cross_entropy(hidden, weight, targets.astype(np.float64))
-    with pytest.raises(ValueError, match="chunk_rows"):
-        ops.lmhead_cross_entropy(hidden, weight, targets, chunk_rows=0)
+        ops.lmhead_ce(hidden, weight, targets.astype(np.float64))
+    with pytest.raises(ValueError, match="scratch"):
+        ops.lmhead_ce(hidden, weight, targets, scratch=np.empty((0, 11), np.float32))
+    with pytest.raises(ValueError, match="scratch"):
+        ops.lmhead_ce(hidden, weight, targets, scratch=np.empty((3, 10), np.float32))
     with pytest.raises(ValueError, match="dweight"):
-        ops.lmhead_cross_entropy(hidden, weight, targets, dweight=np.zeros((11, 7), np.float32))
+        ops.lmhead_ce(hidden, weight, targets, dweight=np.zeros((11, 7), np.float32))
+
+
+def test_zero_vocab_and_huge_integers(rng):
+    """V = 0 and integers past their C type give a ValueError naming the argument (they used to fail in numpy's
+    reshape, or with pybind11's 'incompatible function arguments' dump)."""
+    logits, targets = make(rng, 3, 8)
+    with pytest.raises(ValueError, match=r"V \(logits columns\) must be >= 1"):
+        ops.softmax_ce(np.zeros((3, 0), np.float32), targets)
+    with pytest.raises(ValueError, match="ignore_index"):
+        ops.softmax_ce(logits, targets, ignore_index=2**40)
+    hidden = rng.standard_normal((3, 4), dtype=np.float32)
+    weight = rng.standard_normal((8, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"V \(weight rows\) must be >= 1"):
+        ops.lmhead_ce(hidden, np.zeros((0, 4), np.float32), targets)
+    with pytest.raises(ValueError, match="ignore_index"):
+        ops.lmhead_ce(hidden, weight, targets, ignore_index=-(2**70))
+    with pytest.raises(ValueError, match="dhidden overlaps hidden"):
+        ops.lmhead_ce(hidden, weight, targets, dhidden=hidden)
+    with pytest.raises(ValueError, match="scratch overlaps hidden"):
+        ops.lmhead_ce(hidden, weight, targets, scratch=hidden.reshape(-1)[:8].reshape(1, 8))
+    losses, _ = ops.softmax_ce(logits.copy(), targets, inplace=True)  # dlogits = logits: allowed
+    with pytest.raises(ValueError, match="dlogits overlaps logits"):
+        buf = np.zeros(32, np.float32)
+        _C.softmax_ce(np.zeros(3, np.float32), buf[4:28].reshape(3, 8), buf[:24].reshape(3, 8), targets, 1.0, -1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -418,3 +420,96 @@ def test_hf_trained_file(tmp_path, corpus):
     hf2 = tokenizers.Tokenizer.from_file(str(q))
     t = corpus[300_000:400_000]
     assert hf2.encode(t).ids == hf.encode(t).ids
+
+
+def run_python(code: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (a crash or hang there fails the test instead of killing pytest)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env})
+
+
+def test_empty_special_token_is_refused():
+    """An empty special token matches everywhere: the native splitter used to loop forever on it."""
+    p = run_python("""
+from fastllm import Tokenizer, _C
+for f in (lambda: Tokenizer.train(["ab ab"], 300, special_tokens=[""], progress=False),
+          lambda: _C.train_bpe(["ab ab"], "gpt4", [""], 10, 1, None, 1),
+          lambda: _C.bpe_count_chunks(["ab ab"], "gpt4", ["x", ""], 1),
+          lambda: Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"": 256})):
+    try:
+        f()
+        print("accepted")
+    except ValueError as e:
+        print("ValueError", e)
+""", timeout=60)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0 and len(lines) == 4, p.stderr
+    assert all(line.startswith("ValueError") for line in lines), lines
+    assert "special_tokens[0]" in lines[0] and "special_tokens[1] is empty" in lines[2]
+
+
+def test_thread_counts_are_checked():
+    """Thread counts beyond 1024 (or below 1) raise a ValueError naming `threads`: 100000 used to segfault
+    every native path."""
+    import fastllm
+
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    for bad in (0, -1, 100_000, 2**70):
+        with pytest.raises(ValueError, match="threads"):
+            tok.encode_batch(["a"], threads=bad)
+        with pytest.raises(ValueError, match="threads"):
+            tok.decode_batch([[97]], threads=bad)
+        with pytest.raises(ValueError, match="threads"):
+            Tokenizer.train(["ab ab"], 260, threads=bad, progress=False)
+        with pytest.raises(ValueError, match="threads"):
+            fastllm.set_num_threads(bad)
+    assert [a.tolist() for a in tok.encode_batch(["a", "b"], threads=1024)] == [[97], [98]]
+
+
+def test_huge_omp_num_threads_is_capped():
+    """OMP_NUM_THREADS=100000 is lowered to 1024 with a warning, for the main thread and any other thread."""
+    p = run_python("""
+import threading, numpy as np, fastllm
+from fastllm import ops
+assert fastllm.get_num_threads() == 1024
+x = np.ones((4, 64, 3 * 64), np.float32)
+ops.attention_forward(x, 4)
+t = threading.Thread(target=lambda: print("thread", float(ops.attention_forward(x, 4)[0].sum())))
+t.start(); t.join()
+tok = fastllm.Tokenizer.train(["hello world " * 100], 270, progress=False)
+print(len(tok.encode_batch(["hello"] * 8)))
+""", timeout=300, OMP_NUM_THREADS="100000")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "thread 16384.0" in p.stdout and p.stdout.strip().endswith("8")
+    assert "OMP_NUM_THREADS asks for 100000 threads; using 1024" in p.stderr
+
+
+def test_bad_ranks_and_special_ids_are_named():
+    """Ranks or special ids beyond 2**28 (int32 even) give a ValueError naming the token, not pybind11's
+    'incompatible function arguments' listing the whole vocabulary."""
+    base = {bytes([b]): b for b in range(256)}
+    with pytest.raises(ValueError, match=r"mergeable_ranks\[b'ab'\] = 1099511627776"):
+        Tokenizer({**base, b"ab": 2**40})
+    with pytest.raises(ValueError, match="special token '<x>': id 1099511627776"):
+        Tokenizer(base, special_tokens={"<x>": 2**40})
+
+
+def test_hf_added_token_reusing_a_vocab_id(tmp_path):
+    """An added token whose id the vocab gives to another token is an error naming both (the byte token used
+    to be dropped: decode(encode('a\\x05b')) == 'ab'); the same token listed in both (GPT-2) is fine."""
+    tok = Tokenizer({bytes([b]): b for b in range(256)}, pattern="gpt2", special_tokens={EOT: 256})
+    p = tmp_path / "tokenizer.json"
+    tok.save_hf(p)
+    doc = json.loads(p.read_text())
+    doc["model"]["vocab"][EOT] = 256  # GPT-2 style: <|endoftext|> in the vocab and in added_tokens
+    p.write_text(json.dumps(doc))
+    assert Tokenizer.load_hf(p).decode(Tokenizer.load_hf(p).encode("a\x05b")) == "a\x05b"
+    doc["added_tokens"].append({**doc["added_tokens"][0], "id": 5, "content": "<x>"})
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"tokenizer.json:1: id 5 is both the vocab token .* and the added token "
+                                         r"'<x>'"):
+        Tokenizer.load_hf(p)
+    doc["added_tokens"][-1].update(id=300, content=EOT)
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="two ids, 256 and 300"):
+        Tokenizer.load_hf(p)

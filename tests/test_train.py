@@ -12,8 +12,9 @@ import time
 import numpy as np
 import pytest
 
+from fastllm.checkpoint import load_model
 from fastllm.data import write_shard
-from fastllm.train import TrainConfig, TrainingError, load_model, train
+from fastllm.train import TrainConfig, TrainingError, train
 
 V = 48
 
@@ -134,3 +135,92 @@ def test_safetensors_bf16_and_bad_dtype(tmp_path):
     (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"abc")
     with pytest.raises(ValueError, match="b.safetensors.*'w'.*unsupported dtype 'F8_E4M3'"):
         load_safetensors(tmp_path / "b.safetensors")
+
+
+# ---- bad config values: one clear error, from the API and the CLI alike (issue 23) --------------------------------
+
+
+def _cli_error(capsys, argv) -> str:
+    """Run the CLI in-process; it must fail with exactly one `fastllm: error:` line. Returns that line."""
+    from fastllm.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_negative_total_batch_tokens_is_refused(data, capsys):
+    """Issue 23 item 9: --total-batch-tokens -64 ran no forward/backward, logged loss 0.0 and saved a checkpoint."""
+    out = data / "neg"
+    err = _cli_error(capsys, ["train", "--data", str(data / "data"), "--out", str(out), "--model", "tiny",
+                              "--batch-size", "2", "--seq-len", "32", "--max-steps", "2", "--total-batch-tokens",
+                              "-64", "--no-progress"])
+    assert "total_batch_tokens must be an integer >= 1, got -64" in err
+    assert not out.exists()
+
+
+def test_ckpt_every_zero_saves_only_the_last_checkpoint(data):
+    """--ckpt-every 0 raised ZeroDivisionError; it now means: only the checkpoint at the end."""
+    train(config(data, max_steps=3, ckpt_every=0, eval_every=0), progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in (data / "out").iterdir() if p.name.startswith("ckpt_")) == ["ckpt_000003"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("lr", 0.0, r"lr must be a number in \(0"),
+    ("lr", float("nan"), "lr must be"),
+    ("warmup_steps", -1, "warmup_steps must be an integer >= 0"),
+    ("eval_every", -5, "eval_every must be an integer >= 0"),
+    ("ckpt_every", -1, "ckpt_every must be an integer >= 0"),
+    ("keep_ckpts", 0, "keep_ckpts must be an integer >= 1"),
+    ("batch_size", 0, "batch_size must be an integer >= 1"),
+    ("max_steps", 2.5, "max_steps must be an integer"),
+    ("n_head", 0, "n_head must be an integer >= 1"),
+    ("threads", 0, "threads must be an integer >= 1"),
+    ("seed", -1, "seed must be an integer >= 0"),
+    ("beta2", 1.0, r"beta2 must be a number in \[0, 1\)"),
+    ("grad_clip", -1.0, "grad_clip must be"),
+    ("device", "tpu", "device must be one of"),
+    ("cuda_dtype", "float16", "cuda_dtype must be one of"),
+    ("model", "nope", "unknown preset"),
+    ("total_batch_tokens", 100, "multiple of batch_size"),
+])
+def test_bad_config_values_name_the_field(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **{field: value})
+
+
+def test_out_that_is_a_file(data, capsys):
+    (data / "afile").write_text("x")
+    err = _cli_error(capsys, ["train", "--data", str(data / "data"), "--out", str(data / "afile"), "--no-progress"])
+    assert "out:" in err and "afile exists and is not a folder" in err
+    from fastllm.data import prepare
+
+    with pytest.raises(ValueError, match="afile exists and is not a folder"):
+        prepare(None, data / "tok.tiktoken", data / "afile", progress=False)
+
+
+def test_device_cuda_without_a_gpu_is_one_error_line(data, capsys):
+    from fastllm import cuda
+
+    if cuda.is_available():
+        pytest.skip("a GPU is present")
+    err = _cli_error(capsys, ["train", "--data", str(data / "data"), "--out", str(data / "o"), "--device", "cuda",
+                              "--no-progress"])
+    assert "CUDA" in err or "GPU" in err
+    assert not (data / "o").exists()  # refused before anything is written
+    err = _cli_error(capsys, ["sft", "--base", str(data / "none"), "--data", str(data / "none.jsonl"), "--out",
+                              str(data / "o"), "--device", "cuda", "--no-progress"])
+    assert ("CUDA" in err or "GPU" in err) and not (data / "o").exists()
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(data):
+    train(config(data, max_steps=2, ckpt_every=2, eval_every=0), progress=False, log=lambda *a: None)
+    state = data / "out" / "ckpt_000002" / "state.json"
+    good = json.loads(state.read_text())
+    for broken, match in (("{", "corrupt JSON"), (json.dumps({**good, "rng": None}), "'rng' is missing"),
+                          (json.dumps({**good, "stage": {"loader": {"pos": 1}}}), "bad data-loader state")):
+        state.write_text(broken)
+        with pytest.raises(ValueError, match=rf"ckpt_000002.state.json:.*{match}"):
+            train(config(data, max_steps=4, ckpt_every=2, eval_every=0, resume=True), progress=False,
+                  log=lambda *a: None)

@@ -1,27 +1,30 @@
-// Causal multi-head self-attention, flash-style (online softmax, logsumexp saved), see attention.cpp.
+// Causal self-attention with grouped KV heads, flash-style (online softmax, logsumexp saved), see attention.cpp.
 #pragma once
 #include <cstdint>
 
 namespace fastllm::cpu {
 
-// qkv (B, T, 3C) packed as [q | k | v] along the last axis, each C = NH * hs with head h at [h*hs, (h+1)*hs).
+// qkv (B, T, C + 2*NKV*hs) packed as [q | k | v] along the last axis: q is C = NH * hs wide (head h at
+// [h*hs, (h+1)*hs)), k and v NKV * hs each; NKV divides NH and query head h uses kv head h / (NH / NKV)
+// (NKV = NH: multi-head attention, qkv (B, T, 3C)).
 // out (B, T, C) = softmax(q k^T / sqrt(hs) + causal mask) v per head; lse (B, NH, T) the row logsumexp.
-void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH);
+void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
+                       int64_t NKV);
 
-// dqkv (B, T, 3C) += gradient of out w.r.t. qkv, given dout (B, T, C) and the forward's out and lse.
+// dqkv (B, T, C + 2*NKV*hs) += gradient of out w.r.t. qkv, given dout (B, T, C) and the forward's out and lse.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH);
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV);
 
 // The readable per-row versions (same semantics, O(T) scratch per thread): documentation and test oracle.
 void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C,
-                             int64_t NH);
+                             int64_t NH, int64_t NKV);
 void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                              int64_t B, int64_t T, int64_t C, int64_t NH);
+                              int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV);
 
-// Inference with a KV cache. qkv (B, Tn, 3C) holds Tn new tokens per sequence; their keys/values are written to
-// kcache, vcache (B, NH, maxT, hs) at rows pos[b] .. pos[b]+Tn-1, then out (B, Tn, C) is each new query's causal
-// attention over rows 0 .. pos[b]+t of its sequence. O(B * NH * Tn * (pos + Tn) * hs).
+// Inference with a KV cache. qkv (B, Tn, C + 2*NKV*hs) holds Tn new tokens per sequence; their keys/values are
+// written to kcache, vcache (B, NKV, maxT, hs) at rows pos[b] .. pos[b]+Tn-1, then out (B, Tn, C) is each new
+// query's causal attention over rows 0 .. pos[b]+t of its sequence and kv head. O(B * NH * Tn * (pos + Tn) * hs).
 void attention_kv_forward(float* out, float* kcache, float* vcache, const float* qkv, const int32_t* pos,
-                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t maxT);
+                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT);
 
 }  // namespace fastllm::cpu

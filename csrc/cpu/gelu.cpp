@@ -1,6 +1,6 @@
 /*
-GELU, tanh approximation (GPT-2): y = 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3), k = sqrt(2/pi); and the
-residual add. Element-wise, O(n), memory bound; OpenMP over blocks of elements (serial below 64 Ki elements,
+GELU, tanh approximation (GPT-2): y = 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3), k = sqrt(2/pi).
+Element-wise, O(n), memory bound; OpenMP over blocks of elements (serial below 64 Ki elements,
 where a parallel region costs more than it saves).
 
 Vectorized form: 0.5 (1 + tanh(u)) = sigmoid(2u) =: s, so y = x s and
@@ -9,9 +9,8 @@ Vectorized form: 0.5 (1 + tanh(u)) = sigmoid(2u) =: s, so y = x s and
 division; saturates cleanly (exp clamps, so s is exactly 0 or 1 for |u| > ~44, no inf/NaN). Absolute error of s
 <= ~2e-7, so |y - y_ref| <= ~2e-7 |x| (tanh near 0 is not computed with relative accuracy, which GELU does
 not need). AVX-512 / AVX2 chosen at run time; the naive std::tanh loop is the scalar fallback and the spec.
-Residual: plain loops (`omp simd`), already memory bound at SSE2 width.
 Perf notes (1 thread, load ~4.4 on 2 cores): 25 Mi elements gelu fwd 9.9 ms (20 GB/s) vs torch (Sleef tanh)
-42 ms, bwd 17 ms vs 122 ms; residual fwd/bwd equal to torch (both at DRAM bandwidth, ~22 GB/s).
+42 ms, bwd 17 ms vs 122 ms.
 */
 #include "gelu.h"
 
@@ -135,7 +134,7 @@ void gelu_forward(float* out, const float* inp, int64_t n) {
     }
 }
 
-void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) {
+void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
     const Simd simd = simd_level();
     const int64_t nb = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
@@ -144,19 +143,6 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) 
         if (simd == Simd::avx512) gelu_backward_avx512(dinp + i0, inp + i0, dout + i0, m);
         else if (simd == Simd::avx2) gelu_backward_avx2(dinp + i0, inp + i0, dout + i0, m);
         else gelu_backward_naive(dinp + i0, inp + i0, dout + i0, m);
-    }
-}
-
-void residual_forward(float* out, const float* inp1, const float* inp2, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; i++) out[i] = inp1[i] + inp2[i];
-}
-
-void residual_backward(float* dinp1, float* dinp2, const float* dout, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; i++) {
-        dinp1[i] += dout[i];
-        dinp2[i] += dout[i];
     }
 }
 

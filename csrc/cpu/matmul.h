@@ -4,8 +4,9 @@
 
 namespace fastllm::cpu {
 
-// out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC); bias may be nullptr.
-void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
+// out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC); bias may be nullptr. With pre_gelu (N, OC) (the GELU
+// epilogue of an MLP's first layer): pre_gelu = the product + bias, out = gelu(pre_gelu).
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, float* pre_gelu,
                     int64_t N, int64_t C, int64_t OC);
 
 // dinp (N, C) += dout @ weight;  dweight (OC, C) += dout^T @ inp;  dbias (OC) += sum_rows(dout).
@@ -36,9 +37,10 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
              const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc, const float* bias, int threads = 0);
 
 // Inference with bf16 weights (decoding): out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias, weight stored as
-// bf16 bit patterns. inp rows are rounded to bf16 (nearest even) first; products are exact, sums fp32.
-void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, int64_t N,
-                          int64_t C, int64_t OC);
+// bf16 bit patterns. inp rows are rounded to bf16 (nearest even) first; products are exact, sums fp32. pre_gelu
+// as in matmul_forward.
+void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, float* pre_gelu,
+                          int64_t N, int64_t C, int64_t OC);
 // float32 -> bf16 bit patterns, round to nearest even (NaN stays NaN, overflow rounds to inf)
 void float_to_bf16(uint16_t* dst, const float* src, int64_t n);
 

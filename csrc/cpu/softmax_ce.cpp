@@ -197,9 +197,8 @@ FASTLLM_TARGET_AVX2 static void softmax_ce_row_avx2(float* loss, float* d, const
 // ---------------------------------------------------------------------------------------------------------
 // entry points
 
-void softmax_ce_forward_backward(float* losses, float* dlogits, const float* logits, const int32_t* targets,
-                                 int64_t N, int64_t V, float grad_scale, int32_t ignore_index,
-                                 const float* row_weights) {
+void softmax_ce(float* losses, float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
+                float grad_scale, int32_t ignore_index, const float* row_weights) {
     const Simd simd = simd_level();
     // Out of place and larger than the caches: stream dlogits past the cache (saves the read-for-ownership of
     // every written line, ~15% at N x V = 2048 x 50304); in place, the lines are already owned.
@@ -224,22 +223,24 @@ void softmax_ce_forward_backward(float* losses, float* dlogits, const float* log
     }
 }
 
-void lmhead_ce_forward_backward(float* losses, float* dhidden, float* dweight, const float* hidden,
-                                const float* weight, const int32_t* targets, int64_t N, int64_t C, int64_t V,
-                                float grad_scale, int32_t ignore_index, int64_t chunk_rows,
-                                const float* row_weights) {
+int64_t lmhead_chunk_rows(int64_t N, int64_t V) {
+    (void)V;  // 256 rows: the chunk's logits are reused three times (softmax, dhidden, dweight) while cached
+    return std::max<int64_t>(1, std::min<int64_t>(256, N));
+}
+
+void lmhead_ce(float* losses, float* dhidden, float* dweight, const float* hidden, const float* weight,
+               const int32_t* targets, float* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
+               float grad_scale, int32_t ignore_index, const float* row_weights) {
     if (N == 0) return;
     const int64_t rows = std::min(chunk_rows, N);
-    // the only scratch: rows x V floats, not zero-filled (every chunk overwrites what it uses)
-    std::unique_ptr<float[]> buf(new float[(size_t)(rows * V)]);
-    float* logits = buf.get();
+    float* logits = scratch;  // rows x V, not zero-filled (every chunk overwrites what it uses)
     const bool backward = dhidden || dweight;
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
         const int64_t n = std::min(rows, N - n0);
-        matmul_forward(logits, hidden + n0 * C, weight, nullptr, n, C, V);
+        matmul_forward(logits, hidden + n0 * C, weight, nullptr, nullptr, n, C, V);
         // in place: logits -> dlogits for this chunk
-        softmax_ce_forward_backward(losses + n0, backward ? logits : nullptr, logits, targets + n0, n,
-                                    V, grad_scale, ignore_index, row_weights ? row_weights + n0 : nullptr);
+        softmax_ce(losses + n0, backward ? logits : nullptr, logits, targets + n0, n, V, grad_scale, ignore_index,
+                   row_weights ? row_weights + n0 : nullptr);
         if (backward)  // accumulates: dhidden rows of this chunk, and dW summed over all chunks
             matmul_backward(dhidden ? dhidden + n0 * C : nullptr, dweight, nullptr, logits, hidden + n0 * C,
                             weight, n, C, V);

@@ -99,12 +99,14 @@ FASTLLM_TARGET_AVX2 inline __m256i tail_mask8(int64_t k) {
 }
 
 // ---- 2^x (attention's online softmax works in base 2, with the softmax scale and log2(e) folded into one FMA):
-// x clamped to [-126, 126], n = round(x), 2^f on [-1/2, 1/2] by a degree-6 polynomial (rel. error ~2e-7).
+// x clamped to [-126, 126], n = round(x), 2^f on [-1/2, 1/2] by a degree-6 polynomial (rel. error ~2e-7). NaN gives
+// NaN (the clamps take x as their second operand, which max/min return when either is NaN), so attention
+// propagates NaN in q, k, v as the scalar and KV-cache paths do.
 inline constexpr float kE1 = 0.6931471805599453f, kE2 = 0.2402265069591007f, kE3 = 0.055504108664821576f,
                 kE4 = 0.009618129107628477f, kE5 = 0.0013333558146428441f, kE6 = 0.00015403530393381606f;
 
 FASTLLM_TARGET_AVX512 inline __m512 exp2_512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+    x = _mm512_min_ps(_mm512_set1_ps(126.0f), _mm512_max_ps(_mm512_set1_ps(-126.0f), x));  // NaN stays NaN
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kE6), f, _mm512_set1_ps(kE5));
@@ -118,7 +120,7 @@ FASTLLM_TARGET_AVX512 inline __m512 exp2_512(__m512 x) {
 }
 
 FASTLLM_TARGET_AVX2 inline __m256 exp2_256(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
+    x = _mm256_min_ps(_mm256_set1_ps(126.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), x));  // NaN stays NaN
     const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(x, n);
     __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kE6), f, _mm256_set1_ps(kE5));

@@ -1,10 +1,11 @@
 /*
-Causal multi-head self-attention on packed qkv (B, T, 3C) on the GPU: the twin of csrc/cpu/attention.cpp (same
-layout, same semantics). Row t of batch b holds q | k | v, each C = NH * hs wide; head h uses the hs columns at
-h*hs of each part. out (B, T, C) = softmax(q k^T / sqrt(hs) + causal mask) v; lse (B, NH, T) = the natural-log
-logsumexp of the scaled scores, saved for the backward, which recomputes the probabilities from it and
-ACCUMULATES (+=) dq, dk, dv into dqkv (B, T, 3C). O(B*NH*T^2*hs) flops (causal: fwd 2*B*NH*T^2*hs, bwd ~2.5x),
-never a T x T matrix in memory.
+Causal self-attention with grouped KV heads on packed qkv on the GPU: the twin of csrc/cpu/attention.cpp (same
+layout, same semantics). Row t of batch b holds [q (C = NH*hs) | k (NKV*hs) | v (NKV*hs)], NKV dividing NH; query
+head h uses kv head h / (NH/NKV) (G = NH/NKV query heads per kv head; NKV = NH is multi-head attention on (B, T, 3C),
+NKV = 1 multi-query); K/V are never repeated in memory. out (B, T, C) = softmax(q k^T / sqrt(hs) + causal mask) v;
+lse (B, NH, T) = the natural-log logsumexp of the scaled scores, saved for the backward, which recomputes the
+probabilities from it and ACCUMULATES (+=) dq, dk, dv into dqkv (dk, dv of a kv head summed over its G query heads).
+O(B*NH*T^2*hs) flops (causal: fwd 2*B*NH*T^2*hs, bwd ~2.5x), never a T x T matrix in memory.
 
 Two implementations (launchers at the end pick one; FASTLLM_CUDA_ATTN=simple in the environment forces the
 simple one, so tests can compare both on the GPU):
@@ -19,8 +20,9 @@ simple one, so tests can compare both on the GPU):
              splits long rows over several blocks (flash-decoding: partial (max, sum, acc) to a scratch buffer,
              then a merge kernel) when there are too few rows to fill the GPU.
    backward: D = rowsum(dout * out) (a preprocessing kernel, shared with the fast path); dq by rows (one block per
-             query, P and dP recomputed from lse, dq += dS k) and dk, dv by columns (one block per key, over the
-             queries t >= s); every gradient element is owned by one block: no atomics, deterministic.
+             query, P and dP recomputed from lse, dq += dS k) and dk, dv by columns (one block per key of a kv head,
+             over the queries t >= s of its G query heads); every gradient element is owned by one block: no
+             atomics, deterministic.
 2. FlashAttention-2 style tensor-core kernels for bfloat16 and hs = 64 or 128 (mma.sync.m16n8k16 bf16 -> fp32,
    ldmatrix, cp.async double buffering; sm_80 and sm_90, no wgmma/TMA):
    forward : a block owns BR = 16*MI*NW query rows of one (b, h) (NW warps, each MI m16 row blocks); key tiles
@@ -31,9 +33,10 @@ simple one, so tests can compare both on the GPU):
              are masked; warps whose rows all precede a tile skip it. Blocks are ordered heaviest (last query tile)
              first. Rows of smem tiles are padded by 16 bytes: conflict-free ldmatrix without swizzling.
    backward: preprocessing kernel D = rowsum(dO * O) (fp32) that also zeroes an fp32 dq scratch (B, T, C); main
-             kernel per (b, h, key tile of BK = 16*NW keys; warp w owns keys 16w..16w+15) looping over query tiles
-             of BQ from the diagonal down: S^T = K Q^T, P^T = exp2(S^T*c - lse), dV += P^T dO, dP^T = V dO^T,
-             dS^T = P^T (dP^T - D), dK += dS^T Q (P^T and dS^T are reused from registers as A operands); dS^T goes
+             kernel per (b, kv head, key tile of BK = 16*NW keys; warp w owns keys 16w..16w+15): K, V loaded once,
+             then for each of the G query heads of the kv head it loops over query tiles of BQ from the diagonal
+             down (dK, dV keep accumulating in registers across the heads): S^T = K Q^T, P^T = exp2(S^T*c - lse),
+             dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q (P^T and dS^T are reused from registers as A operands); dS^T goes
              through shared memory (bf16) to give dQ = dS K, split over the warps and added to the fp32 scratch
              with atomicAdd (red.global); a last kernel adds scale * scratch into dqkv's q part. dK (times the
              scale) and dV are added into dqkv at the end. The dq atomics make this path's dq bits depend on the
@@ -193,7 +196,7 @@ constexpr int kRowMinBlocks = 4;  // forward: <= 128 registers, 16 warps per SM 
 struct RowsParams {
     const void* q;  // query row (b, t, h) at q + b*q_sb + t*q_st + h*hs
     int64_t q_sb, q_st;
-    const void* k;  // key s of (b, h) at k + b*kv_sb + h*kv_sh + s*kv_st (v likewise)
+    const void* k;  // key s of (b, h) at k + b*kv_sb + (h / group)*kv_sh + s*kv_st (v likewise)
     const void* v;
     int64_t kv_sb, kv_sh, kv_st;
     void* out;  // output row (b, t, h) at out + b*o_sb + t*o_st + h*hs
@@ -203,6 +206,7 @@ struct RowsParams {
     int64_t maxT;        // keys beyond maxT are never read
     float* part;         // split partials (rows, nsplit, hs + 2) or nullptr (nsplit == 1)
     int NH, Tn, hs, chunk, nsplit;
+    int group;  // query heads per kv head (NH / NKV)
     float scale_log2;
 };
 
@@ -228,8 +232,8 @@ __global__ void __launch_bounds__(32 * kRowWarps, kRowMinBlocks) rows_forward_ke
 #pragma unroll
     for (int i = 0; i < NPL; i++) acc[i] = 0.f;
     float m = -INFINITY, l = 0.f;  // running max (base-2 units) and this lane's part of the running sum
-    const T* kb = (const T*)p.k + b * p.kv_sb + h * p.kv_sh;
-    const T* vb = (const T*)p.v + b * p.kv_sb + h * p.kv_sh;
+    const T* kb = (const T*)p.k + b * p.kv_sb + (h / p.group) * p.kv_sh;
+    const T* vb = (const T*)p.v + b * p.kv_sb + (h / p.group) * p.kv_sh;
     for (int64_t s0 = s_begin + 32 * warp; s0 < s_end; s0 += 32 * kRowWarps) {
         const int n = (int)(s_end - s0 < 32 ? s_end - s0 : 32);
         float sc = dot_rows32(x, kb + s0 * p.kv_st, p.kv_st, n, p.hs, lane);
@@ -304,21 +308,21 @@ __global__ void rows_merge_kernel(RowsParams p) {
     if (p.lse && threadIdx.x == 0) p.lse[bh * p.Tn + t] = (M + log2f(Lsum)) * kLn2;
 }
 
-// kcache/vcache (B, NH, maxT, hs)[b, h, pos[b] + t] = k/v of qkv (B, Tn, 3C) row (b, t); positions outside
-// [0, maxT) are skipped (the caller checks pos + Tn <= maxT on the host)
+// kcache/vcache (B, NKV, maxT, hs)[b, hk, pos[b] + t] = k/v of kv head hk of qkv (B, Tn, C + 2*NKV*hs) row (b, t);
+// positions outside [0, maxT) are skipped (the caller checks pos + Tn <= maxT on the host)
 template <typename T>
 __global__ void kv_append_kernel(T* __restrict__ kcache, T* __restrict__ vcache, const T* __restrict__ qkv,
-                                 const int32_t* __restrict__ pos, int64_t B, int64_t Tn, int64_t C, int64_t NH,
-                                 int64_t maxT) {
-    const int64_t hs = C / NH, n = B * Tn * C;
+                                 const int32_t* __restrict__ pos, int64_t B, int64_t Tn, int64_t C, int64_t NKV,
+                                 int64_t hs, int64_t maxT) {
+    const int64_t KV = NKV * hs, W = C + 2 * KV, n = B * Tn * KV;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t c = i % C, bt = i / C, b = bt / Tn, t = bt % Tn;
+        const int64_t c = i % KV, bt = i / KV, b = bt / Tn, t = bt % Tn;
         const int64_t p = (int64_t)pos[b] + t;
         if (p < 0 || p >= maxT) continue;
-        const int64_t h = c / hs, d = c % hs;
-        const int64_t dst = ((b * NH + h) * maxT + p) * hs + d;
-        kcache[dst] = qkv[bt * 3 * C + C + c];
-        vcache[dst] = qkv[bt * 3 * C + 2 * C + c];
+        const int64_t hk = c / hs, d = c % hs;
+        const int64_t dst = ((b * NKV + hk) * maxT + p) * hs + d;
+        kcache[dst] = qkv[bt * W + C + c];
+        vcache[dst] = qkv[bt * W + C + KV + c];
     }
 }
 
@@ -345,18 +349,18 @@ __global__ void attn_bwd_pre_kernel(float* __restrict__ D, float* __restrict__ d
 template <typename T, int NPL>
 __global__ void __launch_bounds__(32 * kRowWarps)
     rows_backward_dq_kernel(T* __restrict__ dqkv, const T* __restrict__ dout, const T* __restrict__ qkv,
-                            const float* __restrict__ lse, const float* __restrict__ Dbuf, int T_, int NH, int hs,
-                            int64_t C, float scale_log2, float scale) {
+                            const float* __restrict__ lse, const float* __restrict__ Dbuf, int T_, int NH, int NKV,
+                            int hs, int64_t C, float scale_log2, float scale) {
     extern __shared__ float rsm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t row = blockIdx.x;
     const int t = (int)(row % T_);
     const int64_t bh = row / T_;
     const int h = (int)(bh % NH);
-    const int64_t b = bh / NH, C3 = 3 * C;
+    const int64_t b = bh / NH, C3 = C + 2 * (int64_t)NKV * hs;  // the qkv row width
     const T* qrow = qkv + (b * T_ + t) * C3 + (int64_t)h * hs;
-    const T* kb = qkv + b * T_ * C3 + C + (int64_t)h * hs;
-    const T* vb = kb + C;
+    const T* kb = qkv + b * T_ * C3 + C + (int64_t)(h / (NH / NKV)) * hs;
+    const T* vb = kb + (int64_t)NKV * hs;
     float x[NPL], g[NPL], acc[NPL];
     load_slice(x, qrow, hs, lane, scale_log2);
     load_slice(g, dout + (b * T_ + t) * C + (int64_t)h * hs, hs, lane, 1.f);
@@ -384,40 +388,43 @@ __global__ void __launch_bounds__(32 * kRowWarps)
     }
 }
 
-// dk, dv by columns: one block per key (b, h, s) over the queries t >= s
-// grid B*NH*T, block 32*kRowWarps, dynamic smem 2*kRowWarps*hs floats
+// dk, dv by columns: one block per key (b, kv head hk, s) over the queries t >= s of the G = NH/NKV query heads that
+// share the kv head. grid B*NKV*T, block 32*kRowWarps, dynamic smem 2*kRowWarps*hs floats
 template <typename T, int NPL>
 __global__ void __launch_bounds__(32 * kRowWarps)
     rows_backward_dkv_kernel(T* __restrict__ dqkv, const T* __restrict__ dout, const T* __restrict__ qkv,
-                             const float* __restrict__ lse, const float* __restrict__ Dbuf, int T_, int NH, int hs,
-                             int64_t C, float scale_log2, float scale) {
+                             const float* __restrict__ lse, const float* __restrict__ Dbuf, int T_, int NH, int NKV,
+                             int hs, int64_t C, float scale_log2, float scale) {
     extern __shared__ float rsm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t row = blockIdx.x;
     const int s = (int)(row % T_);
-    const int64_t bh = row / T_;
-    const int h = (int)(bh % NH);
-    const int64_t b = bh / NH, C3 = 3 * C;
-    const T* qb = qkv + b * T_ * C3 + (int64_t)h * hs;  // query t at qb + t*C3
-    const T* gb = dout + b * T_ * C + (int64_t)h * hs;  // dout row t at gb + t*C
+    const int64_t bk = row / T_;
+    const int hk = (int)(bk % NKV), G = NH / NKV;
+    const int64_t b = bk / NKV, C3 = C + 2 * (int64_t)NKV * hs;
+    const T* kvrow = qkv + (b * T_ + s) * C3 + C + (int64_t)hk * hs;
     float x[NPL], y[NPL], dk[NPL], dv[NPL];
-    load_slice(x, qb + (int64_t)s * C3 + C, hs, lane, scale_log2);  // k_s
-    load_slice(y, qb + (int64_t)s * C3 + 2 * C, hs, lane, 1.f);     // v_s
+    load_slice(x, kvrow, hs, lane, scale_log2);                   // k_s
+    load_slice(y, kvrow + (int64_t)NKV * hs, hs, lane, 1.f);      // v_s
 #pragma unroll
     for (int i = 0; i < NPL; i++) dk[i] = dv[i] = 0.f;
-    const float* lse_b = lse + bh * T_;
-    const float* D_b = Dbuf + bh * T_;
-    for (int t0 = s + 32 * warp; t0 < T_; t0 += 32 * kRowWarps) {
-        const int n = T_ - t0 < 32 ? T_ - t0 : 32;
-        const float sc = dot_rows32(x, qb + (int64_t)t0 * C3, C3, n, hs, lane);
-        const float dp = dot_rows32(y, gb + (int64_t)t0 * C, C, n, hs, lane);
-        float pr = 0.f, ds = 0.f;
-        if (lane < n) {
-            pr = exp2f(sc - lse_b[t0 + lane] * kLog2e);
-            ds = pr * (dp - D_b[t0 + lane]);
+    for (int h = hk * G; h < (hk + 1) * G; h++) {
+        const T* qb = qkv + b * T_ * C3 + (int64_t)h * hs;  // query t at qb + t*C3
+        const T* gb = dout + b * T_ * C + (int64_t)h * hs;  // dout row t at gb + t*C
+        const float* lse_b = lse + (b * NH + h) * T_;
+        const float* D_b = Dbuf + (b * NH + h) * T_;
+        for (int t0 = s + 32 * warp; t0 < T_; t0 += 32 * kRowWarps) {
+            const int n = T_ - t0 < 32 ? T_ - t0 : 32;
+            const float sc = dot_rows32(x, qb + (int64_t)t0 * C3, C3, n, hs, lane);
+            const float dp = dot_rows32(y, gb + (int64_t)t0 * C, C, n, hs, lane);
+            float pr = 0.f, ds = 0.f;
+            if (lane < n) {
+                pr = exp2f(sc - lse_b[t0 + lane] * kLog2e);
+                ds = pr * (dp - D_b[t0 + lane]);
+            }
+            axpy_rows32(dv, pr, gb + (int64_t)t0 * C, C, n, hs, lane);
+            axpy_rows32(dk, ds, qb + (int64_t)t0 * C3, C3, n, hs, lane);
         }
-        axpy_rows32(dv, pr, gb + (int64_t)t0 * C, C, n, hs, lane);
-        axpy_rows32(dk, ds, qb + (int64_t)t0 * C3, C3, n, hs, lane);
     }
 #pragma unroll
     for (int i = 0; i < NPL; i++) {
@@ -425,8 +432,8 @@ __global__ void __launch_bounds__(32 * kRowWarps)
         if (d < hs) rsm[warp * hs + d] = dk[i], rsm[(kRowWarps + warp) * hs + d] = dv[i];
     }
     __syncthreads();
-    T* dkr = dqkv + (b * T_ + s) * C3 + C + (int64_t)h * hs;
-    T* dvr = dkr + C;
+    T* dkr = dqkv + (b * T_ + s) * C3 + C + (int64_t)hk * hs;
+    T* dvr = dkr + (int64_t)NKV * hs;
     for (int d = threadIdx.x; d < hs; d += blockDim.x) {
         float sk = 0.f, sv = 0.f;
         for (int w = 0; w < kRowWarps; w++) sk += rsm[w * hs + d], sv += rsm[(kRowWarps + w) * hs + d];
@@ -521,7 +528,7 @@ constexpr int flash_fwd_smem() {
 template <int HS, int MI, int NW>
 __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     flash_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int T_,
-                         int NH, int64_t C, int64_t BH, int n_qt, float scale_log2) {
+                         int NH, int NKV, int64_t C, int64_t BH, int n_qt, float scale_log2) {
     constexpr int BR = 16 * MI * NW, BC = FlashCfg<HS>::kFwdBC, LD = HS + 8, NT = 32 * NW;
     constexpr int KC = HS / 16;  // k16 chunks of the head dimension
     constexpr int DN = HS / 8;   // n8 tiles of the head dimension
@@ -537,10 +544,10 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     const int64_t bh = id % BH, b = bh / NH;
     const int h = (int)(bh % NH);
     const int q0 = qt * BR;
-    const int64_t C3 = 3 * C;
+    const int64_t C3 = C + 2 * (int64_t)NKV * HS;  // qkv row: [q (C) | k (NKV*HS) | v (NKV*HS)]
     const bf16* qb = qkv + b * T_ * C3 + (int64_t)h * HS;
-    const bf16* kb = qb + C;
-    const bf16* vb = qb + 2 * C;
+    const bf16* kb = qkv + b * T_ * C3 + C + (int64_t)(h / (NH / NKV)) * HS;
+    const bf16* vb = kb + (int64_t)NKV * HS;
     const int kend = T_ < q0 + BR ? T_ : q0 + BR;  // keys 0..kend-1 are visible to some row of the block
     const int n_kt = (kend + BC - 1) / BC;
     const int wrow0 = q0 + warp * 16 * MI;  // first query row of this warp
@@ -722,12 +729,13 @@ constexpr int flash_bwd_smem() {
     return (2 * 16 * NW + 4 * BQ) * (HS + 8) * 2 + 16 * NW * (BQ + 8) * 2 + 4 * BQ * 4;
 }
 
-// grid n_kt * BH (block id -> key tile from the first one, (b, h)), block 32*NW
+// grid n_kt * B*NKV (block id -> key tile from the first one, (b, kv head)), block 32*NW; the block runs the query
+// tiles of the kv head's G = NH/NKV query heads in turn, summing their dK, dV in registers
 template <int HS, int BQ, int NW>
 __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     flash_backward_kernel(bf16* __restrict__ dqkv, float* __restrict__ dq_acc, const bf16* __restrict__ dout,
                           const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ Dbuf,
-                          int T_, int NH, int64_t C, int64_t BH, float scale_log2, float scale) {
+                          int T_, int NH, int NKV, int64_t C, int64_t BKV, float scale_log2, float scale) {
     constexpr int BK = 16 * NW, LD = HS + 8, LDS = BQ + 8, NT = 32 * NW;
     constexpr int KC = HS / 16, DN = HS / 8, QN = BQ / 8;
     constexpr int MT = BQ / 16, PARTS = NW / MT, DQ = HS / PARTS;  // dQ work split: MT query blocks x PARTS
@@ -743,19 +751,18 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     const int64_t id = blockIdx.x;
-    const int kt = (int)(id / BH);
-    const int64_t bh = id % BH, b = bh / NH;
-    const int h = (int)(bh % NH);
+    const int kt = (int)(id / BKV);
+    const int64_t bk = id % BKV, b = bk / NKV;
+    const int hk = (int)(bk % NKV), G = NH / NKV;
     const int k0 = kt * BK;
-    const int64_t C3 = 3 * C;
-    const bf16* qb = qkv + b * T_ * C3 + (int64_t)h * HS;
-    const bf16* kb = qb + C;
-    const bf16* vb = qb + 2 * C;
-    const bf16* gb = dout + b * T_ * C + (int64_t)h * HS;
-    const float* lse_b = lse + bh * T_;
-    const float* D_b = Dbuf + bh * T_;
+    const int64_t C3 = C + 2 * (int64_t)NKV * HS;  // qkv row: [q (C) | k (NKV*HS) | v (NKV*HS)]
+    const bf16* kb = qkv + b * T_ * C3 + C + (int64_t)hk * HS;
+    const bf16* vb = kb + (int64_t)NKV * HS;
     const int it0 = k0 / BQ, n_qt = (T_ + BQ - 1) / BQ;
     const int kw = 16 * warp;  // this warp's first key row in the tile
+    // the query head whose tiles load_q_tile loads (the G heads of the kv head in turn; dK, dV sum over them)
+    const bf16 *qb = nullptr, *gb = nullptr;
+    const float *lse_b = nullptr, *D_b = nullptr;
 
     auto load_q_tile = [&](int it, int buf) {
         const int q0 = it * BQ;
@@ -770,8 +777,6 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     };
     load_rows_async<HS, LD, NT>(Ks, kb, C3, k0, BK, T_, tid);
     load_rows_async<HS, LD, NT>(Vs, vb, C3, k0, BK, T_, tid);
-    load_q_tile(it0, 0);
-    cp_async_commit();
 
     float dk[DN][4], dv[DN][4];
 #pragma unroll
@@ -779,115 +784,123 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.f;
 
-    for (int it = it0; it < n_qt; it++) {
-        const int buf = (it - it0) & 1;
-        if (it + 1 < n_qt) load_q_tile(it + 1, buf ^ 1);
+    for (int h = hk * G; h < (hk + 1) * G; h++) {
+        qb = qkv + b * T_ * C3 + (int64_t)h * HS;
+        gb = dout + b * T_ * C + (int64_t)h * HS;
+        lse_b = lse + (b * NH + h) * T_;
+        D_b = Dbuf + (b * NH + h) * T_;
+        load_q_tile(it0, 0);  // (with K and V in the first group, for the first head)
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        const int q0 = it * BQ;
-        const uint32_t q_bn = smem_addr(Qs + buf * BQ * LD) + lds_bn<LD>(lane);
-        const uint32_t q_bt = smem_addr(Qs + buf * BQ * LD) + lds_bt<LD>(lane);
-        const uint32_t g_bn = smem_addr(dOs + buf * BQ * LD) + lds_bn<LD>(lane);
-        const uint32_t g_bt = smem_addr(dOs + buf * BQ * LD) + lds_bt<LD>(lane);
-        const uint32_t k_a = smem_addr(Ks + kw * LD) + lds_a<LD>(lane);
-        const uint32_t v_a = smem_addr(Vs + kw * LD) + lds_a<LD>(lane);
-        const float* lse_t = lse_s + buf * BQ;
-        const float* D_t = D_s + buf * BQ;
+        for (int it = it0; it < n_qt; it++) {
+            const int buf = (it - it0) & 1;
+            if (it + 1 < n_qt) load_q_tile(it + 1, buf ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+            __syncthreads();
+            const int q0 = it * BQ;
+            const uint32_t q_bn = smem_addr(Qs + buf * BQ * LD) + lds_bn<LD>(lane);
+            const uint32_t q_bt = smem_addr(Qs + buf * BQ * LD) + lds_bt<LD>(lane);
+            const uint32_t g_bn = smem_addr(dOs + buf * BQ * LD) + lds_bn<LD>(lane);
+            const uint32_t g_bt = smem_addr(dOs + buf * BQ * LD) + lds_bt<LD>(lane);
+            const uint32_t k_a = smem_addr(Ks + kw * LD) + lds_a<LD>(lane);
+            const uint32_t v_a = smem_addr(Vs + kw * LD) + lds_a<LD>(lane);
+            const float* lse_t = lse_s + buf * BQ;
+            const float* D_t = D_s + buf * BQ;
 
-        // 1. S^T = K_w Q^T (16 keys x BQ queries)
-        float s[QN][4];
-        warp_mma_rows16<QN, KC, LD>(s, k_a, q_bn);
-        // 2. P^T = exp2(S^T * scale*log2e - lse*log2e); zero where key > query or query >= T
-        const bool need_mask = q0 < k0 + BK || q0 + BQ > T_;
+            // 1. S^T = K_w Q^T (16 keys x BQ queries)
+            float s[QN][4];
+            warp_mma_rows16<QN, KC, LD>(s, k_a, q_bn);
+            // 2. P^T = exp2(S^T * scale*log2e - lse*log2e); zero where key > query or query >= T
+            const bool need_mask = q0 < k0 + BK || q0 + BQ > T_;
 #pragma unroll
-        for (int qn = 0; qn < QN; qn++)
+            for (int qn = 0; qn < QN; qn++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int ql = qn * 8 + 2 * c + (e & 1);
-                const int key = k0 + kw + g + 8 * (e >> 1), q = q0 + ql;
-                const float pr = exp2f(fmaf(s[qn][e], scale_log2, -lse_t[ql] * kLog2e));
-                s[qn][e] = need_mask && (key > q || q >= T_) ? 0.f : pr;
-            }
-        // 3. dP^T = V_w dO^T
-        float dp[QN][4];
-        warp_mma_rows16<QN, KC, LD>(dp, v_a, g_bn);
-        // 4. dV += P^T dO
-#pragma unroll
-        for (int kk = 0; kk < BQ / 16; kk++) {
-            uint32_t pa[4];
-            acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int dpp = 0; dpp < DN / 2; dpp++) {
-                uint32_t gf[4];
-                ldmatrix_x4_trans(gf, g_bt + (kk * 16 * LD + dpp * 16) * 2);
-                mma_bf16_16816(dv[2 * dpp], pa, gf[0], gf[1]);
-                mma_bf16_16816(dv[2 * dpp + 1], pa, gf[2], gf[3]);
-            }
-        }
-        // 5. dS^T = P^T * (dP^T - D) (unscaled; the scale is applied to dK and dQ at the end)
-#pragma unroll
-        for (int qn = 0; qn < QN; qn++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) dp[qn][e] = s[qn][e] * (dp[qn][e] - D_t[qn * 8 + 2 * c + (e & 1)]);
-        // 6. dK += dS^T Q, and dS^T to shared memory for dQ
-#pragma unroll
-        for (int kk = 0; kk < BQ / 16; kk++) {
-            uint32_t da[4];
-            acc_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
-            // da = {(g, 2c), (g+8, 2c), (g, 2c+8), (g+8, 2c+8)} of keys kw.. x queries 16kk..
-            *(uint32_t*)(dSs + (kw + g) * LDS + kk * 16 + 2 * c) = da[0];
-            *(uint32_t*)(dSs + (kw + g + 8) * LDS + kk * 16 + 2 * c) = da[1];
-            *(uint32_t*)(dSs + (kw + g) * LDS + kk * 16 + 8 + 2 * c) = da[2];
-            *(uint32_t*)(dSs + (kw + g + 8) * LDS + kk * 16 + 8 + 2 * c) = da[3];
-#pragma unroll
-            for (int dpp = 0; dpp < DN / 2; dpp++) {
-                uint32_t qf[4];
-                ldmatrix_x4_trans(qf, q_bt + (kk * 16 * LD + dpp * 16) * 2);
-                mma_bf16_16816(dk[2 * dpp], da, qf[0], qf[1]);
-                mma_bf16_16816(dk[2 * dpp + 1], da, qf[2], qf[3]);
-            }
-        }
-        __syncthreads();
-        // 7. dQ (BQ x HS) = dS (BQ x BK) K (BK x HS): warp -> query block mt (16 rows) x head-dim part `part`
-        //    (DQ columns), in chunks of 32 columns (16 accumulator registers) to keep register pressure down
-        {
-            const int mt = warp % MT, part = warp / MT;
-            const uint32_t ds_a = smem_addr(dSs + mt * 16) + lds_bn<LDS>(lane);
-            const uint32_t k_bt = smem_addr(Ks + part * DQ) + lds_bt<LD>(lane);
-            uint32_t a[BK / 16][4];  // A = dS (queries x keys) from the stored dS^T, transposed by ldmatrix
-#pragma unroll
-            for (int kc = 0; kc < BK / 16; kc++) ldmatrix_x4_trans(a[kc], ds_a + kc * 16 * LDS * 2);
-            const int q_lo = q0 + mt * 16 + g;
-            float* dst = dq_acc + (b * T_ + q_lo) * C + (int64_t)h * HS + part * DQ + 2 * c;
-#pragma unroll
-            for (int ch = 0; ch < DQ / 32; ch++) {
-                float dq[4][4];
-#pragma unroll
-                for (int dn = 0; dn < 4; dn++) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
-#pragma unroll
-                for (int kc = 0; kc < BK / 16; kc++) {
-#pragma unroll
-                    for (int dpp = 0; dpp < 2; dpp++) {
-                        uint32_t kf[4];
-                        ldmatrix_x4_trans(kf, k_bt + (kc * 16 * LD + ch * 32 + dpp * 16) * 2);
-                        mma_bf16_16816(dq[2 * dpp], a[kc], kf[0], kf[1]);
-                        mma_bf16_16816(dq[2 * dpp + 1], a[kc], kf[2], kf[3]);
-                    }
+                for (int e = 0; e < 4; e++) {
+                    const int ql = qn * 8 + 2 * c + (e & 1);
+                    const int key = k0 + kw + g + 8 * (e >> 1), q = q0 + ql;
+                    const float pr = exp2f(fmaf(s[qn][e], scale_log2, -lse_t[ql] * kLog2e));
+                    s[qn][e] = need_mask && (key > q || q >= T_) ? 0.f : pr;
                 }
+            // 3. dP^T = V_w dO^T
+            float dp[QN][4];
+            warp_mma_rows16<QN, KC, LD>(dp, v_a, g_bn);
+            // 4. dV += P^T dO
 #pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    if (q_lo + 8 * hf >= T_) continue;
-                    float* d = dst + 8 * hf * C + ch * 32;
+            for (int kk = 0; kk < BQ / 16; kk++) {
+                uint32_t pa[4];
+                acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-                    for (int dn = 0; dn < 4; dn++) {
-                        atomicAdd(d + dn * 8, dq[dn][2 * hf]);
-                        atomicAdd(d + dn * 8 + 1, dq[dn][2 * hf + 1]);
-                    }
+                for (int dpp = 0; dpp < DN / 2; dpp++) {
+                    uint32_t gf[4];
+                    ldmatrix_x4_trans(gf, g_bt + (kk * 16 * LD + dpp * 16) * 2);
+                    mma_bf16_16816(dv[2 * dpp], pa, gf[0], gf[1]);
+                    mma_bf16_16816(dv[2 * dpp + 1], pa, gf[2], gf[3]);
                 }
             }
+            // 5. dS^T = P^T * (dP^T - D) (unscaled; the scale is applied to dK and dQ at the end)
+#pragma unroll
+            for (int qn = 0; qn < QN; qn++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dp[qn][e] = s[qn][e] * (dp[qn][e] - D_t[qn * 8 + 2 * c + (e & 1)]);
+            // 6. dK += dS^T Q, and dS^T to shared memory for dQ
+#pragma unroll
+            for (int kk = 0; kk < BQ / 16; kk++) {
+                uint32_t da[4];
+                acc_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
+                // da = {(g, 2c), (g+8, 2c), (g, 2c+8), (g+8, 2c+8)} of keys kw.. x queries 16kk..
+                *(uint32_t*)(dSs + (kw + g) * LDS + kk * 16 + 2 * c) = da[0];
+                *(uint32_t*)(dSs + (kw + g + 8) * LDS + kk * 16 + 2 * c) = da[1];
+                *(uint32_t*)(dSs + (kw + g) * LDS + kk * 16 + 8 + 2 * c) = da[2];
+                *(uint32_t*)(dSs + (kw + g + 8) * LDS + kk * 16 + 8 + 2 * c) = da[3];
+#pragma unroll
+                for (int dpp = 0; dpp < DN / 2; dpp++) {
+                    uint32_t qf[4];
+                    ldmatrix_x4_trans(qf, q_bt + (kk * 16 * LD + dpp * 16) * 2);
+                    mma_bf16_16816(dk[2 * dpp], da, qf[0], qf[1]);
+                    mma_bf16_16816(dk[2 * dpp + 1], da, qf[2], qf[3]);
+                }
+            }
+            __syncthreads();
+            // 7. dQ (BQ x HS) = dS (BQ x BK) K (BK x HS): warp -> query block mt (16 rows) x head-dim part `part`
+            //    (DQ columns), in chunks of 32 columns (16 accumulator registers) to keep register pressure down
+            {
+                const int mt = warp % MT, part = warp / MT;
+                const uint32_t ds_a = smem_addr(dSs + mt * 16) + lds_bn<LDS>(lane);
+                const uint32_t k_bt = smem_addr(Ks + part * DQ) + lds_bt<LD>(lane);
+                uint32_t a[BK / 16][4];  // A = dS (queries x keys) from the stored dS^T, transposed by ldmatrix
+#pragma unroll
+                for (int kc = 0; kc < BK / 16; kc++) ldmatrix_x4_trans(a[kc], ds_a + kc * 16 * LDS * 2);
+                const int q_lo = q0 + mt * 16 + g;
+                float* dst = dq_acc + (b * T_ + q_lo) * C + (int64_t)h * HS + part * DQ + 2 * c;
+#pragma unroll
+                for (int ch = 0; ch < DQ / 32; ch++) {
+                    float dq[4][4];
+#pragma unroll
+                    for (int dn = 0; dn < 4; dn++) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+#pragma unroll
+                    for (int kc = 0; kc < BK / 16; kc++) {
+#pragma unroll
+                        for (int dpp = 0; dpp < 2; dpp++) {
+                            uint32_t kf[4];
+                            ldmatrix_x4_trans(kf, k_bt + (kc * 16 * LD + ch * 32 + dpp * 16) * 2);
+                            mma_bf16_16816(dq[2 * dpp], a[kc], kf[0], kf[1]);
+                            mma_bf16_16816(dq[2 * dpp + 1], a[kc], kf[2], kf[3]);
+                        }
+                    }
+#pragma unroll
+                    for (int hf = 0; hf < 2; hf++) {
+                        if (q_lo + 8 * hf >= T_) continue;
+                        float* d = dst + 8 * hf * C + ch * 32;
+#pragma unroll
+                        for (int dn = 0; dn < 4; dn++) {
+                            atomicAdd(d + dn * 8, dq[dn][2 * hf]);
+                            atomicAdd(d + dn * 8 + 1, dq[dn][2 * hf + 1]);
+                        }
+                    }
+                }
+            }
+            __syncthreads();  // buffers `buf` and dSs are free for the next prefetch / iteration
         }
-        __syncthreads();  // buffers `buf` and dSs are free for the next prefetch / iteration
     }
 
     // dqkv k part += scale * dK, v part += dV
@@ -895,8 +908,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     for (int hf = 0; hf < 2; hf++) {
         const int key = k0 + kw + g + 8 * hf;
         if (key >= T_) continue;
-        bf16* dkr = dqkv + (b * T_ + key) * C3 + C + (int64_t)h * HS + 2 * c;
-        bf16* dvr = dkr + C;
+        bf16* dkr = dqkv + (b * T_ + key) * C3 + C + (int64_t)hk * HS + 2 * c;
+        bf16* dvr = dkr + (int64_t)NKV * HS;
 #pragma unroll
         for (int dn = 0; dn < DN; dn++) {
             __nv_bfloat162* pk = (__nv_bfloat162*)(dkr + dn * 8);
@@ -908,11 +921,11 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     }
 }
 
-// dqkv q part (B, T, 3C)[.., :C] += scale * dq_acc (B, T, C)
+// dqkv q part (B, T, W)[.., :C] += scale * dq_acc (B, T, C); W = C + 2*NKV*hs, the qkv row width
 __global__ void dq_accumulate_kernel(bf16* __restrict__ dqkv, const float* __restrict__ dq_acc, int64_t n, int64_t C,
-                                     float scale) {
+                                     int64_t W, float scale) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        bf16* d = dqkv + (i / C) * 3 * C + i % C;
+        bf16* d = dqkv + (i / C) * W + i % C;
         *d = __float2bfloat16_rn(__bfloat162float(*d) + scale * dq_acc[i]);
     }
 }
@@ -961,7 +974,8 @@ void launch_rows_forward(RowsParams p, int64_t rows) {
 }
 
 template <int HS>
-void launch_flash_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
+void launch_flash_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
+                          int64_t NKV) {
     constexpr int MI = FlashCfg<HS>::kFwdMI, NW = FlashCfg<HS>::kFwdNW, BR = 16 * MI * NW;
     constexpr int smem = flash_fwd_smem<HS, MI, NW>();
     auto kernel = flash_forward_kernel<HS, MI, NW>;
@@ -969,16 +983,17 @@ void launch_flash_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int
     const int n_qt = ceil_div(T, BR);
     const int64_t BH = B * NH;
     const float scale_log2 = kLog2e / std::sqrt((float)HS);
-    kernel<<<(unsigned)(n_qt * BH), 32 * NW, smem>>>(out, lse, qkv, (int)T, (int)NH, C, BH, n_qt, scale_log2);
+    kernel<<<(unsigned)(n_qt * BH), 32 * NW, smem>>>(out, lse, qkv, (int)T, (int)NH, (int)NKV, C, BH, n_qt,
+                                                     scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
 template <int HS>
 void launch_flash_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
-                           int64_t B, int64_t T, int64_t C, int64_t NH) {
+                           int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV) {
     constexpr int BQ = FlashCfg<HS>::kBwdBQ, NW = FlashCfg<HS>::kBwdNW, BK = 16 * NW;
     constexpr int smem = flash_bwd_smem<HS, BQ, NW>();
-    const int64_t BH = B * NH, rows = B * T * NH;
+    const int64_t BKV = B * NKV, rows = B * T * NH;
     const float scale = 1.0f / std::sqrt((float)HS), scale_log2 = scale * kLog2e;
     Scratch D((size_t)rows * 4), dq((size_t)(B * T * C) * 4);
     attn_bwd_pre_kernel<bf16><<<ceil_div(rows * 32, 256), 256>>>((float*)D.p, (float*)dq.p, dout, out, rows, (int)T,
@@ -987,17 +1002,17 @@ void launch_flash_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const 
     auto kernel = flash_backward_kernel<HS, BQ, NW>;
     set_smem(kernel, smem);
     const int n_kt = ceil_div(T, BK);
-    kernel<<<(unsigned)(n_kt * BH), 32 * NW, smem>>>(dqkv, (float*)dq.p, dout, qkv, lse, (const float*)D.p, (int)T,
-                                                     (int)NH, C, BH, scale_log2, scale);
+    kernel<<<(unsigned)(n_kt * BKV), 32 * NW, smem>>>(dqkv, (float*)dq.p, dout, qkv, lse, (const float*)D.p, (int)T,
+                                                      (int)NH, (int)NKV, C, BKV, scale_log2, scale);
     CUDA_CHECK_LAUNCH();
     const int64_t n = B * T * C;
-    dq_accumulate_kernel<<<grid_for(n, 256), 256>>>(dqkv, (const float*)dq.p, n, C, scale);
+    dq_accumulate_kernel<<<grid_for(n, 256), 256>>>(dqkv, (const float*)dq.p, n, C, C + 2 * NKV * HS, scale);
     CUDA_CHECK_LAUNCH();
 }
 
 template <typename T>
 void launch_rows_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const float* lse, int64_t B, int64_t T_,
-                          int64_t C, int64_t NH) {
+                          int64_t C, int64_t NH, int64_t NKV) {
     const int hs = (int)(C / NH);
     const int64_t rows = B * NH * T_;
     const float scale = 1.0f / std::sqrt((float)hs), scale_log2 = scale * kLog2e;
@@ -1007,10 +1022,10 @@ void launch_rows_backward(T* dqkv, const T* dout, const T* qkv, const T* out, co
     CUDA_CHECK_LAUNCH();
     DISPATCH_NPL(hs, NPL, {
         rows_backward_dq_kernel<T, NPL><<<(unsigned)rows, 32 * kRowWarps, kRowWarps * hs * 4>>>(
-            dqkv, dout, qkv, lse, (const float*)D.p, (int)T_, (int)NH, hs, C, scale_log2, scale);
+            dqkv, dout, qkv, lse, (const float*)D.p, (int)T_, (int)NH, (int)NKV, hs, C, scale_log2, scale);
         CUDA_CHECK_LAUNCH();
-        rows_backward_dkv_kernel<T, NPL><<<(unsigned)rows, 32 * kRowWarps, 2 * kRowWarps * hs * 4>>>(
-            dqkv, dout, qkv, lse, (const float*)D.p, (int)T_, (int)NH, hs, C, scale_log2, scale);
+        rows_backward_dkv_kernel<T, NPL><<<(unsigned)(B * NKV * T_), 32 * kRowWarps, 2 * kRowWarps * hs * 4>>>(
+            dqkv, dout, qkv, lse, (const float*)D.p, (int)T_, (int)NH, (int)NKV, hs, C, scale_log2, scale);
         CUDA_CHECK_LAUNCH();
     });
 }
@@ -1029,57 +1044,57 @@ bool use_flash(DType t, int64_t hs, const void* qkv, std::initializer_list<const
 // entry points (kernels.h)
 
 void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                       DType t) {
+                       int64_t NKV, DType t) {
     if (B * T == 0 || C == 0) return;
-    const int64_t hs = C / NH;
+    const int64_t hs = C / NH, W = C + 2 * NKV * hs;
     if (use_flash(t, hs, qkv, {out})) {
-        if (hs == 64) launch_flash_forward<64>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH);
-        else launch_flash_forward<128>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH);
+        if (hs == 64) launch_flash_forward<64>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH, NKV);
+        else launch_flash_forward<128>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH, NKV);
         return;
     }
     RowsParams p{};
-    p.q = qkv, p.q_sb = T * 3 * C, p.q_st = 3 * C;
-    p.k = (const char*)qkv + C * dtype_size(t), p.v = (const char*)qkv + 2 * C * dtype_size(t);
-    p.kv_sb = T * 3 * C, p.kv_sh = hs, p.kv_st = 3 * C;
+    p.q = qkv, p.q_sb = T * W, p.q_st = W;
+    p.k = (const char*)qkv + C * dtype_size(t), p.v = (const char*)qkv + (C + NKV * hs) * dtype_size(t);
+    p.kv_sb = T * W, p.kv_sh = hs, p.kv_st = W;
     p.out = out, p.o_sb = T * C, p.o_st = C;
     p.lse = lse, p.pos = nullptr, p.maxT = T, p.part = nullptr;
-    p.NH = (int)NH, p.Tn = (int)T, p.hs = (int)hs, p.chunk = (int)T, p.nsplit = 1;
+    p.NH = (int)NH, p.Tn = (int)T, p.hs = (int)hs, p.chunk = (int)T, p.nsplit = 1, p.group = (int)(NH / NKV);
     p.scale_log2 = kLog2e / std::sqrt((float)hs);
     DISPATCH_FLOAT(t, F, launch_rows_forward<F>(p, B * NH * T));
 }
 
 void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH, DType t) {
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, DType t) {
     if (B * T == 0 || C == 0) return;
     const int64_t hs = C / NH;
     if (use_flash(t, hs, qkv, {dqkv, dout, out})) {
         if (hs == 64)
             launch_flash_backward<64>((bf16*)dqkv, (const bf16*)dout, (const bf16*)qkv, (const bf16*)out, lse, B, T,
-                                      C, NH);
+                                      C, NH, NKV);
         else
             launch_flash_backward<128>((bf16*)dqkv, (const bf16*)dout, (const bf16*)qkv, (const bf16*)out, lse, B,
-                                       T, C, NH);
+                                       T, C, NH, NKV);
         return;
     }
-    DISPATCH_FLOAT(t, F,
-                   launch_rows_backward<F>((F*)dqkv, (const F*)dout, (const F*)qkv, (const F*)out, lse, B, T, C, NH));
+    DISPATCH_FLOAT(t, F, launch_rows_backward<F>((F*)dqkv, (const F*)dout, (const F*)qkv, (const F*)out, lse, B, T,
+                                                 C, NH, NKV));
 }
 
 void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv, const int32_t* pos, int64_t B,
-                          int64_t Tn, int64_t C, int64_t NH, int64_t maxT, DType t) {
+                          int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, DType t) {
     if (B * Tn == 0 || C == 0 || maxT == 0) return;
-    const int64_t hs = C / NH, rows = B * NH * Tn;
+    const int64_t hs = C / NH, W = C + 2 * NKV * hs, rows = B * NH * Tn;
     DISPATCH_FLOAT(t, F, {
-        kv_append_kernel<F><<<grid_for(B * Tn * C, 256), 256>>>((F*)kcache, (F*)vcache, (const F*)qkv, pos, B, Tn, C,
-                                                                NH, maxT);
+        kv_append_kernel<F><<<grid_for(B * Tn * NKV * hs, 256), 256>>>((F*)kcache, (F*)vcache, (const F*)qkv, pos, B,
+                                                                      Tn, C, NKV, hs, maxT);
         CUDA_CHECK_LAUNCH();
     });
     RowsParams p{};
-    p.q = qkv, p.q_sb = Tn * 3 * C, p.q_st = 3 * C;
-    p.k = kcache, p.v = vcache, p.kv_sb = NH * maxT * hs, p.kv_sh = maxT * hs, p.kv_st = hs;
+    p.q = qkv, p.q_sb = Tn * W, p.q_st = W;
+    p.k = kcache, p.v = vcache, p.kv_sb = NKV * maxT * hs, p.kv_sh = maxT * hs, p.kv_st = hs;
     p.out = out, p.o_sb = Tn * C, p.o_st = C;
     p.lse = nullptr, p.pos = pos, p.maxT = maxT;
-    p.NH = (int)NH, p.Tn = (int)Tn, p.hs = (int)hs;
+    p.NH = (int)NH, p.Tn = (int)Tn, p.hs = (int)hs, p.group = (int)(NH / NKV);
     p.scale_log2 = kLog2e / std::sqrt((float)hs);
     // flash-decoding: split the keys of each row over several blocks when the rows alone cannot fill the GPU
     const int64_t want = 2 * (int64_t)sm_count();

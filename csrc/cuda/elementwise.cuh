@@ -1,15 +1,16 @@
 /*
-Helpers shared by the memory-bound kernel families (layernorm.cu, gelu.cu, embedding.cu, adamw.cu):
+Helpers shared by the memory-bound kernel families (layernorm.cu, gelu.cu, residual.cu, embedding.cu, adamw.cu):
   - 16-byte packs: kVec<T> elements of T (4 float or 8 bf16) loaded/stored with one 128-bit access, converted
     to/from fp32 registers; used only when every pointer involved is 16-byte aligned and the row length is a
     multiple of kVec<T> (the launchers check; otherwise they run the scalar form of the same kernel);
-  - grid sizes for grid-stride loops;
+  - grid sizes for grid-stride loops, and packed_then_tail (16-byte packs, then the scalar tail);
   - a grow-only scratch buffer per device (deterministic two-pass reductions need room for partial sums);
   - the switch that makes the launchers run the simple reference kernels (tests compare fast vs simple).
 */
 #pragma once
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -56,6 +57,17 @@ __device__ __forceinline__ void store_v(T* p, const float (&f)[V]) {
 inline int grid_stride_blocks(int64_t work, int block) {
     int64_t g = (work + block - 1) / block;
     return (int)(g < 1 ? 1 : g > 8192 ? 8192 : g);
+}
+
+// calls launch(std::integral_constant<int, V>, first element, number of V-packs) for the 16-byte packed body
+// (if aligned) and for the scalar rest
+template <typename T, typename F>
+inline void packed_then_tail(int64_t n, bool aligned, F&& launch) {
+    constexpr int V = kVec<T>;
+    const int64_t packs = aligned ? n / V : 0;
+    if (packs > 0) launch(std::integral_constant<int, V>(), (int64_t)0, packs);
+    const int64_t done = packs * V;
+    if (done < n) launch(std::integral_constant<int, 1>(), done, n - done);
 }
 
 // Grow-only scratch memory, one buffer per device, for the kernels' partial sums. Hold the lease (it holds a

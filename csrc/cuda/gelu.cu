@@ -1,5 +1,5 @@
 /*
-GELU, tanh approximation (GPT-2), and the residual add, on the GPU. The CPU twin csrc/cpu/gelu.cpp is the spec:
+GELU, tanh approximation (GPT-2), on the GPU. The CPU twin csrc/cpu/gelu.cpp is the spec:
   y = 0.5 x (1 + tanh(u)),  u = k (x + 0.044715 x^3),  k = sqrt(2/pi)
   = x s  with  s = sigmoid(2u) = 1 / (1 + exp(-2u))
   dy/dx = s + x s (1 - s) 2k (1 + 3 * 0.044715 x^2)
@@ -17,8 +17,6 @@ Perf notes (written without a GPU: compiled and register-checked for sm_80/sm_90
 --use_fast_math turns float tanhf into tanh.approx.f32 (~5e-4 relative error), too coarse for float32 outputs;
 the fast path therefore never calls tanhf.
 */
-#include <type_traits>
-
 #include "elementwise.cuh"
 
 namespace fastllm::cuda {
@@ -100,33 +98,10 @@ __global__ void gelu_backward_kernel(T* dx, const T* dout, const T* x, int64_t n
     }
 }
 
-template <typename T, int V>
-__global__ void residual_forward_kernel(T* out, const T* a, const T* b, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        float va[V], vb[V];
-        load_v<T, V>(va, a + i * V);
-        load_v<T, V>(vb, b + i * V);
-#pragma unroll
-        for (int j = 0; j < V; j++) va[j] += vb[j];
-        store_v<T, V>(out + i * V, va);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // launchers
 
 static constexpr int kBlock = 256;
-
-// calls launch(std::integral_constant<int, V>, first element, number of V-packs) for the 16-byte packed body
-// (if aligned) and for the scalar rest
-template <typename T, typename F>
-static void packed_then_tail(int64_t n, bool aligned, F&& launch) {
-    constexpr int V = kVec<T>;
-    const int64_t packs = aligned ? n / V : 0;
-    if (packs > 0) launch(std::integral_constant<int, V>(), (int64_t)0, packs);
-    const int64_t done = packs * V;
-    if (done < n) launch(std::integral_constant<int, 1>(), done, n - done);
-}
 
 void gelu_forward(void* out, const void* x, int64_t n, DType t) {
     if (n <= 0) return;
@@ -160,21 +135,6 @@ void gelu_backward(void* dx, const void* dout, const void* x, int64_t n, DType t
                     <<<grid_stride_blocks(cnt, kBlock), kBlock>>>(d + off, dy + off, xi + off, cnt);
             });
         }
-    });
-    CUDA_CHECK_LAUNCH();
-}
-
-void residual_forward(void* out, const void* a, const void* b, int64_t n, DType t) {
-    if (n <= 0) return;
-    DISPATCH_FLOAT(t, T, {
-        T* o = (T*)out;
-        const T *pa = (const T*)a, *pb = (const T*)b;
-        const bool al = !simple_elementwise_flag() && aligned16(o) && aligned16(pa) && aligned16(pb);
-        packed_then_tail<T>(n, al, [&](auto vc, int64_t off, int64_t cnt) {
-                constexpr int V = decltype(vc)::value;
-            residual_forward_kernel<T, V>
-                <<<grid_stride_blocks(cnt, kBlock), kBlock>>>(o + off, pa + off, pb + off, cnt);
-        });
     });
     CUDA_CHECK_LAUNCH();
 }

@@ -61,36 +61,45 @@ std::string gemm_impl();
 void set_gemm_impl(const std::string& name);  // throws std::invalid_argument for other names
 // dbias (N, f32) += column sums of dout (M, N, dtype t); deterministic
 void bias_backward(float* dbias, const void* dout, int64_t M, int64_t N, DType t);
+// The fully connected layer (csrc/cpu/matmul.h's twins): out (N, OC, out_t: f32 or t) = inp (N, C) @ weight (OC, C)^T
+// + bias (OC), or with pre_gelu (N, OC): pre_gelu = that, out = gelu(pre_gelu).
+void matmul_forward(void* out, DType out_t, const void* inp, const void* weight, const void* bias, void* pre_gelu,
+                    int64_t N, int64_t C, int64_t OC, DType t);
+// dinp (N, C, t) += dout @ weight; dweight (OC, C, f32) += dout^T @ inp; dbias (OC, f32) += column sums of dout.
+// Any of the three may be nullptr.
+void matmul_backward(void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
+                     int64_t N, int64_t C, int64_t OC, DType t);
 
-// ---- attention.cu: causal flash attention on packed qkv (B, T, 3C), heads of size hs = C / NH
+// ---- attention.cu: causal flash attention with grouped KV heads on packed qkv (B, T, C + 2*NKV*hs) = [q | k | v],
+// q C = NH * hs wide, k and v NKV * hs each (NKV divides NH; query head h uses kv head h / (NH/NKV); NKV = NH: (B, T, 3C))
 // out (B, T, C) of dtype t and lse (B, NH, T, f32) = logsumexp of the scaled scores per query.
 void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                       DType t);
-// dqkv (B, T, 3C) += gradient; needs the forward's out and lse (recomputes the scores tile by tile)
+                       int64_t NKV, DType t);
+// dqkv (B, T, C + 2*NKV*hs) += gradient; needs the forward's out and lse (recomputes the scores tile by tile)
 void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH, DType t);
-// Inference with a KV cache: the Tn new tokens of qkv (B, Tn, 3C) write their k, v into kcache/vcache
-// (B, NH, maxT, hs) at positions pos[b] .. pos[b]+Tn-1 (pos: int32 device array (B,)); each new query attends
-// causally to its sequence's cache; out (B, Tn, C). pos is not advanced.
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, DType t);
+// Inference with a KV cache: the Tn new tokens of qkv (B, Tn, C + 2*NKV*hs) write their k, v into kcache/vcache
+// (B, NKV, maxT, hs) at positions pos[b] .. pos[b]+Tn-1 (pos: int32 device array (B,)); each new query attends
+// causally to its sequence's cache of its kv head; out (B, Tn, C). pos is not advanced.
 void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv, const int32_t* pos, int64_t B,
-                          int64_t Tn, int64_t C, int64_t NH, int64_t maxT, DType t);
+                          int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, DType t);
 
 // ---- softmax_ce.cu: fused softmax + cross-entropy (+ gradient) and the fused classifier
 // losses (N, f32) = -log softmax(logits)[target]; if dlogits: dlogits (N, V, T) = (softmax - onehot) *
-// grad_scale, written (=) and may alias logits. Rows whose target == ignore_index get loss 0 and zero grad.
-// A target outside [0, V) (other than ignore_index) gives loss NaN (never a wild read); callers check on the host.
-void softmax_cross_entropy(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N,
-                           int64_t V, float grad_scale, int32_t ignore_index, DType t);
+// grad_scale (* row_weights[n] if given, f32 (N)), written (=) and may alias logits. Rows whose target ==
+// ignore_index get loss 0 and zero grad. A target outside [0, V) (other than ignore_index) gives loss NaN (never a
+// wild read); callers check on the host.
+void softmax_ce(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N, int64_t V,
+                float grad_scale, int32_t ignore_index, const float* row_weights, DType t);
 // the same with row stride ld >= V (elements) of logits and dlogits
-void softmax_cross_entropy_ex(float* losses, void* dlogits, const void* logits, int64_t ld,
-                              const int32_t* targets, int64_t N, int64_t V, float grad_scale, int32_t ignore_index,
-                              DType t);
+void softmax_ce_ex(float* losses, void* dlogits, const void* logits, int64_t ld, const int32_t* targets, int64_t N,
+                   int64_t V, float grad_scale, int32_t ignore_index, const float* row_weights, DType t);
 // logits = hidden (N, C) @ weight (V, C)^T in row chunks of a scratch buffer (never N x V at once), then the
 // loss and, if dhidden/dweight are given, dhidden (N, C, T) += dlogits @ weight, dweight (V, C, f32) +=
 // dlogits^T @ hidden. scratch: chunk_rows x V elements of T (the caller allocates it; see lmhead_chunk_rows).
-void lmhead_cross_entropy(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
-                          const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C,
-                          int64_t V, float grad_scale, int32_t ignore_index, DType t);
+void lmhead_ce(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
+               const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
+               float grad_scale, int32_t ignore_index, const float* row_weights, DType t);
 // default chunk rows for a scratch of at most ~256 MiB (multiple of 128 when >= 128, at least 1, at most N)
 int64_t lmhead_chunk_rows(int64_t N, int64_t V, DType t);
 
@@ -102,10 +111,13 @@ void layernorm_forward(void* out, float* mean, float* rstd, const void* x, const
 void layernorm_backward(void* dx, float* dweight, float* dbias, const void* dout, const void* x,
                         const void* weight, const float* mean, const float* rstd, int64_t N, int64_t C, DType t);
 
-// ---- gelu.cu: GELU (tanh approximation) and the residual add
+// ---- gelu.cu: GELU (tanh approximation)
 void gelu_forward(void* out, const void* x, int64_t n, DType t);
 void gelu_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);  // dx +=
+
+// ---- residual.cu: the residual add
 void residual_forward(void* out, const void* a, const void* b, int64_t n, DType t);  // out = a + b
+void residual_backward(void* da, void* db, const void* dout, int64_t n, DType t);    // da += dout, db += dout
 
 // ---- embedding.cu: out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T); wte (V, C). Ids outside [0, V)
 // are never dereferenced: they read as a zero wte row (forward) and are skipped (backward).
@@ -121,7 +133,30 @@ void adamw_step(float* params, float* m, float* v, const float* grads, void* par
                 int64_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int t,
                 float grad_scale);
 
-// Tests: true makes layernorm/gelu/residual/embedding/adamw run their simple reference kernels (gelu.cu).
+// ---- rmsnorm.cu: rows of C elements, row n at (n / group) * group_stride + (n % group) * C (csrc/cpu/rmsnorm.h)
+// out = x * rstd * weight (C, T), rstd (N, f32) = 1 / sqrt(mean(x^2) + eps); out may be x
+void rmsnorm_forward(void* out, float* rstd, const void* x, const void* weight, int64_t N, int64_t C, int64_t group,
+                     int64_t group_stride, float eps, DType t);
+// dx (rows, T) +=, dweight (C, f32) += (deterministic: no float atomics)
+void rmsnorm_backward(void* dx, float* dweight, const void* dout, const void* x, const void* weight,
+                      const float* rstd, int64_t N, int64_t C, int64_t group, int64_t group_stride, DType t);
+
+// ---- rope.cu: rotate-half RoPE of the q and k heads of qkv (B, T, (NH + 2*NKV) * hs) (csrc/cpu/rope.h); cos, sin
+// (P, R2) f32 tables, pos int32 (B) or nullptr; positions outside [0, P) are skipped. out may be inp.
+void rope_forward(void* out, const void* inp, const float* cos, const float* sin, const int32_t* pos, int64_t B,
+                  int64_t T, int64_t P, int64_t NH, int64_t NKV, int64_t hs, int64_t R2, DType t);
+// dinp += R^T dout, or in place (dinp = R^T dout) when dinp == dout
+void rope_backward(void* dinp, const void* dout, const float* cos, const float* sin, const int32_t* pos, int64_t B,
+                   int64_t T, int64_t P, int64_t NH, int64_t NKV, int64_t hs, int64_t R2, DType t);
+
+// ---- swiglu.cu: out (N, H) = silu(gate) * up of gate_up (N, 2H) = [gate | up]; dgate_up +=; ReLU^2 element-wise
+void swiglu_forward(void* out, const void* gate_up, int64_t N, int64_t H, DType t);
+void swiglu_backward(void* dgate_up, const void* dout, const void* gate_up, int64_t N, int64_t H, DType t);
+void relu2_forward(void* out, const void* x, int64_t n, DType t);                      // out = max(x, 0)^2
+void relu2_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);    // dx += 2 max(x, 0) dout
+
+// Tests: true makes layernorm/gelu/residual/embedding/adamw (and rmsnorm/swiglu/relu2) run their simple reference
+// kernels (gelu.cu).
 void set_simple_elementwise(bool on);
 
 }  // namespace fastllm::cuda

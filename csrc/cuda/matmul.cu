@@ -1,5 +1,5 @@
 /*
-GEMM with a fused epilogue, and the bias gradient, on the GPU.
+GEMM with a fused epilogue, the bias gradient, and the matmul (fully connected layer) built on them, on the GPU.
   C (M, N) = [C +] op(A) (M, K) @ op(B) (K, N) [+ bias (N)]      (optionally: pre_gelu = that, C = gelu(it))
 op(A) = A (M, K) or A^T for A stored (K, M) (trans_a); op(B) = B (K, N) or B^T for B stored (N, K) (trans_b).
 All row-major; A, B, bias share a dtype (f32 or bf16); C (and pre_gelu) are f32 or that dtype; fp32 accumulation.
@@ -501,6 +501,24 @@ void bias_backward(float* dbias, const void* dout, int64_t M, int64_t N, DType t
     bias_finish_kernel<<<ceil_div(N, 256), 256>>>(dbias, partial, (int)P, N);
     CUDA_CHECK_LAUNCH();
     CUDA_CHECK(cudaFreeAsync(partial, 0));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// matmul entry points (the GPU twins of csrc/cpu/matmul.cpp's)
+
+void matmul_forward(void* out, DType out_t, const void* inp, const void* weight, const void* bias, void* pre_gelu,
+                    int64_t N, int64_t C, int64_t OC, DType t) {
+    // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); bias (and GELU) fused into the epilogue
+    gemm(out, out_t, inp, weight, bias, pre_gelu, N, OC, C, false, true, false, t);
+}
+
+void matmul_backward(void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
+                     int64_t N, int64_t C, int64_t OC, DType t) {
+    // dinp (N, C) += dout (N, OC) @ weight (OC, C)
+    if (dinp) gemm(dinp, t, dout, weight, nullptr, nullptr, N, C, OC, false, false, true, t);
+    // dweight (OC, C, f32) += dout^T (OC, N) @ inp (N, C)
+    if (dweight) gemm(dweight, DType::f32, dout, inp, nullptr, nullptr, OC, C, N, true, false, true, t);
+    if (dbias) bias_backward(dbias, dout, N, OC, t);
 }
 
 }  // namespace fastllm::cuda

@@ -1,7 +1,7 @@
 /*
 Fused softmax + cross-entropy (+ its gradient) and the fused classifier (lm head + cross-entropy) on the GPU.
   losses[n] = logsumexp(logits[n]) - logits[n, t_n];  dlogits[n] = (softmax(logits[n]) - onehot(t_n)) * grad_scale
-(written =, may alias logits: in place). Rows with t_n == ignore_index: loss 0, zero gradient row. A target outside
+(* row_weights[n] when given: the gradient of sum_n w_n losses_n; written =, may alias logits: in place). Rows with t_n == ignore_index: loss 0, zero gradient row. A target outside
 [0, V) reads nothing: loss NaN (the host checks ids; the GPU cannot raise) and its row gets softmax * grad_scale.
 Shapes: logits, dlogits (N, V) with row stride ld >= V; losses (N, f32); targets (N, int32). O(N V), memory bound.
 
@@ -10,7 +10,7 @@ softmax_ce_kernel: one block (512 threads) per row. Pass 1 reads the row once: e
   then the pairs are merged across the block (warp shuffles, then shared memory): lse = M + log S, all fp32.
   Every thread reads the target logit before the block-wide merge, i.e. before anyone can overwrite it in place.
   Pass 2 re-reads the row (mostly from L2: a 50257-wide bf16 row is 100 KB) and writes the gradient.
-lmhead_cross_entropy: for chunks of rows of hidden (N, C): logits chunk = hidden[chunk] @ weight (V, C)^T via
+lmhead_ce: for chunks of rows of hidden (N, C): logits chunk = hidden[chunk] @ weight (V, C)^T via
   the tensor-core gemm into the scratch (chunk, V) of dtype T, the CE kernel in place on it (losses, dlogits),
   then dhidden[chunk] += dlogits @ weight and dweight += dlogits^T @ hidden[chunk] (gemm with accumulate).
   The scratch rows are padded to a multiple of 8 elements when it has room (V = 50257 -> 50264) so that the
@@ -48,7 +48,7 @@ constexpr int kCEThreads = 512;
 template <typename T>
 __global__ void __launch_bounds__(kCEThreads)
     softmax_ce_kernel(float* losses, T* dlogits, const T* logits, int64_t ld, const int32_t* targets, int64_t V,
-                      float grad_scale, int32_t ignore_index) {
+                      float grad_scale, int32_t ignore_index, const float* row_weights) {
     // not __restrict__: dlogits may alias logits
     const int64_t row = blockIdx.x;
     const T* x = logits + row * ld;
@@ -98,10 +98,11 @@ __global__ void __launch_bounds__(kCEThreads)
     if (!d) return;
     __syncthreads();
     const float lse = s_lse;
+    const float gs = row_weights ? grad_scale * row_weights[row] : grad_scale;
     // pass 2: gradient
     for (int64_t i = tid; i < V; i += kCEThreads) {
-        float p = __expf(to_f32(x[i]) - lse) * grad_scale;
-        if (i == t) p -= grad_scale;
+        float p = __expf(to_f32(x[i]) - lse) * gs;
+        if (i == t) p -= gs;
         d[i] = from_f32<T>(p);
     }
 }
@@ -109,21 +110,20 @@ __global__ void __launch_bounds__(kCEThreads)
 // ---------------------------------------------------------------------------------------------------------
 // launchers
 
-void softmax_cross_entropy_ex(float* losses, void* dlogits, const void* logits, int64_t ld,
-                              const int32_t* targets, int64_t N, int64_t V, float grad_scale, int32_t ignore_index,
-                              DType t) {
+void softmax_ce_ex(float* losses, void* dlogits, const void* logits, int64_t ld, const int32_t* targets, int64_t N,
+                   int64_t V, float grad_scale, int32_t ignore_index, const float* row_weights, DType t) {
     if (N == 0) return;
     // one block per row; gridDim.x allows 2^31 - 1 rows
     DISPATCH_FLOAT(t, T, {
         softmax_ce_kernel<T><<<(unsigned)N, kCEThreads>>>(losses, (T*)dlogits, (const T*)logits, ld, targets, V,
-                                                           grad_scale, ignore_index);
+                                                           grad_scale, ignore_index, row_weights);
     });
     CUDA_CHECK_LAUNCH();
 }
 
-void softmax_cross_entropy(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N,
-                           int64_t V, float grad_scale, int32_t ignore_index, DType t) {
-    softmax_cross_entropy_ex(losses, dlogits, logits, V, targets, N, V, grad_scale, ignore_index, t);
+void softmax_ce(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N, int64_t V,
+                float grad_scale, int32_t ignore_index, const float* row_weights, DType t) {
+    softmax_ce_ex(losses, dlogits, logits, V, targets, N, V, grad_scale, ignore_index, row_weights, t);
 }
 
 int64_t lmhead_chunk_rows(int64_t N, int64_t V, DType t) {
@@ -135,9 +135,9 @@ int64_t lmhead_chunk_rows(int64_t N, int64_t V, DType t) {
     return std::max<int64_t>(std::min(rows, N), 1);
 }
 
-void lmhead_cross_entropy(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
-                          const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C,
-                          int64_t V, float grad_scale, int32_t ignore_index, DType t) {
+void lmhead_ce(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
+               const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
+               float grad_scale, int32_t ignore_index, const float* row_weights, DType t) {
     if (N == 0) return;
     const size_t es = dtype_size(t);
     // row stride of the scratch: V rounded up to 8 elements if the scratch still holds >= 1 row at that stride
@@ -150,8 +150,8 @@ void lmhead_cross_entropy(float* losses, void* dhidden, float* dweight, const vo
         // logits (rows, V; stride ld) = hidden[r0:r0+rows] (rows, C) @ weight (V, C)^T
         gemm_ex(scratch, t, ld, h, C, weight, C, nullptr, nullptr, rows, V, C, false, true, false, t);
         // losses and dlogits in place
-        softmax_cross_entropy_ex(losses + r0, backward ? scratch : nullptr, scratch, ld, targets + r0, rows, V,
-                                 grad_scale, ignore_index, t);
+        softmax_ce_ex(losses + r0, backward ? scratch : nullptr, scratch, ld, targets + r0, rows, V, grad_scale,
+                      ignore_index, row_weights ? row_weights + r0 : nullptr, t);
         // dhidden[r0:] (rows, C) += dlogits (rows, V) @ weight (V, C)
         if (dhidden)
             gemm_ex((char*)dhidden + r0 * C * es, t, C, scratch, ld, weight, C, nullptr, nullptr, rows, C, V, false,

@@ -8,7 +8,8 @@ Per pre-tokenized chunk (see pretokenize.h; chunks never span special tokens):
      the leftmost on ties, until no adjacent pair merges. tiktoken's priority of (a, b) is the rank of
      bytes(a)+bytes(b) if that is a token; we precompute it once as a PairMap (a, b) -> (prio, result) over
      every split of every token into two tokens, so the loop hashes one uint64 per pair instead of a byte
-     string (identical results: a pair merges iff its concatenation is a token, with that token's rank).
+     string (identical results: a pair merges iff its concatenation is a token, with that token's rank);
+     finding the splits is linear in the token bytes (Encoder::add_splits).
 Complexity: chunk of n bytes: O(n^2) linear scan for n <= kHeapMin = 128 (as tiktoken), O(n log n)
 with a heap over a linked list above it (long whitespace or digit-free symbol runs). Both pick the same
 pair: minimum (prio, position).
@@ -37,8 +38,8 @@ Ref: openai/tiktoken src/lib.rs (_byte_pair_merge), tiktoken/_educational.py; HF
 
 namespace fastllm::tok {
 
-static constexpr size_t kHeapMin = 128;
-static constexpr int32_t kMaxId = 1 << 28;  // ids index dense tables: refuse absurd ones (corrupt files)  // longest chunk for the linear scan (its parts array size)
+static constexpr size_t kHeapMin = 128;  // longest chunk for the linear scan (its parts array size)
+static constexpr int32_t kMaxId = 1 << 28;  // ids index dense tables: refuse absurd ones (corrupt files)
 
 // ---------------------------------------------------------------------------------------------------------
 // hashing and maps
@@ -124,6 +125,23 @@ void PairMap::rehash(size_t cap) {
         size_t i = mix(s.key) & mask_;
         while (slots_[i].key != kEmpty) i = (i + 1) & mask_;
         slots_[i] = s;
+    }
+}
+
+void PairIndex::rehash(size_t cap) {
+    std::vector<uint64_t> ok;
+    std::vector<int32_t> ov;
+    ok.swap(keys_);
+    ov.swap(vals_);
+    keys_.assign(cap, kEmpty);
+    vals_.assign(cap, -1);
+    mask_ = cap - 1;
+    for (size_t j = 0; j < ok.size(); j++) {
+        if (ok[j] == kEmpty) continue;
+        size_t i = mix(ok[j]) & mask_;
+        while (keys_[i] != kEmpty) i = (i + 1) & mask_;
+        keys_[i] = ok[j];
+        vals_[i] = ov[j];
     }
 }
 
@@ -252,6 +270,65 @@ void Encoder::set_token(int32_t id, std::string_view bytes, bool special) {
     n_tokens_++;
 }
 
+// Every split of every token into two tokens is a merge with the token's rank as priority. Two ways to find
+// the splits, the cheaper one for the vocabulary is used:
+//  - lookup: both halves of each split in the token map, O(|t|^2) hashed bytes per token t; fastest for real
+//    vocabularies (short tokens, the map stays in cache);
+//  - tries: the tokens in two tries, one read forwards and one backwards, filled shortest token first;
+//    inserting t into the first passes the prefixes of t that are tokens, into the second the suffixes, so all
+//    splits of t cost O(|t|) (random probes into tables larger than the cache: ~2x slower per byte), which
+//    the tokens of thousands of bytes made by training on a long run of one character need (the lookup costs
+//    minutes there).
+void Encoder::add_splits(const std::vector<std::string>& tokens, const std::vector<int32_t>& ranks) {
+    uint64_t total = 0, squares = 0;
+    size_t longest = 0;
+    for (const auto& t : tokens) {
+        total += t.size();
+        squares += (uint64_t)t.size() * t.size();
+        longest = std::max(longest, t.size());
+    }
+    if (squares <= 32 * total) {
+        for (size_t i = 0; i < tokens.size(); i++) {
+            const std::string_view t = tokens[i];
+            for (size_t k = 1; k < t.size(); k++) {
+                const int32_t a = regular_.find(t.substr(0, k));
+                if (a < 0) continue;
+                const int32_t b = regular_.find(t.substr(k));
+                if (b >= 0) pairs_.insert(a, b, {ranks[i], ranks[i]});
+            }
+        }
+        return;
+    }
+    FASTLLM_CHECK(total < (uint64_t)INT32_MAX, "token bytes exceed 2 GiB");
+    std::vector<size_t> order(tokens.size()), first(longest + 2, 0);  // counting sort by length
+    for (const auto& t : tokens) first[t.size() + 1]++;
+    for (size_t n = 1; n < first.size(); n++) first[n] += first[n - 1];
+    for (size_t i = 0; i < tokens.size(); i++) order[first[tokens[i].size()]++] = i;
+    struct Trie {
+        PairIndex edges;             // (node, byte) -> child node - 1; node 0 is the root
+        std::vector<int32_t> token;  // by node: the rank of the token spelled by the path to it, or -1
+        int32_t child(int32_t node, unsigned char c) {
+            const int32_t n = edges.get(node, c, true) + 1;
+            if ((size_t)n >= token.size()) token.resize((size_t)n + 1, -1);
+            return n;
+        }
+    } fwd, bwd;
+    std::vector<int32_t> prefix;  // prefix[k]: rank of t[:k] (-1: not a token)
+    for (size_t i : order) {
+        const std::string& t = tokens[i];
+        const size_t n = t.size();
+        prefix.assign(n, -1);
+        int32_t f = 0, b = 0;
+        for (size_t k = 1; k < n; k++) prefix[k] = fwd.token[f = fwd.child(f, (unsigned char)t[k - 1])];
+        fwd.token[fwd.child(f, (unsigned char)t[n - 1])] = ranks[i];
+        for (size_t k = n - 1; k >= 1; k--) {  // suffix t[k:]
+            const int32_t s = bwd.token[b = bwd.child(b, (unsigned char)t[k])];
+            if (s >= 0 && prefix[k] >= 0) pairs_.insert(prefix[k], s, {ranks[i], ranks[i]});
+        }
+        bwd.token[bwd.child(b, (unsigned char)t[0])] = ranks[i];
+    }
+}
+
 Encoder Encoder::from_ranks(const std::vector<std::string>& tokens, const std::vector<int32_t>& ranks) {
     FASTLLM_CHECK(tokens.size() == ranks.size(), "tokens and ranks differ in length");
     Encoder e;
@@ -266,17 +343,7 @@ Encoder Encoder::from_ranks(const std::vector<std::string>& tokens, const std::v
     }
     for (int b = 0; b < 256; b++)
         FASTLLM_CHECK(e.byte_id_[b] >= 0, "every single byte must be a token; byte ", b, " is missing");
-    // Every split of every token into two tokens is a merge with the token's rank as priority.
-    for (size_t i = 0; i < tokens.size(); i++) {
-        const std::string_view t = tokens[i];
-        for (size_t k = 1; k < t.size(); k++) {
-            const int32_t a = e.regular_.find(t.substr(0, k));
-            if (a < 0) continue;
-            const int32_t b = e.regular_.find(t.substr(k));
-            if (b < 0) continue;
-            e.pairs_.insert(a, b, {ranks[i], ranks[i]});
-        }
-    }
+    e.add_splits(tokens, ranks);
     e.whole_lookup_ = true;
     e.build_byte_pairs();
     return e;

@@ -94,6 +94,44 @@ class PairMap {
     size_t mask_ = 0, n_ = 0;
 };
 
+// Open-addressing map from an ordered pair of ints to a dense index 0, 1, 2, ... given in order of first
+// insertion (the caller keeps per-index data in plain vectors). Used for the trainer's pair table and for the
+// edges of the tries in Encoder::from_ranks (edge (node, byte) -> child node).
+class PairIndex {
+   public:
+    PairIndex() { rehash(1 << 16); }
+    // index of (a, b); when absent: a new index if create, else -1
+    int32_t get(int32_t a, int32_t b, bool create) {
+        const uint64_t k = PairMap::key(a, b);
+        size_t i = mix(k) & mask_;
+        for (;; i = (i + 1) & mask_) {
+            if (keys_[i] == k) return vals_[i];
+            if (keys_[i] == kEmpty) break;
+        }
+        if (!create) return -1;
+        if ((n_ + 1) * 2 > keys_.size()) {
+            rehash(keys_.size() * 2);
+            i = mix(k) & mask_;
+            while (keys_[i] != kEmpty) i = (i + 1) & mask_;
+        }
+        keys_[i] = k;
+        vals_[i] = (int32_t)n_;
+        return (int32_t)n_++;
+    }
+    size_t size() const { return n_; }
+
+   private:
+    static constexpr uint64_t kEmpty = ~0ull;
+    static size_t mix(uint64_t k) {
+        k *= 0x9E3779B97F4A7C15ull;
+        return (size_t)(k ^ (k >> 29));
+    }
+    void rehash(size_t cap);
+    std::vector<uint64_t> keys_;
+    std::vector<int32_t> vals_;
+    size_t mask_ = 0, n_ = 0;
+};
+
 // Per-thread memo of chunk -> ids for chunks that are not a single token (most chunks of a text repeat).
 // Bounded: cleared when full.
 class ChunkCache {
@@ -187,6 +225,8 @@ class Encoder {
     std::vector<PairMap::Merge> byte_pairs_;  // [256 * c0 + c1]: merge of the byte tokens of c0, c1 (prio
                                               // INT32_MAX: none); the first round of every chunk, no hashing
     void build_byte_pairs();
+    // from_ranks: a merge (a, b) -> t, priority rank(t), for every split of every token t into tokens a, b
+    void add_splits(const std::vector<std::string>& tokens, const std::vector<int32_t>& ranks);
     std::vector<std::pair<std::string, int32_t>> specials_;
     bool whole_lookup_ = true;
     uint64_t uid_ = 0;
@@ -197,8 +237,9 @@ class Encoder {
 template <typename Ordinary, typename Special>
 void split_specials(std::string_view text, const std::vector<std::pair<std::string, int32_t>>& allowed,
                     Ordinary ordinary, Special special) {
-    std::vector<size_t> next(allowed.size());
-    for (size_t k = 0; k < allowed.size(); k++) next[k] = text.find(allowed[k].first);
+    std::vector<size_t> next(allowed.size());  // an empty token is never found (it would match everywhere)
+    for (size_t k = 0; k < allowed.size(); k++)
+        next[k] = allowed[k].first.empty() ? std::string_view::npos : text.find(allowed[k].first);
     size_t pos = 0;
     while (true) {
         size_t best = std::string_view::npos, bk = 0;

@@ -11,19 +11,21 @@ Skipped pairs: if bytes(a)+bytes(b) is already a token (the same bytes reached b
 is dropped for good, so every token has distinct bytes (tiktoken requires it); it stays unmerged in words.
 
 Data structures (nothing is recounted per merge):
-  - words: symbols in one flat array, word w at [start[w], start[w] + len[w]), shrinking in place;
-  - pair table: (a, b) -> slot with count and `where`, the list of words that contained it (append-only, may
-    hold stale or repeated entries; a per-word stamp skips repeats and a scan skips words that no longer
-    contain the pair);
+  - words: symbols in one flat array with next/prev links inside each word; a merge writes the new token at
+    the left position and unlinks the right one;
+  - pair table: (a, b) -> slot with count and `where`, the positions (of the left symbol) where the pair
+    occurred (append-only, may hold stale or repeated entries: a merge sorts them, so that it sees the
+    occurrences of a word left to right, and skips those whose symbols changed);
   - max-heap of (count, a, b) with lazy deletion: an entry whose count is stale is re-pushed with the
     current count when popped. Only pairs that contain the new token can gain count in a merge, and those
     are new, so they are pushed once at the end of the merge; all other counts only decrease, hence every
     live pair always has an entry whose count is >= its current one and the first popped entry that is up
     to date is the true maximum (ties resolved by the heap order above).
-  - per merge, for each affected word: subtract its pairs, rewrite it, add its pairs back (words are short;
-    this keeps the update obviously right).
-Complexity: O(sum over merges of the lengths of the words containing the merged pair) hash operations,
-plus O(log P) per heap operation.
+  - per merge, per occurrence x A B y: the counts of (x, A) and (B, y) move to (x, C) and (C, y).
+Complexity: O(occurrences of the merged pair) per merge (plus sorting them), O(log P) per heap operation:
+near-linear in the text, however long its chunks (rewriting every word that holds the pair instead costs
+the word's length per merge: hours for a 50 MB line without spaces, which is a single chunk).
+Memory: ~20 bytes per byte of the distinct chunks (symbols, links, word ids, occurrence lists).
 Reference: tests/test_bpe_train.py has the straightforward version (full recount per merge) and checks
 identical merges.
 */
@@ -108,56 +110,6 @@ ChunkCounts count_chunks(const std::vector<std::string_view>& texts, Pattern p,
 
 namespace {
 
-// (a, b) -> dense slot index, open addressing.
-class PairSlots {
-   public:
-    PairSlots() { rehash(1 << 16); }
-    // slot of (a, b), creating it (returned flag true) when new
-    int32_t get(int32_t a, int32_t b, bool create) {
-        const uint64_t k = PairMap::key(a, b);
-        size_t i = mix(k) & mask_;
-        for (;; i = (i + 1) & mask_) {
-            if (keys_[i] == k) return vals_[i];
-            if (keys_[i] == kEmpty) break;
-        }
-        if (!create) return -1;
-        if ((n_ + 1) * 2 > keys_.size()) {
-            rehash(keys_.size() * 2);
-            i = mix(k) & mask_;
-            while (keys_[i] != kEmpty) i = (i + 1) & mask_;
-        }
-        keys_[i] = k;
-        vals_[i] = (int32_t)n_;
-        return (int32_t)n_++;
-    }
-
-   private:
-    static constexpr uint64_t kEmpty = ~0ull;
-    static size_t mix(uint64_t k) {
-        k *= 0x9E3779B97F4A7C15ull;
-        return (size_t)(k ^ (k >> 29));
-    }
-    void rehash(size_t cap) {
-        std::vector<uint64_t> ok;
-        std::vector<int32_t> ov;
-        ok.swap(keys_);
-        ov.swap(vals_);
-        keys_.assign(cap, kEmpty);
-        vals_.assign(cap, -1);
-        mask_ = cap - 1;
-        for (size_t j = 0; j < ok.size(); j++) {
-            if (ok[j] == kEmpty) continue;
-            size_t i = mix(ok[j]) & mask_;
-            while (keys_[i] != kEmpty) i = (i + 1) & mask_;
-            keys_[i] = ok[j];
-            vals_[i] = ov[j];
-        }
-    }
-    std::vector<uint64_t> keys_;
-    std::vector<int32_t> vals_;
-    size_t mask_ = 0, n_ = 0;
-};
-
 struct HeapEntry {
     int64_t count;
     int32_t a, b;
@@ -175,26 +127,31 @@ struct HeapLess {
 
 std::vector<std::pair<int32_t, int32_t>> train_bpe(const ChunkCounts& words, int64_t n_merges,
                                                    const ProgressFn& progress, int64_t every) {
-    // 1. words as byte symbols
+    // 1. words as byte symbols in one array, linked in both directions within each word
+    constexpr uint32_t kEnd = UINT32_MAX;
     const size_t W = words.size();
-    std::vector<int32_t> sym;
-    std::vector<uint64_t> start(W);
-    std::vector<uint32_t> len(W);
-    std::vector<int64_t> freq(W);
     size_t total = 0;
     for (size_t w = 0; w < W; w++) total += words.key(w).size();
-    sym.reserve(total);
-    for (size_t w = 0; w < W; w++) {
-        start[w] = sym.size();
-        len[w] = (uint32_t)words.key(w).size();
+    FASTLLM_CHECK(total < kEnd, "the distinct chunks of the training text hold ", total, " bytes (at most ",
+                  kEnd - 1, ")");
+    std::vector<int32_t> sym(total);      // token at each position; -1 once merged into its left neighbour
+    std::vector<uint32_t> next(total), prev(total), word(total);
+    std::vector<int64_t> freq(W);
+    for (size_t w = 0, i = 0; w < W; w++) {
+        const std::string_view k = words.key(w);
         freq[w] = words.count(w);
-        for (unsigned char c : words.key(w)) sym.push_back(c);
+        for (size_t j = 0; j < k.size(); j++, i++) {
+            sym[i] = (unsigned char)k[j];
+            word[i] = (uint32_t)w;
+            prev[i] = j > 0 ? (uint32_t)i - 1 : kEnd;
+            next[i] = j + 1 < k.size() ? (uint32_t)i + 1 : kEnd;
+        }
     }
 
-    // 2. initial pair counts and where-lists
-    PairSlots slots;
+    // 2. pair table: count and occurrence positions (of the left symbol) of every adjacent pair
+    PairIndex slots;
     std::vector<int64_t> count;
-    std::vector<std::vector<int32_t>> where;
+    std::vector<std::vector<uint32_t>> where;
     std::vector<std::pair<int32_t, int32_t>> pair_of;
     auto slot_of = [&](int32_t a, int32_t b) {
         const int32_t s = slots.get(a, b, true);
@@ -205,14 +162,12 @@ std::vector<std::pair<int32_t, int32_t>> train_bpe(const ChunkCounts& words, int
         }
         return s;
     };
-    for (size_t w = 0; w < W; w++) {
-        const int32_t* s = sym.data() + start[w];
-        for (uint32_t i = 0; i + 1 < len[w]; i++) {
-            const int32_t p = slot_of(s[i], s[i + 1]);
-            count[p] += freq[w];
-            if (where[p].empty() || where[p].back() != (int32_t)w) where[p].push_back((int32_t)w);
+    for (uint32_t i = 0; i < total; i++)
+        if (next[i] != kEnd) {
+            const int32_t p = slot_of(sym[i], sym[i + 1]);
+            count[p] += freq[word[i]];
+            where[p].push_back(i);
         }
-    }
     std::priority_queue<HeapEntry, std::vector<HeapEntry>, HeapLess> heap;
     for (size_t p = 0; p < count.size(); p++)
         if (count[p] > 0) heap.push({count[p], pair_of[p].first, pair_of[p].second});
@@ -226,10 +181,8 @@ std::vector<std::pair<int32_t, int32_t>> train_bpe(const ChunkCounts& words, int
     }
 
     std::vector<std::pair<int32_t, int32_t>> merges;
-    std::vector<uint32_t> stamp(W, 0);
     std::vector<int32_t> fresh;  // slots of pairs containing the new token, touched in this merge
     std::vector<uint8_t> is_fresh;
-    uint32_t cur_stamp = 0;
     if (every < 1) every = 1;
 
     while ((int64_t)merges.size() < n_merges && !heap.empty()) {
@@ -248,41 +201,38 @@ std::vector<std::pair<int32_t, int32_t>> train_bpe(const ChunkCounts& words, int
         vocab.insert(cat, C);
         tok.push_back(std::move(cat));
 
-        cur_stamp++;
+        // 4. merge each occurrence, left to right within a word (sorted positions), moving the counts of
+        //    the neighbouring pairs: (x, A) -> (x, C) on the left, (B, y) -> (C, y) on the right
         fresh.clear();
-        std::vector<int32_t> ws;
-        ws.swap(where[p]);  // (A, B) disappears from every word
-        for (int32_t w : ws) {
-            if (stamp[w] == cur_stamp) continue;
-            stamp[w] = cur_stamp;
-            int32_t* s = sym.data() + start[w];
-            const uint32_t n = len[w];
-            bool has = false;
-            for (uint32_t i = 0; i + 1 < n && !has; i++) has = s[i] == A && s[i + 1] == B;
-            if (!has) continue;
-            const int64_t f = freq[w];
-            for (uint32_t i = 0; i + 1 < n; i++) count[slots.get(s[i], s[i + 1], false)] -= f;
-            uint32_t m = 0;
-            for (uint32_t i = 0; i < n; i++) {
-                if (i + 1 < n && s[i] == A && s[i + 1] == B) {
-                    s[m++] = C;
-                    i++;
-                } else {
-                    s[m++] = s[i];
-                }
+        auto add = [&](int32_t a, int32_t b, uint32_t pos, int64_t f) {  // a pair containing C appears
+            const int32_t q = slot_of(a, b);
+            count[q] += f;
+            where[q].push_back(pos);
+            if ((size_t)q >= is_fresh.size()) is_fresh.resize(count.size() * 2, 0);
+            if (!is_fresh[q]) is_fresh[q] = 1, fresh.push_back(q);
+        };
+        std::vector<uint32_t> ws;
+        ws.swap(where[p]);  // (A, B) disappears everywhere
+        std::sort(ws.begin(), ws.end());
+        ws.erase(std::unique(ws.begin(), ws.end()), ws.end());
+        for (uint32_t i : ws) {
+            const uint32_t j = next[i];
+            if (sym[i] != A || j == kEnd || sym[j] != B) continue;  // stale entry
+            const int64_t f = freq[word[i]];
+            const uint32_t l = prev[i], r = next[j];
+            if (l != kEnd) {
+                count[slots.get(sym[l], A, false)] -= f;
+                add(sym[l], C, l, f);
             }
-            len[w] = m;
-            for (uint32_t i = 0; i + 1 < m; i++) {
-                if (s[i] == C || s[i + 1] == C) {
-                    const int32_t q = slot_of(s[i], s[i + 1]);
-                    count[q] += f;
-                    if (where[q].empty() || where[q].back() != w) where[q].push_back(w);
-                    if ((size_t)q >= is_fresh.size()) is_fresh.resize(count.size() * 2, 0);
-                    if (!is_fresh[q]) is_fresh[q] = 1, fresh.push_back(q);
-                } else {
-                    count[slots.get(s[i], s[i + 1], false)] += f;
-                }
+            if (r != kEnd) {
+                count[slots.get(B, sym[r], false)] -= f;
+                add(C, sym[r], i, f);
+                prev[r] = i;
             }
+            count[p] -= f;
+            sym[i] = C;
+            sym[j] = -1;
+            next[i] = r;
         }
         for (int32_t q : fresh) {
             is_fresh[q] = 0;

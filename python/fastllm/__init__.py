@@ -4,14 +4,19 @@ on native C++ (and CUDA) kernels, with numpy arrays at the surface and no PyTorc
 >>> import fastllm
 >>> fastllm.info()["simd"] in ("avx512", "avx2", "scalar")
 True
+>>> model = fastllm.load_model("run/")                               # the newest checkpoint of `fastllm train`
+>>> tok = fastllm.Tokenizer.from_pretrained(model.checkpoint_dir)      # the tokenizer saved with it
+>>> print(tok.decode(fastllm.generate(model, tok.encode("The"), 20, temperature=0.8, seed=0)))
 """
 
 from __future__ import annotations
 
 from . import _C, ops
+from .checkpoint import load_model
+from .model import GPT, GPTConfig
+from .sample import generate
 from .tokenizer import Tokenizer
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def info() -> dict:
@@ -22,12 +27,14 @@ def info() -> dict:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of OpenMP threads the native kernels use (like torch.set_num_threads)."""
-    _C.set_num_threads(int(n))
+    """Set the number of OpenMP threads the native kernels use (like torch.set_num_threads), 1 to
+    `fastllm._C.MAX_THREADS` (1024); a larger OMP_NUM_THREADS is lowered to it (with a warning)."""
+    _C.set_num_threads(n)
 
 
 def get_num_threads() -> int:
     return int(_C.get_num_threads())
 
 
-__all__ = ["info", "ops", "Tokenizer", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["GPT", "GPTConfig", "Tokenizer", "generate", "load_model", "info", "ops", "set_num_threads",
+           "get_num_threads", "__version__"]

@@ -2,21 +2,50 @@
 
 Each command is a `run(args)` function registered with `@command(name, purpose, examples, args=...)`;
 `fastllm --help` lists the commands in PIPELINE order (a new command adds its name there). Options that mirror
-a config dataclass (TrainConfig, RLConfig, CleanConfig, ...) are generated from its fields, help text
-included (fastllm.options), so the CLI never drifts from the API. Every option's help ends with its default.
+a config dataclass (TrainConfig, RLConfig, CleanConfig, EvalConfig, ServeConfig, ...) are generated from its
+fields, help text included (fastllm.options), so the CLI never drifts from the API. Every option's help ends
+with its default. Whatever goes wrong inside a command ends as one `fastllm: error: ...` line (`main`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
+import time
+import traceback
+import types
+import typing
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import info
+from .checkpoint import checkpoint_tokenizer, convert, load_model
+from .clean import CleanConfig, clean
+from .cuda import CudaUnavailableError
+from .data import builtin_corpus, prepare
+from .demo import DemoConfig, run_demo
+from .eval import EvalConfig, evaluate, format_report
+from .eval import load as load_eval
+from .options import THREADS, field_metadata
+from .rl import RewardModelConfig, RLConfig, train_grpo, train_reward_model
+from .sample import SamplingParams, check_seed, stream_text
+from .serve import ServeConfig, serve
+from .sft import ChatSession, SFTConfig, chat_loop, sft
+from .tokenizer import Tokenizer
+from .train import TrainConfig, TrainingError, train
+from .version import __version__
 
 # the order in which a model is built; `fastllm --help` lists commands in this order, unknown ones last
 PIPELINE = ("clean", "tokenizer", "prepare", "train", "sample", "sft", "chat", "rl", "reward-model", "eval",
             "serve", "convert", "info", "demo")
+NO_PROGRESS = "no progress bar (for logs and pipes)"
 
 
 @dataclasses.dataclass
@@ -73,15 +102,12 @@ def pipeline_position(name: str) -> int:
 
 
 def _flag_type(hint) -> tuple[type, bool]:
-    """(element type, is a list) of a field's type hint: `int | None` -> (int, False), `tuple[str, ...]` ->
-    (str, True)."""
-    import types
-    import typing
-
+    """(element type, is a list) of a field's type hint: `int | None` -> (int, False), `tuple[str, ...]` and
+    `Sequence[str]` -> (str, True)."""
     typ = hint
     if typing.get_origin(hint) in (typing.Union, getattr(types, "UnionType", typing.Union)):
         typ = next(t for t in typing.get_args(hint) if t is not type(None))
-    if typing.get_origin(typ) in (tuple, list):
+    if typing.get_origin(typ) in (tuple, list, Sequence):
         return typing.get_args(typ)[0], True
     return typ, False
 
@@ -89,11 +115,7 @@ def _flag_type(hint) -> tuple[type, bool]:
 def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: Sequence[str] = (), required: Sequence[str] = (),
                         progress: bool = True) -> None:
     """One --flag per field of the dataclass `cls` (type, default, help and choices from the field, see
-    fastllm.options); bool fields become switches (--x, or --x/--no-x when on by default)."""
-    import typing
-
-    from .options import field_metadata
-
+    fastllm.options); bool fields become switches (--x, or --x/--no-x when on, or unset, by default)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -102,7 +124,7 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: Sequence[str] = (
         kw: dict = {"help": meta["help"].replace("%", "%%") if meta.get("help") else None}
         typ, many = _flag_type(hints[f.name])
         if typ is bool:
-            kw.update(default=f.default, action=argparse.BooleanOptionalAction if f.default else "store_true")
+            kw.update(default=f.default, action="store_true" if f.default is False else argparse.BooleanOptionalAction)
         else:
             must = f.default is dataclasses.MISSING or f.name in required
             kw.update(type=typ, required=must, default=None if f.default is dataclasses.MISSING else f.default)
@@ -112,19 +134,12 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: Sequence[str] = (
                 kw["nargs"] = "+"
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     if progress:
-        p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and pipes)")
+        p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
 
-def _fields_of(module: str, cls: str, **kw) -> Callable[[argparse.ArgumentParser], None]:
-    """`args=` of a command whose options are the fields of fastllm.<module>.<cls> (imported when the parser
-    is built); kw as in _add_dataclass_args."""
-
-    def add(p: argparse.ArgumentParser) -> None:
-        import importlib
-
-        _add_dataclass_args(p, getattr(importlib.import_module(f"fastllm.{module}"), cls), **kw)
-
-    return add
+def _fields_of(cls, **kw) -> Callable[[argparse.ArgumentParser], None]:
+    """`args=` of a command whose options are the fields of the dataclass `cls`; kw as in _add_dataclass_args."""
+    return lambda p: _add_dataclass_args(p, cls, **kw)
 
 
 def _config(args: argparse.Namespace, cls, **overrides):
@@ -133,25 +148,41 @@ def _config(args: argparse.Namespace, cls, **overrides):
     return cls(**{**kw, **overrides})
 
 
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """Library warnings as one `fastllm: warning: ...` line each, as they happen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"fastllm: warning: {message}", file=sys.stderr)
+        yield
+
+
+def _add_dask_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
+                   help=f"{what} on a Dask cluster: 'local' (a LocalCluster) or a scheduler's address "
+                        "(default: this machine, without Dask)")
+
+
 # ---- commands, in pipeline order ---------------------------------------------------------------------------
 
 
 def _clean_args(p: argparse.ArgumentParser) -> None:
-    from .clean import CleanConfig
-
-    p.add_argument("inputs", nargs="+", help="files or folders: .html, .warc[.gz|.zst], .jsonl with html or text")
+    p.add_argument("inputs", nargs="+", help="files or folders of any kind (HTML, RSS/Atom, WARC, JSONL with "
+                   "html/text, plain text; gzip/bz2/xz/zstd), told by content")
     p.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl shards, summary.json)")
     _add_dataclass_args(p, CleanConfig)
+    p.add_argument("--keep-pii", dest="scrub_pii", action="store_false", help="the same as --no-scrub-pii")
+    _add_dask_arg(p, "run the pipeline (--processes workers for 'local')")
 
 
 @command("clean", "web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards",
          ["fastllm clean crawl/ --out corpus/ --lang en",
-          "fastllm clean pages.warc.gz --out corpus/ --min-words 100 --no-dedup"], args=_clean_args)
+          "fastllm clean pages.warc.gz --out corpus/ --min-words 100 --no-dedup",
+          "fastllm clean crawl/ --out corpus/ --dask local --processes 8"], args=_clean_args)
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from .clean import CleanConfig, clean
-
     cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None)
-    s = clean(args.inputs, args.out, cfg, progress=not args.no_progress)
+    with _warnings_to_stderr():
+        s = clean(args.inputs, args.out, cfg, progress=not args.no_progress, dask=args.dask)
     print(s.table())
     print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
           f"in {s.seconds:.1f}s -> {s.out_dir}")
@@ -169,7 +200,7 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
                    help="special tokens, given the last ids")
     t.add_argument("--out", required=True, help="output tokenizer file (+ a .json sidecar)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and pipes)")
+    t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     t.set_defaults(func=_cmd_tokenizer_train)
 
 
@@ -178,12 +209,6 @@ command("tokenizer", "tokenizer tools: train a BPE vocabulary",
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
-    from .data import builtin_corpus
-    from .tokenizer import Tokenizer
-
     t0 = time.time()
     texts = [Path(p) for p in args.corpus] or builtin_corpus()
     tok = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=args.special,
@@ -194,36 +219,34 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    from .options import THREADS
-
     p.add_argument("corpus", nargs="*", help="files or folders: .txt, .md, .jsonl (default: the built-in corpus)")
     p.add_argument("--tokenizer", required=True, help="tokenizer file (from `fastllm tokenizer train`)")
     p.add_argument("--out", required=True, help="output folder (train_NNNNNN.bin, val_NNNNNN.bin, manifest.json)")
     p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of documents in the validation split (every round(1/f)-th document)")
+                   help="share of the text for validation: whole documents, or the end of each when there are few")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
     p.add_argument("--threads", type=int, default=None, help=THREADS)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and pipes)")
+    _add_dask_arg(p, "tokenize and write shards")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
 
 @command("prepare", "tokenize text files, folders or JSONL into train/val token shards",
          ["fastllm prepare corpus/ --tokenizer tok.tiktoken --out data/"], args=_prepare_args)
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare
-
-    st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                 shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress)
-    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens from {st.documents} documents in "
-          f"{len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
+    with _warnings_to_stderr():
+        st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                     shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
+                     dask=args.dask)
+    split = {"documents": "whole documents", "within": "the end of each document", "none": "none"}[st.split]
+    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens (val split: {split}) from {st.documents} "
+          f"documents in {len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
     return 0
 
 
 @command("train", "pre-train a GPT on token shards (from `fastllm prepare`)",
          ["fastllm train --data data/ --out run/ --model small --batch-size 8 --seq-len 256 --max-steps 2000",
-          "fastllm train --data data/ --out run/ --resume"], args=_fields_of("train", "TrainConfig"))
+          "fastllm train --data data/ --out run/ --resume"], args=_fields_of(TrainConfig))
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
-
     s = train(_config(args, TrainConfig), progress=not args.no_progress)
     _print_summary(s)
     return 0
@@ -236,11 +259,10 @@ def _print_summary(s: dict) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
-    from .sample import SamplingParams
-
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy inside the checkpoint)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
-    _add_dataclass_args(p, SamplingParams, progress=False)
+    # OpenAI's presence/frequency penalties: `fastllm serve` applies them per request, not the terminal's sampler
+    _add_dataclass_args(p, SamplingParams, skip=("presence_penalty", "frequency_penalty"), progress=False)
     p.set_defaults(temperature=temperature)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh random one)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -249,13 +271,16 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty)
+    """The sampling flags, checked (ValueError naming the bad one) before any model is loaded."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)}
+    SamplingParams(**kw)
+    check_seed(args.seed)
+    return kw
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("--prompt", default="", help="text to continue (default: empty, start from nothing)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
     p.add_argument("--num-samples", type=int, default=1, help="samples to generate, one after the other")
     p.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help="stop at any of these strings "
                                                                          "(default: none)")
@@ -267,25 +292,26 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
          ['fastllm sample --ckpt run/ --prompt "The meaning of" -n 200 --temperature 0.8 --top-k 40',
           'fastllm sample --ckpt run/ --prompt "The" --dtype bfloat16'], args=_sample_args)
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import time
-
-    from .sample import SamplingParams, stream_text
-    from .train import load_model
-
-    SamplingParams(**_sampling_kwargs(args))  # validate before loading anything
-    model = load_model(args.ckpt).eval()
-    tok = _checkpoint_tokenizer(model, args.tokenizer)
-    if args.device == "cuda":
-        from .cuda_model import CudaGPT
-
-        model = CudaGPT(model, dtype=args.dtype or "bfloat16").eval()
-    n = min(args.max_new_tokens, model.config.block_size - len(tok.encode(args.prompt, allowed_special="all")))
+    sampling = _sampling_kwargs(args)  # checked before loading anything
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    gpu = args.device == "cuda"
+    model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if gpu else None).eval()
+    tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
+    ids = tok.encode(args.prompt, allowed_special="all")
+    if ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
+        ids = np.array([tok.eot_token])
+    context = model.config.block_size
+    if ids.size >= context:
+        raise ValueError(f"--prompt is {ids.size} tokens but the model's context is {context} tokens: give a prompt "
+                         f"of at most {context - 1} tokens to leave room for new ones")
+    n = min(args.max_new_tokens, context - ids.size)
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tok, args.prompt, n, stop=args.stop, stats=stats,
+        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats,
                                  seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
-                                 **_sampling_kwargs(args)):
+                                 **sampling):
             print(piece, end="", flush=True)
         dt = time.time() - t0
         print(f"\n--- {stats['tokens']} tokens in {dt:.2f}s ({stats['tokens'] / max(dt, 1e-9):.1f} tokens/s)",
@@ -293,19 +319,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_tokenizer(model, override: str | None):
-    """The tokenizer given on the command line, else the copy inside the model's checkpoint folder."""
-    from .data import checkpoint_tokenizer
-
-    return checkpoint_tokenizer(model.checkpoint_dir, override)
-
-
 @command("sft", "fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})",
          ["fastllm sft --base run/ --data chats.jsonl --out chat/ --max-steps 300 --lr 1e-4"],
-         args=_fields_of("sft", "SFTConfig", skip=("model", "n_layer", "n_head", "n_embd"), required=("base",)))
+         args=_fields_of(SFTConfig, skip=("model", "n_layer", "n_head", "n_embd"), required=("base",)))
 def _cmd_sft(args: argparse.Namespace) -> int:
-    from .sft import SFTConfig, sft
-
     s = sft(_config(args, SFTConfig), progress=not args.no_progress)
     _print_summary(s)
     return 0
@@ -320,25 +337,24 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 @command("chat", "chat in the terminal with a fine-tuned checkpoint (reads stdin)",
          ['fastllm chat --ckpt chat/ --system "You are helpful." --temperature 0.7'], args=_chat_args)
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from .sft import ChatSession, chat_loop
-    from .train import load_model
-
+    sampling = _sampling_kwargs(args)  # checked before loading anything
     model = load_model(args.ckpt).eval()
-    session = ChatSession(model, _checkpoint_tokenizer(model, args.tokenizer), system=args.system,
+    session = ChatSession(model, checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer), system=args.system,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.dtype or "float32",
-                          **_sampling_kwargs(args))
+                          **sampling)
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
               f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
 
 
-@command("rl", "GRPO post-training on a verifiable task (or against a reward model)",
+@command("rl", "GRPO post-training on verifiable problems (built-in tasks or your JSONL), or against a reward model",
          ["fastllm rl --ckpt chat/ --task addition --out rl/ --steps 200 --group-size 8 --lr 1e-4 --beta 0.04",
-          "fastllm rl --ckpt chat/ --task addition --reward-model rm/ --out rl_rm/"], args=_fields_of("rl", "RLConfig"))
+          "fastllm rl --ckpt chat/ --data gsm8k_train.jsonl --eval-data gsm8k_test.jsonl --max-new-tokens 256 "
+          "--out rl_gsm8k/",
+          "fastllm rl --ckpt chat/ --task addition --reward my_rewards.py:score --out rl_mine/",
+          "fastllm rl --ckpt chat/ --task addition --reward-model rm/ --out rl_rm/"], args=_fields_of(RLConfig))
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from .rl import RLConfig, train_grpo
-
     s = train_grpo(_config(args, RLConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} GRPO steps in {s['seconds']:.1f}s; last reward {s['reward']:.3f}, kl {s['kl']:.4f}; "
           f"held-out accuracy {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy']:.3f}")
@@ -347,14 +363,82 @@ def _cmd_rl(args: argparse.Namespace) -> int:
 
 
 @command("reward-model", "train a reward model on JSONL preference pairs (Bradley-Terry)",
-         ["fastllm reward-model --base chat/ --data prefs.jsonl --out rm/"],
-         args=_fields_of("rl", "RewardModelConfig"))
+         ["fastllm reward-model --base chat/ --data prefs.jsonl --out rm/"], args=_fields_of(RewardModelConfig))
 def _cmd_reward_model(args: argparse.Namespace) -> int:
-    from .rl import RewardModelConfig, train_reward_model
-
     s = train_reward_model(_config(args, RewardModelConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} steps on {s['train_pairs']} pairs in {s['seconds']:.1f}s; held-out accuracy "
           f"{s['val_accuracy']:.3f} on {s['val_pairs']} pairs (train {s['train_accuracy']:.3f}) -> {s['out']}")
+    print(f"checkpoint: {s['checkpoint']}\nplots: {s['plot']}\nlog: {s['log']}")
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="fastllm checkpoint or run folder, or a Hugging Face GPT-2 folder")
+    p.add_argument("--out", default=None, help="write the report (metrics + per-example records) as JSON here; an "
+                   "interrupted run with the same --out resumes (default: print only)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy in the checkpoint)")
+    _add_dataclass_args(p, EvalConfig, progress=False)
+    p.add_argument("--include-path", default=None, help="lm-eval: a folder of your own task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="lm-eval: few-shot examples per prompt (default: the task's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="GPU compute dtype (default: bfloat16)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+
+
+@command("eval", "evaluate a checkpoint: bits per byte, multiple choice, exact match, lm-eval tasks",
+         ["fastllm eval --ckpt run/ --task bpb --data data/",
+          "fastllm eval --ckpt run/ --task mc --data hellaswag_val.jsonl --out hs.json",
+          "fastllm eval --ckpt chat/ --task gen --data gsm8k_test.jsonl --limit 200",
+          "fastllm eval --ckpt run/ --task lm-eval:arc_easy --limit 100"], args=_eval_args)
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.threads:
+        from . import set_num_threads
+
+        set_num_threads(args.threads)
+    harness = args.task.startswith("lm-eval:")
+    unescape = lambda t: t.replace("\\n", "\n").replace("\\t", "\t")  # noqa: E731 (a shell passes "\n" as 2 chars)
+    args.template, args.stop = unescape(args.template), [unescape(t) for t in args.stop]
+    if not harness:  # check the options before loading anything
+        cfg = _config(args, EvalConfig)
+    model, tok = load_eval(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
+    if harness:
+        from .eval.harness import simple_evaluate
+        from .fileio import write_json
+
+        tasks = [t for t in args.task[len("lm-eval:"):].split(",") if t]
+        res = simple_evaluate(model, tok, tasks, limit=args.limit, include_path=args.include_path,
+                              num_fewshot=args.num_fewshot, batch_tokens=args.batch_tokens,
+                              apply_chat_template=bool(args.chat))
+        from lm_eval.utils import make_table
+
+        print(make_table(res))
+        if args.out:
+            keep = {k: res[k] for k in ("results", "versions", "n-shot", "n-samples") if k in res}
+            write_json(args.out, json.loads(json.dumps(keep, default=str)))
+        return 0
+    report = evaluate(model, tok, cfg, out=args.out, progress=not args.no_progress)
+    print(format_report(report))
+    noun = {"bpb": "document"}.get(cfg.task, "example" if cfg.task == "mc" else "problem")
+    print(f"{report['n']:,} {noun}{'s' if report['n'] != 1 else ''} in {report['seconds']:.1f}s ({args.ckpt})" +
+          (f"; report: {args.out}" if args.out else ""))
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _add_dataclass_args(p, ServeConfig, skip=("allow_origins",), progress=False)
+    p.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
+                   help=field_metadata(ServeConfig, "allow_origins")["help"] + " (repeatable; default: none)")
+
+
+@command("serve", "serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page",
+         ["fastllm serve --ckpt chat/ --port 8000",
+          "fastllm serve --ckpt chat/ --host 0.0.0.0 --api-key secret --max-batch 32 --allow-origin '*'"],
+         args=_serve_args)
+def _cmd_serve(args: argparse.Namespace) -> int:
+    serve(_config(args, ServeConfig, allow_origins=tuple(args.allow_origins)))
     return 0
 
 
@@ -367,8 +451,6 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 @command("convert", "convert between a Hugging Face GPT-2 folder and a fastllm checkpoint",
          ["fastllm convert gpt2_dir/ ckpt/", "fastllm convert run/ hf_out/ --to hf"], args=_convert_args)
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hf import convert
-
     out = convert(args.src, args.dst, to=args.to)
     print(f"{args.src} -> {out} ({'transformers GPT-2 folder' if args.to == 'hf' else 'fastllm checkpoint'})")
     return 0
@@ -381,9 +463,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 @command("info", "version, build flags, SIMD level, threads, CUDA", ["fastllm info", "fastllm info --json"],
          args=_info_args)
 def _cmd_info(args: argparse.Namespace) -> int:
-    import fastllm
-
-    d = fastllm.info()
+    d = info()
     if args.json:
         print(json.dumps(d, indent=2))
     else:
@@ -394,10 +474,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 @command("demo", "the whole pre-training pipeline on Python's own documentation in ~2 minutes: tokenizer, "
                  "shards, a small GPT, a sample", ["fastllm demo", "fastllm demo --out my-demo --max-steps 200"],
-         args=_fields_of("demo", "DemoConfig"))
+         args=_fields_of(DemoConfig))
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
-
     run_demo(_config(args, DemoConfig), progress=not args.no_progress)
     return 0
 
@@ -406,12 +484,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = argparse.ArgumentParser(
         prog="fastllm", formatter_class=HelpFormatter,
         description="Build a GPT end to end on native kernels: clean web text, train a BPE tokenizer, tokenize, "
-                    "pre-train, sample, fine-tune, chat, and post-train with RL.",
+                    "pre-train, sample, fine-tune, chat, post-train with RL, evaluate and serve.",
         epilog="Run `fastllm COMMAND --help` for a command's options and an example.\n"
                "New here? `fastllm demo` runs the pre-training pipeline on Python's own docs in ~2 minutes.")
     p.add_argument("--version", action="version", version=f"fastllm {__version__}",
@@ -426,21 +502,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_line(e: BaseException) -> str:
+    """The one line `main` prints for an exception: its message (which names the argument or file) for the
+    errors bad input raises; the exception type too for anything else, which is a bug worth reporting.
+
+    >>> error_line(KeyError("rng"))
+    "fastllm: error: KeyError: 'rng' (unexpected: FASTLLM_DEBUG=1 shows the traceback)"
+    """
+    msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, (ValueError, TypeError, OSError, ImportError, FloatingPointError, CudaUnavailableError,
+                      TrainingError)):
+        return f"fastllm: error: {msg or type(e).__name__}"
+    return f"fastllm: error: {type(e).__name__}{': ' + msg if msg else ''} (unexpected: FASTLLM_DEBUG=1 shows the " \
+           "traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Whatever goes wrong ends as one `fastllm: error: ...` line on stderr and exit code 1
+    (Ctrl-C: 130; bad flags: argparse's usage message and 2); FASTLLM_DEBUG=1 also prints the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .cuda import CudaUnavailableError
-
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, CudaUnavailableError, KeyboardInterrupt) as e:
-        if isinstance(e, KeyboardInterrupt):
-            print("interrupted", file=sys.stderr)
-            return 130
-        print(f"fastllm: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastllm sample ... | head`: the reader is gone; stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        return 141
+    except Exception as e:
+        if os.environ.get("FASTLLM_DEBUG"):
+            traceback.print_exc()
+        print(error_line(e), file=sys.stderr)
         return 1
 
 

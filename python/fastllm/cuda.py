@@ -1,16 +1,18 @@
-"""fastllm's CUDA backend: GPU arrays and the GPU twins of the CPU kernels in `fastllm.ops`.
+"""The GPU backend: GPU arrays and the GPU twins of the CPU ops in `fastllm.ops`, with the same functions,
+arguments and meaning (the contract is in fastllm/backend.py: inputs first, outputs returned and optionally
+passed in; forward ops overwrite, backward ops ACCUMULATE (+=) into the gradients they are given).
 
 Arrays are `DeviceArray`s (dense, row-major; float32, bfloat16 or int32) made with `empty`, `zeros`,
-`to_device` or `from_dlpack` (zero-copy from torch/cupy). Kernels follow csrc/cuda/kernels.h: outputs first,
-activations and parameters in one dtype T (float32 or bfloat16, fp32 accumulation inside), parameter
-gradients, layernorm statistics, logsumexp and losses in float32; forward kernels overwrite their outputs,
-backward kernels ACCUMULATE (+=) into every gradient (zero them first). Launches are asynchronous;
-`synchronize()` waits, `.numpy()` copies back.
+`to_device` or `from_dlpack` (zero-copy from torch/cupy). Activations and weights have one dtype per call
+(float32 or bfloat16, fp32 accumulation inside); parameter gradients, layernorm statistics, logsumexp and
+losses are float32. Launches are asynchronous; `synchronize()` waits, `to_numpy(x)` (x.numpy()) copies back.
+Token ids and positions may be given as numpy arrays: they are range-checked on the host and uploaded (the
+kernels cannot raise).
 
 >>> from fastllm import cuda
 >>> if cuda.is_available():
 ...     x = cuda.to_device(np.ones((4, 8), np.float32), dtype="bfloat16")
-...     y = cuda.empty((4, 8), "bfloat16"); cuda.gelu_forward(y, x); y.numpy()
+...     cuda.gelu_forward(x).numpy()
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-
-IGNORE_INDEX = -1  # the same default as fastllm.ops and the model
+from .ops import IGNORE_INDEX, _heads, _ids, _kv_out_width, _nkv, _norm_stats_shape, _q_width
 
 
 def is_built() -> bool:
@@ -74,7 +75,7 @@ def _opt(x, name: str):
 
 def empty(shape, dtype: str = "float32") -> DeviceArray:
     """Uninitialised GPU memory."""
-    return _require().DeviceArray(shape, dtype)
+    return _require().DeviceArray(tuple(shape), dtype)
 
 
 def zeros(shape, dtype: str = "float32") -> DeviceArray:
@@ -100,6 +101,11 @@ def carve(specs: dict[str, tuple[tuple[int, ...], str]], align: int = 256) -> di
     return {name: arena.view_as(offsets[name], shape, dtype) for name, (shape, dtype) in specs.items()}
 
 
+def view(x, offset: int, shape) -> DeviceArray:
+    """The elements [offset, offset + prod(shape)) of x as an array of `shape`, sharing x's memory."""
+    return _dev(x, "x").view(int(offset), tuple(shape))
+
+
 def to_device(array, dtype: str | None = None) -> DeviceArray:
     """Copy a numpy array (float32 or int32; int64 token ids are checked and narrowed) to the GPU; float32 may be
     stored as bfloat16 (round to nearest even)."""
@@ -114,6 +120,11 @@ def to_device(array, dtype: str | None = None) -> DeviceArray:
     return _require().from_numpy(np.asarray(a, order="C"), dtype)
 
 
+def to_numpy(x) -> np.ndarray:
+    """A numpy copy (bfloat16 -> float32); waits for the kernels that write x."""
+    return _dev(x, "x").numpy()
+
+
 def from_dlpack(obj) -> DeviceArray:
     """Wrap a CUDA tensor (torch, cupy, ... anything with __dlpack__) without copying; it must be dense,
     row-major, and float32, bfloat16 or int32. The DeviceArray keeps the producer's memory alive."""
@@ -124,15 +135,19 @@ def synchronize() -> None:
     _require().synchronize()
 
 
+def copy_(dst, src) -> None:
+    """dst = src: a numpy array or DeviceArray of the same shape; float32 <-> bfloat16 converts."""
+    _dev(dst, "dst").copy_(src)
+
+
+def zero_(x) -> None:
+    _dev(x, "x").zero_()
+
+
 def add_(dst, src) -> None:
     """dst += src (same shape and dtype)."""
     dst, src = _dev(dst, "dst"), _dev(src, "src")  # checked before _C.cuda is looked up (CPU-only builds)
     _C.cuda.add_(dst, src)
-
-
-def copy_(dst, src) -> None:
-    """dst = src: a numpy array or DeviceArray of the same shape; float32 <-> bfloat16 converts."""
-    _dev(dst, "dst").copy_(src)
 
 
 def sum_squares(x) -> float:
@@ -145,6 +160,19 @@ def global_norm(*arrays) -> float:
     return float(np.sqrt(sum(sum_squares(a) for a in arrays)))
 
 
+def _on_device(x, name: str, V: int | None = None, allow=None) -> DeviceArray:
+    """Token ids / positions: a DeviceArray as is; a numpy array checked (int32, and ids in [0, V) or == allow when
+    V is given, since the GPU kernels cannot raise) and uploaded."""
+    if isinstance(x, DeviceArray):
+        return x
+    ids = _ids(x, name)
+    if V is not None and ids.size:
+        bad = ((ids < 0) | (ids >= V)) & (ids != allow)
+        if bad.any():
+            raise ValueError(f"{name} holds id {int(ids[bad][0])} outside [0, {V})")
+    return to_device(ids)
+
+
 # ---- kernels (see csrc/cuda/kernels.h for the exact contract) ----------------------------------------------
 
 
@@ -152,7 +180,7 @@ def gemm(c, a, b, trans_a: bool = False, trans_b: bool = False, accumulate: bool
          pre_gelu=None) -> None:
     """c (M, N) = [c +] op(a) @ op(b) [+ bias]; op(a) = a (M, K) or a.T for a stored (K, M) if trans_a; likewise b.
     a, b, bias: float32 or bfloat16 (same); c: float32 or a's dtype. With pre_gelu: pre_gelu = a@b+bias and
-    c = gelu(pre_gelu)."""
+    c = gelu(pre_gelu). The GEMM under matmul, for tests and benchmarks."""
     _C.cuda.gemm(_dev(c, "c"), _dev(a, "a"), _dev(b, "b"), _opt(bias, "bias"), _opt(pre_gelu, "pre_gelu"),
                  bool(trans_a), bool(trans_b), bool(accumulate))
 
@@ -168,124 +196,313 @@ def gemm_impl(name: str | None = None) -> str:
     return old
 
 
-def matmul_forward(out, inp, weight, bias=None, pre_gelu=None) -> None:
-    """out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC); with pre_gelu (N, OC): the GELU epilogue
-    (pre_gelu = the product, out = gelu(pre_gelu)). Leading dims of inp/out are flattened."""
-    C, OC = _dev(inp, "inp").shape[-1], _dev(weight, "weight").shape[0]
-    N = inp.size // max(C, 1)
-    pre = None if pre_gelu is None else _dev(pre_gelu, "pre_gelu").reshape((N, OC))
-    gemm(_dev(out, "out").reshape((N, OC)), inp.reshape((N, C)), weight, trans_b=True, bias=bias, pre_gelu=pre)
+def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None) -> DeviceArray:
+    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC); with pre_gelu (..., OC): pre_gelu = that
+    product and out = gelu(pre_gelu). out (and pre_gelu) may be float32 or inp's dtype (default: inp's)."""
+    inp, weight = _dev(inp, "inp"), _dev(weight, "weight")
+    OC = weight.shape[0] if len(weight.shape) == 2 else 0
+    if out is None:
+        out = empty((*inp.shape[:-1], OC), inp.dtype)
+    _C.cuda.matmul_forward(_dev(out, "out"), inp, weight, _opt(bias, "bias"), _opt(pre_gelu, "pre_gelu"))
+    return out
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight) -> None:
-    """Accumulates dinp (N, C) += dout @ weight, dweight (OC, C, float32) += dout^T @ inp, dbias (OC, float32)
-    += column sums of dout. Any of the three may be None."""
-    _C.cuda.matmul_backward(_opt(dinp, "dinp"), _opt(dweight, "dweight"), _opt(dbias, "dbias"),
-                            _dev(dout, "dout"), _dev(inp, "inp"), _dev(weight, "weight"))
+def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True):
+    """Gradients of matmul_forward, accumulated: dinp (..., C) += dout @ weight, dweight (OC, C, float32) +=
+    dout^T @ inp, dbias (OC, float32) += column sums of dout. Returns (dinp, dweight, dbias)."""
+    dout, inp, weight = _dev(dout, "dout"), _dev(inp, "inp"), _dev(weight, "weight")
+    if need_dinp and dinp is None:
+        dinp = zeros(inp.shape, inp.dtype)
+    if dweight is None:
+        dweight = zeros(weight.shape, "float32")
+    if need_bias and dbias is None:
+        dbias = zeros(weight.shape[:1], "float32")
+    _C.cuda.matmul_backward(_opt(dinp, "dinp") if need_dinp else None, _dev(dweight, "dweight"),
+                            _opt(dbias, "dbias") if need_bias else None, dout, inp, weight)
+    return (dinp if need_dinp else None), dweight, (dbias if need_bias else None)
 
 
-def attention_forward(out, lse, qkv, n_head: int) -> None:
-    """Causal flash attention: qkv (B, T, 3C) -> out (B, T, C), lse (B, NH, T, float32, natural log), like
-    `fastllm.ops.attention_forward`. Head size hs = C / n_head <= 256. bfloat16 with hs 64 or 128 runs the
-    tensor-core kernels; other cases (and FASTLLM_CUDA_ATTN=simple in the environment) the simple reference ones."""
-    _C.cuda.attention_forward(_dev(out, "out"), _dev(lse, "lse"), _dev(qkv, "qkv"), int(n_head))
+def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None):
+    """Causal flash attention: qkv (B, T, (NH + 2*NKV) * hs) = [q | k | v] -> (out (B, T, NH*hs), lse (B, NH, T,
+    float32, natural log)). n_kv_head (NKV, dividing n_head; None = n_head, qkv (B, T, 3C)): grouped-query
+    attention, query head h uses kv head h // (NH // NKV), K/V never repeated. Head size hs <= 256. bfloat16 with
+    hs 64 or 128 runs the tensor-core kernels; other cases (and FASTLLM_CUDA_ATTN=simple in the environment) the
+    simple reference ones."""
+    qkv = _dev(qkv, "qkv")
+    if len(qkv.shape) != 3:
+        raise ValueError(f"qkv must be (B, T, (n_head + 2*n_kv_head) * hs), got shape {tuple(qkv.shape)}")
+    B, T = qkv.shape[:2]
+    out = empty((B, T, _q_width(qkv, n_head, n_kv_head)), qkv.dtype) if out is None else out
+    lse = empty((B, int(n_head), T), "float32") if lse is None else lse
+    _C.cuda.attention_forward(_dev(out, "out"), _dev(lse, "lse"), qkv, int(n_head), _nkv(n_kv_head))
+    return out, lse
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, n_head: int) -> None:
-    """dqkv (B, T, 3C) += gradient of attention_forward (out, lse: its outputs). The tensor-core path adds dq
-    through fp32 atomics (its bits may vary from run to run); the simple path is deterministic."""
-    _C.cuda.attention_backward(_dev(dqkv, "dqkv"), _dev(dout, "dout"), _dev(qkv, "qkv"), _dev(out, "out"),
-                               _dev(lse, "lse"), int(n_head))
+def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None):
+    """dqkv (B, T, (NH + 2*NKV) * hs) += gradient of attention_forward (out, lse: its outputs); dk, dv of a kv head
+    sum over the query heads that share it. The tensor-core path adds dq through fp32 atomics (its bits may vary
+    from run to run); the simple path is deterministic."""
+    qkv = _dev(qkv, "qkv")
+    dqkv = zeros(qkv.shape, qkv.dtype) if dqkv is None else dqkv
+    _C.cuda.attention_backward(_dev(dqkv, "dqkv"), _dev(dout, "dout"), qkv, _dev(out, "out"), _dev(lse, "lse"),
+                               int(n_head), _nkv(n_kv_head))
+    return dqkv
 
 
-def attention_kv_forward(out, kcache, vcache, qkv, pos) -> None:
-    """KV-cache attention: writes the new keys/values of qkv (B, Tn, 3C) into kcache/vcache (B, NH, maxT, hs) at
-    pos[b].. (pos: int32 DeviceArray (B,)), then out (B, Tn, C) = causal attention over each cache (new query t of
-    row b sees positions 0 .. pos[b] + t). pos lives on the GPU and is not checked here: the caller must ensure
-    0 <= pos[b] and pos[b] + Tn <= maxT on the host; the kernels never write outside the caches (out-of-range
-    positions are skipped) and never read past maxT."""
-    _C.cuda.attention_kv_forward(_dev(out, "out"), _dev(kcache, "kcache"), _dev(vcache, "vcache"),
-                                 _dev(qkv, "qkv"), _dev(pos, "pos"))
+def _positions(pos, name: str, n_new: int, limit: int, what: str):
+    """pos (B,) as a DeviceArray: a numpy array is checked (0 <= pos[b] and pos[b] + n_new <= limit) and uploaded;
+    a DeviceArray is used as is (the kernels skip positions out of range, never read or write outside)."""
+    if isinstance(pos, DeviceArray):
+        return pos
+    p = _ids(pos, name)
+    if p.size and (p.min() < 0 or p.max() + n_new > limit):
+        raise ValueError(f"{name} + {n_new} new tokens must lie in [0, {what}={limit}], got {name} {p.tolist()}")
+    return to_device(p)
 
 
-def softmax_cross_entropy(losses, dlogits, logits, targets, grad_scale: float = 1.0,
-                          ignore_index: int = IGNORE_INDEX) -> None:
-    """losses (N, float32) and, if dlogits is given, dlogits (N, V) = (softmax - onehot) * grad_scale (written;
-    may be `logits` itself). targets: int32 (N,). An id outside [0, V) other than ignore_index gives a NaN loss
-    (no wild read; check ids on the host)."""
-    _C.cuda.softmax_cross_entropy(_dev(losses, "losses"), _opt(dlogits, "dlogits"), _dev(logits, "logits"),
-                                  _dev(targets, "targets"), float(grad_scale), int(ignore_index))
+def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None):
+    """KV-cache attention: writes the new keys/values of qkv (B, Tn, (NH + 2*NKV) * hs) into kcache/vcache
+    (B, NKV, maxT, hs) at pos[b].. (int32 (B,); a numpy array is checked and uploaded; only the kv heads are
+    stored), then out (B, Tn, NH*hs) = causal attention over each cache (new query t of row b sees positions 0 ..
+    pos[b] + t). pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal
+    kcache.shape[1]. A DeviceArray pos is not checked: the caller ensures 0 <= pos[b] and pos[b] + Tn <= maxT on the
+    host; the kernels never write outside the caches (out-of-range positions are skipped) and never read past
+    maxT."""
+    qkv, kcache = _dev(qkv, "qkv"), _dev(kcache, "kcache")
+    if len(kcache.shape) == 4:
+        pos = _positions(pos, "pos", qkv.shape[1] if len(qkv.shape) == 3 else 0, kcache.shape[2], "max_T")
+    if out is None:
+        out = empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), qkv.dtype)
+    _C.cuda.attention_kv_forward(_dev(out, "out"), kcache, _dev(vcache, "vcache"), qkv, _dev(pos, "pos"),
+                                 _nkv(n_kv_head))
+    return out
 
 
-def lmhead_cross_entropy(losses, dhidden, dweight, hidden, weight, targets, grad_scale: float = 1.0,
-                         ignore_index: int = IGNORE_INDEX, scratch=None) -> None:
-    """Fused classifier: logits = hidden (N, C) @ weight (V, C)^T in row chunks (never N x V), losses (N, float32);
-    if given, dhidden (N, C) += and dweight (V, C, float32) += the gradients. scratch: an optional DeviceArray
-    (rows, V) of hidden's dtype reused between calls (see lmhead_scratch); allocated per call if None. Chunks are
-    its rows x V elements at a row stride of V rounded up to 8 (fast GEMMs), so slightly fewer than `rows` rows.
-    Target ids are not range-checked on the GPU: an id outside [0, V) other than ignore_index gives a NaN loss."""
-    _C.cuda.lmhead_cross_entropy(_dev(losses, "losses"), _opt(dhidden, "dhidden"), _opt(dweight, "dweight"),
-                                 _dev(hidden, "hidden"), _dev(weight, "weight"), _dev(targets, "targets"),
-                                 float(grad_scale), int(ignore_index), _opt(scratch, "scratch"))
+def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX, backward: bool = True,
+               inplace: bool = False, losses=None, row_weights=None):
+    """Per-row loss (float32) and dlogits = (softmax - onehot) * grad_scale (* row_weights[n]) for logits (..., V),
+    targets (...). Rows whose target is ignore_index get loss 0 and zero gradient; inplace=True writes dlogits
+    over logits. Returns (losses, dlogits or None); dlogits is written (=). A DeviceArray target outside [0, V)
+    other than ignore_index gives a NaN loss (no wild read); numpy targets are checked on the host."""
+    logits = _dev(logits, "logits")
+    V = logits.shape[-1]
+    targets = _on_device(targets, "targets", V, ignore_index)
+    losses = empty(targets.shape, "float32") if losses is None else losses
+    dlogits = (logits if inplace else empty(logits.shape, logits.dtype)) if backward else None
+    rw = None if row_weights is None else _on_device_f32(row_weights, "row_weights")
+    _C.cuda.softmax_ce(_dev(losses, "losses"), dlogits, logits, targets, float(grad_scale), int(ignore_index), rw)
+    return losses, dlogits
 
 
-def lmhead_scratch(n_rows: int, vocab_size: int, dtype: str = "bfloat16") -> DeviceArray:
-    """A scratch buffer for lmhead_cross_entropy with the default chunk size for n_rows rows (<= ~256 MiB)."""
-    rows = _require().lmhead_chunk_rows(int(n_rows), int(vocab_size), dtype)
-    return empty((rows, int(vocab_size)), dtype)
+def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "bfloat16") -> int:
+    """Rows of lmhead_ce's default scratch for n_rows rows (<= ~256 MiB)."""
+    return int(_require().lmhead_chunk_rows(int(n_rows), int(vocab_size), dtype))
 
 
-def layernorm_forward(out, mean, rstd, x, weight, bias, eps: float = 1e-5) -> None:
-    """LayerNorm over the last axis: x (..., C) -> out (..., C), mean/rstd (float32, shape x.shape[:-1] or (N,)
-    with N the number of rows); weight, bias (C,) of x's dtype. out may be x itself."""
-    args = _dev(out, "out"), _dev(mean, "mean"), _dev(rstd, "rstd"), _dev(x, "x"), _dev(weight, "weight")
-    _C.cuda.layernorm_forward(*args, _dev(bias, "bias"), float(eps))
+def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
+              backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None):
+    """Fused classifier: logits = hidden (..., C) @ weight (V, C)^T in row chunks of `scratch` (rows, V) of hidden's
+    dtype (allocated per call if None; pass one of lmhead_chunk_rows rows to reuse it), never N x V at once.
+    Returns (losses (...), dhidden (..., C) or None, dweight (V, C, float32) or None); the gradients accumulate.
+    With row_weights (float32, shaped like targets) they are those of grad_scale * sum_n w[n] * loss[n]."""
+    hidden, weight = _dev(hidden, "hidden"), _dev(weight, "weight")
+    targets = _on_device(targets, "targets", weight.shape[0], ignore_index)
+    losses = empty(targets.shape, "float32") if losses is None else losses
+    if backward:
+        dhidden = zeros(hidden.shape, hidden.dtype) if dhidden is None else dhidden
+        dweight = zeros(weight.shape, "float32") if dweight is None else dweight
+    else:
+        dhidden = dweight = None
+    rw = None if row_weights is None else _on_device_f32(row_weights, "row_weights")
+    _C.cuda.lmhead_ce(_dev(losses, "losses"), _opt(dhidden, "dhidden"), _opt(dweight, "dweight"), hidden, weight,
+                      targets, float(grad_scale), int(ignore_index), _opt(scratch, "scratch"), rw)
+    return losses, dhidden, dweight
 
 
-def layernorm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd) -> None:
-    """dx (..., C) +=, dweight/dbias (C, float32) += (deterministic: no float atomics)."""
-    args = (_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dbias, "dbias"), _dev(dout, "dout"), _dev(x, "x"),
-            _dev(weight, "weight"), _dev(mean, "mean"), _dev(rstd, "rstd"))
-    _C.cuda.layernorm_backward(*args)
+def _on_device_f32(x, name: str) -> DeviceArray:
+    if isinstance(x, DeviceArray):
+        return x
+    a = np.asarray(x)
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got dtype {a.dtype}")
+    return to_device(a)
 
 
-def gelu_forward(out, x) -> None:
+def layernorm_forward(x, weight, bias, eps: float = 1e-5, out=None, mean=None, rstd=None):
+    """LayerNorm over the last axis: x (..., C) -> (out (..., C), mean, rstd (float32, x.shape[:-1])); weight, bias
+    (C,) of x's dtype. out may be x itself."""
+    x = _dev(x, "x")
+    out = empty(x.shape, x.dtype) if out is None else out
+    mean = empty(x.shape[:-1], "float32") if mean is None else mean
+    rstd = empty(x.shape[:-1], "float32") if rstd is None else rstd
+    _C.cuda.layernorm_forward(_dev(out, "out"), _dev(mean, "mean"), _dev(rstd, "rstd"), x, _dev(weight, "weight"),
+                              _dev(bias, "bias"), float(eps))
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias=None):
+    """dx (..., C) +=, dweight/dbias (C, float32) += (deterministic: no float atomics). Returns (dx, dweight,
+    dbias)."""
+    x = _dev(x, "x")
+    C = x.shape[-1]
+    dx = zeros(x.shape, x.dtype) if dx is None else dx
+    dweight = zeros((C,), "float32") if dweight is None else dweight
+    dbias = zeros((C,), "float32") if dbias is None else dbias
+    _C.cuda.layernorm_backward(_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dbias, "dbias"), _dev(dout, "dout"),
+                               x, _dev(weight, "weight"), _dev(mean, "mean"), _dev(rstd, "rstd"))
+    return dx, dweight, dbias
+
+
+def gelu_forward(x, out=None):
     """out = gelu(x), tanh approximation (GPT-2); out may be x itself."""
-    args = _dev(out, "out"), _dev(x, "x")
-    _C.cuda.gelu_forward(*args)
+    x = _dev(x, "x")
+    out = empty(x.shape, x.dtype) if out is None else out
+    _C.cuda.gelu_forward(_dev(out, "out"), x)
+    return out
 
 
-def gelu_backward(dx, dout, x) -> None:
+def gelu_backward(dout, x, dx=None):
     """dx += gelu'(x) * dout."""
-    args = _dev(dx, "dx"), _dev(dout, "dout"), _dev(x, "x")
-    _C.cuda.gelu_backward(*args)
+    x = _dev(x, "x")
+    dx = zeros(x.shape, x.dtype) if dx is None else dx
+    _C.cuda.gelu_backward(_dev(dx, "dx"), _dev(dout, "dout"), x)
+    return dx
 
 
-def residual_forward(out, a, b) -> None:
+def residual_forward(a, b, out=None):
     """out = a + b (same shape and dtype); out may be a or b itself."""
-    args = _dev(out, "out"), _dev(a, "a"), _dev(b, "b")
-    _C.cuda.residual_forward(*args)
+    a = _dev(a, "a")
+    out = empty(a.shape, a.dtype) if out is None else out
+    _C.cuda.residual_forward(_dev(out, "out"), a, _dev(b, "b"))
+    return out
 
 
-def embedding_forward(out, tokens, wte, wpe) -> None:
-    """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T), wte (V, C), wpe (maxT >= T, C). Ids are not
-    range-checked on the GPU (the model checks them on the host before upload); an id outside [0, V) reads as a
-    zero wte row (out = wpe[t]), never a wild read."""
-    args = _dev(out, "out"), _dev(tokens, "tokens"), _dev(wte, "wte"), _dev(wpe, "wpe")
-    _C.cuda.embedding_forward(*args)
+def residual_backward(dout, dinp1=None, dinp2=None):
+    """dinp1 += dout, dinp2 += dout (the gradients of both inputs of residual_forward)."""
+    dout = _dev(dout, "dout")
+    dinp1 = zeros(dout.shape, dout.dtype) if dinp1 is None else dinp1
+    dinp2 = zeros(dout.shape, dout.dtype) if dinp2 is None else dinp2
+    _C.cuda.residual_backward(_dev(dinp1, "dinp1"), _dev(dinp2, "dinp2"), dout)
+    return dinp1, dinp2
 
 
-def embedding_backward(dwte, dwpe, dout, tokens) -> None:
+def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=None):
+    """RMSNorm over the last axis: x (..., C) -> (out = x * rstd * weight (x's dtype), rstd (x.shape[:-1], float32)),
+    as HF LlamaRMSNorm (fp32 math); weight (C,) of x's dtype. out may be x itself. heads=(h0, h1): only the rows
+    x[..., h0:h1, :] of x (..., R, C) (Qwen3's QK-norm on qkv viewed as (B, T, NH + 2*NKV, hs)), rstd (..., h1 - h0);
+    the other rows of out are left as they are (a new out starts as a copy of x)."""
+    x = _dev(x, "x")
+    if out is None:
+        out = empty(x.shape, x.dtype)
+        if heads is not None:
+            out.copy_(x)
+    rstd = empty(_norm_stats_shape(x, heads), "float32") if rstd is None else rstd
+    _C.cuda.rmsnorm_forward(_dev(out, "out"), _dev(rstd, "rstd"), x, _dev(weight, "weight"), float(eps),
+                            _heads(heads))
+    return out, rstd
+
+
+def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
+    """dx (..., C) +=, dweight (C, float32) += (deterministic: no float atomics); with heads only those rows of dx.
+    Returns (dx, dweight)."""
+    x = _dev(x, "x")
+    dx = zeros(x.shape, x.dtype) if dx is None else dx
+    dweight = zeros(tuple(x.shape[-1:]), "float32") if dweight is None else dweight
+    _C.cuda.rmsnorm_backward(_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dout, "dout"), x, _dev(weight, "weight"),
+                             _dev(rstd, "rstd"), _heads(heads))
+    return dx, dweight
+
+
+def _rope_pos(pos, x, cos):
+    """None, or pos (B,) on the GPU; numpy positions (and the implicit 0..T-1 of pos=None) are checked against the
+    tables (pos[b] + T <= max_pos): the kernels skip rows beyond them, they cannot raise."""
+    T = x.shape[1] if len(x.shape) == 3 else 0
+    P = _dev(cos, "cos").shape[0] if len(cos.shape) == 2 else 0
+    if pos is None:
+        if T > P:
+            raise ValueError(f"positions 0 .. {T - 1} (pos=None) are outside the cos/sin tables of {P} rows")
+        return None
+    return _positions(pos, "pos", T, P, "rows of the cos/sin tables")
+
+
+def rope_forward(qkv, cos, sin, n_head: int, pos=None, out=None, n_kv_head: int | None = None):
+    """Rotary position embedding of the q and k heads of packed qkv (B, T, (NH + 2*NKV) * hs), rotate-half layout (HF
+    apply_rotary_pos_emb), fp32 math: token t of sequence b sits at position pos[b] + t (pos (B,), None = 0) and
+    uses row p of the float32 tables cos, sin (max_pos, rotary_dim // 2) from fastllm.rope.rope_tables (uploaded
+    once); the first rotary_dim dims of each q/k head rotate, the rest and v pass through. out may be qkv itself."""
+    qkv = _dev(qkv, "qkv")
+    out = empty(qkv.shape, qkv.dtype) if out is None else out
+    _C.cuda.rope_forward(_dev(out, "out"), qkv, _dev(cos, "cos"), _dev(sin, "sin"), _rope_pos(pos, qkv, cos),
+                         int(n_head), _nkv(n_kv_head))
+    return out
+
+
+def rope_backward(dout, cos, sin, n_head: int, pos=None, dqkv=None, n_kv_head: int | None = None):
+    """Gradient of rope_forward: dqkv += R^T dout; dqkv may be dout itself (then dout is rotated back in place)."""
+    dout = _dev(dout, "dout")
+    dqkv = zeros(dout.shape, dout.dtype) if dqkv is None else dqkv
+    _C.cuda.rope_backward(_dev(dqkv, "dqkv"), dout, _dev(cos, "cos"), _dev(sin, "sin"), _rope_pos(pos, dout, cos),
+                          int(n_head), _nkv(n_kv_head))
+    return dqkv
+
+
+def swiglu_forward(gate_up, out=None):
+    """SwiGLU: gate_up (..., 2H) = [gate | up] -> out (..., H) = silu(gate) * up (fp32 math)."""
+    gate_up = _dev(gate_up, "gate_up")
+    out = empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), gate_up.dtype) if out is None else out
+    _C.cuda.swiglu_forward(_dev(out, "out"), gate_up)
+    return out
+
+
+def swiglu_backward(dout, gate_up, dgate_up=None):
+    """dgate_up (..., 2H) += [dout * up * silu'(gate) | dout * silu(gate)]."""
+    gate_up = _dev(gate_up, "gate_up")
+    dgate_up = zeros(gate_up.shape, gate_up.dtype) if dgate_up is None else dgate_up
+    _C.cuda.swiglu_backward(_dev(dgate_up, "dgate_up"), _dev(dout, "dout"), gate_up)
+    return dgate_up
+
+
+def relu2_forward(x, out=None):
+    """ReLU^2: out = max(x, 0)^2, element-wise; out may be x itself."""
+    x = _dev(x, "x")
+    out = empty(x.shape, x.dtype) if out is None else out
+    _C.cuda.relu2_forward(_dev(out, "out"), x)
+    return out
+
+
+def relu2_backward(dout, x, dx=None):
+    """dx += 2 max(x, 0) * dout."""
+    x = _dev(x, "x")
+    dx = zeros(x.shape, x.dtype) if dx is None else dx
+    _C.cuda.relu2_backward(_dev(dx, "dx"), _dev(dout, "dout"), x)
+    return dx
+
+
+def embedding_forward(tokens, wte, wpe, out=None):
+    """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T) (numpy ids are range-checked and uploaded), wte
+    (V, C), wpe (maxT >= T, C). A DeviceArray id outside [0, V) reads as a zero wte row (out = wpe[t]), never a
+    wild read."""
+    wte = _dev(wte, "wte")
+    tokens = _on_device(tokens, "tokens", wte.shape[0])
+    if len(tokens.shape) != 2:
+        raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+    out = empty((*tokens.shape, wte.shape[-1]), wte.dtype) if out is None else out
+    _C.cuda.embedding_forward(_dev(out, "out"), tokens, wte, _dev(wpe, "wpe"))
+    return out
+
+
+def embedding_backward(dout, tokens, dwte, dwpe):
     """dwte (V, C, float32) and dwpe (maxT, C, float32) += the scattered dout rows, deterministically (a stable
-    sort of the positions by token, then fixed-order sums); ids outside [0, V) are skipped."""
-    args = _dev(dwte, "dwte"), _dev(dwpe, "dwpe"), _dev(dout, "dout"), _dev(tokens, "tokens")
-    _C.cuda.embedding_backward(*args)
+    sort of the positions by token, then fixed-order sums); ids outside [0, V) are skipped. Returns them."""
+    _C.cuda.embedding_backward(_dev(dwte, "dwte"), _dev(dwpe, "dwpe"), _dev(dout, "dout"),
+                               _on_device(tokens, "tokens"))
+    return dwte, dwpe
 
 
 def adamw_step(params, grads, m, v, lr: float, t: int, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
                weight_decay: float = 0.0, grad_scale: float = 1.0, params_copy=None) -> None:
-    """AdamW in place on float32 params, m, v (step t >= 1) with grads * grad_scale; params_copy (optional,
-    e.g. bfloat16) receives the updated weights."""
+    """One AdamW step in place on float32 params, m, v (step t >= 1) with grads * grad_scale; params_copy
+    (optional, e.g. bfloat16) receives the updated parameters."""
     arrays = _dev(params, "params"), _dev(m, "m"), _dev(v, "v"), _dev(grads, "grads"), _opt(params_copy, "params_copy")
     _C.cuda.adamw_step(*arrays, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(t),
                        float(grad_scale))

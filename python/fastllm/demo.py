@@ -2,7 +2,7 @@
 corpus (Python's own documentation: the pydoc topics and the standard library's docstrings, ~2 MB of English
 that ships with every Python -- no download; see fastllm.corpus):
 train a BPE tokenizer -> tokenize into train/val shards -> train a small GPT -> compare train and validation
-loss with the unigram entropy -> sample.
+loss with the unigram entropy, bits per byte of the validation text -> sample.
 
 The schedule is sized so the model sees the training split about 3 times: validation loss follows training
 loss (the gap is printed) instead of the model memorising a small corpus.
@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import load_model
+from .data import DataLoader, builtin_corpus, prepare, read_shard
+from .eval import evaluate
 from .options import SEED, THREADS, option
+from .sample import generate
+from .tokenizer import Tokenizer
+from .train import TrainConfig, mean_loss, train
 
 EVAL_BATCHES = 32  # batches of B x T tokens per loss evaluation (the whole validation split of the built-in corpus)
 
@@ -47,11 +53,6 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    from .data import DataLoader, builtin_corpus, prepare, read_shard
-    from .sample import generate
-    from .tokenizer import Tokenizer
-    from .train import TrainConfig, _evaluate, load_model, train
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -82,11 +83,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                        sample_every=0, threads=cfg.threads, seed=cfg.seed)
     s = train(tcfg, progress=progress)
     model = load_model(out / "run")
-    train_loss = _evaluate(model, DataLoader(data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1),
+    train_loss = mean_loss(model, DataLoader(data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1),
                            EVAL_BATCHES)
-    val_loss = _evaluate(model, DataLoader(data, "val", cfg.batch_size, cfg.seq_len, shuffle=False), EVAL_BATCHES)
+    val_loss = mean_loss(model, DataLoader(data, "val", cfg.batch_size, cfg.seq_len, shuffle=False), EVAL_BATCHES)
+    bpb = evaluate(model, tok, "bpb", data=str(data))["metrics"]  # all of the val shards, sliding windows
     print(f"      train loss {train_loss:.3f}, validation loss {val_loss:.3f} nats/token (gap "
           f"{val_loss - train_loss:.3f}); unigram entropy {h1:.3f}; {s['tok_per_s']:,.0f} tok/s")
+    print(f"      validation: {bpb['bpb']:.3f} bits per byte ({bpb['nats_per_token']:.3f} nats per token, "
+          f"{bpb['bytes_per_token']:.2f} bytes per token; fastllm eval --task bpb)")
 
     print("[4/4] sample (temperature 0.8, top-k 40):")
     ids = generate(model, tok.encode_ordinary(cfg.prompt), cfg.sample_tokens, temperature=0.8, top_k=40,
@@ -94,7 +98,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     print("-" * 80)
     print(tok.decode(ids))
     print("-" * 80)
-    summary = {**s, "train_loss": train_loss, "val_loss": val_loss, "unigram_entropy": h1,
+    summary = {**s, "train_loss": train_loss, "val_loss": val_loss, "unigram_entropy": h1, "val_bpb": bpb["bpb"],
                "tokenizer": str(tok_path), "data": str(data), "total_seconds": time.time() - t0}
     print(f"outputs in {out}/: tokenizer {tok_path.name}, data/ (shards), run/ (checkpoints, log.jsonl, loss.png)")
     print(f"try: fastllm sample --ckpt {out / 'run'} --prompt \"The\"      (total {summary['total_seconds']:.0f}s)")

@@ -61,6 +61,24 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
                 raise ValueError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
 
 
+def read_json(path: str | os.PathLike):
+    """The parsed JSON document in a file; ValueError naming the file (and line) when it is not UTF-8 or not JSON.
+
+    >>> read_json("config.json")["model_type"]
+    'gpt2'
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: corrupt JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: corrupt JSON (nested too deeply)") from None
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)

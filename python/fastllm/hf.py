@@ -1,4 +1,5 @@
-"""Hugging Face interop: GPT-2 checkpoints in the `transformers` layout and GPT-2 tokenizer files.
+"""Hugging Face interop: GPT-2 models in the `transformers` layout (the tokenizer files are read by
+fastllm.tokenizer; fastllm.checkpoint.convert turns such a folder into a fastllm checkpoint and back).
 
 A folder that ``transformers.GPT2LMHeadModel.from_pretrained`` reads holds
     config.json                    model_type "gpt2", n_layer, n_head, n_embd, n_positions, vocab_size, ...
@@ -17,15 +18,15 @@ buffer (peak memory ~ one model), through fastllm.fileio: no pickle, every offse
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import load_safetensors, save_safetensors, write_json
+from .fileio import load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig
+from .version import __version__
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -89,8 +90,6 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
 
 def config_to_hf(cfg: GPTConfig, eot_id: int | None = None) -> dict:
     """The config.json dict transformers needs for GPT2LMHeadModel (no dropout: fastllm has none)."""
-    from . import __version__
-
     if eot_id is None and cfg.vocab_size == 50257:
         eot_id = 50256  # GPT-2's <|endoftext|>
     return {
@@ -131,10 +130,8 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
     if not index.exists():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors is read, never "
                                 f"pytorch_model.bin)")  # fmt: skip
-    try:
-        wmap = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{index}: corrupt index ({e})") from None
+    doc = read_json(index)
+    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wmap, dict) or not wmap:
         raise ValueError(f"{index}: no weight_map")
     files = []
@@ -183,10 +180,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found")
-    try:
-        cfg = config_from_hf(json.loads(cfg_path.read_text(encoding="utf-8")), str(cfg_path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: corrupt JSON ({e})") from None
+    cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
     model = cls(cfg, init=False)
     seen: dict[str, Path] = {}
     filled: set[tuple[str, int | None]] = set()
@@ -311,126 +305,4 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int |
     write_json(folder / "tokenizer_config.json", conf)
 
 
-def vocab_merges_doc(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
-                     special_tokens: list[str] | None = None) -> dict:  # fmt: skip
-    """A tokenizer.json document for GPT-2's classic vocab.json + merges.txt pair (byte-level BPE, merges by
-    priority = line order, GPT-2 pre-tokenizer, no prefix space), as HF's GPT2TokenizerFast builds it.
-    `special_tokens` (default: <|endoftext|> if it is in the vocab) become added tokens."""
-    vocab_path, merges_path = os.fspath(vocab_path), os.fspath(merges_path)
-    try:
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{vocab_path}:{e.lineno}: corrupt JSON ({e.msg})") from None
-    if not isinstance(vocab, dict):
-        raise ValueError(f"{vocab_path}:1: expected a JSON object token -> id")
-    merges = []
-    with open(merges_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if (lineno == 1 and line.startswith("#version")) or not line.strip():
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{merges_path}:{lineno}: expected '<left> <right>', got {line[:60]!r}")
-            merges.append(parts)
-    if special_tokens is None:
-        special_tokens = [t for t in ("<|endoftext|>",) if t in vocab]
-    added = []
-    for s in special_tokens:
-        if s not in vocab:
-            raise ValueError(f"{vocab_path}: special token {s!r} is not in the vocab")
-        added.append({"id": vocab[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                      "normalized": False, "special": True})  # fmt: skip
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    return {
-        "version": "1.0",
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": byte_level,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "vocab": vocab, "merges": merges, "ignore_merges": False},
-    }
-
-
-def _special_tokens_from_config(folder: Path) -> list[str] | None:
-    """Special tokens named by tokenizer_config.json (added_tokens_decoder, bos/eos/unk), if any."""
-    p = folder / "tokenizer_config.json"
-    if not p.exists():
-        return None
-    try:
-        conf = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: corrupt JSON ({e})") from None
-    out: list[str] = []
-    for t in (conf.get("added_tokens_decoder") or {}).values():
-        if isinstance(t, dict) and isinstance(t.get("content"), str):
-            out.append(t["content"])
-    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        t = conf.get(k)
-        t = t.get("content") if isinstance(t, dict) else t
-        if isinstance(t, str) and t not in out:
-            out.append(t)
-    return out or None
-
-
-def load_vocab_merges(folder: str | os.PathLike):
-    """Tokenizer from vocab.json + merges.txt in `folder` (special tokens from tokenizer_config.json)."""
-    from .tokenizer import Tokenizer
-
-    folder = Path(folder)
-    specials = _special_tokens_from_config(folder)
-    vocab_path = folder / "vocab.json"
-    if specials is not None:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        specials = [s for s in specials if s in vocab]
-    doc = vocab_merges_doc(vocab_path, folder / "merges.txt", specials)
-    return Tokenizer._from_hf_doc(doc, os.fspath(vocab_path))
-
-
-def find_hf_tokenizer(folder: str | os.PathLike) -> Path | None:
-    """tokenizer.json, else vocab.json (with merges.txt beside it), else None."""
-    folder = Path(folder)
-    for p in (folder / "tokenizer.json", folder / "vocab.json"):
-        if p.exists() and (p.name != "vocab.json" or (folder / "merges.txt").exists()):
-            return p
-    return None
-
-
-# ---- conversion ------------------------------------------------------------------------------------------
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm") -> Path:
-    """HF GPT-2 folder -> fastllm checkpoint folder (to="fastllm": model.safetensors with the GPTConfig in its
-    metadata, as train.load_model reads, plus the tokenizer), or a fastllm checkpoint -> HF folder (to="hf")."""
-    from .data import TOKENIZER_FILE, find_tokenizer
-    from .tokenizer import Tokenizer
-    from .train import load_model
-
-    src, dst = Path(src), Path(dst)
-    if to == "fastllm":
-        model = from_pretrained(src)
-        dst.mkdir(parents=True, exist_ok=True)
-        save_safetensors(
-            dst / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())}
-        )
-        if find_hf_tokenizer(src) is not None:
-            tok = Tokenizer.from_pretrained(src)
-            if tok.n_vocab > model.config.vocab_size:
-                raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
-                                 f"{model.config.vocab_size}")  # fmt: skip
-            if tok._is_ranks:  # tiktoken semantics: the rank file `fastllm sample` looks for
-                tok.save(dst / TOKENIZER_FILE)
-            else:  # HF merge priority: only tokenizer.json can express it
-                tok.save_hf(dst / "tokenizer.json")
-        return dst
-    if to == "hf":
-        model = load_model(src)
-        tok_path = find_tokenizer(model.checkpoint_dir)
-        tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
-        return save_pretrained(model, dst, tokenizer=tok)
-    raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
-
-
-__all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "hf_state_dict", "convert",
-           "load_vocab_merges", "vocab_merges_doc", "find_hf_tokenizer"]  # fmt: skip
+__all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "hf_state_dict", "save_tokenizer"]

@@ -1,8 +1,20 @@
-"""GPT-2 in fastllm's own kernels: a sequence of `ops.*` calls on preallocated numpy buffers.
+"""GPT-2 in fastllm's own kernels, written once for the CPU and the GPU.
+
+The model is a sequence of calls to its backend `bk` -- fastllm.ops (numpy, CPU kernels) or fastllm.cuda
+(DeviceArrays, CUDA kernels), which expose the same ops with the same arguments (fastllm/backend.py) -- on
+preallocated buffers. The device is a constructor argument and a method, as in PyTorch:
+GPT(config, device="cuda"), model.to("cuda"), model.to("cpu").
 
 Architecture (GPT-2): token + position embedding, n_layer pre-LN blocks of causal multi-head attention and a 4x
-GELU MLP, final layernorm, lm-head tied to the token embedding. All parameters live in one flat float32 buffer
-(and all gradients in another) with named views; activations are allocated once per (B, T).
+GELU MLP, final layernorm, lm-head tied to the token embedding.
+Memory: all parameters live in one flat float32 buffer `params` (the master weights) with named views `p`, and
+all gradients in another (`grads`, `g`, allocated on first use). Where the compute dtype is not float32 (bf16 on
+the GPU) a compute copy `cparams` (views `pc`) is what the kernels read; the optimizer writes both. Activations
+of a (B, T) batch are views of one allocation, made once per shape.
+A training step: forward with targets (embedding, blocks, final layernorm, then the fused lm-head +
+cross-entropy, which also computes the lm-head's gradient into a scratch buffer), backward (adds that gradient,
+then the blocks in reverse and the embedding), an optimizer step. Only the per-token losses come back to the
+host (B*T floats).
 
 >>> model = GPT(GPTConfig.preset("tiny", vocab_size=100))
 >>> loss = model.forward(np.zeros((2, 8), np.int64), np.zeros((2, 8), np.int64))
@@ -17,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
+from . import backend, ops
+from .ops import IGNORE_INDEX
 
 PRESETS: dict[str, dict[str, int]] = {
     # name: n_layer, n_head, n_embd, block_size (vocab_size comes from the tokenizer, 50257 for GPT-2)
@@ -90,18 +103,34 @@ def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _views(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def _views(bk, flat, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Named views of a flat array (either backend), in the order of `shapes`."""
     out, off = {}, 0
     for name, shape in shapes.items():
-        n = math.prod(shape)
-        out[name] = flat[off:off + n].reshape(shape)
-        off += n
+        out[name] = bk.view(flat, off, shape)
+        off += math.prod(shape)
     return out
 
 
-def check_token_ids(x, name: str, config: GPTConfig, check_range: bool = False) -> np.ndarray:
-    """x as a C-contiguous int32 (B, T) array with 0 < T <= block_size (TypeError/ValueError naming `name`);
-    with check_range, every id also in [0, vocab_size) (the CPU kernels check ids themselves, the GPU cannot)."""
+def _layers(bk, views: dict) -> dict:
+    """name -> list of per-layer views for the tensors stacked over layers (L, ...); the others map to themselves."""
+    out = {}
+    for name, v in views.items():
+        if _per_layer(name):
+            per = math.prod(v.shape[1:])
+            out[name] = [bk.view(v, l * per, tuple(v.shape[1:])) for l in range(v.shape[0])]
+        else:
+            out[name] = v
+    return out
+
+
+def _per_layer(name: str) -> bool:
+    return name not in ("wte", "wpe") and not name.startswith("ln_f")
+
+
+def check_token_ids(x, name: str, config: GPTConfig) -> np.ndarray:
+    """x as a C-contiguous int32 (B, T) array with 0 < T <= block_size and every id in [0, vocab_size)
+    (TypeError/ValueError naming `name`)."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.integer):
         raise TypeError(f"{name} must be integer token ids, got dtype {x.dtype}")
@@ -111,13 +140,13 @@ def check_token_ids(x, name: str, config: GPTConfig, check_range: bool = False) 
         raise ValueError(f"{name} has T={x.shape[1]} > block_size={config.block_size}")
     if x.shape[1] == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {x.shape}")
-    if check_range and (x.min() < 0 or x.max() >= config.vocab_size):
+    if x.min() < 0 or x.max() >= config.vocab_size:
         raise ValueError(f"{name} holds token ids outside [0, {config.vocab_size})")
     return np.ascontiguousarray(x, np.int32)
 
 
 def cache_length(config: GPTConfig, batch_size: int, max_len: int | None) -> int:
-    """The checked length of a KV cache (KVCache, CudaKVCache): max_len, or block_size when None."""
+    """The checked length of a KV cache: max_len, or block_size when None."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = config.block_size if max_len is None else int(max_len)
@@ -133,32 +162,50 @@ def decays(name: str) -> bool:
 
 
 class GPT:
-    """GPT-2 with a flat parameter buffer `params`, gradients `grads`, and named views `p`, `g`."""
+    """GPT-2 on one device, with a flat parameter buffer `params`, gradients `grads`, and named views `p`, `g`.
 
-    def __init__(self, config: GPTConfig, seed: int = 0, init: bool = True):
+    device: "cpu" (numpy) or "cuda"; dtype: the compute dtype ("float32"; on the GPU "bfloat16" by default,
+    with fp32 master weights, gradients and optimizer state). The weights are initialised on the host with
+    `seed` (the same numbers on every device), then placed."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, init: bool = True, device: str = "cpu",
+                 dtype: str | None = None):
         self.config = config
         self.shapes = param_shapes(config)
         self.num_parameters = sum(math.prod(s) for s in self.shapes.values())
-        self.params = np.zeros(self.num_parameters, np.float32)
-        self.grads = np.zeros(self.num_parameters, np.float32)
-        self.p = _views(self.params, self.shapes)
-        self.g = _views(self.grads, self.shapes)
         self.training = True
-        self._acts: dict[str, np.ndarray] | None = None
-        self._BT: tuple[int, int] | None = None
-        self._ready_for_backward = False  # a forward with targets saved the lm-head gradient
-        self._trunk_ready = False  # the trunk's activations are saved (training mode)
+        host = np.zeros(self.num_parameters, np.float32)
         if init:
-            self.init_weights(seed)
+            init_weights(_views(ops, host, self.shapes), config, seed)
+        self._place(host, device, dtype)
+
+    def _place(self, host: np.ndarray, device: str, dtype: str | None) -> None:
+        """Allocate the parameters on `device` from the flat float32 host array; gradients and activations are
+        allocated on first use."""
+        self.bk = backend.get(device)
+        self.device, self.dtype = device, backend.check_dtype(device, dtype)
+        self.params = self.bk.to_device(host) if device != "cpu" else host
+        self.cparams = self.params if self.dtype == "float32" else self.bk.to_device(host, self.dtype)
+        self.p = _views(self.bk, self.params, self.shapes)  # float32 master weights
+        self.pc = _views(self.bk, self.cparams, self.shapes)  # the compute copy the kernels read
+        self._pl = _layers(self.bk, self.pc)
+        self.grads = None
+        self._g: dict = {}
+        self._gl: dict = {}
+        self._acts: dict | None = None
+        self._BT: tuple[int, int] | None = None
+        self._ready_for_backward = False  # a training forward with targets computed the lm-head gradient
+        self._trunk_ready = False  # the trunk's activations are saved (training mode)
+        self.token_losses: np.ndarray | None = None
 
     # ---- Hugging Face format (fastllm.hf) ----------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path) -> GPT:
+    def from_pretrained(cls, path, device: str = "cpu", dtype: str | None = None) -> GPT:
         """Load a transformers GPT-2 folder (config.json + model.safetensors, or shards); see fastllm.hf."""
-        from .hf import from_pretrained
+        from .hf import from_pretrained  # hf imports this module
 
-        return from_pretrained(path, cls)
+        return from_pretrained(path, cls).to(device, dtype)
 
     def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int | None = None):
         """Write a folder transformers' GPT2LMHeadModel.from_pretrained loads (plus tokenizer.json if given)."""
@@ -166,64 +213,78 @@ class GPT:
 
         return save_pretrained(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
 
-    # ---- parameters -----------------------------------------------------------------------------------
-
-    def init_weights(self, seed: int = 0) -> None:
-        """GPT-2 init: normal(0, 0.02) for weights and embeddings, residual projections scaled by
-        1/sqrt(2 n_layer), zeros for biases, ones for layernorm gains."""
-        rng = np.random.default_rng(seed)
-        std, L = 0.02, self.config.n_layer
-        for name, arr in self.p.items():
-            if name.endswith(".bias"):
-                arr[...] = 0.0
-            elif name.startswith("ln_"):
-                arr[...] = 1.0
-            else:
-                s = std / math.sqrt(2 * L) if name.endswith("c_proj.weight") else std
-                arr[...] = rng.standard_normal(arr.shape, np.float32) * s
-
-    def named_parameters(self):
-        """(name, array view) per tensor with per-layer names like 'h.3.attn.c_attn.weight'."""
-        for name, arr in self.p.items():
-            if name in ("wte", "wpe") or name.startswith("ln_f"):
-                yield name, arr
-            else:
-                for layer in range(self.config.n_layer):
-                    yield f"h.{layer}.{name}", arr[layer]
-
-    def zero_grad(self) -> None:
-        self.grads.fill(0.0)
-
-    def grad_norm(self) -> float:
-        """Global L2 norm of the gradients."""
-        return ops.global_norm(self.grads)
-
-    device = "cpu"  # where params, grads and activations live (see to())
-    dtype = "float32"  # the compute dtype of the weights and activations
+    # ---- parameters and devices -------------------------------------------------------------------------
 
     def to(self, device: str, dtype: str | None = None) -> GPT:
-        """Move the model to `device` ("cpu" or "cuda") in place and return it, like torch's Module.to."""
-        if device != "cpu" or dtype not in (None, "float32"):
-            raise NotImplementedError("GPT.to: only device='cpu', dtype='float32' so far")
+        """Move the model to `device` ("cpu" or "cuda") and compute dtype, in place, and return it (like torch's
+        Module.to). Parameters are copied; gradients and activations are not (make the optimizer after)."""
+        dtype = backend.check_dtype(device, dtype)
+        if (device, dtype) != (self.device, self.dtype):
+            self._place(self._host_params(), device, dtype)
         return self
 
+    def _host_params(self) -> np.ndarray:
+        """The flat float32 master parameters as a numpy array (the array itself on the CPU)."""
+        return self.params if self.device == "cpu" else self.bk.to_numpy(self.params)
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """{name: float32 numpy array} of every parameter tensor (named like GPT.p), on the host."""
-        return dict(self.p)
+        """{name: float32 numpy array} of every parameter tensor (named like GPT.p), on the host (views of the
+        parameters on the CPU, copies from the GPU)."""
+        return _views(ops, self._host_params(), self.shapes)
 
     def load_state_dict(self, tensors: dict, where: str = "state_dict") -> GPT:
-        """Copy parameter tensors in: every name of GPT.p must be present with its exact shape and a float dtype
-        (ValueError naming `where` and the tensor otherwise). Returns self."""
-        for name, arr in self.p.items():
+        """Copy parameter tensors in: every name of GPT.p must be present with its exact shape, a float dtype and
+        finite values (ValueError naming `where` and the tensor otherwise). Returns self."""
+        host = np.empty(self.num_parameters, np.float32)
+        for name, dst in _views(ops, host, self.shapes).items():
             if name not in tensors:
                 raise ValueError(f"{where}: missing tensor {name!r}")
             t = np.asarray(tensors[name])
             if t.dtype.kind != "f":
                 raise ValueError(f"{where}: tensor {name!r} has dtype {t.dtype}; parameters must be floating point")
-            if t.shape != arr.shape:
-                raise ValueError(f"{where}: tensor {name!r} has shape {t.shape}, the config needs {arr.shape}")
-            arr[...] = t
+            if t.shape != dst.shape:
+                raise ValueError(f"{where}: tensor {name!r} has shape {t.shape}, the config needs {dst.shape}")
+            dst[...] = t
+            if not np.isfinite(dst).all():
+                raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values")
+        self.bk.copy_(self.params, host)
+        self._sync_compute_copy()
         return self
+
+    def _sync_compute_copy(self) -> None:
+        if self.cparams is not self.params:
+            self.bk.copy_(self.cparams, self.params)  # float32 -> bfloat16, round to nearest even
+
+    def named_parameters(self):
+        """(name, array view) per tensor with per-layer names like 'h.3.attn.c_attn.weight'."""
+        per = _layers(self.bk, self.p)
+        for name, arr in per.items():
+            if isinstance(arr, list):
+                for layer, a in enumerate(arr):
+                    yield f"h.{layer}.{name}", a
+            else:
+                yield name, arr
+
+    def _ensure_grads(self):
+        """The flat gradient buffer, allocated (zeroed) on first use: inference needs none."""
+        if self.grads is None:
+            self.grads = self.bk.zeros((self.num_parameters,), "float32")
+            self._g = _views(self.bk, self.grads, self.shapes)
+            self._gl = _layers(self.bk, self._g)
+        return self.grads
+
+    @property
+    def g(self) -> dict:
+        """Named views of the gradients."""
+        self._ensure_grads()
+        return self._g
+
+    def zero_grad(self) -> None:
+        self.bk.zero_(self._ensure_grads())
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the gradients."""
+        return self.bk.global_norm(self._ensure_grads())
 
     def train(self, mode: bool = True) -> GPT:
         self.training = mode
@@ -234,60 +295,71 @@ class GPT:
 
     # ---- activations ------------------------------------------------------------------------------------
 
-    def _activations(self, B: int, T: int) -> dict[str, np.ndarray]:
+    def _activations(self, B: int, T: int) -> dict:
+        """Buffers for a (B, T) batch, views of one allocation; per-layer tensors come as lists of (B*T, X) views
+        of an (L, B*T, X) region."""
         if self._BT == (B, T) and self._acts is not None:
             return self._acts
-        cfg = self.config
-        L, C, NH = cfg.n_layer, cfg.n_embd, cfg.n_head
-        f = np.float32
-        a = {
-            "encoded": np.empty((B, T, C), f),
-            "ln1": np.empty((L, B, T, C), f), "ln1_mean": np.empty((L, B, T), f), "ln1_rstd": np.empty((L, B, T), f),
-            "qkv": np.empty((L, B, T, 3 * C), f),
-            "atty": np.empty((L, B, T, C), f), "att_lse": np.empty((L, B, NH, T), f),
-            "attproj": np.empty((B, T, C), f),  # scratch: only needed until the residual add
-            "residual2": np.empty((L, B, T, C), f),
-            "ln2": np.empty((L, B, T, C), f), "ln2_mean": np.empty((L, B, T), f), "ln2_rstd": np.empty((L, B, T), f),
-            "fch": np.empty((L, B, T, 4 * C), f), "fch_gelu": np.empty((L, B, T, 4 * C), f),
-            "fcproj": np.empty((B, T, C), f),  # scratch
-            "residual3": np.empty((L, B, T, C), f),
-            "lnf": np.empty((B, T, C), f), "lnf_mean": np.empty((B, T), f), "lnf_rstd": np.empty((B, T), f),
-            # gradient scratch, reused by every layer
-            "dres": np.empty((B, T, C), f), "dlnf": np.empty((B, T, C), f),
-            "dfch_gelu": np.empty((B, T, 4 * C), f), "dfch": np.empty((B, T, 4 * C), f),
-            "dln": np.empty((B, T, C), f), "datty": np.empty((B, T, C), f), "dqkv": np.empty((B, T, 3 * C), f),
-            "dwte_head": np.empty((cfg.vocab_size, C), f),
+        self._acts = None  # free the old set before allocating the new one
+        cfg, bk = self.config, self.bk
+        L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
+        N, dt, f32 = B * T, self.dtype, "float32"
+        per_layer = {  # name: (width, dtype)
+            "ln1": (C, dt), "ln1_mean": (1, f32), "ln1_rstd": (1, f32), "qkv": (3 * C, dt), "atty": (C, dt),
+            "att_lse": (NH, f32), "residual2": (C, dt), "ln2": (C, dt), "ln2_mean": (1, f32), "ln2_rstd": (1, f32),
+            "fch": (4 * C, dt), "fch_gelu": (4 * C, dt), "residual3": (C, dt),
         }
+        specs = {k: ((L, N * w), d) for k, (w, d) in per_layer.items()}
+        specs.update({
+            "idx": ((B, T), "int32"), "targets": ((N,), "int32"), "row_weights": ((N,), f32),
+            "encoded": ((N, C), dt), "attproj": ((N, C), dt), "fcproj": ((N, C), dt),  # scratch until the add
+            "lnf": ((N, C), dt), "lnf_mean": ((N,), f32), "lnf_rstd": ((N,), f32), "losses": ((N,), f32),
+            "lm_scratch": ((bk.lmhead_chunk_rows(N, V, dt), V), dt),
+            # gradient scratch, reused by every layer
+            "dres": ((N, C), dt), "dlnf": ((N, C), dt), "dfch_gelu": ((N, 4 * C), dt), "dfch": ((N, 4 * C), dt),
+            "dln": ((N, C), dt), "datty": ((N, C), dt), "dqkv": ((N, 3 * C), dt),
+            "dwte_head": ((V, C), f32),  # the lm-head's gradient, added to g["wte"] by backward()
+        })
+        a = bk.carve(specs)
+        shapes = {k: (N, w) for k, (w, _) in per_layer.items()}
+        shapes.update(ln1_mean=(N,), ln1_rstd=(N,), ln2_mean=(N,), ln2_rstd=(N,), att_lse=(B, NH, T))
+        for k in per_layer:  # per-layer views, shaped as the kernels take them
+            a[k] = [bk.view(a[k], l * math.prod(shapes[k]), shapes[k]) for l in range(L)]
         self._acts, self._BT = a, (B, T)
         return a
-
-    def _check_ids(self, x, name: str) -> np.ndarray:
-        return check_token_ids(x, name, self.config)
 
     # ---- forward ----------------------------------------------------------------------------------------
 
     def forward(self, idx, targets=None, weights=None):
-        """idx (B, T) token ids -> logits (B, T, V) if targets is None, else the mean loss (float) over
-        targets != -1 (ignore index). In training mode a forward with targets also computes the gradient of
-        the fused lm-head + cross-entropy, which backward() then uses.
+        """idx (B, T) token ids -> logits (B, T, V) (a float32 numpy array) if targets is None, else the mean loss
+        (float) over targets != -1 (ignore index). In training mode a forward with targets also computes the
+        gradient of the fused lm-head + cross-entropy, which backward() then uses.
 
         weights (B, T) float (optional, with targets): the objective becomes the weighted SUM
         sum_{b,t} weights[b, t] * CE[b, t] over targets != -1 (no 1/n), and that is what is returned and
         backpropagated. Policy gradients use it: with weights = -A_t the gradient is that of
         -sum_t A_t log p(a_t). After any forward with targets, self.token_losses (B, T) holds the per-token
         CE = -log p(target) (0 where ignored)."""
+        bk, pc, V = self.bk, self.pc, self.config.vocab_size
         a = self._trunk(idx)
-        p = self.p
-        B, T = self._idx.shape
+        B, T = self._BT
+        N = B * T
         self._ready_for_backward = False
         if targets is None:
-            return ops.matmul_forward(a["lnf"], p["wte"])  # (B, T, V)
+            logits = bk.matmul_forward(a["lnf"], pc["wte"], out=bk.empty((N, V), "float32"))
+            return bk.to_numpy(logits).reshape(B, T, V)
         targets = np.asarray(targets)
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
         if targets.shape != (B, T):
             raise ValueError(f"targets must have the shape of idx {(B, T)}, got {targets.shape}")
+        valid = targets != IGNORE_INDEX
+        if ((targets < 0) | (targets >= V))[valid].any():
+            raise ValueError(f"targets hold ids outside [0, {V}) (other than the ignore index {IGNORE_INDEX})")
+        bk.copy_(a["targets"], targets.reshape(N).astype(np.int32))
+        rw = None
         if weights is None:
-            n_valid = int(np.count_nonzero(targets != ops.IGNORE_INDEX))
-            scale = 1.0 / max(n_valid, 1)
+            scale = 1.0 / max(int(np.count_nonzero(valid)), 1)
         else:
             weights = np.asarray(weights)
             if weights.shape != (B, T):
@@ -295,64 +367,66 @@ class GPT:
             if not np.isfinite(weights).all():
                 raise ValueError("weights must be finite")
             weights = np.ascontiguousarray(weights, np.float32)
-            scale = 1.0
+            rw, scale = a["row_weights"], 1.0
+            bk.copy_(rw, weights.reshape(N))
         if self.training:
-            a["dlnf"].fill(0.0)
-            a["dwte_head"].fill(0.0)
-            losses, _, _ = ops.lmhead_cross_entropy(a["lnf"], p["wte"], targets, grad_scale=scale,
-                                                    dhidden=a["dlnf"], dweight=a["dwte_head"], row_weights=weights)
+            bk.zero_(a["dlnf"])
+            bk.zero_(a["dwte_head"])
+            bk.lmhead_ce(a["lnf"], pc["wte"], a["targets"], grad_scale=scale, dhidden=a["dlnf"],
+                         dweight=a["dwte_head"], row_weights=rw, scratch=a["lm_scratch"], losses=a["losses"])
             self._ready_for_backward = True
         else:
-            losses, _, _ = ops.lmhead_cross_entropy(a["lnf"], p["wte"], targets, backward=False)
+            bk.lmhead_ce(a["lnf"], pc["wte"], a["targets"], backward=False, scratch=a["lm_scratch"],
+                         losses=a["losses"])
+        losses = np.array(bk.to_numpy(a["losses"]), np.float32).reshape(B, T)  # the step's one readback
         self.token_losses = losses
         if weights is None:
             return float(losses.sum(dtype=np.float64) * scale)
         return float(np.dot(losses.astype(np.float64).ravel(), weights.astype(np.float64).ravel()))
 
-    def hidden_states(self, idx) -> np.ndarray:
-        """Final hidden states (B, T, C) (after ln_f, before the lm-head) -- a view of the activation buffer,
-        valid until the next forward. In training mode, backward(dhidden=...) can follow (heads of your own,
-        e.g. the reward model's scalar head in rl.py)."""
-        a = self._trunk(idx)
-        self._ready_for_backward = False
-        return a["lnf"]
-
     __call__ = forward
 
-    def _trunk(self, idx) -> dict[str, np.ndarray]:
-        """Embedding, blocks and final layernorm: fills the activations up to lnf (B, T, C)."""
-        cfg, p = self.config, self.p
-        idx = self._check_ids(idx, "idx")
+    def hidden_states(self, idx) -> np.ndarray:
+        """Final hidden states (B, T, C) (after ln_f, before the lm-head) as float32 numpy (on the CPU a view of the
+        activation buffer, valid until the next forward). In training mode, backward(dhidden=...) can follow
+        (heads of your own, e.g. the reward model's scalar head in rl.py)."""
+        a = self._trunk(idx)
+        self._ready_for_backward = False
+        B, T = self._BT
+        return self.bk.to_numpy(a["lnf"]).reshape(B, T, self.config.n_embd)
+
+    def _trunk(self, idx) -> dict:
+        """Embedding, blocks and final layernorm: fills the activations up to lnf (B*T, C)."""
+        cfg, bk, pc, pl = self.config, self.bk, self.pc, self._pl
+        idx = check_token_ids(idx, "idx", cfg)
         B, T = idx.shape
-        NH, L = cfg.n_head, cfg.n_layer
-        if idx.max() >= cfg.vocab_size or idx.min() < 0:
-            raise ValueError(f"idx holds token ids outside [0, {cfg.vocab_size})")
+        C, NH, eps = cfg.n_embd, cfg.n_head, cfg.layernorm_eps
         a = self._activations(B, T)
-        self._idx = idx
+        bk.copy_(a["idx"], idx)
         self._trunk_ready = self.training  # activations saved for a backward(dhidden=...)
 
-        ops.embedding_forward(idx, p["wte"], p["wpe"], out=a["encoded"])  # (B, T, C)
+        bk.embedding_forward(a["idx"], pc["wte"], pc["wpe"], out=a["encoded"].reshape((B, T, C)))
         residual = a["encoded"]
-        for l in range(L):
-            ops.layernorm_forward(residual, p["ln_1.weight"][l], p["ln_1.bias"][l], cfg.layernorm_eps,
-                                  out=a["ln1"][l], mean=a["ln1_mean"][l], rstd=a["ln1_rstd"][l])
-            ops.matmul_forward(a["ln1"][l], p["attn.c_attn.weight"][l], p["attn.c_attn.bias"][l],
-                               out=a["qkv"][l])  # (B, T, 3C)
-            ops.attention_forward(a["qkv"][l], NH, out=a["atty"][l], lse=a["att_lse"][l])  # (B, T, C)
-            ops.matmul_forward(a["atty"][l], p["attn.c_proj.weight"][l], p["attn.c_proj.bias"][l],
-                               out=a["attproj"])
-            ops.residual_forward(residual, a["attproj"], out=a["residual2"][l])
-            ops.layernorm_forward(a["residual2"][l], p["ln_2.weight"][l], p["ln_2.bias"][l], cfg.layernorm_eps,
-                                  out=a["ln2"][l], mean=a["ln2_mean"][l], rstd=a["ln2_rstd"][l])
-            ops.matmul_forward(a["ln2"][l], p["mlp.c_fc.weight"][l], p["mlp.c_fc.bias"][l],
-                               out=a["fch"][l])  # (B, T, 4C)
-            ops.gelu_forward(a["fch"][l], out=a["fch_gelu"][l])
-            ops.matmul_forward(a["fch_gelu"][l], p["mlp.c_proj.weight"][l], p["mlp.c_proj.bias"][l],
-                               out=a["fcproj"])
-            ops.residual_forward(a["residual2"][l], a["fcproj"], out=a["residual3"][l])
+        for l in range(cfg.n_layer):
+            bk.layernorm_forward(residual, pl["ln_1.weight"][l], pl["ln_1.bias"][l], eps, out=a["ln1"][l],
+                                 mean=a["ln1_mean"][l], rstd=a["ln1_rstd"][l])
+            bk.matmul_forward(a["ln1"][l], pl["attn.c_attn.weight"][l], pl["attn.c_attn.bias"][l],
+                              out=a["qkv"][l])  # (N, 3C)
+            bk.attention_forward(a["qkv"][l].reshape((B, T, 3 * C)), NH, out=a["atty"][l].reshape((B, T, C)),
+                                 lse=a["att_lse"][l])
+            bk.matmul_forward(a["atty"][l], pl["attn.c_proj.weight"][l], pl["attn.c_proj.bias"][l], out=a["attproj"])
+            bk.residual_forward(residual, a["attproj"], out=a["residual2"][l])
+            bk.layernorm_forward(a["residual2"][l], pl["ln_2.weight"][l], pl["ln_2.bias"][l], eps, out=a["ln2"][l],
+                                 mean=a["ln2_mean"][l], rstd=a["ln2_rstd"][l])
+            # fch = ln2 @ W^T + b and fch_gelu = gelu(fch), one call (the GELU in the matmul's epilogue on the GPU)
+            bk.matmul_forward(a["ln2"][l], pl["mlp.c_fc.weight"][l], pl["mlp.c_fc.bias"][l], out=a["fch_gelu"][l],
+                              pre_gelu=a["fch"][l])  # (N, 4C)
+            bk.matmul_forward(a["fch_gelu"][l], pl["mlp.c_proj.weight"][l], pl["mlp.c_proj.bias"][l],
+                              out=a["fcproj"])
+            bk.residual_forward(a["residual2"][l], a["fcproj"], out=a["residual3"][l])
             residual = a["residual3"][l]
-        ops.layernorm_forward(residual, p["ln_f.weight"], p["ln_f.bias"], cfg.layernorm_eps,
-                              out=a["lnf"], mean=a["lnf_mean"], rstd=a["lnf_rstd"])
+        bk.layernorm_forward(residual, pc["ln_f.weight"], pc["ln_f.bias"], eps, out=a["lnf"], mean=a["lnf_mean"],
+                             rstd=a["lnf_rstd"])
         return a
 
     # ---- backward ---------------------------------------------------------------------------------------
@@ -362,75 +436,128 @@ class GPT:
 
         dhidden (B, T, C): instead start from this gradient on the final hidden states of the last
         forward / hidden_states() (i.e. backpropagate sum(dhidden * hidden)); the lm-head is not involved."""
-        cfg, p, g, a = self.config, self.p, self.g, self._acts
+        cfg, bk, pc, pl, a = self.config, self.bk, self.pc, self._pl, self._acts
         if dhidden is None:
             if not self._ready_for_backward:
                 raise RuntimeError("backward() needs a forward(idx, targets) in training mode first")
         else:
             if not self._trunk_ready:
                 raise RuntimeError("backward(dhidden=...) needs hidden_states(idx) in training mode first")
+            B, T = self._BT
             dhidden = np.asarray(dhidden)
-            if dhidden.shape != a["dlnf"].shape:
-                raise ValueError(f"dhidden must have shape {a['dlnf'].shape}, got {dhidden.shape}")
-            a["dlnf"][...] = dhidden
+            if dhidden.shape != (B, T, cfg.n_embd):
+                raise ValueError(f"dhidden must have shape {(B, T, cfg.n_embd)}, got {dhidden.shape}")
+            bk.copy_(a["dlnf"], np.ascontiguousarray(dhidden, np.float32).reshape(B * T, cfg.n_embd))
         self._ready_for_backward = self._trunk_ready = False
-        assert a is not None
-        L, NH = cfg.n_layer, cfg.n_head
+        g, gl = self.g, self._gl
+        B, T = self._BT
+        L, NH, C = cfg.n_layer, cfg.n_head, cfg.n_embd
         if dhidden is None:
-            g["wte"] += a["dwte_head"]
+            bk.add_(g["wte"], a["dwte_head"])
         dres = a["dres"]  # gradient of the residual stream, flowing down through the layers
-        dres.fill(0.0)
-        ops.layernorm_backward(a["dlnf"], a["residual3"][L - 1], p["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"],
-                               dx=dres, dweight=g["ln_f.weight"], dbias=g["ln_f.bias"])
+        bk.zero_(dres)
+        bk.layernorm_backward(a["dlnf"], a["residual3"][L - 1], pc["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"],
+                              dx=dres, dweight=g["ln_f.weight"], dbias=g["ln_f.bias"])
         for l in reversed(range(L)):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             # MLP half: residual3 = residual2 + c_proj(gelu(c_fc(ln2(residual2))))
             for k in ("dfch_gelu", "dfch", "dln"):
-                a[k].fill(0.0)
-            ops.matmul_backward(dres, a["fch_gelu"][l], p["mlp.c_proj.weight"][l], dinp=a["dfch_gelu"],
-                                dweight=g["mlp.c_proj.weight"][l], dbias=g["mlp.c_proj.bias"][l])
-            ops.gelu_backward(a["dfch_gelu"], a["fch"][l], dx=a["dfch"])
-            ops.matmul_backward(a["dfch"], a["ln2"][l], p["mlp.c_fc.weight"][l], dinp=a["dln"],
-                                dweight=g["mlp.c_fc.weight"][l], dbias=g["mlp.c_fc.bias"][l])
-            ops.layernorm_backward(a["dln"], a["residual2"][l], p["ln_2.weight"][l], a["ln2_mean"][l],
-                                   a["ln2_rstd"][l], dx=dres, dweight=g["ln_2.weight"][l], dbias=g["ln_2.bias"][l])
+                bk.zero_(a[k])
+            bk.matmul_backward(dres, a["fch_gelu"][l], pl["mlp.c_proj.weight"][l], dinp=a["dfch_gelu"],
+                               dweight=gl["mlp.c_proj.weight"][l], dbias=gl["mlp.c_proj.bias"][l])
+            bk.gelu_backward(a["dfch_gelu"], a["fch"][l], dx=a["dfch"])
+            bk.matmul_backward(a["dfch"], a["ln2"][l], pl["mlp.c_fc.weight"][l], dinp=a["dln"],
+                               dweight=gl["mlp.c_fc.weight"][l], dbias=gl["mlp.c_fc.bias"][l])
+            bk.layernorm_backward(a["dln"], a["residual2"][l], pl["ln_2.weight"][l], a["ln2_mean"][l],
+                                  a["ln2_rstd"][l], dx=dres, dweight=gl["ln_2.weight"][l], dbias=gl["ln_2.bias"][l])
             # attention half: residual2 = residual + c_proj(attn(c_attn(ln1(residual))))
             for k in ("datty", "dqkv", "dln"):
-                a[k].fill(0.0)
-            ops.matmul_backward(dres, a["atty"][l], p["attn.c_proj.weight"][l], dinp=a["datty"],
-                                dweight=g["attn.c_proj.weight"][l], dbias=g["attn.c_proj.bias"][l])
-            ops.attention_backward(a["datty"], a["qkv"][l], a["atty"][l], a["att_lse"][l], NH, dqkv=a["dqkv"])
-            ops.matmul_backward(a["dqkv"], a["ln1"][l], p["attn.c_attn.weight"][l], dinp=a["dln"],
-                                dweight=g["attn.c_attn.weight"][l], dbias=g["attn.c_attn.bias"][l])
-            ops.layernorm_backward(a["dln"], residual, p["ln_1.weight"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
-                                   dx=dres, dweight=g["ln_1.weight"][l], dbias=g["ln_1.bias"][l])
-        ops.embedding_backward(dres, self._idx, g["wte"], g["wpe"])
+                bk.zero_(a[k])
+            bk.matmul_backward(dres, a["atty"][l], pl["attn.c_proj.weight"][l], dinp=a["datty"],
+                               dweight=gl["attn.c_proj.weight"][l], dbias=gl["attn.c_proj.bias"][l])
+            bk.attention_backward(a["datty"].reshape((B, T, C)), a["qkv"][l].reshape((B, T, 3 * C)),
+                                  a["atty"][l].reshape((B, T, C)), a["att_lse"][l], NH,
+                                  dqkv=a["dqkv"].reshape((B, T, 3 * C)))
+            bk.matmul_backward(a["dqkv"], a["ln1"][l], pl["attn.c_attn.weight"][l], dinp=a["dln"],
+                               dweight=gl["attn.c_attn.weight"][l], dbias=gl["attn.c_attn.bias"][l])
+            bk.layernorm_backward(a["dln"], residual, pl["ln_1.weight"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
+                                  dx=dres, dweight=gl["ln_1.weight"][l], dbias=gl["ln_1.bias"][l])
+        bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g["wpe"])
 
     # ---- inference --------------------------------------------------------------------------------------
 
     def kv_cache(self, batch_size: int, weights: str | dict = "float32", max_len: int | None = None) -> KVCache:
         """A key/value cache for `batch_size` sequences of up to max_len (default block_size) tokens (see
-        KVCache). weights: "float32", or "bfloat16" to decode with a bf16 snapshot of the matrices (see
-        bf16_weights)."""
+        KVCache). weights (CPU): "float32", or "bfloat16" to decode with a bf16 snapshot of the matrices (see
+        bf16_weights); on the GPU the model's compute dtype decides and `weights` is ignored."""
         return KVCache(self, batch_size, weights, max_len)
 
     def bf16_weights(self) -> dict[str, np.ndarray]:
         """A bf16 snapshot (uint16 bit patterns, nearest-even) of the weight matrices a decode step streams: the
         four linear layers of every block and wte (the lm-head). Half the bytes of float32; taken now, so it does
         not follow later changes of the parameters. Reuse it across caches: model.kv_cache(B, weights=w16)."""
+        if self.device != "cpu":
+            raise ValueError("bf16_weights is for CPU decoding; on the GPU give the model dtype='bfloat16'")
         names = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "wte")
         return {n: ops.to_bf16(self.p[n]) for n in names}
 
+    def generate(self, prompt_ids, max_new_tokens: int, **kw):
+        """Prompt plus generated ids (see fastllm.sample.generate for the keyword arguments: temperature, top_k,
+        top_p, min_p, repetition_penalty, stop_tokens, seed, weights).
 
-class KVCacheBase:
-    """prefill/decode shared by the CPU cache (KVCache) and the GPU one (cuda_model.CudaKVCache). A subclass sets
-    model, B, pos (host int32 (B,)), max_len, and runs the model in _forward(idx (b, Tn) int32, r0) for the cache
-    rows r0 .. r0+b-1, returning the float32 logits (b, V) of each row's last token."""
+        >>> model.generate([50256], 20, temperature=0.8, top_k=40, seed=0)
+        """
+        from .sample import generate  # sample imports nothing of the model; this method is its front door
 
-    model: GPT  # or a cuda_model.CudaGPT
-    B: int
-    pos: np.ndarray
-    max_len: int
+        return generate(self, prompt_ids, max_new_tokens, **kw)
+
+
+def init_weights(p: dict[str, np.ndarray], config: GPTConfig, seed: int = 0) -> None:
+    """GPT-2 init of the numpy views `p`: normal(0, 0.02) for weights and embeddings, residual projections scaled
+    by 1/sqrt(2 n_layer), zeros for biases, ones for layernorm gains."""
+    rng = np.random.default_rng(seed)
+    std, L = 0.02, config.n_layer
+    for name, arr in p.items():
+        if name.endswith(".bias"):
+            arr[...] = 0.0
+        elif name.startswith("ln_"):
+            arr[...] = 1.0
+        else:
+            s = std / math.sqrt(2 * L) if name.endswith("c_proj.weight") else std
+            arr[...] = rng.standard_normal(arr.shape, np.float32) * s
+
+
+class KVCache:
+    """Keys and values of every layer for B sequences, so generation runs the model on new tokens only.
+
+    prefill(rows) runs the prompts (rows may differ in length) batched; decode(tokens) appends one token per
+    sequence. Both return the float32 numpy logits (B, V) of each sequence's last token.
+    Memory: 2 * n_layer * B * max_len * n_embd elements of the compute dtype (max_len defaults to block_size;
+    generate sizes it to the longest prompt + max_new_tokens, so a short generation does not zero a full-context
+    cache). On the CPU, weights="bfloat16" streams bf16 copies of the matrices in decode steps (<= BF16_MAX_ROWS
+    token rows at once, where reading the weights is the cost); longer prefills keep the float32 GEMM.
+    """
+
+    BF16_MAX_ROWS = 32
+
+    def __init__(self, model: GPT, batch_size: int, weights: str | dict = "float32", max_len: int | None = None):
+        cfg, bk = model.config, model.bk
+        self.model, self.B = model, batch_size
+        self.max_len = cache_length(cfg, batch_size, max_len)
+        if isinstance(weights, dict):
+            self.w16 = weights
+        elif weights not in ("float32", "bfloat16"):
+            raise ValueError(f"weights must be 'float32', 'bfloat16' or model.bf16_weights(), got {weights!r}")
+        else:
+            self.w16 = model.bf16_weights() if weights == "bfloat16" and model.device == "cpu" else None
+        self._w16l = None if self.w16 is None else _layers(ops, self.w16)
+        self.hs = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, self.hs)
+        self.k = bk.zeros(shape, model.dtype)
+        self.v = bk.zeros(shape, model.dtype)
+        self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence (host; copied to _pos per call)
+        self._pos = bk.zeros((batch_size,), "int32")
+        self._bufs: dict[tuple[int, int], dict] = {}
 
     def prefill(self, rows: list[list[int]]) -> np.ndarray:
         """Batched: the first min(len) tokens of every prompt run in one pass (all prompts, when they have the same
@@ -457,70 +584,108 @@ class KVCacheBase:
         tokens = np.asarray(tokens, np.int32).reshape(self.B, 1)
         return self._forward(tokens, 0)
 
+    # ---- single rows, for a server's continuous batching (fastllm.serve): sequences come and go, the active
+    # ones are kept in rows 0 .. n-1 (copy_row fills the hole a finished one leaves) and decode_rows runs only those
+
+    def reset_row(self, row: int) -> None:
+        """Forget what row `row` holds (its keys/values are overwritten by the next prefill_row)."""
+        self.pos[row] = 0
+
+    def prefill_row(self, row: int, ids) -> np.ndarray:
+        """Run the prompt `ids` in row `row` alone, after what it holds (reset_row first for a new sequence);
+        the logits (V,) of its last token."""
+        ids = np.asarray(ids, np.int32).reshape(1, -1)
+        if not 0 <= row < self.B or ids.size == 0:
+            raise ValueError(f"prefill_row needs a row in [0, {self.B}) and a non-empty prompt, got row {row}, "
+                             f"{ids.size} tokens")
+        return self._forward(ids, row)[0]
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src: its cached keys/values (the pos[src] filled positions of every layer
+        and head) and length."""
+        bk, cfg, n, hs = self.model.bk, self.model.config, int(self.pos[src]), self.hs
+        row = cfg.n_head * self.max_len * hs  # elements of one sequence in one layer
+        for cache in (self.k, self.v) if n else ():
+            for l in range(cfg.n_layer):
+                for h in range(cfg.n_head):
+                    head = h * self.max_len * hs
+                    at_src, at_dst = (l * self.B + src) * row + head, (l * self.B + dst) * row + head
+                    bk.copy_(bk.view(cache, at_dst, (n, hs)), bk.view(cache, at_src, (n, hs)))
+        self.pos[dst] = n
+
+    def decode_rows(self, tokens, r0: int = 0) -> np.ndarray:
+        """decode for the rows r0 .. r0+n-1 only (one token each, n = len(tokens)); their logits (n, V)."""
+        tokens = np.asarray(tokens, np.int32).reshape(-1, 1)
+        if not (0 <= r0 and 0 < len(tokens) <= self.B - r0):
+            raise ValueError(f"decode_rows: {len(tokens)} tokens from row {r0} do not fit the {self.B} rows")
+        return self._forward(tokens, r0)
+
+    def _buffers(self, b: int, Tn: int) -> dict:
+        key = (b, Tn)
+        if key not in self._bufs:
+            if len(self._bufs) >= 4:  # prompts of many lengths: keep the decode buffers, drop the others
+                self._bufs = {k: v for k, v in self._bufs.items() if k[1] == 1}
+            cfg, dt, f32 = self.model.config, self.model.dtype, "float32"
+            C, N = cfg.n_embd, b * Tn
+            self._bufs[key] = self.model.bk.carve({
+                "idx": ((b, Tn), "int32"), "x": ((N, C), dt), "h": ((N, C), dt), "mean": ((N,), f32),
+                "rstd": ((N,), f32), "qkv": ((N, 3 * C), dt), "y": ((N, C), dt), "tmp": ((N, C), dt),
+                "fch": ((N, 4 * C), dt), "fch_gelu": ((N, 4 * C), dt), "last": ((b, C), dt), "lnf": ((b, C), dt),
+                "lnf_mean": ((b,), f32), "lnf_rstd": ((b,), f32), "logits": ((b, cfg.vocab_size), f32),
+            })
+        return self._bufs[key]
+
     def _forward(self, idx: np.ndarray, r0: int) -> np.ndarray:
-        raise NotImplementedError
-
-
-class KVCache(KVCacheBase):
-    """Keys and values of every layer for B sequences, so generation runs the model on new tokens only.
-
-    prefill(rows) runs the prompts (rows may differ in length) batched; decode(tokens) appends one token per
-    sequence. Both return the logits (B, V) of each sequence's last token.
-    Memory: 2 * n_layer * B * max_len * n_embd floats (max_len defaults to block_size; generate sizes it to the
-    longest prompt + max_new_tokens, so a short generation does not zero a full-context cache).
-    """
-
-    BF16_MAX_ROWS = 32  # token rows per pass up to which bf16 weights (if any) are used
-
-    def __init__(self, model: GPT, batch_size: int, weights: str | dict = "float32", max_len: int | None = None):
-        cfg = model.config
-        self.model, self.B = model, batch_size
-        self.max_len = cache_length(cfg, batch_size, max_len)
-        # bf16 matrices for decode steps (<= BF16_MAX_ROWS tokens at once, where streaming the weights is the cost);
-        # longer prefills keep the float32 GEMM
-        if isinstance(weights, dict):
-            self.w16 = weights
-        elif weights == "bfloat16":
-            self.w16 = model.bf16_weights()
-        elif weights == "float32":
-            self.w16 = None
-        else:
-            raise ValueError(f"weights must be 'float32', 'bfloat16' or model.bf16_weights(), got {weights!r}")
-        hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, hs)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
-        self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence
-
-    def _forward(self, idx: np.ndarray, r0: int) -> np.ndarray:
-        """Run idx (b, Tn) for the cache rows r0 .. r0+b-1, appending their keys/values; logits of the last token."""
-        m, cfg = self.model, self.model.config
-        p, eps = m.p, cfg.layernorm_eps
+        """Run idx (b, Tn) for the cache rows r0 .. r0+b-1, appending their keys/values; float32 numpy logits
+        (b, V) of the last token of each row."""
+        m, cfg, bk = self.model, self.model.config, self.model.bk
+        pc, pl, eps = m.pc, m._pl, cfg.layernorm_eps
         b, Tn = idx.shape
-        rows = slice(r0, r0 + b)
-        pos = self.pos[rows]
+        C, NH, Tm, hs = cfg.n_embd, cfg.n_head, self.max_len, self.hs
+        pos = self.pos[r0:r0 + b]
         if idx.min() < 0 or idx.max() >= cfg.vocab_size:
             raise ValueError(f"token ids outside [0, {cfg.vocab_size})")
-        if int(pos.max()) + Tn > self.max_len:
-            raise ValueError(f"the sequence would exceed the cache length max_len={self.max_len}")
-        w16 = self.w16 if b * Tn <= self.BF16_MAX_ROWS else None
-
-        def linear(x, name, l=None, bias=True):
-            w = (w16 if w16 is not None else p)[name]
-            w = w if l is None else w[l]
-            bb = p[name[:-len("weight")] + "bias"][l] if bias else None
-            return ops.matmul_forward(x, w, bb) if w16 is None else ops.matmul_forward_bf16w(x, w, bb)
-
-        x = p["wte"][idx] + p["wpe"][pos[:, None] + np.arange(Tn)]  # (b, Tn, C)
+        if int(pos.max()) + Tn > Tm:
+            raise ValueError(f"the sequence would exceed the cache length max_len={Tm}")
+        u = self._buffers(b, Tn)
+        bk.copy_(u["idx"], np.ascontiguousarray(idx, np.int32))
+        pos_dev = bk.view(self._pos, r0, (b,))
+        bk.copy_(pos_dev, np.ascontiguousarray(pos))
+        w16 = self._w16l if self._w16l is not None and b * Tn <= self.BF16_MAX_ROWS else None
+        w = pl if w16 is None else w16  # the matrices this pass streams
+        x = u["x"]
+        # token + position embedding; the position rows start at each sequence's pos (a view of wpe)
+        if (pos == pos[0]).all():
+            bk.embedding_forward(u["idx"], pc["wte"], bk.view(pc["wpe"], int(pos[0]) * C, (Tn, C)),
+                                 out=x.reshape((b, Tn, C)))
+        else:
+            for i in range(b):
+                wpe_i = bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C))
+                bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"], wpe_i,
+                                     out=bk.view(x, i * Tn * C, (1, Tn, C)))
+        per_layer = self.B * NH * Tm * hs
         for l in range(cfg.n_layer):
-            h, _, _ = ops.layernorm_forward(x, p["ln_1.weight"][l], p["ln_1.bias"][l], eps)
-            qkv = linear(h, "attn.c_attn.weight", l)  # (b, Tn, 3C)
-            y = ops.attention_kv_forward(qkv, self.k[l, rows], self.v[l, rows], pos)  # (b, Tn, C)
-            x = x + linear(y, "attn.c_proj.weight", l)
-            h, _, _ = ops.layernorm_forward(x, p["ln_2.weight"][l], p["ln_2.bias"][l], eps)
-            h = ops.gelu_forward(linear(h, "mlp.c_fc.weight", l))
-            x = x + linear(h, "mlp.c_proj.weight", l)
-        last = np.ascontiguousarray(x[:, -1])
-        h, _, _ = ops.layernorm_forward(last, p["ln_f.weight"], p["ln_f.bias"], eps)
-        self.pos[rows] += Tn
-        return linear(h, "wte", bias=False)  # (b, V)
+            kc = bk.view(self.k, l * per_layer + r0 * NH * Tm * hs, (b, NH, Tm, hs))
+            vc = bk.view(self.v, l * per_layer + r0 * NH * Tm * hs, (b, NH, Tm, hs))
+            bk.layernorm_forward(x, pl["ln_1.weight"][l], pl["ln_1.bias"][l], eps, out=u["h"], mean=u["mean"],
+                                 rstd=u["rstd"])
+            bk.matmul_forward(u["h"], w["attn.c_attn.weight"][l], pl["attn.c_attn.bias"][l], out=u["qkv"])
+            bk.attention_kv_forward(u["qkv"].reshape((b, Tn, 3 * C)), kc, vc, pos_dev, out=u["y"].reshape((b, Tn, C)))
+            bk.matmul_forward(u["y"], w["attn.c_proj.weight"][l], pl["attn.c_proj.bias"][l], out=u["tmp"])
+            bk.add_(x, u["tmp"])
+            bk.layernorm_forward(x, pl["ln_2.weight"][l], pl["ln_2.bias"][l], eps, out=u["h"], mean=u["mean"],
+                                 rstd=u["rstd"])
+            bk.matmul_forward(u["h"], w["mlp.c_fc.weight"][l], pl["mlp.c_fc.bias"][l], out=u["fch_gelu"],
+                              pre_gelu=u["fch"])
+            bk.matmul_forward(u["fch_gelu"], w["mlp.c_proj.weight"][l], pl["mlp.c_proj.bias"][l], out=u["tmp"])
+            bk.add_(x, u["tmp"])
+        last = x  # the last token of each row
+        if Tn > 1:
+            last = u["last"]
+            for i in range(b):
+                bk.copy_(bk.view(last, i * C, (1, C)), bk.view(x, ((i + 1) * Tn - 1) * C, (1, C)))
+        bk.layernorm_forward(last, pc["ln_f.weight"], pc["ln_f.bias"], eps, out=u["lnf"], mean=u["lnf_mean"],
+                             rstd=u["lnf_rstd"])
+        bk.matmul_forward(u["lnf"], w["wte"], out=u["logits"])  # (b, V) float32 = lnf @ wte^T
+        self.pos[r0:r0 + b] += Tn
+        return np.array(bk.to_numpy(u["logits"]))

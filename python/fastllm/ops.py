@@ -1,22 +1,33 @@
-"""Thin numpy wrappers over the native kernels (fastllm._C): each one allocates its outputs (or takes
-`out=` buffers so a training step allocates nothing), reshapes to the kernel's 2-D view, and calls.
+"""The CPU backend: numpy arrays and thin wrappers over the native kernels (fastllm._C). The contract it shares
+with the GPU backend (fastllm.cuda: same functions, same arguments) is in fastllm/backend.py: inputs first,
+outputs returned and optionally passed in (`out=`, `dx=`, ...); forward ops overwrite, backward ops ACCUMULATE
+(+=) into the gradients they are given.
 
-Validation happens once, in the native binding: a wrong dtype raises TypeError, a wrong shape,
-non-contiguous array or out-of-range token id raises ValueError, each naming the argument.
-Float arrays must already be float32 (no silent copies); token ids may be any integer dtype and are
-converted to int32 (floats raise TypeError).
+Validation happens once, in the native binding: a wrong dtype raises TypeError, a wrong shape, non-contiguous
+array or out-of-range token id raises ValueError, each naming the argument. Float arrays must already be
+float32 (no silent copies); token ids may be any integer dtype and are converted to int32 (floats raise
+TypeError). bfloat16 arrays are uint16 bit patterns (numpy has no bfloat16): `to_bf16`, `from_bf16`.
 
-Backward functions ACCUMULATE (+=) into the gradient buffers they are given (zero them first), like
-llm.c; when a gradient buffer is not given, a zeroed one is allocated and returned.
+>>> out, mean, rstd = layernorm_forward(np.ones((2, 4), np.float32), np.ones(4, np.float32), np.zeros(4, np.float32))
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from . import _C
 
-IGNORE_INDEX = -1
+IGNORE_INDEX = -1  # targets with this id take no loss and no gradient (both backends, the model, the loaders)
+
+_NP = {"float32": np.float32, "bfloat16": np.uint16, "int32": np.int32}
+
+
+def _np_dtype(dtype: str):
+    if dtype not in _NP:
+        raise TypeError(f"dtype must be one of {sorted(_NP)}, got {dtype!r}")
+    return _NP[dtype]
 
 
 def _ids(x, name: str) -> np.ndarray:
@@ -32,10 +43,32 @@ def _ids(x, name: str) -> np.ndarray:
 
 
 def _f32(x, name: str) -> np.ndarray:
-    """A float32 ndarray as given (no copy); the binding rejects other dtypes and layouts."""
+    """A numpy array as given (no copy); the binding rejects other dtypes and layouts."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy float32 array, got {type(x).__name__}")
     return x
+
+
+def _out(x, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """An output buffer: allocated (zeros) when None, else checked to be a C-contiguous array of `shape` (a strided
+    output would be reshaped into a copy that the kernel writes and the caller never sees)."""
+    if x is None:
+        return np.zeros(shape, dtype)
+    _f32(x, name)
+    if x.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {x.shape}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (an output is written in place)")
+    return x
+
+
+def _view(a, n: int | None = None):
+    """a as the kernel's (rows, n) matrix, or flat vector when n is None: always a view. What cannot be viewed so
+    (not an ndarray, not C-contiguous, last axis not n) goes to the kernel unchanged, which rejects it naming the
+    argument; reshape would copy a strided output (the kernel would fill the copy) or fail (reshape(-1, 0))."""
+    if not isinstance(a, np.ndarray) or not a.flags.c_contiguous or a.ndim == 0 or n not in (None, a.shape[-1]):
+        return a
+    return a.reshape(-1) if n is None else a.reshape(a.size // n if n else int(np.prod(a.shape[:-1])), n)
 
 
 def _row_weights(w, targets: np.ndarray):
@@ -48,26 +81,88 @@ def _row_weights(w, targets: np.ndarray):
     return w.reshape(-1)
 
 
-def _zeros_like_or(buf, like: np.ndarray) -> np.ndarray:
-    return np.zeros(like.shape, np.float32) if buf is None else buf
+# ---- arrays --------------------------------------------------------------------------------------------
 
 
-# ---- matmul --------------------------------------------------------------------------------------------
+def empty(shape, dtype: str = "float32") -> np.ndarray:
+    return np.empty(shape, _np_dtype(dtype))
 
 
-def matmul_forward(inp, weight, bias=None, out=None) -> np.ndarray:
-    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC).
+def zeros(shape, dtype: str = "float32") -> np.ndarray:
+    return np.zeros(shape, _np_dtype(dtype))
 
-    >>> matmul_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)).shape
-    (2, 4)
-    """
-    inp, weight = _f32(inp, "inp"), _f32(weight, "weight")
-    lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
-    OC = weight.shape[0] if weight.ndim == 2 else 0
-    if out is None:
-        out = np.empty((*lead, OC), np.float32)
-    _C.matmul_forward(out.reshape(-1, OC), inp.reshape(-1, C), weight, bias)
+
+def carve(specs: dict[str, tuple[tuple[int, ...], str]], align: int = 64) -> dict[str, np.ndarray]:
+    """One allocation for many buffers: {name: (shape, dtype)} -> {name: array view}, each starting at a multiple of
+    `align` bytes (a cache line, so rows of different buffers never share one)."""
+    offsets, total = {}, 0
+    for name, (shape, dtype) in specs.items():
+        offsets[name] = total
+        nbytes = math.prod(shape) * np.dtype(_np_dtype(dtype)).itemsize
+        total += -(-nbytes // align) * align
+    arena = np.empty(total + align, np.uint8)
+    base = -arena.ctypes.data % align
+    out = {}
+    for name, (shape, dtype) in specs.items():
+        dt = np.dtype(_np_dtype(dtype))
+        b = base + offsets[name]
+        out[name] = arena[b:b + math.prod(shape) * dt.itemsize].view(dt).reshape(shape)
     return out
+
+
+def view(x: np.ndarray, offset: int, shape) -> np.ndarray:
+    """The elements x.flat[offset : offset + prod(shape)] as an array of `shape`, sharing x's memory."""
+    if not x.flags.c_contiguous:
+        raise ValueError("view needs a C-contiguous array")
+    n = math.prod(shape)
+    if offset < 0 or offset + n > x.size:
+        raise ValueError(f"view [{offset}, {offset + n}) is outside the array's {x.size} elements")
+    return x.reshape(-1)[offset:offset + n].reshape(shape)
+
+
+def to_device(array, dtype: str | None = None) -> np.ndarray:
+    """A C-contiguous copy of a numpy array (float -> float32, integers -> int32 checked; dtype="bfloat16" rounds
+    float32 to bf16 bit patterns), like cuda.to_device."""
+    a = np.asarray(array)
+    if a.dtype.kind in "iub" and dtype in (None, "int32"):
+        return _ids(a, "array").copy()
+    a = np.array(a, np.float32, order="C")
+    return to_bf16(a) if dtype == "bfloat16" else a
+
+
+def to_numpy(x: np.ndarray) -> np.ndarray:
+    """x itself on the CPU (no copy); a copy from the GPU."""
+    return x
+
+
+def copy_(dst: np.ndarray, src) -> None:
+    """dst = src (same shape)."""
+    src = np.asarray(src)
+    if src.shape != dst.shape:
+        raise ValueError(f"copy_: shapes differ, dst {dst.shape} and src {src.shape}")
+    dst[...] = src
+
+
+def zero_(x: np.ndarray) -> None:
+    x.fill(0)
+
+
+def add_(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst += src (same shape, float32)."""
+    _C.residual_forward(dst, dst, src)
+
+
+def synchronize() -> None:
+    """Nothing to wait for on the CPU (the kernels return when done)."""
+
+
+def sum_squares(x) -> float:
+    return float(_C.sum_squares(x))
+
+
+def global_norm(*arrays) -> float:
+    """sqrt of the sum of squares over all arrays (float32 in, double accumulation)."""
+    return float(np.sqrt(sum(sum_squares(a) for a in arrays)))
 
 
 def to_bf16(x) -> np.ndarray:
@@ -83,108 +178,153 @@ def from_bf16(x) -> np.ndarray:
     return (np.asarray(x, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def matmul_forward_bf16w(inp, weight16, bias=None, out=None) -> np.ndarray:
-    """matmul_forward with bf16 weights (uint16 bit patterns from to_bf16, shape (OC, C)) for inference: inp is
-    rounded to bf16 too, products are exact and sums fp32 (AVX-512 BF16 dot products where the CPU has them)."""
+# ---- matmul --------------------------------------------------------------------------------------------
+
+
+def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None) -> np.ndarray:
+    """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC); with pre_gelu (..., OC): pre_gelu = that
+    product and out = gelu(pre_gelu) (the MLP's first layer). weight may be bf16 (uint16 from to_bf16; inference):
+    inp is then rounded to bf16 too, products are exact and sums fp32 (AVX-512 BF16 dot products where the CPU
+    has them).
+
+    >>> matmul_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)).shape
+    (2, 4)
+    """
     inp = _f32(inp, "inp")
+    if not isinstance(weight, np.ndarray):
+        raise TypeError(f"weight must be a numpy array, got {type(weight).__name__}")
     lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
-    OC = weight16.shape[0] if getattr(weight16, "ndim", 0) == 2 else 0
-    if out is None:
-        out = np.empty((*lead, OC), np.float32)
-    _C.matmul_forward_bf16w(out.reshape(-1, OC), np.ascontiguousarray(inp).reshape(-1, C), weight16, bias)
+    OC = weight.shape[0] if weight.ndim == 2 else 0
+    out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
+    pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
+    kernel = _C.matmul_forward_bf16w if weight.dtype == np.uint16 else _C.matmul_forward
+    kernel(_view(out, OC), _view(inp, C), weight, bias, pg)
     return out
 
 
 def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True):
-    """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias)."""
+    """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias); need_dinp/need_bias=False skip
+    those (returned as None)."""
     dout, inp, weight = _f32(dout, "dout"), _f32(inp, "inp"), _f32(weight, "weight")
     C, OC = inp.shape[-1], weight.shape[0]
-    if need_dinp:
-        dinp = _zeros_like_or(dinp, inp)
-    dweight = _zeros_like_or(dweight, weight)
-    if need_bias and dbias is None:
-        dbias = np.zeros(OC, np.float32)
-    _C.matmul_backward(
-        None if dinp is None else dinp.reshape(-1, C), dweight, dbias, dout.reshape(-1, OC), inp.reshape(-1, C),
-        weight,
-    )
+    dinp = _out(dinp, "dinp", inp.shape) if need_dinp else None
+    dweight = _out(dweight, "dweight", weight.shape)
+    dbias = _out(dbias, "dbias", (OC,)) if need_bias else None
+    _C.matmul_backward(None if dinp is None else _view(dinp, C), dweight, dbias, _view(dout, OC),
+                       _view(inp, C), weight)
     return dinp, dweight, dbias
 
 
 # ---- attention -----------------------------------------------------------------------------------------
 
 
-def attention_forward(qkv, n_head: int, out=None, lse=None):
-    """Causal self-attention on packed qkv (B, T, 3C) -> (out (B, T, C), lse (B, NH, T))."""
+def _nkv(n_kv_head) -> int | None:
+    return None if n_kv_head is None else int(n_kv_head)
+
+
+def _q_width(qkv, n_head: int, n_kv_head: int | None) -> int:
+    """C = n_head * hs of packed qkv (..., (n_head + 2 * n_kv_head) * hs) (both backends; the bindings check)."""
+    nh, nkv = int(n_head), int(n_head if n_kv_head is None else n_kv_head)
+    return qkv.shape[-1] // (nh + 2 * nkv) * nh if nh > 0 and nkv > 0 else 0
+
+
+def _kv_out_width(qkv, kcache, n_kv_head: int | None) -> int:
+    """NH * hs of attention_kv_forward's out, from qkv (B, Tn, (NH + 2 NKV) hs) and kcache (B, NKV, maxT, hs); n_kv_head
+    None means NH = NKV. Shapes only (both backends; the bindings check them)."""
+    if len(kcache.shape) != 4 or kcache.shape[-1] <= 0:
+        return 0
+    nkv, hs = kcache.shape[1], kcache.shape[-1]
+    return max(nkv if n_kv_head is None else qkv.shape[-1] // hs - 2 * nkv, 0) * hs
+
+
+def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None):
+    """Causal self-attention on packed qkv (B, T, (NH + 2*NKV) * hs) = [q | k | v] -> (out (B, T, NH*hs), lse
+    (B, NH, T): the logsumexp of each query's scaled scores, saved for backward). n_kv_head (NKV, dividing n_head;
+    None = n_head, qkv (B, T, 3C)) gives grouped-query attention: query head h uses kv head h // (NH // NKV), and
+    K/V are never repeated in memory."""
     qkv = _f32(qkv, "qkv")
     if qkv.ndim != 3:
-        raise ValueError(f"qkv must be (B, T, 3C), got shape {qkv.shape}")
-    B, T, C3 = qkv.shape
-    if out is None:
-        out = np.empty((B, T, C3 // 3), np.float32)
-    if lse is None:
-        lse = np.empty((B, n_head, T), np.float32)
-    _C.attention_forward(out, lse, qkv, int(n_head))
+        raise ValueError(f"qkv must be (B, T, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
+    B, T, W = qkv.shape
+    n_head = int(n_head)
+    out = np.empty((B, T, _q_width(qkv, n_head, n_kv_head)), np.float32) if out is None else out
+    if lse is None:  # (for an impossible n_head, a placeholder: the kernel names the problem)
+        lse = np.empty((B, n_head, T) if 0 < n_head <= W else 0, np.float32)
+    _C.attention_forward(out, lse, qkv, n_head, _nkv(n_kv_head))
     return out, lse
 
 
-def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None) -> np.ndarray:
-    """Gradient w.r.t. qkv (B, T, 3C), accumulated into dqkv."""
-    dqkv = _zeros_like_or(dqkv, _f32(qkv, "qkv"))
-    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head))
+def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None) -> np.ndarray:
+    """Gradient w.r.t. qkv (B, T, (NH + 2*NKV) * hs), accumulated into dqkv; dk, dv of a kv head sum over the
+    query heads that share it."""
+    dqkv = _out(dqkv, "dqkv", _f32(qkv, "qkv").shape)
+    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head), _nkv(n_kv_head))
     return dqkv
+
+
+def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None) -> np.ndarray:
+    """Inference attention with a KV cache: qkv (B, Tn, (NH + 2*NKV) * hs) of Tn new tokens per sequence; their keys
+    and values are written into kcache/vcache (B, NKV, max_T, hs) at positions pos[b] .. pos[b]+Tn-1 (only the kv
+    heads are stored), then each new query attends causally to its sequence's cache. Returns out (B, Tn, NH*hs).
+    pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal kcache.shape[1]."""
+    qkv, kcache = _f32(qkv, "qkv"), _f32(kcache, "kcache")
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be (B, Tn, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
+    out = np.empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), np.float32) if out is None else out
+    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), _nkv(n_kv_head))
+    return out
 
 
 # ---- softmax + cross-entropy ---------------------------------------------------------------------------
 
 
-def softmax_cross_entropy(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                          backward: bool = True, inplace: bool = False, losses=None, row_weights=None):
+def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX, backward: bool = True,
+               inplace: bool = False, losses=None, row_weights=None):
     """Per-row loss and dlogits = (softmax - onehot) * grad_scale for logits (..., V), targets (...).
 
     Rows whose target equals `ignore_index` get loss 0 and zero gradient. With inplace=True dlogits
     overwrites logits (no extra N x V buffer). row_weights (float32, shaped like targets) scales each row's
     gradient (grad_scale * row_weights[n]: the gradient of sum_n w[n] * loss[n]); losses are unchanged.
-    Returns (losses, dlogits or None).
+    Returns (losses, dlogits or None); dlogits is written (=), not accumulated.
     """
     logits = _f32(logits, "logits")
     targets = _ids(targets, "targets")
     rw = _row_weights(row_weights, targets)
     V = logits.shape[-1]
-    if losses is None:
-        losses = np.empty(targets.shape, np.float32)
+    losses = np.empty(targets.shape, np.float32) if losses is None else losses
     dlogits = None
     if backward:
         dlogits = logits if inplace else np.empty_like(logits)
-    _C.softmax_ce(
-        losses.reshape(-1), None if dlogits is None else dlogits.reshape(-1, V), logits.reshape(-1, V),
-        targets.reshape(-1), float(grad_scale), int(ignore_index), rw,
-    )
+    _C.softmax_ce(_view(losses), None if dlogits is None else _view(dlogits, V), _view(logits, V),
+                  _view(targets), float(grad_scale), int(ignore_index), rw)
     return losses, dlogits
 
 
-def lmhead_cross_entropy(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                         backward: bool = True, dhidden=None, dweight=None, chunk_rows: int = 256,
-                         row_weights=None):
-    """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, never materialised whole.
+def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "float32") -> int:
+    """Rows of lmhead_ce's default scratch for n_rows rows (what the CPU kernel uses when none is given)."""
+    _np_dtype(dtype)
+    return int(_C.lmhead_chunk_rows(int(n_rows), int(vocab_size)))
 
-    Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients accumulate. With
-    row_weights (float32, shaped like targets) the gradients are those of grad_scale * sum_n w[n] * loss[n].
-    """
+
+def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
+              backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None):
+    """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, computed in chunks of rows into
+    `scratch` (rows, V) (allocated per call if None: pass one, of lmhead_chunk_rows rows, to reuse it) and never
+    materialised whole. Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients
+    accumulate. With row_weights (float32, shaped like targets) the gradients are those of
+    grad_scale * sum_n w[n] * loss[n]."""
     hidden, weight = _f32(hidden, "hidden"), _f32(weight, "weight")
     targets = _ids(targets, "targets")
     rw = _row_weights(row_weights, targets)
     C = hidden.shape[-1]
-    losses = np.empty(targets.shape, np.float32)
+    losses = np.empty(targets.shape, np.float32) if losses is None else losses
     if backward:
-        dhidden = _zeros_like_or(dhidden, hidden)
-        dweight = _zeros_like_or(dweight, weight)
+        dhidden = _out(dhidden, "dhidden", hidden.shape)
+        dweight = _out(dweight, "dweight", weight.shape)
     else:
         dhidden = dweight = None
-    _C.lmhead_ce(
-        losses.reshape(-1), None if dhidden is None else dhidden.reshape(-1, C), dweight, hidden.reshape(-1, C),
-        weight, targets.reshape(-1), float(grad_scale), int(ignore_index), int(chunk_rows), rw,
-    )
+    _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
+                 _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw)
     return losses, dhidden, dweight
 
 
@@ -198,7 +338,7 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5, out=None, mean=None, r
     out = np.empty_like(x) if out is None else out
     mean = np.empty(x.shape[:-1], np.float32) if mean is None else mean
     rstd = np.empty(x.shape[:-1], np.float32) if rstd is None else rstd
-    _C.layernorm_forward(out.reshape(-1, C), mean.reshape(-1), rstd.reshape(-1), x.reshape(-1, C), weight, bias,
+    _C.layernorm_forward(_view(out, C), _view(mean), _view(rstd), _view(x, C), weight, bias,
                          float(eps))
     return out, mean, rstd
 
@@ -207,38 +347,138 @@ def layernorm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias
     """Gradients of layernorm_forward, accumulated: returns (dx, dweight, dbias)."""
     x = _f32(x, "x")
     C = x.shape[-1]
-    dx = _zeros_like_or(dx, x)
-    dweight = _zeros_like_or(dweight, weight)
-    dbias = _zeros_like_or(dbias, weight)
-    _C.layernorm_backward(dx.reshape(-1, C), dweight, dbias, _f32(dout, "dout").reshape(-1, C), x.reshape(-1, C),
-                          weight, mean.reshape(-1), rstd.reshape(-1))
+    dx = _out(dx, "dx", x.shape)
+    dweight = _out(dweight, "dweight", (C,))
+    dbias = _out(dbias, "dbias", (C,))
+    _C.layernorm_backward(_view(dx, C), dweight, dbias, _view(_f32(dout, "dout"), C), _view(x, C),
+                          weight, _view(mean), _view(rstd))
     return dx, dweight, dbias
 
 
 def gelu_forward(x, out=None) -> np.ndarray:
-    """GELU with the tanh approximation (GPT-2), element-wise."""
+    """GELU with the tanh approximation (GPT-2), element-wise; out may be x itself."""
     out = np.empty_like(_f32(x, "x")) if out is None else out
     _C.gelu_forward(out, x)
     return out
 
 
 def gelu_backward(dout, x, dx=None) -> np.ndarray:
-    dx = _zeros_like_or(dx, _f32(x, "x"))
-    _C.gelu_backward(dx, x, dout)
+    """dx += gelu'(x) * dout."""
+    dx = _out(dx, "dx", _f32(x, "x").shape)
+    _C.gelu_backward(dx, dout, x)
     return dx
 
 
 def residual_forward(a, b, out=None) -> np.ndarray:
+    """out = a + b (the skip connection); out may be a or b itself."""
     out = np.empty_like(_f32(a, "inp1")) if out is None else out
     _C.residual_forward(out, a, b)
     return out
 
 
-def residual_backward(dout, da=None, db=None):
+def residual_backward(dout, dinp1=None, dinp2=None):
+    """dinp1 += dout, dinp2 += dout (the gradients of both inputs of residual_forward)."""
     dout = _f32(dout, "dout")
-    da, db = _zeros_like_or(da, dout), _zeros_like_or(db, dout)
-    _C.residual_backward(da, db, dout)
-    return da, db
+    dinp1, dinp2 = _out(dinp1, "dinp1", dout.shape), _out(dinp2, "dinp2", dout.shape)
+    _C.residual_backward(dinp1, dinp2, dout)
+    return dinp1, dinp2
+
+
+# ---- the Llama family: rmsnorm, rope, swiglu, relu2 ------------------------------------------------------
+
+
+def _norm_stats_shape(x, heads) -> tuple:
+    """The shape of rmsnorm's rstd for x (..., C), or with heads=(h0, h1) for the rows [h0, h1) of x (..., R, C)."""
+    if heads is None:
+        return tuple(x.shape[:-1])
+    if len(x.shape) < 2:
+        raise ValueError(f"heads needs x (..., R, C) with a head axis, got shape {tuple(x.shape)}")
+    return (*x.shape[:-2], int(heads[1]) - int(heads[0]))
+
+
+def _heads(heads):
+    return None if heads is None else (int(heads[0]), int(heads[1]))
+
+
+def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=None):
+    """RMSNorm over the last axis: x (..., C) -> (out = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps) of shape
+    x.shape[:-1]), as HF LlamaRMSNorm. out may be x itself (in place).
+    heads=(h0, h1) normalises only the rows x[..., h0:h1, :] of x (..., R, C), rstd (..., h1 - h0): Qwen3's QK-norm
+    on the packed qkv viewed as (B, T, NH + 2*NKV, hs) (q heads (0, NH), k heads (NH, NH + NKV)); the other rows of
+    out are left as they are (a new out starts as a copy of x).
+
+    >>> out, rstd = rmsnorm_forward(np.ones((2, 4), np.float32), np.ones(4, np.float32))
+    """
+    x = _f32(x, "x")
+    if out is None:
+        out = np.empty_like(x) if heads is None else x.copy()
+    rstd = np.empty(_norm_stats_shape(x, heads), np.float32) if rstd is None else rstd
+    _C.rmsnorm_forward(out, rstd, x, weight, float(eps), _heads(heads))
+    return out, rstd
+
+
+def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
+    """Gradients of rmsnorm_forward, accumulated: returns (dx (..., C), dweight (C,)); with heads, only those rows
+    of dx receive."""
+    x = _f32(x, "x")
+    dx = _out(dx, "dx", x.shape)
+    dweight = _out(dweight, "dweight", x.shape[-1:])
+    _C.rmsnorm_backward(dx, dweight, dout, x, weight, rstd, _heads(heads))
+    return dx, dweight
+
+
+def rope_forward(qkv, cos, sin, n_head: int, pos=None, out=None, n_kv_head: int | None = None) -> np.ndarray:
+    """Rotary position embedding of the q and k heads of packed qkv (B, T, (NH + 2*NKV) * hs), rotate-half layout
+    (HF apply_rotary_pos_emb): token t of sequence b sits at position pos[b] + t (pos int (B,), None = 0) and uses
+    row p of the tables cos, sin (max_pos, rotary_dim // 2) from fastllm.rope.rope_tables; the first rotary_dim
+    dims of each q/k head rotate, the rest and v pass through. out may be qkv itself (in place)."""
+    qkv = _f32(qkv, "qkv")
+    out = np.empty_like(qkv) if out is None else out
+    _C.rope_forward(out, qkv, cos, sin, None if pos is None else _ids(pos, "pos"), int(n_head), _nkv(n_kv_head))
+    return out
+
+
+def rope_backward(dout, cos, sin, n_head: int, pos=None, dqkv=None, n_kv_head: int | None = None) -> np.ndarray:
+    """Gradient of rope_forward (the inverse rotation; no saved activations): dqkv += R^T dout. dqkv may be dout
+    itself: then dout is rotated back in place (dqkv = R^T dout), the usual use after attention_backward."""
+    dout = _f32(dout, "dout")
+    dqkv = _out(dqkv, "dqkv", dout.shape)
+    _C.rope_backward(dqkv, dout, cos, sin, None if pos is None else _ids(pos, "pos"), int(n_head), _nkv(n_kv_head))
+    return dqkv
+
+
+def swiglu_forward(gate_up, out=None) -> np.ndarray:
+    """SwiGLU: gate_up (..., 2H) = [gate | up] -> out (..., H) = silu(gate) * up, HF LlamaMLP's act_fn(gate_proj(x))
+    * up_proj(x) when gate_up = x @ concat([gate_proj.weight, up_proj.weight]).T.
+
+    >>> swiglu_forward(np.zeros((3, 8), np.float32)).shape
+    (3, 4)
+    """
+    gate_up = _f32(gate_up, "gate_up")
+    out = np.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), np.float32) if out is None else out
+    _C.swiglu_forward(out, gate_up)
+    return out
+
+
+def swiglu_backward(dout, gate_up, dgate_up=None) -> np.ndarray:
+    """dgate_up (..., 2H) += [dout * up * silu'(gate) | dout * silu(gate)]."""
+    dgate_up = _out(dgate_up, "dgate_up", _f32(gate_up, "gate_up").shape)
+    _C.swiglu_backward(dgate_up, dout, gate_up)
+    return dgate_up
+
+
+def relu2_forward(x, out=None) -> np.ndarray:
+    """ReLU^2 (nanochat, modded-nanogpt, Primer): out = max(x, 0)^2, element-wise; out may be x itself."""
+    out = np.empty_like(_f32(x, "x")) if out is None else out
+    _C.relu2_forward(out, x)
+    return out
+
+
+def relu2_backward(dout, x, dx=None) -> np.ndarray:
+    """dx += 2 max(x, 0) * dout."""
+    dx = _out(dx, "dx", _f32(x, "x").shape)
+    _C.relu2_backward(dx, dout, x)
+    return dx
 
 
 # ---- embedding -----------------------------------------------------------------------------------------
@@ -249,14 +489,13 @@ def embedding_forward(tokens, wte, wpe, out=None) -> np.ndarray:
     tokens = _ids(tokens, "tokens")
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
-    if out is None:
-        out = np.empty((*tokens.shape, _f32(wte, "wte").shape[-1]), np.float32)
+    out = np.empty((*tokens.shape, _f32(wte, "wte").shape[-1]), np.float32) if out is None else out
     _C.embedding_forward(out, tokens, wte, wpe)
     return out
 
 
 def embedding_backward(dout, tokens, dwte, dwpe):
-    """Scatter-add dout (B, T, C) into dwte (V, C) and dwpe (max_T, C), deterministically."""
+    """Scatter-add dout (B, T, C) into dwte (V, C) and dwpe (max_T, C), deterministically; returns them."""
     _C.embedding_backward(dwte, dwpe, dout, _ids(tokens, "tokens"))
     return dwte, dwpe
 
@@ -264,24 +503,14 @@ def embedding_backward(dout, tokens, dwte, dwpe):
 # ---- optimizer -----------------------------------------------------------------------------------------
 
 
-def adamw_step(params, grads, m, v, lr: float, t: int, beta1: float = 0.9, beta2: float = 0.95,
-               eps: float = 1e-8, weight_decay: float = 0.0, grad_scale: float = 1.0) -> None:
-    """One AdamW step in place on params, m, v (step t >= 1); grads are multiplied by grad_scale first."""
+def adamw_step(params, grads, m, v, lr: float, t: int, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+               weight_decay: float = 0.0, grad_scale: float = 1.0, params_copy=None) -> None:
+    """One AdamW step in place on float32 params, m, v (step t >= 1) with grads * grad_scale; params_copy
+    (optional: float32, or bf16 bit patterns) receives the updated parameters."""
     _C.adamw_step(params, m, v, grads, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                   int(t), float(grad_scale))
-
-
-def global_norm(*arrays) -> float:
-    """sqrt of the sum of squares over all arrays (float32 in, double accumulation)."""
-    return float(np.sqrt(sum(_C.sum_squares(a) for a in arrays)))
-
-
-def attention_kv_forward(qkv, kcache, vcache, pos, out=None) -> np.ndarray:
-    """Inference attention with a KV cache: qkv (B, Tn, 3C) of Tn new tokens per sequence; their keys and values
-    are written into kcache/vcache (B, NH, max_T, hs) at positions pos[b] .. pos[b]+Tn-1, then each new query
-    attends causally to its sequence's cache. Returns out (B, Tn, C). pos is not advanced."""
-    qkv = _f32(qkv, "qkv")
-    if out is None:
-        out = np.empty((*qkv.shape[:2], qkv.shape[2] // 3), np.float32)
-    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"))
-    return out
+    if params_copy is not None:
+        if params_copy.dtype == np.uint16:
+            _C.float_to_bf16(params_copy, params)
+        else:
+            copy_(params_copy, params)

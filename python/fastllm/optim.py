@@ -1,4 +1,4 @@
-"""AdamW over a GPT's flat buffers, global-norm gradient clipping, and the learning-rate schedule."""
+"""AdamW over a GPT's flat buffers (either device), global-norm gradient clipping, and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import math
 
 import numpy as np
 
-from . import ops
-from .model import GPT, _views, decays
+from .model import GPT, decays
 
 
 class AdamW:
-    """AdamW with decoupled weight decay on matrices only (see model.decays); state m, v are flat buffers
-    shaped like model.params, so a checkpoint saves them as two arrays.
+    """AdamW with decoupled weight decay on matrices only (see model.decays). The state m, v is one float32
+    allocation of 2 * num_parameters on the model's device (so a checkpoint saves two flat arrays); the update
+    runs on the fp32 master weights and also writes the model's compute copy (bf16 on the GPU). Make the
+    optimizer after model.to(device).
 
     >>> opt = AdamW(model, lr=6e-4, weight_decay=0.1)
     >>> opt.step(grad_scale=1.0)     # grads * grad_scale (clipping, accumulation) then the update
@@ -22,42 +23,62 @@ class AdamW:
                  weight_decay: float = 0.1):
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"bad AdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
-        self.model = model
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.m = np.zeros_like(model.params)
-        self.v = np.zeros_like(model.params)
+        self.model, bk, n = model, model.bk, model.num_parameters
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.state = bk.zeros((2 * n,), "float32")
+        self.m, self.v = bk.view(self.state, 0, (n,)), bk.view(self.state, n, (n,))
         self.t = 0
-        self._m, self._v = _views(self.m, model.shapes), _views(self.v, model.shapes)
+        # runs of consecutive tensors with the same decay flag: one kernel call per run instead of one per tensor
+        self._groups: list[tuple[int, int, bool]] = []
+        off = 0
+        for name, shape in model.shapes.items():
+            n_el, d = math.prod(shape), decays(name)
+            if self._groups and self._groups[-1][2] == d:
+                o, k, _ = self._groups[-1]
+                self._groups[-1] = (o, k + n_el, d)
+            else:
+                self._groups.append((off, n_el, d))
+            off += n_el
 
     def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
         self.t += 1
         lr = self.lr if lr is None else lr
-        p, g = self.model.p, self.model.g
-        for name in p:
-            wd = self.weight_decay if decays(name) else 0.0
-            ops.adamw_step(p[name], g[name], self._m[name], self._v[name], lr=lr, t=self.t, beta1=self.betas[0],
-                           beta2=self.betas[1], eps=self.eps, weight_decay=wd, grad_scale=grad_scale)
-
+        mdl, bk = self.model, self.model.bk
+        grads = mdl._ensure_grads()
+        copy = mdl.cparams if mdl.cparams is not mdl.params else None
+        for off, n, d in self._groups:
+            p, g, m, v = (bk.view(x, off, (n,)) for x in (mdl.params, grads, self.m, self.v))
+            bk.adamw_step(p, g, m, v, lr=lr, t=self.t, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                          weight_decay=self.weight_decay if d else 0.0, grad_scale=grad_scale,
+                          params_copy=None if copy is None else bk.view(copy, off, (n,)))
 
     def state_dict(self) -> dict:
-        """{"m", "v": float32 numpy arrays (flat, like model.params), "t": steps taken} for checkpoints."""
-        return {"m": self.m, "v": self.v, "t": self.t}
+        """{"m", "v": float32 numpy arrays (flat, like model.params), "t": steps taken} for checkpoints (views on the
+        CPU, copies from the GPU)."""
+        bk = self.model.bk
+        return {"m": bk.to_numpy(self.m), "v": bk.to_numpy(self.v), "t": self.t}
 
     def load_state_dict(self, state: dict, where: str = "optimizer state") -> None:
+        n = self.model.num_parameters
         for k in ("m", "v"):
             a = np.asarray(state[k]) if k in state else None
-            if a is None or a.shape != self.m.shape:
+            if a is None or a.shape != (n,):
                 got = "missing" if a is None else f"shape {a.shape}"
-                raise ValueError(f"{where}: {k!r} must have shape {self.m.shape} (the model's parameters), got {got}")
+                raise ValueError(f"{where}: {k!r} must have shape {(n,)} (the model's parameters), got {got}")
+            if a.dtype.kind != "f" or not np.isfinite(a).all():
+                raise ValueError(f"{where}: {k!r} must hold finite floating-point values")
         t = state.get("t")
         if not isinstance(t, (int, np.integer)) or t < 0:
             raise ValueError(f"{where}: 't' (steps taken) must be an integer >= 0, got {t!r}")
-        self.m[...], self.v[...], self.t = state["m"], state["v"], int(t)
+        bk = self.model.bk
+        bk.copy_(self.m, np.ascontiguousarray(state["m"], np.float32))
+        bk.copy_(self.v, np.ascontiguousarray(state["v"], np.float32))
+        self.t = int(t)
 
 
 def grad_norm(model: GPT) -> float:
     """Global L2 norm of all gradients."""
-    return ops.global_norm(model.grads)
+    return model.grad_norm()
 
 
 def lr_schedule(step: int, max_lr: float, min_lr: float, warmup: int, total: int) -> float:

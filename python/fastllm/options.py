@@ -21,9 +21,12 @@ from collections.abc import Sequence
 THREADS = "CPU threads for the native kernels (default: OMP_NUM_THREADS, else all cores)"
 SEED = "random seed (initialisation, data order, sampling): the same seed gives the same run"
 RESUME = "continue from the newest checkpoint in --out (the run continues as if never stopped)"
-CKPT_EVERY = "steps between checkpoints (one is always written at the end)"
+CKPT_EVERY = "steps between checkpoints (one is always written at the end; 0: only that one)"
 KEEP_CKPTS = "how many of the newest checkpoints to keep on disk"
 GRAD_CLIP = "clip the global gradient norm to this value (0: no clipping)"
+DEVICE = "where to train: cpu, or cuda (a CUDA build of fastllm and an NVIDIA GPU)"
+CUDA_DTYPE = ("with --device cuda: compute dtype of weights and activations (master weights and AdamW state stay "
+              "float32)")
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None) -> dataclasses.Field:

@@ -6,7 +6,8 @@ a training loop only calls one function:
     plot_rl(rows, "rl/rl.png")               GRPO: reward, accuracy (sampled and held-out greedy), KL, completion
                                              length
     plot_reward_model(rows, "rm/loss.png")   reward model: Bradley-Terry loss, preference accuracy
-    plot_run("run/")                         the right one of the three for a run folder's log.jsonl
+    plot_stage(kind, rows, "run/")           the one of the three for a stage of fastllm.train.fit (how it draws)
+    plot_run("run/")                         the same from a run folder's log.jsonl
 
 `training_figure`, `rl_figure` and `reward_model_figure` return the matplotlib Figure instead (to show or
 restyle it).
@@ -99,22 +100,29 @@ def reward_model_figure(rows: list[dict], title: str | None = None):
     return _xlabel(fig, "step")
 
 
-def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, log_scale: bool = False) -> Path:
-    """Re-draw the plot of a run folder from its log.jsonl (GRPO runs -> rl.png, reward models and training
-    runs -> loss.png, unless `path` is given); returns the path written."""
+def plot_stage(kind: str, rows: list[dict], run: str | os.PathLike, log_scale: bool = False,
+               path: str | os.PathLike | None = None) -> Path:
+    """The figure of a run of a training stage (fastllm.train.Stage.kind) in its folder `run`: "grpo" ->
+    rl.png (plot_rl), "reward-model" -> loss.png (plot_reward_model), pre-training and SFT (any other kind) ->
+    loss.png (plot_training, log_scale for the loss panel); `path` instead if given. Returns the path written."""
     run = Path(run)
-    rows = read_log(run / "log.jsonl")
-    keys = set().union(*rows) if rows else set()
-    if "reward" in keys:
-        out = Path(path or run / "rl.png")
+    out = Path(path or run / ("rl.png" if kind == "grpo" else "loss.png"))
+    if kind == "grpo":
         plot_rl(rows, out, title=str(run))
-    elif "val_accuracy" in keys or ("accuracy" in keys and "lr" not in keys):
-        out = Path(path or run / "loss.png")
+    elif kind == "reward-model":
         plot_reward_model(rows, out, title=str(run))
     else:
-        out = Path(path or run / "loss.png")
         plot_training(rows, out, log_scale=log_scale, title=str(run))
     return out
+
+
+def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, log_scale: bool = False) -> Path:
+    """Re-draw the figure of a run folder from its log.jsonl, as the run drew it (see plot_stage; the stage is
+    told by the logged keys: rewards for GRPO, preference accuracy for a reward model); returns the path."""
+    rows = read_log(Path(run) / "log.jsonl")
+    keys = set().union(*rows) if rows else set()
+    kind = "grpo" if "reward" in keys else "reward-model" if keys & {"accuracy", "val_accuracy"} else "train"
+    return plot_stage(kind, rows, run, log_scale, path)
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:

@@ -19,102 +19,43 @@ Reward model (RLHF): a GPT backbone + scalar head on the final hidden state of t
 appended to prompt + completion), trained on JSONL preference pairs {"prompt", "chosen", "rejected"} with the
 Bradley-Terry loss -log sigmoid(r_chosen - r_rejected); `RewardScorer` turns it into a reward function for GRPO.
 
-Built-in verifiable tasks with generated data: "addition" ("12+34=" -> "46") and "sort" ("sort 3142=" ->
-"1234"); reward 1 for the exact answer + 0.1 for a well-formed one (digits only).
+Tasks and rewards live in fastllm.tasks: the built-in "addition" ("12+34=" -> "46") and "sort" ("sort 3142=" ->
+"1234"), JSONL problems (`--data`, {"prompt", "answer"} or GSM8K's form) with exact-match + format rewards, and
+your own reward function (`--reward module:function`).
+
+Both train through fastllm.train's loop (GRPOStage, RewardModelStage): checkpoints, exact resume, log.jsonl,
+`--device cuda`.
 
 >>> summary = train_grpo(RLConfig(ckpt="out_sft", task="addition", out="out_rl", steps=100))
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import math
-import re
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import ops, set_num_threads
-from .data import checkpoint_tokenizer, find_tokenizer
-from .fileio import iter_jsonl, load_safetensors, save_safetensors, write_json
+from . import checks
+from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_heads, load_model, resolve
+from .data import Epochs
+from .fileio import iter_jsonl, write_json
 from .model import GPT
-from .optim import AdamW, grad_norm
-from .options import CKPT_EVERY, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
-from .plot import plot_reward_model, plot_rl
-from .train import RunLog, TrainingError, latest_checkpoint, load_model, save_checkpoint
+from .optim import AdamW
+from .options import CKPT_EVERY, CUDA_DTYPE, DEVICE, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
+from .sample import generate
+from .tasks import TASKS, AdditionTask, ProblemSet, RewardFn, SortTask, load_reward, make_task  # noqa: F401 (re-export)
+from .train import ExtraParams, Loop, Stage, fit, series, setup_run, update
 
-RewardFn = Callable[[str, str], float]
+HEAD = "reward_head"  # the reward model's head in heads.safetensors
 
 
 class RewardError(ValueError):
     """A reward function raised, or returned something that is not a finite number; names the prompt."""
-
-
-# ---- tasks -----------------------------------------------------------------------------------------------
-
-
-class AdditionTask:
-    """ "a+b=" -> "a+b" for `digits`-digit operands. reward = 1 (exact) + 0.1 (digits only).
-
-    >>> AdditionTask(2).reward("12+34=", "46")
-    1.1
-    """
-
-    name = "addition"
-    _re = re.compile(r"^(\d+)\+(\d+)=$")
-
-    def __init__(self, digits: int = 2):
-        if digits < 1:
-            raise ValueError(f"digits must be >= 1, got {digits}")
-        self.digits = digits
-
-    def sample(self, rng: np.random.Generator) -> str:
-        a, b = rng.integers(0, 10**self.digits, 2)
-        return f"{a}+{b}="
-
-    def answer(self, prompt: str) -> str:
-        m = self._re.match(prompt)
-        if not m:
-            raise ValueError(f"not an addition prompt: {prompt!r}")
-        return str(int(m.group(1)) + int(m.group(2)))
-
-    def correct(self, prompt: str, completion: str) -> bool:
-        return completion.strip() == self.answer(prompt)
-
-    def reward(self, prompt: str, completion: str) -> float:
-        return float(self.correct(prompt, completion)) + (0.1 if re.fullmatch(r"\d+", completion) else 0.0)
-
-    __call__ = reward
-
-
-class SortTask(AdditionTask):
-    """ "sort 3142=" -> "1234": sort `digits` random digits. Same rewards as AdditionTask."""
-
-    name = "sort"
-    _re = re.compile(r"^sort (\d+)=$")
-
-    def sample(self, rng: np.random.Generator) -> str:
-        return "sort " + "".join(str(d) for d in rng.integers(0, 10, self.digits)) + "="
-
-    def answer(self, prompt: str) -> str:
-        m = self._re.match(prompt)
-        if not m:
-            raise ValueError(f"not a sort prompt: {prompt!r}")
-        return "".join(sorted(m.group(1)))
-
-
-TASKS = {"addition": AdditionTask, "sort": SortTask}
-
-
-def make_task(name: str, digits: int = 2):
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return TASKS[name](digits)
 
 
 # ---- GRPO math (numpy, float64) ----------------------------------------------------------------------------
@@ -251,8 +192,6 @@ def sample_completions(
 ):
     """G completions per prompt in one batched, KV-cached generation. Returns (prompt_ids (P*G rows),
     completion_ids (P*G, with the final <|endoftext|> if generated), texts (P lists of G strings, without it))."""
-    from .sample import generate
-
     eot = tokenizer.eot_token
     if eot is None:
         raise ValueError("the tokenizer has no <|endoftext|> token to end completions with")
@@ -283,8 +222,18 @@ class RLConfig:
                             "penalty")
     out: str = option("out_rl", "output folder: checkpoints, log.jsonl, rl.png")
     task: str = option("addition", "built-in verifiable task, addition or sort: it makes the prompts, checks the "
-                                   "answers (held-out accuracy) and, without --reward-model, gives the reward")
+                                   "answers (held-out accuracy) and, without --reward or --reward-model, gives the "
+                                   "reward (not used with --data)")
     digits: int = option(2, "task size: digits per operand (addition), digits to sort (sort)")
+    data: str | None = option(None, "your own problems instead of --task: JSONL, one {\"prompt\", \"answer\"} or "
+                                    "GSM8K {\"question\", \"answer\": \"... #### 42\"} per line; the answer in a "
+                                    "completion is the text after ####, else the last \\boxed{}, else the last "
+                                    "number (fastllm.tasks)")
+    eval_data: str | None = option(None, "held-out problems JSONL (as --data) for the accuracy evaluations "
+                                         "(default: prompts drawn from the task or --data)")
+    reward: str | None = option(None, "your own reward function, module:function or path/file.py:function, "
+                                      "(prompt, completion[, answer]) -> float (default: exact answer 1 + well-formed "
+                                      "0.1)")
     reward_model: str | None = option(None, "reward-model folder (from `fastllm reward-model`) whose score is the "
                                             "reward (default: the task's exact-answer reward)")
     steps: int = option(100, "GRPO steps, each one batch of rollouts")
@@ -299,13 +248,31 @@ class RLConfig:
     iterations: int = option(1, "policy updates per batch of rollouts (GRPO's mu)")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")
     grad_clip: float = option(1.0, GRAD_CLIP)
-    eval_every: int = option(20, "steps between greedy accuracy evaluations on held-out prompts (0: never)")
+    eval_every: int = option(20, "steps between greedy accuracy evaluations on held-out prompts, also at the start "
+                                 "and the end (0: never)")
     eval_prompts: int = option(64, "held-out prompts per evaluation (the same set every time)")
     ckpt_every: int = option(50, CKPT_EVERY)
     keep_ckpts: int = option(2, KEEP_CKPTS)
     seed: int = option(1337, SEED)
     threads: int | None = option(None, THREADS)
     resume: bool = option(False, RESUME)
+    device: str = option("cpu", DEVICE + " (the policy, the reference and a reward model)", choices=checks.DEVICES)
+    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
+
+    def __post_init__(self) -> None:
+        checks.output_dir(self)
+        if self.data is None:
+            make_task(self.task, self.digits)  # an unknown task, digits it cannot draw
+        if self.reward and self.reward_model:
+            raise ValueError("give --reward or --reward-model, not both")
+        checks.at_least(self, 1, "steps", "prompts_per_step", "max_new_tokens", "iterations", "eval_prompts",
+                        "keep_ckpts", "threads")
+        checks.at_least(self, 2, "group_size")  # advantages compare the completions of a group
+        checks.at_least(self, 0, "eval_every", "ckpt_every", "seed")
+        checks.number(self, "lr", low_open=True)
+        checks.number(self, "temperature", "beta", "weight_decay", "grad_clip")
+        checks.number(self, "clip_eps", low_open=True, high=1.0, high_open=True)
+        checks.device(self)
 
 
 class GRPO:
@@ -318,15 +285,12 @@ class GRPO:
     def __init__(
         self, model: GPT, ref: GPT, tokenizer, reward_fn: RewardFn, cfg: RLConfig, task=None, opt: AdamW | None = None
     ):
-        if cfg.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages compare completions), got {cfg.group_size}")
-        if cfg.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
         self.model, self.ref, self.tokenizer, self.reward_fn, self.cfg = model, ref.eval(), tokenizer, reward_fn, cfg
         self.task = task
         self.opt = opt or AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
 
-    def step(self, prompts: Sequence[str], seed: int | None = None) -> dict:
+    def step(self, prompts: Sequence[str], seed: int | None = None, lr: float | None = None) -> dict:
+        """Roll out, score and update (cfg.iterations AdamW updates at `lr`, default cfg.lr); returns statistics."""
         cfg, model = self.cfg, self.model
         t0 = time.time()
         prompt_ids, comp_ids, texts = sample_completions(
@@ -338,15 +302,11 @@ class GRPO:
         old = token_logprobs(model, batch.idx, batch.targets)
         ref = token_logprobs(self.ref, batch.idx, batch.targets)
         for it in range(cfg.iterations):
-            model.zero_grad()
-            st = policy_backward(model, batch, old, ref, cfg.clip_eps, cfg.beta, logp=old if it == 0 else None)
-            norm = grad_norm(model)
-            if not (math.isfinite(st["loss"]) and math.isfinite(norm)):
-                raise TrainingError(f"GRPO loss={st['loss']} grad_norm={norm} is not finite; try a lower --lr")
-            clip = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
-            self.opt.step(cfg.lr, grad_scale=clip)
+            loss = functools.partial(policy_backward, model, batch, old, ref, cfg.clip_eps, cfg.beta,
+                                     logp=old if it == 0 else None)
+            st = update(model, self.opt, loss, cfg.lr if lr is None else lr, cfg.grad_clip)
             if it == 0:
-                first = dict(st, grad_norm=norm)
+                first = st
         stats = {
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std()),
@@ -359,9 +319,51 @@ class GRPO:
         return stats
 
 
-def _restore_optimizer(opt: AdamW, ckpt: Path) -> None:
-    ot, meta = load_safetensors(ckpt / "optimizer.safetensors")
-    opt.m[...], opt.v[...], opt.t = ot["m"], ot["v"], int(meta["t"])
+class GRPOStage(Stage):
+    """GRPO for fastllm.train.fit: prompts drawn from the task with the run's generator, the reference model
+    recorded in checkpoints, greedy accuracy on a fixed held-out prompt set as the evaluation."""
+
+    kind = "grpo"
+    show = ("reward", "kl", "accuracy", "eval_accuracy")
+
+    def __init__(self, cfg: RLConfig, task, reward_fn: RewardFn, tokenizer, eval_task=None):
+        self.cfg, self.task, self.reward_fn, self.tokenizer = cfg, task, reward_fn, tokenizer
+        self.eval_task = eval_task or task
+        if eval_task is not None:  # held-out problems (--eval-data)
+            self.eval_set = eval_task.prompts[: cfg.eval_prompts]
+        else:
+            erng = np.random.default_rng(cfg.seed + 1)  # a fixed evaluation set, from its own RNG stream
+            self.eval_set = [task.sample(erng) for _ in range(cfg.eval_prompts)]
+
+    def init_model(self) -> GPT:
+        model = load_model(self.cfg.ckpt)
+        self.ref_dir = model.checkpoint_dir
+        return model
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        if not isinstance(state.get("ref"), str):
+            raise ValueError(f"{folder / STATE_FILE}: no 'ref' (the GRPO reference checkpoint) in 'stage'")
+        self.ref_dir = Path(state["ref"])
+
+    def start(self, model: GPT, opt: AdamW) -> None:
+        super().start(model, opt)
+        longest = max((len(self.tokenizer.encode(p)) for p in self.eval_set), default=0)
+        if longest + self.cfg.max_new_tokens > model.config.block_size:
+            raise ValueError(f"prompts of {longest} tokens + max_new_tokens={self.cfg.max_new_tokens} do not fit "
+                             f"the model's context of {model.config.block_size} tokens (fewer --digits?)")
+        ref = load_model(self.ref_dir, self.cfg.device, checks.compute_dtype(self.cfg))
+        self.grpo = GRPO(model, ref, self.tokenizer, self.reward_fn, self.cfg, self.task, opt)
+
+    def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
+        prompts = [self.task.sample(rng) for _ in range(self.cfg.prompts_per_step)]
+        return self.grpo.step(prompts, seed=int(rng.integers(1 << 31)), lr=lr)
+
+    def evaluate(self, step: int) -> dict:
+        acc = evaluate(self.model, self.tokenizer, self.eval_task, self.eval_set, self.cfg.max_new_tokens)
+        return {"eval_accuracy": acc}
+
+    def state_dict(self) -> dict:
+        return {"ref": str(self.ref_dir)}
 
 
 def train_grpo(
@@ -370,104 +372,38 @@ def train_grpo(
     """GRPO from cfg.ckpt (or resume from cfg.out): checkpoints OUT/ckpt_NNNNNN as in pre-training, a
     log.jsonl row per step (reward, kl, completion_len, accuracy, ...). reward_fn defaults to the task's
     verifiable reward, or to the reward model of cfg.reward_model. Returns a summary dict."""
-    from tqdm.auto import tqdm
-
-    if cfg.threads:
-        set_num_threads(cfg.threads)
-    task = task if task is not None else make_task(cfg.task, cfg.digits)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        model = load_model(ckpt)
-        state = json.loads((ckpt / "state.json").read_text())
-        ref = load_model(state["ref"])
-        start = int(state["step"])
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
-        log(f"resuming from {ckpt} at step {start}")
-    else:
-        if cfg.resume:
-            log(f"no checkpoint in {out}: starting from {cfg.ckpt}")
-        model = load_model(cfg.ckpt)
-        ref = load_model(model.checkpoint_dir)
-        start, rng = 0, np.random.default_rng(cfg.seed)
-    ref_path = str(ref.checkpoint_dir)
-    tok_path = find_tokenizer(ref.checkpoint_dir)  # also copied into every checkpoint
+    setup_run(cfg)
+    if task is None:
+        task = ProblemSet.load(cfg.data) if cfg.data else make_task(cfg.task, cfg.digits)
+    eval_task = ProblemSet.load(cfg.eval_data) if cfg.eval_data else None
+    if reward_fn is None and cfg.reward:
+        reward_fn = load_reward(cfg.reward, task)
+    start = resolve(cfg.ckpt)
+    tok_path = find_tokenizer(start)  # also copied into every checkpoint
     if tokenizer is None:
-        tokenizer = checkpoint_tokenizer(ref.checkpoint_dir)
+        tokenizer = checkpoint_tokenizer(start)
     if reward_fn is None:
-        reward_fn = RewardScorer.load(cfg.reward_model) if cfg.reward_model else task.reward
-    opt = AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
-    if ckpt is not None:
-        _restore_optimizer(opt, ckpt)
-    grpo = GRPO(model, ref, tokenizer, reward_fn, cfg, task, opt)
-    erng = np.random.default_rng(cfg.seed + 1)  # a fixed evaluation set, from its own RNG stream
-    eval_set = [task.sample(erng) for _ in range(cfg.eval_prompts)]
-
-    log_path = out / "log.jsonl"
-    runlog = RunLog(log_path, start)
-    write = runlog.write
-
-    def checkpoint(step: int) -> None:
-        if not np.isfinite(model.params).all():
-            raise TrainingError(f"step {step}: parameters are not finite; not saving")
-        st = {"step": step, "rng": rng.bit_generator.state, "ref": ref_path, "rl_config": dataclasses.asdict(cfg)}
-        save_checkpoint(out, step, model, opt, st, tok_path)
-        for old in sorted(out.glob("ckpt_*"))[: -max(1, cfg.keep_ckpts)]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def run_eval(step: int) -> float:
-        acc = evaluate(model, tokenizer, task, eval_set, cfg.max_new_tokens)
-        write({"step": step, "eval_accuracy": acc})
-        return acc
-
+        reward_fn = RewardScorer.load(cfg.reward_model, cfg.device, checks.compute_dtype(cfg)) \
+            if cfg.reward_model else task.reward
     log(
-        f"GRPO: {model.num_parameters / 1e6:.2f}M parameters, task {task.name}, "
-        f"reward {'model ' + cfg.reward_model if cfg.reward_model else 'verifiable'}, "
+        f"GRPO: task {task.name}, reward "
+        f"{'model ' + cfg.reward_model if cfg.reward_model else cfg.reward or 'verifiable'}, "
         f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
     )
-    t_start = time.time()
-    first_acc = last_acc = float("nan")
-    if cfg.eval_every and start == 0:
-        first_acc = run_eval(0)
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
-        desc="grpo",
-        unit="step",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    st: dict = {}
-    try:
-        for step in bar:
-            prompts = [task.sample(rng) for _ in range(cfg.prompts_per_step)]
-            st = grpo.step(prompts, seed=int(rng.integers(1 << 31)))
-            write({"step": step, **st})
-            bar.set_postfix(
-                reward=f"{st['reward']:.3f}", kl=f"{st['kl']:.4f}", acc=f"{st.get('accuracy', float('nan')):.2f}"
-            )
-            done = step + 1
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                last_acc = run_eval(done)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                checkpoint(done)
-                plot_rl(runlog.rows, out / "rl.png", title=str(out))
-    finally:
-        bar.close()
-        runlog.close()
+    r = fit(GRPOStage(cfg, task, reward_fn, tokenizer, eval_task), Loop.of(cfg, tokenizer=tok_path), progress, log)
+    last = next((row for row in reversed(r["rows"]) if "reward" in row), {})
+    acc = series(r["rows"], "eval_accuracy")
+    nan = float("nan")
     return {
         "steps": cfg.steps,
-        "seconds": time.time() - t_start,
-        "reward": st.get("reward", float("nan")),
-        "kl": st.get("kl", float("nan")),
-        "eval_accuracy_start": first_acc,
-        "eval_accuracy": last_acc,
-        "checkpoint": str(latest_checkpoint(out)),
-        "log": str(log_path),
-        "plot": str(out / "rl.png"),
+        "seconds": r["seconds"],
+        "reward": last.get("reward", nan),
+        "kl": last.get("kl", nan),
+        "eval_accuracy_start": acc[0] if acc else nan,
+        "eval_accuracy": acc[-1] if acc else nan,
+        "checkpoint": r["checkpoint"],
+        "log": r["log"],
+        "plot": r["plot"],
     }
 
 
@@ -530,25 +466,15 @@ class RewardModel:
         dh[np.arange(len(dr)), self._last] = dr[:, None] * self.head[None, :-1]
         self.backbone.backward(dhidden=dh)
 
-    def save(self, out: str | Path, step: int, opt: AdamW, tokenizer_path, metrics: dict) -> Path:
-        """OUT/ckpt_NNNNNN (backbone checkpoint, as pre-training writes it) + OUT/head.safetensors + metrics."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(out, step, self.backbone, opt, {"step": step, "metrics": metrics}, tokenizer_path)
-        save_safetensors(out / "head.safetensors", {"head": self.head})
-        write_json(out / "reward_model.json", metrics)
-        return out
-
     @classmethod
-    def load(cls, path: str | Path) -> RewardModel:
-        path = Path(path)
-        if not (path / "head.safetensors").exists():
-            raise FileNotFoundError(f"{path} is not a reward-model folder (no head.safetensors)")
-        backbone = load_model(path).eval()
-        t, _ = load_safetensors(path / "head.safetensors")
-        if "head" not in t:
-            raise ValueError(f"{path / 'head.safetensors'}: no 'head' tensor")
-        return cls(backbone, t["head"])
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> RewardModel:
+        """The reward model of a `fastllm reward-model` run folder (its latest checkpoint) or checkpoint folder."""
+        backbone = load_model(path, device, dtype).eval()
+        file = backbone.checkpoint_dir / "heads.safetensors"
+        heads = load_heads(backbone.checkpoint_dir)
+        if HEAD not in heads:
+            raise ValueError(f"{file}: no {HEAD!r} tensor (not a reward model?)")
+        return cls(backbone, heads[HEAD])
 
 
 class RewardScorer:
@@ -559,8 +485,8 @@ class RewardScorer:
         rm.backbone.eval()
 
     @classmethod
-    def load(cls, path: str | Path) -> RewardScorer:
-        rm = RewardModel.load(path)
+    def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> RewardScorer:
+        rm = RewardModel.load(path, device, dtype)
         return cls(rm, checkpoint_tokenizer(rm.backbone.checkpoint_dir))
 
     def __call__(self, prompt: str, completion: str) -> float:
@@ -572,7 +498,8 @@ class RewardScorer:
 class RewardModelConfig:
     base: str = option(help="backbone checkpoint (or run folder), e.g. the SFT model")
     data: str = option(help="preference pairs JSONL, one {\"prompt\", \"chosen\", \"rejected\"} per line")
-    out: str = option("out_rm", "output folder: backbone checkpoint, head.safetensors, log.jsonl, loss.png")
+    out: str = option("out_rm", "output folder: checkpoints (backbone + heads.safetensors), log.jsonl, loss.png, "
+                                "reward_model.json")
     val_data: str | None = option(None, "held-out pairs JSONL (default: --val-fraction of --data)")
     val_fraction: float = option(0.1, "fraction of --data held out when --val-data is not given")
     epochs: int = option(2, "passes over the training pairs")
@@ -582,6 +509,22 @@ class RewardModelConfig:
     grad_clip: float = option(1.0, GRAD_CLIP)
     seed: int = option(1337, SEED)
     threads: int | None = option(None, THREADS)
+    eval_every: int = option(100, "steps between held-out preference-accuracy evaluations, also at the start and "
+                                  "the end (0: never)")
+    ckpt_every: int = option(0, CKPT_EVERY)
+    keep_ckpts: int = option(2, KEEP_CKPTS)
+    resume: bool = option(False, RESUME)
+    device: str = option("cpu", DEVICE, choices=checks.DEVICES)
+    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
+
+    def __post_init__(self) -> None:
+        checks.output_dir(self)
+        checks.at_least(self, 1, "epochs", "batch_size", "keep_ckpts", "threads")
+        checks.at_least(self, 0, "eval_every", "ckpt_every", "seed")
+        checks.number(self, "lr", low_open=True)
+        checks.number(self, "weight_decay", "grad_clip")
+        checks.number(self, "val_fraction", low_open=True, high=1.0, high_open=True)
+        checks.device(self)
 
 
 def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch_size: int = 64) -> float:
@@ -599,6 +542,65 @@ def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch
     return float(np.mean(wins))
 
 
+class RewardModelStage(Stage):
+    """Bradley-Terry training of a reward model for fastllm.train.fit: the loss -log sigmoid(r_chosen - r_rejected)
+    over batches of pairs; the head trains beside the backbone (ExtraParams, checkpointed in heads.safetensors);
+    held-out preference accuracy as the evaluation."""
+
+    kind = "reward-model"
+    show = ("loss", "accuracy", "val_accuracy")
+
+    def __init__(self, cfg: RewardModelConfig, tokenizer, pairs: Sequence[dict], val_pairs: Sequence[dict], B: int):
+        self.cfg, self.tokenizer, self.pairs, self.val_pairs = cfg, tokenizer, pairs, val_pairs
+        self.B, self.pairs_order = B, Epochs(len(pairs), cfg.seed)
+        self._saved_head: tuple[dict, str] | None = None
+
+    def init_model(self) -> GPT:
+        return load_model(self.cfg.base)
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        try:
+            if state["loader"]["n"] != len(self.pairs):
+                raise ValueError(f"it is for {state['loader']['n']} pairs, this run has {len(self.pairs)}")
+            self.pairs_order.seek(state["loader"]["epoch"], state["loader"]["pos"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{folder / STATE_FILE}: bad pair-loader state ({type(e).__name__}: {e})") from None
+        self._saved_head = (load_heads(folder), str(folder / "heads.safetensors"))
+
+    def start(self, model: GPT, opt: AdamW) -> None:
+        super().start(model, opt)
+        self.rm = RewardModel(model)
+        self.head = ExtraParams(HEAD, self.rm.head, self.rm.head_grad)
+        if self._saved_head is not None:
+            self.head.load_state_dict(*self._saved_head)
+        enc = self.rm.encode
+        self.encoded = [(enc(self.tokenizer, p["prompt"], p["chosen"]), enc(self.tokenizer, p["prompt"], p["rejected"]))
+                        for p in self.pairs]
+
+    def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
+        chunk = [self.encoded[i] for i in self.pairs_order.take(self.B, cross=False)]  # an epoch's last: fewer
+        b = len(chunk)
+
+        def micro_batch() -> dict:
+            r = self.rm.forward([c for c, _ in chunk] + [r_ for _, r_ in chunk], self.tokenizer.eot_token)
+            diff = r[:b] - r[b:]
+            loss = float(np.mean(np.logaddexp(0.0, -diff)))  # -log sigmoid(diff), stable
+            g = -1.0 / (1.0 + np.exp(diff)) / b  # dloss/ddiff = -sigmoid(-diff) / b
+            self.rm.backward(np.concatenate([g, -g]))
+            return {"loss": loss, "accuracy": float(np.mean((diff > 0) + 0.5 * (diff == 0)))}  # a tie: half
+
+        return update(self.model, self.opt, micro_batch, lr, self.cfg.grad_clip, extra=(self.head,))
+
+    def evaluate(self, step: int) -> dict:
+        return {"val_accuracy": preference_accuracy(self.rm, self.tokenizer, self.val_pairs)}
+
+    def state_dict(self) -> dict:
+        return {"loader": {**self.pairs_order.state_dict(), "n": len(self.pairs)}}
+
+    def heads(self) -> dict[str, np.ndarray]:
+        return self.head.state_dict()
+
+
 def train_reward_model(
     cfg: RewardModelConfig,
     tokenizer=None,
@@ -607,95 +609,48 @@ def train_reward_model(
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Bradley-Terry training of a reward head (and the backbone) on preference pairs; reports held-out
-    accuracy and saves the reward model to cfg.out (see RewardModel.save)."""
-    from tqdm.auto import tqdm
-
-    if cfg.threads:
-        set_num_threads(cfg.threads)
+    """Bradley-Terry training of a reward head (and the backbone) on preference pairs for cfg.epochs epochs;
+    reports held-out accuracy. The run folder cfg.out holds checkpoints (backbone + heads.safetensors; resume
+    with cfg.resume), log.jsonl and reward_model.json (the summary); RewardModel.load(cfg.out) reads it."""
+    setup_run(cfg)
     rng = np.random.default_rng(cfg.seed)
     pairs = list(pairs) if pairs is not None else load_preferences(cfg.data)
     if val_pairs is None and cfg.val_data:
         val_pairs = load_preferences(cfg.val_data)
     if val_pairs is None:
-        if not 0 < cfg.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
         perm = rng.permutation(len(pairs))
         n_val = max(1, int(round(len(pairs) * cfg.val_fraction)))
         if n_val >= len(pairs):
             raise ValueError(f"{len(pairs)} pairs are too few to hold out {n_val}")
         val_pairs = [pairs[i] for i in perm[:n_val]]
         pairs = [pairs[i] for i in perm[n_val:]]
-    backbone = load_model(cfg.base)
-    tok_path = find_tokenizer(backbone.checkpoint_dir)  # also copied into the reward model's checkpoints
+    base = resolve(cfg.base)
+    tok_path = find_tokenizer(base)  # also copied into the reward model's checkpoints
     if tokenizer is None:
-        tokenizer = checkpoint_tokenizer(backbone.checkpoint_dir)
-    rm = RewardModel(backbone)
-    opt = AdamW(backbone, cfg.lr, weight_decay=cfg.weight_decay)
-    hm, hv = np.zeros_like(rm.head), np.zeros_like(rm.head)
-    eot = tokenizer.eot_token
-    enc = [
-        (rm.encode(tokenizer, p["prompt"], p["chosen"]), rm.encode(tokenizer, p["prompt"], p["rejected"]))
-        for p in pairs
-    ]
-    B = max(1, min(cfg.batch_size, len(enc)))
-    steps_per_epoch = math.ceil(len(enc) / B)
-    val0 = val_acc = preference_accuracy(rm, tokenizer, val_pairs)
-    log(f"reward model: {len(pairs)} train / {len(val_pairs)} held-out pairs, held-out accuracy at start {val0:.3f}")
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    runlog = RunLog(Path(cfg.out) / "log.jsonl", 0)
-    runlog.write({"step": 0, "val_accuracy": val0})
-    bar = tqdm(
-        total=cfg.epochs * steps_per_epoch, desc="reward-model", unit="step", disable=not progress, dynamic_ncols=True
-    )
-    t0, step, losses, wins = time.time(), 0, [], []
-    backbone.train()
-    try:
-        for _ in range(cfg.epochs):
-            perm = rng.permutation(len(enc))
-            for s in range(steps_per_epoch):
-                chunk = [enc[i] for i in perm[s * B : (s + 1) * B]]
-                b = len(chunk)
-                r = rm.forward([c for c, _ in chunk] + [r_ for _, r_ in chunk], eot)
-                diff = r[:b] - r[b:]
-                loss = float(np.mean(np.logaddexp(0.0, -diff)))  # -log sigmoid(diff), stable
-                g = -1.0 / (1.0 + np.exp(diff)) / b  # dloss/ddiff = -sigmoid(-diff) / b
-                backbone.zero_grad()
-                rm.head_grad.fill(0.0)
-                rm.backward(np.concatenate([g, -g]))
-                norm = math.sqrt(grad_norm(backbone) ** 2 + float(np.sum(rm.head_grad.astype(np.float64) ** 2)))
-                if not (math.isfinite(loss) and math.isfinite(norm)):
-                    raise TrainingError(f"reward model step {step}: loss={loss} grad_norm={norm}; try a lower --lr")
-                clip = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
-                opt.step(cfg.lr, grad_scale=clip)
-                ops.adamw_step(rm.head, rm.head_grad, hm, hv, lr=cfg.lr, t=opt.t, grad_scale=clip)
-                losses.append(loss)
-                wins.append(float(np.mean((diff > 0) + 0.5 * (diff == 0))))  # a tie counts half, as held out
-                runlog.write({"step": step, "loss": loss, "accuracy": wins[-1]})
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{wins[-1]:.2f}")
-            val_acc = preference_accuracy(rm, tokenizer, val_pairs)
-            runlog.write({"step": step, "val_accuracy": val_acc})
-    finally:
-        bar.close()
-        runlog.close()
-    plot_reward_model(runlog.rows, Path(cfg.out) / "loss.png", title=str(cfg.out))
-    k = max(1, steps_per_epoch)
+        tokenizer = checkpoint_tokenizer(base)
+    B = max(1, min(cfg.batch_size, len(pairs)))
+    stage = RewardModelStage(cfg, tokenizer, pairs, val_pairs, B)
+    steps_per_epoch = math.ceil(len(pairs) / B)
+    log(f"reward model: {len(pairs)} train / {len(val_pairs)} held-out pairs, {steps_per_epoch} steps per epoch")
+    r = fit(stage, Loop.of(cfg, steps=cfg.epochs * steps_per_epoch, tokenizer=tok_path), progress, log)
+    val = series(r["rows"], "val_accuracy")
+    nan = float("nan")
     metrics = {
-        "steps": step,
+        "steps": cfg.epochs * steps_per_epoch,
         "train_pairs": len(pairs),
         "val_pairs": len(val_pairs),
-        "val_accuracy_start": val0,
-        "val_accuracy": val_acc,
-        "train_loss": float(np.mean(losses[-k:])),
-        "train_accuracy": float(np.mean(wins[-k:])),
-        "seconds": time.time() - t0,
-        "base": str(backbone.checkpoint_dir),
+        "val_accuracy_start": val[0] if val else nan,
+        "val_accuracy": val[-1] if val else nan,
+        "train_loss": float(np.mean(series(r["rows"], "loss")[-steps_per_epoch:])),
+        "train_accuracy": float(np.mean(series(r["rows"], "accuracy")[-steps_per_epoch:])),
+        "seconds": r["seconds"],
+        "base": str(base),
+        "checkpoint": r["checkpoint"],
     }
-    rm.save(cfg.out, step, opt, tok_path, metrics)
-    log(f"held-out accuracy {val0:.3f} -> {val_acc:.3f} ({len(val_pairs)} pairs); saved to {cfg.out}")
-    return {**metrics, "out": str(cfg.out), "model": rm}
+    write_json(Path(cfg.out) / "reward_model.json", metrics)
+    log(f"held-out accuracy {metrics['val_accuracy_start']:.3f} -> {metrics['val_accuracy']:.3f} "
+        f"({len(val_pairs)} pairs); saved to {cfg.out}")
+    return {**metrics, "out": str(cfg.out), "log": r["log"], "plot": r["plot"], "model": stage.rm}
 
 
 def addition_preferences(n: int, digits: int = 1, seed: int = 0) -> list[dict]:

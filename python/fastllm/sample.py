@@ -1,17 +1,17 @@
 """Samplers and text generation.
 
 `SamplingParams` says how the next token is drawn from the logits: greedy (temperature 0), temperature,
-top-k, top-p (nucleus), min-p, repetition penalty; `sample_next` applies it to a batch of logits (vectorized
-numpy, float64). `generate` / `stream` run the model with its KV cache: the prompt is prefilled in one pass,
-then tokens are decoded one at a time. `stream_text` decodes tokens to text incrementally, holding back bytes
-of a UTF-8 character split across tokens.
+top-k, top-p (nucleus), min-p, repetition penalty (HF/CTRL), presence and frequency penalties (OpenAI);
+`sample_next` applies it to a batch of logits (vectorized numpy, float64). `generate` / `stream` run the model
+with its KV cache: the prompt is prefilled in one pass, then tokens are decoded one at a time. `stream_text`
+decodes tokens to text incrementally (`TextStreamer` holds back bytes of a UTF-8 character split across tokens,
+`StopStrings` holds back text that may still become a stop string).
 
 >>> ids = generate(model, [1, 2, 3], max_new_tokens=20, temperature=0.8, top_k=40, seed=0)
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,10 +30,14 @@ class SamplingParams:
                                        "(default: no limit)")
     repetition_penalty: float = option(1.0, "> 1 discourages tokens already in the sequence (CTRL / HF "
                                             "convention; 1: off)")
+    presence_penalty: float = option(0.0, "OpenAI's: subtracted from the logit of every token already generated "
+                                          "(0: off)")
+    frequency_penalty: float = option(0.0, "OpenAI's: subtracted from a token's logit once per earlier occurrence "
+                                           "in the generated tokens (0: off)")
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -42,16 +46,23 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
 
-def probabilities(logits: np.ndarray, sp: SamplingParams, history: Sequence[Sequence[int]] | None = None
-                  ) -> np.ndarray:
-    """The distribution (B, V) that sample_next draws from: penalties, temperature, then top-k / top-p / min-p
-    filtering, renormalised. (Greedy is handled by sample_next, not here.)"""
+def penalize(logits: np.ndarray, sp: SamplingParams, history: Sequence[Sequence[int]] | None = None,
+             output: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Logits (B, V) as float64 with the penalties applied: repetition_penalty over `history` (each row's prompt
+    and generated tokens), presence/frequency penalties over `output` (the generated tokens; default history)."""
     z = np.array(logits, np.float64, copy=True, ndmin=2)
     if sp.repetition_penalty != 1.0 and history is not None:
         for b, seen in enumerate(history):
@@ -59,6 +70,20 @@ def probabilities(logits: np.ndarray, sp: SamplingParams, history: Sequence[Sequ
             if ids.size:
                 v = z[b, ids]
                 z[b, ids] = np.where(v > 0, v / sp.repetition_penalty, v * sp.repetition_penalty)
+    output = history if output is None else output
+    if (sp.presence_penalty or sp.frequency_penalty) and output is not None:
+        for b, seen in enumerate(output):
+            ids, counts = np.unique(np.asarray(seen, np.int64), return_counts=True)
+            if ids.size:
+                z[b, ids] -= sp.frequency_penalty * counts + sp.presence_penalty
+    return z
+
+
+def probabilities(logits: np.ndarray, sp: SamplingParams, history: Sequence[Sequence[int]] | None = None,
+                  output: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """The distribution (B, V) that sample_next draws from: penalties, temperature, then top-k / top-p / min-p
+    filtering, renormalised. (Greedy is handled by sample_next, not here.)"""
+    z = penalize(logits, sp, history, output)
     z /= max(sp.temperature, 1e-12)
     if sp.top_k is not None and sp.top_k < z.shape[-1]:
         kth = np.partition(z, -sp.top_k, axis=-1)[:, -sp.top_k][:, None]
@@ -78,16 +103,33 @@ def probabilities(logits: np.ndarray, sp: SamplingParams, history: Sequence[Sequ
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, sp: SamplingParams,
-                history: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """One token id per row of logits (B, V)."""
+                history: Sequence[Sequence[int]] | None = None,
+                output: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """One token id per row of logits (B, V). history: each row's tokens so far (for repetition_penalty);
+    output: its generated tokens (for presence/frequency penalties; default history)."""
     logits = np.atleast_2d(np.asarray(logits))
     if sp.greedy:
-        if sp.repetition_penalty != 1.0 and history is not None:
-            return probabilities(logits, dataclasses.replace(sp, temperature=1.0, top_k=None), history).argmax(-1)
-        return logits.argmax(-1)
-    p = probabilities(logits, sp, history)
+        return penalize(logits, sp, history, output).argmax(-1) if sp.penalized else logits.argmax(-1)
+    p = probabilities(logits, sp, history, output)
     u = rng.random((p.shape[0], 1))
     return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
+
+
+def check_seed(seed) -> None:
+    """A sampling seed is None (fresh randomness) or an integer >= 0 (ValueError otherwise)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0 (leave it unset for a random seed), got {seed!r}")
+
+
+def _check_finite(logits: np.ndarray, alive: np.ndarray, step: int) -> None:
+    """Non-finite logits mean NaN/Inf weights or activations: raise rather than sample garbage (argmax of NaN
+    is token 0, forever)."""
+    bad = np.flatnonzero(alive & ~np.isfinite(logits).all(-1))
+    if bad.size:
+        raise FloatingPointError(
+            f"the model's logits are not finite (NaN or Inf) at generation step {step} (sequence {int(bad[0])}): "
+            "its weights or activations hold NaN/Inf"
+        )
 
 
 def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
@@ -132,16 +174,19 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
 
     prompt_ids: one sequence of ids, or a list of sequences of different lengths (batched generation).
     weights="bfloat16" decodes with bf16 copies of the weight matrices (about half the memory traffic per step;
-    logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied)."""
+    logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied).
+    Logits that are not finite (NaN/Inf weights) raise FloatingPointError naming the step."""
     sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    check_seed(seed)
     rows = _check_prompts(model, _as_rows(prompt_ids)[0], max_new_tokens)
     rng = np.random.default_rng(seed)
     stop = set(int(s) for s in stop_tokens)
     # the cache holds what this call needs (longest prompt + new tokens), not a full context
-    cache = model.kv_cache(len(rows), weights=weights, max_len=max(len(r) for r in rows) + max(max_new_tokens, 1))
+    cache = model.kv_cache(len(rows), weights=weights, max_len=max(len(r) for r in rows) + max_new_tokens)
     logits = cache.prefill(rows)  # (B, V) logits of each prompt's last token
     alive = np.ones(len(rows), bool)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        _check_finite(logits, alive, step)
         nxt = sample_next(logits, rng, sp, rows if repetition_penalty != 1.0 else None).astype(np.int64)
         nxt[~alive] = -1
         for b in np.flatnonzero(alive):
@@ -149,7 +194,7 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
             if nxt[b] in stop:
                 alive[b] = False
         yield nxt
-        if not alive.any():
+        if not alive.any() or step == max_new_tokens - 1:
             break
         logits = cache.decode(np.where(nxt < 0, 0, nxt))
 
@@ -192,6 +237,43 @@ class TextStreamer:
         return text
 
 
+class StopStrings:
+    """Cuts a stream of text pieces at the first occurrence of any of the `stop` strings (not included).
+    push(piece) returns (text that is safe to show now, stopped); text whose end could still grow into a stop
+    string is held back until the next piece decides it; flush() returns what is held at the end of the stream.
+
+    >>> s = StopStrings(["\\n\\n"]); s.push("Hi\\n"), s.push("\\nBye")
+    (('Hi', False), ('', True))
+    """
+
+    def __init__(self, stop: Sequence[str] = ()):
+        self.stop = [x for x in stop if x]
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        self.text += piece
+        hits = [h for h in (self.text.find(x, self.emitted) for x in self.stop) if h >= 0]
+        if hits:
+            self.stopped = True
+            out, self.emitted = self.text[self.emitted:min(hits)], min(hits)
+            return out, True
+        # hold back the longest tail that is a proper prefix of some stop string
+        tail = self.text[self.emitted:]
+        hold = max((k for x in self.stop for k in range(min(len(x) - 1, len(tail)), 0, -1)
+                    if tail.endswith(x[:k])), default=0)
+        out = tail[:len(tail) - hold]
+        self.emitted += len(out)
+        return out, False
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out
+
+
 def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int, stop: Sequence[str] = (),
                 stats: dict | None = None, **kw) -> Iterator[str]:
     """Yield decoded text pieces as tokens are generated (single prompt: text, encoded with special tokens
@@ -203,23 +285,16 @@ def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: i
     stop_tokens = tuple(int(t) for t in kw.pop("stop_tokens", ())) + ((eot,) if eot is not None else ())
     ends = set(stop_tokens)
     ids = tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str) else prompt
-    streamer = TextStreamer(tokenizer)
-    text, emitted = "", 0
-    hold = max((len(s) for s in stop), default=0)
+    streamer, cutter = TextStreamer(tokenizer), StopStrings(stop)
     for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
         t = int(step[0])
         stats["tokens"] += 1
         if t < 0 or t in ends:
             break
-        text += streamer.push(t)
-        hits = [text.find(s, max(0, emitted - len(s))) for s in stop]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            yield text[emitted:min(hits)]
+        text, stopped = cutter.push(streamer.push(t))
+        if text:
+            yield text
+        if stopped:
             return
-        safe = len(text) - hold  # keep back what could still become a stop string
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text += streamer.flush()
-    yield text[emitted:]
+    text, _ = cutter.push(streamer.flush())
+    yield text + cutter.flush()

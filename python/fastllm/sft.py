@@ -25,8 +25,8 @@ an `<|endoftext|>`) and only assistant tokens carry loss. A conversation longer 
 (`too_long="truncate"`, the default; skipped when no assistant token is left) or skipped (`"skip"`), with a
 warning and counts in the summary, never silently.
 
-Training reuses `fastllm.train.train` (same checkpoints, resume, progress bar, log.jsonl, loss.png) through
-its `loaders` / `init_model` / `tokenizer_path` hooks; checkpoints hold the extended tokenizer.
+Training is fastllm.train's loop (`LMStage` on the packed conversations, `fit`: the same checkpoints, resume,
+progress bar, log.jsonl, loss.png and `--device cuda` as pre-training); checkpoints hold the extended tokenizer.
 
 >>> summary = sft(SFTConfig(base="run/", data="chats.jsonl", out="sft/"))
 >>> session = ChatSession(load_model("sft/"), Tokenizer.load("sft/tokenizer.tiktoken"))
@@ -43,10 +43,15 @@ from pathlib import Path
 
 import numpy as np
 
+from . import checks
+from .checkpoint import TOKENIZER_FILE, checkpoint_tokenizer, find_tokenizer, load_model
+from .data import Epochs
 from .fileio import iter_jsonl
 from .model import GPT
 from .options import option
-from .train import TrainConfig
+from .sample import stream_text
+from .tokenizer import Tokenizer
+from .train import LMStage, TrainConfig, fit_lm, setup_run
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -104,8 +109,6 @@ def _special(tokenizer, name: str) -> int:
 
 def with_chat_tokens(tokenizer):
     """`tokenizer` if it has <|im_start|> and <|im_end|>, else a copy with them added (ids from n_vocab up)."""
-    from .tokenizer import Tokenizer
-
     specials = tokenizer.special_tokens
     missing = [s for s in (IM_START, IM_END) if s not in specials]
     if not missing:
@@ -143,17 +146,16 @@ def grow_vocab(
     old = model.config.vocab_size
     if vocab_size < old:
         raise ValueError(f"vocab_size={vocab_size} is smaller than the model's {old}")
-    new = GPT(dataclasses.replace(model.config, vocab_size=vocab_size), init=False)
-    for name, arr in model.p.items():
-        if name == "wte":
-            new.p["wte"][:old] = arr
-        else:
-            new.p[name][...] = arr
+    tensors = dict(model.state_dict())
+    wte = np.empty((vocab_size, model.config.n_embd), np.float32)
+    wte[:old] = tensors["wte"]
     rows = sorted(set(range(old, vocab_size)) | {int(r) for r in init_rows})
     if rows:
-        src = model.p["wte"][: mean_rows or old]
         noise = np.random.default_rng(seed).standard_normal((len(rows), model.config.n_embd)) * 0.002
-        new.p["wte"][rows] = src.mean(0, dtype=np.float64) + noise
+        wte[rows] = tensors["wte"][: mean_rows or old].mean(0, dtype=np.float64) + noise
+    tensors["wte"] = wte
+    new = GPT(dataclasses.replace(model.config, vocab_size=vocab_size), init=False)
+    new.load_state_dict(tensors, where="grow_vocab")
     if hasattr(model, "checkpoint_dir"):
         new.checkpoint_dir = model.checkpoint_dir
     return new
@@ -300,35 +302,22 @@ class PackedLoader:
         self.stats.windows = len(windows)
         self.stats.tokens = sum(e[0].size for e in examples)
         self.stats.loss_tokens = int(self.mask[:, 1:].sum())
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> np.ndarray:
-        n = len(self.tokens)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        self.epochs = Epochs(len(windows), seed, shuffle)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.empty(self.B, np.int64)
-        for b in range(self.B):
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            rows[b] = self._order[self.pos]
-            self.pos += 1
+        rows = self.epochs.take(self.B)
         w, m = self.tokens[rows], self.mask[rows]
         return w[:, :-1].copy(), np.where(m[:, 1:], w[:, 1:], -1).astype(np.int32)
 
     def reset(self) -> None:
-        self.epoch, self.pos = 0, 0
-        self._order = self._make_order()
+        self.epochs.seek(0, 0)
 
     def state_dict(self) -> dict:
         return {
-            "epoch": int(self.epoch),
-            "pos": int(self.pos),
+            **self.epochs.state_dict(),
             "seed": self.seed,
             "T": self.T,
             "B": self.B,
@@ -341,8 +330,7 @@ class PackedLoader:
                 f"loader state is for T={state.get('T')} and {state.get('windows')} windows, this "
                 f"loader has T={self.T} and {len(self)} (different data?)"
             )
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._make_order()
+        self.epochs.seek(state["epoch"], state["pos"])
 
 
 # ---- training ------------------------------------------------------------------------------------------
@@ -354,7 +342,7 @@ class SFTConfig(TrainConfig):
     (model, n_layer, n_head, n_embd are ignored). Defaults suit fine-tuning: lower LR, no weight decay."""
 
     data: str = option(help="conversations JSONL, one {\"messages\": [{\"role\", \"content\"}, ...]} per line")
-    seq_len: int = option(0, "T: tokens per packed window (0: the base model's context length)")
+    seq_len: int | None = option(None, "T: tokens per packed window (default: the base model's context length)")
     max_steps: int = 300
     lr: float = 1e-4
     warmup_steps: int = 10
@@ -370,16 +358,17 @@ class SFTConfig(TrainConfig):
     too_long: str = option("truncate", "conversations longer than a window: truncate them or skip them",
                            choices=("truncate", "skip"))
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.base:
+            raise ValueError("base: give the checkpoint to fine-tune (--base)")
+        checks.number(self, "val_fraction", high=1.0, high_open=True)
+        checks.one_of(self, "too_long", ("truncate", "skip"))
+
 
 def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     """Fine-tune cfg.base on the conversations in cfg.data; returns train()'s summary plus packing counts."""
-    from .data import TOKENIZER_FILE, checkpoint_tokenizer, find_tokenizer
-    from .train import load_model, train
-
-    if not cfg.base:
-        raise ValueError("base: give the checkpoint to fine-tune (--base)")
-    if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    setup_run(cfg)
     base = load_model(cfg.base)
     tok_path = cfg.tokenizer or find_tokenizer(base.checkpoint_dir)
     base_tok = checkpoint_tokenizer(base.checkpoint_dir, tok_path)
@@ -391,6 +380,7 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     T = cfg.seq_len or model.config.block_size
     if not 1 <= T <= model.config.block_size:
         raise ValueError(f"seq_len={T} must be in [1, the base model's block_size={model.config.block_size}]")
+    cfg = dataclasses.replace(cfg, seq_len=T)
 
     convs = load_conversations(cfg.data)
     if cfg.val_data:
@@ -419,14 +409,8 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
         f"T+1={T + 1} tokens ({s.fill:.0%} filled, {s.loss_tokens} loss tokens); "
         f"{len(val_convs)} validation conversations; base {base.checkpoint_dir}"
     )
-    summary = train(
-        dataclasses.replace(cfg, seq_len=T),
-        progress=progress,
-        log=log,
-        loaders=(train_loader, val_loader),
-        init_model=lambda: model,
-        tokenizer_path=out / TOKENIZER_FILE,
-    )
+    stage = LMStage("sft", cfg, lambda: model, train_loader, val_loader)
+    summary = fit_lm(stage, cfg, out / TOKENIZER_FILE, progress, log)
     summary.update(
         conversations=s.used, truncated=s.truncated, skipped=s.skipped, windows=s.windows, loss_tokens=s.loss_tokens
     )
@@ -459,6 +443,10 @@ class ChatSession:
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        from .sample import SamplingParams, check_seed
+
+        SamplingParams(**{f.name: sampling[f.name] for f in dataclasses.fields(SamplingParams) if f.name in sampling})
+        check_seed(sampling.get("seed"))  # (bad options fail here, not at every message)
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min(min_new_tokens, max_new_tokens)
@@ -490,8 +478,6 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the assistant's answer to the user message `text`."""
-        from .sample import stream_text
-
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         self.history.append({"role": "user", "content": text})

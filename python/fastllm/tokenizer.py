@@ -29,13 +29,14 @@ import base64
 import binascii
 import json
 import os
-import tempfile
 from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
 
 from . import _C
+from .fileio import atomic_write, read_json
 
 __all__ = ["Tokenizer", "GPT2_PATTERN", "GPT4_PATTERN"]
 
@@ -64,11 +65,23 @@ def _to_hf_regex(pat: str) -> str:
 
 _PATTERN_ALIASES[_to_hf_regex(GPT4_PATTERN)] = "gpt4"
 
+_MAX_ID = 2**28  # ids index dense tables (as in csrc/tokenizer/bpe.cpp): larger ones come from corrupt files
 _SIDECAR_FORMAT = "fastllm-bpe"
 _SIDECAR_VERSION = 1
 
 PathLike = Union[str, "os.PathLike[str]"]
 IdsLike = Union[Sequence[int], np.ndarray]
+
+
+def _threads(threads) -> int:
+    """A thread count: None -> fastllm's (set_num_threads); else an int in [1, 1024] (ValueError otherwise)."""
+    if threads is None:
+        return _C.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise TypeError(f"threads must be an int, got {type(threads).__name__}")
+    if not 1 <= threads <= _C.MAX_THREADS:
+        raise ValueError(f"threads = {threads} is out of range [1, {_C.MAX_THREADS}]")
+    return int(threads)
 
 
 def _repair_surrogates(text: str) -> str:
@@ -105,25 +118,6 @@ _B2U = _bytes_to_unicode()
 _U2B = {u: b for b, u in _B2U.items()}
 
 
-def _atomic_write(path: PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _read_ranks(path: PathLike) -> dict[bytes, int]:
     """Parse a tiktoken rank file (``base64(token) rank`` per line); errors name the file and line."""
     path = os.fspath(path)
@@ -146,7 +140,7 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
             rank = int(parts[1])
         except ValueError as e:
             raise ValueError(f"{path}:{lineno}: invalid rank {parts[1][:20]!r}") from e
-        if not token or not 0 <= rank < 2**28:
+        if not token or not 0 <= rank < _MAX_ID:
             raise ValueError(f"{path}:{lineno}: empty token or rank {rank} out of range [0, 2**28)")
         if token in ranks:
             raise ValueError(
@@ -159,6 +153,10 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
         lines[token] = lineno
     if not ranks:
         raise ValueError(f"{path}:1: no tokens (empty or truncated file)")
+    top = max(seen_rank)
+    if top >= len(ranks) + (1 << 16):  # tables are sized by the largest id: a sparse file would take GBs
+        raise ValueError(f"{path}:{seen_rank[top]}: rank {top} with only {len(ranks)} tokens: ranks must be "
+                         f"dense (below {len(ranks) + (1 << 16)})")
     return ranks
 
 
@@ -190,9 +188,11 @@ class Tokenizer:
             )
         tokens = list(mergeable_ranks.keys())
         ranks = list(mergeable_ranks.values())
-        for t in tokens:
+        for t, r in zip(tokens, ranks):
             if not isinstance(t, bytes):
                 raise TypeError(f"mergeable_ranks keys must be bytes, got {type(t).__name__}")
+            if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or not 0 <= r < _MAX_ID:
+                raise ValueError(f"mergeable_ranks[{t[:40]!r}] = {r!r} is not an int in [0, 2**28)")
         core = _C.BpeEncoder.from_ranks(tokens, ranks)
         self._init(core, pattern, special_tokens)
 
@@ -220,10 +220,14 @@ class Tokenizer:
                 raise ValueError(f"pattern is not a valid regex: {e}") from e
         special_tokens = dict(special_tokens or {})
         for s, i in special_tokens.items():
-            if not isinstance(s, str) or not s:
-                raise TypeError(f"special token names must be non-empty str, got {s!r}")
+            if not isinstance(s, str):
+                raise TypeError(f"special token names must be str, got {s!r}")
+            if not s:
+                raise ValueError("special token names must not be empty")
             if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
                 raise TypeError(f"special token {s!r}: id must be an int, got {i!r}")
+            if not 0 <= i < _MAX_ID:
+                raise ValueError(f"special token {s!r}: id {i} is negative or too large (ids are in [0, 2**28))")
             core.add_special(s.encode("utf-8"), int(i))
         self._core = core
         self._special = {s: int(i) for s, i in special_tokens.items()}
@@ -388,9 +392,7 @@ class Tokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
-        threads = _C.get_num_threads() if threads is None else int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        threads = _threads(threads)
         allowed = self._allowed_ids(texts, allowed_special, disallowed_special)
         if self._regex is not None:
             return [self._encode_native(_repair_if_needed(t), allowed) for t in texts]
@@ -461,9 +463,7 @@ class Tokenizer:
         ['hi', '', '!']
         """
         arrays = [self._ids_array(ids) for ids in batch]
-        threads = _C.get_num_threads() if threads is None else int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        threads = _threads(threads)
         try:
             return self._core.decode_batch(arrays, errors, threads)
         except UnicodeDecodeError:
@@ -518,16 +518,17 @@ class Tokenizer:
                     f"texts_or_paths[{i}] must be a str (text) or os.PathLike, got {type(item).__name__}"
                 )
         texts = [_repair_if_needed(t) for t in texts]
-        specials = list(special_tokens)
+        specials = [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
+        for i, s in enumerate(specials):
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"special_tokens[{i}] must be a non-empty str, got {s!r}")
         if len(set(specials)) != len(specials):
             raise ValueError(f"special_tokens has duplicates: {specials}")
         vocab_size = int(vocab_size)
         n_merges = vocab_size - 256 - len(specials)
         if n_merges < 0:
             raise ValueError(f"vocab_size must be >= 256 + {len(specials)} special tokens, got {vocab_size}")
-        threads = _C.get_num_threads() if threads is None else int(threads)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        threads = _threads(threads)
         pat = _PATTERN_ALIASES.get(pattern, pattern)
 
         bar = None
@@ -585,7 +586,8 @@ class Tokenizer:
         `save`)."""
         self._require_ranks("save_tiktoken")
         lines = [base64.b64encode(t) + b" " + str(i).encode() for i, t in self._regular_tokens()]
-        _atomic_write(path, b"\n".join(lines) + b"\n")
+        with atomic_write(path) as f:
+            f.write(b"\n".join(lines) + b"\n")
 
     @classmethod
     def load_tiktoken(
@@ -594,11 +596,23 @@ class Tokenizer:
         """Read a tiktoken rank file (e.g. written by `save_tiktoken` or shipped with tiktoken).
 
         Corrupt or truncated files raise ValueError naming the file and line."""
-        ranks = _read_ranks(path)
+        return cls._from_rank_file(_read_ranks(path), path, pattern, special_tokens)
+
+    @classmethod
+    def _from_rank_file(cls, ranks: dict[bytes, int], path: PathLike, pattern: str, special_tokens,
+                        where: str | None = None) -> Tokenizer:
+        """A tokenizer from the ranks read from `path` (errors name it) with the pattern and special tokens read
+        from `where` (errors name it; None: given by the caller, errors raised as they are)."""
         try:
-            return cls(ranks, pattern, special_tokens)
+            core = _C.BpeEncoder.from_ranks(list(ranks), list(ranks.values()))
         except ValueError as e:
             raise ValueError(f"{os.fspath(path)}: {e}") from e
+        if where is None:
+            return cls._from_core(core, pattern, special_tokens)
+        try:
+            return cls._from_core(core, pattern, special_tokens)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}:1: {e}") from e
 
     def save(self, path: PathLike) -> None:
         """Save to `path` (tiktoken rank file, see `save_tiktoken`) plus the sidecar ``<path>.json`` holding
@@ -621,19 +635,14 @@ class Tokenizer:
             "n_ranks": n,
         }
         self.save_tiktoken(path)
-        _atomic_write(
-            os.fspath(path) + ".json", (json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode()
-        )
+        with atomic_write(os.fspath(path) + ".json") as f:
+            f.write((json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode())
 
     @classmethod
     def load(cls, path: PathLike) -> Tokenizer:
         """Load what `save` wrote (the rank file and its ``.json`` sidecar)."""
         side_path = os.fspath(path) + ".json"
-        try:
-            with open(side_path, encoding="utf-8") as f:
-                side = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{side_path}:{e.lineno}: corrupt JSON ({e.msg})") from e
+        side = read_json(side_path)
         if not isinstance(side, dict) or side.get("format") != _SIDECAR_FORMAT:
             raise ValueError(
                 f"{side_path}:1: not a fastllm tokenizer sidecar (format != {_SIDECAR_FORMAT!r})"
@@ -643,16 +652,17 @@ class Tokenizer:
         for key, typ in (("pattern", str), ("special_tokens", dict), ("n_ranks", int)):
             if not isinstance(side.get(key), typ):
                 raise ValueError(f"{side_path}:1: missing or bad {key!r}")
+        for name, i in side["special_tokens"].items():  # tables are sized by the largest id (see _read_ranks)
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < side["n_ranks"] + (1 << 16):
+                raise ValueError(f"{side_path}:1: special token {name!r} has id {i!r}: ids must be dense "
+                                 f"(below n_ranks + 65536 = {side['n_ranks'] + (1 << 16)})")
         ranks = _read_ranks(path)
         if len(ranks) != side["n_ranks"]:
             raise ValueError(
                 f"{os.fspath(path)}:{len(ranks)}: {len(ranks)} ranks but the sidecar says {side['n_ranks']} "
                 "(truncated file?)"
             )
-        try:
-            return cls(ranks, side["pattern"], side["special_tokens"])
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{os.fspath(path)}: {e}") from e
+        return cls._from_rank_file(ranks, path, side["pattern"], side["special_tokens"], side_path)
 
     def save_hf(self, path: PathLike) -> None:
         """Write a GPT-2-style HF ``tokenizer.json`` (BPE model over the byte-level alphabet, vocab + merges,
@@ -719,7 +729,8 @@ class Tokenizer:
                 "merges": merges,
             },
         }
-        _atomic_write(path, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+        with atomic_write(path) as f:
+            f.write(json.dumps(doc, ensure_ascii=False).encode("utf-8"))
 
     @classmethod
     def from_pretrained(cls, path: PathLike) -> Tokenizer:
@@ -727,19 +738,17 @@ class Tokenizer:
         ``vocab.json`` + ``merges.txt`` (special tokens from ``tokenizer_config.json``, default
         ``<|endoftext|>``), else a fastllm ``tokenizer.tiktoken``. `path` may also name one of those files.
         Ids are those HF tokenizers gives for the same files."""
-        from . import hf
-
         path = os.fspath(path)
         if os.path.isfile(path):
             name, folder = os.path.basename(path), os.path.dirname(path)
             if name == "vocab.json" or name == "merges.txt":
-                return hf.load_vocab_merges(folder)
+                return load_vocab_merges(folder)
             return cls.load_hf(path) if name.endswith(".json") else cls.load(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such tokenizer file or folder")
-        found = hf.find_hf_tokenizer(path)
+        found = find_hf_tokenizer(path)
         if found is not None:
-            return cls.load_hf(found) if found.name == "tokenizer.json" else hf.load_vocab_merges(path)
+            return cls.load_hf(found) if found.name == "tokenizer.json" else load_vocab_merges(path)
         rank_file = os.path.join(path, "tokenizer.tiktoken")
         if os.path.exists(rank_file + ".json"):
             return cls.load(rank_file)
@@ -753,14 +762,7 @@ class Tokenizer:
         then tokens merge by the merges' order, as HF does). Added tokens become special tokens. Unsupported
         features (normalizers, add_prefix_space, byte fallback, dropout, other models) raise ValueError."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: corrupt JSON ({e.msg})") from e
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:1: not UTF-8 ({e.reason})") from e
-        return cls._from_hf_doc(doc, path)
+        return cls._from_hf_doc(read_json(path), path)
 
     @classmethod
     def _from_hf_doc(cls, doc, path: str) -> Tokenizer:
@@ -792,17 +794,21 @@ class Tokenizer:
                 not isinstance(t, dict)
                 or not isinstance(t.get("content"), str)
                 or not isinstance(t.get("id"), int)
-                or not 0 <= t["id"] < 2**28
+                or not 0 <= t["id"] < _MAX_ID
             ):
                 raise bad(f"bad added_tokens entry {t!r}")
+            if specials.get(t["content"], t["id"]) != t["id"]:
+                raise bad(f"added token {t['content']!r} has two ids, {specials[t['content']]} and {t['id']}")
             specials[t["content"]] = t["id"]
-        special_ids = set(specials.values())
+        special_of_id = {i: s for s, i in specials.items()}
 
         tokens, ids = [], []
         for s, i in model["vocab"].items():
-            if not isinstance(i, int) or not 0 <= i < 2**28:
+            if not isinstance(i, int) or not 0 <= i < _MAX_ID:
                 raise bad(f"vocab id of {s!r} is not an int in [0, 2**28): {i!r}")
-            if i in special_ids:
+            if i in special_of_id:  # GPT-2's files list <|endoftext|> in both; a different token is an error
+                if s != special_of_id[i]:
+                    raise bad(f"id {i} is both the vocab token {s!r} and the added token {special_of_id[i]!r}")
                 continue
             try:
                 tokens.append(bytes(_U2B[c] for c in s))
@@ -896,3 +902,89 @@ def _hf_pattern(pre, bad) -> str:
             check_byte_level(items[1])
             return items[0]["pattern"]["Regex"]
     raise bad(f"unsupported pre_tokenizer {json.dumps(pre)[:200]}")
+
+
+# ---- Hugging Face tokenizer files (GPT-2's vocab.json + merges.txt) ------------------------------------
+
+
+def vocab_merges_doc(vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
+                     special_tokens: list[str] | None = None) -> dict:  # fmt: skip
+    """A tokenizer.json document for GPT-2's classic vocab.json + merges.txt pair (byte-level BPE, merges by
+    priority = line order, GPT-2 pre-tokenizer, no prefix space), as HF's GPT2TokenizerFast builds it.
+    `special_tokens` (default: <|endoftext|> if it is in the vocab) become added tokens."""
+    vocab_path, merges_path = os.fspath(vocab_path), os.fspath(merges_path)
+    vocab = read_json(vocab_path)
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{vocab_path}:1: expected a JSON object token -> id")
+    merges = []
+    with open(merges_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{merges_path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if (lineno == 1 and line.startswith("#version")) or not line.strip():
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{merges_path}:{lineno}: expected '<left> <right>', got {line[:60]!r}")
+            merges.append(parts)
+    if special_tokens is None:
+        special_tokens = [t for t in ("<|endoftext|>",) if t in vocab]
+    added = []
+    for s in special_tokens:
+        if s not in vocab:
+            raise ValueError(f"{vocab_path}: special token {s!r} is not in the vocab")
+        added.append({"id": vocab[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                      "normalized": False, "special": True})  # fmt: skip
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges, "ignore_merges": False},
+    }
+
+
+def _special_tokens_from_config(folder: Path) -> list[str] | None:
+    """Special tokens named by tokenizer_config.json (added_tokens_decoder, bos/eos/unk), if any."""
+    p = folder / "tokenizer_config.json"
+    if not p.exists():
+        return None
+    conf = read_json(p)
+    if not isinstance(conf, dict):
+        raise ValueError(f"{p}:1: expected a JSON object")
+    out: list[str] = []
+    decoder = conf.get("added_tokens_decoder")
+    for t in decoder.values() if isinstance(decoder, dict) else ():
+        if isinstance(t, dict) and isinstance(t.get("content"), str):
+            out.append(t["content"])
+    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        t = conf.get(k)
+        t = t.get("content") if isinstance(t, dict) else t
+        if isinstance(t, str) and t not in out:
+            out.append(t)
+    return out or None
+
+
+def load_vocab_merges(folder: str | os.PathLike) -> Tokenizer:
+    """Tokenizer from vocab.json + merges.txt in `folder` (special tokens from tokenizer_config.json)."""
+    folder = Path(folder)
+    specials = _special_tokens_from_config(folder)
+    vocab_path = folder / "vocab.json"
+    if specials is not None:
+        vocab = read_json(vocab_path)
+        specials = [s for s in specials if isinstance(vocab, dict) and s in vocab]
+    doc = vocab_merges_doc(vocab_path, folder / "merges.txt", specials)
+    return Tokenizer._from_hf_doc(doc, f"{vocab_path} (with merges.txt)")
+
+
+def find_hf_tokenizer(folder: str | os.PathLike) -> Path | None:
+    """tokenizer.json, else vocab.json (with merges.txt beside it), else None."""
+    folder = Path(folder)
+    for p in (folder / "tokenizer.json", folder / "vocab.json"):
+        if p.exists() and (p.name != "vocab.json" or (folder / "merges.txt").exists()):
+            return p
+    return None

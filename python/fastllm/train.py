@@ -1,13 +1,16 @@
-"""Pre-training loop: AdamW, warmup + cosine LR, global-norm clipping, gradient accumulation, validation,
-samples, a JSONL log, a loss-curve PNG, and atomic checkpoints that resume bit-identically.
+"""The training loop every stage shares -- pre-training (here), SFT (fastllm.sft), GRPO and the reward model
+(fastllm.rl) -- and pre-training itself.
 
-Checkpoint folder `OUT/ckpt_NNNNNN/` (NNNNNN = the number of optimizer steps taken):
-    model.safetensors      parameters (named like GPT.p), metadata: the GPTConfig as JSON
-    optimizer.safetensors  AdamW m and v (flat), metadata: t
-    state.json             step, data-loader position, sampling RNG state, the TrainConfig
-    tokenizer.*            a copy of the tokenizer, so `fastllm sample --ckpt` needs nothing else
-It is written to a temporary folder and renamed into place; `OUT/latest` (written atomically) names the
-newest complete checkpoint.
+`fit(stage, loop)` runs a `Stage`, which supplies only its model, batches and loss, for loop.steps steps:
+  1. start, or resume from the newest checkpoint of loop.out (model, optimizer, RNG and the stage's data position
+     come back, so the resumed run is bit-identical to an uninterrupted one); the model is built or loaded on the
+     CPU, then moved to loop.device, and AdamW is made for it there;
+  2. per step: evaluation at its cadence (and at the start and the end), the stage's step -- one or more `update`s:
+     zero the gradients, accumulate the micro-batches' forward + backward, check the loss and gradient norm are
+     finite, clip the global norm, AdamW at the schedule's LR (linear warmup, cosine decay) -- a log.jsonl row,
+     and a checkpoint at its cadence (older ones pruned, the run's figure redrawn: fastllm.plot.plot_stage);
+  3. NaN/Inf stops with a TrainingError naming the last good checkpoint.
+Checkpoint files: fastllm.checkpoint. Pre-training: `train(TrainConfig)` (`fastllm train`) on token shards.
 
 >>> summary = train(TrainConfig(data="data", out="out", model="mini", max_steps=100))
 """
@@ -17,20 +20,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import set_num_threads
-from .data import DataLoader, copy_tokenizer, find_tokenizer
-from .fileio import load_safetensors, save_safetensors, write_json
-from .model import GPT, GPTConfig
-from .optim import AdamW, grad_norm, lr_schedule
-from .options import CKPT_EVERY, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
+from . import checkpoint, checks, ops, set_num_threads
+from .data import DataLoader
+from .model import GPT, PRESETS, GPTConfig
+from .optim import AdamW, lr_schedule
+from .options import CKPT_EVERY, CUDA_DTYPE, DEVICE, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
+from .plot import plot_stage
+from .sample import generate
+from .tokenizer import Tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -57,7 +61,8 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1 (decay of the gradient mean)")
     beta2: float = option(0.95, "AdamW beta2 (decay of the squared-gradient mean)")
     grad_clip: float = option(1.0, GRAD_CLIP)
-    eval_every: int = option(100, "steps between validation-loss evaluations (0: never)")
+    eval_every: int = option(100, "steps between validation-loss evaluations, also at the start and the end "
+                                  "(0: never)")
     eval_batches: int = option(20, "batches of B x T tokens per validation (fewer if the val split is smaller)")
     sample_every: int = option(0, "steps between printed text samples (0: never)")
     sample_tokens: int = option(64, "tokens per printed sample")
@@ -66,11 +71,25 @@ class TrainConfig:
     seed: int = option(1337, SEED)
     threads: int | None = option(None, THREADS)
     resume: bool = option(False, RESUME)
-    device: str = option("cpu", "where to train: cpu, or cuda (a CUDA build of fastllm and an NVIDIA GPU)",
-                         choices=("cpu", "cuda"))
-    cuda_dtype: str = option("bfloat16", "with --device cuda: compute dtype of weights and activations (master "
-                                         "weights and AdamW state stay float32)", choices=("bfloat16", "float32"))
+    device: str = option("cpu", DEVICE, choices=checks.DEVICES)
+    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
     loss_log_scale: bool = option(False, "draw the loss panel of loss.png on a log scale")
+
+    def __post_init__(self) -> None:
+        checks.output_dir(self)
+        if self.model not in PRESETS:
+            raise ValueError(f"model: unknown preset {self.model!r}; choose from {sorted(PRESETS)}")
+        checks.at_least(self, 1, "n_layer", "n_head", "n_embd", "batch_size", "seq_len", "total_batch_tokens",
+                        "max_steps", "eval_batches", "sample_tokens", "keep_ckpts", "threads")
+        checks.at_least(self, 0, "warmup_steps", "eval_every", "sample_every", "ckpt_every", "seed")
+        checks.number(self, "lr", low_open=True)
+        checks.number(self, "min_lr", "weight_decay", "grad_clip")
+        checks.number(self, "beta1", "beta2", high=1.0, high_open=True)
+        checks.device(self)
+        if self.total_batch_tokens is not None and self.seq_len is not None:
+            if self.total_batch_tokens % (self.batch_size * self.seq_len):
+                raise ValueError(f"total_batch_tokens={self.total_batch_tokens} must be a multiple of "
+                                 f"batch_size*seq_len={self.batch_size * self.seq_len}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         over = {k: v for k, v in (("n_layer", self.n_layer), ("n_head", self.n_head), ("n_embd", self.n_embd)) if v}
@@ -80,69 +99,126 @@ class TrainConfig:
         return cfg
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------------
+# ---- the loop ----------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(out: Path, step: int, model: GPT, opt: AdamW, state: dict, tokenizer: Path | None) -> Path:
-    final = out / f"ckpt_{step:06d}"
-    tmp = out / f".ckpt_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_safetensors(tmp / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())})
-    save_safetensors(tmp / "optimizer.safetensors", {"m": opt.m, "v": opt.v}, {"t": opt.t})
-    write_json(tmp / "state.json", state)
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(out / ".latest.tmp", "w") as f:
-        f.write(final.name + "\n")
-    os.replace(out / ".latest.tmp", out / "latest")
-    return final
+@dataclass
+class Loop:
+    """How fit() runs a stage. Built from a stage's config by Loop.of (the fields of the same names)."""
+
+    out: str  # run folder: checkpoints, log.jsonl, the figure (loss.png; rl.png for GRPO)
+    steps: int  # the run ends after this many steps
+    lr: float
+    min_lr: float | None = None  # where the cosine decay ends at the last step; None: lr (constant after warmup)
+    warmup_steps: int = 0
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    eval_every: int = 0  # steps between evaluations, also at the start and the end (0: never)
+    ckpt_every: int = 0  # steps between checkpoints (always one at the end; 0: only that one)
+    keep_ckpts: int = 2
+    seed: int = 0  # of the run's random generator (checkpointed with it)
+    resume: bool = False
+    device: str = "cpu"  # cpu | cuda
+    cuda_dtype: str = "bfloat16"  # with device=cuda: the compute dtype (float32 master weights and AdamW state)
+    tokenizer: Path | None = None  # copied into every checkpoint
+    loss_log_scale: bool = False  # the loss panel of the run's figure on a log scale
+    config: dict = dataclasses.field(default_factory=dict)  # the stage's config, recorded in state.json
+
+    @classmethod
+    def of(cls, cfg, **overrides) -> Loop:
+        mine = {f.name for f in dataclasses.fields(cls)}
+        same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in mine}
+        return cls(**{**same, "config": dataclasses.asdict(cfg), **overrides})
 
 
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    out = Path(out)
-    if (out / "latest").exists():
-        p = out / (out / "latest").read_text().strip()
-        if p.is_dir():
-            return p
-    ckpts = sorted(out.glob("ckpt_*"))
-    return ckpts[-1] if ckpts else None
+class Stage:
+    """What a training stage supplies to fit(): its model, batches and loss. LMStage (pre-training, SFT),
+    rl.GRPOStage, rl.RewardModelStage."""
+
+    kind = "train"  # recorded in checkpoints (resume refuses another kind); the progress bar's label
+    show: tuple[str, ...] = ("loss",)  # row keys shown on the progress bar
+    write = staticmethod(print)  # prints a line without breaking the progress bar (fit sets it)
+
+    def init_model(self) -> GPT:
+        """The model to start from when not resuming, on the CPU."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        """Resuming from the checkpoint `folder`: restore what state_dict() returned (and heads())."""
+
+    def start(self, model: GPT, opt: AdamW) -> None:
+        """The model, on its device, and its optimizer are ready."""
+        self.model, self.opt = model, opt
+
+    def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
+        """One training step at learning rate `lr`: draw batches (random choices from `rng`, the run's checkpointed
+        generator), run one or more `update`s, return the row to log ("loss", ...; "tokens" adds tok_per_s)."""
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluation metrics of the current model ({}: none)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """JSON-able state for checkpoints (a data loader's position, ...)."""
+        return {}
+
+    def heads(self) -> dict[str, np.ndarray]:
+        """Arrays trained beside the GPT, for checkpoints (heads.safetensors)."""
+        return {}
 
 
-def load_model(ckpt: str | os.PathLike) -> GPT:
-    """A GPT from a checkpoint folder (or a run folder: its latest checkpoint)."""
-    path = Path(ckpt)
-    if not (path / "model.safetensors").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint in {path} (expected model.safetensors or ckpt_* folders)")
-        path = found
-    tensors, meta = load_safetensors(path / "model.safetensors")
-    if "config" not in meta:
-        raise ValueError(f"{path / 'model.safetensors'}: no model config in the metadata")
-    model = GPT(GPTConfig.from_dict(json.loads(meta["config"])), init=False)
-    for name, arr in model.p.items():
-        if name not in tensors:
-            raise ValueError(f"{path / 'model.safetensors'}: missing tensor {name!r}")
-        if tensors[name].shape != arr.shape:
-            raise ValueError(f"{path / 'model.safetensors'}: tensor {name!r} has shape {tensors[name].shape}, "
-                             f"the config needs {arr.shape}")
-        arr[...] = tensors[name]
-    model.checkpoint_dir = path
-    return model
+class ExtraParams:
+    """A float32 array trained beside the GPT by `update`, with AdamW (default betas/eps, no weight decay): a reward
+    model's scalar head. It stays on the host; `g` receives its gradient."""
+
+    def __init__(self, name: str, p: np.ndarray, g: np.ndarray):
+        self.name, self.p, self.g = name, p, g
+        self.m, self.v = np.zeros_like(p), np.zeros_like(p)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {self.name: self.p, f"{self.name}.m": self.m, f"{self.name}.v": self.v}
+
+    def load_state_dict(self, tensors: dict, where: str) -> None:
+        for key, arr in (("", self.p), (".m", self.m), (".v", self.v)):
+            t = tensors.get(self.name + key)
+            if t is None or t.shape != arr.shape:
+                got = "missing" if t is None else f"shape {t.shape}"
+                raise ValueError(f"{where}: tensor {self.name + key!r} must have shape {arr.shape}, got {got}")
+            arr[...] = t
 
 
-# ---- training ------------------------------------------------------------------------------------------
+def update(model: GPT, opt: AdamW, micro_batch: Callable[[], dict], lr: float, grad_clip: float,
+           micro_batches: int = 1, extra: Sequence[ExtraParams] = ()) -> dict:
+    """One optimizer update: zero the gradients, run `micro_batch` (forward + backward of one micro-batch, returning
+    its stats, "loss" among them) `micro_batches` times, clip the global gradient norm of the mean to grad_clip
+    (0: no clipping), AdamW step at `lr`. Returns the stats averaged over the micro-batches, lr and grad_norm;
+    TrainingError if the loss or the norm is not finite.
 
-
-def _evaluate(model: GPT, loader: DataLoader, batches: int) -> float:
-    model.eval()
-    loader.reset()
-    losses = [model.forward(*loader.next_batch()) for _ in range(min(batches, max(1, len(loader) // loader.B)))]
-    model.train()
-    return float(np.mean(losses))
+    >>> def micro_batch():
+    ...     loss = model.forward(*loader.next_batch()); model.backward(); return {"loss": loss}
+    >>> update(model, opt, micro_batch, lr=1e-3, grad_clip=1.0, micro_batches=4)["grad_norm"]
+    """
+    model.zero_grad()
+    for e in extra:
+        e.g.fill(0.0)
+    stats: dict[str, float] = {}
+    for _ in range(micro_batches):
+        for k, v in micro_batch().items():
+            stats[k] = stats.get(k, 0.0) + v / micro_batches
+    norm = model.grad_norm()
+    if extra:
+        norm = math.sqrt(norm**2 + sum(float(np.sum(e.g.astype(np.float64) ** 2)) for e in extra))
+    norm /= micro_batches
+    loss = stats.get("loss", 0.0)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise TrainingError(f"loss={loss} grad_norm={norm} is not finite; try a lower --lr")
+    clip = min(1.0, grad_clip / (norm + 1e-6)) if grad_clip > 0 else 1.0
+    opt.step(lr, grad_scale=clip / micro_batches)
+    for e in extra:
+        ops.adamw_step(e.p, e.g, e.m, e.v, lr=lr, t=opt.t, grad_scale=clip / micro_batches)
+    return {**stats, "lr": lr, "grad_norm": norm}
 
 
 class RunLog:
@@ -153,12 +229,12 @@ class RunLog:
         self.path = path
         self.rows: list[dict] = []
         if path.exists():
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                if row.get("step", 0) < start:
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < start:
                     self.rows.append(row)
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
@@ -173,161 +249,206 @@ class RunLog:
         self._f.close()
 
 
-def train(cfg: TrainConfig, progress: bool = True, log=print, *, loaders=None, init_model=None,
-          tokenizer_path: str | os.PathLike | None = None) -> dict:
-    """Train (or resume) a GPT on cfg.data; returns a summary dict.
+def series(rows: list[dict], key: str) -> list[float]:
+    """The values of `key` in log rows, in order."""
+    return [r[key] for r in rows if key in r]
 
-    Hooks for other training stages (fine-tuning, see fastllm.sft), all None for pre-training:
-    `loaders` = (train, val or None) objects with DataLoader's interface (next_batch() -> (x, y) with y = -1
-    where no loss is taken, __len__, reset, state_dict, load_state_dict, B, vocab_size) instead of shards from
-    cfg.data; `init_model()` builds the starting model when not resuming; `tokenizer_path` is copied into
-    checkpoints instead of the one beside the shards."""
-    from tqdm.auto import tqdm
 
-    from .plot import plot_training
 
-    if cfg.device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {cfg.device!r}")
-    if cfg.device == "cuda":
-        from . import cuda
 
-        cuda._require()  # RuntimeError now, not after loading the data, if CUDA is not built or no GPU is found
+def setup_run(cfg) -> None:
+    """Before any data is read: fail now if cfg.device cannot run here, and set cfg.threads."""
+    checks.require_device(cfg.device)
     if cfg.threads:
         set_num_threads(cfg.threads)
-    out = Path(cfg.out)
+
+
+def _fmt(v) -> str:
+    return f"{v:,.0f}" if isinstance(v, float) and abs(v) >= 1000 else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
+    """Run `stage` for loop.steps steps (see the module doc). Returns {"steps", "seconds", "rows" (the log rows,
+    with those of earlier runs when resuming), "checkpoint", "log", "plot" (the figure, see fastllm.plot)}.
+
+    >>> stage = LMStage("train", cfg, lambda: GPT(config), DataLoader("data", "train", 8, 256))
+    >>> fit(stage, Loop.of(cfg, steps=cfg.max_steps))["checkpoint"]
+    """
+    from tqdm.auto import tqdm  # here: a slow import
+
+    out = Path(loop.out)
     out.mkdir(parents=True, exist_ok=True)
-    if loaders is not None:
-        train_loader, val_loader = loaders
-        val_loader = val_loader if cfg.eval_every else None
+
+    # the model: the stage's, or the newest checkpoint's when resuming; made on the CPU, then moved to its device
+    ckpt = checkpoint.latest(out) if loop.resume else None
+    if ckpt is None:
+        if loop.resume:
+            log(f"no checkpoint in {out}: starting afresh")
+        model, start, rng = stage.init_model(), 0, np.random.default_rng(loop.seed)
     else:
-        train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-        val_loader = None
-        if cfg.eval_every and list(Path(cfg.data).glob("val_*.bin")):
-            val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False)
-    tok_path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(cfg.data)
-    tokenizer = None
-    if tok_path is not None and cfg.sample_every:
-        from .tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_pretrained(tok_path)
-
-    BT = cfg.batch_size * cfg.seq_len
-    total = cfg.total_batch_tokens or BT
-    if total % BT:
-        raise ValueError(f"total_batch_tokens={total} must be a multiple of batch_size*seq_len={BT}")
-    accum = total // BT
-    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
-
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        model = load_model(ckpt)
-        opt = AdamW(model, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        ot, ometa = load_safetensors(ckpt / "optimizer.safetensors")
-        opt.m[...], opt.v[...], opt.t = ot["m"], ot["v"], int(ometa["t"])
-        state = json.loads((ckpt / "state.json").read_text())
-        start = int(state["step"])
-        train_loader.load_state_dict(state["loader"])
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
+        state = checkpoint.load_state(ckpt, stage.kind)
+        model, start, rng = checkpoint.load_model(ckpt), state["step"], state["rng"]
+        stage.load_state_dict(state["stage"], ckpt)
         log(f"resuming from {ckpt} at step {start}")
-    else:
-        if cfg.resume:
-            log(f"no checkpoint in {out}: starting from " + ("scratch" if init_model is None else "the given model"))
-        model = init_model() if init_model is not None else GPT(cfg.model_config(train_loader.vocab_size),
-                                                                seed=cfg.seed)
-        opt = AdamW(model, cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        start = 0
-        rng = np.random.default_rng(cfg.seed)
-    if model.config.vocab_size < train_loader.vocab_size:
-        raise ValueError(f"model vocab_size {model.config.vocab_size} < data vocab_size {train_loader.vocab_size}")
-    host_model, host_opt = model, opt  # what checkpoints save (the GPU state is copied into them first)
-    if cfg.device == "cuda":
-        from .cuda_model import CudaGPT
+    model.to(loop.device, checks.compute_dtype(loop))
+    opt = AdamW(model, loop.lr, (loop.beta1, loop.beta2), weight_decay=loop.weight_decay)
+    if ckpt is not None:
+        checkpoint.load_optimizer(ckpt, opt)
+    stage.start(model, opt)
+    log(f"{stage.kind}: {model.num_parameters / 1e6:.2f}M parameters {model.config.to_dict()} on {loop.device}"
+        + (f" ({loop.cuda_dtype} compute, float32 master weights and AdamW state)" if loop.device == "cuda" else ""))
+    min_lr = loop.lr if loop.min_lr is None else loop.min_lr
+    runlog = RunLog(out / "log.jsonl", start)
+    bar = tqdm(range(start, loop.steps), initial=min(start, loop.steps), total=loop.steps, desc=stage.kind,
+               unit="step", disable=not progress, dynamic_ncols=True)
+    stage.write = bar.write if progress else log
+    shown: dict = {}
 
-        model = CudaGPT(host_model, dtype=cfg.cuda_dtype).load_from(host_model, host_opt)
-        opt = model.adamw
-        log(f"device: cuda ({cfg.cuda_dtype} compute, float32 master weights and AdamW state)")
+    def evaluate(step: int) -> None:
+        row = stage.evaluate(step)
+        if row:
+            runlog.write({"step": step, **row})
+            shown.update(row)
+            stage.write(f"step {step:6d} | " + " | ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in row.items()))
 
-    def grad_norm_now() -> float:
-        return model.grad_norm() if model is not host_model else grad_norm(model)
-
-    log_path = out / "log.jsonl"
-    runlog = RunLog(log_path, start)
-    rows, write = runlog.rows, runlog.write
-
-    def state(step: int) -> dict:
-        return {"step": step, "loader": train_loader.state_dict(), "rng": rng.bit_generator.state,
-                "train_config": dataclasses.asdict(cfg)}
-
-    def checkpoint(step: int) -> None:
-        if model is not host_model:
-            model.to_cpu(host_model, host_opt)
-        if not np.isfinite(host_model.params).all():
+    def save(step: int) -> None:
+        if not all(np.isfinite(a).all() for a in model.state_dict().values()):
             raise TrainingError(f"step {step}: parameters are not finite; not saving. The last good checkpoint is "
-                                f"{latest_checkpoint(out)}; try a lower --lr")
-        save_checkpoint(out, step, host_model, host_opt, state(step), tok_path)
-        for old in sorted(out.glob("ckpt_*"))[:-max(1, cfg.keep_ckpts)]:
-            shutil.rmtree(old, ignore_errors=True)
+                                f"{checkpoint.latest(out)}; try a lower --lr")
+        checkpoint.save(out, step, model, opt, stage.state_dict(), kind=stage.kind, rng=rng, config=loop.config,
+                        heads=stage.heads(), tokenizer=loop.tokenizer)
+        checkpoint.prune(out, loop.keep_ckpts)
+        if step < loop.steps:  # the last one is drawn at the end, after the final evaluation
+            draw()
 
-    def plot() -> None:
-        plot_training(rows, out / "loss.png", log_scale=cfg.loss_log_scale, title=str(out))
+    def draw() -> Path:  # the run's figure, per stage kind (fastllm.plot.plot_stage)
+        return plot_stage(stage.kind, runlog.rows, out, log_scale=loop.loss_log_scale)
 
-    log(f"model: {model.num_parameters / 1e6:.2f}M parameters {model.config.to_dict()}")
-    log(f"data: {len(train_loader)} train windows of T={cfg.seq_len}; {accum} micro-batches of {BT} tokens per step")
     t_start = time.time()
-    tokens_done = 0
-    val_loss = first_loss = loss = float("nan")
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train", unit="step",
-               disable=not progress, dynamic_ncols=True)
     try:
         for step in bar:
-            last = step == cfg.max_steps - 1
-            if val_loader is not None and (step % cfg.eval_every == 0 or last):
-                val_loss = _evaluate(model, val_loader, cfg.eval_batches)
-                write({"step": step, "val_loss": val_loss})
-                msg = f"step {step:6d} | val loss {val_loss:.4f}"
-                msg += f" | train loss {loss:.4f}" if math.isfinite(loss) else ""
-                bar.write(msg) if progress else log(msg)
-            if tokenizer is not None and step > 0 and step % cfg.sample_every == 0:
-                _print_sample(model, tokenizer, cfg.sample_tokens, rng, bar)
+            if loop.eval_every and step % loop.eval_every == 0:
+                evaluate(step)
             t0 = time.time()
-            model.zero_grad()
-            loss = 0.0
-            for _ in range(accum):
-                loss += model.forward(*train_loader.next_batch()) / accum
-                model.backward()
-            norm = grad_norm_now() / accum
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                raise TrainingError(f"step {step}: loss={loss} grad_norm={norm} is not finite; stopping. The last "
-                                    f"good checkpoint is {latest_checkpoint(out)}; try a lower --lr")
-            clip = min(1.0, cfg.grad_clip / (norm + 1e-6)) if cfg.grad_clip > 0 else 1.0
-            lr = lr_schedule(step, cfg.lr, min_lr, cfg.warmup_steps, cfg.max_steps)
-            opt.step(lr, grad_scale=clip / accum)
-            dt = time.time() - t0
-            tokens_done += total
-            if math.isnan(first_loss):
-                first_loss = loss
-            write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "dt": dt, "tok_per_s": total / dt})
-            bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_loss:.4f}", tok_s=f"{total / dt:,.0f}")
+            try:
+                row = stage.step(step, lr_schedule(step, loop.lr, min_lr, loop.warmup_steps, loop.steps), rng)
+            except TrainingError as e:
+                raise TrainingError(f"step {step}: {e}; stopping. The last good checkpoint is "
+                                    f"{checkpoint.latest(out)}") from None
+            row["dt"] = time.time() - t0
+            if "tokens" in row:
+                row["tok_per_s"] = row["tokens"] / row["dt"]
+            runlog.write({"step": step, **row})
+            shown.update(row)
+            bar.set_postfix({k: _fmt(shown[k]) for k in stage.show if k in shown})
             done = step + 1
-            if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
-                checkpoint(done)
-                plot()
+            if done == loop.steps or (loop.ckpt_every and done % loop.ckpt_every == 0):
+                save(done)
+        if loop.eval_every and start <= loop.steps:
+            evaluate(loop.steps)
     finally:
         bar.close()
         runlog.close()
-    elapsed = time.time() - t_start
-    plot()
-    summary = {"steps": cfg.max_steps, "final_loss": loss, "first_loss": first_loss, "val_loss": val_loss,
-               "tokens": tokens_done, "seconds": elapsed, "tok_per_s": tokens_done / max(elapsed, 1e-9),
-               "checkpoint": str(latest_checkpoint(out)), "loss_curve": str(out / "loss.png"),
-               "log": str(log_path)}
-    return summary
+    seconds = time.time() - t_start
+    return {"steps": loop.steps, "seconds": seconds, "rows": runlog.rows, "checkpoint": str(checkpoint.latest(out)),
+            "log": str(runlog.path), "plot": str(draw())}
 
 
-def _print_sample(model: GPT, tokenizer, n: int, rng: np.random.Generator, bar) -> None:
-    from .sample import generate
+# ---- pre-training (and SFT): next-token prediction -----------------------------------------------------------------
 
-    eot = tokenizer.special_tokens.get("<|endoftext|>", 0)
-    ids = generate(model, [eot], n, temperature=0.8, top_k=40, seed=int(rng.integers(1 << 31)))
-    bar.write("sample: " + tokenizer.decode(ids[1:]).replace("\n", " ")[:200])
+
+class LMStage(Stage):
+    """Next-token prediction on (x, y) batches, y = -1 where no loss is taken, from loaders with DataLoader's
+    interface (next_batch, __len__, reset, state_dict, load_state_dict, B, vocab_size): pre-training on token
+    shards, and SFT on packed conversations. `cfg` (TrainConfig) gives the batch shape, accumulation, clipping,
+    evaluation batches and samples."""
+
+    show = ("loss", "val_loss", "tok_per_s")
+
+    def __init__(self, kind: str, cfg: TrainConfig, init_model: Callable[[], GPT], train_loader, val_loader=None,
+                 tokenizer: Tokenizer | None = None):
+        self.kind, self.cfg, self._init_model = kind, cfg, init_model
+        self.train_loader, self.val_loader, self.tokenizer = train_loader, val_loader, tokenizer
+        self.tokens_per_step = cfg.total_batch_tokens or cfg.batch_size * cfg.seq_len
+        self.accum = self.tokens_per_step // (cfg.batch_size * cfg.seq_len)
+        self.tokens = 0  # trained on by this process
+
+    def init_model(self) -> GPT:
+        return self._init_model()
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        try:
+            self.train_loader.load_state_dict(state["loader"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{folder / checkpoint.STATE_FILE}: bad data-loader state ({type(e).__name__}: {e})"
+                             ) from None
+
+    def start(self, model: GPT, opt: AdamW) -> None:
+        super().start(model, opt)
+        if model.config.vocab_size < self.train_loader.vocab_size:
+            raise ValueError(f"model vocab_size {model.config.vocab_size} < data vocab_size "
+                             f"{self.train_loader.vocab_size}")
+
+    def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        if self.tokenizer is not None and cfg.sample_every and step > 0 and step % cfg.sample_every == 0:
+            eot = self.tokenizer.special_tokens.get("<|endoftext|>", 0)
+            ids = generate(self.model, [eot], cfg.sample_tokens, temperature=0.8, top_k=40,
+                           seed=int(rng.integers(1 << 31)))
+            self.write("sample: " + self.tokenizer.decode(ids[1:]).replace("\n", " ")[:200])
+
+        def micro_batch() -> dict:
+            loss = self.model.forward(*self.train_loader.next_batch())
+            self.model.backward()
+            return {"loss": loss}
+
+        row = update(self.model, self.opt, micro_batch, lr, cfg.grad_clip, self.accum)
+        self.tokens += self.tokens_per_step
+        return {**row, "tokens": self.tokens_per_step}
+
+    def evaluate(self, step: int) -> dict:
+        if self.val_loader is None:
+            return {}
+        return {"val_loss": mean_loss(self.model, self.val_loader, self.cfg.eval_batches)}
+
+    def state_dict(self) -> dict:
+        return {"loader": self.train_loader.state_dict()}
+
+
+def mean_loss(model: GPT, loader, batches: int) -> float:
+    """The mean loss of `model` (in eval mode) on the first `batches` batches of `loader` after a reset (fewer if
+    the loader holds fewer)."""
+    was = model.training
+    model.eval()
+    loader.reset()
+    losses = [model.forward(*loader.next_batch()) for _ in range(min(batches, max(1, len(loader) // loader.B)))]
+    model.train(was)
+    return float(np.mean(losses))
+
+
+def fit_lm(stage: LMStage, cfg: TrainConfig, tokenizer: Path | None, progress: bool = True, log=print) -> dict:
+    """fit() an LMStage with cfg's schedule; the summary pre-training and SFT report."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    r = fit(stage, Loop.of(cfg, steps=cfg.max_steps, min_lr=min_lr, tokenizer=tokenizer), progress, log)
+    losses, val = series(r["rows"], "loss"), series(r["rows"], "val_loss")
+    nan = float("nan")
+    return {"steps": cfg.max_steps, "first_loss": losses[0] if losses else nan,
+            "final_loss": losses[-1] if losses else nan, "val_loss": val[-1] if val else nan,
+            "tokens": stage.tokens, "seconds": r["seconds"], "tok_per_s": stage.tokens / max(r["seconds"], 1e-9),
+            "checkpoint": r["checkpoint"], "loss_curve": r["plot"], "log": r["log"]}
+
+
+def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
+    """Pre-train (or resume, cfg.resume) a GPT on the token shards of cfg.data; returns a summary dict."""
+    setup_run(cfg)
+    train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    val_loader = None
+    if cfg.eval_every and list(Path(cfg.data).glob("val_*.bin")):
+        val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False)
+    tok_path = checkpoint.find_tokenizer(cfg.data)
+    tokenizer = Tokenizer.from_pretrained(tok_path) if tok_path is not None and cfg.sample_every else None
+    model_config = cfg.model_config(train_loader.vocab_size)
+    stage = LMStage("train", cfg, lambda: GPT(model_config, seed=cfg.seed), train_loader, val_loader, tokenizer)
+    log(f"data: {len(train_loader)} train windows of T={cfg.seq_len}; {stage.accum} micro-batches of "
+        f"{cfg.batch_size * cfg.seq_len} tokens per step")
+    return fit_lm(stage, cfg, tok_path, progress, log)

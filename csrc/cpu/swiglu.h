@@ -1,0 +1,17 @@
+// The gated-MLP activations of the Llama family: SwiGLU, and ReLU^2 (nanochat, modded-nanogpt), see swiglu.cpp.
+#pragma once
+#include <cstdint>
+
+namespace fastllm::cpu {
+
+// SwiGLU: out (N, H) = silu(gate) * up, where gate_up (N, 2H) holds per row [gate (H) | up (H)] (the output of
+// one matmul with the fused weight concat([gate_proj.weight, up_proj.weight]) (2H, C)); silu(g) = g * sigmoid(g).
+void swiglu_forward(float* out, const float* gate_up, int64_t N, int64_t H);
+// dgate_up (N, 2H) += [dout * up * silu'(gate) | dout * silu(gate)],  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
+void swiglu_backward(float* dgate_up, const float* dout, const float* gate_up, int64_t N, int64_t H);
+
+// ReLU^2: out (n) = max(x, 0)^2 (out may be inp itself);  backward: dinp (n) += 2 max(x, 0) * dout
+void relu2_forward(float* out, const float* inp, int64_t n);
+void relu2_backward(float* dinp, const float* dout, const float* inp, int64_t n);
+
+}  // namespace fastllm::cpu

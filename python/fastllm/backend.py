@@ -1,0 +1,58 @@
+"""The two backends behind the one model: `fastllm.ops` (numpy arrays, the CPU kernels) and `fastllm.cuda`
+(DeviceArrays, the CUDA kernels). They expose the same functions with the same arguments and meaning, so
+model.py, optim.py and the KV cache are written once against "the backend" and never ask which device runs them
+(like ggml's backends). What truly differs per device lives in these two modules: allocation, copies, the
+compute dtypes a device offers.
+
+The contract, stated once for both modules:
+  - Arrays: `empty(shape, dtype)`, `zeros`, `carve({name: (shape, dtype)})` (many buffers in one allocation),
+    `view(x, offset, shape)` (a view of a contiguous array at an element offset), `to_device(numpy)`,
+    `to_numpy(x)` (the CPU returns x itself: copy it if you keep it), `copy_(dst, src)`, `zero_(x)`,
+    `add_(dst, src)` (dst += src), `synchronize()`, `sum_squares(x)`, `global_norm(*xs)`.
+    dtypes are named "float32", "bfloat16" and "int32" (on the CPU bfloat16 is stored as uint16 bit patterns).
+  - An op takes its inputs first and returns its outputs; every output can be passed in (`out=`, `dx=`, ...) so
+    that a training step allocates nothing, and is allocated when it is not. Token ids and positions may be
+    numpy integer arrays on either backend (checked, then copied where they must go).
+  - Forward ops OVERWRITE (=) their outputs. Backward ops ACCUMULATE (+=) into every gradient they are given
+    (parameter and activation gradients alike): zero them first. Gradients they allocate start at zero.
+  - Activations and weights have one dtype per call (float32; on the GPU also bfloat16, with fp32 accumulation);
+    parameter gradients, layernorm/rmsnorm statistics, attention logsumexp, rope tables and losses are float32.
+  - Bad arguments raise TypeError (wrong dtype or array type) or ValueError (shape, range, overlap), naming the
+    argument.
+
+`get("cpu")` / `get("cuda")` returns the module; `default_dtype(device)` the compute dtype a model gets there.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import cuda, ops
+
+DEVICES = ("cpu", "cuda")
+DTYPES = {"cpu": ("float32",), "cuda": ("bfloat16", "float32")}  # compute dtypes of a model, default first
+
+
+def get(device: str) -> ModuleType:
+    """The op module for `device`: fastllm.ops for "cpu", fastllm.cuda for "cuda" (CudaUnavailableError if fastllm
+    has no CUDA build or no GPU is visible)."""
+    if device == "cpu":
+        return ops
+    if device == "cuda":
+        cuda._require()
+        return cuda
+    raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+
+
+def default_dtype(device: str) -> str:
+    if device not in DTYPES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return DTYPES[device][0]
+
+
+def check_dtype(device: str, dtype: str | None) -> str:
+    """dtype (or the device's default for None) if the device computes in it, else ValueError."""
+    dtype = default_dtype(device) if dtype is None else dtype
+    if dtype not in DTYPES[device]:
+        raise ValueError(f"dtype {dtype!r} is not available on {device}; choose from {DTYPES[device]}")
+    return dtype

@@ -1,0 +1,83 @@
+"""Checks of config values, shared by the config dataclasses' __post_init__ (TrainConfig, SFTConfig, RLConfig,
+RewardModelConfig), so the Python API and the CLI (whose flags are those fields) reject the same values with the
+same message, naming the field, before any data is read.
+
+>>> at_least(cfg, 1, "batch_size", "max_steps")        # ValueError: "batch_size must be an integer >= 1, got 0"
+>>> require_device("cuda")                             # CudaUnavailableError on a machine without a GPU
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Collection
+
+from . import cuda
+
+DEVICES = ("cpu", "cuda")
+CUDA_DTYPES = ("bfloat16", "float32")
+
+
+def _optional(cfg, name: str) -> bool:
+    """A field may be None only where its declared default is None."""
+    return any(f.name == name and f.default is None for f in dataclasses.fields(cfg))
+
+
+def at_least(cfg, minimum: int, *names: str) -> None:
+    """Each field is an integer >= minimum (or None where that is the field's default)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is None and _optional(cfg, name):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+
+def number(cfg, *names: str, low: float = 0.0, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False) -> None:
+    """Each field is a finite number in the interval low..high (bounds included unless *_open)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if v is None and _optional(cfg, name):
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not ok:
+            lo, hi = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+            raise ValueError(f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {v!r}")
+
+
+def one_of(cfg, name: str, choices: Collection) -> None:
+    v = getattr(cfg, name)
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {v!r}")
+
+
+def output_dir(cfg, name: str = "out") -> None:
+    """The field names a folder to write into: not empty, and not an existing file."""
+    v = getattr(cfg, name)
+    if not isinstance(v, (str, os.PathLike)) or not str(v):
+        raise ValueError(f"{name} must name an output folder, got {v!r}")
+    if os.path.exists(v) and not os.path.isdir(v):
+        raise ValueError(f"{name}: {v} exists and is not a folder")
+
+
+def device(cfg) -> None:
+    """`device` is cpu or cuda, and `cuda_dtype` a dtype the GPU model computes in."""
+    one_of(cfg, "device", DEVICES)
+    one_of(cfg, "cuda_dtype", CUDA_DTYPES)
+
+
+def require_device(name: str) -> None:
+    """Fail now, before any data is read, if `name` cannot run here: ValueError for an unknown device,
+    fastllm.cuda.CudaUnavailableError for cuda without a CUDA build or a GPU."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {list(DEVICES)}, got {name!r}")
+    if name == "cuda":
+        cuda._require()
+
+
+def compute_dtype(cfg) -> str | None:
+    """The dtype to move a model to for cfg.device: cfg.cuda_dtype on a GPU, None (float32) on the CPU."""
+    return cfg.cuda_dtype if cfg.device == "cuda" else None

@@ -1,0 +1,211 @@
+"""Evaluation data as the public datasets ship it (downloaded once by the user; nothing is fetched here).
+
+Multiple choice (`load_multiple_choice`), one example per line, the format recognised per line:
+    HellaSwag (llm.c / rowanz release)  {"ctx": str, "endings": [str x 4], "label": int or "2"}
+    HellaSwag without "ctx"             {"activity_label", "ctx_a", "ctx_b", "endings", "label"}: ctx_a + " " + ctx_b
+    ARC (AI2 release)                   {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey": "B"}
+    generic (ARC/MMLU-style)            {"context": str, "choices": [str, ...], "answer": 0 | "B" | "<choice text>"}
+    MMLU CSV (data/test/*_test.csv)     question,A,B,C,D,answer-letter (no header)
+A choice is scored as a continuation of the context: HellaSwag endings with a leading space (llm.c's completion
+style); ARC, MMLU and generic questions as "Question: <q>\\nAnswer:" / the context as is, followed by the
+delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
+
+Text for bits per byte (`load_documents`): .txt/.md files (documents split at <|endoftext|>), JSONL with a "text"
+field, folders of them; or token shards from `fastllm prepare` (a folder with val_*.bin, or .bin files).
+
+Every loader raises ValueError naming file:line and the missing or bad field.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import iter_jsonl
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A multiple-choice example: the context, the choices as continuations, the index of the right one."""
+
+    context: str
+    choices: tuple[str, ...]  # continuation texts, leading space included where the format wants one
+    label: int
+    where: str = ""
+
+
+def _join(context: str, choice: str, delimiter: str = " ") -> str:
+    return choice if not context or context[-1:].isspace() or choice[:1].isspace() else delimiter + choice
+
+
+def _label(value, choices: list[str], where: str, field: str) -> int:
+    """An answer given as an index (int or digit string), a letter A-Z, or the text of a choice -> index."""
+    n = len(choices)
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, str) and value.strip() in choices:
+        return choices.index(value.strip())
+    if isinstance(value, str) and len(value.strip()) == 1 and value.strip().isalpha():
+        value = ord(value.strip().upper()) - ord("A")
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int) or not 0 <= value < n:
+        raise ValueError(f"{where}: field {field!r} must name one of the {n} choices (an index 0..{n - 1}, a letter "
+                         f"A..{chr(ord('A') + n - 1)} or the choice's text), got {value!r}")
+    return value
+
+
+def _strings(obj: dict, field: str, where: str, min_len: int = 2) -> list[str]:
+    v = obj.get(field)
+    if not isinstance(v, list) or len(v) < min_len or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"{where}: field {field!r} must be a list of at least {min_len} strings, got {v!r}")
+    return v
+
+
+def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
+    """One JSONL object in any of the multiple-choice forms of the module doc -> Choice."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "endings" in obj:  # HellaSwag
+        if "ctx" in obj:
+            ctx = obj["ctx"]
+        elif "ctx_a" in obj:
+            ctx = f"{obj['ctx_a']} {obj.get('ctx_b') or ''}".strip()
+        else:
+            raise ValueError(f"{where}: missing field 'ctx' (or 'ctx_a'/'ctx_b') of a HellaSwag example")
+        if not isinstance(ctx, str):
+            raise ValueError(f"{where}: field 'ctx' must be a string, got {ctx!r}")
+        endings = _strings(obj, "endings", where)
+        if "label" not in obj or obj["label"] in ("", None):
+            raise ValueError(f"{where}: missing field 'label' (HellaSwag's test split has no labels)")
+        return Choice(ctx, tuple(" " + e for e in endings), _label(obj["label"], endings, where, "label"), where)
+    if isinstance(obj.get("question"), dict):  # ARC as AI2 ships it
+        q = obj["question"]
+        if not isinstance(q.get("stem"), str):
+            raise ValueError(f"{where}: missing field 'question.stem'")
+        cs = q.get("choices")
+        if not isinstance(cs, list) or len(cs) < 2 or not all(isinstance(c, dict) and isinstance(c.get("text"), str)
+                                                              and "label" in c for c in cs):
+            raise ValueError(f"{where}: field 'question.choices' must be a list of {{'text', 'label'}} objects")
+        labels = [str(c["label"]) for c in cs]
+        if str(obj.get("answerKey")) not in labels:
+            raise ValueError(f"{where}: field 'answerKey' must be one of the choice labels {labels}, "
+                             f"got {obj.get('answerKey')!r}")
+        ctx = f"Question: {q['stem']}\nAnswer:"
+        return Choice(ctx, tuple(_join(ctx, c["text"], delimiter) for c in cs), labels.index(str(obj["answerKey"])),
+                      where)
+    if "context" in obj or "choices" in obj:  # generic
+        if not isinstance(obj.get("context"), str):
+            raise ValueError(f"{where}: missing field 'context' (a string)")
+        choices = _strings(obj, "choices", where)
+        if "answer" not in obj:
+            raise ValueError(f"{where}: missing field 'answer'")
+        ctx = obj["context"]
+        return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices),
+                      _label(obj["answer"], choices, where, "answer"), where)
+    raise ValueError(f"{where}: not a multiple-choice example: expected 'ctx' + 'endings' + 'label' (HellaSwag), "
+                     f"'context' + 'choices' + 'answer', or ARC's 'question' + 'answerKey'; fields: {sorted(obj)}")
+
+
+def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            where = f"{path}:{lineno}"
+            if not row:
+                continue
+            if len(row) < 4:
+                raise ValueError(f"{where}: expected question, at least 2 choices and the answer letter, "
+                                 f"got {len(row)} columns")
+            ctx = f"Question: {row[0]}\nAnswer:"
+            choices = row[1:-1]
+            out.append(Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices),
+                              _label(row[-1], choices, where, "answer"), where))
+    return out
+
+
+def load_multiple_choice(paths, limit: int | None = None, delimiter: str = " ") -> list[Choice]:
+    """Examples of JSONL (any form of the module doc) and MMLU CSV files, in order; the first `limit`.
+    delimiter: what joins a context and a choice (not HellaSwag's endings, which always get a space)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out: list[Choice] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"multiple-choice file not found: {path}")
+        if path.suffix == ".csv":
+            out += _mmlu_csv(path, delimiter)
+        else:
+            for where, obj in iter_jsonl(path):
+                out.append(parse_choice(obj, where, delimiter))
+                if limit is not None and len(out) >= limit:
+                    break
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"no multiple-choice examples in {', '.join(map(str, paths))}")
+    return out[:limit]
+
+
+# ---- documents for bits per byte --------------------------------------------------------------------------------
+
+
+def _shards(paths: list[Path], split: str) -> list[Path] | None:
+    """Token shard files named by `paths` (a folder with <split>_*.bin, or .bin files), or None if they are text."""
+    if all(p.suffix == ".bin" for p in paths):
+        return paths
+    if len(paths) == 1 and paths[0].is_dir():
+        found = sorted(paths[0].glob(f"{split}_*.bin"))
+        if found:
+            return found
+        if any(paths[0].glob("*.bin")):
+            raise ValueError(f"{paths[0]}: no {split}_*.bin token shards (choose the split with --split)")
+    return None
+
+
+def load_documents(paths, tokenizer, limit: int | None = None, split: str = "val") -> list[np.ndarray]:
+    """Token sequences to score, each starting with <|endoftext|> (its first token is context, not scored):
+    one per text document ([eot] + its tokens), or one per token shard (as written by `fastllm prepare`, where
+    every document already starts with eot; `limit` then caps the tokens per shard). Text documents: the first
+    `limit`."""
+    from ..data import _input_files, iter_documents, read_shard
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("bits per byte needs text: give --data files, folders or token shards")
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"input not found: {p}")
+    shards = _shards([Path(p) for p in paths], split)
+    if shards is not None:
+        seqs = [np.asarray(read_shard(p)[: None if limit is None else limit + 1], np.int64) for p in shards]
+        return [s for s in seqs if len(s) > 1]
+    eot = tokenizer.eot_token
+    if eot is None:
+        raise ValueError("the tokenizer has no <|endoftext|> token to start documents with")
+    docs = []
+    for text in iter_documents(_input_files([str(p) for p in paths])):
+        docs.append(text)
+        if limit is not None and len(docs) >= limit:
+            break
+    if not docs:
+        raise ValueError(f"no documents in {', '.join(map(str, paths))}")
+    encoded = tokenizer.encode_batch(docs, disallowed_special=())
+    return [np.concatenate([[eot], np.asarray(ids, np.int64)]) for ids in encoded]
+
+
+def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes per token id (int64, vocab_size entries); 0 for special tokens and ids the tokenizer lacks,
+    which bits per byte therefore leaves out (as nanochat does)."""
+    special = set(tokenizer.special_tokens.values())
+    out = np.zeros(vocab_size, np.int64)
+    for i in range(min(vocab_size, tokenizer.n_vocab)):
+        if i not in special:
+            try:
+                out[i] = len(tokenizer.token_to_bytes(i))
+            except ValueError:
+                pass  # a gap in the ids
+    return out

@@ -1,0 +1,152 @@
+"""EleutherAI lm-evaluation-harness adapter: any harness task on a fastllm model (`pip install "fastllm[eval]"`).
+
+`FastLLM` implements the harness' LM interface on fastllm's batched scoring and generation (fastllm.eval.scoring):
+    loglikelihood(context, continuation) -> (log p, is_greedy): the harness' own tokenization (TemplateLM: the
+        pair encoded whole and split, trailing context spaces moved to the continuation; an empty context is
+        <|endoftext|>), requests batched by length, contexts cut on the left to the model's block_size.
+    loglikelihood_rolling(text) -> log p: <|endoftext|> + the text's tokens in disjoint windows of block_size
+        predictions, each with as much context as fits (the harness' get_rolling_token_windows).
+    generate_until(context, gen_kwargs) -> text: greedy (or sampled, do_sample/temperature), until the stop
+        strings, <|endoftext|> or max_gen_toks.
+Chat models: apply_chat_template renders fastllm's ChatML (fastllm.sft).
+
+>>> import lm_eval
+>>> from fastllm.eval.harness import FastLLM
+>>> out = lm_eval.simple_evaluate(model=FastLLM("run/"), tasks=["hellaswag"], limit=100)
+>>> # or: fastllm eval --ckpt run/ --task lm-eval:hellaswag,arc_easy --limit 100
+The class is registered with the harness as "fastllm" (lm_eval.api.registry) once this module is imported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"the lm-evaluation-harness adapter needs lm-eval: pip install 'fastllm[eval]' ({e})") from e
+
+from tqdm.auto import tqdm
+
+from . import load
+from .scoring import generate_until, score_continuations, window_requests
+
+
+@register_model("fastllm")
+class FastLLM(TemplateLM):
+    """A fastllm model for lm_eval.simple_evaluate: FastLLM(pretrained="run/") loads a checkpoint (or HF GPT-2
+    folder) like `fastllm eval --ckpt`; FastLLM(model=m, tokenizer=tok) wraps objects you already have.
+    batch_tokens: tokens per scoring forward; batch_size: prompts per generation batch."""
+
+    def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, batch_tokens: int = 2048,
+                 batch_size: int = 32, max_gen_toks: int = 256, device: str = "cpu", dtype: str | None = None,
+                 **unused):
+        super().__init__()
+        if model is None:
+            if pretrained is None:
+                raise ValueError("FastLLM needs pretrained=<checkpoint folder> or model= and tokenizer=")
+            model, tokenizer = load(pretrained, tokenizer, device=device, dtype=dtype)
+        elif tokenizer is None or isinstance(tokenizer, str):
+            raise ValueError("FastLLM(model=...) needs the model's Tokenizer object as tokenizer=")
+        if tokenizer.eot_token is None:
+            raise ValueError("the tokenizer has no <|endoftext|> token (the harness' prefix and end of text)")
+        self.model, self.tok = model.eval(), tokenizer
+        self.batch_tokens, self.max_gen_toks = int(batch_tokens), int(max_gen_toks)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # the harness may pass "auto"
+
+    # ---- what TemplateLM asks for ---------------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eot_token
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.block_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"fastllm-{self.tok.n_vocab}-chatml"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        # special-token text (a chat template's <|im_start|>) becomes its id, as HF tokenizers do
+        return self.tok.encode(string, allowed_special="all").tolist()
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tok.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        bar = tqdm(total=len(requests), desc="fastllm loglikelihood", disable=disable_tqdm)
+        logps, greedy = score_continuations(self.model, [(c, t) for _, c, t in requests],
+                                            batch_tokens=self.batch_tokens, greedy=True, progress=bar)
+        bar.close()
+        out = []
+        for (key, _, _), lp, g in zip(requests, logps, greedy):
+            res = (float(lp.sum()), bool(g))
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, res)
+            out.append(res)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        reqs, owner = [], []
+        for i, (text,) in enumerate(r.args for r in requests):
+            w = window_requests([self.eot_token_id] + self.tok_encode(text), self.max_length)
+            reqs += w
+            owner += [i] * len(w)
+        bar = tqdm(total=len(reqs), desc="fastllm loglikelihood_rolling", disable=disable_tqdm)
+        logps = score_continuations(self.model, reqs, batch_tokens=self.batch_tokens, progress=bar)
+        bar.close()
+        out = np.zeros(len(requests))
+        for i, lp in zip(owner, logps):
+            out[i] += lp.sum()
+        for r, v in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", (r.args[0],), float(v))
+        return [float(v) for v in out]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        by_kwargs: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_kwargs.setdefault(repr(sorted(r.args[1].items())), []).append(i)
+        bar = tqdm(total=len(requests), desc="fastllm generate_until", disable=disable_tqdm)
+        for idxs in by_kwargs.values():
+            kw = normalize_gen_kwargs(requests[idxs[0]].args[1], self.max_gen_toks)
+            until = handle_stop_sequences(kw.pop("until", None), eos=None)
+            n = min(int(kw.pop("max_gen_toks")), self.max_length - 1)
+            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
+            prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idxs]
+            texts = generate_until(self.model, self.tok, prompts, n, stop=until, temperature=temperature,
+                                   seed=kw.get("seed"), batch_size=self.batch_size, progress=bar)
+            for i, t in zip(idxs, texts):
+                out[i] = t
+                self.cache_hook.add_partial("generate_until", requests[i].args, t)
+        bar.close()
+        return out
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """fastllm's ChatML (fastllm.sft) as text; tok_encode turns its special tokens back into ids."""
+        from ..sft import EOT, IM_END, IM_START
+
+        text = EOT + "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in chat_history)
+        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        return "chatml"
+
+
+def simple_evaluate(model, tokenizer, tasks: list[str], limit: int | float | None = None,
+                    include_path: str | None = None, include_defaults: bool = True, num_fewshot: int | None = None,
+                    batch_tokens: int = 2048, apply_chat_template: bool = False, **kwargs) -> dict:
+    """lm_eval.simple_evaluate on a fastllm model. include_path: a folder of your own task YAML files;
+    include_defaults=False skips indexing the harness' own ~10k task files (about half a minute)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = FastLLM(model=model, tokenizer=tokenizer, batch_tokens=batch_tokens)
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                   task_manager=TaskManager(include_path=include_path,
+                                                            include_defaults=include_defaults),
+                                   apply_chat_template=apply_chat_template, **kwargs)

@@ -1,0 +1,138 @@
+"""`fastllm serve`: an OpenAI-compatible HTTP server with continuous batching, and a chat page.
+
+    fastllm serve --ckpt run/ [--port 8000] [--max-batch 16] [--api-key KEY]
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    r = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Hi"}])
+
+Parts: engine.py (the scheduler thread: one model, one batched KV cache, requests joining and leaving at
+step boundaries), api.py (OpenAI's request and response format, validation, errors), app.py (Starlette routes,
+server-sent events, API key, disconnects), static/chat.html (the page at /, no build step, works offline).
+`serve(ServeConfig(...))` loads a checkpoint and runs it with uvicorn; `create_app(engine, name)` gives the
+ASGI app to run under any ASGI server. Needs the `serve` extra: pip install "fastllm[serve]".
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..options import THREADS, option
+from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, load
+
+INSTALL_HINT = 'fastllm serve needs the serve extra: pip install "fastllm[serve]"'
+
+
+@dataclass
+class ServeConfig:
+    ckpt: str = option(help="checkpoint folder, or a training run folder (its newest checkpoint)")
+    host: str = option("127.0.0.1", "interface to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "TCP port (0: any free port, printed)")
+    model_name: str | None = option(None, "the model id clients send (default: the checkpoint folder's name)")
+    tokenizer: str | None = option(None, "tokenizer file (default: the copy inside the checkpoint)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on the API (default: $FASTLLM_API_KEY "
+                                       "if set, else no key)")
+    max_batch: int = option(16, "sequences decoded together, i.e. KV cache slots")
+    max_len: int | None = option(None, "tokens per sequence, prompt + completion (default: the model's context)")
+    kv_budget_mb: float | None = option(None, "cap on the KV cache's memory in MiB: fewer slots than --max-batch "
+                                              "if needed (default: no cap)")
+    max_queue: int = option(256, "requests that may wait for a slot; more get HTTP 429")
+    device: str = option("cpu", "run the model on the CPU or a GPU", choices=("cpu", "cuda"))
+    dtype: str | None = option(None, "CPU (default: float32): bfloat16 decodes with bf16 weight copies (faster, "
+                                     "logits within ~1%); GPU (default: bfloat16): the model's compute dtype",
+                               choices=("float32", "bfloat16"))
+    threads: int | None = option(None, THREADS)
+    allow_origins: tuple[str, ...] = option((), "CORS: let web pages from ORIGIN call the API ('*': any)")
+    log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def model_name(ckpt: str | os.PathLike) -> str:
+    """The default model id: the checkpoint folder's name (run/ckpt_000600 -> "run/ckpt_000600")."""
+    p = Path(ckpt).resolve()
+    return f"{p.parent.name}/{p.name}" if p.name.startswith("ckpt_") else p.name
+
+
+def slots_within(model, max_batch: int, max_len: int | None, kv_budget_mb: float | None) -> int:
+    """max_batch, lowered so that the KV cache fits kv_budget_mb (ValueError if not even one slot fits)."""
+    if kv_budget_mb is None:
+        return max_batch
+    cfg, size = model.config, 2 if getattr(model, "dtype", "float32") == "bfloat16" else 4
+    slot = 2 * cfg.n_layer * (max_len or cfg.block_size) * cfg.n_embd * size  # keys + values of one sequence
+    n = min(max_batch, int(kv_budget_mb * 2**20 // slot))
+    if n < 1:
+        raise ValueError(f"--kv-budget-mb {kv_budget_mb} holds no sequence of {max_len or cfg.block_size} tokens "
+                         f"(one needs {slot / 2**20:.1f} MiB); raise it or lower --max-len")
+    return n
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (ValueError naming the address if that is impossible)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(cfg: ServeConfig, log=None) -> None:
+    """Load cfg.ckpt and serve it until interrupted (Ctrl-C / SIGTERM stop it gracefully)."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    import fastllm
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if cfg.dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.threads:
+        fastllm.set_num_threads(cfg.threads)
+    model, tok = load(cfg.ckpt, cfg.tokenizer)
+    weights = "float32"  # the CPU decodes with bf16 weight copies if asked; a GPU model computes in its dtype
+    if cfg.device == "cuda":
+        model.to("cuda", cfg.dtype or "bfloat16")
+    elif cfg.device == "cpu":
+        weights = cfg.dtype or "float32"
+    else:
+        raise ValueError(f"--device must be cpu or cuda, got {cfg.device!r}")
+    slots = slots_within(model, cfg.max_batch, cfg.max_len, cfg.kv_budget_mb)
+    engine = Engine(model, tok, slots, cfg.max_len, cfg.max_queue, weights, cfg.threads)
+    name = cfg.model_name or model_name(cfg.ckpt)
+    api_key = cfg.api_key or os.environ.get("FASTLLM_API_KEY") or None
+    app = create_app(engine, name, api_key, tuple(cfg.allow_origins))
+    sock = _listen(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    chat = app.state.served.chat
+    log(f"fastllm serve: {name} ({model.num_parameters / 1e6:.2f}M parameters, {cfg.device} {model.dtype}"
+        f"{' with bf16 decode weights' if weights == 'bfloat16' else ''}, "
+        f"{'chat template' if chat else 'no chat template: /v1/completions only'}), context {engine.max_len} "
+        f"tokens, {slots} slots, KV cache {engine.kv_bytes / 2**20:.1f} MiB, "
+        f"{engine.threads} threads{', API key required' if api_key else ''}")
+    log(f"fastllm serve: listening on {url} (chat page {url}/, API {url}/v1)")
+    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        engine.stop()
+
+
+__all__ = ["ServeConfig", "serve", "Engine", "Request", "Chunk", "Failure", "TokenLogprob", "QueueFull",
+           "EngineClosed", "load", "model_name", "slots_within", "INSTALL_HINT"]

@@ -1,0 +1,549 @@
+"""The OpenAI wire format: request validation and the JSON of responses and stream chunks (no HTTP here).
+
+`parse_chat(body, served)` / `parse_completion(body, served)` check a decoded JSON body field by field and
+return a `Call`: the engine `Request` plus what is needed to format its results; bad input raises `APIError`
+with OpenAI's error JSON (message, type, param naming the field, code) and status. `Call.feed(events)` turns
+engine events into stream chunks, `Call.response()` builds the non-streamed body, `Call.usage()` the usage.
+
+Semantics (OpenAI's, where it defines them):
+- chat: messages (string content or text parts; role "developer" is a system message) are rendered with the
+  checkpoint's ChatML template (`fastllm.sft.render_prompt`); generation stops at <|im_end|> or <|endoftext|>.
+  A model whose tokenizer lacks <|im_start|>/<|im_end|> (a base model) answers 400 with code
+  "chat_template_missing": use /v1/completions, or fine-tune it with `fastllm sft`.
+- completions: prompt is a string, a list of strings, a list of token ids or a list of lists of token ids
+  (text may contain special tokens such as <|endoftext|>, as in `fastllm sample`; an empty prompt is
+  <|endoftext|>); generation stops at <|endoftext|>. max_tokens defaults to 16 (chat: the rest of the context).
+- max_tokens that do not fit the context, or a prompt that fills it, are a 400 (code context_length_exceeded);
+  an unknown model a 404 (code model_not_found); unknown fields a 400 naming them, as OpenAI does.
+- usage: prompt_tokens counts each prompt once (whatever n), completion_tokens every token sampled, a
+  terminating stop token included; finish_reason "stop" (stop token or stop string) or "length" (max_tokens).
+- logprobs are the model's own (log-softmax of the logits, before temperature, penalties and filtering), for
+  every sampled token except a terminating stop token; chat: logprobs=true and top_logprobs 0..20,
+  completions: logprobs 0..5 (with echo, the prompt's tokens too).
+- seed: choice 0 of a seeded request gives the tokens of `fastllm.sample.generate(..., seed=seed)`, alone or
+  in a batch. fastllm's extra fields: top_k, min_p, repetition_penalty (`extra_body` in the openai client).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..sample import SamplingParams
+from .engine import Chunk, Failure, PromptLogprobs, Request, TokenLogprob
+
+# ---- errors ---------------------------------------------------------------------------------------------
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def payload(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# ---- the model being served -----------------------------------------------------------------------------
+
+
+class ServedModel:
+    """What the API layer knows of the model: its name, tokenizer, context, chat tokens, slots."""
+
+    def __init__(self, name: str, tokenizer, max_len: int, max_batch: int, vocab_size: int):
+        from ..sft import IM_END, IM_START
+
+        self.name, self.tokenizer, self.max_len, self.max_batch = name, tokenizer, max_len, max_batch
+        self.vocab_size = vocab_size
+        specials = tokenizer.special_tokens
+        self.eot = specials.get("<|endoftext|>")
+        self.im_end = specials.get(IM_END)
+        self.chat = IM_START in specials and IM_END in specials
+        self.created = int(time.time())
+        self._strings: dict[int, tuple[str, list[int]]] = {}
+
+    def token_str(self, t: int) -> tuple[str, list[int]]:
+        """(text, bytes) of one token (invalid UTF-8 as U+FFFD in the text; the bytes are exact)."""
+        if t not in self._strings:
+            b = self.tokenizer.decode_bytes([t])
+            self._strings[t] = (b.decode("utf-8", errors="replace"), list(b))
+        return self._strings[t]
+
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "fastllm",
+                "max_model_len": self.max_len}
+
+
+# ---- field checks ---------------------------------------------------------------------------------------
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+_ARTICLE = {"integer": "an integer", "number": "a number", "boolean": "a boolean", "string": "a string",
+            "array": "an array", "object": "an object"}
+
+
+def _json_type(v) -> str:
+    return "null" if v is None else _JSON_TYPES.get(type(v), type(v).__name__)
+
+
+def _bad_type(name: str, expected: str, v) -> APIError:
+    got = _ARTICLE.get(_json_type(v), "null")
+    return APIError(400, f"Invalid type for '{name}': expected {expected}, but got {got} instead.", name,
+                    "invalid_type")
+
+
+def _get(body: dict, name: str, kind: str, default=None, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False):
+    """body[name] checked to be of JSON type `kind` (null or absent: default) and within [lo, hi]."""
+    v = body.get(name)
+    if v is None:
+        return default
+    if kind == "integer" and isinstance(v, float) and v.is_integer():
+        v = int(v)
+    ok = {"integer": isinstance(v, int) and not isinstance(v, bool),
+          "number": isinstance(v, (int, float)) and not isinstance(v, bool),
+          "boolean": isinstance(v, bool), "string": isinstance(v, str), "array": isinstance(v, list),
+          "object": isinstance(v, dict)}[kind]
+    if not ok:
+        raise _bad_type(name, _ARTICLE[kind], v)
+    if kind in ("integer", "number"):
+        if not math.isfinite(v):
+            raise APIError(400, f"Invalid value for '{name}': {v} is not a finite number.", name, "invalid_value")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise APIError(400, f"Invalid value for '{name}': expected a value {'>' if lo_open else '>='} {lo}, "
+                                f"but got {v} instead.", name, "invalid_value")
+        if hi is not None and v > hi:
+            raise APIError(400, f"Invalid value for '{name}': expected a value <= {hi}, but got {v} instead.", name,
+                           "invalid_value")
+    return v
+
+
+# fields accepted and ignored: they change nothing here (user, metadata, store: bookkeeping on OpenAI's side)
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
+           "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repetition_penalty"} | _IGNORED
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+                         "tool_choice", "functions", "function_call", "modalities"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
+
+
+def _check_fields(body, allowed: set[str]) -> None:
+    if not isinstance(body, dict):
+        raise APIError(400, f"The request body must be a JSON object, got {_ARTICLE.get(_json_type(body), 'null')}.",
+                       None, "invalid_body")
+    for k in body:
+        if k not in allowed:
+            raise APIError(400, f"Unrecognized request argument supplied: {k}", k, "unknown_parameter")
+
+
+def _unsupported(name: str, what: str) -> APIError:
+    return APIError(400, f"'{name}' {what} is not supported by this server.", name, "unsupported_parameter")
+
+
+# ---- one API call ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    started: bool = False
+    offset: int = 0  # completions' text_offset of the next token
+
+
+class Call:
+    """One validated API call (chat or completion): its engine request and the formatting of its results."""
+
+    def __init__(self, kind: str, served: ServedModel, request: Request, prompt_tokens: list[int], stream: bool,
+                 include_usage: bool, logprobs: int | None, echo: list[str] | None = None):
+        self.kind, self.served, self.request = kind, served, request
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.prompt_tokens, self.stream, self.include_usage = prompt_tokens, stream, include_usage
+        self.logprobs, self.echo = logprobs, echo
+        self.choices = [_Choice() for _ in range(len(request.prompts) * request.n)]
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
+        self.finished = 0
+        self.error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.finished == len(self.choices)
+
+    # -- events -> state (+ stream chunks) --
+
+    def feed(self, events: list) -> list[dict]:
+        """Record engine events; the stream chunks they make (in order)."""
+        out: list[dict] = []
+        for e in events:
+            if isinstance(e, Failure):
+                self.error = e.message
+            elif isinstance(e, PromptLogprobs):
+                self.prompt_logprobs[e.prompt] = e.entries
+            elif isinstance(e, Chunk):
+                out += self._chunk(e)
+        return out
+
+    def _chunk(self, e: Chunk) -> list[dict]:
+        c = self.choices[e.index]
+        out = []
+        if not c.started:
+            c.started = True
+            if self.kind == "chat":
+                out.append(self._chat_chunk(e.index, {"role": "assistant", "content": ""}))
+            elif self.echo is not None:
+                p = e.index // self.request.n
+                c.text.append(self.echo[p])
+                lp = self._completion_logprobs(c, self.prompt_logprobs.get(p, []), self._prompt_ids(p))
+                out.append(self._completion_chunk(e.index, self.echo[p], lp))
+        c.tokens += len(e.tokens)
+        c.text.append(e.text)
+        c.logprobs += e.logprobs
+        if e.finish_reason is not None:
+            c.finish_reason = e.finish_reason
+            self.finished += 1
+        if self.kind == "chat":
+            if e.text or e.logprobs:
+                out.append(self._chat_chunk(e.index, {"content": e.text}, self._chat_logprobs(e.logprobs)))
+            if e.finish_reason is not None:
+                out.append(self._chat_chunk(e.index, {}, finish_reason=e.finish_reason))
+        elif e.text or e.logprobs or e.finish_reason is not None:
+            lp = self._completion_logprobs(c, e.logprobs, [x.token for x in e.logprobs])
+            out.append(self._completion_chunk(e.index, e.text, lp, e.finish_reason))
+        return out
+
+    def _prompt_ids(self, p: int) -> list[int]:
+        return self.request.prompts[p] if p in self.prompt_logprobs else []
+
+    # -- formatting --
+
+    def _head(self, obj: str) -> dict:
+        h = {"id": self.id, "object": obj, "created": self.created, "model": self.served.name,
+             "system_fingerprint": _fingerprint()}
+        return h
+
+    def _chat_chunk(self, index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
+        d = self._head("chat.completion.chunk")
+        d["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
+        if self.include_usage:
+            d["usage"] = None
+        return d
+
+    def _completion_chunk(self, index: int, text: str, logprobs=None, finish_reason=None) -> dict:
+        d = self._head("text_completion")
+        d["choices"] = [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
+        if self.include_usage:
+            d["usage"] = None
+        return d
+
+    def _entry(self, t: int, lp: float) -> dict:
+        s, b = self.served.token_str(t)
+        return {"token": s, "logprob": lp, "bytes": b}
+
+    def _chat_logprobs(self, entries: list[TokenLogprob]):
+        if self.logprobs is None:
+            return None
+        return {"content": [{**self._entry(x.token, x.logprob), "top_logprobs": [self._entry(t, lp) for t, lp in x.top]}
+                            for x in entries], "refusal": None}
+
+    def _completion_logprobs(self, c: _Choice, entries: list, ids: list[int]):
+        """OpenAI's legacy logprobs object for tokens `ids` (entries: their TokenLogprob, None for the first
+        prompt token); the top_logprobs dicts hold the sampled token too, as OpenAI's do."""
+        if self.logprobs is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, x in zip(ids, entries):
+            s = self.served.token_str(t)[0]
+            out["tokens"].append(s)
+            out["text_offset"].append(c.offset)
+            c.offset += len(s)
+            if x is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                out["token_logprobs"].append(x.logprob)
+                top = {self.served.token_str(u)[0]: lp for u, lp in x.top}
+                top.setdefault(s, x.logprob)
+                out["top_logprobs"].append(top)
+        return out
+
+    def usage(self) -> dict:
+        completion = sum(c.tokens for c in self.choices)
+        prompt = sum(self.prompt_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def usage_chunk(self) -> dict:
+        d = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
+        d["choices"], d["usage"] = [], self.usage()
+        return d
+
+    def response(self) -> dict:
+        """The non-streamed body, once done."""
+        if self.kind == "chat":
+            d = self._head("chat.completion")
+            d["choices"] = [{"index": i, "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+                             "logprobs": self._chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+                            for i, c in enumerate(self.choices)]
+        else:
+            d = self._head("text_completion")
+            d["choices"] = []
+            for i, c in enumerate(self.choices):
+                lp = None
+                if self.logprobs is not None:
+                    p = i // self.request.n
+                    c.offset = 0
+                    ids = self._prompt_ids(p) if self.echo is not None else []
+                    entries = (self.prompt_logprobs.get(p, []) if self.echo is not None else []) + c.logprobs
+                    lp = self._completion_logprobs(c, entries, ids + [x.token for x in c.logprobs])
+                d["choices"].append({"index": i, "text": "".join(c.text), "logprobs": lp,
+                                     "finish_reason": c.finish_reason})
+        d["usage"] = self.usage()
+        return d
+
+
+def _fingerprint() -> str:
+    from .. import __version__
+
+    return f"fastllm-{__version__}"
+
+
+# ---- parsing --------------------------------------------------------------------------------------------
+
+
+def check_model(body: dict, served: ServedModel) -> None:
+    name = body.get("model")
+    if name is None:
+        raise APIError(400, "you must provide a model parameter", "model", "missing_required_parameter")
+    if not isinstance(name, str):
+        raise _bad_type("model", "a string", name)
+    if name != served.name:
+        raise APIError(404, f"The model `{name}` does not exist (this server serves `{served.name}`).", "model",
+                       "model_not_found")
+
+
+def _sampling(body: dict, served: ServedModel) -> dict:
+    """The engine Request fields common to both endpoints, checked."""
+    temperature = _get(body, "temperature", "number", 1.0, 0, 2)
+    top_p = _get(body, "top_p", "number", None, 0, 1)
+    top_k = _get(body, "top_k", "integer", None, -1)
+    if top_k is not None and top_k <= 0:  # -1 / 0: no top-k (vLLM's convention)
+        top_k = None
+    if top_p == 0:  # the limit of nucleus sampling: only the most likely token
+        top_p, top_k = None, 1
+    n = _get(body, "n", "integer", 1, 1, 128)
+    if n > served.max_batch:
+        raise APIError(400, f"Invalid value for 'n': this server decodes at most {served.max_batch} sequences at "
+                            f"once (--max-batch), got n={n}.", "n", "invalid_value")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad_type("stop", "a string or an array of strings", stop)
+    if len(stop) > 4:
+        raise APIError(400, f"Invalid value for 'stop': at most 4 stop sequences, got {len(stop)}.", "stop",
+                       "invalid_value")
+    seed = _get(body, "seed", "integer")
+    bias = _get(body, "logit_bias", "object")
+    logit_bias = None
+    if bias:
+        logit_bias = {}
+        for k, v in bias.items():
+            try:
+                t = int(k)
+            except ValueError:
+                raise APIError(400, f"Invalid key in 'logit_bias': {k!r} is not a token id.", "logit_bias",
+                               "invalid_value") from None
+            if not 0 <= t < served.vocab_size:
+                raise APIError(400, f"Invalid key in 'logit_bias': token id {t} is outside [0, {served.vocab_size}).",
+                               "logit_bias", "invalid_value")
+            logit_bias[t] = float(_get({f"logit_bias.{k}": v}, f"logit_bias.{k}", "number", 0.0, -100, 100))
+    try:
+        params = SamplingParams(
+            temperature=float(temperature), top_k=top_k, top_p=None if top_p is None else float(top_p),
+            min_p=_get(body, "min_p", "number", None, 0, 1),
+            repetition_penalty=float(_get(body, "repetition_penalty", "number", 1.0, 0, lo_open=True)),
+            presence_penalty=float(_get(body, "presence_penalty", "number", 0.0, -2, 2)),
+            frequency_penalty=float(_get(body, "frequency_penalty", "number", 0.0, -2, 2)))
+    except ValueError as e:  # checked above already; a backstop naming the field
+        raise APIError(400, str(e), str(e).split()[0], "invalid_value") from None
+    stream = _get(body, "stream", "boolean", False)
+    options = _get(body, "stream_options", "object")
+    if options is not None and not stream:
+        raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       "stream_options", "invalid_value")
+    include_usage = bool(_get(options or {}, "include_usage", "boolean", False))
+    return dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias,
+                stream=stream, include_usage=include_usage)
+
+
+def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
+    for name in names:
+        v = _get(body, name, "integer", None, 1)
+        if v is not None:
+            return v, name
+    return None, names[-1]
+
+
+def _fit(served: ServedModel, n_prompt: int, max_tokens: int | None, default: int | None, what: str,
+         name: str) -> int:
+    """max_tokens for a prompt of n_prompt tokens (default: `default`, or the rest of the context), checked."""
+    ctx = served.max_len
+    if n_prompt >= ctx:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {what} resulted in "
+                            f"{n_prompt} tokens. Please reduce the length of the {what}.",
+                       "messages" if what == "messages" else "prompt", "context_length_exceeded")
+    m = max_tokens if max_tokens is not None else (default or ctx - n_prompt)
+    if n_prompt + m > ctx:
+        given = "" if max_tokens is not None else " (the default)"
+        raise APIError(400, f"'{name}' is too large: {m}{given}. This model's maximum context length is {ctx} tokens "
+                            f"and your request has {n_prompt} input tokens, so at most {ctx - n_prompt} can be "
+                            f"generated.", name, "context_length_exceeded")
+    return m
+
+
+def _messages(value) -> list[dict]:
+    """OpenAI messages -> [{"role", "content"}] for fastllm.sft's template (text parts joined)."""
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "'messages' must be a non-empty array of messages.", "messages", "invalid_value")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad_type(where, "an object", m)
+        role = m.get("role")
+        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
+            raise _unsupported(f"{where}.role", f"{role!r} (tool calling)")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"Invalid value for '{where}.role': {role!r} (expected 'system', 'developer', 'user' "
+                                f"or 'assistant').", f"{where}.role", "invalid_value")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in ("text", "input_text") or \
+                        not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else _json_type(part)
+                    raise _unsupported(f"{where}.content[{j}]", f"of type {kind!r} (only text parts)")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise _bad_type(f"{where}.content", "a string or an array of text parts", content)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_chat(body, served: ServedModel) -> Call:
+    """A /v1/chat/completions body -> Call (APIError on bad input)."""
+    from ..sft import render_prompt
+
+    _check_fields(body, CHAT_FIELDS)
+    check_model(body, served)
+    if "messages" not in body:
+        raise APIError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+    msgs = _messages(body["messages"])
+    common = _sampling(body, served)
+    logprobs = _get(body, "logprobs", "boolean", False)
+    top = _get(body, "top_logprobs", "integer", None, 0, 20)
+    if top is not None and not logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", "top_logprobs", "invalid_value")
+    fmt = _get(body, "response_format", "object")
+    if fmt is not None and fmt.get("type") != "text":
+        raise _unsupported("response_format", f"of type {fmt.get('type')!r}")
+    for name in ("tools", "functions"):
+        if _get(body, name, "array"):
+            raise _unsupported(name, "(tool calling)")
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in (None, "none", "auto"):
+            raise _unsupported(name, "(tool calling)")
+    modalities = _get(body, "modalities", "array")
+    if modalities is not None and modalities != ["text"]:
+        raise _unsupported("modalities", f"{modalities!r}")
+    if not served.chat:
+        raise APIError(400, f"The model `{served.name}` has no chat template: its tokenizer lacks the <|im_start|> "
+                            "and <|im_end|> tokens (a base model). Use /v1/completions, or fine-tune it with "
+                            "`fastllm sft`.", "messages", "chat_template_missing")
+    try:
+        ids = render_prompt(msgs, served.tokenizer).tolist()
+    except ValueError as e:
+        raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
+    max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
+    m = _fit(served, len(ids), max_tokens, None, "messages", name)
+    stream, include_usage = common.pop("stream"), common.pop("include_usage")
+    stops = [t for t in (served.im_end, served.eot) if t is not None]
+    req = Request(prompts=[ids], max_tokens=m, stop_tokens=stops, logprobs=(top or 0) if logprobs else None, **common)
+    return Call("chat", served, req, [len(ids)], stream, include_usage, req.logprobs)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _prompts(value, served: ServedModel) -> tuple[list[list[int]], list[str]]:
+    """A completions `prompt` -> (token ids per prompt, text per prompt)."""
+    tok = served.tokenizer
+    if value is None:
+        value = ""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_int(t) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "Invalid value for 'prompt': expected a string, an array of strings, an array of token ids "
+                            "or an array of arrays of token ids.", "prompt", "invalid_value")
+    ids, texts = [], []
+    for i, p in enumerate(value):
+        if isinstance(p, str):
+            if p:
+                ids.append(tok.encode(p, allowed_special="all").tolist())
+            elif served.eot is not None:
+                ids.append([served.eot])
+            else:
+                raise APIError(400, f"'prompt[{i}]' is empty and the tokenizer has no <|endoftext|> to start from.",
+                               "prompt", "invalid_value")
+            texts.append(p)
+        elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+            bad = [t for t in p if not 0 <= t < served.vocab_size]
+            if bad:
+                raise APIError(400, f"Invalid value for 'prompt[{i}]': token id {bad[0]} is outside "
+                                    f"[0, {served.vocab_size}).", "prompt", "invalid_value")
+            ids.append(list(p))
+            texts.append(tok.decode(p))
+        else:
+            raise _bad_type(f"prompt[{i}]", "a string or a non-empty array of token ids", p)
+    return ids, texts
+
+
+def parse_completion(body, served: ServedModel) -> Call:
+    """A /v1/completions body -> Call (APIError on bad input)."""
+    _check_fields(body, COMPLETION_FIELDS)
+    check_model(body, served)
+    ids, texts = _prompts(body.get("prompt"), served)
+    common = _sampling(body, served)
+    echo = _get(body, "echo", "boolean", False)
+    logprobs = _get(body, "logprobs", "integer", None, 0, 5)
+    if _get(body, "suffix", "string"):
+        raise _unsupported("suffix", "(insertion)")
+    best_of = _get(body, "best_of", "integer", None, 1)
+    if best_of is not None and best_of != common["n"]:
+        raise _unsupported("best_of", f"={best_of} (other than n)")
+    max_tokens, name = _max_tokens(body, ("max_tokens",))
+    maxes = [_fit(served, len(p), max_tokens, 16, "prompt", name) for p in ids]
+    stream, include_usage = common.pop("stream"), common.pop("include_usage")
+    req = Request(prompts=ids, max_tokens=maxes, stop_tokens=[] if served.eot is None else [served.eot],
+                  logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)
+    return Call("completion", served, req, [len(p) for p in ids], stream, include_usage, logprobs,
+                texts if echo else None)

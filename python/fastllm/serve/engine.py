@@ -1,0 +1,442 @@
+"""The serving engine: continuous batching of many generation requests on one model.
+
+One scheduler thread owns the model and one batched KV cache of `max_batch` rows ("slots") of `max_len`
+tokens. Requests are queued by `submit` (any thread); at every step boundary the scheduler
+  1. drops the sequences of cancelled requests (a client that went away frees its slot at once),
+  2. admits waiting prompts into free slots (FIFO): each prompt is prefilled alone in its row, and its n
+     choices are copies of that row (one prefill for n samples),
+  3. samples one token for every sequence (just prefilled: from the prefill's logits, so its first token goes
+     out at once; else from the batched decode of step 4) with that sequence's own SamplingParams and random
+     generator, turns it into text (whole UTF-8 characters, stop strings held back) and hands the pieces to
+     the request's `emit` callback, then retires finished sequences, moving the last active row into the hole
+     (KVCacheBase.copy_row) so that the active rows stay 0 .. n-1,
+  4. decodes the last token of all active sequences in one batched pass (KVCacheBase.decode_rows).
+Batching does not change the math of a row: every kernel computes a row the same way whatever the batch
+(matmuls reduce each row in the same order; attention, layernorm and GELU are per row), prompts are prefilled
+alone, and with bf16 weights decode passes are cut at KVCache.BF16_MAX_ROWS rows (the size above which the
+cache switches to float32), so a seeded request gives the same tokens alone or in a batch -- the same as
+`fastllm.sample.generate(model, prompt, n, seed=seed, ...)` for its first choice.
+
+The native kernels release the GIL, so the HTTP thread stays responsive while the scheduler runs the model.
+Memory is bounded: the KV cache is allocated once (2 * n_layer * max_batch * max_len * n_embd floats), at
+most `max_queue` requests wait beyond it (`QueueFull` after that).
+
+>>> engine = Engine(model, tokenizer, max_batch=8).start()
+>>> for events in engine.stream(Request(prompts=[tokenizer.encode("Hi")], max_tokens=20, seed=0)):
+...     print("".join(e.text for e in events if isinstance(e, Chunk)), end="")
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import get_num_threads, set_num_threads
+from ..checkpoint import checkpoint_tokenizer, load_model
+from ..sample import SamplingParams, StopStrings, TextStreamer, sample_next
+
+
+def load(ckpt, tokenizer=None):
+    """(model in eval mode, tokenizer) of a fastllm checkpoint folder (or run folder): the one place the
+    server loads weights. tokenizer: a path overriding the copy inside the checkpoint."""
+    model = load_model(ckpt).eval()
+    return model, checkpoint_tokenizer(model.checkpoint_dir, tokenizer)
+
+
+# ---- what goes in and what comes out ------------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprob:
+    """A token and its log-probability under the model (log-softmax of the raw logits, before temperature,
+    penalties and filtering, as OpenAI reports them), with the `top` most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Chunk:
+    """What one step produced for choice `index` (prompt p, sample i -> index p * n + i)."""
+
+    index: int
+    text: str  # new text: whole UTF-8 characters, never a piece of a stop string
+    tokens: list[int]  # the token sampled (counted in usage, a terminating stop token included)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the sampled tokens (not a stop token)
+    finish_reason: str | None = None  # "stop" (stop token or string) | "length" (max_tokens) when finished
+
+
+@dataclass
+class PromptLogprobs:
+    """Log-probabilities of prompt `prompt`'s tokens (None for the first, which has no context)."""
+
+    prompt: int
+    entries: list[TokenLogprob | None]
+
+
+@dataclass
+class Failure:
+    """The request failed inside the engine (its other events stop here)."""
+
+    message: str
+
+
+@dataclass
+class Request:
+    """One API call: `n` samples of each prompt (token ids). `emit` receives the events of one step as a list
+    (Chunk, PromptLogprobs, Failure), on the engine's thread; it must not block."""
+
+    prompts: list[list[int]]
+    max_tokens: int | list[int]  # per prompt, or one for all
+    params: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
+    seed: int | None = None  # choice 0 draws from default_rng(seed), choice i > 0 from default_rng([seed, i])
+    stop: Sequence[str] = ()  # stop strings (not included in the text)
+    stop_tokens: Sequence[int] = ()  # token ids that end a sequence (their text not included)
+    logprobs: int | None = None  # None: none; k >= 0: each sampled token's logprob and its k best alternatives
+    prompt_logprobs: bool = False  # also the logprobs of the prompt tokens (one full forward per prompt)
+    logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI logit_bias)
+    emit: Callable[[list], None] | None = None
+    cancelled: bool = False
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine's max_queue."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is not running (not started, stopped, or its thread died)."""
+
+
+# ---- the scheduler ------------------------------------------------------------------------------------
+
+
+class _Seq:
+    """One choice being generated: its row in the cache, tokens, random generator and text state."""
+
+    def __init__(self, req: Request, index: int, prompt: list[int], max_tokens: int, tokenizer,
+                 mask: np.ndarray | None, vocab: int):
+        self.req, self.index, self.prompt, self.max_tokens = req, index, prompt, max_tokens
+        i = index % req.n
+        seed = req.seed if req.seed is None or i == 0 else [req.seed, i]
+        self.rng = np.random.default_rng(seed)
+        self.out: list[int] = []
+        self.streamer, self.cutter = TextStreamer(tokenizer), StopStrings(req.stop)
+        self.row = -1
+        self.logits: np.ndarray | None = None
+        self.bias = mask  # -inf on ids the tokenizer cannot decode, if the model has such ids
+        if req.logit_bias:
+            self.bias = np.zeros(vocab, np.float32) if mask is None else mask.copy()
+            for t, b in req.logit_bias.items():
+                self.bias[t] += b
+
+    def sample(self) -> int:
+        sp = self.req.params
+        logits = self.logits if self.bias is None else self.logits + self.bias
+        history = [self.prompt + self.out] if sp.repetition_penalty != 1.0 else None
+        output = [self.out] if sp.presence_penalty or sp.frequency_penalty else None
+        return int(sample_next(logits[None], self.rng, sp, history, output)[0])
+
+    def step(self, t: int) -> Chunk:
+        """Record token t; the text it completes and whether the sequence is finished."""
+        self.out.append(t)
+        lps = [] if self.req.logprobs is None or t in self.req.stop_tokens else \
+            [logprob_of(self.logits, t, self.req.logprobs)]
+        if t in self.req.stop_tokens:
+            text, stopped = self.cutter.push(self.streamer.flush())
+            return Chunk(self.index, text + self.cutter.flush(), [t], lps, "stop")
+        text, stopped = self.cutter.push(self.streamer.push(t))
+        if stopped:
+            return Chunk(self.index, text, [t], lps, "stop")
+        if len(self.out) >= self.max_tokens:
+            more, stopped = self.cutter.push(self.streamer.flush())
+            return Chunk(self.index, text + more + self.cutter.flush(), [t], lps, "stop" if stopped else "length")
+        return Chunk(self.index, text, [t], lps)
+
+
+def logprob_of(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """TokenLogprob of `token` under logits (V,), with the `top` most likely tokens (most likely first)."""
+    z = logits.astype(np.float64)
+    m = z.max()
+    lp = z - (m + np.log(np.exp(z - m).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        k = min(top, lp.size)
+        idx = np.argpartition(-lp, k - 1)[:k]
+        idx = idx[np.lexsort((idx, -lp[idx]))]
+        best = [(int(i), float(lp[i])) for i in idx]
+    return TokenLogprob(int(token), float(lp[token]), best)
+
+
+class Engine:
+    """Continuous batching over one model (see the module doc). Thread-safe: submit / cancel / stats from any
+    thread; the model is only touched by the engine's own thread."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_len: int | None = None, max_queue: int = 256,
+                 weights: str = "float32", threads: int | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if tokenizer.n_vocab > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids but the model only {model.config.vocab_size}")
+        self.model, self.tokenizer = model, tokenizer
+        V = model.config.vocab_size  # rows of the lm-head beyond the tokenizer's ids (padding) are never sampled
+        self.mask = None if tokenizer.n_vocab >= V else \
+            np.where(np.arange(V) < tokenizer.n_vocab, 0.0, -np.inf).astype(np.float32)
+        # OpenMP's thread count is per thread: the engine's thread sets its own (default: the creator's)
+        self.threads = threads or get_num_threads()
+        self.cache = model.kv_cache(max_batch, weights=weights, max_len=max_len)
+        self.max_batch, self.max_len, self.max_queue = max_batch, self.cache.max_len, max_queue
+        # CPU bf16 decode passes stop at the row count up to which the cache uses bf16 weights (see module doc)
+        cpu_bf16 = weights == "bfloat16" and getattr(model, "device", "cpu") == "cpu"
+        self.decode_rows = min(max_batch, self.cache.BF16_MAX_ROWS) if cpu_bf16 else max_batch
+        self._waiting: collections.deque[tuple[Request, int]] = collections.deque()  # (request, prompt index)
+        self._queued: dict[int, int] = {}  # id(request) -> prompts still waiting
+        self._active: list[_Seq] = []  # row i holds _active[i]
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.counters = {"requests": 0, "tokens": 0, "steps": 0, "failures": 0}
+        self.started_at = time.time()
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV cache (keys and values)."""
+        cfg, size = self.model.config, 2 if getattr(self.model, "dtype", "float32") == "bfloat16" else 4
+        return 2 * cfg.n_layer * self.max_batch * self.max_len * cfg.n_embd * size
+
+    # ---- control (any thread) ---------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="fastllm-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the scheduler; requests still waiting or running get a Failure."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def check(self, req: Request) -> None:
+        """ValueError naming what is wrong with `req` for this engine (submit calls it)."""
+        if not req.prompts:
+            raise ValueError("no prompts")
+        if not 1 <= req.n <= self.max_batch:
+            raise ValueError(f"n={req.n} is more than the {self.max_batch} sequences this server decodes at once")
+        maxes = req.max_tokens if isinstance(req.max_tokens, list) else [req.max_tokens] * len(req.prompts)
+        if len(maxes) != len(req.prompts):
+            raise ValueError(f"{len(maxes)} max_tokens for {len(req.prompts)} prompts")
+        V = self.model.config.vocab_size
+        for p, (ids, m) in enumerate(zip(req.prompts, maxes)):
+            if not ids:
+                raise ValueError(f"prompt {p} is empty")
+            if min(ids) < 0 or max(ids) >= V:
+                raise ValueError(f"prompt {p} holds token ids outside [0, {V})")
+            if m < 1 or len(ids) + m > self.max_len:
+                raise ValueError(f"prompt {p}: {len(ids)} tokens + max_tokens={m} do not fit the context of "
+                                 f"{self.max_len} tokens")
+        if req.logit_bias and any(not 0 <= t < V for t in req.logit_bias):
+            raise ValueError(f"logit_bias holds token ids outside [0, {V})")
+        req.max_tokens = maxes
+        req.stop_tokens = frozenset(int(t) for t in req.stop_tokens)
+
+    def submit(self, req: Request) -> Request:
+        """Queue `req` (its events go to req.emit). QueueFull / EngineClosed / ValueError."""
+        self.check(req)
+        with self._cond:
+            if not self.running:
+                raise EngineClosed("the engine is not running")
+            # what the free slots take at the next step does not wait; max_queue requests may wait beyond that
+            if len(self._queued) >= self.max_queue + self.max_batch - len(self._active):
+                raise QueueFull(f"{len(self._queued)} requests are waiting (max_queue={self.max_queue})")
+            for p in range(len(req.prompts)):
+                self._waiting.append((req, p))
+            self._queued[id(req)] = len(req.prompts)
+            self.counters["requests"] += 1
+            self._cond.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop generating for `req`: its slots are freed at the next step boundary, no more events."""
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify_all()
+
+    def stream(self, req: Request, timeout: float | None = None) -> Iterator[list]:
+        """Submit req and yield its event lists until every choice has finished (a blocking convenience for
+        scripts and tests; the HTTP server uses emit with its event loop instead)."""
+        q: queue.Queue = queue.Queue()
+        req.emit = q.put
+        self.submit(req)
+        left = len(req.prompts) * req.n
+        try:
+            while left:
+                events = q.get(timeout=timeout)
+                yield events
+                for e in events:
+                    if isinstance(e, Failure):
+                        return
+                    if isinstance(e, Chunk) and e.finish_reason is not None:
+                        left -= 1
+        finally:
+            if left:
+                self.cancel(req)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"active": len(self._active), "waiting": len(self._waiting), "slots": self.max_batch,
+                    "max_len": self.max_len, "running": self.running, **self.counters,
+                    "uptime_s": round(time.time() - self.started_at, 1)}
+
+    # ---- the scheduler thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        set_num_threads(self.threads)
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._active:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                self._drop_cancelled()
+                with self._cond:
+                    admit = self._take_admissible()
+                try:
+                    self._admit(admit)
+                    if self._active:
+                        self._step()
+                except Exception as e:  # a bug or a bad state: fail the requests in flight, keep serving
+                    self._fail_all(f"engine error: {type(e).__name__}: {e}", [r for r, _ in admit])
+        finally:
+            with self._cond:
+                self._stopping = True
+                pending = [r for r, _ in self._waiting] + [s.req for s in self._active]
+                self._waiting.clear()
+            self._fail_all("the server is shutting down", pending)
+
+    def _take_admissible(self) -> list[tuple[Request, int]]:
+        """(request, prompt) pairs that fit the free slots now, FIFO (a prompt with n choices waits for n)."""
+        free, out = self.max_batch - len(self._active), []
+        while self._waiting:
+            req, p = self._waiting[0]
+            if req.cancelled:
+                self._waiting.popleft()
+                self._dequeued(req)
+                continue
+            if req.n > free:
+                break
+            self._waiting.popleft()
+            self._dequeued(req)
+            out.append((req, p))
+            free -= req.n
+        return out
+
+    def _dequeued(self, req: Request) -> None:
+        left = self._queued.get(id(req), 1) - 1
+        if left:
+            self._queued[id(req)] = left
+        else:
+            self._queued.pop(id(req), None)
+
+    def _drop_cancelled(self) -> None:
+        for s in sorted((s for s in self._active if s.req.cancelled), key=lambda s: -s.row):
+            self._retire(s)
+
+    def _admit(self, admit: list[tuple[Request, int]]) -> None:
+        V = self.model.config.vocab_size
+        for req, p in admit:
+            if req.cancelled:
+                continue
+            events: list = []
+            prompt = list(req.prompts[p])
+            if req.prompt_logprobs:
+                logits = self.model.forward(np.asarray([prompt], np.int32))[0]  # (T, V)
+                top = req.logprobs or 0
+                entries = [None] + [logprob_of(logits[t - 1], prompt[t], top) for t in range(1, len(prompt))]
+                events.append(PromptLogprobs(p, entries))
+            first = len(self._active)
+            self.cache.reset_row(first)
+            logits = self.cache.prefill_row(first, prompt)
+            seqs = []
+            for i in range(req.n):
+                s = _Seq(req, p * req.n + i, prompt, req.max_tokens[p], self.tokenizer, self.mask, V)
+                s.row, s.logits = first + i, logits
+                if i:
+                    self.cache.copy_row(first, s.row)
+                seqs.append(s)
+            self._active += seqs
+            if events:
+                self._emit(req, events)
+            self._sample(seqs)  # its first tokens go out now, not after the other admissions' prefills
+
+    def _step(self) -> None:
+        """Decode the last token of every active sequence in batched passes, then sample their next tokens."""
+        tokens = [s.out[-1] for s in self._active]
+        for r0 in range(0, len(tokens), self.decode_rows):
+            logits = self.cache.decode_rows(tokens[r0:r0 + self.decode_rows], r0)
+            for i, row in enumerate(logits):
+                self._active[r0 + i].logits = row
+        self.counters["steps"] += 1
+        self._sample(list(self._active))
+
+    def _sample(self, seqs: list[_Seq]) -> None:
+        """Sample a token for each of `seqs`, emit the pieces (one call per request), retire the finished."""
+        by_req: dict[int, tuple[Request, list]] = {}
+        done = []
+        for s in seqs:
+            chunk = s.step(s.sample())
+            by_req.setdefault(id(s.req), (s.req, []))[1].append(chunk)
+            if chunk.finish_reason is not None:
+                done.append(s)
+        self.counters["tokens"] += len(seqs)
+        for req, events in by_req.values():
+            self._emit(req, events)
+        for s in sorted(done, key=lambda s: -s.row):
+            self._retire(s)
+
+    def _retire(self, s: _Seq) -> None:
+        """Free s's row: the last active sequence moves into it, so rows 0 .. n-1 stay the active ones."""
+        last = self._active[-1]
+        if last is not s:
+            self.cache.copy_row(last.row, s.row)
+            last.row = s.row
+            self._active[s.row] = last
+        self._active.pop()
+        self.cache.reset_row(len(self._active))
+
+    def _emit(self, req: Request, events: list) -> None:
+        if req.cancelled or req.emit is None:
+            return
+        try:
+            req.emit(events)
+        except Exception:  # the receiver is gone (e.g. its event loop closed): stop generating for it
+            req.cancelled = True
+
+    def _fail_all(self, message: str, extra: list[Request]) -> None:
+        reqs = {id(r): r for r in [s.req for s in self._active] + extra}
+        for i in range(len(self._active)):
+            self.cache.reset_row(i)
+        self._active.clear()
+        self.counters["failures"] += len(reqs)
+        for r in reqs.values():
+            self._emit(r, [Failure(message)])
+            r.cancelled = True

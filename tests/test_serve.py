@@ -1,0 +1,770 @@
+"""`fastllm serve`: the engine's continuous batching (batched rows compute what single rows do, seeded requests
+give the tokens of fastllm.sample.generate alone or in a batch), and the real server in a subprocess on a free
+loopback port, driven by the official `openai` client (sync and async, streamed and not, chat and completions),
+raw HTTP for malformed requests, 16 concurrent streaming clients, disconnects, a full queue, the API key, and
+the chat page in headless Chromium (skipped, with the reason, where Chromium or Playwright is missing).
+
+The chat model is a tiny byte-level GPT trained here for a few seconds to answer every user message with
+ANSWER, whose characters span 1 to 3 bytes (so UTF-8 characters are split across tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastllm
+from fastllm.checkpoint import load_model, save
+from fastllm.model import GPT, GPTConfig
+from fastllm.optim import AdamW
+from fastllm.sample import SamplingParams, generate, stream_text
+from fastllm.sft import IM_END, IM_START, render, render_prompt
+from fastllm.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from serve_process import Server  # noqa: E402
+
+from fastllm.serve import Engine, Request, ServeConfig, model_name, slots_within  # noqa: E402
+
+ANSWER = "héllo wörld ☃ ça va? ✓"
+EOT, START, END = 256, 257, 258
+LETTERS = list("abcdefghij ")
+
+
+def byte_tok(chat: bool = True) -> Tokenizer:
+    special = {"<|endoftext|>": EOT} | ({IM_START: START, IM_END: END} if chat else {})
+    return Tokenizer({bytes([b]): b for b in range(256)}, special_tokens=special)
+
+
+def random_conversation(rng) -> list[dict]:
+    msgs = [{"role": "user", "content": "".join(rng.choice(LETTERS, rng.integers(1, 12)))}]
+    if rng.random() < 0.3:
+        msgs.insert(0, {"role": "system", "content": "".join(rng.choice(LETTERS, rng.integers(1, 8)))})
+    return msgs
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """{"chat": a tiny model trained to answer ANSWER, "slow": a random 6-layer model with a 1024-token context
+    (a step takes milliseconds, so a long request is still running when the test cancels it), "base": a model
+    whose tokenizer has no chat tokens}, as checkpoint folders with their tokenizers."""
+    d = tmp_path_factory.mktemp("serve")
+    threads = fastllm.get_num_threads()
+    fastllm.set_num_threads(1)
+    tok = byte_tok()
+    tok.save(d / "tok.tiktoken")
+    rng = np.random.default_rng(0)
+    m = GPT(GPTConfig(block_size=128, vocab_size=259, n_layer=2, n_head=2, n_embd=64), seed=1)
+    opt = AdamW(m, 5e-3, weight_decay=0.0)
+    B, T = 16, 80
+    for _ in range(160):
+        idx, tg = np.full((B, T), EOT, np.int32), np.full((B, T), -1, np.int32)
+        for b in range(B):
+            ids, mask = render(random_conversation(rng) + [{"role": "assistant", "content": ANSWER}], tok)
+            n = min(len(ids), T + 1)
+            idx[b, :n - 1], tg[b, :n - 1] = ids[:n - 1], np.where(mask[1:n] == 1, ids[1:n], -1)
+        m.zero_grad()
+        m.forward(idx, tg)
+        m.backward()
+        opt.step()
+    out = {"chat": save(d / "chat", 160, m, opt, {}, kind="sft", tokenizer=d / "tok.tiktoken")}
+    slow = GPT(GPTConfig(block_size=1024, vocab_size=259, n_layer=6, n_head=6, n_embd=384), seed=2)
+    out["slow"] = save(d / "slow", 0, slow, AdamW(slow, 1e-3), {}, kind="train", tokenizer=d / "tok.tiktoken")
+    byte_tok(chat=False).save(d / "base.tiktoken")
+    base = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=1, n_head=2, n_embd=32), seed=3)
+    out["base"] = save(d / "base", 0, base, AdamW(base, 1e-3), {}, kind="train", tokenizer=d / "base.tiktoken")
+    fastllm.set_num_threads(threads)
+    return out
+
+
+# ---- the engine, in process ---------------------------------------------------------------------------------
+
+
+def test_kv_cache_rows_match_single_sequences():
+    """reset_row / prefill_row / copy_row / decode_rows: rows of a batch compute what each sequence computes in a
+    cache of its own (bitwise here: every kernel reduces a row the same way whatever the batch; the test allows
+    float tolerance), copy_row duplicates a sequence, and logits equal the model's full forward."""
+    model = GPT(GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=32), seed=5).eval()
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 61, n)) for n in (3, 7, 1, 5)]
+    cache = model.kv_cache(5, max_len=20)
+    first = [cache.prefill_row(r, p) for r, p in enumerate(prompts)]
+    cache.copy_row(1, 4)  # row 4: a second sample of prompt 1
+    assert list(cache.pos) == [3, 7, 1, 5, 7]
+    seqs = [list(p) for p in prompts] + [list(prompts[1])]
+    for _ in range(4):
+        nxt = rng.integers(0, 61, 5)
+        logits = cache.decode_rows(nxt)
+        for r in range(5):
+            seqs[r].append(int(nxt[r]))
+            alone = model.kv_cache(1, max_len=20)
+            alone.prefill_row(0, seqs[r][:-1])
+            np.testing.assert_allclose(logits[r], alone.decode_rows([nxt[r]])[0], rtol=1e-6, atol=1e-6)
+            full = model.forward(np.array([seqs[r]]))[0, -1]
+            np.testing.assert_allclose(logits[r], full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    np.testing.assert_allclose(first[0], model.forward(np.array([prompts[0]]))[0, -1], rtol=1e-4, atol=1e-4)
+    # the first n rows only; the others keep their state
+    pos = cache.pos.copy()
+    cache.decode_rows([1, 2], r0=2)
+    assert list(cache.pos) == [pos[0], pos[1], pos[2] + 1, pos[3] + 1, pos[4]]
+    cache.reset_row(3)
+    assert cache.pos[3] == 0
+    with pytest.raises(ValueError, match="decode_rows"):
+        cache.decode_rows([1, 2, 3], r0=3)
+    with pytest.raises(ValueError, match="prefill_row"):
+        cache.prefill_row(5, [1])
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_engine_seeded_requests_same_alone_and_batched(weights):
+    """20 seeded requests from 20 threads into 8 slots (so they queue, join and leave at step boundaries) give the
+    tokens each gives alone, and those of fastllm.sample.generate with the same seed and parameters; n=3 choices
+    of one prompt share its prefill but draw differently."""
+    model = GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=2, n_head=2, n_embd=64), seed=1).eval()
+    engine = Engine(model, byte_tok(), max_batch=8, weights=weights).start()
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 256, rng.integers(1, 20))) for _ in range(20)]
+    sp = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.1)
+
+    def tokens(i: int, n: int = 1) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(n)]
+        for events in engine.stream(Request(prompts=[prompts[i]], max_tokens=30, params=sp, seed=i, n=n),
+                                    timeout=60):
+            for e in events:
+                out[e.index] += e.tokens
+        return out
+
+    try:
+        batched: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: batched.__setitem__(i, tokens(i)[0])) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = engine.stats()
+        assert stats["tokens"] == 600 and stats["steps"] < 300  # rows were decoded together
+        for i in range(20):
+            ref = generate(model, prompts[i], 30, temperature=0.9, top_k=50, repetition_penalty=1.1, seed=i,
+                           weights=weights)[len(prompts[i]):]
+            assert batched[i] == ref == tokens(i)[0], i
+        three = tokens(0, n=3)
+        assert three[0] == batched[0] and len({tuple(x) for x in three}) == 3
+    finally:
+        engine.stop()
+    assert not engine.running
+
+
+def test_engine_on_the_gpu_backend(monkeypatch):
+    """The engine on device="cuda" -- here fastllm.cuda backed by tests/cuda_fake.py (numpy, float32), so the row
+    copies (copy_row through the backend's view/copy_) and batched decodes run through the GPU code path -- gives
+    the CPU engine's tokens for the same seeded requests, with n=2 choices sharing a prefill."""
+    import cuda_fake
+    from test_cuda_model_fake import _called_bindings
+
+    missing = sorted(n for n in _called_bindings() if not callable(getattr(cuda_fake, n, None)))
+    if missing:
+        pytest.skip(f"tests/cuda_fake.py lacks bindings fastllm.cuda calls: {missing}")
+    model = GPT(GPTConfig(block_size=48, vocab_size=259, n_layer=2, n_head=2, n_embd=32), seed=4).eval()
+    rng = np.random.default_rng(2)
+    reqs = [dict(prompts=[list(rng.integers(0, 256, rng.integers(1, 9)))], max_tokens=12, seed=i, n=2,
+                 params=SamplingParams(temperature=1.0)) for i in range(6)]
+
+    def run(engine) -> list[list[list[int]]]:
+        outs: dict[int, list[list[int]]] = {}
+
+        def one(i):
+            out: list[list[int]] = [[], []]
+            for events in engine.stream(Request(**reqs[i]), timeout=120):
+                for e in events:
+                    out[e.index] += e.tokens
+            outs[i] = out
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        engine.stop()
+        return [outs[i] for i in range(len(reqs))]
+
+    cpu = run(Engine(model, byte_tok(), max_batch=4).start())
+    cuda_fake.install(monkeypatch, emulate_bf16=False)
+    model.to("cuda", "float32")
+    gpu = Engine(model, byte_tok(), max_batch=4).start()
+    assert gpu.kv_bytes == 2 * 2 * 4 * 48 * 32 * 4
+    assert run(gpu) == cpu and gpu.counters["failures"] == 0
+
+
+def test_engine_limits():
+    model = GPT(GPTConfig(block_size=32, vocab_size=259, n_layer=1, n_head=2, n_embd=32), seed=1).eval()
+    engine = Engine(model, byte_tok(), max_batch=2, max_len=16)
+    with pytest.raises(ValueError, match="max_tokens=10 do not fit the context of 16"):
+        engine.check(Request(prompts=[[1] * 7], max_tokens=10))
+    with pytest.raises(ValueError, match="n=3"):
+        engine.check(Request(prompts=[[1]], max_tokens=1, n=3))
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.submit(Request(prompts=[[1]], max_tokens=1))
+    assert engine.kv_bytes == 2 * 1 * 2 * 16 * 32 * 4
+    # the KV budget lowers the slots: one sequence of 32 tokens needs 2*1*32*32*4 bytes = 8 KiB
+    assert slots_within(model, 16, None, 8 * 5 / 1024) == 5
+    with pytest.raises(ValueError, match="holds no sequence"):
+        slots_within(model, 16, None, 1 / 1024)
+    with pytest.raises(ValueError, match="tokenizer has 259 ids but the model only 100"):
+        Engine(GPT(GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=1, n_embd=8)), byte_tok())
+
+
+def test_engine_never_samples_ids_the_tokenizer_lacks():
+    """A model with more rows than the tokenizer has ids (a padded vocabulary) never emits an undecodable id."""
+    model = GPT(GPTConfig(block_size=64, vocab_size=400, n_layer=1, n_head=2, n_embd=32), seed=1).eval()
+    model.p["wte"][259:] += 5.0  # make the padding rows likely
+    engine = Engine(model, byte_tok(), max_batch=4).start()
+    try:
+        got = [t for events in engine.stream(Request(prompts=[[1, 2]], max_tokens=40, seed=0,
+                                                     params=SamplingParams(temperature=2.0)), timeout=60)
+               for e in events for t in e.tokens]
+    finally:
+        engine.stop()
+    assert len(got) >= 1 and max(got) < 259 and engine.counters["failures"] == 0
+
+
+# ---- the server, in a subprocess ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(ckpts):
+    s = Server(ckpts["chat"], "--max-batch", "16")
+    yield s
+    s.stop()
+    assert "Traceback" not in "".join(s.log), "".join(s.log)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpts):
+    """The checkpoint loaded in this process: what fastllm.sample computes for a request."""
+    model = load_model(ckpts["chat"]).eval()
+    return model, Tokenizer.load(model.checkpoint_dir / "tokenizer.tiktoken")
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+MODEL = "chat/ckpt_000160"
+HI = [{"role": "user", "content": "abc"}]
+
+
+def expected_text(reference, prompt_ids, n, stop_tokens=(), **kw) -> str:
+    model, tok = reference
+    return "".join(stream_text(model, tok, list(prompt_ids), n, stop_tokens=stop_tokens, **kw))
+
+
+def test_models_and_health(ckpts, server, client):
+    assert model_name(ckpts["chat"]) == MODEL  # the default id: the checkpoint folder's name
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL] and models.data[0].owned_by == "fastllm"
+    assert client.models.retrieve(MODEL).id == MODEL
+    h = server.health()
+    assert h["status"] == "ok" and h["model"] == MODEL and h["slots"] == 16 and h["max_len"] == 128
+
+
+def test_chat_greedy_answer_and_usage(client, reference):
+    r = client.chat.completions.create(model=MODEL, messages=HI, temperature=0)
+    prompt = render_prompt(HI, reference[1])
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.message.content == ANSWER and c.finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.usage.completion_tokens == len(ANSWER.encode()) + 1  # the answer's bytes and <|im_end|>
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_chunks(client, reference):
+    """OpenAI's stream: the first chunk carries the role, one id throughout, text only in whole UTF-8 characters,
+    a final chunk with finish_reason, then the usage chunk when asked."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hij"}]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == ANSWER
+    assert sum(bool(p) for p in pieces) >= 10 and all("\ufffd" not in p for p in pieces)  # streamed, never a half
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop"] and chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ANSWER.encode()) + 1
+    assert chunks[-1].usage.prompt_tokens == len(render_prompt(messages, reference[1]))
+
+
+def test_chat_seeded_sampling_equals_library(client, reference):
+    """A seeded request at temperature 2 gives what fastllm.sample gives with that seed (the chat stops at
+    <|im_end|> or <|endoftext|>), streamed or not; another seed gives another answer."""
+    kw = dict(temperature=2.0, top_p=0.99, seed=7)
+    prompt = render_prompt(HI, reference[1])
+    want = expected_text(reference, prompt, 60, stop_tokens=(END,), **kw)
+    r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=60, **kw)
+    streamed = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=60, stream=True, **kw)
+    assert r.choices[0].message.content == want == "".join(c.choices[0].delta.content or "" for c in streamed)
+    others = {client.chat.completions.create(model=MODEL, messages=HI, max_tokens=60, temperature=2.0,
+                                             top_p=0.99, seed=s).choices[0].message.content for s in range(8)}
+    assert len(others) > 1
+
+
+def test_chat_n_choices_logprobs_and_extra_fields(client, reference):
+    model, tok = reference
+    r = client.chat.completions.create(model=MODEL, messages=HI, n=3, seed=1, temperature=1.5, max_tokens=12,
+                                       logprobs=True, top_logprobs=3, extra_body={"top_k": 20, "min_p": 0.01})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    prompt = render_prompt(HI, tok).tolist()
+    assert r.usage.prompt_tokens == len(prompt)  # counted once, whatever n
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) + (c.finish_reason == "stop")
+                                            for c in r.choices)
+    # choice 0 is what a single seeded request (and fastllm.sample) gives
+    assert r.choices[0].message.content == expected_text(reference, prompt, 12, stop_tokens=(END,), seed=1,
+                                                         temperature=1.5, top_k=20, min_p=0.01)
+    for c in r.choices:
+        ids = [x.bytes[0] if len(x.bytes) == 1 else tok.special_tokens[x.token] for x in c.logprobs.content]
+        lp = log_softmax(model.forward(np.array([prompt + ids]))[0])  # the model's own, from a full forward
+        for i, x in enumerate(c.logprobs.content):
+            assert x.logprob == pytest.approx(lp[len(prompt) - 1 + i, ids[i]], abs=1e-4)
+            tops = [t.logprob for t in x.top_logprobs]
+            assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+            assert tops[0] == pytest.approx(lp[len(prompt) - 1 + i].max(), abs=1e-4)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_chat_stream_n_choices_with_logprobs(client):
+    """Streamed n=2: chunks of both choices interleave, each choice's first chunk carries the role, and the
+    streamed texts and logprobs equal the non-streamed ones for the same seed."""
+    kw = dict(model=MODEL, messages=HI, n=2, seed=4, temperature=2.0, max_tokens=15, logprobs=True, top_logprobs=1)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == whole.choices[i].finish_reason
+        assert "".join(c.delta.content or "" for c in mine) == whole.choices[i].message.content
+        streamed = [x for c in mine if c.logprobs for x in c.logprobs.content]
+        assert [(x.token, x.logprob) for x in streamed] == [(x.token, x.logprob)
+                                                            for x in whole.choices[i].logprobs.content]
+
+
+def test_completions_prompts_echo_logprobs_and_stop(client, reference):
+    model, tok = reference
+    text = render_prompt(HI, tok)
+    prompt = tok.decode(text)  # the chat prompt as text: special tokens in completions' prompts are allowed
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text.startswith(ANSWER + "<|im_end|>")  # only <|endoftext|> ends a completion
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.prompt_tokens == len(text)
+    # stop strings: cut before the first one, finish_reason "stop"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=["wör", "zz"])
+    assert r.choices[0].text == ANSWER.split("wör")[0] and r.choices[0].finish_reason == "stop"
+    # max_tokens: finish_reason "length" and exactly that many tokens (UTF-8 held back, then flushed)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert r.choices[0].text == "h\ufffd" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 2
+    # a list of prompts (text and token ids) x n, echo and logprobs of prompt and completion
+    ids = text.tolist()
+    r = client.completions.create(model=MODEL, prompt=[prompt, ids], n=2, max_tokens=5, temperature=0, echo=True,
+                                  logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == 2 * len(ids) and r.usage.completion_tokens == 4 * 5
+    lp = log_softmax(model.forward(np.array([ids + list(ANSWER.encode()[:5])]))[0])
+    for c in r.choices:
+        assert c.text == prompt + "héll"  # "h", "é" (2 bytes), "l", "l"
+        got = c.logprobs
+        assert len(got.tokens) == len(ids) + 5 and got.token_logprobs[0] is None and got.top_logprobs[0] is None
+        seq = ids + list(ANSWER.encode()[:5])
+        want = [lp[t - 1, seq[t]] for t in range(1, len(seq))]
+        np.testing.assert_allclose(got.token_logprobs[1:], want, atol=1e-4)
+        assert all(got.tokens[t] in d for t, d in enumerate(got.top_logprobs) if d is not None)
+        assert got.text_offset[:3] == [0, len(got.tokens[0]), len(got.tokens[0]) + len(got.tokens[1])]
+
+
+def test_completions_stream_raw_sse(server, reference):
+    """The bytes on the wire: `data: {json}` events separated by blank lines, ending with `data: [DONE]`."""
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 20, "temperature": 0.8, "seed": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == expected_text(reference, reference[1].encode("abc"), 20, seed=3, temperature=0.8)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 3
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_async_client_concurrent(server, reference):
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = aclient.chat.completions.create(model=MODEL, messages=HI, temperature=0)
+        comp = aclient.completions.create(model=MODEL, prompt="ab", max_tokens=10, seed=5)
+
+        async def streamed():
+            s = await aclient.chat.completions.create(model=MODEL, messages=HI, temperature=0, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in s])
+
+        out = await asyncio.gather(chat, comp, streamed())
+        await aclient.close()
+        return out
+
+    chat, comp, streamed = asyncio.run(run())
+    assert chat.choices[0].message.content == ANSWER == streamed
+    assert comp.choices[0].text == expected_text(reference, reference[1].encode("ab"), 10, seed=5)
+
+
+def test_16_concurrent_streaming_clients(server, reference):
+    """16 seeded streams at once: each gets exactly the text it gets alone (and that fastllm.sample gives), the
+    engine decoded them together (far fewer steps than tokens), and the server is healthy and idle afterwards."""
+    model, tok = reference
+    rng = np.random.default_rng(1)
+    prompts = ["".join(rng.choice(LETTERS, rng.integers(1, 30))) for _ in range(16)]
+    kws = [dict(seed=100 + i, temperature=1.0, max_tokens=int(rng.integers(20, 60))) for i in range(16)]
+
+    async def one(aclient, i):
+        s = await aclient.completions.create(model=MODEL, prompt=prompts[i], stream=True, **kws[i])
+        return "".join([c.choices[0].text async for c in s])
+
+    async def run(ids):
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = await asyncio.gather(*(one(aclient, i) for i in ids))
+        await aclient.close()
+        return out
+
+    before = server.health()
+    together = asyncio.run(run(range(16)))
+    during = server.health()
+    alone = [asyncio.run(run([i]))[0] for i in range(16)]
+    for i in range(16):
+        kw = dict(kws[i])
+        want = expected_text(reference, tok.encode(prompts[i]), kw.pop("max_tokens"), **kw)
+        assert together[i] == alone[i] == want, i
+    tokens, steps = during["tokens"] - before["tokens"], during["steps"] - before["steps"]
+    assert tokens >= 16 * 20 and steps < tokens / 3, (tokens, steps)
+    h = server.wait_idle()
+    assert h["status"] == "ok" and h["active"] == 0 and h["waiting"] == 0 and h["failures"] == 0
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI, "temperature": 0},
+                   timeout=60)
+    assert r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+LONG = "x" * 200  # 200 byte tokens: more than the 128-token context
+
+
+@pytest.mark.parametrize("path,body,status,param,code", [
+    ("chat/completions", "{not json", 400, None, "invalid_json"),
+    ("chat/completions", "", 400, None, "invalid_json"),
+    ("chat/completions", "[1, 2]", 400, None, "invalid_body"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "bogus": 1}, 400, "bogus", "unknown_parameter"),
+    ("chat/completions", {"model": MODEL}, 400, "messages", "missing_required_parameter"),
+    ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages[0].role", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content", "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]", "unsupported_parameter"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "temperature": "hot"}, 400, "temperature", "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "temperature": -0.5}, 400, "temperature", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": "5"}, 400, "max_tokens", "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": -3}, 400, "max_tokens", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 500}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_completion_tokens": 500}, 400,
+     "max_completion_tokens", "context_length_exceeded"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "stream": "yes"}, 400, "stream", "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "n": 1.5}, 400, "n", "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "n": 17}, 400, "n", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "stop": ["a"] * 5}, 400, "stop", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "stop": [1]}, 400, "stop", "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "logit_bias": {"999": 5}}, 400, "logit_bias",
+     "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "tools": [{"type": "function"}]}, 400, "tools",
+     "unsupported_parameter"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "repetition_penalty": 0}, 400, "repetition_penalty",
+     "invalid_value"),
+    ("chat/completions", {"model": "gpt-4o", "messages": HI}, 404, "model", "model_not_found"),
+    ("chat/completions", {"messages": HI}, 400, "model", "missing_required_parameter"),
+    ("completions", {"model": MODEL, "prompt": LONG}, 400, "prompt", "context_length_exceeded"),
+    ("completions", {"model": MODEL, "prompt": "ab", "max_tokens": 127}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ("completions", {"model": MODEL, "prompt": [[1, 2], [300]]}, 400, "prompt", "invalid_value"),
+    ("completions", {"model": MODEL, "prompt": [{"a": 1}]}, 400, "prompt[0]", "invalid_type"),
+    ("completions", {"model": MODEL, "prompt": "ab", "logprobs": 6}, 400, "logprobs", "invalid_value"),
+    ("completions", {"model": MODEL, "prompt": "ab", "logprobs": True}, 400, "logprobs", "invalid_type"),
+    ("completions", {"model": MODEL, "prompt": "ab", "echo": 1}, 400, "echo", "invalid_type"),
+    ("completions", {"model": MODEL, "prompt": "ab", "suffix": "z"}, 400, "suffix", "unsupported_parameter"),
+    ("completions", {"model": MODEL, "prompt": "ab", "seed": "1"}, 400, "seed", "invalid_type"),
+    ("completions", {"model": MODEL, "prompt": "ab", "frequency_penalty": 3}, 400, "frequency_penalty",
+     "invalid_value"),
+])
+def test_bad_requests(server, path, body, status, param, code):
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server.url}/v1/{path}", content=data, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == code and err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+def test_bad_requests_through_the_openai_client(server, client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=HI, temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 128"):
+        client.completions.create(model=MODEL, prompt=LONG)
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = httpx.get(server.url + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+# ---- disconnects, a full queue, the API key: a slow model in a server with 2 slots ----------------------------
+
+SLOW = {"model": "slow/ckpt_000000", "prompt": "abc", "max_tokens": 900, "logit_bias": {str(EOT): -100}}
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def slow_server(ckpts):
+    s = Server(ckpts["slow"], "--max-batch", "2", "--max-queue", "1", "--api-key", "s3cret")
+    yield s
+    s.stop()
+
+
+def test_disconnect_mid_stream_frees_the_slot(slow_server):
+    s = slow_server
+    before = s.health()["tokens"]
+    with httpx.stream("POST", s.url + "/v1/completions", json={**SLOW, "stream": True}, headers=KEY,
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert got[0].startswith("data: ") and s.health()["active"] == 1
+    t0 = time.time()
+    h = s.wait_idle(5)
+    assert h["active"] == 0 and time.time() - t0 < 2, h
+    tokens = s.health()["tokens"]
+    time.sleep(0.3)
+    assert s.health()["tokens"] == tokens < before + 900  # generation stopped, far before max_tokens
+
+
+def test_disconnect_while_waiting_for_a_full_answer(slow_server):
+    s = slow_server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(s.url + "/v1/completions", json=SLOW, headers=KEY, timeout=httpx.Timeout(30, read=0.5))
+    assert s.wait_idle(5)["active"] == 0
+
+
+def test_full_queue_answers_429(slow_server):
+    """2 slots busy and 1 request waiting (--max-queue 1): the next request gets 429 at once; when the clients
+    go away the server is idle again and serves."""
+    s = slow_server
+    streams, opened = [], []
+    try:
+        for _ in range(3):  # two run, the third waits
+            cm = httpx.stream("POST", s.url + "/v1/completions", json={**SLOW, "stream": True}, headers=KEY,
+                              timeout=60)
+            streams.append(cm)
+            opened.append(cm.__enter__())
+            assert opened[-1].status_code == 200
+        deadline = time.time() + 10
+        while (s.health()["active"], s.health()["waiting"]) != (2, 1) and time.time() < deadline:
+            time.sleep(0.05)
+        assert (s.health()["active"], s.health()["waiting"]) == (2, 1)
+        t0 = time.time()
+        r = httpx.post(s.url + "/v1/completions", json=SLOW, headers=KEY, timeout=30)
+        assert r.status_code == 429 and time.time() - t0 < 5
+        assert r.json()["error"]["code"] == "queue_full" and r.headers["retry-after"] == "1"
+    finally:
+        for cm in streams:
+            cm.__exit__(None, None, None)
+    assert s.wait_idle(5)["active"] == 0
+    r = httpx.post(s.url + "/v1/completions", json={**SLOW, "max_tokens": 3}, headers=KEY, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_api_key(slow_server):
+    s = slow_server
+    bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+        bad.models.list()
+    r = httpx.post(s.url + "/v1/completions", json={**SLOW, "max_tokens": 1}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+    assert good.completions.create(**{**SLOW, "max_tokens": 2}).usage.completion_tokens == 2
+    assert httpx.get(s.url + "/health").status_code == 200  # health and the page need no key
+    assert httpx.get(s.url + "/").status_code == 200
+
+
+# ---- in process: a base model (no chat template), the page, the command line --------------------------------
+
+
+def test_base_model_chat_is_a_clear_400(ckpts):
+    from starlette.testclient import TestClient
+
+    from fastllm.serve.app import create_app
+    from fastllm.serve.engine import load
+
+    model, tok = load(ckpts["base"])
+    with TestClient(create_app(Engine(model, tok, max_batch=2), "base")) as http:
+        r = http.post("/v1/chat/completions", json={"model": "base", "messages": HI})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_missing"
+        assert "/v1/completions" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", json={"model": "base", "prompt": "", "max_tokens": 4, "seed": 0})
+        assert r.status_code == 200 and r.json()["usage"] == {"prompt_tokens": 1, "completion_tokens": 4,
+                                                              "total_tokens": 5}  # "" is <|endoftext|>
+
+
+def test_chat_page_is_self_contained(server):
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "<script" in page and "v1/chat/completions" in page
+    for ref in ("src=", "href=", "@import", "url("):  # nothing is fetched from elsewhere: works offline
+        assert ref not in page, ref
+
+
+def test_cli_errors(ckpts, capsys):
+    from fastllm.cli import main
+
+    assert main(["serve", "--ckpt", str(ckpts["chat"].parent / "missing")]) == 1
+    assert "fastllm: error: no checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", str(ckpts["chat"]), "--kv-budget-mb", "0.001"]) == 1
+    assert "holds no sequence" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--ckpt", str(ckpts["chat"]), "--port", str(port)]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert ServeConfig(ckpt="x").host == "127.0.0.1"  # loopback unless --host says otherwise
+
+
+# ---- the chat page in a real browser --------------------------------------------------------------------------
+
+
+def chromium() -> str | None:
+    for name in (os.environ.get("FASTLLM_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium from the OS, driven by Playwright; skips (with the reason) where either is missing."""
+    exe = chromium()
+    if exe is None:
+        pytest.skip("no Chromium executable (apt-get install chromium, or set FASTLLM_CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    with sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        except Exception as e:  # an unusable browser install is an environment problem, not a failure of ours
+            pytest.skip(f"Chromium at {exe} does not start: {e}")
+        yield b
+        b.close()
+
+
+def watch_answer(page) -> None:
+    """Record, in window.lengths, the length of the streaming answer's text at every DOM change."""
+    page.evaluate("""() => { window.lengths = []; new MutationObserver(() => {
+        const a = document.querySelector(".msg.assistant[data-state='streaming']");
+        if (a && a.firstChild) window.lengths.push(a.firstChild.textContent.length);
+      }).observe(document.getElementById('messages'), {subtree: true, characterData: true, childList: true}); }""")
+
+
+def test_chat_page_conversation(server, browser):
+    """Type a message and get the model's answer, regenerate it, and keep the conversation: the second question
+    is sent with the system prompt and the first exchange (the page's answer is the API's to those messages)."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('chat/')")
+    page.fill("#temperature", "0")
+    page.fill("#input", "abc")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state='done']", timeout=60000)
+    assert page.locator(".msg.assistant").last.evaluate("e => e.firstChild.textContent") == ANSWER
+    page.click("#regenerate")
+    page.wait_for_selector(".msg.assistant[data-state='done']", timeout=60000)
+    assert page.locator(".msg.assistant").count() == 1
+    page.fill("#system", "be nice")
+    page.fill("#input", "hij")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-state='done']\").length == 2")
+    texts = page.locator(".msg.assistant").evaluate_all("es => es.map(e => e.firstChild.textContent)")
+    assert page.locator(".msg.user").all_text_contents() == ["abc", "hij"]
+    messages = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "abc"},
+                {"role": "assistant", "content": ANSWER}, {"role": "user", "content": "hij"}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                              "temperature": 0}, timeout=60)
+    assert texts == [ANSWER, r.json()["choices"][0]["message"]["content"]]
+    page.close()
+
+
+def test_chat_page_streams_and_stops(slow_server, browser):
+    """With the slow model (a step takes milliseconds): the API key typed into the page, a seeded answer appears
+    piece by piece and equals the API's for the same seed; Stop ends a long answer and frees the server's slot."""
+    s = slow_server
+    page = browser.new_page()
+    page.goto(s.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('API')")  # 401 shown
+    page.fill("#api-key", "s3cret")
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("document.getElementById('model').textContent.includes('slow/')")
+    for field, value in (("#temperature", "1"), ("#max-tokens", "60"), ("#seed", "11")):
+        page.fill(field, value)
+    watch_answer(page)
+    page.fill("#input", "hello")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state='done']", timeout=120000)
+    text = page.locator(".msg.assistant").last.evaluate("e => e.firstChild.textContent")
+    r = httpx.post(s.url + "/v1/chat/completions", headers=KEY, timeout=120, json={
+        "model": SLOW["model"], "messages": [{"role": "user", "content": "hello"}], "temperature": 1,
+        "max_tokens": 60, "seed": 11})
+    assert text == r.json()["choices"][0]["message"]["content"] and text
+    assert len(set(page.evaluate("window.lengths")) - {0}) >= 5  # the text grew in many steps
+    # Stop: a long answer (the rest of the 1024-token context) is cut, the slot freed
+    page.fill("#max-tokens", "")
+    page.fill("#input", "more")
+    page.press("#input", "Enter")
+    page.wait_for_function("(document.querySelector(\".msg.assistant[data-state='streaming']\") || "
+                           "{textContent: ''}).textContent.length > 5", timeout=60000)
+    assert s.health()["active"] == 1
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-state='stopped']")
+    assert s.wait_idle(5)["active"] == 0
+    page.close()
