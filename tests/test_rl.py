@@ -428,6 +428,10 @@ def test_cli_reward_model_then_rl_against_it(warm, tmp_path, capsys):
     )
     assert rc == 0
     assert "held-out accuracy" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "rm" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(4))  # 58 training pairs / 16 per step
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 4]  # at the start and after the epoch
+    assert (tmp_path / "rm" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc = main(
         [
             "rl",
@@ -456,6 +460,7 @@ def test_cli_reward_model_then_rl_against_it(warm, tmp_path, capsys):
     )
     assert rc == 0
     assert (tmp_path / "rl" / "ckpt_000002" / "model.safetensors").exists()
+    assert (tmp_path / "rl" / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc = main(["rl", "--ckpt", str(ck), "--task", "nope", "--out", str(tmp_path / "x"), "--no-progress"])
     assert rc == 1 and "unknown task" in capsys.readouterr().err
 

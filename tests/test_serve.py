@@ -164,16 +164,11 @@ def test_engine_seeded_requests_same_alone_and_batched(weights):
     assert not engine.running
 
 
-def test_engine_on_the_gpu_backend(monkeypatch):
-    """The engine on device="cuda" -- here fastllm.cuda backed by tests/cuda_fake.py (numpy, float32), so the row
-    copies (copy_row through the backend's view/copy_) and batched decodes run through the GPU code path -- gives
-    the CPU engine's tokens for the same seeded requests, with n=2 choices sharing a prefill."""
-    import cuda_fake
-    from test_cuda_model_fake import _called_bindings
-
-    missing = sorted(n for n in _called_bindings() if not callable(getattr(cuda_fake, n, None)))
-    if missing:
-        pytest.skip(f"tests/cuda_fake.py lacks bindings fastllm.cuda calls: {missing}")
+@pytest.mark.cuda
+def test_engine_on_the_gpu_backend():
+    """The engine on device="cuda" (a GPU or the CUDA emulator) -- the row copies (copy_row through the backend's
+    view/copy_) and batched decodes run through the GPU code path -- gives the CPU engine's tokens for the same
+    seeded requests, with n=2 choices sharing a prefill."""
     model = GPT(GPTConfig(block_size=48, vocab_size=259, n_layer=2, n_head=2, n_embd=32), seed=4).eval()
     rng = np.random.default_rng(2)
     reqs = [dict(prompts=[list(rng.integers(0, 256, rng.integers(1, 9)))], max_tokens=12, seed=i, n=2,
@@ -198,7 +193,6 @@ def test_engine_on_the_gpu_backend(monkeypatch):
         return [outs[i] for i in range(len(reqs))]
 
     cpu = run(Engine(model, byte_tok(), max_batch=4).start())
-    cuda_fake.install(monkeypatch, emulate_bf16=False)
     model.to("cuda", "float32")
     gpu = Engine(model, byte_tok(), max_batch=4).start()
     assert gpu.kv_bytes == 2 * 2 * 4 * 48 * 32 * 4

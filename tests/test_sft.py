@@ -415,8 +415,10 @@ def test_cli_sft_runs_resumes_and_rejects_bad_input(tuned, tmp_path, capsys):
         (["--data", str(bad)], f"{bad}:2: no assistant turn"),
         (["--data", str(tmp_path / "missing.jsonl")], "not found"),
         (["--seq-len", "999"], "seq_len=999"),
-        (["--too-long", "drop"], "too_long"),
         (["--base", str(tmp_path / "nobase")], "no checkpoint"),
     ]:
         assert main(args + extra) == 1
         assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a value outside the choices: argparse's one-line usage error
+        main(args + ["--too-long", "drop"])
+    assert e.value.code == 2 and "--too-long: invalid choice: 'drop'" in capsys.readouterr().err

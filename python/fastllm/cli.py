@@ -1,4 +1,11 @@
-"""The `fastllm` command line: parses arguments and dispatches to the library."""
+"""The `fastllm` command line: parses arguments and dispatches to the library.
+
+Each command is a `run(args)` function registered with `@command(name, purpose, examples, args=...)`;
+`fastllm --help` lists the commands in PIPELINE order (a new command adds its name there). Options that mirror
+a config dataclass (TrainConfig, RLConfig, CleanConfig, EvalConfig, ServeConfig, ...) are generated from its
+fields, help text included (fastllm.options), so the CLI never drifts from the API. Every option's help ends
+with its default. Whatever goes wrong inside a command ends as one `fastllm: error: ...` line (`main`).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,10 @@ import os
 import sys
 import time
 import traceback
+import types
 import typing
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,7 @@ from .data import builtin_corpus, prepare
 from .demo import DemoConfig, run_demo
 from .eval import EvalConfig, evaluate, format_report
 from .eval import load as load_eval
+from .options import THREADS, field_metadata
 from .rl import RewardModelConfig, RLConfig, train_grpo, train_reward_model
 from .sample import SamplingParams, check_seed, stream_text
 from .serve import ServeConfig, serve
@@ -32,80 +42,110 @@ from .tokenizer import Tokenizer
 from .train import TrainConfig, TrainingError, train
 from .version import __version__
 
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    d = info()
-    if args.json:
-        print(json.dumps(d, indent=2))
-    else:
-        for k, v in d.items():
-            print(f"{k:14s} {v}")
-    return 0
+# the order in which a model is built; `fastllm --help` lists commands in this order, unknown ones last
+PIPELINE = ("clean", "tokenizer", "prepare", "train", "sample", "sft", "chat", "rl", "reward-model", "eval",
+            "serve", "convert", "info", "demo")
+NO_PROGRESS = "no progress bar (for logs and pipes)"
 
 
-def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field (types from the defaults), so the CLI never drifts from the API."""
+@dataclasses.dataclass
+class Command:
+    name: str
+    purpose: str  # one line: what the command does
+    examples: tuple[str, ...]  # command lines that work (tests parse them)
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int] | None  # None: the command only groups subcommands
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, purpose: str, examples: Sequence[str], args: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated `run(args) -> exit code` as `fastllm NAME`; `args(parser)` adds its options."""
+
+    def register(run):
+        COMMANDS[name] = Command(name, purpose, tuple(examples), args, run)
+        return run
+
+    return register
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's example lines as written, ends each option's help with its default (like
+    argparse.ArgumentDefaultsHelpFormatter) unless the help already says what the default is, and names an
+    option's value by its type (INT, FLOAT, TEXT)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or not action.option_strings or action.required or d is None or d is False
+                or d is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return {int: "INT", float: "FLOAT"}.get(action.type, "TEXT")  # --lr FLOAT, not --lr LR
+
+
+def add_command_parser(sub, name: str, purpose: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    """A subcommand parser with a one-line purpose and its examples in the epilog."""
+    epilog = "example" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join("  " + e for e in examples)
+    return sub.add_parser(name, help=purpose, description=purpose[0].upper() + purpose[1:] + ".", epilog=epilog,
+                          formatter_class=HelpFormatter)
+
+
+def pipeline_position(name: str) -> int:
+    return PIPELINE.index(name) if name in PIPELINE else len(PIPELINE)
+
+
+# ---- options from config dataclasses ---------------------------------------------------------------------
+
+
+def _flag_type(hint) -> tuple[type, bool]:
+    """(element type, is a list) of a field's type hint: `int | None` -> (int, False), `tuple[str, ...]` and
+    `Sequence[str]` -> (str, True)."""
+    typ = hint
+    if typing.get_origin(hint) in (typing.Union, getattr(types, "UnionType", typing.Union)):
+        typ = next(t for t in typing.get_args(hint) if t is not type(None))
+    if typing.get_origin(typ) in (tuple, list, Sequence):
+        return typing.get_args(typ)[0], True
+    return typ, False
+
+
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: Sequence[str] = (), required: Sequence[str] = (),
+                        progress: bool = True) -> None:
+    """One --flag per field of the dataclass `cls` (type, default, help and choices from the field, see
+    fastllm.options); bool fields become switches (--x, or --x/--no-x when on, or unset, by default)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-        typ = base[0]
-        required = f.default is dataclasses.MISSING
+        meta = field_metadata(cls, f.name)
+        kw: dict = {"help": meta["help"].replace("%", "%%") if meta.get("help") else None}
+        typ, many = _flag_type(hints[f.name])
         if typ is bool:
-            p.add_argument(flag, action="store_true", default=f.default)
+            kw.update(default=f.default, action="store_true" if f.default is False else argparse.BooleanOptionalAction)
         else:
-            p.add_argument(flag, type=typ, required=required, default=None if required else f.default,
-                           metavar=f.name.upper())
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+            must = f.default is dataclasses.MISSING or f.name in required
+            kw.update(type=typ, required=must, default=None if f.default is dataclasses.MISSING else f.default)
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+            if many:
+                kw["nargs"] = "+"
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+
+
+def _fields_of(cls, **kw) -> Callable[[argparse.ArgumentParser], None]:
+    """`args=` of a command whose options are the fields of the dataclass `cls`; kw as in _add_dataclass_args."""
+    return lambda p: _add_dataclass_args(p, cls, **kw)
 
 
 def _config(args: argparse.Namespace, cls, **overrides):
     """The dataclass `cls` filled from the parsed flags of the same names (plus overrides)."""
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**kw, **overrides})
-
-
-def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
-    p.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=temperature)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="CPU (default float32): bfloat16 decodes with bf16 weight copies (faster, logits within ~1%%); "
-                        "GPU (default bfloat16): the compute dtype of the GPU model")
-
-
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The sampling flags, checked (ValueError naming the bad one) before any model is loaded."""
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-              repetition_penalty=args.repetition_penalty)
-    SamplingParams(**kw)
-    check_seed(args.seed)
-    return kw
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    s = train(_config(args, TrainConfig), progress=not args.no_progress)
-    _print_summary(s)
-    return 0
-
-
-def _print_summary(s: dict) -> None:
-    print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f}s ({s['tok_per_s']:,.0f} tok/s); "
-          f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, val loss {s['val_loss']:.4f}")
-    print(f"checkpoint: {s['checkpoint']}\nloss curve: {s['loss_curve']}\nlog: {s['log']}")
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(_config(args, DemoConfig), progress=not args.no_progress)
-    return 0
 
 
 @contextlib.contextmanager
@@ -117,26 +157,55 @@ def _warnings_to_stderr():
         yield
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    with _warnings_to_stderr():
-        st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                     shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
-                     dask=args.dask)
-    split = {"documents": "whole documents", "within": "the end of each document", "none": "none"}[st.split]
-    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens (val split: {split}) from {st.documents} "
-          f"documents in {len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
-    return 0
+def _add_dask_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
+                   help=f"{what} on a Dask cluster: 'local' (a LocalCluster) or a scheduler's address "
+                        "(default: this machine, without Dask)")
 
 
+# ---- commands, in pipeline order ---------------------------------------------------------------------------
+
+
+def _clean_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="files or folders of any kind (HTML, RSS/Atom, WARC, JSONL with "
+                   "html/text, plain text; gzip/bz2/xz/zstd), told by content")
+    p.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl shards, summary.json)")
+    _add_dataclass_args(p, CleanConfig)
+    p.add_argument("--keep-pii", dest="scrub_pii", action="store_false", help="the same as --no-scrub-pii")
+    _add_dask_arg(p, "run the pipeline (--processes workers for 'local')")
+
+
+@command("clean", "web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards",
+         ["fastllm clean crawl/ --out corpus/ --lang en",
+          "fastllm clean pages.warc.gz --out corpus/ --min-words 100 --no-dedup",
+          "fastllm clean crawl/ --out corpus/ --dask local --processes 8"], args=_clean_args)
 def _cmd_clean(args: argparse.Namespace) -> int:
-    cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None, dedup=not args.no_dedup,
-                  scrub_pii=not args.keep_pii, lang_rules=not args.no_lang_rules)
+    cfg = _config(args, CleanConfig, lang=tuple(args.lang) if args.lang else None)
     with _warnings_to_stderr():
         s = clean(args.inputs, args.out, cfg, progress=not args.no_progress, dask=args.dask)
     print(s.table())
     print(f"{s.documents:,} documents in {len(s.shards)} shards from {s.files} files ({s.skipped} already done) "
           f"in {s.seconds:.1f}s -> {s.out_dir}")
     return 0
+
+
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    tsub = p.add_subparsers(dest="tok_command", metavar="COMMAND", required=True, title="commands")
+    t = add_command_parser(tsub, "train", "train a byte-level BPE vocabulary (tiktoken format)",
+                           ["fastllm tokenizer train corpus/*.txt --vocab-size 32768 --out tok.tiktoken",
+                            "fastllm tokenizer train --vocab-size 4096 --out tok.tiktoken"])
+    t.add_argument("corpus", nargs="*", help="text files (default: the built-in corpus, Python's documentation)")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
+    t.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt4, gpt2 or a custom regex")
+    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
+                   help="special tokens, given the last ids")
+    t.add_argument("--out", required=True, help="output tokenizer file (+ a .json sidecar)")
+    t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+
+command("tokenizer", "tokenizer tools: train a BPE vocabulary",
+        ["fastllm tokenizer train corpus/*.txt --vocab-size 32768 --out tok.tiktoken"], args=_tokenizer_args)(None)
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -149,6 +218,79 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("corpus", nargs="*", help="files or folders: .txt, .md, .jsonl (default: the built-in corpus)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file (from `fastllm tokenizer train`)")
+    p.add_argument("--out", required=True, help="output folder (train_NNNNNN.bin, val_NNNNNN.bin, manifest.json)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the text for validation: whole documents, or the end of each when there are few")
+    p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
+    p.add_argument("--threads", type=int, default=None, help=THREADS)
+    _add_dask_arg(p, "tokenize and write shards")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+
+
+@command("prepare", "tokenize text files, folders or JSONL into train/val token shards",
+         ["fastllm prepare corpus/ --tokenizer tok.tiktoken --out data/"], args=_prepare_args)
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    with _warnings_to_stderr():
+        st = prepare(args.corpus or None, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                     shard_tokens=args.shard_tokens, threads=args.threads, progress=not args.no_progress,
+                     dask=args.dask)
+    split = {"documents": "whole documents", "within": "the end of each document", "none": "none"}[st.split]
+    print(f"{st.train_tokens:,} train and {st.val_tokens:,} val tokens (val split: {split}) from {st.documents} "
+          f"documents in {len(st.shards)} shards ({st.skipped} already done) -> {st.out_dir}")
+    return 0
+
+
+@command("train", "pre-train a GPT on token shards (from `fastllm prepare`)",
+         ["fastllm train --data data/ --out run/ --model small --batch-size 8 --seq-len 256 --max-steps 2000",
+          "fastllm train --data data/ --out run/ --resume"], args=_fields_of(TrainConfig))
+def _cmd_train(args: argparse.Namespace) -> int:
+    s = train(_config(args, TrainConfig), progress=not args.no_progress)
+    _print_summary(s)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f}s ({s['tok_per_s']:,.0f} tok/s); "
+          f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, val loss {s['val_loss']:.4f}")
+    print(f"checkpoint: {s['checkpoint']}\nloss curve: {s['loss_curve']}\nlog: {s['log']}")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy inside the checkpoint)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    # OpenAI's presence/frequency penalties: `fastllm serve` applies them per request, not the terminal's sampler
+    _add_dataclass_args(p, SamplingParams, skip=("presence_penalty", "frequency_penalty"), progress=False)
+    p.set_defaults(temperature=temperature)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh random one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights for decoding; CPU (default: float32): bfloat16 decodes with bf16 weight copies "
+                        "(faster, logits within ~1%%); GPU (default: bfloat16): the compute dtype of the GPU model")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling flags, checked (ValueError naming the bad one) before any model is loaded."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)}
+    SamplingParams(**kw)
+    check_seed(args.seed)
+    return kw
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to generate, one after the other")
+    p.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help="stop at any of these strings "
+                                                                         "(default: none)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
+    _add_sampling_args(p, max_new_tokens=200, temperature=0.8)
+
+
+@command("sample", "generate text from a checkpoint, streamed to the terminal",
+         ['fastllm sample --ckpt run/ --prompt "The meaning of" -n 200 --temperature 0.8 --top-k 40',
+          'fastllm sample --ckpt run/ --prompt "The" --dtype bfloat16'], args=_sample_args)
 def _cmd_sample(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)  # checked before loading anything
     if args.max_new_tokens < 0:
@@ -177,74 +319,81 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    out = convert(args.src, args.dst, to=args.to)
-    print(f"{args.src} -> {out} ({'transformers GPT-2 folder' if args.to == 'hf' else 'fastllm checkpoint'})")
-    return 0
-
-
+@command("sft", "fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})",
+         ["fastllm sft --base run/ --data chats.jsonl --out chat/ --max-steps 300 --lr 1e-4"],
+         args=_fields_of(SFTConfig, skip=("model", "n_layer", "n_head", "n_embd"), required=("base",)))
 def _cmd_sft(args: argparse.Namespace) -> int:
     s = sft(_config(args, SFTConfig), progress=not args.no_progress)
     _print_summary(s)
     return 0
 
 
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint folder, or an `fastllm sft` output folder")
+    p.add_argument("--system", default=None, help="system message (default: none)")
+    _add_sampling_args(p, max_new_tokens=256, temperature=0.7)
+
+
+@command("chat", "chat in the terminal with a fine-tuned checkpoint (reads stdin)",
+         ['fastllm chat --ckpt chat/ --system "You are helpful." --temperature 0.7'], args=_chat_args)
 def _cmd_chat(args: argparse.Namespace) -> int:
-    _sampling_kwargs(args)  # checked before loading anything
+    sampling = _sampling_kwargs(args)  # checked before loading anything
     model = load_model(args.ckpt).eval()
     session = ChatSession(model, checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer), system=args.system,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.dtype or "float32",
-                          **_sampling_kwargs(args))
+                          **sampling)
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
               f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    serve(_config(args, ServeConfig, allow_origins=tuple(args.allow_origin)))
-    return 0
-
-
-def _add_serve_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--ckpt", required=True, help="checkpoint folder or training run folder (its latest checkpoint)")
-    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: all)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, printed)")
-    s.add_argument("--model-name", default=None, help="model id for clients (default: the checkpoint folder's name)")
-    s.add_argument("--tokenizer", default=None, help="default: the copy inside the checkpoint")
-    s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on the API (default: $FASTLLM_API_KEY if set)")
-    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together, i.e. KV cache slots (16)")
-    s.add_argument("--max-len", type=int, default=None,
-                   help="tokens per sequence, prompt + completion (default: the model's context)")
-    s.add_argument("--kv-budget-mb", type=float, default=None,
-                   help="cap on the KV cache memory in MiB (fewer slots than --max-batch if needed)")
-    s.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot; more get 429")
-    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run the model on the CPU or a GPU")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="CPU (default float32): bfloat16 decodes with bf16 weight copies (faster, logits within ~1%%); "
-                        "GPU (default bfloat16): the model's compute dtype")
-    s.add_argument("--threads", type=int, default=None, help="OpenMP threads for the model")
-    s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
-                   help="CORS: let web pages from ORIGIN call the API (repeatable; '*' for any)")
-    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-
-
+@command("rl", "GRPO post-training on verifiable problems (built-in tasks or your JSONL), or against a reward model",
+         ["fastllm rl --ckpt chat/ --task addition --out rl/ --steps 200 --group-size 8 --lr 1e-4 --beta 0.04",
+          "fastllm rl --ckpt chat/ --data gsm8k_train.jsonl --eval-data gsm8k_test.jsonl --max-new-tokens 256 "
+          "--out rl_gsm8k/",
+          "fastllm rl --ckpt chat/ --task addition --reward my_rewards.py:score --out rl_mine/",
+          "fastllm rl --ckpt chat/ --task addition --reward-model rm/ --out rl_rm/"], args=_fields_of(RLConfig))
 def _cmd_rl(args: argparse.Namespace) -> int:
     s = train_grpo(_config(args, RLConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} GRPO steps in {s['seconds']:.1f}s; last reward {s['reward']:.3f}, kl {s['kl']:.4f}; "
           f"held-out accuracy {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy']:.3f}")
-    print(f"checkpoint: {s['checkpoint']}\nlog: {s['log']}")
+    print(f"checkpoint: {s['checkpoint']}\nplots: {s['plot']}\nlog: {s['log']}")
     return 0
 
 
+@command("reward-model", "train a reward model on JSONL preference pairs (Bradley-Terry)",
+         ["fastllm reward-model --base chat/ --data prefs.jsonl --out rm/"], args=_fields_of(RewardModelConfig))
 def _cmd_reward_model(args: argparse.Namespace) -> int:
     s = train_reward_model(_config(args, RewardModelConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} steps on {s['train_pairs']} pairs in {s['seconds']:.1f}s; held-out accuracy "
           f"{s['val_accuracy']:.3f} on {s['val_pairs']} pairs (train {s['train_accuracy']:.3f}) -> {s['out']}")
+    print(f"checkpoint: {s['checkpoint']}\nplots: {s['plot']}\nlog: {s['log']}")
     return 0
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="fastllm checkpoint or run folder, or a Hugging Face GPT-2 folder")
+    p.add_argument("--out", default=None, help="write the report (metrics + per-example records) as JSON here; an "
+                   "interrupted run with the same --out resumes (default: print only)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy in the checkpoint)")
+    _add_dataclass_args(p, EvalConfig, progress=False)
+    p.add_argument("--include-path", default=None,
+                   help="lm-eval: a folder of your own task YAML files (default: none, the harness's tasks only)")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="lm-eval: few-shot examples per prompt (default: the task's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="GPU compute dtype (default: bfloat16)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+
+
+@command("eval", "evaluate a checkpoint: bits per byte, multiple choice, exact match, lm-eval tasks",
+         ["fastllm eval --ckpt run/ --task bpb --data data/",
+          "fastllm eval --ckpt run/ --task mc --data hellaswag_val.jsonl --out hs.json",
+          "fastllm eval --ckpt chat/ --task gen --data gsm8k_test.jsonl --limit 200",
+          "fastllm eval --ckpt run/ --task lm-eval:arc_easy --limit 100"], args=_eval_args)
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         from . import set_num_threads
@@ -279,151 +428,78 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--ckpt", required=True, help="fastllm checkpoint or run folder, or a Hugging Face GPT-2 folder")
-    s.add_argument("--task", required=True,
-                   help="bpb (bits per byte of text), mc (multiple choice: HellaSwag, ARC, MMLU, generic JSONL), "
-                        "gen (exact match on JSONL problems, e.g. GSM8K), addition | sort (generated RL tasks), or "
-                        "lm-eval:NAME[,NAME...] (lm-evaluation-harness tasks; pip install 'fastllm[eval]')")
-    s.add_argument("--data", nargs="*", default=[], help="input files or folders (bpb: .txt/.md/.jsonl or token "
-                   "shards; mc: .jsonl/.csv; gen: .jsonl)")
-    s.add_argument("--limit", type=int, default=None, help="evaluate the first N examples (bpb: documents, or "
-                   "tokens per shard; addition/sort: N generated prompts, default 200)")
-    s.add_argument("--out", default=None, help="write the report (metrics + per-example records) as JSON here; an "
-                   "interrupted run with the same --out resumes")
-    s.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy in the checkpoint)")
-    s.add_argument("--batch-tokens", type=int, default=2048, help="bpb, mc, lm-eval: tokens per forward pass")
-    s.add_argument("--stride", type=int, default=None, help="bpb: new tokens per sliding window "
-                   "(default: half the context)")
-    s.add_argument("--delimiter", default=" ", help="mc: text between a context and each choice (default: a "
-                   "space; HellaSwag endings always get one)")
-    s.add_argument("--split", default="val", help="bpb on a shard folder: which split (default val)")
-    s.add_argument("--max-new-tokens", type=int, default=None, help="gen: completion length limit in tokens "
-                   "(default: 256 or half the context, whichever is less)")
-    s.add_argument("--samples", type=int, default=1, help="gen: completions per problem; > 1 reports pass@k")
-    s.add_argument("--temperature", type=float, default=0.0, help="gen: sampling temperature (0: greedy)")
-    s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="gen: ChatML prompts (default: when the tokenizer has <|im_start|>/<|im_end|>)")
-    s.add_argument("--template", default="{prompt}", help="gen: prompt text around each problem, e.g. "
-                   "'Question: {prompt}\\nAnswer:' (\\n and \\t stand for a newline and a tab)")
-    s.add_argument("--stop", nargs="*", default=[], help="gen: stop strings, e.g. '\\n\\n' (<|endoftext|> and "
-                   "<|im_end|> always stop)")
-    s.add_argument("--batch-size", type=int, default=32, help="gen: prompts per batched generation")
-    s.add_argument("--digits", type=int, default=2, help="addition: operand digits; sort: list length")
-    s.add_argument("--seed", type=int, default=0, help="generated prompts and sampling")
-    s.add_argument("--include-path", default=None, help="lm-eval: a folder of your own task YAML files")
-    s.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples per prompt")
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="GPU compute dtype "
-                   "(default bfloat16)")
-    s.add_argument("--threads", type=int, default=None, help="OpenMP threads (default: all cores)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _add_dataclass_args(p, ServeConfig, skip=("allow_origins",), progress=False)
+    p.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
+                   help=field_metadata(ServeConfig, "allow_origins")["help"] + " (repeatable; default: none)")
+
+
+@command("serve", "serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page",
+         ["fastllm serve --ckpt chat/ --port 8000",
+          "fastllm serve --ckpt chat/ --host 0.0.0.0 --api-key secret --max-batch 32 --allow-origin '*'"],
+         args=_serve_args)
+def _cmd_serve(args: argparse.Namespace) -> int:
+    serve(_config(args, ServeConfig, allow_origins=tuple(args.allow_origins)))
+    return 0
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a transformers GPT-2 folder (--to fastllm) or a fastllm checkpoint (--to hf)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format")
+
+
+@command("convert", "convert between a Hugging Face GPT-2 folder and a fastllm checkpoint",
+         ["fastllm convert gpt2_dir/ ckpt/", "fastllm convert run/ hf_out/ --to hf"], args=_convert_args)
+def _cmd_convert(args: argparse.Namespace) -> int:
+    out = convert(args.src, args.dst, to=args.to)
+    print(f"{args.src} -> {out} ({'transformers GPT-2 folder' if args.to == 'hf' else 'fastllm checkpoint'})")
+    return 0
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+@command("info", "version, build flags, SIMD level, threads, CUDA", ["fastllm info", "fastllm info --json"],
+         args=_info_args)
+def _cmd_info(args: argparse.Namespace) -> int:
+    d = info()
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        for k, v in d.items():
+            print(f"{k:14s} {v}")
+    return 0
+
+
+@command("demo", "the whole pre-training pipeline on Python's own documentation in ~2 minutes: tokenizer, "
+                 "shards, a small GPT, a sample", ["fastllm demo", "fastllm demo --out my-demo --max-steps 200"],
+         args=_fields_of(DemoConfig))
+def _cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(_config(args, DemoConfig), progress=not args.no_progress)
+    return 0
+
+
+# ---- parser and entry point --------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastllm", description="Train, tokenize and sample small GPTs, fast.")
-    p.add_argument("--version", action="version", version=f"fastllm {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("info", help="version, build flags, SIMD level, threads, CUDA")
-    s.add_argument("--json", action="store_true", help="print as JSON")
-    s.set_defaults(func=_cmd_info)
-
-    s = sub.add_parser("train", help="pre-train a GPT on token shards (see `fastllm prepare`)")
-    _add_dataclass_args(s, TrainConfig)
-    s.set_defaults(func=_cmd_train)
-
-    s = sub.add_parser("sft", help="fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})")
-    s.add_argument("--base", required=True, help="checkpoint (or training run folder) to fine-tune")
-    _add_dataclass_args(s, SFTConfig, skip=("base", "model", "n_layer", "n_head", "n_embd"))
-    s.set_defaults(func=_cmd_sft)
-
-    s = sub.add_parser("chat", help="chat in the terminal with a fine-tuned checkpoint (reads stdin)")
-    s.add_argument("--ckpt", required=True, help="checkpoint folder or fine-tuning output folder")
-    s.add_argument("--system", default=None, help="system message")
-    _add_sampling_args(s, max_new_tokens=256, temperature=0.7)
-    s.set_defaults(func=_cmd_chat)
-
-    s = sub.add_parser("demo", help="tokenizer + shards + a small GPT + samples on the built-in corpus, in minutes")
-    _add_dataclass_args(s, DemoConfig)
-    s.set_defaults(func=_cmd_demo)
-
-    s = sub.add_parser("prepare", help="tokenize text files/folders/JSONL into train/val token shards")
-    s.add_argument("corpus", nargs="*", help="files or folders (.txt, .md, .jsonl); none: the built-in corpus")
-    s.add_argument("--tokenizer", required=True, help="tokenizer file (fastllm tokenizer train)")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--val-fraction", type=float, default=0.05,
-                   help="share of the text for validation: whole documents, or the end of each when there are few")
-    s.add_argument("--shard-tokens", type=int, default=50_000_000)
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
-                   help="tokenize and write shards on a Dask cluster: 'local' (a LocalCluster) or a scheduler")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=_cmd_prepare)
-
-    s = sub.add_parser("clean", help="web pages (HTML, WARC, JSONL) -> clean, deduplicated JSONL text shards")
-    s.add_argument("inputs", nargs="+", help="files or folders of any kind (HTML, RSS/Atom, WARC, JSONL with "
-                   "html/text, plain text; gzip/bz2/xz/zstd), told by content")
-    s.add_argument("--out", required=True, help="output folder (clean_NNNNNN.jsonl, summary.json)")
-    s.add_argument("--lang", nargs="+", default=None, help="keep only these languages (ISO 639-1, e.g. en de)")
-    _add_dataclass_args(s, CleanConfig, skip=("lang", "dedup", "scrub_pii", "lang_rules"))
-    s.add_argument("--no-dedup", action="store_true", help="keep exact and near duplicates")
-    s.add_argument("--keep-pii", action="store_true", help="do not replace e-mail and IP addresses")
-    s.add_argument("--no-lang-rules", action="store_true",
-                   help="the English thresholds for every language (default: FineWeb-2's per language)")
-    s.add_argument("--dask", default=None, metavar="local|tcp://HOST:PORT",
-                   help="run on a Dask cluster: 'local' (a LocalCluster of --processes workers) or a scheduler")
-    s.set_defaults(func=_cmd_clean)
-
-    s = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = s.add_subparsers(dest="tok_command", metavar="COMMAND", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE vocabulary")
-    t.add_argument("corpus", nargs="*", help="text files; none: the built-in corpus")
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--pattern", default="gpt4", help="gpt4 | gpt2 | a custom regex")
-    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens")
-    t.add_argument("--out", required=True, help="output tokenizer file")
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=_cmd_tokenizer_train)
-
-    s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("--ckpt", required=True, help="checkpoint folder or training output folder")
-    s.add_argument("--prompt", default="")
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--stop", nargs="*", default=[], help="stop strings")
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
-    _add_sampling_args(s, max_new_tokens=200, temperature=0.8)
-    s.set_defaults(func=_cmd_sample)
-
-    s = sub.add_parser("convert", help="convert between a Hugging Face GPT-2 folder and a fastllm checkpoint")
-    s.add_argument("src", help="a transformers GPT-2 folder (--to fastllm) or a fastllm checkpoint (--to hf)")
-    s.add_argument("dst", help="output folder")
-    s.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format (default fastllm)")
-    s.set_defaults(func=_cmd_convert)
-
-    s = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page")
-    _add_serve_args(s)
-    s.set_defaults(func=_cmd_serve)
-
-    s = sub.add_parser("rl", help="GRPO post-training on a verifiable task (or against a reward model)")
-    _add_dataclass_args(s, RLConfig)
-    s.set_defaults(func=_cmd_rl)
-
-    s = sub.add_parser("eval", help="evaluate a checkpoint: bits per byte, multiple choice, exact match, lm-eval",
-                       description="Evaluate a checkpoint: bits per byte of text, multiple-choice accuracy "
-                                   "(HellaSwag, ARC, MMLU), exact match on problems (GSM8K, the RL tasks), or "
-                                   "lm-evaluation-harness tasks.",
-                       epilog="examples:\n"
-                              "  fastllm eval --ckpt run/ --task bpb --data data/\n"
-                              "  fastllm eval --ckpt run/ --task mc --data hellaswag_val.jsonl --out hs.json\n"
-                              "  fastllm eval --ckpt chat/ --task gen --data gsm8k_test.jsonl --limit 200",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_eval_args(s)
-    s.set_defaults(func=_cmd_eval)
-
-    s = sub.add_parser("reward-model", help="train a reward model on JSONL preference pairs (Bradley-Terry)")
-    _add_dataclass_args(s, RewardModelConfig)
-    s.set_defaults(func=_cmd_reward_model)
+    p = argparse.ArgumentParser(
+        prog="fastllm", formatter_class=HelpFormatter,
+        description="Build a GPT end to end on native kernels: clean web text, train a BPE tokenizer, tokenize, "
+                    "pre-train, sample, fine-tune, chat, post-train with RL, evaluate and serve.",
+        epilog="Run `fastllm COMMAND --help` for a command's options and an example.\n"
+               "New here? `fastllm demo` runs the pre-training pipeline on Python's own docs in ~2 minutes.")
+    p.add_argument("--version", action="version", version=f"fastllm {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands, in pipeline order")
+    for name in sorted(COMMANDS, key=pipeline_position):
+        c = COMMANDS[name]
+        s = add_command_parser(sub, name, c.purpose, c.examples)
+        c.add_args(s)
+        if c.run is not None:  # None: a group, whose subcommands set their own
+            s.set_defaults(func=c.run)
     return p
 
 

@@ -134,10 +134,11 @@ def iter_documents(files: list[Path]) -> Iterator[str]:
 
 
 def builtin_corpus() -> list[str]:
-    """Python's own documentation topics (pydoc_data.topics ships with every Python): one doc per topic."""
-    from pydoc_data.topics import topics  # here: 0.5 MB of text that only the demo needs
+    """Python's own documentation, shipped with every Python: the pydoc topics and the standard library's
+    docstrings (~2 MB of English; see fastllm.corpus)."""
+    from .corpus import builtin_corpus  # here: text that only the demo and the default corpus need
 
-    return [topics[k] for k in sorted(topics)]
+    return builtin_corpus()
 
 
 # ---- the validation split ------------------------------------------------------------------------------
@@ -347,7 +348,7 @@ def _shard_specs(out: Path, work: Path, keys: list[str], done: dict[str, dict], 
 def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
             val_fraction: float = 0.05, shard_tokens: int = 50_000_000, threads: int | None = None,
             progress: bool = True, dask=None) -> PrepareStats:
-    """Tokenize `inputs` (files or folders; None = the built-in pydoc corpus) with the tokenizer file into
+    """Tokenize `inputs` (files or folders; None = the built-in corpus) with the tokenizer file into
     `out_dir`/{train,val}_NNNNNN.bin, each document after <|endoftext|>. Validation split: whole documents,
     exactly floor(n * val_fraction) of the first n spread evenly, when that gives at least MIN_VAL_DOCS of
     them; otherwise (one or few documents) the last `val_fraction` of every document, cut at a paragraph

@@ -1,109 +1,239 @@
-"""A dependency-free loss-curve PNG: train and val loss against step, drawn on a numpy canvas and written
-with zlib. Axis ticks carry numbers in a tiny built-in 3x5 pixel font (scaled 2x).
+"""Training curves as PNG files, drawn with matplotlib from a run's log rows (the dicts of its log.jsonl), so
+a training loop only calls one function:
 
->>> write_loss_curve("loss.png", [(0, 8.3), (10, 6.1)], [(0, 8.2), (10, 6.3)])
+    plot_training(rows, "run/loss.png")      pre-training and SFT: train/val loss, learning rate, gradient norm,
+                                             tokens/s
+    plot_rl(rows, "rl/rl.png")               GRPO: reward, accuracy (sampled and held-out greedy), KL, completion
+                                             length
+    plot_reward_model(rows, "rm/loss.png")   reward model: Bradley-Terry loss, preference accuracy
+    plot_stage(kind, rows, "run/")           the one of the three for a stage of fastllm.train.fit (how it draws)
+    plot_run("run/")                         the same from a run folder's log.jsonl
+
+`training_figure`, `rl_figure` and `reward_model_figure` return the matplotlib Figure instead (to show or
+restyle it).
+
+Figures are drawn on matplotlib's Agg canvas (no display, and no global pyplot state, so this is safe in
+notebooks and threads) and written atomically. Noisy per-step series are drawn faintly with a smoothed line on
+top (a local straight-line fit, which does not lag behind a falling loss as a moving average does); evaluations
+(val loss, held-out accuracy) are drawn as dots.
+
+>>> plot_training([{"step": 0, "loss": 8.3, "lr": 1e-4, "grad_norm": 2.0, "tok_per_s": 9000.0},
+...                {"step": 0, "val_loss": 8.2}], "loss.png")
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import json
+import math
+import os
+from pathlib import Path
 
 import numpy as np
 
 from .fileio import atomic_write
 
-# 3x5 glyphs, rows top to bottom, 3 bits per row (MSB = left pixel)
-_FONT = {
-    "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
-    "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
-    ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0), "k": (4, 5, 6, 5, 5), "e": (7, 5, 7, 4, 7),
-    "t": (2, 7, 2, 2, 3), "r": (0, 6, 5, 4, 4), "a": (0, 3, 5, 5, 3), "i": (2, 0, 2, 2, 2), "n": (0, 6, 5, 5, 5),
-    "v": (0, 5, 5, 5, 2), "l": (2, 2, 2, 2, 3), "s": (0, 3, 6, 1, 6), "o": (0, 2, 5, 5, 2), "p": (0, 6, 5, 6, 4),
-}
-TRAIN_RGB, VAL_RGB, AXIS_RGB = (31, 119, 180), (255, 127, 14), (60, 60, 60)
+TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
 
 
-def _text(img: np.ndarray, x: int, y: int, s: str, rgb, scale: int = 2) -> None:
-    for ch in s:
-        rows = _FONT.get(ch)
-        if rows:
-            for r, bits in enumerate(rows):
-                for c in range(3):
-                    if bits >> (2 - c) & 1:
-                        y0, x0 = y + r * scale, x + c * scale
-                        img[max(y0, 0):y0 + scale, max(x0, 0):x0 + scale] = rgb
-        x += 4 * scale
+def plot_training(rows: list[dict], path: str | os.PathLike, log_scale: bool = False, title: str | None = None) -> None:
+    """loss.png of pre-training or SFT: train loss (raw and smoothed) and val loss; learning rate; gradient norm
+    (before clipping); tokens/s. log_scale: the loss axis is logarithmic."""
+    _save(training_figure(rows, log_scale, title), path)
 
 
-def _line(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, rgb, width: int = 2) -> None:
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs = np.linspace(x0, x1, n).round().astype(int)
-    ys = np.linspace(y0, y1, n).round().astype(int)
-    H, W, _ = img.shape
-    for dx in range(width):
-        for dy in range(width):
-            ok = (xs + dx < W) & (ys + dy < H) & (xs + dx >= 0) & (ys + dy >= 0)
-            img[ys[ok] + dy, xs[ok] + dx] = rgb
+def training_figure(rows: list[dict], log_scale: bool = False, title: str | None = None):
+    """The matplotlib Figure that plot_training writes."""
+    fig, (loss, lr, norm, speed) = _figure(title or "training", 4)
+    _noisy(loss, rows, "loss", "train", TRAIN_COLOR)
+    _dots(loss, rows, "val_loss", "validation", VAL_COLOR)
+    _style(loss, "loss", "cross-entropy (nats/token)", log=log_scale, legend=True)
+    _line(lr, rows, "lr", TRAIN_COLOR)
+    _style(lr, "learning rate", "learning rate")
+    _noisy(norm, rows, "grad_norm", "grad norm", TRAIN_COLOR)
+    _style(norm, "gradient norm (before clipping)", "global L2 norm", log=True)
+    _noisy(speed, rows, "tok_per_s", "tokens/s", TRAIN_COLOR)
+    _style(speed, "throughput", "tokens/s")
+    return _xlabel(fig, "step")
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+def plot_rl(rows: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
+    """The GRPO run's curves: mean reward (+- one std over the step's completions), accuracy of the sampled
+    completions and greedy held-out accuracy, KL to the reference, mean completion length."""
+    _save(rl_figure(rows, title), path)
 
 
-def _png(img: np.ndarray) -> bytes:
-    H, W, _ = img.shape
-    raw = b"".join(b"\0" + img[y].tobytes() for y in range(H))
+def rl_figure(rows: list[dict], title: str | None = None):
+    """The matplotlib Figure that plot_rl writes."""
+    fig, (reward, acc, kl, length) = _figure(title or "GRPO", 4)
+    s, r = _series(rows, "reward")
+    s_std, std = _series(rows, "reward_std")
+    if len(s) and len(s_std) == len(s):
+        reward.fill_between(s, r - std, r + std, color=TRAIN_COLOR, alpha=0.12, linewidth=0, label="+- 1 std")
+    _noisy(reward, rows, "reward", "mean reward", TRAIN_COLOR)
+    _style(reward, "reward", "reward per completion", legend=True)
+    _noisy(acc, rows, "accuracy", "sampled completions", TRAIN_COLOR)
+    _dots(acc, rows, "eval_accuracy", "held-out prompts, greedy", VAL_COLOR)
+    _style(acc, "accuracy", "fraction correct", legend=True)
+    acc.set_ylim(-0.03, 1.03)
+    _noisy(kl, rows, "kl", "KL", TRAIN_COLOR)
+    _style(kl, "KL to the reference policy", "nats/token (k3 estimate)")
+    _noisy(length, rows, "completion_len", "tokens", TRAIN_COLOR)
+    _style(length, "completion length", "tokens (mean)")
+    return _xlabel(fig, "GRPO step")
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+def plot_reward_model(rows: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
+    """The reward model's curves: Bradley-Terry loss per step; preference accuracy of the training batches and
+    of the held-out pairs."""
+    _save(reward_model_figure(rows, title), path)
 
 
-def write_loss_curve(path, train: list[tuple[int, float]], val: list[tuple[int, float]] | None = None,
-                     width: int = 800, height: int = 480) -> None:
-    """Plot (step, loss) series: train in blue, val in orange (with dots), y ticks at 5 levels."""
-    val = val or []
-    pts = [p for p in train + val if np.isfinite(p[1])]
-    img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 70, 20, 20, 40
-    if pts:
-        steps = [p[0] for p in pts]
-        losses = [p[1] for p in pts]
-        x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
-        y_lo, y_hi = min(losses), max(losses)
-        pad = 0.05 * (y_hi - y_lo or 1.0)
-        y_lo, y_hi = y_lo - pad, y_hi + pad
+def reward_model_figure(rows: list[dict], title: str | None = None):
+    """The matplotlib Figure that plot_reward_model writes."""
+    fig, (loss, acc) = _figure(title or "reward model", 2)
+    _noisy(loss, rows, "loss", "train", TRAIN_COLOR)
+    _style(loss, "loss", "-log sigmoid(r_chosen - r_rejected)", legend=True)
+    _noisy(acc, rows, "accuracy", "train batches", TRAIN_COLOR)
+    _dots(acc, rows, "val_accuracy", "held-out pairs", VAL_COLOR)
+    _style(acc, "preference accuracy", "fraction with r_chosen > r_rejected", legend=True)
+    acc.set_ylim(-0.03, 1.03)
+    return _xlabel(fig, "step")
 
-        def X(s: float) -> float:
-            return left + (s - x_lo) / (x_hi - x_lo) * (width - left - right)
 
-        def Y(v: float) -> float:
-            return top + (y_hi - v) / (y_hi - y_lo) * (height - top - bottom)
+def plot_stage(kind: str, rows: list[dict], run: str | os.PathLike, log_scale: bool = False,
+               path: str | os.PathLike | None = None) -> Path:
+    """The figure of a run of a training stage (fastllm.train.Stage.kind) in its folder `run`: "grpo" ->
+    rl.png (plot_rl), "reward-model" -> loss.png (plot_reward_model), pre-training and SFT (any other kind) ->
+    loss.png (plot_training, log_scale for the loss panel); `path` instead if given. Returns the path written."""
+    run = Path(run)
+    out = Path(path or run / ("rl.png" if kind == "grpo" else "loss.png"))
+    if kind == "grpo":
+        plot_rl(rows, out, title=str(run))
+    elif kind == "reward-model":
+        plot_reward_model(rows, out, title=str(run))
+    else:
+        plot_training(rows, out, log_scale=log_scale, title=str(run))
+    return out
 
-        for i in range(5):  # y grid and labels
-            v = y_lo + (y_hi - y_lo) * i / 4
-            y = int(Y(v))
-            img[y, left:width - right] = (225, 225, 225)
-            _text(img, 4, y - 5, _fmt(v), AXIS_RGB)
-        for i in range(5):  # x labels
-            s = x_lo + (x_hi - x_lo) * i / 4
-            _text(img, int(X(s)) - 10, height - bottom + 10, str(int(round(s))), AXIS_RGB)
-        _text(img, width - right - 200, height - bottom + 26, "step", AXIS_RGB)
-        for i, (name, rgb) in enumerate((("train loss", TRAIN_RGB), ("val loss", VAL_RGB))):
-            y = top + 8 + 16 * i
-            img[y:y + 8, width - right - 110:width - right - 98] = rgb
-            _text(img, width - right - 92, y - 1, name, AXIS_RGB)
-        for series, rgb in ((train, TRAIN_RGB), (val, VAL_RGB)):
-            good = [(s, v) for s, v in series if np.isfinite(v)]
-            for (s0, v0), (s1, v1) in zip(good, good[1:]):
-                _line(img, X(s0), Y(v0), X(s1), Y(v1), rgb)
-            if rgb == VAL_RGB:
-                for s, v in good:
-                    img[max(int(Y(v)) - 3, 0):int(Y(v)) + 4, max(int(X(s)) - 3, 0):int(X(s)) + 4] = rgb
-    img[top:height - bottom, left] = AXIS_RGB
-    img[height - bottom, left:width - right] = AXIS_RGB
+
+def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, log_scale: bool = False) -> Path:
+    """Re-draw the figure of a run folder from its log.jsonl, as the run drew it (see plot_stage; the stage is
+    told by the logged keys: rewards for GRPO, preference accuracy for a reward model); returns the path."""
+    rows = read_log(Path(run) / "log.jsonl")
+    keys = set().union(*rows) if rows else set()
+    kind = "grpo" if "reward" in keys else "reward-model" if keys & {"accuracy", "val_accuracy"} else "train"
+    return plot_stage(kind, rows, run, log_scale, path)
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The rows of a log.jsonl (a last line cut by a kill is skipped)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+
+def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows that have a finite `key`."""
+    pts = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    a = np.array(pts, np.float64).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
+def smooth(values, half: int) -> np.ndarray:
+    """Each point replaced by a straight line fitted (least squares) to the points within `half` places of it
+    (fewer at the ends), evaluated there. Unlike a moving average it does not lag behind a falling loss and it
+    keeps a straight trend exactly, also at the ends.
+
+    >>> smooth([1.0, 2.0, 3.0, 4.0], 1).tolist()
+    [1.0, 2.0, 3.0, 4.0]
+    """
+    y = np.asarray(values, np.float64)
+    n = y.size
+    x = (np.arange(n) - n / 2) / max(n, 1)  # O(1) coordinates: the sums below stay well conditioned
+
+    def window_sums(a: np.ndarray) -> np.ndarray:
+        c = np.concatenate([[0.0], np.cumsum(a)])
+        return c[hi] - c[lo]
+
+    lo, hi = np.maximum(np.arange(n) - half, 0), np.minimum(np.arange(n) + half + 1, n)
+    k, sx, sy, sxx, sxy = (window_sums(a) for a in (np.ones(n), x, y, x * x, x * y))
+    den = k * sxx - sx * sx
+    slope = np.divide(k * sxy - sx * sy, den, out=np.zeros(n), where=den > 1e-12 * k * k)
+    return (sy - slope * sx) / k + slope * x
+
+
+def _figure(title: str, panels: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = 2
+    rows = (panels + 1) // cols
+    fig = Figure(figsize=(12, 4.2 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig.suptitle(title, fontsize=13)
+    return fig, axes[:panels]
+
+
+def _line(ax, rows: list[dict], key: str, color: str, label: str | None = None) -> None:
+    s, v = _series(rows, key)
+    if len(s):
+        ax.plot(s, v, color=color, linewidth=1.6, label=label)
+
+
+def _noisy(ax, rows: list[dict], key: str, label: str, color: str) -> None:
+    """A per-step series: faint raw values and, from 20 points on, a smoothed line (windows of ~1/25 of the run)."""
+    s, v = _series(rows, key)
+    if len(s) == 0:
+        return
+    if len(s) < 20:
+        ax.plot(s, v, color=color, linewidth=1.6, label=label, marker="." if len(s) < 5 else None)
+        return
+    ax.plot(s, v, color=color, linewidth=0.8, alpha=0.3)
+    ax.plot(s, smooth(v, max(3, len(v) // 50)), color=color, linewidth=1.8, label=f"{label} (smoothed)")
+
+
+def _dots(ax, rows: list[dict], key: str, label: str, color: str) -> None:
+    s, v = _series(rows, key)
+    if len(s):
+        ax.plot(s, v, color=color, linewidth=1.4, marker="o", markersize=4, label=label)
+
+
+def _style(ax, title: str, ylabel: str, log: bool = False, legend: bool = False) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True, steps=[1, 2, 2.5, 5, 10]))
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}")
+    if not ax.lines:
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+    elif log and all((np.asarray(ln.get_ydata()) > 0).all() for ln in ax.lines):
+        ys = np.concatenate([np.asarray(ln.get_ydata(), np.float64) for ln in ax.lines])
+        decades = math.log10(ys.max() / ys.min())
+        ax.set_yscale("log")  # ticks at 1, 2, ..., 9 x 10^k within a decade, else at 1, 2, 5 x 10^k
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=range(1, 10) if decades < 1.2 else (1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(plain)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=9)
+
+
+def _xlabel(fig, xlabel: str):
+    for ax in fig.axes:
+        ax.set_xlabel(xlabel)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> None:
     with atomic_write(path) as f:
-        f.write(_png(img))
+        fig.savefig(f, format="png")

@@ -46,6 +46,7 @@ from .data import Epochs
 from .fileio import iter_jsonl, write_json
 from .model import GPT
 from .optim import AdamW
+from .options import CKPT_EVERY, CUDA_DTYPE, DEVICE, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
 from .sample import generate
 from .tasks import TASKS, AdditionTask, ProblemSet, RewardFn, SortTask, load_reward, make_task  # noqa: F401 (re-export)
 from .train import ExtraParams, Loop, Stage, fit, series, setup_run, update
@@ -217,34 +218,46 @@ def evaluate(
 
 @dataclass
 class RLConfig:
-    ckpt: str  # starting policy: a checkpoint folder (or run folder); also the frozen KL reference
-    out: str = "out_rl"  # checkpoints, log.jsonl
-    task: str = "addition"  # addition | sort: prompts, accuracy, and the reward unless --reward-model
-    digits: int = 2  # addition: operand digits; sort: list length
-    data: str | None = None  # JSONL problems {"prompt", "answer"} or GSM8K's form, instead of the built-in task
-    eval_data: str | None = None  # held-out JSONL problems for the evaluations (default: problems of --data)
-    reward: str | None = None  # module:function or file.py:function, a reward (prompt, completion[, answer]) -> float
-    reward_model: str | None = None  # reward-model folder (fastllm reward-model): optimise its score instead
-    steps: int = 100
-    prompts_per_step: int = 8  # P
-    group_size: int = 8  # G completions per prompt
-    max_new_tokens: int = 8
-    temperature: float = 1.0  # sampling temperature of the rollouts
-    lr: float = 1e-4
-    beta: float = 0.04  # KL penalty coefficient
-    clip_eps: float = 0.2  # PPO ratio clip
-    iterations: int = 1  # policy updates per batch of rollouts (GRPO's mu)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 20  # steps between greedy held-out evaluations, also at the start and the end (0: never)
-    eval_prompts: int = 64
-    ckpt_every: int = 50  # steps between checkpoints (always one at the end; 0: only that one)
-    keep_ckpts: int = 2
-    seed: int = 1337
-    threads: int | None = None
-    resume: bool = False
-    device: str = "cpu"  # cpu | cuda: where the policy, the reference (and a reward model) run
-    cuda_dtype: str = "bfloat16"  # with device=cuda: compute dtype (bfloat16 | float32)
+    ckpt: str = option(help="starting policy: a checkpoint (or run folder); also the frozen reference of the KL "
+                            "penalty")
+    out: str = option("out_rl", "output folder: checkpoints, log.jsonl, rl.png")
+    task: str = option("addition", "built-in verifiable task, addition or sort: it makes the prompts, checks the "
+                                   "answers (held-out accuracy) and, without --reward or --reward-model, gives the "
+                                   "reward (not used with --data)")
+    digits: int = option(2, "task size: digits per operand (addition), digits to sort (sort)")
+    data: str | None = option(None, "your own problems instead of --task: JSONL, one {\"prompt\", \"answer\"} or "
+                                    "GSM8K {\"question\", \"answer\": \"... #### 42\"} per line; the answer in a "
+                                    "completion is the text after ####, else the last \\boxed{}, else the last "
+                                    "number (fastllm.tasks; default: none, --task makes the problems)")
+    eval_data: str | None = option(None, "held-out problems JSONL (as --data) for the accuracy evaluations "
+                                         "(default: prompts drawn from the task or --data)")
+    reward: str | None = option(None, "your own reward function, module:function or path/file.py:function, "
+                                      "(prompt, completion[, answer]) -> float (default: exact answer 1 + well-formed "
+                                      "0.1)")
+    reward_model: str | None = option(None, "reward-model folder (from `fastllm reward-model`) whose score is the "
+                                            "reward (default: the task's exact-answer reward)")
+    steps: int = option(100, "GRPO steps, each one batch of rollouts")
+    prompts_per_step: int = option(8, "P: prompts per step")
+    group_size: int = option(8, "G: completions sampled per prompt (>= 2: advantages compare them)")
+    max_new_tokens: int = option(8, "tokens per completion at most")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    lr: float = option(1e-4, "AdamW learning rate (constant)")
+    beta: float = option(0.04, "weight of the per-token KL penalty to the reference policy (k3 estimator)")
+    clip_eps: float = option(0.2, "PPO clip: probability ratios to the sampling policy are clipped to "
+                                  "[1 - eps, 1 + eps]")
+    iterations: int = option(1, "policy updates per batch of rollouts (GRPO's mu)")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = option(1.0, GRAD_CLIP)
+    eval_every: int = option(20, "steps between greedy accuracy evaluations on held-out prompts, also at the start "
+                                 "and the end (0: never)")
+    eval_prompts: int = option(64, "held-out prompts per evaluation (the same set every time)")
+    ckpt_every: int = option(50, CKPT_EVERY)
+    keep_ckpts: int = option(2, KEEP_CKPTS)
+    seed: int = option(1337, SEED)
+    threads: int | None = option(None, THREADS)
+    resume: bool = option(False, RESUME)
+    device: str = option("cpu", DEVICE + " (the policy, the reference and a reward model)", choices=checks.DEVICES)
+    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -390,6 +403,7 @@ def train_grpo(
         "eval_accuracy": acc[-1] if acc else nan,
         "checkpoint": r["checkpoint"],
         "log": r["log"],
+        "plot": r["plot"],
     }
 
 
@@ -482,24 +496,26 @@ class RewardScorer:
 
 @dataclass
 class RewardModelConfig:
-    base: str  # backbone checkpoint folder (or run folder), e.g. the SFT model
-    data: str  # JSONL preference pairs {"prompt", "chosen", "rejected"}
-    out: str = "out_rm"
-    val_data: str | None = None  # held-out pairs; default: val_fraction of data
-    val_fraction: float = 0.1
-    epochs: int = 2
-    batch_size: int = 16  # pairs per step
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 1337
-    threads: int | None = None
-    eval_every: int = 100  # steps between held-out accuracy measurements, also at the start and the end (0: never)
-    ckpt_every: int = 0  # steps between checkpoints (always one at the end; 0: only that one)
-    keep_ckpts: int = 2
-    resume: bool = False
-    device: str = "cpu"  # cpu | cuda
-    cuda_dtype: str = "bfloat16"  # with device=cuda: compute dtype (bfloat16 | float32)
+    base: str = option(help="backbone checkpoint (or run folder), e.g. the SFT model")
+    data: str = option(help="preference pairs JSONL, one {\"prompt\", \"chosen\", \"rejected\"} per line")
+    out: str = option("out_rm", "output folder: checkpoints (backbone + heads.safetensors), log.jsonl, loss.png, "
+                                "reward_model.json")
+    val_data: str | None = option(None, "held-out pairs JSONL (default: --val-fraction of --data)")
+    val_fraction: float = option(0.1, "fraction of --data held out when --val-data is not given")
+    epochs: int = option(2, "passes over the training pairs")
+    batch_size: int = option(16, "preference pairs per step")
+    lr: float = option(1e-4, "AdamW learning rate (constant)")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = option(1.0, GRAD_CLIP)
+    seed: int = option(1337, SEED)
+    threads: int | None = option(None, THREADS)
+    eval_every: int = option(100, "steps between held-out preference-accuracy evaluations, also at the start and "
+                                  "the end (0: never)")
+    ckpt_every: int = option(0, CKPT_EVERY)
+    keep_ckpts: int = option(2, KEEP_CKPTS)
+    resume: bool = option(False, RESUME)
+    device: str = option("cpu", DEVICE, choices=checks.DEVICES)
+    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -571,7 +587,7 @@ class RewardModelStage(Stage):
             loss = float(np.mean(np.logaddexp(0.0, -diff)))  # -log sigmoid(diff), stable
             g = -1.0 / (1.0 + np.exp(diff)) / b  # dloss/ddiff = -sigmoid(-diff) / b
             self.rm.backward(np.concatenate([g, -g]))
-            return {"loss": loss, "accuracy": float(np.mean(diff > 0))}
+            return {"loss": loss, "accuracy": float(np.mean((diff > 0) + 0.5 * (diff == 0)))}  # a tie: half
 
         return update(self.model, self.opt, micro_batch, lr, self.cfg.grad_clip, extra=(self.head,))
 
@@ -634,7 +650,7 @@ def train_reward_model(
     write_json(Path(cfg.out) / "reward_model.json", metrics)
     log(f"held-out accuracy {metrics['val_accuracy_start']:.3f} -> {metrics['val_accuracy']:.3f} "
         f"({len(val_pairs)} pairs); saved to {cfg.out}")
-    return {**metrics, "out": str(cfg.out), "log": r["log"], "model": stage.rm}
+    return {**metrics, "out": str(cfg.out), "log": r["log"], "plot": r["plot"], "model": stage.rm}
 
 
 def addition_preferences(n: int, digits: int = 1, seed: int = 0) -> list[dict]:

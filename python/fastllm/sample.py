@@ -17,16 +17,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .options import option
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0: greedy (argmax)
-    top_k: int | None = None  # keep the k most likely tokens
-    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches top_p
-    min_p: float | None = None  # keep tokens with p >= min_p * p_max
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL / HF convention)
-    presence_penalty: float = 0.0  # OpenAI: subtracted from the logit of every token already generated
-    frequency_penalty: float = 0.0  # OpenAI: subtracted once per earlier occurrence in the generated tokens
+    temperature: float = option(1.0, "softmax temperature: lower is more conservative (0: greedy, the argmax)")
+    top_k: int | None = option(None, "sample only from the k most likely tokens (default: no limit)")
+    top_p: float | None = option(None, "nucleus sampling: only the most likely tokens whose probabilities sum to "
+                                       "top_p, in (0, 1] (default: no limit)")
+    min_p: float | None = option(None, "only tokens with p >= min_p * p(most likely token), in [0, 1] "
+                                       "(default: no limit)")
+    repetition_penalty: float = option(1.0, "> 1 discourages tokens already in the sequence (CTRL / HF "
+                                            "convention; 1: off)")
+    presence_penalty: float = option(0.0, "OpenAI's: subtracted from the logit of every token already generated "
+                                          "(0: off)")
+    frequency_penalty: float = option(0.0, "OpenAI's: subtracted from a token's logit once per earlier occurrence "
+                                           "in the generated tokens (0: off)")
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):

@@ -48,6 +48,7 @@ from .checkpoint import TOKENIZER_FILE, checkpoint_tokenizer, find_tokenizer, lo
 from .data import Epochs
 from .fileio import iter_jsonl
 from .model import GPT
+from .options import option
 from .sample import stream_text
 from .tokenizer import Tokenizer
 from .train import LMStage, TrainConfig, fit_lm, setup_run
@@ -340,18 +341,22 @@ class SFTConfig(TrainConfig):
     """TrainConfig for fine-tuning: `data` is a conversations JSONL file, the model comes from `base`
     (model, n_layer, n_head, n_embd are ignored). Defaults suit fine-tuning: lower LR, no weight decay."""
 
-    seq_len: int | None = None  # T; None: the base model's block_size
+    data: str = option(help="conversations JSONL, one {\"messages\": [{\"role\", \"content\"}, ...]} per line")
+    seq_len: int | None = option(None, "T: tokens per packed window (default: the base model's context length)")
     max_steps: int = 300
     lr: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     eval_every: int = 50
     ckpt_every: int = 100
-    base: str = ""  # base checkpoint folder (or a training run folder: its latest checkpoint)
-    tokenizer: str | None = None  # default: the tokenizer inside the base checkpoint
-    val_data: str | None = None  # validation conversations (JSONL); default: every 20th conversation of data
-    val_fraction: float = 0.05  # used when val_data is not given; 0: no validation
-    too_long: str = "truncate"  # conversations longer than the window: truncate | skip
+    base: str = option("", "checkpoint to fine-tune (or a training run folder: its newest checkpoint)")
+    tokenizer: str | None = option(None, "tokenizer file (default: the copy inside the base checkpoint)")
+    val_data: str | None = option(None, "validation conversations JSONL (default: every 20th conversation of "
+                                        "--data, see --val-fraction)")
+    val_fraction: float = option(0.05, "fraction of --data held out for validation when --val-data is not given "
+                                       "(0: no validation)")
+    too_long: str = option("truncate", "conversations longer than a window: truncate them or skip them",
+                           choices=("truncate", "skip"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,7 +8,7 @@
   2. per step: evaluation at its cadence (and at the start and the end), the stage's step -- one or more `update`s:
      zero the gradients, accumulate the micro-batches' forward + backward, check the loss and gradient norm are
      finite, clip the global norm, AdamW at the schedule's LR (linear warmup, cosine decay) -- a log.jsonl row,
-     and a checkpoint at its cadence (older ones pruned, the loss curve redrawn);
+     and a checkpoint at its cadence (older ones pruned, the run's figure redrawn: fastllm.plot.plot_stage);
   3. NaN/Inf stops with a TrainingError naming the last good checkpoint.
 Checkpoint files: fastllm.checkpoint. Pre-training: `train(TrainConfig)` (`fastllm train`) on token shards.
 
@@ -31,7 +31,8 @@ from . import checkpoint, checks, ops, set_num_threads
 from .data import DataLoader
 from .model import GPT, PRESETS, GPTConfig
 from .optim import AdamW, lr_schedule
-from .plot import write_loss_curve
+from .options import CKPT_EVERY, CUDA_DTYPE, DEVICE, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
+from .plot import plot_stage
 from .sample import generate
 from .tokenizer import Tokenizer
 
@@ -42,34 +43,37 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    data: str  # folder with train_*.bin / val_*.bin shards (from `fastllm prepare`)
-    out: str = "out"  # checkpoints, log.jsonl, loss.png
-    model: str = "small"  # preset name (fastllm.model.PRESETS)
-    n_layer: int | None = None  # overrides of the preset
-    n_head: int | None = None
-    n_embd: int | None = None
-    batch_size: int = 8  # B, sequences per micro-batch
-    seq_len: int = 256  # T, tokens per sequence (<= block_size)
-    total_batch_tokens: int | None = None  # tokens per optimizer step; a multiple of B*T (grad accumulation)
-    max_steps: int = 1000
-    lr: float = 1e-3
-    min_lr: float | None = None  # default lr / 10
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 100  # steps between validation runs, also at the start and the end (0: never)
-    eval_batches: int = 20
-    sample_every: int = 0  # steps between text samples (0: never)
-    sample_tokens: int = 64
-    ckpt_every: int = 200  # steps between checkpoints (always one at the end; 0: only that one)
-    keep_ckpts: int = 2
-    seed: int = 1337
-    threads: int | None = None
-    resume: bool = False
-    device: str = "cpu"  # cpu | cuda (needs fastllm built with CUDA and a GPU)
-    cuda_dtype: str = "bfloat16"  # with device=cuda: compute dtype of weights/activations (bfloat16 | float32)
+    data: str = option(help="folder of train_*.bin / val_*.bin token shards (from `fastllm prepare`)")
+    out: str = option("out", "output folder: checkpoints ckpt_NNNNNN/, log.jsonl, loss.png")
+    model: str = option("small", "size preset: tiny, mini, small (CPU sizes), gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    n_layer: int | None = option(None, "transformer blocks (default: the preset's)")
+    n_head: int | None = option(None, "attention heads per block (default: the preset's)")
+    n_embd: int | None = option(None, "embedding width in channels, a multiple of n_head (default: the preset's)")
+    batch_size: int = option(8, "B: sequences per micro-batch")
+    seq_len: int = option(256, "T: tokens per sequence (raises the preset's context length when larger)")
+    total_batch_tokens: int | None = option(None, "tokens per optimizer step, a multiple of B*T: gradient "
+                                                  "accumulation (default: B*T, no accumulation)")
+    max_steps: int = option(1000, "optimizer steps in all (the cosine LR decay ends here)")
+    lr: float = option(1e-3, "peak learning rate, reached at the end of the warmup")
+    min_lr: float | None = option(None, "learning rate at the end of the cosine decay (default: lr / 10)")
+    warmup_steps: int = option(50, "steps of linear learning-rate warmup from 0")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, on weight matrices only")
+    beta1: float = option(0.9, "AdamW beta1 (decay of the gradient mean)")
+    beta2: float = option(0.95, "AdamW beta2 (decay of the squared-gradient mean)")
+    grad_clip: float = option(1.0, GRAD_CLIP)
+    eval_every: int = option(100, "steps between validation-loss evaluations, also at the start and the end "
+                                  "(0: never)")
+    eval_batches: int = option(20, "batches of B x T tokens per validation (fewer if the val split is smaller)")
+    sample_every: int = option(0, "steps between printed text samples (0: never)")
+    sample_tokens: int = option(64, "tokens per printed sample")
+    ckpt_every: int = option(200, CKPT_EVERY)
+    keep_ckpts: int = option(2, KEEP_CKPTS)
+    seed: int = option(1337, SEED)
+    threads: int | None = option(None, THREADS)
+    resume: bool = option(False, RESUME)
+    device: str = option("cpu", DEVICE, choices=checks.DEVICES)
+    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
+    loss_log_scale: bool = option(False, "draw the loss panel of loss.png on a log scale")
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -102,7 +106,7 @@ class TrainConfig:
 class Loop:
     """How fit() runs a stage. Built from a stage's config by Loop.of (the fields of the same names)."""
 
-    out: str  # run folder: checkpoints, log.jsonl, loss.png
+    out: str  # run folder: checkpoints, log.jsonl, the figure (loss.png; rl.png for GRPO)
     steps: int  # the run ends after this many steps
     lr: float
     min_lr: float | None = None  # where the cosine decay ends at the last step; None: lr (constant after warmup)
@@ -118,6 +122,7 @@ class Loop:
     device: str = "cpu"  # cpu | cuda
     cuda_dtype: str = "bfloat16"  # with device=cuda: the compute dtype (float32 master weights and AdamW state)
     tokenizer: Path | None = None  # copied into every checkpoint
+    loss_log_scale: bool = False  # the loss panel of the run's figure on a log scale
     config: dict = dataclasses.field(default_factory=dict)  # the stage's config, recorded in state.json
 
     @classmethod
@@ -249,12 +254,6 @@ def series(rows: list[dict], key: str) -> list[float]:
     return [r[key] for r in rows if key in r]
 
 
-def plot(out: Path, rows: list[dict]) -> Path:
-    """OUT/loss.png: train and val loss of the log rows against step (the one place a run draws it)."""
-    path = out / "loss.png"
-    write_loss_curve(path, [(r["step"], r["loss"]) for r in rows if "loss" in r],
-                     [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
-    return path
 
 
 def setup_run(cfg) -> None:
@@ -270,7 +269,7 @@ def _fmt(v) -> str:
 
 def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
     """Run `stage` for loop.steps steps (see the module doc). Returns {"steps", "seconds", "rows" (the log rows,
-    with those of earlier runs when resuming), "checkpoint", "log", "loss_curve"}.
+    with those of earlier runs when resuming), "checkpoint", "log", "plot" (the figure, see fastllm.plot)}.
 
     >>> stage = LMStage("train", cfg, lambda: GPT(config), DataLoader("data", "train", 8, 256))
     >>> fit(stage, Loop.of(cfg, steps=cfg.max_steps))["checkpoint"]
@@ -320,7 +319,10 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
                         heads=stage.heads(), tokenizer=loop.tokenizer)
         checkpoint.prune(out, loop.keep_ckpts)
         if step < loop.steps:  # the last one is drawn at the end, after the final evaluation
-            plot(out, runlog.rows)
+            draw()
+
+    def draw() -> Path:  # the run's figure, per stage kind (fastllm.plot.plot_stage)
+        return plot_stage(stage.kind, runlog.rows, out, log_scale=loop.loss_log_scale)
 
     t_start = time.time()
     try:
@@ -349,7 +351,7 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
         runlog.close()
     seconds = time.time() - t_start
     return {"steps": loop.steps, "seconds": seconds, "rows": runlog.rows, "checkpoint": str(checkpoint.latest(out)),
-            "log": str(runlog.path), "loss_curve": str(plot(out, runlog.rows))}
+            "log": str(runlog.path), "plot": str(draw())}
 
 
 # ---- pre-training (and SFT): next-token prediction -----------------------------------------------------------------
@@ -407,16 +409,21 @@ class LMStage(Stage):
     def evaluate(self, step: int) -> dict:
         if self.val_loader is None:
             return {}
-        model, loader = self.model, self.val_loader
-        model.eval()
-        loader.reset()
-        n = min(self.cfg.eval_batches, max(1, len(loader) // loader.B))
-        losses = [model.forward(*loader.next_batch()) for _ in range(n)]
-        model.train()
-        return {"val_loss": float(np.mean(losses))}
+        return {"val_loss": mean_loss(self.model, self.val_loader, self.cfg.eval_batches)}
 
     def state_dict(self) -> dict:
         return {"loader": self.train_loader.state_dict()}
+
+
+def mean_loss(model: GPT, loader, batches: int) -> float:
+    """The mean loss of `model` (in eval mode) on the first `batches` batches of `loader` after a reset (fewer if
+    the loader holds fewer)."""
+    was = model.training
+    model.eval()
+    loader.reset()
+    losses = [model.forward(*loader.next_batch()) for _ in range(min(batches, max(1, len(loader) // loader.B)))]
+    model.train(was)
+    return float(np.mean(losses))
 
 
 def fit_lm(stage: LMStage, cfg: TrainConfig, tokenizer: Path | None, progress: bool = True, log=print) -> dict:
@@ -428,7 +435,7 @@ def fit_lm(stage: LMStage, cfg: TrainConfig, tokenizer: Path | None, progress: b
     return {"steps": cfg.max_steps, "first_loss": losses[0] if losses else nan,
             "final_loss": losses[-1] if losses else nan, "val_loss": val[-1] if val else nan,
             "tokens": stage.tokens, "seconds": r["seconds"], "tok_per_s": stage.tokens / max(r["seconds"], 1e-9),
-            "checkpoint": r["checkpoint"], "loss_curve": r["loss_curve"], "log": r["log"]}
+            "checkpoint": r["checkpoint"], "loss_curve": r["plot"], "log": r["log"]}
 
 
 def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:

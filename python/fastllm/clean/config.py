@@ -6,6 +6,8 @@ import dataclasses
 import difflib
 import math
 
+from ..options import option
+
 # the English (and fallback) values of the per-language thresholds: Gopher's and FineWeb's
 ENGLISH = dict(min_mean_word_len=3.0, max_mean_word_len=10.0, min_alpha_words=0.8, max_dup_lines=0.3,
                min_punct_lines=0.12, max_short_lines=0.67)
@@ -15,33 +17,47 @@ ENGLISH = dict(min_mean_word_len=3.0, max_mean_word_len=10.0, min_alpha_words=0.
 class CleanConfig:
     """Thresholds of every stage. A filter is off at its neutral value (0 for minimums, inf for maximums).
     The six thresholds that default to None are per language: unset, English text takes Gopher's/FineWeb's
-    value (in the comment) and, with `lang_rules` (default), other languages FineWeb-2's value for that
+    value (in the help text; ENGLISH) and, with `lang_rules` (default), other languages FineWeb-2's value for that
     language (no short-line rule; README table); a value set here applies to every language."""
 
-    lang: tuple[str, ...] | None = None  # keep only these ISO 639-1 codes (py3langid labels); None: all
-    min_lang_score: float = 0.65  # py3langid probability of the top language (when `lang` is set)
-    lang_rules: bool = True  # per-language thresholds, stop words and word counting (False: these values for all)
-    min_words: int = 50  # Gopher (words of languages written without spaces are estimated from characters)
-    max_words: int = 100_000  # Gopher
-    min_mean_word_len: float | None = None  # Gopher: 3 (not for languages written without spaces)
-    max_mean_word_len: float | None = None  # Gopher: 10
-    max_symbol_ratio: float = 0.1  # ('#' + '...' / '…') per word, Gopher
-    max_bullet_lines: float = 0.9  # fraction of lines starting with a bullet, Gopher
-    max_ellipsis_lines: float = 0.3  # fraction of lines ending with an ellipsis, Gopher
-    min_alpha_words: float | None = None  # fraction of words with a letter, Gopher: 0.8
-    min_stop_words: int = 2  # stop words (English: the, be, to, of, and, that, have, with), Gopher
-    max_dup_lines: float | None = None  # fraction of lines that repeat an earlier line, Gopher: 0.3
-    max_dup_line_chars: float = 0.2  # fraction of characters in repeated lines, Gopher
-    min_punct_lines: float | None = None  # fraction of lines ending in terminal punctuation, FineWeb: 0.12
-    max_short_lines: float | None = None  # fraction of lines under 30 characters, FineWeb: 0.67 (English)
-    max_lorem_ipsum: int = 0  # occurrences of "lorem ipsum" allowed, C4
-    scrub_pii: bool = True  # e-mail and IP addresses -> placeholders
-    dedup: bool = True  # exact + MinHash-LSH near-duplicate removal
-    minhash_bands: int = 14  # LSH bands x rows = permutations; 14 x 8: pairs with Jaccard >= ~0.8 are found
-    minhash_rows: int = 8  # ... with probability > 0.9 (FineWeb's setting)
-    shingle_words: int = 5  # MinHash shingle length in words
-    shard_docs: int = 100_000  # documents per output shard
-    processes: int = 0  # worker processes (0: one per CPU core, 1: in this process; with Dask: workers of `local`)
+    lang: tuple[str, ...] | None = option(None, "keep only documents in these languages, ISO 639-1 codes as "
+                                                "py3langid labels them, e.g. en de (default: all languages)")
+    min_lang_score: float = option(0.65, "with --lang: minimum py3langid probability of the top language (0-1)")
+    lang_rules: bool = option(True, "per-language thresholds, stop words and word counting (FineWeb-2's; off: the "
+                                    "English values, or the ones given, for every language)")
+    min_words: int = option(50, "minimum words per document (Gopher; words of languages written without spaces "
+                                "are estimated from characters)")
+    max_words: int = option(100_000, "maximum words per document (Gopher)")
+    min_mean_word_len: float | None = option(None, "minimum mean word length in characters, for every language "
+                                                   "(default: per language; English 3, Gopher; none for languages "
+                                                   "written without spaces)")
+    max_mean_word_len: float | None = option(None, "maximum mean word length in characters, for every language "
+                                                   "(default: per language; English 10, Gopher)")
+    max_symbol_ratio: float = option(0.1, "maximum ('#' + '...' + '…') per word (Gopher)")
+    max_bullet_lines: float = option(0.9, "maximum fraction of lines that start with a bullet (Gopher)")
+    max_ellipsis_lines: float = option(0.3, "maximum fraction of lines that end with an ellipsis (Gopher)")
+    min_alpha_words: float | None = option(None, "minimum fraction of words with a letter, for every language "
+                                                 "(default: per language; English 0.8, Gopher)")
+    min_stop_words: int = option(2, "minimum stop words per document (English: the, be, to, of, and, that, have, "
+                                    "with; Gopher)")
+    max_dup_lines: float | None = option(None, "maximum fraction of lines that repeat an earlier line, for every "
+                                               "language (default: per language; English 0.3, Gopher)")
+    max_dup_line_chars: float = option(0.2, "maximum fraction of characters in repeated lines (Gopher)")
+    min_punct_lines: float | None = option(None, "minimum fraction of lines that end in terminal punctuation, for "
+                                                 "every language (default: per language; English 0.12, FineWeb "
+                                                 "after C4)")
+    max_short_lines: float | None = option(None, "maximum fraction of lines under 30 characters, for every "
+                                                 "language (default: English 0.67, FineWeb; other languages none)")
+    max_lorem_ipsum: int = option(0, "occurrences of 'lorem ipsum' allowed per document (C4)")
+    scrub_pii: bool = option(True, "replace e-mail and IP addresses with placeholders")
+    dedup: bool = option(True, "remove exact duplicates and MinHash-LSH near-duplicates (first one kept)")
+    minhash_bands: int = option(14, "LSH bands; bands x rows MinHash permutations (14 x 8 finds pairs with "
+                                    "Jaccard >= ~0.8 with probability > 0.9, FineWeb's setting)")
+    minhash_rows: int = option(8, "MinHash rows per LSH band")
+    shingle_words: int = option(5, "MinHash shingle length in words")
+    shard_docs: int = option(100_000, "documents per output shard clean_NNNNNN.jsonl")
+    processes: int = option(0, "worker processes (0: one per CPU core; 1: all in this process; with --dask local: "
+                               "the LocalCluster's workers)")
 
     def per_file_key(self) -> dict:
         """The settings that change a file's work output (a re-run with other values redoes the files)."""

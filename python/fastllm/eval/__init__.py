@@ -45,6 +45,7 @@ import numpy as np
 
 from .. import checks
 from ..fileio import write_json
+from ..options import option
 from .data import Choice, load_documents, load_multiple_choice, token_bytes
 from .scoring import generate_until, score_continuations, window_requests
 
@@ -53,22 +54,32 @@ KINDS = ("bpb", "mc", "gen")  # plus the built-in generated tasks of fastllm.tas
 
 @dataclass
 class EvalConfig:
-    task: str  # bpb | mc | gen | addition | sort
-    data: Sequence[str] = ()  # files or folders (bpb: text, JSONL or token shards; mc, gen: JSONL/CSV)
-    limit: int | None = None  # first N examples (bpb: documents, or tokens per shard; addition/sort: 200)
-    batch_tokens: int = 2048  # bpb, mc: tokens per forward (rows x longest row)
-    stride: int | None = None  # bpb: new tokens per sliding window (default block_size // 2)
-    delimiter: str = " "  # mc: between a context and a choice (HellaSwag endings always get a space)
-    split: str = "val"  # bpb on a shard folder: which split's shards
-    max_new_tokens: int | None = None  # gen: completion length limit (default min(256, block_size // 2))
-    samples: int = 1  # gen: completions per problem (pass@k with k = samples)
-    temperature: float = 0.0  # gen: 0 = greedy; > 0 needed for samples > 1
-    chat: bool | None = None  # gen: ChatML prompts (None: if the tokenizer has the chat tokens)
-    template: str = "{prompt}"  # gen: prompt text around each problem's prompt
-    stop: Sequence[str] = ()  # gen: stop strings (<|endoftext|> and <|im_end|> always stop)
-    batch_size: int = 32  # gen: prompts per batched generation
-    digits: int = 2  # addition, sort: operand digits / list length
-    seed: int = 0  # addition, sort: the prompts; gen: sampling
+    task: str = option(help="bpb (bits per byte of text), mc (multiple choice: HellaSwag, ARC, MMLU, generic "
+                            "JSONL), gen (exact match on JSONL problems, e.g. GSM8K), addition or sort (the generated "
+                            "RL tasks), or lm-eval:NAME[,NAME...] (lm-evaluation-harness tasks; pip install "
+                            "'fastllm[eval]')")
+    data: Sequence[str] = option((), "input files or folders (bpb: .txt/.md/.jsonl or token shards; mc: .jsonl/.csv; "
+                                     "gen: .jsonl) (default: none)")
+    limit: int | None = option(None, "evaluate the first N examples: bpb documents (or tokens per shard), mc "
+                                     "examples, gen problems, addition/sort generated prompts (default: all; "
+                                     "addition/sort: 200)")
+    batch_tokens: int = option(2048, "bpb, mc, lm-eval: tokens per forward pass (rows x longest row)")
+    stride: int | None = option(None, "bpb: new tokens per sliding window (default: half the context)")
+    delimiter: str = option(" ", "mc: text between a context and each choice (default: a space; HellaSwag endings "
+                                 "always get one)")
+    split: str = option("val", "bpb on a shard folder: which split's shards")
+    max_new_tokens: int | None = option(None, "gen: completion length limit in tokens (default: 256 or half the "
+                                              "context, whichever is less)")
+    samples: int = option(1, "gen: completions per problem; > 1 reports pass@k (needs --temperature > 0)")
+    temperature: float = option(0.0, "gen: sampling temperature (0: greedy)")
+    chat: bool | None = option(None, "gen: ChatML prompts (default: when the tokenizer has <|im_start|>/<|im_end|>)")
+    template: str = option("{prompt}", "gen: prompt text around each problem, e.g. 'Question: {prompt}\\nAnswer:' "
+                                       "(\\n and \\t stand for a newline and a tab on the command line)")
+    stop: Sequence[str] = option((), "gen: stop strings, e.g. '\\n\\n' (<|endoftext|> and <|im_end|> always stop) "
+                                     "(default: none)")
+    batch_size: int = option(32, "gen: prompts per batched generation")
+    digits: int = option(2, "addition: operand digits; sort: list length")
+    seed: int = option(0, "addition, sort: the generated prompts; gen: sampling")
 
     def __post_init__(self) -> None:
         from ..tasks import TASKS

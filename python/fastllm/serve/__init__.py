@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..options import THREADS, option
 from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, load
 
 INSTALL_HINT = 'fastllm serve needs the serve extra: pip install "fastllm[serve]"'
@@ -28,22 +29,25 @@ INSTALL_HINT = 'fastllm serve needs the serve extra: pip install "fastllm[serve]
 
 @dataclass
 class ServeConfig:
-    ckpt: str  # checkpoint folder, or a training run folder (its latest checkpoint)
-    host: str = "127.0.0.1"  # interface to listen on (0.0.0.0: every interface)
-    port: int = 8000  # 0: any free port (the address is printed)
-    model_name: str | None = None  # the model id clients send (default: the checkpoint folder's name)
-    tokenizer: str | None = None  # default: the tokenizer inside the checkpoint
-    api_key: str | None = None  # require "Authorization: Bearer <key>" (default: $FASTLLM_API_KEY if set)
-    max_batch: int = 16  # sequences decoded together (KV cache slots)
-    max_len: int | None = None  # tokens per slot, prompt + completion (default: the model's context)
-    kv_budget_mb: float | None = None  # cap on the KV cache's memory: fewer slots if max_batch would exceed it
-    max_queue: int = 256  # requests that may wait for a slot; more get 429
-    device: str = "cpu"  # cpu | cuda
-    dtype: str | None = None  # CPU: float32 | bfloat16 (bf16 weight copies for decoding: faster, logits within ~1%);
-    # GPU: the compute dtype (default bfloat16)
-    threads: int | None = None  # OpenMP threads for the model (default: fastllm's)
-    allow_origins: tuple[str, ...] = ()  # CORS origins allowed to call the API from a browser ("*": any)
-    log_level: str = "info"  # uvicorn's: critical | error | warning | info | debug
+    ckpt: str = option(help="checkpoint folder, or a training run folder (its newest checkpoint)")
+    host: str = option("127.0.0.1", "interface to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "TCP port (0: any free port, printed)")
+    model_name: str | None = option(None, "the model id clients send (default: the checkpoint folder's name)")
+    tokenizer: str | None = option(None, "tokenizer file (default: the copy inside the checkpoint)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on the API (default: $FASTLLM_API_KEY "
+                                       "if set, else no key)")
+    max_batch: int = option(16, "sequences decoded together, i.e. KV cache slots")
+    max_len: int | None = option(None, "tokens per sequence, prompt + completion (default: the model's context)")
+    kv_budget_mb: float | None = option(None, "cap on the KV cache's memory in MiB: fewer slots than --max-batch "
+                                              "if needed (default: no cap)")
+    max_queue: int = option(256, "requests that may wait for a slot; more get HTTP 429")
+    device: str = option("cpu", "run the model on the CPU or a GPU", choices=("cpu", "cuda"))
+    dtype: str | None = option(None, "CPU (default: float32): bfloat16 decodes with bf16 weight copies (faster, "
+                                     "logits within ~1%); GPU (default: bfloat16): the model's compute dtype",
+                               choices=("float32", "bfloat16"))
+    threads: int | None = option(None, THREADS)
+    allow_origins: tuple[str, ...] = option((), "CORS: let web pages from ORIGIN call the API ('*': any)")
+    log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
 
 def model_name(ckpt: str | os.PathLike) -> str:

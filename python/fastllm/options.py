@@ -1,0 +1,50 @@
+"""Config fields that carry their own help text, the single source of `fastllm COMMAND --help`.
+
+A config dataclass (TrainConfig, RLConfig, CleanConfig, ...) declares each field with `option`, a
+`dataclasses.field` whose metadata holds a one-line description (with the unit, and what a None or 0 default
+means); `fastllm.cli` turns every field into a `--flag` with that help, so the API and the CLI never drift.
+
+>>> @dataclass
+... class Config:
+...     steps: int = option(100, "optimizer steps")
+...     lr: float = option(1e-3, "peak learning rate")
+>>> dataclasses.fields(Config)[0].metadata["help"]
+'optimizer steps'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+# help lines that mean the same in every config
+THREADS = "CPU threads for the native kernels (default: OMP_NUM_THREADS, else all cores)"
+SEED = "random seed (initialisation, data order, sampling): the same seed gives the same run"
+RESUME = "continue from the newest checkpoint in --out (the run continues as if never stopped)"
+CKPT_EVERY = "steps between checkpoints (one is always written at the end; 0: only that one)"
+KEEP_CKPTS = "how many of the newest checkpoints to keep on disk"
+GRAD_CLIP = "clip the global gradient norm to this value (0: no clipping)"
+DEVICE = "where to train: cpu, or cuda (a CUDA build of fastllm and an NVIDIA GPU)"
+CUDA_DTYPE = ("with --device cuda: compute dtype of weights and activations (master weights and AdamW state stay "
+              "float32)")
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None) -> dataclasses.Field:
+    """A dataclass field with a one-line `help` (required) and optional `choices` for the command line.
+    Without a default the field (and its --flag) is required."""
+    if not help:
+        raise ValueError("option() needs a help text")
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_metadata(cls, name: str) -> dict:
+    """The help (and choices) of field `name` of dataclass `cls`: its own, else the nearest base class's, so a
+    subclass that only changes a default keeps the description."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata:
+            return dict(f.metadata)
+    return {}
