@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference
+from backends import CASES, down, get, rounded, up
 
 import fastllm
 from fastllm import _C, ops
@@ -75,6 +76,20 @@ def test_embedding_vs_torch(rng, threads):
     ops.embedding_backward(dout, tokens, dwte, dwpe)
     np.testing.assert_allclose(dwte, te.grad.numpy(), **BWD_TOL)
     np.testing.assert_allclose(dwpe, pe.grad.numpy(), **BWD_TOL)
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_embedding_without_positions(rng, name, dtype):
+    """wpe / dwpe None (rotary models): out = wte[tokens], dwte the scattered rows, on both backends."""
+    bk = get(name)
+    tokens, wte, _, dout = make(rng, 3, 9, 40, 17, 9)
+    wte, dout = rounded(wte, dtype), rounded(dout, dtype)
+    out = down(name, bk.embedding_forward(up(name, tokens), up(name, wte, dtype), None))
+    np.testing.assert_array_equal(out, wte[tokens])
+    dwte = bk.zeros(wte.shape, "float32")
+    bk.embedding_backward(up(name, dout, dtype), up(name, tokens), dwte, None)
+    ref, _ = reference.embedding_backward(dout, tokens, 17, 9)
+    np.testing.assert_allclose(down(name, dwte), ref, **BWD_TOL)
 
 
 def test_embedding_bad_input(rng):

@@ -35,15 +35,23 @@ ARCHS = {
 }
 
 
+def on(device: str, model: GPT, dtype: str = "float32") -> GPT:
+    """model itself for "cpu", else a copy on `device` in `dtype`."""
+    if device == "cpu":
+        return model
+    return GPT(model.config, init=False, device=device, dtype=dtype).load_state_dict(model.state_dict())
+
+
 def make(arch: str, seed: int = 0, device: str = "cpu", **kw) -> GPT:
-    """A small model of `arch` with perturbed gains and biases (so their gradients are tested too), on `device`."""
+    """A small model of `arch` with perturbed gains and biases (so their gradients are tested too), on `device`
+    (float32)."""
     cfg = GPTConfig(**{**BASE, **ARCHS[arch], **kw})
     model = GPT(cfg, seed=seed)
     rng = np.random.default_rng(seed + 1)
     for name, arr in model.p.items():
         if name.endswith(".bias") or "norm" in name or name.startswith("ln_"):
             arr += rng.standard_normal(arr.shape).astype(np.float32) * 0.1
-    return model if device == "cpu" else GPT(cfg, init=False, device=device).load_state_dict(model.state_dict())
+    return on(device, model)
 
 
 def rel_err(a, b) -> float:
@@ -239,7 +247,7 @@ def hf_make(arch: str, device: str = "cpu", seed: int = 7) -> GPT:
         if name.endswith(".bias") or "norm" in name or name.startswith("ln_"):
             arr += rng.standard_normal(arr.shape).astype(np.float32) * 0.1
     model.params *= 2.0  # sharper logits: greedy does not hinge on near-ties
-    return model if device == "cpu" else GPT(cfg, init=False, device=device).load_state_dict(model.state_dict())
+    return on(device, model)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

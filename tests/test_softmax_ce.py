@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference
+from backends import CASES, down, get, rel_err, rounded, up
 
 from fastllm import _C, ops
 
@@ -157,6 +158,78 @@ def test_softmax_ce_vs_torch(rng, threads):
 
 
 # ---- softmax + cross-entropy: bad input -----------------------------------------------------------------
+
+
+# ---- logit soft-capping (softcap=c: z = c * tanh(logits / c), Gemma 2 / nanochat) ---------------------------
+
+
+def softcap_torch(logits, targets, c, grad_scale=1.0, hidden=None):
+    """(losses, dlogits or (dhidden, dweight)) from torch autograd in float64 (logits = hidden @ weight^T when
+    hidden is given: logits is then the weight)."""
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(np.asarray(logits, np.float64), requires_grad=True)
+    h = None if hidden is None else torch.tensor(np.asarray(hidden, np.float64), requires_grad=True)
+    z = x if h is None else h @ x.T
+    z = c * torch.tanh(z / c)
+    loss = torch.nn.functional.cross_entropy(z, torch.as_tensor(targets, dtype=torch.long), ignore_index=-1,
+                                             reduction="none")
+    (loss.sum() * grad_scale).backward()
+    grads = x.grad.numpy() if h is None else (h.grad.numpy(), x.grad.numpy())
+    return loss.detach().numpy(), grads
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+@pytest.mark.parametrize("N,V,c", [(3, 17, 2.0), (5, 771, 15.0), (2, 50257, 30.0)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_softmax_ce_softcap_vs_torch(rng, name, dtype, N, V, c, inplace):
+    bk = get(name)
+    logits, targets = make(rng, N, V, scale=3 * c, ignore_rows=[0])  # many logits in the saturated range
+    logits = rounded(logits, dtype)
+    ref_l, ref_d = softcap_torch(logits, targets, c, grad_scale=0.5)
+    losses, d = bk.softmax_ce(up(name, logits, dtype), up(name, targets), grad_scale=0.5, inplace=inplace,
+                              softcap=c)
+    np.testing.assert_allclose(down(name, losses), ref_l, rtol=1e-5, atol=2e-5 if name == "cpu" else 2e-4)
+    assert rel_err(down(name, d), ref_d) <= (1e-5 if dtype == "float32" else 1e-2)
+
+
+def test_softmax_ce_softcap_cpu_paths(rng, threads, simd):
+    """Every SIMD level (the vectorized tanh and its scalar tail) and thread count."""
+    logits, targets = make(rng, 9, 1001, scale=20.0)
+    ref_l, ref_d = softcap_torch(logits, targets, 7.0)
+    losses, d = ops.softmax_ce(logits, targets, softcap=7.0)
+    np.testing.assert_allclose(losses, ref_l, **LOSS_TOL)
+    np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_lmhead_ce_softcap_vs_torch(rng, name, dtype):
+    bk = get(name)
+    N, C, V, c = 37, 24, 301, 4.0
+    hidden = rounded(rng.standard_normal((N, C)), dtype)
+    weight = rounded(rng.standard_normal((V, C)), dtype)
+    targets = rng.integers(0, V, N).astype(np.int32)
+    targets[3] = -1
+    ref_l, (ref_dh, ref_dw) = softcap_torch(weight, targets, c, grad_scale=1 / N, hidden=hidden)
+    scratch = bk.zeros((8, V), dtype)  # several chunks
+    losses, dh, dw = bk.lmhead_ce(up(name, hidden, dtype), up(name, weight, dtype), up(name, targets),
+                                  grad_scale=1 / N, scratch=scratch, softcap=c)
+    tol = {"float32": 1e-4 if name == "cpu" else 2e-3, "bfloat16": 3e-2}[dtype]
+    np.testing.assert_allclose(down(name, losses), ref_l, rtol=tol, atol=tol)
+    assert rel_err(down(name, dh), ref_dh) <= tol and rel_err(down(name, dw), ref_dw) <= tol
+    losses_eval, _, _ = bk.lmhead_ce(up(name, hidden, dtype), up(name, weight, dtype), up(name, targets),
+                                     backward=False, softcap=c)
+    np.testing.assert_allclose(down(name, losses_eval), ref_l, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_softcap_bad_values(rng, bad):
+    logits, targets = make(rng, 2, 5)
+    with pytest.raises(ValueError, match="softcap"):
+        ops.softmax_ce(logits, targets, softcap=bad)
+    with pytest.raises(ValueError, match="softcap"):
+        _C.softmax_ce(np.empty(2, np.float32), None, logits, targets, 1.0, -1, None, bad if bad else -1.0)
+    with pytest.raises(TypeError, match="softcap"):
+        ops.lmhead_ce(logits, logits.copy(), targets, softcap="7")
 
 
 def test_softmax_ce_bad_input(rng):
