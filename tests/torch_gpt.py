@@ -20,7 +20,7 @@ def build(model, sdpa: bool = False):
 
     cfg = model.config
     params = {k: torch.tensor(np.array(v), requires_grad=True) for k, v in model.state_dict().items()}
-    C, NH, NKV, hd, H, eps = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width, cfg.layernorm_eps
+    NH, NKV, hd, H, eps = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width, cfg.layernorm_eps
     head = params["wte" if cfg.tie_embeddings else "lm_head.weight"]
     if cfg.positions == "rope":  # HF's rotate-half RoPE: angle = position * inv_freq, cos/sin over [freqs, freqs]
         freq = torch.tensor(rope.inv_freq(hd, cfg.rope_theta, cfg.rope_scaling))

@@ -282,8 +282,9 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
                inplace: bool = False, losses=None, row_weights=None, softcap: float | None = None):
     """Per-row loss (float32) and dlogits = (softmax - onehot) * grad_scale (* row_weights[n]) for logits (..., V),
     targets (...). Rows whose target is ignore_index get loss 0 and zero gradient; inplace=True writes dlogits
-    over logits. softcap c: the logits are soft-capped first, c * tanh(logits / c) (fp32 math). Returns (losses, dlogits or None); dlogits is written (=). A DeviceArray target outside [0, V)
-    other than ignore_index gives a NaN loss (no wild read); numpy targets are checked on the host."""
+    over logits. softcap c: the logits are soft-capped first, c * tanh(logits / c) (fp32 math). Returns (losses,
+    dlogits or None); dlogits is written (=). A DeviceArray target outside [0, V) other than ignore_index gives a NaN
+    loss (no wild read); numpy targets are checked on the host."""
     logits = _dev(logits, "logits")
     V = logits.shape[-1]
     targets = _on_device(targets, "targets", V, ignore_index)
