@@ -27,7 +27,7 @@ from .sample import SamplingParams, check_seed, stream_text
 from .serve import ServeConfig, serve
 from .sft import ChatSession, SFTConfig, chat_loop, sft
 from .tokenizer import Tokenizer
-from .train import TrainConfig, TrainingError, train
+from .train import MODEL_OPTIONS, TrainConfig, TrainingError, train
 from .version import __version__
 
 
@@ -52,7 +52,9 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] =
         base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
         typ = base[0]
         required = f.default is dataclasses.MISSING
-        if typ is bool:
+        if typ is bool and f.default is None:  # unset, --flag or --no-flag (e.g. --tie-embeddings)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif typ is bool:
             p.add_argument(flag, action="store_true", default=f.default)
         else:
             p.add_argument(flag, type=typ, required=required, default=None if required else f.default,
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sft", help="fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})")
     s.add_argument("--base", required=True, help="checkpoint (or training run folder) to fine-tune")
-    _add_dataclass_args(s, SFTConfig, skip=("base", "model", "n_layer", "n_head", "n_embd"))
+    _add_dataclass_args(s, SFTConfig, skip=("base", "model", *MODEL_OPTIONS))
     s.set_defaults(func=_cmd_sft)
 
     s = sub.add_parser("chat", help="chat in the terminal with a fine-tuned checkpoint (reads stdin)")

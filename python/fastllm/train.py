@@ -40,14 +40,28 @@ class TrainingError(RuntimeError):
     """Training cannot continue (NaN/Inf loss or gradients); the last good checkpoint is kept."""
 
 
+# the TrainConfig fields that override the preset's GPTConfig fields of the same names
+MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "n_kv_head", "positions", "rope_theta", "norm", "mlp", "mlp_hidden",
+                 "qk_norm", "tie_embeddings", "logit_softcap")
+
+
 @dataclass
 class TrainConfig:
     data: str  # folder with train_*.bin / val_*.bin shards (from `fastllm prepare`)
     out: str = "out"  # checkpoints, log.jsonl, loss.png
     model: str = "small"  # preset name (fastllm.model.PRESETS)
-    n_layer: int | None = None  # overrides of the preset
+    n_layer: int | None = None  # overrides of the preset (None: the preset's; fields of fastllm.model.GPTConfig)
     n_head: int | None = None
     n_embd: int | None = None
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention)
+    positions: str | None = None  # learned | rope
+    rope_theta: float | None = None
+    norm: str | None = None  # layernorm | rmsnorm
+    mlp: str | None = None  # gelu | swiglu | relu2
+    mlp_hidden: int | None = None
+    qk_norm: bool | None = None
+    tie_embeddings: bool | None = None
+    logit_softcap: float | None = None
     batch_size: int = 8  # B, sequences per micro-batch
     seq_len: int = 256  # T, tokens per sequence (<= block_size)
     total_batch_tokens: int | None = None  # tokens per optimizer step; a multiple of B*T (grad accumulation)
@@ -75,20 +89,21 @@ class TrainConfig:
         checks.output_dir(self)
         if self.model not in PRESETS:
             raise ValueError(f"model: unknown preset {self.model!r}; choose from {sorted(PRESETS)}")
-        checks.at_least(self, 1, "n_layer", "n_head", "n_embd", "batch_size", "seq_len", "total_batch_tokens",
-                        "max_steps", "eval_batches", "sample_tokens", "keep_ckpts", "threads")
+        checks.at_least(self, 1, "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden", "batch_size", "seq_len",
+                        "total_batch_tokens", "max_steps", "eval_batches", "sample_tokens", "keep_ckpts", "threads")
         checks.at_least(self, 0, "warmup_steps", "eval_every", "sample_every", "ckpt_every", "seed")
         checks.number(self, "lr", low_open=True)
         checks.number(self, "min_lr", "weight_decay", "grad_clip")
         checks.number(self, "beta1", "beta2", high=1.0, high_open=True)
         checks.device(self)
+        self.model_config(vocab_size=256)  # the architecture options, checked now (ValueError naming the field)
         if self.total_batch_tokens is not None and self.seq_len is not None:
             if self.total_batch_tokens % (self.batch_size * self.seq_len):
                 raise ValueError(f"total_batch_tokens={self.total_batch_tokens} must be a multiple of "
                                  f"batch_size*seq_len={self.batch_size * self.seq_len}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        over = {k: v for k, v in (("n_layer", self.n_layer), ("n_head", self.n_head), ("n_embd", self.n_embd)) if v}
+        over = {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
         cfg = GPTConfig.preset(self.model, vocab_size=vocab_size, **over)
         if self.seq_len > cfg.block_size:
             cfg.block_size = self.seq_len
