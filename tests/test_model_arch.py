@@ -184,61 +184,6 @@ HF_ARCHS = {  # fastllm options -> the HF family that has exactly them
 }
 
 
-def hf_twin(model, family: str):
-    """The transformers model of `family` with model's weights (float32, eager attention)."""
-    import torch
-    import transformers
-
-    cfg = model.config
-    NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
-    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=H, num_hidden_layers=cfg.n_layer,
-              num_attention_heads=NH, num_key_value_heads=NKV, head_dim=hd, max_position_embeddings=cfg.block_size,
-              rms_norm_eps=cfg.layernorm_eps, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
-              tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu")
-    if family == "llama":
-        kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
-    hf_cfg = getattr(transformers, f"{cls}Config")(**kw)
-    hf_cfg._attn_implementation = "eager"
-    hf = getattr(transformers, f"{cls}ForCausalLM")(hf_cfg).float().eval()
-    sd = hf_names(model)
-    missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf
-
-
-def hf_names(model) -> dict[str, np.ndarray]:
-    """fastllm tensors under HF Llama-family names (the spec's mapping): q/k/v rows of c_attn, gate/up rows of c_fc."""
-    cfg, p = model.config, {k: np.array(v) for k, v in model.state_dict().items()}
-    NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
-    cuts = [0, NH * hd, (NH + NKV) * hd, (NH + 2 * NKV) * hd]
-    out = {"model.embed_tokens.weight": p["wte"], "model.norm.weight": p["ln_f.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = p["lm_head.weight"]
-    for l in range(cfg.n_layer):
-        pre = f"model.layers.{l}."
-        out[pre + "input_layernorm.weight"] = p["ln_1.weight"][l]
-        out[pre + "post_attention_layernorm.weight"] = p["ln_2.weight"][l]
-        for i, n in enumerate("qkv"):
-            out[pre + f"self_attn.{n}_proj.weight"] = p["attn.c_attn.weight"][l][cuts[i]:cuts[i + 1]]
-            if cfg.qkv_bias:
-                out[pre + f"self_attn.{n}_proj.bias"] = p["attn.c_attn.bias"][l][cuts[i]:cuts[i + 1]]
-        out[pre + "self_attn.o_proj.weight"] = p["attn.c_proj.weight"][l]
-        if cfg.proj_bias:
-            out[pre + "self_attn.o_proj.bias"] = p["attn.c_proj.bias"][l]
-        if cfg.qk_norm:
-            out[pre + "self_attn.q_norm.weight"] = p["attn.q_norm.weight"][l]
-            out[pre + "self_attn.k_norm.weight"] = p["attn.k_norm.weight"][l]
-        out[pre + "mlp.gate_proj.weight"] = p["mlp.c_fc.weight"][l][:H]
-        out[pre + "mlp.up_proj.weight"] = p["mlp.c_fc.weight"][l][H:]
-        out[pre + "mlp.down_proj.weight"] = p["mlp.c_proj.weight"][l]
-        if cfg.mlp_bias:
-            out[pre + "mlp.gate_proj.bias"] = p["mlp.c_fc.bias"][l][:H]
-            out[pre + "mlp.up_proj.bias"] = p["mlp.c_fc.bias"][l][H:]
-            out[pre + "mlp.down_proj.bias"] = p["mlp.c_proj.bias"][l]
-    return out
-
-
 def hf_make(arch: str, device: str = "cpu", seed: int = 7) -> GPT:
     cfg = GPTConfig(**{**BASE, **HF_ARCHS[arch][1]})
     model = GPT(cfg, seed=seed)
@@ -257,8 +202,10 @@ def test_matches_transformers(name, arch):
     cache against HF's generate."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    import torch_gpt
+
     model = hf_make(arch, name)
-    hf = hf_twin(model, HF_ARCHS[arch][0])
+    hf = torch_gpt.hf_twin(model, HF_ARCHS[arch][0])
     loss_tol, grad_tol = (1e-5, 1e-4) if name == "cpu" else (2e-3, 5e-3)
     idx, tgt = batch(model.config.vocab_size, T=17, seed=8)
     loss = model.forward(idx, tgt)
@@ -272,7 +219,7 @@ def test_matches_transformers(name, arch):
     hf_params = dict(hf.named_parameters())
     if model.config.tie_embeddings:
         hf_params["lm_head.weight"] = hf_params["model.embed_tokens.weight"]
-    ours = hf_names(_GradView(model))
+    ours = torch_gpt.hf_names(_GradView(model))
     bad = {k: rel_err(g, hf_params[k].grad.numpy()) for k, g in ours.items()}
     bad = {k: f"{v:.1e}" for k, v in bad.items() if not v <= grad_tol}
     assert not bad, f"gradients off: {bad}"
@@ -287,7 +234,7 @@ def test_matches_transformers(name, arch):
 
 
 class _GradView:
-    """Looks like a GPT whose state_dict() is its gradients (to map them to HF names with hf_names)."""
+    """Looks like a GPT whose state_dict() is its gradients (to map them to HF names with torch_gpt.hf_names)."""
 
     def __init__(self, model):
         self.config, self._g = model.config, host_grads(model)

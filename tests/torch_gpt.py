@@ -1,7 +1,7 @@
 """A plain PyTorch transformer (nanoGPT-style, test-only oracle) that takes its weights from a fastllm GPT: GPT-2 and
 every architecture option of GPTConfig (rope, rmsnorm, GQA, QK-norm, gelu/swiglu/relu2, biases, untied lm-head,
 logit soft-capping), written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
-Qwen2 / Qwen3 / Mistral (tests/test_model_arch.py) check it where a family exists."""
+Qwen2 / Qwen3 / Mistral (hf_twin: the same weights under HF's names) check it where a family exists."""
 
 from __future__ import annotations
 
@@ -90,3 +90,59 @@ def build(model, sdpa: bool = False):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), t.view(-1), ignore_index=-1)
 
     return forward, params
+
+
+def hf_twin(model, family: str, attn: str = "eager"):
+    """The transformers model of `family` ("llama", "mistral", "qwen2", "qwen3") with model's weights (float32;
+    attn: HF's attention implementation)."""
+    import torch
+    import transformers
+
+    cfg = model.config
+    NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=H, num_hidden_layers=cfg.n_layer,
+              num_attention_heads=NH, num_key_value_heads=NKV, head_dim=hd, max_position_embeddings=cfg.block_size,
+              rms_norm_eps=cfg.layernorm_eps, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+              tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu")
+    if family == "llama":
+        kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    hf_cfg = getattr(transformers, f"{cls}Config")(**kw)
+    hf_cfg._attn_implementation = attn
+    hf = getattr(transformers, f"{cls}ForCausalLM")(hf_cfg).float().eval()
+    sd = hf_names(model)
+    missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf
+
+
+def hf_names(model) -> dict[str, np.ndarray]:
+    """fastllm tensors under HF Llama-family names (the spec's mapping): q/k/v rows of c_attn, gate/up rows of c_fc."""
+    cfg, p = model.config, {k: np.array(v) for k, v in model.state_dict().items()}
+    NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
+    cuts = [0, NH * hd, (NH + NKV) * hd, (NH + 2 * NKV) * hd]
+    out = {"model.embed_tokens.weight": p["wte"], "model.norm.weight": p["ln_f.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = p["lm_head.weight"]
+    for l in range(cfg.n_layer):
+        pre = f"model.layers.{l}."
+        out[pre + "input_layernorm.weight"] = p["ln_1.weight"][l]
+        out[pre + "post_attention_layernorm.weight"] = p["ln_2.weight"][l]
+        for i, n in enumerate("qkv"):
+            out[pre + f"self_attn.{n}_proj.weight"] = p["attn.c_attn.weight"][l][cuts[i]:cuts[i + 1]]
+            if cfg.qkv_bias:
+                out[pre + f"self_attn.{n}_proj.bias"] = p["attn.c_attn.bias"][l][cuts[i]:cuts[i + 1]]
+        out[pre + "self_attn.o_proj.weight"] = p["attn.c_proj.weight"][l]
+        if cfg.proj_bias:
+            out[pre + "self_attn.o_proj.bias"] = p["attn.c_proj.bias"][l]
+        if cfg.qk_norm:
+            out[pre + "self_attn.q_norm.weight"] = p["attn.q_norm.weight"][l]
+            out[pre + "self_attn.k_norm.weight"] = p["attn.k_norm.weight"][l]
+        out[pre + "mlp.gate_proj.weight"] = p["mlp.c_fc.weight"][l][:H]
+        out[pre + "mlp.up_proj.weight"] = p["mlp.c_fc.weight"][l][H:]
+        out[pre + "mlp.down_proj.weight"] = p["mlp.c_proj.weight"][l]
+        if cfg.mlp_bias:
+            out[pre + "mlp.gate_proj.bias"] = p["mlp.c_fc.bias"][l][:H]
+            out[pre + "mlp.up_proj.bias"] = p["mlp.c_fc.bias"][l][H:]
+            out[pre + "mlp.down_proj.bias"] = p["mlp.c_proj.bias"][l]
+    return out

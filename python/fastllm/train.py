@@ -105,7 +105,7 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> GPTConfig:
         over = {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
         cfg = GPTConfig.preset(self.model, vocab_size=vocab_size, **over)
-        if self.seq_len > cfg.block_size:
+        if self.seq_len is not None and self.seq_len > cfg.block_size:
             cfg.block_size = self.seq_len
         return cfg
 
