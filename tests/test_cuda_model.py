@@ -14,13 +14,18 @@ import numpy as np
 import pytest
 
 from fastllm import cuda
-from fastllm.model import GPT, GPTConfig
+from fastllm.model import GPT, MODERN, GPTConfig
 from fastllm.optim import AdamW
 from fastllm.sample import generate
 
 pytestmark = pytest.mark.cuda
 
 V = 1000  # not a multiple of 64: odd vocabulary tails in the lm-head
+
+
+# the options of the modern family, together (head size 64: the bf16 tensor-core attention, MQA)
+MODERN_OPTIONS = dict(MODERN, n_kv_head=1, mlp="swiglu", mlp_hidden=256, qk_norm=True, tie_embeddings=False,
+                      logit_softcap=30.0)
 
 
 def small_config(**kw) -> GPTConfig:
@@ -56,10 +61,12 @@ def grads_rel_err(gpu: GPT, cpu: GPT) -> dict[str, float]:
     return {name: rel(cuda.to_numpy(gpu.g[name]), cpu.g[name]) for name in cpu.g}
 
 
+@pytest.mark.parametrize("arch", ["gpt2", pytest.param("modern", marks=pytest.mark.gpu_scale)])  # emulator: ~6 min
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-3), ("bfloat16", 2e-2)])
-def test_first_20_steps_match_cpu(dtype, tol):
-    cpu = GPT(small_config(), seed=0)
-    gpu = GPT(small_config(), seed=0, device="cuda", dtype=dtype)  # the same init, placed on the GPU
+def test_first_20_steps_match_cpu(dtype, tol, arch):
+    opts = MODERN_OPTIONS if arch == "modern" else {}
+    cpu = GPT(small_config(**opts), seed=0)
+    gpu = GPT(small_config(**opts), seed=0, device="cuda", dtype=dtype)  # the same init, placed on the GPU
     cpu_opt, gpu_opt = AdamW(cpu, lr=1e-3), AdamW(gpu, lr=1e-3)
     worst = 0.0
     losses = []
@@ -84,9 +91,10 @@ def test_first_20_steps_match_cpu(dtype, tol):
     print(f"{dtype}: worst loss rel err over 20 steps {worst:.2e}")
 
 
-def test_fp32_gradients_match_cpu_per_tensor():
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_fp32_gradients_match_cpu_per_tensor(arch):
     """One forward/backward in float32: every gradient tensor, by name (finds a miswired backward fast)."""
-    cpu = GPT(small_config(), seed=1)
+    cpu = GPT(small_config(**(MODERN_OPTIONS if arch == "modern" else {})), seed=1)
     gpu = on_gpu(cpu)
     x, y = learnable_batches(1, B=3, T=97, seed=1)[0]  # odd T
     y[0, :5] = -1  # ignored targets
@@ -189,8 +197,9 @@ def test_gpt2_124m_training_step():
     assert np.isfinite(gpu.token_losses).all()
 
 
-def test_generate_fp32_equals_cpu_greedy():
-    cpu = GPT(small_config(), seed=4).eval()
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_generate_fp32_equals_cpu_greedy(arch):
+    cpu = GPT(small_config(**(MODERN_OPTIONS if arch == "modern" else {})), seed=4).eval()
     cpu.params *= 3.0  # sharper logits: greedy does not hinge on near-ties
     gpu = on_gpu(cpu).eval()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [11, 12, 13]]

@@ -108,6 +108,17 @@ def test_embedding_vs_torch(bk, rng):
     assert_close(bk.get(dwpe), pe.grad.numpy(), **BWD_TOL, what="dwpe")
 
 
+def test_embedding_without_positions(bk, rng):
+    """wpe / dwpe None (rotary models): out = wte[tokens], dwte the scattered rows."""
+    tokens, wte, _, dout = make(bk, rng, 3, 9, 40, 17, 9)
+    out = bk.ops.embedding_forward(bk.ids(tokens), bk.put(wte), None)
+    np.testing.assert_array_equal(bk.get(out), wte[tokens])
+    dwte = bk.zeros(wte.shape, "float32")
+    bk.ops.embedding_backward(bk.put(dout), bk.ids(tokens), dwte, None)
+    ref, _ = reference.embedding_backward(dout, tokens, 17, 9)
+    assert_close(bk.get(dwte), ref, **BWD_TOL, what="dwte")
+
+
 # ---- ids outside [0, V): numpy ids are refused on both devices; ids already on the GPU cannot be checked there
 
 

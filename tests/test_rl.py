@@ -164,13 +164,20 @@ def test_forward_weights_uniform_equals_mean_loss():
 # ---- gradients of the GRPO loss and of the reward model vs torch -------------------------------------------
 
 
-def test_policy_gradient_matches_torch_reference():
+# GPT-2, and the modern options together (rope, rmsnorm, MQA, QK-norm, swiglu, no biases, untied, soft-capped)
+ARCHS = {"gpt2": {}, "modern": dict(positions="rope", norm="rmsnorm", n_kv_head=1, qk_norm=True, mlp="swiglu",
+                                    qkv_bias=False, proj_bias=False, mlp_bias=False, tie_embeddings=False,
+                                    logit_softcap=10.0)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_policy_gradient_matches_torch_reference(arch):
     torch = pytest.importorskip("torch")
     from torch_gpt import build
 
     rng = np.random.default_rng(0)
     V = 29
-    m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16), seed=1)
+    m = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=16, **ARCHS[arch]), seed=1)
     prompts = [list(rng.integers(0, V, rng.integers(1, 5))) for _ in range(6)]
     comps = [list(rng.integers(0, V, rng.integers(1, 6))) for _ in range(6)]
     adv = rng.standard_normal(6)
@@ -203,12 +210,13 @@ def test_policy_gradient_matches_torch_reference():
         )
 
 
-def test_reward_model_gradient_matches_torch_reference():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reward_model_gradient_matches_torch_reference(arch):
     torch = pytest.importorskip("torch")
     from torch_gpt import build
 
     tok = byte_tokenizer()
-    m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=2, n_head=2, n_embd=16), seed=0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=2, n_head=2, n_embd=16, **ARCHS[arch]), seed=0)
     rm = RewardModel(m, np.random.default_rng(0).standard_normal(17).astype(np.float32))
     seqs = [rm.encode(tok, "3+4=", "7"), rm.encode(tok, "12+9=", "21"), [5, 6, 7, EOT], [9, EOT]]
     r = rm.forward(seqs, EOT)
@@ -223,6 +231,9 @@ def test_reward_model_gradient_matches_torch_reference():
     np.testing.assert_allclose(r, rt.detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rm.head_grad, head.grad.numpy(), rtol=1e-5, atol=1e-5)
     for k, v in params.items():
+        if v.grad is None:  # an untied lm-head: not on the reward model's path
+            assert k == "lm_head.weight" and not m.g[k].any()
+            continue
         np.testing.assert_allclose(
             m.g[k], v.grad.numpy(), atol=1e-6 * max(1.0, np.abs(v.grad.numpy()).max()), err_msg=k
         )

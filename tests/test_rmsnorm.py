@@ -88,6 +88,14 @@ def test_rmsnorm_heads_qk_norm(rng, name, dtype, NH, NKV):
     assert rel_err(dx[:, :, :NH], ref_dx) <= tol["dx"]
     assert np.all(dx[:, :, NH:] == 0)
     assert rel_err(down(name, dw), ref_dw) <= tol["dw"]
+    # in place on dout (the model's QK-norm backward on the packed dqkv): the q rows become their gradient (=, not
+    # +=), the other rows (k, v) pass through unchanged; dweight accumulates as before
+    d = up(name, dout, dtype)
+    _, dw2 = bk.rmsnorm_backward(d, up(name, qkv, dtype), up(name, wq, dtype), rq, dx=d, dweight=dw, heads=(0, NH))
+    d = down(name, d)
+    assert rel_err(d[:, :, :NH], ref_dx) <= tol["dx"]
+    np.testing.assert_array_equal(d[:, :, NH:], dout[:, :, NH:])
+    assert rel_err(down(name, dw2), 2 * ref_dw) <= tol["dw"]
 
 
 def test_rmsnorm_cpu_paths(rng, threads, simd):

@@ -222,6 +222,18 @@ def test_add_chat_tokens_grows_vocab_and_keeps_old_logits():
         grow_vocab(grown, 100)
 
 
+def test_add_chat_tokens_grows_an_untied_lm_head_too():
+    cfg = GPTConfig.preset("nano", vocab_size=257, n_layer=2, tie_embeddings=False, block_size=32)
+    model = GPT(cfg, seed=1).eval()
+    idx = np.random.default_rng(0).integers(0, 257, (2, 16))
+    before = model.forward(idx)
+    _, grown = add_chat_tokens(byte_tok(chat=False), model)
+    assert grown.p["lm_head.weight"].shape == (259, cfg.n_embd) and grown.p["wte"].shape == (259, cfg.n_embd)
+    np.testing.assert_allclose(grown.eval().forward(idx)[..., :257], before, rtol=1e-5, atol=1e-6)
+    head = grown.p["lm_head.weight"][257:]
+    np.testing.assert_allclose(head, np.broadcast_to(model.p["lm_head.weight"].mean(0), head.shape), atol=0.01)
+
+
 def test_add_chat_tokens_into_padded_model_rows():
     """A model with more rows than the tokenizer ids: new tokens reuse (and re-initialise) the spare rows."""
     model = GPT(GPTConfig.preset("tiny", vocab_size=264), seed=1)

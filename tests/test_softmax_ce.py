@@ -477,3 +477,63 @@ def test_lmhead_ce_bad_input_cuda():
 def test_lmhead_chunk_rows():
     assert cuda.lmhead_chunk_rows(16384, 50257, "bfloat16") == 2560  # <= 256 MiB of scratch, a multiple of 128
     assert cuda.lmhead_chunk_rows(10, 50257, "float32") == 10
+
+
+# ---- logit soft-capping (softcap=c: z = c * tanh(logits / c), Gemma 2 / nanochat) ---------------------------
+
+
+def softcap_torch(logits, targets, c, grad_scale=1.0, hidden=None):
+    """(losses, dlogits or (dhidden, dweight)) from torch autograd in float64 (logits = hidden @ weight^T when
+    hidden is given: logits is then the weight)."""
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(np.asarray(logits, np.float64), requires_grad=True)
+    h = None if hidden is None else torch.tensor(np.asarray(hidden, np.float64), requires_grad=True)
+    z = x if h is None else h @ x.T
+    z = c * torch.tanh(z / c)
+    loss = torch.nn.functional.cross_entropy(z, torch.as_tensor(targets, dtype=torch.long), ignore_index=IGNORE,
+                                             reduction="none")
+    (loss.sum() * grad_scale).backward()
+    grads = x.grad.numpy() if h is None else (h.grad.numpy(), x.grad.numpy())
+    return loss.detach().numpy(), grads
+
+
+@pytest.mark.backends(variants=("cpu",))  # every SIMD level (the vectorized tanh and its scalar tail)
+@pytest.mark.parametrize("N,V,c", [(3, 17, 2.0), (5, 771, 15.0), (9, 1001, 7.0), (2, 50257, 30.0)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_softmax_ce_softcap_vs_torch(bk, rng, N, V, c, inplace):
+    tol = TOL[bk.device, bk.dtype]
+    logits, targets = make(bk, rng, (N, V), scale=3 * c)  # many logits in the saturated range
+    targets[0] = IGNORE
+    ref_l, ref_d = softcap_torch(logits, targets, c, grad_scale=0.5)
+    losses, d = bk.ops.softmax_ce(bk.put(logits), targets, grad_scale=0.5, inplace=inplace, softcap=c)
+    assert_losses(bk.get(losses), ref_l, tol["loss"])
+    assert_rel(bk.get(d), ref_d, tol["dlogits"], "dlogits")
+
+
+@pytest.mark.backends(variants=("cpu",))
+def test_lmhead_ce_softcap_vs_torch(bk, rng):
+    N, C, V, c = 37, 24, 301, 4.0
+    hidden, weight = bk.rounded(rng.standard_normal((N, C))), bk.rounded(rng.standard_normal((V, C)))
+    targets = rng.integers(0, V, N).astype(np.int32)
+    targets[3] = IGNORE
+    ref_l, (ref_dh, ref_dw) = softcap_torch(weight, targets, c, grad_scale=1 / N, hidden=hidden)
+    tol = {("cpu", "float32"): 1e-4, ("cuda", "float32"): 2e-3, ("cuda", "bfloat16"): 3e-2}[bk.device, bk.dtype]
+    h, w = bk.put(hidden), bk.put(weight)
+    losses, dh, dw = bk.ops.lmhead_ce(h, w, targets, grad_scale=1 / N, scratch=bk.ops.empty((8, V), bk.dtype),
+                                      softcap=c)  # several chunks
+    np.testing.assert_allclose(bk.get(losses), ref_l, rtol=tol, atol=tol)
+    assert_rel(bk.get(dh), ref_dh, tol, "dhidden")
+    assert_rel(bk.get(dw), ref_dw, tol, "dweight")
+    losses_eval, _, _ = bk.ops.lmhead_ce(h, w, targets, backward=False, softcap=c)
+    np.testing.assert_allclose(bk.get(losses_eval), ref_l, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_softcap_bad_values(rng, bad):
+    logits, targets = rng.standard_normal((2, 5)).astype(np.float32), np.array([1, 3], np.int32)
+    with pytest.raises(ValueError, match="softcap"):
+        ops.softmax_ce(logits, targets, softcap=bad)
+    with pytest.raises(ValueError, match="softcap"):
+        _C.softmax_ce(np.empty(2, np.float32), None, logits, targets, 1.0, -1, None, bad if bad else -1.0)
+    with pytest.raises(TypeError, match="softcap"):
+        ops.lmhead_ce(logits, logits.copy(), targets, softcap="7")

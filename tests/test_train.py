@@ -71,6 +71,29 @@ def _cli(cfg, *extra):
     return args + list(extra)
 
 
+def test_modern_architecture_from_flags_trains_and_resumes(data, capsys):
+    """`fastllm train --model nano` with architecture flags: the checkpoint records them, the loss falls, and a
+    resumed run continues from the checkpoint's architecture."""
+    from fastllm.cli import main
+
+    out = data / "modern"
+    args = ["train", "--no-progress", "--data", str(data / "data"), "--out", str(out), "--model", "nano",
+            "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--mlp", "relu2", "--no-tie-embeddings",
+            "--logit-softcap", "20", "--batch-size", "4", "--seq-len", "32", "--max-steps", "30", "--lr", "3e-3",
+            "--warmup-steps", "5", "--eval-every", "10", "--eval-batches", "4", "--ckpt-every", "10", "--threads", "2"]
+    assert main(args) == 0
+    cfg = load_model(out).config
+    assert (cfg.positions, cfg.norm, cfg.mlp, cfg.kv_heads, cfg.tie_embeddings, cfg.logit_softcap) == \
+        ("rope", "rmsnorm", "relu2", 1, False, 20.0)
+    losses, val = _losses(out)
+    assert losses[-1][1] < losses[0][1] - 1.0 and val[-1][1] < np.log(V) - 1.0, (losses, val)
+    assert main(args[:args.index("--max-steps")] + ["--max-steps", "35", "--resume"]) == 0
+    assert load_model(out).checkpoint_dir.name == "ckpt_000035"
+    capsys.readouterr()
+    assert main(args[:-2] + ["--n-kv-head", "3", "--out", str(data / "bad")]) == 1
+    assert "n_kv_head=3 must divide n_head=2" in capsys.readouterr().err
+
+
 def test_killed_run_resumes_bit_identically(data):
     full = config(data, out=str(data / "full"), max_steps=12, ckpt_every=3, eval_every=4)
     train(full, progress=False, log=lambda *a: None)

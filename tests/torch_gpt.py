@@ -1,4 +1,7 @@
-"""A plain PyTorch GPT-2 (nanoGPT-style, test-only oracle) that takes its weights from a fastllm GPT."""
+"""A plain PyTorch transformer (nanoGPT-style, test-only oracle) that takes its weights from a fastllm GPT: GPT-2 and
+every architecture option of GPTConfig (rope, rmsnorm, GQA, QK-norm, gelu/swiglu/relu2, biases, untied lm-head,
+logit soft-capping), written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
+Qwen2 / Qwen3 / Mistral (hf_twin: the same weights under HF's names) check it where a family exists."""
 
 from __future__ import annotations
 
@@ -13,38 +16,133 @@ def build(model, sdpa: bool = False):
     import torch
     import torch.nn.functional as F
 
+    from fastllm import rope
+
     cfg = model.config
-    params = {k: torch.tensor(np.array(v), requires_grad=True) for k, v in model.p.items()}
-    C, NH = cfg.n_embd, cfg.n_head
+    params = {k: torch.tensor(np.array(v), requires_grad=True) for k, v in model.state_dict().items()}
+    NH, NKV, hd, H, eps = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width, cfg.layernorm_eps
+    head = params["wte" if cfg.tie_embeddings else "lm_head.weight"]
+    if cfg.positions == "rope":  # HF's rotate-half RoPE: angle = position * inv_freq, cos/sin over [freqs, freqs]
+        freq = torch.tensor(rope.inv_freq(hd, cfg.rope_theta, cfg.rope_scaling))
+        ang = torch.arange(cfg.block_size, dtype=torch.float32)[:, None] * freq[None, :]
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+
+    def p(name, l=None):
+        t = params.get(name)
+        return t if t is None or l is None else t[l]
+
+    def rmsnorm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def norm(x, w, b):
+        return F.layer_norm(x, (x.shape[-1],), w, b, eps) if cfg.norm == "layernorm" else rmsnorm(x, w)
+
+    def rotate(x, T):  # x (B, heads, T, hd)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos[:T] + rot * sin[:T]
 
     def forward(idx, targets=None, hidden=False):
         """logits (B, T, V), or the mean CE loss given targets, or the final hidden states (B, T, C) if hidden."""
         idx = torch.as_tensor(np.asarray(idx, np.int64))
         B, T = idx.shape
-        x = params["wte"][idx] + params["wpe"][:T]
+        x = params["wte"][idx]
+        if cfg.positions == "learned":
+            x = x + params["wpe"][:T]
         for l in range(cfg.n_layer):
-            h = F.layer_norm(x, (C,), params["ln_1.weight"][l], params["ln_1.bias"][l], cfg.layernorm_eps)
-            qkv = F.linear(h, params["attn.c_attn.weight"][l], params["attn.c_attn.bias"][l])
-            q, k, v = qkv.split(C, dim=2)
-            q, k, v = (t.view(B, T, NH, C // NH).transpose(1, 2) for t in (q, k, v))
+            h = norm(x, p("ln_1.weight", l), p("ln_1.bias", l))
+            qkv = F.linear(h, p("attn.c_attn.weight", l), p("attn.c_attn.bias", l))
+            q, k, v = qkv.split([NH * hd, NKV * hd, NKV * hd], dim=2)
+            q, k, v = q.view(B, T, NH, hd), k.view(B, T, NKV, hd), v.view(B, T, NKV, hd)
+            if cfg.qk_norm:
+                q, k = rmsnorm(q, p("attn.q_norm.weight", l)), rmsnorm(k, p("attn.k_norm.weight", l))
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            if cfg.positions == "rope":
+                q, k = rotate(q, T), rotate(k, T)
+            k, v = k.repeat_interleave(NH // NKV, dim=1), v.repeat_interleave(NH // NKV, dim=1)
             if sdpa:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
-                att = (q @ k.transpose(-2, -1)) / math.sqrt(C // NH)
+                att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
                 att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
                 y = att @ v
-            y = y.transpose(1, 2).reshape(B, T, C)
-            x = x + F.linear(y, params["attn.c_proj.weight"][l], params["attn.c_proj.bias"][l])
-            h = F.layer_norm(x, (C,), params["ln_2.weight"][l], params["ln_2.bias"][l], cfg.layernorm_eps)
-            h = F.gelu(F.linear(h, params["mlp.c_fc.weight"][l], params["mlp.c_fc.bias"][l]), approximate="tanh")
-            x = x + F.linear(h, params["mlp.c_proj.weight"][l], params["mlp.c_proj.bias"][l])
-        x = F.layer_norm(x, (C,), params["ln_f.weight"], params["ln_f.bias"], cfg.layernorm_eps)
+            y = y.transpose(1, 2).reshape(B, T, NH * hd)
+            x = x + F.linear(y, p("attn.c_proj.weight", l), p("attn.c_proj.bias", l))
+            h = norm(x, p("ln_2.weight", l), p("ln_2.bias", l))
+            u = F.linear(h, p("mlp.c_fc.weight", l), p("mlp.c_fc.bias", l))
+            if cfg.mlp == "gelu":
+                u = F.gelu(u, approximate="tanh")
+            elif cfg.mlp == "relu2":
+                u = F.relu(u).square()
+            else:
+                gate, up = u.split(H, dim=-1)
+                u = F.silu(gate) * up
+            x = x + F.linear(u, p("mlp.c_proj.weight", l), p("mlp.c_proj.bias", l))
+        x = norm(x, params["ln_f.weight"], params.get("ln_f.bias"))
         if hidden:
             return x
-        logits = x @ params["wte"].T
+        logits = x @ head.T
+        if cfg.logit_softcap is not None:
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         if targets is None:
             return logits
         t = torch.as_tensor(np.asarray(targets, np.int64))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), t.view(-1), ignore_index=-1)
 
     return forward, params
+
+
+def hf_twin(model, family: str, attn: str = "eager"):
+    """The transformers model of `family` ("llama", "mistral", "qwen2", "qwen3") with model's weights (float32;
+    attn: HF's attention implementation)."""
+    import torch
+    import transformers
+
+    cfg = model.config
+    NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=H, num_hidden_layers=cfg.n_layer,
+              num_attention_heads=NH, num_key_value_heads=NKV, head_dim=hd, max_position_embeddings=cfg.block_size,
+              rms_norm_eps=cfg.layernorm_eps, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+              tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu")
+    if family == "llama":
+        kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    hf_cfg = getattr(transformers, f"{cls}Config")(**kw)
+    hf_cfg._attn_implementation = attn
+    hf = getattr(transformers, f"{cls}ForCausalLM")(hf_cfg).float().eval()
+    sd = hf_names(model)
+    missing, unexpected = hf.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf
+
+
+def hf_names(model) -> dict[str, np.ndarray]:
+    """fastllm tensors under HF Llama-family names (the spec's mapping): q/k/v rows of c_attn, gate/up rows of c_fc."""
+    cfg, p = model.config, {k: np.array(v) for k, v in model.state_dict().items()}
+    NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
+    cuts = [0, NH * hd, (NH + NKV) * hd, (NH + 2 * NKV) * hd]
+    out = {"model.embed_tokens.weight": p["wte"], "model.norm.weight": p["ln_f.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = p["lm_head.weight"]
+    for l in range(cfg.n_layer):
+        pre = f"model.layers.{l}."
+        out[pre + "input_layernorm.weight"] = p["ln_1.weight"][l]
+        out[pre + "post_attention_layernorm.weight"] = p["ln_2.weight"][l]
+        for i, n in enumerate("qkv"):
+            out[pre + f"self_attn.{n}_proj.weight"] = p["attn.c_attn.weight"][l][cuts[i]:cuts[i + 1]]
+            if cfg.qkv_bias:
+                out[pre + f"self_attn.{n}_proj.bias"] = p["attn.c_attn.bias"][l][cuts[i]:cuts[i + 1]]
+        out[pre + "self_attn.o_proj.weight"] = p["attn.c_proj.weight"][l]
+        if cfg.proj_bias:
+            out[pre + "self_attn.o_proj.bias"] = p["attn.c_proj.bias"][l]
+        if cfg.qk_norm:
+            out[pre + "self_attn.q_norm.weight"] = p["attn.q_norm.weight"][l]
+            out[pre + "self_attn.k_norm.weight"] = p["attn.k_norm.weight"][l]
+        out[pre + "mlp.gate_proj.weight"] = p["mlp.c_fc.weight"][l][:H]
+        out[pre + "mlp.up_proj.weight"] = p["mlp.c_fc.weight"][l][H:]
+        out[pre + "mlp.down_proj.weight"] = p["mlp.c_proj.weight"][l]
+        if cfg.mlp_bias:
+            out[pre + "mlp.gate_proj.bias"] = p["mlp.c_fc.bias"][l][:H]
+            out[pre + "mlp.up_proj.bias"] = p["mlp.c_fc.bias"][l][H:]
+            out[pre + "mlp.down_proj.bias"] = p["mlp.c_proj.bias"][l]
+    return out

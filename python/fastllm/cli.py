@@ -39,7 +39,7 @@ from .sample import SamplingParams, check_seed, stream_text
 from .serve import ServeConfig, serve
 from .sft import ChatSession, SFTConfig, chat_loop, sft
 from .tokenizer import Tokenizer
-from .train import TrainConfig, TrainingError, train
+from .train import MODEL_OPTIONS, TrainConfig, TrainingError, train
 from .version import __version__
 
 # the order in which a model is built; `fastllm --help` lists commands in this order, unknown ones last
@@ -321,7 +321,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 @command("sft", "fine-tune a checkpoint on conversations (JSONL of {\"messages\": [...]})",
          ["fastllm sft --base run/ --data chats.jsonl --out chat/ --max-steps 300 --lr 1e-4"],
-         args=_fields_of(SFTConfig, skip=("model", "n_layer", "n_head", "n_embd"), required=("base",)))
+         args=_fields_of(SFTConfig, skip=("model", *MODEL_OPTIONS), required=("base",)))
 def _cmd_sft(args: argparse.Namespace) -> int:
     s = sft(_config(args, SFTConfig), progress=not args.no_progress)
     _print_summary(s)

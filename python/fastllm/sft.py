@@ -51,7 +51,7 @@ from .model import GPT
 from .options import option
 from .sample import stream_text
 from .tokenizer import Tokenizer
-from .train import LMStage, TrainConfig, fit_lm, setup_run
+from .train import MODEL_OPTIONS, LMStage, TrainConfig, fit_lm, setup_run
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -137,7 +137,7 @@ def with_chat_tokens(tokenizer):
 def grow_vocab(
     model: GPT, vocab_size: int, init_rows: Sequence[int] = (), seed: int = 0, mean_rows: int | None = None
 ) -> GPT:
-    """A new GPT with `vocab_size` >= the model's rows of wte (the tied lm-head), every parameter copied.
+    """A new GPT with `vocab_size` >= the model's rows of wte (and of an untied lm-head), every parameter copied.
 
     New rows and the rows in `init_rows` are set to the mean of the first `mean_rows` (default: all old) rows
     plus normal(0, 0.002) noise: a new token's logit starts near the average logit and its embedding near
@@ -147,13 +147,15 @@ def grow_vocab(
     if vocab_size < old:
         raise ValueError(f"vocab_size={vocab_size} is smaller than the model's {old}")
     tensors = dict(model.state_dict())
-    wte = np.empty((vocab_size, model.config.n_embd), np.float32)
-    wte[:old] = tensors["wte"]
     rows = sorted(set(range(old, vocab_size)) | {int(r) for r in init_rows})
-    if rows:
-        noise = np.random.default_rng(seed).standard_normal((len(rows), model.config.n_embd)) * 0.002
-        wte[rows] = tensors["wte"][: mean_rows or old].mean(0, dtype=np.float64) + noise
-    tensors["wte"] = wte
+    rng = np.random.default_rng(seed)
+    for name in ("wte", "lm_head.weight") if "lm_head.weight" in tensors else ("wte",):
+        grown = np.empty((vocab_size, model.config.n_embd), np.float32)
+        grown[:old] = tensors[name]
+        if rows:
+            noise = rng.standard_normal((len(rows), model.config.n_embd)) * 0.002
+            grown[rows] = tensors[name][: mean_rows or old].mean(0, dtype=np.float64) + noise
+        tensors[name] = grown
     new = GPT(dataclasses.replace(model.config, vocab_size=vocab_size), init=False)
     new.load_state_dict(tensors, where="grow_vocab")
     if hasattr(model, "checkpoint_dir"):
@@ -339,7 +341,8 @@ class PackedLoader:
 @dataclass
 class SFTConfig(TrainConfig):
     """TrainConfig for fine-tuning: `data` is a conversations JSONL file, the model comes from `base`
-    (model, n_layer, n_head, n_embd are ignored). Defaults suit fine-tuning: lower LR, no weight decay."""
+    (its architecture: model and the model options of TrainConfig may not be set). Defaults suit fine-tuning:
+    lower LR, no weight decay."""
 
     data: str = option(help="conversations JSONL, one {\"messages\": [{\"role\", \"content\"}, ...]} per line")
     seq_len: int | None = option(None, "T: tokens per packed window (default: the base model's context length)")
@@ -362,6 +365,9 @@ class SFTConfig(TrainConfig):
         super().__post_init__()
         if not self.base:
             raise ValueError("base: give the checkpoint to fine-tune (--base)")
+        fixed = [k for k in MODEL_OPTIONS if getattr(self, k) is not None]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: the architecture comes from the base model; do not set these")
         checks.number(self, "val_fraction", high=1.0, high_open=True)
         checks.one_of(self, "too_long", ("truncate", "skip"))
 

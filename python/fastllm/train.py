@@ -29,7 +29,7 @@ import numpy as np
 
 from . import checkpoint, checks, ops, set_num_threads
 from .data import DataLoader
-from .model import GPT, PRESETS, GPTConfig
+from .model import GPT, MLPS, NORMS, POSITIONS, PRESETS, GPTConfig
 from .optim import AdamW, lr_schedule
 from .options import CKPT_EVERY, CUDA_DTYPE, DEVICE, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
 from .plot import plot_stage
@@ -41,14 +41,35 @@ class TrainingError(RuntimeError):
     """Training cannot continue (NaN/Inf loss or gradients); the last good checkpoint is kept."""
 
 
+# the TrainConfig fields that override the preset's GPTConfig fields of the same names
+MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "n_kv_head", "positions", "rope_theta", "norm", "mlp", "mlp_hidden",
+                 "qk_norm", "tie_embeddings", "logit_softcap")
+
+
 @dataclass
 class TrainConfig:
     data: str = option(help="folder of train_*.bin / val_*.bin token shards (from `fastllm prepare`)")
     out: str = option("out", "output folder: checkpoints ckpt_NNNNNN/, log.jsonl, loss.png")
-    model: str = option("small", "size preset: tiny, mini, small (CPU sizes), gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    model: str = option("small", "preset: tiny, mini, small (GPT-2 style, CPU sizes), nano, micro (Llama style: "
+                                 "RoPE, RMSNorm, SwiGLU, GQA), gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+                        choices=tuple(PRESETS))
     n_layer: int | None = option(None, "transformer blocks (default: the preset's)")
     n_head: int | None = option(None, "attention heads per block (default: the preset's)")
     n_embd: int | None = option(None, "embedding width in channels, a multiple of n_head (default: the preset's)")
+    n_kv_head: int | None = option(None, "key/value heads, dividing n_head: grouped-query attention (1: multi-query; "
+                                         "default: the preset's)")
+    positions: str | None = option(None, "positions: learned (a wpe table, GPT-2) or rope (rotary, Llama) (default: "
+                                         "the preset's)", choices=POSITIONS)
+    rope_theta: float | None = option(None, "RoPE base frequency (Llama 3: 500000; default: the preset's)")
+    norm: str | None = option(None, "layernorm (GPT-2) or rmsnorm (Llama) (default: the preset's)", choices=NORMS)
+    mlp: str | None = option(None, "MLP: gelu (GPT-2), swiglu (Llama) or relu2 (nanochat) (default: the preset's)",
+                             choices=MLPS)
+    mlp_hidden: int | None = option(None, "MLP hidden width (default: the preset's; 4 * n_embd)")
+    qk_norm: bool | None = option(None, "RMSNorm on every query and key head, as Qwen3 (default: the preset's)")
+    tie_embeddings: bool | None = option(None, "the lm-head is the token embedding (--no-tie-embeddings: its own "
+                                               "matrix; default: the preset's)")
+    logit_softcap: float | None = option(None, "cap the logits at c * tanh(logits / c), as Gemma 2 and nanochat "
+                                               "(default: the preset's, no cap)")
     batch_size: int = option(8, "B: sequences per micro-batch")
     seq_len: int = option(256, "T: tokens per sequence (raises the preset's context length when larger)")
     total_batch_tokens: int | None = option(None, "tokens per optimizer step, a multiple of B*T: gradient "
@@ -79,22 +100,23 @@ class TrainConfig:
         checks.output_dir(self)
         if self.model not in PRESETS:
             raise ValueError(f"model: unknown preset {self.model!r}; choose from {sorted(PRESETS)}")
-        checks.at_least(self, 1, "n_layer", "n_head", "n_embd", "batch_size", "seq_len", "total_batch_tokens",
-                        "max_steps", "eval_batches", "sample_tokens", "keep_ckpts", "threads")
+        checks.at_least(self, 1, "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden", "batch_size", "seq_len",
+                        "total_batch_tokens", "max_steps", "eval_batches", "sample_tokens", "keep_ckpts", "threads")
         checks.at_least(self, 0, "warmup_steps", "eval_every", "sample_every", "ckpt_every", "seed")
         checks.number(self, "lr", low_open=True)
         checks.number(self, "min_lr", "weight_decay", "grad_clip")
         checks.number(self, "beta1", "beta2", high=1.0, high_open=True)
         checks.device(self)
+        self.model_config(vocab_size=256)  # the architecture options, checked now (ValueError naming the field)
         if self.total_batch_tokens is not None and self.seq_len is not None:
             if self.total_batch_tokens % (self.batch_size * self.seq_len):
                 raise ValueError(f"total_batch_tokens={self.total_batch_tokens} must be a multiple of "
                                  f"batch_size*seq_len={self.batch_size * self.seq_len}")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        over = {k: v for k, v in (("n_layer", self.n_layer), ("n_head", self.n_head), ("n_embd", self.n_embd)) if v}
+        over = {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
         cfg = GPTConfig.preset(self.model, vocab_size=vocab_size, **over)
-        if self.seq_len > cfg.block_size:
+        if self.seq_len is not None and self.seq_len > cfg.block_size:
             cfg.block_size = self.seq_len
         return cfg
 

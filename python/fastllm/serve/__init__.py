@@ -61,7 +61,7 @@ def slots_within(model, max_batch: int, max_len: int | None, kv_budget_mb: float
     if kv_budget_mb is None:
         return max_batch
     cfg, size = model.config, 2 if getattr(model, "dtype", "float32") == "bfloat16" else 4
-    slot = 2 * cfg.n_layer * (max_len or cfg.block_size) * cfg.n_embd * size  # keys + values of one sequence
+    slot = 2 * cfg.n_layer * (max_len or cfg.block_size) * cfg.kv_heads * cfg.head_size * size  # keys + values
     n = min(max_batch, int(kv_budget_mb * 2**20 // slot))
     if n < 1:
         raise ValueError(f"--kv-budget-mb {kv_budget_mb} holds no sequence of {max_len or cfg.block_size} tokens "

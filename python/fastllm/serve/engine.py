@@ -18,7 +18,7 @@ cache switches to float32), so a seeded request gives the same tokens alone or i
 `fastllm.sample.generate(model, prompt, n, seed=seed, ...)` for its first choice.
 
 The native kernels release the GIL, so the HTTP thread stays responsive while the scheduler runs the model.
-Memory is bounded: the KV cache is allocated once (2 * n_layer * max_batch * max_len * n_embd floats), at
+Memory is bounded: the KV cache is allocated once (2 * n_layer * max_batch * max_len * n_kv_head * head_size floats), at
 most `max_queue` requests wait beyond it (`QueueFull` after that).
 
 >>> engine = Engine(model, tokenizer, max_batch=8).start()
@@ -211,7 +211,7 @@ class Engine:
     def kv_bytes(self) -> int:
         """Bytes of the KV cache (keys and values)."""
         cfg, size = self.model.config, 2 if getattr(self.model, "dtype", "float32") == "bfloat16" else 4
-        return 2 * cfg.n_layer * self.max_batch * self.max_len * cfg.n_embd * size
+        return 2 * cfg.n_layer * self.max_batch * self.max_len * cfg.kv_heads * cfg.head_size * size
 
     # ---- control (any thread) ---------------------------------------------------------------------------
 
