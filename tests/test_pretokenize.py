@@ -25,12 +25,11 @@ from hypothesis import strategies as st
 
 regex = pytest.importorskip("regex")
 
+from hf_families import LLAMA3_SPLIT, QWEN2_SPLIT  # noqa: E402
+
 from fastllm import _C  # noqa: E402
 
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# the Split regexes of Meta-Llama-3's and Qwen2.5's tokenizer.json (public files), as they are written there
-LLAMA3_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-QWEN2_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 PATTERNS = ["gpt2", "gpt4", "llama3", "qwen2", "smollm"]
 
 
@@ -77,8 +76,8 @@ def test_pattern_strings():
 
 
 def test_hf_pattern_strings():
-    assert _C.pattern_string("llama3") == LLAMA3_PAT
-    assert _C.pattern_string("qwen2") == QWEN2_PAT
+    assert _C.pattern_string("llama3") == LLAMA3_SPLIT
+    assert _C.pattern_string("qwen2") == QWEN2_SPLIT
 
 
 def hf_pre_tokenizer(pattern: str):
@@ -89,7 +88,7 @@ def hf_pre_tokenizer(pattern: str):
         return P.ByteLevel(add_prefix_space=False, use_regex=True)
     if pattern == "smollm":
         return P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False, use_regex=True)])
-    regex_str = {"llama3": LLAMA3_PAT, "qwen2": QWEN2_PAT}[pattern]
+    regex_str = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[pattern]
     return P.Sequence([P.Split(tk.Regex(regex_str), "isolated"), P.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
