@@ -400,8 +400,15 @@ static void attention_kv_forward_py(py::array out, py::array kcache, py::array v
 // ---------------------------------------------------------------------------------------------------------
 // softmax + cross-entropy
 
+// softcap: 0 (none) or c > 0, finite (logits capped to c * tanh(logits / c))
+static void check_softcap(float softcap) {
+    FASTLLM_CHECK(softcap >= 0.0f && std::isfinite(softcap), "softcap must be a finite number > 0 (0: none), got ",
+                  softcap);
+}
+
 static void softmax_ce_py(py::array losses, std::optional<py::array> dlogits, py::array logits, py::array targets,
-                          float grad_scale, int32_t ignore_index, std::optional<py::array> row_weights) {
+                          float grad_scale, int32_t ignore_index, std::optional<py::array> row_weights, float softcap) {
+    check_softcap(softcap);
     check_ndim(logits, "logits", 2, "(N, V)");
     const int64_t N = logits.shape(0), V = logits.shape(1);
     check_positive(V, "V (logits columns)", logits, "logits");
@@ -416,12 +423,14 @@ static void softmax_ce_py(py::array losses, std::optional<py::array> dlogits, py
     if (dlogits) check_disjoint(*dlogits, "dlogits", logits, "logits", true);  // in place: dlogits is logits
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::softmax_ce(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw);
+    fastllm::cpu::softmax_ce(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw, softcap);
 }
 
 static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std::optional<py::array> dweight,
                          py::array hidden, py::array weight, py::array targets, float grad_scale,
-                         int32_t ignore_index, std::optional<py::array> scratch, std::optional<py::array> row_weights) {
+                         int32_t ignore_index, std::optional<py::array> scratch, std::optional<py::array> row_weights,
+                         float softcap) {
+    check_softcap(softcap);
     check_ndim(hidden, "hidden", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(V, C)");
     const int64_t N = hidden.shape(0), C = hidden.shape(1), V = weight.shape(0);
@@ -452,7 +461,7 @@ static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std
         {{&hidden, "hidden"}, {&weight, "weight"}, {&targets, "targets"}, {opt(row_weights), "row_weights"}});
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::lmhead_ce(ls, dh, dw, h, w, tg, sc, chunk_rows, N, C, V, grad_scale, ignore_index, rw);
+    fastllm::cpu::lmhead_ce(ls, dh, dw, h, w, tg, sc, chunk_rows, N, C, V, grad_scale, ignore_index, rw, softcap);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -596,8 +605,9 @@ static void rmsnorm_backward_py(py::array dinp, py::array dweight, py::array dou
     const float* s = in_ptr<float>(rstd, "rstd", r.stats_shape);
     float* dx = out_ptr<float>(dinp, "dx", shape_of(inp));
     float* dw = out_ptr<float>(dweight, "dweight", {r.C});
-    check_outputs({{&dinp, "dx"}, {&dweight, "dweight"}}, {{&dout, "dout"}, {&inp, "x"}, {&weight, "weight"},
-                                                          {&rstd, "rstd"}});
+    check_disjoint(dinp, "dx", dout, "dout", true);  // in place: dx is dout (its rows replaced by the gradient)
+    check_outputs({{&dinp, "dx"}, {&dweight, "dweight"}}, {{&inp, "x"}, {&weight, "weight"}, {&rstd, "rstd"}});
+    check_disjoint(dweight, "dweight", dout, "dout");
     py::gil_scoped_release nogil;
     fastllm::cpu::rmsnorm_backward(dx + r.offset, dw, dy + r.offset, x + r.offset, w, s, r.N, r.C, r.group,
                                    r.group_stride);
@@ -709,34 +719,40 @@ static void relu2_backward_py(py::array dinp, py::array dout, py::array inp) {
     fastllm::cpu::relu2_backward(dx, dy, x, n);
 }
 
-static void embedding_forward_py(py::array out, py::array tokens, py::array wte, py::array wpe) {
+// wpe / dwpe may be None: no position embedding (rotary models)
+static void embedding_forward_py(py::array out, py::array tokens, py::array wte, std::optional<py::array> wpe) {
     check_ndim(tokens, "tokens", 2, "(B, T)");
     check_ndim(wte, "wte", 2, "(V, C)");
-    check_ndim(wpe, "wpe", 2, "(max_T, C)");
     const int64_t B = tokens.shape(0), T = tokens.shape(1), V = wte.shape(0), C = wte.shape(1);
-    FASTLLM_CHECK(T <= wpe.shape(0), "sequence length T=", T, " exceeds the position table wpe rows=", wpe.shape(0));
-    FASTLLM_CHECK(wpe.shape(1) == C, "wpe must have C=", C, " columns like wte, got shape ", shape_str(wpe));
+    if (wpe) {
+        check_ndim(*wpe, "wpe", 2, "(max_T, C)");
+        FASTLLM_CHECK(T <= wpe->shape(0), "sequence length T=", T, " exceeds the position table wpe rows=",
+                      wpe->shape(0));
+        FASTLLM_CHECK(wpe->shape(1) == C, "wpe must have C=", C, " columns like wte, got shape ", shape_str(*wpe));
+    }
     const int32_t* tk = in_ptr<int32_t>(tokens, "tokens");
     const float* te = in_ptr<float>(wte, "wte");
-    const float* pe = in_ptr<float>(wpe, "wpe");
+    const float* pe = wpe ? in_ptr<float>(*wpe, "wpe") : nullptr;
     float* o = out_ptr<float>(out, "out", {B, T, C});
-    check_outputs({{&out, "out"}}, {{&tokens, "tokens"}, {&wte, "wte"}, {&wpe, "wpe"}});
+    check_outputs({{&out, "out"}}, {{&tokens, "tokens"}, {&wte, "wte"}, {opt(wpe), "wpe"}});
     check_ids(tk, B * T, V, "tokens");
     py::gil_scoped_release nogil;
     fastllm::cpu::embedding_forward(o, tk, te, pe, B, T, C);
 }
 
-static void embedding_backward_py(py::array dwte, py::array dwpe, py::array dout, py::array tokens) {
+static void embedding_backward_py(py::array dwte, std::optional<py::array> dwpe, py::array dout, py::array tokens) {
     check_ndim(tokens, "tokens", 2, "(B, T)");
     check_ndim(dwte, "dwte", 2, "(V, C)");
-    check_ndim(dwpe, "dwpe", 2, "(max_T, C)");
     const int64_t B = tokens.shape(0), T = tokens.shape(1), V = dwte.shape(0), C = dwte.shape(1);
-    FASTLLM_CHECK(T <= dwpe.shape(0), "sequence length T=", T, " exceeds dwpe rows=", dwpe.shape(0));
+    if (dwpe) {
+        check_ndim(*dwpe, "dwpe", 2, "(max_T, C)");
+        FASTLLM_CHECK(T <= dwpe->shape(0), "sequence length T=", T, " exceeds dwpe rows=", dwpe->shape(0));
+    }
     const int32_t* tk = in_ptr<int32_t>(tokens, "tokens");
     const float* dy = in_ptr<float>(dout, "dout", {B, T, C});
     float* dte = out_ptr<float>(dwte, "dwte");
-    float* dpe = out_ptr<float>(dwpe, "dwpe", {dwpe.shape(0), C});
-    check_outputs({{&dwte, "dwte"}, {&dwpe, "dwpe"}}, {{&dout, "dout"}, {&tokens, "tokens"}});
+    float* dpe = dwpe ? out_ptr<float>(*dwpe, "dwpe", {dwpe->shape(0), C}) : nullptr;
+    check_outputs({{&dwte, "dwte"}, {opt(dwpe), "dwpe"}}, {{&dout, "dout"}, {&tokens, "tokens"}});
     check_ids(tk, B * T, V, "tokens");
     py::gil_scoped_release nogil;
     fastllm::cpu::embedding_backward(dte, dpe, dy, tk, B, T, C, V);
@@ -1221,10 +1237,10 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"),
                arg("qkv"), arg("pos"), arg("n_kv_head") = none);
     def_kernel(m, "softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
-               arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none);
+               arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none, arg("softcap") = 0.0f);
     def_kernel(m, "lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"),
                arg("weight"), arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("scratch") = none,
-               arg("row_weights") = none);
+               arg("row_weights") = none, arg("softcap") = 0.0f);
     m.def("lmhead_chunk_rows", &fastllm::cpu::lmhead_chunk_rows, arg("N"), arg("V"));
     def_kernel(m, "layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),
                arg("weight"), arg("bias"), arg("eps"));

@@ -265,6 +265,11 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
     }
 
     // ---- softmax_ce.cu
+    // softcap: 0 (none) or c > 0, finite
+    static const auto check_softcap = [](float softcap) {
+        FASTLLM_CHECK(softcap >= 0.0f && std::isfinite(softcap),
+                      "softcap must be a finite number > 0 (0: none), got ", softcap);
+    };
     // a per-row array (losses, targets): shaped like the leading dims of the logits, or flat (N,)
     static const auto check_rows = [](const DeviceArray& x, const char* name, DType dt,
                                       const std::vector<int64_t>& lead, int64_t N) {
@@ -273,7 +278,8 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
     m.def(
         "softmax_ce",
         [](DeviceArray& losses, DeviceArray* dlogits, const DeviceArray& logits, const DeviceArray& targets,
-           float grad_scale, int32_t ignore_index, DeviceArray* row_weights) {
+           float grad_scale, int32_t ignore_index, DeviceArray* row_weights, float softcap) {
+            check_softcap(softcap);
             check_float(logits, "logits");
             const DType t = logits.dtype;
             FASTLLM_CHECK(logits.shape.size() >= 1, "logits must be (..., V), got a 0-d array");
@@ -304,16 +310,17 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             const int32_t* pt = (const int32_t*)targets.data();
             const float* pw = row_weights ? (const float*)row_weights->data() : nullptr;
             py::gil_scoped_release nogil;
-            softmax_ce(pl, pd, px, pt, N, V, grad_scale, ignore_index, pw, t);
+            softmax_ce(pl, pd, px, pt, N, V, grad_scale, ignore_index, pw, softcap, t);
         },
         arg("losses"), arg("dlogits"), arg("logits"), arg("targets"), arg("grad_scale") = 1.0f,
-        arg("ignore_index") = -1, arg("row_weights") = py::none(),
+        arg("ignore_index") = -1, arg("row_weights") = py::none(), arg("softcap") = 0.0f,
         "losses (N, f32) and optionally dlogits = (softmax - onehot) * grad_scale (may be logits itself).");
     m.def(
         "lmhead_ce",
         [](DeviceArray& losses, DeviceArray* dhidden, DeviceArray* dweight, const DeviceArray& hidden,
            const DeviceArray& weight, const DeviceArray& targets, float grad_scale, int32_t ignore_index,
-           DeviceArray* scratch, DeviceArray* row_weights) {
+           DeviceArray* scratch, DeviceArray* row_weights, float softcap) {
+            check_softcap(softcap);
             check_float(hidden, "hidden");
             const DType t = hidden.dtype;
             check_2d(weight, "weight");
@@ -375,12 +382,12 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             const int64_t rows = scratch->shape[0];
             {
                 py::gil_scoped_release nogil;
-                lmhead_ce(pl, pdh, pdw, ph, pw, pt, ps, rows, N, C, V, grad_scale, ignore_index, prw, t);
+                lmhead_ce(pl, pdh, pdw, ph, pw, pt, ps, rows, N, C, V, grad_scale, ignore_index, prw, softcap, t);
             }
         },
         arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"), arg("targets"),
         arg("grad_scale") = 1.0f, arg("ignore_index") = -1, arg("scratch") = py::none(),
-        arg("row_weights") = py::none(),
+        arg("row_weights") = py::none(), arg("softcap") = 0.0f,
         "Fused lm head + cross-entropy in row chunks of scratch (rows, V) (allocated if None).");
     m.def("lmhead_chunk_rows", [](int64_t N, int64_t V, const std::string& dtype) {
         return lmhead_chunk_rows(N, V, parse_dtype(dtype));
@@ -582,30 +589,34 @@ static void register_elementwise(py::module_& m) {
         },
         arg("dinp1"), arg("dinp2"), arg("dout"));
 
+    // wpe / dwpe may be None: no position embedding (rotary models)
     m.def(
         "embedding_forward",
-        [](DeviceArray& out, const DeviceArray& tokens, const DeviceArray& wte, const DeviceArray& wpe) {
+        [](DeviceArray& out, const DeviceArray& tokens, const DeviceArray& wte, const DeviceArray* wpe) {
             int64_t B, T;
             ew_check_tokens(tokens, B, T);
             check_float(wte, "wte");
             FASTLLM_CHECK(wte.shape.size() == 2, "wte must have shape (V, C), got ", wte.shape_str());
             const int64_t V = wte.shape[0], C = wte.shape[1];
             ew_check_table(wte, "wte", wte.dtype, C);
-            ew_check_table(wpe, "wpe", wte.dtype, C);
-            FASTLLM_CHECK(wpe.shape[0] >= T, "wpe has ", wpe.shape[0], " rows (positions) but tokens have T = ", T);
+            if (wpe) {
+                ew_check_table(*wpe, "wpe", wte.dtype, C);
+                FASTLLM_CHECK(wpe->shape[0] >= T, "wpe has ", wpe->shape[0], " rows (positions) but tokens have T = ",
+                              T);
+            }
             check_array(out, "out", wte.dtype, {B, T, C});
             ew_disjoint(out, "out", tokens, "tokens");
             ew_disjoint(out, "out", wte, "wte");
-            ew_disjoint(out, "out", wpe, "wpe");
+            if (wpe) ew_disjoint(out, "out", *wpe, "wpe");
+            const void* pe = wpe ? wpe->data() : nullptr;
             py::gil_scoped_release nogil;
-            embedding_forward(out.data(), (const int32_t*)tokens.data(), wte.data(), wpe.data(), B, T, C, V,
-                              wte.dtype);
+            embedding_forward(out.data(), (const int32_t*)tokens.data(), wte.data(), pe, B, T, C, V, wte.dtype);
         },
-        arg("out"), arg("tokens"), arg("wte"), arg("wpe"));
+        arg("out"), arg("tokens"), arg("wte"), arg("wpe").none(true));
 
     m.def(
         "embedding_backward",
-        [](DeviceArray& dwte, DeviceArray& dwpe, const DeviceArray& dout, const DeviceArray& tokens) {
+        [](DeviceArray& dwte, DeviceArray* dwpe, const DeviceArray& dout, const DeviceArray& tokens) {
             int64_t B, T;
             ew_check_tokens(tokens, B, T);
             check_float(dout, "dout");
@@ -614,19 +625,22 @@ static void register_elementwise(py::module_& m) {
             const int64_t C = dout.shape[2];
             ew_check_device(dout, "dout");
             ew_check_table(dwte, "dwte", DType::f32, C);
-            ew_check_table(dwpe, "dwpe", DType::f32, C);
-            FASTLLM_CHECK(dwpe.shape[0] >= T, "dwpe has ", dwpe.shape[0], " rows (positions) but tokens have T = ",
-                          T);
-            ew_disjoint(dwte, "dwte", dwpe, "dwpe");
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dwte, "dwte"}, {&dwpe, "dwpe"}}) {
-                ew_disjoint(*a, an, dout, "dout");
-                ew_disjoint(*a, an, tokens, "tokens");
+            ew_disjoint(dwte, "dwte", dout, "dout");
+            ew_disjoint(dwte, "dwte", tokens, "tokens");
+            if (dwpe) {
+                ew_check_table(*dwpe, "dwpe", DType::f32, C);
+                FASTLLM_CHECK(dwpe->shape[0] >= T, "dwpe has ", dwpe->shape[0],
+                              " rows (positions) but tokens have T = ", T);
+                ew_disjoint(dwte, "dwte", *dwpe, "dwpe");
+                ew_disjoint(*dwpe, "dwpe", dout, "dout");
+                ew_disjoint(*dwpe, "dwpe", tokens, "tokens");
             }
+            float* pdpe = dwpe ? (float*)dwpe->data() : nullptr;
             py::gil_scoped_release nogil;
-            embedding_backward((float*)dwte.data(), (float*)dwpe.data(), dout.data(), (const int32_t*)tokens.data(),
-                               B, T, C, dwte.shape[0], dout.dtype);
+            embedding_backward((float*)dwte.data(), pdpe, dout.data(), (const int32_t*)tokens.data(), B, T, C,
+                               dwte.shape[0], dout.dtype);
         },
-        arg("dwte"), arg("dwpe"), arg("dout"), arg("tokens"));
+        arg("dwte"), arg("dwpe").none(true), arg("dout"), arg("tokens"));
 
     m.def(
         "adamw_step",
@@ -729,8 +743,9 @@ static void register_llama(py::module_& m) {
             check_array(weight, "weight", x.dtype, {r.C});
             check_array(dweight, "dweight", DType::f32, {r.C});
             stats(rstd, "rstd", r);
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dout, "dout"}, {&x, "x"},
-                                 {&weight, "weight"}, {&rstd, "rstd"}, {&dweight, "dweight"}})
+            ew_same_or_disjoint(dx, "dx", dout, "dout");  // in place: dx is dout (its rows replaced)
+            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&x, "x"}, {&weight, "weight"},
+                                 {&rstd, "rstd"}, {&dweight, "dweight"}})
                 ew_disjoint(dx, "dx", *a, an);
             for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dout, "dout"}, {&x, "x"},
                                  {&weight, "weight"}, {&rstd, "rstd"}})

@@ -1,5 +1,6 @@
 /*
-Token + position embedding: out[b, t] = wte[tokens[b, t]] + wpe[t]. O(B*T*C), memory bound (gather).
+Token + position embedding: out[b, t] = wte[tokens[b, t]] + wpe[t] (wpe may be absent: rotary models). O(B*T*C),
+memory bound (gather).
 Forward: OpenMP over the B*T rows.
 Backward scatter-adds into dwte / dwpe. To stay deterministic without atomics, threads split the channel
 axis C into slices aligned to 16 floats (one cache line): each thread owns a column slice of every row, walks
@@ -27,8 +28,12 @@ static FASTLLM_INLINE void embedding_forward_rows(float* out, const int32_t* tok
                                                   const float* wpe, int64_t r0, int64_t r1, int64_t T, int64_t C) {
     for (int64_t r = r0; r < r1; r++) {
         const float* __restrict__ te = wte + (int64_t)tokens[r] * C;
-        const float* __restrict__ pe = wpe + (r % T) * C;
         float* __restrict__ o = out + r * C;
+        if (!wpe) {  // no position table (rotary models)
+            std::copy(te, te + C, o);
+            continue;
+        }
+        const float* __restrict__ pe = wpe + (r % T) * C;
 #pragma omp simd
         for (int64_t i = 0; i < C; i++) o[i] = te[i] + pe[i];
     }
@@ -40,6 +45,11 @@ static FASTLLM_INLINE void embedding_backward_cols(float* dwte, float* dwpe, con
     for (int64_t r = 0; r < BT; r++) {
         const float* __restrict__ dy = dout + r * C;
         float* __restrict__ dte = dwte + (int64_t)tokens[r] * C;
+        if (!dwpe) {
+#pragma omp simd
+            for (int64_t i = c0; i < c1; i++) dte[i] += dy[i];
+            continue;
+        }
         float* __restrict__ dpe = dwpe + (r % T) * C;
 #pragma omp simd
         for (int64_t i = c0; i < c1; i++) {

@@ -5,6 +5,8 @@ rows of q and k): out = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps), in 
 rows inside a packed qkv buffer), weight (C), rstd (N) saved for backward. O(N*C), memory bound.
 Backward (accumulates), with xhat = x * rstd and g = dout * weight:
   dinp += rstd * (g - xhat * mean(g * xhat)),   dweight += sum_n dout * xhat.
+  In place (dinp is dout): the rows are replaced by their gradient (=, not +=); with the head rows of a packed qkv
+  (QK-norm) the other rows (v) pass through unchanged, which is their gradient.
 
 CPU: OpenMP over contiguous ranges of rows (serial below 32 Ki elements). Per row one sum-of-squares pass and one
 write pass (backward: one reduction pass, one update pass); the row stays in L1 in between. Weight grads go to
@@ -78,14 +80,24 @@ static FASTLLM_INLINE void rmsnorm_backward_rows(float* dinp, float* __restrict_
                                                  const float* inp, const float* weight, const float* rstd,
                                                  int64_t n0, int64_t n1, Rows rows) {
     const int64_t C = rows.C;
+    const bool in_place = dinp == dout;  // dx = gradient (replaces dout's rows), else dx += gradient
     for (int64_t n = n0; n < n1; n++) {
         const float *x = inp + rows.at(n), *dy = dout + rows.at(n);
-        float* __restrict__ dx = dinp + rows.at(n);
         const float r = rstd[n];
         float gxs = 0;
 #pragma omp simd reduction(+ : gxs)
         for (int64_t i = 0; i < C; i++) gxs += dy[i] * weight[i] * (x[i] * r);
         const float gx_mean = gxs / C;
+        if (in_place) {
+            float* dx = dinp + rows.at(n);  // == dy: each element is read before it is written
+            for (int64_t i = 0; i < C; i++) {
+                const float xhat = x[i] * r, g = dy[i];
+                dw[i] += g * xhat;
+                dx[i] = r * (g * weight[i] - xhat * gx_mean);
+            }
+            continue;
+        }
+        float* __restrict__ dx = dinp + rows.at(n);
 #pragma omp simd
         for (int64_t i = 0; i < C; i++) {
             const float xhat = x[i] * r;

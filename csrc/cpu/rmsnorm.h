@@ -11,7 +11,8 @@ namespace fastllm::cpu {
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N, int64_t C,
                      int64_t group, int64_t group_stride, float eps);
 
-// dinp (rows as above) +=, dweight (C) += gradients, given dout (rows as above) and the forward's rstd.
+// dinp (rows as above) +=, dweight (C) += gradients, given dout (rows as above) and the forward's rstd. dinp may be
+// dout itself (in place): then its rows are replaced (=) by the gradient; rows outside the ones normed are untouched.
 void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
                       const float* rstd, int64_t N, int64_t C, int64_t group, int64_t group_stride);
 

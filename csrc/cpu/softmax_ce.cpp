@@ -12,6 +12,9 @@ Algorithm (per row, OpenMP over rows):
   The target logit is read before pass 2 (it may be overwritten in place). Ignored rows: loss 0, zero row.
   Optional row_weights (N): row n's gradient uses grad_scale * row_weights[n] (losses unchanged), i.e. the
   gradient of sum_n w[n] * loss[n]; free (one multiply per row). Used by RL (rl.py): policy-gradient weights.
+  Optional softcap c > 0 (Gemma 2, nanochat): the loss is that of z = c tanh(x / c); each row is capped into a
+  per-thread buffer first (vectorized tanh), the routines above run on it, and the gradient row is multiplied by
+  dz/dx = 1 - (z / c)^2 (the chain rule through the cap; in place works as the row routines read only z).
   exp: polynomial with range reduction, <= 2 ulp (vecmath.h). Dispatch: simd_level() -> AVX-512 / AVX2;
   the naive three-pass loop (double sum, std::exp) is the scalar fallback and the readable spec.
 
@@ -36,6 +39,7 @@ F.cross_entropy fwd+bwd (2 threads): >10x (torch makes several passes and alloca
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "common.h"
 #include "matmul.h"
@@ -195,31 +199,76 @@ FASTLLM_TARGET_AVX2 static void softmax_ce_row_avx2(float* loss, float* d, const
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// logit soft-capping (Gemma 2, nanochat): z = c tanh(x / c), and dz/dx = 1 - (z / c)^2 applied to a gradient row
+
+FASTLLM_TARGET_AVX512 static int64_t softcap_avx512(float* z, const float* x, int64_t V, float c) {
+    const __m512 vc = _mm512_set1_ps(c), vi = _mm512_set1_ps(1.0f / c);
+    for (int64_t i = 0; i < V; i += 16) {
+        const __mmask16 k = vec::tail_mask16(V - i);
+        _mm512_mask_storeu_ps(z + i, k, _mm512_mul_ps(vc, vec::tanh512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), vi))));
+    }
+    return V;
+}
+
+FASTLLM_TARGET_AVX2 static int64_t softcap_avx2(float* z, const float* x, int64_t V, float c) {
+    const __m256 vc = _mm256_set1_ps(c), vi = _mm256_set1_ps(1.0f / c);
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8)
+        _mm256_storeu_ps(z + i, _mm256_mul_ps(vc, vec::tanh256(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi))));
+    return i;  // elements done
+}
+
+static void softcap_row(float* z, const float* x, int64_t V, float c, Simd simd) {
+    int64_t i = simd == Simd::avx512 ? softcap_avx512(z, x, V, c) : simd == Simd::avx2 ? softcap_avx2(z, x, V, c) : 0;
+    for (; i < V; i++) z[i] = c * std::tanh(x[i] / c);
+}
+
+static void softcap_grad_row(float* d, const float* z, int64_t V, float c) {
+    const float inv = 1.0f / c;
+#pragma omp simd
+    for (int64_t i = 0; i < V; i++) {
+        const float t = z[i] * inv;
+        d[i] *= 1.0f - t * t;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // entry points
 
 void softmax_ce(float* losses, float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
-                float grad_scale, int32_t ignore_index, const float* row_weights) {
+                float grad_scale, int32_t ignore_index, const float* row_weights, float softcap) {
     const Simd simd = simd_level();
     // Out of place and larger than the caches: stream dlogits past the cache (saves the read-for-ownership of
-    // every written line, ~15% at N x V = 2048 x 50304); in place, the lines are already owned.
-    const bool stream = dlogits && dlogits != logits && N * V >= (int64_t)(8 << 20);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const float* x = logits + n * V;
-        float* d = dlogits ? dlogits + n * V : nullptr;
-        const int32_t tgt = targets[n];
-        if (tgt == ignore_index) {
-            losses[n] = 0.0f;
-            if (d) std::fill(d, d + V, 0.0f);
-            continue;
+    // every written line, ~15% at N x V = 2048 x 50304); in place, the lines are already owned. Not with a softcap
+    // (its second pass reads the gradient row back).
+    const bool capped = softcap > 0.0f;
+    const bool stream = dlogits && dlogits != logits && N * V >= (int64_t)(8 << 20) && !capped;
+#pragma omp parallel
+    {
+        std::vector<float> z(capped ? (size_t)V : 0);  // this thread's capped row (the row routines read it)
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const float* x = logits + n * V;
+            float* d = dlogits ? dlogits + n * V : nullptr;
+            const int32_t tgt = targets[n];
+            if (tgt == ignore_index) {
+                losses[n] = 0.0f;
+                if (d) std::fill(d, d + V, 0.0f);
+                continue;
+            }
+            if (capped) {
+                softcap_row(z.data(), x, V, softcap, simd);
+                x = z.data();
+            }
+            const float gs = row_weights ? grad_scale * row_weights[n] : grad_scale;
+            if (simd == Simd::avx512)
+                softmax_ce_row_avx512(losses + n, d, x, V, tgt, gs, stream);
+            else if (simd == Simd::avx2)
+                softmax_ce_row_avx2(losses + n, d, x, V, tgt, gs);
+            else
+                softmax_ce_row_naive(losses + n, d, x, V, tgt, gs);
+            if (capped && d) softcap_grad_row(d, z.data(), V, softcap);
         }
-        const float gs = row_weights ? grad_scale * row_weights[n] : grad_scale;
-        if (simd == Simd::avx512)
-            softmax_ce_row_avx512(losses + n, d, x, V, tgt, gs, stream);
-        else if (simd == Simd::avx2)
-            softmax_ce_row_avx2(losses + n, d, x, V, tgt, gs);
-        else
-            softmax_ce_row_naive(losses + n, d, x, V, tgt, gs);
     }
 }
 
@@ -230,7 +279,7 @@ int64_t lmhead_chunk_rows(int64_t N, int64_t V) {
 
 void lmhead_ce(float* losses, float* dhidden, float* dweight, const float* hidden, const float* weight,
                const int32_t* targets, float* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
-               float grad_scale, int32_t ignore_index, const float* row_weights) {
+               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap) {
     if (N == 0) return;
     const int64_t rows = std::min(chunk_rows, N);
     float* logits = scratch;  // rows x V, not zero-filled (every chunk overwrites what it uses)
@@ -240,7 +289,7 @@ void lmhead_ce(float* losses, float* dhidden, float* dweight, const float* hidde
         matmul_forward(logits, hidden + n0 * C, weight, nullptr, nullptr, n, C, V);
         // in place: logits -> dlogits for this chunk
         softmax_ce(losses + n0, backward ? logits : nullptr, logits, targets + n0, n, V, grad_scale, ignore_index,
-                   row_weights ? row_weights + n0 : nullptr);
+                   row_weights ? row_weights + n0 : nullptr, softcap);
         if (backward)  // accumulates: dhidden rows of this chunk, and dW summed over all chunks
             matmul_backward(dhidden ? dhidden + n0 * C : nullptr, dweight, nullptr, logits, hidden + n0 * C,
                             weight, n, C, V);

@@ -10,16 +10,18 @@ namespace fastllm::cpu {
 // row_weights (N) or nullptr: row n's gradient is scaled by grad_scale * row_weights[n] (any sign, 0 allowed);
 // the losses are unchanged. This makes d/dlogits of sum_n row_weights[n] * losses[n] (weighted / policy-gradient
 // objectives) without a second pass.
+// softcap > 0: every logit is first soft-capped, z = softcap * tanh(x / softcap), the loss is that of z and
+// dlogits the gradient with respect to x (softcap = 0: none).
 void softmax_ce(float* losses, float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
-                float grad_scale, int32_t ignore_index, const float* row_weights = nullptr);
+                float grad_scale, int32_t ignore_index, const float* row_weights = nullptr, float softcap = 0.0f);
 
 // Fused lm-head + cross-entropy: logits = hidden (N, C) @ weight (V, C)^T are computed chunk_rows rows at a time
 // into scratch (chunk_rows x V floats, given by the caller: nothing is allocated) and never stored whole.
 // losses (N) as above. If dhidden/dweight are given they ACCUMULATE (+=) the gradients of
-// sum_n losses[n] * grad_scale (* row_weights[n] if given).
+// sum_n losses[n] * grad_scale (* row_weights[n] if given). softcap as in softmax_ce.
 void lmhead_ce(float* losses, float* dhidden, float* dweight, const float* hidden, const float* weight,
                const int32_t* targets, float* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
-               float grad_scale, int32_t ignore_index, const float* row_weights = nullptr);
+               float grad_scale, int32_t ignore_index, const float* row_weights = nullptr, float softcap = 0.0f);
 // rows of the default scratch of lmhead_ce for N rows (a chunk small enough to stay in cache, at most N)
 int64_t lmhead_chunk_rows(int64_t N, int64_t V);
 

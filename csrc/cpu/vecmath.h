@@ -1,5 +1,5 @@
 /*
-Vectorized float math for the kernels (softmax_ce, gelu, layernorm, attention): exp, 2^x, sigmoid, horizontal
+Vectorized float math for the kernels (softmax_ce, gelu, layernorm, attention): exp, 2^x, sigmoid, tanh, horizontal
 reductions and tail masks, for AVX-512 (16 lanes) and AVX2+FMA (8 lanes). Every function carries its ISA's
 target attribute so it inlines only into code compiled for that ISA (the module itself is baseline x86-64).
 
@@ -49,6 +49,15 @@ FASTLLM_TARGET_AVX512 inline __m512 sigmoid512(__m512 x) {
     return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) (no overflow; absolute error ~1e-7, which softcapped
+// logits c * tanh(x / c) need, not relative accuracy near 0). NaN propagates.
+FASTLLM_TARGET_AVX512 inline __m512 tanh512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
+    const __m512 e = exp512(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_andnot_ps(sign, x)));
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    return _mm512_or_ps(t, _mm512_and_ps(sign, x));
+}
+
 FASTLLM_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t k) {  // lowest k lanes, 0 <= k <= 16
     return (__mmask16)(k >= 16 ? 0xFFFF : ((1u << k) - 1u));
 }
@@ -76,6 +85,13 @@ FASTLLM_TARGET_AVX2 inline __m256 exp256(__m256 x) {
 FASTLLM_TARGET_AVX2 inline __m256 sigmoid256(__m256 x) {
     const __m256 one = _mm256_set1_ps(1.0f);
     return _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+FASTLLM_TARGET_AVX2 inline __m256 tanh256(__m256 x) {  // as tanh512
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 e = exp256(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, x)));
+    const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    return _mm256_or_ps(t, _mm256_and_ps(sign, x));
 }
 
 FASTLLM_TARGET_AVX2 inline float hsum256(__m256 v) {

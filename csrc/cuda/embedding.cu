@@ -3,7 +3,7 @@ Token + position embedding on the GPU; the CPU twin csrc/cpu/embedding.cpp is th
   forward:  out[b, t] = wte[tokens[b, t]] + wpe[t]                      out (B, T, C) of T; tokens int32 (B, T)
   backward: dwte[v] += sum of dout[b, t] over the positions with tokens[b, t] == v    (V, C) fp32
             dwpe[t] += sum_b dout[b, t]                                              (maxT, C) fp32
-Ids outside [0, V) are never dereferenced: the forward uses a zero wte row for them (out = wpe[t]), the
+wpe / dwpe may be null (no position embedding: rotary models). Ids outside [0, V) are never dereferenced: the forward uses a zero wte row for them (out = wpe[t]), the
 backward skips them. O(B*T*C), memory bound (gathers / scatters of whole rows).
 
 Forward: grid-stride loop over (row, 16-byte pack of the row); scalar elements when a pointer is unaligned
@@ -46,7 +46,12 @@ __global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const T*
         const int64_t row = i / CP, c = (i - row * CP) * V;
         const int64_t tok = tokens[row];
         float a[V], p[V];
-        load_v<T, V>(p, wpe + (row % T_) * C + c);
+        if (wpe) {
+            load_v<T, V>(p, wpe + (row % T_) * C + c);
+        } else {
+#pragma unroll
+            for (int j = 0; j < V; j++) p[j] = 0.f;
+        }
         if (tok >= 0 && tok < Vocab) {
             load_v<T, V>(a, wte + tok * C + c);
 #pragma unroll
@@ -69,7 +74,7 @@ __global__ void embedding_backward_simple_kernel(float* dwte, float* dwpe, const
         const float g = to_f32(dout[p * C + c]);
         const int64_t tok = tokens[p];
         if (tok >= 0 && tok < Vocab) dwte[tok * C + c] += g;
-        dwpe[(p % T_) * C + c] += g;
+        if (dwpe) dwpe[(p % T_) * C + c] += g;
     }
 }
 
@@ -229,8 +234,10 @@ template <typename T, int VV>
 static void embedding_backward_fast(float* dwte, float* dwpe, const T* dout, const int32_t* tokens, int64_t B,
                                     int64_t T_, int64_t C, int64_t Vocab) {
     const int64_t N = B * T_, CP = C / VV;
-    embedding_backward_wpe_kernel<T, VV><<<grid_stride_blocks(T_ * CP, kBlock), kBlock>>>(dwpe, dout, B, T_, CP);
-    CUDA_CHECK_LAUNCH();
+    if (dwpe) {
+        embedding_backward_wpe_kernel<T, VV><<<grid_stride_blocks(T_ * CP, kBlock), kBlock>>>(dwpe, dout, B, T_, CP);
+        CUDA_CHECK_LAUNCH();
+    }
     if (Vocab <= 0) return;  // every id is invalid: nothing to scatter
     int end_bit = 1;  // bits of the largest key (Vocab itself, the invalid-id key)
     while (end_bit < 32 && ((uint64_t)Vocab >> end_bit) != 0) end_bit++;

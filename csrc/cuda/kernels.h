@@ -89,17 +89,19 @@ void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv
 // grad_scale (* row_weights[n] if given, f32 (N)), written (=) and may alias logits. Rows whose target ==
 // ignore_index get loss 0 and zero grad. A target outside [0, V) (other than ignore_index) gives loss NaN (never a
 // wild read); callers check on the host.
+// softcap > 0: the logits are soft-capped first, z = softcap * tanh(x / softcap) (loss of z, gradient w.r.t. x).
 void softmax_ce(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N, int64_t V,
-                float grad_scale, int32_t ignore_index, const float* row_weights, DType t);
+                float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, DType t);
 // the same with row stride ld >= V (elements) of logits and dlogits
 void softmax_ce_ex(float* losses, void* dlogits, const void* logits, int64_t ld, const int32_t* targets, int64_t N,
-                   int64_t V, float grad_scale, int32_t ignore_index, const float* row_weights, DType t);
+                   int64_t V, float grad_scale, int32_t ignore_index, const float* row_weights, float softcap,
+                   DType t);
 // logits = hidden (N, C) @ weight (V, C)^T in row chunks of a scratch buffer (never N x V at once), then the
 // loss and, if dhidden/dweight are given, dhidden (N, C, T) += dlogits @ weight, dweight (V, C, f32) +=
 // dlogits^T @ hidden. scratch: chunk_rows x V elements of T (the caller allocates it; see lmhead_chunk_rows).
 void lmhead_ce(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
                const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
-               float grad_scale, int32_t ignore_index, const float* row_weights, DType t);
+               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, DType t);
 // default chunk rows for a scratch of at most ~256 MiB (multiple of 128 when >= 128, at least 1, at most N)
 int64_t lmhead_chunk_rows(int64_t N, int64_t V, DType t);
 
@@ -119,8 +121,9 @@ void gelu_backward(void* dx, const void* dout, const void* x, int64_t n, DType t
 void residual_forward(void* out, const void* a, const void* b, int64_t n, DType t);  // out = a + b
 void residual_backward(void* da, void* db, const void* dout, int64_t n, DType t);    // da += dout, db += dout
 
-// ---- embedding.cu: out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T); wte (V, C). Ids outside [0, V)
-// are never dereferenced: they read as a zero wte row (forward) and are skipped (backward).
+// ---- embedding.cu: out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T); wte (V, C); wpe / dwpe may be null
+// (no position embedding). Ids outside [0, V) are never dereferenced: they read as a zero wte row (forward) and are
+// skipped (backward).
 void embedding_forward(void* out, const int32_t* tokens, const void* wte, const void* wpe, int64_t B, int64_t T,
                        int64_t C, int64_t V, DType t);
 // dwte (V, C, f32) += scattered dout rows; dwpe (maxT, C, f32) += sums over the batch; deterministic

@@ -4,6 +4,7 @@ RMSNorm over the last axis on the GPU; the CPU twin csrc/cpu/rmsnorm.cpp is the 
   out = x * rstd * weight,  rstd = 1 / sqrt(mean(x^2) + eps)   (fp32 statistics)
   backward (accumulates): xhat = x * rstd, g = dout * weight
     dx += rstd * (g - xhat * mean(g * xhat)),  dweight += sum_n dout * xhat
+    in place (dx is dout): dx = ... (the rows are replaced; the rows outside the normed heads pass through)
 Shapes: x, out, dout, dx rows of C elements of T; weight (C) of T; rstd (N) fp32; dweight (C) fp32. Memory bound.
 
 Forward: one warp per row, 8 rows per 256-thread block; pass 1 sums x^2 (16-byte packs of 4 float / 8 bf16 when
@@ -69,10 +70,11 @@ __global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* x, const T*
     if (lane == 0) rstd[n] = r;
 }
 
-// one warp's work on row n: dx += ..., and (if acc) acc[c] += dout * xhat
+// one warp's work on row n: dx += ... (dx = ... in place, dx == dout), and (if acc) acc[c] += dout * xhat
 template <typename T, int V>
 __device__ __forceinline__ void rmsnorm_backward_row(T* dx, float* acc, const T* dout, const T* x, const T* weight,
                                                      float r, int C, int lane) {
+    const bool in_place = dx == dout;  // each lane reads its elements of dout (both passes) before writing them
     float gxs = 0.f;
     for (int i0 = lane * V; i0 < C; i0 += 32 * V) {
         float a[V], b[V], w[V];
@@ -88,7 +90,12 @@ __device__ __forceinline__ void rmsnorm_backward_row(T* dx, float* acc, const T*
         load_v<T, V>(a, dout + i0);
         load_v<T, V>(b, x + i0);
         load_v<T, V>(w, weight + i0);
-        load_v<T, V>(o, dx + i0);
+        if (in_place) {
+#pragma unroll
+            for (int j = 0; j < V; j++) o[j] = 0.f;
+        } else {
+            load_v<T, V>(o, dx + i0);
+        }
 #pragma unroll
         for (int j = 0; j < V; j++) {
             const float xhat = b[j] * r;
@@ -200,10 +207,10 @@ void rmsnorm_backward(void* dx, float* dweight, const void* dout, const void* x,
     DISPATCH_FLOAT(t, T, {
         T* d = (T*)dx;
         const T *dy = (const T*)dout, *xi = (const T*)x, *w = (const T*)weight;
-        if (simple_elementwise_flag() || nwarps == 0) {
+        if (simple_elementwise_flag() || nwarps == 0) {  // dweight first: in place, dx overwrites dout
+            rmsnorm_dweight_simple_kernel<T><<<ceil_div(C, 256), 256>>>(dweight, dy, xi, rstd, N, rows);
             rmsnorm_backward_dx_simple_kernel<T>
                 <<<ceil_div(N, kRowsPerBlock), kRowsPerBlock * 32>>>(d, dy, xi, w, rstd, N, rows);
-            rmsnorm_dweight_simple_kernel<T><<<ceil_div(C, 256), 256>>>(dweight, dy, xi, rstd, N, rows);
         } else {
             // block b owns rows [b * rpb, (b + 1) * rpb): a function of N and C only (reproducible sums)
             const int64_t rpb = std::max<int64_t>(4 * nwarps, (N + kMaxBwdBlocks - 1) / kMaxBwdBlocks);

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from .ops import IGNORE_INDEX, _heads, _ids, _kv_out_width, _nkv, _norm_stats_shape, _q_width
+from .ops import IGNORE_INDEX, _heads, _ids, _kv_out_width, _nkv, _norm_stats_shape, _q_width, softcap_arg
 
 
 def is_built() -> bool:
@@ -279,10 +279,10 @@ def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | No
 
 
 def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX, backward: bool = True,
-               inplace: bool = False, losses=None, row_weights=None):
+               inplace: bool = False, losses=None, row_weights=None, softcap: float | None = None):
     """Per-row loss (float32) and dlogits = (softmax - onehot) * grad_scale (* row_weights[n]) for logits (..., V),
     targets (...). Rows whose target is ignore_index get loss 0 and zero gradient; inplace=True writes dlogits
-    over logits. Returns (losses, dlogits or None); dlogits is written (=). A DeviceArray target outside [0, V)
+    over logits. softcap c: the logits are soft-capped first, c * tanh(logits / c) (fp32 math). Returns (losses, dlogits or None); dlogits is written (=). A DeviceArray target outside [0, V)
     other than ignore_index gives a NaN loss (no wild read); numpy targets are checked on the host."""
     logits = _dev(logits, "logits")
     V = logits.shape[-1]
@@ -290,7 +290,8 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
     losses = empty(targets.shape, "float32") if losses is None else losses
     dlogits = (logits if inplace else empty(logits.shape, logits.dtype)) if backward else None
     rw = None if row_weights is None else _on_device_f32(row_weights, "row_weights")
-    _C.cuda.softmax_ce(_dev(losses, "losses"), dlogits, logits, targets, float(grad_scale), int(ignore_index), rw)
+    _C.cuda.softmax_ce(_dev(losses, "losses"), dlogits, logits, targets, float(grad_scale), int(ignore_index), rw,
+                       softcap_arg(softcap))
     return losses, dlogits
 
 
@@ -300,11 +301,13 @@ def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "bfloat16") -> 
 
 
 def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
-              backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None):
+              backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None,
+              softcap: float | None = None):
     """Fused classifier: logits = hidden (..., C) @ weight (V, C)^T in row chunks of `scratch` (rows, V) of hidden's
     dtype (allocated per call if None; pass one of lmhead_chunk_rows rows to reuse it), never N x V at once.
     Returns (losses (...), dhidden (..., C) or None, dweight (V, C, float32) or None); the gradients accumulate.
-    With row_weights (float32, shaped like targets) they are those of grad_scale * sum_n w[n] * loss[n]."""
+    With row_weights (float32, shaped like targets) they are those of grad_scale * sum_n w[n] * loss[n].
+    softcap c: the logits are c * tanh(logits / c) (see softmax_ce)."""
     hidden, weight = _dev(hidden, "hidden"), _dev(weight, "weight")
     targets = _on_device(targets, "targets", weight.shape[0], ignore_index)
     losses = empty(targets.shape, "float32") if losses is None else losses
@@ -315,7 +318,7 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
         dhidden = dweight = None
     rw = None if row_weights is None else _on_device_f32(row_weights, "row_weights")
     _C.cuda.lmhead_ce(_dev(losses, "losses"), _opt(dhidden, "dhidden"), _opt(dweight, "dweight"), hidden, weight,
-                      targets, float(grad_scale), int(ignore_index), _opt(scratch, "scratch"), rw)
+                      targets, float(grad_scale), int(ignore_index), _opt(scratch, "scratch"), rw, softcap_arg(softcap))
     return losses, dhidden, dweight
 
 
@@ -404,6 +407,7 @@ def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=Non
 
 def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
     """dx (..., C) +=, dweight (C, float32) += (deterministic: no float atomics); with heads only those rows of dx.
+    dx may be dout itself (in place: its rows are replaced by the gradient, the other rows pass through).
     Returns (dx, dweight)."""
     x = _dev(x, "x")
     dx = zeros(x.shape, x.dtype) if dx is None else dx
@@ -480,21 +484,21 @@ def relu2_backward(dout, x, dx=None):
 
 def embedding_forward(tokens, wte, wpe, out=None):
     """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T) (numpy ids are range-checked and uploaded), wte
-    (V, C), wpe (maxT >= T, C). A DeviceArray id outside [0, V) reads as a zero wte row (out = wpe[t]), never a
-    wild read."""
+    (V, C), wpe (maxT >= T, C) or None (no position embedding). A DeviceArray id outside [0, V) reads as a zero wte
+    row (out = wpe[t]), never a wild read."""
     wte = _dev(wte, "wte")
     tokens = _on_device(tokens, "tokens", wte.shape[0])
     if len(tokens.shape) != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
     out = empty((*tokens.shape, wte.shape[-1]), wte.dtype) if out is None else out
-    _C.cuda.embedding_forward(_dev(out, "out"), tokens, wte, _dev(wpe, "wpe"))
+    _C.cuda.embedding_forward(_dev(out, "out"), tokens, wte, _opt(wpe, "wpe"))
     return out
 
 
 def embedding_backward(dout, tokens, dwte, dwpe):
-    """dwte (V, C, float32) and dwpe (maxT, C, float32) += the scattered dout rows, deterministically (a stable
-    sort of the positions by token, then fixed-order sums); ids outside [0, V) are skipped. Returns them."""
-    _C.cuda.embedding_backward(_dev(dwte, "dwte"), _dev(dwpe, "dwpe"), _dev(dout, "dout"),
+    """dwte (V, C, float32) and dwpe (maxT, C, float32; or None) += the scattered dout rows, deterministically (a
+    stable sort of the positions by token, then fixed-order sums); ids outside [0, V) are skipped. Returns them."""
+    _C.cuda.embedding_backward(_dev(dwte, "dwte"), _opt(dwpe, "dwpe"), _dev(dout, "dout"),
                                _on_device(tokens, "tokens"))
     return dwte, dwpe
 

@@ -1,17 +1,22 @@
-"""GPT-2 in fastllm's own kernels, written once for the CPU and the GPU.
+"""The transformer in fastllm's own kernels -- GPT-2 and the Llama/Qwen/Mistral/nanochat family -- written once
+for the CPU and the GPU.
 
 The model is a sequence of calls to its backend `bk` -- fastllm.ops (numpy, CPU kernels) or fastllm.cuda
 (DeviceArrays, CUDA kernels), which expose the same ops with the same arguments (fastllm/backend.py) -- on
 preallocated buffers. The device is a constructor argument and a method, as in PyTorch:
 GPT(config, device="cuda"), model.to("cuda"), model.to("cpu").
 
-Architecture (GPT-2): token + position embedding, n_layer pre-LN blocks of causal multi-head attention and a 4x
-GELU MLP, final layernorm, lm-head tied to the token embedding.
+Architecture: token embedding (+ a learned position embedding, GPT-2), n_layer pre-norm blocks of causal
+attention and an MLP, a final norm, an lm-head (tied to the token embedding or its own matrix). The config picks,
+inside the one block (no per-architecture copies): the norm (layernorm | rmsnorm), positions (learned | rope, with
+HF's rope_scaling), grouped-query attention (n_kv_head; the KV cache holds only the kv heads), Qwen3's QK-norm, the
+MLP (gelu | swiglu | relu2, its own width), biases per projection group, and Gemma 2 / nanochat logit soft-capping.
+GPTConfig's defaults are GPT-2; GPTConfig.preset("gpt2") is GPT-2 124M, "nano"/"micro" modern models for a CPU.
 Memory: all parameters live in one flat float32 buffer `params` (the master weights) with named views `p`, and
 all gradients in another (`grads`, `g`, allocated on first use). Where the compute dtype is not float32 (bf16 on
 the GPU) a compute copy `cparams` (views `pc`) is what the kernels read; the optimizer writes both. Activations
 of a (B, T) batch are views of one allocation, made once per shape.
-A training step: forward with targets (embedding, blocks, final layernorm, then the fused lm-head +
+A training step: forward with targets (embedding, blocks, final norm, then the fused lm-head +
 cross-entropy, which also computes the lm-head's gradient into a scratch buffer), backward (adds that gradient,
 then the blocks in reverse and the embedding), an optimizer step. Only the per-token losses come back to the
 host (B*T floats).
@@ -29,10 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend, ops
-from .ops import IGNORE_INDEX
+from . import backend, ops, rope
+from .ops import IGNORE_INDEX, softcap_logits
 
-PRESETS: dict[str, dict[str, int]] = {
+# the Llama family's choices (Llama 3, SmolLM2, Mistral without biases; nanochat's modern GPT)
+MODERN = dict(positions="rope", norm="rmsnorm", qkv_bias=False, proj_bias=False, mlp_bias=False)
+
+PRESETS: dict[str, dict] = {
     # name: n_layer, n_head, n_embd, block_size (vocab_size comes from the tokenizer, 50257 for GPT-2)
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
@@ -42,25 +50,96 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
     "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    # modern small models for CPU (the sizes of mini and small; see benchmarks/bench_train.py --arch)
+    "nano": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128, mlp="swiglu", mlp_hidden=352,
+                 **MODERN),
+    "micro": dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=256, mlp="swiglu", mlp_hidden=1024,
+                  **MODERN),
 }
+
+POSITIONS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2")
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # max sequence length (rows of the position embedding)
+    block_size: int = 1024  # max sequence length (rows of the position embedding or of the RoPE tables)
     vocab_size: int = 50257  # number of token ids (tokenizer.n_vocab)
     n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block
-    n_embd: int = 768  # channels C; head size is n_embd // n_head
-    layernorm_eps: float = 1e-5
+    n_head: int = 12  # query heads per block
+    n_embd: int = 768  # channels C of the residual stream
+    layernorm_eps: float = 1e-5  # epsilon of every norm (layernorm or rmsnorm)
+    n_kv_head: int | None = None  # key/value heads, dividing n_head (GQA; 1: MQA); None = n_head (MHA)
+    head_dim: int | None = None  # channels per head; None = n_embd // n_head (Qwen3 sets others)
+    positions: str = "learned"  # "learned" (the wpe table, GPT-2) | "rope" (rotary, HF's rotate-half layout)
+    rope_theta: float = 10000.0  # RoPE base (Llama 3: 500000)
+    rope_scaling: dict | None = None  # HF's rope_scaling: None, {"rope_type": "linear" | "llama3", ...}
+    norm: str = "layernorm"  # "layernorm" (weight + bias) | "rmsnorm" (weight only)
+    mlp: str = "gelu"  # "gelu" (tanh approx.) | "swiglu" (silu(gate) * up) | "relu2" (relu(x)^2)
+    mlp_hidden: int | None = None  # MLP width H (HF intermediate_size); None = 4 * n_embd
+    qkv_bias: bool = True  # bias of the q/k/v projection (GPT-2, Qwen2: yes; Llama, Mistral, Qwen3: no)
+    proj_bias: bool = True  # bias of the attention output projection
+    mlp_bias: bool = True  # biases of the MLP's two projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every q and k head (before RoPE)
+    tie_embeddings: bool = True  # the lm-head is wte; False: its own lm_head.weight
+    logit_softcap: float | None = None  # logits = c * tanh(logits / c) (Gemma 2, nanochat); None: no cap
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
+                     "mlp_hidden"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v <= 0:
+            if v is None and name in ("n_kv_head", "head_dim", "mlp_hidden"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set "
+                             "head_dim)")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("qkv_bias", "proj_bias", "mlp_bias", "qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("layernorm_eps", "rope_theta", "logit_softcap"):
+            v = getattr(self, name)
+            if v is None and name == "logit_softcap":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
+                    not (math.isfinite(v) and v > 0):
+                raise ValueError(f"GPTConfig.{name} must be a finite number > 0, got {v!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"GPTConfig.rope_scaling must be None or a dict, got {self.rope_scaling!r}")
+        if self.positions == "rope":
+            try:
+                rope.inv_freq(self.head_size, self.rope_theta, self.rope_scaling)
+            except ValueError as e:
+                raise ValueError(f"GPTConfig.rope_scaling / rope_theta / head_dim: {e}") from None
+            if self.head_size % 2:
+                raise ValueError(f"GPTConfig: rope needs an even head size, got {self.head_size}")
+        elif self.rope_scaling is not None:
+            raise ValueError("GPTConfig.rope_scaling is set but positions is 'learned' (it applies to rope only)")
+
+    # ---- derived sizes (not fields: None keeps meaning "the default" in saved configs)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else int(self.n_kv_head)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head if self.head_dim is None else int(self.head_dim)
+
+    @property
+    def mlp_width(self) -> int:
+        """H, the MLP's hidden width (swiglu's c_fc has 2H rows: gate, then up)."""
+        return 4 * self.n_embd if self.mlp_hidden is None else int(self.mlp_hidden)
+
+    @property
+    def qkv_width(self) -> int:
+        """Rows of c_attn: (n_head + 2 * kv_heads) * head_size = [q | k | v]."""
+        return (self.n_head + 2 * self.kv_heads) * self.head_size
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GPTConfig:
@@ -81,26 +160,34 @@ class GPTConfig:
 
 
 def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter tensor, stacked over layers (llm.c layout), in flat-buffer order."""
+    """Every parameter tensor, stacked over layers (llm.c layout), in flat-buffer order; a tensor whose option is off
+    is absent (no wpe with rope, no biases where disabled, no lm_head.weight when tied)."""
     V, Tm, L, C = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
-    return {
-        "wte": (V, C),  # token embedding, also the lm-head (tied)
-        "wpe": (Tm, C),  # position embedding
+    NH, hd, H = cfg.n_head, cfg.head_size, cfg.mlp_width
+    layernorm = cfg.norm == "layernorm"
+    fc = 2 * H if cfg.mlp == "swiglu" else H  # swiglu: [gate | up] rows
+    shapes = {
+        "wte": (V, C),  # token embedding (and the lm-head when tied)
+        "wpe": (Tm, C) if cfg.positions == "learned" else None,  # position embedding
         "ln_1.weight": (L, C),
-        "ln_1.bias": (L, C),
-        "attn.c_attn.weight": (L, 3 * C, C),  # qkv projection, (out, in) like nn.Linear
-        "attn.c_attn.bias": (L, 3 * C),
-        "attn.c_proj.weight": (L, C, C),
-        "attn.c_proj.bias": (L, C),
+        "ln_1.bias": (L, C) if layernorm else None,
+        "attn.c_attn.weight": (L, cfg.qkv_width, C),  # [q | k | v] projection, (out, in) like nn.Linear
+        "attn.c_attn.bias": (L, cfg.qkv_width) if cfg.qkv_bias else None,
+        "attn.q_norm.weight": (L, hd) if cfg.qk_norm else None,
+        "attn.k_norm.weight": (L, hd) if cfg.qk_norm else None,
+        "attn.c_proj.weight": (L, C, NH * hd),
+        "attn.c_proj.bias": (L, C) if cfg.proj_bias else None,
         "ln_2.weight": (L, C),
-        "ln_2.bias": (L, C),
-        "mlp.c_fc.weight": (L, 4 * C, C),
-        "mlp.c_fc.bias": (L, 4 * C),
-        "mlp.c_proj.weight": (L, C, 4 * C),
-        "mlp.c_proj.bias": (L, C),
+        "ln_2.bias": (L, C) if layernorm else None,
+        "mlp.c_fc.weight": (L, fc, C),
+        "mlp.c_fc.bias": (L, fc) if cfg.mlp_bias else None,
+        "mlp.c_proj.weight": (L, C, H),
+        "mlp.c_proj.bias": (L, C) if cfg.mlp_bias else None,
         "ln_f.weight": (C,),
-        "ln_f.bias": (C,),
+        "ln_f.bias": (C,) if layernorm else None,
+        "lm_head.weight": None if cfg.tie_embeddings else (V, C),
     }
+    return {name: shape for name, shape in shapes.items() if shape is not None}
 
 
 def _views(bk, flat, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -125,7 +212,7 @@ def _layers(bk, views: dict) -> dict:
 
 
 def _per_layer(name: str) -> bool:
-    return name not in ("wte", "wpe") and not name.startswith("ln_f")
+    return name not in ("wte", "wpe", "lm_head.weight") and not name.startswith("ln_f")
 
 
 def check_token_ids(x, name: str, config: GPTConfig) -> np.ndarray:
@@ -155,14 +242,51 @@ def cache_length(config: GPTConfig, batch_size: int, max_len: int | None) -> int
     return n
 
 
+MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # per block
+
+
 def decays(name: str) -> bool:
-    """Weight decay applies to matrices (embeddings and linear weights), not to biases and layernorm gains."""
-    return name in ("wte", "wpe") or name.endswith("c_attn.weight") or name.endswith("c_proj.weight") or \
-        name.endswith("c_fc.weight")
+    """Weight decay applies to matrices (embeddings, linear weights, the lm-head), not to biases and norm gains."""
+    return name in ("wte", "wpe", "lm_head.weight") or name.endswith(MATRICES)
+
+
+def norm_forward(bk, cfg: GPTConfig, x, weight, bias, out, mean, rstd) -> None:
+    """The config's norm of x (N, C) into out: layernorm (weight, bias; saves mean, rstd) or rmsnorm (weight; saves
+    rstd, mean unused)."""
+    if cfg.norm == "rmsnorm":
+        bk.rmsnorm_forward(x, weight, cfg.layernorm_eps, out=out, rstd=rstd)
+    else:
+        bk.layernorm_forward(x, weight, bias, cfg.layernorm_eps, out=out, mean=mean, rstd=rstd)
+
+
+def norm_backward(bk, cfg: GPTConfig, dout, x, weight, mean, rstd, dx, dweight, dbias) -> None:
+    """Gradients of norm_forward, accumulated into dx, dweight (and dbias for layernorm)."""
+    if cfg.norm == "rmsnorm":
+        bk.rmsnorm_backward(dout, x, weight, rstd, dx=dx, dweight=dweight)
+    else:
+        bk.layernorm_backward(dout, x, weight, mean, rstd, dx=dx, dweight=dweight, dbias=dbias)
+
+
+def mlp_forward(bk, cfg: GPTConfig, x, w_fc, b_fc, w_proj, b_proj, fch, fch_act, out) -> None:
+    """out = c_proj(act(c_fc(x))); saves fch (the c_fc output: (N, 2H) [gate | up] for swiglu, else (N, H)) and
+    fch_act (N, H). GELU runs fused into the matmul (its epilogue on the GPU)."""
+    if cfg.mlp == "gelu":
+        bk.matmul_forward(x, w_fc, b_fc, out=fch_act, pre_gelu=fch)
+    else:
+        bk.matmul_forward(x, w_fc, b_fc, out=fch)
+        (bk.swiglu_forward if cfg.mlp == "swiglu" else bk.relu2_forward)(fch, out=fch_act)
+    bk.matmul_forward(fch_act, w_proj, b_proj, out=out)
+
+
+def _at(layers: dict, name: str, l: int):
+    """Layer l's view of a per-layer tensor, or None when the config has no such tensor (a disabled bias)."""
+    v = layers.get(name)
+    return None if v is None else v[l]
 
 
 class GPT:
-    """GPT-2 on one device, with a flat parameter buffer `params`, gradients `grads`, and named views `p`, `g`.
+    """The transformer on one device, with a flat parameter buffer `params`, gradients `grads`, and named views `p`,
+    `g` (names in param_shapes).
 
     device: "cpu" (numpy) or "cuda"; dtype: the compute dtype ("float32"; on the GPU "bfloat16" by default,
     with fp32 master weights, gradients and optimizer state). The weights are initialised on the host with
@@ -189,6 +313,11 @@ class GPT:
         self.p = _views(self.bk, self.params, self.shapes)  # float32 master weights
         self.pc = _views(self.bk, self.cparams, self.shapes)  # the compute copy the kernels read
         self._pl = _layers(self.bk, self.pc)
+        self.rope = None  # (cos, sin) tables (block_size, head_size // 2) for positions="rope", on the device
+        cfg = self.config
+        if cfg.positions == "rope":
+            cos, sin = rope.rope_tables(rope.inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling), cfg.block_size)
+            self.rope = (self.bk.to_device(cos), self.bk.to_device(sin))
         self.grads = None
         self._g: dict = {}
         self._gl: dict = {}
@@ -202,13 +331,13 @@ class GPT:
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu", dtype: str | None = None) -> GPT:
-        """Load a transformers GPT-2 folder (config.json + model.safetensors, or shards); see fastllm.hf."""
+        """Load a transformers folder (config.json + model.safetensors, or shards); see fastllm.hf."""
         from .hf import from_pretrained  # hf imports this module
 
         return from_pretrained(path, cls).to(device, dtype)
 
     def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int | None = None):
-        """Write a folder transformers' GPT2LMHeadModel.from_pretrained loads (plus tokenizer.json if given)."""
+        """Write a folder transformers' from_pretrained loads (plus tokenizer.json if given); see fastllm.hf."""
         from .hf import save_pretrained
 
         return save_pretrained(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
@@ -234,7 +363,11 @@ class GPT:
 
     def load_state_dict(self, tensors: dict, where: str = "state_dict") -> GPT:
         """Copy parameter tensors in: every name of GPT.p must be present with its exact shape, a float dtype and
-        finite values (ValueError naming `where` and the tensor otherwise). Returns self."""
+        finite values, and no other name (ValueError naming `where` and the tensor otherwise). Returns self."""
+        unexpected = sorted(set(tensors) - set(self.shapes))
+        if unexpected:
+            raise ValueError(f"{where}: tensors {unexpected} are not parameters of this config "
+                             f"(expected {list(self.shapes)})")
         host = np.empty(self.num_parameters, np.float32)
         for name, dst in _views(ops, host, self.shapes).items():
             if name not in tensors:
@@ -302,13 +435,17 @@ class GPT:
             return self._acts
         self._acts = None  # free the old set before allocating the new one
         cfg, bk = self.config, self.bk
-        L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
+        L, C, NH, NKV, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.vocab_size
+        W, A, H = cfg.qkv_width, NH * cfg.head_size, cfg.mlp_width
+        F = 2 * H if cfg.mlp == "swiglu" else H  # c_fc's output width
         N, dt, f32 = B * T, self.dtype, "float32"
         per_layer = {  # name: (width, dtype)
-            "ln1": (C, dt), "ln1_mean": (1, f32), "ln1_rstd": (1, f32), "qkv": (3 * C, dt), "atty": (C, dt),
+            "ln1": (C, dt), "ln1_mean": (1, f32), "ln1_rstd": (1, f32), "qkv": (W, dt), "atty": (A, dt),
             "att_lse": (NH, f32), "residual2": (C, dt), "ln2": (C, dt), "ln2_mean": (1, f32), "ln2_rstd": (1, f32),
-            "fch": (4 * C, dt), "fch_gelu": (4 * C, dt), "residual3": (C, dt),
+            "fch": (F, dt), "fch_act": (H, dt), "residual3": (C, dt),
         }
+        if cfg.qk_norm:  # the q/k/v projection before the norm (the backward's input), the norms' statistics
+            per_layer.update(qkv_raw=(W, dt), q_rstd=(NH, f32), k_rstd=(NKV, f32))
         specs = {k: ((L, N * w), d) for k, (w, d) in per_layer.items()}
         specs.update({
             "idx": ((B, T), "int32"), "targets": ((N,), "int32"), "row_weights": ((N,), f32),
@@ -316,38 +453,45 @@ class GPT:
             "lnf": ((N, C), dt), "lnf_mean": ((N,), f32), "lnf_rstd": ((N,), f32), "losses": ((N,), f32),
             "lm_scratch": ((bk.lmhead_chunk_rows(N, V, dt), V), dt),
             # gradient scratch, reused by every layer
-            "dres": ((N, C), dt), "dlnf": ((N, C), dt), "dfch_gelu": ((N, 4 * C), dt), "dfch": ((N, 4 * C), dt),
-            "dln": ((N, C), dt), "datty": ((N, C), dt), "dqkv": ((N, 3 * C), dt),
-            "dwte_head": ((V, C), f32),  # the lm-head's gradient, added to g["wte"] by backward()
+            "dres": ((N, C), dt), "dlnf": ((N, C), dt), "dfch_act": ((N, H), dt), "dfch": ((N, F), dt),
+            "dln": ((N, C), dt), "datty": ((N, A), dt), "dqkv": ((N, W), dt),
+            "dhead": ((V, C), f32),  # the lm-head's gradient, added to g[self.head] by backward()
         })
         a = bk.carve(specs)
         shapes = {k: (N, w) for k, (w, _) in per_layer.items()}
         shapes.update(ln1_mean=(N,), ln1_rstd=(N,), ln2_mean=(N,), ln2_rstd=(N,), att_lse=(B, NH, T))
+        if cfg.qk_norm:
+            shapes.update(q_rstd=(B, T, NH), k_rstd=(B, T, NKV))
         for k in per_layer:  # per-layer views, shaped as the kernels take them
             a[k] = [bk.view(a[k], l * math.prod(shapes[k]), shapes[k]) for l in range(L)]
         self._acts, self._BT = a, (B, T)
         return a
 
+    @property
+    def head(self) -> str:
+        """The name of the lm-head's weight: "wte" (tied) or "lm_head.weight"."""
+        return "wte" if self.config.tie_embeddings else "lm_head.weight"
+
     # ---- forward ----------------------------------------------------------------------------------------
 
     def forward(self, idx, targets=None, weights=None):
-        """idx (B, T) token ids -> logits (B, T, V) (a float32 numpy array) if targets is None, else the mean loss
-        (float) over targets != -1 (ignore index). In training mode a forward with targets also computes the
-        gradient of the fused lm-head + cross-entropy, which backward() then uses.
+        """idx (B, T) token ids -> logits (B, T, V) (a float32 numpy array; soft-capped if the config says so) if
+        targets is None, else the mean loss (float) over targets != -1 (ignore index). In training mode a forward
+        with targets also computes the gradient of the fused lm-head + cross-entropy, which backward() then uses.
 
         weights (B, T) float (optional, with targets): the objective becomes the weighted SUM
         sum_{b,t} weights[b, t] * CE[b, t] over targets != -1 (no 1/n), and that is what is returned and
         backpropagated. Policy gradients use it: with weights = -A_t the gradient is that of
         -sum_t A_t log p(a_t). After any forward with targets, self.token_losses (B, T) holds the per-token
         CE = -log p(target) (0 where ignored)."""
-        bk, pc, V = self.bk, self.pc, self.config.vocab_size
+        bk, pc, V, cap = self.bk, self.pc, self.config.vocab_size, self.config.logit_softcap
         a = self._trunk(idx)
         B, T = self._BT
         N = B * T
         self._ready_for_backward = False
         if targets is None:
-            logits = bk.matmul_forward(a["lnf"], pc["wte"], out=bk.empty((N, V), "float32"))
-            return bk.to_numpy(logits).reshape(B, T, V)
+            logits = bk.matmul_forward(a["lnf"], pc[self.head], out=bk.empty((N, V), "float32"))
+            return softcap_logits(bk.to_numpy(logits), cap).reshape(B, T, V)
         targets = np.asarray(targets)
         if not np.issubdtype(targets.dtype, np.integer):
             raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
@@ -371,13 +515,13 @@ class GPT:
             bk.copy_(rw, weights.reshape(N))
         if self.training:
             bk.zero_(a["dlnf"])
-            bk.zero_(a["dwte_head"])
-            bk.lmhead_ce(a["lnf"], pc["wte"], a["targets"], grad_scale=scale, dhidden=a["dlnf"],
-                         dweight=a["dwte_head"], row_weights=rw, scratch=a["lm_scratch"], losses=a["losses"])
+            bk.zero_(a["dhead"])
+            bk.lmhead_ce(a["lnf"], pc[self.head], a["targets"], grad_scale=scale, dhidden=a["dlnf"],
+                         dweight=a["dhead"], row_weights=rw, scratch=a["lm_scratch"], losses=a["losses"], softcap=cap)
             self._ready_for_backward = True
         else:
-            bk.lmhead_ce(a["lnf"], pc["wte"], a["targets"], backward=False, scratch=a["lm_scratch"],
-                         losses=a["losses"])
+            bk.lmhead_ce(a["lnf"], pc[self.head], a["targets"], backward=False, scratch=a["lm_scratch"],
+                         losses=a["losses"], softcap=cap)
         losses = np.array(bk.to_numpy(a["losses"]), np.float32).reshape(B, T)  # the step's one readback
         self.token_losses = losses
         if weights is None:
@@ -396,37 +540,50 @@ class GPT:
         return self.bk.to_numpy(a["lnf"]).reshape(B, T, self.config.n_embd)
 
     def _trunk(self, idx) -> dict:
-        """Embedding, blocks and final layernorm: fills the activations up to lnf (B*T, C)."""
+        """Embedding, blocks and final norm: fills the activations up to lnf (B*T, C)."""
         cfg, bk, pc, pl = self.config, self.bk, self.pc, self._pl
         idx = check_token_ids(idx, "idx", cfg)
         B, T = idx.shape
-        C, NH, eps = cfg.n_embd, cfg.n_head, cfg.layernorm_eps
+        C, NH, NKV, hd = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size
+        W, R = cfg.qkv_width, NH + 2 * NKV  # qkv row width, heads per row
         a = self._activations(B, T)
         bk.copy_(a["idx"], idx)
         self._trunk_ready = self.training  # activations saved for a backward(dhidden=...)
 
-        bk.embedding_forward(a["idx"], pc["wte"], pc["wpe"], out=a["encoded"].reshape((B, T, C)))
+        bk.embedding_forward(a["idx"], pc["wte"], pc.get("wpe"), out=a["encoded"].reshape((B, T, C)))
         residual = a["encoded"]
         for l in range(cfg.n_layer):
-            bk.layernorm_forward(residual, pl["ln_1.weight"][l], pl["ln_1.bias"][l], eps, out=a["ln1"][l],
-                                 mean=a["ln1_mean"][l], rstd=a["ln1_rstd"][l])
-            bk.matmul_forward(a["ln1"][l], pl["attn.c_attn.weight"][l], pl["attn.c_attn.bias"][l],
-                              out=a["qkv"][l])  # (N, 3C)
-            bk.attention_forward(a["qkv"][l].reshape((B, T, 3 * C)), NH, out=a["atty"][l].reshape((B, T, C)),
-                                 lse=a["att_lse"][l])
-            bk.matmul_forward(a["atty"][l], pl["attn.c_proj.weight"][l], pl["attn.c_proj.bias"][l], out=a["attproj"])
+            norm_forward(bk, cfg, residual, pl["ln_1.weight"][l], _at(pl, "ln_1.bias", l), a["ln1"][l],
+                         a["ln1_mean"][l], a["ln1_rstd"][l])
+            # qkv = [q | k | v] = ln1 @ W^T (+ b), then QK-norm (Qwen3) and RoPE on the q and k heads
+            qkv = a["qkv"][l]
+            if cfg.qk_norm:
+                raw = a["qkv_raw"][l]
+                bk.matmul_forward(a["ln1"][l], pl["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=raw)
+                bk.copy_(qkv, raw)  # the v rows; the norms below overwrite the q and k rows
+                raw4, qkv4 = raw.reshape((B, T, R, hd)), qkv.reshape((B, T, R, hd))
+                bk.rmsnorm_forward(raw4, pl["attn.q_norm.weight"][l], cfg.layernorm_eps, out=qkv4,
+                                   rstd=a["q_rstd"][l], heads=(0, NH))
+                bk.rmsnorm_forward(raw4, pl["attn.k_norm.weight"][l], cfg.layernorm_eps, out=qkv4,
+                                   rstd=a["k_rstd"][l], heads=(NH, NH + NKV))
+            else:
+                bk.matmul_forward(a["ln1"][l], pl["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=qkv)
+            if self.rope is not None:
+                bk.rope_forward(qkv.reshape((B, T, W)), *self.rope, NH, out=qkv.reshape((B, T, W)), n_kv_head=NKV)
+            bk.attention_forward(qkv.reshape((B, T, W)), NH, out=a["atty"][l].reshape((B, T, NH * hd)),
+                                 lse=a["att_lse"][l], n_kv_head=NKV)
+            bk.matmul_forward(a["atty"][l], pl["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l),
+                              out=a["attproj"])
             bk.residual_forward(residual, a["attproj"], out=a["residual2"][l])
-            bk.layernorm_forward(a["residual2"][l], pl["ln_2.weight"][l], pl["ln_2.bias"][l], eps, out=a["ln2"][l],
-                                 mean=a["ln2_mean"][l], rstd=a["ln2_rstd"][l])
-            # fch = ln2 @ W^T + b and fch_gelu = gelu(fch), one call (the GELU in the matmul's epilogue on the GPU)
-            bk.matmul_forward(a["ln2"][l], pl["mlp.c_fc.weight"][l], pl["mlp.c_fc.bias"][l], out=a["fch_gelu"][l],
-                              pre_gelu=a["fch"][l])  # (N, 4C)
-            bk.matmul_forward(a["fch_gelu"][l], pl["mlp.c_proj.weight"][l], pl["mlp.c_proj.bias"][l],
-                              out=a["fcproj"])
+            norm_forward(bk, cfg, a["residual2"][l], pl["ln_2.weight"][l], _at(pl, "ln_2.bias", l), a["ln2"][l],
+                         a["ln2_mean"][l], a["ln2_rstd"][l])
+            mlp_forward(bk, cfg, a["ln2"][l], pl["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
+                        pl["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), a["fch"][l], a["fch_act"][l],
+                        a["fcproj"])
             bk.residual_forward(a["residual2"][l], a["fcproj"], out=a["residual3"][l])
             residual = a["residual3"][l]
-        bk.layernorm_forward(residual, pc["ln_f.weight"], pc["ln_f.bias"], eps, out=a["lnf"], mean=a["lnf_mean"],
-                             rstd=a["lnf_rstd"])
+        norm_forward(bk, cfg, residual, pc["ln_f.weight"], pc.get("ln_f.bias"), a["lnf"], a["lnf_mean"],
+                     a["lnf_rstd"])
         return a
 
     # ---- backward ---------------------------------------------------------------------------------------
@@ -451,38 +608,54 @@ class GPT:
         self._ready_for_backward = self._trunk_ready = False
         g, gl = self.g, self._gl
         B, T = self._BT
-        L, NH, C = cfg.n_layer, cfg.n_head, cfg.n_embd
+        L, NH, NKV, C, hd = cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.head_size
+        W, R, A = cfg.qkv_width, NH + 2 * NKV, NH * hd
+
+        def linear_backward(dout, inp, name, l, dinp):  # a linear layer's gradients (its bias only if it has one)
+            bias = gl.get(name[:-len("weight")] + "bias")
+            bk.matmul_backward(dout, inp, pl[name][l], dinp=dinp, dweight=gl[name][l],
+                               dbias=None if bias is None else bias[l], need_bias=bias is not None)
+
         if dhidden is None:
-            bk.add_(g["wte"], a["dwte_head"])
+            bk.add_(g[self.head], a["dhead"])
         dres = a["dres"]  # gradient of the residual stream, flowing down through the layers
         bk.zero_(dres)
-        bk.layernorm_backward(a["dlnf"], a["residual3"][L - 1], pc["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"],
-                              dx=dres, dweight=g["ln_f.weight"], dbias=g["ln_f.bias"])
+        norm_backward(bk, cfg, a["dlnf"], a["residual3"][L - 1], pc["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"],
+                      dres, g["ln_f.weight"], g.get("ln_f.bias"))
         for l in reversed(range(L)):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            # MLP half: residual3 = residual2 + c_proj(gelu(c_fc(ln2(residual2))))
-            for k in ("dfch_gelu", "dfch", "dln"):
+            # MLP half: residual3 = residual2 + c_proj(act(c_fc(ln2(residual2))))
+            for k in ("dfch_act", "dfch", "dln"):
                 bk.zero_(a[k])
-            bk.matmul_backward(dres, a["fch_gelu"][l], pl["mlp.c_proj.weight"][l], dinp=a["dfch_gelu"],
-                               dweight=gl["mlp.c_proj.weight"][l], dbias=gl["mlp.c_proj.bias"][l])
-            bk.gelu_backward(a["dfch_gelu"], a["fch"][l], dx=a["dfch"])
-            bk.matmul_backward(a["dfch"], a["ln2"][l], pl["mlp.c_fc.weight"][l], dinp=a["dln"],
-                               dweight=gl["mlp.c_fc.weight"][l], dbias=gl["mlp.c_fc.bias"][l])
-            bk.layernorm_backward(a["dln"], a["residual2"][l], pl["ln_2.weight"][l], a["ln2_mean"][l],
-                                  a["ln2_rstd"][l], dx=dres, dweight=gl["ln_2.weight"][l], dbias=gl["ln_2.bias"][l])
-            # attention half: residual2 = residual + c_proj(attn(c_attn(ln1(residual))))
+            linear_backward(dres, a["fch_act"][l], "mlp.c_proj.weight", l, a["dfch_act"])
+            if cfg.mlp == "gelu":
+                bk.gelu_backward(a["dfch_act"], a["fch"][l], dx=a["dfch"])
+            elif cfg.mlp == "relu2":
+                bk.relu2_backward(a["dfch_act"], a["fch"][l], dx=a["dfch"])
+            else:
+                bk.swiglu_backward(a["dfch_act"], a["fch"][l], dgate_up=a["dfch"])
+            linear_backward(a["dfch"], a["ln2"][l], "mlp.c_fc.weight", l, a["dln"])
+            norm_backward(bk, cfg, a["dln"], a["residual2"][l], pl["ln_2.weight"][l], a["ln2_mean"][l],
+                          a["ln2_rstd"][l], dres, gl["ln_2.weight"][l], _at(gl, "ln_2.bias", l))
+            # attention half: residual2 = residual + c_proj(attn(rope(qk_norm(c_attn(ln1(residual))))))
             for k in ("datty", "dqkv", "dln"):
                 bk.zero_(a[k])
-            bk.matmul_backward(dres, a["atty"][l], pl["attn.c_proj.weight"][l], dinp=a["datty"],
-                               dweight=gl["attn.c_proj.weight"][l], dbias=gl["attn.c_proj.bias"][l])
-            bk.attention_backward(a["datty"].reshape((B, T, C)), a["qkv"][l].reshape((B, T, 3 * C)),
-                                  a["atty"][l].reshape((B, T, C)), a["att_lse"][l], NH,
-                                  dqkv=a["dqkv"].reshape((B, T, 3 * C)))
-            bk.matmul_backward(a["dqkv"], a["ln1"][l], pl["attn.c_attn.weight"][l], dinp=a["dln"],
-                               dweight=gl["attn.c_attn.weight"][l], dbias=gl["attn.c_attn.bias"][l])
-            bk.layernorm_backward(a["dln"], residual, pl["ln_1.weight"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
-                                  dx=dres, dweight=gl["ln_1.weight"][l], dbias=gl["ln_1.bias"][l])
-        bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g["wpe"])
+            linear_backward(dres, a["atty"][l], "attn.c_proj.weight", l, a["datty"])
+            dqkv = a["dqkv"].reshape((B, T, W))
+            bk.attention_backward(a["datty"].reshape((B, T, A)), a["qkv"][l].reshape((B, T, W)),
+                                  a["atty"][l].reshape((B, T, A)), a["att_lse"][l], NH, dqkv=dqkv, n_kv_head=NKV)
+            if self.rope is not None:  # rotate the q, k gradients back, in place
+                bk.rope_backward(dqkv, *self.rope, NH, dqkv=dqkv, n_kv_head=NKV)
+            if cfg.qk_norm:  # in place: the q and k rows become the gradients of the raw projection, v passes
+                raw4, d4 = a["qkv_raw"][l].reshape((B, T, R, hd)), a["dqkv"].reshape((B, T, R, hd))
+                bk.rmsnorm_backward(d4, raw4, pl["attn.q_norm.weight"][l], a["q_rstd"][l], dx=d4,
+                                    dweight=gl["attn.q_norm.weight"][l], heads=(0, NH))
+                bk.rmsnorm_backward(d4, raw4, pl["attn.k_norm.weight"][l], a["k_rstd"][l], dx=d4,
+                                    dweight=gl["attn.k_norm.weight"][l], heads=(NH, NH + NKV))
+            linear_backward(a["dqkv"], a["ln1"][l], "attn.c_attn.weight", l, a["dln"])
+            norm_backward(bk, cfg, a["dln"], residual, pl["ln_1.weight"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
+                          dres, gl["ln_1.weight"][l], _at(gl, "ln_1.bias", l))
+        bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g.get("wpe"))
 
     # ---- inference --------------------------------------------------------------------------------------
 
@@ -494,12 +667,11 @@ class GPT:
 
     def bf16_weights(self) -> dict[str, np.ndarray]:
         """A bf16 snapshot (uint16 bit patterns, nearest-even) of the weight matrices a decode step streams: the
-        four linear layers of every block and wte (the lm-head). Half the bytes of float32; taken now, so it does
-        not follow later changes of the parameters. Reuse it across caches: model.kv_cache(B, weights=w16)."""
+        four linear layers of every block and the lm-head (wte when tied). Half the bytes of float32; taken now, so
+        it does not follow later changes of the parameters. Reuse it across caches: model.kv_cache(B, weights=w16)."""
         if self.device != "cpu":
             raise ValueError("bf16_weights is for CPU decoding; on the GPU give the model dtype='bfloat16'")
-        names = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "wte")
-        return {n: ops.to_bf16(self.p[n]) for n in names}
+        return {n: ops.to_bf16(self.p[n]) for n in (*MATRICES, self.head)}
 
     def generate(self, prompt_ids, max_new_tokens: int, **kw):
         """Prompt plus generated ids (see fastllm.sample.generate for the keyword arguments: temperature, top_k,
@@ -513,14 +685,14 @@ class GPT:
 
 
 def init_weights(p: dict[str, np.ndarray], config: GPTConfig, seed: int = 0) -> None:
-    """GPT-2 init of the numpy views `p`: normal(0, 0.02) for weights and embeddings, residual projections scaled
-    by 1/sqrt(2 n_layer), zeros for biases, ones for layernorm gains."""
+    """GPT-2 init of the numpy views `p`: normal(0, 0.02) for weights and embeddings (and an untied lm-head),
+    residual projections scaled by 1/sqrt(2 n_layer), zeros for biases, ones for norm gains."""
     rng = np.random.default_rng(seed)
     std, L = 0.02, config.n_layer
     for name, arr in p.items():
         if name.endswith(".bias"):
             arr[...] = 0.0
-        elif name.startswith("ln_"):
+        elif name.startswith("ln_") or name.endswith("_norm.weight"):
             arr[...] = 1.0
         else:
             s = std / math.sqrt(2 * L) if name.endswith("c_proj.weight") else std
@@ -531,8 +703,10 @@ class KVCache:
     """Keys and values of every layer for B sequences, so generation runs the model on new tokens only.
 
     prefill(rows) runs the prompts (rows may differ in length) batched; decode(tokens) appends one token per
-    sequence. Both return the float32 numpy logits (B, V) of each sequence's last token.
-    Memory: 2 * n_layer * B * max_len * n_embd elements of the compute dtype (max_len defaults to block_size;
+    sequence. Both return the float32 numpy logits (B, V) of each sequence's last token (soft-capped if the config
+    says so). Only the kv heads are stored (grouped-query attention: n_kv_head of them), after QK-norm and RoPE.
+    Memory: 2 * n_layer * B * max_len * n_kv_head * head_size elements of the compute dtype (max_len defaults to
+    block_size;
     generate sizes it to the longest prompt + max_new_tokens, so a short generation does not zero a full-context
     cache). On the CPU, weights="bfloat16" streams bf16 copies of the matrices in decode steps (<= BF16_MAX_ROWS
     token rows at once, where reading the weights is the cost); longer prefills keep the float32 GEMM.
@@ -551,8 +725,8 @@ class KVCache:
         else:
             self.w16 = model.bf16_weights() if weights == "bfloat16" and model.device == "cpu" else None
         self._w16l = None if self.w16 is None else _layers(ops, self.w16)
-        self.hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, self.hs)
+        self.hs = cfg.head_size
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, self.hs)
         self.k = bk.zeros(shape, model.dtype)
         self.v = bk.zeros(shape, model.dtype)
         self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence (host; copied to _pos per call)
@@ -604,10 +778,10 @@ class KVCache:
         """Row dst becomes a copy of row src: its cached keys/values (the pos[src] filled positions of every layer
         and head) and length."""
         bk, cfg, n, hs = self.model.bk, self.model.config, int(self.pos[src]), self.hs
-        row = cfg.n_head * self.max_len * hs  # elements of one sequence in one layer
+        row = cfg.kv_heads * self.max_len * hs  # elements of one sequence in one layer
         for cache in (self.k, self.v) if n else ():
             for l in range(cfg.n_layer):
-                for h in range(cfg.n_head):
+                for h in range(cfg.kv_heads):
                     head = h * self.max_len * hs
                     at_src, at_dst = (l * self.B + src) * row + head, (l * self.B + dst) * row + head
                     bk.copy_(bk.view(cache, at_dst, (n, hs)), bk.view(cache, at_src, (n, hs)))
@@ -626,12 +800,14 @@ class KVCache:
             if len(self._bufs) >= 4:  # prompts of many lengths: keep the decode buffers, drop the others
                 self._bufs = {k: v for k, v in self._bufs.items() if k[1] == 1}
             cfg, dt, f32 = self.model.config, self.model.dtype, "float32"
-            C, N = cfg.n_embd, b * Tn
+            C, N, H, A = cfg.n_embd, b * Tn, cfg.mlp_width, cfg.n_head * cfg.head_size
+            F = 2 * H if cfg.mlp == "swiglu" else H
             self._bufs[key] = self.model.bk.carve({
                 "idx": ((b, Tn), "int32"), "x": ((N, C), dt), "h": ((N, C), dt), "mean": ((N,), f32),
-                "rstd": ((N,), f32), "qkv": ((N, 3 * C), dt), "y": ((N, C), dt), "tmp": ((N, C), dt),
-                "fch": ((N, 4 * C), dt), "fch_gelu": ((N, 4 * C), dt), "last": ((b, C), dt), "lnf": ((b, C), dt),
-                "lnf_mean": ((b,), f32), "lnf_rstd": ((b,), f32), "logits": ((b, cfg.vocab_size), f32),
+                "rstd": ((N,), f32), "qkv": ((N, cfg.qkv_width), dt), "y": ((N, A), dt), "tmp": ((N, C), dt),
+                "qk_rstd": ((N * cfg.n_head,), f32), "fch": ((N, F), dt), "fch_act": ((N, H), dt),
+                "last": ((b, C), dt), "lnf": ((b, C), dt), "lnf_mean": ((b,), f32), "lnf_rstd": ((b,), f32),
+                "logits": ((b, cfg.vocab_size), f32),
             })
         return self._bufs[key]
 
@@ -639,9 +815,10 @@ class KVCache:
         """Run idx (b, Tn) for the cache rows r0 .. r0+b-1, appending their keys/values; float32 numpy logits
         (b, V) of the last token of each row."""
         m, cfg, bk = self.model, self.model.config, self.model.bk
-        pc, pl, eps = m.pc, m._pl, cfg.layernorm_eps
+        pc, pl = m.pc, m._pl
         b, Tn = idx.shape
-        C, NH, Tm, hs = cfg.n_embd, cfg.n_head, self.max_len, self.hs
+        C, NH, NKV, Tm, hs = cfg.n_embd, cfg.n_head, cfg.kv_heads, self.max_len, self.hs
+        W, R = cfg.qkv_width, NH + 2 * NKV
         pos = self.pos[r0:r0 + b]
         if idx.min() < 0 or idx.max() >= cfg.vocab_size:
             raise ValueError(f"token ids outside [0, {cfg.vocab_size})")
@@ -654,8 +831,10 @@ class KVCache:
         w16 = self._w16l if self._w16l is not None and b * Tn <= self.BF16_MAX_ROWS else None
         w = pl if w16 is None else w16  # the matrices this pass streams
         x = u["x"]
-        # token + position embedding; the position rows start at each sequence's pos (a view of wpe)
-        if (pos == pos[0]).all():
+        # token (+ position) embedding; learned position rows start at each sequence's pos (a view of wpe)
+        if self.model.rope is not None:
+            bk.embedding_forward(u["idx"], pc["wte"], None, out=x.reshape((b, Tn, C)))
+        elif (pos == pos[0]).all():
             bk.embedding_forward(u["idx"], pc["wte"], bk.view(pc["wpe"], int(pos[0]) * C, (Tn, C)),
                                  out=x.reshape((b, Tn, C)))
         else:
@@ -663,29 +842,32 @@ class KVCache:
                 wpe_i = bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C))
                 bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"], wpe_i,
                                      out=bk.view(x, i * Tn * C, (1, Tn, C)))
-        per_layer = self.B * NH * Tm * hs
+        per_layer = self.B * NKV * Tm * hs
+        qkv, qkv4 = u["qkv"].reshape((b, Tn, W)), u["qkv"].reshape((b, Tn, R, hs))
         for l in range(cfg.n_layer):
-            kc = bk.view(self.k, l * per_layer + r0 * NH * Tm * hs, (b, NH, Tm, hs))
-            vc = bk.view(self.v, l * per_layer + r0 * NH * Tm * hs, (b, NH, Tm, hs))
-            bk.layernorm_forward(x, pl["ln_1.weight"][l], pl["ln_1.bias"][l], eps, out=u["h"], mean=u["mean"],
-                                 rstd=u["rstd"])
-            bk.matmul_forward(u["h"], w["attn.c_attn.weight"][l], pl["attn.c_attn.bias"][l], out=u["qkv"])
-            bk.attention_kv_forward(u["qkv"].reshape((b, Tn, 3 * C)), kc, vc, pos_dev, out=u["y"].reshape((b, Tn, C)))
-            bk.matmul_forward(u["y"], w["attn.c_proj.weight"][l], pl["attn.c_proj.bias"][l], out=u["tmp"])
+            kc = bk.view(self.k, l * per_layer + r0 * NKV * Tm * hs, (b, NKV, Tm, hs))
+            vc = bk.view(self.v, l * per_layer + r0 * NKV * Tm * hs, (b, NKV, Tm, hs))
+            norm_forward(bk, cfg, x, pl["ln_1.weight"][l], _at(pl, "ln_1.bias", l), u["h"], u["mean"], u["rstd"])
+            bk.matmul_forward(u["h"], w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=u["qkv"])
+            if cfg.qk_norm:  # in place on the q and k heads
+                for name, heads in (("attn.q_norm.weight", (0, NH)), ("attn.k_norm.weight", (NH, NH + NKV))):
+                    rstd = bk.view(u["qk_rstd"], 0, (b, Tn, heads[1] - heads[0]))
+                    bk.rmsnorm_forward(qkv4, pl[name][l], cfg.layernorm_eps, out=qkv4, rstd=rstd, heads=heads)
+            if m.rope is not None:
+                bk.rope_forward(qkv, *m.rope, NH, pos=pos_dev, out=qkv, n_kv_head=NKV)
+            bk.attention_kv_forward(qkv, kc, vc, pos_dev, out=u["y"].reshape((b, Tn, NH * hs)), n_kv_head=NKV)
+            bk.matmul_forward(u["y"], w["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l), out=u["tmp"])
             bk.add_(x, u["tmp"])
-            bk.layernorm_forward(x, pl["ln_2.weight"][l], pl["ln_2.bias"][l], eps, out=u["h"], mean=u["mean"],
-                                 rstd=u["rstd"])
-            bk.matmul_forward(u["h"], w["mlp.c_fc.weight"][l], pl["mlp.c_fc.bias"][l], out=u["fch_gelu"],
-                              pre_gelu=u["fch"])
-            bk.matmul_forward(u["fch_gelu"], w["mlp.c_proj.weight"][l], pl["mlp.c_proj.bias"][l], out=u["tmp"])
+            norm_forward(bk, cfg, x, pl["ln_2.weight"][l], _at(pl, "ln_2.bias", l), u["h"], u["mean"], u["rstd"])
+            mlp_forward(bk, cfg, u["h"], w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
+                        w["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), u["fch"], u["fch_act"], u["tmp"])
             bk.add_(x, u["tmp"])
         last = x  # the last token of each row
         if Tn > 1:
             last = u["last"]
             for i in range(b):
                 bk.copy_(bk.view(last, i * C, (1, C)), bk.view(x, ((i + 1) * Tn - 1) * C, (1, C)))
-        bk.layernorm_forward(last, pc["ln_f.weight"], pc["ln_f.bias"], eps, out=u["lnf"], mean=u["lnf_mean"],
-                             rstd=u["lnf_rstd"])
-        bk.matmul_forward(u["lnf"], w["wte"], out=u["logits"])  # (b, V) float32 = lnf @ wte^T
+        norm_forward(bk, cfg, last, pc["ln_f.weight"], pc.get("ln_f.bias"), u["lnf"], u["lnf_mean"], u["lnf_rstd"])
+        bk.matmul_forward(u["lnf"], w[m.head], out=u["logits"])  # (b, V) float32 = lnf @ head^T
         self.pos[r0:r0 + b] += Tn
-        return np.array(bk.to_numpy(u["logits"]))
+        return softcap_logits(np.array(bk.to_numpy(u["logits"])), cfg.logit_softcap)

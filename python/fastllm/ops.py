@@ -278,13 +278,36 @@ def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | No
 # ---- softmax + cross-entropy ---------------------------------------------------------------------------
 
 
+def softcap_arg(softcap) -> float:
+    """The kernels' softcap argument: None -> 0 (no cap); else a finite number > 0 (ValueError naming softcap)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.integer, np.floating)):
+        raise TypeError(f"softcap must be None or a number > 0, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return float(softcap)
+
+
+def softcap_logits(logits: np.ndarray, softcap: float | None) -> np.ndarray:
+    """c * tanh(logits / c) in place on a float32 numpy array (Gemma 2 / nanochat logit soft-capping; the kernels'
+    softcap); logits unchanged for None. Returns logits."""
+    if softcap is not None:
+        c = np.float32(softcap_arg(softcap))
+        np.tanh(logits / c, out=logits)
+        logits *= c
+    return logits
+
+
 def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX, backward: bool = True,
-               inplace: bool = False, losses=None, row_weights=None):
+               inplace: bool = False, losses=None, row_weights=None, softcap: float | None = None):
     """Per-row loss and dlogits = (softmax - onehot) * grad_scale for logits (..., V), targets (...).
 
     Rows whose target equals `ignore_index` get loss 0 and zero gradient. With inplace=True dlogits
     overwrites logits (no extra N x V buffer). row_weights (float32, shaped like targets) scales each row's
     gradient (grad_scale * row_weights[n]: the gradient of sum_n w[n] * loss[n]); losses are unchanged.
+    softcap c (> 0, optional): the logits are soft-capped first, z = c * tanh(logits / c) (Gemma 2, nanochat); the
+    loss is that of z and dlogits the gradient with respect to the uncapped logits.
     Returns (losses, dlogits or None); dlogits is written (=), not accumulated.
     """
     logits = _f32(logits, "logits")
@@ -296,7 +319,7 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
     if backward:
         dlogits = logits if inplace else np.empty_like(logits)
     _C.softmax_ce(_view(losses), None if dlogits is None else _view(dlogits, V), _view(logits, V),
-                  _view(targets), float(grad_scale), int(ignore_index), rw)
+                  _view(targets), float(grad_scale), int(ignore_index), rw, softcap_arg(softcap))
     return losses, dlogits
 
 
@@ -307,12 +330,13 @@ def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "float32") -> i
 
 
 def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
-              backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None):
+              backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None,
+              softcap: float | None = None):
     """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, computed in chunks of rows into
     `scratch` (rows, V) (allocated per call if None: pass one, of lmhead_chunk_rows rows, to reuse it) and never
     materialised whole. Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients
     accumulate. With row_weights (float32, shaped like targets) the gradients are those of
-    grad_scale * sum_n w[n] * loss[n]."""
+    grad_scale * sum_n w[n] * loss[n]. softcap c: the logits are c * tanh(logits / c) (see softmax_ce)."""
     hidden, weight = _f32(hidden, "hidden"), _f32(weight, "weight")
     targets = _ids(targets, "targets")
     rw = _row_weights(row_weights, targets)
@@ -324,7 +348,8 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
     else:
         dhidden = dweight = None
     _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
-                 _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw)
+                 _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw,
+                 softcap_arg(softcap))
     return losses, dhidden, dweight
 
 
@@ -419,7 +444,8 @@ def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=Non
 
 def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
     """Gradients of rmsnorm_forward, accumulated: returns (dx (..., C), dweight (C,)); with heads, only those rows
-    of dx receive."""
+    of dx receive. dx may be dout itself (in place): its rows are then replaced (=) by the gradient and, with heads,
+    the other rows pass through (QK-norm's backward on the packed dqkv: the v rows' gradient is dout's)."""
     x = _f32(x, "x")
     dx = _out(dx, "dx", x.shape)
     dweight = _out(dweight, "dweight", x.shape[-1:])
@@ -485,7 +511,8 @@ def relu2_backward(dout, x, dx=None) -> np.ndarray:
 
 
 def embedding_forward(tokens, wte, wpe, out=None) -> np.ndarray:
-    """out (B, T, C) = wte[tokens] + wpe[:T] for tokens (B, T)."""
+    """out (B, T, C) = wte[tokens] + wpe[:T] for tokens (B, T); wpe None: out = wte[tokens] (no position
+    embedding, as in rotary models)."""
     tokens = _ids(tokens, "tokens")
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
@@ -495,7 +522,8 @@ def embedding_forward(tokens, wte, wpe, out=None) -> np.ndarray:
 
 
 def embedding_backward(dout, tokens, dwte, dwpe):
-    """Scatter-add dout (B, T, C) into dwte (V, C) and dwpe (max_T, C), deterministically; returns them."""
+    """Scatter-add dout (B, T, C) into dwte (V, C) and dwpe (max_T, C) (None: no position embedding),
+    deterministically; returns them."""
     _C.embedding_backward(dwte, dwpe, dout, _ids(tokens, "tokens"))
     return dwte, dwpe
 
