@@ -153,26 +153,41 @@ class SafetensorsFile(Mapping):
         np_dtype = np.dtype("<u2" if dtype == "BF16" else _DTYPES[dtype]).newbyteorder("<")
         return self._buf[b:e].view(np_dtype).reshape(shape)
 
-    def read_into(self, name: str, out: np.ndarray) -> None:
-        """out[...] = the tensor, converted to out's dtype (float32 for BF16: widened in place in `out` when it is
-        a C-contiguous float32 array, with no temporary copy). ValueError naming the tensor if shapes differ."""
+    def read_into(self, name: str, out: np.ndarray, block_bytes: int = 32 << 20) -> None:
+        """out[...] = the tensor, converted to out's dtype, a block of rows at a time, each block's file pages given
+        back once copied: the extra memory is one block, whatever the tensor's size. BF16 into a C-contiguous
+        float32 `out` is widened in place (no temporary). ValueError naming the tensor if the shapes differ."""
         if tuple(out.shape) != self.shape(name):
             raise ValueError(f"{self.path}: tensor {name!r} has shape {self.shape(name)}, expected {out.shape}")
-        if self.dtype(name) == "BF16" and out.dtype == np.float32 and out.flags.c_contiguous:
-            bits = out.view(np.uint32)
-            bits[...] = self._raw(name)
-            bits <<= 16
-        else:
+        bf16, src = self.dtype(name) == "BF16", self._raw(name)
+        if src.ndim == 0 or src.size == 0:
             out[...] = self[name]
+            return
+        begin = self._entries[name][2]
+        row = max(1, src[0].nbytes)
+        step = max(1, block_bytes // row)
+        for i in range(0, src.shape[0], step):
+            block, dst = src[i:i + step], out[i:i + step]
+            if bf16 and dst.dtype == np.float32 and dst.flags.c_contiguous:
+                bits = dst.view(np.uint32)
+                bits[...] = block
+                bits <<= 16
+            elif bf16:
+                dst[...] = (block.astype(np.uint32) << 16).view(np.float32)
+            else:
+                dst[...] = block
+            self._release(begin + i * row, begin + (i + len(block)) * row)
 
     def release(self, name: str) -> None:
         """Give back the memory pages of a tensor that has been read (the file keeps the data: reading it again
         faults it back in)."""
+        _, _, b, e = self._entries[name]
+        self._release(b, e)
+
+    def _release(self, b: int, e: int) -> None:
         if self._mm is None or not hasattr(self._mm, "madvise"):  # read into memory, or not Linux
             return
-        _, _, b, e = self._entries[name]
-        page = _mmap.PAGESIZE
-        start = (b // page) * page
+        start = (b // _mmap.PAGESIZE) * _mmap.PAGESIZE
         if e > start:
             self._mm.madvise(_mmap.MADV_DONTNEED, start, min(len(self._mm), e) - start)
 

@@ -211,10 +211,11 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     )
 
 
-def model_type(cfg: GPTConfig) -> str:
+def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     """The transformers model_type that computes what `cfg` computes (ValueError naming the option when none
     does): gpt2 for GPT-2's choices; llama, qwen2 (q/k/v biases only) or qwen3 (QK-norm) for RoPE + RMSNorm +
-    SwiGLU."""
+    SwiGLU; mistral instead of llama when `prefer` says so (a model loaded from a Mistral folder) and it has no
+    biases."""
     gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
                 qk_norm=False, tie_embeddings=True, logit_softcap=None, n_kv_head=None, head_dim=None,
                 mlp_hidden=None)  # fmt: skip
@@ -242,12 +243,15 @@ def model_type(cfg: GPTConfig) -> str:
     if cfg.qkv_bias != cfg.proj_bias:
         raise ValueError(f"no transformers architecture computes this config: qkv_bias={cfg.qkv_bias} with "
                          f"proj_bias={cfg.proj_bias} (Llama has one attention_bias for q, k, v and o)")
+    if prefer == "mistral" and not (cfg.qkv_bias or cfg.mlp_bias):
+        return "mistral"
     return "llama"
 
 
-def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bos_token_id: int | None = None) -> dict:
+def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bos_token_id: int | None = None,
+                 prefer: str | None = None) -> dict:
     """The config.json dict transformers needs for `cfg` (see model_type; no dropout: fastllm has none)."""
-    kind = model_type(cfg)
+    kind = model_type(cfg, prefer)
     if kind == "gpt2":
         if eos_token_id is None and cfg.vocab_size == 50257:
             eos_token_id = 50256  # GPT-2's <|endoftext|>
@@ -272,6 +276,8 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
     }  # fmt: skip
     if kind == "llama":
         d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+    elif kind == "mistral":
+        d.update(sliding_window=None)
     else:  # qwen2, qwen3: full attention on every layer
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
         if kind == "qwen3":
@@ -301,7 +307,7 @@ class Slot:
 def tensor_map(cfg: GPTConfig) -> dict[str, Slot]:
     """HF tensor name -> Slot for every tensor of the config's transformers model (lm_head.weight only when
     untied), in the order transformers writes them."""
-    kind, L = model_type(cfg), cfg.n_layer
+    kind, L = model_type(cfg), cfg.n_layer  # (Mistral's names are Llama's)
     out: dict[str, Slot] = {}
     if kind == "gpt2":
         out["transformer.wte.weight"] = Slot("wte")
@@ -396,7 +402,9 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found")
-    cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
+    doc = read_json(cfg_path)
+    cfg = config_from_hf(doc, str(cfg_path))
+    config_type = doc["model_type"]
     files, wmap = _weight_files(folder)  # before allocating the model
     model = cls(cfg, init=False)
     slots = tensor_map(cfg)
@@ -427,8 +435,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
             if tensors.shape(name) != dst.shape:
                 raise ValueError(f"{file}: tensor {name!r} has shape {tensors.shape(name)}, config.json needs "
                                  f"{dst.shape}")
-            tensors.read_into(name, dst)
-            tensors.release(name)
+            tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
             filled[key] = name
     for name, f in wmap.items():
         if name not in seen:
@@ -448,6 +455,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
             if not np.isfinite(flat[i:i + (1 << 22)]).all():
                 raise ValueError(f"{folder}: tensor {name!r} (fastllm's name) holds NaN or infinite values")
     model.pretrained_dir = model.checkpoint_dir = folder
+    model.hf_model_type = config_type  # save_pretrained writes the same family back where it can
     return model
 
 
@@ -507,7 +515,7 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = tokenizer.eot_token
     bos = tokenizer.bos_token if tokenizer is not None else None
-    write_json(folder / CONFIG_FILE, config_to_hf(cfg, eos_token_id, bos))
+    write_json(folder / CONFIG_FILE, config_to_hf(cfg, eos_token_id, bos, getattr(model, "hf_model_type", None)))
     if eos_token_id is not None:
         write_json(folder / GENERATION_FILE, {"eos_token_id": eos_token_id, **({"bos_token_id": bos} if bos else {})})
     if tokenizer is not None:
