@@ -130,7 +130,7 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
         return ValueError(f"{where}: {msg}")
 
     kind = d.get("model_type")
-    if kind not in ARCHITECTURES:
+    if not isinstance(kind, str) or kind not in ARCHITECTURES:
         raise bad(f"model_type {kind!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
     archs = d.get("architectures") or [ARCHITECTURES[kind][0]]
     if not isinstance(archs, list) or any(a not in ARCHITECTURES[kind] for a in archs):
@@ -147,6 +147,8 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
         if str(e).startswith(where):
             raise
         raise bad(str(e)) from None
+    except (TypeError, AttributeError) as e:  # a value of the wrong JSON type somewhere
+        raise bad(f"malformed value ({type(e).__name__}: {e})") from None
 
 
 def _gpt2_config(d: dict, bad) -> dict:
@@ -436,6 +438,8 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
                 raise ValueError(f"{file}: tensor {name!r} has shape {tensors.shape(name)}, config.json needs "
                                  f"{dst.shape}")
             tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
+            if not _all_finite(dst):
+                raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
             filled[key] = name
     for name, f in wmap.items():
         if name not in seen:
@@ -449,14 +453,15 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
             raise ValueError(f"{file}: {name} differs from the token embedding, but config.json ties them "
                              f"(tie_word_embeddings): fastllm cannot load an untied head under a tied config")
         tensors.release(name)
-    for name, v in model.p.items():
-        flat = v.reshape(-1)
-        for i in range(0, flat.size, 1 << 22):  # in pieces: no model-sized temporary
-            if not np.isfinite(flat[i:i + (1 << 22)]).all():
-                raise ValueError(f"{folder}: tensor {name!r} (fastllm's name) holds NaN or infinite values")
     model.pretrained_dir = model.checkpoint_dir = folder
     model.hf_model_type = config_type  # save_pretrained writes the same family back where it can
     return model
+
+
+def _all_finite(a: np.ndarray, rows: int = 4096) -> bool:
+    """np.isfinite(a).all() a block of rows at a time (no tensor-sized temporary)."""
+    return all(np.isfinite(a[i:i + rows]).all() for i in range(0, max(1, len(a)), rows)) if a.ndim else \
+        bool(np.isfinite(a))
 
 
 # ---- saving ----------------------------------------------------------------------------------------------
