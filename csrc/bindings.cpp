@@ -839,7 +839,11 @@ static void set_num_threads_py(const py::object& threads) {
 static fastllm::tok::Pattern parse_pattern(const std::string& name) {
     if (name == "gpt2") return fastllm::tok::Pattern::gpt2;
     if (name == "gpt4") return fastllm::tok::Pattern::gpt4;
-    throw std::invalid_argument(str_cat("pattern must be 'gpt2' or 'gpt4', got '", name, "'"));
+    if (name == "llama3") return fastllm::tok::Pattern::llama3;
+    if (name == "qwen2") return fastllm::tok::Pattern::qwen2;
+    if (name == "smollm") return fastllm::tok::Pattern::smollm;
+    throw std::invalid_argument(
+        str_cat("pattern must be 'gpt2', 'gpt4', 'llama3', 'qwen2' or 'smollm', got '", name, "'"));
 }
 
 // Text arrives as a str; its UTF-8 form is cached by CPython inside the object, so no copy is made. Lone

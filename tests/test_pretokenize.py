@@ -1,7 +1,9 @@
 """Pre-tokenizer (csrc/tokenizer/pretokenize.cpp): _C.pretokenize(text, pattern) must return exactly
-regex.findall(pattern_string, text) for the GPT-2 and GPT-4 (cl100k) patterns.
+regex.findall(pattern_string, text) for the built-in patterns: GPT-2, GPT-4 (cl100k), Llama 3, Qwen2, SmolLM.
 
-Oracle: the `regex` module with the pattern strings (GPT-4's is checked to be tiktoken's cl100k pat_str).
+Oracle: the `regex` module with the pattern strings (GPT-4's is checked to be tiktoken's cl100k pat_str), and
+for the Hugging Face patterns HF `tokenizers`' own pre-tokenizers (Split on Llama 3's / Qwen2's regex as their
+tokenizer.json files spell it, SmolLM's Digits + ByteLevel sequence).
 Inputs: Python's pydoc topics (all of it), stdlib sources, hand-written tricky strings, every code point in
 order and shuffled, hypothesis texts (a targeted alphabet of tricky characters, and arbitrary text), and an
 exhaustive comparison of the scanner's character classes with regex for every code point.
@@ -23,10 +25,12 @@ from hypothesis import strategies as st
 
 regex = pytest.importorskip("regex")
 
+from hf_families import LLAMA3_SPLIT, QWEN2_SPLIT  # noqa: E402
+
 from fastllm import _C  # noqa: E402
 
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-PATTERNS = ["gpt2", "gpt4"]
+PATTERNS = ["gpt2", "gpt4", "llama3", "qwen2", "smollm"]
 
 
 def tiktoken_pat_strs() -> dict[str, str]:
@@ -69,6 +73,39 @@ def test_pattern_strings():
     assert _C.pattern_string("gpt2") == GPT2_PAT
     pats = tiktoken_pat_strs()
     assert _C.pattern_string("gpt4") == pats["cl100k"]
+
+
+def test_hf_pattern_strings():
+    assert _C.pattern_string("llama3") == LLAMA3_SPLIT
+    assert _C.pattern_string("qwen2") == QWEN2_SPLIT
+
+
+def hf_pre_tokenizer(pattern: str):
+    """HF tokenizers' pre-tokenizer as the checkpoints' tokenizer.json files configure it."""
+    tk = pytest.importorskip("tokenizers")
+    P = tk.pre_tokenizers
+    if pattern == "gpt2":
+        return P.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pattern == "smollm":
+        return P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False, use_regex=True)])
+    regex_str = {"llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[pattern]
+    return P.Sequence([P.Split(tk.Regex(regex_str), "isolated"), P.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "llama3", "qwen2", "smollm"])
+def test_hf_pre_tokenizers_agree(pattern):
+    """The native chunks are HF's pieces (which HF shows in its byte-level alphabet)."""
+    from fastllm.tokenizer import _B2U
+
+    pre = hf_pre_tokenizer(pattern)
+    texts = TRICKY + [TRICKY_JOINED, corpus_text()[:100_000]]
+    rng = random.Random(0)
+    alphabet = [" ", "  ", "\n", "\r", "\t", "a", "B", "1", "23", ".", "'", "s", "LL", "\u00e9", "\u3000", "\u00a0",
+                "!", "\u0663", "\u216b", "\u0085", "\u65e5", "\U0001f600"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16))) for _ in range(3000)]
+    for text in texts:
+        ours = ["".join(_B2U[b] for b in c.encode()) for c in _C.pretokenize(text, pattern)]
+        assert ours == [p for p, _ in pre.pre_tokenize_str(text)], repr(text[:200])
 
 
 def test_gpt2_equals_tiktoken_r50k_form():
@@ -199,9 +236,10 @@ def test_char_classes_match_regex():
     )
 
 
-def test_case_insensitive_contractions():
+@pytest.mark.parametrize("pattern", ["gpt4", "llama3", "qwen2"])
+def test_case_insensitive_contractions(pattern):
     # every code point regex accepts for a contraction letter under (?i), and only those, forms a contraction
-    pat4 = COMPILED["gpt4"]
+    pat4 = COMPILED[pattern]
     for tail in ["s", "d", "m", "t", "ll", "ve", "re"]:
         variants = {""}
         for ch in tail:
@@ -210,7 +248,7 @@ def test_case_insensitive_contractions():
             variants = {v + a for v in variants for a in alts}
         for v in sorted(variants):
             text = f"x'{v}y"
-            assert _C.pretokenize(text, "gpt4") == pat4.findall(text), text
+            assert _C.pretokenize(text, pattern) == pat4.findall(text), text
 
 
 # ---- property tests

@@ -1,5 +1,6 @@
-// Pre-tokenization: split UTF-8 text into chunks exactly as the `regex` module splits it with the GPT-2 or
-// GPT-4 (cl100k) pattern, by hand-written scanners (no regex engine), see pretokenize.cpp.
+// Pre-tokenization: split UTF-8 text into chunks exactly as the `regex` module splits it with one of the
+// built-in patterns (GPT-2, GPT-4/cl100k, Llama 3, Qwen2, SmolLM), by hand-written scanners (no regex
+// engine), see pretokenize.cpp.
 #pragma once
 #include <cstddef>
 #include <string_view>
@@ -8,7 +9,7 @@
 
 namespace fastllm::tok {
 
-enum class Pattern { gpt2, gpt4 };
+enum class Pattern { gpt2, gpt4, llama3, qwen2, smollm };
 
 // The regex source strings of the built-in patterns (what tiktoken's pat_str would be).
 const char* pattern_string(Pattern p);

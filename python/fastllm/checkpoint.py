@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import hf
+from . import chat, hf
 from .checks import require_device
 from .fileio import atomic_write, load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig
@@ -48,6 +48,8 @@ STATE_FILE = "state.json"
 HEADS_FILE = "heads.safetensors"
 LATEST_FILE = "latest"
 TOKENIZER_FILE = "tokenizer.tiktoken"  # the copy kept beside shards and in checkpoints (+ its .json sidecar)
+# a Hugging Face model's files that go with its tokenizer: chat template, special tokens, EOS ids (fastllm.chat)
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 _NAME = re.compile(r"ckpt_(\d{6,})")
 
 
@@ -167,12 +169,16 @@ def _float_tensors(path: Path, tensors: dict) -> dict:
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> GPT:
-    """The GPT of a checkpoint folder (or of a run folder: its latest checkpoint), moved to `device` (cpu or cuda;
-    `dtype`: the GPU compute dtype). model.checkpoint_dir is the folder it came from.
+    """The GPT of a checkpoint folder (or of a run folder: its latest checkpoint, or of a Hugging Face model folder:
+    see fastllm.hf), moved to `device` (cpu or cuda; `dtype`: the GPU compute dtype). model.checkpoint_dir is the
+    folder it came from.
 
     >>> model = load_model("run/", device="cuda", dtype="bfloat16")
+    >>> model = load_model("Qwen2.5-0.5B-Instruct/")          # config.json + model.safetensors
     """
     require_device(device)
+    if hf.is_hf_folder(path):
+        return hf.from_pretrained(path).to(device, dtype)
     folder = resolve(path)
     file = folder / MODEL_FILE
     tensors, meta = load_safetensors(file)
@@ -237,19 +243,25 @@ def load_heads(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def copy_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Copy a tokenizer into `folder`: one saved by Tokenizer.save (rank file + `.json` sidecar) becomes
-    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json is copied as tokenizer.json."""
+    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json is copied as tokenizer.json, with the CHAT_FILES beside it."""
     src = Path(src)
     if src.suffix == ".json" and not Path(str(src) + ".json").exists():
         pairs = [(src, Path(folder) / "tokenizer.json")]
+        pairs += [(src.parent / f, Path(folder) / f) for f in CHAT_FILES if (src.parent / f).is_file()]
     else:
         pairs = [(Path(str(src) + sfx), Path(folder) / (TOKENIZER_FILE + sfx)) for sfx in ("", ".json")]
     for a, b in pairs:
         if not a.is_file():
             raise FileNotFoundError(f"tokenizer file {a} not found (saved with Tokenizer.save?)")
-        if a.resolve() != b.resolve():
-            with atomic_write(b) as f:
-                f.write(a.read_bytes())
+        copy_file(a, b)
     return pairs[0][1]
+
+
+def copy_file(a: Path, b: Path) -> None:
+    """Copy file a to b atomically (nothing when they are the same file)."""
+    if a.resolve() != b.resolve():
+        with atomic_write(b) as f:
+            f.write(a.read_bytes())
 
 
 def find_tokenizer(folder: str | os.PathLike) -> Path | None:
@@ -302,11 +314,13 @@ def _output_folder(dst: Path):
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm") -> Path:
-    """HF GPT-2 folder -> fastllm checkpoint folder (to="fastllm": model.safetensors with the GPTConfig in its
-    metadata, as load_model reads, plus the tokenizer), or a fastllm checkpoint -> HF folder (to="hf").
-    Everything is read and checked before anything is written; dst may not be src or inside it.
+    """HF model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3: see fastllm.hf) -> fastllm checkpoint folder
+    (to="fastllm": model.safetensors with the GPTConfig in its metadata, as load_model reads, the tokenizer with its
+    tokenizer_config.json and chat template, and a generation_config.json with the EOS ids), or a fastllm checkpoint
+    -> HF folder (to="hf"). Everything is read and checked before anything is written; dst may not be src or
+    inside it.
 
-    >>> convert("gpt2_dir/", "ckpt/")                  # then: fastllm sample --ckpt ckpt/
+    >>> convert("Qwen2.5-0.5B-Instruct/", "ckpt/")     # then: fastllm sample --ckpt ckpt/
     """
     src, dst = Path(src), Path(dst)
     if to not in ("fastllm", "hf"):
@@ -318,16 +332,28 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm")
         if tok is not None and tok.n_vocab > model.config.vocab_size:
             raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
                              f"{model.config.vocab_size}")
+        eos = chat.eos_token_ids(src, tok)
         with _output_folder(dst) as out:
             save_model(out, model)
             if tok is not None and tok._is_ranks:  # tiktoken semantics: the rank file `fastllm sample` looks for
                 tok.save(out / TOKENIZER_FILE)
             elif tok is not None:  # HF merge priority: only tokenizer.json can express it
                 tok.save_hf(out / "tokenizer.json")
+            for name in CHAT_FILES[:2] if tok is not None else ():  # the template and the special tokens' names
+                if (src / name).is_file():
+                    copy_file(src / name, out / name)
+            if eos:
+                write_json(out / hf.GENERATION_FILE, {"eos_token_id": eos})
         return dst
     model = load_model(src)
     tok_path = find_tokenizer(model.checkpoint_dir)
     tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
+    eos = chat.eos_token_ids(model.checkpoint_dir, tok) or None
     with _output_folder(dst) as out:
-        hf.save_pretrained(model, out, tokenizer=tok)
+        hf.save_pretrained(model, out, tokenizer=tok, eos_token_id=eos)
+        if tok_path is not None and tok_path.name == "tokenizer.json":  # a HF tokenizer: its own files, as they were
+            copy_tokenizer(tok_path, out)
+        for name in CHAT_FILES[:2]:
+            if (model.checkpoint_dir / name).is_file():
+                copy_file(model.checkpoint_dir / name, out / name)
     return dst

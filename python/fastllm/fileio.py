@@ -3,17 +3,21 @@
 safetensors layout: 8-byte little-endian header length N, N bytes of JSON
 {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}},
 then the raw little-endian tensor bytes (offsets relative to the end of the header). No pickle anywhere.
-BF16 tensors are read (widened to float32); writing covers numpy's dtypes.
+BF16 tensors are read (widened to float32); writing covers numpy's dtypes. Memory-mapped reading
+(`load_safetensors(path, mmap=True)`) converts one tensor at a time, as it is asked for, and can copy a tensor
+straight into a float32 buffer and then give its pages back (`SafetensorsFile.read_into`, `release`), so loading
+a large model never holds the file's data and the model at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap as _mmap
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +114,88 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], me
             f.write(arr.tobytes())
 
 
-def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+class SafetensorsFile(Mapping):
+    """The tensors of a memory-mapped .safetensors file (what load_safetensors(path, mmap=True) returns): a
+    mapping name -> array whose values are made when asked for (views of the file for F32/F16/..., a widened
+    float32 copy for BF16), so only one converted tensor need exist at a time.
+
+    >>> tensors, meta = load_safetensors("model.safetensors", mmap=True)
+    >>> tensors.read_into("lm_head.weight", out)      # converted straight into a float32 array
+    >>> tensors.release("lm_head.weight")             # its pages leave this process's memory"""
+
+    def __init__(self, path: Path, buf: np.ndarray, entries: dict[str, tuple[str, tuple[int, ...], int, int]],
+                 mm: _mmap.mmap | None = None):
+        self.path, self._buf, self._mm = path, buf, mm  # the file's bytes (mapped by mm, or read)
+        self._entries = entries  # name -> (dtype, shape, begin, end) in the file
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape, b, e = self._entries[name]
+        arr = self._raw(name)
+        if dtype == "BF16":  # bfloat16 is the top half of a float32: widen (numpy has no bfloat16)
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of a tensor ("F32", "BF16", ...), without reading it."""
+        return self._entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def _raw(self, name: str) -> np.ndarray:
+        dtype, shape, b, e = self._entries[name]
+        np_dtype = np.dtype("<u2" if dtype == "BF16" else _DTYPES[dtype]).newbyteorder("<")
+        return self._buf[b:e].view(np_dtype).reshape(shape)
+
+    def read_into(self, name: str, out: np.ndarray, block_bytes: int = 32 << 20) -> None:
+        """out[...] = the tensor, converted to out's dtype, a block of rows at a time, each block's file pages given
+        back once copied: the extra memory is one block, whatever the tensor's size. BF16 into a C-contiguous
+        float32 `out` is widened in place (no temporary). ValueError naming the tensor if the shapes differ."""
+        if tuple(out.shape) != self.shape(name):
+            raise ValueError(f"{self.path}: tensor {name!r} has shape {self.shape(name)}, expected {out.shape}")
+        bf16, src = self.dtype(name) == "BF16", self._raw(name)
+        if src.ndim == 0 or src.size == 0:
+            out[...] = self[name]
+            return
+        begin = self._entries[name][2]
+        row = max(1, src[0].nbytes)
+        step = max(1, block_bytes // row)
+        for i in range(0, src.shape[0], step):
+            block, dst = src[i:i + step], out[i:i + step]
+            if bf16 and dst.dtype == np.float32 and dst.flags.c_contiguous:
+                bits = dst.view(np.uint32)
+                bits[...] = block
+                bits <<= 16
+            elif bf16:
+                dst[...] = (block.astype(np.uint32) << 16).view(np.float32)
+            else:
+                dst[...] = block
+            self._release(begin + i * row, begin + (i + len(block)) * row)
+
+    def release(self, name: str) -> None:
+        """Give back the memory pages of a tensor that has been read (the file keeps the data: reading it again
+        faults it back in)."""
+        _, _, b, e = self._entries[name]
+        self._release(b, e)
+
+    def _release(self, b: int, e: int) -> None:
+        if self._mm is None or not hasattr(self._mm, "madvise"):  # read into memory, or not Linux
+            return
+        start = (b // _mmap.PAGESIZE) * _mmap.PAGESIZE
+        if e > start:
+            self._mm.madvise(_mmap.MADV_DONTNEED, start, min(len(self._mm), e) - start)
+
+
+def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[Mapping[str, np.ndarray], dict]:
     """Read a .safetensors file -> ({name: array}, metadata). Every offset is checked against the file size;
-    a truncated or corrupt file raises ValueError naming the file and the tensor."""
+    a truncated or corrupt file raises ValueError naming the file and the tensor. mmap=True maps the file and
+    returns a SafetensorsFile (arrays made on access, see its doc) instead of a dict."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -130,15 +213,13 @@ def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", {}) or {}
     data_start, data_len = 8 + n, size - 8 - n
-    buf = np.memmap(path, np.uint8, "r") if mmap else np.fromfile(path, np.uint8)
-    out = {}
+    entries = {}
     for name, spec in header.items():
         if isinstance(spec, dict) and spec.get("dtype") not in _DTYPES and spec.get("dtype") != "BF16":
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {spec.get('dtype')!r} "
                              f"(supported: {', '.join(_DTYPES)}, BF16)")
-        bf16 = isinstance(spec, dict) and spec.get("dtype") == "BF16"
         try:
-            dtype = np.dtype("<u2" if bf16 else _DTYPES[spec["dtype"]]).newbyteorder("<")
+            dtype = np.dtype("<u2" if spec["dtype"] == "BF16" else _DTYPES[spec["dtype"]])
             shape = tuple(int(s) for s in spec["shape"])
             b, e = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -147,9 +228,10 @@ def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[
         if not (0 <= b <= e <= data_len) or e - b != count * dtype.itemsize or any(s < 0 for s in shape):
             raise ValueError(f"{path}: tensor {name!r} (shape {shape}, bytes {b}..{e}) does not fit the file "
                              f"({data_len} data bytes): truncated or corrupt")
-        arr = buf[data_start + b:data_start + e].view(dtype).reshape(shape)
-        if bf16:  # bfloat16 is the top half of a float32: widen to float32 (numpy has no bfloat16)
-            out[name] = (arr.astype(np.uint32) << 16).view(np.float32)
-        else:
-            out[name] = arr if mmap else arr.astype(dtype.newbyteorder("="), copy=False)
-    return out, meta
+        entries[name] = (spec["dtype"], shape, data_start + b, data_start + e)
+    if mmap:
+        with open(path, "rb") as f:
+            mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # (size >= 8 here)
+        return SafetensorsFile(path, np.frombuffer(mm, np.uint8), entries, mm), meta
+    tensors = SafetensorsFile(path, np.fromfile(path, np.uint8), entries)
+    return {name: arr.astype(arr.dtype.newbyteorder("="), copy=False) for name, arr in tensors.items()}, meta

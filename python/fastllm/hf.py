@@ -1,25 +1,46 @@
-"""Hugging Face interop: GPT-2 models in the `transformers` layout (the tokenizer files are read by
-fastllm.tokenizer; fastllm.checkpoint.convert turns such a folder into a fastllm checkpoint and back).
+"""Hugging Face interop: models in the `transformers` layout, read and written (the tokenizer files are read by
+fastllm.tokenizer, the chat template by fastllm.chat; fastllm.checkpoint.convert turns a folder into a fastllm
+checkpoint and back).
 
-A folder that ``transformers.GPT2LMHeadModel.from_pretrained`` reads holds
-    config.json                    model_type "gpt2", n_layer, n_head, n_embd, n_positions, vocab_size, ...
-    model.safetensors              tensors named transformer.wte.weight, transformer.h.N.attn.c_attn.weight, ...
-    (or model-0000K-of-0000N.safetensors + model.safetensors.index.json {"weight_map": {name: file}})
-    tokenizer.json | vocab.json + merges.txt   (optional)
-HF GPT-2 uses Conv1D layers whose weights are (in, out), the transpose of fastllm's nn.Linear (out, in) layout,
-and keeps one tensor per layer where fastllm stacks them (L, ...). lm_head.weight is tied to wte (absent from
-the file, or equal to it). Loading copies each tensor straight from a memory-mapped file into the model's flat
-buffer (peak memory ~ one model), through fastllm.fileio: no pickle, every offset bounds-checked.
+A folder that transformers' `from_pretrained` reads holds
+    config.json                    model_type and sizes (mapped to a GPTConfig below)
+    model.safetensors              the tensors (or model-0000K-of-0000N.safetensors + model.safetensors.index.json
+                                   {"weight_map": {name: file}}); F32, F16 or BF16
+    generation_config.json         eos_token_id (int or list): where generation stops (optional)
+    tokenizer.json, tokenizer_config.json, chat_template.jinja   (optional)
 
->>> model = GPT.from_pretrained("gpt2_folder")          # or hf.from_pretrained(path)
->>> model.save_pretrained("out", tokenizer=tok)          # transformers can load "out"
->>> tok = Tokenizer.from_pretrained("gpt2_folder")       # tokenizer.json or vocab.json + merges.txt
+Architectures (config.json model_type -> GPTConfig; every name below is refused when it is not as listed):
+    gpt2     GPT2LMHeadModel     learned positions, layernorm, GELU (gelu_new), biases, tied lm-head
+    llama    LlamaForCausalLM    RoPE (rope_theta, rope_scaling default | linear | llama3), RMSNorm, SwiGLU (silu),
+                                 GQA, attention_bias (q, k, v, o), mlp_bias, head_dim, tied or untied
+    mistral  MistralForCausalLM  Llama's, without biases; full attention only (a sliding_window smaller than the
+                                 context is refused)
+    qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); full attention only
+    qwen3    Qwen3ForCausalLM    Llama's with QK-norm (RMSNorm over head_dim on q and k), attention_bias; full
+                                 attention only
+Keys of config.json that change the computation are mapped or refused by name (other rope types, MoE model
+types, quantization, activations, sliding windows, partial rotary); the others (dropout, initializer range, token
+ids, generation defaults, bookkeeping) do not affect the model and are not read.
+
+Weights: per layer, HF keeps one tensor per projection where fastllm stacks the layers (L, ...) and concatenates
+q|k|v into attn.c_attn and gate|up into mlp.c_fc (the row blocks of the spec in fastllm.model); RoPE is HF's
+rotate-half layout, so q/k rows need no permutation. GPT-2's Conv1D weights are (in, out), the transpose of
+fastllm's. Loading maps each file (fastllm.fileio.load_safetensors(mmap=True)) and converts tensor by tensor
+straight into the model's flat float32 buffer, giving each tensor's pages back after it is copied: the peak is
+about one float32 model (measured in tests/test_hf_models.py), whatever the stored dtype. No pickle: never
+pytorch_model.bin.
+
+>>> model = GPT.from_pretrained("Qwen2.5-0.5B-Instruct/")   # or hf.from_pretrained(path)
+>>> model.save_pretrained("out", tokenizer=tok)              # transformers can load "out"
+>>> tok = Tokenizer.from_pretrained("Qwen2.5-0.5B-Instruct/")
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,47 +50,116 @@ from .model import GPT, GPTConfig
 from .version import __version__
 
 CONFIG_FILE = "config.json"
+GENERATION_FILE = "generation_config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
-# per-layer tensors whose HF (Conv1D) layout is the transpose of ours
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_LAYER_TENSORS = (
-    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
-    "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
-)  # fmt: skip
-_BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers that old checkpoints carry
-_LAYER_RE = re.compile(r"h\.(\d+)\.(.+)")
-_HF_DEFAULTS = dict(
-    vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, layer_norm_epsilon=1e-5
-)
+ARCHITECTURES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
+    "llama": ("LlamaForCausalLM",),
+    "mistral": ("MistralForCausalLM",),
+    "qwen2": ("Qwen2ForCausalLM",),
+    "qwen3": ("Qwen3ForCausalLM",),
+}
+MODEL_TYPES = tuple(ARCHITECTURES)
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
+ROPE_TYPES = ("default", "linear", "llama3")
+_GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                      layer_norm_epsilon=1e-5)  # fmt: skip
+_SKIP = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)|(model\.)?layers\.\d+\.self_attn\.rotary_emb"
+                   r"\.inv_freq")  # buffers old checkpoints carry: causal masks, RoPE frequencies (recomputed)
 
 
 # ---- config ----------------------------------------------------------------------------------------------
 
 
+def _positive_number(d: dict, key: str, default, bad) -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        raise bad(f"{key} must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _rope(d: dict, bad) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from transformers 4's rope_theta + rope_scaling keys or 5's rope_parameters."""
+    params = d.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise bad(f"rope_parameters must be an object, got {params!r}")
+    params = dict(params or {})
+    theta = params.pop("rope_theta", None)
+    if theta is not None and "rope_theta" in d and d["rope_theta"] != theta:
+        raise bad(f"rope_theta={d['rope_theta']} differs from rope_parameters.rope_theta={theta}")
+    theta = _positive_number({"rope_theta": theta if theta is not None else d.get("rope_theta", 10000.0)},
+                             "rope_theta", None, bad)
+    scaling = d.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise bad(f"rope_scaling must be an object or null, got {scaling!r}")
+    scaling = dict(scaling or params)
+    kind = scaling.pop("type", None) or scaling.get("rope_type", "default")
+    scaling["rope_type"] = kind
+    if kind not in ROPE_TYPES:
+        raise bad(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    return theta, (None if kind == "default" else scaling)
+
+
+def _check_full_attention(d: dict, n_layer: int, context: int, bad) -> None:
+    """Refuse configs with sliding-window layers whose window is smaller than the context."""
+    window = d.get("sliding_window")
+    kinds = d.get("layer_types")
+    if kinds is not None:
+        sliding = [i for i, k in enumerate(kinds) if k != "full_attention"]
+        if sliding and any(k != "sliding_attention" for k in kinds if k != "full_attention"):
+            raise bad(f"layer_types {sorted(set(kinds))} are not supported (only full_attention)")
+    elif d.get("model_type") in ("qwen2", "qwen3"):  # transformers 4's spelling of the same
+        first = d.get("max_window_layers", n_layer)
+        sliding = list(range(first, n_layer)) if d.get("use_sliding_window") else []
+    else:  # mistral: every layer slides when sliding_window is set
+        sliding = list(range(n_layer)) if window is not None else []
+    if sliding and (window is None or window < context):
+        raise bad(f"sliding_window={window} on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''} is not "
+                  f"supported: fastllm runs full attention (max_position_embeddings={context}); only configs "
+                  "without sliding-window layers load")
+
+
 def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
-    """A GPTConfig from a transformers GPT-2 config.json dict; ValueError for what fastllm cannot run."""
+    """A GPTConfig from a transformers config.json dict (see the module doc); ValueError naming `where` and the key
+    for what fastllm cannot run."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: not a JSON object")
 
     def bad(msg: str) -> ValueError:
         return ValueError(f"{where}: {msg}")
 
-    if d.get("model_type") != "gpt2":
-        raise bad(f"model_type {d.get('model_type')!r} is not supported (only 'gpt2')")
-    archs = d.get("architectures") or ["GPT2LMHeadModel"]
-    if not isinstance(archs, list) or any(a not in ARCHITECTURES for a in archs):
-        raise bad(f"architectures {archs!r} are not supported (only {list(ARCHITECTURES)})")
+    kind = d.get("model_type")
+    if not isinstance(kind, str) or kind not in ARCHITECTURES:
+        raise bad(f"model_type {kind!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+    archs = d.get("architectures") or [ARCHITECTURES[kind][0]]
+    if not isinstance(archs, list) or any(a not in ARCHITECTURES[kind] for a in archs):
+        raise bad(f"architectures {archs!r} are not supported for model_type {kind!r} (only "
+                  f"{list(ARCHITECTURES[kind])})")
+    if d.get("quantization_config") is not None:
+        method = d["quantization_config"].get("quant_method") if isinstance(d["quantization_config"], dict) else None
+        raise bad(f"quantization_config ({method or 'quantized weights'}) is not supported: give an unquantized "
+                  "F32/F16/BF16 checkpoint")
+    try:
+        cfg = _gpt2_config(d, bad) if kind == "gpt2" else _llama_config(d, kind, bad)
+        return GPTConfig(**cfg)
+    except ValueError as e:
+        if str(e).startswith(where):
+            raise
+        raise bad(str(e)) from None
+    except (TypeError, AttributeError) as e:  # a value of the wrong JSON type somewhere
+        raise bad(f"malformed value ({type(e).__name__}: {e})") from None
+
+
+def _gpt2_config(d: dict, bad) -> dict:
     act = d.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise bad(f"activation_function {act!r} is not supported (only {list(ACTIVATIONS)})")
+    if act not in GPT2_ACTIVATIONS:
+        raise bad(f"activation_function {act!r} is not supported (only {list(GPT2_ACTIVATIONS)})")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False), ("tie_word_embeddings", True)):  # fmt: skip
         if key in d and bool(d[key]) != want:
             raise bad(f"{key}={d[key]!r} is not supported (fastllm needs {want})")
-    v = {k: d.get(k, default) for k, default in _HF_DEFAULTS.items()}
+    v = {k: d.get(k, default) for k, default in _GPT2_DEFAULTS.items()}
     n_ctx = d.get("n_ctx")
     if "n_positions" not in d and n_ctx is not None:  # very old configs name the context n_ctx only
         v["n_positions"] = n_ctx
@@ -77,49 +167,203 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
         raise bad(f"n_ctx={n_ctx} differs from n_positions={v['n_positions']}")
     n_inner = d.get("n_inner")
     if n_inner is not None and n_inner != 4 * v["n_embd"]:
-        raise bad(f"n_inner={n_inner} is not supported (fastllm's MLP is 4 * n_embd = {4 * v['n_embd']})")
-    eps = v["layer_norm_epsilon"]
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise bad(f"layer_norm_epsilon must be a positive number, got {eps!r}")
-    try:
-        return GPTConfig(block_size=v["n_positions"], vocab_size=v["vocab_size"], n_layer=v["n_layer"],
-                         n_head=v["n_head"], n_embd=v["n_embd"], layernorm_eps=float(eps))  # fmt: skip
-    except ValueError as e:
-        raise bad(str(e)) from None
+        raise bad(f"n_inner={n_inner} is not supported (fastllm's GPT-2 MLP is 4 * n_embd = {4 * v['n_embd']})")
+    eps = _positive_number(v, "layer_norm_epsilon", None, bad)
+    return dict(block_size=v["n_positions"], vocab_size=v["vocab_size"], n_layer=v["n_layer"], n_head=v["n_head"],
+                n_embd=v["n_embd"], layernorm_eps=eps)
 
 
-def config_to_hf(cfg: GPTConfig, eot_id: int | None = None) -> dict:
-    """The config.json dict transformers needs for GPT2LMHeadModel (no dropout: fastllm has none)."""
-    if eot_id is None and cfg.vocab_size == 50257:
-        eot_id = 50256  # GPT-2's <|endoftext|>
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "activation_function": "gelu_new",
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_embd": cfg.n_embd,
-        "n_positions": cfg.block_size,
-        "n_ctx": cfg.block_size,
-        "n_inner": None,
-        "vocab_size": cfg.vocab_size,
-        "layer_norm_epsilon": cfg.layernorm_eps,
-        "attn_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "resid_pdrop": 0.0,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "fastllm_version": __version__,
-    }
+def _llama_config(d: dict, kind: str, bad) -> dict:
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    C, NH, L = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise bad(f"hidden_act {act!r} is not supported (only 'silu': SwiGLU)")
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise bad(f"partial_rotary_factor={d['partial_rotary_factor']} is not supported (only 1.0)")
+    if "sliding_window" in d or "layer_types" in d or "use_sliding_window" in d:
+        _check_full_attention(d, L, d["max_position_embeddings"], bad)
+    attention_bias = d.get("attention_bias", False)
+    mlp_bias = d.get("mlp_bias", False)
+    if kind in ("mistral", "qwen2") and attention_bias:
+        raise bad(f"attention_bias={attention_bias!r} is not supported for {kind} (transformers' {kind} has "
+                  f"{'no attention biases' if kind == 'mistral' else 'q/k/v biases only'})")
+    if kind != "llama" and mlp_bias:
+        raise bad(f"mlp_bias={mlp_bias!r} is not supported for {kind} (its MLP has no biases)")
+    for key, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
+        if not isinstance(value, bool):
+            raise bad(f"{key} must be true or false, got {value!r}")
+    theta, scaling = _rope(d, bad)
+    head_dim, n_kv = d.get("head_dim"), d.get("num_key_value_heads")
+    if isinstance(C, int) and isinstance(NH, int) and NH > 0 and C % NH == 0 and head_dim == C // NH:
+        head_dim = None  # the defaults: keep the config canonical
+    if n_kv == NH:
+        n_kv = None
+    qkv_bias = True if kind == "qwen2" else attention_bias
+    return dict(
+        block_size=d["max_position_embeddings"], vocab_size=d["vocab_size"], n_layer=L, n_head=NH, n_embd=C,
+        layernorm_eps=_positive_number(d, "rms_norm_eps", 1e-6, bad), n_kv_head=n_kv,
+        head_dim=head_dim, positions="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
+        mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=attention_bias and kind != "qwen2",
+        mlp_bias=mlp_bias, qk_norm=kind == "qwen3", tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+    )
 
 
-# ---- weights ---------------------------------------------------------------------------------------------
+def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
+    """The transformers model_type that computes what `cfg` computes (ValueError naming the option when none
+    does): gpt2 for GPT-2's choices; llama, qwen2 (q/k/v biases only) or qwen3 (QK-norm) for RoPE + RMSNorm +
+    SwiGLU; mistral instead of llama when `prefer` says so (a model loaded from a Mistral folder) and it has no
+    biases."""
+    gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
+                qk_norm=False, tie_embeddings=True, logit_softcap=None, n_kv_head=None, head_dim=None,
+                mlp_hidden=None)  # fmt: skip
+    if cfg.positions == "learned":
+        diff = [f"{k}={getattr(cfg, k)!r}" for k, v in gpt2.items() if getattr(cfg, k) != v and
+                not (k == "n_kv_head" and cfg.kv_heads == cfg.n_head) and
+                not (k == "mlp_hidden" and cfg.mlp_width == 4 * cfg.n_embd) and
+                not (k == "head_dim" and cfg.head_size * cfg.n_head == cfg.n_embd)]
+        if diff:
+            raise ValueError(f"no transformers architecture computes this config: learned positions (GPT-2) with "
+                             f"{', '.join(diff)}")
+        return "gpt2"
+    for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("logit_softcap", None)):
+        if getattr(cfg, key) != want:
+            raise ValueError(f"no transformers architecture computes this config: rope with {key}="
+                             f"{getattr(cfg, key)!r} (Llama, Qwen2 and Qwen3 need {key}={want!r})")
+    if cfg.qk_norm:
+        if cfg.qkv_bias != cfg.proj_bias or cfg.mlp_bias:
+            raise ValueError("no transformers architecture computes this config: qk_norm (Qwen3) with qkv_bias="
+                             f"{cfg.qkv_bias}, proj_bias={cfg.proj_bias}, mlp_bias={cfg.mlp_bias} (Qwen3 has one "
+                             "attention_bias for q, k, v and o, and no MLP biases)")
+        return "qwen3"
+    if cfg.qkv_bias and not cfg.proj_bias and not cfg.mlp_bias:
+        return "qwen2"
+    if cfg.qkv_bias != cfg.proj_bias:
+        raise ValueError(f"no transformers architecture computes this config: qkv_bias={cfg.qkv_bias} with "
+                         f"proj_bias={cfg.proj_bias} (Llama has one attention_bias for q, k, v and o)")
+    if prefer == "mistral" and not (cfg.qkv_bias or cfg.mlp_bias):
+        return "mistral"
+    return "llama"
+
+
+def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bos_token_id: int | None = None,
+                 prefer: str | None = None) -> dict:
+    """The config.json dict transformers needs for `cfg` (see model_type; no dropout: fastllm has none)."""
+    kind = model_type(cfg, prefer)
+    if kind == "gpt2":
+        if eos_token_id is None and cfg.vocab_size == 50257:
+            eos_token_id = 50256  # GPT-2's <|endoftext|>
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+            "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size,
+            "n_ctx": cfg.block_size, "n_inner": None, "vocab_size": cfg.vocab_size,
+            "layer_norm_epsilon": cfg.layernorm_eps, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+            "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
+            "bos_token_id": eos_token_id if bos_token_id is None else bos_token_id, "eos_token_id": eos_token_id,
+            "fastllm_version": __version__,
+        }  # fmt: skip
+    d = {
+        "architectures": [ARCHITECTURES[kind][0]], "model_type": kind, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_width, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
+        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.layernorm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
+        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "fastllm_version": __version__,
+    }  # fmt: skip
+    if kind == "llama":
+        d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+    elif kind == "mistral":
+        d.update(sliding_window=None)
+    else:  # qwen2, qwen3: full attention on every layer
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+        if kind == "qwen3":
+            d.update(attention_bias=cfg.qkv_bias)
+    return d
+
+
+# ---- the tensor map --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where an HF tensor lives in fastllm's parameters: p[param][layer][rows] (the whole tensor when layer or
+    rows is None), transposed for GPT-2's Conv1D weights."""
+
+    param: str
+    layer: int | None = None
+    rows: tuple[int, int] | None = None
+    transpose: bool = False
+
+    def view(self, p: dict) -> np.ndarray:
+        v = p[self.param] if self.layer is None else p[self.param][self.layer]
+        v = v if self.rows is None else v[self.rows[0]:self.rows[1]]
+        return v.T if self.transpose else v
+
+
+def tensor_map(cfg: GPTConfig) -> dict[str, Slot]:
+    """HF tensor name -> Slot for every tensor of the config's transformers model (lm_head.weight only when
+    untied), in the order transformers writes them."""
+    kind, L = model_type(cfg), cfg.n_layer  # (Mistral's names are Llama's)
+    out: dict[str, Slot] = {}
+    if kind == "gpt2":
+        out["transformer.wte.weight"] = Slot("wte")
+        out["transformer.wpe.weight"] = Slot("wpe")
+        for layer in range(L):
+            for name in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                         "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                         "mlp.c_proj.weight", "mlp.c_proj.bias"):  # fmt: skip
+                conv1d = name.endswith(".weight") and not name.startswith("ln_")  # (in, out) in the file
+                out[f"transformer.h.{layer}.{name}"] = Slot(name, layer, transpose=conv1d)
+        out["transformer.ln_f.weight"] = Slot("ln_f.weight")
+        out["transformer.ln_f.bias"] = Slot("ln_f.bias")
+        return out
+    NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
+    qkv = {"q": (0, NH * hd), "k": (NH * hd, (NH + NKV) * hd), "v": ((NH + NKV) * hd, (NH + 2 * NKV) * hd)}
+    out["model.embed_tokens.weight"] = Slot("wte")
+    for layer in range(L):
+        pre = f"model.layers.{layer}."
+        out[pre + "input_layernorm.weight"] = Slot("ln_1.weight", layer)
+        for x, rows in qkv.items():
+            out[pre + f"self_attn.{x}_proj.weight"] = Slot("attn.c_attn.weight", layer, rows)
+            if cfg.qkv_bias:
+                out[pre + f"self_attn.{x}_proj.bias"] = Slot("attn.c_attn.bias", layer, rows)
+        if cfg.qk_norm:
+            out[pre + "self_attn.q_norm.weight"] = Slot("attn.q_norm.weight", layer)
+            out[pre + "self_attn.k_norm.weight"] = Slot("attn.k_norm.weight", layer)
+        out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
+        if cfg.proj_bias:
+            out[pre + "self_attn.o_proj.bias"] = Slot("attn.c_proj.bias", layer)
+        out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer)
+        for x, rows in (("gate", (0, H)), ("up", (H, 2 * H))):
+            out[pre + f"mlp.{x}_proj.weight"] = Slot("mlp.c_fc.weight", layer, rows)
+            if cfg.mlp_bias:
+                out[pre + f"mlp.{x}_proj.bias"] = Slot("mlp.c_fc.bias", layer, rows)
+        out[pre + "mlp.down_proj.weight"] = Slot("mlp.c_proj.weight", layer)
+        if cfg.mlp_bias:
+            out[pre + "mlp.down_proj.bias"] = Slot("mlp.c_proj.bias", layer)
+    out["model.norm.weight"] = Slot("ln_f.weight")
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = Slot("lm_head.weight")
+    return out
+
+
+def _resolve(name: str, slots: dict[str, Slot]) -> str | None:
+    """The tensor_map name of a file's tensor (base-model files lack the transformer./model. prefix)."""
+    if name in slots:
+        return name
+    for prefix in ("transformer.", "model."):
+        if prefix + name in slots:
+            return prefix + name
+    return None
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
@@ -128,8 +372,8 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
         return [folder / WEIGHTS_FILE], {}
     index = folder / INDEX_FILE
     if not index.exists():
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors is read, never "
-                                f"pytorch_model.bin)")  # fmt: skip
+        hint = " (pytorch_model.bin is never read: no pickle)" if any(folder.glob("pytorch_model*.bin")) else ""
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
     doc = read_json(index)
     wmap = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wmap, dict) or not wmap:
@@ -145,113 +389,105 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
     return files, wmap
 
 
-def _target(name: str, n_layer: int) -> tuple[str, int | None] | None:
-    """HF tensor name -> (fastllm parameter, layer or None); None for buffers to skip; KeyError if unknown."""
-    key = name.removeprefix("transformer.")
-    if key in ("wte.weight", "wpe.weight"):
-        return key.split(".")[0], None
-    if key in ("ln_f.weight", "ln_f.bias"):
-        return key, None
-    m = _LAYER_RE.fullmatch(key)
-    if m and int(m.group(1)) < n_layer and m.group(1) == str(int(m.group(1))):
-        if m.group(2) in _LAYER_TENSORS:
-            return m.group(2), int(m.group(1))
-        if m.group(2) in _BUFFERS:
-            return None
-    raise KeyError(name)
-
-
-def _expected(n_layer: int) -> list[tuple[str, int | None]]:
-    glob = [("wte", None), ("wpe", None), ("ln_f.weight", None), ("ln_f.bias", None)]
-    return glob + [(n, layer) for layer in range(n_layer) for n in _LAYER_TENSORS]
-
-
-def _hf_name(pname: str, layer: int | None) -> str:
-    if layer is not None:
-        return f"transformer.h.{layer}.{pname}"
-    return f"transformer.{pname}.weight" if pname in ("wte", "wpe") else f"transformer.{pname}"
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a transformers model folder: config.json and safetensors weights (single or sharded)."""
+    folder = Path(path)
+    return (folder / CONFIG_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or (folder / INDEX_FILE).is_file())
 
 
 def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
-    """Load a transformers GPT-2 folder (config.json + safetensors, single file or sharded) into a GPT."""
+    """Load a transformers folder (config.json + safetensors, single file or sharded; see the module doc) into a
+    GPT on the CPU. Errors name the file and the tensor or key."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder (expected config.json and model.safetensors)")
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found")
-    cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
+    doc = read_json(cfg_path)
+    cfg = config_from_hf(doc, str(cfg_path))
+    config_type = doc["model_type"]
+    files, wmap = _weight_files(folder)  # before allocating the model
     model = cls(cfg, init=False)
+    slots = tensor_map(cfg)
     seen: dict[str, Path] = {}
-    filled: set[tuple[str, int | None]] = set()
-    lm_head = None
-    files, wmap = _weight_files(folder)
+    filled: dict[str, str] = {}  # tensor_map name -> the file's name for it
+    tied_heads = []
     for file in files:
         tensors, _meta = load_safetensors(file, mmap=True)
-        for name, arr in tensors.items():
+        for name in tensors:
             if name in seen:
                 raise ValueError(f"{file}: tensor {name!r} is also in {seen[name]}")
             seen[name] = file
-            if name == "lm_head.weight":
-                lm_head = (file, arr)
+            key = _resolve(name, slots)
+            if key is None and _resolve(name, {"lm_head.weight": None}) and cfg.tie_embeddings:
+                tied_heads.append((file, tensors, name))  # checked against wte once that is loaded
                 continue
-            try:
-                tgt = _target(name, cfg.n_layer)
-            except KeyError:
-                raise ValueError(f"{file}: unexpected tensor {name!r} (not a GPT-2 LM parameter of this config: "
-                                 f"n_layer={cfg.n_layer})") from None  # fmt: skip
-            if tgt is None:
-                continue
-            pname, layer = tgt
-            dst = model.p[pname] if layer is None else model.p[pname][layer]
-            want = dst.T.shape if pname in _CONV1D else dst.shape
-            if arr.shape != want:
-                raise ValueError(f"{file}: tensor {name!r} has shape {arr.shape}, config.json needs {want}")
-            if arr.dtype.kind != "f":
-                raise ValueError(f"{file}: tensor {name!r} has dtype {arr.dtype}, expected floats")
-            dst[...] = arr.T if pname in _CONV1D else arr
-            if (pname, layer) in filled:
-                raise ValueError(f"{file}: tensor {name!r} duplicates {_hf_name(pname, layer)!r}")
-            filled.add((pname, layer))
+            if key is None:
+                if _SKIP.fullmatch(name):
+                    continue
+                raise ValueError(f"{file}: unexpected tensor {name!r} (not a parameter of the model config.json "
+                                 f"describes: model_type {model_type(cfg)}, n_layer={cfg.n_layer})")
+            if key in filled:
+                raise ValueError(f"{file}: tensor {name!r} duplicates {filled[key]!r}")
+            dtype = tensors.dtype(name)
+            if dtype not in ("F32", "F16", "BF16", "F64"):
+                raise ValueError(f"{file}: tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
+            dst = slots[key].view(model.p)
+            if tensors.shape(name) != dst.shape:
+                raise ValueError(f"{file}: tensor {name!r} has shape {tensors.shape(name)}, config.json needs "
+                                 f"{dst.shape}")
+            tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
+            if not _all_finite(dst):
+                raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
+            filled[key] = name
     for name, f in wmap.items():
         if name not in seen:
             raise ValueError(f"{folder / f}: tensor {name!r} (listed in {INDEX_FILE}) is not in the file")
-    missing = [_hf_name(n, layer) for n, layer in _expected(cfg.n_layer) if (n, layer) not in filled]
+    missing = [k for k in slots if k not in filled]
     if missing:
         where = files[0] if not wmap else folder / INDEX_FILE
-        raise ValueError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if lm_head is not None:
-        file, arr = lm_head
-        if arr.shape != model.p["wte"].shape or not np.array_equal(arr, model.p["wte"]):
-            raise ValueError(f"{file}: lm_head.weight differs from transformer.wte.weight; fastllm ties the lm-head "
-                             f"to the token embedding and cannot load an untied head")  # fmt: skip
-    model.pretrained_dir = folder
+        raise ValueError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} of the model "
+                         f"config.json describes (model_type {model_type(cfg)}, n_layer={cfg.n_layer})")
+    for file, tensors, name in tied_heads:
+        if tensors.shape(name) != model.p["wte"].shape or not np.array_equal(tensors[name], model.p["wte"]):
+            raise ValueError(f"{file}: {name} differs from the token embedding, but config.json ties them "
+                             f"(tie_word_embeddings): fastllm cannot load an untied head under a tied config")
+        tensors.release(name)
+    model.pretrained_dir = model.checkpoint_dir = folder
+    model.hf_model_type = config_type  # save_pretrained writes the same family back where it can
     return model
 
 
+def _all_finite(a: np.ndarray, rows: int = 4096) -> bool:
+    """np.isfinite(a).all() a block of rows at a time (no tensor-sized temporary)."""
+    return all(np.isfinite(a[i:i + rows]).all() for i in range(0, max(1, len(a)), rows)) if a.ndim else \
+        bool(np.isfinite(a))
+
+
+# ---- saving ----------------------------------------------------------------------------------------------
+
+
 def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
-    """The model's tensors under transformers' GPT2LMHeadModel names and layouts (lm_head left out: tied)."""
-    p, out = model.p, {}
-    out["transformer.wte.weight"] = p["wte"]
-    out["transformer.wpe.weight"] = p["wpe"]
-    for layer in range(model.config.n_layer):
-        for n in _LAYER_TENSORS:
-            a = p[n][layer]
-            out[f"transformer.h.{layer}.{n}"] = np.ascontiguousarray(a.T) if n in _CONV1D else a
-    out["transformer.ln_f.weight"] = p["ln_f.weight"]
-    out["transformer.ln_f.bias"] = p["ln_f.bias"]
-    return out
+    """The model's tensors under transformers' names and layouts (see tensor_map; the tied lm-head left out)."""
+    p = _host_views(model)
+    return {name: np.ascontiguousarray(slot.view(p)) for name, slot in tensor_map(model.config).items()}
 
 
-def save_pretrained(
-    model: GPT, path: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None
-) -> Path:
-    """Write `model` as a transformers GPT-2 folder (config.json, model.safetensors or shards + index; with a
-    `tokenizer`, also tokenizer.json and tokenizer_config.json). Every file is written atomically; stale shards
-    of an earlier save are removed."""
-    if tokenizer is not None and tokenizer.n_vocab > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}")  # fmt: skip
+def _host_views(model: GPT) -> dict:
+    return model.state_dict() if model.device != "cpu" else model.p
+
+
+def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None,
+                    eos_token_id: int | list[int] | None = None) -> Path:
+    """Write `model` as a transformers folder (config.json, model.safetensors or shards + index, in float32; with a
+    `tokenizer`, also tokenizer.json and tokenizer_config.json). eos_token_id: written to config.json and
+    generation_config.json (default: the tokenizer's <|endoftext|>). Every file is written atomically; stale
+    shards of an earlier save are removed. ValueError when no transformers architecture computes the config."""
+    cfg = model.config
+    if tokenizer is not None and tokenizer.n_vocab > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model's vocab_size is {cfg.vocab_size}")
+    model_type(cfg)  # refuse before writing anything
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict(model)
@@ -282,14 +518,18 @@ def save_pretrained(
         (folder / WEIGHTS_FILE).unlink(missing_ok=True)
     for f in old - written:
         f.unlink(missing_ok=True)
-    eot = tokenizer.eot_token if tokenizer is not None else None
-    write_json(folder / CONFIG_FILE, config_to_hf(model.config, eot))
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eot_token
+    bos = tokenizer.bos_token if tokenizer is not None else None
+    write_json(folder / CONFIG_FILE, config_to_hf(cfg, eos_token_id, bos, getattr(model, "hf_model_type", None)))
+    if eos_token_id is not None:
+        write_json(folder / GENERATION_FILE, {"eos_token_id": eos_token_id, **({"bos_token_id": bos} if bos else {})})
     if tokenizer is not None:
-        save_tokenizer(tokenizer, folder, model.config.block_size)
+        save_tokenizer(tokenizer, folder, cfg.block_size)
     return folder
 
 
-# ---- tokenizer files -------------------------------------------------------------------------------------
+# ---- tokenizer files and generation settings -------------------------------------------------------------
 
 
 def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int | None = None) -> None:
@@ -299,10 +539,14 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int |
     conf: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     if model_max_length:
         conf["model_max_length"] = model_max_length
+    names = {i: s for s, i in tokenizer.special_tokens.items()}
     eot = "<|endoftext|>" if tokenizer.eot_token is not None else None
     if eot:
         conf.update(bos_token=eot, eos_token=eot, unk_token=eot)
+    if tokenizer.bos_token is not None:
+        conf["bos_token"] = names[tokenizer.bos_token]
     write_json(folder / "tokenizer_config.json", conf)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "hf_state_dict", "save_tokenizer"]
+__all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "model_type", "tensor_map",
+           "hf_state_dict", "save_tokenizer", "is_hf_folder", "MODEL_TYPES"]

@@ -1,25 +1,19 @@
-"""Post-training: supervised fine-tuning (SFT) on conversations, and a chat session.
+"""Post-training: supervised fine-tuning (SFT) on conversations.
 
 Data: JSONL, one conversation per line: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}.
 `load_conversations` checks every line (ValueError naming file:line: bad JSON, no "messages" list, empty
 conversation, unknown role, non-string content, no assistant turn).
 
-Chat template (ChatML). A conversation is rendered as
-
-    <|endoftext|><|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
-    <|im_start|>assistant\\n{content}<|im_end|>\\n ...
-
-`<|im_start|>` and `<|im_end|>` are special tokens (`add_chat_tokens` adds them to a tokenizer that lacks them
-and grows the model's embedding). The leading `<|endoftext|>` (only if the tokenizer has it) starts every
-conversation the way pre-training starts every document. Role names and contents are encoded as ordinary text
-(text that looks like a special token in a message stays text), each piece separately so no token straddles
-a boundary. The loss mask is 1 on the tokens of assistant contents and on their `<|im_end|>` (so the model
-learns to stop), 0 elsewhere. A generation prompt is the rendered history followed by `<|im_start|>assistant\\n`.
+Chat format (fastllm.chat): a checkpoint with its own chat template (a Hugging Face model: chat_template.jinja or
+tokenizer_config.json, read with the checkpoint's own tokenizer) is trained in that template, the loss on its
+assistant turns, and the output keeps the template, tokenizer files and EOS ids; otherwise fastllm's ChatML,
+whose `<|im_start|>` and `<|im_end|>` special tokens `add_chat_tokens` adds to a tokenizer that lacks them,
+growing the model's embedding. The loss mask is 1 on assistant contents and their end-of-turn token.
 
 Packing: conversations (shuffled once with the seed) are packed whole, first-fit in order, into windows of
-T+1 tokens; the rest of a window is padded with `<|endoftext|>` (never a target). There is no attention
-masking between the conversations of a window (our attention kernel is plain causal): like many SFT setups
-we let a conversation see earlier ones, which is harmless because every conversation starts fresh with
+T+1 tokens; the rest of a window is padded with `<|endoftext|>` (else the first EOS id; never a target). There
+is no attention masking between the conversations of a window (our attention kernel is plain causal): like many
+SFT setups we let a conversation see earlier ones, which is harmless because every conversation starts fresh with
 `<|endoftext|><|im_start|>` (as documents do in pre-training, where the model learned to ignore what precedes
 an `<|endoftext|>`) and only assistant tokens carry loss. A conversation longer than T+1 tokens is truncated
 (`too_long="truncate"`, the default; skipped when no assistant token is left) or skipped (`"skip"`), with a
@@ -29,7 +23,7 @@ Training is fastllm.train's loop (`LMStage` on the packed conversations, `fit`: 
 progress bar, log.jsonl, loss.png and `--device cuda` as pre-training); checkpoints hold the extended tokenizer.
 
 >>> summary = sft(SFTConfig(base="run/", data="chats.jsonl", out="sft/"))
->>> session = ChatSession(load_model("sft/"), Tokenizer.load("sft/tokenizer.tiktoken"))
+>>> session = ChatSession(load_model("sft/"), Tokenizer.load("sft/tokenizer.tiktoken"))   # fastllm.chat
 >>> print("".join(session.reply("Hello!")))
 """
 
@@ -37,53 +31,35 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import checks
-from .checkpoint import TOKENIZER_FILE, checkpoint_tokenizer, find_tokenizer, load_model
+from .chat import (
+    EOT,
+    IM_END,
+    IM_START,
+    ChatML,
+    ChatSession,
+    ChatTemplate,
+    chat_format,
+    chat_loop,
+    render,
+    render_prompt,
+    validate_conversation,
+)
+from .checkpoint import TOKENIZER_FILE, checkpoint_tokenizer, copy_tokenizer, find_tokenizer, load_model
 from .data import Epochs
-from .fileio import iter_jsonl
+from .fileio import iter_jsonl, read_json, write_json
 from .model import GPT
 from .options import option
-from .sample import stream_text
 from .tokenizer import Tokenizer
 from .train import MODEL_OPTIONS, LMStage, TrainConfig, fit_lm, setup_run
 
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-EOT = "<|endoftext|>"
-ROLES = ("system", "user", "assistant")
-
-
 # ---- conversations -------------------------------------------------------------------------------------
-
-
-def validate_conversation(obj, where: str = "conversation", need_assistant: bool = True) -> list[dict]:
-    """The message list of `obj` ({"messages": [...]} or the list itself), checked; ValueError naming `where`."""
-    msgs = obj.get("messages") if isinstance(obj, dict) else obj
-    if isinstance(obj, dict) and "messages" not in obj:
-        raise ValueError(f"{where}: expected an object with a 'messages' list")
-    if not isinstance(msgs, list):
-        raise ValueError(f"{where}: 'messages' must be a list, got {type(msgs).__name__}")
-    if not msgs:
-        raise ValueError(f"{where}: empty conversation")
-    out = []
-    for k, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ValueError(f"{where}: message {k} must be an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"{where}: message {k} has unknown role {role!r} (expected one of {list(ROLES)})")
-        if not isinstance(content, str):
-            raise ValueError(f"{where}: message {k} ({role}) content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    if need_assistant and not any(m["role"] == "assistant" for m in out):
-        raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
-    return out
 
 
 def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
@@ -98,13 +74,6 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
 
 
 # ---- tokens --------------------------------------------------------------------------------------------
-
-
-def _special(tokenizer, name: str) -> int:
-    ids = tokenizer.special_tokens
-    if name not in ids:
-        raise ValueError(f"the tokenizer has no {name} special token (use add_chat_tokens)")
-    return ids[name]
 
 
 def with_chat_tokens(tokenizer):
@@ -178,31 +147,6 @@ def add_chat_tokens(tokenizer, model: GPT | None = None, seed: int = 0):
     )
 
 
-def render(conversation, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32, mask uint8) of a conversation in the chat template (see the module doc). mask is 1 on
-    assistant content tokens and their <|im_end|>, 0 elsewhere."""
-    msgs = validate_conversation(conversation, need_assistant=False)
-    start, end = _special(tokenizer, IM_START), _special(tokenizer, IM_END)
-    eot = tokenizer.special_tokens.get(EOT)
-    ids: list[int] = [] if eot is None else [eot]
-    mask: list[int] = [0] * len(ids)
-    nl = tokenizer.encode_ordinary("\n").tolist()
-    for m in msgs:
-        head = [start] + tokenizer.encode_ordinary(m["role"] + "\n").tolist()
-        body = tokenizer.encode_ordinary(m["content"]).tolist() + [end]
-        learn = int(m["role"] == "assistant")
-        ids += head + body + nl
-        mask += [0] * len(head) + [learn] * len(body) + [0] * len(nl)
-    return np.asarray(ids, np.int32), np.asarray(mask, np.uint8)
-
-
-def render_prompt(messages, tokenizer) -> np.ndarray:
-    """Ids of the history `messages` followed by `<|im_start|>assistant\\n`: what the model continues."""
-    ids, _ = render(messages, tokenizer)
-    head = [_special(tokenizer, IM_START)] + tokenizer.encode_ordinary("assistant\n").tolist()
-    return np.concatenate([ids, np.asarray(head, np.int32)])
-
-
 # ---- packing -------------------------------------------------------------------------------------------
 
 
@@ -225,17 +169,18 @@ class PackStats:
 
 
 def tokenize_conversations(
-    convs, tokenizer, T: int, too_long: str = "truncate", warn=print, name: str = "data"
+    convs, tokenizer, T: int, too_long: str = "truncate", warn=print, name: str = "data", chat=None
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], PackStats]:
-    """Render each conversation; ones longer than a window of T+1 tokens are truncated or skipped (with a
-    warning). Returns the (ids, mask) pairs and the counts."""
+    """Render each conversation in the chat format `chat` (default: ChatML on `tokenizer`); ones longer than a
+    window of T+1 tokens are truncated or skipped (with a warning). Returns the (ids, mask) pairs and the counts."""
+    chat = chat if chat is not None else ChatML(tokenizer)
     if too_long not in ("truncate", "skip"):
         raise ValueError(f"too_long must be 'truncate' or 'skip', got {too_long!r}")
     st = PackStats(conversations=len(convs), _window=T + 1)
     out = []
     longest = 0
     for conv in convs:
-        ids, mask = render(conv, tokenizer)
+        ids, mask = chat.render(validate_conversation(conv, need_assistant=False))
         if ids.size > T + 1:
             longest = max(longest, ids.size)
             if too_long == "skip" or not mask[: T + 1].any():
@@ -382,7 +327,13 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
         raise ValueError(
             f"tokenizer {tok_path} has {base_tok.n_vocab} ids but the base model only {base.config.vocab_size}"
         )
-    tok, model = add_chat_tokens(base_tok, base, seed=cfg.seed)
+    own_tokenizer = cfg.tokenizer is None
+    chat = chat_format(base.checkpoint_dir, base_tok) if own_tokenizer else None
+    if isinstance(chat, ChatTemplate):  # the checkpoint's own template: nothing to add
+        tok, model = base_tok, base
+    else:
+        tok, model = add_chat_tokens(base_tok, base, seed=cfg.seed)
+        chat = ChatML(tok)
     T = cfg.seq_len or model.config.block_size
     if not 1 <= T <= model.config.block_size:
         raise ValueError(f"seq_len={T} must be in [1, the base model's block_size={model.config.block_size}]")
@@ -397,148 +348,36 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
         convs = [c for i, c in enumerate(convs) if i % every != every - 1]
     else:
         val_convs = []
-    pad = tok.special_tokens.get(EOT, _special(tok, IM_END))
-    examples, stats = tokenize_conversations(convs, tok, T, cfg.too_long, log, name=str(cfg.data))
+    pad = tok.special_tokens.get(EOT, chat.stop_tokens[0])  # never a target
+    examples, stats = tokenize_conversations(convs, tok, T, cfg.too_long, log, name=str(cfg.data), chat=chat)
     train_loader = PackedLoader(examples, cfg.batch_size, T, pad, model.config.vocab_size, seed=cfg.seed, stats=stats)
     val_loader = None
     if val_convs:
-        vex, _ = tokenize_conversations(val_convs, tok, T, cfg.too_long, log, name="validation")
+        vex, _ = tokenize_conversations(val_convs, tok, T, cfg.too_long, log, name="validation", chat=chat)
         if vex:
             val_loader = PackedLoader(vex, cfg.batch_size, T, pad, model.config.vocab_size, shuffle=False)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(out / TOKENIZER_FILE)
+    if isinstance(chat, ChatTemplate):  # the checkpoint's tokenizer files and template, and the EOS ids it stops at
+        tok_file = copy_tokenizer(tok_path, out)
+        gen = out / "generation_config.json"
+        write_json(gen, {**(read_json(gen) if gen.is_file() else {}), "eos_token_id": list(chat.stop_tokens)})
+    else:
+        tok_file = out / TOKENIZER_FILE
+        tok.save(tok_file)
     s = train_loader.stats
     log(
         f"sft: {s.used} conversations ({s.truncated} truncated, {s.skipped} skipped) in {s.windows} windows of "
         f"T+1={T + 1} tokens ({s.fill:.0%} filled, {s.loss_tokens} loss tokens); "
-        f"{len(val_convs)} validation conversations; base {base.checkpoint_dir}"
+        f"{len(val_convs)} validation conversations; base {base.checkpoint_dir}; format {chat.name}"
     )
     stage = LMStage("sft", cfg, lambda: model, train_loader, val_loader)
-    summary = fit_lm(stage, cfg, out / TOKENIZER_FILE, progress, log)
+    summary = fit_lm(stage, cfg, tok_file, progress, log)
     summary.update(
         conversations=s.used, truncated=s.truncated, skipped=s.skipped, windows=s.windows, loss_tokens=s.loss_tokens
     )
     return summary
-
-
-# ---- chat ----------------------------------------------------------------------------------------------
-
-
-class ChatSession:
-    """A conversation with a fine-tuned model: `reply(text)` streams the answer (text pieces) and records
-    both turns. The prompt keeps the system message and drops the oldest turns when the history plus room
-    for the answer would not fit in the context window."""
-
-    def __init__(
-        self,
-        model: GPT,
-        tokenizer,
-        system: str | None = None,
-        max_new_tokens: int = 256,
-        min_new_tokens: int = 16,
-        **sampling,
-    ):
-        self.model, self.tok = model, tokenizer
-        _special(tokenizer, IM_START), _special(tokenizer, IM_END)
-        if tokenizer.n_vocab > model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {tokenizer.n_vocab} ids but the model only "
-                f"{model.config.vocab_size} (was it fine-tuned with these chat tokens?)"
-            )
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        from .sample import SamplingParams, check_seed
-
-        SamplingParams(**{f.name: sampling[f.name] for f in dataclasses.fields(SamplingParams) if f.name in sampling})
-        check_seed(sampling.get("seed"))  # (bad options fail here, not at every message)
-        self.system = system
-        self.max_new_tokens = max_new_tokens
-        self.min_new_tokens = min(min_new_tokens, max_new_tokens)
-        self.sampling = sampling
-        self.history: list[dict] = []
-        self.dropped = 0  # turns dropped to fit the context so far
-
-    def reset(self) -> None:
-        self.history, self.dropped = [], 0
-
-    def prompt(self) -> np.ndarray:
-        """The prompt ids for the current history, dropping oldest turns to leave room for an answer."""
-        room = self.model.config.block_size - self.min_new_tokens
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        hist, dropped = self.history, 0
-        while True:
-            ids = render_prompt(system + hist, self.tok)
-            if ids.size <= room:
-                break
-            users = [i for i, m in enumerate(hist) if m["role"] == "user"]
-            if len(users) <= 1:
-                raise ValueError(
-                    f"the message is too long: {ids.size} prompt tokens leave no room for an answer "
-                    f"in the context of {self.model.config.block_size} tokens"
-                )
-            hist, dropped = hist[users[1] :], dropped + 1  # drop the oldest user turn and its answer
-        self.history, self.dropped = hist, self.dropped + dropped
-        return ids
-
-    def reply(self, text: str) -> Iterator[str]:
-        """Stream the assistant's answer to the user message `text`."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        self.history.append({"role": "user", "content": text})
-        try:
-            ids = self.prompt()
-        except ValueError:
-            self.history.pop()
-            raise
-        n = min(self.max_new_tokens, self.model.config.block_size - ids.size)
-        answer = []
-        for piece in stream_text(
-            self.model, self.tok, ids.tolist(), n, stop_tokens=(_special(self.tok, IM_END),), **self.sampling
-        ):
-            answer.append(piece)
-            yield piece
-        self.history.append({"role": "assistant", "content": "".join(answer)})
-
-
-def chat_loop(session: ChatSession, inp, out, err) -> int:
-    """Read user messages line by line from `inp` (a terminal or a pipe) and stream answers to `out`.
-    Commands: /reset (forget the history), /quit (or end of input)."""
-    interactive = hasattr(inp, "isatty") and inp.isatty()
-    while True:
-        if interactive:
-            out.write("> ")
-            out.flush()
-        line = inp.readline()
-        if not line:
-            break
-        text = line.rstrip("\n")
-        cmd = text.strip()
-        if not cmd:
-            continue
-        if cmd == "/quit":
-            break
-        if cmd == "/reset":
-            session.reset()
-            err.write("(history cleared)\n")
-            continue
-        if cmd.startswith("/") and " " not in cmd:
-            err.write(f"unknown command {cmd} (commands: /reset, /quit)\n")
-            continue
-        dropped = session.dropped
-        try:
-            for piece in session.reply(text):
-                out.write(piece)
-                out.flush()
-        except ValueError as e:
-            err.write(f"error: {e}\n")
-            continue
-        out.write("\n")
-        out.flush()
-        if session.dropped > dropped:
-            err.write(f"(dropped {session.dropped - dropped} oldest turn(s) to fit the context)\n")
-    return 0
 
 
 __all__ = [

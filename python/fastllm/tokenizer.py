@@ -12,8 +12,13 @@ Conventions
   - Lone surrogates in input text (not encodable as UTF-8) are replaced by U+FFFD before encoding, as tiktoken
     does (valid surrogate pairs are joined first), so ``decode(encode(s)) == s`` holds for every ``s``
     without lone surrogates.
-  - Patterns: ``"gpt2"``, ``"gpt4"`` (native, fast) or any other regex string (found with the ``regex``
-    module in Python, then encoded natively; slower).
+  - Patterns: ``"gpt2"``, ``"gpt4"`` (cl100k), ``"llama3"``, ``"qwen2"``, ``"smollm"`` (native scanners, fast;
+    the last three are the splits of Llama 3's, Qwen2/2.5/3's and SmolLM's tokenizer.json, recognised in those
+    files) or any other regex string (found with the ``regex`` module in Python, then encoded natively; slower).
+  - Hugging Face tokenizer.json options: an NFC/NFKC/NFD/NFKD normalizer (applied before encoding), added tokens
+    (``special`` ones are special tokens; the others are always matched, as HF does), and a post-processor that
+    puts a BOS token before every text (``bos_token``; ``encode`` never adds it, callers do, see
+    fastllm.sample).
 
 >>> tok = Tokenizer.train(["hello world, hello there"] * 10, vocab_size=270, progress=False)
 >>> ids = tok.encode("hello world")
@@ -38,15 +43,15 @@ import numpy as np
 from . import _C
 from .fileio import atomic_write, read_json
 
-__all__ = ["Tokenizer", "GPT2_PATTERN", "GPT4_PATTERN"]
+__all__ = ["Tokenizer", "GPT2_PATTERN", "GPT4_PATTERN", "NATIVE_PATTERNS"]
 
+NATIVE_PATTERNS = ("gpt2", "gpt4", "llama3", "qwen2", "smollm")  # pre-tokenized by native scanners
 GPT2_PATTERN: str = _C.pattern_string("gpt2")
 GPT4_PATTERN: str = _C.pattern_string("gpt4")
-# Other spellings of the same patterns (tiktoken's r50k/cl100k strings, HF ByteLevel's regex); they select the
-# native pre-tokenizer too.
+# The regex of each native pattern, and other spellings of the same patterns (tiktoken's r50k/cl100k strings, HF
+# ByteLevel's regex), select the native pre-tokenizer.
 _PATTERN_ALIASES = {
-    GPT2_PATTERN: "gpt2",
-    GPT4_PATTERN: "gpt4",
+    **{_C.pattern_string(name): name for name in NATIVE_PATTERNS},
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""": "gpt2",
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""": "gpt2",
 }
@@ -64,6 +69,12 @@ def _to_hf_regex(pat: str) -> str:
 
 
 _PATTERN_ALIASES[_to_hf_regex(GPT4_PATTERN)] = "gpt4"
+_NORMALIZERS = ("NFC", "NFKC", "NFD", "NFKD")  # HF normalizer types fastllm applies (unicodedata's forms)
+_SENTENCEPIECE = (
+    "SentencePiece-style tokenizers (Metaspace '\u2581' word boundaries, byte fallback: Llama 2, Mistral v0.1, "
+    "TinyLlama, Gemma) are not supported; fastllm reads byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2/2.5/3, "
+    "SmolLM)"
+)
 
 _MAX_ID = 2**28  # ids index dense tables (as in csrc/tokenizer/bpe.cpp): larger ones come from corrupt files
 _SIDECAR_FORMAT = "fastllm-bpe"
@@ -181,7 +192,7 @@ class Tokenizer:
         special_tokens: dict[str, int] | None = None,
     ) -> None:
         """`mergeable_ranks`: token bytes -> rank (= id), all 256 single bytes included, as tiktoken's
-        ``Encoding(name, pat_str, mergeable_ranks, special_tokens)``. `pattern`: "gpt2", "gpt4" or a regex."""
+        ``Encoding(name, pat_str, mergeable_ranks, special_tokens)``. `pattern`: one of NATIVE_PATTERNS or a regex."""
         if not isinstance(mergeable_ranks, dict):
             raise TypeError(
                 f"mergeable_ranks must be a dict bytes -> int, got {type(mergeable_ranks).__name__}"
@@ -206,10 +217,10 @@ class Tokenizer:
 
     def _init(self, core, pattern: str, special_tokens: dict[str, int] | None) -> None:
         if not isinstance(pattern, str):
-            raise TypeError(f"pattern must be 'gpt2', 'gpt4' or a regex string, got {type(pattern).__name__}")
+            raise TypeError(f"pattern must be one of {NATIVE_PATTERNS} or a regex string, got {type(pattern).__name__}")
         self._pattern = _PATTERN_ALIASES.get(pattern, pattern)
         self._regex = None
-        if self._pattern not in ("gpt2", "gpt4"):
+        if self._pattern not in NATIVE_PATTERNS:
             try:
                 import regex
             except ImportError as e:  # pragma: no cover
@@ -233,18 +244,39 @@ class Tokenizer:
         self._special = {s: int(i) for s, i in special_tokens.items()}
         self._special_regex_cache: dict[frozenset, object] = {}
         self._is_ranks = True  # tiktoken semantics (rank = id); False for HF merge-priority files
+        self._normalizer: str | None = None  # a unicodedata form applied before encoding (HF normalizer)
+        self._plain: frozenset[str] = frozenset()  # special tokens always matched (HF added tokens not "special")
+        self._bos: int | None = None  # what HF's post-processor puts before every text
+
+    def _set_hf_options(self, normalizer: str | None = None, plain_tokens=(), bos_token: int | None = None) -> None:
+        """The HF tokenizer.json features beyond tiktoken's (see the module doc); ValueError on bad values."""
+        if normalizer not in (None, *_NORMALIZERS):
+            raise ValueError(f"normalizer must be one of {_NORMALIZERS} or None, got {normalizer!r}")
+        plain = frozenset(plain_tokens)
+        for t in plain:
+            if t not in self._special:
+                raise ValueError(f"added token {t!r} is not one of the tokenizer's special tokens")
+        if bos_token is not None and bos_token not in self._special.values():
+            raise ValueError(f"bos_token {bos_token!r} is not the id of a special token")
+        self._normalizer, self._plain, self._bos = normalizer, plain, bos_token
 
     # -- properties
 
     @property
     def pattern(self) -> str:
-        """ "gpt2", "gpt4" or the custom regex string."""
+        """The native pattern's name (NATIVE_PATTERNS) or the custom regex string."""
         return self._pattern
 
     @property
     def pat_str(self) -> str:
         """The regex string of the pattern (what tiktoken calls pat_str)."""
-        return {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}.get(self._pattern, self._pattern)
+        return _C.pattern_string(self._pattern) if self._pattern in NATIVE_PATTERNS else self._pattern
+
+    @property
+    def bos_token(self) -> int | None:
+        """The id a Hugging Face tokenizer puts before every text (Llama 3's <|begin_of_text|>), else None.
+        `encode` does not add it; prompts for the model should start with it (fastllm.sample does)."""
+        return self._bos
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -274,6 +306,13 @@ class Tokenizer:
 
     # -- encoding
 
+    def _normalize(self, text: str) -> str:
+        if self._normalizer is None:
+            return text
+        import unicodedata
+
+        return unicodedata.normalize(self._normalizer, _repair_if_needed(text))
+
     def _allowed_ids(
         self,
         text_or_texts: str | list[str],
@@ -290,6 +329,7 @@ class Tokenizer:
             for s in allowed:
                 if s not in self._special:
                     raise ValueError(f"allowed_special: {s!r} is not a special token of this tokenizer")
+            allowed |= self._plain
         if disallowed_special == "all":
             disallowed = set(self._special) - allowed
         else:
@@ -299,6 +339,7 @@ class Tokenizer:
             for s in disallowed:
                 if s not in self._special:
                     raise ValueError(f"disallowed_special: {s!r} is not a special token of this tokenizer")
+            disallowed -= self._plain
         if disallowed:
             texts = [text_or_texts] if isinstance(text_or_texts, str) else text_or_texts
             for text in texts:
@@ -359,6 +400,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        text = self._normalize(text)
         allowed = self._allowed_ids(text, allowed_special, disallowed_special)
         try:
             return self._encode_native(text, allowed)
@@ -393,6 +435,7 @@ class Tokenizer:
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
         threads = _threads(threads)
+        texts = [self._normalize(t) for t in texts]
         allowed = self._allowed_ids(texts, allowed_special, disallowed_special)
         if self._regex is not None:
             return [self._encode_native(_repair_if_needed(t), allowed) for t in texts]
@@ -543,7 +586,7 @@ class Tokenizer:
 
         every = max(1, n_merges // 200)
         try:
-            if pat in ("gpt2", "gpt4"):
+            if pat in NATIVE_PATTERNS:
                 merges = _C.train_bpe(texts, pat, specials, n_merges, threads, callback, every)
             else:
                 probe = cls._from_core(
@@ -617,7 +660,8 @@ class Tokenizer:
     def save(self, path: PathLike) -> None:
         """Save to `path` (tiktoken rank file, see `save_tiktoken`) plus the sidecar ``<path>.json`` holding
         the pattern, the special tokens and the number of ranks: ``{"format": "fastllm-bpe", "version": 1,
-        "pattern": "gpt4" | <regex>, "special_tokens": {name: id}, "n_ranks": N}``. Both written atomically.
+        "pattern": "gpt4" | <regex>, "special_tokens": {name: id}, "n_ranks": N}`` (plus, for a tokenizer read from
+        a Hugging Face file, "normalizer", "plain_tokens" and "bos_token" when set). Both written atomically.
 
         >>> import tempfile, os
         >>> tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|eot|>": 256})
@@ -634,6 +678,8 @@ class Tokenizer:
             "special_tokens": self._special,
             "n_ranks": n,
         }
+        extras = {"normalizer": self._normalizer, "plain_tokens": sorted(self._plain), "bos_token": self._bos}
+        side.update({k: v for k, v in extras.items() if v not in (None, [])})
         self.save_tiktoken(path)
         with atomic_write(os.fspath(path) + ".json") as f:
             f.write((json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode())
@@ -662,7 +708,12 @@ class Tokenizer:
                 f"{os.fspath(path)}:{len(ranks)}: {len(ranks)} ranks but the sidecar says {side['n_ranks']} "
                 "(truncated file?)"
             )
-        return cls._from_rank_file(ranks, path, side["pattern"], side["special_tokens"], side_path)
+        tok = cls._from_rank_file(ranks, path, side["pattern"], side["special_tokens"], side_path)
+        try:
+            tok._set_hf_options(side.get("normalizer"), side.get("plain_tokens") or (), side.get("bos_token"))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{side_path}:1: {e}") from None
+        return tok
 
     def save_hf(self, path: PathLike) -> None:
         """Write a GPT-2-style HF ``tokenizer.json`` (BPE model over the byte-level alphabet, vocab + merges,
@@ -678,6 +729,8 @@ class Tokenizer:
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
         if self._pattern == "gpt2":
             pre = byte_level
+        elif self._pattern == "smollm":
+            pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
         else:
             pre = {
                 "type": "Sequence",
@@ -703,13 +756,13 @@ class Tokenizer:
                     "lstrip": False,
                     "rstrip": False,
                     "normalized": False,
-                    "special": True,
+                    "special": s not in self._plain,
                 }
                 for s, i in sorted(self._special.items(), key=lambda x: x[1])
             ],
-            "normalizer": None,
+            "normalizer": None if self._normalizer is None else {"type": self._normalizer},
             "pre_tokenizer": pre,
-            "post_processor": None,
+            "post_processor": self._hf_post_processor(),
             "decoder": {
                 "type": "ByteLevel",
                 "add_prefix_space": True,
@@ -732,6 +785,17 @@ class Tokenizer:
         with atomic_write(path) as f:
             f.write(json.dumps(doc, ensure_ascii=False).encode("utf-8"))
 
+    def _hf_post_processor(self) -> dict | None:
+        """HF's TemplateProcessing that puts bos_token before every text (None without one)."""
+        if self._bos is None:
+            return None
+        name = next(s for s, i in self._special.items() if i == self._bos)
+        return {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": name, "type_id": 0}},
+                                                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {name: {"id": name, "ids": [self._bos], "tokens": [name]}}}
+
     @classmethod
     def from_pretrained(cls, path: PathLike) -> Tokenizer:
         """Load the tokenizer of a Hugging Face model folder: ``tokenizer.json``, else GPT-2's classic
@@ -752,15 +816,21 @@ class Tokenizer:
         rank_file = os.path.join(path, "tokenizer.tiktoken")
         if os.path.exists(rank_file + ".json"):
             return cls.load(rank_file)
+        if os.path.exists(os.path.join(path, "tokenizer.model")):
+            raise ValueError(f"{os.path.join(path, 'tokenizer.model')}: a SentencePiece model and no tokenizer.json: "
+                             f"{_SENTENCEPIECE}")
         raise FileNotFoundError(
             f"{path}: no tokenizer.json, vocab.json + merges.txt, or tokenizer.tiktoken in this folder"
         )
 
     @classmethod
     def load_hf(cls, path: PathLike) -> Tokenizer:
-        """Read a byte-level BPE ``tokenizer.json`` (written by `save_hf`, or by HF tokenizers' own trainer:
-        then tokens merge by the merges' order, as HF does). Added tokens become special tokens. Unsupported
-        features (normalizers, add_prefix_space, byte fallback, dropout, other models) raise ValueError."""
+        """Read a byte-level BPE ``tokenizer.json`` (written by `save_hf`, by HF tokenizers' own trainer, or shipped
+        with a GPT-2, Llama 3, Qwen2/2.5/3 or SmolLM checkpoint: then tokens merge by the merges' order, as HF
+        does). Added tokens become special tokens (those HF marks non-special are always matched); a unicode
+        normalizer and a BOS post-processor are kept (see the module doc). What fastllm cannot reproduce exactly
+        raises ValueError naming the field: SentencePiece-style files (Metaspace, byte fallback), other
+        normalizers and pre-tokenizers, add_prefix_space, dropout, added tokens with lstrip/rstrip/single_word."""
         path = os.fspath(path)
         return cls._from_hf_doc(read_json(path), path)
 
@@ -772,6 +842,8 @@ class Tokenizer:
             return ValueError(f"{path}:1: {msg}")
 
         model = doc.get("model") if isinstance(doc, dict) else None
+        if isinstance(model, dict) and (model.get("byte_fallback") or _is_sentencepiece(doc)):
+            raise bad(_SENTENCEPIECE)
         if (
             not isinstance(model, dict)
             or model.get("type", "BPE") != "BPE"
@@ -781,26 +853,31 @@ class Tokenizer:
         for key in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key) not in (None, ""):
                 raise bad(f"model.{key}={model.get(key)!r} is not supported")
-        if model.get("byte_fallback"):
-            raise bad("model.byte_fallback is not supported")
-        if doc.get("normalizer") is not None:
-            raise bad("normalizers are not supported")
+        normalizer = _hf_normalizer(doc.get("normalizer"), bad)
         pattern = _hf_pattern(doc.get("pre_tokenizer"), bad)
 
         added = doc.get("added_tokens") or []
         specials: dict[str, int] = {}
+        plain: list[str] = []  # added tokens HF does not mark special: matched in any text
         for t in added:
             if (
                 not isinstance(t, dict)
                 or not isinstance(t.get("content"), str)
+                or not t["content"]
                 or not isinstance(t.get("id"), int)
                 or not 0 <= t["id"] < _MAX_ID
             ):
                 raise bad(f"bad added_tokens entry {t!r}")
+            for flag in ("lstrip", "rstrip", "single_word"):
+                if t.get(flag):
+                    raise bad(f"added token {t['content']!r} has {flag}=true, which is not supported")
             if specials.get(t["content"], t["id"]) != t["id"]:
                 raise bad(f"added token {t['content']!r} has two ids, {specials[t['content']]} and {t['id']}")
             specials[t["content"]] = t["id"]
+            if t.get("special") is False:
+                plain.append(t["content"])
         special_of_id = {i: s for s, i in specials.items()}
+        bos = _hf_bos(doc.get("post_processor"), specials, bad)
 
         tokens, ids = [], []
         for s, i in model["vocab"].items():
@@ -837,7 +914,7 @@ class Tokenizer:
         core = None
         is_ranks = False
         if ignore_merges and len(index) >= 256 and all(bytes([x]) in index for x in range(256)):
-            # Written with tiktoken semantics (save_hf)? Then use them exactly (rank = id).
+            # Written with tiktoken semantics (save_hf, Llama 3)? Then use them exactly (rank = id).
             try:
                 cand = _C.BpeEncoder.from_ranks(tokens, ids)
             except ValueError:
@@ -851,6 +928,7 @@ class Tokenizer:
                 raise bad(str(e)) from e
         try:
             tok = cls._from_core(core, pattern, specials)
+            tok._set_hf_options(normalizer, plain, bos)
         except ValueError as e:
             raise bad(str(e)) from e
         tok._is_ranks = is_ranks
@@ -875,8 +953,66 @@ def _split_on(text: str, specials: Sequence[str]) -> list[str]:
     return rx.split(text)
 
 
+def _is_sentencepiece(doc: dict) -> bool:
+    """A tokenizer.json in SentencePiece's style: Metaspace pre-tokenizer or decoder, a normalizer that writes
+    U+2581 for spaces, or a byte-fallback decoder (Llama 2, Mistral v0.1, TinyLlama)."""
+    text = json.dumps([doc.get("normalizer"), doc.get("pre_tokenizer"), doc.get("decoder")], ensure_ascii=False)
+    return any(k in text for k in ('"Metaspace"', '"ByteFallback"', "\u2581"))
+
+
+def _hf_normalizer(norm, bad) -> str | None:
+    """The unicodedata form of an HF normalizer (None, NFC, NFKC, NFD, NFKD, or a Sequence of one of them)."""
+    if norm is None:
+        return None
+    if isinstance(norm, dict) and norm.get("type") == "Sequence":
+        items = norm.get("normalizers") or []
+        if not items:
+            return None
+        if len(items) == 1:
+            return _hf_normalizer(items[0], bad)
+    if isinstance(norm, dict) and norm.get("type") in _NORMALIZERS:
+        return norm["type"]
+    raise bad(f"normalizer {json.dumps(norm)[:200]} is not supported (only {', '.join(_NORMALIZERS)})")
+
+
+def _hf_bos(post, specials: dict[str, int], bad) -> int | None:
+    """The token HF's post-processor puts before a single text (TemplateProcessing "<bos> $A"), or None for
+    post-processors that add nothing (ByteLevel, none); anything else is refused by name."""
+    if post is None or not isinstance(post, dict):
+        return None
+    kind = post.get("type")
+    if kind == "ByteLevel":
+        return None
+    if kind == "Sequence":
+        found = [_hf_bos(p, specials, bad) for p in post.get("processors") or []]
+        found = [b for b in found if b is not None]
+        if len(found) > 1:
+            raise bad("post_processor adds more than one BOS token")
+        return found[0] if found else None
+    if kind != "TemplateProcessing":
+        raise bad(f"post_processor of type {kind!r} is not supported (only TemplateProcessing and ByteLevel)")
+    single = post.get("single") or []
+    pieces = []
+    for item in single:
+        if isinstance(item, dict) and "SpecialToken" in item:
+            pieces.append(("special", item["SpecialToken"].get("id")))
+        elif isinstance(item, dict) and "Sequence" in item:
+            pieces.append(("text", None))
+        else:
+            raise bad(f"post_processor template item {item!r} is not understood")
+    if [k for k, _ in pieces] not in (["text"], ["special", "text"]):
+        raise bad(f"post_processor template {[v or '$A' for _, v in pieces]} is not supported (only '$A' or "
+                  "'<bos> $A': fastllm adds no tokens after the text)")
+    if pieces[0][0] == "text":
+        return None
+    name = pieces[0][1]
+    if name not in specials:
+        raise bad(f"post_processor BOS token {name!r} is not an added token")
+    return specials[name]
+
+
 def _hf_pattern(pre, bad) -> str:
-    """The pre-tokenizer regex of an HF byte-level tokenizer.json."""
+    """The pre-tokenizer of an HF byte-level tokenizer.json as a pattern: a native one's name or a regex."""
 
     def check_byte_level(p) -> None:
         if p.get("add_prefix_space"):
@@ -889,18 +1025,20 @@ def _hf_pattern(pre, bad) -> str:
         raise bad("ByteLevel without use_regex needs a Split pre-tokenizer before it")
     if isinstance(pre, dict) and pre.get("type") == "Sequence":
         items = pre.get("pretokenizers") or []
+        types = [p.get("type") if isinstance(p, dict) else None for p in items]
         if (
-            len(items) == 2
-            and items[0].get("type") == "Split"
+            types == ["Split", "ByteLevel"]
             and items[0].get("behavior") == "Isolated"
             and not items[0].get("invert")
             and isinstance(items[0].get("pattern"), dict)
-            and "Regex" in items[0]["pattern"]
-            and items[1].get("type") == "ByteLevel"
+            and isinstance(items[0]["pattern"].get("Regex"), str)
             and not items[1].get("use_regex", True)
         ):
             check_byte_level(items[1])
             return items[0]["pattern"]["Regex"]
+        if types == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and items[1].get("use_regex", True):
+            check_byte_level(items[1])
+            return "smollm"  # StarCoder's: every digit alone, then GPT-2's split
     raise bad(f"unsupported pre_tokenizer {json.dumps(pre)[:200]}")
 
 

@@ -1,0 +1,509 @@
+"""Chat formats: how a conversation becomes the tokens a model reads, for `fastllm chat`, SFT and the server.
+
+Two formats with one interface (`prompt(messages) -> ids`, `render(messages) -> (ids, mask)`, `stop_tokens`):
+
+- `ChatML`, fastllm's own, for the models it trains (the default). A conversation is rendered as
+
+      <|endoftext|><|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
+      <|im_start|>assistant\\n{content}<|im_end|>\\n ...
+
+  `<|im_start|>` and `<|im_end|>` are special tokens (fastllm.sft.add_chat_tokens adds them). The leading
+  `<|endoftext|>` (only if the tokenizer has it) starts every conversation as pre-training starts every document.
+  Role names and contents are encoded as ordinary text (text that looks like a special token in a message stays
+  text), each piece separately so no token straddles a boundary. The mask is 1 on assistant contents and their
+  `<|im_end|>`; a generation prompt ends with `<|im_start|>assistant\\n`; generation stops at `<|im_end|>` or
+  `<|endoftext|>`.
+
+- `ChatTemplate`, a Hugging Face checkpoint's own Jinja2 template (`chat_template.jinja`, else `chat_template` in
+  tokenizer_config.json), rendered as transformers' `apply_chat_template` renders it: a sandboxed environment
+  (jinja2.sandbox.ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loop controls), the variables
+  `messages`, `add_generation_prompt`, the tokenizer's special tokens (`bos_token`, `eos_token`, ...), the
+  functions `raise_exception` and `strftime_now`, transformers' `tojson`; the text is then encoded with every
+  special token recognised (transformers' default: `add_special_tokens=False`, control tokens not sanitized).
+  The SFT mask covers each assistant turn as the template writes it (content and end-of-turn token, trailing
+  whitespace left out): the `{% generation %}` blocks where the template has them, else the text that rendering
+  the conversation up to that turn adds to the generation prompt before it -- a template that does not render
+  conversations incrementally is refused by name. Generation stops at the checkpoint's EOS ids
+  (generation_config.json / config.json `eos_token_id`, int or list, and tokenizer_config.json's `eos_token`).
+  Needs jinja2 (the `hf` extra: pip install "fastllm[hf]").
+
+`chat_format(folder, tokenizer)` picks the format of a checkpoint folder: its template if it has one, else ChatML
+if the tokenizer has the ChatML tokens, else None (a base model, no chat). `ChatSession` and `chat_loop` run a
+conversation in the terminal with either.
+
+>>> fmt = chat_format("Qwen2.5-0.5B-Instruct/", Tokenizer.from_pretrained("Qwen2.5-0.5B-Instruct/"))
+>>> ids = fmt.prompt([{"role": "user", "content": "Hi!"}])
+>>> session = ChatSession(model, tok, chat=fmt, system="Be brief.")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import read_json
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+EOT = "<|endoftext|>"
+ROLES = ("system", "user", "assistant")
+TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+INSTALL_HINT = 'chat templates need jinja2: pip install "fastllm[hf]" (or pip install jinja2)'
+
+
+# ---- conversations -------------------------------------------------------------------------------------
+
+
+def validate_conversation(obj, where: str = "conversation", need_assistant: bool = True) -> list[dict]:
+    """The message list of `obj` ({"messages": [...]} or the list itself), checked; ValueError naming `where`."""
+    msgs = obj.get("messages") if isinstance(obj, dict) else obj
+    if isinstance(obj, dict) and "messages" not in obj:
+        raise ValueError(f"{where}: expected an object with a 'messages' list")
+    if not isinstance(msgs, list):
+        raise ValueError(f"{where}: 'messages' must be a list, got {type(msgs).__name__}")
+    if not msgs:
+        raise ValueError(f"{where}: empty conversation")
+    out = []
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: message {k} must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"{where}: message {k} has unknown role {role!r} (expected one of {list(ROLES)})")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: message {k} ({role}) content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
+    return out
+
+
+# ---- ChatML, fastllm's own format ----------------------------------------------------------------------
+
+
+def _special(tokenizer, name: str) -> int:
+    ids = tokenizer.special_tokens
+    if name not in ids:
+        raise ValueError(f"the tokenizer has no {name} special token (use add_chat_tokens)")
+    return ids[name]
+
+
+def render(conversation, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32, mask uint8) of a conversation in ChatML (see the module doc). mask is 1 on assistant content
+    tokens and their <|im_end|>, 0 elsewhere."""
+    msgs = validate_conversation(conversation, need_assistant=False)
+    start, end = _special(tokenizer, IM_START), _special(tokenizer, IM_END)
+    eot = tokenizer.special_tokens.get(EOT)
+    ids: list[int] = [] if eot is None else [eot]
+    mask: list[int] = [0] * len(ids)
+    nl = tokenizer.encode_ordinary("\n").tolist()
+    for m in msgs:
+        head = [start] + tokenizer.encode_ordinary(m["role"] + "\n").tolist()
+        body = tokenizer.encode_ordinary(m["content"]).tolist() + [end]
+        learn = int(m["role"] == "assistant")
+        ids += head + body + nl
+        mask += [0] * len(head) + [learn] * len(body) + [0] * len(nl)
+    return np.asarray(ids, np.int32), np.asarray(mask, np.uint8)
+
+
+def render_prompt(messages, tokenizer) -> np.ndarray:
+    """Ids of the history `messages` in ChatML followed by `<|im_start|>assistant\\n`: what the model continues."""
+    ids, _ = render(messages, tokenizer)
+    head = [_special(tokenizer, IM_START)] + tokenizer.encode_ordinary("assistant\n").tolist()
+    return np.concatenate([ids, np.asarray(head, np.int32)])
+
+
+def has_chatml(tokenizer) -> bool:
+    specials = tokenizer.special_tokens
+    return IM_START in specials and IM_END in specials
+
+
+class ChatML:
+    """fastllm's ChatML as a chat format (see the module doc); ValueError if the tokenizer lacks its tokens."""
+
+    name = "ChatML"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        _special(tokenizer, IM_START)
+        stops = (_special(tokenizer, IM_END), tokenizer.special_tokens.get(EOT))
+        self.stop_tokens = tuple(t for t in stops if t is not None)
+
+    def prompt(self, messages) -> np.ndarray:
+        return render_prompt(messages, self.tokenizer)
+
+    def render(self, messages) -> tuple[np.ndarray, np.ndarray]:
+        return render(messages, self.tokenizer)
+
+
+# ---- Hugging Face chat templates -----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(source: str):
+    """The template compiled in transformers' sandboxed environment (see the module doc)."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.nodes
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %}: records where the assistant's text lands (SFT masks)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+        def _mark(self, caller):
+            text = caller()
+            spans = self.environment.spans
+            if spans is not None:
+                done = len("".join(spans[0]))
+                spans[1].append((done, done + len(text)))
+            return text
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class Namespace(jinja2.utils.Namespace):  # no underscore attributes: no way to CPython internals
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set the attribute {name!r}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.spans = None  # (rendered blocks, generation spans) while a render records them
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       namespace=Namespace, dict=lambda *a, **k: dict(*a, **k))
+    return env.from_string(source)
+
+
+class ChatTemplate:
+    """A Hugging Face chat template (Jinja2) over a tokenizer (see the module doc).
+
+    template: the Jinja2 source; variables: what the template sees besides messages and add_generation_prompt
+    (bos_token, eos_token, ... and any template option such as enable_thinking); stop_tokens: ids that end an
+    answer; where: the file it came from, named in errors."""
+
+    name = "chat template"
+
+    def __init__(self, template: str, tokenizer, variables: dict | None = None, stop_tokens: Sequence[int] = (),
+                 where: str = "chat_template"):
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError(f"{where}: the chat template must be a non-empty string")
+        self.template, self.tokenizer, self.where = template, tokenizer, where
+        self.variables = dict(variables or {})
+        self.stop_tokens = tuple(int(t) for t in stop_tokens)
+        try:
+            self._jinja = _compile(template)
+        except ImportError:
+            raise
+        except Exception as e:  # jinja2.TemplateSyntaxError and friends
+            raise ValueError(f"{where}: the chat template does not compile: {type(e).__name__}: {e}") from None
+
+    def text(self, messages, add_generation_prompt: bool = False, spans: list | None = None) -> str:
+        """The template's text for `messages` (a list of {"role", "content"} dicts); ValueError naming the
+        template for what it rejects (its raise_exception, errors while rendering). With `spans` (a list), the
+        (start, end) character offsets of its {% generation %} blocks are appended to it."""
+        ctx = {**self.variables, "messages": [dict(m) for m in messages],
+               "add_generation_prompt": add_generation_prompt}
+        env = self._jinja.environment
+        blocks: list[str] = []
+        env.spans = (blocks, spans if spans is not None else [])
+        try:
+            for block in self._jinja.generate(**ctx):
+                blocks.append(block)
+        except Exception as e:
+            raise ValueError(f"{self.where}: the chat template failed: {type(e).__name__}: {e}") from None
+        finally:
+            env.spans = None
+        return "".join(blocks)
+
+    def _encode(self, text: str) -> np.ndarray:
+        return self.tokenizer.encode(text, allowed_special="all")
+
+    def prompt(self, messages) -> np.ndarray:
+        """Ids of `messages` followed by the template's generation prompt: what the model continues."""
+        return self._encode(self.text(messages, add_generation_prompt=True))
+
+    def render(self, messages) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32, mask uint8) of a whole conversation; mask 1 on the assistant turns (see the module doc)."""
+        msgs = [dict(m) for m in messages]
+        spans: list[tuple[int, int]] = []
+        full = self.text(msgs, spans=spans)
+        if not spans:
+            spans = self._assistant_spans(msgs, full)
+        spans = [(a, a + len(full[a:b].rstrip())) for a, b in spans]
+        norm = self.tokenizer._normalize
+        pieces, cuts = [], sorted({0, len(full), *[x for s in spans for x in s]})
+        for a, b in zip(cuts, cuts[1:]):
+            pieces.append(norm(full[a:b]))
+        text = "".join(pieces)
+        if text != norm(full):
+            raise ValueError(f"{self.where}: the tokenizer's normalizer joins text across an assistant turn's edge")
+        ids = self._encode(text)
+        # byte offset of every token, and of every span edge in the normalized text
+        sizes = np.asarray([len(self.tokenizer.token_to_bytes(t)) for t in ids.tolist()], np.int64)
+        starts = np.cumsum(sizes) - sizes
+        edge, pos = {}, 0
+        for (a, b), piece in zip(zip(cuts, cuts[1:]), pieces):
+            edge[a] = pos
+            pos += len(piece.encode("utf-8"))
+            edge[b] = pos
+        mask = np.zeros(len(ids), np.uint8)
+        for a, b in spans:
+            mask[(starts >= edge[a]) & (starts < edge[b])] = 1
+        return ids.astype(np.int32, copy=False), mask
+
+    def _assistant_spans(self, msgs: list[dict], full: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns: what rendering up to each one adds to the generation prompt
+        before it. ValueError when the renderings are not prefixes of each other."""
+        spans = []
+        for i, m in enumerate(msgs):
+            if m.get("role") != "assistant":
+                continue
+            head = self.text(msgs[:i], add_generation_prompt=True) if i else ""
+            upto = self.text(msgs[: i + 1])
+            if not (full.startswith(upto) and upto.startswith(head)):
+                raise ValueError(f"{self.where}: the chat template does not render conversations incrementally "
+                                 f"(message {i}: the conversation up to it is not a prefix of the whole), so the "
+                                 f"assistant's tokens cannot be told apart; add {{% generation %}} blocks to it")
+            spans.append((len(head), len(upto)))
+        return spans
+
+
+# ---- a checkpoint folder's chat format -----------------------------------------------------------------
+
+
+def read_template(folder: str | os.PathLike) -> tuple[str, str] | None:
+    """(template source, the file it came from) of a checkpoint folder, or None: chat_template.jinja (which
+    transformers prefers), else tokenizer_config.json's chat_template (a string, or a list of {"name",
+    "template"} of which "default" is taken)."""
+    folder = Path(folder)
+    path = folder / TEMPLATE_FILE
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    conf = tokenizer_config(folder)
+    tpl = conf.get("chat_template")
+    where = str(folder / TOKENIZER_CONFIG)
+    if tpl is None:
+        return None
+    if isinstance(tpl, list):
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        if "default" not in named:
+            raise ValueError(f"{where}: chat_template lists {sorted(map(str, named))} but no 'default' template")
+        tpl = named["default"]
+    if not isinstance(tpl, str):
+        raise ValueError(f"{where}: chat_template must be a string or a list of named templates")
+    return tpl, where
+
+
+def tokenizer_config(folder: str | os.PathLike) -> dict:
+    """tokenizer_config.json of a folder ({} if absent); ValueError naming it when it is not a JSON object."""
+    path = Path(folder) / TOKENIZER_CONFIG
+    if not path.is_file():
+        return {}
+    conf = read_json(path)
+    if not isinstance(conf, dict):
+        raise ValueError(f"{path}:1: expected a JSON object")
+    return conf
+
+
+def special_token_strings(conf: dict) -> dict[str, str]:
+    """The special-token variables a template sees (bos_token, eos_token, unk_token, pad_token), as strings."""
+    out = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        v = conf.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            out[key] = v
+    return out
+
+
+def eos_token_ids(folder: str | os.PathLike, tokenizer=None) -> list[int]:
+    """The ids that end a generation for a model folder: generation_config.json's eos_token_id, config.json's, and
+    tokenizer_config.json's eos_token (through `tokenizer`), in that order, each an int or a list; [] if none.
+    ValueError naming the file for a malformed value."""
+    folder = Path(folder)
+    out: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        doc = read_json(path)
+        v = doc.get("eos_token_id") if isinstance(doc, dict) else None
+        ids = [v] if isinstance(v, int) else v if isinstance(v, list) else [] if v is None else None
+        if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {v!r}")
+        out += [i for i in ids if i not in out]
+    if tokenizer is not None:
+        eos = special_token_strings(tokenizer_config(folder)).get("eos_token")
+        i = tokenizer.special_tokens.get(eos) if eos is not None else None
+        if i is not None and i not in out:
+            out.append(i)
+    return out
+
+
+def chat_format(folder: str | os.PathLike, tokenizer, variables: dict | None = None):
+    """The chat format of a checkpoint folder (see the module doc): a ChatTemplate (its template, its special
+    tokens, its EOS ids), else ChatML when the tokenizer has <|im_start|>/<|im_end|>, else None.
+    `variables`: template options (e.g. {"enable_thinking": False})."""
+    found = read_template(folder)
+    if found is None:
+        return ChatML(tokenizer) if has_chatml(tokenizer) else None
+    source, where = found
+    stops = eos_token_ids(folder, tokenizer)
+    if not stops:
+        raise ValueError(f"{folder}: the chat template has no end-of-turn token to stop at: no eos_token_id in "
+                         f"generation_config.json or config.json, no eos_token in {TOKENIZER_CONFIG}")
+    names = {**special_token_strings(tokenizer_config(folder)), **(variables or {})}
+    return ChatTemplate(source, tokenizer, names, stops, where)
+
+
+# ---- a conversation ------------------------------------------------------------------------------------
+
+
+class ChatSession:
+    """A conversation with a chat model: `reply(text)` streams the answer (text pieces) and records both turns.
+    `chat`: the chat format (default ChatML on `tokenizer`). The prompt keeps the system message and drops the
+    oldest turns when the history plus room for the answer would not fit in the context window."""
+
+    def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
+                 min_new_tokens: int = 16, chat=None, **sampling):
+        self.model, self.tok = model, tokenizer
+        self.chat = chat if chat is not None else ChatML(tokenizer)
+        if tokenizer.n_vocab > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.n_vocab} ids but the model only "
+                f"{model.config.vocab_size} (was it fine-tuned with these chat tokens?)"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        from .sample import SamplingParams, check_seed
+
+        SamplingParams(**{f.name: sampling[f.name] for f in dataclasses.fields(SamplingParams) if f.name in sampling})
+        check_seed(sampling.get("seed"))  # (bad options fail here, not at every message)
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min(min_new_tokens, max_new_tokens)
+        self.sampling = sampling
+        self.history: list[dict] = []
+        self.dropped = 0  # turns dropped to fit the context so far
+
+    def reset(self) -> None:
+        self.history, self.dropped = [], 0
+
+    def prompt(self) -> np.ndarray:
+        """The prompt ids for the current history, dropping oldest turns to leave room for an answer."""
+        room = self.model.config.block_size - self.min_new_tokens
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        hist, dropped = self.history, 0
+        while True:
+            ids = self.chat.prompt(system + hist)
+            if ids.size <= room:
+                break
+            users = [i for i, m in enumerate(hist) if m["role"] == "user"]
+            if len(users) <= 1:
+                raise ValueError(
+                    f"the message is too long: {ids.size} prompt tokens leave no room for an answer "
+                    f"in the context of {self.model.config.block_size} tokens"
+                )
+            hist, dropped = hist[users[1] :], dropped + 1  # drop the oldest user turn and its answer
+        self.history, self.dropped = hist, self.dropped + dropped
+        return ids
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the assistant's answer to the user message `text`."""
+        from .sample import stream_text
+
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        self.history.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt()
+        except ValueError:
+            self.history.pop()
+            raise
+        n = min(self.max_new_tokens, self.model.config.block_size - ids.size)
+        answer = []
+        for piece in stream_text(self.model, self.tok, ids.tolist(), n, stop_tokens=self.chat.stop_tokens,
+                                 **self.sampling):
+            answer.append(piece)
+            yield piece
+        self.history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def chat_loop(session: ChatSession, inp, out, err) -> int:
+    """Read user messages line by line from `inp` (a terminal or a pipe) and stream answers to `out`.
+    Commands: /reset (forget the history), /quit (or end of input)."""
+    interactive = hasattr(inp, "isatty") and inp.isatty()
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd == "/quit":
+            break
+        if cmd == "/reset":
+            session.reset()
+            err.write("(history cleared)\n")
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            err.write(f"unknown command {cmd} (commands: /reset, /quit)\n")
+            continue
+        dropped = session.dropped
+        try:
+            for piece in session.reply(text):
+                out.write(piece)
+                out.flush()
+        except ValueError as e:
+            err.write(f"error: {e}\n")
+            continue
+        out.write("\n")
+        out.flush()
+        if session.dropped > dropped:
+            err.write(f"(dropped {session.dropped - dropped} oldest turn(s) to fit the context)\n")
+    return 0
+
+
+__all__ = ["ChatML", "ChatTemplate", "ChatSession", "chat_format", "chat_loop", "read_template", "render",
+           "render_prompt", "validate_conversation", "IM_START", "IM_END"]

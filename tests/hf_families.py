@@ -1,0 +1,174 @@
+"""Test helpers: tokenizer.json files configured as the Hugging Face checkpoints of each family configure theirs
+(Llama 3, Qwen2/2.5/3, SmolLM, GPT-2), built with HF `tokenizers` and trained here on multilingual text, and the
+chat templates those checkpoints ship (Llama 3's and Qwen2.5's public template texts). Nothing is downloaded."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+# The Split regexes of Meta-Llama-3's and Qwen2.5's tokenizer.json, as written there.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Real sentences in many scripts (written for these tests), with numbers, punctuation and odd whitespace.
+MULTILINGUAL = [
+    "The quick brown fox jumps over the lazy dog. It's 12:45 on 2024-03-17, and we've got 1,234,567 reasons!",
+    "Der schnelle braune Fuchs springt über den faulen Hund. Größe: 42 cm, Straße Nr. 7; „Anführungszeichen“.",
+    "Le renard brun rapide saute par-dessus le chien paresseux. C'est l'été, n'est-ce pas ? Déjà 3 fois…",
+    "El veloz zorro marrón salta sobre el perro perezoso. ¿Dónde está la biblioteca? ¡Mañana a las 9!",
+    "Быстрая коричневая лиса прыгает через ленивую собаку. Москва — столица России; 2023 год.",
+    "Швидка бура лисиця стрибає через ледачого пса. Київ, вулиця Хрещатик, будинок 15.",
+    "敏捷的棕色狐狸跳过了懒狗。北京是中华人民共和国的首都，人口约两千一百万。我们明天见！",
+    "素早い茶色の狐がのろまな犬を飛び越えた。東京は日本の首都です。カタカナとひらがな、漢字。",
+    "빠른 갈색 여우가 게으른 개를 뛰어넘었다. 서울은 대한민국의 수도입니다. 감사합니다!",
+    "الثعلب البني السريع يقفز فوق الكلب الكسول. القاهرة عاصمة مصر، وعدد سكانها ٢٠ مليون نسمة.",
+    "तेज़ भूरी लोमड़ी आलसी कुत्ते के ऊपर कूदती है। नई दिल्ली भारत की राजधानी है। १२३४५",
+    "Η γρήγορη καφέ αλεπού πηδάει πάνω από τον τεμπέλη σκύλο. Αθήνα, Ελλάδα.",
+    "השועל החום המהיר קופץ מעל הכלב העצלן. ירושלים היא עיר הבירה.",
+    "Con cáo nâu nhanh nhẹn nhảy qua con chó lười. Hà Nội là thủ đô của Việt Nam.",
+    "สุนัขจิ้งจอกสีน้ำตาลกระโดดข้ามสุนัขขี้เกียจ กรุงเทพมหานครเป็นเมืองหลวง",
+    "Hızlı kahverengi tilki tembel köpeğin üzerinden atlar. İstanbul'da 15 milyon kişi yaşıyor.",
+    "emoji: 👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ 🤖🤖 ☕ — math: x² + y² = z², ½ ¼ ∑ ∫ √2 ≈ 1.414",
+    "def tokenize(text: str) -> list[int]:\n    return [ord(c) for c in text]  # 4 spaces\n\n\n\tTAB\r\nCRLF  \n",
+    "combining: e\u0301 a\u0308 n\u0303 (NFD) vs é ä ñ (NFC); Ｆｕｌｌｗｉｄｔｈ ＡＢＣ １２３; ﬁ ligature",
+    "'s 't 're 've 'm 'll 'd 'S 'T 'RE 'Ve ’s — I'M HERE, YOU'LL SEE.   trailing   \n\n   ",
+]
+
+
+@functools.cache
+def training_text() -> str:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    english = "\n".join(topics[k] for k in sorted(topics))[:200_000]
+    return english + "\n" + "\n".join(MULTILINGUAL * 30)
+
+
+def eval_texts() -> list[str]:
+    """Texts to compare ids on: the sentences, a long English stretch, edge cases, and text with the families'
+    special tokens in it."""
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    english = "\n".join(topics[k] for k in sorted(topics))
+    shuffled = [" ".join(reversed(s.split(" "))) for s in MULTILINGUAL]  # the same words in new contexts
+    return MULTILINGUAL + shuffled + [
+        english[200_000:260_000], "", " ", "\n", "   \n\n   x", "x  \n  ", "12345678901234567890",
+        "a1b22c333 4 55", " 1 2  3", "x" * 300 + " " * 50 + "1" * 7, "\u00a0\u3000\u2028",
+        "<|endoftext|> and <|im_start|>user\nhi<|im_end|>\n",
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+        "<tool_call>{\"a\": 1}</tool_call>",
+    ]
+
+
+# family: (pre-tokenizer kind, normalizer, ignore_merges, special tokens, non-special added tokens, bos token)
+FAMILIES = {
+    "llama3": ("llama3", None, True,
+               ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"], [], "<|begin_of_text|>"),
+    "qwen2": ("qwen2", "NFC", False, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              ["<tool_call>", "</tool_call>", "<think>", "</think>"], None),
+    "smollm": ("smollm", None, False, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], [], None),
+    "gpt2": ("gpt2", None, False, ["<|endoftext|>"], [], None),
+}
+
+
+def build_tokenizer(family: str, vocab_size: int = 3000):
+    """An HF tokenizers.Tokenizer configured like `family`'s tokenizer.json, trained on training_text()."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import pre_tokenizers as P
+
+    kind, norm, ignore_merges, specials, plain, bos = FAMILIES[family]
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    byte_level = P.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = {
+        "gpt2": P.ByteLevel(add_prefix_space=False, use_regex=True),
+        "smollm": P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False, use_regex=True)]),
+        "llama3": P.Sequence([P.Split(Regex(LLAMA3_SPLIT), "isolated"), byte_level]),
+        "qwen2": P.Sequence([P.Split(Regex(QWEN2_SPLIT), "isolated"), byte_level]),
+    }[kind]
+    if norm:
+        tok.normalizer = getattr(normalizers, norm)()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=P.ByteLevel.alphabet())
+    tok.train_from_iterator([training_text()], trainer=trainer)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])  # ids after the vocab
+    if plain:
+        tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in plain])
+    if bos:
+        template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                                 special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+# ---- chat templates (public texts of the checkpoints' tokenizer_config.json "chat_template") ------------------
+
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+QWEN25_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n        {{- 'You are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.' }}\n    {%- endif %}\n    {{- \"\\n\\n# Tools\\n\\nYou may call one or more "
+    "functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> "
+    "XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n"
+    "    {%- endfor %}\n    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n        {{- '<|im_start|>system\\n' + messages[0]['content'] + "
+    "'<|im_end|>\\n' }}\n    {%- else %}\n        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba "
+    "Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
+    "{%- for message in messages %}\n    {%- if (message.role == \"user\") or (message.role == \"system\" and not "
+    "loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}\n        {{- '<|im_start|>' + "
+    "message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- elif message.role == \"assistant\" %}\n"
+    "        {{- '<|im_start|>' + message.role }}\n        {%- if message.content %}\n            {{- '\\n' + "
+    "message.content }}\n        {%- endif %}\n        {%- for tool_call in message.tool_calls %}\n"
+    "            {%- if tool_call.function is defined %}\n                {%- set tool_call = tool_call.function %}\n"
+    "            {%- endif %}\n            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role "
+    "!= \"tool\") %}\n            {{- '<|im_start|>user' }}\n        {%- endif %}\n"
+    "        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n        {%- if loop.last or "
+    "(messages[loop.index0 + 1].role != \"tool\") %}\n            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n"
+    "    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello! What's 2+2?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another, in German?"},
+     {"role": "assistant", "content": "  Grün  "}],
+    [{"role": "user", "content": "日本語で答えて: 東京は?"}, {"role": "assistant", "content": "日本の首都です。"}],
+]
+
+
+def write_folder(folder: Path, tok, family: str, chat_template: str | None = None, eos: str | None = None,
+                 generation_eos: list[str] | None = None) -> Path:
+    """tokenizer.json + tokenizer_config.json (+ generation_config.json) of a checkpoint folder, as the hub's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    bos = FAMILIES[family][5]
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+            "bos_token": bos, "eos_token": eos, "model_max_length": 1024}
+    if chat_template is not None:
+        conf["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(conf))
+    if generation_eos:
+        ids = [tok.token_to_id(t) for t in generation_eos]
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ids if len(ids) > 1 else ids[0]}))
+    return folder

@@ -1,0 +1,348 @@
+"""Hugging Face checkpoints of the Llama family: small random LlamaForCausalLM / MistralForCausalLM /
+Qwen2ForCausalLM / Qwen3ForCausalLM models built and saved by transformers (GQA and MQA, tied and untied, rope
+scaling, attention and MLP biases, QK-norm, a head_dim of its own) load into fastllm with transformers' float32
+logits (1e-4) and greedy tokens, from F32, F16 and BF16 files, single or sharded; fastllm writes folders
+transformers loads to the same logits, and reads them back bit for bit; unsupported and broken folders give errors
+naming the file and the key or tensor; loading maps the file and keeps the peak memory near one model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from fastllm import chat, checkpoint, hf  # noqa: E402
+from fastllm.checkpoint import load_model  # noqa: E402
+from fastllm.fileio import load_safetensors, save_safetensors  # noqa: E402
+from fastllm.model import GPT, GPTConfig  # noqa: E402
+from fastllm.sample import generate  # noqa: E402
+
+V, T_MAX = 301, 64
+BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=T_MAX, rms_norm_eps=1e-5, hidden_act="silu", initializer_range=0.15,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=16)
+CASES = {  # name: (transformers class prefix, config)
+    "llama-gqa-tied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama3-scaling-untied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+                                            rope_scaling=LLAMA3_SCALING)),
+    "llama-linear-mqa-biases": ("Llama", dict(num_key_value_heads=1, rope_scaling={"rope_type": "linear",
+                                                                                    "factor": 2.0},
+                                              attention_bias=True, mlp_bias=True, tie_word_embeddings=False)),
+    "mistral-gqa": ("Mistral", dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
+    "qwen2-tied": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3-headdim": ("Qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+}
+
+
+def hf_model(case: str, seed: int = 0):
+    """A random transformers model of `case`, with non-trivial norms and biases (so all of them are checked)."""
+    prefix, kw = CASES[case]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, **kw})
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    """(case name, transformers model, the folder transformers saved it to)."""
+    model = hf_model(request.param)
+    d = tmp_path_factory.mktemp(request.param) / "model"
+    model.save_pretrained(d)
+    return request.param, model, d
+
+
+# ---- transformers -> fastllm -------------------------------------------------------------------------------
+
+
+def test_logits_and_greedy_match_transformers(case):
+    name, ref, d = case
+    model = GPT.from_pretrained(d)
+    cfg = model.config
+    kw = CASES[name][1]
+    assert (cfg.positions, cfg.norm, cfg.mlp, cfg.block_size, cfg.mlp_width) == ("rope", "rmsnorm", "swiglu",
+                                                                                 T_MAX, 56)
+    assert cfg.kv_heads == kw["num_key_value_heads"] and cfg.tie_embeddings == kw["tie_word_embeddings"]
+    assert cfg.qk_norm == name.startswith("qwen3") and cfg.qkv_bias == (name.startswith("qwen2") or "biases" in name)
+    ids = np.random.default_rng(0).integers(0, V, (3, 40))
+    want = hf_logits(ref, ids)
+    assert np.abs(model.forward(ids) - want).max() <= 1e-4
+    assert np.abs(want).max() > 1.0  # not a degenerate near-zero comparison
+    prompt = [5, 17, 99, 3, 250]
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=25, min_new_tokens=25, do_sample=False,
+                              pad_token_id=0)[0].tolist()
+    ours = generate(model.eval(), prompt, 25, temperature=0.0)
+    assert ours == theirs and len(set(ours[5:])) > 1
+
+
+def test_sharded_and_half_precision_files(case, tmp_path):
+    name, ref, d = case
+    base = GPT.from_pretrained(d)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / hf.INDEX_FILE).exists() and not (tmp_path / "sharded" / hf.WEIGHTS_FILE).exists()
+    assert np.array_equal(GPT.from_pretrained(tmp_path / "sharded").params, base.params)
+    ids = np.random.default_rng(1).integers(0, V, (2, 24))
+    for dtype in (torch.bfloat16, torch.float16):  # stored in half precision, computed in float32 by both
+        folder = tmp_path / str(dtype)
+        hf_model(name).to(dtype).save_pretrained(folder)
+        tensors, _ = load_safetensors(folder / hf.WEIGHTS_FILE)
+        assert next(iter(tensors.values())).dtype != np.float32 or dtype == torch.bfloat16
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        assert np.abs(GPT.from_pretrained(folder).forward(ids) - hf_logits(theirs, ids)).max() <= 1e-4
+
+
+# ---- fastllm -> transformers -> fastllm --------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip(case, tmp_path):
+    name, ref, d = case
+    model = GPT.from_pretrained(d)
+    model.save_pretrained(tmp_path / "out", max_shard_bytes=None if "tied" in name else 40_000)
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(theirs).__name__ == type(ref).__name__
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = np.random.default_rng(2).integers(0, V, (2, 30))
+    assert np.abs(hf_logits(theirs.eval(), ids) - hf_logits(ref, ids)).max() <= 1e-5
+    back = GPT.from_pretrained(tmp_path / "out")
+    assert back.config == model.config and np.array_equal(back.params, model.params)
+
+
+def test_fastllm_presets_save_as_llama(tmp_path):
+    """A model trained from scratch with fastllm's modern options is written as the transformers family that
+    computes it; options no family has are refused by name before anything is written."""
+    cfg = GPTConfig.preset("nano", vocab_size=V)
+    model = GPT(cfg, seed=1)
+    model.save_pretrained(tmp_path / "nano")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nano").eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    ids = np.random.default_rng(3).integers(0, V, (2, 20))
+    assert np.abs(model.forward(ids) - hf_logits(theirs, ids)).max() <= 1e-4
+    for bad, match in ((dict(mlp="relu2"), "mlp='relu2'"), (dict(logit_softcap=15.0), "logit_softcap=15.0"),
+                       (dict(qkv_bias=True, proj_bias=False, mlp_bias=True), "qkv_bias=True with proj_bias=False")):
+        import dataclasses
+
+        with pytest.raises(ValueError, match=match):
+            GPT(dataclasses.replace(cfg, **bad)).save_pretrained(tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+
+
+def test_convert_and_load_model(case, tmp_path, capsys):
+    """`fastllm convert` both ways, and load_model/`fastllm sample` straight from the HF folder."""
+    from fastllm import cli
+
+    name, ref, d = case
+    ids = np.random.default_rng(4).integers(0, V, (1, 16))
+    assert cli.main(["convert", str(d), str(tmp_path / "ckpt")]) == 0
+    assert np.abs(load_model(tmp_path / "ckpt").forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
+    assert np.abs(load_model(d).forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
+    assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert np.abs(hf_logits(back, ids) - hf_logits(ref, ids)).max() <= 1e-5
+    capsys.readouterr()
+
+
+# ---- refused, by name ----------------------------------------------------------------------------------------
+
+
+def edit_config(d, out, drop=(), **changes):
+    shutil.copytree(d, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(changes)
+    for k in drop:
+        cfg.pop(k, None)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama") / "model"
+    hf_model("llama3-scaling-untied").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen2") / "model"
+    hf_model("qwen2-tied").save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(model_type="mixtral", architectures=["MixtralForCausalLM"]), "model_type 'mixtral' is not supported"),
+        (dict(model_type="qwen2_moe"), "model_type 'qwen2_moe' is not supported"),
+        (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+         "rope_scaling type 'yarn' is not supported"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling type 'dynamic' is not supported"),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+        (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config \\(gptq"),
+        (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),
+         "sliding_window=16 on layers"),
+        (dict(model_type="mistral", architectures=["MistralForCausalLM"], attention_bias=True),
+         "attention_bias=True is not supported for mistral"),
+        (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], mlp_bias=True),
+         "mlp_bias=True is not supported for qwen3"),
+        (dict(num_key_value_heads=3), "n_kv_head=3 must divide n_head=4"),
+        (dict(rms_norm_eps=-1), "rms_norm_eps must be a positive number"),
+        (dict(intermediate_size=64), r"tensor 'model.layers.0.mlp.\w+_proj.weight' has shape \((56, 32|32, 56)\), "
+                                     r"config.json needs \((64, 32|32, 64)\)"),
+        (dict(num_hidden_layers=1), "unexpected tensor 'model.layers.1"),
+        (dict(tie_word_embeddings=True), "lm_head.weight differs from the token embedding"),
+    ],
+)
+def test_bad_or_unsupported_config(llama_dir, tmp_path, changes, match):
+    d = edit_config(llama_dir, tmp_path / "bad", **changes)
+    with pytest.raises(ValueError, match=match) as e:
+        GPT.from_pretrained(d)
+    assert "config.json" in str(e.value) or "model.safetensors" in str(e.value)
+
+
+def test_qwen_sliding_window_layers_refused(qwen2_dir, tmp_path):
+    d = edit_config(qwen2_dir, tmp_path / "sw", drop=("layer_types",), use_sliding_window=True, sliding_window=16,
+                    max_window_layers=1)
+    with pytest.raises(ValueError, match=r"config.json: sliding_window=16 on layers \[1\]"):
+        GPT.from_pretrained(d)
+    d = edit_config(qwen2_dir, tmp_path / "full", drop=("layer_types",), use_sliding_window=False,
+                    sliding_window=4096, max_window_layers=1)
+    GPT.from_pretrained(d)  # Qwen2.5's released configs: a window is named but not used
+
+
+def rewrite(d, fn, out):
+    """Copy HF folder d to out, passing its tensors through fn(dict) -> dict."""
+    shutil.copytree(d, out)
+    tensors, meta = load_safetensors(out / hf.WEIGHTS_FILE)
+    save_safetensors(out / hf.WEIGHTS_FILE, fn(dict(tensors)), meta)
+    return out
+
+
+def test_bad_tensors(llama_dir, tmp_path):
+    def drop(t):
+        del t["model.layers.1.self_attn.k_proj.weight"]
+        return t
+
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.self_attn.k_proj.weight'\]"):
+        GPT.from_pretrained(rewrite(llama_dir, drop, tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.q_proj.weight' has dtype I32"):
+        GPT.from_pretrained(rewrite(llama_dir, lambda t: {**t, "model.layers.0.self_attn.q_proj.weight": t[
+            "model.layers.0.self_attn.q_proj.weight"].astype(np.int32)}, tmp_path / "int"))
+
+    def nan(t):
+        t["model.norm.weight"] = t["model.norm.weight"].copy()
+        t["model.norm.weight"][3] = np.nan
+        return t
+
+    with pytest.raises(ValueError, match="model.safetensors: tensor 'model.norm.weight' holds NaN"):
+        GPT.from_pretrained(rewrite(llama_dir, nan, tmp_path / "nan"))
+
+    def base_model_names(t):  # LlamaModel files: no "model." prefix; old files: rotary inv_freq buffers
+        t = {k.removeprefix("model."): v for k, v in t.items()}
+        t["layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+        return t
+
+    a = GPT.from_pretrained(llama_dir)
+    assert np.array_equal(GPT.from_pretrained(rewrite(llama_dir, base_model_names, tmp_path / "base")).params,
+                          a.params)
+    (tmp_path / "pt").mkdir()
+    shutil.copy(llama_dir / "config.json", tmp_path / "pt" / "config.json")
+    (tmp_path / "pt" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors .*pytorch_model.bin is never read"):
+        GPT.from_pretrained(tmp_path / "pt")
+
+
+# ---- memory ----------------------------------------------------------------------------------------------------
+
+
+def write_big_llama(folder, dtype: str) -> int:
+    """A ~100M-parameter Llama-shaped folder written without transformers (random weights); returns the
+    number of parameters."""
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000, hidden_size=768,
+               intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4,
+               max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model = GPT(hf.config_from_hf(cfg), init=False)  # zeros: only the shapes matter here
+    state = hf.hf_state_dict(model)
+    rng = np.random.default_rng(0)
+    for k in state:
+        a = rng.standard_normal(state[k].shape, np.float32) * 0.02
+        state[k] = (a.view(np.uint32) >> 16).astype(np.uint16) if dtype == "BF16" else a
+    save_safetensors(folder / hf.WEIGHTS_FILE, state)
+    if dtype == "BF16":  # save_safetensors writes uint16 as U16: mark them BF16 (the data offsets stay)
+        raw = (folder / hf.WEIGHTS_FILE).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.dumps(json.loads(raw[8:8 + n].replace(b'"U16"', b'"BF16"'))).encode()
+        header += b" " * (-len(header) % 8)
+        (folder / hf.WEIGHTS_FILE).write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+    return model.num_parameters
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_peak_memory_is_one_model(tmp_path, dtype):
+    """Loading maps the file and converts tensor by tensor into the model's buffer, giving pages back: the peak
+    resident memory grows by about one float32 model, never two (measured in a fresh process)."""
+    n = write_big_llama(tmp_path / "big", dtype)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from fastllm.model import GPT
+        def peak():  # this process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss)
+            line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM"))
+            return int(line.split()[1]) * 1024
+        before = peak()
+        model = GPT.from_pretrained({str(tmp_path / "big")!r})
+        after = peak()
+        assert float(np.abs(model.p["lm_head.weight"][-1]).max()) > 0
+        print(before, after)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    model_bytes = 4 * n
+    assert n > 90e6
+    grew = after - before
+    assert model_bytes * 0.9 < grew < model_bytes * 1.2, (grew / 2**20, model_bytes / 2**20)
+
+
+def test_convert_keeps_the_chat_files(qwen2_dir, tmp_path):
+    """convert copies the tokenizer's companions (tokenizer_config.json, the template) and writes the EOS ids."""
+    pytest.importorskip("tokenizers")
+    from hf_families import QWEN25_TEMPLATE, build_tokenizer, write_folder
+
+    src = shutil.copytree(qwen2_dir, tmp_path / "src")
+    tok = build_tokenizer("qwen2", vocab_size=290)
+    write_folder(src, tok, "qwen2", chat_template=QWEN25_TEMPLATE, eos="<|im_end|>",
+                 generation_eos=["<|im_end|>", "<|endoftext|>"])
+    checkpoint.convert(src, tmp_path / "ckpt")
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    assert chat.eos_token_ids(tmp_path / "ckpt") == eos
+    checkpoint.convert(tmp_path / "ckpt", tmp_path / "hf", to="hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == eos
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert auto.apply_chat_template(msgs, tokenize=False) == \
+        transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(msgs, tokenize=False)

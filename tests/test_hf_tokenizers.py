@@ -1,0 +1,212 @@
+"""Hugging Face checkpoints' tokenizers: tokenizer.json files configured like Llama 3's, Qwen2/2.5/3's, SmolLM's
+and GPT-2's (split regexes, added and special tokens, NFC, BOS post-processor, ignore_merges), built and trained
+here with HF `tokenizers`, give HF's ids on multilingual text through Tokenizer.from_pretrained, on the native
+pre-tokenizers; they survive save/load both ways; SentencePiece-style files and options fastllm cannot
+reproduce are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+tokenizers = pytest.importorskip("tokenizers")
+
+from hf_families import FAMILIES, build_tokenizer, eval_texts, write_folder  # noqa: E402
+
+from fastllm.tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family name, HF tokenizer, folder holding its tokenizer.json and tokenizer_config.json)."""
+    name = request.param
+    hf = build_tokenizer(name)
+    folder = write_folder(tmp_path_factory.mktemp(name), hf, name)
+    return name, hf, folder
+
+
+def test_ids_equal_hf(family):
+    name, hf, folder = family
+    tok = Tokenizer.from_pretrained(folder)
+    assert tok.pattern == FAMILIES[name][0]  # recognised: the native scanner runs
+    texts = eval_texts()
+    for t in texts:
+        want = hf.encode(t, add_special_tokens=False).ids
+        ids = tok.encode(t, allowed_special="all")
+        assert ids.tolist() == want, (name, t[:80])
+        assert tok.decode(ids) == hf.decode(want, skip_special_tokens=False)
+    batch = tok.encode_batch(texts, allowed_special="all", threads=2)
+    assert [b.tolist() for b in batch] == [hf.encode(t, add_special_tokens=False).ids for t in texts]
+    # specials are tokens of their own; non-BPE vocab is not degenerate
+    assert len(tok.encode(texts[0])) < len(texts[0].encode()) / 2
+
+
+def test_bos_and_special_policy(family):
+    name, hf, folder = family
+    tok = Tokenizer.from_pretrained(folder)
+    bos = FAMILIES[name][5]
+    assert tok.bos_token == (None if bos is None else hf.token_to_id(bos))
+    text = "Hello, world! 123"
+    with_bos = hf.encode(text).ids  # add_special_tokens=True: HF's post-processor
+    assert with_bos == ([] if tok.bos_token is None else [tok.bos_token]) + tok.encode(text).tolist()
+    special = FAMILIES[name][3][-1]
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encode(f"a {special} b")  # tiktoken's policy for special tokens
+    for plain in FAMILIES[name][4]:  # HF's non-special added tokens: matched in any text, as HF does
+        t = f"x {plain} y"
+        assert tok.encode(t).tolist() == tok.encode_ordinary(t).tolist() == hf.encode(t).ids
+
+
+def test_save_load_round_trips(family, tmp_path):
+    name, hf, folder = family
+    tok = Tokenizer.from_pretrained(folder)
+    texts = eval_texts()
+    tok.save_hf(tmp_path / "tokenizer.json")  # fastllm -> HF: HF and fastllm read it back with the same ids
+    again = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    back = Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
+    assert back.pattern == tok.pattern and back.bos_token == tok.bos_token
+    for t in texts:
+        want = hf.encode(t).ids
+        assert again.encode(t).ids == want
+        assert back.encode(t, allowed_special="all").tolist() == tok.encode(t, allowed_special="all").tolist()
+    if tok._is_ranks:  # tiktoken rank semantics (Llama 3's ignore_merges files): the fastllm format too
+        tok.save(tmp_path / "tok.tiktoken")
+        loaded = Tokenizer.load(tmp_path / "tok.tiktoken")
+        assert (loaded.bos_token, loaded.pattern) == (tok.bos_token, tok.pattern)
+        for t in texts:
+            assert loaded.encode(t, allowed_special="all").tolist() == hf.encode(t, add_special_tokens=False).ids
+
+
+def test_rank_tokenizer_with_hf_options(tmp_path):
+    """A tiktoken-rank tokenizer in Llama 3's layout (pattern, BOS post-processor, NFC, a non-special added
+    token) written by save_hf gives the same ids in HF, reads back with rank semantics, and keeps every option
+    through fastllm's own format."""
+    from hf_families import training_text
+
+    tok = Tokenizer.train(training_text()[:100_000], vocab_size=600, pattern="llama3",
+                          special_tokens=["<|begin_of_text|>", "<|eot_id|>", "<x>"], progress=False)
+    tok._set_hf_options("NFC", ["<x>"], tok.special_tokens["<|begin_of_text|>"])
+    tok.save_hf(tmp_path / "tokenizer.json")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    back = Tokenizer.from_pretrained(tmp_path)
+    assert back._is_ranks and back.pattern == "llama3" and back.bos_token == tok.bos_token
+    back.save(tmp_path / "t.tiktoken")
+    again = Tokenizer.load(tmp_path / "t.tiktoken")
+    for t in eval_texts() + ["Cafe\u0301 <x> y"]:
+        ids = tok.encode(t, allowed_special="all").tolist()
+        assert hf.encode(t, add_special_tokens=False).ids == ids
+        assert back.encode(t, allowed_special="all").tolist() == ids == again.encode(t, allowed_special="all").tolist()
+    assert hf.encode("hi").ids == [tok.bos_token] + again.encode("hi").tolist()
+    side = json.loads((tmp_path / "t.tiktoken.json").read_text())
+    side["bos_token"] = 5  # not a special token
+    (tmp_path / "t.tiktoken.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match=r"t.tiktoken.json:1: bos_token 5 is not the id of a special token"):
+        Tokenizer.load(tmp_path / "t.tiktoken")
+
+
+def test_transformers_autotokenizer_agrees(family):
+    transformers = pytest.importorskip("transformers")
+    name, hf, folder = family
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    tok = Tokenizer.from_pretrained(folder)
+    for t in eval_texts()[:20]:
+        ids = tok.encode(t, allowed_special="all").tolist()
+        assert auto(t, add_special_tokens=False)["input_ids"] == ids
+        assert auto(t)["input_ids"] == ([] if tok.bos_token is None else [tok.bos_token]) + ids
+
+
+def test_nfc_normalizer():
+    """Qwen2's files normalize to NFC: decomposed input gives the ids of the composed text."""
+    hf = build_tokenizer("qwen2", vocab_size=600)
+    doc = json.loads(hf.to_str())
+    assert doc["normalizer"]["type"] == "NFC"
+    tok = Tokenizer._from_hf_doc(doc, "tokenizer.json")
+    nfd, nfc = "Cafe\u0301 nai\u0308ve n\u0303", "Café naïve ñ"
+    assert tok.encode(nfd).tolist() == tok.encode(nfc).tolist() == hf.encode(nfd).ids
+
+
+# ---- refused: what fastllm cannot reproduce exactly ------------------------------------------------------
+
+
+def llama2_style_doc(variant: str) -> dict:
+    """A SentencePiece-style tokenizer.json (Llama 2 / Mistral v0.1 / TinyLlama layout) built with tokenizers."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import pre_tokenizers as P
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "a": 4, "\u2581a": 5,
+             **{f"<0x{b:02X}>": 6 + b for b in range(256)}}
+    tok = HFTokenizer(models.BPE(vocab, [("\u2581", "a")], unk_token="<unk>", byte_fallback=variant == "llama2",
+                                 fuse_unk=True))
+    if variant == "llama2":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = P.Metaspace()
+        tok.decoder = decoders.Metaspace()
+    return json.loads(tok.to_str())
+
+
+@pytest.mark.parametrize("variant", ["llama2", "metaspace"])
+def test_sentencepiece_refused(tmp_path, variant):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(llama2_style_doc(variant)))
+    with pytest.raises(ValueError, match=r"tokenizer.json:1: SentencePiece-style tokenizers .* not supported"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_sentencepiece_model_only_refused(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0bsentencepiece")
+    with pytest.raises(ValueError, match=r"tokenizer.model: a SentencePiece model and no tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def base_doc() -> dict:
+    return json.loads(build_tokenizer("llama3", vocab_size=400).to_str())
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d["added_tokens"][0].update(lstrip=True), "added token '<|begin_of_text|>' has lstrip=true"),
+        (lambda d: d["added_tokens"][1].update(rstrip=True), "has rstrip=true"),
+        (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer .*Lowercase.* not supported"),
+        (lambda d: d.update(post_processor={"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0]}),
+         "post_processor of type 'RobertaProcessing' is not supported"),
+        (lambda d: d["post_processor"]["processors"][1]["single"].append(
+            {"SpecialToken": {"id": "<|end_of_text|>", "type_id": 0}}), "adds no tokens after the text"),
+        (lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "add_prefix_space"),
+        (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "unsupported pre_tokenizer"),
+        (lambda d: d["model"].update(dropout=0.1), "model.dropout=0.1 is not supported"),
+    ],
+)
+def test_unsupported_options_named(tmp_path, edit, match):
+    doc = base_doc()
+    edit(doc)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=match):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_regex_fallback_for_other_patterns(tmp_path):
+    """A Split regex that is not a native one still gives HF's ids (through the `regex` module)."""
+    from tokenizers import Regex, decoders, models, trainers
+    from tokenizers import pre_tokenizers as P
+
+    pat = r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+"
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = P.Sequence([P.Split(Regex(pat), "isolated"), P.ByteLevel(add_prefix_space=False,
+                                                                                use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    from hf_families import training_text
+
+    hf.train_from_iterator([training_text()[:100_000]], trainers.BpeTrainer(
+        vocab_size=800, show_progress=False, initial_alphabet=P.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert tok.pattern == pat
+    for t in eval_texts()[:20]:
+        assert tok.encode(t, allowed_special="all").tolist() == hf.encode(t).ids
+    assert np.array_equal(tok.encode_batch(["ab 12"])[0], tok.encode("ab 12"))
