@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks
+from . import checks, distributed
 from .checkpoint import TOKENIZER_FILE, checkpoint_tokenizer, find_tokenizer, load_model
 from .data import Epochs
 from .fileio import iter_jsonl
@@ -363,7 +363,7 @@ class SFTConfig(TrainConfig):
 
 def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     """Fine-tune cfg.base on the conversations in cfg.data; returns train()'s summary plus packing counts."""
-    setup_run(cfg)
+    log = setup_run(cfg, log)
     base = load_model(cfg.base)
     tok_path = cfg.tokenizer or find_tokenizer(base.checkpoint_dir)
     base_tok = checkpoint_tokenizer(base.checkpoint_dir, tok_path)
@@ -397,7 +397,8 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(out / TOKENIZER_FILE)
+    if distributed.world().is_main:
+        tok.save(out / TOKENIZER_FILE)
     s = train_loader.stats
     log(
         f"sft: {s.used} conversations ({s.truncated} truncated, {s.skipped} skipped) in {s.windows} windows of "
