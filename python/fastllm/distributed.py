@@ -320,9 +320,9 @@ class MPIWorld(World):
         for r, theirs in enumerate(everyone):
             for k in fields:
                 if theirs[k] != everyone[0][k]:
-                    raise ValueError(f"rank {r} and rank 0 differ in their {k}: {theirs[k][:300]} vs "
-                                     f"{everyone[0][k][:300]}; every rank must run the same command on the same "
-                                     "data (and resume from the same shared --out folder)")
+                    diff = _difference(theirs[k], everyone[0][k])
+                    raise ValueError(f"rank {r} and rank 0 differ in their {k}: {diff}; every rank must run the same "
+                                     "command on the same data (and resume from the same shared --out folder)")
 
     def fail(self, message: str) -> None:
         if self.rank:  # when every rank fails alike, rank 0's line alone comes out
@@ -331,6 +331,16 @@ class MPIWorld(World):
         sys.stderr.write(f"fastllm: error: rank {self.rank} of {self.size}: {message}\n")
         sys.stderr.flush()
         self.comm.Abort(1)
+        os._exit(1)  # MPI_Abort may return before the launcher ends this process
+
+
+def _difference(a: str, b: str) -> str:
+    """Where two JSON texts differ: "key: a vs b" for each differing key of two objects, else "a vs b"."""
+    x, y = json.loads(a), json.loads(b)
+    if isinstance(x, dict) and isinstance(y, dict):
+        keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+        return ", ".join(f"{k} {json.dumps(x.get(k))[:100]} vs {json.dumps(y.get(k))[:100]}" for k in keys)
+    return f"{a[:200]} vs {b[:200]}"
 
 
 class _Watchdog:

@@ -150,7 +150,7 @@ def unique_id() -> bytes:
     """A new ncclUniqueId (128 bytes): made by rank 0 and sent to every rank before Communicator()."""
     uid = _UniqueId()
     _check(load().ncclGetUniqueId(ctypes.byref(uid)), "ncclGetUniqueId")
-    return bytes(uid.internal)
+    return bytes(uid)  # all 128 bytes (uid.internal would stop at the first NUL)
 
 
 # ---- arguments ---------------------------------------------------------------------------------------------
@@ -205,7 +205,8 @@ class Communicator:
         self.nranks, self.rank = nranks, rank
         self.lib = load()
         comm = ctypes.c_void_p()
-        _check(self.lib.ncclCommInitRank(ctypes.byref(comm), nranks, _UniqueId(uid), rank), "ncclCommInitRank")
+        _check(self.lib.ncclCommInitRank(ctypes.byref(comm), nranks, _UniqueId.from_buffer_copy(uid), rank),
+               "ncclCommInitRank")
         self.comm = comm
 
     def all_reduce(self, send, recv=None, op: str = "sum") -> None:
