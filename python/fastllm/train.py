@@ -307,6 +307,7 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
     from tqdm.auto import tqdm  # here: a slow import
 
     world = distributed.world()  # the ranks of an MPI launch, or this one process
+    world.use_device(loop.device)  # each rank its GPU (done already when setup_run ran)
     if not world.is_main:  # rank 0 alone prints, shows progress and writes files
         progress, log = False, _quiet
     out = Path(loop.out)
