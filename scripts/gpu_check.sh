@@ -5,6 +5,7 @@
 #    warm machine; drops python/fastllm/_C*.so, used through PYTHONPATH=python),
 # 2. runs the GPU tests: pytest -m cuda --maxfail=40 tests/test_cuda_*.py (the model first) -> $OUT/pytest.log
 # 3. runs the benchmarks:  python benchmarks/bench_cuda.py --quick    -> $OUT/bench.log
+# 4. NCCL all-reduce (benchmarks/bench_distributed.py --nccl)         -> $OUT/nccl.log
 # all inside ~9 minutes (each stage under `timeout`, sized from what is left). Logs land in $OUT (default
 # ./gpu_out). Environment knobs: PYTEST_ARGS (default "--maxfail=40 --tb=short"), PYTEST_FILES (default tests/test_cuda_*.py; e.g.
 # tests/test_cuda_model.py alone), BENCH_ARGS (default "--quick"), BUDGET_S (540).
@@ -86,6 +87,15 @@ if [ "$T" -gt 30 ]; then
   [ $status -eq 0 ] && status=$rc
 else
   note "no time left for the benchmarks"
+fi
+
+# ---- 4. NCCL (data-parallel training's GPU path): all-reduce on DeviceArrays over a 1-rank communicator; skips
+# with its reason without NCCL (pip install ".[nccl]")
+T=$(cap 90)
+if [ "$T" -gt 20 ]; then
+  note "NCCL (timeout ${T}s)"
+  timeout "$T" "$PY" benchmarks/bench_distributed.py --nccl --quick 2>&1 | tee "$OUT/nccl.log"
+  note "nccl rc=${PIPESTATUS[0]}"
 fi
 note "done in $((SECONDS - START))s, status $status"
 exit $status
