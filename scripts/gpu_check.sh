@@ -7,6 +7,7 @@
 #    against the CPU, then every test marked cuda: the ops on both backends, tests/test_<op>.py) -> $OUT/pytest.log
 # 3. runs the benchmarks:  python benchmarks/bench_cuda.py --quick (bench_<op>.py --device cuda, then GPT-2 124M
 #    training against PyTorch)    -> $OUT/bench.log
+# 4. NCCL all-reduce (benchmarks/bench_distributed.py --nccl)         -> $OUT/nccl.log
 # all inside ~9 minutes (each stage under `timeout`, sized from what is left). Logs land in $OUT (default
 # ./gpu_out). Environment knobs: PYTEST_ARGS (default "--maxfail=40 --tb=short"), PYTEST_FILES (default
 # "tests/test_cuda_model.py tests"; e.g. tests/test_cuda_model.py alone), BENCH_ARGS (default "--quick"),
@@ -89,6 +90,15 @@ if [ "$T" -gt 30 ]; then
   [ $status -eq 0 ] && status=$rc
 else
   note "no time left for the benchmarks"
+fi
+
+# ---- 4. NCCL (data-parallel training's GPU path): all-reduce on DeviceArrays over a 1-rank communicator; skips
+# with its reason without NCCL (pip install ".[nccl]")
+T=$(cap 90)
+if [ "$T" -gt 20 ]; then
+  note "NCCL (timeout ${T}s)"
+  timeout "$T" "$PY" benchmarks/bench_distributed.py --nccl --quick 2>&1 | tee "$OUT/nccl.log"
+  note "nccl rc=${PIPESTATUS[0]}"
 fi
 note "done in $((SECONDS - START))s, status $status"
 exit $status

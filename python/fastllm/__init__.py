@@ -20,9 +20,14 @@ from .version import __version__
 
 
 def info() -> dict:
-    """Version, build flags, SIMD level in use, OpenMP threads, and whether CUDA is built and a GPU found."""
+    """Version, build flags, SIMD level in use, OpenMP threads, whether CUDA is built and a GPU found, and what
+    multi-process training can use: mpi4py and its MPI library, the mpiexec launcher, NCCL."""
+    from . import distributed, nccl
+
     d = dict(_C.info())
     d["version"] = __version__
+    d.update(distributed.info())
+    d.update(nccl.info())
     return d
 
 

@@ -121,15 +121,15 @@ def save(out: str | os.PathLike, step: int, model: GPT, opt, stage: dict, *, kin
          config: dict | None = None, heads: dict[str, np.ndarray] | None = None,
          tokenizer: str | os.PathLike | None = None) -> Path:
     """Write OUT/ckpt_{step:06d} atomically (see the module doc) and point OUT/latest at it. `opt`: an optimizer
-    with state_dict() -> {arrays..., "t": int}; `stage`: JSON-able state of the training stage; `rng`: a numpy
-    Generator to resume; `heads`: extra float arrays; `tokenizer`: a tokenizer file to copy in."""
+    with state_dict() -> {arrays..., "t": int}, or that dict; `stage`: JSON-able state of the training stage; `rng`:
+    a numpy Generator to resume; `heads`: extra float arrays; `tokenizer`: a tokenizer file to copy in."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _clean(out)
     final, tmp = out / f"ckpt_{step:06d}", out / f".ckpt_{step:06d}.tmp"
     tmp.mkdir()
     save_model(tmp, model)
-    opt_state = opt.state_dict()
+    opt_state = opt if isinstance(opt, dict) else opt.state_dict()
     arrays = {k: v for k, v in opt_state.items() if k != "t"}
     save_safetensors(tmp / OPTIMIZER_FILE, arrays, {"t": int(opt_state["t"])})
     write_json(tmp / STATE_FILE, {"step": step, "kind": kind, "rng": None if rng is None else rng.bit_generator.state,

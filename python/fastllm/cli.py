@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import info
+from . import distributed, info
 from .checkpoint import checkpoint_tokenizer, convert, load_model
 from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
@@ -518,17 +518,32 @@ def error_line(e: BaseException) -> str:
            "traceback)"
 
 
+TRAINING = ("train", "sft", "rl", "reward-model")  # the commands that run data-parallel under mpiexec
+
+
+def _join_ranks() -> None:
+    """Under an MPI launcher, join the other ranks (fastllm.distributed); ranks other than 0 print nothing but
+    their errors."""
+    if not distributed.world().is_main:
+        sys.stdout = open(os.devnull, "w")  # for the rest of the process
+        warnings.simplefilter("ignore")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Whatever goes wrong ends as one `fastllm: error: ...` line on stderr and exit code 1
-    (Ctrl-C: 130; bad flags: argparse's usage message and 2); FASTLLM_DEBUG=1 also prints the traceback."""
+    (Ctrl-C: 130; bad flags: argparse's usage message and 2); FASTLLM_DEBUG=1 also prints the traceback. Under
+    mpiexec with several ranks, an error on any rank is printed with the rank and stops them all (MPI_Abort)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        if args.command in TRAINING:
+            _join_ranks()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        _stop_ranks("interrupted")
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `fastllm sample ... | head`: the reader is gone; stop quietly
@@ -540,8 +555,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("FASTLLM_DEBUG"):
             traceback.print_exc()
+        _stop_ranks(error_line(e).removeprefix("fastllm: error: "))
         print(error_line(e), file=sys.stderr)
         return 1
+
+
+def _stop_ranks(message: str) -> None:
+    """With several MPI ranks, the others wait for this one: print the error with the rank and end them all."""
+    world = distributed.current()
+    if world is not None and world.distributed:
+        world.fail(message)
 
 
 if __name__ == "__main__":

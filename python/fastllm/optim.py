@@ -20,51 +20,62 @@ class AdamW:
     """
 
     def __init__(self, model: GPT, lr: float = 6e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1):
+                 weight_decay: float = 0.1, shard: tuple[int, int] | None = None):
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"bad AdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
         self.model, bk, n = model, model.bk, model.num_parameters
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.state = bk.zeros((2 * n,), "float32")
-        self.m, self.v = bk.view(self.state, 0, (n,)), bk.view(self.state, n, (n,))
+        # shard: the elements [lo, hi) of the flat parameters this optimizer updates (ZeRO-1, fastllm.distributed);
+        # its m, v cover only those. None: all of them.
+        lo, hi = (0, n) if shard is None else shard
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"shard must be a range [lo, hi) within the {n} parameters, got {shard}")
+        self.shard = (lo, hi)
+        self.state = bk.zeros((2 * (hi - lo),), "float32")
+        self.m, self.v = bk.view(self.state, 0, (hi - lo,)), bk.view(self.state, hi - lo, (hi - lo,))
         self.t = 0
-        # runs of consecutive tensors with the same decay flag: one kernel call per run instead of one per tensor
+        # runs of consecutive tensors with the same decay flag, cut to the shard: one kernel call per run instead of
+        # one per tensor
         self._groups: list[tuple[int, int, bool]] = []
         off = 0
         for name, shape in model.shapes.items():
-            n_el, d = math.prod(shape), decays(name)
+            a, b, d = max(off, lo), min(off + math.prod(shape), hi), decays(name)
+            off += math.prod(shape)
+            if a >= b:
+                continue
             if self._groups and self._groups[-1][2] == d:
                 o, k, _ = self._groups[-1]
-                self._groups[-1] = (o, k + n_el, d)
+                self._groups[-1] = (o, k + b - a, d)
             else:
-                self._groups.append((off, n_el, d))
-            off += n_el
+                self._groups.append((a, b - a, d))
 
     def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
         self.t += 1
         lr = self.lr if lr is None else lr
-        mdl, bk = self.model, self.model.bk
+        mdl, bk, lo = self.model, self.model.bk, self.shard[0]
         grads = mdl._ensure_grads()
         copy = mdl.cparams if mdl.cparams is not mdl.params else None
         for off, n, d in self._groups:
-            p, g, m, v = (bk.view(x, off, (n,)) for x in (mdl.params, grads, self.m, self.v))
+            p, g = (bk.view(x, off, (n,)) for x in (mdl.params, grads))
+            m, v = (bk.view(x, off - lo, (n,)) for x in (self.m, self.v))
             bk.adamw_step(p, g, m, v, lr=lr, t=self.t, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
                           weight_decay=self.weight_decay if d else 0.0, grad_scale=grad_scale,
                           params_copy=None if copy is None else bk.view(copy, off, (n,)))
 
     def state_dict(self) -> dict:
-        """{"m", "v": float32 numpy arrays (flat, like model.params), "t": steps taken} for checkpoints (views on the
-        CPU, copies from the GPU)."""
+        """{"m", "v": float32 numpy arrays (flat, like model.params, or its shard), "t": steps taken} for checkpoints
+        (views on the CPU, copies from the GPU)."""
         bk = self.model.bk
         return {"m": bk.to_numpy(self.m), "v": bk.to_numpy(self.v), "t": self.t}
 
     def load_state_dict(self, state: dict, where: str = "optimizer state") -> None:
-        n = self.model.num_parameters
+        n = self.shard[1] - self.shard[0]
         for k in ("m", "v"):
             a = np.asarray(state[k]) if k in state else None
             if a is None or a.shape != (n,):
                 got = "missing" if a is None else f"shape {a.shape}"
-                raise ValueError(f"{where}: {k!r} must have shape {(n,)} (the model's parameters), got {got}")
+                what = "the model's parameters" if n == self.model.num_parameters else f"the shard {self.shard}"
+                raise ValueError(f"{where}: {k!r} must have shape {(n,)} ({what}), got {got}")
             if a.dtype.kind != "f" or not np.isfinite(a).all():
                 raise ValueError(f"{where}: {k!r} must hold finite floating-point values")
         t = state.get("t")

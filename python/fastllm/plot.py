@@ -100,13 +100,18 @@ def reward_model_figure(rows: list[dict], title: str | None = None):
     return _xlabel(fig, "step")
 
 
+def figure_path(kind: str, run: str | os.PathLike) -> Path:
+    """Where plot_stage draws the figure of a `kind` run in folder `run`: rl.png for GRPO, else loss.png."""
+    return Path(run) / ("rl.png" if kind == "grpo" else "loss.png")
+
+
 def plot_stage(kind: str, rows: list[dict], run: str | os.PathLike, log_scale: bool = False,
                path: str | os.PathLike | None = None) -> Path:
     """The figure of a run of a training stage (fastllm.train.Stage.kind) in its folder `run`: "grpo" ->
     rl.png (plot_rl), "reward-model" -> loss.png (plot_reward_model), pre-training and SFT (any other kind) ->
     loss.png (plot_training, log_scale for the loss panel); `path` instead if given. Returns the path written."""
     run = Path(run)
-    out = Path(path or run / ("rl.png" if kind == "grpo" else "loss.png"))
+    out = Path(path or figure_path(kind, run))
     if kind == "grpo":
         plot_rl(rows, out, title=str(run))
     elif kind == "reward-model":

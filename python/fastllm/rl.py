@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks
+from . import checks, distributed
 from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_heads, load_model, resolve
 from .data import Epochs
 from .fileio import iter_jsonl, write_json
@@ -258,6 +258,7 @@ class RLConfig:
     resume: bool = option(False, RESUME)
     device: str = option("cpu", DEVICE + " (the policy, the reference and a reward model)", choices=checks.DEVICES)
     cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
+    zero: bool = option(False, "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state")
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -321,7 +322,9 @@ class GRPO:
 
 class GRPOStage(Stage):
     """GRPO for fastllm.train.fit: prompts drawn from the task with the run's generator, the reference model
-    recorded in checkpoints, greedy accuracy on a fixed held-out prompt set as the evaluation."""
+    recorded in checkpoints, greedy accuracy on a fixed held-out prompt set as the evaluation. With several ranks
+    each rolls out and scores an equal share of the step's prompts (sampling with a seed of its own) and of the
+    evaluation set; the statistics are those of all of them."""
 
     kind = "grpo"
     show = ("reward", "kl", "accuracy", "eval_accuracy")
@@ -347,6 +350,10 @@ class GRPOStage(Stage):
 
     def start(self, model: GPT, opt: AdamW) -> None:
         super().start(model, opt)
+        ranks = distributed.world().size
+        if self.cfg.prompts_per_step % ranks:
+            raise ValueError(f"prompts_per_step={self.cfg.prompts_per_step} must be a multiple of the {ranks} ranks, "
+                             "which each roll out an equal share")
         longest = max((len(self.tokenizer.encode(p)) for p in self.eval_set), default=0)
         if longest + self.cfg.max_new_tokens > model.config.block_size:
             raise ValueError(f"prompts of {longest} tokens + max_new_tokens={self.cfg.max_new_tokens} do not fit "
@@ -355,15 +362,29 @@ class GRPOStage(Stage):
         self.grpo = GRPO(model, ref, self.tokenizer, self.reward_fn, self.cfg, self.task, opt)
 
     def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
-        prompts = [self.task.sample(rng) for _ in range(self.cfg.prompts_per_step)]
-        return self.grpo.step(prompts, seed=int(rng.integers(1 << 31)), lr=lr)
+        world = distributed.world()
+        prompts = [self.task.sample(rng) for _ in range(self.cfg.prompts_per_step)]  # alike on every rank
+        seed = world.rank_seed(int(rng.integers(1 << 31)))
+        stats = self.grpo.step(world.share(prompts), seed=seed, lr=lr)  # loss, kl, grad_norm: over all ranks
+        if world.size > 1:  # the rollout statistics of all ranks (equal shares: means of the means)
+            keys = [k for k in ("reward", "completion_len", "accuracy") if k in stats]
+            mean = world.sum([stats[k] for k in keys] + [stats["reward_std"] ** 2 + stats["reward"] ** 2]) / world.size
+            stats.update(zip(keys, mean.tolist()))
+            stats["reward_std"] = math.sqrt(max(0.0, mean[-1] - stats["reward"] ** 2))
+        return stats
 
     def evaluate(self, step: int) -> dict:
-        acc = evaluate(self.model, self.tokenizer, self.eval_task, self.eval_set, self.cfg.max_new_tokens)
+        acc = distributed.world().average(  # each rank scores its share of the held-out set
+            self.eval_set, lambda part: evaluate(self.model, self.tokenizer, self.eval_task, part,
+                                                 self.cfg.max_new_tokens))
         return {"eval_accuracy": acc}
 
     def state_dict(self) -> dict:
         return {"ref": str(self.ref_dir)}
+
+    def fingerprint(self) -> dict:
+        return {"task": self.task.name, "eval_set": distributed.fingerprint(np.frombuffer(
+            "\n".join(self.eval_set).encode(), np.uint8))}
 
 
 def train_grpo(
@@ -372,7 +393,7 @@ def train_grpo(
     """GRPO from cfg.ckpt (or resume from cfg.out): checkpoints OUT/ckpt_NNNNNN as in pre-training, a
     log.jsonl row per step (reward, kl, completion_len, accuracy, ...). reward_fn defaults to the task's
     verifiable reward, or to the reward model of cfg.reward_model. Returns a summary dict."""
-    setup_run(cfg)
+    log = setup_run(cfg, log)
     if task is None:
         task = ProblemSet.load(cfg.data) if cfg.data else make_task(cfg.task, cfg.digits)
     eval_task = ProblemSet.load(cfg.eval_data) if cfg.eval_data else None
@@ -516,6 +537,7 @@ class RewardModelConfig:
     resume: bool = option(False, RESUME)
     device: str = option("cpu", DEVICE, choices=checks.DEVICES)
     cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
+    zero: bool = option(False, "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state")
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -579,23 +601,34 @@ class RewardModelStage(Stage):
 
     def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
         chunk = [self.encoded[i] for i in self.pairs_order.take(self.B, cross=False)]  # an epoch's last: fewer
-        b = len(chunk)
+        world = distributed.world()
+        mine = world.share(chunk)  # this rank's pairs; update() averages the ranks' means, so each is weighted by
+        b, w = len(mine), len(mine) * world.size / len(chunk)  # its share of the chunk (w = 1 in one process)
 
         def micro_batch() -> dict:
-            r = self.rm.forward([c for c, _ in chunk] + [r_ for _, r_ in chunk], self.tokenizer.eot_token)
+            if not mine:
+                return {"loss": 0.0, "accuracy": 0.0}
+            r = self.rm.forward([c for c, _ in mine] + [r_ for _, r_ in mine], self.tokenizer.eot_token)
             diff = r[:b] - r[b:]
             loss = float(np.mean(np.logaddexp(0.0, -diff)))  # -log sigmoid(diff), stable
-            g = -1.0 / (1.0 + np.exp(diff)) / b  # dloss/ddiff = -sigmoid(-diff) / b
+            g = -1.0 / (1.0 + np.exp(diff)) / b * w  # dloss/ddiff = -sigmoid(-diff) / b
             self.rm.backward(np.concatenate([g, -g]))
-            return {"loss": loss, "accuracy": float(np.mean((diff > 0) + 0.5 * (diff == 0)))}  # a tie: half
+            return {"loss": loss * w, "accuracy": float(np.mean((diff > 0) + 0.5 * (diff == 0))) * w}  # a tie: half
 
         return update(self.model, self.opt, micro_batch, lr, self.cfg.grad_clip, extra=(self.head,))
 
     def evaluate(self, step: int) -> dict:
-        return {"val_accuracy": preference_accuracy(self.rm, self.tokenizer, self.val_pairs)}
+        acc = distributed.world().average(self.val_pairs, lambda part: preference_accuracy(self.rm, self.tokenizer,
+                                                                                          part))
+        return {"val_accuracy": acc}
 
     def state_dict(self) -> dict:
         return {"loader": {**self.pairs_order.state_dict(), "n": len(self.pairs)}}
+
+    def fingerprint(self) -> dict:
+        flat = [t for c, r in self.encoded for t in c + [-1] + r + [-1]]
+        return {"pairs": len(self.pairs), "val_pairs": len(self.val_pairs),
+                "encoded": distributed.fingerprint(np.array(flat, np.int64))}
 
     def heads(self) -> dict[str, np.ndarray]:
         return self.head.state_dict()
@@ -612,7 +645,7 @@ def train_reward_model(
     """Bradley-Terry training of a reward head (and the backbone) on preference pairs for cfg.epochs epochs;
     reports held-out accuracy. The run folder cfg.out holds checkpoints (backbone + heads.safetensors; resume
     with cfg.resume), log.jsonl and reward_model.json (the summary); RewardModel.load(cfg.out) reads it."""
-    setup_run(cfg)
+    log = setup_run(cfg, log)
     rng = np.random.default_rng(cfg.seed)
     pairs = list(pairs) if pairs is not None else load_preferences(cfg.data)
     if val_pairs is None and cfg.val_data:
@@ -647,7 +680,8 @@ def train_reward_model(
         "base": str(base),
         "checkpoint": r["checkpoint"],
     }
-    write_json(Path(cfg.out) / "reward_model.json", metrics)
+    if distributed.world().is_main:
+        write_json(Path(cfg.out) / "reward_model.json", metrics)
     log(f"held-out accuracy {metrics['val_accuracy_start']:.3f} -> {metrics['val_accuracy']:.3f} "
         f"({len(val_pairs)} pairs); saved to {cfg.out}")
     return {**metrics, "out": str(cfg.out), "log": r["log"], "plot": r["plot"], "model": stage.rm}

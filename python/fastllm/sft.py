@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks
+from . import checks, distributed
 from .chat import (
     EOT,
     IM_END,
@@ -319,7 +319,7 @@ class SFTConfig(TrainConfig):
 
 def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     """Fine-tune cfg.base on the conversations in cfg.data; returns train()'s summary plus packing counts."""
-    setup_run(cfg)
+    log = setup_run(cfg, log)
     base = load_model(cfg.base)
     tok_path = cfg.tokenizer or find_tokenizer(base.checkpoint_dir)
     base_tok = checkpoint_tokenizer(base.checkpoint_dir, tok_path)
@@ -359,13 +359,16 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    main = distributed.world().is_main  # rank 0 writes; every rank reads the same tokenizer path
     if isinstance(chat, ChatTemplate):  # the checkpoint's tokenizer files and template, and the EOS ids it stops at
-        tok_file = copy_tokenizer(tok_path, out)
+        tok_file = copy_tokenizer(tok_path, out) if main else out / "tokenizer.json"
         gen = out / "generation_config.json"
-        write_json(gen, {**(read_json(gen) if gen.is_file() else {}), "eos_token_id": list(chat.stop_tokens)})
+        if main:
+            write_json(gen, {**(read_json(gen) if gen.is_file() else {}), "eos_token_id": list(chat.stop_tokens)})
     else:
         tok_file = out / TOKENIZER_FILE
-        tok.save(tok_file)
+        if main:
+            tok.save(tok_file)
     s = train_loader.stats
     log(
         f"sft: {s.used} conversations ({s.truncated} truncated, {s.skipped} skipped) in {s.windows} windows of "

@@ -12,6 +12,11 @@
   3. NaN/Inf stops with a TrainingError naming the last good checkpoint.
 Checkpoint files: fastllm.checkpoint. Pre-training: `train(TrainConfig)` (`fastllm train`) on token shards.
 
+Data-parallel (`mpiexec -n N fastllm train ...`, fastllm.distributed): the same loop on every rank. Each rank takes a
+disjoint share of every global batch (`--total-batch-tokens`; evaluation batches alike), `update` sums gradients and
+statistics over the ranks, every rank applies the same AdamW step (`--zero`: each its 1/N of the AdamW state), and
+rank 0 alone prints, shows progress and writes logs, plots and checkpoints (one per save, the optimizer gathered).
+
 >>> summary = train(TrainConfig(data="data", out="out", model="mini", max_steps=100))
 """
 
@@ -27,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, checks, ops, set_num_threads
+from . import checkpoint, checks, distributed, ops, set_num_threads
 from .data import DataLoader
 from .model import GPT, MLPS, NORMS, POSITIONS, PRESETS, GPTConfig
 from .optim import AdamW, lr_schedule
 from .options import CKPT_EVERY, CUDA_DTYPE, DEVICE, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
-from .plot import plot_stage
+from .plot import figure_path, plot_stage
 from .sample import generate
 from .tokenizer import Tokenizer
 
@@ -72,8 +77,8 @@ class TrainConfig:
                                                "(default: the preset's, no cap)")
     batch_size: int = option(8, "B: sequences per micro-batch")
     seq_len: int = option(256, "T: tokens per sequence (raises the preset's context length when larger)")
-    total_batch_tokens: int | None = option(None, "tokens per optimizer step, a multiple of B*T: gradient "
-                                                  "accumulation (default: B*T, no accumulation)")
+    total_batch_tokens: int | None = option(None, "tokens per optimizer step over all ranks, a multiple of B*T*ranks: "
+                                                  "gradient accumulation (default: B*T per rank, no accumulation)")
     max_steps: int = option(1000, "optimizer steps in all (the cosine LR decay ends here)")
     lr: float = option(1e-3, "peak learning rate, reached at the end of the warmup")
     min_lr: float | None = option(None, "learning rate at the end of the cosine decay (default: lr / 10)")
@@ -95,6 +100,7 @@ class TrainConfig:
     device: str = option("cpu", DEVICE, choices=checks.DEVICES)
     cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
     loss_log_scale: bool = option(False, "draw the loss panel of loss.png on a log scale")
+    zero: bool = option(False, "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state")
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -143,6 +149,7 @@ class Loop:
     resume: bool = False
     device: str = "cpu"  # cpu | cuda
     cuda_dtype: str = "bfloat16"  # with device=cuda: the compute dtype (float32 master weights and AdamW state)
+    zero: bool = False  # with several ranks: ZeRO-1 (fastllm.distributed.ShardedAdamW)
     tokenizer: Path | None = None  # copied into every checkpoint
     loss_log_scale: bool = False  # the loss panel of the run's figure on a log scale
     config: dict = dataclasses.field(default_factory=dict)  # the stage's config, recorded in state.json
@@ -190,6 +197,10 @@ class Stage:
         """Arrays trained beside the GPT, for checkpoints (heads.safetensors)."""
         return {}
 
+    def fingerprint(self) -> dict:
+        """What must be equal on every rank of a data-parallel run (sizes, checksums of the data), JSON-able."""
+        return {}
+
 
 class ExtraParams:
     """A float32 array trained beside the GPT by `update`, with AdamW (default betas/eps, no weight decay): a reward
@@ -216,7 +227,9 @@ def update(model: GPT, opt: AdamW, micro_batch: Callable[[], dict], lr: float, g
     """One optimizer update: zero the gradients, run `micro_batch` (forward + backward of one micro-batch, returning
     its stats, "loss" among them) `micro_batches` times, clip the global gradient norm of the mean to grad_clip
     (0: no clipping), AdamW step at `lr`. Returns the stats averaged over the micro-batches, lr and grad_norm;
-    TrainingError if the loss or the norm is not finite.
+    TrainingError if the loss or the norm is not finite. With several ranks (fastllm.distributed) each runs its own
+    micro-batches and the gradients and stats are summed over all of them: N ranks with k micro-batches each take
+    the step one process takes with N*k.
 
     >>> def micro_batch():
     ...     loss = model.forward(*loader.next_batch()); model.backward(); return {"loss": loss}
@@ -225,31 +238,34 @@ def update(model: GPT, opt: AdamW, micro_batch: Callable[[], dict], lr: float, g
     model.zero_grad()
     for e in extra:
         e.g.fill(0.0)
-    stats: dict[str, float] = {}
+    sums: dict[str, float] = {}
     for _ in range(micro_batches):
         for k, v in micro_batch().items():
-            stats[k] = stats.get(k, 0.0) + v / micro_batches
-    norm = model.grad_norm()
-    if extra:
-        norm = math.sqrt(norm**2 + sum(float(np.sum(e.g.astype(np.float64) ** 2)) for e in extra))
-    norm /= micro_batches
+            sums[k] = sums.get(k, 0.0) + v
+    n, sums = distributed.world().sum_stats(micro_batches, sums)  # over the ranks (one process: as they are)
+    stats = {k: v / n for k, v in sums.items()}
+    norm = distributed.reduce_gradients(model, opt, extra) / n  # the gradients summed over the ranks
     loss = stats.get("loss", 0.0)
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise TrainingError(f"loss={loss} grad_norm={norm} is not finite; try a lower --lr")
     clip = min(1.0, grad_clip / (norm + 1e-6)) if grad_clip > 0 else 1.0
-    opt.step(lr, grad_scale=clip / micro_batches)
+    opt.step(lr, grad_scale=clip / n)
     for e in extra:
-        ops.adamw_step(e.p, e.g, e.m, e.v, lr=lr, t=opt.t, grad_scale=clip / micro_batches)
+        ops.adamw_step(e.p, e.g, e.m, e.v, lr=lr, t=opt.t, grad_scale=clip / n)
     return {**stats, "lr": lr, "grad_norm": norm}
 
 
 class RunLog:
     """`log.jsonl` of a run: one JSON object per line. Opening it for a run that starts (or resumes) at
-    `start` drops what a killed run logged at or after that step, so a resumed log equals an uninterrupted one."""
+    `start` drops what a killed run logged at or after that step, so a resumed log equals an uninterrupted one.
+    write=False (ranks other than 0): the rows are kept in memory only."""
 
-    def __init__(self, path: Path, start: int):
+    def __init__(self, path: Path, start: int, write: bool = True):
         self.path = path
         self.rows: list[dict] = []
+        self._f = None
+        if not write:
+            return
         if path.exists():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
@@ -264,11 +280,13 @@ class RunLog:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def series(rows: list[dict], key: str) -> list[float]:
@@ -278,11 +296,21 @@ def series(rows: list[dict], key: str) -> list[float]:
 
 
 
-def setup_run(cfg) -> None:
-    """Before any data is read: fail now if cfg.device cannot run here, and set cfg.threads."""
+def setup_run(cfg, log=print):
+    """Before any data is read: fail now if cfg.device cannot run here, join the other ranks if launched by MPI (and
+    take this rank's GPU), and set the threads (cfg.threads; with several ranks on a node, by default their share
+    of the cores). Returns `log` on rank 0 and a no-op on the others, which print nothing."""
     checks.require_device(cfg.device)
-    if cfg.threads:
-        set_num_threads(cfg.threads)
+    world = distributed.world()
+    world.use_device(cfg.device)
+    threads = cfg.threads or world.default_threads()
+    if threads:
+        set_num_threads(threads)
+    return log if world.is_main else _quiet
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def _fmt(v) -> str:
@@ -298,11 +326,16 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
     """
     from tqdm.auto import tqdm  # here: a slow import
 
+    world = distributed.world()  # the ranks of an MPI launch, or this one process
+    world.use_device(loop.device)  # each rank its GPU (done already when setup_run ran)
+    if not world.is_main:  # rank 0 alone prints, shows progress and writes files
+        progress, log = False, _quiet
     out = Path(loop.out)
     out.mkdir(parents=True, exist_ok=True)
 
     # the model: the stage's, or the newest checkpoint's when resuming; made on the CPU, then moved to its device
     ckpt = checkpoint.latest(out) if loop.resume else None
+    world.agree(resume_from=ckpt and ckpt.name)  # every rank sees the same (shared) run folder
     if ckpt is None:
         if loop.resume:
             log(f"no checkpoint in {out}: starting afresh")
@@ -313,14 +346,17 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
         stage.load_state_dict(state["stage"], ckpt)
         log(f"resuming from {ckpt} at step {start}")
     model.to(loop.device, checks.compute_dtype(loop))
-    opt = AdamW(model, loop.lr, (loop.beta1, loop.beta2), weight_decay=loop.weight_decay)
+    opt = distributed.optimizer(model, loop.lr, (loop.beta1, loop.beta2), loop.weight_decay, loop.zero)
     if ckpt is not None:
         checkpoint.load_optimizer(ckpt, opt)
     stage.start(model, opt)
+    distributed.agree_on_run(loop.config, model, stage.fingerprint())
     log(f"{stage.kind}: {model.num_parameters / 1e6:.2f}M parameters {model.config.to_dict()} on {loop.device}"
-        + (f" ({loop.cuda_dtype} compute, float32 master weights and AdamW state)" if loop.device == "cuda" else ""))
+        + (f" ({loop.cuda_dtype} compute, float32 master weights and AdamW state)" if loop.device == "cuda" else "")
+        + (f"; {world.size} ranks" + (" (ZeRO-1)" if isinstance(opt, distributed.ShardedAdamW) else "")
+           if world.size > 1 else ""))
     min_lr = loop.lr if loop.min_lr is None else loop.min_lr
-    runlog = RunLog(out / "log.jsonl", start)
+    runlog = RunLog(out / "log.jsonl", start, write=world.is_main)
     bar = tqdm(range(start, loop.steps), initial=min(start, loop.steps), total=loop.steps, desc=stage.kind,
                unit="step", disable=not progress, dynamic_ncols=True)
     stage.write = bar.write if progress else log
@@ -337,8 +373,11 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
         if not all(np.isfinite(a).all() for a in model.state_dict().values()):
             raise TrainingError(f"step {step}: parameters are not finite; not saving. The last good checkpoint is "
                                 f"{checkpoint.latest(out)}; try a lower --lr")
-        checkpoint.save(out, step, model, opt, stage.state_dict(), kind=stage.kind, rng=rng, config=loop.config,
-                        heads=stage.heads(), tokenizer=loop.tokenizer)
+        opt_state = opt.state_dict()  # a sharded optimizer gathers its state on rank 0: every rank takes part
+        if not world.is_main:
+            return
+        checkpoint.save(out, step, model, opt_state, stage.state_dict(), kind=stage.kind, rng=rng,
+                        config=loop.config, heads=stage.heads(), tokenizer=loop.tokenizer)
         checkpoint.prune(out, loop.keep_ckpts)
         if step < loop.steps:  # the last one is drawn at the end, after the final evaluation
             draw()
@@ -349,6 +388,7 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
     t_start = time.time()
     try:
         for step in bar:
+            world.where = f"step {step}"
             if loop.eval_every and step % loop.eval_every == 0:
                 evaluate(step)
             t0 = time.time()
@@ -372,8 +412,9 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
         bar.close()
         runlog.close()
     seconds = time.time() - t_start
+    world.barrier()  # the last checkpoint is written
     return {"steps": loop.steps, "seconds": seconds, "rows": runlog.rows, "checkpoint": str(checkpoint.latest(out)),
-            "log": str(runlog.path), "plot": str(draw())}
+            "log": str(runlog.path), "plot": str(draw() if world.is_main else figure_path(stage.kind, out))}
 
 
 # ---- pre-training (and SFT): next-token prediction -----------------------------------------------------------------
@@ -391,9 +432,14 @@ class LMStage(Stage):
                  tokenizer: Tokenizer | None = None):
         self.kind, self.cfg, self._init_model = kind, cfg, init_model
         self.train_loader, self.val_loader, self.tokenizer = train_loader, val_loader, tokenizer
-        self.tokens_per_step = cfg.total_batch_tokens or cfg.batch_size * cfg.seq_len
-        self.accum = self.tokens_per_step // (cfg.batch_size * cfg.seq_len)
-        self.tokens = 0  # trained on by this process
+        ranks, micro = distributed.world().size, cfg.batch_size * cfg.seq_len
+        self.tokens_per_step = cfg.total_batch_tokens or micro * ranks  # the global batch (all ranks)
+        self.accum = self.tokens_per_step // micro  # its micro-batches, shared out equally among the ranks
+        if self.accum % ranks:
+            raise ValueError(f"total_batch_tokens={self.tokens_per_step} is {self.accum} micro-batches of "
+                             f"batch_size*seq_len={micro} tokens, which {ranks} ranks cannot share equally: make it a "
+                             f"multiple of {micro * ranks}")
+        self.tokens = 0  # trained on by this run
 
     def init_model(self) -> GPT:
         return self._init_model()
@@ -404,6 +450,11 @@ class LMStage(Stage):
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{folder / checkpoint.STATE_FILE}: bad data-loader state ({type(e).__name__}: {e})"
                              ) from None
+        saved = state.get("tokens_per_step", self.tokens_per_step)
+        if self.cfg.total_batch_tokens is None and saved != self.tokens_per_step:
+            raise ValueError(f"{folder / checkpoint.STATE_FILE}: the run was trained with {saved} tokens per step; "
+                             f"with {distributed.world().size} rank(s) the default is {self.tokens_per_step}: pass "
+                             f"--total-batch-tokens {saved} to resume it")
 
     def start(self, model: GPT, opt: AdamW) -> None:
         super().start(model, opt)
@@ -419,12 +470,15 @@ class LMStage(Stage):
                            seed=int(rng.integers(1 << 31)))
             self.write("sample: " + self.tokenizer.decode(ids[1:]).replace("\n", " ")[:200])
 
+        world = distributed.world()
+        mine = iter(world.share([self.train_loader.next_batch() for _ in range(self.accum)]))  # of the global batch
+
         def micro_batch() -> dict:
-            loss = self.model.forward(*self.train_loader.next_batch())
+            loss = self.model.forward(*next(mine))
             self.model.backward()
             return {"loss": loss}
 
-        row = update(self.model, self.opt, micro_batch, lr, cfg.grad_clip, self.accum)
+        row = update(self.model, self.opt, micro_batch, lr, cfg.grad_clip, self.accum // world.size)
         self.tokens += self.tokens_per_step
         return {**row, "tokens": self.tokens_per_step}
 
@@ -432,9 +486,17 @@ class LMStage(Stage):
         if self.val_loader is None:
             return {}
         return {"val_loss": mean_loss(self.model, self.val_loader, self.cfg.eval_batches)}
+    zero: bool = option(False, "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state")
 
     def state_dict(self) -> dict:
-        return {"loader": self.train_loader.state_dict()}
+        return {"loader": self.train_loader.state_dict(), "tokens_per_step": self.tokens_per_step}
+
+    def fingerprint(self) -> dict:
+        loader, state = self.train_loader, self.train_loader.state_dict()
+        first = loader.next_batch()  # the next batch, then back: the data, its order and position
+        loader.load_state_dict(state)
+        return {"windows": len(loader), "vocab_size": loader.vocab_size, "next_batch": distributed.fingerprint(*first),
+                "val_windows": len(self.val_loader) if self.val_loader is not None else None}
 
 
 def mean_loss(model: GPT, loader, batches: int) -> float:
@@ -462,7 +524,7 @@ def fit_lm(stage: LMStage, cfg: TrainConfig, tokenizer: Path | None, progress: b
 
 def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     """Pre-train (or resume, cfg.resume) a GPT on the token shards of cfg.data; returns a summary dict."""
-    setup_run(cfg)
+    log = setup_run(cfg, log)
     train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     val_loader = None
     if cfg.eval_every and list(Path(cfg.data).glob("val_*.bin")):
