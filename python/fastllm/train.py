@@ -5,7 +5,8 @@
   1. start, or resume from the newest checkpoint of loop.out (model, optimizer, RNG and the stage's data position
      come back, so the resumed run is bit-identical to an uninterrupted one); the model is built or loaded on the
      CPU, then moved to loop.device, and AdamW is made for it there;
-  2. per step: evaluation at its cadence (and at the start and the end), the stage's step -- one or more `update`s:
+  2. per step: evaluation at its cadence (and at the start and the end: the stage's metrics and those of
+     --eval-task, fastllm.eval.TrainEval), the stage's step -- one or more `update`s:
      zero the gradients, accumulate the micro-batches' forward + backward, check the loss and gradient norm are
      finite, clip the global norm, AdamW at the schedule's LR (linear warmup, cosine decay) -- a log.jsonl row,
      and a checkpoint at its cadence (older ones pruned, the run's figure redrawn: fastllm.plot.plot_stage);
@@ -513,8 +514,9 @@ class LMStage(Stage):
         return {**row, "tokens": self.tokens_per_step}
 
     def evaluate(self, step: int) -> dict:
-        row = {} if self.val_loader is None else {"val_loss": mean_loss(self.model, self.val_loader,
-                                                                      self.cfg.eval_batches)}
+        row = {}
+        if self.val_loader is not None:
+            row["val_loss"] = mean_loss(self.model, self.val_loader, self.cfg.eval_batches)
         return {**row, **self.task_metrics()}
 
     def state_dict(self) -> dict:
