@@ -266,7 +266,7 @@ class RLConfig:
                                  "and the end (0: never)")
     eval_prompts: int = option(64, "held-out prompts per evaluation (the same set every time)")
     eval_task: str | None = option(None, EVAL_TASK)
-    eval_task_data: Sequence[str] = option((), EVAL_TASK_DATA)
+    eval_task_data: Sequence[str] | None = option(None, EVAL_TASK_DATA)
     eval_task_limit: int | None = option(None, EVAL_TASK_LIMIT)
     ckpt_every: int = option(50, CKPT_EVERY)
     keep_ckpts: int = option(2, KEEP_CKPTS)

@@ -106,7 +106,7 @@ class TrainConfig:
                                   "(0: never)")
     eval_batches: int = option(20, "batches of B x T tokens per validation (fewer if the val split is smaller)")
     eval_task: str | None = option(None, EVAL_TASK)
-    eval_task_data: Sequence[str] = option((), EVAL_TASK_DATA)
+    eval_task_data: Sequence[str] | None = option(None, EVAL_TASK_DATA)
     eval_task_limit: int | None = option(None, EVAL_TASK_LIMIT)
     sample_every: int = option(0, "steps between printed text samples (0: never)")
     sample_tokens: int = option(64, "tokens per printed sample")

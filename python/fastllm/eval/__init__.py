@@ -386,9 +386,10 @@ def _task_names() -> list[str]:
 def check_train_eval(cfg) -> None:
     """The eval_task, eval_task_data and eval_task_limit fields of a training config (TrainConfig, SFTConfig,
     RLConfig; the --eval-task options), checked without reading a file: ValueError naming the field.
-    eval_task_data becomes a list of str."""
+    eval_task_data becomes a list of str (or stays None)."""
     data = cfg.eval_task_data
-    cfg.eval_task_data = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(d) for d in data]
+    if data is not None:
+        cfg.eval_task_data = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(d) for d in data]
     checks.at_least(cfg, 1, "eval_task_limit")
     if cfg.eval_task is None:
         if cfg.eval_task_data or cfg.eval_task_limit is not None:
@@ -430,7 +431,7 @@ class TrainEval:
         eval_task."""
         if cfg.eval_task is None:
             return None
-        return cls(cfg.eval_task, data=cfg.eval_task_data, limit=cfg.eval_task_limit, tokenizer=tokenizer)
+        return cls(cfg.eval_task, data=cfg.eval_task_data or (), limit=cfg.eval_task_limit, tokenizer=tokenizer)
 
     def __call__(self, model, tokenizer) -> dict[str, float]:
         kind = _kind(self.config.task)
