@@ -344,6 +344,40 @@ def test_sft_and_reward_model_two_ranks_match_one_process(base, tmp_path, comman
 
 
 @needs_mpi
+@pytest.mark.parametrize("task", ["mc", "bpb"])
+def test_eval_task_two_ranks_match_one_process(base, tmp_path, task):
+    """--eval-task with 2 ranks: each scores its share of the examples (an odd number: unequal shares), the records
+    are gathered, and every evaluation logs what 1 process logs (and what evaluate() gives on the checkpoint)."""
+    from fastllm.checkpoint import checkpoint_tokenizer
+    from fastllm.eval import evaluate
+
+    if task == "mc":
+        rows = [{"context": w, "choices": [w[::-1], w, "zz"], "answer": 0} for w in ("abc", "bca", "cab", "aab", "bba")]
+        data = tmp_path / "mc.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        data = tmp_path / "text.txt"
+        data.write_text("abc cba<|endoftext|>bca acb bca<|endoftext|>cab bac")
+    flags = dict(base=base / "base", data=base / "chats.jsonl", val_fraction=0.2, batch_size=2, seq_len=32,
+                 total_batch_tokens=128, max_steps=4, eval_every=2, eval_batches=2, lr=3e-3, threads=1,
+                 eval_task=task, eval_task_data=data)
+    one = subprocess.run(fastllm_cmd("sft", out=tmp_path / "one", **flags), env=ENV, capture_output=True, text=True,
+                         timeout=90)
+    assert one.returncode == 0, one.stderr
+    r = mpirun(fastllm_cmd("sft", out=tmp_path / "two", **flags))
+    assert r.returncode == 0, r.stderr
+    logged = [{row["step"]: {k: v for k, v in row.items() if k.startswith(task + "/")}
+               for row in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())
+               if task + "/" + ("acc" if task == "mc" else "bpb") in row} for d in ("one", "two")]
+    assert sorted(logged[0]) == sorted(logged[1]) == [0, 2, 4]
+    for step in logged[0]:
+        assert logged[1][step] == {k: pytest.approx(v, rel=1e-5) for k, v in logged[0][step].items()}, step
+    model = load_model(tmp_path / "two")
+    want = evaluate(model, checkpoint_tokenizer(model.checkpoint_dir), task, data=str(data))["metrics"]
+    assert logged[1][4] == {f"{task}/{k}": pytest.approx(v, rel=1e-6) for k, v in want.items()}
+
+
+@needs_mpi
 def test_grpo_two_ranks(base, tmp_path):
     flags = dict(ckpt=base / "base", task="addition", digits=1, steps=3, prompts_per_step=4, group_size=4,
                  max_new_tokens=3, eval_every=3, eval_prompts=6, ckpt_every=2, threads=1)

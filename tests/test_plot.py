@@ -1,5 +1,5 @@
 """Training curves (fastllm.plot): the panels, axes and data of each figure, readable ticks, log scale, atomic
-PNG files, and the curves a real pre-training, GRPO and reward-model run write."""
+PNG files, the --eval-task panel, and the curves a real pre-training, GRPO and reward-model run write."""
 
 import json
 import math
@@ -16,6 +16,7 @@ from fastllm.plot import (  # noqa: E402
     reward_model_figure,
     rl_figure,
     smooth,
+    task_metric_keys,
     training_figure,
 )
 
@@ -109,6 +110,34 @@ def test_rl_and_reward_model_figures():
     assert [a.get_title() for a in fig.axes] == ["loss", "preference accuracy"]
     val = [ln for ln in panel(fig, "preference accuracy").lines if ln.get_label() == "held-out pairs"][0]
     np.testing.assert_allclose(val.get_ydata(), [0.5, 0.8])
+
+
+def test_eval_task_panel():
+    """--eval-task metrics get a panel of their own (dots, +- stderr bands), in the training and the GRPO figures;
+    their stderr and bpb's counts are not drawn; bits per byte get their own axis label, accuracies 0..1."""
+    rows = training_rows(steps=300)
+    for s, v in ((0, 0.25), (150, 0.4), (299, 0.6)):
+        rows.append({"step": s, "mc/acc": v, "mc/acc_stderr": 0.05, "mc/acc_norm": v + 0.05,
+                     "mc/acc_norm_stderr": 0.05})
+    assert task_metric_keys(rows) == ["mc/acc", "mc/acc_norm"]
+    fig = training_figure(rows)
+    assert [a.get_title() for a in fig.axes][-1] == "evaluation: mc" and len(fig.axes) == 5
+    ax = panel(fig, "evaluation: mc")
+    acc = [ln for ln in ax.lines if ln.get_label() == "mc/acc"][0]
+    np.testing.assert_allclose(acc.get_xdata(), [0, 150, 299])
+    np.testing.assert_allclose(acc.get_ydata(), [0.25, 0.4, 0.6])
+    assert len(ax.collections) == 2 and ax.get_ylim() == pytest.approx((-0.03, 1.03))  # the two stderr bands
+    assert ax.get_ylabel() == "fraction correct"
+
+    rl = [{"step": s, "reward": 0.1, "kl": 0.0, "accuracy": 0.1, "completion_len": 3.0} for s in range(10)]
+    rl += [{"step": s, "eval_accuracy": 0.2, "bpb/bpb": 3.0 - s / 10, "bpb/nats_per_token": 2.0, "bpb/tokens": 90.0,
+            "bpb/bytes": 100.0, "bpb/bytes_per_token": 1.1} for s in (0, 9)]
+    assert task_metric_keys(rl) == ["bpb/bpb"]
+    ax = panel(rl_figure(rl), "evaluation: bpb")
+    assert [ln.get_label() for ln in ax.lines] == ["bpb/bpb"] and ax.get_ylabel() == "bits per byte"
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [3.0, 2.1])
+    assert task_metric_keys([{"step": 0, "gen/pass@1": 0.5, "gen/pass@1_stderr": 0.1, "gen/pass@8": 0.9}]) == [
+        "gen/pass@1", "gen/pass@8"]
 
 
 def test_png_written_atomically_and_plot_run(tmp_path):

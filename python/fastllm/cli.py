@@ -245,6 +245,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 @command("train", "pre-train a GPT on token shards (from `fastllm prepare`)",
          ["fastllm train --data data/ --out run/ --model small --batch-size 8 --seq-len 256 --max-steps 2000",
+          "fastllm train --data data/ --out run/ --eval-task mc --eval-task-data hellaswag_val.jsonl "
+          "--eval-task-limit 500",
           "fastllm train --data data/ --out run/ --resume"], args=_fields_of(TrainConfig))
 def _cmd_train(args: argparse.Namespace) -> int:
     s = train(_config(args, TrainConfig), progress=not args.no_progress)
@@ -255,7 +257,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _print_summary(s: dict) -> None:
     print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f}s ({s['tok_per_s']:,.0f} tok/s); "
           f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, val loss {s['val_loss']:.4f}")
+    _print_task_metrics(s)
     print(f"checkpoint: {s['checkpoint']}\nloss curve: {s['loss_curve']}\nlog: {s['log']}")
+
+
+def _print_task_metrics(s: dict) -> None:
+    """The last --eval-task metrics of a training summary, if any (stderr aside)."""
+    m = {k: v for k, v in s.get("eval_task", {}).items() if not k.endswith("_stderr")}
+    if m:
+        print("eval task: " + ", ".join(f"{k} {v:,.0f}" if abs(v) >= 1000 else f"{k} {v:.4f}" for k, v in m.items()))
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
@@ -358,6 +368,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     s = train_grpo(_config(args, RLConfig), progress=not args.no_progress)
     print(f"done: {s['steps']} GRPO steps in {s['seconds']:.1f}s; last reward {s['reward']:.3f}, kl {s['kl']:.4f}; "
           f"held-out accuracy {s['eval_accuracy_start']:.3f} -> {s['eval_accuracy']:.3f}")
+    _print_task_metrics(s)
     print(f"checkpoint: {s['checkpoint']}\nplots: {s['plot']}\nlog: {s['log']}")
     return 0
 

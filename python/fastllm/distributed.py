@@ -14,7 +14,7 @@ imported. FASTLLM_DISTRIBUTED=mpi uses MPI even for one rank (to run the collect
 
 What the training loop (fastllm.train) uses:
   - `share(items)`: this rank's contiguous part of a global batch (or of an evaluation set);
-  - `sum_stats`, `sum`, `average`: statistics over all ranks;
+  - `sum_stats`, `sum`, `average`: statistics over all ranks; `allgather`: per-example results of an evaluation;
   - `reduce_gradients(model, opt)`: one all-reduce over the flat gradient buffer (ZeRO-1: a reduce-scatter), and
     the global gradient norm for clipping;
   - `optimizer(...)`: AdamW, or with zero=True `ShardedAdamW` (ZeRO-1: each rank keeps and updates 1/N of the
@@ -158,6 +158,10 @@ class World:
 
     def bcast(self, obj, root: int = 0):
         return obj
+
+    def allgather(self, obj) -> list:
+        """Every rank's `obj` (any picklable object), in rank order, on every rank."""
+        return [obj]
 
     def barrier(self) -> None:
         pass
@@ -308,6 +312,10 @@ class MPIWorld(World):
     def bcast(self, obj, root: int = 0):
         with self.watchdog.waiting("a broadcast"):
             return self.comm.bcast(obj, root)
+
+    def allgather(self, obj) -> list:
+        with self.watchdog.waiting("an all-gather of results"):
+            return self.comm.allgather(obj)
 
     def barrier(self) -> None:
         with self.watchdog.waiting("a barrier"):

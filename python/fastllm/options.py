@@ -27,6 +27,13 @@ GRAD_CLIP = "clip the global gradient norm to this value (0: no clipping)"
 DEVICE = "where to train: cpu, or cuda (a CUDA build of fastllm and an NVIDIA GPU)"
 CUDA_DTYPE = ("with --device cuda: compute dtype of weights and activations (master weights and AdamW state stay "
               "float32)")
+# the --eval-task options of `fastllm train`, `sft` and `rl` (fastllm.eval.TrainEval)
+EVAL_TASK = ("a task evaluated every --eval-every steps (also at the start and the end), logged as TASK/METRIC "
+             "(mc/acc, mc/acc_norm, bpb/bpb, gen/exact_match, ...) and drawn on the run's figure: mc, bpb, gen, "
+             "addition or sort, as in `fastllm eval --task` (default: none)")
+EVAL_TASK_DATA = ("--eval-task's files (mc: HellaSwag/ARC/MMLU JSONL or CSV; bpb: text, JSONL or token shards; gen: "
+                  "problems JSONL), read and checked before the first step (default: none)")
+EVAL_TASK_LIMIT = "--eval-task on the first N examples only (default: all of them; addition/sort: 200 prompts)"
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None) -> dataclasses.Field:

@@ -5,6 +5,8 @@ a training loop only calls one function:
                                              tokens/s
     plot_rl(rows, "rl/rl.png")               GRPO: reward, accuracy (sampled and held-out greedy), KL, completion
                                              length
+    (both)                                   and a panel of the --eval-task metrics (mc/acc, bpb/bpb, ...) when the
+                                             rows have them (task_metric_keys), +- their standard error
     plot_reward_model(rows, "rm/loss.png")   reward model: Bradley-Terry loss, preference accuracy
     plot_stage(kind, rows, "run/")           the one of the three for a stage of fastllm.train.fit (how it draws)
     plot_run("run/")                         the same from a run folder's log.jsonl
@@ -33,6 +35,9 @@ import numpy as np
 from .fileio import atomic_write
 
 TRAIN_COLOR, VAL_COLOR = "tab:blue", "tab:orange"
+TASK_COLORS = (VAL_COLOR, "tab:green", "tab:red", "tab:purple")
+# the --eval-task metrics a figure draws ("<task>/<metric>" in log rows; also pass@k); the rest are counts or stderr
+TASK_METRICS = ("acc", "acc_norm", "bpb", "exact_match")
 
 
 def plot_training(rows: list[dict], path: str | os.PathLike, log_scale: bool = False, title: str | None = None) -> None:
@@ -43,7 +48,8 @@ def plot_training(rows: list[dict], path: str | os.PathLike, log_scale: bool = F
 
 def training_figure(rows: list[dict], log_scale: bool = False, title: str | None = None):
     """The matplotlib Figure that plot_training writes."""
-    fig, (loss, lr, norm, speed) = _figure(title or "training", 4)
+    tasks = task_metric_keys(rows)
+    fig, (loss, lr, norm, speed, *task) = _figure(title or "training", 4 + bool(tasks))
     _noisy(loss, rows, "loss", "train", TRAIN_COLOR)
     _dots(loss, rows, "val_loss", "validation", VAL_COLOR)
     _style(loss, "loss", "cross-entropy (nats/token)", log=log_scale, legend=True)
@@ -53,6 +59,7 @@ def training_figure(rows: list[dict], log_scale: bool = False, title: str | None
     _style(norm, "gradient norm (before clipping)", "global L2 norm", log=True)
     _noisy(speed, rows, "tok_per_s", "tokens/s", TRAIN_COLOR)
     _style(speed, "throughput", "tokens/s")
+    _task_panel(task, rows, tasks)
     return _xlabel(fig, "step")
 
 
@@ -64,7 +71,8 @@ def plot_rl(rows: list[dict], path: str | os.PathLike, title: str | None = None)
 
 def rl_figure(rows: list[dict], title: str | None = None):
     """The matplotlib Figure that plot_rl writes."""
-    fig, (reward, acc, kl, length) = _figure(title or "GRPO", 4)
+    tasks = task_metric_keys(rows)
+    fig, (reward, acc, kl, length, *task) = _figure(title or "GRPO", 4 + bool(tasks))
     s, r = _series(rows, "reward")
     s_std, std = _series(rows, "reward_std")
     if len(s) and len(s_std) == len(s):
@@ -79,6 +87,7 @@ def rl_figure(rows: list[dict], title: str | None = None):
     _style(kl, "KL to the reference policy", "nats/token (k3 estimate)")
     _noisy(length, rows, "completion_len", "tokens", TRAIN_COLOR)
     _style(length, "completion length", "tokens (mean)")
+    _task_panel(task, rows, tasks)
     return _xlabel(fig, "GRPO step")
 
 
@@ -142,6 +151,42 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def task_metric_keys(rows: list[dict]) -> list[str]:
+    """The --eval-task metrics in log rows that a figure draws, in the order first logged: "<task>/<metric>" keys
+    whose metric is one of TASK_METRICS or pass@k (not their _stderr, nor bpb's token and byte counts).
+
+    >>> task_metric_keys([{"step": 0, "mc/acc": 0.3, "mc/acc_stderr": 0.05, "mc/acc_norm": 0.31}])
+    ['mc/acc', 'mc/acc_norm']
+    """
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            metric = k.rpartition("/")[2]
+            if "/" in k and (metric in TASK_METRICS or (metric.startswith("pass@") and not metric.endswith("_stderr"))):
+                keys[k] = None
+    return list(keys)
+
+
+def _task_panel(axes: list, rows: list[dict], keys: list[str]) -> None:
+    """The --eval-task metrics as dots (they are evaluations), each in a band of +- its standard error."""
+    if not axes:
+        return
+    ax = axes[0]
+    for key, color in zip(keys, TASK_COLORS * len(keys)):
+        s, v = _series(rows, key)
+        _, se = _series([{"step": r["step"], key: r.get(key + "_stderr", math.nan)} for r in rows
+                         if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])], key)
+        if len(s) and len(se) == len(v):  # every point has a finite stderr
+            ax.fill_between(s, v - se, v + se, color=color, alpha=0.15, linewidth=0)
+        _dots(ax, rows, key, key, color)
+    metrics = {k.rpartition("/")[2] for k in keys}
+    fraction = "bpb" not in metrics  # accuracies, exact match, pass@k
+    ylabel = "fraction correct" if fraction else "bits per byte" if metrics == {"bpb"} else "metric"
+    _style(ax, "evaluation: " + ", ".join(dict.fromkeys(k.rpartition("/")[0] for k in keys)), ylabel, legend=True)
+    if fraction:
+        ax.set_ylim(-0.03, 1.03)
+
+
 # ---- helpers -------------------------------------------------------------------------------------------------
 
 
@@ -184,6 +229,8 @@ def _figure(title: str, panels: int):
     fig = Figure(figsize=(12, 4.2 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[panels:]:  # an odd number of panels: no empty frame in the last row
+        fig.delaxes(ax)
     fig.suptitle(title, fontsize=13)
     return fig, axes[:panels]
 

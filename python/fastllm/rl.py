@@ -43,13 +43,27 @@ import numpy as np
 from . import checks, distributed
 from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_heads, load_model, resolve
 from .data import Epochs
+from .eval import TrainEval, check_train_eval
 from .fileio import iter_jsonl, write_json
 from .model import GPT
 from .optim import AdamW
-from .options import CKPT_EVERY, CUDA_DTYPE, DEVICE, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
+from .options import (
+    CKPT_EVERY,
+    CUDA_DTYPE,
+    DEVICE,
+    EVAL_TASK,
+    EVAL_TASK_DATA,
+    EVAL_TASK_LIMIT,
+    GRAD_CLIP,
+    KEEP_CKPTS,
+    RESUME,
+    SEED,
+    THREADS,
+    option,
+)
 from .sample import generate
 from .tasks import TASKS, AdditionTask, ProblemSet, RewardFn, SortTask, load_reward, make_task  # noqa: F401 (re-export)
-from .train import ExtraParams, Loop, Stage, fit, series, setup_run, update
+from .train import ExtraParams, Loop, Stage, fit, last_task_metrics, series, setup_run, update
 
 HEAD = "reward_head"  # the reward model's head in heads.safetensors
 
@@ -251,6 +265,9 @@ class RLConfig:
     eval_every: int = option(20, "steps between greedy accuracy evaluations on held-out prompts, also at the start "
                                  "and the end (0: never)")
     eval_prompts: int = option(64, "held-out prompts per evaluation (the same set every time)")
+    eval_task: str | None = option(None, EVAL_TASK)
+    eval_task_data: Sequence[str] | None = option(None, EVAL_TASK_DATA)
+    eval_task_limit: int | None = option(None, EVAL_TASK_LIMIT)
     ckpt_every: int = option(50, CKPT_EVERY)
     keep_ckpts: int = option(2, KEEP_CKPTS)
     seed: int = option(1337, SEED)
@@ -274,6 +291,7 @@ class RLConfig:
         checks.number(self, "temperature", "beta", "weight_decay", "grad_clip")
         checks.number(self, "clip_eps", low_open=True, high=1.0, high_open=True)
         checks.device(self)
+        check_train_eval(self)
 
 
 class GRPO:
@@ -329,8 +347,10 @@ class GRPOStage(Stage):
     kind = "grpo"
     show = ("reward", "kl", "accuracy", "eval_accuracy")
 
-    def __init__(self, cfg: RLConfig, task, reward_fn: RewardFn, tokenizer, eval_task=None):
+    def __init__(self, cfg: RLConfig, task, reward_fn: RewardFn, tokenizer, eval_task=None,
+                 task_eval: TrainEval | None = None):
         self.cfg, self.task, self.reward_fn, self.tokenizer = cfg, task, reward_fn, tokenizer
+        self.task_eval = task_eval  # --eval-task
         self.eval_task = eval_task or task
         if eval_task is not None:  # held-out problems (--eval-data)
             self.eval_set = eval_task.prompts[: cfg.eval_prompts]
@@ -377,7 +397,7 @@ class GRPOStage(Stage):
         acc = distributed.world().average(  # each rank scores its share of the held-out set
             self.eval_set, lambda part: evaluate(self.model, self.tokenizer, self.eval_task, part,
                                                  self.cfg.max_new_tokens))
-        return {"eval_accuracy": acc}
+        return {"eval_accuracy": acc, **self.task_metrics()}
 
     def state_dict(self) -> dict:
         return {"ref": str(self.ref_dir)}
@@ -411,7 +431,8 @@ def train_grpo(
         f"{'model ' + cfg.reward_model if cfg.reward_model else cfg.reward or 'verifiable'}, "
         f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
     )
-    r = fit(GRPOStage(cfg, task, reward_fn, tokenizer, eval_task), Loop.of(cfg, tokenizer=tok_path), progress, log)
+    stage = GRPOStage(cfg, task, reward_fn, tokenizer, eval_task, TrainEval.of(cfg, tokenizer))
+    r = fit(stage, Loop.of(cfg, tokenizer=tok_path), progress, log)
     last = next((row for row in reversed(r["rows"]) if "reward" in row), {})
     acc = series(r["rows"], "eval_accuracy")
     nan = float("nan")
@@ -422,6 +443,7 @@ def train_grpo(
         "kl": last.get("kl", nan),
         "eval_accuracy_start": acc[0] if acc else nan,
         "eval_accuracy": acc[-1] if acc else nan,
+        "eval_task": last_task_metrics(r["rows"]),
         "checkpoint": r["checkpoint"],
         "log": r["log"],
         "plot": r["plot"],

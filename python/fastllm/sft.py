@@ -53,6 +53,7 @@ from .chat import (
 )
 from .checkpoint import TOKENIZER_FILE, checkpoint_tokenizer, copy_tokenizer, find_tokenizer, load_model
 from .data import Epochs
+from .eval import TrainEval
 from .fileio import iter_jsonl, read_json, write_json
 from .model import GPT
 from .options import option
@@ -338,6 +339,7 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     if not 1 <= T <= model.config.block_size:
         raise ValueError(f"seq_len={T} must be in [1, the base model's block_size={model.config.block_size}]")
     cfg = dataclasses.replace(cfg, seq_len=T)
+    task_eval = TrainEval.of(cfg, tok)  # --eval-task: its data read and checked now
 
     convs = load_conversations(cfg.data)
     if cfg.val_data:
@@ -375,7 +377,7 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
         f"T+1={T + 1} tokens ({s.fill:.0%} filled, {s.loss_tokens} loss tokens); "
         f"{len(val_convs)} validation conversations; base {base.checkpoint_dir}; format {chat.name}"
     )
-    stage = LMStage("sft", cfg, lambda: model, train_loader, val_loader)
+    stage = LMStage("sft", cfg, lambda: model, train_loader, val_loader, tok, task_eval)
     summary = fit_lm(stage, cfg, tok_file, progress, log)
     summary.update(
         conversations=s.used, truncated=s.truncated, skipped=s.skipped, windows=s.windows, loss_tokens=s.loss_tokens

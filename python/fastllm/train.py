@@ -5,7 +5,8 @@
   1. start, or resume from the newest checkpoint of loop.out (model, optimizer, RNG and the stage's data position
      come back, so the resumed run is bit-identical to an uninterrupted one); the model is built or loaded on the
      CPU, then moved to loop.device, and AdamW is made for it there;
-  2. per step: evaluation at its cadence (and at the start and the end), the stage's step -- one or more `update`s:
+  2. per step: evaluation at its cadence (and at the start and the end: the stage's metrics and those of
+     --eval-task, fastllm.eval.TrainEval), the stage's step -- one or more `update`s:
      zero the gradients, accumulate the micro-batches' forward + backward, check the loss and gradient norm are
      finite, clip the global norm, AdamW at the schedule's LR (linear warmup, cosine decay) -- a log.jsonl row,
      and a checkpoint at its cadence (older ones pruned, the run's figure redrawn: fastllm.plot.plot_stage);
@@ -34,9 +35,23 @@ import numpy as np
 
 from . import checkpoint, checks, distributed, ops, set_num_threads
 from .data import DataLoader
+from .eval import TrainEval, check_train_eval
 from .model import GPT, MLPS, NORMS, POSITIONS, PRESETS, GPTConfig
 from .optim import AdamW, lr_schedule
-from .options import CKPT_EVERY, CUDA_DTYPE, DEVICE, GRAD_CLIP, KEEP_CKPTS, RESUME, SEED, THREADS, option
+from .options import (
+    CKPT_EVERY,
+    CUDA_DTYPE,
+    DEVICE,
+    EVAL_TASK,
+    EVAL_TASK_DATA,
+    EVAL_TASK_LIMIT,
+    GRAD_CLIP,
+    KEEP_CKPTS,
+    RESUME,
+    SEED,
+    THREADS,
+    option,
+)
 from .plot import figure_path, plot_stage
 from .sample import generate
 from .tokenizer import Tokenizer
@@ -90,6 +105,9 @@ class TrainConfig:
     eval_every: int = option(100, "steps between validation-loss evaluations, also at the start and the end "
                                   "(0: never)")
     eval_batches: int = option(20, "batches of B x T tokens per validation (fewer if the val split is smaller)")
+    eval_task: str | None = option(None, EVAL_TASK)
+    eval_task_data: Sequence[str] | None = option(None, EVAL_TASK_DATA)
+    eval_task_limit: int | None = option(None, EVAL_TASK_LIMIT)
     sample_every: int = option(0, "steps between printed text samples (0: never)")
     sample_tokens: int = option(64, "tokens per printed sample")
     ckpt_every: int = option(200, CKPT_EVERY)
@@ -113,6 +131,7 @@ class TrainConfig:
         checks.number(self, "min_lr", "weight_decay", "grad_clip")
         checks.number(self, "beta1", "beta2", high=1.0, high_open=True)
         checks.device(self)
+        check_train_eval(self)
         self.model_config(vocab_size=256)  # the architecture options, checked now (ValueError naming the field)
         if self.total_batch_tokens is not None and self.seq_len is not None:
             if self.total_batch_tokens % (self.batch_size * self.seq_len):
@@ -168,6 +187,8 @@ class Stage:
     kind = "train"  # recorded in checkpoints (resume refuses another kind); the progress bar's label
     show: tuple[str, ...] = ("loss",)  # row keys shown on the progress bar
     write = staticmethod(print)  # prints a line without breaking the progress bar (fit sets it)
+    task_eval: TrainEval | None = None  # --eval-task, run by evaluate() beside the stage's own metrics
+    tokenizer: Tokenizer | None = None
 
     def init_model(self) -> GPT:
         """The model to start from when not resuming, on the CPU."""
@@ -188,6 +209,10 @@ class Stage:
     def evaluate(self, step: int) -> dict:
         """Evaluation metrics of the current model ({}: none)."""
         return {}
+
+    def task_metrics(self) -> dict[str, float]:
+        """The --eval-task metrics of the current model ({"mc/acc": ..., ...}; {} without a task_eval)."""
+        return {} if self.task_eval is None else self.task_eval(self.model, self.tokenizer)
 
     def state_dict(self) -> dict:
         """JSON-able state for checkpoints (a data loader's position, ...)."""
@@ -292,6 +317,11 @@ class RunLog:
 def series(rows: list[dict], key: str) -> list[float]:
     """The values of `key` in log rows, in order."""
     return [r[key] for r in rows if key in r]
+
+
+def last_task_metrics(rows: list[dict]) -> dict[str, float]:
+    """The last logged value of each --eval-task metric ("mc/acc", ...) in log rows."""
+    return {k: v for r in rows for k, v in r.items() if "/" in k}
 
 
 
@@ -429,9 +459,10 @@ class LMStage(Stage):
     show = ("loss", "val_loss", "tok_per_s")
 
     def __init__(self, kind: str, cfg: TrainConfig, init_model: Callable[[], GPT], train_loader, val_loader=None,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, task_eval: TrainEval | None = None):
         self.kind, self.cfg, self._init_model = kind, cfg, init_model
         self.train_loader, self.val_loader, self.tokenizer = train_loader, val_loader, tokenizer
+        self.task_eval = task_eval
         ranks, micro = distributed.world().size, cfg.batch_size * cfg.seq_len
         self.tokens_per_step = cfg.total_batch_tokens or micro * ranks  # the global batch (all ranks)
         self.accum = self.tokens_per_step // micro  # its micro-batches, shared out equally among the ranks
@@ -483,10 +514,10 @@ class LMStage(Stage):
         return {**row, "tokens": self.tokens_per_step}
 
     def evaluate(self, step: int) -> dict:
-        if self.val_loader is None:
-            return {}
-        return {"val_loss": mean_loss(self.model, self.val_loader, self.cfg.eval_batches)}
-    zero: bool = option(False, "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state")
+        row = {}
+        if self.val_loader is not None:
+            row["val_loss"] = mean_loss(self.model, self.val_loader, self.cfg.eval_batches)
+        return {**row, **self.task_metrics()}
 
     def state_dict(self) -> dict:
         return {"loader": self.train_loader.state_dict(), "tokens_per_step": self.tokens_per_step}
@@ -519,7 +550,8 @@ def fit_lm(stage: LMStage, cfg: TrainConfig, tokenizer: Path | None, progress: b
     return {"steps": cfg.max_steps, "first_loss": losses[0] if losses else nan,
             "final_loss": losses[-1] if losses else nan, "val_loss": val[-1] if val else nan,
             "tokens": stage.tokens, "seconds": r["seconds"], "tok_per_s": stage.tokens / max(r["seconds"], 1e-9),
-            "checkpoint": r["checkpoint"], "loss_curve": r["plot"], "log": r["log"]}
+            "checkpoint": r["checkpoint"], "loss_curve": r["plot"], "log": r["log"],
+            "eval_task": last_task_metrics(r["rows"])}
 
 
 def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
@@ -530,9 +562,15 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     if cfg.eval_every and list(Path(cfg.data).glob("val_*.bin")):
         val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False)
     tok_path = checkpoint.find_tokenizer(cfg.data)
-    tokenizer = Tokenizer.from_pretrained(tok_path) if tok_path is not None and cfg.sample_every else None
+    if cfg.eval_task and tok_path is None:
+        raise ValueError(f"eval_task needs the data's tokenizer: no {checkpoint.TOKENIZER_FILE} or tokenizer.json in "
+                         f"{cfg.data} (`fastllm prepare` puts one there)")
+    need_tok = tok_path is not None and (cfg.sample_every or cfg.eval_task)
+    tokenizer = Tokenizer.from_pretrained(tok_path) if need_tok else None
+    task_eval = TrainEval.of(cfg, tokenizer)  # its data read and checked now, before the first step
     model_config = cfg.model_config(train_loader.vocab_size)
-    stage = LMStage("train", cfg, lambda: GPT(model_config, seed=cfg.seed), train_loader, val_loader, tokenizer)
+    stage = LMStage("train", cfg, lambda: GPT(model_config, seed=cfg.seed), train_loader, val_loader, tokenizer,
+                    task_eval)
     log(f"data: {len(train_loader)} train windows of T={cfg.seq_len}; {stage.accum} micro-batches of "
         f"{cfg.batch_size * cfg.seq_len} tokens per step")
     return fit_lm(stage, cfg, tok_path, progress, log)

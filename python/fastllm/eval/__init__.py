@@ -13,7 +13,7 @@ Tasks (`evaluate(model, tokenizer, task, data=..., ...)`, `fastllm eval --task T
               the answer is extracted from the completion as RL rewards do (fastllm.tasks), greedy
               (exact_match) or `samples` completions at `temperature` (pass@1 and pass@k, Chen et al.'s unbiased
               estimator). Chat models (tokenizers with <|im_start|>/<|im_end|>) get the ChatML prompt of
-              fastllm.sft; base models the prompt text (through `template`, e.g. "Question: {prompt}\\nAnswer:").
+              fastllm.chat; base models the prompt text (through `template`, e.g. "Question: {prompt}\\nAnswer:").
     addition, sort   the RL tasks of fastllm.tasks on `limit` generated prompts (default 200, `seed`), as gen.
 Accuracies come with their standard error (sample standard deviation / sqrt(n), as lm-eval reports).
 
@@ -21,8 +21,9 @@ The report is a dict: task, metrics, n, seconds, and one record per example (the
 With `out=`, records are appended to OUT.partial.jsonl as they are computed, so an interrupted evaluation that
 is run again with the same settings continues where it stopped; the report is then written atomically to OUT.
 
-During training: `TrainEval(task, data=..., limit=...)` loads the data once; calling it with (model, tokenizer)
-returns {"<name>/<metric>": value} to log. EleutherAI's lm-evaluation-harness: fastllm.eval.harness.
+During training (`fastllm train/sft/rl --eval-task T --eval-task-data FILE`): `TrainEval(task, data=..., limit=...)`
+loads the data once; calling it with (model, tokenizer) returns {"<name>/<metric>": value} to log (all ranks of a
+data-parallel run share the work). EleutherAI's lm-evaluation-harness: fastllm.eval.harness.
 
 >>> model, tok = load("run/")
 >>> report = evaluate(model, tok, "mc", data="hellaswag_val.jsonl", limit=1000)
@@ -43,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import checks
+from .. import checks, distributed
+from ..chat import IM_END, IM_START, render_prompt
 from ..fileio import write_json
 from ..options import option
 from .data import Choice, load_documents, load_multiple_choice, token_bytes
@@ -82,10 +84,8 @@ class EvalConfig:
     seed: int = option(0, "addition, sort: the generated prompts; gen: sampling")
 
     def __post_init__(self) -> None:
-        from ..tasks import TASKS
-
-        if self.task not in KINDS and self.task not in TASKS:
-            raise ValueError(f"unknown evaluation task {self.task!r}; choose from {list(KINDS) + sorted(TASKS)} "
+        if self.task not in _task_names():
+            raise ValueError(f"unknown evaluation task {self.task!r}; choose from {_task_names()} "
                              f"(or lm-eval:NAME for the harness)")
         self.data = [self.data] if isinstance(self.data, (str, os.PathLike)) else [str(d) for d in self.data]
         if self.task in KINDS and not self.data:
@@ -178,8 +178,6 @@ def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int =
 
 
 def _is_chat(tokenizer, chat: bool | None) -> bool:
-    from ..sft import IM_END, IM_START
-
     has = IM_START in tokenizer.special_tokens and IM_END in tokenizer.special_tokens
     if chat and not has:
         raise ValueError("chat prompts need a tokenizer with <|im_start|> and <|im_end|> (a fine-tuned checkpoint)")
@@ -188,9 +186,7 @@ def _is_chat(tokenizer, chat: bool | None) -> bool:
 
 def prompt_ids(tokenizer, prompt: str, chat: bool, template: str = "{prompt}") -> np.ndarray:
     """The tokens a generative task feeds the model: the template around the prompt, as a ChatML user turn
-    followed by the assistant header (fastllm.sft.render_prompt) for chat models, else as plain text."""
-    from ..sft import render_prompt
-
+    followed by the assistant header (fastllm.chat.render_prompt) for chat models, else as plain text."""
     text = template.replace("{prompt}", prompt)
     return render_prompt([{"role": "user", "content": text}], tokenizer) if chat else tokenizer.encode_ordinary(text)
 
@@ -198,8 +194,6 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, template: str = "{prompt}") -
 def gen_records(model, tokenizer, task, prompts: Sequence[str], cfg: EvalConfig, seed: int = 0, bar=None
                 ) -> list[dict]:
     """Per prompt: the reference answer, `cfg.samples` completions and whether each is correct (task.correct)."""
-    from ..sft import IM_END
-
     chat = _is_chat(tokenizer, cfg.chat)
     rows = [prompt_ids(tokenizer, p, chat, cfg.template) for p in prompts for _ in range(cfg.samples)]
     stop_tokens = (tokenizer.special_tokens[IM_END],) if chat else ()
@@ -324,7 +318,7 @@ def evaluate(model, tokenizer, task: str | EvalConfig, data=(), limit: int | Non
     cfg = task if isinstance(task, EvalConfig) else EvalConfig(task=task, data=data, limit=limit, **options)
     t0 = time.time()
     items = load_items(cfg, tokenizer) if items is None else items
-    kind = cfg.task if cfg.task in ("bpb", "mc") else "gen"
+    kind = _kind(cfg.task)
     task_obj, units = items if kind == "gen" else (None, items)
     partial = _Partial(out, _fingerprint(model, cfg) if out is not None else "")
     done = len(partial.records)
@@ -375,30 +369,85 @@ def format_report(report: dict) -> str:
     return "\n".join(rows)
 
 
+def _kind(task: str) -> str:
+    """bpb, mc, or gen (JSONL problems and the generated tasks alike)."""
+    return task if task in ("bpb", "mc") else "gen"
+
+
+def _task_names() -> list[str]:
+    from ..tasks import TASKS
+
+    return list(KINDS) + sorted(TASKS)
+
+
+# ---- during training ---------------------------------------------------------------------------------------------
+
+
+def check_train_eval(cfg) -> None:
+    """The eval_task, eval_task_data and eval_task_limit fields of a training config (TrainConfig, SFTConfig,
+    RLConfig; the --eval-task options), checked without reading a file: ValueError naming the field.
+    eval_task_data becomes a list of str (or stays None)."""
+    data = cfg.eval_task_data
+    if data is not None:
+        cfg.eval_task_data = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(d) for d in data]
+    checks.at_least(cfg, 1, "eval_task_limit")
+    if cfg.eval_task is None:
+        if cfg.eval_task_data or cfg.eval_task_limit is not None:
+            raise ValueError("eval_task_data and eval_task_limit need eval_task (--eval-task mc, bpb, gen, ...)")
+        return
+    if cfg.eval_task not in _task_names():
+        raise ValueError(f"eval_task: unknown task {cfg.eval_task!r}; choose from {_task_names()}")
+    if cfg.eval_task in KINDS and not cfg.eval_task_data:
+        raise ValueError(f"eval_task={cfg.eval_task!r} needs its files: --eval-task-data FILE ...")
+    if not cfg.eval_every:
+        raise ValueError(f"eval_task={cfg.eval_task!r} runs every eval_every steps, but eval_every=0 (never)")
+
+
 class TrainEval:
-    """An evaluation a training loop calls every N steps: the data is loaded (and checked) once, here.
+    """An evaluation a training loop calls every N steps (`fastllm train/sft/rl --eval-task`): the data is loaded
+    and checked once, here (a bad file fails before training starts, naming file:line; bpb documents are
+    tokenized here when `tokenizer` is given, else at the first call).
+
+    Calling it with (model, tokenizer) returns {"<name>/<metric>": value} to log, the metrics `evaluate` gives.
+    With several ranks (fastllm.distributed) each rank scores its share of the examples and the per-example
+    records of all are gathered, so every rank returns the metrics of the whole set (those one process gives;
+    sampled gen completions, --temperature > 0, draw other samples).
 
     >>> ev = TrainEval("mc", data="hellaswag_val.jsonl", limit=500)
     >>> ev(model, tokenizer)
     {'mc/acc': 0.27, 'mc/acc_stderr': 0.02, 'mc/acc_norm': 0.28, 'mc/acc_norm_stderr': 0.02}
     """
 
-    def __init__(self, task: str, data=(), limit: int | None = None, name: str | None = None, **options):
+    def __init__(self, task: str, data=(), limit: int | None = None, name: str | None = None, tokenizer=None,
+                 **options):
         self.config = EvalConfig(task=task, data=data, limit=limit, **options)
         self.name = name or task
-        self._items = None if task == "bpb" else load_items(self.config)  # bpb documents need the tokenizer
-        self._tokenized: tuple[object, list] | None = None
+        self._tokenizer = tokenizer
+        self._items = None if task == "bpb" and tokenizer is None else load_items(self.config, tokenizer)
+
+    @classmethod
+    def of(cls, cfg, tokenizer) -> TrainEval | None:
+        """The evaluation a training config's --eval-task options ask for (see check_train_eval); None without
+        eval_task."""
+        if cfg.eval_task is None:
+            return None
+        return cls(cfg.eval_task, data=cfg.eval_task_data or (), limit=cfg.eval_task_limit, tokenizer=tokenizer)
 
     def __call__(self, model, tokenizer) -> dict[str, float]:
-        items = self._items
-        if items is None:
-            if self._tokenized is None or self._tokenized[0] is not tokenizer:
-                self._tokenized = (tokenizer, load_items(self.config, tokenizer))
-            items = self._tokenized[1]
-        report = evaluate(model, tokenizer, self.config, items=items)
-        return {f"{self.name}/{k}": float(v) for k, v in report["metrics"].items()}
+        kind = _kind(self.config.task)
+        if self._items is None or (kind == "bpb" and tokenizer is not self._tokenizer):  # bpb: tokenized by it
+            self._items, self._tokenizer = load_items(self.config, tokenizer), tokenizer
+        world = distributed.world()
+        task_obj, units = self._items if kind == "gen" else (None, self._items)
+        mine = world.share(units)
+        records = []
+        if mine:
+            items = (task_obj, mine) if kind == "gen" else mine
+            records = evaluate(model, tokenizer, self.config, items=items)["records"]
+        records = [r for part in world.allgather(records) for r in part]  # in rank order: the examples' order
+        return {f"{self.name}/{k}": float(v) for k, v in metrics(kind, records).items()}
 
 
-__all__ = ["EvalConfig", "TrainEval", "evaluate", "format_report", "load", "load_items", "metrics", "pass_at_k",
-           "prompt_ids",
+__all__ = ["EvalConfig", "TrainEval", "check_train_eval", "evaluate", "format_report", "load", "load_items",
+           "metrics", "pass_at_k", "prompt_ids",
            "bpb_records", "mc_records", "gen_records", "score_continuations", "window_requests", "generate_until"]

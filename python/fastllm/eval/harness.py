@@ -30,6 +30,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from tqdm.auto import tqdm
 
+from ..chat import EOT, IM_END, IM_START
 from . import load
 from .scoring import generate_until, score_continuations, window_requests
 
@@ -127,9 +128,7 @@ class FastLLM(TemplateLM):
         return out
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """fastllm's ChatML (fastllm.sft) as text; tok_encode turns its special tokens back into ids."""
-        from ..sft import EOT, IM_END, IM_START
-
+        """fastllm's ChatML (fastllm.chat) as text; tok_encode turns its special tokens back into ids."""
         text = EOT + "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in chat_history)
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
