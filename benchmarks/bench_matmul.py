@@ -5,8 +5,10 @@ Forward: out = inp @ weight^T (torch: F.linear). Backward: the two GEMMs torch a
 dinp = dout @ weight and dweight = dout^T @ inp (fastllm: matmul_backward without dbias, accumulating into
 preallocated buffers, dweight in float32; torch: matmuls into preallocated `out=` buffers of the dtype).
 GFLOP/s (TFLOP/s on the GPU) = 2*N*C*OC per GEMM / median time; ratio = torch ms / fastllm ms (above 1: fastllm
-faster). Shapes (N, C, OC): the fc, fc-projection and lm-head layers (CPU: 2048 rows); on the GPU the qkv,
-attention-projection, fc and fc-projection layers of GPT-2 124M at B*T = 16384 rows.
+faster). On the CPU also "torch bf16": the same GEMMs with bfloat16 operands (what torch.autocast("cpu",
+dtype=torch.bfloat16) runs for F.linear; oneDNN, AMX or AVX512_BF16 where the CPU has them), the operands cast
+once outside the timing. Shapes (N, C, OC): the fc, fc-projection and lm-head layers (CPU: 2048 rows); on the
+GPU the qkv, attention-projection, fc and fc-projection layers of GPT-2 124M at B*T = 16384 rows.
 With --device cuda also the GEMM itself (fastllm.cuda.gemm: 'auto' = tensor cores at 2 blocks/SM, 'tc1' = the
 1 block/SM build) vs torch.matmul on every GEMM of those layers (forward, dinp, dweight) plus 4096^3 (and 8192^3
 without --quick), and the FFMA kernel (the fp32 path and the fallback) for scale. Inputs are 25-400 MB, far
@@ -46,21 +48,28 @@ def providers(shape, which: str, device: str, dtype: str):
         fns = {"fastllm": lambda: bk.matmul_forward(inp, weight, out=out)}
     else:
         fns = {"fastllm": lambda: bk.matmul_backward(dout, inp, weight, dinp=dinp, dweight=dweight, need_bias=False)}
-    torch = torch_on(device)
-    if torch is not None:
-        F = torch.nn.functional
-        ti, tw, tdo = (to_torch(a, device, dtype) for a in (inp_np, weight_np, dout_np))
-        tdi, tdw = torch.empty_like(ti), torch.empty_like(tw)
-        if which == "fwd":
-            fns["torch"] = lambda: F.linear(ti, tw)
-        else:
-
-            def torch_bwd():
-                torch.mm(tdo, tw, out=tdi)
-                torch.mm(tdo.t(), ti, out=tdw)
-
-            fns["torch"] = torch_bwd
+    if torch_on(device) is not None:
+        fns["torch"] = torch_fn(which, inp_np, weight_np, dout_np, device, dtype)
+        if device == "cpu" and dtype == "float32":
+            fns["torch bf16"] = torch_fn(which, inp_np, weight_np, dout_np, device, "bfloat16")
     return fns
+
+
+def torch_fn(which: str, inp_np, weight_np, dout_np, device: str, dtype: str):
+    """torch's forward (F.linear) or backward (dinp and dweight GEMMs into preallocated buffers) in `dtype`."""
+    import torch
+
+    F = torch.nn.functional
+    ti, tw, tdo = (to_torch(a, device, dtype) for a in (inp_np, weight_np, dout_np))
+    tdi, tdw = torch.empty_like(ti), torch.empty_like(tw)
+    if which == "fwd":
+        return lambda: F.linear(ti, tw)
+
+    def torch_bwd():
+        torch.mm(tdo, tw, out=tdi)
+        torch.mm(tdo.t(), ti, out=tdw)
+
+    return torch_bwd
 
 
 def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str = "float32",
@@ -78,14 +87,17 @@ def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str =
                            warmup=0 if smoke else 1)
             f = res["fastllm"]["median"]
             row = [str(shape), which, f"{f * 1e3:.2f}", f"{flops / f / scale:.1f}"]
-            if "torch" in res:
-                t = res["torch"]["median"]
-                row += [f"{t * 1e3:.2f}", f"{flops / t / scale:.1f}", f"{t / f:.2f}x"]
-            else:
-                row += ["-", "-", "-"]
+            for name in ("torch", "torch bf16") if device == "cpu" else ("torch",):
+                if name in res:
+                    t = res[name]["median"]
+                    row += [f"{t * 1e3:.2f}", f"{flops / t / scale:.1f}", f"{t / f:.2f}x"]
+                else:
+                    row += ["-", "-", "-"]
             rows.append(row)
-    print_table(rows, ["shape (N,C,OC)", "pass", "fastllm ms", f"fastllm {unit}", "torch ms", f"torch {unit}",
-                       "torch/fastllm"])
+    head = ["shape (N,C,OC)", "pass", "fastllm ms", f"fastllm {unit}", "torch ms", f"torch {unit}", "torch/fastllm"]
+    if device == "cpu":
+        head += ["torch bf16 ms", f"torch bf16 {unit}", "torch bf16/fastllm"]
+    print_table(rows, head)
     if device == "cuda":
         print()
         run_cuda_gemm(quick, smoke, repeats)

@@ -1,7 +1,8 @@
 """Decode tokens/s with a KV cache, fastllm vs a PyTorch eager GPT-2 with its own KV cache (same weights, same
 process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 8. Both in float32, and both with
 bf16 weights (fastllm: bf16 weight copies for decode steps, fp32 activations rounded to bf16 at each matmul;
-torch: the whole model in bfloat16), all four interleaved.
+torch: the whole model in bfloat16), and torch's float32 model under torch.autocast("cpu", dtype=torch.bfloat16)
+(the weights cast to bf16 at every matmul, as a mixed-precision training script samples), all five interleaved.
     python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2]"""
 
 from __future__ import annotations
@@ -71,18 +72,19 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int) -
             return np.stack(toks)
         return run
 
-    def theirs(tstep):
+    def theirs(tstep, autocast: bool = False):
         def run():
-            logits = tstep(torch.from_numpy(rows), 0)
-            toks = []
-            for i in range(n):
-                toks.append(logits.argmax(-1))
-                logits = tstep(toks[-1][:, None], prompt + i)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = tstep(torch.from_numpy(rows), 0)
+                toks = []
+                for i in range(n):
+                    toks.append(logits.argmax(-1))
+                    logits = tstep(toks[-1][:, None], prompt + i)
             return torch.stack(toks).numpy()
         return run
 
     fns = {"fastllm": ours("float32"), "torch": theirs(tsteps["f32"]), "fastllm bf16": ours(w16),
-           "torch bf16": theirs(tsteps["bf16"])}
+           "torch bf16": theirs(tsteps["bf16"]), "torch autocast": theirs(torch_decoder(model, B), autocast=True)}
     toks = {k: f() for k, f in fns.items()}
     same = f"{np.mean(toks['fastllm'] == toks['torch']):.0%}"  # greedy tokens equal to torch fp32's
     same16 = f"{np.mean(toks['fastllm bf16'] == toks['fastllm']):.0%}"
@@ -91,7 +93,8 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int) -
     tps = {k: f"{B * n / v:,.0f}" for k, v in s.items()}
     return [name, str(B), str(n), tps["fastllm"], tps["torch"], f"{s['torch'] / s['fastllm']:.2f}x", same,
             tps["fastllm bf16"], tps["torch bf16"], f"{s['torch bf16'] / s['fastllm bf16']:.2f}x",
-            f"{s['torch'] / s['fastllm bf16']:.2f}x", same16]
+            f"{s['torch'] / s['fastllm bf16']:.2f}x", same16, tps["torch autocast"],
+            f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"]
 
 
 def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
@@ -108,7 +111,8 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
     print("prompt 16 tokens; tok/s = B * new / time (prefill included); 'same' = greedy tokens equal to torch fp32's"
           " (fastllm fp32) and to fastllm fp32's (bf16)")
     print_table(rows, ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w",
-                       "torch bf16", "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16"])
+                       "torch bf16", "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16",
+                       "torch autocast", "torch autocast/fastllm bf16w"])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Tokens/s of a full training step (forward + backward + AdamW), fastllm vs a PyTorch eager GPT-2 (SDPA attention,
-torch.optim.AdamW) with the same weights, in one process, same threads:
+torch.optim.AdamW) with the same weights, in float32 and under torch.autocast("cpu", dtype=torch.bfloat16) (the
+forward in autocast, backward and AdamW outside it: PyTorch's mixed-precision recipe, fp32 master weights), all
+three interleaved in one process, same threads:
     python benchmarks/bench_train.py [--threads 2] [--quick] [--gpt2]
 Shapes: a 6-layer 384-wide model at T=256 (vocab 4096 and 50257), and with --gpt2, GPT-2 124M at T=1024."""
 
@@ -18,6 +20,8 @@ from common import bench, cli, header, print_table, set_threads  # noqa: E402
 from fastllm.model import GPT, GPTConfig  # noqa: E402
 from fastllm.optim import AdamW  # noqa: E402
 
+PROVIDERS = ("fastllm", "torch", "torch autocast")
+
 
 def case(name: str, cfg: GPTConfig, B: int, T: int, repeats: int) -> list[str]:
     import torch
@@ -35,22 +39,27 @@ def case(name: str, cfg: GPTConfig, B: int, T: int, repeats: int) -> list[str]:
         model.backward()
         opt.step()
 
-    fwd, params = torch_gpt.build(model, sdpa=True)
-    topt = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.1)
     tx, ty = torch.as_tensor(x), torch.as_tensor(y)
 
-    def theirs():
-        loss = fwd(tx, ty)
-        topt.zero_grad(set_to_none=True)
-        loss.backward()
-        topt.step()
+    def theirs(autocast: bool):
+        fwd, params = torch_gpt.build(model, sdpa=True)  # each variant its own weights and optimizer
+        topt = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.1)
 
-    r = bench({"fastllm": ours, "torch": theirs}, repeats=repeats, warmup=1)
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = fwd(tx, ty)
+            topt.zero_grad(set_to_none=True)
+            loss.backward()
+            topt.step()
+
+        return step
+
+    r = bench({"fastllm": ours, "torch": theirs(False), "torch autocast": theirs(True)}, repeats=repeats, warmup=1)
     ms = {k: v["median"] * 1e3 for k, v in r.items()}
     tok = B * T
-    return [name, f"{B}x{T}", f"{model.num_parameters / 1e6:.1f}M", f"{ms['fastllm']:.0f}", f"{ms['torch']:.0f}",
-            f"{tok / ms['fastllm'] * 1e3:,.0f}", f"{tok / ms['torch'] * 1e3:,.0f}",
-            f"{ms['torch'] / ms['fastllm']:.2f}x"]
+    return [name, f"{B}x{T}", f"{model.num_parameters / 1e6:.1f}M", *(f"{ms[k]:.0f}" for k in PROVIDERS),
+            *(f"{tok / ms[k] * 1e3:,.0f}" for k in PROVIDERS), f"{ms['torch'] / ms['fastllm']:.2f}x",
+            f"{ms['torch autocast'] / ms['fastllm']:.2f}x"]
 
 
 def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
@@ -63,8 +72,9 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
         rows.append(case("6L-384 V=50257", GPTConfig(vocab_size=50257, **small), 8, 256, 3))
     if gpt2:
         rows.append(case("gpt2 124M", GPTConfig.preset("gpt2", vocab_size=50257), 4, 1024, 2))
-    print_table(rows, ["model", "BxT", "params", "fastllm ms", "torch ms", "fastllm tok/s", "torch tok/s",
-                       "torch/fastllm"])
+    print("torch autocast = torch.autocast('cpu', dtype=torch.bfloat16) around the forward (bf16 GEMMs)")
+    print_table(rows, ["model", "BxT", "params", *(f"{k} ms" for k in PROVIDERS), *(f"{k} tok/s" for k in PROVIDERS),
+                       "torch/fastllm", "torch autocast/fastllm"])
 
 
 if __name__ == "__main__":

@@ -18,14 +18,35 @@ from typing import Callable
 
 
 def cpu_name() -> str:
+    """The CPU model (fastllm.info()["cpu"], the CPUID brand string), with /proc/cpuinfo's family and model numbers
+    where Linux has them (a virtual machine's brand string may be as short as "AMD EPYC")."""
+    import fastllm
+
+    name = fastllm.info()["cpu"] or platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "cpu family" in fields and "model" in fields:
+            name += f" (family {fields['cpu family']} model {fields['model']})"
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return name
+
+
+def simd_note() -> str:
+    """The SIMD level in use and the bf16 hardware: e.g. "simd avx2, bf16 matmul avx2, no avx512_bf16, no amx"."""
+    import fastllm
+
+    d = fastllm.info()
+    f = d["cpu_features"]
+    parts = [f"simd {fastllm.get_simd()}", f"bf16 matmul {d['bf16_matmul']}",
+             "avx512_bf16" if f["avx512_bf16"] else "no avx512_bf16"]
+    if f["amx_bf16"]:
+        parts.append("amx_bf16 " + ("(tiles granted)" if d["amx_permission"] else "(tile permission denied)"))
+    else:
+        parts.append("no amx")
+    return ", ".join(parts)
 
 
 def load_note() -> str:
@@ -52,7 +73,7 @@ def header(title: str, threads: int, device: str = "cpu", dtype: str = "float32"
     import fastllm
 
     if device == "cpu":
-        parts = [title, f"threads={threads}", cpu_name(), f"fastllm {fastllm.__version__} ({fastllm.info()['simd']})"]
+        parts = [title, f"threads={threads}", cpu_name(), simd_note(), f"fastllm {fastllm.__version__}"]
     else:
         timing = "CUDA events, L2 flushed" if torch_on("cuda") is not None else "host clock (no CUDA torch)"
         parts = [title, gpu_name(), dtype, timing, f"fastllm {fastllm.__version__}"]

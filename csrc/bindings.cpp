@@ -793,6 +793,21 @@ static py::dict info_py() {
     d["build"] = FASTLLM_BUILD_INFO;
     d["simd"] = fastllm::simd_name(fastllm::simd_level());
     d["simd_detected"] = fastllm::simd_name(fastllm::detect_simd());
+    d["bf16_matmul"] = fastllm::simd_name(fastllm::cpu::matmul_bf16w_path());
+    const fastllm::CpuFeatures& f = fastllm::cpu_features();
+    d["cpu"] = f.model;
+    py::dict feats;  // named as in /proc/cpuinfo's flags
+    feats["avx2"] = f.avx2;
+    feats["fma"] = f.fma;
+    feats["avx512f"] = f.avx512f;
+    feats["avx512bw"] = f.avx512bw;
+    feats["avx512_bf16"] = f.avx512_bf16;
+    feats["avx512_fp16"] = f.avx512_fp16;
+    feats["amx_tile"] = f.amx_tile;
+    feats["amx_bf16"] = f.amx_bf16;
+    feats["amx_int8"] = f.amx_int8;
+    d["cpu_features"] = feats;
+    d["amx_permission"] = f.amx_permission;
     d["threads"] = fastllm::max_threads();
 #ifdef _OPENMP
     d["openmp"] = (int)_OPENMP;
@@ -820,12 +835,21 @@ static py::dict info_py() {
     return d;
 }
 
-static void set_simd_py(const std::string& level) {
-    using fastllm::Simd;
-    if (level == "avx512") fastllm::set_simd_level(Simd::avx512);
-    else if (level == "avx2") fastllm::set_simd_level(Simd::avx2);
-    else if (level == "scalar") fastllm::set_simd_level(Simd::scalar);
-    else throw py::value_error(str_cat("simd level must be 'avx512', 'avx2' or 'scalar', got '", level, "'"));
+static fastllm::Simd parse_simd(const std::string& level) {
+    for (int i = 0; i < fastllm::kSimdLevels; i++) {
+        const auto s = static_cast<fastllm::Simd>(i);
+        if (level == fastllm::simd_name(s)) return s;
+    }
+    throw py::value_error(str_cat("simd level must be 'avx512_bf16', 'avx512', 'avx2' or 'scalar', got '", level, "'"));
+}
+
+// Lowers the SIMD level (clamped to what the CPU has; fastllm.set_simd is the strict public wrapper).
+static void set_simd_py(const std::string& level) { fastllm::set_simd_level(parse_simd(level)); }
+
+static py::tuple simd_levels() {
+    py::list names;
+    for (int i = 0; i < fastllm::kSimdLevels; i++) names.append(fastllm::simd_name(static_cast<fastllm::Simd>(i)));
+    return py::tuple(names);
 }
 
 static void set_num_threads_py(const py::object& threads) {
@@ -1208,6 +1232,8 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("info", &info_py);
     m.def("set_simd_level", &set_simd_py, arg("level"));
+    m.def("get_simd_level", [] { return std::string(fastllm::simd_name(fastllm::simd_setting())); });
+    m.attr("SIMD_LEVELS") = simd_levels();  // lowest to highest
     m.def("set_num_threads", &set_num_threads_py, arg("threads"));
     m.def("get_num_threads", &fastllm::max_threads);
     m.attr("MAX_THREADS") = fastllm::kMaxThreads;

@@ -77,20 +77,32 @@ inline int thread_id() {
 }
 
 // ---- CPU features (run-time dispatch; the module itself is compiled for baseline x86-64)
-enum class Simd { scalar = 0, avx2 = 1, avx512 = 2 };
+// What the CPU and the OS provide, read once (csrc/cpu/simd.cpp): CPUID leaf 1 and leaf 7 subleaves 0/1, each
+// AVX/AVX-512/AMX feature counted only when XCR0 (xgetbv) shows that the OS saves its register state. Names
+// follow the flags line of Linux's /proc/cpuinfo. amx_permission: Linux granted this process the AMX tile data
+// state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), requested once where the CPU has AMX).
+struct CpuFeatures {
+    std::string model;  // CPUID brand string, e.g. "AMD EPYC 7B13 64-Core Processor"
+    bool avx2 = false, fma = false;
+    bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+    bool avx512_bf16 = false, avx512_fp16 = false;
+    bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
+    bool amx_permission = false;
+};
+const CpuFeatures& cpu_features();
 
-inline Simd detect_simd() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return Simd::avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Simd::avx2;
-#endif
-    return Simd::scalar;
-}
+// SIMD levels, lowest to highest: the vector ISA of the fp32 kernels (scalar, avx2, avx512), then avx512_bf16
+// (avx512 plus the VDPBF16PS bf16 dot products of the bf16-weight matmul). A level includes those below it.
+enum class Simd { scalar = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+constexpr int kSimdLevels = 4;
 
-// The SIMD level in use: detected once, can be lowered (never raised) for tests via set_simd_level.
+// The highest level this CPU supports.
+Simd detect_simd();
+
+// The level in use: detected once, can be lowered (never raised) for tests via set_simd_level.
+Simd simd_setting();
+// The fp32 kernels' ISA under the level in use: simd_setting() capped at avx512 (never avx512_bf16), so kernels
+// dispatch with `simd_level() == Simd::avx512` / `== Simd::avx2` / else the portable loop.
 Simd simd_level();
 void set_simd_level(Simd level);  // clamps to what the CPU supports
 const char* simd_name(Simd s);
@@ -103,13 +115,3 @@ const char* simd_name(Simd s);
 // AVX-512 plus the bf16 dot product (vdpbf16ps; AMD Zen 4, Intel Cooper Lake / Sapphire Rapids and later)
 #define FASTLLM_TARGET_AVX512BF16 \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
-namespace fastllm {
-inline bool cpu_has_avx512bf16() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16");
-#else
-    return false;
-#endif
-}
-}  // namespace fastllm

@@ -31,13 +31,29 @@ def threads(request):
     fastllm.set_num_threads(old)
 
 
+def _at_simd(level: str):
+    """Runs the test body at SIMD `level` (fastllm.set_simd), skipped with the reason where the CPU lacks it; yields
+    the fp32 kernels' level in use (info()["simd"]), then restores the detected level."""
+    best = fastllm.info()["simd_detected"]
+    if fastllm.SIMD_LEVELS.index(level) > fastllm.SIMD_LEVELS.index(best):
+        pytest.skip(f"this CPU ({fastllm.info()['cpu'] or 'unknown'}) has no {level}: it supports up to {best}")
+    fastllm.set_simd(level)
+    try:
+        yield fastllm.info()["simd"]
+    finally:
+        fastllm.set_simd("auto")
+
+
 @pytest.fixture(params=["avx512", "avx2", "scalar"])
 def simd(request):
-    """Runs the test at each SIMD code path (clamped to what the CPU has: the value yielded is the level in
-    use), then restores the detected level."""
-    fastllm._C.set_simd_level(request.param)
-    yield fastllm.info()["simd"]
-    fastllm._C.set_simd_level(fastllm.info()["simd_detected"])
+    """Runs the test at each SIMD code path of the fp32 kernels (a level the CPU lacks is skipped)."""
+    yield from _at_simd(request.param)
+
+
+@pytest.fixture(params=["avx512_bf16", "avx512", "avx2", "scalar"])
+def simd_bf16(request):
+    """Like `simd`, with the avx512_bf16 level too (the VDPBF16PS path of the bf16-weight matmul)."""
+    yield from _at_simd(request.param)
 
 
 def pytest_generate_tests(metafunc):

@@ -812,6 +812,11 @@ static void gemm_bf16w_portable(int64_t M, int64_t N, int64_t K, const uint16_t*
     }
 }
 
+Simd matmul_bf16w_path() {
+    if (simd_setting() >= Simd::avx512_bf16) return Simd::avx512_bf16;
+    return simd_level() >= Simd::avx2 ? Simd::avx2 : Simd::scalar;  // avx512 without bf16 uses the avx2 widening
+}
+
 void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, float* pre_gelu,
                           int64_t N, int64_t C, int64_t OC) {
     if (N <= 0 || OC <= 0) return;
@@ -822,12 +827,12 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
 #ifdef _OPENMP
     if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) T = max_threads();
 #endif
-    static const bool has_bf16 = cpu_has_avx512bf16();
-    if (has_bf16 && simd_level() == Simd::avx512) {
+    const Simd path = matmul_bf16w_path();
+    if (path == Simd::avx512_bf16) {
         if (N == 1) gemv_bf16w_avx512bf16(OC, C, a16.data(), weight, bias, prod, T);
         else if (N <= 4) gemm_bf16w_avx512bf16<4, 4>(N, OC, C, a16.data(), weight, bias, prod, T);
         else gemm_bf16w_avx512bf16<8, 3>(N, OC, C, a16.data(), weight, bias, prod, T);
-    } else if (simd_level() >= Simd::avx2) {  // no bf16 dot product: widen to fp32 in registers (exact)
+    } else if (path == Simd::avx2) {  // no bf16 dot product: widen to fp32 in registers (exact)
         std::vector<float> a32((size_t)(N * C));
         for (int64_t i = 0; i < N * C; i++) a32[i] = bf16_to_float(a16[i]);
         if (N == 1) gemv_nt_avx2<LoadBf16>(OC, C, 1.0f, a32.data(), weight, C, 0.0f, prod, bias, T);

@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "common.h"
+
 namespace fastllm::cpu {
 
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC); bias may be nullptr. With pre_gelu (N, OC) (the GELU
@@ -41,6 +43,9 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
 // as in matmul_forward.
 void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, float* pre_gelu,
                           int64_t N, int64_t C, int64_t OC);
+// The code path matmul_forward_bf16w takes under the SIMD level in use: avx512_bf16 (VDPBF16PS), avx2 (bf16
+// widened to fp32 in registers) or scalar (fastllm.info()["bf16_matmul"]).
+Simd matmul_bf16w_path();
 // float32 -> bf16 bit patterns, round to nearest even (NaN stays NaN, overflow rounds to inf)
 void float_to_bf16(uint16_t* dst, const float* src, int64_t n);
 

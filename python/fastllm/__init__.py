@@ -11,6 +11,8 @@ True
 
 from __future__ import annotations
 
+import os
+
 from . import _C, ops
 from .checkpoint import load_model
 from .model import GPT, GPTConfig
@@ -20,8 +22,17 @@ from .version import __version__
 
 
 def info() -> dict:
-    """Version, build flags, SIMD level in use, OpenMP threads, whether CUDA is built and a GPU found, and what
-    multi-process training can use: mpi4py and its MPI library, the mpiexec launcher, NCCL."""
+    """Version, build flags, the CPU and the SIMD level in use, OpenMP threads, whether CUDA is built and a GPU
+    found, and what multi-process training can use: mpi4py and its MPI library, the mpiexec launcher, NCCL.
+
+    CPU keys: "cpu" (model name), "cpu_features" (avx2, fma, avx512f, avx512bw, avx512_bf16, avx512_fp16, amx_tile,
+    amx_bf16, amx_int8: what the CPU has and the OS enabled, named as in /proc/cpuinfo), "amx_permission" (Linux
+    granted this process the AMX tile state), "simd" (the fp32 kernels' vector ISA in use: avx512, avx2 or scalar),
+    "simd_detected" (the highest level of SIMD_LEVELS the CPU supports) and "bf16_matmul" (the bf16-weight matmul's
+    path: avx512_bf16 dot products, or bf16 widened to fp32 on avx2 or scalar).
+
+    >>> fastllm.info()["cpu_features"]["avx2"] in (True, False)
+    True"""
     from . import distributed, nccl
 
     d = dict(_C.info())
@@ -41,5 +52,46 @@ def get_num_threads() -> int:
     return int(_C.get_num_threads())
 
 
+SIMD_LEVELS: tuple[str, ...] = tuple(_C.SIMD_LEVELS)  # lowest to highest; each includes the ones below it
+
+
+def set_simd(level: str) -> None:
+    """Run the CPU kernels at a lower SIMD level, to test or time the fallback paths (like the environment variable
+    FASTLLM_SIMD, read at import): "scalar" (portable loops), "avx2" (AVX2 + FMA), "avx512" (AVX-512 F/BW/DQ/VL),
+    "avx512_bf16" (avx512 plus VDPBF16PS bf16 dot products in the bf16-weight matmul), or "auto" (the highest this
+    CPU supports, the default). ValueError for an unknown level or one above what the CPU supports.
+
+    >>> fastllm.set_simd("scalar"); fastllm.get_simd()
+    'scalar'
+    >>> fastllm.set_simd("auto")"""
+    best = _C.info()["simd_detected"]
+    level = level.strip().lower() if isinstance(level, str) else level
+    if level == "auto":
+        level = best
+    if level not in SIMD_LEVELS:
+        raise ValueError(f"simd level must be one of {', '.join(SIMD_LEVELS)} or auto, got {level!r}")
+    if SIMD_LEVELS.index(level) > SIMD_LEVELS.index(best):
+        raise ValueError(f"simd level {level!r} is not supported by this CPU ({_C.info()['cpu'] or 'unknown'}): "
+                         f"it supports up to {best!r}")
+    _C.set_simd_level(level)
+
+
+def get_simd() -> str:
+    """The SIMD level in use, one of SIMD_LEVELS (see set_simd)."""
+    return str(_C.get_simd_level())
+
+
+def _simd_from_env() -> None:
+    level = os.environ.get("FASTLLM_SIMD", "")
+    if level.strip():
+        try:
+            set_simd(level)
+        except ValueError as e:
+            raise ValueError(f"environment variable FASTLLM_SIMD: {e}") from None
+
+
+_simd_from_env()
+
+
 __all__ = ["GPT", "GPTConfig", "Tokenizer", "generate", "load_model", "info", "ops", "set_num_threads",
-           "get_num_threads", "__version__"]
+           "get_num_threads", "set_simd", "get_simd", "SIMD_LEVELS", "__version__"]
