@@ -188,5 +188,6 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
 
 
 if __name__ == "__main__":
-    cli(run, __doc__, gpt2="also GPT-2 124M", arch=("the model family: gpt2 (GPT-2 shapes) or llama (SmolLM2-135M "
-                                                    "and Qwen2.5-0.5B shapes, random weights)", "gpt2", "llama"))
+    cli(run, __doc__, gpt2="also GPT-2 124M",
+        arch=("the model family: gpt2 (GPT-2 shapes) or llama (SmolLM2-135M and Qwen2.5-0.5B shapes, random weights)",
+              "gpt2", "gpt2", "llama"))

@@ -202,8 +202,8 @@ def print_table(rows: list[list[str]], head: list[str]) -> None:
 
 def cli(run: Callable[..., None], doc: str | None, device: bool = False, **flags: str | tuple[str, ...]) -> None:
     """The command line of a benchmark: --threads N, --quick, plus --flags (name -> help: a boolean flag; name ->
-    (help, default, choice, ...): an option with those choices); with device=True also --device, --dtype and --smoke
-    (see add_device_args). Calls run(threads=..., quick=..., **the rest)."""
+    (help, default, choice, ...): an option of default's type, with those choices if any); with device=True also
+    --device, --dtype and --smoke (see add_device_args). Calls run(threads=..., quick=..., **the rest)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,8 +211,9 @@ def cli(run: Callable[..., None], doc: str | None, device: bool = False, **flags
     p.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes")
     for name, help_text in flags.items():
         if isinstance(help_text, tuple):
-            text, *choices = help_text
-            p.add_argument("--" + name.replace("_", "-"), default=choices[0], choices=choices, help=text)
+            text, default, *choices = help_text
+            p.add_argument("--" + name.replace("_", "-"), default=default, type=type(default), choices=choices or None,
+                           help=f"{text} (default: {default})")
         else:
             p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
     if device:

@@ -346,3 +346,35 @@ def test_convert_keeps_the_chat_files(qwen2_dir, tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert auto.apply_chat_template(msgs, tokenize=False) == \
         transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(msgs, tokenize=False)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsys):
+    """`fastllm chat --ckpt <HF folder>` renders the checkpoint's own chat template (Llama 3's has no ChatML tokens
+    at all) and answers with transformers' greedy tokens for apply_chat_template's prompt, stopping at its EOS."""
+    pytest.importorskip("tokenizers")
+    import io
+
+    from hf_families import LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
+
+    from fastllm import cli
+
+    template, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>")}[family]
+    tok = build_tokenizer(family, vocab_size=400)
+    torch.manual_seed(0)
+    prefix = {"llama3": "Llama", "qwen2": "Qwen2"}[family]
+    cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, "vocab_size": tok.get_vocab_size(),
+                                                       "num_key_value_heads": 2})
+    ref = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
+    d = tmp_path / family
+    ref.save_pretrained(d)
+    write_folder(d, tok, family, chat_template=template, eos=eos, generation_eos=[eos])
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    auto = transformers.AutoTokenizer.from_pretrained(d)
+    prompt = auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = ref.generate(**prompt, max_new_tokens=12, do_sample=False, eos_token_id=tok.token_to_id(eos))
+    want = auto.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
+    assert cli.main(["chat", "--ckpt", str(d), "--system", "Be brief.", "--temperature", "0", "-n", "12"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed, info
+from .chat import chat_format, has_chatml
 from .checkpoint import checkpoint_tokenizer, convert, load_model
 from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
@@ -329,7 +330,8 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint folder, or an `fastllm sft` output folder")
+    p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint folder, an `fastllm sft` output folder, or a "
+                                                 "Hugging Face chat model's folder (its own chat template)")
     p.add_argument("--system", default=None, help="system message (default: none)")
     _add_sampling_args(p, max_new_tokens=256, temperature=0.7)
 
@@ -339,9 +341,14 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 def _cmd_chat(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)  # checked before loading anything
     model = load_model(args.ckpt).eval()
-    session = ChatSession(model, checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer), system=args.system,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.dtype or "float32",
-                          **sampling)
+    tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
+    fmt = chat_format(model.checkpoint_dir, tok) if args.tokenizer is None else None  # its own template, or ChatML
+    if fmt is None and not has_chatml(tok):
+        raise ValueError(f"{model.checkpoint_dir}: no chat template (chat_template.jinja, or chat_template in "
+                         f"tokenizer_config.json) and no ChatML tokens in its tokenizer: a base model; fine-tune it "
+                         f"for chat with `fastllm sft`")
+    session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          weights=args.dtype or "float32", chat=fmt, **sampling)
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
               f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
