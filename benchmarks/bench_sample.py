@@ -8,8 +8,10 @@ Qwen2.5-0.5B, and HF transformers' LlamaForCausalLM / Qwen2ForCausalLM on the sa
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -27,6 +29,10 @@ LLAMA_SHAPES = {
     "Qwen2.5-0.5B": ("qwen2", dict(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, mlp_hidden=4864,
                                    rope_theta=1000000.0, layernorm_eps=1e-6, qkv_bias=True)),
 }
+
+
+def llama_config(shape: dict) -> GPTConfig:
+    return GPTConfig(**{**MODERN, "mlp": "swiglu", "block_size": 2048, **shape})
 
 
 def torch_decoder(model: GPT, B: int, max_len: int, dtype=None):
@@ -160,17 +166,80 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
     return row
 
 
-def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "gpt2") -> None:
+class OpTimer:
+    """Stands in for a model's CPU backend (fastllm.ops; its kernels run synchronously) and adds up the seconds of
+    each call by op; a matmul's op name carries its weight's shape, so the lm-head and each projection show apart."""
+
+    def __init__(self, bk):
+        self.bk, self.seconds = bk, collections.defaultdict(float)
+
+    def __getattr__(self, name):
+        f = getattr(self.bk, name)
+        if not callable(f):
+            return f
+
+        def timed(*args, **kwargs):
+            op = name
+            if name == "matmul_forward" and hasattr(args[1], "shape"):
+                op = f"matmul {tuple(args[1].shape)}"
+            t0 = time.perf_counter()
+            out = f(*args, **kwargs)
+            self.seconds[op] += time.perf_counter() - t0
+            return out
+
+        return timed
+
+
+def profile_step(name: str, cfg: GPTConfig, B: int, prompt: int, n: int) -> None:
+    """Where one decode step's time goes: fastllm by op (fp32 and bf16 weights, the mean of n steps after a prompt)
+    beside torch.profiler's table of the eager decoder's steps."""
+    import torch
+
+    model = GPT(cfg, seed=0).eval()
+    rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, prompt))
+    print(f"\n{name}, B={B}: one decode step at position {prompt}..{prompt + n}, ms per step")
+    for weights in ("float32", model.bf16_weights()):
+        cache = model.kv_cache(B, weights=weights, max_len=prompt + n + 1)
+        tok = cache.prefill([list(r) for r in rows]).argmax(-1)
+        tok = cache.decode(tok).argmax(-1)  # warm-up
+        timer, bk = OpTimer(model.bk), model.bk
+        model.bk = timer
+        t0 = time.perf_counter()
+        try:
+            for _ in range(n):
+                tok = cache.decode(tok).argmax(-1)
+        finally:
+            model.bk = bk
+        total = (time.perf_counter() - t0) / n
+        ops = sorted(timer.seconds.items(), key=lambda kv: -kv[1]) + [("python, the rest", total * n - sum(
+            timer.seconds.values()))]
+        label = "fp32" if weights == "float32" else "bf16 weights"
+        print(f"fastllm {label}: {total * 1e3:.1f} ms/step = " + ", ".join(f"{op} {t / n * 1e3:.2f}" for op, t in ops))
+    step = torch_decoder(model, B, prompt + n + 1)
+    tok = step(torch.from_numpy(rows), 0).argmax(-1)
+    tok = step(tok[:, None], prompt).argmax(-1)  # warm-up
+    with torch.profiler.profile() as prof:
+        for i in range(n):
+            tok = step(tok[:, None], prompt + 1 + i).argmax(-1)
+    print(f"torch fp32 (self CPU time of the {n} steps):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "gpt2", profile: bool = False) -> None:
     set_threads(threads)
     print(header("decode with KV cache (prefill + n greedy tokens)", threads))
     head = ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w", "torch bf16",
             "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16"]
     rows = []
+    if profile:
+        for name, (_, shape) in LLAMA_SHAPES.items():
+            profile_step(name, llama_config(shape), 1, 16, 8)
+        return
     if arch == "llama":
         for name, (family, shape) in LLAMA_SHAPES.items():
             if quick and name != "SmolLM2-135M":
                 continue
-            cfg = GPTConfig(**{**MODERN, "mlp": "swiglu", "block_size": 2048, **shape})
+            cfg = llama_config(shape)
             for B in (1, 8):
                 rows.append(case(name, cfg, B, 16, 16 if quick else 32, 2 if quick else 3, family))
         head += ["transformers", "transformers/fastllm", "same hf"]
@@ -189,5 +258,6 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
 
 if __name__ == "__main__":
     cli(run, __doc__, gpt2="also GPT-2 124M",
+        profile="instead of the table: where one decode step's time goes, by op, in the --arch llama shapes (B=1)",
         arch=("the model family: gpt2 (GPT-2 shapes) or llama (SmolLM2-135M and Qwen2.5-0.5B shapes, random weights)",
               "gpt2", "gpt2", "llama"))
