@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed, info
-from .chat import chat_format, has_chatml
+from .chat import chat_format, eos_token_ids, has_chatml
 from .checkpoint import checkpoint_tokenizer, convert, load_model
 from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
@@ -300,17 +300,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if gpu else None).eval()
     tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
     ids = tok.encode(args.prompt, allowed_special="all")
-    if ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
+    if tok.bos_token is not None and (ids.size == 0 or ids[0] != tok.bos_token):  # as HF's tokenizer encodes it
+        ids = np.concatenate([[tok.bos_token], ids])
+    elif ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
         ids = np.array([tok.eot_token])
     context = model.config.block_size
     if ids.size >= context:
         raise ValueError(f"--prompt is {ids.size} tokens but the model's context is {context} tokens: give a prompt "
                          f"of at most {context - 1} tokens to leave room for new ones")
     n = min(args.max_new_tokens, context - ids.size)
+    stops = eos_token_ids(model.checkpoint_dir, tok)  # an HF folder's EOS ids (generation_config.json), if any
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats,
+        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats, stop_tokens=stops,
                                  seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
                                  **sampling):
             print(piece, end="", flush=True)
