@@ -92,9 +92,12 @@ def race_presets(gpt2: str, steps: int, threads: int, repeats: int) -> None:
 
             steppers[n] = lambda model=model, opt=opt, mb=micro_batch, lr=c.lr: update(model, opt, mb, lr, 1.0)
         step_s = {k: v["median"] for k, v in bench(steppers, repeats=repeats, warmup=2).items()}
+        for c in cfgs.values():
+            c.max_steps = round(steps * step_s[gpt2] / step_s[c.model])
+        print("step time, interleaved: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in step_s.items()) + " -> "
+              + ", ".join(f"{n} {c.max_steps} steps" for n, c in cfgs.items()), flush=True)
         rows = []
         for n, c in cfgs.items():
-            c.max_steps = round(steps * step_s[gpt2] / step_s[n])
             load0, t0 = os.getloadavg()[0], time.perf_counter()
             s = train(train_config(c, data, out / n), progress=False, log=lambda *a, **k: None)
             wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
