@@ -1,65 +1,131 @@
-"""Decode tokens/s with a KV cache, fastllm vs a PyTorch eager GPT-2 with its own KV cache (same weights, same
+"""Decode tokens/s with a KV cache, fastllm vs a PyTorch eager decoder with its own KV cache (same weights, same
 process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 8. Both in float32, and both with
 bf16 weights (fastllm: bf16 weight copies for decode steps, fp32 activations rounded to bf16 at each matmul;
 torch: the whole model in bfloat16), and torch's float32 model under torch.autocast("cpu", dtype=torch.bfloat16)
-(the weights cast to bf16 at every matmul, as a mixed-precision training script samples), all five interleaved.
-    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2]"""
+(the weights cast to bf16 at every matmul, as a mixed-precision training script samples), all interleaved. GPT-2
+shapes by default; --arch llama: Llama-family models (RoPE, RMSNorm, SwiGLU, grouped-query attention) with random
+weights in the shapes of SmolLM2-135M and Qwen2.5-0.5B, and HF transformers' LlamaForCausalLM / Qwen2ForCausalLM on
+the same weights as a further provider.
+    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama]"""
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from common import bench, cli, header, print_table, set_threads  # noqa: E402
 
-from fastllm.model import GPT, GPTConfig  # noqa: E402
+from fastllm.model import GPT, MODERN, GPTConfig  # noqa: E402
+
+# random weights in the shapes of real checkpoints (their config.json), and the HF family that loads them
+LLAMA_SHAPES = {
+    "SmolLM2-135M": ("llama", dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_hidden=1536,
+                                   rope_theta=100000.0, layernorm_eps=1e-5)),
+    "Qwen2.5-0.5B": ("qwen2", dict(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, mlp_hidden=4864,
+                                   rope_theta=1000000.0, layernorm_eps=1e-6, qkv_bias=True)),
+}
 
 
-def torch_decoder(model: GPT, B: int, dtype=None):
-    """A nanoGPT-style eager decoder with a preallocated KV cache (torch.inference_mode, SDPA)."""
+def llama_config(shape: dict) -> GPTConfig:
+    return GPTConfig(**{**MODERN, "mlp": "swiglu", "block_size": 2048, **shape})
+
+
+def torch_decoder(model: GPT, B: int, max_len: int, dtype=None):
+    """A nanoGPT-style eager decoder of model's architecture (GPT-2 or the Llama family) with a preallocated KV cache
+    of the kv heads for max_len positions (torch.inference_mode, SDPA with grouped-query attention)."""
     import torch
     import torch.nn.functional as F
+
+    from fastllm import rope
 
     cfg = model.config
     dtype = dtype or torch.float32
     P = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in model.p.items()}
-    C, NH, L, Tm = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.block_size
-    hs = C // NH
-    kc = torch.zeros(L, B, NH, Tm, hs, dtype=dtype)
-    vc = torch.zeros(L, B, NH, Tm, hs, dtype=dtype)
+    C, NH, NKV, hs, L, Tm = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.n_layer, max_len
+    kc = torch.zeros(L, B, NKV, Tm, hs, dtype=dtype)
+    vc = torch.zeros(L, B, NKV, Tm, hs, dtype=dtype)
+    if cfg.positions == "rope":
+        freq = torch.tensor(rope.inv_freq(hs, cfg.rope_theta, cfg.rope_scaling))
+        ang = torch.arange(Tm, dtype=torch.float32)[:, None] * freq
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1).to(dtype), torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+
+    def norm(x, name, l=None):
+        w = P[name + ".weight"] if l is None else P[name + ".weight"][l]
+        if cfg.norm == "rmsnorm":
+            return F.rms_norm(x, (C,), w, cfg.layernorm_eps)
+        return F.layer_norm(x, (C,), w, P[name + ".bias"] if l is None else P[name + ".bias"][l], cfg.layernorm_eps)
+
+    def bias(name, l):
+        return P[name][l] if name in P else None
+
+    def rotate(x, pos, Tn):
+        half = hs // 2
+        return x * cos[pos:pos + Tn] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[pos:pos + Tn]
 
     @torch.inference_mode()
     def step(idx: torch.Tensor, pos: int) -> torch.Tensor:
         Tn = idx.shape[1]
-        x = P["wte"][idx] + P["wpe"][pos:pos + Tn]
+        x = P["wte"][idx] + (P["wpe"][pos:pos + Tn] if "wpe" in P else 0)
         for l in range(L):
-            h = F.layer_norm(x, (C,), P["ln_1.weight"][l], P["ln_1.bias"][l])
-            q, k, v = F.linear(h, P["attn.c_attn.weight"][l], P["attn.c_attn.bias"][l]).split(C, dim=2)
-            q, k, v = (t.view(B, Tn, NH, hs).transpose(1, 2) for t in (q, k, v))
+            h = norm(x, "ln_1", l)
+            qkv = F.linear(h, P["attn.c_attn.weight"][l], bias("attn.c_attn.bias", l))
+            q, k, v = qkv.split([NH * hs, NKV * hs, NKV * hs], dim=2)
+            q, k, v = q.view(B, Tn, NH, hs).transpose(1, 2), k.view(B, Tn, NKV, hs).transpose(1, 2), \
+                v.view(B, Tn, NKV, hs).transpose(1, 2)
+            if cfg.positions == "rope":
+                q, k = rotate(q, pos, Tn), rotate(k, pos, Tn)
             kc[l, :, :, pos:pos + Tn] = k
             vc[l, :, :, pos:pos + Tn] = v
-            y = F.scaled_dot_product_attention(q, kc[l, :, :, :pos + Tn], vc[l, :, :, :pos + Tn], is_causal=Tn > 1)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, Tn, C), P["attn.c_proj.weight"][l], P["attn.c_proj.bias"][l])
-            h = F.layer_norm(x, (C,), P["ln_2.weight"][l], P["ln_2.bias"][l])
-            h = F.gelu(F.linear(h, P["mlp.c_fc.weight"][l], P["mlp.c_fc.bias"][l]), approximate="tanh")
-            x = x + F.linear(h, P["mlp.c_proj.weight"][l], P["mlp.c_proj.bias"][l])
-        x = F.layer_norm(x[:, -1], (C,), P["ln_f.weight"], P["ln_f.bias"])
-        return (x @ P["wte"].T).float()
+            y = F.scaled_dot_product_attention(q, kc[l, :, :, :pos + Tn], vc[l, :, :, :pos + Tn], is_causal=Tn > 1,
+                                               enable_gqa=NKV != NH)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, Tn, NH * hs), P["attn.c_proj.weight"][l],
+                             bias("attn.c_proj.bias", l))
+            h = F.linear(norm(x, "ln_2", l), P["mlp.c_fc.weight"][l], bias("mlp.c_fc.bias", l))
+            if cfg.mlp == "swiglu":
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.gelu(h, approximate="tanh")
+            x = x + F.linear(h, P["mlp.c_proj.weight"][l], bias("mlp.c_proj.bias", l))
+        x = norm(x[:, -1], "ln_f")
+        return (x @ P["wte" if cfg.tie_embeddings else "lm_head.weight"].T).float()
 
     return step
 
 
-def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int) -> list[str]:
+def hf_decoder(model: GPT, family: str):
+    """HF transformers' model of `family` on model's weights (float32, SDPA), decoding with its own KV cache."""
+    import torch
+    from torch_gpt import hf_twin
+
+    hf = hf_twin(model, family, attn="sdpa")
+
+    @torch.inference_mode()
+    def run(rows: np.ndarray, n: int) -> np.ndarray:
+        out = hf(input_ids=torch.from_numpy(rows), use_cache=True, logits_to_keep=1)
+        toks = []
+        for _ in range(n):
+            toks.append(out.logits[:, -1].argmax(-1))
+            out = hf(input_ids=toks[-1][:, None], cache=out.cache, use_cache=True)
+        return torch.stack(toks).numpy()
+
+    return run
+
+
+def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, family: str | None = None) -> list:
     import torch
 
     model = GPT(cfg, seed=0).eval()
     rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, prompt))
     w16 = model.bf16_weights()  # snapshots made once, outside the timing, like torch's .to(bfloat16)
-    tsteps = {"f32": torch_decoder(model, B), "bf16": torch_decoder(model, B, torch.bfloat16)}
+    tsteps = {"f32": torch_decoder(model, B, prompt + n), "bf16": torch_decoder(model, B, prompt + n, torch.bfloat16)}
 
     def ours(weights):
         def run():
@@ -84,36 +150,120 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int) -
         return run
 
     fns = {"fastllm": ours("float32"), "torch": theirs(tsteps["f32"]), "fastllm bf16": ours(w16),
-           "torch bf16": theirs(tsteps["bf16"]), "torch autocast": theirs(torch_decoder(model, B), autocast=True)}
+           "torch bf16": theirs(tsteps["bf16"]),
+           "torch autocast": theirs(torch_decoder(model, B, prompt + n), autocast=True)}
+    if family:
+        hf = hf_decoder(model, family)
+        fns["transformers"] = lambda: hf(rows, n)
     toks = {k: f() for k, f in fns.items()}
     same = f"{np.mean(toks['fastllm'] == toks['torch']):.0%}"  # greedy tokens equal to torch fp32's
     same16 = f"{np.mean(toks['fastllm bf16'] == toks['fastllm']):.0%}"
     r = bench(fns, repeats=repeats, warmup=0)
     s = {k: v["median"] for k, v in r.items()}
     tps = {k: f"{B * n / v:,.0f}" for k, v in s.items()}
-    return [name, str(B), str(n), tps["fastllm"], tps["torch"], f"{s['torch'] / s['fastllm']:.2f}x", same,
-            tps["fastllm bf16"], tps["torch bf16"], f"{s['torch bf16'] / s['fastllm bf16']:.2f}x",
-            f"{s['torch'] / s['fastllm bf16']:.2f}x", same16, tps["torch autocast"],
-            f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"]
+    row = [name, str(B), str(n), tps["fastllm"], tps["torch"], f"{s['torch'] / s['fastllm']:.2f}x", same,
+           tps["fastllm bf16"], tps["torch bf16"], f"{s['torch bf16'] / s['fastllm bf16']:.2f}x",
+           f"{s['torch'] / s['fastllm bf16']:.2f}x", same16, tps["torch autocast"],
+           f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"]
+    if family:
+        row += [tps["transformers"], f"{s['transformers'] / s['fastllm']:.2f}x",
+                f"{np.mean(toks['fastllm'] == toks['transformers']):.0%}"]
+    return row
 
 
-def run(threads: int = 2, quick: bool = False, gpt2: bool = False) -> None:
+class OpTimer:
+    """Stands in for a model's CPU backend (fastllm.ops; its kernels run synchronously) and adds up the seconds of
+    each call by op; a matmul's op name carries its weight's shape, so the lm-head and each projection show apart."""
+
+    def __init__(self, bk):
+        self.bk, self.seconds = bk, collections.defaultdict(float)
+
+    def __getattr__(self, name):
+        f = getattr(self.bk, name)
+        if not callable(f):
+            return f
+
+        def timed(*args, **kwargs):
+            op = name
+            if name == "matmul_forward" and hasattr(args[1], "shape"):
+                op = f"matmul {tuple(args[1].shape)}"
+            t0 = time.perf_counter()
+            out = f(*args, **kwargs)
+            self.seconds[op] += time.perf_counter() - t0
+            return out
+
+        return timed
+
+
+def profile_step(name: str, cfg: GPTConfig, B: int, prompt: int, n: int) -> None:
+    """Where one decode step's time goes: fastllm by op (fp32 and bf16 weights, the mean of n steps after a prompt)
+    beside torch.profiler's table of the eager decoder's steps."""
+    import torch
+
+    model = GPT(cfg, seed=0).eval()
+    rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, prompt))
+    print(f"\n{name}, B={B}: one decode step at position {prompt}..{prompt + n}, ms per step")
+    for weights in ("float32", model.bf16_weights()):
+        cache = model.kv_cache(B, weights=weights, max_len=prompt + n + 1)
+        tok = cache.prefill([list(r) for r in rows]).argmax(-1)
+        tok = cache.decode(tok).argmax(-1)  # warm-up
+        timer, bk = OpTimer(model.bk), model.bk
+        model.bk = timer
+        t0 = time.perf_counter()
+        try:
+            for _ in range(n):
+                tok = cache.decode(tok).argmax(-1)
+        finally:
+            model.bk = bk
+        total = (time.perf_counter() - t0) / n
+        ops = sorted(timer.seconds.items(), key=lambda kv: -kv[1]) + [("python, the rest", total * n - sum(
+            timer.seconds.values()))]
+        label = "fp32" if weights == "float32" else "bf16 weights"
+        print(f"fastllm {label}: {total * 1e3:.1f} ms/step = " + ", ".join(f"{op} {t / n * 1e3:.2f}" for op, t in ops))
+    step = torch_decoder(model, B, prompt + n + 1)
+    tok = step(torch.from_numpy(rows), 0).argmax(-1)
+    tok = step(tok[:, None], prompt).argmax(-1)  # warm-up
+    with torch.profiler.profile() as prof:
+        for i in range(n):
+            tok = step(tok[:, None], prompt + 1 + i).argmax(-1)
+    print(f"torch fp32 (self CPU time of the {n} steps):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "gpt2", profile: bool = False) -> None:
     set_threads(threads)
     print(header("decode with KV cache (prefill + n greedy tokens)", threads))
-    small = GPTConfig(vocab_size=4096, n_layer=6, n_head=6, n_embd=384, block_size=256)
+    head = ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w", "torch bf16",
+            "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16", "torch autocast",
+            "torch autocast/fastllm bf16w"]
     rows = []
-    for B in (1, 8):
-        rows.append(case("6L-384 V=4096", small, B, 16, 32 if quick else 100, 3 if quick else 5))
-    if gpt2:
-        g = GPTConfig.preset("gpt2", vocab_size=50257)
+    if profile:
+        for name, (_, shape) in LLAMA_SHAPES.items():
+            profile_step(name, llama_config(shape), 1, 16, 8)
+        return
+    if arch == "llama":
+        for name, (family, shape) in LLAMA_SHAPES.items():
+            if quick and name != "SmolLM2-135M":
+                continue
+            cfg = llama_config(shape)
+            for B in (1, 8):
+                rows.append(case(name, cfg, B, 16, 16 if quick else 32, 2 if quick else 3, family))
+        head += ["transformers", "transformers/fastllm", "same hf"]
+    else:
+        small = GPTConfig(vocab_size=4096, n_layer=6, n_head=6, n_embd=384, block_size=256)
         for B in (1, 8):
-            rows.append(case("gpt2 124M", g, B, 16, 50, 5))
+            rows.append(case("6L-384 V=4096", small, B, 16, 32 if quick else 100, 3 if quick else 5))
+        if gpt2:
+            g = GPTConfig.preset("gpt2", vocab_size=50257)
+            for B in (1, 8):
+                rows.append(case("gpt2 124M", g, B, 16, 50, 5))
     print("prompt 16 tokens; tok/s = B * new / time (prefill included); 'same' = greedy tokens equal to torch fp32's"
-          " (fastllm fp32) and to fastllm fp32's (bf16)")
-    print_table(rows, ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w",
-                       "torch bf16", "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16",
-                       "torch autocast", "torch autocast/fastllm bf16w"])
+          " (fastllm fp32), to fastllm fp32's (bf16) and, 'same hf', transformers' equal to fastllm fp32's")
+    print_table(rows, head)
 
 
 if __name__ == "__main__":
-    cli(run, __doc__, gpt2="also GPT-2 124M")
+    cli(run, __doc__, gpt2="also GPT-2 124M",
+        profile="instead of the table: where one decode step's time goes, by op, in the --arch llama shapes (B=1)",
+        arch=("the model family: gpt2 (GPT-2 shapes) or llama (SmolLM2-135M and Qwen2.5-0.5B shapes, random weights)",
+              "gpt2", "gpt2", "llama"))

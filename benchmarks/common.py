@@ -221,16 +221,22 @@ def print_table(rows: list[list[str]], head: list[str]) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
-def cli(run: Callable[..., None], doc: str | None, device: bool = False, **flags: str) -> None:
-    """The command line of a benchmark: --threads N, --quick, plus boolean --flags (name -> help); with device=True
-    also --device, --dtype and --smoke (see add_device_args). Calls run(threads=..., quick=..., **the rest)."""
+def cli(run: Callable[..., None], doc: str | None, device: bool = False, **flags: str | tuple[str, ...]) -> None:
+    """The command line of a benchmark: --threads N, --quick, plus --flags (name -> help: a boolean flag; name ->
+    (help, default, choice, ...): an option of default's type, with those choices if any); with device=True also
+    --device, --dtype and --smoke (see add_device_args). Calls run(threads=..., quick=..., **the rest)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes")
     for name, help_text in flags.items():
-        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
+        if isinstance(help_text, tuple):
+            text, default, *choices = help_text
+            p.add_argument("--" + name.replace("_", "-"), default=default, type=type(default), choices=choices or None,
+                           help=f"{text} (default: {default})")
+        else:
+            p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
     if device:
         add_device_args(p)
     args = p.parse_args()

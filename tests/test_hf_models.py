@@ -346,3 +346,65 @@ def test_convert_keeps_the_chat_files(qwen2_dir, tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert auto.apply_chat_template(msgs, tokenize=False) == \
         transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(msgs, tokenize=False)
+
+
+
+def hub_folder(family: str, folder):
+    """A random transformers model of `family` (llama3, qwen2) saved with its tokenizer.json, chat template and
+    generation_config.json EOS ids, like a folder from the hub. -> (the transformers model, its AutoTokenizer)."""
+    from hf_families import LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
+
+    template, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>")}[family]
+    tok = build_tokenizer(family, vocab_size=400)
+    ends = ["<|end_of_text|>", eos] if family == "llama3" else [eos, "<|endoftext|>"]
+    torch.manual_seed(0)
+    prefix = {"llama3": "Llama", "qwen2": "Qwen2"}[family]
+    ids = [tok.token_to_id(t) for t in ends]
+    cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, "vocab_size": tok.get_vocab_size(),
+                                                       "num_key_value_heads": 2, "eos_token_id": ids})
+    ref = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
+    ref.save_pretrained(folder)
+    write_folder(folder, tok, family, chat_template=template, eos=eos, generation_eos=ends)
+    ref.generation_config.eos_token_id = ids
+    return ref, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def hf_greedy(ref, auto, inputs: dict, n: int) -> str:
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=n, do_sample=False)
+    return auto.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsys):
+    """`fastllm chat --ckpt <HF folder>` renders the checkpoint's own chat template (Llama 3's has no ChatML tokens
+    at all) and answers with transformers' greedy tokens for apply_chat_template's prompt, stopping at its EOS."""
+    pytest.importorskip("tokenizers")
+    import io
+
+    from fastllm import cli
+
+    ref, auto = hub_folder(family, tmp_path / family)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    want = hf_greedy(ref, auto, auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True), 12)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
+    assert cli.main(["chat", "--ckpt", str(tmp_path / family), "--system", "Be brief.", "--temperature", "0",
+                     "-n", "12"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
+    """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its
+    BOS token) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS ids."""
+    pytest.importorskip("tokenizers")
+    from fastllm import cli
+
+    ref, auto = hub_folder(family, tmp_path / family)
+    for n in (40, 3):
+        want = hf_greedy(ref, auto, auto("Hello there", return_tensors="pt"), n)
+        assert cli.main(["sample", "--ckpt", str(tmp_path / family), "--prompt", "Hello there", "--temperature", "0",
+                         "-n", str(n)]) == 0
+        # (random weights emit broken UTF-8: the streamed text and a whole decode replace it differently)
+        assert capsys.readouterr().out.replace("\ufffd", "") == ("Hello there" + want).replace("\ufffd", "")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed, info
+from .chat import chat_format, eos_token_ids, has_chatml
 from .checkpoint import checkpoint_tokenizer, convert, load_model
 from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
@@ -309,17 +310,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if gpu else None).eval()
     tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
     ids = tok.encode(args.prompt, allowed_special="all")
-    if ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
+    if tok.bos_token is not None and (ids.size == 0 or ids[0] != tok.bos_token):  # as HF's tokenizer encodes it
+        ids = np.concatenate([[tok.bos_token], ids])
+    elif ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
         ids = np.array([tok.eot_token])
     context = model.config.block_size
     if ids.size >= context:
         raise ValueError(f"--prompt is {ids.size} tokens but the model's context is {context} tokens: give a prompt "
                          f"of at most {context - 1} tokens to leave room for new ones")
     n = min(args.max_new_tokens, context - ids.size)
+    stops = eos_token_ids(model.checkpoint_dir, tok)  # an HF folder's EOS ids (generation_config.json), if any
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats,
+        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats, stop_tokens=stops,
                                  seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
                                  **sampling):
             print(piece, end="", flush=True)
@@ -339,7 +343,8 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint folder, or an `fastllm sft` output folder")
+    p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint folder, an `fastllm sft` output folder, or a "
+                                                 "Hugging Face chat model's folder (its own chat template)")
     p.add_argument("--system", default=None, help="system message (default: none)")
     _add_sampling_args(p, max_new_tokens=256, temperature=0.7)
 
@@ -349,9 +354,14 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 def _cmd_chat(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)  # checked before loading anything
     model = load_model(args.ckpt).eval()
-    session = ChatSession(model, checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer), system=args.system,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.dtype or "float32",
-                          **sampling)
+    tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
+    fmt = chat_format(model.checkpoint_dir, tok) if args.tokenizer is None else None  # its own template, or ChatML
+    if fmt is None and not has_chatml(tok):
+        raise ValueError(f"{model.checkpoint_dir}: no chat template (chat_template.jinja, or chat_template in "
+                         f"tokenizer_config.json) and no ChatML tokens in its tokenizer: a base model; fine-tune it "
+                         f"for chat with `fastllm sft`")
+    session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          weights=args.dtype or "float32", chat=fmt, **sampling)
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
               f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model
-from .data import DataLoader, builtin_corpus, prepare, read_shard
+from .data import DataLoader, PrepareStats, builtin_corpus, prepare, read_shard
 from .eval import evaluate
 from .options import SEED, THREADS, option
 from .sample import generate
@@ -52,22 +52,50 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    out = Path(cfg.out)
+def demo_data(
+    out: Path, vocab_size: int, val_fraction: float, progress: bool = True
+) -> tuple[Tokenizer, Path, Path, PrepareStats, int]:
+    """Steps 1-2 of the demo: a BPE tokenizer trained on the built-in corpus (out/tokenizer.tiktoken) and the
+    corpus tokenized into out/data/ train/val shards. -> (tokenizer, its path, the data folder, the shards' stats,
+    the corpus's size in bytes). benchmarks/bench_train.py --race uses it too."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     docs = builtin_corpus()
     n_bytes = sum(len(d.encode()) for d in docs)
-    print(f"[1/4] tokenizer: byte-level BPE, vocab {cfg.vocab_size}, on Python's documentation: {len(docs)} "
+    print(f"[1/4] tokenizer: byte-level BPE, vocab {vocab_size}, on Python's documentation: {len(docs)} "
           f"documents (pydoc topics, standard-library docstrings), {n_bytes / 1e6:.2f} MB")
-    tok = Tokenizer.train(docs, cfg.vocab_size, pattern="gpt4", special_tokens=["<|endoftext|>"], progress=progress)
+    tok = Tokenizer.train(docs, vocab_size, pattern="gpt4", special_tokens=["<|endoftext|>"], progress=progress)
     tok_path = out / "tokenizer.tiktoken"
     tok.save(tok_path)
     print(f"      saved {tok_path} ({time.time() - t0:.1f}s)")
 
     print("[2/4] data: tokenizing into train/val shards")
     data = out / "data"
-    stats = prepare(None, tok_path, data, val_fraction=cfg.val_fraction, progress=progress)
+    stats = prepare(None, tok_path, data, val_fraction=val_fraction, progress=progress)
+    return tok, tok_path, data, stats, n_bytes
+
+
+def train_config(cfg: DemoConfig, data: Path, run: Path) -> TrainConfig:
+    """Step 3's training run: cfg's model and schedule on the shards in `data`, checkpoints in `run`."""
+    return TrainConfig(data=str(data), out=str(run), model=cfg.model, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       max_steps=cfg.max_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, eval_every=100,
+                       eval_batches=EVAL_BATCHES, ckpt_every=max(cfg.max_steps // 4, 1), sample_every=0,
+                       threads=cfg.threads, seed=cfg.seed)
+
+
+def final_losses(model, cfg: DemoConfig, data: Path) -> tuple[float, float]:
+    """(train, validation) mean loss of the trained model: EVAL_BATCHES random training batches, and the
+    validation split from its start (all of it for the built-in corpus)."""
+    train_loss = mean_loss(model, DataLoader(data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1),
+                           EVAL_BATCHES)
+    val_loss = mean_loss(model, DataLoader(data, "val", cfg.batch_size, cfg.seq_len, shuffle=False), EVAL_BATCHES)
+    return train_loss, val_loss
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    out = Path(cfg.out)
+    t0 = time.time()
+    tok, tok_path, data, stats, n_bytes = demo_data(out, cfg.vocab_size, cfg.val_fraction, progress)
     train_tokens = np.concatenate([read_shard(p) for p in sorted(data.glob("train_*.bin"))])
     h1 = unigram_entropy(train_tokens)
     seen = cfg.max_steps * cfg.batch_size * cfg.seq_len
@@ -77,15 +105,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     print(f"[3/4] training a '{cfg.model}' GPT for {cfg.max_steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens "
           f"({seen / max(stats.train_tokens, 1):.1f} passes over the training split)")
-    tcfg = TrainConfig(data=str(data), out=str(out / "run"), model=cfg.model, batch_size=cfg.batch_size,
-                       seq_len=cfg.seq_len, max_steps=cfg.max_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                       eval_every=100, eval_batches=EVAL_BATCHES, ckpt_every=max(cfg.max_steps // 4, 1),
-                       sample_every=0, threads=cfg.threads, seed=cfg.seed)
-    s = train(tcfg, progress=progress)
+    s = train(train_config(cfg, data, out / "run"), progress=progress)
     model = load_model(out / "run")
-    train_loss = mean_loss(model, DataLoader(data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1),
-                           EVAL_BATCHES)
-    val_loss = mean_loss(model, DataLoader(data, "val", cfg.batch_size, cfg.seq_len, shuffle=False), EVAL_BATCHES)
+    train_loss, val_loss = final_losses(model, cfg, data)
     bpb = evaluate(model, tok, "bpb", data=str(data))["metrics"]  # all of the val shards, sliding windows
     print(f"      train loss {train_loss:.3f}, validation loss {val_loss:.3f} nats/token (gap "
           f"{val_loss - train_loss:.3f}); unigram entropy {h1:.3f}; {s['tok_per_s']:,.0f} tok/s")
