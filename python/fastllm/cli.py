@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed, info
-from .chat import chat_format, eos_token_ids, has_chatml
+from .chat import IM_END, IM_START, chat_format, eos_token_ids, has_chatml
 from .checkpoint import checkpoint_tokenizer, convert, load_model
 from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
@@ -358,8 +358,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     fmt = chat_format(model.checkpoint_dir, tok) if args.tokenizer is None else None  # its own template, or ChatML
     if fmt is None and not has_chatml(tok):
         raise ValueError(f"{model.checkpoint_dir}: no chat template (chat_template.jinja, or chat_template in "
-                         f"tokenizer_config.json) and no ChatML tokens in its tokenizer: a base model; fine-tune it "
-                         f"for chat with `fastllm sft`")
+                         f"tokenizer_config.json) and no ChatML tokens ({IM_START}, {IM_END}) in its tokenizer: a base "
+                         f"model; fine-tune it for chat with `fastllm sft`")
     session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, seed=args.seed,
                           weights=args.dtype or "float32", chat=fmt, **sampling)
     if sys.stdin.isatty():
