@@ -241,15 +241,24 @@ def load_heads(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 # ---- the tokenizer that goes with a checkpoint -------------------------------------------------------------------
 
 
-def copy_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Copy a tokenizer into `folder`: one saved by Tokenizer.save (rank file + `.json` sidecar) becomes
-    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json is copied as tokenizer.json, with the CHAT_FILES beside it."""
+def _tokenizer_files(src: str | os.PathLike, folder: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(source, destination) of each file copy_tokenizer copies; the tokenizer file itself first."""
     src = Path(src)
     if src.suffix == ".json" and not Path(str(src) + ".json").exists():
         pairs = [(src, Path(folder) / "tokenizer.json")]
-        pairs += [(src.parent / f, Path(folder) / f) for f in CHAT_FILES if (src.parent / f).is_file()]
-    else:
-        pairs = [(Path(str(src) + sfx), Path(folder) / (TOKENIZER_FILE + sfx)) for sfx in ("", ".json")]
+        return pairs + [(src.parent / f, Path(folder) / f) for f in CHAT_FILES if (src.parent / f).is_file()]
+    return [(Path(str(src) + sfx), Path(folder) / (TOKENIZER_FILE + sfx)) for sfx in ("", ".json")]
+
+
+def copied_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Where copy_tokenizer(src, folder) puts the tokenizer (without copying anything)."""
+    return _tokenizer_files(src, folder)[0][1]
+
+
+def copy_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Copy a tokenizer into `folder`: one saved by Tokenizer.save (rank file + `.json` sidecar) becomes
+    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json is copied as tokenizer.json, with the CHAT_FILES beside it."""
+    pairs = _tokenizer_files(src, folder)
     for a, b in pairs:
         if not a.is_file():
             raise FileNotFoundError(f"tokenizer file {a} not found (saved with Tokenizer.save?)")

@@ -23,6 +23,7 @@ SEED = "random seed (initialisation, data order, sampling): the same seed gives 
 RESUME = "continue from the newest checkpoint in --out (the run continues as if never stopped)"
 CKPT_EVERY = "steps between checkpoints (one is always written at the end; 0: only that one)"
 KEEP_CKPTS = "how many of the newest checkpoints to keep on disk"
+ZERO = "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state"
 GRAD_CLIP = "clip the global gradient norm to this value (0: no clipping)"
 DEVICE = "where to train: cpu, or cuda (a CUDA build of fastllm and an NVIDIA GPU)"
 CUDA_DTYPE = ("with --device cuda: compute dtype of weights and activations (master weights and AdamW state stay "

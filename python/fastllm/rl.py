@@ -59,6 +59,7 @@ from .options import (
     RESUME,
     SEED,
     THREADS,
+    ZERO,
     option,
 )
 from .sample import generate
@@ -275,7 +276,7 @@ class RLConfig:
     resume: bool = option(False, RESUME)
     device: str = option("cpu", DEVICE + " (the policy, the reference and a reward model)", choices=checks.DEVICES)
     cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
-    zero: bool = option(False, "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state")
+    zero: bool = option(False, ZERO)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -559,7 +560,7 @@ class RewardModelConfig:
     resume: bool = option(False, RESUME)
     device: str = option("cpu", DEVICE, choices=checks.DEVICES)
     cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
-    zero: bool = option(False, "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state")
+    zero: bool = option(False, ZERO)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)

@@ -51,7 +51,14 @@ from .chat import (
     render_prompt,
     validate_conversation,
 )
-from .checkpoint import TOKENIZER_FILE, checkpoint_tokenizer, copy_tokenizer, find_tokenizer, load_model
+from .checkpoint import (
+    TOKENIZER_FILE,
+    checkpoint_tokenizer,
+    copied_tokenizer,
+    copy_tokenizer,
+    find_tokenizer,
+    load_model,
+)
 from .data import Epochs
 from .eval import TrainEval
 from .fileio import iter_jsonl, read_json, write_json
@@ -363,7 +370,7 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     main = distributed.world().is_main  # rank 0 writes; every rank reads the same tokenizer path
     if isinstance(chat, ChatTemplate):  # the checkpoint's tokenizer files and template, and the EOS ids it stops at
-        tok_file = copy_tokenizer(tok_path, out) if main else out / "tokenizer.json"
+        tok_file = copy_tokenizer(tok_path, out) if main else copied_tokenizer(tok_path, out)
         gen = out / "generation_config.json"
         if main:
             write_json(gen, {**(read_json(gen) if gen.is_file() else {}), "eos_token_id": list(chat.stop_tokens)})

@@ -50,6 +50,7 @@ from .options import (
     RESUME,
     SEED,
     THREADS,
+    ZERO,
     option,
 )
 from .plot import figure_path, plot_stage
@@ -118,7 +119,7 @@ class TrainConfig:
     device: str = option("cpu", DEVICE, choices=checks.DEVICES)
     cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
     loss_log_scale: bool = option(False, "draw the loss panel of loss.png on a log scale")
-    zero: bool = option(False, "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state")
+    zero: bool = option(False, ZERO)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
