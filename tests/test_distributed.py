@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +91,32 @@ def test_bounds_split_evenly_last_rank_takes_the_rest():
     assert parts == [(0, 3), (3, 6), (6, 10)]
     w.rank = 1
     assert w.share(list("abcdefghij")) == list("def") and w.rank_seed(5) != 5
+
+
+def test_an_error_line_is_read_by_the_launcher_before_the_abort():
+    # fail() waits until mpiexec has read the rank's stderr pipe: MPI_Abort right after the write lost the line
+    r, w = os.pipe()
+    got = []
+
+    def reader():
+        time.sleep(0.3)
+        got.append(os.read(r, 100))
+
+    with open(w, "w") as stream:
+        stream.write("fastllm: error: rank 1 of 2: boom\n")
+        stream.flush()
+        t0, thread = time.monotonic(), threading.Thread(target=reader)
+        thread.start()
+        distributed._drained(stream)
+        assert got == [b"fastllm: error: rank 1 of 2: boom\n"] and 0.3 <= time.monotonic() - t0 < 5
+        thread.join()
+        t0 = time.monotonic()
+        distributed._drained(stream, deadline=0.2)  # nobody reads: it gives up after the deadline
+        stream.write("x")
+        stream.flush()
+        distributed._drained(stream, deadline=0.2)
+        assert time.monotonic() - t0 < 2
+    os.close(r)
 
 
 @pytest.mark.parametrize("env, size", [({}, None), ({"PMI_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_SIZE": "2"}, 2),

@@ -36,12 +36,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import importlib.metadata
 import json
 import math
 import os
 import shutil
+import stat
 import sys
+import termios
 import threading
 import time
 import zlib
@@ -338,8 +341,32 @@ class MPIWorld(World):
         sys.stdout.flush()
         sys.stderr.write(f"fastllm: error: rank {self.rank} of {self.size}: {message}\n")
         sys.stderr.flush()
+        _drained(sys.stdout, sys.stderr)
         self.comm.Abort(1)
         os._exit(1)  # MPI_Abort may return before the launcher ends this process
+
+
+def _drained(*streams, deadline: float = 10.0) -> None:
+    """Wait until the launcher has read what this process wrote to `streams` (pipes), at most `deadline` s.
+
+    mpiexec (hydra) reads each rank's stdout/stderr pipe and the rank's PMI socket in one event loop and kills
+    the job as soon as it sees MPI_Abort: a line written just before the abort can be dropped when the loop
+    takes the abort first (it happened under load). Once the pipe is empty the proxy has read the line and sent
+    it upstream ahead of the abort, on the same connection, so it comes out."""
+    end = time.monotonic() + deadline
+    for s in streams:
+        try:
+            fd = s.fileno()
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                continue
+            while time.monotonic() < end:
+                unread = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+                if int.from_bytes(unread, sys.byteorder) == 0:
+                    break
+                time.sleep(0.01)
+        except (OSError, ValueError, AttributeError):  # closed or replaced stream: nothing to wait for
+            continue
+    time.sleep(0.05)  # the proxy writes upstream right after its read
 
 
 def _difference(a: str, b: str) -> str:
