@@ -428,7 +428,7 @@ def test_grpo_two_ranks(base, tmp_path):
 def _one_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     assert r.returncode != 0, r.stdout
     lines = [x for x in r.stderr.splitlines() if x.startswith("fastllm: error: ")]
-    assert len(lines) == 1, r.stderr
+    assert len(lines) == 1, f"exit {r.returncode}\nstderr: {r.stderr}\nstdout: {r.stdout[-3000:]}"
     for n in needles:
         assert n in lines[0], r.stderr
 
