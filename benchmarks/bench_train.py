@@ -1,9 +1,11 @@
 """Training, fastllm vs PyTorch and the GPT-2 presets vs their modern (Llama-style) twins, in one process:
-    python benchmarks/bench_train.py [--threads 2] [--quick] [--gpt2] [--race off|mini|small] [--steps N]
+    python benchmarks/bench_train.py [--threads 2] [--quick] [--gpt2] [--autocast auto|on|off]
+                                     [--race off|mini|small] [--steps N] [--no-table]
 1. Tokens/s of a full training step (forward + backward + AdamW), fastllm vs a PyTorch eager twin of the same model
    (tests/torch_gpt.py: SDPA attention, torch.optim.AdamW) with the same weights, same threads, in float32 and
    under torch.autocast("cpu", dtype=torch.bfloat16) (the forward in autocast, backward and AdamW outside it:
-   PyTorch's mixed-precision recipe, fp32 master weights), all three interleaved: the GPT-2-style
+   PyTorch's mixed-precision recipe, fp32 master weights; by default only on a CPU with bf16 hardware,
+   AVX512_BF16 or AMX: elsewhere torch emulates bf16 and nobody would train that way), interleaved: the GPT-2-style
    presets mini and small beside their modern twins nano and micro (RoPE, RMSNorm, SwiGLU, grouped-query attention,
    no biases; the same depth and width), small at vocab 50257 too, and with --gpt2, GPT-2 124M at T=1024.
 2. --race mini (or small): the GPT-2 preset against its modern twin at equal wall time on the demo's corpus and
@@ -32,10 +34,11 @@ from fastllm.model import GPT, GPTConfig  # noqa: E402
 from fastllm.optim import AdamW  # noqa: E402
 
 PROVIDERS = ("fastllm", "torch", "torch autocast")
+BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # where torch.autocast("cpu", dtype=torch.bfloat16) runs bf16 natively
 TWINS = {"mini": "nano", "small": "micro"}  # GPT-2-style preset -> the modern preset of its depth and width
 
 
-def case(name: str, cfg: GPTConfig, B: int, T: int, repeats: int) -> list[str]:
+def case(name: str, cfg: GPTConfig, B: int, T: int, repeats: int, providers=PROVIDERS) -> list[str]:
     import torch
     import torch_gpt
 
@@ -66,12 +69,13 @@ def case(name: str, cfg: GPTConfig, B: int, T: int, repeats: int) -> list[str]:
 
         return step
 
-    r = bench({"fastllm": ours, "torch": theirs(False), "torch autocast": theirs(True)}, repeats=repeats, warmup=1)
+    fns = {"fastllm": ours, "torch": theirs(False), "torch autocast": theirs(True)}
+    r = bench({k: fns[k] for k in providers}, repeats=repeats, warmup=1)
     ms = {k: v["median"] * 1e3 for k, v in r.items()}
     tok = B * T
-    return [name, f"{B}x{T}", f"{model.num_parameters / 1e6:.1f}M", *(f"{ms[k]:.0f}" for k in PROVIDERS),
-            *(f"{tok / ms[k] * 1e3:,.0f}" for k in PROVIDERS), f"{ms['torch'] / ms['fastllm']:.2f}x",
-            f"{ms['torch autocast'] / ms['fastllm']:.2f}x"]
+    return [name, f"{B}x{T}", f"{model.num_parameters / 1e6:.1f}M", *(f"{ms[k]:.0f}" for k in providers),
+            *(f"{tok / ms[k] * 1e3:,.0f}" for k in providers),
+            *(f"{ms[k] / ms['fastllm']:.2f}x" for k in providers[1:])]
 
 
 def race_presets(gpt2: str, steps: int, threads: int, repeats: int) -> None:
@@ -122,28 +126,47 @@ def race_presets(gpt2: str, steps: int, threads: int, repeats: int) -> None:
                        "train loss", "val loss"])
 
 
-def run(threads: int = 2, quick: bool = False, gpt2: bool = False, race: str = "off", steps: int = 800) -> None:
+def with_autocast(autocast: str) -> bool:
+    """Whether to time torch.autocast: "on", "off", or "auto" (only where the CPU has bf16 hardware)."""
+    import fastllm
+
+    if autocast != "auto":
+        return autocast == "on"
+    features = fastllm.info()["cpu_features"]
+    if any(features[f] for f in BF16_HARDWARE):
+        return True
+    print("torch autocast not timed: this CPU has neither AVX512_BF16 nor AMX, so torch would emulate bf16 "
+          "(--autocast on times it anyway)")
+    return False
+
+
+def run(threads: int = 2, quick: bool = False, gpt2: bool = False, autocast: str = "auto", race: str = "off",
+        steps: int = 800, no_table: bool = False) -> None:
     set_threads(threads)
     print(header("train step (fwd+bwd+AdamW)", threads))
-    rows = []
-    for name in ("mini", "nano"):
-        rows.append(case(f"{name} V=4096", GPTConfig.preset(name, vocab_size=4096), 16, 128, 3 if quick else 5))
-    for name in ("small", "micro"):
-        rows.append(case(f"{name} V=4096", GPTConfig.preset(name, vocab_size=4096), 4 if quick else 8, 256,
-                         3 if quick else 5))
-    if not quick:
-        rows.append(case("small V=50257", GPTConfig.preset("small", vocab_size=50257), 8, 256, 3))
-    if gpt2:
-        rows.append(case("gpt2 124M", GPTConfig.preset("gpt2", vocab_size=50257), 4, 1024, 2))
-    print("torch autocast = torch.autocast('cpu', dtype=torch.bfloat16) around the forward (bf16 GEMMs)")
-    print_table(rows, ["model", "BxT", "params", *(f"{k} ms" for k in PROVIDERS), *(f"{k} tok/s" for k in PROVIDERS),
-                       "torch/fastllm", "torch autocast/fastllm"])
+    if not no_table:
+        providers = PROVIDERS if with_autocast(autocast) else PROVIDERS[:2]
+        shapes = [("mini", 16, 128), ("nano", 16, 128), ("small", 4 if quick else 8, 256),
+                  ("micro", 4 if quick else 8, 256)]
+        rows = [case(f"{n} V=4096", GPTConfig.preset(n, vocab_size=4096), B, T, 3 if quick else 5, providers)
+                for n, B, T in shapes]
+        if not quick:
+            rows.append(case("small V=50257", GPTConfig.preset("small", vocab_size=50257), 8, 256, 3, providers))
+        if gpt2:
+            rows.append(case("gpt2 124M", GPTConfig.preset("gpt2", vocab_size=50257), 4, 1024, 2, providers))
+        if "torch autocast" in providers:
+            print("torch autocast = torch.autocast('cpu', dtype=torch.bfloat16) around the forward (bf16 GEMMs)")
+        print_table(rows, ["model", "BxT", "params", *(f"{k} ms" for k in providers),
+                           *(f"{k} tok/s" for k in providers), *(f"{k}/fastllm" for k in providers[1:])])
     if race != "off":
         race_presets(race, steps // 4 if quick else steps, threads, 5 if quick else 10)
 
 
 if __name__ == "__main__":
     cli(run, __doc__, gpt2="also GPT-2 124M at T=1024 (slow, ~10 GB RAM)",
+        autocast=("time torch.autocast bf16 too: auto = where the CPU has AVX512_BF16 or AMX", "auto", "auto", "on",
+                  "off"),
+        no_table="skip the step-time table (e.g. to run only --race)",
         race=("the GPT-2-style preset to race against its modern twin (mini: nano, small: micro) at equal wall time "
               "on the demo corpus", "off", "off", "mini", "small"),
         steps=("--race: the GPT-2-style preset's steps (the demo's 800; --quick: a quarter)", 800))
