@@ -2,11 +2,12 @@
 process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 8. Both in float32, and both with
 bf16 weights (fastllm: bf16 weight copies for decode steps, fp32 activations rounded to bf16 at each matmul;
 torch: the whole model in bfloat16), and torch's float32 model under torch.autocast("cpu", dtype=torch.bfloat16)
-(the weights cast to bf16 at every matmul, as a mixed-precision training script samples), all interleaved. GPT-2
+(the weights cast to bf16 at every matmul, as a mixed-precision training script samples; by default only on a CPU
+with AVX512_BF16 or AMX), all interleaved. GPT-2
 shapes by default; --arch llama: Llama-family models (RoPE, RMSNorm, SwiGLU, grouped-query attention) with random
 weights in the shapes of SmolLM2-135M and Qwen2.5-0.5B, and HF transformers' LlamaForCausalLM / Qwen2ForCausalLM on
 the same weights as a further provider.
-    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama]"""
+    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama] [--autocast auto|on|off]"""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from common import bench, cli, header, print_table, set_threads  # noqa: E402
+from common import AUTOCAST_OPTION, bench, cli, header, print_table, set_threads, with_autocast  # noqa: E402
 
 from fastllm.model import GPT, MODERN, GPTConfig  # noqa: E402
 
@@ -119,7 +120,8 @@ def hf_decoder(model: GPT, family: str):
     return run
 
 
-def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, family: str | None = None) -> list:
+def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, family: str | None = None,
+         autocast: bool = True) -> list:
     import torch
 
     model = GPT(cfg, seed=0).eval()
@@ -150,8 +152,9 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
         return run
 
     fns = {"fastllm": ours("float32"), "torch": theirs(tsteps["f32"]), "fastllm bf16": ours(w16),
-           "torch bf16": theirs(tsteps["bf16"]),
-           "torch autocast": theirs(torch_decoder(model, B, prompt + n), autocast=True)}
+           "torch bf16": theirs(tsteps["bf16"])}
+    if autocast:
+        fns["torch autocast"] = theirs(torch_decoder(model, B, prompt + n), autocast=True)
     if family:
         hf = hf_decoder(model, family)
         fns["transformers"] = lambda: hf(rows, n)
@@ -163,8 +166,9 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
     tps = {k: f"{B * n / v:,.0f}" for k, v in s.items()}
     row = [name, str(B), str(n), tps["fastllm"], tps["torch"], f"{s['torch'] / s['fastllm']:.2f}x", same,
            tps["fastllm bf16"], tps["torch bf16"], f"{s['torch bf16'] / s['fastllm bf16']:.2f}x",
-           f"{s['torch'] / s['fastllm bf16']:.2f}x", same16, tps["torch autocast"],
-           f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"]
+           f"{s['torch'] / s['fastllm bf16']:.2f}x", same16]
+    if autocast:
+        row += [tps["torch autocast"], f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"]
     if family:
         row += [tps["transformers"], f"{s['transformers'] / s['fastllm']:.2f}x",
                 f"{np.mean(toks['fastllm'] == toks['transformers']):.0%}"]
@@ -230,40 +234,42 @@ def profile_step(name: str, cfg: GPTConfig, B: int, prompt: int, n: int) -> None
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
-def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "gpt2", profile: bool = False) -> None:
+def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "gpt2", profile: bool = False,
+        autocast: str = "auto") -> None:
     set_threads(threads)
     print(header("decode with KV cache (prefill + n greedy tokens)", threads))
-    head = ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w", "torch bf16",
-            "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16", "torch autocast",
-            "torch autocast/fastllm bf16w"]
-    rows = []
     if profile:
         for name, (_, shape) in LLAMA_SHAPES.items():
             profile_step(name, llama_config(shape), 1, 16, 8)
         return
+    ac = with_autocast(autocast)
+    head = ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w", "torch bf16",
+            "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16"]
+    head += ["torch autocast", "torch autocast/fastllm bf16w"] if ac else []
+    rows = []
     if arch == "llama":
         for name, (family, shape) in LLAMA_SHAPES.items():
             if quick and name != "SmolLM2-135M":
                 continue
             cfg = llama_config(shape)
             for B in (1, 8):
-                rows.append(case(name, cfg, B, 16, 16 if quick else 32, 2 if quick else 3, family))
+                rows.append(case(name, cfg, B, 16, 16 if quick else 32, 2 if quick else 3, family, ac))
         head += ["transformers", "transformers/fastllm", "same hf"]
     else:
         small = GPTConfig(vocab_size=4096, n_layer=6, n_head=6, n_embd=384, block_size=256)
         for B in (1, 8):
-            rows.append(case("6L-384 V=4096", small, B, 16, 32 if quick else 100, 3 if quick else 5))
+            rows.append(case("6L-384 V=4096", small, B, 16, 32 if quick else 100, 3 if quick else 5, autocast=ac))
         if gpt2:
             g = GPTConfig.preset("gpt2", vocab_size=50257)
             for B in (1, 8):
-                rows.append(case("gpt2 124M", g, B, 16, 50, 5))
+                rows.append(case("gpt2 124M", g, B, 16, 50, 5, autocast=ac))
     print("prompt 16 tokens; tok/s = B * new / time (prefill included); 'same' = greedy tokens equal to torch fp32's"
           " (fastllm fp32), to fastllm fp32's (bf16) and, 'same hf', transformers' equal to fastllm fp32's")
     print_table(rows, head)
 
 
 if __name__ == "__main__":
-    cli(run, __doc__, gpt2="also GPT-2 124M",
+    cli(run, __doc__, gpt2="also GPT-2 124M", autocast=AUTOCAST_OPTION,
         profile="instead of the table: where one decode step's time goes, by op, in the --arch llama shapes (B=1)",
         arch=("the model family: gpt2 (GPT-2 shapes) or llama (SmolLM2-135M and Qwen2.5-0.5B shapes, random weights)",
               "gpt2", "gpt2", "llama"))

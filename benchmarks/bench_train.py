@@ -28,13 +28,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from common import bench, cli, header, print_table, set_threads  # noqa: E402
+from common import AUTOCAST_OPTION, bench, cli, header, print_table, set_threads, with_autocast  # noqa: E402
 
 from fastllm.model import GPT, GPTConfig  # noqa: E402
 from fastllm.optim import AdamW  # noqa: E402
 
 PROVIDERS = ("fastllm", "torch", "torch autocast")
-BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # where torch.autocast("cpu", dtype=torch.bfloat16) runs bf16 natively
 TWINS = {"mini": "nano", "small": "micro"}  # GPT-2-style preset -> the modern preset of its depth and width
 
 
@@ -126,20 +125,6 @@ def race_presets(gpt2: str, steps: int, threads: int, repeats: int) -> None:
                        "train loss", "val loss"])
 
 
-def with_autocast(autocast: str) -> bool:
-    """Whether to time torch.autocast: "on", "off", or "auto" (only where the CPU has bf16 hardware)."""
-    import fastllm
-
-    if autocast != "auto":
-        return autocast == "on"
-    features = fastllm.info()["cpu_features"]
-    if any(features[f] for f in BF16_HARDWARE):
-        return True
-    print("torch autocast not timed: this CPU has neither AVX512_BF16 nor AMX, so torch would emulate bf16 "
-          "(--autocast on times it anyway)")
-    return False
-
-
 def run(threads: int = 2, quick: bool = False, gpt2: bool = False, autocast: str = "auto", race: str = "off",
         steps: int = 800, no_table: bool = False) -> None:
     set_threads(threads)
@@ -164,8 +149,7 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, autocast: str
 
 if __name__ == "__main__":
     cli(run, __doc__, gpt2="also GPT-2 124M at T=1024 (slow, ~10 GB RAM)",
-        autocast=("time torch.autocast bf16 too: auto = where the CPU has AVX512_BF16 or AMX", "auto", "auto", "on",
-                  "off"),
+        autocast=AUTOCAST_OPTION,
         no_table="skip the step-time table (e.g. to run only --race)",
         race=("the GPT-2-style preset to race against its modern twin (mini: nano, small: micro) at equal wall time "
               "on the demo corpus", "off", "off", "mini", "small"),

@@ -49,6 +49,26 @@ def simd_note() -> str:
     return ", ".join(parts)
 
 
+BF16_HARDWARE = ("avx512_bf16", "amx_bf16")  # where torch.autocast("cpu", dtype=torch.bfloat16) runs bf16 natively
+AUTOCAST_OPTION = ("time torch.autocast bf16 too: auto = only where the CPU has AVX512_BF16 or AMX", "auto", "auto",
+                   "on", "off")
+
+
+def with_autocast(autocast: str) -> bool:
+    """Whether to time torch.autocast: "on", "off", or "auto" (only where the CPU has bf16 hardware: elsewhere
+    torch emulates bf16, far slower than float32, and nobody would run it that way)."""
+    import fastllm
+
+    if autocast != "auto":
+        return autocast == "on"
+    features = fastllm.info()["cpu_features"]
+    if any(features[f] for f in BF16_HARDWARE):
+        return True
+    print("torch autocast not timed: this CPU has neither AVX512_BF16 nor AMX, so torch would emulate bf16 "
+          "(--autocast on times it anyway)")
+    return False
+
+
 def load_note() -> str:
     """1-minute load average vs cores: a busy machine makes OpenMP code look slow."""
     try:
