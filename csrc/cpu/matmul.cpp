@@ -598,6 +598,7 @@ FASTLLM_TARGET_AVX2 static void gemv_nt_avx2(int64_t N, int64_t K, float alpha, 
                                              const typename Load::T* B, int64_t ldb, float beta, float* y,
                                              const float* bias, int T) {
     const int64_t K32 = K & ~int64_t(31), K8 = K & ~int64_t(7);
+    constexpr int64_t PF = 512;  // bf16 weights: prefetch 1 KB ahead (see below)
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
     for (int64_t j = 0; j < N; j++) {
         const typename Load::T* b = B + j * ldb;
@@ -605,6 +606,11 @@ FASTLLM_TARGET_AVX2 static void gemv_nt_avx2(int64_t N, int64_t K, float alpha, 
                a3 = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k < K32; k += 32) {
+            // bf16 rows are half as long in bytes and the widening takes issue slots: the prefetcher falls behind.
+            // Qwen2.5-0.5B's lm-head (151936 x 896, 272 MB, 2 threads, Zen 3, interleaved in one process): 10.2 /
+            // 9.6 ms -> 9.4 / 8.9 ms; the same prefetch on fp32 rows measured 3% slower, so fp32 has none.
+            if constexpr (sizeof(typename Load::T) == 2)
+                if (j * ldb + k + PF < N * ldb) _mm_prefetch((const char*)(b + k + PF), _MM_HINT_T0);
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), Load::load(b + k), a0);
             a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), Load::load(b + k + 8), a1);
             a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), Load::load(b + k + 16), a2);
