@@ -3,10 +3,9 @@ process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 
 bf16 weights (fastllm: bf16 weight copies for decode steps, fp32 activations rounded to bf16 at each matmul;
 torch: the whole model in bfloat16), and torch's float32 model under torch.autocast("cpu", dtype=torch.bfloat16)
 (the weights cast to bf16 at every matmul, as a mixed-precision training script samples; by default only on a CPU
-with AVX512_BF16 or AMX), all interleaved. GPT-2
-shapes by default; --arch llama: Llama-family models (RoPE, RMSNorm, SwiGLU, grouped-query attention) with random
-weights in the shapes of SmolLM2-135M and Qwen2.5-0.5B, and HF transformers' LlamaForCausalLM / Qwen2ForCausalLM on
-the same weights as a further provider.
+with AVX512_BF16 or AMX), all interleaved. GPT-2 shapes by default; --arch llama: Llama-family models (RoPE,
+RMSNorm, SwiGLU, grouped-query attention) with random weights in the shapes of SmolLM2-135M and Qwen2.5-0.5B, and HF
+transformers' LlamaForCausalLM / Qwen2ForCausalLM on the same weights as a further provider.
     python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama] [--autocast auto|on|off]"""
 
 from __future__ import annotations
