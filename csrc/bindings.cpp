@@ -245,41 +245,29 @@ static void def_kernel(py::module_& m, const char* fname, R (*f)(Args...), const
 // ---------------------------------------------------------------------------------------------------------
 // matmul
 
-static void matmul_forward_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias,
-                              std::optional<py::array> pre_gelu) {
-    check_ndim(inp, "inp", 2, "(N, C)");
-    check_ndim(weight, "weight", 2, "(OC, C)");
-    const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
-    check_positive(C, "C (inp columns)", inp, "inp");
-    check_positive(OC, "OC (weight rows)", weight, "weight");
-    const float* x = in_ptr<float>(inp, "inp");
-    const float* w = in_ptr<float>(weight, "weight", {OC, C});
-    const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
-    float* o = out_ptr<float>(out, "out", {N, OC});
-    float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
-    check_outputs({{&out, "out"}, {opt(pre_gelu), "pre_gelu"}},
-                  {{&inp, "inp"}, {&weight, "weight"}, {opt(bias), "bias"}});
-    py::gil_scoped_release nogil;
-    fastllm::cpu::matmul_forward(o, x, w, b, pg, N, C, OC);
-}
+static fastllm::cpu::Prec prec(bool bf16) { return bf16 ? fastllm::cpu::Prec::bf16 : fastllm::cpu::Prec::fp32; }
 
-// weight: bf16 bit patterns as uint16 (OC, C), see fastllm.ops.to_bf16
-static void matmul_forward_bf16w_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias,
-                                    std::optional<py::array> pre_gelu) {
+// weight: float32, or bf16 bit patterns as uint16 (OC, C) (inference with bf16 weights, see fastllm.ops.to_bf16).
+// bf16: with float32 weights, both operands rounded to bf16 (Prec::bf16, the CPU's mixed precision).
+static void matmul_forward_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias,
+                              std::optional<py::array> pre_gelu, bool bf16) {
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
     check_positive(C, "C (inp columns)", inp, "inp");
     check_positive(OC, "OC (weight rows)", weight, "weight");
+    const bool w16 = weight.dtype().is(py::dtype::of<uint16_t>());
     const float* x = in_ptr<float>(inp, "inp");
-    const uint16_t* w = in_ptr<uint16_t>(weight, "weight", {OC, C});
+    const void* w = w16 ? (const void*)in_ptr<uint16_t>(weight, "weight", {OC, C})
+                        : (const void*)in_ptr<float>(weight, "weight", {OC, C});
     const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
     float* o = out_ptr<float>(out, "out", {N, OC});
     float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
     check_outputs({{&out, "out"}, {opt(pre_gelu), "pre_gelu"}},
                   {{&inp, "inp"}, {&weight, "weight"}, {opt(bias), "bias"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::matmul_forward_bf16w(o, x, w, b, pg, N, C, OC);
+    if (w16) fastllm::cpu::matmul_forward_bf16w(o, x, (const uint16_t*)w, b, pg, N, C, OC);
+    else fastllm::cpu::matmul_forward(o, x, (const float*)w, b, pg, N, C, OC, prec(bf16));
 }
 
 static void float_to_bf16_py(py::array out, py::array x) {
@@ -291,7 +279,8 @@ static void float_to_bf16_py(py::array out, py::array x) {
 }
 
 static void matmul_backward_py(std::optional<py::array> dinp, std::optional<py::array> dweight,
-                               std::optional<py::array> dbias, py::array dout, py::array inp, py::array weight) {
+                               std::optional<py::array> dbias, py::array dout, py::array inp, py::array weight,
+                               bool bf16) {
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
@@ -306,11 +295,12 @@ static void matmul_backward_py(std::optional<py::array> dinp, std::optional<py::
     check_outputs({{opt(dinp), "dinp"}, {opt(dweight), "dweight"}, {opt(dbias), "dbias"}},
                   {{&dout, "dout"}, {&inp, "inp"}, {&weight, "weight"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::matmul_backward(dx, dw, db, dy, x, w, N, C, OC);
+    fastllm::cpu::matmul_backward(dx, dw, db, dy, x, w, N, C, OC, prec(bf16));
 }
 
 // c (M, N) = alpha * op(a) @ op(b) + beta * c: the GEMM core under matmul, exposed for tests.
-static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool trans_b, float alpha, float beta) {
+static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool trans_b, float alpha, float beta,
+                    bool bf16) {
     check_ndim(a, "a", 2, "2-D");
     check_ndim(b, "b", 2, "2-D");
     const int64_t M = a.shape(trans_a ? 1 : 0), K = a.shape(trans_a ? 0 : 1);
@@ -322,7 +312,7 @@ static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool tr
     check_outputs({{&c, "c"}}, {{&a, "a"}, {&b, "b"}});
     const int64_t lda = a.shape(1), ldb = b.shape(1);
     py::gil_scoped_release nogil;
-    fastllm::cpu::gemm(trans_a, trans_b, M, N, K, alpha, pa, lda, pb, ldb, beta, pc, N);
+    fastllm::cpu::gemm(trans_a, trans_b, M, N, K, alpha, pa, lda, pb, ldb, beta, pc, N, prec(bf16));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -429,7 +419,7 @@ static void softmax_ce_py(py::array losses, std::optional<py::array> dlogits, py
 static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std::optional<py::array> dweight,
                          py::array hidden, py::array weight, py::array targets, float grad_scale,
                          int32_t ignore_index, std::optional<py::array> scratch, std::optional<py::array> row_weights,
-                         float softcap) {
+                         float softcap, bool bf16) {
     check_softcap(softcap);
     check_ndim(hidden, "hidden", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(V, C)");
@@ -461,7 +451,8 @@ static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std
         {{&hidden, "hidden"}, {&weight, "weight"}, {&targets, "targets"}, {opt(row_weights), "row_weights"}});
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::lmhead_ce(ls, dh, dw, h, w, tg, sc, chunk_rows, N, C, V, grad_scale, ignore_index, rw, softcap);
+    fastllm::cpu::lmhead_ce(ls, dh, dw, h, w, tg, sc, chunk_rows, N, C, V, grad_scale, ignore_index, rw, softcap,
+                            prec(bf16));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -794,6 +785,7 @@ static py::dict info_py() {
     d["simd"] = fastllm::simd_name(fastllm::simd_level());
     d["simd_detected"] = fastllm::simd_name(fastllm::detect_simd());
     d["bf16_matmul"] = fastllm::simd_name(fastllm::cpu::matmul_bf16w_path());
+    d["bf16_gemm"] = fastllm::simd_name(fastllm::cpu::gemm_bf16_path());
     const fastllm::CpuFeatures& f = fastllm::cpu_features();
     d["cpu"] = f.model;
     py::dict feats;  // named as in /proc/cpuinfo's flags
@@ -1248,14 +1240,12 @@ PYBIND11_MODULE(_C, m) {
 
     // kernels: every argument converted by def_kernel (errors name it)
     def_kernel(m, "matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none,
-               arg("pre_gelu") = none);
-    def_kernel(m, "matmul_forward_bf16w", &matmul_forward_bf16w_py, arg("out"), arg("inp"), arg("weight"),
-               arg("bias") = none, arg("pre_gelu") = none);
+               arg("pre_gelu") = none, arg("bf16") = false);
     def_kernel(m, "float_to_bf16", &float_to_bf16_py, arg("out"), arg("x"));
     def_kernel(m, "matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
-               arg("inp"), arg("weight"));
+               arg("inp"), arg("weight"), arg("bf16") = false);
     def_kernel(m, "gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
-               arg("alpha") = 1.0f, arg("beta") = 0.0f);
+               arg("alpha") = 1.0f, arg("beta") = 0.0f, arg("bf16") = false);
     def_kernel(m, "attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"),
                arg("n_kv_head") = none);
     def_kernel(m, "attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
@@ -1266,7 +1256,7 @@ PYBIND11_MODULE(_C, m) {
                arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none, arg("softcap") = 0.0f);
     def_kernel(m, "lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"),
                arg("weight"), arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("scratch") = none,
-               arg("row_weights") = none, arg("softcap") = 0.0f);
+               arg("row_weights") = none, arg("softcap") = 0.0f, arg("bf16") = false);
     m.def("lmhead_chunk_rows", &fastllm::cpu::lmhead_chunk_rows, arg("N"), arg("V"));
     def_kernel(m, "layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),
                arg("weight"), arg("bias"), arg("eps"));

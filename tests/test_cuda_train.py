@@ -36,7 +36,7 @@ def test_pretraining_on_cuda_matches_cpu_and_resumes_on_cpu(tmp_path):
                                      ckpt_every=2, total_batch_tokens=128), **kw})
 
     train(cfg("cpu"), **QUIET)
-    train(cfg("gpu", device="cuda", cuda_dtype="float32"), **QUIET)
+    train(cfg("gpu", device="cuda", dtype="float32"), **QUIET)
     for key in ("loss", "grad_norm", "val_loss"):
         (cs, cv), (gs, gv) = zip(*rows(tmp_path / "cpu", key)), zip(*rows(tmp_path / "gpu", key))
         assert cs == gs
@@ -62,7 +62,7 @@ def test_reward_model_on_cuda_matches_cpu(small_ckpt, tmp_path):
     out = {}
     for dev in ("cpu", "cuda"):
         cfg = RewardModelConfig(base=str(small_ckpt), data="", out=str(tmp_path / dev), epochs=1, batch_size=16,
-                                lr=1e-3, eval_every=1, device=dev, cuda_dtype="float32")
+                                lr=1e-3, eval_every=1, device=dev, dtype="float32")
         out[dev] = train_reward_model(cfg, pairs=pairs, val_pairs=val, **QUIET)
     for key in ("loss", "grad_norm", "val_accuracy"):
         np.testing.assert_allclose([v for _, v in rows(tmp_path / "cuda", key)],
@@ -75,7 +75,7 @@ def test_grpo_cli_on_cuda_then_resume_on_cpu(small_ckpt, tmp_path):
     args = ["rl", "--ckpt", str(small_ckpt), "--out", str(tmp_path / "rl"), "--digits", "1", "--prompts-per-step",
             "2", "--group-size", "2", "--max-new-tokens", "3", "--eval-every", "2", "--eval-prompts", "4",
             "--no-progress"]
-    assert main([*args, "--steps", "2", "--device", "cuda", "--cuda-dtype", "float32"]) == 0
+    assert main([*args, "--steps", "2", "--device", "cuda", "--dtype", "float32"]) == 0
     assert main([*args, "--steps", "3", "--resume"]) == 0
     assert load_model(tmp_path / "rl").checkpoint_dir.name == "ckpt_000003"
     assert [s for s, _ in rows(tmp_path / "rl", "reward")] == [0, 1, 2]

@@ -1,15 +1,23 @@
-"""bf16 inference weights (csrc/cpu/matmul.cpp: float_to_bf16, matmul_forward_bf16w): the conversion equals
-torch's float32 -> bfloat16 rounding bit for bit (ties, NaN, inf, overflow, subnormals), and the product equals the
-float64 product of the bf16-rounded operands on every SIMD path (AVX-512 BF16 dot products or the portable loop)
-and thread count. Tolerance: products of bf16 numbers are exact in fp32, so only the fp32 summation order
-differs: |err| <= 1e-5 * sqrt(C) * max|ref|."""
+"""bf16 on the CPU (csrc/cpu/matmul.cpp). Inference weights (float_to_bf16, matmul_forward_bf16w): the conversion
+equals torch's float32 -> bfloat16 rounding bit for bit (ties, NaN, inf, overflow, subnormals), and the product
+equals the float64 product of the bf16-rounded operands on every SIMD path (AVX-512 BF16 dot products or the
+portable loop) and thread count. Mixed precision (Prec::bf16: gemm, matmul_forward/backward and lmhead_ce with
+dtype="bfloat16", operands rounded while packed): the same equality for every transpose, alpha/beta, shapes that are
+not multiples of the tiles, K = 1, odd K and K across the cache blocks, on every SIMD level (VNNI panels on
+avx512_bf16 and scalar, rounded fp32 panels on avx512/avx2). Tolerance: products of bf16 numbers are exact in fp32,
+so only the fp32 summation order differs: |err| <= 1e-5 * sqrt(K) * max(|a| @ |b|)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fastllm import ops
+from fastllm import _C, ops
+
+
+def _r(x):
+    """x rounded to bf16, as float64 (the operands the bf16 kernels multiply)."""
+    return ops.from_bf16(ops.to_bf16(np.asarray(x, np.float32))).astype(np.float64)
 
 
 def test_to_bf16_matches_torch_bit_for_bit(rng):
@@ -53,3 +61,77 @@ def test_bf16w_bad_input(rng):
         ops.matmul_forward(x, ops.to_bf16(w[:, :4]))
     with pytest.raises(TypeError, match="x must be a float32"):
         ops.to_bf16(np.zeros(3, np.float64))
+
+
+# ---- mixed precision: fp32 arrays, products of their bf16 roundings -----------------------------------------
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (3, 5, 1), (7, 33, 19), (29, 17, 2), (15, 31, 3), (65, 130, 77),
+                                   (40, 70, 1537)])
+def test_gemm_bf16_equals_rounded_product(M, N, K, ta, tb, rng, simd_bf16, threads):
+    a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
+    b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
+    c0 = rng.standard_normal((M, N), dtype=np.float32)
+    ra, rb = (_r(a).T if ta else _r(a)), (_r(b).T if tb else _r(b))
+    for alpha, beta in ((1.0, 0.0), (0.5, 1.5)):
+        c = c0.copy()
+        _C.gemm(c, a, b, ta, tb, alpha, beta, bf16=True)
+        ref = alpha * (ra @ rb) + beta * c0
+        scale = (np.abs(ra) @ np.abs(rb)).max() + np.abs(c0).max()
+        np.testing.assert_allclose(c, ref, rtol=0, atol=1e-5 * np.sqrt(K) * scale)
+
+
+def test_gemm_bf16_rounds_the_operands(simd_bf16):
+    """1 + 2^-10 is not a bf16 number (it rounds to 1): the bf16 product of it with itself is exactly 1, the fp32
+    product is not; 1 + 2^-7 is one, and stays."""
+    x = np.full((3, 5), 1 + 2**-10, np.float32)
+    c = np.empty((3, 3), np.float32)
+    _C.gemm(c, x, x, False, True, bf16=True)
+    np.testing.assert_array_equal(c, 5.0)
+    _C.gemm(c, x, x, False, True)
+    assert np.all(c > 5.009)
+    x = np.full((3, 5), 1 + 2**-7, np.float32)
+    _C.gemm(c, x, x, False, True, bf16=True)
+    np.testing.assert_allclose(c, 5 * (1 + 2**-7) ** 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("N,C,OC", [(1, 7, 3), (13, 64, 50), (70, 33, 129)])
+def test_matmul_bf16_forward_backward(N, C, OC, rng, simd_bf16):
+    x = rng.standard_normal((N, C), dtype=np.float32)
+    w = rng.standard_normal((OC, C), dtype=np.float32)
+    bias = rng.standard_normal(OC, dtype=np.float32)
+    dout = rng.standard_normal((N, OC), dtype=np.float32)
+    tol = 1e-5 * np.sqrt(max(N, C, OC))
+    ref = _r(x) @ _r(w).T + bias
+    np.testing.assert_allclose(ops.matmul_forward(x, w, bias, dtype="bfloat16"), ref, rtol=0,
+                               atol=tol * np.abs(ref).max())
+    pre = np.empty((N, OC), np.float32)
+    out = ops.matmul_forward(x, w, bias, pre_gelu=pre, dtype="bfloat16")
+    np.testing.assert_allclose(pre, ref, rtol=0, atol=tol * np.abs(ref).max())
+    np.testing.assert_allclose(out, ops.gelu_forward(pre), rtol=1e-6, atol=1e-6)
+    dx, dw, db = ops.matmul_backward(dout, x, w, dtype="bfloat16")
+    for got, want in ((dx, _r(dout) @ _r(w)), (dw, _r(dout).T @ _r(x)), (db, dout.astype(np.float64).sum(0))):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ops.matmul_forward(x, w, dtype="float16")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ops.matmul_backward(dout, x, w, dtype="bf16")
+
+
+def test_lmhead_ce_bf16(rng, simd_bf16):
+    """Logits from the rounded operands, softmax and loss in fp32; the backward products round dlogits too."""
+    N, C, V = 37, 24, 300
+    h = rng.standard_normal((N, C), dtype=np.float32)
+    w = rng.standard_normal((V, C), dtype=np.float32) * 0.3
+    t = rng.integers(0, V, N)
+    losses, dh, dw = ops.lmhead_ce(h, w, t, dtype="bfloat16")
+    z = _r(h) @ _r(w).T
+    z -= z.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    np.testing.assert_allclose(losses, -np.log(p[np.arange(N), t]), rtol=1e-5, atol=1e-5)
+    p[np.arange(N), t] -= 1.0
+    for got, (a, b) in ((dh, (p, _r(w))), (dw, (p.T, _r(h)))):  # |error| <= the rounding of dlogits, 2^-9
+        np.testing.assert_allclose(got, _r(a) @ b, rtol=0, atol=2**-8 * (np.abs(a) @ np.abs(b)).max())
+    _, dh32, _ = ops.lmhead_ce(h, w, t)
+    assert not np.array_equal(dh, dh32)  # the precision was used, not ignored

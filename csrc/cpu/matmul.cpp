@@ -104,18 +104,36 @@ void gemm_naive(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float
 // ---------------------------------------------------------------------------------------------------------
 // packing
 
+// bf16 precision (Prec::bf16): the nearest bf16 (ties to even) as bit patterns, and as the float it stands for.
+// NaN stays a quiet NaN; overflow rounds to inf, as float_to_bf16.
+static inline uint32_t bf16_bits(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+static inline float round_bf16(float x) { return bf16_to_float(uint16_t(bf16_bits(x))); }
+
 // Packs `rows` logical rows r (a row = one M index of op(A), or one N index of op(B)) times kc values of k into
 // panels of W rows: dst[p*kc*W + k*W + w] = X(p*W + w, k), zero for rows past `rows`.
-// X(r, k) = src[r*ld + k] if k_contig (row-major along k), else src[k*ld + r].
-template <int W>
+// X(r, k) = src[r*ld + k] if k_contig (row-major along k), else src[k*ld + r]. Round: each value rounded to bf16
+// (kept as fp32: the fp32 micro-kernels then multiply bf16 numbers exactly and sum in fp32).
+template <int W, bool Round = false>
 static void pack_panels(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
+    auto val = [](float x) { return Round ? round_bf16(x) : x; };
     for (int64_t r0 = 0; r0 < rows; r0 += W, dst += kc * W) {
         const int64_t w = std::min<int64_t>(W, rows - r0);
         if (k_contig) {
             // a transpose: read W rows along k, write columns of the panel
             for (int64_t r = 0; r < w; r++) {
                 const float* s = src + (r0 + r) * ld;
-                for (int64_t k = 0; k < kc; k++) dst[k * W + r] = s[k];
+                for (int64_t k = 0; k < kc; k++) dst[k * W + r] = val(s[k]);
             }
             for (int64_t r = w; r < W; r++)
                 for (int64_t k = 0; k < kc; k++) dst[k * W + r] = 0.0f;
@@ -123,10 +141,31 @@ static void pack_panels(const float* src, int64_t ld, bool k_contig, int64_t row
             for (int64_t k = 0; k < kc; k++) {
                 const float* s = src + k * ld + r0;
                 float* d = dst + k * W;
-                for (int64_t r = 0; r < w; r++) d[r] = s[r];
+                for (int64_t r = 0; r < w; r++) d[r] = val(s[r]);
                 for (int64_t r = w; r < W; r++) d[r] = 0.0f;
             }
         }
+    }
+}
+
+// Packs into the VNNI pair layout of the bf16 dot-product instructions (VDPBF16PS; AMX's B tiles use the same):
+// each 32-bit word of the panel holds X(r, 2q) (low half) and X(r, 2q+1) (high half) rounded to bf16;
+// dst[p*kq*W + q*W + w] for kq = ceil(kc / 2) pairs, zeros past `rows` and past kc (an odd kc's last pair).
+// So a panel of W rows is W * kq words, half the bytes of the fp32 panel.
+template <int W>
+static void pack_panels_vnni(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
+    const int64_t kq = (kc + 1) / 2;
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t r0 = 0; r0 < rows; r0 += W, d += kq * W) {
+        const int64_t w = std::min<int64_t>(W, rows - r0);
+        auto x = [&](int64_t r, int64_t k) { return k_contig ? src[(r0 + r) * ld + k] : src[k * ld + r0 + r]; };
+        for (int64_t q = 0; q < kq; q++)
+            for (int64_t r = 0; r < W; r++) {
+                const int64_t k = 2 * q;
+                const uint32_t lo = r < w ? bf16_bits(x(r, k)) : 0u;
+                const uint32_t hi = r < w && k + 1 < kc ? bf16_bits(x(r, k + 1)) : 0u;
+                d[q * W + r] = lo | (hi << 16);
+            }
     }
 }
 
@@ -212,6 +251,30 @@ FASTLLM_TARGET_AVX512 static void pack_panels_rc_avx512(const float* src, int64_
 using MicroKernel = void (*)(int64_t kc, const float* pa, const float* pb, float* c, int64_t ldc, float alpha,
                              float beta, const float* bias);
 
+// The epilogue of the AVX-512 micro-kernels: C = alpha * acc + beta * C + bias (beta == 0: C not read).
+template <int MR, int NV>
+FASTLLM_TARGET_AVX512 static inline void store_tile_avx512(const __m512 (&acc)[MR][NV], float* c, int64_t ldc,
+                                                           float alpha, float beta, const float* bias) {
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    __m512 vbias[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; v++) vbias[v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+    if (beta == 0.0f) {
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) _mm512_storeu_ps(c + i * ldc + 16 * v, _mm512_fmadd_ps(acc[i][v], va, vbias[v]));
+    } else {
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) {
+                float* ci = c + i * ldc + 16 * v;
+                _mm512_storeu_ps(ci, _mm512_fmadd_ps(acc[i][v], va, _mm512_fmadd_ps(_mm512_loadu_ps(ci), vb, vbias[v])));
+            }
+    }
+}
+
 template <int MR, int NV>  // NR = 16 * NV columns
 FASTLLM_TARGET_AVX512 static void ukr_avx512(int64_t kc, const float* __restrict__ pa,
                                              const float* __restrict__ pb, float* c, int64_t ldc, float alpha,
@@ -239,24 +302,39 @@ FASTLLM_TARGET_AVX512 static void ukr_avx512(int64_t kc, const float* __restrict
         pa += MR;
         pb += 16 * NV;
     }
-    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    __m512 vbias[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; v++) vbias[v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
-    if (beta == 0.0f) {
+    store_tile_avx512<MR, NV>(acc, c, ldc, alpha, beta, bias);
+}
+
+// The bf16 twin of ukr_avx512 on VNNI-packed panels (pack_panels_vnni): per pair of k, one 32-bit broadcast of A's
+// two bf16 values per row and VDPBF16PS against NV zmm of B (16 columns x 2 k each): 32 products per instruction,
+// twice the fp32 FMA's. kq = pairs of k.
+template <int MR, int NV>
+FASTLLM_TARGET_AVX512BF16 static void ukr_avx512bf16(int64_t kq, const float* __restrict__ pa,
+                                                     const float* __restrict__ pb, float* c, int64_t ldc, float alpha,
+                                                     float beta, const float* bias) {
+    const int32_t* a32 = reinterpret_cast<const int32_t*>(pa);
+    __m512 acc[MR][NV];
 #pragma GCC unroll 32
-        for (int i = 0; i < MR; i++)
+    for (int i = 0; i < MR; i++) {
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; v++) _mm512_storeu_ps(c + i * ldc + 16 * v, _mm512_fmadd_ps(acc[i][v], va, vbias[v]));
-    } else {
-#pragma GCC unroll 32
-        for (int i = 0; i < MR; i++)
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; v++) {
-                float* ci = c + i * ldc + 16 * v;
-                _mm512_storeu_ps(ci, _mm512_fmadd_ps(acc[i][v], va, _mm512_fmadd_ps(_mm512_loadu_ps(ci), vb, vbias[v])));
-            }
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16 * NV - 1), _MM_HINT_T0);
     }
+    for (int64_t q = 0; q < kq; q++) {
+        __m512bh b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_load_si512(pb + 16 * v);
+#pragma GCC unroll 32
+        for (int i = 0; i < MR; i++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(a32[i]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
+        }
+        a32 += MR;
+        pb += 16 * NV;
+    }
+    store_tile_avx512<MR, NV>(acc, c, ldc, alpha, beta, bias);
 }
 
 template <int MR>
@@ -307,6 +385,31 @@ static void ukr_scalar(int64_t kc, const float* __restrict__ pa, const float* __
         }
 }
 
+// The portable form of ukr_avx512bf16 (same VNNI panels, same order per lane: the high products, then the low,
+// as VDPBF16PS adds them): the bf16 GEMM of CPUs without AVX-512 BF16 at the scalar level, and the executable
+// specification of the VNNI packing on every CPU.
+template <int MR, int NR>
+static void ukr_vnni_scalar(int64_t kq, const float* __restrict__ pa, const float* __restrict__ pb, float* c,
+                            int64_t ldc, float alpha, float beta, const float* bias) {
+    const uint32_t* a = reinterpret_cast<const uint32_t*>(pa);
+    const uint32_t* b = reinterpret_cast<const uint32_t*>(pb);
+    auto lo = [](uint32_t w) { return bf16_to_float(uint16_t(w)); };
+    auto hi = [](uint32_t w) { return bf16_to_float(uint16_t(w >> 16)); };
+    float acc[MR][NR] = {};
+    for (int64_t q = 0; q < kq; q++, a += MR, b += NR)
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < NR; j++) {
+                acc[i][j] += hi(a[i]) * hi(b[j]);
+                acc[i][j] += lo(a[i]) * lo(b[j]);
+            }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            float v = alpha * acc[i][j] + (bias ? bias[j] : 0.0f);
+            if (beta != 0.0f) v += beta * c[i * ldc + j];
+            c[i * ldc + j] = v;
+        }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // blocked driver
 
@@ -319,11 +422,12 @@ struct GemmKernel {
     int64_t MC, KC, NC;    // cache blocks (MC multiple of MR, NC multiple of NR)
     MicroKernel ukr;
     PackFn pack_a, pack_b;
+    int kpack = 1;         // k values per packed 32-bit word: 1 (fp32 panels) or 2 (VNNI bf16 pairs)
 };
 
-template <int W>
+template <int W, bool Round = false>
 static void pack_generic(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
-    pack_panels<W>(src, ld, k_contig, rows, kc, dst);
+    pack_panels<W, Round>(src, ld, k_contig, rows, kc, dst);
 }
 template <int W>
 static void pack_avx512(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
@@ -336,6 +440,28 @@ static void pack_avx512(const float* src, int64_t ld, bool k_contig, int64_t row
 #define FASTLLM_NV512 2
 #endif
 constexpr int kMR512 = FASTLLM_MR512, kNV512 = FASTLLM_NV512;
+// bf16 operands: VDPBF16PS on VNNI panels where the CPU has AVX-512 BF16 (MR x 32, the fp32 kernel's tile, with
+// KC doubled: a packed pair of k takes the bytes of one fp32 value); elsewhere the fp32 micro-kernels on panels
+// rounded to bf16 while packed (exact products, fp32 sums: the same numbers at fp32 speed), except at the scalar
+// level, which runs the portable VNNI kernel so that this layout is exercised on every CPU.
+Simd gemm_bf16_path() { return simd_setting() >= Simd::avx512_bf16 ? Simd::avx512_bf16 : simd_level(); }
+
+static GemmKernel select_kernel_bf16() {
+    if (gemm_bf16_path() == Simd::avx512_bf16)
+        return {kMR512, 16 * kNV512, kMR512 * 8, 2 * 768, 32 * 48, ukr_avx512bf16<kMR512, kNV512>,
+                pack_panels_vnni<kMR512>, pack_panels_vnni<16 * kNV512>, 2};
+    switch (simd_level()) {
+        case Simd::avx512:
+            return {kMR512, 16 * kNV512, kMR512 * 8, 768, 32 * 48, ukr_avx512<kMR512, kNV512>,
+                    pack_generic<kMR512, true>, pack_generic<16 * kNV512, true>};
+        case Simd::avx2:
+            return {6, 16, 6 * 24, 512, 16 * 96, ukr_avx2<6>, pack_generic<6, true>, pack_generic<16, true>};
+        default:
+            return {4, 16, 4 * 32, 256, 16 * 128, ukr_vnni_scalar<4, 16>, pack_panels_vnni<4>, pack_panels_vnni<16>,
+                    2};
+    }
+}
+
 static GemmKernel select_kernel_default() {
     switch (simd_level()) {
         case Simd::avx512:
@@ -349,8 +475,8 @@ static GemmKernel select_kernel_default() {
 }
 
 // FASTLLM_GEMM_BLOCKS="MC,KC,NC" overrides the cache blocks (tuning aid; rounded to the tile sizes).
-static GemmKernel select_kernel() {
-    GemmKernel k = select_kernel_default();
+static GemmKernel select_kernel(Prec prec) {
+    GemmKernel k = prec == Prec::bf16 ? select_kernel_bf16() : select_kernel_default();
     static const char* env = std::getenv("FASTLLM_GEMM_BLOCKS");
     if (env) {
         long long mc = 0, kc = 0, nc = 0;
@@ -394,6 +520,7 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = std::min(KC, K - pc);
             // op(B)(k, j): transB -> B[j*ldb + k] (contiguous along k), else B[k*ldb + j]
+            const int64_t kp = (kc + kn.kpack - 1) / kn.kpack;  // packed words per panel row
             kn.pack_b(transB ? B + jc * ldb + pc : B + pc * ldb + jc, ldb, transB, nc, kc, pb);
             const float beta_p = pc == 0 ? beta : 1.0f;
             const float* bias_p = pc == 0 && bias ? bias + jc : nullptr;
@@ -403,15 +530,15 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
                 kn.pack_a(transA ? A + pc * lda + ic : A + ic * lda + pc, lda, !transA, mc, kc, pa);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t nr = std::min<int64_t>(NR, nc - jr);
-                    const float* pbj = pb + jr * kc;
+                    const float* pbj = pb + jr * kp;
                     const float* bj = bias_p ? bias_p + jr : nullptr;
                     for (int64_t ir = 0; ir < mc; ir += MR) {
                         const int64_t mr = std::min<int64_t>(MR, mc - ir);
                         float* c = Cm + (ic + ir) * ldc + jc + jr;
                         if (mr == MR && nr == NR) {
-                            kn.ukr(kc, pa + ir * kc, pbj, c, ldc, alpha, beta_p, bj);
+                            kn.ukr(kp, pa + ir * kp, pbj, c, ldc, alpha, beta_p, bj);
                         } else {  // edge tile: full tile into scratch, merge the valid part
-                            kn.ukr(kc, pa + ir * kc, pbj, tile, NR, 1.0f, 0.0f, nullptr);
+                            kn.ukr(kp, pa + ir * kp, pbj, tile, NR, 1.0f, 0.0f, nullptr);
                             for (int64_t i = 0; i < mr; i++)
                                 for (int64_t j = 0; j < nr; j++) {
                                     float v = alpha * tile[i * NR + j] + (bj ? bj[j] : 0.0f);
@@ -625,7 +752,8 @@ FASTLLM_TARGET_AVX2 static void gemv_nt_avx2(int64_t N, int64_t K, float alpha, 
 }
 
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-             const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc, const float* bias, int threads) {
+             const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc, const float* bias, int threads,
+             Prec prec) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {  // no products: C = beta*C + bias
         for (int64_t i = 0; i < M; i++)
@@ -635,7 +763,7 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
             }
         return;
     }
-    const GemmKernel kn = select_kernel();
+    const GemmKernel kn = select_kernel(prec);
     int T = threads;
     if (T <= 0) {
 #ifdef _OPENMP
@@ -645,13 +773,14 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
 #endif
     }
     if (double(M) * double(N) * double(K) < 64.0 * 64.0 * 64.0) T = 1;  // not worth waking threads
-    if (M <= SMALL_M && !transA && transB && simd_level() == Simd::avx512) {  // decode-sized batches
+    const bool small = M <= SMALL_M && !transA && transB && prec == Prec::fp32;  // bf16: always packed
+    if (small && simd_level() == Simd::avx512) {  // decode-sized batches
         if (M == 1) gemv_nt_avx512(N, K, alpha, A, B, ldb, beta, Cm, bias, T);
         else if (M <= 4) gemm_small_m_nt_avx512<4, 4>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
         else gemm_small_m_nt_avx512<8, 3>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
         return;
     }
-    if (M <= SMALL_M && !transA && transB && simd_level() == Simd::avx2) {
+    if (small && simd_level() == Simd::avx2) {
         if (M == 1) gemv_nt_avx2<LoadF32>(N, K, alpha, A, B, ldb, beta, Cm, bias, T);
         else gemm_small_m_nt_avx2<LoadF32>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
         return;
@@ -697,8 +826,8 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
 }
 
 void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc) {
-    gemm_ex(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, nullptr);
+          const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc, Prec prec) {
+    gemm_ex(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, nullptr, 0, prec);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -711,19 +840,7 @@ void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha
 // Both compute exact products of the same bf16 numbers with fp32 sums (the order differs).
 
 void float_to_bf16(uint16_t* dst, const float* src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u;
-        std::memcpy(&u, &src[i], 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u) dst[i] = uint16_t((u >> 16) | 0x40u);  // NaN: keep it quiet NaN
-        else dst[i] = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    const uint32_t u = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+    for (int64_t i = 0; i < n; i++) dst[i] = uint16_t(bf16_bits(src[i]));
 }
 
 template <int MROWS, int NCOLS, int PF_ROWS = 16>  // 16 bf16 rows = the byte distance of fp32's 8
@@ -853,18 +970,18 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
 // matmul entry points
 
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, float* pre_gelu,
-                    int64_t N, int64_t C, int64_t OC) {
+                    int64_t N, int64_t C, int64_t OC, Prec prec) {
     // out (N, OC) = inp (N, C) @ weight^T, weight stored (OC, C); bias fused into the epilogue
-    gemm_ex(false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, pre_gelu ? pre_gelu : out, OC, bias);
+    gemm_ex(false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, pre_gelu ? pre_gelu : out, OC, bias, 0, prec);
     if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
 }
 
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, int64_t N, int64_t C, int64_t OC) {
+                     const float* weight, int64_t N, int64_t C, int64_t OC, Prec prec) {
     // dinp (N, C) += dout (N, OC) @ weight (OC, C)
-    if (dinp) gemm(false, false, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C);
+    if (dinp) gemm(false, false, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C, prec);
     // dweight (OC, C) += dout^T (OC, N) @ inp (N, C)
-    if (dweight) gemm(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
+    if (dweight) gemm(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C, prec);
     // dbias (OC) += column sums of dout: threads over column chunks, rows streamed (unit stride inside a chunk)
     if (dbias) {
         const int64_t CH = 512;

@@ -6,15 +6,25 @@
 
 namespace fastllm::cpu {
 
+// The operands' precision in the matmul family: fp32, or bf16 -- both operands rounded to bf16 (nearest even) as
+// they are packed, exact products, fp32 sums: what torch.autocast(bfloat16) computes for a linear layer, here from
+// the fp32 tensors themselves (the packing copies every operand once per call anyway, so there are no bf16 copies
+// of the weights to keep in step with the fp32 master weights). The CPU's mixed-precision training (dtype bfloat16).
+enum class Prec { fp32 = 0, bf16 = 1 };
+// The kernel Prec::bf16 GEMMs run under the SIMD level in use (fastllm.info()["bf16_gemm"]): avx512_bf16
+// (VDPBF16PS on VNNI-packed panels), avx512 / avx2 (the fp32 kernels on panels rounded to bf16 while packed) or
+// scalar (a portable loop over the VNNI panels).
+Simd gemm_bf16_path();
+
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC); bias may be nullptr. With pre_gelu (N, OC) (the GELU
 // epilogue of an MLP's first layer): pre_gelu = the product + bias, out = gelu(pre_gelu).
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, float* pre_gelu,
-                    int64_t N, int64_t C, int64_t OC);
+                    int64_t N, int64_t C, int64_t OC, Prec prec = Prec::fp32);
 
 // dinp (N, C) += dout @ weight;  dweight (OC, C) += dout^T @ inp;  dbias (OC) += sum_rows(dout).
 // Any of dinp, dweight, dbias may be nullptr (not computed).
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, int64_t N, int64_t C, int64_t OC);
+                     const float* weight, int64_t N, int64_t C, int64_t OC, Prec prec = Prec::fp32);
 
 // The readable loop versions of the two above (documentation, and the oracle of the C++ side).
 void matmul_forward_naive(float* out, const float* inp, const float* weight, const float* bias,
@@ -31,12 +41,13 @@ void matmul_backward_naive(float* dinp, float* dweight, float* dbias, const floa
 // Multithreaded with OpenMP (all of omp_get_max_threads()) unless called from inside a parallel region,
 // where it runs on the calling thread only, so per-head / per-chunk callers can parallelise outside.
 void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc);
+          const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc, Prec prec = Prec::fp32);
 
 // gemm plus a row vector bias (N) added to every row of the result: Cmat = alpha op(A) op(B) + beta Cmat + bias.
 // bias may be nullptr. threads <= 0 means "decide" (as gemm); 1 forces the calling thread only.
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-             const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc, const float* bias, int threads = 0);
+             const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc, const float* bias, int threads = 0,
+             Prec prec = Prec::fp32);
 
 // Inference with bf16 weights (decoding): out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias, weight stored as
 // bf16 bit patterns. inp rows are rounded to bf16 (nearest even) first; products are exact, sums fp32. pre_gelu

@@ -279,20 +279,20 @@ int64_t lmhead_chunk_rows(int64_t N, int64_t V) {
 
 void lmhead_ce(float* losses, float* dhidden, float* dweight, const float* hidden, const float* weight,
                const int32_t* targets, float* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
-               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap) {
+               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, Prec prec) {
     if (N == 0) return;
     const int64_t rows = std::min(chunk_rows, N);
     float* logits = scratch;  // rows x V, not zero-filled (every chunk overwrites what it uses)
     const bool backward = dhidden || dweight;
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
         const int64_t n = std::min(rows, N - n0);
-        matmul_forward(logits, hidden + n0 * C, weight, nullptr, nullptr, n, C, V);
+        matmul_forward(logits, hidden + n0 * C, weight, nullptr, nullptr, n, C, V, prec);
         // in place: logits -> dlogits for this chunk
         softmax_ce(losses + n0, backward ? logits : nullptr, logits, targets + n0, n, V, grad_scale, ignore_index,
                    row_weights ? row_weights + n0 : nullptr, softcap);
         if (backward)  // accumulates: dhidden rows of this chunk, and dW summed over all chunks
             matmul_backward(dhidden ? dhidden + n0 * C : nullptr, dweight, nullptr, logits, hidden + n0 * C,
-                            weight, n, C, V);
+                            weight, n, C, V, prec);
     }
 }
 

@@ -17,27 +17,48 @@ The contract, stated once for both modules:
     (parameter and activation gradients alike): zero them first. Gradients they allocate start at zero.
   - Activations and weights have one dtype per call (float32; on the GPU also bfloat16, with fp32 accumulation);
     parameter gradients, layernorm/rmsnorm statistics, attention logsumexp, rope tables and losses are float32.
+    The CPU's bfloat16 is a property of the matmuls instead (`dtype=` of matmul_forward/backward and lmhead_ce:
+    operands rounded to bf16 as they are packed); get("cpu", "bfloat16") binds it, arrays stay float32.
   - Bad arguments raise TypeError (wrong dtype or array type) or ValueError (shape, range, overlap), naming the
     argument.
 
-`get("cpu")` / `get("cuda")` returns the module; `default_dtype(device)` the compute dtype a model gets there.
+`get("cpu")` / `get("cuda")` returns the module; `default_dtype(device)` the compute dtype a model gets there,
+`storage_dtype(device, dtype)` the dtype of its compute copy of the weights and of its activations.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from types import ModuleType
 
 from . import cuda, ops
 
 DEVICES = ("cpu", "cuda")
-DTYPES = {"cpu": ("float32",), "cuda": ("bfloat16", "float32")}  # compute dtypes of a model, default first
+DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float32")}  # compute dtypes, default first
 
 
-def get(device: str) -> ModuleType:
-    """The op module for `device`: fastllm.ops for "cpu", fastllm.cuda for "cuda" (CudaUnavailableError if fastllm
-    has no CUDA build or no GPU is visible)."""
+class CpuBf16:
+    """fastllm.ops with the matmuls in bf16: the CPU's mixed precision (like torch.autocast(bfloat16) on a CPU).
+    The lm-head and every linear layer round both operands to bf16 (exact products, fp32 sums); everything else --
+    norms, attention, softmax and loss, the optimizer -- and every array (weights, activations, gradients) stay
+    float32. Rounding inside the GEMM's packing means no bf16 copy of the weights is kept or synchronised."""
+
+    matmul_forward = staticmethod(partial(ops.matmul_forward, dtype="bfloat16"))
+    matmul_backward = staticmethod(partial(ops.matmul_backward, dtype="bfloat16"))
+    lmhead_ce = staticmethod(partial(ops.lmhead_ce, dtype="bfloat16"))
+
+    def __getattr__(self, name: str):
+        return getattr(ops, name)
+
+
+_CPU_BF16 = CpuBf16()
+
+
+def get(device: str, dtype: str = "float32") -> ModuleType | CpuBf16:
+    """The ops for `device`: fastllm.ops for "cpu" (CpuBf16 for dtype "bfloat16"), fastllm.cuda for "cuda"
+    (CudaUnavailableError if fastllm has no CUDA build or no GPU is visible; its dtype lives in the arrays)."""
     if device == "cpu":
-        return ops
+        return _CPU_BF16 if check_dtype(device, dtype) == "bfloat16" else ops
     if device == "cuda":
         cuda._require()
         return cuda
@@ -56,3 +77,9 @@ def check_dtype(device: str, dtype: str | None) -> str:
     if dtype not in DTYPES[device]:
         raise ValueError(f"dtype {dtype!r} is not available on {device}; choose from {DTYPES[device]}")
     return dtype
+
+
+def storage_dtype(device: str, dtype: str) -> str:
+    """The dtype of a model's compute copy of the weights and of its activations: the compute dtype on the GPU;
+    float32 on the CPU, whose kernels take bf16 only inside the matmuls (CpuBf16)."""
+    return "float32" if device == "cpu" else dtype

@@ -16,7 +16,7 @@ from collections.abc import Collection
 from . import cuda
 
 DEVICES = ("cpu", "cuda")
-CUDA_DTYPES = ("bfloat16", "float32")
+DTYPES = ("float32", "bfloat16")
 
 
 def _optional(cfg, name: str) -> bool:
@@ -64,9 +64,10 @@ def output_dir(cfg, name: str = "out") -> None:
 
 
 def device(cfg) -> None:
-    """`device` is cpu or cuda, and `cuda_dtype` a dtype the GPU model computes in."""
+    """`device` is cpu or cuda, and `dtype` None (the device's default) or a dtype a model computes in."""
     one_of(cfg, "device", DEVICES)
-    one_of(cfg, "cuda_dtype", CUDA_DTYPES)
+    if cfg.dtype is not None:
+        one_of(cfg, "dtype", DTYPES)
 
 
 def require_device(name: str) -> None:
@@ -79,5 +80,5 @@ def require_device(name: str) -> None:
 
 
 def compute_dtype(cfg) -> str | None:
-    """The dtype to move a model to for cfg.device: cfg.cuda_dtype on a GPU, None (float32) on the CPU."""
-    return cfg.cuda_dtype if cfg.device == "cuda" else None
+    """The dtype to move a model to for cfg.device: cfg.dtype (None: the device's default)."""
+    return cfg.dtype

@@ -405,7 +405,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="lm-eval: few-shot examples per prompt (default: the task's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="GPU compute dtype (default: bfloat16)")
+                   help="compute dtype (default: float32 on the CPU, where bfloat16 runs the matmuls in bf16; "
+                        "bfloat16 on a GPU)")
     p.add_argument("--threads", type=int, default=None, help=THREADS)
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 

@@ -14,8 +14,9 @@ MLP (gelu | swiglu | relu2, its own width), biases per projection group, and Gem
 GPTConfig's defaults are GPT-2; GPTConfig.preset("gpt2") is GPT-2 124M, "nano"/"micro" modern models for a CPU.
 Memory: all parameters live in one flat float32 buffer `params` (the master weights) with named views `p`, and
 all gradients in another (`grads`, `g`, allocated on first use). Where the compute dtype is not float32 (bf16 on
-the GPU) a compute copy `cparams` (views `pc`) is what the kernels read; the optimizer writes both. Activations
-of a (B, T) batch are views of one allocation, made once per shape.
+the GPU) a compute copy `cparams` (views `pc`) is what the kernels read; the optimizer writes both (a CPU model in
+bf16 has none: its matmuls round the fp32 weights as they pack them). Activations of a (B, T) batch are views of
+one allocation, made once per shape.
 A training step: forward with targets (embedding, blocks, final norm, then the fused lm-head +
 cross-entropy, which also computes the lm-head's gradient into a scratch buffer), backward (adds that gradient,
 then the blocks in reverse and the embedding), an optimizer step. Only the per-token losses come back to the
@@ -288,9 +289,11 @@ class GPT:
     """The transformer on one device, with a flat parameter buffer `params`, gradients `grads`, and named views `p`,
     `g` (names in param_shapes).
 
-    device: "cpu" (numpy) or "cuda"; dtype: the compute dtype ("float32"; on the GPU "bfloat16" by default,
-    with fp32 master weights, gradients and optimizer state). The weights are initialised on the host with
-    `seed` (the same numbers on every device), then placed."""
+    device: "cpu" (numpy) or "cuda"; dtype: the compute dtype, "float32" or "bfloat16" (the default on the GPU),
+    with fp32 master weights, gradients and optimizer state either way. On the GPU bfloat16 means bf16 weights
+    (a compute copy) and activations; on the CPU it means bf16 matmuls (backend.CpuBf16: operands rounded to bf16
+    inside the GEMM, fp32 everywhere else). The weights are initialised on the host with `seed` (the same numbers
+    on every device), then placed."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, init: bool = True, device: str = "cpu",
                  dtype: str | None = None):
@@ -306,10 +309,11 @@ class GPT:
     def _place(self, host: np.ndarray, device: str, dtype: str | None) -> None:
         """Allocate the parameters on `device` from the flat float32 host array; gradients and activations are
         allocated on first use."""
-        self.bk = backend.get(device)
         self.device, self.dtype = device, backend.check_dtype(device, dtype)
+        self.bk = backend.get(device, self.dtype)
+        self.act_dtype = backend.storage_dtype(device, self.dtype)  # of the compute copy and the activations
         self.params = self.bk.to_device(host) if device != "cpu" else host
-        self.cparams = self.params if self.dtype == "float32" else self.bk.to_device(host, self.dtype)
+        self.cparams = self.params if self.act_dtype == "float32" else self.bk.to_device(host, self.act_dtype)
         self.p = _views(self.bk, self.params, self.shapes)  # float32 master weights
         self.pc = _views(self.bk, self.cparams, self.shapes)  # the compute copy the kernels read
         self._pl = _layers(self.bk, self.pc)
@@ -438,7 +442,7 @@ class GPT:
         L, C, NH, NKV, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.vocab_size
         W, A, H = cfg.qkv_width, NH * cfg.head_size, cfg.mlp_width
         F = 2 * H if cfg.mlp == "swiglu" else H  # c_fc's output width
-        N, dt, f32 = B * T, self.dtype, "float32"
+        N, dt, f32 = B * T, self.act_dtype, "float32"
         per_layer = {  # name: (width, dtype)
             "ln1": (C, dt), "ln1_mean": (1, f32), "ln1_rstd": (1, f32), "qkv": (W, dt), "atty": (A, dt),
             "att_lse": (NH, f32), "residual2": (C, dt), "ln2": (C, dt), "ln2_mean": (1, f32), "ln2_rstd": (1, f32),
@@ -723,12 +727,14 @@ class KVCache:
         elif weights not in ("float32", "bfloat16"):
             raise ValueError(f"weights must be 'float32', 'bfloat16' or model.bf16_weights(), got {weights!r}")
         else:
-            self.w16 = model.bf16_weights() if weights == "bfloat16" and model.device == "cpu" else None
+            # a CPU model in bfloat16 rounds its matmuls' operands to bf16 anyway: it decodes with the snapshot
+            bf16 = weights == "bfloat16" or model.dtype == "bfloat16"
+            self.w16 = model.bf16_weights() if bf16 and model.device == "cpu" else None
         self._w16l = None if self.w16 is None else _layers(ops, self.w16)
         self.hs = cfg.head_size
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, self.hs)
-        self.k = bk.zeros(shape, model.dtype)
-        self.v = bk.zeros(shape, model.dtype)
+        self.k = bk.zeros(shape, model.act_dtype)
+        self.v = bk.zeros(shape, model.act_dtype)
         self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence (host; copied to _pos per call)
         self._pos = bk.zeros((batch_size,), "int32")
         self._bufs: dict[tuple[int, int], dict] = {}
@@ -799,7 +805,7 @@ class KVCache:
         if key not in self._bufs:
             if len(self._bufs) >= 4:  # prompts of many lengths: keep the decode buffers, drop the others
                 self._bufs = {k: v for k, v in self._bufs.items() if k[1] == 1}
-            cfg, dt, f32 = self.model.config, self.model.dtype, "float32"
+            cfg, dt, f32 = self.model.config, self.model.act_dtype, "float32"
             C, N, H, A = cfg.n_embd, b * Tn, cfg.mlp_width, cfg.n_head * cfg.head_size
             F = 2 * H if cfg.mlp == "swiglu" else H
             self._bufs[key] = self.model.bk.carve({

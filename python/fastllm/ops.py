@@ -185,11 +185,23 @@ def from_bf16(x) -> np.ndarray:
 # ---- matmul --------------------------------------------------------------------------------------------
 
 
-def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None) -> np.ndarray:
+PRECISIONS = ("float32", "bfloat16")  # of the matmuls' products: `dtype=` of matmul_forward/backward, lmhead_ce
+
+
+def _bf16(dtype: str) -> bool:
+    """dtype= of the matmul family: "float32", or "bfloat16" -- both operands rounded to bf16 (nearest even) as
+    the GEMM packs them, exact products, fp32 sums and fp32 results: the CPU's mixed precision (what
+    torch.autocast(bfloat16) computes for a linear layer), with fp32 arrays in and out."""
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype must be one of {PRECISIONS}, got {dtype!r}")
+    return dtype == "bfloat16"
+
+
+def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str = "float32") -> np.ndarray:
     """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC); with pre_gelu (..., OC): pre_gelu = that
-    product and out = gelu(pre_gelu) (the MLP's first layer). weight may be bf16 (uint16 from to_bf16; inference):
-    inp is then rounded to bf16 too, products are exact and sums fp32 (AVX-512 BF16 dot products where the CPU
-    has them).
+    product and out = gelu(pre_gelu) (the MLP's first layer). dtype="bfloat16": the product in bf16 (_bf16).
+    weight may also be bf16 itself (uint16 from to_bf16; inference): inp is then rounded to bf16 too, products
+    are exact and sums fp32 (AVX-512 BF16 dot products where the CPU has them).
 
     >>> matmul_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)).shape
     (2, 4)
@@ -201,21 +213,21 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None) -> np.ndarra
     OC = weight.shape[0] if weight.ndim == 2 else 0
     out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
     pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
-    kernel = _C.matmul_forward_bf16w if weight.dtype == np.uint16 else _C.matmul_forward
-    kernel(_view(out, OC), _view(inp, C), weight, bias, pg)
+    _C.matmul_forward(_view(out, OC), _view(inp, C), weight, bias, pg, _bf16(dtype))
     return out
 
 
-def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True):
+def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True,
+                    dtype: str = "float32"):
     """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias); need_dinp/need_bias=False skip
-    those (returned as None)."""
+    those (returned as None). dtype="bfloat16": both products in bf16 (_bf16), as autocast's backward."""
     dout, inp, weight = _f32(dout, "dout"), _f32(inp, "inp"), _f32(weight, "weight")
     C, OC = inp.shape[-1], weight.shape[0]
     dinp = _out(dinp, "dinp", inp.shape) if need_dinp else None
     dweight = _out(dweight, "dweight", weight.shape)
     dbias = _out(dbias, "dbias", (OC,)) if need_bias else None
     _C.matmul_backward(None if dinp is None else _view(dinp, C), dweight, dbias, _view(dout, OC),
-                       _view(inp, C), weight)
+                       _view(inp, C), weight, _bf16(dtype))
     return dinp, dweight, dbias
 
 
@@ -335,12 +347,13 @@ def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "float32") -> i
 
 def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
               backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None,
-              softcap: float | None = None):
+              softcap: float | None = None, dtype: str = "float32"):
     """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, computed in chunks of rows into
     `scratch` (rows, V) (allocated per call if None: pass one, of lmhead_chunk_rows rows, to reuse it) and never
     materialised whole. Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients
     accumulate. With row_weights (float32, shaped like targets) the gradients are those of
-    grad_scale * sum_n w[n] * loss[n]. softcap c: the logits are c * tanh(logits / c) (see softmax_ce)."""
+    grad_scale * sum_n w[n] * loss[n]. softcap c: the logits are c * tanh(logits / c) (see softmax_ce).
+    dtype="bfloat16": the two products in bf16 (_bf16); the softmax and the loss stay fp32."""
     hidden, weight = _f32(hidden, "hidden"), _f32(weight, "weight")
     targets = _ids(targets, "targets")
     rw = _row_weights(row_weights, targets)
@@ -353,7 +366,7 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
         dhidden = dweight = None
     _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
                  _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw,
-                 softcap_arg(softcap))
+                 softcap_arg(softcap), _bf16(dtype))
     return losses, dhidden, dweight
 
 

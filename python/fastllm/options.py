@@ -26,8 +26,9 @@ KEEP_CKPTS = "how many of the newest checkpoints to keep on disk"
 ZERO = "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state"
 GRAD_CLIP = "clip the global gradient norm to this value (0: no clipping)"
 DEVICE = "where to train: cpu, or cuda (a CUDA build of fastllm and an NVIDIA GPU)"
-CUDA_DTYPE = ("with --device cuda: compute dtype of weights and activations (master weights and AdamW state stay "
-              "float32)")
+DTYPE = ("compute dtype (default: float32 on the CPU, bfloat16 on a GPU); master weights, gradients and AdamW state "
+         "stay float32. CPU bfloat16: the matmuls round their operands to bf16 (fp32 sums; AVX-512 BF16 where the CPU "
+         "has it), like torch.autocast; GPU bfloat16: weights and activations in bf16")
 # the --eval-task options of `fastllm train`, `sft` and `rl` (fastllm.eval.TrainEval)
 EVAL_TASK = ("a task evaluated every --eval-every steps (also at the start and the end), logged as TASK/METRIC "
              "(mc/acc, mc/acc_norm, bpb/bpb, gen/exact_match, ...) and drawn on the run's figure: mc, bpb, gen, "

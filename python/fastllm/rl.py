@@ -49,8 +49,8 @@ from .model import GPT
 from .optim import AdamW
 from .options import (
     CKPT_EVERY,
-    CUDA_DTYPE,
     DEVICE,
+    DTYPE,
     EVAL_TASK,
     EVAL_TASK_DATA,
     EVAL_TASK_LIMIT,
@@ -275,7 +275,7 @@ class RLConfig:
     threads: int | None = option(None, THREADS)
     resume: bool = option(False, RESUME)
     device: str = option("cpu", DEVICE + " (the policy, the reference and a reward model)", choices=checks.DEVICES)
-    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
+    dtype: str | None = option(None, DTYPE, choices=checks.DTYPES)
     zero: bool = option(False, ZERO)
 
     def __post_init__(self) -> None:
@@ -559,7 +559,7 @@ class RewardModelConfig:
     keep_ckpts: int = option(2, KEEP_CKPTS)
     resume: bool = option(False, RESUME)
     device: str = option("cpu", DEVICE, choices=checks.DEVICES)
-    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
+    dtype: str | None = option(None, DTYPE, choices=checks.DTYPES)
     zero: bool = option(False, ZERO)
 
     def __post_init__(self) -> None:

@@ -40,8 +40,8 @@ from .model import GPT, MLPS, NORMS, POSITIONS, PRESETS, GPTConfig
 from .optim import AdamW, lr_schedule
 from .options import (
     CKPT_EVERY,
-    CUDA_DTYPE,
     DEVICE,
+    DTYPE,
     EVAL_TASK,
     EVAL_TASK_DATA,
     EVAL_TASK_LIMIT,
@@ -117,7 +117,7 @@ class TrainConfig:
     threads: int | None = option(None, THREADS)
     resume: bool = option(False, RESUME)
     device: str = option("cpu", DEVICE, choices=checks.DEVICES)
-    cuda_dtype: str = option("bfloat16", CUDA_DTYPE, choices=checks.CUDA_DTYPES)
+    dtype: str | None = option(None, DTYPE, choices=checks.DTYPES)
     loss_log_scale: bool = option(False, "draw the loss panel of loss.png on a log scale")
     zero: bool = option(False, ZERO)
 
@@ -168,7 +168,7 @@ class Loop:
     seed: int = 0  # of the run's random generator (checkpointed with it)
     resume: bool = False
     device: str = "cpu"  # cpu | cuda
-    cuda_dtype: str = "bfloat16"  # with device=cuda: the compute dtype (float32 master weights and AdamW state)
+    dtype: str | None = None  # the compute dtype (None: the device's default); master weights and AdamW state fp32
     zero: bool = False  # with several ranks: ZeRO-1 (fastllm.distributed.ShardedAdamW)
     tokenizer: Path | None = None  # copied into every checkpoint
     loss_log_scale: bool = False  # the loss panel of the run's figure on a log scale
@@ -383,7 +383,7 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
     stage.start(model, opt)
     distributed.agree_on_run(loop.config, model, stage.fingerprint())
     log(f"{stage.kind}: {model.num_parameters / 1e6:.2f}M parameters {model.config.to_dict()} on {loop.device}"
-        + (f" ({loop.cuda_dtype} compute, float32 master weights and AdamW state)" if loop.device == "cuda" else "")
+        + (f" ({model.dtype} compute, float32 master weights and AdamW state)" if model.dtype != "float32" else "")
         + (f"; {world.size} ranks" + (" (ZeRO-1)" if isinstance(opt, distributed.ShardedAdamW) else "")
            if world.size > 1 else ""))
     min_lr = loop.lr if loop.min_lr is None else loop.min_lr

@@ -60,7 +60,7 @@ def slots_within(model, max_batch: int, max_len: int | None, kv_budget_mb: float
     """max_batch, lowered so that the KV cache fits kv_budget_mb (ValueError if not even one slot fits)."""
     if kv_budget_mb is None:
         return max_batch
-    cfg, size = model.config, 2 if getattr(model, "dtype", "float32") == "bfloat16" else 4
+    cfg, size = model.config, 2 if getattr(model, "act_dtype", "float32") == "bfloat16" else 4
     slot = 2 * cfg.n_layer * (max_len or cfg.block_size) * cfg.kv_heads * cfg.head_size * size  # keys + values
     n = min(max_batch, int(kv_budget_mb * 2**20 // slot))
     if n < 1:

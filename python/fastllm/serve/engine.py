@@ -210,7 +210,7 @@ class Engine:
     @property
     def kv_bytes(self) -> int:
         """Bytes of the KV cache (keys and values)."""
-        cfg, size = self.model.config, 2 if getattr(self.model, "dtype", "float32") == "bfloat16" else 4
+        cfg, size = self.model.config, 2 if getattr(self.model, "act_dtype", "float32") == "bfloat16" else 4
         return 2 * cfg.n_layer * self.max_batch * self.max_len * cfg.kv_heads * cfg.head_size * size
 
     # ---- control (any thread) ---------------------------------------------------------------------------
