@@ -5,9 +5,11 @@ Forward: out = inp @ weight^T (torch: F.linear). Backward: the two GEMMs torch a
 dinp = dout @ weight and dweight = dout^T @ inp (fastllm: matmul_backward without dbias, accumulating into
 preallocated buffers, dweight in float32; torch: matmuls into preallocated `out=` buffers of the dtype).
 GFLOP/s (TFLOP/s on the GPU) = 2*N*C*OC per GEMM / median time; ratio = torch ms / fastllm ms (above 1: fastllm
-faster). On the CPU also "torch bf16": the same GEMMs with bfloat16 operands (what torch.autocast("cpu",
-dtype=torch.bfloat16) runs for F.linear; oneDNN, AMX or AVX512_BF16 where the CPU has them), the operands cast
-once outside the timing. Shapes (N, C, OC): the fc, fc-projection and lm-head layers (CPU: 2048 rows); on the
+faster). On the CPU also "fastllm bf16", fastllm's mixed precision (backend.get("cpu", "bfloat16"): the fp32
+arrays rounded to bf16 as the GEMM packs them, fp32 sums; VDPBF16PS where the CPU has AVX512_BF16), and "torch
+bf16": the same GEMMs with bfloat16 operands (what torch.autocast("cpu", dtype=torch.bfloat16) runs for F.linear;
+oneDNN, AMX or AVX512_BF16 where the CPU has them), the operands cast once outside the timing; torch bf16 is
+compared with fastllm bf16. Shapes (N, C, OC): the fc, fc-projection and lm-head layers (CPU: 2048 rows); on the
 GPU the qkv, attention-projection, fc and fc-projection layers of GPT-2 124M at B*T = 16384 rows.
 With --device cuda also the GEMM itself (fastllm.cuda.gemm: 'auto' = tensor cores at 2 blocks/SM, 'tc1' = the
 1 block/SM build) vs torch.matmul on every GEMM of those layers (forward, dinp, dweight) plus 4096^3 (and 8192^3
@@ -44,10 +46,14 @@ def providers(shape, which: str, device: str, dtype: str):
     dout_np = rng.standard_normal((N, OC), dtype=np.float32)
     inp, weight, dout = (bk.to_device(a, dtype) for a in (inp_np, weight_np, dout_np))
     out, dinp, dweight = bk.empty((N, OC), dtype), bk.zeros((N, C), dtype), bk.zeros((OC, C))
+    # the CPU's mixed precision (fp32 arrays, bf16 products) beside fp32: backend.get("cpu", "bfloat16")
+    kinds = {"fastllm": bk, "fastllm bf16": backend.get("cpu", "bfloat16")} if device == "cpu" and \
+        dtype == "float32" else {"fastllm": bk}
     if which == "fwd":
-        fns = {"fastllm": lambda: bk.matmul_forward(inp, weight, out=out)}
+        fns = {k: partial(b.matmul_forward, inp, weight, out=out) for k, b in kinds.items()}
     else:
-        fns = {"fastllm": lambda: bk.matmul_backward(dout, inp, weight, dinp=dinp, dweight=dweight, need_bias=False)}
+        fns = {k: partial(b.matmul_backward, dout, inp, weight, dinp=dinp, dweight=dweight, need_bias=False)
+               for k, b in kinds.items()}
     if torch_on(device) is not None:
         fns["torch"] = torch_fn(which, inp_np, weight_np, dout_np, device, dtype)
         if device == "cpu" and dtype == "float32":
@@ -87,16 +93,24 @@ def run(threads: int = 2, quick: bool = False, device: str = "cpu", dtype: str =
                            warmup=0 if smoke else 1)
             f = res["fastllm"]["median"]
             row = [str(shape), which, f"{f * 1e3:.2f}", f"{flops / f / scale:.1f}"]
-            for name in ("torch", "torch bf16") if device == "cpu" else ("torch",):
+            # (name, what its time is divided by): fp32 against fp32, bf16 against fastllm's bf16 where it runs
+            f16 = res["fastllm bf16"]["median"] if "fastllm bf16" in res else None
+            if f16 is not None:
+                row += [f"{f16 * 1e3:.2f}", f"{flops / f16 / scale:.1f}", f"{f / f16:.2f}x"]
+            for name, base in (("torch", f), ("torch bf16", f16 or f)) if device == "cpu" else (("torch", f),):
                 if name in res:
                     t = res[name]["median"]
-                    row += [f"{t * 1e3:.2f}", f"{flops / t / scale:.1f}", f"{t / f:.2f}x"]
+                    row += [f"{t * 1e3:.2f}", f"{flops / t / scale:.1f}", f"{t / base:.2f}x"]
                 else:
                     row += ["-", "-", "-"]
             rows.append(row)
-    head = ["shape (N,C,OC)", "pass", "fastllm ms", f"fastllm {unit}", "torch ms", f"torch {unit}", "torch/fastllm"]
+    head = ["shape (N,C,OC)", "pass", "fastllm ms", f"fastllm {unit}"]
+    if device == "cpu" and dtype == "float32":
+        head += ["fastllm bf16 ms", f"fastllm bf16 {unit}", "fastllm fp32/bf16"]
+    head += ["torch ms", f"torch {unit}", "torch/fastllm"]
     if device == "cpu":
-        head += ["torch bf16 ms", f"torch bf16 {unit}", "torch bf16/fastllm"]
+        head += ["torch bf16 ms", f"torch bf16 {unit}",
+                 "torch bf16/fastllm bf16" if dtype == "float32" else "torch bf16/fastllm"]
     print_table(rows, head)
     if device == "cuda":
         print()

@@ -785,7 +785,8 @@ static py::dict info_py() {
     d["simd"] = fastllm::simd_name(fastllm::simd_level());
     d["simd_detected"] = fastllm::simd_name(fastllm::detect_simd());
     d["bf16_matmul"] = fastllm::simd_name(fastllm::cpu::matmul_bf16w_path());
-    d["bf16_gemm"] = fastllm::simd_name(fastllm::cpu::gemm_bf16_path());
+    d["bf16_gemm"] = std::string(fastllm::simd_name(fastllm::cpu::gemm_bf16_path())) +
+                     (fastllm::cpu::amx_emulation() ? " (emulated)" : "");
     const fastllm::CpuFeatures& f = fastllm::cpu_features();
     d["cpu"] = f.model;
     py::dict feats;  // named as in /proc/cpuinfo's flags
@@ -832,7 +833,10 @@ static fastllm::Simd parse_simd(const std::string& level) {
         const auto s = static_cast<fastllm::Simd>(i);
         if (level == fastllm::simd_name(s)) return s;
     }
-    throw py::value_error(str_cat("simd level must be 'avx512_bf16', 'avx512', 'avx2' or 'scalar', got '", level, "'"));
+    std::string names;
+    for (int i = 0; i < fastllm::kSimdLevels; i++)
+        names += str_cat(i ? ", '" : "'", fastllm::simd_name(static_cast<fastllm::Simd>(i)), "'");
+    throw py::value_error(str_cat("simd level must be one of ", names, ", got '", level, "'"));
 }
 
 // Lowers the SIMD level (clamped to what the CPU has; fastllm.set_simd is the strict public wrapper).
@@ -1258,6 +1262,8 @@ PYBIND11_MODULE(_C, m) {
                arg("weight"), arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("scratch") = none,
                arg("row_weights") = none, arg("softcap") = 0.0f, arg("bf16") = false);
     m.def("lmhead_chunk_rows", &fastllm::cpu::lmhead_chunk_rows, arg("N"), arg("V"));
+    m.def("set_amx_emulation", &fastllm::cpu::set_amx_emulation, arg("on"),
+          "Testing: bf16 GEMMs run the AMX kernel on a C++ model of the tiles (any CPU; slow)");
     def_kernel(m, "layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),
                arg("weight"), arg("bias"), arg("eps"));
     def_kernel(m, "layernorm_backward", &layernorm_backward_py, arg("dinp"), arg("dweight"), arg("dbias"),

@@ -92,9 +92,10 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 
 // SIMD levels, lowest to highest: the vector ISA of the fp32 kernels (scalar, avx2, avx512), then avx512_bf16
-// (avx512 plus the VDPBF16PS bf16 dot products of the bf16-weight matmul). A level includes those below it.
-enum class Simd { scalar = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
-constexpr int kSimdLevels = 4;
+// (avx512 plus the VDPBF16PS bf16 dot products of the bf16 matmuls), then amx (avx512_bf16 plus AMX-BF16 tiles,
+// granted to this process: the bf16 GEMM). A level includes those below it.
+enum class Simd { scalar = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx = 4 };
+constexpr int kSimdLevels = 5;
 
 // The highest level this CPU supports.
 Simd detect_simd();
@@ -115,3 +116,6 @@ const char* simd_name(Simd s);
 // AVX-512 plus the bf16 dot product (vdpbf16ps; AMD Zen 4, Intel Cooper Lake / Sapphire Rapids and later)
 #define FASTLLM_TARGET_AVX512BF16 \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+// AVX-512 BF16 plus the AMX tiles (TDPBF16PS; Intel Sapphire Rapids and later)
+#define FASTLLM_TARGET_AMX \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-bf16")))

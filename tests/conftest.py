@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # for `import reference`, `import
 import backends  # noqa: E402
 
 import fastllm  # noqa: E402
+from fastllm import _C  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +55,21 @@ def simd(request):
 def simd_bf16(request):
     """Like `simd`, with the avx512_bf16 level too (the VDPBF16PS path of the bf16-weight matmul)."""
     yield from _at_simd(request.param)
+
+
+@pytest.fixture(params=["amx", "amx_emulated", "avx512_bf16", "avx512", "avx2", "scalar"])
+def bf16_gemm(request):
+    """Each kernel of the bf16 GEMM (fastllm.info()["bf16_gemm"]): the AMX tiles where the CPU has them, and on every
+    CPU the same AMX kernel on the C++ model of the tiles (_C.set_amx_emulation), then the SIMD levels."""
+    if request.param != "amx_emulated":
+        yield from _at_simd(request.param)
+        return
+    _C.set_amx_emulation(True)
+    try:
+        assert fastllm.info()["bf16_gemm"] == "amx (emulated)"
+        yield "amx (emulated)"
+    finally:
+        _C.set_amx_emulation(False)
 
 
 def pytest_generate_tests(metafunc):

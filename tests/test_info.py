@@ -87,6 +87,9 @@ def test_cpu_features_agree_with_proc_cpuinfo():
 def test_amx_permission_is_a_bool():
     d = fastllm.info()
     assert isinstance(d["amx_permission"], bool)
+    f = d["cpu_features"]
+    amx = f["amx_tile"] and f["amx_bf16"] and f["avx512_bf16"] and d["amx_permission"]
+    assert (d["simd_detected"] == "amx") == amx
     if not d["cpu_features"]["amx_tile"]:
         assert d["amx_permission"] is False  # nothing to grant without AMX
 
@@ -103,8 +106,10 @@ def test_set_simd_each_supported_level():
             fastllm.set_simd(level)
             d = fastllm.info()
             assert fastllm.get_simd() == level
-            assert d["simd"] == ("avx512" if level == "avx512_bf16" else level)  # the fp32 kernels' ISA
-            assert d["bf16_matmul"] == {"scalar": "scalar", "avx512_bf16": "avx512_bf16"}.get(level, "avx2")
+            assert d["simd"] == ("avx512" if level in ("avx512_bf16", "amx") else level)  # the fp32 kernels' ISA
+            bf16w = {"scalar": "scalar", "avx512_bf16": "avx512_bf16", "amx": "avx512_bf16"}  # batch-1 decode: no AMX
+            assert d["bf16_matmul"] == bf16w.get(level, "avx2")
+            assert d["bf16_gemm"] == ("avx512" if level == "avx512" else level)
             x = np.random.default_rng(0).standard_normal((5, 37), dtype=np.float32)
             w = np.random.default_rng(1).standard_normal((11, 37), dtype=np.float32)
             np.testing.assert_allclose(fastllm.ops.matmul_forward(x, w), x.astype(np.float64) @ w.T, rtol=1e-4,
@@ -115,7 +120,7 @@ def test_set_simd_each_supported_level():
 
 
 def test_set_simd_bad_level():
-    with pytest.raises(ValueError, match="must be one of scalar, avx2, avx512, avx512_bf16 or auto, got 'sse'"):
+    with pytest.raises(ValueError, match="must be one of scalar, avx2, avx512, avx512_bf16, amx or auto, got 'sse'"):
         fastllm.set_simd("sse")
     supported = levels_up_to_detected()
     for level in fastllm.SIMD_LEVELS[len(supported):]:  # what this CPU lacks (none on a Zen 4 / Sapphire Rapids)

@@ -3,8 +3,9 @@ equals torch's float32 -> bfloat16 rounding bit for bit (ties, NaN, inf, overflo
 equals the float64 product of the bf16-rounded operands on every SIMD path (AVX-512 BF16 dot products or the
 portable loop) and thread count. Mixed precision (Prec::bf16: gemm, matmul_forward/backward and lmhead_ce with
 dtype="bfloat16", operands rounded while packed): the same equality for every transpose, alpha/beta, shapes that are
-not multiples of the tiles, K = 1, odd K and K across the cache blocks, on every SIMD level (VNNI panels on
-avx512_bf16 and scalar, rounded fp32 panels on avx512/avx2). Tolerance: products of bf16 numbers are exact in fp32,
+not multiples of the tiles, K = 1, odd K and K across the cache blocks, for every kernel (AMX tiles, and the same
+AMX kernel on the C++ model of the tiles on every CPU; VNNI panels on avx512_bf16 and scalar; rounded fp32 panels
+on avx512/avx2). Tolerance: products of bf16 numbers are exact in fp32,
 so only the fp32 summation order differs: |err| <= 1e-5 * sqrt(K) * max(|a| @ |b|)."""
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def test_bf16w_bad_input(rng):
 
 @pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (3, 5, 1), (7, 33, 19), (29, 17, 2), (15, 31, 3), (65, 130, 77),
-                                   (40, 70, 1537)])
-def test_gemm_bf16_equals_rounded_product(M, N, K, ta, tb, rng, simd_bf16, threads):
+                                   (40, 70, 1537), (33, 64, 2100)])
+def test_gemm_bf16_equals_rounded_product(M, N, K, ta, tb, rng, bf16_gemm, threads):
     a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
     b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
     c0 = rng.standard_normal((M, N), dtype=np.float32)
@@ -82,7 +83,7 @@ def test_gemm_bf16_equals_rounded_product(M, N, K, ta, tb, rng, simd_bf16, threa
         np.testing.assert_allclose(c, ref, rtol=0, atol=1e-5 * np.sqrt(K) * scale)
 
 
-def test_gemm_bf16_rounds_the_operands(simd_bf16):
+def test_gemm_bf16_rounds_the_operands(bf16_gemm):
     """1 + 2^-10 is not a bf16 number (it rounds to 1): the bf16 product of it with itself is exactly 1, the fp32
     product is not; 1 + 2^-7 is one, and stays."""
     x = np.full((3, 5), 1 + 2**-10, np.float32)
@@ -97,7 +98,7 @@ def test_gemm_bf16_rounds_the_operands(simd_bf16):
 
 
 @pytest.mark.parametrize("N,C,OC", [(1, 7, 3), (13, 64, 50), (70, 33, 129)])
-def test_matmul_bf16_forward_backward(N, C, OC, rng, simd_bf16):
+def test_matmul_bf16_forward_backward(N, C, OC, rng, bf16_gemm):
     x = rng.standard_normal((N, C), dtype=np.float32)
     w = rng.standard_normal((OC, C), dtype=np.float32)
     bias = rng.standard_normal(OC, dtype=np.float32)
@@ -119,7 +120,7 @@ def test_matmul_bf16_forward_backward(N, C, OC, rng, simd_bf16):
         ops.matmul_backward(dout, x, w, dtype="bf16")
 
 
-def test_lmhead_ce_bf16(rng, simd_bf16):
+def test_lmhead_ce_bf16(rng, bf16_gemm):
     """Logits from the rounded operands, softmax and loss in fp32; the backward products round dlogits too."""
     N, C, V = 37, 24, 300
     h = rng.standard_normal((N, C), dtype=np.float32)

@@ -279,10 +279,10 @@ def test_cli_device_flags():
         p.parse_args(["sample", "--ckpt", "c", "--device", "tpu"])
 
 
-def test_cpu_bf16_mixed_precision_follows_fp32(data, capsys):
+def test_cpu_bf16_mixed_precision_follows_fp32(data, capsys, bf16_gemm):
     """`fastllm train --dtype bfloat16` on the CPU: bf16 matmuls (operands rounded, fp32 sums), fp32 master weights,
     AdamW state, norms, attention and loss. Its loss curve follows the fp32 run's within bf16 noise (and is not the
-    fp32 run: the precision is used), and the checkpoint is float32 like any other."""
+    fp32 run: the precision is used), and the checkpoint is float32 like any other. On every bf16 GEMM kernel."""
     from fastllm.cli import main
 
     s32 = train(config(data, out=str(data / "fp32")), progress=False, log=lambda *a: None)

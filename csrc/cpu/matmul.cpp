@@ -39,9 +39,11 @@ The naive triple loops (matmul_*_naive, gemm_naive) stay as documentation and as
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "common.h"
@@ -152,9 +154,10 @@ static void pack_panels(const float* src, int64_t ld, bool k_contig, int64_t row
 // each 32-bit word of the panel holds X(r, 2q) (low half) and X(r, 2q+1) (high half) rounded to bf16;
 // dst[p*kq*W + q*W + w] for kq = ceil(kc / 2) pairs, zeros past `rows` and past kc (an odd kc's last pair).
 // So a panel of W rows is W * kq words, half the bytes of the fp32 panel.
-template <int W>
+// QPAD: pairs per panel row rounded up to a multiple of QPAD with zeros (16 for AMX: a B tile is 16 pairs deep).
+template <int W, int QPAD = 1>
 static void pack_panels_vnni(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
-    const int64_t kq = (kc + 1) / 2;
+    const int64_t kq = ((kc + 1) / 2 + QPAD - 1) / QPAD * QPAD;
     uint32_t* d = reinterpret_cast<uint32_t*>(dst);
     for (int64_t r0 = 0; r0 < rows; r0 += W, d += kq * W) {
         const int64_t w = std::min<int64_t>(W, rows - r0);
@@ -162,10 +165,31 @@ static void pack_panels_vnni(const float* src, int64_t ld, bool k_contig, int64_
         for (int64_t q = 0; q < kq; q++)
             for (int64_t r = 0; r < W; r++) {
                 const int64_t k = 2 * q;
-                const uint32_t lo = r < w ? bf16_bits(x(r, k)) : 0u;
+                const uint32_t lo = r < w && k < kc ? bf16_bits(x(r, k)) : 0u;
                 const uint32_t hi = r < w && k + 1 < kc ? bf16_bits(x(r, k + 1)) : 0u;
                 d[q * W + r] = lo | (hi << 16);
             }
+    }
+}
+
+// The A side of the AMX kernel: an A tile is 16 rows of 16 consecutive pairs (64 bytes a row), so a panel of W
+// rows is stored per block of 16 pairs as W rows x 16 words: dst[p][b][r][j] = pair (r, 16 b + j); zeros past
+// `rows` and past kc, pairs padded to a multiple of 16.
+template <int W>
+static void pack_panels_amx_a(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
+    const int64_t kq = ((kc + 1) / 2 + 15) / 16 * 16;
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t r0 = 0; r0 < rows; r0 += W, d += kq * W) {
+        const int64_t w = std::min<int64_t>(W, rows - r0);
+        auto x = [&](int64_t r, int64_t k) { return k_contig ? src[(r0 + r) * ld + k] : src[k * ld + r0 + r]; };
+        for (int64_t b = 0; b < kq / 16; b++)
+            for (int64_t r = 0; r < W; r++)
+                for (int64_t j = 0; j < 16; j++) {
+                    const int64_t k = 2 * (16 * b + j);
+                    const uint32_t lo = r < w && k < kc ? bf16_bits(x(r, k)) : 0u;
+                    const uint32_t hi = r < w && k + 1 < kc ? bf16_bits(x(r, k + 1)) : 0u;
+                    d[(b * W + r) * 16 + j] = lo | (hi << 16);
+                }
     }
 }
 
@@ -411,6 +435,105 @@ static void ukr_vnni_scalar(int64_t kq, const float* __restrict__ pa, const floa
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// AMX: a 32 x 32 block of C in four 16 x 16 fp32 tiles (tmm0 = rows 0-15 x columns 0-15, tmm1 = rows 0-15 x
+// columns 16-31, tmm2/tmm3 the same for rows 16-31); per block of 16 pairs of k, the two A tiles (tmm4/5: rows
+// 0-15/16-31, 16 rows x 16 pairs, from pack_panels_amx_a) and the two B tiles (tmm6/7: columns 0-15/16-31, 16
+// pairs deep x 16 columns, from the 32-wide VNNI panel: row stride 128 bytes) feed four TDPBF16PS, each 16 x 16 x
+// 32 bf16 products (8192), 4 x the VDPBF16PS kernel's per-instruction work. The tiles go to a 32 x 32 buffer, then
+// the usual epilogue. Every tile is 16 rows x 64 bytes (palette 1), configured once per thread.
+// AmxTiles runs the instructions; AmxEmu is a plain C++ model of the same tile registers and instructions (Intel
+// SDM: TILELOADD, TDPBF16PS, TILESTORED), so the kernel's data movement is tested on every CPU (_C.amx_emulation).
+// It does not model the hardware's denormal flushing (DAZ/FTZ), which changes nothing at bf16 tolerances.
+
+struct TileConfig {  // the 64-byte operand of LDTILECFG
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+static TileConfig amx_tile_config() {
+    TileConfig cfg;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    return cfg;
+}
+
+// One 32 x 32 block: kb blocks of 16 pairs of k, A and B panels as packed, the result into t (32 x 32 floats).
+#define FASTLLM_AMX_BLOCK(ZERO, LOAD, DP, STORE)                                                 \
+    ZERO(0); ZERO(1); ZERO(2); ZERO(3);                                                          \
+    for (int64_t b = 0; b < kb; b++, a += 2048, bm += 2048) {                                     \
+        LOAD(4, a, 64); LOAD(5, a + 1024, 64); LOAD(6, bm, 128); LOAD(7, bm + 64, 128);           \
+        DP(0, 4, 6); DP(1, 4, 7); DP(2, 5, 6); DP(3, 5, 7);                                       \
+    }                                                                                            \
+    STORE(0, t, 128); STORE(1, t + 16, 128); STORE(2, t + 512, 128); STORE(3, t + 528, 128)
+
+struct AmxTiles {
+    FASTLLM_TARGET_AMX static void block(int64_t kb, const char* a, const char* bm, float* t) {
+        static thread_local bool configured = false;  // the tile configuration is per thread
+        if (!configured) {
+            // static: the whole 64 bytes are in memory (the intrinsic's asm declares a read of only 8 of them)
+            alignas(64) static const TileConfig cfg = amx_tile_config();
+            _tile_loadconfig(&cfg);
+            configured = true;
+        }
+        FASTLLM_AMX_BLOCK(_tile_zero, _tile_loadd, _tile_dpbf16ps, _tile_stored);
+    }
+};
+
+struct AmxEmu {
+    struct Regs {
+        TileConfig cfg = amx_tile_config();
+        alignas(64) uint8_t tmm[8][16][64];
+    };
+    static Regs& regs() {
+        static thread_local Regs r;
+        return r;
+    }
+    static void zero(int t) { std::memset(regs().tmm[t], 0, sizeof(regs().tmm[t])); }
+    static void load(int t, const void* base, int64_t stride) {
+        for (int r = 0; r < regs().cfg.rows[t]; r++)
+            std::memcpy(regs().tmm[t][r], static_cast<const char*>(base) + r * stride, regs().cfg.colsb[t]);
+    }
+    static void store(int t, void* base, int64_t stride) {
+        for (int r = 0; r < regs().cfg.rows[t]; r++)
+            std::memcpy(static_cast<char*>(base) + r * stride, regs().tmm[t][r], regs().cfg.colsb[t]);
+    }
+    static void dp(int c, int a, int b) {  // TDPBF16PS: c[m][n] += sum_k a[m][2k] b[k][2n] + a[m][2k+1] b[k][2n+1]
+        const TileConfig& g = regs().cfg;
+        if (g.rows[a] != g.rows[c] || g.colsb[b] != g.colsb[c] || g.rows[b] != g.colsb[a] / 4)
+            throw std::logic_error("AMX emulation: tile shapes do not fit TDPBF16PS");  // the hardware's #UD
+        for (int m = 0; m < g.rows[c]; m++) {
+            float* cm = reinterpret_cast<float*>(regs().tmm[c][m]);
+            const uint16_t* am = reinterpret_cast<const uint16_t*>(regs().tmm[a][m]);
+            for (int k = 0; k < g.colsb[a] / 4; k++) {
+                const uint16_t* bk = reinterpret_cast<const uint16_t*>(regs().tmm[b][k]);
+                for (int n = 0; n < g.colsb[c] / 4; n++) {
+                    cm[n] += bf16_to_float(am[2 * k]) * bf16_to_float(bk[2 * n]);
+                    cm[n] += bf16_to_float(am[2 * k + 1]) * bf16_to_float(bk[2 * n + 1]);
+                }
+            }
+        }
+    }
+    static void block(int64_t kb, const char* a, const char* bm, float* t) {
+        FASTLLM_AMX_BLOCK(zero, load, dp, store);
+    }
+};
+
+template <class Tiles>
+static void ukr_amx(int64_t kq, const float* pa, const float* pb, float* c, int64_t ldc, float alpha, float beta,
+                    const float* bias) {
+    alignas(64) float t[32 * 32];
+    Tiles::block(kq / 16, reinterpret_cast<const char*>(pa), reinterpret_cast<const char*>(pb), t);
+    for (int i = 0; i < 32; i++)
+        for (int j = 0; j < 32; j++) {
+            float v = alpha * t[i * 32 + j] + (bias ? bias[j] : 0.0f);
+            if (beta != 0.0f) v += beta * c[i * ldc + j];
+            c[i * ldc + j] = v;
+        }
+}
+
+static std::atomic<bool> g_amx_emulation{false};
+void set_amx_emulation(bool on) { g_amx_emulation.store(on); }
+
+// ---------------------------------------------------------------------------------------------------------
 // blocked driver
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -423,6 +546,7 @@ struct GemmKernel {
     MicroKernel ukr;
     PackFn pack_a, pack_b;
     int kpack = 1;         // k values per packed 32-bit word: 1 (fp32 panels) or 2 (VNNI bf16 pairs)
+    int kround = 1;        // packed words per panel row rounded up to a multiple of this (AMX: 16 pairs a tile)
 };
 
 template <int W, bool Round = false>
@@ -444,9 +568,18 @@ constexpr int kMR512 = FASTLLM_MR512, kNV512 = FASTLLM_NV512;
 // KC doubled: a packed pair of k takes the bytes of one fp32 value); elsewhere the fp32 micro-kernels on panels
 // rounded to bf16 while packed (exact products, fp32 sums: the same numbers at fp32 speed), except at the scalar
 // level, which runs the portable VNNI kernel so that this layout is exercised on every CPU.
-Simd gemm_bf16_path() { return simd_setting() >= Simd::avx512_bf16 ? Simd::avx512_bf16 : simd_level(); }
+Simd gemm_bf16_path() {
+    if (simd_setting() >= Simd::amx || g_amx_emulation.load()) return Simd::amx;
+    return simd_setting() >= Simd::avx512_bf16 ? Simd::avx512_bf16 : simd_level();
+}
+bool amx_emulation() { return g_amx_emulation.load(); }
 
 static GemmKernel select_kernel_bf16() {
+    // AMX: 32 x 32 blocks; MC x KC of A = 128 rows x 512 pairs (256 KB) and KC x NC of B = 512 pairs x 768 columns
+    // (1.5 MB) for a 2 MB L2 (Sapphire Rapids). Not tuned on the hardware yet.
+    if (gemm_bf16_path() == Simd::amx)
+        return {32, 32, 128, 1024, 768, g_amx_emulation.load() ? ukr_amx<AmxEmu> : ukr_amx<AmxTiles>,
+                pack_panels_amx_a<32>, pack_panels_vnni<32, 16>, 2, 16};
     if (gemm_bf16_path() == Simd::avx512_bf16)
         return {kMR512, 16 * kNV512, kMR512 * 8, 2 * 768, 32 * 48, ukr_avx512bf16<kMR512, kNV512>,
                 pack_panels_vnni<kMR512>, pack_panels_vnni<16 * kNV512>, 2};
@@ -512,15 +645,16 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
                          float* Cm, int64_t ldc, const float* bias) {
     const int MR = kn.MR, NR = kn.NR;
     const int64_t KC = kn.KC, MC = kn.MC, NC = kn.NC;
-    float* pa = tls_pack_a.get(size_t(MC) * KC);
-    float* pb = tls_pack_b.get(size_t(NC) * KC);
+    const int64_t kp_max = ((KC + kn.kpack - 1) / kn.kpack + kn.kround - 1) / kn.kround * kn.kround;
+    float* pa = tls_pack_a.get(size_t(MC) * kp_max);
+    float* pb = tls_pack_b.get(size_t(NC) * kp_max);
     alignas(64) float tile[16 * 64];
     for (int64_t jc = 0; jc < N; jc += NC) {
         const int64_t nc = std::min(NC, N - jc);
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = std::min(KC, K - pc);
             // op(B)(k, j): transB -> B[j*ldb + k] (contiguous along k), else B[k*ldb + j]
-            const int64_t kp = (kc + kn.kpack - 1) / kn.kpack;  // packed words per panel row
+            const int64_t kp = ((kc + kn.kpack - 1) / kn.kpack + kn.kround - 1) / kn.kround * kn.kround;  // words
             kn.pack_b(transB ? B + jc * ldb + pc : B + pc * ldb + jc, ldb, transB, nc, kc, pb);
             const float beta_p = pc == 0 ? beta : 1.0f;
             const float* bias_p = pc == 0 && bias ? bias + jc : nullptr;

@@ -11,10 +11,13 @@ namespace fastllm::cpu {
 // the fp32 tensors themselves (the packing copies every operand once per call anyway, so there are no bf16 copies
 // of the weights to keep in step with the fp32 master weights). The CPU's mixed-precision training (dtype bfloat16).
 enum class Prec { fp32 = 0, bf16 = 1 };
-// The kernel Prec::bf16 GEMMs run under the SIMD level in use (fastllm.info()["bf16_gemm"]): avx512_bf16
-// (VDPBF16PS on VNNI-packed panels), avx512 / avx2 (the fp32 kernels on panels rounded to bf16 while packed) or
+// The kernel Prec::bf16 GEMMs run under the SIMD level in use (fastllm.info()["bf16_gemm"]): amx (TDPBF16PS
+// tiles), avx512_bf16 (VDPBF16PS on VNNI-packed panels), avx512 / avx2 (the fp32 kernels on panels rounded to bf16 while packed) or
 // scalar (a portable loop over the VNNI panels).
 Simd gemm_bf16_path();
+// Testing: run the AMX kernel on a C++ model of the tiles (any CPU); gemm_bf16_path() is then amx.
+void set_amx_emulation(bool on);
+bool amx_emulation();
 
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC); bias may be nullptr. With pre_gelu (N, OC) (the GELU
 // epilogue of an MLP's first layer): pre_gelu = the product + bias, out = gelu(pre_gelu).

@@ -99,6 +99,7 @@ const CpuFeatures& cpu_features() {
 Simd detect_simd() {
     const CpuFeatures& f = cpu_features();
     const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+    if (avx512 && f.avx512_bf16 && f.amx_tile && f.amx_bf16 && f.amx_permission) return Simd::amx;
     if (avx512 && f.avx512_bf16) return Simd::avx512_bf16;
     if (avx512) return Simd::avx512;
     if (f.avx2 && f.fma) return Simd::avx2;
@@ -131,6 +132,7 @@ void set_simd_level(Simd level) {
 
 const char* simd_name(Simd s) {
     switch (s) {
+        case Simd::amx: return "amx";
         case Simd::avx512_bf16: return "avx512_bf16";
         case Simd::avx512: return "avx512";
         case Simd::avx2: return "avx2";

@@ -28,8 +28,10 @@ def info() -> dict:
     CPU keys: "cpu" (model name), "cpu_features" (avx2, fma, avx512f, avx512bw, avx512_bf16, avx512_fp16, amx_tile,
     amx_bf16, amx_int8: what the CPU has and the OS enabled, named as in /proc/cpuinfo), "amx_permission" (Linux
     granted this process the AMX tile state), "simd" (the fp32 kernels' vector ISA in use: avx512, avx2 or scalar),
-    "simd_detected" (the highest level of SIMD_LEVELS the CPU supports) and "bf16_matmul" (the bf16-weight matmul's
-    path: avx512_bf16 dot products, or bf16 widened to fp32 on avx2 or scalar).
+    "simd_detected" (the highest level of SIMD_LEVELS the CPU supports), "bf16_matmul" (the bf16-weight matmul's
+    path: avx512_bf16 dot products, or bf16 widened to fp32 on avx2 or scalar) and "bf16_gemm" (the kernel of the
+    mixed-precision matmuls, dtype="bfloat16": amx tiles, avx512_bf16 dot products, or fp32 FMAs on operands rounded
+    to bf16 on avx512/avx2; scalar: a portable loop).
 
     >>> fastllm.info()["cpu_features"]["avx2"] in (True, False)
     True"""
@@ -58,8 +60,9 @@ SIMD_LEVELS: tuple[str, ...] = tuple(_C.SIMD_LEVELS)  # lowest to highest; each 
 def set_simd(level: str) -> None:
     """Run the CPU kernels at a lower SIMD level, to test or time the fallback paths (like the environment variable
     FASTLLM_SIMD, read at import): "scalar" (portable loops), "avx2" (AVX2 + FMA), "avx512" (AVX-512 F/BW/DQ/VL),
-    "avx512_bf16" (avx512 plus VDPBF16PS bf16 dot products in the bf16-weight matmul), or "auto" (the highest this
-    CPU supports, the default). ValueError for an unknown level or one above what the CPU supports.
+    "avx512_bf16" (avx512 plus VDPBF16PS bf16 dot products in the bf16 matmuls), "amx" (avx512_bf16 plus the AMX-BF16
+    tiles in the bf16 GEMM), or "auto" (the highest this CPU supports, the default). ValueError for an unknown level
+    or one above what the CPU supports.
 
     >>> fastllm.set_simd("scalar"); fastllm.get_simd()
     'scalar'
