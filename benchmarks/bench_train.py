@@ -1,7 +1,8 @@
 """Training, fastllm vs PyTorch and the GPT-2 presets vs their modern (Llama-style) twins, in one process:
     python benchmarks/bench_train.py [--threads 2] [--quick] [--gpt2] [--autocast auto|on|off]
                                      [--race off|mini|small] [--steps N] [--no-table]
-1. Tokens/s of a full training step (forward + backward + AdamW), fastllm vs a PyTorch eager twin of the same model
+1. Tokens/s of a full training step (forward + backward + AdamW), fastllm in float32 and in mixed precision
+   (GPT(dtype="bfloat16"): bf16 matmuls, fp32 master weights) vs a PyTorch eager twin of the same model
    (tests/torch_gpt.py: SDPA attention, torch.optim.AdamW) with the same weights, same threads, in float32 and
    under torch.autocast("cpu", dtype=torch.bfloat16) (the forward in autocast, backward and AdamW outside it:
    PyTorch's mixed-precision recipe, fp32 master weights; by default only on a CPU with bf16 hardware,
@@ -33,7 +34,9 @@ from common import AUTOCAST_OPTION, bench, cli, header, print_table, set_threads
 from fastllm.model import GPT, GPTConfig  # noqa: E402
 from fastllm.optim import AdamW  # noqa: E402
 
-PROVIDERS = ("fastllm", "torch", "torch autocast")
+PROVIDERS = ("fastllm", "fastllm bf16", "torch", "torch autocast")
+RATIOS = (("torch", "fastllm"), ("torch", "fastllm bf16"), ("torch autocast", "fastllm bf16"),
+          ("fastllm", "fastllm bf16"))  # (numerator, denominator) time ratios, where both ran
 TWINS = {"mini": "nano", "small": "micro"}  # GPT-2-style preset -> the modern preset of its depth and width
 
 
@@ -42,16 +45,21 @@ def case(name: str, cfg: GPTConfig, B: int, T: int, repeats: int, providers=PROV
     import torch_gpt
 
     model = GPT(cfg, seed=0)
-    opt = AdamW(model, lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (B, T))
     y = rng.integers(0, cfg.vocab_size, (B, T))
 
-    def ours():
-        model.forward(x, y)
-        model.zero_grad()
-        model.backward()
-        opt.step()
+    def ours(dtype: str):
+        m = GPT(cfg, seed=0, dtype=dtype)  # each variant its own weights and optimizer
+        opt = AdamW(m, lr=1e-4, weight_decay=0.1)
+
+        def step():
+            m.forward(x, y)
+            m.zero_grad()
+            m.backward()
+            opt.step()
+
+        return step
 
     tx, ty = torch.as_tensor(x), torch.as_tensor(y)
 
@@ -68,13 +76,14 @@ def case(name: str, cfg: GPTConfig, B: int, T: int, repeats: int, providers=PROV
 
         return step
 
-    fns = {"fastllm": ours, "torch": theirs(False), "torch autocast": theirs(True)}
-    r = bench({k: fns[k] for k in providers}, repeats=repeats, warmup=1)
+    fns = {"fastllm": lambda: ours("float32"), "fastllm bf16": lambda: ours("bfloat16"),
+           "torch": lambda: theirs(False), "torch autocast": lambda: theirs(True)}
+    r = bench({k: fns[k]() for k in providers}, repeats=repeats, warmup=1)
     ms = {k: v["median"] * 1e3 for k, v in r.items()}
     tok = B * T
     return [name, f"{B}x{T}", f"{model.num_parameters / 1e6:.1f}M", *(f"{ms[k]:.0f}" for k in providers),
             *(f"{tok / ms[k] * 1e3:,.0f}" for k in providers),
-            *(f"{ms[k] / ms['fastllm']:.2f}x" for k in providers[1:])]
+            *(f"{ms[a] / ms[b]:.2f}x" for a, b in RATIOS if a in providers and b in providers)]
 
 
 def race_presets(gpt2: str, steps: int, threads: int, repeats: int) -> None:
@@ -130,7 +139,7 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, autocast: str
     set_threads(threads)
     print(header("train step (fwd+bwd+AdamW)", threads))
     if not no_table:
-        providers = PROVIDERS if with_autocast(autocast) else PROVIDERS[:2]
+        providers = PROVIDERS if with_autocast(autocast) else PROVIDERS[:3]
         shapes = [("mini", 16, 128), ("nano", 16, 128), ("small", 4 if quick else 8, 256),
                   ("micro", 4 if quick else 8, 256)]
         rows = [case(f"{n} V=4096", GPTConfig.preset(n, vocab_size=4096), B, T, 3 if quick else 5, providers)
@@ -141,8 +150,11 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, autocast: str
             rows.append(case("gpt2 124M", GPTConfig.preset("gpt2", vocab_size=50257), 4, 1024, 2, providers))
         if "torch autocast" in providers:
             print("torch autocast = torch.autocast('cpu', dtype=torch.bfloat16) around the forward (bf16 GEMMs)")
+        print("fastllm bf16 = GPT(dtype='bfloat16'): bf16 matmuls (operands rounded as packed, fp32 sums; kernel: "
+              "info()['bf16_gemm'] in the header), fp32 master weights, AdamW, norms, attention and loss")
         print_table(rows, ["model", "BxT", "params", *(f"{k} ms" for k in providers),
-                           *(f"{k} tok/s" for k in providers), *(f"{k}/fastllm" for k in providers[1:])])
+                           *(f"{k} tok/s" for k in providers),
+                           *(f"{a}/{b}" for a, b in RATIOS if a in providers and b in providers)])
     if race != "off":
         race_presets(race, steps // 4 if quick else steps, threads, 5 if quick else 10)
 

@@ -417,6 +417,27 @@ def test_train_grpo_log_checkpoints_and_resume_bit_identical(warm, tmp_path):
     assert [r["step"] for r in rows_b if "reward" in r] == list(range(5))
 
 
+def test_grpo_and_reward_model_in_cpu_bf16_follow_fp32(warm, tmp_path):
+    """--dtype bfloat16 on the CPU (bf16 matmuls, fp32 master weights) for GRPO and the reward model: the same steps,
+    logged like fp32's, with losses within bf16 noise of the fp32 runs."""
+    ck, _, _ = warm
+    kw = dict(ckpt=str(ck), task="addition", digits=1, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-3,
+              eval_every=3, eval_prompts=8, steps=3)
+    logs = {}
+    for dt in ("float32", "bfloat16"):
+        train_grpo(RLConfig(out=str(tmp_path / dt), dtype=dt, **kw), progress=False, log=lambda *_: None)
+        cfg = RewardModelConfig(base=str(ck), data="", out=str(tmp_path / f"rm_{dt}"), epochs=1, batch_size=16,
+                                lr=1e-3, eval_every=1, dtype=dt)
+        train_reward_model(cfg, pairs=addition_preferences(32, 1, seed=0), val_pairs=addition_preferences(8, 1, seed=1),
+                           progress=False, log=lambda *_: None)
+        logs[dt] = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+                    for d in (dt, f"rm_{dt}")]
+    for rows32, rows16 in zip(logs["float32"], logs["bfloat16"]):
+        loss32, loss16 = ([r["loss"] for r in rows if "loss" in r] for rows in (rows32, rows16))
+        assert len(loss16) == len(loss32) > 0
+        np.testing.assert_allclose(loss16, loss32, rtol=0.05, atol=5e-3)
+
+
 def test_cli_reward_model_then_rl_against_it(warm, tmp_path, capsys):
     ck, _, _ = warm
     data = tmp_path / "prefs.jsonl"
