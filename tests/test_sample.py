@@ -71,9 +71,27 @@ def test_short_cache_equals_full_cache(model):
         model.kv_cache(1, max_len=model.config.block_size + 1)
 
 
+def test_bf16_long_prefill_and_cpu_bf16_model(model):
+    """A prefill of more than BF16_MAX_ROWS rows with weights="bfloat16" runs the bf16 GEMM on the fp32 weights
+    (within bf16 rounding of fp32, and not fp32); a CPU model in bfloat16 decodes with the snapshot by itself, and
+    its cache's logits follow its own full forward (bf16 matmuls) within bf16 rounding."""
+    rng = np.random.default_rng(5)
+    prompt = [int(t) for t in rng.integers(0, 53, 36)]  # 36 rows > 32
+    l32, l16 = model.kv_cache(1).prefill([prompt]), model.kv_cache(1, weights="bfloat16").prefill([prompt])
+    assert np.abs(l16 - l32).max() <= 2e-2 * np.abs(l32).max() and not np.array_equal(l16, l32)
+    m16 = GPT(model.config, init=False, dtype="bfloat16").load_state_dict(model.state_dict()).eval()
+    cache = m16.kv_cache(1)
+    assert cache.w16 is not None  # the snapshot, without weights="bfloat16"
+    logits = [cache.prefill([prompt[:30]])] + [cache.decode([t]) for t in prompt[30:]]
+    full = m16.forward(np.array([prompt]))[0, 29:]
+    np.testing.assert_allclose(np.array(logits)[:, 0], full, rtol=0, atol=2e-2 * np.abs(full).max())
+    assert generate(m16, prompt[:5], 4, temperature=0) == generate(model, prompt[:5], 4, temperature=0,
+                                                                   weights="bfloat16")
+
+
 def test_bf16_weights_decode(model):
-    """weights="bfloat16": decode steps use bf16 copies of the matrices (prefill over 32 rows stays float32). The
-    logits stay within bf16 rounding of the float32 cache, and the weights are a snapshot."""
+    """weights="bfloat16": decode steps use bf16 copies of the matrices (a prefill over 32 rows: the bf16 GEMM).
+    The logits stay within bf16 rounding of the float32 cache, and the weights are a snapshot."""
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(0, 53, 4)) for _ in range(3)]
     c32, c16 = model.kv_cache(3), model.kv_cache(3, weights="bfloat16")

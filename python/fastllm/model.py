@@ -713,7 +713,8 @@ class KVCache:
     block_size;
     generate sizes it to the longest prompt + max_new_tokens, so a short generation does not zero a full-context
     cache). On the CPU, weights="bfloat16" streams bf16 copies of the matrices in decode steps (<= BF16_MAX_ROWS
-    token rows at once, where reading the weights is the cost); longer prefills keep the float32 GEMM.
+    token rows at once, where reading the weights is the cost); longer prefills run the bf16 GEMM (CpuBf16) on the
+    float32 weights, which rounds them to the same bf16 numbers as it packs them.
     """
 
     BF16_MAX_ROWS = 32
@@ -836,6 +837,8 @@ class KVCache:
         bk.copy_(pos_dev, np.ascontiguousarray(pos))
         w16 = self._w16l if self._w16l is not None and b * Tn <= self.BF16_MAX_ROWS else None
         w = pl if w16 is None else w16  # the matrices this pass streams
+        if self._w16l is not None and w16 is None:  # a long prefill: the bf16 GEMM (AMX tiles where the CPU has
+            bk = backend.get("cpu", "bfloat16")  # them) on the fp32 weights, rounded as the snapshot's: same numbers
         x = u["x"]
         # token (+ position) embedding; learned position rows start at each sequence's pos (a view of wpe)
         if self.model.rope is not None:
