@@ -21,7 +21,7 @@ def _r(x):
     return ops.from_bf16(ops.to_bf16(np.asarray(x, np.float32))).astype(np.float64)
 
 
-def test_to_bf16_matches_torch_bit_for_bit(rng):
+def test_to_bf16_matches_torch_bit_for_bit(rng, simd):
     torch = pytest.importorskip("torch")
     x = np.concatenate([
         rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-40, 38, 10000),

@@ -150,47 +150,76 @@ static void pack_panels(const float* src, int64_t ld, bool k_contig, int64_t row
     }
 }
 
-// Packs into the VNNI pair layout of the bf16 dot-product instructions (VDPBF16PS; AMX's B tiles use the same):
-// each 32-bit word of the panel holds X(r, 2q) (low half) and X(r, 2q+1) (high half) rounded to bf16;
-// dst[p*kq*W + q*W + w] for kq = ceil(kc / 2) pairs, zeros past `rows` and past kc (an odd kc's last pair).
-// So a panel of W rows is W * kq words, half the bytes of the fp32 panel.
-// QPAD: pairs per panel row rounded up to a multiple of QPAD with zeros (16 for AMX: a B tile is 16 pairs deep).
-template <int W, int QPAD = 1>
-static void pack_panels_vnni(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
-    const int64_t kq = ((kc + 1) / 2 + QPAD - 1) / QPAD * QPAD;
-    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-    for (int64_t r0 = 0; r0 < rows; r0 += W, d += kq * W) {
-        const int64_t w = std::min<int64_t>(W, rows - r0);
-        auto x = [&](int64_t r, int64_t k) { return k_contig ? src[(r0 + r) * ld + k] : src[k * ld + r0 + r]; };
-        for (int64_t q = 0; q < kq; q++)
-            for (int64_t r = 0; r < W; r++) {
-                const int64_t k = 2 * q;
-                const uint32_t lo = r < w && k < kc ? bf16_bits(x(r, k)) : 0u;
-                const uint32_t hi = r < w && k + 1 < kc ? bf16_bits(x(r, k + 1)) : 0u;
-                d[q * W + r] = lo | (hi << 16);
-            }
+// float32 -> bf16 bits, 16 at a time on AVX2 (the same rounding as bf16_bits: the NaN test, the tie-to-even add and
+// the shift in 8 int32 lanes, then packed to 16-bit; packus works within 128-bit halves, the permute restores the
+// order). Used by float_to_bf16 and the bf16 packers.
+FASTLLM_TARGET_AVX2 static inline __m256i bf16_bits8_avx2(const float* p) {
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i hi = _mm256_srli_epi32(u, 16);
+    const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(hi, _mm256_set1_epi32(1)));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+    return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+}
+FASTLLM_TARGET_AVX2 static void float_to_bf16_avx2(uint16_t* dst, const float* src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i p = _mm256_packus_epi32(bf16_bits8_avx2(src + i), bf16_bits8_avx2(src + i + 8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permute4x64_epi64(p, 0xD8));
     }
+    for (; i < n; i++) dst[i] = uint16_t(bf16_bits(src[i]));
 }
 
-// The A side of the AMX kernel: an A tile is 16 rows of 16 consecutive pairs (64 bytes a row), so a panel of W
-// rows is stored per block of 16 pairs as W rows x 16 words: dst[p][b][r][j] = pair (r, 16 b + j); zeros past
-// `rows` and past kc, pairs padded to a multiple of 16.
-template <int W>
-static void pack_panels_amx_a(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
-    const int64_t kq = ((kc + 1) / 2 + 15) / 16 * 16;
+void float_to_bf16(uint16_t* dst, const float* src, int64_t n) {
+    if (simd_level() >= Simd::avx2) return float_to_bf16_avx2(dst, src, n);
+    for (int64_t i = 0; i < n; i++) dst[i] = uint16_t(bf16_bits(src[i]));
+}
+
+// Packs into the bf16 pair layouts of the bf16 dot-product instructions: each 32-bit word holds X(r, 2q) (low half)
+// and X(r, 2q+1) (high half) rounded to bf16, kq = ceil(kc / 2) pairs rounded up to a multiple of QPAD, zeros past
+// `rows` and past kc (an odd kc's last pair), so a panel of W rows is W * kq words, half the bytes of fp32's.
+//   VNNI (TileRows false; VDPBF16PS, and AMX's B tiles with QPAD 16): pair-major, word (r, q) at q*W + r;
+//   AMX A tiles (TileRows true, QPAD 16): a tile row is 16 consecutive pairs of one row, so per block of 16 pairs
+//   the W rows one after the other: word (r, q) at ((q / 16) * W + r) * 16 + q % 16.
+// The rounding runs vectorized (float_to_bf16) over a row of k (k_contig) or over the W rows of one k; the words
+// are then placed one by one.
+template <int W, int QPAD, bool TileRows>
+static void pack_panels_bf16(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
+    const int64_t kq = ((kc + 1) / 2 + QPAD - 1) / QPAD * QPAD;
+    auto at = [](int64_t r, int64_t q) { return TileRows ? ((q / 16) * W + r) * 16 + q % 16 : q * W + r; };
+    static thread_local std::vector<uint32_t> row;  // k_contig: one row's kq words
+    row.assign(size_t(kq), 0u);
+    uint16_t* row16 = reinterpret_cast<uint16_t*>(row.data());
     uint32_t* d = reinterpret_cast<uint32_t*>(dst);
     for (int64_t r0 = 0; r0 < rows; r0 += W, d += kq * W) {
         const int64_t w = std::min<int64_t>(W, rows - r0);
-        auto x = [&](int64_t r, int64_t k) { return k_contig ? src[(r0 + r) * ld + k] : src[k * ld + r0 + r]; };
-        for (int64_t b = 0; b < kq / 16; b++)
-            for (int64_t r = 0; r < W; r++)
-                for (int64_t j = 0; j < 16; j++) {
-                    const int64_t k = 2 * (16 * b + j);
-                    const uint32_t lo = r < w && k < kc ? bf16_bits(x(r, k)) : 0u;
-                    const uint32_t hi = r < w && k + 1 < kc ? bf16_bits(x(r, k + 1)) : 0u;
-                    d[(b * W + r) * 16 + j] = lo | (hi << 16);
-                }
+        if (k_contig) {
+            for (int64_t r = 0; r < W; r++) {
+                if (r < w) float_to_bf16(row16, src + (r0 + r) * ld, kc);  // row16[kc..] stay zero
+                else std::fill(row.begin(), row.end(), 0u);
+                for (int64_t q = 0; q < kq; q++) d[at(r, q)] = row[q];
+            }
+        } else {
+            uint16_t lo[W] = {}, hi[W] = {};
+            for (int64_t q = 0; q < kq; q++) {
+                const int64_t k = 2 * q;
+                if (k < kc) float_to_bf16(lo, src + k * ld + r0, w);
+                else std::fill(lo, lo + W, uint16_t(0));
+                if (k + 1 < kc) float_to_bf16(hi, src + (k + 1) * ld + r0, w);
+                else std::fill(hi, hi + W, uint16_t(0));
+                for (int64_t r = 0; r < W; r++) d[at(r, q)] = r < w ? uint32_t(lo[r]) | (uint32_t(hi[r]) << 16) : 0u;
+            }
+        }
     }
+}
+template <int W, int QPAD = 1>
+static void pack_panels_vnni(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
+    pack_panels_bf16<W, QPAD, false>(src, ld, k_contig, rows, kc, dst);
+}
+template <int W>
+static void pack_panels_amx_a(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
+    pack_panels_bf16<W, 16, true>(src, ld, k_contig, rows, kc, dst);
 }
 
 // AVX-512 transposing pack for the k-contiguous case (any W): 16 rows x 16 k at a time through a register
@@ -973,9 +1002,6 @@ void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha
 //   otherwise:  a plain loop widening bf16 to fp32 (bf16 -> fp32 is exact: the bits shifted up 16).
 // Both compute exact products of the same bf16 numbers with fp32 sums (the order differs).
 
-void float_to_bf16(uint16_t* dst, const float* src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = uint16_t(bf16_bits(src[i]));
-}
 
 template <int MROWS, int NCOLS, int PF_ROWS = 16>  // 16 bf16 rows = the byte distance of fp32's 8
 FASTLLM_TARGET_AVX512BF16 static void gemm_bf16w_avx512bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A,
