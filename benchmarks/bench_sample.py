@@ -6,7 +6,9 @@ torch: the whole model in bfloat16), and torch's float32 model under torch.autoc
 with AVX512_BF16 or AMX), all interleaved. GPT-2 shapes by default; --arch llama: Llama-family models (RoPE,
 RMSNorm, SwiGLU, grouped-query attention) with random weights in the shapes of SmolLM2-135M and Qwen2.5-0.5B, and HF
 transformers' LlamaForCausalLM / Qwen2ForCausalLM on the same weights as a further provider.
-    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama] [--autocast auto|on|off]"""
+    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama] [--autocast auto|on|off]
+                                      [--prefill 512]
+--prefill T also times the prefill of one T-token prompt (the issue 17 goal: 512 tokens, bf16 vs torch bf16)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from common import AUTOCAST_OPTION, bench, cli, header, print_table, set_threads, with_autocast  # noqa: E402
 
-from fastllm.model import GPT, MODERN, GPTConfig  # noqa: E402
+from fastllm import _C  # noqa: E402
+from fastllm.model import GPT, MODERN, GPTConfig, KVCache  # noqa: E402
 
 # random weights in the shapes of real checkpoints (their config.json), and the HF family that loads them
 LLAMA_SHAPES = {
@@ -174,6 +177,33 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
     return row
 
 
+def prefill_case(name: str, cfg: GPTConfig, T: int, repeats: int, autocast: bool) -> list:
+    """The prefill of one T-token prompt (the KV cache filled, the last token's logits): fastllm fp32 and with bf16
+    weights (over KVCache.BF16_MAX_ROWS rows: the bf16 GEMM on the fp32 weights where the CPU has AMX or AVX512_BF16,
+    else the fp32 GEMM) vs torch fp32, torch's bf16 model and autocast."""
+    import torch
+
+    model = GPT(cfg, seed=0).eval()
+    row = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T))
+    w16 = model.bf16_weights()
+    steps = {"torch": torch_decoder(model, 1, T), "torch bf16": torch_decoder(model, 1, T, torch.bfloat16)}
+    fns = {"fastllm": lambda: model.kv_cache(1, max_len=T).prefill([list(row[0])]),
+           "fastllm bf16": lambda: model.kv_cache(1, weights=w16, max_len=T).prefill([list(row[0])]),
+           **{k: (lambda f=f: f(torch.from_numpy(row), 0)) for k, f in steps.items()}}
+    if autocast:
+        ac = torch_decoder(model, 1, T)
+
+        def torch_autocast():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return ac(torch.from_numpy(row), 0)
+
+        fns["torch autocast"] = torch_autocast
+    s = {k: v["median"] for k, v in bench(fns, repeats=repeats, warmup=1).items()}
+    out = [name, str(T), *(f"{s[k] * 1e3:.0f}" for k in fns), f"{s['torch'] / s['fastllm']:.2f}x",
+           f"{s['torch bf16'] / s['fastllm bf16']:.2f}x"]
+    return out + ([f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"] if autocast else [])
+
+
 class OpTimer:
     """Stands in for a model's CPU backend (fastllm.ops; its kernels run synchronously) and adds up the seconds of
     each call by op; a matmul's op name carries its weight's shape, so the lm-head and each projection show apart."""
@@ -234,7 +264,7 @@ def profile_step(name: str, cfg: GPTConfig, B: int, prompt: int, n: int) -> None
 
 
 def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "gpt2", profile: bool = False,
-        autocast: str = "auto") -> None:
+        autocast: str = "auto", prefill: int = 0) -> None:
     set_threads(threads)
     print(header("decode with KV cache (prefill + n greedy tokens)", threads))
     if profile:
@@ -265,10 +295,22 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
     print("prompt 16 tokens; tok/s = B * new / time (prefill included); 'same' = greedy tokens equal to torch fp32's"
           " (fastllm fp32), to fastllm fp32's (bf16) and, 'same hf', transformers' equal to fastllm fp32's")
     print_table(rows, head)
+    if prefill:
+        cfgs = {n: llama_config(sh) for n, (_, sh) in LLAMA_SHAPES.items()} if arch == "llama" else \
+            {"6L-384 V=4096": small}
+        rows = [prefill_case(n, c, min(prefill, c.block_size), 2 if quick else 3, ac) for n, c in cfgs.items()]
+        print("\nprefill of one prompt, ms (batch 1); 'fastllm bf16' = bf16 weights (over "
+              f"{KVCache.BF16_MAX_ROWS} rows: the bf16 GEMM, kernel {_C.bf16_gemm_path()}, where the CPU has AMX or "
+              "AVX512_BF16; else the fp32 GEMM)")
+        print_table(rows, ["model", "T", "fastllm", "fastllm bf16", "torch", "torch bf16"]
+                    + (["torch autocast"] if ac else []) + ["torch/fastllm", "torch bf16/fastllm bf16"]
+                    + (["torch autocast/fastllm bf16"] if ac else []))
 
 
 if __name__ == "__main__":
     cli(run, __doc__, gpt2="also GPT-2 124M", autocast=AUTOCAST_OPTION,
         profile="instead of the table: where one decode step's time goes, by op, in the --arch llama shapes (B=1)",
+        prefill=("also time the prefill of one prompt of this many tokens (at most the block size; 0: no), e.g. 512",
+                 0),
         arch=("the model family: gpt2 (GPT-2 shapes) or llama (SmolLM2-135M and Qwen2.5-0.5B shapes, random weights)",
               "gpt2", "gpt2", "llama"))

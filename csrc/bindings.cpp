@@ -1262,6 +1262,8 @@ PYBIND11_MODULE(_C, m) {
                arg("weight"), arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("scratch") = none,
                arg("row_weights") = none, arg("softcap") = 0.0f, arg("bf16") = false);
     m.def("lmhead_chunk_rows", &fastllm::cpu::lmhead_chunk_rows, arg("N"), arg("V"));
+    m.def("bf16_gemm_path", [] { return std::string(fastllm::simd_name(fastllm::cpu::gemm_bf16_path())); },
+          "The kernel bf16 GEMMs run now: amx, avx512_bf16, avx512, avx2 or scalar (see info()['bf16_gemm'])");
     m.def("set_amx_emulation", &fastllm::cpu::set_amx_emulation, arg("on"),
           "Testing: bf16 GEMMs run the AMX kernel on a C++ model of the tiles (any CPU; slow)");
     def_kernel(m, "layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),

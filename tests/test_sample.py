@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fastllm import _C
 from fastllm.model import GPT, GPTConfig
 from fastllm.sample import SamplingParams, generate, probabilities, sample_next, stream
 
@@ -72,12 +73,20 @@ def test_short_cache_equals_full_cache(model):
 
 
 def test_bf16_long_prefill_and_cpu_bf16_model(model):
-    """A prefill of more than BF16_MAX_ROWS rows with weights="bfloat16" runs the bf16 GEMM on the fp32 weights
-    (within bf16 rounding of fp32, and not fp32); a CPU model in bfloat16 decodes with the snapshot by itself, and
-    its cache's logits follow its own full forward (bf16 matmuls) within bf16 rounding."""
+    """A prefill of more than BF16_MAX_ROWS rows with weights="bfloat16" runs the bf16 GEMM on the fp32 weights where
+    the CPU has bf16 hardware (the AMX model of the tiles counts: within bf16 rounding of fp32, and not fp32), the
+    fp32 GEMM elsewhere; a CPU model in bfloat16 decodes with the snapshot by itself, and its cache's logits follow
+    its own full forward (bf16 matmuls) within bf16 rounding."""
     rng = np.random.default_rng(5)
     prompt = [int(t) for t in rng.integers(0, 53, 36)]  # 36 rows > 32
-    l32, l16 = model.kv_cache(1).prefill([prompt]), model.kv_cache(1, weights="bfloat16").prefill([prompt])
+    l32 = model.kv_cache(1).prefill([prompt])
+    if _C.bf16_gemm_path() not in ("amx", "avx512_bf16"):  # no bf16 hardware: the fp32 GEMM, the same logits
+        np.testing.assert_array_equal(l32, model.kv_cache(1, weights="bfloat16").prefill([prompt]))
+    _C.set_amx_emulation(True)
+    try:
+        l16 = model.kv_cache(1, weights="bfloat16").prefill([prompt])
+    finally:
+        _C.set_amx_emulation(False)
     assert np.abs(l16 - l32).max() <= 2e-2 * np.abs(l32).max() and not np.array_equal(l16, l32)
     m16 = GPT(model.config, init=False, dtype="bfloat16").load_state_dict(model.state_dict()).eval()
     cache = m16.kv_cache(1)

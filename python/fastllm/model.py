@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend, ops, rope
+from . import _C, backend, ops, rope
 from .ops import IGNORE_INDEX, softcap_logits
 
 # the Llama family's choices (Llama 3, SmolLM2, Mistral without biases; nanochat's modern GPT)
@@ -714,7 +714,8 @@ class KVCache:
     generate sizes it to the longest prompt + max_new_tokens, so a short generation does not zero a full-context
     cache). On the CPU, weights="bfloat16" streams bf16 copies of the matrices in decode steps (<= BF16_MAX_ROWS
     token rows at once, where reading the weights is the cost); longer prefills run the bf16 GEMM (CpuBf16) on the
-    float32 weights, which rounds them to the same bf16 numbers as it packs them.
+    float32 weights, which rounds them to the same bf16 numbers as it packs them, on a CPU with AMX or AVX512_BF16
+    (elsewhere the float32 GEMM, faster there: 6L-384, 256 tokens on a Zen 3: 137 vs 184 ms).
     """
 
     BF16_MAX_ROWS = 32
@@ -837,8 +838,9 @@ class KVCache:
         bk.copy_(pos_dev, np.ascontiguousarray(pos))
         w16 = self._w16l if self._w16l is not None and b * Tn <= self.BF16_MAX_ROWS else None
         w = pl if w16 is None else w16  # the matrices this pass streams
-        if self._w16l is not None and w16 is None:  # a long prefill: the bf16 GEMM (AMX tiles where the CPU has
-            bk = backend.get("cpu", "bfloat16")  # them) on the fp32 weights, rounded as the snapshot's: same numbers
+        if self._w16l is not None and w16 is None and _C.bf16_gemm_path() in ("amx", "avx512_bf16"):
+            bk = backend.get("cpu", "bfloat16")  # a long prefill: the bf16 GEMM on the fp32 weights (rounded as the
+            # snapshot: the same numbers) where the CPU has bf16 hardware; elsewhere fp32 is faster (measured)
         x = u["x"]
         # token (+ position) embedding; learned position rows start at each sequence's pos (a view of wpe)
         if self.model.rope is not None:
