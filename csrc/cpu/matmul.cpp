@@ -304,6 +304,19 @@ FASTLLM_TARGET_AVX512 static void pack_panels_rc_avx512(const float* src, int64_
 using MicroKernel = void (*)(int64_t kc, const float* pa, const float* pb, float* c, int64_t ldc, float alpha,
                              float beta, const float* bias);
 
+// The prologue of the AVX-512 micro-kernels: zero accumulators; the C tile rows are touched only after the k loop,
+// so start fetching them now (hides an L3/DRAM miss per row per K block).
+template <int MR, int NV>
+FASTLLM_TARGET_AVX512 static inline void start_tile_avx512(__m512 (&acc)[MR][NV], const float* c, int64_t ldc) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; i++) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16 * NV - 1), _MM_HINT_T0);
+    }
+}
+
 // The epilogue of the AVX-512 micro-kernels: C = alpha * acc + beta * C + bias (beta == 0: C not read).
 template <int MR, int NV>
 FASTLLM_TARGET_AVX512 static inline void store_tile_avx512(const __m512 (&acc)[MR][NV], float* c, int64_t ldc,
@@ -333,15 +346,7 @@ FASTLLM_TARGET_AVX512 static void ukr_avx512(int64_t kc, const float* __restrict
                                              const float* __restrict__ pb, float* c, int64_t ldc, float alpha,
                                              float beta, const float* bias) {
     __m512 acc[MR][NV];
-#pragma GCC unroll 32
-    for (int i = 0; i < MR; i++) {
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
-        // C tile rows are touched only after the k loop: start fetching them now (hides an L3/DRAM miss
-        // per row per K block)
-        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16 * NV - 1), _MM_HINT_T0);
-    }
+    start_tile_avx512<MR, NV>(acc, c, ldc);
     for (int64_t k = 0; k < kc; k++) {
         __m512 b[NV];
 #pragma GCC unroll 8
@@ -367,13 +372,7 @@ FASTLLM_TARGET_AVX512BF16 static void ukr_avx512bf16(int64_t kq, const float* __
                                                      float beta, const float* bias) {
     const int32_t* a32 = reinterpret_cast<const int32_t*>(pa);
     __m512 acc[MR][NV];
-#pragma GCC unroll 32
-    for (int i = 0; i < MR; i++) {
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
-        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16 * NV - 1), _MM_HINT_T0);
-    }
+    start_tile_avx512<MR, NV>(acc, c, ldc);
     for (int64_t q = 0; q < kq; q++) {
         __m512bh b[NV];
 #pragma GCC unroll 8
