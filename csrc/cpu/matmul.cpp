@@ -307,7 +307,8 @@ using MicroKernel = void (*)(int64_t kc, const float* pa, const float* pb, float
 // The prologue of the AVX-512 micro-kernels: zero accumulators; the C tile rows are touched only after the k loop,
 // so start fetching them now (hides an L3/DRAM miss per row per K block).
 template <int MR, int NV>
-FASTLLM_TARGET_AVX512 static inline void start_tile_avx512(__m512 (&acc)[MR][NV], const float* c, int64_t ldc) {
+FASTLLM_TARGET_AVX512 __attribute__((always_inline)) static inline void start_tile_avx512(__m512 (&acc)[MR][NV],
+                                                                                          const float* c, int64_t ldc) {
 #pragma GCC unroll 32
     for (int i = 0; i < MR; i++) {
 #pragma GCC unroll 8
@@ -319,8 +320,8 @@ FASTLLM_TARGET_AVX512 static inline void start_tile_avx512(__m512 (&acc)[MR][NV]
 
 // The epilogue of the AVX-512 micro-kernels: C = alpha * acc + beta * C + bias (beta == 0: C not read).
 template <int MR, int NV>
-FASTLLM_TARGET_AVX512 static inline void store_tile_avx512(const __m512 (&acc)[MR][NV], float* c, int64_t ldc,
-                                                           float alpha, float beta, const float* bias) {
+FASTLLM_TARGET_AVX512 __attribute__((always_inline)) static inline void store_tile_avx512(
+    const __m512 (&acc)[MR][NV], float* c, int64_t ldc, float alpha, float beta, const float* bias) {
     const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     __m512 vbias[NV];
 #pragma GCC unroll 8
