@@ -494,38 +494,52 @@ static TileConfig amx_tile_config() {
     }                                                                                            \
     STORE(0, t, 128); STORE(1, t + 16, 128); STORE(2, t + 512, 128); STORE(3, t + 528, 128)
 
+// The tiles are configured at the start of each blocked GEMM on each thread and released at its end: other code
+// in the process (oneDNN inside PyTorch, say) configures tiles its own way or releases them, and a tile
+// instruction without our configuration faults.
 struct AmxTiles {
+    FASTLLM_TARGET_AMX static void begin() {
+        // static: the whole 64 bytes are in memory (the intrinsic's asm declares a read of only 8 of them)
+        alignas(64) static const TileConfig cfg = amx_tile_config();
+        _tile_loadconfig(&cfg);
+    }
+    FASTLLM_TARGET_AMX static void end() { _tile_release(); }
     FASTLLM_TARGET_AMX static void block(int64_t kb, const char* a, const char* bm, float* t) {
-        static thread_local bool configured = false;  // the tile configuration is per thread
-        if (!configured) {
-            // static: the whole 64 bytes are in memory (the intrinsic's asm declares a read of only 8 of them)
-            alignas(64) static const TileConfig cfg = amx_tile_config();
-            _tile_loadconfig(&cfg);
-            configured = true;
-        }
         FASTLLM_AMX_BLOCK(_tile_zero, _tile_loadd, _tile_dpbf16ps, _tile_stored);
     }
 };
 
 struct AmxEmu {
     struct Regs {
-        TileConfig cfg = amx_tile_config();
+        TileConfig cfg;
+        bool configured = false;  // as after TILERELEASE: a tile instruction faults (#UD)
         alignas(64) uint8_t tmm[8][16][64];
     };
     static Regs& regs() {
         static thread_local Regs r;
         return r;
     }
-    static void zero(int t) { std::memset(regs().tmm[t], 0, sizeof(regs().tmm[t])); }
+    static void begin() { regs().cfg = amx_tile_config(), regs().configured = true; }
+    static void end() { regs().configured = false; }
+    static void check() {
+        if (!regs().configured) throw std::logic_error("AMX emulation: a tile instruction without a configuration");
+    }
+    static void zero(int t) {
+        check();
+        std::memset(regs().tmm[t], 0, sizeof(regs().tmm[t]));
+    }
     static void load(int t, const void* base, int64_t stride) {
+        check();
         for (int r = 0; r < regs().cfg.rows[t]; r++)
             std::memcpy(regs().tmm[t][r], static_cast<const char*>(base) + r * stride, regs().cfg.colsb[t]);
     }
     static void store(int t, void* base, int64_t stride) {
+        check();
         for (int r = 0; r < regs().cfg.rows[t]; r++)
             std::memcpy(static_cast<char*>(base) + r * stride, regs().tmm[t][r], regs().cfg.colsb[t]);
     }
     static void dp(int c, int a, int b) {  // TDPBF16PS: c[m][n] += sum_k a[m][2k] b[k][2n] + a[m][2k+1] b[k][2n+1]
+        check();
         const TileConfig& g = regs().cfg;
         if (g.rows[a] != g.rows[c] || g.colsb[b] != g.colsb[c] || g.rows[b] != g.colsb[a] / 4)
             throw std::logic_error("AMX emulation: tile shapes do not fit TDPBF16PS");  // the hardware's #UD
@@ -576,6 +590,7 @@ struct GemmKernel {
     PackFn pack_a, pack_b;
     int kpack = 1;         // k values per packed 32-bit word: 1 (fp32 panels) or 2 (VNNI bf16 pairs)
     int kround = 1;        // packed words per panel row rounded up to a multiple of this (AMX: 16 pairs a tile)
+    void (*begin)() = nullptr, (*end)() = nullptr;  // per thread, around a blocked GEMM (AMX: configure, release)
 };
 
 template <int W, bool Round = false>
@@ -606,9 +621,12 @@ bool amx_emulation() { return g_amx_emulation.load(); }
 static GemmKernel select_kernel_bf16() {
     // AMX: 32 x 32 blocks; MC x KC of A = 128 rows x 512 pairs (256 KB) and KC x NC of B = 512 pairs x 768 columns
     // (1.5 MB) for a 2 MB L2 (Sapphire Rapids). Not tuned on the hardware yet.
-    if (gemm_bf16_path() == Simd::amx)
-        return {32, 32, 128, 1024, 768, g_amx_emulation.load() ? ukr_amx<AmxEmu> : ukr_amx<AmxTiles>,
-                pack_panels_amx_a<32>, pack_panels_vnni<32, 16>, 2, 16};
+    if (gemm_bf16_path() == Simd::amx) {
+        const bool emu = g_amx_emulation.load();
+        return {32, 32, 128, 1024, 768, emu ? ukr_amx<AmxEmu> : ukr_amx<AmxTiles>, pack_panels_amx_a<32>,
+                pack_panels_vnni<32, 16>, 2, 16, emu ? AmxEmu::begin : AmxTiles::begin,
+                emu ? AmxEmu::end : AmxTiles::end};
+    }
     if (gemm_bf16_path() == Simd::avx512_bf16)
         return {kMR512, 16 * kNV512, kMR512 * 8, 2 * 768, 32 * 48, ukr_avx512bf16<kMR512, kNV512>,
                 pack_panels_vnni<kMR512>, pack_panels_vnni<16 * kNV512>, 2};
@@ -678,6 +696,11 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
     float* pa = tls_pack_a.get(size_t(MC) * kp_max);
     float* pb = tls_pack_b.get(size_t(NC) * kp_max);
     alignas(64) float tile[16 * 64];
+    struct Around {  // kn.begin now, kn.end on the way out
+        const GemmKernel& k;
+        explicit Around(const GemmKernel& kn) : k(kn) { if (k.begin) k.begin(); }
+        ~Around() { if (k.end) k.end(); }
+    } around(kn);
     for (int64_t jc = 0; jc < N; jc += NC) {
         const int64_t nc = std::min(NC, N - jc);
         for (int64_t pc = 0; pc < K; pc += KC) {
