@@ -469,7 +469,7 @@ static void ukr_vnni_scalar(int64_t kq, const float* __restrict__ pa, const floa
 // 0-15/16-31, 16 rows x 16 pairs, from pack_panels_amx_a) and the two B tiles (tmm6/7: columns 0-15/16-31, 16
 // pairs deep x 16 columns, from the 32-wide VNNI panel: row stride 128 bytes) feed four TDPBF16PS, each 16 x 16 x
 // 32 bf16 products (8192), 4 x the VDPBF16PS kernel's per-instruction work. The tiles go to a 32 x 32 buffer, then
-// the usual epilogue. Every tile is 16 rows x 64 bytes (palette 1), configured once per thread.
+// the usual epilogue. Every tile is 16 rows x 64 bytes (palette 1).
 // AmxTiles runs the instructions; AmxEmu is a plain C++ model of the same tile registers and instructions (Intel
 // SDM: TILELOADD, TDPBF16PS, TILESTORED), so the kernel's data movement is tested on every CPU (_C.amx_emulation).
 // It does not model the hardware's denormal flushing (DAZ/FTZ), which changes nothing at bf16 tolerances.
@@ -485,13 +485,15 @@ static TileConfig amx_tile_config() {
     return cfg;
 }
 
-// One 32 x 32 block: kb blocks of 16 pairs of k, A and B panels as packed, the result into t (32 x 32 floats).
-#define FASTLLM_AMX_BLOCK(ZERO, LOAD, DP, STORE)                                                 \
-    ZERO(0); ZERO(1); ZERO(2); ZERO(3);                                                          \
-    for (int64_t b = 0; b < kb; b++, a += 2048, bm += 2048) {                                     \
-        LOAD(4, a, 64); LOAD(5, a + 1024, 64); LOAD(6, bm, 128); LOAD(7, bm + 64, 128);           \
-        DP(0, 4, 6); DP(1, 4, 7); DP(2, 5, 6); DP(3, 5, 7);                                       \
-    }                                                                                            \
+// One 32 x 32 block over kb blocks of 16 pairs of k, the result into t (32 x 32 floats). A: 32 rows of pairs, tile
+// rows lda bytes apart (64 in a packed panel; the weight matrix's row in bytes when read in place), the next block
+// of 16 pairs a_step bytes on; B: a 32-wide VNNI panel (rows of 128 bytes).
+#define FASTLLM_AMX_BLOCK(ZERO, LOAD, DP, STORE)                                                       \
+    ZERO(0); ZERO(1); ZERO(2); ZERO(3);                                                                \
+    for (int64_t b = 0; b < kb; b++, a += a_step, bm += 2048) {                                         \
+        LOAD(4, a, lda); LOAD(5, a + 16 * lda, lda); LOAD(6, bm, 128); LOAD(7, bm + 64, 128);           \
+        DP(0, 4, 6); DP(1, 4, 7); DP(2, 5, 6); DP(3, 5, 7);                                             \
+    }                                                                                                  \
     STORE(0, t, 128); STORE(1, t + 16, 128); STORE(2, t + 512, 128); STORE(3, t + 528, 128)
 
 // The tiles are configured at the start of each blocked GEMM on each thread and released at its end: other code
@@ -504,7 +506,8 @@ struct AmxTiles {
         _tile_loadconfig(&cfg);
     }
     FASTLLM_TARGET_AMX static void end() { _tile_release(); }
-    FASTLLM_TARGET_AMX static void block(int64_t kb, const char* a, const char* bm, float* t) {
+    FASTLLM_TARGET_AMX static void block(int64_t kb, const char* a, int64_t lda, int64_t a_step, const char* bm,
+                                         float* t) {
         FASTLLM_AMX_BLOCK(_tile_zero, _tile_loadd, _tile_dpbf16ps, _tile_stored);
     }
 };
@@ -555,7 +558,7 @@ struct AmxEmu {
             }
         }
     }
-    static void block(int64_t kb, const char* a, const char* bm, float* t) {
+    static void block(int64_t kb, const char* a, int64_t lda, int64_t a_step, const char* bm, float* t) {
         FASTLLM_AMX_BLOCK(zero, load, dp, store);
     }
 };
@@ -564,7 +567,7 @@ template <class Tiles>
 static void ukr_amx(int64_t kq, const float* pa, const float* pb, float* c, int64_t ldc, float alpha, float beta,
                     const float* bias) {
     alignas(64) float t[32 * 32];
-    Tiles::block(kq / 16, reinterpret_cast<const char*>(pa), reinterpret_cast<const char*>(pb), t);
+    Tiles::block(kq / 16, reinterpret_cast<const char*>(pa), 64, 2048, reinterpret_cast<const char*>(pb), t);
     for (int i = 0; i < 32; i++)
         for (int j = 0; j < 32; j++) {
             float v = alpha * t[i * 32 + j] + (bias ? bias[j] : 0.0f);
@@ -1118,6 +1121,44 @@ static void gemm_bf16w_portable(int64_t M, int64_t N, int64_t K, const uint16_t*
     }
 }
 
+// bf16 weights on AMX (8 or more rows: batched decoding): out^T = W x^T with the weight matrix read in place from the
+// bf16 snapshot as the A tiles (16 of its rows x 16 pairs, tile rows 2C bytes apart: the weights are streamed once,
+// never packed) and the rows of x (32 at a time) packed as the VNNI B panel; threads over blocks of 32 weight rows.
+// The last block's rows are copied, zero-padded to 32, so no tile reads past the matrix. Needs C % 32 == 0 (whole
+// tiles along k; every real model's width).
+template <class Tiles>
+static void gemm_bf16w_amx(int64_t N, int64_t OC, int64_t C, const float* x, const uint16_t* W, const float* bias,
+                           float* out, int T) {
+    const int64_t kb = C / 32, nblocks = ceil_div(OC, 32);
+    std::vector<uint32_t> xp(size_t(C / 2) * 32);
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        const int64_t nn = std::min<int64_t>(32, N - n0);
+        pack_panels_vnni<32, 16>(x + n0 * C, C, true, nn, C, reinterpret_cast<float*>(xp.data()));
+#pragma omp parallel num_threads(T) if (T > 1)
+        {
+            Tiles::begin();
+            std::vector<uint16_t> edge;
+            alignas(64) float t[32 * 32];
+#pragma omp for schedule(static)
+            for (int64_t ob = 0; ob < nblocks; ob++) {
+                const int64_t o0 = ob * 32, no = std::min<int64_t>(32, OC - o0);
+                const uint16_t* w = W + o0 * C;
+                if (no < 32) {
+                    edge.assign(size_t(32 * C), 0);
+                    std::copy(w, w + no * C, edge.begin());
+                    w = edge.data();
+                }
+                Tiles::block(kb, reinterpret_cast<const char*>(w), 2 * C, 64, reinterpret_cast<const char*>(xp.data()),
+                             t);
+                for (int64_t n = 0; n < nn; n++)
+                    for (int64_t o = 0; o < no; o++)
+                        out[(n0 + n) * OC + o0 + o] = t[o * 32 + n] + (bias ? bias[o0 + o] : 0.0f);
+            }
+            Tiles::end();
+        }
+    }
+}
+
 Simd matmul_bf16w_path() {
     if (simd_setting() >= Simd::avx512_bf16) return Simd::avx512_bf16;
     return simd_level() >= Simd::avx2 ? Simd::avx2 : Simd::scalar;  // avx512 without bf16 uses the avx2 widening
@@ -1127,12 +1168,18 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
                           int64_t N, int64_t C, int64_t OC) {
     if (N <= 0 || OC <= 0) return;
     float* prod = pre_gelu ? pre_gelu : out;
-    std::vector<uint16_t> a16((size_t)(N * C));
-    float_to_bf16(a16.data(), inp, N * C);
     int T = 1;
 #ifdef _OPENMP
     if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) T = max_threads();
 #endif
+    if (N >= 8 && C % 32 == 0 && gemm_bf16_path() == Simd::amx) {
+        if (amx_emulation()) gemm_bf16w_amx<AmxEmu>(N, OC, C, inp, weight, bias, prod, T);
+        else gemm_bf16w_amx<AmxTiles>(N, OC, C, inp, weight, bias, prod, T);
+        if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
+        return;
+    }
+    std::vector<uint16_t> a16((size_t)(N * C));
+    float_to_bf16(a16.data(), inp, N * C);
     const Simd path = matmul_bf16w_path();
     if (path == Simd::avx512_bf16) {
         if (N == 1) gemv_bf16w_avx512bf16(OC, C, a16.data(), weight, bias, prod, T);

@@ -58,7 +58,8 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
 void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, float* pre_gelu,
                           int64_t N, int64_t C, int64_t OC);
 // The code path matmul_forward_bf16w takes under the SIMD level in use: avx512_bf16 (VDPBF16PS), avx2 (bf16
-// widened to fp32 in registers) or scalar (fastllm.info()["bf16_matmul"]).
+// widened to fp32 in registers) or scalar (fastllm.info()["bf16_matmul"]). Where the bf16 GEMM runs on AMX
+// (gemm_bf16_path), 8 or more rows with C a multiple of 32 take the AMX tiles instead.
 Simd matmul_bf16w_path();
 // float32 -> bf16 bit patterns, round to nearest even (NaN stays NaN, overflow rounds to inf)
 void float_to_bf16(uint16_t* dst, const float* src, int64_t n);
