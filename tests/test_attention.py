@@ -310,12 +310,13 @@ def kv_step(bk, seq, pos, Tn, kcache, vcache):
 
 @pytest.mark.backends(variants=("cpu",))
 @pytest.mark.parametrize("NH,hs", [(2, 64), (3, 32), (1, 128), (2, 80)])
-def test_kv_cache_prompt_then_decode(bk, NH, hs):
+@pytest.mark.parametrize("start", [[0, 5, 17], [0, 0, 0]])  # all at 0: a fresh prefill (the CPU's tiled path)
+def test_kv_cache_prompt_then_decode(bk, NH, hs, start):
     B, maxT, total = 3, 96, 60
     C = NH * hs
     tol = TOL[bk.dtype]
     seq = bk.rounded(np.random.default_rng(9).standard_normal((B, total, 3 * C)))
-    pos = np.array([0, 5, 17], np.int32)  # each row already holds pos[b] tokens in its cache
+    pos = np.array(start, np.int32)  # each row already holds pos[b] tokens in its cache
     kcache, vcache = (bk.put(a) for a in cache_from(bk, seq, pos, NH, maxT))
     for Tn in [7, 1, 1, 1, 3, 1, 1, 1, 1]:
         got = kv_step(bk, seq, pos, Tn, kcache, vcache)
@@ -423,7 +424,8 @@ def test_attention_bad_input_cpu():
 @pytest.mark.parametrize("part", ["q", "k", "v"])
 def test_attention_nan_propagates_like_the_kv_kernel_cpu(part, simd):
     """A NaN in q, k or v reaches every output row that attends to it, in out and (q, k) lse, as in the
-    KV-cache kernel: the vectorized exp2 used to turn NaN scores into ~0 weights (finite output, lse -inf)."""
+    KV-cache kernel decoding token by token: the vectorized exp2 used to turn NaN scores into ~0 weights (finite
+    output, lse -inf)."""
     B, T, C, NH = 2, 70, 64, 2
     hs = C // NH
     qkv = np.random.default_rng(0).standard_normal((B, T, 3 * C), dtype=np.float32)
@@ -431,7 +433,8 @@ def test_attention_nan_propagates_like_the_kv_kernel_cpu(part, simd):
     qkv[0, t, col] = np.nan
     out, lse = ops.attention_forward(qkv, NH)
     kc, vc = np.zeros((B, NH, T, hs), np.float32), np.zeros((B, NH, T, hs), np.float32)
-    kv_out = ops.attention_kv_forward(qkv, kc, vc, np.zeros(B, np.int32))
+    kv_out = np.concatenate([ops.attention_kv_forward(qkv[:, i:i + 1].copy(), kc, vc, np.full(B, i, np.int32))
+                             for i in range(T)], axis=1)
     reach = np.isnan(kv_out[0, :, :hs]).any(-1)  # rows of head 0 the KV kernel makes NaN
     assert reach.sum() == (1 if part == "q" else T - t)
     assert np.isnan(out[0, :, :hs]).any(-1)[reach].all()
