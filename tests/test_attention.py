@@ -310,8 +310,10 @@ def kv_step(bk, seq, pos, Tn, kcache, vcache):
 
 @pytest.mark.backends(variants=("cpu",))
 @pytest.mark.parametrize("NH,hs", [(2, 64), (3, 32), (1, 128), (2, 80)])
-@pytest.mark.parametrize("start", [[0, 5, 17], [0, 0, 0]])  # all at 0: a fresh prefill (the CPU's tiled path)
+@pytest.mark.parametrize("start", [[0, 5, 17], [0, 0, 0]])  # rows at different positions, and a fresh prefill
 def test_kv_cache_prompt_then_decode(bk, NH, hs, start):
+    """Prefill chunks (Tn > 1: the CPU's tiled attention over the cache, the mask shifted by each row's position)
+    and single decode steps, against the float64 reference, on every kernel variant."""
     B, maxT, total = 3, 96, 60
     C = NH * hs
     tol = TOL[bk.dtype]

@@ -526,14 +526,26 @@ constexpr int64_t kPrefetch = 16;
 inline void prefetch_row(const float* p, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
+// Keys and values from a KV cache (inference): kcache/vcache (B, NKV, maxT, hs) already hold the new rows, and the T
+// queries of sequence b are its positions pos[b] .. pos[b] + T - 1, each seeing the keys up to its own position.
+struct CacheKV {
+    const float *k, *v;
+    int64_t maxT;
+    const int32_t* pos;
+};
+
+// cache == nullptr: keys and values are the qkv rows themselves (training; query t sees keys 0..t). Otherwise
+// (a prefill into a KV cache) they come from the cache and every mask index is shifted by the sequence's position.
 template <class Isa>
 void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                   int64_t NKV) {
+                   int64_t NKV, const CacheKV* cache = nullptr) {
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
+    const int64_t max_off = cache ? *std::max_element(cache->pos, cache->pos + B) : 0;
+    const int64_t Tkp = round_up(max_off + T, kBc);  // keys of the longest sequence, padded
     const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
-    // per thread: K^T panels (Tp*hs), Q, K, V (Tp x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
-    const int64_t oKT = 0, oQ = oKT + round_up(Tp * hs, 16), oK = oQ + Tp * hsp, oV = oK + Tp * hsp,
-                  oO = oV + Tp * hsp, oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
+    // per thread: K^T panels (Tkp*hs), Q (Tp x hsp), K, V (Tkp x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
+    const int64_t oKT = 0, oQ = oKT + round_up(Tkp * hs, 16), oK = oQ + Tp * hsp, oV = oK + Tkp * hsp,
+                  oO = oV + Tkp * hsp, oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
     ThreadScratch scratch(total);
 #pragma omp parallel
     {
@@ -542,34 +554,36 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
               *l = w + oL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * NH; bh++) {
-            const int64_t b = bh / NH, h = bh % NH;
-            const float* q = qkv + b * T * W + h * hs;                  // q of (b, 0, h)
-            const float* k = qkv + b * T * W + C + (h / G) * hs;        // k of its kv head
-            const float* v = k + NKV * hs;                              // v of its kv head
-            for (int64_t t = 0; t < T; t++) {
-                if (t + kPrefetch < T) {
-                    prefetch_row(q + (t + kPrefetch) * W, hs);
-                    prefetch_row(k + (t + kPrefetch) * W, hs);
-                    prefetch_row(v + (t + kPrefetch) * W, hs);
+            const int64_t b = bh / NH, h = bh % NH, off = cache ? cache->pos[b] : 0, Tk = off + T;
+            const float* q = qkv + b * T * W + h * hs;  // q of (b, 0, h)
+            const int64_t kv_row = cache ? hs : W;      // k, v of its kv head: cache rows or qkv rows
+            const int64_t at = cache ? (b * NKV + h / G) * cache->maxT * hs : 0;
+            const float* k = cache ? cache->k + at : qkv + b * T * W + C + (h / G) * hs;
+            const float* v = cache ? cache->v + at : k + NKV * hs;
+            for (int64_t t = 0; t < Tk; t++) {  // key row t; query row t - off
+                if (t + kPrefetch < Tk) {
+                    if (t + kPrefetch >= off) prefetch_row(q + (t + kPrefetch - off) * W, hs);
+                    prefetch_row(k + (t + kPrefetch) * kv_row, hs);
+                    prefetch_row(v + (t + kPrefetch) * kv_row, hs);
                 }
-                std::memcpy(Q + t * hsp, q + t * W, hs * sizeof(float));
-                std::memcpy(K + t * hsp, k + t * W, hs * sizeof(float));
-                std::memcpy(V + t * hsp, v + t * W, hs * sizeof(float));
+                if (t >= off) std::memcpy(Q + (t - off) * hsp, q + (t - off) * W, hs * sizeof(float));
+                std::memcpy(K + t * hsp, k + t * kv_row, hs * sizeof(float));
+                std::memcpy(V + t * hsp, v + t * kv_row, hs * sizeof(float));
             }
-            Isa::transpose_panels(KT, K, hsp, T, hs);
+            Isa::transpose_panels(KT, K, hsp, Tk, hs);
             for (int64_t i0 = 0; i0 < T; i0 += kBr) {
-                const int64_t mr = std::min(kBr, T - i0);
+                const int64_t mr = std::min(kBr, T - i0), gi = off + i0;  // gi: the block's first query position
                 const float* Qi = Q + i0 * hsp;
                 std::fill(O, O + mr * hsp, 0.0f);
                 std::fill(m, m + mr, -INFINITY);
                 std::fill(l, l + mr, 0.0f);
-                for (int64_t j0 = 0; j0 < i0 + mr; j0 += kBc) {
-                    const int64_t nk = std::min(kBc, T - j0);
-                    const bool diag = j0 + nk - 1 > i0;  // some keys of the tile are masked
+                for (int64_t j0 = 0; j0 < gi + mr; j0 += kBc) {
+                    const int64_t nk = std::min(kBc, Tk - j0);
+                    const bool diag = j0 + nk - 1 > gi;  // some keys of the tile are masked
                     const Tri cols = diag ? kColsLeRow : kFull, kle = diag ? kKLeRow : kFull;
-                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false, cols, i0 - j0);
-                    Isa::softmax_fwd(S, mr, i0, j0, nk, c, m, l, O, hsp);
-                    Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true, kle, i0 - j0);
+                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false, cols, gi - j0);
+                    Isa::softmax_fwd(S, mr, gi, j0, nk, c, m, l, O, hsp);
+                    Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true, kle, gi - j0);
                 }
                 for (int64_t r = 0; r < mr; r++) {
                     const float inv = 1.0f / l[r];
@@ -769,17 +783,20 @@ void attention_kv_forward(float* out, float* kcache, float* vcache, const float*
                 std::copy(src, src + hs, kcache + row);
                 std::copy(src + NKV * hs, src + NKV * hs + hs, vcache + row);
             }
-    // 2) a fresh prefill (every sequence at position 0, several tokens): the cache holds exactly these tokens, so
-    //    this is the causal attention of training, tiled (FlashAttention-2 above) rather than query by query:
-    //    a 512-token SmolLM2-135M prefill: attention 413 -> 92 ms (2 threads, Zen 3; torch SDPA 194 ms)
-    if (Tn > 1 && std::all_of(pos, pos + B, [](int32_t p) { return p == 0; })) {
+    // 2) several new tokens (a prefill, fresh or continued): the tiled causal attention of training with the keys
+    //    and values read from the cache and the mask shifted by each sequence's position, rather than query by
+    //    query (a 512-token SmolLM2-135M prefill: attention 413 -> 92 ms, 2 threads, Zen 3; torch SDPA 194 ms)
+    if (Tn > 1) {
         std::vector<float> lse((size_t)(B * NH * Tn));
-        attention_forward(out, lse.data(), qkv, B, Tn, C, NH, NKV);
-        return;
+        const CacheKV cache{kcache, vcache, maxT, pos};
+        switch (simd_level()) {
+            case Simd::avx512: return forward_tiled<Avx512>(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache);
+            case Simd::avx2: return forward_tiled<Avx2>(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache);
+            default: return forward_tiled<Scalar>(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache);
+        }
     }
-    // 3) otherwise: causal attention of each new query over its sequence's cache, the query heads of a kv group
-    //    together; a group is split in `parts` pieces when there are too few (b, kv head, t) items to occupy the
-    //    threads
+    // 3) one new token (decoding): its query heads of a kv group together over the cache, which is read once for
+    //    them; a group is split in `parts` pieces when there are too few (b, kv head) items to occupy the threads
     const int64_t items = B * NKV * Tn;
     const int64_t parts = std::min<int64_t>(G, (2 * max_threads() + items - 1) / items);
     const int64_t per = (G + parts - 1) / parts;
