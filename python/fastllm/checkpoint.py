@@ -170,8 +170,8 @@ def _float_tensors(path: Path, tensors: dict) -> dict:
 
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> GPT:
     """The GPT of a checkpoint folder (or of a run folder: its latest checkpoint, or of a Hugging Face model folder:
-    see fastllm.hf), moved to `device` (cpu or cuda; `dtype`: the GPU compute dtype). model.checkpoint_dir is the
-    folder it came from.
+    see fastllm.hf), moved to `device` (cpu or cuda) and compute `dtype` (None: the device's default; see GPT).
+    model.checkpoint_dir is the folder it came from.
 
     >>> model = load_model("run/", device="cuda", dtype="bfloat16")
     >>> model = load_model("Qwen2.5-0.5B-Instruct/")          # config.json + model.safetensors
