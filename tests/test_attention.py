@@ -423,6 +423,16 @@ def test_attention_bad_input_cpu():
         ops.attention_backward(dout, qkv, out, lse, 2, dqkv=np.zeros((1, 4, 23), np.float32))
 
 
+def test_kv_cache_no_new_tokens_or_rows_cpu():
+    """Zero new tokens or zero rows: empty outputs and an unchanged cache (was a division by zero, SIGFPE)."""
+    kc, vc = np.ones((1, 2, 8, 4), np.float32), np.ones((1, 2, 8, 4), np.float32)
+    assert ops.attention_kv_forward(np.zeros((1, 0, 24), np.float32), kc, vc, np.zeros(1, np.int32)).shape == (1, 0, 8)
+    assert (kc == 1).all() and (vc == 1).all()
+    empty = np.zeros((0, 2, 8, 4), np.float32)
+    assert ops.attention_kv_forward(np.zeros((0, 1, 24), np.float32), empty, empty.copy(),
+                                    np.zeros(0, np.int32)).shape == (0, 1, 8)
+
+
 @pytest.mark.parametrize("part", ["q", "k", "v"])
 def test_attention_nan_propagates_like_the_kv_kernel_cpu(part, simd):
     """A NaN in q, k or v reaches every output row that attends to it, in out and (q, k) lse, as in the

@@ -699,14 +699,20 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
 // ---------------------------------------------------------------------------------------------------------
 // entry points: run-time ISA dispatch
 
+// forward_tiled at the SIMD level in use (training: cache null; a KV-cache prefill: cache given)
+static void forward_tiled_dispatch(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C,
+                                   int64_t NH, int64_t NKV, const CacheKV* cache) {
+    switch (simd_level()) {
+        case Simd::avx512: return forward_tiled<Avx512>(out, lse, qkv, B, T, C, NH, NKV, cache);
+        case Simd::avx2: return forward_tiled<Avx2>(out, lse, qkv, B, T, C, NH, NKV, cache);
+        default: return forward_tiled<Scalar>(out, lse, qkv, B, T, C, NH, NKV, cache);
+    }
+}
+
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
                        int64_t NKV) {
     if (B * T * C == 0) return;
-    switch (simd_level()) {
-        case Simd::avx512: return forward_tiled<Avx512>(out, lse, qkv, B, T, C, NH, NKV);
-        case Simd::avx2: return forward_tiled<Avx2>(out, lse, qkv, B, T, C, NH, NKV);
-        default: return forward_tiled<Scalar>(out, lse, qkv, B, T, C, NH, NKV);
-    }
+    forward_tiled_dispatch(out, lse, qkv, B, T, C, NH, NKV, nullptr);
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
@@ -771,6 +777,7 @@ static void attend_group(float* out, float* scores, const float* q, int64_t ng_,
 
 void attention_kv_forward(float* out, float* kcache, float* vcache, const float* qkv, const int32_t* pos,
                           int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT) {
+    if (B * Tn == 0) return;
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs;
     const float scale = 1.0f / std::sqrt((float)hs);
     // 1) append the new keys and values of the kv heads at positions pos[b] .. pos[b] + Tn - 1
@@ -789,34 +796,28 @@ void attention_kv_forward(float* out, float* kcache, float* vcache, const float*
     if (Tn > 1) {
         std::vector<float> lse((size_t)(B * NH * Tn));
         const CacheKV cache{kcache, vcache, maxT, pos};
-        switch (simd_level()) {
-            case Simd::avx512: return forward_tiled<Avx512>(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache);
-            case Simd::avx2: return forward_tiled<Avx2>(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache);
-            default: return forward_tiled<Scalar>(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache);
-        }
+        return forward_tiled_dispatch(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache);
     }
     // 3) one new token (decoding): its query heads of a kv group together over the cache, which is read once for
     //    them; a group is split in `parts` pieces when there are too few (b, kv head) items to occupy the threads
-    const int64_t items = B * NKV * Tn;
+    const int64_t items = B * NKV;
     const int64_t parts = std::min<int64_t>(G, (2 * max_threads() + items - 1) / items);
     const int64_t per = (G + parts - 1) / parts;
 #pragma omp parallel
     {
         std::vector<float> scores((size_t)(per * maxT));
-#pragma omp for collapse(4) schedule(dynamic, 1)
+#pragma omp for collapse(3) schedule(dynamic, 1)
         for (int64_t b = 0; b < B; b++)
             for (int64_t hk = 0; hk < NKV; hk++)
-                for (int64_t t = 0; t < Tn; t++)
-                    for (int64_t part = 0; part < parts; part++) {
-                        const int64_t h0 = hk * G + part * per, ng = std::min(per, (hk + 1) * G - h0);
-                        if (ng <= 0) continue;
-                        const int64_t base = (b * NKV + hk) * maxT * hs;
-                        float* o = out + (b * Tn + t) * C + h0 * hs;
-                        const float* q = qkv + (b * Tn + t) * W + h0 * hs;
-                        const int64_t n = pos[b] + t + 1;
-                        if (ng == 1) attend_group<1>(o, scores.data(), q, 1, kcache + base, vcache + base, n, hs, scale);
-                        else attend_group<0>(o, scores.data(), q, ng, kcache + base, vcache + base, n, hs, scale);
-                    }
+                for (int64_t part = 0; part < parts; part++) {
+                    const int64_t h0 = hk * G + part * per, ng = std::min(per, (hk + 1) * G - h0);
+                    if (ng <= 0) continue;
+                    const int64_t base = (b * NKV + hk) * maxT * hs, n = pos[b] + 1;
+                    float* o = out + b * C + h0 * hs;
+                    const float* q = qkv + b * W + h0 * hs;
+                    if (ng == 1) attend_group<1>(o, scores.data(), q, 1, kcache + base, vcache + base, n, hs, scale);
+                    else attend_group<0>(o, scores.data(), q, ng, kcache + base, vcache + base, n, hs, scale);
+                }
     }
 }
 

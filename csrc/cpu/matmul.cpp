@@ -423,6 +423,18 @@ FASTLLM_TARGET_AVX2 static void ukr_avx2(int64_t kc, const float* __restrict__ p
     }
 }
 
+// The portable epilogue: C[0:m, 0:n] = alpha * t + beta * C + bias[0:n] (t: row stride ldt; beta == 0: C not read).
+// The scalar and AMX micro-kernels end with it, and the driver merges edge tiles with it.
+static void store_block(const float* t, int64_t ldt, int64_t m, int64_t n, float* c, int64_t ldc, float alpha,
+                        float beta, const float* bias) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            float v = alpha * t[i * ldt + j] + (bias ? bias[j] : 0.0f);
+            if (beta != 0.0f) v += beta * c[i * ldc + j];
+            c[i * ldc + j] = v;
+        }
+}
+
 template <int MR, int NR>
 static void ukr_scalar(int64_t kc, const float* __restrict__ pa, const float* __restrict__ pb, float* c,
                        int64_t ldc, float alpha, float beta, const float* bias) {
@@ -430,12 +442,7 @@ static void ukr_scalar(int64_t kc, const float* __restrict__ pa, const float* __
     for (int64_t k = 0; k < kc; k++, pa += MR, pb += NR)
         for (int i = 0; i < MR; i++)
             for (int j = 0; j < NR; j++) acc[i][j] += pa[i] * pb[j];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) {
-            float v = alpha * acc[i][j] + (bias ? bias[j] : 0.0f);
-            if (beta != 0.0f) v += beta * c[i * ldc + j];
-            c[i * ldc + j] = v;
-        }
+    store_block(&acc[0][0], NR, MR, NR, c, ldc, alpha, beta, bias);
 }
 
 // The portable form of ukr_avx512bf16 (same VNNI panels, same order per lane: the high products, then the low,
@@ -455,12 +462,7 @@ static void ukr_vnni_scalar(int64_t kq, const float* __restrict__ pa, const floa
                 acc[i][j] += hi(a[i]) * hi(b[j]);
                 acc[i][j] += lo(a[i]) * lo(b[j]);
             }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) {
-            float v = alpha * acc[i][j] + (bias ? bias[j] : 0.0f);
-            if (beta != 0.0f) v += beta * c[i * ldc + j];
-            c[i * ldc + j] = v;
-        }
+    store_block(&acc[0][0], NR, MR, NR, c, ldc, alpha, beta, bias);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -568,16 +570,12 @@ static void ukr_amx(int64_t kq, const float* pa, const float* pb, float* c, int6
                     const float* bias) {
     alignas(64) float t[32 * 32];
     Tiles::block(kq / 16, reinterpret_cast<const char*>(pa), 64, 2048, reinterpret_cast<const char*>(pb), t);
-    for (int i = 0; i < 32; i++)
-        for (int j = 0; j < 32; j++) {
-            float v = alpha * t[i * 32 + j] + (bias ? bias[j] : 0.0f);
-            if (beta != 0.0f) v += beta * c[i * ldc + j];
-            c[i * ldc + j] = v;
-        }
+    store_block(t, 32, 32, 32, c, ldc, alpha, beta, bias);
 }
 
 static std::atomic<bool> g_amx_emulation{false};
 void set_amx_emulation(bool on) { g_amx_emulation.store(on); }
+bool amx_emulation() { return g_amx_emulation.load(); }
 
 // ---------------------------------------------------------------------------------------------------------
 // blocked driver
@@ -616,24 +614,23 @@ constexpr int kMR512 = FASTLLM_MR512, kNV512 = FASTLLM_NV512;
 // rounded to bf16 while packed (exact products, fp32 sums: the same numbers at fp32 speed), except at the scalar
 // level, which runs the portable VNNI kernel so that this layout is exercised on every CPU.
 Simd gemm_bf16_path() {
-    if (simd_setting() >= Simd::amx || g_amx_emulation.load()) return Simd::amx;
+    if (simd_setting() >= Simd::amx || amx_emulation()) return Simd::amx;
     return simd_setting() >= Simd::avx512_bf16 ? Simd::avx512_bf16 : simd_level();
 }
-bool amx_emulation() { return g_amx_emulation.load(); }
-
 static GemmKernel select_kernel_bf16() {
     // AMX: 32 x 32 blocks; MC x KC of A = 128 rows x 512 pairs (256 KB) and KC x NC of B = 512 pairs x 768 columns
     // (1.5 MB) for a 2 MB L2 (Sapphire Rapids). Not tuned on the hardware yet.
-    if (gemm_bf16_path() == Simd::amx) {
-        const bool emu = g_amx_emulation.load();
+    const Simd path = gemm_bf16_path();
+    if (path == Simd::amx) {
+        const bool emu = amx_emulation();
         return {32, 32, 128, 1024, 768, emu ? ukr_amx<AmxEmu> : ukr_amx<AmxTiles>, pack_panels_amx_a<32>,
                 pack_panels_vnni<32, 16>, 2, 16, emu ? AmxEmu::begin : AmxTiles::begin,
                 emu ? AmxEmu::end : AmxTiles::end};
     }
-    if (gemm_bf16_path() == Simd::avx512_bf16)
+    if (path == Simd::avx512_bf16)
         return {kMR512, 16 * kNV512, kMR512 * 8, 2 * 768, 32 * 48, ukr_avx512bf16<kMR512, kNV512>,
                 pack_panels_vnni<kMR512>, pack_panels_vnni<16 * kNV512>, 2};
-    switch (simd_level()) {
+    switch (path) {
         case Simd::avx512:
             return {kMR512, 16 * kNV512, kMR512 * 8, 768, 32 * 48, ukr_avx512<kMR512, kNV512>,
                     pack_generic<kMR512, true>, pack_generic<16 * kNV512, true>};
@@ -728,12 +725,7 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
                             kn.ukr(kp, pa + ir * kp, pbj, c, ldc, alpha, beta_p, bj);
                         } else {  // edge tile: full tile into scratch, merge the valid part
                             kn.ukr(kp, pa + ir * kp, pbj, tile, NR, 1.0f, 0.0f, nullptr);
-                            for (int64_t i = 0; i < mr; i++)
-                                for (int64_t j = 0; j < nr; j++) {
-                                    float v = alpha * tile[i * NR + j] + (bj ? bj[j] : 0.0f);
-                                    if (beta_p != 0.0f) v += beta_p * c[i * ldc + j];
-                                    c[i * ldc + j] = v;
-                                }
+                            store_block(tile, NR, mr, nr, c, ldc, alpha, beta_p, bj);
                         }
                     }
                 }

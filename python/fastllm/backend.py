@@ -31,7 +31,7 @@ from __future__ import annotations
 from functools import partial
 from types import ModuleType
 
-from . import cuda, ops
+from . import _C, cuda, ops
 
 DEVICES = ("cpu", "cuda")
 DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float32")}  # compute dtypes, default first
@@ -77,6 +77,12 @@ def check_dtype(device: str, dtype: str | None) -> str:
     if dtype not in DTYPES[device]:
         raise ValueError(f"dtype {dtype!r} is not available on {device}; choose from {DTYPES[device]}")
     return dtype
+
+
+def cpu_bf16_hardware() -> bool:
+    """Whether the CPU's bf16 GEMM runs on bf16 hardware now (AMX tiles or AVX512_BF16 dot products), where it is
+    faster than fp32; elsewhere it rounds the operands for the fp32 kernels at fp32 speed."""
+    return _C.bf16_gemm_path() in ("amx", "avx512_bf16")
 
 
 def storage_dtype(device: str, dtype: str) -> str:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _C, backend, ops, rope
+from . import backend, ops, rope
 from .ops import IGNORE_INDEX, softcap_logits
 
 # the Llama family's choices (Llama 3, SmolLM2, Mistral without biases; nanochat's modern GPT)
@@ -838,7 +838,7 @@ class KVCache:
         bk.copy_(pos_dev, np.ascontiguousarray(pos))
         w16 = self._w16l if self._w16l is not None and b * Tn <= self.BF16_MAX_ROWS else None
         w = pl if w16 is None else w16  # the matrices this pass streams
-        if self._w16l is not None and w16 is None and _C.bf16_gemm_path() in ("amx", "avx512_bf16"):
+        if self._w16l is not None and w16 is None and backend.cpu_bf16_hardware():
             bk = backend.get("cpu", "bfloat16")  # a long prefill: the bf16 GEMM on the fp32 weights (rounded as the
             # snapshot: the same numbers) where the CPU has bf16 hardware; elsewhere fp32 is faster (measured)
         x = u["x"]
