@@ -49,6 +49,7 @@ template <typename T> const char* dtype_name();
 template <> const char* dtype_name<float>() { return "float32"; }
 template <> const char* dtype_name<int32_t>() { return "int32"; }
 template <> const char* dtype_name<uint16_t>() { return "uint16 (bf16 bits)"; }
+template <> const char* dtype_name<int8_t>() { return "int8"; }
 
 static std::string shape_str(const py::array& a) {
     std::string s = "(";
@@ -247,26 +248,34 @@ static void def_kernel(py::module_& m, const char* fname, R (*f)(Args...), const
 
 static fastllm::cpu::Prec prec(bool bf16) { return bf16 ? fastllm::cpu::Prec::bf16 : fastllm::cpu::Prec::fp32; }
 
-// weight: float32, or bf16 bit patterns as uint16 (OC, C) (inference with bf16 weights, see fastllm.ops.to_bf16).
+// weight: float32, bf16 bit patterns as uint16 (OC, C) (inference with bf16 weights, see fastllm.ops.to_bf16), or
+// int8 (OC, C) with its per-row `scale` (OC,) float32 (weight-only quantization, see fastllm.ops.quantize_int8).
 // bf16: with float32 weights, both operands rounded to bf16 (Prec::bf16, the CPU's mixed precision).
 static void matmul_forward_py(py::array out, py::array inp, py::array weight, std::optional<py::array> bias,
-                              std::optional<py::array> pre_gelu, bool bf16) {
+                              std::optional<py::array> pre_gelu, bool bf16, std::optional<py::array> scale) {
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
     const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
     check_positive(C, "C (inp columns)", inp, "inp");
     check_positive(OC, "OC (weight rows)", weight, "weight");
-    const bool w16 = weight.dtype().is(py::dtype::of<uint16_t>());
+    const bool w16 = weight.dtype().is(py::dtype::of<uint16_t>()), w8 = weight.dtype().is(py::dtype::of<int8_t>());
+    if (w8 != bool(scale))
+        throw py::type_error(w8 ? "matmul_forward: int8 weight needs its per-row scale (OC,) float32"
+                                : "matmul_forward: scale goes with an int8 weight only, got weight of dtype " +
+                                      std::string(py::str(weight.dtype())));
     const float* x = in_ptr<float>(inp, "inp");
-    const void* w = w16 ? (const void*)in_ptr<uint16_t>(weight, "weight", {OC, C})
-                        : (const void*)in_ptr<float>(weight, "weight", {OC, C});
+    const void* w = w16  ? (const void*)in_ptr<uint16_t>(weight, "weight", {OC, C})
+                    : w8 ? (const void*)in_ptr<int8_t>(weight, "weight", {OC, C})
+                         : (const void*)in_ptr<float>(weight, "weight", {OC, C});
+    const float* sc = w8 ? in_ptr<float>(*scale, "scale", {OC}) : nullptr;
     const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
     float* o = out_ptr<float>(out, "out", {N, OC});
     float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
     check_outputs({{&out, "out"}, {opt(pre_gelu), "pre_gelu"}},
-                  {{&inp, "inp"}, {&weight, "weight"}, {opt(bias), "bias"}});
+                  {{&inp, "inp"}, {&weight, "weight"}, {opt(bias), "bias"}, {opt(scale), "scale"}});
     py::gil_scoped_release nogil;
     if (w16) fastllm::cpu::matmul_forward_bf16w(o, x, (const uint16_t*)w, b, pg, N, C, OC);
+    else if (w8) fastllm::cpu::matmul_forward_i8w(o, x, (const int8_t*)w, sc, b, pg, N, C, OC);
     else fastllm::cpu::matmul_forward(o, x, (const float*)w, b, pg, N, C, OC, prec(bf16));
 }
 
@@ -1244,7 +1253,7 @@ PYBIND11_MODULE(_C, m) {
 
     // kernels: every argument converted by def_kernel (errors name it)
     def_kernel(m, "matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none,
-               arg("pre_gelu") = none, arg("bf16") = false);
+               arg("pre_gelu") = none, arg("bf16") = false, arg("scale") = none);
     def_kernel(m, "float_to_bf16", &float_to_bf16_py, arg("out"), arg("x"));
     def_kernel(m, "matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
                arg("inp"), arg("weight"), arg("bf16") = false);

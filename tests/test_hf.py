@@ -363,10 +363,13 @@ def test_convert_round_trip(hf_pair, hf_tokenizer, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.splitlines()[-1].startswith("The")
-    args = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--dtype", "bfloat16",
-            "--seed", "0"]  # (unseeded, a sampled newline made this flaky)
-    assert cli.main(args) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("The")
+    for dtype in ("bfloat16", "int8"):
+        args = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--dtype", dtype,
+                "--seed", "0"]  # (unseeded, a sampled newline made this flaky)
+        assert cli.main(args) == 0
+        assert capsys.readouterr().out.splitlines()[-1].startswith("The")
+    assert cli.main(["sample", "--ckpt", str(tmp_path / "ckpt"), "--device", "cuda", "--dtype", "int8"]) == 1
+    assert "--dtype int8 (int8 weight copies) is for decoding on the CPU" in capsys.readouterr().err
 
     assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back"), "--to", "hf"]) == 0
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()

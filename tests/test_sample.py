@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastllm import _C, backend
-from fastllm.model import GPT, GPTConfig
+from fastllm import _C, backend, ops
+from fastllm.model import GPT, MODERN, GPTConfig
 from fastllm.sample import SamplingParams, generate, probabilities, sample_next, stream
 
 
@@ -90,7 +90,7 @@ def test_bf16_long_prefill_and_cpu_bf16_model(model):
     assert np.abs(l16 - l32).max() <= 2e-2 * np.abs(l32).max() and not np.array_equal(l16, l32)
     m16 = GPT(model.config, init=False, dtype="bfloat16").load_state_dict(model.state_dict()).eval()
     cache = m16.kv_cache(1)
-    assert cache.w16 is not None  # the snapshot, without weights="bfloat16"
+    assert cache.snapshot is not None  # the snapshot, without weights="bfloat16"
     logits = [cache.prefill([prompt[:30]])] + [cache.decode([t]) for t in prompt[30:]]
     full = m16.forward(np.array([prompt]))[0, 29:]
     np.testing.assert_allclose(np.array(logits)[:, 0], full, rtol=0, atol=2e-2 * np.abs(full).max())
@@ -117,6 +117,34 @@ def test_bf16_weights_decode(model):
         generate(model, prompts[0], 5, temperature=0, weights="bfloat16")
     with pytest.raises(ValueError, match="weights must be"):
         model.kv_cache(1, weights="float16")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_int8_weights_equal_the_dequantized_model(arch, threads):
+    """weights="int8": every pass (a 36-token prefill: blockwise dequantization + the fp32 GEMM; decode steps and
+    short prompts: the few-rows int8 kernels) computes the model whose matrices are q * scale, exactly: its float32
+    full forward is the oracle (fp32 summation order only). The quantized model stays close to float32 (int8 noise),
+    and generate/kv_cache take the reusable snapshot model.int8_weights()."""
+    extra = dict(MODERN, mlp="swiglu", n_kv_head=2) if arch == "llama" else {}
+    cfg = GPTConfig(block_size=48, vocab_size=61, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False, **extra)
+    m = GPT(cfg, seed=4).eval()
+    w8 = m.int8_weights()
+    assert w8["lm_head.weight"].q.dtype == np.int8
+    assert w8["mlp.c_fc.weight"].scale.shape == m.p["mlp.c_fc.weight"].shape[:2]
+    deq = GPT(cfg, init=False).load_state_dict(m.state_dict()).eval()
+    for name, w in w8.items():
+        deq.p[name][...] = ops.dequantize_int8(w)
+    rng = np.random.default_rng(6)
+    seq = rng.integers(0, 61, 44)
+    full, full32 = deq.forward(seq[None])[0], m.forward(seq[None])[0]
+    cache = m.kv_cache(1, weights="int8")
+    logits = [cache.prefill([list(seq[:36])])[0]] + [cache.decode([t])[0] for t in seq[36:43]]
+    scale = np.abs(full).max()
+    np.testing.assert_allclose(np.array(logits), full[35:43], rtol=0, atol=1e-4 * scale)
+    assert 0 < np.abs(np.array(logits) - full32[35:43]).max() <= 5e-2 * scale  # int8, not fp32
+    rows = [list(seq[:3]), list(seq[5:12])]  # batched prompts of different lengths, few rows
+    assert generate(m, rows, 5, temperature=0, weights=w8) == generate(deq, rows, 5, temperature=0) == \
+        generate(m, rows, 5, temperature=0, weights="int8")
 
 
 def test_greedy_is_argmax_of_full_forward(model):

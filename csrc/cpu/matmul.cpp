@@ -854,11 +854,19 @@ struct LoadBf16 {  // bf16 -> fp32 is exact: the 16 bits shifted up into the hig
         return f;
     }
 };
+struct LoadI8 {  // int8 -> fp32 is exact; the row's scale multiplies the finished sum (per-channel quantization)
+    using T = int8_t;
+    FASTLLM_TARGET_AVX2 static __m256 load(const int8_t* p) {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+    }
+    static float scalar(int8_t v) { return float(v); }
+};
 
 template <typename Load, int MROWS = 4, int NCOLS = 3, int PF_ROWS = 8>
 FASTLLM_TARGET_AVX2 static void gemm_small_m_nt_avx2(int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                                                      int64_t lda, const typename Load::T* B, int64_t ldb, float beta,
-                                                     float* Cm, int64_t ldc, const float* bias, int T) {
+                                                     float* Cm, int64_t ldc, const float* bias, int T,
+                                                     const float* scale = nullptr) {
     const int64_t K8 = K & ~int64_t(7);
     const int64_t PF = PF_ROWS * ldb;
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
@@ -892,7 +900,7 @@ FASTLLM_TARGET_AVX2 static void gemm_small_m_nt_avx2(int64_t M, int64_t N, int64
                 for (int c = 0; c < nc; c++) {
                     float s = vec::hsum256(acc[i][c]);
                     for (int64_t k = K8; k < K; k++) s += Ai[i * lda + k] * Load::scalar(b[c][k]);
-                    const float v = alpha * s + (bias ? bias[j + c] : 0.0f);
+                    const float v = (scale ? alpha * scale[j + c] : alpha) * s + (bias ? bias[j + c] : 0.0f);
                     float* out = Cm + (i0 + i) * ldc + j + c;
                     *out = beta == 0.0f ? v : v + beta * *out;
                 }
@@ -904,9 +912,9 @@ FASTLLM_TARGET_AVX2 static void gemm_small_m_nt_avx2(int64_t M, int64_t N, int64
 template <typename Load>
 FASTLLM_TARGET_AVX2 static void gemv_nt_avx2(int64_t N, int64_t K, float alpha, const float* x,
                                              const typename Load::T* B, int64_t ldb, float beta, float* y,
-                                             const float* bias, int T) {
+                                             const float* bias, int T, const float* scale = nullptr) {
     const int64_t K32 = K & ~int64_t(31), K8 = K & ~int64_t(7);
-    constexpr int64_t PF = 512;  // bf16 weights: prefetch 1 KB ahead (see below)
+    constexpr int64_t PF = 1024 / sizeof(typename Load::T);  // bf16/int8 weights: prefetch 1 KB ahead (see below)
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
     for (int64_t j = 0; j < N; j++) {
         const typename Load::T* b = B + j * ldb;
@@ -917,7 +925,7 @@ FASTLLM_TARGET_AVX2 static void gemv_nt_avx2(int64_t N, int64_t K, float alpha, 
             // bf16 rows are half as long in bytes and the widening takes issue slots: the prefetcher falls behind.
             // Qwen2.5-0.5B's lm-head (151936 x 896, 272 MB, 2 threads, Zen 3, interleaved in one process): 10.2 /
             // 9.6 ms -> 9.4 / 8.9 ms; the same prefetch on fp32 rows measured 3% slower, so fp32 has none.
-            if constexpr (sizeof(typename Load::T) == 2)
+            if constexpr (sizeof(typename Load::T) < 4)
                 if (j * ldb + k + PF < N * ldb) _mm_prefetch((const char*)(b + k + PF), _MM_HINT_T0);
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), Load::load(b + k), a0);
             a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), Load::load(b + k + 8), a1);
@@ -927,7 +935,7 @@ FASTLLM_TARGET_AVX2 static void gemv_nt_avx2(int64_t N, int64_t K, float alpha, 
         for (; k < K8; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), Load::load(b + k), a0);
         float s = vec::hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
         for (; k < K; k++) s += x[k] * Load::scalar(b[k]);
-        const float v = alpha * s + (bias ? bias[j] : 0.0f);
+        const float v = (scale ? alpha * scale[j] : alpha) * s + (bias ? bias[j] : 0.0f);
         y[j] = beta == 0.0f ? v : v + beta * y[j];
     }
 }
@@ -1099,6 +1107,15 @@ FASTLLM_TARGET_AVX512BF16 static void gemv_bf16w_avx512bf16(int64_t N, int64_t K
     }
 }
 
+// Threads for a product of N rows with an (OC, C) weight matrix: all of them, unless it is tiny or the caller is
+// already inside a parallel region.
+static int weight_threads(int64_t N, int64_t C, int64_t OC) {
+#ifdef _OPENMP
+    if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) return max_threads();
+#endif
+    return 1;
+}
+
 static void gemm_bf16w_portable(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B,
                                 const float* bias, float* Cm, int T) {
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
@@ -1160,10 +1177,7 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
                           int64_t N, int64_t C, int64_t OC) {
     if (N <= 0 || OC <= 0) return;
     float* prod = pre_gelu ? pre_gelu : out;
-    int T = 1;
-#ifdef _OPENMP
-    if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) T = max_threads();
-#endif
+    const int T = weight_threads(N, C, OC);
     if (N >= 8 && C % 32 == 0 && gemm_bf16_path() == Simd::amx) {
         if (amx_emulation()) gemm_bf16w_amx<AmxEmu>(N, OC, C, inp, weight, bias, prod, T);
         else gemm_bf16w_amx<AmxTiles>(N, OC, C, inp, weight, bias, prod, T);
@@ -1184,6 +1198,38 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
         else gemm_small_m_nt_avx2<LoadBf16>(N, OC, C, 1.0f, a32.data(), C, weight, C, 0.0f, prod, OC, bias, T);
     } else {
         gemm_bf16w_portable(N, OC, C, a16.data(), weight, bias, prod, T);
+    }
+    if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 weights (weight-only quantization for decoding): W ~= q * scale[row], q int8, one fp32 scale per output row.
+// Decode-sized batches (<= SMALL_M rows) on AVX2 widen q to fp32 in registers (exact) and scale each finished dot
+// product: a quarter of fp32's bytes streamed per step. Longer inputs (prefill) dequantize blocks of weight rows to
+// fp32 (the same numbers) and run the packed fp32 GEMM on them: it does 2N flops per weight, the dequantization one.
+
+static void dequantize_rows(float* w, const int8_t* q, const float* scale, int64_t rows, int64_t C, int T) {
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t o = 0; o < rows; o++)
+        for (int64_t k = 0; k < C; k++) w[o * C + k] = float(q[o * C + k]) * scale[o];
+}
+
+void matmul_forward_i8w(float* out, const float* inp, const int8_t* q, const float* scale, const float* bias,
+                        float* pre_gelu, int64_t N, int64_t C, int64_t OC) {
+    if (N <= 0 || OC <= 0) return;
+    float* prod = pre_gelu ? pre_gelu : out;
+    const int T = weight_threads(N, C, OC);
+    if (N <= SMALL_M && simd_level() >= Simd::avx2) {
+        if (N == 1) gemv_nt_avx2<LoadI8>(OC, C, 1.0f, inp, q, C, 0.0f, prod, bias, T, scale);
+        else gemm_small_m_nt_avx2<LoadI8>(N, OC, C, 1.0f, inp, C, q, C, 0.0f, prod, OC, bias, T, scale);
+    } else {
+        const int64_t OB = std::min(OC, std::max<int64_t>(64, (int64_t(1) << 22) / C));  // <= 16 MB of fp32 rows
+        std::vector<float> w((size_t)(OB * C));
+        for (int64_t o0 = 0; o0 < OC; o0 += OB) {
+            const int64_t nb = std::min(OB, OC - o0);
+            dequantize_rows(w.data(), q + o0 * C, scale + o0, nb, C, T);
+            gemm_ex(false, true, N, nb, C, 1.0f, inp, C, w.data(), C, 0.0f, prod + o0, OC, bias ? bias + o0 : nullptr);
+        }
     }
     if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
 }

@@ -61,6 +61,11 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
 // widened to fp32 in registers) or scalar (fastllm.info()["bf16_matmul"]). Where the bf16 GEMM runs on AMX
 // (gemm_bf16_path), 8 or more rows with C a multiple of 32 take the AMX tiles instead.
 Simd matmul_bf16w_path();
+// Inference with int8 weights (weight-only quantization, per output channel): out (N, OC) = inp (N, C) @ (q *
+// scale[:, None])^T + bias, q (OC, C) int8, scale (OC,) fp32. inp stays fp32; each dot product is summed in fp32 over
+// the int8 values (exact in fp32) and then scaled. pre_gelu as in matmul_forward.
+void matmul_forward_i8w(float* out, const float* inp, const int8_t* q, const float* scale, const float* bias,
+                        float* pre_gelu, int64_t N, int64_t C, int64_t OC);
 // float32 -> bf16 bit patterns, round to nearest even (NaN stays NaN, overflow rounds to inf)
 void float_to_bf16(uint16_t* dst, const float* src, int64_t n);
 

@@ -212,6 +212,14 @@ def _layers(bk, views: dict) -> dict:
     return out
 
 
+def _snapshot_layers(snap: dict) -> dict:
+    """_layers of a CPU weight snapshot: bf16 arrays or ops.Int8Weight, stacked over layers."""
+    def split(v):
+        return [ops.Int8Weight(q, s) for q, s in zip(v.q, v.scale)] if isinstance(v, ops.Int8Weight) else list(v)
+
+    return {n: split(v) if _per_layer(n) else v for n, v in snap.items()}
+
+
 def _per_layer(name: str) -> bool:
     return name not in ("wte", "wpe", "lm_head.weight") and not name.startswith("ln_f")
 
@@ -665,17 +673,27 @@ class GPT:
 
     def kv_cache(self, batch_size: int, weights: str | dict = "float32", max_len: int | None = None) -> KVCache:
         """A key/value cache for `batch_size` sequences of up to max_len (default block_size) tokens (see
-        KVCache). weights (CPU): "float32", or "bfloat16" to decode with a bf16 snapshot of the matrices (see
-        bf16_weights); on the GPU the model's compute dtype decides and `weights` is ignored."""
+        KVCache). weights (CPU): "float32", "bfloat16" to decode with a bf16 snapshot of the matrices (see
+        bf16_weights) or "int8" with an int8 one (int8_weights); on the GPU the model's compute dtype decides and
+        `weights` must be "float32"."""
         return KVCache(self, batch_size, weights, max_len)
 
     def bf16_weights(self) -> dict[str, np.ndarray]:
         """A bf16 snapshot (uint16 bit patterns, nearest-even) of the weight matrices a decode step streams: the
         four linear layers of every block and the lm-head (wte when tied). Half the bytes of float32; taken now, so
         it does not follow later changes of the parameters. Reuse it across caches: model.kv_cache(B, weights=w16)."""
+        return self._snapshot(ops.to_bf16, "bf16_weights")
+
+    def int8_weights(self) -> dict[str, ops.Int8Weight]:
+        """An int8 snapshot of the same matrices as bf16_weights (weight-only quantization, one fp32 scale per
+        output row: ops.quantize_int8): a quarter of the bytes of float32, for decoding where reading the weights
+        is the cost. Activations stay float32. Reuse it across caches: model.kv_cache(B, weights=w8)."""
+        return self._snapshot(ops.quantize_int8, "int8_weights")
+
+    def _snapshot(self, convert, what: str) -> dict:
         if self.device != "cpu":
-            raise ValueError("bf16_weights is for CPU decoding; on the GPU give the model dtype='bfloat16'")
-        return {n: ops.to_bf16(self.p[n]) for n in (*MATRICES, self.head)}
+            raise ValueError(f"{what} is for CPU decoding; on the GPU give the model dtype='bfloat16'")
+        return {n: convert(self.p[n]) for n in (*MATRICES, self.head)}
 
     def generate(self, prompt_ids, max_new_tokens: int, **kw):
         """Prompt plus generated ids (see fastllm.sample.generate for the keyword arguments: temperature, top_k,
@@ -715,7 +733,9 @@ class KVCache:
     cache). On the CPU, weights="bfloat16" streams bf16 copies of the matrices in decode steps (<= BF16_MAX_ROWS
     token rows at once, where reading the weights is the cost); longer prefills run the bf16 GEMM (CpuBf16) on the
     float32 weights, which rounds them to the same bf16 numbers as it packs them, on a CPU with AMX or AVX512_BF16
-    (elsewhere the float32 GEMM, faster there: 6L-384, 256 tokens on a Zen 3: 137 vs 184 ms).
+    (elsewhere the float32 GEMM, faster there: 6L-384, 256 tokens on a Zen 3: 137 vs 184 ms). weights="int8" runs
+    every pass on int8 copies of the matrices (model.int8_weights; long prefills dequantize them blockwise for the
+    float32 GEMM), so prompt and decode see the same quantized model.
     """
 
     BF16_MAX_ROWS = 32
@@ -725,14 +745,18 @@ class KVCache:
         self.model, self.B = model, batch_size
         self.max_len = cache_length(cfg, batch_size, max_len)
         if isinstance(weights, dict):
-            self.w16 = weights
-        elif weights not in ("float32", "bfloat16"):
-            raise ValueError(f"weights must be 'float32', 'bfloat16' or model.bf16_weights(), got {weights!r}")
+            self.snapshot = weights
+        elif weights not in ("float32", "bfloat16", "int8"):
+            raise ValueError("weights must be 'float32', 'bfloat16', 'int8', model.bf16_weights() or "
+                             f"model.int8_weights(), got {weights!r}")
+        elif weights == "int8":
+            self.snapshot = model.int8_weights()  # raises on a GPU model
         else:
             # a CPU model in bfloat16 rounds its matmuls' operands to bf16 anyway: it decodes with the snapshot
             bf16 = weights == "bfloat16" or model.dtype == "bfloat16"
-            self.w16 = model.bf16_weights() if bf16 and model.device == "cpu" else None
-        self._w16l = None if self.w16 is None else _layers(ops, self.w16)
+            self.snapshot = model.bf16_weights() if bf16 and model.device == "cpu" else None
+        self.int8 = self.snapshot is not None and isinstance(self.snapshot[model.head], ops.Int8Weight)
+        self._snapl = None if self.snapshot is None else _snapshot_layers(self.snapshot)
         self.hs = cfg.head_size
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, self.hs)
         self.k = bk.zeros(shape, model.act_dtype)
@@ -836,9 +860,9 @@ class KVCache:
         bk.copy_(u["idx"], np.ascontiguousarray(idx, np.int32))
         pos_dev = bk.view(self._pos, r0, (b,))
         bk.copy_(pos_dev, np.ascontiguousarray(pos))
-        w16 = self._w16l if self._w16l is not None and b * Tn <= self.BF16_MAX_ROWS else None
-        w = pl if w16 is None else w16  # the matrices this pass streams
-        if self._w16l is not None and w16 is None and backend.cpu_bf16_hardware():
+        snap = self._snapl if self.int8 or b * Tn <= self.BF16_MAX_ROWS else None
+        w = pl if snap is None else snap  # the matrices this pass streams
+        if self._snapl is not None and snap is None and backend.cpu_bf16_hardware():
             bk = backend.get("cpu", "bfloat16")  # a long prefill: the bf16 GEMM on the fp32 weights (rounded as the
             # snapshot: the same numbers) where the CPU has bf16 hardware; elsewhere fp32 is faster (measured)
         x = u["x"]

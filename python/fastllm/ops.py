@@ -14,6 +14,7 @@ TypeError). bfloat16 arrays are uint16 bit patterns (numpy has no bfloat16): `to
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -182,6 +183,43 @@ def from_bf16(x) -> np.ndarray:
     return (np.asarray(x, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+class Int8Weight(NamedTuple):
+    """A weight matrix (..., OC, C) quantized to int8 per output row (weight-only, symmetric, as for decoding):
+    w ~= q * scale[..., None], scale = max |row| / 127, q = round(w / scale) in [-127, 127]. matmul_forward takes it
+    as `weight`. Made by quantize_int8."""
+
+    q: np.ndarray  # (..., OC, C) int8
+    scale: np.ndarray  # (..., OC) float32
+
+
+def quantize_int8(w, rows_per_pass: int = 4096) -> Int8Weight:
+    """float32 weights (..., OC, C) -> Int8Weight, rows_per_pass rows at a time (a bounded temporary, whatever the
+    matrix). NaN/Inf weights raise ValueError naming the first such row. Numpy, not a kernel: it runs once per model.
+
+    >>> quantize_int8(np.array([[1.0, -0.5]], np.float32)).q
+    array([[ 127, -64]], dtype=int8)
+    """
+    w = _f32(w, "w")
+    if w.dtype != np.float32 or w.ndim < 2:
+        raise TypeError(f"quantize_int8 needs a float32 matrix (..., OC, C), got {w.dtype} of shape {w.shape}")
+    rows = w.reshape(-1, w.shape[-1])
+    q, scale = np.empty(rows.shape, np.int8), np.empty(len(rows), np.float32)
+    for i in range(0, len(rows), rows_per_pass):
+        r = rows[i:i + rows_per_pass]
+        amax = np.abs(r).max(axis=1, initial=0.0)
+        if not np.isfinite(amax).all():
+            raise ValueError(f"quantize_int8: row {i + int(np.argmin(np.isfinite(amax)))} holds NaN/Inf")
+        s = amax / np.float32(127)
+        scale[i:i + len(r)] = s
+        q[i:i + len(r)] = np.rint(r / np.where(s > 0, s, np.float32(1))[:, None])  # |r / s| <= 127
+    return Int8Weight(q.reshape(w.shape), scale.reshape(w.shape[:-1]))
+
+
+def dequantize_int8(w: Int8Weight) -> np.ndarray:
+    """The float32 matrix an Int8Weight stands for: q * scale (what matmul_forward multiplies by, exactly)."""
+    return w.q.astype(np.float32) * w.scale[..., None]
+
+
 # ---- matmul --------------------------------------------------------------------------------------------
 
 
@@ -201,19 +239,22 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
     """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC); with pre_gelu (..., OC): pre_gelu = that
     product and out = gelu(pre_gelu) (the MLP's first layer). dtype="bfloat16": the product in bf16 (_bf16).
     weight may also be bf16 itself (uint16 from to_bf16; inference): inp is then rounded to bf16 too, products
-    are exact and sums fp32 (AVX-512 BF16 dot products where the CPU has them).
+    are exact and sums fp32 (AVX-512 BF16 dot products where the CPU has them); or an Int8Weight (quantize_int8;
+    inference): inp stays fp32, each row's dot product with q is summed in fp32 and scaled. dtype is for float32
+    weights.
 
     >>> matmul_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)).shape
     (2, 4)
     """
     inp = _f32(inp, "inp")
+    weight, scale = weight if isinstance(weight, Int8Weight) else (weight, None)
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"weight must be a numpy array, got {type(weight).__name__}")
     lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
     OC = weight.shape[0] if weight.ndim == 2 else 0
     out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
     pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
-    _C.matmul_forward(_view(out, OC), _view(inp, C), weight, bias, pg, _bf16(dtype))
+    _C.matmul_forward(_view(out, OC), _view(inp, C), weight, bias, pg, _bf16(dtype), scale)
     return out
 
 

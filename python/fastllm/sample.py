@@ -174,7 +174,8 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
 
     prompt_ids: one sequence of ids, or a list of sequences of different lengths (batched generation).
     weights="bfloat16" decodes with bf16 copies of the weight matrices (about half the memory traffic per step;
-    logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied).
+    logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied); weights="int8"
+    with int8 copies (a quarter of the traffic; per-row scales, see ops.quantize_int8), the prompt included.
     Logits that are not finite (NaN/Inf weights) raise FloatingPointError naming the step."""
     sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     check_seed(seed)

@@ -43,8 +43,9 @@ class ServeConfig:
     max_queue: int = option(256, "requests that may wait for a slot; more get HTTP 429")
     device: str = option("cpu", "run the model on the CPU or a GPU", choices=("cpu", "cuda"))
     dtype: str | None = option(None, "CPU (default: float32): bfloat16 decodes with bf16 weight copies (faster, "
-                                     "logits within ~1%); GPU (default: bfloat16): the model's compute dtype",
-                               choices=("float32", "bfloat16"))
+                                     "logits within ~1%), int8 with int8 ones (weight-only, a scale per output row); "
+                                     "GPU (default: bfloat16): the model's compute dtype",
+                               choices=("float32", "bfloat16", "int8"))
     threads: int | None = option(None, THREADS)
     allow_origins: tuple[str, ...] = option((), "CORS: let web pages from ORIGIN call the API ('*': any)")
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
@@ -99,8 +100,11 @@ def serve(cfg: ServeConfig, log=None) -> None:
     import fastllm
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    if cfg.dtype not in (None, "float32", "bfloat16"):
-        raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.dtype not in (None, "float32", "bfloat16", "int8"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or int8, got {cfg.dtype!r}")
+    if cfg.dtype == "int8" and cfg.device != "cpu":
+        raise ValueError("--dtype int8 (int8 weight copies) is for decoding on the CPU; on a GPU use bfloat16 or "
+                         "float32")
     if cfg.threads:
         fastllm.set_num_threads(cfg.threads)
     model, tok = load(cfg.ckpt, cfg.tokenizer)
@@ -121,7 +125,7 @@ def serve(cfg: ServeConfig, log=None) -> None:
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     chat = app.state.served.chat
     log(f"fastllm serve: {name} ({model.num_parameters / 1e6:.2f}M parameters, {cfg.device} {model.dtype}"
-        f"{' with bf16 decode weights' if weights == 'bfloat16' else ''}, "
+        f"{f' with {weights} decode weights' if weights != 'float32' else ''}, "
         f"{'chat template' if chat else 'no chat template: /v1/completions only'}), context {engine.max_len} "
         f"tokens, {slots} slots, KV cache {engine.kv_bytes / 2**20:.1f} MiB, "
         f"{engine.threads} threads{', API key required' if api_key else ''}")
