@@ -1,14 +1,18 @@
 """Decode tokens/s with a KV cache, fastllm vs a PyTorch eager decoder with its own KV cache (same weights, same
-process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 8. Both in float32, and both with
-bf16 weights (fastllm: bf16 weight copies for decode steps, fp32 activations rounded to bf16 at each matmul;
-torch: the whole model in bfloat16), and torch's float32 model under torch.autocast("cpu", dtype=torch.bfloat16)
-(the weights cast to bf16 at every matmul, as a mixed-precision training script samples; by default only on a CPU
-with AVX512_BF16 or AMX), all interleaved. GPT-2 shapes by default; --arch llama: Llama-family models (RoPE,
-RMSNorm, SwiGLU, grouped-query attention) with random weights in the shapes of SmolLM2-135M and Qwen2.5-0.5B, and HF
-transformers' LlamaForCausalLM / Qwen2ForCausalLM on the same weights as a further provider.
+process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 8. Both in float32, both with bf16
+weights (fastllm: bf16 weight copies for decode steps, fp32 activations rounded to bf16 at each matmul; torch: the
+whole model in bfloat16), both with int8 weights (fastllm: weight-only, fp32 activations; torch: the kernels of
+torch.ao.quantization.quantize_dynamic, activations quantized too), and torch's float32 model under
+torch.autocast("cpu", dtype=torch.bfloat16) (the weights cast to bf16 at every matmul, as a mixed-precision training
+script samples; by default only on a CPU with AVX512_BF16 or AMX), all interleaved. GPT-2 shapes by default; --arch
+llama: Llama-family models (RoPE, RMSNorm, SwiGLU, grouped-query attention) with random weights in the shapes of
+SmolLM2-135M and Qwen2.5-0.5B, and HF transformers' LlamaForCausalLM / Qwen2ForCausalLM on the same weights as a
+further provider.
     python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama] [--autocast auto|on|off]
                                       [--prefill 512]
---prefill T also times the prefill of one T-token prompt (the issue 17 goal: 512 tokens, bf16 vs torch bf16)."""
+--prefill T also times the prefill of one T-token prompt (the issue 17 goal: 512 tokens, bf16 vs torch bf16).
+    python benchmarks/bench_sample.py --quality-ckpt fastllm-demo/run --quality-data fastllm-demo/data
+measures instead what bf16 and int8 weights cost in validation loss on a trained checkpoint (see quality)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import collections
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -25,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from common import AUTOCAST_OPTION, bench, cli, header, print_table, set_threads, with_autocast  # noqa: E402
 
 from fastllm import _C  # noqa: E402
-from fastllm.model import GPT, MODERN, GPTConfig, KVCache  # noqa: E402
+from fastllm.model import GPT, MATRICES, MODERN, GPTConfig, KVCache  # noqa: E402
 
 # random weights in the shapes of real checkpoints (their config.json), and the HF family that loads them
 LLAMA_SHAPES = {
@@ -40,17 +45,38 @@ def llama_config(shape: dict) -> GPTConfig:
     return GPTConfig(**{**MODERN, "mlp": "swiglu", "block_size": 2048, **shape})
 
 
-def torch_decoder(model: GPT, B: int, max_len: int, dtype=None):
+def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = False):
     """A nanoGPT-style eager decoder of model's architecture (GPT-2 or the Llama family) with a preallocated KV cache
-    of the kv heads for max_len positions (torch.inference_mode, SDPA with grouped-query attention)."""
+    of the kv heads for max_len positions (torch.inference_mode, SDPA with grouped-query attention). int8: its linear
+    layers and lm-head as torch.ao.quantization.quantize_dynamic makes them (the int8 inference a PyTorch user runs
+    on a CPU): int8 weights with a scale per output channel, activations quantized per call (fbgemm/x86)."""
     import torch
     import torch.nn.functional as F
 
     from fastllm import rope
 
+    warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")  # deprecated, still quantize_dynamic's
     cfg = model.config
     dtype = dtype or torch.float32
     P = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in model.p.items()}
+    head = "wte" if cfg.tie_embeddings else "lm_head.weight"
+
+    def bias(name, l):  # a matrix's bias where the model has one (the lm-head has none)
+        b = name.replace(".weight", ".bias")
+        return P[b][l] if name != head and b in P else None
+
+    packed = {}
+    for name in (*MATRICES, head) if int8 else ():
+        for l, w in enumerate(P[name] if name != head else [P[name]]):
+            qw = torch.quantize_per_channel(w, (w.abs().amax(1) / 127).double().clamp_min(1e-12),
+                                            torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
+            packed[name, l] = torch.ops.quantized.linear_prepack(qw, bias(name, l))
+
+    def linear(x, name, l=0):
+        if int8:
+            return torch.ops.quantized.linear_dynamic(x, packed[name, l], True)  # reduce_range, as quantize_dynamic
+        return F.linear(x, P[name] if name == head else P[name][l], bias(name, l))
+
     C, NH, NKV, hs, L, Tm = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.n_layer, max_len
     kc = torch.zeros(L, B, NKV, Tm, hs, dtype=dtype)
     vc = torch.zeros(L, B, NKV, Tm, hs, dtype=dtype)
@@ -65,9 +91,6 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None):
             return F.rms_norm(x, (C,), w, cfg.layernorm_eps)
         return F.layer_norm(x, (C,), w, P[name + ".bias"] if l is None else P[name + ".bias"][l], cfg.layernorm_eps)
 
-    def bias(name, l):
-        return P[name][l] if name in P else None
-
     def rotate(x, pos, Tn):
         half = hs // 2
         return x * cos[pos:pos + Tn] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[pos:pos + Tn]
@@ -78,7 +101,7 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None):
         x = P["wte"][idx] + (P["wpe"][pos:pos + Tn] if "wpe" in P else 0)
         for l in range(L):
             h = norm(x, "ln_1", l)
-            qkv = F.linear(h, P["attn.c_attn.weight"][l], bias("attn.c_attn.bias", l))
+            qkv = linear(h, "attn.c_attn.weight", l)
             q, k, v = qkv.split([NH * hs, NKV * hs, NKV * hs], dim=2)
             q, k, v = q.view(B, Tn, NH, hs).transpose(1, 2), k.view(B, Tn, NKV, hs).transpose(1, 2), \
                 v.view(B, Tn, NKV, hs).transpose(1, 2)
@@ -88,17 +111,15 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None):
             vc[l, :, :, pos:pos + Tn] = v
             y = F.scaled_dot_product_attention(q, kc[l, :, :, :pos + Tn], vc[l, :, :, :pos + Tn], is_causal=Tn > 1,
                                                enable_gqa=NKV != NH)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, Tn, NH * hs), P["attn.c_proj.weight"][l],
-                             bias("attn.c_proj.bias", l))
-            h = F.linear(norm(x, "ln_2", l), P["mlp.c_fc.weight"][l], bias("mlp.c_fc.bias", l))
+            x = x + linear(y.transpose(1, 2).reshape(B, Tn, NH * hs), "attn.c_proj.weight", l)
+            h = linear(norm(x, "ln_2", l), "mlp.c_fc.weight", l)
             if cfg.mlp == "swiglu":
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
             else:
                 h = F.gelu(h, approximate="tanh")
-            x = x + F.linear(h, P["mlp.c_proj.weight"][l], bias("mlp.c_proj.bias", l))
-        x = norm(x[:, -1], "ln_f")
-        return (x @ P["wte" if cfg.tie_embeddings else "lm_head.weight"].T).float()
+            x = x + linear(h, "mlp.c_proj.weight", l)
+        return linear(norm(x[:, -1], "ln_f"), head).float()
 
     return step
 
@@ -128,8 +149,9 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
 
     model = GPT(cfg, seed=0).eval()
     rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, prompt))
-    w16 = model.bf16_weights()  # snapshots made once, outside the timing, like torch's .to(bfloat16)
-    tsteps = {"f32": torch_decoder(model, B, prompt + n), "bf16": torch_decoder(model, B, prompt + n, torch.bfloat16)}
+    w16, w8 = model.bf16_weights(), model.int8_weights()  # snapshots made once, outside the timing, like torch's
+    tsteps = {"f32": torch_decoder(model, B, prompt + n), "bf16": torch_decoder(model, B, prompt + n, torch.bfloat16),
+              "int8": torch_decoder(model, B, prompt + n, int8=True)}  # .to(bfloat16) and quantize_dynamic
 
     def ours(weights):
         def run():
@@ -154,7 +176,7 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
         return run
 
     fns = {"fastllm": ours("float32"), "torch": theirs(tsteps["f32"]), "fastllm bf16": ours(w16),
-           "torch bf16": theirs(tsteps["bf16"])}
+           "torch bf16": theirs(tsteps["bf16"]), "fastllm int8": ours(w8), "torch int8": theirs(tsteps["int8"])}
     if autocast:
         fns["torch autocast"] = theirs(torch_decoder(model, B, prompt + n), autocast=True)
     if family:
@@ -168,7 +190,9 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
     tps = {k: f"{B * n / v:,.0f}" for k, v in s.items()}
     row = [name, str(B), str(n), tps["fastllm"], tps["torch"], f"{s['torch'] / s['fastllm']:.2f}x", same,
            tps["fastllm bf16"], tps["torch bf16"], f"{s['torch bf16'] / s['fastllm bf16']:.2f}x",
-           f"{s['torch'] / s['fastllm bf16']:.2f}x", same16]
+           f"{s['torch'] / s['fastllm bf16']:.2f}x", same16, tps["fastllm int8"], tps["torch int8"],
+           f"{s['torch int8'] / s['fastllm int8']:.2f}x", f"{s['torch bf16'] / s['fastllm int8']:.2f}x",
+           f"{np.mean(toks['fastllm int8'] == toks['fastllm']):.0%}"]
     if autocast:
         row += [tps["torch autocast"], f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"]
     if family:
@@ -202,6 +226,47 @@ def prefill_case(name: str, cfg: GPTConfig, T: int, repeats: int, autocast: bool
     out = [name, str(T), *(f"{s[k] * 1e3:.0f}" for k in fns), f"{s['torch'] / s['fastllm']:.2f}x",
            f"{s['torch bf16'] / s['fastllm bf16']:.2f}x"]
     return out + ([f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"] if autocast else [])
+
+
+def quality(ckpt: str, data: str, B: int, T: int) -> None:
+    """What low-precision weights cost in quality, on a trained checkpoint: the mean cross-entropy of B windows of T
+    tokens of the validation split (data: a prepared data folder, e.g. fastllm demo's out/data) through each
+    decoder's KV cache, one token per step -- the exact path of generation -- fastllm with float32, bf16 and int8
+    weights and torch's float32, bf16 and quantize_dynamic int8 models."""
+    import torch
+
+    from fastllm import load_model
+    from fastllm.data import DataLoader
+
+    model = load_model(ckpt).eval()
+    T = min(T, model.config.block_size)
+    x, y = DataLoader(data, "val", B, T, shuffle=False).next_batch()
+
+    def fastllm_step(weights):
+        cache = model.kv_cache(B, weights=weights, max_len=T)
+        return lambda ids, pos: cache.prefill([[int(t)] for t in ids]) if pos == 0 else cache.decode(ids)
+
+    def torch_step(**kw):
+        step = torch_decoder(model, B, T, **kw)
+        return lambda ids, pos: step(torch.from_numpy(ids[:, None].astype(np.int64)), pos).numpy()
+
+    steps = {"fastllm fp32": fastllm_step("float32"), "fastllm bf16w": fastllm_step("bfloat16"),
+             "fastllm int8w": fastllm_step("int8"), "torch fp32": torch_step(), "torch bf16": torch_step(
+                 dtype=torch.bfloat16), "torch int8 (dynamic)": torch_step(int8=True)}
+    rows, base = [], None
+    for name, step in steps.items():
+        nll = np.zeros((B, T))
+        for t in range(T):
+            z = step(x[:, t], t).astype(np.float64)
+            z -= z.max(1, keepdims=True)
+            nll[:, t] = np.log(np.exp(z).sum(1)) - z[np.arange(B), y[:, t]]
+        base = nll if base is None else base
+        diff = nll - base  # paired, token by token: its standard error says whether a difference is real
+        rows.append([name, f"{nll.mean():.4f}", f"{np.exp(nll.mean()):.3f}", f"{diff.mean():+.5f}",
+                     f"{diff.std() / np.sqrt(diff.size):.5f}"])
+    print(f"\nquality on the validation split: {ckpt} ({model.num_parameters / 1e6:.2f}M parameters), {B} x {T} "
+          "tokens of " + data + ", decoded token by token through each KV cache")
+    print_table(rows, ["decoder", "val loss", "perplexity", "vs fastllm fp32", "stderr of that"])
 
 
 class OpTimer:
@@ -264,16 +329,20 @@ def profile_step(name: str, cfg: GPTConfig, B: int, prompt: int, n: int) -> None
 
 
 def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "gpt2", profile: bool = False,
-        autocast: str = "auto", prefill: int = 0) -> None:
+        autocast: str = "auto", prefill: int = 0, quality_ckpt: str = "", quality_data: str = "") -> None:
     set_threads(threads)
     print(header("decode with KV cache (prefill + n greedy tokens)", threads))
+    if quality_ckpt:
+        quality(quality_ckpt, quality_data, 8 if quick else 16, 256)
+        return
     if profile:
         for name, (_, shape) in LLAMA_SHAPES.items():
             profile_step(name, llama_config(shape), 1, 16, 8)
         return
     ac = with_autocast(autocast)
     head = ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w", "torch bf16",
-            "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16"]
+            "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16", "fastllm int8w", "torch int8",
+            "torch int8/fastllm int8w", "torch bf16/fastllm int8w", "same int8"]
     head += ["torch autocast", "torch autocast/fastllm bf16w"] if ac else []
     rows = []
     if arch == "llama":
@@ -293,7 +362,9 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
             for B in (1, 8):
                 rows.append(case("gpt2 124M", g, B, 16, 50, 5, autocast=ac))
     print("prompt 16 tokens; tok/s = B * new / time (prefill included); 'same' = greedy tokens equal to torch fp32's"
-          " (fastllm fp32), to fastllm fp32's (bf16) and, 'same hf', transformers' equal to fastllm fp32's")
+          " (fastllm fp32), to fastllm fp32's (bf16, int8) and, 'same hf', transformers' equal to fastllm fp32's; "
+          "int8w = int8 weight-only (per-row scales, fp32 activations), torch int8 = quantize_dynamic's kernels "
+          "(int8 weights per channel, activations quantized per call)")
     print_table(rows, head)
     if prefill:
         cfgs = {n: llama_config(sh) for n, (_, sh) in LLAMA_SHAPES.items()} if arch == "llama" else \
@@ -312,5 +383,8 @@ if __name__ == "__main__":
         profile="instead of the table: where one decode step's time goes, by op, in the --arch llama shapes (B=1)",
         prefill=("also time the prefill of one prompt of this many tokens (at most the block size; 0: no), e.g. 512",
                  0),
+        quality_ckpt=("instead of the table: validation loss of the decoders (fp32, bf16, int8 weights) on this "
+                      "trained checkpoint, e.g. fastllm-demo/run after `fastllm demo`", ""),
+        quality_data=("the prepared data folder whose val split --quality-ckpt reads, e.g. fastllm-demo/data", ""),
         arch=("the model family: gpt2 (GPT-2 shapes) or llama (SmolLM2-135M and Qwen2.5-0.5B shapes, random weights)",
               "gpt2", "gpt2", "llama"))

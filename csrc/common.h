@@ -110,7 +110,14 @@ const char* simd_name(Simd s);
 
 }  // namespace fastllm
 
-// Per-function ISA targets for the dispatch above (GCC/Clang).
+// Per-function ISA targets for the dispatch above (GCC/Clang). A FASTLLM_SIMDE build (a test build, see
+// csrc/cpu/intrin.h) compiles every kernel for the baseline instead: SIMDe's portable intrinsics stand in.
+#ifdef FASTLLM_SIMDE
+#define FASTLLM_TARGET_AVX2
+#define FASTLLM_TARGET_AVX512
+#define FASTLLM_TARGET_AVX512BF16
+#define FASTLLM_TARGET_AMX
+#else
 #define FASTLLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FASTLLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 // AVX-512 plus the bf16 dot product (vdpbf16ps; AMD Zen 4, Intel Cooper Lake / Sapphire Rapids and later)
@@ -119,3 +126,4 @@ const char* simd_name(Simd s);
 // AVX-512 BF16 plus the AMX tiles (TDPBF16PS; Intel Sapphire Rapids and later)
 #define FASTLLM_TARGET_AMX \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-bf16")))
+#endif

@@ -37,7 +37,7 @@ Perf notes (AMD EPYC Zen 4, 1 thread, B=4 NH=12 hs=64, CPU time; a 24-FMA regist
 */
 #include "attention.h"
 
-#include <immintrin.h>
+#include "cpu/intrin.h"
 
 #include <algorithm>
 #include <cmath>

@@ -36,7 +36,7 @@ The naive triple loops (matmul_*_naive, gemm_naive) stay as documentation and as
 */
 #include "matmul.h"
 
-#include <immintrin.h>
+#include "cpu/intrin.h"
 
 #include <algorithm>
 #include <atomic>
@@ -501,6 +501,7 @@ static TileConfig amx_tile_config() {
 // The tiles are configured at the start of each blocked GEMM on each thread and released at its end: other code
 // in the process (oneDNN inside PyTorch, say) configures tiles its own way or releases them, and a tile
 // instruction without our configuration faults.
+#ifndef FASTLLM_SIMDE  // SIMDe has no AMX: there AmxTiles is the model (below), and the CPU reports no AMX
 struct AmxTiles {
     FASTLLM_TARGET_AMX static void begin() {
         // static: the whole 64 bytes are in memory (the intrinsic's asm declares a read of only 8 of them)
@@ -513,6 +514,7 @@ struct AmxTiles {
         FASTLLM_AMX_BLOCK(_tile_zero, _tile_loadd, _tile_dpbf16ps, _tile_stored);
     }
 };
+#endif
 
 struct AmxEmu {
     struct Regs {
@@ -564,6 +566,9 @@ struct AmxEmu {
         FASTLLM_AMX_BLOCK(zero, load, dp, store);
     }
 };
+#ifdef FASTLLM_SIMDE
+using AmxTiles = AmxEmu;
+#endif
 
 template <class Tiles>
 static void ukr_amx(int64_t kq, const float* pa, const float* pb, float* c, int64_t ldc, float alpha, float beta,

@@ -61,6 +61,11 @@ static bool request_amx_permission() {
 static CpuFeatures read_cpu_features() {
     CpuFeatures f;
     f.model = brand_string();
+#ifdef FASTLLM_SIMDE  // a test build: SIMDe emulates every level up to AVX512-BF16 (cpu/intrin.h); no AMX
+    f.model += " (SIMDe emulation)";
+    f.fma = f.avx2 = f.avx512f = f.avx512dq = f.avx512bw = f.avx512vl = f.avx512_bf16 = true;
+    return f;
+#endif
     uint32_t a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     const bool osxsave = bit(c, 27), fma = bit(c, 12), avx = bit(c, 28);

@@ -12,7 +12,7 @@ exponent field must stay normal) the result is tiny (<= 1e-38) rather than exact
 saturates at ~2.4e38 (no inf). NaN propagates.
 */
 #pragma once
-#include <immintrin.h>
+#include "cpu/intrin.h"
 
 #include <cstdint>
 

@@ -1,0 +1,67 @@
+// The x86 SIMD intrinsics the CPU kernels use: the compiler's <immintrin.h>, or, in a FASTLLM_SIMDE build,
+// SIMDe's portable implementations of the same functions (https://github.com/simd-everywhere/simde >= 0.8:
+// `pip install cmeel-simde`). That build is for testing only: it runs the AVX-512 and AVX512-BF16 kernels, compiled for the
+// baseline x86-64, on a CPU without them (cpu_features() then reports them present, AMX absent), so their logic --
+// tails, masks, panel layouts -- is checked by the test suite on any machine, as the CUDA emulator does for the GPU
+// kernels. It is far slower than the real instructions; never time it.
+//   cmake -S . -B build/simde -G Ninja -DFASTLLM_CUDA=off -DFASTLLM_SIMDE=ON && cmake --build build/simde
+//   PYTHONPATH=build/simde/python FASTLLM_SIMD=avx512_bf16 pytest tests/test_matmul_bf16.py
+#pragma once
+
+#ifdef FASTLLM_SIMDE
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+
+#include <cstdint>
+
+// what SIMDe 0.8.2 lacks, by the Intel intrinsics guide's definitions
+#ifndef _MM_FROUND_NO_EXC
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+#endif
+inline float _mm512_reduce_add_ps(__m512 v) {
+    alignas(64) float a[16];
+    _mm512_store_ps(a, v);
+    float s = 0.0f;
+    for (float x : a) s += x;
+    return s;
+}
+inline __m512 _mm512_mask_i32gather_ps(__m512 src, __mmask16 k, __m512i vindex, const void* base, int scale) {
+    alignas(64) float out[16];
+    alignas(64) int32_t idx[16];
+    _mm512_store_ps(out, src);
+    _mm512_store_si512(idx, vindex);
+    for (int i = 0; i < 16; i++)
+        if (k >> i & 1) out[i] = *reinterpret_cast<const float*>(static_cast<const char*>(base) + int64_t(idx[i]) * scale);
+    return _mm512_load_ps(out);
+}
+inline void _mm512_stream_ps(float* p, __m512 v) { _mm512_store_ps(p, v); }  // p 64-byte aligned, as the real one
+
+// SIMDe's masked loads read all 64 bytes and its masked stores write all of them (zeros where the mask is off): the
+// kernels rely on the hardware's semantics -- lanes off the mask are neither read nor written (tails of rows, the
+// ends of buffers) -- so these take their place, lane by lane.
+#undef _mm512_mask_storeu_ps
+#undef _mm512_maskz_loadu_ps
+#undef _mm512_mask_loadu_ps
+#undef _mm512_maskz_loadu_epi16
+inline void _mm512_mask_storeu_ps(void* p, __mmask16 k, __m512 a) {
+    alignas(64) float v[16];
+    _mm512_store_ps(v, a);
+    for (int i = 0; i < 16; i++)
+        if (k >> i & 1) static_cast<float*>(p)[i] = v[i];
+}
+inline __m512 _mm512_mask_loadu_ps(__m512 src, __mmask16 k, const void* p) {
+    alignas(64) float v[16];
+    _mm512_store_ps(v, src);
+    for (int i = 0; i < 16; i++)
+        if (k >> i & 1) v[i] = static_cast<const float*>(p)[i];
+    return _mm512_load_ps(v);
+}
+inline __m512 _mm512_maskz_loadu_ps(__mmask16 k, const void* p) { return _mm512_mask_loadu_ps(_mm512_setzero_ps(), k, p); }
+inline __m512i _mm512_maskz_loadu_epi16(__mmask32 k, const void* p) {
+    alignas(64) uint16_t v[32];
+    for (int i = 0; i < 32; i++) v[i] = k >> i & 1 ? static_cast<const uint16_t*>(p)[i] : 0;
+    return _mm512_load_si512(v);
+}
+#else
+#include <immintrin.h>
+#endif
