@@ -77,6 +77,8 @@ def proc_cpuinfo() -> dict:
 def test_cpu_features_agree_with_proc_cpuinfo():
     """Each feature is what Linux reports: CPUID bits checked against XCR0, as the kernel does for its flags."""
     d, ref = fastllm.info(), proc_cpuinfo()
+    if d["cpu"].endswith("(SIMDe emulation)"):
+        pytest.skip("a FASTLLM_SIMDE test build reports the AVX-512 levels it emulates, not the CPU's")
     assert set(d["cpu_features"]) == set(FEATURES)
     got = {k: d["cpu_features"][k] for k in FEATURES}
     assert got == {k: k in ref["flags"] for k in FEATURES}

@@ -165,7 +165,7 @@ def test_bf16_decode_weights(arch):
     prompts = [[1, 2, 3, 4], [5, 6]]
     f32 = model.kv_cache(2).prefill(prompts)
     cache = model.kv_cache(2, weights="bfloat16")
-    assert set(cache.w16) == {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight",
+    assert set(cache.snapshot) == {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight",
                               model.head}
     assert rel_err(cache.prefill(prompts), f32) < 3e-2
     out = model.generate(prompts, 6, temperature=0, weights="bfloat16")
