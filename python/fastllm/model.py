@@ -674,8 +674,8 @@ class GPT:
     def kv_cache(self, batch_size: int, weights: str | dict = "float32", max_len: int | None = None) -> KVCache:
         """A key/value cache for `batch_size` sequences of up to max_len (default block_size) tokens (see
         KVCache). weights (CPU): "float32", "bfloat16" to decode with a bf16 snapshot of the matrices (see
-        bf16_weights) or "int8" with an int8 one (int8_weights); on the GPU the model's compute dtype decides and
-        `weights` must be "float32"."""
+        bf16_weights) or "int8" with an int8 one (int8_weights); on the GPU the model's compute dtype decides
+        ("bfloat16" is ignored there, "int8" refused)."""
         return KVCache(self, batch_size, weights, max_len)
 
     def bf16_weights(self) -> dict[str, np.ndarray]:
