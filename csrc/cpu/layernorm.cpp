@@ -27,7 +27,8 @@ at DRAM bandwidth, so hand-written intrinsics were not tried.
 namespace fastllm::cpu {
 
 // ---------------------------------------------------------------------------------------------------------
-// the rows (the spec; `omp simd` sums run lane-parallel), compiled per ISA by the wrappers below
+// the rows (the spec), compiled per ISA by the wrappers below. The `omp simd` sums run lane-parallel, which also
+// keeps the mean accurate: plain sequential float sums lose ~1e-4 relative accuracy in it at |x| ~ 1000
 
 static FASTLLM_INLINE void layernorm_forward_rows(float* out, float* mean, float* rstd, const float* inp,
                                                   const float* weight, const float* bias, int64_t n0, int64_t n1,
