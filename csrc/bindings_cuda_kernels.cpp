@@ -28,7 +28,6 @@ static void register_llama(py::module_& m);        // rmsnorm, rope, swiglu, rel
 
 void fastllm::cuda::register_cuda_kernels(py::module_& m) {
     using py::arg;
-    (void)m;
     // ---- matmul.cu
     static const auto no_overlap = [](const DeviceArray* out, const char* out_name, const DeviceArray* in,
                                       const char* in_name) {
