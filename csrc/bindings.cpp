@@ -642,30 +642,27 @@ static RopeDims rope_dims(const py::array& x, const char* xname, const py::array
     return {B, T, NKV, hs, R2};
 }
 
+// rope_forward (out, qkv, ...) and rope_backward (dqkv, dout, ...): the same checks, then the kernel
+static void rope_py(decltype(&fastllm::cpu::rope_forward) kernel, py::array& out, const char* oname,
+                    const py::array& x, const char* xname, const py::array& cos, const py::array& sin,
+                    const std::optional<py::array>& pos, int64_t NH, std::optional<int64_t> n_kv_head) {
+    const int32_t* p = nullptr;
+    const RopeDims d = rope_dims(x, xname, cos, sin, p, pos, NH, n_kv_head);
+    const float* px = in_ptr<float>(x, xname);
+    float* o = out_ptr<float>(out, oname, shape_of(x));
+    check_disjoint(out, oname, x, xname, true);
+    check_outputs({{&out, oname}}, {{&cos, "cos"}, {&sin, "sin"}, {opt(pos), "pos"}});
+    const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
+    py::gil_scoped_release nogil;
+    kernel(o, px, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
+}
 static void rope_forward_py(py::array out, py::array qkv, py::array cos, py::array sin, std::optional<py::array> pos,
                             int64_t NH, std::optional<int64_t> n_kv_head) {
-    const int32_t* p = nullptr;
-    const RopeDims d = rope_dims(qkv, "qkv", cos, sin, p, pos, NH, n_kv_head);
-    const float* x = in_ptr<float>(qkv, "qkv");
-    float* o = out_ptr<float>(out, "out", shape_of(qkv));
-    check_disjoint(out, "out", qkv, "qkv", true);
-    check_outputs({{&out, "out"}}, {{&cos, "cos"}, {&sin, "sin"}, {opt(pos), "pos"}});
-    const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
-    py::gil_scoped_release nogil;
-    fastllm::cpu::rope_forward(o, x, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
+    rope_py(fastllm::cpu::rope_forward, out, "out", qkv, "qkv", cos, sin, pos, NH, n_kv_head);
 }
-
 static void rope_backward_py(py::array dqkv, py::array dout, py::array cos, py::array sin,
                              std::optional<py::array> pos, int64_t NH, std::optional<int64_t> n_kv_head) {
-    const int32_t* p = nullptr;
-    const RopeDims d = rope_dims(dout, "dout", cos, sin, p, pos, NH, n_kv_head);
-    const float* dy = in_ptr<float>(dout, "dout");
-    float* dx = out_ptr<float>(dqkv, "dqkv", shape_of(dout));
-    check_disjoint(dqkv, "dqkv", dout, "dout", true);
-    check_outputs({{&dqkv, "dqkv"}}, {{&cos, "cos"}, {&sin, "sin"}, {opt(pos), "pos"}});
-    const float *c = static_cast<const float*>(cos.data()), *s = static_cast<const float*>(sin.data());
-    py::gil_scoped_release nogil;
-    fastllm::cpu::rope_backward(dx, dy, c, s, p, d.B, d.T, NH, d.NKV, d.hs, d.R2);
+    rope_py(fastllm::cpu::rope_backward, dqkv, "dqkv", dout, "dout", cos, sin, pos, NH, n_kv_head);
 }
 
 // gate_up (..., 2H) -> {N, H}

@@ -15,22 +15,24 @@ namespace py = pybind11;
 using fastllm::str_cat;
 using namespace fastllm::cuda;
 
+namespace {
+// byte ranges [data, data + nbytes) intersect (views of one allocation can; empty arrays never do)
+bool overlap(const DeviceArray& a, const DeviceArray& b) {
+    const char *pa = (const char*)a.data(), *pb = (const char*)b.data();
+    return a.nbytes() && b.nbytes() && pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+}  // namespace
+
 static void register_elementwise(py::module_& m);  // layernorm, gelu, residual, embedding, adamw (below)
 static void register_llama(py::module_& m);        // rmsnorm, rope, swiglu, relu2 (at the end)
 
 void fastllm::cuda::register_cuda_kernels(py::module_& m) {
     using py::arg;
-    (void)m;
     // ---- matmul.cu
-    // byte ranges of two arrays intersect (empty arrays never do)
-    static const auto overlaps = [](const DeviceArray& x, const DeviceArray& y) {
-        const uintptr_t x0 = (uintptr_t)x.data(), y0 = (uintptr_t)y.data();
-        return x.nbytes() && y.nbytes() && x0 < y0 + y.nbytes() && y0 < x0 + x.nbytes();
-    };
     static const auto no_overlap = [](const DeviceArray* out, const char* out_name, const DeviceArray* in,
                                       const char* in_name) {
         if (out && in)
-            FASTLLM_CHECK(!overlaps(*out, *in), out_name, " must not overlap ", in_name,
+            FASTLLM_CHECK(!overlap(*out, *in), out_name, " must not overlap ", in_name,
                           " (use a separate output buffer)");
     };
     static const auto check_2d = [](const DeviceArray& x, const char* name) {
@@ -158,11 +160,6 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
 
     // ---- attention.cu
     {
-        // true if the byte ranges of two arrays intersect (views of one allocation can)
-        static const auto overlap = [](const DeviceArray& a, const DeviceArray& b) {
-            const char *pa = (const char*)a.data(), *pb = (const char*)b.data();
-            return a.nbytes() && b.nbytes() && pa < pb + b.nbytes() && pb < pa + a.nbytes();
-        };
         static const auto disjoint = [](const DeviceArray& a, const char* an, const DeviceArray& b, const char* bn) {
             FASTLLM_CHECK(!overlap(a, b), an, " must not overlap ", bn, " (got views of the same memory)");
         };
@@ -293,7 +290,7 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             check_rows(losses, "losses", DType::f32, lead, N);
             if (dlogits) {
                 check_array(*dlogits, "dlogits", t, logits.shape);
-                FASTLLM_CHECK(dlogits->data() == logits.data() || !overlaps(*dlogits, logits),
+                FASTLLM_CHECK(dlogits->data() == logits.data() || !overlap(*dlogits, logits),
                               "dlogits must be logits itself (in place) or not overlap it");
                 no_overlap(dlogits, "dlogits", &targets, "targets");
                 no_overlap(dlogits, "dlogits", &losses, "losses");
@@ -408,19 +405,19 @@ void ew_check_device(const DeviceArray& a, const char* name) {
                   current_device());
 }
 
-// byte ranges [data, data + nbytes) intersect (empty arrays never do)
-bool ew_overlap(const DeviceArray& a, const DeviceArray& b) {
-    if (a.nbytes() == 0 || b.nbytes() == 0) return false;
-    const char *pa = (const char*)a.data(), *pb = (const char*)b.data();
-    return pa < pb + b.nbytes() && pb < pa + a.nbytes();
-}
 void ew_disjoint(const DeviceArray& a, const char* an, const DeviceArray& b, const char* bn) {
-    FASTLLM_CHECK(!ew_overlap(a, b), an, " and ", bn, " must not overlap in memory");
+    FASTLLM_CHECK(!overlap(a, b), an, " and ", bn, " must not overlap in memory");
+}
+// ew_disjoint(out, on, *a, an) for each (a, an) of the list that is given (a not nullptr)
+using Named = std::pair<const DeviceArray*, const char*>;
+void ew_disjoint_all(const DeviceArray& out, const char* on, std::initializer_list<Named> ins) {
+    for (auto [a, an] : ins)
+        if (a) ew_disjoint(out, on, *a, an);
 }
 // an output that may be exactly the input (in place) but must not partially overlap it
 void ew_same_or_disjoint(const DeviceArray& out, const char* on, const DeviceArray& in, const char* in_name) {
     const bool same = out.data() == in.data() && out.nbytes() == in.nbytes();
-    FASTLLM_CHECK(same || !ew_overlap(out, in), on, " must be ", in_name, " itself (in place) or not overlap it");
+    FASTLLM_CHECK(same || !overlap(out, in), on, " must be ", in_name, " itself (in place) or not overlap it");
 }
 
 // x (..., C): C = last axis (>= 1), N = the other axes' product; sizes the kernels take as int
@@ -468,6 +465,37 @@ void ew_check_f32_size(const DeviceArray& a, const char* name, int64_t n) {
     ew_check_device(a, name);
 }
 
+// An element-wise activation (gelu, relu2): fwd(out, x): out = f(x), out may be x itself; bwd(dx, dout, x):
+// dx += f'(x) * dout.
+void def_activation(py::module_& m, const char* fwd_name, decltype(&gelu_forward) fwd, const char* bwd_name,
+                    decltype(&gelu_backward) bwd) {
+    using py::arg;
+    m.def(
+        fwd_name,
+        [fwd](DeviceArray& out, const DeviceArray& x) {
+            check_float(x, "x");
+            check_array(x, "x", x.dtype, x.shape);
+            check_array(out, "out", x.dtype, x.shape);
+            ew_same_or_disjoint(out, "out", x, "x");
+            py::gil_scoped_release nogil;
+            fwd(out.data(), x.data(), x.size(), x.dtype);
+        },
+        arg("out"), arg("x"));
+    m.def(
+        bwd_name,
+        [bwd](DeviceArray& dx, const DeviceArray& dout, const DeviceArray& x) {
+            check_float(x, "x");
+            check_array(x, "x", x.dtype, x.shape);
+            check_array(dx, "dx", x.dtype, x.shape);
+            check_array(dout, "dout", x.dtype, x.shape);
+            ew_disjoint(dx, "dx", dout, "dout");
+            ew_disjoint(dx, "dx", x, "x");
+            py::gil_scoped_release nogil;
+            bwd(dx.data(), dout.data(), x.data(), x.size(), x.dtype);
+        },
+        arg("dx"), arg("dout"), arg("x"));
+}
+
 }  // namespace
 
 static void register_elementwise(py::module_& m) {
@@ -488,15 +516,9 @@ static void register_elementwise(py::module_& m) {
             ew_check_stats(rstd, "rstd", x, N);
             FASTLLM_CHECK(eps >= 0.0f && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
             ew_same_or_disjoint(out, "out", x, "x");
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&weight, "weight"}, {&bias, "bias"},
-                                 {&mean, "mean"}, {&rstd, "rstd"}})
-                ew_disjoint(out, "out", *a, an);
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&x, "x"}, {&weight, "weight"},
-                                 {&bias, "bias"}, {&rstd, "rstd"}})
-                ew_disjoint(mean, "mean", *a, an);
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&x, "x"}, {&weight, "weight"},
-                                 {&bias, "bias"}})
-                ew_disjoint(rstd, "rstd", *a, an);
+            ew_disjoint_all(out, "out", {{&weight, "weight"}, {&bias, "bias"}, {&mean, "mean"}, {&rstd, "rstd"}});
+            ew_disjoint_all(mean, "mean", {{&x, "x"}, {&weight, "weight"}, {&bias, "bias"}, {&rstd, "rstd"}});
+            ew_disjoint_all(rstd, "rstd", {{&x, "x"}, {&weight, "weight"}, {&bias, "bias"}});
             py::gil_scoped_release nogil;
             layernorm_forward(out.data(), (float*)mean.data(), (float*)rstd.data(), x.data(), weight.data(),
                               bias.data(), N, C, eps, x.dtype);
@@ -518,47 +540,19 @@ static void register_elementwise(py::module_& m) {
             check_array(dbias, "dbias", DType::f32, {C});
             ew_check_stats(mean, "mean", x, N);
             ew_check_stats(rstd, "rstd", x, N);
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dout, "dout"}, {&x, "x"},
-                                 {&weight, "weight"}, {&mean, "mean"}, {&rstd, "rstd"}, {&dweight, "dweight"},
-                                 {&dbias, "dbias"}})
-                ew_disjoint(dx, "dx", *a, an);
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dout, "dout"}, {&x, "x"},
-                                 {&weight, "weight"}, {&mean, "mean"}, {&rstd, "rstd"}, {&dbias, "dbias"}})
-                ew_disjoint(dweight, "dweight", *a, an);
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dout, "dout"}, {&x, "x"},
-                                 {&weight, "weight"}, {&mean, "mean"}, {&rstd, "rstd"}})
-                ew_disjoint(dbias, "dbias", *a, an);
+            ew_disjoint_all(dx, "dx", {{&dout, "dout"}, {&x, "x"}, {&weight, "weight"}, {&mean, "mean"},
+                                       {&rstd, "rstd"}, {&dweight, "dweight"}, {&dbias, "dbias"}});
+            ew_disjoint_all(dweight, "dweight", {{&dout, "dout"}, {&x, "x"}, {&weight, "weight"}, {&mean, "mean"},
+                                                 {&rstd, "rstd"}, {&dbias, "dbias"}});
+            ew_disjoint_all(dbias, "dbias", {{&dout, "dout"}, {&x, "x"}, {&weight, "weight"}, {&mean, "mean"},
+                                             {&rstd, "rstd"}});
             py::gil_scoped_release nogil;
             layernorm_backward(dx.data(), (float*)dweight.data(), (float*)dbias.data(), dout.data(), x.data(),
                                weight.data(), (const float*)mean.data(), (const float*)rstd.data(), N, C, x.dtype);
         },
         arg("dx"), arg("dweight"), arg("dbias"), arg("dout"), arg("x"), arg("weight"), arg("mean"), arg("rstd"));
 
-    m.def(
-        "gelu_forward",
-        [](DeviceArray& out, const DeviceArray& x) {
-            check_float(x, "x");
-            check_array(x, "x", x.dtype, x.shape);
-            check_array(out, "out", x.dtype, x.shape);
-            ew_same_or_disjoint(out, "out", x, "x");
-            py::gil_scoped_release nogil;
-            gelu_forward(out.data(), x.data(), x.size(), x.dtype);
-        },
-        arg("out"), arg("x"));
-
-    m.def(
-        "gelu_backward",
-        [](DeviceArray& dx, const DeviceArray& dout, const DeviceArray& x) {
-            check_float(x, "x");
-            check_array(x, "x", x.dtype, x.shape);
-            check_array(dx, "dx", x.dtype, x.shape);
-            check_array(dout, "dout", x.dtype, x.shape);
-            ew_disjoint(dx, "dx", dout, "dout");
-            ew_disjoint(dx, "dx", x, "x");
-            py::gil_scoped_release nogil;
-            gelu_backward(dx.data(), dout.data(), x.data(), x.size(), x.dtype);
-        },
-        arg("dx"), arg("dout"), arg("x"));
+    def_activation(m, "gelu_forward", gelu_forward, "gelu_backward", gelu_backward);
 
     m.def(
         "residual_forward",
@@ -652,7 +646,7 @@ static void register_elementwise(py::module_& m) {
             ew_check_f32_size(vo, "v", n);
             ew_check_f32_size(grads, "grads", n);
             FASTLLM_CHECK(t >= 1, "t (the step number) must be >= 1, got ", t);
-            std::vector<std::pair<const DeviceArray*, const char*>> all = {
+            std::vector<Named> all = {
                 {&params, "params"}, {&mo, "m"}, {&vo, "v"}, {&grads, "grads"}};
             DType copy_t = DType::f32;
             if (params_copy) {
@@ -722,10 +716,8 @@ static void register_llama(py::module_& m) {
             stats(rstd, "rstd", r);
             FASTLLM_CHECK(eps >= 0.0f && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
             ew_same_or_disjoint(out, "out", x, "x");
-            ew_disjoint(out, "out", weight, "weight");
-            ew_disjoint(out, "out", rstd, "rstd");
-            ew_disjoint(rstd, "rstd", x, "x");
-            ew_disjoint(rstd, "rstd", weight, "weight");
+            ew_disjoint_all(out, "out", {{&weight, "weight"}, {&rstd, "rstd"}});
+            ew_disjoint_all(rstd, "rstd", {{&x, "x"}, {&weight, "weight"}});
             void* po = at(out, r.offset);
             const void* px = at(x, r.offset);
             py::gil_scoped_release nogil;
@@ -744,12 +736,8 @@ static void register_llama(py::module_& m) {
             check_array(dweight, "dweight", DType::f32, {r.C});
             stats(rstd, "rstd", r);
             ew_same_or_disjoint(dx, "dx", dout, "dout");  // in place: dx is dout (its rows replaced)
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&x, "x"}, {&weight, "weight"},
-                                 {&rstd, "rstd"}, {&dweight, "dweight"}})
-                ew_disjoint(dx, "dx", *a, an);
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&dout, "dout"}, {&x, "x"},
-                                 {&weight, "weight"}, {&rstd, "rstd"}})
-                ew_disjoint(dweight, "dweight", *a, an);
+            ew_disjoint_all(dx, "dx", {{&x, "x"}, {&weight, "weight"}, {&rstd, "rstd"}, {&dweight, "dweight"}});
+            ew_disjoint_all(dweight, "dweight", {{&dout, "dout"}, {&x, "x"}, {&weight, "weight"}, {&rstd, "rstd"}});
             void* pdx = at(dx, r.offset);
             const void *pdy = at(dout, r.offset), *px = at(x, r.offset);
             py::gil_scoped_release nogil;
@@ -783,38 +771,28 @@ static void register_llama(py::module_& m) {
         if (pos) check_array(*pos, "pos", DType::i32, {B});
         return std::vector<int64_t>{B, T, P, NKV, hs, R2};
     };
-    m.def(
-        "rope_forward",
-        [](DeviceArray& out, const DeviceArray& qkv, const DeviceArray& cos, const DeviceArray& sin, DeviceArray* pos,
-           int64_t n_head, std::optional<int64_t> n_kv_head) {
-            const auto d = rope_dims(qkv, "qkv", cos, sin, pos, n_head, n_kv_head);
-            check_array(out, "out", qkv.dtype, qkv.shape);
-            ew_same_or_disjoint(out, "out", qkv, "qkv");
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&cos, "cos"}, {&sin, "sin"}, {pos, "pos"}})
-                if (a) ew_disjoint(out, "out", *a, an);
-            const int32_t* pp = pos ? (const int32_t*)pos->data() : nullptr;
-            py::gil_scoped_release nogil;
-            rope_forward(out.data(), qkv.data(), (const float*)cos.data(), (const float*)sin.data(), pp, d[0], d[1],
-                         d[2], n_head, d[3], d[4], d[5], qkv.dtype);
-        },
-        arg("out"), arg("qkv"), arg("cos"), arg("sin"), arg("pos").none(true), arg("n_head"),
-        arg("n_kv_head") = py::none());
-    m.def(
-        "rope_backward",
-        [](DeviceArray& dqkv, const DeviceArray& dout, const DeviceArray& cos, const DeviceArray& sin,
-           DeviceArray* pos, int64_t n_head, std::optional<int64_t> n_kv_head) {
-            const auto d = rope_dims(dout, "dout", cos, sin, pos, n_head, n_kv_head);
-            check_array(dqkv, "dqkv", dout.dtype, dout.shape);
-            ew_same_or_disjoint(dqkv, "dqkv", dout, "dout");
-            for (auto [a, an] : {std::pair<const DeviceArray*, const char*>{&cos, "cos"}, {&sin, "sin"}, {pos, "pos"}})
-                if (a) ew_disjoint(dqkv, "dqkv", *a, an);
-            const int32_t* pp = pos ? (const int32_t*)pos->data() : nullptr;
-            py::gil_scoped_release nogil;
-            rope_backward(dqkv.data(), dout.data(), (const float*)cos.data(), (const float*)sin.data(), pp, d[0],
-                          d[1], d[2], n_head, d[3], d[4], d[5], dout.dtype);
-        },
-        arg("dqkv"), arg("dout"), arg("cos"), arg("sin"), arg("pos").none(true), arg("n_head"),
-        arg("n_kv_head") = py::none());
+    // rope_forward (out, qkv, ...) and rope_backward (dqkv, dout, ...): the same checks, then the kernel
+    struct RopeDef {
+        const char *fname, *oname, *xname;
+        decltype(&rope_forward) kernel;
+    };
+    for (const RopeDef d : {RopeDef{"rope_forward", "out", "qkv", &rope_forward},
+                            RopeDef{"rope_backward", "dqkv", "dout", &rope_backward}})
+        m.def(
+            d.fname,
+            [d](DeviceArray& out, const DeviceArray& x, const DeviceArray& cos, const DeviceArray& sin,
+                DeviceArray* pos, int64_t n_head, std::optional<int64_t> n_kv_head) {
+                const auto r = rope_dims(x, d.xname, cos, sin, pos, n_head, n_kv_head);
+                check_array(out, d.oname, x.dtype, x.shape);
+                ew_same_or_disjoint(out, d.oname, x, d.xname);
+                ew_disjoint_all(out, d.oname, {{&cos, "cos"}, {&sin, "sin"}, {pos, "pos"}});
+                const int32_t* pp = pos ? (const int32_t*)pos->data() : nullptr;
+                py::gil_scoped_release nogil;
+                d.kernel(out.data(), x.data(), (const float*)cos.data(), (const float*)sin.data(), pp, r[0], r[1],
+                         r[2], n_head, r[3], r[4], r[5], x.dtype);
+            },
+            arg(d.oname), arg(d.xname), arg("cos"), arg("sin"), arg("pos").none(true), arg("n_head"),
+            arg("n_kv_head") = py::none());
 
     // gate_up (..., 2H) -> {N, H} and the shape of out (..., H)
     static const auto swiglu_dims = [](const DeviceArray& gate_up, std::vector<int64_t>& half) {
@@ -851,28 +829,5 @@ static void register_llama(py::module_& m) {
             swiglu_backward(dgate_up.data(), dout.data(), gate_up.data(), N, H, gate_up.dtype);
         },
         arg("dgate_up"), arg("dout"), arg("gate_up"));
-    m.def(
-        "relu2_forward",
-        [](DeviceArray& out, const DeviceArray& x) {
-            check_float(x, "x");
-            check_array(x, "x", x.dtype, x.shape);
-            check_array(out, "out", x.dtype, x.shape);
-            ew_same_or_disjoint(out, "out", x, "x");
-            py::gil_scoped_release nogil;
-            relu2_forward(out.data(), x.data(), x.size(), x.dtype);
-        },
-        arg("out"), arg("x"));
-    m.def(
-        "relu2_backward",
-        [](DeviceArray& dx, const DeviceArray& dout, const DeviceArray& x) {
-            check_float(x, "x");
-            check_array(x, "x", x.dtype, x.shape);
-            check_array(dx, "dx", x.dtype, x.shape);
-            check_array(dout, "dout", x.dtype, x.shape);
-            ew_disjoint(dx, "dx", dout, "dout");
-            ew_disjoint(dx, "dx", x, "x");
-            py::gil_scoped_release nogil;
-            relu2_backward(dx.data(), dout.data(), x.data(), x.size(), x.dtype);
-        },
-        arg("dx"), arg("dout"), arg("x"));
+    def_activation(m, "relu2_forward", relu2_forward, "relu2_backward", relu2_backward);
 }

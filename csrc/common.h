@@ -75,6 +75,32 @@ inline int thread_id() {
     return 0;
 #endif
 }
+// The threads of the current OpenMP team (1 outside a parallel region).
+inline int team_size() {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+// Inside a parallel region: this thread's rows [n0, n1) of N (contiguous, balanced).
+inline void thread_rows(int64_t N, int64_t& n0, int64_t& n1) {
+    const int nt = team_size(), id = thread_id();
+    n0 = N * id / nt;
+    n1 = N * (id + 1) / nt;
+}
+// The element-wise kernels' loop: f(i0, m) for the blocks [i0, i0 + m) of kElemBlock elements that cover [0, n),
+// over threads (static schedule) from kElemParallelMin elements on.
+constexpr int64_t kElemBlock = 16384, kElemParallelMin = 65536;
+template <typename F>
+inline void for_blocks(int64_t n, F f) {
+    const int64_t nb = (n + kElemBlock - 1) / kElemBlock;
+#pragma omp parallel for schedule(static) if (n >= kElemParallelMin)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t i0 = b * kElemBlock;
+        f(i0, n - i0 < kElemBlock ? n - i0 : kElemBlock);
+    }
+}
 
 // ---- CPU features (run-time dispatch; the module itself is compiled for baseline x86-64)
 // What the CPU and the OS provide, read once (csrc/cpu/simd.cpp): CPUID leaf 1 and leaf 7 subleaves 0/1, each
@@ -127,3 +153,5 @@ const char* simd_name(Simd s);
 #define FASTLLM_TARGET_AMX \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-bf16")))
 #endif
+// A loop body written once and compiled into each FASTLLM_TARGET_* wrapper that calls it (vectorized for that ISA).
+#define FASTLLM_INLINE inline __attribute__((always_inline))

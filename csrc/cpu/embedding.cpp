@@ -17,8 +17,6 @@ threads than 2 a token-sorted row split would scale better than the column split
 
 #include "common.h"
 
-#define FASTLLM_INLINE inline __attribute__((always_inline))
-
 namespace fastllm::cpu {
 
 // ---------------------------------------------------------------------------------------------------------
@@ -112,12 +110,7 @@ void embedding_backward(float* dwte, float* dwpe, const float* dout, const int32
     const int64_t BT = B * T;
 #pragma omp parallel if (BT * C >= 32768)
     {
-#ifdef _OPENMP
-        const int nt = omp_get_num_threads();
-#else
-        const int nt = 1;
-#endif
-        const int id = thread_id();
+        const int nt = team_size(), id = thread_id();
         // column slices in whole cache lines (16 floats), as even as possible
         const int64_t lines = (C + 15) / 16;
         const int64_t c0 = std::min(C, lines * id / nt * 16), c1 = std::min(C, lines * (id + 1) / nt * 16);

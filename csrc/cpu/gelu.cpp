@@ -27,8 +27,6 @@ static constexpr float kGeluCubic = 0.044715f;
 // x^2 is capped at 1e4 inside u and u': for |x| >= 100 tanh is saturated either way, and the cap keeps x^3 and
 // u' finite up to |x| = FLT_MAX (else 0 * inf = NaN in the backward)
 static constexpr float kX2Cap = 1e4f;
-static constexpr int64_t kBlock = 16384;     // elements per OpenMP work item
-static constexpr int64_t kParallelMin = 65536;  // below this: one thread
 
 // ---------------------------------------------------------------------------------------------------------
 // naive (scalar fallback and spec)
@@ -120,30 +118,24 @@ FASTLLM_TARGET_AVX2 static void gelu_backward_avx2(float* dinp, const float* inp
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// entry points: blocks of kBlock elements over threads
+// entry points: blocks of elements over threads (for_blocks, common.h)
 
 void gelu_forward(float* out, const float* inp, int64_t n) {
     const Simd simd = simd_level();
-    const int64_t nb = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t i0 = b * kBlock, m = std::min(kBlock, n - i0);
+    for_blocks(n, [&](int64_t i0, int64_t m) {
         if (simd == Simd::avx512) gelu_forward_avx512(out + i0, inp + i0, m);
         else if (simd == Simd::avx2) gelu_forward_avx2(out + i0, inp + i0, m);
         else gelu_forward_naive(out + i0, inp + i0, m);
-    }
+    });
 }
 
 void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
     const Simd simd = simd_level();
-    const int64_t nb = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t i0 = b * kBlock, m = std::min(kBlock, n - i0);
+    for_blocks(n, [&](int64_t i0, int64_t m) {
         if (simd == Simd::avx512) gelu_backward_avx512(dinp + i0, inp + i0, dout + i0, m);
         else if (simd == Simd::avx2) gelu_backward_avx2(dinp + i0, inp + i0, dout + i0, m);
         else gelu_backward_naive(dinp + i0, inp + i0, dout + i0, m);
-    }
+    });
 }
 
 }  // namespace fastllm::cpu

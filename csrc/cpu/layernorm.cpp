@@ -15,7 +15,6 @@ FASTLLM_TARGET_AVX2 wrappers (the compiler vectorizes them for that ISA) and for
 Perf notes (1 thread, shared machine at load ~4.4 on 2 cores): (8192, 768) forward 2.0 ms (25 GB/s) vs torch
 3.3 ms, backward 3.7 ms (27 GB/s, includes the read of dinp for +=) vs torch 4.9 ms. At ~25 GB/s the loops run
 at DRAM bandwidth, so hand-written intrinsics were not tried.
-The naive loops below are the spec.
 */
 #include "layernorm.h"
 
@@ -25,47 +24,11 @@ The naive loops below are the spec.
 
 #include "common.h"
 
-#define FASTLLM_INLINE inline __attribute__((always_inline))
-
 namespace fastllm::cpu {
 
 // ---------------------------------------------------------------------------------------------------------
-// naive rows: the spec, kept for reading and for checking the others (not dispatched: its sequential float
-// sums lose ~1e-4 relative accuracy in the mean at |x| ~ 1000, the lane-parallel sums below do not)
-
-[[maybe_unused]] static void layernorm_forward_row_naive(float* o, float* mean, float* rstd, const float* x, const float* weight,
-                                        const float* bias, int64_t C, float eps) {
-    float m = 0;
-    for (int64_t i = 0; i < C; i++) m += x[i];
-    m /= C;
-    float var = 0;
-    for (int64_t i = 0; i < C; i++) var += (x[i] - m) * (x[i] - m);
-    const float r = 1.0f / std::sqrt(var / C + eps);
-    for (int64_t i = 0; i < C; i++) o[i] = (x[i] - m) * r * weight[i] + bias[i];
-    *mean = m;
-    *rstd = r;
-}
-
-[[maybe_unused]] static void layernorm_backward_row_naive(float* dx, float* dw, float* db, const float* dy, const float* x,
-                                         const float* weight, float m, float r, int64_t C) {
-    float g_mean = 0, gx_mean = 0;
-    for (int64_t i = 0; i < C; i++) {
-        const float xhat = (x[i] - m) * r, g = dy[i] * weight[i];
-        g_mean += g;
-        gx_mean += g * xhat;
-    }
-    g_mean /= C;
-    gx_mean /= C;
-    for (int64_t i = 0; i < C; i++) {
-        const float xhat = (x[i] - m) * r, g = dy[i] * weight[i];
-        dx[i] += r * (g - g_mean - xhat * gx_mean);
-        dw[i] += dy[i] * xhat;
-        db[i] += dy[i];
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// vectorizable rows, compiled per ISA by the wrappers below
+// the rows (the spec), compiled per ISA by the wrappers below. The `omp simd` sums run lane-parallel, which also
+// keeps the mean accurate: plain sequential float sums lose ~1e-4 relative accuracy in it at |x| ~ 1000
 
 static FASTLLM_INLINE void layernorm_forward_rows(float* out, float* mean, float* rstd, const float* inp,
                                                   const float* weight, const float* bias, int64_t n0, int64_t n1,
@@ -146,12 +109,6 @@ static void layernorm_backward_base(float* dinp, float* dw, float* db, const flo
     layernorm_backward_rows(dinp, dw, db, dout, inp, w, mean, rstd, n0, n1, C);
 }
 
-// rows [n0, n1) of thread id out of nt (contiguous, balanced)
-static inline void thread_rows(int64_t N, int nt, int id, int64_t& n0, int64_t& n1) {
-    n0 = N * id / nt;
-    n1 = N * (id + 1) / nt;
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // entry points
 
@@ -161,11 +118,7 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, c
 #pragma omp parallel if (N * C >= 32768)
     {
         int64_t n0, n1;
-#ifdef _OPENMP
-        thread_rows(N, omp_get_num_threads(), thread_id(), n0, n1);
-#else
-        thread_rows(N, 1, 0, n0, n1);
-#endif
+        thread_rows(N, n0, n1);
         if (simd == Simd::avx512)
             layernorm_forward_avx512(out, mean, rstd, inp, weight, bias, n0, n1, C, eps);
         else if (simd == Simd::avx2)
@@ -184,14 +137,9 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
     std::vector<float> part((size_t)std::max(0, nt - 1) * 2 * C, 0.0f);
 #pragma omp parallel num_threads(nt)
     {
-        int64_t n0, n1;
-#ifdef _OPENMP
-        const int nth = omp_get_num_threads();
-#else
-        const int nth = 1;
-#endif
         const int id = thread_id();
-        thread_rows(N, nth, id, n0, n1);
+        int64_t n0, n1;
+        thread_rows(N, n0, n1);
         float* dw = id == 0 ? dweight : part.data() + (size_t)(id - 1) * 2 * C;
         float* db = id == 0 ? dbias : dw + C;
         if (simd == Simd::avx512)

@@ -14,7 +14,6 @@ per-thread (C) partial buffers summed in thread order at the end (deterministic 
 Vectorization as layernorm.cpp: the row loops are written once (`omp simd` reductions) in always_inline bodies
 compiled for AVX-512, AVX2 and the baseline, chosen at run time.
 Perf notes: see benchmarks/bench_rmsnorm.py (vs torch's aten rms_norm and the HF formula).
-The naive loops below are the spec.
 */
 #include "rmsnorm.h"
 
@@ -24,36 +23,10 @@ The naive loops below are the spec.
 
 #include "common.h"
 
-#define FASTLLM_INLINE inline __attribute__((always_inline))
-
 namespace fastllm::cpu {
 
 // ---------------------------------------------------------------------------------------------------------
-// naive rows: the spec (kept for reading; the dispatched bodies below are the same loops with lane-parallel sums)
-
-[[maybe_unused]] static void rmsnorm_forward_row_naive(float* o, float* rstd, const float* x, const float* weight,
-                                                       int64_t C, float eps) {
-    float ss = 0;
-    for (int64_t i = 0; i < C; i++) ss += x[i] * x[i];
-    const float r = 1.0f / std::sqrt(ss / C + eps);
-    for (int64_t i = 0; i < C; i++) o[i] = x[i] * r * weight[i];
-    *rstd = r;
-}
-
-[[maybe_unused]] static void rmsnorm_backward_row_naive(float* dx, float* dw, const float* dy, const float* x,
-                                                        const float* weight, float r, int64_t C) {
-    float gx = 0;
-    for (int64_t i = 0; i < C; i++) gx += dy[i] * weight[i] * x[i] * r;
-    gx /= C;
-    for (int64_t i = 0; i < C; i++) {
-        const float xhat = x[i] * r;
-        dx[i] += r * (dy[i] * weight[i] - xhat * gx);
-        dw[i] += dy[i] * xhat;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// vectorizable rows [n0, n1), compiled per ISA by the wrappers below
+// rows [n0, n1) (the spec; `omp simd` sums run lane-parallel), compiled per ISA by the wrappers below
 
 struct Rows {  // where row n lives (rmsnorm.h)
     int64_t C, group, group_stride;
@@ -146,13 +119,8 @@ void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* wei
     const Simd simd = simd_level();
 #pragma omp parallel if (N * C >= kParallelMin)
     {
-#ifdef _OPENMP
-        const int nt = omp_get_num_threads();
-#else
-        const int nt = 1;
-#endif
-        const int id = thread_id();
-        const int64_t n0 = N * id / nt, n1 = N * (id + 1) / nt;
+        int64_t n0, n1;
+        thread_rows(N, n0, n1);
         if (simd == Simd::avx512) rmsnorm_forward_avx512(out, rstd, inp, weight, n0, n1, rows, eps);
         else if (simd == Simd::avx2) rmsnorm_forward_avx2(out, rstd, inp, weight, n0, n1, rows, eps);
         else rmsnorm_forward_base(out, rstd, inp, weight, n0, n1, rows, eps);
@@ -169,13 +137,9 @@ void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const floa
     std::vector<float> part((size_t)std::max(0, nt - 1) * C, 0.0f);
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-        const int nth = omp_get_num_threads();
-#else
-        const int nth = 1;
-#endif
         const int id = thread_id();
-        const int64_t n0 = N * id / nth, n1 = N * (id + 1) / nth;
+        int64_t n0, n1;
+        thread_rows(N, n0, n1);
         float* dw = id == 0 ? dweight : part.data() + (size_t)(id - 1) * C;
         if (simd == Simd::avx512) rmsnorm_backward_avx512(dinp, dw, dout, inp, weight, rstd, n0, n1, rows);
         else if (simd == Simd::avx2) rmsnorm_backward_avx2(dinp, dw, dout, inp, weight, rstd, n0, n1, rows);

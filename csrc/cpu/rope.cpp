@@ -23,8 +23,6 @@ for AVX-512, AVX2 and the baseline, chosen at run time.
 
 #include "common.h"
 
-#define FASTLLM_INLINE inline __attribute__((always_inline))
-
 namespace fastllm::cpu {
 
 // ---------------------------------------------------------------------------------------------------------
@@ -89,13 +87,8 @@ static void rope_run(float* out, const float* inp, const float* cos, const float
     const Simd simd = simd_level();
 #pragma omp parallel if (N * (NH + 2 * NKV) * hs >= kParallelMin)
     {
-#ifdef _OPENMP
-        const int nt = omp_get_num_threads();
-#else
-        const int nt = 1;
-#endif
-        const int id = thread_id();
-        const int64_t n0 = N * id / nt, n1 = N * (id + 1) / nt;
+        int64_t n0, n1;
+        thread_rows(N, n0, n1);
         if (simd == Simd::avx512) rope_avx512<SIGN, ACC>(out, inp, cos, sin, pos, n0, n1, T, NH, NKV, hs, R2);
         else if (simd == Simd::avx2) rope_avx2<SIGN, ACC>(out, inp, cos, sin, pos, n0, n1, T, NH, NKV, hs, R2);
         else rope_base<SIGN, ACC>(out, inp, cos, sin, pos, n0, n1, T, NH, NKV, hs, R2);

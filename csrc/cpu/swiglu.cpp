@@ -176,30 +176,22 @@ FASTLLM_TARGET_AVX2 static void relu2_backward_avx2(float* dinp, const float* do
     if (i < n) relu2_backward_base(dinp + i, dout + i, inp + i, n - i);
 }
 
-static constexpr int64_t kBlock = 16384;  // ReLU^2 elements per OpenMP work item
-
 void relu2_forward(float* out, const float* inp, int64_t n) {
     const Simd simd = simd_level();
-    const int64_t nb = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t i0 = b * kBlock, m = std::min(kBlock, n - i0);
+    for_blocks(n, [&](int64_t i0, int64_t m) {
         if (simd == Simd::avx512) relu2_forward_avx512(out + i0, inp + i0, m);
         else if (simd == Simd::avx2) relu2_forward_avx2(out + i0, inp + i0, m);
         else relu2_forward_base(out + i0, inp + i0, m);
-    }
+    });
 }
 
 void relu2_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
     const Simd simd = simd_level();
-    const int64_t nb = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t i0 = b * kBlock, m = std::min(kBlock, n - i0);
+    for_blocks(n, [&](int64_t i0, int64_t m) {
         if (simd == Simd::avx512) relu2_backward_avx512(dinp + i0, dout + i0, inp + i0, m);
         else if (simd == Simd::avx2) relu2_backward_avx2(dinp + i0, dout + i0, inp + i0, m);
         else relu2_backward_base(dinp + i0, dout + i0, inp + i0, m);
-    }
+    });
 }
 
 }  // namespace fastllm::cpu

@@ -329,18 +329,24 @@ void Encoder::add_splits(const std::vector<std::string>& tokens, const std::vect
     }
 }
 
-Encoder Encoder::from_ranks(const std::vector<std::string>& tokens, const std::vector<int32_t>& ranks) {
-    FASTLLM_CHECK(tokens.size() == ranks.size(), "tokens and ranks differ in length");
+Encoder Encoder::with_tokens(const std::vector<std::string>& tokens, const std::vector<int32_t>& ids,
+                             const char* what) {
+    FASTLLM_CHECK(tokens.size() == ids.size(), "tokens and ", what, "s differ in length");
     Encoder e;
     e.uid_ = g_next_uid++;
     e.byte_id_.fill(-1);
     for (size_t i = 0; i < tokens.size(); i++) {
-        FASTLLM_CHECK(!tokens[i].empty(), "token of rank ", ranks[i], " is empty");
-        e.set_token(ranks[i], tokens[i], false);
-        FASTLLM_CHECK(e.regular_.insert(tokens[i], ranks[i]), "token ", show_bytes(tokens[i]),
-                      " appears twice (ranks ", e.regular_.find(tokens[i]), " and ", ranks[i], ")");
-        if (tokens[i].size() == 1) e.byte_id_[(uint8_t)tokens[i][0]] = ranks[i];
+        FASTLLM_CHECK(!tokens[i].empty(), "token of ", what, " ", ids[i], " is empty");
+        e.set_token(ids[i], tokens[i], false);
+        FASTLLM_CHECK(e.regular_.insert(tokens[i], ids[i]), "token ", show_bytes(tokens[i]), " appears twice (",
+                      what, "s ", e.regular_.find(tokens[i]), " and ", ids[i], ")");
+        if (tokens[i].size() == 1) e.byte_id_[(uint8_t)tokens[i][0]] = ids[i];
     }
+    return e;
+}
+
+Encoder Encoder::from_ranks(const std::vector<std::string>& tokens, const std::vector<int32_t>& ranks) {
+    Encoder e = with_tokens(tokens, ranks, "rank");
     for (int b = 0; b < 256; b++)
         FASTLLM_CHECK(e.byte_id_[b] >= 0, "every single byte must be a token; byte ", b, " is missing");
     e.add_splits(tokens, ranks);
@@ -359,17 +365,7 @@ void Encoder::build_byte_pairs() {
 
 Encoder Encoder::from_merges(const std::vector<std::string>& tokens, const std::vector<int32_t>& ids,
                              const std::vector<std::pair<int32_t, int32_t>>& merges, bool whole_chunk_lookup) {
-    FASTLLM_CHECK(tokens.size() == ids.size(), "tokens and ids differ in length");
-    Encoder e;
-    e.uid_ = g_next_uid++;
-    e.byte_id_.fill(-1);
-    for (size_t i = 0; i < tokens.size(); i++) {
-        FASTLLM_CHECK(!tokens[i].empty(), "token of id ", ids[i], " is empty");
-        e.set_token(ids[i], tokens[i], false);
-        FASTLLM_CHECK(e.regular_.insert(tokens[i], ids[i]), "token ", show_bytes(tokens[i]),
-                      " appears twice (ids ", e.regular_.find(tokens[i]), " and ", ids[i], ")");
-        if (tokens[i].size() == 1) e.byte_id_[(uint8_t)tokens[i][0]] = ids[i];
-    }
+    Encoder e = with_tokens(tokens, ids, "id");
     for (size_t k = 0; k < merges.size(); k++) {
         const auto [a, b] = merges[k];
         FASTLLM_CHECK(e.valid_id(a) && e.valid_id(b), "merge ", k, " refers to an unknown id");

@@ -206,6 +206,9 @@ class Encoder {
    private:
     static constexpr uint32_t kNone = 0xffffffffu;
     void set_token(int32_t id, std::string_view bytes, bool special);
+    // from_ranks / from_merges: a new Encoder with the regular tokens[i] -> ids[i] (what: "rank" or "id")
+    static Encoder with_tokens(const std::vector<std::string>& tokens, const std::vector<int32_t>& ids,
+                               const char* what);
     void bpe(std::string_view chunk, std::vector<int32_t>& out) const;        // small chunks: linear scan
     void bpe_heap(std::string_view chunk, std::vector<int32_t>& out) const;   // long chunks: heap
 
