@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fastllm
+from fastllm import ops
 from fastllm.checkpoint import copy_tokenizer, load_model
 from fastllm.cli import main
 from fastllm.data import write_shard
@@ -358,6 +359,10 @@ def test_chat_session_history_and_context(tuned):
     assert s.history[-1]["content"] == "ddd"  # the refused message is not kept
     with pytest.raises(ValueError, match="im_start"):
         ChatSession(model, byte_tok(chat=False))
+    # int8 weights: quantized once for the session (not per reply); the tuned model still reverses
+    s8 = ChatSession(model, Tokenizer.load(d / "sft" / "tokenizer.tiktoken"), temperature=0, weights="int8")
+    assert isinstance(s8.sampling["weights"][model.head], ops.Int8Weight)
+    assert "".join(s8.reply("abc")) == "cba"
 
 
 def test_chat_loop_commands(tuned):
