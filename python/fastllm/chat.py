@@ -419,9 +419,8 @@ class ChatSession:
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min(min_new_tokens, max_new_tokens)
-        w = sampling.get("weights")
-        if w in ("bfloat16", "int8") and getattr(model, "device", "cpu") == "cpu":  # the snapshot once, not per reply
-            sampling["weights"] = model.int8_weights() if w == "int8" else model.bf16_weights()
+        if "weights" in sampling:  # the bf16/int8 snapshot taken once, not per reply
+            sampling["weights"] = model.decode_weights(sampling["weights"]) or "float32"
         self.sampling = sampling
         self.history: list[dict] = []
         self.dropped = 0  # turns dropped to fit the context so far

@@ -36,7 +36,7 @@ from .eval import EvalConfig, evaluate, format_report
 from .eval import load as load_eval
 from .options import THREADS, field_metadata
 from .rl import RewardModelConfig, RLConfig, train_grpo, train_reward_model
-from .sample import SamplingParams, check_seed, stream_text
+from .sample import DECODE_DTYPES, SamplingParams, check_decode_dtype, check_seed, stream_text
 from .serve import ServeConfig, serve
 from .sft import ChatSession, SFTConfig, chat_loop, sft
 from .tokenizer import Tokenizer
@@ -276,7 +276,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     _add_dataclass_args(p, SamplingParams, skip=("presence_penalty", "frequency_penalty"), progress=False)
     p.set_defaults(temperature=temperature)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh random one)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default=None,
+    p.add_argument("--dtype", choices=DECODE_DTYPES, default=None,
                    help="weights for decoding; CPU (default: float32): bfloat16 decodes with bf16 weight copies "
                         "(faster, logits within ~1%%), int8 with int8 ones (weight-only, a scale per output row: "
                         "fastest where reading the weights is the cost); GPU (default: bfloat16): the compute dtype "
@@ -308,10 +308,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)  # checked before loading anything
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_decode_dtype(args.dtype, args.device)
     gpu = args.device == "cuda"
-    if gpu and args.dtype == "int8":
-        raise ValueError("--dtype int8 (int8 weight copies) is for decoding on the CPU; on a GPU use bfloat16 or "
-                         "float32")
     model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if gpu else None).eval()
     tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
     ids = tok.encode(args.prompt, allowed_special="all")

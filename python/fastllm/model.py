@@ -690,6 +690,21 @@ class GPT:
         is the cost. Activations stay float32. Reuse it across caches: model.kv_cache(B, weights=w8)."""
         return self._snapshot(ops.quantize_int8, "int8_weights")
 
+    def decode_weights(self, weights: str | dict = "float32") -> dict | None:
+        """The weight snapshot a KV cache with `weights` streams (see kv_cache): the dict given, one taken now
+        (bf16_weights, int8_weights; a CPU model in bfloat16 takes the bf16 one by itself), or None for the model's
+        own matrices. Take it once and pass it on to reuse it across caches."""
+        if isinstance(weights, dict):
+            return weights
+        if weights not in ("float32", "bfloat16", "int8"):
+            raise ValueError("weights must be 'float32', 'bfloat16', 'int8', model.bf16_weights() or "
+                             f"model.int8_weights(), got {weights!r}")
+        if weights == "int8":
+            return self.int8_weights()  # raises on a GPU model
+        # a CPU model in bfloat16 rounds its matmuls' operands to bf16 anyway: it decodes with the snapshot
+        bf16 = weights == "bfloat16" or self.dtype == "bfloat16"
+        return self.bf16_weights() if bf16 and self.device == "cpu" else None
+
     def _snapshot(self, convert, what: str) -> dict:
         if self.device != "cpu":
             raise ValueError(f"{what} is for CPU decoding; on the GPU give the model dtype='bfloat16'")
@@ -744,17 +759,7 @@ class KVCache:
         cfg, bk = model.config, model.bk
         self.model, self.B = model, batch_size
         self.max_len = cache_length(cfg, batch_size, max_len)
-        if isinstance(weights, dict):
-            self.snapshot = weights
-        elif weights not in ("float32", "bfloat16", "int8"):
-            raise ValueError("weights must be 'float32', 'bfloat16', 'int8', model.bf16_weights() or "
-                             f"model.int8_weights(), got {weights!r}")
-        elif weights == "int8":
-            self.snapshot = model.int8_weights()  # raises on a GPU model
-        else:
-            # a CPU model in bfloat16 rounds its matmuls' operands to bf16 anyway: it decodes with the snapshot
-            bf16 = weights == "bfloat16" or model.dtype == "bfloat16"
-            self.snapshot = model.bf16_weights() if bf16 and model.device == "cpu" else None
+        self.snapshot = model.decode_weights(weights)
         self.int8 = self.snapshot is not None and isinstance(self.snapshot[model.head], ops.Int8Weight)
         self._snapl = None if self.snapshot is None else _snapshot_layers(self.snapshot)
         self.hs = cfg.head_size

@@ -121,6 +121,18 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be an integer >= 0 (leave it unset for a random seed), got {seed!r}")
 
 
+DECODE_DTYPES = ("float32", "bfloat16", "int8")  # --dtype of sample/chat/serve: the weights decoding streams
+
+
+def check_decode_dtype(dtype: str | None, device: str) -> None:
+    """A decoding --dtype for `device`, checked before any model is loaded (None: the device's default)."""
+    if dtype not in (None, *DECODE_DTYPES):
+        raise ValueError(f"--dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
+    if dtype == "int8" and device != "cpu":
+        raise ValueError("--dtype int8 (int8 weight copies) is for decoding on the CPU; on a GPU use bfloat16 or "
+                         "float32")
+
+
 def _check_finite(logits: np.ndarray, alive: np.ndarray, step: int) -> None:
     """Non-finite logits mean NaN/Inf weights or activations: raise rather than sample garbage (argmax of NaN
     is token 0, forever)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..options import THREADS, option
+from ..sample import DECODE_DTYPES, check_decode_dtype
 from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, load
 
 INSTALL_HINT = 'fastllm serve needs the serve extra: pip install "fastllm[serve]"'
@@ -45,7 +46,7 @@ class ServeConfig:
     dtype: str | None = option(None, "CPU (default: float32): bfloat16 decodes with bf16 weight copies (faster, "
                                      "logits within ~1%), int8 with int8 ones (weight-only, a scale per output row); "
                                      "GPU (default: bfloat16): the model's compute dtype",
-                               choices=("float32", "bfloat16", "int8"))
+                               choices=DECODE_DTYPES)
     threads: int | None = option(None, THREADS)
     allow_origins: tuple[str, ...] = option((), "CORS: let web pages from ORIGIN call the API ('*': any)")
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
@@ -100,11 +101,7 @@ def serve(cfg: ServeConfig, log=None) -> None:
     import fastllm
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    if cfg.dtype not in (None, "float32", "bfloat16", "int8"):
-        raise ValueError(f"--dtype must be float32, bfloat16 or int8, got {cfg.dtype!r}")
-    if cfg.dtype == "int8" and cfg.device != "cpu":
-        raise ValueError("--dtype int8 (int8 weight copies) is for decoding on the CPU; on a GPU use bfloat16 or "
-                         "float32")
+    check_decode_dtype(cfg.dtype, cfg.device)
     if cfg.threads:
         fastllm.set_num_threads(cfg.threads)
     model, tok = load(cfg.ckpt, cfg.tokenizer)
