@@ -1,11 +1,13 @@
 // The x86 SIMD intrinsics the CPU kernels use: the compiler's <immintrin.h>, or, in a FASTLLM_SIMDE build,
 // SIMDe's portable implementations of the same functions (https://github.com/simd-everywhere/simde >= 0.8:
-// `pip install cmeel-simde`). That build is for testing only: it runs the AVX-512 and AVX512-BF16 kernels, compiled for the
-// baseline x86-64, on a CPU without them (cpu_features() then reports them present, AMX absent), so their logic --
-// tails, masks, panel layouts -- is checked by the test suite on any machine, as the CUDA emulator does for the GPU
-// kernels. It is far slower than the real instructions; never time it.
+// `pip install cmeel-simde`). That build is for testing only: it runs the AVX-512 and AVX512-BF16 kernels,
+// compiled for the baseline x86-64, on a CPU without them (cpu_features() then reports them present, AMX absent),
+// so their logic -- tails, masks, panel layouts -- is checked by the test suite on any machine, as the CUDA
+// emulator does for the GPU kernels (tests/test_simd_emulated.py). Far slower than the real instructions; never
+// time it.
+//   pip install cmeel-simde
 //   cmake -S . -B build/simde -G Ninja -DFASTLLM_CUDA=off -DFASTLLM_SIMDE=ON && cmake --build build/simde
-//   PYTHONPATH=build/simde/python FASTLLM_SIMD=avx512_bf16 pytest tests/test_matmul_bf16.py
+//   PYTHONPATH=build/simde/python pytest tests/test_matmul_bf16.py
 #pragma once
 
 #ifdef FASTLLM_SIMDE
@@ -31,7 +33,8 @@ inline __m512 _mm512_mask_i32gather_ps(__m512 src, __mmask16 k, __m512i vindex, 
     _mm512_store_ps(out, src);
     _mm512_store_si512(idx, vindex);
     for (int i = 0; i < 16; i++)
-        if (k >> i & 1) out[i] = *reinterpret_cast<const float*>(static_cast<const char*>(base) + int64_t(idx[i]) * scale);
+        if (k >> i & 1)
+            out[i] = *reinterpret_cast<const float*>(static_cast<const char*>(base) + int64_t(idx[i]) * scale);
     return _mm512_load_ps(out);
 }
 inline void _mm512_stream_ps(float* p, __m512 v) { _mm512_store_ps(p, v); }  // p 64-byte aligned, as the real one
@@ -56,7 +59,9 @@ inline __m512 _mm512_mask_loadu_ps(__m512 src, __mmask16 k, const void* p) {
         if (k >> i & 1) v[i] = static_cast<const float*>(p)[i];
     return _mm512_load_ps(v);
 }
-inline __m512 _mm512_maskz_loadu_ps(__mmask16 k, const void* p) { return _mm512_mask_loadu_ps(_mm512_setzero_ps(), k, p); }
+inline __m512 _mm512_maskz_loadu_ps(__mmask16 k, const void* p) {
+    return _mm512_mask_loadu_ps(_mm512_setzero_ps(), k, p);
+}
 inline __m512i _mm512_maskz_loadu_epi16(__mmask32 k, const void* p) {
     alignas(64) uint16_t v[32];
     for (int i = 0; i < 32; i++) v[i] = k >> i & 1 ? static_cast<const uint16_t*>(p)[i] : 0;
