@@ -135,6 +135,8 @@ def _union(pieces: list[np.ndarray]) -> np.ndarray:
 
 def _group_min(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Per edge, the smallest `v` among the edges with the same `u` (u sorted)."""
+    if not u.size:
+        return v
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
     return np.repeat(np.minimum.reduceat(v, starts), np.diff(np.r_[starts, u.size]))
 
@@ -143,8 +145,6 @@ def _large_star(edges: np.ndarray, P: int) -> list[np.ndarray]:
     """Large-star on a bucket holding both directions of every edge of its nodes: each node u links its larger
     neighbours to m(u) = min(u, neighbours). Returns the new edges, both directions, split by first node."""
     u, v = edges
-    if not u.size:
-        return [np.zeros((2, 0), np.int64) for _ in range(P)]
     m = np.minimum(u, _group_min(u, v))
     sel = v > u
     e = np.stack([v[sel], m[sel]])
@@ -157,8 +157,6 @@ def _small_star(edges: np.ndarray, P: int) -> list[np.ndarray]:
     u, v = edges
     sel = v < u
     u, v = u[sel], v[sel]
-    if not u.size:
-        return [np.zeros((2, 0), np.int64) for _ in range(P)]
     m = _group_min(u, v)
     e = np.concatenate([np.stack([v, m]), np.stack([u, m])], axis=1)
     e = e[:, e[0] != e[1]]

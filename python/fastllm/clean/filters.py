@@ -30,7 +30,7 @@ from .config import ENGLISH, CleanConfig
 from .languages_fw2 import FW2
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
-_CJK_SPLIT = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff])")
+_CJK_SPLIT = re.compile(f"({_CJK.pattern})")
 _ALPHA = re.compile(r"[^\W\d_]")
 _BULLETS = ("•", "●", "○", "▪", "■", "◦", "‣", "-", "*", "·", "–", "—", "➢", "►", "▶")
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’", "»", "。", "！", "？", "…", ")")  # English (Gopher/FineWeb)
