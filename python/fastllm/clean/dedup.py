@@ -61,15 +61,9 @@ def minhash(text: str, num_perm: int = 112, shingle: int = 5) -> np.ndarray:
 def lsh_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """uint64[bands] band keys of a MinHash signature (band index mixed in so bands never collide)."""
     sig = np.ascontiguousarray(sig[: bands * rows], np.uint32).reshape(bands, rows)
-    return np.array(
-        [
-            int.from_bytes(
-                hashlib.blake2b(row.tobytes(), digest_size=8, salt=i.to_bytes(16, "little")).digest(), "little"
-            )
-            for i, row in enumerate(sig)
-        ],
-        np.uint64,
-    )
+    digests = [hashlib.blake2b(row.tobytes(), digest_size=8, salt=i.to_bytes(16, "little")).digest()
+               for i, row in enumerate(sig)]
+    return np.array([int.from_bytes(d, "little") for d in digests], np.uint64)
 
 
 def near_dup_components(keys: np.ndarray) -> np.ndarray:

@@ -32,14 +32,14 @@ def dedup(client, work: Path, entries: list[dict], P: int) -> tuple[np.ndarray, 
     n = sum(e["docs"] for e in entries)
     # exact: shuffle (hash, row) by hash; each bucket returns the rows that repeat an earlier hash
     maps = [c.submit(_hash_buckets, str(work), b, segs, P, pure=False) for b, segs in segments.items()]
-    dropped = c.gather([c.submit(_repeats, _column(c, maps, j), pure=False) for j in range(P)])
+    dropped = c.gather(_reduce(c, maps, P, _repeats))
     exact = np.concatenate(dropped) if dropped else np.zeros(0, np.int64)
     keep = np.ones(n, bool)
     keep[exact] = False
     # near: shuffle (band key, row) of the remaining rows by key; buckets emit star edges per shared key
     gone = c.scatter(exact, broadcast=True)
     maps = [c.submit(_key_buckets, str(work), b, segs, gone, P, pure=False) for b, segs in segments.items()]
-    edges = [c.submit(_link, _column(c, maps, j), P, pure=False) for j in range(P)]
+    edges = _reduce(c, maps, P, _link, P)
     leaves = components(c, edges, P)
     keep[leaves] = False
     return keep, int(exact.size), int(leaves.size)
@@ -49,13 +49,13 @@ def components(client, edges: list, P: int) -> np.ndarray:
     """Rows that are not the smallest of their connected component. `edges`: futures, one per bucket, each a
     list of P (2, m) arrays (both directions of every edge) already split by the bucket of their first node."""
     c = client
-    parts = [c.submit(_union, _column(c, edges, j), pure=False) for j in range(P)]
+    parts = _reduce(c, edges, P, _union)
     previous = None
     while True:
         large = [c.submit(_large_star, p, P, pure=False) for p in parts]
-        parts = [c.submit(_union, _column(c, large, j), pure=False) for j in range(P)]
+        parts = _reduce(c, large, P, _union)
         small = [c.submit(_small_star, p, P, pure=False) for p in parts]
-        parts = [c.submit(_union, _column(c, small, j), pure=False) for j in range(P)]
+        parts = _reduce(c, small, P, _union)
         sig = tuple(sum(x) for x in zip(*c.gather([c.submit(_signature, p, pure=False) for p in parts])))
         if sig == previous:
             break
@@ -64,9 +64,10 @@ def components(client, edges: list, P: int) -> np.ndarray:
     return np.unique(np.concatenate(leaves)) if leaves else np.zeros(0, np.int64)
 
 
-def _column(client, futures: list, j: int) -> list:
-    """The j-th output bucket of every map task (a shuffle's reduce input), as futures."""
-    return [client.submit(operator.getitem, f, j, pure=False) for f in futures]
+def _reduce(client, maps: list, P: int, fn, *args) -> list:
+    """A shuffle's reduce side: for each of the P buckets, `fn(its piece from every map task, *args)`, as futures."""
+    columns = ([client.submit(operator.getitem, f, j, pure=False) for f in maps] for j in range(P))
+    return [client.submit(fn, column, *args, pure=False) for column in columns]
 
 
 def _segments(entries: list[dict]) -> dict[str, list[tuple[int, int, int]]]:
@@ -89,8 +90,7 @@ def _rows_of(work: str, batch: str, segs: list[tuple[int, int, int]]):
 
 def _hash_buckets(work: str, batch: str, segs, P: int) -> list[np.ndarray]:
     hashes, _, rows = _rows_of(work, batch, segs)
-    b = (hashes % np.uint64(P)).astype(np.int64)
-    return [np.stack([hashes[b == j].view(np.int64), rows[b == j]]) for j in range(P)]
+    return _split(np.stack([hashes.view(np.int64), rows]), P)
 
 
 def _repeats(pieces: list[np.ndarray]) -> np.ndarray:
@@ -106,15 +106,14 @@ def _key_buckets(work: str, batch: str, segs, gone: np.ndarray, P: int) -> list[
     _, lsh, rows = _rows_of(work, batch, segs)
     live = ~np.isin(rows, gone)
     keys = lsh[live].view(np.int64)  # (m, bands)
-    kr = np.stack([keys.reshape(-1), np.repeat(rows[live], keys.shape[1])])
-    b = (kr[0].view(np.uint64) % np.uint64(P)).astype(np.int64)
-    return [kr[:, b == j] for j in range(P)]
+    return _split(np.stack([keys.reshape(-1), np.repeat(rows[live], keys.shape[1])]), P)
 
 
-def _split(edges: np.ndarray, P: int) -> list[np.ndarray]:
-    """Edges (2, m) split by the bucket of their first node."""
-    b = edges[0] % P
-    return [edges[:, b == j] for j in range(P)]
+def _split(pairs: np.ndarray, P: int) -> list[np.ndarray]:
+    """Pairs (2, m) split into P buckets by their first value (a hash, a band key, an edge's first node), read
+    as uint64 (for the node numbers, never negative, the same as `node % P`)."""
+    b = (pairs[0].view(np.uint64) % np.uint64(P)).astype(np.int64)
+    return [pairs[:, b == j] for j in range(P)]
 
 
 def _link(pieces: list[np.ndarray], P: int) -> list[np.ndarray]:
@@ -136,6 +135,8 @@ def _union(pieces: list[np.ndarray]) -> np.ndarray:
 
 def _group_min(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Per edge, the smallest `v` among the edges with the same `u` (u sorted)."""
+    if not u.size:
+        return v
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
     return np.repeat(np.minimum.reduceat(v, starts), np.diff(np.r_[starts, u.size]))
 
@@ -144,8 +145,6 @@ def _large_star(edges: np.ndarray, P: int) -> list[np.ndarray]:
     """Large-star on a bucket holding both directions of every edge of its nodes: each node u links its larger
     neighbours to m(u) = min(u, neighbours). Returns the new edges, both directions, split by first node."""
     u, v = edges
-    if not u.size:
-        return [np.zeros((2, 0), np.int64) for _ in range(P)]
     m = np.minimum(u, _group_min(u, v))
     sel = v > u
     e = np.stack([v[sel], m[sel]])
@@ -158,8 +157,6 @@ def _small_star(edges: np.ndarray, P: int) -> list[np.ndarray]:
     u, v = edges
     sel = v < u
     u, v = u[sel], v[sel]
-    if not u.size:
-        return [np.zeros((2, 0), np.int64) for _ in range(P)]
     m = _group_min(u, v)
     e = np.concatenate([np.stack([v, m]), np.stack([u, m])], axis=1)
     e = e[:, e[0] != e[1]]

@@ -10,6 +10,7 @@ where charset-normalizer took 1-30 ms and read Latin-1 as cp1250.
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 
 from .readers import unicode_encoding
@@ -39,15 +40,15 @@ def _wide_order(data: bytes, family: str) -> str | None:
     """A UTF-16/32 declaration without a BOM: the byte order whose strict decoding has the most characters
     of common scripts (ASCII, Latin, Cyrillic, CJK, Hangul, ...); None when neither order decodes."""
     best, best_score = None, -1.0
+    unit = 2 if family == "utf-16" else 4
     for order in ("le", "be"):
         try:
-            text = data[: len(data) // (2 if family == "utf-16" else 4) * (2 if family == "utf-16" else 4)].decode(
-                f"{family}-{order}")
+            text = data[: len(data) // unit * unit].decode(f"{family}-{order}")[:2000]
         except UnicodeDecodeError:
             continue
-        common = sum(1 for c in text[:2000] if c < "\u0530" or "\u0e00" <= c < "\u0e80" or "\u3000" <= c < "\ua000"
+        common = sum(1 for c in text if c < "\u0530" or "\u0e00" <= c < "\u0e80" or "\u3000" <= c < "\ua000"
                      or "\uac00" <= c < "\ud7b0")
-        score = common / max(len(text[:2000]), 1)
+        score = common / max(len(text), 1)
         if score > best_score:
             best, best_score = f"{family}-{order}", score
     return best
@@ -73,8 +74,7 @@ def decode_html(data: bytes | str, http_charset: str | None = None) -> str:
                 order = _wide_order(data, family)
             if order:
                 return data.decode(order, errors="replace")
-            continue
-        if declared:
+        elif declared:
             text = data.decode(declared, errors="replace")
             if text.count("\ufffd") <= len(text) // 100:
                 return text
@@ -100,16 +100,11 @@ def extract_text(html: bytes | str, http_charset: str | None = None, main_conten
     return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-_LANGID = None
-
-
+@functools.cache
 def _identifier():
-    global _LANGID
-    if _LANGID is None:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-        _LANGID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    return _LANGID
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
 def detect_language(text: str) -> tuple[str, float]:

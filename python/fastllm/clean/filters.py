@@ -30,7 +30,7 @@ from .config import ENGLISH, CleanConfig
 from .languages_fw2 import FW2
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
-_CJK_SPLIT = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff])")
+_CJK_SPLIT = re.compile(f"({_CJK.pattern})")
 _ALPHA = re.compile(r"[^\W\d_]")
 _BULLETS = ("•", "●", "○", "▪", "■", "◦", "‣", "-", "*", "·", "–", "—", "➢", "►", "▶")
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’", "»", "。", "！", "？", "…", ")")  # English (Gopher/FineWeb)
@@ -123,12 +123,8 @@ def _stop_word_count(text: str, words: list[str], r: LangRules, lang: str | None
 def quality_reason(text: str, cfg: CleanConfig, lang: str | None = None) -> str | None:
     """The name of the first quality rule the text fails, or None when it passes them all."""
     r = lang_rules(lang, cfg)
-    if r.english:
-        words = words_of(text)
-        n = len(words)
-    else:
-        words = text.split()
-        n = word_count(text, lang, cfg) if r.script is not None else len(words)
+    words = words_of(text) if r.english else text.split()
+    n = len(words) if r.script is None else word_count(text, lang, cfg)
     if n < max(cfg.min_words, 1e-9):
         return "too_few_words"
     if n > cfg.max_words:
@@ -150,16 +146,11 @@ def quality_reason(text: str, cfg: CleanConfig, lang: str | None = None) -> str 
         return "bullet_lines"
     if sum(1 for ln in lines if ln.endswith(("...", "…"))) / nl > cfg.max_ellipsis_lines:
         return "ellipsis_lines"
-    seen: set[str] = set()
-    dup_lines = dup_chars = 0
-    for ln in lines:
-        if ln in seen:
-            dup_lines += 1
-            dup_chars += len(ln)
-        seen.add(ln)
-    if dup_lines / nl > r.max_dup_lines:
+    distinct = set(lines)  # every line after the first copy of it is a repeat
+    chars = sum(map(len, lines))
+    if (len(lines) - len(distinct)) / nl > r.max_dup_lines:
         return "dup_lines"
-    if dup_chars / max(sum(map(len, lines)), 1) > cfg.max_dup_line_chars:
+    if (chars - sum(map(len, distinct))) / max(chars, 1) > cfg.max_dup_line_chars:
         return "dup_line_chars"
     ends = (lambda ln: ln.endswith(_TERMINAL)) if r.english else (lambda ln: _TERMINAL_ANY.search(ln) is not None)
     if sum(1 for ln in lines if ends(ln)) / nl < r.min_punct_lines:

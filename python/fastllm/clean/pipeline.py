@@ -338,11 +338,9 @@ def clean(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Clea
     stages = {}
     prev = stats["read.kept"] + sum(v for k, v in stats.items() if k.startswith("read.dropped."))
     for st in STAGES:
-        dropped: Counter = Counter()
-        for k, v in stats.items():
-            if k.startswith(f"{st}.dropped.") and v:
-                dropped[k[len(st) + 9:]] += v
-        stages[st] = {"in": prev, "kept": stats[f"{st}.kept"], "dropped": dict(dropped)}
+        drop = f"{st}.dropped."
+        dropped = {k[len(drop):]: v for k, v in stats.items() if k.startswith(drop) and v}
+        stages[st] = {"in": prev, "kept": stats[f"{st}.kept"], "dropped": dropped}
         prev = stats[f"{st}.kept"]
     used = sum(1 for e in entries if e["used"])
     used_paths = {e["path"] for e in entries if e["used"]}

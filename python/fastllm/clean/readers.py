@@ -98,6 +98,7 @@ def list_inputs(inputs: list[str | os.PathLike],
 # ---- telling a file's kind -----------------------------------------------------------------------------
 
 _COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+_OPENERS = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}  # zstd: _open_decompressed finds a module
 _SIGNATURES = (  # (magic, reason, what)
     (b"\x89PNG\r\n\x1a\n", "binary", "PNG image"), (b"\xff\xd8\xff", "binary", "JPEG image"),
     (b"GIF87a", "binary", "GIF image"), (b"GIF89a", "binary", "GIF image"), (b"\x7fELF", "binary", "executable"),
@@ -177,7 +178,7 @@ def sniff(head: bytes) -> tuple[str, str]:
         except ValueError:
             pass
     low = s[:4096].lower()
-    if low.startswith("<?xml") or low.startswith("<rss") or low.startswith("<feed") or low.startswith("<rdf:"):
+    if low.startswith(("<?xml", "<rss", "<feed", "<rdf:")):
         body = re.sub(r"<\?.*?\?>|<!--.*?-->|<!doctype[^>]*>", "", s[:8192], flags=re.S | re.I)
         m = _XML_ROOT.search(body)
         root = m.group(1).lower() if m else ""
@@ -193,12 +194,8 @@ def sniff(head: bytes) -> tuple[str, str]:
 
 def _open_decompressed(path: Path, kind: str):
     """A decompressing reader of the file (it closes the file when closed)."""
-    if kind == "gzip":
-        return gzip.open(path, "rb")
-    if kind == "bz2":
-        return bz2.open(path, "rb")
-    if kind == "xz":
-        return lzma.open(path, "rb")
+    if kind in _OPENERS:
+        return _OPENERS[kind](path, "rb")
     try:
         from compression import zstd  # Python 3.14
 
@@ -330,6 +327,9 @@ def strip_subtitles(text: str) -> str:
     return "\n\n".join(paras)
 
 
+_NO_SPACE = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef\u0e00-\u0e7f]")  # scripts without spaces
+
+
 def unwrap(text: str) -> str:
     """Plain text hard-wrapped at a fixed width (most lines close to the longest, 40-100 characters) -> one
     line per paragraph (paragraphs are separated by blank lines), so that line rules see paragraphs."""
@@ -347,14 +347,10 @@ def unwrap(text: str) -> str:
         elif cur:
             joined = cur[0]
             for nxt in cur[1:]:  # no space between characters of scripts written without spaces
-                joined += ("" if _NO_SPACE_END.search(joined) and _NO_SPACE_START.match(nxt) else " ") + nxt
+                joined += ("" if _NO_SPACE.match(joined[-1]) and _NO_SPACE.match(nxt) else " ") + nxt
             paras.append(joined)
             cur = []
     return "\n\n".join(paras)
-
-
-_NO_SPACE_END = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef\u0e00-\u0e7f]$")
-_NO_SPACE_START = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uf900-\ufaff\uff00-\uffef\u0e00-\u0e7f]")
 
 
 # ---- feeds ---------------------------------------------------------------------------------------------
@@ -406,16 +402,13 @@ class _Stream:
         self.f, self.pending, self.pos = f, b"", 0
 
     def readline(self, limit: int = 1 << 16) -> bytes:
-        if self.pending:
-            i = self.pending.find(b"\n", 0, limit)
-            if i >= 0 or len(self.pending) >= limit:
-                n = i + 1 if i >= 0 else limit
-                line, self.pending = self.pending[:n], self.pending[n:]
-            else:
-                line, self.pending = self.pending, b""
-                line += self.f.readline(limit - len(line))
-        else:
-            line = self.f.readline(limit)
+        i = self.pending.find(b"\n", 0, limit)
+        if i >= 0 or len(self.pending) >= limit:
+            n = i + 1 if i >= 0 else limit
+            line, self.pending = self.pending[:n], self.pending[n:]
+        else:  # the rest of the line (all of it when nothing is pushed back) from the stream
+            line, self.pending = self.pending, b""
+            line += self.f.readline(limit - len(line))
         self.pos += len(line)
         return line
 
@@ -525,11 +518,8 @@ def _warc_page(headers: dict[str, str], block: bytes, stats: Counter) -> dict | 
         head, sep, body = block.partition(b"\r\n\r\n")
         if not sep:
             head, sep, body = block.partition(b"\n\n")
-        lines = head.decode("latin-1").splitlines()
-        http = {}
-        for ln in lines[1:]:
-            k, _, v = ln.partition(":")
-            http[k.strip().lower()] = v.strip()
+        fields = (ln.partition(":") for ln in head.decode("latin-1").splitlines()[1:])
+        http = {k.strip().lower(): v.strip() for k, _, v in fields}
         ctype = http.get("content-type", "text/html")
         body = _http_body(body, http, stats)
         if body is None:
