@@ -852,13 +852,8 @@ class Tokenizer:
         index = dict(zip(tokens, ids))
         merges = []
         for k, m in enumerate(model.get("merges") or []):
-            if isinstance(m, str):
-                parts = m.split(" ")
-            elif isinstance(m, list):
-                parts = m
-            else:
-                parts = []
-            if len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+            parts = m.split(" ") if isinstance(m, str) else m
+            if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
                 raise bad(f"merge {k} is malformed: {m!r}")
             try:
                 a, b = (bytes(_U2B[c] for c in p) for p in parts)
@@ -962,9 +957,8 @@ def _hf_bos(post, specials: dict[str, int], bad) -> int | None:
         return found[0] if found else None
     if kind != "TemplateProcessing":
         raise bad(f"post_processor of type {kind!r} is not supported (only TemplateProcessing and ByteLevel)")
-    single = post.get("single") or []
     pieces = []
-    for item in single:
+    for item in post.get("single") or []:
         if isinstance(item, dict) and "SpecialToken" in item:
             pieces.append(("special", item["SpecialToken"].get("id")))
         elif isinstance(item, dict) and "Sequence" in item:
