@@ -42,11 +42,8 @@ def _corpus() -> tuple[str, ...]:
     docs = [topics[k] for k in sorted(topics)]
     seen: set[str] = set()
     for path in stdlib_sources():
-        parts = []
-        for doc in module_docstrings(path):
-            if doc not in seen:
-                seen.add(doc)
-                parts.append(doc)
+        parts = [doc for doc in dict.fromkeys(module_docstrings(path)) if doc not in seen]  # each docstring once
+        seen.update(parts)
         if parts:
             docs.append("\n\n".join(parts))
     return tuple(docs)

@@ -12,8 +12,10 @@ same inputs and tokenizer skips the shards already written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -43,11 +45,15 @@ MAX_VOCAB = 1 << 24  # larger token ids mean a broken (sparse) tokenizer: its mo
 # ---- shard files ---------------------------------------------------------------------------------------
 
 
+def _dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
     """Write token ids as a shard (uint16 when the vocabulary fits, else uint32), atomically."""
     if not 0 < vocab_size <= MAX_VOCAB:
         raise ValueError(f"{path}: vocab_size must be in [1, {MAX_VOCAB:,}], got {vocab_size:,}")
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    dtype = _dtype(vocab_size)
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(f"{path}: token ids outside [0, {vocab_size})")
@@ -79,9 +85,10 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     if not 0 < vocab <= (1 << 16 if itemsize == 2 else MAX_VOCAB):
         raise ValueError(f"{path}: corrupt shard header (vocabulary size {vocab} with {itemsize}-byte ids; "
                          f"at most {MAX_VOCAB:,})")
+    dtype = np.uint16 if itemsize == 2 else np.uint32
     if count == 0:
-        return np.zeros(0, np.uint16 if itemsize == 2 else np.uint32)
-    return np.memmap(path, np.uint16 if itemsize == 2 else np.uint32, "r", offset=HEADER_SIZE, shape=(count,))
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype, "r", offset=HEADER_SIZE, shape=(count,))
 
 
 def shard_vocab_size(path: str | os.PathLike) -> int:
@@ -179,18 +186,14 @@ def split_text(text: str, frac: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _pieces(docs: Iterator[str], offset: int, mode: str, frac: Fraction) -> Iterator[tuple[str, str]]:
-    """(split, text) pieces of the documents numbered from `offset`, in order."""
-    for i, doc in enumerate(docs, offset):
-        if mode == "documents":
-            yield ("val" if is_val(i, frac) else "train"), doc
-        elif mode == "within":
-            head, tail = split_text(doc, float(frac))
-            yield "train", head
-            if tail.strip():
-                yield "val", tail
-        else:
-            yield "train", doc
+def _pieces(i: int, doc: str, mode: str, frac: Fraction) -> list[tuple[str, str]]:
+    """(split, text) pieces of document number i, in order."""
+    if mode == "documents":
+        return [("val" if is_val(i, frac) else "train", doc)]
+    if mode == "within":
+        head, tail = split_text(doc, float(frac))
+        return [("train", head), ("val", tail)] if tail.strip() else [("train", head)]
+    return [("train", doc)]
 
 
 # ---- prepare -------------------------------------------------------------------------------------------
@@ -246,8 +249,13 @@ def _tokenizer(path: str):
     return _TOKENIZERS[key]
 
 
+def _documents(sources: list[str] | list[Path] | None) -> Iterator[str]:
+    """The documents of input files, or of the built-in corpus when there are none."""
+    return iter_documents([Path(p) for p in sources]) if sources else iter(builtin_corpus())
+
+
 def _count_documents(sources: list[str] | None) -> int:
-    return sum(1 for _ in (iter_documents([Path(p) for p in sources]) if sources else builtin_corpus()))
+    return sum(1 for _ in _documents(sources))
 
 
 def _tokenize_batch(job: dict, on_pieces=None) -> dict:
@@ -259,9 +267,6 @@ def _tokenize_batch(job: dict, on_pieces=None) -> dict:
     dtype = _dtype(tok.n_vocab)
     work, key = Path(job["work"]), job["key"]
     frac = Fraction(*job["frac"])
-    sources = job["sources"]
-    docs = iter_documents([Path(p) for p in sources]) if sources else iter(builtin_corpus())
-    counter = _Counting(docs)
     counts = {"train": 0, "val": 0}
     with atomic_write(work / f"{key}.train.tok") as ft, atomic_write(work / f"{key}.val.tok") as fv:
         outs = {"train": ft, "val": fv}
@@ -278,37 +283,19 @@ def _tokenize_batch(job: dict, on_pieces=None) -> dict:
                 on_pieces(len(batch))
             batch.clear()
 
-        size = 0
-        for piece in _pieces(counter, job["offset"], job["mode"], frac):
-            batch.append(piece)
-            size += len(piece[1])
-            if size > 8_000_000:
-                run()
-                size = 0
+        size = n_docs = 0
+        for n_docs, doc in enumerate(_documents(job["sources"]), 1):
+            for piece in _pieces(job["offset"] + n_docs - 1, doc, job["mode"], frac):
+                batch.append(piece)
+                size += len(piece[1])
+                if size > 8_000_000:
+                    run()
+                    size = 0
         if batch:
             run()
-    done = {"docs": counter.n, **counts}
+    done = {"docs": n_docs, **counts}
     write_json(work / f"{key}.json", done)
     return done
-
-
-class _Counting:
-    """An iterator that counts what it yields."""
-
-    def __init__(self, it: Iterator):
-        self.it, self.n = iter(it), 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        x = next(self.it)
-        self.n += 1
-        return x
-
-
-def _dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 def _write_token_shard(spec: dict) -> dict:
@@ -325,23 +312,20 @@ def _shard_specs(out: Path, work: Path, keys: list[str], done: dict[str, dict], 
     """Per split, the batches' tokens in input order cut into shards of `shard_tokens` (the last one shorter)."""
     specs = []
     for split in ("train", "val"):
-        pieces: list[tuple[str, int, int]] = []
+        shards: list[list[tuple[str, int, int]]] = [[]]  # each shard's pieces (file, first token, end)
         fill = 0
-        n = 0
         for key in keys:
             a, total = 0, done[key][split]
             while a < total:
+                if fill == shard_tokens:
+                    shards.append([])
+                    fill = 0
                 b = min(total, a + shard_tokens - fill)
-                pieces.append((str(work / f"{key}.{split}.tok"), a, b))
+                shards[-1].append((str(work / f"{key}.{split}.tok"), a, b))
                 fill += b - a
                 a = b
-                if fill == shard_tokens:
-                    specs.append({"path": str(out / f"{split}_{n:06d}.bin"), "split": split, "vocab_size": V,
-                                  "pieces": pieces})
-                    pieces, fill, n = [], 0, n + 1
-        if pieces:
-            specs.append({"path": str(out / f"{split}_{n:06d}.bin"), "split": split, "vocab_size": V,
-                          "pieces": pieces})
+        specs += [{"path": str(out / f"{split}_{n:06d}.bin"), "split": split, "vocab_size": V, "pieces": pieces}
+                  for n, pieces in enumerate(shards) if pieces]
     return specs
 
 
@@ -421,10 +405,8 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
             stale.unlink()
     done: dict[str, dict] = {}
     for key in keys:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             done[key] = json.loads((work / f"{key}.json").read_text())
-        except (OSError, ValueError):
-            pass
 
     with Executor(1 if dask is None else 0, dask) as ex:
         # the split: whole documents when that gives at least MIN_VAL_DOCS of them (counting stops there)
@@ -433,12 +415,7 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
             counts = ex.map(_count_documents, batches)
             n_docs = sum(counts)
         else:
-            n_docs = 0
-            docs = iter_documents(files) if files else iter(builtin_corpus())
-            for _ in docs:
-                n_docs += 1
-                if need and n_docs >= need:
-                    break
+            n_docs = sum(1 for _ in itertools.islice(_documents(files), need or None))
         mode = "none" if not frac else "documents" if n_docs >= need else "within"
         manifest["split"] = mode
 

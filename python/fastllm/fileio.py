@@ -25,6 +25,7 @@ import numpy as np
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I32": np.int32, "I64": np.int64,
            "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_STORED = {**_DTYPES, "BF16": np.uint16}  # what each dtype's bytes are read as (BF16: then widened to float32)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -129,9 +130,8 @@ class SafetensorsFile(Mapping):
         self._entries = entries  # name -> (dtype, shape, begin, end) in the file
 
     def __getitem__(self, name: str) -> np.ndarray:
-        dtype, shape, b, e = self._entries[name]
         arr = self._raw(name)
-        if dtype == "BF16":  # bfloat16 is the top half of a float32: widen (numpy has no bfloat16)
+        if self.dtype(name) == "BF16":  # bfloat16 is the top half of a float32: widen (numpy has no bfloat16)
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
 
@@ -150,8 +150,7 @@ class SafetensorsFile(Mapping):
 
     def _raw(self, name: str) -> np.ndarray:
         dtype, shape, b, e = self._entries[name]
-        np_dtype = np.dtype("<u2" if dtype == "BF16" else _DTYPES[dtype]).newbyteorder("<")
-        return self._buf[b:e].view(np_dtype).reshape(shape)
+        return self._buf[b:e].view(np.dtype(_STORED[dtype]).newbyteorder("<")).reshape(shape)
 
     def read_into(self, name: str, out: np.ndarray, block_bytes: int = 32 << 20) -> None:
         """out[...] = the tensor, converted to out's dtype, a block of rows at a time, each block's file pages given
@@ -215,11 +214,11 @@ def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[Mappi
     data_start, data_len = 8 + n, size - 8 - n
     entries = {}
     for name, spec in header.items():
-        if isinstance(spec, dict) and spec.get("dtype") not in _DTYPES and spec.get("dtype") != "BF16":
+        if isinstance(spec, dict) and spec.get("dtype") not in _STORED:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {spec.get('dtype')!r} "
-                             f"(supported: {', '.join(_DTYPES)}, BF16)")
+                             f"(supported: {', '.join(_STORED)})")
         try:
-            dtype = np.dtype("<u2" if spec["dtype"] == "BF16" else _DTYPES[spec["dtype"]])
+            dtype = np.dtype(_STORED[spec["dtype"]])
             shape = tuple(int(s) for s in spec["shape"])
             b, e = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError):

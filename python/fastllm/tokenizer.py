@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 from collections.abc import Collection, Iterable, Sequence
@@ -115,18 +116,14 @@ def _bytes_to_unicode() -> dict[int, str]:
         *range(ord("¡"), ord("¬") + 1),
         *range(ord("®"), ord("ÿ") + 1),
     ]
-    out, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + n)
-            n += 1
-    return out
+    others = [b for b in range(256) if b not in printable]  # mapped to 256, 257, ... in byte order
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 _B2U = _bytes_to_unicode()
 _U2B = {u: b for b, u in _B2U.items()}
+# HF's byte-level pre-tokenizer (GPT-2's split) and decoder, as GPT-2's tokenizer.json writes them
+_HF_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 
 def _read_ranks(path: PathLike) -> dict[bytes, int]:
@@ -135,8 +132,7 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
     with open(path, "rb") as f:
         data = f.read()
     ranks: dict[bytes, int] = {}
-    seen_rank: dict[int, int] = {}
-    lines: dict[bytes, int] = {}
+    seen_rank: dict[int, int] = {}  # rank -> its line
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
@@ -155,13 +151,12 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
             raise ValueError(f"{path}:{lineno}: empty token or rank {rank} out of range [0, 2**28)")
         if token in ranks:
             raise ValueError(
-                f"{path}:{lineno}: token {token!r} already has rank {ranks[token]} (line {lines[token]})"
+                f"{path}:{lineno}: token {token!r} already has rank {ranks[token]} (line {seen_rank[ranks[token]]})"
             )
         if rank in seen_rank:
             raise ValueError(f"{path}:{lineno}: rank {rank} is used twice (line {seen_rank[rank]})")
         ranks[token] = rank
         seen_rank[rank] = lineno
-        lines[token] = lineno
     if not ranks:
         raise ValueError(f"{path}:1: no tokens (empty or truncated file)")
     top = max(seen_rank)
@@ -169,6 +164,14 @@ def _read_ranks(path: PathLike) -> dict[bytes, int]:
         raise ValueError(f"{path}:{seen_rank[top]}: rank {top} with only {len(ranks)} tokens: ranks must be "
                          f"dense (below {len(ranks) + (1 << 16)})")
     return ranks
+
+
+def _core_of_ranks(ranks: dict[bytes, int], path: PathLike):
+    """The native encoder of the ranks read from the rank file `path` (errors name it)."""
+    try:
+        return _C.BpeEncoder.from_ranks(list(ranks), list(ranks.values()))
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}: {e}") from e
 
 
 class Tokenizer:
@@ -197,14 +200,12 @@ class Tokenizer:
             raise TypeError(
                 f"mergeable_ranks must be a dict bytes -> int, got {type(mergeable_ranks).__name__}"
             )
-        tokens = list(mergeable_ranks.keys())
-        ranks = list(mergeable_ranks.values())
-        for t, r in zip(tokens, ranks):
+        for t, r in mergeable_ranks.items():
             if not isinstance(t, bytes):
                 raise TypeError(f"mergeable_ranks keys must be bytes, got {type(t).__name__}")
             if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or not 0 <= r < _MAX_ID:
                 raise ValueError(f"mergeable_ranks[{t[:40]!r}] = {r!r} is not an int in [0, 2**28)")
-        core = _C.BpeEncoder.from_ranks(tokens, ranks)
+        core = _C.BpeEncoder.from_ranks(list(mergeable_ranks), list(mergeable_ranks.values()))
         self._init(core, pattern, special_tokens)
 
     # -- construction helpers
@@ -242,7 +243,6 @@ class Tokenizer:
             core.add_special(s.encode("utf-8"), int(i))
         self._core = core
         self._special = {s: int(i) for s, i in special_tokens.items()}
-        self._special_regex_cache: dict[frozenset, object] = {}
         self._is_ranks = True  # tiktoken semantics (rank = id); False for HF merge-priority files
         self._normalizer: str | None = None  # a unicodedata form applied before encoding (HF normalizer)
         self._plain: frozenset[str] = frozenset()  # special tokens always matched (HF added tokens not "special")
@@ -323,23 +323,11 @@ class Tokenizer:
         if allowed_special == "all":
             allowed = set(self._special)
         else:
-            if isinstance(allowed_special, str):
-                raise TypeError("allowed_special must be 'all' or a set of str")
-            allowed = set(allowed_special)
-            for s in allowed:
-                if s not in self._special:
-                    raise ValueError(f"allowed_special: {s!r} is not a special token of this tokenizer")
-            allowed |= self._plain
+            allowed = self._special_names(allowed_special, "allowed_special", "set") | self._plain
         if disallowed_special == "all":
             disallowed = set(self._special) - allowed
         else:
-            if isinstance(disallowed_special, str):
-                raise TypeError("disallowed_special must be 'all' or a collection of str")
-            disallowed = set(disallowed_special)
-            for s in disallowed:
-                if s not in self._special:
-                    raise ValueError(f"disallowed_special: {s!r} is not a special token of this tokenizer")
-            disallowed -= self._plain
+            disallowed = self._special_names(disallowed_special, "disallowed_special", "collection") - self._plain
         if disallowed:
             texts = [text_or_texts] if isinstance(text_or_texts, str) else text_or_texts
             for text in texts:
@@ -353,19 +341,21 @@ class Tokenizer:
                     )
         return sorted(self._special[s] for s in allowed)
 
+    def _special_names(self, names: Collection[str], arg: str, kind: str) -> set[str]:
+        """The set of special tokens `names` given as the argument `arg` (other than "all"), checked."""
+        if isinstance(names, str):
+            raise TypeError(f"{arg} must be 'all' or a {kind} of str")
+        names = set(names)
+        for s in names:
+            if s not in self._special:
+                raise ValueError(f"{arg}: {s!r} is not a special token of this tokenizer")
+        return names
+
     def _encode_custom(self, text: str, allowed_ids: list[int]) -> np.ndarray:
         """Custom patterns: Python regex finds the chunks (between allowed specials), C++ encodes them."""
-        import regex
-
         parts: list[np.ndarray] = []
         if allowed_ids:
-            names = sorted(
-                (s for s, i in self._special.items() if i in set(allowed_ids)), key=len, reverse=True
-            )
-            key = frozenset(names)
-            rx = self._special_regex_cache.get(key)
-            if rx is None:
-                rx = self._special_regex_cache[key] = regex.compile("|".join(regex.escape(s) for s in names))
+            rx = _specials_regex(frozenset(s for s, i in self._special.items() if i in set(allowed_ids)))
             pos = 0
             for m in rx.finditer(text):
                 if m.start() > pos:
@@ -438,7 +428,7 @@ class Tokenizer:
         texts = [self._normalize(t) for t in texts]
         allowed = self._allowed_ids(texts, allowed_special, disallowed_special)
         if self._regex is not None:
-            return [self._encode_native(_repair_if_needed(t), allowed) for t in texts]
+            return [self._encode_custom(_repair_if_needed(t), allowed) for t in texts]
         try:
             return self._core.encode_batch(texts, self._pattern, allowed, threads)
         except UnicodeEncodeError:
@@ -484,13 +474,8 @@ class Tokenizer:
         try:
             return self._core.decode(arr, errors)
         except UnicodeDecodeError as e:
-            # find the token holding the bad byte
-            pos, k = 0, 0
-            for i in arr.tolist():
-                pos += len(self._core.token_bytes(i))
-                if pos > e.start:
-                    break
-                k += 1
+            ends = np.cumsum([len(self._core.token_bytes(i)) for i in arr.tolist()])
+            k = int(np.searchsorted(ends, e.start, side="right"))  # the token holding the bad byte
             raise ValueError(
                 f"ids do not decode to valid UTF-8: {e.reason} at byte {e.start} "
                 f"(token index {k}, id {int(arr[k])})"
@@ -639,23 +624,7 @@ class Tokenizer:
         """Read a tiktoken rank file (e.g. written by `save_tiktoken` or shipped with tiktoken).
 
         Corrupt or truncated files raise ValueError naming the file and line."""
-        return cls._from_rank_file(_read_ranks(path), path, pattern, special_tokens)
-
-    @classmethod
-    def _from_rank_file(cls, ranks: dict[bytes, int], path: PathLike, pattern: str, special_tokens,
-                        where: str | None = None) -> Tokenizer:
-        """A tokenizer from the ranks read from `path` (errors name it) with the pattern and special tokens read
-        from `where` (errors name it; None: given by the caller, errors raised as they are)."""
-        try:
-            core = _C.BpeEncoder.from_ranks(list(ranks), list(ranks.values()))
-        except ValueError as e:
-            raise ValueError(f"{os.fspath(path)}: {e}") from e
-        if where is None:
-            return cls._from_core(core, pattern, special_tokens)
-        try:
-            return cls._from_core(core, pattern, special_tokens)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{where}:1: {e}") from e
+        return cls._from_core(_core_of_ranks(_read_ranks(path), path), pattern, special_tokens)
 
     def save(self, path: PathLike) -> None:
         """Save to `path` (tiktoken rank file, see `save_tiktoken`) plus the sidecar ``<path>.json`` holding
@@ -670,13 +639,12 @@ class Tokenizer:
         {'<|eot|>': 256}
         """
         self._require_ranks("save")
-        n = len(self._regular_tokens())
         side = {
             "format": _SIDECAR_FORMAT,
             "version": _SIDECAR_VERSION,
             "pattern": self._pattern,
             "special_tokens": self._special,
-            "n_ranks": n,
+            "n_ranks": len(self._regular_tokens()),
         }
         extras = {"normalizer": self._normalizer, "plain_tokens": sorted(self._plain), "bos_token": self._bos}
         side.update({k: v for k, v in extras.items() if v not in (None, [])})
@@ -708,7 +676,11 @@ class Tokenizer:
                 f"{os.fspath(path)}:{len(ranks)}: {len(ranks)} ranks but the sidecar says {side['n_ranks']} "
                 "(truncated file?)"
             )
-        tok = cls._from_rank_file(ranks, path, side["pattern"], side["special_tokens"], side_path)
+        core = _core_of_ranks(ranks, path)
+        try:
+            tok = cls._from_core(core, side["pattern"], side["special_tokens"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{side_path}:1: {e}") from e
         try:
             tok._set_hf_options(side.get("normalizer"), side.get("plain_tokens") or (), side.get("bos_token"))
         except (ValueError, TypeError) as e:
@@ -721,16 +693,14 @@ class Tokenizer:
         .from_file`` loads and encodes to the same ids. tiktoken semantics are expressed as
         ``ignore_merges=true`` (a chunk that is a token is taken whole) and one merge per split of every token
         into two tokens, ordered by the token's rank."""
-        vocab = {"".join(_B2U[b] for b in t): i for i, t in self._regular_tokens()}
-        merges = []
-        for a, b, _prio, _res in self._core.pairs():
-            ta, tb = self._core.token_bytes(a), self._core.token_bytes(b)
-            merges.append(["".join(_B2U[x] for x in ta), "".join(_B2U[x] for x in tb)])
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        vocab = {_hf_token(t): i for i, t in self._regular_tokens()}
+        merges = [[_hf_token(self._core.token_bytes(a)), _hf_token(self._core.token_bytes(b))]
+                  for a, b, _prio, _res in self._core.pairs()]
         if self._pattern == "gpt2":
-            pre = byte_level
+            pre = _HF_BYTE_LEVEL
         elif self._pattern == "smollm":
-            pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+            pre = {"type": "Sequence",
+                   "pretokenizers": [{"type": "Digits", "individual_digits": True}, _HF_BYTE_LEVEL]}
         else:
             pre = {
                 "type": "Sequence",
@@ -741,7 +711,7 @@ class Tokenizer:
                         "behavior": "Isolated",
                         "invert": False,
                     },
-                    {**byte_level, "use_regex": False},
+                    {**_HF_BYTE_LEVEL, "use_regex": False},
                 ],
             }
         doc = {
@@ -749,26 +719,13 @@ class Tokenizer:
             "truncation": None,
             "padding": None,
             "added_tokens": [
-                {
-                    "id": i,
-                    "content": s,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "special": s not in self._plain,
-                }
+                _hf_added_token(i, s, special=s not in self._plain)
                 for s, i in sorted(self._special.items(), key=lambda x: x[1])
             ],
             "normalizer": None if self._normalizer is None else {"type": self._normalizer},
             "pre_tokenizer": pre,
             "post_processor": self._hf_post_processor(),
-            "decoder": {
-                "type": "ByteLevel",
-                "add_prefix_space": True,
-                "trim_offsets": True,
-                "use_regex": True,
-            },
+            "decoder": {**_HF_BYTE_LEVEL, "add_prefix_space": True},
             "model": {
                 "type": "BPE",
                 "dropout": None,
@@ -895,13 +852,8 @@ class Tokenizer:
         index = dict(zip(tokens, ids))
         merges = []
         for k, m in enumerate(model.get("merges") or []):
-            if isinstance(m, str):
-                parts = m.split(" ")
-            elif isinstance(m, list):
-                parts = m
-            else:
-                parts = []
-            if len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+            parts = m.split(" ") if isinstance(m, str) else m
+            if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
                 raise bad(f"merge {k} is malformed: {m!r}")
             try:
                 a, b = (bytes(_U2B[c] for c in p) for p in parts)
@@ -935,6 +887,17 @@ class Tokenizer:
         return tok
 
 
+def _hf_token(token: bytes) -> str:
+    """A token's bytes in the byte-level alphabet of tokenizer.json files."""
+    return "".join(_B2U[b] for b in token)
+
+
+def _hf_added_token(id: int, content: str, special: bool) -> dict:
+    """An entry of a tokenizer.json's added_tokens (matched as it is: no stripping, no normalization)."""
+    return {"id": id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": special}
+
+
 def _repair_if_needed(text: str) -> str:
     try:
         text.encode("utf-8")
@@ -945,12 +908,15 @@ def _repair_if_needed(text: str) -> str:
 
 def _split_on(text: str, specials: Sequence[str]) -> list[str]:
     """Pieces of text between occurrences of the special tokens (used for training with custom patterns)."""
-    if not specials:
-        return [text]
+    return _specials_regex(frozenset(specials)).split(text) if specials else [text]
+
+
+@functools.lru_cache(maxsize=64)
+def _specials_regex(names: frozenset[str]):
+    """A compiled regex matching any of the special tokens `names`, the longest first."""
     import regex
 
-    rx = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
-    return rx.split(text)
+    return regex.compile("|".join(regex.escape(s) for s in sorted(names, key=len, reverse=True)))
 
 
 def _is_sentencepiece(doc: dict) -> bool:
@@ -991,9 +957,8 @@ def _hf_bos(post, specials: dict[str, int], bad) -> int | None:
         return found[0] if found else None
     if kind != "TemplateProcessing":
         raise bad(f"post_processor of type {kind!r} is not supported (only TemplateProcessing and ByteLevel)")
-    single = post.get("single") or []
     pieces = []
-    for item in single:
+    for item in post.get("single") or []:
         if isinstance(item, dict) and "SpecialToken" in item:
             pieces.append(("special", item["SpecialToken"].get("id")))
         elif isinstance(item, dict) and "Sequence" in item:
@@ -1073,15 +1038,13 @@ def vocab_merges_doc(vocab_path: str | os.PathLike, merges_path: str | os.PathLi
     for s in special_tokens:
         if s not in vocab:
             raise ValueError(f"{vocab_path}: special token {s!r} is not in the vocab")
-        added.append({"id": vocab[s], "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                      "normalized": False, "special": True})  # fmt: skip
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        added.append(_hf_added_token(vocab[s], s, special=True))
     return {
         "version": "1.0",
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": byte_level,
-        "decoder": byte_level,
+        "pre_tokenizer": dict(_HF_BYTE_LEVEL),
+        "decoder": dict(_HF_BYTE_LEVEL),
         "model": {"type": "BPE", "vocab": vocab, "merges": merges, "ignore_merges": False},
     }
 
