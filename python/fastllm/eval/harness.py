@@ -79,10 +79,9 @@ class FastLLM(TemplateLM):
         return self.tok.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        bar = tqdm(total=len(requests), desc="fastllm loglikelihood", disable=disable_tqdm)
-        logps, greedy = score_continuations(self.model, [(c, t) for _, c, t in requests],
-                                            batch_tokens=self.batch_tokens, greedy=True, progress=bar)
-        bar.close()
+        with tqdm(total=len(requests), desc="fastllm loglikelihood", disable=disable_tqdm) as bar:
+            logps, greedy = score_continuations(self.model, [(c, t) for _, c, t in requests],
+                                                batch_tokens=self.batch_tokens, greedy=True, progress=bar)
         out = []
         for (key, _, _), lp, g in zip(requests, logps, greedy):
             res = (float(lp.sum()), bool(g))
@@ -97,9 +96,8 @@ class FastLLM(TemplateLM):
             w = window_requests([self.eot_token_id] + self.tok_encode(text), self.max_length)
             reqs += w
             owner += [i] * len(w)
-        bar = tqdm(total=len(reqs), desc="fastllm loglikelihood_rolling", disable=disable_tqdm)
-        logps = score_continuations(self.model, reqs, batch_tokens=self.batch_tokens, progress=bar)
-        bar.close()
+        with tqdm(total=len(reqs), desc="fastllm loglikelihood_rolling", disable=disable_tqdm) as bar:
+            logps = score_continuations(self.model, reqs, batch_tokens=self.batch_tokens, progress=bar)
         out = np.zeros(len(requests))
         for i, lp in zip(owner, logps):
             out[i] += lp.sum()
