@@ -110,19 +110,18 @@ class FastLLM(TemplateLM):
         by_kwargs: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             by_kwargs.setdefault(repr(sorted(r.args[1].items())), []).append(i)
-        bar = tqdm(total=len(requests), desc="fastllm generate_until", disable=disable_tqdm)
-        for idxs in by_kwargs.values():
-            kw = normalize_gen_kwargs(requests[idxs[0]].args[1], self.max_gen_toks)
-            until = handle_stop_sequences(kw.pop("until", None), eos=None)
-            n = min(int(kw.pop("max_gen_toks")), self.max_length - 1)
-            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-            prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idxs]
-            texts = generate_until(self.model, self.tok, prompts, n, stop=until, temperature=temperature,
-                                   seed=kw.get("seed"), batch_size=self.batch_size, progress=bar)
-            for i, t in zip(idxs, texts):
-                out[i] = t
-                self.cache_hook.add_partial("generate_until", requests[i].args, t)
-        bar.close()
+        with tqdm(total=len(requests), desc="fastllm generate_until", disable=disable_tqdm) as bar:
+            for idxs in by_kwargs.values():
+                kw = normalize_gen_kwargs(requests[idxs[0]].args[1], self.max_gen_toks)
+                until = handle_stop_sequences(kw.pop("until", None), eos=None)
+                n = min(int(kw.pop("max_gen_toks")), self.max_length - 1)
+                temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
+                prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idxs]
+                texts = generate_until(self.model, self.tok, prompts, n, stop=until, temperature=temperature,
+                                       seed=kw.get("seed"), batch_size=self.batch_size, progress=bar)
+                for i, t in zip(idxs, texts):
+                    out[i] = t
+                    self.cache_hook.add_partial("generate_until", requests[i].args, t)
         return out
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

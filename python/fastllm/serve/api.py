@@ -323,8 +323,8 @@ def check_model(body: dict, served: ServedModel) -> None:
                        "model_not_found")
 
 
-def _sampling(body: dict, served: ServedModel) -> dict:
-    """The engine Request fields common to both endpoints, checked."""
+def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
+    """(the engine Request fields common to both endpoints, stream, include_usage), checked."""
     temperature = _get(body, "temperature", "number", 1.0, 0, 2)
     top_p = _get(body, "top_p", "number", None, 0, 1)
     top_k = _get(body, "top_k", "integer", None, -1)
@@ -376,8 +376,8 @@ def _sampling(body: dict, served: ServedModel) -> dict:
         raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        "stream_options", "invalid_value")
     include_usage = bool(_get(options or {}, "include_usage", "boolean", False))
-    return dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias,
-                stream=stream, include_usage=include_usage)
+    common = dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias)
+    return common, stream, include_usage
 
 
 def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
@@ -395,7 +395,7 @@ def _fit(served: ServedModel, n_prompt: int, max_tokens: int | None, default: in
     if n_prompt >= ctx:
         raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {what} resulted in "
                             f"{n_prompt} tokens. Please reduce the length of the {what}.",
-                       "messages" if what == "messages" else "prompt", "context_length_exceeded")
+                       what, "context_length_exceeded")
     m = max_tokens if max_tokens is not None else (default or ctx - n_prompt)
     if n_prompt + m > ctx:
         given = "" if max_tokens is not None else " (the default)"
@@ -449,7 +449,7 @@ def parse_chat(body, served: ServedModel) -> Call:
     if "messages" not in body:
         raise APIError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
     msgs = _messages(body["messages"])
-    common = _sampling(body, served)
+    common, stream, include_usage = _sampling(body, served)
     logprobs = _get(body, "logprobs", "boolean", False)
     top = _get(body, "top_logprobs", "integer", None, 0, 20)
     if top is not None and not logprobs:
@@ -476,7 +476,6 @@ def parse_chat(body, served: ServedModel) -> Call:
         raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
     max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     m = _fit(served, len(ids), max_tokens, None, "messages", name)
-    stream, include_usage = common.pop("stream"), common.pop("include_usage")
     stops = [t for t in (served.im_end, served.eot) if t is not None]
     req = Request(prompts=[ids], max_tokens=m, stop_tokens=stops, logprobs=(top or 0) if logprobs else None, **common)
     return Call("chat", served, req, stream, include_usage)
@@ -524,7 +523,7 @@ def parse_completion(body, served: ServedModel) -> Call:
     _check_fields(body, COMPLETION_FIELDS)
     check_model(body, served)
     ids, texts = _prompts(body.get("prompt"), served)
-    common = _sampling(body, served)
+    common, stream, include_usage = _sampling(body, served)
     echo = _get(body, "echo", "boolean", False)
     logprobs = _get(body, "logprobs", "integer", None, 0, 5)
     if _get(body, "suffix", "string"):
@@ -534,7 +533,6 @@ def parse_completion(body, served: ServedModel) -> Call:
         raise _unsupported("best_of", f"={best_of} (other than n)")
     max_tokens, name = _max_tokens(body, ("max_tokens",))
     maxes = [_fit(served, len(p), max_tokens, 16, "prompt", name) for p in ids]
-    stream, include_usage = common.pop("stream"), common.pop("include_usage")
     req = Request(prompts=ids, max_tokens=maxes, stop_tokens=[] if served.eot is None else [served.eot],
                   logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)
     return Call("completion", served, req, stream, include_usage, texts if echo else None)
