@@ -36,9 +36,7 @@ from .engine import Chunk, Failure, PromptLogprobs, Request, TokenLogprob
 
 # ---- errors ---------------------------------------------------------------------------------------------
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_error"}
+ERROR_TYPES = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # others: invalid_request_error
 
 
 class APIError(Exception):
