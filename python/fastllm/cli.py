@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed, info
+from . import distributed, info, set_num_threads
 from .chat import IM_END, IM_START, chat_format, eos_token_ids, has_chatml
 from .checkpoint import checkpoint_tokenizer, convert, load_model
 from .clean import CleanConfig, clean
@@ -309,8 +309,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_decode_dtype(args.dtype, args.device)
-    gpu = args.device == "cuda"
-    model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if gpu else None).eval()
+    model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if args.device == "cuda" else None).eval()
     tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
     ids = tok.encode(args.prompt, allowed_special="all")
     if tok.bos_token is not None and (ids.size == 0 or ids[0] != tok.bos_token):  # as HF's tokenizer encodes it
@@ -421,8 +420,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
           "fastllm eval --ckpt run/ --task lm-eval:arc_easy --limit 100"], args=_eval_args)
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
-        from . import set_num_threads
-
         set_num_threads(args.threads)
     harness = args.task.startswith("lm-eval:")
     unescape = lambda t: t.replace("\\n", "\n").replace("\\t", "\t")  # noqa: E731 (a shell passes "\n" as 2 chars)

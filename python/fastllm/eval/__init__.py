@@ -123,12 +123,6 @@ def load(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None, de
 # ---- per-task records ----------------------------------------------------------------------------------------
 
 
-def _bar(total: int, desc: str, unit: str, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, leave=False)
-
-
 def bpb_records(model, tokenizer, docs: Sequence[np.ndarray], stride: int | None = None, batch_tokens: int = 2048,
                 bar=None) -> list[dict]:
     """Per document (a token sequence starting with its context token): nats (summed cross-entropy of its
@@ -287,9 +281,8 @@ class _Partial:
 def _fingerprint(model, cfg: EvalConfig) -> str:
     parts = {"config": dataclasses.asdict(cfg), "model": str(getattr(model, "checkpoint_dir", "")),
              "model_config": model.config.to_dict()}
-    ckpt = Path(parts["model"])
-    weights = [p for p in (ckpt / "model.safetensors",) if p.exists()]
-    parts["weights"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    weights = Path(parts["model"]) / "model.safetensors"
+    parts["weights"] = [(str(weights), weights.stat().st_size, weights.stat().st_mtime_ns)] if weights.exists() else []
     parts["data"] = [(d, os.path.getsize(d), os.stat(d).st_mtime_ns) if os.path.isfile(d) else d for d in cfg.data]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -315,6 +308,8 @@ def evaluate(model, tokenizer, task: str | EvalConfig, data=(), limit: int | Non
              progress: bool = False, items=None, **options) -> dict:
     """Evaluate `model` on a task (module doc); options are EvalConfig's fields. Returns the report dict
     {"task", "metrics", "n", "seconds", "data", "records"}; with `out`, resumable and written there as JSON."""
+    from tqdm.auto import tqdm
+
     cfg = task if isinstance(task, EvalConfig) else EvalConfig(task=task, data=data, limit=limit, **options)
     t0 = time.time()
     items = load_items(cfg, tokenizer) if items is None else items
@@ -329,9 +324,9 @@ def evaluate(model, tokenizer, task: str | EvalConfig, data=(), limit: int | Non
         work, unit = sum(len(u.choices) for u in units[done:]), "choice"
     else:
         work, unit = cfg.samples * (len(units) - done), "completion"
-    bar = _bar(work, f"eval {cfg.task}", unit, progress)
     chunk = {"bpb": 64, "mc": 256, "gen": cfg.batch_size}[kind]  # units per checkpointed piece of work
-    try:
+    with tqdm(total=work, desc=f"eval {cfg.task}", unit=unit, disable=not progress, dynamic_ncols=True,
+              leave=False) as bar:
         for start in range(done, len(units), chunk):
             part = units[start: start + chunk]
             if kind == "bpb":
@@ -341,8 +336,6 @@ def evaluate(model, tokenizer, task: str | EvalConfig, data=(), limit: int | Non
             else:
                 recs = gen_records(model, tokenizer, task_obj, part, cfg, cfg.seed + start, bar)
             partial.add(recs)
-    finally:
-        bar.close()
     records = partial.records
     report = {"task": cfg.task, "data": cfg.data, "checkpoint": str(getattr(model, "checkpoint_dir", "")),
               "n": len(records), "metrics": metrics(kind, records), "seconds": time.time() - t0,
@@ -357,15 +350,11 @@ def format_report(report: dict) -> str:
     """The report's metrics as a small table (value ± stderr)."""
     m = report["metrics"]
     rows = [f"{'task':10s} {'n':>7s}  {'metric':16s} {'value':>12s}  stderr"]
-    first = True
-    for k, v in m.items():
-        if k.endswith("_stderr"):
-            continue
-        se = m.get(k + "_stderr")
+    for i, k in enumerate(k for k in m if not k.endswith("_stderr")):
+        v, se = m[k], m.get(k + "_stderr")
         val = f"{v:12,d}" if isinstance(v, int) else f"{v:12.4f}"
-        rows.append(f"{report['task'] if first else '':10s} {report['n'] if first else '':>7}  {k:16s} {val}  "
+        rows.append(f"{report['task'] if i == 0 else '':10s} {report['n'] if i == 0 else '':>7}  {k:16s} {val}  "
                     + (f"{se:.4f}" if se is not None and math.isfinite(se) else ""))
-        first = False
     return "\n".join(rows)
 
 

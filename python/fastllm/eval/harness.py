@@ -79,10 +79,9 @@ class FastLLM(TemplateLM):
         return self.tok.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        bar = tqdm(total=len(requests), desc="fastllm loglikelihood", disable=disable_tqdm)
-        logps, greedy = score_continuations(self.model, [(c, t) for _, c, t in requests],
-                                            batch_tokens=self.batch_tokens, greedy=True, progress=bar)
-        bar.close()
+        with tqdm(total=len(requests), desc="fastllm loglikelihood", disable=disable_tqdm) as bar:
+            logps, greedy = score_continuations(self.model, [(c, t) for _, c, t in requests],
+                                                batch_tokens=self.batch_tokens, greedy=True, progress=bar)
         out = []
         for (key, _, _), lp, g in zip(requests, logps, greedy):
             res = (float(lp.sum()), bool(g))
@@ -97,9 +96,8 @@ class FastLLM(TemplateLM):
             w = window_requests([self.eot_token_id] + self.tok_encode(text), self.max_length)
             reqs += w
             owner += [i] * len(w)
-        bar = tqdm(total=len(reqs), desc="fastllm loglikelihood_rolling", disable=disable_tqdm)
-        logps = score_continuations(self.model, reqs, batch_tokens=self.batch_tokens, progress=bar)
-        bar.close()
+        with tqdm(total=len(reqs), desc="fastllm loglikelihood_rolling", disable=disable_tqdm) as bar:
+            logps = score_continuations(self.model, reqs, batch_tokens=self.batch_tokens, progress=bar)
         out = np.zeros(len(requests))
         for i, lp in zip(owner, logps):
             out[i] += lp.sum()
@@ -112,19 +110,18 @@ class FastLLM(TemplateLM):
         by_kwargs: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             by_kwargs.setdefault(repr(sorted(r.args[1].items())), []).append(i)
-        bar = tqdm(total=len(requests), desc="fastllm generate_until", disable=disable_tqdm)
-        for idxs in by_kwargs.values():
-            kw = normalize_gen_kwargs(requests[idxs[0]].args[1], self.max_gen_toks)
-            until = handle_stop_sequences(kw.pop("until", None), eos=None)
-            n = min(int(kw.pop("max_gen_toks")), self.max_length - 1)
-            temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-            prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idxs]
-            texts = generate_until(self.model, self.tok, prompts, n, stop=until, temperature=temperature,
-                                   seed=kw.get("seed"), batch_size=self.batch_size, progress=bar)
-            for i, t in zip(idxs, texts):
-                out[i] = t
-                self.cache_hook.add_partial("generate_until", requests[i].args, t)
-        bar.close()
+        with tqdm(total=len(requests), desc="fastllm generate_until", disable=disable_tqdm) as bar:
+            for idxs in by_kwargs.values():
+                kw = normalize_gen_kwargs(requests[idxs[0]].args[1], self.max_gen_toks)
+                until = handle_stop_sequences(kw.pop("until", None), eos=None)
+                n = min(int(kw.pop("max_gen_toks")), self.max_length - 1)
+                temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
+                prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idxs]
+                texts = generate_until(self.model, self.tok, prompts, n, stop=until, temperature=temperature,
+                                       seed=kw.get("seed"), batch_size=self.batch_size, progress=bar)
+                for i, t in zip(idxs, texts):
+                    out[i] = t
+                    self.cache_hook.add_partial("generate_until", requests[i].args, t)
         return out
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -46,17 +46,12 @@ def _batches(lengths: Sequence[int], groups: Sequence[int] | None, batch_tokens:
         by_group.setdefault(i if groups is None else int(groups[i]), []).append(i)
     order = sorted(by_group.values(), key=lambda g: (-max(lengths[i] for i in g), g[0]))
     batches: list[list[int]] = []
-    cur: list[int] = []
-    width = 0
+    width = 0  # the longest row of the last batch: its first group's, as the groups come longest first
     for g in order:
-        w = max(width, max(lengths[i] for i in g))
-        if cur and w * (len(cur) + len(g)) > batch_tokens:
-            batches.append(cur)
-            cur, w = [], max(lengths[i] for i in g)
-        cur += g
-        width = w
-    if cur:
-        batches.append(cur)
+        if not batches or width * (len(batches[-1]) + len(g)) > batch_tokens:
+            batches.append([])
+            width = max(lengths[i] for i in g)
+        batches[-1] += g
     return batches
 
 

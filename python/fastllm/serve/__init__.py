@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..options import THREADS, option
 from ..sample import DECODE_DTYPES, check_decode_dtype
-from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, load
+from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, kv_slot_bytes, load
 
 INSTALL_HINT = 'fastllm serve needs the serve extra: pip install "fastllm[serve]"'
 
@@ -62,11 +62,11 @@ def slots_within(model, max_batch: int, max_len: int | None, kv_budget_mb: float
     """max_batch, lowered so that the KV cache fits kv_budget_mb (ValueError if not even one slot fits)."""
     if kv_budget_mb is None:
         return max_batch
-    cfg, size = model.config, 2 if getattr(model, "act_dtype", "float32") == "bfloat16" else 4
-    slot = 2 * cfg.n_layer * (max_len or cfg.block_size) * cfg.kv_heads * cfg.head_size * size  # keys + values
+    max_len = max_len or model.config.block_size
+    slot = kv_slot_bytes(model, max_len)
     n = min(max_batch, int(kv_budget_mb * 2**20 // slot))
     if n < 1:
-        raise ValueError(f"--kv-budget-mb {kv_budget_mb} holds no sequence of {max_len or cfg.block_size} tokens "
+        raise ValueError(f"--kv-budget-mb {kv_budget_mb} holds no sequence of {max_len} tokens "
                          f"(one needs {slot / 2**20:.1f} MiB); raise it or lower --max-len")
     return n
 

@@ -36,9 +36,7 @@ from .engine import Chunk, Failure, PromptLogprobs, Request, TokenLogprob
 
 # ---- errors ---------------------------------------------------------------------------------------------
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_error"}
+ERROR_TYPES = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}  # others: invalid_request_error
 
 
 class APIError(Exception):
@@ -164,13 +162,13 @@ class _Choice:
 class Call:
     """One validated API call (chat or completion): its engine request and the formatting of its results."""
 
-    def __init__(self, kind: str, served: ServedModel, request: Request, prompt_tokens: list[int], stream: bool,
-                 include_usage: bool, logprobs: int | None, echo: list[str] | None = None):
+    def __init__(self, kind: str, served: ServedModel, request: Request, stream: bool, include_usage: bool,
+                 echo: list[str] | None = None):
         self.kind, self.served, self.request = kind, served, request
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.prompt_tokens, self.stream, self.include_usage = prompt_tokens, stream, include_usage
-        self.logprobs, self.echo = logprobs, echo
+        self.stream, self.include_usage = stream, include_usage
+        self.logprobs, self.echo = request.logprobs, echo
         self.choices = [_Choice() for _ in range(len(request.prompts) * request.n)]
         self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self.finished = 0
@@ -200,12 +198,12 @@ class Call:
         if not c.started:
             c.started = True
             if self.kind == "chat":
-                out.append(self._chat_chunk(e.index, {"role": "assistant", "content": ""}))
+                out.append(self._stream_chunk(e.index, {"role": "assistant", "content": ""}))
             elif self.echo is not None:
                 p = e.index // self.request.n
                 c.text.append(self.echo[p])
                 lp = self._completion_logprobs(c, self.prompt_logprobs.get(p, []), self._prompt_ids(p))
-                out.append(self._completion_chunk(e.index, self.echo[p], lp))
+                out.append(self._stream_chunk(e.index, self.echo[p], lp))
         c.tokens += len(e.tokens)
         c.text.append(e.text)
         c.logprobs += e.logprobs
@@ -214,12 +212,12 @@ class Call:
             self.finished += 1
         if self.kind == "chat":
             if e.text or e.logprobs:
-                out.append(self._chat_chunk(e.index, {"content": e.text}, self._chat_logprobs(e.logprobs)))
+                out.append(self._stream_chunk(e.index, {"content": e.text}, self._chat_logprobs(e.logprobs)))
             if e.finish_reason is not None:
-                out.append(self._chat_chunk(e.index, {}, finish_reason=e.finish_reason))
+                out.append(self._stream_chunk(e.index, {}, finish_reason=e.finish_reason))
         elif e.text or e.logprobs or e.finish_reason is not None:
             lp = self._completion_logprobs(c, e.logprobs, [x.token for x in e.logprobs])
-            out.append(self._completion_chunk(e.index, e.text, lp, e.finish_reason))
+            out.append(self._stream_chunk(e.index, e.text, lp, e.finish_reason))
         return out
 
     def _prompt_ids(self, p: int) -> list[int]:
@@ -228,20 +226,15 @@ class Call:
     # -- formatting --
 
     def _head(self, obj: str) -> dict:
-        h = {"id": self.id, "object": obj, "created": self.created, "model": self.served.name,
-             "system_fingerprint": _fingerprint()}
-        return h
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.served.name,
+                "system_fingerprint": _fingerprint()}
 
-    def _chat_chunk(self, index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
-        d = self._head("chat.completion.chunk")
-        d["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
-        if self.include_usage:
-            d["usage"] = None
-        return d
-
-    def _completion_chunk(self, index: int, text: str, logprobs=None, finish_reason=None) -> dict:
-        d = self._head("text_completion")
-        d["choices"] = [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
+    def _stream_chunk(self, index: int, content, logprobs=None, finish_reason=None) -> dict:
+        """A stream chunk of choice `index`; content: the chat delta (a dict) or the completion text."""
+        chat = self.kind == "chat"
+        d = self._head("chat.completion.chunk" if chat else "text_completion")
+        d["choices"] = [{"index": index, "delta" if chat else "text": content, "logprobs": logprobs,
+                         "finish_reason": finish_reason}]
         if self.include_usage:
             d["usage"] = None
         return d
@@ -279,7 +272,7 @@ class Call:
 
     def usage(self) -> dict:
         completion = sum(c.tokens for c in self.choices)
-        prompt = sum(self.prompt_tokens)
+        prompt = sum(len(p) for p in self.request.prompts)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def usage_chunk(self) -> dict:
@@ -298,13 +291,10 @@ class Call:
             d = self._head("text_completion")
             d["choices"] = []
             for i, c in enumerate(self.choices):
-                lp = None
-                if self.logprobs is not None:
-                    p = i // self.request.n
-                    c.offset = 0
-                    ids = self._prompt_ids(p) if self.echo is not None else []
-                    entries = (self.prompt_logprobs.get(p, []) if self.echo is not None else []) + c.logprobs
-                    lp = self._completion_logprobs(c, entries, ids + [x.token for x in c.logprobs])
+                p = i // self.request.n  # its prompt's logprobs are there with echo (and logprobs) only
+                c.offset = 0
+                entries = self.prompt_logprobs.get(p, []) + c.logprobs
+                lp = self._completion_logprobs(c, entries, self._prompt_ids(p) + [x.token for x in c.logprobs])
                 d["choices"].append({"index": i, "text": "".join(c.text), "logprobs": lp,
                                      "finish_reason": c.finish_reason})
         d["usage"] = self.usage()
@@ -331,8 +321,8 @@ def check_model(body: dict, served: ServedModel) -> None:
                        "model_not_found")
 
 
-def _sampling(body: dict, served: ServedModel) -> dict:
-    """The engine Request fields common to both endpoints, checked."""
+def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
+    """(the engine Request fields common to both endpoints, stream, include_usage), checked."""
     temperature = _get(body, "temperature", "number", 1.0, 0, 2)
     top_p = _get(body, "top_p", "number", None, 0, 1)
     top_k = _get(body, "top_k", "integer", None, -1)
@@ -384,8 +374,8 @@ def _sampling(body: dict, served: ServedModel) -> dict:
         raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        "stream_options", "invalid_value")
     include_usage = bool(_get(options or {}, "include_usage", "boolean", False))
-    return dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias,
-                stream=stream, include_usage=include_usage)
+    common = dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias)
+    return common, stream, include_usage
 
 
 def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
@@ -403,7 +393,7 @@ def _fit(served: ServedModel, n_prompt: int, max_tokens: int | None, default: in
     if n_prompt >= ctx:
         raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {what} resulted in "
                             f"{n_prompt} tokens. Please reduce the length of the {what}.",
-                       "messages" if what == "messages" else "prompt", "context_length_exceeded")
+                       what, "context_length_exceeded")
     m = max_tokens if max_tokens is not None else (default or ctx - n_prompt)
     if n_prompt + m > ctx:
         given = "" if max_tokens is not None else " (the default)"
@@ -457,7 +447,7 @@ def parse_chat(body, served: ServedModel) -> Call:
     if "messages" not in body:
         raise APIError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
     msgs = _messages(body["messages"])
-    common = _sampling(body, served)
+    common, stream, include_usage = _sampling(body, served)
     logprobs = _get(body, "logprobs", "boolean", False)
     top = _get(body, "top_logprobs", "integer", None, 0, 20)
     if top is not None and not logprobs:
@@ -484,10 +474,9 @@ def parse_chat(body, served: ServedModel) -> Call:
         raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
     max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     m = _fit(served, len(ids), max_tokens, None, "messages", name)
-    stream, include_usage = common.pop("stream"), common.pop("include_usage")
     stops = [t for t in (served.im_end, served.eot) if t is not None]
     req = Request(prompts=[ids], max_tokens=m, stop_tokens=stops, logprobs=(top or 0) if logprobs else None, **common)
-    return Call("chat", served, req, [len(ids)], stream, include_usage, req.logprobs)
+    return Call("chat", served, req, stream, include_usage)
 
 
 def _is_int(x) -> bool:
@@ -532,7 +521,7 @@ def parse_completion(body, served: ServedModel) -> Call:
     _check_fields(body, COMPLETION_FIELDS)
     check_model(body, served)
     ids, texts = _prompts(body.get("prompt"), served)
-    common = _sampling(body, served)
+    common, stream, include_usage = _sampling(body, served)
     echo = _get(body, "echo", "boolean", False)
     logprobs = _get(body, "logprobs", "integer", None, 0, 5)
     if _get(body, "suffix", "string"):
@@ -542,8 +531,6 @@ def parse_completion(body, served: ServedModel) -> Call:
         raise _unsupported("best_of", f"={best_of} (other than n)")
     max_tokens, name = _max_tokens(body, ("max_tokens",))
     maxes = [_fit(served, len(p), max_tokens, 16, "prompt", name) for p in ids]
-    stream, include_usage = common.pop("stream"), common.pop("include_usage")
     req = Request(prompts=ids, max_tokens=maxes, stop_tokens=[] if served.eot is None else [served.eot],
                   logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)
-    return Call("completion", served, req, [len(p) for p in ids], stream, include_usage, logprobs,
-                texts if echo else None)
+    return Call("completion", served, req, stream, include_usage, texts if echo else None)

@@ -50,13 +50,14 @@ def _error(e: APIError) -> JSONResponse:
 
 
 async def _read_json(request: HTTPRequest):
+    too_large = APIError(413, f"The request body is larger than {MAX_BODY >> 20} MiB.", None, "body_too_large")
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
-        raise APIError(413, f"The request body is larger than {MAX_BODY >> 20} MiB.", None, "body_too_large")
+        raise too_large
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > MAX_BODY:
-            raise APIError(413, f"The request body is larger than {MAX_BODY >> 20} MiB.", None, "body_too_large")
+            raise too_large
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

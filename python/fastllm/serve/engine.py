@@ -175,6 +175,12 @@ def logprob_of(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(int(token), float(lp[token]), best)
 
 
+def kv_slot_bytes(model, max_len: int) -> int:
+    """Bytes of one KV cache slot: the keys and values of max_len tokens in every layer."""
+    cfg, size = model.config, 2 if getattr(model, "act_dtype", "float32") == "bfloat16" else 4
+    return 2 * cfg.n_layer * max_len * cfg.kv_heads * cfg.head_size * size
+
+
 class Engine:
     """Continuous batching over one model (see the module doc). Thread-safe: submit / cancel / stats from any
     thread; the model is only touched by the engine's own thread."""
@@ -210,8 +216,7 @@ class Engine:
     @property
     def kv_bytes(self) -> int:
         """Bytes of the KV cache (keys and values)."""
-        cfg, size = self.model.config, 2 if getattr(self.model, "act_dtype", "float32") == "bfloat16" else 4
-        return 2 * cfg.n_layer * self.max_batch * self.max_len * cfg.kv_heads * cfg.head_size * size
+        return self.max_batch * kv_slot_bytes(self.model, self.max_len)
 
     # ---- control (any thread) ---------------------------------------------------------------------------
 
@@ -338,16 +343,13 @@ class Engine:
         free, out = self.max_batch - len(self._active), []
         while self._waiting:
             req, p = self._waiting[0]
-            if req.cancelled:
-                self._waiting.popleft()
-                self._dequeued(req)
-                continue
-            if req.n > free:
+            if req.n > free and not req.cancelled:
                 break
             self._waiting.popleft()
             self._dequeued(req)
-            out.append((req, p))
-            free -= req.n
+            if not req.cancelled:
+                out.append((req, p))
+                free -= req.n
         return out
 
     def _dequeued(self, req: Request) -> None:
