@@ -10,6 +10,8 @@ import itertools
 import json
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tiny import EOT, byte_tokenizer, one_thread, supervised_batch, write_jsonl  # noqa: F401 (fixture)
@@ -471,6 +473,9 @@ def test_interrupted_evaluation_resumes(tmp_path):
         evaluate(CostModel({"a": 1.0}, fail_after=counted.forwards * 2 // 3), tok, "mc", data=path,
                  batch_tokens=64, out=out)
     assert evaluate(CostModel({"a": 1.0}), tok, "mc", data=path, batch_tokens=64, out=out, limit=10)["n"] == 10
+    # a pathlib.Path as data, with a report written (the config goes into the report and its fingerprint)
+    rep = evaluate(CostModel({"a": 1.0}), tok, "mc", data=Path(path), batch_tokens=64, out=out, limit=10)
+    assert json.loads(out.read_text())["metrics"] == rep["metrics"]
 
 
 def test_train_eval_returns_metrics_to_log(sorter, tmp_path):

@@ -87,7 +87,7 @@ class EvalConfig:
         if self.task not in _task_names():
             raise ValueError(f"unknown evaluation task {self.task!r}; choose from {_task_names()} "
                              f"(or lm-eval:NAME for the harness)")
-        self.data = [self.data] if isinstance(self.data, (str, os.PathLike)) else [str(d) for d in self.data]
+        self.data = [os.fspath(d) for d in ([self.data] if isinstance(self.data, (str, os.PathLike)) else self.data)]
         if self.task in KINDS and not self.data:
             raise ValueError(f"task {self.task!r} needs data (--data FILE ...)")
         checks.at_least(self, 1, "limit", "batch_tokens", "stride", "max_new_tokens", "samples", "batch_size",
@@ -281,8 +281,9 @@ class _Partial:
 def _fingerprint(model, cfg: EvalConfig) -> str:
     parts = {"config": dataclasses.asdict(cfg), "model": str(getattr(model, "checkpoint_dir", "")),
              "model_config": model.config.to_dict()}
-    weights = Path(parts["model"]) / "model.safetensors"
-    parts["weights"] = [(str(weights), weights.stat().st_size, weights.stat().st_mtime_ns)] if weights.exists() else []
+    weights = Path(parts["model"]) / "model.safetensors"  # a model built in memory has no checkpoint_dir
+    known = parts["model"] and weights.exists()
+    parts["weights"] = [(str(weights), weights.stat().st_size, weights.stat().st_mtime_ns)] if known else []
     parts["data"] = [(d, os.path.getsize(d), os.stat(d).st_mtime_ns) if os.path.isfile(d) else d for d in cfg.data]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
