@@ -177,6 +177,8 @@ def base_doc() -> dict:
          "post_processor of type 'RobertaProcessing' is not supported"),
         (lambda d: d["post_processor"]["processors"][1]["single"].append(
             {"SpecialToken": {"id": "<|end_of_text|>", "type_id": 0}}), "adds no tokens after the text"),
+        (lambda d: d["post_processor"]["processors"][1]["single"].__setitem__(0, {"SpecialToken": "<s>"}),
+         "post_processor template item .*SpecialToken.* is not understood"),
         (lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "add_prefix_space"),
         (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "unsupported pre_tokenizer"),
         (lambda d: d["model"].update(dropout=0.1), "model.dropout=0.1 is not supported"),

@@ -959,7 +959,7 @@ def _hf_bos(post, specials: dict[str, int], bad) -> int | None:
         raise bad(f"post_processor of type {kind!r} is not supported (only TemplateProcessing and ByteLevel)")
     pieces = []
     for item in post.get("single") or []:
-        if isinstance(item, dict) and "SpecialToken" in item:
+        if isinstance(item, dict) and isinstance(item.get("SpecialToken"), dict):
             pieces.append(("special", item["SpecialToken"].get("id")))
         elif isinstance(item, dict) and "Sequence" in item:
             pieces.append(("text", None))
