@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import read_json
+from .sample import SamplingParams, check_seed, stream_text
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -265,9 +266,8 @@ class ChatTemplate:
             spans = self._assistant_spans(msgs, full)
         spans = [(a, a + len(full[a:b].rstrip())) for a, b in spans]
         norm = self.tokenizer._normalize
-        pieces, cuts = [], sorted({0, len(full), *[x for s in spans for x in s]})
-        for a, b in zip(cuts, cuts[1:]):
-            pieces.append(norm(full[a:b]))
+        cuts = sorted({0, len(full), *[x for s in spans for x in s]})
+        pieces = [norm(full[a:b]) for a, b in zip(cuts, cuts[1:])]
         text = "".join(pieces)
         if text != norm(full):
             raise ValueError(f"{self.where}: the tokenizer's normalizer joins text across an assistant turn's edge")
@@ -316,8 +316,7 @@ def read_template(folder: str | os.PathLike) -> tuple[str, str] | None:
             return path.read_text(encoding="utf-8"), str(path)
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    conf = tokenizer_config(folder)
-    tpl = conf.get("chat_template")
+    tpl = tokenizer_config(folder).get("chat_template")
     where = str(folder / TOKENIZER_CONFIG)
     if tpl is None:
         return None
@@ -412,8 +411,6 @@ class ChatSession:
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        from .sample import SamplingParams, check_seed
-
         SamplingParams(**{f.name: sampling[f.name] for f in dataclasses.fields(SamplingParams) if f.name in sampling})
         check_seed(sampling.get("seed"))  # (bad options fail here, not at every message)
         self.system = system
@@ -449,8 +446,6 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the assistant's answer to the user message `text`."""
-        from .sample import stream_text
-
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         self.history.append({"role": "user", "content": text})

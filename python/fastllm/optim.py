@@ -87,11 +87,6 @@ class AdamW:
         self.t = int(t)
 
 
-def grad_norm(model: GPT) -> float:
-    """Global L2 norm of all gradients."""
-    return model.grad_norm()
-
-
 def lr_schedule(step: int, max_lr: float, min_lr: float, warmup: int, total: int) -> float:
     """Linear warmup for `warmup` steps, then cosine decay from max_lr to min_lr at `total` steps."""
     if step < warmup:

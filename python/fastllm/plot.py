@@ -134,7 +134,7 @@ def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, log_
     """Re-draw the figure of a run folder from its log.jsonl, as the run drew it (see plot_stage; the stage is
     told by the logged keys: rewards for GRPO, preference accuracy for a reward model); returns the path."""
     rows = read_log(Path(run) / "log.jsonl")
-    keys = set().union(*rows) if rows else set()
+    keys = set().union(*rows)
     kind = "grpo" if "reward" in keys else "reward-model" if keys & {"accuracy", "val_accuracy"} else "train"
     return plot_stage(kind, rows, run, log_scale, path)
 
@@ -235,10 +235,10 @@ def _figure(title: str, panels: int):
     return fig, axes[:panels]
 
 
-def _line(ax, rows: list[dict], key: str, color: str, label: str | None = None) -> None:
+def _line(ax, rows: list[dict], key: str, color: str) -> None:
     s, v = _series(rows, key)
     if len(s):
-        ax.plot(s, v, color=color, linewidth=1.6, label=label)
+        ax.plot(s, v, color=color, linewidth=1.6)
 
 
 def _noisy(ax, rows: list[dict], key: str, label: str, color: str) -> None:

@@ -334,7 +334,7 @@ class GRPO:
             "completion_len": float(batch.lengths.mean()),
             "dt": time.time() - t0,
         }
-        if self.task is not None and hasattr(self.task, "correct"):
+        if hasattr(self.task, "correct"):
             stats["accuracy"] = float(np.mean([self.task.correct(p, c) for p, g in zip(prompts, texts) for c in g]))
         return stats
 

@@ -241,9 +241,7 @@ class TextStreamer:
                 continue
             self.pending = self.pending[cut:]
             return text
-        text = self.pending.decode("utf-8", errors="replace")  # not UTF-8 at all: give up holding it
-        self.pending = b""
-        return text
+        return self.flush()  # not UTF-8 at all: give up holding it
 
     def flush(self) -> str:
         text, self.pending = self.pending.decode("utf-8", errors="replace"), b""

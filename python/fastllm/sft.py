@@ -104,10 +104,8 @@ def with_chat_tokens(tokenizer):
             ranks[tokenizer.token_to_bytes(i)] = i
         except ValueError:
             continue  # a gap in the ids
-    nxt = tokenizer.n_vocab
-    for s in missing:
-        specials[s] = nxt
-        nxt += 1
+    for k, s in enumerate(missing):
+        specials[s] = tokenizer.n_vocab + k
     return Tokenizer(ranks, tokenizer.pattern, specials)
 
 
@@ -335,8 +333,7 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
         raise ValueError(
             f"tokenizer {tok_path} has {base_tok.n_vocab} ids but the base model only {base.config.vocab_size}"
         )
-    own_tokenizer = cfg.tokenizer is None
-    chat = chat_format(base.checkpoint_dir, base_tok) if own_tokenizer else None
+    chat = chat_format(base.checkpoint_dir, base_tok) if cfg.tokenizer is None else None
     if isinstance(chat, ChatTemplate):  # the checkpoint's own template: nothing to add
         tok, model = base_tok, base
     else:

@@ -325,8 +325,6 @@ def last_task_metrics(rows: list[dict]) -> dict[str, float]:
     return {k: v for r in rows for k, v in r.items() if "/" in k}
 
 
-
-
 def setup_run(cfg, log=print):
     """Before any data is read: fail now if cfg.device cannot run here, join the other ranks if launched by MPI (and
     take this rank's GPU), and set the threads (cfg.threads; with several ranks on a node, by default their share
@@ -461,7 +459,7 @@ class LMStage(Stage):
 
     def __init__(self, kind: str, cfg: TrainConfig, init_model: Callable[[], GPT], train_loader, val_loader=None,
                  tokenizer: Tokenizer | None = None, task_eval: TrainEval | None = None):
-        self.kind, self.cfg, self._init_model = kind, cfg, init_model
+        self.kind, self.cfg, self.init_model = kind, cfg, init_model  # (Stage.init_model)
         self.train_loader, self.val_loader, self.tokenizer = train_loader, val_loader, tokenizer
         self.task_eval = task_eval
         ranks, micro = distributed.world().size, cfg.batch_size * cfg.seq_len
@@ -472,9 +470,6 @@ class LMStage(Stage):
                              f"batch_size*seq_len={micro} tokens, which {ranks} ranks cannot share equally: make it a "
                              f"multiple of {micro * ranks}")
         self.tokens = 0  # trained on by this run
-
-    def init_model(self) -> GPT:
-        return self._init_model()
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         try:
