@@ -24,6 +24,7 @@ from fastllm.checkpoint import load_model  # noqa: E402
 from fastllm.fileio import load_safetensors, save_safetensors  # noqa: E402
 from fastllm.model import GPT, GPTConfig  # noqa: E402
 from fastllm.sample import generate  # noqa: E402
+from fastllm.tokenizer import Tokenizer  # noqa: E402
 
 V, T_MAX = 301, 64
 BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
@@ -347,6 +348,54 @@ def test_convert_keeps_the_chat_files(qwen2_dir, tmp_path):
     assert auto.apply_chat_template(msgs, tokenize=False) == \
         transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(msgs, tokenize=False)
 
+
+# Qwen2.5's template (without tools) with {% generation %} around each assistant reply, as transformers'
+# return_assistant_tokens_mask needs: it renders the same text as QWEN25_TEMPLATE.
+QWEN25_GENERATION = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- generation %}{{- message.content + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}{%- elif not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["generation", "incremental"])
+def test_chat_template_masks_match_transformers(template, tmp_path):
+    """SFT on a checkpoint's own chat template: the ids and the assistant mask of a conversation equal
+    transformers' apply_chat_template(return_assistant_tokens_mask=True), both from {% generation %} blocks and,
+    for a template without them (Qwen2.5's), from rendering the conversation turn by turn."""
+    pytest.importorskip("jinja2")
+    from hf_families import CONVERSATIONS, QWEN25_TEMPLATE, build_tokenizer, write_folder
+
+    tok = build_tokenizer("qwen2", vocab_size=400)
+    gen = write_folder(tmp_path / "generation", tok, "qwen2", chat_template=QWEN25_GENERATION, eos="<|im_end|>")
+    write_folder(tmp_path / "incremental", tok, "qwen2", chat_template=QWEN25_TEMPLATE, eos="<|im_end|>")
+    auto = transformers.AutoTokenizer.from_pretrained(gen)
+    ours = chat.chat_format(tmp_path / template, Tokenizer.from_pretrained(tmp_path / template))
+    extra = [{"role": "user", "content": "Sum?"}, {"role": "assistant", "content": "4\n\n"},
+             {"role": "user", "content": "ok"}, {"role": "assistant", "content": ""}]
+    for msgs in [*CONVERSATIONS, extra]:
+        assert ours.text(msgs) == auto.apply_chat_template(msgs, tokenize=False)
+        want = auto.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = ours.render(msgs)
+        assert ids.tolist() == list(want["input_ids"])
+        assert mask.tolist() == list(want["assistant_masks"]), msgs
+        if template == "incremental":
+            assert mask.sum() == sum(len(tok.encode(m["content"] + "<|im_end|>").ids) for m in msgs
+                                     if m["role"] == "assistant")
+
+
+def test_chat_template_that_renders_nothing(tmp_path):
+    """A template whose text is empty (a {% generation %} block around nothing) gives no ids, not an error."""
+    from tiny import byte_tokenizer
+
+    fmt = chat.ChatTemplate("{% for m in messages %}{% generation %}{% endgeneration %}{% endfor %}",
+                            byte_tokenizer(), stop_tokens=[0])
+    ids, mask = fmt.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+    assert ids.size == 0 and mask.size == 0
 
 
 def hub_folder(family: str, folder):

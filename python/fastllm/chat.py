@@ -275,7 +275,7 @@ class ChatTemplate:
         # byte offset of every token, and of every span edge in the normalized text
         sizes = np.asarray([len(self.tokenizer.token_to_bytes(t)) for t in ids.tolist()], np.int64)
         starts = np.cumsum(sizes) - sizes
-        edge, pos = {}, 0
+        edge, pos = {0: 0}, 0  # (an empty text has no pieces; its spans are at 0)
         for (a, b), piece in zip(zip(cuts, cuts[1:]), pieces):
             edge[a] = pos
             pos += len(piece.encode("utf-8"))
