@@ -444,6 +444,34 @@ def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_cli_sft_of_a_hub_folder_keeps_its_template(family, tmp_path, monkeypatch, capsys):
+    """`fastllm sft --base <HF folder>` trains on the checkpoint's own chat template (no ChatML tokens added), writes
+    its tokenizer files and EOS ids beside the checkpoints, and `fastllm chat` on the result answers as taught."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    import io
+
+    from fastllm import cli
+
+    hub_folder(family, tmp_path / "base")
+    conv = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                         {"role": "assistant", "content": "Blue."}]}  # (a system message: Qwen's default is long)
+    (tmp_path / "conv.jsonl").write_text((json.dumps(conv) + "\n") * 8)
+    assert cli.main(["sft", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "conv.jsonl"), "--out",
+                     str(tmp_path / "out"), "--max-steps", "40", "--batch-size", "2", "--seq-len", "64", "--lr",
+                     "1e-2", "--warmup-steps", "2", "--eval-every", "0", "--val-fraction", "0", "--no-progress"]) == 0
+    base_tok = checkpoint.checkpoint_tokenizer(tmp_path / "base", checkpoint.find_tokenizer(tmp_path / "base"))
+    model = load_model(tmp_path / "out")
+    assert model.config.vocab_size == GPT.from_pretrained(tmp_path / "base").config.vocab_size  # no tokens added
+    assert chat.eos_token_ids(tmp_path / "out") == chat.eos_token_ids(tmp_path / "base", base_tok)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a colour.\n"))
+    assert cli.main(["chat", "--ckpt", str(tmp_path / "out"), "--system", "Be brief.", "--temperature", "0",
+                     "-n", "8"]) == 0
+    assert capsys.readouterr().out.strip() == "Blue."
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
     """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its
     BOS token) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS ids."""
