@@ -618,6 +618,32 @@ def test_warc_reader_matches_warcio():
         assert ours == ref and len(ours) == 5
 
 
+def test_http_content_encodings():
+    """Chunked transfer and gzip/deflate content encodings are undone; a body the crawler already decoded is kept;
+    one that starts as gzip and breaks off is dropped and counted, like an undecodable deflate body."""
+    import gzip
+    import zlib
+
+    html = b"<html><body><p>" + b"words " * 500 + b"</p></body></html>"
+    raw = zlib.compressobj(wbits=-15)
+    raw_deflate = raw.compress(html) + raw.flush()
+    pieces = [html[i:i + 700] for i in range(0, len(html), 700)]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    cases = [  # (content-encoding, transfer-encoding, body, what comes out: the html or None)
+        ("gzip", "", gzip.compress(html), html), ("x-gzip", "", gzip.compress(html), html),
+        ("deflate", "", zlib.compress(html), html), ("deflate", "", raw_deflate, html),
+        ("", "chunked", chunked, html), ("identity", "", html, html),
+        ("gzip", "", html, html),  # already decoded by the crawler
+        ("gzip", "", gzip.compress(html)[:-40], None), ("deflate", "", b"\x00\xffnot deflate", None),
+        ("br", "", html, None),
+    ]
+    for enc, te, body, want in cases:
+        stats = C.readers.Counter()
+        got = C.readers._http_body(body, {"content-encoding": enc, "transfer-encoding": te}, stats)
+        assert got == want, (enc, te)
+        assert sum(stats.values()) == (want is None), (enc, stats)
+
+
 def test_truncated_warc_gz_is_reported(tmp_path):
     rng = random.Random(32)
     pages = [[prose(rng, 6), prose(rng, 6)] for _ in range(3)]

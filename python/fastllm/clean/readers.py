@@ -562,8 +562,12 @@ def _http_body(body: bytes, http: dict[str, str], stats: Counter) -> bytes | Non
         try:
             body = zlib.decompress(body, 47 if enc != "deflate" else 15)
         except zlib.error:
-            try:
-                body = zlib.decompress(body, -15) if enc == "deflate" else body
+            try:  # deflate: maybe raw (no zlib header); gzip: kept if the crawler already decoded it, but a body
+                # that starts with gzip's magic bytes and does not decompress is broken (truncated, say)
+                if enc == "deflate":
+                    body = zlib.decompress(body, -15)
+                elif body.startswith(b"\x1f\x8b"):
+                    raise
             except zlib.error:
                 stats["read.dropped.bad_content_encoding"] += 1
                 return None
