@@ -19,17 +19,15 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 
 
-def _optional(cfg, name: str) -> bool:
-    """A field may be None only where its declared default is None."""
-    return any(f.name == name and f.default is None for f in dataclasses.fields(cfg))
+def _given(cfg, names) -> list[tuple[str, object]]:
+    """(name, value) of each field, leaving out a None where the field's declared default is None."""
+    optional = {f.name for f in dataclasses.fields(cfg) if f.default is None}
+    return [(name, getattr(cfg, name)) for name in names if getattr(cfg, name) is not None or name not in optional]
 
 
 def at_least(cfg, minimum: int, *names: str) -> None:
     """Each field is an integer >= minimum (or None where that is the field's default)."""
-    for name in names:
-        v = getattr(cfg, name)
-        if v is None and _optional(cfg, name):
-            continue
+    for name, v in _given(cfg, names):
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
 
@@ -37,10 +35,7 @@ def at_least(cfg, minimum: int, *names: str) -> None:
 def number(cfg, *names: str, low: float = 0.0, high: float = math.inf, low_open: bool = False,
            high_open: bool = False) -> None:
     """Each field is a finite number in the interval low..high (bounds included unless *_open)."""
-    for name in names:
-        v = getattr(cfg, name)
-        if v is None and _optional(cfg, name):
-            continue
+    for name, v in _given(cfg, names):
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
         if not ok:

@@ -17,6 +17,7 @@ kernels cannot raise).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -94,10 +95,8 @@ def carve(specs: dict[str, tuple[tuple[int, ...], str]], align: int = 256) -> di
         if dtype not in sizes:
             raise TypeError(f"dtype of {name} must be one of {sorted(sizes)}, got {dtype!r}")
         offsets[name] = total
-        n = sizes[dtype]
-        for d in shape:
-            n *= int(d)
-        total += -(-n // align) * align
+        nbytes = sizes[dtype] * math.prod(int(d) for d in shape)
+        total += -(-nbytes // align) * align
     arena = empty((max(total, 4) // 4,), "float32")
     return {name: arena.view_as(offsets[name], shape, dtype) for name, (shape, dtype) in specs.items()}
 

@@ -569,10 +569,8 @@ class ShardedAdamW(AdamW):
 
     def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
         super().step(lr, grad_scale)
-        mdl = self.model
-        self.world.allgather_(mdl.params)
-        if mdl.cparams is not mdl.params:
-            mdl.bk.copy_(mdl.cparams, mdl.params)
+        self.world.allgather_(self.model.params)
+        self.model._sync_compute_copy()  # a bf16 compute copy follows the gathered parameters
 
     def state_dict(self) -> dict:
         part = super().state_dict()

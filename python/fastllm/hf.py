@@ -47,6 +47,7 @@ import numpy as np
 
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig
+from .rope import ROPE_TYPES
 from .version import __version__
 
 CONFIG_FILE = "config.json"
@@ -62,7 +63,6 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = tuple(ARCHITECTURES)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
-ROPE_TYPES = ("default", "linear", "llama3")
 _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                       layer_norm_epsilon=1e-5)  # fmt: skip
 _SKIP = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)|(model\.)?layers\.\d+\.self_attn\.rotary_emb"
@@ -88,8 +88,7 @@ def _rope(d: dict, bad) -> tuple[float, dict | None]:
     theta = params.pop("rope_theta", None)
     if theta is not None and "rope_theta" in d and d["rope_theta"] != theta:
         raise bad(f"rope_theta={d['rope_theta']} differs from rope_parameters.rope_theta={theta}")
-    theta = _positive_number({"rope_theta": theta if theta is not None else d.get("rope_theta", 10000.0)},
-                             "rope_theta", None, bad)
+    theta = _positive_number(d if theta is None else {"rope_theta": theta}, "rope_theta", 10000.0, bad)
     scaling = d.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         raise bad(f"rope_scaling must be an object or null, got {scaling!r}")
@@ -406,7 +405,6 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
         raise FileNotFoundError(f"{cfg_path} not found")
     doc = read_json(cfg_path)
     cfg = config_from_hf(doc, str(cfg_path))
-    config_type = doc["model_type"]
     files, wmap = _weight_files(folder)  # before allocating the model
     model = cls(cfg, init=False)
     slots = tensor_map(cfg)
@@ -455,7 +453,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
                              f"(tie_word_embeddings): fastllm cannot load an untied head under a tied config")
         tensors.release(name)
     model.pretrained_dir = model.checkpoint_dir = folder
-    model.hf_model_type = config_type  # save_pretrained writes the same family back where it can
+    model.hf_model_type = doc["model_type"]  # save_pretrained writes the same family back where it can
     return model
 
 
@@ -470,12 +468,8 @@ def _all_finite(a: np.ndarray, rows: int = 4096) -> bool:
 
 def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     """The model's tensors under transformers' names and layouts (see tensor_map; the tied lm-head left out)."""
-    p = _host_views(model)
+    p = model.state_dict()
     return {name: np.ascontiguousarray(slot.view(p)) for name, slot in tensor_map(model.config).items()}
-
-
-def _host_views(model: GPT) -> dict:
-    return model.state_dict() if model.device != "cpu" else model.p
 
 
 def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None,
@@ -493,7 +487,8 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
     state = hf_state_dict(model)
     meta = {"format": "pt"}  # transformers refuses safetensors files without it
     old = set(folder.glob("model-*-of-*.safetensors"))
-    if max_shard_bytes is None or sum(a.nbytes for a in state.values()) <= max_shard_bytes:
+    total = sum(a.nbytes for a in state.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
         save_safetensors(folder / WEIGHTS_FILE, state, meta)
         (folder / INDEX_FILE).unlink(missing_ok=True)
         written = set()
@@ -513,7 +508,6 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
             save_safetensors(folder / fname, shard, meta)
             wmap.update({name: fname for name in shard})
             written.add(folder / fname)
-        total = sum(a.nbytes for a in state.values())
         write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": wmap})
         (folder / WEIGHTS_FILE).unlink(missing_ok=True)
     for f in old - written:

@@ -153,8 +153,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}")
         return cls(**d)
@@ -528,12 +527,10 @@ class GPT:
         if self.training:
             bk.zero_(a["dlnf"])
             bk.zero_(a["dhead"])
-            bk.lmhead_ce(a["lnf"], pc[self.head], a["targets"], grad_scale=scale, dhidden=a["dlnf"],
-                         dweight=a["dhead"], row_weights=rw, scratch=a["lm_scratch"], losses=a["losses"], softcap=cap)
-            self._ready_for_backward = True
-        else:
-            bk.lmhead_ce(a["lnf"], pc[self.head], a["targets"], backward=False, scratch=a["lm_scratch"],
-                         losses=a["losses"], softcap=cap)
+        bk.lmhead_ce(a["lnf"], pc[self.head], a["targets"], grad_scale=scale, backward=self.training,
+                     dhidden=a["dlnf"], dweight=a["dhead"], row_weights=rw, scratch=a["lm_scratch"],
+                     losses=a["losses"], softcap=cap)
+        self._ready_for_backward = self.training
         losses = np.array(bk.to_numpy(a["losses"]), np.float32).reshape(B, T)  # the step's one readback
         self.token_losses = losses
         if weights is None:
@@ -569,17 +566,14 @@ class GPT:
                          a["ln1_mean"][l], a["ln1_rstd"][l])
             # qkv = [q | k | v] = ln1 @ W^T (+ b), then QK-norm (Qwen3) and RoPE on the q and k heads
             qkv = a["qkv"][l]
+            raw = a["qkv_raw"][l] if cfg.qk_norm else qkv  # QK-norm's input, kept for the backward
+            bk.matmul_forward(a["ln1"][l], pl["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=raw)
             if cfg.qk_norm:
-                raw = a["qkv_raw"][l]
-                bk.matmul_forward(a["ln1"][l], pl["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=raw)
                 bk.copy_(qkv, raw)  # the v rows; the norms below overwrite the q and k rows
                 raw4, qkv4 = raw.reshape((B, T, R, hd)), qkv.reshape((B, T, R, hd))
-                bk.rmsnorm_forward(raw4, pl["attn.q_norm.weight"][l], cfg.layernorm_eps, out=qkv4,
-                                   rstd=a["q_rstd"][l], heads=(0, NH))
-                bk.rmsnorm_forward(raw4, pl["attn.k_norm.weight"][l], cfg.layernorm_eps, out=qkv4,
-                                   rstd=a["k_rstd"][l], heads=(NH, NH + NKV))
-            else:
-                bk.matmul_forward(a["ln1"][l], pl["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=qkv)
+                for name, rstd, heads in (("attn.q_norm.weight", a["q_rstd"][l], (0, NH)),
+                                          ("attn.k_norm.weight", a["k_rstd"][l], (NH, NH + NKV))):
+                    bk.rmsnorm_forward(raw4, pl[name][l], cfg.layernorm_eps, out=qkv4, rstd=rstd, heads=heads)
             if self.rope is not None:
                 bk.rope_forward(qkv.reshape((B, T, W)), *self.rope, NH, out=qkv.reshape((B, T, W)), n_kv_head=NKV)
             bk.attention_forward(qkv.reshape((B, T, W)), NH, out=a["atty"][l].reshape((B, T, NH * hd)),
@@ -622,6 +616,7 @@ class GPT:
         B, T = self._BT
         L, NH, NKV, C, hd = cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.head_size
         W, R, A = cfg.qkv_width, NH + 2 * NKV, NH * hd
+        act_backward = {"gelu": bk.gelu_backward, "relu2": bk.relu2_backward, "swiglu": bk.swiglu_backward}[cfg.mlp]
 
         def linear_backward(dout, inp, name, l, dinp):  # a linear layer's gradients (its bias only if it has one)
             bias = gl.get(name[:-len("weight")] + "bias")
@@ -640,12 +635,7 @@ class GPT:
             for k in ("dfch_act", "dfch", "dln"):
                 bk.zero_(a[k])
             linear_backward(dres, a["fch_act"][l], "mlp.c_proj.weight", l, a["dfch_act"])
-            if cfg.mlp == "gelu":
-                bk.gelu_backward(a["dfch_act"], a["fch"][l], dx=a["dfch"])
-            elif cfg.mlp == "relu2":
-                bk.relu2_backward(a["dfch_act"], a["fch"][l], dx=a["dfch"])
-            else:
-                bk.swiglu_backward(a["dfch_act"], a["fch"][l], dgate_up=a["dfch"])
+            act_backward(a["dfch_act"], a["fch"][l], a["dfch"])
             linear_backward(a["dfch"], a["ln2"][l], "mlp.c_fc.weight", l, a["dln"])
             norm_backward(bk, cfg, a["dln"], a["residual2"][l], pl["ln_2.weight"][l], a["ln2_mean"][l],
                           a["ln2_rstd"][l], dres, gl["ln_2.weight"][l], _at(gl, "ln_2.bias", l))
@@ -660,10 +650,9 @@ class GPT:
                 bk.rope_backward(dqkv, *self.rope, NH, dqkv=dqkv, n_kv_head=NKV)
             if cfg.qk_norm:  # in place: the q and k rows become the gradients of the raw projection, v passes
                 raw4, d4 = a["qkv_raw"][l].reshape((B, T, R, hd)), a["dqkv"].reshape((B, T, R, hd))
-                bk.rmsnorm_backward(d4, raw4, pl["attn.q_norm.weight"][l], a["q_rstd"][l], dx=d4,
-                                    dweight=gl["attn.q_norm.weight"][l], heads=(0, NH))
-                bk.rmsnorm_backward(d4, raw4, pl["attn.k_norm.weight"][l], a["k_rstd"][l], dx=d4,
-                                    dweight=gl["attn.k_norm.weight"][l], heads=(NH, NH + NKV))
+                for name, rstd, heads in (("attn.q_norm.weight", a["q_rstd"][l], (0, NH)),
+                                          ("attn.k_norm.weight", a["k_rstd"][l], (NH, NH + NKV))):
+                    bk.rmsnorm_backward(d4, raw4, pl[name][l], rstd, dx=d4, dweight=gl[name][l], heads=heads)
             linear_backward(a["dqkv"], a["ln1"][l], "attn.c_attn.weight", l, a["dln"])
             norm_backward(bk, cfg, a["dln"], residual, pl["ln_1.weight"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
                           dres, gl["ln_1.weight"][l], _at(gl, "ln_1.bias", l))
@@ -776,7 +765,8 @@ class KVCache:
         if len(rows) != self.B:
             raise ValueError(f"prefill needs {self.B} prompts, got {len(rows)}")
         rows = [np.asarray(r, np.int32).reshape(-1) for r in rows]
-        if min(len(r) for r in rows) == 0:
+        common = min(len(r) for r in rows)
+        if common == 0:
             raise ValueError("prefill needs non-empty prompts")
         cfg = self.model.config
         for b, r in enumerate(rows):  # check everything before the cache changes
@@ -784,7 +774,6 @@ class KVCache:
                 raise ValueError(f"prompt {b}: token ids outside [0, {cfg.vocab_size})")
             if int(self.pos[b]) + len(r) > self.max_len:
                 raise ValueError(f"prompt {b} would exceed the cache length max_len={self.max_len}")
-        common = min(len(r) for r in rows)
         logits = self._forward(np.stack([r[:common] for r in rows]), 0)
         for b, r in enumerate(rows):
             if len(r) > common:
@@ -872,16 +861,14 @@ class KVCache:
             # snapshot: the same numbers) where the CPU has bf16 hardware; elsewhere fp32 is faster (measured)
         x = u["x"]
         # token (+ position) embedding; learned position rows start at each sequence's pos (a view of wpe)
-        if self.model.rope is not None:
-            bk.embedding_forward(u["idx"], pc["wte"], None, out=x.reshape((b, Tn, C)))
-        elif (pos == pos[0]).all():
-            bk.embedding_forward(u["idx"], pc["wte"], bk.view(pc["wpe"], int(pos[0]) * C, (Tn, C)),
-                                 out=x.reshape((b, Tn, C)))
-        else:
+        if m.rope is None and not (pos == pos[0]).all():  # rows at different positions: one call per row
             for i in range(b):
                 wpe_i = bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C))
                 bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"], wpe_i,
                                      out=bk.view(x, i * Tn * C, (1, Tn, C)))
+        else:
+            wpe = None if m.rope is not None else bk.view(pc["wpe"], int(pos[0]) * C, (Tn, C))
+            bk.embedding_forward(u["idx"], pc["wte"], wpe, out=x.reshape((b, Tn, C)))
         per_layer = self.B * NKV * Tm * hs
         qkv, qkv4 = u["qkv"].reshape((b, Tn, W)), u["qkv"].reshape((b, Tn, R, hs))
         for l in range(cfg.n_layer):

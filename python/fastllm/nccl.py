@@ -77,7 +77,6 @@ _SIGNATURES = {  # name: (argtypes, restype); ncclComm_t and cudaStream_t are po
     "ncclCommInitRank": ([ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, _UniqueId, ctypes.c_int], ctypes.c_int),
     "ncclCommDestroy": ([ctypes.c_void_p], ctypes.c_int),
     "ncclCommAbort": ([ctypes.c_void_p], ctypes.c_int),
-    "ncclCommGetAsyncError": ([ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
     "ncclAllReduce": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
     "ncclReduceScatter": ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -228,12 +227,6 @@ class Communicator:
         """buf = root's buf on every rank (in place)."""
         sp, rp, n, dt = collective_args("broadcast", buf, buf, self.nranks)
         _check(self.lib.ncclBroadcast(sp, rp, n, dt, root, self.comm, None), "ncclBroadcast", self.comm)
-
-    def async_error(self) -> str | None:
-        """An error NCCL met in the background (a peer gone, a network failure), or None."""
-        res = ctypes.c_int()
-        _check(self.lib.ncclCommGetAsyncError(self.comm, ctypes.byref(res)), "ncclCommGetAsyncError", self.comm)
-        return None if res.value in (0, 7) else RESULTS.get(res.value, str(res.value))
 
     def abort(self) -> None:
         """Tear the communicator down without waiting for the peers (after a timeout or a failed rank)."""

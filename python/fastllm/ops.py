@@ -372,9 +372,7 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
     rw = _row_weights(row_weights, targets)
     V = logits.shape[-1]
     losses = np.empty(targets.shape, np.float32) if losses is None else losses
-    dlogits = None
-    if backward:
-        dlogits = logits if inplace else np.empty_like(logits)
+    dlogits = (logits if inplace else np.empty_like(logits)) if backward else None
     _C.softmax_ce(_view(losses), None if dlogits is None else _view(dlogits, V), _view(logits, V),
                   _view(targets), float(grad_scale), int(ignore_index), rw, softcap_arg(softcap))
     return losses, dlogits
@@ -400,11 +398,8 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
     rw = _row_weights(row_weights, targets)
     C = hidden.shape[-1]
     losses = np.empty(targets.shape, np.float32) if losses is None else losses
-    if backward:
-        dhidden = _out(dhidden, "dhidden", hidden.shape)
-        dweight = _out(dweight, "dweight", weight.shape)
-    else:
-        dhidden = dweight = None
+    dhidden = _out(dhidden, "dhidden", hidden.shape) if backward else None
+    dweight = _out(dweight, "dweight", weight.shape) if backward else None
     _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
                  _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw,
                  softcap_arg(softcap), _bf16(dtype))
