@@ -13,10 +13,10 @@ import math
 import os
 from collections.abc import Collection
 
-from . import cuda
+from . import backend, cuda
 
-DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "bfloat16")
+DEVICES = backend.DEVICES
+DTYPES = backend.DTYPES["cpu"]  # the compute dtypes a config may name (the same two on both devices)
 
 
 def _given(cfg, names) -> list[tuple[str, object]]:

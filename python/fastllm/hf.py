@@ -430,7 +430,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
                 raise ValueError(f"{file}: tensor {name!r} duplicates {filled[key]!r}")
             dtype = tensors.dtype(name)
             if dtype not in ("F32", "F16", "BF16", "F64"):
-                raise ValueError(f"{file}: tensor {name!r} has dtype {dtype}, expected F32, F16 or BF16")
+                raise ValueError(f"{file}: tensor {name!r} has dtype {dtype}, expected F32, F16, BF16 or F64")
             dst = slots[key].view(model.p)
             if tensors.shape(name) != dst.shape:
                 raise ValueError(f"{file}: tensor {name!r} has shape {tensors.shape(name)}, config.json needs "
