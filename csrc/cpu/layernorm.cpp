@@ -27,20 +27,22 @@ at DRAM bandwidth, so hand-written intrinsics were not tried.
 namespace fastllm::cpu {
 
 // ---------------------------------------------------------------------------------------------------------
-// the rows (the spec), compiled per ISA by the wrappers below. The row sum for the mean is accumulated in double:
-// a float sum loses ~1e-4 relative accuracy in the mean at |x| ~ 1000 (then so does every output), unless the
-// compiler happens to split it into lane-parallel partial sums; double makes that independent of the build (an
-// unvectorized ASAN build, say). The variance sums centred values, which float handles.
+// the rows (the spec), compiled per ISA by the wrappers below. The mean sums x - x[0] (the shifted-data sum): a
+// plain float sum of x loses ~1e-4 relative accuracy in the mean at |x| ~ 1000 (then so does every output) unless
+// the compiler happens to split it into lane-parallel partial sums; shifted, its error scales with the spread of
+// the row rather than its offset, in any build (an unvectorized ASAN build, say), for one subtraction per element
+// (a double accumulator would cost a conversion per element). The variance sums centred values too.
 
 static FASTLLM_INLINE void layernorm_forward_rows(float* out, float* mean, float* rstd, const float* inp,
                                                   const float* weight, const float* bias, int64_t n0, int64_t n1,
                                                   int64_t C, float eps) {
     for (int64_t n = n0; n < n1; n++) {
         const float* x = inp + n * C;
-        double s = 0;
+        const float x0 = x[0];
+        float s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < C; i++) s += x[i];
-        const float m = float(s / C);
+        for (int64_t i = 0; i < C; i++) s += x[i] - x0;
+        const float m = x0 + s / C;
         float v = 0;
 #pragma omp simd reduction(+ : v)
         for (int64_t i = 0; i < C; i++) v += (x[i] - m) * (x[i] - m);
