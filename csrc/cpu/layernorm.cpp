@@ -27,22 +27,26 @@ at DRAM bandwidth, so hand-written intrinsics were not tried.
 namespace fastllm::cpu {
 
 // ---------------------------------------------------------------------------------------------------------
-// the rows (the spec), compiled per ISA by the wrappers below. The mean sums x - x[0] (the shifted-data sum): a
-// plain float sum of x loses ~1e-4 relative accuracy in the mean at |x| ~ 1000 (then so does every output) unless
-// the compiler happens to split it into lane-parallel partial sums; shifted, its error scales with the spread of
-// the row rather than its offset, in any build (an unvectorized ASAN build, say), for one subtraction per element
-// (a double accumulator would cost a conversion per element). The variance sums centred values too.
+// the rows (the spec), compiled per ISA by the wrappers below. The mean's sum runs in 16 partial sums, as a
+// vectorized float sum does anyway, written out so that every build (an unvectorized ASAN one, say) computes it
+// the same way: one running float sum loses ~1e-4 relative accuracy in the mean at |x| ~ 1000, and then so does
+// every output. (Summing x - x[0] instead fails on rows whose mean is near 0; a double sum converts every element.)
+// The variance sums centred values.
 
 static FASTLLM_INLINE void layernorm_forward_rows(float* out, float* mean, float* rstd, const float* inp,
                                                   const float* weight, const float* bias, int64_t n0, int64_t n1,
                                                   int64_t C, float eps) {
     for (int64_t n = n0; n < n1; n++) {
         const float* x = inp + n * C;
-        const float x0 = x[0];
+        float part[16] = {};
+        int64_t k = 0;
+        for (; k + 16 <= C; k += 16)
+#pragma omp simd
+            for (int j = 0; j < 16; j++) part[j] += x[k + j];
         float s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < C; i++) s += x[i] - x0;
-        const float m = x0 + s / C;
+        for (; k < C; k++) s += x[k];
+        for (int j = 0; j < 16; j++) s += part[j];
+        const float m = s / C;
         float v = 0;
 #pragma omp simd reduction(+ : v)
         for (int64_t i = 0; i < C; i++) v += (x[i] - m) * (x[i] - m);
