@@ -472,6 +472,32 @@ def test_cli_sft_of_a_hub_folder_keeps_its_template(family, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_serve_a_hub_folder_with_its_template(family, tmp_path):
+    """`fastllm serve` of a hub folder renders /v1/chat/completions with the folder's own chat template (Llama 3's
+    has no ChatML tokens) and stops at its EOS ids: through the official openai client, the greedy answer and
+    the prompt's token count are transformers' for apply_chat_template's prompt."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    pytest.importorskip("starlette")
+    openai = pytest.importorskip("openai")
+    from starlette.testclient import TestClient
+
+    from fastllm.serve import Engine, load
+    from fastllm.serve.app import create_app
+
+    ref, auto = hub_folder(family, tmp_path / family)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    prompt = auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    want = hf_greedy(ref, auto, prompt, 12)
+    model, tok = load(tmp_path / family)
+    with TestClient(create_app(Engine(model, tok, max_batch=2), "m")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
     """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its
     BOS token) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS ids."""

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chat import ChatML, has_chatml
 from ..options import THREADS, option
 from ..sample import DECODE_DTYPES, check_decode_dtype
 from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, kv_slot_bytes, load
@@ -116,14 +117,16 @@ def serve(cfg: ServeConfig, log=None) -> None:
     engine = Engine(model, tok, slots, cfg.max_len, cfg.max_queue, weights, cfg.threads)
     name = cfg.model_name or model_name(cfg.ckpt)
     api_key = cfg.api_key or os.environ.get("FASTLLM_API_KEY") or None
-    app = create_app(engine, name, api_key, tuple(cfg.allow_origins))
+    # the checkpoint's own chat template (or ChatML); with another tokenizer, ChatML if it has the tokens
+    chat = "auto" if cfg.tokenizer is None else ChatML(tok) if has_chatml(tok) else None
+    app = create_app(engine, name, api_key, tuple(cfg.allow_origins), chat)
     sock = _listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     chat = app.state.served.chat
     log(f"fastllm serve: {name} ({model.num_parameters / 1e6:.2f}M parameters, {cfg.device} {model.dtype}"
         f"{f' with {weights} decode weights' if weights != 'float32' else ''}, "
-        f"{'chat template' if chat else 'no chat template: /v1/completions only'}), context {engine.max_len} "
+        f"{f'chat: {chat.name}' if chat else 'no chat template: /v1/completions only'}), context {engine.max_len} "
         f"tokens, {slots} slots, KV cache {engine.kv_bytes / 2**20:.1f} MiB, "
         f"{engine.threads} threads{', API key required' if api_key else ''}")
     log(f"fastllm serve: listening on {url} (chat page {url}/, API {url}/v1)")

@@ -7,9 +7,11 @@ engine events into stream chunks, `Call.response()` builds the non-streamed body
 
 Semantics (OpenAI's, where it defines them):
 - chat: messages (string content or text parts; role "developer" is a system message) are rendered with the
-  checkpoint's ChatML template (`fastllm.sft.render_prompt`); generation stops at <|im_end|> or <|endoftext|>.
-  A model whose tokenizer lacks <|im_start|>/<|im_end|> (a base model) answers 400 with code
-  "chat_template_missing": use /v1/completions, or fine-tune it with `fastllm sft`.
+  model's chat format (`fastllm.chat.chat_format`): the checkpoint folder's own template (a Llama 3 or Qwen2.5
+  folder's Jinja2 chat template; generation stops at its EOS ids), else fastllm's ChatML (`fastllm.sft.
+  render_prompt`; generation stops at <|im_end|> or <|endoftext|>). A model with neither (a base model: no
+  template and no <|im_start|>/<|im_end|> tokens) answers 400 with code "chat_template_missing": use
+  /v1/completions, or fine-tune it with `fastllm sft`.
 - completions: prompt is a string, a list of strings, a list of token ids or a list of lists of token ids
   (text may contain special tokens such as <|endoftext|>, as in `fastllm sample`; an empty prompt is
   <|endoftext|>); generation stops at <|endoftext|>. max_tokens defaults to 16 (chat: the rest of the context).
@@ -55,17 +57,13 @@ class APIError(Exception):
 
 
 class ServedModel:
-    """What the API layer knows of the model: its name, tokenizer, context, chat tokens, slots."""
+    """What the API layer knows of the model: its name, tokenizer, context, slots, and chat format (a
+    fastllm.chat ChatTemplate or ChatML: `prompt(messages)` and `stop_tokens`; None: no chat)."""
 
-    def __init__(self, name: str, tokenizer, max_len: int, max_batch: int, vocab_size: int):
-        from ..sft import IM_END, IM_START
-
+    def __init__(self, name: str, tokenizer, max_len: int, max_batch: int, vocab_size: int, chat=None):
         self.name, self.tokenizer, self.max_len, self.max_batch = name, tokenizer, max_len, max_batch
-        self.vocab_size = vocab_size
-        specials = tokenizer.special_tokens
-        self.eot = specials.get("<|endoftext|>")
-        self.im_end = specials.get(IM_END)
-        self.chat = IM_START in specials and IM_END in specials
+        self.vocab_size, self.chat = vocab_size, chat
+        self.eot = tokenizer.special_tokens.get("<|endoftext|>")
         self.created = int(time.time())
         self._strings: dict[int, tuple[str, list[int]]] = {}
 
@@ -440,8 +438,6 @@ def _messages(value) -> list[dict]:
 
 def parse_chat(body, served: ServedModel) -> Call:
     """A /v1/chat/completions body -> Call (APIError on bad input)."""
-    from ..sft import render_prompt
-
     _check_fields(body, CHAT_FIELDS)
     check_model(body, served)
     if "messages" not in body:
@@ -464,18 +460,18 @@ def parse_chat(body, served: ServedModel) -> Call:
     modalities = _get(body, "modalities", "array")
     if modalities is not None and modalities != ["text"]:
         raise _unsupported("modalities", f"{modalities!r}")
-    if not served.chat:
-        raise APIError(400, f"The model `{served.name}` has no chat template: its tokenizer lacks the <|im_start|> "
-                            "and <|im_end|> tokens (a base model). Use /v1/completions, or fine-tune it with "
-                            "`fastllm sft`.", "messages", "chat_template_missing")
+    if served.chat is None:
+        raise APIError(400, f"The model `{served.name}` has no chat template: none in its folder, and its tokenizer "
+                            "lacks the <|im_start|> and <|im_end|> tokens (a base model). Use /v1/completions, or "
+                            "fine-tune it with `fastllm sft`.", "messages", "chat_template_missing")
     try:
-        ids = render_prompt(msgs, served.tokenizer).tolist()
+        ids = served.chat.prompt(msgs).tolist()
     except ValueError as e:
         raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
     max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     m = _fit(served, len(ids), max_tokens, None, "messages", name)
-    stops = [t for t in (served.im_end, served.eot) if t is not None]
-    req = Request(prompts=[ids], max_tokens=m, stop_tokens=stops, logprobs=(top or 0) if logprobs else None, **common)
+    req = Request(prompts=[ids], max_tokens=m, stop_tokens=list(served.chat.stop_tokens),
+                  logprobs=(top or 0) if logprobs else None, **common)
     return Call("chat", served, req, stream, include_usage)
 
 

@@ -33,6 +33,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..chat import ChatML, chat_format, has_chatml
 from . import api
 from .api import APIError, Call, ServedModel
 from .engine import Engine, EngineClosed, QueueFull
@@ -88,10 +89,16 @@ async def _disconnected(request: HTTPRequest) -> None:
         pass
 
 
-def create_app(engine: Engine, name: str, api_key: str | None = None, allow_origins: tuple[str, ...] = ()
-               ) -> Starlette:
-    """The ASGI app serving `engine`'s model as `name`; it starts the engine on startup, stops it on shutdown."""
-    served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.model.config.vocab_size)
+def create_app(engine: Engine, name: str, api_key: str | None = None, allow_origins: tuple[str, ...] = (),
+               chat="auto") -> Starlette:
+    """The ASGI app serving `engine`'s model as `name`; it starts the engine on startup, stops it on shutdown.
+    chat: the chat format of /v1/chat/completions (None: none); "auto": the model folder's own template, else
+    ChatML where the tokenizer has its tokens (fastllm.chat.chat_format)."""
+    if chat == "auto":
+        folder, tok = getattr(engine.model, "checkpoint_dir", None), engine.tokenizer
+        chat = chat_format(folder, tok) if folder is not None else ChatML(tok) if has_chatml(tok) else None
+    served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.model.config.vocab_size,
+                         chat)
     page = resources.files("fastllm.serve").joinpath("static", "chat.html").read_bytes()
 
     def authorize(request: HTTPRequest) -> None:
