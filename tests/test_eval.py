@@ -371,7 +371,7 @@ def test_chat_models_get_chatml_prompts(tmp_path, monkeypatch):
     model = GPT(GPTConfig(block_size=64, vocab_size=chat_tok.n_vocab, n_layer=1, n_head=1, n_embd=8))
     rep = evaluate(model, chat_tok, "gen", data=path, template="Q: {prompt}\nA:")
     want = render_prompt([{"role": "user", "content": "Q: 2+2?\nA:"}], chat_tok).tolist()
-    assert seen["rows"] == [want] and seen["stop_tokens"] == (chat_tok.special_tokens["<|im_end|>"],)
+    assert seen["rows"] == [want] and seen["stop_tokens"] == (chat_tok.special_tokens["<|im_end|>"], EOT)
     assert rep["metrics"]["exact_match"] == 1.0
     evaluate(model, chat_tok, "gen", data=path, chat=False, template="Q: {prompt}\nA:", stop=["\n\n"])
     assert seen["rows"] == [chat_tok.encode_ordinary("Q: 2+2?\nA:").tolist()] and seen["stop"] == ["\n\n"]
@@ -568,7 +568,7 @@ def test_bad_inputs_for_other_tasks(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"question": "2+2?", "answer": "4"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: field 'answer' has no '#### <final answer>'"):
         evaluate(CostModel({}), tok, "gen", data=str(tmp_path / "p.jsonl"))
-    with pytest.raises(ValueError, match="chat prompts need a tokenizer"):
+    with pytest.raises(ValueError, match="chat prompts need a chat template"):
         (tmp_path / "q.jsonl").write_text('{"prompt": "2+2=", "answer": "4"}\n')
         m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=1, n_embd=8))
         evaluate(m, tok, "gen", data=str(tmp_path / "q.jsonl"), chat=True, max_new_tokens=2)

@@ -497,6 +497,29 @@ def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
 
 
+def test_eval_prompts_of_a_hub_folder_use_its_template(tmp_path):
+    """Generative evaluation (`fastllm eval --task gen`) and the lm-eval adapter's apply_chat_template render a hub
+    folder's prompts with its own template, as transformers' apply_chat_template does, and stop at its EOS ids."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    from fastllm.eval import chat_of, prompt_ids
+    from fastllm.serve import load
+
+    _, auto = hub_folder("llama3", tmp_path / "llama3")
+    model, tok = load(tmp_path / "llama3")
+    msgs = [{"role": "user", "content": "Q: 2+2?"}]
+    fmt = chat_of(model, tok)
+    want = auto.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt_ids(tok, "2+2?", fmt, "Q: {prompt}").tolist() == list(want)
+    assert set(fmt.stop_tokens) == set(chat.eos_token_ids(tmp_path / "llama3", tok))
+    assert chat_of(model, tok, chat=False) is None
+    pytest.importorskip("lm_eval")
+    from fastllm.eval.harness import FastLLM
+
+    lm = FastLLM(model=model, tokenizer=tok)
+    assert lm.apply_chat_template(msgs) == auto.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
     """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its

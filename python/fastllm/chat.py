@@ -376,11 +376,11 @@ def eos_token_ids(folder: str | os.PathLike, tokenizer=None) -> list[int]:
     return out
 
 
-def chat_format(folder: str | os.PathLike, tokenizer, variables: dict | None = None):
+def chat_format(folder: str | os.PathLike | None, tokenizer, variables: dict | None = None):
     """The chat format of a checkpoint folder (see the module doc): a ChatTemplate (its template, its special
-    tokens, its EOS ids), else ChatML when the tokenizer has <|im_start|>/<|im_end|>, else None.
-    `variables`: template options (e.g. {"enable_thinking": False})."""
-    found = read_template(folder)
+    tokens, its EOS ids), else ChatML when the tokenizer has <|im_start|>/<|im_end|>, else None. folder None (a
+    model built in memory): ChatML or None. `variables`: template options (e.g. {"enable_thinking": False})."""
+    found = read_template(folder) if folder is not None else None
     if found is None:
         return ChatML(tokenizer) if has_chatml(tokenizer) else None
     source, where = found

@@ -12,8 +12,9 @@ Tasks (`evaluate(model, tokenizer, task, data=..., ...)`, `fastllm eval --task T
     gen       generative exact match on JSONL problems ({"prompt", "answer"} or GSM8K's question / "#### 42"):
               the answer is extracted from the completion as RL rewards do (fastllm.tasks), greedy
               (exact_match) or `samples` completions at `temperature` (pass@1 and pass@k, Chen et al.'s unbiased
-              estimator). Chat models (tokenizers with <|im_start|>/<|im_end|>) get the ChatML prompt of
-              fastllm.chat; base models the prompt text (through `template`, e.g. "Question: {prompt}\\nAnswer:").
+              estimator). Chat models get their checkpoint folder's chat template, or fastllm's ChatML
+              (tokenizers with <|im_start|>/<|im_end|>; fastllm.chat.chat_format); base models the prompt
+              text (through `template`, e.g. "Question: {prompt}\\nAnswer:").
     addition, sort   the RL tasks of fastllm.tasks on `limit` generated prompts (default 200, `seed`), as gen.
 Accuracies come with their standard error (sample standard deviation / sqrt(n), as lm-eval reports).
 
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checks, distributed
-from ..chat import IM_END, IM_START, render_prompt
+from ..chat import chat_format
 from ..fileio import write_json
 from ..options import option
 from .data import Choice, load_documents, load_multiple_choice, token_bytes
@@ -74,7 +75,8 @@ class EvalConfig:
                                               "context, whichever is less)")
     samples: int = option(1, "gen: completions per problem; > 1 reports pass@k (needs --temperature > 0)")
     temperature: float = option(0.0, "gen: sampling temperature (0: greedy)")
-    chat: bool | None = option(None, "gen: ChatML prompts (default: when the tokenizer has <|im_start|>/<|im_end|>)")
+    chat: bool | None = option(None, "gen: chat prompts, in the checkpoint's chat template or ChatML (default: when "
+                                     "it has one)")
     template: str = option("{prompt}", "gen: prompt text around each problem, e.g. 'Question: {prompt}\\nAnswer:' "
                                        "(\\n and \\t stand for a newline and a tab on the command line)")
     stop: Sequence[str] = option((), "gen: stop strings, e.g. '\\n\\n' (<|endoftext|> and <|im_end|> always stop) "
@@ -171,26 +173,31 @@ def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int =
     return recs
 
 
-def _is_chat(tokenizer, chat: bool | None) -> bool:
-    has = IM_START in tokenizer.special_tokens and IM_END in tokenizer.special_tokens
-    if chat and not has:
-        raise ValueError("chat prompts need a tokenizer with <|im_start|> and <|im_end|> (a fine-tuned checkpoint)")
-    return has if chat is None else bool(chat)
+def chat_of(model, tokenizer, chat: bool | None = None):
+    """The chat format generative prompts use (fastllm.chat): the checkpoint folder's own template, else ChatML
+    where the tokenizer has <|im_start|>/<|im_end|>; None for plain text (a base model, or chat=False)."""
+    if chat is False:
+        return None
+    fmt = chat_format(getattr(model, "checkpoint_dir", None), tokenizer)
+    if chat and fmt is None:
+        raise ValueError("chat prompts need a chat template: a checkpoint folder with one, or a tokenizer with "
+                         "<|im_start|> and <|im_end|> (a fine-tuned checkpoint)")
+    return fmt
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool, template: str = "{prompt}") -> np.ndarray:
-    """The tokens a generative task feeds the model: the template around the prompt, as a ChatML user turn
-    followed by the assistant header (fastllm.chat.render_prompt) for chat models, else as plain text."""
+def prompt_ids(tokenizer, prompt: str, chat=None, template: str = "{prompt}") -> np.ndarray:
+    """The tokens a generative task feeds the model: the template around the prompt, as a user turn followed by
+    the assistant header in the chat format `chat` (chat_of) for chat models, else (None) as plain text."""
     text = template.replace("{prompt}", prompt)
-    return render_prompt([{"role": "user", "content": text}], tokenizer) if chat else tokenizer.encode_ordinary(text)
+    return chat.prompt([{"role": "user", "content": text}]) if chat else tokenizer.encode_ordinary(text)
 
 
 def gen_records(model, tokenizer, task, prompts: Sequence[str], cfg: EvalConfig, seed: int = 0, bar=None
                 ) -> list[dict]:
     """Per prompt: the reference answer, `cfg.samples` completions and whether each is correct (task.correct)."""
-    chat = _is_chat(tokenizer, cfg.chat)
+    chat = chat_of(model, tokenizer, cfg.chat)
     rows = [prompt_ids(tokenizer, p, chat, cfg.template) for p in prompts for _ in range(cfg.samples)]
-    stop_tokens = (tokenizer.special_tokens[IM_END],) if chat else ()
+    stop_tokens = tuple(chat.stop_tokens) if chat else ()
     n_new = cfg.max_new_tokens or min(256, model.config.block_size // 2)
     comps = generate_until(model, tokenizer, rows, n_new, stop=cfg.stop, stop_tokens=stop_tokens,
                            temperature=cfg.temperature, seed=seed, batch_size=cfg.batch_size, progress=bar)
@@ -439,5 +446,5 @@ class TrainEval:
 
 
 __all__ = ["EvalConfig", "TrainEval", "check_train_eval", "evaluate", "format_report", "load", "load_items",
-           "metrics", "pass_at_k", "prompt_ids",
+           "metrics", "pass_at_k", "prompt_ids", "chat_of",
            "bpb_records", "mc_records", "gen_records", "score_continuations", "window_requests", "generate_until"]

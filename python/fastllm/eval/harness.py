@@ -8,7 +8,8 @@
         predictions, each with as much context as fits (the harness' get_rolling_token_windows).
     generate_until(context, gen_kwargs) -> text: greedy (or sampled, do_sample/temperature), until the stop
         strings, <|endoftext|> or max_gen_toks.
-Chat models: apply_chat_template renders fastllm's ChatML (fastllm.sft).
+<|endoftext|> stands for the checkpoint's eos_token where the tokenizer has none (Llama 3).
+Chat models: apply_chat_template renders the checkpoint folder's own chat template, else fastllm's ChatML.
 
 >>> import lm_eval
 >>> from fastllm.eval.harness import FastLLM
@@ -30,7 +31,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from tqdm.auto import tqdm
 
-from ..chat import EOT, IM_END, IM_START
+from ..chat import EOT, IM_END, IM_START, ChatTemplate, chat_format, special_token_strings, tokenizer_config
 from . import load
 from .scoring import generate_until, score_continuations, window_requests
 
@@ -51,9 +52,16 @@ class FastLLM(TemplateLM):
             model, tokenizer = load(pretrained, tokenizer, device=device, dtype=dtype)
         elif tokenizer is None or isinstance(tokenizer, str):
             raise ValueError("FastLLM(model=...) needs the model's Tokenizer object as tokenizer=")
-        if tokenizer.eot_token is None:
-            raise ValueError("the tokenizer has no <|endoftext|> token (the harness' prefix and end of text)")
+        folder = getattr(model, "checkpoint_dir", None)
+        # the harness' prefix and end of text: <|endoftext|>, else the checkpoint's eos_token (as lm-eval's HF
+        # models use the tokenizer's eos: Llama 3's <|eot_id|> or <|end_of_text|>)
+        eos = special_token_strings(tokenizer_config(folder)).get("eos_token") if folder is not None else None
+        self.eot = tokenizer.eot_token if tokenizer.eot_token is not None else tokenizer.special_tokens.get(eos)
+        if self.eot is None:
+            raise ValueError("the tokenizer has no <|endoftext|> token and the checkpoint names no eos_token "
+                             "(the harness' prefix and end of text)")
         self.model, self.tok = model.eval(), tokenizer
+        self.chat = chat_format(folder, tokenizer)  # its own template, or ChatML
         self.batch_tokens, self.max_gen_toks = int(batch_tokens), int(max_gen_toks)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # the harness may pass "auto"
 
@@ -61,7 +69,7 @@ class FastLLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return self.tok.eot_token
+        return self.eot
 
     @property
     def max_length(self) -> int:
@@ -125,12 +133,15 @@ class FastLLM(TemplateLM):
         return out
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """fastllm's ChatML (fastllm.chat) as text; tok_encode turns its special tokens back into ids."""
+        """The checkpoint folder's chat template, else fastllm's ChatML (fastllm.chat), as text; tok_encode turns
+        its special tokens back into ids."""
+        if isinstance(self.chat, ChatTemplate):
+            return self.chat.text(chat_history, add_generation_prompt=add_generation_prompt)
         text = EOT + "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in chat_history)
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return "chatml"
+        return self.chat.template if isinstance(self.chat, ChatTemplate) else "chatml"
 
 
 def simple_evaluate(model, tokenizer, tasks: list[str], limit: int | float | None = None,

@@ -33,7 +33,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..chat import ChatML, chat_format, has_chatml
+from ..chat import chat_format
 from . import api
 from .api import APIError, Call, ServedModel
 from .engine import Engine, EngineClosed, QueueFull
@@ -95,8 +95,7 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
     chat: the chat format of /v1/chat/completions (None: none); "auto": the model folder's own template, else
     ChatML where the tokenizer has its tokens (fastllm.chat.chat_format)."""
     if chat == "auto":
-        folder, tok = getattr(engine.model, "checkpoint_dir", None), engine.tokenizer
-        chat = chat_format(folder, tok) if folder is not None else ChatML(tok) if has_chatml(tok) else None
+        chat = chat_format(getattr(engine.model, "checkpoint_dir", None), engine.tokenizer)
     served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.model.config.vocab_size,
                          chat)
     page = resources.files("fastllm.serve").joinpath("static", "chat.html").read_bytes()
