@@ -461,9 +461,10 @@ def parse_chat(body, served: ServedModel) -> Call:
     if modalities is not None and modalities != ["text"]:
         raise _unsupported("modalities", f"{modalities!r}")
     if served.chat is None:
-        raise APIError(400, f"The model `{served.name}` has no chat template: none in its folder, and its tokenizer "
-                            "lacks the <|im_start|> and <|im_end|> tokens (a base model). Use /v1/completions, or "
-                            "fine-tune it with `fastllm sft`.", "messages", "chat_template_missing")
+        raise APIError(400, f"The model `{served.name}` has no chat template: none in its folder (or a --tokenizer "
+                            "replaced the folder's), and its tokenizer lacks the <|im_start|> and <|im_end|> tokens "
+                            "(a base model). Use /v1/completions, or fine-tune it with `fastllm sft`.", "messages",
+                       "chat_template_missing")
     try:
         ids = served.chat.prompt(msgs).tolist()
     except ValueError as e:
