@@ -20,6 +20,8 @@ The class is registered with the harness as "fastllm" (lm_eval.api.registry) onc
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 try:
@@ -31,8 +33,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from tqdm.auto import tqdm
 
-from ..chat import EOT, IM_END, IM_START, ChatTemplate, chat_format, special_token_strings, tokenizer_config
-from . import load
+from ..chat import EOT, IM_END, IM_START, ChatTemplate, special_token_strings, tokenizer_config
+from . import chat_of, load
 from .scoring import generate_until, score_continuations, window_requests
 
 
@@ -61,7 +63,6 @@ class FastLLM(TemplateLM):
             raise ValueError("the tokenizer has no <|endoftext|> token and the checkpoint names no eos_token "
                              "(the harness' prefix and end of text)")
         self.model, self.tok = model.eval(), tokenizer
-        self.chat = chat_format(folder, tokenizer)  # its own template, or ChatML
         self.batch_tokens, self.max_gen_toks = int(batch_tokens), int(max_gen_toks)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # the harness may pass "auto"
 
@@ -131,6 +132,11 @@ class FastLLM(TemplateLM):
                     out[i] = t
                     self.cache_hook.add_partial("generate_until", requests[i].args, t)
         return out
+
+    @functools.cached_property
+    def chat(self):
+        """The checkpoint's chat format (eval.chat_of), read when a task first asks for chat prompts."""
+        return chat_of(self.model, self.tok)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The checkpoint folder's chat template, else fastllm's ChatML (fastllm.chat), as text; tok_encode turns

@@ -118,8 +118,8 @@ def serve(cfg: ServeConfig, log=None) -> None:
     name = cfg.model_name or model_name(cfg.ckpt)
     api_key = cfg.api_key or os.environ.get("FASTLLM_API_KEY") or None
     # the checkpoint's own chat template (or ChatML); with another tokenizer, ChatML if it has the tokens
-    chat = "auto" if cfg.tokenizer is None else ChatML(tok) if has_chatml(tok) else None
-    app = create_app(engine, name, api_key, tuple(cfg.allow_origins), chat)
+    fmt = "auto" if cfg.tokenizer is None else ChatML(tok) if has_chatml(tok) else None
+    app = create_app(engine, name, api_key, tuple(cfg.allow_origins), fmt)
     sock = _listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
