@@ -398,9 +398,10 @@ def test_chat_template_that_renders_nothing(tmp_path):
     assert ids.size == 0 and mask.size == 0
 
 
-def hub_folder(family: str, folder):
+def hub_folder(family: str, folder, **config):
     """A random transformers model of `family` (llama3, qwen2) saved with its tokenizer.json, chat template and
-    generation_config.json EOS ids, like a folder from the hub. -> (the transformers model, its AutoTokenizer)."""
+    generation_config.json EOS ids, like a folder from the hub; `config` overrides BASE. -> (the transformers
+    model, its AutoTokenizer)."""
     from hf_families import LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
 
     template, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>")}[family]
@@ -410,7 +411,7 @@ def hub_folder(family: str, folder):
     prefix = {"llama3": "Llama", "qwen2": "Qwen2"}[family]
     ids = [tok.token_to_id(t) for t in ends]
     cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, "vocab_size": tok.get_vocab_size(),
-                                                       "num_key_value_heads": 2, "eos_token_id": ids})
+                                                       "num_key_value_heads": 2, "eos_token_id": ids, **config})
     ref = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
     ref.save_pretrained(folder)
     write_folder(folder, tok, family, chat_template=template, eos=eos, generation_eos=ends)
@@ -443,6 +444,20 @@ def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsy
     assert capsys.readouterr().out.strip() == want.strip()
 
 
+def sft_to_answer_blue(family: str, tmp_path) -> None:
+    """`fastllm sft --base <HF folder of family>` (tmp_path/base) -> tmp_path/out, taught to answer "Name a
+    colour." with "Blue." in the folder's own chat template (no system message: Qwen's template puts in its long
+    default one, hence a context of 128)."""
+    from fastllm import cli
+
+    hub_folder(family, tmp_path / "base", max_position_embeddings=128)
+    conv = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
+    (tmp_path / "conv.jsonl").write_text((json.dumps(conv) + "\n") * 8)
+    assert cli.main(["sft", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "conv.jsonl"), "--out",
+                     str(tmp_path / "out"), "--max-steps", "40", "--batch-size", "2", "--seq-len", "128", "--lr",
+                     "1e-2", "--warmup-steps", "2", "--eval-every", "0", "--val-fraction", "0", "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_cli_sft_of_a_hub_folder_keeps_its_template(family, tmp_path, monkeypatch, capsys):
     """`fastllm sft --base <HF folder>` trains on the checkpoint's own chat template (no ChatML tokens added), writes
@@ -453,22 +468,39 @@ def test_cli_sft_of_a_hub_folder_keeps_its_template(family, tmp_path, monkeypatc
 
     from fastllm import cli
 
-    hub_folder(family, tmp_path / "base")
-    conv = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
-                         {"role": "assistant", "content": "Blue."}]}  # (a system message: Qwen's default is long)
-    (tmp_path / "conv.jsonl").write_text((json.dumps(conv) + "\n") * 8)
-    assert cli.main(["sft", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "conv.jsonl"), "--out",
-                     str(tmp_path / "out"), "--max-steps", "40", "--batch-size", "2", "--seq-len", "64", "--lr",
-                     "1e-2", "--warmup-steps", "2", "--eval-every", "0", "--val-fraction", "0", "--no-progress"]) == 0
+    sft_to_answer_blue(family, tmp_path)
     base_tok = checkpoint.checkpoint_tokenizer(tmp_path / "base", checkpoint.find_tokenizer(tmp_path / "base"))
     model = load_model(tmp_path / "out")
     assert model.config.vocab_size == GPT.from_pretrained(tmp_path / "base").config.vocab_size  # no tokens added
     assert chat.eos_token_ids(tmp_path / "out") == chat.eos_token_ids(tmp_path / "base", base_tok)
     capsys.readouterr()
     monkeypatch.setattr(sys, "stdin", io.StringIO("Name a colour.\n"))
-    assert cli.main(["chat", "--ckpt", str(tmp_path / "out"), "--system", "Be brief.", "--temperature", "0",
-                     "-n", "8"]) == 0
+    assert cli.main(["chat", "--ckpt", str(tmp_path / "out"), "--temperature", "0", "-n", "8"]) == 0
     assert capsys.readouterr().out.strip() == "Blue."
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_cli_rl_of_a_chat_model_prompts_in_its_template(family, tmp_path, capsys):
+    """`fastllm rl` of a chat model rolls out in its chat template, the completions ending at its EOS ids: the SFT
+    model above answers the held-out problem exactly from the first evaluation on (plain-text prompts and a
+    <|endoftext|> stop scored 0, and a Llama 3 folder, without <|endoftext|>, was refused). --no-chat prompts in
+    plain text and stops at the folder's EOS ids."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    from fastllm import cli
+    from fastllm.plot import read_log
+
+    sft_to_answer_blue(family, tmp_path)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Name a colour.", "answer": "Blue"}) + "\n")
+    common = ["--ckpt", str(tmp_path / "out"), "--data", str(tmp_path / "p.jsonl"), "--steps", "1",
+              "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--eval-every", "1",
+              "--eval-prompts", "1", "--no-progress"]
+    capsys.readouterr()
+    assert cli.main(["rl", "--out", str(tmp_path / "rl"), *common]) == 0
+    assert "prompts: chat (chat template)" in capsys.readouterr().out
+    assert [r["eval_accuracy"] for r in read_log(tmp_path / "rl" / "log.jsonl") if "eval_accuracy" in r] == [1.0, 1.0]
+    assert cli.main(["rl", "--out", str(tmp_path / "plain"), "--no-chat", *common]) == 0
+    assert "prompts: plain text" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])

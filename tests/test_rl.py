@@ -36,6 +36,7 @@ from fastllm.rl import (
     load_preferences,
     pack,
     policy_backward,
+    sample_completions,
     score,
     token_logprobs,
     train_grpo,
@@ -536,6 +537,29 @@ def test_bad_reward_function_names_the_prompt(bad, match):
     g = GRPO(m, m, byte_tokenizer(), bad, RLConfig(ckpt="", group_size=2, max_new_tokens=2))
     with pytest.raises(RewardError, match=r"prompt '3\+4='"):
         g.step(["3+4="], seed=0)
+
+
+def test_rollouts_of_a_chat_model_are_user_turns():
+    """A tokenizer with ChatML's tokens (a `fastllm sft` model): each prompt is rolled out as a user turn followed by
+    the assistant header, ending at <|im_end|> or <|endoftext|>; RLConfig(chat=False) keeps plain text. A tokenizer
+    without <|endoftext|> and no checkpoint folder naming an EOS has nothing to stop at: a clear error."""
+    from fastllm.chat import ChatML
+    from fastllm.sft import with_chat_tokens
+
+    tok = with_chat_tokens(byte_tokenizer())
+    m = GPT(GPTConfig(block_size=32, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=8), seed=0)
+    reward = lambda p, c: 0.0  # noqa: E731
+    g = GRPO(m, m, tok, reward, RLConfig(ckpt="", group_size=2, max_new_tokens=3))
+    assert isinstance(g.chat, ChatML) and set(g.chat.stop_tokens) == {tok.special_tokens["<|im_end|>"], EOT}
+    rows, comps, texts = sample_completions(m, tok, ["3+4="], 2, 3, seed=0, chat=g.chat)
+    assert rows == [g.chat.prompt([{"role": "user", "content": "3+4="}]).tolist()] * 2
+    assert rows[0].count(tok.special_tokens["<|im_start|>"]) == 2  # the user's turn, the assistant's header
+    plain = GRPO(m, m, tok, reward, RLConfig(ckpt="", group_size=2, max_new_tokens=3, chat=False))
+    assert plain.chat is None
+    assert sample_completions(m, tok, ["3+4="], 2, 3, seed=0)[0] == [tok.encode_ordinary("3+4=").tolist()] * 2
+    bare = fastllm.Tokenizer({bytes([b]): b for b in range(256)})
+    with pytest.raises(ValueError, match="no token ends a completion"):
+        sample_completions(m, bare, ["3+4="], 2, 3, seed=0)
 
 
 def test_malformed_preferences_name_the_line(tmp_path):

@@ -19,6 +19,11 @@ Reward model (RLHF): a GPT backbone + scalar head on the final hidden state of t
 appended to prompt + completion), trained on JSONL preference pairs {"prompt", "chosen", "rejected"} with the
 Bradley-Terry loss -log sigmoid(r_chosen - r_rejected); `RewardScorer` turns it into a reward function for GRPO.
 
+Prompts: a chat model (a checkpoint folder with its own chat template, or a tokenizer with fastllm's ChatML tokens
+from `fastllm sft`) gets each problem as a user turn followed by the assistant header, and its completions end at
+the template's end-of-turn tokens, as in `fastllm chat` and `fastllm eval`; a base model gets the plain text and
+stops at <|endoftext|> (or its folder's EOS ids) (`--chat` / `--no-chat` to choose).
+
 Tasks and rewards live in fastllm.tasks: the built-in "addition" ("12+34=" -> "46") and "sort" ("sort 3142=" ->
 "1234"), JSONL problems (`--data`, {"prompt", "answer"} or GSM8K's form) with exact-match + format rewards, and
 your own reward function (`--reward module:function`).
@@ -41,9 +46,10 @@ from pathlib import Path
 import numpy as np
 
 from . import checks, distributed
+from .chat import eos_token_ids
 from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_heads, load_model, resolve
 from .data import Epochs
-from .eval import TrainEval, check_train_eval
+from .eval import TrainEval, chat_of, check_train_eval, prompt_ids
 from .fileio import iter_jsonl, write_json
 from .model import GPT
 from .optim import AdamW
@@ -135,13 +141,14 @@ class Batch:
         return self.mask / (self.lengths[:, None] * len(self.lengths))
 
 
-def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], adv, pad: int = 0) -> Batch:
-    """Rows prompt + completion -> Batch (inputs are the row without its last token)."""
+def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], adv) -> Batch:
+    """Rows prompt + completion -> Batch (inputs are the row without its last token, right-padded with token 0
+    after its end: causal attention keeps the padding out of the row's logits, and it has no targets)."""
     rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     if any(len(c) == 0 for c in completion_ids):
         raise ValueError("every completion needs at least one token")
     N, T = len(rows), max(len(r) for r in rows) - 1
-    idx = np.full((N, T), pad, np.int32)
+    idx = np.zeros((N, T), np.int32)
     targets = np.full((N, T), -1, np.int32)
     for i, (r, p) in enumerate(zip(rows, prompt_ids)):
         idx[i, : len(r) - 1] = r[:-1]
@@ -204,27 +211,38 @@ def sample_completions(
     max_new_tokens: int,
     temperature: float = 1.0,
     seed: int | None = None,
+    chat=None,
 ):
-    """G completions per prompt in one batched, KV-cached generation. Returns (prompt_ids (P*G rows),
-    completion_ids (P*G, with the final <|endoftext|> if generated), texts (P lists of G strings, without it))."""
-    eot = tokenizer.eot_token
-    if eot is None:
-        raise ValueError("the tokenizer has no <|endoftext|> token to end completions with")
-    ids = [[int(t) for t in tokenizer.encode(p)] for p in prompts]
+    """G completions per prompt in one batched, KV-cached generation, the prompts in the chat format `chat`
+    (fastllm.eval.chat_of) or, None, as plain text. Returns (prompt_ids (P*G rows), completion_ids (P*G, with the
+    final stop token if generated: the format's end of turn, else <|endoftext|> or the checkpoint's EOS), texts
+    (P lists of G strings, without it))."""
+    if chat:
+        stops = tuple(chat.stop_tokens)
+    elif tokenizer.eot_token is not None:
+        stops = (tokenizer.eot_token,)
+    else:  # a base model from the hub whose tokenizer has no <|endoftext|> (Llama 3): its folder's EOS ids
+        folder = getattr(model, "checkpoint_dir", None)
+        stops = tuple(eos_token_ids(folder, tokenizer)) if folder is not None else ()
+    if not stops:
+        raise ValueError("no token ends a completion: the tokenizer has no <|endoftext|> and the checkpoint names "
+                         "no EOS id")
+    ids = [prompt_ids(tokenizer, p, chat).tolist() for p in prompts]
     rows = [r for r in ids for _ in range(group_size)]
     was = model.training
-    out = generate(model.eval(), rows, max_new_tokens, temperature=temperature, stop_tokens=(eot,), seed=seed)
+    out = generate(model.eval(), rows, max_new_tokens, temperature=temperature, stop_tokens=stops, seed=seed)
     model.train(was)
     comps = [o[len(r) :] for o, r in zip(out, rows)]
-    texts = [tokenizer.decode(c[:-1] if c and c[-1] == eot else c) for c in comps]
+    texts = [tokenizer.decode(c[:-1] if c and c[-1] in stops else c) for c in comps]
     return rows, comps, [texts[i * group_size : (i + 1) * group_size] for i in range(len(prompts))]
 
 
 def evaluate(
-    model: GPT, tokenizer, task, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+    model: GPT, tokenizer, task, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+    chat=None,
 ) -> float:
     """Fraction of prompts whose completion the task marks correct (greedy by default)."""
-    _, _, texts = sample_completions(model, tokenizer, prompts, 1, max_new_tokens, temperature, seed)
+    _, _, texts = sample_completions(model, tokenizer, prompts, 1, max_new_tokens, temperature, seed, chat)
     return float(np.mean([task.correct(p, t[0]) for p, t in zip(prompts, texts)]))
 
 
@@ -256,6 +274,8 @@ class RLConfig:
     group_size: int = option(8, "G: completions sampled per prompt (>= 2: advantages compare them)")
     max_new_tokens: int = option(8, "tokens per completion at most")
     temperature: float = option(1.0, "sampling temperature of the rollouts")
+    chat: bool | None = option(None, "prompts as a user turn in the checkpoint's chat template or ChatML, "
+                                     "completions ending at its end of turn (default: when it has one)")
     lr: float = option(1e-4, "AdamW learning rate (constant)")
     beta: float = option(0.04, "weight of the per-token KL penalty to the reference policy (k3 estimator)")
     clip_eps: float = option(0.2, "PPO clip: probability ratios to the sampling policy are clipped to "
@@ -308,17 +328,18 @@ class GRPO:
         self.model, self.ref, self.tokenizer, self.reward_fn, self.cfg = model, ref.eval(), tokenizer, reward_fn, cfg
         self.task = task
         self.opt = opt or AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
+        self.chat = chat_of(model, tokenizer, cfg.chat)  # the prompts' format: None for plain text
 
     def step(self, prompts: Sequence[str], seed: int | None = None, lr: float | None = None) -> dict:
         """Roll out, score and update (cfg.iterations AdamW updates at `lr`, default cfg.lr); returns statistics."""
         cfg, model = self.cfg, self.model
         t0 = time.time()
-        prompt_ids, comp_ids, texts = sample_completions(
-            model, self.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, seed
+        rows, comp_ids, texts = sample_completions(
+            model, self.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, seed, self.chat
         )
         rewards = score(self.reward_fn, prompts, texts)
         adv = group_advantages(rewards)
-        batch = pack(prompt_ids, comp_ids, adv, pad=self.tokenizer.eot_token)
+        batch = pack(rows, comp_ids, adv)
         old = token_logprobs(model, batch.idx, batch.targets)
         ref = token_logprobs(self.ref, batch.idx, batch.targets)
         for it in range(cfg.iterations):
@@ -349,8 +370,8 @@ class GRPOStage(Stage):
     show = ("reward", "kl", "accuracy", "eval_accuracy")
 
     def __init__(self, cfg: RLConfig, task, reward_fn: RewardFn, tokenizer, eval_task=None,
-                 task_eval: TrainEval | None = None):
-        self.cfg, self.task, self.reward_fn, self.tokenizer = cfg, task, reward_fn, tokenizer
+                 task_eval: TrainEval | None = None, log=print):
+        self.cfg, self.task, self.reward_fn, self.tokenizer, self.log = cfg, task, reward_fn, tokenizer, log
         self.task_eval = task_eval  # --eval-task
         self.eval_task = eval_task or task
         if eval_task is not None:  # held-out problems (--eval-data)
@@ -375,12 +396,14 @@ class GRPOStage(Stage):
         if self.cfg.prompts_per_step % ranks:
             raise ValueError(f"prompts_per_step={self.cfg.prompts_per_step} must be a multiple of the {ranks} ranks, "
                              "which each roll out an equal share")
-        longest = max((len(self.tokenizer.encode(p)) for p in self.eval_set), default=0)
+        chat = chat_of(model, self.tokenizer, self.cfg.chat)
+        longest = max((len(prompt_ids(self.tokenizer, p, chat)) for p in self.eval_set), default=0)
         if longest + self.cfg.max_new_tokens > model.config.block_size:
             raise ValueError(f"prompts of {longest} tokens + max_new_tokens={self.cfg.max_new_tokens} do not fit "
                              f"the model's context of {model.config.block_size} tokens (fewer --digits?)")
         ref = load_model(self.ref_dir, self.cfg.device, checks.compute_dtype(self.cfg))
         self.grpo = GRPO(model, ref, self.tokenizer, self.reward_fn, self.cfg, self.task, opt)
+        self.log(f"prompts: {f'chat ({chat.name})' if chat else 'plain text'}")
 
     def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
         world = distributed.world()
@@ -397,7 +420,7 @@ class GRPOStage(Stage):
     def evaluate(self, step: int) -> dict:
         acc = distributed.world().average(  # each rank scores its share of the held-out set
             self.eval_set, lambda part: evaluate(self.model, self.tokenizer, self.eval_task, part,
-                                                 self.cfg.max_new_tokens))
+                                                 self.cfg.max_new_tokens, chat=self.grpo.chat))
         return {"eval_accuracy": acc, **self.task_metrics()}
 
     def state_dict(self) -> dict:
@@ -432,7 +455,7 @@ def train_grpo(
         f"{'model ' + cfg.reward_model if cfg.reward_model else cfg.reward or 'verifiable'}, "
         f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
     )
-    stage = GRPOStage(cfg, task, reward_fn, tokenizer, eval_task, TrainEval.of(cfg, tokenizer))
+    stage = GRPOStage(cfg, task, reward_fn, tokenizer, eval_task, TrainEval.of(cfg, tokenizer), log)
     r = fit(stage, Loop.of(cfg, tokenizer=tok_path), progress, log)
     last = next((row for row in reversed(r["rows"]) if "reward" in row), {})
     acc = series(r["rows"], "eval_accuracy")
