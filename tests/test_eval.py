@@ -561,6 +561,9 @@ def test_bad_inputs_for_other_tasks(tmp_path):
     (tmp_path / "docs.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
     with pytest.raises(ValueError, match=r"docs.jsonl:2: .*'text'"):
         load_documents(tmp_path / "docs.jsonl", tok)
+    assert len(load_documents(tmp_path / "docs.jsonl", tok, limit=1)) == 1  # the bad line is not read
+    with pytest.raises(ValueError, match="no documents"):
+        load_documents(tmp_path / "docs.jsonl", tok, limit=0)
     with pytest.raises(ValueError, match="needs data"):
         EvalConfig(task="bpb")
     with pytest.raises(ValueError, match="stride"):

@@ -452,7 +452,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
             raise ValueError(f"{file}: {name} differs from the token embedding, but config.json ties them "
                              f"(tie_word_embeddings): fastllm cannot load an untied head under a tied config")
         tensors.release(name)
-    model.pretrained_dir = model.checkpoint_dir = folder
+    model.checkpoint_dir = folder
     model.hf_model_type = doc["model_type"]  # save_pretrained writes the same family back where it can
     return model
 

@@ -19,6 +19,7 @@ Every loader raises ValueError naming file:line and the missing or bad field.
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,11 +187,7 @@ def load_documents(paths, tokenizer, limit: int | None = None, split: str = "val
     eot = tokenizer.eot_token
     if eot is None:
         raise ValueError("the tokenizer has no <|endoftext|> token to start documents with")
-    docs = []
-    for text in iter_documents(_input_files([str(p) for p in paths])):
-        docs.append(text)
-        if limit is not None and len(docs) >= limit:
-            break
+    docs = list(itertools.islice(iter_documents(_input_files([str(p) for p in paths])), limit))
     if not docs:
         raise ValueError(f"no documents in {', '.join(map(str, paths))}")
     encoded = tokenizer.encode_batch(docs, disallowed_special=())
