@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -395,3 +397,58 @@ def test_cli_prepare_warns_in_one_line(tmp_path, tok_path, capsys):
     assert main(["prepare", str(tmp_path / "one.txt"), "--tokenizer", str(tok_path), "--out",
                  str(tmp_path / "one.txt"), "--no-progress"]) == 1
     assert "fastllm: error: --out" in capsys.readouterr().err
+
+
+def write_parquet(path, rows: list[dict]) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)  # several row groups, as big files have
+
+
+def vocab(tok) -> list[bytes]:
+    return [tok.token_to_bytes(i) for i in range(tok.n_vocab) if i not in tok.special_tokens.values()]
+
+
+def test_parquet_documents_tokenizer_and_prepare(tmp_path, tok_path, capsys):
+    """Parquet files with a "text" column (FineWeb's and most Hub datasets' form: other columns beside it) are
+    documents for `prepare` and `tokenizer train` like JSONL ones; `tokenizer train` reads a folder's files as
+    prepare does (it read each file's raw bytes: the JSON of a `fastllm clean` shard went into the vocabulary)."""
+    from fastllm.cli import main
+    from fastllm.data import _input_files, iter_documents, prepare
+    from fastllm.tokenizer import Tokenizer
+
+    docs = [f"Document {i}: " + " ".join(f"wörd{(i * 7 + j) % 50}" for j in range(20 + i)) for i in range(12)]
+    for d in ("pq", "js"):
+        (tmp_path / d).mkdir()
+    write_parquet(tmp_path / "pq" / "part-0.parquet",
+                  [{"id": f"<urn:{i}>", "text": t, "score": 3.5} for i, t in enumerate(docs)])
+    (tmp_path / "js" / "clean_000000.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    assert list(iter_documents(_input_files([str(tmp_path / "pq")]))) == docs
+    for d in ("pq", "js"):
+        assert main(["tokenizer", "train", str(tmp_path / d), "--vocab-size", "300", "--out",
+                     str(tmp_path / f"{d}.tiktoken"), "--no-progress"]) == 0
+        tok = Tokenizer.load(tmp_path / f"{d}.tiktoken")
+        assert vocab(tok) == vocab(Tokenizer.train(docs, 300))  # the documents' vocabulary, no JSON in it
+        st = prepare([str(tmp_path / d)], tok_path, tmp_path / f"{d}_data", val_fraction=0.25, progress=False)
+        assert st.train_tokens > 0
+    for split in ("train", "val"):
+        a, b = (np.concatenate([read_shard(p) for p in sorted((tmp_path / f"{d}_data").glob(f"{split}_*.bin"))])
+                for d in ("pq", "js"))
+        assert np.array_equal(a, b)
+
+
+def test_bad_parquet_is_named(tmp_path):
+    from fastllm.fileio import iter_records
+
+    write_parquet(tmp_path / "no_text.parquet", [{"content": "a"}])
+    with pytest.raises(ValueError, match=r"no_text.parquet: no column 'text' \(columns: \['content'\]\)"):
+        list(iter_records(tmp_path / "no_text.parquet", columns=["text"]))
+    write_parquet(tmp_path / "good.parquet", [{"text": "x" * 100 + str(i)} for i in range(50)])
+    raw = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "fake.parquet").write_text('{"text": "not parquet"}\n')
+    for name in ("cut.parquet", "fake.parquet"):
+        with pytest.raises(ValueError, match=rf"{name}: not a readable Parquet file"):
+            list(iter_records(tmp_path / name))
+    assert [w for w, _ in iter_records(tmp_path / "good.parquet")][-1].endswith("good.parquet:50")

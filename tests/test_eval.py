@@ -262,6 +262,44 @@ def test_known_answers_every_format(tmp_path):
     assert ex[2].choices == ("aaaaaa", "ab") and ex[0].choices[0] == " aaaa"
 
 
+def test_hub_forms_equal_the_release_forms(tmp_path):
+    """The rows the Hugging Face Hub ships (ARC and OpenBookQA with a {"text", "label"} choices dict, cais/mmlu,
+    PIQA), as JSONL or in the Hub's own Parquet files, give the same examples as AI2's ARC release and MMLU's CSV."""
+    from fastllm.eval.data import parse_choice
+
+    def same(a, b):
+        return (a.context, a.choices, a.label) == (b.context, b.choices, b.label)
+
+    arc_ai2 = {"question": {"stem": "Which is a metal?", "choices": [{"text": "iron", "label": "A"},
+                                                                      {"text": "wood", "label": "B"}]},
+               "answerKey": "A"}
+    arc_hub = {"id": "Mercury_1", "question": "Which is a metal?",
+               "choices": {"text": ["iron", "wood"], "label": ["A", "B"]}, "answerKey": "A"}
+    assert same(parse_choice(arc_hub, "x"), parse_choice(arc_ai2, "x"))
+    obqa = {"id": "7-980", "question_stem": "The sun is", "choices": {"text": ["hot", "cold", "wet", "blue"],
+                                                                      "label": ["A", "B", "C", "D"]},
+            "answerKey": "A"}
+    assert parse_choice(obqa, "x").context == "Question: The sun is\nAnswer:"
+    (tmp_path / "mmlu_test.csv").write_text("What is 2+2?,3,4,5,6,B\n")
+    mmlu_hub = {"question": "What is 2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}
+    assert same(parse_choice(mmlu_hub, "x"), load_multiple_choice(tmp_path / "mmlu_test.csv")[0])
+    piqa = parse_choice({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0}, "x")
+    assert (piqa.context, piqa.choices, piqa.label) == ("Question: Open a jar\nAnswer:",
+                                                        (" twist the lid", " eat the lid"), 0)
+    rows = [arc_hub, {**arc_hub, "answerKey": "B"}, {**arc_hub, "id": None}, obqa]
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [tmp_path / "arc-00000-of-00001.parquet", tmp_path / "obqa-00000-of-00001.parquet"]
+    pq.write_table(pa.Table.from_pylist(rows[:3]), files[0])  # choices: a struct column; a null id
+    pq.write_table(pa.Table.from_pylist(rows[3:]), files[1])
+    got = load_multiple_choice(files)
+    want = load_multiple_choice(write_jsonl(tmp_path / "rows.jsonl", rows))
+    assert len(got) == 4 and all(same(a, b) for a, b in zip(got, want))
+    assert got[2].where.endswith("arc-00000-of-00001.parquet:3")
+
+
 # ---- a model trained here on a learnable task scores far above chance -------------------------------------------
 
 
@@ -536,6 +574,15 @@ def test_cli_eval(sorter, tmp_path, capsys):
     ('{"question": {"stem": "s", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}', "question.choices"),
     ('{"question": {"stem": "s", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]}}',
      "field 'answerKey'"),
+    ('{"question": "q", "choices": {"text": ["a", "b"], "label": ["A"]}, "answerKey": "A"}', "equal lengths"),
+    ('{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"}',
+     r"field 'answerKey' must be one of the choice labels \['A', 'B'\]"),
+    ('{"question_stem": 3, "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}',
+     "missing field 'question_stem'"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "field 'answer' must name one of the 2 choices"),
+    ('{"question": "q", "choices": ["a", "b"]}', "missing field 'answer'"),
+    ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "field 'label' must name one of the 2 choices"),
+    ('{"goal": "g", "sol1": "a", "label": 0}', "the choices must be at least 2 strings"),
     ('{"prompt": "x"}', "not a multiple-choice example"),
     ('[1, 2]', "expected a JSON object"),
     ('{"ctx": "a", "endings": ["x", "y"], "label": 0', "bad JSON"),

@@ -71,9 +71,13 @@ def test_problem_formats_and_rewards(tmp_path):
         {"prompt": "12+30=", "answer": 42},  # a number
         {"prompt": "Capital of France?", "answer": "Paris"},
         {"prompt": "6*7=", "answer": "42.0"},  # a duplicate with the same answer is fine
+        {"problem": "Halve 1.", "solution": "It is $\\boxed{3}$, no: $\\boxed{\\frac{1}{2}}$.", "level": "Level 1"},
+        {"problem": "Double 2.", "solution": "...", "answer": "4"},  # MATH-500: the answer given
     ])
     task = ProblemSet.load(path)
-    assert task.name == "p.jsonl" and len(task.problems) == 5 and task.problems[1].answer == "7"
+    assert task.name == "p.jsonl" and len(task.problems) == 7 and task.problems[1].answer == "7"
+    assert [p.answer for p in task.problems[5:]] == ["\\frac{1}{2}", "4"]
+    assert task.correct("Halve 1.", "so the answer is \\boxed{\\frac{1}{2}}")
     assert task.problems[0].where.endswith("p.jsonl:1")
     assert task.reward("6*7=", "42") == pytest.approx(1 + FORMAT_REWARD)
     assert task.reward("6*7=", "I think 42") == pytest.approx(1.0)  # right, not well-formed
@@ -89,7 +93,8 @@ def test_problem_formats_and_rewards(tmp_path):
 
 
 @pytest.mark.parametrize("line,match", [
-    ('{"answer": "4"}', r"missing field 'prompt' \(or GSM8K's 'question'\)"),
+    ('{"answer": "4"}', r"missing field 'prompt' \(or GSM8K's 'question', MATH's 'problem'\)"),
+    ('{"problem": "2+2?", "solution": "it is 4"}', r"field 'solution' has no \\boxed\{...\} final answer"),
     ('{"prompt": "2+2="}', "missing field 'answer'"),
     ('{"prompt": "", "answer": "4"}', "field 'prompt' must be a non-empty string"),
     ('{"prompt": "2+2=", "answer": ["4"]}', "field 'answer' must be a string or a number"),

@@ -21,7 +21,6 @@ import types
 import typing
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +29,7 @@ from .chat import IM_END, IM_START, chat_format, eos_token_ids, has_chatml
 from .checkpoint import checkpoint_tokenizer, convert, load_model
 from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
-from .data import builtin_corpus, prepare
+from .data import _input_files, builtin_corpus, iter_documents, prepare
 from .demo import DemoConfig, run_demo
 from .eval import EvalConfig, evaluate, format_report
 from .eval import load as load_eval
@@ -193,9 +192,11 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 def _tokenizer_args(p: argparse.ArgumentParser) -> None:
     tsub = p.add_subparsers(dest="tok_command", metavar="COMMAND", required=True, title="commands")
     t = add_command_parser(tsub, "train", "train a byte-level BPE vocabulary (tiktoken format)",
-                           ["fastllm tokenizer train corpus/*.txt --vocab-size 32768 --out tok.tiktoken",
+                           ["fastllm tokenizer train corpus/ --vocab-size 32768 --out tok.tiktoken",
                             "fastllm tokenizer train --vocab-size 4096 --out tok.tiktoken"])
-    t.add_argument("corpus", nargs="*", help="text files (default: the built-in corpus, Python's documentation)")
+    t.add_argument("corpus", nargs="*", help="files or folders: .txt, .md, .jsonl (\"text\"), .parquet (\"text\"), as "
+                                             "`fastllm prepare` reads them (default: the built-in corpus, Python's "
+                                             "documentation)")
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
     t.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt4, gpt2 or a custom regex")
     t.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
@@ -206,12 +207,12 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
 
 
 command("tokenizer", "tokenizer tools: train a BPE vocabulary",
-        ["fastllm tokenizer train corpus/*.txt --vocab-size 32768 --out tok.tiktoken"], args=_tokenizer_args)(None)
+        ["fastllm tokenizer train corpus/ --vocab-size 32768 --out tok.tiktoken"], args=_tokenizer_args)(None)
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     t0 = time.time()
-    texts = [Path(p) for p in args.corpus] or builtin_corpus()
+    texts = list(iter_documents(_input_files(args.corpus))) if args.corpus else builtin_corpus()
     tok = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=args.special,
                           progress=not args.no_progress)
     tok.save(args.out)
@@ -220,7 +221,8 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("corpus", nargs="*", help="files or folders: .txt, .md, .jsonl (default: the built-in corpus)")
+    p.add_argument("corpus", nargs="*",
+                   help="files or folders: .txt, .md, .jsonl, .parquet (default: the built-in corpus)")
     p.add_argument("--tokenizer", required=True, help="tokenizer file (from `fastllm tokenizer train`)")
     p.add_argument("--out", required=True, help="output folder (train_NNNNNN.bin, val_NNNNNN.bin, manifest.json)")
     p.add_argument("--val-fraction", type=float, default=0.05,

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import copy_tokenizer
-from .fileio import atomic_write, iter_jsonl, write_json
+from .fileio import atomic_write, iter_records, write_json
 from .tokenizer import Tokenizer
 
 MAGIC = b"FLLMTOK1"
@@ -98,12 +98,12 @@ def shard_vocab_size(path: str | os.PathLike) -> int:
 
 # ---- documents -----------------------------------------------------------------------------------------
 
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 
 
 def _input_files(inputs: list[str], exclude: list[str | os.PathLike] = ()) -> list[Path]:
-    """Files named, and the .txt/.md/.jsonl files inside folders (recursively; never inside `exclude` or a
-    `.work` folder, where fastllm keeps its own work files)."""
+    """Files named, and the .txt/.md/.jsonl/.parquet files inside folders (recursively; never inside `exclude` or
+    a `.work` folder, where fastllm keeps its own work files)."""
     skip = [os.path.realpath(e) + os.sep for e in exclude]
     files: list[Path] = []
     for inp in inputs:
@@ -118,15 +118,16 @@ def _input_files(inputs: list[str], exclude: list[str | os.PathLike] = ()) -> li
         else:
             raise FileNotFoundError(f"input not found: {inp}")
     if not files:
-        raise ValueError(f"no input files (.txt, .md, .jsonl) found in {inputs}")
+        raise ValueError(f"no input files ({', '.join(TEXT_SUFFIXES)}) found in {inputs}")
     return list(dict.fromkeys(files))
 
 
 def iter_documents(files: list[Path]) -> Iterator[str]:
-    """Documents from text files (split at <|endoftext|>) and JSONL files (one {"text": ...} per line)."""
+    """Documents from text files (split at <|endoftext|>), JSONL files (one {"text": ...} per line) and Parquet
+    files (their "text" column, as FineWeb and most Hugging Face datasets ship it)."""
     for path in files:
-        if path.suffix == ".jsonl":
-            for where, obj in iter_jsonl(path):
+        if path.suffix in (".jsonl", ".parquet"):
+            for where, obj in iter_records(path, columns=["text"]):
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise ValueError(f"{where}: expected a JSON object with a string 'text' field")
                 yield obj["text"]

@@ -1,4 +1,5 @@
-"""Files: atomic writes (temp file + fsync + rename) and a small bounds-checked safetensors reader/writer.
+"""Files: atomic writes (temp file + fsync + rename), records of JSONL and Parquet files, and a small
+bounds-checked safetensors reader/writer.
 
 safetensors layout: 8-byte little-endian header length N, N bytes of JSON
 {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}},
@@ -64,6 +65,39 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+
+
+def iter_records(path: str | os.PathLike, columns: list[str] | None = None) -> Iterator[tuple[str, object]]:
+    """("file:N", record) for each record of a JSONL file (N: its line; iter_jsonl) or of a Parquet file, as the
+    Hugging Face Hub ships datasets (N: its row, from 1; each row a dict without its null fields; `columns`: read
+    only these, Parquet only). Parquet is read in batches with pyarrow (an optional dependency: ImportError
+    saying so); a file it cannot read, or a missing column, raises ValueError naming the file."""
+    if Path(path).suffix != ".parquet":
+        yield from iter_jsonl(path)
+        return
+    try:
+        import pyarrow.parquet as pq  # the field's Parquet reader (datasets, pandas and lm-eval use it too)
+    except ImportError:
+        raise ImportError(f"{path}: reading Parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow.ArrowInvalid: not Parquet, truncated
+        raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    missing = [c for c in columns or () if c not in f.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r} (columns: {f.schema_arrow.names})")
+    n = 0
+    batches = f.iter_batches(batch_size=1024, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a corrupt page
+            raise ValueError(f"{path}: rows after {n} cannot be read ({type(e).__name__}: {e})") from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            n += 1
+            yield f"{path}:{n}", {k: v for k, v in row.items() if v is not None}  # null: no such field in this row
 
 
 def read_json(path: str | os.PathLike):

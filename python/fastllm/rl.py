@@ -50,7 +50,7 @@ from .chat import eos_token_ids
 from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_heads, load_model, resolve
 from .data import Epochs
 from .eval import TrainEval, chat_of, check_train_eval, prompt_ids
-from .fileio import iter_jsonl, write_json
+from .fileio import iter_records, write_json
 from .model import GPT
 from .optim import AdamW
 from .options import (
@@ -481,7 +481,7 @@ def load_preferences(path: str | Path) -> list[dict]:
     """JSONL preference pairs, one {"prompt", "chosen", "rejected"} object (strings) per line; blank lines are
     skipped. A malformed line raises ValueError naming file:line."""
     pairs = []
-    for where, obj in iter_jsonl(path):
+    for where, obj in iter_records(path):
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         for k in ("prompt", "chosen", "rejected"):

@@ -61,7 +61,7 @@ from .checkpoint import (
 )
 from .data import Epochs
 from .eval import TrainEval
-from .fileio import iter_jsonl, read_json, write_json
+from .fileio import iter_records, read_json, write_json
 from .model import GPT
 from .options import option
 from .tokenizer import Tokenizer
@@ -75,7 +75,7 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"conversation file not found: {path}")
-    convs = [validate_conversation(obj, where) for where, obj in iter_jsonl(path)]
+    convs = [validate_conversation(obj, where) for where, obj in iter_records(path)]
     if not convs:
         raise ValueError(f"{path}: no conversations")
     return convs

@@ -6,9 +6,11 @@ A task has `name`, `sample(rng) -> prompt`, `answer(prompt) -> str`, `correct(pr
 well-formed one. Built in, with generated prompts:
     addition  "12+34=" -> "46" (operands of `digits` digits); a completion is correct if it IS the sum
     sort      "sort 3142=" -> "1234" (`digits` random digits)
-From files (`ProblemSet.load(path)`), JSONL with one problem per line, in either form:
+From files (`ProblemSet.load(path)`), JSONL with one problem per line (or Parquet rows, as the Hugging Face Hub
+ships them), in any of these forms:
     {"prompt": "What is 6 times 7?", "answer": "42"}                       (answer: a string or a number)
     {"question": "Natalia sold ...", "answer": "She sold ... #### 72"}     (GSM8K: the answer after ####)
+    {"problem": "Compute ...", "solution": "... \\boxed{\\frac{1}{2}}"}      (MATH: the last \\boxed{}; or an "answer")
 A bad line raises ValueError naming file:line and the field.
 
 Answers in completions (`extract_answer`, documented order): the text after the last `####` (to the end of its
@@ -41,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import iter_jsonl
+from .fileio import iter_records
 
 RewardFn = Callable[[str, str], float]
 FORMAT_REWARD = 0.1  # added to the reward of a well-formed completion, right or wrong
@@ -194,14 +196,21 @@ class Problem:
 
 
 def parse_problem(obj, where: str) -> Problem:
-    """One JSONL object -> Problem: {"prompt", "answer"} or GSM8K's {"question", "answer ... #### 42"}."""
+    """One JSONL object -> Problem: {"prompt", "answer"}, GSM8K's {"question", "answer ... #### 42"}, or MATH's
+    {"problem", "solution ... \\boxed{42}"} (or {"problem", "answer"}, as MATH-500 has it)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    key = "prompt" if "prompt" in obj else "question" if "question" in obj else None
+    key = next((k for k in ("prompt", "question", "problem") if k in obj), None)
     if key is None:
-        raise ValueError(f"{where}: missing field 'prompt' (or GSM8K's 'question'); fields: {sorted(obj)}")
+        raise ValueError(f"{where}: missing field 'prompt' (or GSM8K's 'question', MATH's 'problem'); fields: "
+                         f"{sorted(obj)}")
     if not isinstance(obj[key], str) or not obj[key]:
         raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {obj[key]!r}")
+    if key == "problem" and "answer" not in obj and "solution" in obj:
+        boxed = _last_boxed(obj["solution"]) if isinstance(obj["solution"], str) else None
+        if boxed is None or not boxed.strip():
+            raise ValueError(f"{where}: field 'solution' has no \\boxed{{...}} final answer (MATH form)")
+        return Problem(obj[key], boxed.strip(), where)
     if "answer" not in obj:
         raise ValueError(f"{where}: missing field 'answer'")
     ans = obj["answer"]
@@ -220,7 +229,7 @@ def parse_problem(obj, where: str) -> Problem:
 def load_problems(path: str | os.PathLike, limit: int | None = None) -> list[Problem]:
     """Problems of a JSONL file (the first `limit`); ValueError naming file:line for a bad line or an empty file."""
     problems = []
-    for where, obj in iter_jsonl(path):
+    for where, obj in iter_records(path):
         if limit is not None and len(problems) >= limit:
             break
         problems.append(parse_problem(obj, where))

@@ -4,14 +4,20 @@ Multiple choice (`load_multiple_choice`), one example per line, the format recog
     HellaSwag (llm.c / rowanz release)  {"ctx": str, "endings": [str x 4], "label": int or "2"}
     HellaSwag without "ctx"             {"activity_label", "ctx_a", "ctx_b", "endings", "label"}: ctx_a + " " + ctx_b
     ARC (AI2 release)                   {"question": {"stem", "choices": [{"text", "label"}]}, "answerKey": "B"}
+    ARC, OpenBookQA (Hugging Face Hub)  {"question" or "question_stem": str, "choices": {"text": [...], "label":
+                                        [...]}, "answerKey": "B"}
+    MMLU (Hugging Face Hub, cais/mmlu)  {"question": str, "choices": [str, ...], "answer": 2}
+    PIQA                                {"goal": str, "sol1": str, "sol2": str, "label": 0 | 1}
     generic (ARC/MMLU-style)            {"context": str, "choices": [str, ...], "answer": 0 | "B" | "<choice text>"}
     MMLU CSV (data/test/*_test.csv)     question,A,B,C,D,answer-letter (no header)
+JSONL files, or Parquet files with the same fields per row (the Hub's own files, read with pyarrow).
 A choice is scored as a continuation of the context: HellaSwag endings with a leading space (llm.c's completion
-style); ARC, MMLU and generic questions as "Question: <q>\\nAnswer:" / the context as is, followed by the
-delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
+style); ARC, OpenBookQA, MMLU and PIQA questions as "Question: <q>\\nAnswer:", a generic context as is; followed
+by the delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
 
 Text for bits per byte (`load_documents`): .txt/.md files (documents split at <|endoftext|>), JSONL with a "text"
-field, folders of them; or token shards from `fastllm prepare` (a folder with val_*.bin, or .bin files).
+field, Parquet with a "text" column, folders of them; or token shards from `fastllm prepare` (a folder with
+val_*.bin, or .bin files).
 
 Every loader raises ValueError naming file:line and the missing or bad field.
 """
@@ -26,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import iter_jsonl
+from ..fileio import iter_records
 
 
 @dataclass(frozen=True)
@@ -86,20 +92,23 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
         return Choice(ctx, tuple(" " + e for e in endings), _label(obj["label"], endings, where, "label"), where)
     if isinstance(obj.get("question"), dict):  # ARC as AI2 ships it
         q = obj["question"]
-        if not isinstance(q.get("stem"), str):
-            raise ValueError(f"{where}: missing field 'question.stem'")
         cs = q.get("choices")
-        if not isinstance(cs, list) or len(cs) < 2 or not all(isinstance(c, dict) and isinstance(c.get("text"), str)
-                                                              and "label" in c for c in cs):
+        if not isinstance(cs, list) or not all(isinstance(c, dict) and "label" in c for c in cs):
             raise ValueError(f"{where}: field 'question.choices' must be a list of {{'text', 'label'}} objects")
-        labels = [str(c["label"]) for c in cs]
-        if str(obj.get("answerKey")) not in labels:
-            raise ValueError(f"{where}: field 'answerKey' must be one of the choice labels {labels}, "
-                             f"got {obj.get('answerKey')!r}")
-        ctx = f"Question: {q['stem']}\nAnswer:"
-        return Choice(ctx, tuple(_join(ctx, c["text"], delimiter) for c in cs), labels.index(str(obj["answerKey"])),
-                      where)
-    if "context" in obj or "choices" in obj:  # generic
+        return _lettered(q.get("stem"), [c.get("text") for c in cs], [c["label"] for c in cs], obj, where,
+                         "question.stem", "question.choices", delimiter)
+    if isinstance(obj.get("choices"), dict):  # ARC and OpenBookQA as the Hugging Face Hub ships them
+        cs = obj["choices"]
+        texts, labels = cs.get("text"), cs.get("label")
+        if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
+            raise ValueError(f"{where}: field 'choices' must be {{'text': [...], 'label': [...]}} of equal lengths")
+        field = "question_stem" if "question_stem" in obj else "question"
+        return _lettered(obj.get(field), texts, labels, obj, where, field, "choices.text", delimiter)
+    if "goal" in obj and "sol1" in obj:  # PIQA
+        return _question(obj, "goal", [obj.get("sol1"), obj.get("sol2")], "label", where, delimiter)
+    if "choices" in obj:  # generic, or MMLU as the Hugging Face Hub ships it ("question" for "context")
+        if not isinstance(obj.get("context"), str) and isinstance(obj.get("question"), str):
+            return _question(obj, "question", _strings(obj, "choices", where), "answer", where, delimiter)
         if not isinstance(obj.get("context"), str):
             raise ValueError(f"{where}: missing field 'context' (a string)")
         choices = _strings(obj, "choices", where)
@@ -109,7 +118,37 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
         return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices),
                       _label(obj["answer"], choices, where, "answer"), where)
     raise ValueError(f"{where}: not a multiple-choice example: expected 'ctx' + 'endings' + 'label' (HellaSwag), "
-                     f"'context' + 'choices' + 'answer', or ARC's 'question' + 'answerKey'; fields: {sorted(obj)}")
+                     f"'context' (or 'question') + 'choices' + 'answer', ARC's 'question' + 'choices' + "
+                     f"'answerKey', or PIQA's 'goal' + 'sol1' + 'sol2' + 'label'; fields: {sorted(obj)}")
+
+
+def _question(obj: dict, field: str, choices: list, answer: str, where: str, delimiter: str) -> Choice:
+    """A question (obj[field]) asked as "Question: <q>\nAnswer:", its choices, the index obj[answer] names."""
+    q = obj.get(field)
+    if not isinstance(q, str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {q!r}")
+    if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{where}: the choices must be at least 2 strings, got {choices!r}")
+    if answer not in obj:
+        raise ValueError(f"{where}: missing field {answer!r}")
+    ctx = f"Question: {q}\nAnswer:"
+    return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices), _label(obj[answer], choices, where, answer),
+                  where)
+
+
+def _lettered(stem, texts: list, labels: list, obj: dict, where: str, stem_field: str, choices_field: str,
+              delimiter: str) -> Choice:
+    """ARC / OpenBookQA: choices labelled ("A".. or "1"..), the right one named by obj["answerKey"]."""
+    if not isinstance(stem, str):
+        raise ValueError(f"{where}: missing field {stem_field!r} (a string)")
+    if len(texts) < 2 or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{where}: field {choices_field!r} must be at least 2 strings, got {texts!r}")
+    labels = [str(x) for x in labels]
+    if str(obj.get("answerKey")) not in labels:
+        raise ValueError(f"{where}: field 'answerKey' must be one of the choice labels {labels}, "
+                         f"got {obj.get('answerKey')!r}")
+    ctx = f"Question: {stem}\nAnswer:"
+    return Choice(ctx, tuple(_join(ctx, t, delimiter) for t in texts), labels.index(str(obj["answerKey"])), where)
 
 
 def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
@@ -130,7 +169,7 @@ def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
 
 
 def load_multiple_choice(paths, limit: int | None = None, delimiter: str = " ") -> list[Choice]:
-    """Examples of JSONL (any form of the module doc) and MMLU CSV files, in order; the first `limit`.
+    """Examples of JSONL or Parquet (any form of the module doc) and MMLU CSV files, in order; the first `limit`.
     delimiter: what joins a context and a choice (not HellaSwag's endings, which always get a space)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     out: list[Choice] = []
@@ -140,7 +179,7 @@ def load_multiple_choice(paths, limit: int | None = None, delimiter: str = " ") 
         if path.suffix == ".csv":
             out += _mmlu_csv(path, delimiter)
         else:
-            for where, obj in iter_jsonl(path):
+            for where, obj in iter_records(path):
                 out.append(parse_choice(obj, where, delimiter))
                 if limit is not None and len(out) >= limit:
                     break
