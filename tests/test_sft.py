@@ -3,6 +3,7 @@ learns a task from conversations (held-out accuracy before/after), and `fastllm 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import itertools
 import json
@@ -142,6 +143,13 @@ def test_load_conversations_ok_and_missing(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text(GOOD + "\n" + GOOD + "\n")
     assert load_conversations(f) == [conv(("user", "q"), ("assistant", "a"))] * 2
+    if importlib.util.find_spec("pyarrow"):  # the Hub's Parquet form (smoltalk: messages + source columns)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [{**json.loads(GOOD), "source": "x"}, json.loads(GOOD)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000.parquet")
+        assert load_conversations(tmp_path / "train-00000.parquet") == load_conversations(f)
     with pytest.raises(FileNotFoundError):
         load_conversations(tmp_path / "nope.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
