@@ -503,6 +503,30 @@ def test_cli_rl_of_a_chat_model_prompts_in_its_template(family, tmp_path, capsys
     assert "prompts: plain text" in capsys.readouterr().out
 
 
+def test_reward_model_of_a_llama3_folder_then_rl_against_it(tmp_path, capsys):
+    """`fastllm reward-model --base <Llama 3 folder>` (a tokenizer without <|endoftext|>) scores each pair at the
+    folder's EOS token (it crashed appending None), and `fastllm rl --reward-model` uses it."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    from fastllm import cli
+    from fastllm.rl import RewardModel, RewardScorer
+
+    hub_folder("llama3", tmp_path / "base")
+    pairs = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(10)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    assert cli.main(["reward-model", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "prefs.jsonl"),
+                     "--out", str(tmp_path / "rm"), "--epochs", "1", "--batch-size", "4", "--no-progress"]) == 0
+    scorer = RewardScorer.load(tmp_path / "rm")
+    eot_id = scorer.tokenizer.special_tokens["<|end_of_text|>"]
+    assert RewardModel.encode(scorer.rm, scorer.tokenizer, "1+1=", "2")[-1] == eot_id
+    assert np.isfinite(scorer("1+1=", "2"))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    assert cli.main(["rl", "--ckpt", str(tmp_path / "base"), "--out", str(tmp_path / "rl"), "--data",
+                     str(tmp_path / "p.jsonl"), "--reward-model", str(tmp_path / "rm"), "--steps", "1",
+                     "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--eval-every", "0",
+                     "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     """`fastllm serve` of a hub folder renders /v1/chat/completions with the folder's own chat template (Llama 3's

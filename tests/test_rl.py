@@ -558,7 +558,7 @@ def test_rollouts_of_a_chat_model_are_user_turns():
     assert plain.chat is None
     assert sample_completions(m, tok, ["3+4="], 2, 3, seed=0)[0] == [tok.encode_ordinary("3+4=").tolist()] * 2
     bare = fastllm.Tokenizer({bytes([b]): b for b in range(256)})
-    with pytest.raises(ValueError, match="no token ends a completion"):
+    with pytest.raises(ValueError, match="no token ends a sequence"):
         sample_completions(m, bare, ["3+4="], 2, 3, seed=0)
 
 

@@ -203,6 +203,19 @@ def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[Seq
     return out
 
 
+def end_tokens(model: GPT, tokenizer) -> tuple[int, ...]:
+    """The ids that end a plain-text sequence: <|endoftext|>, else (a hub folder's tokenizer without it: Llama 3)
+    the EOS ids its checkpoint folder names; ValueError when there are none."""
+    if tokenizer.eot_token is not None:
+        return (tokenizer.eot_token,)
+    folder = getattr(model, "checkpoint_dir", None)
+    ends = tuple(eos_token_ids(folder, tokenizer)) if folder is not None else ()
+    if not ends:
+        raise ValueError("no token ends a sequence: the tokenizer has no <|endoftext|> and the checkpoint names no "
+                         "EOS id")
+    return ends
+
+
 def sample_completions(
     model: GPT,
     tokenizer,
@@ -217,16 +230,7 @@ def sample_completions(
     (fastllm.eval.chat_of) or, None, as plain text. Returns (prompt_ids (P*G rows), completion_ids (P*G, with the
     final stop token if generated: the format's end of turn, else <|endoftext|> or the checkpoint's EOS), texts
     (P lists of G strings, without it))."""
-    if chat:
-        stops = tuple(chat.stop_tokens)
-    elif tokenizer.eot_token is not None:
-        stops = (tokenizer.eot_token,)
-    else:  # a base model from the hub whose tokenizer has no <|endoftext|> (Llama 3): its folder's EOS ids
-        folder = getattr(model, "checkpoint_dir", None)
-        stops = tuple(eos_token_ids(folder, tokenizer)) if folder is not None else ()
-    if not stops:
-        raise ValueError("no token ends a completion: the tokenizer has no <|endoftext|> and the checkpoint names "
-                         "no EOS id")
+    stops = tuple(chat.stop_tokens) if chat else end_tokens(model, tokenizer)
     ids = [prompt_ids(tokenizer, p, chat).tolist() for p in prompts]
     rows = [r for r in ids for _ in range(group_size)]
     was = model.training
@@ -495,8 +499,8 @@ def load_preferences(path: str | Path) -> list[dict]:
 
 class RewardModel:
     """GPT backbone + scalar head: r = w . h_last + b, h_last the final hidden state (after ln_f) of the last
-    token of prompt + completion + <|endoftext|>. head = [w (C), b] in one flat array (so AdamW's kernel
-    updates it like any parameter)."""
+    token of prompt + completion + <|endoftext|> (or the checkpoint's first EOS id: end_tokens). head = [w (C), b]
+    in one flat array (so AdamW's kernel updates it like any parameter)."""
 
     def __init__(self, backbone: GPT, head: np.ndarray | None = None):
         C = backbone.config.n_embd
@@ -507,19 +511,19 @@ class RewardModel:
         self.head_grad = np.zeros_like(self.head)
 
     def encode(self, tokenizer, prompt: str, completion: str) -> list[int]:
-        ids = [int(t) for t in tokenizer.encode(prompt + completion)] + [tokenizer.eot_token]
+        ids = [int(t) for t in tokenizer.encode(prompt + completion)] + [end_tokens(self.backbone, tokenizer)[0]]
         return ids[-self.backbone.config.block_size :]  # too long: keep the end (the scored token)
 
-    def _batch(self, seqs: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    def _batch(self, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         T = max(len(s) for s in seqs)
-        idx = np.full((len(seqs), T), pad, np.int32)
+        idx = np.zeros((len(seqs), T), np.int32)  # right-padded with 0: causal attention keeps it out of h_last
         for i, s in enumerate(seqs):
             idx[i, : len(s)] = s
         return idx, np.array([len(s) - 1 for s in seqs])
 
-    def forward(self, seqs: Sequence[Sequence[int]], pad: int = 0) -> np.ndarray:
+    def forward(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         """Rewards (B,) float64 of token sequences; keeps what backward() needs."""
-        idx, last = self._batch(seqs, pad)
+        idx, last = self._batch(seqs)
         h = self.backbone.hidden_states(idx)  # (B, T, C)
         self._h_last, self._last, self._shape = h[np.arange(len(seqs)), last].astype(np.float64), last, h.shape
         return self._h_last @ self.head[:-1] + self.head[-1]
@@ -558,7 +562,7 @@ class RewardScorer:
 
     def __call__(self, prompt: str, completion: str) -> float:
         seq = self.rm.encode(self.tokenizer, prompt, completion)
-        return float(self.rm.forward([seq], self.tokenizer.eot_token)[0])
+        return float(self.rm.forward([seq])[0])
 
 
 @dataclass
@@ -603,7 +607,7 @@ def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         seqs = [rm.encode(tokenizer, p["prompt"], p[k]) for k in ("chosen", "rejected") for p in chunk]
-        r = rm.forward(seqs, tokenizer.eot_token)
+        r = rm.forward(seqs)
         d = r[: len(chunk)] - r[len(chunk) :]
         wins += list((d > 0) + 0.5 * (d == 0))  # a tie counts half
     rm.backbone.train(was)
@@ -654,7 +658,7 @@ class RewardModelStage(Stage):
         def micro_batch() -> dict:
             if not mine:
                 return {"loss": 0.0, "accuracy": 0.0}
-            r = self.rm.forward([c for c, _ in mine] + [r_ for _, r_ in mine], self.tokenizer.eot_token)
+            r = self.rm.forward([c for c, _ in mine] + [r_ for _, r_ in mine])
             diff = r[:b] - r[b:]
             loss = float(np.mean(np.logaddexp(0.0, -diff)))  # -log sigmoid(diff), stable
             g = -1.0 / (1.0 + np.exp(diff)) / b * w  # dloss/ddiff = -sigmoid(-diff) / b
