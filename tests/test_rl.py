@@ -220,12 +220,12 @@ def test_reward_model_gradient_matches_torch_reference(arch):
     m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=2, n_head=2, n_embd=16, **ARCHS[arch]), seed=0)
     rm = RewardModel(m, np.random.default_rng(0).standard_normal(17).astype(np.float32))
     seqs = [rm.encode(tok, "3+4=", "7"), rm.encode(tok, "12+9=", "21"), [5, 6, 7, EOT], [9, EOT]]
-    r = rm.forward(seqs, EOT)
+    r = rm.forward(seqs)
     dr = np.array([0.3, -1.0, 0.5, 2.0])
     m.zero_grad()
     rm.backward(dr)
     fwd, params = build(m)
-    idx, last = rm._batch(seqs, EOT)
+    idx, last = rm._batch(seqs)
     head = torch.tensor(rm.head, requires_grad=True)
     rt = fwd(idx, hidden=True)[torch.arange(4), torch.tensor(last)] @ head[:-1] + head[-1]
     (rt * torch.tensor(dr, dtype=torch.float32)).sum().backward()
