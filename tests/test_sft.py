@@ -129,6 +129,9 @@ GOOD = json.dumps({"messages": conv(("user", "q"), ("assistant", "a"))})
         (json.dumps({"text": "hi"}), "'messages'"),
         (json.dumps([1, 2]), "message 0 must be an object"),
         (json.dumps({"messages": "hi"}), "must be a list"),
+        (json.dumps({"conversations": [{"from": "bot", "value": "x"}]}), "unknown role 'bot'"),
+        (json.dumps({"conversations": [{"from": "gpt", "text": "x"}]}), r"message 0 \(assistant\) content must be"),
+        (json.dumps({"conversations": {"from": "gpt"}}), "'conversations' must be a list"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path, line, msg):
@@ -150,6 +153,9 @@ def test_load_conversations_ok_and_missing(tmp_path):
         rows = [{**json.loads(GOOD), "source": "x"}, json.loads(GOOD)]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000.parquet")
         assert load_conversations(tmp_path / "train-00000.parquet") == load_conversations(f)
+    sharegpt = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]  # (OpenHermes, SlimOrca, ...)
+    (tmp_path / "sharegpt.jsonl").write_text(json.dumps({"conversations": sharegpt, "source": "x"}) + "\n")
+    assert load_conversations(tmp_path / "sharegpt.jsonl") == [conv(("user", "q"), ("assistant", "a"))]
     with pytest.raises(FileNotFoundError):
         load_conversations(tmp_path / "nope.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")

@@ -63,20 +63,31 @@ INSTALL_HINT = 'chat templates need jinja2: pip install "fastllm[hf]" (or pip in
 # ---- conversations -------------------------------------------------------------------------------------
 
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 def validate_conversation(obj, where: str = "conversation", need_assistant: bool = True) -> list[dict]:
-    """The message list of `obj` ({"messages": [...]} or the list itself), checked; ValueError naming `where`."""
-    msgs = obj.get("messages") if isinstance(obj, dict) else obj
-    if isinstance(obj, dict) and "messages" not in obj:
-        raise ValueError(f"{where}: expected an object with a 'messages' list")
+    """The message list of `obj` ({"messages": [{"role", "content"}, ...]}, the list itself, or ShareGPT's
+    {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}), checked, as {"role", "content"}
+    dicts; ValueError naming `where`."""
+    sharegpt = isinstance(obj, dict) and "messages" not in obj and "conversations" in obj
+    msgs = obj.get("conversations" if sharegpt else "messages") if isinstance(obj, dict) else obj
+    if isinstance(obj, dict) and "messages" not in obj and not sharegpt:
+        raise ValueError(f"{where}: expected an object with a 'messages' list (or ShareGPT's 'conversations')")
     if not isinstance(msgs, list):
-        raise ValueError(f"{where}: 'messages' must be a list, got {type(msgs).__name__}")
+        raise ValueError(f"{where}: '{'conversations' if sharegpt else 'messages'}' must be a list, got "
+                         f"{type(msgs).__name__}")
     if not msgs:
         raise ValueError(f"{where}: empty conversation")
     out = []
     for k, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise ValueError(f"{where}: message {k} must be an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
+            raise ValueError(f"{where}: message {k} must be an object with 'role' and 'content'"
+                             + (" (ShareGPT: 'from' and 'value')" if sharegpt else ""))
+        if sharegpt:
+            role, content = SHAREGPT_ROLES.get(m.get("from"), m.get("from")), m.get("value")
+        else:
+            role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise ValueError(f"{where}: message {k} has unknown role {role!r} (expected one of {list(ROLES)})")
         if not isinstance(content, str):
