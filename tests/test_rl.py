@@ -576,8 +576,9 @@ def test_malformed_preferences_name_the_line(tmp_path):
         with pytest.raises(ValueError, match=rf"{f.name}:{line}:"):
             load_preferences(f)
     f = tmp_path / "ok.jsonl"
-    f.write_text(good + "\n\n" + good + "\n")
-    assert len(load_preferences(f)) == 2
+    hh = json.dumps({"chosen": "\n\nHuman: 1+1?\n\nAssistant: 2", "rejected": "\n\nHuman: 1+1?\n\nAssistant: 3"})
+    f.write_text(good + "\n\n" + good + "\n" + hh + "\n")  # hh-rlhf's form: no prompt, whole dialogues
+    assert len(load_preferences(f)) == 3 and load_preferences(f)[2]["prompt"] == ""
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no preference pairs"):
         load_preferences(tmp_path / "empty.jsonl")

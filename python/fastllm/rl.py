@@ -482,12 +482,15 @@ def train_grpo(
 
 
 def load_preferences(path: str | Path) -> list[dict]:
-    """JSONL preference pairs, one {"prompt", "chosen", "rejected"} object (strings) per line; blank lines are
-    skipped. A malformed line raises ValueError naming file:line."""
+    """JSONL (or Parquet) preference pairs, one {"prompt", "chosen", "rejected"} object (strings) per line, or
+    without "prompt" (Anthropic's hh-rlhf: whole dialogues; the reward model scores prompt + completion either
+    way); blank lines are skipped. A malformed line raises ValueError naming file:line."""
     pairs = []
     for where, obj in iter_records(path):
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if "prompt" not in obj and "chosen" in obj:
+            obj = {**obj, "prompt": ""}
         for k in ("prompt", "chosen", "rejected"):
             if not isinstance(obj.get(k), str):
                 raise ValueError(f"{where}: field {k!r} must be a string, got {obj.get(k)!r}")
