@@ -452,3 +452,37 @@ def test_bad_parquet_is_named(tmp_path):
         with pytest.raises(ValueError, match=rf"{name}: not a readable Parquet file"):
             list(iter_records(tmp_path / name))
     assert [w for w, _ in iter_records(tmp_path / "good.parquet")][-1].endswith("good.parquet:50")
+
+
+def test_compressed_inputs(tmp_path, tok_path):
+    """JSONL and text as corpora ship them compressed (Dolma .json.gz, RedPajama/the Pile .jsonl.zst, .xz, .bz2)
+    are read like the plain files, in folders too; a damaged stream names the file (and line) instead of
+    stopping with a bare zlib/EOF error."""
+    import bz2
+    import gzip
+    import lzma
+
+    from fastllm.data import _input_files, iter_documents, prepare
+
+    docs = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(20 + i)) for i in range(8)]
+    lines = "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs[:6])).encode()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "c" / "b.txt.xz").write_bytes(lzma.compress(docs[6].encode()))
+    (tmp_path / "c" / "c.md.bz2").write_bytes(bz2.compress(docs[7].encode()))
+    (tmp_path / "c" / "notes.gz").write_bytes(gzip.compress(b"not a corpus file"))  # no .txt/.jsonl inside
+    assert list(iter_documents(_input_files([str(tmp_path / "c")]))) == docs
+    zstandard = pytest.importorskip("zstandard")
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "part.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    assert list(iter_documents(_input_files([str(tmp_path / "z")]))) == docs[:6]
+    st = prepare([str(tmp_path / "z")], tok_path, tmp_path / "data", val_fraction=0.25, progress=False)
+    assert st.train_tokens > 0 and st.val_tokens > 0
+    big = "".join(json.dumps({"text": f"doc {i} " + "x" * 200}) + "\n" for i in range(2000)).encode()
+    cut = gzip.compress(big)
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz:\d+: damaged gzip"):
+        list(iter_documents([tmp_path / "cut.jsonl.gz"]))
+    (tmp_path / "cut.txt.gz").write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(ValueError, match=r"cut.txt.gz: damaged gzip"):
+        list(iter_documents([tmp_path / "cut.txt.gz"]))

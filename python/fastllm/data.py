@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import copy_tokenizer
-from .fileio import atomic_write, iter_records, write_json
+from .fileio import atomic_write, data_suffix, iter_records, read_text, write_json
 from .tokenizer import Tokenizer
 
 MAGIC = b"FLLMTOK1"
@@ -102,14 +102,15 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 
 
 def _input_files(inputs: list[str], exclude: list[str | os.PathLike] = ()) -> list[Path]:
-    """Files named, and the .txt/.md/.jsonl/.parquet files inside folders (recursively; never inside `exclude` or
-    a `.work` folder, where fastllm keeps its own work files)."""
+    """Files named, and the .txt/.md/.jsonl/.parquet files inside folders, also compressed (.jsonl.zst, .txt.gz, ...:
+    fastllm.fileio.open_input; recursively; never inside `exclude` or a `.work` folder, where fastllm keeps its own
+    work files)."""
     skip = [os.path.realpath(e) + os.sep for e in exclude]
     files: list[Path] = []
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in TEXT_SUFFIXES
+            files += sorted(q for q in p.rglob("*") if q.is_file() and data_suffix(q) in TEXT_SUFFIXES
                             and ".work" not in q.parts and not os.path.realpath(q).startswith(tuple(skip)))
         elif p.is_file():
             files.append(p)
@@ -123,20 +124,17 @@ def _input_files(inputs: list[str], exclude: list[str | os.PathLike] = ()) -> li
 
 
 def iter_documents(files: list[Path]) -> Iterator[str]:
-    """Documents from text files (split at <|endoftext|>), JSONL files (one {"text": ...} per line) and Parquet
-    files (their "text" column, as FineWeb and most Hugging Face datasets ship it)."""
+    """Documents from text files (split at <|endoftext|>), JSONL files (one {"text": ...} per line), both maybe
+    compressed (.gz/.bz2/.xz/.zst: Dolma, RedPajama, the Pile), and Parquet files (their "text" column, as FineWeb
+    and most Hugging Face datasets ship it)."""
     for path in files:
-        if path.suffix in (".jsonl", ".parquet"):
+        if data_suffix(path) in (".jsonl", ".parquet"):
             for where, obj in iter_records(path, columns=["text"]):
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise ValueError(f"{where}: expected a JSON object with a string 'text' field")
                 yield obj["text"]
         else:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-            for doc in text.split(EOT):
+            for doc in read_text(path).split(EOT):
                 if doc.strip():
                     yield doc
 

@@ -1,5 +1,5 @@
-"""Files: atomic writes (temp file + fsync + rename), records of JSONL and Parquet files, and a small
-bounds-checked safetensors reader/writer.
+"""Files: atomic writes (temp file + fsync + rename), compressed inputs, records of JSONL and Parquet files, and a
+small bounds-checked safetensors reader/writer.
 
 safetensors layout: 8-byte little-endian header length N, N bytes of JSON
 {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}},
@@ -12,12 +12,17 @@ a large model never holds the file's data and the model at once.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
+import io
 import json
+import lzma
 import mmap as _mmap
 import os
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -49,11 +54,78 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         raise
 
 
+# ---- compressed inputs -------------------------------------------------------------------------------------
+
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}  # as datasets ship JSONL
+DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, ValueError)  # damaged or truncated streams
+
+
+def open_decompressed(path: str | os.PathLike, kind: str):
+    """A binary reader of a gzip / bz2 / xz / zstd file's decompressed bytes (it closes the file when closed);
+    zstd needs Python 3.14 or the `zstandard` package (ImportError saying so)."""
+    if kind != "zstd":
+        return {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[kind](path, "rb")
+    try:
+        from compression import zstd  # Python 3.14
+
+        return zstd.open(path, "rb")
+    except ImportError:
+        pass
+    try:
+        import zstandard
+    except ImportError:
+        raise ImportError("zstd-compressed: needs Python 3.14 or `pip install zstandard`") from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
+                                                                        closefd=True))
+
+
+def data_suffix(path: str | os.PathLike) -> str:
+    """The suffix of what a file holds: "data.jsonl.zst" -> ".jsonl", "a.txt" -> ".txt"."""
+    p = Path(path)
+    return Path(p.stem).suffix if p.suffix in COMPRESSION_SUFFIXES else p.suffix
+
+
+def open_input(path: str | os.PathLike):
+    """A binary reader of a file, decompressed when its name ends in .gz, .bz2, .xz or .zst."""
+    kind = COMPRESSION_SUFFIXES.get(Path(path).suffix)
+    return open_decompressed(path, kind) if kind else open(path, "rb")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A (maybe compressed, see open_input) UTF-8 text file; ValueError naming the file when it is not UTF-8 or
+    its compression is damaged."""
+    try:
+        with open_input(path) as f:
+            return f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ImportError as e:
+        raise ImportError(f"{path}: {e}") from None
+    except DECOMPRESS_ERRORS as e:
+        raise ValueError(f"{path}: damaged {COMPRESSION_SUFFIXES.get(Path(path).suffix, 'file')} "
+                         f"({type(e).__name__}: {e})") from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
-    """("file:line", parsed value) for each non-blank line of a JSONL file; invalid JSON or UTF-8 raises
-    ValueError naming the file and line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    """("file:line", parsed value) for each non-blank line of a JSONL file (maybe compressed, see open_input);
+    invalid JSON or UTF-8, or a damaged compressed stream, raises ValueError naming the file and line."""
+    try:
+        f = open_input(path)
+    except ImportError as e:
+        raise ImportError(f"{path}: {e}") from None
+    lineno = 0
+    with f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines, None)
+            except DECOMPRESS_ERRORS as e:
+                raise ValueError(f"{path}:{lineno + 1}: damaged "
+                                 f"{COMPRESSION_SUFFIXES.get(Path(path).suffix, 'file')} ({type(e).__name__}: {e})"
+                                 ) from None
+            if raw is None:
+                return
+            lineno += 1
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")

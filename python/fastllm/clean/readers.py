@@ -20,13 +20,10 @@ resumes at the next record instead of swallowing it.
 from __future__ import annotations
 
 import base64
-import bz2
 import codecs
-import gzip
 import hashlib
 import io
 import json
-import lzma
 import os
 import re
 import stat
@@ -34,6 +31,8 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..fileio import DECOMPRESS_ERRORS, open_decompressed
 
 HEAD = 65536  # bytes of a file looked at to tell its kind
 REASONS = ("unsupported", "binary", "corrupt", "empty", "not_found", "unreadable")
@@ -98,7 +97,6 @@ def list_inputs(inputs: list[str | os.PathLike],
 # ---- telling a file's kind -----------------------------------------------------------------------------
 
 _COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
-_OPENERS = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}  # zstd: _open_decompressed finds a module
 _SIGNATURES = (  # (magic, reason, what)
     (b"\x89PNG\r\n\x1a\n", "binary", "PNG image"), (b"\xff\xd8\xff", "binary", "JPEG image"),
     (b"GIF87a", "binary", "GIF image"), (b"GIF89a", "binary", "GIF image"), (b"\x7fELF", "binary", "executable"),
@@ -194,23 +192,10 @@ def sniff(head: bytes) -> tuple[str, str]:
 
 def _open_decompressed(path: Path, kind: str):
     """A decompressing reader of the file (it closes the file when closed)."""
-    if kind in _OPENERS:
-        return _OPENERS[kind](path, "rb")
     try:
-        from compression import zstd  # Python 3.14
-
-        return zstd.open(path, "rb")
-    except ImportError:
-        pass
-    try:
-        import zstandard
-    except ImportError:
-        raise InputError("unsupported", "zstd-compressed: needs Python 3.14 or `pip install zstandard`") from None
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
-                                                                        closefd=True))
-
-
-_DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, ValueError)
+        return open_decompressed(path, kind)
+    except ImportError as e:  # zstd without a module to read it
+        raise InputError("unsupported", str(e)) from None
 
 
 def open_input(path: str | os.PathLike) -> tuple[io.BufferedIOBase, str, str, str]:
@@ -232,7 +217,7 @@ def open_input(path: str | os.PathLike) -> tuple[io.BufferedIOBase, str, str, st
                 with _open_decompressed(path, compression) as d:
                     while len(head) < HEAD and (chunk := d.read(4096)):
                         head += chunk
-            except _DECOMPRESS_ERRORS as e:
+            except DECOMPRESS_ERRORS as e:
                 if not head:
                     raise InputError("corrupt", f"{compression} stream: {e}") from None
             f = _open_decompressed(path, compression)  # (a read-ahead buffer here would hit damage early)
@@ -273,7 +258,7 @@ def read_pages(path: str | os.PathLike, stats: Counter | None = None) -> Iterato
                     yield {"html": data, "charset": None, "url": str(path)}
                 else:
                     yield {"text": unwrap(strip_subtitles(decode_bytes(data))), "url": str(path)}
-        except _DECOMPRESS_ERRORS as e:
+        except DECOMPRESS_ERRORS as e:
             if isinstance(e, InputError):
                 raise
             raise InputError("corrupt", f"{compression or 'file'} stream breaks off: {type(e).__name__}: {e}") from None
