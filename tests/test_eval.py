@@ -93,13 +93,17 @@ def test_multiple_choice_matches_transformers(hf_pair, pydoc_text, tmp_path):
         ctx = " ".join(words[a:a + n_ctx])
         choices = [" ".join(words[b:b + int(rng.integers(1, 4))]) for b in rng.integers(0, len(words) - 10, 4)]
         rows.append({"context": ctx, "choices": choices, "answer": int(rng.integers(0, 4))} if i % 2 else
-                    {"ctx": ctx, "endings": choices, "label": int(rng.integers(0, 4))})
+                    {"ctx": ctx, "endings": choices, "label": int(rng.integers(0, 4))} if i % 3 else
+                    {"sentence": f"{ctx} _ {choices[0]}.", "option1": choices[1], "option2": choices[2],
+                     "answer": str(1 + i % 4 // 2)})  # Winogrande: a context per option, the rest scored
     path = write_jsonl(tmp_path / "mc.jsonl", rows)
     report = evaluate(model, tok, "mc", data=path, batch_tokens=100)  # several examples per forward, padded
     acc, acc_norm = [], []
-    for ex, rec in zip(load_multiple_choice(path), report["records"]):
-        ctx = tok.encode_ordinary(ex.context).tolist() or [tok.eot_token]
-        ref = [ref_continuation(hf, ctx, tok.encode_ordinary(c).tolist()) for c in ex.choices]
+    examples = load_multiple_choice(path)
+    assert sum(len(ex.contexts) == 2 for ex in examples) == 4
+    for ex, rec in zip(examples, report["records"]):
+        ctxs = [tok.encode_ordinary(c).tolist() or [tok.eot_token] for c in ex.contexts or [ex.context] * 4]
+        ref = [ref_continuation(hf, ctx, tok.encode_ordinary(c).tolist()) for ctx, c in zip(ctxs, ex.choices)]
         np.testing.assert_allclose(rec["logprob"], [r.sum() for r in ref], rtol=1e-5, atol=1e-5, err_msg=ex.where)
         assert rec["tokens"] == [len(r) for r in ref]
         acc.append(np.argmax([r.sum() for r in ref]) == ex.label)
@@ -264,7 +268,8 @@ def test_known_answers_every_format(tmp_path):
 
 def test_hub_forms_equal_the_release_forms(tmp_path):
     """The rows the Hugging Face Hub ships (ARC and OpenBookQA with a {"text", "label"} choices dict, cais/mmlu,
-    PIQA), as JSONL or in the Hub's own Parquet files, give the same examples as AI2's ARC release and MMLU's CSV."""
+    PIQA, Winogrande as lm-eval scores it), as JSONL or in the Hub's own Parquet files, give the same examples as
+    AI2's ARC release and MMLU's CSV."""
     from fastllm.eval.data import parse_choice
 
     def same(a, b):
@@ -283,6 +288,11 @@ def test_hub_forms_equal_the_release_forms(tmp_path):
     (tmp_path / "mmlu_test.csv").write_text("What is 2+2?,3,4,5,6,B\n")
     mmlu_hub = {"question": "What is 2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}
     assert same(parse_choice(mmlu_hub, "x"), load_multiple_choice(tmp_path / "mmlu_test.csv")[0])
+    wino = parse_choice({"sentence": "The cup fell off the table because _ was tilted.", "option1": "the cup",
+                         "option2": "the table", "answer": "2"}, "x")
+    assert (wino.contexts, wino.choices, wino.label) == (("The cup fell off the table because the cup",
+                                                          "The cup fell off the table because the table"),
+                                                         (" was tilted.", " was tilted."), 1)
     piqa = parse_choice({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0}, "x")
     assert (piqa.context, piqa.choices, piqa.label) == ("Question: Open a jar\nAnswer:",
                                                         (" twist the lid", " eat the lid"), 0)
@@ -583,6 +593,10 @@ def test_cli_eval(sorter, tmp_path, capsys):
     ('{"question": "q", "choices": ["a", "b"]}', "missing field 'answer'"),
     ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}', "field 'label' must name one of the 2 choices"),
     ('{"goal": "g", "sol1": "a", "label": 0}', "the choices must be at least 2 strings"),
+    ('{"sentence": "a _ b", "option1": "x", "option2": "y", "answer": ""}', "Winogrande's test split"),
+    ('{"sentence": "a _ b", "option1": "x", "option2": "y", "answer": 3}', "field 'answer' must be 1 or 2"),
+    ('{"sentence": "a b", "option1": "x", "option2": "y", "answer": "1"}', "one '_' blank"),
+    ('{"sentence": "a _ b", "option1": "x", "option2": 2, "answer": "1"}', "'option1' and 'option2' must be"),
     ('{"prompt": "x"}', "not a multiple-choice example"),
     ('[1, 2]', "expected a JSON object"),
     ('{"ctx": "a", "endings": ["x", "y"], "label": 0', "bad JSON"),

@@ -152,12 +152,14 @@ def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int =
     eot = tokenizer.eot_token
     reqs, groups = [], []
     for e, ex in enumerate(examples):
-        ctx = tokenizer.encode_ordinary(ex.context)
-        if len(ctx) == 0:
-            if eot is None:
-                raise ValueError(f"{ex.where}: empty context and no <|endoftext|> token to start from")
-            ctx = np.array([eot])
+        ctxs = [tokenizer.encode_ordinary(c) for c in ex.contexts or (ex.context,)]
+        for j, ctx in enumerate(ctxs):
+            if len(ctx) == 0:
+                if eot is None:
+                    raise ValueError(f"{ex.where}: empty context and no <|endoftext|> token to start from")
+                ctxs[j] = np.array([eot])
         for j, c in enumerate(ex.choices):
+            ctx = ctxs[j if ex.contexts else 0]
             cont = tokenizer.encode_ordinary(c)
             if not 0 < len(cont) <= model.config.block_size:
                 raise ValueError(f"{ex.where}: choice {j} has {len(cont)} tokens; it needs 1 to the model's context "

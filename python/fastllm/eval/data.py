@@ -8,12 +8,15 @@ Multiple choice (`load_multiple_choice`), one example per line, the format recog
                                         [...]}, "answerKey": "B"}
     MMLU (Hugging Face Hub, cais/mmlu)  {"question": str, "choices": [str, ...], "answer": 2}
     PIQA                                {"goal": str, "sol1": str, "sol2": str, "label": 0 | 1}
+    Winogrande                          {"sentence": "... _ ...", "option1", "option2", "answer": "1" | "2"}
     generic (ARC/MMLU-style)            {"context": str, "choices": [str, ...], "answer": 0 | "B" | "<choice text>"}
     MMLU CSV (data/test/*_test.csv)     question,A,B,C,D,answer-letter (no header)
 JSONL files, or Parquet files with the same fields per row (the Hub's own files, read with pyarrow).
 A choice is scored as a continuation of the context: HellaSwag endings with a leading space (llm.c's completion
 style); ARC, OpenBookQA, MMLU and PIQA questions as "Question: <q>\\nAnswer:", a generic context as is; followed
 by the delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
+Winogrande is scored as lm-eval does (partial scoring): the rest of the sentence after the blank, given the
+sentence up to the blank with each option in it.
 
 Text for bits per byte (`load_documents`): .txt/.md files (documents split at <|endoftext|>), JSONL with a "text"
 field, Parquet with a "text" column, folders of them; or token shards from `fastllm prepare` (a folder with
@@ -43,6 +46,7 @@ class Choice:
     choices: tuple[str, ...]  # continuation texts, leading space included where the format wants one
     label: int
     where: str = ""
+    contexts: tuple[str, ...] = ()  # one context per choice where they differ (Winogrande), else () for `context`
 
 
 def _join(context: str, choice: str, delimiter: str = " ") -> str:
@@ -104,6 +108,8 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
             raise ValueError(f"{where}: field 'choices' must be {{'text': [...], 'label': [...]}} of equal lengths")
         field = "question_stem" if "question_stem" in obj else "question"
         return _lettered(obj.get(field), texts, labels, obj, where, field, "choices.text", delimiter)
+    if "sentence" in obj and "option1" in obj:  # Winogrande: the blank filled by each option, the rest scored
+        return _winogrande(obj, where)
     if "goal" in obj and "sol1" in obj:  # PIQA
         return _question(obj, "goal", [obj.get("sol1"), obj.get("sol2")], "label", where, delimiter)
     if "choices" in obj:  # generic, or MMLU as the Hugging Face Hub ships it ("question" for "context")
@@ -119,7 +125,26 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
                       _label(obj["answer"], choices, where, "answer"), where)
     raise ValueError(f"{where}: not a multiple-choice example: expected 'ctx' + 'endings' + 'label' (HellaSwag), "
                      f"'context' (or 'question') + 'choices' + 'answer', ARC's 'question' + 'choices' + "
-                     f"'answerKey', or PIQA's 'goal' + 'sol1' + 'sol2' + 'label'; fields: {sorted(obj)}")
+                     f"'answerKey', PIQA's 'goal' + 'sol1' + 'sol2' + 'label', or Winogrande's 'sentence' + "
+                     f"'option1' + 'option2' + 'answer'; fields: {sorted(obj)}")
+
+
+def _winogrande(obj: dict, where: str) -> Choice:
+    """lm-eval's partial scoring: context j = the sentence up to the blank with option j in it, and the same
+    continuation for both (the rest of the sentence), so only how well each option fits the rest is compared."""
+    sentence, options = obj.get("sentence"), [obj.get("option1"), obj.get("option2")]
+    if not isinstance(sentence, str) or sentence.count("_") != 1:
+        raise ValueError(f"{where}: field 'sentence' must be a string with one '_' blank, got {sentence!r}")
+    if not all(isinstance(o, str) for o in options):
+        raise ValueError(f"{where}: fields 'option1' and 'option2' must be strings, got {options!r}")
+    if obj.get("answer") in ("", None):
+        raise ValueError(f"{where}: missing field 'answer' (Winogrande's test split has no answers)")
+    if str(obj["answer"]).strip() not in ("1", "2"):
+        raise ValueError(f"{where}: field 'answer' must be 1 or 2 (the option), got {obj['answer']!r}")
+    head, rest = sentence.split("_")
+    cont = " " + rest.strip()
+    return Choice(sentence, (cont, cont), int(str(obj["answer"]).strip()) - 1, where,
+                  tuple(head + o for o in options))
 
 
 def _question(obj: dict, field: str, choices: list, answer: str, where: str, delimiter: str) -> Choice:
