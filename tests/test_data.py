@@ -486,3 +486,10 @@ def test_compressed_inputs(tmp_path, tok_path):
     (tmp_path / "cut.txt.gz").write_bytes(cut[: len(cut) // 2])
     with pytest.raises(ValueError, match=r"cut.txt.gz: damaged gzip"):
         list(iter_documents([tmp_path / "cut.txt.gz"]))
+    cut = zstandard.ZstdCompressor().compress(big)  # zstandard's own reader would end quietly at the cut
+    (tmp_path / "cut.jsonl.zst").write_bytes(cut[: len(cut) * 2 // 3])
+    with pytest.raises(ValueError, match=r"cut.jsonl.zst:\d+: damaged zstd \(EOFError"):
+        list(iter_documents([tmp_path / "cut.jsonl.zst"]))
+    two = zstandard.ZstdCompressor().compress(lines[:100]) + zstandard.ZstdCompressor().compress(lines[100:])
+    (tmp_path / "z" / "part.jsonl.zst").write_bytes(two)  # frames one after another, as zstd -c a b > c writes
+    assert list(iter_documents(_input_files([str(tmp_path / "z")]))) == docs[:6]

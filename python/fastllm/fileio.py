@@ -75,8 +75,45 @@ def open_decompressed(path: str | os.PathLike, kind: str):
         import zstandard
     except ImportError:
         raise ImportError("zstd-compressed: needs Python 3.14 or `pip install zstandard`") from None
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
-                                                                        closefd=True))
+    return io.BufferedReader(_ZstdReader(path, zstandard), 1 << 16)
+
+
+class _ZstdReader(io.RawIOBase):
+    """The frames of a zstd file decompressed one after another with the zstandard package. A file that ends
+    inside a frame raises EOFError, as gzip and lzma do (zstandard's stream_reader returns the bytes so far and
+    ends quietly: a truncated download would lose its tail unnoticed); damaged data raises OSError."""
+
+    def __init__(self, path, zstandard):
+        self._f, self._z = open(path, "rb"), zstandard
+        self._frame = None  # the decompressor of the current frame
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos == len(self._out):
+            if self._frame is None or self._frame.eof:  # between frames: the next one, if any
+                data = (self._frame.unused_data if self._frame is not None else b"") or self._f.read(1 << 16)
+                if not data:
+                    return 0
+                self._frame = self._z.ZstdDecompressor().decompressobj()
+            else:
+                data = self._f.read(1 << 16)
+                if not data:
+                    raise EOFError("the zstd stream ends inside a frame (a truncated file)")
+            try:
+                self._out, self._pos = self._frame.decompress(data), 0
+            except self._z.ZstdError as e:
+                raise OSError(f"zstd: {e}") from None
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def data_suffix(path: str | os.PathLike) -> str:
