@@ -655,6 +655,20 @@ def test_truncated_warc_gz_is_reported(tmp_path):
     assert [b["reason"] for b in s.bad_inputs] == ["corrupt"] and "cut.warc.gz" in s.bad_inputs[0]["path"]
 
 
+def test_truncated_zst_is_reported(tmp_path):
+    """A .zst cut inside its frame is reported as a corrupt input, after the documents before the cut."""
+    zstandard = pytest.importorskip("zstandard")
+    rng = random.Random(34)
+    plain = warc_bytes([[prose(rng, 6), prose(rng, 6)] for _ in range(60)], False)
+    assert len(plain) > C.readers.HEAD  # the damage is found while reading, after the first documents
+    data = zstandard.ZstdCompressor().compress(plain)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.warc.zst").write_bytes(data[: len(data) - 30])
+    s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1), progress=False)
+    assert [b["reason"] for b in s.bad_inputs] == ["corrupt"] and "cut.warc.zst" in s.bad_inputs[0]["path"]
+    assert 0 < s.documents < 60
+
+
 @pytest.mark.parametrize("extra", [100, "whole"], ids=["too-long", "swallows-a-record"])
 def test_wrong_content_length_does_not_swallow_the_next_record(tmp_path, extra):
     rng = random.Random(33)
