@@ -129,17 +129,20 @@ def open_input(path: str | os.PathLike):
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A (maybe compressed, see open_input) UTF-8 text file; ValueError naming the file when it is not UTF-8 or
-    its compression is damaged."""
+    """A (maybe compressed, see open_input) UTF-8 text file, line ends read as "\\n" (Python's universal newlines,
+    as open() in text mode reads them); ValueError naming the file when it is not UTF-8 or its compression is
+    damaged."""
     try:
         with open_input(path) as f:
-            return f.read().decode("utf-8")
+            return f.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
     except ImportError as e:
         raise ImportError(f"{path}: {e}") from None
     except DECOMPRESS_ERRORS as e:
-        raise ValueError(f"{path}: damaged {COMPRESSION_SUFFIXES.get(Path(path).suffix, 'file')} "
+        if Path(path).suffix not in COMPRESSION_SUFFIXES:  # a plain file's OSError says what it is
+            raise
+        raise ValueError(f"{path}: damaged {COMPRESSION_SUFFIXES[Path(path).suffix]} "
                          f"({type(e).__name__}: {e})") from None
 
 
@@ -157,9 +160,10 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
             try:
                 raw = next(lines, None)
             except DECOMPRESS_ERRORS as e:
-                raise ValueError(f"{path}:{lineno + 1}: damaged "
-                                 f"{COMPRESSION_SUFFIXES.get(Path(path).suffix, 'file')} ({type(e).__name__}: {e})"
-                                 ) from None
+                if Path(path).suffix not in COMPRESSION_SUFFIXES:  # a plain file's OSError says what it is
+                    raise
+                raise ValueError(f"{path}:{lineno + 1}: damaged {COMPRESSION_SUFFIXES[Path(path).suffix]} "
+                                 f"({type(e).__name__}: {e})") from None
             if raw is None:
                 return
             lineno += 1
