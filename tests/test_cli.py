@@ -154,6 +154,8 @@ def bad_inputs(tmp_path, ckpt) -> list[tuple[list[str], str]]:
         (["demo", "--out", str(a_file), "--no-progress"], "file.txt"),
         (["prepare", str(a_file), "--tokenizer", nowhere, "--out", str(tmp_path / "o")], "nowhere"),
         (["tokenizer", "train", nowhere, "--vocab-size", "300", "--out", str(tmp_path / "t")], "nowhere"),
+        (["tokenizer", "train", str(a_file), "--vocab-size", "300", "--out", str(tmp_path / "t"), "--max-chars", "0"],
+         "--max-chars must be >= 1"),
         (["tokenizer", "train", str(a_file), "--vocab-size", "300", "--out", str(tmp_path / "t"), "--special", ""],
          "special_tokens"),
         (["sample", "--ckpt", nowhere], "nowhere"),

@@ -432,6 +432,13 @@ def test_parquet_documents_tokenizer_and_prepare(tmp_path, tok_path, capsys):
         assert vocab(tok) == vocab(Tokenizer.train(docs, 300))  # the documents' vocabulary, no JSON in it
         st = prepare([str(tmp_path / d)], tok_path, tmp_path / f"{d}_data", val_fraction=0.25, progress=False)
         assert st.train_tokens > 0
+    # --max-chars: the first N characters of the corpus, the last document cut (nanochat's tok_train --max_chars)
+    first = [docs[0], docs[1], docs[2][:10]]
+    n = sum(map(len, first))
+    assert main(["tokenizer", "train", str(tmp_path / "pq"), "--vocab-size", "300", "--out",
+                 str(tmp_path / "first.tiktoken"), "--max-chars", str(n), "--no-progress"]) == 0
+    assert vocab(Tokenizer.load(tmp_path / "first.tiktoken")) == vocab(Tokenizer.train(first, 300))
+    assert f"on 3 documents ({n:,} characters)" in capsys.readouterr().out
     for split in ("train", "val"):
         a, b = (np.concatenate([read_shard(p) for p in sorted((tmp_path / f"{d}_data").glob(f"{split}_*.bin"))])
                 for d in ("pq", "js"))

@@ -202,6 +202,10 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
                    help="special tokens, given the last ids")
     t.add_argument("--out", required=True, help="output tokenizer file (+ a .json sidecar)")
+    t.add_argument("--max-chars", type=int, default=None, metavar="N",
+                   help="train on the corpus' first N characters (documents in order, the last one cut), as "
+                        "nanochat's tok_train does: the counts of a few GB of text give the vocabulary of a web "
+                        "corpus, and the texts are held in memory (default: all of it)")
     t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     t.set_defaults(func=_cmd_tokenizer_train)
 
@@ -212,12 +216,27 @@ command("tokenizer", "tokenizer tools: train a BPE vocabulary",
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     t0 = time.time()
-    texts = list(iter_documents(_input_files(args.corpus))) if args.corpus else builtin_corpus()
+    if args.max_chars is not None and args.max_chars < 1:
+        raise ValueError(f"--max-chars must be >= 1, got {args.max_chars}")
+    docs = iter_documents(_input_files(args.corpus)) if args.corpus else builtin_corpus()
+    texts = list(_first_chars(docs, args.max_chars))
     tok = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=args.special,
                           progress=not args.no_progress)
     tok.save(args.out)
-    print(f"trained a {tok.n_vocab}-token vocabulary in {time.time() - t0:.1f}s -> {args.out}")
+    print(f"trained a {tok.n_vocab}-token vocabulary on {len(texts):,} documents ({sum(map(len, texts)):,} "
+          f"characters) in {time.time() - t0:.1f}s -> {args.out}")
     return 0
+
+
+def _first_chars(docs, limit: int | None):
+    """The documents up to `limit` characters in all (the last one cut there); all of them for None."""
+    n = 0
+    for d in docs:
+        if limit is not None and n + len(d) >= limit:
+            yield d[: limit - n]
+            return
+        n += len(d)
+        yield d
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
