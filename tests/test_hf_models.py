@@ -567,6 +567,11 @@ def test_eval_prompts_of_a_hub_folder_use_its_template(tmp_path):
     fmt = chat_of(model, tok)
     want = auto.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert prompt_ids(tok, "2+2?", fmt, "Q: {prompt}").tolist() == list(want)
+    with_system = [{"role": "system", "content": "Be brief."}] + msgs  # --system, as lm-eval's system_instruction
+    want = auto.apply_chat_template(with_system, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert prompt_ids(tok, "2+2?", fmt, "Q: {prompt}", system="Be brief.").tolist() == list(want)
+    assert prompt_ids(tok, "2+2?", None, system="Be brief.").tolist() == tok.encode_ordinary("Be brief.\n\n2+2?"
+                                                                                             ).tolist()
     assert set(fmt.stop_tokens) == set(chat.eos_token_ids(tmp_path / "llama3", tok))
     assert chat_of(model, tok, chat=False) is None
     pytest.importorskip("lm_eval")

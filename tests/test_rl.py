@@ -547,13 +547,16 @@ def test_rollouts_of_a_chat_model_are_user_turns():
     from fastllm.sft import with_chat_tokens
 
     tok = with_chat_tokens(byte_tokenizer())
-    m = GPT(GPTConfig(block_size=32, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=8), seed=0)
+    m = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=8), seed=0)
     reward = lambda p, c: 0.0  # noqa: E731
     g = GRPO(m, m, tok, reward, RLConfig(ckpt="", group_size=2, max_new_tokens=3))
     assert isinstance(g.chat, ChatML) and set(g.chat.stop_tokens) == {tok.special_tokens["<|im_end|>"], EOT}
     rows, comps, texts = sample_completions(m, tok, ["3+4="], 2, 3, seed=0, chat=g.chat)
     assert rows == [g.chat.prompt([{"role": "user", "content": "3+4="}]).tolist()] * 2
     assert rows[0].count(tok.special_tokens["<|im_start|>"]) == 2  # the user's turn, the assistant's header
+    system = {"role": "system", "content": "Answer with digits."}
+    rows = sample_completions(m, tok, ["3+4="], 2, 3, seed=0, chat=g.chat, system=system["content"])[0]
+    assert rows == [g.chat.prompt([system, {"role": "user", "content": "3+4="}]).tolist()] * 2
     plain = GRPO(m, m, tok, reward, RLConfig(ckpt="", group_size=2, max_new_tokens=3, chat=False))
     assert plain.chat is None
     assert sample_completions(m, tok, ["3+4="], 2, 3, seed=0)[0] == [tok.encode_ordinary("3+4=").tolist()] * 2

@@ -25,6 +25,8 @@ CKPT_EVERY = "steps between checkpoints (one is always written at the end; 0: on
 KEEP_CKPTS = "how many of the newest checkpoints to keep on disk"
 ZERO = "with several ranks (mpiexec): ZeRO-1, each rank keeps 1/N of the AdamW state"
 GRAD_CLIP = "clip the global gradient norm to this value (0: no clipping)"
+SYSTEM = ("a system message before each prompt in chat prompts (in plain text: its text and a blank line before the "
+          "prompt), as lm-eval's --system_instruction (default: none; a chat template may add its own)")
 DEVICE = "where to train: cpu, or cuda (a CUDA build of fastllm and an NVIDIA GPU)"
 DTYPE = ("compute dtype (default: float32 on the CPU, bfloat16 on a GPU); master weights, gradients and AdamW state "
          "stay float32. CPU bfloat16: the matmuls round their operands to bf16 (fp32 sums; AVX-512 BF16 where the CPU "

@@ -64,6 +64,7 @@ from .options import (
     KEEP_CKPTS,
     RESUME,
     SEED,
+    SYSTEM,
     THREADS,
     ZERO,
     option,
@@ -225,13 +226,14 @@ def sample_completions(
     temperature: float = 1.0,
     seed: int | None = None,
     chat=None,
+    system: str | None = None,
 ):
     """G completions per prompt in one batched, KV-cached generation, the prompts in the chat format `chat`
-    (fastllm.eval.chat_of) or, None, as plain text. Returns (prompt_ids (P*G rows), completion_ids (P*G, with the
-    final stop token if generated: the format's end of turn, else <|endoftext|> or the checkpoint's EOS), texts
-    (P lists of G strings, without it))."""
+    (fastllm.eval.chat_of) or, None, as plain text, after the `system` message if given (eval.prompt_ids).
+    Returns (prompt_ids (P*G rows), completion_ids (P*G, with the final stop token if generated: the format's end
+    of turn, else <|endoftext|> or the checkpoint's EOS), texts (P lists of G strings, without it))."""
     stops = tuple(chat.stop_tokens) if chat else end_tokens(model, tokenizer)
-    ids = [prompt_ids(tokenizer, p, chat).tolist() for p in prompts]
+    ids = [prompt_ids(tokenizer, p, chat, system=system).tolist() for p in prompts]
     rows = [r for r in ids for _ in range(group_size)]
     was = model.training
     out = generate(model.eval(), rows, max_new_tokens, temperature=temperature, stop_tokens=stops, seed=seed)
@@ -243,10 +245,10 @@ def sample_completions(
 
 def evaluate(
     model: GPT, tokenizer, task, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-    chat=None,
+    chat=None, system: str | None = None,
 ) -> float:
     """Fraction of prompts whose completion the task marks correct (greedy by default)."""
-    _, _, texts = sample_completions(model, tokenizer, prompts, 1, max_new_tokens, temperature, seed, chat)
+    _, _, texts = sample_completions(model, tokenizer, prompts, 1, max_new_tokens, temperature, seed, chat, system)
     return float(np.mean([task.correct(p, t[0]) for p, t in zip(prompts, texts)]))
 
 
@@ -280,6 +282,7 @@ class RLConfig:
     temperature: float = option(1.0, "sampling temperature of the rollouts")
     chat: bool | None = option(None, "prompts as a user turn in the checkpoint's chat template or ChatML, "
                                      "completions ending at its end of turn (default: when it has one)")
+    system: str | None = option(None, SYSTEM)
     lr: float = option(1e-4, "AdamW learning rate (constant)")
     beta: float = option(0.04, "weight of the per-token KL penalty to the reference policy (k3 estimator)")
     clip_eps: float = option(0.2, "PPO clip: probability ratios to the sampling policy are clipped to "
@@ -339,8 +342,8 @@ class GRPO:
         cfg, model = self.cfg, self.model
         t0 = time.time()
         rows, comp_ids, texts = sample_completions(
-            model, self.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, seed, self.chat
-        )
+            model, self.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, seed, self.chat,
+            cfg.system)
         rewards = score(self.reward_fn, prompts, texts)
         adv = group_advantages(rewards)
         batch = pack(rows, comp_ids, adv)
@@ -401,7 +404,8 @@ class GRPOStage(Stage):
             raise ValueError(f"prompts_per_step={self.cfg.prompts_per_step} must be a multiple of the {ranks} ranks, "
                              "which each roll out an equal share")
         chat = chat_of(model, self.tokenizer, self.cfg.chat)
-        longest = max((len(prompt_ids(self.tokenizer, p, chat)) for p in self.eval_set), default=0)
+        longest = max((len(prompt_ids(self.tokenizer, p, chat, system=self.cfg.system)) for p in self.eval_set),
+                      default=0)
         if longest + self.cfg.max_new_tokens > model.config.block_size:
             raise ValueError(f"prompts of {longest} tokens + max_new_tokens={self.cfg.max_new_tokens} do not fit "
                              f"the model's context of {model.config.block_size} tokens (fewer --digits?)")
@@ -424,7 +428,8 @@ class GRPOStage(Stage):
     def evaluate(self, step: int) -> dict:
         acc = distributed.world().average(  # each rank scores its share of the held-out set
             self.eval_set, lambda part: evaluate(self.model, self.tokenizer, self.eval_task, part,
-                                                 self.cfg.max_new_tokens, chat=self.grpo.chat))
+                                                 self.cfg.max_new_tokens, chat=self.grpo.chat,
+                                                 system=self.cfg.system))
         return {"eval_accuracy": acc, **self.task_metrics()}
 
     def state_dict(self) -> dict:

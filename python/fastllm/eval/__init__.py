@@ -48,7 +48,7 @@ import numpy as np
 from .. import checks, distributed
 from ..chat import chat_format
 from ..fileio import write_json
-from ..options import option
+from ..options import SYSTEM, option
 from .data import Choice, load_documents, load_multiple_choice, token_bytes
 from .scoring import generate_until, score_continuations, window_requests
 
@@ -77,6 +77,7 @@ class EvalConfig:
     temperature: float = option(0.0, "gen: sampling temperature (0: greedy)")
     chat: bool | None = option(None, "gen: chat prompts, in the checkpoint's chat template or ChatML (default: when "
                                      "it has one)")
+    system: str | None = option(None, "gen: " + SYSTEM)
     template: str = option("{prompt}", "gen: prompt text around each problem, e.g. 'Question: {prompt}\\nAnswer:' "
                                        "(\\n and \\t stand for a newline and a tab on the command line)")
     stop: Sequence[str] = option((), "gen: stop strings, e.g. '\\n\\n' (<|endoftext|> and <|im_end|> always stop) "
@@ -187,18 +188,24 @@ def chat_of(model, tokenizer, chat: bool | None = None):
     return fmt
 
 
-def prompt_ids(tokenizer, prompt: str, chat=None, template: str = "{prompt}") -> np.ndarray:
+def prompt_ids(tokenizer, prompt: str, chat=None, template: str = "{prompt}", system: str | None = None
+               ) -> np.ndarray:
     """The tokens a generative task feeds the model: the template around the prompt, as a user turn followed by
-    the assistant header in the chat format `chat` (chat_of) for chat models, else (None) as plain text."""
+    the assistant header in the chat format `chat` (chat_of) for chat models, else (None) as plain text.
+    `system`: a system message before the user turn, or for plain text its text and a blank line before the
+    prompt (as lm-eval's --system_instruction)."""
     text = template.replace("{prompt}", prompt)
-    return chat.prompt([{"role": "user", "content": text}]) if chat else tokenizer.encode_ordinary(text)
+    if not chat:
+        return tokenizer.encode_ordinary(f"{system}\n\n{text}" if system else text)
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return chat.prompt(system_turn + [{"role": "user", "content": text}])
 
 
 def gen_records(model, tokenizer, task, prompts: Sequence[str], cfg: EvalConfig, seed: int = 0, bar=None
                 ) -> list[dict]:
     """Per prompt: the reference answer, `cfg.samples` completions and whether each is correct (task.correct)."""
     chat = chat_of(model, tokenizer, cfg.chat)
-    rows = [prompt_ids(tokenizer, p, chat, cfg.template) for p in prompts for _ in range(cfg.samples)]
+    rows = [prompt_ids(tokenizer, p, chat, cfg.template, cfg.system) for p in prompts for _ in range(cfg.samples)]
     stop_tokens = tuple(chat.stop_tokens) if chat else ()
     n_new = cfg.max_new_tokens or min(256, model.config.block_size // 2)
     comps = generate_until(model, tokenizer, rows, n_new, stop=cfg.stop, stop_tokens=stop_tokens,
