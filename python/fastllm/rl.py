@@ -327,15 +327,18 @@ class GRPO:
 
     >>> g = GRPO(policy, ref, tokenizer, AdditionTask(2), RLConfig(ckpt=""))
     >>> stats = g.step(["12+34=", "5+7="], seed=0)
+
+    chat: the prompts' chat format (None: plain text); "auto": eval.chat_of(model, tokenizer, cfg.chat).
     """
 
     def __init__(
-        self, model: GPT, ref: GPT, tokenizer, reward_fn: RewardFn, cfg: RLConfig, task=None, opt: AdamW | None = None
+        self, model: GPT, ref: GPT, tokenizer, reward_fn: RewardFn, cfg: RLConfig, task=None, opt: AdamW | None = None,
+        chat="auto",
     ):
         self.model, self.ref, self.tokenizer, self.reward_fn, self.cfg = model, ref.eval(), tokenizer, reward_fn, cfg
         self.task = task
         self.opt = opt or AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
-        self.chat = chat_of(model, tokenizer, cfg.chat)  # the prompts' format: None for plain text
+        self.chat = chat_of(model, tokenizer, cfg.chat) if chat == "auto" else chat
 
     def step(self, prompts: Sequence[str], seed: int | None = None, lr: float | None = None) -> dict:
         """Roll out, score and update (cfg.iterations AdamW updates at `lr`, default cfg.lr); returns statistics."""
@@ -410,7 +413,7 @@ class GRPOStage(Stage):
             raise ValueError(f"prompts of {longest} tokens + max_new_tokens={self.cfg.max_new_tokens} do not fit "
                              f"the model's context of {model.config.block_size} tokens (fewer --digits?)")
         ref = load_model(self.ref_dir, self.cfg.device, checks.compute_dtype(self.cfg))
-        self.grpo = GRPO(model, ref, self.tokenizer, self.reward_fn, self.cfg, self.task, opt)
+        self.grpo = GRPO(model, ref, self.tokenizer, self.reward_fn, self.cfg, self.task, opt, chat)
         self.log(f"prompts: {f'chat ({chat.name})' if chat else 'plain text'}")
 
     def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
@@ -517,9 +520,12 @@ class RewardModel:
         if self.head.shape != (C + 1,):
             raise ValueError(f"head must have shape ({C + 1},), got {self.head.shape}")
         self.head_grad = np.zeros_like(self.head)
+        self._end: tuple = (None, None)  # (tokenizer, its end token): end_tokens may read the checkpoint's files
 
     def encode(self, tokenizer, prompt: str, completion: str) -> list[int]:
-        ids = [int(t) for t in tokenizer.encode(prompt + completion)] + [end_tokens(self.backbone, tokenizer)[0]]
+        if self._end[0] is not tokenizer:
+            self._end = (tokenizer, end_tokens(self.backbone, tokenizer)[0])
+        ids = [int(t) for t in tokenizer.encode(prompt + completion)] + [self._end[1]]
         return ids[-self.backbone.config.block_size :]  # too long: keep the end (the scored token)
 
     def _batch(self, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

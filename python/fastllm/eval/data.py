@@ -156,9 +156,7 @@ def _question(obj: dict, field: str, choices: list, answer: str, where: str, del
         raise ValueError(f"{where}: the choices must be at least 2 strings, got {choices!r}")
     if answer not in obj:
         raise ValueError(f"{where}: missing field {answer!r}")
-    ctx = f"Question: {q}\nAnswer:"
-    return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices), _label(obj[answer], choices, where, answer),
-                  where)
+    return _asked(q, choices, _label(obj[answer], choices, where, answer), where, delimiter)
 
 
 def _lettered(stem, texts: list, labels: list, obj: dict, where: str, stem_field: str, choices_field: str,
@@ -172,8 +170,13 @@ def _lettered(stem, texts: list, labels: list, obj: dict, where: str, stem_field
     if str(obj.get("answerKey")) not in labels:
         raise ValueError(f"{where}: field 'answerKey' must be one of the choice labels {labels}, "
                          f"got {obj.get('answerKey')!r}")
-    ctx = f"Question: {stem}\nAnswer:"
-    return Choice(ctx, tuple(_join(ctx, t, delimiter) for t in texts), labels.index(str(obj["answerKey"])), where)
+    return _asked(stem, texts, labels.index(str(obj["answerKey"])), where, delimiter)
+
+
+def _asked(question: str, choices: list[str], label: int, where: str, delimiter: str) -> Choice:
+    """A question as "Question: <q>\\nAnswer:", each choice a continuation of it (ARC, MMLU, PIQA, ...)."""
+    ctx = f"Question: {question}\nAnswer:"
+    return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices), label, where)
 
 
 def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
@@ -186,10 +189,8 @@ def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
             if len(row) < 4:
                 raise ValueError(f"{where}: expected question, at least 2 choices and the answer letter, "
                                  f"got {len(row)} columns")
-            ctx = f"Question: {row[0]}\nAnswer:"
             choices = row[1:-1]
-            out.append(Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices),
-                              _label(row[-1], choices, where, "answer"), where))
+            out.append(_asked(row[0], choices, _label(row[-1], choices, where, "answer"), where, delimiter))
     return out
 
 
