@@ -70,8 +70,6 @@ fastllm_emu_switch:
 
 namespace emu {
 
-thread_local Thread* g_thread = nullptr;
-thread_local uint3 g_block_idx{0, 0, 0};
 dim3 g_grid_dim, g_block_dim;
 
 namespace {
@@ -145,8 +143,9 @@ constexpr size_t kSmemCap = 233472;
 alignas(1024) thread_local unsigned char g_smem[kSmemCap];
 size_t g_dyn_off = kSmemCap;
 
-// ---- fibers
-constexpr size_t kStack = 256 << 10, kGuard = 4096;
+// ---- fibers: stacks of kStack bytes (cuda_runtime.h), kStack-aligned, each under a guard page
+constexpr size_t kGuard = 4096;
+struct Worker;
 
 struct Copy {
     unsigned char* dst;
@@ -157,6 +156,7 @@ struct Copy {
 
 struct Fiber {
     Thread t;
+    Worker* worker = nullptr;
     void* sp = nullptr;
     unsigned char* stack = nullptr;
     int linear = 0, warp = 0, lane = 0;
@@ -185,17 +185,22 @@ struct Block {
     std::vector<Warp> warps;
 };
 
-// per worker: its fibers, the one running, the scheduler's stack, the block
-thread_local std::vector<Fiber> g_fibers;
-thread_local Fiber* g_cur = nullptr;
-thread_local void* g_sched_sp = nullptr;
-thread_local Block g_block;
-thread_local unsigned long g_progress = 0;
-thread_local bool g_faulted = false;
+// a worker thread: its fibers, the one running, the scheduler's stack, the block, its shared memory. The fibers
+// reach it through their own record (me()), the scheduler once per block: thread_local reads are slow in a module.
+struct Worker {
+    std::vector<Fiber> fibers;
+    Fiber* cur = nullptr;
+    void* sched_sp = nullptr;
+    Block block;
+    unsigned long progress = 0;
+    bool faulted = false;
+    unsigned char* smem = nullptr;
 #ifdef EMU_ASAN
-thread_local const void* g_sched_bottom = nullptr;
-thread_local size_t g_sched_size = 0;
+    const void* sched_bottom = nullptr;
+    size_t sched_size = 0;
 #endif
+};
+thread_local Worker g_worker;
 Body g_body;  // the launch's kernel and arguments, shared by the workers
 
 // thread stacks, kept for reuse across launches and workers
@@ -208,27 +213,23 @@ struct Fault : std::runtime_error {
 
 std::string where(const Fiber* f) {
     char buf[160];
-    snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", g_block_idx.x, g_block_idx.y, g_block_idx.z,
-             f->t.idx.x, f->t.idx.y, f->t.idx.z);
+    const uint3 b = f->t.block_idx, t = f->t.idx;
+    snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", b.x, b.y, b.z, t.x, t.y, t.z);
     return buf;
 }
 
-Fiber& cur(const char* what) {
-    if (!g_cur) throw Fault(std::string(what) + " called outside a kernel");
-    return *g_cur;
-}
+Fiber& me() { return *(Fiber*)stack_top()[1]; }  // the running thread, inside a kernel
 
 void to_scheduler(Fiber& f) {
+    Worker& w = *f.worker;
 #ifdef EMU_ASAN
-    __sanitizer_start_switch_fiber(f.done ? nullptr : &f.fake, g_sched_bottom, g_sched_size);
+    __sanitizer_start_switch_fiber(f.done ? nullptr : &f.fake, w.sched_bottom, w.sched_size);
 #endif
-    fastllm_emu_switch(&f.sp, g_sched_sp);
+    fastllm_emu_switch(&f.sp, w.sched_sp);
 #ifdef EMU_ASAN
-    __sanitizer_finish_switch_fiber(f.fake, &g_sched_bottom, &g_sched_size);
+    __sanitizer_finish_switch_fiber(f.fake, &w.sched_bottom, &w.sched_size);
 #endif
 }
-
-void yield() { to_scheduler(*g_cur); }
 
 void run_copies(Fiber& f, long upto) {  // completes the committed groups <= upto, in issue order
     auto it = std::stable_partition(f.copies.begin(), f.copies.end(),
@@ -240,8 +241,7 @@ void run_copies(Fiber& f, long upto) {  // completes the committed groups <= upt
     f.copies.erase(it, f.copies.end());
 }
 
-void release_barriers() {  // after an exit: a barrier whose remaining threads have all arrived opens
-    Block& b = g_block;
+void release_barriers(Block& b) {  // after an exit: a barrier whose remaining threads have all arrived opens
     if (b.bar_arrived > 0 && b.bar_arrived == b.live) {
         b.bar_arrived = 0;
         b.bar_gen++;
@@ -253,27 +253,28 @@ void fiber_exit(Fiber& f) {
         if (c.group < 0) c.group = f.committed + 1;
     run_copies(f, 1L << 62);
     f.done = true;
-    g_progress++;
-    g_block.live--;
-    Warp& w = g_block.warps[f.warp];
+    f.worker->progress++;
+    Block& b = f.worker->block;
+    b.live--;
+    Warp& w = b.warps[f.warp];
     w.live &= ~(1u << f.lane);
     if (w.arrived > 0 && (w.mask >> f.lane & 1u))
         throw Fault(std::string("lane ") + std::to_string(f.lane) + " exited while lanes of its warp wait for it in " +
                     w.op);
-    release_barriers();
+    release_barriers(b);
 }
 
 void fiber_entry() {
-    Fiber& f = *g_cur;
+    Fiber& f = me();
 #ifdef EMU_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, &g_sched_bottom, &g_sched_size);
+    __sanitizer_finish_switch_fiber(nullptr, &f.worker->sched_bottom, &f.worker->sched_size);
 #endif
     try {
         g_body.fn(g_body.ctx);
         fiber_exit(f);
     } catch (const std::exception& e) {
         f.done = true;
-        g_faulted = true;
+        f.worker->faulted = true;
         fault_once(where(&f) + ": " + e.what());
     }
     f.done = true;
@@ -281,23 +282,32 @@ void fiber_entry() {
     abort();  // never resumed
 }
 
-void init_fiber(Fiber& f) {
+void init_fiber(Fiber& f, Worker& w) {
     if (!f.stack) {
         std::lock_guard<std::mutex> lock(g_stacks_mu);
         if (!g_stacks.empty()) f.stack = g_stacks.back(), g_stacks.pop_back();
     }
-    if (!f.stack) {
-        void* p = mmap(nullptr, kStack + kGuard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                       -1, 0);
+    if (!f.stack) {  // kStack-aligned (stack_top() rounds the stack pointer down), the rest of the mapping returned
+        const size_t len = 2 * kStack;
+        void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (p == MAP_FAILED) throw std::runtime_error("CUDA emulator: out of memory for thread stacks");
-        mprotect(p, kGuard, PROT_NONE);  // overflow faults instead of corrupting a neighbour
-        f.stack = (unsigned char*)p + kGuard;
+        unsigned char* lo = (unsigned char*)p;
+        unsigned char* base = (unsigned char*)(((uintptr_t)lo + kGuard + kStack - 1) & ~(kStack - 1));
+        if (base - kGuard > lo) munmap(lo, base - kGuard - lo);
+        if (base + kStack < lo + len) munmap(base + kStack, lo + len - base - kStack);
+        mprotect(base - kGuard, kGuard, PROT_NONE);  // overflow faults instead of corrupting a neighbour
+        f.stack = base;
     }
 #ifdef EMU_ASAN
     __asan_unpoison_memory_region(f.stack, kStack);  // redzones left by the frames of the last thread here
 #endif
+    f.worker = &w;
+    // the top two words: the Thread (threadIdx, blockIdx) and the Fiber, for self() and me()
+    void** slots = (void**)(f.stack + kStack) - 2;
+    slots[0] = &f.t;
+    slots[1] = &f;
     // frame popped by fastllm_emu_switch: mxcsr|fcw, r15, r14, r13, r12, rbx, rbp, return address (fiber_entry)
-    uint64_t* top = (uint64_t*)(f.stack + kStack);  // 16-byte aligned
+    uint64_t* top = (uint64_t*)slots;  // 16-byte aligned
     uint64_t* sp = top - 9;
     sp[0] = 0x1f80ull | (0x037full << 32);
     for (int i = 1; i <= 6; i++) sp[i] = 0;
@@ -311,78 +321,77 @@ void init_fiber(Fiber& f) {
     f.issued = 0;
 }
 
-void resume(Fiber& f) {
-    g_cur = &f;
-    g_thread = &f.t;
+void resume(Worker& w, Fiber& f) {
+    w.cur = &f;
 #ifdef EMU_ASAN
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, f.stack, kStack);
 #endif
-    fastllm_emu_switch(&g_sched_sp, f.sp);
+    fastllm_emu_switch(&w.sched_sp, f.sp);
 #ifdef EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
-    g_cur = nullptr;
-    g_thread = nullptr;
+    w.cur = nullptr;
 }
 
-std::string waiting_summary() {
+std::string waiting_summary(const Worker& w) {
     std::map<std::string, int> counts;
-    for (int i = 0; i < g_block.n; i++)
-        if (!g_fibers[i].done) counts[g_fibers[i].waiting ? g_fibers[i].waiting : "running"]++;
+    for (int i = 0; i < w.block.n; i++)
+        if (!w.fibers[i].done) counts[w.fibers[i].waiting ? w.fibers[i].waiting : "running"]++;
     std::string s;
     for (auto& [k, v] : counts) s += (s.empty() ? "" : ", ") + std::to_string(v) + " at " + k;
     return s;
 }
 
-bool run_block(const char* name) {  // false after a fault (g_error says what)
-    Block& b = g_block;
+bool run_block(Worker& w, uint3 block_idx) {  // false after a fault (g_error says what)
+    Block& b = w.block;
     const int n = (int)(g_block_dim.x * g_block_dim.y * g_block_dim.z);
-    if ((int)g_fibers.size() < n) g_fibers.resize(n);
+    if ((int)w.fibers.size() < n) w.fibers.resize(n);
     b.n = b.live = n;
     b.bar_arrived = 0;
     b.bar_gen = 0;
     b.warps.assign((n + 31) / 32, Warp{});
     for (int i = 0; i < n; i++) {
-        Fiber& f = g_fibers[i];
-        init_fiber(f);
+        Fiber& f = w.fibers[i];
+        init_fiber(f, w);
         f.linear = i;
         f.warp = i / 32;
         f.lane = i % 32;
         f.t.idx = {i % g_block_dim.x, (i / g_block_dim.x) % g_block_dim.y, i / (g_block_dim.x * g_block_dim.y)};
+        f.t.block_idx = block_idx;
         b.warps[f.warp].exist |= 1u << f.lane;
     }
-    for (auto& w : b.warps) w.live = w.exist;
+    for (auto& wp : b.warps) wp.live = wp.exist;
     const int mode = settings().order, nw = (int)b.warps.size();
     std::vector<int> order(n);
     for (int i = 0; i < n; i++) order[i] = mode == 1 ? n - 1 - i : i;
     static thread_local std::mt19937 rng(1234);
     auto resume_range = [&](int from, int to) {  // resumes the live fibers order[from..to) once each
         for (int k = from; k < to; k++)
-            if (!g_fibers[order[k]].done) {
-                resume(g_fibers[order[k]]);
-                if (g_faulted) return false;
+            if (!w.fibers[order[k]].done) {
+                resume(w, w.fibers[order[k]]);
+                if (w.faulted) return false;
             }
         return true;
     };
     while (b.live > 0) {
         if (mode == 2) std::shuffle(order.begin(), order.end(), rng);
-        const unsigned long before = g_progress;
+        const unsigned long before = w.progress;
         if (mode <= 2) {
             if (!resume_range(0, n)) return false;
         } else {
-            for (int w = 0; w < nw; w++) {
-                const int ww = mode == 4 ? nw - 1 - w : w;
-                for (unsigned long last = ~0ul; last != g_progress;) {  // until the warp makes no progress
-                    last = g_progress;
+            for (int k = 0; k < nw; k++) {
+                const int ww = mode == 4 ? nw - 1 - k : k;
+                for (unsigned long last = ~0ul; last != w.progress;) {  // until the warp makes no progress
+                    last = w.progress;
                     if (!resume_range(ww * 32, std::min(n, ww * 32 + 32))) return false;
                 }
             }
         }
         if (g_abort) return false;  // another worker faulted
-        if (b.live > 0 && g_progress == before) {
-            fault_once(std::string("deadlock in block (") + std::to_string(g_block_idx.x) + "," +
-                       std::to_string(g_block_idx.y) + "," + std::to_string(g_block_idx.z) + "): " + waiting_summary());
+        if (b.live > 0 && w.progress == before) {
+            fault_once(std::string("deadlock in block (") + std::to_string(block_idx.x) + "," +
+                       std::to_string(block_idx.y) + "," + std::to_string(block_idx.z) + "): " + waiting_summary(w));
             return false;
         }
     }
@@ -399,28 +408,28 @@ std::map<const void*, int>& func_smem() {
 // ---- API used by the translated kernels
 [[noreturn]] void fault(const char* what) { throw Fault(what); }
 
-int lane_id() { return cur("lane_id").lane; }
+int lane_id() { return me().lane; }
 
 void syncthreads() {
-    Fiber& f = cur("__syncthreads");
-    Block& b = g_block;
+    Fiber& f = me();
+    Block& b = f.worker->block;
     const unsigned gen = b.bar_gen;
     f.waiting = "__syncthreads";
     b.bar_arrived++;
-    g_progress++;
+    f.worker->progress++;
     if (b.bar_arrived == b.live) {
         b.bar_arrived = 0;
         b.bar_gen++;
     } else {
-        while (b.bar_gen == gen) yield();
+        while (b.bar_gen == gen) to_scheduler(f);
     }
     f.waiting = nullptr;
 }
 
 const uint32_t* warp_exchange(unsigned mask, const uint32_t* mine, int words, const char* op,
                               void (*combine)(uint32_t* all)) {
-    Fiber& f = cur(op);
-    Warp& w = g_block.warps[f.warp];
+    Fiber& f = me();
+    Warp& w = f.worker->block.warps[f.warp];
     auto bad = [&](const std::string& why) { throw Fault(std::string(op) + ": " + why); };
     if (words > 8) bad("more than 8 words per lane");
     if (!(mask >> f.lane & 1u)) bad("the calling lane is not in the mask");
@@ -439,13 +448,13 @@ const uint32_t* warp_exchange(unsigned mask, const uint32_t* mine, int words, co
     const unsigned gen = w.gen;
     f.waiting = op;
     w.arrived++;
-    g_progress++;
+    f.worker->progress++;
     if (w.arrived == w.expected) {
         if (combine) combine(w.buf[slot]);
         w.arrived = 0;
         w.gen++;
     } else {
-        while (w.gen == gen) yield();
+        while (w.gen == gen) to_scheduler(f);
     }
     f.waiting = nullptr;
     return w.buf[slot];
@@ -456,19 +465,16 @@ void syncwarp(unsigned mask) {
     warp_exchange(mask, &none, 1, "__syncwarp");
 }
 
-void* dynamic_smem() {
-    cur("dynamic shared memory");
-    return g_smem + g_dyn_off;
-}
+void* dynamic_smem() { return me().worker->smem + g_dyn_off; }
 uint32_t smem_offset(const void* p) {
-    const ptrdiff_t d = (const unsigned char*)p - g_smem;
+    const ptrdiff_t d = (const unsigned char*)p - me().worker->smem;
     if (d < INT32_MIN || d > INT32_MAX) fault("__cvta_generic_to_shared: not a shared-memory address");
     return (uint32_t)(int32_t)d;
 }
-void* smem_pointer(uint32_t offset) { return g_smem + (int32_t)offset; }
+void* smem_pointer(uint32_t offset) { return me().worker->smem + (int32_t)offset; }
 
 void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
-    Fiber& f = cur("cp.async");
+    Fiber& f = me();
     if ((int32_t)dst % bytes != 0) fault("cp.async: shared destination not aligned to the copy size");
     if (src_bytes < 0 || src_bytes > bytes) fault("cp.async: src-size outside 0..cp-size");
     if (src_bytes > 0 && (uintptr_t)src % bytes != 0) fault("cp.async: global source not aligned to the copy size");
@@ -476,7 +482,8 @@ void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
     f.copies.push_back(c);
     bool eager = settings().copies == 1;
     if (settings().copies == 2) {  // splitmix64 of (block, thread, copy number)
-        uint64_t z = (((uint64_t)g_block_idx.z * g_grid_dim.y + g_block_idx.y) * g_grid_dim.x + g_block_idx.x) *
+        const uint3 b = f.t.block_idx;
+        uint64_t z = (((uint64_t)b.z * g_grid_dim.y + b.y) * g_grid_dim.x + b.x) *
                          0x9E3779B97F4A7C15ull +
                      (uint64_t)f.linear * 0xBF58476D1CE4E5B9ull + f.issued++;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -489,13 +496,13 @@ void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
     }
 }
 void cp_async_commit() {
-    Fiber& f = cur("cp.async.commit_group");
+    Fiber& f = me();
     f.committed++;
     for (auto& c : f.copies)
         if (c.group < 0) c.group = f.committed;
 }
 void cp_async_wait(int n) {
-    Fiber& f = cur("cp.async.wait_group");
+    Fiber& f = me();
     run_copies(f, f.committed - n);
 }
 
@@ -518,7 +525,7 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 }
 
 void run_grid(const char* name, const void* kernel, const LaunchCfg& cfg, Body body) {
-    if (g_cur) throw Fault("a kernel launched from inside a kernel");
+    if (g_worker.cur) throw Fault("a kernel launched from inside a kernel");
     const dim3 g = cfg.grid, b = cfg.block;
     const uint64_t threads = (uint64_t)b.x * b.y * b.z;
     auto refuse = [&](cudaError_t e, const std::string& why) {
@@ -549,11 +556,13 @@ void run_grid(const char* name, const void* kernel, const LaunchCfg& cfg, Body b
     const uint64_t nblocks = (uint64_t)g.x * g.y * g.z;
     std::atomic<uint64_t> next{0};
     auto work = [&] {
-        g_faulted = false;
+        Worker& w = g_worker;
+        w.smem = g_smem;
+        w.faulted = false;
         for (uint64_t i; !g_abort && (i = next++) < nblocks;) {
-            g_block_idx = {(unsigned)(i % g.x), (unsigned)(i / g.x % g.y), (unsigned)(i / ((uint64_t)g.x * g.y))};
-            std::memset(g_smem + g_dyn_off, 0xff, kSmemCap - g_dyn_off);  // NaN: catches reads never written
-            if (!run_block(name)) break;
+            std::memset(w.smem + g_dyn_off, 0xff, kSmemCap - g_dyn_off);  // NaN: catches reads never written
+            if (!run_block(w, {(unsigned)(i % g.x), (unsigned)(i / g.x % g.y), (unsigned)(i / ((uint64_t)g.x * g.y))}))
+                break;
         }
     };
     const int workers = (int)std::min<uint64_t>(settings().threads, nblocks);
@@ -562,8 +571,8 @@ void run_grid(const char* name, const void* kernel, const LaunchCfg& cfg, Body b
         pool.emplace_back([&] {
             work();
             std::lock_guard<std::mutex> lock(g_stacks_mu);  // hand the stacks back before the thread ends
-            for (Fiber& f : g_fibers) g_stacks.push_back(f.stack);
-            g_fibers.clear();
+            for (Fiber& f : g_worker.fibers) g_stacks.push_back(f.stack);
+            g_worker.fibers.clear();
         });
     work();
     for (auto& t : pool) t.join();

@@ -167,12 +167,20 @@ void launch(const char* name, void (*kernel)(P...), const LaunchCfg& cfg, A&&...
                   &ctx});
 }
 
-// ---- per-thread state
+// ---- per-thread state, found from the stack pointer: each emulated thread runs on its own kStack-aligned stack
+// whose top slot points to its Thread. Not thread_local: in a shared library every thread_local read calls
+// __tls_get_addr, which took a sixth of the emulator's time (threadIdx is read all the time).
 struct Thread {
-    uint3 idx;  // threadIdx
+    uint3 idx;        // threadIdx
+    uint3 block_idx;  // blockIdx
 };
-extern thread_local Thread* g_thread;
-extern thread_local uint3 g_block_idx;
+constexpr size_t kStack = 256 << 10;
+inline void** stack_top() {  // the running thread's two top words: its Thread, the emulator's record of it
+    uintptr_t sp;
+    asm("movq %%rsp, %0" : "=r"(sp));
+    return (void**)((sp & ~(uintptr_t)(kStack - 1)) + kStack - 16);
+}
+inline Thread& self() { return *(Thread*)stack_top()[0]; }  // only inside a kernel (on an emulated thread's stack)
 extern dim3 g_grid_dim, g_block_dim;
 
 [[noreturn]] void fault(const char* what);
@@ -211,8 +219,8 @@ inline int src_up(int lane, int d, int w) { return (lane & (w - 1)) >= d ? lane 
 
 }  // namespace emu
 
-#define threadIdx (::emu::g_thread->idx)
-#define blockIdx (::emu::g_block_idx)
+#define threadIdx (::emu::self().idx)
+#define blockIdx (::emu::self().block_idx)
 #define blockDim (::emu::g_block_dim)
 #define gridDim (::emu::g_grid_dim)
 constexpr int warpSize = 32;
