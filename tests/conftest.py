@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # for `import reference`, `import backends`
 
 import backends  # noqa: E402
+import emulated_build  # noqa: E402
 
 import fastllm  # noqa: E402
 from fastllm import _C  # noqa: E402
@@ -100,7 +101,16 @@ def rng():
     return np.random.default_rng(1234)
 
 
+def _emulation(item):
+    """The Emulation (emulated_build.py) that the item runs, where it will not skip."""
+    module = getattr(item, "module", None)
+    em = getattr(module, "EMULATION", None)
+    return em if em is not None and not module.why_skip() else None
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: getattr(item, "module", None) is not None and hasattr(item.module, "EMULATION"))
     info = fastllm.info()
     if info.get("cuda_emulator"):
         skip = pytest.mark.skip(reason="too large for the CUDA emulator: runs on a real GPU only")
@@ -115,3 +125,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """The emulating builds and their child pytests start now in the background (tests/emulated_build.py), where
+    their tests are to run; those tests come last and collect the results."""
+    if not session.config.option.collectonly:
+        emulated_build.start([em for em in map(_emulation, session.items) if em is not None])
+
+
+def pytest_unconfigure(config):
+    emulated_build.stop()

@@ -10,23 +10,31 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from emulated_build import ROOT, build, child_info, child_pytest
+from emulated_build import ROOT, Emulation, child_info, run
 
 import fastllm
 
 TESTS = ["adamw", "attention", "attention_gqa", "backend", "embedding", "gelu", "layernorm", "matmul", "matmul_bf16",
          "matmul_int8", "residual", "rmsnorm", "rope", "softmax_ce", "swiglu", "model", "model_arch", "sample"]
+# the AVX2 and scalar levels run in the main suite
+EMULATION = Emulation("simde-test", ("-DFASTLLM_CUDA=off", "-DFASTLLM_SIMDE=ON"),
+                      ("-k", "not avx2 and not scalar", *(str(ROOT / "tests" / f"test_{t}.py") for t in TESTS)))
+
+
+def why_skip() -> str | None:
+    if fastllm.info()["cpu_features"]["avx512_bf16"]:
+        return "this CPU runs the AVX-512 BF16 kernels"
+    simde = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "include" / "simde" / "x86" / "avx512.h"
+    if not simde.exists():  # where CMakeLists.txt looks for it
+        return "needs SIMDe's headers: pip install cmeel-simde (in the test extra)"
+    return None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(fastllm.info()["cpu_features"]["avx512_bf16"], reason="this CPU runs the AVX-512 BF16 kernels")
 def test_kernel_tests_pass_on_simde():
-    simde = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "include" / "simde" / "x86" / "avx512.h"
-    if not simde.exists():  # where CMakeLists.txt looks for it
-        pytest.skip("needs SIMDe's headers: pip install cmeel-simde (in the test extra)")
-    env, built = build("simde-test", "-DFASTLLM_CUDA=off", "-DFASTLLM_SIMDE=ON")
-    files = [str(ROOT / "tests" / f"test_{t}.py") for t in TESTS]
-    rc, out, summary = child_pytest(env, "-k", "not avx2 and not scalar", *files)  # those two run in the main suite
+    if why_skip():
+        pytest.skip(why_skip())
+    env, built, (rc, out, summary) = run(EMULATION)
     print(f"SIMDe build {built:.0f} s; kernel and model tests on it: {summary}")
     assert child_info(env, "simd_detected").strip() == "avx512_bf16", "the child did not import the SIMDe build"
     assert rc == 0, f"tests failed on the SIMDe build:\n{out[-12000:]}"
