@@ -64,14 +64,16 @@ def _run(cmd: list[str], low: bool, **kw) -> tuple[int, str]:
     return p.returncode, out
 
 
-def _checked(cmd: list[str], what: str, low: bool) -> None:
-    rc, out = _run(cmd, low)
+def _checked(cmd: list[str], what: str, low: bool, environ: dict) -> None:
+    rc, out = _run(cmd, low, env=environ)
     if rc != 0:
         pytest.fail(f"{what} failed ({rc}):\n{out[-6000:]}", pytrace=False)
 
 
-def build(name: str, *defines: str, low: bool = False) -> tuple[dict, float]:
-    """Configure and build build/<name> with the -D defines; (the environment that imports it, seconds taken)."""
+def build(name: str, *defines: str, low: bool = False, environ: dict | None = None) -> tuple[dict, float]:
+    """Configure and build build/<name> with the -D defines, in `environ` (default: os.environ); (the environment
+    that imports it, seconds taken)."""
+    environ = dict(os.environ if environ is None else environ)
     if not (ROOT / "csrc").exists():
         pytest.skip("needs fastllm's source tree (csrc/)")
     cmake = _tool("cmake")
@@ -81,9 +83,9 @@ def build(name: str, *defines: str, low: bool = False) -> tuple[dict, float]:
     gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
     out, t0 = ROOT / "build" / name, time.time()
     _checked([cmake, "-S", str(ROOT), "-B", str(out), *gen, *defines, "-DCMAKE_BUILD_TYPE=Release",
-              f"-DPython_EXECUTABLE={sys.executable}"], f"configuring build/{name}", low)
-    _checked([cmake, "--build", str(out), "-j", str(os.cpu_count() or 2)], f"building build/{name}", low)
-    return {**os.environ, "PYTHONPATH": str(out / "python"), "PYTHONUNBUFFERED": "1"}, time.time() - t0
+              f"-DPython_EXECUTABLE={sys.executable}"], f"configuring build/{name}", low, environ)
+    _checked([cmake, "--build", str(out), "-j", str(os.cpu_count() or 2)], f"building build/{name}", low, environ)
+    return {**environ, "PYTHONPATH": str(out / "python"), "PYTHONUNBUFFERED": "1"}, time.time() - t0
 
 
 def child_info(env: dict, key: str) -> str:
@@ -99,8 +101,8 @@ def child_pytest(env: dict, *args: str, low: bool = False) -> tuple[int, str, st
     return rc, out, out.strip().splitlines()[-1] if out.strip() else "(no output)"
 
 
-def _build_and_test(em: Emulation, low: bool) -> tuple[dict, float, tuple[int, str, str]]:
-    env, built = build(em.name, *em.defines, low=low)
+def _build_and_test(em: Emulation, low: bool, environ: dict | None = None) -> tuple[dict, float, tuple[int, str, str]]:
+    env, built = build(em.name, *em.defines, low=low, environ=environ)
     return env, built, child_pytest(env, *em.args, low=low)
 
 
@@ -108,15 +110,17 @@ _started: dict[str, concurrent.futures.Future] = {}
 
 
 def start(ems: list[Emulation]) -> None:
-    """Starts the emulations' builds and child pytests now, in order, in a background thread, at the lowest priority."""
+    """Starts the emulations' builds and child pytests now, in order, in a background thread, at the lowest priority,
+    in the environment of this moment (tests change os.environ for a while, monkeypatch.setenv)."""
     todo = [(em, _started.setdefault(em.name, concurrent.futures.Future())) for em in ems if em.name not in _started]
+    environ = dict(os.environ)
 
     def work():
         for em, fut in todo:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(_build_and_test(em, low=True))
+                fut.set_result(_build_and_test(em, low=True, environ=environ))
             except BaseException as e:  # pytest.skip/fail too: re-raised in the test by run()
                 fut.set_exception(e)
 
