@@ -102,15 +102,13 @@ def rng():
 
 
 def _emulation(item):
-    """The Emulation (emulated_build.py) that the item runs, where it will not skip."""
-    module = getattr(item, "module", None)
-    em = getattr(module, "EMULATION", None)
-    return em if em is not None and not module.why_skip() else None
+    """The Emulation (emulated_build.py) that the item's module runs, or None."""
+    return getattr(getattr(item, "module", None), "EMULATION", None)
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: getattr(item, "module", None) is not None and hasattr(item.module, "EMULATION"))
+    items.sort(key=lambda item: _emulation(item) is not None)  # the emulations' tests last
     info = fastllm.info()
     if info.get("cuda_emulator"):
         skip = pytest.mark.skip(reason="too large for the CUDA emulator: runs on a real GPU only")
@@ -132,7 +130,7 @@ def pytest_runtestloop(session):
     """The emulating builds and their child pytests start now in the background (tests/emulated_build.py), where
     their tests are to run; those tests come last and collect the results."""
     if not session.config.option.collectonly:
-        emulated_build.start([em for em in map(_emulation, session.items) if em is not None])
+        emulated_build.start([_emulation(i) for i in session.items if _emulation(i) and not i.module.why_skip()])
 
 
 def pytest_unconfigure(config):

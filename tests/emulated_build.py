@@ -41,6 +41,7 @@ def _tool(name: str) -> str | None:
 
 
 _live: set[subprocess.Popen] = set()  # the background's processes, killed by stop()
+_stopped = False  # and any it starts after that
 _lock = threading.Lock()
 
 
@@ -56,6 +57,8 @@ def _run(cmd: list[str], low: bool, **kw) -> tuple[int, str]:
                          **kw)
     with _lock:
         _live.add(p)
+        if _stopped:
+            os.killpg(p.pid, signal.SIGKILL)
     try:
         out = p.communicate()[0]
     finally:
@@ -112,7 +115,8 @@ _started: dict[str, concurrent.futures.Future] = {}
 def start(ems: list[Emulation]) -> None:
     """Starts the emulations' builds and child pytests now, in order, in a background thread, at the lowest priority,
     in the environment of this moment (tests change os.environ for a while, monkeypatch.setenv)."""
-    todo = [(em, _started.setdefault(em.name, concurrent.futures.Future())) for em in ems if em.name not in _started]
+    todo = [(em, concurrent.futures.Future()) for em in ems if em.name not in _started]
+    _started.update((em.name, fut) for em, fut in todo)
     environ = dict(os.environ)
 
     def work():
@@ -137,9 +141,11 @@ def run(em: Emulation) -> tuple[dict, float, tuple[int, str, str]]:
 
 def stop() -> None:
     """Ends what the background still runs (at the end of the session, or when it is interrupted)."""
+    global _stopped
     for fut in _started.values():
         fut.cancel()
     with _lock:
+        _stopped = True
         for p in _live:
             try:
                 os.killpg(p.pid, signal.SIGKILL)

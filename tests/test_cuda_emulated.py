@@ -25,8 +25,8 @@ def why_skip() -> str | None:
 
 @pytest.mark.slow
 def test_gpu_tests_pass_on_the_cuda_emulator():
-    if why_skip():
-        pytest.skip(why_skip())
+    if why := why_skip():
+        pytest.skip(why)
     env, built, (rc, out, summary) = run(EMULATION)
     print(f"emulator build {built:.0f} s; GPU tests on the emulator: {summary}")
     assert "fastllm CUDA emulator" in child_info(env, "gpus"), "the child did not import the emulator build"

@@ -32,8 +32,8 @@ def why_skip() -> str | None:
 
 @pytest.mark.slow
 def test_kernel_tests_pass_on_simde():
-    if why_skip():
-        pytest.skip(why_skip())
+    if why := why_skip():
+        pytest.skip(why)
     env, built, (rc, out, summary) = run(EMULATION)
     print(f"SIMDe build {built:.0f} s; kernel and model tests on it: {summary}")
     assert child_info(env, "simd_detected").strip() == "avx512_bf16", "the child did not import the SIMDe build"

@@ -194,7 +194,7 @@ struct Worker {
     Block block;
     unsigned long progress = 0;
     bool faulted = false;
-    unsigned char* smem = nullptr;
+    unsigned char* smem = g_smem;  // this worker's (a thread_local, read here once)
 #ifdef EMU_ASAN
     const void* sched_bottom = nullptr;
     size_t sched_size = 0;
@@ -483,8 +483,7 @@ void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
     bool eager = settings().copies == 1;
     if (settings().copies == 2) {  // splitmix64 of (block, thread, copy number)
         const uint3 b = f.t.block_idx;
-        uint64_t z = (((uint64_t)b.z * g_grid_dim.y + b.y) * g_grid_dim.x + b.x) *
-                         0x9E3779B97F4A7C15ull +
+        uint64_t z = (((uint64_t)b.z * g_grid_dim.y + b.y) * g_grid_dim.x + b.x) * 0x9E3779B97F4A7C15ull +
                      (uint64_t)f.linear * 0xBF58476D1CE4E5B9ull + f.issued++;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -557,7 +556,6 @@ void run_grid(const char* name, const void* kernel, const LaunchCfg& cfg, Body b
     std::atomic<uint64_t> next{0};
     auto work = [&] {
         Worker& w = g_worker;
-        w.smem = g_smem;
         w.faulted = false;
         for (uint64_t i; !g_abort && (i = next++) < nblocks;) {
             std::memset(w.smem + g_dyn_off, 0xff, kSmemCap - g_dyn_off);  // NaN: catches reads never written
