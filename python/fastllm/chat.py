@@ -50,6 +50,7 @@ import numpy as np
 
 from .fileio import read_json
 from .sample import SamplingParams, check_seed, stream_text
+from .tools import hermes_messages, template_format
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -143,14 +144,17 @@ class ChatML:
 
     name = "ChatML"
 
+    tool_format = "hermes"  # tools and calls written as Qwen2.5 writes them (fastllm.tools.hermes_messages)
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         _special(tokenizer, IM_START)
         stops = (_special(tokenizer, IM_END), tokenizer.special_tokens.get(EOT))
         self.stop_tokens = tuple(t for t in stops if t is not None)
 
-    def prompt(self, messages) -> np.ndarray:
-        return render_prompt(messages, self.tokenizer)
+    def prompt(self, messages, tools: list[dict] | None = None) -> np.ndarray:
+        """Ids the model continues; `tools` (OpenAI's function list) and tool messages in the hermes layout."""
+        return render_prompt(hermes_messages(messages, tools), self.tokenizer)
 
     def render(self, messages) -> tuple[np.ndarray, np.ndarray]:
         return render(messages, self.tokenizer)
@@ -234,6 +238,7 @@ class ChatTemplate:
         if not isinstance(template, str) or not template.strip():
             raise ValueError(f"{where}: the chat template must be a non-empty string")
         self.template, self.tokenizer, self.where = template, tokenizer, where
+        self.tool_format = template_format(template)  # None: the template takes no tools
         self.variables = dict(variables or {})
         self.stop_tokens = tuple(int(t) for t in stop_tokens)
         try:
@@ -243,12 +248,16 @@ class ChatTemplate:
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
             raise ValueError(f"{where}: the chat template does not compile: {type(e).__name__}: {e}") from None
 
-    def text(self, messages, add_generation_prompt: bool = False, spans: list | None = None) -> str:
-        """The template's text for `messages` (a list of {"role", "content"} dicts); ValueError naming the
-        template for what it rejects (its raise_exception, errors while rendering). With `spans` (a list), the
-        (start, end) character offsets of its {% generation %} blocks are appended to it."""
+    def text(self, messages, add_generation_prompt: bool = False, spans: list | None = None,
+             tools: list[dict] | None = None) -> str:
+        """The template's text for `messages` (a list of {"role", "content"} dicts, and OpenAI's tool calls and
+        tool messages); ValueError naming the template for what it rejects (its raise_exception, errors while
+        rendering). With `spans` (a list), the (start, end) character offsets of its {% generation %} blocks are
+        appended to it. `tools`: OpenAI's function list, the template's `tools` variable."""
         ctx = {**self.variables, "messages": [dict(m) for m in messages],
                "add_generation_prompt": add_generation_prompt}
+        if tools:
+            ctx["tools"] = tools
         env = self._jinja.environment
         blocks: list[str] = []
         env.spans = (blocks, spans if spans is not None else [])
@@ -264,9 +273,9 @@ class ChatTemplate:
     def _encode(self, text: str) -> np.ndarray:
         return self.tokenizer.encode(text, allowed_special="all")
 
-    def prompt(self, messages) -> np.ndarray:
+    def prompt(self, messages, tools: list[dict] | None = None) -> np.ndarray:
         """Ids of `messages` followed by the template's generation prompt: what the model continues."""
-        return self._encode(self.text(messages, add_generation_prompt=True))
+        return self._encode(self.text(messages, add_generation_prompt=True, tools=tools))
 
     def render(self, messages) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32, mask uint8) of a whole conversation; mask 1 on the assistant turns (see the module doc)."""

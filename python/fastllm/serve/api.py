@@ -28,12 +28,16 @@ Semantics (OpenAI's, where it defines them):
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..grammar import Guide
 from ..sample import SamplingParams
+from ..tools import FORMATS, NAME
 from .engine import Chunk, Failure, PromptLogprobs, Request, TokenLogprob
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -66,6 +70,18 @@ class ServedModel:
         self.eot = tokenizer.special_tokens.get("<|endoftext|>")
         self.created = int(time.time())
         self._strings: dict[int, tuple[str, list[int]]] = {}
+        self._guide, self._guide_lock = None, threading.Lock()
+
+    def guide(self):
+        """The grammars of constrained chat answers (fastllm.grammar.Guide), built on first use."""
+        with self._guide_lock:
+            if self._guide is None:
+                try:
+                    self._guide = Guide(self.tokenizer, self.chat.stop_tokens)
+                except ImportError as e:
+                    raise APIError(400, f"This server cannot constrain answers: {e}.", None,
+                                   "unsupported_parameter") from None
+            return self._guide
 
     def token_str(self, t: int) -> tuple[str, list[int]]:
         """(text, bytes) of one token (invalid UTF-8 as U+FFFD in the text; the bytes are exact)."""
@@ -123,11 +139,11 @@ def _get(body: dict, name: str, kind: str, default=None, lo: float | None = None
 
 
 # fields accepted and ignored: they change nothing here (user, metadata, store: bookkeeping on OpenAI's side)
-_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"}
+_IGNORED = {"user", "metadata", "store", "service_tier", "stream_options"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
            "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repetition_penalty"} | _IGNORED
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-                         "tool_choice", "functions", "function_call", "modalities"}
+                         "tool_choice", "parallel_tool_calls", "functions", "function_call", "modalities"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 
 
@@ -155,19 +171,22 @@ class _Choice:
     finish_reason: str | None = None
     started: bool = False
     offset: int = 0  # completions' text_offset of the next token
+    parser: object = None  # chat with tools: the format's parser (fastllm.tools), which text goes through
+    calls: list[dict] = field(default_factory=list)  # the tool calls read so far
 
 
 class Call:
     """One validated API call (chat or completion): its engine request and the formatting of its results."""
 
     def __init__(self, kind: str, served: ServedModel, request: Request, stream: bool, include_usage: bool,
-                 echo: list[str] | None = None):
+                 echo: list[str] | None = None, tool_format: str | None = None):
         self.kind, self.served, self.request = kind, served, request
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.stream, self.include_usage = stream, include_usage
         self.logprobs, self.echo = request.logprobs, echo
-        self.choices = [_Choice() for _ in range(len(request.prompts) * request.n)]
+        self.choices = [_Choice(parser=tool_format and FORMATS[tool_format].parser())
+                        for _ in range(len(request.prompts) * request.n)]
         self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self.finished = 0
         self.error: str | None = None
@@ -203,20 +222,39 @@ class Call:
                 lp = self._completion_logprobs(c, self.prompt_logprobs.get(p, []), self._prompt_ids(p))
                 out.append(self._stream_chunk(e.index, self.echo[p], lp))
         c.tokens += len(e.tokens)
-        c.text.append(e.text)
         c.logprobs += e.logprobs
+        text, calls = e.text, []
+        if c.parser is not None:  # tool calls come out of the text
+            text, calls = c.parser.feed(e.text)
+            if e.finish_reason is not None:
+                more, more_calls = c.parser.finish()
+                text, calls = text + more, calls + more_calls
+        c.text.append(text)
         if e.finish_reason is not None:
             c.finish_reason = e.finish_reason
             self.finished += 1
         if self.kind == "chat":
-            if e.text or e.logprobs:
-                out.append(self._stream_chunk(e.index, {"content": e.text}, self._chat_logprobs(e.logprobs)))
+            if text or e.logprobs:
+                out.append(self._stream_chunk(e.index, {"content": text}, self._chat_logprobs(e.logprobs)))
+            for call in calls:
+                out.append(self._stream_chunk(e.index, {"tool_calls": [{"index": len(c.calls), **call}]}))
+                c.calls.append(call)
             if e.finish_reason is not None:
-                out.append(self._stream_chunk(e.index, {}, finish_reason=e.finish_reason))
+                if c.calls and c.finish_reason == "stop":
+                    c.finish_reason = "tool_calls"
+                out.append(self._stream_chunk(e.index, {}, finish_reason=c.finish_reason))
         elif e.text or e.logprobs or e.finish_reason is not None:
             lp = self._completion_logprobs(c, e.logprobs, [x.token for x in e.logprobs])
             out.append(self._stream_chunk(e.index, e.text, lp, e.finish_reason))
         return out
+
+    @staticmethod
+    def _message(c: _Choice) -> dict:
+        text = "".join(c.text)
+        msg = {"role": "assistant", "content": text or (None if c.calls else ""), "refusal": None}
+        if c.calls:
+            msg["tool_calls"] = c.calls
+        return msg
 
     def _prompt_ids(self, p: int) -> list[int]:
         return self.request.prompts[p] if p in self.prompt_logprobs else []
@@ -282,9 +320,8 @@ class Call:
         """The non-streamed body, once done."""
         if self.kind == "chat":
             d = self._head("chat.completion")
-            d["choices"] = [{"index": i, "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                             "logprobs": self._chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
-                            for i, c in enumerate(self.choices)]
+            d["choices"] = [{"index": i, "message": self._message(c), "logprobs": self._chat_logprobs(c.logprobs),
+                             "finish_reason": c.finish_reason} for i, c in enumerate(self.choices)]
         else:
             d = self._head("text_completion")
             d["choices"] = []
@@ -402,22 +439,24 @@ def _fit(served: ServedModel, n_prompt: int, max_tokens: int | None, default: in
 
 
 def _messages(value) -> list[dict]:
-    """OpenAI messages -> [{"role", "content"}] for fastllm.sft's template (text parts joined)."""
+    """OpenAI messages -> [{"role", "content"}] for the chat format (text parts joined), with an assistant's
+    `tool_calls` (arguments parsed to dicts, as chat templates want them) and a tool result's `tool_call_id` and
+    function `name`."""
     if not isinstance(value, list) or not value:
         raise APIError(400, "'messages' must be a non-empty array of messages.", "messages", "invalid_value")
-    out = []
+    out, names = [], {}
     for i, m in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise _bad_type(where, "an object", m)
         role = m.get("role")
-        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise _unsupported(f"{where}.role", f"{role!r} (tool calling)")
+        if role == "function" or m.get("function_call"):
+            raise _unsupported(f"{where}.role", "'function' (deprecated function calling; use tools)")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"Invalid value for '{where}.role': {role!r} (expected 'system', 'developer', 'user' "
-                                f"or 'assistant').", f"{where}.role", "invalid_value")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"Invalid value for '{where}.role': {role!r} (expected 'system', 'developer', 'user', "
+                                f"'assistant' or 'tool').", f"{where}.role", "invalid_value")
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
@@ -432,8 +471,147 @@ def _messages(value) -> list[dict]:
             content = "".join(parts)
         if not isinstance(content, str):
             raise _bad_type(f"{where}.content", "a string or an array of text parts", content)
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            names.update((c["id"], c["function"]["name"]) for c in msg["tool_calls"])
+        if role == "tool":
+            msg["tool_call_id"] = _get(m, "tool_call_id", "string") if "tool_call_id" in m else None
+            if msg["tool_call_id"] is None:
+                raise APIError(400, f"Missing required parameter: '{where}.tool_call_id'.", f"{where}.tool_call_id",
+                               "missing_required_parameter")
+            if msg["tool_call_id"] in names:
+                msg["name"] = names[msg["tool_call_id"]]
+        out.append(msg)
     return out
+
+
+def _tool_calls(value, where: str) -> list[dict]:
+    """An assistant message's OpenAI tool_calls, checked, with the arguments' JSON text parsed."""
+    if not isinstance(value, list):
+        raise _bad_type(where, "an array", value)
+    calls = []
+    for j, c in enumerate(value):
+        at = f"{where}[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"Invalid value for '{at}': expected {{\"id\", \"type\": \"function\", \"function\": "
+                                f"{{\"name\", \"arguments\"}}}}.", at, "invalid_value")
+        args = fn.get("arguments") or "{}"
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError as e:
+                raise APIError(400, f"Invalid value for '{at}.function.arguments': not JSON ({e}).",
+                               f"{at}.function.arguments", "invalid_value") from None
+        if not isinstance(args, dict):
+            raise _bad_type(f"{at}.function.arguments", "a JSON object", args)
+        calls.append({"id": str(c.get("id") or ""), "type": "function",
+                      "function": {"name": fn["name"], "arguments": args}})
+    return calls
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, str | dict]:
+    """(the request's tools, checked, as chat templates list them; tool_choice: "none" / "auto" / "required" or
+    the name-only function object)."""
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise _unsupported(name, "(deprecated function calling; use 'tools' and 'tool_choice')")
+    tools, names = _get(body, "tools", "array"), []
+    if tools is not None:
+        if not 1 <= len(tools) <= 128:
+            raise APIError(400, f"Invalid 'tools': expected an array of 1 to 128 tools, got {len(tools)}.", "tools",
+                           "invalid_value")
+        for i, t in enumerate(tools):
+            at = f"tools[{i}]"
+            if not isinstance(t, dict):
+                raise _bad_type(at, "an object", t)
+            if t.get("type") != "function":
+                raise _unsupported(f"{at}.type", f"{t.get('type')!r} (only 'function' tools)")
+            fn = t.get("function")
+            if not isinstance(fn, dict):
+                raise _bad_type(f"{at}.function", "an object", fn)
+            name = _get(fn, "name", "string") if "name" in fn else None
+            if name is None or not NAME.match(name):
+                raise APIError(400, f"Invalid '{at}.function.name': {name!r}: expected 1 to 64 letters, digits, "
+                                    "underscores or dashes.", f"{at}.function.name", "invalid_value")
+            if name in names:
+                raise APIError(400, f"Invalid 'tools': the function name {name!r} is given twice.",
+                               f"{at}.function.name", "invalid_value")
+            names.append(name)
+            for key, kind in (("description", "string"), ("parameters", "object"), ("strict", "boolean")):
+                _get({f"{at}.function.{key}": fn.get(key)}, f"{at}.function.{key}", kind)
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise APIError(400, "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+                                '{"type": "function", "function": {"name": ...}}.', "tool_choice", "invalid_value")
+        if name not in names:
+            raise APIError(400, f"Invalid value for 'tool_choice': no function named {name!r} in 'tools'.",
+                           "tool_choice", "invalid_value")
+        choice = {"type": "function", "function": {"name": name}}
+    elif choice not in ("none", "auto", "required"):
+        raise APIError(400, f"Invalid value for 'tool_choice': {choice!r} (expected 'none', 'auto', 'required' or a "
+                            "function).", "tool_choice", "invalid_value")
+    if choice == "required" and not tools:
+        raise APIError(400, "'tool_choice' is 'required' but no 'tools' are given.", "tool_choice", "invalid_value")
+    return tools, choice
+
+
+def _forced_call(served: ServedModel, tools: list[dict], choice, parallel: bool, fmt: str):
+    """The grammar (a Constraint) of a call that tool_choice forces: to any of `tools` ("required") or to the
+    named one, once); APIError naming the tool whose parameters are not a schema this server can enforce."""
+    if isinstance(choice, dict):
+        tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+        parallel = False
+    guide, grammar = served.guide(), FORMATS[fmt].grammar
+    try:
+        return guide.lark(grammar(tools, parallel))
+    except ValueError:
+        pass
+    for i, t in enumerate(tools):  # find the culprit
+        try:
+            guide.lark(grammar([t], False))
+        except ValueError as e:
+            raise APIError(400, f"Invalid 'tools[{i}].function.parameters': not a JSON schema this server can "
+                                f"enforce ({e}).", f"tools[{i}].function.parameters", "invalid_value") from None
+    raise APIError(400, "The tools cannot be compiled into one grammar.", "tools", "invalid_value")
+
+
+def _response_format(body: dict, served: ServedModel):
+    """The Constraint of `response_format` (json_object: any JSON object; json_schema: its schema), or None."""
+    fmt = _get(body, "response_format", "object")
+    kind = fmt.get("type") if fmt else "text"
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema, where = {"type": "object"}, "response_format"
+    elif kind == "json_schema":
+        js = _get(fmt, "json_schema", "object") if "json_schema" in fmt else None
+        if js is None:
+            raise APIError(400, "Missing required parameter: 'response_format.json_schema'.",
+                           "response_format.json_schema", "missing_required_parameter")
+        name = js.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise APIError(400, f"Invalid 'response_format.json_schema.name': {name!r}: expected 1 to 64 letters, "
+                                "digits, underscores or dashes.", "response_format.json_schema.name", "invalid_value")
+        where = "response_format.json_schema.schema"
+        schema = js.get("schema")
+        if schema is None:
+            schema = {}
+        elif not isinstance(schema, (dict, bool)):
+            raise _bad_type(where, "an object", schema)
+    else:
+        raise APIError(400, f"Invalid value for 'response_format.type': {kind!r} (expected 'text', 'json_object' or "
+                            "'json_schema').", "response_format.type", "invalid_value")
+    try:
+        return served.guide().json_schema(schema)
+    except ValueError as e:
+        raise APIError(400, f"Invalid '{where}': {e}", where, "invalid_value") from None
 
 
 def parse_chat(body, served: ServedModel) -> Call:
@@ -448,15 +626,8 @@ def parse_chat(body, served: ServedModel) -> Call:
     top = _get(body, "top_logprobs", "integer", None, 0, 20)
     if top is not None and not logprobs:
         raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", "top_logprobs", "invalid_value")
-    fmt = _get(body, "response_format", "object")
-    if fmt is not None and fmt.get("type") != "text":
-        raise _unsupported("response_format", f"of type {fmt.get('type')!r}")
-    for name in ("tools", "functions"):
-        if _get(body, name, "array"):
-            raise _unsupported(name, "(tool calling)")
-    for name in ("tool_choice", "function_call"):
-        if body.get(name) not in (None, "none", "auto"):
-            raise _unsupported(name, "(tool calling)")
+    tools, choice = _tools(body)
+    parallel = _get(body, "parallel_tool_calls", "boolean", True)
     modalities = _get(body, "modalities", "array")
     if modalities is not None and modalities != ["text"]:
         raise _unsupported("modalities", f"{modalities!r}")
@@ -465,15 +636,25 @@ def parse_chat(body, served: ServedModel) -> Call:
                             "replaced the folder's), and its tokenizer lacks the <|im_start|> and <|im_end|> tokens "
                             "(a base model). Use /v1/completions, or fine-tune it with `fastllm sft`.", "messages",
                        "chat_template_missing")
+    fmt = served.chat.tool_format
+    if fmt is None and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs)):
+        raise APIError(400, f"The chat template of `{served.name}` takes no tools (it never writes a tool call).",
+                       "tools", "unsupported_parameter")
+    constraint = _response_format(body, served)
+    if choice not in ("none", "auto"):
+        if constraint is not None:
+            raise APIError(400, "'response_format' cannot be combined with a forced tool call ('tool_choice').",
+                           "response_format", "invalid_value")
+        constraint = _forced_call(served, tools, choice, parallel, fmt)
     try:
-        ids = served.chat.prompt(msgs).tolist()
+        ids = served.chat.prompt(msgs, tools).tolist()
     except ValueError as e:
         raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
     max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     m = _fit(served, len(ids), max_tokens, None, "messages", name)
     req = Request(prompts=[ids], max_tokens=m, stop_tokens=list(served.chat.stop_tokens),
-                  logprobs=(top or 0) if logprobs else None, **common)
-    return Call("chat", served, req, stream, include_usage)
+                  logprobs=(top or 0) if logprobs else None, constraint=constraint, **common)
+    return Call("chat", served, req, stream, include_usage, tool_format=None if choice == "none" else fmt)
 
 
 def _is_int(x) -> bool:

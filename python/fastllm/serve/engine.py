@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import get_num_threads, set_num_threads
 from ..checkpoint import checkpoint_tokenizer, load_model
+from ..grammar import Constraint
 from ..sample import SamplingParams, StopStrings, TextStreamer, sample_next
 
 
@@ -103,6 +104,7 @@ class Request:
     logprobs: int | None = None  # None: none; k >= 0: each sampled token's logprob and its k best alternatives
     prompt_logprobs: bool = False  # also the logprobs of the prompt tokens (one full forward per prompt)
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI logit_bias)
+    constraint: Constraint | None = None  # a grammar every choice's text must follow (fastllm.grammar)
     emit: Callable[[list], None] | None = None
     cancelled: bool = False
 
@@ -132,6 +134,7 @@ class _Seq:
         self.row = -1
         self.logits: np.ndarray | None = None
         self.bias = mask  # -inf on ids the tokenizer cannot decode, if the model has such ids
+        self.matcher = None if req.constraint is None else req.constraint.matcher()
         if req.logit_bias:
             self.bias = np.zeros(vocab, np.float32) if mask is None else mask.copy()
             for t, b in req.logit_bias.items():
@@ -140,6 +143,11 @@ class _Seq:
     def sample(self) -> int:
         sp = self.req.params
         logits = self.logits if self.bias is None else self.logits + self.bias
+        if self.matcher is not None:  # the grammar's next tokens only (none left: it ends here)
+            allowed = self.matcher.allowed(len(logits))
+            if not allowed.any():
+                return next(iter(self.req.stop_tokens))
+            logits = np.where(allowed, logits, np.float32(-np.inf))
         history = [self.prompt + self.out] if sp.repetition_penalty != 1.0 else None
         output = [self.out] if sp.presence_penalty or sp.frequency_penalty else None
         return int(sample_next(logits[None], self.rng, sp, history, output)[0])
@@ -147,6 +155,8 @@ class _Seq:
     def step(self, t: int) -> Chunk:
         """Record token t; the text it completes and whether the sequence is finished."""
         self.out.append(t)
+        if self.matcher is not None and t not in self.req.stop_tokens:
+            self.matcher.accept(t)
         lps = [] if self.req.logprobs is None or t in self.req.stop_tokens else \
             [logprob_of(self.logits, t, self.req.logprobs)]
         if t in self.req.stop_tokens:
@@ -260,6 +270,8 @@ class Engine:
                                  f"{self.max_len} tokens")
         if req.logit_bias and any(not 0 <= t < V for t in req.logit_bias):
             raise ValueError(f"logit_bias holds token ids outside [0, {V})")
+        if req.constraint is not None and not req.stop_tokens:
+            raise ValueError("a constrained request needs stop tokens to end on")
         req.max_tokens = maxes
         req.stop_tokens = frozenset(int(t) for t in req.stop_tokens)
 
