@@ -398,13 +398,14 @@ def test_chat_template_that_renders_nothing(tmp_path):
     assert ids.size == 0 and mask.size == 0
 
 
-def hub_folder(family: str, folder, **config):
-    """A random transformers model of `family` (llama3, qwen2) saved with its tokenizer.json, chat template and
-    generation_config.json EOS ids, like a folder from the hub; `config` overrides BASE. -> (the transformers
-    model, its AutoTokenizer)."""
+def hub_folder(family: str, folder, template: str | None = None, **config):
+    """A random transformers model of `family` (llama3, qwen2) saved with its tokenizer.json, chat template (default:
+    Llama 3's, Qwen2.5's) and generation_config.json EOS ids, like a folder from the hub; `config` overrides BASE.
+    -> (the transformers model, its AutoTokenizer)."""
     from hf_families import LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
 
-    template, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>")}[family]
+    default, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>")}[family]
+    template = template or default
     tok = build_tokenizer(family, vocab_size=400)
     ends = ["<|end_of_text|>", eos] if family == "llama3" else [eos, "<|endoftext|>"]
     torch.manual_seed(0)
@@ -551,6 +552,52 @@ def test_serve_a_hub_folder_with_its_template(family, tmp_path):
         r = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == want
     assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_serve_tool_calls_through_a_hub_folders_template(family, tmp_path):
+    """Tool calling with a hub folder's own template (Llama 3.1's, Qwen2.5's): the prompt of a conversation with
+    tools, a call and its result is transformers' apply_chat_template(..., tools=...) token for token, and a call
+    that tool_choice forces comes back, through the openai client, as tool_calls in the template's format."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    pytest.importorskip("starlette")
+    pytest.importorskip("llguidance")
+    openai = pytest.importorskip("openai")
+    from hf_families import LLAMA31_TEMPLATE
+    from starlette.testclient import TestClient
+
+    from fastllm.serve import Engine, load
+    from fastllm.serve.api import _messages
+    from fastllm.serve.app import create_app
+
+    tools = [{"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a", "b"], "additionalProperties": False}}}]
+    ref, auto = hub_folder(family, tmp_path / family, template=LLAMA31_TEMPLATE if family == "llama3" else None,
+                           max_position_embeddings=1024)
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    msgs = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "2+3?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    hf_msgs = [dict(m) for m in msgs]
+    hf_msgs[2] = {"role": "assistant", "content": "", "tool_calls": [
+        {**call, "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}
+    model, tok = load(tmp_path / family)
+    fmt = chat.chat_format(tmp_path / family, tok)
+    assert fmt.tool_format == {"llama3": "llama3_json", "qwen2": "hermes"}[family]
+    for conversation, hf_conversation in ((msgs[:2], hf_msgs[:2]), (msgs, hf_msgs)):
+        want = auto.apply_chat_template(hf_conversation, tools=tools, add_generation_prompt=True, return_dict=True)
+        assert fmt.prompt(_messages(conversation), tools).tolist() == list(want["input_ids"])
+    with TestClient(create_app(Engine(model, tok, max_batch=2), "m")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        r = client.chat.completions.create(model="m", messages=msgs[:2], tools=tools, tool_choice="required",
+                                           max_tokens=60, seed=0, parallel_tool_calls=False)
+    (tc,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and tc.function.name == "add"
+    args = json.loads(tc.function.arguments)
+    assert sorted(args) == ["a", "b"] and all(0 <= v <= 9 for v in args.values())
 
 
 def test_eval_prompts_of_a_hub_folder_use_its_template(tmp_path):

@@ -257,6 +257,42 @@ def test_engine_constrained_request_same_alone_and_batched():
         engine.stop()
 
 
+def test_llama31_template_forced_call_and_its_result():
+    """A Llama 3.1 folder's template: a forced call is written as {"name", "parameters"} and read back as a tool
+    call; the call and its result go back into the prompt as the template writes them (the ipython role)."""
+    from hf_families import LLAMA31_TEMPLATE
+
+    from fastllm.serve import Engine
+    from fastllm.serve.api import ServedModel, parse_chat
+
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
+    tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={s: 256 + i for i, s in enumerate(specials)})
+    chat = ChatTemplate(LLAMA31_TEMPLATE, tok, {"bos_token": "<|begin_of_text|>"}, stop_tokens=[259])
+    assert chat.tool_format == "llama3_json"
+    served = ServedModel("llama", tok, 2048, 2, 261, chat)
+    model = GPT(GPTConfig(block_size=2048, vocab_size=261, n_layer=1, n_head=2, n_embd=32), seed=6).eval()
+    engine = Engine(model, tok, max_batch=2).start()
+    try:
+        call = parse_chat({"model": "llama", "messages": ASK, "tools": TOOLS, "tool_choice": "required", "seed": 1,
+                           "max_tokens": 300}, served)
+        for events in engine.stream(call.request, timeout=60):
+            call.feed(events)
+    finally:
+        engine.stop()
+    prompt = tok.decode(call.request.prompts[0])
+    assert "Given the following functions" in prompt and '"name": "get_weather"' in prompt
+    (choice,) = call.response()["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    ((name, args),) = check_calls(choice["message"]["tool_calls"])
+    history = ASK + [choice["message"], {"role": "tool", "tool_call_id": choice["message"]["tool_calls"][0]["id"],
+                                         "content": "sunny"}]
+    prompt = tok.decode(parse_chat({"model": "llama", "messages": history, "tools": TOOLS}, served).request.prompts[0])
+    written = json.dumps({"name": name, "parameters": args}, ensure_ascii=False)
+    # (a string is "iterable" to Jinja, so this template writes a result as JSON: "sunny", as transformers renders it)
+    assert prompt.endswith(f'{written}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"sunny"<|eot_id|>'
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
 # ---- the server, driven by the openai client -------------------------------------------------------------------
 
 openai = pytest.importorskip("openai")

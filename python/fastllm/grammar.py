@@ -45,7 +45,8 @@ class _Vocab:
         self.tokenizer = tokenizer
         self.tokens = [tokenizer.decode_bytes([i]) for i in range(tokenizer.n_vocab)]
         self.eos_token_id, self.bos_token_id = eos, None
-        self.special_token_ids = sorted(tokenizer.special_tokens.values())
+        plain = tokenizer.plain_tokens  # text like any other (Qwen's <tool_call>): a grammar's literal may use them
+        self.special_token_ids = sorted(i for s, i in tokenizer.special_tokens.items() if s not in plain)
 
     def __call__(self, text: str) -> list[int]:
         return self.tokenizer.encode_ordinary(text).tolist()

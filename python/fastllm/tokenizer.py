@@ -284,6 +284,12 @@ class Tokenizer:
         return dict(self._special)
 
     @property
+    def plain_tokens(self) -> frozenset[str]:
+        """The special tokens that are text to the model (HF added tokens not marked "special", like Qwen's
+        <tool_call>): `encode` always matches them, and they may be written like any text."""
+        return self._plain
+
+    @property
     def eot_token(self) -> int | None:
         """Id of ``<|endoftext|>`` if it is a special token, else None."""
         return self._special.get("<|endoftext|>")
