@@ -27,6 +27,11 @@ Two formats with one interface (`prompt(messages) -> ids`, `render(messages) -> 
   (generation_config.json / config.json `eos_token_id`, int or list, and tokenizer_config.json's `eos_token`).
   Needs jinja2 (the `hf` extra: pip install "fastllm[hf]").
 
+Both take OpenAI's `tools` and tool-calling messages (assistant `tool_calls`, "tool" results) in `prompt(messages,
+tools)`: ChatML writes them in the hermes layout of Qwen2.5's template (fastllm.tools.hermes_messages), a template
+gets them as its `tools` variable and message fields, as transformers passes them. `tool_format` names the format
+in which the model writes calls ("hermes", "llama3_json", None: the template takes no tools).
+
 `chat_format(folder, tokenizer)` picks the format of a checkpoint folder: its template if it has one, else ChatML
 if the tokenizer has the ChatML tokens, else None (a base model, no chat). `ChatSession` and `chat_loop` run a
 conversation in the terminal with either.

@@ -24,6 +24,17 @@ Semantics (OpenAI's, where it defines them):
   completions: logprobs 0..5 (with echo, the prompt's tokens too).
 - seed: choice 0 of a seeded request gives the tokens of `fastllm.sample.generate(..., seed=seed)`, alone or
   in a batch. fastllm's extra fields: top_k, min_p, repetition_penalty (`extra_body` in the openai client).
+- tools (chat): `tools` are listed to the model by its chat format, in the tool-call format it was trained on
+  (fastllm.tools: "hermes" for ChatML and Qwen2.5-style templates, "llama3_json" for Llama 3.1's); assistant
+  `tool_calls` (arguments: JSON text) and "tool" messages are rendered back. With tool_choice "auto" (the default
+  when tools are given) calls are read out of the answer: message.tool_calls, finish_reason "tool_calls", content
+  null if there is no other text; streamed, each call is one `tool_calls` delta once complete. "required" or a
+  named function ({"type": "function", "function": {"name"}}, one call) constrain the answer to the grammar of a
+  call whose arguments match the function's parameters schema; "none" lists the tools but reads no calls.
+  parallel_tool_calls=false: at most one forced call. The deprecated functions / function_call are a 400.
+- response_format (chat): {"type": "json_object"} (a JSON object) or {"type": "json_schema", "json_schema":
+  {"name", "schema", "strict"}} constrain the answer by grammar (fastllm.grammar): a finished answer parses and
+  matches the schema (one cut by max_tokens is a prefix of one, finish_reason "length").
 """
 
 from __future__ import annotations

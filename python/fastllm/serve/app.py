@@ -133,7 +133,10 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
 
     async def run(request: HTTPRequest, parse) -> Response:
         authorize(request)
-        call = parse(await _read_json(request), served)
+        body = await _read_json(request)
+        # off the event loop: rendering a template and compiling a grammar (response_format, forced tool calls)
+        # may take milliseconds
+        call = await asyncio.to_thread(parse, body, served)
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         call.request.emit = lambda events: loop.call_soon_threadsafe(q.put_nowait, events)
         try:
