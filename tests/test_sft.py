@@ -165,6 +165,66 @@ def test_load_conversations_ok_and_missing(tmp_path):
         render([{"role": "bot", "content": "x"}], byte_tok())
 
 
+# ---- tool calling ---------------------------------------------------------------------------------------
+
+NOW = {"type": "function", "function": {"name": "now", "description": "The time."}}
+TOOL_CONV = {"messages": [
+    {"role": "user", "content": "time?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "09:30"},
+    {"role": "assistant", "content": "It is 09:30."}], "tools": [NOW]}
+
+
+def test_tool_conversations_learn_the_calls_not_the_results(tmp_path):
+    """OpenAI's fine-tuning format with tools: the mask covers the assistant's <tool_call> block and its answer,
+    not the tools' list or the tool's result; the text is the hermes layout the server prompts with."""
+    f = tmp_path / "tools.jsonl"
+    f.write_text(json.dumps(TOOL_CONV) + "\n" + GOOD + "\n" + json.dumps({**TOOL_CONV, "tools": json.dumps([NOW])}))
+    convs = load_conversations(f)
+    assert convs[1] == conv(("user", "q"), ("assistant", "a")) and convs[0] == convs[2]
+    assert convs[0]["tools"] == [NOW] and convs[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {}
+    tok = byte_tok()
+    ((ids, mask),), _ = tokenize_conversations(convs[:1], tok, 1023)
+    learned = tok.decode(ids[mask == 1].tolist())
+    call = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    assert learned == call + "<|im_end|>" + "It is 09:30.<|im_end|>"
+    text = tok.decode(ids.tolist())
+    assert "<tools>\n" + json.dumps(NOW) + "\n</tools>" in text and "<tool_response>\n09:30\n</tool_response>" in text
+    from fastllm.chat import ChatML
+
+    prompt = ChatML(tok).prompt(convs[0]["messages"][:1], [NOW]).tolist()
+    assert ids[:len(prompt)].tolist() == prompt  # training text = what `fastllm serve` prompts with
+
+
+@pytest.mark.parametrize("record,msg", [
+    ({**TOOL_CONV, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, r"tools\[0\].function.name"),
+    ({**TOOL_CONV, "tools": "[oops"}, "'tools' is not JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"function": {"name": "now", "arguments": "{bad"}}]}]}, r"message 1 \(assistant\).*arguments.*not JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+     r"message 1 \(assistant\) content must be a string"),
+])
+def test_tool_conversation_errors_name_the_line(tmp_path, record, msg):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(GOOD + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=msg) as e:
+        load_conversations(f)
+    assert f"{f}:2:" in str(e.value)
+
+
+def test_tool_conversations_need_a_template_that_takes_tools():
+    from hf_families import LLAMA3_TEMPLATE
+
+    from fastllm.chat import ChatTemplate
+
+    tok = Tokenizer({bytes([x]): x for x in range(256)}, special_tokens={
+        "<|begin_of_text|>": 256, "<|start_header_id|>": 257, "<|end_header_id|>": 258, "<|eot_id|>": 259})
+    llama3 = ChatTemplate(LLAMA3_TEMPLATE, tok, {"bos_token": "<|begin_of_text|>"}, stop_tokens=[259])
+    with pytest.raises(ValueError, match="conversation 0 has tool calls.*takes no tools"):
+        tokenize_conversations([TOOL_CONV], tok, 1023, chat=llama3)
+
+
 # ---- packing -------------------------------------------------------------------------------------------
 
 

@@ -55,12 +55,12 @@ import numpy as np
 
 from .fileio import read_json
 from .sample import SamplingParams, check_seed, stream_text
-from .tools import hermes_messages, template_format
+from .tools import ToolError, check_tools, hermes_messages, parse_tool_calls, template_format
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 EOT = "<|endoftext|>"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 INSTALL_HINT = 'chat templates need jinja2: pip install "fastllm[hf]" (or pip install jinja2)'
@@ -75,7 +75,8 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 def validate_conversation(obj, where: str = "conversation", need_assistant: bool = True) -> list[dict]:
     """The message list of `obj` ({"messages": [{"role", "content"}, ...]}, the list itself, or ShareGPT's
     {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}), checked, as {"role", "content"}
-    dicts; ValueError naming `where`."""
+    dicts; ValueError naming `where`. Tool calling as in OpenAI's fine-tuning files: an assistant message may
+    carry `tool_calls` (its content may then be null; arguments become dicts), a "tool" message is a result."""
     sharegpt = isinstance(obj, dict) and "messages" not in obj and "conversations" in obj
     msgs = obj.get("conversations" if sharegpt else "messages") if isinstance(obj, dict) else obj
     if isinstance(obj, dict) and "messages" not in obj and not sharegpt:
@@ -96,12 +97,37 @@ def validate_conversation(obj, where: str = "conversation", need_assistant: bool
             role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise ValueError(f"{where}: message {k} has unknown role {role!r} (expected one of {list(ROLES)})")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise ValueError(f"{where}: message {k} ({role}) content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if calls:
+            try:
+                msg["tool_calls"] = parse_tool_calls(calls, "tool_calls")
+            except ToolError as e:
+                raise ValueError(f"{where}: message {k} ({role}): {e}") from None
+        out.append(msg)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
     return out
+
+
+def conversation_tools(obj, where: str = "conversation") -> list[dict] | None:
+    """The `tools` a conversation record lists (OpenAI's function list, or its JSON text), checked; None if none."""
+    tools = obj.get("tools") if isinstance(obj, dict) else None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            raise ValueError(f"{where}: 'tools' is not JSON ({e})") from None
+    if not tools:
+        return None
+    try:
+        return check_tools(tools)
+    except ToolError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 # ---- ChatML, fastllm's own format ----------------------------------------------------------------------
@@ -114,10 +140,11 @@ def _special(tokenizer, name: str) -> int:
     return ids[name]
 
 
-def render(conversation, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def render(conversation, tokenizer, tools: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32, mask uint8) of a conversation in ChatML (see the module doc). mask is 1 on assistant content
-    tokens and their <|im_end|>, 0 elsewhere."""
-    msgs = validate_conversation(conversation, need_assistant=False)
+    tokens (tool calls included) and their <|im_end|>, 0 elsewhere. `tools` and tool messages are written in the
+    hermes layout (fastllm.tools.hermes_messages)."""
+    msgs = hermes_messages(validate_conversation(conversation, need_assistant=False), tools)
     start, end = _special(tokenizer, IM_START), _special(tokenizer, IM_END)
     eot = tokenizer.special_tokens.get(EOT)
     ids: list[int] = [] if eot is None else [eot]
@@ -132,9 +159,9 @@ def render(conversation, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ids, np.int32), np.asarray(mask, np.uint8)
 
 
-def render_prompt(messages, tokenizer) -> np.ndarray:
+def render_prompt(messages, tokenizer, tools: list[dict] | None = None) -> np.ndarray:
     """Ids of the history `messages` in ChatML followed by `<|im_start|>assistant\\n`: what the model continues."""
-    ids, _ = render(messages, tokenizer)
+    ids, _ = render(messages, tokenizer, tools)
     head = [_special(tokenizer, IM_START)] + tokenizer.encode_ordinary("assistant\n").tolist()
     return np.concatenate([ids, np.asarray(head, np.int32)])
 
@@ -159,10 +186,10 @@ class ChatML:
 
     def prompt(self, messages, tools: list[dict] | None = None) -> np.ndarray:
         """Ids the model continues; `tools` (OpenAI's function list) and tool messages in the hermes layout."""
-        return render_prompt(hermes_messages(messages, tools), self.tokenizer)
+        return render_prompt(messages, self.tokenizer, tools)
 
-    def render(self, messages) -> tuple[np.ndarray, np.ndarray]:
-        return render(messages, self.tokenizer)
+    def render(self, messages, tools: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return render(messages, self.tokenizer, tools)
 
 
 # ---- Hugging Face chat templates -----------------------------------------------------------------------
@@ -282,13 +309,13 @@ class ChatTemplate:
         """Ids of `messages` followed by the template's generation prompt: what the model continues."""
         return self._encode(self.text(messages, add_generation_prompt=True, tools=tools))
 
-    def render(self, messages) -> tuple[np.ndarray, np.ndarray]:
+    def render(self, messages, tools: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32, mask uint8) of a whole conversation; mask 1 on the assistant turns (see the module doc)."""
         msgs = [dict(m) for m in messages]
         spans: list[tuple[int, int]] = []
-        full = self.text(msgs, spans=spans)
+        full = self.text(msgs, spans=spans, tools=tools)
         if not spans:
-            spans = self._assistant_spans(msgs, full)
+            spans = self._assistant_spans(msgs, full, tools)
         spans = [(a, a + len(full[a:b].rstrip())) for a, b in spans]
         norm = self.tokenizer._normalize
         cuts = sorted({0, len(full), *[x for s in spans for x in s]})
@@ -310,15 +337,15 @@ class ChatTemplate:
             mask[(starts >= edge[a]) & (starts < edge[b])] = 1
         return ids.astype(np.int32, copy=False), mask
 
-    def _assistant_spans(self, msgs: list[dict], full: str) -> list[tuple[int, int]]:
+    def _assistant_spans(self, msgs: list[dict], full: str, tools: list[dict] | None) -> list[tuple[int, int]]:
         """Character spans of the assistant turns: what rendering up to each one adds to the generation prompt
         before it. ValueError when the renderings are not prefixes of each other."""
         spans = []
         for i, m in enumerate(msgs):
             if m.get("role") != "assistant":
                 continue
-            head = self.text(msgs[:i], add_generation_prompt=True) if i else ""
-            upto = self.text(msgs[: i + 1])
+            head = self.text(msgs[:i], add_generation_prompt=True, tools=tools) if i else ""
+            upto = self.text(msgs[: i + 1], tools=tools)
             if not (full.startswith(upto) and upto.startswith(head)):
                 raise ValueError(f"{self.where}: the chat template does not render conversations incrementally "
                                  f"(message {i}: the conversation up to it is not a prefix of the whole), so the "

@@ -1,8 +1,11 @@
 """Post-training: supervised fine-tuning (SFT) on conversations.
 
 Data: JSONL, one conversation per line: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}.
+Tool calling as in OpenAI's fine-tuning files: {"messages": [...], "tools": [...]} with assistant `tool_calls` and
+"tool" results; the model learns to write the calls in its chat format's tool-call format (fastllm.tools; ChatML:
+hermes <tool_call> blocks), which `fastllm serve` reads back as tool_calls.
 `load_conversations` checks every line (ValueError naming file:line: bad JSON, no "messages" list, empty
-conversation, unknown role, non-string content, no assistant turn).
+conversation, unknown role, non-string content, malformed tools or tool calls, no assistant turn).
 
 Chat format (fastllm.chat): a checkpoint with its own chat template (a Hugging Face model: chat_template.jinja or
 tokenizer_config.json, read with the checkpoint's own tokenizer) is trained in that template, the loss on its
@@ -47,6 +50,7 @@ from .chat import (
     ChatTemplate,
     chat_format,
     chat_loop,
+    conversation_tools,
     render,
     render_prompt,
     validate_conversation,
@@ -70,12 +74,16 @@ from .train import MODEL_OPTIONS, LMStage, TrainConfig, fit_lm, setup_run
 # ---- conversations -------------------------------------------------------------------------------------
 
 
-def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
-    """Conversations from a JSONL file (blank lines skipped); ValueError naming file:line on bad input."""
+def load_conversations(path: str | os.PathLike) -> list:
+    """Conversations from a JSONL file (blank lines skipped): each a message list, or {"messages", "tools"} where
+    the record lists tools; ValueError naming file:line on bad input."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"conversation file not found: {path}")
-    convs = [validate_conversation(obj, where) for where, obj in iter_records(path)]
+    convs = []
+    for where, obj in iter_records(path):
+        msgs, tools = validate_conversation(obj, where), conversation_tools(obj, where)
+        convs.append(msgs if tools is None else {"messages": msgs, "tools": tools})
     if not convs:
         raise ValueError(f"{path}: no conversations")
     return convs
@@ -185,8 +193,12 @@ def tokenize_conversations(
     st = PackStats(conversations=len(convs), _window=T + 1)
     out = []
     longest = 0
-    for conv in convs:
-        ids, mask = chat.render(validate_conversation(conv, need_assistant=False))
+    for k, conv in enumerate(convs):
+        tools = conversation_tools(conv)
+        if (tools or _has_tool_turns(conv)) and chat.tool_format is None:
+            raise ValueError(f"{name}: conversation {k} has tool calls, but the chat template ({chat.name}) takes no "
+                             "tools")
+        ids, mask = chat.render(validate_conversation(conv, need_assistant=False), tools)
         if ids.size > T + 1:
             longest = max(longest, ids.size)
             if too_long == "skip" or not mask[: T + 1].any():
@@ -202,6 +214,11 @@ def tokenize_conversations(
             f"context window of {T + 1} tokens (longest {longest}): {st.truncated} truncated, {st.skipped} skipped"
         )
     return out, st
+
+
+def _has_tool_turns(conv) -> bool:
+    msgs = conv.get("messages") if isinstance(conv, dict) else conv
+    return any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in msgs or ())
 
 
 class PackedLoader:

@@ -39,6 +39,73 @@ PYTHON_TAG = "<|python_tag|>"
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a function without parameters
 
 
+class ToolError(ValueError):
+    """Bad tools or tool calls: the message names where; `param` is that place as OpenAI names it
+    ("tools[0].function.name") and `code` its error code ("invalid_value", "invalid_type", ...)."""
+
+    def __init__(self, message: str, param: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def check_tools(tools, where: str = "tools") -> list[dict]:
+    """OpenAI's function list, checked (1 to 128 {"type": "function", "function": {"name", "description"?,
+    "parameters"?, "strict"?}}, names of 1-64 letters, digits, _ or -, each once); ToolError naming the field."""
+    if not isinstance(tools, list) or not 1 <= len(tools) <= 128:
+        raise ToolError(f"Invalid '{where}': expected an array of 1 to 128 tools.", where)
+    names = set()
+    kinds = {"description": (str, "a string"), "parameters": (dict, "an object"), "strict": (bool, "a boolean")}
+    for i, t in enumerate(tools):
+        at = f"{where}[{i}]"
+        if not isinstance(t, dict):
+            raise ToolError(f"Invalid type for '{at}': expected an object.", at, "invalid_type")
+        if t.get("type") != "function":
+            raise ToolError(f"'{at}.type' {t.get('type')!r} is not supported (only 'function' tools).", f"{at}.type",
+                            "unsupported_parameter")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise ToolError(f"Invalid type for '{at}.function': expected an object.", f"{at}.function", "invalid_type")
+        name = fn.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ToolError(f"Invalid '{at}.function.name': {name!r}: expected 1 to 64 letters, digits, underscores "
+                            "or dashes.", f"{at}.function.name")
+        if name in names:
+            raise ToolError(f"Invalid '{where}': the function name {name!r} is given twice.", f"{at}.function.name")
+        names.add(name)
+        for key, (kind, what) in kinds.items():
+            if fn.get(key) is not None and not isinstance(fn[key], kind):
+                raise ToolError(f"Invalid type for '{at}.function.{key}': expected {what}.", f"{at}.function.{key}",
+                                "invalid_type")
+    return tools
+
+
+def parse_tool_calls(value, where: str) -> list[dict]:
+    """An assistant message's OpenAI `tool_calls`, checked, with each call's arguments (JSON text, or already an
+    object) as a dict, as chat templates want them; ToolError naming the field."""
+    if not isinstance(value, list):
+        raise ToolError(f"Invalid type for '{where}': expected an array.", where, "invalid_type")
+    calls = []
+    for j, c in enumerate(value):
+        at = f"{where}[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ToolError(f"Invalid value for '{at}': expected {{\"id\", \"type\": \"function\", \"function\": "
+                            f"{{\"name\", \"arguments\"}}}}.", at)
+        args = fn.get("arguments") or "{}"
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError as e:
+                raise ToolError(f"Invalid value for '{at}.function.arguments': not JSON ({e}).",
+                                f"{at}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise ToolError(f"Invalid value for '{at}.function.arguments': expected a JSON object.",
+                            f"{at}.function.arguments")
+        calls.append({"id": str(c.get("id") or ""), "type": "function",
+                      "function": {"name": fn["name"], "arguments": args}})
+    return calls
+
+
 def call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 

@@ -39,7 +39,6 @@ Semantics (OpenAI's, where it defines them):
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 
 from ..grammar import Guide
 from ..sample import SamplingParams
-from ..tools import FORMATS, NAME
+from ..tools import FORMATS, NAME, ToolError, check_tools, parse_tool_calls
 from .engine import Chunk, Failure, PromptLogprobs, Request, TokenLogprob
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -484,7 +483,10 @@ def _messages(value) -> list[dict]:
             raise _bad_type(f"{where}.content", "a string or an array of text parts", content)
         msg = {"role": role, "content": content}
         if role == "assistant" and m.get("tool_calls") is not None:
-            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            try:
+                msg["tool_calls"] = parse_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            except ToolError as e:
+                raise APIError(400, str(e), e.param, e.code) from None
             names.update((c["id"], c["function"]["name"]) for c in msg["tool_calls"])
         if role == "tool":
             msg["tool_call_id"] = _get(m, "tool_call_id", "string") if "tool_call_id" in m else None
@@ -497,61 +499,19 @@ def _messages(value) -> list[dict]:
     return out
 
 
-def _tool_calls(value, where: str) -> list[dict]:
-    """An assistant message's OpenAI tool_calls, checked, with the arguments' JSON text parsed."""
-    if not isinstance(value, list):
-        raise _bad_type(where, "an array", value)
-    calls = []
-    for j, c in enumerate(value):
-        at = f"{where}[{j}]"
-        fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise APIError(400, f"Invalid value for '{at}': expected {{\"id\", \"type\": \"function\", \"function\": "
-                                f"{{\"name\", \"arguments\"}}}}.", at, "invalid_value")
-        args = fn.get("arguments") or "{}"
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError as e:
-                raise APIError(400, f"Invalid value for '{at}.function.arguments': not JSON ({e}).",
-                               f"{at}.function.arguments", "invalid_value") from None
-        if not isinstance(args, dict):
-            raise _bad_type(f"{at}.function.arguments", "a JSON object", args)
-        calls.append({"id": str(c.get("id") or ""), "type": "function",
-                      "function": {"name": fn["name"], "arguments": args}})
-    return calls
-
-
 def _tools(body: dict) -> tuple[list[dict] | None, str | dict]:
     """(the request's tools, checked, as chat templates list them; tool_choice: "none" / "auto" / "required" or
     the name-only function object)."""
     for name in ("functions", "function_call"):
         if body.get(name) is not None:
             raise _unsupported(name, "(deprecated function calling; use 'tools' and 'tool_choice')")
-    tools, names = _get(body, "tools", "array"), []
+    tools = body.get("tools")
     if tools is not None:
-        if not 1 <= len(tools) <= 128:
-            raise APIError(400, f"Invalid 'tools': expected an array of 1 to 128 tools, got {len(tools)}.", "tools",
-                           "invalid_value")
-        for i, t in enumerate(tools):
-            at = f"tools[{i}]"
-            if not isinstance(t, dict):
-                raise _bad_type(at, "an object", t)
-            if t.get("type") != "function":
-                raise _unsupported(f"{at}.type", f"{t.get('type')!r} (only 'function' tools)")
-            fn = t.get("function")
-            if not isinstance(fn, dict):
-                raise _bad_type(f"{at}.function", "an object", fn)
-            name = _get(fn, "name", "string") if "name" in fn else None
-            if name is None or not NAME.match(name):
-                raise APIError(400, f"Invalid '{at}.function.name': {name!r}: expected 1 to 64 letters, digits, "
-                                    "underscores or dashes.", f"{at}.function.name", "invalid_value")
-            if name in names:
-                raise APIError(400, f"Invalid 'tools': the function name {name!r} is given twice.",
-                               f"{at}.function.name", "invalid_value")
-            names.append(name)
-            for key, kind in (("description", "string"), ("parameters", "object"), ("strict", "boolean")):
-                _get({f"{at}.function.{key}": fn.get(key)}, f"{at}.function.{key}", kind)
+        try:
+            check_tools(tools)
+        except ToolError as e:
+            raise APIError(400, str(e), e.param, e.code) from None
+    names = [t["function"]["name"] for t in tools or []]
     choice = body.get("tool_choice")
     if choice is None:
         choice = "auto" if tools else "none"
