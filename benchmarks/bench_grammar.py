@@ -2,8 +2,9 @@
 llguidance: a token mask every step) against the same engine decoding freely, one request at a time and 16 at
 once, and the mask's own time per token. A random-weight `small` model (6 layers, 384 wide) over a ~32k-token
 BPE vocabulary trained on Python's docs (the mask's cost grows with the vocabulary); each request is a 32-token
-prompt and at most N new tokens, temperature 0.8, its own seed. Free requests mask <|endoftext|> so they run
-to N tokens; constrained ones end when their JSON is complete. Rounds are interleaved, medians reported.
+prompt and at most N new tokens, temperature 0.8, its own seed; constrained ones end when their JSON is complete,
+and each free request (its stop tokens masked) makes exactly as many tokens as the constrained one of its seed,
+so both keep the same rows busy for the same steps. Rounds are interleaved, medians reported.
     python benchmarks/bench_grammar.py [--threads 2] [--quick]"""
 
 from __future__ import annotations
@@ -36,18 +37,20 @@ SCHEMA = {  # a typical extraction schema: bounded strings, numbers, an enum arr
 }
 
 
-def requests(tok, prompts, new_tokens: int, constraint):
+def requests(tok, prompts, new_tokens: list[int], constraint):
+    """One request per prompt; free ones (constraint None) cannot stop, so they make exactly new_tokens[i]."""
     from fastllm.sample import SamplingParams
     from fastllm.serve import Request
 
     eot, end = tok.special_tokens["<|endoftext|>"], tok.special_tokens["<|im_end|>"]
-    return [Request(prompts=[p], max_tokens=new_tokens, seed=i, params=SamplingParams(temperature=0.8),
+    return [Request(prompts=[p], max_tokens=n, seed=i, params=SamplingParams(temperature=0.8),
                     stop_tokens=[end], constraint=constraint,
-                    logit_bias=None if constraint else {eot: -100.0, end: -100.0}) for i, p in enumerate(prompts)]
+                    logit_bias=None if constraint else {eot: -100.0, end: -100.0})
+            for i, (p, n) in enumerate(zip(prompts, new_tokens))]
 
 
-def run_engine(engine, reqs, at_once: bool) -> tuple[float, int]:
-    """(seconds, tokens) to serve `reqs` one at a time or all submitted at once."""
+def run_engine(engine, reqs, at_once: bool) -> tuple[float, list[int]]:
+    """(seconds, tokens of each request) to serve `reqs` one at a time or all submitted at once."""
     tokens = [0] * len(reqs)
 
     def one(i: int) -> None:
@@ -63,7 +66,7 @@ def run_engine(engine, reqs, at_once: bool) -> tuple[float, int]:
     else:
         for i in range(len(reqs)):
             one(i)
-    return time.perf_counter() - t0, sum(tokens)
+    return time.perf_counter() - t0, tokens
 
 
 def mask_times(constraint, tok, n: int) -> list[float]:
@@ -110,13 +113,16 @@ def run(threads: int, quick: bool) -> None:
     runs: dict[tuple[str, bool], list[float]] = {}
     loads = []
     try:
-        run_engine(engine, requests(tok, prompts[:2], 8, constraint), True)  # warm-up
+        # the constrained answers' lengths (seeded, so the same every round): the free requests make as many
+        # tokens each, so both keep the same rows busy for the same steps
+        _, lengths = run_engine(engine, requests(tok, prompts, [new_tokens] * n_requests, constraint), True)
         for r in range(rounds):
             for at_once in (False, True):
                 for mode in ("free", "json schema"):
-                    reqs = requests(tok, prompts, new_tokens, constraint if mode == "json schema" else None)
+                    reqs = requests(tok, prompts, lengths, constraint if mode == "json schema" else None)
                     wall, tokens = run_engine(engine, reqs, at_once)
-                    runs.setdefault((mode, at_once), []).append(tokens / wall)
+                    assert tokens == lengths, (mode, tokens, lengths)
+                    runs.setdefault((mode, at_once), []).append(sum(tokens) / wall)
             loads.append(load_note())
             print(f"round {r + 1}: " + ", ".join(f"{m} {'16 at once' if a else '1 at a time'}: {v[-1]:,.0f} tok/s"
                                                  for (m, a), v in runs.items()) + f" ({loads[-1]})", flush=True)
