@@ -88,7 +88,9 @@ def probabilities(logits: np.ndarray, sp: SamplingParams, history: Sequence[Sequ
     if sp.top_k is not None and sp.top_k < z.shape[-1]:
         kth = np.partition(z, -sp.top_k, axis=-1)[:, -sp.top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max(-1, keepdims=True))
+    # exp in float32 (relative error ~1e-7): numpy's float32 exp is SIMD on every x86, its float64 exp is scalar
+    # libm on AVX2 hosts, ~8x slower -- 0.7 ms a row at a 32k vocabulary, the larger part of a sampled token
+    p = np.exp((z - z.max(-1, keepdims=True)).astype(np.float32)).astype(np.float64)
     p /= p.sum(-1, keepdims=True)
     if sp.top_p is not None and sp.top_p < 1.0:
         order = np.argsort(-p, axis=-1, kind="stable")

@@ -482,7 +482,7 @@ def _messages(value) -> list[dict]:
         if not isinstance(content, str):
             raise _bad_type(f"{where}.content", "a string or an array of text parts", content)
         msg = {"role": role, "content": content}
-        if role == "assistant" and m.get("tool_calls") is not None:
+        if role == "assistant" and m.get("tool_calls"):  # (an empty list: no calls)
             try:
                 msg["tool_calls"] = parse_tool_calls(m["tool_calls"], f"{where}.tool_calls")
             except ToolError as e:
