@@ -190,6 +190,39 @@ def test_sampling_frequencies_chi_square(sp):
     assert pval > 1e-3, (counts, n * p)
 
 
+def reference_draw(logits: np.ndarray, u: np.ndarray, sp: SamplingParams) -> np.ndarray:
+    """What sample_next draws for uniforms u, written the direct way: a full stable sort for top-p, one cumulative
+    sum over the whole vocabulary."""
+    z = logits.astype(np.float64) / sp.temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if sp.top_p is not None:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        q = np.take_along_axis(p, order, -1)
+        keep = np.zeros(p.shape, bool)
+        np.put_along_axis(keep, order, np.cumsum(q, -1) - q < sp.top_p, -1)
+        p = np.where(keep, p, 0.0)
+    p /= p.sum(-1, keepdims=True)
+    return np.minimum((np.cumsum(p, -1) < u[:, None]).sum(-1), p.shape[-1] - 1)
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "all equal"])
+def test_nucleus_and_draw_equal_a_full_sort(kind):
+    """Top-p sorts only the most likely tokens when that decides the nucleus (fastllm.sample._nucleus); the tokens
+    drawn are those of a full sort and one cumulative sum, on nuclei inside and beyond its first 256 tokens."""
+    rng = np.random.default_rng(len(kind))
+    for V in (3, 300, 5000):
+        logits = {"peaked": rng.standard_normal((4, V)) * 5, "flat": rng.standard_normal((4, V)) * 0.3,
+                  "ties": np.round(rng.standard_normal((4, V)) * 2), "all equal": np.zeros((4, V))}[kind]
+        logits = logits.astype(np.float32)
+        for top_p in (1e-6, 0.3, 0.9, 0.999):
+            sp = SamplingParams(0.9, top_p=top_p)
+            for seed in range(5):
+                u = np.random.default_rng(seed).random(4)
+                got = sample_next(logits, np.random.default_rng(seed), sp)
+                np.testing.assert_array_equal(got, reference_draw(logits, u, sp))
+
+
 def test_stop_tokens_and_streaming(model):
     out = generate(model, [1, 2], 20, temperature=0)
     stop = out[5]
