@@ -465,6 +465,9 @@ def test_parse_with_a_pydantic_model(client):
     ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {
         "type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}], "tool_choice": "required"},
      "tools[0].function.parameters", "invalid_value"),
+    ({"tools": [CLOCK, {"type": "function", "function": {"name": "x", "parameters": {"type": "nope"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "x"}}}, "tools[1].function.parameters", "invalid_value"),
+    ({"messages": [{"role": "tool", "tool_call_id": 5, "content": "x"}]}, "messages[0].tool_call_id", "invalid_type"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
      "invalid_value"),
     ({"functions": [{"name": "x"}]}, "functions", "unsupported_parameter"),

@@ -489,7 +489,8 @@ def _messages(value) -> list[dict]:
                 raise APIError(400, str(e), e.param, e.code) from None
             names.update((c["id"], c["function"]["name"]) for c in msg["tool_calls"])
         if role == "tool":
-            msg["tool_call_id"] = _get(m, "tool_call_id", "string") if "tool_call_id" in m else None
+            msg["tool_call_id"] = _get({f"{where}.tool_call_id": m.get("tool_call_id")}, f"{where}.tool_call_id",
+                                       "string")
             if msg["tool_call_id"] is None:
                 raise APIError(400, f"Missing required parameter: '{where}.tool_call_id'.", f"{where}.tool_call_id",
                                "missing_required_parameter")
@@ -536,15 +537,14 @@ def _tools(body: dict) -> tuple[list[dict] | None, str | dict]:
 def _forced_call(served: ServedModel, tools: list[dict], choice, parallel: bool, fmt: str):
     """The grammar (a Constraint) of a call that tool_choice forces: to any of `tools` ("required") or to the
     named one, once); APIError naming the tool whose parameters are not a schema this server can enforce."""
-    if isinstance(choice, dict):
-        tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
-        parallel = False
+    named = choice["function"]["name"] if isinstance(choice, dict) else None
+    chosen = [(i, t) for i, t in enumerate(tools) if named in (None, t["function"]["name"])]
     guide, grammar = served.guide(), FORMATS[fmt].grammar
     try:
-        return guide.lark(grammar(tools, parallel))
+        return guide.lark(grammar([t for _, t in chosen], parallel and named is None))
     except ValueError:
         pass
-    for i, t in enumerate(tools):  # find the culprit
+    for i, t in chosen:  # find the culprit
         try:
             guide.lark(grammar([t], False))
         except ValueError as e:
