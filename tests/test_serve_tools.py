@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+import fastllm
 from fastllm.chat import ChatML, ChatTemplate
 from fastllm.checkpoint import save
 from fastllm.model import GPT, GPTConfig
@@ -407,6 +408,65 @@ def test_auto_calls_read_from_the_stream_of_engine_events():
         assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
         msg = call.response()["choices"][0]["message"]
         assert msg["content"] == "One moment." and plain(msg["tool_calls"]) == plain(tool_deltas)
+
+
+def test_fine_tuned_on_tool_conversations_then_served(tmp_path):
+    """The pipeline end to end: `fastllm.sft` on tool-use conversations in OpenAI's fine-tuning format (a BPE
+    tokenizer trained on them, a random base), then the checkpoint served and asked through the openai client with
+    tool_choice "auto": a greeting gets text, a question about the time a call to `now` (streamed the same), and
+    the call's result a text answer."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from fastllm.chat import validate_conversation
+    from fastllm.serve import Engine, load
+    from fastllm.serve.app import create_app
+    from fastllm.sft import SFTConfig, sft
+
+    now = {"type": "function", "function": {"name": "now", "description": "The time."}}
+    rng = np.random.default_rng(0)
+
+    def conversation() -> dict:
+        if rng.random() < 0.4:
+            return {"messages": [{"role": "user", "content": str(rng.choice(["hi", "hello", "hey there"]))},
+                                 {"role": "assistant", "content": "hello!"}], "tools": [now]}
+        call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+        return {"messages": [
+            {"role": "user", "content": str(rng.choice(["what time is it?", "time please", "the time?"]))},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": f"{rng.integers(24):02d}:{rng.integers(60):02d}"},
+            {"role": "assistant", "content": "done"}], "tools": [now]}
+
+    convs = [conversation() for _ in range(300)]
+    texts = ["\n".join(m["content"] for m in hermes_messages(validate_conversation(c), c["tools"])) for c in convs]
+    tok = Tokenizer.train(texts, 600, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), progress=False)
+    tok.save(tmp_path / "tok.tiktoken")
+    base = GPT(GPTConfig(block_size=256, vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=64), seed=1)
+    save(tmp_path / "base", 0, base, AdamW(base, 1e-3), {}, kind="train", tokenizer=tmp_path / "tok.tiktoken")
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    threads = fastllm.get_num_threads()
+    try:
+        sft(SFTConfig(base=str(tmp_path / "base"), data=str(tmp_path / "tools.jsonl"), out=str(tmp_path / "sft"),
+                      batch_size=8, max_steps=200, lr=1e-2, warmup_steps=5, eval_every=0, ckpt_every=200, threads=1,
+                      val_fraction=0), progress=False, log=lambda *a: None)
+    finally:
+        fastllm.set_num_threads(threads)
+    model, tk = load(tmp_path / "sft")
+    with TestClient(create_app(Engine(model, tk, max_batch=2), "m")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        kw = dict(model="m", tools=[now], max_tokens=40, temperature=0)
+        r = client.chat.completions.create(messages=[{"role": "user", "content": "hey there"}], **kw)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("hello!", "stop")
+        ask = [{"role": "user", "content": "time please"}]
+        r = client.chat.completions.create(messages=ask, **kw)
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
+        assert plain([c.model_dump() for c in msg.tool_calls]) == [("now", {})]
+        content, calls, finish = streamed(client, messages=ask, **kw)
+        assert (content, plain(calls), finish) == ("", [("now", {})], "tool_calls")
+        result = {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "12:34"}
+        r = client.chat.completions.create(messages=ask + [msg.model_dump(exclude_none=True), result], **kw)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("done", "stop")
 
 
 def test_auto_and_none_leave_a_random_model_free(client):
