@@ -1,9 +1,11 @@
-"""Tool calling and structured output in `fastllm serve`: the tool-call formats (fastllm.tools) parsed as they
-stream and rendered as Qwen2.5's template renders them, grammar-constrained decoding (fastllm.grammar) checked
-against jsonschema on many random schemas and seeds, and the server driven by the official openai client
+"""Tool calling, structured output and the Responses API in `fastllm serve`: the tool-call formats (fastllm.tools)
+parsed as they stream and rendered as Qwen2.5's template renders them, grammar-constrained decoding (fastllm.grammar)
+checked against jsonschema on many random schemas and seeds, and the server driven by the official openai client
 (tool_choice "required" / named / "auto", a tool result sent back, `response_format` json_schema and json_object,
-`client.chat.completions.parse` with a pydantic model, streamed and not), with bad requests answered 400 naming
-the field. The model is random (untrained): whatever it would say, the grammar decides the shape."""
+`client.chat.completions.parse` with a pydantic model, streamed and not), the same through `client.responses`
+(its requests run as the chat requests they translate to), with bad requests answered 400 naming the field. The
+served model is random (untrained): whatever it would say, the grammar decides the shape; one test fine-tunes a
+model on tool conversations and serves it."""
 
 from __future__ import annotations
 
@@ -569,3 +571,92 @@ def test_a_template_without_tools_refuses_them(tmp_path):
     with pytest.raises(APIError, match="takes no tools") as e:
         parse_chat({"model": "llama", "messages": ASK, "tools": TOOLS}, served)
     assert e.value.param == "tools"
+
+
+# ---- the Responses API (POST /v1/responses) -------------------------------------------------------------------
+
+R_WEATHER = {"type": "function", **WEATHER["function"]}  # the Responses API's flat tool
+R_TOOLS = [R_WEATHER, {"type": "function", **CLOCK["function"]}]
+
+
+def test_responses_text_is_the_chat_answer(client):
+    """A Responses request runs as the chat request it translates to: the same prompt tokens and, seeded, the
+    same text; max_output_tokens ends it as "incomplete"."""
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Be brief."}] + ASK,
+                                          max_completion_tokens=12, seed=7)
+    r = client.responses.create(model=MODEL, instructions="Be brief.", input=ASK[0]["content"], max_output_tokens=12,
+                                extra_body={"seed": 7})  # (seed: fastllm's extra field, as in chat)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert (r.status, r.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    (msg,) = r.output
+    assert msg.type == "message" and msg.role == "assistant" and msg.content[0].type == "output_text"
+    assert r.output_text == chat.choices[0].message.content
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, 12)
+
+
+def test_responses_function_calls_streamed_and_not(client):
+    kw = dict(model=MODEL, input=ASK, tools=R_TOOLS, tool_choice="required", max_output_tokens=400,
+              extra_body={"seed": 11})
+    r = client.responses.create(**kw)
+    assert r.status == "completed" and all(item.type == "function_call" for item in r.output)
+    calls = check_calls([{"id": i.call_id, "type": "function", "function": {"name": i.name, "arguments": i.arguments}}
+                         for i in r.output])
+    events = list(client.responses.create(stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    final = events[-1].response
+    assert [(i.name, json.loads(i.arguments)) for i in final.output] == calls
+    done = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+    assert [json.loads(a) for a in done] == [args for _, args in calls]
+    named = client.responses.create(**{**kw, "tool_choice": {"type": "function", "name": "now"}})
+    assert [(i.type, i.name, i.arguments) for i in named.output] == [("function_call", "now", "{}")]
+    # the call and its output go back in as input items: the prompt is the chat conversation's
+    item = named.output[0]
+    result = {"type": "function_call_output", "call_id": item.call_id, "output": "09:30"}
+    follow = client.responses.create(model=MODEL, tools=R_TOOLS, max_output_tokens=3,
+                                     input=ASK + [item.model_dump(exclude_none=True), result])
+    chat = client.chat.completions.create(model=MODEL, tools=TOOLS, max_tokens=3, messages=ASK + [
+        {"role": "assistant", "tool_calls": [{"id": item.call_id, "type": "function",
+                                              "function": {"name": "now", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": item.call_id, "content": "09:30"}])
+    assert follow.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_responses_structured_output_streamed_and_parsed(client):
+    from typing import Literal
+
+    import pydantic
+
+    class Forecast(pydantic.BaseModel):
+        city: Literal["Paris", "Köln"]
+        rain: bool
+
+    r = client.responses.parse(model=MODEL, input=ASK, text_format=Forecast, max_output_tokens=60,
+                               extra_body={"seed": 2})
+    assert isinstance(r.output_parsed, Forecast) and r.status == "completed"
+    fmt = {"format": {"type": "json_schema", "name": "shape", "schema": SCHEMAS[2], "strict": True}}
+    with client.responses.stream(model=MODEL, input=ASK, text=fmt, max_output_tokens=200,
+                                 extra_body={"seed": 3}) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert deltas == final.output_text
+    jsonschema.validate(json.loads(final.output_text), SCHEMAS[2])
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "unsupported_parameter"),
+    ({"text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "wat"}}}}, "text.format.schema",
+     "invalid_value"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type", "invalid_value"),
+    ({"tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name", "invalid_value"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type", "unsupported_parameter"),
+    ({"input": [{"type": "input_image", "image_url": "x"}]}, "input[0].type", "unsupported_parameter"),
+    ({"input": None}, "input", "missing_required_parameter"),
+    ({"max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
+    ({"n": 2}, "n", "unknown_parameter"),
+])
+def test_bad_responses_requests(server, body, param, code):
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "hi", **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, code), err

@@ -8,8 +8,9 @@ FastAPI itself is built on (routing, streaming responses, CORS) and uvicorn the 
 they add two small pure-Python packages (plus anyio, h11) and no pydantic.
 
 Routes: GET / (the chat page, static/chat.html), GET /health, GET /v1/models[/{id}], POST /v1/chat/completions,
-POST /v1/completions (also without the /v1 prefix). With an api_key, everything except /health and the page
-itself (a static file; its API calls carry the key) needs `Authorization: Bearer <key>`.
+POST /v1/completions, POST /v1/responses (OpenAI's Responses API, responses.py), also without the /v1 prefix.
+With an api_key, everything except /health and the page itself (a static file; its API calls carry the key) needs
+`Authorization: Bearer <key>`.
 
 The engine runs in its own thread; handlers only validate, submit and relay events (the engine's `emit`
 puts them on the request's asyncio queue with call_soon_threadsafe), so the event loop never waits on the
@@ -37,6 +38,7 @@ from ..chat import chat_format
 from . import api
 from .api import APIError, Call, ServedModel
 from .engine import Engine, EngineClosed, QueueFull
+from .responses import ResponseCall, parse_response
 
 MAX_BODY = 32 << 20  # bytes of a request body
 
@@ -131,6 +133,9 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
     async def completions(request: HTTPRequest) -> Response:
         return await run(request, api.parse_completion)
 
+    async def responses(request: HTTPRequest) -> Response:
+        return await run(request, parse_response)
+
     async def run(request: HTTPRequest, parse) -> Response:
         authorize(request)
         body = await _read_json(request)
@@ -151,12 +156,16 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
             return _EventStream(events(call, q), lambda: call.done or engine.cancel(call.request))
         return await collect(request, call, q)
 
-    async def events(call: Call, q: asyncio.Queue):
-        """Server-sent events as OpenAI sends them; ends with `data: [DONE]` (or an error event)."""
+    async def events(call: Call | ResponseCall, q: asyncio.Queue):
+        """Server-sent events as OpenAI sends them: chunks ending with `data: [DONE]` (or an error event); the
+        Responses API's typed events (`event:` lines too) ending with response.completed / incomplete / failed."""
         while not call.done:
             chunks = call.feed(await q.get())
             if chunks:
-                yield "".join(f"data: {_dumps(c)}\n\n" for c in chunks)
+                yield "".join(("event: " + c["type"] + "\n" if "type" in c else "") + f"data: {_dumps(c)}\n\n"
+                              for c in chunks)
+        if isinstance(call, ResponseCall):
+            return
         if call.error is not None:
             yield f"data: {_dumps(APIError(500, call.error, None, 'engine_error').payload())}\n\n"
             return
@@ -205,7 +214,8 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
         routes += [Route(f"{prefix}/models", models, methods=["GET"]),
                    Route(f"{prefix}/models/{{model:path}}", model, methods=["GET"]),
                    Route(f"{prefix}/chat/completions", chat, methods=["POST"]),
-                   Route(f"{prefix}/completions", completions, methods=["POST"])]
+                   Route(f"{prefix}/completions", completions, methods=["POST"]),
+                   Route(f"{prefix}/responses", responses, methods=["POST"])]
     middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"],
                              allow_headers=["*"])] if allow_origins else []
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
