@@ -7,9 +7,10 @@
     r = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Hi"}])
 
 Parts: engine.py (the scheduler thread: one model, one batched KV cache, requests joining and leaving at
-step boundaries), api.py (OpenAI's request and response format, validation, errors), app.py (Starlette routes,
-server-sent events, API key, disconnects), static/chat.html (the page at /, no build step, works offline);
-tool calls and structured output come from fastllm.tools (call formats) and fastllm.grammar (constrained decoding).
+step boundaries), api.py (OpenAI's request and response format, validation, errors), responses.py (the Responses
+API over api.py's chat requests), app.py (Starlette routes, server-sent events, API key, disconnects),
+static/chat.html (the page at /, no build step, works offline); tool calls and structured output come from
+fastllm.tools (call formats) and fastllm.grammar (constrained decoding).
 `serve(ServeConfig(...))` loads a checkpoint and runs it with uvicorn; `create_app(engine, name)` gives the
 ASGI app to run under any ASGI server. Needs the `serve` extra: pip install "fastllm[serve]".
 """
