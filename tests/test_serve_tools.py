@@ -557,6 +557,23 @@ def test_bad_tool_and_format_requests(server, body, param, code):
     assert server.health()["status"] == "ok"
 
 
+def test_without_llguidance_constraints_are_a_clear_400(monkeypatch):
+    """llguidance is in the serve extra; a server without it still serves tools ("auto"), and a request that needs
+    a grammar is a 400 that says what to install."""
+    import sys
+
+    from fastllm.serve.api import APIError, ServedModel, parse_chat
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance -> ImportError
+    tok = byte_tok()
+    served = ServedModel("m", tok, 4096, 4, 259, ChatML(tok))
+    assert parse_chat({"model": "m", "messages": ASK, "tools": TOOLS}, served).request.constraint is None
+    for extra in ({"response_format": {"type": "json_object"}}, {"tools": TOOLS, "tool_choice": "required"}):
+        with pytest.raises(APIError, match=r'pip install "fastllm\[serve\]"') as e:
+            parse_chat({"model": "m", "messages": ASK, **extra}, served)
+        assert e.value.status == 400
+
+
 def test_a_template_without_tools_refuses_them(tmp_path):
     """Llama 3.0's template never writes a tool call: tools are a 400, not silently dropped."""
     from hf_families import LLAMA3_TEMPLATE
