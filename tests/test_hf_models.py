@@ -554,17 +554,19 @@ def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
-def test_serve_tool_calls_through_a_hub_folders_template(family, tmp_path):
-    """Tool calling with a hub folder's own template (Llama 3.1's, Qwen2.5's): the prompt of a conversation with
-    tools, a call and its result is transformers' apply_chat_template(..., tools=...) token for token, and a call
-    that tool_choice forces comes back, through the openai client, as tool_calls in the template's format."""
+@pytest.mark.parametrize("family,template", [("llama3", "LLAMA31_TEMPLATE"), ("qwen2", "QWEN25_TEMPLATE"),
+                                             ("qwen2", "QWEN3_TEMPLATE")])
+def test_serve_tool_calls_through_a_hub_folders_template(family, template, tmp_path):
+    """Tool calling with a hub folder's own template (Llama 3.1's, Qwen2.5's, Qwen3's): the prompt of a
+    conversation with tools, a call and its result is transformers' apply_chat_template(..., tools=...) token for
+    token, and a call that tool_choice forces comes back, through the openai client, as tool_calls in the
+    template's format."""
     pytest.importorskip("tokenizers")
     pytest.importorskip("jinja2")
     pytest.importorskip("starlette")
     pytest.importorskip("llguidance")
     openai = pytest.importorskip("openai")
-    from hf_families import LLAMA31_TEMPLATE
+    import hf_families
     from starlette.testclient import TestClient
 
     from fastllm.serve import Engine, load
@@ -575,7 +577,7 @@ def test_serve_tool_calls_through_a_hub_folders_template(family, tmp_path):
         "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
                                          "b": {"type": "integer", "minimum": 0, "maximum": 9}},
         "required": ["a", "b"], "additionalProperties": False}}}]
-    ref, auto = hub_folder(family, tmp_path / family, template=LLAMA31_TEMPLATE if family == "llama3" else None,
+    ref, auto = hub_folder(family, tmp_path / family, template=getattr(hf_families, template),
                            max_position_embeddings=1024)
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
     msgs = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "2+3?"},

@@ -108,6 +108,87 @@ def test_llama3_json_parser_streamed_in_any_pieces(text, content, calls):
         assert got == content and plain(got_calls) == calls
 
 
+THINK_CASES = [
+    ("<think>\nLet me see.\n\nOk.\n</think>\n\nIt is 12.", False, "Let me see.\n\nOk.", "It is 12."),
+    ("Plain answer.", False, "", "Plain answer."),
+    ("\nThe template opened it.\n</think>\n\nAnswer", True, "The template opened it.", "Answer"),
+    ("<think>\ncut off by max_tok", False, "cut off by max_tok", ""),
+    ("<thi", False, "", "<thi"),
+    ("<think>\n\n</think>\n\n", False, "", ""),
+    ("a < b, <think> later is text", False, "", "a < b, <think> later is text"),
+]
+
+
+@pytest.mark.parametrize("text,opened,reasoning,content", THINK_CASES)
+def test_think_parser_streamed_in_any_pieces(text, opened, reasoning, content):
+    from fastllm.tools import ThinkParser
+
+    for step in (len(text) or 1, 1, 2, 3, 7):
+        parser, got = ThinkParser(opened), ["", ""]
+        for i in range(0, len(text), step):
+            r, c = parser.feed(text[i:i + step])
+            got = [got[0] + r, got[1] + c]
+        r, c = parser.finish()
+        assert (got[0] + r, got[1] + c) == (reasoning, content), step
+
+
+def test_a_thinking_models_reasoning_is_split_off():
+    """Qwen3's template: the answer's <think> block is message.reasoning_content (streamed as reasoning_content
+    deltas; a `reasoning` item in the Responses API), the rest content or tool calls; enable_thinking=False writes
+    an empty block into the prompt, and a template that opens <think> itself starts the answer inside it."""
+    from hf_families import QWEN3_TEMPLATE
+
+    from fastllm.serve.api import ServedModel, parse_chat
+    from fastllm.serve.engine import Chunk
+    from fastllm.serve.responses import parse_response
+
+    tok = byte_tok()
+
+    def run(chat, body, answer, responses=False):
+        served = ServedModel("m", tok, 4096, 4, 259, chat)
+        call = (parse_response if responses else parse_chat)({"model": "m", **body}, served)
+        events = []
+        for k in range(0, len(answer), 5):
+            last = k + 5 >= len(answer)
+            events += call.feed([Chunk(0, answer[k:k + 5], [1], finish_reason="stop" if last else None)])
+        return call, events
+
+    qwen3 = ChatTemplate(QWEN3_TEMPLATE, tok, stop_tokens=[END])
+    assert qwen3.thinks and not ChatML(tok).thinks
+    answer = "<think>\nThe user wants the time.\n</think>\n\nIt is noon."
+    for stream in (False, True):
+        call, chunks = run(qwen3, {"messages": ASK, "stream": stream}, answer)
+        msg = call.response()["choices"][0]["message"]
+        assert (msg["reasoning_content"], msg["content"]) == ("The user wants the time.", "It is noon.")
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user wants the time."
+        assert "".join(d.get("content") or "" for d in deltas) == "It is noon."
+    call, _ = run(qwen3, {"messages": ASK, "tools": TOOLS}, "<think>\nA call.\n</think>\n\n<tool_call>\n"
+                  '{"name": "now", "arguments": {}}\n</tool_call>')
+    choice = call.response()["choices"][0]
+    assert choice["message"]["reasoning_content"] == "A call." and choice["message"]["content"] is None
+    assert plain(choice["message"]["tool_calls"]) == [("now", {})] and choice["finish_reason"] == "tool_calls"
+    call, events = run(qwen3, {"input": "What time is it?", "stream": True}, answer, responses=True)
+    items = call.response()["output"]
+    assert [i["type"] for i in items] == ["reasoning", "message"]
+    assert items[0]["content"][0]["text"] == "The user wants the time."
+    assert items[1]["content"][0]["text"] == "It is noon."
+    kinds = [e["type"] for e in events]
+    assert "response.reasoning_text.delta" in kinds and kinds[-1] == "response.completed"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    # enable_thinking=False: the prompt holds an empty block; the answer is all content
+    plain_qwen3 = ChatTemplate(QWEN3_TEMPLATE, tok, {"enable_thinking": False}, stop_tokens=[END])
+    call, _ = run(plain_qwen3, {"messages": ASK}, "It is noon.")
+    assert tok.decode(call.request.prompts[0]).endswith("<think>\n\n</think>\n\n")
+    assert call.response()["choices"][0]["message"]["reasoning_content"] is None
+    # a template whose generation prompt opens <think> (DeepSeek-R1's distills): the answer starts inside it
+    opened = ChatTemplate(QWEN3_TEMPLATE + "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}", tok,
+                          stop_tokens=[END])
+    call, _ = run(opened, {"messages": ASK}, "Hmm.\n</think>\n\nNoon.")
+    msg = call.response()["choices"][0]["message"]
+    assert (msg["reasoning_content"], msg["content"]) == ("Hmm.", "Noon.")
+
+
 def conversation() -> list[dict]:
     """An OpenAI conversation with a tool round trip, as the API layer passes it to chat formats."""
     from fastllm.serve.api import _messages

@@ -55,7 +55,7 @@ import numpy as np
 
 from .fileio import read_json
 from .sample import SamplingParams, check_seed, stream_text
-from .tools import ToolError, check_tools, hermes_messages, parse_tool_calls, template_format
+from .tools import THINK, THINK_END, ToolError, check_tools, hermes_messages, parse_tool_calls, template_format
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -177,6 +177,7 @@ class ChatML:
     name = "ChatML"
 
     tool_format = "hermes"  # tools and calls written as Qwen2.5 writes them (fastllm.tools.hermes_messages)
+    thinks = False
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -271,6 +272,7 @@ class ChatTemplate:
             raise ValueError(f"{where}: the chat template must be a non-empty string")
         self.template, self.tokenizer, self.where = template, tokenizer, where
         self.tool_format = template_format(template)  # None: the template takes no tools
+        self.thinks = THINK in template and THINK_END in template  # the model reasons in <think> first (Qwen3)
         self.variables = dict(variables or {})
         self.stop_tokens = tuple(int(t) for t in stop_tokens)
         try:

@@ -236,6 +236,61 @@ def hermes_grammar(tools: list[dict], parallel: bool) -> str:
     return f'start: call{more}\ncall: "{TOOL_CALL}\\n" %json{schema} "\\n{TOOL_CALL_END}"\n'
 
 
+# ---- reasoning ------------------------------------------------------------------------------------------------
+
+THINK, THINK_END = "<think>", "</think>"
+
+
+class ThinkParser:
+    """Splits a thinking model's streamed answer (Qwen3, QwQ, DeepSeek-R1 distills) into its reasoning, between
+    <think> and </think> (the newlines just inside the tags dropped), and the answer after it (the newlines
+    after </think> dropped). `opened`: the prompt already ends with <think>, so the answer starts inside it.
+    feed(text) -> (reasoning, content) to show now; text that may still be a tag is held back."""
+
+    def __init__(self, opened: bool = False):
+        self.state = "think" if opened else "start"  # start -> think -> answer, or start -> answer
+        self.buf, self.lead = "", True  # lead: no reasoning (or, in answer, no content) shown yet
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self.buf += text
+        reasoning = content = ""
+        if self.state == "start":
+            head = self.buf.lstrip()
+            if head.startswith(THINK):
+                self.buf, self.state = head[len(THINK):], "think"
+            elif head and not THINK.startswith(head):
+                self.state = "answer"
+            else:
+                return "", ""
+        if self.state == "think":
+            i = self.buf.find(THINK_END)
+            end = i if i >= 0 else len(self.buf) - _held(self.buf, THINK_END)
+            body = self.buf[:end]
+            shown = body.rstrip("\n")  # newlines wait: before </think> they are dropped
+            if self.lead:
+                shown = shown.lstrip("\n")
+            self.lead = self.lead and not shown
+            reasoning = shown
+            if i < 0:
+                self.buf = body[len(body.rstrip("\n")):] + self.buf[end:]
+                return reasoning, ""
+            self.buf, self.state, self.lead = self.buf[i + len(THINK_END):], "answer", True
+        if self.state == "answer":
+            content, self.buf = self.buf, ""
+            if self.lead:
+                content = content.lstrip("\n")
+                self.lead = not content
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """What is held at the end: a cut-off reasoning stays reasoning; anything else is content."""
+        text, self.buf = self.buf, ""
+        if self.state == "think":
+            text = text.rstrip("\n")
+            return text.lstrip("\n") if self.lead else text, ""
+        return "", text.lstrip("\n") if self.state == "answer" and self.lead else text
+
+
 # ---- llama3_json ----------------------------------------------------------------------------------------------
 
 

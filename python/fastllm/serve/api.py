@@ -32,6 +32,9 @@ Semantics (OpenAI's, where it defines them):
   named function ({"type": "function", "function": {"name"}}, one call) constrain the answer to the grammar of a
   call whose arguments match the function's parameters schema; "none" lists the tools but reads no calls.
   parallel_tool_calls=false: at most one forced call. The deprecated functions / function_call are a 400.
+- reasoning (chat): with a thinking model's template (one that writes <think>, as Qwen3's), the answer's
+  <think> block is message.reasoning_content (None when empty; streamed as reasoning_content deltas) and the rest
+  the content (or tool calls); where the generation prompt already opens <think>, the answer starts inside it.
 - response_format (chat): {"type": "json_object"} (a JSON object) or {"type": "json_schema", "json_schema":
   {"name", "schema", "strict"}} constrain the answer by grammar (fastllm.grammar): a finished answer parses and
   matches the schema (one cut by max_tokens is a prefix of one, finish_reason "length").
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field
 
 from ..grammar import Guide
 from ..sample import SamplingParams
-from ..tools import FORMATS, NAME, ToolError, check_tools, parse_tool_calls
+from ..tools import FORMATS, NAME, THINK, ThinkParser, ToolError, check_tools, parse_tool_calls
 from .engine import Chunk, Failure, PromptLogprobs, Request, TokenLogprob
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -183,20 +186,25 @@ class _Choice:
     offset: int = 0  # completions' text_offset of the next token
     parser: object = None  # chat with tools: the format's parser (fastllm.tools), which text goes through
     calls: list[dict] = field(default_factory=list)  # the tool calls read so far
+    think: ThinkParser | None = None  # a thinking model's: its reasoning is split off first
+    reasoning: list[str] = field(default_factory=list)
 
 
 class Call:
     """One validated API call (chat or completion): its engine request and the formatting of its results."""
 
     def __init__(self, kind: str, served: ServedModel, request: Request, stream: bool, include_usage: bool,
-                 echo: list[str] | None = None, tool_format: str | None = None):
+                 echo: list[str] | None = None, tool_format: str | None = None, think: bool | None = None):
         self.kind, self.served, self.request = kind, served, request
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.stream, self.include_usage = stream, include_usage
         self.logprobs, self.echo = request.logprobs, echo
-        self.choices = [_Choice(parser=tool_format and FORMATS[tool_format].parser())
+        # think: None (the model does not reason), False / True (the prompt leaves it outside / inside <think>)
+        self.choices = [_Choice(parser=tool_format and FORMATS[tool_format].parser(),
+                                think=None if think is None else ThinkParser(think))
                         for _ in range(len(request.prompts) * request.n)]
+        self.thinks = think is not None
         self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self.finished = 0
         self.error: str | None = None
@@ -233,9 +241,15 @@ class Call:
                 out.append(self._stream_chunk(e.index, self.echo[p], lp))
         c.tokens += len(e.tokens)
         c.logprobs += e.logprobs
-        text, calls = e.text, []
-        if c.parser is not None:  # tool calls come out of the text
-            text, calls = c.parser.feed(e.text)
+        reasoning, text, calls = "", e.text, []
+        if c.think is not None:  # the reasoning comes off the text
+            reasoning, text = c.think.feed(text)
+            if e.finish_reason is not None:
+                more, more_text = c.think.finish()
+                reasoning, text = reasoning + more, text + more_text
+            c.reasoning.append(reasoning)
+        if c.parser is not None:  # tool calls come out of the rest
+            text, calls = c.parser.feed(text)
             if e.finish_reason is not None:
                 more, more_calls = c.parser.finish()
                 text, calls = text + more, calls + more_calls
@@ -244,6 +258,8 @@ class Call:
             c.finish_reason = e.finish_reason
             self.finished += 1
         if self.kind == "chat":
+            if reasoning:
+                out.append(self._stream_chunk(e.index, {"reasoning_content": reasoning}))
             if text or e.logprobs:
                 out.append(self._stream_chunk(e.index, {"content": text}, self._chat_logprobs(e.logprobs)))
             for call in calls:
@@ -258,10 +274,11 @@ class Call:
             out.append(self._stream_chunk(e.index, e.text, lp, e.finish_reason))
         return out
 
-    @staticmethod
-    def _message(c: _Choice) -> dict:
+    def _message(self, c: _Choice) -> dict:
         text = "".join(c.text)
         msg = {"role": "assistant", "content": text or (None if c.calls else ""), "refusal": None}
+        if self.thinks:
+            msg["reasoning_content"] = "".join(c.reasoning) or None
         if c.calls:
             msg["tool_calls"] = c.calls
         return msg
@@ -482,6 +499,8 @@ def _messages(value) -> list[dict]:
         if not isinstance(content, str):
             raise _bad_type(f"{where}.content", "a string or an array of text parts", content)
         msg = {"role": role, "content": content}
+        if role == "assistant" and isinstance(m.get("reasoning_content"), str):  # (templates that keep it use it)
+            msg["reasoning_content"] = m["reasoning_content"]
         if role == "assistant" and m.get("tool_calls"):  # (an empty list: no calls)
             try:
                 msg["tool_calls"] = parse_tool_calls(m["tool_calls"], f"{where}.tool_calls")
@@ -625,7 +644,11 @@ def parse_chat(body, served: ServedModel) -> Call:
     m = _fit(served, len(ids), max_tokens, None, "messages", name)
     req = Request(prompts=[ids], max_tokens=m, stop_tokens=list(served.chat.stop_tokens),
                   logprobs=(top or 0) if logprobs else None, constraint=constraint, **common)
-    return Call("chat", served, req, stream, include_usage, tool_format=None if choice == "none" else fmt)
+    think = None
+    if getattr(served.chat, "thinks", False) and constraint is None:  # (a grammar's text is all answer)
+        think = served.tokenizer.decode(ids[-8:]).rstrip().endswith(THINK)  # the template opened <think> itself
+    return Call("chat", served, req, stream, include_usage, tool_format=None if choice == "none" else fmt,
+                think=think)
 
 
 def _is_int(x) -> bool:

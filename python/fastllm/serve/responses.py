@@ -7,12 +7,13 @@ A Responses request is the chat request in other clothes, so it is translated in
   {"type": "function", "name", "description", "parameters", "strict"}), `tool_choice` ({"type": "function",
   "name"} for a named one), `parallel_tool_calls`, `text.format` (text, json_object, or json_schema with its
   name and schema at the top level), `stream`;
-- out: a `response` object whose `output` is a message item (its text as one `output_text` part) and a
-  `function_call` item per call, `status` "completed" or "incomplete" (max_output_tokens reached, with
-  incomplete_details), `usage` in input/output tokens; streamed, OpenAI's semantic events (`event:` and `data:`
-  lines): response.created, response.in_progress, response.output_item.added, response.content_part.added,
-  response.output_text.delta ... done, response.function_call_arguments.delta/done, response.output_item.done,
-  and response.completed / response.incomplete (or response.failed), each with its sequence_number.
+- out: a `response` object whose `output` is a message item (its text as one `output_text` part), a
+  `function_call` item per call, and first a `reasoning` item for a thinking model's reasoning (Qwen3's
+  <think>); `status` "completed" or "incomplete" (max_output_tokens reached, with incomplete_details); `usage` in
+  input/output tokens. Streamed: OpenAI's semantic events (`event:` and `data:` lines), response.created,
+  response.in_progress, response.output_item.added, response.content_part.added, response.output_text.delta ...
+  done, response.reasoning_text.delta ... done, response.function_call_arguments.delta / done,
+  response.output_item.done, and response.completed / incomplete (or failed), each with its sequence_number.
 Nothing is stored (`store` is accepted and answered false): `previous_response_id` is a 400 asking for the whole
 conversation in `input`. Errors name the Responses field (text.format.schema, not response_format...).
 """
@@ -151,7 +152,7 @@ class ResponseCall:
         self.id, self.created = _id("resp_"), int(time.time())
         self.seq = 0
         self.output: list[dict] = []  # the output items so far
-        self.text_item: dict | None = None  # the message item being streamed
+        self.open_item: dict | None = None  # the message or reasoning item being streamed
 
     @property
     def done(self) -> bool:
@@ -199,12 +200,14 @@ class ResponseCall:
         for chunk in self.call.feed(events):
             for choice in chunk["choices"]:
                 delta = choice["delta"]
+                if delta.get("reasoning_content"):
+                    out += self._text(delta["reasoning_content"], "reasoning")
                 if delta.get("content"):
                     out += self._text(delta["content"])
                 for tc in delta.get("tool_calls") or []:
                     out += self._close_text() + self._function_call(tc)
         if self.call.done:
-            if not self.output and not self.call.error:
+            if not any(i["type"] != "reasoning" for i in self.output) and not self.call.error:
                 out += self._text("")  # an empty answer is still a message
             out += self._close_text()
             if self.call.error:
@@ -214,36 +217,49 @@ class ResponseCall:
                 out.append(self._event(f"response.{r['status']}", response=r))
         return out
 
-    def _text(self, delta: str) -> list[dict]:
+    def _text(self, delta: str, kind: str = "message") -> list[dict]:
+        """Events of `delta` added to the open item of `kind` ("message": output text; "reasoning": a thinking
+        model's reasoning text), opening one (and closing the other kind's) first if needed."""
         out = []
-        if self.text_item is None:
-            self.text_item = {"type": "message", "id": _id("msg_"), "status": "in_progress", "role": "assistant",
-                              "content": []}
-            self.output.append(self.text_item)
-            out += [self._event("response.output_item.added", output_index=len(self.output) - 1,
-                                item={**self.text_item, "content": []}),
-                    self._event("response.content_part.added", item_id=self.text_item["id"],
-                                output_index=len(self.output) - 1, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
-            self.text_item["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        if self.open_item is not None and self.open_item["type"] != kind:
+            out += self._close_text()
+        if self.open_item is None:
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []} if kind == "message" else \
+                {"type": "reasoning_text", "text": ""}
+            item = {"type": "message", "id": _id("msg_"), "status": "in_progress", "role": "assistant",
+                    "content": []} if kind == "message" else \
+                {"type": "reasoning", "id": _id("rs_"), "status": "in_progress", "summary": [], "content": []}
+            self.output.append(item)
+            self.open_item, index = item, len(self.output) - 1
+            out.append(self._event("response.output_item.added", output_index=index, item=copy.deepcopy(item)))
+            if kind == "message":
+                out.append(self._event("response.content_part.added", item_id=item["id"], output_index=index,
+                                       content_index=0, part=dict(part)))
+            item["content"].append(part)
         if delta:
-            self.text_item["content"][0]["text"] += delta
-            out.append(self._event("response.output_text.delta", item_id=self.text_item["id"],
-                                   output_index=self.output.index(self.text_item), content_index=0, delta=delta,
-                                   logprobs=[]))
+            item = self.open_item
+            item["content"][0]["text"] += delta
+            extra = {"logprobs": []} if kind == "message" else {}
+            out.append(self._event(f"response.{'output' if kind == 'message' else 'reasoning'}_text.delta",
+                                   item_id=item["id"], output_index=self.output.index(item), content_index=0,
+                                   delta=delta, **extra))
         return out
 
     def _close_text(self) -> list[dict]:
-        item, self.text_item = self.text_item, None
+        item, self.open_item = self.open_item, None
         if item is None:
             return []
         index, part = self.output.index(item), item["content"][0]
         item["status"] = "completed" if self.call.choices[0].finish_reason != "length" else "incomplete"
+        if item["type"] == "reasoning":
+            return [self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                content_index=0, text=part["text"]),
+                    self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
         return [self._event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
                             text=part["text"], logprobs=[]),
                 self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                            part=part),
-                self._event("response.output_item.done", output_index=index, item=item)]
+                            part=dict(part)),
+                self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
 
     def _function_call(self, tc: dict) -> list[dict]:
         fn = tc["function"]
