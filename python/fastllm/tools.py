@@ -22,6 +22,9 @@ its JSON is complete, and an answer that only looked like a call (invalid JSON, 
 content at the end. `FORMATS[name].grammar(tools, parallel)` is the Lark grammar (fastllm.grammar) of one call --
 or several -- to one of `tools`, its arguments valid for that function's parameters schema: the server forces a
 call with it for tool_choice "required" or a named function.
+
+A thinking model (Qwen3) starts its answer with its reasoning between <think> and </think>; `ThinkParser` splits
+that off the same way, before the tool-call parser reads the rest.
 """
 
 from __future__ import annotations
