@@ -669,6 +669,10 @@ def test_a_template_without_tools_refuses_them(tmp_path):
     with pytest.raises(APIError, match="takes no tools") as e:
         parse_chat({"model": "llama", "messages": ASK, "tools": TOOLS}, served)
     assert e.value.param == "tools"
+    result = ASK + [{"role": "tool", "tool_call_id": "c1", "content": "09:30"}]  # a tool turn, no tools
+    with pytest.raises(APIError, match="takes no tools") as e:
+        parse_chat({"model": "llama", "messages": result}, served)
+    assert e.value.param == "messages"
 
 
 # ---- the Responses API (POST /v1/responses) -------------------------------------------------------------------

@@ -221,7 +221,7 @@ def test_tool_conversations_need_a_template_that_takes_tools():
     tok = Tokenizer({bytes([x]): x for x in range(256)}, special_tokens={
         "<|begin_of_text|>": 256, "<|start_header_id|>": 257, "<|end_header_id|>": 258, "<|eot_id|>": 259})
     llama3 = ChatTemplate(LLAMA3_TEMPLATE, tok, {"bos_token": "<|begin_of_text|>"}, stop_tokens=[259])
-    with pytest.raises(ValueError, match="conversation 0 has tool calls.*takes no tools"):
+    with pytest.raises(ValueError, match="takes no tools"):
         tokenize_conversations([TOOL_CONV], tok, 1023, chat=llama3)
 
 

@@ -287,7 +287,11 @@ class ChatTemplate:
         """The template's text for `messages` (a list of {"role", "content"} dicts, and OpenAI's tool calls and
         tool messages); ValueError naming the template for what it rejects (its raise_exception, errors while
         rendering). With `spans` (a list), the (start, end) character offsets of its {% generation %} blocks are
-        appended to it. `tools`: OpenAI's function list, the template's `tools` variable."""
+        appended to it. `tools`: OpenAI's function list, the template's `tools` variable; ValueError if the template
+        takes none (see tool_format) and there are tools or tool turns, which it would drop or garble."""
+        tool_turns = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+        if self.tool_format is None and (tools or tool_turns):
+            raise ValueError(f"{self.where}: the chat template takes no tools (it never writes a tool call)")
         ctx = {**self.variables, "messages": [dict(m) for m in messages],
                "add_generation_prompt": add_generation_prompt}
         if tools:

@@ -18,7 +18,6 @@ Schema compiler is not fastllm's mission; the kernels are. Needs the `serve` ext
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,11 +85,9 @@ class Constraint:
         self._first = _llguidance().LLMatcher(guide._tok, grammar, log_level=0)
         if self._first.is_error():
             raise ValueError(self._first.get_error())
-        self._lock = threading.Lock()
 
     def matcher(self) -> Matcher:
-        with self._lock:
-            return Matcher(self._first.deep_copy(), self.guide.tokenizer.n_vocab)
+        return Matcher(self._first.deep_copy(), self.guide.tokenizer.n_vocab)  # (the first never advances)
 
 
 class Matcher:

@@ -104,17 +104,17 @@ def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
     top_p. Sorting only the 1024 most likely tokens gives the prefix a full sort gives as long as it ends on a token
     strictly more likely than the 1024th (else all are sorted): a trained model's nucleus is almost always in its
     first few hundred tokens, and sorting a 150k vocabulary takes ~15 ms on one core."""
-    V, k = p.size, 1024
-    while True:
+    V = p.size
+    for k in (min(1024, V), V):
         top = np.argpartition(-p, k - 1)[:k] if k < V else np.arange(V)
         order = top[np.lexsort((top, -p[top]))]
         q = p[order]
         n = int(np.count_nonzero(np.cumsum(q) - q < top_p))  # the prefix (the condition holds on a prefix)
-        if k >= V or (n < k and q[n] > q[-1]):  # decided before the k-th token's value: as a full sort decides
-            keep = np.zeros(V, bool)
-            keep[order[:n]] = True
-            return keep
-        k = V
+        if k == V or (n < k and q[n] > q[-1]):  # decided before the k-th token's value: as a full sort decides
+            break
+    keep = np.zeros(V, bool)
+    keep[order[:n]] = True
+    return keep
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, sp: SamplingParams,

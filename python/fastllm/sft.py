@@ -193,12 +193,8 @@ def tokenize_conversations(
     st = PackStats(conversations=len(convs), _window=T + 1)
     out = []
     longest = 0
-    for k, conv in enumerate(convs):
-        tools = conversation_tools(conv)
-        if (tools or _has_tool_turns(conv)) and chat.tool_format is None:
-            raise ValueError(f"{name}: conversation {k} has tool calls, but the chat template ({chat.name}) takes no "
-                             "tools")
-        ids, mask = chat.render(validate_conversation(conv, need_assistant=False), tools)
+    for conv in convs:
+        ids, mask = chat.render(validate_conversation(conv, need_assistant=False), conversation_tools(conv))
         if ids.size > T + 1:
             longest = max(longest, ids.size)
             if too_long == "skip" or not mask[: T + 1].any():
@@ -214,11 +210,6 @@ def tokenize_conversations(
             f"context window of {T + 1} tokens (longest {longest}): {st.truncated} truncated, {st.skipped} skipped"
         )
     return out, st
-
-
-def _has_tool_turns(conv) -> bool:
-    msgs = conv.get("messages") if isinstance(conv, dict) else conv
-    return any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in msgs or ())
 
 
 class PackedLoader:

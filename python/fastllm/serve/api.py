@@ -627,7 +627,7 @@ def parse_chat(body, served: ServedModel) -> Call:
                             "(a base model). Use /v1/completions, or fine-tune it with `fastllm sft`.", "messages",
                        "chat_template_missing")
     fmt = served.chat.tool_format
-    if fmt is None and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs)):
+    if fmt is None and tools:  # (tool turns without tools: the template refuses them, a 400 naming 'messages')
         raise APIError(400, f"The chat template of `{served.name}` takes no tools (it never writes a tool call).",
                        "tools", "unsupported_parameter")
     constraint = _response_format(body, served)
