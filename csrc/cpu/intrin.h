@@ -38,6 +38,13 @@ inline __m512 _mm512_mask_i32gather_ps(__m512 src, __mmask16 k, __m512i vindex, 
     return _mm512_load_ps(out);
 }
 inline void _mm512_stream_ps(float* p, __m512 v) { _mm512_store_ps(p, v); }  // p 64-byte aligned, as the real one
+inline __m256i _mm512_cvtepi32_epi16(__m512i a) {  // vpmovdw: each 32-bit lane truncated to 16 bits
+    alignas(64) int32_t in[16];
+    alignas(32) int16_t out[16];
+    _mm512_store_si512(in, a);
+    for (int i = 0; i < 16; i++) out[i] = int16_t(in[i]);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
+}
 
 // SIMDe's masked loads read all 64 bytes and its masked stores write all of them (zeros where the mask is off): the
 // kernels rely on the hardware's semantics -- lanes off the mask are neither read nor written (tails of rows, the

@@ -213,13 +213,34 @@ static void pack_panels_bf16(const float* src, int64_t ld, bool k_contig, int64_
         }
     }
 }
-template <int W, int QPAD = 1>
-static void pack_panels_vnni(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
-    pack_panels_bf16<W, QPAD, false>(src, ld, k_contig, rows, kc, dst);
-}
-template <int W>
-static void pack_panels_amx_a(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
-    pack_panels_bf16<W, 16, true>(src, ld, k_contig, rows, kc, dst);
+// In-place 16 x 16 transpose of 32-bit elements: v[i] lane j -> v[j] lane i (unpack pairs, 4x4 within 128-bit
+// lanes, then the lanes). The packers' way of turning 16 rows along k into 16 panel rows along r.
+FASTLLM_TARGET_AVX512 static inline void transpose16x16_avx512(__m512 v[16]) {
+    __m512 t[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 16; i += 4) {
+        v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0xDD);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
 }
 
 // AVX-512 transposing pack for the k-contiguous case (any W): 16 rows x 16 k at a time through a register
@@ -239,32 +260,7 @@ FASTLLM_TARGET_AVX512 static void pack_panels_kc_avx512(const float* src, int64_
                 for (int r = 0; r < 16; r++)
                     v[r] = (rb + r < w) ? _mm512_maskz_loadu_ps(km, src + (r0 + rb + r) * ld + k0)
                                         : _mm512_setzero_ps();
-                // 16x16 transpose (unpack pairs, 4x4 within 128-bit lanes, then lanes): v[k] = rows at k0 + k
-                __m512 t[16];
-#pragma GCC unroll 8
-                for (int i = 0; i < 16; i += 2) {
-                    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
-                    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
-                }
-#pragma GCC unroll 4
-                for (int i = 0; i < 16; i += 4) {
-                    v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-                    v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-                    v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-                    v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-                }
-#pragma GCC unroll 4
-                for (int i = 0; i < 4; i++) {
-                    t[i] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0x88);
-                    t[i + 4] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0xDD);
-                    t[i + 8] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0x88);
-                    t[i + 12] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0xDD);
-                }
-#pragma GCC unroll 8
-                for (int i = 0; i < 8; i++) {
-                    v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-                    v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-                }
+                transpose16x16_avx512(v);  // v[k] = the 16 rows at k0 + k
                 float* d = dst + k0 * W + rb;
                 if (W - rb >= 16) {
                     for (int k = 0; k < kk; k++) _mm512_storeu_ps(d + k * W, v[k]);
@@ -295,6 +291,95 @@ FASTLLM_TARGET_AVX512 static void pack_panels_rc_avx512(const float* src, int64_
             }
         }
     }
+}
+
+// The AVX-512 form of pack_panels_bf16 (same layouts, same rounding, bit for bit), 16 rows x 16 pairs at a time.
+// A pair word comes from two fp32 vectors: bf16_round16 leaves each lane's bf16 in its high half (bf16_bits before
+// the shift), so word = (round(X(., 2q)) >> 16) | (round(X(., 2q+1)) & 0xffff0000) -- no shuffles. Row-contiguous
+// sources (X(r, k) = src[k*ld + r]) then give, per pair, the words of 16 rows in one vector: the VNNI layout's
+// order; k-contiguous ones give, per row, 16 pairs from 32 consecutive values (narrowed by vpmovdw): the AMX A
+// layout's order. Where the order is the other one, a 16 x 16 transpose. Rows past `rows` and pairs past kc are
+// zeros (masked loads); the scalar packer had ~3 ns per value, a third of a bf16 GEMM's time at K = 384.
+FASTLLM_TARGET_AVX512 static inline __m512i bf16_round16_avx512(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                            _mm512_set1_epi32(1))));
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));  // quiet NaN
+}
+FASTLLM_TARGET_AVX512 static inline __m512 bf16_pairs_avx512(__m512 lo, __m512 hi) {
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(bf16_round16_avx512(lo), 16),
+                                               _mm512_and_si512(bf16_round16_avx512(hi),
+                                                                _mm512_set1_epi32(int32_t(0xffff0000u)))));
+}
+template <int W, int QPAD, bool TileRows>
+FASTLLM_TARGET_AVX512 static void pack_panels_bf16_avx512(const float* src, int64_t ld, bool k_contig, int64_t rows,
+                                                          int64_t kc, float* dst) {
+    const int64_t kq = ((kc + 1) / 2 + QPAD - 1) / QPAD * QPAD;
+    auto mask = [](int64_t n) { return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u); };
+    auto block = [&](int64_t r0, int64_t q0) FASTLLM_TARGET_AVX512 {  // panel r0 / W, pairs q0 .. q0 + 15
+        float* panel = dst + r0 / W * kq * W;
+        const int64_t w = std::min<int64_t>(W, rows - r0);
+        const int64_t nq = std::min<int64_t>(16, kq - q0), k0 = 2 * q0;
+        for (int rb = 0; rb < W; rb += 16) {
+            const int nr = std::min(16, W - rb);  // panel rows in this block (rows past w are zeros)
+            __m512 v[16];
+            if (k_contig) {  // v[r] = 16 pairs of row rb + r
+                const __mmask16 m0 = mask(kc - k0), m1 = mask(kc - k0 - 16);
+#pragma GCC unroll 16
+                for (int r = 0; r < 16; r++) {
+                    if (rb + r >= w) { v[r] = _mm512_setzero_ps(); continue; }
+                    const float* s = src + (r0 + rb + r) * ld + k0;
+                    const __m512i a = _mm512_srli_epi32(bf16_round16_avx512(_mm512_maskz_loadu_ps(m0, s)), 16);
+                    const __m512i b = _mm512_srli_epi32(bf16_round16_avx512(_mm512_maskz_loadu_ps(m1, s + 16)), 16);
+                    v[r] = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)),
+                                                                  _mm512_cvtepi32_epi16(b), 1));
+                }
+            } else {  // v[q] = pair q0 + q of the 16 rows
+                const __mmask16 mr = mask(w - rb);
+#pragma GCC unroll 16
+                for (int q = 0; q < 16; q++) {
+                    const int64_t k = k0 + 2 * q;
+                    const float* s = src + k * ld + r0 + rb;
+                    const __m512 lo = k < kc ? _mm512_maskz_loadu_ps(mr, s) : _mm512_setzero_ps();
+                    const __m512 hi = k + 1 < kc ? _mm512_maskz_loadu_ps(mr, s + ld) : _mm512_setzero_ps();
+                    v[q] = bf16_pairs_avx512(lo, hi);
+                }
+            }
+            if (k_contig != TileRows) transpose16x16_avx512(v);
+            if (TileRows) {  // word (r, q) at ((q / 16) * W + r) * 16 + q % 16; nq is 16 (QPAD 16)
+                for (int r = 0; r < nr; r++) _mm512_storeu_ps(panel + ((q0 / 16) * W + rb + r) * 16, v[r]);
+            } else {         // word (r, q) at q * W + r
+                for (int q = 0; q < nq; q++) {
+                    float* d = panel + (q0 + q) * W + rb;
+                    if (nr == 16) _mm512_storeu_ps(d, v[q]);
+                    else _mm512_mask_storeu_ps(d, mask(nr), v[q]);
+                }
+            }
+        }
+    };
+    // k-contiguous rows are read one panel at a time (W streams along k); row-contiguous sources 32 values of k at
+    // a time across all the panels, so each source row is read once, whole (panel by panel, a transposed A of a
+    // weight gradient -- 1536 values of k, rows 6 KB apart -- was read 8 times over from L2: 40% slower).
+    if (k_contig) {
+        for (int64_t r0 = 0; r0 < rows; r0 += W)
+            for (int64_t q0 = 0; q0 < kq; q0 += 16) block(r0, q0);
+    } else {
+        for (int64_t q0 = 0; q0 < kq; q0 += 16)
+            for (int64_t r0 = 0; r0 < rows; r0 += W) block(r0, q0);
+    }
+}
+template <int W, int QPAD = 1>
+static void pack_panels_vnni(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
+    if (simd_level() >= Simd::avx512) pack_panels_bf16_avx512<W, QPAD, false>(src, ld, k_contig, rows, kc, dst);
+    else pack_panels_bf16<W, QPAD, false>(src, ld, k_contig, rows, kc, dst);
+}
+template <int W>
+static void pack_panels_amx_a(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst) {
+    if (simd_level() >= Simd::avx512) pack_panels_bf16_avx512<W, 16, true>(src, ld, k_contig, rows, kc, dst);
+    else pack_panels_bf16<W, 16, true>(src, ld, k_contig, rows, kc, dst);
 }
 
 // ---------------------------------------------------------------------------------------------------------
