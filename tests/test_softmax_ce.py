@@ -473,6 +473,14 @@ def test_lmhead_ce_bad_input_cuda():
         cuda.lmhead_ce(h, w, t, dhidden=h)
 
 
+def test_lmhead_chunk_rows_cpu():
+    assert ops.lmhead_chunk_rows(16384, 50257) == 1024  # 256..1024 rows, <= 256 MiB, a multiple of 64
+    assert ops.lmhead_chunk_rows(16384, 151936) == 384
+    assert ops.lmhead_chunk_rows(16384, 4096) == 1024
+    assert ops.lmhead_chunk_rows(16384, 10**7) == 256
+    assert ops.lmhead_chunk_rows(10, 50257) == 10
+
+
 @pytest.mark.cuda
 def test_lmhead_chunk_rows():
     assert cuda.lmhead_chunk_rows(16384, 50257, "bfloat16") == 2560  # <= 256 MiB of scratch, a multiple of 128
