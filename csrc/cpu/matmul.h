@@ -59,7 +59,8 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
                           int64_t N, int64_t C, int64_t OC);
 // The code path matmul_forward_bf16w takes under the SIMD level in use: avx512_bf16 (VDPBF16PS), avx2 (bf16
 // widened to fp32 in registers) or scalar (fastllm.info()["bf16_matmul"]). Where the bf16 GEMM runs on AMX
-// (gemm_bf16_path), 8 or more rows with C a multiple of 32 take the AMX tiles instead.
+// (gemm_bf16_path), 8 or more rows with C a multiple of 32 take the AMX tiles instead; on avx512_bf16, 48 or more rows
+// with C even take the packed bf16 GEMM.
 Simd matmul_bf16w_path();
 // Inference with int8 weights (weight-only quantization, per output channel): out (N, OC) = inp (N, C) @ (q *
 // scale[:, None])^T + bias, q (OC, C) int8, scale (OC,) fp32. inp stays fp32; each dot product is summed in fp32 over
