@@ -40,7 +40,7 @@ def test_to_bf16_matches_torch_bit_for_bit(rng, simd):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 768, 2304), (1, 200, 33), (1, 48, 5), (1, 61, 17), (3, 33, 7),
                                    (5, 37, 13), (8, 64, 100), (9, 100, 31), (16, 3072, 768), (29, 70, 33),
                                    (8, 32, 1), (9, 96, 33), (40, 64, 70),  # these 3 (and 8x64, 16x3072): AMX
-                                   (48, 64, 33), (77, 130, 67), (300, 768, 100), (60, 33, 20)])  # >= 48 rows: packed GEMM
+                                   (48, 64, 33), (77, 130, 67), (300, 768, 100), (60, 33, 20)])  # >= 48 rows: GEMM
 def test_matmul_bf16w_equals_rounded_product(shape, rng, bf16_gemm, threads):
     N, C, OC = shape
     x = rng.standard_normal((N, C), dtype=np.float32)
