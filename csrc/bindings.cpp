@@ -279,6 +279,35 @@ static void matmul_forward_py(py::array out, py::array inp, py::array weight, st
     else fastllm::cpu::matmul_forward(o, x, (const float*)w, b, pg, N, C, OC, prec(bf16));
 }
 
+// bf16 weights packed once (fastllm.ops.pack_bf16): panels (bf16_panel_rows(OC), C) uint16 of the (OC, C) matrix.
+static void pack_bf16_panels_py(py::array out, py::array w) {
+    check_ndim(w, "w", 2, "(OC, C)");
+    const int64_t OC = w.shape(0), C = w.shape(1);
+    if (C % 2) throw py::value_error("pack_bf16: C (the weight's columns) must be even, got " + std::to_string(C));
+    const uint16_t* src = in_ptr<uint16_t>(w, "w");
+    uint16_t* d = out_ptr<uint16_t>(out, "out", {fastllm::cpu::bf16_panel_rows(OC), C});
+    check_outputs({{&out, "out"}}, {{&w, "w"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::pack_bf16_panels(d, src, OC, C);
+}
+
+static void matmul_forward_bf16p_py(py::array out, py::array inp, py::array panels, int64_t rows,
+                                    std::optional<py::array> bias, std::optional<py::array> pre_gelu) {
+    check_ndim(inp, "inp", 2, "(N, C)");
+    const int64_t N = inp.shape(0), C = inp.shape(1), OC = rows;
+    check_positive(C, "C (inp columns)", inp, "inp");
+    if (OC <= 0) throw py::value_error("matmul_forward: the panels' rows must be positive, got " + std::to_string(OC));
+    if (C % 2) throw py::value_error("matmul_forward: bf16 panels need C even, got inp with C = " + std::to_string(C));
+    const float* x = in_ptr<float>(inp, "inp");
+    const uint16_t* w = in_ptr<uint16_t>(panels, "weight", {fastllm::cpu::bf16_panel_rows(OC), C});
+    const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
+    float* o = out_ptr<float>(out, "out", {N, OC});
+    float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
+    check_outputs({{&out, "out"}, {opt(pre_gelu), "pre_gelu"}}, {{&inp, "inp"}, {&panels, "weight"}, {opt(bias), "bias"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::matmul_forward_bf16p(o, x, w, b, pg, N, C, OC);
+}
+
 static void float_to_bf16_py(py::array out, py::array x) {
     const float* src = in_ptr<float>(x, "x");
     uint16_t* d = out_ptr<uint16_t>(out, "out", std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
@@ -1252,6 +1281,9 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "matmul_forward", &matmul_forward_py, arg("out"), arg("inp"), arg("weight"), arg("bias") = none,
                arg("pre_gelu") = none, arg("bf16") = false, arg("scale") = none);
     def_kernel(m, "float_to_bf16", &float_to_bf16_py, arg("out"), arg("x"));
+    def_kernel(m, "pack_bf16_panels", &pack_bf16_panels_py, arg("out"), arg("w"));
+    def_kernel(m, "matmul_forward_bf16p", &matmul_forward_bf16p_py, arg("out"), arg("inp"), arg("panels"),
+               arg("rows"), arg("bias") = none, arg("pre_gelu") = none);
     def_kernel(m, "matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
                arg("inp"), arg("weight"), arg("bf16") = false);
     def_kernel(m, "gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
@@ -1270,6 +1302,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("lmhead_chunk_rows", &fastllm::cpu::lmhead_chunk_rows, arg("N"), arg("V"));
     m.def("bf16_gemm_path", [] { return std::string(fastllm::simd_name(fastllm::cpu::gemm_bf16_path())); },
           "The kernel bf16 GEMMs run now: amx, avx512_bf16, avx512, avx2 or scalar (see info()['bf16_gemm'])");
+    m.def("bf16_panels_preferred", &fastllm::cpu::bf16_panels_preferred,
+          "Whether bf16 decode weights are faster packed (pack_bf16_panels): the bf16 GEMM runs on avx512_bf16");
+    m.def("bf16_panel_rows", &fastllm::cpu::bf16_panel_rows, arg("OC"), "Rows of the panels of an (OC, C) matrix");
     m.def("set_amx_emulation", &fastllm::cpu::set_amx_emulation, arg("on"),
           "Testing: bf16 GEMMs run the AMX kernel on a C++ model of the tiles (any CPU; slow)");
     def_kernel(m, "layernorm_forward", &layernorm_forward_py, arg("out"), arg("mean"), arg("rstd"), arg("inp"),

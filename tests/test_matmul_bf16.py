@@ -54,6 +54,48 @@ def test_matmul_bf16w_equals_rounded_product(shape, rng, bf16_gemm, threads):
                                atol=1e-5 * np.sqrt(C) * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1), (1, 768, 2304), (2, 64, 33), (3, 130, 64), (8, 96, 100),
+                                   (11, 64, 65), (16, 1600, 40), (29, 70, 31), (48, 64, 97), (300, 768, 100)])
+def test_bf16_panels_equal_rounded_product(shape, rng, simd_bf16, threads):
+    """Bf16Panels (pack_bf16): the same products as the row-major bf16 weights, on every row count (the tile height
+    follows it: 4, 8, 12 or 14) and SIMD level (VDPBF16PS, or the portable loop over the same panels); OC not a
+    multiple of the 32-column panels; bias and the GELU epilogue."""
+    N, C, OC = shape
+    x = rng.standard_normal((N, C), dtype=np.float32)
+    w = rng.standard_normal((OC, C), dtype=np.float32)
+    b = rng.standard_normal(OC, dtype=np.float32)
+    p = ops.pack_bf16(w)
+    assert p.rows == OC and p.data.shape == (-(-OC // 32) * 32, C) and p.data.ctypes.data % 64 == 0
+    ref = _r(x) @ _r(w).T + b
+    tol = 1e-5 * np.sqrt(C) * (np.abs(_r(x)) @ np.abs(_r(w)).T).max()
+    np.testing.assert_allclose(ops.matmul_forward(x, p, b), ref, rtol=0, atol=tol)
+    pre = np.empty((N, OC), np.float32)
+    got = ops.matmul_forward(x[None], p, b, pre_gelu=pre[None])[0]
+    np.testing.assert_allclose(pre, ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(got, ops.gelu_forward(pre), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_panels_pack_and_unpack(rng):
+    w = rng.standard_normal((3, 70, 10), dtype=np.float32)  # stacked over layers, as a model's snapshot
+    p = ops.pack_bf16(w)
+    assert p.data.shape == (3, 96, 10) and p.rows == 70
+    np.testing.assert_array_equal(ops.unpack_bf16(p), ops.to_bf16(w))
+    np.testing.assert_array_equal(ops.pack_bf16(ops.to_bf16(w)).data, p.data)  # from bf16 bits: no rounding again
+    x = rng.standard_normal((4, 10), dtype=np.float32)
+    layer = ops.Bf16Panels(p.data[1], p.rows)  # a layer's view: still whole cache lines
+    np.testing.assert_array_equal(ops.matmul_forward(x, layer), ops.matmul_forward(x, ops.to_bf16(w[1])))
+    with pytest.raises(ValueError, match="C .* must be even"):
+        ops.pack_bf16(w[..., :9])
+    with pytest.raises(ValueError, match="matrix"):
+        ops.pack_bf16(np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.matmul_forward(x, ops.Bf16Panels(p.data[1], 97))  # 97 rows need 128 in panels
+    with pytest.raises(ValueError, match="even"):
+        ops.matmul_forward(x[:, :9], ops.Bf16Panels(p.data[1][:, :9], 70))
+    with pytest.raises(TypeError, match="weight must be a uint16"):
+        ops.matmul_forward(x, ops.Bf16Panels(p.data[1].astype(np.int16), 70))
+
+
 def test_bf16w_bad_input(rng):
     x = rng.standard_normal((2, 8), dtype=np.float32)
     w = rng.standard_normal((3, 8), dtype=np.float32)

@@ -461,8 +461,8 @@ FASTLLM_TARGET_AVX512BF16 static void ukr_avx512bf16(int64_t kq, const float* __
     start_tile_avx512<MR, NV>(acc, c, ldc);
     for (int64_t q = 0; q < kq; q++) {
         __m512bh b[NV];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_load_si512(pb + 16 * v);
+#pragma GCC unroll 8  // unaligned loads: the panels may be a numpy array's (Bf16Panels), 16-byte aligned
+        for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_loadu_si512(pb + 16 * v);
 #pragma GCC unroll 32
         for (int i = 0; i < MR; i++) {
             const __m512bh a = (__m512bh)_mm512_set1_epi32(a32[i]);
@@ -776,22 +776,51 @@ struct Scratch {
 };
 static thread_local Scratch tls_pack_a, tls_pack_b;
 
-// The blocked algorithm on one thread. Pointers are already offset to the rectangle's origin.
-// B's panels: packed by the kernel's packer from fp32, or, for bf16 weights (TB = uint16_t, op(B) = W^T with W (N, K)
-// bf16 bit patterns, K even), by a 32-bit transpose: a pair word of the VNNI layout is a word of W's row as it is.
-static void pack_b_block(const GemmKernel& kn, const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc,
-                         float* dst) {
-    kn.pack_b(src, ld, k_contig, rows, kc, dst);
-}
-static void pack_b_block(const GemmKernel&, const uint16_t* src, int64_t ld, bool, int64_t rows, int64_t kc,
-                         float* dst) {
-    pack_panels_kc_avx512<16 * kNV512>(reinterpret_cast<const float*>(src), ld / 2, rows, (kc + 1) / 2, dst);
-}
+// Where gemm_blocked gets op(B)'s panels for a block (columns jc.., k pc..): block() returns the panels, packed into
+// buf or already in place, and the next panel (NR columns on) lies panel_words(kp) * NR floats further.
+//   BDense:     an fp32 matrix, packed by the kernel's packer (transB: B stored (N, K), else (K, N)).
+//   BBf16Rows:  bf16 weights W (N, K) read as op(B) = W^T, K even: a word of the VNNI layout is a word of W's row
+//               as it is, so the panels are a 32-bit transpose (no rounding).
+//   BBf16Panels: bf16 weights packed once into VNNI panels of NR columns over all of K (pack_bf16_panels): nothing
+//               to pack, each block a window of the panels.
+// at(n0) is the same source from column n0 on (a thread's rectangle).
+struct BDense {
+    const float* B;
+    int64_t ldb;
+    bool transB;
+    const float* block(const GemmKernel& kn, int64_t jc, int64_t pc, int64_t nc, int64_t kc, float* buf) const {
+        kn.pack_b(transB ? B + jc * ldb + pc : B + pc * ldb + jc, ldb, transB, nc, kc, buf);
+        return buf;
+    }
+    int64_t panel_words(int64_t kp) const { return kp; }
+    BDense at(int64_t n0) const { return {transB ? B + n0 * ldb : B + n0, ldb, transB}; }
+};
+struct BBf16Rows {
+    const uint16_t* W;
+    int64_t ldw;
+    const float* block(const GemmKernel&, int64_t jc, int64_t pc, int64_t nc, int64_t kc, float* buf) const {
+        pack_panels_kc_avx512<16 * kNV512>(reinterpret_cast<const float*>(W + jc * ldw + pc), ldw / 2, nc,
+                                           (kc + 1) / 2, buf);
+        return buf;
+    }
+    int64_t panel_words(int64_t kp) const { return kp; }
+    BBf16Rows at(int64_t n0) const { return {W + n0 * ldw, ldw}; }
+};
+struct BBf16Panels {
+    const float* P;  // panel p at P + p * NR * kw; pair q of its column r at q * NR + r
+    int64_t kw;      // pairs of k: K / 2
+    const float* block(const GemmKernel& kn, int64_t jc, int64_t pc, int64_t, int64_t, float*) const {
+        return P + jc * kw + pc / 2 * kn.NR;
+    }
+    int64_t panel_words(int64_t) const { return kw; }
+    BBf16Panels at(int64_t n0) const { return {P + n0 * kw, kw}; }
+};
 
-template <class TB>
-static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t M, int64_t N, int64_t K,
-                         float alpha, const float* A, int64_t lda, const TB* B, int64_t ldb, float beta,
-                         float* Cm, int64_t ldc, const float* bias) {
+// The blocked algorithm on one thread. Pointers are already offset to the rectangle's origin.
+template <class BSource>
+static void gemm_blocked(const GemmKernel& kn, bool transA, int64_t M, int64_t N, int64_t K, float alpha,
+                         const float* A, int64_t lda, const BSource& bsrc, float beta, float* Cm, int64_t ldc,
+                         const float* bias) {
     const int MR = kn.MR, NR = kn.NR;
     const int64_t KC = kn.KC, MC = kn.MC, NC = kn.NC;
     const int64_t kp_max = ((KC + kn.kpack - 1) / kn.kpack + kn.kround - 1) / kn.kround * kn.kround;
@@ -807,9 +836,9 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
         const int64_t nc = std::min(NC, N - jc);
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = std::min(KC, K - pc);
-            // op(B)(k, j): transB -> B[j*ldb + k] (contiguous along k), else B[k*ldb + j]
             const int64_t kp = ((kc + kn.kpack - 1) / kn.kpack + kn.kround - 1) / kn.kround * kn.kround;  // words
-            pack_b_block(kn, transB ? B + jc * ldb + pc : B + pc * ldb + jc, ldb, transB, nc, kc, pb);
+            const float* pbc = bsrc.block(kn, jc, pc, nc, kc, pb);
+            const int64_t pstep = bsrc.panel_words(kp);
             const float beta_p = pc == 0 ? beta : 1.0f;
             const float* bias_p = pc == 0 && bias ? bias + jc : nullptr;
             for (int64_t ic = 0; ic < M; ic += MC) {
@@ -818,7 +847,7 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, bool transB, int64_t
                 kn.pack_a(transA ? A + pc * lda + ic : A + ic * lda + pc, lda, !transA, mc, kc, pa);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t nr = std::min<int64_t>(NR, nc - jr);
-                    const float* pbj = pb + jr * kp;
+                    const float* pbj = pbc + jr * pstep;
                     const float* bj = bias_p ? bias_p + jr : nullptr;
                     for (int64_t ir = 0; ir < mc; ir += MR) {
                         const int64_t mr = std::min<int64_t>(MR, mc - ir);
@@ -1043,10 +1072,10 @@ FASTLLM_TARGET_AVX2 static void gemv_nt_avx2(int64_t N, int64_t K, float alpha, 
 }
 
 // The threaded driver: the thread grid below, each rectangle through gemm_blocked.
-template <class TB>
-static void gemm_threads(const GemmKernel& kn, int T, bool transA, bool transB, int64_t M, int64_t N, int64_t K,
-                         float alpha, const float* A, int64_t lda, const TB* B, int64_t ldb, float beta, float* Cm,
-                         int64_t ldc, const float* bias);
+template <class BSource>
+static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, int64_t N, int64_t K, float alpha,
+                         const float* A, int64_t lda, const BSource& b, float beta, float* Cm, int64_t ldc,
+                         const float* bias);
 
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc, const float* bias, int threads,
@@ -1082,13 +1111,13 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
         else gemm_small_m_nt_avx2<LoadF32>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
         return;
     }
-    gemm_threads(kn, T, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias);
+    gemm_threads(kn, T, transA, M, N, K, alpha, A, lda, BDense{B, ldb, transB}, beta, Cm, ldc, bias);
 }
 
-template <class TB>
-static void gemm_threads(const GemmKernel& kn, int T, bool transA, bool transB, int64_t M, int64_t N, int64_t K,
-                         float alpha, const float* A, int64_t lda, const TB* B, int64_t ldb, float beta, float* Cm,
-                         int64_t ldc, const float* bias) {
+template <class BSource>
+static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, int64_t N, int64_t K, float alpha,
+                         const float* A, int64_t lda, const BSource& b, float beta, float* Cm, int64_t ldc,
+                         const float* bias) {
     const int64_t mt = ceil_div(M, kn.MR), nt = ceil_div(N, kn.NR);
     T = int(std::min<int64_t>(T, mt * nt));
     // Thread grid tm x tn: the least time on the busiest thread, its rows x columns of products plus what it packs
@@ -1121,8 +1150,8 @@ static void gemm_threads(const GemmKernel& kn, int T, bool transA, bool transB, 
         const int64_t n0 = std::min(N, ceil_div(nt * tj, tn) * kn.NR);
         const int64_t n1 = std::min(N, ceil_div(nt * (tj + 1), tn) * kn.NR);
         if (m1 <= m0 || n1 <= n0) return;
-        gemm_blocked(kn, transA, transB, m1 - m0, n1 - n0, K, alpha, transA ? A + m0 : A + m0 * lda, lda,
-                     transB ? B + n0 * ldb : B + n0, ldb, beta, Cm + m0 * ldc + n0, ldc, bias ? bias + n0 : nullptr);
+        gemm_blocked(kn, transA, m1 - m0, n1 - n0, K, alpha, transA ? A + m0 : A + m0 * lda, lda, b.at(n0), beta,
+                     Cm + m0 * ldc + n0, ldc, bias ? bias + n0 : nullptr);
     };
     if (T == 1) {
         run(0);
@@ -1292,7 +1321,7 @@ Simd matmul_bf16w_path() {
 }
 
 // From this many rows on (a prefill) bf16 weights go through the packed bf16 GEMM (VDPBF16PS; the weights' panels
-// are their 32-bit words transposed, pack_b_block): Zen 4, 2 threads, C = 768: 313 against 185 GFLOP/s at 256
+// are their 32-bit words transposed, BBf16Rows): Zen 4, 2 threads, C = 768: 313 against 185 GFLOP/s at 256
 // rows, even at 32, ahead from 64.
 static constexpr int64_t BF16W_GEMM_ROWS = 48;
 void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, const float* bias, float* pre_gelu,
@@ -1308,8 +1337,8 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
     }
     const Simd path = matmul_bf16w_path();
     if (N >= BF16W_GEMM_ROWS && C % 2 == 0 && path == Simd::avx512_bf16 && gemm_bf16_path() == Simd::avx512_bf16) {
-        gemm_threads(select_kernel(Prec::bf16), T, false, true, N, OC, C, 1.0f, inp, C, weight, C, 0.0f, prod, OC,
-                     bias);
+        gemm_threads(select_kernel(Prec::bf16), T, false, N, OC, C, 1.0f, inp, C, BBf16Rows{weight, C}, 0.0f, prod,
+                     OC, bias);
         if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
         return;
     }
@@ -1327,6 +1356,70 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
     } else {
         gemm_bf16w_portable(N, OC, C, a16.data(), weight, bias, prod, T);
     }
+    if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16 weights packed once into the bf16 GEMM's panels (decoding on AVX512_BF16 without AMX). Row-major bf16
+// weights make a decode step of 8 rows run dot products along K, each finished with a horizontal sum, and 3
+// weight rows streamed at a time: 14 GB/s where one row reaches 36 (GPT-2, Zen 4). In the VNNI panels of
+// BBf16Panels (32 columns, pairs of k, the weights in one sequential stream) the packed GEMM's micro-kernel takes
+// any number of rows: a broadcast of each row's pair, no sums across lanes, nothing packed per call but the
+// activations. The tile's height follows the rows (4, 8 or 14), so a batch of 8 computes no padding rows.
+
+int64_t bf16_panel_rows(int64_t OC) { return ceil_div(OC, 16 * kNV512) * 16 * kNV512; }
+
+bool bf16_panels_preferred() {
+    return simd_setting() >= Simd::avx512_bf16 && gemm_bf16_path() == Simd::avx512_bf16;
+}
+
+void pack_bf16_panels(uint16_t* dst, const uint16_t* w, int64_t OC, int64_t C) {
+    constexpr int NR = 16 * kNV512;
+    if (C % 2) throw std::invalid_argument("pack_bf16_panels: C must be even (the panels hold pairs of k)");
+    const int64_t kw = C / 2, np = ceil_div(OC, NR);
+    const uint32_t* w32 = reinterpret_cast<const uint32_t*>(w);  // a row's pair words: its 32-bit words
+    uint32_t* d32 = reinterpret_cast<uint32_t*>(dst);
+#pragma omp parallel for schedule(static) if (OC * C >= (1 << 20))
+    for (int64_t p = 0; p < np; p++) {
+        const int64_t rows = std::min<int64_t>(NR, OC - p * NR);
+        uint32_t* d = d32 + p * NR * kw;
+        if (simd_level() >= Simd::avx512) {  // the fp32 packer moves 32-bit words unchanged
+            pack_panels_kc_avx512<NR>(reinterpret_cast<const float*>(w32 + p * NR * kw), kw, rows, kw,
+                                      reinterpret_cast<float*>(d));
+            continue;
+        }
+        for (int64_t q = 0; q < kw; q++)
+            for (int64_t r = 0; r < NR; r++) d[q * NR + r] = r < rows ? w32[(p * NR + r) * kw + q] : 0u;
+    }
+}
+
+// The kernel for `N` rows times bf16 panels: VDPBF16PS with a tile of 4, 8, 12 or 14 rows, the one that pads the
+// fewest rows (the tallest of those; 14 from 48 rows on, as the bf16 GEMM): 16 rows as 2 x 8, not 14 + 14, which
+// made a GPT-2 step's matmuls compute-bound (19.8 ms against 8.1 for 8 rows). Elsewhere the portable loop over
+// the same panels (ukr_vnni_scalar).
+static GemmKernel bf16_panel_kernel(int64_t N) {
+    constexpr int NR = 16 * kNV512;
+    if (simd_setting() < Simd::avx512_bf16)
+        return {4, NR, 4 * 32, 2 * 256, NR * 48, ukr_vnni_scalar<4, NR>, pack_panels_vnni<4>, nullptr, 2};
+    const GemmKernel tiles[] = {
+        {kMR512, NR, kMR512 * 8, 2 * 768, NR * 48, ukr_avx512bf16<kMR512, kNV512>, pack_panels_vnni<kMR512>, nullptr, 2},
+        {12, NR, 12 * 8, 2 * 768, NR * 48, ukr_avx512bf16<12, kNV512>, pack_panels_vnni<12>, nullptr, 2},
+        {8, NR, 8 * 8, 2 * 768, NR * 48, ukr_avx512bf16<8, kNV512>, pack_panels_vnni<8>, nullptr, 2},
+        {4, NR, 4 * 16, 2 * 768, NR * 48, ukr_avx512bf16<4, kNV512>, pack_panels_vnni<4>, nullptr, 2}};
+    if (N >= BF16W_GEMM_ROWS) return tiles[0];
+    const GemmKernel* best = &tiles[0];
+    for (const GemmKernel& t : tiles)
+        if (ceil_div(N, t.MR) * t.MR < ceil_div(N, best->MR) * best->MR) best = &t;
+    return *best;
+}
+
+void matmul_forward_bf16p(float* out, const float* inp, const uint16_t* panels, const float* bias, float* pre_gelu,
+                          int64_t N, int64_t C, int64_t OC) {
+    if (N <= 0 || OC <= 0) return;
+    if (C % 2) throw std::invalid_argument("matmul_forward_bf16p: C must be even");
+    float* prod = pre_gelu ? pre_gelu : out;
+    gemm_threads(bf16_panel_kernel(N), weight_threads(N, C, OC), false, N, OC, C, 1.0f, inp, C,
+                 BBf16Panels{reinterpret_cast<const float*>(panels), C / 2}, 0.0f, prod, OC, bias);
     if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
 }
 

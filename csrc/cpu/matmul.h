@@ -62,6 +62,17 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
 // (gemm_bf16_path), 8 or more rows with C a multiple of 32 take the AMX tiles instead; on avx512_bf16, 48 or more rows
 // with C even take the packed bf16 GEMM.
 Simd matmul_bf16w_path();
+// bf16 weights packed once for the bf16 GEMM (decoding where the bf16 GEMM is avx512_bf16): panels of 32 rows of W
+// (OC padded with zero rows to bf16_panel_rows(OC)), each C / 2 words deep, word (r, q) = W[r, 2q] | W[r, 2q+1] << 16
+// at q * 32 + r. C must be even. dst holds bf16_panel_rows(OC) * C values.
+int64_t bf16_panel_rows(int64_t OC);
+void pack_bf16_panels(uint16_t* dst, const uint16_t* w, int64_t OC, int64_t C);
+// Whether the panels are the faster layout here (the bf16 GEMM on avx512_bf16; not AMX, whose kernel reads W's rows
+// in place). Either way matmul_forward_bf16p computes on them: the same products as matmul_forward_bf16w.
+bool bf16_panels_preferred();
+// out (N, OC) = inp (N, C) @ W^T + bias with W given as panels (pack_bf16_panels); pre_gelu as in matmul_forward.
+void matmul_forward_bf16p(float* out, const float* inp, const uint16_t* panels, const float* bias, float* pre_gelu,
+                          int64_t N, int64_t C, int64_t OC);
 // Inference with int8 weights (weight-only quantization, per output channel): out (N, OC) = inp (N, C) @ (q *
 // scale[:, None])^T + bias, q (OC, C) int8, scale (OC,) fp32. inp stays fp32; each dot product is summed in fp32 over
 // the int8 values (exact in fp32) and then scaled. pre_gelu as in matmul_forward.

@@ -183,6 +183,47 @@ def from_bf16(x) -> np.ndarray:
     return (np.asarray(x, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+class Bf16Panels(NamedTuple):
+    """bf16 weights (..., OC, C) packed once into the bf16 GEMM's panels (pack_bf16), for decoding where the bf16
+    GEMM runs on AVX512_BF16 (bf16_panels_preferred()): 32 rows of W at a time, pairs of k interleaved, so a decode
+    step of any batch streams the weights in one sequence and multiplies them without per-call packing. The same
+    numbers as to_bf16(w); matmul_forward takes it as `weight`. unpack_bf16 gives the (..., OC, C) bits back."""
+
+    data: np.ndarray  # (..., bf16_panel_rows(OC), C) uint16, in panel order
+    rows: int  # OC
+
+
+def bf16_panels_preferred() -> bool:
+    """Whether bf16 decode weights are faster as Bf16Panels than as row-major bf16 here (the bf16 GEMM in use is
+    avx512_bf16; AMX reads the rows in place, and elsewhere the row kernels are the faster ones)."""
+    return bool(_C.bf16_panels_preferred())
+
+
+def pack_bf16(w) -> Bf16Panels:
+    """float32 weights, or their bf16 bits (uint16), (..., OC, C) with C even -> Bf16Panels (rounded to nearest even).
+
+    >>> p = pack_bf16(np.ones((3, 4), np.float32)); (p.data.shape, p.rows)
+    ((32, 4), 3)
+    """
+    w = np.ascontiguousarray(w if isinstance(w, np.ndarray) and w.dtype == np.uint16 else to_bf16(w))
+    if w.ndim < 2:
+        raise ValueError(f"pack_bf16 needs a matrix (..., OC, C), got shape {w.shape}")
+    *lead, OC, C = w.shape
+    if C % 2:
+        raise ValueError(f"pack_bf16: C (the weight's columns) must be even, got {C}")
+    data = carve({"p": ((*lead, _C.bf16_panel_rows(OC), C), "bfloat16")})["p"]  # 64-byte aligned: whole lines
+    for d, m in zip(data.reshape(-1, *data.shape[-2:]), w.reshape(-1, OC, C)):
+        _C.pack_bf16_panels(d, m)
+    return Bf16Panels(data, OC)
+
+
+def unpack_bf16(p: Bf16Panels) -> np.ndarray:
+    """The bf16 bits (..., OC, C) uint16 of Bf16Panels: the inverse of pack_bf16 on bf16 input."""
+    *lead, R, C = p.data.shape
+    words = p.data.view(np.uint32).reshape(*lead, R // 32, C // 2, 32)  # panel, pair, row
+    return np.ascontiguousarray(np.swapaxes(words, -1, -2)).reshape(*lead, R, C // 2).view(np.uint16)[..., :p.rows, :]
+
+
 class Int8Weight(NamedTuple):
     """A weight matrix (..., OC, C) quantized to int8 per output row (weight-only, symmetric, as for decoding):
     w ~= q * scale[..., None], scale = max |row| / 127, q = round(w / scale) in [-127, 127]. matmul_forward takes it
@@ -239,7 +280,8 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
     """out (..., OC) = inp (..., C) @ weight (OC, C)^T + bias (OC); with pre_gelu (..., OC): pre_gelu = that
     product and out = gelu(pre_gelu) (the MLP's first layer). dtype="bfloat16": the product in bf16 (_bf16).
     weight may also be bf16 itself (uint16 from to_bf16; inference): inp is then rounded to bf16 too, products
-    are exact and sums fp32 (AVX-512 BF16 dot products where the CPU has them); or an Int8Weight (quantize_int8;
+    are exact and sums fp32 (AVX-512 BF16 dot products where the CPU has them), or those bits packed once
+    (Bf16Panels, pack_bf16: the same products); or an Int8Weight (quantize_int8;
     inference): inp stays fp32, each row's dot product with q is summed in fp32 and scaled. dtype is for float32
     weights.
 
@@ -247,6 +289,12 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
     (2, 4)
     """
     inp = _f32(inp, "inp")
+    if isinstance(weight, Bf16Panels):
+        lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
+        out = np.empty((*lead, weight.rows), np.float32) if out is None else _out(out, "out", (*lead, weight.rows))
+        pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, weight.rows)), weight.rows)
+        _C.matmul_forward_bf16p(_view(out, weight.rows), _view(inp, C), weight.data, weight.rows, bias, pg)
+        return out
     weight, scale = weight if isinstance(weight, Int8Weight) else (weight, None)
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"weight must be a numpy array, got {type(weight).__name__}")
