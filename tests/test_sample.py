@@ -112,11 +112,44 @@ def test_bf16_weights_decode(model):
         nxt = l32.argmax(1)
         l32, l16 = c32.decode(nxt), c16.decode(nxt)
     w16 = model.bf16_weights()
-    assert w16["wte"].dtype == np.uint16 and w16["wte"].shape == model.p["wte"].shape
+    wte = w16["wte"]  # packed for the bf16 GEMM where that runs on AVX512_BF16, else the bits as they are
+    assert isinstance(wte, ops.Bf16Panels) == ops.bf16_panels_preferred()
+    np.testing.assert_array_equal(ops.unpack_bf16(wte) if isinstance(wte, ops.Bf16Panels) else wte,
+                                  ops.to_bf16(model.p["wte"]))
     assert generate(model, prompts[0], 5, temperature=0, weights=w16) == \
         generate(model, prompts[0], 5, temperature=0, weights="bfloat16")
     with pytest.raises(ValueError, match="weights must be"):
         model.kv_cache(1, weights="float16")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bf16_panels_decode_as_the_rows(arch, simd_bf16):
+    """A bf16 snapshot packed for the bf16 GEMM (ops.Bf16Panels) is the same model as the bits row-major: a prefill
+    of 30 rows and decode steps of 1-3 rows give the same logits at every SIMD level, within fp32 summation order
+    (which may flip the bf16 rounding of a later layer's input: 2e-3 of the largest logit; bf16 vs fp32 is ~2e-2);
+    so does a 36-token prompt where the CPU has bf16 hardware (on rows it runs the bf16 GEMM on the fp32 weights,
+    elsewhere the fp32 GEMM: the panels always compute in bf16)."""
+    extra = dict(MODERN, mlp="swiglu", n_kv_head=2) if arch == "llama" else {}
+    m = GPT(GPTConfig(block_size=48, vocab_size=61, n_layer=2, n_head=4, n_embd=64, **extra), seed=5).eval()
+    names = (*m.bf16_weights(),)
+    rows = {n: ops.to_bf16(m.p[n]) for n in names}
+    panels = {n: ops.pack_bf16(m.p[n]) for n in names}
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, 61, 10)) for _ in range(3)]
+    a, b = m.kv_cache(3, weights=rows), m.kv_cache(3, weights=panels)
+    la, lb = a.prefill(prompts), b.prefill(prompts)
+    for _ in range(4):
+        np.testing.assert_allclose(lb, la, rtol=0, atol=2e-3 * np.abs(la).max())
+        nxt = la.argmax(1)
+        la, lb = a.decode(nxt), b.decode(nxt)
+    np.testing.assert_allclose(b.decode_rows(nxt[:1]), a.decode_rows(nxt[:1]), rtol=0, atol=2e-3 * np.abs(la).max())
+    if backend.cpu_bf16_hardware():
+        long = list(rng.integers(0, 61, 36))
+        la, lb = a.prefill_row(2, long[:10]), b.prefill_row(2, long[:10])
+        for c in (a, b):
+            c.reset_row(2)
+        np.testing.assert_allclose(b.prefill_row(2, long), a.prefill_row(2, long), rtol=0,
+                                   atol=2e-3 * np.abs(la).max())
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -212,9 +212,11 @@ def _layers(bk, views: dict) -> dict:
 
 
 def _snapshot_layers(snap: dict) -> dict:
-    """_layers of a CPU weight snapshot: bf16 arrays or ops.Int8Weight, stacked over layers."""
+    """_layers of a CPU weight snapshot: bf16 arrays, ops.Bf16Panels or ops.Int8Weight, stacked over layers."""
     def split(v):
-        return [ops.Int8Weight(q, s) for q, s in zip(v.q, v.scale)] if isinstance(v, ops.Int8Weight) else list(v)
+        if isinstance(v, ops.Int8Weight):
+            return [ops.Int8Weight(q, s) for q, s in zip(v.q, v.scale)]
+        return [ops.Bf16Panels(d, v.rows) for d in v.data] if isinstance(v, ops.Bf16Panels) else list(v)
 
     return {n: split(v) if _per_layer(n) else v for n, v in snap.items()}
 
@@ -667,11 +669,16 @@ class GPT:
         ("bfloat16" is ignored there, "int8" refused)."""
         return KVCache(self, batch_size, weights, max_len)
 
-    def bf16_weights(self) -> dict[str, np.ndarray]:
-        """A bf16 snapshot (uint16 bit patterns, nearest-even) of the weight matrices a decode step streams: the
-        four linear layers of every block and the lm-head (wte when tied). Half the bytes of float32; taken now, so
-        it does not follow later changes of the parameters. Reuse it across caches: model.kv_cache(B, weights=w16)."""
-        return self._snapshot(ops.to_bf16, "bf16_weights")
+    def bf16_weights(self) -> dict[str, np.ndarray | ops.Bf16Panels]:
+        """A bf16 snapshot (nearest-even) of the weight matrices a decode step streams: the four linear layers of
+        every block and the lm-head (wte when tied). Half the bytes of float32; taken now, so it does not follow
+        later changes of the parameters. Reuse it across caches: model.kv_cache(B, weights=w16). Each matrix is
+        uint16 bit patterns (OC, C), or, where the CPU's bf16 GEMM is avx512_bf16 (ops.bf16_panels_preferred) and C
+        is even, those bits packed once for it (ops.Bf16Panels; ops.unpack_bf16 gives the bits back)."""
+        def convert(w: np.ndarray):
+            return ops.pack_bf16(w) if ops.bf16_panels_preferred() and w.shape[-1] % 2 == 0 else ops.to_bf16(w)
+
+        return self._snapshot(convert, "bf16_weights")
 
     def int8_weights(self) -> dict[str, ops.Int8Weight]:
         """An int8 snapshot of the same matrices as bf16_weights (weight-only quantization, one fp32 scale per
@@ -737,7 +744,9 @@ class KVCache:
     cache). On the CPU, weights="bfloat16" streams bf16 copies of the matrices in decode steps (<= BF16_MAX_ROWS
     token rows at once, where reading the weights is the cost); longer prefills run the bf16 GEMM (CpuBf16) on the
     float32 weights, which rounds them to the same bf16 numbers as it packs them, on a CPU with AMX or AVX512_BF16
-    (elsewhere the float32 GEMM, faster there: 6L-384, 256 tokens on a Zen 3: 137 vs 184 ms). weights="int8" runs
+    (elsewhere the float32 GEMM, faster there: 6L-384, 256 tokens on a Zen 3: 137 vs 184 ms) -- except where the
+    snapshot is packed for the bf16 GEMM already (ops.Bf16Panels, AVX512_BF16 without AMX): every pass runs on it,
+    with nothing to pack. weights="int8" runs
     every pass on int8 copies of the matrices (model.int8_weights; long prefills dequantize them blockwise for the
     float32 GEMM), so prompt and decode see the same quantized model.
     """
@@ -750,6 +759,9 @@ class KVCache:
         self.max_len = cache_length(cfg, batch_size, max_len)
         self.snapshot = model.decode_weights(weights)
         self.int8 = self.snapshot is not None and isinstance(self.snapshot[model.head], ops.Int8Weight)
+        # a snapshot for every pass: int8 (the quantized model throughout), bf16 panels (nothing to pack per call)
+        self._all_passes = self.int8 or (self.snapshot is not None and isinstance(self.snapshot[model.head],
+                                                                                  ops.Bf16Panels))
         self._snapl = None if self.snapshot is None else _snapshot_layers(self.snapshot)
         self.hs = cfg.head_size
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, self.hs)
@@ -854,7 +866,7 @@ class KVCache:
         bk.copy_(u["idx"], np.ascontiguousarray(idx, np.int32))
         pos_dev = bk.view(self._pos, r0, (b,))
         bk.copy_(pos_dev, np.ascontiguousarray(pos))
-        snap = self._snapl if self.int8 or b * Tn <= self.BF16_MAX_ROWS else None
+        snap = self._snapl if self._all_passes or b * Tn <= self.BF16_MAX_ROWS else None
         w = pl if snap is None else snap  # the matrices this pass streams
         if self._snapl is not None and snap is None and backend.cpu_bf16_hardware():
             bk = backend.get("cpu", "bfloat16")  # a long prefill: the bf16 GEMM on the fp32 weights (rounded as the
