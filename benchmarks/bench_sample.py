@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from common import AUTOCAST_OPTION, bench, cli, header, print_table, set_threads, with_autocast  # noqa: E402
 
-from fastllm import _C  # noqa: E402
+from fastllm import _C, ops  # noqa: E402
 from fastllm.model import GPT, MATRICES, MODERN, GPTConfig, KVCache  # noqa: E402
 
 # random weights in the shapes of real checkpoints (their config.json), and the HF family that loads them
@@ -368,11 +368,13 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
     print_table(rows, head)
     if prefill:
         cfgs = {n: llama_config(sh) for n, (_, sh) in LLAMA_SHAPES.items()} if arch == "llama" else \
-            {"6L-384 V=4096": small}
+            {"6L-384 V=4096": small, **({"gpt2 124M": GPTConfig.preset("gpt2", vocab_size=50257)} if gpt2 else {})}
         rows = [prefill_case(n, c, min(prefill, c.block_size), 2 if quick else 3, ac) for n, c in cfgs.items()]
-        print("\nprefill of one prompt, ms (batch 1); 'fastllm bf16' = bf16 weights (over "
-              f"{KVCache.BF16_MAX_ROWS} rows: the bf16 GEMM, kernel {_C.bf16_gemm_path()}, where the CPU has AMX or "
-              "AVX512_BF16; else the fp32 GEMM)")
+        how = ("the snapshot packed for the bf16 GEMM (ops.Bf16Panels), every row on it" if ops.bf16_panels_preferred()
+               else f"over {KVCache.BF16_MAX_ROWS} rows the bf16 GEMM on the fp32 weights where the CPU has AMX or "
+               "AVX512_BF16, else the fp32 GEMM")
+        print(f"\nprefill of one prompt, ms (batch 1); 'fastllm bf16' = bf16 weights ({how}; bf16 GEMM kernel "
+              f"{_C.bf16_gemm_path()})")
         print_table(rows, ["model", "T", "fastllm", "fastllm bf16", "torch", "torch bf16"]
                     + (["torch autocast"] if ac else []) + ["torch/fastllm", "torch bf16/fastllm bf16"]
                     + (["torch autocast/fastllm bf16"] if ac else []))
