@@ -54,7 +54,7 @@ def test_matmul_bf16w_equals_rounded_product(shape, rng, bf16_gemm, threads):
                                atol=1e-5 * np.sqrt(C) * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 1), (1, 768, 2304), (2, 64, 33), (3, 130, 64), (8, 96, 100),
+@pytest.mark.parametrize("shape", [(1, 2, 1), (1, 70, 33), (1, 768, 2304), (2, 64, 33), (3, 130, 64), (8, 96, 100),
                                    (11, 64, 65), (16, 1600, 40), (29, 70, 31), (48, 64, 97), (300, 768, 100)])
 def test_bf16_panels_equal_rounded_product(shape, rng, simd_bf16, threads):
     """Bf16Panels (pack_bf16): the same products as the row-major bf16 weights, on every row count (the tile height
