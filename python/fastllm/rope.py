@@ -41,7 +41,10 @@ def inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
     if not (theta > 0 and math.isfinite(theta)):
         raise ValueError(f"rope_theta must be a positive number, got {theta!r}")
     f32 = np.float32
-    freq = f32(1.0) / (f32(theta) ** (np.arange(0, dim, 2).astype(f32) / f32(dim)))
+    # theta^(-2i/dim) in float64, then rounded once: the nearest float32 on every machine. transformers computes it
+    # in float32 (torch's pow), whose last bit depends on the CPU's vector pow (AVX-512 vs AVX2), as numpy's does:
+    # each is within an ulp of this, not always of each other.
+    freq = (1.0 / (float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(f32)
     rope_type = "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return freq
