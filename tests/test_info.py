@@ -112,6 +112,8 @@ def test_set_simd_each_supported_level():
             bf16w = {"scalar": "scalar", "avx512_bf16": "avx512_bf16", "amx": "avx512_bf16"}  # batch-1 decode: no AMX
             assert d["bf16_matmul"] == bf16w.get(level, "avx2")
             assert d["bf16_gemm"] == ("avx512" if level == "avx512" else level)
+            assert d["bf16_weights"] == ("panels" if level == "avx512_bf16" else "rows")  # AMX reads rows in place
+            assert fastllm.ops.bf16_panels_preferred() == (d["bf16_weights"] == "panels")
             x = np.random.default_rng(0).standard_normal((5, 37), dtype=np.float32)
             w = np.random.default_rng(1).standard_normal((11, 37), dtype=np.float32)
             np.testing.assert_allclose(fastllm.ops.matmul_forward(x, w), x.astype(np.float64) @ w.T, rtol=1e-4,

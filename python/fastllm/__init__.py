@@ -29,7 +29,9 @@ def info() -> dict:
     amx_bf16, amx_int8: what the CPU has and the OS enabled, named as in /proc/cpuinfo), "amx_permission" (Linux
     granted this process the AMX tile state), "simd" (the fp32 kernels' vector ISA in use: avx512, avx2 or scalar),
     "simd_detected" (the highest level of SIMD_LEVELS the CPU supports), "bf16_matmul" (the bf16-weight matmul's
-    path: avx512_bf16 dot products, or bf16 widened to fp32 on avx2 or scalar) and "bf16_gemm" (the kernel of the
+    path: avx512_bf16 dot products, or bf16 widened to fp32 on avx2 or scalar), "bf16_weights" (the layout of
+    model.bf16_weights(): "panels", packed once for the bf16 GEMM where that is avx512_bf16, else "rows") and
+    "bf16_gemm" (the kernel of the
     mixed-precision matmuls, dtype="bfloat16": amx tiles, avx512_bf16 dot products, or fp32 FMAs on operands rounded
     to bf16 on avx512/avx2; scalar: a portable loop).
 
