@@ -300,6 +300,10 @@ FASTLLM_TARGET_AVX512 static void pack_panels_rc_avx512(const float* src, int64_
 // order; k-contiguous ones give, per row, 16 pairs from 32 consecutive values (narrowed by vpmovdw): the AMX A
 // layout's order. Where the order is the other one, a 16 x 16 transpose. Rows past `rows` and pairs past kc are
 // zeros (masked loads); the scalar packer had ~3 ns per value, a third of a bf16 GEMM's time at K = 384.
+// The first n of 16 lanes (none for n <= 0, all for n >= 16): the mask of a row's tail.
+static inline __mmask16 tail_mask16(int64_t n) {
+    return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u);
+}
 FASTLLM_TARGET_AVX512 static inline __m512i bf16_round16_avx512(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
@@ -318,7 +322,6 @@ template <int W, int QPAD, bool TileRows>
 FASTLLM_TARGET_AVX512 static void pack_panels_bf16_avx512(const float* src, int64_t ld, bool k_contig, int64_t rows,
                                                           int64_t kc, float* dst) {
     const int64_t kq = ((kc + 1) / 2 + QPAD - 1) / QPAD * QPAD;
-    auto mask = [](int64_t n) { return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u); };
     auto block = [&](int64_t r0, int64_t q0) FASTLLM_TARGET_AVX512 {  // panel r0 / W, pairs q0 .. q0 + 15
         float* panel = dst + r0 / W * kq * W;
         const int64_t w = std::min<int64_t>(W, rows - r0);
@@ -327,7 +330,7 @@ FASTLLM_TARGET_AVX512 static void pack_panels_bf16_avx512(const float* src, int6
             const int nr = std::min(16, W - rb);  // panel rows in this block (rows past w are zeros)
             __m512 v[16];
             if (k_contig) {  // v[r] = 16 pairs of row rb + r
-                const __mmask16 m0 = mask(kc - k0), m1 = mask(kc - k0 - 16);
+                const __mmask16 m0 = tail_mask16(kc - k0), m1 = tail_mask16(kc - k0 - 16);
 #pragma GCC unroll 16
                 for (int r = 0; r < 16; r++) {
                     if (rb + r >= w) { v[r] = _mm512_setzero_ps(); continue; }
@@ -338,7 +341,7 @@ FASTLLM_TARGET_AVX512 static void pack_panels_bf16_avx512(const float* src, int6
                                                                   _mm512_cvtepi32_epi16(b), 1));
                 }
             } else {  // v[q] = pair q0 + q of the 16 rows
-                const __mmask16 mr = mask(w - rb);
+                const __mmask16 mr = tail_mask16(w - rb);
 #pragma GCC unroll 16
                 for (int q = 0; q < 16; q++) {
                     const int64_t k = k0 + 2 * q;
@@ -355,7 +358,7 @@ FASTLLM_TARGET_AVX512 static void pack_panels_bf16_avx512(const float* src, int6
                 for (int q = 0; q < nq; q++) {
                     float* d = panel + (q0 + q) * W + rb;
                     if (nr == 16) _mm512_storeu_ps(d, v[q]);
-                    else _mm512_mask_storeu_ps(d, mask(nr), v[q]);
+                    else _mm512_mask_storeu_ps(d, tail_mask16(nr), v[q]);
                 }
             }
         }
@@ -1335,8 +1338,7 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
         if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
         return;
     }
-    const Simd path = matmul_bf16w_path();
-    if (N >= BF16W_GEMM_ROWS && C % 2 == 0 && path == Simd::avx512_bf16 && gemm_bf16_path() == Simd::avx512_bf16) {
+    if (N >= BF16W_GEMM_ROWS && C % 2 == 0 && bf16_panels_preferred()) {  // the bf16 GEMM is VDPBF16PS
         gemm_threads(select_kernel(Prec::bf16), T, false, N, OC, C, 1.0f, inp, C, BBf16Rows{weight, C}, 0.0f, prod,
                      OC, bias);
         if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
@@ -1344,6 +1346,7 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
     }
     std::vector<uint16_t> a16((size_t)(N * C));
     float_to_bf16(a16.data(), inp, N * C);
+    const Simd path = matmul_bf16w_path();
     if (path == Simd::avx512_bf16) {
         if (N == 1) gemv_bf16w_avx512bf16(OC, C, a16.data(), weight, bias, prod, T);
         else if (N <= 4) gemm_bf16w_avx512bf16<4, 4>(N, OC, C, a16.data(), weight, bias, prod, T);
@@ -1439,8 +1442,7 @@ FASTLLM_TARGET_AVX512BF16 static void gemv_bf16p_avx512bf16(int64_t OC, int64_t 
             a1 = _mm512_dpbf16_ps(a1, x0, (__m512bh)_mm512_loadu_si512(b + 16));
         }
         const int64_t o = p * NR, n = std::min<int64_t>(NR, OC - o);
-        const __mmask16 m0 = (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1u);
-        const __mmask16 m1 = (__mmask16)(n >= 32 ? 0xffffu : n <= 16 ? 0u : (1u << (n - 16)) - 1u);
+        const __mmask16 m0 = tail_mask16(n), m1 = tail_mask16(n - 16);
         __m512 r0 = _mm512_add_ps(a0, a2), r1 = _mm512_add_ps(a1, a3);
         if (bias) {
             r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, bias + o));

@@ -220,7 +220,8 @@ def pack_bf16(w) -> Bf16Panels:
 def unpack_bf16(p: Bf16Panels) -> np.ndarray:
     """The bf16 bits (..., OC, C) uint16 of Bf16Panels: the inverse of pack_bf16 on bf16 input."""
     *lead, R, C = p.data.shape
-    words = p.data.view(np.uint32).reshape(*lead, R // 32, C // 2, 32)  # panel, pair, row
+    nr = _C.bf16_panel_rows(1)  # rows per panel
+    words = p.data.view(np.uint32).reshape(*lead, R // nr, C // 2, nr)  # panel, pair, row
     return np.ascontiguousarray(np.swapaxes(words, -1, -2)).reshape(*lead, R, C // 2).view(np.uint16)[..., :p.rows, :]
 
 
@@ -289,20 +290,18 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
     (2, 4)
     """
     inp = _f32(inp, "inp")
-    if isinstance(weight, Bf16Panels):
-        lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
-        out = np.empty((*lead, weight.rows), np.float32) if out is None else _out(out, "out", (*lead, weight.rows))
-        pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, weight.rows)), weight.rows)
-        _C.matmul_forward_bf16p(_view(out, weight.rows), _view(inp, C), weight.data, weight.rows, bias, pg)
-        return out
     weight, scale = weight if isinstance(weight, Int8Weight) else (weight, None)
-    if not isinstance(weight, np.ndarray):
+    panels = isinstance(weight, Bf16Panels)
+    if not panels and not isinstance(weight, np.ndarray):
         raise TypeError(f"weight must be a numpy array, got {type(weight).__name__}")
     lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
-    OC = weight.shape[0] if weight.ndim == 2 else 0
+    OC = weight.rows if panels else weight.shape[0] if weight.ndim == 2 else 0
     out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
     pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
-    _C.matmul_forward(_view(out, OC), _view(inp, C), weight, bias, pg, _bf16(dtype), scale)
+    if panels:
+        _C.matmul_forward_bf16p(_view(out, OC), _view(inp, C), weight.data, OC, bias, pg)
+    else:
+        _C.matmul_forward(_view(out, OC), _view(inp, C), weight, bias, pg, _bf16(dtype), scale)
     return out
 
 
