@@ -308,6 +308,42 @@ static void matmul_forward_bf16p_py(py::array out, py::array inp, py::array pane
     fastllm::cpu::matmul_forward_bf16p(o, x, w, b, pg, N, C, OC);
 }
 
+// w8a8 weights packed once (fastllm.ops.pack_int8): panels int8 (w8a8_panel_rows(OC) * w8a8_depth(C),) and the row
+// sums wsum (OC,) int32 of q (OC, C) int8.
+static void pack_w8a8_panels_py(py::array out, py::array wsum, py::array q) {
+    check_ndim(q, "q", 2, "(OC, C)");
+    const int64_t OC = q.shape(0), C = q.shape(1);
+    check_positive(C, "C (q columns)", q, "q");
+    const int8_t* src = in_ptr<int8_t>(q, "q");
+    int8_t* d = out_ptr<int8_t>(out, "out", {fastllm::cpu::w8a8_panel_rows(OC) * fastllm::cpu::w8a8_depth(C)});
+    int32_t* ws = out_ptr<int32_t>(wsum, "wsum", {OC});
+    check_outputs({{&out, "out"}, {&wsum, "wsum"}}, {{&q, "q"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::pack_w8a8_panels(d, ws, src, OC, C);
+}
+
+static void matmul_forward_w8a8_py(py::array out, py::array inp, py::array panels, py::array scale, py::array wsum,
+                                   std::optional<py::array> bias, std::optional<py::array> pre_gelu) {
+    check_ndim(inp, "inp", 2, "(N, C)");
+    check_ndim(scale, "scale", 1, "(OC,)");
+    const int64_t N = inp.shape(0), C = inp.shape(1), OC = scale.shape(0);
+    check_positive(C, "C (inp columns)", inp, "inp");
+    check_positive(OC, "OC (scale length)", scale, "scale");
+    if (C > 65536) throw py::value_error("matmul_forward: int8 activations need C <= 65536, got " + std::to_string(C));
+    const float* x = in_ptr<float>(inp, "inp");
+    const int8_t* w =
+        in_ptr<int8_t>(panels, "weight", {fastllm::cpu::w8a8_panel_rows(OC) * fastllm::cpu::w8a8_depth(C)});
+    const float* sc = in_ptr<float>(scale, "scale", {OC});
+    const int32_t* ws = in_ptr<int32_t>(wsum, "wsum", {OC});
+    const float* b = bias ? in_ptr<float>(*bias, "bias", {OC}) : nullptr;
+    float* o = out_ptr<float>(out, "out", {N, OC});
+    float* pg = opt_out_ptr<float>(pre_gelu, "pre_gelu", {N, OC});
+    check_outputs({{&out, "out"}, {opt(pre_gelu), "pre_gelu"}},
+                  {{&inp, "inp"}, {&panels, "weight"}, {&scale, "scale"}, {&wsum, "wsum"}, {opt(bias), "bias"}});
+    py::gil_scoped_release nogil;
+    fastllm::cpu::matmul_forward_w8a8(o, x, w, sc, ws, b, pg, N, C, OC);
+}
+
 static void float_to_bf16_py(py::array out, py::array x) {
     const float* src = in_ptr<float>(x, "x");
     uint16_t* d = out_ptr<uint16_t>(out, "out", std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
@@ -821,6 +857,7 @@ static py::dict info_py() {
     d["simd_detected"] = fastllm::simd_name(fastllm::detect_simd());
     d["bf16_matmul"] = fastllm::simd_name(fastllm::cpu::matmul_bf16w_path());
     d["bf16_weights"] = fastllm::cpu::bf16_panels_preferred() ? "panels" : "rows";
+    d["w8a8"] = fastllm::cpu::w8a8_vnni() ? "avx512_vnni" : fastllm::simd_level() >= fastllm::Simd::avx2 ? "avx2" : "scalar";
     d["bf16_gemm"] = std::string(fastllm::simd_name(fastllm::cpu::gemm_bf16_path())) +
                      (fastllm::cpu::amx_emulation() ? " (emulated)" : "");
     const fastllm::CpuFeatures& f = fastllm::cpu_features();
@@ -832,6 +869,7 @@ static py::dict info_py() {
     feats["avx512bw"] = f.avx512bw;
     feats["avx512_bf16"] = f.avx512_bf16;
     feats["avx512_fp16"] = f.avx512_fp16;
+    feats["avx512_vnni"] = f.avx512_vnni;
     feats["amx_tile"] = f.amx_tile;
     feats["amx_bf16"] = f.amx_bf16;
     feats["amx_int8"] = f.amx_int8;
@@ -1285,6 +1323,9 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "pack_bf16_panels", &pack_bf16_panels_py, arg("out"), arg("w"));
     def_kernel(m, "matmul_forward_bf16p", &matmul_forward_bf16p_py, arg("out"), arg("inp"), arg("panels"),
                arg("rows"), arg("bias") = none, arg("pre_gelu") = none);
+    def_kernel(m, "pack_w8a8_panels", &pack_w8a8_panels_py, arg("out"), arg("wsum"), arg("q"));
+    def_kernel(m, "matmul_forward_w8a8", &matmul_forward_w8a8_py, arg("out"), arg("inp"), arg("panels"), arg("scale"),
+               arg("wsum"), arg("bias") = none, arg("pre_gelu") = none);
     def_kernel(m, "matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
                arg("inp"), arg("weight"), arg("bf16") = false);
     def_kernel(m, "gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
@@ -1305,6 +1346,8 @@ PYBIND11_MODULE(_C, m) {
           "The kernel bf16 GEMMs run now: amx, avx512_bf16, avx512, avx2 or scalar (see info()['bf16_gemm'])");
     m.def("bf16_panels_preferred", &fastllm::cpu::bf16_panels_preferred,
           "Whether bf16 decode weights are faster packed (pack_bf16_panels): the bf16 GEMM runs on avx512_bf16");
+    m.def("w8a8_panel_rows", &fastllm::cpu::w8a8_panel_rows, arg("OC"), "Rows of the w8a8 panels of an (OC, C) matrix");
+    m.def("w8a8_depth", &fastllm::cpu::w8a8_depth, arg("C"), "C rounded up to the w8a8 panels' groups of 4");
     m.def("bf16_panel_rows", &fastllm::cpu::bf16_panel_rows, arg("OC"), "Rows of the panels of an (OC, C) matrix");
     m.def("set_amx_emulation", &fastllm::cpu::set_amx_emulation, arg("on"),
           "Testing: bf16 GEMMs run the AMX kernel on a C++ model of the tiles (any CPU; slow)");

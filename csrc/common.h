@@ -111,7 +111,7 @@ struct CpuFeatures {
     std::string model;  // CPUID brand string, e.g. "AMD EPYC 7B13 64-Core Processor"
     bool avx2 = false, fma = false;
     bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
-    bool avx512_bf16 = false, avx512_fp16 = false;
+    bool avx512_bf16 = false, avx512_fp16 = false, avx512_vnni = false;
     bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
     bool amx_permission = false;
 };
@@ -142,6 +142,7 @@ const char* simd_name(Simd s);
 #define FASTLLM_TARGET_AVX2
 #define FASTLLM_TARGET_AVX512
 #define FASTLLM_TARGET_AVX512BF16
+#define FASTLLM_TARGET_AVX512VNNI
 #define FASTLLM_TARGET_AMX
 #else
 #define FASTLLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -149,6 +150,9 @@ const char* simd_name(Simd s);
 // AVX-512 plus the bf16 dot product (vdpbf16ps; AMD Zen 4, Intel Cooper Lake / Sapphire Rapids and later)
 #define FASTLLM_TARGET_AVX512BF16 \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
+// AVX-512 plus the int8 dot product (vpdpbusd; AMD Zen 4, Intel Cascade Lake and later)
+#define FASTLLM_TARGET_AVX512VNNI \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 // AVX-512 BF16 plus the AMX tiles (TDPBF16PS; Intel Sapphire Rapids and later)
 #define FASTLLM_TARGET_AMX \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-bf16")))

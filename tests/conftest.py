@@ -58,6 +58,17 @@ def simd_bf16(request):
     yield from _at_simd(request.param)
 
 
+@pytest.fixture(params=["avx512_vnni", "avx2", "scalar"])
+def w8a8_path(request):
+    """Each kernel of the w8a8 matmul (fastllm.info()["w8a8"]): VPDPBUSD where the CPU has AVX512-VNNI (skipped with
+    the reason elsewhere), then the portable loop compiled for AVX2 and for the baseline."""
+    if request.param == "avx512_vnni" and not fastllm.info()["cpu_features"]["avx512_vnni"]:
+        pytest.skip(f"this CPU ({fastllm.info()['cpu'] or 'unknown'}) has no AVX512-VNNI")
+    for _ in _at_simd("avx512" if request.param == "avx512_vnni" else request.param):
+        assert fastllm.info()["w8a8"] == request.param
+        yield request.param
+
+
 @pytest.fixture(params=["amx", "amx_emulated", "avx512_bf16", "avx512", "avx2", "scalar"])
 def bf16_gemm(request):
     """Each kernel of the bf16 GEMM (fastllm.info()["bf16_gemm"]): the AMX tiles where the CPU has them, and on every

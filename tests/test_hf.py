@@ -363,13 +363,15 @@ def test_convert_round_trip(hf_pair, hf_tokenizer, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.splitlines()[-1].startswith("The")
-    for dtype in ("bfloat16", "int8"):
+    for dtype in ("bfloat16", "int8", "w8a8"):
         args = ["sample", "--ckpt", str(tmp_path / "ckpt"), "--prompt", "The", "-n", "5", "--dtype", dtype,
                 "--seed", "0"]  # (unseeded, a sampled newline made this flaky)
         assert cli.main(args) == 0
         assert capsys.readouterr().out.splitlines()[-1].startswith("The")
     assert cli.main(["sample", "--ckpt", str(tmp_path / "ckpt"), "--device", "cuda", "--dtype", "int8"]) == 1
     assert "--dtype int8 (int8 weight copies) is for decoding on the CPU" in capsys.readouterr().err
+    assert cli.main(["sample", "--ckpt", str(tmp_path / "ckpt"), "--device", "cuda", "--dtype", "w8a8"]) == 1
+    assert "--dtype w8a8 (int8 weight copies) is for decoding on the CPU" in capsys.readouterr().err
 
     assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back"), "--to", "hf"]) == 0
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()

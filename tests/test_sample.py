@@ -180,6 +180,34 @@ def test_int8_weights_equal_the_dequantized_model(arch, threads):
         generate(m, rows, 5, temperature=0, weights="int8")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_w8a8_weights_decode_as_one_prompt(arch, threads):
+    """weights="w8a8" (int8 weights and activations, model.w8a8_weights): a row's matmuls depend on that row alone
+    (exact integer sums), so a prompt run in one prefill and the same tokens fed as a shorter prefill plus decode
+    steps give the same logits (fp32 attention's summation order only); close to float32 (int8 noise on both
+    operands), and not equal to it; the snapshot holds int8_weights' quantization, packed; batched generation of
+    prompts of different lengths equals each prompt alone, and the reusable snapshot equals the string."""
+    extra = dict(MODERN, mlp="swiglu", n_kv_head=2) if arch == "llama" else {}
+    cfg = GPTConfig(block_size=48, vocab_size=61, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False, **extra)
+    m = GPT(cfg, seed=4).eval()
+    w = m.w8a8_weights()
+    w8 = m.int8_weights()
+    for name, p in w.items():
+        np.testing.assert_array_equal(ops.unpack_int8(p).q, w8[name].q)
+    seq = np.random.default_rng(6).integers(0, 61, 44)
+    full32 = m.forward(seq[None])[0]
+    one = m.kv_cache(1, weights=w).prefill([list(seq[:43])])[0]
+    cache = m.kv_cache(1, weights="w8a8")
+    logits = [cache.prefill([list(seq[:36])])[0]] + [cache.decode([t])[0] for t in seq[36:43]]
+    scale = np.abs(full32).max()
+    np.testing.assert_allclose(logits[-1], one, rtol=0, atol=1e-5 * scale)
+    assert 0 < np.abs(np.array(logits) - full32[35:43]).max() <= 5e-2 * scale
+    rows = [list(seq[:3]), list(seq[5:12])]
+    batched = generate(m, rows, 5, temperature=0, weights=w)
+    assert batched == [generate(m, [r], 5, temperature=0, weights=w)[0] for r in rows]
+    assert batched == generate(m, rows, 5, temperature=0, weights="w8a8")
+
+
 def test_greedy_is_argmax_of_full_forward(model):
     out = generate(model, [7, 8], 12, temperature=0)
     for t in range(2, len(out)):

@@ -125,7 +125,7 @@ def test_kv_cache_rows_match_single_sequences():
         cache.prefill_row(5, [1])
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "w8a8"])
 def test_engine_seeded_requests_same_alone_and_batched(weights):
     """20 seeded requests from 20 threads into 8 slots (so they queue, join and leave at step boundaries) give the
     tokens each gives alone, and those of fastllm.sample.generate with the same seed and parameters; n=3 choices

@@ -45,6 +45,13 @@ inline __m256i _mm512_cvtepi32_epi16(__m512i a) {  // vpmovdw: each 32-bit lane 
     for (int i = 0; i < 16; i++) out[i] = int16_t(in[i]);
     return _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
 }
+inline __m128i _mm512_cvtepi32_epi8(__m512i a) {  // vpmovdb: each 32-bit lane truncated to 8 bits
+    alignas(64) int32_t in[16];
+    alignas(16) int8_t out[16];
+    _mm512_store_si512(in, a);
+    for (int i = 0; i < 16; i++) out[i] = int8_t(in[i]);
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(out));
+}
 
 // SIMDe's masked loads read all 64 bytes and its masked stores write all of them (zeros where the mask is off): the
 // kernels rely on the hardware's semantics -- lanes off the mask are neither read nor written (tails of rows, the
@@ -53,6 +60,8 @@ inline __m256i _mm512_cvtepi32_epi16(__m512i a) {  // vpmovdw: each 32-bit lane 
 #undef _mm512_maskz_loadu_ps
 #undef _mm512_mask_loadu_ps
 #undef _mm512_maskz_loadu_epi16
+#undef _mm512_maskz_loadu_epi32
+#undef _mm_mask_storeu_epi8
 inline void _mm512_mask_storeu_ps(void* p, __mmask16 k, __m512 a) {
     alignas(64) float v[16];
     _mm512_store_ps(v, a);
@@ -73,6 +82,17 @@ inline __m512i _mm512_maskz_loadu_epi16(__mmask32 k, const void* p) {
     alignas(64) uint16_t v[32];
     for (int i = 0; i < 32; i++) v[i] = k >> i & 1 ? static_cast<const uint16_t*>(p)[i] : 0;
     return _mm512_load_si512(v);
+}
+inline __m512i _mm512_maskz_loadu_epi32(__mmask16 k, const void* p) {
+    alignas(64) int32_t v[16];
+    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? static_cast<const int32_t*>(p)[i] : 0;
+    return _mm512_load_si512(v);
+}
+inline void _mm_mask_storeu_epi8(void* p, __mmask16 k, __m128i a) {
+    alignas(16) int8_t v[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(v), a);
+    for (int i = 0; i < 16; i++)
+        if (k >> i & 1) static_cast<int8_t*>(p)[i] = v[i];
 }
 #else
 #include <immintrin.h>

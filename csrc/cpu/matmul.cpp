@@ -300,10 +300,7 @@ FASTLLM_TARGET_AVX512 static void pack_panels_rc_avx512(const float* src, int64_
 // order; k-contiguous ones give, per row, 16 pairs from 32 consecutive values (narrowed by vpmovdw): the AMX A
 // layout's order. Where the order is the other one, a 16 x 16 transpose. Rows past `rows` and pairs past kc are
 // zeros (masked loads); the scalar packer had ~3 ns per value, a third of a bf16 GEMM's time at K = 384.
-// The first n of 16 lanes (none for n <= 0, all for n >= 16): the mask of a row's tail.
-static inline __mmask16 tail_mask16(int64_t n) {
-    return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u);
-}
+using vec::tail_mask16;
 FASTLLM_TARGET_AVX512 static inline __m512i bf16_round16_avx512(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),

@@ -78,6 +78,18 @@ void matmul_forward_bf16p(float* out, const float* inp, const uint16_t* panels, 
 // the int8 values (exact in fp32) and then scaled. pre_gelu as in matmul_forward.
 void matmul_forward_i8w(float* out, const float* inp, const int8_t* q, const float* scale, const float* bias,
                         float* pre_gelu, int64_t N, int64_t C, int64_t OC);
+// w8a8 (inference, see matmul_w8a8.cpp): int8 weights q (OC, C) with per-row scales sw, and each input row
+// quantized at every call to int8 with its own scale (dynamic quantization); exact int32 dot products (VPDPBUSD where
+// the CPU has AVX512-VNNI), then out = sa[n] * sw[o] * sum + bias. The weights are packed once
+// (pack_w8a8_panels): dst holds w8a8_panel_rows(OC) * w8a8_depth(C) bytes, wsum (OC,) the sums of q's rows.
+int64_t w8a8_panel_rows(int64_t OC);
+int64_t w8a8_depth(int64_t C);
+void pack_w8a8_panels(int8_t* dst, int32_t* wsum, const int8_t* q, int64_t OC, int64_t C);
+// Whether the integer dot products are VPDPBUSD (AVX512-VNNI; else a portable loop over the same panels).
+bool w8a8_vnni();
+// C <= 65536 (the int32 sums); pre_gelu as in matmul_forward.
+void matmul_forward_w8a8(float* out, const float* inp, const int8_t* panels, const float* scale, const int32_t* wsum,
+                         const float* bias, float* pre_gelu, int64_t N, int64_t C, int64_t OC);
 // float32 -> bf16 bit patterns, round to nearest even (NaN stays NaN, overflow rounds to inf)
 void float_to_bf16(uint16_t* dst, const float* src, int64_t n);
 

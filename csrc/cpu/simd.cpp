@@ -63,7 +63,7 @@ static CpuFeatures read_cpu_features() {
     f.model = brand_string();
 #ifdef FASTLLM_SIMDE  // a test build: SIMDe emulates every level up to AVX512-BF16 (cpu/intrin.h); no AMX
     f.model += " (SIMDe emulation)";
-    f.fma = f.avx2 = f.avx512f = f.avx512dq = f.avx512bw = f.avx512vl = f.avx512_bf16 = true;
+    f.fma = f.avx2 = f.avx512f = f.avx512dq = f.avx512bw = f.avx512vl = f.avx512_bf16 = f.avx512_vnni = true;
     return f;
 #endif
     uint32_t a, b, c, d;
@@ -85,6 +85,7 @@ static CpuFeatures read_cpu_features() {
     f.avx512bw = zmm && bit(b7, 30);
     f.avx512vl = zmm && bit(b7, 31);
     f.avx512_fp16 = zmm && bit(d7, 23);
+    f.avx512_vnni = zmm && bit(c7, 11);
     f.avx512_bf16 = zmm && bit(a71, 5);
     f.amx_bf16 = tiles && bit(d7, 22);
     f.amx_tile = tiles && bit(d7, 24);

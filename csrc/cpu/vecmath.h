@@ -58,9 +58,8 @@ FASTLLM_TARGET_AVX512 inline __m512 tanh512(__m512 x) {
     return _mm512_or_ps(t, _mm512_and_ps(sign, x));
 }
 
-FASTLLM_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t k) {  // lowest k lanes, 0 <= k <= 16
-    return (__mmask16)(k >= 16 ? 0xFFFF : ((1u << k) - 1u));
-}
+// The first n of 16 lanes (none for n <= 0, all for n >= 16): the mask of a row's tail.
+inline __mmask16 tail_mask16(int64_t n) { return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u); }
 
 // ---- AVX2 + FMA
 

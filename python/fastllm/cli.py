@@ -301,8 +301,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     p.add_argument("--dtype", choices=DECODE_DTYPES, default=None,
                    help="weights for decoding; CPU (default: float32): bfloat16 decodes with bf16 weight copies "
                         "(faster, logits within ~1%%), int8 with int8 ones (weight-only, a scale per output row: "
-                        "fastest where reading the weights is the cost); GPU (default: bfloat16): the compute dtype "
-                        "of the GPU model")
+                        "fastest where reading the weights is the cost), w8a8 with int8 weights and int8 activations "
+                        "(integer products: fastest for batches and prompts, coarser); GPU (default: bfloat16): the "
+                        "compute dtype of the GPU model")
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:

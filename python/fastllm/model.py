@@ -212,10 +212,13 @@ def _layers(bk, views: dict) -> dict:
 
 
 def _snapshot_layers(snap: dict) -> dict:
-    """_layers of a CPU weight snapshot: bf16 arrays, ops.Bf16Panels or ops.Int8Weight, stacked over layers."""
+    """_layers of a CPU weight snapshot: bf16 arrays, ops.Bf16Panels, ops.Int8Weight or ops.Int8Panels, stacked over
+    layers."""
     def split(v):
         if isinstance(v, ops.Int8Weight):
             return [ops.Int8Weight(q, s) for q, s in zip(v.q, v.scale)]
+        if isinstance(v, ops.Int8Panels):
+            return [ops.Int8Panels(d, s, w, v.cols) for d, s, w in zip(v.data, v.scale, v.wsum)]
         return [ops.Bf16Panels(d, v.rows) for d in v.data] if isinstance(v, ops.Bf16Panels) else list(v)
 
     return {n: split(v) if _per_layer(n) else v for n, v in snap.items()}
@@ -665,8 +668,9 @@ class GPT:
     def kv_cache(self, batch_size: int, weights: str | dict = "float32", max_len: int | None = None) -> KVCache:
         """A key/value cache for `batch_size` sequences of up to max_len (default block_size) tokens (see
         KVCache). weights (CPU): "float32", "bfloat16" to decode with a bf16 snapshot of the matrices (see
-        bf16_weights) or "int8" with an int8 one (int8_weights); on the GPU the model's compute dtype decides
-        ("bfloat16" is ignored there, "int8" refused)."""
+        bf16_weights), "int8" with an int8 one (int8_weights) or "w8a8" with int8 weights and int8 activations
+        (w8a8_weights); on the GPU the model's compute dtype decides ("bfloat16" is ignored there, "int8" and
+        "w8a8" refused)."""
         return KVCache(self, batch_size, weights, max_len)
 
     def bf16_weights(self) -> dict[str, np.ndarray | ops.Bf16Panels]:
@@ -686,17 +690,25 @@ class GPT:
         is the cost. Activations stay float32. Reuse it across caches: model.kv_cache(B, weights=w8)."""
         return self._snapshot(ops.quantize_int8, "int8_weights")
 
+    def w8a8_weights(self) -> dict[str, ops.Int8Panels]:
+        """The int8 snapshot of int8_weights packed for integer products (ops.pack_int8): every matmul then quantizes
+        its input rows to int8 too, one scale per row at each call (dynamic quantization, as torch's
+        quantize_dynamic), and sums exactly in int32 (AVX512-VNNI where the CPU has it: info()["w8a8"]). The same
+        bytes streamed as int8_weights, products 2-4x faster than bf16/fp32 where they are the cost (batches,
+        prompts); coarser activations (measured: benchmarks/RESULTS.md). Reuse it: model.kv_cache(B, weights=w)."""
+        return self._snapshot(ops.pack_int8, "w8a8_weights")
+
     def decode_weights(self, weights: str | dict = "float32") -> dict | None:
         """The weight snapshot a KV cache with `weights` streams (see kv_cache): the dict given, one taken now
-        (bf16_weights, int8_weights; a CPU model in bfloat16 takes the bf16 one by itself), or None for the model's
-        own matrices. Take it once and pass it on to reuse it across caches."""
+        (bf16_weights, int8_weights, w8a8_weights; a CPU model in bfloat16 takes the bf16 one by itself), or None
+        for the model's own matrices. Take it once and pass it on to reuse it across caches."""
         if isinstance(weights, dict):
             return weights
-        if weights not in ("float32", "bfloat16", "int8"):
-            raise ValueError("weights must be 'float32', 'bfloat16', 'int8', model.bf16_weights() or "
-                             f"model.int8_weights(), got {weights!r}")
-        if weights == "int8":
-            return self.int8_weights()  # raises on a GPU model
+        if weights not in ("float32", "bfloat16", "int8", "w8a8"):
+            raise ValueError("weights must be 'float32', 'bfloat16', 'int8', 'w8a8', model.bf16_weights(), "
+                             f"model.int8_weights() or model.w8a8_weights(), got {weights!r}")
+        if weights in ("int8", "w8a8"):
+            return self.int8_weights() if weights == "int8" else self.w8a8_weights()  # raise on a GPU model
         # a CPU model in bfloat16 rounds its matmuls' operands to bf16 anyway: it decodes with the snapshot
         bf16 = weights == "bfloat16" or self.dtype == "bfloat16"
         return self.bf16_weights() if bf16 and self.device == "cpu" else None
@@ -748,7 +760,8 @@ class KVCache:
     snapshot is packed for the bf16 GEMM already (ops.Bf16Panels, AVX512_BF16 without AMX): every pass runs on it,
     with nothing to pack. weights="int8" runs
     every pass on int8 copies of the matrices (model.int8_weights; long prefills dequantize them blockwise for the
-    float32 GEMM), so prompt and decode see the same quantized model.
+    float32 GEMM), so prompt and decode see the same quantized model; weights="w8a8" likewise on
+    model.w8a8_weights (int8 activations too, quantized per row: the same numbers for a row in a prompt or a step).
     """
 
     BF16_MAX_ROWS = 32
@@ -758,10 +771,9 @@ class KVCache:
         self.model, self.B = model, batch_size
         self.max_len = cache_length(cfg, batch_size, max_len)
         self.snapshot = model.decode_weights(weights)
-        self.int8 = self.snapshot is not None and isinstance(self.snapshot[model.head], ops.Int8Weight)
         # a snapshot for every pass: int8 (the quantized model throughout), bf16 panels (nothing to pack per call)
-        self._all_passes = self.int8 or (self.snapshot is not None and isinstance(self.snapshot[model.head],
-                                                                                  ops.Bf16Panels))
+        self._all_passes = self.snapshot is not None and isinstance(
+            self.snapshot[model.head], (ops.Int8Weight, ops.Int8Panels, ops.Bf16Panels))
         self._snapl = None if self.snapshot is None else _snapshot_layers(self.snapshot)
         self.hs = cfg.head_size
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, self.hs)

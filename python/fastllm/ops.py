@@ -262,6 +262,52 @@ def dequantize_int8(w: Int8Weight) -> np.ndarray:
     return w.q.astype(np.float32) * w.scale[..., None]
 
 
+class Int8Panels(NamedTuple):
+    """An Int8Weight packed once for w8a8 decoding (pack_int8): int8 weights AND int8 activations, each input row
+    quantized at every call with its own scale (dynamic quantization, as torch's quantize_dynamic and llama.cpp's
+    Q8 activations): sa = max|x| / 127, qa = rint(x / sa), and out = (float32(sum_k qa * q) * sa) * scale + bias
+    with the sum exact in int32 (AVX512-VNNI's VPDPBUSD where the CPU has it: info()["w8a8"]). A row's outputs
+    depend on that row alone. Coarser than Int8Weight's float32 activations, faster wherever the products are the
+    cost (batches, prompts). matmul_forward takes it as `weight`; unpack_int8 gives the Int8Weight back."""
+
+    data: np.ndarray  # (..., w8a8_panel_rows(OC) * w8a8_depth(C)) int8, in panel order
+    scale: np.ndarray  # (..., OC) float32, as Int8Weight's
+    wsum: np.ndarray  # (..., OC) int32: each row's sum of q (the unsigned activations' correction)
+    cols: int  # C
+
+
+def pack_int8(w) -> Int8Panels:
+    """An Int8Weight, or float32 weights (quantized first: quantize_int8), (..., OC, C) with C <= 65536 ->
+    Int8Panels.
+
+    >>> p = pack_int8(np.ones((3, 4), np.float32)); (p.data.shape, p.cols)
+    ((128,), 4)
+    """
+    w = w if isinstance(w, Int8Weight) else quantize_int8(w)
+    q = np.ascontiguousarray(w.q)
+    if q.dtype != np.int8 or q.ndim < 2 or w.scale.shape != q.shape[:-1]:
+        raise ValueError(f"pack_int8 needs int8 q (..., OC, C) and scale (..., OC), got {q.dtype} {q.shape} and "
+                         f"{w.scale.shape}")
+    *lead, OC, C = q.shape
+    if not 0 < C <= 65536:
+        raise ValueError(f"pack_int8: C (the weight's columns) must be in [1, 65536] (int32 sums), got {C}")
+    n = _C.w8a8_panel_rows(OC) * _C.w8a8_depth(C)  # a multiple of 4 bytes: carved as int32, 64-byte aligned
+    data = carve({"p": ((*lead, n // 4), "int32")})["p"].view(np.int8)
+    wsum = np.empty((*lead, OC), np.int32)
+    for d, s, m in zip(data.reshape(-1, data.shape[-1]), wsum.reshape(-1, OC), q.reshape(-1, OC, C)):
+        _C.pack_w8a8_panels(d, s, m)
+    return Int8Panels(data, np.ascontiguousarray(w.scale, np.float32), wsum, C)
+
+
+def unpack_int8(p: Int8Panels) -> Int8Weight:
+    """The Int8Weight of Int8Panels: the inverse of pack_int8."""
+    *lead, OC = p.scale.shape
+    G, nr = _C.w8a8_depth(p.cols) // 4, _C.w8a8_panel_rows(1)  # groups of 4 k, rows per panel
+    b = p.data.reshape(*lead, -1, G, nr, 4)  # panel, group, row, k within the group
+    q = np.moveaxis(b, -2, -3).reshape(*lead, -1, 4 * G)[..., :OC, :p.cols]
+    return Int8Weight(np.ascontiguousarray(q), p.scale)
+
+
 # ---- matmul --------------------------------------------------------------------------------------------
 
 
@@ -283,13 +329,15 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
     weight may also be bf16 itself (uint16 from to_bf16; inference): inp is then rounded to bf16 too, products
     are exact and sums fp32 (AVX-512 BF16 dot products where the CPU has them), or those bits packed once
     (Bf16Panels, pack_bf16: the same products); or an Int8Weight (quantize_int8;
-    inference): inp stays fp32, each row's dot product with q is summed in fp32 and scaled. dtype is for float32
-    weights.
+    inference): inp stays fp32, each row's dot product with q is summed in fp32 and scaled; or Int8Panels
+    (pack_int8; inference): inp quantized to int8 per row, exact integer sums. dtype is for float32 weights.
 
     >>> matmul_forward(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)).shape
     (2, 4)
     """
     inp = _f32(inp, "inp")
+    if isinstance(weight, Int8Panels):
+        return _matmul_w8a8(inp, weight, bias, out, pre_gelu)
     weight, scale = weight if isinstance(weight, Int8Weight) else (weight, None)
     panels = isinstance(weight, Bf16Panels)
     if not panels and not isinstance(weight, np.ndarray):
@@ -302,6 +350,16 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
         _C.matmul_forward_bf16p(_view(out, OC), _view(inp, C), weight.data, OC, bias, pg)
     else:
         _C.matmul_forward(_view(out, OC), _view(inp, C), weight, bias, pg, _bf16(dtype), scale)
+    return out
+
+
+def _matmul_w8a8(inp, w: Int8Panels, bias, out, pre_gelu) -> np.ndarray:
+    lead, C, OC = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0, w.scale.shape[-1]
+    if C != w.cols:
+        raise ValueError(f"matmul_forward: inp has C = {C} columns, the int8 panels were packed for {w.cols}")
+    out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
+    pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
+    _C.matmul_forward_w8a8(_view(out, OC), _view(inp, C), w.data, w.scale, w.wsum, bias, pg)
     return out
 
 

@@ -142,16 +142,16 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be an integer >= 0 (leave it unset for a random seed), got {seed!r}")
 
 
-DECODE_DTYPES = ("float32", "bfloat16", "int8")  # --dtype of sample/chat/serve: the weights decoding streams
+DECODE_DTYPES = ("float32", "bfloat16", "int8", "w8a8")  # --dtype of sample/chat/serve: the weights decoding streams
 
 
 def check_decode_dtype(dtype: str | None, device: str) -> None:
     """A decoding --dtype for `device`, checked before any model is loaded (None: the device's default)."""
     if dtype not in (None, *DECODE_DTYPES):
         raise ValueError(f"--dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
-    if dtype == "int8" and device != "cpu":
-        raise ValueError("--dtype int8 (int8 weight copies) is for decoding on the CPU; on a GPU use bfloat16 or "
-                         "float32")
+    if dtype in ("int8", "w8a8") and device != "cpu":
+        raise ValueError(f"--dtype {dtype} (int8 weight copies) is for decoding on the CPU; on a GPU use bfloat16 "
+                         "or float32")
 
 
 def _check_finite(logits: np.ndarray, alive: np.ndarray, step: int) -> None:
@@ -208,7 +208,8 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
     prompt_ids: one sequence of ids, or a list of sequences of different lengths (batched generation).
     weights="bfloat16" decodes with bf16 copies of the weight matrices (about half the memory traffic per step;
     logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied); weights="int8"
-    with int8 copies (a quarter of the traffic; per-row scales, see ops.quantize_int8), the prompt included.
+    with int8 copies (a quarter of the traffic; per-row scales, see ops.quantize_int8), the prompt included;
+    weights="w8a8" with those and int8 activations (integer products, see model.w8a8_weights).
     Logits that are not finite (NaN/Inf weights) raise FloatingPointError naming the step."""
     sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     check_seed(seed)
