@@ -2,7 +2,8 @@
 process, same threads): greedy decoding of N tokens after a prompt, batch 1 and 8. Both in float32, both with bf16
 weights (fastllm: bf16 weight copies for decode steps, fp32 activations rounded to bf16 at each matmul; torch: the
 whole model in bfloat16), both with int8 weights (fastllm: weight-only, fp32 activations; torch: the kernels of
-torch.ao.quantization.quantize_dynamic, activations quantized too), and torch's float32 model under
+torch.ao.quantization.quantize_dynamic, activations quantized too), fastllm w8a8 (int8 weights and activations,
+integer products: torch's int8 scheme), and torch's float32 model under
 torch.autocast("cpu", dtype=torch.bfloat16) (the weights cast to bf16 at every matmul, as a mixed-precision training
 script samples; by default only on a CPU with AVX512_BF16 or AMX), all interleaved. GPT-2 shapes by default; --arch
 llama: Llama-family models (RoPE, RMSNorm, SwiGLU, grouped-query attention) with random weights in the shapes of
@@ -12,7 +13,7 @@ further provider.
                                       [--prefill 512]
 --prefill T also times the prefill of one T-token prompt (the issue 17 goal: 512 tokens, bf16 vs torch bf16).
     python benchmarks/bench_sample.py --quality-ckpt fastllm-demo/run --quality-data fastllm-demo/data
-measures instead what bf16 and int8 weights cost in validation loss on a trained checkpoint (see quality)."""
+measures instead what bf16, int8 and w8a8 cost in validation loss on a trained checkpoint (see quality)."""
 
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
 
     model = GPT(cfg, seed=0).eval()
     rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, prompt))
-    w16, w8 = model.bf16_weights(), model.int8_weights()  # snapshots made once, outside the timing, like torch's
+    w16, w8, wq = model.bf16_weights(), model.int8_weights(), model.w8a8_weights()  # made once, outside the timing
     tsteps = {"f32": torch_decoder(model, B, prompt + n), "bf16": torch_decoder(model, B, prompt + n, torch.bfloat16),
               "int8": torch_decoder(model, B, prompt + n, int8=True)}  # .to(bfloat16) and quantize_dynamic
 
@@ -176,7 +177,8 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
         return run
 
     fns = {"fastllm": ours("float32"), "torch": theirs(tsteps["f32"]), "fastllm bf16": ours(w16),
-           "torch bf16": theirs(tsteps["bf16"]), "fastllm int8": ours(w8), "torch int8": theirs(tsteps["int8"])}
+           "torch bf16": theirs(tsteps["bf16"]), "fastllm int8": ours(w8), "torch int8": theirs(tsteps["int8"]),
+           "fastllm w8a8": ours(wq)}
     if autocast:
         fns["torch autocast"] = theirs(torch_decoder(model, B, prompt + n), autocast=True)
     if family:
@@ -192,7 +194,9 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
            tps["fastllm bf16"], tps["torch bf16"], f"{s['torch bf16'] / s['fastllm bf16']:.2f}x",
            f"{s['torch'] / s['fastllm bf16']:.2f}x", same16, tps["fastllm int8"], tps["torch int8"],
            f"{s['torch int8'] / s['fastllm int8']:.2f}x", f"{s['torch bf16'] / s['fastllm int8']:.2f}x",
-           f"{np.mean(toks['fastllm int8'] == toks['fastllm']):.0%}"]
+           f"{np.mean(toks['fastllm int8'] == toks['fastllm']):.0%}", tps["fastllm w8a8"],
+           f"{s['torch int8'] / s['fastllm w8a8']:.2f}x", f"{s['torch bf16'] / s['fastllm w8a8']:.2f}x",
+           f"{np.mean(toks['fastllm w8a8'] == toks['fastllm']):.0%}"]
     if autocast:
         row += [tps["torch autocast"], f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"]
     if family:
@@ -202,17 +206,19 @@ def case(name: str, cfg: GPTConfig, B: int, prompt: int, n: int, repeats: int, f
 
 
 def prefill_case(name: str, cfg: GPTConfig, T: int, repeats: int, autocast: bool) -> list:
-    """The prefill of one T-token prompt (the KV cache filled, the last token's logits): fastllm fp32 and with bf16
+    """The prefill of one T-token prompt (the KV cache filled, the last token's logits): fastllm fp32, with bf16
     weights (over KVCache.BF16_MAX_ROWS rows: the bf16 GEMM on the fp32 weights where the CPU has AMX or AVX512_BF16,
-    else the fp32 GEMM) vs torch fp32, torch's bf16 model and autocast."""
+    else the fp32 GEMM) and w8a8 vs torch fp32, torch's bf16 model, its dynamic int8 model and autocast."""
     import torch
 
     model = GPT(cfg, seed=0).eval()
     row = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T))
-    w16 = model.bf16_weights()
-    steps = {"torch": torch_decoder(model, 1, T), "torch bf16": torch_decoder(model, 1, T, torch.bfloat16)}
+    w16, wq = model.bf16_weights(), model.w8a8_weights()
+    steps = {"torch": torch_decoder(model, 1, T), "torch bf16": torch_decoder(model, 1, T, torch.bfloat16),
+             "torch int8": torch_decoder(model, 1, T, int8=True)}
     fns = {"fastllm": lambda: model.kv_cache(1, max_len=T).prefill([list(row[0])]),
            "fastllm bf16": lambda: model.kv_cache(1, weights=w16, max_len=T).prefill([list(row[0])]),
+           "fastllm w8a8": lambda: model.kv_cache(1, weights=wq, max_len=T).prefill([list(row[0])]),
            **{k: (lambda f=f: f(torch.from_numpy(row), 0)) for k, f in steps.items()}}
     if autocast:
         ac = torch_decoder(model, 1, T)
@@ -224,7 +230,8 @@ def prefill_case(name: str, cfg: GPTConfig, T: int, repeats: int, autocast: bool
         fns["torch autocast"] = torch_autocast
     s = {k: v["median"] for k, v in bench(fns, repeats=repeats, warmup=1).items()}
     out = [name, str(T), *(f"{s[k] * 1e3:.0f}" for k in fns), f"{s['torch'] / s['fastllm']:.2f}x",
-           f"{s['torch bf16'] / s['fastllm bf16']:.2f}x"]
+           f"{s['torch bf16'] / s['fastllm bf16']:.2f}x", f"{s['torch int8'] / s['fastllm w8a8']:.2f}x",
+           f"{s['torch bf16'] / s['fastllm w8a8']:.2f}x"]
     return out + ([f"{s['torch autocast'] / s['fastllm bf16']:.2f}x"] if autocast else [])
 
 
@@ -232,7 +239,7 @@ def quality(ckpt: str, data: str, B: int, T: int) -> None:
     """What low-precision weights cost in quality, on a trained checkpoint: the mean cross-entropy of B windows of T
     tokens of the validation split (data: a prepared data folder, e.g. fastllm demo's out/data) through each
     decoder's KV cache, one token per step -- the exact path of generation -- fastllm with float32, bf16 and int8
-    weights and torch's float32, bf16 and quantize_dynamic int8 models."""
+    weights and w8a8, and torch's float32, bf16 and quantize_dynamic int8 models."""
     import torch
 
     from fastllm import load_model
@@ -251,8 +258,8 @@ def quality(ckpt: str, data: str, B: int, T: int) -> None:
         return lambda ids, pos: step(torch.from_numpy(ids[:, None].astype(np.int64)), pos).numpy()
 
     steps = {"fastllm fp32": fastllm_step("float32"), "fastllm bf16w": fastllm_step("bfloat16"),
-             "fastllm int8w": fastllm_step("int8"), "torch fp32": torch_step(), "torch bf16": torch_step(
-                 dtype=torch.bfloat16), "torch int8 (dynamic)": torch_step(int8=True)}
+             "fastllm int8w": fastllm_step("int8"), "fastllm w8a8": fastllm_step("w8a8"), "torch fp32": torch_step(),
+             "torch bf16": torch_step(dtype=torch.bfloat16), "torch int8 (dynamic)": torch_step(int8=True)}
     rows, base = [], None
     for name, step in steps.items():
         nll = np.zeros((B, T))
@@ -342,7 +349,8 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
     ac = with_autocast(autocast)
     head = ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w", "torch bf16",
             "torch bf16/fastllm bf16w", "torch fp32/fastllm bf16w", "same bf16", "fastllm int8w", "torch int8",
-            "torch int8/fastllm int8w", "torch bf16/fastllm int8w", "same int8"]
+            "torch int8/fastllm int8w", "torch bf16/fastllm int8w", "same int8", "fastllm w8a8",
+            "torch int8/fastllm w8a8", "torch bf16/fastllm w8a8", "same w8a8"]
     head += ["torch autocast", "torch autocast/fastllm bf16w"] if ac else []
     rows = []
     if arch == "llama":
@@ -364,7 +372,8 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
     print("prompt 16 tokens; tok/s = B * new / time (prefill included); 'same' = greedy tokens equal to torch fp32's"
           " (fastllm fp32), to fastllm fp32's (bf16, int8) and, 'same hf', transformers' equal to fastllm fp32's; "
           "int8w = int8 weight-only (per-row scales, fp32 activations), torch int8 = quantize_dynamic's kernels "
-          "(int8 weights per channel, activations quantized per call)")
+          "(int8 weights per channel, activations quantized per call), w8a8 = fastllm's int8 weights and int8 "
+          "activations (per row, integer products)")
     print_table(rows, head)
     if prefill:
         cfgs = {n: llama_config(sh) for n, (_, sh) in LLAMA_SHAPES.items()} if arch == "llama" else \
@@ -375,8 +384,9 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
                "AVX512_BF16, else the fp32 GEMM")
         print(f"\nprefill of one prompt, ms (batch 1); 'fastllm bf16' = bf16 weights ({how}; bf16 GEMM kernel "
               f"{_C.bf16_gemm_path()})")
-        print_table(rows, ["model", "T", "fastllm", "fastllm bf16", "torch", "torch bf16"]
-                    + (["torch autocast"] if ac else []) + ["torch/fastllm", "torch bf16/fastllm bf16"]
+        print_table(rows, ["model", "T", "fastllm", "fastllm bf16", "fastllm w8a8", "torch", "torch bf16", "torch int8"]
+                    + (["torch autocast"] if ac else []) + ["torch/fastllm", "torch bf16/fastllm bf16",
+                                                            "torch int8/fastllm w8a8", "torch bf16/fastllm w8a8"]
                     + (["torch autocast/fastllm bf16"] if ac else []))
 
 

@@ -36,7 +36,8 @@ def cpu_name() -> str:
 
 def simd_note() -> str:
     """The SIMD level in use, the bf16 kernels (decode weights and their layout, mixed-precision GEMM) and the bf16
-    hardware: e.g. "simd avx2, bf16 matmul avx2 (rows), bf16 gemm avx2, no avx512_bf16, no amx"."""
+    hardware, the w8a8 kernel: e.g. "simd avx2, bf16 matmul avx2 (rows), bf16 gemm avx2, no avx512_bf16, no amx,
+    w8a8 avx2"."""
     import fastllm
 
     d = fastllm.info()
@@ -47,6 +48,7 @@ def simd_note() -> str:
         parts.append("amx_bf16 " + ("(tiles granted)" if d["amx_permission"] else "(tile permission denied)"))
     else:
         parts.append("no amx")
+    parts.append(f"w8a8 {d['w8a8']}")
     return ", ".join(parts)
 
 

@@ -56,7 +56,8 @@ def test_set_num_threads_reaches_other_threads():
 
 # ---- CPU features and the SIMD level (csrc/cpu/simd.cpp; fastllm.set_simd, FASTLLM_SIMD)
 
-FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16",
+            "amx_int8")
 
 
 def proc_cpuinfo() -> dict:
@@ -114,6 +115,8 @@ def test_set_simd_each_supported_level():
             assert d["bf16_gemm"] == ("avx512" if level == "avx512" else level)
             assert d["bf16_weights"] == ("panels" if level == "avx512_bf16" else "rows")  # AMX reads rows in place
             assert fastllm.ops.bf16_panels_preferred() == (d["bf16_weights"] == "panels")
+            vnni = d["cpu_features"]["avx512_vnni"] and d["simd"] == "avx512"
+            assert d["w8a8"] == ("avx512_vnni" if vnni else "scalar" if level == "scalar" else "avx2")
             x = np.random.default_rng(0).standard_normal((5, 37), dtype=np.float32)
             w = np.random.default_rng(1).standard_normal((11, 37), dtype=np.float32)
             np.testing.assert_allclose(fastllm.ops.matmul_forward(x, w), x.astype(np.float64) @ w.T, rtol=1e-4,

@@ -25,15 +25,16 @@ def info() -> dict:
     """Version, build flags, the CPU and the SIMD level in use, OpenMP threads, whether CUDA is built and a GPU
     found, and what multi-process training can use: mpi4py and its MPI library, the mpiexec launcher, NCCL.
 
-    CPU keys: "cpu" (model name), "cpu_features" (avx2, fma, avx512f, avx512bw, avx512_bf16, avx512_fp16, amx_tile,
-    amx_bf16, amx_int8: what the CPU has and the OS enabled, named as in /proc/cpuinfo), "amx_permission" (Linux
-    granted this process the AMX tile state), "simd" (the fp32 kernels' vector ISA in use: avx512, avx2 or scalar),
-    "simd_detected" (the highest level of SIMD_LEVELS the CPU supports), "bf16_matmul" (the bf16-weight matmul's
-    path: avx512_bf16 dot products, or bf16 widened to fp32 on avx2 or scalar), "bf16_weights" (the layout of
+    CPU keys: "cpu" (model name), "cpu_features" (avx2, fma, avx512f, avx512bw, avx512_bf16, avx512_fp16, avx512_vnni,
+    amx_tile, amx_bf16, amx_int8: what the CPU has and the OS enabled, named as in /proc/cpuinfo), "amx_permission"
+    (Linux granted this process the AMX tile state), "simd" (the fp32 kernels' vector ISA in use: avx512, avx2 or
+    scalar), "simd_detected" (the highest level of SIMD_LEVELS the CPU supports), "bf16_matmul" (the bf16-weight
+    matmul's path: avx512_bf16 dot products, or bf16 widened to fp32 on avx2 or scalar), "bf16_weights" (the layout of
     model.bf16_weights(): "panels", packed once for the bf16 GEMM where that is avx512_bf16, else "rows") and
     "bf16_gemm" (the kernel of the
     mixed-precision matmuls, dtype="bfloat16": amx tiles, avx512_bf16 dot products, or fp32 FMAs on operands rounded
-    to bf16 on avx512/avx2; scalar: a portable loop).
+    to bf16 on avx512/avx2; scalar: a portable loop) and "w8a8" (the integer products of model.w8a8_weights():
+    avx512_vnni, or a portable loop compiled for avx2 or the baseline).
 
     >>> fastllm.info()["cpu_features"]["avx2"] in (True, False)
     True"""
