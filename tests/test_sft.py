@@ -437,6 +437,9 @@ def test_chat_session_history_and_context(tuned):
     s8 = ChatSession(model, Tokenizer.load(d / "sft" / "tokenizer.tiktoken"), temperature=0, weights="int8")
     assert isinstance(s8.sampling["weights"][model.head], ops.Int8Weight)
     assert "".join(s8.reply("abc")) == "cba"
+    sq = ChatSession(model, Tokenizer.load(d / "sft" / "tokenizer.tiktoken"), temperature=0, weights="w8a8")
+    assert isinstance(sq.sampling["weights"][model.head], ops.Int8Panels)
+    assert "".join(sq.reply("abc")) == "cba"
 
 
 def test_chat_loop_commands(tuned):
