@@ -857,7 +857,7 @@ static py::dict info_py() {
     d["simd_detected"] = fastllm::simd_name(fastllm::detect_simd());
     d["bf16_matmul"] = fastllm::simd_name(fastllm::cpu::matmul_bf16w_path());
     d["bf16_weights"] = fastllm::cpu::bf16_panels_preferred() ? "panels" : "rows";
-    d["w8a8"] = fastllm::cpu::w8a8_vnni() ? "avx512_vnni" : fastllm::simd_level() >= fastllm::Simd::avx2 ? "avx2" : "scalar";
+    d["w8a8"] = fastllm::cpu::w8a8_path();
     d["bf16_gemm"] = std::string(fastllm::simd_name(fastllm::cpu::gemm_bf16_path())) +
                      (fastllm::cpu::amx_emulation() ? " (emulated)" : "");
     const fastllm::CpuFeatures& f = fastllm::cpu_features();

@@ -144,6 +144,7 @@ const char* simd_name(Simd s);
 #define FASTLLM_TARGET_AVX512BF16
 #define FASTLLM_TARGET_AVX512VNNI
 #define FASTLLM_TARGET_AMX
+#define FASTLLM_TARGET_AMX_INT8
 #else
 #define FASTLLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FASTLLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
@@ -156,6 +157,9 @@ const char* simd_name(Simd s);
 // AVX-512 BF16 plus the AMX tiles (TDPBF16PS; Intel Sapphire Rapids and later)
 #define FASTLLM_TARGET_AMX \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-bf16")))
+// AVX-512 plus the AMX tiles' int8 products (TDPBUSD; the w8a8 matmul)
+#define FASTLLM_TARGET_AMX_INT8 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,amx-tile,amx-int8")))
 #endif
 // A loop body written once and compiled into each FASTLLM_TARGET_* wrapper that calls it (vectorized for that ISA).
 #define FASTLLM_INLINE inline __attribute__((always_inline))

@@ -58,13 +58,25 @@ def simd_bf16(request):
     yield from _at_simd(request.param)
 
 
-@pytest.fixture(params=["avx512_vnni", "avx2", "scalar"])
+@pytest.fixture(params=["amx", "amx_emulated", "avx512_vnni", "avx2", "scalar"])
 def w8a8_path(request):
-    """Each kernel of the w8a8 matmul (fastllm.info()["w8a8"]): VPDPBUSD where the CPU has AVX512-VNNI (skipped with
-    the reason elsewhere), then the portable loop compiled for AVX2 and for the baseline."""
-    if request.param == "avx512_vnni" and not fastllm.info()["cpu_features"]["avx512_vnni"]:
-        pytest.skip(f"this CPU ({fastllm.info()['cpu'] or 'unknown'}) has no AVX512-VNNI")
-    for _ in _at_simd("avx512" if request.param == "avx512_vnni" else request.param):
+    """Each kernel of the w8a8 matmul (fastllm.info()["w8a8"]): AMX-INT8 tiles where the CPU has them and on every CPU
+    their C++ model (prompts: >= 16 rows, C a multiple of 64), VPDPBUSD where the CPU has AVX512-VNNI, then the AVX2
+    kernel and the portable loop; a kernel the CPU lacks is skipped with the reason."""
+    if request.param == "amx_emulated":
+        _C.set_amx_emulation(True)
+        try:
+            assert fastllm.info()["w8a8"] == "amx (emulated)"
+            yield request.param
+        finally:
+            _C.set_amx_emulation(False)
+        return
+    d = fastllm.info()
+    if request.param == "amx" and not (d["cpu_features"]["amx_int8"] and d["amx_permission"]):
+        pytest.skip(f"this CPU ({d['cpu'] or 'unknown'}) has no AMX-INT8 tiles granted to this process")
+    if request.param == "avx512_vnni" and not d["cpu_features"]["avx512_vnni"]:
+        pytest.skip(f"this CPU ({d['cpu'] or 'unknown'}) has no AVX512-VNNI")
+    for _ in _at_simd({"avx512_vnni": "avx512"}.get(request.param, request.param)):
         assert fastllm.info()["w8a8"] == request.param
         yield request.param
 

@@ -116,7 +116,8 @@ def test_set_simd_each_supported_level():
             assert d["bf16_weights"] == ("panels" if level == "avx512_bf16" else "rows")  # AMX reads rows in place
             assert fastllm.ops.bf16_panels_preferred() == (d["bf16_weights"] == "panels")
             vnni = d["cpu_features"]["avx512_vnni"] and d["simd"] == "avx512"
-            assert d["w8a8"] == ("avx512_vnni" if vnni else "scalar" if level == "scalar" else "avx2")
+            w8a8 = "amx" if level == "amx" and d["cpu_features"]["amx_int8"] else "avx512_vnni" if vnni else "avx2"
+            assert d["w8a8"] == ("scalar" if level == "scalar" else w8a8)
             x = np.random.default_rng(0).standard_normal((5, 37), dtype=np.float32)
             w = np.random.default_rng(1).standard_normal((11, 37), dtype=np.float32)
             np.testing.assert_allclose(fastllm.ops.matmul_forward(x, w), x.astype(np.float64) @ w.T, rtol=1e-4,

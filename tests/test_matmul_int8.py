@@ -113,12 +113,14 @@ def _w8a8_ref(x, w8: ops.Int8Weight, bias=None):
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 5), (1, 61, 17), (1, 576, 1536), (2, 33, 7), (3, 100, 31),
                                    (8, 64, 100), (12, 40, 48), (13, 31, 40), (31, 77, 13), (33, 70, 33),
-                                   (100, 3001, 50), (64, 600, 300)])
+                                   (100, 3001, 50), (64, 600, 300), (16, 64, 33), (40, 128, 70), (33, 768, 100)])
 def test_w8a8_follows_its_definition(shape, rng, w8a8_path, threads):
-    """Every kernel (VNNI tiles of 1..12 rows, the portable loops) against the definition: the activations'
-    quantization bit for bit (one quantum off would be far outside the tolerance: a whole sa * scale * |q| term), the
-    sums exact, so only the float32 scaling rounds: rtol 1e-6. Shapes off the tiles: C not a multiple of 4, OC of
-    the last panel under and over 16, rows past a block of 12 and (C = 3001) past the rows kept in L2."""
+    """Every kernel (AMX blocks of 32 rows, VNNI tiles of 1..12 rows, AVX2, the portable loop) against the
+    definition: the activations' quantization bit for bit (one quantum off would be far outside the tolerance: a whole
+    sa * scale * |q| term), the sums exact, so only the float32 scaling rounds: rtol 1e-6. Shapes off the tiles: C not
+    a multiple of 4, OC of the last panel under and over 16, rows past a block of 12 and (C = 3001) past the rows kept
+    in L2; AMX from 16 rows with C a multiple of 64, a last block of 1..31 rows. Row by row (decode steps: VNNI where
+    the prompt ran on AMX) the outputs are the same bits."""
     N, C, OC = shape
     x = rng.standard_normal((N, C), dtype=np.float32) * rng.uniform(0.01, 30, (N, 1)).astype(np.float32)
     x[N // 2, : C // 3] *= 40  # outliers in a row

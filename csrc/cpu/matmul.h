@@ -87,6 +87,9 @@ int64_t w8a8_depth(int64_t C);
 void pack_w8a8_panels(int8_t* dst, int32_t* wsum, const int8_t* q, int64_t OC, int64_t C);
 // Whether the integer dot products are VPDPBUSD (AVX512-VNNI; else a portable loop over the same panels).
 bool w8a8_vnni();
+// The kernel of prompts (>= 16 rows, C a multiple of 64): "amx" (TDPBUSD), "amx (emulated)", or the one of
+// decode steps: "avx512_vnni", "avx2" or "scalar" (fastllm.info()["w8a8"]).
+const char* w8a8_path();
 // C <= 65536 (the int32 sums); pre_gelu as in matmul_forward.
 void matmul_forward_w8a8(float* out, const float* inp, const int8_t* panels, const float* scale, const int32_t* wsum,
                          const float* bias, float* pre_gelu, int64_t N, int64_t C, int64_t OC);

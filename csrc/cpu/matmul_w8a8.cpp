@@ -30,6 +30,7 @@ zmm accumulators; threads take whole panels, each streamed once per tile row blo
 #include <utility>
 #include <vector>
 
+#include "amx.h"
 #include "common.h"
 #include "gelu.h"
 #include "vecmath.h"
@@ -44,6 +45,15 @@ int64_t w8a8_panel_rows(int64_t OC) { return ceil_div(OC, kW8Rows) * kW8Rows; }
 int64_t w8a8_depth(int64_t C) { return ceil_div(C, 4) * 4; }
 
 bool w8a8_vnni() { return simd_setting() >= Simd::avx512 && cpu_features().avx512_vnni; }
+
+// AMX-INT8 where the CPU has it and the tiles were granted (or their C++ model, set_amx_emulation): 32 x 32 blocks of
+// TDPBUSD straight from the activations' rows and the panels (their groups of 4 bytes are the B tile's layout).
+static bool w8a8_amx_hardware() { return simd_setting() >= Simd::amx && cpu_features().amx_int8; }
+const char* w8a8_path() {
+    if (amx_emulation()) return "amx (emulated)";
+    if (w8a8_amx_hardware()) return "amx";
+    return w8a8_vnni() ? "avx512_vnni" : simd_level() >= Simd::avx2 ? "avx2" : "scalar";
+}
 
 void pack_w8a8_panels(int8_t* dst, int32_t* wsum, const int8_t* q, int64_t OC, int64_t C) {
     const int64_t G = w8a8_depth(C) / 4, np = ceil_div(OC, kW8Rows);
@@ -235,12 +245,38 @@ static constexpr std::array<W8Ukr, sizeof...(R)> vnni_tiles(std::integer_sequenc
 static constexpr int kW8MR = 12, kW8MR2 = 3;  // the AVX2 kernel's rows
 static const auto kVnniTiles = vnni_tiles(std::make_integer_sequence<int, kW8MR>{});
 
+// From this many rows on, with C a multiple of 64 (whole tiles along k), the w8a8 matmul runs on AMX: rows in blocks
+// of 32 (the activations padded with zero rows), threads over panels.
+static constexpr int64_t kW8AmxRows = 16;
+template <class Tiles>
+static void w8a8_amx(int64_t N, int64_t depth, const uint8_t* u, const float* sa, const int8_t* panels, int64_t OC,
+                     const float* scale, const int32_t* wsum, const float* bias, float* out, int T) {
+    const int64_t np = ceil_div(OC, kW8Rows), kb = depth / 64;
+#pragma omp parallel num_threads(T) if (T > 1)
+    {
+        Tiles::begin();
+        alignas(64) int32_t t[32 * kW8Rows];
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < np; p++) {
+            const int64_t o = p * kW8Rows, n = std::min<int64_t>(kW8Rows, OC - o);
+            const char* P = reinterpret_cast<const char*>(panels + p * kW8Rows * depth);
+            for (int64_t r = 0; r < N; r += 32) {
+                Tiles::block_i8(kb, reinterpret_cast<const char*>(u + r * depth), depth, 64, P, t);
+                w8a8_finish(t, int(std::min<int64_t>(32, N - r)), n, sa + r, scale + o, wsum + o,
+                            bias ? bias + o : nullptr, out + r * OC + o, OC);
+            }
+        }
+        Tiles::end();
+    }
+}
+
 void matmul_forward_w8a8(float* out, const float* inp, const int8_t* panels, const float* scale, const int32_t* wsum,
                          const float* bias, float* pre_gelu, int64_t N, int64_t C, int64_t OC) {
     if (N <= 0 || OC <= 0) return;
     if (C > 65536) throw std::invalid_argument("matmul_forward_w8a8: C must be <= 65536 (the int32 sums)");
     const int64_t depth = w8a8_depth(C), G = depth / 4, np = ceil_div(OC, kW8Rows);
-    std::vector<uint8_t> u((size_t)(N * depth));
+    const bool amx = N >= kW8AmxRows && depth % 64 == 0 && (amx_emulation() || w8a8_amx_hardware());
+    std::vector<uint8_t> u((size_t)((amx ? ceil_div(N, 32) * 32 : N) * depth), uint8_t(128));  // AMX: whole blocks
     std::vector<float> sa((size_t)N);
     const bool avx512 = simd_level() >= Simd::avx512;
 #pragma omp parallel for schedule(static) if (N * C >= (1 << 16))
@@ -253,6 +289,12 @@ void matmul_forward_w8a8(float* out, const float* inp, const int8_t* panels, con
 #ifdef _OPENMP
     if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) T = max_threads();
 #endif
+    if (amx) {
+        if (amx_emulation()) w8a8_amx<AmxEmu>(N, depth, u.data(), sa.data(), panels, OC, scale, wsum, bias, prod, T);
+        else w8a8_amx<AmxTiles>(N, depth, u.data(), sa.data(), panels, OC, scale, wsum, bias, prod, T);
+        if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
+        return;
+    }
     // rows in blocks that stay in L2 while a thread's panels stream past them
     const int64_t NB = std::max<int64_t>(kW8MR, (int64_t(256) << 10) / depth / kW8MR * kW8MR);
     const int64_t MR = vnni ? kW8MR : avx2 ? kW8MR2 : 1;
