@@ -17,7 +17,11 @@ Layout (pack_w8a8_panels): the weights in panels of 32 output rows (OC padded wi
 groups of 4 k deep, a group's 32 x 4 bytes contiguous, byte (o, k) of panel p at (g * 32 + j) * 4 + i, o = 32p + j,
 k = 4g + i (k >= C zero): one 64-byte load is VPDPBUSD's B operand for 16 outputs, and a row's 4 activation
 bytes (one broadcast 32-bit word) its A operand. The micro-kernel holds a tile of MR rows x 32 outputs in 2 * MR
-zmm accumulators; threads take whole panels, each streamed once per tile row block.
+zmm accumulators; threads take whole panels, each streamed once per tile row block. The same panels are AMX-INT8's
+B tiles as they lie (16 groups x 16 outputs x 4 bytes, rows 128 bytes apart): where the CPU has AMX-INT8, prompts
+(>= 16 rows, C a multiple of 64) run TDPBUSD on 32 x 32 blocks (cpu/amx.h; tested on the tile model, never yet on
+the hardware). Kernels by CPU: AMX-INT8 (prompts) + AVX512-VNNI (Sapphire Rapids), AVX512-VNNI (Zen 4, Cascade
+Lake), AVX2 VPMADDWD (Zen 3), portable loop.
 */
 #include "matmul.h"
 

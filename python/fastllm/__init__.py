@@ -34,7 +34,7 @@ def info() -> dict:
     "bf16_gemm" (the kernel of the
     mixed-precision matmuls, dtype="bfloat16": amx tiles, avx512_bf16 dot products, or fp32 FMAs on operands rounded
     to bf16 on avx512/avx2; scalar: a portable loop) and "w8a8" (the integer products of model.w8a8_weights():
-    avx512_vnni, or a portable loop compiled for avx2 or the baseline).
+    amx -- AMX-INT8 tiles for prompts, avx512_vnni for decode steps --, avx512_vnni, avx2 or scalar).
 
     >>> fastllm.info()["cpu_features"]["avx2"] in (True, False)
     True"""
