@@ -568,6 +568,25 @@ def test_cli_eval(sorter, tmp_path, capsys):
         assert main(["eval", "--ckpt", str(ck), *argv, "--no-progress"]) == 1
         assert msg in capsys.readouterr().err
 
+    # the quantized decode weights (--dtype int8 / w8a8): the same examples scored through the snapshot, close to
+    # float32 (this model's choices are confident: the same accuracy within an example or two); CPU only
+    accs = {}
+    for dtype in ("float32", "int8", "w8a8"):
+        rc = main(["eval", "--ckpt", str(ck), "--task", "mc", "--data", path, "--delimiter", "", "--dtype", dtype,
+                   "--out", str(tmp_path / f"{dtype}.json"), "--no-progress"])
+        assert rc == 0 and "acc_norm" in capsys.readouterr().out
+        report = json.loads((tmp_path / f"{dtype}.json").read_text())
+        accs[dtype] = report["metrics"]["acc"]
+        lp = np.array([r["logprob"] for r in report["records"]])
+        if dtype == "float32":
+            lp32 = lp
+        else:
+            assert 0 < np.abs(lp - lp32).max() < 0.05 * np.abs(lp32).max()
+    assert abs(accs["int8"] - accs["float32"]) <= 0.1 and abs(accs["w8a8"] - accs["float32"]) <= 0.1
+    assert main(["eval", "--ckpt", str(ck), "--task", "mc", "--data", path, "--dtype", "w8a8", "--device",
+                 "cuda"]) == 1
+    assert "--dtype w8a8 (int8 weight copies) is for decoding on the CPU" in capsys.readouterr().err
+
 
 # ---- bad files name file:line and the field -----------------------------------------------------------------------
 

@@ -208,6 +208,44 @@ def test_w8a8_weights_decode_as_one_prompt(arch, threads):
     assert batched == generate(m, rows, 5, temperature=0, weights="w8a8")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoding_runs_every_pass_on_the_snapshot(arch):
+    """model.decoding(weights): forward (logits and losses, all positions at once) and generate compute what the
+    snapshot computes -- int8: the dequantized model's numbers; w8a8: the KV cache's logits, step by step -- and
+    outside the block the float32 model again; no training inside."""
+    extra = dict(MODERN, mlp="swiglu", n_kv_head=2) if arch == "llama" else {}
+    cfg = GPTConfig(block_size=48, vocab_size=61, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False, **extra)
+    m = GPT(cfg, seed=4).eval()
+    deq = GPT(cfg, init=False).load_state_dict(m.state_dict()).eval()
+    w8 = m.int8_weights()
+    for name, w in w8.items():
+        deq.p[name][...] = ops.dequantize_int8(w)
+    rng = np.random.default_rng(7)
+    seq = rng.integers(0, 61, (2, 44))
+    targets = rng.integers(0, 61, (2, 44))
+    full32 = m.forward(seq)
+    scale = np.abs(full32).max()
+    with m.decoding(w8):
+        np.testing.assert_allclose(m.forward(seq), deq.forward(seq), rtol=0, atol=1e-4 * scale)
+        assert m.forward(seq, targets) == pytest.approx(deq.forward(seq, targets), abs=1e-5)
+        rows = [list(seq[0, :3]), list(seq[1, :9])]
+        assert generate(m, rows, 5, temperature=0) == generate(deq, rows, 5, temperature=0)
+    with m.decoding("w8a8"):
+        logits = m.forward(seq[:1])[0]
+        cache = m.kv_cache(1)  # the default weights inside: the block's snapshot
+        steps = [cache.prefill([list(seq[0, :36])])[0]] + [cache.decode([t])[0] for t in seq[0, 36:43]]
+        np.testing.assert_allclose(np.array(steps), logits[35:43], rtol=0, atol=1e-5 * scale)
+        z = logits.astype(np.float64)
+        ce = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(44), targets[0]]
+        assert m.forward(seq[:1], targets[:1]) == pytest.approx(ce.mean(), abs=1e-5)
+        assert 0 < np.abs(logits - full32[0]).max() <= 5e-2 * scale
+        m.train()
+        with pytest.raises(RuntimeError, match="for inference"):
+            m.forward(seq, targets)
+        m.eval()
+    np.testing.assert_array_equal(m.forward(seq), full32)
+
+
 def test_greedy_is_argmax_of_full_forward(model):
     out = generate(model, [7, 8], 12, temperature=0)
     for t in range(2, len(out)):

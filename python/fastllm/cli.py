@@ -429,9 +429,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=int, default=None,
                    help="lm-eval: few-shot examples per prompt (default: the task's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=DECODE_DTYPES, default=None,
                    help="compute dtype (default: float32 on the CPU, where bfloat16 runs the matmuls in bf16; "
-                        "bfloat16 on a GPU)")
+                        "bfloat16 on a GPU); on the CPU also int8 or w8a8: the quantized weights decoding streams "
+                        "(see fastllm sample --dtype), to measure what they cost")
     p.add_argument("--threads", type=int, default=None, help=THREADS)
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
@@ -449,7 +450,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     args.template, args.stop = unescape(args.template), [unescape(t) for t in args.stop]
     if not harness:  # check the options before loading anything
         cfg = _config(args, EvalConfig)
-    model, tok = load_eval(args.ckpt, args.tokenizer, device=args.device, dtype=args.dtype)
+    quantized = args.dtype in ("int8", "w8a8")  # a float32 model, scored through its quantized snapshot
+    check_decode_dtype(args.dtype, args.device)
+    model, tok = load_eval(args.ckpt, args.tokenizer, device=args.device, dtype=None if quantized else args.dtype)
+    with model.decoding(args.dtype) if quantized else contextlib.nullcontext():
+        return _eval_loaded(args, harness, None if harness else cfg, model, tok)
+
+
+def _eval_loaded(args: argparse.Namespace, harness: bool, cfg, model, tok) -> int:
     if harness:
         from .eval.harness import simple_evaluate
         from .fileio import write_json

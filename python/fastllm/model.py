@@ -29,6 +29,7 @@ host (B*T floats).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -342,6 +343,7 @@ class GPT:
         self._ready_for_backward = False  # a training forward with targets computed the lm-head gradient
         self._trunk_ready = False  # the trunk's activations are saved (training mode)
         self.token_losses: np.ndarray | None = None
+        self._decoding: tuple[dict, dict] | None = None  # (snapshot, its per-layer views) inside decoding()
 
     # ---- Hugging Face format (fastllm.hf) ----------------------------------------------------------------
 
@@ -505,8 +507,9 @@ class GPT:
         B, T = self._BT
         N = B * T
         self._ready_for_backward = False
+        head = pc[self.head] if self._decoding is None else self._decoding[0][self.head]
         if targets is None:
-            logits = bk.matmul_forward(a["lnf"], pc[self.head], out=bk.empty((N, V), "float32"))
+            logits = bk.matmul_forward(a["lnf"], head, out=bk.empty((N, V), "float32"))
             return softcap_logits(bk.to_numpy(logits), cap).reshape(B, T, V)
         targets = np.asarray(targets)
         if not np.issubdtype(targets.dtype, np.integer):
@@ -532,9 +535,13 @@ class GPT:
         if self.training:
             bk.zero_(a["dlnf"])
             bk.zero_(a["dhead"])
-        bk.lmhead_ce(a["lnf"], pc[self.head], a["targets"], grad_scale=scale, backward=self.training,
-                     dhidden=a["dlnf"], dweight=a["dhead"], row_weights=rw, scratch=a["lm_scratch"],
-                     losses=a["losses"], softcap=cap)
+        if self._decoding is None:
+            bk.lmhead_ce(a["lnf"], head, a["targets"], grad_scale=scale, backward=self.training,
+                         dhidden=a["dlnf"], dweight=a["dhead"], row_weights=rw, scratch=a["lm_scratch"],
+                         losses=a["losses"], softcap=cap)
+        else:  # a snapshot's lm-head (inference): its logits, then the loss
+            logits = bk.matmul_forward(a["lnf"], head, out=bk.empty((N, V), "float32"))
+            bk.softmax_ce(logits, a["targets"], backward=False, losses=a["losses"], softcap=cap)
         self._ready_for_backward = self.training
         losses = np.array(bk.to_numpy(a["losses"]), np.float32).reshape(B, T)  # the step's one readback
         self.token_losses = losses
@@ -554,8 +561,12 @@ class GPT:
         return self.bk.to_numpy(a["lnf"]).reshape(B, T, self.config.n_embd)
 
     def _trunk(self, idx) -> dict:
-        """Embedding, blocks and final norm: fills the activations up to lnf (B*T, C)."""
+        """Embedding, blocks and final norm: fills the activations up to lnf (B*T, C). Inside decoding() the four
+        matrices of each block are the snapshot's."""
         cfg, bk, pc, pl = self.config, self.bk, self.pc, self._pl
+        if self._decoding is not None and self.training:
+            raise RuntimeError("model.decoding(...) is for inference: the snapshot has no gradient (call eval())")
+        w = pl if self._decoding is None else self._decoding[1]
         idx = check_token_ids(idx, "idx", cfg)
         B, T = idx.shape
         C, NH, NKV, hd = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size
@@ -572,7 +583,7 @@ class GPT:
             # qkv = [q | k | v] = ln1 @ W^T (+ b), then QK-norm (Qwen3) and RoPE on the q and k heads
             qkv = a["qkv"][l]
             raw = a["qkv_raw"][l] if cfg.qk_norm else qkv  # QK-norm's input, kept for the backward
-            bk.matmul_forward(a["ln1"][l], pl["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=raw)
+            bk.matmul_forward(a["ln1"][l], w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=raw)
             if cfg.qk_norm:
                 bk.copy_(qkv, raw)  # the v rows; the norms below overwrite the q and k rows
                 raw4, qkv4 = raw.reshape((B, T, R, hd)), qkv.reshape((B, T, R, hd))
@@ -583,13 +594,13 @@ class GPT:
                 bk.rope_forward(qkv.reshape((B, T, W)), *self.rope, NH, out=qkv.reshape((B, T, W)), n_kv_head=NKV)
             bk.attention_forward(qkv.reshape((B, T, W)), NH, out=a["atty"][l].reshape((B, T, NH * hd)),
                                  lse=a["att_lse"][l], n_kv_head=NKV)
-            bk.matmul_forward(a["atty"][l], pl["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l),
+            bk.matmul_forward(a["atty"][l], w["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l),
                               out=a["attproj"])
             bk.residual_forward(residual, a["attproj"], out=a["residual2"][l])
             norm_forward(bk, cfg, a["residual2"][l], pl["ln_2.weight"][l], _at(pl, "ln_2.bias", l), a["ln2"][l],
                          a["ln2_mean"][l], a["ln2_rstd"][l])
-            mlp_forward(bk, cfg, a["ln2"][l], pl["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
-                        pl["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), a["fch"][l], a["fch_act"][l],
+            mlp_forward(bk, cfg, a["ln2"][l], w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
+                        w["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), a["fch"][l], a["fch_act"][l],
                         a["fcproj"])
             bk.residual_forward(a["residual2"][l], a["fcproj"], out=a["residual3"][l])
             residual = a["residual3"][l]
@@ -704,6 +715,8 @@ class GPT:
         for the model's own matrices. Take it once and pass it on to reuse it across caches."""
         if isinstance(weights, dict):
             return weights
+        if weights == "float32" and self._decoding is not None:  # the default, inside decoding(): its snapshot
+            return self._decoding[0]
         if weights not in ("float32", "bfloat16", "int8", "w8a8"):
             raise ValueError("weights must be 'float32', 'bfloat16', 'int8', 'w8a8', model.bf16_weights(), "
                              f"model.int8_weights() or model.w8a8_weights(), got {weights!r}")
@@ -712,6 +725,25 @@ class GPT:
         # a CPU model in bfloat16 rounds its matmuls' operands to bf16 anyway: it decodes with the snapshot
         bf16 = weights == "bfloat16" or self.dtype == "bfloat16"
         return self.bf16_weights() if bf16 and self.device == "cpu" else None
+
+    @contextlib.contextmanager
+    def decoding(self, weights: str | dict):
+        """Within: every inference pass -- forward (logits or losses), hidden_states, and each KV cache made with
+        the default weights (generate, eval's generation) -- runs on the weight snapshot a KV cache with `weights`
+        streams ("float32", "bfloat16", "int8", "w8a8" or a snapshot dict; see kv_cache), taken once: the numbers
+        decoding computes, for all tokens of a batch at once -- e.g. a quantized model's perplexity
+        (`fastllm eval --dtype w8a8`). Inference only: a forward in training mode inside raises RuntimeError.
+
+        >>> with model.eval().decoding("w8a8"):
+        ...     loss = model.forward(idx, targets)
+        """
+        snap = self.decode_weights(weights)
+        prev = self._decoding
+        self._decoding = None if snap is None else (snap, _snapshot_layers(snap))
+        try:
+            yield self
+        finally:
+            self._decoding = prev
 
     def _snapshot(self, convert, what: str) -> dict:
         if self.device != "cpu":
