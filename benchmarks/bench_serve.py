@@ -5,8 +5,9 @@ one request at a time in this process (no HTTP) for scale. The server runs in a 
 request is a ~32-token prompt and exactly N new tokens (<|endoftext|> is masked with logit_bias), temperature
 0.8, its own seed. Without HTTP, for scale: the same requests through fastllm.sample.generate one at a time, and
 all at once through a fastllm.serve Engine (16 slots) in this process. Rounds are interleaved (1, 4, 16
-clients, generate, Engine, then again) and medians reported.
-    python benchmarks/bench_serve.py [--threads 2] [--quick]"""
+clients, generate, Engine, then again) and medians reported. --dtype: the weights decoding streams, for all three
+(`fastllm serve --dtype`: float32, bfloat16, int8 or w8a8).
+    python benchmarks/bench_serve.py [--threads 2] [--quick] [--dtype float32]"""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ async def run_clients(url: str, bodies: list[dict], clients: int) -> dict:
             "ttft": [r["ttft"] for r in results], "latency": [r["latency"] for r in results]}
 
 
-def in_process(model, tok, bodies: list[dict], engine=None) -> dict:
+def in_process(model, tok, bodies: list[dict], engine=None, dtype: str = "float32") -> dict:
     """The same requests without HTTP, in this process: through fastllm.sample.generate one at a time, or (engine
     given) all submitted at once to a fastllm.serve Engine (16 slots, the rest queued)."""
     import threading
@@ -94,7 +95,8 @@ def in_process(model, tok, bodies: list[dict], engine=None) -> dict:
 
     def one(i: int, b: dict) -> None:
         if engine is None:
-            out = generate(model, prompts[i], b["max_tokens"], temperature=b["temperature"], seed=b["seed"])
+            out = generate(model, prompts[i], b["max_tokens"], temperature=b["temperature"], seed=b["seed"],
+                           weights=dtype)
             tokens[i] = len(out) - len(prompts[i])
             return
         req = Request(prompts=[prompts[i]], max_tokens=b["max_tokens"], seed=b["seed"],
@@ -114,7 +116,7 @@ def in_process(model, tok, bodies: list[dict], engine=None) -> dict:
     return {"wall": wall, "requests": len(bodies), "tokens": sum(tokens), "ttft": [], "latency": []}
 
 
-def run(threads: int, quick: bool) -> None:
+def run(threads: int, quick: bool, dtype: str = "float32") -> None:
     from serve_process import Server
 
     from fastllm.checkpoint import load_model
@@ -131,11 +133,12 @@ def run(threads: int, quick: bool) -> None:
                    "temperature": 0.8, "seed": i, "stream": True, "stream_options": {"include_usage": True},
                    "logit_bias": {str(eot): -100}} for i in range(n_requests)]
         model = load_model(ckpt).eval()
-        engine = Engine(model, tok, max_batch=16, threads=threads).start()
-        server = Server(ckpt, "--max-batch", "16", threads=threads)
+        snapshot = model.decode_weights(dtype) or "float32"  # taken once, as the server does
+        engine = Engine(model, tok, max_batch=16, threads=threads, weights=dtype).start()
+        server = Server(ckpt, "--max-batch", "16", "--dtype", dtype, threads=threads)
         try:
             print(header(f"fastllm serve: {n_requests} requests x {new_tokens} new tokens, small model (6L-384, "
-                         f"V={tok.n_vocab}), --max-batch 16", threads))
+                         f"V={tok.n_vocab}), --max-batch 16, --dtype {dtype}", threads))
             asyncio.run(run_clients(server.url, bodies[:4], 4))  # warm-up
             runs: dict[str, list[dict]] = {str(c): [] for c in levels}
             runs["generate"], runs["engine"] = [], []
@@ -144,7 +147,7 @@ def run(threads: int, quick: bool) -> None:
                 for c in levels:
                     runs[str(c)].append(asyncio.run(run_clients(server.url, bodies, c)))
                     loads.append(load_note())
-                runs["generate"].append(in_process(model, tok, bodies))
+                runs["generate"].append(in_process(model, tok, bodies, dtype=snapshot))
                 runs["engine"].append(in_process(model, tok, bodies, engine))
                 print(f"round {r + 1}: " + ", ".join(f"{k}: {v[-1]['tokens'] / v[-1]['wall']:,.0f} tok/s"
                                                      for k, v in runs.items()) + f" ({loads[-1]})", flush=True)
@@ -174,4 +177,4 @@ def run(threads: int, quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    cli(run, __doc__)
+    cli(run, __doc__, dtype=("the weights decoding streams", "float32", "float32", "bfloat16", "int8", "w8a8"))
