@@ -15,6 +15,7 @@
 #include <simde/x86/avx512.h>
 
 #include <cstdint>
+#include <cstring>
 
 // what SIMDe 0.8.2 lacks, by the Intel intrinsics guide's definitions
 #ifndef _MM_FROUND_NO_EXC
@@ -38,20 +39,18 @@ inline __m512 _mm512_mask_i32gather_ps(__m512 src, __mmask16 k, __m512i vindex, 
     return _mm512_load_ps(out);
 }
 inline void _mm512_stream_ps(float* p, __m512 v) { _mm512_store_ps(p, v); }  // p 64-byte aligned, as the real one
-inline __m256i _mm512_cvtepi32_epi16(__m512i a) {  // vpmovdw: each 32-bit lane truncated to 16 bits
+template <typename T, typename R>  // each 32-bit lane truncated to T, the 16 of them as R
+inline R narrow_epi32(__m512i a) {
     alignas(64) int32_t in[16];
-    alignas(32) int16_t out[16];
+    T out[16];
     _mm512_store_si512(in, a);
-    for (int i = 0; i < 16; i++) out[i] = int16_t(in[i]);
-    return _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
+    for (int i = 0; i < 16; i++) out[i] = T(in[i]);
+    R r;
+    std::memcpy(&r, out, sizeof(r));
+    return r;
 }
-inline __m128i _mm512_cvtepi32_epi8(__m512i a) {  // vpmovdb: each 32-bit lane truncated to 8 bits
-    alignas(64) int32_t in[16];
-    alignas(16) int8_t out[16];
-    _mm512_store_si512(in, a);
-    for (int i = 0; i < 16; i++) out[i] = int8_t(in[i]);
-    return _mm_load_si128(reinterpret_cast<const __m128i*>(out));
-}
+inline __m256i _mm512_cvtepi32_epi16(__m512i a) { return narrow_epi32<int16_t, __m256i>(a); }  // vpmovdw
+inline __m128i _mm512_cvtepi32_epi8(__m512i a) { return narrow_epi32<int8_t, __m128i>(a); }    // vpmovdb
 
 // SIMDe's masked loads read all 64 bytes and its masked stores write all of them (zeros where the mask is off): the
 // kernels rely on the hardware's semantics -- lanes off the mask are neither read nor written (tails of rows, the
