@@ -51,6 +51,13 @@ inline R narrow_epi32(__m512i a) {
 }
 inline __m256i _mm512_cvtepi32_epi16(__m512i a) { return narrow_epi32<int16_t, __m256i>(a); }  // vpmovdw
 inline __m128i _mm512_cvtepi32_epi8(__m512i a) { return narrow_epi32<int8_t, __m128i>(a); }    // vpmovdb
+inline __m512i _mm512_cvtepi8_epi32(__m128i a) {  // vpmovsxbd: 16 bytes sign-extended to 32-bit lanes
+    alignas(16) int8_t in[16];
+    alignas(64) int32_t out[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(in), a);
+    for (int i = 0; i < 16; i++) out[i] = in[i];
+    return _mm512_load_si512(out);
+}
 
 // SIMDe's masked loads read all 64 bytes and its masked stores write all of them (zeros where the mask is off): the
 // kernels rely on the hardware's semantics -- lanes off the mask are neither read nor written (tails of rows, the
@@ -61,6 +68,7 @@ inline __m128i _mm512_cvtepi32_epi8(__m512i a) { return narrow_epi32<int8_t, __m
 #undef _mm512_maskz_loadu_epi16
 #undef _mm512_maskz_loadu_epi32
 #undef _mm_mask_storeu_epi8
+#undef _mm_maskz_loadu_epi8
 inline void _mm512_mask_storeu_ps(void* p, __mmask16 k, __m512 a) {
     alignas(64) float v[16];
     _mm512_store_ps(v, a);
@@ -86,6 +94,11 @@ inline __m512i _mm512_maskz_loadu_epi32(__mmask16 k, const void* p) {
     alignas(64) int32_t v[16];
     for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? static_cast<const int32_t*>(p)[i] : 0;
     return _mm512_load_si512(v);
+}
+inline __m128i _mm_maskz_loadu_epi8(__mmask16 k, const void* p) {
+    alignas(16) int8_t v[16];
+    for (int i = 0; i < 16; i++) v[i] = k >> i & 1 ? static_cast<const int8_t*>(p)[i] : 0;
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(v));
 }
 inline void _mm_mask_storeu_epi8(void* p, __mmask16 k, __m128i a) {
     alignas(16) int8_t v[16];
