@@ -2,11 +2,10 @@
 matmul_forward_i8w): the quantization follows its definition (per output row: scale = max|row| / 127, q = round(w /
 scale)), and the product equals the float64 product with the dequantized matrix q * scale on every path -- the
 few-rows kernels (int8 widened to fp32 in registers, each row's sum scaled once; AVX-512 tiles from 2 rows, AVX2)
-up to 32 rows, the blockwise
-dequantization + packed fp32 GEMM above, and the portable path -- at every SIMD level and thread count, on shapes off
-the kernels' tiles. The int8 values are exact in fp32, so only the fp32 summation order differs from float64:
-|err| <= 1e-5 * sqrt(C) * max(|x| @ |w|^T). The KV cache's int8 decoding follows float32 (test_sample.py tests it
-end to end)."""
+up to 32 rows, the blockwise dequantization + packed fp32 GEMM above, and the portable path -- at every SIMD level
+and thread count, on shapes off the kernels' tiles. The int8 values are exact in fp32, so only the fp32 summation
+order differs from float64: |err| <= 1e-5 * sqrt(C) * max(|x| @ |w|^T). The KV cache's int8 decoding follows
+float32 (test_sample.py tests it end to end). The w8a8 tests (int8 activations too) follow."""
 
 from __future__ import annotations
 
