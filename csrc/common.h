@@ -51,6 +51,8 @@ inline std::atomic<int>& requested_threads() {
     static std::atomic<int> n{0};
     return n;
 }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }  // a, b > 0
+
 inline int max_threads() {
 #ifdef _OPENMP
     const int want = requested_threads().load(std::memory_order_relaxed);

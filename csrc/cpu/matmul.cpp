@@ -560,7 +560,6 @@ bool amx_emulation() { return g_amx_emulation.load(); }
 // ---------------------------------------------------------------------------------------------------------
 // blocked driver
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 using PackFn = void (*)(const float* src, int64_t ld, bool k_contig, int64_t rows, int64_t kc, float* dst);
 
@@ -1164,9 +1163,7 @@ FASTLLM_TARGET_AVX512BF16 static void gemv_bf16w_avx512bf16(int64_t N, int64_t K
     }
 }
 
-// Threads for a product of N rows with an (OC, C) weight matrix: all of them, unless it is tiny or the caller is
-// already inside a parallel region.
-static int weight_threads(int64_t N, int64_t C, int64_t OC) {
+int weight_threads(int64_t N, int64_t C, int64_t OC) {
 #ifdef _OPENMP
     if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) return max_threads();
 #endif
@@ -1383,8 +1380,9 @@ void matmul_forward_bf16p(float* out, const float* inp, const uint16_t* panels, 
 // Decode-sized batches (<= SMALL_M rows) widen q to fp32 in registers (exact) and scale each finished dot
 // product: a quarter of fp32's bytes streamed per step. From 2 rows on AVX-512 they run the fp32 few-rows tile
 // (gemm_small_m_nt_avx512 with Load512I8; Zen 4, 8 x 768 x 3072: 150 against 85-90 GOP/s for the AVX2 kernel,
-// GPT-2 decoding at batch 8: 293 -> 381 tok/s); one row stays on the AVX2 row kernel (bandwidth-bound). Longer inputs (prefill) dequantize blocks of weight rows to
-// fp32 (the same numbers) and run the packed fp32 GEMM on them: it does 2N flops per weight, the dequantization one.
+// GPT-2 decoding at batch 8: 293 -> 405 tok/s); one row stays on the AVX2 row kernel (bandwidth-bound). Longer
+// inputs (prefill) dequantize blocks of weight rows to fp32 (the same numbers) and run the packed fp32 GEMM on
+// them: it does 2N flops per weight, the dequantization one.
 
 static void dequantize_rows(float* w, const int8_t* q, const float* scale, int64_t rows, int64_t C, int T) {
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
@@ -1398,8 +1396,8 @@ void matmul_forward_i8w(float* out, const float* inp, const int8_t* q, const flo
     float* prod = pre_gelu ? pre_gelu : out;
     const int T = weight_threads(N, C, OC);
     if (N > 1 && N <= SMALL_M && simd_level() == Simd::avx512) {
-        if (N <= 4) gemm_small_m_nt_avx512<4, 4, Load512I8>(N, OC, C, 1.0f, inp, C, q, C, 0.0f, prod, OC, bias, T, scale);
-        else gemm_small_m_nt_avx512<8, 3, Load512I8>(N, OC, C, 1.0f, inp, C, q, C, 0.0f, prod, OC, bias, T, scale);
+        auto tile = N <= 4 ? gemm_small_m_nt_avx512<4, 4, Load512I8> : gemm_small_m_nt_avx512<8, 3, Load512I8>;
+        tile(N, OC, C, 1.0f, inp, C, q, C, 0.0f, prod, OC, bias, T, scale);
     } else if (N <= SMALL_M && simd_level() >= Simd::avx2) {
         if (N == 1) gemv_nt_avx2<LoadI8>(OC, C, 1.0f, inp, q, C, 0.0f, prod, bias, T, scale);
         else gemm_small_m_nt_avx2<LoadI8>(N, OC, C, 1.0f, inp, C, q, C, 0.0f, prod, OC, bias, T, scale);

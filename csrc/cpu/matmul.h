@@ -78,6 +78,10 @@ void matmul_forward_bf16p(float* out, const float* inp, const uint16_t* panels, 
 // the int8 values (exact in fp32) and then scaled. pre_gelu as in matmul_forward.
 void matmul_forward_i8w(float* out, const float* inp, const int8_t* q, const float* scale, const float* bias,
                         float* pre_gelu, int64_t N, int64_t C, int64_t OC);
+// Threads for a product of N rows with an (OC, C) weight matrix: all of them, unless it is tiny or the caller is
+// already inside a parallel region.
+int weight_threads(int64_t N, int64_t C, int64_t OC);
+
 // w8a8 (inference, see matmul_w8a8.cpp): int8 weights q (OC, C) with per-row scales sw, and each input row
 // quantized at every call to int8 with its own scale (dynamic quantization); exact int32 dot products (VPDPBUSD where
 // the CPU has AVX512-VNNI), then out = sa[n] * sw[o] * sum + bias. The weights are packed once

@@ -42,7 +42,6 @@ Lake), AVX2 VPMADDWD (Zen 3), portable loop.
 namespace fastllm::cpu {
 
 using vec::tail_mask16;
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static constexpr int64_t kW8Rows = 32;  // outputs per panel
 
 int64_t w8a8_panel_rows(int64_t OC) { return ceil_div(OC, kW8Rows) * kW8Rows; }
@@ -289,10 +288,7 @@ void matmul_forward_w8a8(float* out, const float* inp, const int8_t* panels, con
                        : quantize_row(&u[n * depth], inp + n * C, C, depth);
     float* prod = pre_gelu ? pre_gelu : out;
     const bool vnni = w8a8_vnni(), avx2 = simd_level() >= Simd::avx2;
-    int T = 1;
-#ifdef _OPENMP
-    if (!omp_in_parallel() && double(N) * double(C) * double(OC) >= 64.0 * 64.0 * 64.0) T = max_threads();
-#endif
+    const int T = weight_threads(N, C, OC);
     if (amx) {
         if (amx_emulation()) w8a8_amx<AmxEmu>(N, depth, u.data(), sa.data(), panels, OC, scale, wsum, bias, prod, T);
         else w8a8_amx<AmxTiles>(N, depth, u.data(), sa.data(), panels, OC, scale, wsum, bias, prod, T);

@@ -336,30 +336,22 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
     (2, 4)
     """
     inp = _f32(inp, "inp")
-    if isinstance(weight, Int8Panels):
-        return _matmul_w8a8(inp, weight, bias, out, pre_gelu)
-    weight, scale = weight if isinstance(weight, Int8Weight) else (weight, None)
-    panels = isinstance(weight, Bf16Panels)
-    if not panels and not isinstance(weight, np.ndarray):
-        raise TypeError(f"weight must be a numpy array, got {type(weight).__name__}")
     lead, C = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0
-    OC = weight.rows if panels else weight.shape[0] if weight.ndim == 2 else 0
+    weight, scale = weight if isinstance(weight, Int8Weight) else (weight, None)
+    w8a8, panels = isinstance(weight, Int8Panels), isinstance(weight, Bf16Panels)
+    if w8a8 and C != weight.cols:
+        raise ValueError(f"matmul_forward: inp has C = {C} columns, the int8 panels were packed for {weight.cols}")
+    if not (w8a8 or panels or isinstance(weight, np.ndarray)):
+        raise TypeError(f"weight must be a numpy array, got {type(weight).__name__}")
+    OC = weight.scale.shape[-1] if w8a8 else weight.rows if panels else weight.shape[0] if weight.ndim == 2 else 0
     out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
     pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
-    if panels:
+    if w8a8:
+        _C.matmul_forward_w8a8(_view(out, OC), _view(inp, C), weight.data, weight.scale, weight.wsum, bias, pg)
+    elif panels:
         _C.matmul_forward_bf16p(_view(out, OC), _view(inp, C), weight.data, OC, bias, pg)
     else:
         _C.matmul_forward(_view(out, OC), _view(inp, C), weight, bias, pg, _bf16(dtype), scale)
-    return out
-
-
-def _matmul_w8a8(inp, w: Int8Panels, bias, out, pre_gelu) -> np.ndarray:
-    lead, C, OC = inp.shape[:-1], inp.shape[-1] if inp.ndim else 0, w.scale.shape[-1]
-    if C != w.cols:
-        raise ValueError(f"matmul_forward: inp has C = {C} columns, the int8 panels were packed for {w.cols}")
-    out = np.empty((*lead, OC), np.float32) if out is None else _out(out, "out", (*lead, OC))
-    pg = None if pre_gelu is None else _view(_out(pre_gelu, "pre_gelu", (*lead, OC)), OC)
-    _C.matmul_forward_w8a8(_view(out, OC), _view(inp, C), w.data, w.scale, w.wsum, bias, pg)
     return out
 
 
