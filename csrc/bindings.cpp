@@ -407,18 +407,18 @@ static std::array<int64_t, 4> qkv_dims(const py::array& qkv, int64_t NH, std::op
 }
 
 static void attention_forward_py(py::array out, py::array lse, py::array qkv, int64_t NH,
-                                 std::optional<int64_t> n_kv_head) {
+                                 std::optional<int64_t> n_kv_head, bool bf16) {
     const auto [B, T, C, NKV] = qkv_dims(qkv, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     float* o = out_ptr<float>(out, "out", {B, T, C});
     float* l = out_ptr<float>(lse, "lse", {B, NH, T});
     check_outputs({{&out, "out"}, {&lse, "lse"}}, {{&qkv, "qkv"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_forward(o, l, x, B, T, C, NH, NKV);
+    fastllm::cpu::attention_forward(o, l, x, B, T, C, NH, NKV, bf16);
 }
 
 static void attention_backward_py(py::array dqkv, py::array dout, py::array qkv, py::array out, py::array lse,
-                                  int64_t NH, std::optional<int64_t> n_kv_head) {
+                                  int64_t NH, std::optional<int64_t> n_kv_head, bool bf16) {
     const auto [B, T, C, NKV] = qkv_dims(qkv, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     const float* dy = in_ptr<float>(dout, "dout", {B, T, C});
@@ -427,7 +427,7 @@ static void attention_backward_py(py::array dqkv, py::array dout, py::array qkv,
     float* dx = out_ptr<float>(dqkv, "dqkv", {B, T, qkv.shape(2)});
     check_outputs({{&dqkv, "dqkv"}}, {{&dout, "dout"}, {&qkv, "qkv"}, {&out, "out"}, {&lse, "lse"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH, NKV);
+    fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH, NKV, bf16);
 }
 
 // kcache (B, NKV, max_T, hs) gives NKV and hs; NH = W / hs - 2 NKV. n_kv_head, if given, must equal NKV; None means
@@ -858,6 +858,7 @@ static py::dict info_py() {
     d["bf16_matmul"] = fastllm::simd_name(fastllm::cpu::matmul_bf16w_path());
     d["bf16_weights"] = fastllm::cpu::bf16_panels_preferred() ? "panels" : "rows";
     d["w8a8"] = fastllm::cpu::w8a8_path();
+    d["bf16_attention"] = fastllm::cpu::attention_bf16_available() ? "avx512_bf16" : "fp32";
     d["bf16_gemm"] = std::string(fastllm::simd_name(fastllm::cpu::gemm_bf16_path())) +
                      (fastllm::cpu::amx_emulation() ? " (emulated)" : "");
     const fastllm::CpuFeatures& f = fastllm::cpu_features();
@@ -1331,9 +1332,9 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
                arg("alpha") = 1.0f, arg("beta") = 0.0f, arg("bf16") = false);
     def_kernel(m, "attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"),
-               arg("n_kv_head") = none);
+               arg("n_kv_head") = none, arg("bf16") = false);
     def_kernel(m, "attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
-               arg("lse"), arg("n_head"), arg("n_kv_head") = none);
+               arg("lse"), arg("n_head"), arg("n_kv_head") = none, arg("bf16") = false);
     def_kernel(m, "attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"),
                arg("qkv"), arg("pos"), arg("n_kv_head") = none);
     def_kernel(m, "softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),

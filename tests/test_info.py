@@ -113,6 +113,7 @@ def test_set_simd_each_supported_level():
             bf16w = {"scalar": "scalar", "avx512_bf16": "avx512_bf16", "amx": "avx512_bf16"}  # batch-1 decode: no AMX
             assert d["bf16_matmul"] == bf16w.get(level, "avx2")
             assert d["bf16_gemm"] == ("avx512" if level == "avx512" else level)
+            assert d["bf16_attention"] == ("avx512_bf16" if level in ("avx512_bf16", "amx") else "fp32")
             assert d["bf16_weights"] == ("panels" if level == "avx512_bf16" else "rows")  # AMX reads rows in place
             assert fastllm.ops.bf16_panels_preferred() == (d["bf16_weights"] == "panels")
             vnni = d["cpu_features"]["avx512_vnni"] and d["simd"] == "avx512"

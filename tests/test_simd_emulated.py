@@ -14,8 +14,9 @@ from emulated_build import ROOT, Emulation, child_info, run
 
 import fastllm
 
-TESTS = ["adamw", "attention", "attention_gqa", "backend", "embedding", "gelu", "layernorm", "matmul", "matmul_bf16",
-         "matmul_int8", "residual", "rmsnorm", "rope", "softmax_ce", "swiglu", "model", "model_arch", "sample"]
+TESTS = ["adamw", "attention", "attention_bf16", "attention_gqa", "backend", "embedding", "gelu", "layernorm", "matmul",
+         "matmul_bf16", "matmul_int8", "residual", "rmsnorm", "rope", "softmax_ce", "swiglu", "model", "model_arch",
+         "sample"]
 # the AVX2 and scalar levels run in the main suite
 EMULATION = Emulation("simde-test", ("-DFASTLLM_CUDA=off", "-DFASTLLM_SIMDE=ON"),
                       ("-k", "not avx2 and not scalar", *(str(ROOT / "tests" / f"test_{t}.py") for t in TESTS)))

@@ -140,6 +140,8 @@ constexpr int64_t kBc = 64;  // keys per tile (multiple of 16)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 inline int64_t valid_keys(int64_t i0, int64_t r, int64_t j0, int64_t nk) {
     return std::max<int64_t>(0, std::min<int64_t>(nk, i0 + r - j0 + 1));
 }
@@ -377,6 +379,117 @@ struct Avx512 {
     }
 };
 
+// ---- AVX512-BF16 tile products (attention_forward/backward with bf16 = true: the CPU's mixed precision)
+// The same tiles, softmax and drivers as Avx512; only gemm differs: it rounds both operands to bf16 pair words
+// (VDPBF16PS's layout: the even k in a word's low half) and sums the products in fp32, as torch's SDPA does on bf16
+// q, k, v under autocast. The operands are converted per call, into per-thread buffers: A row by row where it is
+// contiguous along k (Q, dO, P, dS: one VCVTNE2PS2BF16 per 32 values), or two rows of k at a time where it is
+// contiguous along m (P^T, dS^T); B (row-major, k along its rows) by pairs of rows, interleaved with one VPERMW.
+// A 64 x 64 x 64 tile converts 8K values (~0.5K cycles) for 8K VDPBF16PS, each 32 products (twice an FMA's).
+
+// MR rows x NV vectors of 16 columns; per pair of k, a 32-bit broadcast of A's word per row and NV words of B.
+template <int MR, int NV>
+FASTLLM_TARGET_AVX512BF16 void ukernel_bf16(int64_t Kq, const uint32_t* A, int64_t am, int64_t aq,
+                                            const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+    __m512 c[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    for (int64_t q = 0; q < Kq; q++) {
+        __m512bh b[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_loadu_si512(B + q * ldb + 16 * v);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[r * am + q * aq]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, b[v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+}
+
+using UKernelBf16 = void (*)(int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float*, int64_t,
+                             bool);
+template <int MR>
+constexpr UKernelBf16 kRowBf16[4] = {ukernel_bf16<MR, 1>, ukernel_bf16<MR, 2>, ukernel_bf16<MR, 3>,
+                                     ukernel_bf16<MR, 4>};
+constexpr const UKernelBf16* kTableBf16[6] = {kRowBf16<1>, kRowBf16<2>, kRowBf16<3>,
+                                              kRowBf16<4>, kRowBf16<5>, kRowBf16<6>};
+
+struct Bf16Avx512 : Avx512 {
+    // 16 pair words (lo[i], hi[i]) from two rows of 16 values (VCVTNE2PS2BF16 puts hi's 16 bf16 above lo's)
+    FASTLLM_TARGET_AVX512BF16 static __m512i pairs(__m512 lo, __m512 hi) {
+        const __m512i interleave = _mm512_setr_epi32(0x100000, 0x110001, 0x120002, 0x130003, 0x140004, 0x150005,
+                                                     0x160006, 0x170007, 0x180008, 0x190009, 0x1a000a, 0x1b000b,
+                                                     0x1c000c, 0x1d000d, 0x1e000e, 0x1f000f);
+        return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    // op = A (M x K; sak == 1: rows along k, or sam == 1: columns along k) -> words W[m*am + q*aq] of pair q
+    FASTLLM_TARGET_AVX512BF16 static void convert_a(uint32_t* W, int64_t& am, int64_t& aq, int64_t M, int64_t K,
+                                                    const float* A, int64_t sam, int64_t sak) {
+        const int64_t Kq = (K + 1) / 2;
+        if (sak == 1) {  // row m: 32 values of k -> 16 words in order
+            am = round_up(Kq, 16), aq = 1;
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t k = 0; k < 2 * am; k += 32) {
+                    const float* a = A + m * sam + k;
+                    const __m512 x0 = _mm512_maskz_loadu_ps(vec::tail_mask16(K - k), a);
+                    const __m512 x1 = _mm512_maskz_loadu_ps(vec::tail_mask16(K - k - 16), a + 16);
+                    _mm512_storeu_si512(W + m * am + k / 2, (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+                }
+        } else {  // rows 2q, 2q + 1 of k: 16 values of m each -> 16 words
+            am = 1, aq = round_up(M, 16);
+            for (int64_t q = 0; q < Kq; q++)
+                for (int64_t m = 0; m < aq; m += 16) {
+                    const __mmask16 mm = vec::tail_mask16(M - m);
+                    const __m512 lo = _mm512_maskz_loadu_ps(mm, A + 2 * q * sak + m);
+                    const __m512 hi = 2 * q + 1 < K ? _mm512_maskz_loadu_ps(mm, A + (2 * q + 1) * sak + m)
+                                                    : _mm512_setzero_ps();
+                    _mm512_storeu_si512(W + q * aq + m, pairs(lo, hi));
+                }
+        }
+    }
+    // B (K x N row-major, N a multiple of 16) -> words W[q*N + n] = (B[2q][n], B[2q+1][n]); row K (K odd) is zero
+    FASTLLM_TARGET_AVX512BF16 static void convert_b(uint32_t* W, int64_t K, int64_t N, const float* B, int64_t ldb) {
+        for (int64_t q = 0; q < (K + 1) / 2; q++)
+            for (int64_t n = 0; n < N; n += 16) {
+                const __m512 lo = _mm512_loadu_ps(B + 2 * q * ldb + n);
+                const __m512 hi = 2 * q + 1 < K ? _mm512_loadu_ps(B + (2 * q + 1) * ldb + n) : _mm512_setzero_ps();
+                _mm512_storeu_si512(W + q * N + n, pairs(lo, hi));
+            }
+    }
+    // Avx512::gemm's contract. A diagonal tile's k range grows to whole pairs: the entry it adds is one the causal
+    // mask zeroes in A (P, dS and their transposes hold exact zeros there), so the sums are unchanged.
+    FASTLLM_TARGET_AVX512BF16 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam,
+                                               int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc,
+                                               bool acc, Tri tri = kFull, int64_t off = 0) {
+        static thread_local std::vector<uint32_t> wa, wb;
+        const int64_t Kq = (K + 1) / 2;
+        const size_t na = size_t(round_up(M, 16) * round_up(Kq, 16)), nb = size_t(Kq * N);
+        if (wa.size() < na) wa.resize(na);
+        if (wb.size() < nb) wb.resize(nb);
+        int64_t am, aq;
+        convert_a(wa.data(), am, aq, M, K, A, sam, sak);
+        convert_b(wb.data(), K, N, B, ldb);
+        for (int64_t n0 = 0; n0 < N; n0 += kNV * kW) {
+            for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+                const int mr = (int)std::min<int64_t>(kMR, M - m0);
+                const TriRange r(tri, off, m0, mr, K, N);
+                const int nv = (int)std::min<int64_t>(kNV, (r.nend - n0 + kW - 1) / kW);
+                if (nv <= 0) continue;
+                const int64_t q0 = r.k0 / 2, q1 = (r.k1 + 1) / 2;
+                kTableBf16[mr - 1][nv - 1](q1 - q0, wa.data() + m0 * am + q0 * aq, am, aq, wb.data() + q0 * N + n0, N,
+                                           C + m0 * ldc + n0, ldc, acc);
+            }
+        }
+    }
+};
+
 // ---- AVX2 primitives
 
 // lanes j + 0..7 kept where j + lane < nv
@@ -501,8 +614,6 @@ struct Avx2 {
 
 // ---------------------------------------------------------------------------------------------------------
 // tiled drivers, generic over the ISA primitives
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Per-thread scratch: one zero-initialized, 64-byte aligned slab of `per` floats for each thread. Padding regions
 // of the packed buffers are never written, so they stay zero across the (b, h) pairs a thread processes.
@@ -701,7 +812,8 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
 
 // forward_tiled at the SIMD level in use (training: cache null; a KV-cache prefill: cache given)
 static void forward_tiled_dispatch(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C,
-                                   int64_t NH, int64_t NKV, const CacheKV* cache) {
+                                   int64_t NH, int64_t NKV, const CacheKV* cache, bool bf16 = false) {
+    if (bf16 && attention_bf16_available()) return forward_tiled<Bf16Avx512>(out, lse, qkv, B, T, C, NH, NKV, cache);
     switch (simd_level()) {
         case Simd::avx512: return forward_tiled<Avx512>(out, lse, qkv, B, T, C, NH, NKV, cache);
         case Simd::avx2: return forward_tiled<Avx2>(out, lse, qkv, B, T, C, NH, NKV, cache);
@@ -709,15 +821,19 @@ static void forward_tiled_dispatch(float* out, float* lse, const float* qkv, int
     }
 }
 
+bool attention_bf16_available() { return simd_setting() >= Simd::avx512_bf16; }
+
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                       int64_t NKV) {
+                       int64_t NKV, bool bf16) {
     if (B * T * C == 0) return;
-    forward_tiled_dispatch(out, lse, qkv, B, T, C, NH, NKV, nullptr);
+    forward_tiled_dispatch(out, lse, qkv, B, T, C, NH, NKV, nullptr, bf16);
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV) {
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, bool bf16) {
     if (B * T * C == 0) return;
+    if (bf16 && attention_bf16_available())
+        return backward_tiled<Bf16Avx512>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV);
     switch (simd_level()) {
         case Simd::avx512: return backward_tiled<Avx512>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV);
         case Simd::avx2: return backward_tiled<Avx2>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV);

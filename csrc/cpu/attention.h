@@ -8,12 +8,16 @@ namespace fastllm::cpu {
 // [h*hs, (h+1)*hs)), k and v NKV * hs each; NKV divides NH and query head h uses kv head h / (NH / NKV)
 // (NKV = NH: multi-head attention, qkv (B, T, 3C)).
 // out (B, T, C) = softmax(q k^T / sqrt(hs) + causal mask) v per head; lse (B, NH, T) the row logsumexp.
+// bf16: the tile products (q k^T, p v and the backward's four) take bf16-rounded operands with fp32 sums, where
+// attention_bf16_available() (AVX512_BF16); elsewhere the fp32 kernels run. Softmax, lse and every array stay fp32.
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                       int64_t NKV);
+                       int64_t NKV, bool bf16 = false);
 
 // dqkv (B, T, C + 2*NKV*hs) += gradient of out w.r.t. qkv, given dout (B, T, C) and the forward's out and lse.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV);
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, bool bf16 = false);
+
+bool attention_bf16_available();
 
 // The readable per-row versions (same semantics, O(T) scratch per thread): documentation and test oracle.
 void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C,

@@ -106,6 +106,23 @@ inline void _mm_mask_storeu_epi8(void* p, __mmask16 k, __m128i a) {
     for (int i = 0; i < 16; i++)
         if (k >> i & 1) static_cast<int8_t*>(p)[i] = v[i];
 }
+// vcvtne2ps2bf16: round to nearest even, denormal inputs to (signed) zero, NaN quiet; b's 16 bf16 low, a's high
+inline __m512bh _mm512_cvtne2ps_pbh(__m512 a, __m512 b) {
+    alignas(64) float x[32];
+    _mm512_store_ps(x, b);
+    _mm512_store_ps(x + 16, a);
+    uint16_t r[32];
+    for (int i = 0; i < 32; i++) {
+        uint32_t u;
+        std::memcpy(&u, &x[i], 4);
+        if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+        r[i] = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u)
+                                                : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    __m512bh out;
+    std::memcpy(&out, r, sizeof(out));
+    return out;
+}
 #else
 #include <immintrin.h>
 #endif

@@ -33,7 +33,8 @@ def info() -> dict:
     model.bf16_weights(): "panels", packed once for the bf16 GEMM where that is avx512_bf16, else "rows") and
     "bf16_gemm" (the kernel of the
     mixed-precision matmuls, dtype="bfloat16": amx tiles, avx512_bf16 dot products, or fp32 FMAs on operands rounded
-    to bf16 on avx512/avx2; scalar: a portable loop) and "w8a8" (the integer products of model.w8a8_weights():
+    to bf16 on avx512/avx2; scalar: a portable loop), "bf16_attention" (the mixed-precision attention's tile
+    products: avx512_bf16 dot products, or fp32) and "w8a8" (the integer products of model.w8a8_weights():
     amx -- AMX-INT8 tiles for prompts, avx512_vnni for decode steps --, avx512_vnni, avx2 or scalar).
 
     >>> fastllm.info()["cpu_features"]["avx2"] in (True, False)

@@ -17,8 +17,9 @@ The contract, stated once for both modules:
     (parameter and activation gradients alike): zero them first. Gradients they allocate start at zero.
   - Activations and weights have one dtype per call (float32; on the GPU also bfloat16, with fp32 accumulation);
     parameter gradients, layernorm/rmsnorm statistics, attention logsumexp, rope tables and losses are float32.
-    The CPU's bfloat16 is a property of the matmuls instead (`dtype=` of matmul_forward/backward and lmhead_ce:
-    operands rounded to bf16 as they are packed); get("cpu", "bfloat16") binds it, arrays stay float32.
+    The CPU's bfloat16 is a property of the products instead (`dtype=` of matmul_forward/backward, lmhead_ce and
+    attention_forward/backward: operands rounded to bf16 as they are packed); get("cpu", "bfloat16") binds it,
+    arrays stay float32.
   - Bad arguments raise TypeError (wrong dtype or array type) or ValueError (shape, range, overlap), naming the
     argument.
 
@@ -39,13 +40,16 @@ DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("bfloat16", "float32")}  # co
 
 class CpuBf16:
     """fastllm.ops with the matmuls in bf16: the CPU's mixed precision (like torch.autocast(bfloat16) on a CPU).
-    The lm-head and every linear layer round both operands to bf16 (exact products, fp32 sums); everything else --
-    norms, attention, softmax and loss, the optimizer -- and every array (weights, activations, gradients) stay
-    float32. Rounding inside the GEMM's packing means no bf16 copy of the weights is kept or synchronised."""
+    The lm-head and every linear layer round both operands to bf16 (exact products, fp32 sums), and so do
+    attention's tile products where the CPU has AVX512_BF16 (`info()["bf16_attention"]`); everything else -- norms,
+    softmax and loss, the optimizer -- and every array (weights, activations, gradients) stay float32. Rounding
+    inside the GEMM's packing means no bf16 copy of the weights is kept or synchronised."""
 
     matmul_forward = staticmethod(partial(ops.matmul_forward, dtype="bfloat16"))
     matmul_backward = staticmethod(partial(ops.matmul_backward, dtype="bfloat16"))
     lmhead_ce = staticmethod(partial(ops.lmhead_ce, dtype="bfloat16"))
+    attention_forward = staticmethod(partial(ops.attention_forward, dtype="bfloat16"))
+    attention_backward = staticmethod(partial(ops.attention_backward, dtype="bfloat16"))
 
     def __getattr__(self, name: str):
         return getattr(ops, name)

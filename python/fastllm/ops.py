@@ -391,11 +391,16 @@ def _kv_out_width(qkv, kcache, n_kv_head: int | None) -> int:
     return max(nkv if n_kv_head is None else qkv.shape[-1] // hs - 2 * nkv, 0) * hs
 
 
-def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None):
+def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None, dtype: str = "float32"):
     """Causal self-attention on packed qkv (B, T, (NH + 2*NKV) * hs) = [q | k | v] -> (out (B, T, NH*hs), lse
     (B, NH, T): the logsumexp of each query's scaled scores, saved for backward). n_kv_head (NKV, dividing n_head;
     None = n_head, qkv (B, T, 3C)) gives grouped-query attention: query head h uses kv head h // (NH // NKV), and
-    K/V are never repeated in memory."""
+    K/V are never repeated in memory.
+
+    dtype="bfloat16": the tile products (q k^T and p v; in the backward also dO v^T, p^T dO, dS k, dS^T q) round
+    their operands to bf16 and sum in fp32, as torch's SDPA on bf16 q, k, v does, where the CPU has AVX512_BF16
+    (`info()["bf16_attention"]`); elsewhere they stay fp32, which is as fast there. The softmax, lse and all the
+    arrays stay float32."""
     qkv = _f32(qkv, "qkv")
     if qkv.ndim != 3:
         raise ValueError(f"qkv must be (B, T, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
@@ -404,15 +409,16 @@ def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | Non
     out = np.empty((B, T, _q_width(qkv, n_head, n_kv_head)), np.float32) if out is None else out
     if lse is None:  # (for an impossible n_head, a placeholder: the kernel names the problem)
         lse = np.empty((B, n_head, T) if 0 < n_head <= W else 0, np.float32)
-    _C.attention_forward(out, lse, qkv, n_head, _nkv(n_kv_head))
+    _C.attention_forward(out, lse, qkv, n_head, _nkv(n_kv_head), _bf16(dtype))
     return out, lse
 
 
-def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None) -> np.ndarray:
+def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None,
+                       dtype: str = "float32") -> np.ndarray:
     """Gradient w.r.t. qkv (B, T, (NH + 2*NKV) * hs), accumulated into dqkv; dk, dv of a kv head sum over the
-    query heads that share it."""
+    query heads that share it. dtype as in attention_forward."""
     dqkv = _out(dqkv, "dqkv", _f32(qkv, "qkv").shape)
-    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head), _nkv(n_kv_head))
+    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head), _nkv(n_kv_head), _bf16(dtype))
     return dqkv
 
 
