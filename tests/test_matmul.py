@@ -18,6 +18,7 @@ import reference as ref
 from backends import Backend, assert_rel
 from reference import bf16_round
 
+import fastllm
 from fastllm import _C, cuda, ops
 
 TOL = {"float32": dict(out=2e-5, dw=2e-5), "bfloat16": dict(out=1e-2, dw=1e-4)}
@@ -175,6 +176,35 @@ def test_cpu_gemm(mnk, trans, alpha, beta, threads, rng):
     expect = alpha * (opa @ opb) + (beta * c0 if beta else 0)
     t = tol(K)
     np.testing.assert_allclose(c, expect, rtol=t["rtol"], atol=t["atol"] * max(1.0, abs(alpha)) + 1e-6)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "trans", [(False, False), (False, True), (True, False), (True, True)], ids=["NN", "NT", "TN", "TT"]
+)
+def test_cpu_gemm_thread_counts_agree(simd_bf16, bf16, trans, rng):
+    """Split by rows, the threads share op(B): it is packed once, each thread a run of its panels, where one thread
+    packs it block by block. The same panels and the same sums: bit for bit at 1, 2 and 3 threads (K odd and across
+    the K block, N off the panels), and within the GEMM's tolerance of float64."""
+    M, N, K = 700, 45, 1601
+    ta, tb = trans
+    a = rng.standard_normal((K, M) if ta else (M, K), dtype=np.float32)
+    b = rng.standard_normal((N, K) if tb else (K, N), dtype=np.float32)
+    outs = []
+    old = fastllm.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            fastllm.set_num_threads(threads)
+            c = np.full((M, N), np.nan, np.float32)
+            _C.gemm(c, a, b, ta, tb, bf16=bf16)
+            outs.append(c)
+    finally:
+        fastllm.set_num_threads(old)
+    for c in outs[1:]:
+        np.testing.assert_array_equal(c, outs[0])
+    if not bf16:
+        expect = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+        np.testing.assert_allclose(outs[0], expect, **tol(K))
 
 
 def test_cpu_gemm_simd_levels(simd, rng):

@@ -44,6 +44,7 @@ The naive triple loops (matmul_*_naive, gemm_naive) stay as documentation and as
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "amx.h"
@@ -647,20 +648,22 @@ struct Scratch {
         return p;
     }
 };
-static thread_local Scratch tls_pack_a, tls_pack_b;
+static thread_local Scratch tls_pack_a, tls_pack_b, tls_shared_b;  // shared_b: the calling thread's
 
 // Where gemm_blocked gets op(B)'s panels for a block (columns jc.., k pc..): block() returns the panels, packed into
 // buf or already in place, and the next panel (NR columns on) lies panel_words(kp) * NR floats further.
 //   BDense:     an fp32 matrix, packed by the kernel's packer (transB: B stored (N, K), else (K, N)).
 //   BBf16Rows:  bf16 weights W (N, K) read as op(B) = W^T, K even: a word of the VNNI layout is a word of W's row
 //               as it is, so the panels are a 32-bit transpose (no rounding).
-//   BBf16Panels: bf16 weights packed once into VNNI panels of NR columns over all of K (pack_bf16_panels): nothing
-//               to pack, each block a window of the panels.
+//   BPanels:    panels of NR columns over all of K, packed before the GEMM (bf16 weights, pack_bf16_panels; or a
+//               BDense that several threads' rectangles share, gemm_threads): nothing to pack, each block a window
+//               of the panels.
 // at(n0) is the same source from column n0 on (a thread's rectangle).
 struct BDense {
     const float* B;
     int64_t ldb;
     bool transB;
+    static constexpr bool packed = false;
     const float* block(const GemmKernel& kn, int64_t jc, int64_t pc, int64_t nc, int64_t kc, float* buf) const {
         kn.pack_b(transB ? B + jc * ldb + pc : B + pc * ldb + jc, ldb, transB, nc, kc, buf);
         return buf;
@@ -671,6 +674,7 @@ struct BDense {
 struct BBf16Rows {
     const uint16_t* W;
     int64_t ldw;
+    static constexpr bool packed = false;
     const float* block(const GemmKernel&, int64_t jc, int64_t pc, int64_t nc, int64_t kc, float* buf) const {
         pack_panels_kc_avx512<16 * kNV512>(reinterpret_cast<const float*>(W + jc * ldw + pc), ldw / 2, nc,
                                            (kc + 1) / 2, buf);
@@ -679,14 +683,16 @@ struct BBf16Rows {
     int64_t panel_words(int64_t kp) const { return kp; }
     BBf16Rows at(int64_t n0) const { return {W + n0 * ldw, ldw}; }
 };
-struct BBf16Panels {
-    const float* P;  // panel p at P + p * NR * kw; pair q of its column r at q * NR + r
-    int64_t kw;      // pairs of k: K / 2
+struct BPanels {
+    const float* P;  // panel p at P + p * NR * kw; word q (k / kpack) of its column r at q * NR + r
+    int64_t kw;      // words of k: ceil(K / kpack)
+    int kpack;
+    static constexpr bool packed = true;
     const float* block(const GemmKernel& kn, int64_t jc, int64_t pc, int64_t, int64_t, float*) const {
-        return P + jc * kw + pc / 2 * kn.NR;
+        return P + jc * kw + pc / kpack * kn.NR;
     }
     int64_t panel_words(int64_t) const { return kw; }
-    BBf16Panels at(int64_t n0) const { return {P + n0 * kw, kw}; }
+    BPanels at(int64_t n0) const { return {P + n0 * kw, kw, kpack}; }
 };
 
 // The blocked algorithm on one thread. Pointers are already offset to the rectangle's origin.
@@ -1018,6 +1024,11 @@ static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, in
     // (~0.15 ns a value against ~0.01 ns an fp32 product, half that in bf16, on Zen 4). Splitting the columns of a
     // 2048 x 384 output instead of its rows (the same tile count, within 1%) packed all 2048 rows of A on each
     // thread: -10..25% GFLOP/s in bf16.
+    // A dense B of at most kSharedB values that several rectangles would each pack is packed once, every thread
+    // packing a share of its panels (shared below): its cost is N / T a thread, whatever the grid. (Larger ones are
+    // packed block by block, each used while it is in cache.) Panels already packed cost nothing.
+    constexpr double kSharedB = 4 << 20;
+    const bool shareable = !BSource::packed && kn.kround == 1 && double(N) * double(K) <= kSharedB;
     const double pack_cost = 8.0 * kn.kpack;
     int tm = 1, tn = T;
     double best = 1e300;
@@ -1025,8 +1036,24 @@ static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, in
         if (T % a) continue;
         const int b = T / a;
         const double rows = double(ceil_div(mt, a) * kn.MR), cols = double(ceil_div(nt, b) * kn.NR);
-        const double cost = rows * cols + pack_cost * (rows * double(ceil_div(cols, kn.NC)) + cols);
+        const double bcost = BSource::packed ? 0.0 : shareable && a > 1 ? double(N) / T : cols;
+        const double cost = rows * cols + pack_cost * (rows * double(ceil_div(cols, kn.NC)) + bcost);
         if (cost < best * 0.999) best = cost, tm = a, tn = b;
+    }
+    if constexpr (std::is_same_v<BSource, BDense>) {
+        if (shareable && tm > 1) {  // op(B) into panels of NR columns over all of K, shared by the rectangles
+            const int NR = kn.NR;
+            const int64_t kw = ceil_div(K, kn.kpack), np = ceil_div(N, NR);
+            float* P = tls_shared_b.get(size_t(np * NR * kw));
+#pragma omp parallel for num_threads(T) schedule(static)
+            for (int t = 0; t < T; t++) {  // one run of whole panels a thread (the packer reads rows once, whole)
+                const int64_t n0 = np * t / T * NR, n1 = std::min(N, np * (t + 1) / T * NR);
+                if (n1 > n0)
+                    kn.pack_b(b.transB ? b.B + n0 * b.ldb : b.B + n0, b.ldb, b.transB, n1 - n0, K, P + n0 * kw);
+            }
+            return gemm_threads(kn, T, transA, M, N, K, alpha, A, lda, BPanels{P, kw, kn.kpack}, beta, Cm, ldc,
+                                bias);
+        }
     }
     // Big outputs: q equal chunks per thread along the split dimension, handed out dynamically, so a thread
     // slowed by another process does not hold the others up. A chunk stays >= ~1000 rows/columns, so the
@@ -1254,7 +1281,7 @@ void matmul_forward_bf16w(float* out, const float* inp, const uint16_t* weight, 
 // bf16 weights packed once into the bf16 GEMM's panels (decoding on AVX512_BF16 without AMX). Row-major bf16
 // weights make a decode step of 8 rows run dot products along K, each finished with a horizontal sum, and 3
 // weight rows streamed at a time: 14 GB/s where one row reaches 36 (GPT-2, Zen 4). In the VNNI panels of
-// BBf16Panels (32 columns, pairs of k, the weights in one sequential stream) the packed GEMM's micro-kernel takes
+// BPanels (32 columns, pairs of k, the weights in one sequential stream) the packed GEMM's micro-kernel takes
 // any number of rows: a broadcast of each row's pair, no sums across lanes, nothing packed per call but the
 // activations. The tile's height follows the rows (4, 8 or 14), so a batch of 8 computes no padding rows.
 
@@ -1355,7 +1382,7 @@ void matmul_forward_bf16p(float* out, const float* inp, const uint16_t* panels, 
         return;
     }
     gemm_threads(bf16_panel_kernel(N), weight_threads(N, C, OC), false, N, OC, C, 1.0f, inp, C,
-                 BBf16Panels{reinterpret_cast<const float*>(panels), C / 2}, 0.0f, prod, OC, bias);
+                 BPanels{reinterpret_cast<const float*>(panels), C / 2, 2}, 0.0f, prod, OC, bias);
     if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
 }
 
