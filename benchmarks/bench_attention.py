@@ -1,6 +1,8 @@
 """Causal self-attention, fastllm vs torch SDPA (is_causal=True) on the same device:
     python benchmarks/bench_attention.py [--threads 2] [--quick] [--device cpu|cuda] [--dtype ...] [--smoke]
                                          [--simple]
+--dtype bfloat16 on the CPU: fastllm's mixed-precision attention (fp32 arrays, the tile products on bf16-rounded
+operands where the CPU has AVX512_BF16: info()["bf16_attention"] in the header) vs torch SDPA on bf16 tensors.
 Shapes (B, NH, T, hs): on the CPU (4, 12, T, 64) for T in 512, 1024; on the GPU hs 64 and 128 with NH*hs in
 768 .. 2048 and T = 1024 .. 8192 at B*T = 16384 tokens (torch with the flash backend forced for bfloat16,
 FlashAttention-2). fwd and fwd+bwd. GFLOP/s (TFLOP/s on the GPU) counts the causal half of the matmul flops: fwd
@@ -34,14 +36,15 @@ SMOKE = [(1, 2, 64, 64), (1, 2, 65, 32)]
 
 def setup(shape, device: str, dtype: str):
     """{mode: {provider: callable}} for mode fwd and fwd+bwd, and a check() printing max |fastllm - torch|."""
-    bk = backend.get(device)
+    bk = backend.get(device, dtype)  # the CPU in bfloat16: CpuBf16 (float32 arrays, bf16 tile products)
+    store = backend.storage_dtype(device, dtype)
     B, NH, T, hs = shape
     C = NH * hs
     rng = np.random.default_rng(0)
     qkv_np = rng.standard_normal((B, T, 3 * C), dtype=np.float32)
     dout_np = rng.standard_normal((B, T, C), dtype=np.float32)
-    qkv, dout = bk.to_device(qkv_np, dtype), bk.to_device(dout_np, dtype)
-    out, lse, dqkv = bk.empty((B, T, C), dtype), bk.empty((B, NH, T)), bk.zeros((B, T, 3 * C), dtype)
+    qkv, dout = bk.to_device(qkv_np, store), bk.to_device(dout_np, store)
+    out, lse, dqkv = bk.empty((B, T, C), store), bk.empty((B, NH, T)), bk.zeros((B, T, 3 * C), store)
 
     def f_fwd():
         bk.attention_forward(qkv, NH, out=out, lse=lse)

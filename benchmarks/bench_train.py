@@ -151,7 +151,8 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, autocast: str
         if "torch autocast" in providers:
             print("torch autocast = torch.autocast('cpu', dtype=torch.bfloat16) around the forward (bf16 GEMMs)")
         print("fastllm bf16 = GPT(dtype='bfloat16'): bf16 matmuls (operands rounded as packed, fp32 sums; kernel: "
-              "info()['bf16_gemm'] in the header), fp32 master weights, AdamW, norms, attention and loss")
+              "info()['bf16_gemm'] in the header) and attention products (info()['bf16_attention']), fp32 master "
+              "weights, AdamW, norms, softmax and loss")
         print_table(rows, ["model", "BxT", "params", *(f"{k} ms" for k in providers),
                            *(f"{k} tok/s" for k in providers),
                            *(f"{a}/{b}" for a, b in RATIOS if a in providers and b in providers)])

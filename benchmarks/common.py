@@ -35,15 +35,16 @@ def cpu_name() -> str:
 
 
 def simd_note() -> str:
-    """The SIMD level in use, the bf16 kernels (decode weights and their layout, mixed-precision GEMM) and the bf16
-    hardware, the w8a8 kernel: e.g. "simd avx2, bf16 matmul avx2 (rows), bf16 gemm avx2, no avx512_bf16, no amx,
-    w8a8 avx2"."""
+    """The SIMD level in use, the bf16 kernels (decode weights and their layout, mixed-precision GEMM and attention)
+    and the bf16 hardware, the w8a8 kernel: e.g. "simd avx2, bf16 matmul avx2 (rows), bf16 gemm avx2, bf16 attention
+    fp32, no avx512_bf16, no amx, w8a8 avx2"."""
     import fastllm
 
     d = fastllm.info()
     f = d["cpu_features"]
     parts = [f"simd {fastllm.get_simd()}", f"bf16 matmul {d['bf16_matmul']} ({d['bf16_weights']})",
-             f"bf16 gemm {d['bf16_gemm']}", "avx512_bf16" if f["avx512_bf16"] else "no avx512_bf16"]
+             f"bf16 gemm {d['bf16_gemm']}", f"bf16 attention {d['bf16_attention']}",
+             "avx512_bf16" if f["avx512_bf16"] else "no avx512_bf16"]
     if f["amx_bf16"]:
         parts.append("amx_bf16 " + ("(tiles granted)" if d["amx_permission"] else "(tile permission denied)"))
     else:

@@ -1440,9 +1440,10 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
     if (dinp) gemm(false, false, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C, prec);
     // dweight (OC, C) += dout^T (OC, N) @ inp (N, C)
     if (dweight) gemm(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C, prec);
-    // dbias (OC) += column sums of dout: threads over column chunks, rows streamed (unit stride inside a chunk)
+    // dbias (OC) += column sums of dout: threads over column chunks, rows streamed (unit stride inside a chunk).
+    // Chunks of 64 columns (4 vectors), so that every thread gets some: with 512, OC = 384 summed on one thread.
     if (dbias) {
-        const int64_t CH = 512;
+        const int64_t CH = 64;
         const int64_t nchunks = ceil_div(OC, CH);
 #pragma omp parallel for schedule(static) if (N * OC > 65536)
         for (int64_t ch = 0; ch < nchunks; ch++) {
