@@ -1057,9 +1057,11 @@ static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, in
     }
     // Big outputs: q equal chunks per thread along the split dimension, handed out dynamically, so a thread
     // slowed by another process does not hold the others up. A chunk stays >= ~1000 rows/columns, so the
-    // extra packing (A re-packed per column chunk, B per row chunk) costs ~1% or less.
+    // extra packing (A re-packed per column chunk, B per row chunk) costs ~1% or less; where B is already in
+    // panels, row chunks pack nothing twice: 8 a thread, of >= 224 rows.
     if (T > 1) {
         if (tn >= tm) tn *= int(std::clamp<int64_t>(N / (int64_t(tn) * 1024), 1, 4));
+        else if (BSource::packed) tm *= int(std::clamp<int64_t>(M / (int64_t(tm) * 224), 1, 8));
         else tm *= int(std::clamp<int64_t>(M / (int64_t(tm) * 672), 1, 4));
     }
     const int tasks = tm * tn;
