@@ -433,7 +433,7 @@ static void attention_backward_py(py::array dqkv, py::array dout, py::array qkv,
 // kcache (B, NKV, max_T, hs) gives NKV and hs; NH = W / hs - 2 NKV. n_kv_head, if given, must equal NKV; None means
 // multi-head attention (W = 3 * NKV * hs, today's layout)
 static void attention_kv_forward_py(py::array out, py::array kcache, py::array vcache, py::array qkv, py::array pos,
-                                    std::optional<int64_t> n_kv_head) {
+                                    std::optional<int64_t> n_kv_head, bool bf16) {
     check_ndim(qkv, "qkv", 3, "(B, Tn, (n_head + 2*n_kv_head) * hs)");
     check_ndim(kcache, "kcache", 4, "(B, n_kv_head, max_T, hs)");
     const int64_t B = qkv.shape(0), Tn = qkv.shape(1), W = qkv.shape(2);
@@ -458,7 +458,7 @@ static void attention_kv_forward_py(py::array out, py::array kcache, py::array v
         FASTLLM_CHECK(p[b] >= 0 && p[b] + Tn <= maxT, "pos[", b, "] = ", p[b], " + ", Tn,
                       " new tokens does not fit the cache of max_T=", maxT);
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, NKV, maxT);
+    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, NKV, maxT, bf16);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1336,7 +1336,7 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
                arg("lse"), arg("n_head"), arg("n_kv_head") = none, arg("bf16") = false);
     def_kernel(m, "attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"),
-               arg("qkv"), arg("pos"), arg("n_kv_head") = none);
+               arg("qkv"), arg("pos"), arg("n_kv_head") = none, arg("bf16") = false);
     def_kernel(m, "softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
                arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none, arg("softcap") = 0.0f);
     def_kernel(m, "lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"),

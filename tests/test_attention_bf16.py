@@ -154,3 +154,31 @@ def test_bf16_attention_vs_torch_sdpa_bf16(bf16_attention, NH, NKV, T):
     for a, b in ((0, NH * hs), (NH * hs, (NH + NKV) * hs), ((NH + NKV) * hs, (NH + 2 * NKV) * hs)):
         ours, theirs = rel_err(dqkv[..., a:b], ref_d[..., a:b], floor), rel_err(t_d[..., a:b], ref_d[..., a:b], floor)
         assert ours <= theirs + 1e-3, (ours, theirs)
+
+
+@pytest.mark.parametrize("NH,NKV,hs", [(4, 2, 64), (3, 3, 40)])
+def test_bf16_kv_prefill(bf16_attention, NH, NKV, hs):
+    """attention_kv_forward with dtype="bfloat16" (bf16 weights' prefills): several new tokens after cached ones
+    (rows at different positions) within bf16 tolerance of float64, the cache written exactly; one new token (a
+    decode step) is the fp32 kernel's, bit for bit."""
+    B, Tn, maxT = 3, 37, 80
+    pos = np.array([0, 5, 17], np.int32)
+    rng = np.random.default_rng(6)
+    hist = rounded(rng.standard_normal((B, 17 + Tn, (NH + 2 * NKV) * hs)), "bfloat16")  # every row's full sequence
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        k = np.full((B, NKV, maxT, hs), np.nan, np.float32)
+        v = np.full((B, NKV, maxT, hs), np.nan, np.float32)
+        for b in range(B):  # the cached rows 0 .. pos[b] - 1
+            k[b, :, :pos[b]] = hist[b, :pos[b], NH * hs:(NH + NKV) * hs].reshape(pos[b], NKV, hs).transpose(1, 0, 2)
+            v[b, :, :pos[b]] = hist[b, :pos[b], (NH + NKV) * hs:].reshape(pos[b], NKV, hs).transpose(1, 0, 2)
+        new = np.stack([hist[b, pos[b]:pos[b] + Tn] for b in range(B)])
+        out = ops.attention_kv_forward(new, k, v, pos, n_kv_head=NKV, dtype=dtype)
+        step = ops.attention_kv_forward(np.ascontiguousarray(new[:, :1]), k, v, pos + Tn, n_kv_head=NKV, dtype=dtype)
+        got[dtype] = out, step, k.copy()
+    np.testing.assert_array_equal(got["bfloat16"][1], got["float32"][1])
+    np.testing.assert_array_equal(got["bfloat16"][2], got["float32"][2])
+    assert not np.array_equal(got["bfloat16"][0], got["float32"][0]), "dtype='bfloat16' ran the fp32 products"
+    for b in range(B):
+        ref, _ = reference.gqa_attention_forward(hist[b:b + 1, :pos[b] + Tn], NH, NKV)
+        assert rel_err(got["bfloat16"][0][b], ref[0, pos[b]:]) <= TOL["out"]

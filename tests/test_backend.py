@@ -37,7 +37,7 @@ DEVICE_DEFAULTS = {("carve", "align"), ("lmhead_chunk_rows", "dtype")}
 # the CPU's precision of the matmuls (bf16 products of fp32 arrays; backend.CpuBf16 binds it), last and optional;
 # on the GPU the arrays' dtype is the precision
 CPU_ONLY = {("matmul_forward", "dtype"), ("matmul_backward", "dtype"), ("lmhead_ce", "dtype"),
-            ("attention_forward", "dtype"), ("attention_backward", "dtype")}
+            ("attention_forward", "dtype"), ("attention_backward", "dtype"), ("attention_kv_forward", "dtype")}
 OP_SUFFIXES = ("_forward", "_backward", "_step", "_ce")
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (2, 3, 37)]

@@ -892,7 +892,7 @@ static void attend_group(float* out, float* scores, const float* q, int64_t ng_,
 }
 
 void attention_kv_forward(float* out, float* kcache, float* vcache, const float* qkv, const int32_t* pos,
-                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT) {
+                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, bool bf16) {
     if (B * Tn == 0) return;
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs;
     const float scale = 1.0f / std::sqrt((float)hs);
@@ -908,11 +908,12 @@ void attention_kv_forward(float* out, float* kcache, float* vcache, const float*
             }
     // 2) several new tokens (a prefill, fresh or continued): the tiled causal attention of training with the keys
     //    and values read from the cache and the mask shifted by each sequence's position, rather than query by
-    //    query (a 512-token SmolLM2-135M prefill: attention 413 -> 92 ms, 2 threads, Zen 3; torch SDPA 194 ms)
+    //    query (a 512-token SmolLM2-135M prefill: attention 413 -> 92 ms, 2 threads, Zen 3; torch SDPA 194 ms);
+    //    bf16: its tile products in bf16 (the prefills of bf16 weights)
     if (Tn > 1) {
         std::vector<float> lse((size_t)(B * NH * Tn));
         const CacheKV cache{kcache, vcache, maxT, pos};
-        return forward_tiled_dispatch(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache);
+        return forward_tiled_dispatch(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache, bf16);
     }
     // 3) one new token (decoding): its query heads of a kv group together over the cache, which is read once for
     //    them; a group is split in `parts` pieces when there are too few (b, kv head) items to occupy the threads

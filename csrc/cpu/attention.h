@@ -28,7 +28,8 @@ void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, 
 // Inference with a KV cache. qkv (B, Tn, C + 2*NKV*hs) holds Tn new tokens per sequence; their keys/values are
 // written to kcache, vcache (B, NKV, maxT, hs) at rows pos[b] .. pos[b]+Tn-1, then out (B, Tn, C) is each new
 // query's causal attention over rows 0 .. pos[b]+t of its sequence and kv head. O(B * NH * Tn * (pos + Tn) * hs).
+// bf16: a prefill's (Tn > 1) tile products in bf16, as attention_forward's; a decode step (Tn = 1) stays fp32.
 void attention_kv_forward(float* out, float* kcache, float* vcache, const float* qkv, const int32_t* pos,
-                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT);
+                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, bool bf16 = false);
 
 }  // namespace fastllm::cpu

@@ -18,8 +18,8 @@ The contract, stated once for both modules:
   - Activations and weights have one dtype per call (float32; on the GPU also bfloat16, with fp32 accumulation);
     parameter gradients, layernorm/rmsnorm statistics, attention logsumexp, rope tables and losses are float32.
     The CPU's bfloat16 is a property of the products instead (`dtype=` of matmul_forward/backward, lmhead_ce and
-    attention_forward/backward: operands rounded to bf16 as they are packed); get("cpu", "bfloat16") binds it,
-    arrays stay float32.
+    the attentions: operands rounded to bf16 as they are packed); get("cpu", "bfloat16") binds it, arrays stay
+    float32.
   - Bad arguments raise TypeError (wrong dtype or array type) or ValueError (shape, range, overlap), naming the
     argument.
 
@@ -50,6 +50,7 @@ class CpuBf16:
     lmhead_ce = staticmethod(partial(ops.lmhead_ce, dtype="bfloat16"))
     attention_forward = staticmethod(partial(ops.attention_forward, dtype="bfloat16"))
     attention_backward = staticmethod(partial(ops.attention_backward, dtype="bfloat16"))
+    attention_kv_forward = staticmethod(partial(ops.attention_kv_forward, dtype="bfloat16"))
 
     def __getattr__(self, name: str):
         return getattr(ops, name)

@@ -807,6 +807,9 @@ class KVCache:
         self._all_passes = self.snapshot is not None and isinstance(
             self.snapshot[model.head], (ops.Int8Weight, ops.Int8Panels, ops.Bf16Panels))
         self._snapl = None if self.snapshot is None else _snapshot_layers(self.snapshot)
+        head = None if self.snapshot is None else self.snapshot[model.head]
+        # bf16 weights (on the CPU): a prefill's attention products in bf16 too (backend.CpuBf16)
+        self._bf16 = isinstance(head, ops.Bf16Panels) or (isinstance(head, np.ndarray) and head.dtype == np.uint16)
         self.hs = cfg.head_size
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, self.hs)
         self.k = bk.zeros(shape, model.act_dtype)
@@ -915,6 +918,7 @@ class KVCache:
         if self._snapl is not None and snap is None and backend.cpu_bf16_hardware():
             bk = backend.get("cpu", "bfloat16")  # a long prefill: the bf16 GEMM on the fp32 weights (rounded as the
             # snapshot: the same numbers) where the CPU has bf16 hardware; elsewhere fp32 is faster (measured)
+        abk = backend.get("cpu", "bfloat16") if self._bf16 else bk  # attention (a prefill's products in bf16)
         x = u["x"]
         # token (+ position) embedding; learned position rows start at each sequence's pos (a view of wpe)
         if m.rope is None and not (pos == pos[0]).all():  # rows at different positions: one call per row
@@ -938,7 +942,7 @@ class KVCache:
                     bk.rmsnorm_forward(qkv4, pl[name][l], cfg.layernorm_eps, out=qkv4, rstd=rstd, heads=heads)
             if m.rope is not None:
                 bk.rope_forward(qkv, *m.rope, NH, pos=pos_dev, out=qkv, n_kv_head=NKV)
-            bk.attention_kv_forward(qkv, kc, vc, pos_dev, out=u["y"].reshape((b, Tn, NH * hs)), n_kv_head=NKV)
+            abk.attention_kv_forward(qkv, kc, vc, pos_dev, out=u["y"].reshape((b, Tn, NH * hs)), n_kv_head=NKV)
             bk.matmul_forward(u["y"], w["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l), out=u["tmp"])
             bk.add_(x, u["tmp"])
             norm_forward(bk, cfg, x, pl["ln_2.weight"][l], _at(pl, "ln_2.bias", l), u["h"], u["mean"], u["rstd"])

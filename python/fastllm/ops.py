@@ -422,16 +422,18 @@ def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: i
     return dqkv
 
 
-def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None) -> np.ndarray:
+def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None,
+                         dtype: str = "float32") -> np.ndarray:
     """Inference attention with a KV cache: qkv (B, Tn, (NH + 2*NKV) * hs) of Tn new tokens per sequence; their keys
     and values are written into kcache/vcache (B, NKV, max_T, hs) at positions pos[b] .. pos[b]+Tn-1 (only the kv
     heads are stored), then each new query attends causally to its sequence's cache. Returns out (B, Tn, NH*hs).
-    pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal kcache.shape[1]."""
+    pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal kcache.shape[1].
+    dtype="bfloat16": a prefill's (Tn > 1) tile products in bf16 as in attention_forward; a step (Tn = 1) is fp32."""
     qkv, kcache = _f32(qkv, "qkv"), _f32(kcache, "kcache")
     if qkv.ndim != 3:
         raise ValueError(f"qkv must be (B, Tn, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
     out = np.empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), np.float32) if out is None else out
-    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), _nkv(n_kv_head))
+    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), _nkv(n_kv_head), _bf16(dtype))
     return out
 
 
