@@ -234,15 +234,28 @@ struct Scalar {
 
 // ---- AVX-512 primitives
 
+// An MR x NV-vector accumulator tile: from C (acc) or zero, and back to C.
+template <int MR, int NV>
+FASTLLM_TARGET_AVX512 inline void tile_start_512(__m512 (&c)[MR][NV], const float* C, int64_t ldc, bool acc) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+}
+template <int MR, int NV>
+FASTLLM_TARGET_AVX512 inline void tile_store_512(const __m512 (&c)[MR][NV], float* C, int64_t ldc) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+}
+
 // MR rows x NV vectors of 16 columns, K-loop with one broadcast of A per row and NV loads of B per step
 template <int MR, int NV>
 FASTLLM_TARGET_AVX512 void ukernel_512(int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
                                        int64_t ldb, float* C, int64_t ldc, bool acc) {
     __m512 c[MR][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    tile_start_512(c, C, ldc, acc);
     for (int64_t k = 0; k < K; k++) {
         __m512 b[NV];
 #pragma GCC unroll 8
@@ -255,10 +268,7 @@ FASTLLM_TARGET_AVX512 void ukernel_512(int64_t K, const float* A, int64_t sam, i
             for (int v = 0; v < NV; v++) c[r][v] = _mm512_fmadd_ps(ar, b[v], c[r][v]);
         }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+    tile_store_512(c, C, ldc);
 }
 
 using UKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
@@ -297,19 +307,25 @@ struct Avx512 {
                                   _mm512_add_ps(_mm512_maskz_loadu_ps(k, dst + i), _mm512_maskz_loadu_ps(k, src + i)));
         }
     }
-    FASTLLM_TARGET_AVX512 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam,
-                                           int64_t sak, const float* B, int64_t ldb, float* C, int64_t ldc, bool acc,
-                                           Tri tri = kFull, int64_t off = 0) {
+    // The register tiles of an M x N product (kMR rows x up to kNV vectors), each with the k range the causal mask
+    // leaves it: f(mr, nv, m0, n0, range).
+    template <class F>
+    static void tiles(int64_t M, int64_t N, int64_t K, Tri tri, int64_t off, F&& f) {
         for (int64_t n0 = 0; n0 < N; n0 += kNV * kW) {
             for (int64_t m0 = 0; m0 < M; m0 += kMR) {
                 const int mr = (int)std::min<int64_t>(kMR, M - m0);
                 const TriRange r(tri, off, m0, mr, K, N);
                 const int nv = (int)std::min<int64_t>(kNV, (r.nend - n0 + kW - 1) / kW);
-                if (nv <= 0) continue;
-                kTable512[mr - 1][nv - 1](r.k1 - r.k0, A + m0 * sam + r.k0 * sak, sam, sak, B + r.k0 * ldb + n0, ldb,
-                                          C + m0 * ldc + n0, ldc, acc);
+                if (nv > 0) f(mr, nv, m0, n0, r);
             }
         }
+    }
+    static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                     int64_t ldb, float* C, int64_t ldc, bool acc, Tri tri = kFull, int64_t off = 0) {
+        tiles(M, N, K, tri, off, [&](int mr, int nv, int64_t m0, int64_t n0, const TriRange& r) {
+            kTable512[mr - 1][nv - 1](r.k1 - r.k0, A + m0 * sam + r.k0 * sak, sam, sak, B + r.k0 * ldb + n0, ldb,
+                                      C + m0 * ldc + n0, ldc, acc);
+        });
     }
     FASTLLM_TARGET_AVX512 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
                                                   float* m, float* l, float* O, int64_t hsp) {
@@ -392,10 +408,7 @@ template <int MR, int NV>
 FASTLLM_TARGET_AVX512BF16 void ukernel_bf16(int64_t Kq, const uint32_t* A, int64_t am, int64_t aq,
                                             const uint32_t* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
     __m512 c[MR][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    tile_start_512(c, C, ldc, acc);
     for (int64_t q = 0; q < Kq; q++) {
         __m512bh b[NV];
 #pragma GCC unroll 8
@@ -407,10 +420,7 @@ FASTLLM_TARGET_AVX512BF16 void ukernel_bf16(int64_t Kq, const uint32_t* A, int64
             for (int v = 0; v < NV; v++) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, b[v]);
         }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; r++)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+    tile_store_512(c, C, ldc);
 }
 
 using UKernelBf16 = void (*)(int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float*, int64_t,
@@ -476,17 +486,11 @@ struct Bf16Avx512 : Avx512 {
         int64_t am, aq;
         convert_a(wa.data(), am, aq, M, K, A, sam, sak);
         convert_b(wb.data(), K, N, B, ldb);
-        for (int64_t n0 = 0; n0 < N; n0 += kNV * kW) {
-            for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-                const int mr = (int)std::min<int64_t>(kMR, M - m0);
-                const TriRange r(tri, off, m0, mr, K, N);
-                const int nv = (int)std::min<int64_t>(kNV, (r.nend - n0 + kW - 1) / kW);
-                if (nv <= 0) continue;
-                const int64_t q0 = r.k0 / 2, q1 = (r.k1 + 1) / 2;
-                kTableBf16[mr - 1][nv - 1](q1 - q0, wa.data() + m0 * am + q0 * aq, am, aq, wb.data() + q0 * N + n0, N,
-                                           C + m0 * ldc + n0, ldc, acc);
-            }
-        }
+        tiles(M, N, K, tri, off, [&](int mr, int nv, int64_t m0, int64_t n0, const TriRange& r) {
+            const int64_t q0 = r.k0 / 2, q1 = (r.k1 + 1) / 2;
+            kTableBf16[mr - 1][nv - 1](q1 - q0, wa.data() + m0 * am + q0 * aq, am, aq, wb.data() + q0 * N + n0, N,
+                                       C + m0 * ldc + n0, ldc, acc);
+        });
     }
 };
 
