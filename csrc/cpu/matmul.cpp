@@ -48,7 +48,6 @@ The naive triple loops (matmul_*_naive, gemm_naive) stay as documentation and as
 #include <vector>
 
 #include "amx.h"
-#include "bf16.h"
 #include "common.h"
 #include "gelu.h"
 #include "vecmath.h"
@@ -291,12 +290,27 @@ FASTLLM_TARGET_AVX512 static void pack_panels_rc_avx512(const float* src, int64_
 }
 
 // The AVX-512 form of pack_panels_bf16 (same layouts, same rounding, bit for bit), 16 rows x 16 pairs at a time.
-// A pair word comes from two fp32 vectors (bf16.h: bf16_pairs_avx512, no shuffles). Row-contiguous
+// A pair word comes from two fp32 vectors: bf16_round16 leaves each lane's bf16 in its high half (bf16_bits before
+// the shift), so word = (round(X(., 2q)) >> 16) | (round(X(., 2q+1)) & 0xffff0000) -- no shuffles. Row-contiguous
 // sources (X(r, k) = src[k*ld + r]) then give, per pair, the words of 16 rows in one vector: the VNNI layout's
 // order; k-contiguous ones give, per row, 16 pairs from 32 consecutive values (narrowed by vpmovdw): the AMX A
 // layout's order. Where the order is the other one, a 16 x 16 transpose. Rows past `rows` and pairs past kc are
 // zeros (masked loads); the scalar packer had ~3 ns per value, a third of a bf16 GEMM's time at K = 384.
 using vec::tail_mask16;
+FASTLLM_TARGET_AVX512 static inline __m512i bf16_round16_avx512(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                            _mm512_set1_epi32(1))));
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));  // quiet NaN
+}
+FASTLLM_TARGET_AVX512 static inline __m512 bf16_pairs_avx512(__m512 lo, __m512 hi) {
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(bf16_round16_avx512(lo), 16),
+                                               _mm512_and_si512(bf16_round16_avx512(hi),
+                                                                _mm512_set1_epi32(int32_t(0xffff0000u)))));
+}
 template <int W, int QPAD, bool TileRows>
 FASTLLM_TARGET_AVX512 static void pack_panels_bf16_avx512(const float* src, int64_t ld, bool k_contig, int64_t rows,
                                                           int64_t kc, float* dst) {
@@ -314,8 +328,10 @@ FASTLLM_TARGET_AVX512 static void pack_panels_bf16_avx512(const float* src, int6
                 for (int r = 0; r < 16; r++) {
                     if (rb + r >= w) { v[r] = _mm512_setzero_ps(); continue; }
                     const float* s = src + (r0 + rb + r) * ld + k0;
-                    v[r] = _mm512_castsi512_ps(
-                        bf16_row32_avx512(_mm512_maskz_loadu_ps(m0, s), _mm512_maskz_loadu_ps(m1, s + 16)));
+                    const __m512i a = _mm512_srli_epi32(bf16_round16_avx512(_mm512_maskz_loadu_ps(m0, s)), 16);
+                    const __m512i b = _mm512_srli_epi32(bf16_round16_avx512(_mm512_maskz_loadu_ps(m1, s + 16)), 16);
+                    v[r] = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)),
+                                                                  _mm512_cvtepi32_epi16(b), 1));
                 }
             } else {  // v[q] = pair q0 + q of the 16 rows
                 const __mmask16 mr = tail_mask16(w - rb);

@@ -804,10 +804,9 @@ class KVCache:
         self.max_len = cache_length(cfg, batch_size, max_len)
         self.snapshot = model.decode_weights(weights)
         # a snapshot for every pass: int8 (the quantized model throughout), bf16 panels (nothing to pack per call)
-        self._all_passes = self.snapshot is not None and isinstance(
-            self.snapshot[model.head], (ops.Int8Weight, ops.Int8Panels, ops.Bf16Panels))
-        self._snapl = None if self.snapshot is None else _snapshot_layers(self.snapshot)
         head = None if self.snapshot is None else self.snapshot[model.head]
+        self._all_passes = isinstance(head, (ops.Int8Weight, ops.Int8Panels, ops.Bf16Panels))
+        self._snapl = None if self.snapshot is None else _snapshot_layers(self.snapshot)
         # bf16 weights (on the CPU): a prefill's attention products in bf16 too (backend.CpuBf16)
         self._bf16 = isinstance(head, ops.Bf16Panels) or (isinstance(head, np.ndarray) and head.dtype == np.uint16)
         self.hs = cfg.head_size
