@@ -141,6 +141,26 @@ def test_gemm_bf16_rounds_the_operands(bf16_gemm):
     np.testing.assert_allclose(c, 5 * (1 + 2**-7) ** 2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ta", [False, True])
+def test_gemm_bf16_special_values(ta, rng, bf16_gemm):
+    """NaN and inf pass through the packing (VCVTNE2PS2BF16 or the integer rounding) into the products; subnormal
+    operands (zeros to VDPBF16PS / TDPBF16PS, kept by the fp32 kernels) change nothing beyond the tolerance."""
+    M, N, K = 5, 40, 37
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    a[0, 3] = np.nan
+    a[1, 2] = np.inf
+    a[2, ::2] = 1e-39  # subnormal
+    a[3, 1::3] = -3e-41
+    b = np.abs(rng.standard_normal((K, N))).astype(np.float32) + 0.5
+    c = np.empty((M, N), np.float32)
+    _C.gemm(c, np.ascontiguousarray(a.T) if ta else a, b, ta, False, bf16=True)
+    assert np.isnan(c[0]).all()
+    assert np.isposinf(c[1]).all()
+    finite = np.where(np.abs(a) < 1e-30, 0.0, a)[2:]
+    ref = _r(finite) @ _r(b)
+    np.testing.assert_allclose(c[2:], ref, rtol=0, atol=1e-5 * np.sqrt(K) * (np.abs(_r(finite)) @ _r(b)).max())
+
+
 @pytest.mark.parametrize("N,C,OC", [(1, 7, 3), (13, 64, 50), (70, 33, 129)])
 def test_matmul_bf16_forward_backward(N, C, OC, rng, bf16_gemm):
     x = rng.standard_normal((N, C), dtype=np.float32)
