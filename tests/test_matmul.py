@@ -207,6 +207,30 @@ def test_cpu_gemm_thread_counts_agree(simd_bf16, bf16, trans, rng):
         np.testing.assert_allclose(outs[0], expect, **tol(K))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("N,C,OC", [(1601, 45, 700), (1601, 3000, 20), (3, 5, 7)], ids=str)
+def test_cpu_dbias_from_the_dweight_gemm(simd_bf16, dtype, N, C, OC, rng):
+    """With dweight, dbias comes from the dweight GEMM (row sums of each block of dout^T as it is packed): every
+    row once, whatever the thread grid (rows or columns split: C = 3000, OC = 20) and K blocks (N = 1601), bit for bit
+    at 1, 2 and 3 threads, and the fp32 column sums of dout (float64 reference) in both precisions."""
+    dout = rng.standard_normal((N, OC), dtype=np.float32)
+    x, w = rng.standard_normal((N, C), dtype=np.float32), rng.standard_normal((OC, C), dtype=np.float32)
+    db0 = rng.standard_normal(OC).astype(np.float32)
+    outs = []
+    old = fastllm.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            fastllm.set_num_threads(threads)
+            db = db0.copy()
+            ops.matmul_backward(dout, x, w, dbias=db, need_dinp=False, dtype=dtype)
+            outs.append(db)
+    finally:
+        fastllm.set_num_threads(old)
+    for db in outs[1:]:
+        np.testing.assert_array_equal(db, outs[0])
+    np.testing.assert_allclose(outs[0], db0 + dout.sum(0, dtype=np.float64), rtol=0, atol=2e-6 * N)
+
+
 def test_cpu_gemm_simd_levels(simd, rng):
     """Edge tiles in both M and N and a K crossing the K block, on each micro-kernel."""
     a = rng.standard_normal((53, 1100), dtype=np.float32)

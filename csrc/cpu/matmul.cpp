@@ -742,10 +742,24 @@ struct BPanels {
 };
 
 // The blocked algorithm on one thread. Pointers are already offset to the rectangle's origin.
+// a_sums (may be null): a_sums[i] += sum_k op(A)(i, k), from each block of A right after it is packed (in cache).
+static void add_row_sums(bool transA, const float* A, int64_t lda, int64_t m, int64_t kc, float* a_sums) {
+    if (transA) {  // op(A)(i, k) = A[k * lda + i]: rows of A added as vectors
+        for (int64_t k = 0; k < kc; k++)
+            for (int64_t i = 0; i < m; i++) a_sums[i] += A[k * lda + i];
+    } else {
+        for (int64_t i = 0; i < m; i++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < kc; k++) acc += A[i * lda + k];
+            a_sums[i] += acc;
+        }
+    }
+}
+
 template <class BSource>
 static void gemm_blocked(const GemmKernel& kn, bool transA, int64_t M, int64_t N, int64_t K, float alpha,
                          const float* A, int64_t lda, const BSource& bsrc, float beta, float* Cm, int64_t ldc,
-                         const float* bias) {
+                         const float* bias, float* a_sums = nullptr) {
     const int MR = kn.MR, NR = kn.NR;
     const int64_t KC = kn.KC, MC = kn.MC, NC = kn.NC;
     const int64_t kp_max = ((KC + kn.kpack - 1) / kn.kpack + kn.kround - 1) / kn.kround * kn.kround;
@@ -769,7 +783,9 @@ static void gemm_blocked(const GemmKernel& kn, bool transA, int64_t M, int64_t N
             for (int64_t ic = 0; ic < M; ic += MC) {
                 const int64_t mc = std::min(MC, M - ic);
                 // op(A)(i, k): transA -> A[k*lda + i], else A[i*lda + k] (contiguous along k)
-                kn.pack_a(transA ? A + pc * lda + ic : A + ic * lda + pc, lda, !transA, mc, kc, pa);
+                const float* a = transA ? A + pc * lda + ic : A + ic * lda + pc;
+                kn.pack_a(a, lda, !transA, mc, kc, pa);
+                if (a_sums && jc == 0) add_row_sums(transA, a, lda, mc, kc, a_sums + ic);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t nr = std::min<int64_t>(NR, nc - jr);
                     const float* pbj = pbc + jr * pstep;
@@ -1020,11 +1036,11 @@ FASTLLM_TARGET_AVX2 static void gemv_nt_avx2(int64_t N, int64_t K, float alpha, 
 template <class BSource>
 static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, int64_t N, int64_t K, float alpha,
                          const float* A, int64_t lda, const BSource& b, float beta, float* Cm, int64_t ldc,
-                         const float* bias);
+                         const float* bias, float* a_sums = nullptr);
 
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* Cm, int64_t ldc, const float* bias, int threads,
-             Prec prec) {
+             Prec prec, float* a_sums) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {  // no products: C = beta*C + bias
         for (int64_t i = 0; i < M; i++)
@@ -1044,7 +1060,7 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
 #endif
     }
     if (double(M) * double(N) * double(K) < 64.0 * 64.0 * 64.0) T = 1;  // not worth waking threads
-    const bool small = M <= SMALL_M && !transA && transB && prec == Prec::fp32;  // bf16: always packed
+    const bool small = M <= SMALL_M && !transA && transB && prec == Prec::fp32 && !a_sums;  // bf16: packed
     if (small && simd_level() == Simd::avx512) {  // decode-sized batches
         if (M == 1) gemv_nt_avx512(N, K, alpha, A, B, ldb, beta, Cm, bias, T);
         else if (M <= 4) gemm_small_m_nt_avx512<4, 4>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
@@ -1056,13 +1072,13 @@ void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float al
         else gemm_small_m_nt_avx2<LoadF32>(M, N, K, alpha, A, lda, B, ldb, beta, Cm, ldc, bias, T);
         return;
     }
-    gemm_threads(kn, T, transA, M, N, K, alpha, A, lda, BDense{B, ldb, transB}, beta, Cm, ldc, bias);
+    gemm_threads(kn, T, transA, M, N, K, alpha, A, lda, BDense{B, ldb, transB}, beta, Cm, ldc, bias, a_sums);
 }
 
 template <class BSource>
 static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, int64_t N, int64_t K, float alpha,
                          const float* A, int64_t lda, const BSource& b, float beta, float* Cm, int64_t ldc,
-                         const float* bias) {
+                         const float* bias, float* a_sums) {
     const int64_t mt = ceil_div(M, kn.MR), nt = ceil_div(N, kn.NR);
     T = int(std::min<int64_t>(T, mt * nt));
     // Thread grid tm x tn: the least time on the busiest thread, its rows x columns of products plus what it packs
@@ -1098,7 +1114,7 @@ static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, in
                     kn.pack_b(b.transB ? b.B + n0 * b.ldb : b.B + n0, b.ldb, b.transB, n1 - n0, K, P + n0 * kw);
             }
             return gemm_threads(kn, T, transA, M, N, K, alpha, A, lda, BPanels{P, kw, kn.kpack}, beta, Cm, ldc,
-                                bias);
+                                bias, a_sums);
         }
     }
     // Big outputs: q equal chunks per thread along the split dimension, handed out dynamically, so a thread
@@ -1119,7 +1135,7 @@ static void gemm_threads(const GemmKernel& kn, int T, bool transA, int64_t M, in
         const int64_t n1 = std::min(N, ceil_div(nt * (tj + 1), tn) * kn.NR);
         if (m1 <= m0 || n1 <= n0) return;
         gemm_blocked(kn, transA, m1 - m0, n1 - n0, K, alpha, transA ? A + m0 : A + m0 * lda, lda, b.at(n0), beta,
-                     Cm + m0 * ldc + n0, ldc, bias ? bias + n0 : nullptr);
+                     Cm + m0 * ldc + n0, ldc, bias ? bias + n0 : nullptr, a_sums && n0 == 0 ? a_sums + m0 : nullptr);
     };
     if (T == 1) {
         run(0);
@@ -1486,11 +1502,11 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
                      const float* weight, int64_t N, int64_t C, int64_t OC, Prec prec) {
     // dinp (N, C) += dout (N, OC) @ weight (OC, C)
     if (dinp) gemm(false, false, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C, prec);
-    // dweight (OC, C) += dout^T (OC, N) @ inp (N, C)
-    if (dweight) gemm(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C, prec);
-    // dbias (OC) += column sums of dout: threads over column chunks, rows streamed (unit stride inside a chunk).
-    // Chunks of 64 columns (4 vectors), so that every thread gets some: with 512, OC = 384 summed on one thread.
-    if (dbias) {
+    // dweight (OC, C) += dout^T (OC, N) @ inp (N, C); dbias (OC) += the row sums of dout^T, taken by the GEMM from
+    // each block of dout^T it has just packed (in cache): a separate pass over dout cost ~6% of matmul_backward.
+    if (dweight && C > 0) {
+        gemm_ex(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C, nullptr, 0, prec, dbias);
+    } else if (dbias) {  // (no dweight product) column sums of dout, threads over chunks of 64 columns (4 vectors), rows streamed
         const int64_t CH = 64;
         const int64_t nchunks = ceil_div(OC, CH);
 #pragma omp parallel for schedule(static) if (N * OC > 65536)

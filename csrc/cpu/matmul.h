@@ -47,10 +47,11 @@ void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha
           const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc, Prec prec = Prec::fp32);
 
 // gemm plus a row vector bias (N) added to every row of the result: Cmat = alpha op(A) op(B) + beta Cmat + bias.
-// bias may be nullptr. threads <= 0 means "decide" (as gemm); 1 forces the calling thread only.
+// bias may be nullptr. threads <= 0 means "decide" (as gemm); 1 forces the calling thread only. a_sums (M, may be
+// nullptr): a_sums[i] += sum_k op(A)(i, k) (fp32, unscaled), taken while A is packed (matmul_backward's dbias).
 void gemm_ex(bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* Cmat, int64_t ldc, const float* bias, int threads = 0,
-             Prec prec = Prec::fp32);
+             Prec prec = Prec::fp32, float* a_sums = nullptr);
 
 // Inference with bf16 weights (decoding): out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias, weight stored as
 // bf16 bit patterns. inp rows are rounded to bf16 (nearest even) first; products are exact, sums fp32. pre_gelu
