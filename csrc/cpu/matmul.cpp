@@ -1506,7 +1506,7 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
     // each block of dout^T it has just packed (in cache): a separate pass over dout cost ~6% of matmul_backward.
     if (dweight && C > 0) {
         gemm_ex(true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C, nullptr, 0, prec, dbias);
-    } else if (dbias) {  // (no dweight product) column sums of dout, threads over chunks of 64 columns (4 vectors), rows streamed
+    } else if (dbias) {  // no dweight product: column sums of dout, threads over chunks of 64 columns, rows streamed
         const int64_t CH = 64;
         const int64_t nchunks = ceil_div(OC, CH);
 #pragma omp parallel for schedule(static) if (N * OC > 65536)
