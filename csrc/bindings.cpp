@@ -837,6 +837,13 @@ static void adamw_py(py::array params, py::array m, py::array v, py::array grads
     fastllm::cpu::adamw_step(p, pm, pv, g, n, lr, beta1, beta2, eps, weight_decay, t, grad_scale);
 }
 
+static void zero_py(py::array x) {
+    float* p = out_ptr<float>(x, "x", shape_of(x));
+    const int64_t n = x.size();
+    py::gil_scoped_release nogil;
+    fastllm::cpu::zero(p, n);
+}
+
 static double sum_squares_py(py::array x) {
     const float* p = in_ptr<float>(x, "x");
     const int64_t n = x.size();
@@ -1378,6 +1385,7 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "adamw_step", &adamw_py, arg("params"), arg("m"), arg("v"), arg("grads"), arg("lr"),
                arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("t"), arg("grad_scale"));
     def_kernel(m, "sum_squares", &sum_squares_py, arg("x"));
+    def_kernel(m, "zero_", &zero_py, arg("x"));
 
     // ---- tokenizer (csrc/tokenizer): registered below
     // ---- pre-tokenizer

@@ -253,6 +253,27 @@ def test_add_(bk, rng, n):
 
 
 @pytest.mark.backends(dtypes=("float32",), variants=False)
+@pytest.mark.parametrize("n", [1, 17, 16384 * 5 + 3])  # above the CPU's threshold for threads too
+def test_zero_every_element_and_nothing_else(bk, n):
+    """zero_ clears every element, NaN and inf included, of each dtype, and nothing outside the array (a view)."""
+    for dtype in ["float32", "bfloat16", "int32"]:
+        a = bk.ops.to_device(np.full(n + 2, np.nan if dtype != "int32" else 7, np.int32 if dtype == "int32"
+                                     else np.float32), dtype)
+        inner = bk.ops.view(a, 1, (n,))
+        bk.ops.zero_(inner)
+        got = bk.get(a)
+        assert (got[1:-1] == 0).all(), dtype
+        assert (np.isnan(got[[0, -1]]) if dtype != "int32" else got[[0, -1]] == 7).all(), dtype
+
+
+def test_cpu_zero_strided_view():
+    """A numpy view that is not contiguous (the CPU's zero_ takes any array): only its own elements are cleared."""
+    x = np.full((40000, 6), np.nan, np.float32)
+    ops.zero_(x[:, ::2])
+    assert (x[:, ::2] == 0).all() and np.isnan(x[:, 1::2]).all()
+
+
+@pytest.mark.backends(dtypes=("float32",), variants=False)
 def test_zero_sizes(bk):
     for dtype in ["float32", "bfloat16", "int32"]:
         a = bk.ops.empty((0, 5), dtype)

@@ -94,4 +94,8 @@ double sum_squares(const float* x, int64_t n) {
     return total;
 }
 
+void zero(float* x, int64_t n) {
+    for_blocks(n, [&](int64_t i0, int64_t k) { std::fill(x + i0, x + i0 + k, 0.0f); });
+}
+
 }  // namespace fastllm::cpu

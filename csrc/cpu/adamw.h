@@ -13,4 +13,7 @@ void adamw_step(float* params, float* m, float* v, const float* grads, int64_t n
 // sum of squares of x (n), accumulated in double.
 double sum_squares(const float* x, int64_t n);
 
+// x (n) = 0 on all threads (zero_grad and the activation gradients: one core's stores do not fill DRAM's bandwidth).
+void zero(float* x, int64_t n);
+
 }  // namespace fastllm::cpu

@@ -149,7 +149,10 @@ def copy_(dst: np.ndarray, src) -> None:
 
 
 def zero_(x: np.ndarray) -> None:
-    x.fill(0)
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        _C.zero_(x)  # on all threads: a training step zeroes ~40 MB a layer of gradients (numpy's fill uses one)
+    else:
+        x.fill(0)
 
 
 def add_(dst: np.ndarray, src: np.ndarray) -> None:
