@@ -435,13 +435,6 @@ constexpr const UKernelBf16* kTableBf16[6] = {kRowBf16<1>, kRowBf16<2>, kRowBf16
                                               kRowBf16<4>, kRowBf16<5>, kRowBf16<6>};
 
 struct Bf16Avx512 : Avx512 {
-    // 16 pair words (lo[i], hi[i]) from two rows of 16 values (VCVTNE2PS2BF16 puts hi's 16 bf16 above lo's)
-    FASTLLM_TARGET_AVX512BF16 static __m512i pairs(__m512 lo, __m512 hi) {
-        const __m512i interleave = _mm512_setr_epi32(0x100000, 0x110001, 0x120002, 0x130003, 0x140004, 0x150005,
-                                                     0x160006, 0x170007, 0x180008, 0x190009, 0x1a000a, 0x1b000b,
-                                                     0x1c000c, 0x1d000d, 0x1e000e, 0x1f000f);
-        return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
     // op = A (M x K; sak == 1: rows along k, or sam == 1: columns along k) -> words W[m*am + q*aq] of pair q
     FASTLLM_TARGET_AVX512BF16 static void convert_a(uint32_t* W, int64_t& am, int64_t& aq, int64_t M, int64_t K,
                                                     const float* A, int64_t sam, int64_t sak) {
@@ -463,7 +456,7 @@ struct Bf16Avx512 : Avx512 {
                     const __m512 lo = _mm512_maskz_loadu_ps(mm, A + 2 * q * sak + m);
                     const __m512 hi = 2 * q + 1 < K ? _mm512_maskz_loadu_ps(mm, A + (2 * q + 1) * sak + m)
                                                     : _mm512_setzero_ps();
-                    _mm512_storeu_si512(W + q * aq + m, pairs(lo, hi));
+                    _mm512_storeu_si512(W + q * aq + m, vec::bf16_pairs512(lo, hi));
                 }
         }
     }
@@ -473,7 +466,7 @@ struct Bf16Avx512 : Avx512 {
             for (int64_t n = 0; n < N; n += 16) {
                 const __m512 lo = _mm512_loadu_ps(B + 2 * q * ldb + n);
                 const __m512 hi = 2 * q + 1 < K ? _mm512_loadu_ps(B + (2 * q + 1) * ldb + n) : _mm512_setzero_ps();
-                _mm512_storeu_si512(W + q * N + n, pairs(lo, hi));
+                _mm512_storeu_si512(W + q * N + n, vec::bf16_pairs512(lo, hi));
             }
     }
     // Avx512::gemm's contract. A diagonal tile's k range grows to whole pairs: the entry it adds is one the causal

@@ -61,6 +61,16 @@ FASTLLM_TARGET_AVX512 inline __m512 tanh512(__m512 x) {
 // The first n of 16 lanes (none for n <= 0, all for n >= 16): the mask of a row's tail.
 inline __mmask16 tail_mask16(int64_t n) { return (__mmask16)(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u); }
 
+// 16 bf16 pair words (lo[i], hi[i]) from two rows of 16 values -- VDPBF16PS's layout, the even k in a word's low
+// half -- by VCVTNE2PS2BF16 (nearest even; denormals to zero, as the bf16 dot products read them anyway), which
+// puts hi's 16 bf16 above lo's, and one VPERMW to interleave them (the GEMM's packers and the bf16 attention).
+FASTLLM_TARGET_AVX512BF16 inline __m512i bf16_pairs512(__m512 lo, __m512 hi) {
+    const __m512i interleave = _mm512_setr_epi32(0x100000, 0x110001, 0x120002, 0x130003, 0x140004, 0x150005,
+                                                 0x160006, 0x170007, 0x180008, 0x190009, 0x1a000a, 0x1b000b,
+                                                 0x1c000c, 0x1d000d, 0x1e000e, 0x1f000f);
+    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
 // ---- AVX2 + FMA
 
 FASTLLM_TARGET_AVX2 inline __m256 exp256(__m256 x) {
