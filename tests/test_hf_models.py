@@ -554,6 +554,42 @@ def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_serve_completions_of_a_hub_folder(family, tmp_path):
+    """/v1/completions of a hub folder encodes a text prompt as transformers' tokenizer does (Llama 3: after its BOS
+    token, as vLLM does) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS
+    ids; /tokenize and /tokenizer_info answer what the AutoTokenizer says."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("starlette")
+    openai = pytest.importorskip("openai")
+    from starlette.testclient import TestClient
+
+    from fastllm.serve import Engine, load
+    from fastllm.serve.app import create_app
+
+    ref, auto = hub_folder(family, tmp_path / family)
+    model, tok = load(tmp_path / family)
+    inputs = auto("Hello there", return_tensors="pt")
+    with TestClient(create_app(Engine(model, tok, max_batch=2), "m")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        for n in (40, 3):
+            with torch.no_grad():
+                out = ref.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+            r = client.completions.create(model="m", prompt="Hello there", max_tokens=n, temperature=0)
+            # (random weights emit broken UTF-8: a streamed decode and a whole one replace it differently)
+            want = auto.decode(out, skip_special_tokens=True).replace("\ufffd", "")
+            assert r.choices[0].text.replace("\ufffd", "") == want
+            assert r.usage.prompt_tokens == inputs["input_ids"].shape[1]
+            stopped = len(out) < n or int(out[-1]) in ref.generation_config.eos_token_id
+            assert r.choices[0].finish_reason == ("stop" if stopped else "length")
+            assert r.usage.completion_tokens == len(out)
+        ids = http.post("/tokenize", json={"prompt": "Hello there"}).json()["tokens"]
+        assert ids == inputs["input_ids"][0].tolist()
+        info = http.get("/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"]) == (auto.bos_token, auto.eos_token)
+    assert info["chat_template"] == auto.chat_template
+
+
 @pytest.mark.parametrize("family,template", [("llama3", "LLAMA31_TEMPLATE"), ("qwen2", "QWEN25_TEMPLATE"),
                                              ("qwen2", "QWEN3_TEMPLATE")])
 def test_serve_tool_calls_through_a_hub_folders_template(family, template, tmp_path):

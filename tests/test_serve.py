@@ -518,6 +518,17 @@ LONG = "x" * 200  # 200 byte tokens: more than the 128-token context
     ("completions", {"model": MODEL, "prompt": "ab", "seed": "1"}, 400, "seed", "invalid_type"),
     ("completions", {"model": MODEL, "prompt": "ab", "frequency_penalty": 3}, 400, "frequency_penalty",
      "invalid_value"),
+    ("tokenize", {"prompt": "ab", "messages": HI}, 400, "messages", "invalid_value"),
+    ("tokenize", {}, 400, "prompt", "invalid_value"),
+    ("tokenize", {"prompt": 5}, 400, "prompt", "invalid_type"),
+    ("tokenize", {"prompt": "ab", "add_special_tokens": "no"}, 400, "add_special_tokens", "invalid_type"),
+    ("tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role", "invalid_value"),
+    ("tokenize", {"model": "gpt-4o", "prompt": "ab"}, 404, "model", "model_not_found"),
+    ("tokenize", {"prompt": "ab", "truncate": 3}, 400, "truncate", "unknown_parameter"),
+    ("detokenize", {}, 400, "tokens", "missing_required_parameter"),
+    ("detokenize", {"tokens": [1, 300]}, 400, "tokens", "invalid_value"),
+    ("detokenize", {"tokens": [1, "a"]}, 400, "tokens[1]", "invalid_type"),
+    ("detokenize", {"tokens": "ab"}, 400, "tokens", "invalid_type"),
 ])
 def test_bad_requests(server, path, body, status, param, code):
     data = body if isinstance(body, str) else json.dumps(body)
@@ -539,6 +550,94 @@ def test_bad_requests_through_the_openai_client(server, client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
     r = httpx.get(server.url + "/v1/completions")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+# ---- vLLM's tokenizer endpoints, and lm-evaluation-harness's local-completions model through them ---------------
+
+
+def test_tokenizer_endpoints(server, reference):
+    """/tokenize, /detokenize and /tokenizer_info as vLLM answers them: the ids of a prompt (special tokens matched)
+    and of a chat, the text of ids, the special tokens by name and a chat template that renders the chat's ids."""
+    jinja2 = pytest.importorskip("jinja2")
+    _, tok = reference
+    post = lambda path, body: httpx.post(server.url + path, json=body, timeout=30)  # noqa: E731
+    r = post("/tokenize", {"prompt": "aé<|endoftext|>", "return_token_strs": True}).json()
+    assert r == {"count": 4, "max_model_len": 128, "tokens": [97, 0xC3, 0xA9, EOT],
+                 "token_strs": ["a", "\ufffd", "\ufffd", "<|endoftext|>"]}
+    r = post("/v1/tokenize", {"model": MODEL, "prompt": "ab", "add_special_tokens": False}).json()
+    assert r["tokens"] == [97, 98] and r["token_strs"] is None
+    assert post("/tokenize", {"prompt": ""}).json()["tokens"] == [EOT]  # a new document, as completions start it
+    chat = post("/tokenize", {"messages": HI}).json()["tokens"]
+    assert chat == render_prompt(HI, tok).tolist()
+    assert post("/detokenize", {"tokens": chat}).json() == {"prompt": tok.decode(chat)}
+    assert post("/detokenize", {"tokens": [0xC3]}).json() == {"prompt": "\ufffd"}  # half a character
+    info = httpx.get(server.url + "/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["bos_token"] is None and info["model_max_length"] == 128
+    msgs = [{"role": "system", "content": "be brief"}, *HI]
+    text = jinja2.Template(info["chat_template"]).render(messages=msgs, add_generation_prompt=True)
+    assert tok.encode(text, allowed_special="all").tolist() == render_prompt(msgs, tok).tolist()
+
+
+def test_lm_eval_local_completions_scores_as_in_process(server, reference, tmp_path, monkeypatch):
+    """lm-evaluation-harness's `local-completions` model pointed at the server finds its tokenizer endpoints
+    (tokenizer backend "remote": no tokenizer files on the client), sends token ids, and computes what
+    fastllm.eval.harness computes in process: the same log-likelihoods (multiple choice), answers (generate_until)
+    and bits per byte (loglikelihood_rolling)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.utils import check_remote_tokenizer_support
+
+    from fastllm.eval.harness import simple_evaluate
+
+    model, tok = reference
+    base = server.url + "/v1/completions"
+    assert check_remote_tokenizer_support(base)
+    rng = np.random.default_rng(4)
+    word = lambda: "".join(rng.choice(LETTERS, rng.integers(2, 9)))  # noqa: E731
+    chats = [render_prompt([{"role": "user", "content": word()}], tok) for _ in range(12)]
+    rows = {"mc": [{"context": tok.decode(c), "choices": [ANSWER[:9], word(), ANSWER[2:8]], "answer": 0}
+                   for c in chats],
+            "gen": [{"prompt": tok.decode(c), "answer": ANSWER[:6]} for c in chats[:6]],
+            "ppl": [{"text": word() + " " + word()} for _ in range(5)]}
+    tasks = {
+        "srv_mc": "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
+                  "doc_to_target: '{{answer}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n",
+        "srv_gen": "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+                   "target_delimiter: ''\ngeneration_kwargs:\n  until: ['w']\n  max_gen_toks: 8\n"
+                   "  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
+        "srv_ppl": "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+                   "metric_list:\n  - metric: bits_per_byte\n",
+    }
+    for name, body in tasks.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows[name[4:]]))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"  cache_dir: {tmp_path / 'hf_cache'}\n{body}")
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    remote = evaluator.simple_evaluate(
+        model="local-completions", model_args=f"base_url={base},model={MODEL},max_length=127,num_concurrent=1",
+        tasks=list(tasks), task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=True)
+    assert remote is not None and lm_eval.__version__
+    local = simple_evaluate(model, tok, list(tasks), include_path=str(tmp_path), include_defaults=False,
+                            log_samples=True)
+    for name in ("srv_mc", "srv_gen"):
+        got = [s["resps"] for s in sorted(remote["samples"][name], key=lambda s: s["doc_id"])]
+        want = [s["resps"] for s in sorted(local["samples"][name], key=lambda s: s["doc_id"])]
+        if name == "srv_mc":  # [[(loglikelihood, is_greedy)] per choice] per question
+            np.testing.assert_allclose([[r[0][0] for r in q] for q in got], [[r[0][0] for r in q] for q in want],
+                                       rtol=1e-4, atol=1e-4)
+            assert [[r[0][1] for r in q] for q in got] == [[r[0][1] for r in q] for q in want]
+        else:
+            assert got == want and any(r[0] for r in got)
+    got, want = remote["results"], local["results"]
+    print(f"\nlm-eval local-completions: {got['srv_mc']['acc,none']:.3f} acc, {got['srv_gen']['exact_match,none']:.3f} "
+          f"exact match, {got['srv_ppl']['bits_per_byte,none']:.4f} bits per byte")
+    assert got["srv_mc"]["acc,none"] == want["srv_mc"]["acc,none"]
+    assert got["srv_ppl"]["bits_per_byte,none"] == pytest.approx(want["srv_ppl"]["bits_per_byte,none"], rel=1e-5)
 
 
 # ---- disconnects, a full queue, the API key: a slow model in a server with 2 slots ----------------------------

@@ -192,6 +192,14 @@ class ChatML:
     def render(self, messages, tools: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
         return render(messages, self.tokenizer, tools)
 
+    @property
+    def template(self) -> str:
+        """This format as a Jinja2 chat template, for clients that render prompts themselves (the server's
+        /tokenizer_info): the same text for messages without tools."""
+        eot = EOT if EOT in self.tokenizer.special_tokens else ""
+        return (eot + "{% for m in messages %}" + IM_START + "{{ m['role'] }}\n{{ m['content'] }}" + IM_END +
+                "\n{% endfor %}{% if add_generation_prompt %}" + IM_START + "assistant\n{% endif %}")
+
 
 # ---- Hugging Face chat templates -----------------------------------------------------------------------
 

@@ -22,8 +22,6 @@ import typing
 import warnings
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from . import distributed, info, set_num_threads
 from .chat import IM_END, IM_START, chat_format, eos_token_ids, has_chatml
 from .checkpoint import checkpoint_tokenizer, convert, load_model
@@ -334,11 +332,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     check_decode_dtype(args.dtype, args.device)
     model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if args.device == "cuda" else None).eval()
     tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
-    ids = tok.encode(args.prompt, allowed_special="all")
-    if tok.bos_token is not None and (ids.size == 0 or ids[0] != tok.bos_token):  # as HF's tokenizer encodes it
-        ids = np.concatenate([[tok.bos_token], ids])
-    elif ids.size == 0 and tok.eot_token is not None:  # no prompt: start a new document
-        ids = np.array([tok.eot_token])
+    ids = tok.encode_prompt(args.prompt)  # BOS first as HF's tokenizer encodes it; no prompt: a new document
     context = model.config.block_size
     if ids.size >= context:
         raise ValueError(f"--prompt is {ids.size} tokens but the model's context is {context} tokens: give a prompt "

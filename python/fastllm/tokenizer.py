@@ -412,6 +412,23 @@ class Tokenizer:
         """
         return self.encode(text, allowed_special=frozenset(), disallowed_special=())
 
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """A text prompt's ids as the model should see them, as HF's ``tokenizer(text)`` encodes it (and vLLM a
+        completions prompt): special tokens in the text are matched, and the BOS token (`bos_token`, e.g. Llama 3's
+        <|begin_of_text|>) goes first unless the text starts with it. An empty text is a new document: [bos], else
+        [<|endoftext|>], else [].
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|endoftext|>": 256})
+        >>> tok.encode_prompt("").tolist(), tok.encode_prompt("a<|endoftext|>").tolist()
+        ([256], [97, 256])
+        """
+        ids = self.encode(text, allowed_special="all")
+        if self._bos is not None and (ids.size == 0 or ids[0] != self._bos):
+            return np.concatenate([np.asarray([self._bos], np.int32), ids])
+        if ids.size == 0 and self.eot_token is not None:
+            return np.asarray([self.eot_token], np.int32)
+        return ids
+
     def encode_batch(
         self,
         texts: Sequence[str],

@@ -13,8 +13,11 @@ Semantics (OpenAI's, where it defines them):
   template and no <|im_start|>/<|im_end|> tokens) answers 400 with code "chat_template_missing": use
   /v1/completions, or fine-tune it with `fastllm sft`.
 - completions: prompt is a string, a list of strings, a list of token ids or a list of lists of token ids
-  (text may contain special tokens such as <|endoftext|>, as in `fastllm sample`; an empty prompt is
-  <|endoftext|>); generation stops at <|endoftext|>. max_tokens defaults to 16 (chat: the rest of the context).
+  (text may contain special tokens such as <|endoftext|>, as in `fastllm sample`; a text prompt starts with the
+  tokenizer's BOS where it has one, as HF's tokenizer and vLLM encode it, token ids are taken as they are; an empty
+  prompt is the BOS or <|endoftext|>); generation stops at the model's EOS ids (an HF folder's
+  generation_config.json, fastllm.chat.eos_token_ids) and <|endoftext|>. max_tokens defaults to 16 (chat: the rest
+  of the context).
 - max_tokens that do not fit the context, or a prompt that fills it, are a 400 (code context_length_exceeded);
   an unknown model a 404 (code model_not_found); unknown fields a 400 naming them, as OpenAI does.
 - usage: prompt_tokens counts each prompt once (whatever n), completion_tokens every token sampled, a
@@ -48,6 +51,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..chat import eos_token_ids, special_token_strings, tokenizer_config
 from ..grammar import Guide
 from ..sample import SamplingParams
 from ..tools import FORMATS, NAME, THINK, ThinkParser, ToolError, check_tools, parse_tool_calls
@@ -75,12 +79,19 @@ class APIError(Exception):
 
 class ServedModel:
     """What the API layer knows of the model: its name, tokenizer, context, slots, and chat format (a
-    fastllm.chat ChatTemplate or ChatML: `prompt(messages)` and `stop_tokens`; None: no chat)."""
+    fastllm.chat ChatTemplate or ChatML: `prompt(messages)` and `stop_tokens`; None: no chat). folder: the
+    checkpoint folder, whose EOS ids (generation_config.json, ...) and tokenizer_config.json's special-token
+    names completions and /tokenizer_info use."""
 
-    def __init__(self, name: str, tokenizer, max_len: int, max_batch: int, vocab_size: int, chat=None):
+    def __init__(self, name: str, tokenizer, max_len: int, max_batch: int, vocab_size: int, chat=None,
+                 folder: str | None = None):
         self.name, self.tokenizer, self.max_len, self.max_batch = name, tokenizer, max_len, max_batch
         self.vocab_size, self.chat = vocab_size, chat
-        self.eot = tokenizer.special_tokens.get("<|endoftext|>")
+        eot = tokenizer.eot_token
+        # completions stop at the model's EOS ids (Llama 3 base: <|end_of_text|>) and at <|endoftext|>
+        self.stops = eos_token_ids(folder, tokenizer) if folder is not None else []
+        self.stops += [eot] if eot is not None and eot not in self.stops else []
+        self.names = special_token_strings(tokenizer_config(folder)) if folder is not None else {}
         self.created = int(time.time())
         self._strings: dict[int, tuple[str, list[int]]] = {}
         self._guide, self._guide_lock = None, threading.Lock()
@@ -668,13 +679,10 @@ def _prompts(value, served: ServedModel) -> tuple[list[list[int]], list[str]]:
     ids, texts = [], []
     for i, p in enumerate(value):
         if isinstance(p, str):
-            if p:
-                ids.append(tok.encode(p, allowed_special="all").tolist())
-            elif served.eot is not None:
-                ids.append([served.eot])
-            else:
-                raise APIError(400, f"'prompt[{i}]' is empty and the tokenizer has no <|endoftext|> to start from.",
-                               "prompt", "invalid_value")
+            ids.append(tok.encode_prompt(p).tolist())
+            if not ids[-1]:
+                raise APIError(400, f"'prompt[{i}]' is empty and the tokenizer has neither a BOS token nor "
+                                    "<|endoftext|> to start from.", "prompt", "invalid_value")
             texts.append(p)
         elif isinstance(p, list) and p and all(_is_int(t) for t in p):
             bad = [t for t in p if not 0 <= t < served.vocab_size]
@@ -703,6 +711,82 @@ def parse_completion(body, served: ServedModel) -> Call:
         raise _unsupported("best_of", f"={best_of} (other than n)")
     max_tokens, name = _max_tokens(body, ("max_tokens",))
     maxes = [_fit(served, len(p), max_tokens, 16, "prompt", name) for p in ids]
-    req = Request(prompts=ids, max_tokens=maxes, stop_tokens=[] if served.eot is None else [served.eot],
+    req = Request(prompts=ids, max_tokens=maxes, stop_tokens=list(served.stops),
                   logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)
     return Call("completion", served, req, stream, include_usage, texts if echo else None)
+
+
+# ---- vLLM's tokenizer endpoints -------------------------------------------------------------------------
+# POST /tokenize, POST /detokenize and GET /tokenizer_info, with vLLM's fields: clients that evaluate or count
+# tokens through a server use them. lm-evaluation-harness's `local-completions` looks for /tokenizer_info and
+# /tokenize, then tokenizes through them and sends token ids, so `lm_eval --model local-completions --model_args
+# base_url=http://HOST/v1/completions,model=NAME` scores log-likelihood tasks on `fastllm serve` with no tokenizer
+# files on its side.
+
+TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs",
+                   "tools"}
+
+
+def tokenize(body, served: ServedModel) -> dict:
+    """/tokenize: {"prompt": text, "add_special_tokens": true} (the BOS first, as HF's tokenizer(text) does) or
+    {"messages": [...], "add_generation_prompt": true} (the chat format's ids) -> {"count", "max_model_len",
+    "tokens", "token_strs"}. Special tokens written in a prompt are matched (as HF's tokenizers do)."""
+    _check_fields(body, TOKENIZE_FIELDS)
+    if body.get("model") is not None:  # optional here, as in vLLM
+        check_model(body, served)
+    has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+    if has_prompt == has_messages:
+        raise APIError(400, "Give exactly one of 'prompt' (a string) and 'messages' (a chat).",
+                       "messages" if has_messages else "prompt", "invalid_value")
+    if has_prompt:
+        text = _get(body, "prompt", "string")
+        tok = served.tokenizer
+        special = _get(body, "add_special_tokens", "boolean", True)
+        ids = (tok.encode_prompt(text) if special else tok.encode(text, allowed_special="all")).tolist()
+    else:
+        if served.chat is None:
+            raise APIError(400, f"The model `{served.name}` has no chat template; tokenize a 'prompt' instead.",
+                           "messages", "chat_template_missing")
+        msgs, tools = _messages(body["messages"]), _get(body, "tools", "array")
+        if not _get(body, "add_generation_prompt", "boolean", True):
+            raise _unsupported("add_generation_prompt", "= false")
+        try:
+            ids = served.chat.prompt(msgs, tools).tolist()
+        except ValueError as e:
+            raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
+    strs = [served.token_str(t)[0] for t in ids] if _get(body, "return_token_strs", "boolean", False) else None
+    return {"count": len(ids), "max_model_len": served.max_len, "tokens": ids, "token_strs": strs}
+
+
+def detokenize(body, served: ServedModel) -> dict:
+    """/detokenize: {"tokens": [ids]} -> {"prompt": text} (invalid UTF-8 as U+FFFD)."""
+    _check_fields(body, {"model", "tokens"})
+    if body.get("model") is not None:
+        check_model(body, served)
+    ids = _get(body, "tokens", "array")
+    if ids is None:
+        raise APIError(400, "Missing required parameter: 'tokens'.", "tokens", "missing_required_parameter")
+    for i, t in enumerate(ids):
+        if not _is_int(t):
+            raise _bad_type(f"tokens[{i}]", "an integer", t)
+        if not 0 <= t < served.vocab_size:
+            raise APIError(400, f"Invalid value for 'tokens[{i}]': token id {t} is outside [0, {served.vocab_size}).",
+                           "tokens", "invalid_value")
+    return {"prompt": served.tokenizer.decode(ids)}
+
+
+def tokenizer_info(served: ServedModel) -> dict:
+    """/tokenizer_info: the special tokens by name (tokenizer_config.json's where the folder has one, else the
+    tokenizer's own: BOS, and the first EOS id), the context, and the chat template's Jinja2 source."""
+    tok, names = served.tokenizer, dict(served.names)
+    by_id = {i: s for s, i in tok.special_tokens.items()}
+    if "bos_token" not in names and tok.bos_token is not None:
+        names["bos_token"] = by_id[tok.bos_token]
+    if "eos_token" not in names and served.stops and served.stops[0] in by_id:
+        names["eos_token"] = by_id[served.stops[0]]
+    template = None if served.chat is None else served.chat.template
+    return {"tokenizer_class": "fastllm.Tokenizer", "model_max_length": served.max_len,
+            "vocab_size": served.vocab_size, **{k: names.get(k) for k in ("bos_token", "eos_token", "pad_token",
+                                                                            "unk_token")},
+            "chat_template": template}
+

@@ -8,7 +8,8 @@ FastAPI itself is built on (routing, streaming responses, CORS) and uvicorn the 
 they add two small pure-Python packages (plus anyio, h11) and no pydantic.
 
 Routes: GET / (the chat page, static/chat.html), GET /health, GET /v1/models[/{id}], POST /v1/chat/completions,
-POST /v1/completions, POST /v1/responses (OpenAI's Responses API, responses.py), also without the /v1 prefix.
+POST /v1/completions, POST /v1/responses (OpenAI's Responses API, responses.py), and vLLM's POST /tokenize, POST
+/detokenize, GET /tokenizer_info (api.py), all also without (or with) the /v1 prefix.
 With an api_key, everything except /health and the page itself (a static file; its API calls carry the key) needs
 `Authorization: Bearer <key>`.
 
@@ -96,10 +97,11 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
     """The ASGI app serving `engine`'s model as `name`; it starts the engine on startup, stops it on shutdown.
     chat: the chat format of /v1/chat/completions (None: none); "auto": the model folder's own template, else
     ChatML where the tokenizer has its tokens (fastllm.chat.chat_format)."""
+    folder = getattr(engine.model, "checkpoint_dir", None)
     if chat == "auto":
-        chat = chat_format(getattr(engine.model, "checkpoint_dir", None), engine.tokenizer)
+        chat = chat_format(folder, engine.tokenizer)
     served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.model.config.vocab_size,
-                         chat)
+                         chat, folder)
     page = resources.files("fastllm.serve").joinpath("static", "chat.html").read_bytes()
 
     def authorize(request: HTTPRequest) -> None:
@@ -126,6 +128,20 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
         authorize(request)
         api.check_model({"model": request.path_params["model"]}, served)
         return JSONResponse(served.card())
+
+    async def tokenize(request: HTTPRequest) -> JSONResponse:
+        authorize(request)
+        body = await _read_json(request)
+        return JSONResponse(await asyncio.to_thread(api.tokenize, body, served))
+
+    async def detokenize(request: HTTPRequest) -> JSONResponse:
+        authorize(request)
+        body = await _read_json(request)
+        return JSONResponse(await asyncio.to_thread(api.detokenize, body, served))
+
+    async def tokenizer_info(request: HTTPRequest) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(api.tokenizer_info(served))
 
     async def chat(request: HTTPRequest) -> Response:
         return await run(request, api.parse_chat)
@@ -215,7 +231,10 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
                    Route(f"{prefix}/models/{{model:path}}", model, methods=["GET"]),
                    Route(f"{prefix}/chat/completions", chat, methods=["POST"]),
                    Route(f"{prefix}/completions", completions, methods=["POST"]),
-                   Route(f"{prefix}/responses", responses, methods=["POST"])]
+                   Route(f"{prefix}/responses", responses, methods=["POST"]),
+                   Route(f"{prefix}/tokenize", tokenize, methods=["POST"]),
+                   Route(f"{prefix}/detokenize", detokenize, methods=["POST"]),
+                   Route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"])]
     middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"],
                              allow_headers=["*"])] if allow_origins else []
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
