@@ -337,6 +337,23 @@ def test_chat_n_choices_logprobs_and_extra_fields(client, reference):
             assert tops[0] == pytest.approx(lp[len(prompt) - 1 + i].max(), abs=1e-4)
 
 
+def test_chat_takes_the_rest_of_openais_fields(client):
+    """Fields of OpenAI's chat request that change nothing here (bookkeeping, hints to reasoning models, predicted
+    output) are accepted and ignored, as OpenAI accepts them; those asking for what this server lacks are a 400
+    naming the field as unsupported, never 'Unrecognized request argument'."""
+    ignored = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "prompt_cache_key": "k",
+               "prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "implicit"},
+               "safety_identifier": "s", "reasoning_effort": "low", "verbosity": "low",
+               "prediction": {"type": "content", "content": ANSWER}, "audio": None}
+    r = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, extra_body=ignored)
+    assert r.choices[0].message.content == ANSWER
+    for name, value in [("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
+                        ("moderation", {"model": "omni-moderation-latest"})]:
+        with pytest.raises(openai.BadRequestError, match=f"'{name}'.*not supported") as e:
+            client.chat.completions.create(model=MODEL, messages=HI, extra_body={name: value})
+        assert e.value.code == "unsupported_parameter" and e.value.param == name
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))

@@ -16,7 +16,9 @@ Semantics (OpenAI's, where it defines them):
   (text may contain special tokens such as <|endoftext|>, as in `fastllm sample`; an empty prompt is
   <|endoftext|>); generation stops at <|endoftext|>. max_tokens defaults to 16 (chat: the rest of the context).
 - max_tokens that do not fit the context, or a prompt that fills it, are a 400 (code context_length_exceeded);
-  an unknown model a 404 (code model_not_found); unknown fields a 400 naming them, as OpenAI does.
+  an unknown model a 404 (code model_not_found); unknown fields a 400 naming them, as OpenAI does. OpenAI's
+  own fields that change nothing here (user, metadata, prompt_cache_key, reasoning_effort, ...) are accepted;
+  those asking for what this server lacks (audio, web_search_options, ...) are a 400 (unsupported_parameter).
 - usage: prompt_tokens counts each prompt once (whatever n), completion_tokens every token sampled, a
   terminating stop token included; finish_reason "stop" (stop token or stop string) or "length" (max_tokens).
 - logprobs are the model's own (log-softmax of the logits, before temperature, penalties and filtering), for
@@ -155,8 +157,15 @@ def _get(body: dict, name: str, kind: str, default=None, lo: float | None = None
 _IGNORED = {"user", "metadata", "store", "service_tier", "stream_options"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
            "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repetition_penalty"} | _IGNORED
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-                         "tool_choice", "parallel_tool_calls", "functions", "function_call", "modalities"}
+# chat fields of OpenAI's that change nothing here either: prompt caching and safety ids (bookkeeping),
+# prediction (only makes OpenAI faster), reasoning_effort and verbosity (hints to OpenAI's reasoning models)
+_CHAT_IGNORED = {"prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier",
+                 "prediction", "reasoning_effort", "verbosity"}
+# chat fields of OpenAI's asking for what this server does not do: a 400 unless null
+_CHAT_UNSUPPORTED = {"audio": "(audio output)", "web_search_options": "(web search)", "moderation": "(moderation)"}
+CHAT_FIELDS = _COMMON | _CHAT_IGNORED | set(_CHAT_UNSUPPORTED) | {
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "modalities"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 
 
@@ -608,6 +617,9 @@ def parse_chat(body, served: ServedModel) -> Call:
     """A /v1/chat/completions body -> Call (APIError on bad input)."""
     _check_fields(body, CHAT_FIELDS)
     check_model(body, served)
+    for name, what in _CHAT_UNSUPPORTED.items():
+        if body.get(name) is not None:
+            raise _unsupported(name, what)
     if "messages" not in body:
         raise APIError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
     msgs = _messages(body["messages"])
