@@ -444,7 +444,8 @@ def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
     if options is not None and not stream:
         raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        "stream_options", "invalid_value")
-    include_usage = bool(_get(options or {}, "include_usage", "boolean", False))
+    include_usage = bool(_get({"stream_options.include_usage": (options or {}).get("include_usage")},
+                              "stream_options.include_usage", "boolean", False))
     common = dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias)
     return common, stream, include_usage
 
@@ -590,7 +591,7 @@ def _response_format(body: dict, served: ServedModel):
     if kind == "json_object":
         schema, where = {"type": "object"}, "response_format"
     elif kind == "json_schema":
-        js = _get(fmt, "json_schema", "object") if "json_schema" in fmt else None
+        js = _get({"response_format.json_schema": fmt.get("json_schema")}, "response_format.json_schema", "object")
         if js is None:
             raise APIError(400, "Missing required parameter: 'response_format.json_schema'.",
                            "response_format.json_schema", "missing_required_parameter")
