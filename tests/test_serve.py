@@ -407,6 +407,30 @@ def test_completions_prompts_echo_logprobs_and_stop(client, reference):
         assert got.text_offset[:3] == [0, len(got.tokens[0]), len(got.tokens[0]) + len(got.tokens[1])]
 
 
+def test_completions_echo_with_max_tokens_0_scores_the_prompt(server, client, reference):
+    """echo with max_tokens=0 (how evaluation harnesses score text with OpenAI's completions): each prompt back
+    with its logprobs, nothing generated, no slot taken, streamed or not; without echo max_tokens=0 stays a 400."""
+    model, tok = reference
+    texts = ["abc hij", "héllo"]
+    kw = dict(model=MODEL, prompt=texts, max_tokens=0, echo=True, logprobs=1, n=2)
+    r = client.completions.create(**kw)
+    assert [c.text for c in r.choices] == [texts[0], texts[0], texts[1], texts[1]]
+    assert all(c.finish_reason == "length" for c in r.choices) and r.usage.completion_tokens == 0
+    for c in r.choices:
+        ids = tok.encode(c.text).tolist()
+        lp = log_softmax(model.forward(np.array([ids]))[0])
+        assert len(c.logprobs.tokens) == len(ids) and c.logprobs.token_logprobs[0] is None
+        np.testing.assert_allclose(c.logprobs.token_logprobs[1:], [lp[t - 1, ids[t]] for t in range(1, len(ids))],
+                                   atol=1e-4)
+    chunks = list(client.completions.create(stream=True, **kw))
+    for c in r.choices:
+        mine = [x.choices[0] for x in chunks if x.choices[0].index == c.index]
+        assert "".join(x.text for x in mine) == c.text and [x.finish_reason for x in mine][-1] == "length"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="abc", max_tokens=0)
+    assert server.wait_idle()["active"] == 0
+
+
 def test_completions_stream_raw_sse(server, reference):
     """The bytes on the wire: `data: {json}` events separated by blank lines, ending with `data: [DONE]`."""
     body = {"model": MODEL, "prompt": "abc", "max_tokens": 20, "temperature": 0.8, "seed": 3, "stream": True,

@@ -14,7 +14,8 @@ Semantics (OpenAI's, where it defines them):
   /v1/completions, or fine-tune it with `fastllm sft`.
 - completions: prompt is a string, a list of strings, a list of token ids or a list of lists of token ids
   (text may contain special tokens such as <|endoftext|>, as in `fastllm sample`; an empty prompt is
-  <|endoftext|>); generation stops at <|endoftext|>. max_tokens defaults to 16 (chat: the rest of the context).
+  <|endoftext|>); generation stops at <|endoftext|>. max_tokens defaults to 16 (chat: the rest of the context);
+  with echo it may be 0 (the prompt and, with logprobs, its logprobs, as evaluation harnesses score text).
 - max_tokens that do not fit the context, or a prompt that fills it, are a 400 (code context_length_exceeded);
   an unknown model a 404 (code model_not_found); unknown fields a 400 naming them, as OpenAI does. OpenAI's
   own fields that change nothing here (user, metadata, prompt_cache_key, reasoning_effort, ...) are accepted;
@@ -450,9 +451,9 @@ def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
     return common, stream, include_usage
 
 
-def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
+def _max_tokens(body: dict, names: tuple[str, ...], lo: int = 1) -> tuple[int | None, str]:
     for name in names:
-        v = _get(body, name, "integer", None, 1)
+        v = _get(body, name, "integer", None, lo)
         if v is not None:
             return v, name
     return None, names[-1]
@@ -714,7 +715,7 @@ def parse_completion(body, served: ServedModel) -> Call:
     best_of = _get(body, "best_of", "integer", None, 1)
     if best_of is not None and best_of != common["n"]:
         raise _unsupported("best_of", f"={best_of} (other than n)")
-    max_tokens, name = _max_tokens(body, ("max_tokens",))
+    max_tokens, name = _max_tokens(body, ("max_tokens",), 0 if echo else 1)  # echo, 0: the prompt's logprobs only
     maxes = [_fit(served, len(p), max_tokens, 16, "prompt", name) for p in ids]
     req = Request(prompts=ids, max_tokens=maxes, stop_tokens=[] if served.eot is None else [served.eot],
                   logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)

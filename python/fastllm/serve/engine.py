@@ -95,7 +95,7 @@ class Request:
     (Chunk, PromptLogprobs, Failure), on the engine's thread; it must not block."""
 
     prompts: list[list[int]]
-    max_tokens: int | list[int]  # per prompt, or one for all
+    max_tokens: int | list[int]  # per prompt, or one for all (0: nothing generated, e.g. prompt logprobs only)
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     seed: int | None = None  # choice 0 draws from default_rng(seed), choice i > 0 from default_rng([seed, i])
@@ -265,7 +265,7 @@ class Engine:
                 raise ValueError(f"prompt {p} is empty")
             if min(ids) < 0 or max(ids) >= V:
                 raise ValueError(f"prompt {p} holds token ids outside [0, {V})")
-            if m < 1 or len(ids) + m > self.max_len:
+            if m < 0 or len(ids) + m > self.max_len:
                 raise ValueError(f"prompt {p}: {len(ids)} tokens + max_tokens={m} do not fit the context of "
                                  f"{self.max_len} tokens")
         if req.logit_bias and any(not 0 <= t < V for t in req.logit_bias):
@@ -387,6 +387,9 @@ class Engine:
                 top = req.logprobs or 0
                 entries = [None] + [logprob_of(logits[t - 1], prompt[t], top) for t in range(1, len(prompt))]
                 events.append(PromptLogprobs(p, entries))
+            if req.max_tokens[p] == 0:  # nothing to generate: no slot, every choice ends at once
+                self._emit(req, events + [Chunk(p * req.n + i, "", [], finish_reason="length") for i in range(req.n)])
+                continue
             first = len(self._active)
             self.cache.reset_row(first)
             logits = self.cache.prefill_row(first, prompt)
