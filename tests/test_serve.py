@@ -231,6 +231,41 @@ def test_engine_never_samples_ids_the_tokenizer_lacks():
     assert len(got) >= 1 and max(got) < 259 and engine.counters["failures"] == 0
 
 
+def test_logprobs_of_a_padded_vocabulary_are_over_real_tokens():
+    """A model with more rows than the tokenizer has ids: logprobs (of sampled tokens, their alternatives and an
+    echoed prompt) are the log-softmax over the tokenizer's ids -- a padding row, which has no text, is never an
+    alternative (the server answered 500 when one was among the top ones) -- and ids past the tokenizer's are a
+    400 in prompts and logit_bias."""
+    from starlette.testclient import TestClient
+
+    from fastllm.serve.app import create_app
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=400, n_layer=1, n_head=2, n_embd=32), seed=1).eval()
+    model.p["wte"][259:] += 5.0  # make the padding rows likely
+    tok = byte_tok()
+    with TestClient(create_app(Engine(model, tok, max_batch=2), "pad")) as http:
+        r = http.post("/v1/chat/completions", json={"model": "pad", "messages": HI, "max_tokens": 6, "seed": 0,
+                                                    "logprobs": True, "top_logprobs": 5})
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["logprobs"]["content"]
+        prompt = render_prompt(HI, tok).tolist()
+        ids = [x["bytes"][0] if len(x["bytes"]) == 1 else tok.special_tokens[x["token"]] for x in got]
+        lp = log_softmax(model.forward(np.array([prompt + ids]))[0, :, :259])
+        for i, x in enumerate(got):
+            assert x["logprob"] == pytest.approx(lp[len(prompt) - 1 + i, ids[i]], abs=1e-4)
+            assert [t["logprob"] for t in x["top_logprobs"]] == pytest.approx(
+                sorted(lp[len(prompt) - 1 + i], reverse=True)[:5], abs=1e-4)
+        r = http.post("/v1/completions", json={"model": "pad", "prompt": "abc", "max_tokens": 3, "seed": 0,
+                                               "logprobs": 5, "echo": True})
+        assert r.status_code == 200, r.text
+        abc = log_softmax(model.forward(np.array([[97, 98, 99]]))[0, :, :259])  # "abc" is bytes 97, 98, 99
+        assert r.json()["choices"][0]["logprobs"]["token_logprobs"][:3] == pytest.approx(
+            [None, abc[0, 98], abc[1, 99]], abs=1e-4)
+        for body in ({"prompt": [1, 300]}, {"prompt": "a", "logit_bias": {"300": 1}}):
+            r = http.post("/v1/completions", json={"model": "pad", "max_tokens": 1, **body})
+            assert r.status_code == 400 and "outside [0, 259)" in r.json()["error"]["message"], r.text
+
+
 # ---- the server, in a subprocess ------------------------------------------------------------------------------
 
 

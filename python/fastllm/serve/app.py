@@ -98,8 +98,8 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
     ChatML where the tokenizer has its tokens (fastllm.chat.chat_format)."""
     if chat == "auto":
         chat = chat_format(getattr(engine.model, "checkpoint_dir", None), engine.tokenizer)
-    served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.model.config.vocab_size,
-                         chat)
+    # token ids in requests (prompts, logit_bias): the tokenizer's, not a padded vocabulary's extra rows
+    served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.tokenizer.n_vocab, chat)
     page = resources.files("fastllm.serve").joinpath("static", "chat.html").read_bytes()
 
     def authorize(request: HTTPRequest) -> None:

@@ -56,7 +56,8 @@ def load(ckpt, tokenizer=None):
 @dataclass
 class TokenLogprob:
     """A token and its log-probability under the model (log-softmax of the raw logits, before temperature,
-    penalties and filtering, as OpenAI reports them), with the `top` most likely alternatives."""
+    penalties and filtering, as OpenAI reports them), with the `top` most likely alternatives; over the
+    tokenizer's ids (the rows of a padded vocabulary beyond them are no tokens, never sampled)."""
 
     token: int
     logprob: float
@@ -134,6 +135,7 @@ class _Seq:
         self.row = -1
         self.logits: np.ndarray | None = None
         self.bias = mask  # -inf on ids the tokenizer cannot decode, if the model has such ids
+        self.n_vocab = tokenizer.n_vocab  # logprobs are over these ids (padding rows are no tokens)
         self.matcher = None if req.constraint is None else req.constraint.matcher()
         if req.logit_bias:
             self.bias = np.zeros(vocab, np.float32) if mask is None else mask.copy()
@@ -158,7 +160,7 @@ class _Seq:
         if self.matcher is not None and t not in self.req.stop_tokens:
             self.matcher.accept(t)
         lps = [] if self.req.logprobs is None or t in self.req.stop_tokens else \
-            [logprob_of(self.logits, t, self.req.logprobs)]
+            [logprob_of(self.logits[:self.n_vocab], t, self.req.logprobs)]
         if t in self.req.stop_tokens:
             text, stopped = self.cutter.push(self.streamer.flush())
             return Chunk(self.index, text + self.cutter.flush(), [t], lps, "stop")
@@ -259,7 +261,7 @@ class Engine:
         maxes = req.max_tokens if isinstance(req.max_tokens, list) else [req.max_tokens] * len(req.prompts)
         if len(maxes) != len(req.prompts):
             raise ValueError(f"{len(maxes)} max_tokens for {len(req.prompts)} prompts")
-        V = self.model.config.vocab_size
+        V = self.tokenizer.n_vocab  # (a padded vocabulary's extra rows are no tokens)
         for p, (ids, m) in enumerate(zip(req.prompts, maxes)):
             if not ids:
                 raise ValueError(f"prompt {p} is empty")
@@ -383,7 +385,7 @@ class Engine:
             events: list = []
             prompt = list(req.prompts[p])
             if req.prompt_logprobs:
-                logits = self.model.forward(np.asarray([prompt], np.int32))[0]  # (T, V)
+                logits = self.model.forward(np.asarray([prompt], np.int32))[0, :, :self.tokenizer.n_vocab]  # (T, V)
                 top = req.logprobs or 0
                 entries = [None] + [logprob_of(logits[t - 1], prompt[t], top) for t in range(1, len(prompt))]
                 events.append(PromptLogprobs(p, entries))
