@@ -231,6 +231,41 @@ def test_engine_never_samples_ids_the_tokenizer_lacks():
     assert len(got) >= 1 and max(got) < 259 and engine.counters["failures"] == 0
 
 
+def test_logprobs_of_a_padded_vocabulary_are_over_real_tokens():
+    """A model with more rows than the tokenizer has ids: logprobs (of sampled tokens, their alternatives and an
+    echoed prompt) are the log-softmax over the tokenizer's ids -- a padding row, which has no text, is never an
+    alternative (the server answered 500 when one was among the top ones) -- and ids past the tokenizer's are a
+    400 in prompts and logit_bias."""
+    from starlette.testclient import TestClient
+
+    from fastllm.serve.app import create_app
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=400, n_layer=1, n_head=2, n_embd=32), seed=1).eval()
+    model.p["wte"][259:] += 5.0  # make the padding rows likely
+    tok = byte_tok()
+    with TestClient(create_app(Engine(model, tok, max_batch=2), "pad")) as http:
+        r = http.post("/v1/chat/completions", json={"model": "pad", "messages": HI, "max_tokens": 6, "seed": 0,
+                                                    "logprobs": True, "top_logprobs": 5})
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["logprobs"]["content"]
+        prompt = render_prompt(HI, tok).tolist()
+        ids = [x["bytes"][0] if len(x["bytes"]) == 1 else tok.special_tokens[x["token"]] for x in got]
+        lp = log_softmax(model.forward(np.array([prompt + ids]))[0, :, :259])
+        for i, x in enumerate(got):
+            assert x["logprob"] == pytest.approx(lp[len(prompt) - 1 + i, ids[i]], abs=1e-4)
+            assert [t["logprob"] for t in x["top_logprobs"]] == pytest.approx(
+                sorted(lp[len(prompt) - 1 + i], reverse=True)[:5], abs=1e-4)
+        r = http.post("/v1/completions", json={"model": "pad", "prompt": "abc", "max_tokens": 3, "seed": 0,
+                                               "logprobs": 5, "echo": True})
+        assert r.status_code == 200, r.text
+        abc = log_softmax(model.forward(np.array([[97, 98, 99]]))[0, :, :259])  # "abc" is bytes 97, 98, 99
+        assert r.json()["choices"][0]["logprobs"]["token_logprobs"][:3] == pytest.approx(
+            [None, abc[0, 98], abc[1, 99]], abs=1e-4)
+        for body in ({"prompt": [1, 300]}, {"prompt": "a", "logit_bias": {"300": 1}}):
+            r = http.post("/v1/completions", json={"model": "pad", "max_tokens": 1, **body})
+            assert r.status_code == 400 and "outside [0, 259)" in r.json()["error"]["message"], r.text
+
+
 # ---- the server, in a subprocess ------------------------------------------------------------------------------
 
 
@@ -337,6 +372,23 @@ def test_chat_n_choices_logprobs_and_extra_fields(client, reference):
             assert tops[0] == pytest.approx(lp[len(prompt) - 1 + i].max(), abs=1e-4)
 
 
+def test_chat_takes_the_rest_of_openais_fields(client):
+    """Fields of OpenAI's chat request that change nothing here (bookkeeping, hints to reasoning models, predicted
+    output) are accepted and ignored, as OpenAI accepts them; those asking for what this server lacks are a 400
+    naming the field as unsupported, never 'Unrecognized request argument'."""
+    ignored = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "prompt_cache_key": "k",
+               "prompt_cache_retention": "24h", "prompt_cache_options": {"mode": "implicit"},
+               "safety_identifier": "s", "reasoning_effort": "low", "verbosity": "low",
+               "prediction": {"type": "content", "content": ANSWER}, "audio": None}
+    r = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, extra_body=ignored)
+    assert r.choices[0].message.content == ANSWER
+    for name, value in [("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
+                        ("moderation", {"model": "omni-moderation-latest"})]:
+        with pytest.raises(openai.BadRequestError, match=f"'{name}'.*not supported") as e:
+            client.chat.completions.create(model=MODEL, messages=HI, extra_body={name: value})
+        assert e.value.code == "unsupported_parameter" and e.value.param == name
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -388,6 +440,30 @@ def test_completions_prompts_echo_logprobs_and_stop(client, reference):
         np.testing.assert_allclose(got.token_logprobs[1:], want, atol=1e-4)
         assert all(got.tokens[t] in d for t, d in enumerate(got.top_logprobs) if d is not None)
         assert got.text_offset[:3] == [0, len(got.tokens[0]), len(got.tokens[0]) + len(got.tokens[1])]
+
+
+def test_completions_echo_with_max_tokens_0_scores_the_prompt(server, client, reference):
+    """echo with max_tokens=0 (how evaluation harnesses score text with OpenAI's completions): each prompt back
+    with its logprobs, nothing generated, no slot taken, streamed or not; without echo max_tokens=0 stays a 400."""
+    model, tok = reference
+    texts = ["abc hij", "héllo"]
+    kw = dict(model=MODEL, prompt=texts, max_tokens=0, echo=True, logprobs=1, n=2)
+    r = client.completions.create(**kw)
+    assert [c.text for c in r.choices] == [texts[0], texts[0], texts[1], texts[1]]
+    assert all(c.finish_reason == "length" for c in r.choices) and r.usage.completion_tokens == 0
+    for c in r.choices:
+        ids = tok.encode(c.text).tolist()
+        lp = log_softmax(model.forward(np.array([ids]))[0])
+        assert len(c.logprobs.tokens) == len(ids) and c.logprobs.token_logprobs[0] is None
+        np.testing.assert_allclose(c.logprobs.token_logprobs[1:], [lp[t - 1, ids[t]] for t in range(1, len(ids))],
+                                   atol=1e-4)
+    chunks = list(client.completions.create(stream=True, **kw))
+    for c in r.choices:
+        mine = [x.choices[0] for x in chunks if x.choices[0].index == c.index]
+        assert "".join(x.text for x in mine) == c.text and [x.finish_reason for x in mine][-1] == "length"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="abc", max_tokens=0)
+    assert server.wait_idle()["active"] == 0
 
 
 def test_completions_stream_raw_sse(server, reference):
@@ -500,6 +576,11 @@ LONG = "x" * 200  # 200 byte tokens: more than the 128-token context
      "invalid_value"),
     ("chat/completions", {"model": MODEL, "messages": HI, "stream_options": {"include_usage": True}}, 400,
      "stream_options", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "stream": True, "stream_options": {"include_usage": 1}}, 400,
+     "stream_options.include_usage", "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "response_format": {"type": "json_schema",
+                                                                              "json_schema": "x"}}, 400,
+     "response_format.json_schema", "invalid_type"),
     ("chat/completions", {"model": MODEL, "messages": HI, "tools": [{"type": "function"}]}, 400,
      "tools[0].function", "invalid_type"),
     ("chat/completions", {"model": MODEL, "messages": HI, "repetition_penalty": 0}, 400, "repetition_penalty",

@@ -17,9 +17,12 @@ Semantics (OpenAI's, where it defines them):
   tokenizer's BOS where it has one, as HF's tokenizer and vLLM encode it, token ids are taken as they are; an empty
   prompt is the BOS or <|endoftext|>); generation stops at the model's EOS ids (an HF folder's
   generation_config.json, fastllm.chat.eos_token_ids) and <|endoftext|>. max_tokens defaults to 16 (chat: the rest
-  of the context).
+  of the context); with echo it may be 0 (the prompt and, with logprobs, its logprobs, as evaluation harnesses score
+  text).
 - max_tokens that do not fit the context, or a prompt that fills it, are a 400 (code context_length_exceeded);
-  an unknown model a 404 (code model_not_found); unknown fields a 400 naming them, as OpenAI does.
+  an unknown model a 404 (code model_not_found); unknown fields a 400 naming them, as OpenAI does. OpenAI's
+  own fields that change nothing here (user, metadata, prompt_cache_key, reasoning_effort, ...) are accepted;
+  those asking for what this server lacks (audio, web_search_options, ...) are a 400 (unsupported_parameter).
 - usage: prompt_tokens counts each prompt once (whatever n), completion_tokens every token sampled, a
   terminating stop token included; finish_reason "stop" (stop token or stop string) or "length" (max_tokens).
 - logprobs are the model's own (log-softmax of the logits, before temperature, penalties and filtering), for
@@ -166,8 +169,15 @@ def _get(body: dict, name: str, kind: str, default=None, lo: float | None = None
 _IGNORED = {"user", "metadata", "store", "service_tier", "stream_options"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
            "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repetition_penalty"} | _IGNORED
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-                         "tool_choice", "parallel_tool_calls", "functions", "function_call", "modalities"}
+# chat fields of OpenAI's that change nothing here either: prompt caching and safety ids (bookkeeping),
+# prediction (only makes OpenAI faster), reasoning_effort and verbosity (hints to OpenAI's reasoning models)
+_CHAT_IGNORED = {"prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier",
+                 "prediction", "reasoning_effort", "verbosity"}
+# chat fields of OpenAI's asking for what this server does not do: a 400 unless null
+_CHAT_UNSUPPORTED = {"audio": "(audio output)", "web_search_options": "(web search)", "moderation": "(moderation)"}
+CHAT_FIELDS = _COMMON | _CHAT_IGNORED | set(_CHAT_UNSUPPORTED) | {
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "modalities"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 
 
@@ -446,14 +456,15 @@ def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
     if options is not None and not stream:
         raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        "stream_options", "invalid_value")
-    include_usage = bool(_get(options or {}, "include_usage", "boolean", False))
+    include_usage = bool(_get({"stream_options.include_usage": (options or {}).get("include_usage")},
+                              "stream_options.include_usage", "boolean", False))
     common = dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias)
     return common, stream, include_usage
 
 
-def _max_tokens(body: dict, names: tuple[str, ...]) -> tuple[int | None, str]:
+def _max_tokens(body: dict, names: tuple[str, ...], lo: int = 1) -> tuple[int | None, str]:
     for name in names:
-        v = _get(body, name, "integer", None, 1)
+        v = _get(body, name, "integer", None, lo)
         if v is not None:
             return v, name
     return None, names[-1]
@@ -592,7 +603,7 @@ def _response_format(body: dict, served: ServedModel):
     if kind == "json_object":
         schema, where = {"type": "object"}, "response_format"
     elif kind == "json_schema":
-        js = _get(fmt, "json_schema", "object") if "json_schema" in fmt else None
+        js = _get({"response_format.json_schema": fmt.get("json_schema")}, "response_format.json_schema", "object")
         if js is None:
             raise APIError(400, "Missing required parameter: 'response_format.json_schema'.",
                            "response_format.json_schema", "missing_required_parameter")
@@ -619,6 +630,9 @@ def parse_chat(body, served: ServedModel) -> Call:
     """A /v1/chat/completions body -> Call (APIError on bad input)."""
     _check_fields(body, CHAT_FIELDS)
     check_model(body, served)
+    for name, what in _CHAT_UNSUPPORTED.items():
+        if body.get(name) is not None:
+            raise _unsupported(name, what)
     if "messages" not in body:
         raise APIError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
     msgs = _messages(body["messages"])
@@ -709,7 +723,7 @@ def parse_completion(body, served: ServedModel) -> Call:
     best_of = _get(body, "best_of", "integer", None, 1)
     if best_of is not None and best_of != common["n"]:
         raise _unsupported("best_of", f"={best_of} (other than n)")
-    max_tokens, name = _max_tokens(body, ("max_tokens",))
+    max_tokens, name = _max_tokens(body, ("max_tokens",), 0 if echo else 1)  # echo, 0: the prompt's logprobs only
     maxes = [_fit(served, len(p), max_tokens, 16, "prompt", name) for p in ids]
     req = Request(prompts=ids, max_tokens=maxes, stop_tokens=list(served.stops),
                   logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)

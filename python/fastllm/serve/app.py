@@ -100,8 +100,9 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
     folder = getattr(engine.model, "checkpoint_dir", None)
     if chat == "auto":
         chat = chat_format(folder, engine.tokenizer)
-    served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.model.config.vocab_size,
-                         chat, folder)
+    # token ids in requests (prompts, logit_bias): the tokenizer's, not a padded vocabulary's extra rows
+    served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.tokenizer.n_vocab, chat,
+                         folder)
     page = resources.files("fastllm.serve").joinpath("static", "chat.html").read_bytes()
 
     def authorize(request: HTTPRequest) -> None:

@@ -56,7 +56,8 @@ def load(ckpt, tokenizer=None):
 @dataclass
 class TokenLogprob:
     """A token and its log-probability under the model (log-softmax of the raw logits, before temperature,
-    penalties and filtering, as OpenAI reports them), with the `top` most likely alternatives."""
+    penalties and filtering, as OpenAI reports them), with the `top` most likely alternatives; over the
+    tokenizer's ids (the rows of a padded vocabulary beyond them are no tokens, never sampled)."""
 
     token: int
     logprob: float
@@ -95,7 +96,7 @@ class Request:
     (Chunk, PromptLogprobs, Failure), on the engine's thread; it must not block."""
 
     prompts: list[list[int]]
-    max_tokens: int | list[int]  # per prompt, or one for all
+    max_tokens: int | list[int]  # per prompt, or one for all (0: nothing generated, e.g. prompt logprobs only)
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     seed: int | None = None  # choice 0 draws from default_rng(seed), choice i > 0 from default_rng([seed, i])
@@ -134,6 +135,7 @@ class _Seq:
         self.row = -1
         self.logits: np.ndarray | None = None
         self.bias = mask  # -inf on ids the tokenizer cannot decode, if the model has such ids
+        self.n_vocab = tokenizer.n_vocab  # logprobs are over these ids (padding rows are no tokens)
         self.matcher = None if req.constraint is None else req.constraint.matcher()
         if req.logit_bias:
             self.bias = np.zeros(vocab, np.float32) if mask is None else mask.copy()
@@ -158,7 +160,7 @@ class _Seq:
         if self.matcher is not None and t not in self.req.stop_tokens:
             self.matcher.accept(t)
         lps = [] if self.req.logprobs is None or t in self.req.stop_tokens else \
-            [logprob_of(self.logits, t, self.req.logprobs)]
+            [logprob_of(self.logits[:self.n_vocab], t, self.req.logprobs)]
         if t in self.req.stop_tokens:
             text, stopped = self.cutter.push(self.streamer.flush())
             return Chunk(self.index, text + self.cutter.flush(), [t], lps, "stop")
@@ -259,13 +261,13 @@ class Engine:
         maxes = req.max_tokens if isinstance(req.max_tokens, list) else [req.max_tokens] * len(req.prompts)
         if len(maxes) != len(req.prompts):
             raise ValueError(f"{len(maxes)} max_tokens for {len(req.prompts)} prompts")
-        V = self.model.config.vocab_size
+        V = self.tokenizer.n_vocab  # (a padded vocabulary's extra rows are no tokens)
         for p, (ids, m) in enumerate(zip(req.prompts, maxes)):
             if not ids:
                 raise ValueError(f"prompt {p} is empty")
             if min(ids) < 0 or max(ids) >= V:
                 raise ValueError(f"prompt {p} holds token ids outside [0, {V})")
-            if m < 1 or len(ids) + m > self.max_len:
+            if m < 0 or len(ids) + m > self.max_len:
                 raise ValueError(f"prompt {p}: {len(ids)} tokens + max_tokens={m} do not fit the context of "
                                  f"{self.max_len} tokens")
         if req.logit_bias and any(not 0 <= t < V for t in req.logit_bias):
@@ -383,10 +385,13 @@ class Engine:
             events: list = []
             prompt = list(req.prompts[p])
             if req.prompt_logprobs:
-                logits = self.model.forward(np.asarray([prompt], np.int32))[0]  # (T, V)
+                logits = self.model.forward(np.asarray([prompt], np.int32))[0, :, :self.tokenizer.n_vocab]  # (T, V)
                 top = req.logprobs or 0
                 entries = [None] + [logprob_of(logits[t - 1], prompt[t], top) for t in range(1, len(prompt))]
                 events.append(PromptLogprobs(p, entries))
+            if req.max_tokens[p] == 0:  # nothing to generate: no slot, every choice ends at once
+                self._emit(req, events + [Chunk(p * req.n + i, "", [], finish_reason="length") for i in range(req.n)])
+                continue
             first = len(self._active)
             self.cache.reset_row(first)
             logits = self.cache.prefill_row(first, prompt)
