@@ -714,6 +714,18 @@ def test_lm_eval_local_completions_scores_as_in_process(server, reference, tmp_p
             assert [[r[0][1] for r in q] for q in got] == [[r[0][1] for r in q] for q in want]
         else:
             assert got == want and any(r[0] for r in got)
+    # local-chat-completions: lm-eval's chat messages through /v1/chat/completions, as in process with the template
+    chat_gen = [{"prompt": word(), "answer": ANSWER[:6]} for _ in range(4)]
+    (tmp_path / "srv_gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_gen))
+    remote_chat = evaluator.simple_evaluate(
+        model="local-chat-completions", model_args=f"base_url={server.url}/v1/chat/completions,model={MODEL}",
+        tasks=["srv_gen"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        apply_chat_template=True, log_samples=True)
+    local_chat = simple_evaluate(model, tok, ["srv_gen"], include_path=str(tmp_path), include_defaults=False,
+                                 apply_chat_template=True, log_samples=True)
+    got = sorted((s["doc_id"], s["resps"]) for s in remote_chat["samples"]["srv_gen"])
+    assert got == sorted((s["doc_id"], s["resps"]) for s in local_chat["samples"]["srv_gen"])
+    assert [r[0][0] for _, r in got] == [ANSWER[:8].split("w")[0]] * 4  # the trained answer, cut at 'until'
     got, want = remote["results"], local["results"]
     print(f"\nlm-eval local-completions: {got['srv_mc']['acc,none']:.3f} acc, {got['srv_gen']['exact_match,none']:.3f} "
           f"exact match, {got['srv_ppl']['bits_per_byte,none']:.4f} bits per byte")
