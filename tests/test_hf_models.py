@@ -349,6 +349,35 @@ def test_convert_keeps_the_chat_files(qwen2_dir, tmp_path):
         transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(msgs, tokenize=False)
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_save_pretrained_keeps_the_source_folders_eos_and_template(family, tmp_path):
+    """GPT.from_pretrained(folder).save_pretrained(out, tokenizer=...) (the module doc's round trip) writes the
+    folder's EOS ids and chat template: transformers' generate stops where the source model's does (Llama 3 has
+    no <|endoftext|>; Qwen2.5-Instruct ends turns with <|im_end|>) and apply_chat_template renders the same text."""
+    pytest.importorskip("tokenizers")
+    from hf_families import LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
+
+    src = tmp_path / "src"
+    hf_model("qwen2-tied" if family == "qwen2" else "llama-gqa-tied").save_pretrained(src)
+    tok = build_tokenizer(family, vocab_size=290)
+    eos = ["<|eot_id|>", "<|end_of_text|>"] if family == "llama3" else ["<|im_end|>", "<|endoftext|>"]
+    write_folder(src, tok, family, chat_template=LLAMA3_TEMPLATE if family == "llama3" else QWEN25_TEMPLATE,
+                 eos=eos[0], generation_eos=eos)
+    ids = [tok.token_to_id(t) for t in eos]
+    GPT.from_pretrained(src).save_pretrained(tmp_path / "out", tokenizer=Tokenizer.from_pretrained(src))
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert gen.eos_token_id == ids
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == ids
+    assert chat.eos_token_ids(tmp_path / "out") == ids
+    auto, theirs = (transformers.AutoTokenizer.from_pretrained(d) for d in (tmp_path / "out", src))
+    assert auto.eos_token == theirs.eos_token == eos[0]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    explicit = hf.save_pretrained(GPT.from_pretrained(src), tmp_path / "explicit", eos_token_id=ids[1])
+    assert chat.eos_token_ids(explicit) == [ids[1]]  # an explicit eos_token_id still wins
+
+
 # Qwen2.5's template (without tools) with {% generation %} around each assistant reply, as transformers'
 # return_assistant_tokens_mask needs: it renders the same text as QWEN25_TEMPLATE.
 QWEN25_GENERATION = (
