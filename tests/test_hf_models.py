@@ -42,6 +42,12 @@ CASES = {  # name: (transformers class prefix, config)
     "mistral-gqa": ("Mistral", dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
     "qwen2-tied": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3-headdim": ("Qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    # Qwen's long-context setting (prompts past original_max_position_embeddings), and dynamic NTK (the default
+    # RoPE below max_position_embeddings)
+    "qwen2-yarn": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+    "llama-dynamic": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="dynamic", factor=2.0))),
 }
 
 
@@ -196,9 +202,9 @@ def qwen2_dir(tmp_path_factory):
         (dict(model_type="qwen2_moe"), "model_type 'qwen2_moe' is not supported"),
         (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
         (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-         "rope_scaling type 'yarn' is not supported"),
-        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling type 'dynamic' is not supported"),
+        (dict(rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}),
+         "rope_scaling type 'longrope' is not supported"),
+        (dict(rope_scaling={"type": "yarn", "factor": 4.0, "attention_factor": 0}), "attention_factor must be"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
         (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config \\(gptq"),
         (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),

@@ -11,8 +11,9 @@ A folder that transformers' `from_pretrained` reads holds
 
 Architectures (config.json model_type -> GPTConfig; every name below is refused when it is not as listed):
     gpt2     GPT2LMHeadModel     learned positions, layernorm, GELU (gelu_new), biases, tied lm-head
-    llama    LlamaForCausalLM    RoPE (rope_theta, rope_scaling default | linear | llama3), RMSNorm, SwiGLU (silu),
-                                 GQA, attention_bias (q, k, v, o), mlp_bias, head_dim, tied or untied
+    llama    LlamaForCausalLM    RoPE (rope_theta, rope_scaling default | linear | llama3 | yarn | dynamic: see
+                                 fastllm.rope), RMSNorm, SwiGLU (silu), GQA, attention_bias (q, k, v, o), mlp_bias,
+                                 head_dim, tied or untied
     mistral  MistralForCausalLM  Llama's, without biases; full attention only (a sliding_window smaller than the
                                  context is refused)
     qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); full attention only
@@ -98,6 +99,10 @@ def _rope(d: dict, bad) -> tuple[float, dict | None]:
     scaling["rope_type"] = kind
     if kind not in ROPE_TYPES:
         raise bad(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "yarn":  # transformers' defaults: the pre-YaRN context is the config's, the factor their ratio
+        scaling.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
+        if scaling.get("factor") is None and scaling["original_max_position_embeddings"]:
+            scaling["factor"] = d["max_position_embeddings"] / scaling["original_max_position_embeddings"]
     return theta, (None if kind == "default" else scaling)
 
 
