@@ -679,3 +679,20 @@ def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
                          "-n", str(n)]) == 0
         # (random weights emit broken UTF-8: the streamed text and a whole decode replace it differently)
         assert capsys.readouterr().out.replace("\ufffd", "") == ("Hello there" + want).replace("\ufffd", "")
+
+
+def test_cli_sample_of_a_vocab_padded_past_the_tokenizer(tmp_path, capsys):
+    """Qwen2/2.5/3 configs have more embedding rows (vocab_size 151936) than the tokenizer has tokens (~151665):
+    a generated id without a token is no text, as transformers' decode skips it (it was a ValueError mid-stream)."""
+    pytest.importorskip("tokenizers")
+    from fastllm import cli
+
+    ref, auto = hub_folder("qwen2", tmp_path / "qwen2", vocab_size=600)  # 407 tokens
+    inputs = auto("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=30, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert max(out) >= len(auto)  # random weights: ids past the tokenizer's are generated
+    want = hf_greedy(ref, auto, inputs, 30)
+    assert cli.main(["sample", "--ckpt", str(tmp_path / "qwen2"), "--prompt", "Hello there", "--temperature", "0",
+                     "-n", "30"]) == 0
+    assert capsys.readouterr().out.replace("\ufffd", "") == ("Hello there" + want).replace("\ufffd", "")
