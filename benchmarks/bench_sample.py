@@ -84,7 +84,8 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
     if cfg.positions == "rope":
         freq = torch.tensor(rope.inv_freq(hs, cfg.rope_theta, cfg.rope_scaling))
         ang = torch.arange(Tm, dtype=torch.float32)[:, None] * freq
-        cos, sin = torch.cat([ang.cos(), ang.cos()], -1).to(dtype), torch.cat([ang.sin(), ang.sin()], -1).to(dtype)
+        a = rope.attention_scaling(cfg.rope_scaling)  # (YaRN's temperature)
+        cos, sin = ((torch.cat([f(ang), f(ang)], -1) * a).to(dtype) for f in (torch.cos, torch.sin))
 
     def norm(x, name, l=None):
         w = P[name + ".weight"] if l is None else P[name + ".weight"][l]

@@ -42,6 +42,12 @@ CASES = {  # name: (transformers class prefix, config)
     "mistral-gqa": ("Mistral", dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
     "qwen2-tied": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3-headdim": ("Qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    # Qwen's long-context setting (prompts past original_max_position_embeddings), and dynamic NTK (the default
+    # RoPE below max_position_embeddings)
+    "qwen2-yarn": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+    "llama-dynamic": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="dynamic", factor=2.0))),
 }
 
 
@@ -196,9 +202,9 @@ def qwen2_dir(tmp_path_factory):
         (dict(model_type="qwen2_moe"), "model_type 'qwen2_moe' is not supported"),
         (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
         (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-         "rope_scaling type 'yarn' is not supported"),
-        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling type 'dynamic' is not supported"),
+        (dict(rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}),
+         "rope_scaling type 'longrope' is not supported"),
+        (dict(rope_scaling={"type": "yarn", "factor": 4.0, "attention_factor": 0}), "attention_factor must be"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
         (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config \\(gptq"),
         (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),
@@ -347,6 +353,35 @@ def test_convert_keeps_the_chat_files(qwen2_dir, tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert auto.apply_chat_template(msgs, tokenize=False) == \
         transformers.AutoTokenizer.from_pretrained(src).apply_chat_template(msgs, tokenize=False)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_save_pretrained_keeps_the_source_folders_eos_and_template(family, tmp_path):
+    """GPT.from_pretrained(folder).save_pretrained(out, tokenizer=...) (the module doc's round trip) writes the
+    folder's EOS ids and chat template: transformers' generate stops where the source model's does (Llama 3 has
+    no <|endoftext|>; Qwen2.5-Instruct ends turns with <|im_end|>) and apply_chat_template renders the same text."""
+    pytest.importorskip("tokenizers")
+    from hf_families import LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
+
+    src = tmp_path / "src"
+    hf_model("qwen2-tied" if family == "qwen2" else "llama-gqa-tied").save_pretrained(src)
+    tok = build_tokenizer(family, vocab_size=290)
+    eos = ["<|eot_id|>", "<|end_of_text|>"] if family == "llama3" else ["<|im_end|>", "<|endoftext|>"]
+    write_folder(src, tok, family, chat_template=LLAMA3_TEMPLATE if family == "llama3" else QWEN25_TEMPLATE,
+                 eos=eos[0], generation_eos=eos)
+    ids = [tok.token_to_id(t) for t in eos]
+    GPT.from_pretrained(src).save_pretrained(tmp_path / "out", tokenizer=Tokenizer.from_pretrained(src))
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert gen.eos_token_id == ids
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == ids
+    assert chat.eos_token_ids(tmp_path / "out") == ids
+    auto, theirs = (transformers.AutoTokenizer.from_pretrained(d) for d in (tmp_path / "out", src))
+    assert auto.eos_token == theirs.eos_token == eos[0]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    explicit = hf.save_pretrained(GPT.from_pretrained(src), tmp_path / "explicit", eos_token_id=ids[1])
+    assert chat.eos_token_ids(explicit) == [ids[1]]  # an explicit eos_token_id still wins
 
 
 # Qwen2.5's template (without tools) with {% generation %} around each assistant reply, as transformers'
@@ -680,3 +715,20 @@ def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
                          "-n", str(n)]) == 0
         # (random weights emit broken UTF-8: the streamed text and a whole decode replace it differently)
         assert capsys.readouterr().out.replace("\ufffd", "") == ("Hello there" + want).replace("\ufffd", "")
+
+
+def test_cli_sample_of_a_vocab_padded_past_the_tokenizer(tmp_path, capsys):
+    """Qwen2/2.5/3 configs have more embedding rows (vocab_size 151936) than the tokenizer has tokens (~151665):
+    a generated id without a token is no text, as transformers' decode skips it (it was a ValueError mid-stream)."""
+    pytest.importorskip("tokenizers")
+    from fastllm import cli
+
+    ref, auto = hub_folder("qwen2", tmp_path / "qwen2", vocab_size=600)  # 407 tokens
+    inputs = auto("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=30, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert max(out) >= len(auto)  # random weights: ids past the tokenizer's are generated
+    want = hf_greedy(ref, auto, inputs, 30)
+    assert cli.main(["sample", "--ckpt", str(tmp_path / "qwen2"), "--prompt", "Hello there", "--temperature", "0",
+                     "-n", "30"]) == 0
+    assert capsys.readouterr().out.replace("\ufffd", "") == ("Hello there" + want).replace("\ufffd", "")

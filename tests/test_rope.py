@@ -55,6 +55,32 @@ def test_inv_freq_equals_transformers(head_dim, theta, scaling):
         np.testing.assert_array_equal(got, (1.0 / theta ** (i / head_dim)).astype(np.float32))
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+
+@pytest.mark.parametrize("head_dim,theta,scaling", [
+    (128, 1e6, YARN),  # Qwen2.5's / Qwen3's long-context setting
+    (64, 10000.0, {**YARN, "factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2}),
+    (64, 500000.0, {**YARN, "truncate": False}),
+    (64, 10000.0, {**YARN, "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.707}),  # DeepSeek's temperature
+    (32, 10000.0, {**YARN, "attention_factor": 1.5}),
+    (64, 1e6, {"rope_type": "dynamic", "factor": 2.0}),  # the default RoPE within max_position_embeddings
+])
+def test_yarn_and_dynamic_equal_transformers(head_dim, theta, scaling):
+    """YaRN's frequencies and cos/sin factor, and dynamic NTK's frequencies below max_position_embeddings (131072
+    here, as fastllm's context never exceeds it), equal transformers'."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    want, _ = _hf_inv_freq(head_dim, theta, scaling)
+    np.testing.assert_allclose(rope.inv_freq(head_dim, theta, scaling), want, rtol=2e-6, atol=0)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                                   rope_parameters={"rope_theta": theta, **scaling}, max_position_embeddings=131072)
+    factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg)[1]
+    assert rope.attention_scaling(scaling) == pytest.approx(factor, rel=1e-12)
+    assert (factor != 1.0) == (scaling["rope_type"] == "yarn")  # the temperature is tested, not only 1.0
+
+
 def test_tables_equal_transformers():
     torch = pytest.importorskip("torch")
     _, emb = _hf_inv_freq(64, 10000.0)
@@ -67,8 +93,12 @@ def test_tables_equal_transformers():
 
 
 def test_rope_tables_bad_input():
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="longrope"):
+        rope.inv_freq(64, scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
         rope.inv_freq(64, scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="attention_factor"):
+        rope.attention_scaling({**YARN, "attention_factor": -1.0})
     with pytest.raises(ValueError, match="low_freq_factor"):
         rope.inv_freq(64, scaling={"rope_type": "llama3", "factor": 8.0})
     with pytest.raises(ValueError, match="theta"):

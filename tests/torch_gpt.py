@@ -26,6 +26,7 @@ def build(model, sdpa: bool = False):
         freq = torch.tensor(rope.inv_freq(hd, cfg.rope_theta, cfg.rope_scaling))
         ang = torch.arange(cfg.block_size, dtype=torch.float32)[:, None] * freq[None, :]
         cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+        cos, sin = (t * rope.attention_scaling(cfg.rope_scaling) for t in (cos, sin))  # (YaRN's temperature)
 
     def p(name, l=None):
         t = params.get(name)

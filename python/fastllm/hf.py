@@ -11,8 +11,9 @@ A folder that transformers' `from_pretrained` reads holds
 
 Architectures (config.json model_type -> GPTConfig; every name below is refused when it is not as listed):
     gpt2     GPT2LMHeadModel     learned positions, layernorm, GELU (gelu_new), biases, tied lm-head
-    llama    LlamaForCausalLM    RoPE (rope_theta, rope_scaling default | linear | llama3), RMSNorm, SwiGLU (silu),
-                                 GQA, attention_bias (q, k, v, o), mlp_bias, head_dim, tied or untied
+    llama    LlamaForCausalLM    RoPE (rope_theta, rope_scaling default | linear | llama3 | yarn | dynamic: see
+                                 fastllm.rope), RMSNorm, SwiGLU (silu), GQA, attention_bias (q, k, v, o), mlp_bias,
+                                 head_dim, tied or untied
     mistral  MistralForCausalLM  Llama's, without biases; full attention only (a sliding_window smaller than the
                                  context is refused)
     qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); full attention only
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat import eos_token_ids, read_template
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig
 from .rope import ROPE_TYPES
@@ -97,6 +99,10 @@ def _rope(d: dict, bad) -> tuple[float, dict | None]:
     scaling["rope_type"] = kind
     if kind not in ROPE_TYPES:
         raise bad(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind == "yarn":  # transformers' defaults: the pre-YaRN context is the config's, the factor their ratio
+        scaling.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
+        if scaling.get("factor") is None and scaling["original_max_position_embeddings"]:
+            scaling["factor"] = d["max_position_embeddings"] / scaling["original_max_position_embeddings"]
     return theta, (None if kind == "default" else scaling)
 
 
@@ -475,9 +481,12 @@ def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
 def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None,
                     eos_token_id: int | list[int] | None = None) -> Path:
     """Write `model` as a transformers folder (config.json, model.safetensors or shards + index, in float32; with a
-    `tokenizer`, also tokenizer.json and tokenizer_config.json). eos_token_id: written to config.json and
-    generation_config.json (default: the tokenizer's <|endoftext|>). Every file is written atomically; stale
-    shards of an earlier save are removed. ValueError when no transformers architecture computes the config."""
+    `tokenizer`, also tokenizer.json and tokenizer_config.json, with the chat template of the folder the model was
+    loaded from, if it has one). eos_token_id: written to config.json and generation_config.json (default: the EOS
+    ids of the folder the model was loaded from, else the tokenizer's <|endoftext|>). Every file is written
+    atomically; stale shards of an earlier save are removed. ValueError when no transformers architecture computes
+    the config."""
+
     cfg = model.config
     if tokenizer is not None and tokenizer.n_vocab > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model's vocab_size is {cfg.vocab_size}")
@@ -512,6 +521,11 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
         (folder / WEIGHTS_FILE).unlink(missing_ok=True)
     for f in old - written:
         f.unlink(missing_ok=True)
+    source = getattr(model, "checkpoint_dir", None)  # the folder it came from: its EOS ids and template go along
+    if eos_token_id is None and source is not None:
+        eos_token_id = eos_token_ids(source, tokenizer) or None
+        if eos_token_id is not None and len(eos_token_id) == 1:
+            eos_token_id = eos_token_id[0]
     if eos_token_id is None and tokenizer is not None:
         eos_token_id = tokenizer.eot_token
     bos = tokenizer.bos_token if tokenizer is not None else None
@@ -519,15 +533,18 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
     if eos_token_id is not None:
         write_json(folder / GENERATION_FILE, {"eos_token_id": eos_token_id, **({"bos_token_id": bos} if bos else {})})
     if tokenizer is not None:
-        save_tokenizer(tokenizer, folder, cfg.block_size)
+        template = read_template(source) if source is not None else None
+        save_tokenizer(tokenizer, folder, cfg.block_size, eos_token_id, template[0] if template else None)
     return folder
 
 
 # ---- tokenizer files and generation settings -------------------------------------------------------------
 
 
-def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int | None = None) -> None:
-    """tokenizer.json (Tokenizer.save_hf) plus a tokenizer_config.json so AutoTokenizer finds it."""
+def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int | None = None,
+                   eos_token_id: int | list[int] | None = None, chat_template: str | None = None) -> None:
+    """tokenizer.json (Tokenizer.save_hf) plus a tokenizer_config.json so AutoTokenizer finds it: eos_token is the
+    special token of the first of `eos_token_id` (default <|endoftext|>), chat_template the template if given."""
     folder = Path(folder)
     tokenizer.save_hf(folder / "tokenizer.json")
     conf: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
@@ -539,6 +556,11 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int |
         conf.update(bos_token=eot, eos_token=eot, unk_token=eot)
     if tokenizer.bos_token is not None:
         conf["bos_token"] = names[tokenizer.bos_token]
+    eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+    if eos in names:
+        conf["eos_token"] = names[eos]
+    if chat_template is not None:
+        conf["chat_template"] = chat_template
     write_json(folder / "tokenizer_config.json", conf)
 
 

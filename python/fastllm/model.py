@@ -74,7 +74,7 @@ class GPTConfig:
     head_dim: int | None = None  # channels per head; None = n_embd // n_head (Qwen3 sets others)
     positions: str = "learned"  # "learned" (the wpe table, GPT-2) | "rope" (rotary, HF's rotate-half layout)
     rope_theta: float = 10000.0  # RoPE base (Llama 3: 500000)
-    rope_scaling: dict | None = None  # HF's rope_scaling: None, {"rope_type": "linear" | "llama3", ...}
+    rope_scaling: dict | None = None  # HF's rope_scaling: None, {"rope_type": "linear" | "llama3" | "yarn", ...}
     norm: str = "layernorm"  # "layernorm" (weight + bias) | "rmsnorm" (weight only)
     mlp: str = "gelu"  # "gelu" (tanh approx.) | "swiglu" (silu(gate) * up) | "relu2" (relu(x)^2)
     mlp_hidden: int | None = None  # MLP width H (HF intermediate_size); None = 4 * n_embd
@@ -116,6 +116,7 @@ class GPTConfig:
         if self.positions == "rope":
             try:
                 rope.inv_freq(self.head_size, self.rope_theta, self.rope_scaling)
+                rope.attention_scaling(self.rope_scaling)
             except ValueError as e:
                 raise ValueError(f"GPTConfig.rope_scaling / rope_theta / head_dim: {e}") from None
             if self.head_size % 2:
@@ -333,7 +334,8 @@ class GPT:
         self.rope = None  # (cos, sin) tables (block_size, head_size // 2) for positions="rope", on the device
         cfg = self.config
         if cfg.positions == "rope":
-            cos, sin = rope.rope_tables(rope.inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling), cfg.block_size)
+            cos, sin = rope.rope_tables(rope.inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling), cfg.block_size,
+                                        rope.attention_scaling(cfg.rope_scaling))
             self.rope = (self.bk.to_device(cos), self.bk.to_device(sin))
         self.grads = None
         self._g: dict = {}

@@ -1,6 +1,7 @@
 """Rotary position embedding tables (RoPE, Su et al. 2021) for `ops.rope_forward` / `cuda.rope_forward`: the inverse
-frequencies of a Llama/Qwen/Mistral config (`rope_theta`, partial rotary dims, `rope_scaling` "linear" and Llama 3's
-"llama3") and the cos/sin tables the kernels read, computed once per model in numpy.
+frequencies of a Llama/Qwen/Mistral config (`rope_theta`, partial rotary dims, `rope_scaling` "linear", Llama 3's
+"llama3", "yarn" with its attention factor, "dynamic") and the cos/sin tables the kernels read, computed once per
+model in numpy.
 
 Everything is float32 in the order HF transformers computes it (LlamaRotaryEmbedding and
 modeling_rope_utils: inv_freq = 1 / theta ** (arange(0, dim, 2) / dim), the llama3 smoothing, angle = float32(pos) *
@@ -18,7 +19,13 @@ import math
 
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+_NEEDS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+          "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_type(scaling: dict | None) -> str:
+    return "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
 
 
 def inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
@@ -28,8 +35,11 @@ def inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
     scaling is a config's `rope_scaling` (or None): {"rope_type" (or "type"): "linear", "factor"} divides every
     frequency by factor; {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"} is Llama 3.1's: wavelengths above original/low_freq_factor are divided by
-    factor, those below original/high_freq_factor kept, the band between interpolated smoothly. Other types raise
-    ValueError naming them.
+    factor, those below original/high_freq_factor kept, the band between interpolated smoothly. {"rope_type":
+    "yarn", "factor", "original_max_position_embeddings", optional "beta_fast", "beta_slow", "truncate"} is YaRN's
+    (see _yarn; its cos/sin scale is attention_scaling). {"rope_type": "dynamic", "factor"} is the default RoPE:
+    transformers rescales theta only for positions past max_position_embeddings, where a model's context
+    (block_size) ends. Other types raise ValueError naming them.
 
     >>> inv_freq(8, theta=10000.0)
     array([1.   , 0.1  , 0.01 , 0.001], dtype=float32)
@@ -45,21 +55,23 @@ def inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
     # in float32 (torch's pow), whose last bit depends on the CPU's vector pow (AVX-512 vs AVX2), as numpy's does:
     # each is within an ulp of this, not always of each other.
     freq = (1.0 / (float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(f32)
-    rope_type = "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = _rope_type(scaling)
     if rope_type == "default":
         return freq
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-    keys = ("factor",) if rope_type == "linear" else (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if k not in scaling]
+    missing = [k for k in _NEEDS[rope_type] if k not in scaling]
     if missing:
         raise ValueError(f"rope_scaling of type {rope_type!r} needs {', '.join(missing)}")
     factor = float(scaling["factor"])
     if not factor > 0:
         raise ValueError(f"rope_scaling factor must be > 0, got {factor!r}")
+    if rope_type == "dynamic":
+        return freq
     if rope_type == "linear":
         return (freq / f32(factor)).astype(f32)
+    if rope_type == "yarn":
+        return _yarn(freq, dim, float(theta), scaling, factor)
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_len = float(scaling["original_max_position_embeddings"])
     if not (0 < low < high) or not old_len > 0:
@@ -72,6 +84,55 @@ def inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
     smoothed = (f32(1) - smooth) * scaled / f32(factor) + smooth * scaled
     medium = ~(wavelen < f32(high_wavelen)) & ~(wavelen > f32(low_wavelen))
     return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def _yarn(freq: np.ndarray, dim: int, theta: float, scaling: dict, factor: float) -> np.ndarray:
+    """YaRN's frequencies (Peng et al. 2023), in transformers' order (_compute_yarn_parameters): the dimensions whose
+    frequency turns fewer than beta_slow (1) times over original_max_position_embeddings are interpolated (divided
+    by factor), those turning more than beta_fast (32) times kept, a linear ramp over the dimensions between."""
+    old_len = float(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+    if not (old_len > 0 and beta_fast > 0 and beta_slow > 0):
+        raise ValueError(f"yarn rope_scaling needs original_max_position_embeddings, beta_fast, beta_slow > 0, got "
+                         f"{old_len}, {beta_fast}, {beta_slow}")
+
+    def dim_of(turns: float) -> float:  # the dimension whose frequency turns `turns` times over old_len positions
+        return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # (as transformers: no division by zero)
+    f32 = np.float32
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1)
+    keep = f32(1) - ramp  # the share of the unscaled frequency
+    return ((freq / f32(factor)) * (f32(1) - keep) + freq * keep).astype(f32)
+
+
+def attention_scaling(scaling: dict | None) -> float:
+    """The factor transformers multiplies cos and sin by (so q.k by its square): YaRN's attention temperature
+    (attention_factor, else 0.1 * ln(factor) + 1, or DeepSeek's mscale / mscale_all_dim ratio of that), 1.0 for the
+    other rope types. Pass it to rope_tables.
+
+    >>> round(attention_scaling({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}), 4)
+    1.1386
+    """
+    if _rope_type(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        a = float(scaling["attention_factor"])
+        if not (math.isfinite(a) and a > 0):
+            raise ValueError(f"yarn rope_scaling attention_factor must be a finite number > 0, got {a!r}")
+        return a
+    factor = float(scaling["factor"])
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return float(mscale(m) / mscale(m_all)) if m and m_all else mscale()
 
 
 def rope_tables(freq: np.ndarray, max_pos: int, attention_scaling: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

@@ -254,7 +254,10 @@ class TextStreamer:
         self.pending = b""
 
     def push(self, token_id: int) -> str:
-        self.pending += self.tokenizer.decode_bytes([int(token_id)])
+        try:
+            self.pending += self.tokenizer.decode_bytes([int(token_id)])
+        except ValueError:  # an embedding row with no token (Qwen's vocab_size 151936 > its ~151665 tokens): no
+            pass  # text, as transformers' decode skips it
         # keep back an incomplete trailing UTF-8 sequence (at most 3 bytes)
         for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
             try:
