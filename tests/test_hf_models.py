@@ -667,6 +667,83 @@ def test_eval_prompts_of_a_hub_folder_use_its_template(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_lm_eval_adapter_encodes_as_lm_evals_hf_model(family, tmp_path):
+    """The lm-eval adapter on a hub folder scores what lm-eval's own HF model (HFLM) scores there: texts encoded as
+    the AutoTokenizer encodes them (Llama 3: after <|begin_of_text|>), the BOS (else tokenizer_config.json's
+    eos_token, Qwen2.5-Instruct's <|im_end|>) before empty contexts and rolling windows, generations greedy as
+    transformers' generate and stopped at generation_config.json's EOS ids."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from fastllm.eval import load
+    from fastllm.eval.harness import FastLLM
+
+    folder = tmp_path / family
+    ref, auto = hub_folder(family, folder)
+    model, tok = load(folder)
+    lm = FastLLM(model=model, tokenizer=tok)
+    prefix = auto.bos_token_id if auto.bos_token_id is not None else auto.eos_token_id
+    assert (lm.prefix_token_id, lm.eot_token_id) == (prefix, auto.eos_token_id)
+
+    def logp(ids, n):  # summed log p of the last n of ids, each given those before it
+        with torch.no_grad():
+            lp = torch.log_softmax(ref(torch.tensor([ids[:-1]])).logits[0].double(), -1)
+        return float(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][-n:].sum())
+
+    pairs = [("Hello there", " world"), ("", "Hello world"), ("The answer is ", "42")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    for (ctx, cont), (lp, _) in zip(pairs, got):
+        if ctx:  # lm-eval's _encode_pair: the pair encoded whole, split after the (right-stripped) context
+            ids = auto(ctx + cont)["input_ids"]
+            n = len(ids) - len(auto(ctx.rstrip())["input_ids"])
+        else:  # the prefix token, then the continuation
+            ids = [prefix] + auto(cont, add_special_tokens=False)["input_ids"]
+            n = len(ids) - 1
+        assert lp == pytest.approx(logp(ids, n), rel=1e-5), (ctx, cont)
+    text = "Hello world, this is a test."
+    (rolled,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    ids = [prefix] + auto(text)["input_ids"]  # one window: the text is shorter than the context
+    assert rolled == pytest.approx(logp(ids, len(ids) - 1), rel=1e-5)
+    # generation: greedy, after the BOS; the folder's EOS ids made the 4th greedy token, so that it stops there
+    inputs = auto("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        free = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    stop = int(free[3])
+    assert stop not in free[:3].tolist()  # (these random weights do not repeat it earlier)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop]}))
+    lm = FastLLM(model=model, tokenizer=tok)
+    req = [Instance("generate_until", {}, ("Hello there", {"until": ["\n\n"], "max_gen_toks": 8}), 0)]
+    assert lm.generate_until(req, disable_tqdm=True) == [auto.decode(free[:3])]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_lm_eval_adapter_scores_as_lm_evals_hf_model(family, tmp_path):
+    """The same requests through lm-eval's own HF model (HFLM, which needs accelerate) and the adapter: the same
+    log-likelihoods, rolling log-likelihoods and greedy generations."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from fastllm.eval.harness import FastLLM
+
+    hub_folder(family, tmp_path / family)
+    lm = FastLLM(str(tmp_path / family))  # as lm_eval --model fastllm --model_args pretrained=... loads it
+    hflm = HFLM(pretrained=str(tmp_path / family), device="cpu", dtype="float32", batch_size=4)
+    pairs = [("Hello there", " world"), ("", "Hello world"), ("The answer is ", "42"), ("Q: x\nA:", " yes")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    np.testing.assert_allclose([r[0] for r in lm.loglikelihood(reqs, disable_tqdm=True)],
+                               [r[0] for r in hflm.loglikelihood(reqs)], rtol=1e-5)
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(["Hello world, a test.", "x"])]
+    np.testing.assert_allclose(lm.loglikelihood_rolling(reqs, disable_tqdm=True), hflm.loglikelihood_rolling(reqs),
+                               rtol=1e-5)
+    reqs = [Instance("generate_until", {}, ("Hello there", {"until": ["\n\n"], "max_gen_toks": 10}), 0)]
+    assert lm.generate_until(reqs, disable_tqdm=True) == hflm.generate_until(reqs)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
 def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
     """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its
     BOS token) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS ids."""
