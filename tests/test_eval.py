@@ -92,6 +92,7 @@ def test_multiple_choice_matches_transformers(hf_pair, pydoc_text, tmp_path):
         a = int(rng.integers(0, len(words) - 60))
         ctx = " ".join(words[a:a + n_ctx])
         choices = [" ".join(words[b:b + int(rng.integers(1, 4))]) for b in rng.integers(0, len(words) - 10, 4)]
+        ctx += " " * (i % 4 == 1)  # a context ending with a space: lm-eval moves it to the choices
         rows.append({"context": ctx, "choices": choices, "answer": int(rng.integers(0, 4))} if i % 2 else
                     {"ctx": ctx, "endings": choices, "label": int(rng.integers(0, 4))} if i % 3 else
                     {"sentence": f"{ctx} _ {choices[0]}.", "option1": choices[1], "option2": choices[2],
@@ -101,15 +102,21 @@ def test_multiple_choice_matches_transformers(hf_pair, pydoc_text, tmp_path):
     acc, acc_norm = [], []
     examples = load_multiple_choice(path)
     assert sum(len(ex.contexts) == 2 for ex in examples) == 4
+    split = 0  # choices whose tokens differ from the context's and the choice's encoded apart
     for ex, rec in zip(examples, report["records"]):
-        ctxs = [tok.encode_ordinary(c).tolist() or [tok.eot_token] for c in ex.contexts or [ex.context] * 4]
-        ref = [ref_continuation(hf, ctx, tok.encode_ordinary(c).tolist()) for ctx, c in zip(ctxs, ex.choices)]
+        ref = []
+        for c, ch in zip(ex.contexts or [ex.context] * 4, ex.choices):  # lm-eval's _encode_pair
+            ctx = tok.encode_ordinary(c.rstrip()).tolist()
+            cont = tok.encode_ordinary(c + ch).tolist()[len(ctx):]
+            ref.append(ref_continuation(hf, ctx or [tok.eot_token], cont))
+            split += cont != tok.encode_ordinary(ch).tolist()
         np.testing.assert_allclose(rec["logprob"], [r.sum() for r in ref], rtol=1e-5, atol=1e-5, err_msg=ex.where)
         assert rec["tokens"] == [len(r) for r in ref]
         acc.append(np.argmax([r.sum() for r in ref]) == ex.label)
         acc_norm.append(np.argmax([r.mean() for r in ref]) == ex.label)
     assert report["metrics"]["acc"] == pytest.approx(np.mean(acc))
     assert report["metrics"]["acc_norm"] == pytest.approx(np.mean(acc_norm))
+    assert split >= 8  # "... of " + "the" is " the", not " " + "the"
 
 
 @pytest.mark.parametrize("stride", [None, T_CTX, 5])
@@ -242,7 +249,8 @@ def test_known_answers_every_format(tmp_path):
         {"activity_label": "Z", "ctx_a": "x", "ctx_b": "y", "endings": ["bbb", "a"], "label": "1"},
         # generic, letter answer: ' aaaaaa' 6.5 (0.93), ' ab' 4.5 (1.5): acc picks B (right), acc_norm A (wrong)
         {"context": "q", "choices": ["aaaaaa", "ab"], "answer": "B"},
-        # context ends with a space, so no delimiter: 'aaaaaaaa' 8 (1.0), 'c' 2 (2.0): acc 'c' (wrong), norm right
+        # context ends with a space, so no delimiter; the space is scored with the choice (lm-eval's _encode_pair):
+        # ' aaaaaaaa' 8.5 (0.94), ' c' 2.5 (1.25): acc ' c' (wrong), acc_norm right
         {"context": "q ", "choices": ["aaaaaaaa", "c"], "answer": "aaaaaaaa"},
         # ARC: "Question: s\nAnswer:" + ' a' 1.5 / ' b' 3.5: both pick label "1" (right)
         {"question": {"stem": "s", "choices": [{"text": "a", "label": "1"}, {"text": "b", "label": "2"}]},
@@ -255,7 +263,7 @@ def test_known_answers_every_format(tmp_path):
     assert [r["label"] for r in recs] == [0, 1, 1, 0, 0, 0]
     np.testing.assert_allclose(recs[0]["logprob"], [-4.5, -3.5, -6.5, -4.5])
     assert recs[0]["tokens"] == [5, 2, 3, 3]
-    np.testing.assert_allclose(recs[3]["logprob"], [-8.0, -2.0])
+    np.testing.assert_allclose(recs[3]["logprob"], [-8.5, -2.5])
     np.testing.assert_allclose(recs[5]["logprob"], [-2.5, -3.5, -4.5])
     m = report["metrics"]
     assert m["acc"] == pytest.approx(4 / 6) and m["acc_norm"] == pytest.approx(5 / 6)

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checks, distributed
-from ..chat import chat_format
+from ..chat import chat_format, eos_token_ids
 from ..fileio import write_json
 from ..options import SYSTEM, option
 from .data import Choice, load_documents, load_multiple_choice, token_bytes
@@ -149,19 +149,25 @@ def bpb_records(model, tokenizer, docs: Sequence[np.ndarray], stride: int | None
 
 
 def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int = 2048, bar=None) -> list[dict]:
-    """Per example: label, and per choice the summed log-probability of its tokens and their number."""
-    eot = tokenizer.eot_token
+    """Per example: label, and per choice the summed log-probability of its tokens and their number.
+    Tokens as lm-eval's _encode_pair has them: the context's trailing whitespace moved to the choice, context +
+    choice encoded whole and split after the context's tokens (so "is " + "Paris" scores " Paris", as the text is
+    tokenized), all after the tokenizer's BOS where it has one (as `tokenizer(text)`); an empty context is the BOS,
+    else <|endoftext|>."""
+    bos = [] if tokenizer.bos_token is None else [tokenizer.bos_token]
+    start = bos or ([] if tokenizer.eot_token is None else [tokenizer.eot_token])
     reqs, groups = [], []
     for e, ex in enumerate(examples):
-        ctxs = [tokenizer.encode_ordinary(c) for c in ex.contexts or (ex.context,)]
-        for j, ctx in enumerate(ctxs):
-            if len(ctx) == 0:
-                if eot is None:
-                    raise ValueError(f"{ex.where}: empty context and no <|endoftext|> token to start from")
-                ctxs[j] = np.array([eot])
-        for j, c in enumerate(ex.choices):
-            ctx = ctxs[j if ex.contexts else 0]
-            cont = tokenizer.encode_ordinary(c)
+        ctxs = ex.contexts or (ex.context,) * len(ex.choices)
+        heads = [c.rstrip() for c in ctxs]
+        whole = tokenizer.encode_batch([c + ch for c, ch in zip(ctxs, ex.choices)], disallowed_special=())
+        ctx_ids = {h: tokenizer.encode_ordinary(h).tolist() if h else [] for h in set(heads)}
+        for j, (head, ids) in enumerate(zip(heads, whole)):
+            ctx, cont = bos + ctx_ids[head], ids.tolist()[len(ctx_ids[head]):]
+            if not ctx:
+                if not start:
+                    raise ValueError(f"{ex.where}: empty context and no BOS or <|endoftext|> token to start from")
+                ctx = start
             if not 0 < len(cont) <= model.config.block_size:
                 raise ValueError(f"{ex.where}: choice {j} has {len(cont)} tokens; it needs 1 to the model's context "
                                  f"of {model.config.block_size}")
@@ -195,8 +201,9 @@ def prompt_ids(tokenizer, prompt: str, chat=None, template: str = "{prompt}", sy
     `system`: a system message before the user turn, or for plain text its text and a blank line before the
     prompt (as lm-eval's --system_instruction)."""
     text = template.replace("{prompt}", prompt)
-    if not chat:
-        return tokenizer.encode_ordinary(f"{system}\n\n{text}" if system else text)
+    if not chat:  # after the tokenizer's BOS where it has one (Llama 3), as tokenizer(text) encodes it
+        ids = tokenizer.encode_ordinary(f"{system}\n\n{text}" if system else text)
+        return ids if tokenizer.bos_token is None else np.concatenate([[tokenizer.bos_token], ids]).astype(ids.dtype)
     system_turn = [{"role": "system", "content": system}] if system else []
     return chat.prompt(system_turn + [{"role": "user", "content": text}])
 
@@ -206,7 +213,8 @@ def gen_records(model, tokenizer, task, prompts: Sequence[str], cfg: EvalConfig,
     """Per prompt: the reference answer, `cfg.samples` completions and whether each is correct (task.correct)."""
     chat = chat_of(model, tokenizer, cfg.chat)
     rows = [prompt_ids(tokenizer, p, chat, cfg.template, cfg.system) for p in prompts for _ in range(cfg.samples)]
-    stop_tokens = tuple(chat.stop_tokens) if chat else ()
+    folder = getattr(model, "checkpoint_dir", None)  # plain text: the folder's EOS ids (generation_config.json)
+    stop_tokens = tuple(chat.stop_tokens) if chat else tuple(eos_token_ids(folder, tokenizer)) if folder else ()
     n_new = cfg.max_new_tokens or min(256, model.config.block_size // 2)
     comps = generate_until(model, tokenizer, rows, n_new, stop=cfg.stop, stop_tokens=stop_tokens,
                            temperature=cfg.temperature, seed=seed, batch_size=cfg.batch_size, progress=bar)

@@ -233,10 +233,10 @@ def _shards(paths: list[Path], split: str) -> list[Path] | None:
 
 
 def load_documents(paths, tokenizer, limit: int | None = None, split: str = "val") -> list[np.ndarray]:
-    """Token sequences to score, each starting with <|endoftext|> (its first token is context, not scored):
-    one per text document ([eot] + its tokens), or one per token shard (as written by `fastllm prepare`, where
-    every document already starts with eot; `limit` then caps the tokens per shard). Text documents: the first
-    `limit`."""
+    """Token sequences to score, each starting with the tokenizer's BOS (Llama 3's <|begin_of_text|>), else
+    <|endoftext|> (its first token is context, not scored): one per text document ([start] + its tokens), or one
+    per token shard (as written by `fastllm prepare`, where every document already starts with eot; `limit` then
+    caps the tokens per shard). Text documents: the first `limit`."""
     from ..data import _input_files, iter_documents, read_shard
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -249,14 +249,14 @@ def load_documents(paths, tokenizer, limit: int | None = None, split: str = "val
     if shards is not None:
         seqs = [np.asarray(read_shard(p)[: None if limit is None else limit + 1], np.int64) for p in shards]
         return [s for s in seqs if len(s) > 1]
-    eot = tokenizer.eot_token
-    if eot is None:
-        raise ValueError("the tokenizer has no <|endoftext|> token to start documents with")
+    start = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eot_token
+    if start is None:
+        raise ValueError("the tokenizer has neither a BOS nor an <|endoftext|> token to start documents with")
     docs = list(itertools.islice(iter_documents(_input_files([str(p) for p in paths])), limit))
     if not docs:
         raise ValueError(f"no documents in {', '.join(map(str, paths))}")
     encoded = tokenizer.encode_batch(docs, disallowed_special=())
-    return [np.concatenate([[eot], np.asarray(ids, np.int64)]) for ids in encoded]
+    return [np.concatenate([[start], np.asarray(ids, np.int64)]) for ids in encoded]
 
 
 def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
