@@ -292,7 +292,8 @@ def test_hub_forms_equal_the_release_forms(tmp_path):
     obqa = {"id": "7-980", "question_stem": "The sun is", "choices": {"text": ["hot", "cold", "wet", "blue"],
                                                                       "label": ["A", "B", "C", "D"]},
             "answerKey": "A"}
-    assert parse_choice(obqa, "x").context == "Question: The sun is\nAnswer:"
+    ex = parse_choice(obqa, "x")  # the stem continued by each choice, as lm-eval's openbookqa
+    assert (ex.context, ex.choices, ex.label) == ("The sun is", (" hot", " cold", " wet", " blue"), 0)
     (tmp_path / "mmlu_test.csv").write_text("What is 2+2?,3,4,5,6,B\n")
     mmlu_hub = {"question": "What is 2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}
     assert same(parse_choice(mmlu_hub, "x"), load_multiple_choice(tmp_path / "mmlu_test.csv")[0])

@@ -13,8 +13,11 @@ Multiple choice (`load_multiple_choice`), one example per line, the format recog
     MMLU CSV (data/test/*_test.csv)     question,A,B,C,D,answer-letter (no header)
 JSONL files, or Parquet files with the same fields per row (the Hub's own files, read with pyarrow).
 A choice is scored as a continuation of the context: HellaSwag endings with a leading space (llm.c's completion
-style); ARC, OpenBookQA, MMLU and PIQA questions as "Question: <q>\\nAnswer:", a generic context as is; followed
-by the delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
+style); ARC, MMLU and PIQA questions as "Question: <q>\\nAnswer:" (lm-eval's arc_easy, mmlu_continuation, piqa),
+OpenBookQA's question_stem (a sentence to complete) and a generic context as they are; followed by the
+delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
+(lm-eval's default `mmlu` task scores the letters of a lettered list instead, and its `hellaswag` the endings
+after "<activity_label>: " with WikiHow's [header] marks removed: other numbers than these.)
 Winogrande is scored as lm-eval does (partial scoring): the rest of the sentence after the blank, given the
 sentence up to the blank with each option in it.
 
@@ -107,7 +110,11 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
         if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
             raise ValueError(f"{where}: field 'choices' must be {{'text': [...], 'label': [...]}} of equal lengths")
         field = "question_stem" if "question_stem" in obj else "question"
-        return _lettered(obj.get(field), texts, labels, obj, where, field, "choices.text", delimiter)
+        ex = _lettered(obj.get(field), texts, labels, obj, where, field, "choices.text", delimiter)
+        if field == "question_stem":  # OpenBookQA: the stem continued by each choice, as lm-eval's openbookqa
+            stem = obj[field]
+            return Choice(stem, tuple(_join(stem, t, delimiter) for t in texts), ex.label, where)
+        return ex
     if "sentence" in obj and "option1" in obj:  # Winogrande: the blank filled by each option, the rest scored
         return _winogrande(obj, where)
     if "goal" in obj and "sol1" in obj:  # PIQA
@@ -166,11 +173,11 @@ def _lettered(stem, texts: list, labels: list, obj: dict, where: str, stem_field
         raise ValueError(f"{where}: missing field {stem_field!r} (a string)")
     if len(texts) < 2 or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"{where}: field {choices_field!r} must be at least 2 strings, got {texts!r}")
-    labels = [str(x) for x in labels]
-    if str(obj.get("answerKey")) not in labels:
+    labels, key = [str(x).strip() for x in labels], str(obj.get("answerKey")).strip()
+    if key not in labels:
         raise ValueError(f"{where}: field 'answerKey' must be one of the choice labels {labels}, "
                          f"got {obj.get('answerKey')!r}")
-    return _asked(stem, texts, labels.index(str(obj["answerKey"])), where, delimiter)
+    return _asked(stem, texts, labels.index(key), where, delimiter)
 
 
 def _asked(question: str, choices: list[str], label: int, where: str, delimiter: str) -> Choice:
