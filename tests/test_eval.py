@@ -297,6 +297,8 @@ def test_hub_forms_equal_the_release_forms(tmp_path):
     (tmp_path / "mmlu_test.csv").write_text("What is 2+2?,3,4,5,6,B\n")
     mmlu_hub = {"question": "What is 2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}
     assert same(parse_choice(mmlu_hub, "x"), load_multiple_choice(tmp_path / "mmlu_test.csv")[0])
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfWhat is 2+2?,3,4,5,6,B\r\n")  # a BOM, CRLF: the same
+    assert same(parse_choice(mmlu_hub, "x"), load_multiple_choice(tmp_path / "excel.csv")[0])
     wino = parse_choice({"sentence": "The cup fell off the table because _ was tilted.", "option1": "the cup",
                          "option2": "the table", "answer": "2"}, "x")
     assert (wino.contexts, wino.choices, wino.label) == (("The cup fell off the table because the cup",

@@ -188,7 +188,7 @@ def _asked(question: str, choices: list[str], label: int, where: str, delimiter:
 
 def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM (saved by Excel) is not the question's
         for lineno, row in enumerate(csv.reader(f), 1):
             where = f"{path}:{lineno}"
             if not row:
