@@ -274,6 +274,19 @@ def test_known_answers_every_format(tmp_path):
     assert ex[2].choices == ("aaaaaa", "ab") and ex[0].choices[0] == " aaaa"
 
 
+def test_acc_norm_chars_divides_by_the_choices_characters(tmp_path):
+    """acc_norm_chars is lm-eval's acc_norm: log p over the characters of the choice as the data has it (neither
+    its tokens, as llm.c's acc_norm, nor the delimiter). Costs: ' ' 0.5, 'a' 1: ' a' 1.5, ' aaaa' 4.5; per token
+    0.75 < 0.9 (acc_norm picks 'a'), per character 1.5 > 1.125 (acc_norm_chars picks 'aaaa')."""
+    rows = [{"context": "q", "choices": ["a", "aaaa"], "answer": 1}, {"ctx": "q", "endings": ["aaaa", "a"], "label": 0},
+            {"question": "q", "choices": {"text": ["a", "aaaa"], "label": ["A", "B"]}, "answerKey": "B"}]
+    rep = evaluate(CostModel({" ": 0.5, "a": 1.0}), byte_tokenizer(), "mc", data=write_jsonl(tmp_path / "x.jsonl",
+                                                                                              rows))
+    assert [r["chars"] for r in rep["records"]] == [[1, 4], [4, 1], [1, 4]]
+    m = rep["metrics"]
+    assert (m["acc"], m["acc_norm"], m["acc_norm_chars"]) == (0.0, 0.0, 1.0)
+
+
 def test_hub_forms_equal_the_release_forms(tmp_path):
     """The rows the Hugging Face Hub ships (ARC and OpenBookQA with a {"text", "label"} choices dict, cais/mmlu,
     PIQA, Winogrande as lm-eval scores it), as JSONL or in the Hub's own Parquet files, give the same examples as
@@ -460,7 +473,8 @@ def test_lm_eval_runs_local_tasks_end_to_end(sorter, tmp_path, monkeypatch):
     common = "dataset_path: json\ntest_split: test\n"
     tasks = {
         "toy_mc": "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
-                  "doc_to_target: '{{answer}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n",
+                  "doc_to_target: '{{answer}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n"
+                  "  - metric: acc_norm\n",
         "toy_gen": "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
                    "target_delimiter: ''\ngeneration_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n"
                    "  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
@@ -480,6 +494,7 @@ def test_lm_eval_runs_local_tasks_end_to_end(sorter, tmp_path, monkeypatch):
     print(f"\nlm-eval: {res['toy_mc']['acc,none']:.3f} acc, {res['toy_gen']['exact_match,none']:.3f} exact match, "
           f"{res['toy_ppl']['bits_per_byte,none']:.4f} bits per byte")
     assert res["toy_mc"]["acc,none"] == pytest.approx(ours_mc["acc"]) and 0.4 < ours_mc["acc"] < 1
+    assert res["toy_mc"]["acc_norm,none"] == pytest.approx(ours_mc["acc_norm_chars"])  # per character
     assert res["toy_gen"]["exact_match,none"] == pytest.approx(ours_gen["exact_match"])
     assert 0.3 < ours_gen["exact_match"] < 1
     assert res["toy_ppl"]["bits_per_byte,none"] == pytest.approx(ours_bpb["bpb"], rel=1e-6)

@@ -8,7 +8,8 @@ Tasks (`evaluate(model, tokenizer, task, data=..., ...)`, `fastllm eval --task T
               new tokens per window, default block_size // 2). Also reported: nats per token, tokens, bytes.
     mc        multiple choice (HellaSwag, ARC, MMLU, generic JSONL; see eval.data): each choice scored by the
               summed log-probability of its tokens after the context; acc picks the highest sum, acc_norm the
-              highest per-token mean (llm.c's hellaswag.py); all choices of an example in one forward.
+              highest per-token mean (llm.c's hellaswag.py), acc_norm_chars the highest sum per character of the
+              choice (lm-eval's acc_norm); all choices of an example in one forward.
     gen       generative exact match on JSONL problems ({"prompt", "answer"} or GSM8K's question / "#### 42"):
               the answer is extracted from the completion as RL rewards do (fastllm.tasks), greedy
               (exact_match) or `samples` completions at `temperature` (pass@1 and pass@k, Chen et al.'s unbiased
@@ -149,7 +150,8 @@ def bpb_records(model, tokenizer, docs: Sequence[np.ndarray], stride: int | None
 
 
 def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int = 2048, bar=None) -> list[dict]:
-    """Per example: label, and per choice the summed log-probability of its tokens and their number.
+    """Per example: label, and per choice the summed log-probability of its tokens, their number and the choice's
+    characters (its text as the data has it, without the delimiter).
     Tokens as lm-eval's _encode_pair has them: the context's trailing whitespace moved to the choice, context +
     choice encoded whole and split after the context's tokens (so "is " + "Paris" scores " Paris", as the text is
     tokenized), all after the tokenizer's BOS where it has one (as `tokenizer(text)`); an empty context is the BOS,
@@ -178,7 +180,8 @@ def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int =
     for ex in examples:
         lps = logps[k: k + len(ex.choices)]
         k += len(ex.choices)
-        recs.append({"label": ex.label, "logprob": [float(lp.sum()) for lp in lps], "tokens": [len(lp) for lp in lps]})
+        recs.append({"label": ex.label, "logprob": [float(lp.sum()) for lp in lps], "tokens": [len(lp) for lp in lps],
+                     "chars": [len(t) for t in ex.texts or ex.choices]})
     return recs
 
 
@@ -252,8 +255,12 @@ def metrics(kind: str, records: Sequence[dict]) -> dict[str, float]:
         lp = [np.asarray(r["logprob"]) for r in records]
         acc = [float(np.argmax(x) == r["label"]) for x, r in zip(lp, records)]
         acc_norm = [float(np.argmax(x / np.asarray(r["tokens"])) == r["label"]) for x, r in zip(lp, records)]
-        return {"acc": float(np.mean(acc)), "acc_stderr": _stderr(acc), "acc_norm": float(np.mean(acc_norm)),
-                "acc_norm_stderr": _stderr(acc_norm)}
+        out = {"acc": float(np.mean(acc)), "acc_stderr": _stderr(acc), "acc_norm": float(np.mean(acc_norm)),
+               "acc_norm_stderr": _stderr(acc_norm)}
+        if all("chars" in r for r in records):  # (records of a partial file from before "chars")
+            chars = [float(np.argmax(x / np.maximum(r["chars"], 1)) == r["label"]) for x, r in zip(lp, records)]
+            out.update(acc_norm_chars=float(np.mean(chars)), acc_norm_chars_stderr=_stderr(chars))
+        return out
     n = len(records[0]["correct"])
     if n == 1:
         em = [float(r["correct"][0]) for r in records]

@@ -50,6 +50,8 @@ class Choice:
     label: int
     where: str = ""
     contexts: tuple[str, ...] = ()  # one context per choice where they differ (Winogrande), else () for `context`
+    texts: tuple[str, ...] = ()  # the choices as the data has them (no delimiter): lm-eval's acc_norm divides by
+    # their characters; () for `choices`
 
 
 def _join(context: str, choice: str, delimiter: str = " ") -> str:
@@ -96,7 +98,8 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
         endings = _strings(obj, "endings", where)
         if "label" not in obj or obj["label"] in ("", None):
             raise ValueError(f"{where}: missing field 'label' (HellaSwag's test split has no labels)")
-        return Choice(ctx, tuple(" " + e for e in endings), _label(obj["label"], endings, where, "label"), where)
+        return Choice(ctx, tuple(" " + e for e in endings), _label(obj["label"], endings, where, "label"), where,
+                      texts=tuple(endings))
     if isinstance(obj.get("question"), dict):  # ARC as AI2 ships it
         q = obj["question"]
         cs = q.get("choices")
@@ -113,7 +116,7 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
         ex = _lettered(obj.get(field), texts, labels, obj, where, field, "choices.text", delimiter)
         if field == "question_stem":  # OpenBookQA: the stem continued by each choice, as lm-eval's openbookqa
             stem = obj[field]
-            return Choice(stem, tuple(_join(stem, t, delimiter) for t in texts), ex.label, where)
+            return Choice(stem, tuple(_join(stem, t, delimiter) for t in texts), ex.label, where, texts=ex.texts)
         return ex
     if "sentence" in obj and "option1" in obj:  # Winogrande: the blank filled by each option, the rest scored
         return _winogrande(obj, where)
@@ -129,7 +132,7 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
             raise ValueError(f"{where}: missing field 'answer'")
         ctx = obj["context"]
         return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices),
-                      _label(obj["answer"], choices, where, "answer"), where)
+                      _label(obj["answer"], choices, where, "answer"), where, texts=tuple(choices))
     raise ValueError(f"{where}: not a multiple-choice example: expected 'ctx' + 'endings' + 'label' (HellaSwag), "
                      f"'context' (or 'question') + 'choices' + 'answer', ARC's 'question' + 'choices' + "
                      f"'answerKey', PIQA's 'goal' + 'sol1' + 'sol2' + 'label', or Winogrande's 'sentence' + "
@@ -183,7 +186,7 @@ def _lettered(stem, texts: list, labels: list, obj: dict, where: str, stem_field
 def _asked(question: str, choices: list[str], label: int, where: str, delimiter: str) -> Choice:
     """A question as "Question: <q>\\nAnswer:", each choice a continuation of it (ARC, MMLU, PIQA, ...)."""
     ctx = f"Question: {question}\nAnswer:"
-    return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices), label, where)
+    return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices), label, where, texts=tuple(choices))
 
 
 def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
