@@ -92,6 +92,7 @@ def test_multiple_choice_matches_transformers(hf_pair, pydoc_text, tmp_path):
         a = int(rng.integers(0, len(words) - 60))
         ctx = " ".join(words[a:a + n_ctx])
         choices = [" ".join(words[b:b + int(rng.integers(1, 4))]) for b in rng.integers(0, len(words) - 10, 4)]
+        ctx += " " * (i % 4 == 1)  # a context ending with a space: lm-eval moves it to the choices
         rows.append({"context": ctx, "choices": choices, "answer": int(rng.integers(0, 4))} if i % 2 else
                     {"ctx": ctx, "endings": choices, "label": int(rng.integers(0, 4))} if i % 3 else
                     {"sentence": f"{ctx} _ {choices[0]}.", "option1": choices[1], "option2": choices[2],
@@ -101,15 +102,21 @@ def test_multiple_choice_matches_transformers(hf_pair, pydoc_text, tmp_path):
     acc, acc_norm = [], []
     examples = load_multiple_choice(path)
     assert sum(len(ex.contexts) == 2 for ex in examples) == 4
+    split = 0  # choices whose tokens differ from the context's and the choice's encoded apart
     for ex, rec in zip(examples, report["records"]):
-        ctxs = [tok.encode_ordinary(c).tolist() or [tok.eot_token] for c in ex.contexts or [ex.context] * 4]
-        ref = [ref_continuation(hf, ctx, tok.encode_ordinary(c).tolist()) for ctx, c in zip(ctxs, ex.choices)]
+        ref = []
+        for c, ch in zip(ex.contexts or [ex.context] * 4, ex.choices):  # lm-eval's _encode_pair
+            ctx = tok.encode_ordinary(c.rstrip()).tolist()
+            cont = tok.encode_ordinary(c + ch).tolist()[len(ctx):]
+            ref.append(ref_continuation(hf, ctx or [tok.eot_token], cont))
+            split += cont != tok.encode_ordinary(ch).tolist()
         np.testing.assert_allclose(rec["logprob"], [r.sum() for r in ref], rtol=1e-5, atol=1e-5, err_msg=ex.where)
         assert rec["tokens"] == [len(r) for r in ref]
         acc.append(np.argmax([r.sum() for r in ref]) == ex.label)
         acc_norm.append(np.argmax([r.mean() for r in ref]) == ex.label)
     assert report["metrics"]["acc"] == pytest.approx(np.mean(acc))
     assert report["metrics"]["acc_norm"] == pytest.approx(np.mean(acc_norm))
+    assert split >= 8  # "... of " + "the" is " the", not " " + "the"
 
 
 @pytest.mark.parametrize("stride", [None, T_CTX, 5])
@@ -242,7 +249,8 @@ def test_known_answers_every_format(tmp_path):
         {"activity_label": "Z", "ctx_a": "x", "ctx_b": "y", "endings": ["bbb", "a"], "label": "1"},
         # generic, letter answer: ' aaaaaa' 6.5 (0.93), ' ab' 4.5 (1.5): acc picks B (right), acc_norm A (wrong)
         {"context": "q", "choices": ["aaaaaa", "ab"], "answer": "B"},
-        # context ends with a space, so no delimiter: 'aaaaaaaa' 8 (1.0), 'c' 2 (2.0): acc 'c' (wrong), norm right
+        # context ends with a space, so no delimiter; the space is scored with the choice (lm-eval's _encode_pair):
+        # ' aaaaaaaa' 8.5 (0.94), ' c' 2.5 (1.25): acc ' c' (wrong), acc_norm right
         {"context": "q ", "choices": ["aaaaaaaa", "c"], "answer": "aaaaaaaa"},
         # ARC: "Question: s\nAnswer:" + ' a' 1.5 / ' b' 3.5: both pick label "1" (right)
         {"question": {"stem": "s", "choices": [{"text": "a", "label": "1"}, {"text": "b", "label": "2"}]},
@@ -255,7 +263,7 @@ def test_known_answers_every_format(tmp_path):
     assert [r["label"] for r in recs] == [0, 1, 1, 0, 0, 0]
     np.testing.assert_allclose(recs[0]["logprob"], [-4.5, -3.5, -6.5, -4.5])
     assert recs[0]["tokens"] == [5, 2, 3, 3]
-    np.testing.assert_allclose(recs[3]["logprob"], [-8.0, -2.0])
+    np.testing.assert_allclose(recs[3]["logprob"], [-8.5, -2.5])
     np.testing.assert_allclose(recs[5]["logprob"], [-2.5, -3.5, -4.5])
     m = report["metrics"]
     assert m["acc"] == pytest.approx(4 / 6) and m["acc_norm"] == pytest.approx(5 / 6)
@@ -264,6 +272,19 @@ def test_known_answers_every_format(tmp_path):
     # delimiter "": the generic and ARC choices follow the context directly; HellaSwag endings keep their space
     ex = load_multiple_choice(path, delimiter="")
     assert ex[2].choices == ("aaaaaa", "ab") and ex[0].choices[0] == " aaaa"
+
+
+def test_acc_norm_chars_divides_by_the_choices_characters(tmp_path):
+    """acc_norm_chars is lm-eval's acc_norm: log p over the characters of the choice as the data has it (neither
+    its tokens, as llm.c's acc_norm, nor the delimiter). Costs: ' ' 0.5, 'a' 1: ' a' 1.5, ' aaaa' 4.5; per token
+    0.75 < 0.9 (acc_norm picks 'a'), per character 1.5 > 1.125 (acc_norm_chars picks 'aaaa')."""
+    rows = [{"context": "q", "choices": ["a", "aaaa"], "answer": 1}, {"ctx": "q", "endings": ["aaaa", "a"], "label": 0},
+            {"question": "q", "choices": {"text": ["a", "aaaa"], "label": ["A", "B"]}, "answerKey": "B"}]
+    rep = evaluate(CostModel({" ": 0.5, "a": 1.0}), byte_tokenizer(), "mc", data=write_jsonl(tmp_path / "x.jsonl",
+                                                                                              rows))
+    assert [r["chars"] for r in rep["records"]] == [[1, 4], [4, 1], [1, 4]]
+    m = rep["metrics"]
+    assert (m["acc"], m["acc_norm"], m["acc_norm_chars"]) == (0.0, 0.0, 1.0)
 
 
 def test_hub_forms_equal_the_release_forms(tmp_path):
@@ -284,10 +305,13 @@ def test_hub_forms_equal_the_release_forms(tmp_path):
     obqa = {"id": "7-980", "question_stem": "The sun is", "choices": {"text": ["hot", "cold", "wet", "blue"],
                                                                       "label": ["A", "B", "C", "D"]},
             "answerKey": "A"}
-    assert parse_choice(obqa, "x").context == "Question: The sun is\nAnswer:"
+    ex = parse_choice(obqa, "x")  # the stem continued by each choice, as lm-eval's openbookqa
+    assert (ex.context, ex.choices, ex.label) == ("The sun is", (" hot", " cold", " wet", " blue"), 0)
     (tmp_path / "mmlu_test.csv").write_text("What is 2+2?,3,4,5,6,B\n")
     mmlu_hub = {"question": "What is 2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1}
     assert same(parse_choice(mmlu_hub, "x"), load_multiple_choice(tmp_path / "mmlu_test.csv")[0])
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfWhat is 2+2?,3,4,5,6,B\r\n")  # a BOM, CRLF: the same
+    assert same(parse_choice(mmlu_hub, "x"), load_multiple_choice(tmp_path / "excel.csv")[0])
     wino = parse_choice({"sentence": "The cup fell off the table because _ was tilted.", "option1": "the cup",
                          "option2": "the table", "answer": "2"}, "x")
     assert (wino.contexts, wino.choices, wino.label) == (("The cup fell off the table because the cup",
@@ -449,7 +473,8 @@ def test_lm_eval_runs_local_tasks_end_to_end(sorter, tmp_path, monkeypatch):
     common = "dataset_path: json\ntest_split: test\n"
     tasks = {
         "toy_mc": "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
-                  "doc_to_target: '{{answer}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n",
+                  "doc_to_target: '{{answer}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n"
+                  "  - metric: acc_norm\n",
         "toy_gen": "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
                    "target_delimiter: ''\ngeneration_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n"
                    "  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
@@ -469,6 +494,7 @@ def test_lm_eval_runs_local_tasks_end_to_end(sorter, tmp_path, monkeypatch):
     print(f"\nlm-eval: {res['toy_mc']['acc,none']:.3f} acc, {res['toy_gen']['exact_match,none']:.3f} exact match, "
           f"{res['toy_ppl']['bits_per_byte,none']:.4f} bits per byte")
     assert res["toy_mc"]["acc,none"] == pytest.approx(ours_mc["acc"]) and 0.4 < ours_mc["acc"] < 1
+    assert res["toy_mc"]["acc_norm,none"] == pytest.approx(ours_mc["acc_norm_chars"])  # per character
     assert res["toy_gen"]["exact_match,none"] == pytest.approx(ours_gen["exact_match"])
     assert 0.3 < ours_gen["exact_match"] < 1
     assert res["toy_ppl"]["bits_per_byte,none"] == pytest.approx(ours_bpb["bpb"], rel=1e-6)

@@ -8,6 +8,7 @@ naming the file and the key or tensor; loading maps the file and keeps the peak 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -690,8 +691,8 @@ def test_eval_prompts_of_a_hub_folder_use_its_template(tmp_path):
     with_system = [{"role": "system", "content": "Be brief."}] + msgs  # --system, as lm-eval's system_instruction
     want = auto.apply_chat_template(with_system, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert prompt_ids(tok, "2+2?", fmt, "Q: {prompt}", system="Be brief.").tolist() == list(want)
-    assert prompt_ids(tok, "2+2?", None, system="Be brief.").tolist() == tok.encode_ordinary("Be brief.\n\n2+2?"
-                                                                                             ).tolist()
+    # plain text (a base model), as lm-eval's --system_instruction: after the BOS, as the AutoTokenizer encodes it
+    assert prompt_ids(tok, "2+2?", None, system="Be brief.").tolist() == auto("Be brief.\n\n2+2?")["input_ids"]
     assert set(fmt.stop_tokens) == set(chat.eos_token_ids(tmp_path / "llama3", tok))
     assert chat_of(model, tok, chat=False) is None
     pytest.importorskip("lm_eval")
@@ -699,6 +700,124 @@ def test_eval_prompts_of_a_hub_folder_use_its_template(tmp_path):
 
     lm = FastLLM(model=model, tokenizer=tok)
     assert lm.apply_chat_template(msgs) == auto.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_lm_eval_adapter_encodes_as_lm_evals_hf_model(family, tmp_path):
+    """The lm-eval adapter on a hub folder scores what lm-eval's own HF model (HFLM) scores there: texts encoded as
+    the AutoTokenizer encodes them (Llama 3: after <|begin_of_text|>), the BOS (else tokenizer_config.json's
+    eos_token, Qwen2.5-Instruct's <|im_end|>) before empty contexts and rolling windows, generations greedy as
+    transformers' generate and stopped at generation_config.json's EOS ids."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from fastllm.eval import load
+    from fastllm.eval.harness import FastLLM
+
+    folder = tmp_path / family
+    ref, auto = hub_folder(family, folder)
+    model, tok = load(folder)
+    lm = FastLLM(model=model, tokenizer=tok)
+    prefix = auto.bos_token_id if auto.bos_token_id is not None else auto.eos_token_id
+    assert (lm.prefix_token_id, lm.eot_token_id) == (prefix, auto.eos_token_id)
+
+    def logp(ids, n):  # summed log p of the last n of ids, each given those before it
+        with torch.no_grad():
+            lp = torch.log_softmax(ref(torch.tensor([ids[:-1]])).logits[0].double(), -1)
+        return float(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][-n:].sum())
+
+    pairs = [("Hello there", " world"), ("", "Hello world"), ("The answer is ", "42")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    for (ctx, cont), (lp, _) in zip(pairs, got):
+        if ctx:  # lm-eval's _encode_pair: the pair encoded whole, split after the (right-stripped) context
+            ids = auto(ctx + cont)["input_ids"]
+            n = len(ids) - len(auto(ctx.rstrip())["input_ids"])
+        else:  # the prefix token, then the continuation
+            ids = [prefix] + auto(cont, add_special_tokens=False)["input_ids"]
+            n = len(ids) - 1
+        assert lp == pytest.approx(logp(ids, n), rel=1e-5), (ctx, cont)
+    text = "Hello world, this is a test."
+    (rolled,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    ids = [prefix] + auto(text)["input_ids"]  # one window: the text is shorter than the context
+    assert rolled == pytest.approx(logp(ids, len(ids) - 1), rel=1e-5)
+    # generation: greedy, after the BOS; the folder's EOS ids made the 4th greedy token, so that it stops there
+    inputs = auto("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        free = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    stop = int(free[3])
+    assert stop not in free[:3].tolist()  # (these random weights do not repeat it earlier)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop]}))
+    lm = FastLLM(model=model, tokenizer=tok)
+    req = [Instance("generate_until", {}, ("Hello there", {"until": ["\n\n"], "max_gen_toks": 8}), 0)]
+    assert lm.generate_until(req, disable_tqdm=True) == [auto.decode(free[:3])]
+
+
+def test_eval_tasks_of_a_llama3_folder_start_with_its_bos(tmp_path):
+    """`fastllm eval` on a folder whose tokenizer puts a BOS first (Llama 3): bits per byte of documents that start
+    with it (there is no <|endoftext|>), multiple-choice contexts after it (the log-likelihoods the lm-eval adapter
+    and lm-eval's HFLM give), plain-text prompts after it, ended at generation_config.json's EOS ids."""
+    pytest.importorskip("tokenizers")
+    from fastllm.eval import evaluate, load
+
+    folder = tmp_path / "llama3"
+    ref, auto = hub_folder("llama3", folder)
+    model, tok = load(folder)
+    assert tok.eot_token is None and tok.bos_token == auto.bos_token_id
+
+    def logp(ids, n):  # summed log p of the last n of ids, each given those before it
+        with torch.no_grad():
+            lp = torch.log_softmax(ref(torch.tensor([ids[:-1]])).logits[0].double(), -1)
+        return float(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][-n:].sum())
+
+    text = "Hello world, this is a test."
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    m = evaluate(model, tok, "bpb", data=tmp_path / "docs.jsonl")["metrics"]
+    ids = auto(text)["input_ids"]  # <|begin_of_text|> + the text
+    assert m["bytes"] == len(text) and m["tokens"] == len(ids) - 1
+    assert m["bpb"] == pytest.approx(-logp(ids, len(ids) - 1) / math.log(2) / len(text), rel=1e-5)
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"context": "The answer is", "choices": ["42", "yes"],
+                                                   "answer": 0}) + "\n")
+    rec = evaluate(model, tok, "mc", data=tmp_path / "mc.jsonl")["records"][0]
+    n_ctx = len(auto("The answer is")["input_ids"])
+    want = [logp(auto(f"The answer is {c}")["input_ids"], len(auto(f"The answer is {c}")["input_ids"]) - n_ctx)
+            for c in ("42", "yes")]
+    np.testing.assert_allclose(rec["logprob"], want, rtol=1e-5)
+    # gen, plain text: the prompt after the BOS, greedy, ended at the folder's EOS id (made the 4th greedy token)
+    inputs = auto("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        free = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert int(free[3]) not in free[:3].tolist()
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [int(free[3])]}))
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"prompt": "Hello there", "answer": "1"}) + "\n")
+    rec = evaluate(model, tok, "gen", data=tmp_path / "gen.jsonl", chat=False, max_new_tokens=8)["records"][0]
+    assert rec["completions"] == [auto.decode(free[:3])]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_lm_eval_adapter_scores_as_lm_evals_hf_model(family, tmp_path):
+    """The same requests through lm-eval's own HF model (HFLM, which needs accelerate) and the adapter: the same
+    log-likelihoods, rolling log-likelihoods and greedy generations."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from fastllm.eval.harness import FastLLM
+
+    hub_folder(family, tmp_path / family)
+    lm = FastLLM(str(tmp_path / family))  # as lm_eval --model fastllm --model_args pretrained=... loads it
+    hflm = HFLM(pretrained=str(tmp_path / family), device="cpu", dtype="float32", batch_size=4)
+    pairs = [("Hello there", " world"), ("", "Hello world"), ("The answer is ", "42"), ("Q: x\nA:", " yes")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    np.testing.assert_allclose([r[0] for r in lm.loglikelihood(reqs, disable_tqdm=True)],
+                               [r[0] for r in hflm.loglikelihood(reqs)], rtol=1e-5)
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(["Hello world, a test.", "x"])]
+    np.testing.assert_allclose(lm.loglikelihood_rolling(reqs, disable_tqdm=True), hflm.loglikelihood_rolling(reqs),
+                               rtol=1e-5)
+    reqs = [Instance("generate_until", {}, ("Hello there", {"until": ["\n\n"], "max_gen_toks": 10}), 0)]
+    assert lm.generate_until(reqs, disable_tqdm=True) == hflm.generate_until(reqs)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])

@@ -61,6 +61,32 @@ def test_normalize_and_compare():
     assert well_formed("46") and well_formed("so #### 46") and well_formed("\\boxed{x}") and not well_formed("4 6")
 
 
+@pytest.mark.parametrize("got,want,equal", [
+    ("\\dfrac{1}{2}", "\\frac{1}{2}", True),
+    ("\\frac12", "\\frac{1}{2}", True),
+    ("1/2", "\\frac{1}{2}", True),
+    ("(3,\\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)", True),  # MATH-500's first answer
+    ("10\\%", "10", True),
+    ("90^\\circ", "90", True),
+    ("x = 5", "5", True),
+    ("\\sqrt2", "\\sqrt{2}", True),
+    ("5\\text{ cm}", "5", True),
+    ("\\$18.90", "18.90", True),
+    ("\\frac{1}{3}", "\\frac{1}{2}", False),
+    ("\\text{(C)}", "\\text{(D)}", False),
+    ("2\\sqrt{2}", "\\sqrt{8}", False),  # equal in value, not in form (as lm-eval judges it)
+])
+def test_math_answers_compare_as_lm_evals_hendrycks_math(got, want, equal):
+    """MATH answers in other LaTeX spellings of the same form are right, as lm-eval's hendrycks_math (and
+    hendrycks_math500) is_equiv judges them; checked against it where lm-eval is installed."""
+    assert same_answer(f"so the answer is $\\boxed{{{got}}}$.", want) is equal
+    try:
+        from lm_eval.tasks.hendrycks_math.utils import is_equiv
+    except ImportError:
+        return
+    assert is_equiv(got, want) is equal
+
+
 # ---- problems -------------------------------------------------------------------------------------------------------
 
 

@@ -96,7 +96,8 @@ def test_train_logs_the_metric_equal_to_evaluate_on_each_checkpoint(run):
     for step, model in [(0, start)] + [(s, load_model(d / "run" / f"ckpt_{s:06d}")) for s in (100, 200, 300)]:
         want = evaluate(model, tok, "mc", data=str(d / "mc.jsonl"))["metrics"]
         assert got[step] == {f"mc/{k}": pytest.approx(v, rel=1e-12) for k, v in want.items()}, step
-    assert set(got[300]) == {"mc/acc", "mc/acc_stderr", "mc/acc_norm", "mc/acc_norm_stderr"}
+    assert set(got[300]) == {"mc/acc", "mc/acc_stderr", "mc/acc_norm", "mc/acc_norm_stderr", "mc/acc_norm_chars",
+                             "mc/acc_norm_chars_stderr"}
     assert got[0]["mc/acc"] < 0.5 < 0.8 < got[300]["mc/acc"]  # the model learns the sounds: the metric moves
     assert summary["eval_task"] == got[300]
 

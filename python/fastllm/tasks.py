@@ -16,7 +16,8 @@ A bad line raises ValueError naming file:line and the field.
 Answers in completions (`extract_answer`, documented order): the text after the last `####` (to the end of its
 line), else the content of the last `\\boxed{...}`, else the last number in the text, else the whole stripped text.
 Comparison (`same_answer`): numbers numerically after dropping thousands separators and a leading `$`
-("1,000" == "1000.0"), other answers as text with surrounding whitespace and a trailing period ignored.
+("1,000" == "1000.0"), other answers as text with surrounding whitespace and a trailing period ignored, or equal
+in the canonical LaTeX form of lm-eval's MATH tasks (`latex_answer`: "\\dfrac{1}{2}" == "\\frac12").
 A completion is well-formed (the format reward) when it is a bare number or marks its answer with `####` or
 `\\boxed{}`.
 
@@ -107,9 +108,57 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
+def _fix_fracs(s: str) -> str:
+    """\\frac12 -> \\frac{1}{2}, \\frac1{72} -> \\frac{1}{72} (lm-eval's hendrycks_math fix_fracs)."""
+    head, *rest = s.split("\\frac")
+    out = head
+    for sub in rest:
+        out += "\\frac"
+        if sub[:1] == "{":
+            out += sub
+        elif len(sub) < 2:
+            return s
+        elif sub[1] != "{":
+            out += "{" + sub[0] + "}{" + sub[1] + "}" + sub[2:]
+        else:
+            out += "{" + sub[0] + "}" + sub[1:]
+    return out
+
+
+def latex_answer(answer: str) -> str:
+    """A (MATH-style) LaTeX answer in the canonical form of lm-eval's hendrycks_math `strip_string`: no spaces,
+    \\left/\\right, degrees, \\$, \\% or units (`\\text{ ...}`), dfrac/tfrac as frac, \\frac12 and 1/2 as
+    \\frac{1}{2}, \\sqrt2 as \\sqrt{2}, a leading "x =" dropped, .5 as 0.5 (and 0.5 as \\frac{1}{2}).
+
+    >>> latex_answer("\\dfrac12"), latex_answer("\\left( 3, \\frac{\\pi}{2} \\right)"), latex_answer("x = 1/2")
+    ('\\frac{1}{2}', '(3,\\frac{\\pi}{2})', '\\frac{1}{2}')
+    """
+    s = str(answer).replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    for a, b in (("tfrac", "frac"), ("dfrac", "frac"), ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""),
+                 ("^\\circ", ""), ("\\$", "")):
+        s = s.replace(a, b)
+    if s.count("\\text{ ") == 1:  # units on the right
+        s = s.split("\\text{ ")[0]
+    s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    s = "0" + s if s.startswith(".") else s
+    if s.count("=") == 1 and len(s.split("=")[0]) <= 2:  # "k = 5"
+        s = s.split("=")[1]
+    head, *rest = s.split("\\sqrt")
+    s = head + "".join("\\sqrt" + (r if r[:1] in ("{", "") else "{" + r[0] + "}" + r[1:]) for r in rest)
+    s = _fix_fracs(s.replace(" ", ""))
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    m = re.fullmatch(r"(-?\d+)/(-?\d+)", s)
+    return "\\frac{" + m.group(1) + "}{" + m.group(2) + "}" if m else s
+
+
 def same_answer(completion: str, answer: str) -> bool:
-    """Whether the answer extracted from `completion` equals the reference `answer` (both normalized)."""
-    return normalize_answer(extract_answer(completion)) == normalize_answer(answer)
+    """Whether the answer extracted from `completion` equals the reference `answer`: both normalized
+    (normalize_answer), or both in the canonical LaTeX form of lm-eval's MATH tasks (latex_answer:
+    "\\dfrac{1}{2}" == "\\frac12", "\\left( 3, \\pi \\right)" == "(3,\\pi)", "10\\%" == "10")."""
+    got = extract_answer(completion)
+    return (normalize_answer(got) == normalize_answer(answer)
+            or normalize_answer(latex_answer(got)) == normalize_answer(latex_answer(answer)))
 
 
 def well_formed(completion: str) -> bool:

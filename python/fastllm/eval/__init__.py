@@ -8,7 +8,8 @@ Tasks (`evaluate(model, tokenizer, task, data=..., ...)`, `fastllm eval --task T
               new tokens per window, default block_size // 2). Also reported: nats per token, tokens, bytes.
     mc        multiple choice (HellaSwag, ARC, MMLU, generic JSONL; see eval.data): each choice scored by the
               summed log-probability of its tokens after the context; acc picks the highest sum, acc_norm the
-              highest per-token mean (llm.c's hellaswag.py); all choices of an example in one forward.
+              highest per-token mean (llm.c's hellaswag.py), acc_norm_chars the highest sum per character of the
+              choice (lm-eval's acc_norm); all choices of an example in one forward.
     gen       generative exact match on JSONL problems ({"prompt", "answer"} or GSM8K's question / "#### 42"):
               the answer is extracted from the completion as RL rewards do (fastllm.tasks), greedy
               (exact_match) or `samples` completions at `temperature` (pass@1 and pass@k, Chen et al.'s unbiased
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import checks, distributed
-from ..chat import chat_format
+from ..chat import chat_format, eos_token_ids
 from ..fileio import write_json
 from ..options import SYSTEM, option
 from .data import Choice, load_documents, load_multiple_choice, token_bytes
@@ -149,19 +150,26 @@ def bpb_records(model, tokenizer, docs: Sequence[np.ndarray], stride: int | None
 
 
 def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int = 2048, bar=None) -> list[dict]:
-    """Per example: label, and per choice the summed log-probability of its tokens and their number."""
-    eot = tokenizer.eot_token
+    """Per example: label, and per choice the summed log-probability of its tokens, their number and the choice's
+    characters (its text as the data has it, without the delimiter).
+    Tokens as lm-eval's _encode_pair has them: the context's trailing whitespace moved to the choice, context +
+    choice encoded whole and split after the context's tokens (so "is " + "Paris" scores " Paris", as the text is
+    tokenized), all after the tokenizer's BOS where it has one (as `tokenizer(text)`); an empty context is the BOS,
+    else <|endoftext|>."""
+    bos = [] if tokenizer.bos_token is None else [tokenizer.bos_token]
+    start = bos or ([] if tokenizer.eot_token is None else [tokenizer.eot_token])
     reqs, groups = [], []
     for e, ex in enumerate(examples):
-        ctxs = [tokenizer.encode_ordinary(c) for c in ex.contexts or (ex.context,)]
-        for j, ctx in enumerate(ctxs):
-            if len(ctx) == 0:
-                if eot is None:
-                    raise ValueError(f"{ex.where}: empty context and no <|endoftext|> token to start from")
-                ctxs[j] = np.array([eot])
-        for j, c in enumerate(ex.choices):
-            ctx = ctxs[j if ex.contexts else 0]
-            cont = tokenizer.encode_ordinary(c)
+        ctxs = ex.contexts or (ex.context,) * len(ex.choices)
+        heads = [c.rstrip() for c in ctxs]
+        whole = tokenizer.encode_batch([c + ch for c, ch in zip(ctxs, ex.choices)], disallowed_special=())
+        ctx_ids = {h: tokenizer.encode_ordinary(h).tolist() if h else [] for h in set(heads)}
+        for j, (head, ids) in enumerate(zip(heads, whole)):
+            ctx, cont = bos + ctx_ids[head], ids.tolist()[len(ctx_ids[head]):]
+            if not ctx:
+                if not start:
+                    raise ValueError(f"{ex.where}: empty context and no BOS or <|endoftext|> token to start from")
+                ctx = start
             if not 0 < len(cont) <= model.config.block_size:
                 raise ValueError(f"{ex.where}: choice {j} has {len(cont)} tokens; it needs 1 to the model's context "
                                  f"of {model.config.block_size}")
@@ -172,7 +180,8 @@ def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int =
     for ex in examples:
         lps = logps[k: k + len(ex.choices)]
         k += len(ex.choices)
-        recs.append({"label": ex.label, "logprob": [float(lp.sum()) for lp in lps], "tokens": [len(lp) for lp in lps]})
+        recs.append({"label": ex.label, "logprob": [float(lp.sum()) for lp in lps], "tokens": [len(lp) for lp in lps],
+                     "chars": [len(t) for t in ex.texts or ex.choices]})
     return recs
 
 
@@ -195,8 +204,9 @@ def prompt_ids(tokenizer, prompt: str, chat=None, template: str = "{prompt}", sy
     `system`: a system message before the user turn, or for plain text its text and a blank line before the
     prompt (as lm-eval's --system_instruction)."""
     text = template.replace("{prompt}", prompt)
-    if not chat:
-        return tokenizer.encode_ordinary(f"{system}\n\n{text}" if system else text)
+    if not chat:  # after the tokenizer's BOS where it has one (Llama 3), as tokenizer(text) encodes it
+        ids = tokenizer.encode_ordinary(f"{system}\n\n{text}" if system else text)
+        return ids if tokenizer.bos_token is None else np.concatenate([[tokenizer.bos_token], ids]).astype(ids.dtype)
     system_turn = [{"role": "system", "content": system}] if system else []
     return chat.prompt(system_turn + [{"role": "user", "content": text}])
 
@@ -206,7 +216,8 @@ def gen_records(model, tokenizer, task, prompts: Sequence[str], cfg: EvalConfig,
     """Per prompt: the reference answer, `cfg.samples` completions and whether each is correct (task.correct)."""
     chat = chat_of(model, tokenizer, cfg.chat)
     rows = [prompt_ids(tokenizer, p, chat, cfg.template, cfg.system) for p in prompts for _ in range(cfg.samples)]
-    stop_tokens = tuple(chat.stop_tokens) if chat else ()
+    folder = getattr(model, "checkpoint_dir", None)  # plain text: the folder's EOS ids (generation_config.json)
+    stop_tokens = tuple(chat.stop_tokens) if chat else tuple(eos_token_ids(folder, tokenizer)) if folder else ()
     n_new = cfg.max_new_tokens or min(256, model.config.block_size // 2)
     comps = generate_until(model, tokenizer, rows, n_new, stop=cfg.stop, stop_tokens=stop_tokens,
                            temperature=cfg.temperature, seed=seed, batch_size=cfg.batch_size, progress=bar)
@@ -244,8 +255,12 @@ def metrics(kind: str, records: Sequence[dict]) -> dict[str, float]:
         lp = [np.asarray(r["logprob"]) for r in records]
         acc = [float(np.argmax(x) == r["label"]) for x, r in zip(lp, records)]
         acc_norm = [float(np.argmax(x / np.asarray(r["tokens"])) == r["label"]) for x, r in zip(lp, records)]
-        return {"acc": float(np.mean(acc)), "acc_stderr": _stderr(acc), "acc_norm": float(np.mean(acc_norm)),
-                "acc_norm_stderr": _stderr(acc_norm)}
+        out = {"acc": float(np.mean(acc)), "acc_stderr": _stderr(acc), "acc_norm": float(np.mean(acc_norm)),
+               "acc_norm_stderr": _stderr(acc_norm)}
+        if all("chars" in r for r in records):  # (records of a partial file from before "chars")
+            chars = [float(np.argmax(x / np.maximum(r["chars"], 1)) == r["label"]) for x, r in zip(lp, records)]
+            out.update(acc_norm_chars=float(np.mean(chars)), acc_norm_chars_stderr=_stderr(chars))
+        return out
     n = len(records[0]["correct"])
     if n == 1:
         em = [float(r["correct"][0]) for r in records]

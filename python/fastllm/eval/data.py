@@ -13,8 +13,11 @@ Multiple choice (`load_multiple_choice`), one example per line, the format recog
     MMLU CSV (data/test/*_test.csv)     question,A,B,C,D,answer-letter (no header)
 JSONL files, or Parquet files with the same fields per row (the Hub's own files, read with pyarrow).
 A choice is scored as a continuation of the context: HellaSwag endings with a leading space (llm.c's completion
-style); ARC, OpenBookQA, MMLU and PIQA questions as "Question: <q>\\nAnswer:", a generic context as is; followed
-by the delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
+style); ARC, MMLU and PIQA questions as "Question: <q>\\nAnswer:" (lm-eval's arc_easy, mmlu_continuation, piqa),
+OpenBookQA's question_stem (a sentence to complete) and a generic context as they are; followed by the
+delimiter (default " ", none where the context ends or the choice starts with whitespace) and the choice.
+(lm-eval's default `mmlu` task scores the letters of a lettered list instead, and its `hellaswag` the endings
+after "<activity_label>: " with WikiHow's [header] marks removed: other numbers than these.)
 Winogrande is scored as lm-eval does (partial scoring): the rest of the sentence after the blank, given the
 sentence up to the blank with each option in it.
 
@@ -47,6 +50,8 @@ class Choice:
     label: int
     where: str = ""
     contexts: tuple[str, ...] = ()  # one context per choice where they differ (Winogrande), else () for `context`
+    texts: tuple[str, ...] = ()  # the choices as the data has them (no delimiter): lm-eval's acc_norm divides by
+    # their characters; () for `choices`
 
 
 def _join(context: str, choice: str, delimiter: str = " ") -> str:
@@ -93,7 +98,8 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
         endings = _strings(obj, "endings", where)
         if "label" not in obj or obj["label"] in ("", None):
             raise ValueError(f"{where}: missing field 'label' (HellaSwag's test split has no labels)")
-        return Choice(ctx, tuple(" " + e for e in endings), _label(obj["label"], endings, where, "label"), where)
+        return Choice(ctx, tuple(" " + e for e in endings), _label(obj["label"], endings, where, "label"), where,
+                      texts=tuple(endings))
     if isinstance(obj.get("question"), dict):  # ARC as AI2 ships it
         q = obj["question"]
         cs = q.get("choices")
@@ -107,7 +113,11 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
         if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
             raise ValueError(f"{where}: field 'choices' must be {{'text': [...], 'label': [...]}} of equal lengths")
         field = "question_stem" if "question_stem" in obj else "question"
-        return _lettered(obj.get(field), texts, labels, obj, where, field, "choices.text", delimiter)
+        ex = _lettered(obj.get(field), texts, labels, obj, where, field, "choices.text", delimiter)
+        if field == "question_stem":  # OpenBookQA: the stem continued by each choice, as lm-eval's openbookqa
+            stem = obj[field]
+            return Choice(stem, tuple(_join(stem, t, delimiter) for t in texts), ex.label, where, texts=ex.texts)
+        return ex
     if "sentence" in obj and "option1" in obj:  # Winogrande: the blank filled by each option, the rest scored
         return _winogrande(obj, where)
     if "goal" in obj and "sol1" in obj:  # PIQA
@@ -122,7 +132,7 @@ def parse_choice(obj, where: str, delimiter: str = " ") -> Choice:
             raise ValueError(f"{where}: missing field 'answer'")
         ctx = obj["context"]
         return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices),
-                      _label(obj["answer"], choices, where, "answer"), where)
+                      _label(obj["answer"], choices, where, "answer"), where, texts=tuple(choices))
     raise ValueError(f"{where}: not a multiple-choice example: expected 'ctx' + 'endings' + 'label' (HellaSwag), "
                      f"'context' (or 'question') + 'choices' + 'answer', ARC's 'question' + 'choices' + "
                      f"'answerKey', PIQA's 'goal' + 'sol1' + 'sol2' + 'label', or Winogrande's 'sentence' + "
@@ -166,22 +176,22 @@ def _lettered(stem, texts: list, labels: list, obj: dict, where: str, stem_field
         raise ValueError(f"{where}: missing field {stem_field!r} (a string)")
     if len(texts) < 2 or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"{where}: field {choices_field!r} must be at least 2 strings, got {texts!r}")
-    labels = [str(x) for x in labels]
-    if str(obj.get("answerKey")) not in labels:
+    labels, key = [str(x).strip() for x in labels], str(obj.get("answerKey")).strip()
+    if key not in labels:
         raise ValueError(f"{where}: field 'answerKey' must be one of the choice labels {labels}, "
                          f"got {obj.get('answerKey')!r}")
-    return _asked(stem, texts, labels.index(str(obj["answerKey"])), where, delimiter)
+    return _asked(stem, texts, labels.index(key), where, delimiter)
 
 
 def _asked(question: str, choices: list[str], label: int, where: str, delimiter: str) -> Choice:
     """A question as "Question: <q>\\nAnswer:", each choice a continuation of it (ARC, MMLU, PIQA, ...)."""
     ctx = f"Question: {question}\nAnswer:"
-    return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices), label, where)
+    return Choice(ctx, tuple(_join(ctx, c, delimiter) for c in choices), label, where, texts=tuple(choices))
 
 
 def _mmlu_csv(path: Path, delimiter: str) -> list[Choice]:
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM (saved by Excel) is not the question's
         for lineno, row in enumerate(csv.reader(f), 1):
             where = f"{path}:{lineno}"
             if not row:
@@ -233,10 +243,10 @@ def _shards(paths: list[Path], split: str) -> list[Path] | None:
 
 
 def load_documents(paths, tokenizer, limit: int | None = None, split: str = "val") -> list[np.ndarray]:
-    """Token sequences to score, each starting with <|endoftext|> (its first token is context, not scored):
-    one per text document ([eot] + its tokens), or one per token shard (as written by `fastllm prepare`, where
-    every document already starts with eot; `limit` then caps the tokens per shard). Text documents: the first
-    `limit`."""
+    """Token sequences to score, each starting with the tokenizer's BOS (Llama 3's <|begin_of_text|>), else
+    <|endoftext|> (its first token is context, not scored): one per text document ([start] + its tokens), or one
+    per token shard (as written by `fastllm prepare`, where every document already starts with eot; `limit` then
+    caps the tokens per shard). Text documents: the first `limit`."""
     from ..data import _input_files, iter_documents, read_shard
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -249,14 +259,14 @@ def load_documents(paths, tokenizer, limit: int | None = None, split: str = "val
     if shards is not None:
         seqs = [np.asarray(read_shard(p)[: None if limit is None else limit + 1], np.int64) for p in shards]
         return [s for s in seqs if len(s) > 1]
-    eot = tokenizer.eot_token
-    if eot is None:
-        raise ValueError("the tokenizer has no <|endoftext|> token to start documents with")
+    start = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eot_token
+    if start is None:
+        raise ValueError("the tokenizer has neither a BOS nor an <|endoftext|> token to start documents with")
     docs = list(itertools.islice(iter_documents(_input_files([str(p) for p in paths])), limit))
     if not docs:
         raise ValueError(f"no documents in {', '.join(map(str, paths))}")
     encoded = tokenizer.encode_batch(docs, disallowed_special=())
-    return [np.concatenate([[eot], np.asarray(ids, np.int64)]) for ids in encoded]
+    return [np.concatenate([[start], np.asarray(ids, np.int64)]) for ids in encoded]
 
 
 def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:

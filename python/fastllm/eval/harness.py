@@ -2,13 +2,17 @@
 
 `FastLLM` implements the harness' LM interface on fastllm's batched scoring and generation (fastllm.eval.scoring):
     loglikelihood(context, continuation) -> (log p, is_greedy): the harness' own tokenization (TemplateLM: the
-        pair encoded whole and split, trailing context spaces moved to the continuation; an empty context is
-        <|endoftext|>), requests batched by length, contexts cut on the left to the model's block_size.
-    loglikelihood_rolling(text) -> log p: <|endoftext|> + the text's tokens in disjoint windows of block_size
+        pair encoded whole and split, trailing context spaces moved to the continuation; an empty context is the
+        prefix token), requests batched by length, contexts cut on the left to the model's block_size.
+    loglikelihood_rolling(text) -> log p: the prefix token + the text's tokens in disjoint windows of block_size
         predictions, each with as much context as fits (the harness' get_rolling_token_windows).
     generate_until(context, gen_kwargs) -> text: greedy (or sampled, do_sample/temperature), until the stop
-        strings, <|endoftext|> or max_gen_toks.
-<|endoftext|> stands for the checkpoint's eos_token where the tokenizer has none (Llama 3).
+        strings, the end of text, the folder's EOS ids (generation_config.json, as transformers' generate) or
+        max_gen_toks.
+Tokens as lm-eval's HF model (HFLM) gets them from the folder's tokenizer, so that the numbers compare: every text
+is encoded as `tokenizer(text)` encodes it, after the tokenizer's BOS where it has one (Llama 3's
+<|begin_of_text|>; not twice); the end of text is tokenizer_config.json's eos_token, else <|endoftext|>; the prefix
+token (empty contexts, rolling windows) is the BOS, else the end of text.
 Chat models: apply_chat_template renders the checkpoint folder's own chat template, else fastllm's ChatML.
 
 >>> import lm_eval
@@ -33,7 +37,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from tqdm.auto import tqdm
 
-from ..chat import EOT, IM_END, IM_START, ChatTemplate, special_token_strings, tokenizer_config
+from ..chat import EOT, IM_END, IM_START, ChatTemplate, eos_token_ids, special_token_strings, tokenizer_config
 from . import chat_of, load
 from .scoring import generate_until, score_continuations, window_requests
 
@@ -55,13 +59,16 @@ class FastLLM(TemplateLM):
         elif tokenizer is None or isinstance(tokenizer, str):
             raise ValueError("FastLLM(model=...) needs the model's Tokenizer object as tokenizer=")
         folder = getattr(model, "checkpoint_dir", None)
-        # the harness' prefix and end of text: <|endoftext|>, else the checkpoint's eos_token (as lm-eval's HF
-        # models use the tokenizer's eos: Llama 3's <|eot_id|> or <|end_of_text|>)
+        # the end of text as lm-eval's HF models have it: the checkpoint's eos_token (Llama 3's <|eot_id|> or
+        # <|end_of_text|>, Qwen2.5-Instruct's <|im_end|>), else <|endoftext|>
         eos = special_token_strings(tokenizer_config(folder)).get("eos_token") if folder is not None else None
-        self.eot = tokenizer.eot_token if tokenizer.eot_token is not None else tokenizer.special_tokens.get(eos)
+        self.eot = tokenizer.special_tokens.get(eos) if eos is not None else None
+        self.eot = tokenizer.eot_token if self.eot is None else self.eot
         if self.eot is None:
             raise ValueError("the tokenizer has no <|endoftext|> token and the checkpoint names no eos_token "
                              "(the harness' prefix and end of text)")
+        # generations also end at the ids transformers' generate stops at (generation_config.json's eos_token_id)
+        self.stop_tokens = tuple(dict.fromkeys([*(eos_token_ids(folder, tokenizer) if folder else []), self.eot]))
         self.model, self.tok = model.eval(), tokenizer
         self.batch_tokens, self.max_gen_toks = int(batch_tokens), int(max_gen_toks)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # the harness may pass "auto"
@@ -73,6 +80,11 @@ class FastLLM(TemplateLM):
         return self.eot
 
     @property
+    def prefix_token_id(self) -> int:
+        # an empty context, the first token of rolling windows: the BOS where there is one (as lm-eval's HFLM)
+        return self.tok.bos_token if self.tok.bos_token is not None else self.eot
+
+    @property
     def max_length(self) -> int:
         return self.model.config.block_size
 
@@ -81,8 +93,14 @@ class FastLLM(TemplateLM):
         return f"fastllm-{self.tok.n_vocab}-chatml"
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        # special-token text (a chat template's <|im_start|>) becomes its id, as HF tokenizers do
-        return self.tok.encode(string, allowed_special="all").tolist()
+        # as HFLM's tokenizer(string): special-token text (a chat template's <|im_start|>) becomes its id, and the
+        # BOS goes first (add_special_tokens None: unless the text starts with it; False: never)
+        ids = self.tok.encode(string, allowed_special="all").tolist()
+        bos = self.tok.bos_token
+        if bos is not None and add_special_tokens is not False and not (add_special_tokens is None and
+                                                                        ids[:1] == [bos]):
+            ids = [bos] + ids
+        return ids
 
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tok.decode(tokens)
@@ -102,7 +120,7 @@ class FastLLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         reqs, owner = [], []
         for i, (text,) in enumerate(r.args for r in requests):
-            w = window_requests([self.eot_token_id] + self.tok_encode(text), self.max_length)
+            w = window_requests([self.prefix_token_id] + self.tok_encode(text), self.max_length)
             reqs += w
             owner += [i] * len(w)
         with tqdm(total=len(reqs), desc="fastllm loglikelihood_rolling", disable=disable_tqdm) as bar:
@@ -125,9 +143,10 @@ class FastLLM(TemplateLM):
                 until = handle_stop_sequences(kw.pop("until", None), eos=None)
                 n = min(int(kw.pop("max_gen_toks")), self.max_length - 1)
                 temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-                prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in idxs]
-                texts = generate_until(self.model, self.tok, prompts, n, stop=until, temperature=temperature,
-                                       seed=kw.get("seed"), batch_size=self.batch_size, progress=bar)
+                prompts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in idxs]
+                texts = generate_until(self.model, self.tok, prompts, n, stop=until, stop_tokens=self.stop_tokens,
+                                       temperature=temperature, seed=kw.get("seed"), batch_size=self.batch_size,
+                                       progress=bar)
                 for i, t in zip(idxs, texts):
                     out[i] = t
                     self.cache_hook.add_partial("generate_until", requests[i].args, t)
