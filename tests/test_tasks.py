@@ -37,6 +37,8 @@ from fastllm.tasks import (
     ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72", "72"),
     ("#### 1,000\nmore text", "1,000"),
     ("first #### 3 then #### 4", "4"),  # the last marker
+    ("#### 42 dollars", "42"), ("#### $1,200.", "$1,200"), ("#### -3.5 m", "-3.5"),  # the number it starts with
+    ("#### x = 7", "x = 7"),  # no number first: the line
     ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
     ("\\boxed{3} or rather \\boxed{5}", "5"),
     ("\\boxed{unbalanced", "\\boxed{unbalanced"),  # no closing brace, no number: the whole text

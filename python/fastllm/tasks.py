@@ -69,8 +69,9 @@ def _last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str:
-    """The final answer in a completion (or a GSM8K reference answer): after the last `####`, else the last
-    `\\boxed{}`, else the last number, else the whole text (stripped).
+    """The final answer in a completion (or a GSM8K reference answer): after the last `####` (the number it starts
+    with, as lm-eval's gsm8k strict-match reads it: "#### 42 dollars" is 42; else the rest of its line), else the
+    last `\\boxed{}`, else the last number, else the whole text (stripped).
 
     >>> extract_answer("3 + 4 = 7, then 7 * 2 = 14.\\n#### 14"), extract_answer("so $\\\\boxed{\\\\frac{1}{2}}$")
     ('14', '\\\\frac{1}{2}')
@@ -78,7 +79,9 @@ def extract_answer(text: str) -> str:
     ('$1,200', 'Paris')
     """
     if "####" in text:
-        return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
+        line = text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
+        number = _NUMBER.match(line)
+        return number.group() if number else line
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -126,11 +129,11 @@ def _fix_fracs(s: str) -> str:
 
 
 def latex_answer(answer: str) -> str:
-    """A (MATH-style) LaTeX answer in the canonical form of lm-eval's hendrycks_math `strip_string`: no spaces,
-    \\left/\\right, degrees, \\$, \\% or units (`\\text{ ...}`), dfrac/tfrac as frac, \\frac12 and 1/2 as
-    \\frac{1}{2}, \\sqrt2 as \\sqrt{2}, a leading "x =" dropped, .5 as 0.5 (and 0.5 as \\frac{1}{2}).
+    r"""A (MATH-style) LaTeX answer in the canonical form of lm-eval's hendrycks_math `strip_string`: no spaces,
+    \left/\right, degrees, \$, \% or units (`\text{ ...}`), dfrac/tfrac as frac, \frac12 and 1/2 as
+    \frac{1}{2}, \sqrt2 as \sqrt{2}, a leading "x =" dropped, .5 as 0.5 (and 0.5 as \frac{1}{2}).
 
-    >>> latex_answer("\\dfrac12"), latex_answer("\\left( 3, \\frac{\\pi}{2} \\right)"), latex_answer("x = 1/2")
+    >>> latex_answer(r"\dfrac12"), latex_answer(r"\left( 3, \frac{\pi}{2} \right)"), latex_answer("x = 1/2")
     ('\\frac{1}{2}', '(3,\\frac{\\pi}{2})', '\\frac{1}{2}')
     """
     s = str(answer).replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
