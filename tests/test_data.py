@@ -500,3 +500,36 @@ def test_compressed_inputs(tmp_path, tok_path):
     two = zstandard.ZstdCompressor().compress(lines[:100]) + zstandard.ZstdCompressor().compress(lines[100:])
     (tmp_path / "z" / "part.jsonl.zst").write_bytes(two)  # frames one after another, as zstd -c a b > c writes
     assert list(iter_documents(_input_files([str(tmp_path / "z")]))) == docs[:6]
+
+
+def test_json_files_c4_dolma_and_arrays(tmp_path, tok_path):
+    """C4 and Dolma ship JSON Lines named .json.gz: read as records (they were tokenized as raw JSON text when
+    named, and skipped in folders); a .json file holding one array of records (datasets' json loader reads both)
+    too; a plain .json in a folder (`fastllm clean`'s summary.json) is not a corpus file."""
+    import gzip
+
+    from fastllm.data import _input_files, iter_documents, prepare
+    from fastllm.fileio import iter_records
+
+    docs = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(20 + i)) for i in range(8)]
+    (tmp_path / "c4").mkdir()
+    lines = "".join(json.dumps({"text": t, "url": "https://x"}) + "\n" for t in docs[:6])
+    (tmp_path / "c4" / "c4-train.00000-of-01024.json.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "c4" / "summary.json").write_text(json.dumps({"documents": 6}))
+    files = _input_files([str(tmp_path / "c4")])
+    assert [f.name for f in files] == ["c4-train.00000-of-01024.json.gz"]
+    assert list(iter_documents(files)) == docs[:6]
+    (tmp_path / "array.json").write_text("\ufeff" + json.dumps([{"text": t} for t in docs[6:]], indent=2))
+    (tmp_path / "lines.json").write_text(lines)
+    assert list(iter_documents(_input_files([str(tmp_path / "array.json"), str(tmp_path / "lines.json")]))) == \
+        docs[6:] + docs[:6]
+    assert [w for w, _ in iter_records(tmp_path / "array.json")] == [f"{tmp_path / 'array.json'}: record {n}"
+                                                                     for n in (1, 2)]
+    st = prepare([str(tmp_path / "c4")], tok_path, tmp_path / "data", val_fraction=0.25, progress=False)
+    assert st.documents == 6
+    (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(ValueError, match=r"bad.json:2: bad JSON"):
+        list(iter_documents([tmp_path / "bad.json"]))
+    (tmp_path / "meta.json").write_text('[{"name": "a"}]')
+    with pytest.raises(ValueError, match=r"meta.json: record 1: expected a JSON object with a string 'text'"):
+        list(iter_documents([tmp_path / "meta.json"]))

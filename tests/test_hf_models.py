@@ -422,6 +422,14 @@ def test_chat_template_masks_match_transformers(template, tmp_path):
         if template == "incremental":
             assert mask.sum() == sum(len(tok.encode(m["content"] + "<|im_end|>").ids) for m in msgs
                                      if m["role"] == "assistant")
+        # OpenAI's "weight": 0 leaves the first assistant turn out of the mask, the same text and the other turns
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
+        if first is None:
+            continue
+        weighted = [{**m, "weight": 0} if i == first else m for i, m in enumerate(msgs)]
+        ids_w, mask_w = ours.render(weighted)
+        turn = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])) == -1)[0]  # the end of the first turn
+        assert ids_w.tolist() == ids.tolist() and mask_w.tolist() == [0] * turn + mask.tolist()[turn:]
 
 
 def test_chat_template_that_renders_nothing(tmp_path):

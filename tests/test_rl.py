@@ -587,6 +587,39 @@ def test_malformed_preferences_name_the_line(tmp_path):
         load_preferences(tmp_path / "empty.jsonl")
 
 
+def test_conversational_preferences(tmp_path):
+    """Preference pairs as message lists (HuggingFaceH4/ultrafeedback_binarized: a prompt string and whole
+    conversations; trl-lib's: conversations only, or a prompt list and the answers) are read as the same (prompt,
+    completion) texts the reward model scores (they were refused, the error line holding the whole conversation)."""
+    def conv(*turns):
+        return [{"role": r, "content": c} for r, c in turns]
+
+    want = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+    records = [
+        {"prompt": "1+1=", "chosen": conv(("user", "1+1="), ("assistant", "2")),
+         "rejected": conv(("user", "1+1="), ("assistant", "3")), "score_chosen": 8.0},
+        {"chosen": conv(("user", "1+1="), ("assistant", "2")), "rejected": conv(("user", "1+1="), ("assistant", "3"))},
+        {"prompt": conv(("user", "1+1=")), "chosen": conv(("assistant", "2")), "rejected": conv(("assistant", "3"))},
+    ]
+    f = tmp_path / "prefs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_preferences(f) == [want] * 3
+    for record, msg in [
+        ({"chosen": conv(("user", "a"), ("assistant", "2")), "rejected": conv(("user", "b"), ("assistant", "3"))},
+         "'chosen' and 'rejected' answer different prompts"),
+        ({"prompt": "a", "chosen": conv(("assistant", "2"), ("user", "b")), "rejected": "3"},
+         "'chosen' must end with an assistant message"),
+        ({"prompt": "a", "chosen": [{"role": "robot", "content": "2"}], "rejected": "3"}, "unknown role 'robot'"),
+    ]:
+        f.write_text(json.dumps(record) + "\n")
+        with pytest.raises(ValueError, match=msg) as e:
+            load_preferences(f)
+        assert f"{f}:1:" in str(e.value)
+    f.write_text(json.dumps({"prompt": "a", "chosen": {"text": "x" * 5000}, "rejected": "3"}) + "\n")
+    with pytest.raises(ValueError, match="'chosen' must be a string or a list of messages, got dict$"):
+        load_preferences(f)
+
+
 def test_several_policy_updates_per_rollout_batch():
     """iterations > 1 (GRPO's mu): later updates see ratios != 1, so the clip can act; everything stays finite."""
     m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=16), seed=0)

@@ -165,6 +165,70 @@ def test_load_conversations_ok_and_missing(tmp_path):
         render([{"role": "bot", "content": "x"}], byte_tok())
 
 
+def test_single_turn_forms_alpaca_and_prompt_completion(tmp_path):
+    """Alpaca's {instruction, input, output} (Stanford Alpaca, alpaca-cleaned) and {prompt, completion} (OpenAI's
+    legacy fine-tuning files, TRL's prompt-completion datasets) load as a user turn and an assistant turn."""
+    qa = conv(("user", "q"), ("assistant", "a"))
+    records = [
+        {"instruction": "q", "input": "", "output": "a", "text": "Below is an instruction..."},
+        {"instruction": "q", "output": "a"},
+        {"instruction": "Add.", "input": "1+2", "output": "3"},
+        {"prompt": "q", "completion": "a"},
+        # TRL's conversational form: the completion's turns are learned, the prompt's (a few-shot answer) not
+        {"prompt": conv(("system", "s"), ("user", "x"), ("assistant", "y"), ("user", "q")),
+         "completion": conv(("assistant", "a"))},
+    ]
+    f = tmp_path / "single.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    convs = load_conversations(f)
+    assert convs[:2] == [qa, qa] and convs[3] == qa
+    assert convs[2] == conv(("user", "Add.\n\n1+2"), ("assistant", "3"))
+    assert convs[4] == [*conv(("system", "s"), ("user", "x")), {"role": "assistant", "content": "y", "weight": 0},
+                        *conv(("user", "q"), ("assistant", "a"))]
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(records, indent=4))  # Stanford Alpaca's: one JSON array
+    assert load_conversations(tmp_path / "alpaca_data.json") == convs
+    tok = byte_tok()
+    (_, (ids, mask)), _ = tokenize_conversations([convs[3], convs[4]], tok, 1023)
+    assert tok.decode(ids[mask == 1].tolist()) == "a<|im_end|>"
+    for record, msg in [({"instruction": "q"}, "'output'"), ({"instruction": "q", "output": 3}, "'output' must be"),
+                        ({"prompt": "q"}, "'completion'"),
+                        ({"prompt": conv(("user", "q")), "completion": ["a"]}, "message 1 must be"),
+                        ({"prompt": "q", "completion": conv(("assistant", "a"))}, "'prompt' and 'completion'")]:
+        f.write_text(GOOD + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(ValueError, match=msg) as e:
+            load_conversations(f)
+        assert f"{f}:2:" in str(e.value)
+
+
+def test_openai_weight_text_parts_and_developer_role(tmp_path):
+    """OpenAI's chat format: an assistant message with "weight": 0 is not learned (it trained on it), content may be
+    a list of text parts, and "developer" is the system role (both were refused)."""
+    record = {"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "bad", "weight": 0},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "good", "weight": 1}]}
+    f = tmp_path / "openai.jsonl"
+    f.write_text(json.dumps(record) + "\n")
+    (msgs,) = load_conversations(f)
+    assert msgs[0] == {"role": "system", "content": "Be brief."}
+    tok = byte_tok()
+    ((ids, mask),), _ = tokenize_conversations([msgs], tok, 1023)
+    assert tok.decode(ids[mask == 1].tolist()) == "good<|im_end|>"
+    assert "<|im_start|>assistant\nbad<|im_end|>" in tok.decode(ids.tolist())
+    for messages, msg in [
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}],
+         r"message 1 \(assistant\) weight must be 0 or 1"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}],
+         "no assistant turn with weight 1"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+          {"role": "assistant", "content": "a"}], r"message 0 \(user\) content\[0\].*only text parts"),
+    ]:
+        f.write_text(GOOD + "\n" + json.dumps({"messages": messages}) + "\n")
+        with pytest.raises(ValueError, match=msg) as e:
+            load_conversations(f)
+        assert f"{f}:2:" in str(e.value)
+
+
 # ---- tool calling ---------------------------------------------------------------------------------------
 
 NOW = {"type": "function", "function": {"name": "now", "description": "The time."}}

@@ -73,14 +73,18 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def validate_conversation(obj, where: str = "conversation", need_assistant: bool = True) -> list[dict]:
-    """The message list of `obj` ({"messages": [{"role", "content"}, ...]}, the list itself, or ShareGPT's
-    {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}), checked, as {"role", "content"}
-    dicts; ValueError naming `where`. Tool calling as in OpenAI's fine-tuning files: an assistant message may
-    carry `tool_calls` (its content may then be null; arguments become dicts), a "tool" message is a result."""
+    """The message list of `obj`, checked, as {"role", "content"} dicts; ValueError naming `where`. `obj` is
+    {"messages": [{"role", "content"}, ...]} (OpenAI's chat format), the list itself, ShareGPT's
+    {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}, or one of the single-turn forms
+    (pair_messages: Alpaca's {"instruction", "input", "output"}, {"prompt", "completion"}).
+    As in OpenAI's fine-tuning files: content may be a list of text parts (joined), "developer" is the system role,
+    an assistant message with "weight": 0 is not learned (kept as "weight": 0 in its dict, which the chat formats'
+    render() leave out of the mask), an assistant message may carry `tool_calls` (its content may then be null;
+    arguments become dicts), a "tool" message is a result."""
     sharegpt = isinstance(obj, dict) and "messages" not in obj and "conversations" in obj
-    msgs = obj.get("conversations" if sharegpt else "messages") if isinstance(obj, dict) else obj
     if isinstance(obj, dict) and "messages" not in obj and not sharegpt:
-        raise ValueError(f"{where}: expected an object with a 'messages' list (or ShareGPT's 'conversations')")
+        obj = {"messages": pair_messages(obj, where)}
+    msgs = obj.get("conversations" if sharegpt else "messages") if isinstance(obj, dict) else obj
     if not isinstance(msgs, list):
         raise ValueError(f"{where}: '{'conversations' if sharegpt else 'messages'}' must be a list, got "
                          f"{type(msgs).__name__}")
@@ -95,11 +99,14 @@ def validate_conversation(obj, where: str = "conversation", need_assistant: bool
             role, content = SHAREGPT_ROLES.get(m.get("from"), m.get("from")), m.get("value")
         else:
             role, content = m.get("role"), m.get("content")
+            role = "system" if role == "developer" else role
         if role not in ROLES:
             raise ValueError(f"{where}: message {k} has unknown role {role!r} (expected one of {list(ROLES)})")
         calls = m.get("tool_calls") if role == "assistant" else None
         if content is None and calls:
             content = ""
+        if isinstance(content, list):
+            content = _text_parts(content, f"{where}: message {k} ({role}) content")
         if not isinstance(content, str):
             raise ValueError(f"{where}: message {k} ({role}) content must be a string, got {type(content).__name__}")
         msg = {"role": role, "content": content}
@@ -108,10 +115,57 @@ def validate_conversation(obj, where: str = "conversation", need_assistant: bool
                 msg["tool_calls"] = parse_tool_calls(calls, "tool_calls")
             except ToolError as e:
                 raise ValueError(f"{where}: message {k} ({role}): {e}") from None
+        weight = m.get("weight", 1) if role == "assistant" else 1
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise ValueError(f"{where}: message {k} ({role}) weight must be 0 or 1, got {weight!r}")
+        if weight == 0:
+            msg["weight"] = 0
         out.append(msg)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where}: no assistant turn (nothing to learn from)")
+    if need_assistant and not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
+        raise ValueError(f"{where}: no assistant turn with weight 1 (nothing to learn from)")
     return out
+
+
+def pair_messages(obj: dict, where: str = "conversation") -> list[dict]:
+    """The messages of a single-turn record: Alpaca's {"instruction", "input" (optional), "output"} -> a user turn
+    (the instruction, a blank line and the input) and an assistant turn; {"prompt", "completion"} -> the same from
+    two strings, or, as TRL's conversational form, the prompt's messages then the completion's, where only the
+    completion is learned (assistant turns of the prompt get weight 0). ValueError naming `where` otherwise."""
+    if "instruction" in obj:
+        for key in ("instruction", "output") + (("input",) if obj.get("input") is not None else ()):
+            if not isinstance(obj.get(key), str):
+                got = "missing" if key not in obj else type(obj[key]).__name__
+                raise ValueError(f"{where}: Alpaca's {key!r} must be a string, got {got}")
+        user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+    if "prompt" in obj or "completion" in obj:
+        prompt, completion = obj.get("prompt"), obj.get("completion")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return [{**m, "weight": 0} if isinstance(m, dict) and m.get("role") == "assistant" else m
+                    for m in prompt] + completion
+        if prompt is None or completion is None:
+            raise ValueError(f"{where}: {'prompt' if prompt is None else 'completion'!r} missing beside "
+                             f"{'completion' if prompt is None else 'prompt'!r}")
+        raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings or both message lists, got "
+                         f"{type(prompt).__name__} and {type(completion).__name__}")
+    raise ValueError(f"{where}: expected an object with a 'messages' list (or ShareGPT's 'conversations', Alpaca's "
+                     "'instruction' and 'output', or 'prompt' and 'completion')")
+
+
+def _text_parts(parts: list, where: str) -> str:
+    """OpenAI's content parts [{"type": "text", "text": ...}, ...] joined; ValueError for other parts."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text") or \
+                not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"{where}[{j}] is of type {kind!r}: only text parts are supported")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def conversation_tools(obj, where: str = "conversation") -> list[dict] | None:
@@ -144,7 +198,9 @@ def render(conversation, tokenizer, tools: list[dict] | None = None) -> tuple[np
     """(ids int32, mask uint8) of a conversation in ChatML (see the module doc). mask is 1 on assistant content
     tokens (tool calls included) and their <|im_end|>, 0 elsewhere. `tools` and tool messages are written in the
     hermes layout (fastllm.tools.hermes_messages)."""
-    msgs = hermes_messages(validate_conversation(conversation, need_assistant=False), tools)
+    valid = validate_conversation(conversation, need_assistant=False)
+    weights = iter([m.get("weight", 1) for m in valid if m["role"] == "assistant"])  # hermes keeps their order
+    msgs = hermes_messages(valid, tools)
     start, end = _special(tokenizer, IM_START), _special(tokenizer, IM_END)
     eot = tokenizer.special_tokens.get(EOT)
     ids: list[int] = [] if eot is None else [eot]
@@ -153,7 +209,7 @@ def render(conversation, tokenizer, tools: list[dict] | None = None) -> tuple[np
     for m in msgs:
         head = [start] + tokenizer.encode_ordinary(m["role"] + "\n").tolist()
         body = tokenizer.encode_ordinary(m["content"]).tolist() + [end]
-        learn = int(m["role"] == "assistant")
+        learn = next(weights) if m["role"] == "assistant" else 0
         ids += head + body + nl
         mask += [0] * len(head) + [learn] * len(body) + [0] * len(nl)
     return np.asarray(ids, np.int32), np.asarray(mask, np.uint8)
@@ -324,12 +380,19 @@ class ChatTemplate:
         return self._encode(self.text(messages, add_generation_prompt=True, tools=tools))
 
     def render(self, messages, tools: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int32, mask uint8) of a whole conversation; mask 1 on the assistant turns (see the module doc)."""
-        msgs = [dict(m) for m in messages]
+        """(ids int32, mask uint8) of a whole conversation; mask 1 on the assistant turns (see the module doc), but
+        those with "weight": 0."""
+        msgs = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+        weights = [m.get("weight", 1) for m in messages if m.get("role") == "assistant"]
         spans: list[tuple[int, int]] = []
         full = self.text(msgs, spans=spans, tools=tools)
         if not spans:
             spans = self._assistant_spans(msgs, full, tools)
+        if 0 in weights:
+            if len(spans) != len(weights):
+                raise ValueError(f"{self.where}: the chat template's {{% generation %}} blocks are {len(spans)} for "
+                                 f"{len(weights)} assistant turns, so the turns of weight 0 cannot be left out")
+            spans = [s for s, w in zip(spans, weights) if w]
         spans = [(a, a + len(full[a:b].rstrip())) for a, b in spans]
         norm = self.tokenizer._normalize
         cuts = sorted({0, len(full), *[x for s in spans for x in s]})

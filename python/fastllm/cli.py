@@ -192,9 +192,9 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
     t = add_command_parser(tsub, "train", "train a byte-level BPE vocabulary (tiktoken format)",
                            ["fastllm tokenizer train corpus/ --vocab-size 32768 --out tok.tiktoken",
                             "fastllm tokenizer train --vocab-size 4096 --out tok.tiktoken"])
-    t.add_argument("corpus", nargs="*", help="files or folders: .txt, .md, .jsonl (\"text\"; also .gz/.bz2/.xz/.zst), "
-                                             ".parquet (\"text\"), as `fastllm prepare` reads them (default: the "
-                                             "built-in corpus, Python's documentation)")
+    t.add_argument("corpus", nargs="*", help="files or folders: .txt, .md, .jsonl (\"text\"; also .gz/.bz2/.xz/.zst; "
+                                             "C4's and Dolma's .json.gz), .parquet (\"text\"), as `fastllm prepare` "
+                                             "reads them (default: the built-in corpus, Python's documentation)")
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in all: 256 bytes + merges + special tokens")
     t.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt4, gpt2 or a custom regex")
     t.add_argument("--special", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
@@ -239,8 +239,8 @@ def _first_chars(docs, limit: int | None):
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("corpus", nargs="*",
-                   help="files or folders: .txt, .md, .jsonl (also .gz/.bz2/.xz/.zst), .parquet (default: the "
-                        "built-in corpus)")
+                   help="files or folders: .txt, .md, .jsonl (also .gz/.bz2/.xz/.zst; C4's and Dolma's .json.gz), "
+                        ".parquet (default: the built-in corpus)")
     p.add_argument("--tokenizer", required=True, help="tokenizer file (from `fastllm tokenizer train`)")
     p.add_argument("--out", required=True, help="output folder (train_NNNNNN.bin, val_NNNNNN.bin, manifest.json)")
     p.add_argument("--val-fraction", type=float, default=0.05,

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import copy_tokenizer
-from .fileio import atomic_write, data_suffix, iter_records, read_text, write_json
+from .fileio import COMPRESSION_SUFFIXES, atomic_write, data_suffix, iter_records, read_text, write_json
 from .tokenizer import Tokenizer
 
 MAGIC = b"FLLMTOK1"
@@ -103,14 +103,16 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 
 def _input_files(inputs: list[str], exclude: list[str | os.PathLike] = ()) -> list[Path]:
     """Files named, and the .txt/.md/.jsonl/.parquet files inside folders, also compressed (.jsonl.zst, .txt.gz, ...:
-    fastllm.fileio.open_input; recursively; never inside `exclude` or a `.work` folder, where fastllm keeps its own
-    work files)."""
+    fastllm.fileio.open_input), and compressed .json files (C4's and Dolma's .json.gz: JSON Lines; a plain .json in a
+    folder is more likely metadata, such as `fastllm clean`'s summary.json); recursively; never inside `exclude` or a
+    `.work` folder, where fastllm keeps its own work files)."""
     skip = [os.path.realpath(e) + os.sep for e in exclude]
     files: list[Path] = []
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and data_suffix(q) in TEXT_SUFFIXES
+            files += sorted(q for q in p.rglob("*") if q.is_file() and (data_suffix(q) in TEXT_SUFFIXES or (
+                            data_suffix(q) == ".json" and q.suffix in COMPRESSION_SUFFIXES))
                             and ".work" not in q.parts and not os.path.realpath(q).startswith(tuple(skip)))
         elif p.is_file():
             files.append(p)
@@ -119,16 +121,17 @@ def _input_files(inputs: list[str], exclude: list[str | os.PathLike] = ()) -> li
         else:
             raise FileNotFoundError(f"input not found: {inp}")
     if not files:
-        raise ValueError(f"no input files ({', '.join(TEXT_SUFFIXES)}) found in {inputs}")
+        raise ValueError(f"no input files ({', '.join(TEXT_SUFFIXES)}, .json.gz) found in {inputs}")
     return list(dict.fromkeys(files))
 
 
 def iter_documents(files: list[Path]) -> Iterator[str]:
-    """Documents from text files (split at <|endoftext|>), JSONL files (one {"text": ...} per line), both maybe
-    compressed (.gz/.bz2/.xz/.zst: Dolma, RedPajama, the Pile), and Parquet files (their "text" column, as FineWeb
-    and most Hugging Face datasets ship it)."""
+    """Documents from text files (split at <|endoftext|>), JSONL files (one {"text": ...} per line; also named
+    .json, as C4 and Dolma name theirs, or a .json file holding one array of such objects: fileio.iter_records), both
+    maybe compressed (.gz/.bz2/.xz/.zst: Dolma, C4, RedPajama, the Pile), and Parquet files (their "text" column, as
+    FineWeb and most Hugging Face datasets ship it)."""
     for path in files:
-        if data_suffix(path) in (".jsonl", ".parquet"):
+        if data_suffix(path) in (".jsonl", ".json", ".parquet"):
             for where, obj in iter_records(path, columns=["text"]):
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise ValueError(f"{where}: expected a JSON object with a string 'text' field")

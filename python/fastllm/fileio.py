@@ -183,10 +183,13 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
 def iter_records(path: str | os.PathLike, columns: list[str] | None = None) -> Iterator[tuple[str, object]]:
     """("file:N", record) for each record of a JSONL file (N: its line; iter_jsonl) or of a Parquet file, as the
     Hugging Face Hub ships datasets (N: its row, from 1; each row a dict without its null fields; `columns`: read
-    only these, Parquet only). Parquet is read in batches with pyarrow (an optional dependency: ImportError
-    saying so); a file it cannot read, or a missing column, raises ValueError naming the file."""
+    only these, Parquet only). A .json file holds JSON Lines too (C4's and Dolma's .json.gz), or one JSON array of
+    records (Stanford Alpaca's alpaca_data.json; "file: record N", from 1), as datasets' json loader reads both.
+    Parquet is read in batches with pyarrow (an optional dependency: ImportError saying so); a file it cannot read,
+    or a missing column, raises ValueError naming the file."""
     if Path(path).suffix != ".parquet":
-        yield from iter_jsonl(path)
+        yield from _iter_json_array(path) if data_suffix(path) == ".json" and _starts_array(path) else \
+            iter_jsonl(path)
         return
     try:
         import pyarrow.parquet as pq  # the field's Parquet reader (datasets, pandas and lm-eval use it too)
@@ -211,6 +214,32 @@ def iter_records(path: str | os.PathLike, columns: list[str] | None = None) -> I
         for row in batch.to_pylist():
             n += 1
             yield f"{path}:{n}", {k: v for k, v in row.items() if v is not None}  # null: no such field in this row
+
+
+def _starts_array(path: str | os.PathLike) -> bool:
+    """Whether a (maybe compressed) file's first non-blank character is "[" (a JSON array, not JSON Lines)."""
+    try:
+        with open_input(path) as f:
+            head = f.read(4096)
+            while head and not head.lstrip():
+                head = f.read(4096)
+    except (ImportError, *DECOMPRESS_ERRORS):
+        return False  # iter_jsonl names the file and what is wrong with it
+    return head.lstrip(b" \t\r\n\xef\xbb\xbf").startswith(b"[")  # (a UTF-8 BOM too)
+
+
+def _iter_json_array(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
+    """("file: record N", record) for each item of a file holding one JSON array; ValueError naming the file
+    (and line) when it is not valid JSON."""
+    text = read_text(path).lstrip("\ufeff")
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: bad JSON (nested too deeply)") from None
+    for n, item in enumerate(items, 1):
+        yield f"{path}: record {n}", item
 
 
 def read_json(path: str | os.PathLike):

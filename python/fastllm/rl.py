@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checks, distributed
-from .chat import eos_token_ids
+from .chat import eos_token_ids, validate_conversation
 from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_heads, load_model, resolve
 from .data import Epochs
 from .eval import TrainEval, chat_of, check_train_eval, prompt_ids
@@ -492,20 +492,44 @@ def train_grpo(
 def load_preferences(path: str | Path) -> list[dict]:
     """JSONL (or Parquet) preference pairs, one {"prompt", "chosen", "rejected"} object (strings) per line, or
     without "prompt" (Anthropic's hh-rlhf: whole dialogues; the reward model scores prompt + completion either
-    way); blank lines are skipped. A malformed line raises ValueError naming file:line."""
+    way); blank lines are skipped. Conversational pairs are read as the same texts: "chosen" and "rejected" as
+    message lists (HuggingFaceH4/ultrafeedback_binarized, trl-lib's) give their last, assistant, message, and the
+    prompt is the "prompt" string, else the contents of the messages before it (a "prompt" message list too), joined
+    by blank lines. A malformed line raises ValueError naming file:line."""
     pairs = []
     for where, obj in iter_records(path):
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        if "prompt" not in obj and "chosen" in obj:
-            obj = {**obj, "prompt": ""}
-        for k in ("prompt", "chosen", "rejected"):
-            if not isinstance(obj.get(k), str):
-                raise ValueError(f"{where}: field {k!r} must be a string, got {obj.get(k)!r}")
-        pairs.append({k: obj[k] for k in ("prompt", "chosen", "rejected")})
+        prompt = obj.get("prompt")
+        if isinstance(prompt, list):
+            prompt = _context(validate_conversation(prompt, f"{where}: 'prompt'", need_assistant=False))
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"{where}: field 'prompt' must be a string or a list of messages, got "
+                             f"{type(prompt).__name__}")
+        pair, context = {}, {}
+        for k in ("chosen", "rejected"):
+            v = obj.get(k)
+            if isinstance(v, list):
+                msgs = validate_conversation(v, f"{where}: {k!r}", need_assistant=False)
+                if msgs[-1]["role"] != "assistant":
+                    raise ValueError(f"{where}: {k!r} must end with an assistant message, got {msgs[-1]['role']!r}")
+                v, context[k] = msgs[-1]["content"], _context(msgs[:-1])
+            if not isinstance(v, str):
+                got = "missing" if k not in obj else type(v).__name__
+                raise ValueError(f"{where}: field {k!r} must be a string or a list of messages, got {got}")
+            pair[k] = v
+        if prompt is None and len(set(context.values())) > 1:
+            raise ValueError(f"{where}: 'chosen' and 'rejected' answer different prompts (the messages before their "
+                             "last differ)")
+        pairs.append({"prompt": prompt if prompt is not None else next(iter(context.values()), ""), **pair})
     if not pairs:
         raise ValueError(f"{path}: no preference pairs")
     return pairs
+
+
+def _context(messages: list[dict]) -> str:
+    """The text of the messages before a preference pair's answers: their contents, joined by blank lines."""
+    return "\n\n".join(m["content"] for m in messages)
 
 
 class RewardModel:
@@ -582,7 +606,8 @@ class RewardScorer:
 @dataclass
 class RewardModelConfig:
     base: str = option(help="backbone checkpoint (or run folder), e.g. the SFT model")
-    data: str = option(help="preference pairs JSONL, one {\"prompt\", \"chosen\", \"rejected\"} per line")
+    data: str = option(help="preference pairs JSONL (or Parquet), one {\"prompt\", \"chosen\", \"rejected\"} per line: "
+                            "strings, or message lists as ultrafeedback_binarized's")
     out: str = option("out_rm", "output folder: checkpoints (backbone + heads.safetensors), log.jsonl, loss.png, "
                                 "reward_model.json")
     val_data: str | None = option(None, "held-out pairs JSONL (default: --val-fraction of --data)")

@@ -1,6 +1,8 @@
 """Post-training: supervised fine-tuning (SFT) on conversations.
 
-Data: JSONL, one conversation per line: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}.
+Data: JSONL, one conversation per line: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]},
+ShareGPT's {"conversations": [{"from", "value"}, ...]}, Alpaca's {"instruction", "input", "output"} or {"prompt",
+"completion"} (fastllm.chat.validate_conversation); an assistant message with "weight": 0 is not learned (OpenAI).
 Tool calling as in OpenAI's fine-tuning files: {"messages": [...], "tools": [...]} with assistant `tool_calls` and
 "tool" results; the model learns to write the calls in its chat format's tool-call format (fastllm.tools; ChatML:
 hermes <tool_call> blocks), which `fastllm serve` reads back as tool_calls.
@@ -303,7 +305,9 @@ class SFTConfig(TrainConfig):
     (its architecture: model and the model options of TrainConfig may not be set). Defaults suit fine-tuning:
     lower LR, no weight decay."""
 
-    data: str = option(help="conversations JSONL, one {\"messages\": [{\"role\", \"content\"}, ...]} per line")
+    data: str = option(help="conversations JSONL (or Parquet), one {\"messages\": [{\"role\", \"content\"}, ...]} "
+                            "per line (also ShareGPT's {\"conversations\"}, Alpaca's {\"instruction\", \"input\", "
+                            "\"output\"}, {\"prompt\", \"completion\"})")
     seq_len: int | None = option(None, "T: tokens per packed window (default: the base model's context length)")
     max_steps: int = 300
     lr: float = 1e-4

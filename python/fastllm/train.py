@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, checks, distributed, ops, set_num_threads
-from .data import DataLoader
+from .data import DataLoader, read_shard
 from .eval import TrainEval, check_train_eval
 from .model import GPT, MLPS, NORMS, POSITIONS, PRESETS, GPTConfig
 from .optim import AdamW, lr_schedule
@@ -554,9 +554,17 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> dict:
     """Pre-train (or resume, cfg.resume) a GPT on the token shards of cfg.data; returns a summary dict."""
     log = setup_run(cfg, log)
     train_loader = DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    val_loader = None
-    if cfg.eval_every and list(Path(cfg.data).glob("val_*.bin")):
-        val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False)
+    val_loader, val_paths = None, sorted(Path(cfg.data).glob("val_*.bin"))
+    if cfg.eval_every and val_paths:
+        if max(read_shard(p).size for p in val_paths) > cfg.seq_len:
+            val_loader = DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False)
+        else:  # a small corpus, a long --seq-len: train all the same
+            log(f"warning: no val shard ({', '.join(p.name for p in val_paths)}) holds a window of T+1="
+                f"{cfg.seq_len + 1} tokens: no validation loss")
+        if val_loader is not None and val_loader.vocab_size != train_loader.vocab_size:
+            raise ValueError(f"{val_loader.paths[0]}: val shard of a {val_loader.vocab_size}-token vocabulary, the "
+                             f"train shards of {train_loader.vocab_size}: made with another tokenizer? re-run "
+                             "`fastllm prepare`")
     tok_path = checkpoint.find_tokenizer(cfg.data)
     if cfg.eval_task and tok_path is None:
         raise ValueError(f"eval_task needs the data's tokenizer: no {checkpoint.TOKENIZER_FILE} or tokenizer.json in "
