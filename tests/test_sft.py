@@ -3,6 +3,7 @@ learns a task from conversations (held-out accuracy before/after), and `fastllm 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import itertools
@@ -455,6 +456,23 @@ def tuned(tmp_path_factory):
     )
     yield d, held, summary, logs
     fastllm.set_num_threads(threads)
+
+
+def test_default_window_is_capped(tuned, tmp_path, monkeypatch):
+    """Without --seq-len, windows are the base model's context, at most sft.DEFAULT_SEQ_LEN tokens (a hub model's
+    8k-32k context would not fit in memory at the default batch)."""
+    from fastllm import sft as sft_module
+
+    d, *_ = tuned
+    logs = []
+    cfg = SFTConfig(base=str(d / "base"), data=str(d / "train.jsonl"), out=str(tmp_path / "o"), batch_size=2,
+                    max_steps=1, eval_every=0, threads=1)
+    monkeypatch.setattr(sft_module, "DEFAULT_SEQ_LEN", 24)
+    sft(cfg, progress=False, log=logs.append)
+    assert any("windows of T+1=25 tokens" in str(x) for x in logs), logs
+    monkeypatch.setattr(sft_module, "DEFAULT_SEQ_LEN", 1024)  # above the base model's 64: its context
+    sft(dataclasses.replace(cfg, out=str(tmp_path / "p")), progress=False, log=logs.append)
+    assert any("windows of T+1=65 tokens" in str(x) for x in logs), logs
 
 
 def test_sft_learns_held_out_task(tuned):

@@ -299,6 +299,9 @@ class PackedLoader:
 # ---- training ------------------------------------------------------------------------------------------
 
 
+DEFAULT_SEQ_LEN = 1024  # SFT windows when --seq-len is not given (and the base model's context is longer)
+
+
 @dataclass
 class SFTConfig(TrainConfig):
     """TrainConfig for fine-tuning: `data` is a conversations JSONL file, the model comes from `base`
@@ -308,7 +311,9 @@ class SFTConfig(TrainConfig):
     data: str = option(help="conversations JSONL (or Parquet), one {\"messages\": [{\"role\", \"content\"}, ...]} "
                             "per line (also ShareGPT's {\"conversations\"}, Alpaca's {\"instruction\", \"input\", "
                             "\"output\"}, {\"prompt\", \"completion\"})")
-    seq_len: int | None = option(None, "T: tokens per packed window (default: the base model's context length)")
+    seq_len: int | None = option(None, "T: tokens per packed window (default: the base model's context length, at "
+                                       "most 1024 as in TRL's SFTTrainer: a hub model's 8k-32k context times the "
+                                       "batch would not fit in memory)")
     max_steps: int = 300
     lr: float = 1e-4
     warmup_steps: int = 10
@@ -351,7 +356,7 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     else:
         tok, model = add_chat_tokens(base_tok, base, seed=cfg.seed)
         chat = ChatML(tok)
-    T = cfg.seq_len or model.config.block_size
+    T = cfg.seq_len or min(model.config.block_size, DEFAULT_SEQ_LEN)
     if not 1 <= T <= model.config.block_size:
         raise ValueError(f"seq_len={T} must be in [1, the base model's block_size={model.config.block_size}]")
     cfg = dataclasses.replace(cfg, seq_len=T)
