@@ -481,6 +481,27 @@ def test_thai_chinese_japanese_pages_are_kept(tmp_path):
     assert 80 < C.word_count(cases["th"], "th") < 130 and 70 < C.word_count(cases["zh"], "zh") < 110
 
 
+KHMER = [  # the khan (។) after a space, as many Khmer writers put it
+    "ប្រទេសកម្ពុជាមានប្រវត្តិសាស្ត្រដ៏យូរលង់ និងវប្បធម៌ដ៏សម្បូរបែប ។ ប្រជាជននៅតាមភូមិតូចៗភាគច្រើនធ្វើស្រែចម្ការ ។",
+    "ក្នុងរដូវវស្សា កសិករចាប់ផ្តើមដាំស្រូវ ហើយថែទាំស្រែរបស់ពួកគេយ៉ាងយកចិត្តទុកដាក់ ។ ក្មេងៗរៀនពីឪពុកម្តាយ ។",
+    "ភ្ញៀវទេសចរជាច្រើនមកទស្សនាប្រាសាទបុរាណ និងភ្លក្សម្ហូបខ្មែរ ។ ទេសចរណ៍គឺជាប្រភពចំណូលដ៏សំខាន់នៃប្រទេស ។",
+]
+
+
+def test_numbers_between_phrases_of_scripts_without_spaces():
+    """The alpha-words rule counts words as word_count does: a Thai page with a date or a price in each
+    paragraph, or Khmer with its khan after a space, has few non-letter words, not one in every three
+    whitespace chunks (both were dropped as alpha_words); a page of numbers with a few words still is."""
+    dated = [f"เมื่อวันที่ {d} มกราคม {2560 + d} {p}" for d, p in enumerate(THAI * 2, 1)]
+    priced = [f"{p} ราคา {100 * d} บาท" for d, p in enumerate(THAI * 2, 1)]
+    for lang, paras in (("th", dated), ("th", priced), ("km", KHMER)):
+        text = "\n".join(paras)
+        assert C.detect_language(text)[0] == lang
+        assert quality_reason(text, CleanConfig(), lang) is None, (lang, text[:80])
+    prices = " ".join(f"ราคา {100 * d} บาท {d}" for d in range(40))
+    assert quality_reason(prices, CleanConfig(), "th") == "alpha_words"
+
+
 @pytest.mark.parametrize("lang,junk,reason", [
     ("zh", "首页\n新闻\n体育\n关于我们\n联系我们\n隐私政策", "too_few_words"),
     ("th", "หน้าแรก ข่าว กีฬา ติดต่อเรา " * 3, "too_few_words"),
