@@ -112,6 +112,22 @@ def test_http_charset_beats_a_wrong_meta(enc):
     assert_clean(extract_text(data), paras)  # invalid as UTF-8 -> detection
 
 
+@pytest.mark.parametrize("declared", ["iso-8859-1", "windows-1251", "shift_jis", "gbk", "koi8-r"])
+@pytest.mark.parametrize("enc,lang", list(PROSE), ids=[e for e, _ in PROSE])
+def test_utf8_page_with_a_stale_charset_is_read_as_utf8(enc, lang, declared):
+    """A page in UTF-8 whose meta tag or HTTP header names a legacy charset (an old template, a server's
+    default) was decoded as that charset: mojibake like 'comitÃ©'. Valid UTF-8 beyond ASCII wins; a page that
+    is really in the declared charset, and 7-bit ISO-2022-JP, still follow the declaration."""
+    paras = PROSE[enc, lang]
+    data = page(paras * 2, declared).encode("utf-8")
+    assert_clean(extract_text(data), paras)
+    assert_clean(extract_text(page(paras * 2, None).encode("utf-8"), http_charset=declared), paras)
+    if enc != "utf-8":
+        assert_clean(extract_text(page(paras * 2, "utf-8").encode(enc), http_charset=enc), paras)
+    ja = PROSE["shift_jis", "ja"]
+    assert_clean(extract_text(page(ja * 2, "iso-2022-jp").encode("iso-2022-jp")), ja)
+
+
 def test_bom_and_str_input():
     paras = PROSE["utf-8", "en"]
     assert_clean(extract_text(b"\xef\xbb\xbf" + page(paras, None).encode()), paras)
