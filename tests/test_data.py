@@ -500,3 +500,23 @@ def test_compressed_inputs(tmp_path, tok_path):
     two = zstandard.ZstdCompressor().compress(lines[:100]) + zstandard.ZstdCompressor().compress(lines[100:])
     (tmp_path / "z" / "part.jsonl.zst").write_bytes(two)  # frames one after another, as zstd -c a b > c writes
     assert list(iter_documents(_input_files([str(tmp_path / "z")]))) == docs[:6]
+
+
+def test_files_with_a_byte_order_mark(tmp_path):
+    """JSONL and text saved by Windows tools start with a UTF-8 BOM: the JSONL's first line was 'bad JSON' and
+    stopped prepare, and a text file's first document began with U+FEFF. A BOM inside the text stays."""
+    import gzip
+
+    from fastllm.data import iter_documents
+
+    docs = ["First document, with é.", "Second \ufeff one."]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8-sig")
+    (tmp_path / "b.txt").write_text("<|endoftext|>".join(docs), encoding="utf-8-sig")
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress("<|endoftext|>".join(docs).encode("utf-8-sig")))
+    for name in ("a.jsonl", "b.txt", "c.txt.gz"):
+        assert list(iter_documents([tmp_path / name])) == docs, name
+    from fastllm.tokenizer import Tokenizer
+
+    (tmp_path / "d.txt").write_text(docs[0], encoding="utf-8-sig")  # trained on the text, not on its BOM
+    a, b = (Tokenizer.train([x], 400, special_tokens=(), progress=False) for x in (tmp_path / "d.txt", docs[0]))
+    assert [a.token_to_bytes(i) for i in range(a.n_vocab)] == [b.token_to_bytes(i) for i in range(b.n_vocab)]
