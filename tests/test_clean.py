@@ -352,6 +352,18 @@ def test_bad_input_is_counted_and_run_continues(tmp_path):
     assert "bad input" in s.table()
 
 
+def test_a_dead_worker_process_stops_the_run_instead_of_hanging():
+    """A worker killed by the OS (memory) or a crash in a native parser: multiprocessing.Pool waited for its
+    result forever, so `fastllm clean` hung without a word; now the run stops with an error saying so."""
+    import subprocess
+    import sys
+
+    code = ("import os; from fastllm.executor import Executor\n"
+            "with Executor(2) as ex:\n    ex.map(os._exit, [3, 3, 3])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "RuntimeError: a worker process running _exit died" in r.stderr, r.stderr
+
+
 def test_resume_skips_done_inputs(tmp_path, monkeypatch):
     rng = random.Random(4)
     d = tmp_path / "in"
