@@ -624,6 +624,33 @@ def test_every_input_kind_by_content(tmp_path):
     assert "not used: unsupported 3, binary 1, empty 1" in s.table()
 
 
+def test_parquet_inputs(tmp_path):
+    """Parquet, as FineWeb and most Hub datasets ship web text, was reported as 'binary: NUL bytes' (a run on
+    such shards alone ended in 'no usable input'): its "text" column (or "html", str or bytes) is read like
+    JSONL records, null rows counted; no such column, a truncated file, or gzip around it is reported."""
+    import gzip
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = random.Random(22)
+    texts = ["\n".join([prose(rng, 6), prose(rng, 6)]) for _ in range(3)]
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [texts[0], None, texts[1]], "id": ["a", "b", "c"],
+                             "url": ["http://e.com/0", None, None]}), d / "train-00000.parquet")
+    pq.write_table(pa.table({"html": [page(texts[2].split("\n")).encode("cp1252")]}), d / "pages.bin")
+    pq.write_table(pa.table({"content": ["x"]}), d / "other.parquet")
+    (d / "cut.parquet").write_bytes((d / "train-00000.parquet").read_bytes()[:200])
+    (d / "z.parquet.gz").write_bytes(gzip.compress((d / "other.parquet").read_bytes()))
+    s = clean([d], tmp_path / "out", CleanConfig(processes=1, min_words=20), progress=False)
+    docs = [json.loads(x) for x in (tmp_path / "out" / "clean_000000.jsonl").read_text().splitlines()]
+    assert_clean(docs[0]["text"], texts[2].split("\n"))  # pages.bin, then train-00000.parquet
+    assert [x["text"] for x in docs[1:]] == texts[:2] and [x["url"] for x in docs[1:]] == ["http://e.com/0", "c"]
+    assert s.stages["read"]["dropped"] == {"no_text_or_html_field": 1}, s.table()
+    assert s.unused == {"unsupported": 2, "corrupt": 1}, s.table()
+
+
 def html_escape(s: str) -> str:
     import html
 

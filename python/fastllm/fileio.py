@@ -187,7 +187,12 @@ def iter_records(path: str | os.PathLike, columns: list[str] | None = None) -> I
     saying so); a file it cannot read, or a missing column, raises ValueError naming the file."""
     if Path(path).suffix != ".parquet":
         yield from iter_jsonl(path)
-        return
+    else:
+        yield from iter_parquet(path, columns)
+
+
+def iter_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> Iterator[tuple[str, object]]:
+    """("file:N", row) for each row of a Parquet file, whatever its name (see iter_records)."""
     try:
         import pyarrow.parquet as pq  # the field's Parquet reader (datasets, pandas and lm-eval use it too)
     except ImportError:
