@@ -925,3 +925,15 @@ def test_hard_wrapped_text_and_subtitles_become_paragraphs(tmp_path):
     assert all(p.endswith(".") for p in paras) and all(len(p) >= 200 for p in paras[:-1]) and len(paras) == 4
     assert "<i>" not in text and "-->" not in text and "00:00" not in text
     assert text.count("Line") == 40
+
+
+def test_code_keeps_its_indentation():
+    """Lines were stripped on both sides: Python in a page's <pre>, or indented code in a JSONL text, lost its
+    indentation (and its meaning). Leading whitespace stays; lines of HTML prose have none (resiliparse)."""
+    code = "def area(r):\n    if r < 0:\n        raise ValueError(r)\n\treturn 3.14159 * r * r"
+    paras = [prose(random.Random(31), 6), prose(random.Random(32), 6)]
+    html = page([paras[0]], title="Code").replace("</article>", f"<pre>{code}</pre><p>{paras[1]}</p></article>")
+    text = extract_text(html)
+    assert code in text and "\n" + paras[1] in text and text.startswith("Code\n" + paras[0][:20])
+    doc = C.process_page({"text": paras[0] + "\n\n  " + code + "   \n" + paras[1], "url": "u"}, CleanConfig())
+    assert doc["text"] == paras[0] + "\n  " + code + "\n" + paras[1]

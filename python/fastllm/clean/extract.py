@@ -101,11 +101,12 @@ def decode_html(data: bytes | str, http_charset: str | None = None) -> str:
 
 def extract_text(html: bytes | str, http_charset: str | None = None, main_content: bool = True) -> str:
     """Main text of a page (boilerplate removed: navigation, footers, scripts, menus), paragraphs on their own
-    lines. `main_content=False` keeps all visible text (for feed items, which are fragments, not pages)."""
+    lines; the indentation of preformatted text (code in <pre>) is kept. `main_content=False` keeps all visible
+    text (for feed items, which are fragments, not pages)."""
     from resiliparse.extract.html2text import extract_plain_text
 
     text = extract_plain_text(decode_html(html, http_charset), main_content=main_content, alt_texts=False)
-    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip())
 
 
 @functools.cache
