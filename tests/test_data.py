@@ -520,3 +520,23 @@ def test_files_with_a_byte_order_mark(tmp_path):
     (tmp_path / "d.txt").write_text(docs[0], encoding="utf-8-sig")  # trained on the text, not on its BOM
     a, b = (Tokenizer.train([x], 400, special_tokens=(), progress=False) for x in (tmp_path / "d.txt", docs[0]))
     assert [a.token_to_bytes(i) for i in range(a.n_vocab)] == [b.token_to_bytes(i) for i in range(b.n_vocab)]
+
+
+def test_no_val_split_reads_the_inputs_once(tmp_path, tok_path, monkeypatch):
+    """With val_fraction=0 the documents were counted first (a whole extra pass over the corpus, for a split
+    that is not made); now they are read once, to tokenize them."""
+    import fastllm.data as D
+
+    (tmp_path / "corpus").mkdir()
+    docs = write_corpus(tmp_path / "corpus")
+    seen = []
+    real = D.iter_documents
+
+    def counting(files):
+        for d in real(files):
+            seen.append(d)
+            yield d
+
+    monkeypatch.setattr(D, "iter_documents", counting)
+    st = D.prepare([str(tmp_path / "corpus")], tok_path, tmp_path / "data", val_fraction=0, progress=False)
+    assert st.documents == len(docs) == len(seen) and st.val_tokens == 0 and st.split == "none"
