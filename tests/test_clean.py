@@ -937,3 +937,15 @@ def test_code_keeps_its_indentation():
     assert code in text and "\n" + paras[1] in text and text.startswith("Code\n" + paras[0][:20])
     doc = C.process_page({"text": paras[0] + "\n\n  " + code + "   \n" + paras[1], "url": "u"}, CleanConfig())
     assert doc["text"] == paras[0] + "\n  " + code + "\n" + paras[1]
+
+
+def test_default_processes_follow_the_cores_this_process_may_use(monkeypatch):
+    """processes=0 took os.cpu_count(): every core of the node, also under taskset or a Slurm/container cpuset
+    of a few (a worker each, each with its own parser and language model in memory)."""
+    from fastllm.executor import Executor
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no sched_getaffinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert Executor(0).workers == 3 and Executor(2).workers == 2

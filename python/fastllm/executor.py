@@ -32,6 +32,13 @@ def connect(spec, workers: int):
         raise ValueError(f"dask: cannot reach the scheduler at {spec}: {e}") from None
 
 
+def available_cpus() -> int:
+    """The cores this process may run on (taskset, Slurm and container cpusets bind fewer than os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 class Executor:
     """map / map_unordered over jobs on this machine (processes, 1: in this process) or on Dask.
 
@@ -41,7 +48,7 @@ class Executor:
     """
 
     def __init__(self, processes: int = 0, dask=None):
-        self.processes = processes or os.cpu_count() or 1
+        self.processes = processes or available_cpus()
         self.client, self.owned, self.pool = None, False, None
         if dask is not None:
             self.client, self.owned = connect(dask, self.processes)
