@@ -729,6 +729,7 @@ def test_truncated_warc_gz_is_reported(tmp_path):
     s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1), progress=False)
     assert s.documents == 2, s.table()
     assert [b["reason"] for b in s.bad_inputs] == ["corrupt"] and "cut.warc.gz" in s.bad_inputs[0]["path"]
+    assert "gzip stream breaks off after 2 documents (those were read)" in s.bad_inputs[0]["error"]
 
 
 def test_truncated_zst_is_reported(tmp_path):

@@ -249,26 +249,34 @@ def read_pages(path: str | os.PathLike, stats: Counter | None = None) -> Iterato
     path = Path(path)
     stats = Counter() if stats is None else stats
     f, kind, _, compression = open_input(path)
+
+    def pages() -> Iterator[dict]:
+        if kind == "warc":
+            yield from _read_warc(f, stats)
+        elif kind == "jsonl":
+            yield from _read_jsonl(f, path, stats)
+        elif kind == "parquet":
+            yield from _read_parquet(path, stats)
+        else:
+            data = f.read()
+            if kind == "feed":
+                yield from _read_feed(data, str(path), stats)
+            elif kind == "html":
+                yield {"html": data, "charset": None, "url": str(path)}
+            else:
+                yield {"text": unwrap(strip_subtitles(decode_bytes(data))), "url": str(path)}
+
+    n = 0
     with f:
         try:
-            if kind == "warc":
-                yield from _read_warc(f, stats)
-            elif kind == "jsonl":
-                yield from _read_jsonl(f, path, stats)
-            elif kind == "parquet":
-                yield from _read_parquet(path, stats)
-            else:
-                data = f.read()
-                if kind == "feed":
-                    yield from _read_feed(data, str(path), stats)
-                elif kind == "html":
-                    yield {"html": data, "charset": None, "url": str(path)}
-                else:
-                    yield {"text": unwrap(strip_subtitles(decode_bytes(data))), "url": str(path)}
+            for page in pages():
+                yield page
+                n += 1
         except DECOMPRESS_ERRORS as e:
             if isinstance(e, InputError):
                 raise
-            raise InputError("corrupt", f"{compression or 'file'} stream breaks off: {type(e).__name__}: {e}") from None
+            raise InputError("corrupt", f"{compression or 'file'} stream breaks off after {n} documents "
+                                        f"(those were read): {type(e).__name__}: {e}") from None
 
 
 def _read_jsonl(f, path: Path, stats: Counter) -> Iterator[dict]:
