@@ -112,6 +112,22 @@ def test_http_charset_beats_a_wrong_meta(enc):
     assert_clean(extract_text(data), paras)  # invalid as UTF-8 -> detection
 
 
+@pytest.mark.parametrize("declared", ["iso-8859-1", "windows-1251", "shift_jis", "gbk", "koi8-r"])
+@pytest.mark.parametrize("enc,lang", list(PROSE), ids=[e for e, _ in PROSE])
+def test_utf8_page_with_a_stale_charset_is_read_as_utf8(enc, lang, declared):
+    """A page in UTF-8 whose meta tag or HTTP header names a legacy charset (an old template, a server's
+    default) was decoded as that charset: mojibake like 'comitÃ©'. Valid UTF-8 beyond ASCII wins; a page that
+    is really in the declared charset, and 7-bit ISO-2022-JP, still follow the declaration."""
+    paras = PROSE[enc, lang]
+    data = page(paras * 2, declared).encode("utf-8")
+    assert_clean(extract_text(data), paras)
+    assert_clean(extract_text(page(paras * 2, None).encode("utf-8"), http_charset=declared), paras)
+    if enc != "utf-8":
+        assert_clean(extract_text(page(paras * 2, "utf-8").encode(enc), http_charset=enc), paras)
+    ja = PROSE["shift_jis", "ja"]
+    assert_clean(extract_text(page(ja * 2, "iso-2022-jp").encode("iso-2022-jp")), ja)
+
+
 def test_bom_and_str_input():
     paras = PROSE["utf-8", "en"]
     assert_clean(extract_text(b"\xef\xbb\xbf" + page(paras, None).encode()), paras)
@@ -336,6 +352,18 @@ def test_bad_input_is_counted_and_run_continues(tmp_path):
     assert "bad input" in s.table()
 
 
+def test_a_dead_worker_process_stops_the_run_instead_of_hanging():
+    """A worker killed by the OS (memory) or a crash in a native parser: multiprocessing.Pool waited for its
+    result forever, so `fastllm clean` hung without a word; now the run stops with an error saying so."""
+    import subprocess
+    import sys
+
+    code = ("import os; from fastllm.executor import Executor\n"
+            "with Executor(2) as ex:\n    ex.map(os._exit, [3, 3, 3])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "RuntimeError: a worker process running _exit died" in r.stderr, r.stderr
+
+
 def test_resume_skips_done_inputs(tmp_path, monkeypatch):
     rng = random.Random(4)
     d = tmp_path / "in"
@@ -481,6 +509,27 @@ def test_thai_chinese_japanese_pages_are_kept(tmp_path):
     assert 80 < C.word_count(cases["th"], "th") < 130 and 70 < C.word_count(cases["zh"], "zh") < 110
 
 
+KHMER = [  # the khan (។) after a space, as many Khmer writers put it
+    "ប្រទេសកម្ពុជាមានប្រវត្តិសាស្ត្រដ៏យូរលង់ និងវប្បធម៌ដ៏សម្បូរបែប ។ ប្រជាជននៅតាមភូមិតូចៗភាគច្រើនធ្វើស្រែចម្ការ ។",
+    "ក្នុងរដូវវស្សា កសិករចាប់ផ្តើមដាំស្រូវ ហើយថែទាំស្រែរបស់ពួកគេយ៉ាងយកចិត្តទុកដាក់ ។ ក្មេងៗរៀនពីឪពុកម្តាយ ។",
+    "ភ្ញៀវទេសចរជាច្រើនមកទស្សនាប្រាសាទបុរាណ និងភ្លក្សម្ហូបខ្មែរ ។ ទេសចរណ៍គឺជាប្រភពចំណូលដ៏សំខាន់នៃប្រទេស ។",
+]
+
+
+def test_numbers_between_phrases_of_scripts_without_spaces():
+    """The alpha-words rule counts words as word_count does: a Thai page with a date or a price in each
+    paragraph, or Khmer with its khan after a space, has few non-letter words, not one in every three
+    whitespace chunks (both were dropped as alpha_words); a page of numbers with a few words still is."""
+    dated = [f"เมื่อวันที่ {d} มกราคม {2560 + d} {p}" for d, p in enumerate(THAI * 2, 1)]
+    priced = [f"{p} ราคา {100 * d} บาท" for d, p in enumerate(THAI * 2, 1)]
+    for lang, paras in (("th", dated), ("th", priced), ("km", KHMER)):
+        text = "\n".join(paras)
+        assert C.detect_language(text)[0] == lang
+        assert quality_reason(text, CleanConfig(), lang) is None, (lang, text[:80])
+    prices = " ".join(f"ราคา {100 * d} บาท {d}" for d in range(40))
+    assert quality_reason(prices, CleanConfig(), "th") == "alpha_words"
+
+
 @pytest.mark.parametrize("lang,junk,reason", [
     ("zh", "首页\n新闻\n体育\n关于我们\n联系我们\n隐私政策", "too_few_words"),
     ("th", "หน้าแรก ข่าว กีฬา ติดต่อเรา " * 3, "too_few_words"),
@@ -575,6 +624,33 @@ def test_every_input_kind_by_content(tmp_path):
     assert "not used: unsupported 3, binary 1, empty 1" in s.table()
 
 
+def test_parquet_inputs(tmp_path):
+    """Parquet, as FineWeb and most Hub datasets ship web text, was reported as 'binary: NUL bytes' (a run on
+    such shards alone ended in 'no usable input'): its "text" column (or "html", str or bytes) is read like
+    JSONL records, null rows counted; no such column, a truncated file, or gzip around it is reported."""
+    import gzip
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = random.Random(22)
+    texts = ["\n".join([prose(rng, 6), prose(rng, 6)]) for _ in range(3)]
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [texts[0], None, texts[1]], "id": ["a", "b", "c"],
+                             "url": ["http://e.com/0", None, None]}), d / "train-00000.parquet")
+    pq.write_table(pa.table({"html": [page(texts[2].split("\n")).encode("cp1252")]}), d / "pages.bin")
+    pq.write_table(pa.table({"content": ["x"]}), d / "other.parquet")
+    (d / "cut.parquet").write_bytes((d / "train-00000.parquet").read_bytes()[:200])
+    (d / "z.parquet.gz").write_bytes(gzip.compress((d / "other.parquet").read_bytes()))
+    s = clean([d], tmp_path / "out", CleanConfig(processes=1, min_words=20), progress=False)
+    docs = [json.loads(x) for x in (tmp_path / "out" / "clean_000000.jsonl").read_text().splitlines()]
+    assert_clean(docs[0]["text"], texts[2].split("\n"))  # pages.bin, then train-00000.parquet
+    assert [x["text"] for x in docs[1:]] == texts[:2] and [x["url"] for x in docs[1:]] == ["http://e.com/0", "c"]
+    assert s.stages["read"]["dropped"] == {"no_text_or_html_field": 1}, s.table()
+    assert s.unused == {"unsupported": 2, "corrupt": 1}, s.table()
+
+
 def html_escape(s: str) -> str:
     import html
 
@@ -653,6 +729,7 @@ def test_truncated_warc_gz_is_reported(tmp_path):
     s = clean([tmp_path / "in"], tmp_path / "out", CleanConfig(processes=1), progress=False)
     assert s.documents == 2, s.table()
     assert [b["reason"] for b in s.bad_inputs] == ["corrupt"] and "cut.warc.gz" in s.bad_inputs[0]["path"]
+    assert "gzip stream breaks off after 2 documents (those were read)" in s.bad_inputs[0]["error"]
 
 
 def test_truncated_zst_is_reported(tmp_path):
@@ -849,3 +926,27 @@ def test_hard_wrapped_text_and_subtitles_become_paragraphs(tmp_path):
     assert all(p.endswith(".") for p in paras) and all(len(p) >= 200 for p in paras[:-1]) and len(paras) == 4
     assert "<i>" not in text and "-->" not in text and "00:00" not in text
     assert text.count("Line") == 40
+
+
+def test_code_keeps_its_indentation():
+    """Lines were stripped on both sides: Python in a page's <pre>, or indented code in a JSONL text, lost its
+    indentation (and its meaning). Leading whitespace stays; lines of HTML prose have none (resiliparse)."""
+    code = "def area(r):\n    if r < 0:\n        raise ValueError(r)\n\treturn 3.14159 * r * r"
+    paras = [prose(random.Random(31), 6), prose(random.Random(32), 6)]
+    html = page([paras[0]], title="Code").replace("</article>", f"<pre>{code}</pre><p>{paras[1]}</p></article>")
+    text = extract_text(html)
+    assert code in text and "\n" + paras[1] in text and text.startswith("Code\n" + paras[0][:20])
+    doc = C.process_page({"text": paras[0] + "\n\n  " + code + "   \n" + paras[1], "url": "u"}, CleanConfig())
+    assert doc["text"] == paras[0] + "\n  " + code + "\n" + paras[1]
+
+
+def test_default_processes_follow_the_cores_this_process_may_use(monkeypatch):
+    """processes=0 took os.cpu_count(): every core of the node, also under taskset or a Slurm/container cpuset
+    of a few (a worker each, each with its own parser and language model in memory)."""
+    from fastllm.executor import Executor
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no sched_getaffinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert Executor(0).workers == 3 and Executor(2).workers == 2

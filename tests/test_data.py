@@ -533,3 +533,43 @@ def test_json_files_c4_dolma_and_arrays(tmp_path, tok_path):
     (tmp_path / "meta.json").write_text('[{"name": "a"}]')
     with pytest.raises(ValueError, match=r"meta.json: record 1: expected a JSON object with a string 'text'"):
         list(iter_documents([tmp_path / "meta.json"]))
+
+
+def test_files_with_a_byte_order_mark(tmp_path):
+    """JSONL and text saved by Windows tools start with a UTF-8 BOM: the JSONL's first line was 'bad JSON' and
+    stopped prepare, and a text file's first document began with U+FEFF. A BOM inside the text stays."""
+    import gzip
+
+    from fastllm.data import iter_documents
+
+    docs = ["First document, with é.", "Second \ufeff one."]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8-sig")
+    (tmp_path / "b.txt").write_text("<|endoftext|>".join(docs), encoding="utf-8-sig")
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress("<|endoftext|>".join(docs).encode("utf-8-sig")))
+    for name in ("a.jsonl", "b.txt", "c.txt.gz"):
+        assert list(iter_documents([tmp_path / name])) == docs, name
+    from fastllm.tokenizer import Tokenizer
+
+    (tmp_path / "d.txt").write_text(docs[0], encoding="utf-8-sig")  # trained on the text, not on its BOM
+    a, b = (Tokenizer.train([x], 400, special_tokens=(), progress=False) for x in (tmp_path / "d.txt", docs[0]))
+    assert [a.token_to_bytes(i) for i in range(a.n_vocab)] == [b.token_to_bytes(i) for i in range(b.n_vocab)]
+
+
+def test_no_val_split_reads_the_inputs_once(tmp_path, tok_path, monkeypatch):
+    """With val_fraction=0 the documents were counted first (a whole extra pass over the corpus, for a split
+    that is not made); now they are read once, to tokenize them."""
+    import fastllm.data as D
+
+    (tmp_path / "corpus").mkdir()
+    docs = write_corpus(tmp_path / "corpus")
+    seen = []
+    real = D.iter_documents
+
+    def counting(files):
+        for d in real(files):
+            seen.append(d)
+            yield d
+
+    monkeypatch.setattr(D, "iter_documents", counting)
+    st = D.prepare([str(tmp_path / "corpus")], tok_path, tmp_path / "data", val_fraction=0, progress=False)
+    assert st.documents == len(docs) == len(seen) and st.val_tokens == 0 and st.split == "none"

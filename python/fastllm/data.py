@@ -417,7 +417,7 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
             counts = ex.map(_count_documents, batches)
             n_docs = sum(counts)
         else:
-            n_docs = sum(1 for _ in itertools.islice(_documents(files), need or None))
+            n_docs = sum(1 for _ in itertools.islice(_documents(files), need)) if frac else 0
         mode = "none" if not frac else "documents" if n_docs >= need else "within"
         manifest["split"] = mode
 

@@ -32,6 +32,13 @@ def connect(spec, workers: int):
         raise ValueError(f"dask: cannot reach the scheduler at {spec}: {e}") from None
 
 
+def available_cpus() -> int:
+    """The cores this process may run on (taskset, Slurm and container cpusets bind fewer than os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 class Executor:
     """map / map_unordered over jobs on this machine (processes, 1: in this process) or on Dask.
 
@@ -41,7 +48,7 @@ class Executor:
     """
 
     def __init__(self, processes: int = 0, dask=None):
-        self.processes = processes or os.cpu_count() or 1
+        self.processes = processes or available_cpus()
         self.client, self.owned, self.pool = None, False, None
         if dask is not None:
             self.client, self.owned = connect(dask, self.processes)
@@ -60,11 +67,21 @@ class Executor:
         elif self.processes == 1 or len(jobs) <= 1:
             yield from map(fn, jobs)
         else:
-            if self.pool is None:
-                import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures.process import BrokenProcessPool
 
-                self.pool = mp.get_context("spawn").Pool(self.processes)  # spawn, not fork: OpenMP in the parent
-            yield from self.pool.imap_unordered(fn, jobs)
+            if self.pool is None:  # spawn, not fork: OpenMP in the parent. Not multiprocessing.Pool: when a
+                import multiprocessing as mp  # worker dies (out of memory, a crash) it waits for it forever
+
+                self.pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"))
+            try:
+                for fut in as_completed([self.pool.submit(fn, job) for job in jobs]):
+                    yield fut.result()
+            except BrokenProcessPool:
+                what = jobs[0][1] if fn is _indexed else fn
+                raise RuntimeError(f"a worker process running {getattr(what, '__name__', what)} died (killed for "
+                                   "memory? a crash in a native parser?); the work finished so far is kept: "
+                                   "run again to resume, with processes=1 to see the error") from None
 
     def map(self, fn, jobs: list) -> list:
         """Results in the order of `jobs`."""
@@ -76,11 +93,10 @@ class Executor:
     def close(self, abort: bool = False) -> None:
         """Release the workers; `abort` (an exception is on its way): stop them without waiting."""
         if self.pool is not None:
-            if abort:
-                self.pool.terminate()
-            else:
-                self.pool.close()
-            self.pool.join()
+            if abort:  # stop the running jobs too, as Pool.terminate did
+                for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+            self.pool.shutdown(wait=True, cancel_futures=abort)
             self.pool = None
         if self.owned:
             cluster = getattr(self.client, "cluster", None)

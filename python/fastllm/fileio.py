@@ -130,11 +130,11 @@ def open_input(path: str | os.PathLike):
 
 def read_text(path: str | os.PathLike) -> str:
     """A (maybe compressed, see open_input) UTF-8 text file, line ends read as "\\n" (Python's universal newlines,
-    as open() in text mode reads them); ValueError naming the file when it is not UTF-8 or its compression is
-    damaged."""
+    as open() in text mode reads them), a leading BOM dropped; ValueError naming the file when it is not UTF-8 or
+    its compression is damaged."""
     try:
         with open_input(path) as f:
-            return f.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+            return f.read().decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
     except ImportError as e:
@@ -169,7 +169,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
             lineno += 1
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM (Windows tools) is no text
             except UnicodeDecodeError as e:
                 raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
@@ -190,7 +190,12 @@ def iter_records(path: str | os.PathLike, columns: list[str] | None = None) -> I
     if Path(path).suffix != ".parquet":
         yield from _iter_json_array(path) if data_suffix(path) == ".json" and _starts_array(path) else \
             iter_jsonl(path)
-        return
+    else:
+        yield from iter_parquet(path, columns)
+
+
+def iter_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> Iterator[tuple[str, object]]:
+    """("file:N", row) for each row of a Parquet file, whatever its name (see iter_records)."""
     try:
         import pyarrow.parquet as pq  # the field's Parquet reader (datasets, pandas and lm-eval use it too)
     except ImportError:

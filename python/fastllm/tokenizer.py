@@ -545,11 +545,11 @@ class Tokenizer:
         """Train a byte-level BPE tokenizer of `vocab_size` tokens (256 bytes + merges + special tokens).
 
         `texts_or_paths`: a text, a path, or an iterable of them. Paths (``os.PathLike``, e.g. pathlib.Path) are
-        read as UTF-8 (undecodable bytes -> U+FFFD); a ``str`` is always text. Special tokens are cut out of
-        the texts before counting. Chunk counting runs on `threads` native threads (default: fastllm's thread
-        count); merges are learned incrementally, highest pair count first, ties to the smallest (left id,
-        right id); a pair whose bytes are already a token is skipped. Training stops early (smaller
-        vocabulary) when no pair is left. `progress` shows a tqdm bar of merges.
+        read as UTF-8 (a leading BOM dropped, undecodable bytes -> U+FFFD); a ``str`` is always text. Special
+        tokens are cut out of the texts before counting. Chunk counting runs on `threads` native threads
+        (default: fastllm's thread count); merges are learned incrementally, highest pair count first, ties to
+        the smallest (left id, right id); a pair whose bytes are already a token is skipped. Training stops
+        early (smaller vocabulary) when no pair is left. `progress` shows a tqdm bar of merges.
 
         >>> tok = Tokenizer.train(["aaabdaaabac"], vocab_size=259, special_tokens=(), progress=False)
         >>> [tok.token_to_bytes(i) for i in range(256, 259)]
@@ -560,7 +560,7 @@ class Tokenizer:
         texts: list[str] = []
         for i, item in enumerate(texts_or_paths):
             if isinstance(item, os.PathLike):
-                with open(item, encoding="utf-8", errors="replace") as f:
+                with open(item, encoding="utf-8-sig", errors="replace") as f:
                     texts.append(f.read())
             elif isinstance(item, str):
                 texts.append(item)

@@ -2,8 +2,9 @@
 
 Stages, each a plain function of one document (so they also map over a Dask/Ray dataset):
   read       readers.py: any file by its content -- HTML/XHTML, RSS/Atom feeds (one document per item), WARC
-             (own validating reader), JSONL ({"html"} or {"text"}), plain text and subtitles; gzip/bz2/xz/zstd
-  extract    extract.py: charset decoding (BOM, UTF-16/32 without BOM, HTTP header, <meta charset>, UTF-8,
+             (own validating reader), JSONL ({"html"} or {"text"}), Parquet (the same columns), plain text and
+             subtitles; gzip/bz2/xz/zstd
+  extract    extract.py: charset decoding (BOM, UTF-16/32 without BOM, UTF-8, HTTP header, <meta charset>,
              uchardet), then main text with resiliparse (boilerplate: nav, footer, scripts, menus)
   lang       py3langid (its model ships in the wheel; nothing is downloaded) -> (code, probability), `lang` filter
   quality    filters.py: Gopher / C4 / FineWeb rules with FineWeb-2's per-language thresholds and stop words,

@@ -56,8 +56,8 @@ class CleanConfig:
     minhash_rows: int = option(8, "MinHash rows per LSH band")
     shingle_words: int = option(5, "MinHash shingle length in words")
     shard_docs: int = option(100_000, "documents per output shard clean_NNNNNN.jsonl")
-    processes: int = option(0, "worker processes (0: one per CPU core; 1: all in this process; with --dask local: "
-                               "the LocalCluster's workers)")
+    processes: int = option(0, "worker processes (0: one per CPU core this process may use; 1: all in this "
+                               "process; with --dask local: the LocalCluster's workers)")
 
     def per_file_key(self) -> dict:
         """The settings that change a file's work output (a re-run with other values redoes the files)."""

@@ -112,6 +112,18 @@ def word_count(text: str, lang: str | None, cfg: CleanConfig | None = None) -> f
     return len(r.script.findall(text)) / r.chars_per_word + sum(1 for w in text.split() if not r.script.search(w))
 
 
+def _alpha_fraction(text: str, words: list[str], n: float, r: LangRules) -> float:
+    """Fraction of the words that hold a letter. Without spaces between words, a run of the script is many
+    words (estimated as word_count does), all with letters: counted per whitespace chunk, a number between two
+    Thai or Khmer phrases weighed as much as each phrase, and a page with a date in every paragraph fell
+    under FineWeb-2's threshold (0.9 for Thai) that was measured on segmented words."""
+    if r.script is None:
+        return sum(1 for w in words if _ALPHA.search(w)) / max(len(words), 1)
+    alpha = len(r.script.findall(text)) / r.chars_per_word
+    alpha += sum(1 for w in words if not r.script.search(w) and _ALPHA.search(w))
+    return alpha / n
+
+
 def _stop_word_count(text: str, words: list[str], r: LangRules, lang: str | None) -> int:
     if r.english:
         return sum(1 for w in words if w.lower() in r.stop_words)
@@ -136,7 +148,7 @@ def quality_reason(text: str, cfg: CleanConfig, lang: str | None = None) -> str 
             return "mean_word_length"
     if (text.count("#") + text.count("...") + text.count("…")) / n > cfg.max_symbol_ratio:
         return "symbol_ratio"
-    if sum(1 for w in words if _ALPHA.search(w)) / max(len(words), 1) < r.min_alpha_words:
+    if _alpha_fraction(text, words, n, r) < r.min_alpha_words:
         return "alpha_words"
     if r.stop_words and cfg.min_stop_words > 0 and _stop_word_count(text, words, r, lang) < cfg.min_stop_words:
         return "stop_words"

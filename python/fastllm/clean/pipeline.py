@@ -46,7 +46,7 @@ def process_page(page: dict, cfg: CleanConfig, stats: Counter | None = None) -> 
             stats["extract.dropped.parse_error"] += 1
             return None
     else:
-        text = "\n".join(ln.strip() for ln in page["text"].splitlines() if ln.strip())
+        text = "\n".join(ln.rstrip() for ln in page["text"].splitlines() if ln.strip())  # indented code stays
     if not text:
         stats["extract.dropped.empty"] += 1
         return None

@@ -6,6 +6,7 @@ A file's kind comes from its first 64 KB (after decompression), never from its n
   feed         RSS 0.9x/2.0, RSS 1.0 (RDF) and Atom: one document per item/entry
   html         HTML and XHTML pages (a doctype, <html>/<head>/<body>, or several common tags)
   jsonl        JSON Lines with an "html" or a "text" field per object
+  parquet      Parquet with an "html" or a "text" column (FineWeb's and most Hub datasets' files; needs pyarrow)
   text         anything else that decodes as text (plain text, Markdown, subtitles: SRT/WebVTT cues removed)
 Files that cannot be used are reported with a reason: `binary` (NUL bytes outside UTF-16/32, many control
 bytes, image/executable signatures), `unsupported` (archives, PDF, other XML, lz4, a FIFO or device),
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..fileio import DECOMPRESS_ERRORS, open_decompressed
+from ..fileio import DECOMPRESS_ERRORS, iter_parquet, open_decompressed
 
 HEAD = 65536  # bytes of a file looked at to tell its kind
 REASONS = ("unsupported", "binary", "corrupt", "empty", "not_found", "unreadable")
@@ -139,8 +140,8 @@ def unicode_encoding(data: bytes) -> tuple[str, int] | None:
 
 
 def sniff(head: bytes) -> tuple[str, str]:
-    r"""Kind of a (decompressed) file from its first bytes -> (kind, detail); kind is one of "warc", "feed",
-    "html", "jsonl", "text", or a reason from REASONS for a file that cannot be used.
+    r"""Kind of a (decompressed) file from its first bytes -> (kind, detail); kind is one of "warc", "parquet",
+    "feed", "html", "jsonl", "text", or a reason from REASONS for a file that cannot be used.
 
     >>> sniff(b"<!DOCTYPE html><html><body><p>Hi</p></body></html>"), sniff(b"\x89PNG\r\n\x1a\n....")
     (('html', ''), ('binary', 'PNG image'))
@@ -149,6 +150,8 @@ def sniff(head: bytes) -> tuple[str, str]:
         return "empty", "no content" if not head else "only whitespace"
     if head.startswith(b"WARC/"):
         return "warc", ""
+    if head.startswith(b"PAR1"):
+        return "parquet", ""
     for magic, reason, what in _SIGNATURES:
         if head.startswith(magic):
             return reason, what
@@ -224,6 +227,8 @@ def open_input(path: str | os.PathLike) -> tuple[io.BufferedIOBase, str, str, st
         else:
             f, head = raw, raw.peek(HEAD)[:HEAD]
         kind, detail = sniff(head)
+        if kind == "parquet" and compression:  # its reader seeks; Parquet compresses its own pages anyway
+            kind, detail = "unsupported", "Parquet file (read uncompressed)"
         if kind in REASONS:
             raise InputError(kind, f"{detail}{f' inside {compression}' if compression else ''}")
         return f, kind, detail, compression
@@ -244,24 +249,34 @@ def read_pages(path: str | os.PathLike, stats: Counter | None = None) -> Iterato
     path = Path(path)
     stats = Counter() if stats is None else stats
     f, kind, _, compression = open_input(path)
+
+    def pages() -> Iterator[dict]:
+        if kind == "warc":
+            yield from _read_warc(f, stats)
+        elif kind == "jsonl":
+            yield from _read_jsonl(f, path, stats)
+        elif kind == "parquet":
+            yield from _read_parquet(path, stats)
+        else:
+            data = f.read()
+            if kind == "feed":
+                yield from _read_feed(data, str(path), stats)
+            elif kind == "html":
+                yield {"html": data, "charset": None, "url": str(path)}
+            else:
+                yield {"text": unwrap(strip_subtitles(decode_bytes(data))), "url": str(path)}
+
+    n = 0
     with f:
         try:
-            if kind == "warc":
-                yield from _read_warc(f, stats)
-            elif kind == "jsonl":
-                yield from _read_jsonl(f, path, stats)
-            else:
-                data = f.read()
-                if kind == "feed":
-                    yield from _read_feed(data, str(path), stats)
-                elif kind == "html":
-                    yield {"html": data, "charset": None, "url": str(path)}
-                else:
-                    yield {"text": unwrap(strip_subtitles(decode_bytes(data))), "url": str(path)}
+            for page in pages():
+                yield page
+                n += 1
         except DECOMPRESS_ERRORS as e:
             if isinstance(e, InputError):
                 raise
-            raise InputError("corrupt", f"{compression or 'file'} stream breaks off: {type(e).__name__}: {e}") from None
+            raise InputError("corrupt", f"{compression or 'file'} stream breaks off after {n} documents "
+                                        f"(those were read): {type(e).__name__}: {e}") from None
 
 
 def _read_jsonl(f, path: Path, stats: Counter) -> Iterator[dict]:
@@ -279,6 +294,33 @@ def _read_jsonl(f, path: Path, stats: Counter) -> Iterator[dict]:
                 stats["read.dropped.no_text_or_html_field"] += 1
         except (ValueError, AttributeError):  # bad JSON / bad UTF-8 / not an object
             stats["read.dropped.bad_json_line"] += 1
+
+
+def _read_parquet(path: Path, stats: Counter) -> Iterator[dict]:
+    """Rows of a Parquet file as JSONL records are read: its "html" column, else its "text" column; "url" or
+    "id" names each document."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("unsupported", "a Parquet file: reading it needs pyarrow (pip install pyarrow)") from None
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # pyarrow.ArrowInvalid: truncated, not Parquet
+        raise InputError("corrupt", f"not a readable Parquet file ({type(e).__name__}: {e})") from None
+    field = next((c for c in ("html", "text") if c in names), None)
+    if field is None:
+        raise InputError("unsupported", f"Parquet file without an 'html' or 'text' column (columns: {names})")
+    try:
+        for where, row in iter_parquet(path, [c for c in (field, "url", "id") if c in names]):
+            url = str(row.get("url") or row.get("id") or where)
+            if not isinstance(row.get(field), (str, bytes) if field == "html" else str):
+                stats["read.dropped.no_text_or_html_field"] += 1
+            elif field == "html":  # str, or bytes (a binary column) decoded like a page's bytes
+                yield {"html": row["html"], "charset": None, "url": url}
+            else:
+                yield {"text": row["text"], "url": url}
+    except ValueError as e:  # a damaged page: the rows before it were read
+        raise InputError("corrupt", str(e).removeprefix(f"{path}: ")) from None
 
 
 def decode_bytes(data: bytes | str, http_charset: str | None = None) -> str:
