@@ -171,10 +171,16 @@ def test_special_tokens(pair):
         tok.encode(s)
     with pytest.raises(ValueError, match="fim_middle"):
         tok.encode(s, allowed_special={EOT})
-    with pytest.raises(ValueError, match="<\\|unknown\\|>"):
-        tok.encode("x", allowed_special={"<|unknown|>"})
-    with pytest.raises(ValueError, match="<\\|unknown\\|>"):
-        tok.encode("x", disallowed_special={"<|unknown|>"})
+    # names that are not special tokens, as tiktoken takes them: allowed, they allow nothing; disallowed, the text
+    # may not contain them
+    u = "x <|unknown|> y"
+    assert tok.encode(u, allowed_special={"<|unknown|>"}).tolist() == enc.encode(u, allowed_special={"<|unknown|>"})
+    assert tok.encode("x", disallowed_special={"<|unknown|>"}).tolist() == enc.encode("x")
+    for f in (tok.encode, enc.encode):
+        with pytest.raises(ValueError, match="<\\|unknown\\|>"):
+            f(u, disallowed_special={"<|unknown|>"})
+    with pytest.raises(TypeError, match="allowed_special"):
+        tok.encode("x", allowed_special="<|endoftext|>")
     assert tok.special_tokens == {EOT: 2998, FIM: 2999}
     assert tok.token_to_bytes(2998) == EOT.encode()
     assert tok.decode([2998]) == EOT

@@ -328,11 +328,11 @@ class Tokenizer:
         """tiktoken's special-token policy: check disallowed ones are absent, return the allowed ids."""
         if allowed_special == "all":
             allowed = set(self._special)
-        else:
-            allowed = self._special_names(allowed_special, "allowed_special", "set") | self._plain
+        else:  # names that are not special tokens of this tokenizer allow nothing (as in tiktoken)
+            allowed = self._special_names(allowed_special, "allowed_special", "set") & set(self._special) | self._plain
         if disallowed_special == "all":
             disallowed = set(self._special) - allowed
-        else:
+        else:  # any string: the text may not contain it (as in tiktoken)
             disallowed = self._special_names(disallowed_special, "disallowed_special", "collection") - self._plain
         if disallowed:
             texts = [text_or_texts] if isinstance(text_or_texts, str) else text_or_texts
@@ -347,14 +347,15 @@ class Tokenizer:
                     )
         return sorted(self._special[s] for s in allowed)
 
-    def _special_names(self, names: Collection[str], arg: str, kind: str) -> set[str]:
-        """The set of special tokens `names` given as the argument `arg` (other than "all"), checked."""
+    @staticmethod
+    def _special_names(names: Collection[str], arg: str, kind: str) -> set[str]:
+        """The set of strings `names` given as the argument `arg` (other than "all"), checked."""
         if isinstance(names, str):
             raise TypeError(f"{arg} must be 'all' or a {kind} of str")
         names = set(names)
         for s in names:
-            if s not in self._special:
-                raise ValueError(f"{arg}: {s!r} is not a special token of this tokenizer")
+            if not isinstance(s, str):
+                raise TypeError(f"{arg} must be 'all' or a {kind} of str, got an element {s!r}")
         return names
 
     def _encode_custom(self, text: str, allowed_ids: list[int]) -> np.ndarray:
