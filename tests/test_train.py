@@ -296,7 +296,7 @@ def test_cpu_bf16_mixed_precision_follows_fp32(data, capsys, bf16_gemm):
     assert load_model(data / "bf16").params.dtype == np.float32
 
 
-def test_val_split_shorter_than_a_window_warns_and_trains(data):
+def test_val_split_shorter_than_a_window_warns_and_trains(data, capsys):
     """A val split shorter than one window of T+1 tokens (a small corpus, a long --seq-len) trains without the
     validation loss, with a warning saying so (it stopped before the first step); a val split of another vocabulary
     than the train split is refused by name."""
@@ -304,6 +304,11 @@ def test_val_split_shorter_than_a_window_warns_and_trains(data):
     s = train(config(data, seq_len=1000, batch_size=1, max_steps=2), progress=False, log=logs.append)
     assert np.isnan(s["val_loss"]) and s["steps"] == 2
     assert any("val_000000.bin" in line and "T+1=1001" in line and "no validation" in line for line in logs), logs
+    from fastllm.cli import _print_summary
+
+    _print_summary(s)  # the CLI's last lines say so too, not "val loss nan"
+    out = capsys.readouterr().out
+    assert "no validation" in out and "nan" not in out
     write_shard(data / "data" / "val_000000.bin", np.arange(200) % 40, 40)
     with pytest.raises(ValueError, match="val_000000.bin.*40-token vocabulary.*train"):
         train(config(data, out=str(data / "other")), progress=False, log=lambda *a: None)

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -276,8 +277,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict) -> None:
+    val = s.get("val_loss")
+    val = "no validation" if val is None or math.isnan(val) else f"val loss {val:.4f}"
     print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f}s ({s['tok_per_s']:,.0f} tok/s); "
-          f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, val loss {s['val_loss']:.4f}")
+          f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, {val}")
     _print_task_metrics(s)
     print(f"checkpoint: {s['checkpoint']}\nloss curve: {s['loss_curve']}\nlog: {s['log']}")
 
