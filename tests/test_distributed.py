@@ -27,13 +27,13 @@ from test_train import learnable_shards
 import fastllm
 from fastllm import distributed, nccl
 from fastllm.checkpoint import load_model, save
-from fastllm.data import write_shard
+from fastllm.data import DataLoader, write_shard
 from fastllm.fileio import load_safetensors
 from fastllm.model import GPT, GPTConfig
 from fastllm.optim import AdamW
 from fastllm.rl import addition_preferences
 from fastllm.tokenizer import Tokenizer
-from fastllm.train import TrainConfig, train
+from fastllm.train import TrainConfig, mean_loss, train
 
 MPIEXEC = distributed.mpiexec()
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or importlib.util.find_spec("mpi4py") is None,
@@ -293,6 +293,24 @@ def test_two_ranks_take_the_steps_of_one_process(runs, run):
     assert meta1["t"] == meta2["t"] == "10"
     np.testing.assert_allclose(m2["v"], m1["v"], rtol=1e-3, atol=1e-12)
     assert not list((runs / run).glob("*.tmp")) and (runs / run / "loss.png").is_file()
+
+
+@needs_mpi
+def test_validation_batches_are_shared_out(runs):
+    """mean_loss (the validation loss of train and sft) with 2 ranks: each forwards its share of the 5 batches
+    (2 and 3), and both get the mean over all 5 that 1 process gets."""
+    code = ("import sys; from fastllm import distributed; from fastllm.data import DataLoader; "
+            "from fastllm.model import GPT, GPTConfig; from fastllm.train import mean_loss; "
+            "m = GPT(GPTConfig.preset('tiny', vocab_size=48), seed=0); calls = []; f = m.forward; "
+            "m.forward = lambda *a: calls.append(1) or f(*a); "
+            "loss = mean_loss(m, DataLoader(sys.argv[1], 'val', 2, 16, shuffle=False), 5); "
+            "w = distributed.world(); got = w.allgather((len(calls), loss)); print(got if w.is_main else '')")
+    r = mpirun([sys.executable, "-c", code, str(runs / "data")], timeout=60)
+    assert r.returncode == 0, r.stderr
+    (calls0, loss0), (calls1, loss1) = eval(r.stdout.strip())
+    m = GPT(GPTConfig.preset("tiny", vocab_size=48), seed=0)
+    want = mean_loss(m, DataLoader(runs / "data", "val", 2, 16, shuffle=False), 5)
+    assert (calls0, calls1) == (2, 3) and loss0 == loss1 == pytest.approx(want, rel=RTOL), r.stdout
 
 
 @needs_mpi
