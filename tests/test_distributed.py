@@ -93,6 +93,27 @@ def test_bounds_split_evenly_last_rank_takes_the_rest():
     assert w.share(list("abcdefghij")) == list("def") and w.rank_seed(5) != 5
 
 
+@pytest.mark.parametrize("masks, want", [
+    ([range(64)] * 4, [16] * 4),  # no binding: the node's 64 CPUs shared by its 4 ranks
+    ([range(8)] * 4, [2] * 4),  # a container's cpuset of 8 CPUs on a 64-CPU host (os.cpu_count() says 64)
+    ([range(32)] * 2 + [range(32, 64)] * 2, [16] * 4),  # bound to sockets, 2 ranks on each
+    ([range(16 * r, 16 * r + 16) for r in range(4)], [16] * 4),  # bound to cores of their own
+    ([None] * 4, [16] * 4)])  # no sched_getaffinity (macOS): os.cpu_count() / ranks on the node
+def test_default_threads_share_the_cpus_a_rank_may_run_on(monkeypatch, masks, want):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    got = []
+    for r, mask in enumerate(masks):
+        w = object.__new__(distributed.MPIWorld)  # 4 ranks of one node, without MPI
+        w.local_rank, w.local_size, w.node_cpus = r, 4, [None if m is None else list(m) for m in masks]
+        if mask is not None:
+            monkeypatch.setattr(os, "sched_getaffinity", lambda pid, m=mask: set(m), raising=False)
+        got.append(w.default_threads())
+    assert got == want
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert w.default_threads() is None
+
+
 def test_an_error_line_is_read_by_the_launcher_before_the_abort():
     # fail() waits until mpiexec has read the rank's stderr pipe: MPI_Abort right after the write lost the line
     r, w = os.pipe()

@@ -123,8 +123,9 @@ class World:
         return int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0] >> 1)
 
     def default_threads(self) -> int | None:
-        """OpenMP threads per rank when neither --threads nor OMP_NUM_THREADS says: the cores this process may
-        use, divided among the ranks of its node (None in one process: the library's default)."""
+        """OpenMP threads per rank when neither --threads nor OMP_NUM_THREADS says: the CPUs this process may
+        run on, divided among the ranks of its node that may run on the same ones (None in one process: the
+        library's default)."""
         return None
 
     def use_device(self, device: str) -> None:
@@ -191,6 +192,8 @@ class MPIWorld(World):
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self.node_cpus = node.allgather(cpus)  # the CPUs each rank of this node may run on (None: unknown)
         node.Free()
         self.nccl = None
         self.watchdog = _Watchdog(self, timeout)
@@ -205,10 +208,12 @@ class MPIWorld(World):
     def default_threads(self) -> int | None:
         if "OMP_NUM_THREADS" in os.environ:
             return None
-        mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if mine < (os.cpu_count() or mine):  # the launcher bound this rank to its own cores
-            return mine
-        return max(1, mine // self.local_size)
+        mine = self.node_cpus[self.local_rank]
+        if mine is None:
+            return max(1, (os.cpu_count() or 1) // self.local_size)
+        # the ranks that may run on the same CPUs share them: all of the node's (no binding), a container's cpuset,
+        # a socket (a launcher's --bind-to socket); a rank bound to cores of its own has them alone
+        return max(1, len(mine) // sum(cpus == mine for cpus in self.node_cpus))
 
     def use_device(self, device: str) -> None:
         if device != "cuda" or self.nccl is not None:
