@@ -495,6 +495,22 @@ def test_a_rank_that_stops_answering_times_out(runs, tmp_path, mode, why):
 
 
 @needs_mpi
+def test_one_process_commands_under_mpiexec(tmp_path):
+    """`mpiexec -n 2 fastllm demo` (prepare, sample, eval, ...) ran the whole command twice, both ranks writing the
+    same files: refused with one line, nothing written. `fastllm info` reports each rank; -n 1 runs as usual."""
+    r = mpirun(fastllm_cmd("demo", out=tmp_path / "demo"), timeout=60)
+    _one_error(r, "rank 0 of 2: `fastllm demo` runs in one process, not as 2 MPI ranks", "with -n 1")
+    assert not (tmp_path / "demo").exists()
+    r = mpirun([sys.executable, "-m", "fastllm", "info"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    ranks = sorted(line.split(None, 1)[1] for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == ["0 of 2 (local 0 of 2)", "1 of 2 (local 1 of 2)"], r.stdout
+    r = subprocess.run([MPIEXEC, "-n", "1", sys.executable, "-m", "fastllm", "info"], env=ENV, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "mpi4py" in r.stdout and "rank " not in r.stdout, r.stderr
+
+
+@needs_mpi
 def test_mismatched_ranks_are_refused(runs, tmp_path):
     a = fastllm_cmd("train", data=runs / "data", out=tmp_path / "o", **TRAIN)
     b = fastllm_cmd("train", data=runs / "data", out=tmp_path / "o", **{**TRAIN, "lr": 1e-3})
