@@ -511,6 +511,18 @@ def test_one_process_commands_under_mpiexec(tmp_path):
 
 
 @needs_mpi
+def test_a_script_that_calls_info_first_exits_cleanly():
+    """fastllm.info() before world() (a script logging its environment): MPI is then finalised at exit by an atexit
+    hook, and the watchdog thread, still probing, made MPICH fail the job ("... after finalizing MPICH", exit 1)
+    while a rank waited in MPI_Finalize for a slower one."""
+    code = ("import time, fastllm; fastllm.info(); from fastllm import distributed; w = distributed.world(); "
+            "w.barrier(); print('ok' if w.is_main else '', flush=True); time.sleep(2 * w.rank)")
+    r = mpirun([sys.executable, "-c", code], timeout=60)
+    assert r.returncode == 0 and "after finalizing" not in r.stderr, r.stderr
+    assert r.stdout.split() == ["ok"], r.stdout
+
+
+@needs_mpi
 def test_mismatched_ranks_are_refused(runs, tmp_path):
     a = fastllm_cmd("train", data=runs / "data", out=tmp_path / "o", **TRAIN)
     b = fastllm_cmd("train", data=runs / "data", out=tmp_path / "o", **{**TRAIN, "lr": 1e-3})

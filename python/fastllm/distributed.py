@@ -399,7 +399,16 @@ class _Watchdog:
         self.count, self.what, self.since = 0, None, time.monotonic()
         self.MPI = world.MPI
         self.hb = world.comm.Dup() if world.MPI.Query_thread() == world.MPI.THREAD_MULTIPLE else None
-        threading.Thread(target=self._run, name="fastllm-watchdog", daemon=True).start()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="fastllm-watchdog", daemon=True)
+        self.thread.start()
+        atexit.register(self.stop)  # runs before an atexit MPI_Finalize (world() after info())
+
+    def stop(self) -> None:
+        """End the thread (at exit: it must not call MPI once MPI_Finalize has begun)."""
+        self.running = False
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=5.0)
 
     @contextlib.contextmanager
     def waiting(self, what: str):
@@ -416,6 +425,8 @@ class _Watchdog:
     def _run(self) -> None:
         while True:
             time.sleep(min(0.5, self.timeout / 4))
+            if not self.running:
+                return
             self._answer()
             if self.what is not None and time.monotonic() - self.since > self.timeout:
                 self._expired()
