@@ -4,9 +4,9 @@ With MPI (`mpiexec -n 2`, one thread per rank, tiny models): 2 ranks give the pe
 micro-batches, with and without ZeRO-1, to float32 rounding (the gradients are summed in another order: rtol 1e-6);
 a run saved with 2 ranks resumes with 1 or 2 and continues the uninterrupted curve; SFT and the reward model match
 their 1-process runs the same way, GRPO runs; a rank that raises, hangs or stops answering ends the job within
-seconds with that rank named; mismatched settings are refused. Skipped, with the reason, without an MPI launcher.
-Without a GPU: NCCL's library discovery, argument and dtype mapping, and error messages; one process never imports
-mpi4py."""
+seconds with that rank named (one that exits before MPI starts: after FASTLLM_DIST_TIMEOUT); mismatched settings
+are refused. Skipped, with the reason, without an MPI launcher. Without a GPU: NCCL's library discovery, argument
+and dtype mapping, and error messages; one process never imports mpi4py."""
 
 from __future__ import annotations
 
@@ -508,6 +508,19 @@ def test_one_process_commands_under_mpiexec(tmp_path):
     r = subprocess.run([MPIEXEC, "-n", "1", sys.executable, "-m", "fastllm", "info"], env=ENV, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "mpi4py" in r.stdout and "rank " not in r.stdout, r.stderr
+
+
+@needs_mpi
+def test_a_rank_that_exits_before_mpi_starts_does_not_hang_the_others(runs, tmp_path):
+    """A rank that ends before joining MPI (a bad flag, mpi4py or fastllm failing to import on its node) left the
+    others in MPI_Init for ever (MPICH's mpiexec waits for it; MPI_Init holds the GIL, so no Python thread can
+    help): they stop after FASTLLM_DIST_TIMEOUT, with a traceback ending in the function that starts MPI."""
+    t0 = time.time()
+    cmd = fastllm_cmd("train", data=runs / "data", out=tmp_path / "o", **TRAIN)
+    r = mpirun(cmd, [*cmd, "--bogus"], env={"FASTLLM_DIST_TIMEOUT": "2"}, timeout=60)
+    assert r.returncode != 0 and "unrecognized arguments: --bogus" in r.stderr, r.stderr
+    assert "Timeout (0:00:02)!" in r.stderr and "in _init_mpi" in r.stderr, r.stderr
+    assert time.time() - t0 < 30
 
 
 @needs_mpi

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import fcntl
 import importlib.metadata
 import json
@@ -517,13 +518,11 @@ def _start() -> World:
         return World()
     timeout = _timeout()
     try:
-        from mpi4py import MPI
+        import mpi4py  # noqa: F401
     except ImportError:
         raise ImportError(f"this process was started by an MPI launcher ({_launcher_note()}) but mpi4py is not "
                           "installed: pip install \"fastllm[mpi]\"") from None
-    if not MPI.Is_initialized():  # info() imported mpi4py without initialising MPI
-        MPI.Init_thread(MPI.THREAD_MULTIPLE)
-        atexit.register(MPI.Finalize)
+    MPI = _init_mpi(timeout)
     size = MPI.COMM_WORLD.Get_size()
     if n and size != n:
         raise RuntimeError(f"the MPI launcher started {n} ranks ({_launcher_note()}) but MPI sees {size}: mpi4py "
@@ -532,6 +531,24 @@ def _start() -> World:
     if size == 1 and mode == "auto":
         return World()
     return MPIWorld(MPI.COMM_WORLD, timeout)
+
+
+def _init_mpi(timeout: float):
+    """mpi4py.MPI, with MPI initialised (THREAD_MULTIPLE). MPI_Init waits for every rank, and a rank that ended
+    before joining (a bad flag, an import failing on its node) leaves the others waiting in it for ever: MPICH's
+    mpiexec waits too, and MPI_Init holds the GIL, so no Python thread can step in. faulthandler's watchdog (a C
+    thread) ends this process after `timeout` seconds with a traceback through this function; mpiexec then
+    ends the rest."""
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        from mpi4py import MPI  # initialises MPI (mpi4py's default thread level: multiple)
+
+        if not MPI.Is_initialized():  # info() imported mpi4py without initialising MPI
+            MPI.Init_thread(MPI.THREAD_MULTIPLE)
+            atexit.register(MPI.Finalize)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return MPI
 
 
 def _launcher_note() -> str:
