@@ -114,6 +114,32 @@ def test_default_threads_share_the_cpus_a_rank_may_run_on(monkeypatch, masks, wa
     assert w.default_threads() is None
 
 
+@pytest.mark.parametrize("visible, gpus, want", [
+    ([None] * 4, 4, [0, 1, 2, 3]),  # every rank sees the node's 4 GPUs: the local rank's
+    (["0", "1", "2", "3"], 1, [0, 0, 0, 0]),  # srun --gpus-per-task 1: each sees its own GPU, as device 0
+    (["0,1", "0,1", "2,3", "2,3"], 2, [0, 1, 0, 1]),  # pairs of ranks sharing a pair of GPUs
+    ([None] * 4, 2, "4 ranks on this node but 2 GPU"),  # more ranks than GPUs
+    (["0"] * 2 + ["1"] * 2, 1, "2 ranks on this node but 1 GPU")])  # two ranks on each GPU
+def test_each_rank_takes_a_gpu_of_its_own(monkeypatch, visible, gpus, want):
+    """use_device("cuda") without GPUs: a fake CUDA module counts and records the device each rank sets, and NCCL's
+    setup, which follows, is cut short."""
+    picked = []
+    fake = type("FakeCuda", (), {"device_count": lambda: gpus, "set_device": picked.append})
+    monkeypatch.setattr(fastllm.cuda, "_require", lambda: fake)
+
+    def no_nccl():
+        raise RuntimeError("stop before NCCL")
+
+    monkeypatch.setattr(nccl, "load", no_nccl)
+    for r in range(4):
+        w = object.__new__(distributed.MPIWorld)  # 4 ranks of one node, without MPI
+        w.local_rank, w.local_size, w.node_gpus, w.nccl = r, 4, visible, None
+        kind, match = (ValueError, want) if isinstance(want, str) else (RuntimeError, "stop before NCCL")
+        with pytest.raises(kind, match=match):
+            w.use_device("cuda")
+    assert picked == ([] if isinstance(want, str) else want)
+
+
 def test_an_error_line_is_read_by_the_launcher_before_the_abort():
     # fail() waits until mpiexec has read the rank's stderr pipe: MPI_Abort right after the write lost the line
     r, w = os.pipe()

@@ -5,7 +5,8 @@ takes a disjoint share of every global batch, and the gradients are summed over 
 step, which every rank applies alike -- so N ranks take the steps one process takes with gradient accumulation
 (llm.c's and PyTorch DDP's scheme). Written once for both devices: CPU buffers (numpy) go over MPI (mpi4py, with
 the MPI of the `mpi` extra), GPU buffers (fastllm.cuda.DeviceArray) over NCCL (fastllm.nccl; rank 0 makes the
-unique id and MPI broadcasts it; each rank takes the GPU of its node-local rank).
+unique id and MPI broadcasts it; each rank takes the GPU of its node-local rank, among the ranks that see the
+same CUDA_VISIBLE_DEVICES).
 
 `world()` is the process group, made on first use from what the launcher put in the environment: without an MPI
 launcher, or with one rank, it is `World` -- one process, every collective the identity -- and mpi4py is not
@@ -195,6 +196,7 @@ class MPIWorld(World):
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         self.node_cpus = node.allgather(cpus)  # the CPUs each rank of this node may run on (None: unknown)
+        self.node_gpus = node.allgather(os.environ.get("CUDA_VISIBLE_DEVICES"))  # the GPUs each may see (None: all)
         node.Free()
         self.nccl = None
         self.watchdog = _Watchdog(self, timeout)
@@ -222,10 +224,13 @@ class MPIWorld(World):
         from . import nccl
 
         gpus = cuda._require().device_count()
-        if self.local_size > gpus:
-            raise ValueError(f"{self.local_size} ranks on this node but {gpus} GPU(s): NCCL needs a GPU of its own "
-                             f"for each rank; start at most {gpus} ranks per node")
-        cuda._require().set_device(self.local_rank)
+        # the ranks of this node that see the same GPUs (all of them, unless the launcher gave each its own
+        # CUDA_VISIBLE_DEVICES, as srun --gpus-per-task does) take one each, in node-rank order
+        same = [r for r, seen in enumerate(self.node_gpus) if seen == self.node_gpus[self.local_rank]]
+        if len(same) > gpus:
+            raise ValueError(f"{len(same)} ranks on this node but {gpus} GPU(s) for them: NCCL needs a GPU of its "
+                             f"own for each rank; start at most {gpus} ranks per node")
+        cuda._require().set_device(same.index(self.local_rank))
         nccl.load()  # a missing library fails here, on the rank that lacks it
         uid = self.bcast(nccl.unique_id() if self.rank == 0 else None)
         with self.watchdog.waiting("NCCL setup"):
