@@ -4,9 +4,9 @@ With MPI (`mpiexec -n 2`, one thread per rank, tiny models): 2 ranks give the pe
 micro-batches, with and without ZeRO-1, to float32 rounding (the gradients are summed in another order: rtol 1e-6);
 a run saved with 2 ranks resumes with 1 or 2 and continues the uninterrupted curve; SFT and the reward model match
 their 1-process runs the same way, GRPO runs; a rank that raises, hangs or stops answering ends the job within
-seconds with that rank named; mismatched settings are refused. Skipped, with the reason, without an MPI launcher.
-Without a GPU: NCCL's library discovery, argument and dtype mapping, and error messages; one process never imports
-mpi4py."""
+seconds with that rank named (one that exits before MPI starts: after FASTLLM_DIST_TIMEOUT); mismatched settings
+are refused. Skipped, with the reason, without an MPI launcher. Without a GPU: NCCL's library discovery, argument
+and dtype mapping, and error messages; one process never imports mpi4py."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ from test_train import learnable_shards
 import fastllm
 from fastllm import distributed, nccl
 from fastllm.checkpoint import load_model, save
-from fastllm.data import write_shard
+from fastllm.data import DataLoader, write_shard
 from fastllm.fileio import load_safetensors
 from fastllm.model import GPT, GPTConfig
 from fastllm.optim import AdamW
 from fastllm.rl import addition_preferences
 from fastllm.tokenizer import Tokenizer
-from fastllm.train import TrainConfig, train
+from fastllm.train import TrainConfig, mean_loss, train
 
 MPIEXEC = distributed.mpiexec()
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or importlib.util.find_spec("mpi4py") is None,
@@ -91,6 +91,53 @@ def test_bounds_split_evenly_last_rank_takes_the_rest():
     assert parts == [(0, 3), (3, 6), (6, 10)]
     w.rank = 1
     assert w.share(list("abcdefghij")) == list("def") and w.rank_seed(5) != 5
+
+
+@pytest.mark.parametrize("masks, want", [
+    ([range(64)] * 4, [16] * 4),  # no binding: the node's 64 CPUs shared by its 4 ranks
+    ([range(8)] * 4, [2] * 4),  # a container's cpuset of 8 CPUs on a 64-CPU host (os.cpu_count() says 64)
+    ([range(32)] * 2 + [range(32, 64)] * 2, [16] * 4),  # bound to sockets, 2 ranks on each
+    ([range(16 * r, 16 * r + 16) for r in range(4)], [16] * 4),  # bound to cores of their own
+    ([None] * 4, [16] * 4)])  # no sched_getaffinity (macOS): os.cpu_count() / ranks on the node
+def test_default_threads_share_the_cpus_a_rank_may_run_on(monkeypatch, masks, want):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    got = []
+    for r, mask in enumerate(masks):
+        w = object.__new__(distributed.MPIWorld)  # 4 ranks of one node, without MPI
+        w.local_rank, w.local_size, w.node_cpus = r, 4, [None if m is None else list(m) for m in masks]
+        if mask is not None:
+            monkeypatch.setattr(os, "sched_getaffinity", lambda pid, m=mask: set(m), raising=False)
+        got.append(w.default_threads())
+    assert got == want
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert w.default_threads() is None
+
+
+@pytest.mark.parametrize("visible, gpus, want", [
+    ([None] * 4, 4, [0, 1, 2, 3]),  # every rank sees the node's 4 GPUs: the local rank's
+    (["0", "1", "2", "3"], 1, [0, 0, 0, 0]),  # srun --gpus-per-task 1: each sees its own GPU, as device 0
+    (["0,1", "0,1", "2,3", "2,3"], 2, [0, 1, 0, 1]),  # pairs of ranks sharing a pair of GPUs
+    ([None] * 4, 2, "4 ranks on this node but 2 GPU"),  # more ranks than GPUs
+    (["0"] * 2 + ["1"] * 2, 1, "2 ranks on this node but 1 GPU")])  # two ranks on each GPU
+def test_each_rank_takes_a_gpu_of_its_own(monkeypatch, visible, gpus, want):
+    """use_device("cuda") without GPUs: a fake CUDA module counts and records the device each rank sets, and NCCL's
+    setup, which follows, is cut short."""
+    picked = []
+    fake = type("FakeCuda", (), {"device_count": lambda: gpus, "set_device": picked.append})
+    monkeypatch.setattr(fastllm.cuda, "_require", lambda: fake)
+
+    def no_nccl():
+        raise RuntimeError("stop before NCCL")
+
+    monkeypatch.setattr(nccl, "load", no_nccl)
+    for r in range(4):
+        w = object.__new__(distributed.MPIWorld)  # 4 ranks of one node, without MPI
+        w.local_rank, w.local_size, w.node_gpus, w.nccl = r, 4, visible, None
+        kind, match = (ValueError, want) if isinstance(want, str) else (RuntimeError, "stop before NCCL")
+        with pytest.raises(kind, match=match):
+            w.use_device("cuda")
+    assert picked == ([] if isinstance(want, str) else want)
 
 
 def test_an_error_line_is_read_by_the_launcher_before_the_abort():
@@ -296,6 +343,24 @@ def test_two_ranks_take_the_steps_of_one_process(runs, run):
 
 
 @needs_mpi
+def test_validation_batches_are_shared_out(runs):
+    """mean_loss (the validation loss of train and sft) with 2 ranks: each forwards its share of the 5 batches
+    (2 and 3), and both get the mean over all 5 that 1 process gets."""
+    code = ("import sys; from fastllm import distributed; from fastllm.data import DataLoader; "
+            "from fastllm.model import GPT, GPTConfig; from fastllm.train import mean_loss; "
+            "m = GPT(GPTConfig.preset('tiny', vocab_size=48), seed=0); calls = []; f = m.forward; "
+            "m.forward = lambda *a: calls.append(1) or f(*a); "
+            "loss = mean_loss(m, DataLoader(sys.argv[1], 'val', 2, 16, shuffle=False), 5); "
+            "w = distributed.world(); got = w.allgather((len(calls), loss)); print(got if w.is_main else '')")
+    r = mpirun([sys.executable, "-c", code, str(runs / "data")], timeout=60)
+    assert r.returncode == 0, r.stderr
+    (calls0, loss0), (calls1, loss1) = eval(r.stdout.strip())
+    m = GPT(GPTConfig.preset("tiny", vocab_size=48), seed=0)
+    want = mean_loss(m, DataLoader(runs / "data", "val", 2, 16, shuffle=False), 5)
+    assert (calls0, calls1) == (2, 3) and loss0 == loss1 == pytest.approx(want, rel=RTOL), r.stdout
+
+
+@needs_mpi
 def test_saved_with_two_ranks_resumes_with_one_and_two(runs):
     """Runs killed after their step-5 checkpoint (the checkpoint holds the whole optimizer state either way): the
     ZeRO-1 one resumed by 1 process, the plain one by 2 ranks (bit-identical to the uninterrupted run) and by 2
@@ -453,6 +518,47 @@ def test_a_rank_that_stops_answering_times_out(runs, tmp_path, mode, why):
                env={"FASTLLM_DIST_TIMEOUT": "2"}, timeout=60)
     _one_error(r, "rank 0 of 2: no progress for 2 s in ", "at step 3", why, "FASTLLM_DIST_TIMEOUT=2")
     assert time.time() - t0 < 30
+
+
+@needs_mpi
+def test_one_process_commands_under_mpiexec(tmp_path):
+    """`mpiexec -n 2 fastllm demo` (prepare, sample, eval, ...) ran the whole command twice, both ranks writing the
+    same files: refused with one line, nothing written. `fastllm info` reports each rank; -n 1 runs as usual."""
+    r = mpirun(fastllm_cmd("demo", out=tmp_path / "demo"), timeout=60)
+    _one_error(r, "rank 0 of 2: `fastllm demo` runs in one process, not as 2 MPI ranks", "with -n 1")
+    assert not (tmp_path / "demo").exists()
+    r = mpirun([sys.executable, "-m", "fastllm", "info"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    ranks = sorted(line.split(None, 1)[1] for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == ["0 of 2 (local 0 of 2)", "1 of 2 (local 1 of 2)"], r.stdout
+    r = subprocess.run([MPIEXEC, "-n", "1", sys.executable, "-m", "fastllm", "info"], env=ENV, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "mpi4py" in r.stdout and "rank " not in r.stdout, r.stderr
+
+
+@needs_mpi
+def test_a_rank_that_exits_before_mpi_starts_does_not_hang_the_others(runs, tmp_path):
+    """A rank that ends before joining MPI (a bad flag, mpi4py or fastllm failing to import on its node) left the
+    others in MPI_Init for ever (MPICH's mpiexec waits for it; MPI_Init holds the GIL, so no Python thread can
+    help): they stop after FASTLLM_DIST_TIMEOUT, with a traceback ending in the function that starts MPI."""
+    t0 = time.time()
+    cmd = fastllm_cmd("train", data=runs / "data", out=tmp_path / "o", **TRAIN)
+    r = mpirun(cmd, [*cmd, "--bogus"], env={"FASTLLM_DIST_TIMEOUT": "2"}, timeout=60)
+    assert r.returncode != 0 and "unrecognized arguments: --bogus" in r.stderr, r.stderr
+    assert "Timeout (0:00:02)!" in r.stderr and "in _init_mpi" in r.stderr, r.stderr
+    assert time.time() - t0 < 30
+
+
+@needs_mpi
+def test_a_script_that_calls_info_first_exits_cleanly():
+    """fastllm.info() before world() (a script logging its environment): MPI is then finalised at exit by an atexit
+    hook, and the watchdog thread, still probing, made MPICH fail the job ("... after finalizing MPICH", exit 1)
+    while a rank waited in MPI_Finalize for a slower one."""
+    code = ("import time, fastllm; fastllm.info(); from fastllm import distributed; w = distributed.world(); "
+            "w.barrier(); print('ok' if w.is_main else '', flush=True); time.sleep(2 * w.rank)")
+    r = mpirun([sys.executable, "-c", code], timeout=60)
+    assert r.returncode == 0 and "after finalizing" not in r.stderr, r.stderr
+    assert r.stdout.split() == ["ok"], r.stdout
 
 
 @needs_mpi

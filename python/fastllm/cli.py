@@ -514,12 +514,14 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 @command("info", "version, build flags, SIMD level, threads, CUDA", ["fastllm info", "fastllm info --json"],
          args=_info_args)
 def _cmd_info(args: argparse.Namespace) -> int:
+    if distributed.launched_size() not in (None, 1):  # `mpiexec -n 2 fastllm info`: MPI starts, each rank reports
+        distributed.world()
     d = info()
     if args.json:
-        print(json.dumps(d, indent=2))
+        text = json.dumps(d, indent=2)
     else:
-        for k, v in d.items():
-            print(f"{k:14s} {v}")
+        text = "\n".join(f"{k:14s} {v}" for k, v in d.items())
+    print(text, flush=True)  # one write: the blocks of several ranks do not interleave
     return 0
 
 
@@ -579,6 +581,17 @@ def _join_ranks() -> None:
         warnings.simplefilter("ignore")
 
 
+def _one_process(command: str) -> None:
+    """ValueError (rank 0's line, every rank stopped) when a launcher started several ranks of a command that runs
+    in one process: each would run it whole, writing the same files (`fastllm info` reports every rank)."""
+    if command in TRAINING or command == "info" or distributed.launched_size() in (None, 1):
+        return
+    n = distributed.world().size
+    if n > 1:
+        raise ValueError(f"`fastllm {command}` runs in one process, not as {n} MPI ranks (only train, sft, rl and "
+                         "reward-model run data-parallel): run it without mpiexec, or with -n 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Whatever goes wrong ends as one `fastllm: error: ...` line on stderr and exit code 1
     (Ctrl-C: 130; bad flags: argparse's usage message and 2); FASTLLM_DEBUG=1 also prints the traceback. Under
@@ -591,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in TRAINING:
             _join_ranks()
+        _one_process(args.command)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         _stop_ranks("interrupted")

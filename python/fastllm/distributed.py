@@ -5,7 +5,8 @@ takes a disjoint share of every global batch, and the gradients are summed over 
 step, which every rank applies alike -- so N ranks take the steps one process takes with gradient accumulation
 (llm.c's and PyTorch DDP's scheme). Written once for both devices: CPU buffers (numpy) go over MPI (mpi4py, with
 the MPI of the `mpi` extra), GPU buffers (fastllm.cuda.DeviceArray) over NCCL (fastllm.nccl; rank 0 makes the
-unique id and MPI broadcasts it; each rank takes the GPU of its node-local rank).
+unique id and MPI broadcasts it; each rank takes the GPU of its node-local rank, among the ranks that see the
+same CUDA_VISIBLE_DEVICES).
 
 `world()` is the process group, made on first use from what the launcher put in the environment: without an MPI
 launcher, or with one rank, it is `World` -- one process, every collective the identity -- and mpi4py is not
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
 import fcntl
 import importlib.metadata
 import json
@@ -123,8 +125,9 @@ class World:
         return int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0] >> 1)
 
     def default_threads(self) -> int | None:
-        """OpenMP threads per rank when neither --threads nor OMP_NUM_THREADS says: the cores this process may
-        use, divided among the ranks of its node (None in one process: the library's default)."""
+        """OpenMP threads per rank when neither --threads nor OMP_NUM_THREADS says: the CPUs this process may
+        run on, divided among the ranks of its node that may run on the same ones (None in one process: the
+        library's default)."""
         return None
 
     def use_device(self, device: str) -> None:
@@ -191,6 +194,9 @@ class MPIWorld(World):
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self.node_cpus = node.allgather(cpus)  # the CPUs each rank of this node may run on (None: unknown)
+        self.node_gpus = node.allgather(os.environ.get("CUDA_VISIBLE_DEVICES"))  # the GPUs each may see (None: all)
         node.Free()
         self.nccl = None
         self.watchdog = _Watchdog(self, timeout)
@@ -205,10 +211,12 @@ class MPIWorld(World):
     def default_threads(self) -> int | None:
         if "OMP_NUM_THREADS" in os.environ:
             return None
-        mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if mine < (os.cpu_count() or mine):  # the launcher bound this rank to its own cores
-            return mine
-        return max(1, mine // self.local_size)
+        mine = self.node_cpus[self.local_rank]
+        if mine is None:
+            return max(1, (os.cpu_count() or 1) // self.local_size)
+        # the ranks that may run on the same CPUs share them: all of the node's (no binding), a container's cpuset,
+        # a socket (a launcher's --bind-to socket); a rank bound to cores of its own has them alone
+        return max(1, len(mine) // sum(cpus == mine for cpus in self.node_cpus))
 
     def use_device(self, device: str) -> None:
         if device != "cuda" or self.nccl is not None:
@@ -216,10 +224,13 @@ class MPIWorld(World):
         from . import nccl
 
         gpus = cuda._require().device_count()
-        if self.local_size > gpus:
-            raise ValueError(f"{self.local_size} ranks on this node but {gpus} GPU(s): NCCL needs a GPU of its own "
-                             f"for each rank; start at most {gpus} ranks per node")
-        cuda._require().set_device(self.local_rank)
+        # the ranks of this node that see the same GPUs (all of them, unless the launcher gave each its own
+        # CUDA_VISIBLE_DEVICES, as srun --gpus-per-task does) take one each, in node-rank order
+        same = [r for r, seen in enumerate(self.node_gpus) if seen == self.node_gpus[self.local_rank]]
+        if len(same) > gpus:
+            raise ValueError(f"{len(same)} ranks on this node but {gpus} GPU(s) for them: NCCL needs a GPU of its "
+                             f"own for each rank; start at most {gpus} ranks per node")
+        cuda._require().set_device(same.index(self.local_rank))
         nccl.load()  # a missing library fails here, on the rank that lacks it
         uid = self.bcast(nccl.unique_id() if self.rank == 0 else None)
         with self.watchdog.waiting("NCCL setup"):
@@ -394,7 +405,16 @@ class _Watchdog:
         self.count, self.what, self.since = 0, None, time.monotonic()
         self.MPI = world.MPI
         self.hb = world.comm.Dup() if world.MPI.Query_thread() == world.MPI.THREAD_MULTIPLE else None
-        threading.Thread(target=self._run, name="fastllm-watchdog", daemon=True).start()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="fastllm-watchdog", daemon=True)
+        self.thread.start()
+        atexit.register(self.stop)  # runs before an atexit MPI_Finalize (world() after info())
+
+    def stop(self) -> None:
+        """End the thread (at exit: it must not call MPI once MPI_Finalize has begun)."""
+        self.running = False
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=5.0)
 
     @contextlib.contextmanager
     def waiting(self, what: str):
@@ -411,6 +431,8 @@ class _Watchdog:
     def _run(self) -> None:
         while True:
             time.sleep(min(0.5, self.timeout / 4))
+            if not self.running:
+                return
             self._answer()
             if self.what is not None and time.monotonic() - self.since > self.timeout:
                 self._expired()
@@ -501,13 +523,11 @@ def _start() -> World:
         return World()
     timeout = _timeout()
     try:
-        from mpi4py import MPI
+        import mpi4py  # noqa: F401
     except ImportError:
         raise ImportError(f"this process was started by an MPI launcher ({_launcher_note()}) but mpi4py is not "
                           "installed: pip install \"fastllm[mpi]\"") from None
-    if not MPI.Is_initialized():  # info() imported mpi4py without initialising MPI
-        MPI.Init_thread(MPI.THREAD_MULTIPLE)
-        atexit.register(MPI.Finalize)
+    MPI = _init_mpi(timeout)
     size = MPI.COMM_WORLD.Get_size()
     if n and size != n:
         raise RuntimeError(f"the MPI launcher started {n} ranks ({_launcher_note()}) but MPI sees {size}: mpi4py "
@@ -516,6 +536,24 @@ def _start() -> World:
     if size == 1 and mode == "auto":
         return World()
     return MPIWorld(MPI.COMM_WORLD, timeout)
+
+
+def _init_mpi(timeout: float):
+    """mpi4py.MPI, with MPI initialised (THREAD_MULTIPLE). MPI_Init waits for every rank, and a rank that ended
+    before joining (a bad flag, an import failing on its node) leaves the others waiting in it for ever: MPICH's
+    mpiexec waits too, and MPI_Init holds the GIL, so no Python thread can step in. faulthandler's watchdog (a C
+    thread) ends this process after `timeout` seconds with a traceback through this function; mpiexec then
+    ends the rest."""
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        from mpi4py import MPI  # initialises MPI (mpi4py's default thread level: multiple)
+
+        if not MPI.Is_initialized():  # info() imported mpi4py without initialising MPI
+            MPI.Init_thread(MPI.THREAD_MULTIPLE)
+            atexit.register(MPI.Finalize)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return MPI
 
 
 def _launcher_note() -> str:

@@ -528,13 +528,14 @@ class LMStage(Stage):
 
 def mean_loss(model: GPT, loader, batches: int) -> float:
     """The mean loss of `model` (in eval mode) on the first `batches` batches of `loader` after a reset (fewer if
-    the loader holds fewer)."""
+    the loader holds fewer). With several ranks each reads them all and forwards its share; all get the mean."""
     was = model.training
     model.eval()
     loader.reset()
-    losses = [model.forward(*loader.next_batch()) for _ in range(min(batches, max(1, len(loader) // loader.B)))]
+    every = [loader.next_batch() for _ in range(min(batches, max(1, len(loader) // loader.B)))]
+    loss = distributed.world().average(every, lambda part: float(np.mean([model.forward(*b) for b in part])))
     model.train(was)
-    return float(np.mean(losses))
+    return loss
 
 
 def fit_lm(stage: LMStage, cfg: TrainConfig, tokenizer: Path | None, progress: bool = True, log=print) -> dict:
