@@ -2,8 +2,10 @@
 Fused softmax + cross-entropy (+ its gradient) and the fused classifier (lm head + cross-entropy) on the GPU.
   losses[n] = logsumexp(logits[n]) - logits[n, t_n];  dlogits[n] = (softmax(logits[n]) - onehot(t_n)) * grad_scale
 (* row_weights[n] when given: the gradient of sum_n w_n losses_n; written =, may alias logits: in place). With
-softcap c > 0 every logit is read as z = c tanh(x / c): the loss is that of z, the gradient (* (1 - (z/c)^2)) that of x. Rows with t_n == ignore_index: loss 0, zero gradient row. A target outside
-[0, V) reads nothing: loss NaN (the host checks ids; the GPU cannot raise) and its row gets softmax * grad_scale.
+softcap c > 0 every logit is read as z = c tanh(x / c): the loss is that of z, the gradient (* (1 - (z/c)^2)) that of
+x; tanh from __expf and an IEEE division (tanhf would be tanh.approx under --use_fast_math, 2^-11 relative error).
+Rows with t_n == ignore_index: loss 0, zero gradient row. A target outside [0, V) reads nothing: loss NaN (the host
+checks ids; the GPU cannot raise) and its row gets softmax * grad_scale.
 Shapes: logits, dlogits (N, V) with row stride ld >= V; losses (N, f32); targets (N, int32). O(N V), memory bound.
 
 softmax_ce_kernel: one block (512 threads) per row. Pass 1 reads the row once: each thread keeps an online
@@ -34,6 +36,14 @@ namespace fastllm::cuda {
 struct MaxSum {
     float m, s;  // running max and sum of exp(x - m); m = -FLT_MAX with s = 0 means "empty"
 };
+
+// tanh(y) to ~2e-7 absolute, for the soft cap. Not tanhf: --use_fast_math compiles it into tanh.approx.f32 (relative
+// error 2^-11: up to 0.015 in a logit capped at 30, and 1 - tanh^2 of saturated logits off by far more; the
+// emulator models that, csrc/cuda/emu). tanh|y| = 1 - 2 / (exp(2|y|) + 1): __expf (-> inf for |y| > 44, tanh 1)
+// and an IEEE division; NaN stays NaN.
+__device__ __forceinline__ float tanh_accurate(float y) {
+    return copysignf(1.f - __fdiv_rn(2.f, __expf(2.f * fabsf(y)) + 1.f), y);
+}
 
 // merge of two partial (max, sum) pairs; exp(-FLT_MAX - finite) underflows to 0, so empty parts add nothing
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
@@ -66,7 +76,7 @@ __global__ void __launch_bounds__(kCEThreads)
     // softcap c > 0: every logit is read as z = c tanh(x / c) (the loss is that of z)
     const auto logit = [&](int64_t i) {
         const float v = to_f32(x[i]);
-        return softcap > 0.f ? softcap * tanhf(v / softcap) : v;
+        return softcap > 0.f ? softcap * tanh_accurate(v / softcap) : v;
     };
     const float xt = valid ? logit(t) : 0.f;  // read by every thread before the barrier below
 

@@ -267,6 +267,21 @@ template <typename T> T atomicAdd(T* p, T v) {
 template <typename T> T atomicMax(T* p, T v) {
     return atomic_update(p, [v](T o) { return o < v ? v : o; });
 }
+// --use_fast_math (the real build's flag) compiles float tanhf into tanh.approx.f32, whose relative error is up to
+// 2^-11 (PTX ISA); modelled at that precision: the exact tanh with its fraction cut to 11 bits, so a kernel that
+// needs tanhf to be more accurate than the GPU makes it fails here too (__expf, exp2f, __logf, rsqrtf and the
+// approximate division stay exact here: on the GPU they are off by a few ulp, __expf by more for large arguments)
+namespace emu {
+inline float tanh_fast_math(float x) {
+    float t = std::tanh(x);
+    uint32_t u;
+    std::memcpy(&u, &t, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u &= ~0xfffu;  // inf and NaN as they are
+    std::memcpy(&t, &u, 4);
+    return t;
+}
+}  // namespace emu
+#define tanhf(x) ::emu::tanh_fast_math(x)
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
