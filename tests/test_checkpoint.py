@@ -72,6 +72,21 @@ def test_save_load_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Atomic writes go through mkstemp, which creates its files 0600: a checkpoint, a tokenizer or token shards
+    were unreadable to the group and others whatever the umask (a model served or shared by another account)."""
+    model, opt = trained()
+    old = os.umask(umask)
+    try:
+        path = save(tmp_path, 1, model, opt, {}, kind="train")
+    finally:
+        os.umask(old)
+    files = [p for p in [tmp_path / "latest", *path.iterdir()] if p.is_file()]
+    assert files and {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.name: oct(0o666 & ~umask) for p in files}
+
+
 def test_checkpoints_sort_by_step_and_latest_falls_back(tmp_path):
     model, opt = trained()
     for step in (999_999, 1_000_000, 5):

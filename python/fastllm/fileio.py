@@ -35,6 +35,18 @@ _STORED = {**_DTYPES, "BF16": np.uint16}  # what each dtype's bytes are read as 
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Write to a temporary file in the same folder, fsync, then rename over `path`: readers see the old
@@ -44,6 +56,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode open() would
             yield f
             f.flush()
             os.fsync(f.fileno())
