@@ -416,7 +416,8 @@ def _cmd_reward_model(args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="fastllm checkpoint or run folder, or a Hugging Face GPT-2 folder")
+    p.add_argument("--ckpt", required=True,
+                   help="fastllm checkpoint or run folder, or a Hugging Face model folder (Llama, Qwen, GPT-2, ...)")
     p.add_argument("--out", default=None, help="write the report (metrics + per-example records) as JSON here; an "
                    "interrupted run with the same --out resumes (default: print only)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy in the checkpoint)")
@@ -494,16 +495,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="a transformers GPT-2 folder (--to fastllm) or a fastllm checkpoint (--to hf)")
+    p.add_argument("src", help="a Hugging Face model folder (--to fastllm) or a fastllm checkpoint (--to hf)")
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format")
 
 
-@command("convert", "convert between a Hugging Face GPT-2 folder and a fastllm checkpoint",
+@command("convert", "convert between a Hugging Face model folder and a fastllm checkpoint",
          ["fastllm convert gpt2_dir/ ckpt/", "fastllm convert run/ hf_out/ --to hf"], args=_convert_args)
 def _cmd_convert(args: argparse.Namespace) -> int:
     out = convert(args.src, args.dst, to=args.to)
-    print(f"{args.src} -> {out} ({'transformers GPT-2 folder' if args.to == 'hf' else 'fastllm checkpoint'})")
+    print(f"{args.src} -> {out} ({'Hugging Face folder' if args.to == 'hf' else 'fastllm checkpoint'})")
     return 0
 
 

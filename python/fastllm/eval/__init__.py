@@ -1,5 +1,5 @@
 """Evaluation: measure a model the way the field does, on fastllm's own kernels (batched forwards, any model
-fastllm loads: its checkpoints, converted or Hugging Face GPT-2 folders, on the CPU or a GPU: GPT.to("cuda")).
+fastllm loads: its checkpoints, converted or Hugging Face model folders, on the CPU or a GPU: GPT.to("cuda")).
 
 Tasks (`evaluate(model, tokenizer, task, data=..., ...)`, `fastllm eval --task T`):
     bpb       bits per byte of text files / JSONL / token shards: the summed cross-entropy of every non-special
@@ -105,7 +105,7 @@ class EvalConfig:
 
 def load(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None, device: str = "cpu",
          dtype: str | None = None):
-    """(model, tokenizer) from a fastllm checkpoint or run folder, or a Hugging Face GPT-2 folder (config.json);
+    """(model, tokenizer) from a fastllm checkpoint or run folder, or a Hugging Face model folder (config.json);
     the tokenizer from `tokenizer` if given, else the one in the folder. device="cuda" runs the model on the GPU
     (dtype: bfloat16 by default, or float32; see GPT.to)."""
     from ..checkpoint import checkpoint_tokenizer, load_model

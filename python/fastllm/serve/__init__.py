@@ -47,7 +47,8 @@ class ServeConfig:
     max_queue: int = option(256, "requests that may wait for a slot; more get HTTP 429")
     device: str = option("cpu", "run the model on the CPU or a GPU", choices=("cpu", "cuda"))
     dtype: str | None = option(None, "CPU (default: float32): bfloat16 decodes with bf16 weight copies (faster, "
-                                     "logits within ~1%), int8 with int8 ones (weight-only, a scale per output row); "
+                                     "logits within ~1%), int8 with int8 ones (weight-only, a scale per output row), "
+                                     "w8a8 with int8 weights and int8 activations (integer products); "
                                      "GPU (default: bfloat16): the model's compute dtype",
                                choices=DECODE_DTYPES)
     threads: int | None = option(None, THREADS)
