@@ -8,7 +8,8 @@ import pytest
 
 from fastllm import _C, backend, ops
 from fastllm.model import GPT, MODERN, GPTConfig
-from fastllm.sample import SamplingParams, generate, probabilities, sample_next, stream
+from fastllm.sample import SamplingParams, TextStreamer, generate, probabilities, sample_next, stream
+from fastllm.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +328,25 @@ def test_stop_tokens_and_streaming(model):
     stop = out[5]
     steps = list(stream(model, [1, 2], 20, temperature=0, stop_tokens=[stop]))
     assert [int(s[0]) for s in steps] == out[2:out.index(stop, 2) + 1]
+
+
+def test_text_streamer_pieces_join_to_the_whole_decode():
+    """Streamed pieces join to tokenizer.decode of all the ids, whatever bytes the tokens hold: a character split
+    across tokens after bytes that are not UTF-8 (b"\\xefor" then the three bytes of "你") used to come out as
+    three U+FFFD (the streamer gave up holding bytes once its buffer did not decode), and bad bytes were held back."""
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    streamer = TextStreamer(tok)
+    pieces = [streamer.push(b) for b in b"\xefor\xe4\xbd\xa0"] + [streamer.flush()]
+    assert pieces == ["", "\ufffdo", "r", "", "", "\u4f60", ""]
+    rng = np.random.default_rng(0)
+    chars = ["a", " ", "é", "你", "👍", "\ufffd"]
+    for _ in range(200):  # valid characters, cut anywhere, among stray bytes
+        data = b"".join(bytes(rng.integers(128, 256, 1)) if rng.random() < 0.2 else
+                        chars[rng.integers(len(chars))].encode() for _ in range(rng.integers(1, 12)))
+        for ids in ([*data], [*data[:-1]]):
+            streamer = TextStreamer(tok)
+            text = "".join(streamer.push(t) for t in ids)
+            assert text + streamer.flush() == tok.decode(ids)
 
 
 def test_repetition_penalty_changes_greedy_path(model):

@@ -12,6 +12,7 @@ decodes tokens to text incrementally (`TextStreamer` holds back bytes of a UTF-8
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -247,30 +248,22 @@ def generate(model, prompt_ids, max_new_tokens: int, **kw) -> list[int] | list[l
 
 class TextStreamer:
     """Turns a stream of token ids into text pieces, never splitting a UTF-8 character: bytes of an
-    incomplete character are held back until the token that completes them arrives."""
+    incomplete character are held back until the token that completes them arrives. Bytes that cannot become
+    UTF-8 are U+FFFD at once, as a whole decode replaces them (Python's incremental UTF-8 decoder): the pieces
+    join to tokenizer.decode(ids)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.pending = b""
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def push(self, token_id: int) -> str:
         try:
-            self.pending += self.tokenizer.decode_bytes([int(token_id)])
+            return self.decoder.decode(self.tokenizer.decode_bytes([int(token_id)]))
         except ValueError:  # an embedding row with no token (Qwen's vocab_size 151936 > its ~151665 tokens): no
-            pass  # text, as transformers' decode skips it
-        # keep back an incomplete trailing UTF-8 sequence (at most 3 bytes)
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.pending = self.pending[cut:]
-            return text
-        return self.flush()  # not UTF-8 at all: give up holding it
+            return ""  # text, as transformers' decode skips it
 
     def flush(self) -> str:
-        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
-        return text
+        return self.decoder.decode(b"", final=True)
 
 
 class StopStrings:
