@@ -844,6 +844,21 @@ def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
         assert capsys.readouterr().out == "Hello there" + want
 
 
+def test_stream_text_encodes_a_text_prompt_as_transformers(tmp_path):
+    """stream_text(model, tok, "text", ...) continues what transformers' tokenizer("text") encodes: a Llama 3
+    folder's BOS first (it was left out, unlike `fastllm sample`), "" a new document ([BOS]; it was an error)."""
+    pytest.importorskip("tokenizers")
+    from fastllm.sample import stream_text
+
+    folder = tmp_path / "llama3"
+    ref, auto = hub_folder("llama3", folder)
+    model, tok = load_model(folder).eval(), Tokenizer.from_pretrained(folder)
+    for prompt in ("Hello there", ""):
+        want = hf_greedy(ref, auto, auto(prompt, return_tensors="pt"), 20)
+        assert "".join(stream_text(model, tok, prompt, 20, temperature=0,
+                                   stop_tokens=chat.eos_token_ids(folder, tok))) == want
+
+
 def test_cli_sample_of_a_vocab_padded_past_the_tokenizer(tmp_path, capsys):
     """Qwen2/2.5/3 configs have more embedding rows (vocab_size 151936) than the tokenizer has tokens (~151665):
     a generated id without a token is no text, as transformers' decode skips it (it was a ValueError mid-stream)."""

@@ -305,15 +305,16 @@ class StopStrings:
 
 def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int, stop: Sequence[str] = (),
                 stats: dict | None = None, **kw) -> Iterator[str]:
-    """Yield decoded text pieces as tokens are generated (single prompt: text, encoded with special tokens
-    allowed, or token ids); stops at `stop` strings (not included in the output), at <|endoftext|> and at
+    """Yield decoded text pieces as tokens are generated (single prompt: token ids, or text, encoded as `fastllm
+    sample` and HF's tokenizer(text) encode it: tokenizer.encode_prompt, special tokens matched, a Llama 3 BOS
+    first, "" a new document); stops at `stop` strings (not included in the output), at <|endoftext|> and at
     `stop_tokens` (their text not included either). `stats["tokens"]` counts the tokens generated."""
     stats = {} if stats is None else stats
     stats["tokens"] = 0
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     stop_tokens = tuple(int(t) for t in kw.pop("stop_tokens", ())) + ((eot,) if eot is not None else ())
     ends = set(stop_tokens)
-    ids = tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str) else prompt
+    ids = tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
     streamer, cutter = TextStreamer(tokenizer), StopStrings(stop)
     for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
         t = int(step[0])
