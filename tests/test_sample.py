@@ -8,7 +8,7 @@ import pytest
 
 from fastllm import _C, backend, ops
 from fastllm.model import GPT, MODERN, GPTConfig
-from fastllm.sample import SamplingParams, TextStreamer, generate, probabilities, sample_next, stream
+from fastllm.sample import SamplingParams, StopStrings, TextStreamer, generate, probabilities, sample_next, stream
 from fastllm.tokenizer import Tokenizer
 
 
@@ -347,6 +347,17 @@ def test_text_streamer_pieces_join_to_the_whole_decode():
             streamer = TextStreamer(tok)
             text = "".join(streamer.push(t) for t in ids)
             assert text + streamer.flush() == tok.decode(ids)
+
+
+def test_stop_strings_across_pieces_and_one_stop_as_a_str():
+    """Stop strings are found across pieces, text that may still become one is held back, and a str is one stop
+    string (as OpenAI's `stop`): stop="END" used to stop at the first "E", "N" or "D"."""
+    s = StopStrings(["END", "\n\n"])
+    assert [s.push(x) for x in ("an E", "ND", "no")] == [("an ", False), ("", True), ("", True)]
+    s = StopStrings("END")
+    assert [s.push(x) for x in ("Done. E", "N", "Dx")] == [("Done. ", False), ("", False), ("", True)]
+    s = StopStrings("END")
+    assert [s.push("ENTER DEN"), s.push("E"), s.flush()] == [("ENTER D", False), ("EN", False), "E"]
 
 
 def test_repetition_penalty_changes_greedy_path(model):

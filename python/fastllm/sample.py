@@ -267,7 +267,8 @@ class TextStreamer:
 
 
 class StopStrings:
-    """Cuts a stream of text pieces at the first occurrence of any of the `stop` strings (not included).
+    """Cuts a stream of text pieces at the first occurrence of any of the `stop` strings (not included; a str is
+    one stop string, as OpenAI's `stop`).
     push(piece) returns (text that is safe to show now, stopped); text whose end could still grow into a stop
     string is held back until the next piece decides it; flush() returns what is held at the end of the stream.
 
@@ -275,8 +276,8 @@ class StopStrings:
     (('Hi', False), ('', True))
     """
 
-    def __init__(self, stop: Sequence[str] = ()):
-        self.stop = [x for x in stop if x]
+    def __init__(self, stop: str | Sequence[str] = ()):
+        self.stop = [x for x in ([stop] if isinstance(stop, str) else stop) if x]  # (not one stop per character)
         self.text, self.emitted, self.stopped = "", 0, False
 
     def push(self, piece: str) -> tuple[str, bool]:
@@ -303,8 +304,8 @@ class StopStrings:
         return out
 
 
-def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int, stop: Sequence[str] = (),
-                stats: dict | None = None, **kw) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int,
+                stop: str | Sequence[str] = (), stats: dict | None = None, **kw) -> Iterator[str]:
     """Yield decoded text pieces as tokens are generated (single prompt: token ids, or text, encoded as `fastllm
     sample` and HF's tokenizer(text) encode it: tokenizer.encode_prompt, special tokens matched, a Llama 3 BOS
     first, "" a new document); stops at `stop` strings (not included in the output), at <|endoftext|> and at
