@@ -201,6 +201,24 @@ def test_nan_weights_never_print_garbage(ckpt, tmp_path, capsys):
     assert "model.safetensors" in line and "'ln_f.weight'" in line and "NaN" in line
 
 
+def test_sample_presence_and_frequency_penalties(ckpt, capsys):
+    """`fastllm sample --presence-penalty / --frequency-penalty` (OpenAI's, as `fastllm serve` takes them; the
+    terminal's sampler had no such flags) continue the prompt as stream_text with those penalties does."""
+    from fastllm.checkpoint import load_model
+    from fastllm.sample import stream_text
+
+    model = load_model(ckpt).eval()
+    tok = cli.checkpoint_tokenizer(model.checkpoint_dir, None)
+    plain = "".join(stream_text(model, tok, "hello", 10, temperature=0))
+    for flag, kw in (("--presence-penalty", dict(presence_penalty=50.0)), ("--frequency-penalty",
+                                                                           dict(frequency_penalty=50.0))):
+        want = "".join(stream_text(model, tok, "hello", 10, temperature=0, **kw))
+        assert want != plain
+        rc, out, _ = run(["sample", "--ckpt", str(ckpt), "--prompt", "hello", "-n", "10", "--temperature", "0",
+                          flag, "50"], capsys)
+        assert rc == 0 and out == "hello" + want
+
+
 def test_chat_bad_option_fails_once(ckpt):
     """`chat --temperature nan` fails before reading any message (it used to repeat the error per message)."""
     p = subprocess.run([sys.executable, "-m", "fastllm", "chat", "--ckpt", str(ckpt), "--temperature", "nan"],

@@ -360,6 +360,25 @@ def test_stop_strings_across_pieces_and_one_stop_as_a_str():
     assert [s.push("ENTER DEN"), s.push("E"), s.flush()] == [("ENTER D", False), ("EN", False), "E"]
 
 
+@pytest.mark.parametrize("kw", [dict(presence_penalty=3.0), dict(frequency_penalty=1.5),
+                                dict(presence_penalty=-2.0, frequency_penalty=0.5, temperature=0.7, seed=4)])
+def test_presence_and_frequency_penalties(model, kw):
+    """generate takes OpenAI's presence/frequency penalties (SamplingParams had them, generate refused them): each
+    step's token is drawn from the full forward's logits minus the penalties counted over the new tokens only (the
+    prompt's tokens are not penalized)."""
+    kw = {"temperature": 0.0, **kw}
+    prompt = [7, 8, 7]
+    out = generate(model, prompt, 15, **kw)
+    rng = np.random.default_rng(kw.get("seed"))
+    sp = SamplingParams(kw["temperature"], presence_penalty=kw.get("presence_penalty", 0.0),
+                        frequency_penalty=kw.get("frequency_penalty", 0.0))
+    for t in range(len(prompt), len(out)):
+        logits = model.forward(np.array(out[:t])[None])[0, -1:]
+        assert out[t] == sample_next(logits, rng, sp, output=[out[len(prompt):t]])[0]
+    new = generate(model, prompt, 15, temperature=0, presence_penalty=100.0)[len(prompt):]
+    assert len(set(new)) == 15 and len(set(generate(model, prompt, 15, temperature=0)[len(prompt):])) < 15
+
+
 def test_repetition_penalty_changes_greedy_path(model):
     plain = generate(model, [1, 2], 20, temperature=0)
     pen = generate(model, [1, 2], 20, temperature=0, repetition_penalty=5.0)
@@ -374,12 +393,27 @@ def test_repetition_penalty_changes_greedy_path(model):
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=0), "top_k"),
     (dict(prompt_ids=[1, 53]), "token id 53"),
+    (dict(top_k=True), "top_k"),
 ])
 def test_bad_input(model, kw, match):
     args = dict(prompt_ids=[1, 2], max_new_tokens=3)
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         generate(model, **args)
+
+
+def test_argument_types(model):
+    """max_new_tokens must be an integer (2.5 was a TypeError from range(), None one from a comparison); a float top_k
+    that is an integer is that integer (2.0 reached np.partition: "Partition index must be integer"); stop_tokens may
+    be one id, as HF's eos_token_id (5 was "'int' object is not iterable")."""
+    for n in (2.5, None, "3"):
+        with pytest.raises(TypeError, match="max_new_tokens must be an integer"):
+            generate(model, [1, 2], n)
+    assert generate(model, [1, 2], 6, top_k=2.0, seed=0) == generate(model, [1, 2], 6, top_k=2, seed=0)
+    out = generate(model, [1, 2], 20, temperature=0)
+    assert generate(model, [1, 2], 20, temperature=0, stop_tokens=np.int64(out[4])) == out[:out.index(out[4], 2) + 1]
+    with pytest.raises(TypeError, match="stop_tokens"):
+        generate(model, [1, 2], 3, stop_tokens="5")
 
 
 def test_non_finite_logits_raise_naming_the_step(model):

@@ -295,8 +295,7 @@ def _print_task_metrics(s: dict) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy inside the checkpoint)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
-    # OpenAI's presence/frequency penalties: `fastllm serve` applies them per request, not the terminal's sampler
-    _add_dataclass_args(p, SamplingParams, skip=("presence_penalty", "frequency_penalty"), progress=False)
+    _add_dataclass_args(p, SamplingParams, progress=False)
     p.set_defaults(temperature=temperature)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh random one)")
     p.add_argument("--dtype", choices=DECODE_DTYPES, default=None,

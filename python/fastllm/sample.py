@@ -39,8 +39,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
+        if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_k is not None:
+            self.top_k = int(self.top_k)  # (a float 4.0 from JSON: an index for np.partition)
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
@@ -184,7 +186,19 @@ def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
     return rows, single
 
 
+def _token_ids(ids: int | Sequence[int], name: str) -> list[int]:
+    """An id or a sequence of ids (as HF's eos_token_id) -> a list of ints; TypeError naming `name` otherwise."""
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        return [int(ids)]
+    a = np.asarray(ids)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"{name} must be a token id or a sequence of them, got {ids!r}")
+    return [int(t) for t in a]
+
+
 def _check_prompts(model, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     V, Tmax = model.config.vocab_size, model.config.block_size
@@ -202,28 +216,32 @@ def _check_prompts(model, rows: list[list[int]], max_new_tokens: int) -> list[li
 
 def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
-           stop_tokens: Sequence[int] = (), seed: int | None = None, weights: str = "float32"
-           ) -> Iterator[np.ndarray]:
+           stop_tokens: int | Sequence[int] = (), seed: int | None = None, weights: str = "float32",
+           presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Iterator[np.ndarray]:
     """Yield, per decoding step, the new token of each sequence (array (B,), -1 for sequences that stopped).
 
     prompt_ids: one sequence of ids, or a list of sequences of different lengths (batched generation).
+    Sampling options: see SamplingParams (repetition_penalty over each prompt and its new tokens, presence and
+    frequency penalties over the new tokens). stop_tokens: an id or ids that end a sequence (included in it).
     weights="bfloat16" decodes with bf16 copies of the weight matrices (about half the memory traffic per step;
     logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied); weights="int8"
     with int8 copies (a quarter of the traffic; per-row scales, see ops.quantize_int8), the prompt included;
     weights="w8a8" with those and int8 activations (integer products, see model.w8a8_weights).
     Logits that are not finite (NaN/Inf weights) raise FloatingPointError naming the step."""
-    sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
     check_seed(seed)
     rows = _check_prompts(model, _as_rows(prompt_ids)[0], max_new_tokens)
+    n0 = [len(r) for r in rows]  # prompt lengths: rows[b][n0[b]:] are the new tokens
     rng = np.random.default_rng(seed)
-    stop = set(int(s) for s in stop_tokens)
+    stop = set(_token_ids(stop_tokens, "stop_tokens"))
     # the cache holds what this call needs (longest prompt + new tokens), not a full context
     cache = model.kv_cache(len(rows), weights=weights, max_len=max(len(r) for r in rows) + max_new_tokens)
     logits = cache.prefill(rows)  # (B, V) logits of each prompt's last token
     alive = np.ones(len(rows), bool)
     for step in range(max_new_tokens):
         _check_finite(logits, alive, step)
-        nxt = sample_next(logits, rng, sp, rows if repetition_penalty != 1.0 else None).astype(np.int64)
+        output = [r[n:] for r, n in zip(rows, n0)] if presence_penalty or frequency_penalty else None
+        nxt = sample_next(logits, rng, sp, rows if repetition_penalty != 1.0 else None, output).astype(np.int64)
         nxt[~alive] = -1
         for b in np.flatnonzero(alive):
             rows[b].append(int(nxt[b]))
@@ -237,7 +255,8 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
 
 def generate(model, prompt_ids, max_new_tokens: int, **kw) -> list[int] | list[list[int]]:
     """Prompt plus generated ids (a list, or a list of lists for a batch of prompts). Keyword arguments as in
-    `stream`: temperature, top_k, top_p, min_p, repetition_penalty, stop_tokens, seed, weights."""
+    `stream`: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+    stop_tokens, seed, weights."""
     rows, single = _as_rows(prompt_ids)
     for step in stream(model, prompt_ids, max_new_tokens, **kw):
         for b, t in enumerate(step):
@@ -313,7 +332,7 @@ def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: i
     stats = {} if stats is None else stats
     stats["tokens"] = 0
     eot = tokenizer.special_tokens.get("<|endoftext|>")
-    stop_tokens = tuple(int(t) for t in kw.pop("stop_tokens", ())) + ((eot,) if eot is not None else ())
+    stop_tokens = (*_token_ids(kw.pop("stop_tokens", ()), "stop_tokens"), *(() if eot is None else (eot,)))
     ends = set(stop_tokens)
     ids = tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
     streamer, cutter = TextStreamer(tokenizer), StopStrings(stop)
