@@ -385,7 +385,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                           weights=args.dtype or "float32", chat=fmt, **sampling)
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
-              f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
+              f"{model.config.block_size} tokens); /reset clears the history, Ctrl-C stops an answer, /quit or "
+              "Ctrl-D ends", file=sys.stderr)
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
 
 
