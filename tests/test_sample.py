@@ -416,6 +416,17 @@ def test_argument_types(model):
         generate(model, [1, 2], 3, stop_tokens="5")
 
 
+def test_prompts_as_torch_tensors(model):
+    """A 1-D torch tensor (a row of HF's input_ids) is one prompt, as a list or a numpy array is: it used to be read
+    as a batch of one-token prompts (iterating it gives 0-d tensors, not ints); a 2-D one is a batch."""
+    torch = pytest.importorskip("torch")
+    want = generate(model, [1, 2, 3], 4, temperature=0)
+    assert generate(model, torch.tensor([1, 2, 3]), 4, temperature=0) == want
+    assert generate(model, list(torch.tensor([1, 2, 3])), 4, temperature=0) == want
+    assert generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), 4, temperature=0) == \
+        generate(model, [[1, 2, 3], [4, 5, 6]], 4, temperature=0)
+
+
 def test_non_finite_logits_raise_naming_the_step(model):
     """NaN weights used to make generate return token 0 forever (and `sample` print NUL characters)."""
     bad = GPT(model.config, seed=3).eval()

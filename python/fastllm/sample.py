@@ -169,13 +169,16 @@ def _check_finite(logits: np.ndarray, alive: np.ndarray, step: int) -> None:
 
 
 def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
-    """One prompt (a sequence of ids) or a batch (a sequence of sequences) -> (list of id lists, single?)."""
+    """One prompt (a sequence of ids) or a batch (a sequence of sequences) -> (list of id lists, single?). Arrays
+    of other libraries (a torch tensor: HF's input_ids, or a row of it) are read as numpy arrays."""
+    if not isinstance(prompt_ids, (list, tuple)) and hasattr(prompt_ids, "__array__"):
+        prompt_ids = np.asarray(prompt_ids)
     if isinstance(prompt_ids, np.ndarray):
         single = prompt_ids.ndim == 1
         prompts = [prompt_ids] if single else list(prompt_ids)
     else:
         prompts = list(prompt_ids)
-        single = not prompts or isinstance(prompts[0], (int, np.integer))
+        single = not prompts or np.ndim(prompts[0]) == 0  # ids (ints, numpy or torch scalars), else prompts
         prompts = [prompts] if single else prompts
     rows = []
     for p in prompts:
