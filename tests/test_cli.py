@@ -219,6 +219,21 @@ def test_sample_presence_and_frequency_penalties(ckpt, capsys):
         assert rc == 0 and out == "hello" + want
 
 
+def test_sample_stop_reads_escapes(ckpt, capsys, monkeypatch):
+    """`fastllm sample --stop '\\n\\n'` stops at a blank line, as `fastllm eval --stop` does (a shell passes "\\n" as
+    two characters: sample looked for a backslash and an n)."""
+    seen = []
+
+    def stream_text(model, tok, ids, n, stop=(), stats=None, **kw):
+        seen.append(stop)
+        stats["tokens"] = 1
+        yield "a"
+
+    monkeypatch.setattr(cli, "stream_text", stream_text)
+    rc, out, _ = run(["sample", "--ckpt", str(ckpt), "-n", "2", "--stop", "\\n\\n", "\\t", "x"], capsys)
+    assert rc == 0 and seen == [["\n\n", "\t", "x"]]
+
+
 def test_chat_bad_option_fails_once(ckpt):
     """`chat --temperature nan` fails before reading any message (it used to repeat the error per message)."""
     p = subprocess.run([sys.executable, "-m", "fastllm", "chat", "--ckpt", str(ckpt), "--temperature", "nan"],

@@ -314,12 +314,17 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def _unescape(text: str) -> str:
+    """A flag's "\\n" and "\\t" (a shell passes "\n" as two characters) as a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
     p.add_argument("--num-samples", type=int, default=1, help="samples to generate, one after the other")
-    p.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help="stop at any of these strings "
-                                                                         "(default: none)")
+    p.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help="stop at any of these strings, e.g. "
+                                                                         "'\\n\\n' (default: none)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
     _add_sampling_args(p, max_new_tokens=200, temperature=0.8)
 
@@ -341,10 +346,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                          f"of at most {context - 1} tokens to leave room for new ones")
     n = min(args.max_new_tokens, context - ids.size)
     stops = eos_token_ids(model.checkpoint_dir, tok)  # an HF folder's EOS ids (generation_config.json), if any
+    stop = [_unescape(t) for t in args.stop]
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats, stop_tokens=stops,
+        for piece in stream_text(model, tok, ids, n, stop=stop, stats=stats, stop_tokens=stops,
                                  seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
                                  **sampling):
             print(piece, end="", flush=True)
@@ -443,8 +449,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         set_num_threads(args.threads)
     harness = args.task.startswith("lm-eval:")
-    unescape = lambda t: t.replace("\\n", "\n").replace("\\t", "\t")  # noqa: E731 (a shell passes "\n" as 2 chars)
-    args.template, args.stop = unescape(args.template), [unescape(t) for t in args.stop]
+    args.template, args.stop = _unescape(args.template), [_unescape(t) for t in args.stop]
     if not harness:  # check the options before loading anything
         cfg = _config(args, EvalConfig)
     quantized = args.dtype in ("int8", "w8a8")  # a float32 model, scored through its quantized snapshot
