@@ -405,13 +405,14 @@ def test_bad_input(model, kw, match):
 def test_argument_types(model):
     """max_new_tokens must be an integer (2.5 was a TypeError from range(), None one from a comparison); a float top_k
     that is an integer is that integer (2.0 reached np.partition: "Partition index must be integer"); stop_tokens may
-    be one id, as HF's eos_token_id (5 was "'int' object is not iterable")."""
+    be one id or None, as HF's eos_token_id (5 was "'int' object is not iterable")."""
     for n in (2.5, None, "3"):
         with pytest.raises(TypeError, match="max_new_tokens must be an integer"):
             generate(model, [1, 2], n)
     assert generate(model, [1, 2], 6, top_k=2.0, seed=0) == generate(model, [1, 2], 6, top_k=2, seed=0)
     out = generate(model, [1, 2], 20, temperature=0)
     assert generate(model, [1, 2], 20, temperature=0, stop_tokens=np.int64(out[4])) == out[:out.index(out[4], 2) + 1]
+    assert generate(model, [1, 2], 20, temperature=0, stop_tokens=None) == out
     with pytest.raises(TypeError, match="stop_tokens"):
         generate(model, [1, 2], 3, stop_tokens="5")
 

@@ -189,8 +189,10 @@ def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
     return rows, single
 
 
-def _token_ids(ids: int | Sequence[int], name: str) -> list[int]:
-    """An id or a sequence of ids (as HF's eos_token_id) -> a list of ints; TypeError naming `name` otherwise."""
+def _token_ids(ids: int | Sequence[int] | None, name: str) -> list[int]:
+    """An id, a sequence of ids or None (as HF's eos_token_id) -> a list of ints; TypeError naming `name` otherwise."""
+    if ids is None:
+        return []
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         return [int(ids)]
     a = np.asarray(ids)
@@ -219,7 +221,7 @@ def _check_prompts(model, rows: list[list[int]], max_new_tokens: int) -> list[li
 
 def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
-           stop_tokens: int | Sequence[int] = (), seed: int | None = None, weights: str = "float32",
+           stop_tokens: int | Sequence[int] | None = (), seed: int | None = None, weights: str = "float32",
            presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Iterator[np.ndarray]:
     """Yield, per decoding step, the new token of each sequence (array (B,), -1 for sequences that stopped).
 
