@@ -234,6 +234,14 @@ def test_sample_stop_reads_escapes(ckpt, capsys, monkeypatch):
     assert rc == 0 and seen == [["\n\n", "\t", "x"]]
 
 
+def test_sample_says_when_the_context_cuts_max_new_tokens(ckpt, capsys):
+    """-n beyond the context is lowered to what fits, and stderr says so (it was silent)."""
+    rc, out, err = run(["sample", "--ckpt", str(ckpt), "--prompt", "hello", "-n", "100", "--seed", "0"], capsys)
+    assert rc == 0 and "--max-new-tokens 100 lowered to" in err and "context of 16 tokens" in err
+    rc, out, err = run(["sample", "--ckpt", str(ckpt), "--prompt", "hello", "-n", "3", "--seed", "0"], capsys)
+    assert rc == 0 and "lowered" not in err
+
+
 def test_chat_bad_option_fails_once(ckpt):
     """`chat --temperature nan` fails before reading any message (it used to repeat the error per message)."""
     p = subprocess.run([sys.executable, "-m", "fastllm", "chat", "--ckpt", str(ckpt), "--temperature", "nan"],

@@ -345,6 +345,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--prompt is {ids.size} tokens but the model's context is {context} tokens: give a prompt "
                          f"of at most {context - 1} tokens to leave room for new ones")
     n = min(args.max_new_tokens, context - ids.size)
+    if n < args.max_new_tokens:
+        print(f"(--max-new-tokens {args.max_new_tokens} lowered to {n}: the prompt's {ids.size} tokens and the new "
+              f"ones fill the model's context of {context} tokens)", file=sys.stderr)
     stops = eos_token_ids(model.checkpoint_dir, tok)  # an HF folder's EOS ids (generation_config.json), if any
     stop = [_unescape(t) for t in args.stop]
     for i in range(args.num_samples):
