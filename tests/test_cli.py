@@ -201,6 +201,47 @@ def test_nan_weights_never_print_garbage(ckpt, tmp_path, capsys):
     assert "model.safetensors" in line and "'ln_f.weight'" in line and "NaN" in line
 
 
+def test_sample_presence_and_frequency_penalties(ckpt, capsys):
+    """`fastllm sample --presence-penalty / --frequency-penalty` (OpenAI's, as `fastllm serve` takes them; the
+    terminal's sampler had no such flags) continue the prompt as stream_text with those penalties does."""
+    from fastllm.checkpoint import load_model
+    from fastllm.sample import stream_text
+
+    model = load_model(ckpt).eval()
+    tok = cli.checkpoint_tokenizer(model.checkpoint_dir, None)
+    plain = "".join(stream_text(model, tok, "hello", 10, temperature=0))
+    for flag, kw in (("--presence-penalty", dict(presence_penalty=50.0)), ("--frequency-penalty",
+                                                                           dict(frequency_penalty=50.0))):
+        want = "".join(stream_text(model, tok, "hello", 10, temperature=0, **kw))
+        assert want != plain
+        rc, out, _ = run(["sample", "--ckpt", str(ckpt), "--prompt", "hello", "-n", "10", "--temperature", "0",
+                          flag, "50"], capsys)
+        assert rc == 0 and out == "hello" + want
+
+
+def test_sample_stop_reads_escapes(ckpt, capsys, monkeypatch):
+    """`fastllm sample --stop '\\n\\n'` stops at a blank line, as `fastllm eval --stop` does (a shell passes "\\n" as
+    two characters: sample looked for a backslash and an n)."""
+    seen = []
+
+    def stream_text(model, tok, ids, n, stop=(), stats=None, **kw):
+        seen.append(stop)
+        stats["tokens"] = 1
+        yield "a"
+
+    monkeypatch.setattr(cli, "stream_text", stream_text)
+    rc, out, _ = run(["sample", "--ckpt", str(ckpt), "-n", "2", "--stop", "\\n\\n", "\\t", "x"], capsys)
+    assert rc == 0 and seen == [["\n\n", "\t", "x"]]
+
+
+def test_sample_says_when_the_context_cuts_max_new_tokens(ckpt, capsys):
+    """-n beyond the context is lowered to what fits, and stderr says so (it was silent)."""
+    rc, out, err = run(["sample", "--ckpt", str(ckpt), "--prompt", "hello", "-n", "100", "--seed", "0"], capsys)
+    assert rc == 0 and "--max-new-tokens 100 lowered to" in err and "context of 16 tokens" in err
+    rc, out, err = run(["sample", "--ckpt", str(ckpt), "--prompt", "hello", "-n", "3", "--seed", "0"], capsys)
+    assert rc == 0 and "lowered" not in err
+
+
 def test_chat_bad_option_fails_once(ckpt):
     """`chat --temperature nan` fails before reading any message (it used to repeat the error per message)."""
     p = subprocess.run([sys.executable, "-m", "fastllm", "chat", "--ckpt", str(ckpt), "--temperature", "nan"],

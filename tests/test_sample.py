@@ -8,7 +8,8 @@ import pytest
 
 from fastllm import _C, backend, ops
 from fastllm.model import GPT, MODERN, GPTConfig
-from fastllm.sample import SamplingParams, generate, probabilities, sample_next, stream
+from fastllm.sample import SamplingParams, StopStrings, TextStreamer, generate, probabilities, sample_next, stream
+from fastllm.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +330,55 @@ def test_stop_tokens_and_streaming(model):
     assert [int(s[0]) for s in steps] == out[2:out.index(stop, 2) + 1]
 
 
+def test_text_streamer_pieces_join_to_the_whole_decode():
+    """Streamed pieces join to tokenizer.decode of all the ids, whatever bytes the tokens hold: a character split
+    across tokens after bytes that are not UTF-8 (b"\\xefor" then the three bytes of "你") used to come out as
+    three U+FFFD (the streamer gave up holding bytes once its buffer did not decode), and bad bytes were held back."""
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    streamer = TextStreamer(tok)
+    pieces = [streamer.push(b) for b in b"\xefor\xe4\xbd\xa0"] + [streamer.flush()]
+    assert pieces == ["", "\ufffdo", "r", "", "", "\u4f60", ""]
+    rng = np.random.default_rng(0)
+    chars = ["a", " ", "é", "你", "👍", "\ufffd"]
+    for _ in range(200):  # valid characters, cut anywhere, among stray bytes
+        data = b"".join(bytes(rng.integers(128, 256, 1)) if rng.random() < 0.2 else
+                        chars[rng.integers(len(chars))].encode() for _ in range(rng.integers(1, 12)))
+        for ids in ([*data], [*data[:-1]]):
+            streamer = TextStreamer(tok)
+            text = "".join(streamer.push(t) for t in ids)
+            assert text + streamer.flush() == tok.decode(ids)
+
+
+def test_stop_strings_across_pieces_and_one_stop_as_a_str():
+    """Stop strings are found across pieces, text that may still become one is held back, and a str is one stop
+    string (as OpenAI's `stop`): stop="END" used to stop at the first "E", "N" or "D"."""
+    s = StopStrings(["END", "\n\n"])
+    assert [s.push(x) for x in ("an E", "ND", "no")] == [("an ", False), ("", True), ("", True)]
+    s = StopStrings("END")
+    assert [s.push(x) for x in ("Done. E", "N", "Dx")] == [("Done. ", False), ("", False), ("", True)]
+    s = StopStrings("END")
+    assert [s.push("ENTER DEN"), s.push("E"), s.flush()] == [("ENTER D", False), ("EN", False), "E"]
+
+
+@pytest.mark.parametrize("kw", [dict(presence_penalty=3.0), dict(frequency_penalty=1.5),
+                                dict(presence_penalty=-2.0, frequency_penalty=0.5, temperature=0.7, seed=4)])
+def test_presence_and_frequency_penalties(model, kw):
+    """generate takes OpenAI's presence/frequency penalties (SamplingParams had them, generate refused them): each
+    step's token is drawn from the full forward's logits minus the penalties counted over the new tokens only (the
+    prompt's tokens are not penalized)."""
+    kw = {"temperature": 0.0, **kw}
+    prompt = [7, 8, 7]
+    out = generate(model, prompt, 15, **kw)
+    rng = np.random.default_rng(kw.get("seed"))
+    sp = SamplingParams(kw["temperature"], presence_penalty=kw.get("presence_penalty", 0.0),
+                        frequency_penalty=kw.get("frequency_penalty", 0.0))
+    for t in range(len(prompt), len(out)):
+        logits = model.forward(np.array(out[:t])[None])[0, -1:]
+        assert out[t] == sample_next(logits, rng, sp, output=[out[len(prompt):t]])[0]
+    new = generate(model, prompt, 15, temperature=0, presence_penalty=100.0)[len(prompt):]
+    assert len(set(new)) == 15 and len(set(generate(model, prompt, 15, temperature=0)[len(prompt):])) < 15
+
+
 def test_repetition_penalty_changes_greedy_path(model):
     plain = generate(model, [1, 2], 20, temperature=0)
     pen = generate(model, [1, 2], 20, temperature=0, repetition_penalty=5.0)
@@ -343,12 +393,39 @@ def test_repetition_penalty_changes_greedy_path(model):
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=0), "top_k"),
     (dict(prompt_ids=[1, 53]), "token id 53"),
+    (dict(top_k=True), "top_k"),
 ])
 def test_bad_input(model, kw, match):
     args = dict(prompt_ids=[1, 2], max_new_tokens=3)
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         generate(model, **args)
+
+
+def test_argument_types(model):
+    """max_new_tokens must be an integer (2.5 was a TypeError from range(), None one from a comparison); a float top_k
+    that is an integer is that integer (2.0 reached np.partition: "Partition index must be integer"); stop_tokens may
+    be one id or None, as HF's eos_token_id (5 was "'int' object is not iterable")."""
+    for n in (2.5, None, "3"):
+        with pytest.raises(TypeError, match="max_new_tokens must be an integer"):
+            generate(model, [1, 2], n)
+    assert generate(model, [1, 2], 6, top_k=2.0, seed=0) == generate(model, [1, 2], 6, top_k=2, seed=0)
+    out = generate(model, [1, 2], 20, temperature=0)
+    assert generate(model, [1, 2], 20, temperature=0, stop_tokens=np.int64(out[4])) == out[:out.index(out[4], 2) + 1]
+    assert generate(model, [1, 2], 20, temperature=0, stop_tokens=None) == out
+    with pytest.raises(TypeError, match="stop_tokens"):
+        generate(model, [1, 2], 3, stop_tokens="5")
+
+
+def test_prompts_as_torch_tensors(model):
+    """A 1-D torch tensor (a row of HF's input_ids) is one prompt, as a list or a numpy array is: it used to be read
+    as a batch of one-token prompts (iterating it gives 0-d tensors, not ints); a 2-D one is a batch."""
+    torch = pytest.importorskip("torch")
+    want = generate(model, [1, 2, 3], 4, temperature=0)
+    assert generate(model, torch.tensor([1, 2, 3]), 4, temperature=0) == want
+    assert generate(model, list(torch.tensor([1, 2, 3])), 4, temperature=0) == want
+    assert generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), 4, temperature=0) == \
+        generate(model, [[1, 2, 3], [4, 5, 6]], 4, temperature=0)
 
 
 def test_non_finite_logits_raise_naming_the_step(model):

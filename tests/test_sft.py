@@ -533,6 +533,36 @@ def test_chat_loop_commands(tuned):
     assert "unknown command /help" in err.getvalue() and "history cleared" in err.getvalue()
 
 
+def test_chat_answer_cut_short_keeps_the_turns_alternating():
+    """An answer cut short (its generator closed, Ctrl-C in `fastllm chat`) is kept as far as it went: the user turn
+    used to stay without an answer (two user turns in a row next time, which templates that check alternation
+    refuse), and Ctrl-C ended the whole chat; now it stops the answer and the chat goes on."""
+    from fastllm.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=1, n_head=2, n_embd=16), seed=1).eval()
+    s = ChatSession(model, byte_tok(), max_new_tokens=12, temperature=0)
+    full = "".join(s.reply("hi"))
+    s.reset()
+    r = s.reply("hi")
+    first = next(r)
+    r.close()
+    assert first and full.startswith(first) and s.history == conv(("user", "hi"), ("assistant", first))
+
+    class CtrlC(io.StringIO):  # the first answer piece is interrupted
+        def write(self, text):
+            if text and not getattr(self, "hit", False):
+                self.hit = True
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    s.reset()
+    out, err = CtrlC(), io.StringIO()
+    assert chat_loop(s, io.StringIO("hi\nho\n"), out, err) == 0
+    assert "interrupted" in err.getvalue()
+    assert [m["role"] for m in s.history] == ["user", "assistant"] * 2 and s.history[2]["content"] == "ho"
+    assert out.getvalue() == "\n" + s.history[3]["content"] + "\n"
+
+
 def _cli(*args, stdin: str = "") -> subprocess.CompletedProcess:
     # the subprocess imports the same fastllm as this test (installed, or a development build via PYTHONPATH)
     env = {**os.environ, "PYTHONPATH": str(Path(fastllm.__file__).parents[1]), "OMP_NUM_THREADS": "1"}

@@ -574,7 +574,8 @@ class ChatSession:
         return ids
 
     def reply(self, text: str) -> Iterator[str]:
-        """Stream the assistant's answer to the user message `text`."""
+        """Stream the assistant's answer to the user message `text`. An answer cut short (the generator closed
+        early, Ctrl-C) is recorded as far as it went, so user and assistant turns keep alternating."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         self.history.append({"role": "user", "content": text})
@@ -585,16 +586,19 @@ class ChatSession:
             raise
         n = min(self.max_new_tokens, self.model.config.block_size - ids.size)
         answer = []
-        for piece in stream_text(self.model, self.tok, ids.tolist(), n, stop_tokens=self.chat.stop_tokens,
-                                 **self.sampling):
-            answer.append(piece)
-            yield piece
-        self.history.append({"role": "assistant", "content": "".join(answer)})
+        try:
+            for piece in stream_text(self.model, self.tok, ids.tolist(), n, stop_tokens=self.chat.stop_tokens,
+                                     **self.sampling):
+                answer.append(piece)
+                yield piece
+        finally:
+            self.history.append({"role": "assistant", "content": "".join(answer)})
 
 
 def chat_loop(session: ChatSession, inp, out, err) -> int:
     """Read user messages line by line from `inp` (a terminal or a pipe) and stream answers to `out`.
-    Commands: /reset (forget the history), /quit (or end of input)."""
+    Commands: /reset (forget the history), /quit (or end of input). Ctrl-C during an answer stops it (kept in the
+    history as far as it went) and asks for the next message; at the prompt it ends the chat."""
     interactive = hasattr(inp, "isatty") and inp.isatty()
     while True:
         if interactive:
@@ -617,12 +621,18 @@ def chat_loop(session: ChatSession, inp, out, err) -> int:
             err.write(f"unknown command {cmd} (commands: /reset, /quit)\n")
             continue
         dropped = session.dropped
+        answer = session.reply(text)
         try:
-            for piece in session.reply(text):
+            for piece in answer:
                 out.write(piece)
                 out.flush()
         except ValueError as e:
             err.write(f"error: {e}\n")
+            continue
+        except KeyboardInterrupt:
+            answer.close()  # records the answer so far
+            out.write("\n")
+            err.write("(answer interrupted; /quit or Ctrl-D ends the chat)\n")
             continue
         out.write("\n")
         out.flush()

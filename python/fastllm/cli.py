@@ -295,8 +295,7 @@ def _print_task_metrics(s: dict) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the copy inside the checkpoint)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
-    # OpenAI's presence/frequency penalties: `fastllm serve` applies them per request, not the terminal's sampler
-    _add_dataclass_args(p, SamplingParams, skip=("presence_penalty", "frequency_penalty"), progress=False)
+    _add_dataclass_args(p, SamplingParams, progress=False)
     p.set_defaults(temperature=temperature)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh random one)")
     p.add_argument("--dtype", choices=DECODE_DTYPES, default=None,
@@ -315,12 +314,17 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def _unescape(text: str) -> str:
+    """A flag's "\\n" and "\\t" (a shell passes "\n" as two characters) as a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
     p.add_argument("--num-samples", type=int, default=1, help="samples to generate, one after the other")
-    p.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help="stop at any of these strings "
-                                                                         "(default: none)")
+    p.add_argument("--stop", nargs="*", default=[], metavar="TEXT", help="stop at any of these strings, e.g. "
+                                                                         "'\\n\\n' (default: none)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="run the model on the CPU or a GPU")
     _add_sampling_args(p, max_new_tokens=200, temperature=0.8)
 
@@ -341,11 +345,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--prompt is {ids.size} tokens but the model's context is {context} tokens: give a prompt "
                          f"of at most {context - 1} tokens to leave room for new ones")
     n = min(args.max_new_tokens, context - ids.size)
+    if n < args.max_new_tokens:
+        print(f"(--max-new-tokens {args.max_new_tokens} lowered to {n}: the prompt's {ids.size} tokens and the new "
+              f"ones fill the model's context of {context} tokens)", file=sys.stderr)
     stops = eos_token_ids(model.checkpoint_dir, tok)  # an HF folder's EOS ids (generation_config.json), if any
+    stop = [_unescape(t) for t in args.stop]
     for i in range(args.num_samples):
         t0, stats = time.time(), {}
         print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tok, ids, n, stop=args.stop, stats=stats, stop_tokens=stops,
+        for piece in stream_text(model, tok, ids, n, stop=stop, stats=stats, stop_tokens=stops,
                                  seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
                                  **sampling):
             print(piece, end="", flush=True)
@@ -386,7 +394,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                           weights=args.dtype or "float32", chat=fmt, **sampling)
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
-              f"{model.config.block_size} tokens); /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
+              f"{model.config.block_size} tokens); /reset clears the history, Ctrl-C stops an answer, /quit or "
+              "Ctrl-D ends", file=sys.stderr)
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
 
 
@@ -444,8 +453,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         set_num_threads(args.threads)
     harness = args.task.startswith("lm-eval:")
-    unescape = lambda t: t.replace("\\n", "\n").replace("\\t", "\t")  # noqa: E731 (a shell passes "\n" as 2 chars)
-    args.template, args.stop = unescape(args.template), [unescape(t) for t in args.stop]
+    args.template, args.stop = _unescape(args.template), [_unescape(t) for t in args.stop]
     if not harness:  # check the options before loading anything
         cfg = _config(args, EvalConfig)
     quantized = args.dtype in ("int8", "w8a8")  # a float32 model, scored through its quantized snapshot

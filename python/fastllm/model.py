@@ -754,7 +754,7 @@ class GPT:
 
     def generate(self, prompt_ids, max_new_tokens: int, **kw):
         """Prompt plus generated ids (see fastllm.sample.generate for the keyword arguments: temperature, top_k,
-        top_p, min_p, repetition_penalty, stop_tokens, seed, weights).
+        top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, stop_tokens, seed, weights).
 
         >>> model.generate([50256], 20, temperature=0.8, top_k=40, seed=0)
         """

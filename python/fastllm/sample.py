@@ -12,6 +12,7 @@ decodes tokens to text incrementally (`TextStreamer` holds back bytes of a UTF-8
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,8 +39,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
+        if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_k is not None:
+            self.top_k = int(self.top_k)  # (a float 4.0 from JSON: an index for np.partition)
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
@@ -166,13 +169,16 @@ def _check_finite(logits: np.ndarray, alive: np.ndarray, step: int) -> None:
 
 
 def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
-    """One prompt (a sequence of ids) or a batch (a sequence of sequences) -> (list of id lists, single?)."""
+    """One prompt (a sequence of ids) or a batch (a sequence of sequences) -> (list of id lists, single?). Arrays
+    of other libraries (a torch tensor: HF's input_ids, or a row of it) are read as numpy arrays."""
+    if not isinstance(prompt_ids, (list, tuple)) and hasattr(prompt_ids, "__array__"):
+        prompt_ids = np.asarray(prompt_ids)
     if isinstance(prompt_ids, np.ndarray):
         single = prompt_ids.ndim == 1
         prompts = [prompt_ids] if single else list(prompt_ids)
     else:
         prompts = list(prompt_ids)
-        single = not prompts or isinstance(prompts[0], (int, np.integer))
+        single = not prompts or np.ndim(prompts[0]) == 0  # ids (ints, numpy or torch scalars), else prompts
         prompts = [prompts] if single else prompts
     rows = []
     for p in prompts:
@@ -183,7 +189,21 @@ def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
     return rows, single
 
 
+def _token_ids(ids: int | Sequence[int] | None, name: str) -> list[int]:
+    """An id, a sequence of ids or None (as HF's eos_token_id) -> a list of ints; TypeError naming `name` otherwise."""
+    if ids is None:
+        return []
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        return [int(ids)]
+    a = np.asarray(ids)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"{name} must be a token id or a sequence of them, got {ids!r}")
+    return [int(t) for t in a]
+
+
 def _check_prompts(model, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     V, Tmax = model.config.vocab_size, model.config.block_size
@@ -201,28 +221,32 @@ def _check_prompts(model, rows: list[list[int]], max_new_tokens: int) -> list[li
 
 def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
-           stop_tokens: Sequence[int] = (), seed: int | None = None, weights: str = "float32"
-           ) -> Iterator[np.ndarray]:
+           stop_tokens: int | Sequence[int] | None = (), seed: int | None = None, weights: str = "float32",
+           presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Iterator[np.ndarray]:
     """Yield, per decoding step, the new token of each sequence (array (B,), -1 for sequences that stopped).
 
     prompt_ids: one sequence of ids, or a list of sequences of different lengths (batched generation).
+    Sampling options: see SamplingParams (repetition_penalty over each prompt and its new tokens, presence and
+    frequency penalties over the new tokens). stop_tokens: an id or ids that end a sequence (included in it).
     weights="bfloat16" decodes with bf16 copies of the weight matrices (about half the memory traffic per step;
     logits within ~1% of float32, so sampled tokens can differ where two candidates are nearly tied); weights="int8"
     with int8 copies (a quarter of the traffic; per-row scales, see ops.quantize_int8), the prompt included;
     weights="w8a8" with those and int8 activations (integer products, see model.w8a8_weights).
     Logits that are not finite (NaN/Inf weights) raise FloatingPointError naming the step."""
-    sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
     check_seed(seed)
     rows = _check_prompts(model, _as_rows(prompt_ids)[0], max_new_tokens)
+    n0 = [len(r) for r in rows]  # prompt lengths: rows[b][n0[b]:] are the new tokens
     rng = np.random.default_rng(seed)
-    stop = set(int(s) for s in stop_tokens)
+    stop = set(_token_ids(stop_tokens, "stop_tokens"))
     # the cache holds what this call needs (longest prompt + new tokens), not a full context
     cache = model.kv_cache(len(rows), weights=weights, max_len=max(len(r) for r in rows) + max_new_tokens)
     logits = cache.prefill(rows)  # (B, V) logits of each prompt's last token
     alive = np.ones(len(rows), bool)
     for step in range(max_new_tokens):
         _check_finite(logits, alive, step)
-        nxt = sample_next(logits, rng, sp, rows if repetition_penalty != 1.0 else None).astype(np.int64)
+        output = [r[n:] for r, n in zip(rows, n0)] if presence_penalty or frequency_penalty else None
+        nxt = sample_next(logits, rng, sp, rows if repetition_penalty != 1.0 else None, output).astype(np.int64)
         nxt[~alive] = -1
         for b in np.flatnonzero(alive):
             rows[b].append(int(nxt[b]))
@@ -236,7 +260,8 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
 
 def generate(model, prompt_ids, max_new_tokens: int, **kw) -> list[int] | list[list[int]]:
     """Prompt plus generated ids (a list, or a list of lists for a batch of prompts). Keyword arguments as in
-    `stream`: temperature, top_k, top_p, min_p, repetition_penalty, stop_tokens, seed, weights."""
+    `stream`: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+    stop_tokens, seed, weights."""
     rows, single = _as_rows(prompt_ids)
     for step in stream(model, prompt_ids, max_new_tokens, **kw):
         for b, t in enumerate(step):
@@ -247,34 +272,27 @@ def generate(model, prompt_ids, max_new_tokens: int, **kw) -> list[int] | list[l
 
 class TextStreamer:
     """Turns a stream of token ids into text pieces, never splitting a UTF-8 character: bytes of an
-    incomplete character are held back until the token that completes them arrives."""
+    incomplete character are held back until the token that completes them arrives. Bytes that cannot become
+    UTF-8 are U+FFFD at once, as a whole decode replaces them (Python's incremental UTF-8 decoder): the pieces
+    join to tokenizer.decode(ids)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.pending = b""
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def push(self, token_id: int) -> str:
         try:
-            self.pending += self.tokenizer.decode_bytes([int(token_id)])
+            return self.decoder.decode(self.tokenizer.decode_bytes([int(token_id)]))
         except ValueError:  # an embedding row with no token (Qwen's vocab_size 151936 > its ~151665 tokens): no
-            pass  # text, as transformers' decode skips it
-        # keep back an incomplete trailing UTF-8 sequence (at most 3 bytes)
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.pending = self.pending[cut:]
-            return text
-        return self.flush()  # not UTF-8 at all: give up holding it
+            return ""  # text, as transformers' decode skips it
 
     def flush(self) -> str:
-        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
-        return text
+        return self.decoder.decode(b"", final=True)
 
 
 class StopStrings:
-    """Cuts a stream of text pieces at the first occurrence of any of the `stop` strings (not included).
+    """Cuts a stream of text pieces at the first occurrence of any of the `stop` strings (not included; a str is
+    one stop string, as OpenAI's `stop`).
     push(piece) returns (text that is safe to show now, stopped); text whose end could still grow into a stop
     string is held back until the next piece decides it; flush() returns what is held at the end of the stream.
 
@@ -282,8 +300,8 @@ class StopStrings:
     (('Hi', False), ('', True))
     """
 
-    def __init__(self, stop: Sequence[str] = ()):
-        self.stop = [x for x in stop if x]
+    def __init__(self, stop: str | Sequence[str] = ()):
+        self.stop = [x for x in ([stop] if isinstance(stop, str) else stop) if x]  # (not one stop per character)
         self.text, self.emitted, self.stopped = "", 0, False
 
     def push(self, piece: str) -> tuple[str, bool]:
@@ -310,17 +328,18 @@ class StopStrings:
         return out
 
 
-def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int, stop: Sequence[str] = (),
-                stats: dict | None = None, **kw) -> Iterator[str]:
-    """Yield decoded text pieces as tokens are generated (single prompt: text, encoded with special tokens
-    allowed, or token ids); stops at `stop` strings (not included in the output), at <|endoftext|> and at
+def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int,
+                stop: str | Sequence[str] = (), stats: dict | None = None, **kw) -> Iterator[str]:
+    """Yield decoded text pieces as tokens are generated (single prompt: token ids, or text, encoded as `fastllm
+    sample` and HF's tokenizer(text) encode it: tokenizer.encode_prompt, special tokens matched, a Llama 3 BOS
+    first, "" a new document); stops at `stop` strings (not included in the output), at <|endoftext|> and at
     `stop_tokens` (their text not included either). `stats["tokens"]` counts the tokens generated."""
     stats = {} if stats is None else stats
     stats["tokens"] = 0
     eot = tokenizer.special_tokens.get("<|endoftext|>")
-    stop_tokens = tuple(int(t) for t in kw.pop("stop_tokens", ())) + ((eot,) if eot is not None else ())
+    stop_tokens = (*_token_ids(kw.pop("stop_tokens", ()), "stop_tokens"), *(() if eot is None else (eot,)))
     ends = set(stop_tokens)
-    ids = tokenizer.encode(prompt, allowed_special="all") if isinstance(prompt, str) else prompt
+    ids = tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
     streamer, cutter = TextStreamer(tokenizer), StopStrings(stop)
     for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
         t = int(step[0])
