@@ -224,7 +224,7 @@ def load_state(folder: str | os.PathLike, kind: str) -> dict:
     rng = np.random.default_rng()
     try:
         rng.bit_generator.state = state["rng"]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # (Overflow: a number too big for 128 bits)
         raise ValueError(f"{file}: bad 'rng' state ({type(e).__name__}: {e})") from None
     return {**state, "rng": rng}
 
