@@ -180,10 +180,25 @@ def test_integer_or_bool_weights_are_refused(ckpt, dtype):
 
 def test_bad_model_config_metadata_names_the_file(ckpt):
     f = ckpt / "model.safetensors"
-    for bad in ("{not json", '{"n_layer": 1, "bogus": 2}', "[1, 2]", '{"n_head": -2}'):
+    for bad in ("{not json", '{"n_layer": 1, "bogus": 2}', "[1, 2]", '{"n_head": -2}', "[" * 100_000):
         _rewrite_tensors(f, lambda t: t, lambda m, bad=bad: {**m, "config": bad})
         with pytest.raises(ValueError, match=r"model.safetensors: bad model config"):
             load_model(ckpt)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("vocab_size", 2**40, r"'wte' has shape \(20, 8\); the model config in the metadata needs \(1099511627776, 8\)"),
+    ("n_layer", 2**33, r"'ln_1.weight' has shape \(1, 8\); .* needs \(8589934592, 8\)"),
+    ("tie_embeddings", False, r"'lm_head.weight' is missing"),
+])
+def test_config_not_matching_the_tensors_is_refused_before_allocating(ckpt, field, value, match):
+    """A damaged config in the metadata (a size off by a few digits) used to allocate the model it describes first:
+    a MemoryError asking for terabytes, not an error naming the file."""
+    f = ckpt / "model.safetensors"
+    _rewrite_tensors(f, lambda t: t, lambda m: {**m, "config": json.dumps({**json.loads(m["config"]),
+                                                                               field: value})})
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor " + match):
+        load_model(ckpt)
 
 
 def test_optimizer_state_errors_name_the_file(ckpt):

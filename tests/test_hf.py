@@ -218,6 +218,11 @@ def edit_config(d, out, **changes):
         (dict(n_embd=16), r"tensor 'transformer\.\S+' has shape .*, config.json needs"),
         (dict(n_layer=1), "unexpected tensor 'transformer.h.1"),
         (dict(n_layer=3), r"missing tensors \['transformer.h.2.ln_1.weight'"),
+        # a size off by digits was allocated before the tensors were checked: a MemoryError (or, for n_layer, an
+        # endless tensor_map) instead of the file and the tensor
+        (dict(vocab_size=2**40), r"'transformer.wte.weight' has shape .*, config.json needs \(1099511627776, 32"),
+        (dict(n_positions=2**40, n_ctx=2**40), r"'transformer.wpe.weight' has shape .*needs \(1099511627776, 32"),
+        (dict(n_layer=2**31), r"n_layer=2147483648, but the weight files hold only \d+ tensors"),
     ],
 )
 def test_bad_config(hf_pair, tmp_path, changes, match):

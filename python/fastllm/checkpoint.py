@@ -39,7 +39,7 @@ import numpy as np
 from . import chat, hf
 from .checks import require_device
 from .fileio import atomic_write, load_safetensors, read_json, save_safetensors, write_json
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, param_shapes
 from .tokenizer import Tokenizer, find_hf_tokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -186,8 +186,13 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
         raise ValueError(f"{file}: no model config in the metadata (a Hugging Face file? see `fastllm convert`)")
     try:
         config = GPTConfig.from_dict(json.loads(meta["config"]))
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{file}: bad model config in the metadata ({e})") from None
+    for name, shape in param_shapes(config).items():  # before allocating: a damaged config may ask for terabytes
+        got = tensors[name].shape if name in tensors else None
+        if got != shape:
+            raise ValueError(f"{file}: tensor {name!r} {'is missing' if got is None else f'has shape {got}'}; the "
+                             f"model config in the metadata needs {shape}")
     model = GPT(config, init=False)
     model.load_state_dict(_float_tensors(file, tensors), where=str(file))
     model.checkpoint_dir = folder

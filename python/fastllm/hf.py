@@ -48,7 +48,7 @@ import numpy as np
 
 from .chat import eos_token_ids, read_template
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, param_shapes
 from .rope import ROPE_TYPES
 from .version import __version__
 
@@ -411,14 +411,20 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
         raise FileNotFoundError(f"{cfg_path} not found")
     doc = read_json(cfg_path)
     cfg = config_from_hf(doc, str(cfg_path))
-    files, wmap = _weight_files(folder)  # before allocating the model
-    model = cls(cfg, init=False)
+    files, wmap = _weight_files(folder)
+    # every name, dtype and shape is checked before the model is allocated: a damaged config.json (vocab_size or
+    # n_layer off by a few digits) is refused by name, not by a MemoryError asking for terabytes or a hang
+    opened = [(file, load_safetensors(file, mmap=True)[0]) for file in files]
+    count = sum(len(tensors) for _, tensors in opened)
+    if cfg.n_layer > count:  # (each layer has several tensors; tensor_map's size grows with n_layer)
+        raise ValueError(f"{cfg_path}: n_layer={cfg.n_layer}, but the weight files hold only {count} tensors")
     slots = tensor_map(cfg)
+    shapes = {name: np.broadcast_to(np.float32(0), shape) for name, shape in param_shapes(cfg).items()}  # (no data)
     seen: dict[str, Path] = {}
     filled: dict[str, str] = {}  # tensor_map name -> the file's name for it
+    reads = []  # (file, its tensors, name, slot) to copy in
     tied_heads = []
-    for file in files:
-        tensors, _meta = load_safetensors(file, mmap=True)
+    for file, tensors in opened:
         for name in tensors:
             if name in seen:
                 raise ValueError(f"{file}: tensor {name!r} is also in {seen[name]}")
@@ -437,13 +443,11 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
             dtype = tensors.dtype(name)
             if dtype not in ("F32", "F16", "BF16", "F64"):
                 raise ValueError(f"{file}: tensor {name!r} has dtype {dtype}, expected F32, F16, BF16 or F64")
-            dst = slots[key].view(model.p)
-            if tensors.shape(name) != dst.shape:
+            want = slots[key].view(shapes).shape
+            if tensors.shape(name) != want:
                 raise ValueError(f"{file}: tensor {name!r} has shape {tensors.shape(name)}, config.json needs "
-                                 f"{dst.shape}")
-            tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
-            if not _all_finite(dst):
-                raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
+                                 f"{want}")
+            reads.append((file, tensors, name, slots[key]))
             filled[key] = name
     for name, f in wmap.items():
         if name not in seen:
@@ -453,6 +457,12 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
         where = files[0] if not wmap else folder / INDEX_FILE
         raise ValueError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} of the model "
                          f"config.json describes (model_type {model_type(cfg)}, n_layer={cfg.n_layer})")
+    model = cls(cfg, init=False)
+    for file, tensors, name, slot in reads:
+        dst = slot.view(model.p)
+        tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
+        if not _all_finite(dst):
+            raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
     for file, tensors, name in tied_heads:
         if tensors.shape(name) != model.p["wte"].shape or not np.array_equal(tensors[name], model.p["wte"]):
             raise ValueError(f"{file}: {name} differs from the token embedding, but config.json ties them "
