@@ -425,6 +425,28 @@ def test_convert_never_writes_into_its_source(hf_pair, tmp_path):
         checkpoint.convert(src, tmp_path / "file")
 
 
+def test_convert_refuses_a_folder_that_holds_files(hf_pair, tmp_path, monkeypatch):
+    """Converting into an existing folder used to write over its files one by one and leave the others: a model
+    without a tokenizer, converted where another model had been, got that model's tokenizer (and chat template and
+    EOS ids). A folder that holds files is refused, untouched; an empty one is filled (staged, fsynced, renamed)."""
+    _, d = hf_pair
+    src = shutil.copytree(d, tmp_path / "src")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tokenizer.tiktoken").write_text("stale")
+    with pytest.raises(ValueError, match=r"output folder .*old exists and is not empty"):
+        checkpoint.convert(src, tmp_path / "old")
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["tokenizer.tiktoken"]
+    assert cli.main(["convert", str(src), str(tmp_path / "old")]) == 1
+    synced = []
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda folder: synced.append(folder.name))
+    (tmp_path / "empty").mkdir()
+    checkpoint.convert(src, tmp_path / "empty")
+    assert synced[0].startswith(".empty.") and synced[1] == tmp_path.name  # the staged folder, then its parent
+    assert np.array_equal(load_model(tmp_path / "empty").params, GPT.from_pretrained(src).params)
+    with pytest.raises(ValueError, match="not empty"):
+        checkpoint.convert(tmp_path / "empty", tmp_path / "old", to="hf")
+
+
 def test_convert_leaves_nothing_on_failure(hf_pair, tmp_path):
     """A bad tokenizer in the source used to fail after model.safetensors was written: now everything is read
     first, and a new output folder appears complete or not at all."""

@@ -306,22 +306,24 @@ def _check_convert_paths(src: Path, dst: Path) -> None:
                          f"{src}; choose another output folder")
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"convert: the output {dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()):  # an earlier folder's tokenizer, template or EOS ids would stay
+        raise ValueError(f"convert: the output folder {dst} exists and is not empty; remove it or choose a new "
+                         "folder (convert never mixes its files with those already there)")
 
 
 @contextlib.contextmanager
 def _output_folder(dst: Path):
-    """The folder to write dst's files into: a new dst is written as a hidden sibling folder and renamed at the
-    end, so an interrupted or failed conversion leaves no dst at all; an existing one gets each file atomically."""
-    if dst.exists():
-        yield dst
-        return
+    """The folder to write dst's files into: a hidden sibling folder, renamed to dst (new, or an empty folder) at
+    the end, so an interrupted or failed conversion leaves no dst at all."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this process id
     tmp.mkdir()  # (mode from the umask, unlike mkdtemp's 0700)
     try:
         yield tmp
+        _fsync_dir(tmp)  # its files are fsynced; their names too, before the folder appears under dst
         os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -332,7 +334,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm")
     (to="fastllm": model.safetensors with the GPTConfig in its metadata, as load_model reads, the tokenizer with its
     tokenizer_config.json and chat template, and a generation_config.json with the EOS ids), or a fastllm checkpoint
     -> HF folder (to="hf"). Everything is read and checked before anything is written; dst may not be src or
-    inside it.
+    inside it, nor a folder that holds files already.
 
     >>> convert("Qwen2.5-0.5B-Instruct/", "ckpt/")     # then: fastllm sample --ckpt ckpt/
     """
