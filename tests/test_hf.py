@@ -154,6 +154,32 @@ def test_sharded_checkpoints(hf_pair, tmp_path):
     assert np.array_equal(GPT.from_pretrained(tmp_path / "ours").params, a.params)
 
 
+def test_interrupted_sharded_save_never_loads_a_mix(tmp_path, monkeypatch):
+    """Saving shards over an earlier sharded save of the same size (same shard names) used to keep the old index
+    until the end: a save killed after its first shard left new and old shards under a valid index, loaded
+    without a word. Now the old index goes first, so what is left is refused, naming the folder."""
+    cfg = GPTConfig(block_size=8, vocab_size=300, n_layer=2, n_head=2, n_embd=16)
+    old, new = GPT(cfg, seed=0), GPT(cfg, seed=1)
+    old.save_pretrained(tmp_path, max_shard_bytes=8000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    real, written = hf.save_safetensors, []
+
+    def killed_after_one_shard(path, *args, **kw):
+        if written:
+            raise KeyboardInterrupt  # (a SIGKILL here leaves the same files)
+        written.append(path)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(hf, "save_safetensors", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path, max_shard_bytes=8000)
+    monkeypatch.setattr(hf, "save_safetensors", real)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        GPT.from_pretrained(tmp_path)
+    new.save_pretrained(tmp_path, max_shard_bytes=8000)  # a complete save loads again
+    assert np.array_equal(GPT.from_pretrained(tmp_path).params, new.params)
+
+
 def rewrite(d, fn, out):
     """Copy HF folder d to out, passing its tensors through fn(dict) -> dict."""
     shutil.copytree(d, out)

@@ -494,8 +494,9 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
     `tokenizer`, also tokenizer.json and tokenizer_config.json, with the chat template of the folder the model was
     loaded from, if it has one). eos_token_id: written to config.json and generation_config.json (default: the EOS
     ids of the folder the model was loaded from, else the tokenizer's <|endoftext|>). Every file is written
-    atomically; stale shards of an earlier save are removed. ValueError when no transformers architecture computes
-    the config."""
+    atomically; stale shards of an earlier save are removed (a sharded save interrupted midway leaves no index, so
+    that nothing loads a mix of old and new shards). ValueError when no transformers architecture computes the
+    config."""
 
     cfg = model.config
     if tokenizer is not None and tokenizer.n_vocab > cfg.vocab_size:
@@ -521,6 +522,9 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
             shards[-1][name] = arr
             size += arr.nbytes
         n = len(shards)
+        # the old index goes first: a save killed midway leaves shards without one (refused by name), never an
+        # index over a mix of new and old shards of the same names (loaded without a word)
+        (folder / INDEX_FILE).unlink(missing_ok=True)
         wmap, written = {}, set()
         for k, shard in enumerate(shards, 1):
             fname = f"model-{k:05d}-of-{n:05d}.safetensors"
