@@ -152,6 +152,19 @@ def test_sharded_checkpoints(hf_pair, tmp_path):
         and not (tmp_path / "ours" / hf.INDEX_FILE).exists()
     )
     assert np.array_equal(GPT.from_pretrained(tmp_path / "ours").params, a.params)
+    # transformers' spelling (max_shard_size="30KB" was a TypeError), and `convert --to hf --max-shard-size`
+    a.save_pretrained(tmp_path / "ours", max_shard_size="30KB")
+    assert sorted((tmp_path / "ours").glob("model-*-of-*.safetensors")) == shards
+    checkpoint.convert(tmp_path / "ours", tmp_path / "ckpt")
+    assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf", "--max-shard-size",
+                     "30KB"]) == 0
+    assert [p.name for p in sorted((tmp_path / "hf").glob("model-*-of-*"))] == [p.name for p in shards]
+    assert np.array_equal(GPT.from_pretrained(tmp_path / "hf").params, a.params)
+    for bad in ("30", "30XB", 0, 2.5):
+        with pytest.raises(ValueError, match="max_shard_size must be a number of bytes > 0 or a size like '5GB'"):
+            a.save_pretrained(tmp_path / "bad", max_shard_size=bad)
+    with pytest.raises(ValueError, match="max_shard_size is for --to hf"):
+        checkpoint.convert(tmp_path / "ours", tmp_path / "x", max_shard_size="1GB")
 
 
 def test_interrupted_sharded_save_never_loads_a_mix(tmp_path, monkeypatch):

@@ -329,18 +329,22 @@ def _output_folder(dst: Path):
         raise
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm") -> Path:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm",
+            max_shard_size: int | str | None = None) -> Path:
     """HF model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3: see fastllm.hf) -> fastllm checkpoint folder
     (to="fastllm": model.safetensors with the GPTConfig in its metadata, as load_model reads, the tokenizer with its
     tokenizer_config.json and chat template, and a generation_config.json with the EOS ids), or a fastllm checkpoint
     -> HF folder (to="hf"). Everything is read and checked before anything is written; dst may not be src or
-    inside it, nor a folder that holds files already.
+    inside it, nor a folder that holds files already. max_shard_size (to="hf"): shards of at most that size
+    ("5GB", as transformers writes it; default: one model.safetensors).
 
     >>> convert("Qwen2.5-0.5B-Instruct/", "ckpt/")     # then: fastllm sample --ckpt ckpt/
     """
     src, dst = Path(src), Path(dst)
     if to not in ("fastllm", "hf"):
         raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
+    if max_shard_size is not None and to != "hf":
+        raise ValueError("max_shard_size is for --to hf (a fastllm checkpoint is one model.safetensors)")
     _check_convert_paths(src, dst)
     if to == "fastllm":
         model = hf.from_pretrained(src)
@@ -366,7 +370,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm")
     tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
     eos = chat.eos_token_ids(model.checkpoint_dir, tok) or None
     with _output_folder(dst) as out:
-        hf.save_pretrained(model, out, tokenizer=tok, eos_token_id=eos)
+        hf.save_pretrained(model, out, tokenizer=tok, eos_token_id=eos, max_shard_size=max_shard_size)
         if tok_path is not None and tok_path.name == "tokenizer.json":  # a HF tokenizer: its own files, as they were
             copy_tokenizer(tok_path, out)
         for name in CHAT_FILES[:2]:

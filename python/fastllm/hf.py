@@ -488,17 +488,41 @@ def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(slot.view(p)) for name, slot in tensor_map(model.config).items()}
 
 
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+               "TIB": 2**40}  # as transformers' max_shard_size reads them
+
+
+def _size_in_bytes(size: int | str) -> int:
+    """A size in bytes from an int or transformers' spelling ("5GB": 10**9 bytes a GB, "500MiB": 2**20 a MiB).
+
+    >>> _size_in_bytes("20KB")
+    20000
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B)\s*", size, re.IGNORECASE) if isinstance(size, str) else None
+    if m is not None:
+        return int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"max_shard_size must be a number of bytes > 0 or a size like '5GB' or '500MiB', got {size!r}")
+    return size
+
+
 def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None,
-                    eos_token_id: int | list[int] | None = None) -> Path:
+                    eos_token_id: int | list[int] | None = None, max_shard_size: int | str | None = None) -> Path:
     """Write `model` as a transformers folder (config.json, model.safetensors or shards + index, in float32; with a
     `tokenizer`, also tokenizer.json and tokenizer_config.json, with the chat template of the folder the model was
-    loaded from, if it has one). eos_token_id: written to config.json and generation_config.json (default: the EOS
-    ids of the folder the model was loaded from, else the tokenizer's <|endoftext|>). Every file is written
+    loaded from, if it has one). Shards of at most max_shard_size (transformers' name and spelling: "5GB", or bytes;
+    or max_shard_bytes) when the tensors are larger, else one file. eos_token_id: written to config.json and
+    generation_config.json (default: the EOS ids of the folder the model was loaded from, else the tokenizer's
+    <|endoftext|>). Every file is written
     atomically; stale shards of an earlier save are removed (a sharded save interrupted midway leaves no index, so
     that nothing loads a mix of old and new shards). ValueError when no transformers architecture computes the
     config."""
 
     cfg = model.config
+    if max_shard_size is not None:
+        if max_shard_bytes is not None:
+            raise ValueError("give max_shard_size or max_shard_bytes, not both")
+        max_shard_bytes = _size_in_bytes(max_shard_size)
     if tokenizer is not None and tokenizer.n_vocab > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model's vocab_size is {cfg.vocab_size}")
     model_type(cfg)  # refuse before writing anything
