@@ -195,10 +195,25 @@ def test_integer_or_bool_weights_are_refused(ckpt, dtype):
 
 def test_bad_model_config_metadata_names_the_file(ckpt):
     f = ckpt / "model.safetensors"
-    for bad in ("{not json", '{"n_layer": 1, "bogus": 2}', "[1, 2]", '{"n_head": -2}'):
+    for bad in ("{not json", '{"n_layer": 1, "bogus": 2}', "[1, 2]", '{"n_head": -2}', "[" * 100_000):
         _rewrite_tensors(f, lambda t: t, lambda m, bad=bad: {**m, "config": bad})
         with pytest.raises(ValueError, match=r"model.safetensors: bad model config"):
             load_model(ckpt)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("vocab_size", 2**40, r"'wte' has shape \(20, 8\); the model config in the metadata needs \(1099511627776, 8\)"),
+    ("n_layer", 2**33, r"'ln_1.weight' has shape \(1, 8\); .* needs \(8589934592, 8\)"),
+    ("tie_embeddings", False, r"'lm_head.weight' is missing"),
+])
+def test_config_not_matching_the_tensors_is_refused_before_allocating(ckpt, field, value, match):
+    """A damaged config in the metadata (a size off by a few digits) used to allocate the model it describes first:
+    a MemoryError asking for terabytes, not an error naming the file."""
+    f = ckpt / "model.safetensors"
+    _rewrite_tensors(f, lambda t: t, lambda m: {**m, "config": json.dumps({**json.loads(m["config"]),
+                                                                               field: value})})
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor " + match):
+        load_model(ckpt)
 
 
 def test_optimizer_state_errors_name_the_file(ckpt):
@@ -224,12 +239,71 @@ def test_optimizer_state_errors_name_the_file(ckpt):
     ('{"step": 4, "kind": "train", "stage": {}}', "'rng' is missing"),
     ('{"step": -1, "kind": "train", "rng": {}, "stage": {}}', "'step' must be >= 0"),
     ('{"step": 4, "kind": "train", "rng": {"bit_generator": "MT19937"}, "stage": {}}', "bad 'rng'"),
+    ('{"step": 4, "kind": "train", "rng": {"bit_generator": "PCG64", "state": {"state": 1' + "0" * 60 +
+     ', "inc": 1}, "has_uint32": 0, "uinteger": 0}, "stage": {}}', "bad 'rng'"),  # was an OverflowError
     ('{"step": 4, "kind": "grpo", "rng": {}, "stage": {}}', "'grpo' checkpoint; it cannot resume 'train'"),
 ])
 def test_bad_state_json_names_the_file(ckpt, text, match):
     (ckpt / "state.json").write_text(text)
     with pytest.raises(ValueError, match=rf"state.json:.*{match}"):
         load_state(ckpt, "train")
+
+
+# ---- the safetensors reader (fastllm.fileio) -----------------------------------------------------------------
+
+
+def _raw_safetensors(path, header, data: bytes = b"\0" * 8):
+    hdr = header.encode() if isinstance(header, str) else json.dumps(header).encode()
+    path.write_bytes(len(hdr).to_bytes(8, "little") + hdr + data)
+    return path
+
+
+@pytest.mark.parametrize("header,match", [
+    ({"a": {"dtype": [], "shape": [2], "data_offsets": [0, 8]}}, "'a' has unsupported dtype \\[\\]"),  # TypeError
+    ({"__metadata__": [1], "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, "__metadata__ must map"),
+    ({"__metadata__": {"config": 3}}, "__metadata__ must map names to strings"),  # load_model: TypeError
+    ({"a": {"dtype": "F32", "shape": [2**70], "data_offsets": [0, 8]}}, "'a' .* does not fit"),  # OverflowError
+    ({"a": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}, "'a' .* does not fit"),  # wrapped
+    ({"a": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, "'a' has a malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, "'a' has a malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, "'a' has a malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}, "'a' has a malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}}, "'a' has a malformed header entry"),
+    pytest.param("[" * 100_000 + "]" * 100_000, "corrupt safetensors header", id="nested"),  # RecursionError
+])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_malformed_safetensors_headers_name_the_file(tmp_path, header, match, mmap):
+    """Each of these used to raise TypeError, OverflowError or RecursionError, load with a made-up shape
+    ("2" -> (2,), 2.0 -> 2, True -> 1), or, for a shape whose element count wraps around int64 to 0, pass the size
+    check and fail later in a numpy reshape that named nothing."""
+    f = _raw_safetensors(tmp_path / "x.safetensors", header)
+    with pytest.raises(ValueError, match=r"x.safetensors.*" + match):
+        load_safetensors(f, mmap=mmap)
+
+
+def test_safetensors_files_of_the_safetensors_library(tmp_path):
+    """Files written by the safetensors library load here, and ours there: every integer, float and bool dtype
+    (U32 and U64 were refused), zero-size and 0-d tensors (a 0-d array was written with shape [1]), big-endian and
+    Fortran-ordered arrays (a big-endian array was refused as an 'unsupported dtype')."""
+    st = pytest.importorskip("safetensors.numpy")
+    arrays = {f"{np.dtype(t).name}": (np.arange(6) % 2 if t is np.bool_ else np.arange(6) - 2).astype(t)
+              for t in (np.float32, np.float16, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                        np.uint16, np.uint32, np.uint64, np.bool_)}
+    arrays.update(empty=np.zeros((0, 3), np.float32), scalar=np.array(2.5, np.float32))
+    st.save_file(arrays, str(tmp_path / "lib.safetensors"), metadata={"k": "v"})
+    for mmap in (False, True):
+        got, meta = load_safetensors(tmp_path / "lib.safetensors", mmap=mmap)
+        assert meta == {"k": "v"} and sorted(got) == sorted(arrays)
+        for name, a in arrays.items():
+            assert got[name].dtype == a.dtype and got[name].shape == a.shape, name
+            np.testing.assert_array_equal(got[name], a)
+    ours = {**arrays, "big_endian": np.arange(6, dtype=">f4").reshape(2, 3),
+            "fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))}
+    save_safetensors(tmp_path / "ours.safetensors", ours, {"n": 1})
+    back = st.load_file(str(tmp_path / "ours.safetensors"))
+    for name, a in ours.items():
+        assert back[name].dtype == a.dtype.newbyteorder("=") and back[name].shape == a.shape, name
+        np.testing.assert_array_equal(back[name], a)
 
 
 def test_missing_checkpoint_and_heads(tmp_path, ckpt):

@@ -1,8 +1,9 @@
 """Fuzzing the file loaders: valid files (a tokenizer as .tiktoken + .json sidecar, an HF tokenizer.json, GPT-2's
-vocab.json + merges.txt, safetensors, token shards, a prepare manifest, an HF model folder) are damaged -- bytes
-flipped, inserted, deleted, truncated, duplicated; for JSON files also any value replaced by random JSON or a key
-removed -- and loaded again. Every outcome must be a successful load or a ValueError / OSError whose message names
-the damaged file: never another exception, a crash or a hang (faulthandler aborts the run after a while).
+vocab.json + merges.txt, safetensors, token shards, a prepare manifest, an HF model folder, a fastllm checkpoint) are
+damaged -- bytes flipped, inserted, deleted, truncated, duplicated; for JSON files and safetensors headers also any
+value replaced by random JSON or a key removed -- and loaded again. Every outcome must be a successful load or a
+ValueError / OSError whose message names the damaged file: never another exception, a crash or a hang
+(faulthandler aborts the run after a while).
 
 Each loader gets a bounded number of examples (a few seconds); FASTLLM_FUZZ_EXAMPLES raises it for a longer run,
 e.g. FASTLLM_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_loaders.py."""
@@ -18,10 +19,11 @@ import warnings
 import numpy as np
 import pytest
 
-from fastllm import Tokenizer, hf
+from fastllm import Tokenizer, checkpoint, hf
 from fastllm.data import DataLoader, prepare, read_shard, write_shard
 from fastllm.fileio import load_safetensors, save_safetensors
 from fastllm.model import GPT, GPTConfig
+from fastllm.optim import AdamW
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -108,8 +110,13 @@ json_edits = st.tuples(st.integers(0, 2**31), json_values, st.booleans())
 
 
 def damaged(path, data: bytes, edits) -> None:
-    """Write `data` damaged: byte edits (a list) or a JSON edit (a tuple) of the JSON document in `data`."""
-    if isinstance(edits, tuple):
+    """Write `data` damaged: byte edits (a list) or a JSON edit (a tuple) of the JSON document in `data` (of a
+    safetensors file: of its header, the tensor bytes kept)."""
+    if isinstance(edits, tuple) and path.suffix == ".safetensors":
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.dumps(damage_json(json.loads(data[8:8 + n]), *edits)).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + n:])
+    elif isinstance(edits, tuple):
         path.write_text(json.dumps(damage_json(json.loads(data), *edits)))
     else:
         path.write_bytes(damage_bytes(data, edits))
@@ -124,7 +131,7 @@ def expect_clean(load, path) -> None:
 
 
 def edits_for(path) -> st.SearchStrategy:
-    return byte_edits | json_edits if path.suffix == ".json" else byte_edits
+    return byte_edits | json_edits if path.suffix in (".json", ".safetensors") else byte_edits
 
 
 # ---- the valid files -----------------------------------------------------------------------------------------
@@ -158,11 +165,13 @@ def files(tmp_path_factory):
             progress=False)
     model = GPT(GPTConfig(block_size=8, vocab_size=300, n_layer=1, n_head=2, n_embd=8))
     hf.save_pretrained(model, root / "hfmodel", max_shard_bytes=2000)  # sharded: index + shards
+    checkpoint.save(root / "run", 3, model, AdamW(model), {"pos": 1}, kind="train", rng=np.random.default_rng(0))
     out = {}
     for rel in ("tok/t.tiktoken", "tok/t.tiktoken.json", "hftok/tokenizer.json", "gpt2tok/vocab.json",
                 "gpt2tok/merges.txt", "st/x.safetensors", "shards/train_000000.bin", "prep/manifest.json",
                 "hfmodel/config.json", "hfmodel/model.safetensors.index.json",
-                "hfmodel/model-00001-of-00004.safetensors"):
+                "hfmodel/model-00001-of-00004.safetensors", "run/ckpt_000003/model.safetensors",
+                "run/ckpt_000003/optimizer.safetensors", "run/ckpt_000003/state.json"):
         out[rel] = (root / rel, (root / rel).read_bytes())
     return out
 
@@ -247,10 +256,29 @@ def test_hf_model_folder(files, restore, rel):
     fuzz_file(files, restore, rel, lambda p: hf.from_pretrained(p.parent))
 
 
-def test_damage_helpers_change_files():
+@pytest.mark.parametrize("rel", ["run/ckpt_000003/model.safetensors", "run/ckpt_000003/optimizer.safetensors",
+                                 "run/ckpt_000003/state.json"])
+def test_checkpoint_folder(files, restore, rel):
+    """A fastllm checkpoint as `--resume` reads it: the model (its GPTConfig in the metadata), then the optimizer
+    state and state.json."""
+    folder = files[rel][0].parent
+
+    def load(p):
+        model = checkpoint.load_model(folder.parent)
+        checkpoint.load_optimizer(folder, AdamW(model))
+        checkpoint.load_state(folder, "train")
+
+    fuzz_file(files, restore, rel, load)
+
+
+def test_damage_helpers_change_files(tmp_path):
     """The fuzzers test something: byte edits and JSON edits change valid files."""
     assert damage_bytes(b"abcdef", [("flip", 2, b"\x01")]) == b"abadef"  # c ^ 2
     assert damage_bytes(b"abcdef", [("truncate", 3, b"x")]) == b"abc"
     assert damage_json({"a": [1, 2]}, 2, "x", False) == {"a": ["x", 2]}
     assert damage_json({"a": [1, 2]}, 1, None, True) == {}
     assert struct.unpack("<Q", damage_bytes(struct.pack("<Q", 0), [("set", 0, b"\xff")]))[0] == 255
+    f = tmp_path / "x.safetensors"
+    save_safetensors(f, {"a": np.ones(2, np.float32)})
+    damaged(f, f.read_bytes(), (2, "I32", False))  # a JSON edit of a safetensors header: "a"'s dtype
+    assert load_safetensors(f)[0]["a"].tolist() == [0x3F800000] * 2  # (the tensor bytes kept: 1.0f's bits)

@@ -152,6 +152,45 @@ def test_sharded_checkpoints(hf_pair, tmp_path):
         and not (tmp_path / "ours" / hf.INDEX_FILE).exists()
     )
     assert np.array_equal(GPT.from_pretrained(tmp_path / "ours").params, a.params)
+    # transformers' spelling (max_shard_size="30KB" was a TypeError), and `convert --to hf --max-shard-size`
+    a.save_pretrained(tmp_path / "ours", max_shard_size="30KB")
+    assert sorted((tmp_path / "ours").glob("model-*-of-*.safetensors")) == shards
+    checkpoint.convert(tmp_path / "ours", tmp_path / "ckpt")
+    assert cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf", "--max-shard-size",
+                     "30KB"]) == 0
+    assert [p.name for p in sorted((tmp_path / "hf").glob("model-*-of-*"))] == [p.name for p in shards]
+    assert np.array_equal(GPT.from_pretrained(tmp_path / "hf").params, a.params)
+    for bad in ("30", "30XB", 0, 2.5):
+        with pytest.raises(ValueError, match="max_shard_size must be a number of bytes > 0 or a size like '5GB'"):
+            a.save_pretrained(tmp_path / "bad", max_shard_size=bad)
+    with pytest.raises(ValueError, match="max_shard_size is for --to hf"):
+        checkpoint.convert(tmp_path / "ours", tmp_path / "x", max_shard_size="1GB")
+
+
+def test_interrupted_sharded_save_never_loads_a_mix(tmp_path, monkeypatch):
+    """Saving shards over an earlier sharded save of the same size (same shard names) used to keep the old index
+    until the end: a save killed after its first shard left new and old shards under a valid index, loaded
+    without a word. Now the old index goes first, so what is left is refused, naming the folder."""
+    cfg = GPTConfig(block_size=8, vocab_size=300, n_layer=2, n_head=2, n_embd=16)
+    old, new = GPT(cfg, seed=0), GPT(cfg, seed=1)
+    old.save_pretrained(tmp_path, max_shard_bytes=8000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    real, written = hf.save_safetensors, []
+
+    def killed_after_one_shard(path, *args, **kw):
+        if written:
+            raise KeyboardInterrupt  # (a SIGKILL here leaves the same files)
+        written.append(path)
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(hf, "save_safetensors", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path, max_shard_bytes=8000)
+    monkeypatch.setattr(hf, "save_safetensors", real)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        GPT.from_pretrained(tmp_path)
+    new.save_pretrained(tmp_path, max_shard_bytes=8000)  # a complete save loads again
+    assert np.array_equal(GPT.from_pretrained(tmp_path).params, new.params)
 
 
 def rewrite(d, fn, out):
@@ -218,6 +257,11 @@ def edit_config(d, out, **changes):
         (dict(n_embd=16), r"tensor 'transformer\.\S+' has shape .*, config.json needs"),
         (dict(n_layer=1), "unexpected tensor 'transformer.h.1"),
         (dict(n_layer=3), r"missing tensors \['transformer.h.2.ln_1.weight'"),
+        # a size off by digits was allocated before the tensors were checked: a MemoryError (or, for n_layer, an
+        # endless tensor_map) instead of the file and the tensor
+        (dict(vocab_size=2**40), r"'transformer.wte.weight' has shape .*, config.json needs \(1099511627776, 32"),
+        (dict(n_positions=2**40, n_ctx=2**40), r"'transformer.wpe.weight' has shape .*needs \(1099511627776, 32"),
+        (dict(n_layer=2**31), r"n_layer=2147483648, but the weight files hold only \d+ tensors"),
     ],
 )
 def test_bad_config(hf_pair, tmp_path, changes, match):
@@ -418,6 +462,28 @@ def test_convert_never_writes_into_its_source(hf_pair, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         checkpoint.convert(src, tmp_path / "file")
+
+
+def test_convert_refuses_a_folder_that_holds_files(hf_pair, tmp_path, monkeypatch):
+    """Converting into an existing folder used to write over its files one by one and leave the others: a model
+    without a tokenizer, converted where another model had been, got that model's tokenizer (and chat template and
+    EOS ids). A folder that holds files is refused, untouched; an empty one is filled (staged, fsynced, renamed)."""
+    _, d = hf_pair
+    src = shutil.copytree(d, tmp_path / "src")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tokenizer.tiktoken").write_text("stale")
+    with pytest.raises(ValueError, match=r"output folder .*old exists and is not empty"):
+        checkpoint.convert(src, tmp_path / "old")
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["tokenizer.tiktoken"]
+    assert cli.main(["convert", str(src), str(tmp_path / "old")]) == 1
+    synced = []
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda folder: synced.append(folder.name))
+    (tmp_path / "empty").mkdir()
+    checkpoint.convert(src, tmp_path / "empty")
+    assert synced[0].startswith(".empty.") and synced[1] == tmp_path.name  # the staged folder, then its parent
+    assert np.array_equal(load_model(tmp_path / "empty").params, GPT.from_pretrained(src).params)
+    with pytest.raises(ValueError, match="not empty"):
+        checkpoint.convert(tmp_path / "empty", tmp_path / "old", to="hf")
 
 
 def test_convert_leaves_nothing_on_failure(hf_pair, tmp_path):

@@ -39,7 +39,7 @@ import numpy as np
 from . import chat, hf
 from .checks import require_device
 from .fileio import atomic_write, load_safetensors, read_json, save_safetensors, write_json
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, param_shapes
 from .tokenizer import Tokenizer, find_hf_tokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -186,8 +186,13 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
         raise ValueError(f"{file}: no model config in the metadata (a Hugging Face file? see `fastllm convert`)")
     try:
         config = GPTConfig.from_dict(json.loads(meta["config"]))
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise ValueError(f"{file}: bad model config in the metadata ({e})") from None
+    for name, shape in param_shapes(config).items():  # before allocating: a damaged config may ask for terabytes
+        got = tensors[name].shape if name in tensors else None
+        if got != shape:
+            raise ValueError(f"{file}: tensor {name!r} {'is missing' if got is None else f'has shape {got}'}; the "
+                             f"model config in the metadata needs {shape}")
     model = GPT(config, init=False)
     model.load_state_dict(_float_tensors(file, tensors), where=str(file))
     model.checkpoint_dir = folder
@@ -224,7 +229,7 @@ def load_state(folder: str | os.PathLike, kind: str) -> dict:
     rng = np.random.default_rng()
     try:
         rng.bit_generator.state = state["rng"]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # (Overflow: a number too big for 128 bits)
         raise ValueError(f"{file}: bad 'rng' state ({type(e).__name__}: {e})") from None
     return {**state, "rng": rng}
 
@@ -301,39 +306,45 @@ def _check_convert_paths(src: Path, dst: Path) -> None:
                          f"{src}; choose another output folder")
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"convert: the output {dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()):  # an earlier folder's tokenizer, template or EOS ids would stay
+        raise ValueError(f"convert: the output folder {dst} exists and is not empty; remove it or choose a new "
+                         "folder (convert never mixes its files with those already there)")
 
 
 @contextlib.contextmanager
 def _output_folder(dst: Path):
-    """The folder to write dst's files into: a new dst is written as a hidden sibling folder and renamed at the
-    end, so an interrupted or failed conversion leaves no dst at all; an existing one gets each file atomically."""
-    if dst.exists():
-        yield dst
-        return
+    """The folder to write dst's files into: a hidden sibling folder, renamed to dst (new, or an empty folder) at
+    the end, so an interrupted or failed conversion leaves no dst at all."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this process id
     tmp.mkdir()  # (mode from the umask, unlike mkdtemp's 0700)
     try:
         yield tmp
+        _fsync_dir(tmp)  # its files are fsynced; their names too, before the folder appears under dst
         os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm") -> Path:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm",
+            max_shard_size: int | str | None = None) -> Path:
     """HF model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3: see fastllm.hf) -> fastllm checkpoint folder
     (to="fastllm": model.safetensors with the GPTConfig in its metadata, as load_model reads, the tokenizer with its
     tokenizer_config.json and chat template, and a generation_config.json with the EOS ids), or a fastllm checkpoint
     -> HF folder (to="hf"). Everything is read and checked before anything is written; dst may not be src or
-    inside it.
+    inside it, nor a folder that holds files already. max_shard_size (to="hf"): shards of at most that size
+    ("5GB", as transformers writes it; default: one model.safetensors).
 
     >>> convert("Qwen2.5-0.5B-Instruct/", "ckpt/")     # then: fastllm sample --ckpt ckpt/
     """
     src, dst = Path(src), Path(dst)
     if to not in ("fastllm", "hf"):
         raise ValueError(f"to must be 'fastllm' or 'hf', got {to!r}")
+    if max_shard_size is not None and to != "hf":
+        raise ValueError("max_shard_size is for --to hf (a fastllm checkpoint is one model.safetensors)")
     _check_convert_paths(src, dst)
     if to == "fastllm":
         model = hf.from_pretrained(src)
@@ -359,7 +370,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm")
     tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
     eos = chat.eos_token_ids(model.checkpoint_dir, tok) or None
     with _output_folder(dst) as out:
-        hf.save_pretrained(model, out, tokenizer=tok, eos_token_id=eos)
+        hf.save_pretrained(model, out, tokenizer=tok, eos_token_id=eos, max_shard_size=max_shard_size)
         if tok_path is not None and tok_path.name == "tokenizer.json":  # a HF tokenizer: its own files, as they were
             copy_tokenizer(tok_path, out)
         for name in CHAT_FILES[:2]:

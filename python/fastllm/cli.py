@@ -503,15 +503,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="a Hugging Face model folder (--to fastllm) or a fastllm checkpoint (--to hf)")
-    p.add_argument("dst", help="output folder")
+    p.add_argument("src", help="a transformers folder: GPT-2, Llama, Mistral, Qwen2, Qwen3 (--to fastllm) or a "
+                   "fastllm checkpoint (--to hf)")
+    p.add_argument("dst", help="output folder (new, or empty)")
     p.add_argument("--to", choices=["fastllm", "hf"], default="fastllm", help="output format")
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="--to hf: shards of at most SIZE, as transformers writes them (5GB, 500MiB; default: one "
+                        "model.safetensors)")
 
 
 @command("convert", "convert between a Hugging Face model folder and a fastllm checkpoint",
-         ["fastllm convert gpt2_dir/ ckpt/", "fastllm convert run/ hf_out/ --to hf"], args=_convert_args)
+         ["fastllm convert qwen/ ckpt/", "fastllm convert run/ hf_out/ --to hf --max-shard-size 5GB"],
+         args=_convert_args)
 def _cmd_convert(args: argparse.Namespace) -> int:
-    out = convert(args.src, args.dst, to=args.to)
+    size = args.max_shard_size
+    out = convert(args.src, args.dst, to=args.to, max_shard_size=int(size) if size and size.isdigit() else size)
     print(f"{args.src} -> {out} ({'Hugging Face folder' if args.to == 'hf' else 'fastllm checkpoint'})")
     return 0
 

@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import lzma
+import math
 import mmap as _mmap
 import os
 import struct
@@ -29,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I32": np.int32, "I64": np.int64,
-           "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "BOOL": np.bool_}
+           "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "U64": np.uint64,
+           "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _STORED = {**_DTYPES, "BF16": np.uint16}  # what each dtype's bytes are read as (BF16: then widened to float32)
 _MAX_HEADER = 100 * 1024 * 1024
@@ -292,11 +294,12 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], me
     off = 0
     arrays = []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _NAMES:
+        arr = np.asarray(arr)
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)  # (ascontiguousarray makes a 0-d array 1-d)
+        if arr.dtype.newbyteorder("=") not in _NAMES:  # (either byte order: the file's is little-endian)
             raise TypeError(f"save_safetensors: tensor {name!r} has unsupported dtype {arr.dtype}")
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        header[name] = {"dtype": _NAMES[np.dtype(arr.dtype.name)], "shape": list(arr.shape),
+        header[name] = {"dtype": _NAMES[arr.dtype.newbyteorder("=")], "shape": list(arr.shape),
                         "data_offsets": [off, off + arr.nbytes]}
         off += arr.nbytes
         arrays.append(arr)
@@ -400,25 +403,29 @@ def load_safetensors(path: str | os.PathLike, mmap: bool = False) -> tuple[Mappi
             raise ValueError(f"{path}: corrupt safetensors header length {n} (file has {size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", {}) or {}
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):  # the spec: {str: str}
+        raise ValueError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings, got "
+                         f"{meta!r:.80})")
     data_start, data_len = 8 + n, size - 8 - n
     entries = {}
     for name, spec in header.items():
-        if isinstance(spec, dict) and spec.get("dtype") not in _STORED:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {spec.get('dtype')!r} "
+        dtype = spec.get("dtype") if isinstance(spec, dict) else None
+        if isinstance(spec, dict) and not (isinstance(dtype, str) and dtype in _STORED):
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
                              f"(supported: {', '.join(_STORED)})")
-        try:
-            dtype = np.dtype(_STORED[spec["dtype"]])
-            shape = tuple(int(s) for s in spec["shape"])
-            b, e = (int(x) for x in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {spec!r}") from None
-        count = int(np.prod(shape, dtype=np.int64))
-        if not (0 <= b <= e <= data_len) or e - b != count * dtype.itemsize or any(s < 0 for s in shape):
+        shape, offsets = (spec.get("shape"), spec.get("data_offsets")) if dtype else (None, None)
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2 and
+                all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape + offsets)):
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {spec!r:.200} (expected "
+                             "dtype, shape: [int >= 0, ...], data_offsets: [begin, end])")
+        shape, (b, e) = tuple(shape), offsets
+        count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to the byte count
+        if not (b <= e <= data_len) or e - b != count * np.dtype(_STORED[dtype]).itemsize:
             raise ValueError(f"{path}: tensor {name!r} (shape {shape}, bytes {b}..{e}) does not fit the file "
                              f"({data_len} data bytes): truncated or corrupt")
         entries[name] = (spec["dtype"], shape, data_start + b, data_start + e)

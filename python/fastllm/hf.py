@@ -48,7 +48,7 @@ import numpy as np
 
 from .chat import eos_token_ids, read_template
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, param_shapes
 from .rope import ROPE_TYPES
 from .version import __version__
 
@@ -411,14 +411,20 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
         raise FileNotFoundError(f"{cfg_path} not found")
     doc = read_json(cfg_path)
     cfg = config_from_hf(doc, str(cfg_path))
-    files, wmap = _weight_files(folder)  # before allocating the model
-    model = cls(cfg, init=False)
+    files, wmap = _weight_files(folder)
+    # every name, dtype and shape is checked before the model is allocated: a damaged config.json (vocab_size or
+    # n_layer off by a few digits) is refused by name, not by a MemoryError asking for terabytes or a hang
+    opened = [(file, load_safetensors(file, mmap=True)[0]) for file in files]
+    count = sum(len(tensors) for _, tensors in opened)
+    if cfg.n_layer > count:  # (each layer has several tensors; tensor_map's size grows with n_layer)
+        raise ValueError(f"{cfg_path}: n_layer={cfg.n_layer}, but the weight files hold only {count} tensors")
     slots = tensor_map(cfg)
+    shapes = {name: np.broadcast_to(np.float32(0), shape) for name, shape in param_shapes(cfg).items()}  # (no data)
     seen: dict[str, Path] = {}
     filled: dict[str, str] = {}  # tensor_map name -> the file's name for it
+    reads = []  # (file, its tensors, name, slot) to copy in
     tied_heads = []
-    for file in files:
-        tensors, _meta = load_safetensors(file, mmap=True)
+    for file, tensors in opened:
         for name in tensors:
             if name in seen:
                 raise ValueError(f"{file}: tensor {name!r} is also in {seen[name]}")
@@ -437,13 +443,11 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
             dtype = tensors.dtype(name)
             if dtype not in ("F32", "F16", "BF16", "F64"):
                 raise ValueError(f"{file}: tensor {name!r} has dtype {dtype}, expected F32, F16, BF16 or F64")
-            dst = slots[key].view(model.p)
-            if tensors.shape(name) != dst.shape:
+            want = slots[key].view(shapes).shape
+            if tensors.shape(name) != want:
                 raise ValueError(f"{file}: tensor {name!r} has shape {tensors.shape(name)}, config.json needs "
-                                 f"{dst.shape}")
-            tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
-            if not _all_finite(dst):
-                raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
+                                 f"{want}")
+            reads.append((file, tensors, name, slots[key]))
             filled[key] = name
     for name, f in wmap.items():
         if name not in seen:
@@ -453,6 +457,12 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
         where = files[0] if not wmap else folder / INDEX_FILE
         raise ValueError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} of the model "
                          f"config.json describes (model_type {model_type(cfg)}, n_layer={cfg.n_layer})")
+    model = cls(cfg, init=False)
+    for file, tensors, name, slot in reads:
+        dst = slot.view(model.p)
+        tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
+        if not _all_finite(dst):
+            raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
     for file, tensors, name in tied_heads:
         if tensors.shape(name) != model.p["wte"].shape or not np.array_equal(tensors[name], model.p["wte"]):
             raise ValueError(f"{file}: {name} differs from the token embedding, but config.json ties them "
@@ -478,16 +488,41 @@ def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(slot.view(p)) for name, slot in tensor_map(model.config).items()}
 
 
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+               "TIB": 2**40}  # as transformers' max_shard_size reads them
+
+
+def _size_in_bytes(size: int | str) -> int:
+    """A size in bytes from an int or transformers' spelling ("5GB": 10**9 bytes a GB, "500MiB": 2**20 a MiB).
+
+    >>> _size_in_bytes("20KB")
+    20000
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B)\s*", size, re.IGNORECASE) if isinstance(size, str) else None
+    if m is not None:
+        return int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"max_shard_size must be a number of bytes > 0 or a size like '5GB' or '500MiB', got {size!r}")
+    return size
+
+
 def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None,
-                    eos_token_id: int | list[int] | None = None) -> Path:
+                    eos_token_id: int | list[int] | None = None, max_shard_size: int | str | None = None) -> Path:
     """Write `model` as a transformers folder (config.json, model.safetensors or shards + index, in float32; with a
     `tokenizer`, also tokenizer.json and tokenizer_config.json, with the chat template of the folder the model was
-    loaded from, if it has one). eos_token_id: written to config.json and generation_config.json (default: the EOS
-    ids of the folder the model was loaded from, else the tokenizer's <|endoftext|>). Every file is written
-    atomically; stale shards of an earlier save are removed. ValueError when no transformers architecture computes
-    the config."""
+    loaded from, if it has one). Shards of at most max_shard_size (transformers' name and spelling: "5GB", or bytes;
+    or max_shard_bytes) when the tensors are larger, else one file. eos_token_id: written to config.json and
+    generation_config.json (default: the EOS ids of the folder the model was loaded from, else the tokenizer's
+    <|endoftext|>). Every file is written
+    atomically; stale shards of an earlier save are removed (a sharded save interrupted midway leaves no index, so
+    that nothing loads a mix of old and new shards). ValueError when no transformers architecture computes the
+    config."""
 
     cfg = model.config
+    if max_shard_size is not None:
+        if max_shard_bytes is not None:
+            raise ValueError("give max_shard_size or max_shard_bytes, not both")
+        max_shard_bytes = _size_in_bytes(max_shard_size)
     if tokenizer is not None and tokenizer.n_vocab > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model's vocab_size is {cfg.vocab_size}")
     model_type(cfg)  # refuse before writing anything
@@ -511,6 +546,9 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
             shards[-1][name] = arr
             size += arr.nbytes
         n = len(shards)
+        # the old index goes first: a save killed midway leaves shards without one (refused by name), never an
+        # index over a mix of new and old shards of the same names (loaded without a word)
+        (folder / INDEX_FILE).unlink(missing_ok=True)
         wmap, written = {}, set()
         for k, shard in enumerate(shards, 1):
             fname = f"model-{k:05d}-of-{n:05d}.safetensors"

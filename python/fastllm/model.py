@@ -356,11 +356,14 @@ class GPT:
 
         return from_pretrained(path, cls).to(device, dtype)
 
-    def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int | None = None):
-        """Write a folder transformers' from_pretrained loads (plus tokenizer.json if given); see fastllm.hf."""
+    def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int | None = None,
+                        max_shard_size: int | str | None = None):
+        """Write a folder transformers' from_pretrained loads (plus tokenizer.json if given); max_shard_size as in
+        transformers ("5GB"; default: one file); see fastllm.hf."""
         from .hf import save_pretrained
 
-        return save_pretrained(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+        return save_pretrained(self, path, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
+                               max_shard_size=max_shard_size)
 
     # ---- parameters and devices -------------------------------------------------------------------------
 
