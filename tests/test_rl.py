@@ -526,12 +526,15 @@ def test_tasks_rewards():
         (lambda p, c: float("nan"), "nan"),
         (lambda p, c: float("inf"), "inf"),
         (lambda p, c: "good", "ValueError"),
+        (lambda p, c: "1.0", "returned '1.0'"),  # a string that float() would read: still not a number
+        (lambda p, c: None, "returned None"),
     ],
 )
 def test_bad_reward_function_names_the_prompt(bad, match):
     with pytest.raises(RewardError, match=match) as e:
         score(bad, ["7+8=", "1+1="], [["15", "x"], ["2", "3"]])
-    assert "'7+8='" in str(e.value)
+    assert "'7+8='" in str(e.value) and "'15'" in str(e.value)
+    assert str(e.value).startswith("reward function <lambda> ")  # names the function
     # also through a GRPO step
     m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=8), seed=0)
     g = GRPO(m, m, byte_tokenizer(), bad, RLConfig(ckpt="", group_size=2, max_new_tokens=2))

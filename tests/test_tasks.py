@@ -169,6 +169,8 @@ def test_load_reward_from_a_file_and_a_module(tmp_path, monkeypatch):
     task = ProblemSet([Problem("2+2=", "4")])
     g = load_reward("my_rewards:exact", task)
     assert g("2+2=", " 4") == 1.0 and g("2+2=", "5") == 0.0
+    with pytest.raises(rl.RewardError, match=r"reward function exact failed on prompt '2\+2=' .*AttributeError"):
+        rl.score(g, ["2+2="], [["4", None]])  # an error in the (prompt, completion, answer) function names it
     with pytest.raises(ValueError, match="needs a task with answers"):
         load_reward("my_rewards:exact")
     with pytest.raises(ValueError, match="takes 1 required arguments"):

@@ -185,20 +185,32 @@ def policy_backward(model: GPT, batch: Batch, old_logp, ref_logp, clip_eps: floa
 # ---- rollouts -----------------------------------------------------------------------------------------------
 
 
+def reward_name(reward_fn) -> str:
+    """How an error names a reward function: its qualified name (a callable object: its class)."""
+    return getattr(reward_fn, "__qualname__", None) or type(reward_fn).__name__
+
+
 def score(reward_fn: RewardFn, prompts: Sequence[str], completions: Sequence[Sequence[str]]) -> np.ndarray:
-    """rewards (P, G); a raising reward function or a non-finite reward -> RewardError naming the prompt."""
+    """rewards (P, G); a raising reward function, or one returning something that is not a finite number (NaN, inf,
+    None, a string) -> RewardError naming the function, the prompt and the completion."""
     out = np.empty((len(prompts), len(completions[0]) if completions else 0), np.float64)
     for i, (p, group) in enumerate(zip(prompts, completions)):
         for j, c in enumerate(group):
+            where = f"reward function {reward_name(reward_fn)}"
             try:
-                r = float(reward_fn(p, c))
+                got = reward_fn(p, c)
             except Exception as e:
-                raise RewardError(
-                    f"reward function failed on prompt {p!r} (completion {c!r}): {type(e).__name__}: {e}"
-                ) from e
+                raise RewardError(f"{where} failed on prompt {p!r} (completion {c!r}): {type(e).__name__}: {e}") from e
+            try:
+                if isinstance(got, (str, bytes)) or got is None:
+                    raise ValueError(f"a {type(got).__name__} is not a number")
+                r = float(got)
+            except (TypeError, ValueError) as e:
+                raise RewardError(f"{where} returned {got!r} for prompt {p!r} (completion {c!r}); rewards must be "
+                                  f"finite numbers ({type(e).__name__}: {e})") from e
             if not math.isfinite(r):
                 raise RewardError(
-                    f"reward function returned {r} for prompt {p!r} (completion {c!r}); rewards must be finite numbers"
+                    f"{where} returned {r} for prompt {p!r} (completion {c!r}); rewards must be finite numbers"
                 )
             out[i, j] = r
     return out

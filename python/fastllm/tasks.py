@@ -32,6 +32,7 @@ Your own reward: `load_reward("module:function")` (or "path/to/file.py:function"
 from __future__ import annotations
 
 import decimal
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -381,6 +382,11 @@ def load_reward(spec: str, task=None) -> RewardFn:
     if n_args == 3:
         if task is None or not hasattr(task, "answer"):
             raise ValueError(f"--reward {spec}: a function of (prompt, completion, answer) needs a task with answers")
-        return lambda prompt, completion: fn(prompt, completion, task.answer(prompt))
+
+        @functools.wraps(fn)  # errors name the user's function (fastllm.rl.score)
+        def with_answer(prompt: str, completion: str):
+            return fn(prompt, completion, task.answer(prompt))
+
+        return with_answer
     raise ValueError(f"--reward {spec}: the function must take (prompt, completion) or (prompt, completion, "
                      f"answer), but it takes {n_args} required arguments")
