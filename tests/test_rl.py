@@ -635,6 +635,9 @@ def test_several_policy_updates_per_rollout_batch():
     st = g.step(["1+2=", "3+3="], seed=0)
     assert g.opt.t == 3 and not np.array_equal(before, m.params)
     assert all(math.isfinite(v) for v in st.values())
+    # the logged clip fraction and KL cover the later updates too (the first sees ratios of 1 and the starting
+    # policy: it alone logged 0 for both, whatever the clip did)
+    assert 0 < st["clip_frac"] < 1 and st["kl"] > 0
 
 
 # ---- config values and devices: one clear error (issue 23) -------------------------------------------------------

@@ -353,7 +353,8 @@ class GRPO:
         self.chat = chat_of(model, tokenizer, cfg.chat) if chat == "auto" else chat
 
     def step(self, prompts: Sequence[str], seed: int | None = None, lr: float | None = None) -> dict:
-        """Roll out, score and update (cfg.iterations AdamW updates at `lr`, default cfg.lr); returns statistics."""
+        """Roll out, score and update (cfg.iterations AdamW updates at `lr`, default cfg.lr); returns statistics
+        (loss, kl, clip_frac and grad_norm averaged over the updates: the first sees ratios of 1, never clipped)."""
         cfg, model = self.cfg, self.model
         t0 = time.time()
         rows, comp_ids, texts = sample_completions(
@@ -364,16 +365,17 @@ class GRPO:
         batch = pack(rows, comp_ids, adv)
         old = token_logprobs(model, batch.idx, batch.targets)
         ref = token_logprobs(self.ref, batch.idx, batch.targets)
+        sums: dict[str, float] = {}
         for it in range(cfg.iterations):
             loss = functools.partial(policy_backward, model, batch, old, ref, cfg.clip_eps, cfg.beta,
                                      logp=old if it == 0 else None)
             st = update(model, self.opt, loss, cfg.lr if lr is None else lr, cfg.grad_clip)
-            if it == 0:
-                first = st
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + v
         stats = {
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std()),
-            **first,
+            **{k: v / cfg.iterations for k, v in sums.items()},  # loss, kl, clip_frac, grad_norm: over the updates
             "completion_len": float(batch.lengths.mean()),
             "dt": time.time() - t0,
         }
