@@ -650,6 +650,7 @@ def test_several_policy_updates_per_rollout_batch():
     (["--group-size", "1"], "group_size must be an integer >= 2"),
     (["--ckpt-every", "-1"], "ckpt_every must be an integer >= 0"),
     (["--clip-eps", "0"], "clip_eps must be a number in"),
+    (["--temperature", "0"], r"temperature must be a number in \(0, inf\)"),  # greedy groups: all advantages 0
     (["--task", "nope"], "unknown task"),
 ])
 def test_cli_rl_bad_values(tmp_path, capsys, args, match):

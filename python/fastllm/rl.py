@@ -291,7 +291,8 @@ class RLConfig:
     prompts_per_step: int = option(8, "P: prompts per step")
     group_size: int = option(8, "G: completions sampled per prompt (>= 2: advantages compare them)")
     max_new_tokens: int = option(8, "tokens per completion at most")
-    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    temperature: float = option(1.0, "sampling temperature of the rollouts (> 0: greedy rollouts of a group are "
+                                      "all the same, their advantages 0)")
     chat: bool | None = option(None, "prompts as a user turn in the checkpoint's chat template or ChatML, "
                                      "completions ending at its end of turn (default: when it has one)")
     system: str | None = option(None, SYSTEM)
@@ -327,8 +328,8 @@ class RLConfig:
                         "keep_ckpts", "threads")
         checks.at_least(self, 2, "group_size")  # advantages compare the completions of a group
         checks.at_least(self, 0, "eval_every", "ckpt_every", "seed")
-        checks.number(self, "lr", low_open=True)
-        checks.number(self, "temperature", "beta", "weight_decay", "grad_clip")
+        checks.number(self, "lr", "temperature", low_open=True)  # temperature 0: G equal greedy rollouts, no signal
+        checks.number(self, "beta", "weight_decay", "grad_clip")
         checks.number(self, "clip_eps", low_open=True, high=1.0, high_open=True)
         checks.device(self)
         check_train_eval(self)
