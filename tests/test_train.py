@@ -296,6 +296,19 @@ def test_cpu_bf16_mixed_precision_follows_fp32(data, capsys, bf16_gemm):
     assert load_model(data / "bf16").params.dtype == np.float32
 
 
+def test_a_fresh_run_into_a_folder_with_checkpoints_warns(data):
+    """Without --resume, a run into a folder holding an earlier run's checkpoints says so (they are kept: a
+    forgotten --resume must lose nothing), naming the newest; with --resume it continues that run instead."""
+    out = str(data / "again")
+    train(config(data, out=out, max_steps=2, ckpt_every=1), progress=False, log=lambda *a: None)
+    logs = []
+    train(config(data, out=out, max_steps=1), progress=False, log=logs.append)
+    assert any("warning" in str(x) and "earlier run" in str(x) and "ckpt_000002" in str(x) for x in logs), logs
+    logs.clear()
+    train(config(data, out=out, max_steps=3, resume=True), progress=False, log=logs.append)
+    assert not any("earlier run" in str(x) for x in logs) and any("resuming from" in str(x) for x in logs)
+
+
 def test_val_split_shorter_than_a_window_warns_and_trains(data, capsys):
     """A val split shorter than one window of T+1 tokens (a small corpus, a long --seq-len) trains without the
     validation loss, with a warning saying so (it stopped before the first step); a val split of another vocabulary

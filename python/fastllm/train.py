@@ -368,6 +368,10 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
     if ckpt is None:
         if loop.resume:
             log(f"no checkpoint in {out}: starting afresh")
+        elif old := checkpoint.checkpoints(out):  # nothing is deleted: a forgotten --resume must lose nothing
+            log(f"warning: {out} holds {len(old)} checkpoint(s) of an earlier run (newest {old[-1].name}); this run "
+                "starts afresh at step 0 and overwrites those of the steps it saves, the others stay (and count for "
+                "--keep-ckpts). Use --resume to continue that run, or another --out.")
         model, start, rng = stage.init_model(), 0, np.random.default_rng(loop.seed)
     else:
         state = checkpoint.load_state(ckpt, stage.kind)
