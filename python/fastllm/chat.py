@@ -459,10 +459,11 @@ def read_template(folder: str | os.PathLike) -> tuple[str, str] | None:
     return tpl, where
 
 
-def tokenizer_config(folder: str | os.PathLike) -> dict:
-    """tokenizer_config.json of a folder ({} if absent); ValueError naming it when it is not a JSON object."""
-    path = Path(folder) / TOKENIZER_CONFIG
-    if not path.is_file():
+def tokenizer_config(folder: str | os.PathLike | None) -> dict:
+    """tokenizer_config.json of a folder ({} if absent, or no folder: a model built in memory); ValueError naming it
+    when it is not a JSON object."""
+    path = Path(folder) / TOKENIZER_CONFIG if folder is not None else None
+    if path is None or not path.is_file():
         return {}
     conf = read_json(path)
     if not isinstance(conf, dict):
@@ -481,12 +482,14 @@ def special_token_strings(conf: dict) -> dict[str, str]:
     return out
 
 
-def eos_token_ids(folder: str | os.PathLike, tokenizer=None) -> list[int]:
+def eos_token_ids(folder: str | os.PathLike | None, tokenizer=None) -> list[int]:
     """The ids that end a generation for a model folder: generation_config.json's eos_token_id, config.json's, and
-    tokenizer_config.json's eos_token (through `tokenizer`), in that order, each an int or a list; [] if none.
-    ValueError naming the file for a malformed value."""
-    folder = Path(folder)
+    tokenizer_config.json's eos_token (through `tokenizer`), in that order, each an int or a list; [] if none (or no
+    folder: a model built in memory). ValueError naming the file for a malformed value."""
     out: list[int] = []
+    if folder is None:
+        return out
+    folder = Path(folder)
     for name in ("generation_config.json", "config.json"):
         path = folder / name
         if not path.is_file():

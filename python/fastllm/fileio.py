@@ -251,9 +251,8 @@ def _starts_array(path: str | os.PathLike) -> bool:
 def _iter_json_array(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """("file: record N", record) for each item of a file holding one JSON array; ValueError naming the file
     (and line) when it is not valid JSON."""
-    text = read_text(path).lstrip("\ufeff")
     try:
-        items = json.loads(text)
+        items = json.loads(read_text(path))  # (read_text drops a BOM)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:

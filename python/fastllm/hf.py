@@ -560,7 +560,7 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
     for f in old - written:
         f.unlink(missing_ok=True)
     source = getattr(model, "checkpoint_dir", None)  # the folder it came from: its EOS ids and template go along
-    if eos_token_id is None and source is not None:
+    if eos_token_id is None:
         eos_token_id = eos_token_ids(source, tokenizer) or None
         if eos_token_id is not None and len(eos_token_id) == 1:
             eos_token_id = eos_token_id[0]

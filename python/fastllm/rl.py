@@ -222,7 +222,7 @@ def end_tokens(model: GPT, tokenizer) -> tuple[int, ...]:
     if tokenizer.eot_token is not None:
         return (tokenizer.eot_token,)
     folder = getattr(model, "checkpoint_dir", None)
-    ends = tuple(eos_token_ids(folder, tokenizer)) if folder is not None else ()
+    ends = tuple(eos_token_ids(folder, tokenizer))
     if not ends:
         raise ValueError("no token ends a sequence: the tokenizer has no <|endoftext|> and the checkpoint names no "
                          "EOS id")

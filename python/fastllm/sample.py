@@ -236,20 +236,21 @@ def stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top
     sp = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
     check_seed(seed)
     rows = _check_prompts(model, _as_rows(prompt_ids)[0], max_new_tokens)
-    n0 = [len(r) for r in rows]  # prompt lengths: rows[b][n0[b]:] are the new tokens
     rng = np.random.default_rng(seed)
     stop = set(_token_ids(stop_tokens, "stop_tokens"))
     # the cache holds what this call needs (longest prompt + new tokens), not a full context
     cache = model.kv_cache(len(rows), weights=weights, max_len=max(len(r) for r in rows) + max_new_tokens)
     logits = cache.prefill(rows)  # (B, V) logits of each prompt's last token
     alive = np.ones(len(rows), bool)
+    new: list[list[int]] = [[] for _ in rows]  # each row's new tokens (presence/frequency penalties)
     for step in range(max_new_tokens):
         _check_finite(logits, alive, step)
-        output = [r[n:] for r, n in zip(rows, n0)] if presence_penalty or frequency_penalty else None
+        output = new if presence_penalty or frequency_penalty else None
         nxt = sample_next(logits, rng, sp, rows if repetition_penalty != 1.0 else None, output).astype(np.int64)
         nxt[~alive] = -1
         for b in np.flatnonzero(alive):
             rows[b].append(int(nxt[b]))
+            new[b].append(int(nxt[b]))
             if nxt[b] in stop:
                 alive[b] = False
         yield nxt

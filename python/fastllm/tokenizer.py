@@ -295,6 +295,12 @@ class Tokenizer:
         return self._special.get("<|endoftext|>")
 
     @property
+    def start_token(self) -> int | None:
+        """The id a new document starts with: the BOS (Llama 3's <|begin_of_text|>), else <|endoftext|> (which
+        fastllm's shards put before every document), else None."""
+        return self._bos if self._bos is not None else self.eot_token
+
+    @property
     def n_vocab(self) -> int:
         """Largest id + 1 (the embedding table size); equals `vocab_size` unless ids have gaps."""
         return int(self._core.n_vocab)
@@ -426,8 +432,8 @@ class Tokenizer:
         ids = self.encode(text, allowed_special="all")
         if self._bos is not None and (ids.size == 0 or ids[0] != self._bos):
             return np.concatenate([np.asarray([self._bos], np.int32), ids])
-        if ids.size == 0 and self.eot_token is not None:
-            return np.asarray([self.eot_token], np.int32)
+        if ids.size == 0 and self.start_token is not None:
+            return np.asarray([self.start_token], np.int32)
         return ids
 
     def encode_batch(

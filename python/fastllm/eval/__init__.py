@@ -157,7 +157,7 @@ def mc_records(model, tokenizer, examples: Sequence[Choice], batch_tokens: int =
     tokenized), all after the tokenizer's BOS where it has one (as `tokenizer(text)`); an empty context is the BOS,
     else <|endoftext|>."""
     bos = [] if tokenizer.bos_token is None else [tokenizer.bos_token]
-    start = bos or ([] if tokenizer.eot_token is None else [tokenizer.eot_token])
+    start = [] if tokenizer.start_token is None else [tokenizer.start_token]
     reqs, groups = [], []
     for e, ex in enumerate(examples):
         ctxs = ex.contexts or (ex.context,) * len(ex.choices)
@@ -217,7 +217,7 @@ def gen_records(model, tokenizer, task, prompts: Sequence[str], cfg: EvalConfig,
     chat = chat_of(model, tokenizer, cfg.chat)
     rows = [prompt_ids(tokenizer, p, chat, cfg.template, cfg.system) for p in prompts for _ in range(cfg.samples)]
     folder = getattr(model, "checkpoint_dir", None)  # plain text: the folder's EOS ids (generation_config.json)
-    stop_tokens = tuple(chat.stop_tokens) if chat else tuple(eos_token_ids(folder, tokenizer)) if folder else ()
+    stop_tokens = tuple(chat.stop_tokens) if chat else tuple(eos_token_ids(folder, tokenizer))
     n_new = cfg.max_new_tokens or min(256, model.config.block_size // 2)
     comps = generate_until(model, tokenizer, rows, n_new, stop=cfg.stop, stop_tokens=stop_tokens,
                            temperature=cfg.temperature, seed=seed, batch_size=cfg.batch_size, progress=bar)

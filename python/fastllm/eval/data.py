@@ -259,7 +259,7 @@ def load_documents(paths, tokenizer, limit: int | None = None, split: str = "val
     if shards is not None:
         seqs = [np.asarray(read_shard(p)[: None if limit is None else limit + 1], np.int64) for p in shards]
         return [s for s in seqs if len(s) > 1]
-    start = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eot_token
+    start = tokenizer.start_token
     if start is None:
         raise ValueError("the tokenizer has neither a BOS nor an <|endoftext|> token to start documents with")
     docs = list(itertools.islice(iter_documents(_input_files([str(p) for p in paths])), limit))

@@ -61,14 +61,14 @@ class FastLLM(TemplateLM):
         folder = getattr(model, "checkpoint_dir", None)
         # the end of text as lm-eval's HF models have it: the checkpoint's eos_token (Llama 3's <|eot_id|> or
         # <|end_of_text|>, Qwen2.5-Instruct's <|im_end|>), else <|endoftext|>
-        eos = special_token_strings(tokenizer_config(folder)).get("eos_token") if folder is not None else None
+        eos = special_token_strings(tokenizer_config(folder)).get("eos_token")
         self.eot = tokenizer.special_tokens.get(eos) if eos is not None else None
         self.eot = tokenizer.eot_token if self.eot is None else self.eot
         if self.eot is None:
             raise ValueError("the tokenizer has no <|endoftext|> token and the checkpoint names no eos_token "
                              "(the harness' prefix and end of text)")
         # generations also end at the ids transformers' generate stops at (generation_config.json's eos_token_id)
-        self.stop_tokens = tuple(dict.fromkeys([*(eos_token_ids(folder, tokenizer) if folder else []), self.eot]))
+        self.stop_tokens = tuple(dict.fromkeys([*eos_token_ids(folder, tokenizer), self.eot]))
         self.model, self.tok = model.eval(), tokenizer
         self.batch_tokens, self.max_gen_toks = int(batch_tokens), int(max_gen_toks)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # the harness may pass "auto"

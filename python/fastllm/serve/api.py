@@ -90,11 +90,10 @@ class ServedModel:
                  folder: str | None = None):
         self.name, self.tokenizer, self.max_len, self.max_batch = name, tokenizer, max_len, max_batch
         self.vocab_size, self.chat = vocab_size, chat
-        eot = tokenizer.eot_token
         # completions stop at the model's EOS ids (Llama 3 base: <|end_of_text|>) and at <|endoftext|>
-        self.stops = eos_token_ids(folder, tokenizer) if folder is not None else []
-        self.stops += [eot] if eot is not None and eot not in self.stops else []
-        self.names = special_token_strings(tokenizer_config(folder)) if folder is not None else {}
+        eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
+        self.stops = list(dict.fromkeys(eos_token_ids(folder, tokenizer) + eot))
+        self.names = special_token_strings(tokenizer_config(folder))
         self.created = int(time.time())
         self._strings: dict[int, tuple[str, list[int]]] = {}
         self._guide, self._guide_lock = None, threading.Lock()
@@ -680,6 +679,14 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _check_ids(ids: list[int], where: str, param: str, served: ServedModel) -> None:
+    """APIError naming `where` for the first id outside the tokenizer's [0, vocab_size)."""
+    bad = [t for t in ids if not 0 <= t < served.vocab_size]
+    if bad:
+        raise APIError(400, f"Invalid value for '{where}': token id {bad[0]} is outside [0, {served.vocab_size}).",
+                       param, "invalid_value")
+
+
 def _prompts(value, served: ServedModel) -> tuple[list[list[int]], list[str]]:
     """A completions `prompt` -> (token ids per prompt, text per prompt)."""
     tok = served.tokenizer
@@ -699,10 +706,7 @@ def _prompts(value, served: ServedModel) -> tuple[list[list[int]], list[str]]:
                                     "<|endoftext|> to start from.", "prompt", "invalid_value")
             texts.append(p)
         elif isinstance(p, list) and p and all(_is_int(t) for t in p):
-            bad = [t for t in p if not 0 <= t < served.vocab_size]
-            if bad:
-                raise APIError(400, f"Invalid value for 'prompt[{i}]': token id {bad[0]} is outside "
-                                    f"[0, {served.vocab_size}).", "prompt", "invalid_value")
+            _check_ids(p, f"prompt[{i}]", "prompt", served)
             ids.append(list(p))
             texts.append(tok.decode(p))
         else:
@@ -783,9 +787,7 @@ def detokenize(body, served: ServedModel) -> dict:
     for i, t in enumerate(ids):
         if not _is_int(t):
             raise _bad_type(f"tokens[{i}]", "an integer", t)
-        if not 0 <= t < served.vocab_size:
-            raise APIError(400, f"Invalid value for 'tokens[{i}]': token id {t} is outside [0, {served.vocab_size}).",
-                           "tokens", "invalid_value")
+    _check_ids(ids, "tokens", "tokens", served)
     return {"prompt": served.tokenizer.decode(ids)}
 
 

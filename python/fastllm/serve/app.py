@@ -130,15 +130,12 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
         api.check_model({"model": request.path_params["model"]}, served)
         return JSONResponse(served.card())
 
-    async def tokenize(request: HTTPRequest) -> JSONResponse:
-        authorize(request)
-        body = await _read_json(request)
-        return JSONResponse(await asyncio.to_thread(api.tokenize, body, served))
-
-    async def detokenize(request: HTTPRequest) -> JSONResponse:
-        authorize(request)
-        body = await _read_json(request)
-        return JSONResponse(await asyncio.to_thread(api.detokenize, body, served))
+    def tokenizer_route(fn):  # /tokenize, /detokenize: fn(body, served) -> JSON, off the event loop
+        async def handler(request: HTTPRequest) -> JSONResponse:
+            authorize(request)
+            body = await _read_json(request)
+            return JSONResponse(await asyncio.to_thread(fn, body, served))
+        return handler
 
     async def tokenizer_info(request: HTTPRequest) -> JSONResponse:
         authorize(request)
@@ -233,8 +230,8 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
                    Route(f"{prefix}/chat/completions", chat, methods=["POST"]),
                    Route(f"{prefix}/completions", completions, methods=["POST"]),
                    Route(f"{prefix}/responses", responses, methods=["POST"]),
-                   Route(f"{prefix}/tokenize", tokenize, methods=["POST"]),
-                   Route(f"{prefix}/detokenize", detokenize, methods=["POST"]),
+                   Route(f"{prefix}/tokenize", tokenizer_route(api.tokenize), methods=["POST"]),
+                   Route(f"{prefix}/detokenize", tokenizer_route(api.detokenize), methods=["POST"]),
                    Route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"])]
     middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"],
                              allow_headers=["*"])] if allow_origins else []
