@@ -944,8 +944,10 @@ static fastllm::tok::Pattern parse_pattern(const std::string& name) {
     if (name == "llama3") return fastllm::tok::Pattern::llama3;
     if (name == "qwen2") return fastllm::tok::Pattern::qwen2;
     if (name == "smollm") return fastllm::tok::Pattern::smollm;
-    throw std::invalid_argument(
-        str_cat("pattern must be 'gpt2', 'gpt4', 'llama3', 'qwen2' or 'smollm', got '", name, "'"));
+    if (name == "whole") return fastllm::tok::Pattern::whole;
+    if (name == "metaspace") return fastllm::tok::Pattern::metaspace;
+    throw std::invalid_argument(str_cat(
+        "pattern must be 'gpt2', 'gpt4', 'llama3', 'qwen2', 'smollm', 'whole' or 'metaspace', got '", name, "'"));
 }
 
 // Text arrives as a str; its UTF-8 form is cached by CPython inside the object, so no copy is made. Lone
@@ -1152,6 +1154,18 @@ static void register_bpe(py::module_& m) {
             },
             arg("tokens"), arg("ids"), arg("merges"), arg("whole_chunk_lookup"))
         .def("add_special", &Encoder::add_special, arg("token"), arg("id"))
+        .def(
+            "set_sentencepiece",
+            [](Encoder& e, const std::vector<int32_t>& byte_ids, int32_t unk_id, bool fuse_unk, const std::string& prefix) {
+                using P = Encoder::Prefix;
+                const P p = prefix == "none" ? P::none : prefix == "first" ? P::first : prefix == "always" ? P::always
+                          : prefix == "every" ? P::every
+                          : throw std::invalid_argument("prefix must be 'none', 'first', 'always' or 'every', got '" +
+                                                        prefix + "'");
+                e.set_sentencepiece(byte_ids, unk_id, fuse_unk, p);
+            },
+            arg("byte_ids"), arg("unk_id"), arg("fuse_unk"), arg("prefix"))
+        .def_property_readonly("sentencepiece", &Encoder::sentencepiece)
         .def(
             "encode",
             [](const Encoder& e, const py::str& text, const std::string& pattern, const std::vector<int32_t>& allowed) {

@@ -74,7 +74,13 @@ FAMILIES = {
               ["<tool_call>", "</tool_call>", "<think>", "</think>"], None),
     "smollm": ("smollm", None, False, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], [], None),
     "gpt2": ("gpt2", None, False, ["<|endoftext|>"], [], None),
+    # SentencePiece-style (BPE over characters with byte fallback, trained with sentencepiece as Llama 2's was):
+    # Llama 2's / TinyLlama's / Mistral v0.1's files (Prepend + Replace normalizer) and the Metaspace form
+    # (prepend_scheme "first") of later ones (Mistral v0.3, transformers' legacy=False conversion)
+    "llama2": ("whole", None, False, ["<unk>", "<s>", "</s>"], [], "<s>"),
+    "mistral": ("whole", None, False, ["<unk>", "<s>", "</s>"], [], "<s>"),
 }
+META = "\u2581"
 
 
 def build_tokenizer(family: str, vocab_size: int = 3000):
@@ -82,6 +88,9 @@ def build_tokenizer(family: str, vocab_size: int = 3000):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors, trainers
     from tokenizers import pre_tokenizers as P
 
+    if family in ("llama2", "mistral"):
+        doc = sentencepiece_doc(vocab_size, metaspace="first" if family == "mistral" else None)
+        return Tokenizer.from_str(json.dumps(doc))
     kind, norm, ignore_merges, specials, plain, bos = FAMILIES[family]
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     byte_level = P.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -109,6 +118,63 @@ def build_tokenizer(family: str, vocab_size: int = 3000):
     return tok
 
 
+@functools.cache
+def sentencepiece_model(vocab_size: int) -> str:
+    """A SentencePiece BPE model trained on training_text() with Llama 2's trainer settings (byte fallback,
+    digits split, identity normalization, whitespace kept; <unk> <s> </s> are ids 0 1 2); the path of its file."""
+    import tempfile
+
+    import pytest
+
+    spm = pytest.importorskip("sentencepiece")
+    folder = Path(tempfile.mkdtemp(prefix="fastllm-spm-"))
+    (folder / "train.txt").write_text(training_text(), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "train.txt"), model_prefix=str(folder / "m"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=0.9995, max_sentence_length=1 << 20, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+    return str(folder / "m.model")
+
+
+def sentencepiece_doc(vocab_size: int = 3000, metaspace: str | None = None, split: bool = False) -> dict:
+    """The tokenizer.json transformers' LlamaConverter writes for a SentencePiece BPE model (Llama 2's layout):
+    every piece in the vocab (<0x00>..<0xFF> for byte fallback), merges from every split of a piece into two
+    pieces ordered by the piece's score, <s> before every text. metaspace=None: Llama 2's legacy normalizer
+    (Prepend + Replace); else a Metaspace pre-tokenizer with that prepend_scheme (and `split`)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sentencepiece_model(vocab_size))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    normal = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    merges = sorted((-score, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:]) for p, score in normal.items()
+                    for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal)
+    added = [{"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i in range(3)]
+    def bos(type_id: int) -> dict:
+        return {"SpecialToken": {"id": "<s>", "type_id": type_id}}
+
+    legacy = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": META},
+                                                  {"type": "Replace", "pattern": {"String": " "}, "content": META}]}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": legacy if metaspace is None else None,
+        "pre_tokenizer": None if metaspace is None else {"type": "Metaspace", "replacement": META,
+                                                         "prepend_scheme": metaspace, "split": split},
+        "post_processor": {"type": "TemplateProcessing", "single": [bos(0), {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [bos(0), {"Sequence": {"id": "A", "type_id": 0}}, bos(1),
+                                    {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": META}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": [f"{a} {b}" for *_, a, b in merges]},
+    }
+
+
 # ---- chat templates (public texts of the checkpoints' tokenizer_config.json "chat_template") ------------------
 
 LLAMA3_TEMPLATE = (
@@ -116,6 +182,18 @@ LLAMA3_TEMPLATE = (
     "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+# meta-llama/Llama-2-7b-chat-hf's (also TinyLlama's base template and Mistral v0.1's without the system part)
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
 
 QWEN25_TEMPLATE = (

@@ -443,17 +443,18 @@ def test_chat_template_that_renders_nothing(tmp_path):
 
 
 def hub_folder(family: str, folder, template: str | None = None, **config):
-    """A random transformers model of `family` (llama3, qwen2) saved with its tokenizer.json, chat template (default:
-    Llama 3's, Qwen2.5's) and generation_config.json EOS ids, like a folder from the hub; `config` overrides BASE.
-    -> (the transformers model, its AutoTokenizer)."""
-    from hf_families import LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
+    """A random transformers model of `family` (llama3, qwen2, llama2) saved with its tokenizer.json, chat template
+    (default: Llama 3's, Qwen2.5's, Llama 2's) and generation_config.json EOS ids, like a folder from the hub;
+    `config` overrides BASE. -> (the transformers model, its AutoTokenizer)."""
+    from hf_families import LLAMA2_TEMPLATE, LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
 
-    default, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>")}[family]
+    default, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>"),
+                    "llama2": (LLAMA2_TEMPLATE, "</s>")}[family]
     template = template or default
-    tok = build_tokenizer(family, vocab_size=400)
-    ends = ["<|end_of_text|>", eos] if family == "llama3" else [eos, "<|endoftext|>"]
+    tok = build_tokenizer(family, vocab_size=400 if family != "llama2" else 800)  # (SentencePiece needs the chars)
+    ends = {"llama3": ["<|end_of_text|>", eos], "qwen2": [eos, "<|endoftext|>"], "llama2": [eos]}[family]
     torch.manual_seed(0)
-    prefix = {"llama3": "Llama", "qwen2": "Qwen2"}[family]
+    prefix = {"llama3": "Llama", "qwen2": "Qwen2", "llama2": "Llama"}[family]
     ids = [tok.token_to_id(t) for t in ends]
     cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, "vocab_size": tok.get_vocab_size(),
                                                        "num_key_value_heads": 2, "eos_token_id": ids, **config})
@@ -470,7 +471,7 @@ def hf_greedy(ref, auto, inputs: dict, n: int) -> str:
     return auto.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
 def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsys):
     """`fastllm chat --ckpt <HF folder>` renders the checkpoint's own chat template (Llama 3's has no ChatML tokens
     at all) and answers with transformers' greedy tokens for apply_chat_template's prompt, stopping at its EOS."""
@@ -503,7 +504,7 @@ def sft_to_answer_blue(family: str, tmp_path) -> None:
                      "1e-2", "--warmup-steps", "2", "--eval-every", "0", "--val-fraction", "0", "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
 def test_cli_sft_of_a_hub_folder_keeps_its_template(family, tmp_path, monkeypatch, capsys):
     """`fastllm sft --base <HF folder>` trains on the checkpoint's own chat template (no ChatML tokens added), writes
     its tokenizer files and EOS ids beside the checkpoints, and `fastllm chat` on the result answers as taught."""
@@ -572,7 +573,7 @@ def test_reward_model_of_a_llama3_folder_then_rl_against_it(tmp_path, capsys):
                      "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
 def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     """`fastllm serve` of a hub folder renders /v1/chat/completions with the folder's own chat template (Llama 3's
     has no ChatML tokens) and stops at its EOS ids: through the official openai client, the greedy answer and
@@ -598,7 +599,7 @@ def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
 def test_serve_completions_of_a_hub_folder(family, tmp_path):
     """/v1/completions of a hub folder encodes a text prompt as transformers' tokenizer does (Llama 3: after its BOS
     token, as vLLM does) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS
@@ -802,7 +803,7 @@ def test_eval_tasks_of_a_llama3_folder_start_with_its_bos(tmp_path):
     assert rec["completions"] == [auto.decode(free[:3])]
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
 def test_lm_eval_adapter_scores_as_lm_evals_hf_model(family, tmp_path):
     """The same requests through lm-eval's own HF model (HFLM, which needs accelerate) and the adapter: the same
     log-likelihoods, rolling log-likelihoods and greedy generations."""
@@ -828,7 +829,7 @@ def test_lm_eval_adapter_scores_as_lm_evals_hf_model(family, tmp_path):
     assert lm.generate_until(reqs, disable_tqdm=True) == hflm.generate_until(reqs)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
 def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
     """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its
     BOS token) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS ids."""

@@ -1,8 +1,9 @@
 """Hugging Face checkpoints' tokenizers: tokenizer.json files configured like Llama 3's, Qwen2/2.5/3's, SmolLM's
 and GPT-2's (split regexes, added and special tokens, NFC, BOS post-processor, ignore_merges), built and trained
 here with HF `tokenizers`, give HF's ids on multilingual text through Tokenizer.from_pretrained, on the native
-pre-tokenizers; they survive save/load both ways; SentencePiece-style files and options fastllm cannot
-reproduce are refused by name."""
+pre-tokenizers; SentencePiece-style files (Llama 2, Mistral, TinyLlama: BPE over characters, byte fallback) built
+from models trained with sentencepiece give HF's and sentencepiece's ids; they survive save/load both ways; options
+fastllm cannot reproduce are refused by name."""
 
 from __future__ import annotations
 
@@ -127,11 +128,61 @@ def test_nfc_normalizer():
     assert tok.encode(nfd).tolist() == tok.encode(nfc).tolist() == hf.encode(nfd).ids
 
 
-# ---- refused: what fastllm cannot reproduce exactly ------------------------------------------------------
+# ---- SentencePiece-style files (Llama 2, Mistral, TinyLlama): BPE over characters with byte fallback ------------
+
+SP_TEXTS = [
+    "Hello<s>world</s> x", "<s>Hi", "</s>", "  two  spaces ", "   ", "a\u2581b \u2581c\u2581", "\u2581x",
+    "\U0001F600 \u00e9\u00e8 \u4e2d\u6587 \u0915\u094d\u0937 \u0e01\u0e02 \u2603\u2603 q\U0001F9EA\U0001F9EA",
+    "x<unk>y", "tab\tnew\nline\r\n", "<s> <s>  </s>",
+]
+
+
+@pytest.mark.parametrize("metaspace,split", [(None, False), ("first", False), ("always", False), ("always", True),
+                                             ("first", True), ("never", False)])
+def test_sentencepiece_variants_equal_hf(metaspace, split):
+    """Llama 2's legacy normalizer and each Metaspace setting give HF's ids (special tokens and leading spaces
+    where the variants differ, characters only byte fallback can spell) and HF's decoded text."""
+    from hf_families import sentencepiece_doc
+
+    doc = sentencepiece_doc(metaspace=metaspace, split=split)
+    hf = tokenizers.Tokenizer.from_str(json.dumps(doc))
+    tok = Tokenizer._from_hf_doc(doc, "tokenizer.json")
+    assert tok.pattern == ("metaspace" if split else "whole") and tok.bos_token == 1
+    texts = eval_texts() + SP_TEXTS
+    for t in texts:
+        want = hf.encode(t, add_special_tokens=False).ids
+        assert tok.encode(t, allowed_special="all").tolist() == want, t[:80]
+        assert tok.decode(want) == hf.decode(want, skip_special_tokens=False), t[:80]
+        if not t.startswith("<s>"):  # (encode_prompt does not put a second <s> before one, HF does)
+            assert tok.encode_prompt(t).tolist() == hf.encode(t).ids
+        plain = hf.encode(t.replace("<", "\u2039"), add_special_tokens=False).ids  # no special tokens in the text
+        assert tok.encode(t.replace("<", "\u2039")).tolist() == plain
+    batch = tok.encode_batch(texts, allowed_special="all", threads=2)
+    assert [b.tolist() for b in batch] == [hf.encode(t, add_special_tokens=False).ids for t in texts]
+    assert tok.decode_batch(batch) == [hf.decode(b.tolist(), skip_special_tokens=False) for b in batch]
+
+
+def test_sentencepiece_equals_sentencepiece_library():
+    """Llama 2's layout encodes and decodes as the sentencepiece library does with the model it came from."""
+    spm = pytest.importorskip("sentencepiece")
+    from hf_families import sentencepiece_doc, sentencepiece_model
+
+    sp = spm.SentencePieceProcessor(model_file=sentencepiece_model(3000))
+    tok = Tokenizer._from_hf_doc(sentencepiece_doc(), "tokenizer.json")
+    fallback = 0
+    for t in eval_texts() + [s for s in SP_TEXTS if "<" not in s]:
+        ids = sp.encode(t)
+        assert tok.encode(t).tolist() == ids, t[:80]
+        assert tok.decode(ids) == sp.decode(ids)
+        fallback += sum(sp.is_byte(i) for i in ids)
+    assert fallback > 20  # the byte-fallback path ran
+    assert tok.token_to_bytes(sp.piece_to_id("<0xE2>")) == b"\xe2"
+    assert tok.token_to_bytes(sp.piece_to_id("\u2581the")) == b" the"
 
 
 def llama2_style_doc(variant: str) -> dict:
-    """A SentencePiece-style tokenizer.json (Llama 2 / Mistral v0.1 / TinyLlama layout) built with tokenizers."""
+    """A small SentencePiece-style tokenizer.json built with tokenizers: Llama 2's layout, or tokenizers' default
+    Metaspace (prepend always, split) without byte fallback (unknown characters become <unk>, fused)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers
     from tokenizers import pre_tokenizers as P
@@ -151,9 +202,41 @@ def llama2_style_doc(variant: str) -> dict:
 
 
 @pytest.mark.parametrize("variant", ["llama2", "metaspace"])
-def test_sentencepiece_refused(tmp_path, variant):
-    (tmp_path / "tokenizer.json").write_text(json.dumps(llama2_style_doc(variant)))
-    with pytest.raises(ValueError, match=r"tokenizer.json:1: SentencePiece-style tokenizers .* not supported"):
+@pytest.mark.parametrize("fuse_unk", [True, False])
+def test_sentencepiece_unknown_characters(tmp_path, variant, fuse_unk):
+    doc = llama2_style_doc(variant)
+    doc["model"]["fuse_unk"] = fuse_unk
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    for t in ["a", "aa a", "xyz a \u2603\u2603 a b", " a<s>a", "", "  ", "\u00e9a"]:
+        want = hf.encode(t, add_special_tokens=False).ids
+        assert tok.encode(t, allowed_special="all").tolist() == want, t
+        assert tok.decode(want) == hf.decode(want, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d.update(normalizer={"type": "Precompiled", "precompiled_charsmap": "AA=="}),
+         "normalizer .*Precompiled.* not supported"),
+        (lambda d: d.update(normalizer=None), "neither a Metaspace pre-tokenizer nor a Replace"),
+        (lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "_", "prepend_scheme": "always"}),
+         "pre_tokenizer .*Metaspace.* is not supported"),
+        (lambda d: d.update(normalizer=None, pre_tokenizer={"type": "Metaspace", "replacement": "_"}),
+         "Metaspace replacement '_' is not supported"),
+        (lambda d: d.update(decoder={"type": "WordPiece", "prefix": "##", "cleanup": True}),
+         "decoder .*WordPiece.* is not supported"),
+        (lambda d: d["model"].update(unk_token="<missing>"), "model.unk_token '<missing>' is not in the vocab"),
+        (lambda d: d["model"]["merges"].append("<0x41> <0x42>"), "merge .* uses a token missing from the vocab"),
+        (lambda d: d["model"].update(dropout=0.1), "model.dropout=0.1 is not supported"),
+    ],
+)
+def test_sentencepiece_unsupported_named(tmp_path, edit, match):
+    doc = llama2_style_doc("llama2")
+    edit(doc)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=match):
         Tokenizer.from_pretrained(tmp_path)
 
 

@@ -30,7 +30,7 @@ from hf_families import LLAMA3_SPLIT, QWEN2_SPLIT  # noqa: E402
 from fastllm import _C  # noqa: E402
 
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-PATTERNS = ["gpt2", "gpt4", "llama3", "qwen2", "smollm"]
+PATTERNS = ["gpt2", "gpt4", "llama3", "qwen2", "smollm", "whole", "metaspace"]
 
 
 def tiktoken_pat_strs() -> dict[str, str]:

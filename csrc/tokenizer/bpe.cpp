@@ -13,6 +13,10 @@ Per pre-tokenized chunk (see pretokenize.h; chunks never span special tokens):
 Complexity: chunk of n bytes: O(n^2) linear scan for n <= kHeapMin = 128 (as tiktoken), O(n log n)
 with a heap over a linked list above it (long whitespace or digit-free symbol runs). Both pick the same
 pair: minimum (prio, position).
+SentencePiece-style BPE (Llama 2, Mistral; Encoder::set_sentencepiece): step 3 starts from characters instead of
+bytes (a character that is not a token becomes its byte-fallback tokens, else <unk>), as HF's BPE with
+byte_fallback does; tokens hold U+2581 as a space so that decoding is still concatenation, and encode() gives each
+stretch of ordinary text its leading space first (sp_text).
 Decode: concatenate token bytes (arena + offsets by id).
 Perf notes (6 MB, 32k vocab, 1 thread, cold cache; tiktoken 0.14 on the same ranks ~11-15 MB/s):
   English+code ~130 MB/s, multilingual ~60 MB/s. Time goes to pair-map probes (memory latency), then the
@@ -387,13 +391,76 @@ void Encoder::add_special(const std::string& bytes, int32_t id) {
     specials_.emplace_back(bytes, id);
 }
 
+void Encoder::set_sentencepiece(const std::vector<int32_t>& byte_ids, int32_t unk_id, bool fuse_unk, Prefix prefix) {
+    FASTLLM_CHECK(byte_ids.size() == 256, "byte_ids must have 256 entries (-1: no token), got ", byte_ids.size());
+    for (int b = 0; b < 256; b++) {
+        fallback_id_[b] = byte_ids[b];
+        if (byte_ids[b] >= 0) set_token(byte_ids[b], std::string(1, (char)b), false);  // decoded, never looked up
+    }
+    FASTLLM_CHECK(unk_id >= -1 && unk_id < kMaxId, "unk id ", unk_id, " is out of range");
+    unk_id_ = unk_id;
+    fuse_unk_ = fuse_unk;
+    prefix_ = prefix;
+    sp_ = true;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // encoding
+
+// Length of the UTF-8 character at s[0] (1 for a byte that does not start a valid one).
+static size_t utf8_char_len(const unsigned char* s, size_t n) {
+    const unsigned c = s[0];
+    const size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+    if (len > n) return 1;
+    for (size_t k = 1; k < len; k++)
+        if ((s[k] & 0xC0) != 0x80) return 1;
+    return len;
+}
+
+void Encoder::initial_parts(std::string_view chunk, std::vector<int32_t>& ids) const {
+    const auto* u = reinterpret_cast<const unsigned char*>(chunk.data());
+    const size_t n = chunk.size();
+    if (!sp_) {
+        for (size_t i = 0; i < n; i++)
+            if (byte_id_[u[i]] >= 0) ids.push_back(byte_id_[u[i]]);  // (only HF vocabularies lack some bytes)
+        return;
+    }
+    bool prev_unk = false;
+    for (size_t i = 0; i < n;) {
+        const size_t len = utf8_char_len(u + i, n - i);
+        const int32_t id = len == 1 ? byte_id_[u[i]] : regular_.find(chunk.substr(i, len));
+        bool fallback = id < 0;
+        for (size_t k = 0; k < len && fallback; k++) fallback = fallback_id_[u[i + k]] >= 0;
+        if (id >= 0) {
+            ids.push_back(id);
+        } else if (fallback) {
+            for (size_t k = 0; k < len; k++) ids.push_back(fallback_id_[u[i + k]]);
+        } else if (unk_id_ >= 0 && !(fuse_unk_ && prev_unk)) {
+            ids.push_back(unk_id_);
+        }
+        prev_unk = id < 0 && !fallback && unk_id_ >= 0;
+        i += len;
+    }
+}
+
+std::string_view Encoder::sp_text(std::string_view t, bool at_start, std::string& buf) const {
+    static constexpr std::string_view kMeta = "\xE2\x96\x81";  // U+2581, SentencePiece's space
+    if (t.empty()) return t;
+    const bool space = t[0] == ' ' || t.substr(0, 3) == kMeta;
+    buf.clear();
+    if (prefix_ == Prefix::every || (!space && (prefix_ == Prefix::always || (prefix_ == Prefix::first && at_start))))
+        buf += ' ';
+    for (size_t i = 0; i < t.size();) {
+        if (t.compare(i, 3, kMeta) == 0) buf += ' ', i += 3;
+        else buf += t[i++];
+    }
+    return buf;
+}
 
 void Encoder::encode_chunk(std::string_view chunk, std::vector<int32_t>& out, ChunkCache& cache) const {
     const size_t n = chunk.size();
     if (n == 0) return;
-    if (n == 1) {
+    if (n == 1 && !sp_) {
         const int32_t id = byte_id_[(uint8_t)chunk[0]];
         if (id >= 0) out.push_back(id);
         return;
@@ -426,9 +493,11 @@ void Encoder::encode(std::string_view text, Pattern p, const std::vector<std::pa
                      std::vector<int32_t>& out) const {
     ChunkCache& cache = thread_cache();
     static thread_local std::vector<std::pair<size_t, size_t>> chunks;
+    static thread_local std::string buf;
     out.reserve(out.size() + text.size() / 4 + 16);
     auto ordinary = [&](size_t a, size_t b) {
-        const std::string_view t = text.substr(a, b - a);
+        std::string_view t = text.substr(a, b - a);
+        if (sp_) t = sp_text(t, a == 0, buf);
         chunks.clear();
         pretokenize(t, p, chunks);
         for (auto [x, y] : chunks) encode_chunk(t.substr(x, y - x), out, cache);
@@ -453,29 +522,37 @@ void Encoder::bpe(std::string_view chunk, std::vector<int32_t>& out) const {
         int32_t prio;  // INT32_MAX: no merge with the next part
         int32_t result;
     };
-    unsigned last_byte = 0;
     Part parts[kHeapMin];
     int m = 0;
-    const auto* u = reinterpret_cast<const unsigned char*>(chunk.data());
-    const size_t n = chunk.size();
-    for (size_t i = 0; i < n; i++) {
-        if (byte_id_[u[i]] < 0) continue;  // (only with HF vocabularies lacking some bytes)
-        parts[m].id = byte_id_[u[i]];
-        parts[m].prio = INT32_MAX;
-        parts[m].result = -1;
-        if (m > 0) {  // pair with the previous kept byte, from the dense byte-pair table
-            const PairMap::Merge& g = byte_pairs_[(size_t)last_byte * 256 + u[i]];
-            parts[m - 1].prio = g.prio;
-            parts[m - 1].result = g.result;
-        }
-        last_byte = u[i];
-        m++;
-    }
     auto update = [&](int i) {
         const PairMap::Merge* g = pairs_.find(parts[i].id, parts[i + 1].id);
         parts[i].prio = g ? g->prio : INT32_MAX;
         parts[i].result = g ? g->result : -1;
     };
+    if (sp_) {  // characters (at most one part per byte)
+        static thread_local std::vector<int32_t> ids;
+        ids.clear();
+        initial_parts(chunk, ids);
+        for (int32_t id : ids) parts[m++] = {id, INT32_MAX, -1};
+        for (int i = 0; i + 1 < m; i++) update(i);
+    } else {
+        unsigned last_byte = 0;
+        const auto* u = reinterpret_cast<const unsigned char*>(chunk.data());
+        const size_t n = chunk.size();
+        for (size_t i = 0; i < n; i++) {
+            if (byte_id_[u[i]] < 0) continue;  // (only with HF vocabularies lacking some bytes)
+            parts[m].id = byte_id_[u[i]];
+            parts[m].prio = INT32_MAX;
+            parts[m].result = -1;
+            if (m > 0) {  // pair with the previous kept byte, from the dense byte-pair table
+                const PairMap::Merge& g = byte_pairs_[(size_t)last_byte * 256 + u[i]];
+                parts[m - 1].prio = g.prio;
+                parts[m - 1].result = g.result;
+            }
+            last_byte = u[i];
+            m++;
+        }
+    }
     while (m > 1) {
         int best = 0;
         for (int i = 1; i + 1 < m; i++)
@@ -496,8 +573,7 @@ void Encoder::bpe(std::string_view chunk, std::vector<int32_t>& out) const {
 void Encoder::bpe_heap(std::string_view chunk, std::vector<int32_t>& out) const {
     std::vector<int32_t> id, next, prev;
     id.reserve(chunk.size());
-    for (unsigned char c : chunk)
-        if (byte_id_[c] >= 0) id.push_back(byte_id_[c]);
+    initial_parts(chunk, id);
     const int n = (int)id.size();
     next.resize(n);
     prev.resize(n);
@@ -541,8 +617,7 @@ void Encoder::encode_chunk_naive(std::string_view chunk, std::vector<int32_t>& o
         }
     }
     std::vector<int32_t> parts;
-    for (unsigned char c : chunk)
-        if (byte_id_[c] >= 0) parts.push_back(byte_id_[c]);
+    initial_parts(chunk, parts);
     while (parts.size() > 1) {
         int32_t best_prio = INT32_MAX, best_res = -1;
         size_t best = 0;

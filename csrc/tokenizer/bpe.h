@@ -174,6 +174,18 @@ class Encoder {
     // Special tokens: never produced by BPE, only by the special-token split in encode(). Throws on clashes.
     void add_special(const std::string& bytes, int32_t id);
 
+    // SentencePiece-style BPE (HF tokenizer.json with Metaspace / byte_fallback: Llama 2, Mistral, TinyLlama).
+    // Its tokens are given as their text with U+2581 written as a space. BPE starts from characters instead of
+    // bytes: a character that is not a token becomes byte_ids[b] for each of its UTF-8 bytes when all of them
+    // are >= 0 (byte fallback; those ids decode to the byte and are never merged), else unk_id (one for a run of
+    // such characters if fuse_unk; none if unk_id < 0). encode() reads U+2581 in text as a space, and puts a
+    // space before each stretch of ordinary text between special tokens as `prefix` says (HF: the Prepend
+    // normalizer = every; Metaspace prepend_scheme always/first = unless it starts with a space, first: only
+    // the stretch at the start of the text).
+    enum class Prefix { none, first, always, every };
+    void set_sentencepiece(const std::vector<int32_t>& byte_ids, int32_t unk_id, bool fuse_unk, Prefix prefix);
+    bool sentencepiece() const { return sp_; }
+
     // Appends the ids of one pre-tokenized chunk to out.
     void encode_chunk(std::string_view chunk, std::vector<int32_t>& out, ChunkCache& cache) const;
     // Appends the ids of a sequence of chunks (uses this thread's cache).
@@ -209,6 +221,10 @@ class Encoder {
     // from_ranks / from_merges: a new Encoder with the regular tokens[i] -> ids[i] (what: "rank" or "id")
     static Encoder with_tokens(const std::vector<std::string>& tokens, const std::vector<int32_t>& ids,
                                const char* what);
+    // The parts BPE starts from: the byte tokens, or for SentencePiece the characters (see set_sentencepiece).
+    void initial_parts(std::string_view chunk, std::vector<int32_t>& ids) const;
+    // The text BPE sees for one stretch of ordinary text (SentencePiece: prefix space, U+2581 as a space).
+    std::string_view sp_text(std::string_view t, bool at_start, std::string& buf) const;
     void bpe(std::string_view chunk, std::vector<int32_t>& out) const;        // small chunks: linear scan
     void bpe_heap(std::string_view chunk, std::vector<int32_t>& out) const;   // long chunks: heap
 
@@ -233,6 +249,11 @@ class Encoder {
     std::vector<std::pair<std::string, int32_t>> specials_;
     bool whole_lookup_ = true;
     uint64_t uid_ = 0;
+    bool sp_ = false;  // SentencePiece-style (set_sentencepiece)
+    std::array<int32_t, 256> fallback_id_{};
+    int32_t unk_id_ = -1;
+    bool fuse_unk_ = false;
+    Prefix prefix_ = Prefix::none;
 };
 
 // Finds allowed special tokens in text: calls ordinary(begin, end) for each stretch of ordinary text and

@@ -66,6 +66,8 @@ static const char* const kQwen2Pattern =  // Qwen2's / Qwen2.5's / Qwen3's token
     R"(|\s*[\r\n]+|\s+(?!\S)|\s+)";
 static const char* const kSmolLMPattern =  // Digits(individual) + ByteLevel's GPT-2 regex, as one regex
     R"(\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+)";
+static const char* const kWholePattern = R"([\s\S]+)";
+static const char* const kMetaspacePattern = R"( ?[^ ]+| )";  // = HF's split on ' ' MergedWithNext
 
 // Class flags by byte: the ASCII classes, and kHigh for every byte >= 0x80 (a multi-byte code point, looked
 // up after decoding), so that run loops stop on it with a single table lookup per byte.
@@ -325,6 +327,8 @@ const char* pattern_string(Pattern p) {
         case Pattern::llama3: return kLlama3Pattern;
         case Pattern::qwen2: return kQwen2Pattern;
         case Pattern::smollm: return kSmolLMPattern;
+        case Pattern::whole: return kWholePattern;
+        case Pattern::metaspace: return kMetaspacePattern;
     }
     return kGpt4Pattern;
 }
@@ -337,6 +341,17 @@ void pretokenize(std::string_view text, Pattern p, std::vector<std::pair<size_t,
         case Pattern::gpt4: scan_cl100k(s, text.size(), 3, true, chunks); break;
         case Pattern::llama3: scan_cl100k(s, text.size(), 3, false, chunks); break;
         case Pattern::qwen2: scan_cl100k(s, text.size(), 1, false, chunks); break;
+        case Pattern::whole:
+            if (!text.empty()) chunks.emplace_back(0, text.size());
+            break;
+        case Pattern::metaspace:
+            for (size_t p = 0, n = text.size(); p < n;) {
+                size_t e = p + 1;
+                while (e < n && text[e] != ' ') e++;
+                chunks.emplace_back(p, e);
+                p = e;
+            }
+            break;
     }
 }
 

@@ -1,5 +1,5 @@
 // Pre-tokenization: split UTF-8 text into chunks exactly as the `regex` module splits it with one of the
-// built-in patterns (GPT-2, GPT-4/cl100k, Llama 3, Qwen2, SmolLM), by hand-written scanners (no regex
+// built-in patterns (GPT-2, GPT-4/cl100k, Llama 3, Qwen2, SmolLM, and two for SentencePiece files), by hand-written scanners (no regex
 // engine), see pretokenize.cpp.
 #pragma once
 #include <cstddef>
@@ -9,7 +9,9 @@
 
 namespace fastllm::tok {
 
-enum class Pattern { gpt2, gpt4, llama3, qwen2, smollm };
+// whole: the text is one chunk (SentencePiece files without a split: Llama 2); metaspace: a chunk starts at every
+// space (HF's Metaspace split=true, the space kept with what follows).
+enum class Pattern { gpt2, gpt4, llama3, qwen2, smollm, whole, metaspace };
 
 // The regex source strings of the built-in patterns (what tiktoken's pat_str would be).
 const char* pattern_string(Pattern p);

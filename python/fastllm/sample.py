@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .options import option
+from .tokenizer import byte_run_text
 
 
 @dataclass
@@ -275,20 +276,33 @@ class TextStreamer:
     """Turns a stream of token ids into text pieces, never splitting a UTF-8 character: bytes of an
     incomplete character are held back until the token that completes them arrives. Bytes that cannot become
     UTF-8 are U+FFFD at once, as a whole decode replaces them (Python's incremental UTF-8 decoder): the pieces
-    join to tokenizer.decode(ids)."""
+    join to tokenizer.decode(ids) (but for the leading space a SentencePiece tokenizer's decode strips: a stream
+    continues a prompt, as vLLM's do). A run of SentencePiece byte-fallback tokens is held until it ends and
+    decoded as a whole, as HF's ByteFallback decoder does."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.fallback = getattr(tokenizer, "byte_fallback_ids", frozenset())
+        self.run = bytearray()
 
     def push(self, token_id: int) -> str:
         try:
-            return self.decoder.decode(self.tokenizer.decode_bytes([int(token_id)]))
+            b = self.tokenizer.decode_bytes([int(token_id)])
         except ValueError:  # an embedding row with no token (Qwen's vocab_size 151936 > its ~151665 tokens): no
             return ""  # text, as transformers' decode skips it
+        if int(token_id) in self.fallback:
+            self.run += b
+            return ""
+        return self._end_run() + self.decoder.decode(b)
+
+    def _end_run(self) -> str:
+        text = byte_run_text(bytes(self.run)) if self.run else ""
+        self.run.clear()
+        return text
 
     def flush(self) -> str:
-        return self.decoder.decode(b"", final=True)
+        return self._end_run() + self.decoder.decode(b"", final=True)
 
 
 class StopStrings:

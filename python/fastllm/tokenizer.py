@@ -19,6 +19,12 @@ Conventions
     (``special`` ones are special tokens; the others are always matched, as HF does), and a post-processor that
     puts a BOS token before every text (``bos_token``; ``encode`` never adds it, callers do, see
     fastllm.sample).
+  - SentencePiece-style tokenizer.json files (Llama 2, TinyLlama, Mistral 7B) run in the same native encoder:
+    their tokens are held with U+2581 as a space, BPE starts from characters, a character that is no token becomes
+    its byte-fallback tokens <0xNN> (else <unk>), and each stretch of text between special tokens gets the leading
+    space the file's Prepend normalizer or Metaspace pre-tokenizer asks for (BpeEncoder.set_sentencepiece);
+    patterns "whole" (no split) and "metaspace" (split before spaces). `decode` strips one leading space and
+    decodes runs of byte tokens as HF's decoder does.
 
 >>> tok = Tokenizer.train(["hello world, hello there"] * 10, vocab_size=270, progress=False)
 >>> ids = tok.encode("hello world")
@@ -35,7 +41,9 @@ import binascii
 import functools
 import json
 import os
+import re
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
 
@@ -46,7 +54,9 @@ from .fileio import atomic_write, read_json
 
 __all__ = ["Tokenizer", "GPT2_PATTERN", "GPT4_PATTERN", "NATIVE_PATTERNS"]
 
-NATIVE_PATTERNS = ("gpt2", "gpt4", "llama3", "qwen2", "smollm")  # pre-tokenized by native scanners
+# pre-tokenized by native scanners; "whole" (the text is one chunk) and "metaspace" (a chunk starts at each space) are
+# the splits of SentencePiece-style tokenizer.json files
+NATIVE_PATTERNS = ("gpt2", "gpt4", "llama3", "qwen2", "smollm", "whole", "metaspace")
 GPT2_PATTERN: str = _C.pattern_string("gpt2")
 GPT4_PATTERN: str = _C.pattern_string("gpt4")
 # The regex of each native pattern, and other spellings of the same patterns (tiktoken's r50k/cl100k strings, HF
@@ -72,10 +82,10 @@ def _to_hf_regex(pat: str) -> str:
 _PATTERN_ALIASES[_to_hf_regex(GPT4_PATTERN)] = "gpt4"
 _NORMALIZERS = ("NFC", "NFKC", "NFD", "NFKD")  # HF normalizer types fastllm applies (unicodedata's forms)
 _SENTENCEPIECE = (
-    "SentencePiece-style tokenizers (Metaspace '\u2581' word boundaries, byte fallback: Llama 2, Mistral v0.1, "
-    "TinyLlama, Gemma) are not supported; fastllm reads byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2/2.5/3, "
-    "SmolLM)"
+    "fastllm reads SentencePiece-style BPE tokenizers only as tokenizer.json (Llama 2, Mistral, TinyLlama: Metaspace "
+    "or Prepend/Replace('\u2581'), byte fallback), and byte-level BPE ones (GPT-2, Llama 3, Qwen2/2.5/3, SmolLM)"
 )
+_META = "\u2581"  # SentencePiece's space
 
 _MAX_ID = 2**28  # ids index dense tables (as in csrc/tokenizer/bpe.cpp): larger ones come from corrupt files
 _SIDECAR_FORMAT = "fastllm-bpe"
@@ -247,6 +257,9 @@ class Tokenizer:
         self._normalizer: str | None = None  # a unicodedata form applied before encoding (HF normalizer)
         self._plain: frozenset[str] = frozenset()  # special tokens always matched (HF added tokens not "special")
         self._bos: int | None = None  # what HF's post-processor puts before every text
+        self._strip_space = False  # decode drops one leading space (SentencePiece files' Strip decoder)
+        self._hf_doc: dict | None = None  # the tokenizer.json a SentencePiece-style tokenizer came from (save_hf)
+        self._fallback: frozenset[int] = frozenset()  # SentencePiece's byte-fallback ids
 
     def _set_hf_options(self, normalizer: str | None = None, plain_tokens=(), bos_token: int | None = None) -> None:
         """The HF tokenizer.json features beyond tiktoken's (see the module doc); ValueError on bad values."""
@@ -502,7 +515,10 @@ class Tokenizer:
         """
         arr = self._ids_array(ids)
         try:
-            return self._core.decode(arr, errors)
+            text = self._core.decode(arr, errors)
+            if self._fallback and errors == "replace" and "\ufffd" in text:
+                text = self._decode_runs(arr)
+            return self._stripped(text)
         except UnicodeDecodeError as e:
             ends = np.cumsum([len(self._core.token_bytes(i)) for i in arr.tolist()])
             k = int(np.searchsorted(ends, e.start, side="right"))  # the token holding the bad byte
@@ -510,6 +526,31 @@ class Tokenizer:
                 f"ids do not decode to valid UTF-8: {e.reason} at byte {e.start} "
                 f"(token index {k}, id {int(arr[k])})"
             ) from e
+
+    def _decode_runs(self, arr: np.ndarray) -> str:
+        """HF's ByteFallback decoder: each run of byte-fallback tokens is its text if it is valid UTF-8, else one
+        U+FFFD per token (Python's "replace" keeps the valid bytes of an invalid run)."""
+        pieces, run = [], bytearray()
+        for i in arr.tolist() + [-1]:
+            if i in self._fallback:
+                run += self._core.token_bytes(i)
+                continue
+            if run:
+                pieces.append(byte_run_text(run))
+                run.clear()
+            if i >= 0:
+                pieces.append(self._core.token_bytes(i).decode("utf-8", "replace"))
+        return "".join(pieces)
+
+    @property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """The ids of a SentencePiece-style tokenizer's byte-fallback tokens <0x00>..<0xFF> (empty otherwise): a
+        run of them decodes as a whole (see `decode`)."""
+        return self._fallback
+
+    def _stripped(self, text: str) -> str:
+        """SentencePiece files decode with one leading space stripped (their tokens carry the space before a word)."""
+        return text[1:] if self._strip_space and text.startswith(" ") else text
 
     def decode_batch(
         self, batch: Sequence[IdsLike], errors: str = "replace", threads: int | None = None
@@ -523,7 +564,9 @@ class Tokenizer:
         arrays = [self._ids_array(ids) for ids in batch]
         threads = _threads(threads)
         try:
-            return self._core.decode_batch(arrays, errors, threads)
+            texts = self._core.decode_batch(arrays, errors, threads)
+            return [self.decode(a) if self._fallback and errors == "replace" and "\ufffd" in t else self._stripped(t)
+                    for a, t in zip(arrays, texts)]
         except UnicodeDecodeError:
             return [self.decode(a, errors) for a in arrays]  # raises with the position
 
@@ -722,7 +765,12 @@ class Tokenizer:
         special tokens as added_tokens, ByteLevel pre-tokenizer and decoder) that ``tokenizers.Tokenizer
         .from_file`` loads and encodes to the same ids. tiktoken semantics are expressed as
         ``ignore_merges=true`` (a chunk that is a token is taken whole) and one merge per split of every token
-        into two tokens, ordered by the token's rank."""
+        into two tokens, ordered by the token's rank. A SentencePiece-style tokenizer writes the file it was read
+        from."""
+        if self._hf_doc is not None:
+            with atomic_write(path) as f:
+                f.write(json.dumps(self._hf_doc, ensure_ascii=False).encode("utf-8"))
+            return
         vocab = {_hf_token(t): i for i, t in self._regular_tokens()}
         merges = [[_hf_token(self._core.token_bytes(a)), _hf_token(self._core.token_bytes(b))]
                   for a, b, _prio, _res in self._core.pairs()]
@@ -816,8 +864,9 @@ class Tokenizer:
         with a GPT-2, Llama 3, Qwen2/2.5/3 or SmolLM checkpoint: then tokens merge by the merges' order, as HF
         does). Added tokens become special tokens (those HF marks non-special are always matched); a unicode
         normalizer and a BOS post-processor are kept (see the module doc). What fastllm cannot reproduce exactly
-        raises ValueError naming the field: SentencePiece-style files (Metaspace, byte fallback), other
-        normalizers and pre-tokenizers, add_prefix_space, dropout, added tokens with lstrip/rstrip/single_word."""
+        raises ValueError naming the field: other normalizers and pre-tokenizers, add_prefix_space, dropout, added
+        tokens with lstrip/rstrip/single_word. SentencePiece-style files (Llama 2, TinyLlama, Mistral 7B: Metaspace
+        or Prepend/Replace, byte fallback, <unk>) load too, see the module doc."""
         path = os.fspath(path)
         return cls._from_hf_doc(read_json(path), path)
 
@@ -829,19 +878,21 @@ class Tokenizer:
             return ValueError(f"{path}:1: {msg}")
 
         model = doc.get("model") if isinstance(doc, dict) else None
-        if isinstance(model, dict) and (model.get("byte_fallback") or _is_sentencepiece(doc)):
-            raise bad(_SENTENCEPIECE)
         if (
             not isinstance(model, dict)
             or model.get("type", "BPE") != "BPE"
             or not isinstance(model.get("vocab"), dict)
         ):
             raise bad("not a BPE tokenizer.json (model.type must be 'BPE' with a vocab)")
-        for key in ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix"):
+        sp = _SentencePiece.of(doc, bad) if model.get("byte_fallback") or _is_sentencepiece(doc) else None
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix") + (() if sp else ("unk_token",)):
             if model.get(key) not in (None, ""):
                 raise bad(f"model.{key}={model.get(key)!r} is not supported")
-        normalizer = _hf_normalizer(doc.get("normalizer"), bad)
-        pattern = _hf_pattern(doc.get("pre_tokenizer"), bad)
+        normalizer = None if sp else _hf_normalizer(doc.get("normalizer"), bad)
+        pattern = sp.pattern if sp else _hf_pattern(doc.get("pre_tokenizer"), bad)
+
+        def token_bytes(piece: str) -> bytes:  # KeyError: not in the byte-level alphabet
+            return piece.replace(_META, " ").encode("utf-8") if sp else bytes(_U2B[c] for c in piece)
 
         added = doc.get("added_tokens") or []
         specials: dict[str, int] = {}
@@ -867,6 +918,7 @@ class Tokenizer:
         bos = _hf_bos(doc.get("post_processor"), specials, bad)
 
         tokens, ids = [], []
+        byte_ids = [-1] * 256  # SentencePiece's byte-fallback tokens <0x00>..<0xFF>
         for s, i in model["vocab"].items():
             if not isinstance(i, int) or not 0 <= i < _MAX_ID:
                 raise bad(f"vocab id of {s!r} is not an int in [0, 2**28): {i!r}")
@@ -874,8 +926,11 @@ class Tokenizer:
                 if s != special_of_id[i]:
                     raise bad(f"id {i} is both the vocab token {s!r} and the added token {special_of_id[i]!r}")
                 continue
+            if sp and sp.byte_fallback and _BYTE_PIECE.fullmatch(s):
+                byte_ids[int(s[3:5], 16)] = i
+                continue
             try:
-                tokens.append(bytes(_U2B[c] for c in s))
+                tokens.append(token_bytes(s))
             except KeyError:
                 raise bad(f"vocab token {s!r} is not in the byte-level alphabet") from None
             ids.append(i)
@@ -886,16 +941,16 @@ class Tokenizer:
             if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
                 raise bad(f"merge {k} is malformed: {m!r}")
             try:
-                a, b = (bytes(_U2B[c] for c in p) for p in parts)
+                a, b = (token_bytes(p) for p in parts)
             except KeyError:
                 raise bad(f"merge {k} {m!r} is not in the byte-level alphabet") from None
             if a not in index or b not in index:
-                raise bad(f"merge {k} {m!r} uses a token missing from the vocab")
+                raise bad(f"merge {k} {m!r} uses a token missing from the vocab (or a byte-fallback token)")
             merges.append((index[a], index[b]))
         ignore_merges = bool(model.get("ignore_merges", False))
         core = None
         is_ranks = False
-        if ignore_merges and len(index) >= 256 and all(bytes([x]) in index for x in range(256)):
+        if ignore_merges and not sp and len(index) >= 256 and all(bytes([x]) in index for x in range(256)):
             # Written with tiktoken semantics (save_hf, Llama 3)? Then use them exactly (rank = id).
             try:
                 cand = _C.BpeEncoder.from_ranks(tokens, ids)
@@ -906,6 +961,8 @@ class Tokenizer:
         if core is None:
             try:
                 core = _C.BpeEncoder.from_merges(tokens, ids, merges, ignore_merges)
+                if sp:
+                    core.set_sentencepiece(byte_ids, sp.unk_id(model, specials, bad), sp.fuse_unk, sp.prefix)
             except ValueError as e:
                 raise bad(str(e)) from e
         try:
@@ -914,7 +971,18 @@ class Tokenizer:
         except ValueError as e:
             raise bad(str(e)) from e
         tok._is_ranks = is_ranks
+        if sp:
+            tok._strip_space, tok._hf_doc = sp.strip, doc
+            tok._fallback = frozenset(i for i in byte_ids if i >= 0)
         return tok
+
+
+def byte_run_text(run: bytes) -> str:
+    """A run of byte-fallback tokens (one byte each) as HF's ByteFallback decoder gives it."""
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
 
 
 def _hf_token(token: bytes) -> str:
@@ -947,6 +1015,97 @@ def _specials_regex(names: frozenset[str]):
     import regex
 
     return regex.compile("|".join(regex.escape(s) for s in sorted(names, key=len, reverse=True)))
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback token, as HF's BPE names them
+
+
+@dataclass(frozen=True)
+class _SentencePiece:
+    """What a SentencePiece-style tokenizer.json asks for, in the terms of the native encoder
+    (BpeEncoder.set_sentencepiece): pattern "whole" or "metaspace", a prefix space rule, and the decoder's
+    strip of one leading space."""
+
+    pattern: str
+    prefix: str  # "none" | "first" | "always" | "every"
+    strip: bool
+    byte_fallback: bool
+    fuse_unk: bool
+    unk: str | None
+
+    @classmethod
+    def of(cls, doc: dict, bad) -> _SentencePiece:
+        """The options of `doc`; ValueError (from `bad`) naming what fastllm cannot reproduce exactly."""
+        model, norm, pre, dec = doc["model"], doc.get("normalizer"), doc.get("pre_tokenizer"), doc.get("decoder")
+        # Llama 2's legacy files: normalizer Sequence[Prepend('▁'), Replace(' ', '▁')] and no pre-tokenizer;
+        # later ones (transformers' legacy=False): a Metaspace pre-tokenizer and no normalizer.
+        steps = _items(norm, "normalizers")
+        kinds = [n.get("type") if isinstance(n, dict) else None for n in steps]
+        known = ({"type": "Prepend", "prepend": _META},
+                 {"type": "Replace", "pattern": {"String": " "}, "content": _META})
+        if any(n not in known for n in steps) or len(set(kinds)) != len(kinds):
+            raise bad(f"normalizer {json.dumps(norm, ensure_ascii=False)[:200]} is not supported ({_SENTENCEPIECE})")
+        prefix, pattern = ("every" if "Prepend" in kinds else "none"), "whole"
+        metas = _items(pre, "pretokenizers")
+        if metas:
+            m = metas[0]
+            if len(metas) != 1 or not isinstance(m, dict) or m.get("type") != "Metaspace" or steps:
+                raise bad(f"pre_tokenizer {json.dumps(pre, ensure_ascii=False)[:200]} is not supported "
+                          f"({_SENTENCEPIECE})")
+            if m.get("replacement", _META) != _META:
+                raise bad(f"Metaspace replacement {m['replacement']!r} is not supported (only {_META!r})")
+            scheme = _prepend_scheme(m)
+            if scheme not in ("always", "first", "never"):
+                raise bad(f"Metaspace prepend_scheme {scheme!r} is not supported")
+            prefix = "none" if scheme == "never" else scheme
+            pattern = "metaspace" if m.get("split", True) else "whole"
+        elif "Replace" not in kinds:
+            raise bad(f"a SentencePiece-style file with neither a Metaspace pre-tokenizer nor a Replace(' ', "
+                      f"{_META!r}) normalizer is not supported ({_SENTENCEPIECE})")
+        # the decoder: '▁' back to spaces (Replace or Metaspace), the bytes of <0xNN> tokens, maybe the strip of
+        # the space the prefix put before the first word
+        strip = spaces = False
+        byte_fallback = bool(model.get("byte_fallback"))
+        for d in _items(dec, "decoders"):
+            kind = d.get("type") if isinstance(d, dict) else None
+            if kind == "Strip" and d.get("content") == " " and d.get("start") == 1 and not d.get("stop"):
+                strip = True
+            elif kind == "Metaspace" and d.get("replacement", _META) == _META:
+                strip, spaces = _prepend_scheme(d) != "never", True
+            elif d == {"type": "Replace", "pattern": {"String": _META}, "content": " "}:
+                spaces = True
+            elif d != {"type": "Fuse"} and not (d == {"type": "ByteFallback"} and byte_fallback):
+                spaces = False  # (an unknown step: refused below)
+                break
+        if not spaces or byte_fallback != ({"type": "ByteFallback"} in _items(dec, "decoders")):
+            raise bad(f"decoder {json.dumps(dec, ensure_ascii=False)[:200]} is not supported ({_SENTENCEPIECE})")
+        unk = model.get("unk_token")
+        if unk is not None and not isinstance(unk, str):
+            raise bad(f"model.unk_token must be a string, got {unk!r}")
+        return cls(pattern, prefix, strip, byte_fallback, bool(model.get("fuse_unk")), unk)
+
+    def unk_id(self, model: dict, specials: dict[str, int], bad) -> int:
+        """The id of the unknown token (-1 without one)."""
+        if self.unk is None:
+            return -1
+        i = specials.get(self.unk, model["vocab"].get(self.unk))
+        if not isinstance(i, int):
+            raise bad(f"model.unk_token {self.unk!r} is not in the vocab")
+        return i
+
+
+def _prepend_scheme(metaspace: dict) -> str:
+    """A Metaspace pre-tokenizer's or decoder's prepend_scheme (older files: add_prefix_space, default true)."""
+    return metaspace.get("prepend_scheme") or ("always" if metaspace.get("add_prefix_space", True) else "never")
+
+
+def _items(node, key: str) -> list:
+    """The steps of an HF normalizer / pre-tokenizer / decoder: [] for null, the list of a Sequence, else [node]."""
+    if node is None:
+        return []
+    if isinstance(node, dict) and node.get("type") == "Sequence":
+        return list(node.get(key) or [])
+    return [node]
 
 
 def _is_sentencepiece(doc: dict) -> bool:
