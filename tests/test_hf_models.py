@@ -208,8 +208,10 @@ def qwen2_dir(tmp_path_factory):
         (dict(rope_scaling={"type": "yarn", "factor": 4.0, "attention_factor": 0}), "attention_factor must be"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
         (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config \\(gptq"),
-        (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),
-         "sliding_window=16 on layers"),
+        (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=0),
+         "sliding_window=0 on layers .* must be a positive integer"),
+        (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16,
+              rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "sliding_window with dynamic RoPE scaling"),
         (dict(model_type="mistral", architectures=["MistralForCausalLM"], attention_bias=True),
          "attention_bias=True is not supported for mistral"),
         (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], mlp_bias=True),
@@ -229,14 +231,30 @@ def test_bad_or_unsupported_config(llama_dir, tmp_path, changes, match):
     assert "config.json" in str(e.value) or "model.safetensors" in str(e.value)
 
 
-def test_qwen_sliding_window_layers_refused(qwen2_dir, tmp_path):
+def test_sliding_window_layers_cut_the_context(qwen2_dir, tmp_path):
+    """A config with sliding-window layers (Mistral v0.1 and Zephyr: all layers; Qwen with use_sliding_window: those
+    from max_window_layers on) loads with its window as the context: up to there sliding attention is full
+    attention, and the logits and greedy tokens are transformers' (which slides)."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(**{**BASE, "num_key_value_heads": 2, "sliding_window": 16})
+    ref = transformers.MistralForCausalLM(cfg).float().eval()
+    ref.save_pretrained(tmp_path / "mistral")
+    model = GPT.from_pretrained(tmp_path / "mistral")
+    assert model.config.block_size == 16
+    ids = np.random.default_rng(0).integers(0, V, (2, 16))
+    assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=13, min_new_tokens=13, do_sample=False,
+                              pad_token_id=0)[0].tolist()
+    assert generate(model.eval(), [5, 17, 99], 13, temperature=0.0) == theirs
+    with pytest.raises(ValueError, match="16"):
+        model.forward(np.zeros((1, 17), np.int64))  # past the window: refused, not computed with full attention
     d = edit_config(qwen2_dir, tmp_path / "sw", drop=("layer_types",), use_sliding_window=True, sliding_window=16,
                     max_window_layers=1)
-    with pytest.raises(ValueError, match=r"config.json: sliding_window=16 on layers \[1\]"):
-        GPT.from_pretrained(d)
+    assert GPT.from_pretrained(d).config.block_size == 16
     d = edit_config(qwen2_dir, tmp_path / "full", drop=("layer_types",), use_sliding_window=False,
                     sliding_window=4096, max_window_layers=1)
-    GPT.from_pretrained(d)  # Qwen2.5's released configs: a window is named but not used
+    assert GPT.from_pretrained(d).config.block_size == T_MAX  # Qwen2.5's released configs: a window named, unused
 
 
 def rewrite(d, fn, out):

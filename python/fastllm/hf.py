@@ -14,13 +14,14 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
     llama    LlamaForCausalLM    RoPE (rope_theta, rope_scaling default | linear | llama3 | yarn | dynamic: see
                                  fastllm.rope), RMSNorm, SwiGLU (silu), GQA, attention_bias (q, k, v, o), mlp_bias,
                                  head_dim, tied or untied
-    mistral  MistralForCausalLM  Llama's, without biases; full attention only (a sliding_window smaller than the
-                                 context is refused)
-    qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); full attention only
-    qwen3    Qwen3ForCausalLM    Llama's with QK-norm (RMSNorm over head_dim on q and k), attention_bias; full
-                                 attention only
+    mistral  MistralForCausalLM  Llama's, without biases; a sliding_window smaller than max_position_embeddings
+                                 (v0.1, Zephyr) becomes the context (block_size): up to it, sliding attention is
+                                 full attention
+    qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); sliding-window layers as mistral's
+    qwen3    Qwen3ForCausalLM    Llama's with QK-norm (RMSNorm over head_dim on q and k), attention_bias;
+                                 sliding-window layers as mistral's
 Keys of config.json that change the computation are mapped or refused by name (other rope types, MoE model
-types, quantization, activations, sliding windows, partial rotary); the others (dropout, initializer range, token
+types, quantization, activations, partial rotary); the others (dropout, initializer range, token
 ids, generation defaults, bookkeeping) do not affect the model and are not read.
 
 Weights: per layer, HF keeps one tensor per projection where fastllm stacks the layers (L, ...) and concatenates
@@ -106,8 +107,10 @@ def _rope(d: dict, bad) -> tuple[float, dict | None]:
     return theta, (None if kind == "default" else scaling)
 
 
-def _check_full_attention(d: dict, n_layer: int, context: int, bad) -> None:
-    """Refuse configs with sliding-window layers whose window is smaller than the context."""
+def _full_attention_context(d: dict, n_layer: int, context: int, bad) -> int:
+    """The longest context over which every layer attends to every earlier token: max_position_embeddings, or for
+    configs with sliding-window layers (Mistral v0.1, Zephyr, Qwen with use_sliding_window) their window, where
+    sliding and full attention are the same computation (a token attends to itself and the window - 1 before it)."""
     window = d.get("sliding_window")
     kinds = d.get("layer_types")
     if kinds is not None:
@@ -119,10 +122,12 @@ def _check_full_attention(d: dict, n_layer: int, context: int, bad) -> None:
         sliding = list(range(first, n_layer)) if d.get("use_sliding_window") else []
     else:  # mistral: every layer slides when sliding_window is set
         sliding = list(range(n_layer)) if window is not None else []
-    if sliding and (window is None or window < context):
-        raise bad(f"sliding_window={window} on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''} is not "
-                  f"supported: fastllm runs full attention (max_position_embeddings={context}); only configs "
-                  "without sliding-window layers load")
+    if not sliding:
+        return context
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise bad(f"sliding_window={window!r} on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''} must be a "
+                  "positive integer")
+    return min(window, context)
 
 
 def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
@@ -190,8 +195,9 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         raise bad(f"hidden_act {act!r} is not supported (only 'silu': SwiGLU)")
     if d.get("partial_rotary_factor", 1.0) != 1.0:
         raise bad(f"partial_rotary_factor={d['partial_rotary_factor']} is not supported (only 1.0)")
+    context = d["max_position_embeddings"]
     if "sliding_window" in d or "layer_types" in d or "use_sliding_window" in d:
-        _check_full_attention(d, L, d["max_position_embeddings"], bad)
+        context = _full_attention_context(d, L, context, bad)
     attention_bias = d.get("attention_bias", False)
     mlp_bias = d.get("mlp_bias", False)
     if kind in ("mistral", "qwen2") and attention_bias:
@@ -203,6 +209,9 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         if not isinstance(value, bool):
             raise bad(f"{key} must be true or false, got {value!r}")
     theta, scaling = _rope(d, bad)
+    if context < d["max_position_embeddings"] and scaling and scaling.get("rope_type", scaling.get("type")) == "dynamic":
+        raise bad("sliding_window with dynamic RoPE scaling is not supported (it scales past max_position_embeddings, "
+                  "which the window keeps fastllm from reaching)")
     head_dim, n_kv = d.get("head_dim"), d.get("num_key_value_heads")
     if isinstance(C, int) and isinstance(NH, int) and NH > 0 and C % NH == 0 and head_dim == C // NH:
         head_dim = None  # the defaults: keep the config canonical
@@ -210,7 +219,7 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         n_kv = None
     qkv_bias = True if kind == "qwen2" else attention_bias
     return dict(
-        block_size=d["max_position_embeddings"], vocab_size=d["vocab_size"], n_layer=L, n_head=NH, n_embd=C,
+        block_size=context, vocab_size=d["vocab_size"], n_layer=L, n_head=NH, n_embd=C,
         layernorm_eps=_positive_number(d, "rms_norm_eps", 1e-6, bad), n_kv_head=n_kv,
         head_dim=head_dim, positions="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
         mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=attention_bias and kind != "qwen2",
