@@ -209,8 +209,8 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         if not isinstance(value, bool):
             raise bad(f"{key} must be true or false, got {value!r}")
     theta, scaling = _rope(d, bad)
-    kind = scaling and scaling.get("rope_type", scaling.get("type"))
-    if context < d["max_position_embeddings"] and kind == "dynamic":
+    rope_type = scaling and scaling.get("rope_type", scaling.get("type"))
+    if context < d["max_position_embeddings"] and rope_type == "dynamic":
         raise bad("sliding_window with dynamic RoPE scaling is not supported (it scales past max_position_embeddings, "
                   "which the window keeps fastllm from reaching)")
     head_dim, n_kv = d.get("head_dim"), d.get("num_key_value_heads")
