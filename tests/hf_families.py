@@ -119,16 +119,16 @@ def build_tokenizer(family: str, vocab_size: int = 3000):
 
 
 @functools.cache
-def sentencepiece_model(vocab_size: int) -> str:
-    """A SentencePiece BPE model trained on training_text() with Llama 2's trainer settings (byte fallback,
-    digits split, identity normalization, whitespace kept; <unk> <s> </s> are ids 0 1 2); the path of its file."""
+def sentencepiece_model(vocab_size: int, text: str | None = None) -> str:
+    """A SentencePiece BPE model trained on `text` (default training_text()) with Llama 2's trainer settings (byte
+    fallback, digits split, identity normalization, whitespace kept; <unk> <s> </s> are ids 0 1 2); its path."""
     import tempfile
 
     import pytest
 
     spm = pytest.importorskip("sentencepiece")
     folder = Path(tempfile.mkdtemp(prefix="fastllm-spm-"))
-    (folder / "train.txt").write_text(training_text(), encoding="utf-8")
+    (folder / "train.txt").write_text(text or training_text(), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(folder / "train.txt"), model_prefix=str(folder / "m"), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
@@ -137,14 +137,16 @@ def sentencepiece_model(vocab_size: int) -> str:
     return str(folder / "m.model")
 
 
-def sentencepiece_doc(vocab_size: int = 3000, metaspace: str | None = None, split: bool = False) -> dict:
+def sentencepiece_doc(vocab_size: int = 3000, metaspace: str | None = None, split: bool = False,
+                      model_file: str | None = None) -> dict:
     """The tokenizer.json transformers' LlamaConverter writes for a SentencePiece BPE model (Llama 2's layout):
     every piece in the vocab (<0x00>..<0xFF> for byte fallback), merges from every split of a piece into two
     pieces ordered by the piece's score, <s> before every text. metaspace=None: Llama 2's legacy normalizer
-    (Prepend + Replace); else a Metaspace pre-tokenizer with that prepend_scheme (and `split`)."""
+    (Prepend + Replace); else a Metaspace pre-tokenizer with that prepend_scheme (and `split`). `model_file`: that
+    model instead of sentencepiece_model(vocab_size)."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=sentencepiece_model(vocab_size))
+    sp = spm.SentencePieceProcessor(model_file=model_file or sentencepiece_model(vocab_size))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     normal = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())
               if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}

@@ -215,6 +215,20 @@ def test_sentencepiece_unknown_characters(tmp_path, variant, fuse_unk):
         assert tok.decode(want) == hf.decode(want, skip_special_tokens=False)
 
 
+def test_sentencepiece_token_across_a_space():
+    """Files without a pre-tokenizer run BPE over the whole text; fastllm splits it before each run of spaces (so
+    that the chunk cache works) only when no token has a space after another character: a token like 'a▁a' must
+    still merge across the space, as HF does."""
+    doc = llama2_style_doc("llama2")
+    doc["model"]["vocab"]["a\u2581a"] = len(doc["model"]["vocab"])
+    doc["model"]["merges"].append(["a", "\u2581a"])
+    hf = tokenizers.Tokenizer.from_str(json.dumps(doc))
+    tok = Tokenizer._from_hf_doc(doc, "tokenizer.json")
+    for t in ["ba a", "ba  a", "a a a", "b a"]:
+        assert tok.encode(t).tolist() == hf.encode(t, add_special_tokens=False).ids, t
+    assert hf.encode("ba a", add_special_tokens=False).tokens == ["\u2581", "<0x62>", "a\u2581a"]
+
+
 @pytest.mark.parametrize(
     "edit,match",
     [
@@ -228,7 +242,7 @@ def test_sentencepiece_unknown_characters(tmp_path, variant, fuse_unk):
         (lambda d: d.update(decoder={"type": "WordPiece", "prefix": "##", "cleanup": True}),
          "decoder .*WordPiece.* is not supported"),
         (lambda d: d["model"].update(unk_token="<missing>"), "model.unk_token '<missing>' is not in the vocab"),
-        (lambda d: d["model"]["merges"].append("<0x41> <0x42>"), "merge .* uses a token missing from the vocab"),
+        (lambda d: d["model"]["merges"].append(["<0x41>", "<0x42>"]), "merge .* uses a token missing from the vocab"),
         (lambda d: d["model"].update(dropout=0.1), "model.dropout=0.1 is not supported"),
     ],
 )

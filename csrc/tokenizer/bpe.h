@@ -225,6 +225,7 @@ class Encoder {
     void initial_parts(std::string_view chunk, std::vector<int32_t>& ids) const;
     // The text BPE sees for one stretch of ordinary text (SentencePiece: prefix space, U+2581 as a space).
     std::string_view sp_text(std::string_view t, bool at_start, std::string& buf) const;
+    static void sp_words(std::string_view t, std::vector<std::pair<size_t, size_t>>& chunks);
     void bpe(std::string_view chunk, std::vector<int32_t>& out) const;        // small chunks: linear scan
     void bpe_heap(std::string_view chunk, std::vector<int32_t>& out) const;   // long chunks: heap
 
@@ -250,6 +251,7 @@ class Encoder {
     bool whole_lookup_ = true;
     uint64_t uid_ = 0;
     bool sp_ = false;  // SentencePiece-style (set_sentencepiece)
+    bool sp_words_ = false;  // no token has a space after another character: text splits before each space run
     std::array<int32_t, 256> fallback_id_{};
     int32_t unk_id_ = -1;
     bool fuse_unk_ = false;
