@@ -13,7 +13,7 @@ decodes tokens to text incrementally (`TextStreamer` holds back bytes of a UTF-8
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,13 +275,22 @@ class TextStreamer:
     """Turns a stream of token ids into text pieces, never splitting a UTF-8 character: bytes of an
     incomplete character are held back until the token that completes them arrives. Bytes that cannot become
     UTF-8 are U+FFFD at once, as a whole decode replaces them (Python's incremental UTF-8 decoder): the pieces
-    join to tokenizer.decode(ids)."""
+    join to tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).
+    skip_special_tokens: leave out special tokens (tokenizer.special_ids; default False: they are shown, as by
+    transformers' TextStreamer, whose decode_kwargs default to none), except those named in `keep` (the tags a
+    tool-call or reasoning parser reads)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip_special_tokens: bool = False, keep: Collection[str] = ()):
         self.tokenizer = tokenizer
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.skip: frozenset[int] = frozenset()
+        if skip_special_tokens:
+            names = tokenizer.special_tokens
+            self.skip = tokenizer.special_ids - {names[s] for s in keep if s in names}
 
     def push(self, token_id: int) -> str:
+        if token_id in self.skip:
+            return ""
         try:
             return self.decoder.decode(self.tokenizer.decode_bytes([int(token_id)]))
         except ValueError:  # an embedding row with no token (Qwen's vocab_size 151936 > its ~151665 tokens): no
@@ -330,18 +339,22 @@ class StopStrings:
 
 
 def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int,
-                stop: str | Sequence[str] = (), stats: dict | None = None, **kw) -> Iterator[str]:
+                stop: str | Sequence[str] = (), stats: dict | None = None, skip_special_tokens: bool = True,
+                **kw) -> Iterator[str]:
     """Yield decoded text pieces as tokens are generated (single prompt: token ids, or text, encoded as `fastllm
     sample` and HF's tokenizer(text) encode it: tokenizer.encode_prompt, special tokens matched, a Llama 3 BOS
     first, "" a new document); stops at `stop` strings (not included in the output), at <|endoftext|> and at
-    `stop_tokens` (their text not included either). `stats["tokens"]` counts the tokens generated."""
+    `stop_tokens` (their text not included either). `stats["tokens"]` counts the tokens generated.
+    skip_special_tokens (default True): special tokens the model writes (tokenizer.special_ids) are left out of
+    the text, as transformers' text-generation pipeline and vLLM leave them out; `stop` strings are found in the
+    text shown (as vLLM finds them)."""
     stats = {} if stats is None else stats
     stats["tokens"] = 0
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     stop_tokens = (*_token_ids(kw.pop("stop_tokens", ()), "stop_tokens"), *(() if eot is None else (eot,)))
     ends = set(stop_tokens)
     ids = tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
-    streamer, cutter = TextStreamer(tokenizer), StopStrings(stop)
+    streamer, cutter = TextStreamer(tokenizer, skip_special_tokens), StopStrings(stop)
     for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
         t = int(step[0])
         stats["tokens"] += 1
