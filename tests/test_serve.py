@@ -871,6 +871,37 @@ def test_base_model_chat_is_a_clear_400(ckpts):
                                                               "total_tokens": 5}  # "" is <|endoftext|>
 
 
+def test_cors_headers_on_server_errors(ckpts, monkeypatch):
+    """With --allow-origin, a 500 (an unexpected exception in a handler) carries Access-Control-Allow-Origin as
+    every other answer does, so that a page can read the error (Starlette answers those outside the CORS
+    middleware: the browser saw a CORS failure instead); it is still OpenAI's error JSON, and the exception still
+    reaches the server's log."""
+    from starlette.testclient import TestClient
+
+    from fastllm.serve import api
+    from fastllm.serve.app import create_app
+    from fastllm.serve.engine import load
+
+    def boom(body, served):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(api, "parse_completion", boom)
+    model, tok = load(ckpts["base"])
+    page = "http://page.example"
+    body = {"model": "base", "prompt": "a", "max_tokens": 1}
+    for origins in ((page,), ()):
+        app = create_app(Engine(model, tok, max_batch=1), "base", allow_origins=origins)
+        with TestClient(app, raise_server_exceptions=False) as http:
+            r = http.post("/v1/completions", json=body, headers={"Origin": page})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "server_error"
+            assert "RuntimeError: boom" in r.json()["error"]["message"]
+            assert r.headers.get("access-control-allow-origin") == (page if origins else None)
+            r = http.post("/v1/chat/completions", json={"model": "nope"}, headers={"Origin": page})  # a 4xx
+            assert r.status_code == 404 and r.headers.get("access-control-allow-origin") == (page if origins else None)
+        with TestClient(app) as http, pytest.raises(RuntimeError, match="boom"):  # (re-raised: the server logs it)
+            http.post("/v1/completions", json=body, headers={"Origin": page})
+
+
 def test_chat_page_is_self_contained(server):
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
