@@ -234,6 +234,41 @@ def test_sample_stop_reads_escapes(ckpt, capsys, monkeypatch):
     assert rc == 0 and seen == [["\n\n", "\t", "x"]]
 
 
+def test_sample_and_chat_leave_special_tokens_out(tmp_path, capsys, monkeypatch):
+    """`fastllm sample` and `fastllm chat` print the model's text without the special tokens it writes (not stop
+    tokens: an <|im_start|> mid-answer), as transformers' pipelines and `transformers chat` decode with
+    skip_special_tokens=True; --no-skip-special-tokens shows them."""
+    import io
+    import json
+
+    import fastllm.sample
+    from fastllm import Tokenizer
+    from fastllm.fileio import save_safetensors
+    from fastllm.model import GPT, GPTConfig
+    from fastllm.sft import IM_END, IM_START
+
+    tok = Tokenizer({bytes([b]): b for b in range(256)},
+                    special_tokens={"<|endoftext|>": 256, IM_START: 257, IM_END: 258})
+    model = GPT(GPTConfig(block_size=64, vocab_size=259, n_layer=1, n_head=2, n_embd=8))
+    save_safetensors(tmp_path / "model.safetensors", dict(model.p), {"config": json.dumps(model.config.to_dict())})
+    tok.save(tmp_path / "tokenizer.tiktoken")
+    answer = [*b"Hi", 257, *b" there", 258, 256]  # (chat stops at <|im_end|>, sample at <|endoftext|>)
+
+    def stream(model, ids, max_new_tokens, stop_tokens=(), **kw):
+        for t in answer:
+            yield np.array([t])
+            if t in stop_tokens:
+                return
+
+    monkeypatch.setattr(fastllm.sample, "stream", stream)
+    for flag, text, more in (([], "Hi there", ""), (["--no-skip-special-tokens"], f"Hi{IM_START} there", IM_END)):
+        rc, out, _ = run(["sample", "--ckpt", str(tmp_path), "-n", "20", *flag], capsys)
+        assert rc == 0 and out == text + more
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+        rc, out, _ = run(["chat", "--ckpt", str(tmp_path), "-n", "20", *flag], capsys)
+        assert rc == 0 and out == text + "\n"
+
+
 def test_sample_says_when_the_context_cuts_max_new_tokens(ckpt, capsys):
     """-n beyond the context is lowered to what fits, and stderr says so (it was silent)."""
     rc, out, err = run(["sample", "--ckpt", str(ckpt), "--prompt", "hello", "-n", "100", "--seed", "0"], capsys)

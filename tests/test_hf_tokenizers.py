@@ -118,6 +118,83 @@ def test_transformers_autotokenizer_agrees(family):
         assert auto(t)["input_ids"] == ([] if tok.bos_token is None else [tok.bos_token]) + ids
 
 
+def with_specials_inside(tok, family: str, rng) -> list[list[int]]:
+    """Id sequences of eval_texts() with the family's special and non-special added tokens put in at random places
+    (also between the bytes of a character), as a model may write them."""
+    names = FAMILIES[family][3] + FAMILIES[family][4]
+    extra = [tok.special_tokens[s] for s in names]
+    out = []
+    for t in eval_texts()[:30]:
+        ids = tok.encode(t, allowed_special="all").tolist()
+        for _ in range(rng.integers(1, 6)):
+            ids.insert(int(rng.integers(0, len(ids) + 1)), int(rng.choice(extra)))
+        out.append(ids)
+    return out
+
+
+def test_decode_skips_special_tokens_as_hf(family):
+    """decode / decode_batch(skip_special_tokens=True) leave out the special tokens, as HF's tokenizers and
+    transformers' decode(ids, skip_special_tokens=True) do, and keep the added tokens HF does not mark special
+    (Qwen's <tool_call>, <think>); the default keeps every token, as HF's default does."""
+    transformers = pytest.importorskip("transformers")
+    name, hf, folder = family
+    tok = Tokenizer.from_pretrained(folder)
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.special_ids == {tok.special_tokens[s] for s in FAMILIES[name][3]}
+    batch = with_specials_inside(tok, name, np.random.default_rng(0))
+    for ids in batch:
+        want = hf.decode(ids, skip_special_tokens=True)
+        assert tok.decode(ids, skip_special_tokens=True) == want == auto.decode(ids, skip_special_tokens=True)
+        assert tok.decode(np.array(ids, np.int32), skip_special_tokens=True) == want
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False) == auto.decode(ids)
+    want = [hf.decode(ids, skip_special_tokens=True) for ids in batch]
+    assert tok.decode_batch(batch, skip_special_tokens=True, threads=2) == want
+    assert auto.batch_decode(batch, skip_special_tokens=True) == want
+    special = tok.special_tokens[FAMILIES[name][3][-1]]
+    for plain in FAMILIES[name][4]:
+        ids = tok.encode(f"a{plain}b", allowed_special="all").tolist() + [special]
+        assert tok.decode(ids, skip_special_tokens=True) == f"a{plain}b" == auto.decode(ids, skip_special_tokens=True)
+    # errors="strict" names the token holding the bad byte by its index in the ids given
+    piece = next((i for i in tok.byte_fallback_ids if tok.token_to_bytes(i) == b"\xe4"),  # (SentencePiece's)
+                 tok.encode("\u4f60").tolist()[0])
+    bad = [special, special, piece]
+    assert len(tok.token_to_bytes(bad[-1])) < 3  # (a piece of the character)
+    with pytest.raises(ValueError, match=r"token index 2, id"):
+        tok.decode(bad, errors="strict", skip_special_tokens=True)
+
+
+def test_text_streamer_matches_transformers_text_streamer(family):
+    """TextStreamer(tok, skip_special_tokens=True) streams what transformers' TextStreamer(tokenizer,
+    skip_special_tokens=True) prints, and TextStreamer(tok) what its default (no decode_kwargs) prints: the
+    special tokens too."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from fastllm.sample import TextStreamer
+
+    class Printed(transformers.TextStreamer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.text = ""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            self.text += text
+
+    name, hf, folder = family
+    tok = Tokenizer.from_pretrained(folder)
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    for ids in with_specials_inside(tok, name, np.random.default_rng(1)):
+        for kw in ({}, {"skip_special_tokens": True}, {"skip_special_tokens": False}):
+            theirs, ours = Printed(auto, **kw), TextStreamer(tok, **kw)
+            text = ""
+            for t in ids:
+                theirs.put(torch.tensor([t]))
+                text += ours.push(t)
+            theirs.end()
+            assert text + ours.flush() == tok.decode(ids, **kw), (name, kw)
+            if not tok._strip_space:  # (transformers' streamer decodes each line anew after a newline: with a
+                assert theirs.text == tok.decode(ids, **kw)  # SentencePiece tokenizer, a line's first space is lost)
+
+
 def test_nfc_normalizer():
     """Qwen2's files normalize to NFC: decomposed input gives the ids of the composed text."""
     hf = build_tokenizer("qwen2", vocab_size=600)

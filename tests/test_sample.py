@@ -8,7 +8,16 @@ import pytest
 
 from fastllm import _C, backend, ops
 from fastllm.model import GPT, MODERN, GPTConfig
-from fastllm.sample import SamplingParams, StopStrings, TextStreamer, generate, probabilities, sample_next, stream
+from fastllm.sample import (
+    SamplingParams,
+    StopStrings,
+    TextStreamer,
+    generate,
+    probabilities,
+    sample_next,
+    stream,
+    stream_text,
+)
 from fastllm.tokenizer import Tokenizer
 
 
@@ -347,6 +356,43 @@ def test_text_streamer_pieces_join_to_the_whole_decode():
             streamer = TextStreamer(tok)
             text = "".join(streamer.push(t) for t in ids)
             assert text + streamer.flush() == tok.decode(ids)
+
+
+def scripted_stream(tokens):
+    """A stand-in for fastllm.sample.stream that 'generates' `tokens` (ending at a stop token, as stream does)."""
+    def fake(model, ids, max_new_tokens, stop_tokens=(), **kw):
+        for t in tokens[:max_new_tokens]:
+            yield np.array([t])
+            if t in stop_tokens:
+                return
+    return fake
+
+
+def test_stream_text_skips_special_tokens_as_transformers_pipelines(monkeypatch):
+    """stream_text leaves special tokens the model writes out of its text by default (transformers' text-generation
+    pipeline decodes with skip_special_tokens=True, vLLM too) but not HF's non-special added tokens; stop strings
+    are found in the text shown (as vLLM finds them). TextStreamer keeps them by default (as transformers'
+    TextStreamer does) and, skipping, keeps the ones named in `keep`."""
+    import fastllm.sample
+
+    tok = Tokenizer({bytes([b]): b for b in range(256)},
+                    special_tokens={"<|endoftext|>": 256, "<|im_start|>": 257, "<tool_call>": 258})
+    tok._set_hf_options(plain_tokens=["<tool_call>"])
+    assert tok.special_ids == {256, 257}
+    # "é" split by a special token: skipped, its two bytes join
+    ids = [*b"a\xc3", 257, *b"\xa9b", 258, *b"c", 257, 256, *b"never"]
+    monkeypatch.setattr(fastllm.sample, "stream", scripted_stream(ids))
+    shown = "".join(stream_text(None, tok, [1], 20))
+    assert shown == "aéb<tool_call>c" == tok.decode(ids[:-6], skip_special_tokens=True)
+    kept = "".join(stream_text(None, tok, [1], 20, skip_special_tokens=False))
+    assert kept == "a\ufffd<|im_start|>\ufffdb<tool_call>c<|im_start|>" == tok.decode(ids[:-6])
+    monkeypatch.setattr(fastllm.sample, "stream", scripted_stream([*b"xx", 257, *b"yz"]))
+    assert "".join(stream_text(None, tok, [1], 20, stop="xy")) == "x"
+    assert "".join(stream_text(None, tok, [1], 20, stop="xy", skip_special_tokens=False)) == "xx<|im_start|>yz"
+    streamer = TextStreamer(tok)
+    assert "".join(streamer.push(t) for t in ids) == tok.decode(ids)
+    streamer = TextStreamer(tok, skip_special_tokens=True, keep=["<|im_start|>"])
+    assert "".join(streamer.push(t) for t in [*b"x", 257, 256, *b"y"]) == "x<|im_start|>y"
 
 
 def test_stop_strings_across_pieces_and_one_stop_as_a_str():

@@ -415,7 +415,7 @@ def test_completions_prompts_echo_logprobs_and_stop(client, reference):
     prompt = tok.decode(text)  # the chat prompt as text: special tokens in completions' prompts are allowed
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
-    assert r.choices[0].text.startswith(ANSWER + "<|im_end|>")  # only <|endoftext|> ends a completion
+    assert r.choices[0].text.startswith(ANSWER)  # only <|endoftext|> ends a completion (<|im_end|> is not shown)
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.prompt_tokens == len(text)
     # stop strings: cut before the first one, finish_reason "stop"
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=["wör", "zz"])
@@ -440,6 +440,48 @@ def test_completions_prompts_echo_logprobs_and_stop(client, reference):
         np.testing.assert_allclose(got.token_logprobs[1:], want, atol=1e-4)
         assert all(got.tokens[t] in d for t, d in enumerate(got.top_logprobs) if d is not None)
         assert got.text_offset[:3] == [0, len(got.tokens[0]), len(got.tokens[0]) + len(got.tokens[1])]
+
+
+def test_special_tokens_are_left_out_of_the_text_as_vllm_does(client, reference, tmp_path):
+    """Special tokens the model writes mid-text (not a stop token) are not in the text, streamed or not, chat and
+    completions, as vLLM's default skip_special_tokens=true leaves them out: the text is transformers'
+    decode(ids, skip_special_tokens=True) of the tokens sampled; vLLM's extra field skip_special_tokens=false keeps
+    them (decode(ids)), and spaces_between_special_tokens is accepted. Logprobs name a special token by its text
+    either way (as vLLM's do)."""
+    transformers = pytest.importorskip("transformers")
+    model, tok = reference
+    tok.save_hf(tmp_path / "tokenizer.json")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    # chat: <|im_start|> made likely mid-answer; the tokens sampled read off the logprobs' bytes
+    kw = dict(model=MODEL, messages=HI, max_tokens=40, seed=2, temperature=1.0, logprobs=True,
+              logit_bias={str(START): 12})
+    for extra in ({}, {"skip_special_tokens": True, "spaces_between_special_tokens": False},
+                  {"skip_special_tokens": False}):
+        r = client.chat.completions.create(**kw, extra_body=extra)
+        entries = r.choices[0].logprobs.content
+        ids = [x.bytes[0] if len(x.bytes) == 1 else tok.special_tokens[x.token] for x in entries]
+        assert START in ids and "<|im_start|>" in [x.token for x in entries]
+        skip = extra.get("skip_special_tokens", True)
+        want = hf.decode(ids, skip_special_tokens=skip)
+        assert r.choices[0].message.content == want and ("<|im_start|>" in want) != skip
+        chunks = list(client.chat.completions.create(**kw, extra_body=extra, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    # completions of the chat prompt as text: the model answers, then writes <|im_end|> (no stop here) and goes on
+    prompt_ids = render_prompt(HI, tok).tolist()
+    out = generate(model, prompt_ids, 40, temperature=0, stop_tokens=[EOT])[len(prompt_ids):]
+    out = out[:-1] if out[-1] == EOT else out
+    assert END in out
+    for skip in (True, False):
+        want = hf.decode(out, skip_special_tokens=skip)
+        assert want.startswith(ANSWER + ("" if skip else "<|im_end|>"))
+        ckw = dict(model=MODEL, prompt=tok.decode(prompt_ids), max_tokens=40, temperature=0, logprobs=0,
+                   extra_body={"skip_special_tokens": skip})
+        r = client.completions.create(**ckw)
+        assert r.choices[0].text == want and "<|im_end|>" in r.choices[0].logprobs.tokens
+        assert "".join(c.choices[0].text for c in client.completions.create(**ckw, stream=True)) == want
+    with pytest.raises(openai.BadRequestError, match="skip_special_tokens") as e:
+        client.completions.create(model=MODEL, prompt="a", extra_body={"skip_special_tokens": "no"})
+    assert e.value.param == "skip_special_tokens"
 
 
 def test_completions_echo_with_max_tokens_0_scores_the_prompt(server, client, reference):
@@ -827,6 +869,37 @@ def test_base_model_chat_is_a_clear_400(ckpts):
         r = http.post("/v1/completions", json={"model": "base", "prompt": "", "max_tokens": 4, "seed": 0})
         assert r.status_code == 200 and r.json()["usage"] == {"prompt_tokens": 1, "completion_tokens": 4,
                                                               "total_tokens": 5}  # "" is <|endoftext|>
+
+
+def test_cors_headers_on_server_errors(ckpts, monkeypatch):
+    """With --allow-origin, a 500 (an unexpected exception in a handler) carries Access-Control-Allow-Origin as
+    every other answer does, so that a page can read the error (Starlette answers those outside the CORS
+    middleware: the browser saw a CORS failure instead); it is still OpenAI's error JSON, and the exception still
+    reaches the server's log."""
+    from starlette.testclient import TestClient
+
+    from fastllm.serve import api
+    from fastllm.serve.app import create_app
+    from fastllm.serve.engine import load
+
+    def boom(body, served):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(api, "parse_completion", boom)
+    model, tok = load(ckpts["base"])
+    page = "http://page.example"
+    body = {"model": "base", "prompt": "a", "max_tokens": 1}
+    for origins in ((page,), ()):
+        app = create_app(Engine(model, tok, max_batch=1), "base", allow_origins=origins)
+        with TestClient(app, raise_server_exceptions=False) as http:
+            r = http.post("/v1/completions", json=body, headers={"Origin": page})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "server_error"
+            assert "RuntimeError: boom" in r.json()["error"]["message"]
+            assert r.headers.get("access-control-allow-origin") == (page if origins else None)
+            r = http.post("/v1/chat/completions", json={"model": "nope"}, headers={"Origin": page})  # a 4xx
+            assert r.status_code == 404 and r.headers.get("access-control-allow-origin") == (page if origins else None)
+        with TestClient(app) as http, pytest.raises(RuntimeError, match="boom"):  # (re-raised: the server logs it)
+            http.post("/v1/completions", json=body, headers={"Origin": page})
 
 
 def test_chat_page_is_self_contained(server):

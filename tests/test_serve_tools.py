@@ -189,6 +189,70 @@ def test_a_thinking_models_reasoning_is_split_off():
     assert (msg["reasoning_content"], msg["content"]) == ("Hmm.", "Noon.")
 
 
+def answer_of(served, body: dict, ids: list[int]):
+    """The chat response to `body` whose answer is the tokens `ids` (then a stop token), each turned into text as
+    the engine turns it (its per-sequence state, fastllm.serve.engine._Seq: special tokens skipped or not)."""
+    from fastllm.serve.api import parse_chat
+    from fastllm.serve.engine import _Seq
+
+    call = parse_chat({"model": "m", **body}, served)
+    stop = call.request.stop_tokens[0]
+    seq = _Seq(call.request, 0, call.request.prompts[0], 1000, served.tokenizer, None, served.vocab_size)
+    call.feed([seq.step(t) for t in ids + [stop]])
+    return call.response()["choices"][0]
+
+
+def test_tool_and_reasoning_tags_that_are_special_tokens_reach_the_parsers():
+    """Special tokens are left out of the answer (vLLM's skip_special_tokens=true), but a tokenizer whose
+    <tool_call> / <think> tags are special tokens still has them read by the hermes and reasoning parsers (vLLM's
+    hermes parser turns skipping off for that), while the other special tokens stay out of the content; Llama
+    3.1's <|python_tag|> is skipped as in vLLM, and its JSON call is still read (as vLLM's llama3_json parser does)."""
+    from hf_families import LLAMA31_TEMPLATE, QWEN3_TEMPLATE
+
+    from fastllm.serve.api import ServedModel
+
+    names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<think>", "</think>"]
+    tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={s: 256 + i for i, s in enumerate(names)})
+    sp = tok.special_tokens
+    qwen3 = ServedModel("m", tok, 4096, 4, tok.n_vocab,
+                        ChatTemplate(QWEN3_TEMPLATE, tok, stop_tokens=[sp["<|im_end|>"]]))
+
+    def b(text: str) -> list[int]:
+        return list(text.encode())
+
+    ids = [sp["<think>"], *b("\nHm"), sp["<|im_start|>"], *b(".\n"), sp["</think>"], *b("\n\nSure"),
+           sp["<|endoftext|>"], *b("."), sp["<tool_call>"], *b('\n{"name": "now", "arguments": {}}\n'),
+           sp["</tool_call>"]]
+    for body in ({"messages": ASK, "tools": TOOLS}, {"messages": ASK, "tools": TOOLS, "skip_special_tokens": False}):
+        choice = answer_of(qwen3, body, ids)
+        msg = choice["message"]
+        skip = body.get("skip_special_tokens", True)
+        assert msg["reasoning_content"] == ("Hm." if skip else "Hm<|im_start|>.")
+        assert msg["content"] == ("Sure." if skip else "Sure<|endoftext|>.")
+        assert plain(msg["tool_calls"]) == [("now", {})] and choice["finish_reason"] == "tool_calls"
+    # no tools (tool_choice "none" too): the tool-call tags are special tokens like the others
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        assert answer_of(qwen3, {"messages": ASK, **extra}, ids)["message"]["content"] == 'Sure.\n{"name": "now", ' \
+            '"arguments": {}}\n'
+    # Llama 3.1: <|python_tag|>{...} is a call whether the tag is skipped (the default) or not
+    names = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
+    tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={s: 256 + i for i, s in enumerate(names)})
+    sp = tok.special_tokens
+    llama = ServedModel("m", tok, 4096, 4, tok.n_vocab, ChatTemplate(
+        LLAMA31_TEMPLATE, tok, {"bos_token": "<|begin_of_text|>"}, stop_tokens=[sp["<|eot_id|>"]]))
+    for skip in (True, False):
+        body = {"messages": ASK, "tools": TOOLS, "skip_special_tokens": skip}
+        choice = answer_of(llama, body, [sp["<|python_tag|>"], *b('{"name": "now", "parameters": {}}')])
+        assert plain(choice["message"]["tool_calls"]) == [("now", {})] and choice["message"]["content"] is None
+        choice = answer_of(llama, body, [*b("It is"), sp["<|start_header_id|>"], *b(" noon.")])
+        assert choice["message"]["content"] == ("It is noon." if skip else "It is<|start_header_id|> noon.")
+    # the Responses API takes vLLM's field too
+    from fastllm.serve.responses import parse_response
+
+    for extra, skip in (({}, True), ({"skip_special_tokens": False}, False)):
+        assert parse_response({"model": "m", "input": "hi", **extra}, llama).request.skip_special_tokens is skip
+
+
 def conversation() -> list[dict]:
     """An OpenAI conversation with a tool round trip, as the API layer passes it to chat formats."""
     from fastllm.serve.api import _messages

@@ -530,10 +530,12 @@ def chat_format(folder: str | os.PathLike | None, tokenizer, variables: dict | N
 class ChatSession:
     """A conversation with a chat model: `reply(text)` streams the answer (text pieces) and records both turns.
     `chat`: the chat format (default ChatML on `tokenizer`). The prompt keeps the system message and drops the
-    oldest turns when the history plus room for the answer would not fit in the context window."""
+    oldest turns when the history plus room for the answer would not fit in the context window.
+    skip_special_tokens (default True): special tokens the model writes are left out of the answer (as shown and
+    as kept in the history), as `transformers chat` and vLLM's chat completions leave them out."""
 
     def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
-                 min_new_tokens: int = 16, chat=None, **sampling):
+                 min_new_tokens: int = 16, chat=None, skip_special_tokens: bool = True, **sampling):
         self.model, self.tok = model, tokenizer
         self.chat = chat if chat is not None else ChatML(tokenizer)
         if tokenizer.n_vocab > model.config.vocab_size:
@@ -551,6 +553,7 @@ class ChatSession:
         if "weights" in sampling:  # the bf16/int8 snapshot taken once, not per reply
             sampling["weights"] = model.decode_weights(sampling["weights"]) or "float32"
         self.sampling = sampling
+        self.skip_special_tokens = skip_special_tokens
         self.history: list[dict] = []
         self.dropped = 0  # turns dropped to fit the context so far
 
@@ -591,7 +594,7 @@ class ChatSession:
         answer = []
         try:
             for piece in stream_text(self.model, self.tok, ids.tolist(), n, stop_tokens=self.chat.stop_tokens,
-                                     **self.sampling):
+                                     skip_special_tokens=self.skip_special_tokens, **self.sampling):
                 answer.append(piece)
                 yield piece
         finally:

@@ -298,6 +298,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
     _add_dataclass_args(p, SamplingParams, progress=False)
     p.set_defaults(temperature=temperature)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh random one)")
+    p.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave special tokens the model writes (<|im_start|>, <|eot_id|>, ...) out of the text, as "
+                        "transformers' pipelines and `transformers chat` do (default: yes; --no-skip-special-tokens "
+                        "shows them)")
     p.add_argument("--dtype", choices=DECODE_DTYPES, default=None,
                    help="weights for decoding; CPU (default: float32): bfloat16 decodes with bf16 weight copies "
                         "(faster, logits within ~1%%), int8 with int8 ones (weight-only, a scale per output row: "
@@ -355,7 +359,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print(args.prompt, end="", flush=True)
         for piece in stream_text(model, tok, ids, n, stop=stop, stats=stats, stop_tokens=stops,
                                  seed=None if args.seed is None else args.seed + i, weights=args.dtype or "float32",
-                                 **sampling):
+                                 skip_special_tokens=args.skip_special_tokens, **sampling):
             print(piece, end="", flush=True)
         dt = time.time() - t0
         print(f"\n--- {stats['tokens']} tokens in {dt:.2f}s ({stats['tokens'] / max(dt, 1e-9):.1f} tokens/s)",
@@ -391,7 +395,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                          f"tokenizer_config.json) and no ChatML tokens ({IM_START}, {IM_END}) in its tokenizer: a base "
                          f"model; fine-tune it for chat with `fastllm sft`")
     session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                          weights=args.dtype or "float32", chat=fmt, **sampling)
+                          weights=args.dtype or "float32", chat=fmt, skip_special_tokens=args.skip_special_tokens,
+                          **sampling)
     if sys.stdin.isatty():
         print(f"chatting with {model.checkpoint_dir} ({model.num_parameters / 1e6:.2f}M parameters, context "
               f"{model.config.block_size} tokens); /reset clears the history, Ctrl-C stops an answer, /quit or "

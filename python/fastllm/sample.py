@@ -13,7 +13,7 @@ decodes tokens to text incrementally (`TextStreamer` holds back bytes of a UTF-8
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,17 +276,28 @@ class TextStreamer:
     """Turns a stream of token ids into text pieces, never splitting a UTF-8 character: bytes of an
     incomplete character are held back until the token that completes them arrives. Bytes that cannot become
     UTF-8 are U+FFFD at once, as a whole decode replaces them (Python's incremental UTF-8 decoder): the pieces
-    join to tokenizer.decode(ids) (but for the leading space a SentencePiece tokenizer's decode strips: a stream
-    continues a prompt, as vLLM's do). A run of SentencePiece byte-fallback tokens is held until it ends and
-    decoded as a whole, as HF's ByteFallback decoder does."""
+    join to tokenizer.decode(ids, skip_special_tokens=skip_special_tokens). A run of SentencePiece byte-fallback
+    tokens is held until it ends and decoded as a whole, as HF's ByteFallback decoder does.
+    skip_special_tokens: leave out special tokens (tokenizer.special_ids; default False: they are shown, as by
+    transformers' TextStreamer, whose decode_kwargs default to none), except those named in `keep` (the tags a
+    tool-call or reasoning parser reads). continues=True: the ids continue a prompt, so the leading space that a
+    SentencePiece tokenizer's decode strips from a text's start is kept (as vLLM's streams keep it)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip_special_tokens: bool = False, keep: Collection[str] = (),
+                 continues: bool = False):
         self.tokenizer = tokenizer
+        self.strip = not continues and getattr(tokenizer, "_strip_space", False)  # until the first text
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.fallback = getattr(tokenizer, "byte_fallback_ids", frozenset())
         self.run = bytearray()
+        self.skip: frozenset[int] = frozenset()
+        if skip_special_tokens:
+            names = tokenizer.special_tokens
+            self.skip = tokenizer.special_ids - {names[s] for s in keep if s in names}
 
     def push(self, token_id: int) -> str:
+        if token_id in self.skip:
+            return ""
         try:
             b = self.tokenizer.decode_bytes([int(token_id)])
         except ValueError:  # an embedding row with no token (Qwen's vocab_size 151936 > its ~151665 tokens): no
@@ -294,7 +305,12 @@ class TextStreamer:
         if int(token_id) in self.fallback:
             self.run += b
             return ""
-        return self._end_run() + self.decoder.decode(b)
+        return self._stripped(self._end_run() + self.decoder.decode(b))
+
+    def _stripped(self, text: str) -> str:
+        if self.strip and text:
+            self.strip, text = False, text[1:] if text[0] == " " else text
+        return text
 
     def _end_run(self) -> str:
         text = byte_run_text(bytes(self.run)) if self.run else ""
@@ -302,7 +318,7 @@ class TextStreamer:
         return text
 
     def flush(self) -> str:
-        return self._end_run() + self.decoder.decode(b"", final=True)
+        return self._stripped(self._end_run() + self.decoder.decode(b"", final=True))
 
 
 class StopStrings:
@@ -344,18 +360,22 @@ class StopStrings:
 
 
 def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int,
-                stop: str | Sequence[str] = (), stats: dict | None = None, **kw) -> Iterator[str]:
+                stop: str | Sequence[str] = (), stats: dict | None = None, skip_special_tokens: bool = True,
+                **kw) -> Iterator[str]:
     """Yield decoded text pieces as tokens are generated (single prompt: token ids, or text, encoded as `fastllm
     sample` and HF's tokenizer(text) encode it: tokenizer.encode_prompt, special tokens matched, a Llama 3 BOS
     first, "" a new document); stops at `stop` strings (not included in the output), at <|endoftext|> and at
-    `stop_tokens` (their text not included either). `stats["tokens"]` counts the tokens generated."""
+    `stop_tokens` (their text not included either). `stats["tokens"]` counts the tokens generated.
+    skip_special_tokens (default True): special tokens the model writes (tokenizer.special_ids) are left out of
+    the text, as transformers' text-generation pipeline and vLLM leave them out; `stop` strings are found in the
+    text shown (as vLLM finds them)."""
     stats = {} if stats is None else stats
     stats["tokens"] = 0
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     stop_tokens = (*_token_ids(kw.pop("stop_tokens", ()), "stop_tokens"), *(() if eot is None else (eot,)))
     ends = set(stop_tokens)
     ids = tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
-    streamer, cutter = TextStreamer(tokenizer), StopStrings(stop)
+    streamer, cutter = TextStreamer(tokenizer, skip_special_tokens, continues=True), StopStrings(stop)
     for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
         t = int(step[0])
         stats["tokens"] += 1

@@ -504,24 +504,36 @@ class Tokenizer:
         """
         return self._core.decode_bytes(self._ids_array(ids))
 
-    def decode(self, ids: IdsLike, errors: str = "replace") -> str:
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The ids that ``decode(..., skip_special_tokens=True)`` drops: the special tokens' ids except those of
+        `plain_tokens` (HF added tokens not marked special, like Qwen's <tool_call>, which HF's decode keeps)."""
+        return frozenset(i for s, i in self._special.items() if s not in self._plain)
+
+    def decode(self, ids: IdsLike, errors: str = "replace", skip_special_tokens: bool = False) -> str:
         """Decode ids to text. Bytes that are not valid UTF-8 become U+FFFD (errors="replace", the default)
         or raise ValueError naming the byte position and token (errors="strict"); any `bytes.decode` handler
-        works.
+        works. skip_special_tokens: leave out the special tokens (`special_ids`), as HF's
+        ``decode(ids, skip_special_tokens=True)`` does; the bytes around them join as if they were not there.
 
-        >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|eot|>": 256})
         >>> tok.decode([104, 105, 255])
         'hi\\ufffd'
+        >>> tok.decode([104, 256, 105]), tok.decode([104, 256, 105], skip_special_tokens=True)
+        ('h<|eot|>i', 'hi')
         """
         arr = self._ids_array(ids)
+        kept = np.flatnonzero(~np.isin(arr, list(self.special_ids))) if skip_special_tokens else None
+        text_ids = arr if kept is None else arr[kept]
         try:
-            text = self._core.decode(arr, errors)
+            text = self._core.decode(text_ids, errors)
             if self._fallback and errors == "replace" and "\ufffd" in text:
-                text = self._decode_runs(arr)
+                text = self._decode_runs(text_ids)
             return self._stripped(text)
         except UnicodeDecodeError as e:
-            ends = np.cumsum([len(self._core.token_bytes(i)) for i in arr.tolist()])
+            ends = np.cumsum([len(self._core.token_bytes(i)) for i in text_ids.tolist()])
             k = int(np.searchsorted(ends, e.start, side="right"))  # the token holding the bad byte
+            k = k if kept is None else int(kept[k])  # (its index in `ids`)
             raise ValueError(
                 f"ids do not decode to valid UTF-8: {e.reason} at byte {e.start} "
                 f"(token index {k}, id {int(arr[k])})"
@@ -553,7 +565,8 @@ class Tokenizer:
         return text[1:] if self._strip_space and text.startswith(" ") else text
 
     def decode_batch(
-        self, batch: Sequence[IdsLike], errors: str = "replace", threads: int | None = None
+        self, batch: Sequence[IdsLike], errors: str = "replace", threads: int | None = None,
+        skip_special_tokens: bool = False,
     ) -> list[str]:
         """decode() of each id sequence, the byte concatenation done in parallel on `threads` native threads.
 
@@ -563,11 +576,16 @@ class Tokenizer:
         """
         arrays = [self._ids_array(ids) for ids in batch]
         threads = _threads(threads)
+        if skip_special_tokens:
+            skip = list(self.special_ids)
+            arrays = [a[~np.isin(a, skip)] for a in arrays]
         try:
             texts = self._core.decode_batch(arrays, errors, threads)
             return [self.decode(a) if self._fallback and errors == "replace" and "\ufffd" in t else self._stripped(t)
                     for a, t in zip(arrays, texts)]
         except UnicodeDecodeError:
+            if skip_special_tokens:  # (the position in the caller's ids)
+                return [self.decode(ids, errors, True) for ids in batch]
             return [self.decode(a, errors) for a in arrays]  # raises with the position
 
     def token_to_bytes(self, id: int) -> bytes:

@@ -25,6 +25,12 @@ Semantics (OpenAI's, where it defines them):
   those asking for what this server lacks (audio, web_search_options, ...) are a 400 (unsupported_parameter).
 - usage: prompt_tokens counts each prompt once (whatever n), completion_tokens every token sampled, a
   terminating stop token included; finish_reason "stop" (stop token or stop string) or "length" (max_tokens).
+- special tokens (tokenizer.special_ids: <|im_start|>, <|eot_id|>, <|endoftext|>, ... but not HF's non-special
+  added tokens such as Qwen's <tool_call>) the model writes are left out of the text, streamed or not, as vLLM
+  leaves them out; vLLM's extra field skip_special_tokens=false keeps them (spaces_between_special_tokens is
+  accepted: it changes nothing for byte-level BPE tokenizers, in vLLM either). Stop strings are found in the text
+  as returned. The tags the tool-call and reasoning parsers read (<tool_call>, <think>) stay in their input where
+  a tokenizer has them as special tokens. Logprobs name every token by its own text, special tokens too (as vLLM).
 - logprobs are the model's own (log-softmax of the logits, before temperature, penalties and filtering), for
   every sampled token except a terminating stop token; chat: logprobs=true and top_logprobs 0..20,
   completions: logprobs 0..5 (with echo, the prompt's tokens too).
@@ -57,7 +63,18 @@ from dataclasses import dataclass, field
 from ..chat import eos_token_ids, special_token_strings, tokenizer_config
 from ..grammar import Guide
 from ..sample import SamplingParams
-from ..tools import FORMATS, NAME, THINK, ThinkParser, ToolError, check_tools, parse_tool_calls
+from ..tools import (
+    FORMATS,
+    NAME,
+    THINK,
+    THINK_END,
+    TOOL_CALL,
+    TOOL_CALL_END,
+    ThinkParser,
+    ToolError,
+    check_tools,
+    parse_tool_calls,
+)
 from .engine import Chunk, Failure, PromptLogprobs, Request, TokenLogprob
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -167,7 +184,8 @@ def _get(body: dict, name: str, kind: str, default=None, lo: float | None = None
 # fields accepted and ignored: they change nothing here (user, metadata, store: bookkeeping on OpenAI's side)
 _IGNORED = {"user", "metadata", "store", "service_tier", "stream_options"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
-           "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repetition_penalty"} | _IGNORED
+           "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repetition_penalty", "skip_special_tokens",
+           "spaces_between_special_tokens"} | _IGNORED
 # chat fields of OpenAI's that change nothing here either: prompt caching and safety ids (bookkeeping),
 # prediction (only makes OpenAI faster), reasoning_effort and verbosity (hints to OpenAI's reasoning models)
 _CHAT_IGNORED = {"prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier",
@@ -457,7 +475,13 @@ def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
                        "stream_options", "invalid_value")
     include_usage = bool(_get({"stream_options.include_usage": (options or {}).get("include_usage")},
                               "stream_options.include_usage", "boolean", False))
-    common = dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias)
+    # vLLM's: special tokens are left out of the text unless skip_special_tokens is false; its
+    # spaces_between_special_tokens only changes the text of "slow" (SentencePiece-style) tokenizers: byte-level
+    # BPE ones, as here, ignore it
+    skip = _get(body, "skip_special_tokens", "boolean", True)
+    _get(body, "spaces_between_special_tokens", "boolean")
+    common = dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias,
+                  skip_special_tokens=skip)
     return common, stream, include_usage
 
 
@@ -666,13 +690,18 @@ def parse_chat(body, served: ServedModel) -> Call:
         raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
     max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     m = _fit(served, len(ids), max_tokens, None, "messages", name)
-    req = Request(prompts=[ids], max_tokens=m, stop_tokens=list(served.chat.stop_tokens),
-                  logprobs=(top or 0) if logprobs else None, constraint=constraint, **common)
     think = None
     if getattr(served.chat, "thinks", False) and constraint is None:  # (a grammar's text is all answer)
         think = served.tokenizer.decode(ids[-8:]).rstrip().endswith(THINK)  # the template opened <think> itself
-    return Call("chat", served, req, stream, include_usage, tool_format=None if choice == "none" else fmt,
-                think=think)
+    tool_format = None if choice == "none" else fmt
+    # the tags the parsers read stay in the text where a tokenizer has them as special tokens (vLLM's hermes parser
+    # turns skip_special_tokens off for the same reason; this drops the other special tokens still)
+    keep = [TOOL_CALL, TOOL_CALL_END] if tool_format == "hermes" else []
+    if think is not None:
+        keep += [THINK, THINK_END]
+    req = Request(prompts=[ids], max_tokens=m, stop_tokens=list(served.chat.stop_tokens),
+                  logprobs=(top or 0) if logprobs else None, constraint=constraint, keep_special=keep, **common)
+    return Call("chat", served, req, stream, include_usage, tool_format=tool_format, think=think)
 
 
 def _is_int(x) -> bool:

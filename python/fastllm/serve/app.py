@@ -86,6 +86,33 @@ class _EventStream(StreamingResponse):
             self.on_close()
 
 
+class _ServerErrors:
+    """Answers an unhandled exception with the 500 `handler(request, e)` makes, then re-raises it (the server logs
+    it). Placed inside the CORS middleware, so that a browser page can read that error too: Starlette's own
+    handler for exceptions (ServerErrorMiddleware) sits outside every middleware, and its 500 had no
+    Access-Control-Allow-Origin."""
+
+    def __init__(self, app, handler):
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            if not started:  # (once the answer has begun, nothing can replace it)
+                await (await self.handler(HTTPRequest(scope), e))(scope, receive, send)
+            raise
+
+
 async def _disconnected(request: HTTPRequest) -> None:
     """Returns when the client has gone away (after the body was read, receive() only reports that)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -235,7 +262,8 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
                    Route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"])]
     middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"],
                              allow_headers=["*"])] if allow_origins else []
+    middleware.append(Middleware(_ServerErrors, handler=server_error))  # (inside CORS: its headers on a 500 too)
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
+                    exception_handlers={APIError: api_error, HTTPException: http_error})
     app.state.served, app.state.engine = served, engine
     return app

@@ -106,6 +106,10 @@ class Request:
     prompt_logprobs: bool = False  # also the logprobs of the prompt tokens (one full forward per prompt)
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI logit_bias)
     constraint: Constraint | None = None  # a grammar every choice's text must follow (fastllm.grammar)
+    # the text leaves out special tokens (tokenizer.special_ids), as vLLM's does by default, except those named in
+    # keep_special (the tags a tool-call or reasoning parser reads); stop strings are found in that text
+    skip_special_tokens: bool = True
+    keep_special: Sequence[str] = ()
     emit: Callable[[list], None] | None = None
     cancelled: bool = False
 
@@ -131,7 +135,8 @@ class _Seq:
         seed = req.seed if req.seed is None or i == 0 else [req.seed, i]
         self.rng = np.random.default_rng(seed)
         self.out: list[int] = []
-        self.streamer, self.cutter = TextStreamer(tokenizer), StopStrings(req.stop)
+        self.streamer = TextStreamer(tokenizer, req.skip_special_tokens, req.keep_special, continues=True)
+        self.cutter = StopStrings(req.stop)
         self.row = -1
         self.logits: np.ndarray | None = None
         self.bias = mask  # -inf on ids the tokenizer cannot decode, if the model has such ids

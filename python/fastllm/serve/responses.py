@@ -29,7 +29,7 @@ from .api import APIError, Call, ServedModel, _bad_type, _check_fields, _get, _u
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
           "parallel_tool_calls", "text", "stream", "store", "metadata", "user", "previous_response_id", "reasoning",
           "truncation", "include", "service_tier", "prompt_cache_key", "safety_identifier", "seed", "top_k", "min_p",
-          "repetition_penalty", "presence_penalty", "frequency_penalty", "stop"}
+          "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "skip_special_tokens"}
 # the chat field a Responses field becomes (for naming it in errors)
 _PARAMS = {"max_completion_tokens": "max_output_tokens", "response_format.json_schema.schema": "text.format.schema",
            "response_format.json_schema.name": "text.format.name", "response_format.json_schema": "text.format",
@@ -95,8 +95,8 @@ def _chat_body(body) -> dict:
         raise APIError(400, "'previous_response_id' is not supported: this server stores no responses; send the whole "
                             "conversation in 'input'.", "previous_response_id", "unsupported_parameter")
     chat = {k: body[k] for k in ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "seed", "top_k",
-                                 "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop")
-            if k in body}
+                                 "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
+                                 "skip_special_tokens") if k in body}
     chat["messages"] = _messages(body)
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
