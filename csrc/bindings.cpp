@@ -1154,6 +1154,7 @@ static void register_bpe(py::module_& m) {
             },
             arg("tokens"), arg("ids"), arg("merges"), arg("whole_chunk_lookup"))
         .def("add_special", &Encoder::add_special, arg("token"), arg("id"))
+        .def("set_strip", &Encoder::set_strip, arg("id"), arg("lstrip"), arg("rstrip"))
         .def(
             "set_sentencepiece",
             [](Encoder& e, const std::vector<int32_t>& byte_ids, int32_t unk_id, bool fuse_unk, const std::string& prefix) {

@@ -337,6 +337,50 @@ def test_sentencepiece_model_only_refused(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
+STRIP_TEXTS = ["a  {x}  b", "{x}\n\nb", "a\u3000\u00a0{x}\u2003\tb", "{x}  {y}  {x}", "  {y}{y}  ", "{y} \n{x}",
+               "no specials  here ", "{x}", " {y} "]
+
+
+@pytest.mark.parametrize("family", ["llama3", "llama2", "regex"])
+def test_added_tokens_lstrip_rstrip(family, tmp_path):
+    """Added tokens with lstrip / rstrip (Phi-3's take the whitespace after them: the newline its chat template
+    puts after <|user|>) take the Unicode whitespace on that side with them, as HF does, but never back across
+    the previous special token; on the native encoder and on the `regex` path of custom patterns."""
+    from hf_families import sentencepiece_doc
+
+    if family == "llama2":
+        doc = sentencepiece_doc()
+    else:
+        doc = json.loads(build_tokenizer("llama3", vocab_size=400).to_str())
+        if family == "regex":  # a split that is not a native pattern
+            doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+"
+    n = max(t["id"] for t in doc["added_tokens"]) + 1
+    n = max(n, len(doc["model"]["vocab"]))
+    doc["added_tokens"] += [
+        {"id": n, "content": "<|x|>", "single_word": False, "lstrip": False, "rstrip": True, "normalized": False,
+         "special": True},
+        {"id": n + 1, "content": "<|y|>", "single_word": False, "lstrip": True, "rstrip": True, "normalized": False,
+         "special": True}]
+    hf = tokenizers.Tokenizer.from_str(json.dumps(doc))
+    tok = Tokenizer._from_hf_doc(doc, "tokenizer.json")
+    for t in STRIP_TEXTS:
+        t = t.format(x="<|x|>", y="<|y|>")
+        want = hf.encode(t, add_special_tokens=False).ids
+        assert tok.encode(t, allowed_special="all").tolist() == want, (family, t)
+        assert [a.tolist() for a in tok.encode_batch([t, t], allowed_special="all")] == [want, want]
+    tok.save_hf(tmp_path / "tokenizer.json")  # the flags are written back (and kept by fastllm's own format)
+    again = [tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), Tokenizer.load_hf(tmp_path /
+                                                                                                  "tokenizer.json")]
+    if tok._is_ranks:
+        tok.save(tmp_path / "t.tiktoken")
+        again.append(Tokenizer.load(tmp_path / "t.tiktoken"))
+    for t in STRIP_TEXTS:
+        t = t.format(x="<|x|>", y="<|y|>")
+        want = hf.encode(t, add_special_tokens=False).ids
+        assert again[0].encode(t, add_special_tokens=False).ids == want
+        assert all(a.encode(t, allowed_special="all").tolist() == want for a in again[1:])
+
+
 def base_doc() -> dict:
     return json.loads(build_tokenizer("llama3", vocab_size=400).to_str())
 
@@ -344,8 +388,8 @@ def base_doc() -> dict:
 @pytest.mark.parametrize(
     "edit,match",
     [
-        (lambda d: d["added_tokens"][0].update(lstrip=True), "added token '<|begin_of_text|>' has lstrip=true"),
-        (lambda d: d["added_tokens"][1].update(rstrip=True), "has rstrip=true"),
+        (lambda d: d["added_tokens"][0].update(single_word=True),
+         "added token '<|begin_of_text|>' has single_word=true"),
         (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer .*Lowercase.* not supported"),
         (lambda d: d.update(post_processor={"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0]}),
          "post_processor of type 'RobertaProcessing' is not supported"),

@@ -391,6 +391,50 @@ void Encoder::add_special(const std::string& bytes, int32_t id) {
     specials_.emplace_back(bytes, id);
 }
 
+void Encoder::set_strip(int32_t id, bool lstrip, bool rstrip) {
+    FASTLLM_CHECK(valid_id(id) && special_[id], "set_strip: id ", id, " is not a special token");
+    if (strip_.size() < len_.size()) strip_.resize(len_.size(), 0);
+    strip_[id] = (uint8_t)((lstrip ? 1 : 0) | (rstrip ? 2 : 0));
+}
+
+// Rust's char::is_whitespace (Unicode White_Space): the code points HF tokenizers' lstrip / rstrip remove.
+static bool is_white_space(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+// The code point of the UTF-8 character of `len` bytes at p (valid UTF-8: text from a Python str).
+static uint32_t code_point(const unsigned char* p, size_t len) {
+    if (len == 1) return p[0];
+    uint32_t c = p[0] & (0x7F >> len);
+    for (size_t k = 1; k < len; k++) c = c << 6 | (p[k] & 0x3F);
+    return c;
+}
+
+// Length of the UTF-8 character at s[0] (1 for a byte that does not start a valid one).
+static size_t utf8_char_len(const unsigned char* s, size_t n) {
+    const unsigned c = s[0];
+    const size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+    if (len > n) return 1;
+    for (size_t k = 1; k < len; k++)
+        if ((s[k] & 0xC0) != 0x80) return 1;
+    return len;
+}
+
+size_t whitespace_at(std::string_view s, size_t i) {
+    if (i >= s.size()) return 0;
+    const auto* u = reinterpret_cast<const unsigned char*>(s.data()) + i;
+    const size_t len = utf8_char_len(u, s.size() - i);
+    return is_white_space(code_point(u, len)) ? len : 0;
+}
+
+size_t whitespace_before(std::string_view s, size_t i) {
+    if (i == 0) return 0;
+    size_t start = i - 1;  // back over continuation bytes to the lead byte of the character ending at i
+    while (start > 0 && i - start < 4 && ((unsigned char)s[start] & 0xC0) == 0x80) start--;
+    return whitespace_at(s, start) == i - start ? i - start : 0;
+}
+
 void Encoder::set_sentencepiece(const std::vector<int32_t>& byte_ids, int32_t unk_id, bool fuse_unk, Prefix prefix) {
     FASTLLM_CHECK(byte_ids.size() == 256, "byte_ids must have 256 entries (-1: no token), got ", byte_ids.size());
     for (int b = 0; b < 256; b++) {
@@ -416,16 +460,6 @@ void Encoder::set_sentencepiece(const std::vector<int32_t>& byte_ids, int32_t un
 
 // ---------------------------------------------------------------------------------------------------------
 // encoding
-
-// Length of the UTF-8 character at s[0] (1 for a byte that does not start a valid one).
-static size_t utf8_char_len(const unsigned char* s, size_t n) {
-    const unsigned c = s[0];
-    const size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
-    if (len > n) return 1;
-    for (size_t k = 1; k < len; k++)
-        if ((s[k] & 0xC0) != 0x80) return 1;
-    return len;
-}
 
 void Encoder::initial_parts(std::string_view chunk, std::vector<int32_t>& ids) const {
     const auto* u = reinterpret_cast<const unsigned char*>(chunk.data());
@@ -522,7 +556,9 @@ void Encoder::encode(std::string_view text, Pattern p, const std::vector<std::pa
         for (auto [x, y] : chunks) encode_chunk(t.substr(x, y - x), out, cache);
     };
     if (allowed.empty()) ordinary(0, text.size());
-    else split_specials(text, allowed, ordinary, [&](int32_t id) { out.push_back(id); });
+    else
+        split_specials(text, allowed, ordinary, [&](int32_t id) { out.push_back(id); },
+                       [&](int32_t id) -> uint8_t { return (size_t)id < strip_.size() ? strip_[id] : 0; });
 }
 
 void Encoder::encode_batch(const std::vector<std::string_view>& texts, Pattern p,

@@ -173,6 +173,8 @@ class Encoder {
                                const std::vector<std::pair<int32_t, int32_t>>& merges, bool whole_chunk_lookup);
     // Special tokens: never produced by BPE, only by the special-token split in encode(). Throws on clashes.
     void add_special(const std::string& bytes, int32_t id);
+    // HF added tokens' lstrip / rstrip: the whitespace a special token takes with it (see split_specials).
+    void set_strip(int32_t id, bool lstrip, bool rstrip);
 
     // SentencePiece-style BPE (HF tokenizer.json with Metaspace / byte_fallback: Llama 2, Mistral, TinyLlama).
     // Its tokens are given as their text with U+2581 written as a space. BPE starts from characters instead of
@@ -238,6 +240,7 @@ class Encoder {
     std::vector<uint32_t> off_;     // by id
     std::vector<uint32_t> len_;     // by id; kNone = unassigned
     std::vector<uint8_t> special_;  // by id
+    std::vector<uint8_t> strip_;    // by special id: 1 lstrip, 2 rstrip (set_strip)
     int32_t n_tokens_ = 0;
     BytesMap regular_;              // bytes -> id of regular tokens
     std::array<int32_t, 256> byte_id_{};
@@ -258,11 +261,18 @@ class Encoder {
     Prefix prefix_ = Prefix::none;
 };
 
+// Length in bytes of the Unicode whitespace (Rust's char::is_whitespace, as HF tokenizers) starting at s[i] / ending
+// just before s[i]; 0 if there is none.
+size_t whitespace_at(std::string_view s, size_t i);
+size_t whitespace_before(std::string_view s, size_t i);
+
 // Finds allowed special tokens in text: calls ordinary(begin, end) for each stretch of ordinary text and
-// special(id) for each special token, leftmost occurrence first (longest on ties).
-template <typename Ordinary, typename Special>
+// special(id) for each special token, leftmost occurrence first (longest on ties). strip(id) says which
+// whitespace a token takes with it (HF added tokens' lstrip = 1: to its left, back to the previous token at
+// most; rstrip = 2: to its right).
+template <typename Ordinary, typename Special, typename Strip = uint8_t (*)(int32_t)>
 void split_specials(std::string_view text, const std::vector<std::pair<std::string, int32_t>>& allowed,
-                    Ordinary ordinary, Special special) {
+                    Ordinary ordinary, Special special, Strip strip = [](int32_t) -> uint8_t { return 0; }) {
     std::vector<size_t> next(allowed.size());  // an empty token is never found (it would match everywhere)
     for (size_t k = 0; k < allowed.size(); k++)
         next[k] = allowed[k].first.empty() ? std::string_view::npos : text.find(allowed[k].first);
@@ -274,9 +284,14 @@ void split_specials(std::string_view text, const std::vector<std::pair<std::stri
                                    allowed[k].first.size() > allowed[bk].first.size()))
                 best = next[k], bk = k;
         if (best == std::string_view::npos) break;
-        if (best > pos) ordinary(pos, best);
+        size_t start = best, end = best + allowed[bk].first.size();
+        const uint8_t flags = strip(allowed[bk].second);
+        for (size_t w; (flags & 1) && start > pos && (w = whitespace_before(text, start)) && start - w >= pos;)
+            start -= w;
+        for (size_t w; (flags & 2) && (w = whitespace_at(text, end));) end += w;
+        if (start > pos) ordinary(pos, start);
         special(allowed[bk].second);
-        pos = best + allowed[bk].first.size();
+        pos = end;
         for (size_t k = 0; k < allowed.size(); k++)
             if (next[k] != std::string_view::npos && next[k] < pos) next[k] = text.find(allowed[k].first, pos);
     }

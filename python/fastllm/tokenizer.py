@@ -260,18 +260,26 @@ class Tokenizer:
         self._strip_space = False  # decode drops one leading space (SentencePiece files' Strip decoder)
         self._hf_doc: dict | None = None  # the tokenizer.json a SentencePiece-style tokenizer came from (save_hf)
         self._fallback: frozenset[int] = frozenset()  # SentencePiece's byte-fallback ids
+        self._strip: dict[str, str] = {}  # HF added tokens' lstrip / rstrip: name -> "l" | "r" | "lr"
 
-    def _set_hf_options(self, normalizer: str | None = None, plain_tokens=(), bos_token: int | None = None) -> None:
-        """The HF tokenizer.json features beyond tiktoken's (see the module doc); ValueError on bad values."""
+    def _set_hf_options(self, normalizer: str | None = None, plain_tokens=(), bos_token: int | None = None,
+                        strip: dict[str, str] | None = None) -> None:
+        """The HF tokenizer.json features beyond tiktoken's (see the module doc); ValueError on bad values.
+        strip: special token -> "l", "r" or "lr": the whitespace it takes with it (HF's lstrip / rstrip)."""
         if normalizer not in (None, *_NORMALIZERS):
             raise ValueError(f"normalizer must be one of {_NORMALIZERS} or None, got {normalizer!r}")
         plain = frozenset(plain_tokens)
-        for t in plain:
+        strip = dict(strip or {})
+        for t in plain | set(strip):
             if t not in self._special:
                 raise ValueError(f"added token {t!r} is not one of the tokenizer's special tokens")
+        for t, v in strip.items():
+            if v not in ("l", "r", "lr"):
+                raise ValueError(f"strip of {t!r} must be 'l', 'r' or 'lr', got {v!r}")
+            self._core.set_strip(self._special[t], "l" in v, "r" in v)
         if bos_token is not None and bos_token not in self._special.values():
             raise ValueError(f"bos_token {bos_token!r} is not the id of a special token")
-        self._normalizer, self._plain, self._bos = normalizer, plain, bos_token
+        self._normalizer, self._plain, self._bos, self._strip = normalizer, plain, bos_token, strip
 
     # -- properties
 
@@ -381,12 +389,13 @@ class Tokenizer:
         """Custom patterns: Python regex finds the chunks (between allowed specials), C++ encodes them."""
         parts: list[np.ndarray] = []
         if allowed_ids:
-            rx = _specials_regex(frozenset(s for s, i in self._special.items() if i in set(allowed_ids)))
+            names = [s for s, i in self._special.items() if i in set(allowed_ids)]
+            rx, order = _specials_regex(frozenset(names), frozenset((s, self._strip.get(s, "")) for s in names))
             pos = 0
             for m in rx.finditer(text):
                 if m.start() > pos:
                     parts.append(self._core.encode_chunks(self._regex.findall(text[pos : m.start()])))
-                parts.append(np.array([self._special[m.group()]], np.int32))
+                parts.append(np.array([self._special[order[int(m.lastgroup[1:])]]], np.int32))
                 pos = m.end()
             text = text[pos:]
         if text or not parts:
@@ -721,7 +730,7 @@ class Tokenizer:
         """Save to `path` (tiktoken rank file, see `save_tiktoken`) plus the sidecar ``<path>.json`` holding
         the pattern, the special tokens and the number of ranks: ``{"format": "fastllm-bpe", "version": 1,
         "pattern": "gpt4" | <regex>, "special_tokens": {name: id}, "n_ranks": N}`` (plus, for a tokenizer read from
-        a Hugging Face file, "normalizer", "plain_tokens" and "bos_token" when set). Both written atomically.
+        a Hugging Face file, "normalizer", "plain_tokens", "bos_token" and "strip" when set). Both written atomically.
 
         >>> import tempfile, os
         >>> tok = Tokenizer({bytes([b]): b for b in range(256)}, special_tokens={"<|eot|>": 256})
@@ -737,8 +746,9 @@ class Tokenizer:
             "special_tokens": self._special,
             "n_ranks": len(self._regular_tokens()),
         }
-        extras = {"normalizer": self._normalizer, "plain_tokens": sorted(self._plain), "bos_token": self._bos}
-        side.update({k: v for k, v in extras.items() if v not in (None, [])})
+        extras = {"normalizer": self._normalizer, "plain_tokens": sorted(self._plain), "bos_token": self._bos,
+                  "strip": self._strip}
+        side.update({k: v for k, v in extras.items() if v not in (None, [], {})})
         self.save_tiktoken(path)
         with atomic_write(os.fspath(path) + ".json") as f:
             f.write((json.dumps(side, indent=1, ensure_ascii=False) + "\n").encode())
@@ -773,7 +783,8 @@ class Tokenizer:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{side_path}:1: {e}") from e
         try:
-            tok._set_hf_options(side.get("normalizer"), side.get("plain_tokens") or (), side.get("bos_token"))
+            tok._set_hf_options(side.get("normalizer"), side.get("plain_tokens") or (), side.get("bos_token"),
+                                side.get("strip"))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{side_path}:1: {e}") from None
         return tok
@@ -815,7 +826,7 @@ class Tokenizer:
             "truncation": None,
             "padding": None,
             "added_tokens": [
-                _hf_added_token(i, s, special=s not in self._plain)
+                _hf_added_token(i, s, special=s not in self._plain, strip=self._strip.get(s, ""))
                 for s, i in sorted(self._special.items(), key=lambda x: x[1])
             ],
             "normalizer": None if self._normalizer is None else {"type": self._normalizer},
@@ -915,6 +926,7 @@ class Tokenizer:
         added = doc.get("added_tokens") or []
         specials: dict[str, int] = {}
         plain: list[str] = []  # added tokens HF does not mark special: matched in any text
+        strip: dict[str, str] = {}
         for t in added:
             if (
                 not isinstance(t, dict)
@@ -924,12 +936,13 @@ class Tokenizer:
                 or not 0 <= t["id"] < _MAX_ID
             ):
                 raise bad(f"bad added_tokens entry {t!r}")
-            for flag in ("lstrip", "rstrip", "single_word"):
-                if t.get(flag):
-                    raise bad(f"added token {t['content']!r} has {flag}=true, which is not supported")
+            if t.get("single_word"):
+                raise bad(f"added token {t['content']!r} has single_word=true, which is not supported")
             if specials.get(t["content"], t["id"]) != t["id"]:
                 raise bad(f"added token {t['content']!r} has two ids, {specials[t['content']]} and {t['id']}")
             specials[t["content"]] = t["id"]
+            if t.get("lstrip") or t.get("rstrip"):  # (Phi-3's tokens take the whitespace after them)
+                strip[t["content"]] = "l" * bool(t.get("lstrip")) + "r" * bool(t.get("rstrip"))
             if t.get("special") is False:
                 plain.append(t["content"])
         special_of_id = {i: s for s, i in specials.items()}
@@ -985,7 +998,7 @@ class Tokenizer:
                 raise bad(str(e)) from e
         try:
             tok = cls._from_core(core, pattern, specials)
-            tok._set_hf_options(normalizer, plain, bos)
+            tok._set_hf_options(normalizer, plain, bos, strip)
         except ValueError as e:
             raise bad(str(e)) from e
         tok._is_ranks = is_ranks
@@ -1008,9 +1021,10 @@ def _hf_token(token: bytes) -> str:
     return "".join(_B2U[b] for b in token)
 
 
-def _hf_added_token(id: int, content: str, special: bool) -> dict:
-    """An entry of a tokenizer.json's added_tokens (matched as it is: no stripping, no normalization)."""
-    return {"id": id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+def _hf_added_token(id: int, content: str, special: bool, strip: str = "") -> dict:
+    """An entry of a tokenizer.json's added_tokens (matched as it is, no normalization; `strip` "l" / "r": with
+    the whitespace to its left / right)."""
+    return {"id": id, "content": content, "single_word": False, "lstrip": "l" in strip, "rstrip": "r" in strip,
             "normalized": False, "special": special}
 
 
@@ -1024,15 +1038,29 @@ def _repair_if_needed(text: str) -> str:
 
 def _split_on(text: str, specials: Sequence[str]) -> list[str]:
     """Pieces of text between occurrences of the special tokens (used for training with custom patterns)."""
-    return _specials_regex(frozenset(specials)).split(text) if specials else [text]
+    if not specials:
+        return [text]
+    out, pos = [], 0
+    for m in _specials_regex(frozenset(specials))[0].finditer(text):
+        out.append(text[pos : m.start()])
+        pos = m.end()
+    return out + [text[pos:]]
+
+
+# Rust's char::is_whitespace (Unicode White_Space): what HF's lstrip / rstrip take (as whitespace_at in bpe.cpp)
+_WHITE_SPACE = "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*"
 
 
 @functools.lru_cache(maxsize=64)
-def _specials_regex(names: frozenset[str]):
-    """A compiled regex matching any of the special tokens `names`, the longest first."""
+def _specials_regex(names: frozenset[str], strip: frozenset[tuple[str, str]] = frozenset()):
+    """(A compiled regex matching any of the special tokens `names`, the longest first, with the whitespace `strip`
+    gives them (name, "l" | "r" | "lr"); the names in the order of its groups g0, g1, ...)."""
     import regex
 
-    return regex.compile("|".join(regex.escape(s) for s in sorted(names, key=len, reverse=True)))
+    flags, order = dict(strip), sorted(names, key=lambda s: (-len(s), s))
+    alts = [(_WHITE_SPACE if "l" in flags.get(s, "") else "") + f"(?:{regex.escape(s)})" +
+            (_WHITE_SPACE if "r" in flags.get(s, "") else "") for s in order]  # fmt: skip
+    return regex.compile("|".join(f"(?P<g{k}>{a})" for k, a in enumerate(alts))), order
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback token, as HF's BPE names them
