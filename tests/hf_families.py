@@ -62,6 +62,7 @@ def eval_texts() -> list[str]:
         "<|endoftext|> and <|im_start|>user\nhi<|im_end|>\n",
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
         "<tool_call>{\"a\": 1}</tool_call>",
+        "<|user|>\n  hi <|end|>\n<|assistant|>\n\nHello<|end|>\n\u3000<|endoftext|>",
     ]
 
 
@@ -79,7 +80,11 @@ FAMILIES = {
     # (prepend_scheme "first") of later ones (Mistral v0.3, transformers' legacy=False conversion)
     "llama2": ("whole", None, False, ["<unk>", "<s>", "</s>"], [], "<s>"),
     "mistral": ("whole", None, False, ["<unk>", "<s>", "</s>"], [], "<s>"),
+    # Phi-3's: Llama 2's with chat tokens after the vocab that take the whitespace after them (rstrip)
+    "phi3": ("whole", None, False, ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>",
+                                    "<|user|>", "<|end|>"], [], "<s>"),
 }
+PHI3_CHAT_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|user|>", "<|end|>"]
 META = "\u2581"
 
 
@@ -88,8 +93,12 @@ def build_tokenizer(family: str, vocab_size: int = 3000):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors, trainers
     from tokenizers import pre_tokenizers as P
 
-    if family in ("llama2", "mistral"):
+    if family in ("llama2", "mistral", "phi3"):
         doc = sentencepiece_doc(vocab_size, metaspace="first" if family == "mistral" else None)
+        if family == "phi3":
+            doc["added_tokens"] += [{"id": vocab_size + k, "content": t, "single_word": False, "lstrip": False,
+                                     "rstrip": t != "<|endoftext|>", "normalized": False, "special": True}
+                                    for k, t in enumerate(PHI3_CHAT_TOKENS)]
         return Tokenizer.from_str(json.dumps(doc))
     kind, norm, ignore_merges, specials, plain, bos = FAMILIES[family]
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
@@ -196,6 +205,14 @@ LLAMA2_TEMPLATE = (
     "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+# microsoft/Phi-3-mini-4k-instruct's
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
 QWEN25_TEMPLATE = (

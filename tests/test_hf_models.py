@@ -42,6 +42,8 @@ CASES = {  # name: (transformers class prefix, config)
                                               attention_bias=True, mlp_bias=True, tie_word_embeddings=False)),
     "mistral-gqa": ("Mistral", dict(num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)),
     "qwen2-tied": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "phi3-fused": ("Phi3", dict(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None,
+                                rope_scaling=None)),
     "qwen3-headdim": ("Qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
     # Qwen's long-context setting (prompts past original_max_position_embeddings), and dynamic NTK (the default
     # RoPE below max_position_embeddings)
@@ -207,6 +209,8 @@ def qwen2_dir(tmp_path_factory):
          "rope_scaling type 'longrope' is not supported"),
         (dict(rope_scaling={"type": "yarn", "factor": 4.0, "attention_factor": 0}), "attention_factor must be"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+        (dict(model_type="phi3", architectures=["Phi3ForCausalLM"], rope_parameters={"rope_type": "default",
+              "rope_theta": 1e4, "partial_rotary_factor": 0.75}), "partial_rotary_factor=0.75"),
         (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config \\(gptq"),
         (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=0),
          "sliding_window=0 on layers .* must be a positive integer"),
@@ -249,6 +253,13 @@ def test_sliding_window_layers_cut_the_context(qwen2_dir, tmp_path):
     assert generate(model.eval(), [5, 17, 99], 13, temperature=0.0) == theirs
     with pytest.raises(ValueError, match="16"):
         model.forward(np.zeros((1, 17), np.int64))  # past the window: refused, not computed with full attention
+    cfg = transformers.Phi3Config(**{**BASE, "num_key_value_heads": 2, "sliding_window": 12})  # (Phi-3-mini: 2047)
+    ref = transformers.Phi3ForCausalLM(cfg).float().eval()
+    ref.save_pretrained(tmp_path / "phi3")
+    model = GPT.from_pretrained(tmp_path / "phi3")
+    assert model.config.block_size == 12
+    ids = np.random.default_rng(1).integers(0, V, (2, 12))
+    assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
     d = edit_config(qwen2_dir, tmp_path / "sw", drop=("layer_types",), use_sliding_window=True, sliding_window=16,
                     max_window_layers=1)
     assert GPT.from_pretrained(d).config.block_size == 16
@@ -464,15 +475,23 @@ def hub_folder(family: str, folder, template: str | None = None, **config):
     """A random transformers model of `family` (llama3, qwen2, llama2) saved with its tokenizer.json, chat template
     (default: Llama 3's, Qwen2.5's, Llama 2's) and generation_config.json EOS ids, like a folder from the hub;
     `config` overrides BASE. -> (the transformers model, its AutoTokenizer)."""
-    from hf_families import LLAMA2_TEMPLATE, LLAMA3_TEMPLATE, QWEN25_TEMPLATE, build_tokenizer, write_folder
+    from hf_families import (
+        LLAMA2_TEMPLATE,
+        LLAMA3_TEMPLATE,
+        PHI3_TEMPLATE,
+        QWEN25_TEMPLATE,
+        build_tokenizer,
+        write_folder,
+    )
 
     default, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>"),
-                    "llama2": (LLAMA2_TEMPLATE, "</s>")}[family]
+                    "llama2": (LLAMA2_TEMPLATE, "</s>"), "phi3": (PHI3_TEMPLATE, "<|end|>")}[family]
     template = template or default
-    tok = build_tokenizer(family, vocab_size=400 if family != "llama2" else 800)  # (SentencePiece needs the chars)
-    ends = {"llama3": ["<|end_of_text|>", eos], "qwen2": [eos, "<|endoftext|>"], "llama2": [eos]}[family]
+    tok = build_tokenizer(family, vocab_size=800 if family in ("llama2", "phi3") else 400)  # (SentencePiece: chars)
+    ends = {"llama3": ["<|end_of_text|>", eos], "qwen2": [eos, "<|endoftext|>"], "llama2": [eos],
+            "phi3": ["<|endoftext|>", eos]}[family]
     torch.manual_seed(0)
-    prefix = {"llama3": "Llama", "qwen2": "Qwen2", "llama2": "Llama"}[family]
+    prefix = {"llama3": "Llama", "qwen2": "Qwen2", "llama2": "Llama", "phi3": "Phi3"}[family]
     ids = [tok.token_to_id(t) for t in ends]
     cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, "vocab_size": tok.get_vocab_size(),
                                                        "num_key_value_heads": 2, "eos_token_id": ids, **config})
@@ -489,7 +508,7 @@ def hf_greedy(ref, auto, inputs: dict, n: int) -> str:
     return auto.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3"])
 def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsys):
     """`fastllm chat --ckpt <HF folder>` renders the checkpoint's own chat template (Llama 3's has no ChatML tokens
     at all) and answers with transformers' greedy tokens for apply_chat_template's prompt, stopping at its EOS."""
@@ -591,7 +610,7 @@ def test_reward_model_of_a_llama3_folder_then_rl_against_it(tmp_path, capsys):
                      "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3"])
 def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     """`fastllm serve` of a hub folder renders /v1/chat/completions with the folder's own chat template (Llama 3's
     has no ChatML tokens) and stops at its EOS ids: through the official openai client, the greedy answer and

@@ -20,6 +20,8 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
     qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); sliding-window layers as mistral's
     qwen3    Qwen3ForCausalLM    Llama's with QK-norm (RMSNorm over head_dim on q and k), attention_bias;
                                  sliding-window layers as mistral's
+    phi3     Phi3ForCausalLM     Mistral's, q|k|v and gate|up each in one tensor (fastllm's layout); the default RoPE
+                                 only (Phi-3's 128k longrope and Phi-4-mini's partial rotary are refused)
 Keys of config.json that change the computation are mapped or refused by name (other rope types, MoE model
 types, quantization, activations, partial rotary); the others (dropout, initializer range, token
 ids, generation defaults, bookkeeping) do not affect the model and are not read.
@@ -63,6 +65,7 @@ ARCHITECTURES = {
     "mistral": ("MistralForCausalLM",),
     "qwen2": ("Qwen2ForCausalLM",),
     "qwen3": ("Qwen3ForCausalLM",),
+    "phi3": ("Phi3ForCausalLM",),
 }
 MODEL_TYPES = tuple(ARCHITECTURES)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
@@ -193,16 +196,18 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise bad(f"hidden_act {act!r} is not supported (only 'silu': SwiGLU)")
-    if d.get("partial_rotary_factor", 1.0) != 1.0:
-        raise bad(f"partial_rotary_factor={d['partial_rotary_factor']} is not supported (only 1.0)")
+    params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))  # (Phi-4-mini: 0.75)
+    if partial != 1.0:
+        raise bad(f"partial_rotary_factor={partial} is not supported (only 1.0)")
     context = d["max_position_embeddings"]
     if "sliding_window" in d or "layer_types" in d or "use_sliding_window" in d:
         context = _full_attention_context(d, L, context, bad)
     attention_bias = d.get("attention_bias", False)
     mlp_bias = d.get("mlp_bias", False)
-    if kind in ("mistral", "qwen2") and attention_bias:
+    if kind in ("mistral", "qwen2", "phi3") and attention_bias:
         raise bad(f"attention_bias={attention_bias!r} is not supported for {kind} (transformers' {kind} has "
-                  f"{'no attention biases' if kind == 'mistral' else 'q/k/v biases only'})")
+                  f"{'q/k/v biases only' if kind == 'qwen2' else 'no attention biases'})")
     if kind != "llama" and mlp_bias:
         raise bad(f"mlp_bias={mlp_bias!r} is not supported for {kind} (its MLP has no biases)")
     for key, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
@@ -231,8 +236,8 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
 def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     """The transformers model_type that computes what `cfg` computes (ValueError naming the option when none
     does): gpt2 for GPT-2's choices; llama, qwen2 (q/k/v biases only) or qwen3 (QK-norm) for RoPE + RMSNorm +
-    SwiGLU; mistral instead of llama when `prefer` says so (a model loaded from a Mistral folder) and it has no
-    biases."""
+    SwiGLU; mistral or phi3 instead of llama when `prefer` says so (a model loaded from such a folder) and it has
+    no biases (phi3: and no RoPE scaling)."""
     gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
                 qk_norm=False, tie_embeddings=True, logit_softcap=None, n_kv_head=None, head_dim=None,
                 mlp_hidden=None)  # fmt: skip
@@ -262,6 +267,8 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
                          f"proj_bias={cfg.proj_bias} (Llama has one attention_bias for q, k, v and o)")
     if prefer == "mistral" and not (cfg.qkv_bias or cfg.mlp_bias):
         return "mistral"
+    if prefer == "phi3" and not (cfg.qkv_bias or cfg.mlp_bias or cfg.rope_scaling):
+        return "phi3"
     return "llama"
 
 
@@ -295,6 +302,9 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     elif kind == "mistral":
         d.update(sliding_window=None)
+    elif kind == "phi3":
+        d.update(sliding_window=None, original_max_position_embeddings=cfg.block_size, resid_pdrop=0.0,
+                 embd_pdrop=0.0, pad_token_id=None)  # (Phi3Config's default pad id, 32000, is past a smaller vocab)
     else:  # qwen2, qwen3: full attention on every layer
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
         if kind == "qwen3":
@@ -321,10 +331,10 @@ class Slot:
         return v.T if self.transpose else v
 
 
-def tensor_map(cfg: GPTConfig) -> dict[str, Slot]:
+def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
     """HF tensor name -> Slot for every tensor of the config's transformers model (lm_head.weight only when
-    untied), in the order transformers writes them."""
-    kind, L = model_type(cfg), cfg.n_layer  # (Mistral's names are Llama's)
+    untied), in the order transformers writes them; `prefer` as model_type's."""
+    kind, L = model_type(cfg, prefer), cfg.n_layer  # (Mistral's names are Llama's; Phi-3 fuses q|k|v and gate|up)
     out: dict[str, Slot] = {}
     if kind == "gpt2":
         out["transformer.wte.weight"] = Slot("wte")
@@ -344,6 +354,13 @@ def tensor_map(cfg: GPTConfig) -> dict[str, Slot]:
     for layer in range(L):
         pre = f"model.layers.{layer}."
         out[pre + "input_layernorm.weight"] = Slot("ln_1.weight", layer)
+        if kind == "phi3":  # fastllm's own layout: q|k|v rows, gate|up rows
+            out[pre + "self_attn.qkv_proj.weight"] = Slot("attn.c_attn.weight", layer)
+            out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
+            out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer)
+            out[pre + "mlp.gate_up_proj.weight"] = Slot("mlp.c_fc.weight", layer)
+            out[pre + "mlp.down_proj.weight"] = Slot("mlp.c_proj.weight", layer)
+            continue
         for x, rows in qkv.items():
             out[pre + f"self_attn.{x}_proj.weight"] = Slot("attn.c_attn.weight", layer, rows)
             if cfg.qkv_bias:
@@ -428,7 +445,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
     count = sum(len(tensors) for _, tensors in opened)
     if cfg.n_layer > count:  # (each layer has several tensors; tensor_map's size grows with n_layer)
         raise ValueError(f"{cfg_path}: n_layer={cfg.n_layer}, but the weight files hold only {count} tensors")
-    slots = tensor_map(cfg)
+    slots = tensor_map(cfg, doc["model_type"])
     shapes = {name: np.broadcast_to(np.float32(0), shape) for name, shape in param_shapes(cfg).items()}  # (no data)
     seen: dict[str, Path] = {}
     filled: dict[str, str] = {}  # tensor_map name -> the file's name for it
@@ -447,7 +464,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
                 if _SKIP.fullmatch(name):
                     continue
                 raise ValueError(f"{file}: unexpected tensor {name!r} (not a parameter of the model config.json "
-                                 f"describes: model_type {model_type(cfg)}, n_layer={cfg.n_layer})")
+                                 f"describes: model_type {doc['model_type']}, n_layer={cfg.n_layer})")
             if key in filled:
                 raise ValueError(f"{file}: tensor {name!r} duplicates {filled[key]!r}")
             dtype = tensors.dtype(name)
@@ -466,7 +483,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
     if missing:
         where = files[0] if not wmap else folder / INDEX_FILE
         raise ValueError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} of the model "
-                         f"config.json describes (model_type {model_type(cfg)}, n_layer={cfg.n_layer})")
+                         f"config.json describes (model_type {doc['model_type']}, n_layer={cfg.n_layer})")
     model = cls(cfg, init=False)
     for file, tensors, name, slot in reads:
         dst = slot.view(model.p)
@@ -495,7 +512,8 @@ def _all_finite(a: np.ndarray, rows: int = 4096) -> bool:
 def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     """The model's tensors under transformers' names and layouts (see tensor_map; the tied lm-head left out)."""
     p = model.state_dict()
-    return {name: np.ascontiguousarray(slot.view(p)) for name, slot in tensor_map(model.config).items()}
+    return {name: np.ascontiguousarray(slot.view(p))
+            for name, slot in tensor_map(model.config, getattr(model, "hf_model_type", None)).items()}
 
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
