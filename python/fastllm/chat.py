@@ -594,7 +594,7 @@ class ChatSession:
         answer = []
         try:
             for piece in stream_text(self.model, self.tok, ids.tolist(), n, stop_tokens=self.chat.stop_tokens,
-                                     skip_special_tokens=self.skip_special_tokens, **self.sampling):
+                                     skip_special_tokens=self.skip_special_tokens, continues=False, **self.sampling):
                 answer.append(piece)
                 yield piece
         finally:

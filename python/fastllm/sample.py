@@ -361,21 +361,22 @@ class StopStrings:
 
 def stream_text(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int,
                 stop: str | Sequence[str] = (), stats: dict | None = None, skip_special_tokens: bool = True,
-                **kw) -> Iterator[str]:
+                continues: bool = True, **kw) -> Iterator[str]:
     """Yield decoded text pieces as tokens are generated (single prompt: token ids, or text, encoded as `fastllm
     sample` and HF's tokenizer(text) encode it: tokenizer.encode_prompt, special tokens matched, a Llama 3 BOS
     first, "" a new document); stops at `stop` strings (not included in the output), at <|endoftext|> and at
     `stop_tokens` (their text not included either). `stats["tokens"]` counts the tokens generated.
     skip_special_tokens (default True): special tokens the model writes (tokenizer.special_ids) are left out of
     the text, as transformers' text-generation pipeline and vLLM leave them out; `stop` strings are found in the
-    text shown (as vLLM finds them)."""
+    text shown (as vLLM finds them). continues=False: the text is one of its own (a chat answer), not the rest of
+    the prompt's: the leading space of a SentencePiece tokenizer's first word is dropped, as its decode does."""
     stats = {} if stats is None else stats
     stats["tokens"] = 0
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     stop_tokens = (*_token_ids(kw.pop("stop_tokens", ()), "stop_tokens"), *(() if eot is None else (eot,)))
     ends = set(stop_tokens)
     ids = tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
-    streamer, cutter = TextStreamer(tokenizer, skip_special_tokens, continues=True), StopStrings(stop)
+    streamer, cutter = TextStreamer(tokenizer, skip_special_tokens, continues=continues), StopStrings(stop)
     for step in stream(model, ids, max_new_tokens, stop_tokens=stop_tokens, **kw):
         t = int(step[0])
         stats["tokens"] += 1
