@@ -239,27 +239,21 @@ def test_sliding_window_layers_cut_the_context(qwen2_dir, tmp_path):
     """A config with sliding-window layers (Mistral v0.1 and Zephyr: all layers; Qwen with use_sliding_window: those
     from max_window_layers on) loads with its window as the context: up to there sliding attention is full
     attention, and the logits and greedy tokens are transformers' (which slides)."""
-    torch.manual_seed(0)
-    cfg = transformers.MistralConfig(**{**BASE, "num_key_value_heads": 2, "sliding_window": 16})
-    ref = transformers.MistralForCausalLM(cfg).float().eval()
-    ref.save_pretrained(tmp_path / "mistral")
-    model = GPT.from_pretrained(tmp_path / "mistral")
-    assert model.config.block_size == 16
-    ids = np.random.default_rng(0).integers(0, V, (2, 16))
-    assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
-    with torch.no_grad():
-        theirs = ref.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=13, min_new_tokens=13, do_sample=False,
-                              pad_token_id=0)[0].tolist()
-    assert generate(model.eval(), [5, 17, 99], 13, temperature=0.0) == theirs
-    with pytest.raises(ValueError, match="16"):
-        model.forward(np.zeros((1, 17), np.int64))  # past the window: refused, not computed with full attention
-    cfg = transformers.Phi3Config(**{**BASE, "num_key_value_heads": 2, "sliding_window": 12})  # (Phi-3-mini: 2047)
-    ref = transformers.Phi3ForCausalLM(cfg).float().eval()
-    ref.save_pretrained(tmp_path / "phi3")
-    model = GPT.from_pretrained(tmp_path / "phi3")
-    assert model.config.block_size == 12
-    ids = np.random.default_rng(1).integers(0, V, (2, 12))
-    assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
+    for prefix, window in (("Mistral", 16), ("Phi3", 12)):  # (Mistral v0.1: 4096; Phi-3-mini-4k: 2047)
+        torch.manual_seed(0)
+        cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, "num_key_value_heads": 2, "sliding_window": window})
+        ref = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
+        ref.save_pretrained(tmp_path / prefix)
+        model = GPT.from_pretrained(tmp_path / prefix)
+        assert model.config.block_size == window
+        ids = np.random.default_rng(0).integers(0, V, (2, window))
+        assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
+        with torch.no_grad():
+            theirs = ref.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=window - 3, min_new_tokens=window - 3,
+                                  do_sample=False, pad_token_id=0)[0].tolist()
+        assert generate(model.eval(), [5, 17, 99], window - 3, temperature=0.0) == theirs
+        with pytest.raises(ValueError, match=str(window)):
+            model.forward(np.zeros((1, window + 1), np.int64))  # past the window: refused, not full attention
     d = edit_config(qwen2_dir, tmp_path / "sw", drop=("layer_types",), use_sliding_window=True, sliding_window=16,
                     max_window_layers=1)
     assert GPT.from_pretrained(d).config.block_size == 16
