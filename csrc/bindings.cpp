@@ -470,9 +470,17 @@ static void check_softcap(float softcap) {
                   softcap);
 }
 
+// temperature: finite > 0 with a finite reciprocal (the logits are divided by it after the cap; 1: none)
+static void check_temperature(float temperature) {
+    FASTLLM_CHECK(temperature > 0.0f && std::isfinite(temperature) && std::isfinite(1.0f / temperature),
+                  "temperature must be a finite number > 0, got ", temperature);
+}
+
 static void softmax_ce_py(py::array losses, std::optional<py::array> dlogits, py::array logits, py::array targets,
-                          float grad_scale, int32_t ignore_index, std::optional<py::array> row_weights, float softcap) {
+                          float grad_scale, int32_t ignore_index, std::optional<py::array> row_weights, float softcap,
+                          float temperature) {
     check_softcap(softcap);
+    check_temperature(temperature);
     check_ndim(logits, "logits", 2, "(N, V)");
     const int64_t N = logits.shape(0), V = logits.shape(1);
     check_positive(V, "V (logits columns)", logits, "logits");
@@ -487,14 +495,15 @@ static void softmax_ce_py(py::array losses, std::optional<py::array> dlogits, py
     if (dlogits) check_disjoint(*dlogits, "dlogits", logits, "logits", true);  // in place: dlogits is logits
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
-    fastllm::cpu::softmax_ce(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw, softcap);
+    fastllm::cpu::softmax_ce(ls, dl, lg, tg, N, V, grad_scale, ignore_index, rw, softcap, temperature);
 }
 
 static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std::optional<py::array> dweight,
                          py::array hidden, py::array weight, py::array targets, float grad_scale,
                          int32_t ignore_index, std::optional<py::array> scratch, std::optional<py::array> row_weights,
-                         float softcap, bool bf16) {
+                         float softcap, float temperature, bool bf16) {
     check_softcap(softcap);
+    check_temperature(temperature);
     check_ndim(hidden, "hidden", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(V, C)");
     const int64_t N = hidden.shape(0), C = hidden.shape(1), V = weight.shape(0);
@@ -526,7 +535,7 @@ static void lmhead_ce_py(py::array losses, std::optional<py::array> dhidden, std
     check_ids(tg, N, V, "targets", true, ignore_index);
     py::gil_scoped_release nogil;
     fastllm::cpu::lmhead_ce(ls, dh, dw, h, w, tg, sc, chunk_rows, N, C, V, grad_scale, ignore_index, rw, softcap,
-                            prec(bf16));
+                            temperature, prec(bf16));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1360,10 +1369,11 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"),
                arg("qkv"), arg("pos"), arg("n_kv_head") = none, arg("bf16") = false);
     def_kernel(m, "softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
-               arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none, arg("softcap") = 0.0f);
+               arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none, arg("softcap") = 0.0f,
+               arg("temperature") = 1.0f);
     def_kernel(m, "lmhead_ce", &lmhead_ce_py, arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"),
                arg("weight"), arg("targets"), arg("grad_scale"), arg("ignore_index"), arg("scratch") = none,
-               arg("row_weights") = none, arg("softcap") = 0.0f, arg("bf16") = false);
+               arg("row_weights") = none, arg("softcap") = 0.0f, arg("temperature") = 1.0f, arg("bf16") = false);
     m.def("lmhead_chunk_rows", &fastllm::cpu::lmhead_chunk_rows, arg("N"), arg("V"));
     m.def("bf16_gemm_path", [] { return std::string(fastllm::simd_name(fastllm::cpu::gemm_bf16_path())); },
           "The kernel bf16 GEMMs run now: amx, avx512_bf16, avx512, avx2 or scalar (see info()['bf16_gemm'])");

@@ -267,6 +267,11 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
         FASTLLM_CHECK(softcap >= 0.0f && std::isfinite(softcap),
                       "softcap must be a finite number > 0 (0: none), got ", softcap);
     };
+    // temperature: finite > 0 with a finite reciprocal (1: none)
+    static const auto check_temperature = [](float temperature) {
+        FASTLLM_CHECK(temperature > 0.0f && std::isfinite(temperature) && std::isfinite(1.0f / temperature),
+                      "temperature must be a finite number > 0, got ", temperature);
+    };
     // a per-row array (losses, targets): shaped like the leading dims of the logits, or flat (N,)
     static const auto check_rows = [](const DeviceArray& x, const char* name, DType dt,
                                       const std::vector<int64_t>& lead, int64_t N) {
@@ -275,8 +280,9 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
     m.def(
         "softmax_ce",
         [](DeviceArray& losses, DeviceArray* dlogits, const DeviceArray& logits, const DeviceArray& targets,
-           float grad_scale, int32_t ignore_index, DeviceArray* row_weights, float softcap) {
+           float grad_scale, int32_t ignore_index, DeviceArray* row_weights, float softcap, float temperature) {
             check_softcap(softcap);
+            check_temperature(temperature);
             check_float(logits, "logits");
             const DType t = logits.dtype;
             FASTLLM_CHECK(logits.shape.size() >= 1, "logits must be (..., V), got a 0-d array");
@@ -307,17 +313,18 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             const int32_t* pt = (const int32_t*)targets.data();
             const float* pw = row_weights ? (const float*)row_weights->data() : nullptr;
             py::gil_scoped_release nogil;
-            softmax_ce(pl, pd, px, pt, N, V, grad_scale, ignore_index, pw, softcap, t);
+            softmax_ce(pl, pd, px, pt, N, V, grad_scale, ignore_index, pw, softcap, temperature, t);
         },
         arg("losses"), arg("dlogits"), arg("logits"), arg("targets"), arg("grad_scale") = 1.0f,
-        arg("ignore_index") = -1, arg("row_weights") = py::none(), arg("softcap") = 0.0f,
+        arg("ignore_index") = -1, arg("row_weights") = py::none(), arg("softcap") = 0.0f, arg("temperature") = 1.0f,
         "losses (N, f32) and optionally dlogits = (softmax - onehot) * grad_scale (may be logits itself).");
     m.def(
         "lmhead_ce",
         [](DeviceArray& losses, DeviceArray* dhidden, DeviceArray* dweight, const DeviceArray& hidden,
            const DeviceArray& weight, const DeviceArray& targets, float grad_scale, int32_t ignore_index,
-           DeviceArray* scratch, DeviceArray* row_weights, float softcap) {
+           DeviceArray* scratch, DeviceArray* row_weights, float softcap, float temperature) {
             check_softcap(softcap);
+            check_temperature(temperature);
             check_float(hidden, "hidden");
             const DType t = hidden.dtype;
             check_2d(weight, "weight");
@@ -379,12 +386,13 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             const int64_t rows = scratch->shape[0];
             {
                 py::gil_scoped_release nogil;
-                lmhead_ce(pl, pdh, pdw, ph, pw, pt, ps, rows, N, C, V, grad_scale, ignore_index, prw, softcap, t);
+                lmhead_ce(pl, pdh, pdw, ph, pw, pt, ps, rows, N, C, V, grad_scale, ignore_index, prw, softcap,
+                          temperature, t);
             }
         },
         arg("losses"), arg("dhidden"), arg("dweight"), arg("hidden"), arg("weight"), arg("targets"),
         arg("grad_scale") = 1.0f, arg("ignore_index") = -1, arg("scratch") = py::none(),
-        arg("row_weights") = py::none(), arg("softcap") = 0.0f,
+        arg("row_weights") = py::none(), arg("softcap") = 0.0f, arg("temperature") = 1.0f,
         "Fused lm head + cross-entropy in row chunks of scratch (rows, V) (allocated if None).");
     m.def("lmhead_chunk_rows", [](int64_t N, int64_t V, const std::string& dtype) {
         return lmhead_chunk_rows(N, V, parse_dtype(dtype));

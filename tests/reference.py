@@ -75,6 +75,19 @@ def softmax_ce(logits, targets, grad_scale=1.0, ignore_index=-1):
     return losses, d
 
 
+def softmax_ce_tempered(logits, targets, temperature=1.0, softcap=None, grad_scale=1.0, ignore_index=-1):
+    """softmax_ce of u = z / temperature, z = softcap * tanh(logits / softcap) (or the logits): the losses
+    -log softmax(u)[target] and the gradient with respect to the logits, du/dz = 1 / temperature times
+    dz/dlogits = 1 - (z / softcap)^2."""
+    (z,) = f64(logits)
+    z = z.reshape(len(np.asarray(targets).reshape(-1)), -1)
+    if softcap is not None:
+        z = softcap * np.tanh(z / softcap)
+    losses, du = softmax_ce(z / temperature, targets, grad_scale, ignore_index)
+    dz = du / temperature
+    return losses, dz if softcap is None else dz * (1.0 - (z / softcap) ** 2)
+
+
 def layernorm_forward(x, w, b, eps=1e-5):
     x, w, b = f64(x, w, b)
     mean = x.mean(-1, keepdims=True)

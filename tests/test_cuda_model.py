@@ -137,8 +137,10 @@ def test_weighted_ce_and_hidden_state_gradients_match_cpu():
     assert not bad and h.shape == (2, 40, 128), f"hidden-state gradients off (rel err): {bad}"
 
 
-def test_grpo_step_matches_cpu():
-    """One GRPO policy update (weighted CE through the fused lm-head, AdamW) on both devices."""
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_grpo_step_matches_cpu(T):
+    """One GRPO policy update (weighted CE through the fused lm-head, AdamW) on both devices, at sampling
+    temperature T (the log-probs and their gradient of softmax(logits / T))."""
     from fastllm.rl import Batch, policy_backward, token_logprobs
 
     cpu = GPT(small_config(), seed=6)
@@ -150,9 +152,9 @@ def test_grpo_step_matches_cpu():
                   np.array([1.0, -1.0, 0.5, -0.5]))
     stats = []
     for model in (cpu, gpu):
-        old = token_logprobs(model, batch.idx, batch.targets)
+        old = token_logprobs(model, batch.idx, batch.targets, temperature=T)
         model.zero_grad()
-        stats.append(policy_backward(model, batch, old, old - 0.01, clip_eps=0.2, beta=0.04))
+        stats.append(policy_backward(model, batch, old, old - 0.01, clip_eps=0.2, beta=0.04, temperature=T))
         AdamW(model, lr=1e-3).step()
     assert abs(stats[1]["loss"] - stats[0]["loss"]) < 1e-3 * max(1.0, abs(stats[0]["loss"])), stats
     assert rel(gpu.state_dict()["wte"], cpu.state_dict()["wte"]) < 1e-3

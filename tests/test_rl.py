@@ -171,8 +171,11 @@ ARCHS = {"gpt2": {}, "modern": dict(positions="rope", norm="rmsnorm", n_kv_head=
                                     logit_softcap=10.0)}
 
 
+@pytest.mark.parametrize("T", [0.7, 1.0, 1.3])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_policy_gradient_matches_torch_reference(arch):
+def test_policy_gradient_matches_torch_reference(arch, T):
+    """The GRPO loss at sampling temperature T (log-probs log_softmax(logits / T), the logits soft-capped first in
+    the modern architecture, as TRL computes them) and its gradient for every parameter, against torch autograd."""
     torch = pytest.importorskip("torch")
     from torch_gpt import build
 
@@ -184,19 +187,20 @@ def test_policy_gradient_matches_torch_reference(arch):
     adv = rng.standard_normal(6)
     b = pack(prompts, comps, adv)
     assert b.mask.sum() == sum(map(len, comps))
-    logp = token_logprobs(m, b.idx, b.targets)
+    logp = token_logprobs(m, b.idx, b.targets, temperature=T)
     # an old policy and a reference that differ from the current one, so clipping and KL both act
     old = logp + rng.normal(0, 0.3, logp.shape) * b.mask
     ref = logp + rng.normal(0, 0.5, logp.shape) * b.mask
     eps, beta = 0.2, 0.1
     m.zero_grad()
-    st = policy_backward(m, b, old, ref, eps, beta)
+    st = policy_backward(m, b, old, ref, eps, beta, temperature=T)
     assert 0 < st["clip_frac"] < 1 and st["kl"] > 0
 
     fwd, params = build(m)
-    lp = torch.log_softmax(fwd(b.idx).double(), -1)
+    lp = torch.log_softmax(fwd(b.idx).double() / T, -1)  # TRL: selective_log_softmax(logits / temperature)
     tg = torch.tensor(b.targets.astype(np.int64))
     lp = lp.gather(-1, tg.clamp(min=0)[..., None])[..., 0]
+    np.testing.assert_allclose(logp[b.mask], lp.detach().numpy()[b.mask], atol=1e-5)
     rho = torch.exp(lp - torch.tensor(old))
     A = torch.tensor(adv)[:, None]
     d = torch.tensor(ref) - lp
@@ -638,6 +642,71 @@ def test_several_policy_updates_per_rollout_batch():
     # the logged clip fraction and KL cover the later updates too (the first sees ratios of 1 and the starting
     # policy: it alone logged 0 for both, whatever the clip did)
     assert 0 < st["clip_frac"] < 1 and st["kl"] > 0
+
+
+def test_forward_temperature_divides_the_capped_logits():
+    """GPT.forward(..., temperature=T): the logits after the soft cap, divided by T (the order fastllm.sample
+    applies them in); the losses and token_losses are those of softmax(those)."""
+    m = GPT(GPTConfig(block_size=8, vocab_size=13, n_layer=1, n_head=2, n_embd=8, logit_softcap=2.0), seed=3)
+    m.params *= 8  # logits well past the cap: capping after dividing would differ
+    rng = np.random.default_rng(0)
+    idx, tg = rng.integers(0, 13, (2, 8)), rng.integers(0, 13, (2, 8))
+    tg[1, :2] = -1
+    capped = m.forward(idx).astype(np.float64)
+    assert np.abs(capped).max() <= 2.0 and np.abs(capped).max() > 1.9  # the cap acts
+    for T in (0.7, 1.3):
+        np.testing.assert_allclose(m.forward(idx, temperature=T), capped / T, rtol=1e-6)
+        z = capped / T
+        lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+        ce = np.where(tg != -1, lse - np.take_along_axis(z, np.maximum(tg, 0)[..., None], -1)[..., 0], 0.0)
+        assert m.forward(idx, tg, temperature=T) == pytest.approx(ce.sum() / np.count_nonzero(tg != -1), rel=1e-5)
+        np.testing.assert_allclose(m.token_losses, ce, atol=1e-5)
+    m.forward(idx, tg, temperature=1.0)
+    t1 = m.token_losses.copy()
+    m.forward(idx, tg)
+    np.testing.assert_array_equal(m.token_losses, t1)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            m.forward(idx, tg, temperature=bad)
+
+
+@pytest.mark.parametrize("T", [0.7, 1.3])
+def test_grpo_step_logprobs_are_those_of_the_sampling_distribution(monkeypatch, T):
+    """GRPO.step at --temperature T: the old-policy and reference log-probs of every completion token are the log
+    of the probability fastllm.sample drew it with (sample.probabilities at T: soft cap, then / T), and the
+    policy update is taken at T too. (They were taken at T = 1: the ratio and the KL of another distribution than
+    the one that produced the samples, unlike TRL's GRPOTrainer.)"""
+    from fastllm import rl
+    from fastllm.sample import SamplingParams, probabilities
+
+    cfg = GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, logit_softcap=3.0)
+    m = GPT(cfg, seed=0)
+    m.params *= 4  # sharp, capped logits: T matters
+    ref = GPT(cfg, init=False)
+    ref.params[:] = m.params * 0.9  # a reference unlike the policy
+    seen = {}
+    real = rl.policy_backward
+
+    def spy(model, batch, old, ref_logp, *args, **kw):
+        seen.setdefault("call", (batch, old, ref_logp, kw.get("temperature", 1.0)))
+        return real(model, batch, old, ref_logp, *args, **kw)
+
+    monkeypatch.setattr(rl, "policy_backward", spy)
+    g = GRPO(m, ref, byte_tokenizer(), lambda p, c: float(len(c)), RLConfig(ckpt="", group_size=3, max_new_tokens=4,
+                                                                             temperature=T), AdditionTask(1))
+    before = m.params.copy()
+    st = g.step(["1+2=", "7+5="], seed=0)
+    batch, old, ref_logp, temperature = seen["call"]
+    sp = SamplingParams(temperature=T)
+    for model, got in ((before, old), (ref.params, ref_logp)):
+        scorer = GPT(cfg, init=False)
+        scorer.params[:] = model
+        logits = scorer.forward(batch.idx)  # soft-capped, at T = 1
+        rows, cols = np.nonzero(batch.mask)
+        p = probabilities(logits[rows, cols], sp)[np.arange(len(rows)), batch.targets[rows, cols]]
+        np.testing.assert_allclose(got[rows, cols], np.log(p), atol=1e-5)
+    assert temperature == T  # the update's log-probs too (its gradient: test_policy_gradient_matches_torch_reference)
+    assert math.isfinite(st["loss"]) and st["kl"] > 0
 
 
 # ---- config values and devices: one clear error (issue 23) -------------------------------------------------------

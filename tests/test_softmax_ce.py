@@ -391,6 +391,11 @@ def test_softmax_ce_bad_input_cuda():
         cuda.softmax_ce(logits, targets, row_weights=np.ones(N + 1, np.float32))
     with pytest.raises(TypeError, match="row_weights"):
         cuda.softmax_ce(logits, targets, row_weights=np.ones(N, np.float64))
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            cuda.softmax_ce(logits, targets, temperature=bad)
+    with pytest.raises(ValueError, match="temperature"):  # float32 0 (the native check)
+        _C.cuda.softmax_ce(cuda.zeros((N,)), None, logits, targets, 1.0, -1, None, 0.0, 1e-46)
     # the binding refuses a dlogits of another dtype, shape, or partly overlapping the logits
     losses = cuda.zeros((N,))
     with pytest.raises(TypeError, match="dlogits must have dtype bfloat16"):
@@ -471,6 +476,10 @@ def test_lmhead_ce_bad_input_cuda():
         cuda.lmhead_ce(h, w, t, scratch=cuda.zeros((3, V)))
     with pytest.raises(ValueError, match="dhidden must not overlap hidden"):
         cuda.lmhead_ce(h, w, t, dhidden=h)
+    with pytest.raises(ValueError, match="temperature"):
+        cuda.lmhead_ce(h, w, t, temperature=float("nan"))
+    with pytest.raises(ValueError, match="temperature"):
+        _C.cuda.lmhead_ce(cuda.zeros((N,)), None, None, h, w, t, 1.0, -1, None, None, 0.0, -2.0)
 
 
 def test_lmhead_chunk_rows_cpu():
@@ -534,6 +543,113 @@ def test_lmhead_ce_softcap_vs_torch(bk, rng):
     assert_rel(bk.get(dw), ref_dw, tol, "dweight")
     losses_eval, _, _ = bk.ops.lmhead_ce(h, w, targets, backward=False, softcap=c)
     np.testing.assert_allclose(bk.get(losses_eval), ref_l, rtol=tol, atol=tol)
+
+
+# ---- temperature (the logits, after any cap, divided by T: RL's log-probs of the distribution sampled at T) -----
+
+
+TEMPERATURES = [0.7, 1.0, 1.3]
+
+
+def tempered_torch(logits, targets, T, c=None, grad_scale=1.0, row_weights=None, hidden=None):
+    """(losses, dlogits or (dhidden, dweight)) from torch autograd in float64 of
+    grad_scale * sum_n w[n] * -log_softmax(cap(logits) / T)[n, target] (logits = hidden @ weight^T when hidden is
+    given: logits is then the weight)."""
+    torch = pytest.importorskip("torch")
+    x = torch.tensor(np.asarray(logits, np.float64), requires_grad=True)
+    h = None if hidden is None else torch.tensor(np.asarray(hidden, np.float64), requires_grad=True)
+    z = x if h is None else h @ x.T
+    if c is not None:
+        z = c * torch.tanh(z / c)
+    t = torch.as_tensor(np.asarray(targets).reshape(-1), dtype=torch.long)
+    keep = t != IGNORE
+    lp = torch.log_softmax(z.reshape(len(t), -1) / T, -1).gather(-1, t.clamp(min=0)[:, None])[:, 0]
+    loss = torch.where(keep, -lp, torch.zeros_like(lp))
+    w = torch.ones_like(loss) if row_weights is None else torch.tensor(np.asarray(row_weights, np.float64).ravel())
+    (grad_scale * (loss * w).sum()).backward()
+    grads = x.grad.numpy() if h is None else (h.grad.numpy(), x.grad.numpy())
+    return loss.detach().numpy(), grads
+
+
+@pytest.mark.backends(variants=("cpu",))  # every SIMD level: the scaled row goes through each row routine
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (5, 771), (2, 3, 129), (4, 50257)], ids=str)
+@pytest.mark.parametrize("T", TEMPERATURES)
+@pytest.mark.parametrize("c", [None, 5.0], ids=["nocap", "cap5"])
+@pytest.mark.parametrize("mode", ["out", "inplace"])
+def test_softmax_ce_temperature_vs_reference_and_torch(bk, rng, shape, T, c, mode):
+    """temperature T: the loss of softmax(cap(x) / T) and its gradient with respect to x, (softmax - onehot) / T
+    (* the cap's derivative), with row weights; against the float64 reference and torch autograd of
+    log_softmax(logits / T)."""
+    tol = TOL[bk.device, bk.dtype]
+    logits, targets = make(bk, rng, shape, scale=4.0)  # some logits in the cap's saturated range
+    w = rng.standard_normal(shape[:-1]).astype(np.float32)
+    ref_l, ref_d = reference.softmax_ce_tempered(logits, targets, T, c, grad_scale=0.5)
+    ref_d = ref_d * w.reshape(-1, 1)
+    torch_l, torch_d = tempered_torch(logits, targets, T, c, grad_scale=0.5, row_weights=w)
+    np.testing.assert_allclose(ref_l, torch_l, atol=1e-12)  # the two oracles agree
+    np.testing.assert_allclose(ref_d, torch_d.reshape(ref_d.shape), atol=1e-12)
+    losses, d = bk.ops.softmax_ce(bk.put(logits), targets, grad_scale=0.5, inplace=mode == "inplace",
+                                  row_weights=w, softcap=c, temperature=T, losses=bk.poisoned(shape[:-1], "float32"))
+    assert_losses(bk.get(losses).reshape(-1), ref_l, tol["loss"])
+    assert_rel(bk.get(d).reshape(ref_d.shape), ref_d, tol["dlogits"], "dlogits")
+    loss_only, none = bk.ops.softmax_ce(bk.put(logits), targets, backward=False, softcap=c, temperature=T)
+    assert none is None
+    assert_losses(bk.get(loss_only).reshape(-1), ref_l, tol["loss"], "forward-only losses")
+
+
+@pytest.mark.parametrize("T", TEMPERATURES)
+@pytest.mark.parametrize("c", [None, 4.0], ids=["nocap", "cap4"])
+@pytest.mark.parametrize("N,C,V,rows", [(1, 3, 1, None), (13, 24, 771, 5), (37, 16, 301, 8)])
+def test_lmhead_ce_temperature_vs_torch(bk, rng, T, c, N, C, V, rows):
+    """The fused lm-head at temperature T (several chunks): losses and the gradients of
+    sum_n w[n] * -log_softmax(cap(hidden @ W^T) / T)[n, target] against torch autograd (float64)."""
+    hidden, weight, targets = lmhead_inputs(bk, rng, (N,), C, V)
+    weight = bk.rounded(weight * 3)  # logits of a few units: the temperature and the cap both matter
+    w = rng.standard_normal(N).astype(np.float32)
+    ref_l, (ref_dh, ref_dw) = tempered_torch(weight, targets, T, c, grad_scale=1 / N, row_weights=w, hidden=hidden)
+    tol = {("cpu", "float32"): 1e-4, ("cuda", "float32"): 2e-3, ("cuda", "bfloat16"): 3e-2}[bk.device, bk.dtype]
+    scratch = None if rows is None else bk.ops.empty((rows, V), bk.dtype)
+    h, W = bk.put(hidden), bk.put(weight)
+    losses, dh, dw = bk.ops.lmhead_ce(h, W, targets, grad_scale=1 / N, row_weights=w, scratch=scratch, softcap=c,
+                                      temperature=T)
+    np.testing.assert_allclose(bk.get(losses), ref_l, rtol=tol, atol=tol)
+    assert_rel(bk.get(dh), ref_dh, tol, "dhidden")
+    assert_rel(bk.get(dw), ref_dw, tol, "dweight")
+    fwd, _, _ = bk.ops.lmhead_ce(h, W, targets, backward=False, softcap=c, temperature=T)
+    np.testing.assert_allclose(bk.get(fwd), ref_l, rtol=tol, atol=tol)
+
+
+@pytest.mark.backends(variants=("cpu",))
+@pytest.mark.parametrize("c", [None, 6.0], ids=["nocap", "cap6"])
+def test_temperature_one_is_bit_for_bit_none(bk, rng, c):
+    """temperature=1 takes no extra step: the kernels' results are those without the argument, bit for bit."""
+    logits, targets = make(bk, rng, (7, 1001), scale=5.0)
+    w = rng.standard_normal(7).astype(np.float32)
+    a = bk.ops.softmax_ce(bk.put(logits), targets, grad_scale=0.3, row_weights=w, softcap=c)
+    b = bk.ops.softmax_ce(bk.put(logits), targets, grad_scale=0.3, row_weights=w, softcap=c, temperature=1.0)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(bk.get(x), bk.get(y))
+    hidden, weight, targets = lmhead_inputs(bk, rng, (9,), 16, 203)
+    a = bk.ops.lmhead_ce(bk.put(hidden), bk.put(weight), targets, row_weights=w[:1].repeat(9), softcap=c)
+    b = bk.ops.lmhead_ce(bk.put(hidden), bk.put(weight), targets, row_weights=w[:1].repeat(9), softcap=c,
+                         temperature=1)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(bk.get(x), bk.get(y))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf"), 1e-45])
+def test_temperature_bad_values(rng, bad):
+    logits, targets = rng.standard_normal((2, 5)).astype(np.float32), np.array([1, 3], np.int32)
+    with pytest.raises(ValueError, match="temperature"):
+        if bad == 1e-45:  # a float64 > 0 whose float32 (or its reciprocal) is not: the native check
+            _C.softmax_ce(np.empty(2, np.float32), None, logits, targets, 1.0, -1, None, 0.0, bad)
+        else:
+            ops.softmax_ce(logits, targets, temperature=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        _C.lmhead_ce(np.empty(2, np.float32), None, None, logits, logits.copy(), targets, 1.0, -1, None, None, 0.0,
+                     bad)
+    with pytest.raises(TypeError, match="temperature"):
+        ops.lmhead_ce(logits, logits.copy(), targets, temperature="0.7")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])

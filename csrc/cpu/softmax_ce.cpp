@@ -15,6 +15,9 @@ Algorithm (per row, OpenMP over rows):
   Optional softcap c > 0 (Gemma 2, nanochat): the loss is that of z = c tanh(x / c); each row is capped into a
   per-thread buffer first (vectorized tanh), the routines above run on it, and the gradient row is multiplied by
   dz/dx = 1 - (z / c)^2 (the chain rule through the cap; in place works as the row routines read only z).
+  Optional temperature T != 1 (RL: the log-probs of the distribution sampled at T, rl.py): the row routines read
+  u = z * (1 / T) from the same per-thread buffer (z: the capped row, else the logits), their gradient scale is
+  grad_scale / T (d u / d z; free), and the cap's derivative reads z back as u * T. T = 1 takes none of this.
   exp: polynomial with range reduction, <= 2 ulp (vecmath.h). Dispatch: simd_level() -> AVX-512 / AVX2;
   the naive three-pass loop (double sum, std::exp) is the scalar fallback and the readable spec.
 
@@ -220,8 +223,8 @@ static void softcap_row(float* z, const float* x, int64_t V, float c, Simd simd)
     for (; i < V; i++) z[i] = c * std::tanh(x[i] / c);
 }
 
-static void softcap_grad_row(float* d, const float* z, int64_t V, float c) {
-    const float inv = 1.0f / c;
+// inv maps the buffer's values to z / c: 1 / c, or T / c when the buffer holds u = z / T
+static void softcap_grad_row(float* d, const float* z, int64_t V, float inv) {
 #pragma omp simd
     for (int64_t i = 0; i < V; i++) {
         const float t = z[i] * inv;
@@ -229,20 +232,29 @@ static void softcap_grad_row(float* d, const float* z, int64_t V, float c) {
     }
 }
 
+// u = z * inv_t (the temperature): in place on the capped row, or from the logits into the buffer (no cap)
+static void scale_row(float* u, const float* z, int64_t V, float inv_t) {
+#pragma omp simd
+    for (int64_t i = 0; i < V; i++) u[i] = z[i] * inv_t;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // entry points
 
 void softmax_ce(float* losses, float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
-                float grad_scale, int32_t ignore_index, const float* row_weights, float softcap) {
+                float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, float temperature) {
     const Simd simd = simd_level();
     // Out of place and larger than the caches: stream dlogits past the cache (saves the read-for-ownership of
     // every written line, ~15% at N x V = 2048 x 50304); in place, the lines are already owned. Not with a softcap
     // (its second pass reads the gradient row back).
-    const bool capped = softcap > 0.0f;
+    const bool capped = softcap > 0.0f, tempered = temperature != 1.0f;
+    const float inv_t = 1.0f / temperature;
+    const float cap_inv = tempered ? temperature / softcap : 1.0f / softcap;  // buffer value -> z / c (if capped)
     const bool stream = dlogits && dlogits != logits && N * V >= (int64_t)(8 << 20) && !capped;
 #pragma omp parallel
     {
-        std::vector<float> z(capped ? (size_t)V : 0);  // this thread's capped row (the row routines read it)
+        // this thread's capped and/or tempered row (the row routines read it)
+        std::vector<float> z(capped || tempered ? (size_t)V : 0);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             const float* x = logits + n * V;
@@ -257,14 +269,19 @@ void softmax_ce(float* losses, float* dlogits, const float* logits, const int32_
                 softcap_row(z.data(), x, V, softcap, simd);
                 x = z.data();
             }
-            const float gs = row_weights ? grad_scale * row_weights[n] : grad_scale;
+            if (tempered) {
+                scale_row(z.data(), x, V, inv_t);
+                x = z.data();
+            }
+            float gs = row_weights ? grad_scale * row_weights[n] : grad_scale;
+            if (tempered) gs *= inv_t;  // d u / d z
             if (simd == Simd::avx512)
                 softmax_ce_row_avx512(losses + n, d, x, V, tgt, gs, stream);
             else if (simd == Simd::avx2)
                 softmax_ce_row_avx2(losses + n, d, x, V, tgt, gs);
             else
                 softmax_ce_row_naive(losses + n, d, x, V, tgt, gs);
-            if (capped && d) softcap_grad_row(d, z.data(), V, softcap);
+            if (capped && d) softcap_grad_row(d, z.data(), V, cap_inv);
         }
     }
 }
@@ -279,7 +296,8 @@ int64_t lmhead_chunk_rows(int64_t N, int64_t V) {
 
 void lmhead_ce(float* losses, float* dhidden, float* dweight, const float* hidden, const float* weight,
                const int32_t* targets, float* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
-               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, Prec prec) {
+               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, float temperature,
+               Prec prec) {
     if (N == 0) return;
     const int64_t rows = std::min(chunk_rows, N);
     float* logits = scratch;  // rows x V, not zero-filled (every chunk overwrites what it uses)
@@ -289,7 +307,7 @@ void lmhead_ce(float* losses, float* dhidden, float* dweight, const float* hidde
         matmul_forward(logits, hidden + n0 * C, weight, nullptr, nullptr, n, C, V, prec);
         // in place: logits -> dlogits for this chunk
         softmax_ce(losses + n0, backward ? logits : nullptr, logits, targets + n0, n, V, grad_scale, ignore_index,
-                   row_weights ? row_weights + n0 : nullptr, softcap);
+                   row_weights ? row_weights + n0 : nullptr, softcap, temperature);
         if (backward)  // accumulates: dhidden rows of this chunk, and dW summed over all chunks
             matmul_backward(dhidden ? dhidden + n0 * C : nullptr, dweight, nullptr, logits, hidden + n0 * C,
                             weight, n, C, V, prec);

@@ -14,18 +14,23 @@ namespace fastllm::cpu {
 // objectives) without a second pass.
 // softcap > 0: every logit is first soft-capped, z = softcap * tanh(x / softcap), the loss is that of z and
 // dlogits the gradient with respect to x (softcap = 0: none).
+// temperature (> 0, finite; 1: none): the logits (after the cap) are then divided by it, u = z * (1 / temperature):
+// the loss is -log softmax(u)[target] (the distribution a sampler at that temperature draws from) and dlogits still
+// the gradient with respect to x, (softmax(u) - onehot) / temperature (* dz/dx). temperature = 1 is bit for bit the
+// kernel without it.
 void softmax_ce(float* losses, float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
-                float grad_scale, int32_t ignore_index, const float* row_weights = nullptr, float softcap = 0.0f);
+                float grad_scale, int32_t ignore_index, const float* row_weights = nullptr, float softcap = 0.0f,
+                float temperature = 1.0f);
 
 // Fused lm-head + cross-entropy: logits = hidden (N, C) @ weight (V, C)^T are computed chunk_rows rows at a time
 // into scratch (chunk_rows x V floats, given by the caller: nothing is allocated) and never stored whole.
 // losses (N) as above. If dhidden/dweight are given they ACCUMULATE (+=) the gradients of
-// sum_n losses[n] * grad_scale (* row_weights[n] if given). softcap as in softmax_ce. prec: of the two products
-// (matmul.h); the softmax and the loss are fp32 either way.
+// sum_n losses[n] * grad_scale (* row_weights[n] if given). softcap and temperature as in softmax_ce. prec: of the
+// two products (matmul.h); the softmax and the loss are fp32 either way.
 void lmhead_ce(float* losses, float* dhidden, float* dweight, const float* hidden, const float* weight,
                const int32_t* targets, float* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
                float grad_scale, int32_t ignore_index, const float* row_weights = nullptr, float softcap = 0.0f,
-               Prec prec = Prec::fp32);
+               float temperature = 1.0f, Prec prec = Prec::fp32);
 // rows of the default scratch of lmhead_ce for N rows (a chunk small enough to stay in cache, at most N)
 int64_t lmhead_chunk_rows(int64_t N, int64_t V);
 

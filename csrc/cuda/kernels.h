@@ -90,18 +90,21 @@ void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv
 // ignore_index get loss 0 and zero grad. A target outside [0, V) (other than ignore_index) gives loss NaN (never a
 // wild read); callers check on the host.
 // softcap > 0: the logits are soft-capped first, z = softcap * tanh(x / softcap) (loss of z, gradient w.r.t. x).
+// temperature > 0 (1: none): then divided by it, u = z / temperature (loss of u, gradient w.r.t. x).
 void softmax_ce(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N, int64_t V,
-                float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, DType t);
+                float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, float temperature,
+                DType t);
 // the same with row stride ld >= V (elements) of logits and dlogits
 void softmax_ce_ex(float* losses, void* dlogits, const void* logits, int64_t ld, const int32_t* targets, int64_t N,
                    int64_t V, float grad_scale, int32_t ignore_index, const float* row_weights, float softcap,
-                   DType t);
+                   float temperature, DType t);
 // logits = hidden (N, C) @ weight (V, C)^T in row chunks of a scratch buffer (never N x V at once), then the
 // loss and, if dhidden/dweight are given, dhidden (N, C, T) += dlogits @ weight, dweight (V, C, f32) +=
 // dlogits^T @ hidden. scratch: chunk_rows x V elements of T (the caller allocates it; see lmhead_chunk_rows).
 void lmhead_ce(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
                const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
-               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, DType t);
+               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, float temperature,
+               DType t);
 // default chunk rows for a scratch of at most ~256 MiB (multiple of 128 when >= 128, at least 1, at most N)
 int64_t lmhead_chunk_rows(int64_t N, int64_t V, DType t);
 

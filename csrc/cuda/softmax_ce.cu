@@ -4,6 +4,8 @@ Fused softmax + cross-entropy (+ its gradient) and the fused classifier (lm head
 (* row_weights[n] when given: the gradient of sum_n w_n losses_n; written =, may alias logits: in place). With
 softcap c > 0 every logit is read as z = c tanh(x / c): the loss is that of z, the gradient (* (1 - (z/c)^2)) that of
 x; tanh from __expf and an IEEE division (tanhf would be tanh.approx under --use_fast_math, 2^-11 relative error).
+With temperature T != 1 every (capped) logit is then read as u = z * (1 / T) (1 / T computed on the host, IEEE): the
+loss is that of u, the gradient (softmax(u) - onehot) * grad_scale / T (* dz/dx) that of x. T = 1 takes none of it.
 Rows with t_n == ignore_index: loss 0, zero gradient row. A target outside [0, V) reads nothing: loss NaN (the host
 checks ids; the GPU cannot raise) and its row gets softmax * grad_scale.
 Shapes: logits, dlogits (N, V) with row stride ld >= V; losses (N, f32); targets (N, int32). O(N V), memory bound.
@@ -59,7 +61,8 @@ constexpr int kCEThreads = 512;
 template <typename T>
 __global__ void __launch_bounds__(kCEThreads)
     softmax_ce_kernel(float* losses, T* dlogits, const T* logits, int64_t ld, const int32_t* targets, int64_t V,
-                      float grad_scale, int32_t ignore_index, const float* row_weights, float softcap) {
+                      float grad_scale, int32_t ignore_index, const float* row_weights, float softcap,
+                      float inv_temperature) {
     // not __restrict__: dlogits may alias logits
     const int64_t row = blockIdx.x;
     const T* x = logits + row * ld;
@@ -73,11 +76,14 @@ __global__ void __launch_bounds__(kCEThreads)
         return;
     }
     const bool valid = t >= 0 && (int64_t)t < V;
-    // softcap c > 0: every logit is read as z = c tanh(x / c) (the loss is that of z)
-    const auto logit = [&](int64_t i) {
+    // softcap c > 0: every logit is read as z = c tanh(x / c); temperature T != 1: then as u = z / T (the loss is
+    // that of u)
+    const bool tempered = inv_temperature != 1.f;
+    const auto capped = [&](int64_t i) {
         const float v = to_f32(x[i]);
         return softcap > 0.f ? softcap * tanh_accurate(v / softcap) : v;
     };
+    const auto logit = [&](int64_t i) { return tempered ? capped(i) * inv_temperature : capped(i); };
     const float xt = valid ? logit(t) : 0.f;  // read by every thread before the barrier below
 
     // pass 1: online max / sum of exp
@@ -114,11 +120,12 @@ __global__ void __launch_bounds__(kCEThreads)
     if (!d) return;
     __syncthreads();
     const float lse = s_lse;
-    const float gs = row_weights ? grad_scale * row_weights[row] : grad_scale;
+    float gs = row_weights ? grad_scale * row_weights[row] : grad_scale;
+    if (tempered) gs *= inv_temperature;  // du/dz
     // pass 2: gradient (through the cap: dz/dx = 1 - (z / c)^2)
     for (int64_t i = tid; i < V; i += kCEThreads) {
-        const float z = logit(i);
-        float p = __expf(z - lse) * gs;
+        const float z = capped(i);
+        float p = __expf((tempered ? z * inv_temperature : z) - lse) * gs;
         if (i == t) p -= gs;
         if (softcap > 0.f) p *= 1.f - (z / softcap) * (z / softcap);
         d[i] = from_f32<T>(p);
@@ -130,19 +137,23 @@ __global__ void __launch_bounds__(kCEThreads)
 
 void softmax_ce_ex(float* losses, void* dlogits, const void* logits, int64_t ld, const int32_t* targets, int64_t N,
                    int64_t V, float grad_scale, int32_t ignore_index, const float* row_weights, float softcap,
-                   DType t) {
+                   float temperature, DType t) {
     if (N == 0) return;
+    const float inv_temperature = 1.0f / temperature;  // on the host: IEEE (the device's would be approximate)
     // one block per row; gridDim.x allows 2^31 - 1 rows
     DISPATCH_FLOAT(t, T, {
         softmax_ce_kernel<T><<<(unsigned)N, kCEThreads>>>(losses, (T*)dlogits, (const T*)logits, ld, targets, V,
-                                                           grad_scale, ignore_index, row_weights, softcap);
+                                                           grad_scale, ignore_index, row_weights, softcap,
+                                                           inv_temperature);
     });
     CUDA_CHECK_LAUNCH();
 }
 
 void softmax_ce(float* losses, void* dlogits, const void* logits, const int32_t* targets, int64_t N, int64_t V,
-                float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, DType t) {
-    softmax_ce_ex(losses, dlogits, logits, V, targets, N, V, grad_scale, ignore_index, row_weights, softcap, t);
+                float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, float temperature,
+                DType t) {
+    softmax_ce_ex(losses, dlogits, logits, V, targets, N, V, grad_scale, ignore_index, row_weights, softcap,
+                  temperature, t);
 }
 
 int64_t lmhead_chunk_rows(int64_t N, int64_t V, DType t) {
@@ -156,7 +167,8 @@ int64_t lmhead_chunk_rows(int64_t N, int64_t V, DType t) {
 
 void lmhead_ce(float* losses, void* dhidden, float* dweight, const void* hidden, const void* weight,
                const int32_t* targets, void* scratch, int64_t chunk_rows, int64_t N, int64_t C, int64_t V,
-               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, DType t) {
+               float grad_scale, int32_t ignore_index, const float* row_weights, float softcap, float temperature,
+               DType t) {
     if (N == 0) return;
     const size_t es = dtype_size(t);
     // row stride of the scratch: V rounded up to 8 elements if the scratch still holds >= 1 row at that stride
@@ -170,7 +182,7 @@ void lmhead_ce(float* losses, void* dhidden, float* dweight, const void* hidden,
         gemm_ex(scratch, t, ld, h, C, weight, C, nullptr, nullptr, rows, V, C, false, true, false, t);
         // losses and dlogits in place
         softmax_ce_ex(losses + r0, backward ? scratch : nullptr, scratch, ld, targets + r0, rows, V, grad_scale,
-                      ignore_index, row_weights ? row_weights + r0 : nullptr, softcap, t);
+                      ignore_index, row_weights ? row_weights + r0 : nullptr, softcap, temperature, t);
         // dhidden[r0:] (rows, C) += dlogits (rows, V) @ weight (V, C)
         if (dhidden)
             gemm_ex((char*)dhidden + r0 * C * es, t, C, scratch, ld, weight, C, nullptr, nullptr, rows, C, V, false,

@@ -23,7 +23,17 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from .ops import IGNORE_INDEX, _heads, _ids, _kv_out_width, _nkv, _norm_stats_shape, _q_width, softcap_arg
+from .ops import (
+    IGNORE_INDEX,
+    _heads,
+    _ids,
+    _kv_out_width,
+    _nkv,
+    _norm_stats_shape,
+    _q_width,
+    softcap_arg,
+    temperature_arg,
+)
 
 
 def is_built() -> bool:
@@ -279,10 +289,12 @@ def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | No
 
 
 def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX, backward: bool = True,
-               inplace: bool = False, losses=None, row_weights=None, softcap: float | None = None):
+               inplace: bool = False, losses=None, row_weights=None, softcap: float | None = None,
+               temperature: float = 1.0):
     """Per-row loss (float32) and dlogits = (softmax - onehot) * grad_scale (* row_weights[n]) for logits (..., V),
     targets (...). Rows whose target is ignore_index get loss 0 and zero gradient; inplace=True writes dlogits
-    over logits. softcap c: the logits are soft-capped first, c * tanh(logits / c) (fp32 math). Returns (losses,
+    over logits. softcap c: the logits are soft-capped first, c * tanh(logits / c) (fp32 math); temperature T:
+    then divided by T (the loss of softmax(z / T), the gradient with respect to the logits). Returns (losses,
     dlogits or None); dlogits is written (=). A DeviceArray target outside [0, V) other than ignore_index gives a NaN
     loss (no wild read); numpy targets are checked on the host."""
     logits = _dev(logits, "logits")
@@ -292,7 +304,7 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
     dlogits = (logits if inplace else empty(logits.shape, logits.dtype)) if backward else None
     rw = None if row_weights is None else _on_device_f32(row_weights, "row_weights")
     _C.cuda.softmax_ce(_dev(losses, "losses"), dlogits, logits, targets, float(grad_scale), int(ignore_index), rw,
-                       softcap_arg(softcap))
+                       softcap_arg(softcap), temperature_arg(temperature))
     return losses, dlogits
 
 
@@ -303,12 +315,12 @@ def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "bfloat16") -> 
 
 def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
               backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None,
-              softcap: float | None = None):
+              softcap: float | None = None, temperature: float = 1.0):
     """Fused classifier: logits = hidden (..., C) @ weight (V, C)^T in row chunks of `scratch` (rows, V) of hidden's
     dtype (allocated per call if None; pass one of lmhead_chunk_rows rows to reuse it), never N x V at once.
     Returns (losses (...), dhidden (..., C) or None, dweight (V, C, float32) or None); the gradients accumulate.
     With row_weights (float32, shaped like targets) they are those of grad_scale * sum_n w[n] * loss[n].
-    softcap c: the logits are c * tanh(logits / c) (see softmax_ce)."""
+    softcap c: the logits are c * tanh(logits / c), temperature T: then divided by T (see softmax_ce)."""
     hidden, weight = _dev(hidden, "hidden"), _dev(weight, "weight")
     targets = _on_device(targets, "targets", weight.shape[0], ignore_index)
     losses = empty(targets.shape, "float32") if losses is None else losses
@@ -319,7 +331,8 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
         dhidden = dweight = None
     rw = None if row_weights is None else _on_device_f32(row_weights, "row_weights")
     _C.cuda.lmhead_ce(_dev(losses, "losses"), _opt(dhidden, "dhidden"), _opt(dweight, "dweight"), hidden, weight,
-                      targets, float(grad_scale), int(ignore_index), _opt(scratch, "scratch"), rw, softcap_arg(softcap))
+                      targets, float(grad_scale), int(ignore_index), _opt(scratch, "scratch"), rw, softcap_arg(softcap),
+                      temperature_arg(temperature))
     return losses, dhidden, dweight
 
 

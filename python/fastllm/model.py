@@ -497,7 +497,7 @@ class GPT:
 
     # ---- forward ----------------------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, weights=None):
+    def forward(self, idx, targets=None, weights=None, temperature: float = 1.0):
         """idx (B, T) token ids -> logits (B, T, V) (a float32 numpy array; soft-capped if the config says so) if
         targets is None, else the mean loss (float) over targets != -1 (ignore index). In training mode a forward
         with targets also computes the gradient of the fused lm-head + cross-entropy, which backward() then uses.
@@ -506,8 +506,13 @@ class GPT:
         sum_{b,t} weights[b, t] * CE[b, t] over targets != -1 (no 1/n), and that is what is returned and
         backpropagated. Policy gradients use it: with weights = -A_t the gradient is that of
         -sum_t A_t log p(a_t). After any forward with targets, self.token_losses (B, T) holds the per-token
-        CE = -log p(target) (0 where ignored)."""
+        CE = -log p(target) (0 where ignored).
+
+        temperature T (> 0; 1: none): the logits (after the soft cap) are divided by T, as fastllm.sample does
+        before it draws: the logits returned, the losses, token_losses and the gradient are those of
+        softmax(logits / T), the distribution sampling at T draws from (RL's log-probs, rl.py)."""
         bk, pc, V, cap = self.bk, self.pc, self.config.vocab_size, self.config.logit_softcap
+        temperature = ops.temperature_arg(temperature)
         a = self._trunk(idx)
         B, T = self._BT
         N = B * T
@@ -515,7 +520,10 @@ class GPT:
         head = pc[self.head] if self._decoding is None else self._decoding[0][self.head]
         if targets is None:
             logits = bk.matmul_forward(a["lnf"], head, out=bk.empty((N, V), "float32"))
-            return softcap_logits(bk.to_numpy(logits), cap).reshape(B, T, V)
+            logits = softcap_logits(bk.to_numpy(logits), cap)
+            if temperature != 1.0:
+                logits = logits / np.float32(temperature)
+            return logits.reshape(B, T, V)
         targets = np.asarray(targets)
         if not np.issubdtype(targets.dtype, np.integer):
             raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
@@ -543,10 +551,11 @@ class GPT:
         if self._decoding is None:
             bk.lmhead_ce(a["lnf"], head, a["targets"], grad_scale=scale, backward=self.training,
                          dhidden=a["dlnf"], dweight=a["dhead"], row_weights=rw, scratch=a["lm_scratch"],
-                         losses=a["losses"], softcap=cap)
+                         losses=a["losses"], softcap=cap, temperature=temperature)
         else:  # a snapshot's lm-head (inference): its logits, then the loss
             logits = bk.matmul_forward(a["lnf"], head, out=bk.empty((N, V), "float32"))
-            bk.softmax_ce(logits, a["targets"], backward=False, losses=a["losses"], softcap=cap)
+            bk.softmax_ce(logits, a["targets"], backward=False, losses=a["losses"], softcap=cap,
+                          temperature=temperature)
         self._ready_for_backward = self.training
         losses = np.array(bk.to_numpy(a["losses"]), np.float32).reshape(B, T)  # the step's one readback
         self.token_losses = losses

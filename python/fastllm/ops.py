@@ -454,6 +454,15 @@ def softcap_arg(softcap) -> float:
     return float(softcap)
 
 
+def temperature_arg(temperature) -> float:
+    """The kernels' temperature argument: a finite number > 0 (TypeError / ValueError naming temperature)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
+        raise TypeError(f"temperature must be a number > 0, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
 def softcap_logits(logits: np.ndarray, softcap: float | None) -> np.ndarray:
     """c * tanh(logits / c) in place on a float32 numpy array (Gemma 2 / nanochat logit soft-capping; the kernels'
     softcap); logits unchanged for None. Returns logits."""
@@ -465,7 +474,8 @@ def softcap_logits(logits: np.ndarray, softcap: float | None) -> np.ndarray:
 
 
 def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX, backward: bool = True,
-               inplace: bool = False, losses=None, row_weights=None, softcap: float | None = None):
+               inplace: bool = False, losses=None, row_weights=None, softcap: float | None = None,
+               temperature: float = 1.0):
     """Per-row loss and dlogits = (softmax - onehot) * grad_scale for logits (..., V), targets (...).
 
     Rows whose target equals `ignore_index` get loss 0 and zero gradient. With inplace=True dlogits
@@ -473,6 +483,9 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
     gradient (grad_scale * row_weights[n]: the gradient of sum_n w[n] * loss[n]); losses are unchanged.
     softcap c (> 0, optional): the logits are soft-capped first, z = c * tanh(logits / c) (Gemma 2, nanochat); the
     loss is that of z and dlogits the gradient with respect to the uncapped logits.
+    temperature T (> 0; 1: none): the (capped) logits are then divided by T, as a sampler at temperature T does
+    (fastllm.sample): the loss is -log softmax(z / T)[target] and dlogits its gradient with respect to the logits,
+    (softmax(z / T) - onehot) / T (* dz/dlogits) * grad_scale (RL's log-probs, rl.py). T = 1 is bit for bit none.
     Returns (losses, dlogits or None); dlogits is written (=), not accumulated.
     """
     logits = _f32(logits, "logits")
@@ -482,7 +495,8 @@ def softmax_ce(logits, targets, grad_scale: float = 1.0, ignore_index: int = IGN
     losses = np.empty(targets.shape, np.float32) if losses is None else losses
     dlogits = (logits if inplace else np.empty_like(logits)) if backward else None
     _C.softmax_ce(_view(losses), None if dlogits is None else _view(dlogits, V), _view(logits, V),
-                  _view(targets), float(grad_scale), int(ignore_index), rw, softcap_arg(softcap))
+                  _view(targets), float(grad_scale), int(ignore_index), rw, softcap_arg(softcap),
+                  temperature_arg(temperature))
     return losses, dlogits
 
 
@@ -494,13 +508,13 @@ def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "float32") -> i
 
 def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
               backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None,
-              softcap: float | None = None, dtype: str = "float32"):
+              softcap: float | None = None, temperature: float = 1.0, dtype: str = "float32"):
     """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, computed in chunks of rows into
     `scratch` (rows, V) (allocated per call if None: pass one, of lmhead_chunk_rows rows, to reuse it) and never
     materialised whole. Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients
     accumulate. With row_weights (float32, shaped like targets) the gradients are those of
-    grad_scale * sum_n w[n] * loss[n]. softcap c: the logits are c * tanh(logits / c) (see softmax_ce).
-    dtype="bfloat16": the two products in bf16 (_bf16); the softmax and the loss stay fp32."""
+    grad_scale * sum_n w[n] * loss[n]. softcap c: the logits are c * tanh(logits / c), temperature T: then divided
+    by T (see softmax_ce). dtype="bfloat16": the two products in bf16 (_bf16); the softmax and the loss stay fp32."""
     hidden, weight = _f32(hidden, "hidden"), _f32(weight, "weight")
     targets = _ids(targets, "targets")
     rw = _row_weights(row_weights, targets)
@@ -510,7 +524,7 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
     dweight = _out(dweight, "dweight", weight.shape) if backward else None
     _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
                  _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw,
-                 softcap_arg(softcap), _bf16(dtype))
+                 softcap_arg(softcap), temperature_arg(temperature), _bf16(dtype))
     return losses, dhidden, dweight
 
 

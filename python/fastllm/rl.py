@@ -15,6 +15,11 @@ GPT.forward(idx, targets, weights=w) (fastllm's fused lm-head + CE kernel, per-r
 w_t = J_t'(logp_t) / (N |o_i|) backpropagates exactly grad(-J); see `grpo_token_terms` for the derivation.
 Per-token log-probs come from the same kernel's per-row losses (logp = -CE). No PyTorch.
 
+logp, old and ref are all log-probs at the rollouts' sampling temperature T, log softmax(logits / T) (the logits
+after any soft cap, as fastllm.sample draws), as TRL's GRPOTrainer computes them: the ratio rho is then that of the
+policy to the distribution that actually produced o_i, and the KL that of the tempered policies
+(GPT.forward(..., temperature=T); its gradient carries the 1/T of d logp / d logits).
+
 Reward model (RLHF): a GPT backbone + scalar head on the final hidden state of the last token (<|endoftext|>
 appended to prompt + completion), trained on JSONL preference pairs {"prompt", "chosen", "rejected"} with the
 Bradley-Terry loss -log sigmoid(r_chosen - r_rejected); `RewardScorer` turns it into a reward function for GRPO.
@@ -158,25 +163,28 @@ def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[
     return Batch(idx, targets, targets != -1, lengths, np.asarray(adv, np.float64).reshape(N))
 
 
-def token_logprobs(model: GPT, idx, targets) -> np.ndarray:
-    """log p(targets) (N, T) float64 under `model` (0 where targets == -1), through the fused lm-head + CE."""
+def token_logprobs(model: GPT, idx, targets, temperature: float = 1.0) -> np.ndarray:
+    """log p(targets) (N, T) float64 under `model` at sampling temperature `temperature`, log softmax(logits / T)
+    (0 where targets == -1), through the fused lm-head + CE."""
     was = model.training
     model.eval()
-    model.forward(idx, targets)
+    model.forward(idx, targets, temperature=temperature)
     model.train(was)
     return -model.token_losses.astype(np.float64)
 
 
-def policy_backward(model: GPT, batch: Batch, old_logp, ref_logp, clip_eps: float, beta: float, logp=None) -> dict:
+def policy_backward(model: GPT, batch: Batch, old_logp, ref_logp, clip_eps: float, beta: float, logp=None,
+                    temperature: float = 1.0) -> dict:
     """Accumulate (+=) into model.grads the gradient of the GRPO loss L = -J (module docstring) on `batch`;
-    returns the loss and statistics. logp: the current log-probs if already known (else one forward)."""
+    returns the loss and statistics. logp: the current log-probs if already known (else one forward);
+    temperature: that of the rollouts, which logp, old_logp and ref_logp are all taken at."""
     if logp is None:
-        logp = token_logprobs(model, batch.idx, batch.targets)
+        logp = token_logprobs(model, batch.idx, batch.targets, temperature)
     J, dJ, kl, clipped = grpo_token_terms(logp, old_logp, ref_logp, batch.adv[:, None], clip_eps, beta)
     c = batch.norm
     weights = (c * dJ).astype(np.float32)  # dL/dCE_t (grpo_token_terms): zero outside completions
     model.train()
-    model.forward(batch.idx, batch.targets, weights=weights)
+    model.forward(batch.idx, batch.targets, weights=weights, temperature=temperature)
     model.backward()
     m = batch.mask
     return {"loss": float(-(c * J).sum()), "kl": float(kl[m].mean()), "clip_frac": float(clipped[m].mean())}
@@ -292,7 +300,8 @@ class RLConfig:
     group_size: int = option(8, "G: completions sampled per prompt (>= 2: advantages compare them)")
     max_new_tokens: int = option(8, "tokens per completion at most")
     temperature: float = option(1.0, "sampling temperature of the rollouts (> 0: greedy rollouts of a group are "
-                                      "all the same, their advantages 0)")
+                                      "all the same, their advantages 0); the policy, old-policy and reference "
+                                      "log-probs are taken at it too, log softmax(logits / T), as TRL's")
     chat: bool | None = option(None, "prompts as a user turn in the checkpoint's chat template or ChatML, "
                                      "completions ending at its end of turn (default: when it has one)")
     system: str | None = option(None, SYSTEM)
@@ -364,12 +373,12 @@ class GRPO:
         rewards = score(self.reward_fn, prompts, texts)
         adv = group_advantages(rewards)
         batch = pack(rows, comp_ids, adv)
-        old = token_logprobs(model, batch.idx, batch.targets)
-        ref = token_logprobs(self.ref, batch.idx, batch.targets)
+        old = token_logprobs(model, batch.idx, batch.targets, cfg.temperature)  # log-probs of the sampled
+        ref = token_logprobs(self.ref, batch.idx, batch.targets, cfg.temperature)  # distributions (at T)
         sums: dict[str, float] = {}
         for it in range(cfg.iterations):
             loss = functools.partial(policy_backward, model, batch, old, ref, cfg.clip_eps, cfg.beta,
-                                     logp=old if it == 0 else None)
+                                     logp=old if it == 0 else None, temperature=cfg.temperature)
             st = update(model, self.opt, loss, cfg.lr if lr is None else lr, cfg.grad_clip)
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + v
