@@ -49,14 +49,17 @@ from fastllm.rl import (
 def test_group_advantages_hand_made():
     r = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 1.0]])
     a = group_advantages(r, eps=0.0 + 1e-12)
-    np.testing.assert_allclose(a[0], [1, -1, -1, 1], atol=1e-9)  # mean 0.5, std 0.5
+    np.testing.assert_allclose(a[0], np.array([1, -1, -1, 1]) * math.sqrt(3) / 2, atol=1e-9)  # sample std 1/sqrt(3)
     np.testing.assert_array_equal(a[1], 0.0)  # no signal in a group of equal rewards
-    np.testing.assert_allclose(a[2], np.array([1, -1, 0, 0]) / math.sqrt(0.5), atol=1e-9)
-    eps = 0.1
-    ref = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + eps)
-    np.testing.assert_allclose(group_advantages(r, eps), ref)
-    with pytest.raises(ValueError, match="rewards"):
-        group_advantages([1.0, 2.0])
+    np.testing.assert_allclose(a[2], np.array([1, -1, 0, 0]) * math.sqrt(1.5), atol=1e-9)  # sample std sqrt(2/3)
+    eps = 0.1  # TRL's GRPOTrainer: (r - mean) / (torch std, unbiased, + eps) per group
+    torch = pytest.importorskip("torch")
+    t = torch.tensor(r)
+    ref = (t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + eps)
+    np.testing.assert_allclose(group_advantages(r, eps), ref.numpy())
+    for bad in ([1.0, 2.0], [[1.0], [2.0]]):
+        with pytest.raises(ValueError, match="rewards"):
+            group_advantages(bad)
 
 
 def test_grpo_token_terms_clip_and_kl_hand_made():
@@ -469,6 +472,9 @@ def test_cli_reward_model_then_rl_against_it(warm, tmp_path, capsys):
     assert [r["step"] for r in rows if "loss" in r] == list(range(4))  # 58 training pairs / 16 per step
     assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 4]  # at the start and after the epoch
     assert (tmp_path / "rm" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["reward-model", "--base", str(ck), "--data", str(data), "--out", str(tmp_path / "rm0"), "--epochs",
+                 "1", "--batch-size", "16", "--eval-every", "0", "--no-progress"]) == 0
+    assert "held-out accuracy not measured" in capsys.readouterr().out  # (it printed "nan -> nan")
     rc = main(
         [
             "rl",

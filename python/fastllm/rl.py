@@ -2,8 +2,8 @@
 
 GRPO (Shao et al. 2024, DeepSeekMath; used by DeepSeek-R1). Per step, for each of P prompts sample a group of G
 completions (batched, KV cache, temperature), score each with a reward function (prompt, completion) -> float and
-normalise within the group into advantages A_i = (r_i - mean_g r) / (std_g r + eps) (no value network). Then
-maximise, over completion tokens only,
+normalise within the group into advantages A_i = (r_i - mean_g r) / (std_g r + eps) (std_g: the sample standard
+deviation, as TRL's; no value network). Then maximise, over completion tokens only,
 
     J = 1/N sum_i 1/|o_i| sum_t [ min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta KL_t ]
     rho_t = exp(logp_t - old_t)                         (ratio to the policy that sampled o_i)
@@ -89,16 +89,17 @@ class RewardError(ValueError):
 
 
 def group_advantages(rewards, eps: float = 1e-4) -> np.ndarray:
-    """rewards (P, G) -> advantages (r - mean) / (std + eps) per row (population std). A group whose rewards
-    are all equal gets zeros: it carries no signal about which completion is better.
+    """rewards (P, G >= 2) -> advantages (r - mean) / (std + eps) per row, with the sample standard deviation
+    (n - 1 in the denominator) as TRL's GRPOTrainer takes it (torch's std). A group whose rewards are all equal
+    gets zeros: it carries no signal about which completion is better.
 
-    >>> group_advantages([[1.0, 0.0]], eps=0).tolist()
-    [[1.0, -1.0]]
+    >>> group_advantages([[1.0, 0.0]], eps=0).round(4).tolist()
+    [[0.7071, -0.7071]]
     """
     r = np.asarray(rewards, np.float64)
-    if r.ndim != 2:
-        raise ValueError(f"rewards must be (prompts, group), got shape {r.shape}")
-    return (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + eps)
+    if r.ndim != 2 or r.shape[1] < 2:
+        raise ValueError(f"rewards must be (prompts, group >= 2), got shape {r.shape}")
+    return (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + eps)
 
 
 def grpo_token_terms(logp, old_logp, ref_logp, adv, clip_eps: float = 0.2, beta: float = 0.04):
@@ -795,8 +796,10 @@ def train_reward_model(
     }
     if distributed.world().is_main:
         write_json(Path(cfg.out) / "reward_model.json", metrics)
-    log(f"held-out accuracy {metrics['val_accuracy_start']:.3f} -> {metrics['val_accuracy']:.3f} "
-        f"({len(val_pairs)} pairs); saved to {cfg.out}")
+    held_out = (f"held-out accuracy {metrics['val_accuracy_start']:.3f} -> {metrics['val_accuracy']:.3f} "
+                f"({len(val_pairs)} pairs)" if val else "held-out accuracy not measured (no held-out pairs or "
+                "--eval-every 0)")
+    log(f"{held_out}; saved to {cfg.out}")
     return {**metrics, "out": str(cfg.out), "log": r["log"], "plot": r["plot"], "model": stage.rm}
 
 
