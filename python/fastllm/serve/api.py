@@ -54,7 +54,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..chat import eos_token_ids, special_token_strings, tokenizer_config
+from ..chat import eos_token_ids, special_tokens
 from ..grammar import Guide
 from ..sample import SamplingParams
 from ..tools import FORMATS, NAME, THINK, ThinkParser, ToolError, check_tools, parse_tool_calls
@@ -93,7 +93,7 @@ class ServedModel:
         # completions stop at the model's EOS ids (Llama 3 base: <|end_of_text|>) and at <|endoftext|>
         eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
         self.stops = list(dict.fromkeys(eos_token_ids(folder, tokenizer) + eot))
-        self.names = special_token_strings(tokenizer_config(folder))
+        self.names = special_tokens(folder)
         self.created = int(time.time())
         self._strings: dict[int, tuple[str, list[int]]] = {}
         self._guide, self._guide_lock = None, threading.Lock()
