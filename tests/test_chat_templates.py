@@ -330,3 +330,32 @@ def test_phi3_sft_mask_leaves_out_the_closing_eos(folders):
     learned = tok.decode(ids[mask == 1].tolist())
     assert learned == "Blue.<|end|>Grün<|end|>" and ids[-1] == tok.special_tokens["<|endoftext|>"]
 
+
+@pytest.mark.parametrize("layout", ["config", "legacy", "files"])
+def test_saved_and_converted_folders_render_as_their_source(layout, tmp_path):
+    """A model of a family's folder saved with save_pretrained (its tokenizer_config.json written anew), and the
+    folder converted to a fastllm checkpoint and back (`fastllm convert`, which copies the chat files), render
+    every conversation as the source does: the same special-token names (Qwen's unset bos_token stays unset,
+    SmolLM2's is <|im_start|>), the "tool_use" template, special_tokens_map.json and additional_chat_templates/."""
+    from fastllm import checkpoint, hf
+    from fastllm.model import GPT, GPTConfig
+
+    names = ["hermes-2-pro"] if layout == "files" else ["zephyr"] if layout == "legacy" else [
+        "smollm2", "phi-3", "qwen2.5", "llama-3.1", "hermes-2-pro"]
+    for name in names:
+        src = write_family(tmp_path / name, name, legacy=layout == "legacy", files=layout == "files")
+        tok = Tokenizer.from_pretrained(src)
+        model = GPT(GPTConfig(block_size=32, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16,
+                              positions="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=False, proj_bias=False,
+                              mlp_bias=False, tie_embeddings=False))
+        model.checkpoint_dir = src
+        saved = hf.save_pretrained(model, tmp_path / f"{name}-saved", tokenizer=tok)
+        hf.save_pretrained(model, src)  # (the weights beside the tokenizer files, to convert)
+        ckpt = checkpoint.convert(src, tmp_path / f"{name}-ckpt")
+        back = checkpoint.convert(ckpt, tmp_path / f"{name}-hf", to="hf")
+        for what, msgs, kw in cases(name):
+            theirs = hf_text(src, msgs, **kw)
+            for folder in (saved, ckpt, back):
+                assert_same(our_text(folder, msgs, **kw), theirs, f"{folder.name}: {what}")
+            for folder in (saved, back):
+                assert_same(hf_text(folder, msgs, **kw), theirs, f"{folder.name} in transformers: {what}")
