@@ -693,7 +693,7 @@ class Family(NamedTuple):
     plain: tuple[str, ...] = ()
     adds_bos: bool = False
     stops: tuple[str, ...] = ()
-    tools: bool = False  # the template takes OpenAI tools, and fastllm reads the calls it writes
+    tools: bool = False  # the template takes OpenAI tools and writes tool calls
     options: tuple[dict, ...] = ({},)
     tool_template: str | None = None
 
@@ -711,9 +711,10 @@ FAMILIES = {
     "mistral-v0.1": Family(MISTRAL_V01_TEMPLATE, "<s>", "</s>", "<unk>", specials=SP, adds_bos=True),
     "mistral-v0.2": Family(MISTRAL_V02_TEMPLATE, "<s>", "</s>", "<unk>", specials=SP, adds_bos=True),
     "mistral-v1": Family(MISTRAL_V1_TEMPLATE, "<s>", "</s>", "<unk>", specials=SP, adds_bos=True),
-    "mistral-v3": Family(MISTRAL_V3_TEMPLATE, "<s>", "</s>", "<unk>", specials=SP + MISTRAL_V3_CONTROL, adds_bos=True),
+    "mistral-v3": Family(MISTRAL_V3_TEMPLATE, "<s>", "</s>", "<unk>", specials=SP + MISTRAL_V3_CONTROL, adds_bos=True,
+                         tools=True),
     "mistral-v0.3-2024-05": Family(MISTRAL_V03_TEMPLATE_2024_05, "<s>", "</s>", "<unk>",
-                                   specials=SP + MISTRAL_V3_CONTROL, adds_bos=True),
+                                   specials=SP + MISTRAL_V3_CONTROL, adds_bos=True, tools=True),
     "zephyr": Family(ZEPHYR_TEMPLATE, "<s>", "</s>", "<unk>", "</s>", specials=SP, adds_bos=True),
     "phi-3": Family(PHI3_TEMPLATE, "<s>", "<|endoftext|>", "<unk>", "<|endoftext|>",
                     specials=SP + ("<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"),

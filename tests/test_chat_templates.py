@@ -359,3 +359,30 @@ def test_saved_and_converted_folders_render_as_their_source(layout, tmp_path):
                 assert_same(our_text(folder, msgs, **kw), theirs, f"{folder.name}: {what}")
             for folder in (saved, back):
                 assert_same(hf_text(folder, msgs, **kw), theirs, f"{folder.name} in transformers: {what}")
+
+
+def test_mistral_tool_calls_are_rendered_not_read(folders):
+    """Mistral 7B Instruct v0.3's templates take tools ([AVAILABLE_TOOLS]) and write calls as [TOOL_CALLS] (they
+    used to be refused as templates that take no tools): SFT renders a tool conversation as transformers does, ids
+    and all; the server, which cannot read [TOOL_CALLS] answers, refuses tools by name but renders a history with
+    tool turns."""
+    from chat_templates import MISTRAL_V03_TEMPLATE_2024_05, MISTRAL_V3_TEMPLATE
+
+    from fastllm.serve.api import APIError, ServedModel, parse_chat
+    from fastllm.tools import template_format
+
+    assert template_format(MISTRAL_V3_TEMPLATE) == template_format(MISTRAL_V03_TEMPLATE_2024_05) == "mistral"
+    folder = folders["mistral-v3"]
+    tok = Tokenizer.from_pretrained(folder)
+    fmt = chat_format(folder, tok)
+    msgs = TOOL_CONVERSATIONS["tool turns"][1:]  # (its system message goes into a last user turn only)
+    ids, mask = fmt.render(validate_conversation(msgs), TOOLS)
+    assert ids.tolist() == list(_auto(folder).apply_chat_template(msgs, tools=TOOLS, return_dict=True)["input_ids"])
+    learned = tok.decode(ids[mask == 1].tolist())
+    assert learned.startswith('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Zürich"}, "id": '
+                              '"call0042X"}]</s>') and learned.endswith("It is 21 °C.</s>")
+    served = ServedModel("mistral", tok, 4096, 1, tok.n_vocab, fmt, folder)
+    with pytest.raises(APIError, match="writes tool calls in the 'mistral' format, which this server does not read"):
+        parse_chat({"model": "mistral", "messages": msgs[:1], "tools": TOOLS}, served)
+    call = parse_chat({"model": "mistral", "messages": msgs + [{"role": "user", "content": "And Bern?"}]}, served)
+    assert "[TOOL_RESULTS]" in tok.decode(call.request.prompts[0])

@@ -654,6 +654,11 @@ def parse_chat(body, served: ServedModel) -> Call:
     if fmt is None and tools:  # (tool turns without tools: the template refuses them, a 400 naming 'messages')
         raise APIError(400, f"The chat template of `{served.name}` takes no tools (it never writes a tool call).",
                        "tools", "unsupported_parameter")
+    if fmt not in FORMATS:  # a format fastllm renders but does not read (Mistral's [TOOL_CALLS])
+        if tools:
+            raise APIError(400, f"The chat template of `{served.name}` writes tool calls in the {fmt!r} format, "
+                                "which this server does not read.", "tools", "unsupported_parameter")
+        fmt = None
     constraint = _response_format(body, served)
     if choice not in ("none", "auto"):
         if constraint is not None:
