@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -386,3 +387,47 @@ def test_mistral_tool_calls_are_rendered_not_read(folders):
         parse_chat({"model": "mistral", "messages": msgs[:1], "tools": TOOLS}, served)
     call = parse_chat({"model": "mistral", "messages": msgs + [{"role": "user", "content": "And Bern?"}]}, served)
     assert "[TOOL_RESULTS]" in tok.decode(call.request.prompts[0])
+
+
+def test_template_options_per_request_and_in_fastllm_chat(folders, tmp_path, monkeypatch, capsys):
+    """Template variables that transformers takes as apply_chat_template(**kwargs) -- Qwen3's enable_thinking --
+    reach the template: per request as vLLM's `chat_template_kwargs` (chat completions and /tokenize), and as
+    `fastllm chat --chat-template-kwargs JSON`; a 400 / an error where there is no template to take them."""
+    import io
+    import shutil
+
+    from fastllm import chat, cli, hf
+    from fastllm.chat import ChatML
+    from fastllm.model import GPT, GPTConfig
+    from fastllm.serve.api import APIError, ServedModel, parse_chat, tokenize
+
+    folder = folders["qwen3"]
+    tok = Tokenizer.from_pretrained(folder)
+    served = ServedModel("qwen3", tok, 4096, 1, tok.n_vocab, chat_format(folder, tok), folder)
+    msgs = CONVERSATIONS["user"]
+    for options in ({}, {"enable_thinking": False}):
+        want = list(_auto(folder).apply_chat_template(msgs, add_generation_prompt=True, return_dict=True,
+                                                      **options)["input_ids"])
+        body = {"model": "qwen3", "messages": msgs, "chat_template_kwargs": options}
+        assert parse_chat(body, served).request.prompts[0] == want
+        assert tokenize(body, served)["tokens"] == want
+    assert tok.decode(want).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    with pytest.raises(APIError, match="'add_generation_prompt'] are the request's own"):
+        parse_chat({"model": "qwen3", "messages": msgs, "chat_template_kwargs": {"add_generation_prompt": 0}}, served)
+    chatml = ServedModel("m", tok, 4096, 1, tok.n_vocab, ChatML(tok))
+    with pytest.raises(APIError, match="no chat template to pass 'chat_template_kwargs' to"):
+        parse_chat({"model": "m", "messages": msgs, "chat_template_kwargs": {"enable_thinking": False}}, chatml)
+
+    ckpt = shutil.copytree(folder, tmp_path / "qwen3")
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16, positions="rope",
+                          norm="rmsnorm", mlp="swiglu", qkv_bias=False, proj_bias=False, mlp_bias=False))
+    model.checkpoint_dir = ckpt
+    hf.save_pretrained(model, ckpt)
+    prompts = []
+    monkeypatch.setattr(chat, "stream_text", lambda model, tok, ids, *a, **k: prompts.append(ids) or iter(()))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert cli.main(["chat", "--ckpt", str(ckpt), "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert tok.decode(prompts[0]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    with pytest.raises(SystemExit):
+        cli.main(["chat", "--ckpt", str(ckpt), "--chat-template-kwargs", "[1]"])
+    assert "expected a JSON object" in capsys.readouterr().err

@@ -394,7 +394,7 @@ class ChatTemplate:
             raise ValueError(f"{self.where}: the chat template does not compile: {type(e).__name__}: {e}") from None
 
     def text(self, messages, add_generation_prompt: bool = False, spans: list | None = None,
-             tools: list[dict] | None = None) -> str:
+             tools: list[dict] | None = None, options: dict | None = None) -> str:
         """The template's text for `messages` (a list of {"role", "content"} dicts, and OpenAI's tool calls and
         tool messages), as transformers' apply_chat_template(tokenize=False) renders it: keys whose value is None
         left out, an assistant's reasoning under both "reasoning_content" and "thinking", `tools` (None if not
@@ -402,14 +402,18 @@ class ChatTemplate:
         template for what it rejects (its raise_exception, with the template's message) and errors while rendering.
         With `spans` (a list), the (start, end) character offsets of its {% generation %} blocks are appended to
         it. `tools`: OpenAI's function list, the template's `tools` variable; ValueError if the template takes
-        none (see tool_format) and there are tools or tool turns, which it would drop or garble."""
+        none (see tool_format) and there are tools or tool turns, which it would drop or garble. `options`: template
+        variables for this rendering only, over `variables` (apply_chat_template's **kwargs: enable_thinking, ...)."""
         use_tools = tools is not None and self._tool_jinja is not None
         jinja, fmt = (self._tool_jinja, self.tool_format) if use_tools else (self._jinja, self._default_format)
         tool_turns = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
         if fmt is None and (tools or tool_turns):
             raise ValueError(f"{self.where}: the chat template takes no tools (it never writes a tool call)")
-        ctx = {**self.variables, "messages": template_messages(messages), "tools": tools, "documents": None,
-               "add_generation_prompt": add_generation_prompt}
+        taken = {"messages", "tools", "documents", "add_generation_prompt"}.intersection(options or ())
+        if taken:
+            raise ValueError(f"template options cannot set {sorted(taken)} (the conversation's own)")
+        ctx = {**self.variables, **(options or {}), "messages": template_messages(messages), "tools": tools,
+               "documents": None, "add_generation_prompt": add_generation_prompt}
         env = jinja.environment
         blocks: list[str] = []
         env.spans = (blocks, spans if spans is not None else [])
@@ -427,9 +431,10 @@ class ChatTemplate:
     def _encode(self, text: str) -> np.ndarray:
         return self.tokenizer.encode(text, allowed_special="all")
 
-    def prompt(self, messages, tools: list[dict] | None = None) -> np.ndarray:
-        """Ids of `messages` followed by the template's generation prompt: what the model continues."""
-        return self._encode(self.text(messages, add_generation_prompt=True, tools=tools))
+    def prompt(self, messages, tools: list[dict] | None = None, options: dict | None = None) -> np.ndarray:
+        """Ids of `messages` followed by the template's generation prompt: what the model continues. `options`:
+        template variables for this prompt (text())."""
+        return self._encode(self.text(messages, add_generation_prompt=True, tools=tools, options=options))
 
     def render(self, messages, tools: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32, mask uint8) of a whole conversation; mask 1 on the assistant turns (see the module doc), but
