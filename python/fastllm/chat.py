@@ -15,23 +15,29 @@ Two formats with one interface (`prompt(messages) -> ids`, `render(messages) -> 
   `<|endoftext|>`.
 
 - `ChatTemplate`, a Hugging Face checkpoint's own Jinja2 template (`chat_template.jinja`, else `chat_template` in
-  tokenizer_config.json), rendered as transformers' `apply_chat_template` renders it: a sandboxed environment
-  (jinja2.sandbox.ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loop controls), the variables
-  `messages`, `add_generation_prompt`, the tokenizer's special tokens (`bos_token`, `eos_token`, ...), the
-  functions `raise_exception` and `strftime_now`, transformers' `tojson`; the text is then encoded with every
-  special token recognised (transformers' default: `add_special_tokens=False`, control tokens not sanitized).
+  tokenizer_config.json; its "tool_use" template, if it names one, whenever tools are given), rendered as
+  transformers' `apply_chat_template` renders it: a sandboxed environment (jinja2.sandbox.
+  ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loop controls), the variables `messages` (keys whose
+  value is None left out, a reasoning under both `reasoning_content` and `thinking`), `tools` and `documents`
+  (None unless given), `add_generation_prompt`, the tokenizer's named special tokens (`bos_token`, `eos_token`, ...
+  from tokenizer_config.json, or special_tokens_map.json in an older folder) and template options
+  (`enable_thinking`, ...: apply_chat_template's **kwargs), the functions `raise_exception` (a ValueError quoting
+  its message) and `strftime_now`, transformers' `tojson`, `dict` and `namespace`; the text is then encoded with
+  every special token recognised (transformers' default: `add_special_tokens=False`, so a BOS the template writes
+  is its only one; control tokens not sanitized).
   The SFT mask covers each assistant turn as the template writes it (content and end-of-turn token, trailing
   whitespace left out): the `{% generation %}` blocks where the template has them, else the text that rendering
   the conversation up to that turn adds to the generation prompt before it (less what the template writes only
   after the last message, as Phi-3's EOS) -- a template that does not render conversations incrementally is
   refused by name. Generation stops at the checkpoint's EOS ids
-  (generation_config.json / config.json `eos_token_id`, int or list, and tokenizer_config.json's `eos_token`).
+  (generation_config.json / config.json `eos_token_id`, int or list, and the folder's `eos_token`).
   Needs jinja2 (the `hf` extra: pip install "fastllm[hf]").
 
 Both take OpenAI's `tools` and tool-calling messages (assistant `tool_calls`, "tool" results) in `prompt(messages,
 tools)`: ChatML writes them in the hermes layout of Qwen2.5's template (fastllm.tools.hermes_messages), a template
 gets them as its `tools` variable and message fields, as transformers passes them. `tool_format` names the format
-in which the model writes calls ("hermes", "llama3_json", None: the template takes no tools).
+in which the model writes calls ("hermes", "llama3_json", "mistral" -- rendered, not read --, None: the template
+takes no tools).
 
 `chat_format(folder, tokenizer)` picks the format of a checkpoint folder: its template if it has one, else ChatML
 if the tokenizer has the ChatML tokens, else None (a base model, no chat). `ChatSession` and `chat_loop` run a
