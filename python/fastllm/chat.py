@@ -15,22 +15,29 @@ Two formats with one interface (`prompt(messages) -> ids`, `render(messages) -> 
   `<|endoftext|>`.
 
 - `ChatTemplate`, a Hugging Face checkpoint's own Jinja2 template (`chat_template.jinja`, else `chat_template` in
-  tokenizer_config.json), rendered as transformers' `apply_chat_template` renders it: a sandboxed environment
-  (jinja2.sandbox.ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loop controls), the variables
-  `messages`, `add_generation_prompt`, the tokenizer's special tokens (`bos_token`, `eos_token`, ...), the
-  functions `raise_exception` and `strftime_now`, transformers' `tojson`; the text is then encoded with every
-  special token recognised (transformers' default: `add_special_tokens=False`, control tokens not sanitized).
+  tokenizer_config.json; its "tool_use" template, if it names one, whenever tools are given), rendered as
+  transformers' `apply_chat_template` renders it: a sandboxed environment (jinja2.sandbox.
+  ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loop controls), the variables `messages` (keys whose
+  value is None left out, a reasoning under both `reasoning_content` and `thinking`), `tools` and `documents`
+  (None unless given), `add_generation_prompt`, the tokenizer's named special tokens (`bos_token`, `eos_token`, ...
+  from tokenizer_config.json, or special_tokens_map.json in an older folder) and template options
+  (`enable_thinking`, ...: apply_chat_template's **kwargs), the functions `raise_exception` (a ValueError quoting
+  its message) and `strftime_now`, transformers' `tojson`, `dict` and `namespace`; the text is then encoded with
+  every special token recognised (transformers' default: `add_special_tokens=False`, so a BOS the template writes
+  is its only one; control tokens not sanitized).
   The SFT mask covers each assistant turn as the template writes it (content and end-of-turn token, trailing
   whitespace left out): the `{% generation %}` blocks where the template has them, else the text that rendering
-  the conversation up to that turn adds to the generation prompt before it -- a template that does not render
-  conversations incrementally is refused by name. Generation stops at the checkpoint's EOS ids
-  (generation_config.json / config.json `eos_token_id`, int or list, and tokenizer_config.json's `eos_token`).
+  the conversation up to that turn adds to the generation prompt before it (less what the template writes only
+  after the last message, as Phi-3's EOS) -- a template that does not render conversations incrementally is
+  refused by name. Generation stops at the checkpoint's EOS ids
+  (generation_config.json / config.json `eos_token_id`, int or list, and the folder's `eos_token`).
   Needs jinja2 (the `hf` extra: pip install "fastllm[hf]").
 
 Both take OpenAI's `tools` and tool-calling messages (assistant `tool_calls`, "tool" results) in `prompt(messages,
 tools)`: ChatML writes them in the hermes layout of Qwen2.5's template (fastllm.tools.hermes_messages), a template
 gets them as its `tools` variable and message fields, as transformers passes them. `tool_format` names the format
-in which the model writes calls ("hermes", "llama3_json", None: the template takes no tools).
+in which the model writes calls ("hermes", "llama3_json", "mistral" -- rendered, not read --, None: the template
+takes no tools).
 
 `chat_format(folder, tokenizer)` picks the format of a checkpoint folder: its template if it has one, else ChatML
 if the tokenizer has the ChatML tokens, else None (a base model, no chat). `ChatSession` and `chat_loop` run a
@@ -62,7 +69,12 @@ IM_END = "<|im_end|>"
 EOT = "<|endoftext|>"
 ROLES = ("system", "user", "assistant", "tool")
 TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_DIR = "additional_chat_templates"  # more named templates (<name>.jinja), as transformers saves them
 TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# the tokenizer's named special tokens, which transformers passes to every template (special_tokens_map)
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # a message's reasoning, under the names in use
 INSTALL_HINT = 'chat templates need jinja2: pip install "fastllm[hf]" (or pip install jinja2)'
 
 
@@ -80,7 +92,9 @@ def validate_conversation(obj, where: str = "conversation", need_assistant: bool
     As in OpenAI's fine-tuning files: content may be a list of text parts (joined), "developer" is the system role,
     an assistant message with "weight": 0 is not learned (kept as "weight": 0 in its dict, which the chat formats'
     render() leave out of the mask), an assistant message may carry `tool_calls` (its content may then be null;
-    arguments become dicts), a "tool" message is a result."""
+    arguments become dicts), a "tool" message is a result. What chat templates read besides is kept: an assistant's
+    reasoning (`reasoning_content`, or TRL's and others' `thinking` / `reasoning`, as "reasoning_content"; Qwen3's
+    template writes it in <think>), a tool result's `tool_call_id` and `name` (Mistral's and Hermes' templates)."""
     sharegpt = isinstance(obj, dict) and "messages" not in obj and "conversations" in obj
     if isinstance(obj, dict) and "messages" not in obj and not sharegpt:
         obj = {"messages": pair_messages(obj, where)}
@@ -115,6 +129,13 @@ def validate_conversation(obj, where: str = "conversation", need_assistant: bool
                 msg["tool_calls"] = parse_tool_calls(calls, "tool_calls")
             except ToolError as e:
                 raise ValueError(f"{where}: message {k} ({role}): {e}") from None
+        reasoning = next((f for f in REASONING_FIELDS if m.get(f) is not None), None) if role == "assistant" else None
+        for key in (reasoning,) if reasoning else ("tool_call_id", "name") if role == "tool" else ():
+            if m.get(key) is None:
+                continue
+            if not isinstance(m[key], str):
+                raise ValueError(f"{where}: message {k} ({role}) {key} must be a string, got {type(m[key]).__name__}")
+            msg["reasoning_content" if key == reasoning else key] = m[key]
         weight = m.get("weight", 1) if role == "assistant" else 1
         if isinstance(weight, bool) or weight not in (0, 1):
             raise ValueError(f"{where}: message {k} ({role}) weight must be 0 or 1, got {weight!r}")
@@ -289,8 +310,18 @@ def _compile(source: str):
                 spans[1].append((done, done + len(text)))
             return text
 
+    class Raised(jinja2.exceptions.TemplateError):
+        """The template's own raise_exception(message): it refuses the conversation."""
+
     def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+        raise Raised(message)
+
+    class TemplateDict:  # dict(...) and dict.fromkeys(...), and nothing more of the type (as transformers')
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -317,55 +348,86 @@ def _compile(source: str):
     env.spans = None  # (rendered blocks, generation spans) while a render records them
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       namespace=Namespace, dict=lambda *a, **k: dict(*a, **k))
+                       namespace=Namespace, dict=TemplateDict())
+    env.raised = Raised
     return env.from_string(source)
+
+
+def template_messages(messages) -> list[dict]:
+    """Messages as transformers hands them to a chat template: copies without the keys whose value is None (a
+    template tests `'tool_calls' in message`, or prints "None"), a reasoning given under any of its names
+    (REASONING_FIELDS) under both "reasoning_content" (Qwen3's) and "thinking" (gpt-oss')."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[f] for f in REASONING_FIELDS if f in m), None)
+        out.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    return out
 
 
 class ChatTemplate:
     """A Hugging Face chat template (Jinja2) over a tokenizer (see the module doc).
 
-    template: the Jinja2 source; variables: what the template sees besides messages and add_generation_prompt
-    (bos_token, eos_token, ... and any template option such as enable_thinking); stop_tokens: ids that end an
-    answer; where: the file it came from, named in errors."""
+    template: the Jinja2 source; variables: what the template sees besides messages, tools and
+    add_generation_prompt (bos_token, eos_token, ... and any template option such as enable_thinking); stop_tokens:
+    ids that end an answer; where: the file it came from, named in errors; tool_template: the checkpoint's template
+    named "tool_use", if it has one, which transformers renders instead whenever tools are given (Hermes 2 Pro's,
+    Command R's)."""
 
     name = "chat template"
 
     def __init__(self, template: str, tokenizer, variables: dict | None = None, stop_tokens: Sequence[int] = (),
-                 where: str = "chat_template"):
-        if not isinstance(template, str) or not template.strip():
-            raise ValueError(f"{where}: the chat template must be a non-empty string")
+                 where: str = "chat_template", tool_template: str | None = None):
         self.template, self.tokenizer, self.where = template, tokenizer, where
-        self.tool_format = template_format(template)  # None: the template takes no tools
+        self.tool_template = tool_template
+        self._jinja = self._compiled(template)
+        self._tool_jinja = self._compiled(tool_template) if tool_template is not None else None
+        self._default_format = template_format(template)
+        # None: the template takes no tools
+        self.tool_format = template_format(tool_template) if tool_template is not None else self._default_format
         self.thinks = THINK in template and THINK_END in template  # the model reasons in <think> first (Qwen3)
         self.variables = dict(variables or {})
         self.stop_tokens = tuple(int(t) for t in stop_tokens)
+
+    def _compiled(self, template):
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError(f"{self.where}: the chat template must be a non-empty string")
         try:
-            self._jinja = _compile(template)
+            return _compile(template)
         except ImportError:
             raise
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
-            raise ValueError(f"{where}: the chat template does not compile: {type(e).__name__}: {e}") from None
+            raise ValueError(f"{self.where}: the chat template does not compile: {type(e).__name__}: {e}") from None
 
     def text(self, messages, add_generation_prompt: bool = False, spans: list | None = None,
-             tools: list[dict] | None = None) -> str:
+             tools: list[dict] | None = None, options: dict | None = None) -> str:
         """The template's text for `messages` (a list of {"role", "content"} dicts, and OpenAI's tool calls and
-        tool messages); ValueError naming the template for what it rejects (its raise_exception, errors while
-        rendering). With `spans` (a list), the (start, end) character offsets of its {% generation %} blocks are
-        appended to it. `tools`: OpenAI's function list, the template's `tools` variable; ValueError if the template
-        takes none (see tool_format) and there are tools or tool turns, which it would drop or garble."""
+        tool messages), as transformers' apply_chat_template(tokenize=False) renders it: keys whose value is None
+        left out, an assistant's reasoning under both "reasoning_content" and "thinking", `tools` (None if not
+        given) and `documents` (None) defined, the "tool_use" template when tools are given. ValueError naming the
+        template for what it rejects (its raise_exception, with the template's message) and errors while rendering.
+        With `spans` (a list), the (start, end) character offsets of its {% generation %} blocks are appended to
+        it. `tools`: OpenAI's function list, the template's `tools` variable; ValueError if the template takes
+        none (see tool_format) and there are tools or tool turns, which it would drop or garble. `options`: template
+        variables for this rendering only, over `variables` (apply_chat_template's **kwargs: enable_thinking, ...)."""
+        use_tools = tools is not None and self._tool_jinja is not None
+        jinja, fmt = (self._tool_jinja, self.tool_format) if use_tools else (self._jinja, self._default_format)
         tool_turns = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
-        if self.tool_format is None and (tools or tool_turns):
+        if fmt is None and (tools or tool_turns):
             raise ValueError(f"{self.where}: the chat template takes no tools (it never writes a tool call)")
-        ctx = {**self.variables, "messages": [dict(m) for m in messages],
-               "add_generation_prompt": add_generation_prompt}
-        if tools:
-            ctx["tools"] = tools
-        env = self._jinja.environment
+        taken = {"messages", "tools", "documents", "add_generation_prompt"}.intersection(options or ())
+        if taken:
+            raise ValueError(f"template options cannot set {sorted(taken)} (the conversation's own)")
+        ctx = {**self.variables, **(options or {}), "messages": template_messages(messages), "tools": tools,
+               "documents": None, "add_generation_prompt": add_generation_prompt}
+        env = jinja.environment
         blocks: list[str] = []
         env.spans = (blocks, spans if spans is not None else [])
         try:
-            for block in self._jinja.generate(**ctx):
+            for block in jinja.generate(**ctx):
                 blocks.append(block)
+        except env.raised as e:
+            raise ValueError(f"{self.where}: the chat template refuses the conversation: {e.message}") from None
         except Exception as e:
             raise ValueError(f"{self.where}: the chat template failed: {type(e).__name__}: {e}") from None
         finally:
@@ -375,9 +437,10 @@ class ChatTemplate:
     def _encode(self, text: str) -> np.ndarray:
         return self.tokenizer.encode(text, allowed_special="all")
 
-    def prompt(self, messages, tools: list[dict] | None = None) -> np.ndarray:
-        """Ids of `messages` followed by the template's generation prompt: what the model continues."""
-        return self._encode(self.text(messages, add_generation_prompt=True, tools=tools))
+    def prompt(self, messages, tools: list[dict] | None = None, options: dict | None = None) -> np.ndarray:
+        """Ids of `messages` followed by the template's generation prompt: what the model continues. `options`:
+        template variables for this prompt (text())."""
+        return self._encode(self.text(messages, add_generation_prompt=True, tools=tools, options=options))
 
     def render(self, messages, tools: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32, mask uint8) of a whole conversation; mask 1 on the assistant turns (see the module doc), but
@@ -416,54 +479,101 @@ class ChatTemplate:
 
     def _assistant_spans(self, msgs: list[dict], full: str, tools: list[dict] | None) -> list[tuple[int, int]]:
         """Character spans of the assistant turns: what rendering up to each one adds to the generation prompt
-        before it. ValueError when the renderings are not prefixes of each other."""
+        before it, less what the template writes only at the end of a whole conversation (Phi-3's EOS after the
+        last turn: the text the conversation up to the turn does not share with it followed by a user turn, when
+        the whole conversation ends with that text too). ValueError when the renderings are not prefixes of each
+        other."""
         spans = []
         for i, m in enumerate(msgs):
             if m.get("role") != "assistant":
                 continue
             head = self.text(msgs[:i], add_generation_prompt=True, tools=tools) if i else ""
             upto = self.text(msgs[: i + 1], tools=tools)
-            if not (full.startswith(upto) and upto.startswith(head)):
-                raise ValueError(f"{self.where}: the chat template does not render conversations incrementally "
-                                 f"(message {i}: the conversation up to it is not a prefix of the whole), so the "
-                                 f"assistant's tokens cannot be told apart; add {{% generation %}} blocks to it")
-            spans.append((len(head), len(upto)))
+            if upto.startswith(head):
+                try:
+                    more = self.text(msgs[: i + 1] + [{"role": "user", "content": "?"}], tools=tools)
+                except ValueError:  # (a template that wants no user turn here)
+                    more = upto
+                end = self._token_edge(upto, len(os.path.commonprefix([upto, more])))
+                if end > len(head) and full.startswith(upto[:end]) and full.endswith(upto[end:]):
+                    spans.append((len(head), end))
+                    continue
+                if full.startswith(upto):  # (the turn renders otherwise when it is not the last: Qwen3's)
+                    spans.append((len(head), len(upto)))
+                    continue
+            raise ValueError(f"{self.where}: the chat template does not render conversations incrementally "
+                             f"(message {i}: the conversation up to it is not a prefix of the whole), so the "
+                             f"assistant's tokens cannot be told apart; add {{% generation %}} blocks to it")
         return spans
+
+    def _token_edge(self, text: str, end: int) -> int:
+        """`end`, or the start of the special token of `text` it falls inside ("<|endoftext|>" and "<|user|>"
+        share "<|")."""
+        for s in self.tokenizer.special_tokens:
+            k = text.find(s, max(0, end - len(s) + 1), end + len(s) - 1)
+            if 0 <= k < end:
+                return k
+        return end
 
 
 # ---- a checkpoint folder's chat format -----------------------------------------------------------------
 
 
-def read_template(folder: str | os.PathLike) -> tuple[str, str] | None:
-    """(template source, the file it came from) of a checkpoint folder, or None: chat_template.jinja (which
-    transformers prefers), else tokenizer_config.json's chat_template (a string, or a list of {"name",
-    "template"} of which "default" is taken)."""
+def read_templates(folder: str | os.PathLike) -> tuple[dict[str, str], str] | None:
+    """(named templates, the file they came from) of a checkpoint folder as transformers loads them, or None:
+    chat_template.jinja (the "default") and additional_chat_templates/<name>.jinja when there are such files, else
+    tokenizer_config.json's chat_template (a string: the "default"; or a list of {"name", "template"})."""
     folder = Path(folder)
+    named, where = {}, None
     path = folder / TEMPLATE_FILE
     if path.is_file():
-        try:
-            return path.read_text(encoding="utf-8"), str(path)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        named["default"], where = _read_text(path), str(path)
+    extra = folder / TEMPLATE_DIR
+    for f in sorted(extra.glob("*.jinja")) if extra.is_dir() else ():
+        named[f.name[: -len(".jinja")]] = _read_text(f)
+        where = where or str(f)
+    if named:
+        return named, where
     tpl = tokenizer_config(folder).get("chat_template")
     where = str(folder / TOKENIZER_CONFIG)
     if tpl is None:
         return None
-    if isinstance(tpl, list):
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
-        if "default" not in named:
-            raise ValueError(f"{where}: chat_template lists {sorted(map(str, named))} but no 'default' template")
-        tpl = named["default"]
-    if not isinstance(tpl, str):
-        raise ValueError(f"{where}: chat_template must be a string or a list of named templates")
-    return tpl, where
+    if isinstance(tpl, str):
+        return {"default": tpl}, where
+    if isinstance(tpl, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tpl):
+        tpl = {t["name"]: t.get("template") for t in tpl}
+    if isinstance(tpl, dict) and tpl and all(isinstance(t, str) for t in tpl.values()):
+        return tpl, where
+    raise ValueError(f"{where}: chat_template must be a string or a list of named templates")
+
+
+def read_template(folder: str | os.PathLike) -> tuple[str, str] | None:
+    """(default template source, the file it came from) of a checkpoint folder (read_templates), or None;
+    ValueError for named templates without a "default"."""
+    found = read_templates(folder)
+    if found is None:
+        return None
+    named, where = found
+    if "default" not in named:
+        raise ValueError(f"{where}: the chat templates are {sorted(named)}, none named 'default'")
+    return named["default"], where
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def tokenizer_config(folder: str | os.PathLike | None) -> dict:
     """tokenizer_config.json of a folder ({} if absent, or no folder: a model built in memory); ValueError naming it
     when it is not a JSON object."""
-    path = Path(folder) / TOKENIZER_CONFIG if folder is not None else None
-    if path is None or not path.is_file():
+    return _json_object(Path(folder) / TOKENIZER_CONFIG) if folder is not None else {}
+
+
+def _json_object(path: Path) -> dict:
+    if not path.is_file():
         return {}
     conf = read_json(path)
     if not isinstance(conf, dict):
@@ -472,9 +582,9 @@ def tokenizer_config(folder: str | os.PathLike | None) -> dict:
 
 
 def special_token_strings(conf: dict) -> dict[str, str]:
-    """The special-token variables a template sees (bos_token, eos_token, unk_token, pad_token), as strings."""
+    """The named special tokens (SPECIAL_TOKEN_NAMES) a config sets, as strings ({"content": ...} read)."""
     out = {}
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+    for key in SPECIAL_TOKEN_NAMES:
         v = conf.get(key)
         v = v.get("content") if isinstance(v, dict) else v
         if isinstance(v, str):
@@ -482,10 +592,23 @@ def special_token_strings(conf: dict) -> dict[str, str]:
     return out
 
 
+def special_tokens(folder: str | os.PathLike | None) -> dict[str, str]:
+    """The named special tokens of a checkpoint folder (bos_token, eos_token, ...: what transformers passes every
+    chat template) as transformers 5 reads them: tokenizer_config.json's and, when that has no added_tokens_decoder
+    (an older folder), special_tokens_map.json's, which then take precedence. {} for no folder."""
+    if folder is None:
+        return {}
+    conf = tokenizer_config(folder)
+    names = special_token_strings(conf)
+    if "added_tokens_decoder" not in conf:
+        names.update(special_token_strings(_json_object(Path(folder) / SPECIAL_TOKENS_MAP)))
+    return names
+
+
 def eos_token_ids(folder: str | os.PathLike | None, tokenizer=None) -> list[int]:
     """The ids that end a generation for a model folder: generation_config.json's eos_token_id, config.json's, and
-    tokenizer_config.json's eos_token (through `tokenizer`), in that order, each an int or a list; [] if none (or no
-    folder: a model built in memory). ValueError naming the file for a malformed value."""
+    the folder's eos_token (special_tokens, through `tokenizer`), in that order, each an int or a list; [] if none
+    (or no folder: a model built in memory). ValueError naming the file for a malformed value."""
     out: list[int] = []
     if folder is None:
         return out
@@ -501,7 +624,7 @@ def eos_token_ids(folder: str | os.PathLike | None, tokenizer=None) -> list[int]
             raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {v!r}")
         out += [i for i in ids if i not in out]
     if tokenizer is not None:
-        eos = special_token_strings(tokenizer_config(folder)).get("eos_token")
+        eos = special_tokens(folder).get("eos_token")
         i = tokenizer.special_tokens.get(eos) if eos is not None else None
         if i is not None and i not in out:
             out.append(i)
@@ -509,19 +632,20 @@ def eos_token_ids(folder: str | os.PathLike | None, tokenizer=None) -> list[int]
 
 
 def chat_format(folder: str | os.PathLike | None, tokenizer, variables: dict | None = None):
-    """The chat format of a checkpoint folder (see the module doc): a ChatTemplate (its template, its special
-    tokens, its EOS ids), else ChatML when the tokenizer has <|im_start|>/<|im_end|>, else None. folder None (a
-    model built in memory): ChatML or None. `variables`: template options (e.g. {"enable_thinking": False})."""
-    found = read_template(folder) if folder is not None else None
+    """The chat format of a checkpoint folder (see the module doc): a ChatTemplate (its template -- and its
+    "tool_use" one --, its special tokens, its EOS ids), else ChatML when the tokenizer has <|im_start|>/<|im_end|>,
+    else None. folder None (a model built in memory): ChatML or None. `variables`: template options (e.g.
+    {"enable_thinking": False})."""
+    found = read_templates(folder) if folder is not None else None
     if found is None:
         return ChatML(tokenizer) if has_chatml(tokenizer) else None
-    source, where = found
+    source, where = read_template(folder)
     stops = eos_token_ids(folder, tokenizer)
     if not stops:
         raise ValueError(f"{folder}: the chat template has no end-of-turn token to stop at: no eos_token_id in "
                          f"generation_config.json or config.json, no eos_token in {TOKENIZER_CONFIG}")
-    names = {**special_token_strings(tokenizer_config(folder)), **(variables or {})}
-    return ChatTemplate(source, tokenizer, names, stops, where)
+    names = {**special_tokens(folder), **(variables or {})}
+    return ChatTemplate(source, tokenizer, names, stops, where, tool_template=found[0].get("tool_use"))
 
 
 # ---- a conversation ------------------------------------------------------------------------------------
@@ -647,5 +771,6 @@ def chat_loop(session: ChatSession, inp, out, err) -> int:
     return 0
 
 
-__all__ = ["ChatML", "ChatTemplate", "ChatSession", "chat_format", "chat_loop", "read_template", "render",
-           "render_prompt", "validate_conversation", "IM_START", "IM_END"]
+__all__ = ["ChatML", "ChatTemplate", "ChatSession", "chat_format", "chat_loop", "read_template", "read_templates",
+           "render", "render_prompt", "special_tokens", "template_messages", "validate_conversation", "IM_START",
+           "IM_END"]

@@ -48,8 +48,10 @@ STATE_FILE = "state.json"
 HEADS_FILE = "heads.safetensors"
 LATEST_FILE = "latest"
 TOKENIZER_FILE = "tokenizer.tiktoken"  # the copy kept beside shards and in checkpoints (+ its .json sidecar)
-# a Hugging Face model's files that go with its tokenizer: chat template, special tokens, EOS ids (fastllm.chat)
-CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+# a Hugging Face model's files that go with its tokenizer: chat template, special tokens, EOS ids (fastllm.chat),
+# and any additional_chat_templates/<name>.jinja (chat_files)
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
+TEMPLATE_FILES = CHAT_FILES[:3]  # the template and the special tokens' names (convert writes the EOS ids itself)
 _NAME = re.compile(r"ckpt_(\d{6,})")
 
 
@@ -251,8 +253,15 @@ def _tokenizer_files(src: str | os.PathLike, folder: str | os.PathLike) -> list[
     src = Path(src)
     if src.suffix == ".json" and not Path(str(src) + ".json").exists():
         pairs = [(src, Path(folder) / "tokenizer.json")]
-        return pairs + [(src.parent / f, Path(folder) / f) for f in CHAT_FILES if (src.parent / f).is_file()]
+        return pairs + [(src.parent / f, Path(folder) / f) for f in chat_files(src.parent)]
     return [(Path(str(src) + sfx), Path(folder) / (TOKENIZER_FILE + sfx)) for sfx in ("", ".json")]
+
+
+def chat_files(folder: Path, names: tuple[str, ...] = CHAT_FILES) -> list[str]:
+    """Those of `names` that `folder` has, and its additional_chat_templates/*.jinja (paths relative to it)."""
+    extra = folder / chat.TEMPLATE_DIR
+    return [n for n in names if (folder / n).is_file()] + (
+        [f"{chat.TEMPLATE_DIR}/{f.name}" for f in sorted(extra.glob("*.jinja"))] if extra.is_dir() else [])
 
 
 def copied_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
@@ -359,9 +368,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm",
                 tok.save(out / TOKENIZER_FILE)
             elif tok is not None:  # HF merge priority: only tokenizer.json can express it
                 tok.save_hf(out / "tokenizer.json")
-            for name in CHAT_FILES[:2] if tok is not None else ():  # the template and the special tokens' names
-                if (src / name).is_file():
-                    copy_file(src / name, out / name)
+            for name in chat_files(src, TEMPLATE_FILES) if tok is not None else ():
+                copy_file(src / name, out / name)
             if eos:
                 write_json(out / hf.GENERATION_FILE, {"eos_token_id": eos})
         return dst
@@ -373,7 +381,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm",
         hf.save_pretrained(model, out, tokenizer=tok, eos_token_id=eos, max_shard_size=max_shard_size)
         if tok_path is not None and tok_path.name == "tokenizer.json":  # a HF tokenizer: its own files, as they were
             copy_tokenizer(tok_path, out)
-        for name in CHAT_FILES[:2]:
-            if (model.checkpoint_dir / name).is_file():
-                copy_file(model.checkpoint_dir / name, out / name)
+        for name in chat_files(model.checkpoint_dir, TEMPLATE_FILES):
+            copy_file(model.checkpoint_dir / name, out / name)
     return dst

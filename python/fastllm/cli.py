@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from . import distributed, info, set_num_threads
-from .chat import IM_END, IM_START, chat_format, eos_token_ids, has_chatml
+from .chat import IM_END, IM_START, ChatTemplate, chat_format, eos_token_ids, has_chatml
 from .checkpoint import checkpoint_tokenizer, convert, load_model
 from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
@@ -380,7 +380,20 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="fine-tuned checkpoint folder, an `fastllm sft` output folder, or a "
                                                  "Hugging Face chat model's folder (its own chat template)")
     p.add_argument("--system", default=None, help="system message (default: none)")
+    p.add_argument("--chat-template-kwargs", default=None, type=_json_object, metavar="JSON",
+                   help="variables for the checkpoint's chat template, as transformers' apply_chat_template(**kwargs) "
+                        "takes them: '{\"enable_thinking\": false}' (Qwen3); default: none")
     _add_sampling_args(p, max_new_tokens=256, temperature=0.7)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return v
 
 
 @command("chat", "chat in the terminal with a fine-tuned checkpoint (reads stdin)",
@@ -389,7 +402,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)  # checked before loading anything
     model = load_model(args.ckpt).eval()
     tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
-    fmt = chat_format(model.checkpoint_dir, tok) if args.tokenizer is None else None  # its own template, or ChatML
+    # its own template, or ChatML
+    fmt = chat_format(model.checkpoint_dir, tok, args.chat_template_kwargs) if args.tokenizer is None else None
+    if args.chat_template_kwargs and not isinstance(fmt, ChatTemplate):
+        raise ValueError(f"--chat-template-kwargs: {model.checkpoint_dir} has no chat template to pass them to "
+                         f"(fastllm's ChatML takes no options)")
     if fmt is None and not has_chatml(tok):
         raise ValueError(f"{model.checkpoint_dir}: no chat template (chat_template.jinja, or chat_template in "
                          f"tokenizer_config.json) and no ChatML tokens ({IM_START}, {IM_END}) in its tokenizer: a base "

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import eos_token_ids, read_template
+from .chat import eos_token_ids, read_templates, special_tokens
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig, param_shapes
 from .rope import ROPE_TYPES
@@ -537,13 +537,13 @@ def _size_in_bytes(size: int | str) -> int:
 def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None,
                     eos_token_id: int | list[int] | None = None, max_shard_size: int | str | None = None) -> Path:
     """Write `model` as a transformers folder (config.json, model.safetensors or shards + index, in float32; with a
-    `tokenizer`, also tokenizer.json and tokenizer_config.json, with the chat template of the folder the model was
-    loaded from, if it has one). Shards of at most max_shard_size (transformers' name and spelling: "5GB", or bytes;
-    or max_shard_bytes) when the tensors are larger, else one file. eos_token_id: written to config.json and
-    generation_config.json (default: the EOS ids of the folder the model was loaded from, else the tokenizer's
-    <|endoftext|>). Every file is written
-    atomically; stale shards of an earlier save are removed (a sharded save interrupted midway leaves no index, so
-    that nothing loads a mix of old and new shards). ValueError when no transformers architecture computes the
+    `tokenizer`, also tokenizer.json and tokenizer_config.json, with the chat templates and the special tokens'
+    names of the folder the model was loaded from, if it has them). Shards of at most max_shard_size (transformers'
+    name and spelling: "5GB", or bytes; or max_shard_bytes) when the tensors are larger, else one file.
+    eos_token_id: written to config.json and generation_config.json (default: the EOS ids of the folder the model
+    was loaded from, else the tokenizer's <|endoftext|>). Every file is written atomically; stale shards of an
+    earlier save are removed (a sharded save interrupted midway leaves no index, so that nothing loads a mix of old
+    and new shards). ValueError when no transformers architecture computes the
     config."""
 
     cfg = model.config
@@ -588,6 +588,9 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
     for f in old - written:
         f.unlink(missing_ok=True)
     source = getattr(model, "checkpoint_dir", None)  # the folder it came from: its EOS ids and template go along
+    names = special_tokens(source)  # and the names of its special tokens, which its templates read
+    if eos_token_id is not None:
+        names.pop("eos_token", None)  # (the given one's)
     if eos_token_id is None:
         eos_token_id = eos_token_ids(source, tokenizer) or None
         if eos_token_id is not None and len(eos_token_id) == 1:
@@ -599,8 +602,8 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
     if eos_token_id is not None:
         write_json(folder / GENERATION_FILE, {"eos_token_id": eos_token_id, **({"bos_token_id": bos} if bos else {})})
     if tokenizer is not None:
-        template = read_template(source) if source is not None else None
-        save_tokenizer(tokenizer, folder, cfg.block_size, eos_token_id, template[0] if template else None)
+        templates = read_templates(source) if source is not None else None
+        save_tokenizer(tokenizer, folder, cfg.block_size, eos_token_id, templates[0] if templates else None, names)
     return folder
 
 
@@ -608,24 +611,33 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
 
 
 def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int | None = None,
-                   eos_token_id: int | list[int] | None = None, chat_template: str | None = None) -> None:
+                   eos_token_id: int | list[int] | None = None, chat_template: str | dict[str, str] | None = None,
+                   names: dict[str, str] | None = None) -> None:
     """tokenizer.json (Tokenizer.save_hf) plus a tokenizer_config.json so AutoTokenizer finds it: eos_token is the
-    special token of the first of `eos_token_id` (default <|endoftext|>), chat_template the template if given."""
+    special token of the first of `eos_token_id` (default <|endoftext|>), chat_template the template if given (or
+    the named templates, {"default": ..., "tool_use": ...}, written as transformers does), `names` the special
+    tokens' names to keep (fastllm.chat.special_tokens of the folder the model came from: bos_token, ...)."""
     folder = Path(folder)
     tokenizer.save_hf(folder / "tokenizer.json")
     conf: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     if model_max_length:
         conf["model_max_length"] = model_max_length
-    names = {i: s for s, i in tokenizer.special_tokens.items()}
+    names_of = {i: s for s, i in tokenizer.special_tokens.items()}
     eot = "<|endoftext|>" if tokenizer.eot_token is not None else None
     if eot:
         conf.update(bos_token=eot, eos_token=eot, unk_token=eot)
     if tokenizer.bos_token is not None:
-        conf["bos_token"] = names[tokenizer.bos_token]
+        conf["bos_token"] = names_of[tokenizer.bos_token]
     eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
-    if eos in names:
-        conf["eos_token"] = names[eos]
-    if chat_template is not None:
+    if eos in names_of:
+        conf["eos_token"] = names_of[eos]
+    if names:  # the source's names, and none it does not set (a template may test `bos_token is defined`)
+        conf = {k: v for k, v in conf.items() if k not in ("bos_token", "unk_token")} | names
+    if isinstance(chat_template, dict) and list(chat_template) == ["default"]:
+        chat_template = chat_template["default"]
+    if isinstance(chat_template, dict):
+        conf["chat_template"] = [{"name": k, "template": v} for k, v in chat_template.items()]
+    elif chat_template is not None:
         conf["chat_template"] = chat_template
     write_json(folder / "tokenizer_config.json", conf)
 

@@ -16,6 +16,11 @@ written exactly as those checkpoints' chat templates write them:
 - "llama3_json" (Llama 3.1 / 3.2 / 3.3): the whole answer is `{"name": "f", "parameters": {...}}`, possibly after
   <|python_tag|>; one call (several joined by ";" are read too).
 
+A third, "mistral" (Mistral 7B Instruct v0.3 and the other tokenizer-v3 models: tools in [AVAILABLE_TOOLS],
+calls as `[TOOL_CALLS] [{"name": "f", "arguments": {...}, "id": "<9 characters>"}]`, results in [TOOL_RESULTS]), is
+only rendered: its templates get tools and tool turns (SFT, prompts), but FORMATS has no parser for it, so the
+server does not take tools for such a model.
+
 `FORMATS[name].parser()` reads an answer as it streams: `feed(text) -> (content, calls)` gives the text to show
 now and the calls completed now; text that may still turn into a call is held back, a call goes out whole once
 its JSON is complete, and an answer that only looked like a call (invalid JSON, an unknown shape) comes out as
@@ -39,6 +44,7 @@ from .grammar import JSON_STYLE
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
 TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+MISTRAL_TOOL_CALLS = "[TOOL_CALLS]"
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a function without parameters
 
 
@@ -366,11 +372,14 @@ FORMATS = {"hermes": Format("hermes", HermesParser, hermes_grammar),
 
 def template_format(source: str) -> str | None:
     """The tool-call format a Jinja2 chat template writes, or None if it takes no tools: "hermes" where it writes
-    <tool_call> blocks, "llama3_json" where it writes {"name", "parameters"} calls (Llama 3.1's)."""
+    <tool_call> blocks, "llama3_json" where it writes {"name", "parameters"} calls (Llama 3.1's), "mistral" where
+    it writes [TOOL_CALLS] (rendered only: not in FORMATS)."""
     if "tools" not in source:
         return None
     if TOOL_CALL in source:
         return "hermes"
+    if MISTRAL_TOOL_CALLS in source:
+        return "mistral"
     if '"parameters": ' in source or PYTHON_TAG in source:
         return "llama3_json"
     return None

@@ -37,7 +37,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from tqdm.auto import tqdm
 
-from ..chat import EOT, IM_END, IM_START, ChatTemplate, eos_token_ids, special_token_strings, tokenizer_config
+from ..chat import EOT, IM_END, IM_START, ChatTemplate, eos_token_ids, special_tokens
 from . import chat_of, load
 from .scoring import generate_until, score_continuations, window_requests
 
@@ -61,7 +61,7 @@ class FastLLM(TemplateLM):
         folder = getattr(model, "checkpoint_dir", None)
         # the end of text as lm-eval's HF models have it: the checkpoint's eos_token (Llama 3's <|eot_id|> or
         # <|end_of_text|>, Qwen2.5-Instruct's <|im_end|>), else <|endoftext|>
-        eos = special_token_strings(tokenizer_config(folder)).get("eos_token")
+        eos = special_tokens(folder).get("eos_token")
         self.eot = tokenizer.special_tokens.get(eos) if eos is not None else None
         self.eot = tokenizer.eot_token if self.eot is None else self.eot
         if self.eot is None:

@@ -50,6 +50,8 @@ Semantics (OpenAI's, where it defines them):
 - response_format (chat): {"type": "json_object"} (a JSON object) or {"type": "json_schema", "json_schema":
   {"name", "schema", "strict"}} constrain the answer by grammar (fastllm.grammar): a finished answer parses and
   matches the schema (one cut by max_tokens is a prefix of one, finish_reason "length").
+- chat_template_kwargs (chat, /tokenize; vLLM's field): variables for the checkpoint's chat template in this
+  request, as {"enable_thinking": false} for Qwen3's (a 400 for fastllm's ChatML, which has no template).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..chat import eos_token_ids, special_token_strings, tokenizer_config
+from ..chat import eos_token_ids, special_tokens
 from ..grammar import Guide
 from ..sample import SamplingParams
 from ..tools import (
@@ -110,7 +112,7 @@ class ServedModel:
         # completions stop at the model's EOS ids (Llama 3 base: <|end_of_text|>) and at <|endoftext|>
         eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
         self.stops = list(dict.fromkeys(eos_token_ids(folder, tokenizer) + eot))
-        self.names = special_token_strings(tokenizer_config(folder))
+        self.names = special_tokens(folder)
         self.created = int(time.time())
         self._strings: dict[int, tuple[str, list[int]]] = {}
         self._guide, self._guide_lock = None, threading.Lock()
@@ -194,7 +196,7 @@ _CHAT_IGNORED = {"prompt_cache_key", "prompt_cache_options", "prompt_cache_reten
 _CHAT_UNSUPPORTED = {"audio": "(audio output)", "web_search_options": "(web search)", "moderation": "(moderation)"}
 CHAT_FIELDS = _COMMON | _CHAT_IGNORED | set(_CHAT_UNSUPPORTED) | {
     "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
-    "parallel_tool_calls", "functions", "function_call", "modalities"}
+    "parallel_tool_calls", "functions", "function_call", "modalities", "chat_template_kwargs"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 
 
@@ -678,16 +680,18 @@ def parse_chat(body, served: ServedModel) -> Call:
     if fmt is None and tools:  # (tool turns without tools: the template refuses them, a 400 naming 'messages')
         raise APIError(400, f"The chat template of `{served.name}` takes no tools (it never writes a tool call).",
                        "tools", "unsupported_parameter")
+    if fmt not in FORMATS:  # a format fastllm renders but does not read (Mistral's [TOOL_CALLS])
+        if tools:
+            raise APIError(400, f"The chat template of `{served.name}` writes tool calls in the {fmt!r} format, "
+                                "which this server does not read.", "tools", "unsupported_parameter")
+        fmt = None
     constraint = _response_format(body, served)
     if choice not in ("none", "auto"):
         if constraint is not None:
             raise APIError(400, "'response_format' cannot be combined with a forced tool call ('tool_choice').",
                            "response_format", "invalid_value")
         constraint = _forced_call(served, tools, choice, parallel, fmt)
-    try:
-        ids = served.chat.prompt(msgs, tools).tolist()
-    except ValueError as e:
-        raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
+    ids = _chat_prompt(body, served, msgs, tools)
     max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     m = _fit(served, len(ids), max_tokens, None, "messages", name)
     think = None
@@ -702,6 +706,23 @@ def parse_chat(body, served: ServedModel) -> Call:
     req = Request(prompts=[ids], max_tokens=m, stop_tokens=list(served.chat.stop_tokens),
                   logprobs=(top or 0) if logprobs else None, constraint=constraint, keep_special=keep, **common)
     return Call("chat", served, req, stream, include_usage, tool_format=tool_format, think=think)
+
+
+def _chat_prompt(body: dict, served: ServedModel, msgs: list[dict], tools: list[dict] | None) -> list[int]:
+    """The chat format's prompt ids, with the request's chat_template_kwargs (vLLM's field: variables for the
+    checkpoint's template, as enable_thinking for Qwen3's; fastllm's ChatML takes none)."""
+    options = _get(body, "chat_template_kwargs", "object")
+    if options and not hasattr(served.chat, "variables"):
+        raise APIError(400, f"The model `{served.name}` has no chat template to pass 'chat_template_kwargs' to "
+                            "(fastllm's ChatML takes no options).", "chat_template_kwargs", "unsupported_parameter")
+    taken = sorted({"messages", "tools", "documents", "add_generation_prompt"}.intersection(options or ()))
+    if taken:
+        raise APIError(400, f"Invalid 'chat_template_kwargs': {taken} are the request's own.",
+                       "chat_template_kwargs", "invalid_value")
+    try:
+        return (served.chat.prompt(msgs, tools, options) if options else served.chat.prompt(msgs, tools)).tolist()
+    except ValueError as e:
+        raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
 
 
 def _is_int(x) -> bool:
@@ -771,7 +792,7 @@ def parse_completion(body, served: ServedModel) -> Call:
 # files on its side.
 
 TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs",
-                   "tools"}
+                   "tools", "chat_template_kwargs"}
 
 
 def tokenize(body, served: ServedModel) -> dict:
@@ -797,10 +818,7 @@ def tokenize(body, served: ServedModel) -> dict:
         msgs, tools = _messages(body["messages"]), _get(body, "tools", "array")
         if not _get(body, "add_generation_prompt", "boolean", True):
             raise _unsupported("add_generation_prompt", "= false")
-        try:
-            ids = served.chat.prompt(msgs, tools).tolist()
-        except ValueError as e:
-            raise APIError(400, f"Invalid 'messages': {e}", "messages", "invalid_value") from None
+        ids = _chat_prompt(body, served, msgs, tools)
     strs = [served.token_str(t)[0] for t in ids] if _get(body, "return_token_strs", "boolean", False) else None
     return {"count": len(ids), "max_model_len": served.max_len, "tokens": ids, "token_strs": strs}
 
