@@ -1191,6 +1191,23 @@ static void register_bpe(py::module_& m) {
             },
             arg("text"), arg("pattern"), arg("allowed_special"))
         .def(
+            "encode_offsets",
+            [](const Encoder& e, const py::str& text, const std::string& pattern, const std::vector<int32_t>& allowed) {
+                const auto pat = parse_pattern(pattern);
+                const Specials sp = specials_by_id(e, allowed);
+                const std::string_view s = utf8_strict(text);
+                std::vector<int32_t> out;
+                std::vector<int64_t> starts;
+                {
+                    py::gil_scoped_release nogil;
+                    e.encode(s, pat, sp, out, &starts);
+                }
+                py::array_t<int64_t> st((py::ssize_t)starts.size());
+                std::copy(starts.begin(), starts.end(), st.mutable_data());
+                return py::make_tuple(ids_to_array(std::move(out)), st);
+            },
+            arg("text"), arg("pattern"), arg("allowed_special"))
+        .def(
             "encode_batch",
             [](const Encoder& e, const py::list& texts, const std::string& pattern, const std::vector<int32_t>& allowed,
                const py::object& threads_obj) {

@@ -195,6 +195,21 @@ def test_text_streamer_matches_transformers_text_streamer(family):
                 assert theirs.text == tok.decode(ids, **kw)  # SentencePiece tokenizer, a line's first space is lost)
 
 
+@pytest.mark.parametrize("name", ["llama3", "gpt2", "llama2", "mistral", "phi3"])
+def test_encode_offsets_as_hf(name):
+    """encode_offsets' token starts (bytes) are HF's offsets (characters; a token that starts inside a character
+    starts at that character), with SentencePiece's prefix spaces and Phi-3's rstrip tokens."""
+    hf = build_tokenizer(name, 800 if name in ("llama2", "mistral", "phi3") else 400)
+    tok = Tokenizer._from_hf_doc(json.loads(hf.to_str()), "tokenizer.json")
+    for t in eval_texts():
+        ids, starts = tok.encode_offsets(t)
+        want = hf.encode(t, add_special_tokens=False)
+        assert ids.tolist() == want.ids
+        char_of_byte = np.repeat(np.arange(len(t)), [len(c.encode()) for c in t])  # byte -> its character
+        assert [int(char_of_byte[b]) if b < len(char_of_byte) else len(t) for b in starts] == \
+            [a for a, _ in want.offsets], (name, t[:60])
+
+
 def test_nfc_normalizer():
     """Qwen2's files normalize to NFC: decomposed input gives the ids of the composed text."""
     hf = build_tokenizer("qwen2", vocab_size=600)
@@ -368,6 +383,9 @@ def test_added_tokens_lstrip_rstrip(family, tmp_path):
         want = hf.encode(t, add_special_tokens=False).ids
         assert tok.encode(t, allowed_special="all").tolist() == want, (family, t)
         assert [a.tolist() for a in tok.encode_batch([t, t], allowed_special="all")] == [want, want]
+        char_of_byte = np.repeat(np.arange(len(t)), [len(c.encode()) for c in t])  # (as test_encode_offsets_as_hf)
+        starts = tok.encode_offsets(t)[1]
+        assert [int(char_of_byte[b]) for b in starts] == [a for a, _ in hf.encode(t, add_special_tokens=False).offsets]
     tok.save_hf(tmp_path / "tokenizer.json")  # the flags are written back (and kept by fastllm's own format)
     again = [tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), Tokenizer.load_hf(tmp_path /
                                                                                                   "tokenizer.json")]

@@ -495,16 +495,22 @@ void Encoder::sp_words(std::string_view t, std::vector<std::pair<size_t, size_t>
     if (start < t.size()) chunks.emplace_back(start, t.size());
 }
 
-std::string_view Encoder::sp_text(std::string_view t, bool at_start, std::string& buf) const {
+std::string_view Encoder::sp_text(std::string_view t, bool at_start, std::string& buf,
+                                  std::vector<uint32_t>* where) const {
     static constexpr std::string_view kMeta = "\xE2\x96\x81";  // U+2581, SentencePiece's space
     if (t.empty()) return t;
     const bool space = t[0] == ' ' || t.substr(0, 3) == kMeta;
     buf.clear();
+    if (where) where->clear();
+    auto put = [&](char c, size_t from) {
+        buf += c;
+        if (where) where->push_back((uint32_t)from);
+    };
     if (prefix_ == Prefix::every || (!space && (prefix_ == Prefix::always || (prefix_ == Prefix::first && at_start))))
-        buf += ' ';
+        put(' ', 0);
     for (size_t i = 0; i < t.size();) {
-        if (t.compare(i, 3, kMeta) == 0) buf += ' ', i += 3;
-        else buf += t[i++];
+        if (t.compare(i, 3, kMeta) == 0) put(' ', i), i += 3;
+        else put(t[i], i), i++;
     }
     return buf;
 }
@@ -542,22 +548,32 @@ void Encoder::encode_chunks(const std::vector<std::string_view>& chunks, std::ve
 }
 
 void Encoder::encode(std::string_view text, Pattern p, const std::vector<std::pair<std::string, int32_t>>& allowed,
-                     std::vector<int32_t>& out) const {
+                     std::vector<int32_t>& out, std::vector<int64_t>* starts) const {
     ChunkCache& cache = thread_cache();
     static thread_local std::vector<std::pair<size_t, size_t>> chunks;
     static thread_local std::string buf;
+    static thread_local std::vector<uint32_t> where;  // SentencePiece: byte of buf -> byte of the stretch
     out.reserve(out.size() + text.size() / 4 + 16);
     auto ordinary = [&](size_t a, size_t b) {
         std::string_view t = text.substr(a, b - a);
-        if (sp_) t = sp_text(t, a == 0, buf);
+        if (sp_) t = sp_text(t, a == 0, buf, starts ? &where : nullptr);
         chunks.clear();
         if (sp_words_ && p == Pattern::whole) sp_words(t, chunks);
         else pretokenize(t, p, chunks);
-        for (auto [x, y] : chunks) encode_chunk(t.substr(x, y - x), out, cache);
+        for (auto [x, y] : chunks) {
+            const size_t first = out.size();
+            encode_chunk(t.substr(x, y - x), out, cache);
+            for (size_t k = first, pos = x; starts && k < out.size(); pos += len_[out[k]], k++)
+                starts->push_back((int64_t)(a + (sp_ ? where[std::min(pos, y - 1)] : pos)));  // (<unk>: clamped)
+        }
+    };
+    auto special = [&](int32_t id, size_t at) {
+        out.push_back(id);
+        if (starts) starts->push_back((int64_t)at);
     };
     if (allowed.empty()) ordinary(0, text.size());
     else
-        split_specials(text, allowed, ordinary, [&](int32_t id) { out.push_back(id); },
+        split_specials(text, allowed, ordinary, special,
                        [&](int32_t id) -> uint8_t { return (size_t)id < strip_.size() ? strip_[id] : 0; });
 }
 

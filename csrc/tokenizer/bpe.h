@@ -194,8 +194,10 @@ class Encoder {
     void encode_chunks(const std::vector<std::string_view>& chunks, std::vector<int32_t>& out) const;
     // tiktoken's encode: split text on the allowed special tokens (bytes, id), pre-tokenize each stretch of
     // ordinary text with pattern p and encode its chunks. Appends to out.
+    // starts (if given) gets each token's first byte in text (HF's offset mapping, start only): the whitespace a
+    // special token takes belongs to it, a SentencePiece prefix space to the text after it.
     void encode(std::string_view text, Pattern p, const std::vector<std::pair<std::string, int32_t>>& allowed,
-                std::vector<int32_t>& out) const;
+                std::vector<int32_t>& out, std::vector<int64_t>* starts = nullptr) const;
     // encode() of many texts, in parallel over texts with `threads` OpenMP threads.
     void encode_batch(const std::vector<std::string_view>& texts, Pattern p,
                       const std::vector<std::pair<std::string, int32_t>>& allowed,
@@ -226,7 +228,8 @@ class Encoder {
     // The parts BPE starts from: the byte tokens, or for SentencePiece the characters (see set_sentencepiece).
     void initial_parts(std::string_view chunk, std::vector<int32_t>& ids) const;
     // The text BPE sees for one stretch of ordinary text (SentencePiece: prefix space, U+2581 as a space).
-    std::string_view sp_text(std::string_view t, bool at_start, std::string& buf) const;
+    // where (if given) gets, for each byte of the result, the offset in t of the byte it comes from.
+    std::string_view sp_text(std::string_view t, bool at_start, std::string& buf, std::vector<uint32_t>* where) const;
     static void sp_words(std::string_view t, std::vector<std::pair<size_t, size_t>>& chunks);
     void bpe(std::string_view chunk, std::vector<int32_t>& out) const;        // small chunks: linear scan
     void bpe_heap(std::string_view chunk, std::vector<int32_t>& out) const;   // long chunks: heap
@@ -267,7 +270,7 @@ size_t whitespace_at(std::string_view s, size_t i);
 size_t whitespace_before(std::string_view s, size_t i);
 
 // Finds allowed special tokens in text: calls ordinary(begin, end) for each stretch of ordinary text and
-// special(id) for each special token, leftmost occurrence first (longest on ties). strip(id) says which
+// special(id, begin) for each special token, leftmost occurrence first (longest on ties). strip(id) says which
 // whitespace a token takes with it (HF added tokens' lstrip = 1: to its left, back to the previous token at
 // most; rstrip = 2: to its right).
 template <typename Ordinary, typename Special, typename Strip = uint8_t (*)(int32_t)>
@@ -290,7 +293,7 @@ void split_specials(std::string_view text, const std::vector<std::pair<std::stri
             start -= w;
         for (size_t w; (flags & 2) && (w = whitespace_at(text, end));) end += w;
         if (start > pos) ordinary(pos, start);
-        special(allowed[bk].second);
+        special(allowed[bk].second, start);
         pos = end;
         for (size_t k = 0; k < allowed.size(); k++)
             if (next[k] != std::string_view::npos && next[k] < pos) next[k] = text.find(allowed[k].first, pos);

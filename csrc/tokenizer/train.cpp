@@ -88,7 +88,8 @@ ChunkCounts count_chunks(const std::vector<std::string_view>& texts, Pattern p,
     };
     for (auto t : texts) {
         if (sp.empty()) add_stretch(t);
-        else split_specials(t, sp, [&](size_t a, size_t b) { add_stretch(t.substr(a, b - a)); }, [](int32_t) {});
+        else split_specials(t, sp, [&](size_t a, size_t b) { add_stretch(t.substr(a, b - a)); },
+                            [](int32_t, size_t) {});
     }
     // 2. count per thread, then merge
     std::vector<ChunkCounts> counts((size_t)threads);

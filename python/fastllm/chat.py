@@ -463,10 +463,9 @@ class ChatTemplate:
         text = "".join(pieces)
         if text != norm(full):
             raise ValueError(f"{self.where}: the tokenizer's normalizer joins text across an assistant turn's edge")
-        ids = self._encode(text)
-        # byte offset of every token, and of every span edge in the normalized text
-        sizes = np.asarray([len(self.tokenizer.token_to_bytes(t)) for t in ids.tolist()], np.int64)
-        starts = np.cumsum(sizes) - sizes
+        # byte offset of every token (where its text starts: a SentencePiece tokenizer's prefix spaces and the
+        # whitespace Phi-3's tokens take are not text of their own), and of every span edge in the normalized text
+        ids, starts = self.tokenizer.encode_offsets(text)
         edge, pos = {0: 0}, 0  # (an empty text has no pieces; its spans are at 0)
         for (a, b), piece in zip(zip(cuts, cuts[1:]), pieces):
             edge[a] = pos

@@ -432,6 +432,48 @@ class Tokenizer:
         except UnicodeEncodeError:
             return self._encode_native(_repair_surrogates(text), allowed)
 
+    def encode_offsets(
+        self, text: str, allowed_special: Literal["all"] | Collection[str] = "all"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, starts): `encode(text, allowed_special)` and the byte offset in the UTF-8 of the text (normalized
+        if the tokenizer normalizes) where each token starts, as HF's offset mapping (start only): the whitespace a
+        special token with lstrip/rstrip takes belongs to it, and the space a SentencePiece tokenizer puts before
+        a stretch of text starts where that text starts.
+
+        >>> tok = Tokenizer({bytes([b]): b for b in range(256)} | {b"ab": 256})
+        >>> [a.tolist() for a in tok.encode_offsets("ab\u00e9")]
+        [[256, 195, 169], [0, 2, 3]]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        text = _repair_if_needed(self._normalize(text))
+        allowed = self._allowed_ids(text, allowed_special, disallowed_special=())
+        if self._regex is None:
+            return self._core.encode_offsets(text, self._pattern, allowed)
+        ids = self._encode_custom(text, allowed)  # (custom patterns are byte-level: the tokens spell the text,
+        sizes = np.asarray([len(self._core.token_bytes(i)) for i in ids.tolist()], np.int64)  # but what a special
+        starts = np.cumsum(sizes) - sizes  # token's lstrip/rstrip takes: moved back below)
+        if self._strip:
+            starts = self._custom_starts(text, ids, allowed)
+        return ids, starts
+
+    def _custom_starts(self, text: str, ids: np.ndarray, allowed_ids: list[int]) -> np.ndarray:
+        """encode_offsets' starts on the regex path when special tokens take whitespace: stretch by stretch."""
+        names = [s for s, i in self._special.items() if i in set(allowed_ids)]
+        rx, order = _specials_regex(frozenset(names), frozenset((s, self._strip.get(s, "")) for s in names))
+        starts, pos = [], 0
+        for m in [*rx.finditer(text), None]:
+            end = len(text) if m is None else m.start()
+            base = len(text[:pos].encode("utf-8"))
+            for i in self._encode_custom(text[pos:end], []).tolist():
+                starts.append(base)
+                base += len(self._core.token_bytes(i))
+            if m is not None:
+                starts.append(len(text[: m.start()].encode("utf-8")))
+                pos = m.end()
+        assert len(starts) == len(ids)
+        return np.asarray(starts, np.int64)
+
     def encode_ordinary(self, text: str) -> np.ndarray:
         """Encode text, treating special tokens as ordinary text.
 
