@@ -683,3 +683,26 @@ def test_bad_inputs_for_other_tasks(tmp_path):
         evaluate(m, tok, "gen", data=str(tmp_path / "q.jsonl"), chat=True, max_new_tokens=2)
     with pytest.raises(ValueError, match="continuation of 40 tokens > the model's context"):
         score_continuations(CostModel({}, block_size=32), [([1], list(range(40)))])
+
+
+def test_generated_answers_leave_out_special_tokens(monkeypatch):
+    """Generated answers (gen tasks, the lm-eval adapter's generate_until) leave out special tokens the model wrote,
+    as lm-eval's HF model decodes them (tok_decode(..., skip_special_tokens=True)); stop strings are found in that
+    text."""
+    import fastllm.sample
+    from fastllm.eval.scoring import generate_until
+    from fastllm.sft import with_chat_tokens
+
+    tok = with_chat_tokens(byte_tokenizer())
+    m = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=8), seed=0)
+    start = tok.special_tokens["<|im_start|>"]
+    steps = [55, start, 56, 10, 57]  # "7", <|im_start|>, "8", "\n", "9"
+    monkeypatch.setattr(fastllm.sample, "stream", lambda model, rows, *a, **kw: (np.full(len(rows), t) for t in steps))
+    assert generate_until(m, tok, [[1, 2], [3]], 8) == ["78\n9", "78\n9"]
+    assert generate_until(m, tok, [[1, 2]], 8, stop=["8\n"]) == ["7"]  # (across the special token)
+    pytest.importorskip("lm_eval")
+    from fastllm.eval.harness import FastLLM
+
+    assert FastLLM.tok_decode(type("A", (), {"tok": tok})(), [55, start, 56]) == "78"
+    assert FastLLM.tok_decode(type("A", (), {"tok": tok})(), [55, start], skip_special_tokens=False) == \
+        "7<|im_start|>"

@@ -633,6 +633,20 @@ def test_conversational_preferences(tmp_path):
         load_preferences(f)
 
 
+def test_reward_functions_see_completions_without_special_tokens(monkeypatch):
+    """A completion's text for the reward function leaves out special tokens the model wrote mid-answer, as TRL's
+    batch_decode(skip_special_tokens=True) does (a <|im_start|> inside an answer used to reach the reward)."""
+    import fastllm.rl as rl
+    from fastllm.sft import with_chat_tokens
+
+    tok = with_chat_tokens(byte_tokenizer())
+    m = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=8), seed=0)
+    start = tok.special_tokens["<|im_start|>"]
+    monkeypatch.setattr(rl, "generate", lambda model, rows, *a, **kw: [r + [55, start, 56, EOT] for r in rows])
+    comps, texts = sample_completions(m, tok, ["3+4="], 2, 4, seed=0)[1:]
+    assert comps[0][-3:] == [start, 56, EOT] and texts == [["78", "78"]]
+
+
 def test_several_policy_updates_per_rollout_batch():
     """iterations > 1 (GRPO's mu): later updates see ratios != 1, so the clip can act; everything stays finite."""
     m = GPT(GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=16), seed=0)

@@ -260,7 +260,8 @@ def sample_completions(
     out = generate(model.eval(), rows, max_new_tokens, temperature=temperature, stop_tokens=stops, seed=seed)
     model.train(was)
     comps = [o[len(r) :] for o, r in zip(out, rows)]
-    texts = [tokenizer.decode(c[:-1] if c and c[-1] in stops else c) for c in comps]
+    texts = [tokenizer.decode(c[:-1] if c and c[-1] in stops else c, skip_special_tokens=True)  # (as TRL's)
+             for c in comps]
     return rows, comps, [texts[i * group_size : (i + 1) * group_size] for i in range(len(prompts))]
 
 

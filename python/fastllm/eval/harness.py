@@ -102,8 +102,8 @@ class FastLLM(TemplateLM):
             ids = [bos] + ids
         return ids
 
-    def tok_decode(self, tokens, **kwargs) -> str:
-        return self.tok.decode(tokens)
+    def tok_decode(self, tokens, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tok.decode(tokens, skip_special_tokens=skip_special_tokens)  # (HFLM's default: skipped)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         with tqdm(total=len(requests), desc="fastllm loglikelihood", disable=disable_tqdm) as bar:

@@ -135,7 +135,8 @@ def generate_until(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
                    seed: int | None = None, batch_size: int = 32, progress=None) -> list[str]:
     """Completions (text) of token prompts, batched with the KV cache: each ends at <|endoftext|>, a stop token
     or the first stop string (neither included), or after max_new_tokens. A batch stops decoding when all of
-    its rows have ended. A prompt too long for the context keeps its last block_size - max_new_tokens tokens."""
+    its rows have ended. A prompt too long for the context keeps its last block_size - max_new_tokens tokens.
+    Special tokens the model writes are left out of the text, as lm-eval's HF model decodes it."""
     from ..sample import stream
 
     T = model.config.block_size
@@ -165,12 +166,12 @@ def generate_until(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
                         continue
                     new[b].append(t)
                     if stop:
-                        texts[b] = tokenizer.decode(new[b])
+                        texts[b] = tokenizer.decode(new[b], skip_special_tokens=True)
                         done[b] = any(s in texts[b] for s in stop)
                 if done.all():
                     break
             for b, i in enumerate(batch):
-                text = tokenizer.decode(new[b])
+                text = tokenizer.decode(new[b], skip_special_tokens=True)  # (as lm-eval's HF model decodes)
                 cut = min((text.find(s) for s in stop if s in text), default=len(text))
                 out[i] = text[:cut]
             if progress is not None:
