@@ -406,6 +406,24 @@ def test_stop_strings_across_pieces_and_one_stop_as_a_str():
     assert [s.push("ENTER DEN"), s.push("E"), s.flush()] == [("ENTER D", False), ("EN", False), "E"]
 
 
+def test_stop_strings_kept_and_unchecked_pieces():
+    """include=True (vLLM's include_stop_str_in_output): the stop string stays, the rest of its piece goes, nothing
+    is held back; check=False (vLLM's min_tokens): a stop string inside unchecked text does not stop, one that
+    ends after it does, where it starts; `hit` names the stop string found."""
+    s = StopStrings(["END", "\n\n"], include=True)
+    assert [s.push(x) for x in ("an E", "NDx", "no")] == [("an E", False), ("ND", True), ("", True)]
+    assert s.hit == "END"
+    s = StopStrings("l")
+    assert [s.push(x, check=False) for x in "hél"] == [("h", False), ("é", False), ("l", False)]
+    assert s.push("lo") == ("", True) and s.hit == "l"  # "hél": the first "l" was unchecked
+    s = StopStrings("ab")
+    assert [s.push("xab", check=False), s.push("a", check=False), s.push("bc")] == [("xab", False), ("", False),
+                                                                                   ("", True)]
+    s = StopStrings("ab", include=True)
+    assert [s.push("xa", check=False), s.push("bc")] == [("xa", False), ("b", True)]
+    assert StopStrings("x").hit is None
+
+
 @pytest.mark.parametrize("kw", [dict(presence_penalty=3.0), dict(frequency_penalty=1.5),
                                 dict(presence_penalty=-2.0, frequency_penalty=0.5, temperature=0.7, seed=4)])
 def test_presence_and_frequency_penalties(model, kw):

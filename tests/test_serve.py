@@ -442,6 +442,82 @@ def test_completions_prompts_echo_logprobs_and_stop(client, reference):
         assert got.text_offset[:3] == [0, len(got.tokens[0]), len(got.tokens[0]) + len(got.tokens[1])]
 
 
+def ask(client, chat: bool, stream: bool, prompt: str, **kw) -> tuple[str, str, int | str | None, int]:
+    """(text, finish_reason, vLLM's stop_reason, completion_tokens) of one choice, streamed or not: the chat of HI,
+    or the completion of `prompt` (the chat prompt as text, which the model answers with ANSWER too)."""
+    create = client.chat.completions.create if chat else client.completions.create
+    kw = dict(model=MODEL, temperature=0, **({"messages": HI} if chat else {"prompt": prompt}), **kw)
+    if not stream:
+        r = create(**kw)
+        c = r.choices[0]
+        return c.message.content if chat else c.text, c.finish_reason, c.stop_reason, r.usage.completion_tokens
+    chunks = list(create(**kw, stream=True, stream_options={"include_usage": True}))
+    choices = [c.choices[0] for c in chunks if c.choices]
+    text = "".join((c.delta.content or "") if chat else c.text for c in choices)
+    if not chat:  # vLLM's completions chunks all carry stop_reason, null until the last
+        assert all(c.stop_reason is None for c in choices[:-1])
+    return text, choices[-1].finish_reason, choices[-1].stop_reason, chunks[-1].usage.completion_tokens
+
+
+@pytest.mark.parametrize("chat,stream", [(True, False), (True, True), (False, False), (False, True)])
+def test_vllm_stop_token_ids_and_include_stop_str_in_output(client, reference, chat, stream):
+    """vLLM's extra stop fields, chat and completions, streamed or not: stop_token_ids end the answer at a token the
+    greedy ANSWER holds (its text left out, stop_reason the id), include_stop_str_in_output keeps a stop token's
+    or stop string's text (stop_reason the string), and a stop string in the first min_tokens tokens' text does not
+    stop (the first "l" of "héllo" is in the first 4 tokens, h é é l; the second stops)."""
+    prompt = reference[1].decode(render_prompt(HI, reference[1]))
+    run = lambda **kw: ask(client, chat, stream, prompt, max_tokens=40, extra_body=kw)  # noqa: E731
+    w, head = ord("w"), ANSWER.split("w")[0]
+    assert run(stop_token_ids=[w]) == (head, "stop", w, len(head.encode()) + 1)
+    assert run(stop_token_ids=[w, w], include_stop_str_in_output=True) == (head + "w", "stop", w,
+                                                                           len(head.encode()) + 1)
+    stop = dict(stop=["zz", "wör"])
+    n = len((head + "wör").encode())  # (the stop string is found when its last token comes)
+    assert run(**stop) == (head, "stop", "wör", n)
+    assert run(**stop, include_stop_str_in_output=True) == (head + "wör", "stop", "wör", n)
+    assert run(stop=["l"]) == ("hé", "stop", "l", 4)
+    assert run(stop=["l"], min_tokens=4) == ("hél", "stop", "l", 5)
+    assert run(stop=["l"], min_tokens=4, include_stop_str_in_output=True) == ("héll", "stop", "l", 5)
+    if chat:  # the model's EOS (<|im_end|>): stop_reason null; its text (a special token) is skipped either way
+        n = len(ANSWER.encode()) + 1
+        assert run() == run(include_stop_str_in_output=True) == (ANSWER, "stop", None, n)
+        assert run(include_stop_str_in_output=True, skip_special_tokens=False) == (ANSWER + "<|im_end|>", "stop",
+                                                                                   None, n)
+    else:
+        assert run(max_tokens=3) == ("hé", "length", None, 3)  # (max_tokens overrides the 40 above)
+
+
+def test_vllm_min_tokens_and_ignore_eos(client):
+    """vLLM's min_tokens and ignore_eos, as benchmark clients send them: with <|im_end|> made certain by logit_bias
+    the answer ends at once; min_tokens=5 masks the EOS ids for 5 tokens (the model writes ANSWER's first 5 bytes),
+    then it ends; ignore_eos samples <|im_end|> on (counted, skipped in the text unless skip_special_tokens is
+    false) up to max_tokens, and masked for min_tokens all the same; without the bias, ignore_eos runs the answer
+    past its <|im_end|> to max_tokens. stop_reason is null for an EOS, streamed or not."""
+    eos = {"logit_bias": {str(END): 100}}
+    for stream in (False, True):
+        run = lambda max_tokens=8, **kw: ask(client, True, stream, "", max_tokens=max_tokens, extra_body=kw)  # noqa
+        assert run(**eos) == ("", "stop", None, 1)
+        assert run(**eos, min_tokens=5) == ("héll", "stop", None, 6)
+        assert run(**eos, min_tokens=8) == ("héllo w", "length", None, 8)
+        assert run(**eos, ignore_eos=True) == ("", "length", None, 8)
+        assert run(**eos, ignore_eos=True, skip_special_tokens=False) == ("<|im_end|>" * 8, "length", None, 8)
+        assert run(**eos, ignore_eos=True, min_tokens=5, skip_special_tokens=False) == \
+            ("héll" + "<|im_end|>" * 3, "length", None, 8)
+        text, finish, reason, tokens = run(max_tokens=60, ignore_eos=True)
+        assert text.startswith(ANSWER) and len(text) > len(ANSWER) and (finish, reason, tokens) == ("length", None, 60)
+    # logprobs follow the text: none for a stop token left out, ignore_eos's <|im_end|> tokens have theirs
+    kw = dict(model=MODEL, messages=HI, temperature=0, max_tokens=8, logprobs=True)
+    r = client.chat.completions.create(**kw, extra_body={"stop_token_ids": [ord("w")]})
+    assert len(r.choices[0].logprobs.content) == len("héllo ".encode()) and r.usage.completion_tokens == 8
+    r = client.chat.completions.create(**kw, extra_body={**eos, "ignore_eos": True, "min_tokens": 2})
+    assert [x.token for x in r.choices[0].logprobs.content][2:] == ["<|im_end|>"] * 6
+    # the mask is the sampler's: logprobs stay the model's own (after ANSWER, <|im_end|> is the most likely token)
+    n = len(ANSWER.encode())
+    r = client.chat.completions.create(**{**kw, "max_tokens": n + 3}, top_logprobs=1, extra_body={"min_tokens": n + 1})
+    x = r.choices[0].logprobs.content[n]
+    assert x.token != "<|im_end|>" and x.top_logprobs[0].token == "<|im_end|>"
+
+
 def test_special_tokens_are_left_out_of_the_text_as_vllm_does(client, reference, tmp_path):
     """Special tokens the model writes mid-text (not a stop token) are not in the text, streamed or not, chat and
     completions, as vLLM's default skip_special_tokens=true leaves them out: the text is transformers'
@@ -641,6 +717,21 @@ LONG = "x" * 200  # 200 byte tokens: more than the 128-token context
     ("completions", {"model": MODEL, "prompt": "ab", "seed": "1"}, 400, "seed", "invalid_type"),
     ("completions", {"model": MODEL, "prompt": "ab", "frequency_penalty": 3}, 400, "frequency_penalty",
      "invalid_value"),
+    ("completions", {"model": MODEL, "prompt": "ab", "min_tokens": 17}, 400, "min_tokens", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 5, "min_tokens": 6}, 400, "min_tokens",
+     "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "min_tokens": 200}, 400, "min_tokens", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "min_tokens": -1}, 400, "min_tokens", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "min_tokens": "3"}, 400, "min_tokens", "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "stop_token_ids": 5}, 400, "stop_token_ids",
+     "invalid_type"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "stop_token_ids": [5, "a"]}, 400, "stop_token_ids[1]",
+     "invalid_type"),
+    ("completions", {"model": MODEL, "prompt": "ab", "stop_token_ids": [300]}, 400, "stop_token_ids",
+     "invalid_value"),
+    ("completions", {"model": MODEL, "prompt": "ab", "ignore_eos": "yes"}, 400, "ignore_eos", "invalid_type"),
+    ("completions", {"model": MODEL, "prompt": "ab", "include_stop_str_in_output": 1}, 400,
+     "include_stop_str_in_output", "invalid_type"),
     ("tokenize", {"prompt": "ab", "messages": HI}, 400, "messages", "invalid_value"),
     ("tokenize", {}, 400, "prompt", "invalid_value"),
     ("tokenize", {"prompt": 5}, 400, "prompt", "invalid_type"),

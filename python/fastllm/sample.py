@@ -323,31 +323,42 @@ class TextStreamer:
 
 class StopStrings:
     """Cuts a stream of text pieces at the first occurrence of any of the `stop` strings (not included; a str is
-    one stop string, as OpenAI's `stop`).
+    one stop string, as OpenAI's `stop`; include=True: included, as vLLM's include_stop_str_in_output, and the
+    rest of the piece that completes it is dropped).
     push(piece) returns (text that is safe to show now, stopped); text whose end could still grow into a stop
-    string is held back until the next piece decides it; flush() returns what is held at the end of the stream.
+    string is held back until the next piece decides it (include=True: nothing is held, the stop string is
+    shown anyway); flush() returns what is held at the end of the stream. `hit` is the stop string found.
+    push(piece, check=False) shows the piece without looking for stop strings in it (vLLM's min_tokens: a stop
+    string within the first min_tokens tokens' text does not stop; one that ends after it does, where it starts).
 
     >>> s = StopStrings(["\\n\\n"]); s.push("Hi\\n"), s.push("\\nBye")
     (('Hi', False), ('', True))
     """
 
-    def __init__(self, stop: str | Sequence[str] = ()):
+    def __init__(self, stop: str | Sequence[str] = (), include: bool = False):
         self.stop = [x for x in ([stop] if isinstance(stop, str) else stop) if x]  # (not one stop per character)
-        self.text, self.emitted, self.stopped = "", 0, False
+        self.include = include
+        self.text, self.emitted, self.stopped, self.hit = "", 0, False, None
+        self.checked = 0  # a stop string found must end after text[:checked] (searched, or left unchecked)
 
-    def push(self, piece: str) -> tuple[str, bool]:
+    def push(self, piece: str, check: bool = True) -> tuple[str, bool]:
         if self.stopped:
             return "", True
         self.text += piece
-        hits = [h for h in (self.text.find(x, self.emitted) for x in self.stop) if h >= 0]
-        if hits:
-            self.stopped = True
-            out, self.emitted = self.text[self.emitted:min(hits)], min(hits)
-            return out, True
+        if check:
+            floor = 0 if self.include else self.emitted  # (held-back text starts at emitted)
+            hits = [(h, x) for x in self.stop if (h := self.text.find(x, max(floor, self.checked - len(x) + 1))) >= 0]
+            if hits:
+                h, x = min(hits, key=lambda hx: hx[0])
+                end = h + len(x) if self.include else h
+                self.stopped, self.hit = True, x
+                out, self.emitted = self.text[self.emitted:end], end
+                return out, True
+        self.checked = len(self.text)
         # hold back the longest tail that is a proper prefix of some stop string
         tail = self.text[self.emitted:]
-        hold = max((k for x in self.stop for k in range(min(len(x) - 1, len(tail)), 0, -1)
-                    if tail.endswith(x[:k])), default=0)
+        hold = 0 if self.include else max((k for x in self.stop for k in range(min(len(x) - 1, len(tail)), 0, -1)
+                                           if tail.endswith(x[:k])), default=0)
         out = tail[:len(tail) - hold]
         self.emitted += len(out)
         return out, False

@@ -24,15 +24,25 @@ Semantics (OpenAI's, where it defines them):
   own fields that change nothing here (user, metadata, prompt_cache_key, reasoning_effort, ...) are accepted;
   those asking for what this server lacks (audio, web_search_options, ...) are a 400 (unsupported_parameter).
 - usage: prompt_tokens counts each prompt once (whatever n), completion_tokens every token sampled, a
-  terminating stop token included; finish_reason "stop" (stop token or stop string) or "length" (max_tokens).
+  terminating stop token included; finish_reason "stop" (stop token or stop string) or "length" (max_tokens),
+  and vLLM's stop_reason: the stop string or stop_token_ids id that ended the choice, null for an EOS id or
+  max_tokens (streamed: on every completions chunk, on the last chat chunk, as vLLM sends it).
+- vLLM's stop fields (extra_body in the openai client), both endpoints: stop_token_ids (ids that end a choice, their
+  text left out), ignore_eos (the model's EOS ids end nothing: they are sampled and counted as any other token;
+  not with a grammar), min_tokens (<= max_tokens: until that many tokens are sampled the EOS ids -- ignore_eos or
+  not -- and stop_token_ids are masked out of the logits, and stop strings are not looked for in their text; one
+  that ends after it stops the choice where it starts; a grammar that allows nothing but its end still ends it)
+  and include_stop_str_in_output (the stop string, or the text of the stop token, stays in the text; a special
+  token's text is still skipped unless skip_special_tokens is false).
 - special tokens (tokenizer.special_ids: <|im_start|>, <|eot_id|>, <|endoftext|>, ... but not HF's non-special
   added tokens such as Qwen's <tool_call>) the model writes are left out of the text, streamed or not, as vLLM
   leaves them out; vLLM's extra field skip_special_tokens=false keeps them (spaces_between_special_tokens is
   accepted: it changes nothing for byte-level BPE tokenizers, in vLLM either). Stop strings are found in the text
   as returned. The tags the tool-call and reasoning parsers read (<tool_call>, <think>) stay in their input where
   a tokenizer has them as special tokens. Logprobs name every token by its own text, special tokens too (as vLLM).
-- logprobs are the model's own (log-softmax of the logits, before temperature, penalties and filtering), for
-  every sampled token except a terminating stop token; chat: logprobs=true and top_logprobs 0..20,
+- logprobs are the model's own (log-softmax of the logits, before temperature, penalties, min_tokens' mask and
+  filtering), for every sampled token except a terminating stop token (unless include_stop_str_in_output keeps
+  its text); chat: logprobs=true and top_logprobs 0..20,
   completions: logprobs 0..5 (with echo, the prompt's tokens too).
 - seed: choice 0 of a seeded request gives the tokens of `fastllm.sample.generate(..., seed=seed)`, alone or
   in a batch. fastllm's extra fields: top_k, min_p, repetition_penalty (`extra_body` in the openai client).
@@ -187,7 +197,8 @@ def _get(body: dict, name: str, kind: str, default=None, lo: float | None = None
 _IGNORED = {"user", "metadata", "store", "service_tier", "stream_options"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty",
            "frequency_penalty", "logit_bias", "logprobs", "top_k", "min_p", "repetition_penalty", "skip_special_tokens",
-           "spaces_between_special_tokens"} | _IGNORED
+           "spaces_between_special_tokens", "stop_token_ids", "ignore_eos", "min_tokens",
+           "include_stop_str_in_output"} | _IGNORED
 # chat fields of OpenAI's that change nothing here either: prompt caching and safety ids (bookkeeping),
 # prediction (only makes OpenAI faster), reasoning_effort and verbosity (hints to OpenAI's reasoning models)
 _CHAT_IGNORED = {"prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier",
@@ -222,6 +233,7 @@ class _Choice:
     tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop_token_ids id that ended it
     started: bool = False
     offset: int = 0  # completions' text_offset of the next token
     parser: object = None  # chat with tools: the format's parser (fastllm.tools), which text goes through
@@ -295,7 +307,7 @@ class Call:
                 text, calls = text + more, calls + more_calls
         c.text.append(text)
         if e.finish_reason is not None:
-            c.finish_reason = e.finish_reason
+            c.finish_reason, c.stop_reason = e.finish_reason, e.stop_reason
             self.finished += 1
         if self.kind == "chat":
             if reasoning:
@@ -309,9 +321,11 @@ class Call:
                 if c.calls and c.finish_reason == "stop":
                     c.finish_reason = "tool_calls"
                 out.append(self._stream_chunk(e.index, {}, finish_reason=c.finish_reason))
+                out[-1]["choices"][0]["stop_reason"] = c.stop_reason  # (vLLM: on the last chunk only)
         elif e.text or e.logprobs or e.finish_reason is not None:
             lp = self._completion_logprobs(c, e.logprobs, [x.token for x in e.logprobs])
             out.append(self._stream_chunk(e.index, e.text, lp, e.finish_reason))
+            out[-1]["choices"][0]["stop_reason"] = e.stop_reason  # (vLLM: on every chunk, null until the end)
         return out
 
     def _message(self, c: _Choice) -> dict:
@@ -388,7 +402,8 @@ class Call:
         if self.kind == "chat":
             d = self._head("chat.completion")
             d["choices"] = [{"index": i, "message": self._message(c), "logprobs": self._chat_logprobs(c.logprobs),
-                             "finish_reason": c.finish_reason} for i, c in enumerate(self.choices)]
+                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                            for i, c in enumerate(self.choices)]
         else:
             d = self._head("text_completion")
             d["choices"] = []
@@ -398,7 +413,7 @@ class Call:
                 entries = self.prompt_logprobs.get(p, []) + c.logprobs
                 lp = self._completion_logprobs(c, entries, self._prompt_ids(p) + [x.token for x in c.logprobs])
                 d["choices"].append({"index": i, "text": "".join(c.text), "logprobs": lp,
-                                     "finish_reason": c.finish_reason})
+                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         d["usage"] = self.usage()
         return d
 
@@ -483,8 +498,26 @@ def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
     skip = _get(body, "skip_special_tokens", "boolean", True)
     _get(body, "spaces_between_special_tokens", "boolean")
     common = dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias,
-                  skip_special_tokens=skip)
+                  skip_special_tokens=skip, **_vllm_stops(body, served))
     return common, stream, include_usage
+
+
+def _vllm_stops(body: dict, served: ServedModel) -> dict:
+    """vLLM's extra stop fields, checked (min_tokens against max_tokens: `_check_min_tokens`, once that is known)."""
+    ids = _get(body, "stop_token_ids", "array", [])
+    for i, t in enumerate(ids):
+        if not _is_int(t):
+            raise _bad_type(f"stop_token_ids[{i}]", "an integer", t)
+    _check_ids(ids, "stop_token_ids", "stop_token_ids", served)
+    return dict(stop_token_ids=list(dict.fromkeys(ids)), ignore_eos=_get(body, "ignore_eos", "boolean", False),
+                min_tokens=_get(body, "min_tokens", "integer", 0, 0),
+                include_stop_str_in_output=_get(body, "include_stop_str_in_output", "boolean", False))
+
+
+def _check_min_tokens(common: dict, max_tokens: int) -> None:
+    if common["min_tokens"] > max_tokens:  # (vLLM's message; max_tokens as resolved: the rest of the context if unset)
+        raise APIError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
+                            f"{common['min_tokens']}.", "min_tokens", "invalid_value")
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], lo: int = 1) -> tuple[int | None, str]:
@@ -694,6 +727,10 @@ def parse_chat(body, served: ServedModel) -> Call:
     ids = _chat_prompt(body, served, msgs, tools)
     max_tokens, name = _max_tokens(body, ("max_completion_tokens", "max_tokens"))
     m = _fit(served, len(ids), max_tokens, None, "messages", name)
+    _check_min_tokens(common, m)
+    if common["ignore_eos"] and constraint is not None:
+        raise APIError(400, "'ignore_eos' cannot be combined with 'response_format' or a forced tool call: the answer "
+                            "ends where its grammar ends.", "ignore_eos", "invalid_value")
     think = None
     if getattr(served.chat, "thinks", False) and constraint is None:  # (a grammar's text is all answer)
         think = served.tokenizer.decode(ids[-8:]).rstrip().endswith(THINK)  # the template opened <think> itself
@@ -779,6 +816,7 @@ def parse_completion(body, served: ServedModel) -> Call:
         raise _unsupported("best_of", f"={best_of} (other than n)")
     max_tokens, name = _max_tokens(body, ("max_tokens",), 0 if echo else 1)  # echo, 0: the prompt's logprobs only
     maxes = [_fit(served, len(p), max_tokens, 16, "prompt", name) for p in ids]
+    _check_min_tokens(common, min(maxes))
     req = Request(prompts=ids, max_tokens=maxes, stop_tokens=list(served.stops),
                   logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)
     return Call("completion", served, req, stream, include_usage, texts if echo else None)

@@ -71,8 +71,11 @@ class Chunk:
     index: int
     text: str  # new text: whole UTF-8 characters, never a piece of a stop string
     tokens: list[int]  # the token sampled (counted in usage, a terminating stop token included)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the sampled tokens (not a stop token)
+    # of the sampled tokens (not a terminating stop token, unless include_stop_str_in_output shows its text)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (stop token or string) | "length" (max_tokens) when finished
+    # vLLM's stop_reason: the stop string or the stop_token_ids id that ended it (None: EOS, length, not finished)
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -101,7 +104,14 @@ class Request:
     n: int = 1
     seed: int | None = None  # choice 0 draws from default_rng(seed), choice i > 0 from default_rng([seed, i])
     stop: Sequence[str] = ()  # stop strings (not included in the text)
-    stop_tokens: Sequence[int] = ()  # token ids that end a sequence (their text not included)
+    stop_tokens: Sequence[int] = ()  # the model's EOS ids: they end a sequence (their text not included)
+    # vLLM's sampling extras: the client's own stop ids (stop_reason: the id), EOS ids that do not end a sequence
+    # (they are sampled as any token), no EOS / stop id / stop string before min_tokens tokens (the EOS and stop
+    # ids are masked out of the logits until then), and stop strings and stop tokens' text kept in the text
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k >= 0: each sampled token's logprob and its k best alternatives
     prompt_logprobs: bool = False  # also the logprobs of the prompt tokens (one full forward per prompt)
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI logit_bias)
@@ -136,7 +146,12 @@ class _Seq:
         self.rng = np.random.default_rng(seed)
         self.out: list[int] = []
         self.streamer = TextStreamer(tokenizer, req.skip_special_tokens, req.keep_special, continues=True)
-        self.cutter = StopStrings(req.stop)
+        self.cutter = StopStrings(req.stop, req.include_stop_str_in_output)
+        eos, self.stop_ids = frozenset(req.stop_tokens), frozenset(req.stop_token_ids)
+        self.ends = frozenset() if req.ignore_eos else eos  # the EOS ids that end it (stop_reason None)
+        # vLLM's min_tokens masks every EOS id (ignore_eos or not) and stop id until then; only those rows pay it
+        early = [t for t in eos | self.stop_ids if t < vocab]
+        self.early = np.array(sorted(early), np.int64) if req.min_tokens and early else None
         self.row = -1
         self.logits: np.ndarray | None = None
         self.bias = mask  # -inf on ids the tokenizer cannot decode, if the model has such ids
@@ -150,8 +165,15 @@ class _Seq:
     def sample(self) -> int:
         sp = self.req.params
         logits = self.logits if self.bias is None else self.logits + self.bias
+        early = self.early is not None and len(self.out) < self.req.min_tokens
+        if early:  # min_tokens: no EOS or stop id yet
+            logits = logits.copy() if logits is self.logits else logits  # (n choices share their prefill's row)
+            logits[self.early] = -np.inf
         if self.matcher is not None:  # the grammar's next tokens only (none left: it ends here)
             allowed = self.matcher.allowed(len(logits))
+            if early:
+                allowed = allowed.copy()
+                allowed[self.early] = False
             if not allowed.any():
                 return next(iter(self.req.stop_tokens))
             logits = np.where(allowed, logits, np.float32(-np.inf))
@@ -161,20 +183,23 @@ class _Seq:
 
     def step(self, t: int) -> Chunk:
         """Record token t; the text it completes and whether the sequence is finished."""
+        req = self.req
         self.out.append(t)
-        if self.matcher is not None and t not in self.req.stop_tokens:
+        eos = t in self.ends
+        stop_id = not eos and t in self.stop_ids
+        shown = not (eos or stop_id) or req.include_stop_str_in_output  # a stop token's text: vLLM's option
+        if self.matcher is not None and not (eos or stop_id):
             self.matcher.accept(t)
-        lps = [] if self.req.logprobs is None or t in self.req.stop_tokens else \
-            [logprob_of(self.logits[:self.n_vocab], t, self.req.logprobs)]
-        if t in self.req.stop_tokens:
-            text, stopped = self.cutter.push(self.streamer.flush())
-            return Chunk(self.index, text + self.cutter.flush(), [t], lps, "stop")
-        text, stopped = self.cutter.push(self.streamer.push(t))
+        lps = [] if req.logprobs is None or not shown else [logprob_of(self.logits[:self.n_vocab], t, req.logprobs)]
+        check = len(self.out) > req.min_tokens  # (vLLM: stop strings in the first min_tokens tokens' text are not)
+        text, stopped = self.cutter.push(self.streamer.push(t) if shown else "", check)
         if stopped:
-            return Chunk(self.index, text, [t], lps, "stop")
-        if len(self.out) >= self.max_tokens:
-            more, stopped = self.cutter.push(self.streamer.flush())
-            return Chunk(self.index, text + more + self.cutter.flush(), [t], lps, "stop" if stopped else "length")
+            return Chunk(self.index, text, [t], lps, "stop", self.cutter.hit)
+        if eos or stop_id or len(self.out) >= self.max_tokens:
+            more, stopped = self.cutter.push(self.streamer.flush(), check)
+            reason = self.cutter.hit if stopped else t if stop_id else None
+            return Chunk(self.index, text + more + self.cutter.flush(), [t], lps,
+                         "stop" if stopped or eos or stop_id else "length", reason)
         return Chunk(self.index, text, [t], lps)
 
 
@@ -279,8 +304,15 @@ class Engine:
             raise ValueError(f"logit_bias holds token ids outside [0, {V})")
         if req.constraint is not None and not req.stop_tokens:
             raise ValueError("a constrained request needs stop tokens to end on")
+        if req.stop_token_ids and any(not 0 <= t < V for t in req.stop_token_ids):
+            raise ValueError(f"stop_token_ids holds token ids outside [0, {V})")
+        if not 0 <= req.min_tokens <= min(maxes):
+            raise ValueError(f"min_tokens={req.min_tokens} is not within [0, max_tokens={min(maxes)}]")
+        if req.constraint is not None and req.ignore_eos:
+            raise ValueError("a constrained request ends where its grammar ends: it cannot ignore EOS")
         req.max_tokens = maxes
         req.stop_tokens = frozenset(int(t) for t in req.stop_tokens)
+        req.stop_token_ids = frozenset(int(t) for t in req.stop_token_ids)
 
     def submit(self, req: Request) -> Request:
         """Queue `req` (its events go to req.emit). QueueFull / EngineClosed / ValueError."""
