@@ -85,7 +85,6 @@ FAMILIES = {
                                     "<|user|>", "<|end|>"], [], "<s>"),
 }
 PHI3_CHAT_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|user|>", "<|end|>"]
-META = "\u2581"
 
 
 def build_tokenizer(family: str, vocab_size: int = 3000):
@@ -128,9 +127,10 @@ def build_tokenizer(family: str, vocab_size: int = 3000):
 
 
 @functools.cache
-def sentencepiece_model(vocab_size: int, text: str | None = None) -> str:
+def sentencepiece_model(vocab_size: int, text: str | None = None, **options) -> str:
     """A SentencePiece BPE model trained on `text` (default training_text()) with Llama 2's trainer settings (byte
-    fallback, digits split, identity normalization, whitespace kept; <unk> <s> </s> are ids 0 1 2); its path."""
+    fallback, digits split, identity normalization, whitespace kept; <unk> <s> </s> are ids 0 1 2), `options`
+    (trainer arguments, tuples for lists) changing them; its path."""
     import tempfile
 
     import pytest
@@ -138,52 +138,28 @@ def sentencepiece_model(vocab_size: int, text: str | None = None) -> str:
     spm = pytest.importorskip("sentencepiece")
     folder = Path(tempfile.mkdtemp(prefix="fastllm-spm-"))
     (folder / "train.txt").write_text(text or training_text(), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "train.txt"), model_prefix=str(folder / "m"), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, character_coverage=0.9995, max_sentence_length=1 << 20, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+    settings = dict(
+        model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=0.9995,
+        max_sentence_length=1 << 20, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+    settings.update({k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
+    spm.SentencePieceTrainer.train(input=str(folder / "train.txt"), model_prefix=str(folder / "m"),
+                                   vocab_size=vocab_size, **settings)
     return str(folder / "m.model")
 
 
 def sentencepiece_doc(vocab_size: int = 3000, metaspace: str | None = None, split: bool = False,
                       model_file: str | None = None) -> dict:
-    """The tokenizer.json transformers' LlamaConverter writes for a SentencePiece BPE model (Llama 2's layout):
-    every piece in the vocab (<0x00>..<0xFF> for byte fallback), merges from every split of a piece into two
-    pieces ordered by the piece's score, <s> before every text. metaspace=None: Llama 2's legacy normalizer
-    (Prepend + Replace); else a Metaspace pre-tokenizer with that prepend_scheme (and `split`). `model_file`: that
-    model instead of sentencepiece_model(vocab_size)."""
-    import sentencepiece as spm
+    """The tokenizer.json transformers' LlamaConverter writes for a SentencePiece BPE model (fastllm.spm's
+    conversion): metaspace=None: Llama 2's legacy normalizer (Prepend + Replace); else the Metaspace pre-tokenizer
+    of legacy=false with that prepend_scheme (and `split`). `model_file`: that model instead of
+    sentencepiece_model(vocab_size)."""
+    from fastllm.spm import sentencepiece_doc as convert
 
-    sp = spm.SentencePieceProcessor(model_file=model_file or sentencepiece_model(vocab_size))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    normal = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.get_piece_size())
-              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
-    merges = sorted((-score, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:]) for p, score in normal.items()
-                    for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal)
-    added = [{"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i in range(3)]
-    def bos(type_id: int) -> dict:
-        return {"SpecialToken": {"id": "<s>", "type_id": type_id}}
-
-    legacy = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": META},
-                                                  {"type": "Replace", "pattern": {"String": " "}, "content": META}]}
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": legacy if metaspace is None else None,
-        "pre_tokenizer": None if metaspace is None else {"type": "Metaspace", "replacement": META,
-                                                         "prepend_scheme": metaspace, "split": split},
-        "post_processor": {"type": "TemplateProcessing", "single": [bos(0), {"Sequence": {"id": "A", "type_id": 0}}],
-                           "pair": [bos(0), {"Sequence": {"id": "A", "type_id": 0}}, bos(1),
-                                    {"Sequence": {"id": "B", "type_id": 1}}],
-                           "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": META}, "content": " "}, {"type": "ByteFallback"},
-            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": [f"{a} {b}" for *_, a, b in merges]},
-    }
+    doc = convert(model_file or sentencepiece_model(vocab_size), legacy=metaspace is None)
+    if metaspace is not None:  # (the conversion writes prepend_scheme "first", split false)
+        doc["pre_tokenizer"].update(prepend_scheme=metaspace, split=split)
+    return doc
 
 
 # ---- chat templates (public texts of the checkpoints' tokenizer_config.json "chat_template") ------------------

@@ -346,10 +346,236 @@ def test_sentencepiece_unsupported_named(tmp_path, edit, match):
         Tokenizer.from_pretrained(tmp_path)
 
 
-def test_sentencepiece_model_only_refused(tmp_path):
-    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0bsentencepiece")
-    with pytest.raises(ValueError, match=r"tokenizer.model: a SentencePiece model and no tokenizer.json"):
+# ---- a folder with a SentencePiece tokenizer.model and no tokenizer.json (converted: fastllm.spm) ----------------
+
+USER_DEFINED = ("<sep>", "\u2014")  # the second (an em dash) is in some of eval_texts()
+SPM_VARIANTS = {  # trainer settings changed from Llama 2's (hf_families.sentencepiece_model)
+    "llama2": {},
+    "no_byte_fallback": dict(byte_fallback=False, character_coverage=0.99),  # unknown characters: <unk>, fused
+    "user_defined": dict(user_defined_symbols=USER_DEFINED),
+    "no_dummy_prefix": dict(add_dummy_prefix=False),
+    # the trainer's splits only limit which pieces it learns: encoding is the same BPE over the whole text
+    "splits_off": dict(split_by_unicode_script=False, split_by_whitespace=False, split_by_number=False,
+                       split_digits=False),
+}
+
+
+def spm_folder(folder, model_file: str, **config):
+    """A model folder with only tokenizer.model and tokenizer_config.json (LlamaTokenizer's, with `config`)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_file, folder / "tokenizer.model")
+    conf = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "clean_up_tokenization_spaces": False, **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps(conf))
+    return folder
+
+
+def spm_model(variant: str) -> str:
+    from hf_families import sentencepiece_model
+
+    return sentencepiece_model(3000, **SPM_VARIANTS[variant])
+
+
+@pytest.mark.parametrize("variant", list(SPM_VARIANTS))
+def test_sentencepiece_model_equals_sentencepiece_library(tmp_path, variant):
+    """A folder with only tokenizer.model encodes as the sentencepiece library does with it (byte fallback or
+    <unk>, trainer splits off, no dummy prefix), decodes as it does, and puts <s> first in encode_prompt. The one
+    difference is HF's: the text after a user-defined piece gets its own dummy prefix."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    sp = spm.SentencePieceProcessor(model_file=spm_model(variant))
+    tok = Tokenizer.from_pretrained(spm_folder(tmp_path, spm_model(variant)))
+    assert tok.pattern == "whole" and tok.bos_token == 1 and tok.n_vocab == sp.get_piece_size()
+    seen = {"byte": 0, "unk": 0, "user": 0}
+    for t in eval_texts() + [s for s in SP_TEXTS if "<" not in s]:
+        ids = sp.encode(t)
+        seen["byte"] += sum(sp.is_byte(i) for i in ids)
+        seen["unk"] += sum(sp.is_unknown(i) for i in ids)
+        if variant == "user_defined" and any(u in t for u in USER_DEFINED):
+            seen["user"] += 1
+            # HF's layout: each stretch between user-defined pieces is encoded as a text of its own
+            parts = t.split("\u2014")
+            want = sum(([sp.piece_to_id("\u2014")] + sp.encode(p) if k else sp.encode(p)
+                        for k, p in enumerate(parts)), [])
+            assert tok.encode(t).tolist() == want != ids, t[:80]
+            continue
+        assert tok.encode(t).tolist() == ids, (variant, t[:80])
+        assert tok.encode_prompt(t).tolist() == [1] + ids
+        if not seen["unk"]:  # (sentencepiece decodes <unk> as " \u2047 ", HF as "<unk>")
+            assert tok.decode(ids) == sp.decode(ids), (variant, t[:80])
+    assert seen["byte"] > 20 if variant != "no_byte_fallback" else seen["unk"] > 5  # the fallback paths ran
+    if variant == "user_defined":
+        assert seen["user"] >= 2
+        assert sp.encode("x\u2014y", out_type=str) == ["\u2581x", "\u2014", "y"]
+        assert [tok.token_to_bytes(i) for i in tok.encode("x\u2014y")] == [b" x", "\u2014".encode(), b" y"]
+
+
+def transformers_conversion(model_file: str, legacy: bool):
+    """transformers' own LlamaConverter run on `model_file`: an HF tokenizers.Tokenizer. (transformers 5 has no
+    slow LlamaTokenizer, and its SentencePieceExtractor.extract no longer takes the scores LlamaConverter passes:
+    the shim gives the converter what transformers 4's extractor gave, generate_merges by piece score.)"""
+    pytest.importorskip("transformers")
+    spm = pytest.importorskip("sentencepiece")
+    from transformers.convert_slow_tokenizer import LlamaConverter
+
+    try:
+        from transformers.tokenization_utils_base import generate_merges
+    except ImportError:
+        from transformers.convert_slow_tokenizer import generate_merges
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+
+    class Extractor:
+        def __init__(self, path):
+            pass
+
+        def extract(self, vocab_scores=None):
+            vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+            return vocab, generate_merges(vocab, vocab_scores)
+
+    class Converter(LlamaConverter):
+        SpmExtractor = Extractor
+
+    class Slow:  # what LlamaConverter reads of the slow tokenizer
+        vocab_file, add_prefix_space = model_file, True
+
+        def convert_ids_to_tokens(self, i):
+            return sp.id_to_piece(i)
+
+    slow = Slow()
+    slow.legacy = legacy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (LlamaConverter warns about byte fallback)
+        hf = Converter(slow).converted()
+    hf.add_special_tokens([tokenizers.AddedToken("<unk>", special=True, normalized=False)])  # (LlamaTokenizerFast's)
+    return hf
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("variant", ["llama2", "user_defined", "no_byte_fallback"])
+def test_sentencepiece_model_equals_transformers(tmp_path, variant, legacy):
+    """The conversion gives the ids of transformers' LlamaConverter (legacy: the Prepend normalizer; legacy=false:
+    Metaspace, prepend_scheme first) and, for legacy=false with byte fallback, of transformers' AutoTokenizer on the
+    same folder."""
+    model = spm_model(variant)
+    folder = spm_folder(tmp_path, model, legacy=legacy)
+    tok = Tokenizer.from_pretrained(folder)
+    refs = [transformers_conversion(model, legacy)]
+    # (transformers 5 builds legacy LlamaTokenizers with Metaspace, not the Prepend normalizer, and with no
+    # unk_token, so that without byte fallback it drops unknown characters)
+    if not legacy and variant != "no_byte_fallback":
+        from transformers import AutoTokenizer
+
+        refs.append(AutoTokenizer.from_pretrained(str(folder)).backend_tokenizer)
+    texts = eval_texts() + SP_TEXTS + ["\u2014x", "x\u2014", " \u2014 ", "<sep><sep> a"]
+    for t in texts:
+        ids = tok.encode(t, allowed_special="all").tolist()
+        for hf in refs:
+            assert ids == hf.encode(t, add_special_tokens=False).ids, (variant, legacy, t[:80])
+        assert tok.decode(ids) == refs[0].decode(ids, skip_special_tokens=False), (variant, legacy, t[:80])
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sentencepiece_model_save_hf(tmp_path, legacy):
+    """save_hf of a converted tokenizer.model writes a tokenizer.json that HF tokenizers and fastllm load to the
+    same ids (<s> first through HF's post-processor)."""
+    tok = Tokenizer.from_pretrained(spm_folder(tmp_path / "src", spm_model("user_defined"), legacy=legacy))
+    tok.save_hf(tmp_path / "tokenizer.json")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    again = Tokenizer.from_pretrained(tmp_path)
+    for t in eval_texts() + SP_TEXTS:
+        ids = tok.encode(t, allowed_special="all").tolist()
+        assert hf.encode(t, add_special_tokens=False).ids == ids == again.encode(t, allowed_special="all").tolist()
+        assert hf.encode(t).ids == [1] + ids
+        assert hf.decode(ids, skip_special_tokens=False) == tok.decode(ids) == again.decode(ids)
+    assert again.bos_token == 1 and again.plain_tokens == frozenset(USER_DEFINED)
+
+
+def test_sentencepiece_model_config(tmp_path):
+    """tokenizer_config.json's settings: the model file named directly, add_bos_token false, added tokens after
+    the vocab (added_tokens_decoder, as Llama 2 fine-tunes add <pad>), their lstrip/rstrip."""
+    spm = pytest.importorskip("sentencepiece")
+    model = spm_model("llama2")
+    sp = spm.SentencePieceProcessor(model_file=model)
+    added = {"0": {"content": "<unk>", "special": True}, "3000": {"content": "<pad>", "special": True},
+             "3001": {"content": "<|end|>", "special": True, "rstrip": True}}
+    folder = spm_folder(tmp_path, model, add_bos_token=False, added_tokens_decoder=added)
+    tok = Tokenizer.from_pretrained(folder / "tokenizer.model")
+    assert tok.bos_token is None
+    assert tok.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3000, "<|end|>": 3001}
+    t = "Hello<|end|>\n  world<pad>"
+    ids = tok.encode(t, allowed_special="all").tolist()
+    assert ids == sp.encode("Hello") + [3001] + sp.encode("world") + [3000]  # (<|end|> takes the whitespace after it)
+    tok.save_hf(tmp_path / "tokenizer.json")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode(t).ids == ids and hf.decode(ids, skip_special_tokens=True) == "Hello world"
+
+
+def edited_model(folder, edit) -> None:
+    """folder/tokenizer.model: Llama 2's test model with `edit` applied to its ModelProto."""
+    pytest.importorskip("sentencepiece")
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    with open(spm_model("llama2"), "rb") as f:
+        m.ParseFromString(f.read())
+    edit(m)
+    spm_folder(folder, spm_model("llama2"))
+    (folder / "tokenizer.model").write_bytes(m.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.trainer_spec.__setattr__("model_type", 1), "a SentencePiece UNIGRAM model .*not BPE"),
+        (lambda m: (m.normalizer_spec.__setattr__("name", "nmt_nfkc"),
+                    m.normalizer_spec.__setattr__("precompiled_charsmap", b"\0\0\0\0")),
+         "normalizer_spec 'nmt_nfkc' rewrites the text"),
+        (lambda m: m.normalizer_spec.__setattr__("remove_extra_whitespaces", True),
+         "normalizer_spec.remove_extra_whitespaces=true"),
+        (lambda m: m.normalizer_spec.__setattr__("escape_whitespaces", False),
+         "normalizer_spec.escape_whitespaces=false"),
+        (lambda m: m.trainer_spec.__setattr__("treat_whitespace_as_suffix", True),
+         "trainer_spec.treat_whitespace_as_suffix=true"),
+        (lambda m: m.pieces[500].__setattr__("type", 5), "1 unused pieces"),
+    ],
+)
+def test_sentencepiece_model_refused(tmp_path, edit, match):
+    edited_model(tmp_path, edit)
+    with pytest.raises(ValueError, match=r"tokenizer.model: " + match):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_sentencepiece_model_refused_other(tmp_path, monkeypatch):
+    """A real Unigram model, a file that is no model, tokenizer classes converted otherwise, EOS after every text,
+    added tokens only added_tokens.json lists, and the packages missing: ValueErrors that say so."""
+    from hf_families import sentencepiece_model
+
+    spm_folder(tmp_path / "unigram", sentencepiece_model(1000, model_type="unigram", character_coverage=0.98))
+    with pytest.raises(ValueError, match="a SentencePiece UNIGRAM model"):
+        Tokenizer.from_pretrained(tmp_path / "unigram")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "tokenizer.model").write_bytes(b"\x0a\x0bsentencepiece")
+    with pytest.raises(ValueError, match="tokenizer.model: not a SentencePiece model"):
+        Tokenizer.from_pretrained(tmp_path / "junk")
+    spm_folder(tmp_path / "gemma", spm_model("llama2"), tokenizer_class="GemmaTokenizer")
+    with pytest.raises(ValueError, match="tokenizer_class 'GemmaTokenizer'"):
+        Tokenizer.from_pretrained(tmp_path / "gemma")
+    spm_folder(tmp_path / "eos", spm_model("llama2"), add_eos_token=True)
+    with pytest.raises(ValueError, match="adds no tokens after the text"):
+        Tokenizer.from_pretrained(tmp_path / "eos")
+    spm_folder(tmp_path / "extra", spm_model("llama2"))
+    (tmp_path / "extra" / "added_tokens.json").write_text(json.dumps({"<pad>": 3000}))
+    with pytest.raises(ValueError, match="added_tokens.json: added tokens that .* does not list .*'<pad>': 3000"):
+        Tokenizer.from_pretrained(tmp_path / "extra")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed
+    with pytest.raises(ValueError, match=r"pip install sentencepiece protobuf\); or give the folder its tokenizer"):
+        Tokenizer.from_pretrained(tmp_path / "eos")
 
 
 STRIP_TEXTS = ["a  {x}  b", "{x}\n\nb", "a\u3000\u00a0{x}\u2003\tb", "{x}  {y}  {x}", "  {y}{y}  ", "{y} \n{x}",

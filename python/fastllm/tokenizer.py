@@ -24,7 +24,8 @@ Conventions
     its byte-fallback tokens <0xNN> (else <unk>), and each stretch of text between special tokens gets the leading
     space the file's Prepend normalizer or Metaspace pre-tokenizer asks for (BpeEncoder.set_sentencepiece);
     patterns "whole" (no split) and "metaspace" (split before spaces). `decode` strips one leading space and
-    decodes runs of byte tokens as HF's decoder does.
+    decodes runs of byte tokens as HF's decoder does. A folder's SentencePiece ``tokenizer.model`` without a
+    tokenizer.json is converted to one as transformers' LlamaConverter does (fastllm.spm).
 
 >>> tok = Tokenizer.train(["hello world, hello there"] * 10, vocab_size=270, progress=False)
 >>> ids = tok.encode("hello world")
@@ -82,8 +83,8 @@ def _to_hf_regex(pat: str) -> str:
 _PATTERN_ALIASES[_to_hf_regex(GPT4_PATTERN)] = "gpt4"
 _NORMALIZERS = ("NFC", "NFKC", "NFD", "NFKD")  # HF normalizer types fastllm applies (unicodedata's forms)
 _SENTENCEPIECE = (
-    "fastllm reads SentencePiece-style BPE tokenizers only as tokenizer.json (Llama 2, Mistral, TinyLlama: Metaspace "
-    "or Prepend/Replace('\u2581'), byte fallback), and byte-level BPE ones (GPT-2, Llama 3, Qwen2/2.5/3, SmolLM)"
+    "fastllm reads SentencePiece-style BPE tokenizer.json files (Llama 2, Mistral, TinyLlama: Metaspace or "
+    "Prepend/Replace('\u2581'), byte fallback) and byte-level BPE ones (GPT-2, Llama 3, Qwen2/2.5/3, SmolLM)"
 )
 _META = "\u2581"  # SentencePiece's space
 
@@ -906,13 +907,17 @@ class Tokenizer:
     def from_pretrained(cls, path: PathLike) -> Tokenizer:
         """Load the tokenizer of a Hugging Face model folder: ``tokenizer.json``, else GPT-2's classic
         ``vocab.json`` + ``merges.txt`` (special tokens from ``tokenizer_config.json``, default
-        ``<|endoftext|>``), else a fastllm ``tokenizer.tiktoken``. `path` may also name one of those files.
-        Ids are those HF tokenizers gives for the same files."""
+        ``<|endoftext|>``), else a fastllm ``tokenizer.tiktoken``, else a SentencePiece BPE ``tokenizer.model``
+        (converted as transformers' LlamaConverter does, with ``tokenizer_config.json``'s settings: fastllm.spm;
+        needs the sentencepiece and protobuf packages). `path` may also name one of those files. Ids are those
+        HF tokenizers gives for the same files."""
         path = os.fspath(path)
         if os.path.isfile(path):
             name, folder = os.path.basename(path), os.path.dirname(path)
             if name == "vocab.json" or name == "merges.txt":
                 return load_vocab_merges(folder)
+            if name == "tokenizer.model":
+                return cls._from_sentencepiece_model(folder)
             return cls.load_hf(path) if name.endswith(".json") else cls.load(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such tokenizer file or folder")
@@ -923,11 +928,19 @@ class Tokenizer:
         if os.path.exists(rank_file + ".json"):
             return cls.load(rank_file)
         if os.path.exists(os.path.join(path, "tokenizer.model")):
-            raise ValueError(f"{os.path.join(path, 'tokenizer.model')}: a SentencePiece model and no tokenizer.json: "
-                             f"{_SENTENCEPIECE}")
+            return cls._from_sentencepiece_model(path)
         raise FileNotFoundError(
-            f"{path}: no tokenizer.json, vocab.json + merges.txt, or tokenizer.tiktoken in this folder"
+            f"{path}: no tokenizer.json, vocab.json + merges.txt, tokenizer.tiktoken or tokenizer.model in this folder"
         )
+
+    @classmethod
+    def _from_sentencepiece_model(cls, folder: str) -> Tokenizer:
+        """A folder's SentencePiece tokenizer.model (no tokenizer.json), converted as transformers' LlamaConverter
+        converts it (fastllm.spm; needs the sentencepiece and protobuf packages)."""
+        from .spm import sentencepiece_folder_doc
+
+        model = os.path.join(folder, "tokenizer.model")
+        return cls._from_hf_doc(sentencepiece_folder_doc(folder), f"{model} (converted to tokenizer.json)")
 
     @classmethod
     def load_hf(cls, path: PathLike) -> Tokenizer:
