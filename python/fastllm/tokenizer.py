@@ -949,8 +949,8 @@ class Tokenizer:
         does). Added tokens become special tokens (those HF marks non-special are always matched); a unicode
         normalizer and a BOS post-processor are kept (see the module doc). What fastllm cannot reproduce exactly
         raises ValueError naming the field: other normalizers and pre-tokenizers, add_prefix_space, dropout, added
-        tokens with single_word (lstrip/rstrip are kept). SentencePiece-style files (Llama 2, TinyLlama, Mistral 7B: Metaspace
-        or Prepend/Replace, byte fallback, <unk>) load too, see the module doc."""
+        tokens with single_word (lstrip/rstrip are kept). SentencePiece-style files (Llama 2, TinyLlama, Mistral 7B:
+        Metaspace or Prepend/Replace, byte fallback, <unk>) load too, see the module doc."""
         path = os.fspath(path)
         return cls._from_hf_doc(read_json(path), path)
 
