@@ -876,6 +876,38 @@ def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
         assert capsys.readouterr().out == "Hello there" + want
 
 
+def test_a_hub_folder_with_only_a_sentencepiece_model(tmp_path, capsys):
+    """A Llama 2 folder with tokenizer.model and no tokenizer.json (older fine-tunes): `fastllm sample --ckpt` finds
+    and converts it (greedy text as transformers' with the converted file), `fastllm convert` writes its
+    tokenizer.json, and a checkpoint copy of it keeps tokenizer_config.json (whose settings the conversion reads)."""
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    from hf_families import sentencepiece_model
+
+    from fastllm import checkpoint, cli
+
+    folder = tmp_path / "llama2"
+    ref, auto = hub_folder("llama2", folder)
+    want = hf_greedy(ref, auto, auto("Hello there", return_tensors="pt"), 12)
+    (folder / "tokenizer.json").unlink()
+    shutil.copy(sentencepiece_model(800), folder / "tokenizer.model")
+    conf = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**conf, "tokenizer_class": "LlamaTokenizer"}))
+    sample = ["sample", "--prompt", "Hello there", "--temperature", "0", "-n", "12", "--ckpt"]
+    assert cli.main(sample + [str(folder)]) == 0
+    assert capsys.readouterr().out == "Hello there" + want
+    assert cli.main(["convert", str(folder), str(tmp_path / "ckpt")]) == 0
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert cli.main(sample + [str(tmp_path / "ckpt")]) == 0
+    assert capsys.readouterr().out == "Hello there" + want
+    copied = checkpoint.copy_tokenizer(checkpoint.find_tokenizer(folder), tmp_path / "copy")
+    assert copied.name == "tokenizer.model" and (tmp_path / "copy" / "tokenizer_config.json").is_file()
+    text = "Hello there, 世界!"
+    assert Tokenizer.from_pretrained(tmp_path / "copy").encode(text).tolist() == auto.encode(text,
+                                                                                            add_special_tokens=False)
+
+
 def test_stream_text_encodes_a_text_prompt_as_transformers(tmp_path):
     """stream_text(model, tok, "text", ...) continues what transformers' tokenizer("text") encodes: a Llama 3
     folder's BOS first (it was left out, unlike `fastllm sample`), "" a new document ([BOS]; it was an error)."""

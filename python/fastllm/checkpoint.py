@@ -251,8 +251,8 @@ def load_heads(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 def _tokenizer_files(src: str | os.PathLike, folder: str | os.PathLike) -> list[tuple[Path, Path]]:
     """(source, destination) of each file copy_tokenizer copies; the tokenizer file itself first."""
     src = Path(src)
-    if src.suffix == ".json" and not Path(str(src) + ".json").exists():
-        pairs = [(src, Path(folder) / "tokenizer.json")]
+    if (src.suffix == ".json" and not Path(str(src) + ".json").exists()) or src.name == "tokenizer.model":
+        pairs = [(src, Path(folder) / ("tokenizer.model" if src.name == "tokenizer.model" else "tokenizer.json"))]
         return pairs + [(src.parent / f, Path(folder) / f) for f in chat_files(src.parent)]
     return [(Path(str(src) + sfx), Path(folder) / (TOKENIZER_FILE + sfx)) for sfx in ("", ".json")]
 
@@ -271,7 +271,8 @@ def copied_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
 
 def copy_tokenizer(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Copy a tokenizer into `folder`: one saved by Tokenizer.save (rank file + `.json` sidecar) becomes
-    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json is copied as tokenizer.json, with the CHAT_FILES beside it."""
+    TOKENIZER_FILE (+ sidecar); a HF tokenizer.json (or a SentencePiece tokenizer.model) is copied as it is named,
+    with the CHAT_FILES beside it (tokenizer_config.json holds settings the conversion of a tokenizer.model reads)."""
     pairs = _tokenizer_files(src, folder)
     for a, b in pairs:
         if not a.is_file():
@@ -288,8 +289,9 @@ def copy_file(a: Path, b: Path) -> None:
 
 
 def find_tokenizer(folder: str | os.PathLike) -> Path | None:
-    """fastllm's tokenizer copy in `folder`, else a HF tokenizer.json (from `fastllm convert`), else None."""
-    for name in (TOKENIZER_FILE, "tokenizer.json"):
+    """fastllm's tokenizer copy in `folder`, else a HF tokenizer.json (from `fastllm convert`), else a SentencePiece
+    tokenizer.model (a HF folder without tokenizer.json: converted when loaded, see fastllm.spm), else None."""
+    for name in (TOKENIZER_FILE, "tokenizer.json", "tokenizer.model"):
         if (Path(folder) / name).exists():
             return Path(folder) / name
     return None
@@ -357,7 +359,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm",
     _check_convert_paths(src, dst)
     if to == "fastllm":
         model = hf.from_pretrained(src)
-        tok = Tokenizer.from_pretrained(src) if find_hf_tokenizer(src) is not None else None
+        found = find_hf_tokenizer(src) is not None or (src / "tokenizer.model").is_file()
+        tok = Tokenizer.from_pretrained(src) if found else None
         if tok is not None and tok.n_vocab > model.config.vocab_size:
             raise ValueError(f"{src}: the tokenizer has {tok.n_vocab} ids but config.json has vocab_size="
                              f"{model.config.vocab_size}")
