@@ -122,7 +122,7 @@ def write_corpus(folder, n_docs=30):
 
 
 def split_docs(tokens, tok):
-    eot = tok.special_tokens["<|endoftext|>"]
+    eot = tok.start_token
     cuts = np.flatnonzero(np.asarray(tokens) == eot)
     return [tok.decode(np.asarray(tokens[a + 1:b])) for a, b in zip(cuts, list(cuts[1:]) + [len(tokens)])]
 
@@ -143,6 +143,32 @@ def test_prepare_round_trips_documents(tmp_path, tok_path):
     assert split_docs(val, tok) == [d for i, d in enumerate(docs) if i % 10 == 9]
     assert split_docs(train, tok) == [d for i, d in enumerate(docs) if i % 10 != 9]
     assert (tmp_path / "data" / "tokenizer.tiktoken").exists()
+
+
+def test_prepare_with_a_llama_tokenizer(tmp_path):
+    """A tokenizer without <|endoftext|> that puts a BOS before every text (Llama 2's, Mistral's, Llama 3's) prepares
+    shards with each document after that BOS, as those models were trained (it was refused); one with neither is
+    refused by name."""
+    pytest.importorskip("sentencepiece")
+    from hf_families import sentencepiece_doc
+
+    from fastllm.data import prepare
+    from fastllm.tokenizer import Tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(sentencepiece_doc(800)))
+    tok = Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
+    assert tok.eot_token is None and tok.start_token == tok.special_tokens["<s>"]
+    (tmp_path / "corpus").mkdir()
+    docs = write_corpus(tmp_path / "corpus")
+    prepare([str(tmp_path / "corpus")], tmp_path / "tokenizer.json", tmp_path / "data", val_fraction=0.1,
+            progress=False)
+    train = np.concatenate([read_shard(p) for p in sorted((tmp_path / "data").glob("train_*.bin"))])
+    assert train[0] == tok.start_token and split_docs(train, tok) == [d for i, d in enumerate(docs) if i % 10 != 9]
+    doc = sentencepiece_doc(800)
+    doc["post_processor"] = None  # no BOS, no <|endoftext|>
+    (tmp_path / "none.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"neither a BOS token .* nor <\|endoftext\|> to start each document"):
+        prepare([str(tmp_path / "corpus")], tmp_path / "none.json", tmp_path / "data2", progress=False)
 
 
 def test_prepare_rerun_skips_and_resumes(tmp_path, tok_path):

@@ -262,10 +262,11 @@ def _count_documents(sources: list[str] | None) -> int:
 
 def _tokenize_batch(job: dict, on_pieces=None) -> dict:
     """Tokenize one batch of input files into `<work>/<key>.{train,val}.tok` (raw ids, every piece after
-    <|endoftext|>), then write `<key>.json` {"docs", "train", "val"} (token counts): the batch is done.
+    the tokenizer's start_token: <|endoftext|>, or Llama's BOS), then write `<key>.json` {"docs", "train", "val"}
+    (token counts): the batch is done.
     `on_pieces(n)` is called after every n pieces encoded (a progress bar)."""
     tok = _tokenizer(job["tokenizer"])
-    eot = tok.special_tokens[EOT]
+    eot = tok.start_token  # <|endoftext|>, or the BOS of a tokenizer that puts one before every text (Llama)
     dtype = _dtype(tok.n_vocab)
     work, key = Path(job["work"]), job["key"]
     frac = Fraction(*job["frac"])
@@ -335,7 +336,8 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
             val_fraction: float = 0.05, shard_tokens: int = 50_000_000, threads: int | None = None,
             progress: bool = True, dask=None) -> PrepareStats:
     """Tokenize `inputs` (files or folders; None = the built-in corpus) with the tokenizer file into
-    `out_dir`/{train,val}_NNNNNN.bin, each document after <|endoftext|>. Validation split: whole documents,
+    `out_dir`/{train,val}_NNNNNN.bin, each document after <|endoftext|> (a tokenizer with a BOS, as Llama's: after
+    the BOS, as those models were trained). Validation split: whole documents,
     exactly floor(n * val_fraction) of the first n spread evenly, when that gives at least MIN_VAL_DOCS of
     them; otherwise (one or few documents) the last `val_fraction` of every document, cut at a paragraph
     break. A warning says when the validation set is empty or tiny.
@@ -362,8 +364,9 @@ def prepare(inputs: list[str] | None, tokenizer: str | os.PathLike, out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     tok_path = Path(os.path.abspath(tokenizer))
     tok = _tokenizer(str(tok_path))
-    if EOT not in tok.special_tokens:
-        raise ValueError(f"tokenizer {tok_path} has no {EOT} special token to separate documents")
+    if tok.start_token is None:
+        raise ValueError(f"tokenizer {tok_path} has neither a BOS token (a HF post-processor's) nor {EOT} to start "
+                         "each document with")
     V = tok.n_vocab
     if V > MAX_VOCAB:
         raise ValueError(f"tokenizer {tok_path}: {V:,} token ids (its largest id is {V - 1:,}): more than "

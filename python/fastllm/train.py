@@ -496,8 +496,8 @@ class LMStage(Stage):
     def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
         cfg = self.cfg
         if self.tokenizer is not None and cfg.sample_every and step > 0 and step % cfg.sample_every == 0:
-            eot = self.tokenizer.special_tokens.get("<|endoftext|>", 0)
-            ids = generate(self.model, [eot], cfg.sample_tokens, temperature=0.8, top_k=40,
+            start = self.tokenizer.start_token  # what every document of the shards starts with
+            ids = generate(self.model, [0 if start is None else start], cfg.sample_tokens, temperature=0.8, top_k=40,
                            seed=int(rng.integers(1 << 31)))
             self.write("sample: " + self.tokenizer.decode(ids[1:]).replace("\n", " ")[:200])
 
