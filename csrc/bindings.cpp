@@ -1145,6 +1145,20 @@ static py::list train_bpe_chunks_py(const py::list& chunks, int64_t n_merges, co
     return out;
 }
 
+// Encoder::encode of a str, the GIL released; `starts` as there.
+static py::array_t<int32_t> encode_str(const tok::Encoder& e, const py::str& text, const std::string& pattern,
+                                       const std::vector<int32_t>& allowed, std::vector<int64_t>* starts) {
+    const auto pat = parse_pattern(pattern);
+    const Specials sp = specials_by_id(e, allowed);
+    const std::string_view s = utf8_strict(text);
+    std::vector<int32_t> out;
+    {
+        py::gil_scoped_release nogil;
+        e.encode(s, pat, sp, out, starts);
+    }
+    return ids_to_array(std::move(out));
+}
+
 static void register_bpe(py::module_& m) {
     using py::arg;
     using tok::Encoder;
@@ -1179,32 +1193,17 @@ static void register_bpe(py::module_& m) {
         .def(
             "encode",
             [](const Encoder& e, const py::str& text, const std::string& pattern, const std::vector<int32_t>& allowed) {
-                const auto pat = parse_pattern(pattern);
-                const Specials sp = specials_by_id(e, allowed);
-                const std::string_view s = utf8_strict(text);
-                std::vector<int32_t> out;
-                {
-                    py::gil_scoped_release nogil;
-                    e.encode(s, pat, sp, out);
-                }
-                return ids_to_array(std::move(out));
+                return encode_str(e, text, pattern, allowed, nullptr);
             },
             arg("text"), arg("pattern"), arg("allowed_special"))
         .def(
             "encode_offsets",
             [](const Encoder& e, const py::str& text, const std::string& pattern, const std::vector<int32_t>& allowed) {
-                const auto pat = parse_pattern(pattern);
-                const Specials sp = specials_by_id(e, allowed);
-                const std::string_view s = utf8_strict(text);
-                std::vector<int32_t> out;
                 std::vector<int64_t> starts;
-                {
-                    py::gil_scoped_release nogil;
-                    e.encode(s, pat, sp, out, &starts);
-                }
+                auto ids = encode_str(e, text, pattern, allowed, &starts);
                 py::array_t<int64_t> st((py::ssize_t)starts.size());
                 std::copy(starts.begin(), starts.end(), st.mutable_data());
-                return py::make_tuple(ids_to_array(std::move(out)), st);
+                return py::make_tuple(ids, st);
             },
             arg("text"), arg("pattern"), arg("allowed_special"))
         .def(
