@@ -205,8 +205,8 @@ def qwen2_dir(tmp_path_factory):
         (dict(model_type="qwen2_moe"), "model_type 'qwen2_moe' is not supported"),
         (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
         (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
-        (dict(rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}),
-         "rope_scaling type 'longrope' is not supported"),
+        (dict(rope_parameters={"rope_type": "su2", "factor": 4.0, "rope_theta": 1e4}),
+         "rope_scaling type 'su2' is not supported"),
         (dict(rope_scaling={"type": "yarn", "factor": 4.0, "attention_factor": 0}), "attention_factor must be"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
         (dict(model_type="phi3", architectures=["Phi3ForCausalLM"], rope_parameters={"rope_type": "default",
@@ -260,6 +260,30 @@ def test_sliding_window_layers_cut_the_context(qwen2_dir, tmp_path):
     d = edit_config(qwen2_dir, tmp_path / "full", drop=("layer_types",), use_sliding_window=False,
                     sliding_window=4096, max_window_layers=1)
     assert GPT.from_pretrained(d).config.block_size == T_MAX  # Qwen2.5's released configs: a window named, unused
+
+
+def test_phi3_longrope_within_its_original_context(tmp_path):
+    """Phi-3-128k's and Phi-3.5's LongRoPE loads with original_max_position_embeddings as the context, where
+    transformers uses the short factors (and the attention factor of the long context): logits and greedy tokens as
+    transformers', and save_pretrained writes a model transformers computes the same."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "short_factor": [1.0, 1.3, 2.0, 3.5], "long_factor": [2.0, 3.0, 5.0, 9.0]}
+    cfg = transformers.Phi3Config(**{**BASE, "num_key_value_heads": 2, "original_max_position_embeddings": 16,
+                                     "rope_scaling": rope})
+    ref = transformers.Phi3ForCausalLM(cfg).float().eval()
+    ref.save_pretrained(tmp_path / "phi3")
+    model = GPT.from_pretrained(tmp_path / "phi3")
+    assert model.config.block_size == 16 and model.config.rope_scaling["rope_type"] == "longrope"
+    ids = np.random.default_rng(0).integers(0, V, (2, 16))
+    assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=13, min_new_tokens=13, do_sample=False,
+                              pad_token_id=0)[0].tolist()
+    assert generate(model.eval(), [5, 17, 99], 13, temperature=0.0) == theirs
+    model.save_pretrained(tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(again).__name__ == "Phi3ForCausalLM"
+    assert np.abs(hf_logits(again, ids) - hf_logits(ref, ids)).max() <= 1e-5
 
 
 def rewrite(d, fn, out):

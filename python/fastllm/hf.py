@@ -20,8 +20,9 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
     qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); sliding-window layers as mistral's
     qwen3    Qwen3ForCausalLM    Llama's with QK-norm (RMSNorm over head_dim on q and k), attention_bias;
                                  sliding-window layers as mistral's
-    phi3     Phi3ForCausalLM     Mistral's, q|k|v and gate|up each in one tensor (fastllm's layout); the default RoPE
-                                 only (Phi-3's 128k longrope and Phi-4-mini's partial rotary are refused)
+    phi3     Phi3ForCausalLM     Mistral's, q|k|v and gate|up each in one tensor (fastllm's layout); longrope
+                                 (Phi-3-128k, Phi-3.5) with original_max_position_embeddings as the context (its
+                                 short factors); Phi-4-mini's partial rotary is refused
 Keys of config.json that change the computation are mapped or refused by name (other rope types, MoE model
 types, quantization, activations, partial rotary); the others (dropout, initializer range, token
 ids, generation defaults, bookkeeping) do not affect the model and are not read.
@@ -52,7 +53,7 @@ import numpy as np
 from .chat import eos_token_ids, read_templates, special_tokens
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
 from .model import GPT, GPTConfig, param_shapes
-from .rope import ROPE_TYPES
+from .rope import ROPE_TYPES, attention_scaling
 from .version import __version__
 
 CONFIG_FILE = "config.json"
@@ -103,8 +104,9 @@ def _rope(d: dict, bad) -> tuple[float, dict | None]:
     scaling["rope_type"] = kind
     if kind not in ROPE_TYPES:
         raise bad(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-    if kind == "yarn":  # transformers' defaults: the pre-YaRN context is the config's, the factor their ratio
-        scaling.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
+    if kind in ("yarn", "longrope"):  # transformers' defaults: the pre-scaling context is the config's, the factor
+        scaling.setdefault("original_max_position_embeddings",  # their ratio (Phi-3 keeps the context at top level)
+                           d.get("original_max_position_embeddings", d["max_position_embeddings"]))
         if scaling.get("factor") is None and scaling["original_max_position_embeddings"]:
             scaling["factor"] = d["max_position_embeddings"] / scaling["original_max_position_embeddings"]
     return theta, (None if kind == "default" else scaling)
@@ -218,6 +220,9 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     if context < d["max_position_embeddings"] and rope_type == "dynamic":
         raise bad("sliding_window with dynamic RoPE scaling is not supported (it scales past max_position_embeddings, "
                   "which the window keeps fastllm from reaching)")
+    if rope_type == "longrope":  # LongRoPE's short factors hold up to the original context; fastllm stops there
+        context = min(context, int(scaling["original_max_position_embeddings"]))
+        scaling["attention_factor"] = attention_scaling(scaling)  # (from the full context's factor: kept on save)
     head_dim, n_kv = d.get("head_dim"), d.get("num_key_value_heads")
     if isinstance(C, int) and isinstance(NH, int) and NH > 0 and C % NH == 0 and head_dim == C // NH:
         head_dim = None  # the defaults: keep the config canonical
@@ -267,7 +272,8 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
                          f"proj_bias={cfg.proj_bias} (Llama has one attention_bias for q, k, v and o)")
     if prefer == "mistral" and not (cfg.qkv_bias or cfg.mlp_bias):
         return "mistral"
-    if prefer == "phi3" and not (cfg.qkv_bias or cfg.mlp_bias or cfg.rope_scaling):
+    rope_type = (cfg.rope_scaling or {}).get("rope_type", "default")
+    if prefer == "phi3" and not (cfg.qkv_bias or cfg.mlp_bias) and rope_type in ("default", "longrope"):
         return "phi3"
     return "llama"
 

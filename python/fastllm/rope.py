@@ -19,9 +19,10 @@ import math
 
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 _NEEDS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
-          "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+          "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+          "longrope": ("factor", "short_factor", "original_max_position_embeddings")}
 
 
 def _rope_type(scaling: dict | None) -> str:
@@ -39,7 +40,10 @@ def inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
     "yarn", "factor", "original_max_position_embeddings", optional "beta_fast", "beta_slow", "truncate"} is YaRN's
     (see _yarn; its cos/sin scale is attention_scaling). {"rope_type": "dynamic", "factor"} is the default RoPE:
     transformers rescales theta only for positions past max_position_embeddings, where a model's context
-    (block_size) ends. Other types raise ValueError naming them.
+    (block_size) ends. {"rope_type": "longrope", "factor", "short_factor", "original_max_position_embeddings"}
+    (Phi-3-128k, Phi-3.5) is LongRoPE within the original context (fastllm.hf makes that the model's context):
+    each frequency divided by its short factor; past it transformers switches to long_factor, which fastllm does
+    not run. Other types raise ValueError naming them.
 
     >>> inv_freq(8, theta=10000.0)
     array([1.   , 0.1  , 0.01 , 0.001], dtype=float32)
@@ -72,6 +76,11 @@ def inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
         return (freq / f32(factor)).astype(f32)
     if rope_type == "yarn":
         return _yarn(freq, dim, float(theta), scaling, factor)
+    if rope_type == "longrope":  # the short factors: a context within original_max_position_embeddings
+        ext = np.asarray(scaling["short_factor"], np.float64)
+        if ext.shape != (dim // 2,) or not (np.isfinite(ext).all() and (ext > 0).all()):
+            raise ValueError(f"longrope short_factor must be {dim // 2} positive numbers, got {ext.shape[0]}")
+        return (1.0 / (ext * float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(f32)
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_len = float(scaling["original_max_position_embeddings"])
     if not (0 < low < high) or not old_len > 0:
@@ -113,20 +122,25 @@ def _yarn(freq: np.ndarray, dim: int, theta: float, scaling: dict, factor: float
 
 def attention_scaling(scaling: dict | None) -> float:
     """The factor transformers multiplies cos and sin by (so q.k by its square): YaRN's attention temperature
-    (attention_factor, else 0.1 * ln(factor) + 1, or DeepSeek's mscale / mscale_all_dim ratio of that), 1.0 for the
-    other rope types. Pass it to rope_tables.
+    (attention_factor, else 0.1 * ln(factor) + 1, or DeepSeek's mscale / mscale_all_dim ratio of that), LongRoPE's
+    (attention_factor, else sqrt(1 + ln(factor) / ln(original_max_position_embeddings))), 1.0 for the other rope
+    types. Pass it to rope_tables.
 
     >>> round(attention_scaling({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}), 4)
     1.1386
     """
-    if _rope_type(scaling) != "yarn":
+    kind = _rope_type(scaling)
+    if kind not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         a = float(scaling["attention_factor"])
         if not (math.isfinite(a) and a > 0):
-            raise ValueError(f"yarn rope_scaling attention_factor must be a finite number > 0, got {a!r}")
+            raise ValueError(f"{kind} rope_scaling attention_factor must be a finite number > 0, got {a!r}")
         return a
     factor = float(scaling["factor"])
+    if kind == "longrope":  # (LongRoPE's: transformers' _compute_longrope_parameters)
+        old_len = float(scaling["original_max_position_embeddings"])
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
 
     def mscale(m: float = 1.0) -> float:
         return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
