@@ -191,7 +191,7 @@ def test_text_streamer_matches_transformers_text_streamer(family):
                 text += ours.push(t)
             theirs.end()
             assert text + ours.flush() == tok.decode(ids, **kw), (name, kw)
-            if not tok._strip_space:  # (transformers' streamer decodes each line anew after a newline: with a
+            if not tok.strips_leading_space:  # (transformers' streamer decodes each line anew after a newline: with a
                 assert theirs.text == tok.decode(ids, **kw)  # SentencePiece tokenizer, a line's first space is lost)
 
 

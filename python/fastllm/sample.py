@@ -286,9 +286,9 @@ class TextStreamer:
     def __init__(self, tokenizer, skip_special_tokens: bool = False, keep: Collection[str] = (),
                  continues: bool = False):
         self.tokenizer = tokenizer
-        self.strip = not continues and getattr(tokenizer, "_strip_space", False)  # until the first text
+        self.strip = not continues and tokenizer.strips_leading_space  # until the first text
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.fallback = getattr(tokenizer, "byte_fallback_ids", frozenset())
+        self.fallback = tokenizer.byte_fallback_ids
         self.run = bytearray()
         self.skip: frozenset[int] = frozenset()
         if skip_special_tokens:

@@ -386,21 +386,31 @@ class Tokenizer:
                 raise TypeError(f"{arg} must be 'all' or a {kind} of str, got an element {s!r}")
         return names
 
-    def _encode_custom(self, text: str, allowed_ids: list[int]) -> np.ndarray:
-        """Custom patterns: Python regex finds the chunks (between allowed specials), C++ encodes them."""
+    def _encode_custom(self, text: str, allowed_ids: list[int], starts: list[int] | None = None) -> np.ndarray:
+        """Custom patterns: Python regex finds the chunks (between allowed specials), C++ encodes them. `starts`
+        (if given) gets each token's first byte in text, as encode_offsets."""
         parts: list[np.ndarray] = []
+
+        def ordinary(a: int, b: int) -> None:  # text[a:b], between special tokens
+            ids = self._core.encode_chunks(self._regex.findall(text[a:b]))
+            parts.append(ids)
+            if starts is not None:  # (the tokens spell the stretch: byte-level BPE)
+                sizes = np.asarray([len(self._core.token_bytes(i)) for i in ids.tolist()], np.int64)
+                starts.extend((len(text[:a].encode("utf-8")) + np.cumsum(sizes) - sizes).tolist())
+
+        pos = 0
         if allowed_ids:
             names = [s for s, i in self._special.items() if i in set(allowed_ids)]
             rx, order = _specials_regex(frozenset(names), frozenset((s, self._strip.get(s, "")) for s in names))
-            pos = 0
             for m in rx.finditer(text):
                 if m.start() > pos:
-                    parts.append(self._core.encode_chunks(self._regex.findall(text[pos : m.start()])))
+                    ordinary(pos, m.start())
                 parts.append(np.array([self._special[order[int(m.lastgroup[1:])]]], np.int32))
+                if starts is not None:
+                    starts.append(len(text[: m.start()].encode("utf-8")))
                 pos = m.end()
-            text = text[pos:]
-        if text or not parts:
-            parts.append(self._core.encode_chunks(self._regex.findall(text)))
+        if pos < len(text) or not parts:
+            ordinary(pos, len(text))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _encode_native(self, text: str, allowed_ids: list[int]) -> np.ndarray:
@@ -451,29 +461,9 @@ class Tokenizer:
         allowed = self._allowed_ids(text, allowed_special, disallowed_special=())
         if self._regex is None:
             return self._core.encode_offsets(text, self._pattern, allowed)
-        ids = self._encode_custom(text, allowed)  # (custom patterns are byte-level: the tokens spell the text,
-        sizes = np.asarray([len(self._core.token_bytes(i)) for i in ids.tolist()], np.int64)  # but what a special
-        starts = np.cumsum(sizes) - sizes  # token's lstrip/rstrip takes: moved back below)
-        if self._strip:
-            starts = self._custom_starts(text, ids, allowed)
-        return ids, starts
-
-    def _custom_starts(self, text: str, ids: np.ndarray, allowed_ids: list[int]) -> np.ndarray:
-        """encode_offsets' starts on the regex path when special tokens take whitespace: stretch by stretch."""
-        names = [s for s, i in self._special.items() if i in set(allowed_ids)]
-        rx, order = _specials_regex(frozenset(names), frozenset((s, self._strip.get(s, "")) for s in names))
-        starts, pos = [], 0
-        for m in [*rx.finditer(text), None]:
-            end = len(text) if m is None else m.start()
-            base = len(text[:pos].encode("utf-8"))
-            for i in self._encode_custom(text[pos:end], []).tolist():
-                starts.append(base)
-                base += len(self._core.token_bytes(i))
-            if m is not None:
-                starts.append(len(text[: m.start()].encode("utf-8")))
-                pos = m.end()
-        assert len(starts) == len(ids)
-        return np.asarray(starts, np.int64)
+        starts: list[int] = []
+        ids = self._encode_custom(text, allowed, starts)
+        return ids, np.asarray(starts, np.int64)
 
     def encode_ordinary(self, text: str) -> np.ndarray:
         """Encode text, treating special tokens as ordinary text.
@@ -611,6 +601,12 @@ class Tokenizer:
         """The ids of a SentencePiece-style tokenizer's byte-fallback tokens <0x00>..<0xFF> (empty otherwise): a
         run of them decodes as a whole (see `decode`)."""
         return self._fallback
+
+    @property
+    def strips_leading_space(self) -> bool:
+        """Whether `decode` drops one leading space (SentencePiece files' Strip decoder: the token of a text's first
+        word carries the space before it)."""
+        return self._strip_space
 
     def _stripped(self, text: str) -> str:
         """SentencePiece files decode with one leading space stripped (their tokens carry the space before a word)."""

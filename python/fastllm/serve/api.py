@@ -37,9 +37,10 @@ Semantics (OpenAI's, where it defines them):
 - special tokens (tokenizer.special_ids: <|im_start|>, <|eot_id|>, <|endoftext|>, ... but not HF's non-special
   added tokens such as Qwen's <tool_call>) the model writes are left out of the text, streamed or not, as vLLM
   leaves them out; vLLM's extra field skip_special_tokens=false keeps them (spaces_between_special_tokens is
-  accepted: it changes nothing for byte-level BPE tokenizers, in vLLM either). Stop strings are found in the text
-  as returned. The tags the tool-call and reasoning parsers read (<tool_call>, <think>) stay in their input where
-  a tokenizer has them as special tokens. Logprobs name every token by its own text, special tokens too (as vLLM).
+  accepted: vLLM applies it to "slow" tokenizers only, and fastllm's, all read from tokenizer.json, are "fast").
+  Stop strings are found in the text as returned. The tags the tool-call and reasoning parsers read (<tool_call>,
+  <think>) stay in their input where a tokenizer has them as special tokens. Logprobs name every token by its own
+  text, special tokens too (as vLLM).
 - logprobs are the model's own (log-softmax of the logits, before temperature, penalties, min_tokens' mask and
   filtering), for every sampled token except a terminating stop token (unless include_stop_str_in_output keeps
   its text); chat: logprobs=true and top_logprobs 0..20,
@@ -493,8 +494,8 @@ def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
     include_usage = bool(_get({"stream_options.include_usage": (options or {}).get("include_usage")},
                               "stream_options.include_usage", "boolean", False))
     # vLLM's: special tokens are left out of the text unless skip_special_tokens is false; its
-    # spaces_between_special_tokens only changes the text of "slow" (SentencePiece-style) tokenizers: byte-level
-    # BPE ones, as here, ignore it
+    # spaces_between_special_tokens only changes the text of "slow" tokenizers (sentencepiece's): tokenizer.json
+    # ("fast") ones, as all of fastllm's, ignore it
     skip = _get(body, "skip_special_tokens", "boolean", True)
     _get(body, "spaces_between_special_tokens", "boolean")
     common = dict(params=params, n=n, stop=stop, seed=None if seed is None else seed % 2**64, logit_bias=logit_bias,
