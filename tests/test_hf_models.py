@@ -214,8 +214,6 @@ def qwen2_dir(tmp_path_factory):
         (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config \\(gptq"),
         (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=0),
          "sliding_window=0 on layers .* must be a positive integer"),
-        (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16,
-              rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "sliding_window with dynamic RoPE scaling"),
         (dict(model_type="mistral", architectures=["MistralForCausalLM"], attention_bias=True),
          "attention_bias=True is not supported for mistral"),
         (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], mlp_bias=True),
@@ -235,31 +233,23 @@ def test_bad_or_unsupported_config(llama_dir, tmp_path, changes, match):
     assert "config.json" in str(e.value) or "model.safetensors" in str(e.value)
 
 
-def test_sliding_window_layers_cut_the_context(qwen2_dir, tmp_path):
-    """A config with sliding-window layers (Mistral v0.1 and Zephyr: all layers; Qwen with use_sliding_window: those
-    from max_window_layers on) loads with its window as the context: up to there sliding attention is full
-    attention, and the logits and greedy tokens are transformers' (which slides)."""
-    for prefix, window in (("Mistral", 16), ("Phi3", 12)):  # (Mistral v0.1: 4096; Phi-3-mini-4k: 2047)
-        torch.manual_seed(0)
-        cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, "num_key_value_heads": 2, "sliding_window": window})
-        ref = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
-        ref.save_pretrained(tmp_path / prefix)
-        model = GPT.from_pretrained(tmp_path / prefix)
-        assert model.config.block_size == window
-        ids = np.random.default_rng(0).integers(0, V, (2, window))
-        assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
-        with torch.no_grad():
-            theirs = ref.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=window - 3, min_new_tokens=window - 3,
-                                  do_sample=False, pad_token_id=0)[0].tolist()
-        assert generate(model.eval(), [5, 17, 99], window - 3, temperature=0.0) == theirs
-        with pytest.raises(ValueError, match=str(window)):
-            model.forward(np.zeros((1, window + 1), np.int64))  # past the window: refused, not full attention
-    d = edit_config(qwen2_dir, tmp_path / "sw", drop=("layer_types",), use_sliding_window=True, sliding_window=16,
+def test_qwen_sliding_window_layers(qwen2_dir, tmp_path):
+    """Qwen's transformers 4 spelling of sliding layers (use_sliding_window: those from max_window_layers on) slides
+    those layers, as transformers does (the Mistral, Phi-3 and Gemma windows: tests/test_hf_gemma.py); Qwen2.5's
+    released configs name a window they do not use."""
+    d = edit_config(qwen2_dir, tmp_path / "sw", drop=("layer_types",), use_sliding_window=True, sliding_window=6,
                     max_window_layers=1)
-    assert GPT.from_pretrained(d).config.block_size == 16
+    model = GPT.from_pretrained(d)
+    cfg = model.config
+    assert (cfg.block_size, cfg.sliding_window, cfg.layer_types) == (T_MAX, 6, ["full_attention", "sliding_attention"])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(0, V, (2, 40))
+    assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() <= 1e-4
+    model.attn_options = [dict(o, window=None) for o in model.attn_options]  # (full attention differs)
+    assert np.abs(model.forward(ids) - hf_logits(ref, ids)).max() > 1e-3
     d = edit_config(qwen2_dir, tmp_path / "full", drop=("layer_types",), use_sliding_window=False,
                     sliding_window=4096, max_window_layers=1)
-    assert GPT.from_pretrained(d).config.block_size == T_MAX  # Qwen2.5's released configs: a window named, unused
+    assert GPT.from_pretrained(d).config.sliding_window is None
 
 
 def test_phi3_longrope_within_its_original_context(tmp_path):

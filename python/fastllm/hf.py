@@ -14,15 +14,24 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
     llama    LlamaForCausalLM    RoPE (rope_theta, rope_scaling default | linear | llama3 | yarn | dynamic: see
                                  fastllm.rope), RMSNorm, SwiGLU (silu), GQA, attention_bias (q, k, v, o), mlp_bias,
                                  head_dim, tied or untied
-    mistral  MistralForCausalLM  Llama's, without biases; a sliding_window smaller than max_position_embeddings
-                                 (v0.1, Zephyr) becomes the context (block_size): up to it, sliding attention is
-                                 full attention
-    qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); sliding-window layers as mistral's
-    qwen3    Qwen3ForCausalLM    Llama's with QK-norm (RMSNorm over head_dim on q and k), attention_bias;
-                                 sliding-window layers as mistral's
+    mistral  MistralForCausalLM  Llama's, without biases; sliding_window (v0.1, Zephyr): every layer attends to its
+                                 latest sliding_window tokens only
+    qwen2    Qwen2ForCausalLM    Llama's with q/k/v biases (and no others); sliding layers as listed in layer_types
+                                 (or from max_window_layers on, with use_sliding_window)
+    qwen3    Qwen3ForCausalLM    Llama's with QK-norm (RMSNorm over head_dim on q and k), attention_bias; sliding
+                                 layers as qwen2's
     phi3     Phi3ForCausalLM     Mistral's, q|k|v and gate|up each in one tensor (fastllm's layout); longrope
                                  (Phi-3-128k, Phi-3.5) with original_max_position_embeddings as the context (its
                                  short factors); Phi-4-mini's partial rotary is refused
+    gemma    GemmaForCausalLM    GeGLU (GELU's tanh approximation), token embeddings times sqrt(hidden_size),
+                                 RMSNorms that multiply by (1 + weight) (fastllm keeps the gain 1 + weight: loading
+                                 adds 1, saving subtracts it), attention_bias, MQA/GQA, head_dim, tied by default
+    gemma2   Gemma2ForCausalLM   Gemma's, plus a norm after each branch (post_attention_layernorm,
+                                 post_feedforward_layernorm; pre_feedforward_layernorm is the MLP's pre-norm),
+                                 attn_logit_softcapping, final_logit_softcapping, query_pre_attn_scalar (the scores'
+                                 scale), sliding layers every other layer (or as layer_types lists)
+    gemma3_text Gemma3ForCausalLM  Gemma 2's, plus QK-norm, five sliding layers of six (sliding_window_pattern, or
+                                 layer_types) whose RoPE has its own base (rope_local_base_freq) and no scaling
 Keys of config.json that change the computation are mapped or refused by name (other rope types, MoE model
 types, quantization, activations, partial rotary); the others (dropout, initializer range, token
 ids, generation defaults, bookkeeping) do not affect the model and are not read.
@@ -67,7 +76,11 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM",),
     "qwen3": ("Qwen3ForCausalLM",),
     "phi3": ("Phi3ForCausalLM",),
+    "gemma": ("GemmaForCausalLM",),
+    "gemma2": ("Gemma2ForCausalLM",),
+    "gemma3_text": ("Gemma3ForCausalLM",),
 }
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
 MODEL_TYPES = tuple(ARCHITECTURES)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
 _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -86,7 +99,7 @@ def _positive_number(d: dict, key: str, default, bad) -> float:
     return float(v)
 
 
-def _rope(d: dict, bad) -> tuple[float, dict | None]:
+def _rope(d: dict, bad, default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from transformers 4's rope_theta + rope_scaling keys or 5's rope_parameters."""
     params = d.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
@@ -95,7 +108,7 @@ def _rope(d: dict, bad) -> tuple[float, dict | None]:
     theta = params.pop("rope_theta", None)
     if theta is not None and "rope_theta" in d and d["rope_theta"] != theta:
         raise bad(f"rope_theta={d['rope_theta']} differs from rope_parameters.rope_theta={theta}")
-    theta = _positive_number(d if theta is None else {"rope_theta": theta}, "rope_theta", 10000.0, bad)
+    theta = _positive_number(d if theta is None else {"rope_theta": theta}, "rope_theta", default_theta, bad)
     scaling = d.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         raise bad(f"rope_scaling must be an object or null, got {scaling!r}")
@@ -112,27 +125,36 @@ def _rope(d: dict, bad) -> tuple[float, dict | None]:
     return theta, (None if kind == "default" else scaling)
 
 
-def _full_attention_context(d: dict, n_layer: int, context: int, bad) -> int:
-    """The longest context over which every layer attends to every earlier token: max_position_embeddings, or for
-    configs with sliding-window layers (Mistral v0.1, Zephyr, Qwen with use_sliding_window) their window, where
-    sliding and full attention are the same computation (a token attends to itself and the window - 1 before it)."""
+def _sliding(d: dict, kind: str, n_layer: int, bad) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types) of GPTConfig: which layers attend to a window of the latest tokens only
+    (Mistral v0.1, Zephyr, Phi-3: all; Gemma 2: every other; Gemma 3: five of six; Qwen with use_sliding_window:
+    those from max_window_layers on), from transformers 5's layer_types or 4's spellings."""
     window = d.get("sliding_window")
     kinds = d.get("layer_types")
     if kinds is not None:
-        sliding = [i for i, k in enumerate(kinds) if k != "full_attention"]
-        if sliding and any(k != "sliding_attention" for k in kinds if k != "full_attention"):
-            raise bad(f"layer_types {sorted(set(kinds))} are not supported (only full_attention)")
-    elif d.get("model_type") in ("qwen2", "qwen3"):  # transformers 4's spelling of the same
+        if not isinstance(kinds, list) or len(kinds) != n_layer:
+            raise bad(f"layer_types must be a list of num_hidden_layers={n_layer} names, got {kinds!r}")
+        other = sorted({k for k in kinds if k not in ("full_attention", "sliding_attention")}, key=str)
+        if other:
+            raise bad(f"layer_types {other} are not supported (only full_attention and sliding_attention)")
+    elif kind in ("qwen2", "qwen3"):  # transformers 4's spelling
         first = d.get("max_window_layers", n_layer)
-        sliding = list(range(first, n_layer)) if d.get("use_sliding_window") else []
-    else:  # mistral: every layer slides when sliding_window is set
-        sliding = list(range(n_layer)) if window is not None else []
+        kinds = ["sliding_attention" if d.get("use_sliding_window") and i >= first else "full_attention"
+                 for i in range(n_layer)]
+    elif kind in ("gemma2", "gemma3_text"):  # every other layer (Gemma 2), or all but every sixth (Gemma 3)
+        every = 2 if kind == "gemma2" else d.get("sliding_window_pattern", 6)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise bad(f"sliding_window_pattern must be a positive integer, got {every!r}")
+        kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    else:  # mistral, phi3: every layer slides when sliding_window is set
+        kinds = ["sliding_attention" if window is not None else "full_attention"] * n_layer
+    sliding = [i for i, k in enumerate(kinds) if k == "sliding_attention"]
     if not sliding:
-        return context
+        return None, None
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise bad(f"sliding_window={window!r} on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''} must be a "
                   "positive integer")
-    return min(window, context)
+    return window, None if len(sliding) == n_layer else kinds
 
 
 def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
@@ -195,16 +217,24 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     if missing:
         raise bad(f"missing {', '.join(missing)}")
     C, NH, L = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise bad(f"hidden_act {act!r} is not supported (only 'silu': SwiGLU)")
+    gemma = kind in GEMMAS
+    act_key = "hidden_activation" if kind in ("gemma2", "gemma3_text") else "hidden_act"
+    act = d.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
+    # Gemma's GeGLU uses GELU's tanh approximation; its first configs say "gelu", which transformers reads so
+    acts = (("gelu_pytorch_tanh", "gelu_new") + (("gelu",) if kind == "gemma" else ())) if gemma else ("silu",)
+    if act not in acts:
+        raise bad(f"{act_key} {act!r} is not supported (only {', '.join(map(repr, acts))}: "
+                  f"{'GeGLU, tanh approximation' if gemma else 'SwiGLU'})")
+    if d.get("use_bidirectional_attention"):
+        raise bad("use_bidirectional_attention=true is not supported (fastllm's attention is causal)")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))  # (Phi-4-mini: 0.75)
     if partial != 1.0:
         raise bad(f"partial_rotary_factor={partial} is not supported (only 1.0)")
     context = d["max_position_embeddings"]
-    if "sliding_window" in d or "layer_types" in d or "use_sliding_window" in d:
-        context = _full_attention_context(d, L, context, bad)
+    window, layer_types = _sliding(d, kind, L, bad)
+    if window is not None and window >= context:  # a window as long as the context is full attention
+        window, layer_types = None, None
     attention_bias = d.get("attention_bias", False)
     mlp_bias = d.get("mlp_bias", False)
     if kind in ("mistral", "qwen2", "phi3") and attention_bias:
@@ -215,27 +245,56 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     for key, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
         if not isinstance(value, bool):
             raise bad(f"{key} must be true or false, got {value!r}")
-    theta, scaling = _rope(d, bad)
+    theta, scaling, local_theta = _gemma3_rope(d, bad) if kind == "gemma3_text" else (*_rope(d, bad), None)
     rope_type = scaling and scaling.get("rope_type", scaling.get("type"))
-    if context < d["max_position_embeddings"] and rope_type == "dynamic":
-        raise bad("sliding_window with dynamic RoPE scaling is not supported (it scales past max_position_embeddings, "
-                  "which the window keeps fastllm from reaching)")
     if rope_type == "longrope":  # LongRoPE's short factors hold up to the original context; fastllm stops there
         context = min(context, int(scaling["original_max_position_embeddings"]))
         scaling["attention_factor"] = attention_scaling(scaling)  # (from the full context's factor: kept on save)
-    head_dim, n_kv = d.get("head_dim"), d.get("num_key_value_heads")
+    head_dim, n_kv = d.get("head_dim", 256 if gemma else None), d.get("num_key_value_heads")
     if isinstance(C, int) and isinstance(NH, int) and NH > 0 and C % NH == 0 and head_dim == C // NH:
         head_dim = None  # the defaults: keep the config canonical
     if n_kv == NH:
         n_kv = None
     qkv_bias = True if kind == "qwen2" else attention_bias
-    return dict(
+    cfg = dict(
         block_size=context, vocab_size=d["vocab_size"], n_layer=L, n_head=NH, n_embd=C,
         layernorm_eps=_positive_number(d, "rms_norm_eps", 1e-6, bad), n_kv_head=n_kv,
         head_dim=head_dim, positions="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
         mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=attention_bias and kind != "qwen2",
-        mlp_bias=mlp_bias, qk_norm=kind == "qwen3", tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        mlp_bias=mlp_bias, qk_norm=kind in ("qwen3", "gemma3_text"),
+        tie_embeddings=bool(d.get("tie_word_embeddings", gemma)), sliding_window=window, layer_types=layer_types,
     )
+    if gemma:  # GeGLU, embeddings times sqrt(hidden_size); Gemma 2 and 3: norms after each branch too
+        cfg.update(mlp="geglu", embed_scale=float(C) ** 0.5, post_norms=kind != "gemma", rope_local_theta=local_theta)
+    if kind in ("gemma2", "gemma3_text"):  # soft caps (transformers' defaults: Gemma 2's 50 and 30), query scale
+        two = kind == "gemma2"
+        scalar = _positive_number(d, "query_pre_attn_scalar", 256, bad)
+        cfg.update(attn_softcap=_optional_positive(d, "attn_logit_softcapping", 50.0 if two else None, bad),
+                   logit_softcap=_optional_positive(d, "final_logit_softcapping", 30.0 if two else None, bad),
+                   attn_scale=None if scalar == (head_dim or C // NH) else scalar ** -0.5)
+    return cfg
+
+
+def _optional_positive(d: dict, key: str, default, bad) -> float | None:
+    return None if d.get(key, default) is None else _positive_number(d, key, default, bad)
+
+
+def _gemma3_rope(d: dict, bad) -> tuple[float, dict | None, float | None]:
+    """Gemma 3's (rope_theta, rope_scaling) of its full-attention layers and the RoPE base of its sliding ones
+    (unscaled): transformers 5's rope_parameters {"full_attention": ..., "sliding_attention": ...}, or 4's
+    rope_theta + rope_scaling + rope_local_base_freq."""
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+        theta, scaling = _rope({"max_position_embeddings": d["max_position_embeddings"], "rope_parameters": full},
+                               bad, 1e6)
+        local_theta, local_scaling = _rope({"max_position_embeddings": d["max_position_embeddings"],
+                                            "rope_parameters": local}, bad)
+        if local_scaling is not None:
+            raise bad(f"rope_parameters.sliding_attention {local} is not supported (only the default RoPE)")
+        return theta, scaling, local_theta
+    theta, scaling = _rope(d, bad, 1e6)
+    return theta, scaling, _positive_number(d, "rope_local_base_freq", 10000.0, bad)
 
 
 def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
@@ -245,7 +304,8 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     no biases (phi3: and no RoPE scaling)."""
     gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
                 qk_norm=False, tie_embeddings=True, logit_softcap=None, n_kv_head=None, head_dim=None,
-                mlp_hidden=None)  # fmt: skip
+                mlp_hidden=None, embed_scale=None, post_norms=False, attn_scale=None, attn_softcap=None,
+                sliding_window=None)  # fmt: skip
     if cfg.positions == "learned":
         diff = [f"{k}={getattr(cfg, k)!r}" for k, v in gpt2.items() if getattr(cfg, k) != v and
                 not (k == "n_kv_head" and cfg.kv_heads == cfg.n_head) and
@@ -255,10 +315,50 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
             raise ValueError(f"no transformers architecture computes this config: learned positions (GPT-2) with "
                              f"{', '.join(diff)}")
         return "gpt2"
-    for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("logit_softcap", None)):
+    if cfg.mlp == "geglu":
+        return _gemma_type(cfg)
+    for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("logit_softcap", None), ("embed_scale", None),
+                      ("post_norms", False), ("attn_softcap", None), ("rope_local_theta", None)):
         if getattr(cfg, key) != want:
             raise ValueError(f"no transformers architecture computes this config: rope with {key}="
-                             f"{getattr(cfg, key)!r} (Llama, Qwen2 and Qwen3 need {key}={want!r})")
+                             f"{getattr(cfg, key)!r} (Llama, Mistral, Qwen and Phi-3 need {key}={want!r})")
+    if cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5:
+        raise ValueError(f"no transformers architecture computes this config: attn_scale={cfg.attn_scale} with "
+                         f"swiglu (Llama, Mistral, Qwen and Phi-3 scale by 1/sqrt(head_size))")
+    kind = _llama_type(cfg, prefer)
+    sliding = [cfg.window(layer) is not None for layer in range(cfg.n_layer)]
+    if cfg.sliding_window is not None:
+        if kind in ("qwen2", "qwen3"):  # sliding from max_window_layers on (transformers 4 can say no other)
+            if sliding != sorted(sliding):
+                raise ValueError(f"no transformers architecture computes this config: layer_types {cfg.layer_types} "
+                                 "(Qwen's sliding layers are the last ones)")
+        elif kind == "llama" and all(sliding) and not (cfg.qkv_bias or cfg.mlp_bias):
+            kind = "mistral"
+        elif kind == "llama" or not all(sliding):
+            raise ValueError(f"no transformers architecture computes this config: sliding_window={cfg.sliding_window}"
+                             f" on layers {[i for i, s in enumerate(sliding) if s]} of a Llama-family model")
+    return kind
+
+
+def _gemma_type(cfg: GPTConfig) -> str:
+    """gemma, gemma2 (norms after each branch) or gemma3_text (and QK-norm) for a GeGLU config."""
+    want = dict(positions="rope", norm="rmsnorm", mlp_bias=False, proj_bias=cfg.qkv_bias,
+                post_norms=cfg.qk_norm or cfg.post_norms)
+    diff = [f"{k}={getattr(cfg, k)!r}" for k, v in want.items() if getattr(cfg, k) != v]
+    if cfg.embed_scale is None or not math.isclose(cfg.embed_scale, cfg.n_embd ** 0.5, rel_tol=1e-6):
+        diff.append(f"embed_scale={cfg.embed_scale!r} (Gemma's is sqrt(n_embd) = {cfg.n_embd ** 0.5:.6g})")
+    kind = "gemma3_text" if cfg.qk_norm else "gemma2" if cfg.post_norms else "gemma"
+    if kind == "gemma":
+        diff += [f"{k}={getattr(cfg, k)!r}" for k in ("logit_softcap", "attn_softcap", "attn_scale", "sliding_window")
+                 if getattr(cfg, k) is not None]
+    if kind != "gemma3_text" and cfg.rope_local_theta is not None:
+        diff.append(f"rope_local_theta={cfg.rope_local_theta!r}")
+    if diff:
+        raise ValueError(f"no transformers architecture computes this config: geglu (Gemma) with {', '.join(diff)}")
+    return kind
+
+
+def _llama_type(cfg: GPTConfig, prefer: str | None) -> str:
     if cfg.qk_norm:
         if cfg.qkv_bias != cfg.proj_bias or cfg.mlp_bias:
             raise ValueError("no transformers architecture computes this config: qk_norm (Qwen3) with qkv_bias="
@@ -304,17 +404,29 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "fastllm_version": __version__,
     }  # fmt: skip
+    kinds = cfg.layer_types or [("full_attention", "sliding_attention")[cfg.sliding_window is not None]] * cfg.n_layer
     if kind == "llama":
         d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     elif kind == "mistral":
-        d.update(sliding_window=None)
+        d.update(sliding_window=cfg.sliding_window)
     elif kind == "phi3":
-        d.update(sliding_window=None, original_max_position_embeddings=cfg.block_size, resid_pdrop=0.0,
+        d.update(sliding_window=cfg.sliding_window, original_max_position_embeddings=cfg.block_size, resid_pdrop=0.0,
                  embd_pdrop=0.0, pad_token_id=None)  # (Phi3Config's default pad id, 32000, is past a smaller vocab)
-    else:  # qwen2, qwen3: full attention on every layer
-        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    elif kind in ("qwen2", "qwen3"):  # sliding from max_window_layers on, if at all
+        first = kinds.index("sliding_attention") if cfg.sliding_window is not None else cfg.n_layer
+        d.update(use_sliding_window=first < cfg.n_layer, sliding_window=cfg.sliding_window, max_window_layers=first,
+                 layer_types=kinds)
         if kind == "qwen3":
             d.update(attention_bias=cfg.qkv_bias)
+    else:  # gemma, gemma2, gemma3_text
+        d.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias)
+        if kind != "gemma":
+            scalar = cfg.head_size if cfg.attn_scale is None else cfg.attn_scale ** -2
+            d.update(query_pre_attn_scalar=round(scalar) if math.isclose(scalar, round(scalar)) else scalar,
+                     sliding_window=cfg.sliding_window, layer_types=kinds,
+                     attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.logit_softcap)
+        if kind == "gemma3_text":
+            d.update(rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta)
     return d
 
 
@@ -324,12 +436,14 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
 @dataclass(frozen=True)
 class Slot:
     """Where an HF tensor lives in fastllm's parameters: p[param][layer][rows] (the whole tensor when layer or
-    rows is None), transposed for GPT-2's Conv1D weights."""
+    rows is None), transposed for GPT-2's Conv1D weights; fastllm's value is the file's plus `offset` (Gemma's norms
+    multiply by 1 + weight: fastllm keeps that gain)."""
 
     param: str
     layer: int | None = None
     rows: tuple[int, int] | None = None
     transpose: bool = False
+    offset: float = 0.0
 
     def view(self, p: dict) -> np.ndarray:
         v = p[self.param] if self.layer is None else p[self.param][self.layer]
@@ -356,10 +470,12 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
         return out
     NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
     qkv = {"q": (0, NH * hd), "k": (NH * hd, (NH + NKV) * hd), "v": ((NH + NKV) * hd, (NH + 2 * NKV) * hd)}
+    gemma = kind in GEMMAS
+    norm = 1.0 if gemma else 0.0  # the offset of every norm's weight
     out["model.embed_tokens.weight"] = Slot("wte")
     for layer in range(L):
         pre = f"model.layers.{layer}."
-        out[pre + "input_layernorm.weight"] = Slot("ln_1.weight", layer)
+        out[pre + "input_layernorm.weight"] = Slot("ln_1.weight", layer, offset=norm)
         if kind == "phi3":  # fastllm's own layout: q|k|v rows, gate|up rows
             out[pre + "self_attn.qkv_proj.weight"] = Slot("attn.c_attn.weight", layer)
             out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
@@ -372,12 +488,16 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
             if cfg.qkv_bias:
                 out[pre + f"self_attn.{x}_proj.bias"] = Slot("attn.c_attn.bias", layer, rows)
         if cfg.qk_norm:
-            out[pre + "self_attn.q_norm.weight"] = Slot("attn.q_norm.weight", layer)
-            out[pre + "self_attn.k_norm.weight"] = Slot("attn.k_norm.weight", layer)
+            out[pre + "self_attn.q_norm.weight"] = Slot("attn.q_norm.weight", layer, offset=norm)
+            out[pre + "self_attn.k_norm.weight"] = Slot("attn.k_norm.weight", layer, offset=norm)
         out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
         if cfg.proj_bias:
             out[pre + "self_attn.o_proj.bias"] = Slot("attn.c_proj.bias", layer)
-        out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer)
+        if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm is the attention's post-norm
+            out[pre + "post_attention_layernorm.weight"] = Slot("attn.post_norm.weight", layer, offset=norm)
+            out[pre + "pre_feedforward_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
+        else:
+            out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
         for x, rows in (("gate", (0, H)), ("up", (H, 2 * H))):
             out[pre + f"mlp.{x}_proj.weight"] = Slot("mlp.c_fc.weight", layer, rows)
             if cfg.mlp_bias:
@@ -385,7 +505,9 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
         out[pre + "mlp.down_proj.weight"] = Slot("mlp.c_proj.weight", layer)
         if cfg.mlp_bias:
             out[pre + "mlp.down_proj.bias"] = Slot("mlp.c_proj.bias", layer)
-    out["model.norm.weight"] = Slot("ln_f.weight")
+        if cfg.post_norms:
+            out[pre + "post_feedforward_layernorm.weight"] = Slot("mlp.post_norm.weight", layer, offset=norm)
+    out["model.norm.weight"] = Slot("ln_f.weight", offset=norm)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = Slot("lm_head.weight")
     return out
@@ -494,6 +616,8 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
     for file, tensors, name, slot in reads:
         dst = slot.view(model.p)
         tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
+        if slot.offset:
+            dst += np.float32(slot.offset)
         if not _all_finite(dst):
             raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
     for file, tensors, name in tied_heads:
@@ -518,7 +642,7 @@ def _all_finite(a: np.ndarray, rows: int = 4096) -> bool:
 def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     """The model's tensors under transformers' names and layouts (see tensor_map; the tied lm-head left out)."""
     p = model.state_dict()
-    return {name: np.ascontiguousarray(slot.view(p))
+    return {name: slot.view(p) - np.float32(slot.offset) if slot.offset else np.ascontiguousarray(slot.view(p))
             for name, slot in tensor_map(model.config, getattr(model, "hf_model_type", None)).items()}
 
 

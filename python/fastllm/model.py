@@ -10,7 +10,9 @@ Architecture: token embedding (+ a learned position embedding, GPT-2), n_layer p
 attention and an MLP, a final norm, an lm-head (tied to the token embedding or its own matrix). The config picks,
 inside the one block (no per-architecture copies): the norm (layernorm | rmsnorm), positions (learned | rope, with
 HF's rope_scaling), grouped-query attention (n_kv_head; the KV cache holds only the kv heads), Qwen3's QK-norm, the
-MLP (gelu | swiglu | relu2, its own width), biases per projection group, and Gemma 2 / nanochat logit soft-capping.
+MLP (gelu | swiglu | geglu | relu2, its own width), biases per projection group, Gemma 2 / nanochat logit
+soft-capping, and Gemma's choices: scaled token embeddings, norms after each branch too (post_norms), the scores'
+scale and soft cap, sliding-window layers (also Mistral's, Phi-3's) with a RoPE base of their own.
 GPTConfig's defaults are GPT-2; GPTConfig.preset("gpt2") is GPT-2 124M, "nano"/"micro" modern models for a CPU.
 Memory: all parameters live in one flat float32 buffer `params` (the master weights) with named views `p`, and
 all gradients in another (`grads`, `g`, allocated on first use). Where the compute dtype is not float32 (bf16 on
@@ -59,7 +61,9 @@ PRESETS: dict[str, dict] = {
                   **MODERN),
 }
 
-POSITIONS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2")
+POSITIONS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "geglu", "relu2")
+GATED = ("swiglu", "geglu")  # MLPs whose c_fc has 2H rows [gate | up]: act(gate) * up
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names
 
 
 @dataclass
@@ -76,7 +80,8 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base (Llama 3: 500000)
     rope_scaling: dict | None = None  # HF's rope_scaling: None, {"rope_type": "linear" | "llama3" | "yarn", ...}
     norm: str = "layernorm"  # "layernorm" (weight + bias) | "rmsnorm" (weight only)
-    mlp: str = "gelu"  # "gelu" (tanh approx.) | "swiglu" (silu(gate) * up) | "relu2" (relu(x)^2)
+    mlp: str = "gelu"  # "gelu" (tanh approx.) | "swiglu" (silu(gate) * up) | "geglu" (gelu(gate) * up, Gemma) |
+    # "relu2" (relu(x)^2)
     mlp_hidden: int | None = None  # MLP width H (HF intermediate_size); None = 4 * n_embd
     qkv_bias: bool = True  # bias of the q/k/v projection (GPT-2, Qwen2: yes; Llama, Mistral, Qwen3: no)
     proj_bias: bool = True  # bias of the attention output projection
@@ -84,6 +89,14 @@ class GPTConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every q and k head (before RoPE)
     tie_embeddings: bool = True  # the lm-head is wte; False: its own lm_head.weight
     logit_softcap: float | None = None  # logits = c * tanh(logits / c) (Gemma 2, nanochat); None: no cap
+    embed_scale: float | None = None  # token embeddings times this (Gemma: sqrt(n_embd)); None: 1
+    post_norms: bool = False  # Gemma 2/3: a norm on each branch's output too, before it joins the residual stream
+    attn_scale: float | None = None  # attention scores q.k times this; None: 1/sqrt(head_size) (Gemma 2/3 differ)
+    attn_softcap: float | None = None  # scores = c * tanh(scores / c) (Gemma 2: 50); None: no cap
+    sliding_window: int | None = None  # a sliding layer's query sees itself and the window - 1 keys before it
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"; None: every layer
+    # slides when sliding_window is set (Mistral v0.1), else none does
+    rope_local_theta: float | None = None  # Gemma 3: sliding layers' RoPE base (no scaling); None: rope_theta's
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
@@ -101,16 +114,31 @@ class GPTConfig:
         for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("qkv_bias", "proj_bias", "mlp_bias", "qk_norm", "tie_embeddings"):
+        for name in ("qkv_bias", "proj_bias", "mlp_bias", "qk_norm", "tie_embeddings", "post_norms"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("layernorm_eps", "rope_theta", "logit_softcap"):
+        for name in ("layernorm_eps", "rope_theta", "logit_softcap", "embed_scale", "attn_scale", "attn_softcap",
+                     "rope_local_theta"):
             v = getattr(self, name)
-            if v is None and name == "logit_softcap":
+            if v is None and name not in ("layernorm_eps", "rope_theta"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
                     not (math.isfinite(v) and v > 0):
                 raise ValueError(f"GPTConfig.{name} must be a finite number > 0, got {v!r}")
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1):
+            raise ValueError(f"GPTConfig.sliding_window must be None or a positive integer, got {w!r}")
+        if self.layer_types is not None:
+            kinds = self.layer_types
+            if not isinstance(kinds, (list, tuple)) or len(kinds) != self.n_layer or \
+                    any(k not in LAYER_TYPES for k in kinds):
+                raise ValueError(f"GPTConfig.layer_types must be None or n_layer={self.n_layer} of {LAYER_TYPES}, "
+                                 f"got {kinds!r}")
+            self.layer_types = list(kinds)
+            if "sliding_attention" in kinds and w is None:
+                raise ValueError("GPTConfig.layer_types has sliding_attention layers but sliding_window is None")
+        if self.rope_local_theta is not None and self.positions != "rope":
+            raise ValueError("GPTConfig.rope_local_theta is set but positions is 'learned' (it applies to rope only)")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(f"GPTConfig.rope_scaling must be None or a dict, got {self.rope_scaling!r}")
         if self.positions == "rope":
@@ -140,6 +168,17 @@ class GPTConfig:
         return 4 * self.n_embd if self.mlp_hidden is None else int(self.mlp_hidden)
 
     @property
+    def fc_width(self) -> int:
+        """Rows of c_fc: 2H for the gated MLPs ([gate | up]), else H."""
+        return 2 * self.mlp_width if self.mlp in GATED else self.mlp_width
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s attention window (None: full causal attention)."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
     def qkv_width(self) -> int:
         """Rows of c_attn: (n_head + 2 * kv_heads) * head_size = [q | k | v]."""
         return (self.n_head + 2 * self.kv_heads) * self.head_size
@@ -167,7 +206,6 @@ def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     V, Tm, L, C = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
     NH, hd, H = cfg.n_head, cfg.head_size, cfg.mlp_width
     layernorm = cfg.norm == "layernorm"
-    fc = 2 * H if cfg.mlp == "swiglu" else H  # swiglu: [gate | up] rows
     shapes = {
         "wte": (V, C),  # token embedding (and the lm-head when tied)
         "wpe": (Tm, C) if cfg.positions == "learned" else None,  # position embedding
@@ -179,12 +217,16 @@ def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
         "attn.k_norm.weight": (L, hd) if cfg.qk_norm else None,
         "attn.c_proj.weight": (L, C, NH * hd),
         "attn.c_proj.bias": (L, C) if cfg.proj_bias else None,
+        "attn.post_norm.weight": (L, C) if cfg.post_norms else None,  # of the attention's output (Gemma 2/3)
+        "attn.post_norm.bias": (L, C) if cfg.post_norms and layernorm else None,
         "ln_2.weight": (L, C),
         "ln_2.bias": (L, C) if layernorm else None,
-        "mlp.c_fc.weight": (L, fc, C),
-        "mlp.c_fc.bias": (L, fc) if cfg.mlp_bias else None,
+        "mlp.c_fc.weight": (L, cfg.fc_width, C),  # gated MLPs: [gate | up] rows
+        "mlp.c_fc.bias": (L, cfg.fc_width) if cfg.mlp_bias else None,
         "mlp.c_proj.weight": (L, C, H),
         "mlp.c_proj.bias": (L, C) if cfg.mlp_bias else None,
+        "mlp.post_norm.weight": (L, C) if cfg.post_norms else None,  # of the MLP's output
+        "mlp.post_norm.bias": (L, C) if cfg.post_norms and layernorm else None,
         "ln_f.weight": (C,),
         "ln_f.bias": (C,) if layernorm else None,
         "lm_head.weight": None if cfg.tie_embeddings else (V, C),
@@ -289,8 +331,15 @@ def mlp_forward(bk, cfg: GPTConfig, x, w_fc, b_fc, w_proj, b_proj, fch, fch_act,
         bk.matmul_forward(x, w_fc, b_fc, out=fch_act, pre_gelu=fch)
     else:
         bk.matmul_forward(x, w_fc, b_fc, out=fch)
-        (bk.swiglu_forward if cfg.mlp == "swiglu" else bk.relu2_forward)(fch, out=fch_act)
+        getattr(bk, f"{cfg.mlp}_forward")(fch, out=fch_act)
     bk.matmul_forward(fch_act, w_proj, b_proj, out=out)
+
+
+def post_norm_forward(bk, cfg: GPTConfig, layers: dict, branch: str, l: int, raw, out, mean, rstd) -> None:
+    """Gemma 2/3: out = the norm of a branch's output raw (branch "attn" or "mlp", layer l), before the residual
+    add."""
+    norm_forward(bk, cfg, raw, layers[f"{branch}.post_norm.weight"][l], _at(layers, f"{branch}.post_norm.bias", l),
+                 out, mean, rstd)
 
 
 def _at(layers: dict, name: str, l: int):
@@ -332,11 +381,20 @@ class GPT:
         self.pc = _views(self.bk, self.cparams, self.shapes)  # the compute copy the kernels read
         self._pl = _layers(self.bk, self.pc)
         self.rope = None  # (cos, sin) tables (block_size, head_size // 2) for positions="rope", on the device
+        self.ropes: list = []  # each layer's tables (Gemma 3's sliding layers have their own)
         cfg = self.config
         if cfg.positions == "rope":
-            cos, sin = rope.rope_tables(rope.inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling), cfg.block_size,
-                                        rope.attention_scaling(cfg.rope_scaling))
-            self.rope = (self.bk.to_device(cos), self.bk.to_device(sin))
+            def tables(theta: float, scaling: dict | None) -> tuple:
+                cos, sin = rope.rope_tables(rope.inv_freq(cfg.head_size, theta, scaling), cfg.block_size,
+                                            rope.attention_scaling(scaling))
+                return self.bk.to_device(cos), self.bk.to_device(sin)
+
+            self.rope = tables(cfg.rope_theta, cfg.rope_scaling)
+            local = self.rope if cfg.rope_local_theta is None else tables(cfg.rope_local_theta, None)
+            self.ropes = [self.rope if cfg.window(l) is None else local for l in range(cfg.n_layer)]
+        # each layer's attention options (the kernels' keyword arguments)
+        self.attn_options = [dict(scale=cfg.attn_scale, softcap=cfg.attn_softcap, window=cfg.window(l))
+                             for l in range(cfg.n_layer)]
         self.grads = None
         self._g: dict = {}
         self._gl: dict = {}
@@ -459,8 +517,7 @@ class GPT:
         self._acts = None  # free the old set before allocating the new one
         cfg, bk = self.config, self.bk
         L, C, NH, NKV, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.vocab_size
-        W, A, H = cfg.qkv_width, NH * cfg.head_size, cfg.mlp_width
-        F = 2 * H if cfg.mlp == "swiglu" else H  # c_fc's output width
+        W, A, H, F = cfg.qkv_width, NH * cfg.head_size, cfg.mlp_width, cfg.fc_width  # F: c_fc's output width
         N, dt, f32 = B * T, self.act_dtype, "float32"
         per_layer = {  # name: (width, dtype)
             "ln1": (C, dt), "ln1_mean": (1, f32), "ln1_rstd": (1, f32), "qkv": (W, dt), "atty": (A, dt),
@@ -469,6 +526,10 @@ class GPT:
         }
         if cfg.qk_norm:  # the q/k/v projection before the norm (the backward's input), the norms' statistics
             per_layer.update(qkv_raw=(W, dt), q_rstd=(NH, f32), k_rstd=(NKV, f32))
+        if cfg.post_norms:  # each branch's output before its post-norm, and the norm's statistics
+            for branch in ("attn", "mlp"):
+                per_layer.update({f"{branch}_raw": (C, dt), f"{branch}_post_mean": (1, f32),
+                                  f"{branch}_post_rstd": (1, f32)})
         specs = {k: ((L, N * w), d) for k, (w, d) in per_layer.items()}
         specs.update({
             "idx": ((B, T), "int32"), "targets": ((N,), "int32"), "row_weights": ((N,), f32),
@@ -477,12 +538,13 @@ class GPT:
             "lm_scratch": ((bk.lmhead_chunk_rows(N, V, dt), V), dt),
             # gradient scratch, reused by every layer
             "dres": ((N, C), dt), "dlnf": ((N, C), dt), "dfch_act": ((N, H), dt), "dfch": ((N, F), dt),
-            "dln": ((N, C), dt), "datty": ((N, A), dt), "dqkv": ((N, W), dt),
+            "dln": ((N, C), dt), "datty": ((N, A), dt), "dqkv": ((N, W), dt), "dpost": ((N, C), dt),
             "dhead": ((V, C), f32),  # the lm-head's gradient, added to g[self.head] by backward()
         })
         a = bk.carve(specs)
         shapes = {k: (N, w) for k, (w, _) in per_layer.items()}
-        shapes.update(ln1_mean=(N,), ln1_rstd=(N,), ln2_mean=(N,), ln2_rstd=(N,), att_lse=(B, NH, T))
+        shapes.update({k: (N,) for k in per_layer if k.endswith(("_mean", "_rstd")) and not k.startswith(("q_", "k_"))})
+        shapes.update(att_lse=(B, NH, T))
         if cfg.qk_norm:
             shapes.update(q_rstd=(B, T, NH), k_rstd=(B, T, NKV))
         for k in per_layer:  # per-layer views, shaped as the kernels take them
@@ -589,7 +651,8 @@ class GPT:
         bk.copy_(a["idx"], idx)
         self._trunk_ready = self.training  # activations saved for a backward(dhidden=...)
 
-        bk.embedding_forward(a["idx"], pc["wte"], pc.get("wpe"), out=a["encoded"].reshape((B, T, C)))
+        bk.embedding_forward(a["idx"], pc["wte"], pc.get("wpe"), out=a["encoded"].reshape((B, T, C)),
+                             scale=cfg.embed_scale or 1.0)
         residual = a["encoded"]
         for l in range(cfg.n_layer):
             norm_forward(bk, cfg, residual, pl["ln_1.weight"][l], _at(pl, "ln_1.bias", l), a["ln1"][l],
@@ -605,17 +668,24 @@ class GPT:
                                           ("attn.k_norm.weight", a["k_rstd"][l], (NH, NH + NKV))):
                     bk.rmsnorm_forward(raw4, pl[name][l], cfg.layernorm_eps, out=qkv4, rstd=rstd, heads=heads)
             if self.rope is not None:
-                bk.rope_forward(qkv.reshape((B, T, W)), *self.rope, NH, out=qkv.reshape((B, T, W)), n_kv_head=NKV)
+                bk.rope_forward(qkv.reshape((B, T, W)), *self.ropes[l], NH, out=qkv.reshape((B, T, W)),
+                                n_kv_head=NKV)
             bk.attention_forward(qkv.reshape((B, T, W)), NH, out=a["atty"][l].reshape((B, T, NH * hd)),
-                                 lse=a["att_lse"][l], n_kv_head=NKV)
+                                 lse=a["att_lse"][l], n_kv_head=NKV, **self.attn_options[l])
             bk.matmul_forward(a["atty"][l], w["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l),
-                              out=a["attproj"])
+                              out=a["attn_raw"][l] if cfg.post_norms else a["attproj"])
+            if cfg.post_norms:
+                post_norm_forward(bk, cfg, pl, "attn", l, a["attn_raw"][l], a["attproj"], a["attn_post_mean"][l],
+                                  a["attn_post_rstd"][l])
             bk.residual_forward(residual, a["attproj"], out=a["residual2"][l])
             norm_forward(bk, cfg, a["residual2"][l], pl["ln_2.weight"][l], _at(pl, "ln_2.bias", l), a["ln2"][l],
                          a["ln2_mean"][l], a["ln2_rstd"][l])
             mlp_forward(bk, cfg, a["ln2"][l], w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
                         w["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), a["fch"][l], a["fch_act"][l],
-                        a["fcproj"])
+                        a["mlp_raw"][l] if cfg.post_norms else a["fcproj"])
+            if cfg.post_norms:
+                post_norm_forward(bk, cfg, pl, "mlp", l, a["mlp_raw"][l], a["fcproj"], a["mlp_post_mean"][l],
+                                  a["mlp_post_rstd"][l])
             bk.residual_forward(a["residual2"][l], a["fcproj"], out=a["residual3"][l])
             residual = a["residual3"][l]
         norm_forward(bk, cfg, residual, pc["ln_f.weight"], pc.get("ln_f.bias"), a["lnf"], a["lnf_mean"],
@@ -646,12 +716,21 @@ class GPT:
         B, T = self._BT
         L, NH, NKV, C, hd = cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.head_size
         W, R, A = cfg.qkv_width, NH + 2 * NKV, NH * hd
-        act_backward = {"gelu": bk.gelu_backward, "relu2": bk.relu2_backward, "swiglu": bk.swiglu_backward}[cfg.mlp]
+        act_backward = getattr(bk, f"{cfg.mlp}_backward")
 
         def linear_backward(dout, inp, name, l, dinp):  # a linear layer's gradients (its bias only if it has one)
             bias = gl.get(name[:-len("weight")] + "bias")
             bk.matmul_backward(dout, inp, pl[name][l], dinp=dinp, dweight=gl[name][l],
                                dbias=None if bias is None else bias[l], need_bias=bias is not None)
+
+        def post_norm_backward(branch, l):  # the gradient of a branch's output before its post-norm (Gemma 2/3)
+            if not cfg.post_norms:
+                return dres
+            bk.zero_(a["dpost"])
+            norm_backward(bk, cfg, dres, a[f"{branch}_raw"][l], pl[f"{branch}.post_norm.weight"][l],
+                          a[f"{branch}_post_mean"][l], a[f"{branch}_post_rstd"][l], a["dpost"],
+                          gl[f"{branch}.post_norm.weight"][l], _at(gl, f"{branch}.post_norm.bias", l))
+            return a["dpost"]
 
         if dhidden is None:
             bk.add_(g[self.head], a["dhead"])
@@ -664,7 +743,7 @@ class GPT:
             # MLP half: residual3 = residual2 + c_proj(act(c_fc(ln2(residual2))))
             for k in ("dfch_act", "dfch", "dln"):
                 bk.zero_(a[k])
-            linear_backward(dres, a["fch_act"][l], "mlp.c_proj.weight", l, a["dfch_act"])
+            linear_backward(post_norm_backward("mlp", l), a["fch_act"][l], "mlp.c_proj.weight", l, a["dfch_act"])
             act_backward(a["dfch_act"], a["fch"][l], a["dfch"])
             linear_backward(a["dfch"], a["ln2"][l], "mlp.c_fc.weight", l, a["dln"])
             norm_backward(bk, cfg, a["dln"], a["residual2"][l], pl["ln_2.weight"][l], a["ln2_mean"][l],
@@ -672,12 +751,13 @@ class GPT:
             # attention half: residual2 = residual + c_proj(attn(rope(qk_norm(c_attn(ln1(residual))))))
             for k in ("datty", "dqkv", "dln"):
                 bk.zero_(a[k])
-            linear_backward(dres, a["atty"][l], "attn.c_proj.weight", l, a["datty"])
+            linear_backward(post_norm_backward("attn", l), a["atty"][l], "attn.c_proj.weight", l, a["datty"])
             dqkv = a["dqkv"].reshape((B, T, W))
             bk.attention_backward(a["datty"].reshape((B, T, A)), a["qkv"][l].reshape((B, T, W)),
-                                  a["atty"][l].reshape((B, T, A)), a["att_lse"][l], NH, dqkv=dqkv, n_kv_head=NKV)
+                                  a["atty"][l].reshape((B, T, A)), a["att_lse"][l], NH, dqkv=dqkv, n_kv_head=NKV,
+                                  **self.attn_options[l])
             if self.rope is not None:  # rotate the q, k gradients back, in place
-                bk.rope_backward(dqkv, *self.rope, NH, dqkv=dqkv, n_kv_head=NKV)
+                bk.rope_backward(dqkv, *self.ropes[l], NH, dqkv=dqkv, n_kv_head=NKV)
             if cfg.qk_norm:  # in place: the q and k rows become the gradients of the raw projection, v passes
                 raw4, d4 = a["qkv_raw"][l].reshape((B, T, R, hd)), a["dqkv"].reshape((B, T, R, hd))
                 for name, rstd, heads in (("attn.q_norm.weight", a["q_rstd"][l], (0, NH)),
@@ -686,7 +766,7 @@ class GPT:
             linear_backward(a["dqkv"], a["ln1"][l], "attn.c_attn.weight", l, a["dln"])
             norm_backward(bk, cfg, a["dln"], residual, pl["ln_1.weight"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
                           dres, gl["ln_1.weight"][l], _at(gl, "ln_1.bias", l))
-        bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g.get("wpe"))
+        bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g.get("wpe"), scale=cfg.embed_scale or 1.0)
 
     # ---- inference --------------------------------------------------------------------------------------
 
@@ -898,11 +978,11 @@ class KVCache:
             if len(self._bufs) >= 4:  # prompts of many lengths: keep the decode buffers, drop the others
                 self._bufs = {k: v for k, v in self._bufs.items() if k[1] == 1}
             cfg, dt, f32 = self.model.config, self.model.act_dtype, "float32"
-            C, N, H, A = cfg.n_embd, b * Tn, cfg.mlp_width, cfg.n_head * cfg.head_size
-            F = 2 * H if cfg.mlp == "swiglu" else H
+            C, N, H, A, F = cfg.n_embd, b * Tn, cfg.mlp_width, cfg.n_head * cfg.head_size, cfg.fc_width
             self._bufs[key] = self.model.bk.carve({
                 "idx": ((b, Tn), "int32"), "x": ((N, C), dt), "h": ((N, C), dt), "mean": ((N,), f32),
                 "rstd": ((N,), f32), "qkv": ((N, cfg.qkv_width), dt), "y": ((N, A), dt), "tmp": ((N, C), dt),
+                "post": ((N, C), dt),
                 "qk_rstd": ((N * cfg.n_head,), f32), "fch": ((N, F), dt), "fch_act": ((N, H), dt),
                 "last": ((b, C), dt), "lnf": ((b, C), dt), "lnf_mean": ((b,), f32), "lnf_rstd": ((b,), f32),
                 "logits": ((b, cfg.vocab_size), f32),
@@ -938,10 +1018,15 @@ class KVCache:
             for i in range(b):
                 wpe_i = bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C))
                 bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"], wpe_i,
-                                     out=bk.view(x, i * Tn * C, (1, Tn, C)))
+                                     out=bk.view(x, i * Tn * C, (1, Tn, C)), scale=cfg.embed_scale or 1.0)
         else:
             wpe = None if m.rope is not None else bk.view(pc["wpe"], int(pos[0]) * C, (Tn, C))
-            bk.embedding_forward(u["idx"], pc["wte"], wpe, out=x.reshape((b, Tn, C)))
+            bk.embedding_forward(u["idx"], pc["wte"], wpe, out=x.reshape((b, Tn, C)), scale=cfg.embed_scale or 1.0)
+        def add_branch(branch: str, l: int) -> None:  # x += the branch's output u["tmp"] (post-normed: Gemma 2/3)
+            if cfg.post_norms:
+                post_norm_forward(bk, cfg, pl, branch, l, u["tmp"], u["post"], u["mean"], u["rstd"])
+            bk.add_(x, u["post"] if cfg.post_norms else u["tmp"])
+
         per_layer = self.B * NKV * Tm * hs
         qkv, qkv4 = u["qkv"].reshape((b, Tn, W)), u["qkv"].reshape((b, Tn, R, hs))
         for l in range(cfg.n_layer):
@@ -954,14 +1039,15 @@ class KVCache:
                     rstd = bk.view(u["qk_rstd"], 0, (b, Tn, heads[1] - heads[0]))
                     bk.rmsnorm_forward(qkv4, pl[name][l], cfg.layernorm_eps, out=qkv4, rstd=rstd, heads=heads)
             if m.rope is not None:
-                bk.rope_forward(qkv, *m.rope, NH, pos=pos_dev, out=qkv, n_kv_head=NKV)
-            abk.attention_kv_forward(qkv, kc, vc, pos_dev, out=u["y"].reshape((b, Tn, NH * hs)), n_kv_head=NKV)
+                bk.rope_forward(qkv, *m.ropes[l], NH, pos=pos_dev, out=qkv, n_kv_head=NKV)
+            abk.attention_kv_forward(qkv, kc, vc, pos_dev, out=u["y"].reshape((b, Tn, NH * hs)), n_kv_head=NKV,
+                                     **m.attn_options[l])
             bk.matmul_forward(u["y"], w["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l), out=u["tmp"])
-            bk.add_(x, u["tmp"])
+            add_branch("attn", l)
             norm_forward(bk, cfg, x, pl["ln_2.weight"][l], _at(pl, "ln_2.bias", l), u["h"], u["mean"], u["rstd"])
             mlp_forward(bk, cfg, u["h"], w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
                         w["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), u["fch"], u["fch_act"], u["tmp"])
-            bk.add_(x, u["tmp"])
+            add_branch("mlp", l)
         last = x  # the last token of each row
         if Tn > 1:
             last = u["last"]

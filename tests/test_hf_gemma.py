@@ -1,0 +1,198 @@
+"""Gemma 1, 2 and 3 (text) checkpoints and sliding-window attention: small random GemmaForCausalLM /
+Gemma2ForCausalLM / Gemma3ForCausalLM models built and saved by transformers load into fastllm with transformers'
+float32 logits, greedy tokens (through the KV cache, past the window) and gradients (transformers' autograd), from
+F32 and BF16 files; fastllm writes folders transformers loads to the same logits. Gemma's pieces: GeGLU, embeddings
+times sqrt(hidden_size), norms that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after
+each branch, attention and final logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2);
+QK-norm, five sliding layers of six with their own RoPE base and linear scaling on the full ones (Gemma 3).
+Mistral v0.1's and Phi-3's sliding windows past the window, too."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from fastllm import hf  # noqa: E402
+from fastllm.model import GPT  # noqa: E402
+from fastllm.sample import generate  # noqa: E402
+
+V, T_MAX, WINDOW = 301, 64, 8
+BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
+            head_dim=16, max_position_embeddings=T_MAX, rms_norm_eps=1e-6, initializer_range=0.15, bos_token_id=None,
+            eos_token_id=None, pad_token_id=None)
+LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
+CASES = {  # name: (transformers class prefix, config)
+    "gemma-mqa": ("Gemma", dict(num_key_value_heads=1, hidden_act="gelu_pytorch_tanh")),
+    "gemma-7b-like": ("Gemma", dict(num_key_value_heads=4, hidden_size=48, hidden_act="gelu")),  # 16 * 4 != 48
+    "gemma2": ("Gemma2", dict(num_key_value_heads=2, query_pre_attn_scalar=12, sliding_window=WINDOW,
+                              attn_logit_softcapping=3.0, final_logit_softcapping=6.0)),
+    "gemma2-untied": ("Gemma2", dict(num_key_value_heads=4, sliding_window=WINDOW, layer_types=["full_attention", *LAYERS[1:]],
+                                     tie_word_embeddings=False)),
+    "gemma3": ("Gemma3", dict(num_key_value_heads=2, sliding_window=WINDOW, layer_types=LAYERS, rope_theta=1e6,
+                              rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                              query_pre_attn_scalar=20)),
+    "mistral-v0.1": ("Mistral", dict(num_key_value_heads=2, sliding_window=WINDOW, hidden_act="silu")),
+    "phi3-mini-4k": ("Phi3", dict(num_key_value_heads=4, sliding_window=WINDOW + 3, hidden_act="silu",
+                                  rope_scaling=None)),
+}
+
+
+def hf_model(case: str, dtype=torch.float32):
+    """A random transformers model of `case`, its norms moved off their init (so that 1 + weight is tested)."""
+    prefix, kw = CASES[case]
+    torch.manual_seed(0)
+    cls = "Gemma3Text" if prefix == "Gemma3" else prefix
+    cfg = getattr(transformers, f"{cls}Config")(**{**BASE, **kw})
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.to(dtype).float() if dtype != torch.float32 else model
+
+
+def logits_of(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    model = hf_model(request.param)
+    d = tmp_path_factory.mktemp(request.param) / "model"
+    model.save_pretrained(d)
+    return request.param, model, d
+
+
+def test_config_maps_gemmas_options(case):
+    name, _, d = case
+    cfg = GPT.from_pretrained(d).config
+    gemma = name.startswith("gemma")
+    assert cfg.mlp == ("geglu" if gemma else "swiglu") and cfg.block_size == T_MAX
+    assert cfg.embed_scale == (pytest.approx(cfg.n_embd ** 0.5) if gemma else None)
+    assert cfg.post_norms == name.startswith(("gemma2", "gemma3")) and cfg.qk_norm == (name == "gemma3")
+    assert cfg.sliding_window == (None if name.startswith("gemma-") else CASES[name][1]["sliding_window"])
+    if name == "gemma3":
+        assert (cfg.rope_theta, cfg.rope_local_theta, cfg.attn_scale) == (1e6, 1e4, 20 ** -0.5)
+        assert cfg.layer_types == LAYERS and cfg.rope_scaling["factor"] == 4.0
+    if name == "gemma2":
+        assert (cfg.attn_softcap, cfg.logit_softcap, cfg.attn_scale) == (3.0, 6.0, 12 ** -0.5)
+
+
+def test_logits_and_greedy_match_transformers(case):
+    """T = 40 is five windows: the sliding layers must slide (full attention there gives other logits)."""
+    name, ref, d = case
+    model = GPT.from_pretrained(d)
+    ids = np.random.default_rng(0).integers(0, V, (3, 40))
+    want = logits_of(ref, ids)
+    assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
+    assert np.abs(want).max() > 1.0
+    prompt = [5, 17, 99, 3, 250]
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=30, min_new_tokens=30, do_sample=False,
+                              pad_token_id=0)[0].tolist()
+    ours = generate(model.eval(), prompt, 30, temperature=0.0)
+    assert ours == theirs and len(set(ours[5:])) > 1
+
+
+def test_the_window_changes_the_logits(case):
+    """The oracle above is not blind to the window: full attention everywhere differs past the window."""
+    name, ref, d = case
+    if GPT.from_pretrained(d).config.sliding_window is None:
+        pytest.skip(f"{name} has no sliding layers")
+    full = json.loads((d / "config.json").read_text()) | {"sliding_window": None, "layer_types": None}
+    ids = np.random.default_rng(0).integers(0, V, (1, 40))
+    cfg = hf.config_from_hf({**full, "sliding_window": T_MAX})  # a window as long as the context: full attention
+    assert cfg.sliding_window is None
+    model = GPT.from_pretrained(d)
+    windowed = model.forward(ids)
+    model.attn_options = [dict(o, window=None) for o in model.attn_options]
+    assert np.abs(model.forward(ids)[0, WINDOW + 4:] - windowed[0, WINDOW + 4:]).max() > 1e-3
+
+
+def test_gradients_match_transformers_autograd(case):
+    """Every parameter's gradient of the mean cross-entropy, against torch autograd through transformers' model
+    (the norms' (1 + weight) does not change a gradient)."""
+    name, ref, d = case
+    model = GPT.from_pretrained(d).train()
+    rng = np.random.default_rng(1)
+    ids, targets = rng.integers(0, V, (2, 24)), rng.integers(0, V, (2, 24))
+    model.zero_grad()
+    loss = model.forward(ids, targets)
+    model.backward()
+    ref.zero_grad()
+    logits = ref(torch.as_tensor(ids)).logits.float()
+    ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.as_tensor(targets).reshape(-1))
+    ref_loss.backward()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    grads = dict(ref.named_parameters())
+    for hf_name, slot in hf.tensor_map(model.config, CASES[name][0].lower()).items():
+        want = grads[hf_name].grad.numpy()
+        got = slot.view(model.g)
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max() + 1e-7, hf_name
+
+
+def test_bf16_files_load_as_transformers_computes_them(case, tmp_path):
+    name, _, _ = case
+    ref = hf_model(name, torch.bfloat16)  # bf16-rounded weights, computed in float32
+    hf_model(name).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = GPT.from_pretrained(tmp_path / "bf16")
+    ids = np.random.default_rng(2).integers(0, V, (2, 30))
+    want = logits_of(ref, ids)
+    assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
+
+
+def test_save_pretrained_round_trip(case, tmp_path):
+    """fastllm -> transformers -> fastllm: transformers computes fastllm's logits, and the tensors come back
+    (the norms' 1 + weight and back again: within a float32 rounding)."""
+    name, _, d = case
+    model = GPT.from_pretrained(d)
+    model.save_pretrained(tmp_path / "out")
+    doc = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert doc["model_type"] == json.loads((d / "config.json").read_text())["model_type"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = np.random.default_rng(3).integers(0, V, (2, 33))
+    want = logits_of(theirs, ids)
+    assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
+    back = GPT.from_pretrained(tmp_path / "out")
+    assert back.config == model.config
+    assert np.abs(back.params - model.params).max() <= 1e-6
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),  # exact GELU in Gemma 2
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    (dict(query_pre_attn_scalar=-1), "query_pre_attn_scalar must be a positive number"),
+    (dict(attn_logit_softcapping=0), "attn_logit_softcapping must be a positive number"),
+    (dict(layer_types=["sliding_attention", "chunked_attention", "full_attention"]),
+     "layer_types \\['chunked_attention'\\] are not supported"),
+    (dict(layer_types=["sliding_attention"]), "layer_types must be a list of num_hidden_layers=3"),
+    (dict(sliding_window=0), "sliding_window=0 on layers"),
+])
+def test_bad_gemma_configs(tmp_path, changes, match):
+    d = tmp_path / "model"
+    hf_model("gemma2").save_pretrained(d)
+    doc = json.loads((d / "config.json").read_text()) | changes
+    (d / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=match) as e:
+        GPT.from_pretrained(d)
+    assert "config.json" in str(e.value)
+
+
+def test_gemma3_rope_parameters_per_layer_type(tmp_path):
+    """transformers 5's spelling of Gemma 3's two RoPEs (rope_parameters per layer type) and 4's (rope_theta,
+    rope_local_base_freq, rope_scaling) read the same; a scaled sliding RoPE is refused by name."""
+    d = {**json.loads(json.dumps(hf_model("gemma3").config.to_dict())), "architectures": ["Gemma3ForCausalLM"]}
+    new = hf.config_from_hf(d)
+    old = {k: v for k, v in d.items() if k != "rope_parameters"} | dict(
+        rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    assert hf.config_from_hf(old) == new
+    bad = d | {"rope_parameters": {**d["rope_parameters"], "sliding_attention": {"rope_type": "linear",
+                                                                                 "factor": 2.0}}}
+    with pytest.raises(ValueError, match="rope_parameters.sliding_attention"):
+        hf.config_from_hf(bad)
