@@ -26,6 +26,11 @@ V = 1000  # not a multiple of 64: odd vocabulary tails in the lm-head
 # the options of the modern family, together (head size 64: the bf16 tensor-core attention, MQA)
 MODERN_OPTIONS = dict(MODERN, n_kv_head=1, mlp="swiglu", mlp_hidden=256, qk_norm=True, tie_embeddings=False,
                       logit_softcap=30.0)
+# Gemma 2/3's options on top (GeGLU, embedding scale, post-norms, the scores' scale and soft cap, a sliding layer with
+# its own RoPE base: T = 97 spans the window)
+GEMMA_OPTIONS = dict(MODERN_OPTIONS, mlp="geglu", embed_scale=128 ** 0.5, post_norms=True, attn_scale=0.1,
+                     attn_softcap=20.0, sliding_window=40, layer_types=["sliding_attention", "full_attention"],
+                     rope_local_theta=1e4)
 
 
 def small_config(**kw) -> GPTConfig:
@@ -91,10 +96,11 @@ def test_first_20_steps_match_cpu(dtype, tol, arch):
     print(f"{dtype}: worst loss rel err over 20 steps {worst:.2e}")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+@pytest.mark.parametrize("arch", ["gpt2", "modern", "gemma"])
 def test_fp32_gradients_match_cpu_per_tensor(arch):
     """One forward/backward in float32: every gradient tensor, by name (finds a miswired backward fast)."""
-    cpu = GPT(small_config(**(MODERN_OPTIONS if arch == "modern" else {})), seed=1)
+    options = {"gpt2": {}, "modern": MODERN_OPTIONS, "gemma": GEMMA_OPTIONS}[arch]
+    cpu = GPT(small_config(**options), seed=1)
     gpu = on_gpu(cpu)
     x, y = learnable_batches(1, B=3, T=97, seed=1)[0]  # odd T
     y[0, :5] = -1  # ignored targets

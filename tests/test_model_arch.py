@@ -32,6 +32,14 @@ ARCHS = {
     "nanochat": dict(positions="rope", norm="rmsnorm", mlp="relu2", qkv_bias=False, proj_bias=False, mlp_bias=False,
                      tie_embeddings=False, logit_softcap=15.0),
     "rope-layernorm-softcap-biases": dict(positions="rope", mlp="swiglu", qk_norm=True, logit_softcap=3.0),
+    "gemma2": dict(LLAMA, mlp="geglu", n_kv_head=2, head_dim=16, embed_scale=32 ** 0.5, post_norms=True,
+                   attn_scale=12 ** -0.5, attn_softcap=2.0, logit_softcap=5.0, sliding_window=5,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "gemma3": dict(LLAMA, mlp="geglu", n_kv_head=1, head_dim=16, embed_scale=32 ** 0.5, post_norms=True, qk_norm=True,
+                   attn_scale=20 ** -0.5, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                   rope_theta=1e6, rope_local_theta=1e4, rope_scaling=dict(rope_type="linear", factor=4.0)),
+    "window-layernorm-postnorms": dict(positions="rope", n_kv_head=2, sliding_window=3, post_norms=True,
+                                       attn_softcap=1.5, embed_scale=0.5),
 }
 
 
@@ -137,7 +145,8 @@ def test_weighted_ce_and_hidden_state_gradients_match_torch(arch):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("arch", ["llama3-scaling-untied", "qwen3", "nanochat", "gpt2-gqa-untied"])
+@pytest.mark.parametrize("arch", ["llama3-scaling-untied", "qwen3", "nanochat", "gpt2-gqa-untied", "gemma2",
+                                  "gemma3"])
 def test_kv_cache_equals_full_forward(name, arch):
     """Prompts of different lengths prefilled together, then decode steps at different positions per row: every
     step's logits equal those of a full forward over the sequence so far."""
@@ -285,7 +294,17 @@ def test_gpt2_presets_unchanged_and_modern_presets_exist():
     (dict(head_dim=-2), "head_dim"),
     (dict(positions="alibi"), "positions"),
     (dict(norm="batchnorm"), "norm"),
-    (dict(mlp="geglu"), "mlp"),
+    (dict(mlp="reglu"), "mlp"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(sliding_window=True), "sliding_window"),
+    (dict(layer_types=["full_attention"]), "layer_types"),
+    (dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+    (dict(layer_types=["full_attention", "sliding_attention"]), "sliding_window is None"),
+    (dict(rope_local_theta=1e4), "rope_local_theta"),
+    (dict(embed_scale=0.0), "embed_scale"),
+    (dict(attn_scale=-1.0), "attn_scale"),
+    (dict(attn_softcap=float("nan")), "attn_softcap"),
+    (dict(post_norms=1), "post_norms"),
     (dict(mlp_hidden=0), "mlp_hidden"),
     (dict(qkv_bias="yes"), "qkv_bias"),
     (dict(logit_softcap=0.0), "logit_softcap"),

@@ -1,6 +1,7 @@
 """A plain PyTorch transformer (nanoGPT-style, test-only oracle) that takes its weights from a fastllm GPT: GPT-2 and
-every architecture option of GPTConfig (rope, rmsnorm, GQA, QK-norm, gelu/swiglu/relu2, biases, untied lm-head,
-logit soft-capping), written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
+every architecture option of GPTConfig (rope, rmsnorm, GQA, QK-norm, gelu/swiglu/geglu/relu2, biases, untied
+lm-head, logit soft-capping, Gemma's embedding scale, post-norms, score scale and soft cap, sliding windows and
+local RoPE base), written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
 Qwen2 / Qwen3 / Mistral (hf_twin: the same weights under HF's names) check it where a family exists."""
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ def build(model, sdpa: bool = False):
     params = {k: torch.tensor(np.array(v), requires_grad=True) for k, v in model.state_dict().items()}
     NH, NKV, hd, H, eps = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width, cfg.layernorm_eps
     head = params["wte" if cfg.tie_embeddings else "lm_head.weight"]
-    if cfg.positions == "rope":  # HF's rotate-half RoPE: angle = position * inv_freq, cos/sin over [freqs, freqs]
-        freq = torch.tensor(rope.inv_freq(hd, cfg.rope_theta, cfg.rope_scaling))
+    def tables(theta, scaling):  # HF's rotate-half RoPE: angle = position * inv_freq, cos/sin over [freqs, freqs]
+        freq = torch.tensor(rope.inv_freq(hd, theta, scaling))
         ang = torch.arange(cfg.block_size, dtype=torch.float32)[:, None] * freq[None, :]
         cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
-        cos, sin = (t * rope.attention_scaling(cfg.rope_scaling) for t in (cos, sin))  # (YaRN's temperature)
+        return [t * rope.attention_scaling(scaling) for t in (cos, sin)]  # (YaRN's temperature)
+
+    if cfg.positions == "rope":  # per layer: sliding layers may have a base of their own (Gemma 3)
+        full = tables(cfg.rope_theta, cfg.rope_scaling)
+        local = full if cfg.rope_local_theta is None else tables(cfg.rope_local_theta, None)
+        ropes = [full if cfg.window(l) is None else local for l in range(cfg.n_layer)]
 
     def p(name, l=None):
         t = params.get(name)
@@ -38,16 +44,21 @@ def build(model, sdpa: bool = False):
     def norm(x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, eps) if cfg.norm == "layernorm" else rmsnorm(x, w)
 
-    def rotate(x, T):  # x (B, heads, T, hd)
+    def rotate(x, T, l):  # x (B, heads, T, hd)
+        cos, sin = ropes[l]
         half = x.shape[-1] // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos[:T] + rot * sin[:T]
+
+    def post(x, branch, l):  # Gemma 2/3: a norm on the branch's output
+        w = p(f"{branch}.post_norm.weight", l)
+        return x if w is None else norm(x, w, p(f"{branch}.post_norm.bias", l))
 
     def forward(idx, targets=None, hidden=False):
         """logits (B, T, V), or the mean CE loss given targets, or the final hidden states (B, T, C) if hidden."""
         idx = torch.as_tensor(np.asarray(idx, np.int64))
         B, T = idx.shape
-        x = params["wte"][idx]
+        x = params["wte"][idx] * (cfg.embed_scale or 1.0)
         if cfg.positions == "learned":
             x = x + params["wpe"][:T]
         for l in range(cfg.n_layer):
@@ -59,16 +70,22 @@ def build(model, sdpa: bool = False):
                 q, k = rmsnorm(q, p("attn.q_norm.weight", l)), rmsnorm(k, p("attn.k_norm.weight", l))
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             if cfg.positions == "rope":
-                q, k = rotate(q, T), rotate(k, T)
+                q, k = rotate(q, T, l), rotate(k, T, l)
             k, v = k.repeat_interleave(NH // NKV, dim=1), v.repeat_interleave(NH // NKV, dim=1)
-            if sdpa:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            scale, cap, window = cfg.attn_scale or 1 / math.sqrt(hd), cfg.attn_softcap, cfg.window(l)
+            if sdpa and cap is None and window is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             else:
-                att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
-                att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
-                y = att @ v
+                att = (q @ k.transpose(-2, -1)) * scale
+                if cap is not None:
+                    att = cap * torch.tanh(att / cap)
+                t = torch.arange(T)
+                masked = t[None, :] > t[:, None]  # a key after the query
+                if window is not None:
+                    masked |= t[:, None] - t[None, :] >= window  # or window or more before it
+                y = att.masked_fill(masked, float("-inf")).softmax(-1) @ v
             y = y.transpose(1, 2).reshape(B, T, NH * hd)
-            x = x + F.linear(y, p("attn.c_proj.weight", l), p("attn.c_proj.bias", l))
+            x = x + post(F.linear(y, p("attn.c_proj.weight", l), p("attn.c_proj.bias", l)), "attn", l)
             h = norm(x, p("ln_2.weight", l), p("ln_2.bias", l))
             u = F.linear(h, p("mlp.c_fc.weight", l), p("mlp.c_fc.bias", l))
             if cfg.mlp == "gelu":
@@ -77,8 +94,8 @@ def build(model, sdpa: bool = False):
                 u = F.relu(u).square()
             else:
                 gate, up = u.split(H, dim=-1)
-                u = F.silu(gate) * up
-            x = x + F.linear(u, p("mlp.c_proj.weight", l), p("mlp.c_proj.bias", l))
+                u = (F.silu(gate) if cfg.mlp == "swiglu" else F.gelu(gate, approximate="tanh")) * up
+            x = x + post(F.linear(u, p("mlp.c_proj.weight", l), p("mlp.c_proj.bias", l)), "mlp", l)
         x = norm(x, params["ln_f.weight"], params.get("ln_f.bias"))
         if hidden:
             return x

@@ -83,8 +83,8 @@ class TrainConfig:
                                          "the preset's)", choices=POSITIONS)
     rope_theta: float | None = option(None, "RoPE base frequency (Llama 3: 500000; default: the preset's)")
     norm: str | None = option(None, "layernorm (GPT-2) or rmsnorm (Llama) (default: the preset's)", choices=NORMS)
-    mlp: str | None = option(None, "MLP: gelu (GPT-2), swiglu (Llama) or relu2 (nanochat) (default: the preset's)",
-                             choices=MLPS)
+    mlp: str | None = option(None, "MLP: gelu (GPT-2), swiglu (Llama), geglu (Gemma) or relu2 (nanochat) (default: "
+                                   "the preset's)", choices=MLPS)
     mlp_hidden: int | None = option(None, "MLP hidden width (default: the preset's; 4 * n_embd)")
     qk_norm: bool | None = option(None, "RMSNorm on every query and key head, as Qwen3 (default: the preset's)")
     tie_embeddings: bool | None = option(None, "the lm-head is the token embedding (--no-tie-embeddings: its own "
