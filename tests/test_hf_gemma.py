@@ -31,8 +31,8 @@ CASES = {  # name: (transformers class prefix, config)
     "gemma-7b-like": ("Gemma", dict(num_key_value_heads=4, hidden_size=48, hidden_act="gelu")),  # 16 * 4 != 48
     "gemma2": ("Gemma2", dict(num_key_value_heads=2, query_pre_attn_scalar=12, sliding_window=WINDOW,
                               attn_logit_softcapping=3.0, final_logit_softcapping=6.0)),
-    "gemma2-untied": ("Gemma2", dict(num_key_value_heads=4, sliding_window=WINDOW, layer_types=["full_attention", *LAYERS[1:]],
-                                     tie_word_embeddings=False)),
+    "gemma2-untied": ("Gemma2", dict(num_key_value_heads=4, sliding_window=WINDOW, tie_word_embeddings=False,
+                                     layer_types=["full_attention", *LAYERS[1:]])),
     "gemma3": ("Gemma3", dict(num_key_value_heads=2, sliding_window=WINDOW, layer_types=LAYERS, rope_theta=1e6,
                               rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 4.0},
                               query_pre_attn_scalar=20)),
@@ -103,16 +103,15 @@ def test_logits_and_greedy_match_transformers(case):
 def test_the_window_changes_the_logits(case):
     """The oracle above is not blind to the window: full attention everywhere differs past the window."""
     name, ref, d = case
-    if GPT.from_pretrained(d).config.sliding_window is None:
-        pytest.skip(f"{name} has no sliding layers")
-    full = json.loads((d / "config.json").read_text()) | {"sliding_window": None, "layer_types": None}
-    ids = np.random.default_rng(0).integers(0, V, (1, 40))
-    cfg = hf.config_from_hf({**full, "sliding_window": T_MAX})  # a window as long as the context: full attention
-    assert cfg.sliding_window is None
     model = GPT.from_pretrained(d)
+    if model.config.sliding_window is None:
+        pytest.skip(f"{name} has no sliding layers")
+    ids = np.random.default_rng(0).integers(0, V, (1, 40))
     windowed = model.forward(ids)
     model.attn_options = [dict(o, window=None) for o in model.attn_options]
     assert np.abs(model.forward(ids)[0, WINDOW + 4:] - windowed[0, WINDOW + 4:]).max() > 1e-3
+    doc = json.loads((d / "config.json").read_text())
+    assert hf.config_from_hf({**doc, "sliding_window": T_MAX}).sliding_window is None  # as long as the context
 
 
 def test_gradients_match_transformers_autograd(case):
