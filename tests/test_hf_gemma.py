@@ -195,3 +195,40 @@ def test_gemma3_rope_parameters_per_layer_type(tmp_path):
                                                                                  "factor": 2.0}}}
     with pytest.raises(ValueError, match="rope_parameters.sliding_attention"):
         hf.config_from_hf(bad)
+
+
+def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path):
+    """Gemma 3 4B-27B are Gemma3ForConditionalGeneration: fastllm reads the language model (text_config, tensors
+    under language_model.model.) and skips the vision tower; on text its logits and greedy tokens are transformers',
+    and save_pretrained writes a Gemma3ForCausalLM of the language model alone."""
+    text = {k: v for k, v in {**BASE, **CASES["gemma3"][1]}.items() if not k.endswith("token_id")}
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=V - 1, boi_token_index=V - 3, eoi_token_index=V - 2)
+    ref = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    ref.save_pretrained(tmp_path / "mm")
+    model = GPT.from_pretrained(tmp_path / "mm")
+    assert model.config == GPT.from_pretrained(tmp_path / "mm").config and model.config.qk_norm
+    ids = np.random.default_rng(4).integers(0, V - 3, (2, 36))
+    want = logits_of(ref, ids)
+    assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              pad_token_id=0)[0].tolist()
+    assert generate(model.eval(), [5, 17, 99], 20, temperature=0.0) == theirs
+    model.save_pretrained(tmp_path / "text")
+    assert json.loads((tmp_path / "text" / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    text_only = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", dtype=torch.float32).eval()
+    assert np.abs(logits_of(text_only, ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
+    doc = json.loads((tmp_path / "mm" / "config.json").read_text())
+    for changes, match in (({"text_config": None}, "text_config must be an object"),
+                           ({"architectures": ["Gemma3ForCausalLM"]}, "architectures")):
+        (tmp_path / "mm" / "config.json").write_text(json.dumps(doc | changes))
+        with pytest.raises(ValueError, match=match):
+            GPT.from_pretrained(tmp_path / "mm")

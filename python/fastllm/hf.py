@@ -32,6 +32,10 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
                                  scale), sliding layers every other layer (or as layer_types lists)
     gemma3_text Gemma3ForCausalLM  Gemma 2's, plus QK-norm, five sliding layers of six (sliding_window_pattern, or
                                  layer_types) whose RoPE has its own base (rope_local_base_freq) and no scaling
+    gemma3   Gemma3ForConditionalGeneration  (Gemma 3 4B-27B) its language model: text_config as gemma3_text's (with
+                                 Gemma3TextConfig's defaults for what it leaves out), the tensors under
+                                 language_model.model. or model.language_model.; the vision tower is not read, and
+                                 save_pretrained writes the language model alone (Gemma3ForCausalLM)
 Keys of config.json that change the computation are mapped or refused by name (other rope types, MoE model
 types, quantization, activations, partial rotary); the others (dropout, initializer range, token
 ids, generation defaults, bookkeeping) do not affect the model and are not read.
@@ -79,12 +83,18 @@ ARCHITECTURES = {
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
+    "gemma3": ("Gemma3ForConditionalGeneration",),  # (Gemma 3 4B-27B: its language model; images are not read)
 }
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 MODEL_TYPES = tuple(ARCHITECTURES)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
 _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                       layer_norm_epsilon=1e-5)  # fmt: skip
+# Gemma3TextConfig's defaults: the text_config of Gemma 3 4B-27B's config.json names only what differs from them
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                            rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096)
+VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")  # a multimodal Gemma 3's, not read
 _SKIP = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)|(model\.)?layers\.\d+\.self_attn\.rotary_emb"
                    r"\.inv_freq")  # buffers old checkpoints carry: causal masks, RoPE frequencies (recomputed)
 
@@ -177,6 +187,12 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
         method = d["quantization_config"].get("quant_method") if isinstance(d["quantization_config"], dict) else None
         raise bad(f"quantization_config ({method or 'quantized weights'}) is not supported: give an unquantized "
                   "F32/F16/BF16 checkpoint")
+    if kind == "gemma3":  # Gemma 3 4B-27B: the language model (text_config) of the image-text model
+        if not isinstance(d.get("text_config"), dict):
+            raise bad("text_config must be an object (the language model of Gemma3ForConditionalGeneration)")
+        d, kind = d["text_config"], "gemma3_text"
+    if kind == "gemma3_text":
+        d = {**GEMMA3_TEXT_DEFAULTS, **d}
     try:
         cfg = _gpt2_config(d, bad) if kind == "gpt2" else _llama_config(d, kind, bad)
         return GPTConfig(**cfg)
@@ -514,9 +530,14 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
 
 
 def _resolve(name: str, slots: dict[str, Slot]) -> str | None:
-    """The tensor_map name of a file's tensor (base-model files lack the transformer./model. prefix)."""
+    """The tensor_map name of a file's tensor (base-model files lack the transformer./model. prefix; a multimodal
+    Gemma 3 keeps its language model under language_model.model. or model.language_model.)."""
     if name in slots:
         return name
+    for prefix, to in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                       ("language_model.", "")):
+        if name.startswith(prefix):
+            return _resolve(to + name[len(prefix):], slots)
     for prefix in ("transformer.", "model."):
         if prefix + name in slots:
             return prefix + name
@@ -589,7 +610,7 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT) -> GPT:
                 tied_heads.append((file, tensors, name))  # checked against wte once that is loaded
                 continue
             if key is None:
-                if _SKIP.fullmatch(name):
+                if _SKIP.fullmatch(name) or (doc["model_type"] == "gemma3" and VISION.fullmatch(name)):
                     continue
                 raise ValueError(f"{file}: unexpected tensor {name!r} (not a parameter of the model config.json "
                                  f"describes: model_type {doc['model_type']}, n_layer={cfg.n_layer})")
