@@ -30,8 +30,8 @@ from .ops import (
     _kv_out_width,
     _nkv,
     _norm_stats_shape,
-    attention_opts,
     _q_width,
+    attention_opts,
     softcap_arg,
     temperature_arg,
 )
