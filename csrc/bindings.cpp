@@ -406,19 +406,24 @@ static std::array<int64_t, 4> qkv_dims(const py::array& qkv, int64_t NH, std::op
     return {qkv.shape(0), qkv.shape(1), NH * (W / heads), NKV};
 }
 
+// scale (0: 1/sqrt(hs)), softcap (0: none) and window (0: full causal) of the score: AttentionOpts (common.h)
 static void attention_forward_py(py::array out, py::array lse, py::array qkv, int64_t NH,
-                                 std::optional<int64_t> n_kv_head, bool bf16) {
+                                 std::optional<int64_t> n_kv_head, bool bf16, float scale, float softcap,
+                                 int64_t window) {
+    const auto opt = fastllm::AttentionOpts::checked(scale, softcap, window);
     const auto [B, T, C, NKV] = qkv_dims(qkv, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     float* o = out_ptr<float>(out, "out", {B, T, C});
     float* l = out_ptr<float>(lse, "lse", {B, NH, T});
     check_outputs({{&out, "out"}, {&lse, "lse"}}, {{&qkv, "qkv"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_forward(o, l, x, B, T, C, NH, NKV, bf16);
+    fastllm::cpu::attention_forward(o, l, x, B, T, C, NH, NKV, opt, bf16);
 }
 
 static void attention_backward_py(py::array dqkv, py::array dout, py::array qkv, py::array out, py::array lse,
-                                  int64_t NH, std::optional<int64_t> n_kv_head, bool bf16) {
+                                  int64_t NH, std::optional<int64_t> n_kv_head, bool bf16, float scale,
+                                  float softcap, int64_t window) {
+    const auto opt = fastllm::AttentionOpts::checked(scale, softcap, window);
     const auto [B, T, C, NKV] = qkv_dims(qkv, NH, n_kv_head);
     const float* x = in_ptr<float>(qkv, "qkv");
     const float* dy = in_ptr<float>(dout, "dout", {B, T, C});
@@ -427,13 +432,15 @@ static void attention_backward_py(py::array dqkv, py::array dout, py::array qkv,
     float* dx = out_ptr<float>(dqkv, "dqkv", {B, T, qkv.shape(2)});
     check_outputs({{&dqkv, "dqkv"}}, {{&dout, "dout"}, {&qkv, "qkv"}, {&out, "out"}, {&lse, "lse"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH, NKV, bf16);
+    fastllm::cpu::attention_backward(dx, dy, x, y, l, B, T, C, NH, NKV, opt, bf16);
 }
 
 // kcache (B, NKV, max_T, hs) gives NKV and hs; NH = W / hs - 2 NKV. n_kv_head, if given, must equal NKV; None means
 // multi-head attention (W = 3 * NKV * hs, today's layout)
 static void attention_kv_forward_py(py::array out, py::array kcache, py::array vcache, py::array qkv, py::array pos,
-                                    std::optional<int64_t> n_kv_head, bool bf16) {
+                                    std::optional<int64_t> n_kv_head, bool bf16, float scale, float softcap,
+                                    int64_t window) {
+    const auto opt = fastllm::AttentionOpts::checked(scale, softcap, window);
     check_ndim(qkv, "qkv", 3, "(B, Tn, (n_head + 2*n_kv_head) * hs)");
     check_ndim(kcache, "kcache", 4, "(B, n_kv_head, max_T, hs)");
     const int64_t B = qkv.shape(0), Tn = qkv.shape(1), W = qkv.shape(2);
@@ -458,7 +465,7 @@ static void attention_kv_forward_py(py::array out, py::array kcache, py::array v
         FASTLLM_CHECK(p[b] >= 0 && p[b] + Tn <= maxT, "pos[", b, "] = ", p[b], " + ", Tn,
                       " new tokens does not fit the cache of max_T=", maxT);
     py::gil_scoped_release nogil;
-    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, NKV, maxT, bf16);
+    fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, NKV, maxT, opt, bf16);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1379,11 +1386,14 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
                arg("alpha") = 1.0f, arg("beta") = 0.0f, arg("bf16") = false);
     def_kernel(m, "attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"),
-               arg("n_kv_head") = none, arg("bf16") = false);
+               arg("n_kv_head") = none, arg("bf16") = false, arg("scale") = 0.0f, arg("softcap") = 0.0f,
+               arg("window") = 0);
     def_kernel(m, "attention_backward", &attention_backward_py, arg("dqkv"), arg("dout"), arg("qkv"), arg("out"),
-               arg("lse"), arg("n_head"), arg("n_kv_head") = none, arg("bf16") = false);
+               arg("lse"), arg("n_head"), arg("n_kv_head") = none, arg("bf16") = false, arg("scale") = 0.0f,
+               arg("softcap") = 0.0f, arg("window") = 0);
     def_kernel(m, "attention_kv_forward", &attention_kv_forward_py, arg("out"), arg("kcache"), arg("vcache"),
-               arg("qkv"), arg("pos"), arg("n_kv_head") = none, arg("bf16") = false);
+               arg("qkv"), arg("pos"), arg("n_kv_head") = none, arg("bf16") = false, arg("scale") = 0.0f,
+               arg("softcap") = 0.0f, arg("window") = 0);
     def_kernel(m, "softmax_ce", &softmax_ce_py, arg("losses"), arg("dlogits"), arg("logits"), arg("targets"),
                arg("grad_scale"), arg("ignore_index"), arg("row_weights") = none, arg("softcap") = 0.0f,
                arg("temperature") = 1.0f);

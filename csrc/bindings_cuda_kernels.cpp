@@ -185,7 +185,8 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
         m.def(
             "attention_forward",
             [](DeviceArray& out, DeviceArray& lse, const DeviceArray& qkv, int64_t n_head,
-               std::optional<int64_t> n_kv_head) {
+               std::optional<int64_t> n_kv_head, float scale, float softcap, int64_t window) {
+                const auto opt = fastllm::AttentionOpts::checked(scale, softcap, window);
                 const auto d = qkv_dims(qkv, n_head, n_kv_head);
                 const int64_t B = d[0], T = d[1], C = d[2], NKV = d[3];
                 check_array(out, "out", qkv.dtype, {B, T, C});
@@ -194,13 +195,17 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
                 disjoint(lse, "lse", qkv, "qkv");
                 disjoint(lse, "lse", out, "out");
                 py::gil_scoped_release nogil;
-                attention_forward(out.data(), (float*)lse.data(), qkv.data(), B, T, C, n_head, NKV, qkv.dtype);
+                attention_forward(out.data(), (float*)lse.data(), qkv.data(), B, T, C, n_head, NKV, opt, qkv.dtype);
             },
-            arg("out"), arg("lse"), arg("qkv"), arg("n_head"), arg("n_kv_head") = py::none());
+            arg("out"), arg("lse"), arg("qkv"), arg("n_head"), arg("n_kv_head") = py::none(), arg("scale") = 0.0f,
+            arg("softcap") = 0.0f, arg("window") = 0,
+            "scale (0: 1/sqrt(hs)), softcap (0: none), window (0: full causal): AttentionOpts (common.h)");
         m.def(
             "attention_backward",
             [](DeviceArray& dqkv, const DeviceArray& dout, const DeviceArray& qkv, const DeviceArray& out,
-               const DeviceArray& lse, int64_t n_head, std::optional<int64_t> n_kv_head) {
+               const DeviceArray& lse, int64_t n_head, std::optional<int64_t> n_kv_head, float scale, float softcap,
+               int64_t window) {
+                const auto opt = fastllm::AttentionOpts::checked(scale, softcap, window);
                 const auto d = qkv_dims(qkv, n_head, n_kv_head);
                 const int64_t B = d[0], T = d[1], C = d[2], NKV = d[3];
                 check_array(dqkv, "dqkv", qkv.dtype, qkv.shape);
@@ -213,13 +218,15 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
                 disjoint(dqkv, "dqkv", lse, "lse");
                 py::gil_scoped_release nogil;
                 attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), (const float*)lse.data(), B, T,
-                                   C, n_head, NKV, qkv.dtype);
+                                   C, n_head, NKV, opt, qkv.dtype);
             },
-            arg("dqkv"), arg("dout"), arg("qkv"), arg("out"), arg("lse"), arg("n_head"), arg("n_kv_head") = py::none());
+            arg("dqkv"), arg("dout"), arg("qkv"), arg("out"), arg("lse"), arg("n_head"), arg("n_kv_head") = py::none(),
+            arg("scale") = 0.0f, arg("softcap") = 0.0f, arg("window") = 0);
         m.def(
             "attention_kv_forward",
             [](DeviceArray& out, DeviceArray& kcache, DeviceArray& vcache, const DeviceArray& qkv,
-               const DeviceArray& pos, std::optional<int64_t> n_kv_head) {
+               const DeviceArray& pos, std::optional<int64_t> n_kv_head, float scale, float softcap, int64_t window) {
+                const auto opt = fastllm::AttentionOpts::checked(scale, softcap, window);
                 check_float(qkv, "qkv");
                 FASTLLM_CHECK(qkv.shape.size() == 3, "qkv must be (B, Tn, (n_head + 2*n_kv_head) * hs), got shape ",
                               qkv.shape_str());
@@ -256,9 +263,10 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
                 disjoint(out, "out", pos, "pos");  // pos is read by every block while out is written
                 py::gil_scoped_release nogil;
                 attention_kv_forward(out.data(), kcache.data(), vcache.data(), qkv.data(),
-                                     (const int32_t*)pos.data(), B, Tn, C, NH, NKV, maxT, qkv.dtype);
+                                     (const int32_t*)pos.data(), B, Tn, C, NH, NKV, maxT, opt, qkv.dtype);
             },
-            arg("out"), arg("kcache"), arg("vcache"), arg("qkv"), arg("pos"), arg("n_kv_head") = py::none());
+            arg("out"), arg("kcache"), arg("vcache"), arg("qkv"), arg("pos"), arg("n_kv_head") = py::none(),
+            arg("scale") = 0.0f, arg("softcap") = 0.0f, arg("window") = 0);
     }
 
     // ---- softmax_ce.cu

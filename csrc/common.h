@@ -13,6 +13,7 @@ Conventions of every kernel in csrc/cpu:
 */
 #pragma once
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -103,6 +104,26 @@ inline void for_blocks(int64_t n, F f) {
         f(i0, n - i0 < kElemBlock ? n - i0 : kElemBlock);
     }
 }
+
+// ---- attention score options (csrc/cpu/attention.cpp and csrc/cuda/attention.cu; both kernels take them)
+// The score of query t and key s is (q_t . k_s) * scale, then softcap * tanh(score / softcap) when softcap > 0
+// (Gemma 2); query t sees key s iff s <= t and, when window > 0, t - s < window (sliding window: Mistral, Gemma 2/3),
+// positions absolute (a KV cache's pos[b] + t). The defaults are plain causal attention with scale 1 / sqrt(hs).
+struct AttentionOpts {
+    float scale = 0.0f;    // > 0; 0: 1 / sqrt(hs)
+    float softcap = 0.0f;  // > 0; 0: no cap
+    int64_t window = 0;    // >= 1; 0: full causal
+    float resolved_scale(int64_t hs) const { return scale > 0.0f ? scale : 1.0f / std::sqrt((float)hs); }
+    // the bindings' constructor: std::invalid_argument (ValueError) naming the bad argument
+    static AttentionOpts checked(float scale, float softcap, int64_t window) {
+        FASTLLM_CHECK(std::isfinite(scale) && scale >= 0.0f, "scale must be a finite number > 0 (0: 1/sqrt(hs)), got ",
+                      scale);
+        FASTLLM_CHECK(std::isfinite(softcap) && softcap >= 0.0f, "softcap must be a finite number > 0 (0: none), got ",
+                      softcap);
+        FASTLLM_CHECK(window >= 0, "window must be >= 1 (0: full causal attention), got ", window);
+        return {scale, softcap, window};
+    }
+};
 
 // ---- CPU features (run-time dispatch; the module itself is compiled for baseline x86-64)
 // What the CPU and the OS provide, read once (csrc/cpu/simd.cpp): CPUID leaf 1 and leaf 7 subleaves 0/1, each

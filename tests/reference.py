@@ -23,40 +23,14 @@ def matmul_backward(dout, inp, weight):
     return dout @ weight, dout.T @ inp, dout.sum(0)
 
 
-def attention_forward(qkv, n_head):
-    """qkv (B, T, 3C) -> out (B, T, C), lse (B, NH, T); causal, scale 1/sqrt(hs)."""
-    (qkv,) = f64(qkv)
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3) for i in range(3))
-    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)  # (B, NH, T, T)
-    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
-    mx = att.max(-1, keepdims=True)
-    lse = (mx + np.log(np.exp(att - mx).sum(-1, keepdims=True)))[..., 0]
-    p = np.exp(att - lse[..., None])
-    out = (p @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
-    return out, lse
+def attention_forward(qkv, n_head, scale=None, softcap=None, window=None):
+    """qkv (B, T, 3C) -> out (B, T, C), lse (B, NH, T); causal, scores as in attention_scores (multi-head attention is
+    grouped-query attention with n_kv_head = n_head: the same qkv layout)."""
+    return gqa_attention_forward(qkv, n_head, n_head, scale, softcap, window)
 
 
-def attention_backward(dout, qkv, n_head):
-    dout, qkv = f64(dout, qkv)
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3) for i in range(3))
-    dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
-    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
-    p = np.exp(att - att.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    dv = p.transpose(0, 1, 3, 2) @ dy
-    dp = dy @ v.transpose(0, 1, 3, 2)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(hs)
-    dq = ds @ k
-    dk = ds.transpose(0, 1, 3, 2) @ q
-    back = [g.transpose(0, 2, 1, 3).reshape(B, T, C) for g in (dq, dk, dv)]
-    return np.concatenate(back, axis=-1)
+def attention_backward(dout, qkv, n_head, scale=None, softcap=None, window=None):
+    return gqa_attention_backward(dout, qkv, n_head, n_head, scale, softcap, window)
 
 
 def softmax_ce(logits, targets, grad_scale=1.0, ignore_index=-1):
@@ -228,24 +202,39 @@ def gqa_split(qkv, n_head, n_kv_head):
     return x[:, :n_head], x[:, n_head:n_head + n_kv_head], x[:, n_head + n_kv_head:]
 
 
-def gqa_attention_forward(qkv, n_head, n_kv_head):
+def attention_scores(q, k, scale=None, softcap=None, window=None):
+    """Scores (..., T, T) of q, k (..., T, hs) and d score / d (q . k): (q . k) * scale (None: 1/sqrt(hs)), then
+    softcap * tanh(score / softcap) if softcap; -inf where key s is not visible to query t: s > t, or t - s >= window
+    (sliding window, transformers' kv_idx > q_idx - sliding_window)."""
+    T, hs = q.shape[-2], q.shape[-1]
+    scale = 1.0 / np.sqrt(hs) if scale is None else scale
+    att = q @ np.swapaxes(k, -1, -2) * scale
+    grad = np.full_like(att, scale)
+    if softcap is not None:
+        th = np.tanh(att / softcap)
+        att, grad = softcap * th, grad * (1 - th**2)
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    visible = (s <= t) & ((t - s < window) if window is not None else True)
+    return np.where(visible, att, -np.inf), grad
+
+
+def gqa_attention_forward(qkv, n_head, n_kv_head, scale=None, softcap=None, window=None):
     """Causal grouped-query attention: query head h uses kv head h // (NH / NKV) (K/V repeated, as HF repeat_kv).
-    -> out (B, T, NH hs), lse (B, NH, T)."""
+    -> out (B, T, NH hs), lse (B, NH, T) of the final scores (attention_scores)."""
     (qkv,) = f64(qkv)
     B, T, _ = qkv.shape
     q, k, v = gqa_split(qkv, n_head, n_kv_head)
     G = n_head // n_kv_head
     k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
     hs = q.shape[-1]
-    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
-    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
+    att, _ = attention_scores(q, k, scale, softcap, window)
     mx = att.max(-1, keepdims=True)
     lse = (mx + np.log(np.exp(att - mx).sum(-1, keepdims=True)))[..., 0]
     out = np.exp(att - lse[..., None]) @ v
     return out.transpose(0, 2, 1, 3).reshape(B, T, n_head * hs), lse
 
 
-def gqa_attention_backward(dout, qkv, n_head, n_kv_head):
+def gqa_attention_backward(dout, qkv, n_head, n_kv_head, scale=None, softcap=None, window=None):
     """-> dqkv (B, T, (NH + 2 NKV) hs); dk, dv of a kv head summed over its G query heads."""
     dout, qkv = f64(dout, qkv)
     B, T, W = qkv.shape
@@ -253,13 +242,12 @@ def gqa_attention_backward(dout, qkv, n_head, n_kv_head):
     G, hs = n_head // n_kv_head, q.shape[-1]
     k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
     dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
-    att = np.where(np.tril(np.ones((T, T), bool)), att, -np.inf)
+    att, grad = attention_scores(q, k, scale, softcap, window)
     p = np.exp(att - att.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     dv = p.transpose(0, 1, 3, 2) @ dy
     dp = dy @ v.transpose(0, 1, 3, 2)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(hs)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * grad  # d loss / d (q . k)
     dq, dk = ds @ k, ds.transpose(0, 1, 3, 2) @ q
     dk = dk.reshape(B, n_kv_head, G, T, hs).sum(2)
     dv = dv.reshape(B, n_kv_head, G, T, hs).sum(2)

@@ -391,6 +391,201 @@ def test_cuda_kv_cache_never_writes_outside():
         assert (flat[:pad] == 7.0).all() and (flat[-pad:] == 7.0).all(), f"{name}: wrote outside the cache"
 
 
+# ---- score options: scale, softcap (Gemma 2), sliding window (Mistral, Gemma 2/3)
+
+# awkward windows: 1 (only itself), 5 (inside one tile, rows spanning tile boundaries), 64 (a CPU tile), 100, and one
+# at least T (= full causal); with a cap and a scale
+OPTIONS = [dict(scale=0.3), dict(softcap=2.0), dict(window=1), dict(window=5), dict(window=64), dict(window=100),
+           dict(window=1000), dict(scale=0.11, softcap=3.0, window=37)]
+OPTION_SHAPES = [(2, 7, 3, 64), (1, 130, 2, 64), (2, 65, 1, 128), (1, 70, 1, 80), (1, 40, 1, 256)]
+
+
+def check_options(bk, qkv, dout, NH, NKV, opts, tol, dqkv0=None):
+    """forward (out, lse) and the accumulated backward with the options vs the float64 reference"""
+    B, T, W = qkv.shape
+    hs = W // (NH + 2 * NKV)
+    qkv_d = bk.put(qkv)
+    out, lse = bk.poisoned((B, T, NH * hs)), bk.poisoned((B, NH, T), "float32")
+    bk.ops.attention_forward(qkv_d, NH, out=out, lse=lse, n_kv_head=NKV, **opts)
+    ref_out, ref_lse = reference.gqa_attention_forward(qkv, NH, NKV, **opts)
+    assert_rel(bk.get(out), ref_out, tol["out"], f"out {opts}")
+    np.testing.assert_allclose(bk.get(lse), ref_lse, atol=tol["lse"], rtol=max(tol["lse"], 1e-4), err_msg="lse")
+    init = np.zeros_like(qkv) if dqkv0 is None else dqkv0
+    dqkv = bk.put(init)
+    bk.ops.attention_backward(bk.put(dout), qkv_d, out, lse, NH, dqkv=dqkv, n_kv_head=NKV, **opts)
+    ref = reference.gqa_attention_backward(dout, qkv, NH, NKV, **opts)
+    got = bk.get(dqkv).astype(np.float64) - init
+    floor = 1e-2 * float(np.abs(ref).max())
+    for part, (a, b) in {"q": (0, NH), "k": (NH, NH + NKV), "v": (NH + NKV, NH + 2 * NKV)}.items():
+        r = ref[..., a * hs : b * hs]
+        zero = not np.abs(r).max() > 1e-12 * floor  # dq, dk of window=1 are exactly 0: fp32 cancellation noise
+        assert_rel(got[..., a * hs : b * hs], r, tol["grad"], f"d{part} {opts}", floor=max(floor * (10 if zero else 1),
+                                                                                          1e-6))
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("shape", OPTION_SHAPES, ids=str)
+def test_attention_options_match_reference(bk, shape, opts):
+    B, T, NH, hs = shape
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=21, scale=2.0)  # scores of a few units: the cap bends them
+    check_options(bk, qkv, dout, NH, NH, opts, TOL[bk.dtype])
+
+
+@pytest.mark.parametrize("opts", [dict(window=3, softcap=2.0), dict(window=70, scale=0.2)], ids=str)
+@pytest.mark.parametrize("NH,NKV,hs", [(4, 1, 64), (6, 2, 32), (2, 2, 128)])
+def test_attention_options_gqa_accumulates(bk, NH, NKV, hs, opts):
+    rng = np.random.default_rng(22)
+    qkv = bk.rounded(rng.standard_normal((2, 97, (NH + 2 * NKV) * hs)) * 2.0)
+    dout = bk.rounded(rng.standard_normal((2, 97, NH * hs)))
+    dqkv0 = bk.rounded(rng.standard_normal(qkv.shape) * 0.01)
+    check_options(bk, qkv, dout, NH, NKV, opts, TOL[bk.dtype], dqkv0)
+
+
+@pytest.mark.parametrize("window", [None, 1, 7, 1000])
+def test_attention_defaults_and_wide_windows_are_plain_causal(bk, window):
+    """scale=1/sqrt(hs), softcap=None and a window >= T are the default computation, bit for bit."""
+    B, T, NH, hs = 2, 77, 2, 64
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=23)
+    qkv_d, dout_d = bk.put(qkv), bk.put(dout)
+    plain = bk.ops.attention_forward(qkv_d, NH)
+    same = bk.ops.attention_forward(qkv_d, NH, scale=float(np.float32(1 / np.sqrt(hs))), softcap=None,
+                                    window=1000 if window is None else max(window, T))
+    for a, b in zip(plain, same):
+        np.testing.assert_array_equal(bk.get(a), bk.get(b))
+    g1 = bk.get(bk.ops.attention_backward(dout_d, qkv_d, *plain, NH))
+    g2 = bk.get(bk.ops.attention_backward(dout_d, qkv_d, *same, NH, window=T))
+    if bk.is_cuda and bk.dtype == "bfloat16" and bk.variant == "fast":  # dq by atomics
+        np.testing.assert_allclose(g1, g2, rtol=1e-2, atol=1e-2)
+    else:
+        np.testing.assert_array_equal(g1, g2)
+    if window is not None and window < T:  # and a real window changes the result
+        assert not np.allclose(bk.get(bk.ops.attention_forward(qkv_d, NH, window=window)[0]), bk.get(plain[0]))
+
+
+@pytest.mark.parametrize("hs", [64, 128, 48])
+def test_attention_window_skips_the_keys_outside(bk, hs):
+    """NaN in the key and value of position 10: the rows that see it are NaN, and the rows far past its window
+    (more than a tile of keys away) stay finite in out, lse and every gradient -- their key tiles are never read."""
+    B, T, NH, window = 1, 300, 2, 8
+    C = NH * hs
+    qkv, dout = inputs(bk, B, T, NH, hs, seed=24)
+    qkv[0, 10, C:] = np.nan
+    qkv_d = bk.put(qkv)
+    out, lse = bk.ops.attention_forward(qkv_d, NH, window=window)
+    dqkv = bk.get(bk.ops.attention_backward(bk.put(dout), qkv_d, out, lse, NH, window=window))
+    out, lse = bk.get(out), bk.get(lse)
+    assert np.isnan(out[0, 10:10 + window]).any(-1).all() and np.isnan(lse[0, :, 10:10 + window]).any(0).all()
+    far = 10 + window + 128
+    assert np.isfinite(out[0, far:]).all() and np.isfinite(lse[0, :, far:]).all()
+    assert np.isfinite(dqkv[0, far:]).all()
+
+
+@pytest.mark.backends(variants=False)
+@pytest.mark.parametrize("NH,NKV,hs,T,opts", [
+    (2, 2, 8, 1, dict(softcap=1.0, window=1)), (3, 3, 24, 37, dict(scale=0.5, softcap=1.5, window=9)),
+    (4, 2, 64, 129, dict(softcap=50.0, window=64)), (4, 1, 256, 70, dict(scale=1 / 16, softcap=3.0, window=20)),
+    (2, 1, 80, 67, dict(window=66))], ids=str)
+def test_attention_options_vs_torch(bk, NH, NKV, hs, T, opts):
+    """torch autograd (float64) through explicit scores: * scale, softcap * tanh(. / softcap), the sliding-window
+    causal mask (transformers: kv_idx > q_idx - sliding_window), logsumexp, softmax; K/V repeated per group."""
+    torch = pytest.importorskip("torch")
+    B, G = 2, NH // NKV
+    rng = np.random.default_rng(25)
+    qkv = bk.rounded(rng.standard_normal((B, T, (NH + 2 * NKV) * hs)) * 2.0)
+    dout = bk.rounded(rng.standard_normal((B, T, NH * hs)))
+    qkv_d = bk.put(qkv)
+    out, lse = bk.ops.attention_forward(qkv_d, NH, n_kv_head=NKV, **opts)
+    dqkv = bk.ops.attention_backward(bk.put(dout), qkv_d, out, lse, NH, n_kv_head=NKV, **opts)
+    x = torch.from_numpy(qkv.astype(np.float64)).requires_grad_(True)
+    q, k, v = x.view(B, T, NH + 2 * NKV, hs).transpose(1, 2).split([NH, NKV, NKV], dim=1)
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    scores = q @ k.transpose(-1, -2) * opts.get("scale", hs**-0.5)
+    if "softcap" in opts:
+        scores = opts["softcap"] * torch.tanh(scores / opts["softcap"])
+    qi, ki = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    mask = (ki <= qi) & (ki > qi - opts.get("window", T))
+    scores = scores.masked_fill(~mask, float("-inf"))
+    y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, NH * hs)
+    y.backward(torch.from_numpy(dout.astype(np.float64)))
+    tol = TOL[bk.dtype]
+    assert_rel(bk.get(out), y.detach().numpy(), tol["out"], "out")
+    np.testing.assert_allclose(bk.get(lse), torch.logsumexp(scores, dim=-1).detach().numpy(), atol=tol["lse"],
+                               rtol=max(tol["lse"], 1e-4))
+    ref, got = x.grad.numpy(), bk.get(dqkv)
+    floor = 1e-2 * float(np.abs(ref).max())
+    for part, (a, b) in {"q": (0, NH), "k": (NH, NH + NKV), "v": (NH + NKV, NH + 2 * NKV)}.items():
+        assert_rel(got[..., a * hs : b * hs], ref[..., a * hs : b * hs], tol["grad"], f"d{part}", floor=floor)
+
+
+@pytest.mark.backends(variants=("cpu",))
+@pytest.mark.parametrize("opts", [dict(window=16, softcap=2.0), dict(window=1), dict(window=40, scale=0.2),
+                                  dict(softcap=5.0)], ids=str)
+@pytest.mark.parametrize("NH,hs", [(2, 64), (1, 256), (3, 32)])
+def test_kv_cache_options_prompt_then_decode(bk, NH, hs, opts):
+    """Prefill chunks and decode steps with the options, rows starting before and past the window (pos 0, 9, 45),
+    against the float64 reference of each whole row, and the last step against the full forward."""
+    B, maxT, total = 3, 96, 70
+    C = NH * hs
+    tol = TOL[bk.dtype]
+    seq = bk.rounded(np.random.default_rng(26).standard_normal((B, total, 3 * C)) * 2.0)
+    pos = np.array([0, 9, 45], np.int32)
+    kcache, vcache = (bk.put(a) for a in cache_from(bk, seq, pos, NH, maxT))
+    for Tn in [7, 1, 1, 3, 1, 1, 5, 1]:
+        chunk = np.stack([seq[b, pos[b] : pos[b] + Tn] for b in range(B)])
+        out = bk.poisoned((B, Tn, C))
+        bk.ops.attention_kv_forward(bk.put(chunk), kcache, vcache, bk.ids(pos), out=out, **opts)
+        got = bk.get(out)
+        for b in range(B):
+            n = int(pos[b]) + Tn
+            ref, _ = reference.attention_forward(seq[b : b + 1, :n], NH, **opts)
+            assert_rel(got[b], ref[0, pos[b] : n], tol["out"], f"step Tn={Tn} row {b} (pos {pos[b]})")
+        pos += Tn
+    np.testing.assert_array_equal(bk.get(kcache), cache_from(bk, seq, pos, NH, maxT)[0])  # every row kept
+    for b in range(B):
+        full, _ = bk.ops.attention_forward(bk.put(seq[b : b + 1, : pos[b]]), NH, **opts)
+        assert_rel(got[b, -1], bk.get(full)[0, -1], 2 * tol["out"], f"kv vs full forward row {b}")
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (dict(scale=0), ValueError, "scale"), (dict(scale=-1.0), ValueError, "scale"),
+    (dict(scale=float("nan")), ValueError, "scale"), (dict(scale=float("inf")), ValueError, "scale"),
+    (dict(scale="0.1"), TypeError, "scale"), (dict(scale=True), TypeError, "scale"),
+    (dict(softcap=0.0), ValueError, "softcap"), (dict(softcap=-50), ValueError, "softcap"),
+    (dict(softcap=True), TypeError, "softcap"), (dict(window=0), ValueError, "window"),
+    (dict(window=-4), ValueError, "window"), (dict(window=2.0), TypeError, "window"),
+    (dict(window=True), TypeError, "window"), (dict(window="8"), TypeError, "window")], ids=str)
+def test_attention_bad_options(bk, bad, err, match):
+    B, T, NH, hs = 1, 4, 2, 8
+    qkv = bk.zeros((B, T, 3 * NH * hs))
+    out, lse = bk.ops.attention_forward(qkv, NH)
+    cache = [bk.zeros((B, NH, 8, hs)) for _ in range(2)]
+    with pytest.raises(err, match=match):
+        bk.ops.attention_forward(qkv, NH, **bad)
+    with pytest.raises(err, match=match):
+        bk.ops.attention_backward(bk.zeros((B, T, NH * hs)), qkv, out, lse, NH, **bad)
+    with pytest.raises(err, match=match):
+        bk.ops.attention_kv_forward(qkv, *cache, np.zeros(B, np.int32), **bad)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_attention_bindings_refuse_bad_options(device):
+    """The native kernels' own check (the numbers the wrappers pass): a ValueError naming the argument, no crash."""
+    bk = Backend(device)
+    mod = fastllm._C if device == "cpu" else fastllm._C.cuda
+    B, T, NH, hs = 1, 4, 2, 8
+    qkv, out, lse = bk.zeros((B, T, 3 * NH * hs)), bk.zeros((B, T, NH * hs)), bk.zeros((B, NH, T))
+    kc, vc, pos = bk.zeros((B, NH, 8, hs)), bk.zeros((B, NH, 8, hs)), bk.ids(np.zeros(B))
+    cpu = dict(bf16=False) if device == "cpu" else {}
+    for bad, match in [(dict(window=-1), "window"), (dict(scale=-0.5), "scale"), (dict(scale=float("nan")), "scale"),
+                       (dict(softcap=-1.0), "softcap"), (dict(softcap=float("inf")), "softcap")]:
+        with pytest.raises(ValueError, match=match):
+            mod.attention_forward(out, lse, qkv, NH, None, **cpu, **bad)
+        with pytest.raises(ValueError, match=match):
+            mod.attention_backward(bk.zeros(qkv.shape), out, qkv, out, lse, NH, None, **cpu, **bad)
+        with pytest.raises(ValueError, match=match):
+            mod.attention_kv_forward(out, kc, vc, qkv, pos, None, **cpu, **bad)
+
+
 # ---- bad input: numpy arrays on the CPU, DeviceArrays on the GPU
 
 

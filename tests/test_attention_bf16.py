@@ -41,10 +41,10 @@ def _inputs(seed, B, T, NH, NKV, hs, scale=1.0):
     return qkv, dout
 
 
-def _run(qkv, dout, NH, NKV, dtype, dqkv0=None):
-    out, lse = ops.attention_forward(qkv, NH, n_kv_head=NKV, dtype=dtype)
+def _run(qkv, dout, NH, NKV, dtype, dqkv0=None, **opts):
+    out, lse = ops.attention_forward(qkv, NH, n_kv_head=NKV, dtype=dtype, **opts)
     dqkv = np.zeros_like(qkv) if dqkv0 is None else dqkv0.copy()
-    ops.attention_backward(dout, qkv, out, lse, NH, dqkv=dqkv, n_kv_head=NKV, dtype=dtype)
+    ops.attention_backward(dout, qkv, out, lse, NH, dqkv=dqkv, n_kv_head=NKV, dtype=dtype, **opts)
     return out, lse, dqkv
 
 
@@ -70,6 +70,19 @@ def test_bf16_attention_matches_reference(bf16_attention, B, T, NH, NKV, hs, thr
         fastllm.set_num_threads(old)
     ref_out, ref_lse = reference.gqa_attention_forward(qkv, NH, NKV)
     _check(out, lse, dqkv, ref_out, ref_lse, reference.gqa_attention_backward(dout, qkv, NH, NKV), NH, NKV, hs)
+
+
+@pytest.mark.parametrize("opts", [dict(softcap=2.0, window=5), dict(scale=0.2, window=70), dict(softcap=50.0),
+                                  dict(window=1)], ids=str)
+@pytest.mark.parametrize("B,T,NH,NKV,hs", [(2, 130, 4, 2, 64), (1, 70, 2, 1, 256), (2, 65, 3, 3, 80)], ids=str)
+def test_bf16_attention_options(bf16_attention, B, T, NH, NKV, hs, opts):
+    """scale, softcap and sliding window (the Gemma 2/3 attention) with bf16 tile products"""
+    qkv, dout = _inputs(31, B, T, NH, NKV, hs, scale=2.0)
+    out, lse, dqkv = _run(qkv, dout, NH, NKV, "bfloat16", **opts)
+    ref_out, ref_lse = reference.gqa_attention_forward(qkv, NH, NKV, **opts)
+    ref_d = reference.gqa_attention_backward(dout, qkv, NH, NKV, **opts)
+    tol = dict(TOL, lse=2e-5, grad=TOL["grad"] * (10 if opts.get("window") == 1 else 1))  # dq, dk = 0: noise
+    _check(out, lse, dqkv, ref_out, ref_lse, ref_d, NH, NKV, hs, tol)
 
 
 def test_bf16_attention_rounds_and_is_deterministic(bf16_attention):

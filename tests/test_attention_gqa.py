@@ -93,24 +93,26 @@ def test_gqa_vs_torch_sdpa(rng, name, NH, NKV):
     np.testing.assert_allclose(down(name, d), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("opts", [{}, dict(scale=0.2, softcap=2.0, window=3)], ids=str)
 @pytest.mark.parametrize("name,dtype", CASES)
 @pytest.mark.parametrize("NH,NKV,hs", [(4, 1, 16), (6, 2, 64), (2, 2, 40), (3, 3, 16)])
-def test_gqa_kv_cache_matches_full_attention(rng, name, dtype, NH, NKV, hs):
+def test_gqa_kv_cache_matches_full_attention(rng, name, dtype, NH, NKV, hs, opts):
     """Prefill then one-token steps through attention_kv_forward equal the full causal attention; rows start at
     different positions; the cache (B, NKV, maxT, hs) holds exactly the kv heads' keys and values. NKV = NH = 3
-    goes through n_kv_head=None (multi-head attention)."""
+    goes through n_kv_head=None (multi-head attention). With a scale, softcap and a window shorter than the
+    positions (Gemma 2's sliding layers) too."""
     bk, tol = get(name), TOL[dtype]
     nkv_arg = None if (NH, NKV) == (3, 3) else NKV
     B, T, maxT, P = 2, 9, 16, 5
     qkv, _ = _qkv(rng, B, T, NH, NKV, hs, dtype)
     kc, vc = up(name, np.zeros((B, NKV, maxT, hs), np.float32), dtype), up(name, np.zeros((B, NKV, maxT, hs)), dtype)
     outs = [down(name, bk.attention_kv_forward(up(name, qkv[:, :P], dtype), kc, vc, np.zeros(B, np.int32),
-                                               n_kv_head=nkv_arg))]
+                                               n_kv_head=nkv_arg, **opts))]
     for t in range(P, T):
         outs.append(down(name, bk.attention_kv_forward(up(name, qkv[:, t:t + 1], dtype), kc, vc,
-                                                       np.full(B, t, np.int32), n_kv_head=nkv_arg)))
+                                                       np.full(B, t, np.int32), n_kv_head=nkv_arg, **opts)))
     got = np.concatenate(outs, axis=1)
-    ref_out, _ = reference.gqa_attention_forward(qkv, NH, NKV)
+    ref_out, _ = reference.gqa_attention_forward(qkv, NH, NKV, **opts)
     assert rel_err(got, ref_out) <= tol["out"]
     _, k, v = reference.gqa_split(qkv, NH, NKV)
     np.testing.assert_array_equal(down(name, kc)[:, :, :T], k)
@@ -118,9 +120,9 @@ def test_gqa_kv_cache_matches_full_attention(rng, name, dtype, NH, NKV, hs):
     # different start positions per row: row 1 continues from position 3 of its own cache
     qkv2, _ = _qkv(rng, B, 2, NH, NKV, hs, dtype)
     out2 = down(name, bk.attention_kv_forward(up(name, qkv2, dtype), kc, vc, np.array([T, 3], np.int32),
-                                              n_kv_head=nkv_arg))
+                                              n_kv_head=nkv_arg, **opts))
     seq1 = np.concatenate([qkv[1:, :3], qkv2[1:]], axis=1)
-    assert rel_err(out2[1:], reference.gqa_attention_forward(seq1, NH, NKV)[0][:, 3:]) <= tol["out"]
+    assert rel_err(out2[1:], reference.gqa_attention_forward(seq1, NH, NKV, **opts)[0][:, 3:]) <= tol["out"]
 
 
 def test_gqa_cpu_paths(rng, threads, simd):

@@ -61,11 +61,12 @@ def _capsule_name_is(cap, name: bytes) -> bool:
 @pytest.mark.parametrize("name", ARRAY_FUNCTIONS + OP_FUNCTIONS)
 def test_ops_and_cuda_have_the_same_signatures(name):
     """Same parameter names, kinds and order, and the same defaults (but the device's own choices); the CPU's own
-    parameters come last, with defaults."""
+    parameters come last among the positional ones (before any keyword-only ones), with defaults."""
     a, b = inspect.signature(getattr(ops, name)), inspect.signature(getattr(cuda, name))
     own = [p for p in a.parameters.values() if (name, p.name) in CPU_ONLY]
     common = [p for p in a.parameters.values() if (name, p.name) not in CPU_ONLY]
-    assert list(a.parameters.values())[len(common):] == own and all(p.default is not p.empty for p in own)
+    positional = [p for p in a.parameters.values() if p.kind != p.KEYWORD_ONLY]
+    assert positional[len(positional) - len(own):] == own and all(p.default is not p.empty for p in own)
     assert [(p.name, p.kind) for p in common] == [(p.name, p.kind) for p in b.parameters.values()], \
         f"ops.{name}{a} != cuda.{name}{b}"
     for p in common:

@@ -53,10 +53,19 @@ namespace fastllm::cpu {
 // ---------------------------------------------------------------------------------------------------------
 // naive reference (per-row loops with a length-T scratch row)
 
+// the score of a dot product q.k: scaled, then soft-capped (softcap > 0)
+static float naive_score(float dot, const AttentionOpts& opt, float scale) {
+    const float s = dot * scale;
+    return opt.softcap > 0 ? opt.softcap * std::tanh(s / opt.softcap) : s;
+}
+
+// the first key position query t sees: 0, or t - window + 1 with a sliding window
+static int64_t first_key(int64_t t, int64_t window) { return window > 0 ? std::max<int64_t>(0, t - window + 1) : 0; }
+
 void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                             int64_t NKV) {
+                             int64_t NKV, const AttentionOpts& opt) {
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs;  // qkv row: [q (C) | k (NKV*hs) | v (NKV*hs)]
-    const float scale = 1.0f / std::sqrt((float)hs);
+    const float scale = opt.resolved_scale(hs);
     std::vector<float> scratch((size_t)max_threads() * T);
 #pragma omp parallel
     {
@@ -67,19 +76,20 @@ void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B
                 for (int64_t t = 0; t < T; t++) {
                     const int64_t kh = C + (h / G) * hs, vh = kh + NKV * hs;  // column of head h's k and v
                     const float* q = qkv + (b * T + t) * W + h * hs;
+                    const int64_t s0 = first_key(t, opt.window);  // keys s0 .. t
                     float mx = -INFINITY;
-                    for (int64_t s = 0; s <= t; s++) {
+                    for (int64_t s = s0; s <= t; s++) {
                         const float* k = qkv + (b * T + s) * W + kh;
                         float dot = 0;
                         for (int64_t i = 0; i < hs; i++) dot += q[i] * k[i];
-                        p[s] = dot * scale;
+                        p[s] = naive_score(dot, opt, scale);
                         mx = std::max(mx, p[s]);
                     }
                     float sum = 0;
-                    for (int64_t s = 0; s <= t; s++) sum += (p[s] = std::exp(p[s] - mx));
+                    for (int64_t s = s0; s <= t; s++) sum += (p[s] = std::exp(p[s] - mx));
                     float* o = out + (b * T + t) * C + h * hs;
                     for (int64_t i = 0; i < hs; i++) o[i] = 0;
-                    for (int64_t s = 0; s <= t; s++) {
+                    for (int64_t s = s0; s <= t; s++) {
                         const float* v = qkv + (b * T + s) * W + vh;
                         const float w = p[s] / sum;
                         for (int64_t i = 0; i < hs; i++) o[i] += w * v[i];
@@ -90,9 +100,9 @@ void attention_forward_naive(float* out, float* lse, const float* qkv, int64_t B
 }
 
 void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                              int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV) {
+                              int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt) {
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs;
-    const float scale = 1.0f / std::sqrt((float)hs);
+    const float scale = opt.resolved_scale(hs);
     // (b, kv head) pairs are independent: dk, dv of a kv head only receive from the G query heads of its group.
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; b++)
@@ -107,15 +117,16 @@ void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, 
                     const float L = lse[(b * NH + h) * T + t];
                     float D = 0;  // rowsum(dout * out)
                     for (int64_t i = 0; i < hs; i++) D += dy[i] * o[i];
-                    for (int64_t s = 0; s <= t; s++) {
+                    for (int64_t s = first_key(t, opt.window); s <= t; s++) {
                         const float* k = qkv + (b * T + s) * W + kh;
                         const float* v = qkv + (b * T + s) * W + vh;
                         float* dk = dqkv + (b * T + s) * W + kh;
                         float* dv = dqkv + (b * T + s) * W + vh;
                         float dot = 0, dp = 0;
                         for (int64_t i = 0; i < hs; i++) dot += q[i] * k[i], dp += dy[i] * v[i];
-                        const float p = std::exp(dot * scale - L);
-                        const float ds = p * (dp - D) * scale;
+                        const float score = naive_score(dot, opt, scale), p = std::exp(score - L);
+                        float ds = p * (dp - D) * scale;  // d score / d dot: scale (times 1 - tanh^2 with a cap)
+                        if (opt.softcap > 0) ds *= 1.0f - (score / opt.softcap) * (score / opt.softcap);
                         for (int64_t i = 0; i < hs; i++) {
                             dv[i] += p * dy[i];
                             dq[i] += ds * k[i];
@@ -129,9 +140,11 @@ void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, 
 // tile primitives, one struct per ISA
 //   gemm(M, N, K, A, sam, sak, B, ldb, C, ldc, acc): C[m][n] (+)= sum_k A[m*sam + k*sak] * B[k*ldb + n],
 //       N a multiple of 16 (all callers pad), acc=false overwrites C.
+//   softcap:     S -> sc.cap_out * tanh(sc.cap_in * S) on a (mr x kBc) tile (only with a softcap).
 //   softmax_fwd: online-softmax update of a (mr x kBc) score tile S in place -> P; rescales O rows.
-//   probs_bwd:   S -> P = exp(S*scale - lse), dP -> dS = P * (dP - D) * scale, in place.
-// Masking: row r of a tile at query i0 + r and keys j0.. j0 + nk - 1 sees valid = min(nk, i0 + r - j0 + 1) keys.
+//   probs_bwd:   S -> P = exp(S*scale - lse), dP -> dS = P * (dP - D) * scale, in place (with a softcap: S capped
+//                first, and dS times 1 - tanh^2).
+// Masking: row r of a tile at query i0 + r and keys j0.. j0 + nk - 1 sees the keys [lo, hi) of visible().
 
 namespace {
 
@@ -142,9 +155,27 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-inline int64_t valid_keys(int64_t i0, int64_t r, int64_t j0, int64_t nk) {
-    return std::max<int64_t>(0, std::min<int64_t>(nk, i0 + r - j0 + 1));
+// The keys [lo, hi) of a tile (keys j0 .. j0 + nk - 1) that row r (query position i0 + r) sees: up to its own
+// position (causal) and, with a sliding window, none more than window - 1 before it. lo == hi: none.
+struct Keys {
+    int64_t lo, hi;
+};
+inline Keys visible(int64_t i0, int64_t r, int64_t j0, int64_t nk, int64_t window) {
+    const int64_t hi = std::clamp<int64_t>(i0 + r - j0 + 1, 0, nk);
+    return {window > 0 ? std::clamp<int64_t>(i0 + r - window + 1 - j0, 0, hi) : 0, hi};
 }
+
+// The score options as the tiles use them; S holds raw dot products q.k. The softmax works in base 2 with
+// c = scale * log2(e) folded into one FMA (S * c - m). A softcap replaces S by cap_out * tanh(cap_in * S), with
+// cap_in = scale / softcap and cap_out = softcap / scale, so that S * c is still the (capped) score in base 2.
+struct Score {
+    float scale, c, cap_in = 0, cap_out = 0;
+    int64_t window;
+    Score(const AttentionOpts& opt, int64_t hs) : scale(opt.resolved_scale(hs)), c(scale * kLog2e), window(opt.window) {
+        if (opt.softcap > 0) cap_in = scale / opt.softcap, cap_out = opt.softcap / scale;
+    }
+    bool capped() const { return cap_out > 0; }
+};
 
 // Causal structure of a diagonal tile, passed to gemm so that it skips the work on masked (zero) entries:
 //   kColsLeRow: only columns n <= m + off are needed (S, dP: the rest is masked afterwards, left unwritten);
@@ -194,40 +225,52 @@ struct Scalar {
             }
         }
     }
-    static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c, float* m, float* l,
-                            float* O, int64_t hsp) {
+    static void softcap(float* S, int64_t mr, const Score& sc) {
+        for (int64_t i = 0; i < mr * kBc; i++) S[i] = sc.cap_out * std::tanh(sc.cap_in * S[i]);
+    }
+    static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, const Score& sc, float* m,
+                            float* l, float* O, int64_t hsp) {
+        const float c = sc.c;
         for (int64_t r = 0; r < mr; r++) {
             float* s = S + r * kBc;
-            const int64_t nv = valid_keys(i0, r, j0, nk);
-            if (nv == 0) {
+            const Keys kv = visible(i0, r, j0, nk, sc.window);
+            if (kv.lo == kv.hi) {
                 std::fill(s, s + kBc, 0.0f);
                 continue;
             }
             float mx = -INFINITY;
-            for (int64_t j = 0; j < nv; j++) mx = std::max(mx, s[j]);
+            for (int64_t j = kv.lo; j < kv.hi; j++) mx = std::max(mx, s[j]);
             const float mnew = std::max(m[r], mx * c);
             const float alpha = std::exp2(m[r] - mnew);
             float sum = 0;
-            for (int64_t j = 0; j < nv; j++) sum += (s[j] = std::exp2(s[j] * c - mnew));
-            std::fill(s + nv, s + kBc, 0.0f);
+            for (int64_t j = kv.lo; j < kv.hi; j++) sum += (s[j] = std::exp2(s[j] * c - mnew));
+            std::fill(s, s + kv.lo, 0.0f);
+            std::fill(s + kv.hi, s + kBc, 0.0f);
             l[r] = l[r] * alpha + sum;
             m[r] = mnew;
             if (alpha != 1.0f)
                 for (int64_t d = 0; d < hsp; d++) O[r * hsp + d] *= alpha;
         }
     }
-    static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c, float scale,
+    static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk, const Score& sc,
                           const float* lse2, const float* D) {
         for (int64_t r = 0; r < mr; r++) {
             float *s = S + r * kBc, *dp = dP + r * kBc;
-            const int64_t nv = valid_keys(i0, r, j0, nk);
-            for (int64_t j = 0; j < nv; j++) {
-                const float p = std::exp2(s[j] * c - lse2[r]);
+            const Keys kv = visible(i0, r, j0, nk, sc.window);
+            for (int64_t j = kv.lo; j < kv.hi; j++) {
+                float x = s[j], g = sc.scale;  // g: d score / d (q.k)
+                if (sc.capped()) {
+                    const float t = std::tanh(sc.cap_in * x);
+                    x = sc.cap_out * t, g *= 1.0f - t * t;
+                }
+                const float p = std::exp2(x * sc.c - lse2[r]);
                 s[j] = p;
-                dp[j] = p * (dp[j] - D[r]) * scale;
+                dp[j] = p * (dp[j] - D[r]) * g;
             }
-            std::fill(s + nv, s + kBc, 0.0f);
-            std::fill(dp + nv, dp + kBc, 0.0f);
+            for (float* a : {s, dp}) {
+                std::fill(a, a + kv.lo, 0.0f);
+                std::fill(a + kv.hi, a + kBc, 0.0f);
+            }
         }
     }
 };
@@ -272,6 +315,11 @@ FASTLLM_TARGET_AVX512 void ukernel_512(int64_t K, const float* A, int64_t sam, i
 }
 
 using UKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
+
+// lanes j + 0..15 of a tile row kept where kv.lo <= j + lane < kv.hi
+inline __mmask16 keep_mask16(int64_t j, const Keys& kv) {
+    return (__mmask16)(vec::tail_mask16(kv.hi - j) & ~vec::tail_mask16(kv.lo - j));
+}
 
 template <int MR>
 constexpr UKernel kRow512[4] = {ukernel_512<MR, 1>, ukernel_512<MR, 2>, ukernel_512<MR, 3>, ukernel_512<MR, 4>};
@@ -327,15 +375,21 @@ struct Avx512 {
                                       C + m0 * ldc + n0, ldc, acc);
         });
     }
-    FASTLLM_TARGET_AVX512 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
-                                                  float* m, float* l, float* O, int64_t hsp) {
-        const __m512 vc = _mm512_set1_ps(c);
+    FASTLLM_TARGET_AVX512 static void softcap(float* S, int64_t mr, const Score& sc) {
+        const __m512 vi = _mm512_set1_ps(sc.cap_in), vo = _mm512_set1_ps(sc.cap_out);
+        for (int64_t i = 0; i < mr * kBc; i += 16)
+            _mm512_storeu_ps(S + i, _mm512_mul_ps(vo, vec::tanh512(_mm512_mul_ps(vi, _mm512_loadu_ps(S + i)))));
+    }
+    FASTLLM_TARGET_AVX512 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
+                                                  const Score& sc, float* m, float* l, float* O, int64_t hsp) {
+        const __m512 vc = _mm512_set1_ps(sc.c);
         alignas(64) float mx[kBr], alpha[kBr];
         // 1. row maxima of the raw scores (masked entries set to -inf)
         for (int64_t r = 0; r < mr; r++) {
             float* s = S + r * kBc;
-            const int64_t nv = valid_keys(i0, r, j0, nk);
-            for (int64_t j = nv; j < kBc; j++) s[j] = -INFINITY;
+            const Keys kv = visible(i0, r, j0, nk, sc.window);
+            std::fill(s, s + kv.lo, -INFINITY);
+            std::fill(s + kv.hi, s + kBc, -INFINITY);
             __m512 vmax = _mm512_loadu_ps(s);
             for (int64_t j = 16; j < kBc; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
             mx[r] = _mm512_reduce_max_ps(vmax);
@@ -351,17 +405,15 @@ struct Avx512 {
         // 3. P = 2^(S*c - m), row sums, accumulator rescale
         for (int64_t r = 0; r < mr; r++) {
             float* s = S + r * kBc;
-            const int64_t nv = valid_keys(i0, r, j0, nk);
-            if (nv == 0) {  // nothing new for this row (m unchanged, alpha = 1)
+            const Keys kv = visible(i0, r, j0, nk, sc.window);
+            if (kv.lo == kv.hi) {  // nothing new for this row (m unchanged; alpha, NaN for m = -inf, unused)
                 std::fill(s, s + kBc, 0.0f);
                 continue;
             }
             const __m512 vm = _mm512_set1_ps(m[r]);
             __m512 vsum = _mm512_setzero_ps();
             for (int64_t j = 0; j < kBc; j += 16) {
-                const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
-                                     : j >= nv     ? (__mmask16)0
-                                                   : (__mmask16)((1u << (nv - j)) - 1);
+                const __mmask16 keep = keep_mask16(j, kv);
                 const __m512 p = _mm512_maskz_mov_ps(keep, vec::exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm)));
                 vsum = _mm512_add_ps(vsum, p);
                 _mm512_storeu_ps(s + j, p);
@@ -374,24 +426,36 @@ struct Avx512 {
             }
         }
     }
-    FASTLLM_TARGET_AVX512 static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
-                                                float c, float scale, const float* lse2, const float* D) {
-        const __m512 vc = _mm512_set1_ps(c), vscale = _mm512_set1_ps(scale);
+    // kCap: the scores are capped here (and dS takes the factor 1 - tanh^2); a template, so that the plain path
+    // pays nothing for it
+    template <bool kCap>
+    FASTLLM_TARGET_AVX512 static void probs_bwd_t(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0,
+                                                  int64_t nk, const Score& sc, const float* lse2, const float* D) {
+        const __m512 vc = _mm512_set1_ps(sc.c), vscale = _mm512_set1_ps(sc.scale);
+        const __m512 vi = _mm512_set1_ps(sc.cap_in), vo = _mm512_set1_ps(sc.cap_out), one = _mm512_set1_ps(1.0f);
         for (int64_t r = 0; r < mr; r++) {
             float *s = S + r * kBc, *dp = dP + r * kBc;
-            const int64_t nv = valid_keys(i0, r, j0, nk);
+            const Keys kv = visible(i0, r, j0, nk, sc.window);
             const __m512 vl = _mm512_set1_ps(lse2[r]), vd = _mm512_set1_ps(D[r]);
             for (int64_t j = 0; j < kBc; j += 16) {
-                const __mmask16 keep = j + 16 <= nv ? (__mmask16)0xffff
-                                     : j >= nv     ? (__mmask16)0
-                                                   : (__mmask16)((1u << (nv - j)) - 1);
-                const __m512 p = _mm512_maskz_mov_ps(keep, vec::exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vl)));
-                const __m512 ds = _mm512_maskz_mul_ps(keep, _mm512_mul_ps(p, vscale),
-                                                      _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd));
+                const __mmask16 keep = keep_mask16(j, kv);
+                __m512 x = _mm512_loadu_ps(s + j), g = vscale;  // g: d score / d (q.k)
+                if constexpr (kCap) {
+                    const __m512 t = vec::tanh512(_mm512_mul_ps(vi, x));
+                    x = _mm512_mul_ps(vo, t);
+                    g = _mm512_mul_ps(vscale, _mm512_fnmadd_ps(t, t, one));
+                }
+                const __m512 p = _mm512_maskz_mov_ps(keep, vec::exp2_512(_mm512_fmsub_ps(x, vc, vl)));
+                const __m512 ds = _mm512_maskz_mul_ps(keep, _mm512_mul_ps(p, g), _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd));
                 _mm512_storeu_ps(s + j, p);
                 _mm512_storeu_ps(dp + j, ds);
             }
         }
+    }
+    static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk, const Score& sc,
+                          const float* lse2, const float* D) {
+        if (sc.capped()) probs_bwd_t<true>(S, dP, mr, i0, j0, nk, sc, lse2, D);
+        else probs_bwd_t<false>(S, dP, mr, i0, j0, nk, sc, lse2, D);
     }
 };
 
@@ -492,10 +556,12 @@ struct Bf16Avx512 : Avx512 {
 
 // ---- AVX2 primitives
 
-// lanes j + 0..7 kept where j + lane < nv
-FASTLLM_TARGET_AVX2 inline __m256 keep_mask_256(int64_t j, int64_t nv) {
+// lanes j + 0..7 kept where kv.lo <= j + lane < kv.hi
+FASTLLM_TARGET_AVX2 inline __m256 keep_mask_256(int64_t j, const Keys& kv) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(nv - j)), lane));
+    const __m256i below_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(kv.hi - j)), lane);
+    const __m256i below_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(kv.lo - j)), lane);
+    return _mm256_castsi256_ps(_mm256_andnot_si256(below_lo, below_hi));
 }
 
 template <int MR, int NV>
@@ -558,26 +624,32 @@ struct Avx2 {
                                   C + m0 * ldc + n0, ldc, acc);
             }
     }
-    FASTLLM_TARGET_AVX2 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk, float c,
-                                                float* m, float* l, float* O, int64_t hsp) {
-        const __m256 vc = _mm256_set1_ps(c);
+    FASTLLM_TARGET_AVX2 static void softcap(float* S, int64_t mr, const Score& sc) {
+        const __m256 vi = _mm256_set1_ps(sc.cap_in), vo = _mm256_set1_ps(sc.cap_out);
+        for (int64_t i = 0; i < mr * kBc; i += 8)
+            _mm256_storeu_ps(S + i, _mm256_mul_ps(vo, vec::tanh256(_mm256_mul_ps(vi, _mm256_loadu_ps(S + i)))));
+    }
+    FASTLLM_TARGET_AVX2 static void softmax_fwd(float* S, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
+                                                const Score& sc, float* m, float* l, float* O, int64_t hsp) {
+        const __m256 vc = _mm256_set1_ps(sc.c);
         for (int64_t r = 0; r < mr; r++) {
             float* s = S + r * kBc;
-            const int64_t nv = valid_keys(i0, r, j0, nk);
-            if (nv == 0) {
+            const Keys kv = visible(i0, r, j0, nk, sc.window);
+            if (kv.lo == kv.hi) {
                 std::fill(s, s + kBc, 0.0f);
                 continue;
             }
-            for (int64_t j = nv; j < kBc; j++) s[j] = -INFINITY;
+            std::fill(s, s + kv.lo, -INFINITY);
+            std::fill(s + kv.hi, s + kBc, -INFINITY);
             __m256 vmax = _mm256_loadu_ps(s);
             for (int64_t j = 8; j < kBc; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-            const float mnew = std::max(m[r], vec::hmax256(vmax) * c);
+            const float mnew = std::max(m[r], vec::hmax256(vmax) * sc.c);
             const float alpha = std::exp2(m[r] - mnew);
             const __m256 vm = _mm256_set1_ps(mnew);
             __m256 vsum = _mm256_setzero_ps();
             for (int64_t j = 0; j < kBc; j += 8) {
                 __m256 p = vec::exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vm));
-                if (j + 8 > nv) p = _mm256_and_ps(p, keep_mask_256(j, nv));
+                if (j + 8 > kv.hi || j < kv.lo) p = _mm256_and_ps(p, keep_mask_256(j, kv));
                 vsum = _mm256_add_ps(vsum, p);
                 _mm256_storeu_ps(s + j, p);
             }
@@ -590,18 +662,26 @@ struct Avx2 {
             }
         }
     }
-    FASTLLM_TARGET_AVX2 static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
-                                              float c, float scale, const float* lse2, const float* D) {
-        const __m256 vc = _mm256_set1_ps(c), vscale = _mm256_set1_ps(scale);
+    template <bool kCap>  // as Avx512::probs_bwd_t
+    FASTLLM_TARGET_AVX2 static void probs_bwd_t(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk,
+                                                const Score& sc, const float* lse2, const float* D) {
+        const __m256 vc = _mm256_set1_ps(sc.c), vscale = _mm256_set1_ps(sc.scale);
+        const __m256 vi = _mm256_set1_ps(sc.cap_in), vo = _mm256_set1_ps(sc.cap_out), one = _mm256_set1_ps(1.0f);
         for (int64_t r = 0; r < mr; r++) {
             float *s = S + r * kBc, *dp = dP + r * kBc;
-            const int64_t nv = valid_keys(i0, r, j0, nk);
+            const Keys kv = visible(i0, r, j0, nk, sc.window);
             const __m256 vl = _mm256_set1_ps(lse2[r]), vd = _mm256_set1_ps(D[r]);
             for (int64_t j = 0; j < kBc; j += 8) {
-                __m256 p = vec::exp2_256(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vc, vl));
-                __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, vscale), _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd));
-                if (j + 8 > nv) {  // masked entries: S, dP may hold stale values there (see kColsLeRow)
-                    const __m256 keep = keep_mask_256(j, nv);
+                __m256 x = _mm256_loadu_ps(s + j), g = vscale;  // g: d score / d (q.k)
+                if constexpr (kCap) {
+                    const __m256 t = vec::tanh256(_mm256_mul_ps(vi, x));
+                    x = _mm256_mul_ps(vo, t);
+                    g = _mm256_mul_ps(vscale, _mm256_fnmadd_ps(t, t, one));
+                }
+                __m256 p = vec::exp2_256(_mm256_fmsub_ps(x, vc, vl));
+                __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, g), _mm256_sub_ps(_mm256_loadu_ps(dp + j), vd));
+                if (j + 8 > kv.hi || j < kv.lo) {  // masked entries: S, dP may hold stale values there (kColsLeRow)
+                    const __m256 keep = keep_mask_256(j, kv);
                     p = _mm256_and_ps(p, keep);
                     ds = _mm256_and_ps(ds, keep);
                 }
@@ -609,6 +689,11 @@ struct Avx2 {
                 _mm256_storeu_ps(dp + j, ds);
             }
         }
+    }
+    static void probs_bwd(float* S, float* dP, int64_t mr, int64_t i0, int64_t j0, int64_t nk, const Score& sc,
+                          const float* lse2, const float* D) {
+        if (sc.capped()) probs_bwd_t<true>(S, dP, mr, i0, j0, nk, sc, lse2, D);
+        else probs_bwd_t<false>(S, dP, mr, i0, j0, nk, sc, lse2, D);
     }
 };
 
@@ -649,11 +734,11 @@ struct CacheKV {
 // (a prefill into a KV cache) they come from the cache and every mask index is shifted by the sequence's position.
 template <class Isa>
 void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                   int64_t NKV, const CacheKV* cache = nullptr) {
+                   int64_t NKV, const AttentionOpts& opt, const CacheKV* cache = nullptr) {
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
     const int64_t max_off = cache ? *std::max_element(cache->pos, cache->pos + B) : 0;
     const int64_t Tkp = round_up(max_off + T, kBc);  // keys of the longest sequence, padded
-    const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
+    const Score sc(opt, hs);
     // per thread: K^T panels (Tkp*hs), Q (Tp x hsp), K, V (Tkp x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
     const int64_t oKT = 0, oQ = oKT + round_up(Tkp * hs, 16), oK = oQ + Tp * hsp, oV = oK + Tkp * hsp,
                   oO = oV + Tkp * hsp, oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
@@ -688,12 +773,14 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
                 std::fill(O, O + mr * hsp, 0.0f);
                 std::fill(m, m + mr, -INFINITY);
                 std::fill(l, l + mr, 0.0f);
-                for (int64_t j0 = 0; j0 < gi + mr; j0 += kBc) {
+                // key tiles from the first one in the window of the block's first query to the diagonal
+                for (int64_t j0 = first_key(gi, sc.window) / kBc * kBc; j0 < gi + mr; j0 += kBc) {
                     const int64_t nk = std::min(kBc, Tk - j0);
-                    const bool diag = j0 + nk - 1 > gi;  // some keys of the tile are masked
+                    const bool diag = j0 + nk - 1 > gi;  // some keys of the tile are causally masked
                     const Tri cols = diag ? kColsLeRow : kFull, kle = diag ? kKLeRow : kFull;
                     Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false, cols, gi - j0);
-                    Isa::softmax_fwd(S, mr, gi, j0, nk, c, m, l, O, hsp);
+                    if (sc.capped()) Isa::softcap(S, mr, sc);
+                    Isa::softmax_fwd(S, mr, gi, j0, nk, sc, m, l, O, hsp);
                     Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true, kle, gi - j0);
                 }
                 for (int64_t r = 0; r < mr; r++) {
@@ -711,9 +798,9 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
 // each adding into the same dK, dV buffers (so no two threads ever write one gradient row: no atomics).
 template <class Isa>
 void backward_tiled(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse, int64_t B,
-                    int64_t T, int64_t C, int64_t NH, int64_t NKV) {
+                    int64_t T, int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt) {
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
-    const float scale = 1.0f / std::sqrt((float)hs), c = scale * kLog2e;
+    const Score sc(opt, hs);
     // per thread: Q, K, dO, dQ, dK, dV (Tp x hsp each), K^T and V^T panels (Tp*hs each), lse2, D (Tp),
     // S and dP tiles (kBr x kBc)
     const int64_t panel = round_up(Tp * hs, 16), mat = Tp * hsp;
@@ -764,12 +851,14 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
                     lse2[t] = lse[bh * T + t] * kLog2e;
                 }
                 std::fill(dQ, dQ + mat, 0.0f);
-                // 3. key blocks outer (dK_j, dV_j stay hot), query blocks at or below the diagonal inner
+                // 3. key blocks outer (dK_j, dV_j stay hot), query blocks at or below the diagonal inner (with a
+                //    window, up to the last query that sees the block's last key)
                 for (int64_t j0 = 0; j0 < T; j0 += kBc) {
                     const int64_t nk = std::min(kBc, T - j0);
+                    const int64_t iend = sc.window > 0 ? std::min(T, j0 + nk - 1 + sc.window) : T;
                     const float *KTj = KT + (j0 / kBc) * hs * kBc, *VTj = VT + (j0 / kBc) * hs * kBc;
                     float *dKj = dK + j0 * hsp, *dVj = dV + j0 * hsp;
-                    for (int64_t i0 = j0 / kBr * kBr; i0 < T; i0 += kBr) {
+                    for (int64_t i0 = j0 / kBr * kBr; i0 < iend; i0 += kBr) {
                         const int64_t mr = std::min(kBr, T - i0);
                         const float *Qi = Q + i0 * hsp, *dOi = dO + i0 * hsp;
                         const bool diag = j0 + nk - 1 > i0;
@@ -778,7 +867,7 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
                         const int64_t off = i0 - j0;
                         Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KTj, kBc, S, kBc, false, cols, off);    // S = Q_i K_j^T
                         Isa::gemm(mr, kBc, hs, dOi, hsp, 1, VTj, kBc, dP, kBc, false, cols, off);  // dP = dO_i V_j^T
-                        Isa::probs_bwd(S, dP, mr, i0, j0, nk, c, scale, lse2 + i0, D + i0);
+                        Isa::probs_bwd(S, dP, mr, i0, j0, nk, sc, lse2 + i0, D + i0);
                         Isa::gemm(nk, hsp, mr, S, 1, kBc, dOi, hsp, dVj, hsp, true, kge, -off);  // dV_j += P^T dO_i
                         Isa::gemm(mr, hsp, nk, dP, kBc, 1, K + j0 * hsp, hsp, dQ + i0 * hsp, hsp, true, kle,
                                   off);                                                          // dQ_i += dS K_j
@@ -812,32 +901,35 @@ void backward_tiled(float* dqkv, const float* dout, const float* qkv, const floa
 
 // forward_tiled at the SIMD level in use (training: cache null; a KV-cache prefill: cache given)
 static void forward_tiled_dispatch(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C,
-                                   int64_t NH, int64_t NKV, const CacheKV* cache, bool bf16 = false) {
-    if (bf16 && attention_bf16_available()) return forward_tiled<Bf16Avx512>(out, lse, qkv, B, T, C, NH, NKV, cache);
+                                   int64_t NH, int64_t NKV, const AttentionOpts& opt, const CacheKV* cache,
+                                   bool bf16) {
+    if (bf16 && attention_bf16_available())
+        return forward_tiled<Bf16Avx512>(out, lse, qkv, B, T, C, NH, NKV, opt, cache);
     switch (simd_level()) {
-        case Simd::avx512: return forward_tiled<Avx512>(out, lse, qkv, B, T, C, NH, NKV, cache);
-        case Simd::avx2: return forward_tiled<Avx2>(out, lse, qkv, B, T, C, NH, NKV, cache);
-        default: return forward_tiled<Scalar>(out, lse, qkv, B, T, C, NH, NKV, cache);
+        case Simd::avx512: return forward_tiled<Avx512>(out, lse, qkv, B, T, C, NH, NKV, opt, cache);
+        case Simd::avx2: return forward_tiled<Avx2>(out, lse, qkv, B, T, C, NH, NKV, opt, cache);
+        default: return forward_tiled<Scalar>(out, lse, qkv, B, T, C, NH, NKV, opt, cache);
     }
 }
 
 bool attention_bf16_available() { return simd_setting() >= Simd::avx512_bf16; }
 
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                       int64_t NKV, bool bf16) {
+                       int64_t NKV, const AttentionOpts& opt, bool bf16) {
     if (B * T * C == 0) return;
-    forward_tiled_dispatch(out, lse, qkv, B, T, C, NH, NKV, nullptr, bf16);
+    forward_tiled_dispatch(out, lse, qkv, B, T, C, NH, NKV, opt, nullptr, bf16);
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, bool bf16) {
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt,
+                        bool bf16) {
     if (B * T * C == 0) return;
     if (bf16 && attention_bf16_available())
-        return backward_tiled<Bf16Avx512>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV);
+        return backward_tiled<Bf16Avx512>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV, opt);
     switch (simd_level()) {
-        case Simd::avx512: return backward_tiled<Avx512>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV);
-        case Simd::avx2: return backward_tiled<Avx2>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV);
-        default: return backward_tiled<Scalar>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV);
+        case Simd::avx512: return backward_tiled<Avx512>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV, opt);
+        case Simd::avx2: return backward_tiled<Avx2>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV, opt);
+        default: return backward_tiled<Scalar>(dqkv, dout, qkv, out, lse, B, T, C, NH, NKV, opt);
     }
 }
 
@@ -848,10 +940,11 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 // their kv head: each key and value row is read once for all of them (decoding is bound by the cache reads).
 // scores (ng, n) scratch; out_g = out + g*hs. O(ng * n * hs). NG = 1 fixes ng = 1 at compile time (multi-head
 // attention: the loops over g vanish; with a run-time ng of 1 the code measured ~12% slower), NG = 0 takes ng.
+// softcap > 0: the scores are capped (vectorized tanh) before the softmax.
 template <int NG>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static void attend_group(float* out, float* scores, const float* q, int64_t ng_, const float* K, const float* Vc,
-                         int64_t n, int64_t hs, float scale) {
+                         int64_t n, int64_t hs, float scale, float softcap) {
     const int64_t ng = NG ? NG : ng_;
     for (int64_t s = 0; s < n; s++) {
         const float* k = K + s * hs;
@@ -870,6 +963,7 @@ static void attend_group(float* out, float* scores, const float* q, int64_t ng_,
             scores[g * n + s] = dot * scale;
         }
     }
+    if (softcap > 0) vec::softcap_row(scores, scores, ng * n, softcap, simd_level());
     for (int64_t g = 0; g < ng; g++) {
         float* sc = scores + g * n;
         float mx = -INFINITY;
@@ -892,10 +986,11 @@ static void attend_group(float* out, float* scores, const float* q, int64_t ng_,
 }
 
 void attention_kv_forward(float* out, float* kcache, float* vcache, const float* qkv, const int32_t* pos,
-                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, bool bf16) {
+                          int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT,
+                          const AttentionOpts& opt, bool bf16) {
     if (B * Tn == 0) return;
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs;
-    const float scale = 1.0f / std::sqrt((float)hs);
+    const float scale = opt.resolved_scale(hs);
     // 1) append the new keys and values of the kv heads at positions pos[b] .. pos[b] + Tn - 1
 #pragma omp parallel for collapse(2)
     for (int64_t b = 0; b < B; b++)
@@ -913,10 +1008,11 @@ void attention_kv_forward(float* out, float* kcache, float* vcache, const float*
     if (Tn > 1) {
         std::vector<float> lse((size_t)(B * NH * Tn));
         const CacheKV cache{kcache, vcache, maxT, pos};
-        return forward_tiled_dispatch(out, lse.data(), qkv, B, Tn, C, NH, NKV, &cache, bf16);
+        return forward_tiled_dispatch(out, lse.data(), qkv, B, Tn, C, NH, NKV, opt, &cache, bf16);
     }
-    // 3) one new token (decoding): its query heads of a kv group together over the cache, which is read once for
-    //    them; a group is split in `parts` pieces when there are too few (b, kv head) items to occupy the threads
+    // 3) one new token (decoding): its query heads of a kv group together over the cache rows it sees (the last
+    //    `window` ones with a sliding window), which are read once for them; a group is split in `parts` pieces
+    //    when there are too few (b, kv head) items to occupy the threads
     const int64_t items = B * NKV;
     const int64_t parts = std::min<int64_t>(G, (2 * max_threads() + items - 1) / items);
     const int64_t per = (G + parts - 1) / parts;
@@ -929,11 +1025,13 @@ void attention_kv_forward(float* out, float* kcache, float* vcache, const float*
                 for (int64_t part = 0; part < parts; part++) {
                     const int64_t h0 = hk * G + part * per, ng = std::min(per, (hk + 1) * G - h0);
                     if (ng <= 0) continue;
-                    const int64_t base = (b * NKV + hk) * maxT * hs, n = pos[b] + 1;
+                    const int64_t s0 = first_key(pos[b], opt.window), n = pos[b] + 1 - s0;  // rows s0 .. pos[b]
+                    const int64_t base = ((b * NKV + hk) * maxT + s0) * hs;
                     float* o = out + b * C + h0 * hs;
                     const float* q = qkv + b * W + h0 * hs;
-                    if (ng == 1) attend_group<1>(o, scores.data(), q, 1, kcache + base, vcache + base, n, hs, scale);
-                    else attend_group<0>(o, scores.data(), q, ng, kcache + base, vcache + base, n, hs, scale);
+                    const float *K = kcache + base, *V = vcache + base;
+                    if (ng == 1) attend_group<1>(o, scores.data(), q, 1, K, V, n, hs, scale, opt.softcap);
+                    else attend_group<0>(o, scores.data(), q, ng, K, V, n, hs, scale, opt.softcap);
                 }
     }
 }

@@ -199,29 +199,8 @@ FASTLLM_TARGET_AVX2 static void softmax_ce_row_avx2(float* loss, float* d, const
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// logit soft-capping (Gemma 2, nanochat): z = c tanh(x / c), and dz/dx = 1 - (z / c)^2 applied to a gradient row
-
-FASTLLM_TARGET_AVX512 static int64_t softcap_avx512(float* z, const float* x, int64_t V, float c) {
-    const __m512 vc = _mm512_set1_ps(c), vi = _mm512_set1_ps(1.0f / c);
-    for (int64_t i = 0; i < V; i += 16) {
-        const __mmask16 k = vec::tail_mask16(V - i);
-        _mm512_mask_storeu_ps(z + i, k, _mm512_mul_ps(vc, vec::tanh512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), vi))));
-    }
-    return V;
-}
-
-FASTLLM_TARGET_AVX2 static int64_t softcap_avx2(float* z, const float* x, int64_t V, float c) {
-    const __m256 vc = _mm256_set1_ps(c), vi = _mm256_set1_ps(1.0f / c);
-    int64_t i = 0;
-    for (; i + 8 <= V; i += 8)
-        _mm256_storeu_ps(z + i, _mm256_mul_ps(vc, vec::tanh256(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi))));
-    return i;  // elements done
-}
-
-static void softcap_row(float* z, const float* x, int64_t V, float c, Simd simd) {
-    int64_t i = simd == Simd::avx512 ? softcap_avx512(z, x, V, c) : simd == Simd::avx2 ? softcap_avx2(z, x, V, c) : 0;
-    for (; i < V; i++) z[i] = c * std::tanh(x[i] / c);
-}
+// logit soft-capping (Gemma 2, nanochat): z = c tanh(x / c) (vec::softcap_row), and dz/dx = 1 - (z / c)^2 applied to
+// a gradient row
 
 // inv maps the buffer's values to z / c: 1 / c, or T / c when the buffer holds u = z / T
 static void softcap_grad_row(float* d, const float* z, int64_t V, float inv) {
@@ -266,7 +245,7 @@ void softmax_ce(float* losses, float* dlogits, const float* logits, const int32_
                 continue;
             }
             if (capped) {
-                softcap_row(z.data(), x, V, softcap, simd);
+                vec::softcap_row(z.data(), x, V, softcap, simd);
                 x = z.data();
             }
             if (tempered) {

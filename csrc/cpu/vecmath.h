@@ -14,6 +14,7 @@ saturates at ~2.4e38 (no inf). NaN propagates.
 #pragma once
 #include "cpu/intrin.h"
 
+#include <cmath>
 #include <cstdint>
 
 #include "common.h"
@@ -156,6 +157,31 @@ FASTLLM_TARGET_AVX2 inline __m256 exp2_256(__m256 x) {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// ---- soft-capping z = c tanh(x / c) of a row (softmax_ce's logits, attention's scores), z may be x: AVX-512, AVX2
+// (whole vectors; returns the count done) or std::tanh for the rest
+
+FASTLLM_TARGET_AVX512 inline int64_t softcap_avx512(float* z, const float* x, int64_t n, float c) {
+    const __m512 vc = _mm512_set1_ps(c), vi = _mm512_set1_ps(1.0f / c);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = tail_mask16(n - i);
+        _mm512_mask_storeu_ps(z + i, k, _mm512_mul_ps(vc, tanh512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), vi))));
+    }
+    return n;
+}
+
+FASTLLM_TARGET_AVX2 inline int64_t softcap_avx2(float* z, const float* x, int64_t n, float c) {
+    const __m256 vc = _mm256_set1_ps(c), vi = _mm256_set1_ps(1.0f / c);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(z + i, _mm256_mul_ps(vc, tanh256(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi))));
+    return i;
+}
+
+inline void softcap_row(float* z, const float* x, int64_t n, float c, Simd simd) {
+    int64_t i = simd == Simd::avx512 ? softcap_avx512(z, x, n, c) : simd == Simd::avx2 ? softcap_avx2(z, x, n, c) : 0;
+    for (; i < n; i++) z[i] = c * std::tanh(x[i] / c);
 }
 
 }  // namespace fastllm::vec

@@ -2,8 +2,8 @@
 Causal self-attention with grouped KV heads on packed qkv on the GPU: the twin of csrc/cpu/attention.cpp (same
 layout, same semantics). Row t of batch b holds [q (C = NH*hs) | k (NKV*hs) | v (NKV*hs)], NKV dividing NH; query
 head h uses kv head h / (NH/NKV) (G = NH/NKV query heads per kv head; NKV = NH is multi-head attention on (B, T, 3C),
-NKV = 1 multi-query); K/V are never repeated in memory. out (B, T, C) = softmax(q k^T / sqrt(hs) + causal mask) v;
-lse (B, NH, T) = the natural-log logsumexp of the scaled scores, saved for the backward, which recomputes the
+NKV = 1 multi-query); K/V are never repeated in memory. out (B, T, C) = softmax(q k^T * scale + causal mask) v;
+lse (B, NH, T) = the natural-log logsumexp of the final scores, saved for the backward, which recomputes the
 probabilities from it and ACCUMULATES (+=) dq, dk, dv into dqkv (dk, dv of a kv head summed over its G query heads).
 O(B*NH*T^2*hs) flops (causal: fwd 2*B*NH*T^2*hs, bwd ~2.5x), never a T x T matrix in memory.
 
@@ -46,6 +46,13 @@ simple one, so tests can compare both on the GPU):
    32 for hs=128 (Q fragments re-read from smem each tile: registers). Backward 64 keys x 4 warps, query tiles of
    64 (hs=64) or 32 (hs=128). All indices are bounds-checked for T not a multiple of a tile (zero-filled rows,
    masked scores, guarded stores). tests/test_attention.py runs them on the CUDA emulator (csrc/cuda/emu).
+Score options (AttentionOpts, common.h; the CPU file is the spec): scale (default 1/sqrt(hs)), softcap (score ->
+softcap * tanh(score / softcap), tanh from __expf as softmax_ce's, never tanhf; the backward multiplies dS by
+1 - tanh^2) and a sliding window (query t sees keys t - window < s <= t). The rows kernels start each row at the first
+key of its window (the dk/dv kernel ends each key's queries at its window), the tensor-core kernels skip the key
+tiles (forward) and query tiles (backward) wholly outside it and mask the partial ones. The cap is a template flag
+of the tensor-core kernels (the plain instantiation is unchanged) and a warp-uniform branch per 32 keys in the rows
+kernels.
 Scratch buffers (D, dq accumulator, split partials) come from cudaMallocAsync on the default stream (stream-ordered,
 no host sync, pooled by the driver).
 
@@ -57,6 +64,7 @@ recorded next to the launch configuration (FlashCfg) below; tiles are the first 
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <type_traits>
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -208,7 +216,17 @@ struct RowsParams {
     int NH, Tn, hs, chunk, nsplit;
     int group;  // query heads per kv head (NH / NKV)
     float scale_log2;
+    float cap2;  // softcap * log2(e) (scores are in base-2 units here), 0: no cap
+    int window;  // row t sees keys pos + t - window < s (sliding window), 0: all
 };
+
+// A score in base-2 units (scale * log2(e) folded into q) soft-capped: cap2 * tanh(sc / cap2), cap2 = softcap * log2(e)
+__device__ __forceinline__ float cap_score(float sc, float cap2) { return cap2 * tanh_accurate(sc / cap2); }
+
+// the first key position query t sees: 0, or t - window + 1 with a sliding window
+__device__ __forceinline__ int64_t first_key(int64_t t, int window) {
+    return window > 0 && t - window + 1 > 0 ? t - window + 1 : 0;
+}
 
 // grid (B*NH*Tn, nsplit), block 32*kRowWarps, dynamic smem kRowWarps*(hs+2) floats
 template <typename T, int NPL>
@@ -222,9 +240,10 @@ __global__ void __launch_bounds__(32 * kRowWarps, kRowMinBlocks) rows_forward_ke
     const int64_t b = bh / p.NH;
     const int split = blockIdx.y;
 
-    int64_t L = (p.pos ? (int64_t)p.pos[b] : 0) + t + 1;  // keys 0..L-1
+    int64_t L = (p.pos ? (int64_t)p.pos[b] : 0) + t + 1;  // keys 0..L-1 (the last `window` of them)
     L = L < 0 ? 0 : (L > p.maxT ? p.maxT : L);
-    const int64_t s_begin = (int64_t)split * p.chunk;
+    const int64_t s_first = first_key(L - 1, p.window);
+    const int64_t s_begin = (int64_t)split * p.chunk > s_first ? (int64_t)split * p.chunk : s_first;
     const int64_t s_end = L < s_begin + p.chunk ? L : s_begin + p.chunk;
 
     float x[NPL], acc[NPL];
@@ -237,6 +256,7 @@ __global__ void __launch_bounds__(32 * kRowWarps, kRowMinBlocks) rows_forward_ke
     for (int64_t s0 = s_begin + 32 * warp; s0 < s_end; s0 += 32 * kRowWarps) {
         const int n = (int)(s_end - s0 < 32 ? s_end - s0 : 32);
         float sc = dot_rows32(x, kb + s0 * p.kv_st, p.kv_st, n, p.hs, lane);
+        if (p.cap2 > 0.f) sc = cap_score(sc, p.cap2);
         if (lane >= n) sc = -INFINITY;
         const float m_new = fmaxf(m, warp_max(sc));  // finite: n >= 1
         const float alpha = exp2_diff(m, m_new);
@@ -350,7 +370,7 @@ template <typename T, int NPL>
 __global__ void __launch_bounds__(32 * kRowWarps)
     rows_backward_dq_kernel(T* __restrict__ dqkv, const T* __restrict__ dout, const T* __restrict__ qkv,
                             const float* __restrict__ lse, const float* __restrict__ Dbuf, int T_, int NH, int NKV,
-                            int hs, int64_t C, float scale_log2, float scale) {
+                            int hs, int64_t C, float scale_log2, float scale, float cap2, int window) {
     extern __shared__ float rsm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t row = blockIdx.x;
@@ -367,12 +387,16 @@ __global__ void __launch_bounds__(32 * kRowWarps)
 #pragma unroll
     for (int i = 0; i < NPL; i++) acc[i] = 0.f;
     const float lse2 = lse[bh * T_ + t] * kLog2e, Dt = Dbuf[bh * T_ + t];
-    for (int s0 = 32 * warp; s0 <= t; s0 += 32 * kRowWarps) {
+    for (int s0 = (int)first_key(t, window) + 32 * warp; s0 <= t; s0 += 32 * kRowWarps) {
         const int n = t + 1 - s0 < 32 ? t + 1 - s0 : 32;
-        const float sc = dot_rows32(x, kb + s0 * C3, C3, n, hs, lane);
+        float sc = dot_rows32(x, kb + s0 * C3, C3, n, hs, lane), grad = 1.f;  // grad: d capped / d score
+        if (cap2 > 0.f) {
+            const float th = tanh_accurate(sc / cap2);
+            sc = cap2 * th, grad = 1.f - th * th;
+        }
         const float dp = dot_rows32(g, vb + s0 * C3, C3, n, hs, lane);
         const float pr = lane < n ? exp2f(sc - lse2) : 0.f;
-        axpy_rows32(acc, pr * (dp - Dt), kb + s0 * C3, C3, n, hs, lane);
+        axpy_rows32(acc, pr * (dp - Dt) * grad, kb + s0 * C3, C3, n, hs, lane);
     }
 #pragma unroll
     for (int i = 0; i < NPL; i++) {
@@ -394,11 +418,12 @@ template <typename T, int NPL>
 __global__ void __launch_bounds__(32 * kRowWarps)
     rows_backward_dkv_kernel(T* __restrict__ dqkv, const T* __restrict__ dout, const T* __restrict__ qkv,
                              const float* __restrict__ lse, const float* __restrict__ Dbuf, int T_, int NH, int NKV,
-                             int hs, int64_t C, float scale_log2, float scale) {
+                             int hs, int64_t C, float scale_log2, float scale, float cap2, int window) {
     extern __shared__ float rsm[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t row = blockIdx.x;
     const int s = (int)(row % T_);
+    const int t_end = window > 0 && s + window < T_ ? s + window : T_;  // the queries that see key s: s .. t_end-1
     const int64_t bk = row / T_;
     const int hk = (int)(bk % NKV), G = NH / NKV;
     const int64_t b = bk / NKV, C3 = C + 2 * (int64_t)NKV * hs;
@@ -413,14 +438,18 @@ __global__ void __launch_bounds__(32 * kRowWarps)
         const T* gb = dout + b * T_ * C + (int64_t)h * hs;  // dout row t at gb + t*C
         const float* lse_b = lse + (b * NH + h) * T_;
         const float* D_b = Dbuf + (b * NH + h) * T_;
-        for (int t0 = s + 32 * warp; t0 < T_; t0 += 32 * kRowWarps) {
-            const int n = T_ - t0 < 32 ? T_ - t0 : 32;
-            const float sc = dot_rows32(x, qb + (int64_t)t0 * C3, C3, n, hs, lane);
+        for (int t0 = s + 32 * warp; t0 < t_end; t0 += 32 * kRowWarps) {
+            const int n = t_end - t0 < 32 ? t_end - t0 : 32;
+            float sc = dot_rows32(x, qb + (int64_t)t0 * C3, C3, n, hs, lane), grad = 1.f;  // as in the dq kernel
+            if (cap2 > 0.f) {
+                const float th = tanh_accurate(sc / cap2);
+                sc = cap2 * th, grad = 1.f - th * th;
+            }
             const float dp = dot_rows32(y, gb + (int64_t)t0 * C, C, n, hs, lane);
             float pr = 0.f, ds = 0.f;
             if (lane < n) {
                 pr = exp2f(sc - lse_b[t0 + lane] * kLog2e);
-                ds = pr * (dp - D_b[t0 + lane]);
+                ds = pr * (dp - D_b[t0 + lane]) * grad;
             }
             axpy_rows32(dv, pr, gb + (int64_t)t0 * C, C, n, hs, lane);
             axpy_rows32(dk, ds, qb + (int64_t)t0 * C3, C3, n, hs, lane);
@@ -524,11 +553,22 @@ constexpr int flash_fwd_smem() {
     return (16 * MI * NW + 4 * FlashCfg<HS>::kFwdBC) * (HS + 8) * 2;
 }
 
-// grid n_qt * BH (block id -> query tile from the last one, (b, h)), block 32*NW
-template <int HS, int MI, int NW>
+// The score options of the tensor-core kernels: S holds raw dot products q.k (the scale is folded into the
+// exponent); a cap (the template flag CAP) replaces S by cap_out * tanh(cap_in * S), cap_in = scale / softcap and
+// cap_out = softcap / scale, so that S * scale stays the capped score. window > 0: query t sees keys s > t - window.
+struct FlashOpts {
+    float scale_log2, cap_in, cap_out;
+    int window;
+};
+
+// grid n_qt * BH (block id -> query tile from the last one, (b, h)), block 32*NW. Key tiles from the first one in
+// the window of the block's first query (all from 0 without a window) to the diagonal.
+template <int HS, int MI, int NW, bool CAP>
 __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     flash_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int T_,
-                         int NH, int NKV, int64_t C, int64_t BH, int n_qt, float scale_log2) {
+                         int NH, int NKV, int64_t C, int64_t BH, int n_qt, FlashOpts fo) {
+    const float scale_log2 = fo.scale_log2;
+    const int window = fo.window;
     constexpr int BR = 16 * MI * NW, BC = FlashCfg<HS>::kFwdBC, LD = HS + 8, NT = 32 * NW;
     constexpr int KC = HS / 16;  // k16 chunks of the head dimension
     constexpr int DN = HS / 8;   // n8 tiles of the head dimension
@@ -548,13 +588,13 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     const bf16* qb = qkv + b * T_ * C3 + (int64_t)h * HS;
     const bf16* kb = qkv + b * T_ * C3 + C + (int64_t)(h / (NH / NKV)) * HS;
     const bf16* vb = kb + (int64_t)NKV * HS;
-    const int kend = T_ < q0 + BR ? T_ : q0 + BR;  // keys 0..kend-1 are visible to some row of the block
-    const int n_kt = (kend + BC - 1) / BC;
+    const int kend = T_ < q0 + BR ? T_ : q0 + BR;  // keys < kend (in the window of q0 on) are seen by the block
+    const int n_kt = (kend + BC - 1) / BC, j0 = (int)first_key(q0, window) / BC;  // key tiles j0 .. n_kt-1
     const int wrow0 = q0 + warp * 16 * MI;  // first query row of this warp
 
     load_rows_async<HS, LD, NT>(Qs, qb, C3, q0, BR, T_, tid);
-    load_rows_async<HS, LD, NT>(Ks, kb, C3, 0, BC, T_, tid);
-    load_rows_async<HS, LD, NT>(Vs, vb, C3, 0, BC, T_, tid);
+    load_rows_async<HS, LD, NT>(Ks, kb, C3, j0 * BC, BC, T_, tid);
+    load_rows_async<HS, LD, NT>(Vs, vb, C3, j0 * BC, BC, T_, tid);
     cp_async_commit();
 
     constexpr bool QR = FlashCfg<HS>::kFwdQRegs;  // Q fragments in registers (else re-read from smem per tile)
@@ -570,8 +610,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
         l[mi][0] = l[mi][1] = 0.f;
     }
 
-    for (int j = 0; j < n_kt; j++) {
-        const int buf = j & 1;
+    for (int j = j0; j < n_kt; j++) {
+        const int buf = (j - j0) & 1;
         if (j + 1 < n_kt) {  // prefetch the next key tile into the other buffer (free since the last barrier)
             load_rows_async<HS, LD, NT>(Ks + (buf ^ 1) * BC * LD, kb, C3, (j + 1) * BC, BC, T_, tid);
             load_rows_async<HS, LD, NT>(Vs + (buf ^ 1) * BC * LD, vb, C3, (j + 1) * BC, BC, T_, tid);
@@ -579,14 +619,15 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
         cp_async_commit();
         cp_async_wait<1>();  // all but the group just committed: tile j (and Q) have landed
         __syncthreads();
-        if (QR && j == 0) {
+        if (QR && j == j0) {
 #pragma unroll
             for (int mi = 0; mi < (QR ? MI : 0); mi++)
 #pragma unroll
                 for (int kc = 0; kc < (QR ? KC : 0); kc++) ldmatrix_x4(qf[mi][kc], qa + (mi * 16 * LD + kc * 16) * 2);
         }
         const int k0 = j * BC;
-        if (k0 <= wrow0 + 16 * MI - 1) {  // some row of this warp sees a key of this tile
+        // some row of this warp sees a key of this tile: at or left of its last row, inside its first row's window
+        if (k0 <= wrow0 + 16 * MI - 1 && (window == 0 || k0 + BC - 1 > wrow0 - window)) {
             const uint32_t ka = smem_addr(Ks + buf * BC * LD) + lds_bn<LD>(lane);
             const uint32_t va = smem_addr(Vs + buf * BC * LD) + lds_bt<LD>(lane);
             // S = Q K^T (16*MI x BC per warp)
@@ -618,8 +659,16 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
                     }
                 }
             }
-            // causal mask on the diagonal tile(s), and keys >= T
-            if (k0 + BC - 1 > wrow0 || k0 + BC > T_) {
+            if constexpr (CAP) {
+#pragma unroll
+                for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+                    for (int sn = 0; sn < SN; sn++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) s[mi][sn][e] = fo.cap_out * tanh_accurate(fo.cap_in * s[mi][sn][e]);
+            }
+            // causal mask on the diagonal tile(s), keys >= T, and keys left of the window of some row of the warp
+            if (k0 + BC - 1 > wrow0 || k0 + BC > T_ || (window > 0 && k0 <= wrow0 + 16 * MI - 1 - window)) {
 #pragma unroll
                 for (int mi = 0; mi < MI; mi++)
 #pragma unroll
@@ -628,7 +677,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
                         for (int e = 0; e < 4; e++) {
                             const int key = k0 + sn * 8 + 2 * c + (e & 1);
                             const int qrow = wrow0 + mi * 16 + g + 8 * (e >> 1);
-                            if (key > qrow || key >= T_) s[mi][sn][e] = -INFINITY;
+                            if (key > qrow || key >= T_ || (window > 0 && qrow - key >= window))
+                                s[mi][sn][e] = -INFINITY;
                         }
             }
             // online softmax (base 2, scale folded in); P goes straight to bf16 A fragments (pa[mi][kk] covers
@@ -730,12 +780,15 @@ constexpr int flash_bwd_smem() {
 }
 
 // grid n_kt * B*NKV (block id -> key tile from the first one, (b, kv head)), block 32*NW; the block runs the query
-// tiles of the kv head's G = NH/NKV query heads in turn, summing their dK, dV in registers
-template <int HS, int BQ, int NW>
+// tiles of the kv head's G = NH/NKV query heads in turn (from the diagonal to the last query that sees the tile's last
+// key), summing their dK, dV in registers
+template <int HS, int BQ, int NW, bool CAP>
 __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     flash_backward_kernel(bf16* __restrict__ dqkv, float* __restrict__ dq_acc, const bf16* __restrict__ dout,
                           const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ Dbuf,
-                          int T_, int NH, int NKV, int64_t C, int64_t BKV, float scale_log2, float scale) {
+                          int T_, int NH, int NKV, int64_t C, int64_t BKV, FlashOpts fo, float scale) {
+    const float scale_log2 = fo.scale_log2;
+    const int window = fo.window;
     constexpr int BK = 16 * NW, LD = HS + 8, LDS = BQ + 8, NT = 32 * NW;
     constexpr int KC = HS / 16, DN = HS / 8, QN = BQ / 8;
     constexpr int MT = BQ / 16, PARTS = NW / MT, DQ = HS / PARTS;  // dQ work split: MT query blocks x PARTS
@@ -758,7 +811,8 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     const int64_t C3 = C + 2 * (int64_t)NKV * HS;  // qkv row: [q (C) | k (NKV*HS) | v (NKV*HS)]
     const bf16* kb = qkv + b * T_ * C3 + C + (int64_t)hk * HS;
     const bf16* vb = kb + (int64_t)NKV * HS;
-    const int it0 = k0 / BQ, n_qt = (T_ + BQ - 1) / BQ;
+    const int qend = window > 0 && k0 + BK - 1 + window < T_ ? k0 + BK - 1 + window : T_;  // queries < qend
+    const int it0 = k0 / BQ, n_qt = (qend + BQ - 1) / BQ;
     const int kw = 16 * warp;  // this warp's first key row in the tile
     // the query head whose tiles load_q_tile loads (the G heads of the kv head in turn; dK, dV sum over them)
     const bf16 *qb = nullptr, *gb = nullptr;
@@ -810,16 +864,23 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
             // 1. S^T = K_w Q^T (16 keys x BQ queries)
             float s[QN][4];
             warp_mma_rows16<QN, KC, LD>(s, k_a, q_bn);
-            // 2. P^T = exp2(S^T * scale*log2e - lse*log2e); zero where key > query or query >= T
-            const bool need_mask = q0 < k0 + BK || q0 + BQ > T_;
+            // 2. P^T = exp2(S^T * scale*log2e - lse*log2e) (S^T capped first: grad = 1 - tanh^2 kept for step 5);
+            //    zero where key > query, query >= T, or query - key >= window
+            float grad[CAP ? QN : 1][4];
+            const bool need_mask = q0 < k0 + BK || q0 + BQ > T_ || (window > 0 && q0 + BQ - 1 - k0 >= window);
 #pragma unroll
             for (int qn = 0; qn < QN; qn++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int ql = qn * 8 + 2 * c + (e & 1);
                     const int key = k0 + kw + g + 8 * (e >> 1), q = q0 + ql;
+                    if constexpr (CAP) {
+                        const float th = tanh_accurate(fo.cap_in * s[qn][e]);
+                        s[qn][e] = fo.cap_out * th, grad[CAP ? qn : 0][e] = 1.f - th * th;
+                    }
                     const float pr = exp2f(fmaf(s[qn][e], scale_log2, -lse_t[ql] * kLog2e));
-                    s[qn][e] = need_mask && (key > q || q >= T_) ? 0.f : pr;
+                    const bool masked = key > q || q >= T_ || (window > 0 && q - key >= window);
+                    s[qn][e] = need_mask && masked ? 0.f : pr;
                 }
             // 3. dP^T = V_w dO^T
             float dp[QN][4];
@@ -837,11 +898,14 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
                     mma_bf16_16816(dv[2 * dpp + 1], pa, gf[2], gf[3]);
                 }
             }
-            // 5. dS^T = P^T * (dP^T - D) (unscaled; the scale is applied to dK and dQ at the end)
+            // 5. dS^T = P^T * (dP^T - D) (unscaled; the scale is applied to dK and dQ at the end), times grad
 #pragma unroll
             for (int qn = 0; qn < QN; qn++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) dp[qn][e] = s[qn][e] * (dp[qn][e] - D_t[qn * 8 + 2 * c + (e & 1)]);
+                for (int e = 0; e < 4; e++) {
+                    dp[qn][e] = s[qn][e] * (dp[qn][e] - D_t[qn * 8 + 2 * c + (e & 1)]);
+                    if constexpr (CAP) dp[qn][e] *= grad[CAP ? qn : 0][e];
+                }
             // 6. dK += dS^T Q, and dS^T to shared memory for dQ
 #pragma unroll
             for (int kk = 0; kk < BQ / 16; kk++) {
@@ -973,37 +1037,46 @@ void launch_rows_forward(RowsParams p, int64_t rows) {
     }
 }
 
-template <int HS>
+// the kernels' window: 0 (none) also for a window at least as long as any row (and beyond int)
+int window_of(const AttentionOpts& opt, int64_t keys) { return opt.window > 0 && opt.window < keys ? (int)opt.window : 0; }
+
+FlashOpts flash_opts(const AttentionOpts& opt, int64_t hs, int64_t T) {
+    const float scale = opt.resolved_scale(hs);
+    FlashOpts fo{scale * kLog2e, 0.f, 0.f, window_of(opt, T)};
+    if (opt.softcap > 0) fo.cap_in = scale / opt.softcap, fo.cap_out = opt.softcap / scale;
+    return fo;
+}
+
+template <int HS, bool CAP>
 void launch_flash_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                          int64_t NKV) {
+                          int64_t NKV, const FlashOpts& fo) {
     constexpr int MI = FlashCfg<HS>::kFwdMI, NW = FlashCfg<HS>::kFwdNW, BR = 16 * MI * NW;
     constexpr int smem = flash_fwd_smem<HS, MI, NW>();
-    auto kernel = flash_forward_kernel<HS, MI, NW>;
+    auto kernel = flash_forward_kernel<HS, MI, NW, CAP>;
     set_smem(kernel, smem);
     const int n_qt = ceil_div(T, BR);
     const int64_t BH = B * NH;
-    const float scale_log2 = kLog2e / std::sqrt((float)HS);
-    kernel<<<(unsigned)(n_qt * BH), 32 * NW, smem>>>(out, lse, qkv, (int)T, (int)NH, (int)NKV, C, BH, n_qt,
-                                                     scale_log2);
+    kernel<<<(unsigned)(n_qt * BH), 32 * NW, smem>>>(out, lse, qkv, (int)T, (int)NH, (int)NKV, C, BH, n_qt, fo);
     CUDA_CHECK_LAUNCH();
 }
 
-template <int HS>
+template <int HS, bool CAP>
 void launch_flash_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
-                           int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV) {
+                           int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt) {
     constexpr int BQ = FlashCfg<HS>::kBwdBQ, NW = FlashCfg<HS>::kBwdNW, BK = 16 * NW;
     constexpr int smem = flash_bwd_smem<HS, BQ, NW>();
     const int64_t BKV = B * NKV, rows = B * T * NH;
-    const float scale = 1.0f / std::sqrt((float)HS), scale_log2 = scale * kLog2e;
+    const FlashOpts fo = flash_opts(opt, HS, T);
+    const float scale = opt.resolved_scale(HS);
     Scratch D((size_t)rows * 4), dq((size_t)(B * T * C) * 4);
     attn_bwd_pre_kernel<bf16><<<ceil_div(rows * 32, 256), 256>>>((float*)D.p, (float*)dq.p, dout, out, rows, (int)T,
                                                                   (int)NH, HS, C);
     CUDA_CHECK_LAUNCH();
-    auto kernel = flash_backward_kernel<HS, BQ, NW>;
+    auto kernel = flash_backward_kernel<HS, BQ, NW, CAP>;
     set_smem(kernel, smem);
     const int n_kt = ceil_div(T, BK);
     kernel<<<(unsigned)(n_kt * BKV), 32 * NW, smem>>>(dqkv, (float*)dq.p, dout, qkv, lse, (const float*)D.p, (int)T,
-                                                      (int)NH, (int)NKV, C, BKV, scale_log2, scale);
+                                                      (int)NH, (int)NKV, C, BKV, fo, scale);
     CUDA_CHECK_LAUNCH();
     const int64_t n = B * T * C;
     dq_accumulate_kernel<<<grid_for(n, 256), 256>>>(dqkv, (const float*)dq.p, n, C, C + 2 * NKV * HS, scale);
@@ -1012,20 +1085,23 @@ void launch_flash_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const 
 
 template <typename T>
 void launch_rows_backward(T* dqkv, const T* dout, const T* qkv, const T* out, const float* lse, int64_t B, int64_t T_,
-                          int64_t C, int64_t NH, int64_t NKV) {
+                          int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt) {
     const int hs = (int)(C / NH);
     const int64_t rows = B * NH * T_;
-    const float scale = 1.0f / std::sqrt((float)hs), scale_log2 = scale * kLog2e;
+    const float scale = opt.resolved_scale(hs), scale_log2 = scale * kLog2e, cap2 = opt.softcap * kLog2e;
+    const int window = window_of(opt, T_);
     Scratch D((size_t)rows * 4);
     attn_bwd_pre_kernel<T><<<ceil_div(rows * 32, 256), 256>>>((float*)D.p, nullptr, dout, out, rows, (int)T_, (int)NH,
                                                                hs, C);
     CUDA_CHECK_LAUNCH();
     DISPATCH_NPL(hs, NPL, {
         rows_backward_dq_kernel<T, NPL><<<(unsigned)rows, 32 * kRowWarps, kRowWarps * hs * 4>>>(
-            dqkv, dout, qkv, lse, (const float*)D.p, (int)T_, (int)NH, (int)NKV, hs, C, scale_log2, scale);
+            dqkv, dout, qkv, lse, (const float*)D.p, (int)T_, (int)NH, (int)NKV, hs, C, scale_log2, scale, cap2,
+            window);
         CUDA_CHECK_LAUNCH();
         rows_backward_dkv_kernel<T, NPL><<<(unsigned)(B * NKV * T_), 32 * kRowWarps, 2 * kRowWarps * hs * 4>>>(
-            dqkv, dout, qkv, lse, (const float*)D.p, (int)T_, (int)NH, (int)NKV, hs, C, scale_log2, scale);
+            dqkv, dout, qkv, lse, (const float*)D.p, (int)T_, (int)NH, (int)NKV, hs, C, scale_log2, scale, cap2,
+            window);
         CUDA_CHECK_LAUNCH();
     });
 }
@@ -1043,13 +1119,26 @@ bool use_flash(DType t, int64_t hs, const void* qkv, std::initializer_list<const
 // ---------------------------------------------------------------------------------------------------------
 // entry points (kernels.h)
 
+// a launcher instantiated for hs 64 / 128 and with / without a cap: f(std::integral_constant HS, ... CAP)
+template <typename F>
+void dispatch_flash(int64_t hs, bool cap, F&& f) {
+    using I = std::integral_constant<int, 64>;
+    using J = std::integral_constant<int, 128>;
+    using Y = std::true_type;
+    using N = std::false_type;
+    if (hs == 64) cap ? f(I{}, Y{}) : f(I{}, N{});
+    else cap ? f(J{}, Y{}) : f(J{}, N{});
+}
+
 void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                       int64_t NKV, DType t) {
+                       int64_t NKV, const AttentionOpts& opt, DType t) {
     if (B * T == 0 || C == 0) return;
     const int64_t hs = C / NH, W = C + 2 * NKV * hs;
     if (use_flash(t, hs, qkv, {out})) {
-        if (hs == 64) launch_flash_forward<64>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH, NKV);
-        else launch_flash_forward<128>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH, NKV);
+        const FlashOpts fo = flash_opts(opt, hs, T);
+        dispatch_flash(hs, opt.softcap > 0, [&](auto HS, auto CAP) {
+            launch_flash_forward<HS.value, CAP.value>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH, NKV, fo);
+        });
         return;
     }
     RowsParams p{};
@@ -1059,29 +1148,28 @@ void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_
     p.out = out, p.o_sb = T * C, p.o_st = C;
     p.lse = lse, p.pos = nullptr, p.maxT = T, p.part = nullptr;
     p.NH = (int)NH, p.Tn = (int)T, p.hs = (int)hs, p.chunk = (int)T, p.nsplit = 1, p.group = (int)(NH / NKV);
-    p.scale_log2 = kLog2e / std::sqrt((float)hs);
+    p.scale_log2 = opt.resolved_scale(hs) * kLog2e, p.cap2 = opt.softcap * kLog2e, p.window = window_of(opt, T);
     DISPATCH_FLOAT(t, F, launch_rows_forward<F>(p, B * NH * T));
 }
 
 void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, DType t) {
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt, DType t) {
     if (B * T == 0 || C == 0) return;
     const int64_t hs = C / NH;
     if (use_flash(t, hs, qkv, {dqkv, dout, out})) {
-        if (hs == 64)
-            launch_flash_backward<64>((bf16*)dqkv, (const bf16*)dout, (const bf16*)qkv, (const bf16*)out, lse, B, T,
-                                      C, NH, NKV);
-        else
-            launch_flash_backward<128>((bf16*)dqkv, (const bf16*)dout, (const bf16*)qkv, (const bf16*)out, lse, B,
-                                       T, C, NH, NKV);
+        dispatch_flash(hs, opt.softcap > 0, [&](auto HS, auto CAP) {
+            launch_flash_backward<HS.value, CAP.value>((bf16*)dqkv, (const bf16*)dout, (const bf16*)qkv,
+                                                       (const bf16*)out, lse, B, T, C, NH, NKV, opt);
+        });
         return;
     }
     DISPATCH_FLOAT(t, F, launch_rows_backward<F>((F*)dqkv, (const F*)dout, (const F*)qkv, (const F*)out, lse, B, T,
-                                                 C, NH, NKV));
+                                                 C, NH, NKV, opt));
 }
 
 void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv, const int32_t* pos, int64_t B,
-                          int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, DType t) {
+                          int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, const AttentionOpts& opt,
+                          DType t) {
     if (B * Tn == 0 || C == 0 || maxT == 0) return;
     const int64_t hs = C / NH, W = C + 2 * NKV * hs, rows = B * NH * Tn;
     DISPATCH_FLOAT(t, F, {
@@ -1095,13 +1183,14 @@ void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv
     p.out = out, p.o_sb = Tn * C, p.o_st = C;
     p.lse = nullptr, p.pos = pos, p.maxT = maxT;
     p.NH = (int)NH, p.Tn = (int)Tn, p.hs = (int)hs, p.group = (int)(NH / NKV);
-    p.scale_log2 = kLog2e / std::sqrt((float)hs);
-    // flash-decoding: split the keys of each row over several blocks when the rows alone cannot fill the GPU
-    const int64_t want = 2 * (int64_t)sm_count();
+    p.scale_log2 = opt.resolved_scale(hs) * kLog2e, p.cap2 = opt.softcap * kLog2e, p.window = window_of(opt, maxT);
+    // flash-decoding: split the keys of each row over several blocks when the rows alone cannot fill the GPU (with a
+    // window: its keys; the chunks are laid from key 0, those wholly left of a row's window return empty partials)
+    const int64_t want = 2 * (int64_t)sm_count(), span = p.window > 0 ? p.window + Tn : maxT;
     int64_t chunk = maxT;
     if (rows < want) {
         const int64_t splits = (want + rows - 1) / rows;
-        chunk = (maxT + splits - 1) / splits;
+        chunk = (span + splits - 1) / splits;
         chunk = ((chunk + 127) / 128) * 128;  // whole rounds of 4 warps x 32 keys
         if (chunk < 256) chunk = 256;
     }

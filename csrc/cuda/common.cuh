@@ -36,6 +36,14 @@ template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
 
+// tanh(y) to ~2e-7 absolute, for soft caps (softmax_ce, attention). Not tanhf: --use_fast_math compiles it into tanh.approx.f32 (relative
+// error 2^-11: up to 0.015 in a logit capped at 30, and 1 - tanh^2 of saturated logits off by far more; the
+// emulator models that, csrc/cuda/emu). tanh|y| = 1 - 2 / (exp(2|y|) + 1): __expf (-> inf for |y| > 44, tanh 1)
+// and an IEEE division; NaN stays NaN.
+__device__ __forceinline__ float tanh_accurate(float y) {
+    return copysignf(1.f - __fdiv_rn(2.f, __expf(2.f * fabsf(y)) + 1.f), y);
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;

@@ -72,17 +72,20 @@ void matmul_backward(void* dinp, float* dweight, float* dbias, const void* dout,
 
 // ---- attention.cu: causal flash attention with grouped KV heads on packed qkv (B, T, C + 2*NKV*hs) = [q | k | v],
 // q C = NH * hs wide, k and v NKV * hs each (NKV divides NH; query head h uses kv head h / (NH/NKV); NKV = NH: (B, T, 3C))
-// out (B, T, C) of dtype t and lse (B, NH, T, f32) = logsumexp of the scaled scores per query.
+// out (B, T, C) of dtype t and lse (B, NH, T, f32) = logsumexp of the final scores per query. opt (common.h): the
+// scale, soft cap and sliding window of the scores.
 void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
-                       int64_t NKV, DType t);
+                       int64_t NKV, const AttentionOpts& opt, DType t);
 // dqkv (B, T, C + 2*NKV*hs) += gradient; needs the forward's out and lse (recomputes the scores tile by tile)
 void attention_backward(void* dqkv, const void* dout, const void* qkv, const void* out, const float* lse,
-                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, DType t);
+                        int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt, DType t);
 // Inference with a KV cache: the Tn new tokens of qkv (B, Tn, C + 2*NKV*hs) write their k, v into kcache/vcache
 // (B, NKV, maxT, hs) at positions pos[b] .. pos[b]+Tn-1 (pos: int32 device array (B,)); each new query attends
-// causally to its sequence's cache of its kv head; out (B, Tn, C). pos is not advanced.
+// causally to its sequence's cache of its kv head (the last opt.window positions with a window); out (B, Tn, C).
+// pos is not advanced.
 void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv, const int32_t* pos, int64_t B,
-                          int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, DType t);
+                          int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT, const AttentionOpts& opt,
+                          DType t);
 
 // ---- softmax_ce.cu: fused softmax + cross-entropy (+ gradient) and the fused classifier
 // losses (N, f32) = -log softmax(logits)[target]; if dlogits: dlogits (N, V, T) = (softmax - onehot) *

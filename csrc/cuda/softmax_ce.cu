@@ -39,14 +39,6 @@ struct MaxSum {
     float m, s;  // running max and sum of exp(x - m); m = -FLT_MAX with s = 0 means "empty"
 };
 
-// tanh(y) to ~2e-7 absolute, for the soft cap. Not tanhf: --use_fast_math compiles it into tanh.approx.f32 (relative
-// error 2^-11: up to 0.015 in a logit capped at 30, and 1 - tanh^2 of saturated logits off by far more; the
-// emulator models that, csrc/cuda/emu). tanh|y| = 1 - 2 / (exp(2|y|) + 1): __expf (-> inf for |y| > 44, tanh 1)
-// and an IEEE division; NaN stays NaN.
-__device__ __forceinline__ float tanh_accurate(float y) {
-    return copysignf(1.f - __fdiv_rn(2.f, __expf(2.f * fabsf(y)) + 1.f), y);
-}
-
 // merge of two partial (max, sum) pairs; exp(-FLT_MAX - finite) underflows to 0, so empty parts add nothing
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
     const float m = fmaxf(a.m, b.m);

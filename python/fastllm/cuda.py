@@ -31,6 +31,7 @@ from .ops import (
     _nkv,
     _norm_stats_shape,
     _q_width,
+    attention_opts,
     softcap_arg,
     temperature_arg,
 )
@@ -232,30 +233,34 @@ def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need
     return (dinp if need_dinp else None), dweight, (dbias if need_bias else None)
 
 
-def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None):
+def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None, *,
+                      scale: float | None = None, softcap: float | None = None, window: int | None = None):
     """Causal flash attention: qkv (B, T, (NH + 2*NKV) * hs) = [q | k | v] -> (out (B, T, NH*hs), lse (B, NH, T,
-    float32, natural log)). n_kv_head (NKV, dividing n_head; None = n_head, qkv (B, T, 3C)): grouped-query
-    attention, query head h uses kv head h // (NH // NKV), K/V never repeated. Head size hs <= 256. bfloat16 with
-    hs 64 or 128 runs the tensor-core kernels; other cases (and FASTLLM_CUDA_ATTN=simple in the environment) the
-    simple reference ones."""
+    float32, natural log, of the final scores)). n_kv_head (NKV, dividing n_head; None = n_head, qkv (B, T, 3C)):
+    grouped-query attention, query head h uses kv head h // (NH // NKV), K/V never repeated. Head size hs <= 256.
+    bfloat16 with hs 64 or 128 runs the tensor-core kernels; other cases (and FASTLLM_CUDA_ATTN=simple in the
+    environment) the simple reference ones. scale, softcap, window: the score options of ops.attention_forward."""
+    opts = attention_opts(scale, softcap, window)
     qkv = _dev(qkv, "qkv")
     if len(qkv.shape) != 3:
         raise ValueError(f"qkv must be (B, T, (n_head + 2*n_kv_head) * hs), got shape {tuple(qkv.shape)}")
     B, T = qkv.shape[:2]
     out = empty((B, T, _q_width(qkv, n_head, n_kv_head)), qkv.dtype) if out is None else out
     lse = empty((B, int(n_head), T), "float32") if lse is None else lse
-    _C.cuda.attention_forward(_dev(out, "out"), _dev(lse, "lse"), qkv, int(n_head), _nkv(n_kv_head))
+    _C.cuda.attention_forward(_dev(out, "out"), _dev(lse, "lse"), qkv, int(n_head), _nkv(n_kv_head), **opts)
     return out, lse
 
 
-def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None):
-    """dqkv (B, T, (NH + 2*NKV) * hs) += gradient of attention_forward (out, lse: its outputs); dk, dv of a kv head
-    sum over the query heads that share it. The tensor-core path adds dq through fp32 atomics (its bits may vary
-    from run to run); the simple path is deterministic."""
+def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None, *,
+                       scale: float | None = None, softcap: float | None = None, window: int | None = None):
+    """dqkv (B, T, (NH + 2*NKV) * hs) += gradient of attention_forward (out, lse: its outputs; scale, softcap,
+    window as given to it); dk, dv of a kv head sum over the query heads that share it. The tensor-core path adds
+    dq through fp32 atomics (its bits may vary from run to run); the simple path is deterministic."""
+    opts = attention_opts(scale, softcap, window)
     qkv = _dev(qkv, "qkv")
     dqkv = zeros(qkv.shape, qkv.dtype) if dqkv is None else dqkv
     _C.cuda.attention_backward(_dev(dqkv, "dqkv"), _dev(dout, "dout"), qkv, _dev(out, "out"), _dev(lse, "lse"),
-                               int(n_head), _nkv(n_kv_head))
+                               int(n_head), _nkv(n_kv_head), **opts)
     return dqkv
 
 
@@ -270,21 +275,23 @@ def _positions(pos, name: str, n_new: int, limit: int, what: str):
     return to_device(p)
 
 
-def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None):
+def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None, *,
+                         scale: float | None = None, softcap: float | None = None, window: int | None = None):
     """KV-cache attention: writes the new keys/values of qkv (B, Tn, (NH + 2*NKV) * hs) into kcache/vcache
     (B, NKV, maxT, hs) at pos[b].. (int32 (B,); a numpy array is checked and uploaded; only the kv heads are
     stored), then out (B, Tn, NH*hs) = causal attention over each cache (new query t of row b sees positions 0 ..
     pos[b] + t). pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal
     kcache.shape[1]. A DeviceArray pos is not checked: the caller ensures 0 <= pos[b] and pos[b] + Tn <= maxT on the
     host; the kernels never write outside the caches (out-of-range positions are skipped) and never read past
-    maxT."""
+    maxT. scale, softcap, window as in attention_forward (positions absolute; the cache keeps every row)."""
+    opts = attention_opts(scale, softcap, window)
     qkv, kcache = _dev(qkv, "qkv"), _dev(kcache, "kcache")
     if len(kcache.shape) == 4:
         pos = _positions(pos, "pos", qkv.shape[1] if len(qkv.shape) == 3 else 0, kcache.shape[2], "max_T")
     if out is None:
         out = empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), qkv.dtype)
     _C.cuda.attention_kv_forward(_dev(out, "out"), kcache, _dev(vcache, "vcache"), qkv, _dev(pos, "pos"),
-                                 _nkv(n_kv_head))
+                                 _nkv(n_kv_head), **opts)
     return out
 
 

@@ -394,11 +394,39 @@ def _kv_out_width(qkv, kcache, n_kv_head: int | None) -> int:
     return max(nkv if n_kv_head is None else qkv.shape[-1] // hs - 2 * nkv, 0) * hs
 
 
-def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None, dtype: str = "float32"):
+def attention_opts(scale=None, softcap=None, window=None) -> dict:
+    """The score options of the attentions (both backends) as the kernels take them, checked (errors name the
+    argument): scale (q . k) * scale, None -> 0 (the kernels' 1/sqrt(hs)), else a finite number > 0; softcap: the
+    scores become softcap * tanh(score / softcap) (softcap_arg: None -> 0); window: query t sees key s only if
+    t - s < window (sliding window), None -> 0 (full causal), else an int >= 1.
+
+    >>> attention_opts(scale=0.0625, window=4096)
+    {'scale': 0.0625, 'softcap': 0.0, 'window': 4096}
+    """
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+            raise TypeError(f"scale must be None or a number > 0, got {type(scale).__name__}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
+            raise TypeError(f"window must be None or an int >= 1, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    return {"scale": 0.0 if scale is None else float(scale), "softcap": softcap_arg(softcap),
+            "window": 0 if window is None else int(window)}
+
+
+def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None, dtype: str = "float32", *,
+                      scale: float | None = None, softcap: float | None = None, window: int | None = None):
     """Causal self-attention on packed qkv (B, T, (NH + 2*NKV) * hs) = [q | k | v] -> (out (B, T, NH*hs), lse
-    (B, NH, T): the logsumexp of each query's scaled scores, saved for backward). n_kv_head (NKV, dividing n_head;
+    (B, NH, T): the logsumexp of each query's final scores, saved for backward). n_kv_head (NKV, dividing n_head;
     None = n_head, qkv (B, T, 3C)) gives grouped-query attention: query head h uses kv head h // (NH // NKV), and
     K/V are never repeated in memory.
+
+    The scores (attention_opts): (q . k) * scale (None: 1/sqrt(hs); Gemma 2/3: query_pre_attn_scalar**-0.5), then
+    softcap * tanh(score / softcap) if softcap is given (Gemma 2: 50); window (None: full causal) lets query t see
+    only keys t - window < s <= t (Mistral, Gemma 2/3), and skips the key tiles outside it: O(T * window) work.
 
     dtype="bfloat16": the tile products (q k^T and p v; in the backward also dO v^T, p^T dO, dS k, dS^T q) round
     their operands to bf16 and sum in fp32, as torch's SDPA on bf16 q, k, v does, where the CPU has AVX512_BF16
@@ -412,31 +440,38 @@ def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | Non
     out = np.empty((B, T, _q_width(qkv, n_head, n_kv_head)), np.float32) if out is None else out
     if lse is None:  # (for an impossible n_head, a placeholder: the kernel names the problem)
         lse = np.empty((B, n_head, T) if 0 < n_head <= W else 0, np.float32)
-    _C.attention_forward(out, lse, qkv, n_head, _nkv(n_kv_head), _bf16(dtype))
+    opts = attention_opts(scale, softcap, window)
+    _C.attention_forward(out, lse, qkv, n_head, _nkv(n_kv_head), _bf16(dtype), **opts)
     return out, lse
 
 
 def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: int | None = None,
-                       dtype: str = "float32") -> np.ndarray:
+                       dtype: str = "float32", *, scale: float | None = None, softcap: float | None = None,
+                       window: int | None = None) -> np.ndarray:
     """Gradient w.r.t. qkv (B, T, (NH + 2*NKV) * hs), accumulated into dqkv; dk, dv of a kv head sum over the
-    query heads that share it. dtype as in attention_forward."""
+    query heads that share it. dtype, scale, softcap and window as given to attention_forward."""
+    opts = attention_opts(scale, softcap, window)
     dqkv = _out(dqkv, "dqkv", _f32(qkv, "qkv").shape)
-    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head), _nkv(n_kv_head), _bf16(dtype))
+    _C.attention_backward(dqkv, dout, qkv, out, lse, int(n_head), _nkv(n_kv_head), _bf16(dtype), **opts)
     return dqkv
 
 
-def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None,
-                         dtype: str = "float32") -> np.ndarray:
+def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | None = None, dtype: str = "float32",
+                         *, scale: float | None = None, softcap: float | None = None,
+                         window: int | None = None) -> np.ndarray:
     """Inference attention with a KV cache: qkv (B, Tn, (NH + 2*NKV) * hs) of Tn new tokens per sequence; their keys
     and values are written into kcache/vcache (B, NKV, max_T, hs) at positions pos[b] .. pos[b]+Tn-1 (only the kv
     heads are stored), then each new query attends causally to its sequence's cache. Returns out (B, Tn, NH*hs).
     pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal kcache.shape[1].
-    dtype="bfloat16": a prefill's (Tn > 1) tile products in bf16 as in attention_forward; a step (Tn = 1) is fp32."""
+    dtype="bfloat16": a prefill's (Tn > 1) tile products in bf16 as in attention_forward; a step (Tn = 1) is fp32.
+    scale, softcap, window as in attention_forward, positions absolute (pos[b] + t): with a window the cache still
+    keeps every row, only the last `window` of them are read."""
+    opts = attention_opts(scale, softcap, window)
     qkv, kcache = _f32(qkv, "qkv"), _f32(kcache, "kcache")
     if qkv.ndim != 3:
         raise ValueError(f"qkv must be (B, Tn, (n_head + 2*n_kv_head) * hs), got shape {qkv.shape}")
     out = np.empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), np.float32) if out is None else out
-    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), _nkv(n_kv_head), _bf16(dtype))
+    _C.attention_kv_forward(out, kcache, vcache, qkv, _ids(pos, "pos"), _nkv(n_kv_head), _bf16(dtype), **opts)
     return out
 
 
