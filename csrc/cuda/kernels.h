@@ -165,8 +165,8 @@ void geglu_backward(void* dgate_up, const void* dout, const void* gate_up, int64
 void relu2_forward(void* out, const void* x, int64_t n, DType t);                      // out = max(x, 0)^2
 void relu2_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);    // dx += 2 max(x, 0) dout
 
-// Tests: true makes layernorm/gelu/residual/embedding/adamw (and rmsnorm/swiglu/relu2) run their simple reference
-// kernels (gelu.cu).
+// Tests: true makes layernorm/gelu/residual/embedding/adamw (and rmsnorm/swiglu/geglu/relu2) run their simple
+// reference kernels (gelu.cu).
 void set_simple_elementwise(bool on);
 
 }  // namespace fastllm::cuda
