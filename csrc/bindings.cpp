@@ -635,7 +635,7 @@ static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dou
 // embedding
 
 // ---------------------------------------------------------------------------------------------------------
-// the Llama family's ops: rmsnorm, rope, swiglu, relu2
+// the Llama and Gemma families' ops: rmsnorm, rope, swiglu, geglu, relu2
 
 // The rows an rmsnorm call works on: x (..., C) whole, or with heads = (h0, h1) only rows [h0, h1) of its
 // second-to-last axis R (x (..., R, C), e.g. the q heads of qkv viewed as (B, T, NH + 2*NKV, hs)).
@@ -759,23 +759,29 @@ static std::vector<int64_t> half_last(const py::array& a) {
     return s;
 }
 
-static void swiglu_forward_py(py::array out, py::array gate_up) {
+// SwiGLU and GeGLU (swiglu.cpp): one binding per direction, the kernel a template argument
+using GluForward = void (*)(float*, const float*, int64_t, int64_t);
+using GluBackward = void (*)(float*, const float*, const float*, int64_t, int64_t);
+
+template <GluForward kernel>
+static void glu_forward_py(py::array out, py::array gate_up) {
     const auto [N, H] = swiglu_dims(gate_up);
     const float* gu = in_ptr<float>(gate_up, "gate_up");
     float* o = out_ptr<float>(out, "out", half_last(gate_up));
     check_outputs({{&out, "out"}}, {{&gate_up, "gate_up"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::swiglu_forward(o, gu, N, H);
+    kernel(o, gu, N, H);
 }
 
-static void swiglu_backward_py(py::array dgate_up, py::array dout, py::array gate_up) {
+template <GluBackward kernel>
+static void glu_backward_py(py::array dgate_up, py::array dout, py::array gate_up) {
     const auto [N, H] = swiglu_dims(gate_up);
     const float* gu = in_ptr<float>(gate_up, "gate_up");
     const float* dy = in_ptr<float>(dout, "dout", half_last(gate_up));
     float* dgu = out_ptr<float>(dgate_up, "dgate_up", shape_of(gate_up));
     check_outputs({{&dgate_up, "dgate_up"}}, {{&dout, "dout"}, {&gate_up, "gate_up"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::swiglu_backward(dgu, dy, gu, N, H);
+    kernel(dgu, dy, gu, N, H);
 }
 
 static void relu2_forward_py(py::array out, py::array inp) {
@@ -797,8 +803,14 @@ static void relu2_backward_py(py::array dinp, py::array dout, py::array inp) {
     fastllm::cpu::relu2_backward(dx, dy, x, n);
 }
 
-// wpe / dwpe may be None: no position embedding (rotary models)
-static void embedding_forward_py(py::array out, py::array tokens, py::array wte, std::optional<py::array> wpe) {
+// wpe / dwpe may be None: no position embedding (rotary models); scale multiplies the token embeddings (Gemma)
+static void check_scale(float scale) {
+    FASTLLM_CHECK(std::isfinite(scale), "scale must be a finite float32 number, got ", scale);
+}
+
+static void embedding_forward_py(py::array out, py::array tokens, py::array wte, std::optional<py::array> wpe,
+                                 float scale) {
+    check_scale(scale);
     check_ndim(tokens, "tokens", 2, "(B, T)");
     check_ndim(wte, "wte", 2, "(V, C)");
     const int64_t B = tokens.shape(0), T = tokens.shape(1), V = wte.shape(0), C = wte.shape(1);
@@ -815,10 +827,12 @@ static void embedding_forward_py(py::array out, py::array tokens, py::array wte,
     check_outputs({{&out, "out"}}, {{&tokens, "tokens"}, {&wte, "wte"}, {opt(wpe), "wpe"}});
     check_ids(tk, B * T, V, "tokens");
     py::gil_scoped_release nogil;
-    fastllm::cpu::embedding_forward(o, tk, te, pe, B, T, C);
+    fastllm::cpu::embedding_forward(o, tk, te, pe, B, T, C, scale);
 }
 
-static void embedding_backward_py(py::array dwte, std::optional<py::array> dwpe, py::array dout, py::array tokens) {
+static void embedding_backward_py(py::array dwte, std::optional<py::array> dwpe, py::array dout, py::array tokens,
+                                  float scale) {
+    check_scale(scale);
     check_ndim(tokens, "tokens", 2, "(B, T)");
     check_ndim(dwte, "dwte", 2, "(V, C)");
     const int64_t B = tokens.shape(0), T = tokens.shape(1), V = dwte.shape(0), C = dwte.shape(1);
@@ -833,7 +847,7 @@ static void embedding_backward_py(py::array dwte, std::optional<py::array> dwpe,
     check_outputs({{&dwte, "dwte"}, {opt(dwpe), "dwpe"}}, {{&dout, "dout"}, {&tokens, "tokens"}});
     check_ids(tk, B * T, V, "tokens");
     py::gil_scoped_release nogil;
-    fastllm::cpu::embedding_backward(dte, dpe, dy, tk, B, T, C, V);
+    fastllm::cpu::embedding_backward(dte, dpe, dy, tk, B, T, C, V, scale);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1426,13 +1440,18 @@ PYBIND11_MODULE(_C, m) {
                arg("n_head"), arg("n_kv_head") = none);
     def_kernel(m, "rope_backward", &rope_backward_py, arg("dqkv"), arg("dout"), arg("cos"), arg("sin"), arg("pos"),
                arg("n_head"), arg("n_kv_head") = none);
-    def_kernel(m, "swiglu_forward", &swiglu_forward_py, arg("out"), arg("gate_up"));
-    def_kernel(m, "swiglu_backward", &swiglu_backward_py, arg("dgate_up"), arg("dout"), arg("gate_up"));
+    def_kernel(m, "swiglu_forward", &glu_forward_py<fastllm::cpu::swiglu_forward>, arg("out"), arg("gate_up"));
+    def_kernel(m, "swiglu_backward", &glu_backward_py<fastllm::cpu::swiglu_backward>, arg("dgate_up"), arg("dout"),
+               arg("gate_up"));
+    def_kernel(m, "geglu_forward", &glu_forward_py<fastllm::cpu::geglu_forward>, arg("out"), arg("gate_up"));
+    def_kernel(m, "geglu_backward", &glu_backward_py<fastllm::cpu::geglu_backward>, arg("dgate_up"), arg("dout"),
+               arg("gate_up"));
     def_kernel(m, "relu2_forward", &relu2_forward_py, arg("out"), arg("x"));
     def_kernel(m, "relu2_backward", &relu2_backward_py, arg("dx"), arg("dout"), arg("x"));
-    def_kernel(m, "embedding_forward", &embedding_forward_py, arg("out"), arg("tokens"), arg("wte"), arg("wpe"));
+    def_kernel(m, "embedding_forward", &embedding_forward_py, arg("out"), arg("tokens"), arg("wte"), arg("wpe"),
+               arg("scale") = 1.0f);
     def_kernel(m, "embedding_backward", &embedding_backward_py, arg("dwte"), arg("dwpe"), arg("dout"),
-               arg("tokens"));
+               arg("tokens"), arg("scale") = 1.0f);
     def_kernel(m, "adamw_step", &adamw_py, arg("params"), arg("m"), arg("v"), arg("grads"), arg("lr"),
                arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("t"), arg("grad_scale"));
     def_kernel(m, "sum_squares", &sum_squares_py, arg("x"));

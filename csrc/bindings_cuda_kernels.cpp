@@ -599,10 +599,14 @@ static void register_elementwise(py::module_& m) {
         },
         arg("dinp1"), arg("dinp2"), arg("dout"));
 
-    // wpe / dwpe may be None: no position embedding (rotary models)
+    // wpe / dwpe may be None: no position embedding (rotary models); scale multiplies the token embeddings (Gemma)
+    static const auto check_scale = [](float scale) {
+        FASTLLM_CHECK(std::isfinite(scale), "scale must be a finite float32 number, got ", scale);
+    };
     m.def(
         "embedding_forward",
-        [](DeviceArray& out, const DeviceArray& tokens, const DeviceArray& wte, const DeviceArray* wpe) {
+        [](DeviceArray& out, const DeviceArray& tokens, const DeviceArray& wte, const DeviceArray* wpe, float scale) {
+            check_scale(scale);
             int64_t B, T;
             ew_check_tokens(tokens, B, T);
             check_float(wte, "wte");
@@ -620,13 +624,15 @@ static void register_elementwise(py::module_& m) {
             if (wpe) ew_disjoint(out, "out", *wpe, "wpe");
             const void* pe = wpe ? wpe->data() : nullptr;
             py::gil_scoped_release nogil;
-            embedding_forward(out.data(), (const int32_t*)tokens.data(), wte.data(), pe, B, T, C, V, wte.dtype);
+            embedding_forward(out.data(), (const int32_t*)tokens.data(), wte.data(), pe, B, T, C, V, scale,
+                              wte.dtype);
         },
-        arg("out"), arg("tokens"), arg("wte"), arg("wpe").none(true));
+        arg("out"), arg("tokens"), arg("wte"), arg("wpe").none(true), arg("scale") = 1.0f);
 
     m.def(
         "embedding_backward",
-        [](DeviceArray& dwte, DeviceArray* dwpe, const DeviceArray& dout, const DeviceArray& tokens) {
+        [](DeviceArray& dwte, DeviceArray* dwpe, const DeviceArray& dout, const DeviceArray& tokens, float scale) {
+            check_scale(scale);
             int64_t B, T;
             ew_check_tokens(tokens, B, T);
             check_float(dout, "dout");
@@ -648,9 +654,9 @@ static void register_elementwise(py::module_& m) {
             float* pdpe = dwpe ? (float*)dwpe->data() : nullptr;
             py::gil_scoped_release nogil;
             embedding_backward((float*)dwte.data(), pdpe, dout.data(), (const int32_t*)tokens.data(), B, T, C,
-                               dwte.shape[0], dout.dtype);
+                               dwte.shape[0], scale, dout.dtype);
         },
-        arg("dwte"), arg("dwpe").none(true), arg("dout"), arg("tokens"));
+        arg("dwte"), arg("dwpe").none(true), arg("dout"), arg("tokens"), arg("scale") = 1.0f);
 
     m.def(
         "adamw_step",
@@ -689,7 +695,8 @@ static void register_elementwise(py::module_& m) {
           "ones (False, the default).");
 }
 
-// ---- rmsnorm.cu, rope.cu, swiglu.cu: the Llama family's ops (registered at the end of register_cuda_kernels)
+// ---- rmsnorm.cu, rope.cu, swiglu.cu: the Llama and Gemma families' ops (registered at the end of
+// register_cuda_kernels)
 
 static void register_llama(py::module_& m) {
     using py::arg;
@@ -821,29 +828,35 @@ static void register_llama(py::module_& m) {
         const int64_t H = half.back();
         return std::pair<int64_t, int64_t>{H ? gate_up.size() / (2 * H) : 0, H};
     };
-    m.def(
-        "swiglu_forward",
-        [](DeviceArray& out, const DeviceArray& gate_up) {
-            std::vector<int64_t> half;
-            const auto [N, H] = swiglu_dims(gate_up, half);
-            check_array(out, "out", gate_up.dtype, half);
-            ew_disjoint(out, "out", gate_up, "gate_up");
-            py::gil_scoped_release nogil;
-            swiglu_forward(out.data(), gate_up.data(), N, H, gate_up.dtype);
-        },
-        arg("out"), arg("gate_up"));
-    m.def(
-        "swiglu_backward",
-        [](DeviceArray& dgate_up, const DeviceArray& dout, const DeviceArray& gate_up) {
-            std::vector<int64_t> half;
-            const auto [N, H] = swiglu_dims(gate_up, half);
-            check_array(dout, "dout", gate_up.dtype, half);
-            check_array(dgate_up, "dgate_up", gate_up.dtype, gate_up.shape);
-            ew_disjoint(dgate_up, "dgate_up", gate_up, "gate_up");
-            ew_disjoint(dgate_up, "dgate_up", dout, "dout");
-            py::gil_scoped_release nogil;
-            swiglu_backward(dgate_up.data(), dout.data(), gate_up.data(), N, H, gate_up.dtype);
-        },
-        arg("dgate_up"), arg("dout"), arg("gate_up"));
+    // SwiGLU and GeGLU (swiglu.cu): fwd(out, gate_up), bwd(dgate_up, dout, gate_up)
+    const auto def_gated = [&](const char* fwd_name, decltype(&swiglu_forward) fwd, const char* bwd_name,
+                               decltype(&swiglu_backward) bwd) {
+        m.def(
+            fwd_name,
+            [fwd](DeviceArray& out, const DeviceArray& gate_up) {
+                std::vector<int64_t> half;
+                const auto [N, H] = swiglu_dims(gate_up, half);
+                check_array(out, "out", gate_up.dtype, half);
+                ew_disjoint(out, "out", gate_up, "gate_up");
+                py::gil_scoped_release nogil;
+                fwd(out.data(), gate_up.data(), N, H, gate_up.dtype);
+            },
+            arg("out"), arg("gate_up"));
+        m.def(
+            bwd_name,
+            [bwd](DeviceArray& dgate_up, const DeviceArray& dout, const DeviceArray& gate_up) {
+                std::vector<int64_t> half;
+                const auto [N, H] = swiglu_dims(gate_up, half);
+                check_array(dout, "dout", gate_up.dtype, half);
+                check_array(dgate_up, "dgate_up", gate_up.dtype, gate_up.shape);
+                ew_disjoint(dgate_up, "dgate_up", gate_up, "gate_up");
+                ew_disjoint(dgate_up, "dgate_up", dout, "dout");
+                py::gil_scoped_release nogil;
+                bwd(dgate_up.data(), dout.data(), gate_up.data(), N, H, gate_up.dtype);
+            },
+            arg("dgate_up"), arg("dout"), arg("gate_up"));
+    };
+    def_gated("swiglu_forward", swiglu_forward, "swiglu_backward", swiglu_backward);
+    def_gated("geglu_forward", geglu_forward, "geglu_backward", geglu_backward);
     def_activation(m, "relu2_forward", relu2_forward, "relu2_backward", relu2_backward);
 }

@@ -93,17 +93,19 @@ def gelu_backward(dout, x):
     return dout * (0.5 * (1 + th) + 0.5 * x * (1 - th**2) * GELU_K * (1 + 3 * 0.044715 * x**2))
 
 
-def embedding_forward(tokens, wte, wpe):
+def embedding_forward(tokens, wte, wpe, scale=1.0):
+    """wte[tokens] * scale + wpe[:T] (wpe None: no position embedding); Gemma's scale is sqrt(C)."""
     wte, wpe = f64(wte, wpe)
     T = tokens.shape[1]
-    return wte[tokens] + wpe[:T]
+    return wte[tokens] * scale + (0.0 if wpe is None else wpe[:T])
 
 
-def embedding_backward(dout, tokens, V, maxT):
+def embedding_backward(dout, tokens, V, maxT, scale=1.0):
+    """-> dwte (V, C) (the scattered dout rows * scale), dwpe (maxT, C) (dout summed over the batch, unscaled)."""
     (dout,) = f64(dout)
     B, T, C = dout.shape
     dwte = np.zeros((V, C))
-    np.add.at(dwte, tokens.reshape(-1), dout.reshape(-1, C))
+    np.add.at(dwte, tokens.reshape(-1), scale * dout.reshape(-1, C))
     dwpe = np.zeros((maxT, C))
     dwpe[:T] = dout.sum(0)
     return dwte, dwpe
@@ -128,7 +130,7 @@ def bf16_round(x):
     return np.where(np.isnan(x), np.float32(np.nan), r).reshape(x.shape)
 
 
-# ---- the Llama family: rmsnorm, rope, swiglu, relu2, grouped-query attention
+# ---- the Llama and Gemma families: rmsnorm, rope, swiglu, geglu, relu2, grouped-query attention
 
 
 def rmsnorm_forward(x, w, eps=1e-6):
@@ -182,6 +184,21 @@ def swiglu_backward(dout, gate_up):
     g, u = gate_up[..., :H], gate_up[..., H:]
     s = 1 / (1 + np.exp(-g))
     return np.concatenate([dout * u * s * (1 + g * (1 - s)), dout * g * s], axis=-1)
+
+
+def geglu_forward(gate_up):
+    """gelu_tanh(gate) * up, GELU's tanh approximation (gelu_forward above)."""
+    (gate_up,) = f64(gate_up)
+    H = gate_up.shape[-1] // 2
+    return gelu_forward(gate_up[..., :H]) * gate_up[..., H:]
+
+
+def geglu_backward(dout, gate_up):
+    """-> dgate_up (..., 2H) = [dout * up * gelu'(gate) | dout * gelu(gate)]."""
+    dout, gate_up = f64(dout, gate_up)
+    H = gate_up.shape[-1] // 2
+    g, u = gate_up[..., :H], gate_up[..., H:]
+    return np.concatenate([gelu_backward(dout * u, g), dout * gelu_forward(g)], axis=-1)
 
 
 def relu2_forward(x):

@@ -29,9 +29,9 @@ ARRAY_FUNCTIONS = ["empty", "zeros", "carve", "view", "to_device", "to_numpy", "
 OP_FUNCTIONS = ["matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
                 "attention_kv_forward", "softmax_ce", "lmhead_chunk_rows", "lmhead_ce", "layernorm_forward",
                 "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
-                "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "relu2_forward",
-                "relu2_backward", "residual_forward", "residual_backward", "embedding_forward", "embedding_backward",
-                "adamw_step"]
+                "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "geglu_forward",
+                "geglu_backward", "relu2_forward", "relu2_backward", "residual_forward", "residual_backward",
+                "embedding_forward", "embedding_backward", "adamw_step"]
 # defaults that are the device's own choice: the allocation alignment, the compute dtype of the lm-head scratch
 DEVICE_DEFAULTS = {("carve", "align"), ("lmhead_chunk_rows", "dtype")}
 # the CPU's precision of the matmuls (bf16 products of fp32 arrays; backend.CpuBf16 binds it), last and optional;

@@ -1,8 +1,10 @@
 """Token + position embedding forward/backward on every backend (tests/backends.py) vs tests/reference.py (float64)
 and torch: singletons, C = 1 and odd, V odd and GPT-2's 50257, T < max_T, tokens repeated across many GPU sort
-chunks, misaligned views, accumulation, determinism, out-of-range ids and bad input.
+chunks, misaligned views, accumulation, determinism, out-of-range ids, the token embeddings' scale (Gemma's
+sqrt(C)) and bad input.
 
-Forward is one float32 add rounded once to the dtype: exact against numpy on the rounded tables. Backward sums up
+Forward is one float32 add rounded once to the dtype: exact against numpy on the rounded tables. With a scale it is
+one multiply-add (fused or not, by ISA): rtol 1e-6 float32, 2^-8 for the bf16 rounding. Backward sums up
 to B*T rows per token in float32 (parameter gradients are float32 on both devices): rtol 1e-5 + atol 1e-5.
 Determinism: backward is bitwise identical run to run (CPU: for 1 and 2 threads; GPU: a stable sort of the
 positions by token, then fixed-order sums)."""
@@ -48,7 +50,8 @@ def test_embedding_matches_reference(bk, rng, B, T, C, V, maxT, offset):
     np.testing.assert_array_equal(bk.get(dwpe)[T:], dwpe0[T:])  # rows beyond T untouched
 
 
-def test_embedding_backward_is_deterministic(bk, rng):
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_embedding_backward_is_deterministic(bk, rng, scale):
     B, T, C, V = 16, 1024, 64, 7  # long runs of equal tokens: on the GPU each spans hundreds of sort chunks
     tokens = rng.integers(0, V, (B, T)).astype(np.int32)
     tokens[3, :700] = 4  # one very long run
@@ -59,9 +62,9 @@ def test_embedding_backward_is_deterministic(bk, rng):
         if not bk.is_cuda:
             fastllm.set_num_threads(threads)
         dwte, dwpe = bk.zeros((V, C), "float32"), bk.zeros((T, C), "float32")
-        bk.ops.embedding_backward(dd, td, dwte, dwpe)
+        bk.ops.embedding_backward(dd, td, dwte, dwpe, scale=scale)
         runs.append((bk.get(dwte), bk.get(dwpe)))
-    ref_dwte, ref_dwpe = reference.embedding_backward(dout, tokens, V, T)
+    ref_dwte, ref_dwpe = reference.embedding_backward(dout, tokens, V, T, scale)
     assert_rel(runs[0][0], ref_dwte, 1e-5, "dwte")  # sums of ~2300 rows: relative to the largest
     assert_rel(runs[0][1], ref_dwpe, 1e-5, "dwpe")
     for r in runs[1:]:
@@ -117,6 +120,67 @@ def test_embedding_without_positions(bk, rng):
     bk.ops.embedding_backward(bk.put(dout), bk.ids(tokens), dwte, None)
     ref, _ = reference.embedding_backward(dout, tokens, 17, 9)
     assert_close(bk.get(dwte), ref, **BWD_TOL, what="dwte")
+
+
+# ---- scale: Gemma multiplies the token embeddings (not the position table) by sqrt(C)
+
+SCALE_TOL = {"float32": dict(rtol=1e-6, atol=1e-6), "bfloat16": dict(rtol=2**-8, atol=1e-6)}
+
+
+@pytest.mark.parametrize("B,T,C,V,maxT", [(1, 1, 1, 1, 1), (2, 5, 3, 7, 8), (3, 17, 769, 50, 20),
+                                          (4, 64, 768, 1000, 67)])
+@pytest.mark.parametrize("positions", [True, False], ids=["wpe", "no_wpe"])
+def test_embedding_scale(bk, rng, B, T, C, V, maxT, positions):
+    """out = wte[tokens] * scale (+ wpe[:T]); dwte += scale * the scattered dout rows, dwpe += dout unscaled."""
+    tokens, wte, wpe, dout = make(bk, rng, B, T, C, V, maxT)
+    scale = float(np.sqrt(C)) + 0.25  # not a power of two: the products round
+    wpe = wpe if positions else None
+    out = bk.ops.embedding_forward(bk.ids(tokens), bk.put(wte), None if wpe is None else bk.put(wpe), scale=scale)
+    assert_close(bk.get(out), reference.embedding_forward(tokens, wte, wpe, scale), **SCALE_TOL[bk.dtype],
+                 what="forward")
+    dwte0 = rng.standard_normal((V, C)).astype(np.float32)
+    dwte, dwpe = bk.put(dwte0, "float32"), None if wpe is None else bk.zeros((maxT, C), "float32")
+    bk.ops.embedding_backward(bk.put(dout), bk.ids(tokens), dwte, dwpe, scale=scale)  # accumulates (+=)
+    ref_dwte, ref_dwpe = reference.embedding_backward(dout, tokens, V, maxT, scale)
+    assert_close(bk.get(dwte), dwte0 + ref_dwte, rtol=1e-5, atol=1e-5 * scale, what="dwte")
+    if positions:
+        assert_close(bk.get(dwpe), ref_dwpe, **BWD_TOL, what="dwpe (unscaled)")
+
+
+@pytest.mark.backends(variants=False)
+def test_embedding_scale_vs_torch(bk, rng):
+    """HF Gemma: inputs_embeds = embed_tokens(ids) * normalizer; autograd gives dwte = normalizer * scattered dout."""
+    torch = pytest.importorskip("torch")
+    B, T, C, V = 2, 7, 48, 50
+    tokens, wte, _, dout = make(bk, rng, B, T, C, V, T)
+    scale = float(np.sqrt(C))
+    te = torch.from_numpy(wte.copy()).requires_grad_()
+    y = torch.nn.functional.embedding(torch.from_numpy(tokens.astype(np.int64)), te) * scale
+    y.backward(torch.from_numpy(dout))
+    out = bk.ops.embedding_forward(tokens, bk.put(wte), None, scale=scale)
+    assert_close(bk.get(out), y.detach().numpy(), **SCALE_TOL[bk.dtype], what="forward")
+    dwte = bk.zeros((V, C), "float32")
+    bk.ops.embedding_backward(bk.put(dout), tokens, dwte, None, scale=scale)
+    assert_close(bk.get(dwte), te.grad.numpy(), rtol=1e-5, atol=1e-5 * scale, what="dwte")
+
+
+@pytest.mark.backends(variants=False)
+def test_embedding_bad_scale(bk, rng):
+    tokens, wte, wpe, dout = make(bk, rng, 2, 4, 8, 10, 4)
+    wted, wped, dd = bk.put(wte), bk.put(wpe), bk.put(dout)
+    dwte, dwpe = bk.zeros(wte.shape, "float32"), bk.zeros(wpe.shape, "float32")
+    for bad, err in (("2.0", TypeError), (None, TypeError), (True, TypeError), (np.ones(1), TypeError),
+                     (float("nan"), ValueError), (float("inf"), ValueError), (-float("inf"), ValueError),
+                     (1e39, ValueError)):  # 1e39: finite in Python, inf as float32
+        with pytest.raises(err, match="scale"):
+            bk.ops.embedding_forward(tokens, wted, wped, scale=bad)
+        with pytest.raises(err, match="scale"):
+            bk.ops.embedding_backward(dd, tokens, dwte, dwpe, scale=bad)
+    assert not bk.get(dwte).any() and not bk.get(dwpe).any()  # nothing was added
+    out = bk.ops.embedding_forward(tokens, wted, wped, scale=np.float32(0.5))  # numpy scalars and ints are fine
+    assert_close(bk.get(out), reference.embedding_forward(tokens, wte, wpe, 0.5), **SCALE_TOL[bk.dtype])
+    out = bk.ops.embedding_forward(tokens, wted, None, scale=-2)
+    assert_close(bk.get(out), reference.embedding_forward(tokens, wte, None, -2.0), **SCALE_TOL[bk.dtype])
 
 
 # ---- ids outside [0, V): numpy ids are refused on both devices; ids already on the GPU cannot be checked there

@@ -1,6 +1,6 @@
 /*
-Vectorized float math for the kernels (softmax_ce, gelu, layernorm, attention): exp, 2^x, sigmoid, tanh, horizontal
-reductions and tail masks, for AVX-512 (16 lanes) and AVX2+FMA (8 lanes). Every function carries its ISA's
+Vectorized float math for the kernels (softmax_ce, gelu, swiglu, layernorm, attention): exp, 2^x, sigmoid, tanh, the
+argument of GELU's sigmoid form, horizontal reductions and tail masks, for AVX-512 (16 lanes) and AVX2+FMA (8 lanes). Every function carries its ISA's
 target attribute so it inlines only into code compiled for that ISA (the module itself is baseline x86-64).
 
 exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2 (n = round(x log2e), ln2 split in a float
@@ -14,6 +14,7 @@ saturates at ~2.4e38 (no inf). NaN propagates.
 #pragma once
 #include "cpu/intrin.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -182,6 +183,38 @@ FASTLLM_TARGET_AVX2 inline int64_t softcap_avx2(float* z, const float* x, int64_
 inline void softcap_row(float* z, const float* x, int64_t n, float c, Simd simd) {
     int64_t i = simd == Simd::avx512 ? softcap_avx512(z, x, n, c) : simd == Simd::avx2 ? softcap_avx2(z, x, n, c) : 0;
     for (; i < n; i++) z[i] = c * std::tanh(x[i] / c);
+}
+
+// ---- GELU, tanh approximation (gelu.cpp, and swiglu.cpp's GeGLU): gelu(x) = 0.5 x (1 + tanh(u)) = x sigmoid(2u),
+// u = k (x + c x^3), k = sqrt(2/pi), c = 0.044715, and d(2u)/dx = 2k (1 + 3c x^2). x2 = x^2 capped at 1e4: for
+// |x| >= 100 tanh is saturated either way, and the cap keeps x^3 and d(2u)/dx finite up to |x| = FLT_MAX (else
+// 0 * inf = NaN in a backward). Scalar, AVX-512 and AVX2 forms of the same three expressions.
+inline constexpr float kGeluScale = 0.7978845608028654f, kGeluCubic = 0.044715f, kGeluX2Cap = 1e4f;
+
+inline float gelu_x2(float x) { return std::min(x * x, kGeluX2Cap); }
+inline float gelu_2u(float x, float x2) { return x * (2 * kGeluScale + 2 * kGeluScale * kGeluCubic * x2); }
+inline float gelu_d2u(float x2) { return 2 * kGeluScale + 6 * kGeluScale * kGeluCubic * x2; }
+
+FASTLLM_TARGET_AVX512 inline __m512 gelu_x2(__m512 x) {
+    return _mm512_min_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(kGeluX2Cap));
+}
+FASTLLM_TARGET_AVX512 inline __m512 gelu_2u(__m512 x, __m512 x2) {
+    return _mm512_mul_ps(
+        x, _mm512_fmadd_ps(x2, _mm512_set1_ps(2 * kGeluScale * kGeluCubic), _mm512_set1_ps(2 * kGeluScale)));
+}
+FASTLLM_TARGET_AVX512 inline __m512 gelu_d2u(__m512 x2) {
+    return _mm512_fmadd_ps(x2, _mm512_set1_ps(6 * kGeluScale * kGeluCubic), _mm512_set1_ps(2 * kGeluScale));
+}
+
+FASTLLM_TARGET_AVX2 inline __m256 gelu_x2(__m256 x) {
+    return _mm256_min_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(kGeluX2Cap));
+}
+FASTLLM_TARGET_AVX2 inline __m256 gelu_2u(__m256 x, __m256 x2) {
+    return _mm256_mul_ps(
+        x, _mm256_fmadd_ps(x2, _mm256_set1_ps(2 * kGeluScale * kGeluCubic), _mm256_set1_ps(2 * kGeluScale)));
+}
+FASTLLM_TARGET_AVX2 inline __m256 gelu_d2u(__m256 x2) {
+    return _mm256_fmadd_ps(x2, _mm256_set1_ps(6 * kGeluScale * kGeluCubic), _mm256_set1_ps(2 * kGeluScale));
 }
 
 }  // namespace fastllm::vec

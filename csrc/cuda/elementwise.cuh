@@ -1,10 +1,12 @@
 /*
-Helpers shared by the memory-bound kernel families (layernorm.cu, gelu.cu, residual.cu, embedding.cu, adamw.cu):
+Helpers shared by the memory-bound kernel families (layernorm.cu, gelu.cu, swiglu.cu, residual.cu, embedding.cu,
+adamw.cu):
   - 16-byte packs: kVec<T> elements of T (4 float or 8 bf16) loaded/stored with one 128-bit access, converted
     to/from fp32 registers; used only when every pointer involved is 16-byte aligned and the row length is a
     multiple of kVec<T> (the launchers check; otherwise they run the scalar form of the same kernel);
   - grid sizes for grid-stride loops, and packed_then_tail (16-byte packs, then the scalar tail);
   - a grow-only scratch buffer per device (deterministic two-pass reductions need room for partial sums);
+  - GELU's per-element math (gelu.cu, swiglu.cu's GeGLU);
   - the switch that makes the launchers run the simple reference kernels (tests compare fast vs simple).
 */
 #pragma once
@@ -108,6 +110,30 @@ struct ScratchCarver {
     }
 };
 inline size_t scratch_piece(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// GELU, tanh approximation, per element (gelu.cu, and swiglu.cu's GeGLU; the CPU's csrc/cpu/gelu.cpp is the spec):
+// gelu(x) = x s, s = sigmoid(2u), u = k (x + c x^3);  gelu'(x) = s + x s (1 - s) 2k (1 + 3c x^2), x^2 capped at 1e4
+// (tanh is saturated there anyway; keeps x^3 and u' finite). __expf(-2u) = inf for very negative x gives s = 0.
+constexpr float kGeluScale = 0.7978845608028654f;  // k = sqrt(2/pi)
+constexpr float kGeluCubic = 0.044715f;            // c
+constexpr float kGeluX2Cap = 1e4f;
+
+__device__ __forceinline__ float gelu_sigmoid(float x, float x2) {  // s = sigmoid(2u)
+    const float two_u = x * fmaf(x2, 2.0f * kGeluScale * kGeluCubic, 2.0f * kGeluScale);
+    return 1.0f / (1.0f + __expf(-two_u));
+}
+
+__device__ __forceinline__ float gelu_f(float x) {
+    const float x2 = fminf(x * x, kGeluX2Cap);
+    return x * gelu_sigmoid(x, x2);
+}
+
+__device__ __forceinline__ float gelu_grad(float x) {
+    const float x2 = fminf(x * x, kGeluX2Cap);
+    const float s = gelu_sigmoid(x, x2);
+    const float du2 = fmaf(x2, 6.0f * kGeluScale * kGeluCubic, 2.0f * kGeluScale);  // 2 du/dx
+    return fmaf(x * s * (1.0f - s), du2, s);
+}
 
 // set by set_simple_elementwise (tests): launchers run their simple reference kernels
 inline bool& simple_elementwise_flag() {

@@ -1,10 +1,11 @@
 /*
 Token + position embedding on the GPU; the CPU twin csrc/cpu/embedding.cpp is the spec.
-  forward:  out[b, t] = wte[tokens[b, t]] + wpe[t]                      out (B, T, C) of T; tokens int32 (B, T)
-  backward: dwte[v] += sum of dout[b, t] over the positions with tokens[b, t] == v    (V, C) fp32
-            dwpe[t] += sum_b dout[b, t]                                              (maxT, C) fp32
-wpe / dwpe may be null (no position embedding: rotary models). Ids outside [0, V) are never dereferenced: the forward uses a zero wte row for them (out = wpe[t]), the
-backward skips them. O(B*T*C), memory bound (gathers / scatters of whole rows).
+  forward:  out[b, t] = scale * wte[tokens[b, t]] + wpe[t]              out (B, T, C) of T; tokens int32 (B, T)
+  backward: dwte[v] += sum of scale * dout[b, t] over the positions with tokens[b, t] == v   (V, C) fp32
+            dwpe[t] += sum_b dout[b, t]  (unscaled)                                          (maxT, C) fp32
+wpe / dwpe may be null (no position embedding: rotary models); scale is 1, or sqrt(C) for Gemma (one fmaf per
+element, so scale = 1 is exactly wte + wpe). Ids outside [0, V) are never dereferenced: the forward uses a zero
+wte row for them (out = wpe[t]), the backward skips them. O(B*T*C), memory bound (gathers / scatters of whole rows).
 
 Forward: grid-stride loop over (row, 16-byte pack of the row); scalar elements when a pointer is unaligned
 or C % kVec<T> != 0.
@@ -40,7 +41,7 @@ static constexpr int kChunk = 32;  // sorted positions per block in the dwte pas
 
 template <typename T, int V>
 __global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const T* wte, const T* wpe, int64_t N,
-                                         int64_t T_, int64_t CP, int64_t Vocab) {
+                                         int64_t T_, int64_t CP, int64_t Vocab, float scale) {
     const int64_t total = N * CP, C = CP * V;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t row = i / CP, c = (i - row * CP) * V;
@@ -55,7 +56,7 @@ __global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const T*
         if (tok >= 0 && tok < Vocab) {
             load_v<T, V>(a, wte + tok * C + c);
 #pragma unroll
-            for (int j = 0; j < V; j++) p[j] += a[j];
+            for (int j = 0; j < V; j++) p[j] = fmaf(scale, a[j], p[j]);
         }
         store_v<T, V>(out + row * C + c, p);
     }
@@ -67,13 +68,13 @@ __global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const T*
 // simple: one thread per column, all positions in order (the spec)
 template <typename T>
 __global__ void embedding_backward_simple_kernel(float* dwte, float* dwpe, const T* dout, const int32_t* tokens,
-                                                 int64_t N, int64_t T_, int64_t C, int64_t Vocab) {
+                                                 int64_t N, int64_t T_, int64_t C, int64_t Vocab, float scale) {
     const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (c >= C) return;
     for (int64_t p = 0; p < N; p++) {
         const float g = to_f32(dout[p * C + c]);
         const int64_t tok = tokens[p];
-        if (tok >= 0 && tok < Vocab) dwte[tok * C + c] += g;
+        if (tok >= 0 && tok < Vocab) dwte[tok * C + c] = fmaf(scale, g, dwte[tok * C + c]);
         if (dwpe) dwpe[(p % T_) * C + c] += g;
     }
 }
@@ -134,7 +135,7 @@ __device__ __forceinline__ void put_row(float* dst, const float (&s)[V]) {
 template <typename T, int V>
 __global__ void embedding_backward_wte_chunk_kernel(float* dwte, float* pfirst, float* plast, const T* dout,
                                                     const uint32_t* keys, const int32_t* vals, int64_t N,
-                                                    int64_t CP, int64_t Vocab) {
+                                                    int64_t CP, int64_t Vocab, float scale) {
     __shared__ uint32_t skey[kChunk];
     __shared__ int32_t sval[kChunk];
     const int64_t chunk = blockIdx.x, s = chunk * kChunk, e = min(N, s + kChunk), C = CP * V;
@@ -162,7 +163,7 @@ __global__ void embedding_backward_wte_chunk_kernel(float* dwte, float* pfirst, 
                 const int i = i0 + u;
                 if (i >= n) break;
 #pragma unroll
-                for (int j = 0; j < V; j++) acc[j] += g[u][j];
+                for (int j = 0; j < V; j++) acc[j] = fmaf(scale, g[u][j], acc[j]);
                 if (i == n - 1 || skey[i + 1] != skey[i]) {  // end of a segment
                     const uint32_t key = skey[i];
                     if (first && cont_in) put_row<V>(pfirst + chunk * C + c, acc);
@@ -210,7 +211,7 @@ __global__ void embedding_backward_wte_carry_kernel(float* dwte, const float* pf
 static constexpr int kBlock = 256;
 
 void embedding_forward(void* out, const int32_t* tokens, const void* wte, const void* wpe, int64_t B, int64_t T_,
-                       int64_t C, int64_t V, DType t) {
+                       int64_t C, int64_t V, float scale, DType t) {
     const int64_t N = B * T_;
     if (N <= 0 || C <= 0) return;
     DISPATCH_FLOAT(t, T, {
@@ -220,11 +221,11 @@ void embedding_forward(void* out, const int32_t* tokens, const void* wte, const 
                         aligned16(pe);
         if (al) {
             const int64_t CP = C / kVec<T>;
-            embedding_forward_kernel<T, kVec<T>><<<grid_stride_blocks(N * CP, kBlock), kBlock>>>(o, tokens, te, pe,
-                                                                                                  N, T_, CP, V);
+            embedding_forward_kernel<T, kVec<T>>
+                <<<grid_stride_blocks(N * CP, kBlock), kBlock>>>(o, tokens, te, pe, N, T_, CP, V, scale);
         } else {
             embedding_forward_kernel<T, 1><<<grid_stride_blocks(N * C, kBlock), kBlock>>>(o, tokens, te, pe, N, T_,
-                                                                                           C, V);
+                                                                                           C, V, scale);
         }
     });
     CUDA_CHECK_LAUNCH();
@@ -232,7 +233,7 @@ void embedding_forward(void* out, const int32_t* tokens, const void* wte, const 
 
 template <typename T, int VV>
 static void embedding_backward_fast(float* dwte, float* dwpe, const T* dout, const int32_t* tokens, int64_t B,
-                                    int64_t T_, int64_t C, int64_t Vocab) {
+                                    int64_t T_, int64_t C, int64_t Vocab, float scale) {
     const int64_t N = B * T_, CP = C / VV;
     if (dwpe) {
         embedding_backward_wpe_kernel<T, VV><<<grid_stride_blocks(T_ * CP, kBlock), kBlock>>>(dwpe, dout, B, T_, CP);
@@ -261,7 +262,7 @@ static void embedding_backward_fast(float* dwte, float* dwpe, const T* dout, con
                                                (cudaStream_t)0));
     const int threads = (int)std::min<int64_t>(kBlock, (CP + 31) / 32 * 32);
     embedding_backward_wte_chunk_kernel<T, VV><<<(unsigned)nchunks, threads>>>(dwte, pfirst, plast, dout, keys, vals,
-                                                                               N, CP, Vocab);
+                                                                               N, CP, Vocab, scale);
     CUDA_CHECK_LAUNCH();
     embedding_backward_wte_carry_kernel<VV><<<grid_stride_blocks(nchunks * CP, kBlock), kBlock>>>(
         dwte, pfirst, plast, keys, N, nchunks, CP, Vocab);
@@ -269,18 +270,19 @@ static void embedding_backward_fast(float* dwte, float* dwpe, const T* dout, con
 }
 
 void embedding_backward(float* dwte, float* dwpe, const void* dout, const int32_t* tokens, int64_t B, int64_t T_,
-                        int64_t C, int64_t V, DType t) {
+                        int64_t C, int64_t V, float scale, DType t) {
     const int64_t N = B * T_;
     if (N <= 0 || C <= 0) return;
     DISPATCH_FLOAT(t, T, {
         const T* dy = (const T*)dout;
         if (simple_elementwise_flag()) {
-            embedding_backward_simple_kernel<T><<<ceil_div(C, kBlock), kBlock>>>(dwte, dwpe, dy, tokens, N, T_, C, V);
+            embedding_backward_simple_kernel<T><<<ceil_div(C, kBlock), kBlock>>>(dwte, dwpe, dy, tokens, N, T_, C, V,
+                                                                                  scale);
             CUDA_CHECK_LAUNCH();
         } else if (C % kVec<T> == 0 && aligned16(dy) && aligned16(dwte) && aligned16(dwpe)) {
-            embedding_backward_fast<T, kVec<T>>(dwte, dwpe, dy, tokens, B, T_, C, V);
+            embedding_backward_fast<T, kVec<T>>(dwte, dwpe, dy, tokens, B, T_, C, V, scale);
         } else {
-            embedding_backward_fast<T, 1>(dwte, dwpe, dy, tokens, B, T_, C, V);
+            embedding_backward_fast<T, 1>(dwte, dwpe, dy, tokens, B, T_, C, V, scale);
         }
     });
 }

@@ -21,31 +21,9 @@ the fast path therefore never calls tanhf.
 
 namespace fastllm::cuda {
 
-static constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
-static constexpr float kGeluCubic = 0.044715f;
-static constexpr float kX2Cap = 1e4f;
-
 void set_simple_elementwise(bool on) { simple_elementwise_flag() = on; }
 
-// ---------------------------------------------------------------------------------------------------------
-// per-element math
-
-__device__ __forceinline__ float gelu_sigmoid(float x, float x2) {  // s = sigmoid(2u)
-    const float two_u = x * fmaf(x2, 2.0f * kGeluScale * kGeluCubic, 2.0f * kGeluScale);
-    return 1.0f / (1.0f + __expf(-two_u));
-}
-
-__device__ __forceinline__ float gelu_f(float x) {
-    const float x2 = fminf(x * x, kX2Cap);
-    return x * gelu_sigmoid(x, x2);
-}
-
-__device__ __forceinline__ float gelu_grad(float x) {
-    const float x2 = fminf(x * x, kX2Cap);
-    const float s = gelu_sigmoid(x, x2);
-    const float du2 = fmaf(x2, 6.0f * kGeluScale * kGeluCubic, 2.0f * kGeluScale);  // 2 du/dx
-    return fmaf(x * s * (1.0f - s), du2, s);
-}
+// the per-element math (gelu_f, gelu_grad and the constants) is in elementwise.cuh, shared with swiglu.cu's GeGLU
 
 // ---------------------------------------------------------------------------------------------------------
 // simple kernels (the spec): one element per thread, the tanh form evaluated in double precision (with
@@ -54,7 +32,7 @@ __device__ __forceinline__ float gelu_grad(float x) {
 template <typename T>
 __global__ void gelu_forward_simple_kernel(T* out, const T* x, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const double v = to_f32(x[i]), v2 = fmin(v * v, (double)kX2Cap);
+        const double v = to_f32(x[i]), v2 = fmin(v * v, (double)kGeluX2Cap);
         const double th = tanh((double)kGeluScale * v * (1.0 + (double)kGeluCubic * v2));
         out[i] = from_f32<T>((float)(0.5 * v * (1.0 + th)));
     }
@@ -63,7 +41,7 @@ __global__ void gelu_forward_simple_kernel(T* out, const T* x, int64_t n) {
 template <typename T>
 __global__ void gelu_backward_simple_kernel(T* dx, const T* dout, const T* x, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const double v = to_f32(x[i]), v2 = fmin(v * v, (double)kX2Cap), k = kGeluScale, c = kGeluCubic;
+        const double v = to_f32(x[i]), v2 = fmin(v * v, (double)kGeluX2Cap), k = kGeluScale, c = kGeluCubic;
         const double th = tanh(k * v * (1.0 + c * v2));
         const double grad = 0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * k * (1.0 + 3.0 * c * v2);
         dx[i] = from_f32<T>((float)(to_f32(dx[i]) + grad * to_f32(dout[i])));

@@ -127,14 +127,15 @@ void gelu_backward(void* dx, const void* dout, const void* x, int64_t n, DType t
 void residual_forward(void* out, const void* a, const void* b, int64_t n, DType t);  // out = a + b
 void residual_backward(void* da, void* db, const void* dout, int64_t n, DType t);    // da += dout, db += dout
 
-// ---- embedding.cu: out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T); wte (V, C); wpe / dwpe may be null
-// (no position embedding). Ids outside [0, V) are never dereferenced: they read as a zero wte row (forward) and are
-// skipped (backward).
+// ---- embedding.cu: out (B, T, C) = scale * wte[tokens] + wpe[:T]; tokens int32 (B, T); wte (V, C); wpe / dwpe may
+// be null (no position embedding); scale 1, or sqrt(C) for Gemma. Ids outside [0, V) are never dereferenced: they
+// read as a zero wte row (forward) and are skipped (backward).
 void embedding_forward(void* out, const int32_t* tokens, const void* wte, const void* wpe, int64_t B, int64_t T,
-                       int64_t C, int64_t V, DType t);
-// dwte (V, C, f32) += scattered dout rows; dwpe (maxT, C, f32) += sums over the batch; deterministic
+                       int64_t C, int64_t V, float scale, DType t);
+// dwte (V, C, f32) += scale * scattered dout rows; dwpe (maxT, C, f32) += sums over the batch (unscaled);
+// deterministic
 void embedding_backward(float* dwte, float* dwpe, const void* dout, const int32_t* tokens, int64_t B, int64_t T,
-                        int64_t C, int64_t V, DType t);
+                        int64_t C, int64_t V, float scale, DType t);
 
 // ---- adamw.cu: AdamW on fp32 master weights (m, v fp32); grads (f32) * grad_scale first. If params_copy is
 // given, it receives the updated parameters in copy_t (the bf16 weights the next forward reads).
@@ -161,11 +162,14 @@ void rope_backward(void* dinp, const void* dout, const float* cos, const float* 
 // ---- swiglu.cu: out (N, H) = silu(gate) * up of gate_up (N, 2H) = [gate | up]; dgate_up +=; ReLU^2 element-wise
 void swiglu_forward(void* out, const void* gate_up, int64_t N, int64_t H, DType t);
 void swiglu_backward(void* dgate_up, const void* dout, const void* gate_up, int64_t N, int64_t H, DType t);
+// GeGLU (Gemma): the same with gelu_tanh (GELU's tanh approximation, gelu.cu) for silu
+void geglu_forward(void* out, const void* gate_up, int64_t N, int64_t H, DType t);
+void geglu_backward(void* dgate_up, const void* dout, const void* gate_up, int64_t N, int64_t H, DType t);
 void relu2_forward(void* out, const void* x, int64_t n, DType t);                      // out = max(x, 0)^2
 void relu2_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);    // dx += 2 max(x, 0) dout
 
-// Tests: true makes layernorm/gelu/residual/embedding/adamw (and rmsnorm/swiglu/relu2) run their simple reference
-// kernels (gelu.cu).
+// Tests: true makes layernorm/gelu/residual/embedding/adamw (and rmsnorm/swiglu/geglu/relu2) run their simple
+// reference kernels (gelu.cu).
 void set_simple_elementwise(bool on);
 
 }  // namespace fastllm::cuda

@@ -1,15 +1,19 @@
 /*
 The gated-MLP activations on the GPU; the CPU twin csrc/cpu/swiglu.cpp is the spec.
-  SwiGLU: gate_up (N, 2H) = [gate | up] per row -> out (N, H) = silu(g) u, silu(g) = g s, s = sigmoid(g);
-          backward (accumulates): dg += dout u s (1 + g (1 - s)), du += dout g s.
+  gated:  gate_up (N, 2H) = [gate | up] per row -> out (N, H) = act(g) u;
+          backward (accumulates): dg += dout u act'(g), du += dout act(g). One kernel per direction, templated on
+          the activation:
+    SwiGLU: act = silu(g) = g s, s = sigmoid(g), act' = s (1 + g (1 - s));
+    GeGLU:  act = gelu_tanh(g), GELU's tanh approximation, with gelu.cu's per-element math (elementwise.cuh).
   ReLU^2: out = max(x, 0)^2;  dx += 2 max(x, 0) dout.
-fp32 math, T = float or bf16 storage. s = 1 / (1 + __expf(-g)): for g -> -inf, __expf overflows to inf and s = 0
-(silu -> -0), for g -> +inf s = 1; NaN propagates. Element-wise, memory bound; grid-stride loops, one 16-byte pack
+fp32 math, T = float or bf16 storage. s = 1 / (1 + __expf(-z)): for g -> -inf, __expf overflows to inf and s = 0
+(act -> -0), for g -> +inf s = 1; NaN propagates. Element-wise, memory bound; grid-stride loops, one 16-byte pack
 (4 float / 8 bf16) per thread and step when the pointers are 16-byte aligned (and H a multiple of the pack for
-SwiGLU, whose pack must not straddle the gate/up boundary), else one element per step. set_simple_elementwise
-(tests) forces the one-element form.
-Perf notes: written without a GPU (checked on the CUDA emulator). SwiGLU forward moves 3 elements per output,
-backward 7 (gate_up read, dout read, dgate_up read + written).
+the gated ones, whose pack must not straddle the gate/up boundary), else one element per step.
+set_simple_elementwise (tests) forces the one-element form.
+Perf notes: written without a GPU (checked on the CUDA emulator). The gated forward moves 3 elements per output,
+backward 7 (gate_up read, dout read, dgate_up read + written); act and act' share one sigmoid (the compiler merges
+the common subexpressions).
 */
 #include "elementwise.cuh"
 
@@ -21,9 +25,22 @@ constexpr int kBlock = 256;
 
 __device__ __forceinline__ float sigmoid_f(float g) { return 1.0f / (1.0f + __expf(-g)); }
 
+// the activations: act(g) and act'(g)
+struct Silu {
+    static __device__ __forceinline__ float act(float g) { return g * sigmoid_f(g); }
+    static __device__ __forceinline__ float grad(float g) {
+        const float s = sigmoid_f(g);
+        return s * fmaf(g, 1.0f - s, 1.0f);
+    }
+};
+struct GeluTanh {
+    static __device__ __forceinline__ float act(float g) { return gelu_f(g); }
+    static __device__ __forceinline__ float grad(float g) { return gelu_grad(g); }
+};
+
 // n counts packs of V elements of the output (N * H / V); a pack's elements share a row
-template <typename T, int V>
-__global__ void swiglu_forward_kernel(T* out, const T* gate_up, int64_t n, int64_t H) {
+template <class Act, typename T, int V>
+__global__ void glu_forward_kernel(T* out, const T* gate_up, int64_t n, int64_t H) {
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
         const int64_t i = k * V, row = i / H, j = i % H;
         const T* g = gate_up + row * 2 * H + j;
@@ -31,13 +48,13 @@ __global__ void swiglu_forward_kernel(T* out, const T* gate_up, int64_t n, int64
         load_v<T, V>(gv, g);
         load_v<T, V>(uv, g + H);
 #pragma unroll
-        for (int e = 0; e < V; e++) gv[e] = gv[e] * sigmoid_f(gv[e]) * uv[e];
+        for (int e = 0; e < V; e++) gv[e] = Act::act(gv[e]) * uv[e];
         store_v<T, V>(out + i, gv);
     }
 }
 
-template <typename T, int V>
-__global__ void swiglu_backward_kernel(T* dgate_up, const T* dout, const T* gate_up, int64_t n, int64_t H) {
+template <class Act, typename T, int V>
+__global__ void glu_backward_kernel(T* dgate_up, const T* dout, const T* gate_up, int64_t n, int64_t H) {
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
         const int64_t i = k * V, row = i / H, j = i % H;
         const T* g = gate_up + row * 2 * H + j;
@@ -50,9 +67,8 @@ __global__ void swiglu_backward_kernel(T* dgate_up, const T* dout, const T* gate
         load_v<T, V>(duv, dg + H);
 #pragma unroll
         for (int e = 0; e < V; e++) {
-            const float s = sigmoid_f(gv[e]);
-            dgv[e] = fmaf(dy[e] * uv[e], s * fmaf(gv[e], 1.0f - s, 1.0f), dgv[e]);
-            duv[e] = fmaf(dy[e], gv[e] * s, duv[e]);
+            dgv[e] = fmaf(dy[e] * uv[e], Act::grad(gv[e]), dgv[e]);
+            duv[e] = fmaf(dy[e], Act::act(gv[e]), duv[e]);
         }
         store_v<T, V>(dg, dgv);
         store_v<T, V>(dg + H, duv);
@@ -94,32 +110,48 @@ __global__ void relu2_backward_kernel(T* dx, const T* dout, const T* x, int64_t 
 // ---------------------------------------------------------------------------------------------------------
 // launchers
 
-void swiglu_forward(void* out, const void* gate_up, int64_t N, int64_t H, DType t) {
+template <class Act>
+static void glu_forward(void* out, const void* gate_up, int64_t N, int64_t H, DType t) {
     if (N * H <= 0) return;
     DISPATCH_FLOAT(t, T, {
         T* o = (T*)out;
         const T* gu = (const T*)gate_up;
         constexpr int V = kVec<T>;
         if (!simple_elementwise_flag() && H % V == 0 && aligned16(o) && aligned16(gu))
-            swiglu_forward_kernel<T, V><<<grid_stride_blocks(N * H / V, kBlock), kBlock>>>(o, gu, N * H / V, H);
+            glu_forward_kernel<Act, T, V><<<grid_stride_blocks(N * H / V, kBlock), kBlock>>>(o, gu, N * H / V, H);
         else
-            swiglu_forward_kernel<T, 1><<<grid_stride_blocks(N * H, kBlock), kBlock>>>(o, gu, N * H, H);
+            glu_forward_kernel<Act, T, 1><<<grid_stride_blocks(N * H, kBlock), kBlock>>>(o, gu, N * H, H);
     });
     CUDA_CHECK_LAUNCH();
 }
 
-void swiglu_backward(void* dgate_up, const void* dout, const void* gate_up, int64_t N, int64_t H, DType t) {
+template <class Act>
+static void glu_backward(void* dgate_up, const void* dout, const void* gate_up, int64_t N, int64_t H, DType t) {
     if (N * H <= 0) return;
     DISPATCH_FLOAT(t, T, {
         T* d = (T*)dgate_up;
         const T *dy = (const T*)dout, *gu = (const T*)gate_up;
         constexpr int V = kVec<T>;
         if (!simple_elementwise_flag() && H % V == 0 && aligned16(d) && aligned16(dy) && aligned16(gu))
-            swiglu_backward_kernel<T, V><<<grid_stride_blocks(N * H / V, kBlock), kBlock>>>(d, dy, gu, N * H / V, H);
+            glu_backward_kernel<Act, T, V>
+                <<<grid_stride_blocks(N * H / V, kBlock), kBlock>>>(d, dy, gu, N * H / V, H);
         else
-            swiglu_backward_kernel<T, 1><<<grid_stride_blocks(N * H, kBlock), kBlock>>>(d, dy, gu, N * H, H);
+            glu_backward_kernel<Act, T, 1><<<grid_stride_blocks(N * H, kBlock), kBlock>>>(d, dy, gu, N * H, H);
     });
     CUDA_CHECK_LAUNCH();
+}
+
+void swiglu_forward(void* out, const void* gate_up, int64_t N, int64_t H, DType t) {
+    glu_forward<Silu>(out, gate_up, N, H, t);
+}
+void swiglu_backward(void* dgate_up, const void* dout, const void* gate_up, int64_t N, int64_t H, DType t) {
+    glu_backward<Silu>(dgate_up, dout, gate_up, N, H, t);
+}
+void geglu_forward(void* out, const void* gate_up, int64_t N, int64_t H, DType t) {
+    glu_forward<GeluTanh>(out, gate_up, N, H, t);
+}
+void geglu_backward(void* dgate_up, const void* dout, const void* gate_up, int64_t N, int64_t H, DType t) {
+    glu_backward<GeluTanh>(dgate_up, dout, gate_up, N, H, t);
 }
 
 void relu2_forward(void* out, const void* x, int64_t n, DType t) {

@@ -32,6 +32,7 @@ from .ops import (
     _norm_stats_shape,
     _q_width,
     attention_opts,
+    scale_arg,
     softcap_arg,
     temperature_arg,
 )
@@ -487,6 +488,22 @@ def swiglu_backward(dout, gate_up, dgate_up=None):
     return dgate_up
 
 
+def geglu_forward(gate_up, out=None):
+    """GeGLU (Gemma): gate_up (..., 2H) = [gate | up] -> out (..., H) = gelu_tanh(gate) * up (fp32 math)."""
+    gate_up = _dev(gate_up, "gate_up")
+    out = empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), gate_up.dtype) if out is None else out
+    _C.cuda.geglu_forward(_dev(out, "out"), gate_up)
+    return out
+
+
+def geglu_backward(dout, gate_up, dgate_up=None):
+    """dgate_up (..., 2H) += [dout * up * gelu_tanh'(gate) | dout * gelu_tanh(gate)]."""
+    gate_up = _dev(gate_up, "gate_up")
+    dgate_up = zeros(gate_up.shape, gate_up.dtype) if dgate_up is None else dgate_up
+    _C.cuda.geglu_backward(_dev(dgate_up, "dgate_up"), _dev(dout, "dout"), gate_up)
+    return dgate_up
+
+
 def relu2_forward(x, out=None):
     """ReLU^2: out = max(x, 0)^2, element-wise; out may be x itself."""
     x = _dev(x, "x")
@@ -503,24 +520,27 @@ def relu2_backward(dout, x, dx=None):
     return dx
 
 
-def embedding_forward(tokens, wte, wpe, out=None):
-    """out (B, T, C) = wte[tokens] + wpe[:T]; tokens int32 (B, T) (numpy ids are range-checked and uploaded), wte
-    (V, C), wpe (maxT >= T, C) or None (no position embedding). A DeviceArray id outside [0, V) reads as a zero wte
-    row (out = wpe[t]), never a wild read."""
+def embedding_forward(tokens, wte, wpe, out=None, scale: float = 1.0):
+    """out (B, T, C) = wte[tokens] * scale + wpe[:T] (fp32 math); tokens int32 (B, T) (numpy ids are range-checked
+    and uploaded), wte (V, C), wpe (maxT >= T, C) or None (no position embedding); scale = sqrt(C) for Gemma. A
+    DeviceArray id outside [0, V) reads as a zero wte row (out = wpe[t]), never a wild read."""
+    scale = scale_arg(scale)
     wte = _dev(wte, "wte")
     tokens = _on_device(tokens, "tokens", wte.shape[0])
     if len(tokens.shape) != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
     out = empty((*tokens.shape, wte.shape[-1]), wte.dtype) if out is None else out
-    _C.cuda.embedding_forward(_dev(out, "out"), tokens, wte, _opt(wpe, "wpe"))
+    _C.cuda.embedding_forward(_dev(out, "out"), tokens, wte, _opt(wpe, "wpe"), scale)
     return out
 
 
-def embedding_backward(dout, tokens, dwte, dwpe):
-    """dwte (V, C, float32) and dwpe (maxT, C, float32; or None) += the scattered dout rows, deterministically (a
-    stable sort of the positions by token, then fixed-order sums); ids outside [0, V) are skipped. Returns them."""
+def embedding_backward(dout, tokens, dwte, dwpe, scale: float = 1.0):
+    """dwte (V, C, float32) += the scattered dout rows * scale and dwpe (maxT, C, float32; or None) += the dout rows
+    summed over the batch (unscaled), deterministically (a stable sort of the positions by token, then fixed-order
+    sums); ids outside [0, V) are skipped. Returns them."""
+    scale = scale_arg(scale)
     arrays = _dev(dwte, "dwte"), _opt(dwpe, "dwpe"), _dev(dout, "dout")  # checked first: CPU-only builds
-    _C.cuda.embedding_backward(*arrays, _on_device(tokens, "tokens"))
+    _C.cuda.embedding_backward(*arrays, _on_device(tokens, "tokens"), scale)
     return dwte, dwpe
 
 

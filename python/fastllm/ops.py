@@ -619,7 +619,7 @@ def residual_backward(dout, dinp1=None, dinp2=None):
     return dinp1, dinp2
 
 
-# ---- the Llama family: rmsnorm, rope, swiglu, relu2 ------------------------------------------------------
+# ---- the Llama and Gemma families: rmsnorm, rope, swiglu, geglu, relu2 -----------------------------------
 
 
 def _norm_stats_shape(x, heads) -> tuple:
@@ -703,6 +703,27 @@ def swiglu_backward(dout, gate_up, dgate_up=None) -> np.ndarray:
     return dgate_up
 
 
+def geglu_forward(gate_up, out=None) -> np.ndarray:
+    """GeGLU (Gemma): gate_up (..., 2H) = [gate | up] -> out (..., H) = gelu_tanh(gate) * up, with GELU's tanh
+    approximation (torch's gelu(approximate="tanh"), HF's gelu_pytorch_tanh): HF GemmaMLP's act_fn(gate_proj(x)) *
+    up_proj(x) when gate_up = x @ concat([gate_proj.weight, up_proj.weight]).T.
+
+    >>> geglu_forward(np.zeros((3, 8), np.float32)).shape
+    (3, 4)
+    """
+    gate_up = _f32(gate_up, "gate_up")
+    out = np.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), np.float32) if out is None else out
+    _C.geglu_forward(out, gate_up)
+    return out
+
+
+def geglu_backward(dout, gate_up, dgate_up=None) -> np.ndarray:
+    """dgate_up (..., 2H) += [dout * up * gelu_tanh'(gate) | dout * gelu_tanh(gate)]."""
+    dgate_up = _out(dgate_up, "dgate_up", _f32(gate_up, "gate_up").shape)
+    _C.geglu_backward(dgate_up, dout, gate_up)
+    return dgate_up
+
+
 def relu2_forward(x, out=None) -> np.ndarray:
     """ReLU^2 (nanochat, modded-nanogpt, Primer): out = max(x, 0)^2, element-wise; out may be x itself."""
     out = np.empty_like(_f32(x, "x")) if out is None else out
@@ -720,21 +741,36 @@ def relu2_backward(dout, x, dx=None) -> np.ndarray:
 # ---- embedding -----------------------------------------------------------------------------------------
 
 
-def embedding_forward(tokens, wte, wpe, out=None) -> np.ndarray:
-    """out (B, T, C) = wte[tokens] + wpe[:T] for tokens (B, T); wpe None: out = wte[tokens] (no position
-    embedding, as in rotary models)."""
+def scale_arg(scale) -> float:
+    """embedding_forward/backward's scale: a finite real number (TypeError / ValueError naming scale)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def embedding_forward(tokens, wte, wpe, out=None, scale: float = 1.0) -> np.ndarray:
+    """out (B, T, C) = wte[tokens] * scale + wpe[:T] for tokens (B, T); wpe None: out = wte[tokens] * scale (no
+    position embedding, as in rotary models). scale = sqrt(C) for Gemma (HF rounds it to the activations' dtype
+    first: pass that value to match it in bfloat16).
+
+    >>> embedding_forward(np.zeros((1, 2), np.int32), np.ones((3, 4), np.float32), None, scale=2.0)[0, 0]
+    array([2., 2., 2., 2.], dtype=float32)
+    """
+    scale = scale_arg(scale)
     tokens = _ids(tokens, "tokens")
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
     out = np.empty((*tokens.shape, _f32(wte, "wte").shape[-1]), np.float32) if out is None else out
-    _C.embedding_forward(out, tokens, wte, wpe)
+    _C.embedding_forward(out, tokens, wte, wpe, scale)
     return out
 
 
-def embedding_backward(dout, tokens, dwte, dwpe):
-    """Scatter-add dout (B, T, C) into dwte (V, C) and dwpe (max_T, C) (None: no position embedding),
-    deterministically; returns them."""
-    _C.embedding_backward(dwte, dwpe, dout, _ids(tokens, "tokens"))
+def embedding_backward(dout, tokens, dwte, dwpe, scale: float = 1.0):
+    """Scatter-add dout (B, T, C) * scale into dwte (V, C) and dout (unscaled) into dwpe (max_T, C) (None: no
+    position embedding), deterministically; returns them."""
+    _C.embedding_backward(dwte, dwpe, dout, _ids(tokens, "tokens"), scale_arg(scale))
     return dwte, dwpe
 
 
