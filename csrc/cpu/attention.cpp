@@ -25,6 +25,12 @@ columns / k range that the causal mask zeroes. exp is a vectorized exp2 (round-t
 polynomial, rel. error ~2e-7), the softmax scale and log2(e) are folded into one FMA.
 Head sizes: any hs works (rows padded with zeros to a multiple of 16 in the packed buffers); 64 and 128 are the
 tuned cases. attention_forward_naive / attention_backward_naive below are the readable per-row reference.
+Score options (AttentionOpts, common.h): the scale (default 1/sqrt(hs)) goes into the softmax's FMA as before; a
+softcap (Gemma 2) replaces each S tile by (softcap/scale) tanh(S scale/softcap) (vectorized tanh from exp, ~1e-7
+absolute) before the softmax, and the backward's probs_bwd, a template on the cap, also multiplies dS by 1 - tanh^2;
+a sliding window gives each tile row a key range [lo, hi) (visible()) instead of a count, the forward starts at the
+key tile of its first query's window and the backward stops each key block at the last query that sees it: O(T *
+window) work. Without them the code paths are the old ones (the cap a branch per tile, lo = 0).
 
 Perf notes (AMD EPYC Zen 4, 1 thread, B=4 NH=12 hs=64, CPU time; a 24-FMA register loop peaks at ~115 GFLOP/s):
   v1 tiled + micro-kernels: T=512 fwd 66, bwd 71 GFLOP/s (packing from the 3C-strided rows cost ~20% of bwd)
@@ -34,6 +40,9 @@ Perf notes (AMD EPYC Zen 4, 1 thread, B=4 NH=12 hs=64, CPU time; a 24-FMA regist
   mostly memory stalls on the strided rows, the softmax and exp. Tiles 64x128, 128x128 and 96x64 measured the same
   as 64x64 (kept: smallest working set). The AVX2 path is as fast as AVX-512 on Zen 4 (512-bit ops double-pumped).
   vs torch SDPA (2.13, CPU flash attention): see benchmarks/bench_attention.py.
+  Options (AMD EPYC Zen 3/4 class, 1 thread, B=1 NH=8 T=4096 hs=64, loaded machine): plain fwd 191, bwd 448 ms;
+  softcap 50: 211, 475; window 512: 58, 128; both: 61, 141. The plain path measured as before (bench_attention
+  --quick --threads 1: fwd 22-23 ms, fwd+bwd 72 ms, old and new alike).
 */
 #include "attention.h"
 

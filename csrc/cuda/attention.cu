@@ -50,9 +50,9 @@ Score options (AttentionOpts, common.h; the CPU file is the spec): scale (defaul
 softcap * tanh(score / softcap), tanh from __expf as softmax_ce's, never tanhf; the backward multiplies dS by
 1 - tanh^2) and a sliding window (query t sees keys t - window < s <= t). The rows kernels start each row at the first
 key of its window (the dk/dv kernel ends each key's queries at its window), the tensor-core kernels skip the key
-tiles (forward) and query tiles (backward) wholly outside it and mask the partial ones. The cap is a template flag
-of the tensor-core kernels (the plain instantiation is unchanged) and a warp-uniform branch per 32 keys in the rows
-kernels.
+tiles (forward) and query tiles (backward) wholly outside it and mask the partial ones. The tensor-core kernels
+have a template flag for "cap or window in use" (the plain instantiation is the code without them) and the rows
+kernels a warp-uniform branch per 32 keys for the cap.
 Scratch buffers (D, dq accumulator, split partials) come from cudaMallocAsync on the default stream (stream-ordered,
 no host sync, pooled by the driver).
 
@@ -554,8 +554,10 @@ constexpr int flash_fwd_smem() {
 }
 
 // The score options of the tensor-core kernels: S holds raw dot products q.k (the scale is folded into the
-// exponent); a cap (the template flag CAP) replaces S by cap_out * tanh(cap_in * S), cap_in = scale / softcap and
+// exponent); a cap (cap_out > 0) replaces S by cap_out * tanh(cap_in * S), cap_in = scale / softcap and
 // cap_out = softcap / scale, so that S * scale stays the capped score. window > 0: query t sees keys s > t - window.
+// The kernels' template flag OPT says whether a cap or a window is in use: the plain instantiation (OPT false) is
+// the code without them (a run-time window check measured 40 bytes of spills in the hs=128 forward: ptxas, sm_90).
 struct FlashOpts {
     float scale_log2, cap_in, cap_out;
     int window;
@@ -563,12 +565,12 @@ struct FlashOpts {
 
 // grid n_qt * BH (block id -> query tile from the last one, (b, h)), block 32*NW. Key tiles from the first one in
 // the window of the block's first query (all from 0 without a window) to the diagonal.
-template <int HS, int MI, int NW, bool CAP>
+template <int HS, int MI, int NW, bool OPT>
 __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
     flash_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int T_,
                          int NH, int NKV, int64_t C, int64_t BH, int n_qt, FlashOpts fo) {
     const float scale_log2 = fo.scale_log2;
-    const int window = fo.window;
+    const int window = OPT ? fo.window : 0;
     constexpr int BR = 16 * MI * NW, BC = FlashCfg<HS>::kFwdBC, LD = HS + 8, NT = 32 * NW;
     constexpr int KC = HS / 16;  // k16 chunks of the head dimension
     constexpr int DN = HS / 8;   // n8 tiles of the head dimension
@@ -659,7 +661,7 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kFwdMinBlocks)
                     }
                 }
             }
-            if constexpr (CAP) {
+            if (OPT && fo.cap_out > 0.f) {
 #pragma unroll
                 for (int mi = 0; mi < MI; mi++)
 #pragma unroll
@@ -782,13 +784,13 @@ constexpr int flash_bwd_smem() {
 // grid n_kt * B*NKV (block id -> key tile from the first one, (b, kv head)), block 32*NW; the block runs the query
 // tiles of the kv head's G = NH/NKV query heads in turn (from the diagonal to the last query that sees the tile's last
 // key), summing their dK, dV in registers
-template <int HS, int BQ, int NW, bool CAP>
+template <int HS, int BQ, int NW, bool OPT>
 __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
     flash_backward_kernel(bf16* __restrict__ dqkv, float* __restrict__ dq_acc, const bf16* __restrict__ dout,
                           const bf16* __restrict__ qkv, const float* __restrict__ lse, const float* __restrict__ Dbuf,
                           int T_, int NH, int NKV, int64_t C, int64_t BKV, FlashOpts fo, float scale) {
     const float scale_log2 = fo.scale_log2;
-    const int window = fo.window;
+    const int window = OPT ? fo.window : 0;
     constexpr int BK = 16 * NW, LD = HS + 8, LDS = BQ + 8, NT = 32 * NW;
     constexpr int KC = HS / 16, DN = HS / 8, QN = BQ / 8;
     constexpr int MT = BQ / 16, PARTS = NW / MT, DQ = HS / PARTS;  // dQ work split: MT query blocks x PARTS
@@ -866,7 +868,7 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
             warp_mma_rows16<QN, KC, LD>(s, k_a, q_bn);
             // 2. P^T = exp2(S^T * scale*log2e - lse*log2e) (S^T capped first: grad = 1 - tanh^2 kept for step 5);
             //    zero where key > query, query >= T, or query - key >= window
-            float grad[CAP ? QN : 1][4];
+            float grad[OPT ? QN : 1][4];
             const bool need_mask = q0 < k0 + BK || q0 + BQ > T_ || (window > 0 && q0 + BQ - 1 - k0 >= window);
 #pragma unroll
             for (int qn = 0; qn < QN; qn++)
@@ -874,9 +876,13 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
                 for (int e = 0; e < 4; e++) {
                     const int ql = qn * 8 + 2 * c + (e & 1);
                     const int key = k0 + kw + g + 8 * (e >> 1), q = q0 + ql;
-                    if constexpr (CAP) {
-                        const float th = tanh_accurate(fo.cap_in * s[qn][e]);
-                        s[qn][e] = fo.cap_out * th, grad[CAP ? qn : 0][e] = 1.f - th * th;
+                    if constexpr (OPT) {
+                        float& gr = grad[OPT ? qn : 0][e];
+                        gr = 1.f;
+                        if (fo.cap_out > 0.f) {
+                            const float th = tanh_accurate(fo.cap_in * s[qn][e]);
+                            s[qn][e] = fo.cap_out * th, gr = 1.f - th * th;
+                        }
                     }
                     const float pr = exp2f(fmaf(s[qn][e], scale_log2, -lse_t[ql] * kLog2e));
                     const bool masked = key > q || q >= T_ || (window > 0 && q - key >= window);
@@ -904,7 +910,7 @@ __global__ void __launch_bounds__(32 * NW, FlashCfg<HS>::kBwdMinBlocks)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     dp[qn][e] = s[qn][e] * (dp[qn][e] - D_t[qn * 8 + 2 * c + (e & 1)]);
-                    if constexpr (CAP) dp[qn][e] *= grad[CAP ? qn : 0][e];
+                    if constexpr (OPT) dp[qn][e] *= grad[OPT ? qn : 0][e];
                 }
             // 6. dK += dS^T Q, and dS^T to shared memory for dQ
 #pragma unroll
@@ -1047,12 +1053,12 @@ FlashOpts flash_opts(const AttentionOpts& opt, int64_t hs, int64_t T) {
     return fo;
 }
 
-template <int HS, bool CAP>
+template <int HS, bool OPT>
 void launch_flash_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
                           int64_t NKV, const FlashOpts& fo) {
     constexpr int MI = FlashCfg<HS>::kFwdMI, NW = FlashCfg<HS>::kFwdNW, BR = 16 * MI * NW;
     constexpr int smem = flash_fwd_smem<HS, MI, NW>();
-    auto kernel = flash_forward_kernel<HS, MI, NW, CAP>;
+    auto kernel = flash_forward_kernel<HS, MI, NW, OPT>;
     set_smem(kernel, smem);
     const int n_qt = ceil_div(T, BR);
     const int64_t BH = B * NH;
@@ -1060,19 +1066,18 @@ void launch_flash_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int
     CUDA_CHECK_LAUNCH();
 }
 
-template <int HS, bool CAP>
+template <int HS, bool OPT>
 void launch_flash_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
-                           int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt) {
+                           int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, const FlashOpts& fo,
+                           float scale) {
     constexpr int BQ = FlashCfg<HS>::kBwdBQ, NW = FlashCfg<HS>::kBwdNW, BK = 16 * NW;
     constexpr int smem = flash_bwd_smem<HS, BQ, NW>();
     const int64_t BKV = B * NKV, rows = B * T * NH;
-    const FlashOpts fo = flash_opts(opt, HS, T);
-    const float scale = opt.resolved_scale(HS);
     Scratch D((size_t)rows * 4), dq((size_t)(B * T * C) * 4);
     attn_bwd_pre_kernel<bf16><<<ceil_div(rows * 32, 256), 256>>>((float*)D.p, (float*)dq.p, dout, out, rows, (int)T,
                                                                   (int)NH, HS, C);
     CUDA_CHECK_LAUNCH();
-    auto kernel = flash_backward_kernel<HS, BQ, NW, CAP>;
+    auto kernel = flash_backward_kernel<HS, BQ, NW, OPT>;
     set_smem(kernel, smem);
     const int n_kt = ceil_div(T, BK);
     kernel<<<(unsigned)(n_kt * BKV), 32 * NW, smem>>>(dqkv, (float*)dq.p, dout, qkv, lse, (const float*)D.p, (int)T,
@@ -1119,15 +1124,16 @@ bool use_flash(DType t, int64_t hs, const void* qkv, std::initializer_list<const
 // ---------------------------------------------------------------------------------------------------------
 // entry points (kernels.h)
 
-// a launcher instantiated for hs 64 / 128 and with / without a cap: f(std::integral_constant HS, ... CAP)
+// a launcher instantiated for hs 64 / 128 and with / without score options: f(std::integral_constant HS, ... OPT)
 template <typename F>
-void dispatch_flash(int64_t hs, bool cap, F&& f) {
+void dispatch_flash(int64_t hs, const FlashOpts& fo, F&& f) {
     using I = std::integral_constant<int, 64>;
     using J = std::integral_constant<int, 128>;
     using Y = std::true_type;
     using N = std::false_type;
-    if (hs == 64) cap ? f(I{}, Y{}) : f(I{}, N{});
-    else cap ? f(J{}, Y{}) : f(J{}, N{});
+    const bool opt = fo.cap_out > 0.f || fo.window > 0;
+    if (hs == 64) opt ? f(I{}, Y{}) : f(I{}, N{});
+    else opt ? f(J{}, Y{}) : f(J{}, N{});
 }
 
 void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
@@ -1136,8 +1142,8 @@ void attention_forward(void* out, float* lse, const void* qkv, int64_t B, int64_
     const int64_t hs = C / NH, W = C + 2 * NKV * hs;
     if (use_flash(t, hs, qkv, {out})) {
         const FlashOpts fo = flash_opts(opt, hs, T);
-        dispatch_flash(hs, opt.softcap > 0, [&](auto HS, auto CAP) {
-            launch_flash_forward<HS.value, CAP.value>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH, NKV, fo);
+        dispatch_flash(hs, fo, [&](auto HS, auto OPT) {
+            launch_flash_forward<HS.value, OPT.value>((bf16*)out, lse, (const bf16*)qkv, B, T, C, NH, NKV, fo);
         });
         return;
     }
@@ -1157,9 +1163,11 @@ void attention_backward(void* dqkv, const void* dout, const void* qkv, const voi
     if (B * T == 0 || C == 0) return;
     const int64_t hs = C / NH;
     if (use_flash(t, hs, qkv, {dqkv, dout, out})) {
-        dispatch_flash(hs, opt.softcap > 0, [&](auto HS, auto CAP) {
-            launch_flash_backward<HS.value, CAP.value>((bf16*)dqkv, (const bf16*)dout, (const bf16*)qkv,
-                                                       (const bf16*)out, lse, B, T, C, NH, NKV, opt);
+        const FlashOpts fo = flash_opts(opt, hs, T);
+        dispatch_flash(hs, fo, [&](auto HS, auto OPT) {
+            launch_flash_backward<HS.value, OPT.value>((bf16*)dqkv, (const bf16*)dout, (const bf16*)qkv,
+                                                       (const bf16*)out, lse, B, T, C, NH, NKV, fo,
+                                                       opt.resolved_scale(hs));
         });
         return;
     }
