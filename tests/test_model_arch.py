@@ -167,7 +167,7 @@ def test_kv_cache_equals_full_forward(name, arch):
         logits = cache.decode(nxt)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat", "gemma3"])
 def test_bf16_decode_weights(arch):
     model = make(arch, seed=6).eval()
     model.params *= 3.0  # sharper logits
