@@ -1,12 +1,15 @@
 """Test helpers: tokenizer.json files configured as the Hugging Face checkpoints of each family configure theirs
 (Llama 3, Qwen2/2.5/3, SmolLM, GPT-2), built with HF `tokenizers` and trained here on multilingual text, and the
-chat templates those checkpoints ship (Llama 3's and Qwen2.5's public template texts). Nothing is downloaded."""
+chat templates those checkpoints ship (Llama 3's and Qwen2.5's public template texts), and small random transformers
+models of each family. Nothing is downloaded."""
 
 from __future__ import annotations
 
 import functools
 import json
 from pathlib import Path
+
+import numpy as np
 
 # The Split regexes of Meta-Llama-3's and Qwen2.5's tokenizer.json, as written there.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -459,3 +462,27 @@ def write_folder(folder: Path, tok, family: str, chat_template: str | None = Non
         ids = [tok.token_to_id(t) for t in generation_eos]
         (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ids if len(ids) > 1 else ids[0]}))
     return folder
+
+
+def random_model(prefix: str, config: dict, seed: int = 0, noise: float = 0.2):
+    """A random transformers `prefix`ForCausalLM (float32, eval mode) of `config`, its norms and biases moved off
+    their init by `noise` (so that all of them are checked)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, f"{'Gemma3Text' if prefix == 'Gemma3' else prefix}Config")(**config)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * noise)
+    return model
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    """transformers' float32 logits (B, T, V) of ids (B, T)."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+from hf_families import hf_logits, random_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -45,20 +46,7 @@ CASES = {  # name: (transformers class prefix, config)
 def hf_model(case: str):
     """A random transformers model of `case`, its norms moved off their init (so that 1 + weight is tested)."""
     prefix, kw = CASES[case]
-    torch.manual_seed(0)
-    cls = "Gemma3Text" if prefix == "Gemma3" else prefix
-    cfg = getattr(transformers, f"{cls}Config")(**{**BASE, **kw})
-    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model
-
-
-def logits_of(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+    return random_model(prefix, {**BASE, **kw}, noise=0.3)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -89,7 +77,7 @@ def test_logits_and_greedy_match_transformers(case):
     name, ref, d = case
     model = GPT.from_pretrained(d)
     ids = np.random.default_rng(0).integers(0, V, (3, 40))
-    want = logits_of(ref, ids)
+    want = hf_logits(ref, ids)
     assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
     assert np.abs(want).max() > 1.0
     new = set()
@@ -147,7 +135,7 @@ def test_bf16_files_load_as_transformers_computes_them(case, tmp_path):
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
     model = GPT.from_pretrained(tmp_path / "bf16")
     ids = np.random.default_rng(2).integers(0, V, (2, 30))
-    want = logits_of(ref, ids)
+    want = hf_logits(ref, ids)
     assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
 
 
@@ -161,7 +149,7 @@ def test_save_pretrained_round_trip(case, tmp_path):
     assert doc["model_type"] == json.loads((d / "config.json").read_text())["model_type"]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     ids = np.random.default_rng(3).integers(0, V, (2, 33))
-    want = logits_of(theirs, ids)
+    want = hf_logits(theirs, ids)
     assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
     back = GPT.from_pretrained(tmp_path / "out")
     assert back.config == model.config
@@ -221,7 +209,7 @@ def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path):
     model = GPT.from_pretrained(tmp_path / "mm")
     assert model.config.qk_norm and model.config.layer_types == LAYERS
     ids = np.random.default_rng(4).integers(0, V - 3, (2, 36))
-    want = logits_of(ref, ids)
+    want = hf_logits(ref, ids)
     assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
     with torch.no_grad():
         theirs = ref.generate(torch.tensor([[5, 17, 99]]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
@@ -230,7 +218,7 @@ def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path):
     model.save_pretrained(tmp_path / "text")
     assert json.loads((tmp_path / "text" / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
     text_only = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", dtype=torch.float32).eval()
-    assert np.abs(logits_of(text_only, ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
+    assert np.abs(hf_logits(text_only, ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
     doc = json.loads((tmp_path / "mm" / "config.json").read_text())
     for changes, match in (({"text_config": None}, "text_config must be an object"),
                            ({"architectures": ["Gemma3ForCausalLM"]}, "architectures")):

@@ -16,6 +16,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from hf_families import hf_logits, random_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -57,19 +58,7 @@ CASES = {  # name: (transformers class prefix, config)
 def hf_model(case: str, seed: int = 0):
     """A random transformers model of `case`, with non-trivial norms and biases (so all of them are checked)."""
     prefix, kw = CASES[case]
-    torch.manual_seed(seed)
-    cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, **kw})
-    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    return model
-
-
-def hf_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+    return random_model(prefix, {**BASE, **kw}, seed)
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -474,33 +474,35 @@ def rope_backward(dout, cos, sin, n_head: int, pos=None, dqkv=None, n_kv_head: i
 
 def swiglu_forward(gate_up, out=None):
     """SwiGLU: gate_up (..., 2H) = [gate | up] -> out (..., H) = silu(gate) * up (fp32 math)."""
-    gate_up = _dev(gate_up, "gate_up")
-    out = empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), gate_up.dtype) if out is None else out
-    _C.cuda.swiglu_forward(_dev(out, "out"), gate_up)
-    return out
+    return _gated_forward(_C.cuda.swiglu_forward, gate_up, out)
 
 
 def swiglu_backward(dout, gate_up, dgate_up=None):
     """dgate_up (..., 2H) += [dout * up * silu'(gate) | dout * silu(gate)]."""
-    gate_up = _dev(gate_up, "gate_up")
-    dgate_up = zeros(gate_up.shape, gate_up.dtype) if dgate_up is None else dgate_up
-    _C.cuda.swiglu_backward(_dev(dgate_up, "dgate_up"), _dev(dout, "dout"), gate_up)
-    return dgate_up
+    return _gated_backward(_C.cuda.swiglu_backward, dout, gate_up, dgate_up)
 
 
 def geglu_forward(gate_up, out=None):
     """GeGLU (Gemma): gate_up (..., 2H) = [gate | up] -> out (..., H) = gelu_tanh(gate) * up (fp32 math)."""
-    gate_up = _dev(gate_up, "gate_up")
-    out = empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), gate_up.dtype) if out is None else out
-    _C.cuda.geglu_forward(_dev(out, "out"), gate_up)
-    return out
+    return _gated_forward(_C.cuda.geglu_forward, gate_up, out)
 
 
 def geglu_backward(dout, gate_up, dgate_up=None):
     """dgate_up (..., 2H) += [dout * up * gelu_tanh'(gate) | dout * gelu_tanh(gate)]."""
+    return _gated_backward(_C.cuda.geglu_backward, dout, gate_up, dgate_up)
+
+
+def _gated_forward(kernel, gate_up, out):
+    gate_up = _dev(gate_up, "gate_up")
+    out = empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), gate_up.dtype) if out is None else out
+    kernel(_dev(out, "out"), gate_up)
+    return out
+
+
+def _gated_backward(kernel, dout, gate_up, dgate_up):
     gate_up = _dev(gate_up, "gate_up")
     dgate_up = zeros(gate_up.shape, gate_up.dtype) if dgate_up is None else dgate_up
-    _C.cuda.geglu_backward(_dev(dgate_up, "dgate_up"), _dev(dout, "dout"), gate_up)
+    kernel(_dev(dgate_up, "dgate_up"), _dev(dout, "dout"), gate_up)
     return dgate_up
 
 

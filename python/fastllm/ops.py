@@ -690,17 +690,12 @@ def swiglu_forward(gate_up, out=None) -> np.ndarray:
     >>> swiglu_forward(np.zeros((3, 8), np.float32)).shape
     (3, 4)
     """
-    gate_up = _f32(gate_up, "gate_up")
-    out = np.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), np.float32) if out is None else out
-    _C.swiglu_forward(out, gate_up)
-    return out
+    return _gated_forward(_C.swiglu_forward, gate_up, out)
 
 
 def swiglu_backward(dout, gate_up, dgate_up=None) -> np.ndarray:
     """dgate_up (..., 2H) += [dout * up * silu'(gate) | dout * silu(gate)]."""
-    dgate_up = _out(dgate_up, "dgate_up", _f32(gate_up, "gate_up").shape)
-    _C.swiglu_backward(dgate_up, dout, gate_up)
-    return dgate_up
+    return _gated_backward(_C.swiglu_backward, dout, gate_up, dgate_up)
 
 
 def geglu_forward(gate_up, out=None) -> np.ndarray:
@@ -711,16 +706,25 @@ def geglu_forward(gate_up, out=None) -> np.ndarray:
     >>> geglu_forward(np.zeros((3, 8), np.float32)).shape
     (3, 4)
     """
-    gate_up = _f32(gate_up, "gate_up")
-    out = np.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), np.float32) if out is None else out
-    _C.geglu_forward(out, gate_up)
-    return out
+    return _gated_forward(_C.geglu_forward, gate_up, out)
 
 
 def geglu_backward(dout, gate_up, dgate_up=None) -> np.ndarray:
     """dgate_up (..., 2H) += [dout * up * gelu_tanh'(gate) | dout * gelu_tanh(gate)]."""
+    return _gated_backward(_C.geglu_backward, dout, gate_up, dgate_up)
+
+
+def _gated_forward(kernel, gate_up, out) -> np.ndarray:
+    """A gated MLP activation's forward (swiglu, geglu): gate_up (..., 2H) -> out (..., H)."""
+    gate_up = _f32(gate_up, "gate_up")
+    out = np.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), np.float32) if out is None else out
+    kernel(out, gate_up)
+    return out
+
+
+def _gated_backward(kernel, dout, gate_up, dgate_up) -> np.ndarray:
     dgate_up = _out(dgate_up, "dgate_up", _f32(gate_up, "gate_up").shape)
-    _C.geglu_backward(dgate_up, dout, gate_up)
+    kernel(dgate_up, dout, gate_up)
     return dgate_up
 
 
