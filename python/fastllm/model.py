@@ -876,6 +876,8 @@ class KVCache:
     prefill(rows) runs the prompts (rows may differ in length) batched; decode(tokens) appends one token per
     sequence. Both return the float32 numpy logits (B, V) of each sequence's last token (soft-capped if the config
     says so). Only the kv heads are stored (grouped-query attention: n_kv_head of them), after QK-norm and RoPE.
+    Sliding-window layers (Mistral v0.1, Gemma 2/3) attend to the last window of positions only, but their cache keeps
+    every position (no ring buffer: the same memory as a full layer's).
     Memory: 2 * n_layer * B * max_len * n_kv_head * head_size elements of the compute dtype (max_len defaults to
     block_size;
     generate sizes it to the longest prompt + max_new_tokens, so a short generation does not zero a full-context
