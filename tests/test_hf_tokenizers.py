@@ -233,14 +233,14 @@ SP_TEXTS = [
                                              ("first", True), ("never", False), ("gemma", False)])
 def test_sentencepiece_variants_equal_hf(metaspace, split):
     """Llama 2's legacy normalizer, each Metaspace setting and Gemma's layout (a Replace normalizer alone: no
-    prefix space, no Strip decoder) give HF's ids (special tokens and leading spaces where the variants differ,
-    characters only byte fallback can spell) and HF's decoded text."""
-    from hf_families import sentencepiece_doc
+    prefix space; a Split(' ') pre-tokenizer after it, no Strip decoder, a "\t" token) give HF's ids (special
+    tokens and leading spaces where the variants differ, characters only byte fallback can spell) and HF's decoded
+    text."""
+    from hf_families import gemma_layout, sentencepiece_doc
 
     doc = sentencepiece_doc(metaspace=None if metaspace == "gemma" else metaspace, split=split)
     if metaspace == "gemma":
-        doc["normalizer"] = doc["normalizer"]["normalizers"][1]  # Replace(' ', '▁')
-        doc["decoder"]["decoders"] = doc["decoder"]["decoders"][:3]  # no Strip
+        doc = gemma_layout(doc)
     hf = tokenizers.Tokenizer.from_str(json.dumps(doc))
     tok = Tokenizer._from_hf_doc(doc, "tokenizer.json")
     assert tok.pattern == ("metaspace" if split else "whole") and tok.bos_token == 1
