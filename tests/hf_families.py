@@ -485,6 +485,9 @@ def write_folder(folder: Path, tok, family: str, chat_template: str | None = Non
     bos = FAMILIES[family][5]
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
             "bos_token": bos, "eos_token": eos, "model_max_length": 1024}
+    if family == "gemma2":  # (Gemma-2-it's names its class and its other special tokens)
+        conf.update(tokenizer_class="GemmaTokenizer", pad_token="<pad>", unk_token="<unk>", add_bos_token=True,
+                    add_eos_token=False)
     if chat_template is not None:
         conf["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(conf))
