@@ -1,7 +1,8 @@
 """Test helpers: tokenizer.json files configured as the Hugging Face checkpoints of each family configure theirs
-(Llama 3, Qwen2/2.5/3, SmolLM, GPT-2), built with HF `tokenizers` and trained here on multilingual text, and the
-chat templates those checkpoints ship (Llama 3's and Qwen2.5's public template texts), and small random transformers
-models of each family. Nothing is downloaded."""
+(Llama 3, Qwen2/2.5/3, SmolLM, GPT-2; SentencePiece-style: Llama 2, Mistral, Phi-3, Gemma), built with HF
+`tokenizers` or sentencepiece and trained here on multilingual text, and the chat templates those checkpoints ship
+(Llama 3's and Qwen2.5's public template texts), and small random transformers models of each family. Nothing is
+downloaded."""
 
 from __future__ import annotations
 

@@ -582,7 +582,7 @@ def test_cli_sft_of_a_hub_folder_keeps_its_template(family, tmp_path, monkeypatc
     assert capsys.readouterr().out.strip() == "Blue."
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2"])
 def test_cli_rl_of_a_chat_model_prompts_in_its_template(family, tmp_path, capsys):
     """`fastllm rl` of a chat model rolls out in its chat template, the completions ending at its EOS ids: the SFT
     model above answers the held-out problem exactly from the first evaluation on (plain-text prompts and a

@@ -195,11 +195,11 @@ def test_text_streamer_matches_transformers_text_streamer(family):
                 assert theirs.text == tok.decode(ids, **kw)  # SentencePiece tokenizer, a line's first space is lost)
 
 
-@pytest.mark.parametrize("name", ["llama3", "gpt2", "llama2", "mistral", "phi3"])
+@pytest.mark.parametrize("name", ["llama3", "gpt2", "llama2", "mistral", "phi3", "gemma2"])
 def test_encode_offsets_as_hf(name):
     """encode_offsets' token starts (bytes) are HF's offsets (characters; a token that starts inside a character
-    starts at that character), with SentencePiece's prefix spaces and Phi-3's rstrip tokens."""
-    hf = build_tokenizer(name, 800 if name in ("llama2", "mistral", "phi3") else 400)
+    starts at that character), with SentencePiece's prefix spaces (none: Gemma) and Phi-3's rstrip tokens."""
+    hf = build_tokenizer(name, 800 if name in ("llama2", "mistral", "phi3", "gemma2") else 400)
     tok = Tokenizer._from_hf_doc(json.loads(hf.to_str()), "tokenizer.json")
     for t in eval_texts():
         ids, starts = tok.encode_offsets(t)
