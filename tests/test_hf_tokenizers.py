@@ -333,6 +333,10 @@ def test_sentencepiece_token_across_a_space():
         (lambda d: d.update(normalizer=None), "neither a Metaspace pre-tokenizer nor a Replace"),
         (lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "_", "prepend_scheme": "always"}),
          "pre_tokenizer .*Metaspace.* is not supported"),
+        # (Gemma's Split(' ') after the Replace finds no space; one at '▁' would split the text)
+        (lambda d: d.update(pre_tokenizer={"type": "Split", "pattern": {"String": "\u2581"},
+                                           "behavior": "MergedWithPrevious", "invert": False}),
+         "pre_tokenizer .*Split.* is not supported"),
         (lambda d: d.update(normalizer=None, pre_tokenizer={"type": "Metaspace", "replacement": "_"}),
          "Metaspace replacement '_' is not supported"),
         (lambda d: d.update(decoder={"type": "WordPiece", "prefix": "##", "cleanup": True}),
