@@ -1,7 +1,8 @@
 """Test helpers: tokenizer.json files configured as the Hugging Face checkpoints of each family configure theirs
-(Llama 3, Qwen2/2.5/3, SmolLM, GPT-2), built with HF `tokenizers` and trained here on multilingual text, and the
-chat templates those checkpoints ship (Llama 3's and Qwen2.5's public template texts), and small random transformers
-models of each family. Nothing is downloaded."""
+(Llama 3, Qwen2/2.5/3, SmolLM, GPT-2; SentencePiece-style: Llama 2, Mistral, Phi-3, Gemma), built with HF
+`tokenizers` or sentencepiece and trained here on multilingual text, and the chat templates those checkpoints ship
+(Llama 3's and Qwen2.5's public template texts), and small random transformers models of each family. Nothing is
+downloaded."""
 
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ FAMILIES = {
     # Phi-3's: Llama 2's with chat tokens after the vocab that take the whitespace after them (rstrip)
     "phi3": ("whole", None, False, ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>",
                                     "<|user|>", "<|end|>"], [], "<s>"),
+    # Gemma's (1, 2, 3): transformers' GemmaConverter layout (gemma_layout) of a SentencePiece model with Gemma's ids
+    "gemma2": ("whole", None, False, ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], [],
+               "<bos>"),
 }
 PHI3_CHAT_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|user|>", "<|end|>"]
 
@@ -95,6 +99,8 @@ def build_tokenizer(family: str, vocab_size: int = 3000):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors, trainers
     from tokenizers import pre_tokenizers as P
 
+    if family == "gemma2":
+        return Tokenizer.from_str(json.dumps(gemma_doc(vocab_size)))
     if family in ("llama2", "mistral", "phi3"):
         doc = sentencepiece_doc(vocab_size, metaspace="first" if family == "mistral" else None)
         if family == "phi3":
@@ -163,6 +169,31 @@ def sentencepiece_doc(vocab_size: int = 3000, metaspace: str | None = None, spli
     if metaspace is not None:  # (the conversion writes prepend_scheme "first", split false)
         doc["pre_tokenizer"].update(prepend_scheme=metaspace, split=split)
     return doc
+
+
+def gemma_layout(doc: dict) -> dict:
+    """`doc` (a sentencepiece_doc) laid out as transformers' GemmaConverter writes Gemma's tokenizer.json: the
+    Replace(' ', '▁') normalizer alone (no prefix space), then a Split(' ') pre-tokenizer (which finds no space
+    left), a decoder without the Strip, and the byte piece <0x09> named "\t" (GemmaConverter's fix of older
+    files)."""
+    model = dict(doc["model"])
+    if "\t" not in model["vocab"]:
+        model["vocab"] = {"\t" if piece == "<0x09>" else piece: i for piece, i in model["vocab"].items()}
+    decoders = [d for d in doc["decoder"]["decoders"] if d["type"] != "Strip"]
+    return {**doc, "model": model, "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                              "invert": False},
+            "decoder": {"type": "Sequence", "decoders": decoders}}
+
+
+def gemma_doc(vocab_size: int = 3000) -> dict:
+    """Gemma's tokenizer.json (gemma_layout) of a SentencePiece BPE model trained as sentencepiece_model() with
+    Gemma's settings: no dummy prefix, <pad> <eos> <bos> <unk> at ids 0..3, <start_of_turn> and <end_of_turn>
+    control pieces (special tokens inside the vocab); <bos> put before every text."""
+    names = dict(pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>")
+    model = sentencepiece_model(vocab_size, add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                control_symbols=("<start_of_turn>", "<end_of_turn>"), **names)
+    return gemma_layout(sentencepiece_doc(model_file=model))
 
 
 # ---- chat templates (public texts of the checkpoints' tokenizer_config.json "chat_template") ------------------
@@ -455,6 +486,9 @@ def write_folder(folder: Path, tok, family: str, chat_template: str | None = Non
     bos = FAMILIES[family][5]
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
             "bos_token": bos, "eos_token": eos, "model_max_length": 1024}
+    if family == "gemma2":  # (Gemma-2-it's names its class and its other special tokens)
+        conf.update(tokenizer_class="GemmaTokenizer", pad_token="<pad>", unk_token="<unk>", add_bos_token=True,
+                    add_eos_token=False)
     if chat_template is not None:
         conf["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(conf))

@@ -16,7 +16,15 @@ import textwrap
 
 import numpy as np
 import pytest
-from hf_families import hf_logits, random_model
+from chat_templates import GEMMA2_TEMPLATE
+from hf_families import (
+    LLAMA2_TEMPLATE,
+    LLAMA3_TEMPLATE,
+    PHI3_TEMPLATE,
+    QWEN25_TEMPLATE,
+    hf_logits,
+    random_model,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -468,33 +476,37 @@ def test_chat_template_that_renders_nothing(tmp_path):
     assert ids.size == 0 and mask.size == 0
 
 
-def hub_folder(family: str, folder, template: str | None = None, **config):
-    """A random transformers model of `family` (llama3, qwen2, llama2) saved with its tokenizer.json, chat template
-    (default: Llama 3's, Qwen2.5's, Llama 2's) and generation_config.json EOS ids, like a folder from the hub;
-    `config` overrides BASE. -> (the transformers model, its AutoTokenizer)."""
-    from hf_families import (
-        LLAMA2_TEMPLATE,
-        LLAMA3_TEMPLATE,
-        PHI3_TEMPLATE,
-        QWEN25_TEMPLATE,
-        build_tokenizer,
-        write_folder,
-    )
+# family: (transformers class prefix, chat template, tokenizer_config.json's eos_token, generation_config.json's
+# EOS tokens, config beside BASE), as the hub's checkpoints of the family have them
+HUB = {
+    "llama3": ("Llama", LLAMA3_TEMPLATE, "<|eot_id|>", ["<|end_of_text|>", "<|eot_id|>"], {}),
+    "qwen2": ("Qwen2", QWEN25_TEMPLATE, "<|im_end|>", ["<|im_end|>", "<|endoftext|>"], {}),
+    "llama2": ("Llama", LLAMA2_TEMPLATE, "</s>", ["</s>"], {}),
+    "phi3": ("Phi3", PHI3_TEMPLATE, "<|end|>", ["<|endoftext|>", "<|end|>"], {}),
+    # Gemma-2-it's: [<eos>, <end_of_turn>] ([1, 107]); a window of 8 that the prompts and answers pass
+    # (untied: a tied random Gemma repeats its last token, whose embedding times sqrt(hidden_size) dominates)
+    "gemma2": ("Gemma2", GEMMA2_TEMPLATE, "<eos>", ["<eos>", "<end_of_turn>"],
+               dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, hidden_act="gelu_pytorch_tanh",
+                    tie_word_embeddings=False)),
+}
 
-    default, eos = {"llama3": (LLAMA3_TEMPLATE, "<|eot_id|>"), "qwen2": (QWEN25_TEMPLATE, "<|im_end|>"),
-                    "llama2": (LLAMA2_TEMPLATE, "</s>"), "phi3": (PHI3_TEMPLATE, "<|end|>")}[family]
-    template = template or default
-    tok = build_tokenizer(family, vocab_size=800 if family in ("llama2", "phi3") else 400)  # (SentencePiece: chars)
-    ends = {"llama3": ["<|end_of_text|>", eos], "qwen2": [eos, "<|endoftext|>"], "llama2": [eos],
-            "phi3": ["<|endoftext|>", eos]}[family]
+
+def hub_folder(family: str, folder, template: str | None = None, **config):
+    """A random transformers model of `family` (HUB) saved with its tokenizer.json, chat template (default: the
+    family's) and generation_config.json EOS ids, like a folder from the hub; `config` overrides BASE and the
+    family's. -> (the transformers model, its AutoTokenizer)."""
+    from hf_families import build_tokenizer, write_folder
+
+    prefix, default, eos, ends, kw = HUB[family]
+    sentencepiece = family in ("llama2", "phi3", "gemma2")  # (BPE from characters: a larger vocab)
+    tok = build_tokenizer(family, vocab_size=800 if sentencepiece else 400)
     torch.manual_seed(0)
-    prefix = {"llama3": "Llama", "qwen2": "Qwen2", "llama2": "Llama", "phi3": "Phi3"}[family]
     ids = [tok.token_to_id(t) for t in ends]
     cfg = getattr(transformers, f"{prefix}Config")(**{**BASE, "vocab_size": tok.get_vocab_size(),
-                                                       "num_key_value_heads": 2, "eos_token_id": ids, **config})
+                                                       "num_key_value_heads": 2, "eos_token_id": ids, **kw, **config})
     ref = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float().eval()
     ref.save_pretrained(folder)
-    write_folder(folder, tok, family, chat_template=template, eos=eos, generation_eos=ends)
+    write_folder(folder, tok, family, chat_template=template or default, eos=eos, generation_eos=ends)
     ref.generation_config.eos_token_id = ids
     return ref, transformers.AutoTokenizer.from_pretrained(folder)
 
@@ -505,22 +517,33 @@ def hf_greedy(ref, auto, inputs: dict, n: int) -> str:
     return auto.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3", "gemma2"])
 def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsys):
     """`fastllm chat --ckpt <HF folder>` renders the checkpoint's own chat template (Llama 3's has no ChatML tokens
-    at all) and answers with transformers' greedy tokens for apply_chat_template's prompt, stopping at its EOS."""
+    at all) and answers with transformers' greedy tokens for apply_chat_template's prompt, stopping at its EOS.
+    Gemma's template refuses a system message: --system is an error before any input is read (it was one at every
+    message, and the exit status 0)."""
     pytest.importorskip("tokenizers")
     import io
 
     from fastllm import cli
 
     ref, auto = hub_folder(family, tmp_path / family)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    chat = ["chat", "--ckpt", str(tmp_path / family), "--temperature", "0", "-n", "12"]
+    msgs = [{"role": "user", "content": "Hello there"}]
+    if family == "gemma2":
+        with pytest.raises(Exception, match="System role not supported"):  # (jinja2's TemplateError)
+            auto.apply_chat_template([{"role": "system", "content": "Be brief."}] + msgs, tokenize=False)
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
+        assert cli.main(chat + ["--system", "Be brief."]) == 1
+        assert "System role not supported" in capsys.readouterr().err and sys.stdin.read() == "Hello there\n"
+    else:
+        msgs.insert(0, {"role": "system", "content": "Be brief."})
+        chat += ["--system", "Be brief."]
     want = hf_greedy(ref, auto, auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                                          return_dict=True), 12)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
-    assert cli.main(["chat", "--ckpt", str(tmp_path / family), "--system", "Be brief.", "--temperature", "0",
-                     "-n", "12"]) == 0
+    assert cli.main(chat) == 0
     assert capsys.readouterr().out == want + "\n"  # (Llama 2: no leading space, as transformers decodes the answer)
 
 
@@ -538,7 +561,7 @@ def sft_to_answer_blue(family: str, tmp_path) -> None:
                      "1e-2", "--warmup-steps", "2", "--eval-every", "0", "--val-fraction", "0", "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2"])
 def test_cli_sft_of_a_hub_folder_keeps_its_template(family, tmp_path, monkeypatch, capsys):
     """`fastllm sft --base <HF folder>` trains on the checkpoint's own chat template (no ChatML tokens added), writes
     its tokenizer files and EOS ids beside the checkpoints, and `fastllm chat` on the result answers as taught."""
@@ -559,7 +582,7 @@ def test_cli_sft_of_a_hub_folder_keeps_its_template(family, tmp_path, monkeypatc
     assert capsys.readouterr().out.strip() == "Blue."
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2"])
 def test_cli_rl_of_a_chat_model_prompts_in_its_template(family, tmp_path, capsys):
     """`fastllm rl` of a chat model rolls out in its chat template, the completions ending at its EOS ids: the SFT
     model above answers the held-out problem exactly from the first evaluation on (plain-text prompts and a
@@ -607,7 +630,7 @@ def test_reward_model_of_a_llama3_folder_then_rl_against_it(tmp_path, capsys):
                      "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3", "gemma2"])
 def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     """`fastllm serve` of a hub folder renders /v1/chat/completions with the folder's own chat template (Llama 3's
     has no ChatML tokens) and stops at its EOS ids: through the official openai client, the greedy answer and
@@ -622,18 +645,22 @@ def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     from fastllm.serve.app import create_app
 
     ref, auto = hub_folder(family, tmp_path / family)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    msgs = [{"role": "system", "content": "Be brief."}] * (family != "gemma2")  # (Gemma's template refuses one)
+    msgs.append({"role": "user", "content": "Hello there"})
     prompt = auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     want = hf_greedy(ref, auto, prompt, 12)
     model, tok = load(tmp_path / family)
     with TestClient(create_app(Engine(model, tok, max_batch=2), "m")) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
         r = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0)
+        if family == "gemma2":  # a system message: the template's refusal, as a 400
+            with pytest.raises(openai.BadRequestError, match="System role not supported"):
+                client.chat.completions.create(model="m", messages=[{"role": "system", "content": "Be brief."}, *msgs])
     assert r.choices[0].message.content == want
     assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2"])
 def test_serve_completions_of_a_hub_folder(family, tmp_path):
     """/v1/completions of a hub folder encodes a text prompt as transformers' tokenizer does (Llama 3: after its BOS
     token, as vLLM does) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS
@@ -717,26 +744,32 @@ def test_serve_tool_calls_through_a_hub_folders_template(family, template, tmp_p
     assert sorted(args) == ["a", "b"] and all(0 <= v <= 9 for v in args.values())
 
 
-def test_eval_prompts_of_a_hub_folder_use_its_template(tmp_path):
+@pytest.mark.parametrize("family", ["llama3", "gemma2"])
+def test_eval_prompts_of_a_hub_folder_use_its_template(family, tmp_path):
     """Generative evaluation (`fastllm eval --task gen`) and the lm-eval adapter's apply_chat_template render a hub
-    folder's prompts with its own template, as transformers' apply_chat_template does, and stop at its EOS ids."""
+    folder's prompts with its own template, as transformers' apply_chat_template does, and stop at its EOS ids
+    (Gemma's template refuses a system message, as it does in transformers)."""
     pytest.importorskip("tokenizers")
     pytest.importorskip("jinja2")
     from fastllm.eval import chat_of, prompt_ids
     from fastllm.serve import load
 
-    _, auto = hub_folder("llama3", tmp_path / "llama3")
-    model, tok = load(tmp_path / "llama3")
+    _, auto = hub_folder(family, tmp_path / family)
+    model, tok = load(tmp_path / family)
     msgs = [{"role": "user", "content": "Q: 2+2?"}]
     fmt = chat_of(model, tok)
     want = auto.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert prompt_ids(tok, "2+2?", fmt, "Q: {prompt}").tolist() == list(want)
     with_system = [{"role": "system", "content": "Be brief."}] + msgs  # --system, as lm-eval's system_instruction
-    want = auto.apply_chat_template(with_system, add_generation_prompt=True, return_dict=True)["input_ids"]
-    assert prompt_ids(tok, "2+2?", fmt, "Q: {prompt}", system="Be brief.").tolist() == list(want)
+    if family == "gemma2":
+        with pytest.raises(ValueError, match="System role not supported"):
+            prompt_ids(tok, "2+2?", fmt, "Q: {prompt}", system="Be brief.")
+    else:
+        want = auto.apply_chat_template(with_system, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert prompt_ids(tok, "2+2?", fmt, "Q: {prompt}", system="Be brief.").tolist() == list(want)
     # plain text (a base model), as lm-eval's --system_instruction: after the BOS, as the AutoTokenizer encodes it
     assert prompt_ids(tok, "2+2?", None, system="Be brief.").tolist() == auto("Be brief.\n\n2+2?")["input_ids"]
-    assert set(fmt.stop_tokens) == set(chat.eos_token_ids(tmp_path / "llama3", tok))
+    assert set(fmt.stop_tokens) == set(chat.eos_token_ids(tmp_path / family, tok))
     assert chat_of(model, tok, chat=False) is None
     pytest.importorskip("lm_eval")
     from fastllm.eval.harness import FastLLM
@@ -745,7 +778,7 @@ def test_eval_prompts_of_a_hub_folder_use_its_template(tmp_path):
     assert lm.apply_chat_template(msgs) == auto.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2"])
 def test_lm_eval_adapter_encodes_as_lm_evals_hf_model(family, tmp_path):
     """The lm-eval adapter on a hub folder scores what lm-eval's own HF model (HFLM) scores there: texts encoded as
     the AutoTokenizer encodes them (Llama 3: after <|begin_of_text|>), the BOS (else tokenizer_config.json's
@@ -837,7 +870,7 @@ def test_eval_tasks_of_a_llama3_folder_start_with_its_bos(tmp_path):
     assert rec["completions"] == [auto.decode(free[:3])]
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2"])
 def test_lm_eval_adapter_scores_as_lm_evals_hf_model(family, tmp_path):
     """The same requests through lm-eval's own HF model (HFLM, which needs accelerate) and the adapter: the same
     log-likelihoods, rolling log-likelihoods and greedy generations."""
@@ -863,7 +896,7 @@ def test_lm_eval_adapter_scores_as_lm_evals_hf_model(family, tmp_path):
     assert lm.generate_until(reqs, disable_tqdm=True) == hflm.generate_until(reqs)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2"])
 def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
     """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its
     BOS token) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS ids."""

@@ -195,11 +195,11 @@ def test_text_streamer_matches_transformers_text_streamer(family):
                 assert theirs.text == tok.decode(ids, **kw)  # SentencePiece tokenizer, a line's first space is lost)
 
 
-@pytest.mark.parametrize("name", ["llama3", "gpt2", "llama2", "mistral", "phi3"])
+@pytest.mark.parametrize("name", ["llama3", "gpt2", "llama2", "mistral", "phi3", "gemma2"])
 def test_encode_offsets_as_hf(name):
     """encode_offsets' token starts (bytes) are HF's offsets (characters; a token that starts inside a character
-    starts at that character), with SentencePiece's prefix spaces and Phi-3's rstrip tokens."""
-    hf = build_tokenizer(name, 800 if name in ("llama2", "mistral", "phi3") else 400)
+    starts at that character), with SentencePiece's prefix spaces (none: Gemma) and Phi-3's rstrip tokens."""
+    hf = build_tokenizer(name, 800 if name in ("llama2", "mistral", "phi3", "gemma2") else 400)
     tok = Tokenizer._from_hf_doc(json.loads(hf.to_str()), "tokenizer.json")
     for t in eval_texts():
         ids, starts = tok.encode_offsets(t)
@@ -233,14 +233,14 @@ SP_TEXTS = [
                                              ("first", True), ("never", False), ("gemma", False)])
 def test_sentencepiece_variants_equal_hf(metaspace, split):
     """Llama 2's legacy normalizer, each Metaspace setting and Gemma's layout (a Replace normalizer alone: no
-    prefix space, no Strip decoder) give HF's ids (special tokens and leading spaces where the variants differ,
-    characters only byte fallback can spell) and HF's decoded text."""
-    from hf_families import sentencepiece_doc
+    prefix space; a Split(' ') pre-tokenizer after it, no Strip decoder, a "\t" token) give HF's ids (special
+    tokens and leading spaces where the variants differ, characters only byte fallback can spell) and HF's decoded
+    text."""
+    from hf_families import gemma_layout, sentencepiece_doc
 
     doc = sentencepiece_doc(metaspace=None if metaspace == "gemma" else metaspace, split=split)
     if metaspace == "gemma":
-        doc["normalizer"] = doc["normalizer"]["normalizers"][1]  # Replace(' ', '▁')
-        doc["decoder"]["decoders"] = doc["decoder"]["decoders"][:3]  # no Strip
+        doc = gemma_layout(doc)
     hf = tokenizers.Tokenizer.from_str(json.dumps(doc))
     tok = Tokenizer._from_hf_doc(doc, "tokenizer.json")
     assert tok.pattern == ("metaspace" if split else "whole") and tok.bos_token == 1
@@ -333,6 +333,10 @@ def test_sentencepiece_token_across_a_space():
         (lambda d: d.update(normalizer=None), "neither a Metaspace pre-tokenizer nor a Replace"),
         (lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "_", "prepend_scheme": "always"}),
          "pre_tokenizer .*Metaspace.* is not supported"),
+        # (Gemma's Split(' ') after the Replace finds no space; one at '▁' would split the text)
+        (lambda d: d.update(pre_tokenizer={"type": "Split", "pattern": {"String": "\u2581"},
+                                           "behavior": "MergedWithPrevious", "invert": False}),
+         "pre_tokenizer .*Split.* is not supported"),
         (lambda d: d.update(normalizer=None, pre_tokenizer={"type": "Metaspace", "replacement": "_"}),
          "Metaspace replacement '_' is not supported"),
         (lambda d: d.update(decoder={"type": "WordPiece", "prefix": "##", "cleanup": True}),

@@ -653,9 +653,10 @@ def chat_format(folder: str | os.PathLike | None, tokenizer, variables: dict | N
 class ChatSession:
     """A conversation with a chat model: `reply(text)` streams the answer (text pieces) and records both turns.
     `chat`: the chat format (default ChatML on `tokenizer`). The prompt keeps the system message and drops the
-    oldest turns when the history plus room for the answer would not fit in the context window.
-    skip_special_tokens (default True): special tokens the model writes are left out of the answer (as shown and
-    as kept in the history), as `transformers chat` and vLLM's chat completions leave them out."""
+    oldest turns when the history plus room for the answer would not fit in the context window; a system message
+    the template refuses (Gemma's refuses any) is a ValueError at once. skip_special_tokens (default True): special
+    tokens the model writes are left out of the answer (as shown and as kept in the history), as `transformers
+    chat` and vLLM's chat completions leave them out."""
 
     def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 256,
                  min_new_tokens: int = 16, chat=None, skip_special_tokens: bool = True, **sampling):
@@ -670,6 +671,11 @@ class ChatSession:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         SamplingParams(**{f.name: sampling[f.name] for f in dataclasses.fields(SamplingParams) if f.name in sampling})
         check_seed(sampling.get("seed"))  # (bad options fail here, not at every message)
+        if system:  # (a template that refuses system messages, Gemma's, refuses it here, not at every message)
+            try:
+                self.chat.prompt([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}])
+            except ValueError as e:
+                raise ValueError(f"the system message cannot be used: {e}") from None
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min(min_new_tokens, max_new_tokens)

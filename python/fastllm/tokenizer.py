@@ -19,7 +19,7 @@ Conventions
     (``special`` ones are special tokens; the others are always matched, as HF does), and a post-processor that
     puts a BOS token before every text (``bos_token``; ``encode`` never adds it, callers do, see
     fastllm.sample).
-  - SentencePiece-style tokenizer.json files (Llama 2, TinyLlama, Mistral 7B) run in the same native encoder:
+  - SentencePiece-style tokenizer.json files (Llama 2, TinyLlama, Mistral 7B, Gemma) run in the same native encoder:
     their tokens are held with U+2581 as a space, BPE starts from characters, a character that is no token becomes
     its byte-fallback tokens <0xNN> (else <unk>), and each stretch of text between special tokens gets the leading
     space the file's Prepend normalizer or Metaspace pre-tokenizer asks for (BpeEncoder.set_sentencepiece);
@@ -83,7 +83,7 @@ def _to_hf_regex(pat: str) -> str:
 _PATTERN_ALIASES[_to_hf_regex(GPT4_PATTERN)] = "gpt4"
 _NORMALIZERS = ("NFC", "NFKC", "NFD", "NFKD")  # HF normalizer types fastllm applies (unicodedata's forms)
 _SENTENCEPIECE = (
-    "fastllm reads SentencePiece-style BPE tokenizer.json files (Llama 2, Mistral, TinyLlama: Metaspace or "
+    "fastllm reads SentencePiece-style BPE tokenizer.json files (Llama 2, Mistral, TinyLlama, Gemma: Metaspace or "
     "Prepend/Replace('\u2581'), byte fallback) and byte-level BPE ones (GPT-2, Llama 3, Qwen2/2.5/3, SmolLM)"
 )
 _META = "\u2581"  # SentencePiece's space
@@ -1144,6 +1144,10 @@ class _SentencePiece:
             raise bad(f"normalizer {json.dumps(norm, ensure_ascii=False)[:200]} is not supported ({_SENTENCEPIECE})")
         prefix, pattern = ("every" if "Prepend" in kinds else "none"), "whole"
         metas = _items(pre, "pretokenizers")
+        # Gemma's files (transformers' GemmaConverter) split at spaces after the Replace normalizer: none are left
+        if "Replace" in kinds and metas == [{"type": "Split", "pattern": {"String": " "},
+                                             "behavior": "MergedWithPrevious", "invert": False}]:
+            metas = []
         if metas:
             m = metas[0]
             if len(metas) != 1 or not isinstance(m, dict) or m.get("type") != "Metaspace" or steps:
