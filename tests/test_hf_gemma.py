@@ -157,7 +157,8 @@ def test_save_pretrained_round_trip(case, tmp_path):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),  # exact GELU in Gemma 2
+    (dict(hidden_activation="gelu"), "hidden_activation .gelu. is not supported"),  # exact GELU in Gemma 2
+    (dict(hidden_activation="silu"), "hidden_activation .silu. is not supported"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
     (dict(query_pre_attn_scalar=-1), "query_pre_attn_scalar must be a positive number"),
     (dict(attn_logit_softcapping=0), "attn_logit_softcapping must be a positive number"),
@@ -225,3 +226,14 @@ def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path):
         (tmp_path / "mm" / "config.json").write_text(json.dumps(doc | changes))
         with pytest.raises(ValueError, match=match):
             GPT.from_pretrained(tmp_path / "mm")
+
+
+def test_gemma_activation_keys():
+    """Gemma's first configs say hidden_act "gelu" (read as the tanh approximation, as transformers does), Gemma 1.1
+    adds hidden_activation; an exact GELU or another activation is refused by name."""
+    d = {**json.loads(hf_model("gemma-mqa").config.to_json_string()), "architectures": ["GemmaForCausalLM"]}
+    want = hf.config_from_hf(d)
+    assert hf.config_from_hf(d | {"hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh"}) == want
+    for changes in ({"hidden_activation": "gelu"}, {"hidden_act": "silu"}):
+        with pytest.raises(ValueError, match=f"{next(iter(changes))} '{next(iter(changes.values()))}' is not"):
+            hf.config_from_hf(d | changes)

@@ -234,13 +234,16 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         raise bad(f"missing {', '.join(missing)}")
     C, NH, L = d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"]
     gemma = kind in GEMMAS
-    act_key = "hidden_activation" if kind in ("gemma2", "gemma3_text") else "hidden_act"
-    act = d.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
-    # Gemma's GeGLU uses GELU's tanh approximation; its first configs say "gelu", which transformers reads so
-    acts = (("gelu_pytorch_tanh", "gelu_new") + (("gelu",) if kind == "gemma" else ())) if gemma else ("silu",)
-    if act not in acts:
-        raise bad(f"{act_key} {act!r} is not supported (only {', '.join(map(repr, acts))}: "
-                  f"{'GeGLU, tanh approximation' if gemma else 'SwiGLU'})")
+    # Gemma's GeGLU uses GELU's tanh approximation: Gemma 2 and 3 name it hidden_activation; Gemma's first configs
+    # say hidden_act "gelu", which transformers reads as the tanh approximation (Gemma 1.1 adds hidden_activation)
+    tanh = ("gelu_pytorch_tanh", "gelu_new")
+    checks = {"hidden_act": tanh + ("gelu",), "hidden_activation": tanh} if kind == "gemma" else \
+        {"hidden_activation": tanh} if gemma else {"hidden_act": ("silu",)}
+    for key, acts in checks.items():
+        act = d.get(key) or acts[0]
+        if act not in acts:
+            raise bad(f"{key} {act!r} is not supported (only {', '.join(map(repr, acts))}: "
+                      f"{'GeGLU with GELU-tanh' if gemma else 'SwiGLU'})")
     if d.get("use_bidirectional_attention"):
         raise bad("use_bidirectional_attention=true is not supported (fastllm's attention is causal)")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
