@@ -296,6 +296,53 @@ GEMMA2_TEMPLATE = (
 )
 
 
+# google/gemma-3-1b-it's (and 4b/12b/27b-it's): Gemma 2's turns; a system message becomes the first user turn's
+# prefix; image parts render <start_of_image>. From google/gemma-3-4b-it's tokenizer_config.json as quoted in public
+# repositories (the same text in several).
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+
 # HuggingFaceTB/SmolLM2-135M-Instruct's (and 360M, 1.7B): ChatML with a default system message. From the
 # smollm2:135m GGUF in [ollama].
 SMOLLM2_TEMPLATE = (
@@ -722,6 +769,9 @@ FAMILIES = {
     "gemma-2": Family(GEMMA2_TEMPLATE, "<bos>", "<eos>", "<unk>", "<pad>",
                       specials=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), adds_bos=True,
                       stops=("<eos>", "<end_of_turn>")),
+    "gemma-3": Family(GEMMA3_TEMPLATE, "<bos>", "<eos>", "<unk>", "<pad>",
+                      specials=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+                                "<start_of_image>"), adds_bos=True, stops=("<eos>", "<end_of_turn>")),
     "smollm2": Family(SMOLLM2_TEMPLATE, "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>",
                       specials=("<|endoftext|>",) + CHATML),
     "smollm3": Family(SMOLLM3_TEMPLATE, None, "<|im_end|>", pad="<|im_end|>",

@@ -1,4 +1,4 @@
-"""Real chat templates (tests/chat_templates.py: Llama 2, Mistral v0.1 to v0.3, Zephyr / TinyLlama, Phi-3, Gemma 2,
+"""Real chat templates (tests/chat_templates.py: Llama 2, Mistral v0.1 to v0.3, Zephyr / TinyLlama, Phi-3, Gemma 2 / 3,
 SmolLM2 / SmolLM3, Llama 3 / 3.1 / 3.2, Qwen2.5 / Qwen3, Hermes 2 Pro) rendered by fastllm.chat from a checkpoint
 folder exactly as transformers' apply_chat_template renders them from the same folder: with and without a system
 message and a generation prompt, over several turns, with tools and tool results, reasoning, template options
