@@ -11,9 +11,9 @@ SmolLM2-135M and Qwen2.5-0.5B, and HF transformers' LlamaForCausalLM / Qwen2ForC
 further provider; --arch gemma2: Gemma 2's choices (GeGLU, embeddings times sqrt(C), norms after each branch too,
 attention scores scaled by query_pre_attn_scalar**-0.5 and soft-capped at 50, final logits at 30, every other layer
 sliding) in a small model (--quick) and in Gemma-2-2B's widths with 2 layers and a 32768-token vocabulary, both with a
-window of 32 tokens, shorter than prompt + new tokens so that decoding slides; the torch decoder then runs HF Gemma
-2's eager attention (SDPA has no soft cap) and transformers' Gemma2ForCausalLM (its default attention, eager) is the
-further provider.
+window of 8 tokens, shorter than the prompt, so that the prefill and every decode step slide; the torch decoder runs
+HF Gemma 2's eager attention (SDPA has no soft cap) and transformers' Gemma2ForCausalLM (its default attention,
+eager) is the further provider.
     python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama|gemma2]
                                       [--autocast auto|on|off] [--prefill 512]
 --prefill T also times the prefill of one T-token prompt (the issue 17 goal: 512 tokens, bf16 vs torch bf16).
@@ -58,9 +58,9 @@ SHAPES = {
     },
     "gemma2": {  # Gemma-2-2B: C 2304, 26 layers, 8 heads and 4 kv heads of 256, MLP 9216, V 256000, window 4096
         "Gemma2-like 4L-576 V=8192": ("gemma2", dict(vocab_size=8192, n_layer=4, n_head=4, n_kv_head=2, head_dim=128,
-                                                     n_embd=576, mlp_hidden=2304, sliding_window=32)),
+                                                     n_embd=576, mlp_hidden=2304, sliding_window=8)),
         "Gemma-2-2B 2L V=32768": ("gemma2", dict(vocab_size=32768, n_layer=2, n_head=8, n_kv_head=4, head_dim=256,
-                                                 n_embd=2304, mlp_hidden=9216, sliding_window=32)),
+                                                 n_embd=2304, mlp_hidden=9216, sliding_window=8)),
     },
 }
 # Gemma 2's choices (transformers' Gemma2Config defaults)
@@ -93,6 +93,8 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
     from fastllm import rope
 
     warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")  # deprecated, still quantize_dynamic's
+    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")  # autocast: a post-norm's
+    # bf16 input with its fp32 weight (torch's unfused rms_norm, as an autocast user gets)
     cfg = model.config
     dtype = dtype or torch.float32
     P = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in model.p.items()}
