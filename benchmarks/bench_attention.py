@@ -14,10 +14,11 @@ accumulates into it.
 alone or together: fastllm's options against what a PyTorch user runs for them: torch SDPA with a boolean
 sliding-window causal attn_mask for the window alone (HF's sdpa path for Mistral / Gemma sliding layers), and with
 a softcap, which SDPA lacks, HF Gemma 2's eager attention (q k^T * scale, C * tanh(. / C), the mask, softmax in
-float32, @ v). GFLOP/s then counts the visible (windowed causal) pairs only, T*W - W^2/2 for W < T, for both
-sides (torch computes all T^2 scores: its figure is the useful work's rate). --window adds shapes where the window
-matters: (1, 8, 4096, hs) on the CPU for hs 128 (--quick) and 256 (Gemma's), (B*T = 16384, 8, T, hs) on the GPU for
-T 4096, 8192 and hs 128, 256 (hs 256 runs fastllm's rows kernels: the tensor-core ones take hs 64 and 128).
+float32, @ v). GFLOP/s then counts the visible (windowed causal) pairs only, T*W - W^2/2 for W < T, for both sides
+(a rate of useful work: torch's eager path computes all T^2 scores). --window adds shapes where the window
+matters: (1, 8, 4096, hs) on the CPU for hs 128 and 256 (Gemma's; --quick: 128 only), (B*T = 16384, 8, T, hs) on the
+GPU for T 4096, 8192 and hs 128, 256 (--quick: T 4096, hs 128) (hs 256 runs fastllm's rows kernels: the tensor-core
+ones take hs 64 and 128).
 --simple (GPU) adds the reference rows kernels (FASTLLM_CUDA_ATTN=simple) at the smallest T (they are slow)."""
 
 from __future__ import annotations
