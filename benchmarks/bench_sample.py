@@ -8,9 +8,14 @@ torch.autocast("cpu", dtype=torch.bfloat16) (the weights cast to bf16 at every m
 script samples; by default only on a CPU with AVX512_BF16 or AMX), all interleaved. GPT-2 shapes by default; --arch
 llama: Llama-family models (RoPE, RMSNorm, SwiGLU, grouped-query attention) with random weights in the shapes of
 SmolLM2-135M and Qwen2.5-0.5B, and HF transformers' LlamaForCausalLM / Qwen2ForCausalLM on the same weights as a
-further provider.
-    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama] [--autocast auto|on|off]
-                                      [--prefill 512]
+further provider; --arch gemma2: Gemma 2's choices (GeGLU, embeddings times sqrt(C), norms after each branch too,
+attention scores scaled by query_pre_attn_scalar**-0.5 and soft-capped at 50, final logits at 30, every other layer
+sliding) in a small model (--quick) and in Gemma-2-2B's widths with 2 layers and a 32768-token vocabulary, both with a
+window of 8 tokens, shorter than the prompt, so that the prefill and every decode step slide; the torch decoder runs
+HF Gemma 2's eager attention (SDPA has no soft cap) and transformers' Gemma2ForCausalLM (its default attention,
+eager) is the further provider.
+    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama|gemma2]
+                                      [--autocast auto|on|off] [--prefill 512]
 --prefill T also times the prefill of one T-token prompt (the issue 17 goal: 512 tokens, bf16 vs torch bf16).
     python benchmarks/bench_sample.py --quality-ckpt fastllm-demo/run --quality-data fastllm-demo/data
 measures instead what bf16, int8 and w8a8 cost in validation loss on a trained checkpoint (see quality)."""
@@ -26,29 +31,60 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from common import AUTOCAST_OPTION, bench, cli, header, print_table, set_threads, with_autocast  # noqa: E402
+from common import (  # noqa: E402
+    AUTOCAST_OPTION,
+    bench,
+    cli,
+    header,
+    print_table,
+    set_threads,
+    sliding_mask,
+    torch_attention,
+    with_autocast,
+)
 
 from fastllm import _C, ops  # noqa: E402
 from fastllm.model import GPT, MATRICES, MODERN, GPTConfig, KVCache  # noqa: E402
 
-# random weights in the shapes of real checkpoints (their config.json), and the HF family that loads them
-LLAMA_SHAPES = {
-    "SmolLM2-135M": ("llama", dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, mlp_hidden=1536,
-                                   rope_theta=100000.0, layernorm_eps=1e-5)),
-    "Qwen2.5-0.5B": ("qwen2", dict(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, mlp_hidden=4864,
-                                   rope_theta=1000000.0, layernorm_eps=1e-6, qkv_bias=True)),
+# random weights in the shapes of real checkpoints (their config.json), and the HF family that loads them; --quick
+# runs the first of an arch
+SHAPES = {
+    "llama": {
+        "SmolLM2-135M": ("llama", dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                                       mlp_hidden=1536, rope_theta=100000.0, layernorm_eps=1e-5)),
+        "Qwen2.5-0.5B": ("qwen2", dict(vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, n_embd=896,
+                                       mlp_hidden=4864, rope_theta=1000000.0, layernorm_eps=1e-6, qkv_bias=True)),
+    },
+    "gemma2": {  # Gemma-2-2B: C 2304, 26 layers, 8 heads and 4 kv heads of 256, MLP 9216, V 256000, window 4096
+        "Gemma2-like 4L-576 V=8192": ("gemma2", dict(vocab_size=8192, n_layer=4, n_head=4, n_kv_head=2, head_dim=128,
+                                                     n_embd=576, mlp_hidden=2304, sliding_window=8)),
+        "Gemma-2-2B 2L V=32768": ("gemma2", dict(vocab_size=32768, n_layer=2, n_head=8, n_kv_head=4, head_dim=256,
+                                                 n_embd=2304, mlp_hidden=9216, sliding_window=8)),
+    },
 }
+# Gemma 2's choices (transformers' Gemma2Config defaults)
+GEMMA2 = dict(MODERN, mlp="geglu", layernorm_eps=1e-6, post_norms=True, attn_softcap=50.0, logit_softcap=30.0)
 
 
-def llama_config(shape: dict) -> GPTConfig:
-    return GPTConfig(**{**MODERN, "mlp": "swiglu", "block_size": 2048, **shape})
+def model_config(arch: str, shape: dict) -> GPTConfig:
+    """The GPTConfig of a SHAPES entry: Llama's choices with SwiGLU, or Gemma 2's (embeddings times sqrt(C), scores
+    times query_pre_attn_scalar**-0.5 with the scalar the head size as in Gemma-2-2B, the layers from the first on
+    sliding every other one)."""
+    if arch == "gemma2":
+        kinds = [("sliding_attention", "full_attention")[l % 2] for l in range(shape["n_layer"])]
+        arch_fields = dict(GEMMA2, embed_scale=shape["n_embd"] ** 0.5, attn_scale=shape["head_dim"] ** -0.5,
+                           layer_types=kinds)
+    else:
+        arch_fields = dict(MODERN, mlp="swiglu")
+    return GPTConfig(**{**arch_fields, "block_size": 2048, **shape})
 
 
 def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = False):
-    """A nanoGPT-style eager decoder of model's architecture (GPT-2 or the Llama family) with a preallocated KV cache
-    of the kv heads for max_len positions (torch.inference_mode, SDPA with grouped-query attention). int8: its linear
+    """A nanoGPT-style eager decoder of model's architecture (GPT-2, the Llama family or Gemma 2) with a preallocated
+    KV cache of the kv heads for max_len positions (torch.inference_mode, SDPA with grouped-query attention; with
+    Gemma 2's options common.torch_attention: a sliding layer reads the last `window` rows of its cache, as HF's
+    sliding-window cache layers hold them, and the soft-capped scores take HF Gemma 2's eager path). int8: its linear
     layers and lm-head as torch.ao.quantization.quantize_dynamic makes them (the int8 inference a PyTorch user runs
     on a CPU): int8 weights with a scale per output channel, activations quantized per call (fbgemm/x86)."""
     import torch
@@ -57,6 +93,8 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
     from fastllm import rope
 
     warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")  # deprecated, still quantize_dynamic's
+    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")  # autocast: a post-norm's
+    # bf16 input with its fp32 weight (torch's unfused rms_norm, as an autocast user gets)
     cfg = model.config
     dtype = dtype or torch.float32
     P = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in model.p.items()}
@@ -97,10 +135,26 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
         half = hs // 2
         return x * cos[pos:pos + Tn] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[pos:pos + Tn]
 
+    def post(x, branch, l):  # Gemma 2: a norm on the branch's output too
+        return norm(x, branch + ".post_norm", l) if cfg.post_norms else x
+
+    def attend(q, l, pos, Tn, masks):
+        """q (B, NH, Tn, hs) of positions pos.. against layer l's cache."""
+        window, cap = cfg.window(l), cfg.attn_softcap
+        if window is None and cap is None:  # plain causal attention
+            return F.scaled_dot_product_attention(q, kc[l, :, :, :pos + Tn], vc[l, :, :, :pos + Tn],
+                                                  is_causal=Tn > 1, scale=cfg.attn_scale, enable_gqa=NKV != NH)
+        first = 0 if window is None else max(0, pos - window + 1)  # the first row a new query sees
+        if Tn > 1 and window not in masks:  # a prefill's mask, made once per step and kind of layer
+            masks[window] = sliding_mask(torch, Tn, pos + Tn - first, window)
+        return torch_attention(q, kc[l, :, :, first:pos + Tn], vc[l, :, :, first:pos + Tn], masks.get(window),
+                               cfg.attn_scale, cap)
+
     @torch.inference_mode()
     def step(idx: torch.Tensor, pos: int) -> torch.Tensor:
         Tn = idx.shape[1]
-        x = P["wte"][idx] + (P["wpe"][pos:pos + Tn] if "wpe" in P else 0)
+        x = P["wte"][idx] * (cfg.embed_scale or 1.0) + (P["wpe"][pos:pos + Tn] if "wpe" in P else 0)
+        masks = {}
         for l in range(L):
             h = norm(x, "ln_1", l)
             qkv = linear(h, "attn.c_attn.weight", l)
@@ -111,27 +165,37 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
                 q, k = rotate(q, pos, Tn), rotate(k, pos, Tn)
             kc[l, :, :, pos:pos + Tn] = k
             vc[l, :, :, pos:pos + Tn] = v
-            y = F.scaled_dot_product_attention(q, kc[l, :, :, :pos + Tn], vc[l, :, :, :pos + Tn], is_causal=Tn > 1,
-                                               enable_gqa=NKV != NH)
-            x = x + linear(y.transpose(1, 2).reshape(B, Tn, NH * hs), "attn.c_proj.weight", l)
+            y = attend(q, l, pos, Tn, masks)
+            x = x + post(linear(y.transpose(1, 2).reshape(B, Tn, NH * hs), "attn.c_proj.weight", l), "attn", l)
             h = linear(norm(x, "ln_2", l), "mlp.c_fc.weight", l)
-            if cfg.mlp == "swiglu":
+            if cfg.mlp in ("swiglu", "geglu"):
                 gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate) * up
+                h = (F.silu(gate) if cfg.mlp == "swiglu" else F.gelu(gate, approximate="tanh")) * up
             else:
                 h = F.gelu(h, approximate="tanh")
-            x = x + linear(h, "mlp.c_proj.weight", l)
-        return linear(norm(x[:, -1], "ln_f"), head).float()
+            x = x + post(linear(h, "mlp.c_proj.weight", l), "mlp", l)
+        logits = linear(norm(x[:, -1], "ln_f"), head).float()
+        return logits if cfg.logit_softcap is None else torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
 
     return step
 
 
 def hf_decoder(model: GPT, family: str):
-    """HF transformers' model of `family` on model's weights (float32, SDPA), decoding with its own KV cache."""
+    """HF transformers' model of `family` on model's weights (float32; the config and tensors fastllm's
+    save_pretrained writes), decoding with its own KV cache, in transformers' default attention: SDPA (Llama, Qwen2),
+    eager for Gemma 2 (which has no SDPA path: SDPA has no soft cap)."""
     import torch
-    from torch_gpt import hf_twin
+    import transformers
 
-    hf = hf_twin(model, family, attn="sdpa")
+    from fastllm import hf as fastllm_hf
+
+    config = fastllm_hf.config_to_hf(model.config, prefer=family)
+    config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    missing, unexpected = hf.load_state_dict({k: torch.from_numpy(v) for k, v in
+                                              fastllm_hf.hf_state_dict(model).items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # (tied to the embedding)
+    hf.float().eval()
 
     @torch.inference_mode()
     def run(rows: np.ndarray, n: int) -> np.ndarray:
@@ -344,8 +408,9 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
         quality(quality_ckpt, quality_data, 8 if quick else 16, 256)
         return
     if profile:
-        for name, (_, shape) in LLAMA_SHAPES.items():
-            profile_step(name, llama_config(shape), 1, 16, 8)
+        shapes = "gemma2" if arch == "gemma2" else "llama"
+        for name, (_, shape) in SHAPES[shapes].items():
+            profile_step(name, model_config(shapes, shape), 1, 16, 8)
         return
     ac = with_autocast(autocast)
     head = ["model", "B", "new", "fastllm", "torch", "torch/fastllm", "same", "fastllm bf16w", "torch bf16",
@@ -354,11 +419,9 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
             "torch int8/fastllm w8a8", "torch bf16/fastllm w8a8", "same w8a8"]
     head += ["torch autocast", "torch autocast/fastllm bf16w"] if ac else []
     rows = []
-    if arch == "llama":
-        for name, (family, shape) in LLAMA_SHAPES.items():
-            if quick and name != "SmolLM2-135M":
-                continue
-            cfg = llama_config(shape)
+    if arch in SHAPES:
+        for name, (family, shape) in list(SHAPES[arch].items())[:1 if quick else None]:
+            cfg = model_config(arch, shape)
             for B in (1, 8):
                 rows.append(case(name, cfg, B, 16, 16 if quick else 32, 2 if quick else 3, family, ac))
         head += ["transformers", "transformers/fastllm", "same hf"]
@@ -377,7 +440,7 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
           "activations (per row, integer products)")
     print_table(rows, head)
     if prefill:
-        cfgs = {n: llama_config(sh) for n, (_, sh) in LLAMA_SHAPES.items()} if arch == "llama" else \
+        cfgs = {n: model_config(arch, sh) for n, (_, sh) in SHAPES[arch].items()} if arch in SHAPES else \
             {"6L-384 V=4096": small, **({"gpt2 124M": GPTConfig.preset("gpt2", vocab_size=50257)} if gpt2 else {})}
         rows = [prefill_case(n, c, min(prefill, c.block_size), 2 if quick else 3, ac) for n, c in cfgs.items()]
         how = ("the snapshot packed for the bf16 GEMM (ops.Bf16Panels), every row on it" if ops.bf16_panels_preferred()
@@ -393,11 +456,13 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
 
 if __name__ == "__main__":
     cli(run, __doc__, gpt2="also GPT-2 124M", autocast=AUTOCAST_OPTION,
-        profile="instead of the table: where one decode step's time goes, by op, in the --arch llama shapes (B=1)",
+        profile="instead of the table: where one decode step's time goes, by op, in the --arch llama (or gemma2) "
+                "shapes (B=1)",
         prefill=("also time the prefill of one prompt of this many tokens (at most the block size; 0: no), e.g. 512",
                  0),
         quality_ckpt=("instead of the table: validation loss of the decoders (fp32, bf16, int8 weights) on this "
                       "trained checkpoint, e.g. fastllm-demo/run after `fastllm demo`", ""),
         quality_data=("the prepared data folder whose val split --quality-ckpt reads, e.g. fastllm-demo/data", ""),
-        arch=("the model family: gpt2 (GPT-2 shapes) or llama (SmolLM2-135M and Qwen2.5-0.5B shapes, random weights)",
-              "gpt2", "gpt2", "llama"))
+        arch=("the model family: gpt2 (GPT-2 shapes), llama (SmolLM2-135M and Qwen2.5-0.5B shapes) or gemma2 "
+              "(Gemma 2's options, a small model and Gemma-2-2B's widths in 2 layers), random weights", "gpt2",
+              "gpt2", "llama", "gemma2"))

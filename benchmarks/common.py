@@ -123,6 +123,36 @@ def torch_on(device: str):
     return torch
 
 
+def sliding_mask(torch, Tq: int, Tk: int, window: int | None = None, device: str = "cpu"):
+    """(Tq, Tk) bool, True where a query sees a key, the queries being the last Tq of the Tk positions (a KV cache's
+    new rows): query t sees key s iff s <= t and t - s < window (None: every s <= t), as fastllm's attention.
+    >>> sliding_mask(torch, 3, 3, 2).int().tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 1, 1]]"""
+    t = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    gap = t - torch.arange(Tk, device=device)[None, :]
+    return (gap >= 0) & (gap < window) if window else gap >= 0
+
+
+def torch_attention(q, k, v, mask=None, scale: float | None = None, softcap: float | None = None):
+    """What a PyTorch user runs for attention with these options, q (B, NH, Tq, hs), k, v (B, NKV, Tk, hs) ->
+    (B, NH, Tq, hs); mask: a sliding_mask, True = visible (None: every key visible). Without a softcap SDPA, the mask
+    as a boolean attn_mask (HF's sdpa path for sliding layers); with one, which SDPA lacks, HF Gemma 2's eager
+    attention: q k^T * scale, softcap * tanh(. / softcap), the mask, softmax in float32, @ v (kv heads repeated)."""
+    import torch
+    import torch.nn.functional as F
+
+    NH, NKV = q.shape[1], k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=NKV != NH)
+    if NKV != NH:
+        k, v = k.repeat_interleave(NH // NKV, dim=1), v.repeat_interleave(NH // NKV, dim=1)
+    att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    att = torch.tanh(att / softcap) * softcap
+    if mask is not None:
+        att = torch.where(mask, att, float("-inf"))
+    return att.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 def to_torch(x, device: str, dtype: str = "float32"):
     """A numpy array as a torch tensor on `device` (float arrays in `dtype`, integer arrays as int64)."""
     import numpy as np
