@@ -16,7 +16,8 @@ simple one, so tests can compare both on the GPU):
              each lane computes partial dots of its hs/32 slice with all 32 keys and a transpose-reduce of 31
              shuffles leaves lane j with the score of key j (coalesced key loads, no shared memory); online softmax
              in base 2 (scale*log2(e) folded into q); the 4 warps' (max, sum, acc) are merged in shared memory.
-             The same kernel serves attention_kv_forward (keys from the cache, row length pos[b] + t + 1) and
+             The same kernel serves attention_kv_forward (keys from the cache, row length pos[b] + t + 1, key s at
+             cache row s % maxT: a ring cache reads a chunk as at most two contiguous row ranges) and
              splits long rows over several blocks (flash-decoding: partial (max, sum, acc) to a scratch buffer,
              then a merge kernel) when there are too few rows to fill the GPU.
    backward: D = rowsum(dout * out) (a preprocessing kernel, shared with the fast path); dq by rows (one block per
