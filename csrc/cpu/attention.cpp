@@ -966,15 +966,17 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 static void attend_group(float* out, float* scores, const float* q, int64_t ng_, const float* K, const float* Vc,
                          int64_t first, int64_t n, int64_t ring, int64_t hs, float scale, float softcap) {
     const int64_t ng = NG ? NG : ng_;
-    const auto row = [&](int64_t s) { return (first + s < ring ? first + s : first + s - ring) * hs; };
+    // two contiguous row ranges: keys s < n1 at row first + s, the others (a ring that wraps) at row s - n1
+    const int64_t n1 = std::min(n, ring - first);
     for (int64_t s = 0; s < n; s++) {
-        const float* k = K + row(s);
+        const int64_t r = s < n1 ? first + s : s - n1;
+        const float* k = K + r * hs;
         // the cache is cold during decoding (weights stream through L3 between layers): fetch the key row
         // 8 ahead, and this row of V (used by the weighted sum below) into L2
-        const float* k_ahead = s + 8 < n ? K + row(s + 8) : k;  // stay inside this sequence's rows
+        const float* k_ahead = r + 8 < ring && s + 8 < n ? k + 8 * hs : k;  // stay inside this sequence's rows
         for (int64_t i = 0; i < hs; i += 16) {
             __builtin_prefetch(k_ahead + i, 0, 3);
-            __builtin_prefetch(Vc + row(s) + i, 0, 2);
+            __builtin_prefetch(Vc + r * hs + i, 0, 2);
         }
         for (int64_t g = 0; g < ng; g++) {
             const float* qg = q + g * hs;
@@ -996,7 +998,7 @@ static void attend_group(float* out, float* scores, const float* q, int64_t ng_,
         for (int64_t i = 0; i < hs; i++) out[g * hs + i] = 0.0f;
     }
     for (int64_t s = 0; s < n; s++) {
-        const float* v = Vc + row(s);
+        const float* v = Vc + (s < n1 ? first + s : s - n1) * hs;
         for (int64_t g = 0; g < ng; g++) {
             const float w = scores[g * n + s];
             float* o = out + g * hs;
