@@ -462,8 +462,11 @@ static void attention_kv_forward_py(py::array out, py::array kcache, py::array v
     float* o = out_ptr<float>(out, "out", {B, Tn, C});
     check_outputs({{&out, "out"}, {&kcache, "kcache"}, {&vcache, "vcache"}}, {{&qkv, "qkv"}, {&pos, "pos"}});
     for (int64_t b = 0; b < B; b++)
-        FASTLLM_CHECK(p[b] >= 0 && p[b] + Tn <= maxT, "pos[", b, "] = ", p[b], " + ", Tn,
-                      " new tokens does not fit the cache of max_T=", maxT);
+        FASTLLM_CHECK(fastllm::kv_rows_fit(p[b], Tn, maxT, window), "pos[", b, "] = ", p[b], " + ", Tn,
+                      " new tokens does not fit the cache of max_T=", maxT,
+                      window > 0 ? " (a ring cache with window=" + std::to_string(window) +
+                                       " needs max_T >= window + Tn - 1 = " + std::to_string(window + Tn - 1) + ")"
+                                 : std::string());
     py::gil_scoped_release nogil;
     fastllm::cpu::attention_kv_forward(o, kc, vc, x, p, B, Tn, C, NH, NKV, maxT, opt, bf16);
 }

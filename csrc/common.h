@@ -125,6 +125,17 @@ struct AttentionOpts {
     }
 };
 
+// ---- KV cache rows (attention_kv_forward, CPU and CUDA): the key/value of absolute position p lives at row p % maxT
+// of its (b, kv head) cache; while every position fits (p < maxT) that is row p. With a sliding window the cache may
+// be a ring shorter than the positions: Tn new tokens at positions P .. P+Tn-1 are valid iff P >= 0 and either
+// P + Tn <= maxT (nothing wraps) or window > 0 and maxT >= window + Tn - 1. Why that suffices: writing the new rows
+// overwrites positions P+t-maxT (t < Tn), the newest being P+Tn-1-maxT; the oldest key any new query P+t needs is
+// P+t-window+1 >= P-window+1. So no needed key is lost iff P+Tn-1-maxT < P-window+1, i.e. maxT >= window + Tn - 1
+// (then also Tn <= maxT: the new rows are distinct, and a query's <= window keys are distinct rows).
+inline bool kv_rows_fit(int64_t pos, int64_t Tn, int64_t maxT, int64_t window) {
+    return pos >= 0 && (pos + Tn <= maxT || (window > 0 && maxT >= window + Tn - 1));
+}
+
 // ---- CPU features (run-time dispatch; the module itself is compiled for baseline x86-64)
 // What the CPU and the OS provide, read once (csrc/cpu/simd.cpp): CPUID leaf 1 and leaf 7 subleaves 0/1, each
 // AVX/AVX-512/AMX feature counted only when XCR0 (xgetbv) shows that the OS saves its register state. Names

@@ -289,16 +289,16 @@ def test_cuda_attention_vs_torch_sdpa(bk, torch_cuda, shape):
 
 
 def cache_from(bk, seq, pos, NH, maxT):
-    """kcache, vcache (B, NH, maxT, hs) on the device holding the keys/values of seq (B, T, 3C) at positions
-    < pos[b], NaN after."""
+    """kcache, vcache (B, NH, maxT, hs) as numpy holding the keys/values of seq (B, T, 3C) at positions < pos[b],
+    position p at row p % maxT (the last one written wins: a ring cache), NaN in rows never written."""
     B, C = seq.shape[0], seq.shape[2] // 3
     hs = C // NH
     kc = np.full((B, NH, maxT, hs), np.nan, np.float32)
     vc = np.full_like(kc, np.nan)
     for b in range(B):
-        p = int(pos[b])
-        kc[b, :, :p] = seq[b, :p, C : 2 * C].reshape(p, NH, hs).transpose(1, 0, 2)
-        vc[b, :, :p] = seq[b, :p, 2 * C :].reshape(p, NH, hs).transpose(1, 0, 2)
+        for p in range(int(pos[b])):
+            kc[b, :, p % maxT] = seq[b, p, C : 2 * C].reshape(NH, hs)
+            vc[b, :, p % maxT] = seq[b, p, 2 * C :].reshape(NH, hs)
     return kc, vc
 
 
@@ -544,6 +544,102 @@ def test_kv_cache_options_prompt_then_decode(bk, NH, hs, opts):
     for b in range(B):
         full, _ = bk.ops.attention_forward(bk.put(seq[b : b + 1, : pos[b]]), NH, **opts)
         assert_rel(got[b, -1], bk.get(full)[0, -1], 2 * tol["out"], f"kv vs full forward row {b}")
+
+
+@pytest.mark.backends(variants=("cpu",))
+@pytest.mark.parametrize("window,NH,hs,opts", [(1, 2, 64, {}), (5, 3, 32, dict(softcap=2.0)), (16, 2, 80, {}),
+                                               (70, 1, 128, dict(scale=0.2))], ids=str)
+def test_kv_cache_ring(bk, window, NH, hs, opts):
+    """A sliding window's cache as a ring of maxT = window + 7 - 1 rows (7: the longest chunk), far shorter than the
+    positions: prefill chunks and decode steps, rows starting before and past the window, run to ~3 rings past it,
+    against the float64 reference of each whole row; the ring then holds the latest position of each row."""
+    B, longest = 3, 7
+    maxT = window + longest - 1
+    steps = [7, 1, 1, 3, 1, 7, 5] * (3 * (maxT + 10) // 25 + 1)
+    C = NH * hs
+    tol = TOL[bk.dtype]
+    pos = np.array([0, 9, maxT + 3], np.int32)
+    seq = bk.rounded(np.random.default_rng(27).standard_normal((B, int(pos.max()) + sum(steps), 3 * C)) * 2.0)
+    kcache, vcache = (bk.put(a) for a in cache_from(bk, seq, pos, NH, maxT))
+    for Tn in steps:
+        chunk = np.stack([seq[b, pos[b] : pos[b] + Tn] for b in range(B)])
+        out = bk.poisoned((B, Tn, C))
+        bk.ops.attention_kv_forward(bk.put(chunk), kcache, vcache, bk.ids(pos), out=out, window=window, **opts)
+        got = bk.get(out)
+        for b in range(B):
+            lo = max(0, int(pos[b]) - window + 1)  # the keys these queries see start at lo or later
+            ref, _ = reference.attention_forward(seq[b : b + 1, lo : pos[b] + Tn], NH, window=window, **opts)
+            assert_rel(got[b], ref[0, pos[b] - lo :], tol["out"], f"step Tn={Tn} row {b} (pos {pos[b]})")
+        pos += Tn
+    assert pos.min() > 3 * maxT
+    np.testing.assert_array_equal(bk.get(kcache), cache_from(bk, seq, pos, NH, maxT)[0])
+    np.testing.assert_array_equal(bk.get(vcache), cache_from(bk, seq, pos, NH, maxT)[1])
+
+
+@pytest.mark.backends(variants=("cpu",))
+@pytest.mark.parametrize("Tn", [1, 5])
+def test_kv_cache_long_ring(bk, Tn):
+    """A long window's ring (maxT = window + Tn - 1) at positions several rings past it: the GPU's split keys of a
+    row (flash-decoding) wrap around the ring's end."""
+    B, NH, hs, window = 2, 2, 64, 1500
+    maxT = window + Tn - 1
+    C = NH * hs
+    pos = np.array([4000, 2 * maxT - 2], np.int32)
+    seq = bk.rounded(np.random.default_rng(28).standard_normal((B, int(pos.max()) + Tn, 3 * C)))
+    kcache, vcache = (bk.put(a) for a in cache_from(bk, seq, pos, NH, maxT))
+    got = kv_step_window(bk, seq, pos, Tn, kcache, vcache, window)
+    for b in range(B):
+        lo = int(pos[b]) - window + 1
+        ref = ops.attention_forward(seq[b : b + 1, lo : pos[b] + Tn], NH, window=window)[0]  # the CPU kernel
+        assert_rel(got[b], ref[0, window - 1 :], TOL[bk.dtype]["out"], f"row {b}")
+
+
+def kv_step_window(bk, seq, pos, Tn, kcache, vcache, window):
+    B, C = seq.shape[0], seq.shape[2] // 3
+    chunk = np.stack([seq[b, pos[b] : pos[b] + Tn] for b in range(B)])
+    out = bk.poisoned((B, Tn, C))
+    bk.ops.attention_kv_forward(bk.put(chunk), kcache, vcache, bk.ids(pos), out=out, window=window)
+    return bk.get(out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_cache_ring_equals_full_cache_cpu(dtype):
+    """On the CPU a ring gives the bits of a cache that keeps every position (the same key tiles, read from other
+    rows) for the prefill's fp32 and bf16 tile products, and the decode steps up to rounding."""
+    B, NH, NKV, hs, window, longest = 2, 4, 2, 64, 100, 70
+    W = (NH + 2 * NKV) * hs
+    steps = [70, 1, 1, 33, 1, 70, 70, 1, 5, 70, 1] * 2
+    pos = np.array([0, 20], np.int32)
+    seq = np.random.default_rng(29).standard_normal((B, 20 + sum(steps), W)).astype(np.float32)
+    full = [np.zeros((B, NKV, seq.shape[1], hs), np.float32) for _ in range(2)]
+    ring = [np.zeros((B, NKV, window + longest - 1, hs), np.float32) for _ in range(2)]
+    for Tn in steps:
+        chunk = np.stack([seq[b, pos[b] : pos[b] + Tn] for b in range(B)])
+        a, b = (ops.attention_kv_forward(chunk, *cache, pos, n_kv_head=NKV, dtype=dtype, window=window)
+                for cache in (full, ring))
+        if Tn > 1:  # the prefill packs the keys into aligned scratch: the same sums
+            np.testing.assert_array_equal(a, b, err_msg=f"Tn={Tn} pos {pos}")
+        else:  # a step reads the rows in place: the vectorized dot may split its sums by the arrays' alignment
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"Tn={Tn} pos {pos}")
+        pos += Tn
+    assert pos.min() > 3 * ring[0].shape[2]
+
+
+@pytest.mark.parametrize("window,maxT,Tn,pos,ok", [
+    (None, 8, 3, [0, 5], True), (None, 8, 3, [0, 6], False),  # no window: pos + Tn <= maxT
+    (4, 8, 5, [0, 100], True), (4, 8, 6, [0, 100], False),  # a ring: maxT >= window + Tn - 1 = 8, 9
+    (4, 8, 6, [0, 2], True),  # too short for a ring, but every position fits
+    (9, 8, 1, [0, 8], False), (8, 8, 1, [3, 1000], True)], ids=str)
+def test_kv_cache_ring_sizes(bk, window, maxT, Tn, pos, ok):
+    """Positions past maxT need a window and a ring long enough for it: a ValueError naming the sizes otherwise."""
+    B, NH, hs = 2, 2, 16
+    kc, vc = bk.zeros((B, NH, maxT, hs)), bk.zeros((B, NH, maxT, hs))
+    qkv = bk.zeros((B, Tn, 3 * NH * hs))
+    if ok:
+        bk.ops.attention_kv_forward(qkv, kc, vc, np.array(pos), window=window)
+    else:
+        with pytest.raises(ValueError, match=f"max_T={maxT}" + ("" if window is None else ".*window")):
+            bk.ops.attention_kv_forward(qkv, kc, vc, np.array(pos), window=window)
 
 
 @pytest.mark.parametrize("bad,err,match", [

@@ -155,7 +155,8 @@ def test_kv_cache_equals_full_forward(name, arch):
     rng = np.random.default_rng(5)
     rows = [list(rng.integers(0, 97, n)) for n in (7, 3, 11)]
     cache = model.kv_cache(3, max_len=20)
-    assert cache.k.shape == (2, 3, model.config.kv_heads, 20, model.config.head_size)  # only the kv heads
+    n_full = sum(model.config.window(l) is None for l in range(2))
+    assert cache.k.shape == (n_full, 3, model.config.kv_heads, 20, model.config.head_size)  # only the kv heads
     logits = cache.prefill(rows)
     for step in range(4):
         for b, r in enumerate(rows):
@@ -165,6 +166,36 @@ def test_kv_cache_equals_full_forward(name, arch):
         for b in range(3):
             rows[b].append(int(nxt[b]))
         logits = cache.decode(nxt)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_kv_cache_ring_equals_full_forward(name, arch):
+    """Sliding layers keep a ring of 2 * window - 1 rows: prompts longer than the window (prefilled in chunks of
+    window tokens), then decode steps far past it, and a row copied (copy_row) after its ring wrapped: every step's
+    logits equal those of a full forward over the sequence so far."""
+    model = make(arch, seed=5, device=name, block_size=96).eval()
+    cfg, tol = model.config, 1e-4 if name == "cpu" else 2e-3
+    window = cfg.sliding_window
+    rng = np.random.default_rng(5)
+    rows = [list(rng.integers(0, 97, n)) for n in (23, 3, 11, 2)]
+    cache = model.kv_cache(4)
+    assert cache.k.shape == (1, 4, cfg.kv_heads, 96, cfg.head_size)  # the full layer
+    assert cache.k_ring.shape == (1, 4, cfg.kv_heads, 2 * window - 1, cfg.head_size)  # the sliding one
+    assert cache.rows == [2 * window - 1, 96]
+    logits = cache.prefill(rows)
+    for step in range(30 if name == "cpu" else 16):
+        if step == 8:  # row 3 continues row 2 (whose ring has wrapped)
+            cache.copy_row(2, 3)
+            rows[3], logits[3] = list(rows[2]), logits[2]
+        for b, r in enumerate(rows):
+            full = model.forward(np.array([r]))[0, -1]
+            assert rel_err(logits[b], full) <= tol, (step, b)
+        nxt = rng.integers(0, 97, 4)
+        for b in range(4):
+            rows[b].append(int(nxt[b]))
+        logits = cache.decode(nxt)
+    assert min(map(len, rows)) > 3 * window
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat", "gemma3"])

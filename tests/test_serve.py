@@ -34,7 +34,7 @@ pytest.importorskip("uvicorn")
 
 from serve_process import Server  # noqa: E402
 
-from fastllm.serve import Engine, Request, ServeConfig, model_name, slots_within  # noqa: E402
+from fastllm.serve import Engine, Request, ServeConfig, kv_slot_bytes, model_name, slots_within  # noqa: E402
 
 ANSWER = "héllo wörld ☃ ça va? ✓"
 EOT, START, END = 256, 257, 258
@@ -215,6 +215,23 @@ def test_engine_limits():
         slots_within(model, 16, None, 1 / 1024)
     with pytest.raises(ValueError, match="tokenizer has 259 ids but the model only 100"):
         Engine(GPT(GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=1, n_embd=8)), byte_tok())
+
+
+def test_engine_kv_budget_counts_the_rings():
+    """Sliding layers cost a ring of 2 * window - 1 rows, not max_len: a slot of a model with one sliding and one
+    full layer is (15 + 64) / 128 of one with two full layers, so a KV budget holds more slots; the engine's cache
+    is that size."""
+    kw = dict(block_size=64, vocab_size=259, n_layer=2, n_head=2, n_embd=32, positions="rope")
+    full = GPT(GPTConfig(**kw), seed=1).eval()
+    sliding = GPT(GPTConfig(**kw, sliding_window=8, layer_types=["sliding_attention", "full_attention"]), seed=1)
+    row = 2 * 2 * 16 * 4  # keys and values of one position of one layer, float32
+    assert kv_slot_bytes(full, 64) == 128 * row and kv_slot_bytes(sliding, 64) == (15 + 64) * row
+    budget = 10 * 128 * row / 2**20  # 10 slots of the full model
+    assert slots_within(full, 32, None, budget) == 10 and slots_within(sliding, 32, None, budget) == 16
+    engine = Engine(sliding.eval(), byte_tok(), max_batch=3)
+    cache = engine.cache
+    assert engine.kv_bytes == 3 * (15 + 64) * row == sum(a.nbytes for a in (cache.k, cache.v, cache.k_ring,
+                                                                             cache.v_ring))
 
 
 def test_engine_never_samples_ids_the_tokenizer_lacks():

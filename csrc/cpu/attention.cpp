@@ -733,6 +733,7 @@ inline void prefetch_row(const float* p, int64_t n) {
 }
 // Keys and values from a KV cache (inference): kcache/vcache (B, NKV, maxT, hs) already hold the new rows, and the T
 // queries of sequence b are its positions pos[b] .. pos[b] + T - 1, each seeing the keys up to its own position.
+// Position p is at row p % maxT (a ring with a sliding window, kv_rows_fit in common.h).
 struct CacheKV {
     const float *k, *v;
     int64_t maxT;
@@ -745,9 +746,14 @@ template <class Isa>
 void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t T, int64_t C, int64_t NH,
                    int64_t NKV, const AttentionOpts& opt, const CacheKV* cache = nullptr) {
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs, hsp = round_up(hs, 16), Tp = round_up(T, kBc);
-    const int64_t max_off = cache ? *std::max_element(cache->pos, cache->pos + B) : 0;
-    const int64_t Tkp = round_up(max_off + T, kBc);  // keys of the longest sequence, padded
     const Score sc(opt, hs);
+    // the packed keys of a sequence at position off: from the start of the key tile of its first query's window (0
+    // without a window or cache) to its last query, so that a long cache costs only the window
+    const auto key0 = [&](int64_t off) { return first_key(off, sc.window) / kBc * kBc; };
+    int64_t max_keys = T;
+    for (int64_t b = 0; cache && b < B; b++)
+        max_keys = std::max<int64_t>(max_keys, cache->pos[b] + T - key0(cache->pos[b]));
+    const int64_t Tkp = round_up(max_keys, kBc);  // keys of the longest sequence, padded
     // per thread: K^T panels (Tkp*hs), Q (Tp x hsp), K, V (Tkp x hsp), O tile (kBr x hsp), S (kBr x kBc), m, l
     const int64_t oKT = 0, oQ = oKT + round_up(Tkp * hs, 16), oK = oQ + Tp * hsp, oV = oK + Tkp * hsp,
                   oO = oV + Tkp * hsp, oS = oO + kBr * hsp, oM = oS + kBr * kBc, oL = oM + kBr, total = oL + kBr;
@@ -760,22 +766,25 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < B * NH; bh++) {
             const int64_t b = bh / NH, h = bh % NH, off = cache ? cache->pos[b] : 0, Tk = off + T;
+            const int64_t k0 = cache ? key0(off) : 0;   // packed key i is position k0 + i (k0 a multiple of kBc)
             const float* q = qkv + b * T * W + h * hs;  // q of (b, 0, h)
             const int64_t kv_row = cache ? hs : W;      // k, v of its kv head: cache rows or qkv rows
+            const int64_t ring = cache ? cache->maxT : Tk;  // position p at row p % ring
             const int64_t at = cache ? (b * NKV + h / G) * cache->maxT * hs : 0;
             const float* k = cache ? cache->k + at : qkv + b * T * W + C + (h / G) * hs;
             const float* v = cache ? cache->v + at : k + NKV * hs;
-            for (int64_t t = 0; t < Tk; t++) {  // key row t; query row t - off
+            for (int64_t t = k0, r = k0 % ring; t < Tk; t++, r = r + 1 == ring ? 0 : r + 1) {  // key t at row r
                 if (t + kPrefetch < Tk) {
+                    const int64_t ra = r + kPrefetch < ring ? r + kPrefetch : r + kPrefetch - ring;
                     if (t + kPrefetch >= off) prefetch_row(q + (t + kPrefetch - off) * W, hs);
-                    prefetch_row(k + (t + kPrefetch) * kv_row, hs);
-                    prefetch_row(v + (t + kPrefetch) * kv_row, hs);
+                    prefetch_row(k + ra * kv_row, hs);
+                    prefetch_row(v + ra * kv_row, hs);
                 }
                 if (t >= off) std::memcpy(Q + (t - off) * hsp, q + (t - off) * W, hs * sizeof(float));
-                std::memcpy(K + t * hsp, k + t * kv_row, hs * sizeof(float));
-                std::memcpy(V + t * hsp, v + t * kv_row, hs * sizeof(float));
+                std::memcpy(K + (t - k0) * hsp, k + r * kv_row, hs * sizeof(float));
+                std::memcpy(V + (t - k0) * hsp, v + r * kv_row, hs * sizeof(float));
             }
-            Isa::transpose_panels(KT, K, hsp, Tk, hs);
+            Isa::transpose_panels(KT, K, hsp, Tk - k0, hs);
             for (int64_t i0 = 0; i0 < T; i0 += kBr) {
                 const int64_t mr = std::min(kBr, T - i0), gi = off + i0;  // gi: the block's first query position
                 const float* Qi = Q + i0 * hsp;
@@ -787,10 +796,11 @@ void forward_tiled(float* out, float* lse, const float* qkv, int64_t B, int64_t 
                     const int64_t nk = std::min(kBc, Tk - j0);
                     const bool diag = j0 + nk - 1 > gi;  // some keys of the tile are causally masked
                     const Tri cols = diag ? kColsLeRow : kFull, kle = diag ? kKLeRow : kFull;
-                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KT + (j0 / kBc) * hs * kBc, kBc, S, kBc, false, cols, gi - j0);
+                    Isa::gemm(mr, kBc, hs, Qi, hsp, 1, KT + ((j0 - k0) / kBc) * hs * kBc, kBc, S, kBc, false, cols,
+                              gi - j0);
                     if (sc.capped()) Isa::softcap(S, mr, sc);
                     Isa::softmax_fwd(S, mr, gi, j0, nk, sc, m, l, O, hsp);
-                    Isa::gemm(mr, hsp, nk, S, kBc, 1, V + j0 * hsp, hsp, O, hsp, true, kle, gi - j0);
+                    Isa::gemm(mr, hsp, nk, S, kBc, 1, V + (j0 - k0) * hsp, hsp, O, hsp, true, kle, gi - j0);
                 }
                 for (int64_t r = 0; r < mr; r++) {
                     const float inv = 1.0f / l[r];
@@ -945,24 +955,28 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 // ---------------------------------------------------------------------------------------------------------
 // KV-cache attention (inference): new tokens attend to the cached keys/values of their sequence.
 
-// The queries q_g = q + g*hs, g < ng, of one kv group and one position attend to the same cache rows 0..n-1 of
-// their kv head: each key and value row is read once for all of them (decoding is bound by the cache reads).
-// scores (ng, n) scratch; out_g = out + g*hs. O(ng * n * hs). NG = 1 fixes ng = 1 at compile time (multi-head
-// attention: the loops over g vanish; with a run-time ng of 1 the code measured ~12% slower), NG = 0 takes ng.
-// softcap > 0: the scores are capped (vectorized tanh) before the softmax.
+// The queries q_g = q + g*hs, g < ng, of one kv group and one position attend to the same n cache rows of their
+// kv head: key s (0..n-1) at row first + s of K, Vc, wrapped to row first + s - ring past the ring's end (a ring
+// cache; rows first .. first+n-1 when they fit). Each key and value row is read once for all of them (decoding is
+// bound by the cache reads). scores (ng, n) scratch; out_g = out + g*hs. O(ng * n * hs). NG = 1 fixes ng = 1 at
+// compile time (multi-head attention: the loops over g vanish; with a run-time ng of 1 the code measured ~12% slower),
+// NG = 0 takes ng. softcap > 0: the scores are capped (vectorized tanh) before the softmax.
 template <int NG>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static void attend_group(float* out, float* scores, const float* q, int64_t ng_, const float* K, const float* Vc,
-                         int64_t n, int64_t hs, float scale, float softcap) {
+                         int64_t first, int64_t n, int64_t ring, int64_t hs, float scale, float softcap) {
     const int64_t ng = NG ? NG : ng_;
+    // two contiguous row ranges: keys s < n1 at row first + s, the others (a ring that wraps) at row s - n1
+    const int64_t n1 = std::min(n, ring - first);
     for (int64_t s = 0; s < n; s++) {
-        const float* k = K + s * hs;
+        const int64_t r = s < n1 ? first + s : s - n1;
+        const float* k = K + r * hs;
         // the cache is cold during decoding (weights stream through L3 between layers): fetch the key row
         // 8 ahead, and this row of V (used by the weighted sum below) into L2
-        const float* k_ahead = s + 8 < n ? k + 8 * hs : k;  // stay inside this sequence's rows
+        const float* k_ahead = r + 8 < ring && s + 8 < n ? k + 8 * hs : k;  // stay inside this sequence's rows
         for (int64_t i = 0; i < hs; i += 16) {
             __builtin_prefetch(k_ahead + i, 0, 3);
-            __builtin_prefetch(Vc + s * hs + i, 0, 2);
+            __builtin_prefetch(Vc + r * hs + i, 0, 2);
         }
         for (int64_t g = 0; g < ng; g++) {
             const float* qg = q + g * hs;
@@ -984,7 +998,7 @@ static void attend_group(float* out, float* scores, const float* q, int64_t ng_,
         for (int64_t i = 0; i < hs; i++) out[g * hs + i] = 0.0f;
     }
     for (int64_t s = 0; s < n; s++) {
-        const float* v = Vc + s * hs;
+        const float* v = Vc + (s < n1 ? first + s : s - n1) * hs;
         for (int64_t g = 0; g < ng; g++) {
             const float w = scores[g * n + s];
             float* o = out + g * hs;
@@ -1000,13 +1014,13 @@ void attention_kv_forward(float* out, float* kcache, float* vcache, const float*
     if (B * Tn == 0) return;
     const int64_t hs = C / NH, G = NH / NKV, W = C + 2 * NKV * hs;
     const float scale = opt.resolved_scale(hs);
-    // 1) append the new keys and values of the kv heads at positions pos[b] .. pos[b] + Tn - 1
+    // 1) append the new keys and values of the kv heads at positions pos[b] .. pos[b] + Tn - 1 (rows p % maxT)
 #pragma omp parallel for collapse(2)
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < Tn; t++)
             for (int64_t hk = 0; hk < NKV; hk++) {
                 const float* src = qkv + (b * Tn + t) * W + C + hk * hs;
-                const int64_t row = ((b * NKV + hk) * maxT + pos[b] + t) * hs;
+                const int64_t p = pos[b] + t, row = ((b * NKV + hk) * maxT + (p < maxT ? p : p % maxT)) * hs;
                 std::copy(src, src + hs, kcache + row);
                 std::copy(src + NKV * hs, src + NKV * hs + hs, vcache + row);
             }
@@ -1034,13 +1048,14 @@ void attention_kv_forward(float* out, float* kcache, float* vcache, const float*
                 for (int64_t part = 0; part < parts; part++) {
                     const int64_t h0 = hk * G + part * per, ng = std::min(per, (hk + 1) * G - h0);
                     if (ng <= 0) continue;
-                    const int64_t s0 = first_key(pos[b], opt.window), n = pos[b] + 1 - s0;  // rows s0 .. pos[b]
-                    const int64_t base = ((b * NKV + hk) * maxT + s0) * hs;
+                    // positions s0 .. pos[b], from row s0 % maxT on
+                    const int64_t s0 = first_key(pos[b], opt.window), n = pos[b] + 1 - s0;
+                    const int64_t first = s0 < maxT ? s0 : s0 % maxT, base = (b * NKV + hk) * maxT * hs;
                     float* o = out + b * C + h0 * hs;
                     const float* q = qkv + b * W + h0 * hs;
                     const float *K = kcache + base, *V = vcache + base;
-                    if (ng == 1) attend_group<1>(o, scores.data(), q, 1, K, V, n, hs, scale, opt.softcap);
-                    else attend_group<0>(o, scores.data(), q, ng, K, V, n, hs, scale, opt.softcap);
+                    if (ng == 1) attend_group<1>(o, scores.data(), q, 1, K, V, first, n, maxT, hs, scale, opt.softcap);
+                    else attend_group<0>(o, scores.data(), q, ng, K, V, first, n, maxT, hs, scale, opt.softcap);
                 }
     }
 }

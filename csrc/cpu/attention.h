@@ -30,9 +30,10 @@ void attention_backward_naive(float* dqkv, const float* dout, const float* qkv, 
                               int64_t B, int64_t T, int64_t C, int64_t NH, int64_t NKV, const AttentionOpts& opt = {});
 
 // Inference with a KV cache. qkv (B, Tn, C + 2*NKV*hs) holds Tn new tokens per sequence; their keys/values are
-// written to kcache, vcache (B, NKV, maxT, hs) at rows pos[b] .. pos[b]+Tn-1, then out (B, Tn, C) is each new
-// query's causal attention over rows 0 .. pos[b]+t of its sequence and kv head (with opt.window, the last window of
-// them; the cache keeps every row). O(B * NH * Tn * (pos + Tn) * hs), O(B * NH * Tn * window * hs) with a window.
+// written to kcache, vcache (B, NKV, maxT, hs) at positions pos[b] .. pos[b]+Tn-1 (position p at row p % maxT), then
+// out (B, Tn, C) is each new query's causal attention over positions 0 .. pos[b]+t of its sequence and kv head (with
+// opt.window, the last window of them: then the cache may be a ring shorter than the positions, see kv_rows_fit in
+// common.h, which the caller checks). O(B * NH * Tn * (pos + Tn) * hs), O(B * NH * Tn * window * hs) with a window.
 // bf16: a prefill's (Tn > 1) tile products in bf16, as attention_forward's; a decode step (Tn = 1) stays fp32.
 void attention_kv_forward(float* out, float* kcache, float* vcache, const float* qkv, const int32_t* pos,
                           int64_t B, int64_t Tn, int64_t C, int64_t NH, int64_t NKV, int64_t maxT,

@@ -16,7 +16,8 @@ simple one, so tests can compare both on the GPU):
              each lane computes partial dots of its hs/32 slice with all 32 keys and a transpose-reduce of 31
              shuffles leaves lane j with the score of key j (coalesced key loads, no shared memory); online softmax
              in base 2 (scale*log2(e) folded into q); the 4 warps' (max, sum, acc) are merged in shared memory.
-             The same kernel serves attention_kv_forward (keys from the cache, row length pos[b] + t + 1) and
+             The same kernel serves attention_kv_forward (keys from the cache, row length pos[b] + t + 1, key s at
+             cache row s % maxT: a ring cache reads a chunk as at most two contiguous row ranges) and
              splits long rows over several blocks (flash-decoding: partial (max, sum, acc) to a scratch buffer,
              then a merge kernel) when there are too few rows to fill the GPU.
    backward: D = rowsum(dout * out) (a preprocessing kernel, shared with the fast path); dq by rows (one block per
@@ -211,13 +212,13 @@ struct RowsParams {
     int64_t o_sb, o_st;
     float* lse;          // (B, NH, Tn) natural-log logsumexp, or nullptr
     const int32_t* pos;  // nullptr: row t sees keys 0..t; else keys 0..pos[b]+t (the KV cache)
-    int64_t maxT;        // keys beyond maxT are never read
+    int64_t maxT;        // key position s is at row s % maxT (a ring cache with a window); no row >= maxT is read
     float* part;         // split partials (rows, nsplit, hs + 2) or nullptr (nsplit == 1)
     int NH, Tn, hs, chunk, nsplit;
     int group;  // query heads per kv head (NH / NKV)
     float scale_log2;
     float cap2;  // softcap * log2(e) (scores are in base-2 units here), 0: no cap
-    int window;  // row t sees keys pos + t - window < s (sliding window), 0: all
+    int window;  // row t sees keys pos + t - window < s (sliding window, <= maxT), 0: all
 };
 
 // A score in base-2 units (scale * log2(e) folded into q) soft-capped: cap2 * tanh(sc / cap2), cap2 = softcap * log2(e)
@@ -241,10 +242,13 @@ __global__ void __launch_bounds__(32 * kRowWarps, kRowMinBlocks) rows_forward_ke
     const int split = blockIdx.y;
 
     int64_t L = (p.pos ? (int64_t)p.pos[b] : 0) + t + 1;  // keys 0..L-1 (the last `window` of them)
-    L = L < 0 ? 0 : (L > p.maxT ? p.maxT : L);
-    const int64_t s_first = first_key(L - 1, p.window);
-    const int64_t s_begin = (int64_t)split * p.chunk > s_first ? (int64_t)split * p.chunk : s_first;
-    const int64_t s_end = L < s_begin + p.chunk ? L : s_begin + p.chunk;
+    L = L < 0 ? 0 : (p.window == 0 && L > p.maxT ? p.maxT : L);
+    // this block's chunk of the row's keys: positions s_begin .. s_end-1 (chunks laid from the row's first key), at
+    // rows s % maxT: rows r_begin .. r_begin+n1-1, then 0 .. n-n1-1 where a ring cache wraps
+    const int64_t s_begin = first_key(L - 1, p.window) + (int64_t)split * p.chunk;
+    const int64_t n = (L < s_begin + p.chunk ? L : s_begin + p.chunk) - s_begin;  // <= 0: an empty chunk
+    const int64_t r_begin = s_begin < p.maxT ? s_begin : s_begin % p.maxT;
+    const int64_t n1 = n < p.maxT - r_begin ? n : p.maxT - r_begin;
 
     float x[NPL], acc[NPL];
     load_slice(x, (const T*)p.q + b * p.q_sb + t * p.q_st + (int64_t)h * p.hs, p.hs, lane, p.scale_log2);
@@ -253,19 +257,22 @@ __global__ void __launch_bounds__(32 * kRowWarps, kRowMinBlocks) rows_forward_ke
     float m = -INFINITY, l = 0.f;  // running max (base-2 units) and this lane's part of the running sum
     const T* kb = (const T*)p.k + b * p.kv_sb + (h / p.group) * p.kv_sh;
     const T* vb = (const T*)p.v + b * p.kv_sb + (h / p.group) * p.kv_sh;
-    for (int64_t s0 = s_begin + 32 * warp; s0 < s_end; s0 += 32 * kRowWarps) {
-        const int n = (int)(s_end - s0 < 32 ? s_end - s0 : 32);
-        float sc = dot_rows32(x, kb + s0 * p.kv_st, p.kv_st, n, p.hs, lane);
-        if (p.cap2 > 0.f) sc = cap_score(sc, p.cap2);
-        if (lane >= n) sc = -INFINITY;
-        const float m_new = fmaxf(m, warp_max(sc));  // finite: n >= 1
-        const float alpha = exp2_diff(m, m_new);
-        const float pr = exp2f(sc - m_new);  // 0 for lanes >= n
-        l = l * alpha + pr;
+    for (int seg = 0; seg < 2; seg++) {
+        const int64_t r0 = seg ? 0 : r_begin, r_end = seg ? n - n1 : r_begin + n1;
+        for (int64_t s0 = r0 + 32 * warp; s0 < r_end; s0 += 32 * kRowWarps) {  // rows s0 .. s0+nr-1
+            const int nr = (int)(r_end - s0 < 32 ? r_end - s0 : 32);
+            float sc = dot_rows32(x, kb + s0 * p.kv_st, p.kv_st, nr, p.hs, lane);
+            if (p.cap2 > 0.f) sc = cap_score(sc, p.cap2);
+            if (lane >= nr) sc = -INFINITY;
+            const float m_new = fmaxf(m, warp_max(sc));  // finite: nr >= 1
+            const float alpha = exp2_diff(m, m_new);
+            const float pr = exp2f(sc - m_new);  // 0 for lanes >= nr
+            l = l * alpha + pr;
 #pragma unroll
-        for (int i = 0; i < NPL; i++) acc[i] *= alpha;
-        axpy_rows32(acc, pr, vb + s0 * p.kv_st, p.kv_st, n, p.hs, lane);
-        m = m_new;
+            for (int i = 0; i < NPL; i++) acc[i] *= alpha;
+            axpy_rows32(acc, pr, vb + s0 * p.kv_st, p.kv_st, nr, p.hs, lane);
+            m = m_new;
+        }
     }
     l = warp_sum(l);
 
@@ -328,8 +335,8 @@ __global__ void rows_merge_kernel(RowsParams p) {
     if (p.lse && threadIdx.x == 0) p.lse[bh * p.Tn + t] = (M + log2f(Lsum)) * kLn2;
 }
 
-// kcache/vcache (B, NKV, maxT, hs)[b, hk, pos[b] + t] = k/v of kv head hk of qkv (B, Tn, C + 2*NKV*hs) row (b, t);
-// positions outside [0, maxT) are skipped (the caller checks pos + Tn <= maxT on the host)
+// kcache/vcache (B, NKV, maxT, hs)[b, hk, (pos[b] + t) % maxT] = k/v of kv head hk of qkv (B, Tn, C + 2*NKV*hs) row
+// (b, t); negative positions are skipped (the caller checks kv_rows_fit, common.h, on the host)
 template <typename T>
 __global__ void kv_append_kernel(T* __restrict__ kcache, T* __restrict__ vcache, const T* __restrict__ qkv,
                                  const int32_t* __restrict__ pos, int64_t B, int64_t Tn, int64_t C, int64_t NKV,
@@ -338,9 +345,9 @@ __global__ void kv_append_kernel(T* __restrict__ kcache, T* __restrict__ vcache,
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t c = i % KV, bt = i / KV, b = bt / Tn, t = bt % Tn;
         const int64_t p = (int64_t)pos[b] + t;
-        if (p < 0 || p >= maxT) continue;
+        if (p < 0) continue;
         const int64_t hk = c / hs, d = c % hs;
-        const int64_t dst = ((b * NKV + hk) * maxT + p) * hs + d;
+        const int64_t dst = ((b * NKV + hk) * maxT + (p < maxT ? p : p % maxT)) * hs + d;
         kcache[dst] = qkv[bt * W + C + c];
         vcache[dst] = qkv[bt * W + C + KV + c];
     }
@@ -1191,19 +1198,20 @@ void attention_kv_forward(void* out, void* kcache, void* vcache, const void* qkv
     p.out = out, p.o_sb = Tn * C, p.o_st = C;
     p.lse = nullptr, p.pos = pos, p.maxT = maxT;
     p.NH = (int)NH, p.Tn = (int)Tn, p.hs = (int)hs, p.group = (int)(NH / NKV);
-    p.scale_log2 = opt.resolved_scale(hs) * kLog2e, p.cap2 = opt.softcap * kLog2e, p.window = window_of(opt, maxT);
-    // flash-decoding: split the keys of each row over several blocks when the rows alone cannot fill the GPU (with a
-    // window: its keys; the chunks are laid from key 0, those wholly left of a row's window return empty partials)
-    const int64_t want = 2 * (int64_t)sm_count(), span = p.window > 0 ? p.window + Tn : maxT;
-    int64_t chunk = maxT;
+    p.scale_log2 = opt.resolved_scale(hs) * kLog2e, p.cap2 = opt.softcap * kLog2e;
+    p.window = opt.window > 0 ? (int)(opt.window < maxT ? opt.window : maxT) : 0;  // a ring holds at most maxT keys
+    // flash-decoding: split the keys of each row (at most span of them) over several blocks when the rows alone
+    // cannot fill the GPU; the chunks are laid from each row's first key, those past its last return empty partials
+    const int64_t want = 2 * (int64_t)sm_count(), span = p.window > 0 ? p.window : maxT;
+    int64_t chunk = span;
     if (rows < want) {
         const int64_t splits = (want + rows - 1) / rows;
         chunk = (span + splits - 1) / splits;
         chunk = ((chunk + 127) / 128) * 128;  // whole rounds of 4 warps x 32 keys
         if (chunk < 256) chunk = 256;
     }
-    p.chunk = (int)(chunk < maxT ? chunk : maxT);
-    p.nsplit = (int)((maxT + p.chunk - 1) / p.chunk);
+    p.chunk = (int)(chunk < span ? chunk : span);
+    p.nsplit = (int)((span + p.chunk - 1) / p.chunk);
     Scratch part(p.nsplit > 1 ? (size_t)rows * p.nsplit * (hs + 2) * 4 : 0);
     p.part = (float*)part.p;
     DISPATCH_FLOAT(t, F, launch_rows_forward<F>(p, rows));

@@ -265,14 +265,17 @@ def attention_backward(dout, qkv, out, lse, n_head: int, dqkv=None, n_kv_head: i
     return dqkv
 
 
-def _positions(pos, name: str, n_new: int, limit: int, what: str):
-    """pos (B,) as a DeviceArray: a numpy array is checked (0 <= pos[b] and pos[b] + n_new <= limit) and uploaded;
-    a DeviceArray is used as is (the kernels skip positions out of range, never read or write outside)."""
+def _positions(pos, name: str, n_new: int, limit: int, what: str, window: int | None = None):
+    """pos (B,) as a DeviceArray: a numpy array is checked (0 <= pos[b] and pos[b] + n_new <= limit, or with a
+    window a ring of limit >= window + n_new - 1 rows: kv_rows_fit in csrc/common.h) and uploaded; a DeviceArray is
+    used as is (the kernels skip positions out of range, never read or write outside)."""
     if isinstance(pos, DeviceArray):
         return pos
     p = _ids(pos, name)
-    if p.size and (p.min() < 0 or p.max() + n_new > limit):
-        raise ValueError(f"{name} + {n_new} new tokens must lie in [0, {what}={limit}], got {name} {p.tolist()}")
+    ring = bool(window) and limit >= window + n_new - 1  # every position fits the ring (modulo limit)
+    if p.size and (p.min() < 0 or (p.max() + n_new > limit and not ring)):
+        why = f" (or a ring cache with window={window}: {what} >= window + {n_new} - 1)" if window else ""
+        raise ValueError(f"{name} + {n_new} new tokens must lie in [0, {what}={limit}]{why}, got {name} {p.tolist()}")
     return to_device(p)
 
 
@@ -282,13 +285,15 @@ def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | No
     (B, NKV, maxT, hs) at pos[b].. (int32 (B,); a numpy array is checked and uploaded; only the kv heads are
     stored), then out (B, Tn, NH*hs) = causal attention over each cache (new query t of row b sees positions 0 ..
     pos[b] + t). pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal
-    kcache.shape[1]. A DeviceArray pos is not checked: the caller ensures 0 <= pos[b] and pos[b] + Tn <= maxT on the
-    host; the kernels never write outside the caches (out-of-range positions are skipped) and never read past
-    maxT. scale, softcap, window as in attention_forward (positions absolute; the cache keeps every row)."""
+    kcache.shape[1]. scale, softcap, window as in attention_forward, positions absolute: position p is at row
+    p % maxT, so with a window the cache may be a ring of maxT >= window + Tn - 1 rows (ops.attention_kv_forward).
+    A DeviceArray pos is not checked: the caller ensures that on the host (0 <= pos[b] and pos[b] + Tn <= maxT, or the
+    ring's rule); the kernels never write outside the caches (negative positions are skipped) nor read outside."""
     opts = attention_opts(scale, softcap, window)
     qkv, kcache = _dev(qkv, "qkv"), _dev(kcache, "kcache")
     if len(kcache.shape) == 4:
-        pos = _positions(pos, "pos", qkv.shape[1] if len(qkv.shape) == 3 else 0, kcache.shape[2], "max_T")
+        Tn = qkv.shape[1] if len(qkv.shape) == 3 else 0
+        pos = _positions(pos, "pos", Tn, kcache.shape[2], "max_T", opts["window"] or None)
     if out is None:
         out = empty((*qkv.shape[:2], _kv_out_width(qkv, kcache, n_kv_head)), qkv.dtype)
     _C.cuda.attention_kv_forward(_dev(out, "out"), kcache, _dev(vcache, "vcache"), qkv, _dev(pos, "pos"),

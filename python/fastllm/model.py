@@ -299,6 +299,23 @@ def cache_length(config: GPTConfig, batch_size: int, max_len: int | None) -> int
     return n
 
 
+def kv_chunk(config: GPTConfig) -> int | None:
+    """The longest chunk a KV cache pass runs when the config has sliding layers: their smallest window (None:
+    none slides). A ring of window + chunk - 1 rows is then enough (kv_rows_fit, csrc/common.h); a chunk of the
+    window's length keeps the ring under twice the window while a chunk's matmuls still have window rows (for
+    Gemma 3's 512: 1023 rows instead of 32k; attention per token is the same, each query sees <= window keys)."""
+    windows = [config.window(l) for l in range(config.n_layer) if config.window(l) is not None]
+    return min(windows) if windows else None
+
+
+def kv_rows(config: GPTConfig, max_len: int) -> list[int]:
+    """Cache rows of each layer for sequences of up to max_len tokens: max_len for a full layer, a ring of
+    min(max_len, window + kv_chunk - 1) for a sliding one (KVCache, serve's kv_slot_bytes)."""
+    chunk = kv_chunk(config)
+    return [max_len if config.window(l) is None else min(max_len, config.window(l) + chunk - 1)
+            for l in range(config.n_layer)]
+
+
 MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # per block
 
 
@@ -876,13 +893,16 @@ class KVCache:
     prefill(rows) runs the prompts (rows may differ in length) batched; decode(tokens) appends one token per
     sequence. Both return the float32 numpy logits (B, V) of each sequence's last token (soft-capped if the config
     says so). Only the kv heads are stored (grouped-query attention: n_kv_head of them), after QK-norm and RoPE.
-    Sliding-window layers (Mistral v0.1, Gemma 2/3) attend to the last window of positions only, but their cache keeps
-    every position (no ring buffer: the same memory as a full layer's).
-    Memory: 2 * n_layer * B * max_len * n_kv_head * head_size elements of the compute dtype (max_len defaults to
-    block_size;
-    generate sizes it to the longest prompt + max_new_tokens, so a short generation does not zero a full-context
-    cache). On the CPU, weights="bfloat16" streams bf16 copies of the matrices in decode steps (<= BF16_MAX_ROWS
-    token rows at once, where reading the weights is the cost); longer prefills run the bf16 GEMM (CpuBf16) on the
+    Sliding-window layers (Mistral v0.1, Gemma 2/3) attend to the last window of positions only: their cache is a
+    ring of R = min(max_len, window + kv_chunk - 1) rows (position p at row p % R), so passes over more than
+    kv_chunk tokens (= the smallest window) run in chunks of kv_chunk tokens. Full layers keep max_len rows.
+    k, v: the full layers' keys/values (n_full, B, n_kv_head, max_len, head_size); k_ring, v_ring the sliding
+    layers' (n_sliding, B, n_kv_head, R, head_size); `rows` the rows of each layer (kv_rows).
+    Memory: 2 * B * n_kv_head * head_size * sum(rows) elements of the compute dtype, sum(rows) = n_full * max_len +
+    n_sliding * R (max_len defaults to block_size; generate sizes it to the longest prompt + max_new_tokens, so a
+    short generation does not zero a full-context cache).
+    On the CPU, weights="bfloat16" streams bf16 copies of the matrices in decode steps (<= BF16_MAX_ROWS token rows at
+    once, where reading the weights is the cost); longer prefills run the bf16 GEMM (CpuBf16) on the
     float32 weights, which rounds them to the same bf16 numbers as it packs them, on a CPU with AMX or AVX512_BF16
     (elsewhere the float32 GEMM, faster there: 6L-384, 256 tokens on a Zen 3: 137 vs 184 ms) -- except where the
     snapshot is packed for the bf16 GEMM already (ops.Bf16Panels, AVX512_BF16 without AMX): every pass runs on it,
@@ -906,9 +926,19 @@ class KVCache:
         # bf16 weights (on the CPU): a prefill's attention products in bf16 too (backend.CpuBf16)
         self._bf16 = isinstance(head, ops.Bf16Panels) or (isinstance(head, np.ndarray) and head.dtype == np.uint16)
         self.hs = cfg.head_size
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, self.hs)
-        self.k = bk.zeros(shape, model.act_dtype)
-        self.v = bk.zeros(shape, model.act_dtype)
+        self.rows, self.chunk = kv_rows(cfg, self.max_len), kv_chunk(cfg)
+        sliding = [l for l in range(cfg.n_layer) if cfg.window(l) is not None]
+        full = [l for l in range(cfg.n_layer) if cfg.window(l) is None]
+        ring = self.rows[sliding[0]] if sliding else 0  # they share config.sliding_window: one ring length
+
+        def stack(n: int, rows: int):
+            return bk.zeros((n, batch_size, cfg.kv_heads, rows, self.hs), model.act_dtype)
+
+        self.k, self.v = stack(len(full), self.max_len), stack(len(full), self.max_len)
+        self.k_ring, self.v_ring = stack(len(sliding), ring), stack(len(sliding), ring)
+        # layer l -> (keys, values, index in them)
+        self._layer = {l: (self.k, self.v, i) for i, l in enumerate(full)}
+        self._layer.update({l: (self.k_ring, self.v_ring, i) for i, l in enumerate(sliding)})
         self.pos = np.zeros(batch_size, np.int32)  # tokens cached per sequence (host; copied to _pos per call)
         self._pos = bk.zeros((batch_size,), "int32")
         self._bufs: dict[tuple[int, int], dict] = {}
@@ -955,17 +985,22 @@ class KVCache:
         return self._forward(ids, row)[0]
 
     def copy_row(self, src: int, dst: int) -> None:
-        """Row dst becomes a copy of row src: its cached keys/values (the pos[src] filled positions of every layer
-        and head) and length."""
+        """Row dst becomes a copy of row src: its cached keys/values (the rows holding its pos[src] positions in
+        every layer and head: all of a ring once it is full) and length."""
         bk, cfg, n, hs = self.model.bk, self.model.config, int(self.pos[src]), self.hs
-        row = cfg.kv_heads * self.max_len * hs  # elements of one sequence in one layer
-        for cache in (self.k, self.v) if n else ():
-            for l in range(cfg.n_layer):
+        for l in range(cfg.n_layer) if n else ():
+            rows = self.rows[l]
+            live = min(n, rows)  # position p at row p % rows, in src and dst alike
+            for cache in self._layer[l][:2]:
                 for h in range(cfg.kv_heads):
-                    head = h * self.max_len * hs
-                    at_src, at_dst = (l * self.B + src) * row + head, (l * self.B + dst) * row + head
-                    bk.copy_(bk.view(cache, at_dst, (n, hs)), bk.view(cache, at_src, (n, hs)))
+                    at_src, at_dst = self._at(l, src) + h * rows * hs, self._at(l, dst) + h * rows * hs
+                    bk.copy_(bk.view(cache, at_dst, (live, hs)), bk.view(cache, at_src, (live, hs)))
         self.pos[dst] = n
+
+    def _at(self, l: int, row: int) -> int:
+        """Offset of sequence `row`'s keys (values) of layer l in its stack."""
+        per_seq = self.model.config.kv_heads * self.rows[l] * self.hs
+        return (self._layer[l][2] * self.B + row) * per_seq
 
     def decode_rows(self, tokens, r0: int = 0) -> np.ndarray:
         """decode for the rows r0 .. r0+n-1 only (one token each, n = len(tokens)); their logits (n, V)."""
@@ -992,18 +1027,26 @@ class KVCache:
         return self._bufs[key]
 
     def _forward(self, idx: np.ndarray, r0: int) -> np.ndarray:
-        """Run idx (b, Tn) for the cache rows r0 .. r0+b-1, appending their keys/values; float32 numpy logits
-        (b, V) of the last token of each row."""
+        """Run idx (b, Tn) for the cache rows r0 .. r0+b-1, appending their keys/values, in passes of at most
+        self.chunk tokens where the sliding layers' rings need that; float32 numpy logits (b, V) of the last token
+        of each row."""
+        V, Tm = self.model.config.vocab_size, self.max_len
+        if idx.min() < 0 or idx.max() >= V:
+            raise ValueError(f"token ids outside [0, {V})")
+        if int(self.pos[r0:r0 + len(idx)].max()) + idx.shape[1] > Tm:
+            raise ValueError(f"the sequence would exceed the cache length max_len={Tm}")
+        step = idx.shape[1] if self.chunk is None else self.chunk
+        for t in range(0, idx.shape[1], step):
+            logits = self._pass(idx[:, t:t + step], r0)
+        return logits
+
+    def _pass(self, idx: np.ndarray, r0: int) -> np.ndarray:
         m, cfg, bk = self.model, self.model.config, self.model.bk
         pc, pl = m.pc, m._pl
         b, Tn = idx.shape
-        C, NH, NKV, Tm, hs = cfg.n_embd, cfg.n_head, cfg.kv_heads, self.max_len, self.hs
+        C, NH, NKV, hs = cfg.n_embd, cfg.n_head, cfg.kv_heads, self.hs
         W, R = cfg.qkv_width, NH + 2 * NKV
         pos = self.pos[r0:r0 + b]
-        if idx.min() < 0 or idx.max() >= cfg.vocab_size:
-            raise ValueError(f"token ids outside [0, {cfg.vocab_size})")
-        if int(pos.max()) + Tn > Tm:
-            raise ValueError(f"the sequence would exceed the cache length max_len={Tm}")
         u = self._buffers(b, Tn)
         bk.copy_(u["idx"], np.ascontiguousarray(idx, np.int32))
         pos_dev = bk.view(self._pos, r0, (b,))
@@ -1029,11 +1072,9 @@ class KVCache:
                 post_norm_forward(bk, cfg, pl, branch, l, u["tmp"], u["post"], u["mean"], u["rstd"])
             bk.add_(x, u["post"] if cfg.post_norms else u["tmp"])
 
-        per_layer = self.B * NKV * Tm * hs
         qkv, qkv4 = u["qkv"].reshape((b, Tn, W)), u["qkv"].reshape((b, Tn, R, hs))
         for l in range(cfg.n_layer):
-            kc = bk.view(self.k, l * per_layer + r0 * NKV * Tm * hs, (b, NKV, Tm, hs))
-            vc = bk.view(self.v, l * per_layer + r0 * NKV * Tm * hs, (b, NKV, Tm, hs))
+            kc, vc = (bk.view(c, self._at(l, r0), (b, NKV, self.rows[l], hs)) for c in self._layer[l][:2])
             norm_forward(bk, cfg, x, pl["ln_1.weight"][l], _at(pl, "ln_1.bias", l), u["h"], u["mean"], u["rstd"])
             bk.matmul_forward(u["h"], w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=u["qkv"])
             if cfg.qk_norm:  # in place on the q and k heads

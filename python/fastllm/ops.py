@@ -464,8 +464,10 @@ def attention_kv_forward(qkv, kcache, vcache, pos, out=None, n_kv_head: int | No
     heads are stored), then each new query attends causally to its sequence's cache. Returns out (B, Tn, NH*hs).
     pos is not advanced. n_kv_head None means n_head (qkv (B, Tn, 3C)); given, it must equal kcache.shape[1].
     dtype="bfloat16": a prefill's (Tn > 1) tile products in bf16 as in attention_forward; a step (Tn = 1) is fp32.
-    scale, softcap, window as in attention_forward, positions absolute (pos[b] + t): with a window the cache still
-    keeps every row, only the last `window` of them are read."""
+    scale, softcap, window as in attention_forward, positions absolute (pos[b] + t): position p is kept at row
+    p % max_T, so with a window the cache may be a ring shorter than the positions, of max_T >= window + Tn - 1 rows
+    (then no new row overwrites a key that a new query still reads; ValueError otherwise); without one every
+    pos[b] + Tn <= max_T."""
     opts = attention_opts(scale, softcap, window)
     qkv, kcache = _f32(qkv, "qkv"), _f32(kcache, "kcache")
     if qkv.ndim != 3:

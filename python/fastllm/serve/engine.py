@@ -40,6 +40,7 @@ import numpy as np
 from .. import get_num_threads, set_num_threads
 from ..checkpoint import checkpoint_tokenizer, load_model
 from ..grammar import Constraint
+from ..model import kv_rows
 from ..sample import SamplingParams, StopStrings, TextStreamer, sample_next
 
 
@@ -218,9 +219,10 @@ def logprob_of(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
 
 
 def kv_slot_bytes(model, max_len: int) -> int:
-    """Bytes of one KV cache slot: the keys and values of max_len tokens in every layer."""
+    """Bytes of one KV cache slot: the keys and values of max_len tokens in every full layer, of a sliding layer's
+    ring in the others (model.kv_rows)."""
     cfg, size = model.config, 2 if getattr(model, "act_dtype", "float32") == "bfloat16" else 4
-    return 2 * cfg.n_layer * max_len * cfg.kv_heads * cfg.head_size * size
+    return 2 * sum(kv_rows(cfg, max_len)) * cfg.kv_heads * cfg.head_size * size
 
 
 class Engine:
