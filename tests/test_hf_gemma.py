@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from fastllm import hf  # noqa: E402
-from fastllm.model import GPT  # noqa: E402
+from fastllm.model import GPT, GPTConfig  # noqa: E402
 from fastllm.sample import generate  # noqa: E402
 
 V, T_MAX, WINDOW = 301, 64, 8
@@ -237,3 +237,26 @@ def test_gemma_activation_keys():
     for changes in ({"hidden_activation": "gelu"}, {"hidden_act": "silu"}):
         with pytest.raises(ValueError, match=f"{next(iter(changes))} '{next(iter(changes.values()))}' is not"):
             hf.config_from_hf(d | changes)
+
+
+@pytest.mark.parametrize("options", [dict(qk_norm=False, rope_local_theta=None), dict(attn_softcap=None)],
+                         ids=["gemma2", "gemma3"])
+def test_fastllm_gemma_configs_without_windows_save_for_transformers(options, tmp_path):
+    """A Gemma 2/3 config of fastllm's own with no sliding layer saves as a folder transformers computes the same
+    (transformers' Gemma 2/3 always build a sliding mask: the window written is the whole context) and reads back
+    to the same config; Gemma 3 with a score cap, which transformers' Gemma 3 does not apply, is refused by name."""
+    cfg = GPTConfig(block_size=T_MAX, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, n_embd=32,
+                    positions="rope", norm="rmsnorm", mlp="geglu", mlp_hidden=56, qkv_bias=False, proj_bias=False,
+                    mlp_bias=False, embed_scale=32 ** 0.5, post_norms=True, qk_norm=True, rope_local_theta=1e4,
+                    attn_softcap=5.0, logit_softcap=10.0)
+    model = GPT(GPTConfig(**{**cfg.to_dict(), **options}), seed=0)
+    model.params *= 4.0  # sharper logits
+    model.save_pretrained(tmp_path / "out")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = np.random.default_rng(5).integers(0, V, (2, 40))
+    want = hf_logits(theirs, ids)
+    assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
+    assert GPT.from_pretrained(tmp_path / "out").config == model.config
+    if "attn_softcap" in options:
+        with pytest.raises(ValueError, match="attn_softcap=5.0 and qk_norm"):
+            GPT(cfg, init=False).save_pretrained(tmp_path / "capped")

@@ -31,7 +31,8 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
                                  attn_logit_softcapping, final_logit_softcapping, query_pre_attn_scalar (the scores'
                                  scale), sliding layers every other layer (or as layer_types lists)
     gemma3_text Gemma3ForCausalLM  Gemma 2's, plus QK-norm, five sliding layers of six (sliding_window_pattern, or
-                                 layer_types) whose RoPE has its own base (rope_local_base_freq) and no scaling
+                                 layer_types) whose RoPE has its own base (rope_local_base_freq) and no scaling;
+                                 attn_logit_softcapping is not applied (as in transformers' Gemma 3)
     gemma3   Gemma3ForConditionalGeneration  (Gemma 3 4B-27B) its language model: text_config as gemma3_text's (with
                                  Gemma3TextConfig's defaults for what it leaves out), the tensors under
                                  language_model.model. or model.language_model.; the vision tower is not read, and
@@ -288,7 +289,8 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     if kind in ("gemma2", "gemma3_text"):  # soft caps (transformers' defaults: Gemma 2's 50 and 30), query scale
         two = kind == "gemma2"
         scalar = _positive_number(d, "query_pre_attn_scalar", 256, bad)
-        cfg.update(attn_softcap=_optional_positive(d, "attn_logit_softcapping", 50.0 if two else None, bad),
+        # (transformers' Gemma 3 reads attn_logit_softcapping but does not apply it: Gemma 3 has no score cap)
+        cfg.update(attn_softcap=_optional_positive(d, "attn_logit_softcapping", 50.0, bad) if two else None,
                    logit_softcap=_optional_positive(d, "final_logit_softcapping", 30.0 if two else None, bad),
                    attn_scale=None if scalar == (head_dim or C // NH) else scalar ** -0.5)
     return cfg
@@ -372,6 +374,8 @@ def _gemma_type(cfg: GPTConfig) -> str:
                  if getattr(cfg, k) is not None]
     if kind != "gemma3_text" and cfg.rope_local_theta is not None:
         diff.append(f"rope_local_theta={cfg.rope_local_theta!r}")
+    if kind == "gemma3_text" and cfg.attn_softcap is not None:  # (transformers' Gemma 3 would not apply it)
+        diff.append(f"attn_softcap={cfg.attn_softcap!r} and qk_norm")
     if diff:
         raise ValueError(f"no transformers architecture computes this config: geglu (Gemma) with {', '.join(diff)}")
     return kind
@@ -439,11 +443,13 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
             d.update(attention_bias=cfg.qkv_bias)
     else:  # gemma, gemma2, gemma3_text
         d.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias)
-        if kind != "gemma":
+        if kind != "gemma":  # (transformers builds a sliding mask even with no sliding layer: give it the context)
             scalar = cfg.head_size if cfg.attn_scale is None else cfg.attn_scale ** -2
             d.update(query_pre_attn_scalar=round(scalar) if math.isclose(scalar, round(scalar)) else scalar,
-                     sliding_window=cfg.sliding_window, layer_types=kinds,
-                     attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.logit_softcap)
+                     sliding_window=cfg.sliding_window or cfg.block_size, layer_types=kinds,
+                     final_logit_softcapping=cfg.logit_softcap)
+            if kind == "gemma2":
+                d.update(attn_logit_softcapping=cfg.attn_softcap)
         if kind == "gemma3_text":
             d.update(rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta)
     return d
