@@ -25,8 +25,11 @@ Semantics (OpenAI's, where it defines them):
   those asking for what this server lacks (audio, web_search_options, ...) are a 400 (unsupported_parameter).
 - usage: prompt_tokens counts each prompt once (whatever n), completion_tokens every token sampled, a
   terminating stop token included; finish_reason "stop" (stop token or stop string) or "length" (max_tokens),
-  and vLLM's stop_reason: the stop string or stop_token_ids id that ended the choice, null for an EOS id or
-  max_tokens (streamed: on every completions chunk, on the last chat chunk, as vLLM sends it).
+  and vLLM's stop_reason: the stop string or stop token id that ended the choice -- a stop_token_ids id, or an EOS
+  id other than the tokenizer's own (as vLLM makes a generation_config's other EOS ids, Llama 3.1's <|eom_id|> and
+  <|end_of_text|> beside its <|eot_id|>, stop_token_ids) --, null for the tokenizer's EOS (tokenizer_config.json's
+  eos_token, else the first EOS id: ChatML's <|im_end|>, completions' <|endoftext|>) or max_tokens (streamed: on
+  every completions chunk, on the last chat chunk, as vLLM sends it).
 - vLLM's stop fields (extra_body in the openai client), both endpoints: stop_token_ids (ids that end a choice, their
   text left out), ignore_eos (the model's EOS ids end nothing: they are sampled and counted as any other token;
   not with a grammar), min_tokens (<= max_tokens: until that many tokens are sampled the EOS ids -- ignore_eos or
@@ -42,9 +45,11 @@ Semantics (OpenAI's, where it defines them):
   <think>) stay in their input where a tokenizer has them as special tokens. Logprobs name every token by its own
   text, special tokens too (as vLLM).
 - logprobs are the model's own (log-softmax of the logits, before temperature, penalties, min_tokens' mask and
-  filtering), for every sampled token except a terminating stop token (unless include_stop_str_in_output keeps
-  its text); chat: logprobs=true and top_logprobs 0..20,
+  filtering), for every sampled token, a terminating stop token included (as vLLM's: its text is left out, its
+  logprob is not); chat: logprobs=true and top_logprobs 0..20,
   completions: logprobs 0..5 (with echo, the prompt's tokens too).
+- n > 1 with temperature 0 (greedy) is a 400, as in vLLM (n identical choices); logit_bias values beyond
+  [-100, 100] are clamped to it, as vLLM does (vllm/sampling_params.py).
 - seed: choice 0 of a seeded request gives the tokens of `fastllm.sample.generate(..., seed=seed)`, alone or
   in a batch. fastllm's extra fields: top_k, min_p, repetition_penalty (`extra_body` in the openai client).
 - tools (chat): `tools` are listed to the model by its chat format, in the tool-call format it was trained on
@@ -124,9 +129,17 @@ class ServedModel:
         eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
         self.stops = list(dict.fromkeys(eos_token_ids(folder, tokenizer) + eot))
         self.names = special_tokens(folder)
+        self.eos_token = tokenizer.special_tokens.get(self.names.get("eos_token"))  # tokenizer_config.json's, if any
         self.created = int(time.time())
         self._strings: dict[int, tuple[str, list[int]]] = {}
         self._guide, self._guide_lock = None, threading.Lock()
+
+    def eos_token_id(self, stops) -> int | None:
+        """Which of the EOS ids `stops` is the tokenizer's own EOS (vLLM's tokenizer.eos_token_id: stop_reason null;
+        vLLM makes the other generation_config EOS ids stop_token_ids, whose stop_reason is the id, see
+        vllm/sampling_params.py update_from_generation_config): tokenizer_config.json's eos_token, else the first
+        (ChatML's <|im_end|>, a folder's first generation_config id, completions' <|endoftext|>)."""
+        return self.eos_token if self.eos_token in stops else next(iter(stops), None)
 
     def guide(self):
         """The grammars of constrained chat answers (fastllm.grammar.Guide), built on first use."""
@@ -234,7 +247,7 @@ class _Choice:
     tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_reason: int | str | None = None  # vLLM's: the stop string or stop_token_ids id that ended it
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it
     started: bool = False
     offset: int = 0  # completions' text_offset of the next token
     parser: object = None  # chat with tools: the format's parser (fastllm.tools), which text goes through
@@ -449,6 +462,8 @@ def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
     if top_p == 0:  # the limit of nucleus sampling: only the most likely token
         top_p, top_k = None, 1
     n = _get(body, "n", "integer", 1, 1, 128)
+    if n > 1 and temperature < 1e-5:  # (vLLM's greedy threshold and message: vllm/sampling_params.py)
+        raise APIError(400, f"n must be 1 when using greedy sampling, got {n}.", "n", "invalid_value")
     if n > served.max_batch:
         raise APIError(400, f"Invalid value for 'n': this server decodes at most {served.max_batch} sequences at "
                             f"once (--max-batch), got n={n}.", "n", "invalid_value")
@@ -476,7 +491,8 @@ def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
             if not 0 <= t < served.vocab_size:
                 raise APIError(400, f"Invalid key in 'logit_bias': token id {t} is outside [0, {served.vocab_size}).",
                                "logit_bias", "invalid_value")
-            logit_bias[t] = float(_get({f"logit_bias.{k}": v}, f"logit_bias.{k}", "number", 0.0, -100, 100))
+            b = float(_get({f"logit_bias.{k}": v}, f"logit_bias.{k}", "number", 0.0))
+            logit_bias[t] = min(100.0, max(-100.0, b))  # clamped, as vLLM's SamplingParams.from_optional does
     try:
         params = SamplingParams(
             temperature=float(temperature), top_k=top_k, top_p=None if top_p is None else float(top_p),
@@ -741,7 +757,8 @@ def parse_chat(body, served: ServedModel) -> Call:
     keep = [TOOL_CALL, TOOL_CALL_END] if tool_format == "hermes" else []
     if think is not None:
         keep += [THINK, THINK_END]
-    req = Request(prompts=[ids], max_tokens=m, stop_tokens=list(served.chat.stop_tokens),
+    stops = list(served.chat.stop_tokens)
+    req = Request(prompts=[ids], max_tokens=m, stop_tokens=stops, eos_token_id=served.eos_token_id(stops),
                   logprobs=(top or 0) if logprobs else None, constraint=constraint, keep_special=keep, **common)
     return Call("chat", served, req, stream, include_usage, tool_format=tool_format, think=think)
 
@@ -818,7 +835,8 @@ def parse_completion(body, served: ServedModel) -> Call:
     max_tokens, name = _max_tokens(body, ("max_tokens",), 0 if echo else 1)  # echo, 0: the prompt's logprobs only
     maxes = [_fit(served, len(p), max_tokens, 16, "prompt", name) for p in ids]
     _check_min_tokens(common, min(maxes))
-    req = Request(prompts=ids, max_tokens=maxes, stop_tokens=list(served.stops),
+    stops = list(served.stops)
+    req = Request(prompts=ids, max_tokens=maxes, stop_tokens=stops, eos_token_id=served.eos_token_id(stops),
                   logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)
     return Call("completion", served, req, stream, include_usage, texts if echo else None)
 

@@ -72,10 +72,11 @@ class Chunk:
     index: int
     text: str  # new text: whole UTF-8 characters, never a piece of a stop string
     tokens: list[int]  # the token sampled (counted in usage, a terminating stop token included)
-    # of the sampled tokens (not a terminating stop token, unless include_stop_str_in_output shows its text)
+    # of the sampled tokens, a terminating stop token included (as vLLM's: its text is left out, its logprob is not)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (stop token or string) | "length" (max_tokens) when finished
-    # vLLM's stop_reason: the stop string or the stop_token_ids id that ended it (None: EOS, length, not finished)
+    # vLLM's stop_reason: the stop string or the stop token id that ended it (None: the tokenizer's own EOS
+    # (Request.eos_token_id), max_tokens, not finished)
     stop_reason: int | str | None = None
 
 
@@ -106,6 +107,10 @@ class Request:
     seed: int | None = None  # choice 0 draws from default_rng(seed), choice i > 0 from default_rng([seed, i])
     stop: Sequence[str] = ()  # stop strings (not included in the text)
     stop_tokens: Sequence[int] = ()  # the model's EOS ids: they end a sequence (their text not included)
+    # the one of stop_tokens that is the tokenizer's own EOS: it ends a choice with stop_reason None, the others
+    # report their id, as vLLM's generation_config EOS ids do (SamplingParams.update_from_generation_config makes
+    # them stop_token_ids); None: every stop token reports its id
+    eos_token_id: int | None = None
     # vLLM's sampling extras: the client's own stop ids (stop_reason: the id), EOS ids that do not end a sequence
     # (they are sampled as any token), no EOS / stop id / stop string before min_tokens tokens (the EOS and stop
     # ids are masked out of the logits until then), and stop strings and stop tokens' text kept in the text
@@ -175,8 +180,9 @@ class _Seq:
             if early:
                 allowed = allowed.copy()
                 allowed[self.early] = False
-            if not allowed.any():
-                return next(iter(self.req.stop_tokens))
+            if not allowed.any():  # (the tokenizer's own EOS where it is a stop token)
+                stops = self.req.stop_tokens
+                return self.req.eos_token_id if self.req.eos_token_id in stops else min(stops)
             logits = np.where(allowed, logits, np.float32(-np.inf))
         history = [self.prompt + self.out] if sp.repetition_penalty != 1.0 else None
         output = [self.out] if sp.presence_penalty or sp.frequency_penalty else None
@@ -191,14 +197,14 @@ class _Seq:
         shown = not (eos or stop_id) or req.include_stop_str_in_output  # a stop token's text: vLLM's option
         if self.matcher is not None and not (eos or stop_id):
             self.matcher.accept(t)
-        lps = [] if req.logprobs is None or not shown else [logprob_of(self.logits[:self.n_vocab], t, req.logprobs)]
+        lps = [] if req.logprobs is None else [logprob_of(self.logits[:self.n_vocab], t, req.logprobs)]
         check = len(self.out) > req.min_tokens  # (vLLM: stop strings in the first min_tokens tokens' text are not)
         text, stopped = self.cutter.push(self.streamer.push(t) if shown else "", check)
         if stopped:
             return Chunk(self.index, text, [t], lps, "stop", self.cutter.hit)
         if eos or stop_id or len(self.out) >= self.max_tokens:
             more, stopped = self.cutter.push(self.streamer.flush(), check)
-            reason = self.cutter.hit if stopped else t if stop_id else None
+            reason = self.cutter.hit if stopped else t if stop_id or eos and t != req.eos_token_id else None
             return Chunk(self.index, text + more + self.cutter.flush(), [t], lps,
                          "stop" if stopped or eos or stop_id else "length", reason)
         return Chunk(self.index, text, [t], lps)

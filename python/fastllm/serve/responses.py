@@ -6,7 +6,9 @@ A Responses request is the chat request in other clothes, so it is translated in
   items), `instructions` (a system message first), `max_output_tokens`, `temperature`, `top_p`, `tools` (flat:
   {"type": "function", "name", "description", "parameters", "strict"}), `tool_choice` ({"type": "function",
   "name"} for a named one), `parallel_tool_calls`, `text.format` (text, json_object, or json_schema with its
-  name and schema at the top level), `stream`;
+  name and schema at the top level), `stream`, and the sampling fields of vLLM's Responses endpoint (extra_body
+  in the openai client: top_k, repetition_penalty, seed, stop, ignore_eos, logit_bias, skip_special_tokens,
+  include_stop_str_in_output; fastllm's min_p, presence_penalty, frequency_penalty), as in chat;
 - out: a `response` object whose `output` is a message item (its text as one `output_text` part), a
   `function_call` item per call, and first a `reasoning` item for a thinking model's reasoning (Qwen3's
   <think>); `status` "completed" or "incomplete" (max_output_tokens reached, with incomplete_details); `usage` in
@@ -26,10 +28,16 @@ import uuid
 
 from .api import APIError, Call, ServedModel, _bad_type, _check_fields, _get, _unsupported, parse_chat
 
-FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
-          "parallel_tool_calls", "text", "stream", "store", "metadata", "user", "previous_response_id", "reasoning",
-          "truncation", "include", "service_tier", "prompt_cache_key", "safety_identifier", "seed", "top_k", "min_p",
-          "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "skip_special_tokens"}
+# fields that mean in the chat request what they mean here: OpenAI's, fastllm's extras (min_p, presence_penalty,
+# frequency_penalty) and those vLLM's ResponsesRequest takes (vllm/entrypoints/openai/responses/protocol.py:
+# top_k, repetition_penalty, seed, stop, ignore_eos, logit_bias, skip_special_tokens, include_stop_str_in_output;
+# vLLM passes no stop_token_ids or min_tokens from a Responses request, so neither is accepted here)
+_SAME = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "seed", "top_k", "min_p",
+         "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "skip_special_tokens", "ignore_eos",
+         "logit_bias", "include_stop_str_in_output")
+FIELDS = {"input", "instructions", "max_output_tokens", "tools", "tool_choice", "text", "store", "metadata", "user",
+          "previous_response_id", "reasoning", "truncation", "include", "service_tier", "prompt_cache_key",
+          "safety_identifier", *_SAME}
 # the chat field a Responses field becomes (for naming it in errors)
 _PARAMS = {"max_completion_tokens": "max_output_tokens", "response_format.json_schema.schema": "text.format.schema",
            "response_format.json_schema.name": "text.format.name", "response_format.json_schema": "text.format",
@@ -94,9 +102,7 @@ def _chat_body(body) -> dict:
     if body.get("previous_response_id") is not None:
         raise APIError(400, "'previous_response_id' is not supported: this server stores no responses; send the whole "
                             "conversation in 'input'.", "previous_response_id", "unsupported_parameter")
-    chat = {k: body[k] for k in ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "seed", "top_k",
-                                 "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
-                                 "skip_special_tokens") if k in body}
+    chat = {k: body[k] for k in _SAME if k in body}
     chat["messages"] = _messages(body)
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
