@@ -443,8 +443,8 @@ def test_completions_prompts_echo_logprobs_and_stop(client, reference):
     assert r.usage.completion_tokens == 2
     # a list of prompts (text and token ids) x n, echo and logprobs of prompt and completion
     ids = text.tolist()
-    r = client.completions.create(model=MODEL, prompt=[prompt, ids], n=2, max_tokens=5, temperature=0, echo=True,
-                                  logprobs=2)
+    r = client.completions.create(model=MODEL, prompt=[prompt, ids], n=2, max_tokens=5, echo=True, logprobs=2,
+                                  extra_body={"top_k": 1})  # (greedy; temperature 0 with n > 1 is a 400, as in vLLM)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert r.usage.prompt_tokens == 2 * len(ids) and r.usage.completion_tokens == 4 * 5
     lp = log_softmax(model.forward(np.array([ids + list(ANSWER.encode()[:5])]))[0])
@@ -463,7 +463,7 @@ def ask(client, chat: bool, stream: bool, prompt: str, **kw) -> tuple[str, str, 
     """(text, finish_reason, vLLM's stop_reason, completion_tokens) of one choice, streamed or not: the chat of HI,
     or the completion of `prompt` (the chat prompt as text, which the model answers with ANSWER too)."""
     create = client.chat.completions.create if chat else client.completions.create
-    kw = dict(model=MODEL, temperature=0, **({"messages": HI} if chat else {"prompt": prompt}), **kw)
+    kw = {"model": MODEL, "temperature": 0, **({"messages": HI} if chat else {"prompt": prompt}), **kw}
     if not stream:
         r = create(**kw)
         c = r.choices[0]
@@ -522,10 +522,12 @@ def test_vllm_min_tokens_and_ignore_eos(client):
             ("héll" + "<|im_end|>" * 3, "length", None, 8)
         text, finish, reason, tokens = run(max_tokens=60, ignore_eos=True)
         assert text.startswith(ANSWER) and len(text) > len(ANSWER) and (finish, reason, tokens) == ("length", None, 60)
-    # logprobs follow the text: none for a stop token left out, ignore_eos's <|im_end|> tokens have theirs
+    # every token sampled has its logprob, a stop token whose text is left out too (as vLLM's), and ignore_eos's
+    # <|im_end|> tokens
     kw = dict(model=MODEL, messages=HI, temperature=0, max_tokens=8, logprobs=True)
     r = client.chat.completions.create(**kw, extra_body={"stop_token_ids": [ord("w")]})
-    assert len(r.choices[0].logprobs.content) == len("héllo ".encode()) and r.usage.completion_tokens == 8
+    assert [x.token for x in r.choices[0].logprobs.content][-2:] == [" ", "w"] and r.usage.completion_tokens == 8
+    assert r.choices[0].message.content == "héllo "
     r = client.chat.completions.create(**kw, extra_body={**eos, "ignore_eos": True, "min_tokens": 2})
     assert [x.token for x in r.choices[0].logprobs.content][2:] == ["<|im_end|>"] * 6
     # the mask is the sampler's: logprobs stay the model's own (after ANSWER, <|im_end|> is the most likely token)
@@ -533,6 +535,98 @@ def test_vllm_min_tokens_and_ignore_eos(client):
     r = client.chat.completions.create(**{**kw, "max_tokens": n + 3}, top_logprobs=1, extra_body={"min_tokens": n + 1})
     x = r.choices[0].logprobs.content[n]
     assert x.token != "<|im_end|>" and x.top_logprobs[0].token == "<|im_end|>"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_tokens_logprob_is_reported_as_vllm_does(client, reference, stream):
+    """A choice that ends on an EOS has a logprob entry for it, as vLLM's does (its detokenizer leaves only the stop
+    token's text out; its logprobs cover every sampled token id): chat's <|im_end|> after ANSWER, with the model's
+    logprob, and completions' <|endoftext|> (made certain by logit_bias; the model's own logprob all the same), one
+    entry per completion token, streamed or not."""
+    model, tok = reference
+    ids = render_prompt(HI, tok).tolist() + list(ANSWER.encode()) + [END]
+    want = log_softmax(model.forward(np.array([ids]))[0])
+    kw = dict(model=MODEL, temperature=0, max_tokens=40, stream=stream)
+    chat = client.chat.completions.create(**kw, messages=HI, logprobs=True)
+    comp = client.completions.create(**kw, prompt="ab", logprobs=0, logit_bias={str(EOT): 100})
+    if stream:
+        chat = [c.choices[0] for c in chat if c.choices[0].logprobs]
+        entries, text = [x for c in chat for x in c.logprobs.content], "".join(c.delta.content for c in chat)
+        comp = [c.choices[0] for c in comp]
+    else:
+        assert chat.usage.completion_tokens == len(ANSWER.encode()) + 1 and comp.usage.completion_tokens == 1
+        (c,), comp = chat.choices, comp.choices
+        entries, text = c.logprobs.content, c.message.content
+    tokens, lps = [t for c in comp for t in c.logprobs.tokens], [x for c in comp for x in c.logprobs.token_logprobs]
+    assert text == ANSWER and len(entries) == len(ANSWER.encode()) + 1 and entries[-1].token == "<|im_end|>"
+    n = len(entries)
+    np.testing.assert_allclose([x.logprob for x in entries], [want[-n - 1 + i, ids[-n + i]] for i in range(n)],
+                               atol=1e-4)
+    eot = log_softmax(model.forward(np.array([list(b"ab")]))[0])[-1, EOT]
+    assert "".join(c.text for c in comp) == "" and tokens == ["<|endoftext|>"] and lps == pytest.approx([eot], abs=1e-4)
+
+
+def test_logit_bias_clamped_and_greedy_n_refused_as_vllm_does(client):
+    """vLLM clamps logit_bias values to [-100, 100] (vllm/sampling_params.py SamplingParams.from_optional) and
+    refuses n > 1 with greedy sampling (SamplingParams._verify_greedy_sampling: n identical choices); so does
+    fastllm (it answered a value beyond +-100 with a 400)."""
+    run = lambda bias: ask(client, True, False, "", max_tokens=8, logit_bias=bias)  # noqa: E731
+    assert run({str(END): 1e6}) == run({str(END): 100}) == ("", "stop", None, 1)
+    h = run({str(ord("h")): -1e6})
+    assert h == run({str(ord("h")): -100}) and not h[0].startswith("h")
+    with pytest.raises(openai.BadRequestError, match="n must be 1 when using greedy sampling, got 2") as e:
+        client.chat.completions.create(model=MODEL, messages=HI, temperature=0, n=2)
+    assert e.value.param == "n"
+    r = client.chat.completions.create(model=MODEL, messages=HI, temperature=0.5, n=2, max_tokens=4)
+    assert len(r.choices) == 2
+
+
+def test_stop_reason_of_an_eos_other_than_the_tokenizers_own(ckpts, reference, tmp_path):
+    """vLLM's stop_reason for EOS ids: null for the tokenizer's own eos_token_id, the id for the other EOS ids of
+    generation_config.json (vLLM makes them stop_token_ids: vllm/sampling_params.py update_from_generation_config,
+    vllm/v1/core/sched/utils.py check_stop), as Llama 3.1's <|eom_id|> beside its <|eot_id|>. The chat model's
+    folder given a tokenizer_config.json whose eos_token is <|endoftext|> and a generation_config.json with both
+    (as Qwen2.5 base's): its answer ends at <|im_end|>, stop_reason 258, chat and completions, streamed or not;
+    <|endoftext|> (made certain) ends with null; ignore_eos ignores both. (Without the files <|im_end|> is the chat's
+    own EOS: null, as the tests above check.)"""
+    folder = tmp_path / "qwenish"
+    shutil.copytree(ckpts["chat"], folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [END, EOT]}))
+    server = Server(folder, "--max-batch", "2", "--model-name", "qwenish")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prompt = reference[1].decode(render_prompt(HI, reference[1]))
+        n = len(ANSWER.encode()) + 1
+        for chat in (True, False):
+            for stream in (False, True):
+                run = lambda **kw: ask(client, chat, stream, prompt, **{"model": "qwenish", "max_tokens": 40, **kw})  # noqa
+                assert run() == (ANSWER, "stop", END, n)
+                assert run(logit_bias={str(EOT): 100}) == ("", "stop", None, 1)
+                assert run(max_tokens=n + 4, extra_body={"ignore_eos": True})[1:] == ("length", None, n + 4)
+    finally:
+        server.stop()
+
+
+def test_responses_take_vllms_sampling_fields(client):
+    """vLLM's Responses endpoint takes ignore_eos, logit_bias and include_stop_str_in_output beside stop, seed,
+    top_k, repetition_penalty and skip_special_tokens (vllm/entrypoints/openai/responses/protocol.py
+    ResponsesRequest.to_sampling_params); so does fastllm's, as in chat. It passes on neither stop_token_ids nor
+    min_tokens: a 400 here, as any unknown field."""
+    kw = dict(model=MODEL, input="abc", temperature=0, max_output_tokens=6)
+    r = client.responses.create(**kw, extra_body={"logit_bias": {str(END): 100}})
+    assert (r.status, r.output_text, r.usage.output_tokens) == ("completed", "", 1)
+    r = client.responses.create(**kw, extra_body={"logit_bias": {str(END): 100}, "ignore_eos": True})
+    assert (r.status, r.output_text, r.usage.output_tokens) == ("incomplete", "", 6)
+    kw["max_output_tokens"] = 40
+    head = ANSWER.split("w")[0]
+    assert client.responses.create(**kw, extra_body={"stop": ["wör"]}).output_text == head
+    r = client.responses.create(**kw, extra_body={"stop": ["wör"], "include_stop_str_in_output": True})
+    assert r.output_text == head + "wör"
+    for name, value in [("stop_token_ids", [ord("w")]), ("min_tokens", 2)]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(**kw, extra_body={name: value})
+        assert (e.value.param, e.value.code) == (name, "unknown_parameter")
 
 
 def test_special_tokens_are_left_out_of_the_text_as_vllm_does(client, reference, tmp_path):
@@ -703,6 +797,8 @@ LONG = "x" * 200  # 200 byte tokens: more than the 128-token context
     ("chat/completions", {"model": MODEL, "messages": HI, "stream": "yes"}, 400, "stream", "invalid_type"),
     ("chat/completions", {"model": MODEL, "messages": HI, "n": 1.5}, 400, "n", "invalid_type"),
     ("chat/completions", {"model": MODEL, "messages": HI, "n": 17}, 400, "n", "invalid_value"),
+    ("chat/completions", {"model": MODEL, "messages": HI, "n": 2, "temperature": 0}, 400, "n", "invalid_value"),
+    ("completions", {"model": MODEL, "prompt": "ab", "n": 3, "temperature": 0.0}, 400, "n", "invalid_value"),
     ("chat/completions", {"model": MODEL, "messages": HI, "top_p": 1.5}, 400, "top_p", "invalid_value"),
     ("chat/completions", {"model": MODEL, "messages": HI, "stop": ["a"] * 5}, 400, "stop", "invalid_value"),
     ("chat/completions", {"model": MODEL, "messages": HI, "stop": [1]}, 400, "stop", "invalid_type"),
