@@ -427,7 +427,7 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "fastllm_version": __version__,
     }  # fmt: skip
-    kinds = cfg.layer_types or [("full_attention", "sliding_attention")[cfg.sliding_window is not None]] * cfg.n_layer
+    kinds = ["full_attention" if cfg.window(layer) is None else "sliding_attention" for layer in range(cfg.n_layer)]
     if kind == "llama":
         d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     elif kind == "mistral":

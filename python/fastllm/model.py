@@ -560,8 +560,7 @@ class GPT:
         })
         a = bk.carve(specs)
         shapes = {k: (N, w) for k, (w, _) in per_layer.items()}
-        shapes.update({k: (N,) for k in per_layer if k.endswith(("_mean", "_rstd")) and not k.startswith(("q_", "k_"))})
-        shapes.update(att_lse=(B, NH, T))
+        shapes.update({k: (N,) for k in per_layer if k.endswith(("_mean", "_rstd"))}, att_lse=(B, NH, T))
         if cfg.qk_norm:
             shapes.update(q_rstd=(B, T, NH), k_rstd=(B, T, NKV))
         for k in per_layer:  # per-layer views, shaped as the kernels take them
