@@ -148,7 +148,7 @@ template <> struct Loose<std::optional<py::array>> { using type = py::object; };
 template <> struct Loose<int64_t> { using type = py::object; };
 template <> struct Loose<int32_t> { using type = py::object; };
 template <> struct Loose<float> { using type = py::object; };
-using HeadRange = std::optional<std::pair<int64_t, int64_t>>;  // rmsnorm's heads=(h0, h1) or None
+using HeadRange = std::optional<std::pair<int64_t, int64_t>>;  // rmsnorm's heads=(h0, h1), cols=(c0, c1) or None
 template <> struct Loose<std::optional<int64_t>> { using type = py::object; };
 template <> struct Loose<HeadRange> { using type = py::object; };
 
@@ -640,34 +640,39 @@ static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dou
 // ---------------------------------------------------------------------------------------------------------
 // the Llama and Gemma families' ops: rmsnorm, rope, swiglu, geglu, relu2
 
-// The rows an rmsnorm call works on: x (..., C) whole, or with heads = (h0, h1) only rows [h0, h1) of its
-// second-to-last axis R (x (..., R, C), e.g. the q heads of qkv viewed as (B, T, NH + 2*NKV, hs)).
+// The rows an rmsnorm call works on: x (..., C) whole; with heads = (h0, h1) only rows [h0, h1) of its
+// second-to-last axis R (x (..., R, C), e.g. the q heads of qkv viewed as (B, T, NH + 2*NKV, hs)); with cols =
+// (c0, c1) only the columns x[..., c0:c1] of its last axis, normed as rows of c1 - c0 (OLMo 2's QK-norm over all the
+// q (or k) channels of qkv (B, T, W)).
 struct NormRows {
-    int64_t N, C, group, group_stride, offset;  // see cpu/rmsnorm.h; offset = h0 * C elements
+    int64_t N, C, group, group_stride, offset;  // see cpu/rmsnorm.h; offset = h0 * C or c0 elements
     std::vector<int64_t> stats_shape;           // rstd: x.shape[:-1], or (..., h1 - h0)
 };
-static NormRows norm_rows(const py::array& x, std::optional<std::pair<int64_t, int64_t>> heads) {
+static NormRows norm_rows(const py::array& x, HeadRange heads, HeadRange cols) {
     FASTLLM_CHECK(x.ndim() >= 1, "x must be (..., C), got a 0-d array");
+    FASTLLM_CHECK(!(heads && cols), "give heads or cols, not both");
     const int64_t C = x.shape(x.ndim() - 1);
     std::vector<int64_t> lead(x.shape(), x.shape() + x.ndim() - 1);
-    if (!heads) {
-        int64_t N = 1;
-        for (int64_t d : lead) N *= d;
-        return {N, C, std::max<int64_t>(N, 1), N * C, 0, lead};
+    int64_t N = 1;
+    for (int64_t d : lead) N *= d;
+    if (cols) {
+        const int64_t c0 = cols->first, c1 = cols->second;
+        FASTLLM_CHECK(0 <= c0 && c0 < c1 && c1 <= C, "cols=(", c0, ", ", c1, ") must satisfy 0 <= c0 < c1 <= C=", C,
+                      " (x.shape[-1] of x ", shape_str(x), ")");
+        return {N, c1 - c0, 1, C, c0, lead};
     }
+    if (!heads) return {N, C, std::max<int64_t>(N, 1), N * C, 0, lead};
     FASTLLM_CHECK(x.ndim() >= 2, "heads needs x (..., R, C) with a head axis, got shape ", shape_str(x));
     const int64_t R = lead.back(), h0 = heads->first, h1 = heads->second;
     FASTLLM_CHECK(0 <= h0 && h0 < h1 && h1 <= R, "heads=(", h0, ", ", h1, ") must satisfy 0 <= h0 < h1 <= R=", R,
                   " (x.shape[-2] of x ", shape_str(x), ")");
     lead.back() = h1 - h0;
-    int64_t N = 1;
-    for (int64_t d : lead) N *= d;
-    return {N, C, h1 - h0, R * C, h0 * C, lead};
+    return {N / R * (h1 - h0), C, h1 - h0, R * C, h0 * C, lead};
 }
 
 static void rmsnorm_forward_py(py::array out, py::array rstd, py::array inp, py::array weight, float eps,
-                               std::optional<std::pair<int64_t, int64_t>> heads) {
-    const NormRows r = norm_rows(inp, heads);
+                               HeadRange heads, HeadRange cols) {
+    const NormRows r = norm_rows(inp, heads, cols);
     FASTLLM_CHECK(eps >= 0.0f && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
     const float* x = in_ptr<float>(inp, "x");
     const float* w = in_ptr<float>(weight, "weight", {r.C});
@@ -681,8 +686,8 @@ static void rmsnorm_forward_py(py::array out, py::array rstd, py::array inp, py:
 }
 
 static void rmsnorm_backward_py(py::array dinp, py::array dweight, py::array dout, py::array inp, py::array weight,
-                                py::array rstd, std::optional<std::pair<int64_t, int64_t>> heads) {
-    const NormRows r = norm_rows(inp, heads);
+                                py::array rstd, HeadRange heads, HeadRange cols) {
+    const NormRows r = norm_rows(inp, heads, cols);
     const float* x = in_ptr<float>(inp, "x");
     const float* w = in_ptr<float>(weight, "weight", {r.C});
     const float* dy = in_ptr<float>(dout, "dout", shape_of(inp));
@@ -1436,9 +1441,9 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "residual_forward", &residual_forward_py, arg("out"), arg("inp1"), arg("inp2"));
     def_kernel(m, "residual_backward", &residual_backward_py, arg("dinp1"), arg("dinp2"), arg("dout"));
     def_kernel(m, "rmsnorm_forward", &rmsnorm_forward_py, arg("out"), arg("rstd"), arg("x"), arg("weight"),
-               arg("eps"), arg("heads") = none);
+               arg("eps"), arg("heads") = none, arg("cols") = none);
     def_kernel(m, "rmsnorm_backward", &rmsnorm_backward_py, arg("dx"), arg("dweight"), arg("dout"), arg("x"),
-               arg("weight"), arg("rstd"), arg("heads") = none);
+               arg("weight"), arg("rstd"), arg("heads") = none, arg("cols") = none);
     def_kernel(m, "rope_forward", &rope_forward_py, arg("out"), arg("qkv"), arg("cos"), arg("sin"), arg("pos"),
                arg("n_head"), arg("n_kv_head") = none);
     def_kernel(m, "rope_backward", &rope_backward_py, arg("dqkv"), arg("dout"), arg("cos"), arg("sin"), arg("pos"),

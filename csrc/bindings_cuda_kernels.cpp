@@ -701,18 +701,25 @@ static void register_elementwise(py::module_& m) {
 static void register_llama(py::module_& m) {
     using py::arg;
     using Heads = std::optional<std::pair<int64_t, int64_t>>;
-    // x (..., C) whole, or with heads = (h0, h1) rows [h0, h1) of its second-to-last axis: {N, C, group,
-    // group_stride, offset (elements)} (csrc/cpu/rmsnorm.h) and the shape of rstd
+    // x (..., C) whole, with heads = (h0, h1) rows [h0, h1) of its second-to-last axis, or with cols = (c0, c1) the
+    // columns x[..., c0:c1]: {N, C, group, group_stride, offset (elements)} (csrc/cpu/rmsnorm.h) and rstd's shape
     struct NormRows {
         int64_t N, C, group, group_stride, offset;
         std::vector<int64_t> stats;
     };
-    static const auto norm_rows = [](const DeviceArray& x, const Heads& heads) {
+    static const auto norm_rows = [](const DeviceArray& x, const Heads& heads, const Heads& cols) {
         check_float(x, "x");
+        FASTLLM_CHECK(!(heads && cols), "give heads or cols, not both");
         int64_t N, C;
         ew_rows(x, "x", N, C);
         check_array(x, "x", x.dtype, x.shape);
         std::vector<int64_t> lead(x.shape.begin(), x.shape.end() - 1);
+        if (cols) {
+            const int64_t c0 = cols->first, c1 = cols->second;
+            FASTLLM_CHECK(0 <= c0 && c0 < c1 && c1 <= C, "cols=(", c0, ", ", c1, ") must satisfy 0 <= c0 < c1 <= C=",
+                          C, " (x.shape[-1] of x ", x.shape_str(), ")");
+            return NormRows{N, c1 - c0, 1, C, c0, lead};
+        }
         if (!heads) return NormRows{N, C, std::max<int64_t>(N, 1), N * C, 0, lead};
         FASTLLM_CHECK(x.shape.size() >= 2, "heads needs x (..., R, C) with a head axis, got shape ", x.shape_str());
         const int64_t R = lead.back(), h0 = heads->first, h1 = heads->second;
@@ -732,8 +739,8 @@ static void register_llama(py::module_& m) {
     m.def(
         "rmsnorm_forward",
         [at](DeviceArray& out, DeviceArray& rstd, const DeviceArray& x, const DeviceArray& weight, float eps,
-             Heads heads) {
-            const NormRows r = norm_rows(x, heads);
+             Heads heads, Heads cols) {
+            const NormRows r = norm_rows(x, heads, cols);
             check_array(out, "out", x.dtype, x.shape);
             check_array(weight, "weight", x.dtype, {r.C});
             stats(rstd, "rstd", r);
@@ -747,12 +754,13 @@ static void register_llama(py::module_& m) {
             rmsnorm_forward(po, (float*)rstd.data(), px, weight.data(), r.N, r.C, r.group, r.group_stride, eps,
                             x.dtype);
         },
-        arg("out"), arg("rstd"), arg("x"), arg("weight"), arg("eps"), arg("heads") = py::none());
+        arg("out"), arg("rstd"), arg("x"), arg("weight"), arg("eps"), arg("heads") = py::none(),
+        arg("cols") = py::none());
     m.def(
         "rmsnorm_backward",
         [at](DeviceArray& dx, DeviceArray& dweight, const DeviceArray& dout, const DeviceArray& x,
-             const DeviceArray& weight, const DeviceArray& rstd, Heads heads) {
-            const NormRows r = norm_rows(x, heads);
+             const DeviceArray& weight, const DeviceArray& rstd, Heads heads, Heads cols) {
+            const NormRows r = norm_rows(x, heads, cols);
             check_array(dx, "dx", x.dtype, x.shape);
             check_array(dout, "dout", x.dtype, x.shape);
             check_array(weight, "weight", x.dtype, {r.C});
@@ -767,7 +775,8 @@ static void register_llama(py::module_& m) {
             rmsnorm_backward(pdx, (float*)dweight.data(), pdy, px, weight.data(), (const float*)rstd.data(), r.N,
                              r.C, r.group, r.group_stride, x.dtype);
         },
-        arg("dx"), arg("dweight"), arg("dout"), arg("x"), arg("weight"), arg("rstd"), arg("heads") = py::none());
+        arg("dx"), arg("dweight"), arg("dout"), arg("x"), arg("weight"), arg("rstd"), arg("heads") = py::none(),
+        arg("cols") = py::none());
 
     // qkv (B, T, (NH + 2*NKV) * hs), tables cos/sin (P, R2) f32 with 2*R2 <= hs, pos int32 (B) or None ->
     // {B, T, P, NKV, hs, R2}. Positions are not checked here (device memory): fastllm.cuda checks numpy ones.

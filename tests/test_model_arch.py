@@ -1,11 +1,12 @@
 """The architecture options of the one GPT (rope, rmsnorm, GQA/MQA, QK-norm, swiglu/relu2, biases, untied lm-head,
-logit soft-capping) on both backends: loss, every gradient, logits and greedy generation through the KV cache
-against HF transformers' LlamaForCausalLM / Qwen2 / Qwen3 / Mistral loaded with the same weights (the real oracle
-where a family exists) and against the plain PyTorch reference tests/torch_gpt.py (every combination, also those
-no HF family has); config validation, parameter layout, weight decay, checkpoints.
+logit soft-capping, Gemma's and OLMo's norms, NoPE layers, partial rotary dims) on both backends: loss, every
+gradient, logits and greedy generation through the KV cache against HF transformers' LlamaForCausalLM / Qwen2 /
+Qwen3 / Mistral loaded with the same weights (the real oracle where a family exists) and against the plain PyTorch
+reference tests/torch_gpt.py (every combination, also those no HF family has); config validation, parameter layout,
+weight decay, checkpoints.
 
-Tolerances: CPU float32 vs torch float32: loss 1e-5 relative, gradients 1e-4 relative to the tensor's largest
-entry, logits 1e-4. The GPU (float32 FFMA GEMMs, the emulator in CI): 2e-3 on losses and logits, 5e-3 gradients."""
+Tolerances: CPU float32 vs torch float32: loss 1e-5 relative, gradients 1e-4 relative to the tensor's largest entry,
+logits 1e-4. The GPU (float32 FFMA GEMMs, the emulator in CI): 2e-3 on losses and logits, 5e-3 gradients."""
 
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ ARCHS = {
                    rope_theta=1e6, rope_local_theta=1e4, rope_scaling=dict(rope_type="linear", factor=4.0)),
     "window-layernorm-postnorms": dict(positions="rope", n_kv_head=2, sliding_window=3, post_norms=True,
                                        attn_softcap=1.5, embed_scale=0.5),
+    # OLMo 2: norms after each branch instead of before, QK-norm over all q and all k channels; OLMo 3: sliding
+    "olmo2": dict(LLAMA, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_over="all", tie_embeddings=False),
+    "olmo3-gqa": dict(LLAMA, n_kv_head=2, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_over="all",
+                      sliding_window=4, layer_types=["sliding_attention", "full_attention"], rope_local_theta=1e4,
+                      rope_theta=5e5, rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                        original_max_position_embeddings=8)),
+    # SmolLM3: a layer without RoPE; Phi-4-mini: RoPE on the first 3/4 of each head's dims
+    "smollm3-nope": dict(LLAMA, n_kv_head=2, nope_layers=[1]),
+    "partial-rotary-layernorm-nopost": dict(positions="rope", n_kv_head=1, partial_rotary_factor=0.75,
+                                            pre_norms=False, qk_norm=True, qk_norm_over="all"),
 }
 
 
@@ -146,7 +157,7 @@ def test_weighted_ce_and_hidden_state_gradients_match_torch(arch):
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("arch", ["llama3-scaling-untied", "qwen3", "nanochat", "gpt2-gqa-untied", "gemma2",
-                                  "gemma3"])
+                                  "gemma3", "olmo2", "smollm3-nope", "partial-rotary-layernorm-nopost"])
 def test_kv_cache_equals_full_forward(name, arch):
     """Prompts of different lengths prefilled together, then decode steps at different positions per row: every
     step's logits equal those of a full forward over the sequence so far."""
@@ -169,7 +180,7 @@ def test_kv_cache_equals_full_forward(name, arch):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "olmo3-gqa"])
 def test_kv_cache_ring_equals_full_forward(name, arch):
     """Sliding layers keep a ring of 2 * window - 1 rows: prompts longer than the window (prefilled in chunks of
     window tokens), then decode steps far past it, and a row copied (copy_row) after its ring wrapped: every step's
@@ -198,7 +209,7 @@ def test_kv_cache_ring_equals_full_forward(name, arch):
     assert min(map(len, rows)) > 3 * window
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat", "gemma3", "olmo2"])
 def test_bf16_decode_weights(arch):
     model = make(arch, seed=6).eval()
     model.params *= 3.0  # sharper logits

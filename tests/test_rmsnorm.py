@@ -1,5 +1,6 @@
 """RMSNorm forward/backward (ops.rmsnorm_* / cuda.rmsnorm_*) vs tests/reference.py (float64) and transformers'
-LlamaRMSNorm (torch autograd), on both backends; the `heads` form (Qwen3's QK-norm on the packed qkv buffer).
+LlamaRMSNorm (torch autograd), on both backends; the `heads` form (Qwen3's QK-norm on the packed qkv buffer) and
+the `cols` form (OLMo 2's QK-norm over all q, all k channels of it).
 
 Errors are max |got - ref| / max |ref| per tensor. Tolerances: float32 out 1e-5, dx 1e-4, dweight 1e-4 (sums over
 N rows in float32); bfloat16 (inputs rounded to bf16 first, so the reference sees the kernel's values; outputs stored
@@ -98,6 +99,44 @@ def test_rmsnorm_heads_qk_norm(rng, name, dtype, NH, NKV):
     assert rel_err(down(name, dw2), 2 * ref_dw) <= tol["dw"]
 
 
+@pytest.mark.parametrize("name,dtype", CASES)
+@pytest.mark.parametrize("NH,NKV,hs", [(4, 2, 24), (3, 3, 5), (2, 1, 8), (5, 1, 160)])
+def test_rmsnorm_cols_qk_norm(rng, name, dtype, NH, NKV, hs):
+    """OLMo 2's QK-norm: q_norm over all NH * hs q channels and k_norm over all NKV * hs k channels of qkv (B, T, W),
+    in place; v untouched; the backward fills only those columns of dqkv (and, in place, passes v's through). Odd
+    widths and offsets (hs = 5) take the unaligned paths, (5, 1, 160) columns past one warp's worth."""
+    bk, tol = get(name), TOL[dtype]
+    B, T = 2, 3
+    Q, K = NH * hs, NKV * hs
+    qkv = rounded(rng.standard_normal((B, T, Q + 2 * K)) * 2 + 0.3, dtype)
+    wq, wk = rounded(rng.standard_normal(Q), dtype), rounded(rng.standard_normal(K), dtype)
+    dout = rounded(rng.standard_normal(qkv.shape), dtype)
+    xd = up(name, qkv, dtype)
+    _, rq = bk.rmsnorm_forward(xd, up(name, wq, dtype), 1e-6, out=xd, cols=(0, Q))
+    _, rk = bk.rmsnorm_forward(xd, up(name, wk, dtype), 1e-6, out=xd, cols=(Q, Q + K))
+    got = down(name, xd)
+    ref_q, ref_rq = reference.rmsnorm_forward(qkv[..., :Q], wq)
+    ref_k, ref_rk = reference.rmsnorm_forward(qkv[..., Q:Q + K], wk)
+    assert down(name, rq).shape == (B, T) and down(name, rk).shape == (B, T)
+    assert rel_err(got[..., :Q], ref_q) <= tol["out"] and rel_err(got[..., Q:Q + K], ref_k) <= tol["out"]
+    assert rel_err(down(name, rq), ref_rq) <= 1e-5 and rel_err(down(name, rk), ref_rk) <= 1e-5
+    np.testing.assert_array_equal(got[..., Q + K:], qkv[..., Q + K:])
+    out, _ = bk.rmsnorm_forward(up(name, qkv, dtype), up(name, wk, dtype), cols=(Q, Q + K))  # a new out: x's copy
+    np.testing.assert_array_equal(down(name, out)[..., :Q], qkv[..., :Q])
+    # backward of the k columns: accumulated into a zero dx, the others untouched
+    dx, dw = bk.rmsnorm_backward(up(name, dout, dtype), up(name, qkv, dtype), up(name, wk, dtype), rk, cols=(Q, Q + K))
+    ref_dx, ref_dw = reference.rmsnorm_backward(dout[..., Q:Q + K], qkv[..., Q:Q + K], wk)
+    dx = down(name, dx)
+    assert rel_err(dx[..., Q:Q + K], ref_dx) <= tol["dx"] and rel_err(down(name, dw), ref_dw) <= tol["dw"]
+    assert np.all(dx[..., :Q] == 0) and np.all(dx[..., Q + K:] == 0)
+    # in place on dout: the q columns become their gradient, k and v pass through
+    d = up(name, dout, dtype)
+    bk.rmsnorm_backward(d, up(name, qkv, dtype), up(name, wq, dtype), rq, dx=d, cols=(0, Q))
+    d = down(name, d)
+    assert rel_err(d[..., :Q], reference.rmsnorm_backward(dout[..., :Q], qkv[..., :Q], wq)[0]) <= tol["dx"]
+    np.testing.assert_array_equal(d[..., Q:], dout[..., Q:])
+
+
 def test_rmsnorm_cpu_paths(rng, threads, simd):
     """Every SIMD level and thread count of the CPU kernel, above the parallel threshold."""
     x, w, dout = make(rng, (70, 771))
@@ -140,6 +179,14 @@ def test_rmsnorm_bad_input(rng, name):
         bk.rmsnorm_forward(up(name, x.reshape(2, 2, 8)), wd, heads=(1, 3))
     with pytest.raises(ValueError, match="heads"):
         bk.rmsnorm_forward(up(name, x[0]), wd, heads=(0, 1))  # heads needs (..., R, C)
+    with pytest.raises(ValueError, match="cols"):
+        bk.rmsnorm_forward(xd, up(name, w[:3]), cols=(6, 9))  # past the last column
+    with pytest.raises(ValueError, match="cols"):
+        bk.rmsnorm_forward(xd, up(name, w[:0]), cols=(3, 3))  # empty
+    with pytest.raises(ValueError, match="weight"):
+        bk.rmsnorm_forward(xd, wd, cols=(0, 4))  # weight (8,) for 4 columns
+    with pytest.raises(ValueError, match="heads or cols"):
+        bk.rmsnorm_forward(up(name, x.reshape(4, 2, 4)), up(name, w[:4]), heads=(0, 1), cols=(0, 4))
     with pytest.raises(ValueError, match="rstd"):
         bk.rmsnorm_forward(xd, wd, rstd=up(name, np.zeros(3, np.float32)))
     with pytest.raises(ValueError, match="eps"):

@@ -1,7 +1,8 @@
 """A plain PyTorch transformer (nanoGPT-style, test-only oracle) that takes its weights from a fastllm GPT: GPT-2 and
-every architecture option of GPTConfig (rope, rmsnorm, GQA, QK-norm, gelu/swiglu/geglu/relu2, biases, untied
-lm-head, logit soft-capping, Gemma's embedding scale, post-norms, score scale and soft cap, sliding windows and
-local RoPE base), written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
+every architecture option of GPTConfig (rope with partial rotary dims and NoPE layers, rmsnorm, GQA, QK-norm per
+head or over all heads, gelu/swiglu/geglu/relu2, biases, untied lm-head, logit soft-capping, Gemma's embedding
+scale, post-norms with or without pre-norms, score scale and soft cap, sliding windows and local RoPE base),
+written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
 Qwen2 / Qwen3 / Mistral (hf_twin: the same weights under HF's names) check it where a family exists."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def build(model, sdpa: bool = False):
     NH, NKV, hd, H, eps = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width, cfg.layernorm_eps
     head = params["wte" if cfg.tie_embeddings else "lm_head.weight"]
     def tables(theta, scaling):  # HF's rotate-half RoPE: angle = position * inv_freq, cos/sin over [freqs, freqs]
-        freq = torch.tensor(rope.inv_freq(hd, theta, scaling))
+        freq = torch.tensor(rope.inv_freq(hd, theta, scaling, cfg.partial_rotary_factor))
         ang = torch.arange(cfg.block_size, dtype=torch.float32)[:, None] * freq[None, :]
         cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
         return [t * rope.attention_scaling(scaling) for t in (cos, sin)]  # (YaRN's temperature)
@@ -33,6 +34,7 @@ def build(model, sdpa: bool = False):
         full = tables(cfg.rope_theta, cfg.rope_scaling)
         local = full if cfg.rope_local_theta is None else tables(cfg.rope_local_theta, None)
         ropes = [full if cfg.window(l) is None else local for l in range(cfg.n_layer)]
+        ropes = [r if l not in (cfg.nope_layers or ()) else None for l, r in enumerate(ropes)]  # NoPE layers
 
     def p(name, l=None):
         t = params.get(name)
@@ -44,11 +46,17 @@ def build(model, sdpa: bool = False):
     def norm(x, w, b):
         return F.layer_norm(x, (x.shape[-1],), w, b, eps) if cfg.norm == "layernorm" else rmsnorm(x, w)
 
-    def rotate(x, T, l):  # x (B, heads, T, hd)
+    def rotate(x, T, l):  # x (B, heads, T, hd): the first rotary dims turn (rotate-half within them), the rest pass
+        if ropes[l] is None:
+            return x
         cos, sin = ropes[l]
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos[:T] + rot * sin[:T]
+        r = cos.shape[-1]
+        x, rest = x[..., :r], x[..., r:]
+        rot = torch.cat([-x[..., r // 2:], x[..., :r // 2]], -1)
+        return torch.cat([x * cos[:T] + rot * sin[:T], rest], -1)
+
+    def pre(x, name, l):  # a branch's input: its pre-norm (none in OLMo 2)
+        return norm(x, p(f"{name}.weight", l), p(f"{name}.bias", l)) if cfg.pre_norms else x
 
     def post(x, branch, l):  # Gemma 2/3: a norm on the branch's output
         w = p(f"{branch}.post_norm.weight", l)
@@ -62,11 +70,13 @@ def build(model, sdpa: bool = False):
         if cfg.positions == "learned":
             x = x + params["wpe"][:T]
         for l in range(cfg.n_layer):
-            h = norm(x, p("ln_1.weight", l), p("ln_1.bias", l))
+            h = pre(x, "ln_1", l)
             qkv = F.linear(h, p("attn.c_attn.weight", l), p("attn.c_attn.bias", l))
             q, k, v = qkv.split([NH * hd, NKV * hd, NKV * hd], dim=2)
-            q, k, v = q.view(B, T, NH, hd), k.view(B, T, NKV, hd), v.view(B, T, NKV, hd)
-            if cfg.qk_norm:
+            if cfg.qk_norm and cfg.qk_norm_over == "all":  # OLMo 2: over all q (k) channels, before the head split
+                q, k = rmsnorm(q, p("attn.q_norm.weight", l)), rmsnorm(k, p("attn.k_norm.weight", l))
+            q, k, v = q.reshape(B, T, NH, hd), k.reshape(B, T, NKV, hd), v.reshape(B, T, NKV, hd)
+            if cfg.qk_norm and cfg.qk_norm_over == "head":
                 q, k = rmsnorm(q, p("attn.q_norm.weight", l)), rmsnorm(k, p("attn.k_norm.weight", l))
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             if cfg.positions == "rope":
@@ -86,7 +96,7 @@ def build(model, sdpa: bool = False):
                 y = att.masked_fill(masked, float("-inf")).softmax(-1) @ v
             y = y.transpose(1, 2).reshape(B, T, NH * hd)
             x = x + post(F.linear(y, p("attn.c_proj.weight", l), p("attn.c_proj.bias", l)), "attn", l)
-            h = norm(x, p("ln_2.weight", l), p("ln_2.bias", l))
+            h = pre(x, "ln_2", l)
             u = F.linear(h, p("mlp.c_fc.weight", l), p("mlp.c_fc.bias", l))
             if cfg.mlp == "gelu":
                 u = F.gelu(u, approximate="tanh")

@@ -416,31 +416,33 @@ def residual_backward(dout, dinp1=None, dinp2=None):
     return dinp1, dinp2
 
 
-def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=None):
+def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=None, cols=None):
     """RMSNorm over the last axis: x (..., C) -> (out = x * rstd * weight (x's dtype), rstd (x.shape[:-1], float32)),
     as HF LlamaRMSNorm (fp32 math); weight (C,) of x's dtype. out may be x itself. heads=(h0, h1): only the rows
     x[..., h0:h1, :] of x (..., R, C) (Qwen3's QK-norm on qkv viewed as (B, T, NH + 2*NKV, hs)), rstd (..., h1 - h0);
-    the other rows of out are left as they are (a new out starts as a copy of x)."""
+    cols=(c0, c1): only the columns x[..., c0:c1] (OLMo 2's QK-norm on qkv (B, T, W)), weight (c1 - c0,); the other
+    rows (columns) of out are left as they are (a new out starts as a copy of x)."""
     x = _dev(x, "x")
     if out is None:
         out = empty(x.shape, x.dtype)
-        if heads is not None:
+        if heads is not None or cols is not None:
             out.copy_(x)
-    rstd = empty(_norm_stats_shape(x, heads), "float32") if rstd is None else rstd
+    rstd = empty(_norm_stats_shape(x, heads, cols), "float32") if rstd is None else rstd
     _C.cuda.rmsnorm_forward(_dev(out, "out"), _dev(rstd, "rstd"), x, _dev(weight, "weight"), float(eps),
-                            _heads(heads))
+                            _heads(heads), _heads(cols))
     return out, rstd
 
 
-def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
-    """dx (..., C) +=, dweight (C, float32) += (deterministic: no float atomics); with heads only those rows of dx.
-    dx may be dout itself (in place: its rows are replaced by the gradient, the other rows pass through).
-    Returns (dx, dweight)."""
+def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None, cols=None):
+    """dx (..., C) +=, dweight (weight's shape, float32) += (deterministic: no float atomics); with heads (cols) only
+    those rows (columns) of dx. dx may be dout itself (in place: its rows are replaced by the gradient, the others
+    pass through). Returns (dx, dweight)."""
     x = _dev(x, "x")
+    weight = _dev(weight, "weight")
     dx = zeros(x.shape, x.dtype) if dx is None else dx
-    dweight = zeros(tuple(x.shape[-1:]), "float32") if dweight is None else dweight
-    _C.cuda.rmsnorm_backward(_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dout, "dout"), x, _dev(weight, "weight"),
-                             _dev(rstd, "rstd"), _heads(heads))
+    dweight = zeros(tuple(weight.shape), "float32") if dweight is None else dweight
+    _C.cuda.rmsnorm_backward(_dev(dx, "dx"), _dev(dweight, "dweight"), _dev(dout, "dout"), x, weight,
+                             _dev(rstd, "rstd"), _heads(heads), _heads(cols))
     return dx, dweight
 
 

@@ -9,10 +9,11 @@ GPT(config, device="cuda"), model.to("cuda"), model.to("cpu").
 Architecture: token embedding (+ a learned position embedding, GPT-2), n_layer pre-norm blocks of causal
 attention and an MLP, a final norm, an lm-head (tied to the token embedding or its own matrix). The config picks,
 inside the one block (no per-architecture copies): the norm (layernorm | rmsnorm), positions (learned | rope, with
-HF's rope_scaling), grouped-query attention (n_kv_head; the KV cache holds only the kv heads), Qwen3's QK-norm, the
-MLP (gelu | swiglu | geglu | relu2, its own width), biases per projection group, Gemma 2 / nanochat logit
-soft-capping, and Gemma's choices: scaled token embeddings, norms after each branch too (post_norms), the scores'
-scale and soft cap, sliding-window layers (also Mistral's, Phi-3's) with a RoPE base of their own.
+HF's rope_scaling, partial rotary dims, layers without RoPE), grouped-query attention (n_kv_head; the KV cache holds
+only the kv heads), QK-norm per head (Qwen3) or over all heads (OLMo 2), the MLP (gelu | swiglu | geglu | relu2, its
+own width), biases per projection group, Gemma 2 / nanochat logit soft-capping, and Gemma's choices: scaled token
+embeddings, norms after each branch too (post_norms; OLMo 2: instead of before it), the scores' scale and soft cap,
+sliding-window layers (also Mistral's, Phi-3's, OLMo 3's) with a RoPE base of their own.
 GPTConfig's defaults are GPT-2; GPTConfig.preset("gpt2") is GPT-2 124M, "nano"/"micro" modern models for a CPU.
 Memory: all parameters live in one flat float32 buffer `params` (the master weights) with named views `p`, and
 all gradients in another (`grads`, `g`, allocated on first use). Where the compute dtype is not float32 (bf16 on
@@ -64,6 +65,7 @@ PRESETS: dict[str, dict] = {
 POSITIONS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "geglu", "relu2")
 GATED = ("swiglu", "geglu")  # MLPs whose c_fc has 2H rows [gate | up]: act(gate) * up
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names
+QK_NORMS = ("head", "all")  # what QK-norm normalises: each head, or all q (k) channels at once
 
 
 @dataclass
@@ -86,17 +88,24 @@ class GPTConfig:
     qkv_bias: bool = True  # bias of the q/k/v projection (GPT-2, Qwen2: yes; Llama, Mistral, Qwen3: no)
     proj_bias: bool = True  # bias of the attention output projection
     mlp_bias: bool = True  # biases of the MLP's two projections
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every q and k head (before RoPE)
+    qk_norm: bool = False  # RMSNorm on the queries and keys (before RoPE), over qk_norm_over:
+    qk_norm_over: str = "head"  # "head": each q and k head's head_dim channels (Qwen3, Gemma 3) | "all": all
+    # n_head * head_dim q channels, all n_kv_head * head_dim k channels at once (OLMo 2)
     tie_embeddings: bool = True  # the lm-head is wte; False: its own lm_head.weight
     logit_softcap: float | None = None  # logits = c * tanh(logits / c) (Gemma 2, nanochat); None: no cap
     embed_scale: float | None = None  # token embeddings times this (Gemma: sqrt(n_embd)); None: 1
-    post_norms: bool = False  # Gemma 2/3: a norm on each branch's output too, before it joins the residual stream
+    pre_norms: bool = True  # a norm on each branch's input (ln_1, ln_2); False: the branch reads the residual stream
+    # (OLMo 2, with post_norms)
+    post_norms: bool = False  # Gemma 2/3, OLMo 2: a norm on each branch's output, before it joins the residual stream
     attn_scale: float | None = None  # attention scores q.k times this; None: 1/sqrt(head_size) (Gemma 2/3 differ)
     attn_softcap: float | None = None  # scores = c * tanh(scores / c) (Gemma 2: 50); None: no cap
     sliding_window: int | None = None  # a sliding layer's query sees itself and the window - 1 keys before it
     layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"; None: every layer
     # slides when sliding_window is set (Mistral v0.1), else none does
     rope_local_theta: float | None = None  # Gemma 3: sliding layers' RoPE base (no scaling); None: rope_theta's
+    partial_rotary_factor: float = 1.0  # RoPE turns the first int(head_size * this) dims of each head (Phi-4-mini:
+    # 0.75), the rest pass through
+    nope_layers: list[int] | None = None  # layers whose attention has no RoPE (SmolLM3: every fourth); None: none
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
@@ -111,10 +120,10 @@ class GPTConfig:
                              "head_dim)")
         if self.n_head % self.kv_heads:
             raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("qk_norm_over", QK_NORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("qkv_bias", "proj_bias", "mlp_bias", "qk_norm", "tie_embeddings", "post_norms"):
+        for name in ("qkv_bias", "proj_bias", "mlp_bias", "qk_norm", "tie_embeddings", "pre_norms", "post_norms"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("layernorm_eps", "rope_theta", "logit_softcap", "embed_scale", "attn_scale", "attn_softcap",
@@ -137,16 +146,29 @@ class GPTConfig:
             self.layer_types = list(kinds)
             if "sliding_attention" in kinds and w is None:
                 raise ValueError("GPTConfig.layer_types has sliding_attention layers but sliding_window is None")
-        if self.rope_local_theta is not None and self.positions != "rope":
-            raise ValueError("GPTConfig.rope_local_theta is set but positions is 'learned' (it applies to rope only)")
+        for name, off in (("rope_local_theta", None), ("partial_rotary_factor", 1.0), ("nope_layers", None)):
+            if getattr(self, name) != off and self.positions != "rope":
+                raise ValueError(f"GPTConfig.{name} is set but positions is 'learned' (it applies to rope only)")
+        f = self.partial_rotary_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating)) or not 0 < f <= 1:
+            raise ValueError(f"GPTConfig.partial_rotary_factor must be a number in (0, 1], got {f!r}")
+        if self.nope_layers is not None:
+            nope = self.nope_layers
+            if not isinstance(nope, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, (int, np.integer))
+                                                          or not 0 <= i < self.n_layer for i in nope) or \
+                    len(set(nope)) != len(nope):
+                raise ValueError(f"GPTConfig.nope_layers must be None or distinct layer indices in [0, n_layer="
+                                 f"{self.n_layer}), got {nope!r}")
+            self.nope_layers = sorted(int(i) for i in nope)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(f"GPTConfig.rope_scaling must be None or a dict, got {self.rope_scaling!r}")
         if self.positions == "rope":
             try:
-                rope.inv_freq(self.head_size, self.rope_theta, self.rope_scaling)
+                rope.inv_freq(self.head_size, self.rope_theta, self.rope_scaling, self.partial_rotary_factor)
                 rope.attention_scaling(self.rope_scaling)
             except ValueError as e:
-                raise ValueError(f"GPTConfig.rope_scaling / rope_theta / head_dim: {e}") from None
+                raise ValueError(f"GPTConfig.rope_scaling / rope_theta / head_dim / partial_rotary_factor: {e}") \
+                    from None
             if self.head_size % 2:
                 raise ValueError(f"GPTConfig: rope needs an even head size, got {self.head_size}")
         elif self.rope_scaling is not None:
@@ -171,6 +193,14 @@ class GPTConfig:
     def fc_width(self) -> int:
         """Rows of c_fc: 2H for the gated MLPs ([gate | up]), else H."""
         return 2 * self.mlp_width if self.mlp in GATED else self.mlp_width
+
+    def has_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates its queries and keys (RoPE, not a NoPE layer)."""
+        return self.positions == "rope" and layer not in (self.nope_layers or ())
+
+    def qk_norm_width(self, heads: int) -> int:
+        """Channels of a QK-norm weight for `heads` heads (n_head: q, kv_heads: k): head_dim, or all of them."""
+        return self.head_size if self.qk_norm_over == "head" else heads * self.head_size
 
     def window(self, layer: int) -> int | None:
         """Layer `layer`'s attention window (None: full causal attention)."""
@@ -205,22 +235,22 @@ def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     is absent (no wpe with rope, no biases where disabled, no lm_head.weight when tied)."""
     V, Tm, L, C = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
     NH, hd, H = cfg.n_head, cfg.head_size, cfg.mlp_width
-    layernorm = cfg.norm == "layernorm"
+    layernorm, pre = cfg.norm == "layernorm", cfg.pre_norms
     shapes = {
         "wte": (V, C),  # token embedding (and the lm-head when tied)
         "wpe": (Tm, C) if cfg.positions == "learned" else None,  # position embedding
-        "ln_1.weight": (L, C),
-        "ln_1.bias": (L, C) if layernorm else None,
+        "ln_1.weight": (L, C) if pre else None,  # the attention's pre-norm
+        "ln_1.bias": (L, C) if layernorm and pre else None,
         "attn.c_attn.weight": (L, cfg.qkv_width, C),  # [q | k | v] projection, (out, in) like nn.Linear
         "attn.c_attn.bias": (L, cfg.qkv_width) if cfg.qkv_bias else None,
-        "attn.q_norm.weight": (L, hd) if cfg.qk_norm else None,
-        "attn.k_norm.weight": (L, hd) if cfg.qk_norm else None,
+        "attn.q_norm.weight": (L, cfg.qk_norm_width(NH)) if cfg.qk_norm else None,
+        "attn.k_norm.weight": (L, cfg.qk_norm_width(cfg.kv_heads)) if cfg.qk_norm else None,
         "attn.c_proj.weight": (L, C, NH * hd),
         "attn.c_proj.bias": (L, C) if cfg.proj_bias else None,
         "attn.post_norm.weight": (L, C) if cfg.post_norms else None,  # of the attention's output (Gemma 2/3)
         "attn.post_norm.bias": (L, C) if cfg.post_norms and layernorm else None,
-        "ln_2.weight": (L, C),
-        "ln_2.bias": (L, C) if layernorm else None,
+        "ln_2.weight": (L, C) if pre else None,  # the MLP's pre-norm
+        "ln_2.bias": (L, C) if layernorm and pre else None,
         "mlp.c_fc.weight": (L, cfg.fc_width, C),  # gated MLPs: [gate | up] rows
         "mlp.c_fc.bias": (L, cfg.fc_width) if cfg.mlp_bias else None,
         "mlp.c_proj.weight": (L, C, H),
@@ -359,6 +389,53 @@ def post_norm_forward(bk, cfg: GPTConfig, layers: dict, branch: str, l: int, raw
                  out, mean, rstd)
 
 
+def pre_norm(bk, cfg: GPTConfig, layers: dict, name: str, l: int, x, out, mean, rstd):
+    """A branch's input: the norm `name` ("ln_1" or "ln_2") of layer l applied to x, into out; x itself where the
+    config has no pre-norms (OLMo 2: out, mean, rstd are then None)."""
+    if not cfg.pre_norms:
+        return x
+    norm_forward(bk, cfg, x, layers[f"{name}.weight"][l], _at(layers, f"{name}.bias", l), out, mean, rstd)
+    return out
+
+
+def qk_norm_stats(cfg: GPTConfig, B: int, T: int) -> tuple[tuple, tuple]:
+    """The shapes of QK-norm's q and k statistics (rstd) for a (B, T) batch: per head, or one per token."""
+    if cfg.qk_norm_over == "head":
+        return (B, T, cfg.n_head), (B, T, cfg.kv_heads)
+    return (B, T), (B, T)
+
+
+def _qk_norm_parts(cfg: GPTConfig) -> list[tuple[str, dict]]:
+    """(weight name, rmsnorm's heads= or cols=) of QK-norm's q and k parts of the packed qkv (B, T, W)."""
+    NH, NKV, hd = cfg.n_head, cfg.kv_heads, cfg.head_size
+    if cfg.qk_norm_over == "head":  # the head rows of qkv viewed as (B, T, NH + 2 NKV, hd)
+        return [("attn.q_norm.weight", dict(heads=(0, NH))), ("attn.k_norm.weight", dict(heads=(NH, NH + NKV)))]
+    q, k = NH * hd, NKV * hd  # all q channels, then all k channels
+    return [("attn.q_norm.weight", dict(cols=(0, q))), ("attn.k_norm.weight", dict(cols=(q, q + k)))]
+
+
+def _qk_view(cfg: GPTConfig, x):
+    """qkv (B, T, W) as QK-norm's kernels take it: (B, T, NH + 2 NKV, hd) per head, itself for "all"."""
+    B, T, W = x.shape
+    return x.reshape((B, T, W // cfg.head_size, cfg.head_size)) if cfg.qk_norm_over == "head" else x
+
+
+def qk_norm_forward(bk, cfg: GPTConfig, layers: dict, l: int, raw, out, rstds) -> None:
+    """Layer l's QK-norm of the packed qkv raw (B, T, W) into out (raw itself, or a copy of it: the v rows are not
+    written); rstds: the q and k statistics (qk_norm_stats' shapes)."""
+    for (name, part), rstd in zip(_qk_norm_parts(cfg), rstds):
+        bk.rmsnorm_forward(_qk_view(cfg, raw), layers[name][l], cfg.layernorm_eps, out=_qk_view(cfg, out),
+                           rstd=rstd, **part)
+
+
+def qk_norm_backward(bk, cfg: GPTConfig, layers: dict, grads: dict, l: int, raw, dqkv, rstds) -> None:
+    """In place: the q and k rows of dqkv (B, T, W) become the gradients of the raw projection (the v rows pass);
+    the norms' weight gradients accumulate into grads."""
+    for (name, part), rstd in zip(_qk_norm_parts(cfg), rstds):
+        d = _qk_view(cfg, dqkv)
+        bk.rmsnorm_backward(d, _qk_view(cfg, raw), layers[name][l], rstd, dx=d, dweight=grads[name][l], **part)
+
+
 def _at(layers: dict, name: str, l: int):
     """Layer l's view of a per-layer tensor, or None when the config has no such tensor (a disabled bias)."""
     v = layers.get(name)
@@ -397,18 +474,20 @@ class GPT:
         self.p = _views(self.bk, self.params, self.shapes)  # float32 master weights
         self.pc = _views(self.bk, self.cparams, self.shapes)  # the compute copy the kernels read
         self._pl = _layers(self.bk, self.pc)
-        self.rope = None  # (cos, sin) tables (block_size, head_size // 2) for positions="rope", on the device
-        self.ropes: list = []  # each layer's tables (Gemma 3's sliding layers have their own)
+        self.rope = None  # (cos, sin) tables (block_size, rotary dims // 2) for positions="rope", on the device
+        self.ropes: list = [None] * self.config.n_layer  # each layer's tables (Gemma 3's sliding layers have their
+        # own); None: no RoPE (learned positions, NoPE layers)
         cfg = self.config
         if cfg.positions == "rope":
             def tables(theta: float, scaling: dict | None) -> tuple:
-                cos, sin = rope.rope_tables(rope.inv_freq(cfg.head_size, theta, scaling), cfg.block_size,
-                                            rope.attention_scaling(scaling))
+                freq = rope.inv_freq(cfg.head_size, theta, scaling, cfg.partial_rotary_factor)
+                cos, sin = rope.rope_tables(freq, cfg.block_size, rope.attention_scaling(scaling))
                 return self.bk.to_device(cos), self.bk.to_device(sin)
 
             self.rope = tables(cfg.rope_theta, cfg.rope_scaling)
             local = self.rope if cfg.rope_local_theta is None else tables(cfg.rope_local_theta, None)
-            self.ropes = [self.rope if cfg.window(l) is None else local for l in range(cfg.n_layer)]
+            self.ropes = [None if not cfg.has_rope(l) else self.rope if cfg.window(l) is None else local
+                          for l in range(cfg.n_layer)]
         # each layer's attention options (the kernels' keyword arguments)
         self.attn_options = [dict(scale=cfg.attn_scale, softcap=cfg.attn_softcap, window=cfg.window(l))
                              for l in range(cfg.n_layer)]
@@ -533,16 +612,20 @@ class GPT:
             return self._acts
         self._acts = None  # free the old set before allocating the new one
         cfg, bk = self.config, self.bk
-        L, C, NH, NKV, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.vocab_size
+        L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
         W, A, H, F = cfg.qkv_width, NH * cfg.head_size, cfg.mlp_width, cfg.fc_width  # F: c_fc's output width
         N, dt, f32 = B * T, self.act_dtype, "float32"
         per_layer = {  # name: (width, dtype)
-            "ln1": (C, dt), "ln1_mean": (1, f32), "ln1_rstd": (1, f32), "qkv": (W, dt), "atty": (A, dt),
-            "att_lse": (NH, f32), "residual2": (C, dt), "ln2": (C, dt), "ln2_mean": (1, f32), "ln2_rstd": (1, f32),
-            "fch": (F, dt), "fch_act": (H, dt), "residual3": (C, dt),
+            "qkv": (W, dt), "atty": (A, dt), "att_lse": (NH, f32), "residual2": (C, dt), "fch": (F, dt),
+            "fch_act": (H, dt), "residual3": (C, dt),
         }
+        if cfg.pre_norms:  # each branch's normed input and the norm's statistics
+            for n in ("ln1", "ln2"):
+                per_layer.update({n: (C, dt), f"{n}_mean": (1, f32), f"{n}_rstd": (1, f32)})
+        q_stats, k_stats = qk_norm_stats(cfg, B, T)
         if cfg.qk_norm:  # the q/k/v projection before the norm (the backward's input), the norms' statistics
-            per_layer.update(qkv_raw=(W, dt), q_rstd=(NH, f32), k_rstd=(NKV, f32))
+            per_layer.update(qkv_raw=(W, dt), q_rstd=(math.prod(q_stats) // N, f32),
+                             k_rstd=(math.prod(k_stats) // N, f32))
         if cfg.post_norms:  # each branch's output before its post-norm, and the norm's statistics
             for branch in ("attn", "mlp"):
                 per_layer.update({f"{branch}_raw": (C, dt), f"{branch}_post_mean": (1, f32),
@@ -562,7 +645,7 @@ class GPT:
         shapes = {k: (N, w) for k, (w, _) in per_layer.items()}
         shapes.update({k: (N,) for k in per_layer if k.endswith(("_mean", "_rstd"))}, att_lse=(B, NH, T))
         if cfg.qk_norm:
-            shapes.update(q_rstd=(B, T, NH), k_rstd=(B, T, NKV))
+            shapes.update(q_rstd=q_stats, k_rstd=k_stats)
         for k in per_layer:  # per-layer views, shaped as the kernels take them
             a[k] = [bk.view(a[k], l * math.prod(shapes[k]), shapes[k]) for l in range(L)]
         self._acts, self._BT = a, (B, T)
@@ -661,8 +744,7 @@ class GPT:
         w = pl if self._decoding is None else self._decoding[1]
         idx = check_token_ids(idx, "idx", cfg)
         B, T = idx.shape
-        C, NH, NKV, hd = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size
-        W, R = cfg.qkv_width, NH + 2 * NKV  # qkv row width, heads per row
+        C, NH, NKV, hd, W = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.qkv_width
         a = self._activations(B, T)
         bk.copy_(a["idx"], idx)
         self._trunk_ready = self.training  # activations saved for a backward(dhidden=...)
@@ -671,19 +753,16 @@ class GPT:
                              scale=cfg.embed_scale or 1.0)
         residual = a["encoded"]
         for l in range(cfg.n_layer):
-            norm_forward(bk, cfg, residual, pl["ln_1.weight"][l], _at(pl, "ln_1.bias", l), a["ln1"][l],
-                         a["ln1_mean"][l], a["ln1_rstd"][l])
-            # qkv = [q | k | v] = ln1 @ W^T (+ b), then QK-norm (Qwen3) and RoPE on the q and k heads
+            h = pre_norm(bk, cfg, pl, "ln_1", l, residual, *(_at(a, k, l) for k in ("ln1", "ln1_mean", "ln1_rstd")))
+            # qkv = [q | k | v] = h @ W^T (+ b), then QK-norm (Qwen3, OLMo 2) and RoPE on the q and k heads
             qkv = a["qkv"][l]
             raw = a["qkv_raw"][l] if cfg.qk_norm else qkv  # QK-norm's input, kept for the backward
-            bk.matmul_forward(a["ln1"][l], w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=raw)
+            bk.matmul_forward(h, w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=raw)
             if cfg.qk_norm:
                 bk.copy_(qkv, raw)  # the v rows; the norms below overwrite the q and k rows
-                raw4, qkv4 = raw.reshape((B, T, R, hd)), qkv.reshape((B, T, R, hd))
-                for name, rstd, heads in (("attn.q_norm.weight", a["q_rstd"][l], (0, NH)),
-                                          ("attn.k_norm.weight", a["k_rstd"][l], (NH, NH + NKV))):
-                    bk.rmsnorm_forward(raw4, pl[name][l], cfg.layernorm_eps, out=qkv4, rstd=rstd, heads=heads)
-            if self.rope is not None:
+                qk_norm_forward(bk, cfg, pl, l, raw.reshape((B, T, W)), qkv.reshape((B, T, W)),
+                                (a["q_rstd"][l], a["k_rstd"][l]))
+            if self.ropes[l] is not None:
                 bk.rope_forward(qkv.reshape((B, T, W)), *self.ropes[l], NH, out=qkv.reshape((B, T, W)),
                                 n_kv_head=NKV)
             bk.attention_forward(qkv.reshape((B, T, W)), NH, out=a["atty"][l].reshape((B, T, NH * hd)),
@@ -694,9 +773,9 @@ class GPT:
                 post_norm_forward(bk, cfg, pl, "attn", l, a["attn_raw"][l], a["attproj"], a["attn_post_mean"][l],
                                   a["attn_post_rstd"][l])
             bk.residual_forward(residual, a["attproj"], out=a["residual2"][l])
-            norm_forward(bk, cfg, a["residual2"][l], pl["ln_2.weight"][l], _at(pl, "ln_2.bias", l), a["ln2"][l],
-                         a["ln2_mean"][l], a["ln2_rstd"][l])
-            mlp_forward(bk, cfg, a["ln2"][l], w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
+            h = pre_norm(bk, cfg, pl, "ln_2", l, a["residual2"][l],
+                         *(_at(a, k, l) for k in ("ln2", "ln2_mean", "ln2_rstd")))
+            mlp_forward(bk, cfg, h, w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
                         w["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), a["fch"][l], a["fch_act"][l],
                         a["mlp_raw"][l] if cfg.post_norms else a["fcproj"])
             if cfg.post_norms:
@@ -731,7 +810,7 @@ class GPT:
         g, gl = self.g, self._gl
         B, T = self._BT
         L, NH, NKV, C, hd = cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.head_size
-        W, R, A = cfg.qkv_width, NH + 2 * NKV, NH * hd
+        W, A = cfg.qkv_width, NH * hd
         act_backward = getattr(bk, f"{cfg.mlp}_backward")
 
         def linear_backward(dout, inp, name, l, dinp):  # a linear layer's gradients (its bias only if it has one)
@@ -761,9 +840,12 @@ class GPT:
                 bk.zero_(a[k])
             linear_backward(post_norm_backward("mlp", l), a["fch_act"][l], "mlp.c_proj.weight", l, a["dfch_act"])
             act_backward(a["dfch_act"], a["fch"][l], a["dfch"])
-            linear_backward(a["dfch"], a["ln2"][l], "mlp.c_fc.weight", l, a["dln"])
-            norm_backward(bk, cfg, a["dln"], a["residual2"][l], pl["ln_2.weight"][l], a["ln2_mean"][l],
-                          a["ln2_rstd"][l], dres, gl["ln_2.weight"][l], _at(gl, "ln_2.bias", l))
+            if cfg.pre_norms:
+                linear_backward(a["dfch"], a["ln2"][l], "mlp.c_fc.weight", l, a["dln"])
+                norm_backward(bk, cfg, a["dln"], a["residual2"][l], pl["ln_2.weight"][l], a["ln2_mean"][l],
+                              a["ln2_rstd"][l], dres, gl["ln_2.weight"][l], _at(gl, "ln_2.bias", l))
+            else:  # the branch read the residual stream: its input gradient adds to the stream's
+                linear_backward(a["dfch"], a["residual2"][l], "mlp.c_fc.weight", l, dres)
             # attention half: residual2 = residual + c_proj(attn(rope(qk_norm(c_attn(ln1(residual))))))
             for k in ("datty", "dqkv", "dln"):
                 bk.zero_(a[k])
@@ -772,16 +854,17 @@ class GPT:
             bk.attention_backward(a["datty"].reshape((B, T, A)), a["qkv"][l].reshape((B, T, W)),
                                   a["atty"][l].reshape((B, T, A)), a["att_lse"][l], NH, dqkv=dqkv, n_kv_head=NKV,
                                   **self.attn_options[l])
-            if self.rope is not None:  # rotate the q, k gradients back, in place
+            if self.ropes[l] is not None:  # rotate the q, k gradients back, in place
                 bk.rope_backward(dqkv, *self.ropes[l], NH, dqkv=dqkv, n_kv_head=NKV)
             if cfg.qk_norm:  # in place: the q and k rows become the gradients of the raw projection, v passes
-                raw4, d4 = a["qkv_raw"][l].reshape((B, T, R, hd)), a["dqkv"].reshape((B, T, R, hd))
-                for name, rstd, heads in (("attn.q_norm.weight", a["q_rstd"][l], (0, NH)),
-                                          ("attn.k_norm.weight", a["k_rstd"][l], (NH, NH + NKV))):
-                    bk.rmsnorm_backward(d4, raw4, pl[name][l], rstd, dx=d4, dweight=gl[name][l], heads=heads)
-            linear_backward(a["dqkv"], a["ln1"][l], "attn.c_attn.weight", l, a["dln"])
-            norm_backward(bk, cfg, a["dln"], residual, pl["ln_1.weight"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
-                          dres, gl["ln_1.weight"][l], _at(gl, "ln_1.bias", l))
+                qk_norm_backward(bk, cfg, pl, gl, l, a["qkv_raw"][l].reshape((B, T, W)), dqkv,
+                                 (a["q_rstd"][l], a["k_rstd"][l]))
+            if cfg.pre_norms:
+                linear_backward(a["dqkv"], a["ln1"][l], "attn.c_attn.weight", l, a["dln"])
+                norm_backward(bk, cfg, a["dln"], residual, pl["ln_1.weight"][l], a["ln1_mean"][l],
+                              a["ln1_rstd"][l], dres, gl["ln_1.weight"][l], _at(gl, "ln_1.bias", l))
+            else:
+                linear_backward(a["dqkv"], residual, "attn.c_attn.weight", l, dres)
         bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g.get("wpe"), scale=cfg.embed_scale or 1.0)
 
     # ---- inference --------------------------------------------------------------------------------------
@@ -1043,8 +1126,7 @@ class KVCache:
         m, cfg, bk = self.model, self.model.config, self.model.bk
         pc, pl = m.pc, m._pl
         b, Tn = idx.shape
-        C, NH, NKV, hs = cfg.n_embd, cfg.n_head, cfg.kv_heads, self.hs
-        W, R = cfg.qkv_width, NH + 2 * NKV
+        C, NH, NKV, hs, W = cfg.n_embd, cfg.n_head, cfg.kv_heads, self.hs, cfg.qkv_width
         pos = self.pos[r0:r0 + b]
         u = self._buffers(b, Tn)
         bk.copy_(u["idx"], np.ascontiguousarray(idx, np.int32))
@@ -1058,36 +1140,35 @@ class KVCache:
         abk = backend.get("cpu", "bfloat16") if self._bf16 else bk  # attention (a prefill's products in bf16)
         x = u["x"]
         # token (+ position) embedding; learned position rows start at each sequence's pos (a view of wpe)
-        if m.rope is None and not (pos == pos[0]).all():  # rows at different positions: one call per row
+        if cfg.positions == "learned" and not (pos == pos[0]).all():  # rows at different positions: one call per row
             for i in range(b):
                 wpe_i = bk.view(pc["wpe"], int(pos[i]) * C, (Tn, C))
                 bk.embedding_forward(bk.view(u["idx"], i * Tn, (1, Tn)), pc["wte"], wpe_i,
                                      out=bk.view(x, i * Tn * C, (1, Tn, C)), scale=cfg.embed_scale or 1.0)
         else:
-            wpe = None if m.rope is not None else bk.view(pc["wpe"], int(pos[0]) * C, (Tn, C))
+            wpe = None if cfg.positions == "rope" else bk.view(pc["wpe"], int(pos[0]) * C, (Tn, C))
             bk.embedding_forward(u["idx"], pc["wte"], wpe, out=x.reshape((b, Tn, C)), scale=cfg.embed_scale or 1.0)
         def add_branch(branch: str, l: int) -> None:  # x += the branch's output u["tmp"] (post-normed: Gemma 2/3)
             if cfg.post_norms:
                 post_norm_forward(bk, cfg, pl, branch, l, u["tmp"], u["post"], u["mean"], u["rstd"])
             bk.add_(x, u["post"] if cfg.post_norms else u["tmp"])
 
-        qkv, qkv4 = u["qkv"].reshape((b, Tn, W)), u["qkv"].reshape((b, Tn, R, hs))
+        qkv = u["qkv"].reshape((b, Tn, W))
         for l in range(cfg.n_layer):
             kc, vc = (bk.view(c, self._at(l, r0), (b, NKV, self.rows[l], hs)) for c in self._layer[l][:2])
-            norm_forward(bk, cfg, x, pl["ln_1.weight"][l], _at(pl, "ln_1.bias", l), u["h"], u["mean"], u["rstd"])
-            bk.matmul_forward(u["h"], w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=u["qkv"])
-            if cfg.qk_norm:  # in place on the q and k heads
-                for name, heads in (("attn.q_norm.weight", (0, NH)), ("attn.k_norm.weight", (NH, NH + NKV))):
-                    rstd = bk.view(u["qk_rstd"], 0, (b, Tn, heads[1] - heads[0]))
-                    bk.rmsnorm_forward(qkv4, pl[name][l], cfg.layernorm_eps, out=qkv4, rstd=rstd, heads=heads)
-            if m.rope is not None:
+            h = pre_norm(bk, cfg, pl, "ln_1", l, x, u["h"], u["mean"], u["rstd"])
+            bk.matmul_forward(h, w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=u["qkv"])
+            if cfg.qk_norm:  # in place on the q and k rows
+                stats = [bk.view(u["qk_rstd"], 0, shape) for shape in qk_norm_stats(cfg, b, Tn)]  # (not kept)
+                qk_norm_forward(bk, cfg, pl, l, qkv, qkv, stats)
+            if m.ropes[l] is not None:
                 bk.rope_forward(qkv, *m.ropes[l], NH, pos=pos_dev, out=qkv, n_kv_head=NKV)
             abk.attention_kv_forward(qkv, kc, vc, pos_dev, out=u["y"].reshape((b, Tn, NH * hs)), n_kv_head=NKV,
                                      **m.attn_options[l])
             bk.matmul_forward(u["y"], w["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l), out=u["tmp"])
             add_branch("attn", l)
-            norm_forward(bk, cfg, x, pl["ln_2.weight"][l], _at(pl, "ln_2.bias", l), u["h"], u["mean"], u["rstd"])
-            mlp_forward(bk, cfg, u["h"], w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
+            h = pre_norm(bk, cfg, pl, "ln_2", l, x, u["h"], u["mean"], u["rstd"])
+            mlp_forward(bk, cfg, h, w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
                         w["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), u["fch"], u["fch_act"], u["tmp"])
             add_branch("mlp", l)
         last = x  # the last token of each row

@@ -624,8 +624,9 @@ def residual_backward(dout, dinp1=None, dinp2=None):
 # ---- the Llama and Gemma families: rmsnorm, rope, swiglu, geglu, relu2 -----------------------------------
 
 
-def _norm_stats_shape(x, heads) -> tuple:
-    """The shape of rmsnorm's rstd for x (..., C), or with heads=(h0, h1) for the rows [h0, h1) of x (..., R, C)."""
+def _norm_stats_shape(x, heads, cols=None) -> tuple:
+    """The shape of rmsnorm's rstd for x (..., C) (also with cols=(c0, c1): a row's columns c0..c1-1), or with
+    heads=(h0, h1) for the rows [h0, h1) of x (..., R, C)."""
     if heads is None:
         return tuple(x.shape[:-1])
     if len(x.shape) < 2:
@@ -634,34 +635,38 @@ def _norm_stats_shape(x, heads) -> tuple:
 
 
 def _heads(heads):
+    """heads=(h0, h1) or cols=(c0, c1) as a pair of ints (None stays None)."""
     return None if heads is None else (int(heads[0]), int(heads[1]))
 
 
-def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=None):
+def rmsnorm_forward(x, weight, eps: float = 1e-6, out=None, rstd=None, heads=None, cols=None):
     """RMSNorm over the last axis: x (..., C) -> (out = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps) of shape
     x.shape[:-1]), as HF LlamaRMSNorm. out may be x itself (in place).
     heads=(h0, h1) normalises only the rows x[..., h0:h1, :] of x (..., R, C), rstd (..., h1 - h0): Qwen3's QK-norm
-    on the packed qkv viewed as (B, T, NH + 2*NKV, hs) (q heads (0, NH), k heads (NH, NH + NKV)); the other rows of
-    out are left as they are (a new out starts as a copy of x).
+    on the packed qkv viewed as (B, T, NH + 2*NKV, hs) (q heads (0, NH), k heads (NH, NH + NKV)); cols=(c0, c1) only
+    the columns x[..., c0:c1] (weight (c1 - c0,), rstd x.shape[:-1]): OLMo 2's QK-norm over all the q (or k) channels
+    of the packed qkv (B, T, W). The other rows (columns) of out are left as they are (a new out starts as a copy of
+    x).
 
     >>> out, rstd = rmsnorm_forward(np.ones((2, 4), np.float32), np.ones(4, np.float32))
     """
     x = _f32(x, "x")
     if out is None:
-        out = np.empty_like(x) if heads is None else x.copy()
-    rstd = np.empty(_norm_stats_shape(x, heads), np.float32) if rstd is None else rstd
-    _C.rmsnorm_forward(out, rstd, x, weight, float(eps), _heads(heads))
+        out = np.empty_like(x) if heads is None and cols is None else x.copy()
+    rstd = np.empty(_norm_stats_shape(x, heads, cols), np.float32) if rstd is None else rstd
+    _C.rmsnorm_forward(out, rstd, x, weight, float(eps), _heads(heads), _heads(cols))
     return out, rstd
 
 
-def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None):
-    """Gradients of rmsnorm_forward, accumulated: returns (dx (..., C), dweight (C,)); with heads, only those rows
-    of dx receive. dx may be dout itself (in place): its rows are then replaced (=) by the gradient and, with heads,
-    the other rows pass through (QK-norm's backward on the packed dqkv: the v rows' gradient is dout's)."""
+def rmsnorm_backward(dout, x, weight, rstd, dx=None, dweight=None, heads=None, cols=None):
+    """Gradients of rmsnorm_forward, accumulated: returns (dx (..., C), dweight (weight's shape)); with heads (cols),
+    only those rows (columns) of dx receive. dx may be dout itself (in place): its rows are then replaced (=) by the
+    gradient and, with heads or cols, the others pass through (QK-norm's backward on the packed dqkv: the v rows'
+    gradient is dout's)."""
     x = _f32(x, "x")
     dx = _out(dx, "dx", x.shape)
-    dweight = _out(dweight, "dweight", x.shape[-1:])
-    _C.rmsnorm_backward(dx, dweight, dout, x, weight, rstd, _heads(heads))
+    dweight = _out(dweight, "dweight", np.shape(weight))
+    _C.rmsnorm_backward(dx, dweight, dout, x, weight, rstd, _heads(heads), _heads(cols))
     return dx, dweight
 
 
