@@ -21,8 +21,15 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
     qwen3    Qwen3ForCausalLM    Llama's with QK-norm (RMSNorm over head_dim on q and k), attention_bias; sliding
                                  layers as qwen2's
     phi3     Phi3ForCausalLM     Mistral's, q|k|v and gate|up each in one tensor (fastllm's layout); longrope
-                                 (Phi-3-128k, Phi-3.5) with original_max_position_embeddings as the context (its
-                                 short factors); Phi-4-mini's partial rotary is refused
+                                 (Phi-3-128k, Phi-3.5, Phi-4-mini) with original_max_position_embeddings as the
+                                 context (its short factors); partial_rotary_factor (Phi-4-mini: 0.75)
+    smollm3  SmolLM3ForCausalLM  Llama's, with no RoPE on the layers no_rope_layers marks 0 (every fourth:
+                                 no_rope_layer_interval); with use_sliding_window those NoPE layers slide
+    olmo2    Olmo2ForCausalLM    Llama's with the norms after each branch instead of before it
+                                 (post_attention_layernorm, post_feedforward_layernorm: no input_layernorm) and
+                                 QK-norm over all the q channels and all the k channels (not per head)
+    olmo3    Olmo3ForCausalLM    OLMo 2's, three sliding layers of four (or as layer_types lists); rope_scaling (YaRN
+                                 of the long-context models) applies to the full-attention layers only
     gemma    GemmaForCausalLM    GeGLU (GELU's tanh approximation), token embeddings times sqrt(hidden_size),
                                  RMSNorms that multiply by (1 + weight) (fastllm keeps the gain 1 + weight: loading
                                  adds 1, saving subtracts it), attention_bias, MQA/GQA, head_dim, tied by default
@@ -81,12 +88,17 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM",),
     "qwen3": ("Qwen3ForCausalLM",),
     "phi3": ("Phi3ForCausalLM",),
+    "smollm3": ("SmolLM3ForCausalLM",),
+    "olmo2": ("Olmo2ForCausalLM",),
+    "olmo3": ("Olmo3ForCausalLM",),
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
     "gemma3": ("Gemma3ForConditionalGeneration",),  # (Gemma 3 4B-27B: its language model; images are not read)
 }
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
+OLMOS = ("olmo2", "olmo3")  # norms after each branch only, QK-norm over all heads
+DEFAULT_THETA = {"smollm3": 2e6, "olmo3": 5e5, "gemma3_text": 1e6}  # transformers' rope_theta defaults (else 1e4)
 MODEL_TYPES = tuple(ARCHITECTURES)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
 _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -152,13 +164,20 @@ def _sliding(d: dict, kind: str, n_layer: int, bad) -> tuple[int | None, list[st
         first = d.get("max_window_layers", n_layer)
         kinds = ["sliding_attention" if d.get("use_sliding_window") and i >= first else "full_attention"
                  for i in range(n_layer)]
-    elif kind in ("gemma2", "gemma3_text"):  # every other layer (Gemma 2), or all but every sixth (Gemma 3)
-        every = 2 if kind == "gemma2" else d.get("sliding_window_pattern", 6)
+    elif kind in ("gemma2", "gemma3_text", "olmo3"):  # every other layer (Gemma 2), all but every sixth (Gemma 3) or
+        # fourth (OLMo 3)
+        every = {"gemma2": 2, "olmo3": 4}.get(kind) or d.get("sliding_window_pattern", 6)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise bad(f"sliding_window_pattern must be a positive integer, got {every!r}")
         kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    elif kind == "smollm3":  # with use_sliding_window, the layers without RoPE
+        nope = _nope_layers(d, n_layer, bad)
+        kinds = ["sliding_attention" if d.get("use_sliding_window") and window is not None and i in nope else
+                 "full_attention" for i in range(n_layer)]
     else:  # mistral, phi3: every layer slides when sliding_window is set
         kinds = ["sliding_attention" if window is not None else "full_attention"] * n_layer
+    if kind == "smollm3" and not d.get("use_sliding_window"):  # (its layer_types slide only with it)
+        kinds = ["full_attention"] * n_layer
     sliding = [i for i, k in enumerate(kinds) if k == "sliding_attention"]
     if not sliding:
         return None, None
@@ -166,6 +185,20 @@ def _sliding(d: dict, kind: str, n_layer: int, bad) -> tuple[int | None, list[st
         raise bad(f"sliding_window={window!r} on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''} must be a "
                   "positive integer")
     return window, None if len(sliding) == n_layer else kinds
+
+
+def _nope_layers(d: dict, n_layer: int, bad) -> list[int]:
+    """SmolLM3's layers without RoPE: where no_rope_layers (1: RoPE, 0: none, per layer) says 0, or every
+    no_rope_layer_interval-th layer (transformers' default: every fourth)."""
+    flags = d.get("no_rope_layers")
+    if flags is None:
+        every = d.get("no_rope_layer_interval", 4)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise bad(f"no_rope_layer_interval must be a positive integer, got {every!r}")
+        flags = [int((i + 1) % every != 0) for i in range(n_layer)]
+    if not isinstance(flags, list) or len(flags) != n_layer or any(f not in (0, 1) for f in flags):
+        raise bad(f"no_rope_layers must be a list of num_hidden_layers={n_layer} values 0 or 1, got {flags!r}")
+    return [i for i, f in enumerate(flags) if not f]
 
 
 def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
@@ -249,8 +282,8 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         raise bad("use_bidirectional_attention=true is not supported (fastllm's attention is causal)")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))  # (Phi-4-mini: 0.75)
-    if partial != 1.0:
-        raise bad(f"partial_rotary_factor={partial} is not supported (only 1.0)")
+    if partial != 1.0 and kind != "phi3":  # (transformers' Llama-family code turns whole heads)
+        raise bad(f"partial_rotary_factor={partial} is not supported for {kind} (only phi3's)")
     context = d["max_position_embeddings"]
     window, layer_types = _sliding(d, kind, L, bad)
     if window is not None and window >= context:  # a window as long as the context is full attention
@@ -260,12 +293,13 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     if kind in ("mistral", "qwen2", "phi3") and attention_bias:
         raise bad(f"attention_bias={attention_bias!r} is not supported for {kind} (transformers' {kind} has "
                   f"{'q/k/v biases only' if kind == 'qwen2' else 'no attention biases'})")
-    if kind != "llama" and mlp_bias:
+    if kind not in ("llama", "smollm3") and mlp_bias:
         raise bad(f"mlp_bias={mlp_bias!r} is not supported for {kind} (its MLP has no biases)")
     for key, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
         if not isinstance(value, bool):
             raise bad(f"{key} must be true or false, got {value!r}")
-    theta, scaling, local_theta = _gemma3_rope(d, bad) if kind == "gemma3_text" else (*_rope(d, bad), None)
+    theta, scaling, local_theta = _layer_type_rope(d, kind, bad) if kind in ("gemma3_text", "olmo3") else \
+        (*_rope(d, bad, DEFAULT_THETA.get(kind, 1e4)), None)
     rope_type = scaling and scaling.get("rope_type", scaling.get("type"))
     if rope_type == "longrope":  # LongRoPE's short factors hold up to the original context; fastllm stops there
         context = min(context, int(scaling["original_max_position_embeddings"]))
@@ -281,11 +315,16 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         layernorm_eps=_positive_number(d, "rms_norm_eps", 1e-6, bad), n_kv_head=n_kv,
         head_dim=head_dim, positions="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
         mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=attention_bias and kind != "qwen2",
-        mlp_bias=mlp_bias, qk_norm=kind in ("qwen3", "gemma3_text"),
-        tie_embeddings=bool(d.get("tie_word_embeddings", gemma)), sliding_window=window, layer_types=layer_types,
+        mlp_bias=mlp_bias, qk_norm=kind in ("qwen3", "gemma3_text", *OLMOS),
+        tie_embeddings=bool(d.get("tie_word_embeddings", gemma or kind == "smollm3")), sliding_window=window,
+        layer_types=layer_types, rope_local_theta=local_theta, partial_rotary_factor=partial,
     )
+    if kind in OLMOS:  # norms after each branch instead of before it; QK-norm over all q (k) channels
+        cfg.update(pre_norms=False, post_norms=True, qk_norm_over="all")
+    if kind == "smollm3":
+        cfg.update(nope_layers=_nope_layers(d, L, bad) or None)
     if gemma:  # GeGLU, embeddings times sqrt(hidden_size); Gemma 2 and 3: norms after each branch too
-        cfg.update(mlp="geglu", embed_scale=float(C) ** 0.5, post_norms=kind != "gemma", rope_local_theta=local_theta)
+        cfg.update(mlp="geglu", embed_scale=float(C) ** 0.5, post_norms=kind != "gemma")
     if kind in ("gemma2", "gemma3_text"):  # soft caps (transformers' defaults: Gemma 2's 50 and 30), query scale
         two = kind == "gemma2"
         scalar = _positive_number(d, "query_pre_attn_scalar", 256, bad)
@@ -300,33 +339,40 @@ def _optional_positive(d: dict, key: str, default, bad) -> float | None:
     return None if d.get(key, default) is None else _positive_number(d, key, default, bad)
 
 
-def _gemma3_rope(d: dict, bad) -> tuple[float, dict | None, float | None]:
-    """Gemma 3's (rope_theta, rope_scaling) of its full-attention layers and the RoPE base of its sliding ones
-    (unscaled): transformers 5's rope_parameters {"full_attention": ..., "sliding_attention": ...}, or 4's
-    rope_theta + rope_scaling + rope_local_base_freq."""
-    params = d.get("rope_parameters")
+def _layer_type_rope(d: dict, kind: str, bad) -> tuple[float, dict | None, float | None]:
+    """Gemma 3's and OLMo 3's (rope_theta, rope_scaling) of the full-attention layers and the RoPE base of the sliding
+    ones (unscaled; None: the same tables): transformers 5's rope_parameters {"full_attention": ...,
+    "sliding_attention": ...}, or 4's rope_theta + rope_scaling (+ Gemma 3's rope_local_base_freq; OLMo 3's sliding
+    layers take rope_theta)."""
+    params, default = d.get("rope_parameters"), DEFAULT_THETA[kind]
     if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
         full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
         theta, scaling = _rope({"max_position_embeddings": d["max_position_embeddings"], "rope_parameters": full},
-                               bad, 1e6)
+                               bad, default)
         local_theta, local_scaling = _rope({"max_position_embeddings": d["max_position_embeddings"],
-                                            "rope_parameters": local}, bad)
+                                            "rope_parameters": local}, bad, theta if kind == "olmo3" else 1e4)
+        if kind == "olmo3" and (local_theta, local_scaling) == (theta, scaling):
+            return theta, scaling, None  # every layer the same (scaled) tables
         if local_scaling is not None:
             raise bad(f"rope_parameters.sliding_attention {local} is not supported (only the default RoPE)")
-        return theta, scaling, local_theta
-    theta, scaling = _rope(d, bad, 1e6)
-    return theta, scaling, _positive_number(d, "rope_local_base_freq", 10000.0, bad)
+    else:
+        theta, scaling = _rope(d, bad, default)
+        local_theta = theta if kind == "olmo3" else _positive_number(d, "rope_local_base_freq", 10000.0, bad)
+    if kind == "olmo3" and local_theta == theta and scaling is None:
+        local_theta = None  # the same tables on every layer
+    return theta, scaling, local_theta
 
 
 def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     """The transformers model_type that computes what `cfg` computes (ValueError naming the option when none
     does): gpt2 for GPT-2's choices; llama, qwen2 (q/k/v biases only) or qwen3 (QK-norm) for RoPE + RMSNorm +
     SwiGLU; mistral or phi3 instead of llama when `prefer` says so (a model loaded from such a folder) and it has
-    no biases (phi3: and no RoPE scaling)."""
+    no biases (phi3: and no RoPE scaling); smollm3 for NoPE layers, phi3 for partial rotary dims; gemma* for GeGLU;
+    olmo2 / olmo3 (sliding layers) for post-norms without pre-norms and QK-norm over all heads."""
     gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
                 qk_norm=False, tie_embeddings=True, logit_softcap=None, n_kv_head=None, head_dim=None,
-                mlp_hidden=None, embed_scale=None, post_norms=False, attn_scale=None, attn_softcap=None,
-                sliding_window=None)  # fmt: skip
+                mlp_hidden=None, embed_scale=None, pre_norms=True, post_norms=False, attn_scale=None,
+                attn_softcap=None, sliding_window=None)  # fmt: skip
     if cfg.positions == "learned":
         diff = [f"{k}={getattr(cfg, k)!r}" for k, v in gpt2.items() if getattr(cfg, k) != v and
                 not (k == "n_kv_head" and cfg.kv_heads == cfg.n_head) and
@@ -338,6 +384,8 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
         return "gpt2"
     if cfg.mlp == "geglu":
         return _gemma_type(cfg)
+    if cfg.post_norms or not cfg.pre_norms or cfg.qk_norm_over == "all":
+        return _olmo_type(cfg, prefer)
     for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("logit_softcap", None), ("embed_scale", None),
                       ("post_norms", False), ("attn_softcap", None), ("rope_local_theta", None)):
         if getattr(cfg, key) != want:
@@ -346,7 +394,15 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     if cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5:
         raise ValueError(f"no transformers architecture computes this config: attn_scale={cfg.attn_scale} with "
                          f"swiglu (Llama, Mistral, Qwen and Phi-3 scale by 1/sqrt(head_size))")
+    if cfg.nope_layers or prefer == "smollm3":  # (SmolLM3: any sliding layers, with layer_types)
+        return _smollm3_type(cfg)
     kind = _llama_type(cfg, prefer)
+    if cfg.partial_rotary_factor != 1.0 and kind != "phi3":
+        kind = _llama_type(cfg, "phi3")
+        if kind != "phi3":
+            raise ValueError(f"no transformers architecture computes this config: partial_rotary_factor="
+                             f"{cfg.partial_rotary_factor} with biases or rope_scaling "
+                             f"{(cfg.rope_scaling or {}).get('rope_type')} (Phi-3 has neither)")
     sliding = [cfg.window(layer) is not None for layer in range(cfg.n_layer)]
     if cfg.sliding_window is not None:
         if kind in ("qwen2", "qwen3"):  # sliding from max_window_layers on (transformers 4 can say no other)
@@ -361,11 +417,42 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     return kind
 
 
+def _differences(cfg: GPTConfig, want: dict) -> list[str]:
+    """"key=value" for each option of cfg that differs from want's."""
+    return [f"{k}={getattr(cfg, k)!r}" for k, v in want.items() if getattr(cfg, k) != v]
+
+
+def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
+    """olmo2, or olmo3 (sliding layers, a RoPE of their own) for a config with norms after each branch only."""
+    want = dict(norm="rmsnorm", mlp="swiglu", pre_norms=False, post_norms=True, qk_norm=True, qk_norm_over="all",
+                mlp_bias=False, proj_bias=cfg.qkv_bias, logit_softcap=None, embed_scale=None, attn_softcap=None,
+                nope_layers=None, partial_rotary_factor=1.0)
+    diff = _differences(cfg, want)
+    if cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5:
+        diff.append(f"attn_scale={cfg.attn_scale!r}")
+    if diff:
+        raise ValueError(f"no transformers architecture computes this config: post_norms={cfg.post_norms}, pre_norms="
+                         f"{cfg.pre_norms} (OLMo 2/3) with {', '.join(diff)}")
+    olmo3 = cfg.sliding_window is not None or cfg.rope_local_theta is not None or prefer == "olmo3"
+    return "olmo3" if olmo3 else "olmo2"
+
+
+def _smollm3_type(cfg: GPTConfig) -> str:
+    """smollm3 for a Llama config with layers without RoPE."""
+    want = dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, proj_bias=cfg.qkv_bias, partial_rotary_factor=1.0)
+    diff = _differences(cfg, want)
+    if diff:
+        raise ValueError(f"no transformers architecture computes this config: nope_layers={cfg.nope_layers} "
+                         f"(SmolLM3) with {', '.join(diff)}")
+    return "smollm3"
+
+
 def _gemma_type(cfg: GPTConfig) -> str:
     """gemma, gemma2 (norms after each branch) or gemma3_text (and QK-norm) for a GeGLU config."""
     want = dict(positions="rope", norm="rmsnorm", mlp_bias=False, proj_bias=cfg.qkv_bias,
-                post_norms=cfg.qk_norm or cfg.post_norms)
-    diff = [f"{k}={getattr(cfg, k)!r}" for k, v in want.items() if getattr(cfg, k) != v]
+                post_norms=cfg.qk_norm or cfg.post_norms, pre_norms=True, qk_norm_over="head", nope_layers=None,
+                partial_rotary_factor=1.0)
+    diff = _differences(cfg, want)
     if cfg.embed_scale is None or not math.isclose(cfg.embed_scale, cfg.n_embd ** 0.5, rel_tol=1e-6):
         diff.append(f"embed_scale={cfg.embed_scale!r} (Gemma's is sqrt(n_embd) = {cfg.n_embd ** 0.5:.6g})")
     kind = "gemma3_text" if cfg.qk_norm else "gemma2" if cfg.post_norms else "gemma"
@@ -434,7 +521,23 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         d.update(sliding_window=cfg.sliding_window)
     elif kind == "phi3":
         d.update(sliding_window=cfg.sliding_window, original_max_position_embeddings=cfg.block_size, resid_pdrop=0.0,
-                 embd_pdrop=0.0, pad_token_id=None)  # (Phi3Config's default pad id, 32000, is past a smaller vocab)
+                 embd_pdrop=0.0, pad_token_id=None,  # (Phi3Config's default pad id, 32000, is past a smaller vocab)
+                 partial_rotary_factor=cfg.partial_rotary_factor)
+    elif kind == "smollm3":  # no_rope_layers: 1 where a layer has RoPE; sliding layers as layer_types says
+        d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, use_sliding_window=cfg.sliding_window is not None,
+                 sliding_window=cfg.sliding_window, layer_types=kinds, pad_token_id=None,
+                 no_rope_layers=[int(cfg.has_rope(layer)) for layer in range(cfg.n_layer)])
+    elif kind in OLMOS:
+        d.update(attention_bias=cfg.qkv_bias, pad_token_id=None)  # (Olmo2Config's default pad id 1: a real token)
+        if kind == "olmo3":  # (transformers builds a sliding mask even with no sliding layer: give it the context)
+            d.update(sliding_window=cfg.sliding_window or cfg.block_size, layer_types=kinds)
+            # RoPE per layer type, as transformers 5 keeps it (from transformers 4's rope_theta + rope_scaling keys it
+            # gives the sliding layers its default base, 5e5, whatever rope_theta says: OLMo 3's own)
+            full = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+            local = full if cfg.rope_local_theta is None else \
+                {"rope_type": "default", "rope_theta": cfg.rope_local_theta}
+            d.update(rope_parameters={"full_attention": full, "sliding_attention": local})
+            del d["rope_theta"], d["rope_scaling"]
     elif kind in ("qwen2", "qwen3"):  # sliding from max_window_layers on, if at all
         first = kinds.index("sliding_attention") if cfg.sliding_window is not None else cfg.n_layer
         d.update(use_sliding_window=first < cfg.n_layer, sliding_window=cfg.sliding_window, max_window_layers=first,
@@ -500,7 +603,8 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
     out["model.embed_tokens.weight"] = Slot("wte")
     for layer in range(L):
         pre = f"model.layers.{layer}."
-        out[pre + "input_layernorm.weight"] = Slot("ln_1.weight", layer, offset=norm)
+        if cfg.pre_norms:  # (OLMo 2/3 have none)
+            out[pre + "input_layernorm.weight"] = Slot("ln_1.weight", layer, offset=norm)
         if kind == "phi3":  # fastllm's own layout: q|k|v rows, gate|up rows
             out[pre + "self_attn.qkv_proj.weight"] = Slot("attn.c_attn.weight", layer)
             out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
@@ -518,9 +622,10 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
         out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
         if cfg.proj_bias:
             out[pre + "self_attn.o_proj.bias"] = Slot("attn.c_proj.bias", layer)
-        if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm is the attention's post-norm
+        if cfg.post_norms:  # Gemma 2/3, OLMo 2/3: post_attention_layernorm is the attention's post-norm
             out[pre + "post_attention_layernorm.weight"] = Slot("attn.post_norm.weight", layer, offset=norm)
-            out[pre + "pre_feedforward_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
+            if cfg.pre_norms:
+                out[pre + "pre_feedforward_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
         else:
             out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
         for x, rows in (("gate", (0, H)), ("up", (H, 2 * H))):
