@@ -514,6 +514,21 @@ def random_model(prefix: str, config: dict, seed: int = 0, noise: float = 0.2):
     return model
 
 
+def saved_cases(cases: dict, build):
+    """A module-scoped pytest fixture over the names in `cases`: (name, the transformers model build(name) makes, the
+    folder it was saved to with save_pretrained). Assign it to `case` in a test module."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=list(cases))
+    def case(request, tmp_path_factory):
+        model = build(request.param)
+        d = tmp_path_factory.mktemp(request.param) / "model"
+        model.save_pretrained(d)
+        return request.param, model, d
+
+    return case
+
+
 def hf_logits(model, ids) -> np.ndarray:
     """transformers' float32 logits (B, T, V) of ids (B, T)."""
     import torch

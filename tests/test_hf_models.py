@@ -24,6 +24,7 @@ from hf_families import (
     QWEN25_TEMPLATE,
     hf_logits,
     random_model,
+    saved_cases,
 )
 
 torch = pytest.importorskip("torch")
@@ -69,13 +70,7 @@ def hf_model(case: str, seed: int = 0):
     return random_model(prefix, {**BASE, **kw}, seed)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory):
-    """(case name, transformers model, the folder transformers saved it to)."""
-    model = hf_model(request.param)
-    d = tmp_path_factory.mktemp(request.param) / "model"
-    model.save_pretrained(d)
-    return request.param, model, d
+case = saved_cases(CASES, hf_model)  # (case name, transformers model, the folder transformers saved it to)
 
 
 # ---- transformers -> fastllm -------------------------------------------------------------------------------
@@ -207,7 +202,7 @@ def qwen2_dir(tmp_path_factory):
         (dict(rope_scaling={"type": "yarn", "factor": 4.0, "attention_factor": 0}), "attention_factor must be"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
         (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}),
-         "partial_rotary_factor=0.75 is not supported for llama"),  # (Phi-3's: tests/test_hf_olmo_smollm.py)
+         "partial_rotary_factor=0.75 is not supported for llama"),  # (Phi-3's: tests/test_hf_archs.py)
         (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config \\(gptq"),
         (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=0),
          "sliding_window=0 on layers .* must be a positive integer"),
@@ -232,7 +227,7 @@ def test_bad_or_unsupported_config(llama_dir, tmp_path, changes, match):
 
 def test_qwen_sliding_window_layers(qwen2_dir, tmp_path):
     """Qwen's transformers 4 spelling of sliding layers (use_sliding_window: those from max_window_layers on) slides
-    those layers, as transformers does (the Mistral, Phi-3 and Gemma windows: tests/test_hf_gemma.py); Qwen2.5's
+    those layers, as transformers does (the Mistral, Phi-3, Gemma and OLMo 3 windows: tests/test_hf_archs.py); Qwen2.5's
     released configs name a window they do not use."""
     d = edit_config(qwen2_dir, tmp_path / "sw", drop=("layer_types",), use_sliding_window=True, sliding_window=6,
                     max_window_layers=1)
