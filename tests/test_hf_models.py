@@ -338,29 +338,86 @@ def write_big_llama(folder, dtype: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-@pytest.mark.parametrize("dtype", ["F32", "BF16"])
-def test_peak_memory_is_one_model(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,weights", [("F32", None), ("BF16", None), ("BF16", "bfloat16"), ("F32", "int8")])
+def test_peak_memory_is_one_model(tmp_path, dtype, weights):
     """Loading maps the file and converts tensor by tensor into the model's buffer, giving pages back: the peak
-    resident memory grows by about one float32 model, never two (measured in a fresh process)."""
+    resident memory grows by about one float32 model, never two (measured in a fresh process). With weights=, the
+    matrices are converted a layer at a time and held in that form alone: the peak is the model in that form (bf16:
+    2 bytes a matrix weight, int8: 1), the rest (embeddings, norms) float32."""
     n = write_big_llama(tmp_path / "big", dtype)
     script = textwrap.dedent(f"""
         import numpy as np
-        from fastllm.model import GPT
+        from fastllm.model import GPT, MATRICES
         def peak():  # this process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss)
             line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM"))
             return int(line.split()[1]) * 1024
         before = peak()
-        model = GPT.from_pretrained({str(tmp_path / "big")!r})
+        model = GPT.from_pretrained({str(tmp_path / "big")!r}, weights={weights!r})
         after = peak()
-        assert float(np.abs(model.p["lm_head.weight"][-1]).max()) > 0
-        print(before, after)
+        logits = model.eval().forward(np.array([[1, 2, 3]]))
+        assert np.isfinite(logits).all() and float(np.abs(logits).max()) > 0
+        print(before, after, sum(model.p[k].size for k in (*MATRICES, "lm_head.weight")))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    before, after = map(int, out.stdout.split())
-    model_bytes = 4 * n
-    assert n > 90e6
+    before, after, matrices = map(int, out.stdout.split())
+    bytes_per = {None: 4, "bfloat16": 2, "int8": 1}[weights]
+    model_bytes = 4 * (n - matrices) + bytes_per * matrices
+    assert n > 90e6 and matrices > 0.5 * n
     grew = after - before
-    assert model_bytes * 0.9 < grew < model_bytes * 1.2, (grew / 2**20, model_bytes / 2**20)
+    # (plus a fixed transient: a block of the file's pages, the conversion's one-block scratch and temporaries)
+    assert model_bytes * 0.9 < grew < model_bytes * 1.1 + (48 << 20), (grew / 2**20, model_bytes / 2**20)
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8", "w8a8"])
+@pytest.mark.parametrize("tied,vocab", [(False, 2 * 4096 + 37), (True, V)])
+def test_weights_held_in_a_decode_form(tmp_path, weights, tied, vocab):
+    """GPT.from_pretrained(path, weights=...) converts the matrices while loading (an untied lm-head a block of
+    ops.ROW_BLOCK rows at a time: here three, the last one part full) and holds them in that form alone: the same
+    snapshot, logits and greedy tokens as the float32 model decoding with those weights, bit for bit; what needs the
+    float32 weights is refused by name, and so is another decode form."""
+    ref = random_model("Llama", {**BASE, **CASES["llama3-scaling-untied"][1], "vocab_size": vocab,
+                                 "tie_word_embeddings": tied})
+    ref.save_pretrained(tmp_path / "m")
+    full = GPT.from_pretrained(tmp_path / "m").eval()
+    held = GPT.from_pretrained(tmp_path / "m", weights=weights)
+    assert held.weights_only == weights and not held.training
+    want = full.decode_weights(weights)
+    for name, w in held.decode_weights(weights).items():
+        for a, b in zip(w if isinstance(w, tuple) else (w,), want[name] if isinstance(w, tuple) else (want[name],)):
+            assert np.array_equal(a, b), name
+    ids = np.random.default_rng(0).integers(0, vocab, (2, 20))
+    with full.decoding(weights):
+        assert np.array_equal(held.forward(ids), full.forward(ids))
+        assert held.forward(ids, ids) == full.forward(ids, ids)
+    prompts = [[5, 17, 99, 3], [8, 2]]
+    assert held.generate(prompts, 12, temperature=0) == full.generate(prompts, 12, temperature=0, weights=weights)
+    for call in (held.train, held.state_dict, lambda: held.to("cpu", "bfloat16"), held.zero_grad,
+                 lambda: held.save_pretrained(tmp_path / "out"),
+                 lambda: held.kv_cache(1, weights="int8" if weights != "int8" else "w8a8")):
+        with pytest.raises(ValueError, match=f"holds its matrices in {weights} only"):
+            call()
+    assert not (tmp_path / "out").exists()
+    ckpt = checkpoint.convert(tmp_path / "m", tmp_path / "ckpt")  # a fastllm checkpoint: its float32, converted
+    assert np.array_equal(load_model(ckpt, weights=weights).forward(ids), held.forward(ids))
+    with pytest.raises(ValueError, match="weights must be None or one of"):
+        GPT.from_pretrained(tmp_path / "m", weights="float16")
+
+
+def test_read_into_rows(tmp_path):
+    """SafetensorsFile.read_into(..., start=r0): rows r0 .. r0 + len(out) - 1 of a tensor, F32 and BF16."""
+    from safetensors.torch import save_file
+
+    a = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
+    save_file({"a": torch.tensor(a), "b": torch.tensor(a).bfloat16()}, tmp_path / "t.safetensors")
+    tensors = load_safetensors(tmp_path / "t.safetensors", mmap=True)[0]
+    out = np.empty((4, 3), np.float32)
+    tensors.read_into("a", out, start=5)
+    assert np.array_equal(out, a[5:9])
+    tensors.read_into("b", out, start=6)
+    assert np.array_equal(out, torch.tensor(a).bfloat16().float().numpy()[6:])
+    for bad in (dict(out=out, start=7), dict(out=out, start=-1), dict(out=np.empty((2, 2), np.float32), start=0)):
+        with pytest.raises(ValueError, match="tensor 'a' has shape"):
+            tensors.read_into("a", **bad)
 
 
 def test_convert_keeps_the_chat_files(qwen2_dir, tmp_path):

@@ -170,17 +170,23 @@ def _float_tensors(path: Path, tensors: dict) -> dict:
     return tensors
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> GPT:
+def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
+               weights: str | None = None) -> GPT:
     """The GPT of a checkpoint folder (or of a run folder: its latest checkpoint, or of a Hugging Face model folder:
     see fastllm.hf), moved to `device` (cpu or cuda) and compute `dtype` (None: the device's default; see GPT).
-    model.checkpoint_dir is the folder it came from.
+    model.checkpoint_dir is the folder it came from. weights ("bfloat16", "int8", "w8a8"; CPU): an inference-only
+    model holding its matrices in that decode form alone (GPT.hold_weights): converted while loading from a Hugging
+    Face folder (never a float32 copy of them), from the float32 ones of a fastllm checkpoint.
 
     >>> model = load_model("run/", device="cuda", dtype="bfloat16")
     >>> model = load_model("Qwen2.5-0.5B-Instruct/")          # config.json + model.safetensors
     """
     require_device(device)
+    if weights is not None and (device, dtype) != ("cpu", None):
+        raise ValueError(f"weights={weights!r} holds decode copies for the CPU: give device='cpu' and no dtype, got "
+                         f"{device!r}, {dtype!r}")
     if hf.is_hf_folder(path):
-        return hf.from_pretrained(path).to(device, dtype)
+        return hf.from_pretrained(path, weights=weights).to(device, dtype)
     folder = resolve(path)
     file = folder / MODEL_FILE
     tensors, meta = load_safetensors(file)
@@ -198,6 +204,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
     model = GPT(config, init=False)
     model.load_state_dict(_float_tensors(file, tensors), where=str(file))
     model.checkpoint_dir = folder
+    if weights is not None:
+        return model.hold_weights(model.decode_weights(weights), weights)
     return model.to(device, dtype)
 
 

@@ -348,17 +348,24 @@ class SafetensorsFile(Mapping):
         dtype, shape, b, e = self._entries[name]
         return self._buf[b:e].view(np.dtype(_STORED[dtype]).newbyteorder("<")).reshape(shape)
 
-    def read_into(self, name: str, out: np.ndarray, block_bytes: int = 32 << 20) -> None:
+    def read_into(self, name: str, out: np.ndarray, block_bytes: int = 32 << 20, start: int | None = None) -> None:
         """out[...] = the tensor, converted to out's dtype, a block of rows at a time, each block's file pages given
         back once copied: the extra memory is one block, whatever the tensor's size. BF16 into a C-contiguous
-        float32 `out` is widened in place (no temporary). ValueError naming the tensor if the shapes differ."""
-        if tuple(out.shape) != self.shape(name):
-            raise ValueError(f"{self.path}: tensor {name!r} has shape {self.shape(name)}, expected {out.shape}")
+        float32 `out` is widened in place (no temporary). ValueError naming the tensor if the shapes differ.
+        start: out holds the tensor's rows start .. start + len(out) - 1 instead (a part of a large matrix)."""
+        shape = self.shape(name)
+        fits = tuple(out.shape) == shape if start is None else \
+            len(shape) >= 1 and tuple(out.shape[1:]) == shape[1:] and 0 <= start and start + len(out) <= shape[0]
+        if not fits:
+            raise ValueError(f"{self.path}: tensor {name!r} has shape {shape}, expected {out.shape}"
+                             f"{'' if start is None else f' from row {start}'}")
         bf16, src = self.dtype(name) == "BF16", self._raw(name)
         if src.ndim == 0 or src.size == 0:
             out[...] = self[name]
             return
         begin = self._entries[name][2]
+        if start is not None:
+            src, begin = src[start:start + len(out)], begin + start * max(1, src[0].nbytes)
         row = max(1, src[0].nbytes)
         step = max(1, block_bytes // row)
         for i in range(0, src.shape[0], step):

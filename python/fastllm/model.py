@@ -347,6 +347,39 @@ def kv_rows(config: GPTConfig, max_len: int) -> list[int]:
 
 
 MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # per block
+WEIGHT_FORMS = ("bfloat16", "int8", "w8a8")  # the forms of a decode snapshot (GPT.decode_weights)
+
+
+def _aligned(n: int, like: np.ndarray) -> np.ndarray:
+    """An uninitialised (n, *like.shape) array of like's dtype starting at a multiple of 64 bytes."""
+    raw = ops.carve({"a": ((-(-n * like.nbytes // 4),), "int32")})["a"].view(np.uint8)[:n * like.nbytes]
+    return raw.view(like.dtype).reshape(n, *like.shape)
+
+
+def snapshot_convert(weights: str):
+    """float32 matrices (..., OC, C) -> a decode snapshot's form: "bfloat16" (ops.Bf16Panels where the CPU's bf16
+    GEMM wants them and C is even, else bf16 bits), "int8" (ops.Int8Weight) or "w8a8" (ops.Int8Panels)."""
+    if weights == "bfloat16":
+        return lambda w: ops.pack_bf16(w) if ops.bf16_panels_preferred() and w.shape[-1] % 2 == 0 else ops.to_bf16(w)
+    return {"int8": ops.quantize_int8, "w8a8": ops.pack_int8}[weights]
+
+
+def stacked_snapshot(convert, n: int, shape: tuple[int, ...], fill):
+    """convert (snapshot_convert's) of n float32 matrices of `shape`, each written by fill(i, scratch) into one
+    reused scratch, stacked on a leading axis of n as GPT._snapshot makes them from a stacked tensor: the peak is
+    the result plus one float32 matrix (a model loaded with weights=, fastllm.hf), never a float32 copy of all n."""
+    scratch = np.empty(shape, np.float32)
+    out, part = None, None
+    for i in range(n):
+        fill(i, scratch)
+        part = convert(scratch)
+        fields = part if isinstance(part, tuple) else (part,)
+        if out is None:  # 64-byte aligned, as the kernels' packers allocate theirs
+            out = [_aligned(n, f) if isinstance(f, np.ndarray) else f for f in fields]
+        for o, f in zip(out, fields):
+            if isinstance(f, np.ndarray):
+                o[i] = f
+    return type(part)(*out) if isinstance(part, tuple) else out[0]
 
 
 def decays(name: str) -> bool:
@@ -500,15 +533,19 @@ class GPT:
         self._trunk_ready = False  # the trunk's activations are saved (training mode)
         self.token_losses: np.ndarray | None = None
         self._decoding: tuple[dict, dict] | None = None  # (snapshot, its per-layer views) inside decoding()
+        self.weights_only: str | None = None  # "bfloat16" | "int8" | "w8a8": the matrices are held in that form
+        # alone (hold_weights: inference only)
 
     # ---- Hugging Face format (fastllm.hf) ----------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, device: str = "cpu", dtype: str | None = None) -> GPT:
-        """Load a transformers folder (config.json + model.safetensors, or shards); see fastllm.hf."""
+    def from_pretrained(cls, path, device: str = "cpu", dtype: str | None = None, weights: str | None = None) -> GPT:
+        """Load a transformers folder (config.json + model.safetensors, or shards); see fastllm.hf. weights
+        ("bfloat16", "int8", "w8a8"; CPU): hold the matrices in that decode form alone, for inference in half the
+        memory or less (fastllm.hf.from_pretrained)."""
         from .hf import from_pretrained  # hf imports this module
 
-        return from_pretrained(path, cls).to(device, dtype)
+        return from_pretrained(path, cls, weights).to(device, dtype)
 
     def save_pretrained(self, path, tokenizer=None, max_shard_bytes: int | None = None,
                         max_shard_size: int | str | None = None):
@@ -531,7 +568,26 @@ class GPT:
 
     def _host_params(self) -> np.ndarray:
         """The flat float32 master parameters as a numpy array (the array itself on the CPU)."""
+        self._check_float32(".to(), state_dict(), saving")
         return self.params if self.device == "cpu" else self.bk.to_numpy(self.params)
+
+    def _check_float32(self, what: str) -> None:
+        """ValueError where the model holds its matrices in a decode form only (hold_weights): `what` needs them."""
+        if self.weights_only is not None:
+            raise ValueError(f"{what}: this model holds its matrices in {self.weights_only} only (loaded with "
+                             f"weights={self.weights_only!r}: inference only); load it without weights= for this")
+
+    def hold_weights(self, snapshot: dict, weights: str) -> GPT:
+        """Inference only, from now on: every pass runs on `snapshot` (a decode snapshot of form `weights`, as
+        bf16_weights / int8_weights / w8a8_weights make, or fastllm.hf builds while loading), and the float32
+        matrices are not kept (their part of `params` is never read again: loading with weights= never writes it,
+        so those pages are never touched). Training, saving, state_dict() and .to() raise ValueError naming it."""
+        if weights not in WEIGHT_FORMS or self.device != "cpu":
+            raise ValueError(f"hold_weights needs a CPU model and weights in {WEIGHT_FORMS}, got {weights!r} on "
+                             f"{self.device}")
+        self.weights_only, self.training = weights, False
+        self._decoding = (snapshot, _snapshot_layers(snapshot))
+        return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """{name: float32 numpy array} of every parameter tensor (named like GPT.p), on the host (views of the
@@ -541,6 +597,7 @@ class GPT:
     def load_state_dict(self, tensors: dict, where: str = "state_dict") -> GPT:
         """Copy parameter tensors in: every name of GPT.p must be present with its exact shape, a float dtype and
         finite values, and no other name (ValueError naming `where` and the tensor otherwise). Returns self."""
+        self._check_float32("load_state_dict")
         unexpected = sorted(set(tensors) - set(self.shapes))
         if unexpected:
             raise ValueError(f"{where}: tensors {unexpected} are not parameters of this config "
@@ -567,6 +624,7 @@ class GPT:
 
     def named_parameters(self):
         """(name, array view) per tensor with per-layer names like 'h.3.attn.c_attn.weight'."""
+        self._check_float32("named_parameters()")
         per = _layers(self.bk, self.p)
         for name, arr in per.items():
             if isinstance(arr, list):
@@ -577,6 +635,7 @@ class GPT:
 
     def _ensure_grads(self):
         """The flat gradient buffer, allocated (zeroed) on first use: inference needs none."""
+        self._check_float32("gradients")
         if self.grads is None:
             self.grads = self.bk.zeros((self.num_parameters,), "float32")
             self._g = _views(self.bk, self.grads, self.shapes)
@@ -597,6 +656,8 @@ class GPT:
         return self.bk.global_norm(self._ensure_grads())
 
     def train(self, mode: bool = True) -> GPT:
+        if mode:
+            self._check_float32("training")
         self.training = mode
         return self
 
@@ -883,16 +944,13 @@ class GPT:
         later changes of the parameters. Reuse it across caches: model.kv_cache(B, weights=w16). Each matrix is
         uint16 bit patterns (OC, C), or, where the CPU's bf16 GEMM is avx512_bf16 (ops.bf16_panels_preferred) and C
         is even, those bits packed once for it (ops.Bf16Panels; ops.unpack_bf16 gives the bits back)."""
-        def convert(w: np.ndarray):
-            return ops.pack_bf16(w) if ops.bf16_panels_preferred() and w.shape[-1] % 2 == 0 else ops.to_bf16(w)
-
-        return self._snapshot(convert, "bf16_weights")
+        return self._snapshot(snapshot_convert("bfloat16"), "bf16_weights")
 
     def int8_weights(self) -> dict[str, ops.Int8Weight]:
         """An int8 snapshot of the same matrices as bf16_weights (weight-only quantization, one fp32 scale per
         output row: ops.quantize_int8): a quarter of the bytes of float32, for decoding where reading the weights
         is the cost. Activations stay float32. Reuse it across caches: model.kv_cache(B, weights=w8)."""
-        return self._snapshot(ops.quantize_int8, "int8_weights")
+        return self._snapshot(snapshot_convert("int8"), "int8_weights")
 
     def w8a8_weights(self) -> dict[str, ops.Int8Panels]:
         """The int8 snapshot of int8_weights packed for integer products (ops.pack_int8): every matmul then quantizes
@@ -900,7 +958,7 @@ class GPT:
         quantize_dynamic), and sums exactly in int32 (AVX512-VNNI where the CPU has it: info()["w8a8"]). The same
         bytes streamed as int8_weights, products 2-4x faster than bf16/fp32 where they are the cost (batches,
         prompts); coarser activations (measured: benchmarks/RESULTS.md). Reuse it: model.kv_cache(B, weights=w)."""
-        return self._snapshot(ops.pack_int8, "w8a8_weights")
+        return self._snapshot(snapshot_convert("w8a8"), "w8a8_weights")
 
     def decode_weights(self, weights: str | dict = "float32") -> dict | None:
         """The weight snapshot a KV cache with `weights` streams (see kv_cache): the dict given, one taken now
@@ -909,6 +967,10 @@ class GPT:
         if isinstance(weights, dict):
             return weights
         if weights == "float32" and self._decoding is not None:  # the default, inside decoding(): its snapshot
+            return self._decoding[0]
+        if self.weights_only is not None:  # (its own form, asked by name: the snapshot it holds)
+            if weights != self.weights_only:
+                self._check_float32(f"weights={weights!r}")
             return self._decoding[0]
         if weights not in ("float32", "bfloat16", "int8", "w8a8"):
             raise ValueError("weights must be 'float32', 'bfloat16', 'int8', 'w8a8', model.bf16_weights(), "
@@ -941,6 +1003,7 @@ class GPT:
     def _snapshot(self, convert, what: str) -> dict:
         if self.device != "cpu":
             raise ValueError(f"{what} is for CPU decoding; on the GPU give the model dtype='bfloat16'")
+        self._check_float32(what)
         return {n: convert(self.p[n]) for n in (*MATRICES, self.head)}
 
     def generate(self, prompt_ids, max_new_tokens: int, **kw):
@@ -1003,7 +1066,8 @@ class KVCache:
         self.snapshot = model.decode_weights(weights)
         # a snapshot for every pass: int8 (the quantized model throughout), bf16 panels (nothing to pack per call)
         head = None if self.snapshot is None else self.snapshot[model.head]
-        self._all_passes = isinstance(head, (ops.Int8Weight, ops.Int8Panels, ops.Bf16Panels))
+        self._all_passes = isinstance(head, (ops.Int8Weight, ops.Int8Panels, ops.Bf16Panels)) or \
+            (model.weights_only is not None and self.snapshot is model._decoding[0])  # (no float32 matrices)
         self._snapl = None if self.snapshot is None else _snapshot_layers(self.snapshot)
         # bf16 weights (on the CPU): a prefill's attention products in bf16 too (backend.CpuBf16)
         self._bf16 = isinstance(head, ops.Bf16Panels) or (isinstance(head, np.ndarray) and head.dtype == np.uint16)

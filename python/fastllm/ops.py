@@ -302,6 +302,23 @@ def pack_int8(w) -> Int8Panels:
     return Int8Panels(data, np.ascontiguousarray(w.scale, np.float32), wsum, C)
 
 
+ROW_BLOCK = 4096  # rows of a block join_row_blocks joins: a multiple of every packed form's panel rows
+
+
+def join_row_blocks(w, rows: int):
+    """A weight in a decode form -- bf16 bits, Bf16Panels, Int8Weight or Int8Panels -- made from a matrix as a stack
+    of blocks of ROW_BLOCK rows (n, ROW_BLOCK, C), its last block padded -> that (rows, C) matrix's weight (views, no
+    copy): a large matrix (an lm-head) converted a block at a time, never all of it in float32."""
+    if isinstance(w, np.ndarray):
+        return w.reshape(-1, w.shape[-1])[:rows]
+    if isinstance(w, Bf16Panels):
+        return Bf16Panels(w.data.reshape(-1, w.data.shape[-1])[:_C.bf16_panel_rows(rows)], rows)
+    if isinstance(w, Int8Weight):
+        return Int8Weight(w.q.reshape(-1, w.q.shape[-1])[:rows], w.scale.reshape(-1)[:rows])
+    n = _C.w8a8_panel_rows(rows) * _C.w8a8_depth(w.cols)
+    return Int8Panels(w.data.reshape(-1)[:n], w.scale.reshape(-1)[:rows], w.wsum.reshape(-1)[:rows], w.cols)
+
+
 def unpack_int8(p: Int8Panels) -> Int8Weight:
     """The Int8Weight of Int8Panels: the inverse of pack_int8."""
     *lead, OC = p.scale.shape

@@ -104,10 +104,11 @@ class EvalConfig:
 
 
 def load(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None, device: str = "cpu",
-         dtype: str | None = None):
+         dtype: str | None = None, weights: str | None = None):
     """(model, tokenizer) from a fastllm checkpoint or run folder, or a Hugging Face model folder (config.json);
     the tokenizer from `tokenizer` if given, else the one in the folder. device="cuda" runs the model on the GPU
-    (dtype: bfloat16 by default, or float32; see GPT.to)."""
+    (dtype: bfloat16 by default, or float32; see GPT.to). weights: an inference-only model holding its matrices in
+    that decode form (checkpoint.load_model)."""
     from ..checkpoint import checkpoint_tokenizer, load_model
 
     path = Path(ckpt)
@@ -115,11 +116,11 @@ def load(ckpt: str | os.PathLike, tokenizer: str | os.PathLike | None = None, de
         from ..model import GPT
         from ..tokenizer import Tokenizer
 
-        model = GPT.from_pretrained(path)
+        model = GPT.from_pretrained(path, weights=weights)
         model.checkpoint_dir = path
         tok = Tokenizer.from_pretrained(tokenizer or path)
     else:
-        model = load_model(path)
+        model = load_model(path, weights=weights)
         tok = checkpoint_tokenizer(model.checkpoint_dir, tokenizer)
     return model.to(device, dtype).eval(), tok
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat import ChatML, has_chatml
+from ..model import WEIGHT_FORMS
 from ..options import THREADS, option
 from ..sample import DECODE_DTYPES, check_decode_dtype
 from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, kv_slot_bytes, load
@@ -108,7 +109,8 @@ def serve(cfg: ServeConfig, log=None) -> None:
     check_decode_dtype(cfg.dtype, cfg.device)
     if cfg.threads:
         fastllm.set_num_threads(cfg.threads)
-    model, tok = load(cfg.ckpt, cfg.tokenizer)
+    held = cfg.dtype if cfg.device == "cpu" and cfg.dtype in WEIGHT_FORMS else None  # (only those weights held)
+    model, tok = load(cfg.ckpt, cfg.tokenizer, weights=held)
     weights = "float32"  # the CPU decodes with bf16 weight copies if asked; a GPU model computes in its dtype
     if cfg.device == "cuda":
         model.to("cuda", cfg.dtype or "bfloat16")

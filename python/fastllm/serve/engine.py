@@ -44,10 +44,11 @@ from ..model import kv_rows
 from ..sample import SamplingParams, StopStrings, TextStreamer, sample_next
 
 
-def load(ckpt, tokenizer=None):
+def load(ckpt, tokenizer=None, weights: str | None = None):
     """(model in eval mode, tokenizer) of a fastllm checkpoint folder (or run folder): the one place the
-    server loads weights. tokenizer: a path overriding the copy inside the checkpoint."""
-    model = load_model(ckpt).eval()
+    server loads weights. tokenizer: a path overriding the copy inside the checkpoint; weights: hold the matrices in
+    that decode form alone (checkpoint.load_model)."""
+    model = load_model(ckpt, weights=weights).eval()
     return model, checkpoint_tokenizer(model.checkpoint_dir, tokenizer)
 
 
