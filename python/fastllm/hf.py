@@ -53,8 +53,9 @@ q|k|v into attn.c_attn and gate|up into mlp.c_fc (the row blocks of the spec in 
 rotate-half layout, so q/k rows need no permutation. GPT-2's Conv1D weights are (in, out), the transpose of
 fastllm's. Loading maps each file (fastllm.fileio.load_safetensors(mmap=True)) and converts tensor by tensor
 straight into the model's flat float32 buffer, giving each tensor's pages back after it is copied: the peak is
-about one float32 model (measured in tests/test_hf_models.py), whatever the stored dtype. No pickle: never
-pytorch_model.bin.
+about one float32 model (measured in tests/test_hf_models.py), whatever the stored dtype; with weights= (inference
+only) the matrices go straight to bf16 or int8 a layer at a time and the peak is the model in that form. No pickle:
+never pytorch_model.bin.
 
 >>> model = GPT.from_pretrained("Qwen2.5-0.5B-Instruct/")   # or hf.from_pretrained(path)
 >>> model.save_pretrained("out", tokenizer=tok)              # transformers can load "out"
