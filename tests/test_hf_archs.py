@@ -1,15 +1,16 @@
 """The families past Llama and Qwen (tests/test_hf_models.py), and sliding-window attention: small random
 GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM / Olmo2ForCausalLM / Olmo3ForCausalLM / SmolLM3ForCausalLM
-/ Phi3ForCausalLM / MistralForCausalLM models built and saved by transformers load into fastllm with transformers'
-float32 logits, greedy tokens (through the KV cache, past the window) and gradients (transformers' autograd), from
-F32 and BF16 files; fastllm writes folders transformers loads to the same logits and reads them back bit for bit.
-Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size), norms that multiply by (1 + weight), MQA and a head_dim of
-its own (Gemma 1); norms after each branch, attention and final logit soft caps, query_pre_attn_scalar, sliding
-layers every other layer (Gemma 2); QK-norm, five sliding layers of six with their own RoPE base and linear scaling
-on the full ones (Gemma 3). OLMo's: norms after each branch instead of before it, QK-norm over all the q (k)
-channels (OLMo 2); three sliding layers of four whose RoPE is not the full layers' YaRN (OLMo 3). SmolLM3's layers
-without RoPE (and sliding NoPE layers); Phi-4-mini's RoPE on part of each head (with LongRoPE's short factors);
-Mistral v0.1's and Phi-3's sliding windows past the window."""
+/ Exaone4ForCausalLM / ArceeForCausalLM / Phi3ForCausalLM / MistralForCausalLM models built and saved by
+transformers load into fastllm with transformers' float32 logits, greedy tokens (through the KV cache, past the
+window) and gradients (transformers' autograd), from F32 and BF16 files; fastllm writes folders transformers loads
+to the same logits and reads them back bit for bit. Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size), norms
+that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after each branch, attention and final
+logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2); QK-norm, five sliding layers of
+six with their own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's: norms after each branch instead
+of before it, QK-norm over all the q (k) channels (OLMo 2); three sliding layers of four whose RoPE is not the full
+layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full layers (EXAONE 4). SmolLM3's
+layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Phi-4-mini's RoPE on part of each head (with
+LongRoPE's short factors); Mistral v0.1's and Phi-3's sliding windows past the window."""
 
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ CASES = {  # name: (transformers class prefix, its config, the GPTConfig fields 
                                       dict(nope_layers=[1, 2], layer_types=["full_attention", "sliding_attention",
                                                                             "sliding_attention"],
                                            qkv_bias=True, proj_bias=True, mlp_bias=True, tie_embeddings=False)),
+    "exaone4": ("Exaone4", dict(num_key_value_heads=2, sliding_window=WINDOW, sliding_window_pattern=3),
+                dict(pre_norms=False, post_norms=True, qk_norm=True, qk_norm_over="head", nope_layers=[2],
+                     sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "exaone4-no-window": ("Exaone4", dict(num_key_value_heads=1, sliding_window=None,
+                                          layer_types=["full_attention"] * 3),  # (EXAONE 4.0 1.2B: RoPE everywhere)
+                          dict(pre_norms=False, qk_norm_over="head", nope_layers=None, sliding_window=None)),
+    "arcee": ("Arcee", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True, rope_scaling=YARN),
+              dict(mlp="relu2", mlp_hidden=56, qkv_bias=True, proj_bias=True, mlp_bias=True)),
     "phi4-mini-partial-rotary": ("Phi3", dict(num_key_value_heads=2, partial_rotary_factor=0.75, hidden_act="silu",
                                               head_dim=8, max_position_embeddings=4 * T_MAX,
                                               original_max_position_embeddings=T_MAX,
@@ -360,7 +369,7 @@ def test_fastllm_configs_save_as_their_family(options, kind, tmp_path):
 
 @pytest.mark.parametrize("options,match", [
     (dict(pre_norms=False, post_norms=True, qk_norm=True, qk_norm_over="all", mlp="gelu"), "OLMo 2/3"),
-    (dict(pre_norms=False), "OLMo 2/3"),
+    (dict(pre_norms=False), "pre_norms=False, qk_norm_over=.head. \\(EXAONE 4\\)"),
     (dict(nope_layers=[0], qk_norm=True), "SmolLM3"),
     (dict(partial_rotary_factor=0.5, qkv_bias=True, proj_bias=True), "partial_rotary_factor"),
 ])

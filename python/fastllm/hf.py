@@ -30,6 +30,10 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
                                  QK-norm over all the q channels and all the k channels (not per head)
     olmo3    Olmo3ForCausalLM    OLMo 2's, three sliding layers of four (or as layer_types lists); rope_scaling (YaRN
                                  of the long-context models) applies to the full-attention layers only
+    exaone4  Exaone4ForCausalLM  OLMo 2's norms with Qwen3's QK-norm (per head), no biases; with a sliding_window,
+                                 three sliding layers of four (sliding_window_pattern: 4 or "LLLG", or layer_types)
+                                 and no RoPE on the full-attention ones (EXAONE 4.0)
+    arcee    ArceeForCausalLM    Llama's with a relu2 MLP (down(relu(up(x))^2), no gate: AFM-4.5B)
     gemma    GemmaForCausalLM    GeGLU (GELU's tanh approximation), token embeddings times sqrt(hidden_size),
                                  RMSNorms that multiply by (1 + weight) (fastllm keeps the gain 1 + weight: loading
                                  adds 1, saving subtracts it), attention_bias, MQA/GQA, head_dim, tied by default
@@ -75,7 +79,7 @@ import numpy as np
 from . import ops
 from .chat import eos_token_ids, read_templates, special_tokens
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
-from .model import GPT, MATRICES, WEIGHT_FORMS, GPTConfig, param_shapes, snapshot_convert, stacked_snapshot
+from .model import GATED, GPT, MATRICES, WEIGHT_FORMS, GPTConfig, param_shapes, snapshot_convert, stacked_snapshot
 from .rope import ROPE_TYPES, attention_scaling
 from .version import __version__
 
@@ -93,6 +97,8 @@ ARCHITECTURES = {
     "smollm3": ("SmolLM3ForCausalLM",),
     "olmo2": ("Olmo2ForCausalLM",),
     "olmo3": ("Olmo3ForCausalLM",),
+    "exaone4": ("Exaone4ForCausalLM",),
+    "arcee": ("ArceeForCausalLM",),
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
@@ -152,8 +158,21 @@ def _rope(d: dict, bad, default_theta: float = 10000.0) -> tuple[float, dict | N
 
 def _sliding(d: dict, kind: str, n_layer: int, bad) -> tuple[int | None, list[str] | None]:
     """(sliding_window, layer_types) of GPTConfig: which layers attend to a window of the latest tokens only
-    (Mistral v0.1, Zephyr, Phi-3: all; Gemma 2: every other; Gemma 3: five of six; Qwen with use_sliding_window:
-    those from max_window_layers on), from transformers 5's layer_types or 4's spellings."""
+    (Mistral v0.1, Zephyr, Phi-3: all; Gemma 2: every other; Gemma 3: five of six; OLMo 3, EXAONE 4: three of four;
+    Qwen with use_sliding_window: those from max_window_layers on), from transformers 5's layer_types or 4's
+    spellings."""
+    window, kinds = d.get("sliding_window"), _layer_kinds(d, kind, n_layer, bad)
+    sliding = [i for i, k in enumerate(kinds) if k == "sliding_attention"]
+    if not sliding:
+        return None, None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise bad(f"sliding_window={window!r} on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''} must be a "
+                  "positive integer")
+    return window, None if len(sliding) == n_layer else kinds
+
+
+def _layer_kinds(d: dict, kind: str, n_layer: int, bad) -> list[str]:
+    """Each layer's "full_attention" or "sliding_attention", as the family's transformers code reads its config."""
     window = d.get("sliding_window")
     kinds = d.get("layer_types")
     if kinds is not None:
@@ -172,21 +191,23 @@ def _sliding(d: dict, kind: str, n_layer: int, bad) -> tuple[int | None, list[st
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise bad(f"sliding_window_pattern must be a positive integer, got {every!r}")
         kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    elif kind == "exaone4" and window is not None:  # sliding_window_pattern: every n-th layer full (4), or "LLLG"
+        every = d.get("sliding_window_pattern", 4)
+        if isinstance(every, str) and every and set(every) <= {"L", "G"}:
+            kinds = ["sliding_attention" if every[i % len(every)] == "L" else "full_attention" for i in range(n_layer)]
+        elif isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+            kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+        else:
+            raise bad(f"sliding_window_pattern must be a positive integer or a string of L and G, got {every!r}")
     elif kind == "smollm3":  # with use_sliding_window, the layers without RoPE
         nope = _nope_layers(d, n_layer, bad)
         kinds = ["sliding_attention" if d.get("use_sliding_window") and window is not None and i in nope else
                  "full_attention" for i in range(n_layer)]
     else:  # mistral, phi3: every layer slides when sliding_window is set
         kinds = ["sliding_attention" if window is not None else "full_attention"] * n_layer
-    if kind == "smollm3" and not d.get("use_sliding_window"):  # (its layer_types slide only with it)
-        kinds = ["full_attention"] * n_layer
-    sliding = [i for i, k in enumerate(kinds) if k == "sliding_attention"]
-    if not sliding:
-        return None, None
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise bad(f"sliding_window={window!r} on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''} must be a "
-                  "positive integer")
-    return window, None if len(sliding) == n_layer else kinds
+    if (kind == "smollm3" and not d.get("use_sliding_window")) or (kind == "exaone4" and window is None):
+        kinds = ["full_attention"] * n_layer  # (their layer_types slide only with these)
+    return kinds
 
 
 def _nope_layers(d: dict, n_layer: int, bad) -> list[int]:
@@ -274,12 +295,13 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     # say hidden_act "gelu", which transformers reads as the tanh approximation (Gemma 1.1 adds hidden_activation)
     tanh = ("gelu_pytorch_tanh", "gelu_new")
     checks = {"hidden_act": tanh + ("gelu",), "hidden_activation": tanh} if kind == "gemma" else \
-        {"hidden_activation": tanh} if gemma else {"hidden_act": ("silu",)}
+        {"hidden_activation": tanh} if gemma else {"hidden_act": ("relu2",)} if kind == "arcee" else \
+        {"hidden_act": ("silu",)}
     for key, acts in checks.items():
         act = d.get(key) or acts[0]
         if act not in acts:
             raise bad(f"{key} {act!r} is not supported (only {', '.join(map(repr, acts))}: "
-                      f"{'GeGLU with GELU-tanh' if gemma else 'SwiGLU'})")
+                      f"{'GeGLU with GELU-tanh' if gemma else 'relu2' if kind == 'arcee' else 'SwiGLU'})")
     if d.get("use_bidirectional_attention"):
         raise bad("use_bidirectional_attention=true is not supported (fastllm's attention is causal)")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
@@ -292,10 +314,10 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         window, layer_types = None, None
     attention_bias = d.get("attention_bias", False)
     mlp_bias = d.get("mlp_bias", False)
-    if kind in ("mistral", "qwen2", "phi3") and attention_bias:
+    if kind in ("mistral", "qwen2", "phi3", "exaone4") and attention_bias:
         raise bad(f"attention_bias={attention_bias!r} is not supported for {kind} (transformers' {kind} has "
                   f"{'q/k/v biases only' if kind == 'qwen2' else 'no attention biases'})")
-    if kind not in ("llama", "smollm3") and mlp_bias:
+    if kind not in ("llama", "smollm3", "arcee") and mlp_bias:
         raise bad(f"mlp_bias={mlp_bias!r} is not supported for {kind} (its MLP has no biases)")
     for key, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
         if not isinstance(value, bool):
@@ -317,12 +339,17 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         layernorm_eps=_positive_number(d, "rms_norm_eps", 1e-6, bad), n_kv_head=n_kv,
         head_dim=head_dim, positions="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
         mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=attention_bias and kind != "qwen2",
-        mlp_bias=mlp_bias, qk_norm=kind in ("qwen3", "gemma3_text", *OLMOS),
+        mlp_bias=mlp_bias, qk_norm=kind in ("qwen3", "gemma3_text", "exaone4", *OLMOS),
         tie_embeddings=bool(d.get("tie_word_embeddings", gemma or kind == "smollm3")), sliding_window=window,
         layer_types=layer_types, rope_local_theta=local_theta, partial_rotary_factor=partial,
     )
-    if kind in OLMOS:  # norms after each branch instead of before it; QK-norm over all q (k) channels
-        cfg.update(pre_norms=False, post_norms=True, qk_norm_over="all")
+    if kind in (*OLMOS, "exaone4"):  # norms after each branch instead of before it; OLMo's QK-norm over all q (k)
+        cfg.update(pre_norms=False, post_norms=True, qk_norm_over="head" if kind == "exaone4" else "all")
+    if kind == "exaone4" and d.get("sliding_window") is not None:  # (then its full-attention layers have no RoPE)
+        full = [i for i, k in enumerate(_layer_kinds(d, kind, L, bad)) if k == "full_attention"]
+        cfg.update(nope_layers=full or None)
+    if kind == "arcee":
+        cfg.update(mlp="relu2")
     if kind == "smollm3":
         cfg.update(nope_layers=_nope_layers(d, L, bad) or None)
     if gemma:  # GeGLU, embeddings times sqrt(hidden_size); Gemma 2 and 3: norms after each branch too
@@ -388,14 +415,17 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
         return _gemma_type(cfg)
     if cfg.post_norms or not cfg.pre_norms or cfg.qk_norm_over == "all":
         return _olmo_type(cfg, prefer)
-    for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("logit_softcap", None), ("embed_scale", None),
-                      ("post_norms", False), ("attn_softcap", None), ("rope_local_theta", None)):
+    for key, want in (("norm", "rmsnorm"), ("mlp", "relu2" if cfg.mlp == "relu2" else "swiglu"),
+                      ("logit_softcap", None), ("embed_scale", None), ("post_norms", False), ("attn_softcap", None),
+                      ("rope_local_theta", None)):
         if getattr(cfg, key) != want:
             raise ValueError(f"no transformers architecture computes this config: rope with {key}="
                              f"{getattr(cfg, key)!r} (Llama, Mistral, Qwen and Phi-3 need {key}={want!r})")
     if cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5:
         raise ValueError(f"no transformers architecture computes this config: attn_scale={cfg.attn_scale} with "
                          f"swiglu (Llama, Mistral, Qwen and Phi-3 scale by 1/sqrt(head_size))")
+    if cfg.mlp == "relu2":
+        return _arcee_type(cfg)
     if cfg.nope_layers or prefer == "smollm3":  # (SmolLM3: any sliding layers, with layer_types)
         return _smollm3_type(cfg)
     kind = _llama_type(cfg, prefer)
@@ -425,18 +455,39 @@ def _differences(cfg: GPTConfig, want: dict) -> list[str]:
 
 
 def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
-    """olmo2, or olmo3 (sliding layers, a RoPE of their own) for a config with norms after each branch only."""
-    want = dict(norm="rmsnorm", mlp="swiglu", pre_norms=False, post_norms=True, qk_norm=True, qk_norm_over="all",
-                mlp_bias=False, proj_bias=cfg.qkv_bias, logit_softcap=None, embed_scale=None, attn_softcap=None,
-                nope_layers=None, partial_rotary_factor=1.0)
+    """olmo2, olmo3 (sliding layers, a RoPE of their own) or exaone4 (QK-norm per head, no biases, no RoPE on the
+    full layers where some slide) for a config with norms after each branch only."""
+    exaone = cfg.qk_norm_over == "head"
+    full = [layer for layer in range(cfg.n_layer) if cfg.window(layer) is None]
+    want = dict(norm="rmsnorm", mlp="swiglu", pre_norms=False, post_norms=True, qk_norm=True, mlp_bias=False,
+                proj_bias=cfg.qkv_bias, logit_softcap=None, embed_scale=None, attn_softcap=None,
+                partial_rotary_factor=1.0)
+    if exaone:
+        want.update(qkv_bias=False, rope_local_theta=None, nope_layers=(full or None) if cfg.sliding_window else None)
+    else:
+        want.update(nope_layers=None)
     diff = _differences(cfg, want)
     if cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5:
         diff.append(f"attn_scale={cfg.attn_scale!r}")
     if diff:
         raise ValueError(f"no transformers architecture computes this config: post_norms={cfg.post_norms}, pre_norms="
-                         f"{cfg.pre_norms} (OLMo 2/3) with {', '.join(diff)}")
+                         f"{cfg.pre_norms}, qk_norm_over={cfg.qk_norm_over!r} "
+                         f"({'EXAONE 4' if exaone else 'OLMo 2/3'}) with {', '.join(diff)}")
+    if exaone:
+        return "exaone4"
     olmo3 = cfg.sliding_window is not None or cfg.rope_local_theta is not None or prefer == "olmo3"
     return "olmo3" if olmo3 else "olmo2"
+
+
+def _arcee_type(cfg: GPTConfig) -> str:
+    """arcee for a Llama config with a relu2 MLP (no gate)."""
+    want = dict(qk_norm=False, proj_bias=cfg.qkv_bias, partial_rotary_factor=1.0, nope_layers=None,
+                sliding_window=None)
+    diff = _differences(cfg, want)
+    if diff:
+        raise ValueError(f"no transformers architecture computes this config: mlp='relu2' (Arcee) with "
+                         f"{', '.join(diff)}")
+    return "arcee"
 
 
 def _smollm3_type(cfg: GPTConfig) -> str:
@@ -529,6 +580,10 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, use_sliding_window=cfg.sliding_window is not None,
                  sliding_window=cfg.sliding_window, layer_types=kinds, pad_token_id=None,
                  no_rope_layers=[int(cfg.has_rope(layer)) for layer in range(cfg.n_layer)])
+    elif kind == "exaone4":  # (with a sliding_window, transformers gives its full layers no RoPE)
+        d.update(sliding_window=cfg.sliding_window, layer_types=kinds, sliding_window_pattern=None)
+    elif kind == "arcee":
+        d.update(hidden_act="relu2", attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     elif kind in OLMOS:
         d.update(attention_bias=cfg.qkv_bias, pad_token_id=None)  # (Olmo2Config's default pad id 1: a real token)
         if kind == "olmo3":  # (transformers builds a sliding mask even with no sliding layer: give it the context)
@@ -630,7 +685,7 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
                 out[pre + "pre_feedforward_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
         else:
             out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
-        for x, rows in (("gate", (0, H)), ("up", (H, 2 * H))):
+        for x, rows in (("gate", (0, H)), ("up", (H, 2 * H))) if cfg.mlp in GATED else (("up", None),):
             out[pre + f"mlp.{x}_proj.weight"] = Slot("mlp.c_fc.weight", layer, rows)
             if cfg.mlp_bias:
                 out[pre + f"mlp.{x}_proj.bias"] = Slot("mlp.c_fc.bias", layer, rows)
