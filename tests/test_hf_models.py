@@ -16,7 +16,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from chat_templates import GEMMA2_TEMPLATE
+from chat_templates import GEMMA2_TEMPLATE, OLMO2_TEMPLATE, SMOLLM3_TEMPLATE
 from hf_families import (
     LLAMA2_TEMPLATE,
     LLAMA3_TEMPLATE,
@@ -540,6 +540,12 @@ HUB = {
     "gemma2": ("Gemma2", GEMMA2_TEMPLATE, "<eos>", ["<eos>", "<end_of_turn>"],
                dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, hidden_act="gelu_pytorch_tanh",
                     tie_word_embeddings=False)),
+    # OLMo-2-Instruct's: <|endoftext|> (100257) as BOS and EOS, the only EOS id
+    "olmo2": ("Olmo2", OLMO2_TEMPLATE, "<|endoftext|>", ["<|endoftext|>"], {}),
+    # SmolLM3-3B's: <|im_end|> (128012); its second layer without RoPE, room for the template's system text
+    # (untied, unlike SmolLM3-3B: answer_stops_at_eos moves lm_head rows)
+    "smollm3": ("SmolLM3", SMOLLM3_TEMPLATE, "<|im_end|>", ["<|im_end|>"],
+                dict(no_rope_layer_interval=2, max_position_embeddings=256, tie_word_embeddings=False)),
 }
 
 
@@ -569,10 +575,33 @@ def hf_greedy(ref, auto, inputs: dict, n: int) -> str:
     return auto.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3", "gemma2"])
+def answer_stops_at_eos(ref, folder, inputs: dict) -> list[int]:
+    """Makes the (untied) random model of a hub folder answer `inputs` with a few greedy tokens (3 or more), then its
+    first EOS id: the lm_head rows of that EOS and of the first greedy token from the 4th on not written before
+    change places; saved to `folder` again. -> the answer's ids, the EOS last."""
+    eos = ref.generation_config.eos_token_id[0]
+    assert not ref.config.tie_word_embeddings  # (the input embeddings stay as they are)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(8):  # (greedy, past any EOS)
+            ids = torch.cat([ids, ref(ids).logits[:, -1:].argmax(-1)], 1)
+        free = ids[0, inputs["input_ids"].shape[1]:].tolist()
+        k = next(k for k in range(3, len(free)) if free[k] not in free[:k])
+        assert eos not in free[:k + 1]
+        w = ref.lm_head.weight
+        w[[free[k], eos]] = w[[eos, free[k]]]
+    ref.save_pretrained(folder)
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert out.tolist() == free[:k] + [eos]
+    return out.tolist()
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3", "gemma2", "olmo2", "smollm3"])
 def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsys):
     """`fastllm chat --ckpt <HF folder>` renders the checkpoint's own chat template (Llama 3's has no ChatML tokens
-    at all) and answers with transformers' greedy tokens for apply_chat_template's prompt, stopping at its EOS.
+    at all; OLMo 2's <|user|> turns are plain text, the BOS written by the template) and answers with transformers'
+    greedy tokens for apply_chat_template's prompt, stopping at the folder's EOS (made a greedy token).
     Gemma's template refuses a system message: --system is an error before any input is read (it was one at every
     message, and the exit status 0)."""
     pytest.importorskip("tokenizers")
@@ -592,8 +621,9 @@ def test_cli_chat_uses_the_folders_template(family, tmp_path, monkeypatch, capsy
     else:
         msgs.insert(0, {"role": "system", "content": "Be brief."})
         chat += ["--system", "Be brief."]
-    want = hf_greedy(ref, auto, auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
-                                                         return_dict=True), 12)
+    prompt = auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer_stops_at_eos(ref, tmp_path / family, prompt)
+    want = hf_greedy(ref, auto, prompt, 12)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
     assert cli.main(chat) == 0
     assert capsys.readouterr().out == want + "\n"  # (Llama 2: no leading space, as transformers decodes the answer)
@@ -682,11 +712,13 @@ def test_reward_model_of_a_llama3_folder_then_rl_against_it(tmp_path, capsys):
                      "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "phi3", "gemma2", "olmo2", "smollm3"])
 def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     """`fastllm serve` of a hub folder renders /v1/chat/completions with the folder's own chat template (Llama 3's
-    has no ChatML tokens) and stops at its EOS ids: through the official openai client, the greedy answer and
-    the prompt's token count are transformers' for apply_chat_template's prompt."""
+    has no ChatML tokens) and stops at its EOS ids (made a greedy token): through the official openai client,
+    the greedy answer and the prompt (its ids, their count) are transformers' for apply_chat_template's; SmolLM3's
+    /no_think mode too, as the request's chat_template_kwargs {"enable_thinking": false} (its empty <think></think>
+    in the prompt)."""
     pytest.importorskip("tokenizers")
     pytest.importorskip("jinja2")
     pytest.importorskip("starlette")
@@ -699,20 +731,52 @@ def test_serve_a_hub_folder_with_its_template(family, tmp_path):
     ref, auto = hub_folder(family, tmp_path / family)
     msgs = [{"role": "system", "content": "Be brief."}] * (family != "gemma2")  # (Gemma's template refuses one)
     msgs.append({"role": "user", "content": "Hello there"})
-    prompt = auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    want = hf_greedy(ref, auto, prompt, 12)
+    options = [{}] + [{"enable_thinking": False}] * (family == "smollm3")
+    prompts = [auto.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True, **o)
+               for o in options]
+    answer = answer_stops_at_eos(ref, tmp_path / family, prompts[0])
+    wants = [hf_greedy(ref, auto, prompt, 12) for prompt in prompts]
     model, tok = load(tmp_path / family)
     with TestClient(create_app(Engine(model, tok, max_batch=2), "m")) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
-        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0)
+        rs = [client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0,
+                                             extra_body={"chat_template_kwargs": o} if o else None) for o in options]
         if family == "gemma2":  # a system message: the template's refusal, as a 400
             with pytest.raises(openai.BadRequestError, match="System role not supported"):
                 client.chat.completions.create(model="m", messages=[{"role": "system", "content": "Be brief."}, *msgs])
-    assert r.choices[0].message.content == want
-    assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
+    assert rs[0].choices[0].finish_reason == "stop" and rs[0].usage.completion_tokens == len(answer)
+    for r, prompt, want, o in zip(rs, prompts, wants, options):
+        assert r.choices[0].message.content == want
+        assert r.usage.prompt_tokens == prompt["input_ids"].shape[1]
+        assert chat.chat_format(tmp_path / family, tok, o).prompt(msgs).tolist() == prompt["input_ids"][0].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2"])
+def test_serve_splits_the_reasoning_of_a_smollm3_folder(tmp_path):
+    """SmolLM3's template leaves <think> to the model (/think, the default; <think> and </think> are plain added
+    tokens of its tokenizer): the answer's <think> block is message.reasoning_content, the rest (after the newline
+    SmolLM3 writes) the content; /no_think (chat_template_kwargs) closes an empty block in the prompt, and the
+    answer is all content."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    from fastllm.serve.api import ServedModel, parse_chat
+    from fastllm.serve.engine import Chunk
+
+    folder = tmp_path / "smollm3"
+    hub_folder("smollm3", folder)
+    tok = Tokenizer.from_pretrained(folder)
+    served = ServedModel("m", tok, 4096, 2, tok.n_vocab, chat.chat_format(folder, tok), str(folder))
+    msgs = [{"role": "user", "content": "Time?"}]
+    for extra, answer, want in [({}, "<think>\nThe user asks.\n</think>\nNoon.", ("The user asks.", "Noon.")),
+                                ({"chat_template_kwargs": {"enable_thinking": False}}, "Noon.", (None, "Noon."))]:
+        call = parse_chat({"model": "m", "messages": msgs, **extra}, served)
+        prompt = tok.decode(call.request.prompts[0])
+        assert prompt.endswith("<|im_start|>assistant\n" + "<think>\n\n</think>\n" * bool(extra))
+        call.feed([Chunk(0, answer, [1], finish_reason="stop")])
+        msg = call.response()["choices"][0]["message"]
+        assert (msg["reasoning_content"], msg["content"]) == want
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2", "olmo2", "smollm3"])
 def test_serve_completions_of_a_hub_folder(family, tmp_path):
     """/v1/completions of a hub folder encodes a text prompt as transformers' tokenizer does (Llama 3: after its BOS
     token, as vLLM does) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS
@@ -948,7 +1012,7 @@ def test_lm_eval_adapter_scores_as_lm_evals_hf_model(family, tmp_path):
     assert lm.generate_until(reqs, disable_tqdm=True) == hflm.generate_until(reqs)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2", "olmo2", "smollm3"])
 def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
     """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its
     BOS token) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS ids."""

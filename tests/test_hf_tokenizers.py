@@ -210,6 +210,25 @@ def test_encode_offsets_as_hf(name):
             [a for a, _ in want.offsets], (name, t[:60])
 
 
+def test_split_that_removes_what_the_regex_leaves():
+    """A Split that keeps the regex's matches and removes the text between them ("Removed", invert: tiktoken
+    conversions' form, OLMo 2's dolma2 tokenizer, whose cl100k regex is Llama 3's native split) gives HF's ids, with
+    a regex that leaves text out too; one that removes the matches (no invert) is refused by name."""
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as P
+
+    hf = build_tokenizer("gpt2", 400)
+    byte_level = P.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.pre_tokenizer = P.Sequence([P.Split(Regex(r"\p{L}+| ?\p{N}"), "removed", invert=True), byte_level])
+    doc = json.loads(hf.to_str())
+    tok = Tokenizer._from_hf_doc(doc, "tokenizer.json")
+    for t in eval_texts():
+        assert tok.encode(t, allowed_special="all").tolist() == hf.encode(t, add_special_tokens=False).ids, t[:80]
+    doc["pre_tokenizer"]["pretokenizers"][0]["invert"] = False
+    with pytest.raises(ValueError, match="unsupported pre_tokenizer"):
+        Tokenizer._from_hf_doc(doc, "tokenizer.json")
+
+
 def test_nfc_normalizer():
     """Qwen2's files normalize to NFC: decomposed input gives the ids of the composed text."""
     hf = build_tokenizer("qwen2", vocab_size=600)

@@ -13,8 +13,9 @@ Conventions
     does (valid surrogate pairs are joined first), so ``decode(encode(s)) == s`` holds for every ``s``
     without lone surrogates.
   - Patterns: ``"gpt2"``, ``"gpt4"`` (cl100k), ``"llama3"``, ``"qwen2"``, ``"smollm"`` (native scanners, fast;
-    the last three are the splits of Llama 3's, Qwen2/2.5/3's and SmolLM's tokenizer.json, recognised in those
-    files) or any other regex string (found with the ``regex`` module in Python, then encoded natively; slower).
+    the last three are the splits of Llama 3's (and OLMo 2's, SmolLM3's), Qwen2/2.5/3's and SmolLM's
+    tokenizer.json, recognised in those files) or any other regex string (found with the ``regex`` module in
+    Python, then encoded natively; slower).
   - Hugging Face tokenizer.json options: an NFC/NFKC/NFD/NFKD normalizer (applied before encoding), added tokens
     (``special`` ones are special tokens; the others are always matched, as HF does), and a post-processor that
     puts a BOS token before every text (``bos_token``; ``encode`` never adds it, callers do, see
@@ -1281,10 +1282,12 @@ def _hf_pattern(pre, bad) -> str:
     if isinstance(pre, dict) and pre.get("type") == "Sequence":
         items = pre.get("pretokenizers") or []
         types = [p.get("type") if isinstance(p, dict) else None for p in items]
+        # The regex's matches are the pieces: "Isolated" (HF makes the text between matches a piece too; a custom
+        # pattern's findall leaves it out: the same where the regex matches all text, as the native patterns do)
+        # or "Removed" with invert (that text left out: tiktoken conversions' form, allenai's dolma2 of OLMo 2)
         if (
             types == ["Split", "ByteLevel"]
-            and items[0].get("behavior") == "Isolated"
-            and not items[0].get("invert")
+            and (items[0].get("behavior"), bool(items[0].get("invert"))) in (("Isolated", False), ("Removed", True))
             and isinstance(items[0].get("pattern"), dict)
             and isinstance(items[0]["pattern"].get("Regex"), str)
             and not items[1].get("use_regex", True)
