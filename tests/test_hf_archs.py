@@ -350,12 +350,16 @@ def test_bad_configs(tmp_path, case_name, changes, match):
     (dict(nope_layers=[0]), "smollm3"),
     (dict(nope_layers=[1], sliding_window=4, layer_types=["sliding_attention", "full_attention"]), "smollm3"),
     (dict(partial_rotary_factor=0.5), "phi3"),
+    (dict(mlp="relu2", qkv_bias=True, proj_bias=True), "arcee"),
+    (dict(pre_norms=False, post_norms=True, qk_norm=True, sliding_window=4, nope_layers=[1],
+          layer_types=["sliding_attention", "full_attention"]), "exaone4"),
+    (dict(pre_norms=False, post_norms=True, qk_norm=True), "exaone4"),
 ])
 def test_fastllm_configs_save_as_their_family(options, kind, tmp_path):
     """A config trained in fastllm with these options saves as the family that computes it (same logits)."""
-    cfg = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, positions="rope",
-                    norm="rmsnorm", mlp="swiglu", mlp_hidden=48, qkv_bias=False, proj_bias=False, mlp_bias=False,
-                    **options)
+    cfg = GPTConfig(**{**dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                              positions="rope", norm="rmsnorm", mlp="swiglu", mlp_hidden=48, qkv_bias=False,
+                              proj_bias=False, mlp_bias=False), **options})
     model = GPT(cfg, seed=0)
     model.params *= 4.0
     model.save_pretrained(tmp_path / "out")

@@ -139,7 +139,8 @@ def test_fastllm_presets_save_as_llama(tmp_path):
     assert type(theirs).__name__ == "LlamaForCausalLM"
     ids = np.random.default_rng(3).integers(0, V, (2, 20))
     assert np.abs(model.forward(ids) - hf_logits(theirs, ids)).max() <= 1e-4
-    for bad, match in ((dict(mlp="relu2"), "mlp='relu2'"), (dict(logit_softcap=15.0), "logit_softcap=15.0"),
+    for bad, match in ((dict(mlp="relu2", qk_norm=True), "mlp='relu2' \\(Arcee\\) with qk_norm=True"),
+                       (dict(logit_softcap=15.0), "logit_softcap=15.0"),
                        (dict(qkv_bias=True, proj_bias=False, mlp_bias=True), "qkv_bias=True with proj_bias=False")):
         import dataclasses
 
