@@ -611,7 +611,7 @@ static void gelu_backward_py(py::array dinp, py::array dout, py::array inp) {
     fastllm::cpu::gelu_backward(dx, dy, x, n);
 }
 
-static void residual_forward_py(py::array out, py::array inp1, py::array inp2) {
+static void residual_forward_py(py::array out, py::array inp1, py::array inp2, float scale) {
     const float* a = in_ptr<float>(inp1, "inp1");
     const float* b = in_ptr<float>(inp2, "inp2", shape_of(inp1));
     float* o = out_ptr<float>(out, "out", shape_of(inp1));
@@ -619,10 +619,10 @@ static void residual_forward_py(py::array out, py::array inp1, py::array inp2) {
     check_disjoint(out, "out", inp2, "inp2", true);
     const int64_t n = inp1.size();
     py::gil_scoped_release nogil;
-    fastllm::cpu::residual_forward(o, a, b, n);
+    fastllm::cpu::residual_forward(o, a, b, n, scale);
 }
 
-static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dout) {
+static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dout, float scale) {
     const float* dy = in_ptr<float>(dout, "dout");
     float* d1 = out_ptr<float>(dinp1, "dinp1", shape_of(dout));
     float* d2 = out_ptr<float>(dinp2, "dinp2", shape_of(dout));
@@ -631,7 +631,7 @@ static void residual_backward_py(py::array dinp1, py::array dinp2, py::array dou
     check_disjoint(dinp1, "dinp1", dinp2, "dinp2", true);
     const int64_t n = dout.size();
     py::gil_scoped_release nogil;
-    fastllm::cpu::residual_backward(d1, d2, dy, n);
+    fastllm::cpu::residual_backward(d1, d2, dy, n, scale);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1438,8 +1438,9 @@ PYBIND11_MODULE(_C, m) {
                arg("dout"), arg("inp"), arg("weight"), arg("mean"), arg("rstd"));
     def_kernel(m, "gelu_forward", &gelu_forward_py, arg("out"), arg("inp"));
     def_kernel(m, "gelu_backward", &gelu_backward_py, arg("dinp"), arg("dout"), arg("inp"));
-    def_kernel(m, "residual_forward", &residual_forward_py, arg("out"), arg("inp1"), arg("inp2"));
-    def_kernel(m, "residual_backward", &residual_backward_py, arg("dinp1"), arg("dinp2"), arg("dout"));
+    def_kernel(m, "residual_forward", &residual_forward_py, arg("out"), arg("inp1"), arg("inp2"), arg("scale") = 1.0f);
+    def_kernel(m, "residual_backward", &residual_backward_py, arg("dinp1"), arg("dinp2"), arg("dout"),
+               arg("scale") = 1.0f);
     def_kernel(m, "rmsnorm_forward", &rmsnorm_forward_py, arg("out"), arg("rstd"), arg("x"), arg("weight"),
                arg("eps"), arg("heads") = none, arg("cols") = none);
     def_kernel(m, "rmsnorm_backward", &rmsnorm_backward_py, arg("dx"), arg("dweight"), arg("dout"), arg("x"),

@@ -572,7 +572,7 @@ static void register_elementwise(py::module_& m) {
 
     m.def(
         "residual_forward",
-        [](DeviceArray& out, const DeviceArray& a, const DeviceArray& b) {
+        [](DeviceArray& out, const DeviceArray& a, const DeviceArray& b, float scale) {
             check_float(a, "a");
             check_array(a, "a", a.dtype, a.shape);
             check_array(b, "b", a.dtype, a.shape);
@@ -580,13 +580,13 @@ static void register_elementwise(py::module_& m) {
             ew_same_or_disjoint(out, "out", a, "a");
             ew_same_or_disjoint(out, "out", b, "b");
             py::gil_scoped_release nogil;
-            residual_forward(out.data(), a.data(), b.data(), a.size(), a.dtype);
+            residual_forward(out.data(), a.data(), b.data(), a.size(), a.dtype, scale);
         },
-        arg("out"), arg("a"), arg("b"));
+        arg("out"), arg("a"), arg("b"), arg("scale") = 1.0f);
 
     m.def(
         "residual_backward",
-        [](DeviceArray& da, DeviceArray& db, const DeviceArray& dout) {
+        [](DeviceArray& da, DeviceArray& db, const DeviceArray& dout, float scale) {
             check_float(dout, "dout");
             check_array(dout, "dout", dout.dtype, dout.shape);
             check_array(da, "dinp1", dout.dtype, dout.shape);
@@ -595,9 +595,9 @@ static void register_elementwise(py::module_& m) {
             ew_disjoint(da, "dinp1", dout, "dout");
             ew_disjoint(db, "dinp2", dout, "dout");
             py::gil_scoped_release nogil;
-            residual_backward(da.data(), db.data(), dout.data(), dout.size(), dout.dtype);
+            residual_backward(da.data(), db.data(), dout.data(), dout.size(), dout.dtype, scale);
         },
-        arg("dinp1"), arg("dinp2"), arg("dout"));
+        arg("dinp1"), arg("dinp2"), arg("dout"), arg("scale") = 1.0f);
 
     // wpe / dwpe may be None: no position embedding (rotary models); scale multiplies the token embeddings (Gemma)
     static const auto check_scale = [](float scale) {

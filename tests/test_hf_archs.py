@@ -1,16 +1,17 @@
 """The families past Llama and Qwen (tests/test_hf_models.py), and sliding-window attention: small random
 GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM / Olmo2ForCausalLM / Olmo3ForCausalLM / SmolLM3ForCausalLM
-/ Exaone4ForCausalLM / ArceeForCausalLM / Phi3ForCausalLM / MistralForCausalLM models built and saved by
-transformers load into fastllm with transformers' float32 logits, greedy tokens (through the KV cache, past the
-window) and gradients (transformers' autograd), from F32 and BF16 files; fastllm writes folders transformers loads
-to the same logits and reads them back bit for bit. Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size), norms
-that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after each branch, attention and final
-logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2); QK-norm, five sliding layers of
-six with their own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's: norms after each branch instead
-of before it, QK-norm over all the q (k) channels (OLMo 2); three sliding layers of four whose RoPE is not the full
-layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full layers (EXAONE 4). SmolLM3's
-layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Phi-4-mini's RoPE on part of each head (with
-LongRoPE's short factors); Mistral v0.1's and Phi-3's sliding windows past the window."""
+/ Exaone4ForCausalLM / ArceeForCausalLM / GraniteForCausalLM / Phi3ForCausalLM / MistralForCausalLM models built and
+saved by transformers load into fastllm with transformers' float32 logits, greedy tokens (through the KV cache, past
+the window) and gradients (transformers' autograd), from F32 and BF16 files; fastllm writes folders transformers
+loads to the same logits and reads them back bit for bit. Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size),
+norms that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after each branch, attention and
+final logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2); QK-norm, five sliding
+layers of six with their own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's: norms after each
+branch instead of before it, QK-norm over all the q (k) channels (OLMo 2); three sliding layers of four whose RoPE
+is not the full layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full layers (EXAONE
+4). SmolLM3's layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Granite's embedding, score, residual
+and logit scales; Phi-4-mini's RoPE on part of each head (with LongRoPE's short factors); Mistral v0.1's and Phi-3's
+sliding windows past the window."""
 
 from __future__ import annotations
 
@@ -79,6 +80,12 @@ CASES = {  # name: (transformers class prefix, its config, the GPTConfig fields 
                           dict(pre_norms=False, qk_norm_over="head", nope_layers=None, sliding_window=None)),
     "arcee": ("Arcee", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True, rope_scaling=YARN),
               dict(mlp="relu2", mlp_hidden=56, qkv_bias=True, proj_bias=True, mlp_bias=True)),
+    "granite": ("Granite", dict(num_key_value_heads=2, embedding_multiplier=12.0, attention_multiplier=0.0078125,
+                                residual_multiplier=0.22, logits_scaling=2.0, tie_word_embeddings=True),
+                dict(embed_scale=12.0, attn_scale=0.0078125, residual_scale=0.22, logits_scaling=2.0)),
+    "granite-defaults-biases": ("Granite", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True),
+                                dict(attn_scale=1.0, embed_scale=None, residual_scale=None, logits_scaling=None,
+                                     qkv_bias=True, mlp_bias=True)),  # (its scores' scale is 1 unless set)
     "phi4-mini-partial-rotary": ("Phi3", dict(num_key_value_heads=2, partial_rotary_factor=0.75, hidden_act="silu",
                                               head_dim=8, max_position_embeddings=4 * T_MAX,
                                               original_max_position_embeddings=T_MAX,
@@ -126,7 +133,7 @@ def test_logits_and_greedy_match_transformers(case):
 
 
 OFF = dict(sliding_window=None, pre_norms=True, qk_norm_over="head", nope_layers=None, partial_rotary_factor=1.0,
-           rope_local_theta=None)  # each option's value where a family does not set it
+           rope_local_theta=None, residual_scale=None, logits_scaling=None)  # where a family does not set them
 
 
 @pytest.mark.parametrize("name,option", [(name, option) for name, (_, _, want) in CASES.items() for option in OFF
@@ -351,6 +358,7 @@ def test_bad_configs(tmp_path, case_name, changes, match):
     (dict(nope_layers=[1], sliding_window=4, layer_types=["sliding_attention", "full_attention"]), "smollm3"),
     (dict(partial_rotary_factor=0.5), "phi3"),
     (dict(mlp="relu2", qkv_bias=True, proj_bias=True), "arcee"),
+    (dict(residual_scale=0.5, logits_scaling=4.0, embed_scale=3.0, attn_scale=0.1), "granite"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True, sliding_window=4, nope_layers=[1],
           layer_types=["sliding_attention", "full_attention"]), "exaone4"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True), "exaone4"),

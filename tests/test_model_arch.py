@@ -1,9 +1,9 @@
 """The architecture options of the one GPT (rope, rmsnorm, GQA/MQA, QK-norm, swiglu/relu2, biases, untied lm-head,
-logit soft-capping, Gemma's and OLMo's norms, NoPE layers, partial rotary dims) on both backends: loss, every
-gradient, logits and greedy generation through the KV cache against HF transformers' LlamaForCausalLM / Qwen2 /
-Qwen3 / Mistral loaded with the same weights (the real oracle where a family exists) and against the plain PyTorch
-reference tests/torch_gpt.py (every combination, also those no HF family has); config validation, parameter layout,
-weight decay, checkpoints.
+logit soft-capping, Gemma's and OLMo's norms, NoPE layers, partial rotary dims, Granite's scales) on both backends:
+loss, every gradient, logits and greedy generation through the KV cache against HF transformers' LlamaForCausalLM /
+Qwen2 / Qwen3 / Mistral loaded with the same weights (the real oracle where a family exists) and against the plain
+PyTorch reference tests/torch_gpt.py (every combination, also those no HF family has); config validation, parameter
+layout, weight decay, checkpoints.
 
 Tolerances: CPU float32 vs torch float32: loss 1e-5 relative, gradients 1e-4 relative to the tensor's largest entry,
 logits 1e-4. The GPU (float32 FFMA GEMMs, the emulator in CI): 2e-3 on losses and logits, 5e-3 gradients."""
@@ -49,6 +49,8 @@ ARCHS = {
                                                         original_max_position_embeddings=8)),
     # SmolLM3: a layer without RoPE; Phi-4-mini: RoPE on the first 3/4 of each head's dims
     "smollm3-nope": dict(LLAMA, n_kv_head=2, nope_layers=[1]),
+    # Granite: scaled embeddings, scores, residual branches and logits
+    "granite": dict(LLAMA, n_kv_head=2, embed_scale=12.0, attn_scale=0.03, residual_scale=0.22, logits_scaling=8.0),
     "partial-rotary-layernorm-nopost": dict(positions="rope", n_kv_head=1, partial_rotary_factor=0.75,
                                             pre_norms=False, qk_norm=True, qk_norm_over="all"),
 }
@@ -115,7 +117,7 @@ def test_loss_grads_logits_match_torch(arch):
     assert rel_err(model.forward(idx), logits) <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat", "granite"])
 def test_weighted_ce_and_hidden_state_gradients_match_torch(arch):
     """What GRPO and the reward model use: per-row weights, and backward(dhidden) from the final hidden states."""
     torch = pytest.importorskip("torch")
@@ -157,7 +159,7 @@ def test_weighted_ce_and_hidden_state_gradients_match_torch(arch):
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("arch", ["llama3-scaling-untied", "qwen3", "nanochat", "gpt2-gqa-untied", "gemma2",
-                                  "gemma3", "olmo2", "smollm3-nope", "partial-rotary-layernorm-nopost"])
+                                  "gemma3", "olmo2", "smollm3-nope", "partial-rotary-layernorm-nopost", "granite"])
 def test_kv_cache_equals_full_forward(name, arch):
     """Prompts of different lengths prefilled together, then decode steps at different positions per row: every
     step's logits equal those of a full forward over the sequence so far."""

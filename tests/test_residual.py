@@ -1,6 +1,7 @@
-"""The residual add (the skip connection: out = a + b; backward dinp1 += dout, dinp2 += dout) on every backend
-(tests/backends.py) vs numpy and torch: exact, since one float32 add rounded once to the dtype is what numpy
-computes on the rounded inputs; in place, misaligned views, zero sizes and bad input."""
+"""The residual add (the skip connection: out = a + scale * b; backward dinp1 += dout, dinp2 += scale * dout; scale:
+Granite's residual_multiplier, else 1) on every backend (tests/backends.py) vs numpy and torch: exact, since one
+float32 add rounded once to the dtype is what numpy computes on the rounded inputs (with a scale: one float32
+multiply-add, within an ulp of numpy's two roundings); in place, misaligned views, zero sizes and bad input."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ def test_residual_exact(bk, rng, shape, offset):
     np.testing.assert_array_equal(bk.get(db), bk.rounded(db0 + dout))
     bk.ops.residual_forward(ad, bd, out=ad)  # in place
     np.testing.assert_array_equal(bk.get(ad), bk.rounded(a + b))
+
+
+@pytest.mark.parametrize("shape", [(9,), (3, 771), (70001,)], ids=str)
+def test_residual_scale(bk, rng, shape):
+    """out = a + scale * b, dinp2 += scale * dout (dinp1 += dout unscaled): float32 math, rounded once to the dtype
+    (an FMA may round a + scale * b once where numpy rounds twice: within an ulp of the float32 result)."""
+    a, b, dout = (bk.rounded(rng.standard_normal(shape)) for _ in range(3))
+    s, ulp = np.float32(0.22), 2.0 ** (-8 if bk.dtype == "bfloat16" else -23)  # (a unit roundoff of the dtype)
+    out = bk.get(bk.ops.residual_forward(bk.put(a), bk.put(b), scale=0.22))
+    assert np.all(np.abs(out - (a + s * b)) <= ulp * (np.abs(a) + np.abs(s * b)))
+    da, db = bk.ops.residual_backward(bk.put(dout), scale=0.22)
+    np.testing.assert_array_equal(bk.get(da), bk.rounded(dout))
+    assert np.all(np.abs(bk.get(db) - s * dout) <= ulp * np.abs(s * dout))
+    for bad, err in ((float("nan"), ValueError), ("2", TypeError)):
+        with pytest.raises(err, match="scale"):
+            bk.ops.residual_forward(bk.put(a), bk.put(b), scale=bad)
 
 
 def test_residual_zero_size(bk):

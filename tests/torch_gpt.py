@@ -1,7 +1,8 @@
 """A plain PyTorch transformer (nanoGPT-style, test-only oracle) that takes its weights from a fastllm GPT: GPT-2 and
 every architecture option of GPTConfig (rope with partial rotary dims and NoPE layers, rmsnorm, GQA, QK-norm per
 head or over all heads, gelu/swiglu/geglu/relu2, biases, untied lm-head, logit soft-capping, Gemma's embedding
-scale, post-norms with or without pre-norms, score scale and soft cap, sliding windows and local RoPE base),
+scale, post-norms with or without pre-norms, score scale and soft cap, sliding windows and local RoPE base, Granite's
+residual and logit scales),
 written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
 Qwen2 / Qwen3 / Mistral (hf_twin: the same weights under HF's names) check it where a family exists."""
 
@@ -66,6 +67,7 @@ def build(model, sdpa: bool = False):
         """logits (B, T, V), or the mean CE loss given targets, or the final hidden states (B, T, C) if hidden."""
         idx = torch.as_tensor(np.asarray(idx, np.int64))
         B, T = idx.shape
+        m = cfg.residual_scale or 1.0  # (Granite's residual_multiplier)
         x = params["wte"][idx] * (cfg.embed_scale or 1.0)
         if cfg.positions == "learned":
             x = x + params["wpe"][:T]
@@ -95,7 +97,7 @@ def build(model, sdpa: bool = False):
                     masked |= t[:, None] - t[None, :] >= window  # or window or more before it
                 y = att.masked_fill(masked, float("-inf")).softmax(-1) @ v
             y = y.transpose(1, 2).reshape(B, T, NH * hd)
-            x = x + post(F.linear(y, p("attn.c_proj.weight", l), p("attn.c_proj.bias", l)), "attn", l)
+            x = x + post(F.linear(y, p("attn.c_proj.weight", l), p("attn.c_proj.bias", l)), "attn", l) * m
             h = pre(x, "ln_2", l)
             u = F.linear(h, p("mlp.c_fc.weight", l), p("mlp.c_fc.bias", l))
             if cfg.mlp == "gelu":
@@ -105,13 +107,15 @@ def build(model, sdpa: bool = False):
             else:
                 gate, up = u.split(H, dim=-1)
                 u = (F.silu(gate) if cfg.mlp == "swiglu" else F.gelu(gate, approximate="tanh")) * up
-            x = x + post(F.linear(u, p("mlp.c_proj.weight", l), p("mlp.c_proj.bias", l)), "mlp", l)
+            x = x + post(F.linear(u, p("mlp.c_proj.weight", l), p("mlp.c_proj.bias", l)), "mlp", l) * m
         x = norm(x, params["ln_f.weight"], params.get("ln_f.bias"))
         if hidden:
             return x
         logits = x @ head.T
         if cfg.logit_softcap is not None:
             logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        if cfg.logits_scaling is not None:  # (Granite)
+            logits = logits / cfg.logits_scaling
         if targets is None:
             return logits
         t = torch.as_tensor(np.asarray(targets, np.int64))

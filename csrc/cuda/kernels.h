@@ -124,8 +124,9 @@ void gelu_forward(void* out, const void* x, int64_t n, DType t);
 void gelu_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);  // dx +=
 
 // ---- residual.cu: the residual add
-void residual_forward(void* out, const void* a, const void* b, int64_t n, DType t);  // out = a + b
-void residual_backward(void* da, void* db, const void* dout, int64_t n, DType t);    // da += dout, db += dout
+// out = a + scale * b; da += dout, db += scale * dout
+void residual_forward(void* out, const void* a, const void* b, int64_t n, DType t, float scale = 1.0f);
+void residual_backward(void* da, void* db, const void* dout, int64_t n, DType t, float scale = 1.0f);
 
 // ---- embedding.cu: out (B, T, C) = scale * wte[tokens] + wpe[:T]; tokens int32 (B, T); wte (V, C); wpe / dwpe may
 // be null (no position embedding); scale 1, or sqrt(C) for Gemma. Ids outside [0, V) are never dereferenced: they

@@ -399,20 +399,20 @@ def gelu_backward(dout, x, dx=None):
     return dx
 
 
-def residual_forward(a, b, out=None):
-    """out = a + b (same shape and dtype); out may be a or b itself."""
+def residual_forward(a, b, out=None, scale: float = 1.0):
+    """out = a + scale * b (same shape and dtype); out may be a or b itself."""
     a = _dev(a, "a")
     out = empty(a.shape, a.dtype) if out is None else out
-    _C.cuda.residual_forward(_dev(out, "out"), a, _dev(b, "b"))
+    _C.cuda.residual_forward(_dev(out, "out"), a, _dev(b, "b"), scale_arg(scale))
     return out
 
 
-def residual_backward(dout, dinp1=None, dinp2=None):
-    """dinp1 += dout, dinp2 += dout (the gradients of both inputs of residual_forward)."""
+def residual_backward(dout, dinp1=None, dinp2=None, scale: float = 1.0):
+    """dinp1 += dout, dinp2 += scale * dout (the gradients of both inputs of residual_forward)."""
     dout = _dev(dout, "dout")
     dinp1 = zeros(dout.shape, dout.dtype) if dinp1 is None else dinp1
     dinp2 = zeros(dout.shape, dout.dtype) if dinp2 is None else dinp2
-    _C.cuda.residual_backward(_dev(dinp1, "dinp1"), _dev(dinp2, "dinp2"), dout)
+    _C.cuda.residual_backward(_dev(dinp1, "dinp1"), _dev(dinp2, "dinp2"), dout, scale_arg(scale))
     return dinp1, dinp2
 
 

@@ -34,6 +34,10 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
                                  three sliding layers of four (sliding_window_pattern: 4 or "LLLG", or layer_types)
                                  and no RoPE on the full-attention ones (EXAONE 4.0)
     arcee    ArceeForCausalLM    Llama's with a relu2 MLP (down(relu(up(x))^2), no gate: AFM-4.5B)
+    granite  GraniteForCausalLM  Llama's with four scales: embedding_multiplier (the token embeddings),
+                                 attention_multiplier (the scores, instead of 1/sqrt(head_dim)), residual_multiplier
+                                 (each branch's output joins the residual stream times it), logits_scaling (the
+                                 logits divided by it): IBM Granite 3.x
     gemma    GemmaForCausalLM    GeGLU (GELU's tanh approximation), token embeddings times sqrt(hidden_size),
                                  RMSNorms that multiply by (1 + weight) (fastllm keeps the gain 1 + weight: loading
                                  adds 1, saving subtracts it), attention_bias, MQA/GQA, head_dim, tied by default
@@ -99,6 +103,7 @@ ARCHITECTURES = {
     "olmo3": ("Olmo3ForCausalLM",),
     "exaone4": ("Exaone4ForCausalLM",),
     "arcee": ("ArceeForCausalLM",),
+    "granite": ("GraniteForCausalLM",),
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
@@ -317,7 +322,7 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     if kind in ("mistral", "qwen2", "phi3", "exaone4") and attention_bias:
         raise bad(f"attention_bias={attention_bias!r} is not supported for {kind} (transformers' {kind} has "
                   f"{'q/k/v biases only' if kind == 'qwen2' else 'no attention biases'})")
-    if kind not in ("llama", "smollm3", "arcee") and mlp_bias:
+    if kind not in ("llama", "smollm3", "arcee", "granite") and mlp_bias:
         raise bad(f"mlp_bias={mlp_bias!r} is not supported for {kind} (its MLP has no biases)")
     for key, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
         if not isinstance(value, bool):
@@ -350,6 +355,14 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         cfg.update(nope_layers=full or None)
     if kind == "arcee":
         cfg.update(mlp="relu2")
+    if kind == "granite":  # (1 maps to None, fastllm's "none"; the scores' scale is 1 unless it says otherwise)
+        def scale(key: str, none: float) -> float | None:
+            v = _positive_number(d, key, 1.0, bad)
+            return None if v == none else v
+
+        cfg.update(embed_scale=scale("embedding_multiplier", 1.0),
+                   attn_scale=scale("attention_multiplier", (head_dim or C // NH) ** -0.5),
+                   residual_scale=scale("residual_multiplier", 1.0), logits_scaling=scale("logits_scaling", 1.0))
     if kind == "smollm3":
         cfg.update(nope_layers=_nope_layers(d, L, bad) or None)
     if gemma:  # GeGLU, embeddings times sqrt(hidden_size); Gemma 2 and 3: norms after each branch too
@@ -401,7 +414,7 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
                 qk_norm=False, tie_embeddings=True, logit_softcap=None, n_kv_head=None, head_dim=None,
                 mlp_hidden=None, embed_scale=None, pre_norms=True, post_norms=False, attn_scale=None,
-                attn_softcap=None, sliding_window=None)  # fmt: skip
+                attn_softcap=None, sliding_window=None, residual_scale=None, logits_scaling=None)  # fmt: skip
     if cfg.positions == "learned":
         diff = [f"{k}={getattr(cfg, k)!r}" for k, v in gpt2.items() if getattr(cfg, k) != v and
                 not (k == "n_kv_head" and cfg.kv_heads == cfg.n_head) and
@@ -415,6 +428,9 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
         return _gemma_type(cfg)
     if cfg.post_norms or not cfg.pre_norms or cfg.qk_norm_over == "all":
         return _olmo_type(cfg, prefer)
+    if cfg.embed_scale or cfg.residual_scale or cfg.logits_scaling or prefer == "granite" or \
+            (cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5):
+        return _granite_type(cfg)
     for key, want in (("norm", "rmsnorm"), ("mlp", "relu2" if cfg.mlp == "relu2" else "swiglu"),
                       ("logit_softcap", None), ("embed_scale", None), ("post_norms", False), ("attn_softcap", None),
                       ("rope_local_theta", None)):
@@ -461,7 +477,7 @@ def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
     full = [layer for layer in range(cfg.n_layer) if cfg.window(layer) is None]
     want = dict(norm="rmsnorm", mlp="swiglu", pre_norms=False, post_norms=True, qk_norm=True, mlp_bias=False,
                 proj_bias=cfg.qkv_bias, logit_softcap=None, embed_scale=None, attn_softcap=None,
-                partial_rotary_factor=1.0)
+                partial_rotary_factor=1.0, residual_scale=None, logits_scaling=None)
     if exaone:
         want.update(qkv_bias=False, rope_local_theta=None, nope_layers=(full or None) if cfg.sliding_window else None)
     else:
@@ -477,6 +493,19 @@ def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
         return "exaone4"
     olmo3 = cfg.sliding_window is not None or cfg.rope_local_theta is not None or prefer == "olmo3"
     return "olmo3" if olmo3 else "olmo2"
+
+
+def _granite_type(cfg: GPTConfig) -> str:
+    """granite for a Llama config with scaled embeddings, scores, residual branches or logits."""
+    want = dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, proj_bias=cfg.qkv_bias, logit_softcap=None,
+                attn_softcap=None, sliding_window=None, nope_layers=None, partial_rotary_factor=1.0,
+                rope_local_theta=None)
+    diff = _differences(cfg, want)
+    if diff:
+        raise ValueError(f"no transformers architecture computes this config: embed_scale={cfg.embed_scale}, "
+                         f"attn_scale={cfg.attn_scale}, residual_scale={cfg.residual_scale}, logits_scaling="
+                         f"{cfg.logits_scaling} (Granite) with {', '.join(diff)}")
+    return "granite"
 
 
 def _arcee_type(cfg: GPTConfig) -> str:
@@ -504,7 +533,7 @@ def _gemma_type(cfg: GPTConfig) -> str:
     """gemma, gemma2 (norms after each branch) or gemma3_text (and QK-norm) for a GeGLU config."""
     want = dict(positions="rope", norm="rmsnorm", mlp_bias=False, proj_bias=cfg.qkv_bias,
                 post_norms=cfg.qk_norm or cfg.post_norms, pre_norms=True, qk_norm_over="head", nope_layers=None,
-                partial_rotary_factor=1.0)
+                partial_rotary_factor=1.0, residual_scale=None, logits_scaling=None)
     diff = _differences(cfg, want)
     if cfg.embed_scale is None or not math.isclose(cfg.embed_scale, cfg.n_embd ** 0.5, rel_tol=1e-6):
         diff.append(f"embed_scale={cfg.embed_scale!r} (Gemma's is sqrt(n_embd) = {cfg.n_embd ** 0.5:.6g})")
@@ -584,6 +613,10 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         d.update(sliding_window=cfg.sliding_window, layer_types=kinds, sliding_window_pattern=None)
     elif kind == "arcee":
         d.update(hidden_act="relu2", attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif kind == "granite":
+        d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, embedding_multiplier=cfg.embed_scale or 1.0,
+                 attention_multiplier=cfg.attn_scale or cfg.head_size ** -0.5,
+                 residual_multiplier=cfg.residual_scale or 1.0, logits_scaling=cfg.logits_scaling or 1.0)
     elif kind in OLMOS:
         d.update(attention_bias=cfg.qkv_bias, pad_token_id=None)  # (Olmo2Config's default pad id 1: a real token)
         if kind == "olmo3":  # (transformers builds a sliding mask even with no sliding layer: give it the context)

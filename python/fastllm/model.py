@@ -106,6 +106,9 @@ class GPTConfig:
     partial_rotary_factor: float = 1.0  # RoPE turns the first int(head_size * this) dims of each head (Phi-4-mini:
     # 0.75), the rest pass through
     nope_layers: list[int] | None = None  # layers whose attention has no RoPE (SmolLM3: every fourth); None: none
+    residual_scale: float | None = None  # each branch joins the residual stream times this (Granite's
+    # residual_multiplier); None: 1
+    logits_scaling: float | None = None  # the logits are divided by this (Granite); None: 1
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
@@ -127,7 +130,7 @@ class GPTConfig:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("layernorm_eps", "rope_theta", "logit_softcap", "embed_scale", "attn_scale", "attn_softcap",
-                     "rope_local_theta"):
+                     "rope_local_theta", "residual_scale", "logits_scaling"):
             v = getattr(self, name)
             if v is None and name not in ("layernorm_eps", "rope_theta"):
                 continue
@@ -702,6 +705,8 @@ class GPT:
             "dln": ((N, C), dt), "datty": ((N, A), dt), "dqkv": ((N, W), dt), "dpost": ((N, C), dt),
             "dhead": ((V, C), f32),  # the lm-head's gradient, added to g[self.head] by backward()
         })
+        if cfg.residual_scale:  # a branch's output gradient: the stream's times the scale (Granite)
+            specs["dbranch"] = ((N, C), dt)
         a = bk.carve(specs)
         shapes = {k: (N, w) for k, (w, _) in per_layer.items()}
         shapes.update({k: (N,) for k in per_layer if k.endswith(("_mean", "_rstd"))}, att_lse=(B, NH, T))
@@ -730,11 +735,11 @@ class GPT:
         -sum_t A_t log p(a_t). After any forward with targets, self.token_losses (B, T) holds the per-token
         CE = -log p(target) (0 where ignored).
 
-        temperature T (> 0; 1: none): the logits (after the soft cap) are divided by T, as fastllm.sample does
-        before it draws: the logits returned, the losses, token_losses and the gradient are those of
-        softmax(logits / T), the distribution sampling at T draws from (RL's log-probs, rl.py)."""
+        temperature T (> 0; 1: none): the logits (after the soft cap and the config's logits_scaling) are divided by
+        T, as fastllm.sample does before it draws: the logits returned, the losses, token_losses and the gradient
+        are those of softmax(logits / T), the distribution sampling at T draws from (RL's log-probs, rl.py)."""
         bk, pc, V, cap = self.bk, self.pc, self.config.vocab_size, self.config.logit_softcap
-        temperature = ops.temperature_arg(temperature)
+        temperature = ops.temperature_arg(temperature) * (self.config.logits_scaling or 1.0)  # (Granite's divisor)
         a = self._trunk(idx)
         B, T = self._BT
         N = B * T
@@ -833,7 +838,7 @@ class GPT:
             if cfg.post_norms:
                 post_norm_forward(bk, cfg, pl, "attn", l, a["attn_raw"][l], a["attproj"], a["attn_post_mean"][l],
                                   a["attn_post_rstd"][l])
-            bk.residual_forward(residual, a["attproj"], out=a["residual2"][l])
+            bk.residual_forward(residual, a["attproj"], out=a["residual2"][l], scale=cfg.residual_scale or 1.0)
             h = pre_norm(bk, cfg, pl, "ln_2", l, a["residual2"][l],
                          *(_at(a, k, l) for k in ("ln2", "ln2_mean", "ln2_rstd")))
             mlp_forward(bk, cfg, h, w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
@@ -842,7 +847,7 @@ class GPT:
             if cfg.post_norms:
                 post_norm_forward(bk, cfg, pl, "mlp", l, a["mlp_raw"][l], a["fcproj"], a["mlp_post_mean"][l],
                                   a["mlp_post_rstd"][l])
-            bk.residual_forward(a["residual2"][l], a["fcproj"], out=a["residual3"][l])
+            bk.residual_forward(a["residual2"][l], a["fcproj"], out=a["residual3"][l], scale=cfg.residual_scale or 1.0)
             residual = a["residual3"][l]
         norm_forward(bk, cfg, residual, pc["ln_f.weight"], pc.get("ln_f.bias"), a["lnf"], a["lnf_mean"],
                      a["lnf_rstd"])
@@ -879,11 +884,16 @@ class GPT:
             bk.matmul_backward(dout, inp, pl[name][l], dinp=dinp, dweight=gl[name][l],
                                dbias=None if bias is None else bias[l], need_bias=bias is not None)
 
-        def post_norm_backward(branch, l):  # the gradient of a branch's output before its post-norm (Gemma 2/3)
+        def branch_grad(branch, l):  # the gradient of a branch's output (before its post-norm: Gemma 2/3, OLMo 2)
+            d = dres
+            if cfg.residual_scale:  # (Granite: the branch joined the stream times the scale)
+                bk.zero_(a["dbranch"])
+                bk.residual_forward(a["dbranch"], dres, out=a["dbranch"], scale=cfg.residual_scale)
+                d = a["dbranch"]
             if not cfg.post_norms:
-                return dres
+                return d
             bk.zero_(a["dpost"])
-            norm_backward(bk, cfg, dres, a[f"{branch}_raw"][l], pl[f"{branch}.post_norm.weight"][l],
+            norm_backward(bk, cfg, d, a[f"{branch}_raw"][l], pl[f"{branch}.post_norm.weight"][l],
                           a[f"{branch}_post_mean"][l], a[f"{branch}_post_rstd"][l], a["dpost"],
                           gl[f"{branch}.post_norm.weight"][l], _at(gl, f"{branch}.post_norm.bias", l))
             return a["dpost"]
@@ -899,7 +909,7 @@ class GPT:
             # MLP half: residual3 = residual2 + c_proj(act(c_fc(ln2(residual2))))
             for k in ("dfch_act", "dfch", "dln"):
                 bk.zero_(a[k])
-            linear_backward(post_norm_backward("mlp", l), a["fch_act"][l], "mlp.c_proj.weight", l, a["dfch_act"])
+            linear_backward(branch_grad("mlp", l), a["fch_act"][l], "mlp.c_proj.weight", l, a["dfch_act"])
             act_backward(a["dfch_act"], a["fch"][l], a["dfch"])
             if cfg.pre_norms:
                 linear_backward(a["dfch"], a["ln2"][l], "mlp.c_fc.weight", l, a["dln"])
@@ -910,7 +920,7 @@ class GPT:
             # attention half: residual2 = residual + c_proj(attn(rope(qk_norm(c_attn(ln1(residual))))))
             for k in ("datty", "dqkv", "dln"):
                 bk.zero_(a[k])
-            linear_backward(post_norm_backward("attn", l), a["atty"][l], "attn.c_proj.weight", l, a["datty"])
+            linear_backward(branch_grad("attn", l), a["atty"][l], "attn.c_proj.weight", l, a["datty"])
             dqkv = a["dqkv"].reshape((B, T, W))
             bk.attention_backward(a["datty"].reshape((B, T, A)), a["qkv"][l].reshape((B, T, W)),
                                   a["atty"][l].reshape((B, T, A)), a["att_lse"][l], NH, dqkv=dqkv, n_kv_head=NKV,
@@ -1215,7 +1225,7 @@ class KVCache:
         def add_branch(branch: str, l: int) -> None:  # x += the branch's output u["tmp"] (post-normed: Gemma 2/3)
             if cfg.post_norms:
                 post_norm_forward(bk, cfg, pl, branch, l, u["tmp"], u["post"], u["mean"], u["rstd"])
-            bk.add_(x, u["post"] if cfg.post_norms else u["tmp"])
+            bk.residual_forward(x, u["post"] if cfg.post_norms else u["tmp"], out=x, scale=cfg.residual_scale or 1.0)
 
         qkv = u["qkv"].reshape((b, Tn, W))
         for l in range(cfg.n_layer):
@@ -1243,4 +1253,5 @@ class KVCache:
         norm_forward(bk, cfg, last, pc["ln_f.weight"], pc.get("ln_f.bias"), u["lnf"], u["lnf_mean"], u["lnf_rstd"])
         bk.matmul_forward(u["lnf"], w[m.head], out=u["logits"])  # (b, V) float32 = lnf @ head^T
         self.pos[r0:r0 + b] += Tn
-        return softcap_logits(np.array(bk.to_numpy(u["logits"])), cfg.logit_softcap)
+        logits = softcap_logits(np.array(bk.to_numpy(u["logits"])), cfg.logit_softcap)
+        return logits if cfg.logits_scaling is None else logits / np.float32(cfg.logits_scaling)

@@ -623,18 +623,18 @@ def gelu_backward(dout, x, dx=None) -> np.ndarray:
     return dx
 
 
-def residual_forward(a, b, out=None) -> np.ndarray:
-    """out = a + b (the skip connection); out may be a or b itself."""
+def residual_forward(a, b, out=None, scale: float = 1.0) -> np.ndarray:
+    """out = a + scale * b (the skip connection; scale: Granite's residual_multiplier); out may be a or b itself."""
     out = np.empty_like(_f32(a, "inp1")) if out is None else out
-    _C.residual_forward(out, a, b)
+    _C.residual_forward(out, a, b, scale_arg(scale))
     return out
 
 
-def residual_backward(dout, dinp1=None, dinp2=None):
-    """dinp1 += dout, dinp2 += dout (the gradients of both inputs of residual_forward)."""
+def residual_backward(dout, dinp1=None, dinp2=None, scale: float = 1.0):
+    """dinp1 += dout, dinp2 += scale * dout (the gradients of both inputs of residual_forward)."""
     dout = _f32(dout, "dout")
     dinp1, dinp2 = _out(dinp1, "dinp1", dout.shape), _out(dinp2, "dinp2", dout.shape)
-    _C.residual_backward(dinp1, dinp2, dout)
+    _C.residual_backward(dinp1, dinp2, dout, scale_arg(scale))
     return dinp1, dinp2
 
 
@@ -770,7 +770,8 @@ def relu2_backward(dout, x, dx=None) -> np.ndarray:
 
 
 def scale_arg(scale) -> float:
-    """embedding_forward/backward's scale: a finite real number (TypeError / ValueError naming scale)."""
+    """embedding_forward/backward's and residual_forward/backward's scale: a finite real number (TypeError /
+    ValueError naming scale)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
         raise TypeError(f"scale must be a number, got {type(scale).__name__}")
     if not math.isfinite(scale):
