@@ -13,8 +13,14 @@ attention scores scaled by query_pre_attn_scalar**-0.5 and soft-capped at 50, fi
 sliding) in a small model (--quick) and in Gemma-2-2B's widths with 2 layers and a 32768-token vocabulary, both with a
 window of 8 tokens, shorter than the prompt, so that the prefill and every decode step slide; the torch decoder runs
 HF Gemma 2's eager attention (SDPA has no soft cap) and transformers' Gemma2ForCausalLM (its default attention,
-eager) is the further provider.
-    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama|gemma2]
+eager) is the further provider; --arch olmo2: OLMo 2's choices (no norm before a branch, an RMSNorm after each
+branch's output, QK-norm over all q and all k channels at once before RoPE, untied lm-head) in OLMo-2-0425-1B's
+widths (16 heads of 128, MHA, MLP 8192) with 4 of its 16 layers and a 32768-token vocabulary (and a small model for
+--quick), Olmo2ForCausalLM the further provider; --arch smollm3: SmolLM3-3B's (no RoPE in every fourth layer, GQA
+16/4, MLP 11008, tied) with 4 of its 36 layers and a 32768-token vocabulary (and a small model), SmolLM3ForCausalLM
+the further provider. Those real widths in a few layers keep every model of every provider in memory together (a
+few GB); a decode step's time is the sum of its layers' and the lm-head's.
+    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama|gemma2|olmo2|smollm3]
                                       [--autocast auto|on|off] [--prefill 512]
 --prefill T also times the prefill of one T-token prompt (the issue 17 goal: 512 tokens, bf16 vs torch bf16).
     python benchmarks/bench_sample.py --quality-ckpt fastllm-demo/run --quality-data fastllm-demo/data
@@ -62,29 +68,51 @@ SHAPES = {
         "Gemma-2-2B 2L V=32768": ("gemma2", dict(vocab_size=32768, n_layer=2, n_head=8, n_kv_head=4, head_dim=256,
                                                  n_embd=2304, mlp_hidden=9216, sliding_window=8)),
     },
+    "olmo2": {  # OLMo-2-0425-1B: C 2048, 16 layers, 16 heads of 128 (MHA), MLP 8192, V 100352, untied
+        "OLMo2-like 4L-512 V=8192": ("olmo2", dict(vocab_size=8192, n_layer=4, n_head=4, head_dim=128, n_embd=512,
+                                                   mlp_hidden=2048)),
+        "OLMo-2-1B 4L V=32768": ("olmo2", dict(vocab_size=32768, n_layer=4, n_head=16, head_dim=128, n_embd=2048,
+                                               mlp_hidden=8192)),
+    },
+    "smollm3": {  # SmolLM3-3B: C 2048, 36 layers, 16 heads and 4 kv heads of 128, MLP 11008, V 128256, tied
+        "SmolLM3-like 4L-512 V=8192": ("smollm3", dict(vocab_size=8192, n_layer=4, n_head=4, n_kv_head=1,
+                                                       head_dim=128, n_embd=512, mlp_hidden=2752)),
+        "SmolLM3-3B 4L V=32768": ("smollm3", dict(vocab_size=32768, n_layer=4, n_head=16, n_kv_head=4, head_dim=128,
+                                                  n_embd=2048, mlp_hidden=11008)),
+    },
 }
-# Gemma 2's choices (transformers' Gemma2Config defaults)
-GEMMA2 = dict(MODERN, mlp="geglu", layernorm_eps=1e-6, post_norms=True, attn_softcap=50.0, logit_softcap=30.0)
+# each arch's choices (transformers' config defaults and the checkpoints' config.json): Llama's, Gemma 2's, OLMo 2's
+# (OLMo-2-0425-1B: rope_theta 5e5, untied) and SmolLM3's (SmolLM3-3B: rope_theta 5e6, tied)
+LLAMA = dict(MODERN, mlp="swiglu")
+ARCHS = {
+    "llama": LLAMA,
+    "gemma2": dict(LLAMA, mlp="geglu", layernorm_eps=1e-6, post_norms=True, attn_softcap=50.0, logit_softcap=30.0),
+    "olmo2": dict(LLAMA, layernorm_eps=1e-6, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_over="all",
+                  tie_embeddings=False, rope_theta=5e5),
+    "smollm3": dict(LLAMA, layernorm_eps=1e-6, rope_theta=5e6),
+}
 
 
 def model_config(arch: str, shape: dict) -> GPTConfig:
-    """The GPTConfig of a SHAPES entry: Llama's choices with SwiGLU, or Gemma 2's (embeddings times sqrt(C), scores
-    times query_pre_attn_scalar**-0.5 with the scalar the head size as in Gemma-2-2B, the layers from the first on
-    sliding every other one)."""
+    """The GPTConfig of a SHAPES entry with its arch's choices; per layer: Gemma 2's layers from the first on slide
+    every other one (embeddings times sqrt(C), scores times query_pre_attn_scalar**-0.5 with the scalar the head
+    size as in Gemma-2-2B), SmolLM3's every fourth has no RoPE (transformers' no_rope_layer_interval, 4)."""
+    L, fields = shape["n_layer"], dict(ARCHS[arch])
     if arch == "gemma2":
-        kinds = [("sliding_attention", "full_attention")[l % 2] for l in range(shape["n_layer"])]
-        arch_fields = dict(GEMMA2, embed_scale=shape["n_embd"] ** 0.5, attn_scale=shape["head_dim"] ** -0.5,
-                           layer_types=kinds)
-    else:
-        arch_fields = dict(MODERN, mlp="swiglu")
-    return GPTConfig(**{**arch_fields, "block_size": 2048, **shape})
+        fields.update(embed_scale=shape["n_embd"] ** 0.5, attn_scale=shape["head_dim"] ** -0.5,
+                      layer_types=[("sliding_attention", "full_attention")[l % 2] for l in range(L)])
+    if arch == "smollm3":
+        fields.update(nope_layers=[l for l in range(L) if l % 4 == 3])
+    return GPTConfig(**{**fields, "block_size": 2048, **shape})
 
 
 def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = False):
-    """A nanoGPT-style eager decoder of model's architecture (GPT-2, the Llama family or Gemma 2) with a preallocated
-    KV cache of the kv heads for max_len positions (torch.inference_mode, SDPA with grouped-query attention; with
-    Gemma 2's options common.torch_attention: a sliding layer reads the last `window` rows of its cache, as HF's
-    sliding-window cache layers hold them, and the soft-capped scores take HF Gemma 2's eager path). int8: its linear
+    """A nanoGPT-style eager decoder of model's architecture (GPT-2, the Llama family, Gemma 2, OLMo 2, SmolLM3) with
+    a preallocated KV cache of the kv heads for max_len positions (torch.inference_mode, SDPA with grouped-query
+    attention; with Gemma 2's options common.torch_attention: a sliding layer reads the last `window` rows of its
+    cache, as HF's sliding-window cache layers hold them, and the soft-capped scores take HF Gemma 2's eager path;
+    norms before and/or after each branch, QK-norm per head or over all heads, partial rotary dims and layers without
+    RoPE as the config says, the way HF's models of those options compute them). int8: its linear
     layers and lm-head as torch.ao.quantization.quantize_dynamic makes them (the int8 inference a PyTorch user runs
     on a CPU): int8 weights with a scale per output channel, activations quantized per call (fbgemm/x86)."""
     import torch
@@ -120,7 +148,7 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
     kc = torch.zeros(L, B, NKV, Tm, hs, dtype=dtype)
     vc = torch.zeros(L, B, NKV, Tm, hs, dtype=dtype)
     if cfg.positions == "rope":
-        freq = torch.tensor(rope.inv_freq(hs, cfg.rope_theta, cfg.rope_scaling))
+        freq = torch.tensor(rope.inv_freq(hs, cfg.rope_theta, cfg.rope_scaling, cfg.partial_rotary_factor))
         ang = torch.arange(Tm, dtype=torch.float32)[:, None] * freq
         a = rope.attention_scaling(cfg.rope_scaling)  # (YaRN's temperature)
         cos, sin = ((torch.cat([f(ang), f(ang)], -1) * a).to(dtype) for f in (torch.cos, torch.sin))
@@ -131,12 +159,24 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
             return F.rms_norm(x, (C,), w, cfg.layernorm_eps)
         return F.layer_norm(x, (C,), w, P[name + ".bias"] if l is None else P[name + ".bias"][l], cfg.layernorm_eps)
 
-    def rotate(x, pos, Tn):
-        half = hs // 2
-        return x * cos[pos:pos + Tn] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[pos:pos + Tn]
+    def rotate(x, pos, Tn):  # rotate-half over the first r dims (all of them but with a partial_rotary_factor)
+        r = cos.shape[-1]
+        y = x[..., :r]
+        y = y * cos[pos:pos + Tn] + torch.cat([-y[..., r // 2:], y[..., :r // 2]], -1) * sin[pos:pos + Tn]
+        return y if r == hs else torch.cat([y, x[..., r:]], -1)
 
-    def post(x, branch, l):  # Gemma 2: a norm on the branch's output too
+    def pre(x, name, l):  # a branch's input: its norm (OLMo 2: none)
+        return norm(x, name, l) if cfg.pre_norms else x
+
+    def post(x, branch, l):  # Gemma 2, OLMo 2: a norm on the branch's output
         return norm(x, branch + ".post_norm", l) if cfg.post_norms else x
+
+    def qk_norm(q, k, l, over):  # RMSNorm of the queries and keys over their last dim: at "all" (B, Tn, NH * hs) or
+        # at "head" (B, Tn, NH, hs), where the config's qk_norm_over says
+        if not cfg.qk_norm or cfg.qk_norm_over != over:
+            return q, k
+        return (F.rms_norm(t, t.shape[-1:], P[f"attn.{n}_norm.weight"][l], cfg.layernorm_eps) for t, n in
+                ((q, "q"), (k, "k")))
 
     def attend(q, l, pos, Tn, masks):
         """q (B, NH, Tn, hs) of positions pos.. against layer l's cache."""
@@ -156,18 +196,19 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
         x = P["wte"][idx] * (cfg.embed_scale or 1.0) + (P["wpe"][pos:pos + Tn] if "wpe" in P else 0)
         masks = {}
         for l in range(L):
-            h = norm(x, "ln_1", l)
-            qkv = linear(h, "attn.c_attn.weight", l)
+            qkv = linear(pre(x, "ln_1", l), "attn.c_attn.weight", l)
             q, k, v = qkv.split([NH * hs, NKV * hs, NKV * hs], dim=2)
-            q, k, v = q.view(B, Tn, NH, hs).transpose(1, 2), k.view(B, Tn, NKV, hs).transpose(1, 2), \
-                v.view(B, Tn, NKV, hs).transpose(1, 2)
-            if cfg.positions == "rope":
+            q, k = qk_norm(q, k, l, "all")
+            q, k, v = q.view(B, Tn, NH, hs), k.view(B, Tn, NKV, hs), v.view(B, Tn, NKV, hs)
+            q, k = qk_norm(q, k, l, "head")
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if cfg.has_rope(l):
                 q, k = rotate(q, pos, Tn), rotate(k, pos, Tn)
             kc[l, :, :, pos:pos + Tn] = k
             vc[l, :, :, pos:pos + Tn] = v
             y = attend(q, l, pos, Tn, masks)
             x = x + post(linear(y.transpose(1, 2).reshape(B, Tn, NH * hs), "attn.c_proj.weight", l), "attn", l)
-            h = linear(norm(x, "ln_2", l), "mlp.c_fc.weight", l)
+            h = linear(pre(x, "ln_2", l), "mlp.c_fc.weight", l)
             if cfg.mlp in ("swiglu", "geglu"):
                 gate, up = h.chunk(2, dim=-1)
                 h = (F.silu(gate) if cfg.mlp == "swiglu" else F.gelu(gate, approximate="tanh")) * up
@@ -182,8 +223,8 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
 
 def hf_decoder(model: GPT, family: str):
     """HF transformers' model of `family` on model's weights (float32; the config and tensors fastllm's
-    save_pretrained writes), decoding with its own KV cache, in transformers' default attention: SDPA (Llama, Qwen2),
-    eager for Gemma 2 (which has no SDPA path: SDPA has no soft cap)."""
+    save_pretrained writes), decoding with its own KV cache, in transformers' default attention: SDPA (Llama, Qwen2,
+    OLMo 2, SmolLM3), eager for Gemma 2 (which has no SDPA path: SDPA has no soft cap)."""
     import torch
     import transformers
 
@@ -408,7 +449,7 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
         quality(quality_ckpt, quality_data, 8 if quick else 16, 256)
         return
     if profile:
-        shapes = "gemma2" if arch == "gemma2" else "llama"
+        shapes = arch if arch in SHAPES else "llama"
         for name, (_, shape) in SHAPES[shapes].items():
             profile_step(name, model_config(shapes, shape), 1, 16, 8)
         return
@@ -456,13 +497,15 @@ def run(threads: int = 2, quick: bool = False, gpt2: bool = False, arch: str = "
 
 if __name__ == "__main__":
     cli(run, __doc__, gpt2="also GPT-2 124M", autocast=AUTOCAST_OPTION,
-        profile="instead of the table: where one decode step's time goes, by op, in the --arch llama (or gemma2) "
-                "shapes (B=1)",
+        profile="instead of the table: where one decode step's time goes, by op, in the --arch shapes (llama's for "
+                "gpt2; B=1)",
         prefill=("also time the prefill of one prompt of this many tokens (at most the block size; 0: no), e.g. 512",
                  0),
         quality_ckpt=("instead of the table: validation loss of the decoders (fp32, bf16, int8 weights) on this "
                       "trained checkpoint, e.g. fastllm-demo/run after `fastllm demo`", ""),
         quality_data=("the prepared data folder whose val split --quality-ckpt reads, e.g. fastllm-demo/data", ""),
-        arch=("the model family: gpt2 (GPT-2 shapes), llama (SmolLM2-135M and Qwen2.5-0.5B shapes) or gemma2 "
-              "(Gemma 2's options, a small model and Gemma-2-2B's widths in 2 layers), random weights", "gpt2",
-              "gpt2", "llama", "gemma2"))
+        arch=("the model family: gpt2 (GPT-2 shapes), llama (SmolLM2-135M and Qwen2.5-0.5B shapes), gemma2 "
+              "(Gemma 2's options, a small model and Gemma-2-2B's widths in 2 layers), olmo2 (OLMo 2's options, a "
+              "small model and OLMo-2-0425-1B's widths in 4 layers) or smollm3 (NoPE every 4th layer, a small model "
+              "and SmolLM3-3B's widths in 4 layers), random weights", "gpt2", "gpt2", "llama", "gemma2", "olmo2",
+              "smollm3"))
