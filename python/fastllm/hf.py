@@ -409,8 +409,9 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     """The transformers model_type that computes what `cfg` computes (ValueError naming the option when none
     does): gpt2 for GPT-2's choices; llama, qwen2 (q/k/v biases only) or qwen3 (QK-norm) for RoPE + RMSNorm +
     SwiGLU; mistral or phi3 instead of llama when `prefer` says so (a model loaded from such a folder) and it has
-    no biases (phi3: and no RoPE scaling); smollm3 for NoPE layers, phi3 for partial rotary dims; gemma* for GeGLU;
-    olmo2 / olmo3 (sliding layers) for post-norms without pre-norms and QK-norm over all heads."""
+    no biases (phi3: and no RoPE scaling); smollm3 for NoPE layers, phi3 for partial rotary dims, arcee for relu2,
+    granite for scaled embeddings, scores, residual branches or logits; gemma* for GeGLU; olmo2 / olmo3 (sliding
+    layers) for post-norms without pre-norms and QK-norm over all heads, exaone4 with QK-norm per head."""
     gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
                 qk_norm=False, tie_embeddings=True, logit_softcap=None, n_kv_head=None, head_dim=None,
                 mlp_hidden=None, embed_scale=None, pre_norms=True, post_norms=False, attn_scale=None,
