@@ -486,9 +486,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     args.template, args.stop = _unescape(args.template), [_unescape(t) for t in args.stop]
     if not harness:  # check the options before loading anything
         cfg = _config(args, EvalConfig)
-    quantized = args.dtype in ("int8", "w8a8")  # a float32 model, scored through its quantized snapshot
+    quantized = args.dtype in ("int8", "w8a8")  # scored through the quantized weights decoding streams, held alone
     check_decode_dtype(args.dtype, args.device)
-    model, tok = load_eval(args.ckpt, args.tokenizer, device=args.device, dtype=None if quantized else args.dtype)
+    model, tok = load_eval(args.ckpt, args.tokenizer, device=args.device, dtype=None if quantized else args.dtype,
+                           weights=args.dtype if quantized else None)
     with model.decoding(args.dtype) if quantized else contextlib.nullcontext():
         return _eval_loaded(args, harness, None if harness else cfg, model, tok)
 
