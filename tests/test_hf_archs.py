@@ -163,6 +163,18 @@ def test_each_option_changes_the_logits(name, option, tmp_path):
     assert np.abs(other.forward(ids)[0, WINDOW + 4:] - model.forward(ids)[0, WINDOW + 4:]).max() > 1e-3
 
 
+def test_weights_held_like_the_float32_model_decoding(case):
+    """weights="bfloat16" (matrices held in bf16 alone, converted while loading): every family's logits and greedy
+    tokens are those of the float32 model decoding with bf16 weights, bit for bit."""
+    name, _, d = case
+    full, held = GPT.from_pretrained(d).eval(), GPT.from_pretrained(d, weights="bfloat16")
+    ids = np.random.default_rng(6).integers(0, V, (2, 24))
+    with full.decoding("bfloat16"):
+        assert np.array_equal(held.forward(ids), full.forward(ids))
+    assert held.generate([[3, 1, 4], [1, 5]], 10, temperature=0) == \
+        full.generate([[3, 1, 4], [1, 5]], 10, temperature=0, weights="bfloat16")
+
+
 def test_gradients_match_transformers_autograd(case):
     """Every parameter's gradient of the mean cross-entropy, against torch autograd through transformers' model
     (the norms' (1 + weight) does not change a gradient)."""
