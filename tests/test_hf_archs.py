@@ -1,17 +1,19 @@
 """The families past Llama and Qwen (tests/test_hf_models.py), and sliding-window attention: small random
 GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM / Olmo2ForCausalLM / Olmo3ForCausalLM / SmolLM3ForCausalLM
-/ Exaone4ForCausalLM / ArceeForCausalLM / GraniteForCausalLM / Phi3ForCausalLM / MistralForCausalLM models built and
-saved by transformers load into fastllm with transformers' float32 logits, greedy tokens (through the KV cache, past
-the window) and gradients (transformers' autograd), from F32 and BF16 files; fastllm writes folders transformers
-loads to the same logits and reads them back bit for bit. Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size),
-norms that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after each branch, attention and
-final logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2); QK-norm, five sliding
-layers of six with their own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's: norms after each
-branch instead of before it, QK-norm over all the q (k) channels (OLMo 2); three sliding layers of four whose RoPE
-is not the full layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full layers (EXAONE
-4). SmolLM3's layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Granite's embedding, score, residual
-and logit scales; Phi-4-mini's RoPE on part of each head (with LongRoPE's short factors); Mistral v0.1's and Phi-3's
-sliding windows past the window."""
+/ Exaone4ForCausalLM / ArceeForCausalLM / GraniteForCausalLM / StableLmForCausalLM / Starcoder2ForCausalLM /
+MinistralForCausalLM / Phi3ForCausalLM / MistralForCausalLM models built and saved by transformers load into fastllm
+with transformers' float32 logits, greedy tokens (through the KV cache, past the window) and gradients
+(transformers' autograd), from F32 and BF16 files; fastllm writes folders transformers loads to the same logits and
+reads them back bit for bit. Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size), norms that multiply by (1 +
+weight), MQA and a head_dim of its own (Gemma 1); norms after each branch, attention and final logit soft caps,
+query_pre_attn_scalar, sliding layers every other layer (Gemma 2); QK-norm, five sliding layers of six with their
+own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's: norms after each branch instead of before it,
+QK-norm over all the q (k) channels (OLMo 2); three sliding layers of four whose RoPE is not the full layers' YaRN
+(OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full layers (EXAONE 4). SmolLM3's layers without
+RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Granite's embedding, score, residual and logit scales; StableLM's
+LayerNorms and quarter-head RoPE, StarCoder2's LayerNorms, GELU MLP and biases, Ministral's sliding layers;
+Phi-4-mini's RoPE on part of each head (with LongRoPE's short factors); Mistral v0.1's and Phi-3's sliding windows
+past the window."""
 
 from __future__ import annotations
 
@@ -86,6 +88,20 @@ CASES = {  # name: (transformers class prefix, its config, the GPTConfig fields 
     "granite-defaults-biases": ("Granite", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True),
                                 dict(attn_scale=1.0, embed_scale=None, residual_scale=None, logits_scaling=None,
                                      qkv_bias=True, mlp_bias=True)),  # (its scores' scale is 1 unless set)
+    "stablelm-2": ("StableLm", dict(num_key_value_heads=2, use_qkv_bias=True, head_dim=8),  # (StableLM's configs
+                   # have no head_dim: its attention takes 32 / 4, its RoPE the config's)
+                   dict(norm="layernorm", mlp="swiglu", partial_rotary_factor=0.25, qkv_bias=True, proj_bias=False,
+                        head_dim=None)),
+    "stablelm-tied-half-rotary": ("StableLm", dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                                   partial_rotary_factor=0.5, head_dim=8),
+                                  dict(norm="layernorm", partial_rotary_factor=0.5, qkv_bias=False)),
+    "starcoder2": ("Starcoder2", dict(num_key_value_heads=2, sliding_window=WINDOW, hidden_act="gelu_pytorch_tanh"),
+                   dict(norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
+                        sliding_window=WINDOW, layer_types=None, tie_embeddings=True)),
+    "starcoder2-no-bias-untied": ("Starcoder2", dict(num_key_value_heads=1, use_bias=False, tie_word_embeddings=False),
+                                  dict(mlp="gelu", qkv_bias=False, mlp_bias=False, tie_embeddings=False)),
+    "ministral": ("Ministral", dict(num_key_value_heads=2, sliding_window=WINDOW, layer_types=LAYERS),
+                  dict(sliding_window=WINDOW, layer_types=LAYERS, qkv_bias=False)),
     "phi4-mini-partial-rotary": ("Phi3", dict(num_key_value_heads=2, partial_rotary_factor=0.75, hidden_act="silu",
                                               head_dim=8, max_position_embeddings=4 * T_MAX,
                                               original_max_position_embeddings=T_MAX,
@@ -371,6 +387,9 @@ def test_bad_configs(tmp_path, case_name, changes, match):
     (dict(partial_rotary_factor=0.5), "phi3"),
     (dict(mlp="relu2", qkv_bias=True, proj_bias=True), "arcee"),
     (dict(residual_scale=0.5, logits_scaling=4.0, embed_scale=3.0, attn_scale=0.1), "granite"),
+    (dict(norm="layernorm", partial_rotary_factor=0.25, qkv_bias=True), "stablelm"),
+    (dict(norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True, sliding_window=4), "starcoder2"),
+    (dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]), "ministral"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True, sliding_window=4, nope_layers=[1],
           layer_types=["sliding_attention", "full_attention"]), "exaone4"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True), "exaone4"),

@@ -34,6 +34,12 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
                                  three sliding layers of four (sliding_window_pattern: 4 or "LLLG", or layer_types)
                                  and no RoPE on the full-attention ones (EXAONE 4.0)
     arcee    ArceeForCausalLM    Llama's with a relu2 MLP (down(relu(up(x))^2), no gate: AFM-4.5B)
+    ministral MinistralForCausalLM  Mistral's, its sliding layers as layer_types lists (Ministral 8B)
+    stablelm StableLmForCausalLM Llama's with LayerNorms (weight and bias), RoPE on a quarter of each head
+                                 (partial_rotary_factor, 0.25 by default), q/k/v biases with use_qkv_bias (StableLM 2,
+                                 StableLM 3B 4E1T); qk_layernorm and use_parallel_residual are refused
+    starcoder2 Starcoder2ForCausalLM  LayerNorms, a GELU-tanh MLP without a gate (c_fc, c_proj), biases on every
+                                 projection (use_bias), GQA, every layer sliding with sliding_window (StarCoder2)
     granite  GraniteForCausalLM  Llama's with four scales: embedding_multiplier (the token embeddings),
                                  attention_multiplier (the scores, instead of 1/sqrt(head_dim)), residual_multiplier
                                  (each branch's output joins the residual stream times it), logits_scaling (the
@@ -104,12 +110,17 @@ ARCHITECTURES = {
     "exaone4": ("Exaone4ForCausalLM",),
     "arcee": ("ArceeForCausalLM",),
     "granite": ("GraniteForCausalLM",),
+    "ministral": ("MinistralForCausalLM",),
+    "stablelm": ("StableLmForCausalLM",),
+    "starcoder2": ("Starcoder2ForCausalLM",),
     "gemma": ("GemmaForCausalLM",),
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
     "gemma3": ("Gemma3ForConditionalGeneration",),  # (Gemma 3 4B-27B: its language model; images are not read)
 }
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
+EPS_KEYS = {"stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon"}  # the LayerNorm families' epsilon keys
+MLP_NAMES = {"arcee": "relu2", "starcoder2": "GELU-tanh"}  # the MLPs other than SwiGLU, for errors
 OLMOS = ("olmo2", "olmo3")  # norms after each branch only, QK-norm over all heads
 DEFAULT_THETA = {"smollm3": 2e6, "olmo3": 5e5, "gemma3_text": 1e6}  # transformers' rope_theta defaults (else 1e4)
 MODEL_TYPES = tuple(ARCHITECTURES)
@@ -301,25 +312,29 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     tanh = ("gelu_pytorch_tanh", "gelu_new")
     checks = {"hidden_act": tanh + ("gelu",), "hidden_activation": tanh} if kind == "gemma" else \
         {"hidden_activation": tanh} if gemma else {"hidden_act": ("relu2",)} if kind == "arcee" else \
-        {"hidden_act": ("silu",)}
+        {"hidden_act": tanh} if kind == "starcoder2" else {"hidden_act": ("silu",)}
     for key, acts in checks.items():
         act = d.get(key) or acts[0]
         if act not in acts:
             raise bad(f"{key} {act!r} is not supported (only {', '.join(map(repr, acts))}: "
-                      f"{'GeGLU with GELU-tanh' if gemma else 'relu2' if kind == 'arcee' else 'SwiGLU'})")
+                      f"{'GeGLU with GELU-tanh' if gemma else MLP_NAMES.get(kind, 'SwiGLU')})")
+    for key in ("qk_layernorm", "use_parallel_residual"):  # (StableLM's other options)
+        if d.get(key):
+            raise bad(f"{key}=true is not supported (StableLM's per-head LayerNorm on q and k, attention and MLP side "
+                      "by side: fastllm's block has neither)")
     if d.get("use_bidirectional_attention"):
         raise bad("use_bidirectional_attention=true is not supported (fastllm's attention is causal)")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))  # (Phi-4-mini: 0.75)
-    if partial != 1.0 and kind != "phi3":  # (transformers' Llama-family code turns whole heads)
-        raise bad(f"partial_rotary_factor={partial} is not supported for {kind} (only phi3's)")
+    partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", 0.25 if kind == "stablelm" else 1.0))
+    if partial != 1.0 and kind not in ("phi3", "stablelm"):  # (transformers' Llama-family code turns whole heads)
+        raise bad(f"partial_rotary_factor={partial} is not supported for {kind} (only phi3's and stablelm's)")
     context = d["max_position_embeddings"]
     window, layer_types = _sliding(d, kind, L, bad)
     if window is not None and window >= context:  # a window as long as the context is full attention
         window, layer_types = None, None
     attention_bias = d.get("attention_bias", False)
     mlp_bias = d.get("mlp_bias", False)
-    if kind in ("mistral", "qwen2", "phi3", "exaone4") and attention_bias:
+    if kind in ("mistral", "qwen2", "phi3", "exaone4", "ministral") and attention_bias:
         raise bad(f"attention_bias={attention_bias!r} is not supported for {kind} (transformers' {kind} has "
                   f"{'q/k/v biases only' if kind == 'qwen2' else 'no attention biases'})")
     if kind not in ("llama", "smollm3", "arcee", "granite") and mlp_bias:
@@ -334,14 +349,19 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         context = min(context, int(scaling["original_max_position_embeddings"]))
         scaling["attention_factor"] = attention_scaling(scaling)  # (from the full context's factor: kept on save)
     head_dim, n_kv = d.get("head_dim", 256 if gemma else None), d.get("num_key_value_heads")
+    if kind == "stablelm":  # (transformers' StableLM reads no head_dim: hidden_size / num_attention_heads)
+        head_dim = None
     if isinstance(C, int) and isinstance(NH, int) and NH > 0 and C % NH == 0 and head_dim == C // NH:
         head_dim = None  # the defaults: keep the config canonical
     if n_kv == NH:
         n_kv = None
-    qkv_bias = True if kind == "qwen2" else attention_bias
+    qkv_bias = True if kind == "qwen2" else d.get("use_qkv_bias", False) if kind == "stablelm" else attention_bias
+    if kind == "starcoder2":  # (one use_bias for every projection)
+        qkv_bias = mlp_bias = attention_bias = bool(d.get("use_bias", True))
     cfg = dict(
         block_size=context, vocab_size=d["vocab_size"], n_layer=L, n_head=NH, n_embd=C,
-        layernorm_eps=_positive_number(d, "rms_norm_eps", 1e-6, bad), n_kv_head=n_kv,
+        layernorm_eps=_positive_number(d, EPS_KEYS.get(kind, "rms_norm_eps"), 1e-6 if kind not in EPS_KEYS else 1e-5,
+                                       bad), n_kv_head=n_kv,
         head_dim=head_dim, positions="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
         mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=attention_bias and kind != "qwen2",
         mlp_bias=mlp_bias, qk_norm=kind in ("qwen3", "gemma3_text", "exaone4", *OLMOS),
@@ -355,6 +375,8 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         cfg.update(nope_layers=full or None)
     if kind == "arcee":
         cfg.update(mlp="relu2")
+    if kind in EPS_KEYS:  # StableLM, StarCoder2: LayerNorms (weight and bias); StarCoder2's MLP: GELU-tanh, no gate
+        cfg.update(norm="layernorm", **(dict(mlp="gelu") if kind == "starcoder2" else {}))
     if kind == "granite":  # (1 maps to None, fastllm's "none"; the scores' scale is 1 unless it says otherwise)
         def scale(key: str, none: float) -> float | None:
             v = _positive_number(d, key, 1.0, bad)
@@ -429,6 +451,8 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
         return _gemma_type(cfg)
     if cfg.post_norms or not cfg.pre_norms or cfg.qk_norm_over == "all":
         return _olmo_type(cfg, prefer)
+    if cfg.norm == "layernorm":
+        return _layernorm_type(cfg)
     if cfg.embed_scale or cfg.residual_scale or cfg.logits_scaling or prefer == "granite" or \
             (cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5):
         return _granite_type(cfg)
@@ -458,8 +482,8 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
             if sliding != sorted(sliding):
                 raise ValueError(f"no transformers architecture computes this config: layer_types {cfg.layer_types} "
                                  "(Qwen's sliding layers are the last ones)")
-        elif kind == "llama" and all(sliding) and not (cfg.qkv_bias or cfg.mlp_bias):
-            kind = "mistral"
+        elif kind == "llama" and not (cfg.qkv_bias or cfg.mlp_bias):
+            kind = "mistral" if all(sliding) else "ministral"  # (Ministral: sliding layers as layer_types lists)
         elif kind == "llama" or not all(sliding):
             raise ValueError(f"no transformers architecture computes this config: sliding_window={cfg.sliding_window}"
                              f" on layers {[i for i, s in enumerate(sliding) if s]} of a Llama-family model")
@@ -494,6 +518,26 @@ def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
         return "exaone4"
     olmo3 = cfg.sliding_window is not None or cfg.rope_local_theta is not None or prefer == "olmo3"
     return "olmo3" if olmo3 else "olmo2"
+
+
+def _layernorm_type(cfg: GPTConfig) -> str:
+    """stablelm (SwiGLU, q/k/v biases or none) or starcoder2 (GELU-tanh, every bias or none) for a RoPE config with
+    LayerNorms."""
+    starcoder = cfg.mlp == "gelu"
+    want = dict(qk_norm=False, logit_softcap=None, embed_scale=None, attn_softcap=None, attn_scale=None,
+                nope_layers=None, rope_local_theta=None, residual_scale=None, logits_scaling=None)
+    if starcoder:
+        want.update(proj_bias=cfg.qkv_bias, mlp_bias=cfg.qkv_bias, partial_rotary_factor=1.0)
+        sliding = [cfg.window(layer) is not None for layer in range(cfg.n_layer)]
+        if any(sliding) and not all(sliding):
+            want.update(layer_types=None)
+    else:
+        want.update(mlp="swiglu", proj_bias=False, mlp_bias=False, sliding_window=None)
+    diff = _differences(cfg, want)
+    if diff:
+        raise ValueError(f"no transformers architecture computes this config: norm='layernorm' with rope and "
+                         f"mlp={cfg.mlp!r} ({'StarCoder2' if starcoder else 'StableLM'}) with {', '.join(diff)}")
+    return "starcoder2" if starcoder else "stablelm"
 
 
 def _granite_type(cfg: GPTConfig) -> str:
@@ -614,6 +658,16 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         d.update(sliding_window=cfg.sliding_window, layer_types=kinds, sliding_window_pattern=None)
     elif kind == "arcee":
         d.update(hidden_act="relu2", attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif kind == "ministral":
+        d.update(sliding_window=cfg.sliding_window, layer_types=kinds)
+    elif kind in EPS_KEYS:  # LayerNorms: their epsilon under the family's key
+        del d["rms_norm_eps"]
+        d[EPS_KEYS[kind]] = cfg.layernorm_eps
+        if kind == "stablelm":
+            d.update(use_qkv_bias=cfg.qkv_bias, qk_layernorm=False, use_parallel_residual=False,
+                     partial_rotary_factor=cfg.partial_rotary_factor)
+        else:
+            d.update(hidden_act="gelu_pytorch_tanh", use_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window)
     elif kind == "granite":
         d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, embedding_multiplier=cfg.embed_scale or 1.0,
                  attention_multiplier=cfg.attn_scale or cfg.head_size ** -0.5,
@@ -696,6 +750,8 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
         pre = f"model.layers.{layer}."
         if cfg.pre_norms:  # (OLMo 2/3 have none)
             out[pre + "input_layernorm.weight"] = Slot("ln_1.weight", layer, offset=norm)
+            if cfg.norm == "layernorm":  # (StableLM, StarCoder2)
+                out[pre + "input_layernorm.bias"] = Slot("ln_1.bias", layer)
         if kind == "phi3":  # fastllm's own layout: q|k|v rows, gate|up rows
             out[pre + "self_attn.qkv_proj.weight"] = Slot("attn.c_attn.weight", layer)
             out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
@@ -719,16 +775,24 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
                 out[pre + "pre_feedforward_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
         else:
             out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer, offset=norm)
-        for x, rows in (("gate", (0, H)), ("up", (H, 2 * H))) if cfg.mlp in GATED else (("up", None),):
-            out[pre + f"mlp.{x}_proj.weight"] = Slot("mlp.c_fc.weight", layer, rows)
+            if cfg.norm == "layernorm":
+                out[pre + "post_attention_layernorm.bias"] = Slot("ln_2.bias", layer)
+        # the MLP: gate_proj|up_proj rows of c_fc (gated), up_proj alone (Arcee), or StarCoder2's c_fc; down_proj
+        fc = (("gate_proj", (0, H)), ("up_proj", (H, 2 * H))) if cfg.mlp in GATED else \
+            (("c_fc", None),) if kind == "starcoder2" else (("up_proj", None),)
+        down = "c_proj" if kind == "starcoder2" else "down_proj"
+        for x, rows in fc:
+            out[pre + f"mlp.{x}.weight"] = Slot("mlp.c_fc.weight", layer, rows)
             if cfg.mlp_bias:
-                out[pre + f"mlp.{x}_proj.bias"] = Slot("mlp.c_fc.bias", layer, rows)
-        out[pre + "mlp.down_proj.weight"] = Slot("mlp.c_proj.weight", layer)
+                out[pre + f"mlp.{x}.bias"] = Slot("mlp.c_fc.bias", layer, rows)
+        out[pre + f"mlp.{down}.weight"] = Slot("mlp.c_proj.weight", layer)
         if cfg.mlp_bias:
-            out[pre + "mlp.down_proj.bias"] = Slot("mlp.c_proj.bias", layer)
+            out[pre + f"mlp.{down}.bias"] = Slot("mlp.c_proj.bias", layer)
         if cfg.post_norms:
             out[pre + "post_feedforward_layernorm.weight"] = Slot("mlp.post_norm.weight", layer, offset=norm)
     out["model.norm.weight"] = Slot("ln_f.weight", offset=norm)
+    if cfg.norm == "layernorm":
+        out["model.norm.bias"] = Slot("ln_f.bias")
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = Slot("lm_head.weight")
     return out
