@@ -1,19 +1,20 @@
 """The families past Llama and Qwen (tests/test_hf_models.py), and sliding-window attention: small random
 GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM / Olmo2ForCausalLM / Olmo3ForCausalLM / SmolLM3ForCausalLM
 / Exaone4ForCausalLM / ArceeForCausalLM / GraniteForCausalLM / StableLmForCausalLM / Starcoder2ForCausalLM /
-MinistralForCausalLM / Phi3ForCausalLM / MistralForCausalLM models built and saved by transformers load into fastllm
-with transformers' float32 logits, greedy tokens (through the KV cache, past the window) and gradients
-(transformers' autograd), from F32 and BF16 files; fastllm writes folders transformers loads to the same logits and
-reads them back bit for bit. Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size), norms that multiply by (1 +
-weight), MQA and a head_dim of its own (Gemma 1); norms after each branch, attention and final logit soft caps,
-query_pre_attn_scalar, sliding layers every other layer (Gemma 2); QK-norm, five sliding layers of six with their
-own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's: norms after each branch instead of before it,
-QK-norm over all the q (k) channels (OLMo 2); three sliding layers of four whose RoPE is not the full layers' YaRN
-(OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full layers (EXAONE 4). SmolLM3's layers without
-RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Granite's embedding, score, residual and logit scales; StableLM's
-LayerNorms and quarter-head RoPE, StarCoder2's LayerNorms, GELU MLP and biases, Ministral's sliding layers;
-Phi-4-mini's RoPE on part of each head (with LongRoPE's short factors); Mistral v0.1's and Phi-3's sliding windows
-past the window."""
+MinistralForCausalLM / Ernie4_5ForCausalLM / Glm4ForCausalLM / Phi3ForCausalLM / MistralForCausalLM models built and
+saved by transformers load into fastllm with transformers' float32 logits, greedy tokens (through the KV cache, past
+the window) and gradients (transformers' autograd), from F32 and BF16 files; fastllm writes folders transformers
+loads to the same logits and reads them back bit for bit. Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size),
+norms that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after each branch, attention and
+final logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2); QK-norm, five sliding
+layers of six with their own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's: norms after each
+branch instead of before it, QK-norm over all the q (k) channels (OLMo 2); three sliding layers of four whose RoPE
+is not the full layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full layers (EXAONE
+4). SmolLM3's layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Granite's embedding, score, residual
+and logit scales; StableLM's LayerNorms and quarter-head RoPE, StarCoder2's LayerNorms, GELU MLP and biases,
+Ministral's sliding layers; ERNIE 4.5's and GLM-4's RoPE on interleaved pairs (q and k rows reordered as they load),
+GLM-4's norms around each branch; Phi-4-mini's RoPE on part of each head (with LongRoPE's short factors); Mistral
+v0.1's and Phi-3's sliding windows past the window."""
 
 from __future__ import annotations
 
@@ -102,6 +103,15 @@ CASES = {  # name: (transformers class prefix, its config, the GPTConfig fields 
                                   dict(mlp="gelu", qkv_bias=False, mlp_bias=False, tie_embeddings=False)),
     "ministral": ("Ministral", dict(num_key_value_heads=2, sliding_window=WINDOW, layer_types=LAYERS),
                   dict(sliding_window=WINDOW, layer_types=LAYERS, qkv_bias=False)),
+    "ernie4_5": ("Ernie4_5", dict(num_key_value_heads=2),  # (its RoPE on interleaved pairs: q, k rows reordered)
+                 dict(tie_embeddings=True, qkv_bias=False, proj_bias=False, mlp_bias=False, partial_rotary_factor=1.0)),
+    "ernie4_5-biases-untied": ("Ernie4_5", dict(num_key_value_heads=1, use_bias=True, tie_word_embeddings=False),
+                               dict(qkv_bias=True, proj_bias=True, mlp_bias=True, tie_embeddings=False)),
+    "glm4": ("Glm4", dict(num_key_value_heads=2),  # (interleaved RoPE on half of each head, norms around branches)
+             dict(pre_norms=True, post_norms=True, partial_rotary_factor=0.5, qkv_bias=True, proj_bias=False)),
+    "glm4-full-rotary-tied": ("Glm4", dict(num_key_value_heads=4, attention_bias=False, partial_rotary_factor=1.0,
+                                           tie_word_embeddings=True),
+                              dict(post_norms=True, partial_rotary_factor=1.0, qkv_bias=False, tie_embeddings=True)),
     "phi4-mini-partial-rotary": ("Phi3", dict(num_key_value_heads=2, partial_rotary_factor=0.75, hidden_act="silu",
                                               head_dim=8, max_position_embeddings=4 * T_MAX,
                                               original_max_position_embeddings=T_MAX,
@@ -211,7 +221,7 @@ def test_gradients_match_transformers_autograd(case):
     assert set(mapped) == set(grads) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
     for hf_name, slot in mapped.items():
         want = grads[hf_name].grad.numpy()
-        got = slot.view(model.g)
+        got = slot.hf(model.g)
         assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max() + 1e-7, hf_name
 
 
@@ -390,6 +400,7 @@ def test_bad_configs(tmp_path, case_name, changes, match):
     (dict(norm="layernorm", partial_rotary_factor=0.25, qkv_bias=True), "stablelm"),
     (dict(norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True, sliding_window=4), "starcoder2"),
     (dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]), "ministral"),
+    (dict(post_norms=True, qkv_bias=True, partial_rotary_factor=0.5), "glm4"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True, sliding_window=4, nope_layers=[1],
           layer_types=["sliding_attention", "full_attention"]), "exaone4"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True), "exaone4"),

@@ -40,6 +40,12 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
                                  StableLM 3B 4E1T); qk_layernorm and use_parallel_residual are refused
     starcoder2 Starcoder2ForCausalLM  LayerNorms, a GELU-tanh MLP without a gate (c_fc, c_proj), biases on every
                                  projection (use_bias), GQA, every layer sliding with sliding_window (StarCoder2)
+    ernie4_5 Ernie4_5ForCausalLM Llama's with use_bias (every projection) and RoPE on interleaved pairs (2i, 2i+1),
+                                 which fastllm turns into its rotate-half pairs by reordering the q and k rows of each
+                                 head as it loads (evens, then odds; undone on saving): ERNIE 4.5 0.3B
+    glm4     Glm4ForCausalLM     norms before and after each branch (post_self_attn_layernorm, post_mlp_layernorm),
+                                 q/k/v biases, gate|up in one tensor, interleaved RoPE on half of each head
+                                 (partial_rotary_factor 0.5) reordered as ernie4_5's: GLM-4-9B-0414
     granite  GraniteForCausalLM  Llama's with four scales: embedding_multiplier (the token embeddings),
                                  attention_multiplier (the scores, instead of 1/sqrt(head_dim)), residual_multiplier
                                  (each branch's output joins the residual stream times it), logits_scaling (the
@@ -110,6 +116,8 @@ ARCHITECTURES = {
     "exaone4": ("Exaone4ForCausalLM",),
     "arcee": ("ArceeForCausalLM",),
     "granite": ("GraniteForCausalLM",),
+    "ernie4_5": ("Ernie4_5ForCausalLM",),
+    "glm4": ("Glm4ForCausalLM",),
     "ministral": ("MinistralForCausalLM",),
     "stablelm": ("StableLmForCausalLM",),
     "starcoder2": ("Starcoder2ForCausalLM",),
@@ -121,8 +129,10 @@ ARCHITECTURES = {
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 EPS_KEYS = {"stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon"}  # the LayerNorm families' epsilon keys
 MLP_NAMES = {"arcee": "relu2", "starcoder2": "GELU-tanh"}  # the MLPs other than SwiGLU, for errors
+INTERLEAVED = ("ernie4_5", "glm4")  # RoPE on pairs (2i, 2i+1): their q and k rows reordered per head (tensor_map)
 OLMOS = ("olmo2", "olmo3")  # norms after each branch only, QK-norm over all heads
-DEFAULT_THETA = {"smollm3": 2e6, "olmo3": 5e5, "gemma3_text": 1e6}  # transformers' rope_theta defaults (else 1e4)
+# transformers' rope_theta defaults (else 1e4)
+DEFAULT_THETA = {"smollm3": 2e6, "olmo3": 5e5, "gemma3_text": 1e6, "ernie4_5": 5e5}
 MODEL_TYPES = tuple(ARCHITECTURES)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
 _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -325,9 +335,10 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     if d.get("use_bidirectional_attention"):
         raise bad("use_bidirectional_attention=true is not supported (fastllm's attention is causal)")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", 0.25 if kind == "stablelm" else 1.0))
-    if partial != 1.0 and kind not in ("phi3", "stablelm"):  # (transformers' Llama-family code turns whole heads)
-        raise bad(f"partial_rotary_factor={partial} is not supported for {kind} (only phi3's and stablelm's)")
+    partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", {"stablelm": 0.25, "glm4": 0.5}.get(
+        kind, 1.0)))
+    if partial != 1.0 and kind not in ("phi3", "stablelm", "glm4"):  # (transformers' Llama code turns whole heads)
+        raise bad(f"partial_rotary_factor={partial} is not supported for {kind} (only phi3's, stablelm's and glm4's)")
     context = d["max_position_embeddings"]
     window, layer_types = _sliding(d, kind, L, bad)
     if window is not None and window >= context:  # a window as long as the context is full attention
@@ -356,14 +367,15 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     if n_kv == NH:
         n_kv = None
     qkv_bias = True if kind == "qwen2" else d.get("use_qkv_bias", False) if kind == "stablelm" else attention_bias
-    if kind == "starcoder2":  # (one use_bias for every projection)
-        qkv_bias = mlp_bias = attention_bias = bool(d.get("use_bias", True))
+    if kind in ("starcoder2", "ernie4_5"):  # (one use_bias for every projection)
+        qkv_bias = mlp_bias = attention_bias = bool(d.get("use_bias", kind == "starcoder2"))
+    proj_bias = attention_bias and kind not in ("qwen2", "glm4")  # (their attention_bias: q, k, v only)
     cfg = dict(
         block_size=context, vocab_size=d["vocab_size"], n_layer=L, n_head=NH, n_embd=C,
         layernorm_eps=_positive_number(d, EPS_KEYS.get(kind, "rms_norm_eps"), 1e-6 if kind not in EPS_KEYS else 1e-5,
                                        bad), n_kv_head=n_kv,
         head_dim=head_dim, positions="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
-        mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=attention_bias and kind != "qwen2",
+        mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=proj_bias,
         mlp_bias=mlp_bias, qk_norm=kind in ("qwen3", "gemma3_text", "exaone4", *OLMOS),
         tie_embeddings=bool(d.get("tie_word_embeddings", gemma or kind == "smollm3")), sliding_window=window,
         layer_types=layer_types, rope_local_theta=local_theta, partial_rotary_factor=partial,
@@ -375,6 +387,8 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         cfg.update(nope_layers=full or None)
     if kind == "arcee":
         cfg.update(mlp="relu2")
+    if kind == "glm4":  # a norm after each branch too
+        cfg.update(post_norms=True)
     if kind in EPS_KEYS:  # StableLM, StarCoder2: LayerNorms (weight and bias); StarCoder2's MLP: GELU-tanh, no gate
         cfg.update(norm="layernorm", **(dict(mlp="gelu") if kind == "starcoder2" else {}))
     if kind == "granite":  # (1 maps to None, fastllm's "none"; the scores' scale is 1 unless it says otherwise)
@@ -449,6 +463,8 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
         return "gpt2"
     if cfg.mlp == "geglu":
         return _gemma_type(cfg)
+    if cfg.post_norms and cfg.pre_norms:
+        return _glm4_type(cfg)
     if cfg.post_norms or not cfg.pre_norms or cfg.qk_norm_over == "all":
         return _olmo_type(cfg, prefer)
     if cfg.norm == "layernorm":
@@ -470,6 +486,9 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     if cfg.nope_layers or prefer == "smollm3":  # (SmolLM3: any sliding layers, with layer_types)
         return _smollm3_type(cfg)
     kind = _llama_type(cfg, prefer)
+    if prefer == "ernie4_5" and kind == "llama" and cfg.qkv_bias == cfg.mlp_bias and cfg.sliding_window is None and \
+            cfg.partial_rotary_factor == 1.0:
+        return "ernie4_5"  # (a model loaded from such a folder: the same function as Llama's, saved as it came)
     if cfg.partial_rotary_factor != 1.0 and kind != "phi3":
         kind = _llama_type(cfg, "phi3")
         if kind != "phi3":
@@ -518,6 +537,18 @@ def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
         return "exaone4"
     olmo3 = cfg.sliding_window is not None or cfg.rope_local_theta is not None or prefer == "olmo3"
     return "olmo3" if olmo3 else "olmo2"
+
+
+def _glm4_type(cfg: GPTConfig) -> str:
+    """glm4 for a SwiGLU config with norms before and after each branch (Gemma 2's are GeGLU's)."""
+    want = dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, proj_bias=False, mlp_bias=False, logit_softcap=None,
+                embed_scale=None, attn_softcap=None, attn_scale=None, sliding_window=None, nope_layers=None,
+                rope_local_theta=None, residual_scale=None, logits_scaling=None)
+    diff = _differences(cfg, want)
+    if diff:
+        raise ValueError(f"no transformers architecture computes this config: pre_norms and post_norms with "
+                         f"mlp={cfg.mlp!r} (GLM-4) with {', '.join(diff)}")
+    return "glm4"
 
 
 def _layernorm_type(cfg: GPTConfig) -> str:
@@ -658,6 +689,10 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         d.update(sliding_window=cfg.sliding_window, layer_types=kinds, sliding_window_pattern=None)
     elif kind == "arcee":
         d.update(hidden_act="relu2", attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif kind == "ernie4_5":
+        d.update(use_bias=cfg.qkv_bias)
+    elif kind == "glm4":
+        d.update(attention_bias=cfg.qkv_bias, partial_rotary_factor=cfg.partial_rotary_factor, pad_token_id=None)
     elif kind == "ministral":
         d.update(sliding_window=cfg.sliding_window, layer_types=kinds)
     elif kind in EPS_KEYS:  # LayerNorms: their epsilon under the family's key
@@ -717,11 +752,25 @@ class Slot:
     rows: tuple[int, int] | None = None
     transpose: bool = False
     offset: float = 0.0
+    perm: tuple[int, ...] | None = None  # fastllm's rows are the file's rows[perm] (interleaved RoPE: INTERLEAVED)
 
     def view(self, p: dict) -> np.ndarray:
+        """fastllm's region for the tensor (in fastllm's row order)."""
         v = p[self.param] if self.layer is None else p[self.param][self.layer]
         v = v if self.rows is None else v[self.rows[0]:self.rows[1]]
         return v.T if self.transpose else v
+
+    def hf(self, p: dict) -> np.ndarray:
+        """view(p) with its rows in the file's order (the offset not undone: a gradient's layout too)."""
+        return self.view(p) if self.perm is None else self.view(p)[np.argsort(self.perm)]
+
+
+def _pairs_to_halves(heads: int, head_size: int, rotary: int) -> tuple[int, ...]:
+    """The row order that turns RoPE on interleaved pairs (2i, 2i+1) into rotate-half pairs (i, i + rotary/2): per
+    head its first `rotary` rows even ones first, then odd ones, the rest as they are. q.k is the same in either
+    order, so the model computes what the file's computes."""
+    head = [*range(0, rotary, 2), *range(1, rotary, 2), *range(rotary, head_size)]
+    return tuple(h * head_size + r for h in range(heads) for r in head)
 
 
 def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
@@ -760,15 +809,24 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
             out[pre + "mlp.down_proj.weight"] = Slot("mlp.c_proj.weight", layer)
             continue
         for x, rows in qkv.items():
-            out[pre + f"self_attn.{x}_proj.weight"] = Slot("attn.c_attn.weight", layer, rows)
+            heads = {"q": NH, "k": NKV}.get(x) if kind in INTERLEAVED else None
+            perm = _pairs_to_halves(heads, hd, cfg.rotary_dims) if heads else None
+            out[pre + f"self_attn.{x}_proj.weight"] = Slot("attn.c_attn.weight", layer, rows, perm=perm)
             if cfg.qkv_bias:
-                out[pre + f"self_attn.{x}_proj.bias"] = Slot("attn.c_attn.bias", layer, rows)
+                out[pre + f"self_attn.{x}_proj.bias"] = Slot("attn.c_attn.bias", layer, rows, perm=perm)
         if cfg.qk_norm:
             out[pre + "self_attn.q_norm.weight"] = Slot("attn.q_norm.weight", layer, offset=norm)
             out[pre + "self_attn.k_norm.weight"] = Slot("attn.k_norm.weight", layer, offset=norm)
         out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
         if cfg.proj_bias:
             out[pre + "self_attn.o_proj.bias"] = Slot("attn.c_proj.bias", layer)
+        if kind == "glm4":  # post_attention_layernorm is the MLP's pre-norm, as in Llama; post-norms of their own
+            out[pre + "post_self_attn_layernorm.weight"] = Slot("attn.post_norm.weight", layer)
+            out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer)
+            out[pre + "mlp.gate_up_proj.weight"] = Slot("mlp.c_fc.weight", layer)
+            out[pre + "mlp.down_proj.weight"] = Slot("mlp.c_proj.weight", layer)
+            out[pre + "post_mlp_layernorm.weight"] = Slot("mlp.post_norm.weight", layer)
+            continue
         if cfg.post_norms:  # Gemma 2/3, OLMo 2/3: post_attention_layernorm is the attention's post-norm
             out[pre + "post_attention_layernorm.weight"] = Slot("attn.post_norm.weight", layer, offset=norm)
             if cfg.pre_norms:
@@ -931,6 +989,8 @@ def _read(file: Path, tensors, name: str, slot: Slot, p: dict) -> None:
     """The file's tensor `name` into its slot of the parameter views p (plus the slot's offset), checked finite."""
     dst = slot.view(p)
     tensors.read_into(name, dst)  # (giving the file's pages back as it goes)
+    if slot.perm is not None:  # (the file's row order to fastllm's)
+        dst[...] = dst[list(slot.perm)]
     if slot.offset:
         dst += np.float32(slot.offset)
     if not _all_finite(dst):
@@ -995,7 +1055,7 @@ def _all_finite(a: np.ndarray, rows: int = 4096) -> bool:
 def hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     """The model's tensors under transformers' names and layouts (see tensor_map; the tied lm-head left out)."""
     p = model.state_dict()
-    return {name: slot.view(p) - np.float32(slot.offset) if slot.offset else np.ascontiguousarray(slot.view(p))
+    return {name: slot.hf(p) - np.float32(slot.offset) if slot.offset else np.ascontiguousarray(slot.hf(p))
             for name, slot in tensor_map(model.config, getattr(model, "hf_model_type", None)).items()}
 
 

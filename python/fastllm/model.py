@@ -197,6 +197,11 @@ class GPTConfig:
         """Rows of c_fc: 2H for the gated MLPs ([gate | up]), else H."""
         return 2 * self.mlp_width if self.mlp in GATED else self.mlp_width
 
+    @property
+    def rotary_dims(self) -> int:
+        """Channels of each q/k head that RoPE turns (the first ones): int(head_size * partial_rotary_factor)."""
+        return int(self.head_size * self.partial_rotary_factor)
+
     def has_rope(self, layer: int) -> bool:
         """Whether layer `layer` rotates its queries and keys (RoPE, not a NoPE layer)."""
         return self.positions == "rope" and layer not in (self.nope_layers or ())
