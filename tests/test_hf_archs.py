@@ -28,7 +28,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from fastllm import hf  # noqa: E402
-from fastllm.model import GPT, GPTConfig  # noqa: E402
+from fastllm.model import GPT, TOKEN_TABLE, GPTConfig  # noqa: E402
 from fastllm.sample import generate  # noqa: E402
 
 V, T_MAX, WINDOW = 301, 64, 8
@@ -235,6 +235,11 @@ def test_bf16_files_load_as_transformers_computes_them(case, tmp_path):
     ids = np.random.default_rng(2).integers(0, V, (2, 30))
     want = hf_logits(ref, ids)
     assert np.abs(model.forward(ids) - want).max() <= 2e-4 * max(1.0, np.abs(want).max())
+    # held in bf16: the matrices and (RoPE models) the token embedding as the file's bf16 bits, the same numbers
+    held = GPT.from_pretrained(tmp_path / "bf16", weights="bfloat16")
+    assert (TOKEN_TABLE in held.decode_weights("bfloat16")) == (model.config.positions == "rope")
+    with model.eval().decoding("bfloat16"):
+        assert np.array_equal(held.forward(ids), model.forward(ids))
 
 
 def test_save_pretrained_round_trip(case, tmp_path):

@@ -344,11 +344,12 @@ def test_peak_memory_is_one_model(tmp_path, dtype, weights):
     """Loading maps the file and converts tensor by tensor into the model's buffer, giving pages back: the peak
     resident memory grows by about one float32 model, never two (measured in a fresh process). With weights=, the
     matrices are converted a layer at a time and held in that form alone: the peak is the model in that form (bf16:
-    2 bytes a matrix weight, int8: 1), the rest (embeddings, norms) float32."""
+    2 bytes a matrix weight, int8: 1), the rest (norms; the token embedding of an F32 file) float32, a BF16 file's
+    token embedding its bf16 bits."""
     n = write_big_llama(tmp_path / "big", dtype)
     script = textwrap.dedent(f"""
         import numpy as np
-        from fastllm.model import GPT, MATRICES
+        from fastllm.model import GPT, MATRICES, TOKEN_TABLE
         def peak():  # this process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss)
             line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM"))
             return int(line.split()[1]) * 1024
@@ -357,12 +358,15 @@ def test_peak_memory_is_one_model(tmp_path, dtype, weights):
         after = peak()
         logits = model.eval().forward(np.array([[1, 2, 3]]))
         assert np.isfinite(logits).all() and float(np.abs(logits).max()) > 0
-        print(before, after, sum(model.p[k].size for k in (*MATRICES, "lm_head.weight")))
+        table = model.weights_only is not None and TOKEN_TABLE in model.decode_weights(model.weights_only)
+        matrices = sum(model.p[k].size for k in (*MATRICES, "lm_head.weight"))
+        print(before, after, matrices, model.p["wte"].size, int(table))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    before, after, matrices = map(int, out.stdout.split())
+    before, after, matrices, wte, table = map(int, out.stdout.split())
+    assert table == (dtype == "BF16" and weights is not None)  # (a BF16 file's token embedding held as its bits)
     bytes_per = {None: 4, "bfloat16": 2, "int8": 1}[weights]
-    model_bytes = 4 * (n - matrices) + bytes_per * matrices
+    model_bytes = 4 * (n - matrices - wte) + (2 if table else 4) * wte + bytes_per * matrices
     assert n > 90e6 and matrices > 0.5 * n
     grew = after - before
     # (plus a fixed transient: a block of the file's pages, the conversion's one-block scratch and temporaries)

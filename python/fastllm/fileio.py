@@ -351,7 +351,8 @@ class SafetensorsFile(Mapping):
     def read_into(self, name: str, out: np.ndarray, block_bytes: int = 32 << 20, start: int | None = None) -> None:
         """out[...] = the tensor, converted to out's dtype, a block of rows at a time, each block's file pages given
         back once copied: the extra memory is one block, whatever the tensor's size. BF16 into a C-contiguous
-        float32 `out` is widened in place (no temporary). ValueError naming the tensor if the shapes differ.
+        float32 `out` is widened in place (no temporary); into a uint16 `out`, its bits are copied as they are.
+        ValueError naming the tensor if the shapes differ.
         start: out holds the tensor's rows start .. start + len(out) - 1 instead (a part of a large matrix)."""
         shape = self.shape(name)
         fits = tuple(out.shape) == shape if start is None else \
@@ -370,7 +371,9 @@ class SafetensorsFile(Mapping):
         step = max(1, block_bytes // row)
         for i in range(0, src.shape[0], step):
             block, dst = src[i:i + step], out[i:i + step]
-            if bf16 and dst.dtype == np.float32 and dst.flags.c_contiguous:
+            if bf16 and dst.dtype == np.uint16:
+                dst[...] = block
+            elif bf16 and dst.dtype == np.float32 and dst.flags.c_contiguous:
                 bits = dst.view(np.uint32)
                 bits[...] = block
                 bits <<= 16

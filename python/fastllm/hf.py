@@ -95,7 +95,17 @@ import numpy as np
 from . import ops
 from .chat import eos_token_ids, read_templates, special_tokens
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
-from .model import GATED, GPT, MATRICES, WEIGHT_FORMS, GPTConfig, param_shapes, snapshot_convert, stacked_snapshot
+from .model import (
+    GATED,
+    GPT,
+    MATRICES,
+    TOKEN_TABLE,
+    WEIGHT_FORMS,
+    GPTConfig,
+    param_shapes,
+    snapshot_convert,
+    stacked_snapshot,
+)
 from .rope import ROPE_TYPES, attention_scaling
 from .version import __version__
 
@@ -970,16 +980,24 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT, weights: str 
                          f"config.json describes (model_type {doc['model_type']}, n_layer={cfg.n_layer})")
     model = cls(cfg, init=False)  # (its float32 buffer is untouched until written: pages never written stay free)
     held = () if weights is None else (*MATRICES, *(() if cfg.tie_embeddings else ("lm_head.weight",)))
+    # a BF16 file's token embedding of a RoPE model, held too: as its bf16 bits (what float32 holds, exactly)
+    if weights is not None and cfg.positions == "rope" and \
+            all(t.dtype(n) == "BF16" for _, t, n, slot in reads if slot.param == "wte"):
+        held += ("wte",)
     for file, tensors, name, slot in reads:
         if slot.param not in held:
             _read(file, tensors, name, slot, model.p)
+    snap = None if weights is None else _held_snapshot(model, reads, held, weights)
+    wte = model.p["wte"] if snap is None or TOKEN_TABLE not in snap else snap[TOKEN_TABLE]
     for file, tensors, name in tied_heads:
-        if tensors.shape(name) != model.p["wte"].shape or not np.array_equal(tensors[name], model.p["wte"]):
+        same = tensors.shape(name) == wte.shape and \
+            all(np.array_equal(a, b) for a, b in _row_blocks(tensors, name, wte))
+        if not same:
             raise ValueError(f"{file}: {name} differs from the token embedding, but config.json ties them "
                              f"(tie_word_embeddings): fastllm cannot load an untied head under a tied config")
         tensors.release(name)
-    if weights is not None:
-        model.hold_weights(_held_snapshot(model, reads, held, weights), weights)
+    if snap is not None:
+        model.hold_weights(snap, weights)
     model.checkpoint_dir = folder
     model.hf_model_type = doc["model_type"]  # save_pretrained writes the same family back where it can
     return model
@@ -997,10 +1015,19 @@ def _read(file: Path, tensors, name: str, slot: Slot, p: dict) -> None:
         raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
 
 
+def _row_blocks(tensors, name: str, like: np.ndarray, rows: int = 4096):
+    """(the file's rows, like's rows) as float32 pairs, a block at a time (like: float32 or bf16 bits)."""
+    for r0 in range(0, len(like), rows):
+        part = like[r0:r0 + rows]
+        out = np.empty(part.shape, np.float32)
+        tensors.read_into(name, out, start=r0)
+        yield out, ops.from_bf16(part) if part.dtype == np.uint16 else part
+
+
 def _held_snapshot(model: GPT, reads: list, held: tuple[str, ...], weights: str) -> dict:
     """The decode snapshot of form `weights` of the matrices `held` (per block, stacked, and an untied lm-head) read
-    from the files one layer at a time into a float32 scratch (stacked_snapshot); a tied lm-head is the loaded
-    wte's."""
+    from the files one layer at a time into a float32 scratch (stacked_snapshot); with "wte" held, the token
+    embedding as the file's bf16 bits (TOKEN_TABLE); a tied lm-head is wte's."""
     convert, snap = snapshot_convert(weights), {}
     parts: dict[tuple[str, int | None], list] = {}  # (param, layer) -> its reads
     for r in reads:
@@ -1013,12 +1040,20 @@ def _held_snapshot(model: GPT, reads: list, held: tuple[str, ...], weights: str)
 
     for param in held:
         shape = model.p[param].shape  # (a view: its pages stay untouched)
-        if param in MATRICES:
+        if param == "wte":  # the bits as they are in the file, checked finite
+            snap[TOKEN_TABLE] = table = np.empty(shape, np.uint16)
+            (file, tensors, name, _), = parts[("wte", None)]
+            tensors.read_into(name, table)
+            if not all(np.isfinite(ops.from_bf16(table[r:r + 4096])).all() for r in range(0, len(table), 4096)):
+                raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
+        elif param in MATRICES:
             snap[param] = stacked_snapshot(convert, shape[0], shape[1:], lambda l, s, n=param: fill(n, l, s))
         else:  # the untied lm-head, in blocks of rows (a float32 copy of it would be a large transient)
             snap[param] = _blockwise(convert, shape, lambda r0, out, n=param: _read_rows(parts[(n, None)], r0, out))
-    if model.config.tie_embeddings:
-        snap["wte"] = convert(model.p["wte"])
+    if model.config.tie_embeddings:  # the head: wte's float32, or its bf16 bits (converted a block at a time)
+        table = snap.get(TOKEN_TABLE)
+        snap["wte"] = convert(model.p["wte"]) if table is None else convert(table) if weights == "bfloat16" else \
+            _blockwise(convert, table.shape, lambda r0, out: np.copyto(out, ops.from_bf16(table[r0:r0 + len(out)])))
     return snap
 
 

@@ -307,7 +307,7 @@ def _snapshot_layers(snap: dict) -> dict:
 
 
 def _per_layer(name: str) -> bool:
-    return name not in ("wte", "wpe", "lm_head.weight") and not name.startswith("ln_f")
+    return name not in ("wte", "wpe", "lm_head.weight", TOKEN_TABLE) and not name.startswith("ln_f")
 
 
 def check_token_ids(x, name: str, config: GPTConfig) -> np.ndarray:
@@ -356,6 +356,7 @@ def kv_rows(config: GPTConfig, max_len: int) -> list[int]:
 
 MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # per block
 WEIGHT_FORMS = ("bfloat16", "int8", "w8a8")  # the forms of a decode snapshot (GPT.decode_weights)
+TOKEN_TABLE = "wte.bf16"  # a held snapshot's token embedding in bf16 (from a BF16 file: fastllm.hf), if it has one
 
 
 def _aligned(n: int, like: np.ndarray) -> np.ndarray:
@@ -367,8 +368,12 @@ def _aligned(n: int, like: np.ndarray) -> np.ndarray:
 def snapshot_convert(weights: str):
     """float32 matrices (..., OC, C) -> a decode snapshot's form: "bfloat16" (ops.Bf16Panels where the CPU's bf16
     GEMM wants them and C is even, else bf16 bits), "int8" (ops.Int8Weight) or "w8a8" (ops.Int8Panels)."""
-    if weights == "bfloat16":
-        return lambda w: ops.pack_bf16(w) if ops.bf16_panels_preferred() and w.shape[-1] % 2 == 0 else ops.to_bf16(w)
+    if weights == "bfloat16":  # (bf16 bits, uint16, are taken as they are)
+        def bf16(w):
+            bits = w if w.dtype == np.uint16 else ops.to_bf16(w)
+            return ops.pack_bf16(bits) if ops.bf16_panels_preferred() and w.shape[-1] % 2 == 0 else bits
+
+        return bf16
     return {"int8": ops.quantize_int8, "w8a8": ops.pack_int8}[weights]
 
 
@@ -585,11 +590,16 @@ class GPT:
             raise ValueError(f"{what}: this model holds its matrices in {self.weights_only} only (loaded with "
                              f"weights={self.weights_only!r}: inference only); load it without weights= for this")
 
+    def _token_table(self):
+        """The token embedding the kernels read: wte, or the bf16 copy a held snapshot has of it (TOKEN_TABLE)."""
+        return self.pc["wte"] if self._decoding is None else self._decoding[0].get(TOKEN_TABLE, self.pc["wte"])
+
     def hold_weights(self, snapshot: dict, weights: str) -> GPT:
         """Inference only, from now on: every pass runs on `snapshot` (a decode snapshot of form `weights`, as
         bf16_weights / int8_weights / w8a8_weights make, or fastllm.hf builds while loading), and the float32
         matrices are not kept (their part of `params` is never read again: loading with weights= never writes it,
-        so those pages are never touched). Training, saving, state_dict() and .to() raise ValueError naming it."""
+        so those pages are never touched; nor the token embedding's where the snapshot has it as bf16 bits,
+        TOKEN_TABLE). Training, saving, state_dict() and .to() raise ValueError naming it."""
         if weights not in WEIGHT_FORMS or self.device != "cpu":
             raise ValueError(f"hold_weights needs a CPU model and weights in {WEIGHT_FORMS}, got {weights!r} on "
                              f"{self.device}")
@@ -820,7 +830,7 @@ class GPT:
         bk.copy_(a["idx"], idx)
         self._trunk_ready = self.training  # activations saved for a backward(dhidden=...)
 
-        bk.embedding_forward(a["idx"], pc["wte"], pc.get("wpe"), out=a["encoded"].reshape((B, T, C)),
+        bk.embedding_forward(a["idx"], self._token_table(), pc.get("wpe"), out=a["encoded"].reshape((B, T, C)),
                              scale=cfg.embed_scale or 1.0)
         residual = a["encoded"]
         for l in range(cfg.n_layer):
@@ -1226,7 +1236,8 @@ class KVCache:
                                      out=bk.view(x, i * Tn * C, (1, Tn, C)), scale=cfg.embed_scale or 1.0)
         else:
             wpe = None if cfg.positions == "rope" else bk.view(pc["wpe"], int(pos[0]) * C, (Tn, C))
-            bk.embedding_forward(u["idx"], pc["wte"], wpe, out=x.reshape((b, Tn, C)), scale=cfg.embed_scale or 1.0)
+            bk.embedding_forward(u["idx"], m._token_table(), wpe, out=x.reshape((b, Tn, C)),
+                                 scale=cfg.embed_scale or 1.0)
         def add_branch(branch: str, l: int) -> None:  # x += the branch's output u["tmp"] (post-normed: Gemma 2/3)
             if cfg.post_norms:
                 post_norm_forward(bk, cfg, pl, branch, l, u["tmp"], u["post"], u["mean"], u["rstd"])

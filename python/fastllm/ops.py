@@ -791,6 +791,15 @@ def embedding_forward(tokens, wte, wpe, out=None, scale: float = 1.0) -> np.ndar
     tokens = _ids(tokens, "tokens")
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
+    if isinstance(wte, np.ndarray) and wte.dtype == np.uint16 and wpe is None:  # a bf16 table (a model holding its
+        # weights in bf16 from a BF16 file): gathered and widened exactly, as the kernel reads float32 (numpy: a
+        # gather of B*T rows is no hot path)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= len(wte)):
+            raise ValueError(f"tokens hold ids outside [0, {len(wte)})")
+        rows = from_bf16(wte[tokens])
+        out = np.empty(rows.shape, np.float32) if out is None else out
+        np.multiply(rows, np.float32(scale), out=out)
+        return out
     out = np.empty((*tokens.shape, _f32(wte, "wte").shape[-1]), np.float32) if out is None else out
     _C.embedding_forward(out, tokens, wte, wpe, scale)
     return out
