@@ -524,6 +524,14 @@ def _differences(cfg: GPTConfig, want: dict) -> list[str]:
     return [f"{k}={getattr(cfg, k)!r}" for k, v in want.items() if getattr(cfg, k) != v]
 
 
+def _family(kind: str, what: str, diff: list[str]) -> str:
+    """kind, where no option differs from the family's (diff: _differences'); else ValueError naming them and
+    `what` led to the family."""
+    if diff:
+        raise ValueError(f"no transformers architecture computes this config: {what} with {', '.join(diff)}")
+    return kind
+
+
 def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
     """olmo2, olmo3 (sliding layers, a RoPE of their own) or exaone4 (QK-norm per head, no biases, no RoPE on the
     full layers where some slide) for a config with norms after each branch only."""
@@ -539,14 +547,10 @@ def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
     diff = _differences(cfg, want)
     if cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5:
         diff.append(f"attn_scale={cfg.attn_scale!r}")
-    if diff:
-        raise ValueError(f"no transformers architecture computes this config: post_norms={cfg.post_norms}, pre_norms="
-                         f"{cfg.pre_norms}, qk_norm_over={cfg.qk_norm_over!r} "
-                         f"({'EXAONE 4' if exaone else 'OLMo 2/3'}) with {', '.join(diff)}")
-    if exaone:
-        return "exaone4"
     olmo3 = cfg.sliding_window is not None or cfg.rope_local_theta is not None or prefer == "olmo3"
-    return "olmo3" if olmo3 else "olmo2"
+    return _family("exaone4" if exaone else "olmo3" if olmo3 else "olmo2",
+                   f"post_norms={cfg.post_norms}, pre_norms={cfg.pre_norms}, qk_norm_over={cfg.qk_norm_over!r} "
+                   f"({'EXAONE 4' if exaone else 'OLMo 2/3'})", diff)
 
 
 def _glm4_type(cfg: GPTConfig) -> str:
@@ -554,11 +558,7 @@ def _glm4_type(cfg: GPTConfig) -> str:
     want = dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, proj_bias=False, mlp_bias=False, logit_softcap=None,
                 embed_scale=None, attn_softcap=None, attn_scale=None, sliding_window=None, nope_layers=None,
                 rope_local_theta=None, residual_scale=None, logits_scaling=None)
-    diff = _differences(cfg, want)
-    if diff:
-        raise ValueError(f"no transformers architecture computes this config: pre_norms and post_norms with "
-                         f"mlp={cfg.mlp!r} (GLM-4) with {', '.join(diff)}")
-    return "glm4"
+    return _family("glm4", f"pre_norms and post_norms with mlp={cfg.mlp!r} (GLM-4)", _differences(cfg, want))
 
 
 def _layernorm_type(cfg: GPTConfig) -> str:
@@ -574,11 +574,8 @@ def _layernorm_type(cfg: GPTConfig) -> str:
             want.update(layer_types=None)
     else:
         want.update(mlp="swiglu", proj_bias=False, mlp_bias=False, sliding_window=None)
-    diff = _differences(cfg, want)
-    if diff:
-        raise ValueError(f"no transformers architecture computes this config: norm='layernorm' with rope and "
-                         f"mlp={cfg.mlp!r} ({'StarCoder2' if starcoder else 'StableLM'}) with {', '.join(diff)}")
-    return "starcoder2" if starcoder else "stablelm"
+    return _family("starcoder2" if starcoder else "stablelm", f"norm='layernorm' with rope and mlp={cfg.mlp!r} "
+                   f"({'StarCoder2' if starcoder else 'StableLM'})", _differences(cfg, want))
 
 
 def _granite_type(cfg: GPTConfig) -> str:
@@ -586,33 +583,21 @@ def _granite_type(cfg: GPTConfig) -> str:
     want = dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, proj_bias=cfg.qkv_bias, logit_softcap=None,
                 attn_softcap=None, sliding_window=None, nope_layers=None, partial_rotary_factor=1.0,
                 rope_local_theta=None)
-    diff = _differences(cfg, want)
-    if diff:
-        raise ValueError(f"no transformers architecture computes this config: embed_scale={cfg.embed_scale}, "
-                         f"attn_scale={cfg.attn_scale}, residual_scale={cfg.residual_scale}, logits_scaling="
-                         f"{cfg.logits_scaling} (Granite) with {', '.join(diff)}")
-    return "granite"
+    return _family("granite", f"embed_scale={cfg.embed_scale}, attn_scale={cfg.attn_scale}, residual_scale="
+                   f"{cfg.residual_scale}, logits_scaling={cfg.logits_scaling} (Granite)", _differences(cfg, want))
 
 
 def _arcee_type(cfg: GPTConfig) -> str:
     """arcee for a Llama config with a relu2 MLP (no gate)."""
     want = dict(qk_norm=False, proj_bias=cfg.qkv_bias, partial_rotary_factor=1.0, nope_layers=None,
                 sliding_window=None)
-    diff = _differences(cfg, want)
-    if diff:
-        raise ValueError(f"no transformers architecture computes this config: mlp='relu2' (Arcee) with "
-                         f"{', '.join(diff)}")
-    return "arcee"
+    return _family("arcee", "mlp='relu2' (Arcee)", _differences(cfg, want))
 
 
 def _smollm3_type(cfg: GPTConfig) -> str:
     """smollm3 for a Llama config with layers without RoPE."""
     want = dict(norm="rmsnorm", mlp="swiglu", qk_norm=False, proj_bias=cfg.qkv_bias, partial_rotary_factor=1.0)
-    diff = _differences(cfg, want)
-    if diff:
-        raise ValueError(f"no transformers architecture computes this config: nope_layers={cfg.nope_layers} "
-                         f"(SmolLM3) with {', '.join(diff)}")
-    return "smollm3"
+    return _family("smollm3", f"nope_layers={cfg.nope_layers} (SmolLM3)", _differences(cfg, want))
 
 
 def _gemma_type(cfg: GPTConfig) -> str:
@@ -631,9 +616,7 @@ def _gemma_type(cfg: GPTConfig) -> str:
         diff.append(f"rope_local_theta={cfg.rope_local_theta!r}")
     if kind == "gemma3_text" and cfg.attn_softcap is not None:  # (transformers' Gemma 3 would not apply it)
         diff.append(f"attn_softcap={cfg.attn_softcap!r} and qk_norm")
-    if diff:
-        raise ValueError(f"no transformers architecture computes this config: geglu (Gemma) with {', '.join(diff)}")
-    return kind
+    return _family(kind, "geglu (Gemma)", diff)
 
 
 def _llama_type(cfg: GPTConfig, prefer: str | None) -> str:
@@ -811,12 +794,13 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
             out[pre + "input_layernorm.weight"] = Slot("ln_1.weight", layer, offset=norm)
             if cfg.norm == "layernorm":  # (StableLM, StarCoder2)
                 out[pre + "input_layernorm.bias"] = Slot("ln_1.bias", layer)
+        fused_mlp = {pre + "post_attention_layernorm.weight": Slot("ln_2.weight", layer),  # (Phi-3, GLM-4: the MLP's
+                     pre + "mlp.gate_up_proj.weight": Slot("mlp.c_fc.weight", layer),  # pre-norm; gate|up rows in
+                     pre + "mlp.down_proj.weight": Slot("mlp.c_proj.weight", layer)}  # one tensor, fastllm's layout)
         if kind == "phi3":  # fastllm's own layout: q|k|v rows, gate|up rows
             out[pre + "self_attn.qkv_proj.weight"] = Slot("attn.c_attn.weight", layer)
             out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
-            out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer)
-            out[pre + "mlp.gate_up_proj.weight"] = Slot("mlp.c_fc.weight", layer)
-            out[pre + "mlp.down_proj.weight"] = Slot("mlp.c_proj.weight", layer)
+            out.update(fused_mlp)
             continue
         for x, rows in qkv.items():
             heads = {"q": NH, "k": NKV}.get(x) if kind in INTERLEAVED else None
@@ -830,11 +814,9 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
         out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
         if cfg.proj_bias:
             out[pre + "self_attn.o_proj.bias"] = Slot("attn.c_proj.bias", layer)
-        if kind == "glm4":  # post_attention_layernorm is the MLP's pre-norm, as in Llama; post-norms of their own
+        if kind == "glm4":  # post-norms of their own names
             out[pre + "post_self_attn_layernorm.weight"] = Slot("attn.post_norm.weight", layer)
-            out[pre + "post_attention_layernorm.weight"] = Slot("ln_2.weight", layer)
-            out[pre + "mlp.gate_up_proj.weight"] = Slot("mlp.c_fc.weight", layer)
-            out[pre + "mlp.down_proj.weight"] = Slot("mlp.c_proj.weight", layer)
+            out.update(fused_mlp)
             out[pre + "post_mlp_layernorm.weight"] = Slot("mlp.post_norm.weight", layer)
             continue
         if cfg.post_norms:  # Gemma 2/3, OLMo 2/3: post_attention_layernorm is the attention's post-norm
