@@ -781,7 +781,7 @@ def test_serve_splits_the_reasoning_of_a_smollm3_folder(tmp_path):
         assert (msg["reasoning_content"], msg["content"]) == want
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2", "olmo2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2", "olmo2", "smollm3"])
 def test_serve_completions_of_a_hub_folder(family, tmp_path):
     """/v1/completions of a hub folder encodes a text prompt as transformers' tokenizer does (Llama 3: after its BOS
     token, as vLLM does) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS
@@ -1017,7 +1017,7 @@ def test_lm_eval_adapter_scores_as_lm_evals_hf_model(family, tmp_path):
     assert lm.generate_until(reqs, disable_tqdm=True) == hflm.generate_until(reqs)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2", "olmo2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "gemma2", "olmo2", "smollm3"])
 def test_cli_sample_from_a_hub_folder(family, tmp_path, capsys):
     """`fastllm sample --ckpt <HF folder>` encodes the prompt as transformers' tokenizer does (Llama 3: after its
     BOS token) and continues it with transformers' greedy tokens, stopping at generation_config.json's EOS ids."""
