@@ -452,3 +452,17 @@ def test_gptconfig_checks_the_new_options():
     with pytest.raises(ValueError, match="nope_layers is set but positions is 'learned'"):
         GPTConfig(**{**base, "positions": "learned"}, nope_layers=[0])
     assert GPTConfig(**base, nope_layers=(1, 0)).nope_layers == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["smollm3", "olmo2", "olmo3", "exaone4", "arcee", "granite", "ernie4_5", "glm4",
+                                  "ministral", "stablelm", "starcoder2", "phi3", "llama", "mistral", "qwen2", "qwen3",
+                                  "gemma", "gemma2", "gemma3_text"])
+def test_configs_leaving_keys_out_mean_transformers_defaults(kind):
+    """A config.json with only the sizes (older or hand-written ones leave defaults out) maps to the model
+    transformers builds from it: the same GPTConfig as from the full config.json transformers writes."""
+    sizes = dict(vocab_size=64, hidden_size=256, intermediate_size=96, num_hidden_layers=4, num_attention_heads=32,
+                 max_position_embeddings=64)  # (32 heads: the default kv heads, 2 to 32, divide them)
+    arch = "Gemma3TextForCausalLM" if kind == "gemma3_text" else hf.ARCHITECTURES[kind][0]
+    full = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**sizes, pad_token_id=None)
+    assert hf.config_from_hf({**sizes, "model_type": kind}) == hf.config_from_hf(json.loads(full.to_json_string()))
+

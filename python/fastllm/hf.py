@@ -141,16 +141,37 @@ EPS_KEYS = {"stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon"}  # the L
 MLP_NAMES = {"arcee": "relu2", "starcoder2": "GELU-tanh"}  # the MLPs other than SwiGLU, for errors
 INTERLEAVED = ("ernie4_5", "glm4")  # RoPE on pairs (2i, 2i+1): their q and k rows reordered per head (tensor_map)
 OLMOS = ("olmo2", "olmo3")  # norms after each branch only, QK-norm over all heads
+TIED = ("smollm3", "starcoder2", "ernie4_5")  # (and the Gemmas) tie_word_embeddings defaults to true
 # transformers' rope_theta defaults (else 1e4)
 DEFAULT_THETA = {"smollm3": 2e6, "olmo3": 5e5, "gemma3_text": 1e6, "ernie4_5": 5e5}
 MODEL_TYPES = tuple(ARCHITECTURES)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
 _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                       layer_norm_epsilon=1e-5)  # fmt: skip
-# Gemma3TextConfig's defaults: the text_config of Gemma 3 4B-27B's config.json names only what differs from them
-GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
-                            rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096)
+# transformers' defaults for the keys a config.json may leave out, where they are not the Llama family's (rms_norm_eps
+# 1e-6, as many kv heads as heads, head_dim = hidden_size / heads, no window: _llama_config's); the text_config of
+# Gemma 3 4B-27B names only what differs from Gemma3TextConfig's
+FAMILY_DEFAULTS = {
+    "gemma3_text": dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                        rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096),
+    "gemma": dict(num_key_value_heads=16),
+    "gemma2": dict(num_key_value_heads=4, sliding_window=4096),
+    "smollm3": dict(num_key_value_heads=4),
+    "mistral": dict(num_key_value_heads=8, sliding_window=4096),
+    "ministral": dict(num_key_value_heads=8, sliding_window=4096),
+    "qwen2": dict(num_key_value_heads=32),
+    "qwen3": dict(num_key_value_heads=32, head_dim=128),
+    "phi3": dict(rms_norm_eps=1e-5),
+    "olmo2": dict(rms_norm_eps=1e-5),
+    "olmo3": dict(rms_norm_eps=1e-5, sliding_window=4096),
+    "exaone4": dict(rms_norm_eps=1e-5, num_key_value_heads=32, sliding_window=4096),
+    "arcee": dict(rms_norm_eps=1e-5),
+    "ernie4_5": dict(rms_norm_eps=1e-5, num_key_value_heads=2, head_dim=128),
+    "glm4": dict(rms_norm_eps=1.5625e-7, num_key_value_heads=2, head_dim=128),
+    "stablelm": dict(num_key_value_heads=32),
+    "starcoder2": dict(num_key_value_heads=2),
+}
 VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")  # a multimodal Gemma 3's, not read
 _SKIP = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)|(model\.)?layers\.\d+\.self_attn\.rotary_emb"
                    r"\.inv_freq")  # buffers old checkpoints carry: causal masks, RoPE frequencies (recomputed)
@@ -284,8 +305,7 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
         if not isinstance(d.get("text_config"), dict):
             raise bad("text_config must be an object (the language model of Gemma3ForConditionalGeneration)")
         d, kind = d["text_config"], "gemma3_text"
-    if kind == "gemma3_text":
-        d = {**GEMMA3_TEXT_DEFAULTS, **d}
+    d = {**FAMILY_DEFAULTS.get(kind, {}), **d}
     try:
         cfg = _gpt2_config(d, bad) if kind == "gpt2" else _llama_config(d, kind, bad)
         return GPTConfig(**cfg)
@@ -353,7 +373,7 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     window, layer_types = _sliding(d, kind, L, bad)
     if window is not None and window >= context:  # a window as long as the context is full attention
         window, layer_types = None, None
-    attention_bias = d.get("attention_bias", False)
+    attention_bias = d.get("attention_bias", kind == "glm4")  # (the families' transformers defaults, as below)
     mlp_bias = d.get("mlp_bias", False)
     if kind in ("mistral", "qwen2", "phi3", "exaone4", "ministral") and attention_bias:
         raise bad(f"attention_bias={attention_bias!r} is not supported for {kind} (transformers' {kind} has "
@@ -387,7 +407,7 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         head_dim=head_dim, positions="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm", mlp="swiglu",
         mlp_hidden=d["intermediate_size"], qkv_bias=qkv_bias, proj_bias=proj_bias,
         mlp_bias=mlp_bias, qk_norm=kind in ("qwen3", "gemma3_text", "exaone4", *OLMOS),
-        tie_embeddings=bool(d.get("tie_word_embeddings", gemma or kind == "smollm3")), sliding_window=window,
+        tie_embeddings=bool(d.get("tie_word_embeddings", gemma or kind in TIED)), sliding_window=window,
         layer_types=layer_types, rope_local_theta=local_theta, partial_rotary_factor=partial,
     )
     if kind in (*OLMOS, "exaone4"):  # norms after each branch instead of before it; OLMo's QK-norm over all q (k)
