@@ -94,6 +94,32 @@ def test_modern_architecture_from_flags_trains_and_resumes(data, capsys):
     assert "n_kv_head=3 must divide n_head=2" in capsys.readouterr().err
 
 
+def test_olmo2_style_norms_from_flags_train_and_save_for_transformers(data, tmp_path):
+    """`--no-pre-norms --post-norms --qk-norm --qk-norm-over all`: OLMo 2's block, trained from scratch (the loss
+    falls), and `fastllm convert --to hf` writes an Olmo2ForCausalLM that transformers computes the same."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from fastllm.cli import main
+
+    out = data / "olmo"
+    assert main(["train", "--no-progress", "--data", str(data / "data"), "--out", str(out), "--model", "nano",
+                 "--n-embd", "32", "--n-head", "2", "--no-pre-norms", "--post-norms", "--qk-norm", "--qk-norm-over",
+                 "all", "--batch-size", "4", "--seq-len", "32", "--max-steps", "30", "--lr", "3e-3", "--warmup-steps",
+                 "5", "--eval-every", "0", "--ckpt-every", "30", "--threads", "2"]) == 0
+    model = load_model(out)
+    cfg = model.config
+    assert (cfg.pre_norms, cfg.post_norms, cfg.qk_norm, cfg.qk_norm_over) == (False, True, True, "all")
+    losses, _ = _losses(out)
+    assert losses[-1][1] < losses[0][1] - 0.4, losses  # (slower than pre-norms at this size and lr: it learns)
+    assert main(["convert", str(out), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "Olmo2ForCausalLM"
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        want = theirs(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(model.eval().forward(ids) - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
 def test_killed_run_resumes_bit_identically(data):
     full = config(data, out=str(data / "full"), max_steps=12, ckpt_every=3, eval_every=4)
     train(full, progress=False, log=lambda *a: None)

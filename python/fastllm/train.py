@@ -36,7 +36,7 @@ import numpy as np
 from . import checkpoint, checks, distributed, ops, set_num_threads
 from .data import DataLoader, read_shard
 from .eval import TrainEval, check_train_eval
-from .model import GPT, MLPS, NORMS, POSITIONS, PRESETS, GPTConfig
+from .model import GPT, MLPS, NORMS, POSITIONS, PRESETS, QK_NORMS, GPTConfig
 from .optim import AdamW, lr_schedule
 from .options import (
     CKPT_EVERY,
@@ -64,7 +64,7 @@ class TrainingError(RuntimeError):
 
 # the TrainConfig fields that override the preset's GPTConfig fields of the same names
 MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "n_kv_head", "positions", "rope_theta", "norm", "mlp", "mlp_hidden",
-                 "qk_norm", "tie_embeddings", "logit_softcap")
+                 "qk_norm", "qk_norm_over", "pre_norms", "post_norms", "tie_embeddings", "logit_softcap")
 
 
 @dataclass
@@ -87,6 +87,12 @@ class TrainConfig:
                                    "the preset's)", choices=MLPS)
     mlp_hidden: int | None = option(None, "MLP hidden width (default: the preset's; 4 * n_embd)")
     qk_norm: bool | None = option(None, "RMSNorm on every query and key head, as Qwen3 (default: the preset's)")
+    qk_norm_over: str | None = option(None, "what QK-norm normalises: each head (head, Qwen3) or all the q and all the "
+                                            "k channels at once (all, OLMo 2) (default: head)", choices=QK_NORMS)
+    pre_norms: bool | None = option(None, "a norm on each branch's input (--no-pre-norms --post-norms: OLMo 2's "
+                                          "placement; default: yes)")
+    post_norms: bool | None = option(None, "a norm on each branch's output too, before it joins the residual stream "
+                                           "(Gemma 2, OLMo 2; default: no)")
     tie_embeddings: bool | None = option(None, "the lm-head is the token embedding (--no-tie-embeddings: its own "
                                                "matrix; default: the preset's)")
     logit_softcap: float | None = option(None, "cap the logits at c * tanh(logits / c), as Gemma 2 and nanochat "
