@@ -32,10 +32,9 @@ from .data import _input_files, builtin_corpus, iter_documents, prepare
 from .demo import DemoConfig, run_demo
 from .eval import EvalConfig, evaluate, format_report
 from .eval import load as load_eval
-from .model import WEIGHT_FORMS
 from .options import THREADS, field_metadata
 from .rl import RewardModelConfig, RLConfig, train_grpo, train_reward_model
-from .sample import DECODE_DTYPES, SamplingParams, check_decode_dtype, check_seed, stream_text
+from .sample import DECODE_DTYPES, SamplingParams, check_decode_dtype, check_seed, held_weights, stream_text
 from .serve import ServeConfig, serve
 from .sft import ChatSession, SFTConfig, chat_loop, sft
 from .tokenizer import Tokenizer
@@ -312,11 +311,6 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperat
                         "less); GPU (default: bfloat16): the compute dtype of the GPU model")
 
 
-def _held(dtype: str | None, device: str) -> str | None:
-    """The weights a CPU --dtype holds the model's matrices in alone (load_model's weights=), or None."""
-    return dtype if device == "cpu" and dtype in WEIGHT_FORMS else None
-
-
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     """The sampling flags, checked (ValueError naming the bad one) before any model is loaded."""
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)}
@@ -349,7 +343,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_decode_dtype(args.dtype, args.device)
     model = load_model(args.ckpt, args.device, (args.dtype or "bfloat16") if args.device == "cuda" else None,
-                       _held(args.dtype, args.device)).eval()
+                       held_weights(args.dtype, args.device)).eval()
     tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
     ids = tok.encode_prompt(args.prompt)  # BOS first as HF's tokenizer encodes it; no prompt: a new document
     context = model.config.block_size
@@ -408,7 +402,7 @@ def _json_object(text: str) -> dict:
          ['fastllm chat --ckpt chat/ --system "You are helpful." --temperature 0.7'], args=_chat_args)
 def _cmd_chat(args: argparse.Namespace) -> int:
     sampling = _sampling_kwargs(args)  # checked before loading anything
-    model = load_model(args.ckpt, weights=_held(args.dtype, "cpu")).eval()
+    model = load_model(args.ckpt, weights=held_weights(args.dtype, "cpu")).eval()
     tok = checkpoint_tokenizer(model.checkpoint_dir, args.tokenizer)
     # its own template, or ChatML
     fmt = chat_format(model.checkpoint_dir, tok, args.chat_template_kwargs) if args.tokenizer is None else None

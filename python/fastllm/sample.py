@@ -158,6 +158,12 @@ def check_decode_dtype(dtype: str | None, device: str) -> None:
                          "or float32")
 
 
+def held_weights(dtype: str | None, device: str) -> str | None:
+    """The form a decoding --dtype holds a CPU model's matrices in alone (load_model's weights=): bfloat16, int8 or
+    w8a8; None (float32, or a GPU, whose model computes in its own dtype)."""
+    return dtype if device == "cpu" and dtype in DECODE_DTYPES and dtype != "float32" else None
+
+
 def _check_finite(logits: np.ndarray, alive: np.ndarray, step: int) -> None:
     """Non-finite logits mean NaN/Inf weights or activations: raise rather than sample garbage (argmax of NaN
     is token 0, forever)."""

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chat import ChatML, has_chatml
-from ..model import WEIGHT_FORMS
 from ..options import THREADS, option
-from ..sample import DECODE_DTYPES, check_decode_dtype
+from ..sample import DECODE_DTYPES, check_decode_dtype, held_weights
 from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, kv_slot_bytes, load
 
 INSTALL_HINT = 'fastllm serve needs the serve extra: pip install "fastllm[serve]"'
@@ -109,8 +108,7 @@ def serve(cfg: ServeConfig, log=None) -> None:
     check_decode_dtype(cfg.dtype, cfg.device)
     if cfg.threads:
         fastllm.set_num_threads(cfg.threads)
-    held = cfg.dtype if cfg.device == "cpu" and cfg.dtype in WEIGHT_FORMS else None  # (only those weights held)
-    model, tok = load(cfg.ckpt, cfg.tokenizer, weights=held)
+    model, tok = load(cfg.ckpt, cfg.tokenizer, weights=held_weights(cfg.dtype, cfg.device))
     weights = "float32"  # the CPU decodes with bf16 weight copies if asked; a GPU model computes in its dtype
     if cfg.device == "cuda":
         model.to("cuda", cfg.dtype or "bfloat16")
