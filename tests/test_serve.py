@@ -629,6 +629,32 @@ def test_responses_take_vllms_sampling_fields(client):
         assert (e.value.param, e.value.code) == (name, "unknown_parameter")
 
 
+def test_responses_logprobs_are_the_chat_answers(client):
+    """include=["message.output_text.logprobs"] with top_logprobs: the output text's tokens with their logprobs and
+    alternatives, those chat completions gives for the same seeded request, in the response and in the stream's
+    output_text deltas (together: the final part's); without the include, none (as OpenAI)."""
+    kw = dict(model=MODEL, input="abc", max_output_tokens=12, extra_body={"seed": 5})
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "abc"}], max_tokens=12,
+                                          seed=5, logprobs=True, top_logprobs=2)
+    want = [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in chat.choices[0].logprobs.content]
+    r = client.responses.create(**kw, include=["message.output_text.logprobs"], top_logprobs=2)
+    part = r.output[0].content[0]
+    assert [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in part.logprobs] == want
+    assert b"".join(bytes(t.bytes) for t in part.logprobs) == r.output_text.encode()  # (tokens: parts of characters)
+    assert r.output_text == chat.choices[0].message.content
+    assert len(part.logprobs) == r.usage.output_tokens
+    events = list(client.responses.create(**kw, include=["message.output_text.logprobs"], top_logprobs=2,
+                                          stream=True))
+    streamed = [t for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert [(t.token, t.logprob) for t in streamed] == [w[:2] for w in want]
+    done = [e for e in events if e.type == "response.output_text.done"][0]
+    assert [t.token for t in done.logprobs] == [w[0] for w in want]
+    assert client.responses.create(**kw).output[0].content[0].logprobs == []
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(**kw, include=["message.output_text.logprobs"], top_logprobs=21)
+    assert e.value.param == "top_logprobs"
+
+
 def test_special_tokens_are_left_out_of_the_text_as_vllm_does(client, reference, tmp_path):
     """Special tokens the model writes mid-text (not a stop token) are not in the text, streamed or not, chat and
     completions, as vLLM's default skip_special_tokens=true leaves them out: the text is transformers'

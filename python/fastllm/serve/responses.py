@@ -37,7 +37,8 @@ _SAME = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "seed
          "logit_bias", "include_stop_str_in_output")
 FIELDS = {"input", "instructions", "max_output_tokens", "tools", "tool_choice", "text", "store", "metadata", "user",
           "previous_response_id", "reasoning", "truncation", "include", "service_tier", "prompt_cache_key",
-          "safety_identifier", *_SAME}
+          "safety_identifier", "top_logprobs", *_SAME}
+LOGPROBS = "message.output_text.logprobs"  # the `include` item asking for the answer's logprobs
 # the chat field a Responses field becomes (for naming it in errors)
 _PARAMS = {"max_completion_tokens": "max_output_tokens", "response_format.json_schema.schema": "text.format.schema",
            "response_format.json_schema.name": "text.format.name", "response_format.json_schema": "text.format",
@@ -106,6 +107,9 @@ def _chat_body(body) -> dict:
     chat["messages"] = _messages(body)
     if body.get("max_output_tokens") is not None:
         chat["max_completion_tokens"] = body["max_output_tokens"]
+    include = _get(body, "include", "array") or []
+    if LOGPROBS in include:  # (as OpenAI: top_logprobs alternatives, 0 by default, only with it)
+        chat.update(logprobs=True, top_logprobs=body.get("top_logprobs") or 0)
     tools = _get(body, "tools", "array")
     if tools is not None:
         chat["tools"] = [{"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
@@ -159,6 +163,7 @@ class ResponseCall:
         self.seq = 0
         self.output: list[dict] = []  # the output items so far
         self.open_item: dict | None = None  # the message or reasoning item being streamed
+        self.pending: list[dict] = []  # logprobs of tokens whose text has not come yet (part of a UTF-8 character)
 
     @property
     def done(self) -> bool:
@@ -206,15 +211,22 @@ class ResponseCall:
         for chunk in self.call.feed(events):
             for choice in chunk["choices"]:
                 delta = choice["delta"]
-                if delta.get("reasoning_content"):
+                logprobs = (choice.get("logprobs") or {}).get("content") or []
+                if delta.get("reasoning_content"):  # (a chunk's logprobs go with its answer text, not its reasoning)
                     out += self._text(delta["reasoning_content"], "reasoning")
-                if delta.get("content"):
-                    out += self._text(delta["content"])
+                elif delta.get("content"):
+                    out += self._text(delta["content"], logprobs=self.pending + logprobs)
+                    self.pending = []
+                else:  # no text yet (part of a character), or none at all (a stop token): with the next text
+                    self.pending += logprobs
                 for tc in delta.get("tool_calls") or []:
                     out += self._close_text() + self._function_call(tc)
         if self.call.done:
             if not any(i["type"] != "reasoning" for i in self.output) and not self.call.error:
                 out += self._text("")  # an empty answer is still a message
+            if self.pending and self.open_item is not None and self.open_item["type"] == "message":
+                self.open_item["content"][0]["logprobs"] += self.pending  # (a stop token's: in the final part)
+            self.pending = []
             out += self._close_text()
             if self.call.error:
                 out.append(self._event("response.failed", response=self.response()))
@@ -223,9 +235,10 @@ class ResponseCall:
                 out.append(self._event(f"response.{r['status']}", response=r))
         return out
 
-    def _text(self, delta: str, kind: str = "message") -> list[dict]:
-        """Events of `delta` added to the open item of `kind` ("message": output text; "reasoning": a thinking
-        model's reasoning text), opening one (and closing the other kind's) first if needed."""
+    def _text(self, delta: str, kind: str = "message", logprobs: list | None = None) -> list[dict]:
+        """Events of `delta` added to the open item of `kind` ("message": output text, with the logprobs of its
+        tokens when asked for; "reasoning": a thinking model's reasoning text), opening one (and closing the other
+        kind's) first if needed."""
         out = []
         if self.open_item is not None and self.open_item["type"] != kind:
             out += self._close_text()
@@ -245,7 +258,9 @@ class ResponseCall:
         if delta:
             item = self.open_item
             item["content"][0]["text"] += delta
-            extra = {"logprobs": []} if kind == "message" else {}
+            extra = {"logprobs": logprobs or []} if kind == "message" else {}
+            if kind == "message":
+                item["content"][0]["logprobs"] += copy.deepcopy(logprobs or [])
             out.append(self._event(f"response.{'output' if kind == 'message' else 'reasoning'}_text.delta",
                                    item_id=item["id"], output_index=self.output.index(item), content_index=0,
                                    delta=delta, **extra))
@@ -262,7 +277,7 @@ class ResponseCall:
                                 content_index=0, text=part["text"]),
                     self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
         return [self._event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=part["text"], logprobs=[]),
+                            text=part["text"], logprobs=copy.deepcopy(part["logprobs"])),
                 self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                             part=dict(part)),
                 self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item))]
