@@ -1,20 +1,20 @@
 """The families past Llama and Qwen (tests/test_hf_models.py), and sliding-window attention: small random
 GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM / Olmo2ForCausalLM / Olmo3ForCausalLM / SmolLM3ForCausalLM
 / Exaone4ForCausalLM / ArceeForCausalLM / GraniteForCausalLM / StableLmForCausalLM / Starcoder2ForCausalLM /
-MinistralForCausalLM / Ernie4_5ForCausalLM / Glm4ForCausalLM / Phi3ForCausalLM / MistralForCausalLM models built and
-saved by transformers load into fastllm with transformers' float32 logits, greedy tokens (through the KV cache, past
-the window) and gradients (transformers' autograd), from F32 and BF16 files; fastllm writes folders transformers
-loads to the same logits and reads them back bit for bit. Gemma's pieces: GeGLU, embeddings times sqrt(hidden_size),
-norms that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after each branch, attention and
-final logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2); QK-norm, five sliding
-layers of six with their own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's: norms after each
-branch instead of before it, QK-norm over all the q (k) channels (OLMo 2); three sliding layers of four whose RoPE
-is not the full layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full layers (EXAONE
-4). SmolLM3's layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Granite's embedding, score, residual
-and logit scales; StableLM's LayerNorms and quarter-head RoPE, StarCoder2's LayerNorms, GELU MLP and biases,
-Ministral's sliding layers; ERNIE 4.5's and GLM-4's RoPE on interleaved pairs (q and k rows reordered as they load),
-GLM-4's norms around each branch; Phi-4-mini's RoPE on part of each head (with LongRoPE's short factors); Mistral
-v0.1's and Phi-3's sliding windows past the window."""
+MinistralForCausalLM / Ernie4_5ForCausalLM / GlmForCausalLM / Glm4ForCausalLM / Phi3ForCausalLM / MistralForCausalLM
+models built and saved by transformers load into fastllm with transformers' float32 logits, greedy tokens (through
+the KV cache, past the window) and gradients (transformers' autograd), from F32 and BF16 files; fastllm writes
+folders transformers loads to the same logits and reads them back bit for bit. Gemma's pieces: GeGLU, embeddings
+times sqrt(hidden_size), norms that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after
+each branch, attention and final logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2);
+QK-norm, five sliding layers of six with their own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's:
+norms after each branch instead of before it, QK-norm over all the q (k) channels (OLMo 2); three sliding layers of
+four whose RoPE is not the full layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full
+layers (EXAONE 4). SmolLM3's layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Granite's embedding,
+score, residual and logit scales; StableLM's LayerNorms and quarter-head RoPE, StarCoder2's LayerNorms, GELU MLP and
+biases, Ministral's sliding layers; ERNIE 4.5's and the GLMs' RoPE on interleaved pairs (q and k rows reordered as
+they load), GLM-4's norms around each branch; Phi-4-mini's RoPE on part of each head (with LongRoPE's short
+factors); Mistral v0.1's and Phi-3's sliding windows past the window."""
 
 from __future__ import annotations
 
@@ -107,6 +107,11 @@ CASES = {  # name: (transformers class prefix, its config, the GPTConfig fields 
                  dict(tie_embeddings=True, qkv_bias=False, proj_bias=False, mlp_bias=False, partial_rotary_factor=1.0)),
     "ernie4_5-biases-untied": ("Ernie4_5", dict(num_key_value_heads=1, use_bias=True, tie_word_embeddings=False),
                                dict(qkv_bias=True, proj_bias=True, mlp_bias=True, tie_embeddings=False)),
+    "glm": ("Glm", dict(num_key_value_heads=2),  # (GLM-4-9B-chat-hf: glm4's without the post-norms)
+            dict(pre_norms=True, post_norms=False, partial_rotary_factor=0.5, qkv_bias=True, proj_bias=False)),
+    "glm-no-bias-full-rotary": ("Glm", dict(num_key_value_heads=4, attention_bias=False, partial_rotary_factor=1.0,
+                                            tie_word_embeddings=True),
+                                dict(partial_rotary_factor=1.0, qkv_bias=False, tie_embeddings=True)),
     "glm4": ("Glm4", dict(num_key_value_heads=2),  # (interleaved RoPE on half of each head, norms around branches)
              dict(pre_norms=True, post_norms=True, partial_rotary_factor=0.5, qkv_bias=True, proj_bias=False)),
     "glm4-full-rotary-tied": ("Glm4", dict(num_key_value_heads=4, attention_bias=False, partial_rotary_factor=1.0,
@@ -406,6 +411,7 @@ def test_bad_configs(tmp_path, case_name, changes, match):
     (dict(norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True, sliding_window=4), "starcoder2"),
     (dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]), "ministral"),
     (dict(post_norms=True, qkv_bias=True, partial_rotary_factor=0.5), "glm4"),
+    (dict(qkv_bias=True, partial_rotary_factor=0.5), "glm"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True, sliding_window=4, nope_layers=[1],
           layer_types=["sliding_attention", "full_attention"]), "exaone4"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True), "exaone4"),
@@ -455,7 +461,8 @@ def test_gptconfig_checks_the_new_options():
 
 
 @pytest.mark.parametrize("kind", ["smollm3", "olmo2", "olmo3", "exaone4", "arcee", "granite", "ernie4_5", "glm4",
-                                  "ministral", "stablelm", "starcoder2", "phi3", "llama", "mistral", "qwen2", "qwen3",
+                                  "ministral", "stablelm", "starcoder2", "phi3", "glm", "llama", "mistral", "qwen2",
+                                  "qwen3",
                                   "gemma", "gemma2", "gemma3_text"])
 def test_configs_leaving_keys_out_mean_transformers_defaults(kind):
     """A config.json with only the sizes (older or hand-written ones leave defaults out) maps to the model

@@ -43,9 +43,10 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
     ernie4_5 Ernie4_5ForCausalLM Llama's with use_bias (every projection) and RoPE on interleaved pairs (2i, 2i+1),
                                  which fastllm turns into its rotate-half pairs by reordering the q and k rows of each
                                  head as it loads (evens, then odds; undone on saving): ERNIE 4.5 0.3B
-    glm4     Glm4ForCausalLM     norms before and after each branch (post_self_attn_layernorm, post_mlp_layernorm),
-                                 q/k/v biases, gate|up in one tensor, interleaved RoPE on half of each head
-                                 (partial_rotary_factor 0.5) reordered as ernie4_5's: GLM-4-9B-0414
+    glm      GlmForCausalLM      Llama's with q/k/v biases, gate|up in one tensor, interleaved RoPE on half of each
+                                 head (partial_rotary_factor 0.5) reordered as ernie4_5's: GLM-4-9B-chat-hf, GLM-Edge
+    glm4     Glm4ForCausalLM     glm's, with norms after each branch too (post_self_attn_layernorm,
+                                 post_mlp_layernorm): GLM-4-9B-0414
     granite  GraniteForCausalLM  Llama's with four scales: embedding_multiplier (the token embeddings),
                                  attention_multiplier (the scores, instead of 1/sqrt(head_dim)), residual_multiplier
                                  (each branch's output joins the residual stream times it), logits_scaling (the
@@ -127,6 +128,7 @@ ARCHITECTURES = {
     "arcee": ("ArceeForCausalLM",),
     "granite": ("GraniteForCausalLM",),
     "ernie4_5": ("Ernie4_5ForCausalLM",),
+    "glm": ("GlmForCausalLM",),
     "glm4": ("Glm4ForCausalLM",),
     "ministral": ("MinistralForCausalLM",),
     "stablelm": ("StableLmForCausalLM",),
@@ -139,7 +141,8 @@ ARCHITECTURES = {
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 EPS_KEYS = {"stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon"}  # the LayerNorm families' epsilon keys
 MLP_NAMES = {"arcee": "relu2", "starcoder2": "GELU-tanh"}  # the MLPs other than SwiGLU, for errors
-INTERLEAVED = ("ernie4_5", "glm4")  # RoPE on pairs (2i, 2i+1): their q and k rows reordered per head (tensor_map)
+GLMS = ("glm", "glm4")  # q/k/v biases by default, o without; gate|up in one tensor; half-head interleaved RoPE
+INTERLEAVED = ("ernie4_5", *GLMS)  # RoPE on pairs (2i, 2i+1): their q and k rows reordered per head (tensor_map)
 OLMOS = ("olmo2", "olmo3")  # norms after each branch only, QK-norm over all heads
 TIED = ("smollm3", "starcoder2", "ernie4_5")  # (and the Gemmas) tie_word_embeddings defaults to true
 # transformers' rope_theta defaults (else 1e4)
@@ -168,6 +171,7 @@ FAMILY_DEFAULTS = {
     "exaone4": dict(rms_norm_eps=1e-5, num_key_value_heads=32, sliding_window=4096),
     "arcee": dict(rms_norm_eps=1e-5),
     "ernie4_5": dict(rms_norm_eps=1e-5, num_key_value_heads=2, head_dim=128),
+    "glm": dict(rms_norm_eps=1.5625e-7, num_key_value_heads=2, head_dim=128),
     "glm4": dict(rms_norm_eps=1.5625e-7, num_key_value_heads=2, head_dim=128),
     "stablelm": dict(num_key_value_heads=32),
     "starcoder2": dict(num_key_value_heads=2),
@@ -365,15 +369,16 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     if d.get("use_bidirectional_attention"):
         raise bad("use_bidirectional_attention=true is not supported (fastllm's attention is causal)")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-    partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", {"stablelm": 0.25, "glm4": 0.5}.get(
-        kind, 1.0)))
-    if partial != 1.0 and kind not in ("phi3", "stablelm", "glm4"):  # (transformers' Llama code turns whole heads)
-        raise bad(f"partial_rotary_factor={partial} is not supported for {kind} (only phi3's, stablelm's and glm4's)")
+    partial = d.get("partial_rotary_factor", params.get("partial_rotary_factor", {"stablelm": 0.25, "glm": 0.5,
+                                                                                  "glm4": 0.5}.get(kind, 1.0)))
+    if partial != 1.0 and kind not in ("phi3", "stablelm", *GLMS):  # (transformers' Llama code turns whole heads)
+        raise bad(f"partial_rotary_factor={partial} is not supported for {kind} (only phi3's, stablelm's and the "
+                  f"GLMs')")
     context = d["max_position_embeddings"]
     window, layer_types = _sliding(d, kind, L, bad)
     if window is not None and window >= context:  # a window as long as the context is full attention
         window, layer_types = None, None
-    attention_bias = d.get("attention_bias", kind == "glm4")  # (the families' transformers defaults, as below)
+    attention_bias = d.get("attention_bias", kind in GLMS)  # (the families' transformers defaults, as below)
     mlp_bias = d.get("mlp_bias", False)
     if kind in ("mistral", "qwen2", "phi3", "exaone4", "ministral") and attention_bias:
         raise bad(f"attention_bias={attention_bias!r} is not supported for {kind} (transformers' {kind} has "
@@ -399,7 +404,7 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
     qkv_bias = True if kind == "qwen2" else d.get("use_qkv_bias", False) if kind == "stablelm" else attention_bias
     if kind in ("starcoder2", "ernie4_5"):  # (one use_bias for every projection)
         qkv_bias = mlp_bias = attention_bias = bool(d.get("use_bias", kind == "starcoder2"))
-    proj_bias = attention_bias and kind not in ("qwen2", "glm4")  # (their attention_bias: q, k, v only)
+    proj_bias = attention_bias and kind not in ("qwen2", *GLMS)  # (their attention_bias: q, k, v only)
     cfg = dict(
         block_size=context, vocab_size=d["vocab_size"], n_layer=L, n_head=NH, n_embd=C,
         layernorm_eps=_positive_number(d, EPS_KEYS.get(kind, "rms_norm_eps"), 1e-6 if kind not in EPS_KEYS else 1e-5,
@@ -519,8 +524,13 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     if prefer == "ernie4_5" and kind == "llama" and cfg.qkv_bias == cfg.mlp_bias and cfg.sliding_window is None and \
             cfg.partial_rotary_factor == 1.0:
         return "ernie4_5"  # (a model loaded from such a folder: the same function as Llama's, saved as it came)
+    glm = not (cfg.qk_norm or cfg.proj_bias or cfg.mlp_bias or cfg.sliding_window)  # (GLM's: any rotary part)
+    if glm and prefer == "glm":
+        return "glm"
     if cfg.partial_rotary_factor != 1.0 and kind != "phi3":
         kind = _llama_type(cfg, "phi3")
+        if kind != "phi3" and glm:  # (q/k/v biases or a RoPE scaling Phi-3 has not: GLM's)
+            return "glm"
         if kind != "phi3":
             raise ValueError(f"no transformers architecture computes this config: partial_rotary_factor="
                              f"{cfg.partial_rotary_factor} with biases or rope_scaling "
@@ -704,7 +714,7 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
         d.update(hidden_act="relu2", attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     elif kind == "ernie4_5":
         d.update(use_bias=cfg.qkv_bias)
-    elif kind == "glm4":
+    elif kind in GLMS:
         d.update(attention_bias=cfg.qkv_bias, partial_rotary_factor=cfg.partial_rotary_factor, pad_token_id=None)
     elif kind == "ministral":
         d.update(sliding_window=cfg.sliding_window, layer_types=kinds)
@@ -834,10 +844,12 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
         out[pre + "self_attn.o_proj.weight"] = Slot("attn.c_proj.weight", layer)
         if cfg.proj_bias:
             out[pre + "self_attn.o_proj.bias"] = Slot("attn.c_proj.bias", layer)
-        if kind == "glm4":  # post-norms of their own names
-            out[pre + "post_self_attn_layernorm.weight"] = Slot("attn.post_norm.weight", layer)
+        if kind in GLMS:  # (GLM-4-0414: post-norms of their own names)
+            if kind == "glm4":
+                out[pre + "post_self_attn_layernorm.weight"] = Slot("attn.post_norm.weight", layer)
             out.update(fused_mlp)
-            out[pre + "post_mlp_layernorm.weight"] = Slot("mlp.post_norm.weight", layer)
+            if kind == "glm4":
+                out[pre + "post_mlp_layernorm.weight"] = Slot("mlp.post_norm.weight", layer)
             continue
         if cfg.post_norms:  # Gemma 2/3, OLMo 2/3: post_attention_layernorm is the attention's post-norm
             out[pre + "post_attention_layernorm.weight"] = Slot("attn.post_norm.weight", layer, offset=norm)
