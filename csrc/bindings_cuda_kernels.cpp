@@ -44,8 +44,9 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
     m.def(
         "gemm",
         [](DeviceArray& c, const DeviceArray& a, const DeviceArray& b, DeviceArray* bias, DeviceArray* pre_gelu,
-           bool trans_a, bool trans_b, bool accumulate) {
+           bool trans_a, bool trans_b, bool accumulate, float alpha) {
             check_float(a, "a");
+            FASTLLM_CHECK(std::isfinite(alpha), "alpha must be finite, got ", alpha);
             check_2d(a, "a");
             check_2d(b, "b");
             check_2d(c, "c");
@@ -77,11 +78,12 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             void* ppre = pre_gelu ? pre_gelu->data() : nullptr;
             const DType ct = c.dtype;
             py::gil_scoped_release nogil;
-            gemm(pc, ct, pa, pb, pbias, ppre, M, N, K, trans_a, trans_b, accumulate, ab);
+            gemm(pc, ct, pa, pb, pbias, ppre, M, N, K, trans_a, trans_b, accumulate, ab, alpha);
         },
         arg("c"), arg("a"), arg("b"), arg("bias") = py::none(), arg("pre_gelu") = py::none(),
-        arg("trans_a") = false, arg("trans_b") = false, arg("accumulate") = false,
-        "c (M, N) = [c +] op(a) @ op(b) [+ bias]; with pre_gelu: pre_gelu = the product + bias, c = gelu(it).");
+        arg("trans_a") = false, arg("trans_b") = false, arg("accumulate") = false, arg("alpha") = 1.0f,
+        "c (M, N) = [c +] alpha * op(a) @ op(b) [+ bias]; with pre_gelu: pre_gelu = the product + bias, "
+        "c = gelu(it).");
     // matmul: inp (..., C) and out (..., OC) with the same N leading rows, weight (OC, C) -> {N, C, OC}
     static const auto matmul_dims = [](const DeviceArray& inp, const DeviceArray& weight, const char* out_name,
                                        const DeviceArray& out) {

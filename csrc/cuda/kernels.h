@@ -45,16 +45,16 @@ void add_inplace(void* dst, const void* src, int64_t n, DType t);
 double sum_squares(const void* x, int64_t n, DType t);
 
 // ---- matmul.cu: tensor-core GEMM (bf16 mma, fp32 accumulation; fp32 inputs use an FFMA path)
-// C (M, N) = [C +] op(A) @ op(B) [+ bias (N)]: op(A) is A (M, K), or A stored (K, M) transposed if trans_a;
+// C (M, N) = [C +] alpha * op(A) @ op(B) [+ bias (N)]: op(A) is A (M, K), or A stored (K, M) transposed if trans_a;
 // op(B) is B (K, N), or B stored (N, K) transposed if trans_b. A, B, bias have dtype ab; C has dtype c_t
 // (f32 or ab). With pre_gelu (dtype c_t, M x N; accumulate must be false): pre_gelu = A@B+bias, C = gelu(pre_gelu).
 void gemm(void* C, DType c_t, const void* A, const void* B, const void* bias, void* pre_gelu, int64_t M,
-          int64_t N, int64_t K, bool trans_a, bool trans_b, bool accumulate, DType ab);
+          int64_t N, int64_t K, bool trans_a, bool trans_b, bool accumulate, DType ab, float alpha = 1.0f);
 // gemm with explicit row strides (elements) of C (and pre_gelu), A and B as stored; used by the fused classifier
 // (padded rows). The tensor-core path needs A, B 16-byte aligned and lda, ldb multiples of 8; else FFMA.
 void gemm_ex(void* C, DType c_t, int64_t ldc, const void* A, int64_t lda, const void* B, int64_t ldb,
              const void* bias, void* pre_gelu, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
-             bool accumulate, DType ab);
+             bool accumulate, DType ab, float alpha = 1.0f);
 // "auto" (tensor cores for bf16 when aligned), "simple" (always the FFMA reference kernel; for tests) or "tc1"
 // (the tensor-core variant tuned for 1 block/SM; for benchmarks). Initial value: $FASTLLM_CUDA_GEMM or "auto".
 std::string gemm_impl();

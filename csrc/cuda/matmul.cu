@@ -1,6 +1,6 @@
 /*
 GEMM with a fused epilogue, the bias gradient, and the matmul (fully connected layer) built on them, on the GPU.
-  C (M, N) = [C +] op(A) (M, K) @ op(B) (K, N) [+ bias (N)]      (optionally: pre_gelu = that, C = gelu(it))
+  C (M, N) = [C +] alpha * op(A) (M, K) @ op(B) (K, N) [+ bias (N)]      (optionally: pre_gelu = that, C = gelu(it))
 op(A) = A (M, K) or A^T for A stored (K, M) (trans_a); op(B) = B (K, N) or B^T for B stored (N, K) (trans_b).
 All row-major; A, B, bias share a dtype (f32 or bf16); C (and pre_gelu) are f32 or that dtype; fp32 accumulation.
 O(M N K) flops, compute bound for the GPT shapes (K >= 768).
@@ -102,6 +102,7 @@ struct Epi {
     int64_t ldc;      // row stride of C and pre_gelu
     int M, N;
     bool accumulate, vec;
+    float alpha;  // the product's factor (before the bias)
 };
 
 // The epilogue of accumulator values v0, v1 at (row, col), (row, col + 1); col is even; guarded.
@@ -110,6 +111,8 @@ __device__ __forceinline__ void epilogue_pair(const Epi<TAB, TC>& e, int row, in
     if (row >= e.M || col >= e.N) return;
     const bool two = col + 1 < e.N;
     const int64_t off = (int64_t)row * e.ldc + col;
+    v0 *= e.alpha;
+    v1 *= e.alpha;
     if (e.bias) {
         v0 += to_f32(e.bias[col]);
         if (two) v1 += to_f32(e.bias[col + 1]);
@@ -461,22 +464,22 @@ static bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintp
 
 void gemm_ex(void* C, DType c_t, int64_t ldc, const void* A, int64_t lda, const void* B, int64_t ldb,
              const void* bias, void* pre_gelu, int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b,
-             bool accumulate, DType ab) {
+             bool accumulate, DType ab, float alpha) {
     if (M == 0 || N == 0) return;
     const size_t cs = dtype_size(c_t);
     const bool vec = ldc % 2 == 0 && aligned(C, 2 * cs) && (!pre_gelu || aligned(pre_gelu, 2 * cs));
     const bool tc_ok = ab == DType::bf16 && aligned(A, 16) && aligned(B, 16) && lda % 8 == 0 && ldb % 8 == 0;
     const int impl = tc_ok ? gemm_impl_now() : 1;
     DISPATCH_FLOAT(ab, TAB, DISPATCH_FLOAT(c_t, TC, {
-        const Epi<TAB, TC> e{(TC*)C, (TC*)pre_gelu, (const TAB*)bias, ldc, (int)M, (int)N, accumulate, vec};
+        const Epi<TAB, TC> e{(TC*)C, (TC*)pre_gelu, (const TAB*)bias, ldc, (int)M, (int)N, accumulate, vec, alpha};
         run_gemm<TAB, TC>(impl, e, A, B, (int)K, lda, ldb, trans_a, trans_b);
     }));
 }
 
 void gemm(void* C, DType c_t, const void* A, const void* B, const void* bias, void* pre_gelu, int64_t M, int64_t N,
-          int64_t K, bool trans_a, bool trans_b, bool accumulate, DType ab) {
+          int64_t K, bool trans_a, bool trans_b, bool accumulate, DType ab, float alpha) {
     gemm_ex(C, c_t, N, A, trans_a ? M : K, B, trans_b ? K : N, bias, pre_gelu, M, N, K, trans_a, trans_b,
-            accumulate, ab);
+            accumulate, ab, alpha);
 }
 
 void bias_backward(float* dbias, const void* dout, int64_t M, int64_t N, DType t) {

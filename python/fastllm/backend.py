@@ -47,6 +47,7 @@ class CpuBf16:
 
     matmul_forward = staticmethod(partial(ops.matmul_forward, dtype="bfloat16"))
     matmul_backward = staticmethod(partial(ops.matmul_backward, dtype="bfloat16"))
+    gemm = staticmethod(partial(ops.gemm, dtype="bfloat16"))
     lmhead_ce = staticmethod(partial(ops.lmhead_ce, dtype="bfloat16"))
     attention_forward = staticmethod(partial(ops.attention_forward, dtype="bfloat16"))
     attention_backward = staticmethod(partial(ops.attention_backward, dtype="bfloat16"))

@@ -188,13 +188,15 @@ def _on_device(x, name: str, V: int | None = None, allow=None) -> DeviceArray:
 # ---- kernels (see csrc/cuda/kernels.h for the exact contract) ----------------------------------------------
 
 
-def gemm(c, a, b, trans_a: bool = False, trans_b: bool = False, accumulate: bool = False, bias=None,
-         pre_gelu=None) -> None:
-    """c (M, N) = [c +] op(a) @ op(b) [+ bias]; op(a) = a (M, K) or a.T for a stored (K, M) if trans_a; likewise b.
-    a, b, bias: float32 or bfloat16 (same); c: float32 or a's dtype. With pre_gelu: pre_gelu = a@b+bias and
-    c = gelu(pre_gelu). The GEMM under matmul, for tests and benchmarks."""
+def gemm(c, a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, accumulate: bool = False,
+         bias=None, pre_gelu=None):
+    """c (M, N) = [c +] alpha * op(a) @ op(b) [+ bias]; op(a) = a (M, K) or a.T for a stored (K, M) if trans_a;
+    likewise b. a, b, bias: float32 or bfloat16 (same); c: float32 or a's dtype. With pre_gelu: pre_gelu =
+    alpha*a@b+bias and c = gelu(pre_gelu). The GEMM under matmul; the model's small products (LoRA adapters).
+    Returns c."""
     arrays = _dev(c, "c"), _dev(a, "a"), _dev(b, "b"), _opt(bias, "bias"), _opt(pre_gelu, "pre_gelu")
-    _C.cuda.gemm(*arrays, bool(trans_a), bool(trans_b), bool(accumulate))  # checked first: CPU-only builds
+    _C.cuda.gemm(*arrays, bool(trans_a), bool(trans_b), bool(accumulate), float(alpha))  # checked first: CPU-only
+    return c
 
 
 def gemm_impl(name: str | None = None) -> str:
@@ -219,19 +221,21 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None) -> DeviceArr
     return out
 
 
-def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True):
+def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True,
+                    need_weight=True):
     """Gradients of matmul_forward, accumulated: dinp (..., C) += dout @ weight, dweight (OC, C, float32) +=
-    dout^T @ inp, dbias (OC, float32) += column sums of dout. Returns (dinp, dweight, dbias)."""
+    dout^T @ inp, dbias (OC, float32) += column sums of dout. Returns (dinp, dweight, dbias); need_*=False skip
+    those (returned as None; need_weight=False: a frozen weight)."""
     dout, inp, weight = _dev(dout, "dout"), _dev(inp, "inp"), _dev(weight, "weight")
     if need_dinp and dinp is None:
         dinp = zeros(inp.shape, inp.dtype)
-    if dweight is None:
+    if need_weight and dweight is None:
         dweight = zeros(weight.shape, "float32")
     if need_bias and dbias is None:
         dbias = zeros(weight.shape[:1], "float32")
-    _C.cuda.matmul_backward(_opt(dinp, "dinp") if need_dinp else None, _dev(dweight, "dweight"),
-                            _opt(dbias, "dbias") if need_bias else None, dout, inp, weight)
-    return (dinp if need_dinp else None), dweight, (dbias if need_bias else None)
+    _C.cuda.matmul_backward(_opt(dinp, "dinp") if need_dinp else None, _opt(dweight, "dweight") if need_weight
+                            else None, _opt(dbias, "dbias") if need_bias else None, dout, inp, weight)
+    return (dinp if need_dinp else None), (dweight if need_weight else None), (dbias if need_bias else None)
 
 
 def attention_forward(qkv, n_head: int, out=None, lse=None, n_kv_head: int | None = None, *,
@@ -328,10 +332,11 @@ def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "bfloat16") -> 
 
 def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
               backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None,
-              softcap: float | None = None, temperature: float = 1.0):
+              softcap: float | None = None, temperature: float = 1.0, need_weight: bool = True):
     """Fused classifier: logits = hidden (..., C) @ weight (V, C)^T in row chunks of `scratch` (rows, V) of hidden's
     dtype (allocated per call if None; pass one of lmhead_chunk_rows rows to reuse it), never N x V at once.
-    Returns (losses (...), dhidden (..., C) or None, dweight (V, C, float32) or None); the gradients accumulate.
+    Returns (losses (...), dhidden (..., C) or None, dweight (V, C, float32) or None); the gradients accumulate
+    (need_weight=False: no dweight, a frozen lm-head).
     With row_weights (float32, shaped like targets) they are those of grad_scale * sum_n w[n] * loss[n].
     softcap c: the logits are c * tanh(logits / c), temperature T: then divided by T (see softmax_ce)."""
     hidden, weight = _dev(hidden, "hidden"), _dev(weight, "weight")
@@ -339,7 +344,7 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
     losses = empty(targets.shape, "float32") if losses is None else losses
     if backward:
         dhidden = zeros(hidden.shape, hidden.dtype) if dhidden is None else dhidden
-        dweight = zeros(weight.shape, "float32") if dweight is None else dweight
+        dweight = None if not need_weight else zeros(weight.shape, "float32") if dweight is None else dweight
     else:
         dhidden = dweight = None
     rw = None if row_weights is None else _on_device_f32(row_weights, "row_weights")

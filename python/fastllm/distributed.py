@@ -603,7 +603,7 @@ class ShardedAdamW(AdamW):
     def __init__(self, model, world: World, lr: float = 6e-4, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1):
         self.world = world
-        super().__init__(model, lr, betas, eps, weight_decay, shard=world.bounds(model.num_parameters))
+        super().__init__(model, lr, betas, eps, weight_decay, shard=world.bounds(model.trainable().num_parameters))
 
     def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
         super().step(lr, grad_scale)
@@ -639,7 +639,7 @@ def reduce_gradients(model, opt, extra: Sequence = ()) -> float:
     """Sum the gradients of every rank's micro-batches (one all-reduce over the flat buffer; with a ShardedAdamW a
     reduce-scatter, each rank receiving the sum of its part) and return the L2 norm of the summed gradient,
     `extra` parameters (ExtraParams, host arrays, all-reduced whole) included. In one process: the local norm."""
-    w = world()
+    w, model = world(), model.trainable()  # (LoRA: the adapters' gradients)
     for e in extra:
         w.allreduce_(e.g)
     if isinstance(opt, ShardedAdamW):

@@ -417,15 +417,34 @@ def norm_backward(bk, cfg: GPTConfig, dout, x, weight, mean, rstd, dx, dweight, 
         bk.layernorm_backward(dout, x, weight, mean, rstd, dx=dx, dweight=dweight, dbias=dbias)
 
 
-def mlp_forward(bk, cfg: GPTConfig, x, w_fc, b_fc, w_proj, b_proj, fch, fch_act, out) -> None:
-    """out = c_proj(act(c_fc(x))); saves fch (the c_fc output: (N, 2H) [gate | up] for swiglu, else (N, H)) and
-    fch_act (N, H). GELU runs fused into the matmul (its epilogue on the GPU)."""
+def linears(bk, w: dict, pl: dict, lora, l: int, saved: dict | None = None):
+    """Layer l's linear layers as one function linear(name, x, out, pre_gelu=None): out = x @ W^T + b, W from `w`
+    (the model's matrices or a snapshot's), b from `pl`, plus scale * (x @ A^T) @ B^T where `lora` (a fastllm.lora
+    Lora, or None) adapts the matrix (x @ A^T kept in saved["lora." + name][l] for the backward, when saved is
+    given). pre_gelu: pre_gelu = that sum and out = gelu(it) (GELU fused into the GEMM when there is no adapter)."""
+    def linear(name: str, x, out, pre_gelu=None) -> None:
+        bias = _at(pl, name[:-len("weight")] + "bias", l)
+        if lora is None or not lora.adapts(name):
+            bk.matmul_forward(x, w[name][l], bias, out=out, pre_gelu=pre_gelu)
+            return
+        raw = out if pre_gelu is None else pre_gelu
+        bk.matmul_forward(x, w[name][l], bias, out=raw)
+        lora.forward(bk, name, l, x, raw, None if saved is None else saved["lora." + name][l])
+        if pre_gelu is not None:
+            bk.gelu_forward(raw, out=out)
+
+    return linear
+
+
+def mlp_forward(bk, cfg: GPTConfig, linear, x, fch, fch_act, out) -> None:
+    """out = c_proj(act(c_fc(x))) with `linear` (see linears); saves fch (the c_fc output: (N, 2H) [gate | up] for
+    swiglu, else (N, H)) and fch_act (N, H). GELU runs fused into the matmul (its epilogue on the GPU)."""
     if cfg.mlp == "gelu":
-        bk.matmul_forward(x, w_fc, b_fc, out=fch_act, pre_gelu=fch)
+        linear("mlp.c_fc.weight", x, fch_act, pre_gelu=fch)
     else:
-        bk.matmul_forward(x, w_fc, b_fc, out=fch)
+        linear("mlp.c_fc.weight", x, fch)
         getattr(bk, f"{cfg.mlp}_forward")(fch, out=fch_act)
-    bk.matmul_forward(fch_act, w_proj, b_proj, out=out)
+    linear("mlp.c_proj.weight", fch_act, out)
 
 
 def post_norm_forward(bk, cfg: GPTConfig, layers: dict, branch: str, l: int, raw, out, mean, rstd) -> None:
@@ -504,6 +523,7 @@ class GPT:
         self.shapes = param_shapes(config)
         self.num_parameters = sum(math.prod(s) for s in self.shapes.values())
         self.training = True
+        self.lora = None  # LoRA adapters (fastllm.lora.Lora; add_lora): then they train and the rest is frozen
         host = np.zeros(self.num_parameters, np.float32)
         if init:
             init_weights(_views(ops, host, self.shapes), config, seed)
@@ -548,6 +568,9 @@ class GPT:
         self._decoding: tuple[dict, dict] | None = None  # (snapshot, its per-layer views) inside decoding()
         self.weights_only: str | None = None  # "bfloat16" | "int8" | "w8a8": the matrices are held in that form
         # alone (hold_weights: inference only)
+        self._frozen_grads: tuple[dict, dict] | None = None  # where a frozen base's norm gradients go (backward)
+        if self.lora is not None:  # (moved with the model)
+            self.lora._place(self, self.lora.host_params())
 
     # ---- Hugging Face format (fastllm.hf) ----------------------------------------------------------------
 
@@ -667,11 +690,54 @@ class GPT:
         return self._g
 
     def zero_grad(self) -> None:
-        self.bk.zero_(self._ensure_grads())
+        """Zero the gradients of what trains (trainable())."""
+        t = self.trainable()
+        t.bk.zero_(t._ensure_grads())
 
     def grad_norm(self) -> float:
-        """Global L2 norm of the gradients."""
-        return self.bk.global_norm(self._ensure_grads())
+        """Global L2 norm of the gradients of what trains (trainable())."""
+        t = self.trainable()
+        return t.bk.global_norm(t._ensure_grads())
+
+    def trainable(self):
+        """What backward() computes gradients for and an optimizer updates: the model itself, or its LoRA adapters
+        when it has them (the base is frozen then). Both have params, grads, shapes, num_parameters."""
+        return self if self.lora is None else self.lora
+
+    # ---- LoRA (fastllm.lora) -----------------------------------------------------------------------------
+
+    def add_lora(self, config=None, seed: int = 0, **kw):
+        """Give the model LoRA adapters (a fastllm.lora.LoraConfig, or its fields: r=16, alpha=32, targets=("all",),
+        rslora=False) and freeze everything else: from now on backward() computes the adapters' gradients only and
+        an optimizer made after this trains them. Returns the Lora (model.lora)."""
+        from .lora import Lora, LoraConfig  # lora imports nothing of this module
+
+        self._check_float32("add_lora")
+        if self.lora is not None:
+            raise ValueError("the model has LoRA adapters already (merge_lora() first to add new ones)")
+        if config is None:
+            config = LoraConfig(**kw)
+        elif kw:
+            raise TypeError("add_lora takes a LoraConfig or its fields, not both")
+        self.lora = Lora(self, config, seed)
+        self._acts, self._BT = None, None  # the adapters' activations, and no lm-head gradient any more
+        return self.lora
+
+    def merge_lora(self) -> GPT:
+        """Fold the adapters into the weights (W += scale * B @ A, in float32) and drop them: a plain model again,
+        computing what it computed with them (up to float32 rounding). Returns self."""
+        if self.lora is None:
+            raise ValueError("merge_lora: the model has no LoRA adapters")
+        host = self._host_params().copy() if self.device != "cpu" else self.params
+        p = _views(ops, host, self.shapes)
+        for m in self.lora.ranks:
+            for l in range(self.config.n_layer):
+                p[m][l] += self.lora.delta(m, l)
+        self.lora, self._acts, self._BT = None, None, None
+        if host is not self.params:
+            self.bk.copy_(self.params, host)
+        self._sync_compute_copy()
+        return self
 
     def train(self, mode: bool = True) -> GPT:
         if mode:
@@ -709,6 +775,8 @@ class GPT:
             for branch in ("attn", "mlp"):
                 per_layer.update({f"{branch}_raw": (C, dt), f"{branch}_post_mean": (1, f32),
                                   f"{branch}_post_rstd": (1, f32)})
+        if self.lora is not None:
+            per_layer.update({f"lora.{m}": (r, dt) for m, r in self.lora.ranks.items()})
         specs = {k: ((L, N * w), d) for k, (w, d) in per_layer.items()}
         specs.update({
             "idx": ((B, T), "int32"), "targets": ((N,), "int32"), "row_weights": ((N,), f32),
@@ -718,8 +786,11 @@ class GPT:
             # gradient scratch, reused by every layer
             "dres": ((N, C), dt), "dlnf": ((N, C), dt), "dfch_act": ((N, H), dt), "dfch": ((N, F), dt),
             "dln": ((N, C), dt), "datty": ((N, A), dt), "dqkv": ((N, W), dt), "dpost": ((N, C), dt),
-            "dhead": ((V, C), f32),  # the lm-head's gradient, added to g[self.head] by backward()
         })
+        if self.lora is None:  # the lm-head's gradient, added to g[self.head] by backward() (frozen with LoRA)
+            specs["dhead"] = ((V, C), f32)
+        else:  # each adapted matrix's x @ A^T (per layer, above), and the gradient scratch for it
+            specs["lora_dt"] = ((N, max(self.lora.ranks.values())), dt)
         if cfg.residual_scale:  # a branch's output gradient: the stream's times the scale (Granite)
             specs["dbranch"] = ((N, C), dt)
         a = bk.carve(specs)
@@ -787,13 +858,15 @@ class GPT:
             weights = np.ascontiguousarray(weights, np.float32)
             rw, scale = a["row_weights"], 1.0
             bk.copy_(rw, weights.reshape(N))
+        dhead = a.get("dhead")  # (None: the lm-head is frozen, LoRA)
         if self.training:
             bk.zero_(a["dlnf"])
-            bk.zero_(a["dhead"])
+            if dhead is not None:
+                bk.zero_(dhead)
         if self._decoding is None:
             bk.lmhead_ce(a["lnf"], head, a["targets"], grad_scale=scale, backward=self.training,
-                         dhidden=a["dlnf"], dweight=a["dhead"], row_weights=rw, scratch=a["lm_scratch"],
-                         losses=a["losses"], softcap=cap, temperature=temperature)
+                         dhidden=a["dlnf"], dweight=dhead, row_weights=rw, scratch=a["lm_scratch"],
+                         losses=a["losses"], softcap=cap, temperature=temperature, need_weight=dhead is not None)
         else:  # a snapshot's lm-head (inference): its logits, then the loss
             logits = bk.matmul_forward(a["lnf"], head, out=bk.empty((N, V), "float32"))
             bk.softmax_ce(logits, a["targets"], backward=False, losses=a["losses"], softcap=cap,
@@ -836,9 +909,10 @@ class GPT:
         for l in range(cfg.n_layer):
             h = pre_norm(bk, cfg, pl, "ln_1", l, residual, *(_at(a, k, l) for k in ("ln1", "ln1_mean", "ln1_rstd")))
             # qkv = [q | k | v] = h @ W^T (+ b), then QK-norm (Qwen3, OLMo 2) and RoPE on the q and k heads
+            linear = linears(bk, w, pl, self.lora, l, a)
             qkv = a["qkv"][l]
             raw = a["qkv_raw"][l] if cfg.qk_norm else qkv  # QK-norm's input, kept for the backward
-            bk.matmul_forward(h, w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=raw)
+            linear("attn.c_attn.weight", h, raw)
             if cfg.qk_norm:
                 bk.copy_(qkv, raw)  # the v rows; the norms below overwrite the q and k rows
                 qk_norm_forward(bk, cfg, pl, l, raw.reshape((B, T, W)), qkv.reshape((B, T, W)),
@@ -848,16 +922,14 @@ class GPT:
                                 n_kv_head=NKV)
             bk.attention_forward(qkv.reshape((B, T, W)), NH, out=a["atty"][l].reshape((B, T, NH * hd)),
                                  lse=a["att_lse"][l], n_kv_head=NKV, **self.attn_options[l])
-            bk.matmul_forward(a["atty"][l], w["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l),
-                              out=a["attn_raw"][l] if cfg.post_norms else a["attproj"])
+            linear("attn.c_proj.weight", a["atty"][l], a["attn_raw"][l] if cfg.post_norms else a["attproj"])
             if cfg.post_norms:
                 post_norm_forward(bk, cfg, pl, "attn", l, a["attn_raw"][l], a["attproj"], a["attn_post_mean"][l],
                                   a["attn_post_rstd"][l])
             bk.residual_forward(residual, a["attproj"], out=a["residual2"][l], scale=cfg.residual_scale or 1.0)
             h = pre_norm(bk, cfg, pl, "ln_2", l, a["residual2"][l],
                          *(_at(a, k, l) for k in ("ln2", "ln2_mean", "ln2_rstd")))
-            mlp_forward(bk, cfg, h, w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
-                        w["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), a["fch"][l], a["fch_act"][l],
+            mlp_forward(bk, cfg, linear, h, a["fch"][l], a["fch_act"][l],
                         a["mlp_raw"][l] if cfg.post_norms else a["fcproj"])
             if cfg.post_norms:
                 post_norm_forward(bk, cfg, pl, "mlp", l, a["mlp_raw"][l], a["fcproj"], a["mlp_post_mean"][l],
@@ -888,16 +960,22 @@ class GPT:
                 raise ValueError(f"dhidden must have shape {(B, T, cfg.n_embd)}, got {dhidden.shape}")
             bk.copy_(a["dlnf"], np.ascontiguousarray(dhidden, np.float32).reshape(B * T, cfg.n_embd))
         self._ready_for_backward = self._trunk_ready = False
-        g, gl = self.g, self._gl
+        g, gl = (self.g, self._gl) if self.lora is None else self._norm_sinks()  # (LoRA: only norms', discarded)
         B, T = self._BT
         L, NH, NKV, C, hd = cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.n_embd, cfg.head_size
         W, A = cfg.qkv_width, NH * hd
         act_backward = getattr(bk, f"{cfg.mlp}_backward")
 
-        def linear_backward(dout, inp, name, l, dinp):  # a linear layer's gradients (its bias only if it has one)
-            bias = gl.get(name[:-len("weight")] + "bias")
-            bk.matmul_backward(dout, inp, pl[name][l], dinp=dinp, dweight=gl[name][l],
-                               dbias=None if bias is None else bias[l], need_bias=bias is not None)
+        def linear_backward(dout, inp, name, l, dinp):  # a linear layer's gradients: its weight's and bias's where
+            # they train, its adapter's where it has one
+            weight, bias = gl.get(name), gl.get(name[:-len("weight")] + "bias")
+            bk.matmul_backward(dout, inp, pl[name][l], dinp=dinp, dweight=None if weight is None else weight[l],
+                               dbias=None if bias is None else bias[l], need_bias=bias is not None,
+                               need_weight=weight is not None)
+            if self.lora is not None and self.lora.adapts(name):
+                r = self.lora.ranks[name]
+                self.lora.backward(bk, name, l, dout, inp, dinp, a["lora." + name][l],
+                                   bk.view(a["lora_dt"], 0, (B * T, r)))
 
         def branch_grad(branch, l):  # the gradient of a branch's output (before its post-norm: Gemma 2/3, OLMo 2)
             d = dres
@@ -913,7 +991,7 @@ class GPT:
                           gl[f"{branch}.post_norm.weight"][l], _at(gl, f"{branch}.post_norm.bias", l))
             return a["dpost"]
 
-        if dhidden is None:
+        if dhidden is None and self.head in g:
             bk.add_(g[self.head], a["dhead"])
         dres = a["dres"]  # gradient of the residual stream, flowing down through the layers
         bk.zero_(dres)
@@ -951,7 +1029,18 @@ class GPT:
                               a["ln1_rstd"][l], dres, gl["ln_1.weight"][l], _at(gl, "ln_1.bias", l))
             else:
                 linear_backward(a["dqkv"], residual, "attn.c_attn.weight", l, dres)
-        bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g.get("wpe"), scale=cfg.embed_scale or 1.0)
+        if "wte" in g:
+            bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g.get("wpe"),
+                                  scale=cfg.embed_scale or 1.0)
+
+    def _norm_sinks(self) -> tuple[dict, dict]:
+        """(g, gl) for a frozen base: the norms' gradients only (the norm backward kernels compute them along with
+        the input's), into a buffer nothing reads; no entry for any other parameter, so none is computed."""
+        if self._frozen_grads is None:
+            shapes = {n: s for n, s in self.shapes.items() if n.startswith("ln_") or "norm" in n}
+            views = _views(self.bk, self.bk.zeros((sum(math.prod(s) for s in shapes.values()),), "float32"), shapes)
+            self._frozen_grads = (views, _layers(self.bk, views))
+        return self._frozen_grads
 
     # ---- inference --------------------------------------------------------------------------------------
 
@@ -1246,8 +1335,9 @@ class KVCache:
         qkv = u["qkv"].reshape((b, Tn, W))
         for l in range(cfg.n_layer):
             kc, vc = (bk.view(c, self._at(l, r0), (b, NKV, self.rows[l], hs)) for c in self._layer[l][:2])
+            linear = linears(bk, w, pl, m.lora, l)
             h = pre_norm(bk, cfg, pl, "ln_1", l, x, u["h"], u["mean"], u["rstd"])
-            bk.matmul_forward(h, w["attn.c_attn.weight"][l], _at(pl, "attn.c_attn.bias", l), out=u["qkv"])
+            linear("attn.c_attn.weight", h, u["qkv"])
             if cfg.qk_norm:  # in place on the q and k rows
                 stats = [bk.view(u["qk_rstd"], 0, shape) for shape in qk_norm_stats(cfg, b, Tn)]  # (not kept)
                 qk_norm_forward(bk, cfg, pl, l, qkv, qkv, stats)
@@ -1255,11 +1345,10 @@ class KVCache:
                 bk.rope_forward(qkv, *m.ropes[l], NH, pos=pos_dev, out=qkv, n_kv_head=NKV)
             abk.attention_kv_forward(qkv, kc, vc, pos_dev, out=u["y"].reshape((b, Tn, NH * hs)), n_kv_head=NKV,
                                      **m.attn_options[l])
-            bk.matmul_forward(u["y"], w["attn.c_proj.weight"][l], _at(pl, "attn.c_proj.bias", l), out=u["tmp"])
+            linear("attn.c_proj.weight", u["y"], u["tmp"])
             add_branch("attn", l)
             h = pre_norm(bk, cfg, pl, "ln_2", l, x, u["h"], u["mean"], u["rstd"])
-            mlp_forward(bk, cfg, h, w["mlp.c_fc.weight"][l], _at(pl, "mlp.c_fc.bias", l),
-                        w["mlp.c_proj.weight"][l], _at(pl, "mlp.c_proj.bias", l), u["fch"], u["fch_act"], u["tmp"])
+            mlp_forward(bk, cfg, linear, h, u["fch"], u["fch_act"], u["tmp"])
             add_branch("mlp", l)
         last = x  # the last token of each row
         if Tn > 1:

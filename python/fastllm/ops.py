@@ -376,17 +376,28 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
 
 
 def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True,
-                    dtype: str = "float32"):
-    """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias); need_dinp/need_bias=False skip
-    those (returned as None). dtype="bfloat16": both products in bf16 (_bf16), as autocast's backward."""
+                    dtype: str = "float32", need_weight=True):
+    """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias); need_dinp/need_bias/need_weight=False
+    skip those (returned as None; need_weight=False: a frozen weight). dtype="bfloat16": both products in bf16
+    (_bf16), as autocast's backward."""
     dout, inp, weight = _f32(dout, "dout"), _f32(inp, "inp"), _f32(weight, "weight")
     C, OC = inp.shape[-1], weight.shape[0]
     dinp = _out(dinp, "dinp", inp.shape) if need_dinp else None
-    dweight = _out(dweight, "dweight", weight.shape)
+    dweight = _out(dweight, "dweight", weight.shape) if need_weight else None
     dbias = _out(dbias, "dbias", (OC,)) if need_bias else None
     _C.matmul_backward(None if dinp is None else _view(dinp, C), dweight, dbias, _view(dout, OC),
                        _view(inp, C), weight, _bf16(dtype))
     return dinp, dweight, dbias
+
+
+def gemm(c, a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, accumulate: bool = False,
+         dtype: str = "float32"):
+    """c (M, N) = [c +] alpha * op(a) @ op(b), in place; op(a) = a (M, K) or a.T for a stored (K, M) if trans_a;
+    likewise b. All float32 and C-contiguous. The GEMM under matmul (the same kernel, any transpose): the model's
+    small products (LoRA adapters). dtype="bfloat16": operands rounded to bf16 (_bf16). Returns c."""
+    c, a, b = _f32(c, "c"), _f32(a, "a"), _f32(b, "b")
+    _C.gemm(c, a, b, bool(trans_a), bool(trans_b), float(alpha), 1.0 if accumulate else 0.0, _bf16(dtype))
+    return c
 
 
 # ---- attention -----------------------------------------------------------------------------------------
@@ -562,20 +573,21 @@ def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "float32") -> i
 
 def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
               backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None,
-              softcap: float | None = None, temperature: float = 1.0, dtype: str = "float32"):
+              softcap: float | None = None, temperature: float = 1.0, dtype: str = "float32", need_weight: bool = True):
     """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, computed in chunks of rows into
     `scratch` (rows, V) (allocated per call if None: pass one, of lmhead_chunk_rows rows, to reuse it) and never
     materialised whole. Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients
     accumulate. With row_weights (float32, shaped like targets) the gradients are those of
     grad_scale * sum_n w[n] * loss[n]. softcap c: the logits are c * tanh(logits / c), temperature T: then divided
-    by T (see softmax_ce). dtype="bfloat16": the two products in bf16 (_bf16); the softmax and the loss stay fp32."""
+    by T (see softmax_ce). dtype="bfloat16": the two products in bf16 (_bf16); the softmax and the loss stay fp32.
+    need_weight=False: no dweight (a frozen lm-head)."""
     hidden, weight = _f32(hidden, "hidden"), _f32(weight, "weight")
     targets = _ids(targets, "targets")
     rw = _row_weights(row_weights, targets)
     C = hidden.shape[-1]
     losses = np.empty(targets.shape, np.float32) if losses is None else losses
     dhidden = _out(dhidden, "dhidden", hidden.shape) if backward else None
-    dweight = _out(dweight, "dweight", weight.shape) if backward else None
+    dweight = _out(dweight, "dweight", weight.shape) if backward and need_weight else None
     _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
                  _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw,
                  softcap_arg(softcap), temperature_arg(temperature), _bf16(dtype))

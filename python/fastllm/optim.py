@@ -13,7 +13,7 @@ class AdamW:
     """AdamW with decoupled weight decay on matrices only (see model.decays). The state m, v is one float32
     allocation of 2 * num_parameters on the model's device (so a checkpoint saves two flat arrays); the update
     runs on the fp32 master weights and also writes the model's compute copy (bf16 on the GPU). Make the
-    optimizer after model.to(device).
+    optimizer after model.to(device) (and after model.add_lora: then it trains the adapters, model.trainable()).
 
     >>> opt = AdamW(model, lr=6e-4, weight_decay=0.1)
     >>> opt.step(grad_scale=1.0)     # grads * grad_scale (clipping, accumulation) then the update
@@ -23,6 +23,7 @@ class AdamW:
                  weight_decay: float = 0.1, shard: tuple[int, int] | None = None):
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(f"bad AdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        model = model.trainable()  # the model's parameters, or its LoRA adapters' (the base frozen)
         self.model, bk, n = model, model.bk, model.num_parameters
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         # shard: the elements [lo, hi) of the flat parameters this optimizer updates (ZeRO-1, fastllm.distributed);
@@ -39,7 +40,7 @@ class AdamW:
         self._groups: list[tuple[int, int, bool]] = []
         off = 0
         for name, shape in model.shapes.items():
-            a, b, d = max(off, lo), min(off + math.prod(shape), hi), decays(name)
+            a, b, d = max(off, lo), min(off + math.prod(shape), hi), decays(name) or "lora_" in name
             off += math.prod(shape)
             if a >= b:
                 continue
