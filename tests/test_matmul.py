@@ -90,6 +90,10 @@ def test_matmul_backward_accumulates_and_optional_outputs(bk, rng):
     none_dinp, dw, db = bk.ops.matmul_backward(dy, x, w, need_dinp=False)
     assert none_dinp is None
     assert_rel(bk.get(db), r_db, tol["dw"], "dbias without dinp")
+    dinp = bk.put(dinp0)
+    _, none_dw, none_db = bk.ops.matmul_backward(dy, x, w, dinp=dinp, need_weight=False, need_bias=False)  # frozen
+    assert none_dw is None and none_db is None
+    assert_rel(bk.get(dinp), dinp0 + r_dinp, tol["out"], "dinp of a frozen weight")
 
 
 @pytest.mark.backends(variants=("cpu",))
@@ -103,6 +107,25 @@ def test_matmul_zero_rows(bk, rng):
 
 
 @pytest.mark.backends(variants=False)
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (13, 3, 37), (130, 17, 5), (64, 96, 200)], ids=str)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_gemm_alpha_accumulate(bk, rng, M, N, K, trans_a, trans_b):
+    """The backend's gemm (the same call on both devices; the model's LoRA products): c = [c +] alpha op(a) op(b),
+    c float32 or the backend's dtype, against float64."""
+    a = bk.rounded(rng.standard_normal((K, M) if trans_a else (M, K)))
+    b = bk.rounded(rng.standard_normal((N, K) if trans_b else (K, N)))
+    c0 = bk.rounded(rng.standard_normal((M, N)))
+    prod = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    tol = TOL[bk.dtype]["dw"] * 20
+    for c_dtype in {"float32", bk.dtype}:  # (a gradient in float32 from bf16 activations, on the GPU)
+        c = bk.put(c0, c_dtype)
+        assert bk.ops.gemm(c, bk.put(a), bk.put(b), trans_a, trans_b, alpha=-0.75, accumulate=True) is c
+        assert_rel(bk.get(c), c0 - 0.75 * prod, tol if c_dtype == "float32" else TOL[bk.dtype]["out"] * 2)
+        c = bk.poisoned((M, N), c_dtype)
+        bk.ops.gemm(c, bk.put(a), bk.put(b), trans_a=trans_a, trans_b=trans_b, alpha=2.0)  # overwrites
+        assert_rel(bk.get(c), 2.0 * prod, tol if c_dtype == "float32" else TOL[bk.dtype]["out"] * 2)
+
+
 @pytest.mark.parametrize("M,N", [(1, 1), (64, 50257), (5000, 3), (16384, 40), (300, 2304)], ids=str)
 def test_bias_backward_deterministic(bk, rng, M, N):
     """dbias: the GPU's one-pass and two-pass (partial sums over row slices) paths; bitwise repeatable."""

@@ -4,6 +4,9 @@ it is read back (models, optimizer state, run state, reward-model heads, the tok
 A run folder OUT holds
     ckpt_NNNNNN/               one checkpoint, NNNNNN = optimizer steps taken (zero-padded to 6 digits, or more)
         model.safetensors      the GPT's tensors (GPT.state_dict() names, float32); metadata "config": the GPTConfig
+        adapter_model.safetensors + adapter_config.json: instead, a LoRA run's adapters (fastllm.lora) in PEFT's
+                               format, naming the frozen base model they go with (base_model_name_or_path; a model
+                               made in memory, which has no folder, is saved beside them as model.safetensors)
         optimizer.safetensors  the optimizer's arrays (AdamW: "m", "v", flat like the parameters); metadata "t"
         state.json             {"step", "kind" (train | sft | grpo | reward-model), "rng" (numpy bit-generator
                                state), "stage" (the stage's own state: data position, GRPO reference, ...),
@@ -43,6 +46,7 @@ from .model import GPT, GPTConfig, param_shapes
 from .tokenizer import Tokenizer, find_hf_tokenizer
 
 MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA checkpoint's (fastllm.hf.save_adapter)
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 HEADS_FILE = "heads.safetensors"
@@ -59,10 +63,10 @@ _NAME = re.compile(r"ckpt_(\d{6,})")
 
 
 def checkpoints(out: str | os.PathLike) -> list[Path]:
-    """The checkpoints of a run folder (`ckpt_N` folders with a model file), oldest first (by step, not by name)."""
+    """The checkpoints of a run folder (`ckpt_N` folders with a model or adapter file), oldest first (by step, not by
+    name)."""
     out = Path(out)
-    found = [(int(m.group(1)), p) for p in out.glob("ckpt_*")
-             if (m := _NAME.fullmatch(p.name)) and (p / MODEL_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in out.glob("ckpt_*") if (m := _NAME.fullmatch(p.name)) and _holds_model(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -72,16 +76,20 @@ def latest(out: str | os.PathLike) -> Path | None:
     pointer = out / LATEST_FILE
     if pointer.is_file():
         p = out / pointer.read_text(encoding="utf-8", errors="replace").strip()
-        if _NAME.fullmatch(p.name) and (p / MODEL_FILE).is_file():
+        if _NAME.fullmatch(p.name) and _holds_model(p):
             return p
     found = checkpoints(out)
     return found[-1] if found else None
 
 
+def _holds_model(folder: Path) -> bool:
+    return (folder / MODEL_FILE).is_file() or (folder / ADAPTER_FILE).is_file()
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a checkpoint folder or a run folder (its latest checkpoint)."""
     path = Path(path)
-    if (path / MODEL_FILE).is_file():
+    if _holds_model(path):
         return path
     found = latest(path) if path.is_dir() else None
     if found is None:
@@ -130,7 +138,11 @@ def save(out: str | os.PathLike, step: int, model: GPT, opt, stage: dict, *, kin
     _clean(out)
     final, tmp = out / f"ckpt_{step:06d}", out / f".ckpt_{step:06d}.tmp"
     tmp.mkdir()
-    save_model(tmp, model)
+    base = None if model.lora is None else model.lora.base
+    if model.lora is None or base is None:
+        save_model(tmp, model)
+    if model.lora is not None:  # the adapters, naming their base (or beside it: "")
+        hf.save_adapter(model, tmp, base=str(Path(base).resolve()) if base is not None else "")
     opt_state = opt if isinstance(opt, dict) else opt.state_dict()
     arrays = {k: v for k, v in opt_state.items() if k != "t"}
     save_safetensors(tmp / OPTIMIZER_FILE, arrays, {"t": int(opt_state["t"])})
@@ -188,6 +200,28 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
     if hf.is_hf_folder(path):
         return hf.from_pretrained(path, weights=weights).to(device, dtype)
     folder = resolve(path)
+    if hf.is_adapter_folder(folder):  # LoRA adapters: their base model (named, or beside them), then them
+        base = hf.adapter_base(folder) or folder
+        if Path(base).resolve() == folder.resolve() and not (folder / MODEL_FILE).is_file():
+            raise ValueError(f"{folder / hf.ADAPTER_CONFIG}: no base_model_name_or_path, and no {MODEL_FILE} beside "
+                             "the adapters")
+        if not Path(base).exists():
+            raise FileNotFoundError(f"{folder / hf.ADAPTER_CONFIG}: its base model {base} is not a folder here (give "
+                                    "the path of a local copy as base_model_name_or_path)")
+        model = load_model(base) if Path(base).resolve() != folder.resolve() else _load_fastllm(folder)
+        hf.load_adapter(model, folder)
+        model.checkpoint_dir = folder
+        if weights is not None:
+            return model.hold_weights(model.decode_weights(weights), weights)
+        return model.to(device, dtype)
+    model = _load_fastllm(folder)
+    if weights is not None:
+        return model.hold_weights(model.decode_weights(weights), weights)
+    return model.to(device, dtype)
+
+
+def _load_fastllm(folder: Path) -> GPT:
+    """The GPT of a fastllm checkpoint folder's model.safetensors, on the CPU."""
     file = folder / MODEL_FILE
     tensors, meta = load_safetensors(file)
     if "config" not in meta:
@@ -204,9 +238,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
     model = GPT(config, init=False)
     model.load_state_dict(_float_tensors(file, tensors), where=str(file))
     model.checkpoint_dir = folder
-    if weights is not None:
-        return model.hold_weights(model.decode_weights(weights), weights)
-    return model.to(device, dtype)
+    return model
 
 
 def load_optimizer(folder: str | os.PathLike, opt) -> None:

@@ -66,6 +66,11 @@ class LoraConfig:
             raise ValueError("lora targets: name at least one projection")
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in names))
 
+    @classmethod
+    def of(cls, cfg) -> LoraConfig | None:
+        """From a training config's lora_r, lora_alpha, lora_targets (options.LORA_*); None where lora_r is 0."""
+        return cls(cfg.lora_r, cfg.lora_alpha, (cfg.lora_targets,)) if cfg.lora_r else None
+
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
@@ -173,6 +178,11 @@ class Lora:
             self.grads = self.bk.zeros((self.num_parameters,), "float32")
             self._gl = self._per_layer(self.bk, self._views(self.bk, self.grads))
         return self.grads
+
+    @property
+    def g(self) -> dict:
+        """Named views of the gradients (like `p`)."""
+        return self._views(self.bk, self._ensure_grads())
 
     def zero_grad(self) -> None:
         self.bk.zero_(self._ensure_grads())

@@ -524,6 +524,7 @@ class GPT:
         self.num_parameters = sum(math.prod(s) for s in self.shapes.values())
         self.training = True
         self.lora = None  # LoRA adapters (fastllm.lora.Lora; add_lora): then they train and the rest is frozen
+        self.lora_off = False  # inside without_lora()
         host = np.zeros(self.num_parameters, np.float32)
         if init:
             init_weights(_views(ops, host, self.shapes), config, seed)
@@ -720,8 +721,20 @@ class GPT:
         elif kw:
             raise TypeError("add_lora takes a LoraConfig or its fields, not both")
         self.lora = Lora(self, config, seed)
+        self.lora.base = getattr(self, "checkpoint_dir", None)  # the folder of the frozen weights (checkpoints name it)
         self._acts, self._BT = None, None  # the adapters' activations, and no lm-head gradient any more
         return self.lora
+
+    @contextlib.contextmanager
+    def without_lora(self):
+        """Within: inference passes run the base model alone, its adapters left out (GRPO's reference policy is the
+        model before fine-tuning: no second copy of its weights). Inference only: eval mode inside."""
+        prev = self.lora_off, self.training
+        self.lora_off, self.training = True, False
+        try:
+            yield self
+        finally:
+            self.lora_off, self.training = prev
 
     def merge_lora(self) -> GPT:
         """Fold the adapters into the weights (W += scale * B @ A, in float32) and drop them: a plain model again,
@@ -909,7 +922,7 @@ class GPT:
         for l in range(cfg.n_layer):
             h = pre_norm(bk, cfg, pl, "ln_1", l, residual, *(_at(a, k, l) for k in ("ln1", "ln1_mean", "ln1_rstd")))
             # qkv = [q | k | v] = h @ W^T (+ b), then QK-norm (Qwen3, OLMo 2) and RoPE on the q and k heads
-            linear = linears(bk, w, pl, self.lora, l, a)
+            linear = linears(bk, w, pl, None if self.lora_off else self.lora, l, a)
             qkv = a["qkv"][l]
             raw = a["qkv_raw"][l] if cfg.qk_norm else qkv  # QK-norm's input, kept for the backward
             linear("attn.c_attn.weight", h, raw)
@@ -1335,7 +1348,7 @@ class KVCache:
         qkv = u["qkv"].reshape((b, Tn, W))
         for l in range(cfg.n_layer):
             kc, vc = (bk.view(c, self._at(l, r0), (b, NKV, self.rows[l], hs)) for c in self._layer[l][:2])
-            linear = linears(bk, w, pl, m.lora, l)
+            linear = linears(bk, w, pl, None if m.lora_off else m.lora, l)
             h = pre_norm(bk, cfg, pl, "ln_1", l, x, u["h"], u["mean"], u["rstd"])
             linear("attn.c_attn.weight", h, u["qkv"])
             if cfg.qk_norm:  # in place on the q and k rows

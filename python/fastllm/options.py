@@ -38,6 +38,11 @@ EVAL_TASK = ("a task evaluated every --eval-every steps (also at the start and t
 EVAL_TASK_DATA = ("--eval-task's files (mc: HellaSwag/ARC/MMLU JSONL or CSV; bpb: text, JSONL or token shards; gen: "
                   "problems JSONL), read and checked before the first step (default: none)")
 EVAL_TASK_LIMIT = "--eval-task on the first N examples only (default: all of them; addition/sort: 200 prompts)"
+LORA_R = ("train LoRA adapters of this rank on the --lora-targets projections and freeze the model (fastllm.lora: no "
+          "gradient or AdamW state for its weights; checkpoints hold the adapters, in PEFT's format); 0: train every "
+          "weight")
+LORA_ALPHA = "LoRA's scale: the adapters' output is multiplied by alpha / r"
+LORA_TARGETS = "the projections LoRA adapts, comma-separated: q, k, v, o, gate, up, down, or all"
 
 
 def option(default=dataclasses.MISSING, help: str = "", *, choices: Sequence | None = None) -> dataclasses.Field:

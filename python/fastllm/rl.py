@@ -41,6 +41,7 @@ Both train through fastllm.train's loop (GRPOStage, RewardModelStage): checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -56,6 +57,7 @@ from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_h
 from .data import Epochs
 from .eval import TrainEval, chat_of, check_train_eval, prompt_ids
 from .fileio import iter_records, write_json
+from .lora import LoraConfig
 from .model import GPT
 from .optim import AdamW
 from .options import (
@@ -67,6 +69,9 @@ from .options import (
     EVAL_TASK_LIMIT,
     GRAD_CLIP,
     KEEP_CKPTS,
+    LORA_ALPHA,
+    LORA_R,
+    LORA_TARGETS,
     RESUME,
     SEED,
     SYSTEM,
@@ -328,6 +333,10 @@ class RLConfig:
     device: str = option("cpu", DEVICE + " (the policy, the reference and a reward model)", choices=checks.DEVICES)
     dtype: str | None = option(None, DTYPE, choices=checks.DTYPES)
     zero: bool = option(False, ZERO)
+    lora_r: int = option(0, LORA_R + "; the reference policy is then the model without its adapters (no second "
+                            "copy of it)")
+    lora_alpha: float = option(32.0, LORA_ALPHA)
+    lora_targets: str = option("all", LORA_TARGETS)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -338,7 +347,8 @@ class RLConfig:
         checks.at_least(self, 1, "steps", "prompts_per_step", "max_new_tokens", "iterations", "eval_prompts",
                         "keep_ckpts", "threads")
         checks.at_least(self, 2, "group_size")  # advantages compare the completions of a group
-        checks.at_least(self, 0, "eval_every", "ckpt_every", "seed")
+        checks.at_least(self, 0, "eval_every", "ckpt_every", "seed", "lora_r")
+        LoraConfig.of(self)  # its alpha and targets
         checks.number(self, "lr", "temperature", low_open=True)  # temperature 0: G equal greedy rollouts, no signal
         checks.number(self, "beta", "weight_decay", "grad_clip")
         checks.number(self, "clip_eps", low_open=True, high=1.0, high_open=True)
@@ -347,7 +357,8 @@ class RLConfig:
 
 
 class GRPO:
-    """One GRPO step at a time on a policy, against a frozen reference, with AdamW.
+    """One GRPO step at a time on a policy, against a frozen reference (ref; None: the policy without its LoRA
+    adapters), with AdamW.
 
     >>> g = GRPO(policy, ref, tokenizer, AdditionTask(2), RLConfig(ckpt=""))
     >>> stats = g.step(["12+34=", "5+7="], seed=0)
@@ -359,7 +370,12 @@ class GRPO:
         self, model: GPT, ref: GPT, tokenizer, reward_fn: RewardFn, cfg: RLConfig, task=None, opt: AdamW | None = None,
         chat="auto",
     ):
-        self.model, self.ref, self.tokenizer, self.reward_fn, self.cfg = model, ref.eval(), tokenizer, reward_fn, cfg
+        if ref is None and model.lora is None:
+            raise ValueError("GRPO needs a reference model (ref=None: the policy without its LoRA adapters, and this "
+                             "one has none)")
+        self.model, self.ref, self.tokenizer, self.reward_fn, self.cfg = model, ref, tokenizer, reward_fn, cfg
+        if ref is not None:
+            ref.eval()
         self.task = task
         self.opt = opt or AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
         self.chat = chat_of(model, tokenizer, cfg.chat) if chat == "auto" else chat
@@ -376,7 +392,8 @@ class GRPO:
         adv = group_advantages(rewards)
         batch = pack(rows, comp_ids, adv)
         old = token_logprobs(model, batch.idx, batch.targets, cfg.temperature)  # log-probs of the sampled
-        ref = token_logprobs(self.ref, batch.idx, batch.targets, cfg.temperature)  # distributions (at T)
+        with contextlib.nullcontext(self.ref) if self.ref is not None else model.without_lora() as ref_model:
+            ref = token_logprobs(ref_model, batch.idx, batch.targets, cfg.temperature)  # distributions (at T)
         sums: dict[str, float] = {}
         for it in range(cfg.iterations):
             loss = functools.partial(policy_backward, model, batch, old, ref, cfg.clip_eps, cfg.beta,
@@ -419,6 +436,8 @@ class GRPOStage(Stage):
     def init_model(self) -> GPT:
         model = load_model(self.cfg.ckpt)
         self.ref_dir = model.checkpoint_dir
+        if self.cfg.lora_r:
+            model.add_lora(LoraConfig.of(self.cfg), seed=self.cfg.seed)
         return model
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
@@ -438,7 +457,9 @@ class GRPOStage(Stage):
         if longest + self.cfg.max_new_tokens > model.config.block_size:
             raise ValueError(f"prompts of {longest} tokens + max_new_tokens={self.cfg.max_new_tokens} do not fit "
                              f"the model's context of {model.config.block_size} tokens (fewer --digits?)")
-        ref = load_model(self.ref_dir, self.cfg.device, checks.compute_dtype(self.cfg))
+        # the reference: the policy without its LoRA adapters, or the starting checkpoint loaded once more
+        ref = None if model.lora is not None else load_model(self.ref_dir, self.cfg.device,
+                                                               checks.compute_dtype(self.cfg))
         self.grpo = GRPO(model, ref, self.tokenizer, self.reward_fn, self.cfg, self.task, opt, chat)
         self.log(f"prompts: {f'chat ({chat.name})' if chat else 'plain text'}")
 

@@ -68,8 +68,9 @@ from .checkpoint import (
 from .data import Epochs
 from .eval import TrainEval
 from .fileio import iter_records, read_json, write_json
+from .lora import LoraConfig
 from .model import GPT
-from .options import option
+from .options import LORA_ALPHA, LORA_R, LORA_TARGETS, option
 from .tokenizer import Tokenizer
 from .train import MODEL_OPTIONS, LMStage, TrainConfig, fit_lm, setup_run
 
@@ -328,6 +329,9 @@ class SFTConfig(TrainConfig):
                                        "(0: no validation)")
     too_long: str = option("truncate", "conversations longer than a window: truncate them or skip them",
                            choices=("truncate", "skip"))
+    lora_r: int = option(0, LORA_R)
+    lora_alpha: float = option(32.0, LORA_ALPHA)
+    lora_targets: str = option("all", LORA_TARGETS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -338,6 +342,8 @@ class SFTConfig(TrainConfig):
             raise ValueError(f"{', '.join(fixed)}: the architecture comes from the base model; do not set these")
         checks.number(self, "val_fraction", high=1.0, high_open=True)
         checks.one_of(self, "too_long", ("truncate", "skip"))
+        checks.at_least(self, 0, "lora_r")
+        LoraConfig.of(self)  # its alpha and targets
 
 
 def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
@@ -356,6 +362,13 @@ def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     else:
         tok, model = add_chat_tokens(base_tok, base, seed=cfg.seed)
         chat = ChatML(tok)
+    if cfg.lora_r:
+        if model is not base:
+            raise ValueError(f"--lora-r: the base {base.checkpoint_dir} has no chat format of its own, and the chat "
+                             "tokens fine-tuning adds need their embeddings trained, which LoRA freezes: fine-tune it "
+                             "without --lora-r, or LoRA-tune a model with a chat template (an instruct model) or "
+                             "with fastllm's chat tokens")
+        model.add_lora(LoraConfig.of(cfg), seed=cfg.seed)
     T = cfg.seq_len or min(model.config.block_size, DEFAULT_SEQ_LEN)
     if not 1 <= T <= model.config.block_size:
         raise ValueError(f"seq_len={T} must be in [1, the base model's block_size={model.config.block_size}]")

@@ -390,7 +390,10 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
         checkpoint.load_optimizer(ckpt, opt)
     stage.start(model, opt)
     distributed.agree_on_run(loop.config, model, stage.fingerprint())
+    lora = model.lora
     log(f"{stage.kind}: {model.num_parameters / 1e6:.2f}M parameters {model.config.to_dict()} on {loop.device}"
+        + (f"; LoRA {lora.config.to_dict()}: {lora.num_parameters / 1e6:.3f}M trained "
+           f"({lora.num_parameters / model.num_parameters:.2%}), the rest frozen" if lora is not None else "")
         + (f" ({model.dtype} compute, float32 master weights and AdamW state)" if model.dtype != "float32" else "")
         + (f"; {world.size} ranks" + (" (ZeRO-1)" if isinstance(opt, distributed.ShardedAdamW) else "")
            if world.size > 1 else ""))
@@ -409,7 +412,7 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
             stage.write(f"step {step:6d} | " + " | ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in row.items()))
 
     def save(step: int) -> None:
-        if not all(np.isfinite(a).all() for a in model.state_dict().values()):
+        if not all(np.isfinite(a).all() for a in model.trainable().state_dict().values()):
             raise TrainingError(f"step {step}: parameters are not finite; not saving. The last good checkpoint is "
                                 f"{checkpoint.latest(out)}; try a lower --lr")
         opt_state = opt.state_dict()  # a sharded optimizer gathers its state on rank 0: every rank takes part
