@@ -208,7 +208,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
         if not Path(base).exists():
             raise FileNotFoundError(f"{folder / hf.ADAPTER_CONFIG}: its base model {base} is not a folder here (give "
                                     "the path of a local copy as base_model_name_or_path)")
-        model = load_model(base) if Path(base).resolve() != folder.resolve() else _load_fastllm(folder)
+        model = load_start(base) if Path(base).resolve() != folder.resolve() else _load_fastllm(folder)
         hf.load_adapter(model, folder)
         model.checkpoint_dir = folder
         if weights is not None:
@@ -218,6 +218,14 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
     if weights is not None:
         return model.hold_weights(model.decode_weights(weights), weights)
     return model.to(device, dtype)
+
+
+def load_start(path: str | os.PathLike) -> GPT:
+    """The model a fine-tuning run (sft, rl, reward-model) starts from: load_model's, on the CPU, with a LoRA
+    checkpoint's adapters merged into its base (the fine-tuned model whole; new adapters, or every weight, train on
+    top of it; and so adapters trained on adapters load)."""
+    model = load_model(path)
+    return model.merge_lora() if model.lora is not None else model
 
 
 def _load_fastllm(folder: Path) -> GPT:
@@ -385,7 +393,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm",
     """HF model folder (GPT-2, Llama, Mistral, Qwen2, Qwen3: see fastllm.hf) -> fastllm checkpoint folder
     (to="fastllm": model.safetensors with the GPTConfig in its metadata, as load_model reads, the tokenizer with its
     tokenizer_config.json and chat template, and a generation_config.json with the EOS ids), or a fastllm checkpoint
-    -> HF folder (to="hf"). Everything is read and checked before anything is written; dst may not be src or
+    -> HF folder (to="hf"; a LoRA checkpoint's adapters merged into its base: the fine-tuned model whole, which
+    transformers, llama.cpp's converter or vLLM read as any model). Everything is read and checked before anything
+    is written; dst may not be src or
     inside it, nor a folder that holds files already. max_shard_size (to="hf"): shards of at most that size
     ("5GB", as transformers writes it; default: one model.safetensors).
 
@@ -417,6 +427,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "fastllm",
                 write_json(out / hf.GENERATION_FILE, {"eos_token_id": eos})
         return dst
     model = load_model(src)
+    if model.lora is not None:
+        model.merge_lora()
     tok_path = find_tokenizer(model.checkpoint_dir)
     tok = Tokenizer.from_pretrained(tok_path) if tok_path is not None else None
     eos = chat.eos_token_ids(model.checkpoint_dir, tok) or None

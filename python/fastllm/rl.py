@@ -53,7 +53,15 @@ import numpy as np
 
 from . import checks, distributed
 from .chat import eos_token_ids, validate_conversation
-from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_heads, load_model, resolve
+from .checkpoint import (
+    STATE_FILE,
+    checkpoint_tokenizer,
+    find_tokenizer,
+    load_heads,
+    load_model,
+    load_start,
+    resolve,
+)
 from .data import Epochs
 from .eval import TrainEval, chat_of, check_train_eval, prompt_ids
 from .fileio import iter_records, write_json
@@ -434,7 +442,7 @@ class GRPOStage(Stage):
             self.eval_set = [task.sample(erng) for _ in range(cfg.eval_prompts)]
 
     def init_model(self) -> GPT:
-        model = load_model(self.cfg.ckpt)
+        model = load_start(self.cfg.ckpt)
         self.ref_dir = model.checkpoint_dir
         if self.cfg.lora_r:
             model.add_lora(LoraConfig.of(self.cfg), seed=self.cfg.seed)
@@ -714,7 +722,7 @@ class RewardModelStage(Stage):
         self._saved_head: tuple[dict, str] | None = None
 
     def init_model(self) -> GPT:
-        return load_model(self.cfg.base)
+        return load_start(self.cfg.base)
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         try:

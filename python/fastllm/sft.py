@@ -63,7 +63,7 @@ from .checkpoint import (
     copied_tokenizer,
     copy_tokenizer,
     find_tokenizer,
-    load_model,
+    load_start,
 )
 from .data import Epochs
 from .eval import TrainEval
@@ -349,7 +349,7 @@ class SFTConfig(TrainConfig):
 def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     """Fine-tune cfg.base on the conversations in cfg.data; returns train()'s summary plus packing counts."""
     log = setup_run(cfg, log)
-    base = load_model(cfg.base)
+    base = load_start(cfg.base)
     tok_path = cfg.tokenizer or find_tokenizer(base.checkpoint_dir)
     base_tok = checkpoint_tokenizer(base.checkpoint_dir, tok_path)
     if base_tok.n_vocab > base.config.vocab_size:
