@@ -200,24 +200,27 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
     if hf.is_hf_folder(path):
         return hf.from_pretrained(path, weights=weights).to(device, dtype)
     folder = resolve(path)
-    if hf.is_adapter_folder(folder):  # LoRA adapters: their base model (named, or beside them), then them
-        base = hf.adapter_base(folder) or folder
-        if Path(base).resolve() == folder.resolve() and not (folder / MODEL_FILE).is_file():
+    base = hf.adapter_base(folder) if hf.is_adapter_folder(folder) else None  # LoRA adapters: their base model
+    if base is None or Path(base or folder).resolve() == folder.resolve():  # (a base saved beside them: "")
+        if not (folder / MODEL_FILE).is_file():
             raise ValueError(f"{folder / hf.ADAPTER_CONFIG}: no base_model_name_or_path, and no {MODEL_FILE} beside "
                              "the adapters")
-        if not Path(base).exists():
-            raise FileNotFoundError(f"{folder / hf.ADAPTER_CONFIG}: its base model {base} is not a folder here (give "
-                                    "the path of a local copy as base_model_name_or_path)")
-        model = load_start(base) if Path(base).resolve() != folder.resolve() else _load_fastllm(folder)
-        hf.load_adapter(model, folder)
-        model.checkpoint_dir = folder
+        model = _load_fastllm(folder)
         if weights is not None:
-            return model.hold_weights(model.decode_weights(weights), weights)
-        return model.to(device, dtype)
-    model = _load_fastllm(folder)
-    if weights is not None:
-        return model.hold_weights(model.decode_weights(weights), weights)
-    return model.to(device, dtype)
+            model.hold_weights(model.decode_weights(weights), weights)
+    elif not Path(base).exists():
+        raise FileNotFoundError(f"{folder / hf.ADAPTER_CONFIG}: its base model {base} is not a folder here (give "
+                                "the path of a local copy as base_model_name_or_path)")
+    else:
+        model = load_model(base, weights=weights)  # held in the decode form while loading, where asked
+        if model.lora is not None:  # adapters trained on a LoRA checkpoint's model: that model whole
+            if weights is not None:
+                raise ValueError(f"{folder}: adapters on a LoRA checkpoint ({base}) load in float32 only (no weights=)")
+            model.merge_lora()
+    if base is not None:
+        hf.load_adapter(model, folder)  # (float32, beside held matrices too: inference)
+        model.checkpoint_dir = folder
+    return model if weights is not None else model.to(device, dtype)
 
 
 def load_start(path: str | os.PathLike) -> GPT:

@@ -710,10 +710,10 @@ class GPT:
     def add_lora(self, config=None, seed: int = 0, **kw):
         """Give the model LoRA adapters (a fastllm.lora.LoraConfig, or its fields: r=16, alpha=32, targets=("all",),
         rslora=False) and freeze everything else: from now on backward() computes the adapters' gradients only and
-        an optimizer made after this trains them. Returns the Lora (model.lora)."""
+        an optimizer made after this trains them. Returns the Lora (model.lora). On a model holding its matrices in
+        a decode form (hold_weights) the adapters stay float32 beside them: inference."""
         from .lora import Lora, LoraConfig  # lora imports nothing of this module
 
-        self._check_float32("add_lora")
         if self.lora is not None:
             raise ValueError("the model has LoRA adapters already (merge_lora() first to add new ones)")
         if config is None:
@@ -741,6 +741,7 @@ class GPT:
         computing what it computed with them (up to float32 rounding). Returns self."""
         if self.lora is None:
             raise ValueError("merge_lora: the model has no LoRA adapters")
+        self._check_float32("merge_lora")
         host = self._host_params().copy() if self.device != "cpu" else self.params
         p = _views(ops, host, self.shapes)
         for m in self.lora.ranks:
