@@ -792,3 +792,33 @@ def test_reward_model_resumes_bit_identically(warm, tmp_path):
     strip = [{k: v for k, v in r.items() if k != "dt"} for r in rows(tmp_path / "a")]
     assert strip == [{k: v for k, v in r.items() if k != "dt"} for r in rows(tmp_path / "b")]
     assert [r["step"] for r in rows(tmp_path / "a") if "val_accuracy" in r] == [0, 2, 4, 6]
+
+
+def test_grpo_with_lora_reference_is_the_base_and_resumes(warm, tmp_path):
+    """--lora-r: GRPO trains adapters only; its reference is the policy without them (the same log-probs as the
+    starting checkpoint loaded once more); a step's KL starts at 0; the run resumes bit-identically; and a policy
+    starting from a LoRA checkpoint starts from that model whole (its adapters merged)."""
+    ck, _, _ = warm
+    tok = byte_tokenizer()
+    kw = dict(ckpt=str(ck), task="addition", digits=1, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2,
+              eval_every=0, ckpt_every=2, lora_r=4, lora_alpha=8)
+    s = train_grpo(RLConfig(out=str(tmp_path / "a"), steps=5, **kw), progress=False, log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] > 0  # the adapters moved it away
+    policy, start = load_model(s["checkpoint"]), load_model(ck)
+    assert policy.lora is not None
+    for name, v in policy.state_dict().items():
+        np.testing.assert_array_equal(v, start.state_dict()[name], err_msg=name)
+    idx = np.array([tok.encode("3+4=7")])
+    with policy.without_lora():
+        np.testing.assert_array_equal(policy.forward(idx), start.eval().forward(idx))
+    assert np.abs(policy.eval().forward(idx) - start.forward(idx)).max() > 1e-4
+    train_grpo(RLConfig(out=str(tmp_path / "b"), steps=2, **kw), progress=False, log=lambda *_: None)
+    s2 = train_grpo(RLConfig(out=str(tmp_path / "b"), steps=5, resume=True, **kw), progress=False, log=lambda *_: None)
+    np.testing.assert_array_equal(load_model(s2["checkpoint"]).lora.params, policy.lora.params)
+    # from the LoRA checkpoint: its model merged is where the new run (adapters on adapters) starts
+    kw2 = dict(kw, ckpt=s["checkpoint"], steps=1)
+    s3 = train_grpo(RLConfig(out=str(tmp_path / "c"), **kw2), progress=False, log=lambda *_: None)
+    again = load_model(s3["checkpoint"])  # base -> first adapters (merged) -> second adapters
+    with again.without_lora():
+        np.testing.assert_allclose(again.forward(idx), policy.forward(idx), rtol=0, atol=1e-4)

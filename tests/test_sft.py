@@ -628,3 +628,54 @@ def test_cli_sft_runs_resumes_and_rejects_bad_input(tuned, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a value outside the choices: argparse's one-line usage error
         main(args + ["--too-long", "drop"])
     assert e.value.code == 2 and "--too-long: invalid choice: 'drop'" in capsys.readouterr().err
+
+
+def test_lora_sft_learns_a_new_task_checkpoints_the_adapters_and_resumes(tuned, tmp_path, capsys):
+    """LoRA on the fine-tuned model (which has its chat tokens): the adapters alone learn to echo words instead of
+    reversing them; checkpoints hold the adapters (PEFT's files naming the base), load as base + adapters, resume
+    exactly, merge into a whole model (convert --to hf); a base without chat tokens is refused."""
+    d, held = tuned[0], tuned[1]
+    (tmp_path / "echo.jsonl").write_text("".join(chat(w, w) + "\n" for w in held[16:]))
+    args = ["sft", "--base", str(d / "sft"), "--data", str(tmp_path / "echo.jsonl"), "--out", str(tmp_path / "lora"),
+            "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--max-steps", "120", "--ckpt-every", "60",
+            "--eval-every", "0", "--batch-size", "8", "--val-fraction", "0", "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    assert "LoRA {'r': 8" in capsys.readouterr().out
+    ckpt = tmp_path / "lora" / "ckpt_000120"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    base = load_model(d / "sft").eval()
+    tok = Tokenizer.load(base.checkpoint_dir / "tokenizer.tiktoken")
+
+    def echo_accuracy(model) -> float:
+        prompts = [render_prompt(conv(("user", w)), tok).tolist() for w in held[:16]]
+        outs = generate(model, prompts, 4, temperature=0)
+        end = tok.special_tokens[IM_END]
+        return float(np.mean([o[len(p):] == b(w) + [end] for o, p, w in zip(outs, prompts, held[:16])]))
+
+    tuned_model = load_model(tmp_path / "lora").eval()  # the base (named by the adapters) + the adapters
+    assert tuned_model.lora is not None and tuned_model.checkpoint_dir == ckpt
+    for name, v in tuned_model.state_dict().items():  # the base unchanged
+        np.testing.assert_array_equal(v, base.state_dict()[name], err_msg=name)
+    before, after = echo_accuracy(base), echo_accuracy(tuned_model)
+    print(f"\nLoRA SFT, echo instead of reverse (held-out words): before {before:.2f}, after {after:.2f}")
+    assert before <= 0.2 and after >= 0.6
+    # resume: from step 60 to 120 again gives the same adapters
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "lora" / "ckpt_000060", resumed / "ckpt_000060")
+    assert main(args[: args.index(str(tmp_path / "lora"))] + [str(resumed)] +
+                args[args.index(str(tmp_path / "lora")) + 1:] + ["--resume"]) == 0
+    want, got = tuned_model.lora.state_dict(), load_model(resumed).lora.state_dict()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # merged into one model that computes what base + adapters compute
+    assert main(["convert", str(ckpt), str(tmp_path / "merged"), "--to", "hf"]) == 0
+    merged = load_model(tmp_path / "merged").eval()
+    assert merged.lora is None
+    idx = np.array([render_prompt(conv(("user", held[0])), tok)])
+    np.testing.assert_allclose(merged.forward(idx), tuned_model.forward(idx), rtol=0, atol=2e-4)
+    capsys.readouterr()
+    assert main([*args[:2], str(d / "base"), *args[3:]]) == 1  # no chat tokens: they would need training
+    assert "--lora-r: the base" in capsys.readouterr().err
