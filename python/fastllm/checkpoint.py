@@ -46,7 +46,7 @@ from .model import GPT, GPTConfig, param_shapes
 from .tokenizer import Tokenizer, find_hf_tokenizer
 
 MODEL_FILE = "model.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA checkpoint's (fastllm.hf.save_adapter)
+ADAPTER_FILE = hf.ADAPTER_WEIGHTS  # a LoRA checkpoint's adapters (fastllm.hf.save_adapter)
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 HEADS_FILE = "heads.safetensors"

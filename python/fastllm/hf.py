@@ -78,9 +78,15 @@ about one float32 model (measured in tests/test_hf_models.py), whatever the stor
 only) the matrices go straight to bf16 or int8 a layer at a time and the peak is the model in that form. No pickle:
 never pytorch_model.bin.
 
+LoRA adapters (fastllm.lora) as PEFT keeps them: a folder with adapter_config.json (r, lora_alpha, rank_pattern,
+alpha_pattern, use_rslora, ...) and adapter_model.safetensors (base_model.model.<module>.lora_A.weight (r, in),
+.lora_B.weight (out, r) per transformers module: q_proj, ..., GPT-2's c_attn); save_adapter writes one that peft
+reads to the same logits, load_adapter reads peft's exactly (separate A's of one fastllm matrix concatenated).
+
 >>> model = GPT.from_pretrained("Qwen2.5-0.5B-Instruct/")   # or hf.from_pretrained(path)
 >>> model.save_pretrained("out", tokenizer=tok)              # transformers can load "out"
 >>> tok = Tokenizer.from_pretrained("Qwen2.5-0.5B-Instruct/")
+>>> load_adapter(model, "qwen-lora/")                        # a PEFT adapter folder (save_adapter writes one)
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +102,7 @@ import numpy as np
 from . import ops
 from .chat import eos_token_ids, read_templates, special_tokens
 from .fileio import load_safetensors, read_json, save_safetensors, write_json
+from .lora import TARGETS, Lora, LoraConfig, target_rows
 from .model import (
     GATED,
     GPT,
@@ -1198,6 +1205,231 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
     return folder
 
 
+# ---- LoRA adapters: PEFT's folders -------------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_LORA_TENSOR = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight")  # PEFT's names (adapter name cut)
+_PEFT_REFUSED = {  # adapter_config.json keys that, when set, make an adapter compute more than scale * B A x
+    "use_dora": "DoRA", "lora_bias": "a bias on lora_B", "modules_to_save": "whole modules saved with the adapter",
+    "trainable_token_indices": "trained token embeddings", "layer_replication": "replicated layers",
+    "target_parameters": "adapters on parameters (MoE experts)", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA"}
+
+
+def _lora_slots(model: GPT) -> dict[str, Slot]:
+    """{transformers module name: its Slot, untransposed} for the linear layers a Lora adapts (the blocks' matrices;
+    a LoRA's B is (out, r) whatever the layout of the module's weight: GPT-2's Conv1D too)."""
+    slots = tensor_map(model.config, getattr(model, "hf_model_type", None))
+    return {name[:-len(".weight")]: replace(slot, transpose=False) for name, slot in slots.items()
+            if slot.param in MATRICES}
+
+
+def _slot_rows(slot: Slot, shapes: dict) -> tuple[int, int]:
+    return slot.rows or (0, shapes[slot.param][1])
+
+
+def _layer_free(module: str) -> str:
+    """The module's name below its layer ('model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj'): the same in
+    every layer, a PEFT target or pattern key that names no other module."""
+    return re.sub(r"^.*?\.\d+\.", "", module)
+
+
+def _pattern(patterns: dict, module: str, default, where: str):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the value of the first key (a
+    regex) that matches the end of the module's name, else default."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as e:
+            raise ValueError(f"{where}: pattern {key!r} is not a regular expression ({e})") from None
+    return default
+
+
+def save_adapter(model: GPT, path: str | os.PathLike, base: str | None = None) -> Path:
+    """Write the model's LoRA adapters (model.lora) as a PEFT adapter folder (adapter_config.json and
+    adapter_model.safetensors, float32) with which peft's PeftModel.from_pretrained(<the base model in
+    transformers>, path) computes what the model computes: one module per transformers projection whose rows the
+    adapters train (q_proj and v_proj of attn.c_attn with the same lora_A; Phi-3's qkv_proj or GLM's gate_up_proj
+    whole), lora_B its rows of B in the file's order; every module's scale is the Lora's (rank_pattern and
+    alpha_pattern for the modules whose rank is not config r). base: base_model_name_or_path. Each file is written
+    atomically. ValueError when the model has no adapters, or where B has nonzero values in rows no module holds."""
+    lora = model.lora
+    if lora is None:
+        raise ValueError("save_adapter: the model has no LoRA adapters (add_lora or load_adapter first)")
+    state, shapes = lora.state_dict(), model.shapes
+    tensors, ranks, written = {}, {}, {m: np.zeros(shapes[m][1], bool) for m in lora.ranks}
+    for module, slot in _lora_slots(model).items():
+        r0, r1 = _slot_rows(slot, shapes)
+        if slot.param not in lora.ranks or not any(a < r1 and r0 < b for a, b in lora.rows[slot.param]):
+            continue
+        stem = slot.param[:-len(".weight")]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = state[stem + ".lora_A"][slot.layer]
+        tensors[f"base_model.model.{module}.lora_B.weight"] = slot.hf({slot.param: state[stem + ".lora_B"]})
+        ranks[_layer_free(module)] = lora.ranks[slot.param]
+        written[slot.param][r0:r1] = True
+    for m, rows in written.items():
+        if state[m[:-len(".weight")] + ".lora_B"][:, ~rows].any():
+            raise ValueError(f"save_adapter: the adapter of {m} has nonzero rows of B outside the projections it "
+                             f"adapts ({lora.rows[m]}): no PEFT module holds them")
+    c = lora.config
+    pattern = {key: r for key, r in ranks.items() if r != c.r}
+    doc = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base or "", "r": int(c.r),
+           "lora_alpha": int(c.alpha) if float(c.alpha).is_integer() else c.alpha, "use_rslora": c.rslora,
+           "rank_pattern": pattern,
+           "alpha_pattern": {key: lora.scale * (math.sqrt(r) if c.rslora else r) for key, r in pattern.items()},
+           "target_modules": sorted(ranks), "fan_in_fan_out": model_type(model.config) == "gpt2", "bias": "none",
+           "lora_dropout": 0.0, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+           "layers_pattern": None, "init_lora_weights": True, "inference_mode": True}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(folder / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
+    write_json(folder / ADAPTER_CONFIG, doc)
+    return folder
+
+
+def _adapter_config(doc, where: str) -> tuple[int, float, bool, dict, dict]:
+    """(r, lora_alpha, use_rslora, rank_pattern, alpha_pattern) of an adapter_config.json, PEFT's defaults for what
+    it leaves out; ValueError naming the key for what fastllm does not compute (see _PEFT_REFUSED)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    if doc.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type {doc.get('peft_type')!r}: only LORA adapters are read")
+    if doc.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias {doc['bias']!r}: adapters that train the base's biases are not supported "
+                         f"(bias must be 'none')")
+    for key, what in _PEFT_REFUSED.items():
+        if doc.get(key):
+            raise ValueError(f"{where}: {key}={doc[key]!r}: {what} is not supported (plain LoRA only)")
+    r, alpha, rslora = doc.get("r", 8), doc.get("lora_alpha", 8), doc.get("use_rslora", False)
+    ranks, alphas = doc.get("rank_pattern") or {}, doc.get("alpha_pattern") or {}
+    if not isinstance(ranks, dict) or not isinstance(alphas, dict):
+        raise ValueError(f"{where}: rank_pattern and alpha_pattern must be objects")
+    for key, v in [("r", r), *((f"rank_pattern[{k!r}]", v) for k, v in ranks.items())]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}: {key} must be an integer >= 1, got {v!r}")
+    for key, v in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alphas.items())]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{where}: {key} must be a number > 0, got {v!r}")
+    if not isinstance(rslora, bool):
+        raise ValueError(f"{where}: use_rslora must be true or false, got {rslora!r}")
+    return r, float(alpha), rslora, ranks, alphas
+
+
+def _lora_scale(alpha: float, r: int, rslora: bool) -> float:
+    """A module's scale as PEFT computes it (and LoraConfig.scale): alpha / r, alpha / sqrt(r) with rslora."""
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def _not_adapted(module: str, model: GPT) -> str:
+    """Why an adapter file's module is none fastllm adapts (for errors)."""
+    kind = model_type(model.config, getattr(model, "hf_model_type", None))
+    slot = tensor_map(model.config, kind).get(module + ".weight")
+    if (slot is not None and slot.param in ("wte", "wpe")) or "embed" in module:
+        return "an embedding: fastllm adapts the blocks' linear layers only"
+    if module.rsplit(".", 1)[-1] == "lm_head":
+        return "the lm-head: fastllm adapts the blocks' linear layers only"
+    return f"no linear layer of this model (model_type {kind}, n_layer={model.config.n_layer})"
+
+
+def load_adapter(model: GPT, path: str | os.PathLike) -> Lora:
+    """Read a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors; adapter_model.bin is never
+    read: no pickle) and attach it to `model` (model.add_lora): the model then computes what peft's PeftModel
+    computes. Per fastllm matrix, the modules the file has: one A where, in every layer, their lora_A are equal
+    (PEFT's q_proj and v_proj as fastllm saves them), else their A's concatenated (the rank their sum) and each
+    module's B in its own rows and columns of the matrix's B; each module's scale (lora_alpha / r, rank_pattern,
+    alpha_pattern, use_rslora) relative to the Lora's (config r and lora_alpha) folded into its B; zeros in the
+    layers without it (layers_to_transform). ValueError naming the file and the key or tensor for what fastllm does
+    not compute (DoRA, biases, modules_to_save, embeddings or the lm-head adapted, ...) and for tensors that do not
+    fit the model (unknown modules, shapes, non-finite values, a lora_A without its lora_B). Returns the Lora."""
+    folder = Path(path)
+    conf_path, file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not conf_path.is_file():
+        raise FileNotFoundError(f"{conf_path} not found (not a PEFT adapter folder)")
+    if not file.is_file():
+        hint = " (adapter_model.bin is never read: no pickle)" if (folder / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{file} not found{hint}")
+    r, alpha, rslora, rank_pattern, alpha_pattern = _adapter_config(read_json(conf_path), str(conf_path))
+    tensors, _ = load_safetensors(file)
+    slots, shapes = _lora_slots(model), model.shapes
+    pairs: dict[str, dict[str, tuple[str, np.ndarray]]] = {}  # module -> {lora_A: (name, tensor), lora_B: ...}
+    for name, t in tensors.items():
+        match = _LORA_TENSOR.fullmatch(name)
+        if match is None:
+            what = "a LoRA on an embedding: fastllm adapts the blocks' linear layers only" if "lora_embedding" in \
+                name else "not a LoRA tensor (base_model.model.<module>.lora_A.weight or .lora_B.weight)"
+            raise ValueError(f"{file}: tensor {name!r} is {what}")
+        module, which = match[1], match[2]
+        if module not in slots:
+            raise ValueError(f"{file}: tensor {name!r}: module {module!r} is {_not_adapted(module, model)}")
+        if t.dtype.kind != "f":
+            raise ValueError(f"{file}: tensor {name!r} has dtype {t.dtype}, expected floats")
+        pairs.setdefault(module, {})[which] = (name, t)
+    if not pairs:
+        raise ValueError(f"{file}: no LoRA tensors")
+    parts: dict[str, list[tuple[Slot, np.ndarray, np.ndarray]]] = {}  # matrix -> [(slot, A, B scaled)]
+    for module, pair in pairs.items():
+        if len(pair) == 1:
+            (which, (name, _)), = pair.items()
+            other = "lora_B" if which == "lora_A" else "lora_A"
+            raise ValueError(f"{file}: tensor {name!r} has no {other} partner (base_model.model.{module}.{other}"
+                             f".weight)")
+        slot, rank = slots[module], _pattern(rank_pattern, module, r, str(conf_path))
+        r0, r1 = _slot_rows(slot, shapes)
+        for which, want in (("lora_A", (rank, shapes[slot.param][2])), ("lora_B", (r1 - r0, rank))):
+            name, t = pair[which]
+            if t.shape != want:
+                raise ValueError(f"{file}: tensor {name!r} has shape {t.shape}; the model and adapter_config.json "
+                                 f"(r={rank} for {module}) need {want}")
+            if not np.isfinite(t).all():
+                raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
+        factor = _lora_scale(_pattern(alpha_pattern, module, alpha, str(conf_path)), rank, rslora) / \
+            _lora_scale(alpha, r, rslora)
+        B = pair["lora_B"][1] if factor == 1.0 else pair["lora_B"][1].astype(np.float64) * factor
+        parts.setdefault(slot.param, []).append((slot, pair["lora_A"][1], B))
+    state, ranks, rows = {}, {}, {}
+    for m, items in parts.items():
+        L, out, inp = shapes[m]
+        kinds = sorted({_slot_rows(slot, shapes) for slot, _, _ in items})  # the projections (row ranges)
+        per_layer: dict[int, list[np.ndarray]] = {}
+        for slot, A, _ in items:
+            per_layer.setdefault(slot.layer, []).append(A)
+        shared = len({A.shape for _, A, _ in items}) == 1 and \
+            all(np.array_equal(As[0], A) for As in per_layer.values() for A in As[1:])
+        width = {k: max(A.shape[0] for slot, A, _ in items if _slot_rows(slot, shapes) == k) for k in kinds}
+        offset = dict(zip(kinds, [0] * len(kinds) if shared else np.cumsum([0, *width.values()])[:-1].tolist()))
+        ranks[m], rows[m] = items[0][1].shape[0] if shared else sum(width.values()), kinds
+        A_all, B_all = np.zeros((L, ranks[m], inp), np.float32), np.zeros((L, out, ranks[m]), np.float32)
+        for slot, A, B in items:
+            o = offset[_slot_rows(slot, shapes)]
+            A_all[slot.layer, o:o + len(A)] = A
+            slot.view({m: B_all[:, :, o:o + len(A)]})[...] = B if slot.perm is None else B[list(slot.perm)]
+        stem = m[:-len(".weight")]
+        state[stem + ".lora_A"], state[stem + ".lora_B"] = A_all, B_all
+    cfg, targets = model.config, []  # (LoraConfig's: the projections the modules cover)
+    for target in TARGETS:
+        if target != "gate" or cfg.fc_width == 2 * cfg.mlp_width:
+            m, (a, b) = target_rows(cfg, target)
+            targets += [target] if any(r0 <= a and b <= r1 for r0, r1 in rows.get(m, ())) else []
+    lora = model.add_lora(LoraConfig(r=r, alpha=alpha, targets=tuple(targets), rslora=rslora), ranks=ranks, rows=rows)
+    return lora.load_state_dict(state, str(file))
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a PEFT adapter folder (adapter_config.json in it)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    """The base_model_name_or_path of a PEFT adapter folder: the model it adapts (a hub name or a folder; "" if
+    unset)."""
+    doc = read_json(Path(path) / ADAPTER_CONFIG)
+    base = doc.get("base_model_name_or_path") if isinstance(doc, dict) else None
+    return base if isinstance(base, str) else ""
+
+
 # ---- tokenizer files and generation settings -------------------------------------------------------------
 
 
@@ -1234,4 +1466,5 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike, model_max_length: int |
 
 
 __all__ = ["from_pretrained", "save_pretrained", "config_from_hf", "config_to_hf", "model_type", "tensor_map",
-           "hf_state_dict", "save_tokenizer", "is_hf_folder", "MODEL_TYPES"]
+           "hf_state_dict", "save_tokenizer", "is_hf_folder", "MODEL_TYPES", "save_adapter", "load_adapter",
+           "is_adapter_folder", "adapter_base"]

@@ -707,11 +707,12 @@ class GPT:
 
     # ---- LoRA (fastllm.lora) -----------------------------------------------------------------------------
 
-    def add_lora(self, config=None, seed: int = 0, **kw):
+    def add_lora(self, config=None, seed: int = 0, ranks: dict | None = None, rows: dict | None = None, **kw):
         """Give the model LoRA adapters (a fastllm.lora.LoraConfig, or its fields: r=16, alpha=32, targets=("all",),
         rslora=False) and freeze everything else: from now on backward() computes the adapters' gradients only and
-        an optimizer made after this trains them. Returns the Lora (model.lora). On a model holding its matrices in
-        a decode form (hold_weights) the adapters stay float32 beside them: inference."""
+        an optimizer made after this trains them. ranks, rows: as fastllm.lora.Lora's (an adapter read from a file:
+        fastllm.hf.load_adapter). Returns the Lora (model.lora). On a model holding its matrices in a decode form
+        (hold_weights) the adapters stay float32 beside them: inference."""
         from .lora import Lora, LoraConfig  # lora imports nothing of this module
 
         if self.lora is not None:
@@ -720,7 +721,7 @@ class GPT:
             config = LoraConfig(**kw)
         elif kw:
             raise TypeError("add_lora takes a LoraConfig or its fields, not both")
-        self.lora = Lora(self, config, seed)
+        self.lora = Lora(self, config, seed, ranks, rows)
         self.lora.base = getattr(self, "checkpoint_dir", None)  # the folder of the frozen weights (checkpoints name it)
         self._acts, self._BT = None, None  # the adapters' activations, and no lm-head gradient any more
         return self.lora
