@@ -635,13 +635,14 @@ def test_lora_sft_learns_a_new_task_checkpoints_the_adapters_and_resumes(tuned, 
     reversing them; checkpoints hold the adapters (PEFT's files naming the base), load as base + adapters, resume
     exactly, merge into a whole model (convert --to hf); a base without chat tokens is refused."""
     d, held = tuned[0], tuned[1]
-    (tmp_path / "echo.jsonl").write_text("".join(chat(w, w) + "\n" for w in held[16:]))
+    words = ["".join(w) for w in itertools.product(LETTERS, repeat=3) if "".join(w) not in held[:16]]
+    (tmp_path / "echo.jsonl").write_text("".join(chat(w, w) + "\n" for w in words))
     args = ["sft", "--base", str(d / "sft"), "--data", str(tmp_path / "echo.jsonl"), "--out", str(tmp_path / "lora"),
-            "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2", "--max-steps", "120", "--ckpt-every", "60",
+            "--lora-r", "16", "--lora-alpha", "32", "--lr", "5e-3", "--max-steps", "400", "--ckpt-every", "200",
             "--eval-every", "0", "--batch-size", "8", "--val-fraction", "0", "--no-progress", "--threads", "1"]
     assert main(args) == 0
-    assert "LoRA {'r': 8" in capsys.readouterr().out
-    ckpt = tmp_path / "lora" / "ckpt_000120"
+    assert "LoRA {'r': 16" in capsys.readouterr().out
+    ckpt = tmp_path / "lora" / "ckpt_000400"
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
     base = load_model(d / "sft").eval()
     tok = Tokenizer.load(base.checkpoint_dir / "tokenizer.tiktoken")
@@ -659,12 +660,12 @@ def test_lora_sft_learns_a_new_task_checkpoints_the_adapters_and_resumes(tuned, 
     before, after = echo_accuracy(base), echo_accuracy(tuned_model)
     print(f"\nLoRA SFT, echo instead of reverse (held-out words): before {before:.2f}, after {after:.2f}")
     assert before <= 0.2 and after >= 0.6
-    # resume: from step 60 to 120 again gives the same adapters
+    # resume: from step 200 to 400 again gives the same adapters
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     import shutil
 
-    shutil.copytree(tmp_path / "lora" / "ckpt_000060", resumed / "ckpt_000060")
+    shutil.copytree(tmp_path / "lora" / "ckpt_000200", resumed / "ckpt_000200")
     assert main(args[: args.index(str(tmp_path / "lora"))] + [str(resumed)] +
                 args[args.index(str(tmp_path / "lora")) + 1:] + ["--resume"]) == 0
     want, got = tuned_model.lora.state_dict(), load_model(resumed).lora.state_dict()
