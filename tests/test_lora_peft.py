@@ -178,6 +178,7 @@ def test_round_trip_is_exact(family, targets, tmp_path):
     again = GPT.from_pretrained(d)
     lora = hf.load_adapter(again, tmp_path / "adapter")
     assert lora.ranks == model.lora.ranks and lora.scale == model.lora.scale
+    assert list(lora.shapes.items()) == list(model.lora.shapes.items())  # one flat layout: AdamW state resumes
     fused = {"phi3-fused": "qkv_proj", "gpt2": "c_attn", "glm-interleaved": "gate_up_proj"}.get(name)
     if fused is None or targets == "o,down":
         assert lora.rows == model.lora.rows

@@ -110,7 +110,8 @@ class Lora:
                  rows: dict | None = None):
         cfg = model.config
         self.config, self.scale = config, config.scale
-        self.rows = adapted_rows(cfg, config.targets) if rows is None else dict(rows)
+        rows = adapted_rows(cfg, config.targets) if rows is None else rows
+        self.rows = {m: sorted(rows[m]) for m in model.shapes if m in rows}  # (the model's order: one flat layout)
         self.ranks = {m: int((ranks or {}).get(m, config.r)) for m in self.rows}
         shapes = model.shapes
         self.shapes = {}
