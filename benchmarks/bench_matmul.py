@@ -139,7 +139,7 @@ def gemm_with(impl: str, c, a, b, **kw) -> None:
 
     old = cuda.gemm_impl(impl)
     try:
-        cuda.gemm(c, a, b, **kw)
+        cuda.gemm(a, b, **kw, out=c)
     finally:
         cuda.gemm_impl(old)
 

@@ -372,7 +372,7 @@ static void matmul_backward_py(std::optional<py::array> dinp, std::optional<py::
     fastllm::cpu::matmul_backward(dx, dw, db, dy, x, w, N, C, OC, prec(bf16));
 }
 
-// c (M, N) = alpha * op(a) @ op(b) + beta * c: the GEMM core under matmul, exposed for tests.
+// out (M, N) = alpha * op(a) @ op(b) + beta * out: the GEMM core under matmul (ops.gemm; tests).
 static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool trans_b, float alpha, float beta,
                     bool bf16) {
     check_ndim(a, "a", 2, "2-D");
@@ -382,8 +382,8 @@ static void gemm_py(py::array c, py::array a, py::array b, bool trans_a, bool tr
     FASTLLM_CHECK(Kb == K, "b: inner dimension ", Kb, " does not match a's ", K);
     const float* pa = in_ptr<float>(a, "a");
     const float* pb = in_ptr<float>(b, "b");
-    float* pc = out_ptr<float>(c, "c", {M, N});
-    check_outputs({{&c, "c"}}, {{&a, "a"}, {&b, "b"}});
+    float* pc = out_ptr<float>(c, "out", {M, N});
+    check_outputs({{&c, "out"}}, {{&a, "a"}, {&b, "b"}});
     const int64_t lda = a.shape(1), ldb = b.shape(1);
     py::gil_scoped_release nogil;
     fastllm::cpu::gemm(trans_a, trans_b, M, N, K, alpha, pa, lda, pb, ldb, beta, pc, N, prec(bf16));
@@ -1405,7 +1405,7 @@ PYBIND11_MODULE(_C, m) {
                arg("wsum"), arg("bias") = none, arg("pre_gelu") = none);
     def_kernel(m, "matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
                arg("inp"), arg("weight"), arg("bf16") = false);
-    def_kernel(m, "gemm", &gemm_py, arg("c"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
+    def_kernel(m, "gemm", &gemm_py, arg("out"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
                arg("alpha") = 1.0f, arg("beta") = 0.0f, arg("bf16") = false);
     def_kernel(m, "attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"),
                arg("n_kv_head") = none, arg("bf16") = false, arg("scale") = 0.0f, arg("softcap") = 0.0f,

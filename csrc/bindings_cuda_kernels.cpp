@@ -49,15 +49,15 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             FASTLLM_CHECK(std::isfinite(alpha), "alpha must be finite, got ", alpha);
             check_2d(a, "a");
             check_2d(b, "b");
-            check_2d(c, "c");
+            check_2d(c, "out");
             const DType ab = a.dtype;
             if (c.dtype != DType::f32 && c.dtype != ab)
-                throw py::type_error(str_cat("c must be float32 or a's dtype ", dtype_str(ab), ", got ",
+                throw py::type_error(str_cat("out must be float32 or a's dtype ", dtype_str(ab), ", got ",
                                              dtype_str(c.dtype)));
             const int64_t M = c.shape[0], N = c.shape[1], K = trans_a ? a.shape[0] : a.shape[1];
             check_array(a, "a", ab, trans_a ? std::vector<int64_t>{K, M} : std::vector<int64_t>{M, K});
             check_array(b, "b", ab, trans_b ? std::vector<int64_t>{N, K} : std::vector<int64_t>{K, N});
-            check_array(c, "c", c.dtype, {M, N});
+            check_array(c, "out", c.dtype, {M, N});
             if (bias) check_array(*bias, "bias", ab, {N});
             if (pre_gelu) {
                 check_array(*pre_gelu, "pre_gelu", c.dtype, {M, N});
@@ -66,13 +66,13 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             check_int32_size(M, "M");
             check_int32_size(N, "N");
             check_int32_size(K, "K");
-            no_overlap(&c, "c", &a, "a");
-            no_overlap(&c, "c", &b, "b");
-            no_overlap(&c, "c", bias, "bias");
+            no_overlap(&c, "out", &a, "a");
+            no_overlap(&c, "out", &b, "b");
+            no_overlap(&c, "out", bias, "bias");
             no_overlap(pre_gelu, "pre_gelu", &a, "a");
             no_overlap(pre_gelu, "pre_gelu", &b, "b");
             no_overlap(pre_gelu, "pre_gelu", bias, "bias");
-            no_overlap(pre_gelu, "pre_gelu", &c, "c");
+            no_overlap(pre_gelu, "pre_gelu", &c, "out");
             void* pc = c.data();
             const void *pa = a.data(), *pb = b.data(), *pbias = bias ? bias->data() : nullptr;
             void* ppre = pre_gelu ? pre_gelu->data() : nullptr;
@@ -80,10 +80,10 @@ void fastllm::cuda::register_cuda_kernels(py::module_& m) {
             py::gil_scoped_release nogil;
             gemm(pc, ct, pa, pb, pbias, ppre, M, N, K, trans_a, trans_b, accumulate, ab, alpha);
         },
-        arg("c"), arg("a"), arg("b"), arg("bias") = py::none(), arg("pre_gelu") = py::none(),
+        arg("out"), arg("a"), arg("b"), arg("bias") = py::none(), arg("pre_gelu") = py::none(),
         arg("trans_a") = false, arg("trans_b") = false, arg("accumulate") = false, arg("alpha") = 1.0f,
-        "c (M, N) = [c +] alpha * op(a) @ op(b) [+ bias]; with pre_gelu: pre_gelu = the product + bias, "
-        "c = gelu(it).");
+        "out (M, N) = [out +] alpha * op(a) @ op(b) [+ bias]; with pre_gelu: pre_gelu = the product + bias, "
+        "out = gelu(it).");
     // matmul: inp (..., C) and out (..., OC) with the same N leading rows, weight (OC, C) -> {N, C, OC}
     static const auto matmul_dims = [](const DeviceArray& inp, const DeviceArray& weight, const char* out_name,
                                        const DeviceArray& out) {

@@ -31,13 +31,17 @@ OP_FUNCTIONS = ["matmul_forward", "matmul_backward", "attention_forward", "atten
                 "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
                 "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "geglu_forward",
                 "geglu_backward", "relu2_forward", "relu2_backward", "residual_forward", "residual_backward",
-                "embedding_forward", "embedding_backward", "adamw_step"]
+                "embedding_forward", "embedding_backward", "adamw_step", "gemm"]
 # defaults that are the device's own choice: the allocation alignment, the compute dtype of the lm-head scratch
 DEVICE_DEFAULTS = {("carve", "align"), ("lmhead_chunk_rows", "dtype")}
 # the CPU's precision of the matmuls (bf16 products of fp32 arrays; backend.CpuBf16 binds it), last and optional;
 # on the GPU the arrays' dtype is the precision
 CPU_ONLY = {("matmul_forward", "dtype"), ("matmul_backward", "dtype"), ("lmhead_ce", "dtype"),
-            ("attention_forward", "dtype"), ("attention_backward", "dtype"), ("attention_kv_forward", "dtype")}
+            ("attention_forward", "dtype"), ("attention_backward", "dtype"), ("attention_kv_forward", "dtype"),
+            ("gemm", "dtype")}
+# the GPU GEMM's fused epilogues (its tests and benchmarks use them; the model's matmul_forward fuses them on both
+# devices), last and optional
+GPU_ONLY = {("gemm", "bias"), ("gemm", "pre_gelu")}
 OP_SUFFIXES = ("_forward", "_backward", "_step", "_ce")
 
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (2, 3, 37)]
@@ -63,11 +67,13 @@ def test_ops_and_cuda_have_the_same_signatures(name):
     """Same parameter names, kinds and order, and the same defaults (but the device's own choices); the CPU's own
     parameters come last among the positional ones (before any keyword-only ones), with defaults."""
     a, b = inspect.signature(getattr(ops, name)), inspect.signature(getattr(cuda, name))
-    own = [p for p in a.parameters.values() if (name, p.name) in CPU_ONLY]
+    for sig, only in ((a, CPU_ONLY), (b, GPU_ONLY)):
+        own = [p for p in sig.parameters.values() if (name, p.name) in only]
+        positional = [p for p in sig.parameters.values() if p.kind != p.KEYWORD_ONLY]
+        assert positional[len(positional) - len(own):] == own and all(p.default is not p.empty for p in own)
     common = [p for p in a.parameters.values() if (name, p.name) not in CPU_ONLY]
-    positional = [p for p in a.parameters.values() if p.kind != p.KEYWORD_ONLY]
-    assert positional[len(positional) - len(own):] == own and all(p.default is not p.empty for p in own)
-    assert [(p.name, p.kind) for p in common] == [(p.name, p.kind) for p in b.parameters.values()], \
+    assert [(p.name, p.kind) for p in common] == \
+        [(p.name, p.kind) for p in b.parameters.values() if (name, p.name) not in GPU_ONLY], \
         f"ops.{name}{a} != cuda.{name}{b}"
     for p in common:
         if (name, p.name) not in DEVICE_DEFAULTS:
@@ -113,7 +119,7 @@ def test_cuda_wrappers_reject_numpy_arrays():
         (lambda: cuda.embedding_forward(np.zeros((2, 4), np.int32), x, x), "wte"),
         (lambda: cuda.embedding_backward(x, np.zeros((2, 4), np.int32), x, x), "dwte"),
         (lambda: cuda.adamw_step(f, f, f, f, lr=1e-3, t=1), "params"),
-        (lambda: cuda.gemm(f, f, f), "c"),
+        (lambda: cuda.gemm(f, f), "a"),
         (lambda: cuda.add_(f, f), "dst"),
         (lambda: cuda.sum_squares(f), "x"),
         (lambda: cuda.view(f, 0, (2,)), "x"),

@@ -119,10 +119,10 @@ def test_gemm_alpha_accumulate(bk, rng, M, N, K, trans_a, trans_b):
     tol = TOL[bk.dtype]["dw"] * 20
     for c_dtype in {"float32", bk.dtype}:  # (a gradient in float32 from bf16 activations, on the GPU)
         c = bk.put(c0, c_dtype)
-        assert bk.ops.gemm(c, bk.put(a), bk.put(b), trans_a, trans_b, alpha=-0.75, accumulate=True) is c
+        assert bk.ops.gemm(bk.put(a), bk.put(b), trans_a, trans_b, alpha=-0.75, accumulate=True, out=c) is c
         assert_rel(bk.get(c), c0 - 0.75 * prod, tol if c_dtype == "float32" else TOL[bk.dtype]["out"] * 2)
         c = bk.poisoned((M, N), c_dtype)
-        bk.ops.gemm(c, bk.put(a), bk.put(b), trans_a=trans_a, trans_b=trans_b, alpha=2.0)  # overwrites
+        bk.ops.gemm(bk.put(a), bk.put(b), trans_a=trans_a, trans_b=trans_b, alpha=2.0, out=c)  # overwrites
         assert_rel(bk.get(c), 2.0 * prod, tol if c_dtype == "float32" else TOL[bk.dtype]["out"] * 2)
 
 
@@ -267,7 +267,7 @@ def test_cpu_gemm_bad_input(rng):
     a = np.zeros((4, 5), np.float32)
     with pytest.raises(ValueError, match="inner dimension"):
         _C.gemm(np.zeros((4, 3), np.float32), a, np.zeros((4, 3), np.float32))
-    with pytest.raises(ValueError, match="c"):
+    with pytest.raises(ValueError, match="out must have shape"):
         _C.gemm(np.zeros((4, 4), np.float32), a, np.zeros((5, 3), np.float32))
     with pytest.raises(TypeError, match="b"):
         _C.gemm(np.zeros((4, 3), np.float32), a, np.zeros((5, 3)))
@@ -301,8 +301,8 @@ def run_cuda_gemm(rng, M, N, K, trans_a, trans_b, ab, ct, epilogue, impl=None):
         ref_pre, want = prod, gelu64(prod)
     old = cuda.gemm_impl(impl) if impl else None
     try:
-        cuda.gemm(c, bk.put(a), bk.put(b), trans_a=trans_a, trans_b=trans_b, accumulate=epilogue == "accumulate",
-                  bias=bias, pre_gelu=pre)
+        cuda.gemm(bk.put(a), bk.put(b), trans_a=trans_a, trans_b=trans_b, accumulate=epilogue == "accumulate",
+                  bias=bias, pre_gelu=pre, out=c)
     finally:
         if old:
             cuda.gemm_impl(old)
@@ -370,7 +370,7 @@ def test_cuda_gemm_views(rng, offset):
     b = rng.standard_normal((N, K)).astype(np.float32)
     base = cuda.to_device(np.concatenate([np.zeros(offset, np.float32), a.ravel(), b.ravel()]), "bfloat16")
     c = cuda.to_device(np.full((M, N), np.nan, np.float32))
-    cuda.gemm(c, base.view(offset, (M, K)), base.view(offset + M * K, (N, K)), trans_b=True)
+    cuda.gemm(base.view(offset, (M, K)), base.view(offset + M * K, (N, K)), trans_b=True, out=c)
     want = bf16_round(a).astype(np.float64) @ bf16_round(b).astype(np.float64).T
     assert_rel(c.numpy(), want, GEMM_TOL[("bfloat16", "float32")], "c")
 
@@ -436,7 +436,7 @@ def test_matmul_output_overlapping_an_input_is_refused_cpu(rng):
     with pytest.raises(ValueError, match="dweight overlaps dbias"):
         _C.matmul_backward(None, buf[:32].reshape(4, 8), buf[28:32], np.zeros((4, 4), np.float32), x,
                            w[:4].copy())
-    with pytest.raises(ValueError, match="c overlaps a"):
+    with pytest.raises(ValueError, match="out overlaps a"):
         _C.gemm(buf[:16].reshape(4, 4), buf[:16].reshape(4, 4), np.zeros((4, 4), np.float32))
     np.testing.assert_allclose(ops.matmul_forward(x, w), x @ w.T, rtol=1e-5, atol=1e-5)  # separate out: fine
 
@@ -492,40 +492,40 @@ def test_cuda_gemm_bad_input():
     b = cuda.zeros((8, 6), "bfloat16")
     c = cuda.zeros((4, 6))
     with pytest.raises(TypeError, match="b must have dtype bfloat16"):
-        cuda.gemm(c, a, cuda.zeros((8, 6)))
-    with pytest.raises(TypeError, match="c must be float32 or"):
-        cuda.gemm(cuda.zeros((4, 6), "int32"), a, b)
-    with pytest.raises(TypeError, match="c must be float32 or"):
-        cuda.gemm(cuda.zeros((4, 6), "bfloat16"), cuda.zeros((4, 8)), cuda.zeros((8, 6)))
+        cuda.gemm(a, cuda.zeros((8, 6)), out=c)
+    with pytest.raises(TypeError, match="out must be float32 or"):
+        cuda.gemm(a, b, out=cuda.zeros((4, 6), "int32"))
+    with pytest.raises(TypeError, match="out must be float32 or"):
+        cuda.gemm(cuda.zeros((4, 8)), cuda.zeros((8, 6)), out=cuda.zeros((4, 6), "bfloat16"))
     with pytest.raises(TypeError, match="a must be float32 or bfloat16"):
-        cuda.gemm(c, cuda.zeros((4, 8), "int32"), b)
+        cuda.gemm(cuda.zeros((4, 8), "int32"), b, out=c)
     with pytest.raises(ValueError, match="b must have shape"):
-        cuda.gemm(c, a, cuda.zeros((7, 6), "bfloat16"))
+        cuda.gemm(a, cuda.zeros((7, 6), "bfloat16"), out=c)
     with pytest.raises(ValueError, match="b must have shape"):
-        cuda.gemm(c, a, b, trans_b=True)
+        cuda.gemm(a, b, trans_b=True, out=c)
     with pytest.raises(ValueError, match="a must have shape"):
-        cuda.gemm(c, a, b, trans_a=True)
+        cuda.gemm(a, b, trans_a=True, out=c)
     with pytest.raises(ValueError, match="a must be 2-D"):
-        cuda.gemm(c, cuda.zeros((8,), "bfloat16"), b)
+        cuda.gemm(cuda.zeros((8,), "bfloat16"), b, out=c)
     with pytest.raises(ValueError, match="bias must have shape"):
-        cuda.gemm(c, a, b, bias=cuda.zeros((5,), "bfloat16"))
+        cuda.gemm(a, b, bias=cuda.zeros((5,), "bfloat16"), out=c)
     with pytest.raises(TypeError, match="bias must have dtype"):
-        cuda.gemm(c, a, b, bias=cuda.zeros((6,)))
+        cuda.gemm(a, b, bias=cuda.zeros((6,)), out=c)
     with pytest.raises(ValueError, match="pre_gelu must have shape"):
-        cuda.gemm(c, a, b, pre_gelu=cuda.zeros((6, 4)))
+        cuda.gemm(a, b, pre_gelu=cuda.zeros((6, 4)), out=c)
     with pytest.raises(TypeError, match="pre_gelu must have dtype"):
-        cuda.gemm(c, a, b, pre_gelu=cuda.zeros((4, 6), "bfloat16"))
+        cuda.gemm(a, b, pre_gelu=cuda.zeros((4, 6), "bfloat16"), out=c)
     with pytest.raises(ValueError, match="accumulate"):
-        cuda.gemm(c, a, b, accumulate=True, pre_gelu=cuda.zeros((4, 6)))
+        cuda.gemm(a, b, accumulate=True, pre_gelu=cuda.zeros((4, 6)), out=c)
     sq = cuda.zeros((8, 8), "bfloat16")
-    with pytest.raises(ValueError, match="c must not overlap a"):
-        cuda.gemm(sq, sq, cuda.zeros((8, 8), "bfloat16"))
+    with pytest.raises(ValueError, match="out must not overlap a"):
+        cuda.gemm(sq, cuda.zeros((8, 8), "bfloat16"), out=sq)
     buf = cuda.zeros((64,), "bfloat16")
-    with pytest.raises(ValueError, match="c must not overlap b"):
-        cuda.gemm(buf.view(0, (4, 4)), cuda.zeros((4, 4), "bfloat16"), buf.view(8, (4, 4)))
-    with pytest.raises(ValueError, match="pre_gelu must not overlap c"):
-        cuda.gemm(buf.view(0, (4, 4)), cuda.zeros((4, 4), "bfloat16"), cuda.zeros((4, 4), "bfloat16"),
-                  pre_gelu=buf.view(8, (4, 4)))
+    with pytest.raises(ValueError, match="out must not overlap b"):
+        cuda.gemm(cuda.zeros((4, 4), "bfloat16"), buf.view(8, (4, 4)), out=buf.view(0, (4, 4)))
+    with pytest.raises(ValueError, match="pre_gelu must not overlap out"):
+        cuda.gemm(cuda.zeros((4, 4), "bfloat16"), cuda.zeros((4, 4), "bfloat16"),
+                  pre_gelu=buf.view(8, (4, 4)), out=buf.view(0, (4, 4)))
     with pytest.raises(ValueError, match="must be 'auto', 'simple' or 'tc1'"):
         cuda.gemm_impl("cublas")
 

@@ -15,6 +15,7 @@ import os
 
 from . import _C, ops
 from .checkpoint import load_model
+from .lora import LoraConfig
 from .model import GPT, GPTConfig
 from .sample import generate
 from .tokenizer import Tokenizer
@@ -100,5 +101,5 @@ def _simd_from_env() -> None:
 _simd_from_env()
 
 
-__all__ = ["GPT", "GPTConfig", "Tokenizer", "generate", "load_model", "info", "ops", "set_num_threads",
+__all__ = ["GPT", "GPTConfig", "LoraConfig", "Tokenizer", "generate", "load_model", "info", "ops", "set_num_threads",
            "get_num_threads", "set_simd", "get_simd", "SIMD_LEVELS", "__version__"]

@@ -188,15 +188,19 @@ def _on_device(x, name: str, V: int | None = None, allow=None) -> DeviceArray:
 # ---- kernels (see csrc/cuda/kernels.h for the exact contract) ----------------------------------------------
 
 
-def gemm(c, a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, accumulate: bool = False,
+def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, out=None, accumulate: bool = False,
          bias=None, pre_gelu=None):
-    """c (M, N) = [c +] alpha * op(a) @ op(b) [+ bias]; op(a) = a (M, K) or a.T for a stored (K, M) if trans_a;
-    likewise b. a, b, bias: float32 or bfloat16 (same); c: float32 or a's dtype. With pre_gelu: pre_gelu =
-    alpha*a@b+bias and c = gelu(pre_gelu). The GEMM under matmul; the model's small products (LoRA adapters).
-    Returns c."""
-    arrays = _dev(c, "c"), _dev(a, "a"), _dev(b, "b"), _opt(bias, "bias"), _opt(pre_gelu, "pre_gelu")
+    """out (M, N) = alpha * op(a) @ op(b) [+ bias] (accumulate: out +=); op(a) = a (M, K) or a.T for a stored (K, M)
+    if trans_a; likewise b. a, b, bias: float32 or bfloat16 (same); out: float32 or a's dtype (allocated as a's when
+    None). With pre_gelu: pre_gelu = alpha*a@b+bias and out = gelu(pre_gelu). The GEMM under matmul; the model's
+    small products (LoRA's adapters). Returns out."""
+    a, b = _dev(a, "a"), _dev(b, "b")
+    if out is None:
+        M = a.shape[1 if trans_a else 0] if len(a.shape) == 2 else 0
+        out = zeros((M, b.shape[0 if trans_b else 1] if len(b.shape) == 2 else 0), a.dtype)
+    arrays = _dev(out, "out"), a, b, _opt(bias, "bias"), _opt(pre_gelu, "pre_gelu")
     _C.cuda.gemm(*arrays, bool(trans_a), bool(trans_b), bool(accumulate), float(alpha))  # checked first: CPU-only
-    return c
+    return out
 
 
 def gemm_impl(name: str | None = None) -> str:

@@ -230,8 +230,8 @@ class Lora:
         A, B = self._pl[stem + ".lora_A"][l], self._pl[stem + ".lora_B"][l]
         if t is None:
             t = bk.empty((x.shape[0], A.shape[0]), self.act_dtype)
-        bk.gemm(t, x, A, trans_b=True)
-        bk.gemm(out, t, B, trans_b=True, alpha=self.scale, accumulate=True)
+        bk.gemm(x, A, trans_b=True, out=t)
+        bk.gemm(t, B, trans_b=True, alpha=self.scale, accumulate=True, out=out)
 
     def backward(self, bk, matrix: str, l: int, dout, x, dx, t, dt) -> None:
         """The adapter's part of a linear layer's backward: dA, dB += (the frozen rows of B excepted) and dx +=
@@ -240,13 +240,13 @@ class Lora:
         self._ensure_grads()
         A, B = self._pl[stem + ".lora_A"][l], self._pl[stem + ".lora_B"][l]
         dA, dB = self._gl[stem + ".lora_A"][l], self._gl[stem + ".lora_B"][l]
-        bk.gemm(dt, dout, B, alpha=self.scale)  # dt = scale * dout @ B          (N, r)
-        bk.gemm(dB, dout, t, trans_a=True, alpha=self.scale, accumulate=True)  # dB += scale * dout^T t
+        bk.gemm(dout, B, alpha=self.scale, out=dt)  # dt = scale * dout @ B          (N, r)
+        bk.gemm(dout, t, trans_a=True, alpha=self.scale, accumulate=True, out=dB)  # dB += scale * dout^T t
         for off, n in self.frozen_rows[matrix]:
             bk.zero_(bk.view(dB, off, (n,)))
-        bk.gemm(dA, dt, x, trans_a=True, accumulate=True)  # dA += dt^T x          (r, in)
+        bk.gemm(dt, x, trans_a=True, accumulate=True, out=dA)  # dA += dt^T x          (r, in)
         if dx is not None:
-            bk.gemm(dx, dt, A, accumulate=True)  # dx += dt @ A
+            bk.gemm(dt, A, accumulate=True, out=dx)  # dx += dt @ A
 
     def delta(self, matrix: str, l: int) -> np.ndarray:
         """scale * B @ A of layer l's adapter of `matrix` (out, in), float32 on the host: what merging adds."""

@@ -20,6 +20,8 @@ all gradients in another (`grads`, `g`, allocated on first use). Where the compu
 the GPU) a compute copy `cparams` (views `pc`) is what the kernels read; the optimizer writes both (a CPU model in
 bf16 has none: its matmuls round the fp32 weights as they pack them). Activations of a (B, T) batch are views of
 one allocation, made once per shape.
+LoRA (fastllm.lora, add_lora): adapters beside the blocks' linear layers (`linears`), the only thing that trains then;
+backward skips the gradients of everything frozen.
 A training step: forward with targets (embedding, blocks, final norm, then the fused lm-head +
 cross-entropy, which also computes the lm-head's gradient into a scratch buffer), backward (adds that gradient,
 then the blocks in reverse and the embedding), an optimizer step. Only the per-token losses come back to the

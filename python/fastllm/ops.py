@@ -376,7 +376,7 @@ def matmul_forward(inp, weight, bias=None, out=None, pre_gelu=None, dtype: str =
 
 
 def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need_dinp=True, need_bias=True,
-                    dtype: str = "float32", need_weight=True):
+                    need_weight=True, dtype: str = "float32"):
     """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias); need_dinp/need_bias/need_weight=False
     skip those (returned as None; need_weight=False: a frozen weight). dtype="bfloat16": both products in bf16
     (_bf16), as autocast's backward."""
@@ -390,14 +390,17 @@ def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need
     return dinp, dweight, dbias
 
 
-def gemm(c, a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, accumulate: bool = False,
-         dtype: str = "float32"):
-    """c (M, N) = [c +] alpha * op(a) @ op(b), in place; op(a) = a (M, K) or a.T for a stored (K, M) if trans_a;
-    likewise b. All float32 and C-contiguous. The GEMM under matmul (the same kernel, any transpose): the model's
-    small products (LoRA adapters). dtype="bfloat16": operands rounded to bf16 (_bf16). Returns c."""
-    c, a, b = _f32(c, "c"), _f32(a, "a"), _f32(b, "b")
-    _C.gemm(c, a, b, bool(trans_a), bool(trans_b), float(alpha), 1.0 if accumulate else 0.0, _bf16(dtype))
-    return c
+def gemm(a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0, out=None, accumulate: bool = False,
+         dtype: str = "float32") -> np.ndarray:
+    """out (M, N) = alpha * op(a) @ op(b) (accumulate: out +=); op(a) = a (M, K) or a.T for a stored (K, M) if
+    trans_a; likewise b. float32, C-contiguous. The GEMM under matmul (the same kernel, any transpose): the model's
+    small products (LoRA's adapters). dtype="bfloat16": operands rounded to bf16 (_bf16). Returns out."""
+    a, b = _f32(a, "a"), _f32(b, "b")
+    M = a.shape[1 if trans_a else 0] if a.ndim == 2 else 0
+    N = b.shape[0 if trans_b else 1] if b.ndim == 2 else 0
+    out = np.zeros((M, N), np.float32) if out is None else _f32(out, "out")
+    _C.gemm(out, a, b, bool(trans_a), bool(trans_b), float(alpha), 1.0 if accumulate else 0.0, _bf16(dtype))
+    return out
 
 
 # ---- attention -----------------------------------------------------------------------------------------
@@ -573,7 +576,7 @@ def lmhead_chunk_rows(n_rows: int, vocab_size: int, dtype: str = "float32") -> i
 
 def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
               backward: bool = True, dhidden=None, dweight=None, row_weights=None, scratch=None, losses=None,
-              softcap: float | None = None, temperature: float = 1.0, dtype: str = "float32", need_weight: bool = True):
+              softcap: float | None = None, temperature: float = 1.0, need_weight: bool = True, dtype: str = "float32"):
     """Fused lm-head + cross-entropy: logits = hidden (..., C) @ weight (V, C)^T, computed in chunks of rows into
     `scratch` (rows, V) (allocated per call if None: pass one, of lmhead_chunk_rows rows, to reuse it) and never
     materialised whole. Returns (losses (...), dhidden (..., C) or None, dweight (V, C) or None); gradients
