@@ -12,7 +12,8 @@ import json
 
 import numpy as np
 import pytest
-from hf_families import hf_logits, random_model
+from hf_families import hf_logits, random_model, saved_cases
+from test_lora import randomize_b
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -59,13 +60,7 @@ def base_model(family: str):
     return model
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    """(family name, the transformers base model, the folder it saved itself to)."""
-    model = base_model(request.param)
-    d = tmp_path_factory.mktemp(request.param) / "base"
-    model.save_pretrained(d)
-    return request.param, model, d
+case = saved_cases(FAMILIES, base_model)  # (family name, the transformers base model, the folder it saved to)
 
 
 def peft_model(family: str, ref, setting: str):
@@ -88,24 +83,12 @@ def assert_close(got: np.ndarray, want: np.ndarray, base: np.ndarray) -> None:
     assert np.abs(want - base).max() > 0.05
 
 
-def fastllm_adapter(model: GPT, seed: int = 0) -> dict:
-    """model.lora given random values in A and in the rows of B it trains (zero elsewhere); its tensors."""
-    lora, rng = model.lora, np.random.default_rng(seed)
-    tensors = {name: t.copy() for name, t in lora.state_dict().items()}
-    for name, t in tensors.items():
-        if name.endswith("lora_B"):
-            for r0, r1 in lora.rows[lora.matrix(name)]:
-                t[:, r0:r1] = rng.normal(0.0, 0.5, t[:, r0:r1].shape)
-    lora.load_state_dict(tensors)
-    return tensors
-
-
 # ---- peft -> fastllm -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_peft_adapters_load_to_peft_logits(family, setting, tmp_path):
-    name, ref, d = family
+def test_peft_adapters_load_to_peft_logits(case, setting, tmp_path):
+    name, ref, d = case
     pm = peft_model(name, ref, setting)
     pm.save_pretrained(tmp_path / "adapter")
     x = ids()
@@ -150,11 +133,11 @@ def test_shared_and_separate_a(tmp_path):
 
 
 @pytest.mark.parametrize("targets,rslora", [("q,v", False), ("all", True)])
-def test_fastllm_adapters_load_into_peft(family, targets, rslora, tmp_path):
-    name, ref, d = family
+def test_fastllm_adapters_load_into_peft(case, targets, rslora, tmp_path):
+    name, ref, d = case
     model = GPT.from_pretrained(d)
     model.add_lora(r=4, alpha=8, targets=targets, rslora=rslora)
-    fastllm_adapter(model)
+    randomize_b(model.lora)
     folder = hf.save_adapter(model, tmp_path / "adapter", base=str(d))
     assert hf.is_adapter_folder(folder) and hf.adapter_base(folder) == str(d)
     doc = json.loads((folder / hf.ADAPTER_CONFIG).read_text())
@@ -166,14 +149,14 @@ def test_fastllm_adapters_load_into_peft(family, targets, rslora, tmp_path):
 
 
 @pytest.mark.parametrize("targets", ["q,v", "all", "o,down"])
-def test_round_trip_is_exact(family, targets, tmp_path):
+def test_round_trip_is_exact(case, targets, tmp_path):
     """save_adapter then load_adapter: the same tensors bit for bit, the same ranks; the same rows where each
     projection is a module of its own (Phi-3's qkv_proj, GPT-2's c_attn, GLM's gate_up_proj are one module: their
     rows read back whole)."""
-    name, _, d = family
+    name, _, d = case
     model = GPT.from_pretrained(d)
     model.add_lora(r=4, alpha=6, targets=targets)
-    tensors = fastllm_adapter(model)
+    tensors = randomize_b(model.lora)
     hf.save_adapter(model, tmp_path / "adapter")
     again = GPT.from_pretrained(d)
     lora = hf.load_adapter(again, tmp_path / "adapter")
@@ -241,7 +224,7 @@ def adapter(tmp_path_factory):
     base_model("llama-gqa").save_pretrained(d / "base")
     model = GPT.from_pretrained(d / "base")
     model.add_lora(r=4, alpha=8, targets="q,v")
-    fastllm_adapter(model)
+    randomize_b(model.lora)
     hf.save_adapter(model, d / "adapter")
     return d / "base", d / "adapter"
 

@@ -13,6 +13,8 @@ import math
 import os
 from collections.abc import Collection
 
+import numpy as np
+
 from . import backend, cuda
 
 DEVICES = backend.DEVICES
@@ -77,3 +79,19 @@ def require_device(name: str) -> None:
 def compute_dtype(cfg) -> str | None:
     """The dtype to move a model to for cfg.device: cfg.dtype (None: the device's default)."""
     return cfg.dtype
+
+
+def fill_tensors(views: dict, tensors: dict, where: str, needs: str = "the config") -> None:
+    """Copy tensors[name] into each view (float32 host arrays) of `views`: ValueError naming `where` and the tensor
+    for one that is missing, not floating point, not of the view's shape (which `needs` says), or not finite."""
+    for name, dst in views.items():
+        if name not in tensors:
+            raise ValueError(f"{where}: missing tensor {name!r}")
+        t = np.asarray(tensors[name])
+        if t.dtype.kind != "f":
+            raise ValueError(f"{where}: tensor {name!r} has dtype {t.dtype}; parameters must be floating point")
+        if t.shape != dst.shape:
+            raise ValueError(f"{where}: tensor {name!r} has shape {t.shape}, {needs} needs {dst.shape}")
+        dst[...] = t
+        if not np.isfinite(dst).all():
+            raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
+from . import checks, ops
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 FUSED = {"q": "attn.c_attn.weight", "k": "attn.c_attn.weight", "v": "attn.c_attn.weight", "o": "attn.c_proj.weight",
@@ -206,14 +206,7 @@ class Lora:
             raise ValueError(f"{where}: adapter tensors {sorted(tensors)} do not match this adapter's "
                              f"{sorted(self.shapes)}")
         host = np.empty(self.num_parameters, np.float32)
-        for name, dst in self._views(ops, host).items():
-            t = np.asarray(tensors[name])
-            if t.dtype.kind != "f" or t.shape != dst.shape:
-                raise ValueError(f"{where}: tensor {name!r} is {t.dtype} {t.shape}; the adapter needs float "
-                                 f"{dst.shape}")
-            dst[...] = t
-            if not np.isfinite(dst).all():
-                raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values")
+        checks.fill_tensors(self._views(ops, host), tensors, where, "the adapter")
         self.bk.copy_(self.params, host)
         self._sync_compute_copy()
         return self

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend, ops, rope
+from . import backend, checks, ops, rope
 from .ops import IGNORE_INDEX, softcap_logits
 
 # the Llama family's choices (Llama 3, SmolLM2, Mistral without biases; nanochat's modern GPT)
@@ -647,17 +647,7 @@ class GPT:
             raise ValueError(f"{where}: tensors {unexpected} are not parameters of this config "
                              f"(expected {list(self.shapes)})")
         host = np.empty(self.num_parameters, np.float32)
-        for name, dst in _views(ops, host, self.shapes).items():
-            if name not in tensors:
-                raise ValueError(f"{where}: missing tensor {name!r}")
-            t = np.asarray(tensors[name])
-            if t.dtype.kind != "f":
-                raise ValueError(f"{where}: tensor {name!r} has dtype {t.dtype}; parameters must be floating point")
-            if t.shape != dst.shape:
-                raise ValueError(f"{where}: tensor {name!r} has shape {t.shape}, the config needs {dst.shape}")
-            dst[...] = t
-            if not np.isfinite(dst).all():
-                raise ValueError(f"{where}: tensor {name!r} holds NaN or infinite values")
+        checks.fill_tensors(_views(ops, host, self.shapes), tensors, where)
         self.bk.copy_(self.params, host)
         self._sync_compute_copy()
         return self
