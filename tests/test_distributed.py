@@ -469,9 +469,12 @@ def test_eval_task_two_ranks_match_one_process(base, tmp_path, task):
 
 
 @needs_mpi
-def test_grpo_two_ranks(base, tmp_path):
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_grpo_two_ranks(base, tmp_path, lora_r):
+    """GRPO on 2 ranks with ZeRO-1, training every weight or LoRA adapters (their gradients all-reduced, their AdamW
+    state sharded)."""
     flags = dict(ckpt=base / "base", task="addition", digits=1, steps=3, prompts_per_step=4, group_size=4,
-                 max_new_tokens=3, eval_every=3, eval_prompts=6, ckpt_every=2, threads=1)
+                 max_new_tokens=3, eval_every=3, eval_prompts=6, ckpt_every=2, threads=1, lora_r=lora_r)
     r = mpirun(fastllm_cmd("rl", out=tmp_path / "rl", zero=True, **flags))
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("done: 3 GRPO steps") == 1
