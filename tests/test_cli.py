@@ -41,6 +41,7 @@ COMMANDS = {
     "eval": (["eval", "--ckpt", "c", "--task", "addition"], "fastllm.cli:load_eval"),
     "reward-model": (["reward-model", "--base", "b", "--data", "p.jsonl", "--out", "o"],
                      "fastllm.cli:train_reward_model"),
+    "dpo": (["dpo", "--base", "b", "--data", "p.jsonl", "--out", "o"], "fastllm.cli:train_dpo"),
 }
 
 
@@ -169,6 +170,7 @@ def bad_inputs(tmp_path, ckpt) -> list[tuple[list[str], str]]:
         (["eval", "--ckpt", str(ckpt), "--task", "gen", "--data", str(a_file)], "file.txt:1"),
         (["eval", "--ckpt", str(ckpt), "--task", "bpb"], "needs data"),
         (["reward-model", "--base", str(ckpt), "--data", nowhere, "--out", str(tmp_path / "o")], "nowhere"),
+        (["dpo", "--base", str(ckpt), "--data", nowhere, "--out", str(tmp_path / "o")], "nowhere"),
     ]
 
 

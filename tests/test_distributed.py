@@ -413,15 +413,16 @@ def base(tmp_path_factory):
 
 
 @needs_mpi
-@pytest.mark.parametrize("command", ["sft", "reward-model"])
+@pytest.mark.parametrize("command", ["sft", "reward-model", "dpo"])
 def test_sft_and_reward_model_two_ranks_match_one_process(base, tmp_path, command):
-    """SFT: 2 ranks x 1 micro-batch vs 1 process x 2 (total_batch_tokens). Reward model: each step's pairs split
-    between the ranks (weighted by their shares when uneven) vs all of them in one process."""
+    """SFT: 2 ranks x 1 micro-batch vs 1 process x 2 (total_batch_tokens). Reward model and DPO: each step's pairs
+    split between the ranks (weighted by their shares when uneven) vs all of them in one process."""
     if command == "sft":
         flags = dict(base=base / "base", data=base / "chats.jsonl", val_fraction=0.2, batch_size=2, seq_len=32,
                      total_batch_tokens=128, max_steps=6, eval_every=3, eval_batches=2, lr=3e-3, threads=1)
     else:
-        flags = dict(base=base / "base", data=base / "prefs.jsonl", epochs=2, batch_size=7, eval_every=2, threads=1)
+        flags = dict(base=base / "base", data=base / "prefs.jsonl", epochs=2, batch_size=7, eval_every=2, threads=1,
+                     **({"lr": 1e-3} if command == "dpo" else {}))
     one = subprocess.run(fastllm_cmd(command, out=tmp_path / "one", **flags), env=ENV, capture_output=True, text=True,
                          timeout=90)
     assert one.returncode == 0, one.stderr

@@ -30,6 +30,7 @@ from .clean import CleanConfig, clean
 from .cuda import CudaUnavailableError
 from .data import _input_files, builtin_corpus, iter_documents, prepare
 from .demo import DemoConfig, run_demo
+from .dpo import DPOConfig, train_dpo
 from .eval import EvalConfig, evaluate, format_report
 from .eval import load as load_eval
 from .options import THREADS, field_metadata
@@ -42,7 +43,7 @@ from .train import MODEL_OPTIONS, TrainConfig, TrainingError, train
 from .version import __version__
 
 # the order in which a model is built; `fastllm --help` lists commands in this order, unknown ones last
-PIPELINE = ("clean", "tokenizer", "prepare", "train", "sample", "sft", "chat", "rl", "reward-model", "eval",
+PIPELINE = ("clean", "tokenizer", "prepare", "train", "sample", "sft", "chat", "rl", "reward-model", "dpo", "eval",
             "serve", "convert", "info", "demo")
 NO_PROGRESS = "no progress bar (for logs and pipes)"
 
@@ -448,6 +449,19 @@ def _cmd_reward_model(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("dpo", "Direct Preference Optimization on JSONL preference pairs (no reward model)",
+         ["fastllm dpo --base chat/ --data prefs.jsonl --out dpo/ --beta 0.1 --lr 1e-6",
+          "fastllm dpo --base Qwen2.5-0.5B-Instruct/ --data prefs.jsonl --out dpo_lora/ --lora-r 16 --lr 5e-5"],
+         args=_fields_of(DPOConfig))
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    s = train_dpo(_config(args, DPOConfig), progress=not args.no_progress)
+    print(f"done: {s['steps']} DPO steps on {s['train_pairs']} pairs in {s['seconds']:.1f}s; held-out accuracy "
+          f"{s['val_accuracy_start']:.3f} -> {s['val_accuracy']:.3f}, margin {s['val_margin_start']:.3f} -> "
+          f"{s['val_margin']:.3f} on {s['val_pairs']} pairs")
+    print(f"checkpoint: {s['checkpoint']}\nplots: {s['plot']}\nlog: {s['log']}")
+    return 0
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True,
                    help="fastllm checkpoint or run folder, or a Hugging Face model folder (Llama, Qwen, GPT-2, ...)")
@@ -610,7 +624,7 @@ def error_line(e: BaseException) -> str:
            "traceback)"
 
 
-TRAINING = ("train", "sft", "rl", "reward-model")  # the commands that run data-parallel under mpiexec
+TRAINING = ("train", "sft", "rl", "reward-model", "dpo")  # the commands that run data-parallel under mpiexec
 
 
 def _join_ranks() -> None:
@@ -628,8 +642,8 @@ def _one_process(command: str) -> None:
         return
     n = distributed.world().size
     if n > 1:
-        raise ValueError(f"`fastllm {command}` runs in one process, not as {n} MPI ranks (only train, sft, rl and "
-                         "reward-model run data-parallel): run it without mpiexec, or with -n 1")
+        raise ValueError(f"`fastllm {command}` runs in one process, not as {n} MPI ranks (only train, sft, rl, "
+                         "reward-model and dpo run data-parallel): run it without mpiexec, or with -n 1")
 
 
 def main(argv: list[str] | None = None) -> int:

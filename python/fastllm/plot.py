@@ -109,6 +109,20 @@ def reward_model_figure(rows: list[dict], title: str | None = None):
     return _xlabel(fig, "step")
 
 
+def dpo_figure(rows: list[dict], title: str | None = None):
+    """The matplotlib Figure of a DPO run (fastllm.dpo): its loss, the implicit rewards' margin and the preference
+    accuracy, per step on the training batches and on the held-out pairs."""
+    fig, (loss, margin, acc) = _figure(title or "DPO", 3)
+    for ax, key, label, what in ((loss, "loss", "loss", "DPO loss"),
+                                 (margin, "margin", "reward margin", "beta * (log-ratio chosen - rejected)"),
+                                 (acc, "accuracy", "preference accuracy", "fraction with chosen reward higher")):
+        _noisy(ax, rows, key, "train batches", TRAIN_COLOR)
+        _dots(ax, rows, "val_" + key, "held-out pairs", VAL_COLOR)
+        _style(ax, label, what, legend=True)
+    acc.set_ylim(-0.03, 1.03)
+    return _xlabel(fig, "step")
+
+
 def figure_path(kind: str, run: str | os.PathLike) -> Path:
     """Where plot_stage draws the figure of a `kind` run in folder `run`: rl.png for GRPO, else loss.png."""
     return Path(run) / ("rl.png" if kind == "grpo" else "loss.png")
@@ -117,7 +131,8 @@ def figure_path(kind: str, run: str | os.PathLike) -> Path:
 def plot_stage(kind: str, rows: list[dict], run: str | os.PathLike, log_scale: bool = False,
                path: str | os.PathLike | None = None) -> Path:
     """The figure of a run of a training stage (fastllm.train.Stage.kind) in its folder `run`: "grpo" ->
-    rl.png (plot_rl), "reward-model" -> loss.png (plot_reward_model), pre-training and SFT (any other kind) ->
+    rl.png (plot_rl), "reward-model" -> loss.png (plot_reward_model), "dpo" -> loss.png (dpo_figure), pre-training
+    and SFT (any other kind) ->
     loss.png (plot_training, log_scale for the loss panel); `path` instead if given. Returns the path written."""
     run = Path(run)
     out = Path(path or figure_path(kind, run))
@@ -125,6 +140,8 @@ def plot_stage(kind: str, rows: list[dict], run: str | os.PathLike, log_scale: b
         plot_rl(rows, out, title=str(run))
     elif kind == "reward-model":
         plot_reward_model(rows, out, title=str(run))
+    elif kind == "dpo":
+        _save(dpo_figure(rows, str(run)), out)
     else:
         plot_training(rows, out, log_scale=log_scale, title=str(run))
     return out
@@ -132,10 +149,12 @@ def plot_stage(kind: str, rows: list[dict], run: str | os.PathLike, log_scale: b
 
 def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, log_scale: bool = False) -> Path:
     """Re-draw the figure of a run folder from its log.jsonl, as the run drew it (see plot_stage; the stage is
-    told by the logged keys: rewards for GRPO, preference accuracy for a reward model); returns the path."""
+    told by the logged keys: rewards for GRPO, reward margins for DPO, preference accuracy for a reward model);
+    returns the path."""
     rows = read_log(Path(run) / "log.jsonl")
     keys = set().union(*rows)
-    kind = "grpo" if "reward" in keys else "reward-model" if keys & {"accuracy", "val_accuracy"} else "train"
+    kind = "grpo" if "reward" in keys else "dpo" if "margin" in keys else \
+        "reward-model" if keys & {"accuracy", "val_accuracy"} else "train"
     return plot_stage(kind, rows, run, log_scale, path)
 
 
