@@ -1095,3 +1095,52 @@ def test_cli_sample_of_a_vocab_padded_past_the_tokenizer(tmp_path, capsys):
     assert cli.main(["sample", "--ckpt", str(tmp_path / "qwen2"), "--prompt", "Hello there", "--temperature", "0",
                      "-n", "30"]) == 0
     assert capsys.readouterr().out == "Hello there" + want
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_lora_sft_and_dpo_of_a_hub_folder_load_in_peft(family, tmp_path, monkeypatch, capsys):
+    """`fastllm sft --lora-r` on a hub folder: its checkpoints are PEFT adapter folders naming the folder, which peft's
+    PeftModel.from_pretrained(the transformers model, checkpoint) loads and computes fastllm's logits with; `fastllm
+    chat` on them answers as taught; `fastllm dpo --lora-r` then trains new adapters on that model (its template,
+    its EOS ids) and `fastllm convert --to hf` merges everything into one transformers folder."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    peft = pytest.importorskip("peft")
+    import io
+
+    from fastllm import cli
+
+    ref, auto = hub_folder(family, tmp_path / "base", max_position_embeddings=128)
+    conv = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
+    (tmp_path / "conv.jsonl").write_text((json.dumps(conv) + "\n") * 8)
+    assert cli.main(["sft", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "conv.jsonl"), "--out",
+                     str(tmp_path / "out"), "--max-steps", "40", "--batch-size", "2", "--seq-len", "128", "--lr",
+                     "2e-2", "--warmup-steps", "2", "--eval-every", "0", "--val-fraction", "0", "--no-progress",
+                     "--lora-r", "8", "--lora-alpha", "16", "--lora-targets", "q,k,v,o,gate,up,down"]) == 0
+    ckpt = checkpoint.latest(tmp_path / "out")
+    assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((tmp_path / "base").resolve())
+    tuned = load_model(ckpt).eval()
+    ids = auto.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(ref, str(ckpt)).eval()(ids).logits.numpy()
+    got = tuned.forward(ids.numpy())
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a colour.\n"))
+    assert cli.main(["chat", "--ckpt", str(ckpt), "--temperature", "0", "-n", "8"]) == 0
+    assert capsys.readouterr().out.strip() == "Blue."
+    prefs = [{"prompt": "Name a colour.", "chosen": "Red.", "rejected": "Blue."}] * 6
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prefs))
+    assert cli.main(["dpo", "--base", str(ckpt), "--data", str(tmp_path / "prefs.jsonl"), "--out",
+                     str(tmp_path / "dpo"), "--lora-r", "4", "--lr", "1e-2", "--beta", "0.5", "--epochs", "4",
+                     "--batch-size", "3", "--val-fraction", "0", "--eval-every", "0", "--no-progress"]) == 0
+    assert "plain text" not in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "dpo" / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["margin"] == pytest.approx(0.0, abs=1e-9) and rows[-1]["margin"] > 0
+    assert cli.main(["convert", str(tmp_path / "dpo"), str(tmp_path / "merged"), "--to", "hf"]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(ids).logits.numpy(), load_model(tmp_path / "dpo").eval().forward(ids.numpy()),
+                                   rtol=0, atol=2e-4 * float(np.abs(want).max()))
