@@ -376,18 +376,23 @@ def test_grpo_raises_sort_accuracy_on_held_out_prompts(seed):
     assert all(math.isfinite(s["kl"]) and s["kl"] >= 0 for s in stats)
 
 
-def test_reward_model_prefers_correct_sums(warm, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_reward_model_prefers_correct_sums(warm, tmp_path, lora):
+    """The backbone trained whole, or LoRA adapters on it (--lora-r: the head trains whole; checkpoints hold the
+    adapters and the head)."""
     ck, _, _ = warm
-    cfg = RewardModelConfig(base=str(ck), data="", out=str(tmp_path / "rm"), epochs=10, lr=1e-3, batch_size=32)
+    cfg = RewardModelConfig(base=str(ck), data="", out=str(tmp_path / "rm"), epochs=10, lr=3e-3 if lora else 1e-3,
+                            batch_size=32, **(dict(lora_r=8, lora_alpha=16) if lora else {}))
     s = train_reward_model(
         cfg, pairs=addition_preferences(1500, 1, seed=0), val_pairs=addition_preferences(200, 1, seed=1), progress=False
     )
     print(
-        f"\nreward model held-out accuracy {s['val_accuracy_start']:.3f} -> {s['val_accuracy']:.3f} "
-        f"({s['val_pairs']} pairs), train {s['train_accuracy']:.3f}"
+        f"\nreward model ({'LoRA' if lora else 'full'}) held-out accuracy {s['val_accuracy_start']:.3f} -> "
+        f"{s['val_accuracy']:.3f} ({s['val_pairs']} pairs), train {s['train_accuracy']:.3f}"
     )
     assert s["val_accuracy"] >= 0.75
     rm = RewardModel.load(tmp_path / "rm")
+    assert (rm.backbone.lora is not None) == lora
     np.testing.assert_array_equal(rm.head, s["model"].head)
     assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["val_accuracy"] == s["val_accuracy"]
 

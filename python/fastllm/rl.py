@@ -682,11 +682,15 @@ class RewardModelConfig:
     device: str = option("cpu", DEVICE, choices=checks.DEVICES)
     dtype: str | None = option(None, DTYPE, choices=checks.DTYPES)
     zero: bool = option(False, ZERO)
+    lora_r: int = option(0, LORA_R + "; the head trains whole")
+    lora_alpha: float = option(32.0, LORA_ALPHA)
+    lora_targets: str = option("all", LORA_TARGETS)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
         checks.at_least(self, 1, "epochs", "batch_size", "keep_ckpts", "threads")
-        checks.at_least(self, 0, "eval_every", "ckpt_every", "seed")
+        checks.at_least(self, 0, "eval_every", "ckpt_every", "seed", "lora_r")
+        LoraConfig.of(self)  # its alpha and targets
         checks.number(self, "lr", low_open=True)
         checks.number(self, "weight_decay", "grad_clip")
         checks.number(self, "val_fraction", low_open=True, high=1.0, high_open=True)
@@ -722,7 +726,10 @@ class RewardModelStage(Stage):
         self._saved_head: tuple[dict, str] | None = None
 
     def init_model(self) -> GPT:
-        return load_start(self.cfg.base)
+        model = load_start(self.cfg.base)
+        if self.cfg.lora_r:
+            model.add_lora(LoraConfig.of(self.cfg), seed=self.cfg.seed)
+        return model
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         try:
