@@ -1,6 +1,11 @@
 """LoRA fine-tuning step, fastllm vs transformers + peft (what a PyTorch user runs), in one process:
     python benchmarks/bench_lora.py [--threads 2] [--quick] [--layers 30] [--batch 4] [--seq 256] [--rank 16]
-                                    [--alpha 32] [--repeats 5] [--autocast auto|on|off] [--no-memory]
+                                    [--alpha 32] [--repeats 5] [--autocast auto|on|off] [--no-memory] [--dpo]
+--dpo: a DPO step instead (fastllm.dpo.dpo_backward: sigmoid loss, beta 0.1, fixed reference log-probs as when
+they are precomputed) on --batch pairs: 2 * batch sequences of --seq tokens, each pair sharing its first half (the
+prompt, not counted); peft's side computes what TRL's DPOTrainer does on a concatenated batch (one forward of all
+2B sequences, log-softmax of the answer tokens, the loss, backward). fastllm reads the log-probs in one forward and
+then runs forward + backward with per-token weights: one forward more.
 One step = forward + backward + AdamW on the adapters (lr 2e-4, betas (0.9, 0.95), no weight decay), on a
 SmolLM2-135M-shaped Llama (30 layers, n_embd 576, 9 heads, 3 kv heads, SwiGLU 1536, vocab 49152, RoPE theta 1e5,
 tied embeddings; --layers cuts the depth) with random tokens, adapters of rank --rank on all seven projections
@@ -45,6 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from common import AUTOCAST_OPTION, bench, cli, header, load_note, print_table, set_threads, with_autocast  # noqa: E402
 
+from fastllm.dpo import DPOConfig, dpo_backward  # noqa: E402
 from fastllm.model import GPT, MODERN, GPTConfig  # noqa: E402
 from fastllm.ops import IGNORE_INDEX  # noqa: E402
 from fastllm.optim import AdamW  # noqa: E402
@@ -72,18 +78,33 @@ def tokens(cfg: GPTConfig, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def make(provider: str, cfg: GPTConfig, x, y, rank: int, alpha: float):
-    """-> (step() returning the step's loss, trainable parameter count): the provider's own model and optimizer."""
+def dpo_tokens(cfg: GPTConfig, B: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x (2B, T), fastllm's targets (answer tokens only), fixed reference log-probs (2B,)) of B random pairs whose
+    two sequences share their first T // 2 tokens (the prompt)."""
+    x, y = tokens(cfg, 2 * B, T)
+    x[1::2, : T // 2] = x[0::2, : T // 2]
+    y[:, : T // 2 - 1] = IGNORE_INDEX
+    y[:, T // 2 - 1 : -1] = x[:, T // 2 :]
+    return x, y, np.random.default_rng(1).normal(-1300.0, 5.0, 2 * B)
+
+
+def make(provider: str, cfg: GPTConfig, x, y, rank: int, alpha: float, ref=None):
+    """-> (step() returning the step's loss, trainable parameter count): the provider's own model and optimizer. ref
+    (the reference log-probs): a DPO step on the pairs of x (dpo_tokens) instead of a next-token step."""
     if provider.startswith("fastllm"):
         model = GPT(cfg, seed=0, dtype="bfloat16" if provider.endswith("bf16") else "float32")
         if "lora" in provider:
             model.add_lora(r=rank, alpha=alpha, targets=("all",))
         opt = AdamW(model, lr=LR, betas=BETAS, weight_decay=0.0)
+        dpo = DPOConfig(base="-", data="-", beta=0.1)
 
         def step():
-            loss = model.forward(x, y)
             model.zero_grad()
-            model.backward()
+            if ref is None:
+                loss = model.forward(x, y)
+                model.backward()
+            else:
+                loss = dpo_backward(model, x, y, ref, dpo)["loss"]
             opt.step()
             return loss
 
@@ -99,9 +120,19 @@ def make(provider: str, cfg: GPTConfig, x, y, rank: int, alpha: float):
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=0.0)
     ids, autocast = torch.as_tensor(x), provider == "peft autocast"
 
+    targets = torch.as_tensor(y[:, :-1], dtype=torch.int64)  # (DPO: the answer tokens, shifted as HF's labels)
+    mask = targets != IGNORE_INDEX
+    ref_t = None if ref is None else torch.as_tensor(ref)
+
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
+            if ref is None:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:  # TRL's concatenated forward: the answers' log-probs, then the sigmoid loss
+                logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+                seq = (logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask).sum(1)
+                h = (seq[0::2] - ref_t[0::2]) - (seq[1::2] - ref_t[1::2])
+                loss = -torch.nn.functional.logsigmoid(0.1 * h).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -134,7 +165,8 @@ def reset_peak() -> bool:
         return False
 
 
-def steady_state(provider: str, layers: int, batch_size: int, seq: int, rank: int, alpha: float, threads: int) -> None:
+def steady_state(provider: str, layers: int, batch_size: int, seq: int, rank: int, alpha: float, threads: int,
+                 dpo: bool) -> None:
     """One provider's steady state (build, reset the peak, MEMORY_STEPS steps); prints its memory as a JSON line."""
     import fastllm
 
@@ -147,8 +179,8 @@ def steady_state(provider: str, layers: int, batch_size: int, seq: int, rank: in
     fastllm.set_num_threads(threads)
     imports = proc_status_mib("VmRSS")
     cfg = smollm2(layers, seq)
-    x, y = tokens(cfg, batch_size, seq)
-    step, _ = make(provider, cfg, x, y, rank, alpha)
+    x, y, ref = dpo_tokens(cfg, batch_size, seq) if dpo else (*tokens(cfg, batch_size, seq), None)
+    step, _ = make(provider, cfg, x, y, rank, alpha, ref)
     reset = reset_peak()
     for _ in range(MEMORY_STEPS):
         step()
@@ -158,10 +190,12 @@ def steady_state(provider: str, layers: int, batch_size: int, seq: int, rank: in
     print(json.dumps({"peak": peak, "imports": imports, "reset": reset}))
 
 
-def memory(provider: str, layers: int, batch_size: int, seq: int, rank: int, alpha: float, threads: int) -> dict:
+def memory(provider: str, layers: int, batch_size: int, seq: int, rank: int, alpha: float, threads: int,
+           dpo: bool) -> dict:
     """The child's JSON, or {} (with its error printed) if it failed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", provider, "--layers", str(layers), "--batch",
-           str(batch_size), "--seq", str(seq), "--rank", str(rank), "--alpha", str(alpha), "--threads", str(threads)]
+           str(batch_size), "--seq", str(seq), "--rank", str(rank), "--alpha", str(alpha), "--threads", str(threads),
+           *(["--dpo"] if dpo else [])]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0 or not r.stdout.strip():
         print(f"memory of {provider}: child failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
@@ -176,30 +210,31 @@ def above(m: dict) -> float:
 
 def run(threads: int = 2, quick: bool = False, layers: int = 0, batch: int = 4, seq: int = 256, rank: int = 16,
         alpha: float = 32.0, repeats: int = 0, autocast: str = "auto", no_memory: bool = False,
-        child: str = "") -> None:
+        child: str = "", dpo: bool = False) -> None:
     layers = layers or (4 if quick else 30)
     repeats = repeats or (3 if quick else 5)
     if child:
-        return steady_state(child, layers, batch, seq, rank, alpha, threads)
+        return steady_state(child, layers, batch, seq, rank, alpha, threads, dpo)
     set_threads(threads)
-    print(header("LoRA fine-tuning step (fwd+bwd+AdamW on the adapters)", threads))
+    print(header(f"LoRA {'DPO' if dpo else 'fine-tuning'} step (fwd+bwd+AdamW on the adapters)", threads))
     providers = PROVIDERS if with_autocast(autocast) else PROVIDERS[:4]
     cfg = smollm2(layers, seq)
     B, T = batch, seq
-    x, y = tokens(cfg, B, T)
+    x, y, ref = dpo_tokens(cfg, B, T) if dpo else (*tokens(cfg, B, T), None)
     n_params = GPT(cfg, seed=0, init=False).num_parameters
-    print(f"SmolLM2-135M-shaped Llama, {layers} layers, {n_params / 1e6:.1f}M parameters, B={B} T={T}, LoRA r={rank} "
-          f"alpha={alpha} on q,k,v,o,gate,up,down; {repeats} interleaved repeats, medians")
+    print(f"SmolLM2-135M-shaped Llama, {layers} layers, {n_params / 1e6:.1f}M parameters, "
+          + (f"{B} pairs (2B = {2 * B} sequences) of T={T}, beta 0.1" if dpo else f"B={B} T={T}")
+          + f", LoRA r={rank} alpha={alpha} on q,k,v,o,gate,up,down; {repeats} interleaved repeats, medians")
 
     mem = {}
     if not no_memory:  # first, while this process is small
-        mem = {p: memory(p, layers, B, T, rank, alpha, threads) for p in providers}
+        mem = {p: memory(p, layers, B, T, rank, alpha, threads, dpo) for p in providers}
         if any(m and not m["reset"] for m in mem.values()):
             print("peak memory: the high-water mark could not be reset: ru_maxrss, the model's build included")
 
     steps, trainable = {}, {}
     for p in providers:
-        steps[p], trainable[p] = make(p, cfg, x, y, rank, alpha)
+        steps[p], trainable[p] = make(p, cfg, x, y, rank, alpha, ref)
     first = {p: steps[p]() for p in providers}  # the first step: the loss of the base model (B = 0), and warm-up
     diff = abs(first["fastllm lora"] - first["peft"])
     print(f"first-step loss: fastllm lora {first['fastllm lora']:.6f}, peft {first['peft']:.6f}, |diff| {diff:.2e} "
@@ -208,7 +243,7 @@ def run(threads: int = 2, quick: bool = False, layers: int = 0, batch: int = 4, 
     r = bench(steps, repeats=repeats, warmup=1)
     ms = {p: v["median"] * 1e3 for p, v in r.items()}
     rows = [[p, f"{trainable[p] / 1e6:.2f}M", f"{ms[p]:.0f}", f"{r[p]['p20'] * 1e3:.0f}-{r[p]['p80'] * 1e3:.0f}",
-             f"{B * T / ms[p] * 1e3:,.0f}", f"{mem[p]['peak']:.0f}" if mem.get(p) else "-",
+             f"{x.size / ms[p] * 1e3:,.0f}", f"{mem[p]['peak']:.0f}" if mem.get(p) else "-",
              f"{mem[p]['imports']:.0f}" if mem.get(p) else "-",
              f"{above(mem[p]):.0f}" if mem.get(p) else "-", f"{first[p]:.4f}"] for p in providers]
     print_table(rows, ["provider", "trainable", "ms/step", "p20-p80", "tok/s", "peak MiB", "imports MiB",
@@ -231,4 +266,5 @@ if __name__ == "__main__":
         repeats=("timed steps per provider (0 = 5, --quick: 3)", 0),
         autocast=AUTOCAST_OPTION,
         no_memory="skip the peak-memory children",
-        child=("internal: run this provider's steady state and print its peak memory as JSON", ""))
+        child=("internal: run this provider's steady state and print its peak memory as JSON", ""),
+        dpo="a DPO step on --batch pairs instead of a next-token step")
