@@ -42,6 +42,7 @@ import numpy as np
 from . import chat, hf
 from .checks import require_device
 from .fileio import atomic_write, load_safetensors, read_json, save_safetensors, write_json
+from .lora import LoraConfig
 from .model import GPT, GPTConfig, param_shapes
 from .tokenizer import Tokenizer, find_hf_tokenizer
 
@@ -223,12 +224,17 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
     return model if weights is not None else model.to(device, dtype)
 
 
-def load_start(path: str | os.PathLike) -> GPT:
-    """The model a fine-tuning run (sft, rl, reward-model) starts from: load_model's, on the CPU, with a LoRA
+def load_start(path: str | os.PathLike, lora: LoraConfig | None = None, seed: int = 0) -> GPT:
+    """The model a fine-tuning run (sft, rl, dpo, reward-model) starts from: load_model's, on the CPU, with a LoRA
     checkpoint's adapters merged into its base (the fine-tuned model whole; new adapters, or every weight, train on
-    top of it; and so adapters trained on adapters load)."""
+    top of it; and so adapters trained on adapters load); then new adapters of config `lora` if given (seed: their
+    initialisation), the rest frozen."""
     model = load_model(path)
-    return model.merge_lora() if model.lora is not None else model
+    if model.lora is not None:
+        model.merge_lora()
+    if lora is not None:
+        model.add_lora(lora, seed=seed)
+    return model
 
 
 def _load_fastllm(folder: Path) -> GPT:

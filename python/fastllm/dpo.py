@@ -250,10 +250,7 @@ class DPOStage(Stage):
         self.resumed = False  # (then the model has trained: the reference is the starting model, loaded again)
 
     def init_model(self) -> GPT:
-        model = load_start(self.cfg.base)
-        if self.cfg.lora_r:
-            model.add_lora(LoraConfig.of(self.cfg), seed=self.cfg.seed)
-        return model
+        return load_start(self.cfg.base, LoraConfig.of(self.cfg), self.cfg.seed)
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         try:

@@ -442,10 +442,8 @@ class GRPOStage(Stage):
             self.eval_set = [task.sample(erng) for _ in range(cfg.eval_prompts)]
 
     def init_model(self) -> GPT:
-        model = load_start(self.cfg.ckpt)
+        model = load_start(self.cfg.ckpt, LoraConfig.of(self.cfg), self.cfg.seed)
         self.ref_dir = model.checkpoint_dir
-        if self.cfg.lora_r:
-            model.add_lora(LoraConfig.of(self.cfg), seed=self.cfg.seed)
         return model
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
@@ -726,10 +724,7 @@ class RewardModelStage(Stage):
         self._saved_head: tuple[dict, str] | None = None
 
     def init_model(self) -> GPT:
-        model = load_start(self.cfg.base)
-        if self.cfg.lora_r:
-            model.add_lora(LoraConfig.of(self.cfg), seed=self.cfg.seed)
-        return model
+        return load_start(self.cfg.base, LoraConfig.of(self.cfg), self.cfg.seed)
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         try:
