@@ -17,8 +17,8 @@ held-out pairs every --eval-every steps (val_*).
 
 Gradient: L depends on the weights only through the answers' log-probs, so its gradient is that of
 sum_s dL/dlogpi_s * log pi_s -- the model's weighted cross-entropy (GPT.forward(idx, targets, weights)) with each
-answer token weighted by -dL/dlogpi_s of its sequence: one forward to read the log-probs, one forward + backward
-with those weights.
+answer token weighted by -dL/dlogpi_s of its sequence, weights that GPT.forward computes from the same forward's
+token log-probs (the lm-head runs twice, the rest of the model once), then one backward.
 
 Prompts: a chat model's (its template, or ChatML) get the prompt as a user turn and each answer as the assistant's,
 ending with the format's end of turn; a base model gets prompt + answer as plain text, ending with <|endoftext|>.
@@ -198,19 +198,23 @@ def dpo_backward(model: GPT, idx, targets, ref, cfg: DPOConfig, scale: float = 1
     """Accumulate into the model's gradients `scale` times the gradient of the mean DPO loss over the pairs of the
     batch (rows 2i, 2i+1: pair i's chosen and rejected answers; ref: their reference log-probs, (2B,)). Returns the
     batch's stats (loss, rewards, margin, accuracy): means over its pairs."""
-    mean = cfg.loss == "ipo"
-    logp = sequence_logps(model, idx, targets, mean)
-    losses, dc, dr = dpo_terms(logp[0::2], logp[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.loss, cfg.label_smoothing)
-    d = np.empty(len(logp))
-    d[0::2], d[1::2] = dc, dr
     mask = targets != IGNORE_INDEX
-    if mean:  # d(mean log-prob)/d(token log-prob) = 1 / the answer's length
-        d = d / np.maximum(mask.sum(1), 1)
-    # sum_s d_s * logpi_s = sum_s sum_t (-d_s) * CE_t: the weighted cross-entropy with weights -d_s
-    weights = (-d * scale / len(losses))[:, None] * mask
-    model.forward(idx, targets, weights=weights.astype(np.float32))
+    n = np.maximum(mask.sum(1), 1) if cfg.loss == "ipo" else 1  # (IPO: mean token log-probs)
+    out = {}
+
+    def weights(token_losses: np.ndarray) -> np.ndarray:  # of this very forward's log-probs (GPT.forward)
+        logp = -(token_losses.astype(np.float64) * mask).sum(1) / n
+        losses, dc, dr = dpo_terms(logp[0::2], logp[1::2], ref[0::2], ref[1::2], cfg.beta, cfg.loss,
+                                   cfg.label_smoothing)
+        d = np.empty(len(logp))
+        d[0::2], d[1::2] = dc, dr
+        out.update(pair_stats(losses, logp, ref, cfg.beta))
+        # sum_s d_s * logpi_s = sum_s sum_t (-d_s / n_s) * CE_t: the weighted cross-entropy
+        return ((-d / n * scale / len(losses))[:, None] * mask).astype(np.float32)
+
+    model.forward(idx, targets, weights=weights)
     model.backward()
-    return pair_stats(losses, logp, ref, cfg.beta)
+    return out
 
 
 def pair_stats(losses, logp, ref, beta: float) -> dict:

@@ -826,7 +826,9 @@ class GPT:
         sum_{b,t} weights[b, t] * CE[b, t] over targets != -1 (no 1/n), and that is what is returned and
         backpropagated. Policy gradients use it: with weights = -A_t the gradient is that of
         -sum_t A_t log p(a_t). After any forward with targets, self.token_losses (B, T) holds the per-token
-        CE = -log p(target) (0 where ignored).
+        CE = -log p(target) (0 where ignored). weights may also be a function of those token losses (float32 (B, T))
+        returning the weights: objectives whose per-token weights depend on the sequence's own log-probs (DPO) --
+        the lm-head then runs twice (losses, then the weighted gradient), the trunk once.
 
         temperature T (> 0; 1: none): the logits (after the soft cap and the config's logits_scaling) are divided by
         T, as fastllm.sample does before it draws: the logits returned, the losses, token_losses and the gradient
@@ -854,6 +856,12 @@ class GPT:
             raise ValueError(f"targets hold ids outside [0, {V}) (other than the ignore index {IGNORE_INDEX})")
         bk.copy_(a["targets"], targets.reshape(N).astype(np.int32))
         rw = None
+        head_args = dict(scratch=a["lm_scratch"], losses=a["losses"], softcap=cap, temperature=temperature)
+        if callable(weights):  # the weights of this forward's own token losses: read them first
+            if self._decoding is not None:
+                raise ValueError("weights as a function of the token losses: not inside decoding()")
+            bk.lmhead_ce(a["lnf"], head, a["targets"], backward=False, **head_args)
+            weights = weights(np.array(bk.to_numpy(a["losses"]), np.float32).reshape(B, T))
         if weights is None:
             scale = 1.0 / max(int(np.count_nonzero(valid)), 1)
         else:
@@ -872,8 +880,7 @@ class GPT:
                 bk.zero_(dhead)
         if self._decoding is None:
             bk.lmhead_ce(a["lnf"], head, a["targets"], grad_scale=scale, backward=self.training,
-                         dhidden=a["dlnf"], dweight=dhead, row_weights=rw, scratch=a["lm_scratch"],
-                         losses=a["losses"], softcap=cap, temperature=temperature, need_weight=dhead is not None)
+                         dhidden=a["dlnf"], dweight=dhead, row_weights=rw, need_weight=dhead is not None, **head_args)
         else:  # a snapshot's lm-head (inference): its logits, then the loss
             logits = bk.matmul_forward(a["lnf"], head, out=bk.empty((N, V), "float32"))
             bk.softmax_ce(logits, a["targets"], backward=False, losses=a["losses"], softcap=cap,
