@@ -14,6 +14,7 @@ from test_model_arch import make, rel_err
 from test_rl import warm  # noqa: F401 (a fixture: a tiny model warmed up on one-digit additions)
 from tiny import byte_tokenizer, one_thread  # noqa: F401 (one_thread: a fixture)
 
+from fastllm import GPT
 from fastllm.checkpoint import load_model
 from fastllm.cli import main
 from fastllm.dpo import DPOConfig, Pairs, dpo_backward, dpo_terms, encode_pairs, train_dpo
@@ -151,3 +152,21 @@ def test_cli_and_bad_values(warm, tmp_path, capsys):  # noqa: F811 (the fixture)
                        (["--val-fraction", "0.99"], "too few")]:
         assert main(args + extra) == 1
         assert msg in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_gradient_on_the_gpu_equals_the_cpus():
+    """dpo_backward on the CUDA backend (float32): the forward's weights from its own token losses there too."""
+    cfg = DPOConfig(base="x", data="x", beta=0.5)
+    cpu = make("llama")
+    gpu = GPT(cpu.config, init=False, device="cuda", dtype="float32").load_state_dict(cpu.state_dict())
+    pairs = random_pairs(cpu.config.vocab_size, 3, cpu.config.block_size)
+    idx, tgt = pairs.batch(range(3))
+    ref = np.random.default_rng(1).normal(-30, 3, 6)
+    stats = []
+    for m in (cpu, gpu):
+        m.zero_grad()
+        stats.append(dpo_backward(m, idx, tgt, ref, cfg))
+    assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], rel=1e-5)
+    for name, g in cpu.g.items():
+        assert rel_err(gpu.bk.to_numpy(gpu.g[name]), g) < 1e-4, name

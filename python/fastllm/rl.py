@@ -190,18 +190,22 @@ def token_logprobs(model: GPT, idx, targets, temperature: float = 1.0) -> np.nda
 def policy_backward(model: GPT, batch: Batch, old_logp, ref_logp, clip_eps: float, beta: float, logp=None,
                     temperature: float = 1.0) -> dict:
     """Accumulate (+=) into model.grads the gradient of the GRPO loss L = -J (module docstring) on `batch`;
-    returns the loss and statistics. logp: the current log-probs if already known (else one forward);
-    temperature: that of the rollouts, which logp, old_logp and ref_logp are all taken at."""
-    if logp is None:
-        logp = token_logprobs(model, batch.idx, batch.targets, temperature)
-    J, dJ, kl, clipped = grpo_token_terms(logp, old_logp, ref_logp, batch.adv[:, None], clip_eps, beta)
-    c = batch.norm
-    weights = (c * dJ).astype(np.float32)  # dL/dCE_t (grpo_token_terms): zero outside completions
-    model.train()
-    model.forward(batch.idx, batch.targets, weights=weights, temperature=temperature)
+    returns the loss and statistics. logp: the current log-probs if already known (else read by the same forward
+    that takes the gradient: GPT.forward's weights as a function of its token losses); temperature: that of the
+    rollouts, which logp, old_logp and ref_logp are all taken at."""
+    c, m, out = batch.norm, batch.mask, {}
+
+    def weights(token_losses) -> np.ndarray:
+        now = -token_losses.astype(np.float64) if logp is None else logp
+        J, dJ, kl, clipped = grpo_token_terms(now, old_logp, ref_logp, batch.adv[:, None], clip_eps, beta)
+        out.update(loss=float(-(c * J).sum()), kl=float(kl[m].mean()), clip_frac=float(clipped[m].mean()))
+        return (c * dJ).astype(np.float32)  # dL/dCE_t (grpo_token_terms): zero outside completions
+
+    model.train()  # (with logp known, the weights are known before the forward: one lm-head pass)
+    model.forward(batch.idx, batch.targets, weights=weights if logp is None else weights(None),
+                  temperature=temperature)
     model.backward()
-    m = batch.mask
-    return {"loss": float(-(c * J).sum()), "kl": float(kl[m].mean()), "clip_frac": float(clipped[m].mean())}
+    return out
 
 
 # ---- rollouts -----------------------------------------------------------------------------------------------
