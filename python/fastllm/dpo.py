@@ -36,49 +36,32 @@ from pathlib import Path
 import numpy as np
 
 from . import checks, distributed
-from .checkpoint import STATE_FILE, checkpoint_tokenizer, find_tokenizer, load_start, resolve
-from .data import Epochs
+from .checkpoint import checkpoint_tokenizer, find_tokenizer, load_start, resolve
 from .eval import chat_of, prompt_ids
 from .fileio import write_json
-from .lora import LoraConfig
 from .model import GPT
 from .ops import IGNORE_INDEX
 from .optim import AdamW
-from .options import (
-    CKPT_EVERY,
-    DEVICE,
-    DTYPE,
-    GRAD_CLIP,
-    KEEP_CKPTS,
-    LORA_ALPHA,
-    LORA_R,
-    LORA_TARGETS,
-    RESUME,
-    SEED,
-    SYSTEM,
-    THREADS,
-    ZERO,
-    option,
-)
-from .rl import end_tokens, load_preferences
-from .train import Loop, Stage, fit, series, setup_run, update
+from .options import LORA_R, SYSTEM, option
+from .rl import PreferenceConfig, PreferenceStage, end_tokens, load_preferences
+from .train import Loop, fit, series, setup_run, update
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 STATS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy")  # per pair, averaged (TRL's names aside)
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(PreferenceConfig):
     base: str = option(help="starting policy, also the frozen reference: a checkpoint (or run folder), e.g. the SFT "
                             "model")
-    data: str = option(help="preference pairs JSONL (or Parquet), one {\"prompt\", \"chosen\", \"rejected\"} per line: "
-                            "strings, or message lists as ultrafeedback_binarized's")
     out: str = option("out_dpo", "output folder: checkpoints, log.jsonl, loss.png, dpo.json")
-    val_data: str | None = option(None, "held-out pairs JSONL (default: --val-fraction of --data)")
     val_fraction: float = option(0.1, "fraction of --data held out when --val-data is not given (0: none)")
-    epochs: int = option(1, "passes over the training pairs")
-    batch_size: int = option(8, "preference pairs per step")
+    epochs: int = 1
+    batch_size: int = 8
     lr: float = option(1e-6, "AdamW learning rate (TRL's DPO default; adapters take more, e.g. 5e-5 with --lora-r)")
+    eval_every: int = option(50, "steps between held-out evaluations (loss, rewards, accuracy), also at the start and "
+                                 "the end (0: never)")
+    lora_r: int = option(0, LORA_R + "; the reference is then the model without its adapters")
     warmup_steps: int = option(0, "linear learning-rate warmup steps (then constant)")
     beta: float = option(0.1, "DPO's beta: the strength of the pull to the reference (the implicit reward's scale)")
     loss: str = option("sigmoid", "sigmoid (DPO), ipo (IPO, on mean token log-probs) or hinge (SLiC)",
@@ -88,35 +71,15 @@ class DPOConfig:
     chat: bool | None = option(None, "prompts as a user turn and answers as the assistant's in the checkpoint's chat "
                                      "template or ChatML (default: when it has one)")
     system: str | None = option(None, SYSTEM)
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
-    grad_clip: float = option(1.0, GRAD_CLIP)
-    seed: int = option(1337, SEED)
-    threads: int | None = option(None, THREADS)
-    eval_every: int = option(50, "steps between held-out evaluations (loss, rewards, accuracy), also at the start and "
-                                 "the end (0: never)")
-    ckpt_every: int = option(0, CKPT_EVERY)
-    keep_ckpts: int = option(2, KEEP_CKPTS)
-    resume: bool = option(False, RESUME)
-    device: str = option("cpu", DEVICE, choices=checks.DEVICES)
-    dtype: str | None = option(None, DTYPE, choices=checks.DTYPES)
-    zero: bool = option(False, ZERO)
-    lora_r: int = option(0, LORA_R + "; the reference is then the model without its adapters")
-    lora_alpha: float = option(32.0, LORA_ALPHA)
-    lora_targets: str = option("all", LORA_TARGETS)
 
     def __post_init__(self) -> None:
-        checks.output_dir(self)
-        checks.at_least(self, 1, "epochs", "batch_size", "keep_ckpts", "threads")
-        checks.at_least(self, 0, "eval_every", "ckpt_every", "seed", "warmup_steps", "lora_r")
-        checks.number(self, "lr", "beta", low_open=True)
-        checks.number(self, "weight_decay", "grad_clip")
+        super().__post_init__()
+        checks.at_least(self, 0, "warmup_steps")
+        checks.number(self, "beta", low_open=True)
         checks.number(self, "label_smoothing", high=0.5, high_open=True)
-        checks.number(self, "val_fraction", high=1.0, high_open=True)
         checks.one_of(self, "loss", LOSSES)
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError(f"label_smoothing is for the sigmoid loss, not {self.loss!r}")
-        checks.device(self)
-        LoraConfig.of(self)  # its alpha and targets
 
 
 def dpo_terms(pi_c, pi_r, ref_c, ref_r, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0):
@@ -239,7 +202,7 @@ def reference_logps(model: GPT, pairs: Pairs, mean: bool, batch_size: int = 16, 
     return out
 
 
-class DPOStage(Stage):
+class DPOStage(PreferenceStage):
     """DPO for fastllm.train.fit: batches of pairs in epochs, the reference log-probs computed at the start, held-out
     loss, rewards and accuracy as the evaluation. With several ranks each takes its share of a step's pairs."""
 
@@ -248,22 +211,9 @@ class DPOStage(Stage):
 
     def __init__(self, cfg: DPOConfig, tokenizer, pairs: Sequence[dict], val_pairs: Sequence[dict], B: int, log=print,
                  progress: bool = True):
-        self.cfg, self.tokenizer, self.pairs, self.val_pairs, self.log = cfg, tokenizer, pairs, val_pairs, log
+        super().__init__(cfg, tokenizer, pairs, val_pairs, B)
+        self.log = log
         self.progress = progress and distributed.world().is_main  # (of the reference log-probs)
-        self.B, self.order = B, Epochs(len(pairs), cfg.seed)
-        self.resumed = False  # (then the model has trained: the reference is the starting model, loaded again)
-
-    def init_model(self) -> GPT:
-        return load_start(self.cfg.base, LoraConfig.of(self.cfg), self.cfg.seed)
-
-    def load_state_dict(self, state: dict, folder: Path) -> None:
-        try:
-            if state["loader"]["n"] != len(self.pairs):
-                raise ValueError(f"it is for {state['loader']['n']} pairs, this run has {len(self.pairs)}")
-            self.order.seek(state["loader"]["epoch"], state["loader"]["pos"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{folder / STATE_FILE}: bad pair-loader state ({type(e).__name__}: {e})") from None
-        self.resumed = True
 
     def start(self, model: GPT, opt: AdamW) -> None:
         super().start(model, opt)
@@ -324,9 +274,6 @@ class DPOStage(Stage):
                 sums[k] += v * len(chunk)
         totals = world.sum([sums[k] for k in STATS])  # every rank's, added
         return {f"val_{k}": float(v) / n for k, v in zip(STATS, totals)}
-
-    def state_dict(self) -> dict:
-        return {"loader": {**self.order.state_dict(), "n": len(self.pairs)}}
 
     def fingerprint(self) -> dict:
         flat = [t for s in self.train_set.seqs for t in s + [-1]]

@@ -661,12 +661,13 @@ class RewardScorer:
 
 
 @dataclass
-class RewardModelConfig:
-    base: str = option(help="backbone checkpoint (or run folder), e.g. the SFT model")
+class PreferenceConfig:
+    """The options of a run on preference pairs (RewardModelConfig, fastllm.dpo.DPOConfig)."""
+
+    base: str = option(help="the model to start from: a checkpoint (or run folder), e.g. the SFT model")
     data: str = option(help="preference pairs JSONL (or Parquet), one {\"prompt\", \"chosen\", \"rejected\"} per line: "
                             "strings, or message lists as ultrafeedback_binarized's")
-    out: str = option("out_rm", "output folder: checkpoints (backbone + heads.safetensors), log.jsonl, loss.png, "
-                                "reward_model.json")
+    out: str = option("out", "output folder: checkpoints, log.jsonl, loss.png and the run's summary")
     val_data: str | None = option(None, "held-out pairs JSONL (default: --val-fraction of --data)")
     val_fraction: float = option(0.1, "fraction of --data held out when --val-data is not given")
     epochs: int = option(2, "passes over the training pairs")
@@ -676,15 +677,14 @@ class RewardModelConfig:
     grad_clip: float = option(1.0, GRAD_CLIP)
     seed: int = option(1337, SEED)
     threads: int | None = option(None, THREADS)
-    eval_every: int = option(100, "steps between held-out preference-accuracy evaluations, also at the start and "
-                                  "the end (0: never)")
+    eval_every: int = option(100, "steps between held-out evaluations, also at the start and the end (0: never)")
     ckpt_every: int = option(0, CKPT_EVERY)
     keep_ckpts: int = option(2, KEEP_CKPTS)
     resume: bool = option(False, RESUME)
     device: str = option("cpu", DEVICE, choices=checks.DEVICES)
     dtype: str | None = option(None, DTYPE, choices=checks.DTYPES)
     zero: bool = option(False, ZERO)
-    lora_r: int = option(0, LORA_R + "; the head trains whole")
+    lora_r: int = option(0, LORA_R)
     lora_alpha: float = option(32.0, LORA_ALPHA)
     lora_targets: str = option("all", LORA_TARGETS)
 
@@ -695,8 +695,22 @@ class RewardModelConfig:
         LoraConfig.of(self)  # its alpha and targets
         checks.number(self, "lr", low_open=True)
         checks.number(self, "weight_decay", "grad_clip")
-        checks.number(self, "val_fraction", low_open=True, high=1.0, high_open=True)
+        checks.number(self, "val_fraction", high=1.0, high_open=True)
         checks.device(self)
+
+
+@dataclass
+class RewardModelConfig(PreferenceConfig):
+    base: str = option(help="backbone checkpoint (or run folder), e.g. the SFT model")
+    out: str = option("out_rm", "output folder: checkpoints (backbone + heads.safetensors), log.jsonl, loss.png, "
+                                "reward_model.json")
+    eval_every: int = option(100, "steps between held-out preference-accuracy evaluations, also at the start and "
+                                  "the end (0: never)")
+    lora_r: int = option(0, LORA_R + "; the head trains whole")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.number(self, "val_fraction", low_open=True, high=1.0, high_open=True)  # (its accuracy is the point)
 
 
 def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch_size: int = 64) -> float:
@@ -714,18 +728,14 @@ def preference_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[dict], batch
     return float(np.mean(wins))
 
 
-class RewardModelStage(Stage):
-    """Bradley-Terry training of a reward model for fastllm.train.fit: the loss -log sigmoid(r_chosen - r_rejected)
-    over batches of pairs; the head trains beside the backbone (ExtraParams, checkpointed in heads.safetensors);
-    held-out preference accuracy as the evaluation."""
+class PreferenceStage(Stage):
+    """A stage on preference pairs (RewardModelStage, fastllm.dpo.DPOStage): batches of B pairs in epochs (the
+    order checkpointed), the model from cfg.base (LoRA adapters on it with cfg.lora_r)."""
 
-    kind = "reward-model"
-    show = ("loss", "accuracy", "val_accuracy")
-
-    def __init__(self, cfg: RewardModelConfig, tokenizer, pairs: Sequence[dict], val_pairs: Sequence[dict], B: int):
+    def __init__(self, cfg: PreferenceConfig, tokenizer, pairs: Sequence[dict], val_pairs: Sequence[dict], B: int):
         self.cfg, self.tokenizer, self.pairs, self.val_pairs = cfg, tokenizer, pairs, val_pairs
-        self.B, self.pairs_order = B, Epochs(len(pairs), cfg.seed)
-        self._saved_head: tuple[dict, str] | None = None
+        self.B, self.order = B, Epochs(len(pairs), cfg.seed)
+        self.resumed = False  # from a checkpoint (load_state_dict)
 
     def init_model(self) -> GPT:
         return load_start(self.cfg.base, LoraConfig.of(self.cfg), self.cfg.seed)
@@ -734,9 +744,29 @@ class RewardModelStage(Stage):
         try:
             if state["loader"]["n"] != len(self.pairs):
                 raise ValueError(f"it is for {state['loader']['n']} pairs, this run has {len(self.pairs)}")
-            self.pairs_order.seek(state["loader"]["epoch"], state["loader"]["pos"])
+            self.order.seek(state["loader"]["epoch"], state["loader"]["pos"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{folder / STATE_FILE}: bad pair-loader state ({type(e).__name__}: {e})") from None
+        self.resumed = True
+
+    def state_dict(self) -> dict:
+        return {"loader": {**self.order.state_dict(), "n": len(self.pairs)}}
+
+
+class RewardModelStage(PreferenceStage):
+    """Bradley-Terry training of a reward model for fastllm.train.fit: the loss -log sigmoid(r_chosen - r_rejected)
+    over batches of pairs; the head trains beside the backbone (ExtraParams, checkpointed in heads.safetensors);
+    held-out preference accuracy as the evaluation."""
+
+    kind = "reward-model"
+    show = ("loss", "accuracy", "val_accuracy")
+
+    def __init__(self, cfg: RewardModelConfig, tokenizer, pairs: Sequence[dict], val_pairs: Sequence[dict], B: int):
+        super().__init__(cfg, tokenizer, pairs, val_pairs, B)
+        self._saved_head: tuple[dict, str] | None = None
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        super().load_state_dict(state, folder)
         self._saved_head = (load_heads(folder), str(folder / "heads.safetensors"))
 
     def start(self, model: GPT, opt: AdamW) -> None:
@@ -750,7 +780,7 @@ class RewardModelStage(Stage):
                         for p in self.pairs]
 
     def step(self, step: int, lr: float, rng: np.random.Generator) -> dict:
-        chunk = [self.encoded[i] for i in self.pairs_order.take(self.B, cross=False)]  # an epoch's last: fewer
+        chunk = [self.encoded[i] for i in self.order.take(self.B, cross=False)]  # an epoch's last: fewer
         world = distributed.world()
         mine = world.share(chunk)  # this rank's pairs; update() averages the ranks' means, so each is weighted by
         b, w = len(mine), len(mine) * world.size / len(chunk)  # its share of the chunk (w = 1 in one process)
@@ -771,9 +801,6 @@ class RewardModelStage(Stage):
         acc = distributed.world().average(self.val_pairs, lambda part: preference_accuracy(self.rm, self.tokenizer,
                                                                                           part))
         return {"val_accuracy": acc}
-
-    def state_dict(self) -> dict:
-        return {"loader": {**self.pairs_order.state_dict(), "n": len(self.pairs)}}
 
     def fingerprint(self) -> dict:
         flat = [t for c, r in self.encoded for t in c + [-1] + r + [-1]]
