@@ -110,6 +110,7 @@ class Lora:
                  rows: dict | None = None):
         cfg = model.config
         self.config, self.scale = config, config.scale
+        self.base = None  # the folder of the frozen model (GPT.add_lora sets it; checkpoints name it)
         rows = adapted_rows(cfg, config.targets) if rows is None else rows
         self.rows = {m: sorted(rows[m]) for m in model.shapes if m in rows}  # (the model's order: one flat layout)
         self.ranks = {m: int((ranks or {}).get(m, config.r)) for m in self.rows}

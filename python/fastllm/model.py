@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend, checks, ops, rope
+from .lora import Lora, LoraConfig
 from .ops import IGNORE_INDEX, softcap_logits
 
 # the Llama family's choices (Llama 3, SmolLM2, Mistral without biases; nanochat's modern GPT)
@@ -705,8 +706,6 @@ class GPT:
         an optimizer made after this trains them. ranks, rows: as fastllm.lora.Lora's (an adapter read from a file:
         fastllm.hf.load_adapter). Returns the Lora (model.lora). On a model holding its matrices in a decode form
         (hold_weights) the adapters stay float32 beside them: inference."""
-        from .lora import Lora, LoraConfig  # lora imports nothing of this module
-
         if self.lora is not None:
             raise ValueError("the model has LoRA adapters already (merge_lora() first to add new ones)")
         if config is None:
