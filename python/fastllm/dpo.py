@@ -43,7 +43,7 @@ from .model import GPT
 from .ops import IGNORE_INDEX
 from .optim import AdamW
 from .options import LORA_R, SYSTEM, option
-from .rl import PreferenceConfig, PreferenceStage, end_tokens, load_preferences
+from .rl import PreferenceConfig, PreferenceStage, end_tokens, load_preferences, token_logprobs
 from .train import Loop, fit, series, setup_run, update
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -148,13 +148,8 @@ def encode_pairs(pairs: Sequence[dict], model: GPT, tokenizer, chat=None, system
 
 def sequence_logps(model: GPT, idx, targets, mean: bool = False) -> np.ndarray:
     """log pi(answer | prompt) per row (float64): the sum (mean) of the target tokens' log-probs, in eval mode."""
-    was = model.training
-    model.eval()
-    model.forward(idx, targets)
-    model.train(was)
-    mask = targets != IGNORE_INDEX
-    logp = -(model.token_losses.astype(np.float64) * mask).sum(1)
-    return logp / np.maximum(mask.sum(1), 1) if mean else logp
+    logp = token_logprobs(model, idx, targets).sum(1)  # (0 where targets are -1)
+    return logp / np.maximum((targets != IGNORE_INDEX).sum(1), 1) if mean else logp
 
 
 def dpo_backward(model: GPT, idx, targets, ref, cfg: DPOConfig, scale: float = 1.0) -> dict:

@@ -166,6 +166,7 @@ class Lora:
         self.p = self._views(self.bk, self.params)
         self._pl = self._per_layer(self.bk, self._views(self.bk, self.cparams))
         self.grads, self._gl = None, {}
+        self._scratch: dict = {}  # forward's x @ A^T when the caller keeps none (KV-cache passes)
 
     def host_params(self) -> np.ndarray:
         return self.params if isinstance(self.params, np.ndarray) else self.bk.to_numpy(self.params)
@@ -222,8 +223,13 @@ class Lora:
         backward (allocated here when None)."""
         stem = matrix[:-len(".weight")]
         A, B = self._pl[stem + ".lora_A"][l], self._pl[stem + ".lora_B"][l]
-        if t is None:
-            t = bk.empty((x.shape[0], A.shape[0]), self.act_dtype)
+        if t is None:  # (inference: one scratch per shape, reused by every layer and step)
+            key = (x.shape[0], A.shape[0])
+            t = self._scratch.get(key)
+            if t is None:
+                if len(self._scratch) >= 8:  # (prompts of many lengths: start over)
+                    self._scratch.clear()
+                t = self._scratch[key] = bk.empty(key, self.act_dtype)
         bk.gemm(x, A, trans_b=True, out=t)
         bk.gemm(t, B, trans_b=True, alpha=self.scale, accumulate=True, out=out)
 

@@ -399,8 +399,9 @@ def stacked_snapshot(convert, n: int, shape: tuple[int, ...], fill):
 
 
 def decays(name: str) -> bool:
-    """Weight decay applies to matrices (embeddings, linear weights, the lm-head), not to biases and norm gains."""
-    return name in ("wte", "wpe", "lm_head.weight") or name.endswith(MATRICES)
+    """Weight decay applies to matrices (embeddings, linear weights, the lm-head, LoRA's A and B), not to biases and
+    norm gains."""
+    return name in ("wte", "wpe", "lm_head.weight") or name.endswith((*MATRICES, ".lora_A", ".lora_B"))
 
 
 def norm_forward(bk, cfg: GPTConfig, x, weight, bias, out, mean, rstd) -> None:

@@ -40,7 +40,7 @@ class AdamW:
         self._groups: list[tuple[int, int, bool]] = []
         off = 0
         for name, shape in model.shapes.items():
-            a, b, d = max(off, lo), min(off + math.prod(shape), hi), decays(name) or "lora_" in name
+            a, b, d = max(off, lo), min(off + math.prod(shape), hi), decays(name)
             off += math.prod(shape)
             if a >= b:
                 continue
