@@ -352,24 +352,46 @@ static void float_to_bf16_py(py::array out, py::array x) {
     fastllm::cpu::float_to_bf16(d, src, x.size());
 }
 
+// weight: float32, or (a frozen weight, no dweight/dbias) bf16 bit patterns (OC, C) uint16, bf16 panels of `rows`
+// rows (fastllm.ops.pack_bf16: (bf16_panel_rows(rows), C) uint16), or int8 (OC, C) with its per-row `scale`.
 static void matmul_backward_py(std::optional<py::array> dinp, std::optional<py::array> dweight,
                                std::optional<py::array> dbias, py::array dout, py::array inp, py::array weight,
-                               bool bf16) {
+                               bool bf16, std::optional<py::array> scale, int64_t rows) {
+    using fastllm::cpu::HeldWeight;
     check_ndim(inp, "inp", 2, "(N, C)");
     check_ndim(weight, "weight", 2, "(OC, C)");
-    const int64_t N = inp.shape(0), C = inp.shape(1), OC = weight.shape(0);
+    const bool w16 = weight.dtype().is(py::dtype::of<uint16_t>()), w8 = weight.dtype().is(py::dtype::of<int8_t>());
+    const int64_t N = inp.shape(0), C = inp.shape(1), OC = rows > 0 ? rows : weight.shape(0);
     check_positive(C, "C (inp columns)", inp, "inp");
     check_positive(OC, "OC (weight rows)", weight, "weight");
+    if (w8 != bool(scale))
+        throw py::type_error(w8 ? "matmul_backward: int8 weight needs its per-row scale (OC,) float32"
+                                : "matmul_backward: scale goes with an int8 weight only, got weight of dtype " +
+                                      std::string(py::str(weight.dtype())));
+    if (rows > 0 && !w16) throw py::type_error("matmul_backward: rows goes with bf16 panels (uint16) only");
+    if ((w16 || w8) && (dweight || dbias))
+        throw py::value_error("matmul_backward: a weight held in bf16 or int8 is frozen: no dweight or dbias");
+    if (rows > 0 && C % 2) throw py::value_error("matmul_backward: bf16 panels need C even, got " + std::to_string(C));
     const float* x = in_ptr<float>(inp, "inp");
-    const float* w = in_ptr<float>(weight, "weight", {OC, C});
+    const std::vector<int64_t> wshape = rows > 0 ? std::vector<int64_t>{fastllm::cpu::bf16_panel_rows(OC), C}
+                                                 : std::vector<int64_t>{OC, C};
+    const void* w = w16  ? (const void*)in_ptr<uint16_t>(weight, "weight", wshape)
+                    : w8 ? (const void*)in_ptr<int8_t>(weight, "weight", wshape)
+                         : (const void*)in_ptr<float>(weight, "weight", wshape);
+    const float* sc = w8 ? in_ptr<float>(*scale, "scale", {OC}) : nullptr;
     const float* dy = in_ptr<float>(dout, "dout", {N, OC});
     float* dx = opt_out_ptr<float>(dinp, "dinp", {N, C});
     float* dw = opt_out_ptr<float>(dweight, "dweight", {OC, C});
     float* db = opt_out_ptr<float>(dbias, "dbias", {OC});
     check_outputs({{opt(dinp), "dinp"}, {opt(dweight), "dweight"}, {opt(dbias), "dbias"}},
-                  {{&dout, "dout"}, {&inp, "inp"}, {&weight, "weight"}});
+                  {{&dout, "dout"}, {&inp, "inp"}, {&weight, "weight"}, {opt(scale), "scale"}});
     py::gil_scoped_release nogil;
-    fastllm::cpu::matmul_backward(dx, dw, db, dy, x, w, N, C, OC, prec(bf16));
+    if (w16 || w8) {
+        const auto form = w8 ? HeldWeight::int8 : rows > 0 ? HeldWeight::bf16_panels : HeldWeight::bf16;
+        if (dx) fastllm::cpu::matmul_backward_held(dx, dy, HeldWeight{form, w, sc}, N, C, OC, prec(bf16));
+    } else {
+        fastllm::cpu::matmul_backward(dx, dw, db, dy, x, (const float*)w, N, C, OC, prec(bf16));
+    }
 }
 
 // out (M, N) = alpha * op(a) @ op(b) + beta * out: the GEMM core under matmul (ops.gemm; tests).
@@ -1404,7 +1426,7 @@ PYBIND11_MODULE(_C, m) {
     def_kernel(m, "matmul_forward_w8a8", &matmul_forward_w8a8_py, arg("out"), arg("inp"), arg("panels"), arg("scale"),
                arg("wsum"), arg("bias") = none, arg("pre_gelu") = none);
     def_kernel(m, "matmul_backward", &matmul_backward_py, arg("dinp"), arg("dweight"), arg("dbias"), arg("dout"),
-               arg("inp"), arg("weight"), arg("bf16") = false);
+               arg("inp"), arg("weight"), arg("bf16") = false, arg("scale") = none, arg("rows") = 0);
     def_kernel(m, "gemm", &gemm_py, arg("out"), arg("a"), arg("b"), arg("trans_a") = false, arg("trans_b") = false,
                arg("alpha") = 1.0f, arg("beta") = 0.0f, arg("bf16") = false);
     def_kernel(m, "attention_forward", &attention_forward_py, arg("out"), arg("lse"), arg("qkv"), arg("n_head"),

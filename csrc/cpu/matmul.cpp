@@ -1485,6 +1485,53 @@ void matmul_forward_i8w(float* out, const float* inp, const int8_t* q, const flo
     if (pre_gelu) gelu_forward(out, pre_gelu, N * OC);
 }
 
+// The input gradient through a frozen weight held in a decode form (matmul_backward_held): W's rows widened to fp32
+// a block at a time (the same numbers: bf16 bits, panel words or q * scale; <= 16 MB, as the int8 prefill above),
+// each block's product accumulated into dinp by the packed GEMM. The widening reads each weight once per call and
+// writes a block that stays in cache for the GEMM's packing; the GEMM does 2N flops per weight. A GEMM packing
+// bf16 bits directly would save that pass, but per LoRA step it is one of six passes over the weights (two forward,
+// the rest activations) -- not worth a third set of packers.
+static void widen_rows(float* dst, HeldWeight w, int64_t o0, int64_t rows, int64_t C, int T) {
+    if (w.form == HeldWeight::int8) {
+        dequantize_rows(dst, static_cast<const int8_t*>(w.data) + o0 * C, w.scale + o0, rows, C, T);
+        return;
+    }
+    constexpr int64_t NR = 16 * kNV512;  // a panel's rows (pack_bf16_panels): word (r, q) of panel p at p*NR*kw + q*NR + r
+    const int64_t kw = C / 2;
+    const uint16_t* bits = static_cast<const uint16_t*>(w.data);
+    const uint32_t* words = static_cast<const uint32_t*>(w.data);
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t o = o0 + i;
+        float* d = dst + i * C;
+        if (w.form == HeldWeight::bf16) {
+            for (int64_t k = 0; k < C; k++) d[k] = bf16_to_float(bits[o * C + k]);
+            continue;
+        }
+        const uint32_t* p = words + (o / NR) * NR * kw + o % NR;
+        for (int64_t q = 0; q < kw; q++) {
+            const uint32_t word = p[q * NR];
+            d[2 * q] = bf16_to_float(uint16_t(word));
+            d[2 * q + 1] = bf16_to_float(uint16_t(word >> 16));
+        }
+    }
+}
+
+void matmul_backward_held(float* dinp, const float* dout, HeldWeight w, int64_t N, int64_t C, int64_t OC,
+                          Prec prec) {
+    if (N <= 0 || C <= 0 || OC <= 0) return;
+    if (w.form == HeldWeight::bf16_panels && C % 2) throw std::invalid_argument("bf16 panels need C even");
+    constexpr int64_t NR = 16 * kNV512;
+    const int64_t OB = std::min(OC, ceil_div(std::max<int64_t>(64, (int64_t(1) << 22) / C), NR) * NR);
+    std::vector<float> block((size_t)(OB * C));
+    const int T = weight_threads(N, C, OC);
+    for (int64_t o0 = 0; o0 < OC; o0 += OB) {
+        const int64_t nb = std::min(OB, OC - o0);
+        widen_rows(block.data(), w, o0, nb, C, T);
+        gemm(false, false, N, C, nb, 1.0f, dout + o0, OC, block.data(), C, 1.0f, dinp, C, prec);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // matmul entry points
 

@@ -79,6 +79,18 @@ void matmul_forward_bf16p(float* out, const float* inp, const uint16_t* panels, 
 // the int8 values (exact in fp32) and then scaled. pre_gelu as in matmul_forward.
 void matmul_forward_i8w(float* out, const float* inp, const int8_t* q, const float* scale, const float* bias,
                         float* pre_gelu, int64_t N, int64_t C, int64_t OC);
+// A frozen weight held in a decode form alone (inference, and the base of LoRA training on a model loaded with
+// weights=): bf16 bit patterns (OC, C), those bits as bf16 panels (pack_bf16_panels), or int8 rows q (OC, C) with
+// per-row scales (weight-only quantization).
+struct HeldWeight {
+    enum Form { bf16, bf16_panels, int8 } form;
+    const void* data;
+    const float* scale;  // int8 only
+};
+// dinp (N, C) += dout (N, OC) @ W (OC, C) for such a W: the input gradient of a frozen layer, with no float32 copy
+// of W kept (LoRA over a base held in bf16 or int8). prec: the GEMM's, as matmul_backward's.
+void matmul_backward_held(float* dinp, const float* dout, HeldWeight w, int64_t N, int64_t C, int64_t OC,
+                          Prec prec = Prec::fp32);
 // Threads for a product of N rows with an (OC, C) weight matrix: all of them, unless it is tiny or the caller is
 // already inside a parallel region.
 int weight_threads(int64_t N, int64_t C, int64_t OC);

@@ -224,13 +224,19 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | None =
     return model if weights is not None else model.to(device, dtype)
 
 
-def load_start(path: str | os.PathLike, lora: LoraConfig | None = None, seed: int = 0) -> GPT:
+def load_start(path: str | os.PathLike, lora: LoraConfig | None = None, seed: int = 0,
+               weights: str | None = None) -> GPT:
     """The model a fine-tuning run (sft, rl, dpo, reward-model) starts from: load_model's, on the CPU, with a LoRA
     checkpoint's adapters merged into its base (the fine-tuned model whole; new adapters, or every weight, train on
     top of it; and so adapters trained on adapters load); then new adapters of config `lora` if given (seed: their
-    initialisation), the rest frozen."""
-    model = load_model(path)
+    initialisation), the rest frozen. weights ("bfloat16", "int8"): the matrices held in that form alone (load_model's
+    weights=), frozen: adapters train over them (LoraConfig.of checks a run's options)."""
+    model = load_model(path, weights=weights)
     if model.lora is not None:
+        if weights is not None:  # (merging needs the float32 matrices)
+            raise ValueError(f"{path}: a LoRA checkpoint starts a run from its adapters merged into its base, in "
+                             f"float32: convert it first (fastllm convert {path} merged/ --to hf) and start from "
+                             f"that folder to hold it in {weights}")
         model.merge_lora()
     if lora is not None:
         model.add_lora(lora, seed=seed)

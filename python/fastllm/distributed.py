@@ -662,8 +662,9 @@ def agree_on_run(config: dict, model, data: dict) -> None:
         return
     from .version import __version__
 
+    state = model.trainable().state_dict() if model.weights_only else model.state_dict()  # (a held base: its adapters)
     w.agree(version=__version__, world=w.size, config={k: v for k, v in config.items() if k != "threads"},
-            model={"config": model.config.to_dict(), "crc32": fingerprint(*model.state_dict().values())}, data=data)
+            model={"config": model.config.to_dict(), "crc32": fingerprint(*state.values())}, data=data)
 
 
 def fingerprint(*arrays) -> int:

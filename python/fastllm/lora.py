@@ -68,7 +68,11 @@ class LoraConfig:
 
     @classmethod
     def of(cls, cfg) -> LoraConfig | None:
-        """From a training config's lora_r, lora_alpha, lora_targets (options.LORA_*); None where lora_r is 0."""
+        """From a training config's lora_r, lora_alpha, lora_targets (options.LORA_*); None where lora_r is 0. Checks
+        its base_weights (options.BASE_WEIGHTS) too: a base held in bf16 or int8 trains adapters, on the CPU."""
+        if cfg.base_weights is not None and (not cfg.lora_r or cfg.device != "cpu"):
+            raise ValueError(f"base_weights={cfg.base_weights!r}: a base held in {cfg.base_weights} is frozen and on "
+                             "the CPU: give --lora-r (adapters to train) and --device cpu")
         return cls(cfg.lora_r, cfg.lora_alpha, (cfg.lora_targets,)) if cfg.lora_r else None
 
     @property

@@ -603,7 +603,13 @@ class GPT:
         """Move the model to `device` ("cpu" or "cuda") and compute dtype, in place, and return it (like torch's
         Module.to). Parameters are copied; gradients and activations are not (make the optimizer after)."""
         dtype = backend.check_dtype(device, dtype)
-        if (device, dtype) != (self.device, self.dtype):
+        if (device, dtype) == (self.device, self.dtype):
+            return self
+        if self.weights_only is not None and device == "cpu":  # matrices held in a decode form: the compute dtype
+            held = self._decoding, self.weights_only  # alone changes (a CPU model's arrays are float32 either way)
+            self._place(self.params, device, dtype)
+            self._decoding, self.weights_only = held
+        else:
             self._place(self._host_params(), device, dtype)
         return self
 
@@ -747,7 +753,7 @@ class GPT:
         return self
 
     def train(self, mode: bool = True) -> GPT:
-        if mode:
+        if mode and self.lora is None:  # (adapters train over matrices held in bf16 or int8 too)
             self._check_float32("training")
         self.training = mode
         return self
@@ -858,8 +864,6 @@ class GPT:
         rw = None
         head_args = dict(scratch=a["lm_scratch"], losses=a["losses"], softcap=cap, temperature=temperature)
         if callable(weights):  # the weights of this forward's own token losses: read them first
-            if self._decoding is not None:
-                raise ValueError("weights as a function of the token losses: not inside decoding()")
             bk.lmhead_ce(a["lnf"], head, a["targets"], backward=False, **head_args)
             weights = weights(np.array(bk.to_numpy(a["losses"]), np.float32).reshape(B, T))
         if weights is None:
@@ -878,7 +882,7 @@ class GPT:
             bk.zero_(a["dlnf"])
             if dhead is not None:
                 bk.zero_(dhead)
-        if self._decoding is None:
+        if self._decoding is None or self.training:  # (training: the frozen lm-head of a held model too)
             bk.lmhead_ce(a["lnf"], head, a["targets"], grad_scale=scale, backward=self.training,
                          dhidden=a["dlnf"], dweight=dhead, row_weights=rw, need_weight=dhead is not None, **head_args)
         else:  # a snapshot's lm-head (inference): its logits, then the loss
@@ -907,7 +911,7 @@ class GPT:
         """Embedding, blocks and final norm: fills the activations up to lnf (B*T, C). Inside decoding() the four
         matrices of each block are the snapshot's."""
         cfg, bk, pc, pl = self.config, self.bk, self.pc, self._pl
-        if self._decoding is not None and self.training:
+        if self._decoding is not None and self.training and self.weights_only is None:
             raise RuntimeError("model.decoding(...) is for inference: the snapshot has no gradient (call eval())")
         w = pl if self._decoding is None else self._decoding[1]
         idx = check_token_ids(idx, "idx", cfg)
@@ -962,6 +966,7 @@ class GPT:
         dhidden (B, T, C): instead start from this gradient on the final hidden states of the last
         forward / hidden_states() (i.e. backpropagate sum(dhidden * hidden)); the lm-head is not involved."""
         cfg, bk, pc, pl, a = self.config, self.bk, self.pc, self._pl, self._acts
+        w = pl if self._decoding is None else self._decoding[1]  # the matrices (held in bf16/int8: frozen, LoRA)
         if dhidden is None:
             if not self._ready_for_backward:
                 raise RuntimeError("backward() needs a forward(idx, targets) in training mode first")
@@ -983,7 +988,7 @@ class GPT:
         def linear_backward(dout, inp, name, l, dinp):  # a linear layer's gradients: its weight's and bias's where
             # they train, its adapter's where it has one
             weight, bias = gl.get(name), gl.get(name[:-len("weight")] + "bias")
-            bk.matmul_backward(dout, inp, pl[name][l], dinp=dinp, dweight=None if weight is None else weight[l],
+            bk.matmul_backward(dout, inp, w[name][l], dinp=dinp, dweight=None if weight is None else weight[l],
                                dbias=None if bias is None else bias[l], need_bias=bias is not None,
                                need_weight=weight is not None)
             if self.lora is not None and self.lora.adapts(name):

@@ -379,14 +379,29 @@ def matmul_backward(dout, inp, weight, dinp=None, dweight=None, dbias=None, need
                     need_weight=True, dtype: str = "float32"):
     """Gradients of matmul_forward, accumulated: returns (dinp, dweight, dbias); need_dinp/need_bias/need_weight=False
     skip those (returned as None; need_weight=False: a frozen weight). dtype="bfloat16": both products in bf16
-    (_bf16), as autocast's backward."""
-    dout, inp, weight = _f32(dout, "dout"), _f32(inp, "inp"), _f32(weight, "weight")
-    C, OC = inp.shape[-1], weight.shape[0]
+    (_bf16), as autocast's backward. weight may also be a frozen weight in a decode form (bf16 bits, Bf16Panels,
+    Int8Weight: LoRA over a base held in bf16 or int8), with need_weight=need_bias=False: dinp += dout @ W on W's
+    own numbers (dtype: the product's precision, as for float32 weights)."""
+    dout, inp = _f32(dout, "dout"), _f32(inp, "inp")
+    weight, scale = weight if isinstance(weight, Int8Weight) else (weight, None)
+    if isinstance(weight, Int8Panels):
+        raise TypeError("matmul_backward: w8a8 weights (Int8Panels) are for inference only; hold the base in "
+                        "'bfloat16' or 'int8' to train adapters on it")
+    rows = weight.rows if isinstance(weight, Bf16Panels) else 0
+    weight = weight.data if rows else weight
+    if not isinstance(weight, np.ndarray):
+        raise TypeError(f"weight must be a numpy array, got {type(weight).__name__}")
+    held = weight.dtype in (np.uint16, np.int8)
+    if held and (need_weight or need_bias):
+        raise ValueError("matmul_backward: a weight held in bf16 or int8 is frozen: give need_weight=False and "
+                         "need_bias=False")
+    weight = weight if held else _f32(weight, "weight")
+    C, OC = inp.shape[-1], rows or weight.shape[0]
     dinp = _out(dinp, "dinp", inp.shape) if need_dinp else None
     dweight = _out(dweight, "dweight", weight.shape) if need_weight else None
     dbias = _out(dbias, "dbias", (OC,)) if need_bias else None
     _C.matmul_backward(None if dinp is None else _view(dinp, C), dweight, dbias, _view(dout, OC),
-                       _view(inp, C), weight, _bf16(dtype))
+                       _view(inp, C), weight, _bf16(dtype), scale, rows)
     return dinp, dweight, dbias
 
 
@@ -583,13 +598,34 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
     accumulate. With row_weights (float32, shaped like targets) the gradients are those of
     grad_scale * sum_n w[n] * loss[n]. softcap c: the logits are c * tanh(logits / c), temperature T: then divided
     by T (see softmax_ce). dtype="bfloat16": the two products in bf16 (_bf16); the softmax and the loss stay fp32.
-    need_weight=False: no dweight (a frozen lm-head)."""
-    hidden, weight = _f32(hidden, "hidden"), _f32(weight, "weight")
+    need_weight=False: no dweight (a frozen lm-head). weight may also be a frozen lm-head in a decode form (bf16
+    bits, Bf16Panels, Int8Weight; need_weight=False): each chunk's logits by matmul_forward, then softmax_ce and
+    dhidden += dlogits @ W by matmul_backward, on the weight's own numbers."""
+    hidden = _f32(hidden, "hidden")
     targets = _ids(targets, "targets")
     rw = _row_weights(row_weights, targets)
     C = hidden.shape[-1]
     losses = np.empty(targets.shape, np.float32) if losses is None else losses
     dhidden = _out(dhidden, "dhidden", hidden.shape) if backward else None
+    if isinstance(weight, (Bf16Panels, Int8Weight)) or getattr(weight, "dtype", None) == np.uint16:
+        if need_weight and backward:
+            raise ValueError("lmhead_ce: an lm-head held in bf16 or int8 is frozen: give need_weight=False")
+        h, t, loss = _view(hidden, C), _view(targets), _view(losses)
+        dh = None if dhidden is None else _view(dhidden, C)
+        w = None if rw is None else _view(rw)
+        V = weight.rows if isinstance(weight, Bf16Panels) else (weight.q if isinstance(weight, Int8Weight) else
+                                                                  weight).shape[0]
+        rows = lmhead_chunk_rows(h.shape[0], V) if scratch is None else scratch.shape[0]
+        for s in range(0, h.shape[0], rows):
+            n = min(rows, h.shape[0] - s)
+            logits = matmul_forward(h[s:s + n], weight, out=None if scratch is None else scratch[:n])
+            softmax_ce(logits, t[s:s + n], grad_scale, ignore_index, backward, inplace=True, losses=loss[s:s + n],
+                       row_weights=None if w is None else w[s:s + n], softcap=softcap, temperature=temperature)
+            if backward:
+                matmul_backward(logits, h[s:s + n], weight, dinp=dh[s:s + n], need_weight=False, need_bias=False,
+                                dtype=dtype)
+        return losses, dhidden, None
+    weight = _f32(weight, "weight")
     dweight = _out(dweight, "dweight", weight.shape) if backward and need_weight else None
     _C.lmhead_ce(_view(losses), None if dhidden is None else _view(dhidden, C), dweight,
                  _view(hidden, C), weight, _view(targets), float(grad_scale), int(ignore_index), scratch, rw,

@@ -41,6 +41,10 @@ EVAL_TASK_LIMIT = "--eval-task on the first N examples only (default: all of the
 LORA_R = ("train LoRA adapters of this rank on the --lora-targets projections and freeze the model (fastllm.lora: no "
           "gradient or AdamW state for its weights; checkpoints hold the adapters, in PEFT's format); 0: train every "
           "weight")
+BASE_FORMS = ("bfloat16", "int8")  # the forms a LoRA run's frozen base may be held in (--base-weights)
+BASE_WEIGHTS = ("with --lora-r: hold the frozen base's matrices in this form alone, bfloat16 (half the memory of "
+                "float32) or int8 (a quarter: per-channel weight-only quantization), as peft on a bf16 or 8-bit base; "
+                "CPU (default: float32)")
 LORA_ALPHA = "LoRA's scale: the adapters' output is multiplied by alpha / r"
 LORA_TARGETS = "the projections LoRA adapts, comma-separated: q, k, v, o, gate, up, down, or all"
 

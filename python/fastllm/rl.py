@@ -69,6 +69,8 @@ from .lora import LoraConfig
 from .model import GPT
 from .optim import AdamW
 from .options import (
+    BASE_FORMS,
+    BASE_WEIGHTS,
     CKPT_EVERY,
     DEVICE,
     DTYPE,
@@ -349,6 +351,7 @@ class RLConfig:
                             "copy of it)")
     lora_alpha: float = option(32.0, LORA_ALPHA)
     lora_targets: str = option("all", LORA_TARGETS)
+    base_weights: str | None = option(None, BASE_WEIGHTS, choices=BASE_FORMS)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
@@ -360,7 +363,7 @@ class RLConfig:
                         "keep_ckpts", "threads")
         checks.at_least(self, 2, "group_size")  # advantages compare the completions of a group
         checks.at_least(self, 0, "eval_every", "ckpt_every", "seed", "lora_r")
-        LoraConfig.of(self)  # its alpha and targets
+        LoraConfig.of(self)  # its alpha, targets and base_weights
         checks.number(self, "lr", "temperature", low_open=True)  # temperature 0: G equal greedy rollouts, no signal
         checks.number(self, "beta", "weight_decay", "grad_clip")
         checks.number(self, "clip_eps", low_open=True, high=1.0, high_open=True)
@@ -446,7 +449,7 @@ class GRPOStage(Stage):
             self.eval_set = [task.sample(erng) for _ in range(cfg.eval_prompts)]
 
     def init_model(self) -> GPT:
-        model = load_start(self.cfg.ckpt, LoraConfig.of(self.cfg), self.cfg.seed)
+        model = load_start(self.cfg.ckpt, LoraConfig.of(self.cfg), self.cfg.seed, self.cfg.base_weights)
         self.ref_dir = model.checkpoint_dir
         return model
 
@@ -687,12 +690,13 @@ class PreferenceConfig:
     lora_r: int = option(0, LORA_R)
     lora_alpha: float = option(32.0, LORA_ALPHA)
     lora_targets: str = option("all", LORA_TARGETS)
+    base_weights: str | None = option(None, BASE_WEIGHTS, choices=BASE_FORMS)
 
     def __post_init__(self) -> None:
         checks.output_dir(self)
         checks.at_least(self, 1, "epochs", "batch_size", "keep_ckpts", "threads")
         checks.at_least(self, 0, "eval_every", "ckpt_every", "seed", "lora_r")
-        LoraConfig.of(self)  # its alpha and targets
+        LoraConfig.of(self)  # its alpha, targets and base_weights
         checks.number(self, "lr", low_open=True)
         checks.number(self, "weight_decay", "grad_clip")
         checks.number(self, "val_fraction", high=1.0, high_open=True)
@@ -738,7 +742,7 @@ class PreferenceStage(Stage):
         self.resumed = False  # from a checkpoint (load_state_dict)
 
     def init_model(self) -> GPT:
-        return load_start(self.cfg.base, LoraConfig.of(self.cfg), self.cfg.seed)
+        return load_start(self.cfg.base, LoraConfig.of(self.cfg), self.cfg.seed, self.cfg.base_weights)
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         try:

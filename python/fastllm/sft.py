@@ -70,7 +70,7 @@ from .eval import TrainEval
 from .fileio import iter_records, read_json, write_json
 from .lora import LoraConfig
 from .model import GPT
-from .options import LORA_ALPHA, LORA_R, LORA_TARGETS, option
+from .options import BASE_FORMS, BASE_WEIGHTS, LORA_ALPHA, LORA_R, LORA_TARGETS, option
 from .tokenizer import Tokenizer
 from .train import MODEL_OPTIONS, LMStage, TrainConfig, fit_lm, setup_run
 
@@ -129,6 +129,7 @@ def grow_vocab(
     plus normal(0, 0.002) noise: a new token's logit starts near the average logit and its embedding near
     the average input, so the old model's behaviour is barely disturbed (and old tokens' logits are
     unchanged: their rows and every other weight are copied as they are)."""
+    model._check_float32("new tokens' embeddings (grow_vocab)")
     old = model.config.vocab_size
     if vocab_size < old:
         raise ValueError(f"vocab_size={vocab_size} is smaller than the model's {old}")
@@ -332,6 +333,7 @@ class SFTConfig(TrainConfig):
     lora_r: int = option(0, LORA_R)
     lora_alpha: float = option(32.0, LORA_ALPHA)
     lora_targets: str = option("all", LORA_TARGETS)
+    base_weights: str | None = option(None, BASE_WEIGHTS, choices=BASE_FORMS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -343,13 +345,13 @@ class SFTConfig(TrainConfig):
         checks.number(self, "val_fraction", high=1.0, high_open=True)
         checks.one_of(self, "too_long", ("truncate", "skip"))
         checks.at_least(self, 0, "lora_r")
-        LoraConfig.of(self)  # its alpha and targets
+        LoraConfig.of(self)  # its alpha, targets and base_weights
 
 
 def sft(cfg: SFTConfig, progress: bool = True, log=print) -> dict:
     """Fine-tune cfg.base on the conversations in cfg.data; returns train()'s summary plus packing counts."""
     log = setup_run(cfg, log)
-    base = load_start(cfg.base)
+    base = load_start(cfg.base, weights=cfg.base_weights)
     tok_path = cfg.tokenizer or find_tokenizer(base.checkpoint_dir)
     base_tok = checkpoint_tokenizer(base.checkpoint_dir, tok_path)
     if base_tok.n_vocab > base.config.vocab_size:

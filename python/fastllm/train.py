@@ -175,6 +175,7 @@ class Loop:
     resume: bool = False
     device: str = "cpu"  # cpu | cuda
     dtype: str | None = None  # the compute dtype (None: the device's default); master weights and AdamW state fp32
+    base_weights: str | None = None  # a LoRA run's frozen base held in "bfloat16" or "int8" (load_model's weights=)
     zero: bool = False  # with several ranks: ZeRO-1 (fastllm.distributed.ShardedAdamW)
     tokenizer: Path | None = None  # copied into every checkpoint
     loss_log_scale: bool = False  # the loss panel of the run's figure on a log scale
@@ -381,10 +382,10 @@ def fit(stage: Stage, loop: Loop, progress: bool = True, log=print) -> dict:
         model, start, rng = stage.init_model(), 0, np.random.default_rng(loop.seed)
     else:
         state = checkpoint.load_state(ckpt, stage.kind)
-        model, start, rng = checkpoint.load_model(ckpt), state["step"], state["rng"]
+        model, start, rng = checkpoint.load_model(ckpt, weights=loop.base_weights), state["step"], state["rng"]
         stage.load_state_dict(state["stage"], ckpt)
         log(f"resuming from {ckpt} at step {start}")
-    model.to(loop.device, checks.compute_dtype(loop))
+    model.to(loop.device, checks.compute_dtype(loop)).train()  # (a model loaded with held weights starts in eval)
     opt = distributed.optimizer(model, loop.lr, (loop.beta1, loop.beta2), loop.weight_decay, loop.zero)
     if ckpt is not None:
         checkpoint.load_optimizer(ckpt, opt)
