@@ -396,12 +396,16 @@ def test_weights_held_in_a_decode_form(tmp_path, weights, tied, vocab):
         assert held.forward(ids, ids) == full.forward(ids, ids)
     prompts = [[5, 17, 99, 3], [8, 2]]
     assert held.generate(prompts, 12, temperature=0) == full.generate(prompts, 12, temperature=0, weights=weights)
-    for call in (held.train, held.state_dict, lambda: held.to("cpu", "bfloat16"), held.zero_grad,
+    for call in (held.train, held.state_dict, lambda: held.to("cuda"), held.zero_grad,
                  lambda: held.save_pretrained(tmp_path / "out"),
                  lambda: held.kv_cache(1, weights="int8" if weights != "int8" else "w8a8")):
         with pytest.raises(ValueError, match=f"holds its matrices in {weights} only"):
             call()
     assert not (tmp_path / "out").exists()
+    held.to("cpu", "bfloat16")  # the compute dtype alone changes (adapters may train over the held matrices)
+    assert held.weights_only == weights and held.decode_weights(weights) is held._decoding[0]
+    assert np.abs(held.forward(ids) - full.forward(ids)).max() < 0.1 * np.abs(full.forward(ids)).max()
+    held.to("cpu")
     ckpt = checkpoint.convert(tmp_path / "m", tmp_path / "ckpt")  # a fastllm checkpoint: its float32, converted
     assert np.array_equal(load_model(ckpt, weights=weights).forward(ids), held.forward(ids))
     with pytest.raises(ValueError, match="weights must be None or one of"):
@@ -1144,3 +1148,56 @@ def test_lora_sft_and_dpo_of_a_hub_folder_load_in_peft(family, tmp_path, monkeyp
     with torch.no_grad():
         np.testing.assert_allclose(merged(ids).logits.numpy(), load_model(tmp_path / "dpo").eval().forward(ids.numpy()),
                                    rtol=0, atol=2e-4 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("form", ["int8", "bfloat16"])
+def test_lora_sft_and_dpo_over_a_base_held_in_int8_or_bf16(form, tmp_path, capsys):
+    """`--base-weights int8 / bfloat16`: LoRA SFT of a hub folder whose matrices are held in that form alone learns
+    the answer (`fastllm chat` on the base held so, and on the float32 base); its checkpoints are the usual PEFT
+    adapter folders; a run resumed half-way ends with the same adapters, bit for bit; DPO trains adapters over a held
+    base too; refusals name the option."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    import io
+    import shutil
+
+    from fastllm import cli
+
+    hub_folder("qwen2", tmp_path / "base", max_position_embeddings=128)
+    conv = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
+    (tmp_path / "conv.jsonl").write_text((json.dumps(conv) + "\n") * 8)
+    args = ["sft", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "conv.jsonl"), "--out",
+            str(tmp_path / "out"), "--max-steps", "40", "--ckpt-every", "20", "--batch-size", "2", "--seq-len", "128",
+            "--lr", "2e-2", "--warmup-steps", "2", "--eval-every", "0", "--val-fraction", "0", "--no-progress",
+            "--lora-r", "8", "--lora-alpha", "16", "--base-weights", form]
+    assert cli.main(args) == 0
+    assert "LoRA {'r': 8" in capsys.readouterr().out
+    ckpt = checkpoint.latest(tmp_path / "out")
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    for dtype in ([], ["--dtype", form]):  # the float32 base, and the base held as it trained
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "stdin", io.StringIO("Name a colour.\n"))
+            assert cli.main(["chat", "--ckpt", str(ckpt), "--temperature", "0", "-n", "8", *dtype]) == 0
+        assert capsys.readouterr().out.strip() == "Blue."
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "out" / "ckpt_000020", resumed / "ckpt_000020")
+    at = args.index(str(tmp_path / "out"))
+    assert cli.main([*args[:at], str(resumed), *args[at + 1:], "--resume"]) == 0
+    want, got = load_model(ckpt).lora.state_dict(), load_model(resumed).lora.state_dict()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    prefs = [{"prompt": "Name a colour.", "chosen": "Red.", "rejected": "Blue."}] * 6
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prefs))
+    dpo = ["dpo", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "prefs.jsonl"), "--out",
+           str(tmp_path / "dpo"), "--lora-r", "4", "--lr", "1e-2", "--beta", "0.5", "--epochs", "4", "--batch-size",
+           "3", "--val-fraction", "0", "--eval-every", "0", "--no-progress", "--base-weights", form]
+    assert cli.main(dpo) == 0
+    rows = [json.loads(x) for x in (tmp_path / "dpo" / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["margin"] == pytest.approx(0.0, abs=1e-9) and rows[-1]["margin"] > 0
+    capsys.readouterr()
+    no_lora = [a for a in args if a not in ("--lora-r", "8", "--lora-alpha", "16")]
+    assert cli.main(no_lora) == 1
+    assert "base_weights='" + form + "': a base held in" in capsys.readouterr().err
+    assert cli.main([*dpo[:2], str(ckpt), *dpo[3:6], str(tmp_path / "dpo2"), *dpo[7:]]) == 1
+    assert "convert it first" in capsys.readouterr().err

@@ -193,8 +193,7 @@ def test_bad_use_is_refused():
     with pytest.raises(ValueError, match="NaN"):
         gpt2.lora.load_state_dict(bad)
     held = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=16))
-    held.hold_weights(held.decode_weights("int8"), "int8").add_lora(r=2)  # inference: adapters beside held matrices
+    held.hold_weights(held.decode_weights("int8"), "int8").add_lora(r=2)  # adapters beside held matrices
     with pytest.raises(ValueError, match="int8 only"):
         held.merge_lora()
-    with pytest.raises(ValueError, match="int8 only"):
-        held.train()
+    assert held.train().training  # (they train over them: tests/test_lora_held.py)

@@ -376,13 +376,14 @@ def test_grpo_raises_sort_accuracy_on_held_out_prompts(seed):
     assert all(math.isfinite(s["kl"]) and s["kl"] >= 0 for s in stats)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [False, True, "int8"], ids=["full", "lora", "lora-int8-base"])
 def test_reward_model_prefers_correct_sums(warm, tmp_path, lora):
     """The backbone trained whole, or LoRA adapters on it (--lora-r: the head trains whole; checkpoints hold the
-    adapters and the head)."""
+    adapters and the head), also over the backbone's matrices held in int8 (--base-weights)."""
     ck, _, _ = warm
+    held = dict(base_weights=lora) if isinstance(lora, str) else {}
     cfg = RewardModelConfig(base=str(ck), data="", out=str(tmp_path / "rm"), epochs=10, lr=3e-3 if lora else 1e-3,
-                            batch_size=32, **(dict(lora_r=8, lora_alpha=16) if lora else {}))
+                            batch_size=32, **(dict(lora_r=8, lora_alpha=16, **held) if lora else {}))
     s = train_reward_model(
         cfg, pairs=addition_preferences(1500, 1, seed=0), val_pairs=addition_preferences(200, 1, seed=1), progress=False
     )
@@ -392,7 +393,7 @@ def test_reward_model_prefers_correct_sums(warm, tmp_path, lora):
     )
     assert s["val_accuracy"] >= 0.75
     rm = RewardModel.load(tmp_path / "rm")
-    assert (rm.backbone.lora is not None) == lora
+    assert (rm.backbone.lora is not None) == bool(lora)
     np.testing.assert_array_equal(rm.head, s["model"].head)
     assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["val_accuracy"] == s["val_accuracy"]
 
@@ -797,6 +798,28 @@ def test_reward_model_resumes_bit_identically(warm, tmp_path):
     strip = [{k: v for k, v in r.items() if k != "dt"} for r in rows(tmp_path / "a")]
     assert strip == [{k: v for k, v in r.items() if k != "dt"} for r in rows(tmp_path / "b")]
     assert [r["step"] for r in rows(tmp_path / "a") if "val_accuracy" in r] == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("form", ["int8", "bfloat16"])
+def test_grpo_with_lora_over_a_held_base(warm, tmp_path, form):
+    """--base-weights: GRPO's adapters train over the policy's matrices held in int8 / bf16 alone (the reference:
+    that held base without them, so the first step's KL is 0); the run resumes bit-identically; refusals."""
+    ck, _, _ = warm
+    kw = dict(ckpt=str(ck), task="addition", digits=1, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2,
+              eval_every=0, ckpt_every=2, lora_r=4, lora_alpha=8, base_weights=form)
+    s = train_grpo(RLConfig(out=str(tmp_path / "a"), steps=4, **kw), progress=False, log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] > 0
+    policy = load_model(s["checkpoint"], weights=form)  # the held base, then the adapters
+    assert policy.weights_only == form and policy.lora is not None
+    train_grpo(RLConfig(out=str(tmp_path / "b"), steps=2, **kw), progress=False, log=lambda *_: None)
+    s2 = train_grpo(RLConfig(out=str(tmp_path / "b"), steps=4, resume=True, **kw), progress=False, log=lambda *_: None)
+    np.testing.assert_array_equal(load_model(s2["checkpoint"]).lora.params, policy.lora.params)
+    with pytest.raises(ValueError, match="give --lora-r"):
+        RLConfig(out=str(tmp_path / "c"), steps=1, **dict(kw, lora_r=0))
+    with pytest.raises(ValueError, match="convert it first"):
+        train_grpo(RLConfig(out=str(tmp_path / "c"), steps=1, **dict(kw, ckpt=s["checkpoint"])), progress=False,
+                   log=lambda *_: None)
 
 
 def test_grpo_with_lora_reference_is_the_base_and_resumes(warm, tmp_path):

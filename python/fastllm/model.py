@@ -629,11 +629,12 @@ class GPT:
         return self.pc["wte"] if self._decoding is None else self._decoding[0].get(TOKEN_TABLE, self.pc["wte"])
 
     def hold_weights(self, snapshot: dict, weights: str) -> GPT:
-        """Inference only, from now on: every pass runs on `snapshot` (a decode snapshot of form `weights`, as
+        """From now on every pass runs on `snapshot` (a decode snapshot of form `weights`, as
         bf16_weights / int8_weights / w8a8_weights make, or fastllm.hf builds while loading), and the float32
         matrices are not kept (their part of `params` is never read again: loading with weights= never writes it,
         so those pages are never touched; nor the token embedding's where the snapshot has it as bf16 bits,
-        TOKEN_TABLE). Training, saving, state_dict() and .to() raise ValueError naming it."""
+        TOKEN_TABLE). Training the weights, saving, state_dict() and .to() another device raise ValueError naming it;
+        LoRA adapters (add_lora) train over the held matrices."""
         if weights not in WEIGHT_FORMS or self.device != "cpu":
             raise ValueError(f"hold_weights needs a CPU model and weights in {WEIGHT_FORMS}, got {weights!r} on "
                              f"{self.device}")
@@ -712,7 +713,8 @@ class GPT:
         rslora=False) and freeze everything else: from now on backward() computes the adapters' gradients only and
         an optimizer made after this trains them. ranks, rows: as fastllm.lora.Lora's (an adapter read from a file:
         fastllm.hf.load_adapter). Returns the Lora (model.lora). On a model holding its matrices in a decode form
-        (hold_weights) the adapters stay float32 beside them: inference."""
+        (hold_weights) the adapters stay float32 beside them, and train over them (the held matrices frozen as
+        they are: LoRA over a bf16 or int8 base, as peft over a bf16 or 8-bit model)."""
         if self.lora is not None:
             raise ValueError("the model has LoRA adapters already (merge_lora() first to add new ones)")
         if config is None:
