@@ -60,8 +60,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from common import AUTOCAST_OPTION, bench, cli, header, load_note, print_table, set_threads, with_autocast  # noqa: E402
 
-from fastllm.dpo import DPOConfig, dpo_backward  # noqa: E402
 from fastllm import ops  # noqa: E402
+from fastllm.dpo import DPOConfig, dpo_backward  # noqa: E402
 from fastllm.model import GPT, MODERN, TOKEN_TABLE, GPTConfig  # noqa: E402
 from fastllm.ops import IGNORE_INDEX  # noqa: E402
 from fastllm.optim import AdamW  # noqa: E402
