@@ -110,7 +110,8 @@ def make(provider: str, cfg: GPTConfig, x, y, rank: int, alpha: float, ref=None)
         if provider.endswith(" base"):  # held as `--base-weights` loads a hub folder stored in bf16 (SmolLM2's)
             form = "bfloat16" if "bf16" in provider else "int8"
             snapshot = model.decode_weights(form)
-            snapshot[TOKEN_TABLE] = ops.to_bf16(model.p["wte"])  # (the file's bf16 token embedding)
+            # the file's bf16 token embedding: in bf16 the tied head itself (fastllm.hf), beside an int8 head
+            snapshot[TOKEN_TABLE] = snapshot["wte"] if form == "bfloat16" else ops.to_bf16(model.p["wte"])
             full, model = model, GPT(cfg, init=False, dtype=model.dtype)  # (zeros never written: not resident)
             for name, v in full.state_dict().items():
                 if name not in snapshot:  # the norms

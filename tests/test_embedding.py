@@ -267,3 +267,17 @@ def test_embedding_bad_input_cuda():
         cuda.embedding_backward(dout, tok, dwte, cuda.zeros((3, 8)))
     with pytest.raises(ValueError, match="overlap"):
         cuda.embedding_backward(dout, tok, dwte, dwte.view(0, (6, 8)))
+
+
+@pytest.mark.parametrize("V,C", [(1, 2), (33, 6), (100, 64), (4096 + 70, 130)])
+def test_embedding_of_a_bf16_table_and_of_its_panels(rng, V, C):
+    """A held model's bf16 token table (its bits, or a tied head's Bf16Panels, which the embedding then reads): the
+    rows widened exactly, times the scale; ids outside the table are refused."""
+    w = rng.standard_normal((V, C)).astype(np.float32)
+    bits = ops.to_bf16(w)
+    tokens = rng.integers(0, V, (3, 7))
+    want = ops.from_bf16(bits)[tokens] * np.float32(1.5)
+    for table in (bits, ops.pack_bf16(bits)):
+        np.testing.assert_array_equal(ops.embedding_forward(tokens, table, None, scale=1.5), want)
+        with pytest.raises(ValueError, match=f"outside \\[0, {V}\\)"):
+            ops.embedding_forward(np.array([[0, V]]), table, None)

@@ -1035,9 +1035,12 @@ def _read(file: Path, tensors, name: str, slot: Slot, p: dict) -> None:
 
 
 def _row_blocks(tensors, name: str, like: np.ndarray, rows: int = 4096):
-    """(the file's rows, like's rows) as float32 pairs, a block at a time (like: float32 or bf16 bits)."""
-    for r0 in range(0, len(like), rows):
-        part = like[r0:r0 + rows]
+    """(the file's rows, like's rows) as float32 pairs, a block at a time (like: float32, bf16 bits or Bf16Panels)."""
+    panels = isinstance(like, ops.Bf16Panels)
+    n = like.rows if panels else len(like)
+    for r0 in range(0, n, rows):  # (rows: a multiple of the panels' 32)
+        part = ops.unpack_bf16(ops.Bf16Panels(like.data[r0:r0 + rows], min(rows, n - r0))) if panels else \
+            like[r0:r0 + rows]
         out = np.empty(part.shape, np.float32)
         tensors.read_into(name, out, start=r0)
         yield out, ops.from_bf16(part) if part.dtype == np.uint16 else part
@@ -1046,7 +1049,8 @@ def _row_blocks(tensors, name: str, like: np.ndarray, rows: int = 4096):
 def _held_snapshot(model: GPT, reads: list, held: tuple[str, ...], weights: str) -> dict:
     """The decode snapshot of form `weights` of the matrices `held` (per block, stacked, and an untied lm-head) read
     from the files one layer at a time into a float32 scratch (stacked_snapshot); with "wte" held, the token
-    embedding as the file's bf16 bits (TOKEN_TABLE); a tied lm-head is wte's."""
+    embedding as the file's bf16 bits (TOKEN_TABLE); a tied lm-head is wte's. A tied bf16 head packed for the GEMM
+    (ops.Bf16Panels) is the token table too: the embedding reads its rows there, one bf16 copy instead of two."""
     convert, snap = snapshot_convert(weights), {}
     parts: dict[tuple[str, int | None], list] = {}  # (param, layer) -> its reads
     for r in reads:
@@ -1057,9 +1061,11 @@ def _held_snapshot(model: GPT, reads: list, held: tuple[str, ...], weights: str)
         for file, tensors, name, slot in parts[(param, layer)]:
             _read(file, tensors, name, slot, {param: {layer: scratch}} if layer is not None else {param: scratch})
 
+    C = model.config.n_embd
+    packed_table = model.config.tie_embeddings and weights == "bfloat16" and C % 2 == 0 and ops.bf16_panels_preferred()
     for param in held:
         shape = model.p[param].shape  # (a view: its pages stay untouched)
-        if param == "wte":  # the bits as they are in the file, checked finite
+        if param == "wte" and not packed_table:  # the bits as they are in the file, checked finite
             snap[TOKEN_TABLE] = table = np.empty(shape, np.uint16)
             (file, tensors, name, _), = parts[("wte", None)]
             tensors.read_into(name, table)
@@ -1067,9 +1073,13 @@ def _held_snapshot(model: GPT, reads: list, held: tuple[str, ...], weights: str)
                 raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values")
         elif param in MATRICES:
             snap[param] = stacked_snapshot(convert, shape[0], shape[1:], lambda l, s, n=param: fill(n, l, s))
-        else:  # the untied lm-head, in blocks of rows (a float32 copy of it would be a large transient)
+        else:  # an lm-head, in blocks of rows (a float32 copy of it would be a large transient): the untied one, or a
+            # tied one in bf16 panels, which is the token table too (bf16 in: exact)
             snap[param] = _blockwise(convert, shape, lambda r0, out, n=param: _read_rows(parts[(n, None)], r0, out))
-    if model.config.tie_embeddings:  # the head: wte's float32, or its bf16 bits (converted a block at a time)
+            if param == "wte":
+                snap[TOKEN_TABLE] = snap["wte"]
+    if model.config.tie_embeddings and "wte" not in snap:  # the head: wte's float32, or its bf16 bits (converted a
+        # block at a time)
         table = snap.get(TOKEN_TABLE)
         snap["wte"] = convert(model.p["wte"]) if table is None else convert(table) if weights == "bfloat16" else \
             _blockwise(convert, table.shape, lambda r0, out: np.copyto(out, ops.from_bf16(table[r0:r0 + len(out)])))

@@ -842,12 +842,21 @@ def embedding_forward(tokens, wte, wpe, out=None, scale: float = 1.0) -> np.ndar
     tokens = _ids(tokens, "tokens")
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
-    if isinstance(wte, np.ndarray) and wte.dtype == np.uint16 and wpe is None:  # a bf16 table (a model holding its
-        # weights in bf16 from a BF16 file): gathered and widened exactly, as the kernel reads float32 (numpy: a
-        # gather of B*T rows is no hot path)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= len(wte)):
-            raise ValueError(f"tokens hold ids outside [0, {len(wte)})")
-        rows = from_bf16(wte[tokens])
+    panels = isinstance(wte, Bf16Panels)
+    if (panels or isinstance(wte, np.ndarray) and wte.dtype == np.uint16) and wpe is None:  # a bf16 table (a model
+        # holding its weights in bf16 from a BF16 file): gathered and widened exactly, as the kernel reads float32
+        # (numpy: a gather of B*T rows is no hot path); or the panels of a tied lm-head (Bf16Panels: row r is word
+        # r % 32 of each group of 32 words in panel r // 32, each word two bf16 values of the row, low half first)
+        V = wte.rows if panels else len(wte)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= V):
+            raise ValueError(f"tokens hold ids outside [0, {V})")
+        if panels:
+            C, nr = wte.data.shape[-1], _C.bf16_panel_rows(1)  # (rows per panel)
+            words = wte.data.view(np.uint32).reshape(-1, C // 2, nr)  # panel, pair, row
+            bits = words[tokens // nr, :, tokens % nr].view(np.uint16)  # (..., C): each word's low half first
+        else:
+            bits = wte[tokens]
+        rows = from_bf16(bits)
         out = np.empty(rows.shape, np.float32) if out is None else out
         np.multiply(rows, np.float32(scale), out=out)
         return out
