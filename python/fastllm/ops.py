@@ -613,8 +613,7 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
         h, t, loss = _view(hidden, C), _view(targets), _view(losses)
         dh = None if dhidden is None else _view(dhidden, C)
         w = None if rw is None else _view(rw)
-        V = weight.rows if isinstance(weight, Bf16Panels) else (weight.q if isinstance(weight, Int8Weight) else
-                                                                  weight).shape[0]
+        V = weight.rows if isinstance(weight, Bf16Panels) else getattr(weight, "q", weight).shape[0]
         rows = lmhead_chunk_rows(h.shape[0], V) if scratch is None else scratch.shape[0]
         for s in range(0, h.shape[0], rows):
             n = min(rows, h.shape[0] - s)
