@@ -39,14 +39,21 @@ def torch_lora_grads(model: GPT, tensors: dict, lora: Lora, idx, tgt):
     fwd, params = torch_gpt.build(model)
     leaves = {k: torch.tensor(v, requires_grad=True) for k, v in tensors.items()}
     for m in lora.ranks:
-        stem = m[:-len(".weight")]
-        mask = torch.zeros(params[m].shape[1], 1)
-        for r0, r1 in lora.rows[m]:
-            mask[r0:r1] = 1.0
-        params[m] = params[m].detach() + lora.scale * (leaves[stem + ".lora_B"] * mask) @ leaves[stem + ".lora_A"]
+        params[m] = adapted(lora, m, params[m].detach(), leaves)
     loss = fwd(idx, tgt)
     loss.backward()
     return float(loss), {k: v.grad.numpy() for k, v in leaves.items()}
+
+
+def adapted(lora: Lora, m: str, w, leaves: dict):
+    """The torch expression of matrix m with its adapter: w + scale * (B * the mask of B's training rows) @ A."""
+    import torch
+
+    stem = m[:-len(".weight")]
+    mask = torch.zeros(w.shape[-2], 1)  # (w: (L, out, in))
+    for r0, r1 in lora.rows[m]:
+        mask[r0:r1] = 1.0
+    return w + lora.scale * (leaves[stem + ".lora_B"] * mask) @ leaves[stem + ".lora_A"]
 
 
 def torch_adamw_losses(model: GPT, lora: Lora, idx, tgt, steps: int) -> list[float]:
@@ -62,13 +69,25 @@ def torch_adamw_losses(model: GPT, lora: Lora, idx, tgt, steps: int) -> list[flo
     losses = []
     for _ in range(steps):
         for m in lora.ranks:
-            stem = m[:-len(".weight")]
-            params[m] = base[m] + lora.scale * leaves[stem + ".lora_B"] @ leaves[stem + ".lora_A"]
+            params[m] = adapted(lora, m, base[m], leaves)
         loss = fwd(idx, tgt)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss))
+    return losses
+
+
+def adamw_losses(model: GPT, idx, tgt, steps: int) -> list[float]:
+    """The losses of `steps` fastllm AdamW steps (as torch_adamw_losses') on what the model trains: its adapters."""
+    opt = AdamW(model, lr=1e-2, weight_decay=0.1)
+    assert opt.model is model.lora and len(opt.m) == model.lora.num_parameters
+    losses = []
+    for _ in range(steps):
+        model.zero_grad()
+        losses.append(model.forward(idx, tgt))
+        model.backward()
+        opt.step()
     return losses
 
 
@@ -107,14 +126,7 @@ def test_adapters_start_as_the_base_and_the_base_stays_frozen():
     lora = model.add_lora(r=4, alpha=8)
     np.testing.assert_array_equal(model.forward(idx), base_logits)  # B = 0: the base model exactly
     want = torch_adamw_losses(model, lora, idx, tgt, steps=20)
-    opt = AdamW(model, lr=1e-2, weight_decay=0.1)
-    assert opt.model is lora and len(opt.m) == lora.num_parameters
-    losses = []
-    for _ in range(20):
-        model.zero_grad()
-        losses.append(model.forward(idx, tgt))
-        model.backward()
-        opt.step()
+    losses = adamw_losses(model, idx, tgt, steps=20)
     np.testing.assert_allclose(losses, want, rtol=1e-4)  # torch.optim.AdamW on the same adapters
     assert losses[-1] < losses[0] - 0.3
     for k, v in model.state_dict().items():

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_lora import randomize_b, torch_lora_grads
+from test_lora import adamw_losses, randomize_b, torch_adamw_losses, torch_lora_grads
 from test_model_arch import batch, make, rel_err
 
 from fastllm import ops
 from fastllm.lora import LoraConfig
-from fastllm.optim import AdamW
 
 
 def held_forms(w: np.ndarray) -> dict:
@@ -151,40 +150,15 @@ def test_adapter_gradients_over_a_held_base_match_torch(arch, form, dtype):
 def test_adamw_over_an_int8_base_equals_torch_and_leaves_it_unchanged():
     """Ten AdamW steps on adapters over int8 matrices: torch.optim.AdamW's losses on the dequantized base; the held
     matrices are not written; generation runs on base + adapters; the model can't train without adapters."""
-    import torch
-    import torch_gpt
-
     model = make("llama")
     idx, tgt = batch(model.config.vocab_size)
     snapshot = model.decode_weights("int8")
     base_of(model, snapshot)
-    fwd, params = torch_gpt.build(model)
     held = {k: (v.q.copy(), v.scale.copy()) for k, v in snapshot.items() if isinstance(v, ops.Int8Weight)}
     lora = model.add_lora(r=4, alpha=8, targets=("q", "v", "down"))
-    leaves = {k: torch.tensor(np.array(v), requires_grad=True) for k, v in lora.state_dict().items()}
-    topt = torch.optim.AdamW(leaves.values(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    base = {k: v.detach() for k, v in params.items()}
-    want = []
-    for _ in range(10):
-        for m in lora.ranks:
-            stem = m[:-len(".weight")]
-            mask = torch.zeros(base[m].shape[1], 1)
-            for r0, r1 in lora.rows[m]:
-                mask[r0:r1] = 1.0
-            params[m] = base[m] + lora.scale * (leaves[stem + ".lora_B"] * mask) @ leaves[stem + ".lora_A"]
-        loss = fwd(idx, tgt)
-        topt.zero_grad()
-        loss.backward()
-        topt.step()
-        want.append(loss.item())
+    want = torch_adamw_losses(model, lora, idx, tgt, steps=10)
     model.hold_weights(snapshot, "int8").train()
-    opt = AdamW(model, lr=1e-2, weight_decay=0.1)
-    got = []
-    for _ in range(10):
-        model.zero_grad()
-        got.append(model.forward(idx, tgt))
-        model.backward()
-        opt.step()
+    got = adamw_losses(model, idx, tgt, steps=10)
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert got[-1] < got[0] - 0.1
     for k, (q, s) in held.items():
