@@ -1,10 +1,11 @@
-"""GELU (tanh approximation) and residual add, forward and backward, fastllm vs PyTorch on the same device:
+"""GELU (tanh approximation and exact: gelu_erf) and residual add, forward and backward, fastllm vs PyTorch on the
+same device:
     python benchmarks/bench_gelu.py [--threads 2] [--quick] [--device cpu|cuda] [--dtype ...] [--smoke]
 
-torch: aten gelu.out(approximate="tanh") into a preallocated buffer (F.gelu's kernel without the allocation),
-aten gelu_backward (what autograd runs), torch.add(out=) for the residual and two add_ for its accumulating
+torch: aten gelu.out(approximate="tanh" / "none") into a preallocated buffer (F.gelu's kernel without the
+allocation), aten gelu_backward (what autograd runs), torch.add(out=) for the residual and two add_ for its accumulating
 backward. Sizes: (B*T, 4C) of GPT-2 small (CPU: B=8, T=1024; GPU: B*T = 16384). GB/s per element of `dtype`
-size s: gelu fwd 2s (read x, write out), gelu bwd 4s (read x, dout, read-modify-write dinp), residual fwd 3s,
+size s: gelu (and gelu_erf) fwd 2s (read x, write out), bwd 4s (read x, dout, read-modify-write dinp), residual fwd 3s,
 residual bwd 5s."""
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _rows(n: int, device: str, dtype: str, repeats: int) -> list[list[str]]:
     cases = {
         "gelu fwd": ({"fastllm": lambda: bk.gelu_forward(x, out=y)}, 2 * s),
         "gelu bwd": ({"fastllm": lambda: bk.gelu_backward(dout, x, dx=dx)}, 4 * s),
+        "gelu_erf fwd": ({"fastllm": lambda: bk.gelu_erf_forward(x, out=y)}, 2 * s),
+        "gelu_erf bwd": ({"fastllm": lambda: bk.gelu_erf_backward(dout, x, dx=dx)}, 4 * s),
         "residual fwd": ({"fastllm": lambda: bk.residual_forward(x, dout, out=y)}, 3 * s),
         "residual bwd": ({"fastllm": lambda: bk.residual_backward(dout, dinp1=dx, dinp2=dx2)}, 5 * s),
     }
@@ -44,6 +47,8 @@ def _rows(n: int, device: str, dtype: str, repeats: int) -> list[list[str]]:
         yt, dxt, dx2t = torch.empty_like(xt), torch.zeros_like(xt), torch.zeros_like(xt)
         cases["gelu fwd"][0]["torch"] = lambda: torch.ops.aten.gelu.out(xt, approximate="tanh", out=yt)
         cases["gelu bwd"][0]["torch"] = lambda: torch.ops.aten.gelu_backward(dyt, xt, approximate="tanh")
+        cases["gelu_erf fwd"][0]["torch"] = lambda: torch.ops.aten.gelu.out(xt, approximate="none", out=yt)
+        cases["gelu_erf bwd"][0]["torch"] = lambda: torch.ops.aten.gelu_backward(dyt, xt, approximate="none")
         cases["residual fwd"][0]["torch"] = lambda: torch.add(xt, dyt, out=yt)
         cases["residual bwd"][0]["torch"] = lambda: (dxt.add_(dyt), dx2t.add_(dyt))
     rows = []

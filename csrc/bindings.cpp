@@ -613,15 +613,18 @@ static std::vector<int64_t> shape_of(const py::array& a) {
     return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
 }
 
+// gelu (tanh) or gelu_erf (exact): the kernel is a template argument
+template <void (*kernel)(float*, const float*, int64_t)>
 static void gelu_forward_py(py::array out, py::array inp) {
     const float* x = in_ptr<float>(inp, "inp");
     float* o = out_ptr<float>(out, "out", shape_of(inp));
     check_disjoint(out, "out", inp, "inp", true);
     const int64_t n = inp.size();
     py::gil_scoped_release nogil;
-    fastllm::cpu::gelu_forward(o, x, n);
+    kernel(o, x, n);
 }
 
+template <void (*kernel)(float*, const float*, const float*, int64_t)>
 static void gelu_backward_py(py::array dinp, py::array dout, py::array inp) {
     const float* x = in_ptr<float>(inp, "inp");
     const float* dy = in_ptr<float>(dout, "dout", shape_of(inp));
@@ -630,7 +633,7 @@ static void gelu_backward_py(py::array dinp, py::array dout, py::array inp) {
     check_disjoint(dinp, "dinp", dout, "dout", true);
     const int64_t n = inp.size();
     py::gil_scoped_release nogil;
-    fastllm::cpu::gelu_backward(dx, dy, x, n);
+    kernel(dx, dy, x, n);
 }
 
 static void residual_forward_py(py::array out, py::array inp1, py::array inp2, float scale) {
@@ -1458,8 +1461,12 @@ PYBIND11_MODULE(_C, m) {
                arg("weight"), arg("bias"), arg("eps"));
     def_kernel(m, "layernorm_backward", &layernorm_backward_py, arg("dinp"), arg("dweight"), arg("dbias"),
                arg("dout"), arg("inp"), arg("weight"), arg("mean"), arg("rstd"));
-    def_kernel(m, "gelu_forward", &gelu_forward_py, arg("out"), arg("inp"));
-    def_kernel(m, "gelu_backward", &gelu_backward_py, arg("dinp"), arg("dout"), arg("inp"));
+    def_kernel(m, "gelu_forward", &gelu_forward_py<fastllm::cpu::gelu_forward>, arg("out"), arg("inp"));
+    def_kernel(m, "gelu_backward", &gelu_backward_py<fastllm::cpu::gelu_backward>, arg("dinp"), arg("dout"),
+               arg("inp"));
+    def_kernel(m, "gelu_erf_forward", &gelu_forward_py<fastllm::cpu::gelu_erf_forward>, arg("out"), arg("inp"));
+    def_kernel(m, "gelu_erf_backward", &gelu_backward_py<fastllm::cpu::gelu_erf_backward>, arg("dinp"),
+               arg("dout"), arg("inp"));
     def_kernel(m, "residual_forward", &residual_forward_py, arg("out"), arg("inp1"), arg("inp2"), arg("scale") = 1.0f);
     def_kernel(m, "residual_backward", &residual_backward_py, arg("dinp1"), arg("dinp2"), arg("dout"),
                arg("scale") = 1.0f);

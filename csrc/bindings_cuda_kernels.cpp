@@ -483,7 +483,7 @@ void ew_check_f32_size(const DeviceArray& a, const char* name, int64_t n) {
     ew_check_device(a, name);
 }
 
-// An element-wise activation (gelu, relu2): fwd(out, x): out = f(x), out may be x itself; bwd(dx, dout, x):
+// An element-wise activation (gelu, gelu_erf, relu2): fwd(out, x): out = f(x), out may be x itself; bwd(dx, dout, x):
 // dx += f'(x) * dout.
 void def_activation(py::module_& m, const char* fwd_name, decltype(&gelu_forward) fwd, const char* bwd_name,
                     decltype(&gelu_backward) bwd) {
@@ -571,6 +571,7 @@ static void register_elementwise(py::module_& m) {
         arg("dx"), arg("dweight"), arg("dbias"), arg("dout"), arg("x"), arg("weight"), arg("mean"), arg("rstd"));
 
     def_activation(m, "gelu_forward", gelu_forward, "gelu_backward", gelu_backward);
+    def_activation(m, "gelu_erf_forward", gelu_erf_forward, "gelu_erf_backward", gelu_erf_backward);
 
     m.def(
         "residual_forward",

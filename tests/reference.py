@@ -3,6 +3,8 @@ PyTorch autograd is the second oracle for gradients (tests import it with pytest
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 GELU_K = np.sqrt(2.0 / np.pi)
@@ -91,6 +93,23 @@ def gelu_backward(dout, x):
     dout, x = f64(dout, x)
     th = np.tanh(GELU_K * (x + 0.044715 * x**3))
     return dout * (0.5 * (1 + th) + 0.5 * x * (1 - th**2) * GELU_K * (1 + 3 * 0.044715 * x**2))
+
+
+def normal_cdf(x):
+    """Phi(x) = 0.5 erfc(-x / sqrt(2)), the standard normal CDF, in float64 (math.erfc: accurate in the tail)."""
+    return 0.5 * np.vectorize(math.erfc, otypes=[np.float64])(-np.asarray(x, np.float64) / math.sqrt(2.0))
+
+
+def gelu_erf_forward(x):
+    """The exact GELU: x Phi(x)."""
+    (x,) = f64(x)
+    return x * normal_cdf(x)
+
+
+def gelu_erf_backward(dout, x):
+    """dout * (Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    dout, x = f64(dout, x)
+    return dout * (normal_cdf(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi))
 
 
 def embedding_forward(tokens, wte, wpe, scale=1.0):

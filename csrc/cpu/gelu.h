@@ -1,4 +1,4 @@
-// GELU (tanh approximation, as GPT-2), see gelu.cpp.
+// GELU: the tanh approximation (GPT-2) and the exact form (erf: GPT-NeoX, Pythia), see gelu.cpp.
 #pragma once
 #include <cstdint>
 
@@ -8,5 +8,9 @@ namespace fastllm::cpu {
 void gelu_forward(float* out, const float* inp, int64_t n);
 // dinp (n) += gelu'(inp) * dout
 void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n);
+// out (n) = x Phi(x) = 0.5 x (1 + erf(x / sqrt(2))), exact GELU
+void gelu_erf_forward(float* out, const float* inp, int64_t n);
+// dinp (n) += (Phi(inp) + inp phi(inp)) * dout
+void gelu_erf_backward(float* dinp, const float* dout, const float* inp, int64_t n);
 
 }  // namespace fastllm::cpu

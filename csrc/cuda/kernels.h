@@ -119,9 +119,11 @@ void layernorm_forward(void* out, float* mean, float* rstd, const void* x, const
 void layernorm_backward(void* dx, float* dweight, float* dbias, const void* dout, const void* x,
                         const void* weight, const float* mean, const float* rstd, int64_t N, int64_t C, DType t);
 
-// ---- gelu.cu: GELU (tanh approximation)
+// ---- gelu.cu: GELU, the tanh approximation (gelu) and the exact form (gelu_erf: x Phi(x))
 void gelu_forward(void* out, const void* x, int64_t n, DType t);
 void gelu_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);  // dx +=
+void gelu_erf_forward(void* out, const void* x, int64_t n, DType t);
+void gelu_erf_backward(void* dx, const void* dout, const void* x, int64_t n, DType t);  // dx +=
 
 // ---- residual.cu: the residual add
 // out = a + scale * b; da += dout, db += scale * dout

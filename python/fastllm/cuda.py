@@ -408,6 +408,22 @@ def gelu_backward(dout, x, dx=None):
     return dx
 
 
+def gelu_erf_forward(x, out=None):
+    """out = x Phi(x) = 0.5 x (1 + erf(x / sqrt(2))), the exact GELU (GPT-NeoX, Pythia); out may be x itself."""
+    x = _dev(x, "x")
+    out = empty(x.shape, x.dtype) if out is None else out
+    _C.cuda.gelu_erf_forward(_dev(out, "out"), x)
+    return out
+
+
+def gelu_erf_backward(dout, x, dx=None):
+    """dx += (Phi(x) + x phi(x)) * dout."""
+    x = _dev(x, "x")
+    dx = zeros(x.shape, x.dtype) if dx is None else dx
+    _C.cuda.gelu_erf_backward(_dev(dx, "dx"), _dev(dout, "dout"), x)
+    return dx
+
+
 def residual_forward(a, b, out=None, scale: float = 1.0):
     """out = a + scale * b (same shape and dtype); out may be a or b itself."""
     a = _dev(a, "a")

@@ -632,7 +632,7 @@ def lmhead_ce(hidden, weight, targets, grad_scale: float = 1.0, ignore_index: in
     return losses, dhidden, dweight
 
 
-# ---- layernorm, gelu, residual -------------------------------------------------------------------------
+# ---- layernorm, gelu (tanh and erf), residual ----------------------------------------------------------
 
 
 def layernorm_forward(x, weight, bias, eps: float = 1e-5, out=None, mean=None, rstd=None):
@@ -670,6 +670,21 @@ def gelu_backward(dout, x, dx=None) -> np.ndarray:
     """dx += gelu'(x) * dout."""
     dx = _out(dx, "dx", _f32(x, "x").shape)
     _C.gelu_backward(dx, dout, x)
+    return dx
+
+
+def gelu_erf_forward(x, out=None) -> np.ndarray:
+    """The exact GELU (torch's gelu(approximate="none"), HF's "gelu": GPT-NeoX, Pythia): out = x Phi(x) =
+    0.5 x (1 + erf(x / sqrt(2))), element-wise; out may be x itself."""
+    out = np.empty_like(_f32(x, "x")) if out is None else out
+    _C.gelu_erf_forward(out, x)
+    return out
+
+
+def gelu_erf_backward(dout, x, dx=None) -> np.ndarray:
+    """dx += (Phi(x) + x phi(x)) * dout, phi the standard normal density."""
+    dx = _out(dx, "dx", _f32(x, "x").shape)
+    _C.gelu_erf_backward(dx, dout, x)
     return dx
 
 
