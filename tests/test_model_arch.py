@@ -53,6 +53,12 @@ ARCHS = {
     "granite": dict(LLAMA, n_kv_head=2, embed_scale=12.0, attn_scale=0.03, residual_scale=0.22, logits_scaling=8.0),
     "partial-rotary-layernorm-nopost": dict(positions="rope", n_kv_head=1, partial_rotary_factor=0.75,
                                             pre_norms=False, qk_norm=True, qk_norm_over="all"),
+    # GPT-NeoX / Pythia: attention and MLP side by side, exact GELU, RoPE on a quarter of each head, untied
+    "neox": dict(positions="rope", mlp="gelu_erf", parallel_residual=True, partial_rotary_factor=0.25,
+                 tie_embeddings=False),
+    # the parallel residual with the rest of the options that touch the branches (post-norms, Granite's scale)
+    "parallel-postnorms-scaled-swiglu": dict(LLAMA, n_kv_head=2, parallel_residual=True, post_norms=True,
+                                             residual_scale=0.5),
 }
 
 
@@ -117,7 +123,7 @@ def test_loss_grads_logits_match_torch(arch):
     assert rel_err(model.forward(idx), logits) <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat", "granite"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "nanochat", "granite", "neox"])
 def test_weighted_ce_and_hidden_state_gradients_match_torch(arch):
     """What GRPO and the reward model use: per-row weights, and backward(dhidden) from the final hidden states."""
     torch = pytest.importorskip("torch")
@@ -159,7 +165,8 @@ def test_weighted_ce_and_hidden_state_gradients_match_torch(arch):
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("arch", ["llama3-scaling-untied", "qwen3", "nanochat", "gpt2-gqa-untied", "gemma2",
-                                  "gemma3", "olmo2", "smollm3-nope", "partial-rotary-layernorm-nopost", "granite"])
+                                  "gemma3", "olmo2", "smollm3-nope", "partial-rotary-layernorm-nopost", "granite",
+                                  "neox", "parallel-postnorms-scaled-swiglu"])
 def test_kv_cache_equals_full_forward(name, arch):
     """Prompts of different lengths prefilled together, then decode steps at different positions per row: every
     step's logits equal those of a full forward over the sequence so far."""
@@ -349,6 +356,8 @@ def test_gpt2_presets_unchanged_and_modern_presets_exist():
     (dict(attn_scale=-1.0), "attn_scale"),
     (dict(attn_softcap=float("nan")), "attn_softcap"),
     (dict(post_norms=1), "post_norms"),
+    (dict(parallel_residual=1), "parallel_residual"),
+    (dict(parallel_residual=True, pre_norms=False), "parallel_residual needs pre_norms"),
     (dict(mlp_hidden=0), "mlp_hidden"),
     (dict(qkv_bias="yes"), "qkv_bias"),
     (dict(logit_softcap=0.0), "logit_softcap"),

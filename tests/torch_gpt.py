@@ -1,8 +1,8 @@
 """A plain PyTorch transformer (nanoGPT-style, test-only oracle) that takes its weights from a fastllm GPT: GPT-2 and
 every architecture option of GPTConfig (rope with partial rotary dims and NoPE layers, rmsnorm, GQA, QK-norm per
-head or over all heads, gelu/swiglu/geglu/relu2, biases, untied lm-head, logit soft-capping, Gemma's embedding
+head or over all heads, gelu (tanh)/gelu_erf (exact)/swiglu/geglu/relu2, biases, untied lm-head, logit soft-capping, Gemma's embedding
 scale, post-norms with or without pre-norms, score scale and soft cap, sliding windows and local RoPE base, Granite's
-residual and logit scales),
+residual and logit scales, GPT-NeoX's parallel residual),
 written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
 Qwen2 / Qwen3 / Mistral (hf_twin: the same weights under HF's names) check it where a family exists."""
 
@@ -97,11 +97,12 @@ def build(model, sdpa: bool = False):
                     masked |= t[:, None] - t[None, :] >= window  # or window or more before it
                 y = att.masked_fill(masked, float("-inf")).softmax(-1) @ v
             y = y.transpose(1, 2).reshape(B, T, NH * hd)
+            x_in = x  # the block's input: the parallel residual's MLP reads it too
             x = x + post(F.linear(y, p("attn.c_proj.weight", l), p("attn.c_proj.bias", l)), "attn", l) * m
-            h = pre(x, "ln_2", l)
+            h = pre(x_in if cfg.parallel_residual else x, "ln_2", l)
             u = F.linear(h, p("mlp.c_fc.weight", l), p("mlp.c_fc.bias", l))
-            if cfg.mlp == "gelu":
-                u = F.gelu(u, approximate="tanh")
+            if cfg.mlp in ("gelu", "gelu_erf"):
+                u = F.gelu(u, approximate="tanh" if cfg.mlp == "gelu" else "none")
             elif cfg.mlp == "relu2":
                 u = F.relu(u).square()
             else:

@@ -10,8 +10,9 @@ Architecture: token embedding (+ a learned position embedding, GPT-2), n_layer p
 attention and an MLP, a final norm, an lm-head (tied to the token embedding or its own matrix). The config picks,
 inside the one block (no per-architecture copies): the norm (layernorm | rmsnorm), positions (learned | rope, with
 HF's rope_scaling, partial rotary dims, layers without RoPE), grouped-query attention (n_kv_head; the KV cache holds
-only the kv heads), QK-norm per head (Qwen3) or over all heads (OLMo 2), the MLP (gelu | swiglu | geglu | relu2, its
-own width), biases per projection group, Gemma 2 / nanochat logit soft-capping, and Gemma's choices: scaled token
+only the kv heads), QK-norm per head (Qwen3) or over all heads (OLMo 2), the MLP (gelu | gelu_erf | swiglu | geglu |
+relu2, its own width), biases per projection group, attention and MLP in sequence or side by side (parallel_residual:
+GPT-NeoX, Pythia), Gemma 2 / nanochat logit soft-capping, and Gemma's choices: scaled token
 embeddings, norms after each branch too (post_norms; OLMo 2: instead of before it), the scores' scale and soft cap,
 sliding-window layers (also Mistral's, Phi-3's, OLMo 3's) with a RoPE base of their own.
 GPTConfig's defaults are GPT-2; GPTConfig.preset("gpt2") is GPT-2 124M, "nano"/"micro" modern models for a CPU.
@@ -65,7 +66,8 @@ PRESETS: dict[str, dict] = {
                   **MODERN),
 }
 
-POSITIONS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "geglu", "relu2")
+POSITIONS, NORMS = ("learned", "rope"), ("layernorm", "rmsnorm")
+MLPS = ("gelu", "gelu_erf", "swiglu", "geglu", "relu2")
 GATED = ("swiglu", "geglu")  # MLPs whose c_fc has 2H rows [gate | up]: act(gate) * up
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names
 QK_NORMS = ("head", "all")  # what QK-norm normalises: each head, or all q (k) channels at once
@@ -85,8 +87,8 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base (Llama 3: 500000)
     rope_scaling: dict | None = None  # HF's rope_scaling: None, {"rope_type": "linear" | "llama3" | "yarn", ...}
     norm: str = "layernorm"  # "layernorm" (weight + bias) | "rmsnorm" (weight only)
-    mlp: str = "gelu"  # "gelu" (tanh approx.) | "swiglu" (silu(gate) * up) | "geglu" (gelu(gate) * up, Gemma) |
-    # "relu2" (relu(x)^2)
+    mlp: str = "gelu"  # "gelu" (tanh approx.) | "gelu_erf" (exact GELU: GPT-NeoX) | "swiglu" (silu(gate) * up) |
+    # "geglu" (gelu(gate) * up, Gemma) | "relu2" (relu(x)^2)
     mlp_hidden: int | None = None  # MLP width H (HF intermediate_size); None = 4 * n_embd
     qkv_bias: bool = True  # bias of the q/k/v projection (GPT-2, Qwen2: yes; Llama, Mistral, Qwen3: no)
     proj_bias: bool = True  # bias of the attention output projection
@@ -112,6 +114,8 @@ class GPTConfig:
     residual_scale: float | None = None  # each branch joins the residual stream times this (Granite's
     # residual_multiplier); None: 1
     logits_scaling: float | None = None  # the logits are divided by this (Granite); None: 1
+    parallel_residual: bool = False  # attention and MLP side by side, x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-NeoX,
+    # Pythia); False: in sequence, x' = x + attn(ln_1(x)), then x' + mlp(ln_2(x'))
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim",
@@ -129,7 +133,8 @@ class GPTConfig:
         for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS), ("qk_norm_over", QK_NORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("qkv_bias", "proj_bias", "mlp_bias", "qk_norm", "tie_embeddings", "pre_norms", "post_norms"):
+        for name in ("qkv_bias", "proj_bias", "mlp_bias", "qk_norm", "tie_embeddings", "pre_norms", "post_norms",
+                     "parallel_residual"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("layernorm_eps", "rope_theta", "logit_softcap", "embed_scale", "attn_scale", "attn_softcap",
@@ -140,6 +145,9 @@ class GPTConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
                     not (math.isfinite(v) and v > 0):
                 raise ValueError(f"GPTConfig.{name} must be a finite number > 0, got {v!r}")
+        if self.parallel_residual and not self.pre_norms:
+            raise ValueError("GPTConfig.parallel_residual needs pre_norms (each branch reads its own norm of the "
+                             "block's input)")
         w = self.sliding_window
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1):
             raise ValueError(f"GPTConfig.sliding_window must be None or a positive integer, got {w!r}")
@@ -808,6 +816,8 @@ class GPT:
             specs["lora_dt"] = ((N, max(self.lora.ranks.values())), dt)
         if cfg.residual_scale:  # a branch's output gradient: the stream's times the scale (Granite)
             specs["dbranch"] = ((N, C), dt)
+        if cfg.parallel_residual:  # the MLP's input gradient, added to the stream's after the attention half
+            specs["dres_mlp"] = ((N, C), dt)
         a = bk.carve(specs)
         shapes = {k: (N, w) for k, (w, _) in per_layer.items()}
         shapes.update({k: (N,) for k in per_layer if k.endswith(("_mean", "_rstd"))}, att_lse=(B, NH, T))
@@ -947,7 +957,8 @@ class GPT:
                 post_norm_forward(bk, cfg, pl, "attn", l, a["attn_raw"][l], a["attproj"], a["attn_post_mean"][l],
                                   a["attn_post_rstd"][l])
             bk.residual_forward(residual, a["attproj"], out=a["residual2"][l], scale=cfg.residual_scale or 1.0)
-            h = pre_norm(bk, cfg, pl, "ln_2", l, a["residual2"][l],
+            # the MLP reads residual2, or (parallel residual) the block's input as the attention did
+            h = pre_norm(bk, cfg, pl, "ln_2", l, residual if cfg.parallel_residual else a["residual2"][l],
                          *(_at(a, k, l) for k in ("ln2", "ln2_mean", "ln2_rstd")))
             mlp_forward(bk, cfg, linear, h, a["fch"][l], a["fch_act"][l],
                         a["mlp_raw"][l] if cfg.post_norms else a["fcproj"])
@@ -1020,17 +1031,20 @@ class GPT:
                       dres, g["ln_f.weight"], g.get("ln_f.bias"))
         for l in reversed(range(L)):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            # MLP half: residual3 = residual2 + c_proj(act(c_fc(ln2(residual2))))
-            for k in ("dfch_act", "dfch", "dln"):
+            # MLP half: residual3 = residual2 + c_proj(act(c_fc(ln2(mlp_in)))), mlp_in = residual2 or (parallel
+            # residual) the block's input, whose gradient dmlp_in is then kept apart: dres, the gradient of residual2,
+            # is also that of the attention's output, and the MLP's input gradient is no part of it
+            mlp_in, dmlp_in = (residual, a["dres_mlp"]) if cfg.parallel_residual else (a["residual2"][l], dres)
+            for k in ("dfch_act", "dfch", "dln", *(("dres_mlp",) if cfg.parallel_residual else ())):
                 bk.zero_(a[k])
             linear_backward(branch_grad("mlp", l), a["fch_act"][l], "mlp.c_proj.weight", l, a["dfch_act"])
             act_backward(a["dfch_act"], a["fch"][l], a["dfch"])
             if cfg.pre_norms:
                 linear_backward(a["dfch"], a["ln2"][l], "mlp.c_fc.weight", l, a["dln"])
-                norm_backward(bk, cfg, a["dln"], a["residual2"][l], pl["ln_2.weight"][l], a["ln2_mean"][l],
-                              a["ln2_rstd"][l], dres, gl["ln_2.weight"][l], _at(gl, "ln_2.bias", l))
+                norm_backward(bk, cfg, a["dln"], mlp_in, pl["ln_2.weight"][l], a["ln2_mean"][l],
+                              a["ln2_rstd"][l], dmlp_in, gl["ln_2.weight"][l], _at(gl, "ln_2.bias", l))
             else:  # the branch read the residual stream: its input gradient adds to the stream's
-                linear_backward(a["dfch"], a["residual2"][l], "mlp.c_fc.weight", l, dres)
+                linear_backward(a["dfch"], mlp_in, "mlp.c_fc.weight", l, dmlp_in)
             # attention half: residual2 = residual + c_proj(attn(rope(qk_norm(c_attn(ln1(residual))))))
             for k in ("datty", "dqkv", "dln"):
                 bk.zero_(a[k])
@@ -1050,6 +1064,8 @@ class GPT:
                               a["ln1_rstd"][l], dres, gl["ln_1.weight"][l], _at(gl, "ln_1.bias", l))
             else:
                 linear_backward(a["dqkv"], residual, "attn.c_attn.weight", l, dres)
+            if cfg.parallel_residual:  # the MLP's input was the block's input too
+                bk.add_(dres, a["dres_mlp"])
         if "wte" in g:
             bk.embedding_backward(dres.reshape((B, T, C)), a["idx"], g["wte"], g.get("wpe"),
                                   scale=cfg.embed_scale or 1.0)
@@ -1367,8 +1383,11 @@ class KVCache:
             abk.attention_kv_forward(qkv, kc, vc, pos_dev, out=u["y"].reshape((b, Tn, NH * hs)), n_kv_head=NKV,
                                      **m.attn_options[l])
             linear("attn.c_proj.weight", u["y"], u["tmp"])
+            if cfg.parallel_residual:  # the MLP reads the block's input: its norm before the attention joins x
+                h = pre_norm(bk, cfg, pl, "ln_2", l, x, u["h"], u["mean"], u["rstd"])
             add_branch("attn", l)
-            h = pre_norm(bk, cfg, pl, "ln_2", l, x, u["h"], u["mean"], u["rstd"])
+            if not cfg.parallel_residual:
+                h = pre_norm(bk, cfg, pl, "ln_2", l, x, u["h"], u["mean"], u["rstd"])
             mlp_forward(bk, cfg, linear, h, u["fch"], u["fch_act"], u["tmp"])
             add_branch("mlp", l)
         last = x  # the last token of each row
