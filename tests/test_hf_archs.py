@@ -1,20 +1,22 @@
 """The families past Llama and Qwen (tests/test_hf_models.py), and sliding-window attention: small random
-GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM / Olmo2ForCausalLM / Olmo3ForCausalLM / SmolLM3ForCausalLM
-/ Exaone4ForCausalLM / ArceeForCausalLM / GraniteForCausalLM / StableLmForCausalLM / Starcoder2ForCausalLM /
+GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM / Olmo2ForCausalLM / Olmo3ForCausalLM / SmolLM3ForCausalLM /
+Exaone4ForCausalLM / ArceeForCausalLM / GraniteForCausalLM / StableLmForCausalLM / Starcoder2ForCausalLM /
 MinistralForCausalLM / Ernie4_5ForCausalLM / GlmForCausalLM / Glm4ForCausalLM / Phi3ForCausalLM / MistralForCausalLM
-models built and saved by transformers load into fastllm with transformers' float32 logits, greedy tokens (through
-the KV cache, past the window) and gradients (transformers' autograd), from F32 and BF16 files; fastllm writes
-folders transformers loads to the same logits and reads them back bit for bit. Gemma's pieces: GeGLU, embeddings
-times sqrt(hidden_size), norms that multiply by (1 + weight), MQA and a head_dim of its own (Gemma 1); norms after
-each branch, attention and final logit soft caps, query_pre_attn_scalar, sliding layers every other layer (Gemma 2);
-QK-norm, five sliding layers of six with their own RoPE base and linear scaling on the full ones (Gemma 3). OLMo's:
-norms after each branch instead of before it, QK-norm over all the q (k) channels (OLMo 2); three sliding layers of
-four whose RoPE is not the full layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no RoPE on the full
-layers (EXAONE 4). SmolLM3's layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP; Granite's embedding,
-score, residual and logit scales; StableLM's LayerNorms and quarter-head RoPE, StarCoder2's LayerNorms, GELU MLP and
-biases, Ministral's sliding layers; ERNIE 4.5's and the GLMs' RoPE on interleaved pairs (q and k rows reordered as
-they load), GLM-4's norms around each branch; Phi-4-mini's RoPE on part of each head (with LongRoPE's short
-factors); Mistral v0.1's and Phi-3's sliding windows past the window."""
+/ GPTNeoXForCausalLM models built and saved by transformers load into fastllm with transformers' float32 logits,
+greedy tokens (through the KV cache, past the window) and gradients (transformers' autograd), from F32 and BF16
+files; fastllm writes folders transformers loads to the same logits and reads them back bit for bit. Gemma's pieces:
+GeGLU, embeddings times sqrt(hidden_size), norms that multiply by (1 + weight), MQA and a head_dim of its own (Gemma
+1); norms after each branch, attention and final logit soft caps, query_pre_attn_scalar, sliding layers every other
+layer (Gemma 2); QK-norm, five sliding layers of six with their own RoPE base and linear scaling on the full ones
+(Gemma 3). OLMo's: norms after each branch instead of before it, QK-norm over all the q (k) channels (OLMo 2); three
+sliding layers of four whose RoPE is not the full layers' YaRN (OLMo 3); OLMo 2's norms with per-head QK-norm and no
+RoPE on the full layers (EXAONE 4). SmolLM3's layers without RoPE (and sliding NoPE layers); Arcee's relu2 MLP;
+Granite's embedding, score, residual and logit scales; StableLM's LayerNorms and quarter-head RoPE, StarCoder2's
+LayerNorms, GELU MLP and biases, Ministral's sliding layers; ERNIE 4.5's and the GLMs' RoPE on interleaved pairs (q
+and k rows reordered as they load), GLM-4's norms around each branch; Phi-4-mini's RoPE on part of each head (with
+LongRoPE's short factors); Mistral v0.1's and Phi-3's sliding windows past the window; GPT-NeoX's (Pythia's) parallel
+residual, exact GELU, quarter-head RoPE and query_key_value rows per head (reordered as they load), and its
+sequential form."""
 
 from __future__ import annotations
 
@@ -123,6 +125,17 @@ CASES = {  # name: (transformers class prefix, its config, the GPTConfig fields 
                                               rope_scaling={"type": "longrope", "short_factor": [1.0, 1.7, 4.0],
                                                             "long_factor": [2.0] * 3}),  # (head_dim 8 * 0.75 / 2)
                                  dict(partial_rotary_factor=0.75, block_size=T_MAX, nope_layers=None)),
+    # (GPTNeoXConfig has no head_dim: its attention takes 32 / 4, its RoPE the config's, as StableLM's)
+    "pythia": ("GPTNeoX", dict(head_dim=8, hidden_act="gelu", rotary_pct=0.25, layer_norm_eps=1e-5),
+               dict(norm="layernorm", mlp="gelu_erf", parallel_residual=True, partial_rotary_factor=0.25,
+                    qkv_bias=True, proj_bias=True, mlp_bias=True, tie_embeddings=False, head_dim=None)),
+    "neox-sequential-tanh-tied-no-attention-bias": ("GPTNeoX", dict(head_dim=8, use_parallel_residual=False,
+                                                                    hidden_act="gelu_new", rotary_pct=0.5,
+                                                                    attention_bias=False, tie_word_embeddings=True,
+                                                                    rotary_emb_base=5000),
+                                                    dict(parallel_residual=False, mlp="gelu", partial_rotary_factor=0.5,
+                                                         qkv_bias=False, proj_bias=False, mlp_bias=True,
+                                                         tie_embeddings=True, rope_theta=5000)),
 }
 
 
@@ -164,7 +177,8 @@ def test_logits_and_greedy_match_transformers(case):
 
 
 OFF = dict(sliding_window=None, pre_norms=True, qk_norm_over="head", nope_layers=None, partial_rotary_factor=1.0,
-           rope_local_theta=None, residual_scale=None, logits_scaling=None)  # where a family does not set them
+           rope_local_theta=None, residual_scale=None, logits_scaling=None,
+           parallel_residual=False)  # where a family does not set them
 
 
 @pytest.mark.parametrize("name,option", [(name, option) for name, (_, _, want) in CASES.items() for option in OFF
@@ -194,6 +208,19 @@ def test_each_option_changes_the_logits(name, option, tmp_path):
     assert np.abs(other.forward(ids)[0, WINDOW + 4:] - model.forward(ids)[0, WINDOW + 4:]).max() > 1e-3
 
 
+def test_neox_exact_gelu_is_not_the_tanh_one(tmp_path):
+    """The oracle tells the two GELUs apart: Pythia's weights with the tanh approximation instead of the exact GELU
+    compute logits off by more than the tolerance the tests above allow."""
+    ref = hf_model("pythia")
+    ref.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(tmp_path)
+    tanh = GPT(GPTConfig(**{**model.config.to_dict(), "mlp": "gelu"}), init=False).load_state_dict(model.state_dict())
+    ids = np.random.default_rng(0).integers(0, V, (2, 40))
+    want = hf_logits(ref, ids)
+    exact, approx = (np.abs(m.forward(ids) - want).max() for m in (model, tanh))
+    assert exact <= 2e-4 * max(1.0, np.abs(want).max()) < approx and 20 * exact < approx
+
+
 def test_weights_held_like_the_float32_model_decoding(case):
     """weights="bfloat16" (matrices held in bf16 alone, converted while loading): every family's logits and greedy
     tokens are those of the float32 model decoding with bf16 weights, bit for bit."""
@@ -221,8 +248,10 @@ def test_gradients_match_transformers_autograd(case):
     ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.as_tensor(targets).reshape(-1))
     ref_loss.backward()
     assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
-    grads = dict(ref.named_parameters())
     mapped = hf.tensor_map(model.config, json.loads((d / "config.json").read_text())["model_type"])
+    # (transformers keeps GPT-NeoX's embed_out as lm_head in memory; its files say embed_out)
+    grads = {"embed_out.weight" if n == "lm_head.weight" and "embed_out.weight" in mapped else n: p
+             for n, p in ref.named_parameters()}
     assert set(mapped) == set(grads) - ({"lm_head.weight"} if model.config.tie_embeddings else set())
     for hf_name, slot in mapped.items():
         want = grads[hf_name].grad.numpy()
@@ -387,6 +416,12 @@ def test_olmo3_rope_parameters_per_layer_type(tmp_path):
     ("olmo2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     ("olmo3", dict(layer_types=["sliding_attention"]), "layer_types must be a list of num_hidden_layers=3"),
     ("phi4-mini-partial-rotary", dict(partial_rotary_factor=0.05), "partial_rotary_factor"),
+    ("pythia", dict(hidden_act="relu"), "hidden_act 'relu' is not supported"),
+    ("pythia", dict(head_dim=16), "head_dim=16 is not supported for gpt_neox"),
+    ("pythia", dict(use_parallel_residual="yes"), "use_parallel_residual must be true or false"),
+    ("pythia", dict(hidden_size=None), "malformed|hidden_size"),
+    ("stablelm-2", dict(use_parallel_residual=True), "use_parallel_residual=true is not supported for stablelm"),
+    ("stablelm-2", dict(qk_layernorm=True), "qk_layernorm=true is not supported"),
 ])
 def test_bad_configs(tmp_path, case_name, changes, match):
     d = tmp_path / "model"
@@ -415,6 +450,9 @@ def test_bad_configs(tmp_path, case_name, changes, match):
     (dict(pre_norms=False, post_norms=True, qk_norm=True, sliding_window=4, nope_layers=[1],
           layer_types=["sliding_attention", "full_attention"]), "exaone4"),
     (dict(pre_norms=False, post_norms=True, qk_norm=True), "exaone4"),
+    (dict(norm="layernorm", mlp="gelu_erf", parallel_residual=True, n_kv_head=None, partial_rotary_factor=0.25,
+          qkv_bias=True, proj_bias=True, mlp_bias=True, tie_embeddings=False), "gpt_neox"),
+    (dict(norm="layernorm", mlp="gelu_erf", n_kv_head=None, mlp_bias=True), "gpt_neox"),  # (sequential, no attn bias)
 ])
 def test_fastllm_configs_save_as_their_family(options, kind, tmp_path):
     """A config trained in fastllm with these options saves as the family that computes it (same logits)."""
@@ -437,6 +475,8 @@ def test_fastllm_configs_save_as_their_family(options, kind, tmp_path):
     (dict(pre_norms=False), "pre_norms=False, qk_norm_over=.head. \\(EXAONE 4\\)"),
     (dict(nope_layers=[0], qk_norm=True), "SmolLM3"),
     (dict(partial_rotary_factor=0.5, qkv_bias=True, proj_bias=True), "partial_rotary_factor"),
+    (dict(parallel_residual=True), "norm='rmsnorm'.*GPT-NeoX|GPT-NeoX.*norm='rmsnorm'"),
+    (dict(norm="layernorm", mlp="gelu_erf", mlp_bias=True, n_kv_head=2), "n_kv_head=2"),
 ])
 def test_configs_no_family_computes_are_refused_by_name(options, match, tmp_path):
     llama = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, positions="rope", norm="rmsnorm",
@@ -460,7 +500,8 @@ def test_gptconfig_checks_the_new_options():
     assert GPTConfig(**base, nope_layers=(1, 0)).nope_layers == [0, 1]
 
 
-@pytest.mark.parametrize("kind", ["smollm3", "olmo2", "olmo3", "exaone4", "arcee", "granite", "ernie4_5", "glm4",
+@pytest.mark.parametrize("kind", ["gpt_neox", "smollm3", "olmo2", "olmo3", "exaone4", "arcee", "granite", "ernie4_5",
+                                  "glm4",
                                   "ministral", "stablelm", "starcoder2", "phi3", "glm", "llama", "mistral", "qwen2",
                                   "qwen3",
                                   "gemma", "gemma2", "gemma3_text"])

@@ -1,8 +1,8 @@
 """A plain PyTorch transformer (nanoGPT-style, test-only oracle) that takes its weights from a fastllm GPT: GPT-2 and
 every architecture option of GPTConfig (rope with partial rotary dims and NoPE layers, rmsnorm, GQA, QK-norm per
-head or over all heads, gelu (tanh)/gelu_erf (exact)/swiglu/geglu/relu2, biases, untied lm-head, logit soft-capping, Gemma's embedding
-scale, post-norms with or without pre-norms, score scale and soft cap, sliding windows and local RoPE base, Granite's
-residual and logit scales, GPT-NeoX's parallel residual),
+head or over all heads, gelu (tanh) / gelu_erf (exact) / swiglu / geglu / relu2, biases, untied lm-head, logit
+soft-capping, Gemma's embedding scale, post-norms with or without pre-norms, score scale and soft cap, sliding windows
+and local RoPE base, Granite's residual and logit scales, GPT-NeoX's parallel residual),
 written from the definitions, independently of fastllm's kernels. HF transformers' Llama /
 Qwen2 / Qwen3 / Mistral (hf_twin: the same weights under HF's names) check it where a family exists."""
 

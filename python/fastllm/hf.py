@@ -65,6 +65,13 @@ Architectures (config.json model_type -> GPTConfig; every name below is refused 
                                  Gemma3TextConfig's defaults for what it leaves out), the tensors under
                                  language_model.model. or model.language_model.; the vision tower is not read, and
                                  save_pretrained writes the language model alone (Gemma3ForCausalLM)
+    gpt_neox GPTNeoXForCausalLM  (Pythia, GPT-NeoX-20B) LayerNorms, attention and MLP side by side
+                                 (use_parallel_residual, true by default; false: in sequence), the exact GELU
+                                 (hidden_act "gelu"; "gelu_new"/"gelu_pytorch_tanh": the tanh one), RoPE on the first
+                                 rotary_pct of each head (0.25 by default; rotary_emb_base, or transformers 5's
+                                 rope_parameters), biases on every projection (attention_bias: the attention's),
+                                 embed_out its untied lm-head; query_key_value's rows are per head [q k v] and are
+                                 reordered to fastllm's [q | k | v] as they load (and back as they save)
 Keys of config.json that change the computation are mapped or refused by name (other rope types, MoE model
 types, quantization, activations, partial rotary); the others (dropout, initializer range, token
 ids, generation defaults, bookkeeping) do not affect the model and are not read.
@@ -144,6 +151,7 @@ ARCHITECTURES = {
     "gemma2": ("Gemma2ForCausalLM",),
     "gemma3_text": ("Gemma3ForCausalLM",),
     "gemma3": ("Gemma3ForConditionalGeneration",),  # (Gemma 3 4B-27B: its language model; images are not read)
+    "gpt_neox": ("GPTNeoXForCausalLM",),
 }
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 EPS_KEYS = {"stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon"}  # the LayerNorm families' epsilon keys
@@ -156,6 +164,7 @@ TIED = ("smollm3", "starcoder2", "ernie4_5")  # (and the Gemmas) tie_word_embedd
 DEFAULT_THETA = {"smollm3": 2e6, "olmo3": 5e5, "gemma3_text": 1e6, "ernie4_5": 5e5}
 MODEL_TYPES = tuple(ARCHITECTURES)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both GELU's tanh approximation, as fastllm's kernel
+NEOX_ACTIVATIONS = {"gelu": "gelu_erf", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}  # HF's -> GPTConfig.mlp
 _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                       layer_norm_epsilon=1e-5)  # fmt: skip
 # transformers' defaults for the keys a config.json may leave out, where they are not the Llama family's (rms_norm_eps
@@ -183,7 +192,9 @@ FAMILY_DEFAULTS = {
 }
 VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")  # a multimodal Gemma 3's, not read
 _SKIP = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)|(model\.)?layers\.\d+\.self_attn\.rotary_emb"
-                   r"\.inv_freq")  # buffers old checkpoints carry: causal masks, RoPE frequencies (recomputed)
+                   r"\.inv_freq|(gpt_neox\.)?(layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)|"
+                   r"rotary_emb\.inv_freq)")
+# (buffers old checkpoints carry: causal masks, RoPE frequencies, recomputed; GPT-NeoX's per layer or shared)
 
 
 # ---- config ----------------------------------------------------------------------------------------------
@@ -316,7 +327,8 @@ def config_from_hf(d: dict, where: str = CONFIG_FILE) -> GPTConfig:
         d, kind = d["text_config"], "gemma3_text"
     d = {**FAMILY_DEFAULTS.get(kind, {}), **d}
     try:
-        cfg = _gpt2_config(d, bad) if kind == "gpt2" else _llama_config(d, kind, bad)
+        cfg = _gpt2_config(d, bad) if kind == "gpt2" else _neox_config(d, bad) if kind == "gpt_neox" else \
+            _llama_config(d, kind, bad)
         return GPTConfig(**cfg)
     except ValueError as e:
         if str(e).startswith(where):
@@ -348,6 +360,41 @@ def _gpt2_config(d: dict, bad) -> dict:
                 n_embd=v["n_embd"], layernorm_eps=eps)
 
 
+def _neox_config(d: dict, bad) -> dict:
+    """GPT-NeoX's keys (transformers 4's rotary_pct and rotary_emb_base, or 5's rope_parameters) -> GPTConfig's."""
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    C, NH = d["hidden_size"], d["num_attention_heads"]
+    act = d.get("hidden_act", "gelu")
+    if act not in NEOX_ACTIVATIONS:
+        raise bad(f"hidden_act {act!r} is not supported (only {', '.join(map(repr, NEOX_ACTIVATIONS))}: the exact "
+                  "GELU or its tanh approximation)")
+    head_dim = d.get("head_dim")  # (GPTNeoXConfig has none; its RoPE would read one, its attention not)
+    if head_dim is not None and not (isinstance(C, int) and isinstance(NH, int) and NH > 0 and head_dim * NH == C):
+        raise bad(f"head_dim={head_dim!r} is not supported for gpt_neox (its heads are hidden_size / "
+                  f"num_attention_heads = {C} / {NH})")
+    for key in ("use_parallel_residual", "attention_bias", "tie_word_embeddings"):
+        if not isinstance(d.get(key, False), bool):
+            raise bad(f"{key} must be true or false, got {d[key]!r}")
+    params = dict(d["rope_parameters"]) if isinstance(d.get("rope_parameters"), dict) else d.get("rope_parameters")
+    partial = (params or {}).pop("partial_rotary_factor", d.get("rotary_pct", 0.25))
+    rope = {k: v for k, v in d.items() if k != "rope_parameters"} | ({"rope_parameters": params} if params else {})
+    if "rotary_emb_base" in d and "rope_theta" not in d:  # (transformers 4's name of it)
+        rope["rope_theta"] = d["rotary_emb_base"]
+    theta, scaling = _rope(rope, bad)
+    attention_bias = d.get("attention_bias", True)
+    return dict(
+        block_size=d["max_position_embeddings"], vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
+        n_head=NH, n_embd=C, layernorm_eps=_positive_number(d, "layer_norm_eps", 1e-5, bad), positions="rope",
+        rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial, norm="layernorm",
+        mlp=NEOX_ACTIVATIONS[act], mlp_hidden=d["intermediate_size"], qkv_bias=attention_bias,
+        proj_bias=attention_bias, mlp_bias=True, tie_embeddings=d.get("tie_word_embeddings", False),
+        parallel_residual=d.get("use_parallel_residual", True))
+
+
 def _llama_config(d: dict, kind: str, bad) -> dict:
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "max_position_embeddings")
@@ -367,10 +414,12 @@ def _llama_config(d: dict, kind: str, bad) -> dict:
         if act not in acts:
             raise bad(f"{key} {act!r} is not supported (only {', '.join(map(repr, acts))}: "
                       f"{'GeGLU with GELU-tanh' if gemma else MLP_NAMES.get(kind, 'SwiGLU')})")
-    for key in ("qk_layernorm", "use_parallel_residual"):  # (StableLM's other options)
-        if d.get(key):
-            raise bad(f"{key}=true is not supported (StableLM's per-head LayerNorm on q and k, attention and MLP side "
-                      "by side: fastllm's block has neither)")
+    if d.get("qk_layernorm"):  # (StableLM's other options)
+        raise bad("qk_layernorm=true is not supported (StableLM's LayerNorm per head on q and k: fastllm's QK-norm "
+                  "is an RMSNorm)")
+    if d.get("use_parallel_residual"):
+        raise bad("use_parallel_residual=true is not supported for stablelm (its attention and MLP side by side read "
+                  "one norm, input_layernorm; fastllm's parallel residual, GPT-NeoX's, has one per branch)")
     if d.get("use_bidirectional_attention"):
         raise bad("use_bidirectional_attention=true is not supported (fastllm's attention is causal)")
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
@@ -488,6 +537,9 @@ def model_type(cfg: GPTConfig, prefer: str | None = None) -> str:
     no biases (phi3: and no RoPE scaling); smollm3 for NoPE layers, phi3 for partial rotary dims, arcee for relu2,
     granite for scaled embeddings, scores, residual branches or logits; gemma* for GeGLU; olmo2 / olmo3 (sliding
     layers) for post-norms without pre-norms and QK-norm over all heads, exaone4 with QK-norm per head."""
+    if cfg.parallel_residual or cfg.mlp == "gelu_erf" or (prefer == "gpt_neox" and not _neox_differences(cfg)):
+        return _family("gpt_neox", f"parallel_residual={cfg.parallel_residual}, mlp={cfg.mlp!r} (GPT-NeoX)",
+                       _neox_differences(cfg))
     gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, proj_bias=True, mlp_bias=True,
                 qk_norm=False, tie_embeddings=True, logit_softcap=None, n_kv_head=None, head_dim=None,
                 mlp_hidden=None, embed_scale=None, pre_norms=True, post_norms=False, attn_scale=None,
@@ -567,6 +619,22 @@ def _family(kind: str, what: str, diff: list[str]) -> str:
     return kind
 
 
+def _neox_differences(cfg: GPTConfig) -> list[str]:
+    """The options of cfg GPT-NeoX has not (_differences')."""
+    want = dict(positions="rope", norm="layernorm", mlp_bias=True, proj_bias=cfg.qkv_bias, qk_norm=False,
+                logit_softcap=None, embed_scale=None, pre_norms=True, post_norms=False, attn_softcap=None,
+                sliding_window=None, rope_local_theta=None, nope_layers=None, residual_scale=None,
+                logits_scaling=None)
+    diff = _differences(cfg, want)
+    if cfg.mlp not in NEOX_ACTIVATIONS.values():
+        diff.append(f"mlp={cfg.mlp!r}")
+    if cfg.kv_heads != cfg.n_head or cfg.head_size * cfg.n_head != cfg.n_embd:
+        diff.append(f"n_kv_head={cfg.n_kv_head!r}, head_dim={cfg.head_dim!r}")
+    if cfg.attn_scale is not None and cfg.attn_scale != cfg.head_size ** -0.5:
+        diff.append(f"attn_scale={cfg.attn_scale!r}")
+    return diff
+
+
 def _olmo_type(cfg: GPTConfig, prefer: str | None) -> str:
     """olmo2, olmo3 (sliding layers, a RoPE of their own) or exaone4 (QK-norm per head, no biases, no RoPE on the
     full layers where some slide) for a config with norms after each branch only."""
@@ -609,6 +677,8 @@ def _layernorm_type(cfg: GPTConfig) -> str:
             want.update(layer_types=None)
     else:
         want.update(mlp="swiglu", proj_bias=False, mlp_bias=False, sliding_window=None)
+    if _differences(cfg, want) and not _neox_differences(cfg):  # (GPT-NeoX's sequential form computes it)
+        return "gpt_neox"
     return _family("starcoder2" if starcoder else "stablelm", f"norm='layernorm' with rope and mlp={cfg.mlp!r} "
                    f"({'StarCoder2' if starcoder else 'StableLM'})", _differences(cfg, want))
 
@@ -690,6 +760,21 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | list[int] | None = None, bo
             "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
             "bos_token_id": eos_token_id if bos_token_id is None else bos_token_id, "eos_token_id": eos_token_id,
             "fastllm_version": __version__,
+        }  # fmt: skip
+    if kind == "gpt_neox":  # transformers 4's rotary keys and 5's rope_parameters (5 reads the latter)
+        return {
+            "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_width, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "max_position_embeddings": cfg.block_size,
+            "hidden_act": "gelu" if cfg.mlp == "gelu_erf" else "gelu_new", "layer_norm_eps": cfg.layernorm_eps,
+            "rotary_pct": cfg.partial_rotary_factor, "rotary_emb_base": cfg.rope_theta,
+            **({"rope_scaling": cfg.rope_scaling} if cfg.rope_scaling else {}),
+            "rope_parameters": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta,
+                                "partial_rotary_factor": cfg.partial_rotary_factor},
+            "use_parallel_residual": cfg.parallel_residual, "attention_bias": cfg.qkv_bias,
+            "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "hidden_dropout": 0.0,
+            "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32", "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id, "fastllm_version": __version__,
         }  # fmt: skip
     d = {
         "architectures": [ARCHITECTURES[kind][0]], "model_type": kind, "vocab_size": cfg.vocab_size,
@@ -818,6 +903,8 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
         out["transformer.ln_f.weight"] = Slot("ln_f.weight")
         out["transformer.ln_f.bias"] = Slot("ln_f.bias")
         return out
+    if kind == "gpt_neox":
+        return _neox_tensor_map(cfg)
     NH, NKV, hd, H = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.mlp_width
     qkv = {"q": (0, NH * hd), "k": (NH * hd, (NH + NKV) * hd), "v": ((NH + NKV) * hd, (NH + 2 * NKV) * hd)}
     gemma = kind in GEMMAS
@@ -885,6 +972,33 @@ def tensor_map(cfg: GPTConfig, prefer: str | None = None) -> dict[str, Slot]:
     return out
 
 
+def _heads_to_blocks(heads: int, head_size: int) -> tuple[int, ...]:
+    """The row order that turns GPT-NeoX's query_key_value rows, per head [q k v] ((heads, 3, head_size) rows), into
+    fastllm's [q | k | v] ((3, heads, head_size)): fastllm's row (part, head, r) is the file's (head, part, r)."""
+    return tuple(h * 3 * head_size + part * head_size + r
+                 for part in range(3) for h in range(heads) for r in range(head_size))
+
+
+def _neox_tensor_map(cfg: GPTConfig) -> dict[str, Slot]:
+    """GPT-NeoX's names (GPTNeoXForCausalLM as transformers writes it: the untied head is embed_out)."""
+    out = {"gpt_neox.embed_in.weight": Slot("wte")}
+    perm = _heads_to_blocks(cfg.n_head, cfg.head_size)
+    names = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "attention.query_key_value": "attn.c_attn",
+             "attention.dense": "attn.c_proj", "mlp.dense_h_to_4h": "mlp.c_fc", "mlp.dense_4h_to_h": "mlp.c_proj"}
+    for layer in range(cfg.n_layer):
+        for theirs, ours in names.items():
+            for part in ("weight", "bias"):
+                if f"{ours}.{part}" in ("attn.c_attn.bias", "attn.c_proj.bias") and not cfg.qkv_bias:
+                    continue
+                rows = perm if ours == "attn.c_attn" else None
+                out[f"gpt_neox.layers.{layer}.{theirs}.{part}"] = Slot(f"{ours}.{part}", layer, perm=rows)
+    out.update({"gpt_neox.final_layer_norm.weight": Slot("ln_f.weight"),
+                "gpt_neox.final_layer_norm.bias": Slot("ln_f.bias")})
+    if not cfg.tie_embeddings:
+        out["embed_out.weight"] = Slot("lm_head.weight")
+    return out
+
+
 def _resolve(name: str, slots: dict[str, Slot]) -> str | None:
     """The tensor_map name of a file's tensor (base-model files lack the transformer./model. prefix; a multimodal
     Gemma 3 keeps its language model under language_model.model. or model.language_model.)."""
@@ -894,9 +1008,11 @@ def _resolve(name: str, slots: dict[str, Slot]) -> str | None:
                        ("language_model.", "")):
         if name.startswith(prefix):
             return _resolve(to + name[len(prefix):], slots)
-    for prefix in ("transformer.", "model."):
+    for prefix in ("transformer.", "model.", "gpt_neox."):
         if prefix + name in slots:
             return prefix + name
+    if name.startswith("lm_head.") and "embed_out." + name[len("lm_head."):] in slots:  # (transformers 5's name of
+        return "embed_out." + name[len("lm_head."):]  # GPT-NeoX's head in memory; its files say embed_out)
     return None
 
 
@@ -970,7 +1086,8 @@ def from_pretrained(path: str | os.PathLike, cls: type[GPT] = GPT, weights: str 
                 raise ValueError(f"{file}: tensor {name!r} is also in {seen[name]}")
             seen[name] = file
             key = _resolve(name, slots)
-            if key is None and _resolve(name, {"lm_head.weight": None}) and cfg.tie_embeddings:
+            if key is None and _resolve(name, {"lm_head.weight": None, "embed_out.weight": None}) and \
+                    cfg.tie_embeddings:
                 tied_heads.append((file, tensors, name))  # checked against wte once that is loaded
                 continue
             if key is None:
@@ -1160,7 +1277,7 @@ def save_pretrained(model: GPT, path: str | os.PathLike, tokenizer=None, max_sha
         max_shard_bytes = _size_in_bytes(max_shard_size)
     if tokenizer is not None and tokenizer.n_vocab > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.n_vocab} ids but the model's vocab_size is {cfg.vocab_size}")
-    model_type(cfg)  # refuse before writing anything
+    model_type(cfg, getattr(model, "hf_model_type", None))  # refuse before writing anything
     model._check_float32("save_pretrained")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
