@@ -31,6 +31,9 @@ MODERN_OPTIONS = dict(MODERN, n_kv_head=1, mlp="swiglu", mlp_hidden=256, qk_norm
 GEMMA_OPTIONS = dict(MODERN_OPTIONS, mlp="geglu", embed_scale=128 ** 0.5, post_norms=True, attn_scale=0.1,
                      attn_softcap=20.0, sliding_window=40, layer_types=["sliding_attention", "full_attention"],
                      rope_local_theta=1e4)
+# GPT-NeoX's (Pythia's): LayerNorms, attention and MLP side by side, the exact GELU, RoPE on a quarter of each head
+NEOX_OPTIONS = dict(positions="rope", mlp="gelu_erf", parallel_residual=True, partial_rotary_factor=0.25,
+                    tie_embeddings=False)
 
 
 def small_config(**kw) -> GPTConfig:
@@ -96,10 +99,10 @@ def test_first_20_steps_match_cpu(dtype, tol, arch):
     print(f"{dtype}: worst loss rel err over 20 steps {worst:.2e}")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "modern", "gemma"])
+@pytest.mark.parametrize("arch", ["gpt2", "modern", "gemma", "neox"])
 def test_fp32_gradients_match_cpu_per_tensor(arch):
     """One forward/backward in float32: every gradient tensor, by name (finds a miswired backward fast)."""
-    options = {"gpt2": {}, "modern": MODERN_OPTIONS, "gemma": GEMMA_OPTIONS}[arch]
+    options = {"gpt2": {}, "modern": MODERN_OPTIONS, "gemma": GEMMA_OPTIONS, "neox": NEOX_OPTIONS}[arch]
     cpu = GPT(small_config(**options), seed=1)
     gpu = on_gpu(cpu)
     x, y = learnable_batches(1, B=3, T=97, seed=1)[0]  # odd T

@@ -94,7 +94,7 @@ def adamw_losses(model: GPT, idx, tgt, steps: int) -> list[float]:
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("arch,targets", [("gpt2", "all"), ("llama", "q,v"), ("llama", "all"), ("qwen2", "k,o,up"),
                                           ("olmo2", "all"), ("gemma2", "gate,down"), ("granite", "q,k,v,o"),
-                                          ("nanochat", "up,down")])
+                                          ("nanochat", "up,down"), ("neox", "all"), ("neox", "q,v,down")])
 def test_lora_gradients_match_torch(device, dtype, arch, targets):
     model = make(arch)
     idx, tgt = batch(model.config.vocab_size)
@@ -136,7 +136,7 @@ def test_adapters_start_as_the_base_and_the_base_stays_frozen():
     assert model.training
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "neox"])
 def test_generation_and_merge(arch):
     model = make(arch)
     lora = model.add_lora(r=4, alpha=16, targets="all", seed=3)

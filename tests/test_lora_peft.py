@@ -1,6 +1,7 @@
 """PEFT's LoRA adapter folders (fastllm.hf.save_adapter / load_adapter) against peft itself, on small random
-transformers models of five families: Llama (GQA), Qwen2 (q/k/v biases), GPT-2 (Conv1D, fused c_attn), Phi-3 (fused
-qkv_proj and gate_up_proj modules) and GLM (interleaved RoPE: q and k rows reordered, gate_up_proj). peft's adapters
+transformers models of six families: Llama (GQA), Qwen2 (q/k/v biases), GPT-2 (Conv1D, fused c_attn), Phi-3 (fused
+qkv_proj and gate_up_proj modules), GLM (interleaved RoPE: q and k rows reordered, gate_up_proj) and GPT-NeoX
+(query_key_value's rows per head, reordered). peft's adapters
 (random lora_B; per-module ranks and scales from rank_pattern, alpha_pattern, rslora; some layers only; a regex
 target) load into fastllm to peft's logits; fastllm's adapters load into peft to fastllm's logits; a save and load
 gives the same tensors bit for bit; what fastllm does not compute is refused by name."""
@@ -34,6 +35,7 @@ FAMILIES = {  # name: (transformers class prefix, its config, attention modules 
                           bos_token_id=None, eos_token_id=None), ["c_attn"]),
     "phi3-fused": ("Phi3", dict(sliding_window=None, rope_scaling=None), ["qkv_proj"]),
     "glm-interleaved": ("Glm", dict(head_dim=8, partial_rotary_factor=0.5), ["q_proj", "k_proj"]),
+    "neox-per-head-qkv": ("GPTNeoX", dict(head_dim=8, hidden_act="gelu"), ["query_key_value"]),
 }
 ATTENTION = r"0\..*attn.*"  # (a rank_pattern / alpha_pattern key: layer 0's attention modules, in every family)
 SETTINGS = {  # name: LoraConfig fields (attention: the family's attention modules)
@@ -42,7 +44,8 @@ SETTINGS = {  # name: LoraConfig fields (attention: the family's attention modul
     "patterns-rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True,
                             rank_pattern={r"1\.mlp\..*": 2, ATTENTION: 3}, alpha_pattern={ATTENTION: 5}),
     "some-layers": dict(r=3, lora_alpha=5, target_modules="attention", layers_to_transform=[1]),
-    "regex": dict(r=2, lora_alpha=16, target_modules=r".*\.(q_proj|k_proj|c_attn|qkv_proj|down_proj|c_fc)"),
+    "regex": dict(r=2, lora_alpha=16,
+                  target_modules=r".*\.(q_proj|k_proj|c_attn|qkv_proj|query_key_value|down_proj|dense_4h_to_h|c_fc)"),
 }
 
 
@@ -151,8 +154,8 @@ def test_fastllm_adapters_load_into_peft(case, targets, rslora, tmp_path):
 @pytest.mark.parametrize("targets", ["q,v", "all", "o,down"])
 def test_round_trip_is_exact(case, targets, tmp_path):
     """save_adapter then load_adapter: the same tensors bit for bit, the same ranks; the same rows where each
-    projection is a module of its own (Phi-3's qkv_proj, GPT-2's c_attn, GLM's gate_up_proj are one module: their
-    rows read back whole)."""
+    projection is a module of its own (Phi-3's qkv_proj, GPT-2's c_attn, GLM's gate_up_proj, GPT-NeoX's
+    query_key_value are one module: their rows read back whole)."""
     name, _, d = case
     model = GPT.from_pretrained(d)
     model.add_lora(r=4, alpha=6, targets=targets)
@@ -162,7 +165,8 @@ def test_round_trip_is_exact(case, targets, tmp_path):
     lora = hf.load_adapter(again, tmp_path / "adapter")
     assert lora.ranks == model.lora.ranks and lora.scale == model.lora.scale
     assert list(lora.shapes.items()) == list(model.lora.shapes.items())  # one flat layout: AdamW state resumes
-    fused = {"phi3-fused": "qkv_proj", "gpt2": "c_attn", "glm-interleaved": "gate_up_proj"}.get(name)
+    fused = {"phi3-fused": "qkv_proj", "gpt2": "c_attn", "glm-interleaved": "gate_up_proj",
+             "neox-per-head-qkv": "query_key_value"}.get(name)
     if fused is None or targets == "o,down":
         assert lora.rows == model.lora.rows
     for key, t in tensors.items():
