@@ -1,5 +1,6 @@
 """Test helpers: tokenizer.json files configured as the Hugging Face checkpoints of each family configure theirs
-(Llama 3, OLMo 2, SmolLM3, Qwen2/2.5/3, SmolLM, GPT-2; SentencePiece-style: Llama 2, Mistral, Phi-3, Gemma), built
+(Llama 3, OLMo 2, SmolLM3, Qwen2/2.5/3, SmolLM, GPT-2, GPT-NeoX/Pythia; SentencePiece-style: Llama 2, Mistral,
+Phi-3, Gemma), built
 with HF `tokenizers` or sentencepiece and trained here on multilingual text, and the chat templates those
 checkpoints ship (Llama 3's and Qwen2.5's public template texts), and small random transformers models of each
 family. Nothing is downloaded."""
@@ -88,6 +89,9 @@ FAMILIES = {
     # SmolLM3's: Llama 3.2's with ChatML's tokens, <think> and the tool tags; no BOS put first
     "smollm3": ("llama3", None, True, ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"],
                 ["<think>", "</think>", "<tool_call>", "</tool_call>"], None),
+    # GPT-NeoX-20B's (Pythia's): GPT-2's pre-tokenizer, NFC, <|endoftext|> and <|padding|> at ids 0 and 1, and runs of
+    # 24 down to 2 spaces as non-special added tokens (normalized), which HF matches before the BPE: code's indents
+    "neox": ("gpt2", "NFC", False, ["<|endoftext|>", "<|padding|>"], [" " * n for n in range(24, 1, -1)], None),
     # SentencePiece-style (BPE over characters with byte fallback, trained with sentencepiece as Llama 2's was):
     # Llama 2's / TinyLlama's / Mistral v0.1's files (Prepend + Replace normalizer) and the Metaspace form
     # (prepend_scheme "first") of later ones (Mistral v0.3, transformers' legacy=False conversion)
@@ -133,12 +137,12 @@ def build_tokenizer(family: str, vocab_size: int = 3000):
     if norm:
         tok.normalizer = getattr(normalizers, norm)()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=P.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, initial_alphabet=P.ByteLevel.alphabet(),
+                                  special_tokens=specials if family == "neox" else [])  # (NeoX's: ids 0, 1)
     tok.train_from_iterator([training_text()], trainer=trainer)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])  # ids after the vocab
     if plain:
-        tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in plain])
+        tok.add_tokens([AddedToken(s, special=False, normalized=family == "neox") for s in plain])
     if bos:
         template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
                                                  special_tokens=[(bos, tok.token_to_id(bos))])

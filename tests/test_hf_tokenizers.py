@@ -1,7 +1,7 @@
-"""Hugging Face checkpoints' tokenizers: tokenizer.json files configured like Llama 3's, Qwen2/2.5/3's, SmolLM's
-and GPT-2's (split regexes, added and special tokens, NFC, BOS post-processor, ignore_merges), built and trained
-here with HF `tokenizers`, give HF's ids on multilingual text through Tokenizer.from_pretrained, on the native
-pre-tokenizers; SentencePiece-style files (Llama 2, Mistral, TinyLlama: BPE over characters, byte fallback) built
+"""Hugging Face checkpoints' tokenizers: tokenizer.json files configured like Llama 3's, Qwen2/2.5/3's, SmolLM's,
+GPT-2's and GPT-NeoX's (split regexes, added and special tokens, NFC, BOS post-processor, ignore_merges), built and
+trained here with HF `tokenizers`, give HF's ids on multilingual text through Tokenizer.from_pretrained, on the
+native pre-tokenizers; SentencePiece-style files (Llama 2, Mistral, TinyLlama: BPE over characters, byte fallback) built
 from models trained with sentencepiece give HF's and sentencepiece's ids; they survive save/load both ways; options
 fastllm cannot reproduce are refused by name."""
 
@@ -105,6 +105,21 @@ def test_rank_tokenizer_with_hf_options(tmp_path):
     (tmp_path / "t.tiktoken.json").write_text(json.dumps(side))
     with pytest.raises(ValueError, match=r"t.tiktoken.json:1: bos_token 5 is not the id of a special token"):
         Tokenizer.load(tmp_path / "t.tiktoken")
+
+
+def test_neox_layout_lists_added_tokens_in_the_vocab(tmp_path):
+    """GPT-NeoX-20B's (Pythia's) tokenizer.json lists its whitespace tokens in model.vocab too, as the literal spaces
+    (no byte-level token): read as added tokens, the same ids as HF's; save_hf keeps <|endoftext|> at id 0."""
+    hf = build_tokenizer("neox", 600)
+    doc = json.loads(hf.to_str())
+    doc["model"]["vocab"].update({t["content"]: t["id"] for t in doc["added_tokens"]})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    code = "def f(x):\n        return x  # 8 spaces\n" + " " * 30 + "y\t  z<|endoftext|>"
+    for t in [code, *eval_texts()]:
+        assert tok.encode(t, allowed_special="all").tolist() == hf.encode(t).ids
+    assert tok.special_tokens["<|endoftext|>"] == 0 and tok.encode("  ").tolist() == [hf.token_to_id("  ")]
 
 
 def test_transformers_autotokenizer_agrees(family):

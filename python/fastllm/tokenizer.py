@@ -841,6 +841,11 @@ class Tokenizer:
                 f.write(json.dumps(self._hf_doc, ensure_ascii=False).encode("utf-8"))
             return
         vocab = {_hf_token(t): i for i, t in self._regular_tokens()}
+        # HF gives an added token that model.vocab lacks the next id after the vocab's: one inside their range
+        # (GPT-NeoX's <|endoftext|> = 0, <|padding|> = 1) is listed in the vocab too, as HF's own files list it
+        top = max(vocab.values(), default=-1)
+        vocab.update({s: i for s, i in self._special.items() if i < top})
+        vocab = dict(sorted(vocab.items(), key=lambda x: x[1]))
         merges = [[_hf_token(self._core.token_bytes(a)), _hf_token(self._core.token_bytes(b))]
                   for a, b, _prio, _res in self._core.pairs()]
         if self._pattern == "gpt2":
