@@ -18,9 +18,11 @@ branch's output, QK-norm over all q and all k channels at once before RoPE, unti
 widths (16 heads of 128, MHA, MLP 8192) with 4 of its 16 layers and a 32768-token vocabulary (and a small model for
 --quick), Olmo2ForCausalLM the further provider; --arch smollm3: SmolLM3-3B's (no RoPE in every fourth layer, GQA
 16/4, MLP 11008, tied) with 4 of its 36 layers and a 32768-token vocabulary (and a small model), SmolLM3ForCausalLM
-the further provider. Those real widths in a few layers keep every model of every provider in memory together (a
-few GB); a decode step's time is the sum of its layers' and the lm-head's.
-    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama|gemma2|olmo2|smollm3]
+the further provider; --arch neox: GPT-NeoX's (LayerNorms, attention and MLP side by side, the exact GELU, RoPE on a
+quarter of each head, biases, untied embed_out) in Pythia-70M's and Pythia-160M's shapes, whole (V 50304),
+GPTNeoXForCausalLM the further provider. Those real widths in a few layers keep every model of every provider in
+memory together (a few GB); a decode step's time is the sum of its layers' and the lm-head's.
+    python benchmarks/bench_sample.py [--threads 2] [--quick] [--gpt2] [--arch gpt2|llama|gemma2|olmo2|smollm3|neox]
                                       [--autocast auto|on|off] [--prefill 512]
 --prefill T also times the prefill of one T-token prompt (the issue 17 goal: 512 tokens, bf16 vs torch bf16).
     python benchmarks/bench_sample.py --quality-ckpt fastllm-demo/run --quality-data fastllm-demo/data
@@ -80,6 +82,10 @@ SHAPES = {
         "SmolLM3-3B 4L V=32768": ("smollm3", dict(vocab_size=32768, n_layer=4, n_head=16, n_kv_head=4, head_dim=128,
                                                   n_embd=2048, mlp_hidden=11008)),
     },
+    "neox": {  # Pythia-70M and -160M (config.json): 6 / 12 layers, 8 / 12 heads of 64, MLP 4C, V 50304, untied
+        "Pythia-70M": ("gpt_neox", dict(vocab_size=50304, n_layer=6, n_head=8, n_embd=512, mlp_hidden=2048)),
+        "Pythia-160M": ("gpt_neox", dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768, mlp_hidden=3072)),
+    },
 }
 # each arch's choices (transformers' config defaults and the checkpoints' config.json): Llama's, Gemma 2's, OLMo 2's
 # (OLMo-2-0425-1B: rope_theta 5e5, untied) and SmolLM3's (SmolLM3-3B: rope_theta 5e6, tied)
@@ -90,6 +96,8 @@ ARCHS = {
     "olmo2": dict(LLAMA, layernorm_eps=1e-6, pre_norms=False, post_norms=True, qk_norm=True, qk_norm_over="all",
                   tie_embeddings=False, rope_theta=5e5),
     "smollm3": dict(LLAMA, layernorm_eps=1e-6, rope_theta=5e6),
+    "neox": dict(positions="rope", mlp="gelu_erf", parallel_residual=True, partial_rotary_factor=0.25,
+                 tie_embeddings=False),
 }
 
 
@@ -107,7 +115,8 @@ def model_config(arch: str, shape: dict) -> GPTConfig:
 
 
 def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = False):
-    """A nanoGPT-style eager decoder of model's architecture (GPT-2, the Llama family, Gemma 2, OLMo 2, SmolLM3) with
+    """A nanoGPT-style eager decoder of model's architecture (GPT-2, the Llama family, Gemma 2, OLMo 2, SmolLM3,
+    GPT-NeoX: the parallel residual, the exact GELU) with
     a preallocated KV cache of the kv heads for max_len positions (torch.inference_mode, SDPA with grouped-query
     attention; with Gemma 2's options common.torch_attention: a sliding layer reads the last `window` rows of its
     cache, as HF's sliding-window cache layers hold them, and the soft-capped scores take HF Gemma 2's eager path;
@@ -207,13 +216,14 @@ def torch_decoder(model: GPT, B: int, max_len: int, dtype=None, int8: bool = Fal
             kc[l, :, :, pos:pos + Tn] = k
             vc[l, :, :, pos:pos + Tn] = v
             y = attend(q, l, pos, Tn, masks)
+            x_in = x  # (the parallel residual's MLP reads the block's input)
             x = x + post(linear(y.transpose(1, 2).reshape(B, Tn, NH * hs), "attn.c_proj.weight", l), "attn", l)
-            h = linear(pre(x, "ln_2", l), "mlp.c_fc.weight", l)
+            h = linear(pre(x_in if cfg.parallel_residual else x, "ln_2", l), "mlp.c_fc.weight", l)
             if cfg.mlp in ("swiglu", "geglu"):
                 gate, up = h.chunk(2, dim=-1)
                 h = (F.silu(gate) if cfg.mlp == "swiglu" else F.gelu(gate, approximate="tanh")) * up
             else:
-                h = F.gelu(h, approximate="tanh")
+                h = F.gelu(h, approximate="none" if cfg.mlp == "gelu_erf" else "tanh")
             x = x + post(linear(h, "mlp.c_proj.weight", l), "mlp", l)
         logits = linear(norm(x[:, -1], "ln_f"), head).float()
         return logits if cfg.logit_softcap is None else torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
@@ -233,8 +243,9 @@ def hf_decoder(model: GPT, family: str):
     config = fastllm_hf.config_to_hf(model.config, prefer=family)
     config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
     hf = transformers.AutoModelForCausalLM.from_config(config)
-    missing, unexpected = hf.load_state_dict({k: torch.from_numpy(v) for k, v in
-                                              fastllm_hf.hf_state_dict(model).items()}, strict=False)
+    state = {"lm_head.weight" if k == "embed_out.weight" else k: torch.from_numpy(v)  # (GPT-NeoX's head: embed_out
+             for k, v in fastllm_hf.hf_state_dict(model).items()}  # in files, lm_head in transformers' memory)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # (tied to the embedding)
     hf.float().eval()
 
@@ -507,5 +518,5 @@ if __name__ == "__main__":
         arch=("the model family: gpt2 (GPT-2 shapes), llama (SmolLM2-135M and Qwen2.5-0.5B shapes), gemma2 "
               "(Gemma 2's options, a small model and Gemma-2-2B's widths in 2 layers), olmo2 (OLMo 2's options, a "
               "small model and OLMo-2-0425-1B's widths in 4 layers) or smollm3 (NoPE every 4th layer, a small model "
-              "and SmolLM3-3B's widths in 4 layers), random weights", "gpt2", "gpt2", "llama", "gemma2", "olmo2",
-              "smollm3"))
+              "and SmolLM3-3B's widths in 4 layers) or neox (GPT-NeoX's options in Pythia-70M's and -160M's shapes), "
+              "random weights", "gpt2", "gpt2", "llama", "gemma2", "olmo2", "smollm3", "neox"))
