@@ -29,8 +29,9 @@ ARRAY_FUNCTIONS = ["empty", "zeros", "carve", "view", "to_device", "to_numpy", "
 OP_FUNCTIONS = ["matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
                 "attention_kv_forward", "softmax_ce", "lmhead_chunk_rows", "lmhead_ce", "layernorm_forward",
                 "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
-                "gelu_forward", "gelu_backward", "swiglu_forward", "swiglu_backward", "geglu_forward",
-                "geglu_backward", "relu2_forward", "relu2_backward", "residual_forward", "residual_backward",
+                "gelu_forward", "gelu_backward", "gelu_erf_forward", "gelu_erf_backward", "swiglu_forward",
+                "swiglu_backward", "geglu_forward", "geglu_backward", "relu2_forward", "relu2_backward",
+                "residual_forward", "residual_backward",
                 "embedding_forward", "embedding_backward", "adamw_step", "gemm"]
 # defaults that are the device's own choice: the allocation alignment, the compute dtype of the lm-head scratch
 DEVICE_DEFAULTS = {("carve", "align"), ("lmhead_chunk_rows", "dtype")}
@@ -114,6 +115,8 @@ def test_cuda_wrappers_reject_numpy_arrays():
         (lambda: cuda.layernorm_backward(x, x, f, f, f), "x"),
         (lambda: cuda.gelu_forward(x), "x"),
         (lambda: cuda.gelu_backward(x, x), "x"),
+        (lambda: cuda.gelu_erf_forward(x), "x"),
+        (lambda: cuda.gelu_erf_backward(x, x), "x"),
         (lambda: cuda.residual_forward(x, x), "a"),
         (lambda: cuda.residual_backward(x), "dout"),
         (lambda: cuda.embedding_forward(np.zeros((2, 4), np.int32), x, x), "wte"),

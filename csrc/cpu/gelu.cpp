@@ -217,42 +217,38 @@ FASTLLM_TARGET_AVX2 static void gelu_erf_backward_avx2(float* dinp, const float*
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// entry points: blocks of elements over threads (for_blocks, common.h)
+// entry points: blocks of elements over threads (for_blocks, common.h), each block by the SIMD level's kernel
+
+using Forward = void (*)(float* out, const float* inp, int64_t n);
+using Backward = void (*)(float* dinp, const float* inp, const float* dout, int64_t n);
+
+static void forward_blocks(float* out, const float* inp, int64_t n, Forward avx512, Forward avx2, Forward naive) {
+    const Simd simd = simd_level();
+    const Forward f = simd == Simd::avx512 ? avx512 : simd == Simd::avx2 ? avx2 : naive;
+    for_blocks(n, [&](int64_t i0, int64_t m) { f(out + i0, inp + i0, m); });
+}
+
+static void backward_blocks(float* dinp, const float* dout, const float* inp, int64_t n, Backward avx512,
+                            Backward avx2, Backward naive) {
+    const Simd simd = simd_level();
+    const Backward f = simd == Simd::avx512 ? avx512 : simd == Simd::avx2 ? avx2 : naive;
+    for_blocks(n, [&](int64_t i0, int64_t m) { f(dinp + i0, inp + i0, dout + i0, m); });
+}
 
 void gelu_forward(float* out, const float* inp, int64_t n) {
-    const Simd simd = simd_level();
-    for_blocks(n, [&](int64_t i0, int64_t m) {
-        if (simd == Simd::avx512) gelu_forward_avx512(out + i0, inp + i0, m);
-        else if (simd == Simd::avx2) gelu_forward_avx2(out + i0, inp + i0, m);
-        else gelu_forward_naive(out + i0, inp + i0, m);
-    });
+    forward_blocks(out, inp, n, gelu_forward_avx512, gelu_forward_avx2, gelu_forward_naive);
 }
 
 void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
-    const Simd simd = simd_level();
-    for_blocks(n, [&](int64_t i0, int64_t m) {
-        if (simd == Simd::avx512) gelu_backward_avx512(dinp + i0, inp + i0, dout + i0, m);
-        else if (simd == Simd::avx2) gelu_backward_avx2(dinp + i0, inp + i0, dout + i0, m);
-        else gelu_backward_naive(dinp + i0, inp + i0, dout + i0, m);
-    });
+    backward_blocks(dinp, dout, inp, n, gelu_backward_avx512, gelu_backward_avx2, gelu_backward_naive);
 }
 
 void gelu_erf_forward(float* out, const float* inp, int64_t n) {
-    const Simd simd = simd_level();
-    for_blocks(n, [&](int64_t i0, int64_t m) {
-        if (simd == Simd::avx512) gelu_erf_forward_avx512(out + i0, inp + i0, m);
-        else if (simd == Simd::avx2) gelu_erf_forward_avx2(out + i0, inp + i0, m);
-        else gelu_erf_forward_naive(out + i0, inp + i0, m);
-    });
+    forward_blocks(out, inp, n, gelu_erf_forward_avx512, gelu_erf_forward_avx2, gelu_erf_forward_naive);
 }
 
 void gelu_erf_backward(float* dinp, const float* dout, const float* inp, int64_t n) {
-    const Simd simd = simd_level();
-    for_blocks(n, [&](int64_t i0, int64_t m) {
-        if (simd == Simd::avx512) gelu_erf_backward_avx512(dinp + i0, inp + i0, dout + i0, m);
-        else if (simd == Simd::avx2) gelu_erf_backward_avx2(dinp + i0, inp + i0, dout + i0, m);
-        else gelu_erf_backward_naive(dinp + i0, inp + i0, dout + i0, m);
-    });
+    backward_blocks(dinp, dout, inp, n, gelu_erf_backward_avx512, gelu_erf_backward_avx2, gelu_erf_backward_naive);
 }
 
 }  // namespace fastllm::cpu

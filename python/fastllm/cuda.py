@@ -392,36 +392,40 @@ def layernorm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias
     return dx, dweight, dbias
 
 
-def gelu_forward(x, out=None):
-    """out = gelu(x), tanh approximation (GPT-2); out may be x itself."""
+def _activation(kernel: str, x, out):
+    """out = f(x) element-wise by _C.cuda.<kernel>(out, x) (a GELU); out may be x itself."""
     x = _dev(x, "x")
     out = empty(x.shape, x.dtype) if out is None else out
-    _C.cuda.gelu_forward(_dev(out, "out"), x)
+    getattr(_C.cuda, kernel)(_dev(out, "out"), x)
     return out
+
+
+def _activation_backward(kernel: str, dout, x, dx):
+    """dx += f'(x) * dout by _C.cuda.<kernel>(dx, dout, x)."""
+    x = _dev(x, "x")
+    dx = zeros(x.shape, x.dtype) if dx is None else dx
+    getattr(_C.cuda, kernel)(_dev(dx, "dx"), _dev(dout, "dout"), x)
+    return dx
+
+
+def gelu_forward(x, out=None):
+    """out = gelu(x), tanh approximation (GPT-2); out may be x itself."""
+    return _activation("gelu_forward", x, out)
 
 
 def gelu_backward(dout, x, dx=None):
     """dx += gelu'(x) * dout."""
-    x = _dev(x, "x")
-    dx = zeros(x.shape, x.dtype) if dx is None else dx
-    _C.cuda.gelu_backward(_dev(dx, "dx"), _dev(dout, "dout"), x)
-    return dx
+    return _activation_backward("gelu_backward", dout, x, dx)
 
 
 def gelu_erf_forward(x, out=None):
     """out = x Phi(x) = 0.5 x (1 + erf(x / sqrt(2))), the exact GELU (GPT-NeoX, Pythia); out may be x itself."""
-    x = _dev(x, "x")
-    out = empty(x.shape, x.dtype) if out is None else out
-    _C.cuda.gelu_erf_forward(_dev(out, "out"), x)
-    return out
+    return _activation("gelu_erf_forward", x, out)
 
 
 def gelu_erf_backward(dout, x, dx=None):
     """dx += (Phi(x) + x phi(x)) * dout."""
-    x = _dev(x, "x")
-    dx = zeros(x.shape, x.dtype) if dx is None else dx
-    _C.cuda.gelu_erf_backward(_dev(dx, "dx"), _dev(dout, "dout"), x)
-    return dx
+    return _activation_backward("gelu_erf_backward", dout, x, dx)
 
 
 def residual_forward(a, b, out=None, scale: float = 1.0):

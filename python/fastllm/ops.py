@@ -659,33 +659,39 @@ def layernorm_backward(dout, x, weight, mean, rstd, dx=None, dweight=None, dbias
     return dx, dweight, dbias
 
 
+def _activation(kernel, x, out) -> np.ndarray:
+    """out = f(x) element-wise by kernel(out, x) (a GELU); out may be x itself."""
+    out = np.empty_like(_f32(x, "x")) if out is None else out
+    kernel(out, x)
+    return out
+
+
+def _activation_backward(kernel, dout, x, dx) -> np.ndarray:
+    """dx += f'(x) * dout by kernel(dx, dout, x)."""
+    dx = _out(dx, "dx", _f32(x, "x").shape)
+    kernel(dx, dout, x)
+    return dx
+
+
 def gelu_forward(x, out=None) -> np.ndarray:
     """GELU with the tanh approximation (GPT-2), element-wise; out may be x itself."""
-    out = np.empty_like(_f32(x, "x")) if out is None else out
-    _C.gelu_forward(out, x)
-    return out
+    return _activation(_C.gelu_forward, x, out)
 
 
 def gelu_backward(dout, x, dx=None) -> np.ndarray:
     """dx += gelu'(x) * dout."""
-    dx = _out(dx, "dx", _f32(x, "x").shape)
-    _C.gelu_backward(dx, dout, x)
-    return dx
+    return _activation_backward(_C.gelu_backward, dout, x, dx)
 
 
 def gelu_erf_forward(x, out=None) -> np.ndarray:
     """The exact GELU (torch's gelu(approximate="none"), HF's "gelu": GPT-NeoX, Pythia): out = x Phi(x) =
     0.5 x (1 + erf(x / sqrt(2))), element-wise; out may be x itself."""
-    out = np.empty_like(_f32(x, "x")) if out is None else out
-    _C.gelu_erf_forward(out, x)
-    return out
+    return _activation(_C.gelu_erf_forward, x, out)
 
 
 def gelu_erf_backward(dout, x, dx=None) -> np.ndarray:
     """dx += (Phi(x) + x phi(x)) * dout, phi the standard normal density."""
-    dx = _out(dx, "dx", _f32(x, "x").shape)
-    _C.gelu_erf_backward(dx, dout, x)
-    return dx
+    return _activation_backward(_C.gelu_erf_backward, dout, x, dx)
 
 
 def residual_forward(a, b, out=None, scale: float = 1.0) -> np.ndarray:
