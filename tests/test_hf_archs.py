@@ -221,6 +221,29 @@ def test_neox_exact_gelu_is_not_the_tanh_one(tmp_path):
     assert exact <= 2e-4 * max(1.0, np.abs(want).max()) < approx and 20 * exact < approx
 
 
+def test_neox_old_files_buffers_and_names(tmp_path):
+    """Older GPT-NeoX files carry buffers (each layer's causal mask, masked_bias, rotary inv_freq: skipped, as
+    transformers skips them) and may name the untied head lm_head (transformers 5's name in memory) or leave the
+    gpt_neox. prefix out (a GPTNeoXModel's): the same model loads."""
+    from fastllm.fileio import load_safetensors, save_safetensors
+
+    ref = hf_model("pythia")
+    ref.save_pretrained(tmp_path / "new")
+    tensors, meta = load_safetensors(tmp_path / "new" / "model.safetensors")
+    renamed = {"embed_out.weight": "lm_head.weight"}
+    old = {renamed.get(k, k.removeprefix("gpt_neox.")): np.array(v) for k, v in tensors.items()}
+    for layer in range(3):
+        pre = f"layers.{layer}.attention."
+        old.update({pre + "bias": np.tril(np.ones((1, 1, T_MAX, T_MAX), bool)), pre + "rotary_emb.inv_freq":
+                    np.ones(1, np.float32), pre + "masked_bias": np.array(-1e9, np.float32)})
+    (tmp_path / "old").mkdir()
+    save_safetensors(tmp_path / "old" / "model.safetensors", old, meta)
+    (tmp_path / "old" / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    ids = np.random.default_rng(7).integers(0, V, (1, 20))
+    want = GPT.from_pretrained(tmp_path / "new").forward(ids)
+    assert np.array_equal(GPT.from_pretrained(tmp_path / "old").forward(ids), want)
+
+
 def test_weights_held_like_the_float32_model_decoding(case):
     """weights="bfloat16" (matrices held in bf16 alone, converted while loading): every family's logits and greedy
     tokens are those of the float32 model decoding with bf16 weights, bit for bit."""
