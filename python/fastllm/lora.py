@@ -30,8 +30,8 @@ each contiguous range of a batch's rows (KVCache.decode_rows(..., loras=)).
 
 from __future__ import annotations
 
-import math
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,7 +283,7 @@ class LoraRuns:
         they all have -- then the layers run exactly as for a model with that adapter alone -- else the LoraRuns
         of each run of equal adapters."""
         runs, r0 = [], 0
-        for lora, group in itertools.groupby(loras, key=id):  # (adapters are equal when they are the same object)
+        for _, group in itertools.groupby(loras, key=id):  # (adapters are equal when they are the same object)
             n = len(list(group))
             runs.append((r0 * T, n * T, loras[r0]))
             r0 += n
