@@ -7,7 +7,10 @@ request is a ~32-token prompt and exactly N new tokens (<|endoftext|> is masked 
 all at once through a fastllm.serve Engine (16 slots) in this process. Rounds are interleaved (1, 4, 16
 clients, generate, Engine, then again) and medians reported. --dtype: the weights decoding streams, for all three
 (`fastllm serve --dtype`: float32, bfloat16, int8 or w8a8).
-    python benchmarks/bench_serve.py [--threads 2] [--quick] [--dtype float32]"""
+--loras N: multi-LoRA serving instead (`fastllm serve --lora-modules`, N random rank-16 adapters on every
+projection): 16 clients all on the base model, all on one adapter, and spread over the N adapters (request i on
+adapter i % N: every decode pass mixes them), from one server; the baseline is fastllm's own base-model throughput.
+    python benchmarks/bench_serve.py [--threads 2] [--quick] [--dtype float32] [--loras 4]"""
 
 from __future__ import annotations
 
@@ -116,13 +119,76 @@ def in_process(model, tok, bodies: list[dict], engine=None, dtype: str = "float3
     return {"wall": wall, "requests": len(bodies), "tokens": sum(tokens), "ttft": [], "latency": []}
 
 
-def run(threads: int, quick: bool, dtype: str = "float32") -> None:
+def make_adapters(ckpt: Path, d: Path, n: int, rank: int = 16) -> list[Path]:
+    """n PEFT adapter folders of rank `rank` on every projection of the checkpoint's model, B random (nonzero)."""
+    import numpy as np
+
+    from fastllm import hf
+    from fastllm.checkpoint import load_model
+
+    out = []
+    for i in range(n):
+        model = load_model(ckpt)
+        lora = model.add_lora(r=rank, alpha=2 * rank, seed=i)
+        for name, v in lora.p.items():
+            if name.endswith("lora_B"):
+                v[...] = np.random.default_rng(i).normal(0, 0.02, v.shape)
+        out.append(hf.save_adapter(model, d / f"adapter{i}"))
+    return out
+
+
+def run_loras(threads: int, quick: bool, dtype: str, loras: int) -> None:
+    """16 clients on the base model, on one adapter, and spread over `loras` adapters, from one server."""
+    from serve_process import Server
+
+    n_requests, new_tokens, rounds = (16, 48, 2) if quick else (32, 128, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, tok, prompts = make_checkpoint(Path(tmp))
+        paths = make_adapters(ckpt, Path(tmp), loras)
+        eot = tok.special_tokens["<|endoftext|>"]
+        models = {"base model": lambda i: "small/ckpt_000000", "1 adapter": lambda i: "a0",
+                  f"{loras} adapters": lambda i: f"a{i % loras}"}
+        bodies = {label: [{"model": pick(i), "prompt": prompts[i % len(prompts)], "max_tokens": new_tokens,
+                           "temperature": 0.8, "seed": i, "stream": True, "stream_options": {"include_usage": True},
+                           "logit_bias": {str(eot): -100}} for i in range(n_requests)]
+                  for label, pick in models.items()}
+        server = Server(ckpt, "--max-batch", "16", "--dtype", dtype, "--lora-modules",
+                        *(f"a{i}={p}" for i, p in enumerate(paths)), threads=threads)
+        try:
+            print(header(f"fastllm serve --lora-modules: {n_requests} requests x {new_tokens} new tokens, 16 clients, "
+                         f"small model (6L-384, V={tok.n_vocab}), {loras} adapters of rank 16 on every projection, "
+                         f"--dtype {dtype}", threads))
+            asyncio.run(run_clients(server.url, bodies[f"{loras} adapters"][:4], 4))  # warm-up
+            runs: dict[str, list[dict]] = {label: [] for label in bodies}
+            loads = []
+            for r in range(rounds):
+                for label, b in bodies.items():
+                    runs[label].append(asyncio.run(run_clients(server.url, b, 16)))
+                loads.append(load_note())
+                print(f"round {r + 1}: " + ", ".join(f"{k}: {v[-1]['tokens'] / v[-1]['wall']:,.0f} tok/s"
+                                                     for k, v in runs.items()) + f" ({loads[-1]})", flush=True)
+        finally:
+            server.stop()
+    base = statistics.median(r["tokens"] / r["wall"] for r in runs["base model"])
+    rows = []
+    for label, rs in runs.items():
+        tps = statistics.median(r["tokens"] / r["wall"] for r in rs)
+        ttft = sorted(t for r in rs for t in r["ttft"])
+        rows.append([label, f"{statistics.median(r['requests'] / r['wall'] for r in rs):.2f}", f"{tps:,.0f}",
+                     f"{tps / base:.2f}x", f"{ttft[len(ttft) // 2] * 1e3:.0f}"])
+    print_table(rows, ["16 clients on", "req/s", "out tok/s", "vs base model", "TTFT p50 ms"])
+    print(f"({rounds} interleaved rounds, medians; load during the rounds: {', '.join(loads)})")
+
+
+def run(threads: int, quick: bool, dtype: str = "float32", loras: int = 0) -> None:
     from serve_process import Server
 
     from fastllm.checkpoint import load_model
     from fastllm.serve import Engine
 
     fastllm.set_num_threads(threads)
+    if loras:
+        return run_loras(threads, quick, dtype, loras)
     n_requests, new_tokens, rounds = (16, 48, 2) if quick else (32, 128, 3)
     levels = (1, 4, 16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,4 +243,5 @@ def run(threads: int, quick: bool, dtype: str = "float32") -> None:
 
 
 if __name__ == "__main__":
-    cli(run, __doc__, dtype=("the weights decoding streams", "float32", "float32", "bfloat16", "int8", "w8a8"))
+    cli(run, __doc__, dtype=("the weights decoding streams", "float32", "float32", "bfloat16", "int8", "w8a8"),
+        loras=("multi-LoRA serving with this many adapters (0: the usual client levels)", 0))

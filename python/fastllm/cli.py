@@ -534,10 +534,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 @command("serve", "serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page",
          ["fastllm serve --ckpt chat/ --port 8000",
-          "fastllm serve --ckpt chat/ --host 0.0.0.0 --api-key secret --max-batch 32 --allow-origin '*'"],
+          "fastllm serve --ckpt chat/ --host 0.0.0.0 --api-key secret --max-batch 32 --allow-origin '*'",
+          "fastllm serve --ckpt base/ --lora-modules sql=sql_lora/ chat=chat_lora/ --allow-runtime-lora"],
          args=_serve_args)
 def _cmd_serve(args: argparse.Namespace) -> int:
-    serve(_config(args, ServeConfig, allow_origins=tuple(args.allow_origins)))
+    serve(_config(args, ServeConfig, allow_origins=tuple(args.allow_origins), lora_modules=tuple(args.lora_modules)))
     return 0
 
 

@@ -1461,16 +1461,18 @@ def _not_adapted(module: str, model: GPT) -> str:
     return f"no linear layer of this model (model_type {kind}, n_layer={model.config.n_layer})"
 
 
-def load_adapter(model: GPT, path: str | os.PathLike) -> Lora:
+def load_adapter(model: GPT, path: str | os.PathLike, attach: bool = True) -> Lora:
     """Read a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors; adapter_model.bin is never
     read: no pickle) and attach it to `model` (model.add_lora): the model then computes what peft's PeftModel
-    computes. Per fastllm matrix, the modules the file has: one A where, in every layer, their lora_A are equal
-    (PEFT's q_proj and v_proj as fastllm saves them), else their A's concatenated (the rank their sum) and each
-    module's B in its own rows and columns of the matrix's B; each module's scale (lora_alpha / r, rank_pattern,
-    alpha_pattern, use_rslora) relative to the Lora's (config r and lora_alpha) folded into its B; zeros in the
-    layers without it (layers_to_transform). ValueError naming the file and the key or tensor for what fastllm does
-    not compute (DoRA, biases, modules_to_save, embeddings or the lm-head adapted, ...) and for tensors that do not
-    fit the model (unknown modules, shapes, non-finite values, a lora_A without its lora_B). Returns the Lora."""
+    computes. attach=False: only make the Lora, on the model's device, leaving the model as it is (a server's
+    adapters, each request with its own: fastllm.serve; model.with_lora(lora) runs passes with it). Per fastllm
+    matrix, the modules the file has: one A where, in every layer, their lora_A are equal (PEFT's q_proj and v_proj
+    as fastllm saves them), else their A's concatenated (the rank their sum) and each module's B in its own rows
+    and columns of the matrix's B; each module's scale (lora_alpha / r, rank_pattern, alpha_pattern, use_rslora)
+    relative to the Lora's (config r and lora_alpha) folded into its B; zeros in the layers without it
+    (layers_to_transform). ValueError naming the file and the key or tensor for what fastllm does not compute
+    (DoRA, biases, modules_to_save, embeddings or the lm-head adapted, ...) and for tensors that do not fit the
+    model (unknown modules, shapes, non-finite values, a lora_A without its lora_B). Returns the Lora."""
     folder = Path(path)
     conf_path, file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not conf_path.is_file():
@@ -1540,7 +1542,8 @@ def load_adapter(model: GPT, path: str | os.PathLike) -> Lora:
         if target != "gate" or cfg.fc_width == 2 * cfg.mlp_width:
             m, (a, b) = target_rows(cfg, target)
             targets += [target] if any(r0 <= a and b <= r1 for r0, r1 in rows.get(m, ())) else []
-    lora = model.add_lora(LoraConfig(r=r, alpha=alpha, targets=tuple(targets), rslora=rslora), ranks=ranks, rows=rows)
+    config = LoraConfig(r=r, alpha=alpha, targets=tuple(targets), rslora=rslora)
+    lora = model.add_lora(config, ranks=ranks, rows=rows) if attach else Lora(model, config, ranks=ranks, rows=rows)
     return lora.load_state_dict(state, str(file))
 
 

@@ -23,10 +23,14 @@ the optimizer trains a Lora as it trains a GPT (model.trainable()).
 >>> model.add_lora(LoraConfig(r=16, alpha=32, targets=("q", "k", "v", "o")))
 >>> opt = AdamW(model, lr=2e-4)                   # the adapters' parameters only
 >>> model.merge_lora()                             # W += scale * B @ A: a plain model again
+
+Serving many adapters over one base at once (`fastllm serve --lora-modules`): LoraRuns applies a different Lora to
+each contiguous range of a batch's rows (KVCache.decode_rows(..., loras=)).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -258,3 +262,45 @@ class Lora:
         p = self.state_dict()
         A, B = p[stem + ".lora_A"][l].astype(np.float64), p[stem + ".lora_B"][l].astype(np.float64)
         return (self.scale * (B @ A)).astype(np.float32)
+
+
+class LoraRuns:
+    """Several adapters over one batch, each on its own contiguous range of rows: multi-LoRA serving, as Punica's
+    and S-LoRA's segmented GEMM. The base product runs once over every row (the weights are read once, which is
+    what a decode step costs), then each adapter's two small products run on views of its rows only -- no gather
+    or scatter, because the server keeps each adapter's sequences in adjacent rows. runs: [(first row, rows, Lora
+    or None)], None: the base alone. Rows are token rows (a sequence's T tokens in a prefill are T rows).
+
+    >>> runs = LoraRuns.of([lora_a, lora_a, None, lora_b])   # rows 0-1: lora_a, row 2: the base, row 3: lora_b
+    """
+
+    def __init__(self, runs):
+        self.runs = [(r0, n, lora) for r0, n, lora in runs if lora is not None]
+
+    @classmethod
+    def of(cls, loras, T: int = 1):
+        """What a pass over len(loras) sequences of T tokens applies, loras[i] to sequence i: the one Lora (or None)
+        they all have -- then the layers run exactly as for a model with that adapter alone -- else the LoraRuns
+        of each run of equal adapters."""
+        runs, r0 = [], 0
+        for _, group in itertools.groupby(loras, key=id):  # (adapters are equal when they are the same object)
+            n = len(list(group))
+            runs.append((r0 * T, n * T, loras[r0]))
+            r0 += n
+        return runs[0][2] if len(runs) == 1 else cls(runs)
+
+    def adapts(self, matrix: str) -> bool:
+        return any(lora.adapts(matrix) for _, _, lora in self.runs)
+
+    def forward(self, bk, matrix: str, l: int, x, out, pre_gelu=None) -> None:
+        """out (N, OC) += each adapter's scale * (x A^T) B^T on its rows of x (N, C), once the base product is in
+        out; with pre_gelu (the base product before a fused GELU, out = gelu(pre_gelu)): pre_gelu += on those
+        rows, then their out = gelu(pre_gelu). The other rows keep the fused GELU they had without adapters."""
+        C, OC = x.shape[1], out.shape[1]
+        raw = out if pre_gelu is None else pre_gelu
+        for r0, n, lora in self.runs:
+            if lora.adapts(matrix):
+                rows = bk.view(raw, r0 * OC, (n, OC))
+                lora.forward(bk, matrix, l, bk.view(x, r0 * C, (n, C)), rows)
+                if pre_gelu is not None:
+                    bk.gelu_forward(rows, out=bk.view(out, r0 * OC, (n, OC)))

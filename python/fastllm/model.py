@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend, checks, ops, rope
-from .lora import Lora, LoraConfig
+from .lora import Lora, LoraConfig, LoraRuns
 from .ops import IGNORE_INDEX, softcap_logits
 
 # the Llama family's choices (Llama 3, SmolLM2, Mistral without biases; nanochat's modern GPT)
@@ -433,11 +433,16 @@ def linears(bk, w: dict, pl: dict, lora, l: int, saved: dict | None = None):
     """Layer l's linear layers as one function linear(name, x, out, pre_gelu=None): out = x @ W^T + b, W from `w`
     (the model's matrices or a snapshot's), b from `pl`, plus scale * (x @ A^T) @ B^T where `lora` (a fastllm.lora
     Lora, or None) adapts the matrix (x @ A^T kept in saved["lora." + name][l] for the backward, when saved is
-    given). pre_gelu: pre_gelu = that sum and out = gelu(it) (GELU fused into the GEMM when there is no adapter)."""
+    given); lora may also be a LoraRuns (inference: an adapter per range of rows). pre_gelu: pre_gelu = that sum
+    and out = gelu(it) (GELU fused into the GEMM when there is no adapter)."""
     def linear(name: str, x, out, pre_gelu=None) -> None:
         bias = _at(pl, name[:-len("weight")] + "bias", l)
         if lora is None or not lora.adapts(name):
             bk.matmul_forward(x, w[name][l], bias, out=out, pre_gelu=pre_gelu)
+            return
+        if isinstance(lora, LoraRuns):  # the base product over every row, then each adapter on its own rows
+            bk.matmul_forward(x, w[name][l], bias, out=out, pre_gelu=pre_gelu)
+            lora.forward(bk, name, l, x, out, pre_gelu)
             return
         raw = out if pre_gelu is None else pre_gelu
         bk.matmul_forward(x, w[name][l], bias, out=raw)
@@ -744,6 +749,19 @@ class GPT:
             yield self
         finally:
             self.lora_off, self.training = prev
+
+    @contextlib.contextmanager
+    def with_lora(self, lora):
+        """Within: inference passes run with `lora` -- a Lora made for this model but not attached to it
+        (fastllm.hf.load_adapter(..., attach=False)), or None -- in place of the model's own adapters (a server's
+        adapter per request, fastllm.serve). Inference only: eval mode inside."""
+        prev = self.lora, self.training
+        self.lora, self.training, self._acts, self._BT = lora, False, None, None  # (activations sized for its ranks)
+        try:
+            yield self
+        finally:
+            self.lora, self.training = prev
+            self._acts, self._BT = None, None
 
     def merge_lora(self) -> GPT:
         """Fold the adapters into the weights (W += scale * B @ A, in float32) and drop them: a plain model again,
@@ -1266,20 +1284,23 @@ class KVCache:
         return self._forward(tokens, 0)
 
     # ---- single rows, for a server's continuous batching (fastllm.serve): sequences come and go, the active
-    # ones are kept in rows 0 .. n-1 (copy_row fills the hole a finished one leaves) and decode_rows runs only those
+    # ones are kept in rows 0 .. n-1 (copy_row fills the hole a finished one leaves) and decode_rows runs only those.
+    # loras (multi-LoRA serving): the adapter of each row (a fastllm.lora.Lora made for this model, or None: the base
+    # alone), in place of the model's own; rows with the same adapter should be adjacent (one run each: LoraRuns)
+    # for the fewest small products. None instead of the list: the model's own adapters, if any, for every row
 
     def reset_row(self, row: int) -> None:
         """Forget what row `row` holds (its keys/values are overwritten by the next prefill_row)."""
         self.pos[row] = 0
 
-    def prefill_row(self, row: int, ids) -> np.ndarray:
+    def prefill_row(self, row: int, ids, lora=None) -> np.ndarray:
         """Run the prompt `ids` in row `row` alone, after what it holds (reset_row first for a new sequence);
-        the logits (V,) of its last token."""
+        the logits (V,) of its last token. lora: that row's adapter (see above; None: the model's own, if any)."""
         ids = np.asarray(ids, np.int32).reshape(1, -1)
         if not 0 <= row < self.B or ids.size == 0:
             raise ValueError(f"prefill_row needs a row in [0, {self.B}) and a non-empty prompt, got row {row}, "
                              f"{ids.size} tokens")
-        return self._forward(ids, row)[0]
+        return self._forward(ids, row, None if lora is None else [lora])[0]
 
     def copy_row(self, src: int, dst: int) -> None:
         """Row dst becomes a copy of row src: its cached keys/values (the rows holding its pos[src] positions in
@@ -1299,12 +1320,15 @@ class KVCache:
         per_seq = self.model.config.kv_heads * self.rows[l] * self.hs
         return (self._layer[l][2] * self.B + row) * per_seq
 
-    def decode_rows(self, tokens, r0: int = 0) -> np.ndarray:
-        """decode for the rows r0 .. r0+n-1 only (one token each, n = len(tokens)); their logits (n, V)."""
+    def decode_rows(self, tokens, r0: int = 0, loras=None) -> np.ndarray:
+        """decode for the rows r0 .. r0+n-1 only (one token each, n = len(tokens)); their logits (n, V). loras: the
+        adapter of each of those rows (see above; default: the model's own for all)."""
         tokens = np.asarray(tokens, np.int32).reshape(-1, 1)
         if not (0 <= r0 and 0 < len(tokens) <= self.B - r0):
             raise ValueError(f"decode_rows: {len(tokens)} tokens from row {r0} do not fit the {self.B} rows")
-        return self._forward(tokens, r0)
+        if loras is not None and len(loras) != len(tokens):
+            raise ValueError(f"decode_rows: {len(loras)} loras for {len(tokens)} rows")
+        return self._forward(tokens, r0, loras)
 
     def _buffers(self, b: int, Tn: int) -> dict:
         key = (b, Tn)
@@ -1323,10 +1347,10 @@ class KVCache:
             })
         return self._bufs[key]
 
-    def _forward(self, idx: np.ndarray, r0: int) -> np.ndarray:
+    def _forward(self, idx: np.ndarray, r0: int, loras=None) -> np.ndarray:
         """Run idx (b, Tn) for the cache rows r0 .. r0+b-1, appending their keys/values, in passes of at most
         self.chunk tokens where the sliding layers' rings need that; float32 numpy logits (b, V) of the last token
-        of each row."""
+        of each row. loras: each row's adapter (None: the model's own)."""
         V, Tm = self.model.config.vocab_size, self.max_len
         if idx.min() < 0 or idx.max() >= V:
             raise ValueError(f"token ids outside [0, {V})")
@@ -1334,10 +1358,10 @@ class KVCache:
             raise ValueError(f"the sequence would exceed the cache length max_len={Tm}")
         step = idx.shape[1] if self.chunk is None else self.chunk
         for t in range(0, idx.shape[1], step):
-            logits = self._pass(idx[:, t:t + step], r0)
+            logits = self._pass(idx[:, t:t + step], r0, loras)
         return logits
 
-    def _pass(self, idx: np.ndarray, r0: int) -> np.ndarray:
+    def _pass(self, idx: np.ndarray, r0: int, loras=None) -> np.ndarray:
         m, cfg, bk = self.model, self.model.config, self.model.bk
         pc, pl = m.pc, m._pl
         b, Tn = idx.shape
@@ -1369,10 +1393,12 @@ class KVCache:
                 post_norm_forward(bk, cfg, pl, branch, l, u["tmp"], u["post"], u["mean"], u["rstd"])
             bk.residual_forward(x, u["post"] if cfg.post_norms else u["tmp"], out=x, scale=cfg.residual_scale or 1.0)
 
+        # the model's adapters, or each row's own (its Tn token rows): one Lora for all runs the single-adapter path
+        adapters = (None if m.lora_off else m.lora) if loras is None else LoraRuns.of(loras, Tn)
         qkv = u["qkv"].reshape((b, Tn, W))
         for l in range(cfg.n_layer):
             kc, vc = (bk.view(c, self._at(l, r0), (b, NKV, self.rows[l], hs)) for c in self._layer[l][:2])
-            linear = linears(bk, w, pl, None if m.lora_off else m.lora, l)
+            linear = linears(bk, w, pl, adapters, l)
             h = pre_norm(bk, cfg, pl, "ln_1", l, x, u["h"], u["mean"], u["rstd"])
             linear("attn.c_attn.weight", h, u["qkv"])
             if cfg.qk_norm:  # in place on the q and k rows

@@ -1,6 +1,7 @@
 """`fastllm serve`: an OpenAI-compatible HTTP server with continuous batching, and a chat page.
 
     fastllm serve --ckpt run/ [--port 8000] [--max-batch 16] [--api-key KEY]
+    fastllm serve --ckpt base/ --lora-modules sql=sql_lora/ chat=chat_lora/    # multi-LoRA: model="sql", ...
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -8,7 +9,8 @@
 
 Parts: engine.py (the scheduler thread: one model, one batched KV cache, requests joining and leaving at
 step boundaries), api.py (OpenAI's request and response format, validation, errors), responses.py (the Responses
-API over api.py's chat requests), app.py (Starlette routes, server-sent events, API key, disconnects),
+API over api.py's chat requests), adapters.py (LoRA adapters served beside the model, each a model id, as vLLM's
+--lora-modules), app.py (Starlette routes, server-sent events, API key, disconnects),
 static/chat.html (the page at /, no build step, works offline); tool calls and structured output come from
 fastllm.tools (call formats) and fastllm.grammar (constrained decoding).
 `serve(ServeConfig(...))` loads a checkpoint and runs it with uvicorn; `create_app(engine, name)` gives the
@@ -26,6 +28,7 @@ from pathlib import Path
 from ..chat import ChatML, has_chatml
 from ..options import THREADS, option
 from ..sample import DECODE_DTYPES, check_decode_dtype, held_weights
+from .adapters import AdapterError, Adapters, parse_lora_modules
 from .engine import Chunk, Engine, EngineClosed, Failure, QueueFull, Request, TokenLogprob, kv_slot_bytes, load
 
 INSTALL_HINT = 'fastllm serve needs the serve extra: pip install "fastllm[serve]"'
@@ -53,6 +56,15 @@ class ServeConfig:
                                choices=DECODE_DTYPES)
     threads: int | None = option(None, THREADS)
     allow_origins: tuple[str, ...] = option((), "CORS: let web pages from ORIGIN call the API ('*': any)")
+    lora_modules: tuple[str, ...] = option((), "LoRA adapters served beside the model, as vLLM's: NAME=PATH (a PEFT "
+                                               "adapter folder: a fastllm LoRA checkpoint is one) or a JSON object "
+                                               "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; a "
+                                               "request whose model is NAME runs with that adapter (default: none)")
+    max_loras: int = option(16, "most LoRA adapters loaded at once (each stays on the device; requests on any of "
+                                "them share the decode passes)")
+    max_lora_rank: int | None = option(None, "refuse LoRA adapters of a higher rank (default: any rank)")
+    allow_runtime_lora: bool = option(False, "let POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and "
+                                             "remove adapters (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
     log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -106,6 +118,7 @@ def serve(cfg: ServeConfig, log=None) -> None:
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     check_decode_dtype(cfg.dtype, cfg.device)
+    lora_modules = parse_lora_modules(cfg.lora_modules)
     if cfg.threads:
         fastllm.set_num_threads(cfg.threads)
     model, tok = load(cfg.ckpt, cfg.tokenizer, weights=held_weights(cfg.dtype, cfg.device))
@@ -119,10 +132,16 @@ def serve(cfg: ServeConfig, log=None) -> None:
     slots = slots_within(model, cfg.max_batch, cfg.max_len, cfg.kv_budget_mb)
     engine = Engine(model, tok, slots, cfg.max_len, cfg.max_queue, weights, cfg.threads)
     name = cfg.model_name or model_name(cfg.ckpt)
+    adapters = Adapters(model, name, cfg.max_loras, cfg.max_lora_rank, cfg.allow_runtime_lora)
+    for lora_name, path, parent in lora_modules:
+        try:
+            adapters.load(lora_name, path, parent)
+        except AdapterError as e:
+            raise ValueError(f"--lora-modules {lora_name}={path}: {e}") from None
     api_key = cfg.api_key or os.environ.get("FASTLLM_API_KEY") or None
     # the checkpoint's own chat template (or ChatML); with another tokenizer, ChatML if it has the tokens
     fmt = "auto" if cfg.tokenizer is None else ChatML(tok) if has_chatml(tok) else None
-    app = create_app(engine, name, api_key, tuple(cfg.allow_origins), fmt)
+    app = create_app(engine, name, api_key, tuple(cfg.allow_origins), fmt, adapters)
     sock = _listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -132,6 +151,10 @@ def serve(cfg: ServeConfig, log=None) -> None:
         f"{f'chat: {chat.name}' if chat else 'no chat template: /v1/completions only'}), context {engine.max_len} "
         f"tokens, {slots} slots, KV cache {engine.kv_bytes / 2**20:.1f} MiB, "
         f"{engine.threads} threads{', API key required' if api_key else ''}")
+    if lora_modules or cfg.allow_runtime_lora:
+        names = ", ".join(a.name for a in adapters.all()) or "none yet"
+        log(f"fastllm serve: LoRA adapters: {names} (at most {cfg.max_loras}"
+            f"{', loaded and unloaded at /v1/load_lora_adapter' if cfg.allow_runtime_lora else ''})")
     log(f"fastllm serve: listening on {url} (chat page {url}/, API {url}/v1)")
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
     try:
@@ -142,4 +165,4 @@ def serve(cfg: ServeConfig, log=None) -> None:
 
 
 __all__ = ["ServeConfig", "serve", "Engine", "Request", "Chunk", "Failure", "TokenLogprob", "QueueFull",
-           "EngineClosed", "load", "model_name", "slots_within", "INSTALL_HINT"]
+           "EngineClosed", "load", "model_name", "slots_within", "INSTALL_HINT", "Adapters", "parse_lora_modules"]

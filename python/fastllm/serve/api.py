@@ -93,6 +93,7 @@ from ..tools import (
     check_tools,
     parse_tool_calls,
 )
+from .adapters import Adapter, AdapterError, Adapters
 from .engine import Chunk, Failure, PromptLogprobs, Request, TokenLogprob
 
 # ---- errors ---------------------------------------------------------------------------------------------
@@ -117,13 +118,15 @@ class APIError(Exception):
 
 class ServedModel:
     """What the API layer knows of the model: its name, tokenizer, context, slots, and chat format (a
-    fastllm.chat ChatTemplate or ChatML: `prompt(messages)` and `stop_tokens`; None: no chat). folder: the
-    checkpoint folder, whose EOS ids (generation_config.json, ...) and tokenizer_config.json's special-token
-    names completions and /tokenizer_info use."""
+    fastllm.chat ChatTemplate or ChatML: `prompt(messages)` and `stop_tokens`; None: no chat), and the LoRA adapters
+    served beside it (an adapters.Adapters). folder: the checkpoint folder, whose EOS ids (generation_config.json,
+    ...) and tokenizer_config.json's special-token names completions and /tokenizer_info use."""
 
     def __init__(self, name: str, tokenizer, max_len: int, max_batch: int, vocab_size: int, chat=None,
-                 folder: str | None = None):
+                 folder: str | None = None, adapters: Adapters | None = None):
         self.name, self.tokenizer, self.max_len, self.max_batch = name, tokenizer, max_len, max_batch
+        self.root = name if folder is None else str(folder)
+        self.adapters = adapters  # the LoRA adapters served beside it (adapters.py), by name; None: none
         self.vocab_size, self.chat = vocab_size, chat
         # completions stop at the model's EOS ids (Llama 3 base: <|end_of_text|>) and at <|endoftext|>
         eot = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
@@ -161,7 +164,12 @@ class ServedModel:
 
     def card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "fastllm",
-                "max_model_len": self.max_len}
+                "root": self.root, "parent": None, "max_model_len": self.max_len}
+
+    def cards(self) -> list[dict]:
+        """/v1/models: the model, then its adapters (vLLM's order)."""
+        adapters = self.adapters.all() if self.adapters else []
+        return [self.card()] + [a.card(self.max_len) for a in adapters]
 
 
 # ---- field checks ---------------------------------------------------------------------------------------
@@ -260,8 +268,10 @@ class Call:
     """One validated API call (chat or completion): its engine request and the formatting of its results."""
 
     def __init__(self, kind: str, served: ServedModel, request: Request, stream: bool, include_usage: bool,
-                 echo: list[str] | None = None, tool_format: str | None = None, think: bool | None = None):
+                 echo: list[str] | None = None, tool_format: str | None = None, think: bool | None = None,
+                 model: str | None = None):
         self.kind, self.served, self.request = kind, served, request
+        self.model = model or served.name  # the id answers name: the model's, or the adapter's it ran with
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.stream, self.include_usage = stream, include_usage
@@ -357,7 +367,7 @@ class Call:
     # -- formatting --
 
     def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.served.name,
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": _fingerprint()}
 
     def _stream_chunk(self, index: int, content, logprobs=None, finish_reason=None) -> dict:
@@ -441,15 +451,25 @@ def _fingerprint() -> str:
 # ---- parsing --------------------------------------------------------------------------------------------
 
 
-def check_model(body: dict, served: ServedModel) -> None:
+def check_model(body: dict, served: ServedModel) -> Adapter | None:
+    """The LoRA adapter that body's `model` names (None: the model itself); a 404 for an id not served here."""
     name = body.get("model")
     if name is None:
         raise APIError(400, "you must provide a model parameter", "model", "missing_required_parameter")
     if not isinstance(name, str):
         raise _bad_type("model", "a string", name)
-    if name != served.name:
-        raise APIError(404, f"The model `{name}` does not exist (this server serves `{served.name}`).", "model",
+    if name == served.name:
+        return None
+    adapter = served.adapters.get(name) if served.adapters else None
+    if adapter is None:
+        ids = ", ".join(f"`{c['id']}`" for c in served.cards())
+        raise APIError(404, f"The model `{name}` does not exist (this server serves {ids}).", "model",
                        "model_not_found")
+    return adapter
+
+
+def _lora(adapter: Adapter | None):
+    return None if adapter is None else adapter.lora
 
 
 def _sampling(body: dict, served: ServedModel) -> tuple[dict, bool, bool]:
@@ -704,7 +724,7 @@ def _response_format(body: dict, served: ServedModel):
 def parse_chat(body, served: ServedModel) -> Call:
     """A /v1/chat/completions body -> Call (APIError on bad input)."""
     _check_fields(body, CHAT_FIELDS)
-    check_model(body, served)
+    adapter = check_model(body, served)
     for name, what in _CHAT_UNSUPPORTED.items():
         if body.get(name) is not None:
             raise _unsupported(name, what)
@@ -759,8 +779,10 @@ def parse_chat(body, served: ServedModel) -> Call:
         keep += [THINK, THINK_END]
     stops = list(served.chat.stop_tokens)
     req = Request(prompts=[ids], max_tokens=m, stop_tokens=stops, eos_token_id=served.eos_token_id(stops),
-                  logprobs=(top or 0) if logprobs else None, constraint=constraint, keep_special=keep, **common)
-    return Call("chat", served, req, stream, include_usage, tool_format=tool_format, think=think)
+                  logprobs=(top or 0) if logprobs else None, constraint=constraint, keep_special=keep,
+                  lora=_lora(adapter), **common)
+    return Call("chat", served, req, stream, include_usage, tool_format=tool_format, think=think,
+                model=body["model"])
 
 
 def _chat_prompt(body: dict, served: ServedModel, msgs: list[dict], tools: list[dict] | None) -> list[int]:
@@ -822,7 +844,7 @@ def _prompts(value, served: ServedModel) -> tuple[list[list[int]], list[str]]:
 def parse_completion(body, served: ServedModel) -> Call:
     """A /v1/completions body -> Call (APIError on bad input)."""
     _check_fields(body, COMPLETION_FIELDS)
-    check_model(body, served)
+    adapter = check_model(body, served)
     ids, texts = _prompts(body.get("prompt"), served)
     common, stream, include_usage = _sampling(body, served)
     echo = _get(body, "echo", "boolean", False)
@@ -837,8 +859,8 @@ def parse_completion(body, served: ServedModel) -> Call:
     _check_min_tokens(common, min(maxes))
     stops = list(served.stops)
     req = Request(prompts=ids, max_tokens=maxes, stop_tokens=stops, eos_token_id=served.eos_token_id(stops),
-                  logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, **common)
-    return Call("completion", served, req, stream, include_usage, texts if echo else None)
+                  logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, lora=_lora(adapter), **common)
+    return Call("completion", served, req, stream, include_usage, texts if echo else None, model=body["model"])
 
 
 # ---- vLLM's tokenizer endpoints -------------------------------------------------------------------------
@@ -910,3 +932,50 @@ def tokenizer_info(served: ServedModel) -> dict:
                                                                             "unk_token")},
             "chat_template": template}
 
+
+
+# ---- vLLM's LoRA adapter endpoints (adapters.py) -----------------------------------------------------------
+
+
+def _runtime_lora(served: ServedModel) -> Adapters:
+    if served.adapters is None or not served.adapters.runtime:
+        raise APIError(404, "Loading and unloading LoRA adapters is off on this server: start it with "
+                            "--allow-runtime-lora.", None, "runtime_lora_disabled")
+    return served.adapters
+
+
+def _lora_name(body: dict, also: set[str]) -> str:
+    _check_fields(body, {"lora_name"} | also)
+    name = _get(body, "lora_name", "string")
+    if not name:
+        raise APIError(400, "Missing required parameter: 'lora_name'.", "lora_name", "missing_required_parameter")
+    return name
+
+
+def load_lora_adapter(body, served: ServedModel) -> str:
+    """vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"} (with --allow-runtime-lora):
+    serve the PEFT adapter folder lora_path as the model id lora_name (load_inplace: in place of one of that name);
+    its answer, vLLM's text. A 400 naming the field for a name taken or a folder that is no adapter of this
+    model (the message names the file and tensor)."""
+    adapters = _runtime_lora(served)
+    name = _lora_name(body, {"lora_path", "load_inplace"})
+    path = _get(body, "lora_path", "string")
+    if not path:
+        raise APIError(400, "Missing required parameter: 'lora_path'.", "lora_path", "missing_required_parameter")
+    try:
+        adapters.load(name, path, replace=_get(body, "load_inplace", "boolean", False))
+    except AdapterError as e:
+        raise APIError(400, str(e), e.field, "invalid_value") from None
+    return f"Success: LoRA adapter '{name}' added successfully."
+
+
+def unload_lora_adapter(body, served: ServedModel) -> str:
+    """vLLM's POST /v1/unload_lora_adapter {"lora_name"} (with --allow-runtime-lora): stop serving the adapter (404
+    if it is not served); requests already running with it finish with it."""
+    adapters = _runtime_lora(served)
+    name = _lora_name(body, {"lora_int_id"})
+    try:
+        adapters.unload(name)
+    except KeyError:
+        raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", "model_not_found") from None
+    return f"Success: LoRA adapter '{name}' removed successfully."

@@ -9,7 +9,8 @@ they add two small pure-Python packages (plus anyio, h11) and no pydantic.
 
 Routes: GET / (the chat page, static/chat.html), GET /health, GET /v1/models[/{id}], POST /v1/chat/completions,
 POST /v1/completions, POST /v1/responses (OpenAI's Responses API, responses.py), and vLLM's POST /tokenize, POST
-/detokenize, GET /tokenizer_info (api.py), all also without (or with) the /v1 prefix.
+/detokenize, GET /tokenizer_info (api.py), POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter (with
+--allow-runtime-lora: adapters.py), all also without (or with) the /v1 prefix.
 With an api_key, everything except /health and the page itself (a static file; its API calls carry the key) needs
 `Authorization: Bearer <key>`.
 
@@ -32,11 +33,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..chat import chat_format
 from . import api
+from .adapters import Adapters
 from .api import APIError, Call, ServedModel
 from .engine import Engine, EngineClosed, QueueFull
 from .responses import ResponseCall, parse_response
@@ -120,16 +122,17 @@ async def _disconnected(request: HTTPRequest) -> None:
 
 
 def create_app(engine: Engine, name: str, api_key: str | None = None, allow_origins: tuple[str, ...] = (),
-               chat="auto") -> Starlette:
+               chat="auto", adapters: Adapters | None = None) -> Starlette:
     """The ASGI app serving `engine`'s model as `name`; it starts the engine on startup, stops it on shutdown.
     chat: the chat format of /v1/chat/completions (None: none); "auto": the model folder's own template, else
-    ChatML where the tokenizer has its tokens (fastllm.chat.chat_format)."""
+    ChatML where the tokenizer has its tokens (fastllm.chat.chat_format). adapters: LoRA adapters served beside
+    the model, each as its own model id (adapters.py)."""
     folder = getattr(engine.model, "checkpoint_dir", None)
     if chat == "auto":
         chat = chat_format(folder, engine.tokenizer)
     # token ids in requests (prompts, logit_bias): the tokenizer's, not a padded vocabulary's extra rows
     served = ServedModel(name, engine.tokenizer, engine.max_len, engine.max_batch, engine.tokenizer.n_vocab, chat,
-                         folder)
+                         folder, adapters)
     page = resources.files("fastllm.serve").joinpath("static", "chat.html").read_bytes()
 
     def authorize(request: HTTPRequest) -> None:
@@ -150,18 +153,25 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
 
     async def models(request: HTTPRequest) -> JSONResponse:
         authorize(request)
-        return JSONResponse({"object": "list", "data": [served.card()]})
+        return JSONResponse({"object": "list", "data": served.cards()})
 
     async def model(request: HTTPRequest) -> JSONResponse:
         authorize(request)
-        api.check_model({"model": request.path_params["model"]}, served)
-        return JSONResponse(served.card())
+        adapter = api.check_model({"model": request.path_params["model"]}, served)
+        return JSONResponse(served.card() if adapter is None else adapter.card(served.max_len))
 
     def tokenizer_route(fn):  # /tokenize, /detokenize: fn(body, served) -> JSON, off the event loop
         async def handler(request: HTTPRequest) -> JSONResponse:
             authorize(request)
             body = await _read_json(request)
             return JSONResponse(await asyncio.to_thread(fn, body, served))
+        return handler
+
+    def lora_route(fn):  # /v1/load_lora_adapter, /v1/unload_lora_adapter: fn(body, served) -> text, off the loop
+        async def handler(request: HTTPRequest) -> PlainTextResponse:
+            authorize(request)
+            body = await _read_json(request)
+            return PlainTextResponse(await asyncio.to_thread(fn, body, served))
         return handler
 
     async def tokenizer_info(request: HTTPRequest) -> JSONResponse:
@@ -259,7 +269,9 @@ def create_app(engine: Engine, name: str, api_key: str | None = None, allow_orig
                    Route(f"{prefix}/responses", responses, methods=["POST"]),
                    Route(f"{prefix}/tokenize", tokenizer_route(api.tokenize), methods=["POST"]),
                    Route(f"{prefix}/detokenize", tokenizer_route(api.detokenize), methods=["POST"]),
-                   Route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"])]
+                   Route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"]),
+                   Route(f"{prefix}/load_lora_adapter", lora_route(api.load_lora_adapter), methods=["POST"]),
+                   Route(f"{prefix}/unload_lora_adapter", lora_route(api.unload_lora_adapter), methods=["POST"])]
     middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"],
                              allow_headers=["*"])] if allow_origins else []
     middleware.append(Middleware(_ServerErrors, handler=server_error))  # (inside CORS: its headers on a 500 too)

@@ -11,11 +11,20 @@ tokens. Requests are queued by `submit` (any thread); at every step boundary the
      the request's `emit` callback, then retires finished sequences, moving the last active row into the hole
      (KVCacheBase.copy_row) so that the active rows stay 0 .. n-1,
   4. decodes the last token of all active sequences in one batched pass (KVCacheBase.decode_rows).
+Multi-LoRA serving: a request may run with a LoRA adapter of the model (Request.lora, a fastllm.lora.Lora loaded
+beside the model: fastllm.hf.load_adapter(model, path, attach=False)); requests with different adapters, or none,
+share the cache and every decode pass. The rows of each adapter's sequences are kept adjacent -- a newcomer gets
+a row at the end of its adapter's run, a leaver's hole is filled from the end of its run, and each run below
+shifts by a row or so with copy_row -- so a pass computes the base model's matmuls once over all rows and each
+adapter's two small products on a view of its own rows (fastllm.lora.LoraRuns: Punica's and S-LoRA's segmented
+GEMM, with no gather or scatter). The adapter's rows compute what they compute in a model with only that adapter
+(model.add_lora, fastllm.sample.generate), and the others what they compute without it.
 Batching does not change the math of a row: every kernel computes a row the same way whatever the batch
 (matmuls reduce each row in the same order; attention, layernorm and GELU are per row), prompts are prefilled
 alone, and with bf16 weights decode passes are cut at KVCache.BF16_MAX_ROWS rows (the size above which the
 cache switches to float32), so a seeded request gives the same tokens alone or in a batch -- the same as
-`fastllm.sample.generate(model, prompt, n, seed=seed, ...)` for its first choice.
+`fastllm.sample.generate(model, prompt, n, seed=seed, ...)` for its first choice (with the request's adapter
+attached to the model, if it has one).
 
 The native kernels release the GIL, so the HTTP thread stays responsive while the scheduler runs the model.
 Memory is bounded: the KV cache is allocated once (2 * n_layer * max_batch * max_len * n_kv_head * head_size floats), at
@@ -29,6 +38,7 @@ most `max_queue` requests wait beyond it (`QueueFull` after that).
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -40,6 +50,7 @@ import numpy as np
 from .. import get_num_threads, set_num_threads
 from ..checkpoint import checkpoint_tokenizer, load_model
 from ..grammar import Constraint
+from ..lora import Lora
 from ..model import kv_rows
 from ..sample import SamplingParams, StopStrings, TextStreamer, sample_next
 
@@ -123,6 +134,9 @@ class Request:
     prompt_logprobs: bool = False  # also the logprobs of the prompt tokens (one full forward per prompt)
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI logit_bias)
     constraint: Constraint | None = None  # a grammar every choice's text must follow (fastllm.grammar)
+    # the LoRA adapter it runs with (a fastllm.lora.Lora made for the engine's model, not attached to it), None: the
+    # model alone; the request holds it, so one unloaded meanwhile (fastllm.serve.adapters) still serves it
+    lora: Lora | None = None
     # the text leaves out special tokens (tokenizer.special_ids), as vLLM's does by default, except those named in
     # keep_special (the tags a tool-call or reasoning parser reads); stop strings are found in that text
     skip_special_tokens: bool = True
@@ -317,6 +331,8 @@ class Engine:
             raise ValueError(f"stop_token_ids holds token ids outside [0, {V})")
         if not 0 <= req.min_tokens <= min(maxes):
             raise ValueError(f"min_tokens={req.min_tokens} is not within [0, max_tokens={min(maxes)}]")
+        if req.lora is not None and self.model.lora is not None:
+            raise ValueError("a request's LoRA adapter needs a model without adapters of its own")
         if req.constraint is not None and req.ignore_eos:
             raise ValueError("a constrained request ends where its grammar ends: it cannot ignore EOS")
         req.max_tokens = maxes
@@ -430,34 +446,38 @@ class Engine:
                 continue
             events: list = []
             prompt = list(req.prompts[p])
-            if req.prompt_logprobs:
-                logits = self.model.forward(np.asarray([prompt], np.int32))[0, :, :self.tokenizer.n_vocab]  # (T, V)
+            if req.prompt_logprobs:  # (a full forward, with the request's adapter)
+                with self.model.with_lora(req.lora) if req.lora is not None else contextlib.nullcontext():
+                    logits = self.model.forward(np.asarray([prompt], np.int32))
+                logits = logits[0, :, :self.tokenizer.n_vocab]  # (T, V)
                 top = req.logprobs or 0
                 entries = [None] + [logprob_of(logits[t - 1], prompt[t], top) for t in range(1, len(prompt))]
                 events.append(PromptLogprobs(p, entries))
             if req.max_tokens[p] == 0:  # nothing to generate: no slot, every choice ends at once
                 self._emit(req, events + [Chunk(p * req.n + i, "", [], finish_reason="length") for i in range(req.n)])
                 continue
-            first = len(self._active)
+            seqs = [_Seq(req, p * req.n + i, prompt, req.max_tokens[p], self.tokenizer, self.mask, V)
+                     for i in range(req.n)]
+            first = self._open_rows(req.lora, len(seqs))
+            for i, s in enumerate(seqs):
+                s.row = first + i
+                self._active[s.row] = s
             self.cache.reset_row(first)
-            logits = self.cache.prefill_row(first, prompt)
-            seqs = []
-            for i in range(req.n):
-                s = _Seq(req, p * req.n + i, prompt, req.max_tokens[p], self.tokenizer, self.mask, V)
-                s.row, s.logits = first + i, logits
-                if i:
+            logits = self.cache.prefill_row(first, prompt, req.lora)
+            for s in seqs:
+                s.logits = logits
+                if s.row != first:
                     self.cache.copy_row(first, s.row)
-                seqs.append(s)
-            self._active += seqs
             if events:
                 self._emit(req, events)
             self._sample(seqs)  # its first tokens go out now, not after the other admissions' prefills
 
     def _step(self) -> None:
         """Decode the last token of every active sequence in batched passes, then sample their next tokens."""
-        tokens = [s.out[-1] for s in self._active]
+        tokens, loras = [s.out[-1] for s in self._active], [s.req.lora for s in self._active]
         for r0 in range(0, len(tokens), self.decode_rows):
-            logits = self.cache.decode_rows(tokens[r0:r0 + self.decode_rows], r0)
+            r1 = r0 + self.decode_rows
+            logits = self.cache.decode_rows(tokens[r0:r1], r0, loras[r0:r1] if any(loras) else None)
             for i, row in enumerate(logits):
                 self._active[r0 + i].logits = row
         self.counters["steps"] += 1
@@ -478,15 +498,49 @@ class Engine:
         for s in sorted(done, key=lambda s: -s.row):
             self._retire(s)
 
+    # The active rows are 0 .. n-1, and the rows of the sequences of one adapter (or of none) are one run of
+    # adjacent rows (see the module doc). Rows within a run are in no order.
+
+    def _run_end(self, row: int) -> int:
+        """The row after the run that `row` is in."""
+        rows, lora = self._active, self._active[row].req.lora
+        while row < len(rows) and rows[row].req.lora is lora:
+            row += 1
+        return row
+
+    def _move(self, s: _Seq, row: int) -> None:
+        self.cache.copy_row(s.row, row)
+        s.row, self._active[row] = row, s
+
+    def _open_rows(self, lora: Lora | None, n: int) -> int:
+        """The first of n free rows made at the end of `lora`'s run (a new run after the last, if it has none); the
+        runs below move down by n rows, each moving its first min(n, length) sequences just past its end."""
+        rows = self._active
+        end = next((r + 1 for r in range(len(rows) - 1, -1, -1) if rows[r].req.lora is lora), len(rows))
+        b = len(rows)
+        rows += [None] * n  # (filled by the caller)
+        while b > end:  # the runs below, from the last one up: [a, b) -> [a + n, b + n)
+            a = b - 1
+            while a > end and rows[a - 1].req.lora is rows[b - 1].req.lora:
+                a -= 1
+            for i in range(min(n, b - a)):
+                self._move(rows[a + i], max(b, a + n) + i)
+            b = a
+        return end
+
     def _retire(self, s: _Seq) -> None:
-        """Free s's row: the last active sequence moves into it, so rows 0 .. n-1 stay the active ones."""
-        last = self._active[-1]
-        if last is not s:
-            self.cache.copy_row(last.row, s.row)
-            last.row = s.row
-            self._active[s.row] = last
-        self._active.pop()
-        self.cache.reset_row(len(self._active))
+        """Free s's row: the last sequence of its run moves into it, then the last of each run below into the hole
+        just above that run, so the active rows stay 0 .. n-1 and each run adjacent rows."""
+        rows, hole, end = self._active, s.row, self._run_end(s.row)
+        while True:
+            if end - 1 != hole:
+                self._move(rows[end - 1], hole)
+            hole = end - 1
+            if end == len(rows):
+                break
+            end = self._run_end(end)
+        rows.pop()
+        self.cache.reset_row(len(rows))
 
     def _emit(self, req: Request, events: list) -> None:
         if req.cancelled or req.emit is None:
@@ -497,7 +551,7 @@ class Engine:
             req.cancelled = True
 
     def _fail_all(self, message: str, extra: list[Request]) -> None:
-        reqs = {id(r): r for r in [s.req for s in self._active] + extra}
+        reqs = {id(r): r for r in [s.req for s in self._active if s is not None] + extra}  # (None: a row being made)
         for i in range(len(self._active)):
             self.cache.reset_row(i)
         self._active.clear()

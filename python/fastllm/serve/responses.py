@@ -184,7 +184,7 @@ class ResponseCall:
             status = "failed" if self.call.error else "incomplete" if c.finish_reason == "length" else "completed"
         fmt = (b.get("text") or {}).get("format") or {"type": "text"}
         d = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-             "model": self.call.served.name, "output": copy.deepcopy(self.output), "error": None,
+             "model": self.call.model, "output": copy.deepcopy(self.output), "error": None,
              "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
              "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
              "temperature": b.get("temperature", 1.0), "top_p": b.get("top_p", 1.0), "tools": b.get("tools") or [],
