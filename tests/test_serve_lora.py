@@ -188,8 +188,8 @@ def test_lora_modules_option():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """{"base": a random chat-format model's checkpoint, "sql": a PEFT adapter folder, "poet_run": a fastllm LoRA
-    training run and "poet_ckpt" its checkpoint (the adapters), "mini": another adapter folder, "other": an adapter of another
-    architecture}."""
+    training run and "poet_ckpt" its checkpoint (the adapters), "mini": another adapter folder, "other": an adapter
+    of another architecture}."""
     d = tmp_path_factory.mktemp("serve_lora")
     byte_tok().save(d / "tok.tiktoken")
     base = GPT(GPTConfig(**CONFIG), seed=1)
